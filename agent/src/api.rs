@@ -1,0 +1,87 @@
+//! api: the JSON the agent's admin API serves and the CLI prints with `-o json`. Fields may be
+//! added, never renamed or removed (scripts outside the project read them).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/status` and `veil status -o json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub cluster: String,
+    /// The agent finished its first reconcile: programs attached to every local pod.
+    pub ready: bool,
+    /// `userspace`, `kernel`, or `none` (encryption off).
+    pub backend: String,
+    pub interface: String,
+    pub listen_port: u16,
+    pub public_key: Option<String>,
+    pub encryption: bool,
+    pub strict: bool,
+    pub peers: Vec<Peer>,
+    pub svids: Vec<Svid>,
+    pub auth: Vec<AuthPair>,
+    /// Drop counters by stable reason name.
+    pub drops: BTreeMap<String, u64>,
+    pub programs: Vec<Program>,
+    pub interfaces: Vec<InterfaceCounters>,
+    pub agent: AgentInfo,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub pid: u32,
+    pub version: String,
+    pub started_unix: u64,
+    /// How many times this node's agent has started on the same pinned state (0 = fresh).
+    pub restarts: u64,
+    pub pin_dir: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Peer {
+    pub node: String,
+    pub endpoint: Option<String>,
+    pub public_key: String,
+    pub allowed_ips: Vec<String>,
+    pub last_handshake_unix: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Svid {
+    pub spiffe_id: String,
+    pub serial: String,
+    pub not_after_unix: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AuthPair {
+    pub src_identity: String,
+    pub dst_identity: String,
+    pub node: String,
+    pub expires_unix: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Program {
+    pub name: String,
+    pub interface: String,
+    pub hook: String,
+    pub program_id: u32,
+    pub link_id: u32,
+    pub pod: Option<String>,
+    /// Adopted from a pinned link an earlier agent left (restart without a gap).
+    pub adopted: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InterfaceCounters {
+    pub interface: String,
+    pub ifindex: u32,
+    pub pod: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+}

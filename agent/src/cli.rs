@@ -1,0 +1,275 @@
+//! cli: what the `veil` commands print. Tables for people, `-o json` for scripts (shapes in
+//! `api` and `lab::LabView`).
+
+use std::fmt::Write as _;
+
+use crate::{api, lab::LabView};
+
+/// Output format flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+pub fn format_lab(v: &LabView) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "lab {}  trust domain {}  encryption {}  backend {}  pod MTU {}",
+        v.name,
+        v.trust_domain,
+        if v.encryption { "on" } else { "off" },
+        v.backend,
+        v.pod_mtu
+    );
+    let _ = writeln!(
+        s,
+        "underlay  netns {}  bridge {}  {}",
+        v.underlay.netns, v.underlay.bridge, v.underlay.cidr
+    );
+    let _ = writeln!(
+        s,
+        "\n{:<10} {:<18} {:<14} {:<16} ADMIN",
+        "NODE", "NETNS", "UNDERLAY", "POD CIDR"
+    );
+    for n in &v.nodes {
+        let _ = writeln!(
+            s,
+            "{:<10} {:<18} {:<14} {:<16} {}",
+            n.name, n.netns, n.underlay_ip, n.pod_cidr, n.agent_admin
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n{:<22} {:<10} {:<14} {:<24} LABELS",
+        "POD", "NODE", "IP", "NETNS"
+    );
+    for p in &v.pods {
+        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(
+            s,
+            "{:<22} {:<10} {:<14} {:<24} {}",
+            format!("{}/{}", p.namespace, p.name),
+            p.node,
+            p.ip,
+            p.netns,
+            labels.join(",")
+        );
+    }
+    s
+}
+
+pub fn format_status(st: &api::Status) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "node {}  (cluster {}, agent pid {}, {})",
+        st.node,
+        st.cluster,
+        st.agent.pid,
+        if st.ready { "ready" } else { "NOT READY" }
+    );
+    let _ = writeln!(
+        s,
+        "  encryption: {}  backend: {}  interface: {}  listen port: {}  strict: {}",
+        if st.encryption { "on" } else { "OFF" },
+        st.backend,
+        st.interface,
+        st.listen_port,
+        st.strict
+    );
+    if let Some(k) = &st.public_key {
+        let _ = writeln!(s, "  public key: {k}");
+    }
+    if !st.peers.is_empty() {
+        let _ = writeln!(s, "  peers:");
+        for p in &st.peers {
+            let hs = p
+                .last_handshake_unix
+                .map(|t| format!("{}s ago", unix_now().saturating_sub(t)))
+                .unwrap_or_else(|| "never".into());
+            let _ = writeln!(
+                s,
+                "    {:<10} {}  endpoint {}  allowed {}  handshake {}  rx {} tx {}",
+                p.node,
+                p.public_key,
+                p.endpoint.as_deref().unwrap_or("-"),
+                p.allowed_ips.join(","),
+                hs,
+                human_bytes(p.rx_bytes),
+                human_bytes(p.tx_bytes)
+            );
+        }
+    }
+    if !st.svids.is_empty() {
+        let _ = writeln!(s, "  svids:");
+        for v in &st.svids {
+            let left = v.not_after_unix.saturating_sub(unix_now());
+            let _ = writeln!(
+                s,
+                "    {}  serial {}  expires in {}s",
+                v.spiffe_id, v.serial, left
+            );
+        }
+    }
+    if !st.auth.is_empty() {
+        let _ = writeln!(s, "  auth:");
+        for a in &st.auth {
+            let left = a.expires_unix.saturating_sub(unix_now());
+            let _ = writeln!(
+                s,
+                "    {} -> {} via {}  expires in {}s",
+                a.src_identity, a.dst_identity, a.node, left
+            );
+        }
+    }
+    let _ = writeln!(s, "  programs:");
+    for p in &st.programs {
+        let _ = writeln!(
+            s,
+            "    {:<18} {:<12} {:<12} prog {:<5} link {:<5} {}{}",
+            p.name,
+            p.interface,
+            p.hook,
+            p.program_id,
+            p.link_id,
+            p.pod.as_deref().unwrap_or(""),
+            if p.adopted { " (adopted)" } else { "" }
+        );
+    }
+    let _ = writeln!(s, "  counters:");
+    for i in &st.interfaces {
+        let _ = writeln!(
+            s,
+            "    {:<12} {:<16} {:>10} pkts {:>10}",
+            i.interface,
+            i.pod.as_deref().unwrap_or("-"),
+            i.packets,
+            human_bytes(i.bytes)
+        );
+    }
+    let nonzero: Vec<String> = st
+        .drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{r}={n}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "  drops: {}",
+        if nonzero.is_empty() {
+            "none".to_string()
+        } else {
+            nonzero.join(" ")
+        }
+    );
+    s
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::{self, spec};
+
+    #[test]
+    fn human_bytes_units() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(2048), "2.0 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+    }
+
+    #[test]
+    fn lab_view_json_has_the_contract_fields() {
+        let spec = spec::resolve(
+            "veil",
+            spec::LabFile::default(),
+            &spec::Overrides::default(),
+        )
+        .unwrap();
+        let paths = lab::LabPaths {
+            name: "veil".into(),
+            root: "/run/veil/veil".into(),
+            cgroup: "/sys/fs/cgroup/veil/veil".into(),
+            bpf: "/sys/fs/bpf/veil/veil".into(),
+        };
+        let v: serde_json::Value = serde_json::to_value(lab::view(&spec, &paths)).unwrap();
+        for k in ["name", "trust_domain", "underlay", "nodes", "pods"] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(v["underlay"]["netns"], "veil-underlay");
+        assert_eq!(v["underlay"]["bridge"], "veil-br0");
+        let node = &v["nodes"][0];
+        for k in ["name", "netns", "underlay_ip", "pod_cidr", "agent_admin"] {
+            assert!(node.get(k).is_some(), "node missing {k}");
+        }
+        assert_eq!(
+            node["agent_admin"],
+            "/run/veil/veil/nodes/node-a/admin.sock"
+        );
+        assert_eq!(node["underlay_ip"], "198.18.0.1");
+        let pod = &v["pods"][1];
+        for k in ["name", "namespace", "node", "netns", "ip", "labels"] {
+            assert!(pod.get(k).is_some(), "pod missing {k}");
+        }
+        assert_eq!(pod["name"], "backend");
+        assert_eq!(pod["ip"], "198.19.2.10");
+        assert_eq!(pod["labels"]["app"], "backend");
+        let table = format_lab(&lab::view(&spec, &paths));
+        assert!(table.contains("shop/frontend") && table.contains("198.19.1.10"));
+    }
+
+    #[test]
+    fn status_json_has_the_contract_fields() {
+        let v = serde_json::to_value(api::Status::default()).unwrap();
+        for k in [
+            "node",
+            "backend",
+            "interface",
+            "listen_port",
+            "public_key",
+            "peers",
+            "svids",
+            "auth",
+            "drops",
+            "programs",
+        ] {
+            assert!(v.get(k).is_some(), "status missing {k}");
+        }
+        let p = serde_json::to_value(api::Peer::default()).unwrap();
+        for k in [
+            "node",
+            "endpoint",
+            "public_key",
+            "allowed_ips",
+            "last_handshake_unix",
+            "rx_bytes",
+            "tx_bytes",
+        ] {
+            assert!(p.get(k).is_some(), "peer missing {k}");
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! cluster: the agent's view of the cluster (nodes, pods, identities) and the sources it comes
+//! from.
+//!
+//! The agent sees only [`ClusterState`] snapshots on a watch channel; which source produced them
+//! (the lab control plane today, the Kubernetes API next) is invisible to the datapath and the
+//! auth code.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Errors reading cluster state.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read cluster state {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad cluster state in {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One consistent snapshot of the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterState {
+    /// Increases with every change the source publishes.
+    pub generation: u64,
+    pub cluster: String,
+    pub trust_domain: String,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: String,
+    pub id: u32,
+    pub underlay_ip: Ipv4Addr,
+    /// Pod CIDR as `a.b.c.d/len`.
+    pub pod_cidr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    /// Host side of the pod's veth on its node.
+    pub host_veth: String,
+}
+
+impl ClusterState {
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.iter().filter(move |p| p.node == node)
+    }
+
+    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
+        self.pods.iter().find(|p| p.ip == ip)
+    }
+}
+
+/// Parses `a.b.c.d/len`.
+pub fn parse_cidr_v4(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, len) = s.split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    (len <= 32).then_some((ip.parse().ok()?, len))
+}
+
+/// The lab control plane: a directory the `veil lab` CLI writes (`cluster.json`) and agents
+/// poll. Polling one file's mtime every second costs nothing measurable idle.
+pub struct LabSource {
+    dir: PathBuf,
+    poll: Duration,
+}
+
+impl LabSource {
+    pub const STATE_FILE: &'static str = "cluster.json";
+
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            poll: Duration::from_secs(1),
+        }
+    }
+
+    pub fn state_path(dir: &Path) -> PathBuf {
+        dir.join(Self::STATE_FILE)
+    }
+
+    /// Reads the current snapshot.
+    pub fn read(dir: &Path) -> Result<ClusterState, Error> {
+        let path = Self::state_path(dir);
+        let text = std::fs::read(&path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|source| Error::Parse { path, source })
+    }
+
+    /// Writes a snapshot atomically (used by the lab CLI, the only writer).
+    pub fn write(dir: &Path, state: &ClusterState) -> Result<(), crate::sys::Error> {
+        let json = serde_json::to_vec_pretty(state).expect("cluster state serializes");
+        crate::sys::write_atomic(&Self::state_path(dir), &json)
+    }
+
+    /// Reads the first snapshot, then publishes every change on a watch channel until the
+    /// receiver is dropped. A file that fails to parse keeps the last good snapshot in force.
+    pub async fn watch(self) -> Result<watch::Receiver<Arc<ClusterState>>, Error> {
+        let first = Self::read(&self.dir)?;
+        let (tx, rx) = watch::channel(Arc::new(first));
+        tokio::spawn(async move {
+            let path = Self::state_path(&self.dir);
+            let mut last_mtime = mtime(&path);
+            loop {
+                tokio::time::sleep(self.poll).await;
+                if tx.is_closed() {
+                    return;
+                }
+                let m = mtime(&path);
+                if m == last_mtime {
+                    continue;
+                }
+                last_mtime = m;
+                match Self::read(&self.dir) {
+                    Ok(state) if state != **tx.borrow() => {
+                        tracing::info!(generation = state.generation, "cluster state changed");
+                        let _ = tx.send(Arc::new(state));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "keeping last good cluster state"),
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parsing() {
+        assert_eq!(
+            parse_cidr_v4("198.19.2.0/24"),
+            Some((Ipv4Addr::new(198, 19, 2, 0), 24))
+        );
+        assert_eq!(parse_cidr_v4("198.19.2.0/33"), None);
+        assert_eq!(parse_cidr_v4("198.19.2.0"), None);
+        assert_eq!(parse_cidr_v4("x/24"), None);
+    }
+
+    #[test]
+    fn unknown_fields_in_state_are_errors() {
+        let bad =
+            r#"{"generation":1,"cluster":"c","trust_domain":"t","nodes":[],"pods":[],"extra":1}"#;
+        assert!(serde_json::from_str::<ClusterState>(bad).is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! config: the node agent's one plain-data configuration, parsed strictly (unknown keys are
+//! errors naming the path) and validated in one place.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lab::spec::Backend;
+
+/// Errors in the agent config file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read agent config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent config {file}: {path}: {message}")]
+    Parse {
+        file: PathBuf,
+        path: String,
+        message: String,
+    },
+    #[error("agent config: {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// Where the agent's cluster state comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// The lab control plane directory.
+    Lab { dir: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Cluster (lab) name.
+    pub cluster: String,
+    /// This node's name in the cluster state.
+    pub node: String,
+    /// Admin API unix socket.
+    pub admin_socket: PathBuf,
+    /// Persistent node state (WireGuard key, flow log).
+    pub state_dir: PathBuf,
+    /// bpffs mount point; mounted by the agent if absent.
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
+    /// Where this node's maps and links are pinned (under `bpffs`).
+    pub pin_dir: PathBuf,
+    pub source: SourceConfig,
+    /// Steer remote pod traffic through WireGuard. Off exists only for the lab's leak check.
+    #[serde(default = "yes")]
+    pub encryption: bool,
+    /// Drop traffic to pod CIDRs of nodes without a tunnel peer (`no-key`).
+    #[serde(default = "yes")]
+    pub strict: bool,
+    #[serde(default)]
+    pub backend: Backend,
+    /// WireGuard interface name.
+    pub interface: String,
+    #[serde(default = "default_listen_port")]
+    pub listen_port: u16,
+}
+
+fn default_bpffs() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf")
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_listen_port() -> u16 {
+    51820
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, file: &Path) -> Result<Self, Error> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| Error::Parse {
+            file: file.into(),
+            path: e.path().to_string(),
+            message: e.into_inner().to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |field, message: &str| {
+            Err(Error::Invalid {
+                field,
+                message: message.to_string(),
+            })
+        };
+        if self.node.is_empty() {
+            return invalid("node", "must not be empty");
+        }
+        if self.interface.is_empty() || self.interface.len() > 15 || self.interface.contains('/') {
+            return invalid("interface", "must be 1-15 characters without '/'");
+        }
+        if !self.pin_dir.starts_with(&self.bpffs) {
+            return invalid("pin_dir", "must be under bpffs");
+        }
+        if self.listen_port == 0 {
+            return invalid("listen_port", "must not be 0");
+        }
+        Ok(())
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("config serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str =
+        "cluster: veil\nnode: node-a\nadmin_socket: /run/a.sock\nstate_dir: /run/s\n\
+pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: lab, dir: /run/cp}\ninterface: veil-wg1\n";
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = Config::parse(GOOD, Path::new("a.yaml")).unwrap();
+        assert!(c.encryption && c.strict);
+        assert_eq!(c.listen_port, 51820);
+        assert_eq!(c.bpffs, PathBuf::from("/sys/fs/bpf"));
+        assert_eq!(Config::parse(&c.to_yaml(), Path::new("b")).unwrap(), c);
+    }
+
+    #[test]
+    fn rejects_unknown_and_bad_fields() {
+        let e = Config::parse(&format!("{GOOD}colour: red\n"), Path::new("a.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("colour"), "{e}");
+        let e = Config::parse(
+            &GOOD.replace("veil-wg1", "much-too-long-interface"),
+            Path::new("a"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("interface"));
+        let e = Config::parse(
+            &GOOD.replace("/sys/fs/bpf/veil", "/tmp/veil"),
+            Path::new("a"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("pin_dir"));
+        let e = Config::parse(
+            &GOOD.replace("{kind: lab, dir: /run/cp}", "{kind: k8s}"),
+            Path::new("a"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("source"), "{e}");
+    }
+}

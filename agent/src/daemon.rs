@@ -1,0 +1,482 @@
+//! daemon: the node agent. Loads the datapath, follows cluster state, keeps programs attached and
+//! maps in sync, and serves the admin API.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use hyper::{Method, StatusCode};
+use tokio::sync::watch;
+use veil_common::{
+    config_flags,
+    maps::{self as map_names, ip_flags, node_flags, DatapathConfig, IpInfo, NodeInfo},
+    programs,
+};
+
+use crate::{
+    admin::{self, AdminRequest, AdminResponse, BoxFuture},
+    api,
+    cluster::{self, ClusterState, LabSource},
+    config::{Config, SourceConfig},
+    datapath::{
+        self,
+        maps::{sync, IpCacheMap, KernelHash, Prefix},
+        Datapath, Hook,
+    },
+};
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Datapath(#[from] datapath::Error),
+    #[error(transparent)]
+    Cluster(#[from] cluster::Error),
+    #[error(transparent)]
+    Admin(#[from] admin::Error),
+    #[error("node {0:?} is not in the cluster state")]
+    UnknownNode(String),
+    #[error("cannot prepare state dir {path}")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything the admin API and the reconcile loop share.
+struct Shared {
+    cfg: Config,
+    datapath: Datapath,
+    cluster: Arc<ClusterState>,
+    ready: bool,
+    started_unix: u64,
+    restarts: u64,
+    last_error: Option<String>,
+}
+
+pub struct Agent {
+    shared: Arc<Mutex<Shared>>,
+    cluster_rx: watch::Receiver<Arc<ClusterState>>,
+}
+
+impl Agent {
+    pub async fn new(cfg: Config) -> Result<Self, Error> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| Error::StateDir {
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        let restarts = bump_start_count(&cfg.state_dir);
+        let cluster_rx = match &cfg.source {
+            SourceConfig::Lab { dir } => LabSource::new(dir).watch().await?,
+        };
+        let cluster = cluster_rx.borrow().clone();
+        let me = cluster
+            .node(&cfg.node)
+            .ok_or_else(|| Error::UnknownNode(cfg.node.clone()))?;
+        let mut flags = 0;
+        if cfg.encryption {
+            flags |= config_flags::ENCRYPT;
+        }
+        if cfg.strict {
+            flags |= config_flags::STRICT;
+        }
+        let dp_cfg = DatapathConfig {
+            flags,
+            tunnel_ifindex: 0,
+            node_id: me.id,
+            policy_slot: 0,
+        };
+        let datapath = Datapath::open(&cfg.bpffs, &cfg.pin_dir, dp_cfg)?;
+        tracing::info!(
+            node = %cfg.node, pin_dir = %cfg.pin_dir.display(), restarts,
+            "datapath loaded (maps pinned, {} earlier start(s) re-adopted)", restarts
+        );
+        let started_unix = unix_now();
+        let shared = Shared {
+            cfg,
+            datapath,
+            cluster,
+            ready: false,
+            started_unix,
+            restarts,
+            last_error: None,
+        };
+        Ok(Self {
+            shared: Arc::new(Mutex::new(shared)),
+            cluster_rx,
+        })
+    }
+
+    /// Runs until `shutdown` resolves. Leaves programs attached and maps pinned.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let socket = self
+            .shared
+            .lock()
+            .expect("agent state lock")
+            .cfg
+            .admin_socket
+            .clone();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let handler: Arc<dyn admin::Handler> = Arc::new(AdminHandler {
+            shared: self.shared.clone(),
+        });
+        let mut stop_admin = stop_rx.clone();
+        let admin_task = tokio::spawn(async move {
+            admin::serve(&socket, handler, async move {
+                let _ = stop_admin.wait_for(|s| *s).await;
+            })
+            .await
+        });
+
+        let shared = self.shared.clone();
+        let mut cluster_rx = self.cluster_rx;
+        let mut stop_loop = stop_rx.clone();
+        let reconcile_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                {
+                    let state = cluster_rx.borrow_and_update().clone();
+                    let mut s = shared.lock().expect("agent state lock");
+                    s.cluster = state;
+                    match reconcile(&mut s) {
+                        Ok(()) => {
+                            if !s.ready {
+                                tracing::info!("agent ready");
+                            }
+                            s.ready = true;
+                            s.last_error = None;
+                        }
+                        Err(e) => {
+                            let msg = crate::error_chain(&e);
+                            tracing::warn!(error = %msg, "reconcile failed; retrying");
+                            s.last_error = Some(msg);
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = stop_loop.wait_for(|s| *s) => return,
+                    r = cluster_rx.changed() => if r.is_err() { return },
+                    _ = tick.tick() => {}
+                }
+            }
+        });
+
+        shutdown.await;
+        tracing::info!("shutting down (programs stay attached, maps stay pinned)");
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), reconcile_task).await;
+        match tokio::time::timeout(Duration::from_secs(5), admin_task).await {
+            Ok(Ok(r)) => r?,
+            _ => tracing::warn!("admin server did not stop within 5s"),
+        }
+        Ok(())
+    }
+}
+
+/// Counts agent starts on this node's state (0 on the first), persisted in the state dir.
+fn bump_start_count(state_dir: &std::path::Path) -> u64 {
+    let path = state_dir.join("starts");
+    let n: u64 = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let _ = std::fs::write(&path, (n + 1).to_string());
+    n
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Brings the datapath in line with the cluster state: programs on every local pod veth, the
+/// ipcache and node table exactly as the state says.
+fn reconcile(s: &mut Shared) -> Result<(), datapath::Error> {
+    let cluster = s.cluster.clone();
+    let me = &s.cfg.node;
+    let mut first_error = None;
+    for pod in cluster.pods_on(me) {
+        if let Err(e) = s
+            .datapath
+            .attach(programs::FROM_POD, &pod.host_veth, Hook::TcxIngress)
+        {
+            tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %crate::error_chain(&e), "cannot attach");
+            first_error.get_or_insert(e);
+        }
+    }
+    s.datapath.prune_pins();
+    let (ipcache, nodes) = desired_maps(&cluster, me);
+    sync(&mut IpCacheMap::new(s.datapath.ebpf_mut())?, &ipcache)?;
+    sync(
+        &mut KernelHash::<u32, NodeInfo>::new(s.datapath.ebpf_mut(), map_names::NODES)?,
+        &nodes,
+    )?;
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The ipcache and node table this node should have for a cluster state.
+pub fn desired_maps(
+    cluster: &ClusterState,
+    me: &str,
+) -> (BTreeMap<Prefix, IpInfo>, BTreeMap<u32, NodeInfo>) {
+    let mut ipcache = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    for n in &cluster.nodes {
+        if let Some((ip, len)) = cluster::parse_cidr_v4(&n.pod_cidr) {
+            ipcache.insert(
+                Prefix::v4(ip, len),
+                IpInfo {
+                    identity: 0,
+                    node_id: n.id,
+                    flags: ip_flags::POD_CIDR,
+                    ifindex: 0,
+                },
+            );
+        }
+        let flags = if n.name == me { node_flags::SELF } else { 0 };
+        nodes.insert(n.id, NodeInfo { flags, _pad: 0 });
+    }
+    for p in &cluster.pods {
+        let Some(node) = cluster.node(&p.node) else {
+            continue;
+        };
+        let local = p.node == me;
+        let ifindex = if local {
+            nix::net::if_::if_nametoindex(p.host_veth.as_str()).unwrap_or(0)
+        } else {
+            0
+        };
+        let flags = ip_flags::POD | if local { ip_flags::LOCAL_POD } else { 0 };
+        ipcache.insert(
+            Prefix::v4(p.ip, 32),
+            IpInfo {
+                identity: 0,
+                node_id: node.id,
+                flags,
+                ifindex,
+            },
+        );
+    }
+    (ipcache, nodes)
+}
+
+struct AdminHandler {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl admin::Handler for AdminHandler {
+    fn handle(&self, req: AdminRequest) -> BoxFuture {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            match (req.method.clone(), req.path.as_str()) {
+                (Method::GET, "/v1/status") => {
+                    match status(&shared.lock().expect("agent state lock")) {
+                        Ok(st) => AdminResponse::json(&st),
+                        Err(e) => {
+                            AdminResponse::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+                        }
+                    }
+                }
+                (Method::GET, "/metrics") => {
+                    match metrics(&shared.lock().expect("agent state lock")) {
+                        Ok(text) => AdminResponse::text(StatusCode::OK, text),
+                        Err(e) => {
+                            AdminResponse::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+                        }
+                    }
+                }
+                (_, path) => {
+                    AdminResponse::error(StatusCode::NOT_FOUND, &format!("no route {path}"))
+                }
+            }
+        })
+    }
+}
+
+fn pod_names_by_veth(s: &Shared) -> BTreeMap<String, String> {
+    s.cluster
+        .pods_on(&s.cfg.node)
+        .map(|p| (p.host_veth.clone(), format!("{}/{}", p.namespace, p.name)))
+        .collect()
+}
+
+fn status(s: &Shared) -> Result<api::Status, datapath::Error> {
+    let pods = pod_names_by_veth(s);
+    let stats = datapath::maps::interface_stats(s.datapath.ebpf())?;
+    let ifnames: BTreeMap<u32, String> = s
+        .datapath
+        .attachments()
+        .map(|a| (a.ifindex, a.interface.clone()))
+        .collect();
+    let interfaces = stats
+        .iter()
+        .map(|(ifindex, st)| {
+            let interface = ifnames
+                .get(ifindex)
+                .cloned()
+                .unwrap_or_else(|| format!("if{ifindex}"));
+            api::InterfaceCounters {
+                pod: pods.get(&interface).cloned(),
+                interface,
+                ifindex: *ifindex,
+                packets: st.packets,
+                bytes: st.bytes,
+            }
+        })
+        .collect();
+    let programs = s
+        .datapath
+        .attachments()
+        .map(|a| api::Program {
+            name: a.program.to_string(),
+            interface: a.interface.clone(),
+            hook: a.hook.as_str().to_string(),
+            program_id: a.program_id,
+            link_id: a.link_id,
+            pod: pods.get(&a.interface).cloned(),
+            adopted: a.adopted,
+        })
+        .collect();
+    let drops = datapath::maps::drops(s.datapath.ebpf())?
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    Ok(api::Status {
+        node: s.cfg.node.clone(),
+        cluster: s.cfg.cluster.clone(),
+        ready: s.ready,
+        backend: "none".to_string(),
+        interface: s.cfg.interface.clone(),
+        listen_port: s.cfg.listen_port,
+        public_key: None,
+        encryption: s.cfg.encryption,
+        strict: s.cfg.strict,
+        peers: vec![],
+        svids: vec![],
+        auth: vec![],
+        drops,
+        programs,
+        interfaces,
+        agent: api::AgentInfo {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_unix: s.started_unix,
+            restarts: s.restarts,
+            pin_dir: s.cfg.pin_dir.display().to_string(),
+        },
+    })
+}
+
+/// Prometheus text exposition.
+fn metrics(s: &Shared) -> Result<String, datapath::Error> {
+    use std::fmt::Write as _;
+    let st = status(s)?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP veil_interface_packets_total Packets seen by veil's TC programs per interface."
+    );
+    let _ = writeln!(out, "# TYPE veil_interface_packets_total counter");
+    for i in &st.interfaces {
+        let _ = writeln!(
+            out,
+            "veil_interface_packets_total{{interface=\"{}\"}} {}",
+            i.interface, i.packets
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP veil_interface_bytes_total Bytes seen by veil's TC programs per interface."
+    );
+    let _ = writeln!(out, "# TYPE veil_interface_bytes_total counter");
+    for i in &st.interfaces {
+        let _ = writeln!(
+            out,
+            "veil_interface_bytes_total{{interface=\"{}\"}} {}",
+            i.interface, i.bytes
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP veil_drops_total Packets dropped by the datapath by reason."
+    );
+    let _ = writeln!(out, "# TYPE veil_drops_total counter");
+    for (reason, n) in &st.drops {
+        let _ = writeln!(out, "veil_drops_total{{reason=\"{reason}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP veil_programs_attached eBPF programs veil has attached."
+    );
+    let _ = writeln!(out, "# TYPE veil_programs_attached gauge");
+    let _ = writeln!(out, "veil_programs_attached {}", st.programs.len());
+    let _ = writeln!(
+        out,
+        "# HELP veil_agent_ready 1 once the agent has reconciled the datapath."
+    );
+    let _ = writeln!(out, "# TYPE veil_agent_ready gauge");
+    let _ = writeln!(out, "veil_agent_ready {}", u8::from(st.ready));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    use crate::cluster::{Node, Pod};
+
+    fn state() -> ClusterState {
+        let node = |name: &str, id: u32| Node {
+            name: name.into(),
+            id,
+            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
+            pod_cidr: format!("198.19.{id}.0/24"),
+        };
+        let pod = |name: &str, node: &str, ip: [u8; 4]| Pod {
+            name: name.into(),
+            namespace: "shop".into(),
+            node: node.into(),
+            ip: Ipv4Addr::from(ip),
+            labels: BTreeMap::new(),
+            service_account: name.into(),
+            host_veth: "lxc-does-not-exist".into(),
+        };
+        ClusterState {
+            generation: 1,
+            cluster: "t".into(),
+            trust_domain: "lab.veil".into(),
+            nodes: vec![node("a", 1), node("b", 2)],
+            pods: vec![
+                pod("fe", "a", [198, 19, 1, 10]),
+                pod("be", "b", [198, 19, 2, 10]),
+            ],
+        }
+    }
+
+    #[test]
+    fn desired_maps_cover_cidrs_pods_and_nodes() {
+        let (ipcache, nodes) = desired_maps(&state(), "a");
+        assert_eq!(ipcache.len(), 4);
+        let fe = ipcache[&Prefix::v4(Ipv4Addr::new(198, 19, 1, 10), 32)];
+        assert_eq!(fe.flags, ip_flags::POD | ip_flags::LOCAL_POD);
+        let be = ipcache[&Prefix::v4(Ipv4Addr::new(198, 19, 2, 10), 32)];
+        assert_eq!((be.flags, be.node_id), (ip_flags::POD, 2));
+        let cidr = ipcache[&Prefix::v4(Ipv4Addr::new(198, 19, 2, 0), 24)];
+        assert_eq!((cidr.flags, cidr.node_id), (ip_flags::POD_CIDR, 2));
+        assert_eq!(nodes[&1].flags, node_flags::SELF);
+        assert_eq!(nodes[&2].flags, 0);
+    }
+}

@@ -1,0 +1,306 @@
+//! Typed wrappers over veil's pinned maps, each behind a small trait with an in-memory fake so
+//! the reconcile logic that drives them is unit-tested without a kernel.
+
+use std::collections::BTreeMap;
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
+    Ebpf,
+};
+use veil_common::{
+    maps::{self as names, DatapathConfig, IfStats, IpInfo, IpKey},
+    reason,
+};
+
+use super::Error;
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+/// [`names::CONFIG`]: the single datapath config entry.
+pub struct ConfigMap<'a>(Array<&'a mut MapData, DatapathConfig>);
+
+impl<'a> ConfigMap<'a> {
+    pub fn new(ebpf: &'a mut Ebpf) -> Result<Self, Error> {
+        let map = ebpf
+            .map_mut(names::CONFIG)
+            .ok_or(Error::MissingMap(names::CONFIG))?;
+        Ok(Self(Array::try_from(map).map_err(map_err(names::CONFIG))?))
+    }
+
+    pub fn get(&self) -> Result<DatapathConfig, Error> {
+        self.0.get(&0, 0).map_err(map_err(names::CONFIG))
+    }
+
+    pub fn set(&mut self, cfg: DatapathConfig) -> Result<(), Error> {
+        self.0.set(0, cfg, 0).map_err(map_err(names::CONFIG))
+    }
+}
+
+/// Per-interface counters summed over CPUs, by ifindex.
+pub fn interface_stats(ebpf: &Ebpf) -> Result<BTreeMap<u32, IfStats>, Error> {
+    let map = ebpf
+        .map(names::IF_STATS)
+        .ok_or(Error::MissingMap(names::IF_STATS))?;
+    let map: PerCpuHashMap<_, u32, IfStats> =
+        PerCpuHashMap::try_from(map).map_err(map_err(names::IF_STATS))?;
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        let (ifindex, per_cpu) = item.map_err(map_err(names::IF_STATS))?;
+        let total = per_cpu.iter().fold(IfStats::default(), |acc, s| IfStats {
+            packets: acc.packets + s.packets,
+            bytes: acc.bytes + s.bytes,
+            drops: acc.drops + s.drops,
+        });
+        out.insert(ifindex, total);
+    }
+    Ok(out)
+}
+
+/// Drop counters summed over CPUs, by reason name (every named reason, zeros included).
+pub fn drops(ebpf: &Ebpf) -> Result<BTreeMap<&'static str, u64>, Error> {
+    let map = ebpf
+        .map(names::DROPS)
+        .ok_or(Error::MissingMap(names::DROPS))?;
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(names::DROPS))?;
+    let mut out = BTreeMap::new();
+    for code in reason::ALL {
+        if code == reason::NONE {
+            continue;
+        }
+        let per_cpu = map.get(&code, 0).map_err(map_err(names::DROPS))?;
+        out.insert(reason::name(code), per_cpu.iter().sum());
+    }
+    Ok(out)
+}
+
+/// An LPM prefix in the ipcache: address (v4-mapped for IPv4) and prefix length in the mapped
+/// space (an IPv4 /24 is 96 + 24).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix {
+    pub addr: [u8; 16],
+    pub len: u32,
+}
+
+impl Prefix {
+    pub fn v4(ip: std::net::Ipv4Addr, len: u8) -> Self {
+        Self {
+            addr: IpKey::from_v4(ip.octets()).addr,
+            len: IpKey::V4_PREFIX_OFFSET + u32::from(len),
+        }
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ip = std::net::Ipv6Addr::from(self.addr);
+        match ip.to_ipv4_mapped() {
+            Some(v4) if self.len >= IpKey::V4_PREFIX_OFFSET => {
+                write!(f, "{v4}/{}", self.len - IpKey::V4_PREFIX_OFFSET)
+            }
+            _ => write!(f, "{ip}/{}", self.len),
+        }
+    }
+}
+
+/// A keyed map as the reconcile logic sees it: the kernel map or an in-memory fake.
+pub trait MapOps<K, V> {
+    fn upsert(&mut self, key: K, value: V) -> Result<(), Error>;
+    fn remove(&mut self, key: &K) -> Result<(), Error>;
+    fn entries(&self) -> Result<BTreeMap<K, V>, Error>;
+}
+
+/// Brings a map to exactly `desired`: writes what differs, then removes what is extra. Writing
+/// before removing means a lookup never misses an entry that stays. Returns the change count.
+pub fn sync<K: Ord + Copy, V: PartialEq + Copy>(
+    map: &mut impl MapOps<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> Result<usize, Error> {
+    let current = map.entries()?;
+    let mut changes = 0;
+    for (k, v) in desired {
+        if current.get(k) != Some(v) {
+            map.upsert(*k, *v)?;
+            changes += 1;
+        }
+    }
+    for k in current.keys().filter(|k| !desired.contains_key(k)) {
+        map.remove(k)?;
+        changes += 1;
+    }
+    Ok(changes)
+}
+
+fn ignore_missing(name: &'static str, r: Result<(), aya::maps::MapError>) -> Result<(), Error> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(map_err(name)(e)),
+    }
+}
+
+/// [`names::IPCACHE`] in the kernel.
+pub struct IpCacheMap<'a>(LpmTrie<&'a mut MapData, IpKey, IpInfo>);
+
+impl<'a> IpCacheMap<'a> {
+    pub fn new(ebpf: &'a mut Ebpf) -> Result<Self, Error> {
+        let map = ebpf
+            .map_mut(names::IPCACHE)
+            .ok_or(Error::MissingMap(names::IPCACHE))?;
+        Ok(Self(
+            LpmTrie::try_from(map).map_err(map_err(names::IPCACHE))?,
+        ))
+    }
+}
+
+impl MapOps<Prefix, IpInfo> for IpCacheMap<'_> {
+    fn upsert(&mut self, prefix: Prefix, info: IpInfo) -> Result<(), Error> {
+        let key = Key::new(prefix.len, IpKey::from_v6(prefix.addr));
+        self.0
+            .insert(&key, info, 0)
+            .map_err(map_err(names::IPCACHE))
+    }
+
+    fn remove(&mut self, prefix: &Prefix) -> Result<(), Error> {
+        ignore_missing(
+            names::IPCACHE,
+            self.0
+                .remove(&Key::new(prefix.len, IpKey::from_v6(prefix.addr))),
+        )
+    }
+
+    fn entries(&self) -> Result<BTreeMap<Prefix, IpInfo>, Error> {
+        let mut out = BTreeMap::new();
+        for item in self.0.iter() {
+            let (k, v) = item.map_err(map_err(names::IPCACHE))?;
+            out.insert(
+                Prefix {
+                    addr: k.data().addr,
+                    len: k.prefix_len(),
+                },
+                v,
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// A plain kernel hash map with `Pod` key and value ([`names::NODES`] and friends).
+pub struct KernelHash<'a, K: aya::Pod, V: aya::Pod> {
+    name: &'static str,
+    map: HashMap<&'a mut MapData, K, V>,
+}
+
+impl<'a, K: aya::Pod, V: aya::Pod> KernelHash<'a, K, V> {
+    pub fn new(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Self, Error> {
+        let map = ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+        Ok(Self {
+            name,
+            map: HashMap::try_from(map).map_err(map_err(name))?,
+        })
+    }
+}
+
+impl<K: aya::Pod + Ord, V: aya::Pod> MapOps<K, V> for KernelHash<'_, K, V> {
+    fn upsert(&mut self, key: K, value: V) -> Result<(), Error> {
+        self.map.insert(key, value, 0).map_err(map_err(self.name))
+    }
+
+    fn remove(&mut self, key: &K) -> Result<(), Error> {
+        ignore_missing(self.name, self.map.remove(key))
+    }
+
+    fn entries(&self) -> Result<BTreeMap<K, V>, Error> {
+        self.map
+            .iter()
+            .map(|r| r.map_err(map_err(self.name)))
+            .collect()
+    }
+}
+
+/// An in-memory map for unit tests of reconcile logic.
+#[cfg(test)]
+#[derive(Debug)]
+pub struct FakeMap<K, V>(pub BTreeMap<K, V>);
+
+#[cfg(test)]
+impl<K, V> Default for FakeMap<K, V> {
+    fn default() -> Self {
+        Self(BTreeMap::new())
+    }
+}
+
+#[cfg(test)]
+impl<K: Ord + Clone, V: Clone> MapOps<K, V> for FakeMap<K, V> {
+    fn upsert(&mut self, key: K, value: V) -> Result<(), Error> {
+        self.0.insert(key, value);
+        Ok(())
+    }
+    fn remove(&mut self, key: &K) -> Result<(), Error> {
+        self.0.remove(key);
+        Ok(())
+    }
+    fn entries(&self) -> Result<BTreeMap<K, V>, Error> {
+        Ok(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use veil_common::maps::NodeInfo;
+
+    #[test]
+    fn prefix_display() {
+        assert_eq!(
+            Prefix::v4(Ipv4Addr::new(198, 19, 2, 0), 24).to_string(),
+            "198.19.2.0/24"
+        );
+    }
+
+    #[test]
+    fn sync_writes_diff_and_removes_extra() {
+        let mut m = FakeMap::<Prefix, IpInfo>::default();
+        let a = Prefix::v4(Ipv4Addr::new(198, 19, 1, 10), 32);
+        let b = Prefix::v4(Ipv4Addr::new(198, 19, 2, 0), 24);
+        let stale = Prefix::v4(Ipv4Addr::new(198, 19, 9, 9), 32);
+        m.0.insert(stale, IpInfo::default());
+        m.0.insert(
+            a,
+            IpInfo {
+                identity: 1,
+                ..Default::default()
+            },
+        );
+        let desired = BTreeMap::from([
+            (
+                a,
+                IpInfo {
+                    identity: 2,
+                    ..Default::default()
+                },
+            ),
+            (
+                b,
+                IpInfo {
+                    node_id: 2,
+                    ..Default::default()
+                },
+            ),
+        ]);
+        assert_eq!(sync(&mut m, &desired).unwrap(), 3);
+        assert_eq!(m.0, desired);
+        assert_eq!(sync(&mut m, &desired).unwrap(), 0);
+    }
+
+    #[test]
+    fn sync_nodes_converges() {
+        let mut m = FakeMap::<u32, NodeInfo>::default();
+        m.0.insert(9, NodeInfo::default());
+        let desired = BTreeMap::from([(1, NodeInfo { flags: 1, _pad: 0 })]);
+        assert_eq!(sync(&mut m, &desired).unwrap(), 2);
+        assert_eq!(m.0, desired);
+    }
+}

@@ -1,0 +1,795 @@
+//! Lab file parsing, validation and address allocation (sans-IO).
+//!
+//! A lab file overrides any part of the default topology. Parsing is strict: unknown keys and bad
+//! values are errors naming the field path, and validation runs to the end before anything is
+//! created, so a bad file never leaves half a lab behind.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors in a lab file or lab flags. Each names the field path it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("lab file: {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+fn invalid(path: impl Into<String>, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// Which WireGuard backend the agents use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Auto,
+    Userspace,
+    Kernel,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "userspace" => Ok(Self::Userspace),
+            "kernel" => Ok(Self::Kernel),
+            other => Err(format!(
+                "unknown backend {other:?} (expected userspace, kernel or auto)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Userspace => "userspace",
+            Self::Kernel => "kernel",
+        })
+    }
+}
+
+/// `on`/`off` switch as users write it in YAML or on the command line (YAML 1.1 also reads
+/// bare on/off as booleans, so both forms are accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnOff(pub bool);
+
+impl<'de> Deserialize<'de> for OnOff {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(b) => Ok(OnOff(b)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::str::FromStr for OnOff {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" | "true" => Ok(OnOff(true)),
+            "off" | "false" => Ok(OnOff(false)),
+            other => Err(format!("expected on or off, got {other:?}")),
+        }
+    }
+}
+
+/// A duration written as `30s`, `5m`, `1h`, `1h30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s)
+            .map(HumanDuration)
+            .map_err(|e| format!("bad duration {s:?}: {e} (write e.g. 30s, 5m, 1h)"))
+    }
+}
+
+/// The lab file as written. Every key is optional; absent keys take the default topology.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabFile {
+    pub trust_domain: Option<String>,
+    pub encryption: Option<OnOff>,
+    pub svid_ttl: Option<HumanDuration>,
+    pub backend: Option<Backend>,
+    pub underlay_mtu: Option<u32>,
+    pub nodes: Option<Vec<NodeFile>>,
+    pub pods: Option<Vec<PodFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodFile {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub node: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub serve: Vec<ServeSpec>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+/// A server the lab runs inside a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSpec {
+    pub port: u16,
+    pub kind: ServeKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServeKind {
+    /// HTTP/1.1: 200 with a short body on every path.
+    Http,
+    /// TCP and UDP echo on the same port.
+    Echo,
+}
+
+/// Options given as `lab up` flags; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub encryption: Option<bool>,
+    pub svid_ttl: Option<Duration>,
+    pub backend: Option<Backend>,
+}
+
+/// A validated lab: names, addresses and options all resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabSpec {
+    pub name: String,
+    pub trust_domain: String,
+    pub encryption: bool,
+    #[serde(with = "duration_secs")]
+    pub svid_ttl: Duration,
+    pub backend: Backend,
+    pub underlay_mtu: u32,
+    pub nodes: Vec<NodeSpec>,
+    pub pods: Vec<PodSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    /// Small integer: pod CIDR 198.19.<id>.0/24, underlay 198.18.0.<id>.
+    pub id: u8,
+    pub netns: String,
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr: String,
+    /// Interface of the node on the underlay (inside the node netns).
+    pub underlay_if: String,
+    /// The node's port on the underlay bridge (inside the underlay netns).
+    pub bridge_port: String,
+    /// WireGuard interface name; unique per lab and node because `wg` finds the userspace
+    /// device by `/var/run/wireguard/<name>.sock`, a host-wide path.
+    pub wg_interface: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    /// Host side of the pod's veth, inside the node netns.
+    pub host_veth: String,
+    pub serve: Vec<ServeSpec>,
+}
+
+impl PodSpec {
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+mod duration_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+pub const DEFAULT_LAB_NAME: &str = "veil";
+pub const DEFAULT_TRUST_DOMAIN: &str = "lab.veil";
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
+pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+/// The gateway address every pod routes through: the host side of each pod veth answers for it.
+pub const POD_GATEWAY_HOST: u8 = 1;
+/// First host number handed to pods in a node's /24.
+const FIRST_POD_HOST: u8 = 10;
+const MAX_NODES: usize = 250;
+const MAX_PODS_PER_NODE: usize = 240;
+/// Interface names are at most 15 bytes (IFNAMSIZ - 1).
+const IFNAMSIZ_MAX: usize = 15;
+
+/// Checks a lab name: 1–8 characters of `a-z0-9-`, not starting or ending with `-`.
+pub fn validate_lab_name(name: &str) -> Result<(), Error> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if name.is_empty()
+        || name.len() > 8
+        || !ok_chars
+        || name.starts_with('-')
+        || name.ends_with('-')
+    {
+        return Err(invalid(
+            "--name",
+            format!(
+                "bad lab name {name:?}: use 1-8 characters of a-z, 0-9 and '-' (not at either end)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A Kubernetes-style DNS label: 1–63 of `a-z0-9-`, alphanumeric at both ends.
+fn check_dns_label(path: &str, value: &str) -> Result<(), Error> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            path,
+            format!("{value:?} is not a DNS label (1-63 of a-z, 0-9, '-')"),
+        ))
+    }
+}
+
+/// Label keys and values as Kubernetes accepts them (optional DNS prefix, 63-byte name).
+fn check_label(path: &str, key: &str, value: &str) -> Result<(), Error> {
+    let name_ok = |s: &str| {
+        s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && s.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+            && s.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+    };
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if name.is_empty() || !name_ok(name) || prefix.is_some_and(|p| p.is_empty() || p.len() > 253) {
+        return Err(invalid(format!("{path}.{key}"), "bad label key"));
+    }
+    if !name_ok(value) {
+        return Err(invalid(
+            format!("{path}.{key}"),
+            format!("bad label value {value:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_trust_domain(td: &str) -> Result<(), Error> {
+    let ok = !td.is_empty()
+        && td.len() <= 255
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "trust_domain",
+            format!(
+                "{td:?} is not a SPIFFE trust domain (lowercase letters, digits, '-', '.', '_')"
+            ),
+        ))
+    }
+}
+
+/// Parses a lab file (YAML). Unknown keys and type errors name the field path.
+pub fn parse_lab_file(text: &str) -> Result<LabFile, Error> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." {
+            "(top level)".to_string()
+        } else {
+            path
+        };
+        Error::Parse {
+            path,
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// The default topology: node-a and node-b; frontend and intruder on node-a, backend on node-b.
+pub fn default_file() -> LabFile {
+    let pod = |name: &str, node: &str, serve: Vec<ServeSpec>| PodFile {
+        name: name.to_string(),
+        namespace: "shop".to_string(),
+        node: node.to_string(),
+        labels: BTreeMap::from([("app".to_string(), name.to_string())]),
+        service_account: None,
+        serve,
+    };
+    LabFile {
+        nodes: Some(vec![
+            NodeFile {
+                name: "node-a".into(),
+            },
+            NodeFile {
+                name: "node-b".into(),
+            },
+        ]),
+        pods: Some(vec![
+            pod("frontend", "node-a", vec![]),
+            pod(
+                "backend",
+                "node-b",
+                vec![ServeSpec {
+                    port: 8080,
+                    kind: ServeKind::Http,
+                }],
+            ),
+            pod("intruder", "node-a", vec![]),
+        ]),
+        ..LabFile::default()
+    }
+}
+
+/// Validates a lab file and allocates names and addresses. Pure: touches nothing.
+pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSpec, Error> {
+    validate_lab_name(name)?;
+    let defaults = default_file();
+    let trust_domain = file
+        .trust_domain
+        .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
+    check_trust_domain(&trust_domain)?;
+    let svid_ttl = overrides
+        .svid_ttl
+        .or(file.svid_ttl.map(|d| d.0))
+        .unwrap_or(DEFAULT_SVID_TTL);
+    if svid_ttl < Duration::from_secs(10) || svid_ttl > Duration::from_secs(30 * 24 * 3600) {
+        return Err(invalid("svid_ttl", "must be between 10s and 30 days"));
+    }
+    let underlay_mtu = file.underlay_mtu.unwrap_or(DEFAULT_UNDERLAY_MTU);
+    if !(1280..=9000).contains(&underlay_mtu) {
+        return Err(invalid(
+            "underlay_mtu",
+            format!("{underlay_mtu} is outside 1280..=9000"),
+        ));
+    }
+    let nodes_file = file.nodes.or(defaults.nodes).unwrap_or_default();
+    let pods_file = match file.pods {
+        Some(p) => p,
+        // Default pods only make sense on the default nodes.
+        None if nodes_file
+            .iter()
+            .map(|n| n.name.as_str())
+            .eq(["node-a", "node-b"]) =>
+        {
+            defaults.pods.unwrap_or_default()
+        }
+        None => Vec::new(),
+    };
+    if nodes_file.is_empty() {
+        return Err(invalid("nodes", "a lab needs at least one node"));
+    }
+    if nodes_file.len() > MAX_NODES {
+        return Err(invalid("nodes", format!("at most {MAX_NODES} nodes")));
+    }
+
+    let mut netns_names = BTreeSet::new();
+    let underlay_netns = underlay_netns(name);
+    netns_names.insert(underlay_netns.clone());
+
+    let mut nodes = Vec::with_capacity(nodes_file.len());
+    for (i, n) in nodes_file.iter().enumerate() {
+        let path = format!("nodes[{i}].name");
+        check_dns_label(&path, &n.name)?;
+        if nodes.iter().any(|x: &NodeSpec| x.name == n.name) {
+            return Err(invalid(path, format!("duplicate node {:?}", n.name)));
+        }
+        let id = u8::try_from(i + 1).map_err(|_| invalid("nodes", "too many nodes"))?;
+        let netns = format!("{name}-{}", n.name);
+        if !netns_names.insert(netns.clone()) {
+            return Err(invalid(
+                path,
+                format!("netns name {netns:?} collides with another"),
+            ));
+        }
+        let wg_interface = format!("{name}-wg{id}");
+        debug_assert!(wg_interface.len() <= IFNAMSIZ_MAX);
+        nodes.push(NodeSpec {
+            name: n.name.clone(),
+            id,
+            netns,
+            underlay_ip: Ipv4Addr::new(198, 18, 0, id),
+            pod_cidr: format!("198.19.{id}.0/24"),
+            underlay_if: "ul0".to_string(),
+            bridge_port: format!("n{id}"),
+            wg_interface,
+        });
+    }
+
+    let mut pods: Vec<PodSpec> = Vec::with_capacity(pods_file.len());
+    let mut per_node: BTreeMap<String, u8> = BTreeMap::new();
+    for (i, p) in pods_file.into_iter().enumerate() {
+        let at = |f: &str| format!("pods[{i}].{f}");
+        check_dns_label(&at("name"), &p.name)?;
+        check_dns_label(&at("namespace"), &p.namespace)?;
+        let Some(node) = nodes.iter().find(|n| n.name == p.node) else {
+            return Err(invalid(at("node"), format!("unknown node {:?}", p.node)));
+        };
+        if pods
+            .iter()
+            .any(|x| x.name == p.name && x.namespace == p.namespace)
+        {
+            return Err(invalid(
+                at("name"),
+                format!("duplicate pod {}/{}", p.namespace, p.name),
+            ));
+        }
+        for (k, v) in &p.labels {
+            check_label(&at("labels"), k, v)?;
+        }
+        let service_account = p.service_account.unwrap_or_else(|| p.name.clone());
+        check_dns_label(&at("service_account"), &service_account)?;
+        for (j, s) in p.serve.iter().enumerate() {
+            if s.port == 0 {
+                return Err(invalid(
+                    format!("pods[{i}].serve[{j}].port"),
+                    "port 0 is not a port",
+                ));
+            }
+            if p.serve[..j].iter().any(|o| o.port == s.port) {
+                return Err(invalid(
+                    format!("pods[{i}].serve[{j}].port"),
+                    "duplicate port",
+                ));
+            }
+        }
+        let slot = per_node.entry(node.name.clone()).or_insert(0);
+        if usize::from(*slot) >= MAX_PODS_PER_NODE {
+            return Err(invalid(
+                at("node"),
+                format!("node {:?} is full ({MAX_PODS_PER_NODE} pods)", node.name),
+            ));
+        }
+        let ip = Ipv4Addr::new(198, 19, node.id, FIRST_POD_HOST + *slot);
+        *slot += 1;
+        let netns = format!("{name}-{}-{}", p.namespace, p.name);
+        if !netns_names.insert(netns.clone()) {
+            return Err(invalid(
+                at("name"),
+                format!("netns name {netns:?} collides with another"),
+            ));
+        }
+        let host_veth = host_veth_name(&p.namespace, &p.name);
+        if pods
+            .iter()
+            .any(|x| x.node == node.name && x.host_veth == host_veth)
+        {
+            return Err(invalid(
+                at("name"),
+                "host veth name collides with another pod's; rename the pod",
+            ));
+        }
+        pods.push(PodSpec {
+            name: p.name,
+            namespace: p.namespace,
+            node: node.name.clone(),
+            netns,
+            ip,
+            labels: p.labels,
+            service_account,
+            host_veth,
+            serve: p.serve,
+        });
+    }
+
+    Ok(LabSpec {
+        name: name.to_string(),
+        trust_domain,
+        encryption: overrides
+            .encryption
+            .or(file.encryption.map(|e| e.0))
+            .unwrap_or(true),
+        svid_ttl,
+        backend: overrides.backend.or(file.backend).unwrap_or_default(),
+        underlay_mtu,
+        nodes,
+        pods,
+    })
+}
+
+pub fn underlay_netns(lab: &str) -> String {
+    format!("{lab}-underlay")
+}
+
+pub fn bridge_name(lab: &str) -> String {
+    format!("{lab}-br0")
+}
+
+/// `lxc` + 8 hex digits of a stable hash of `namespace/name`, the way Cilium names host veths.
+pub fn host_veth_name(namespace: &str, name: &str) -> String {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in namespace.bytes().chain([b'/']).chain(name.bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("lxc{h:08x}")
+}
+
+impl LabSpec {
+    pub fn node(&self, name: &str) -> Option<&NodeSpec> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Finds a pod by `name` or `namespace/name`; a bare name must be unambiguous.
+    pub fn find_pod(&self, query: &str) -> Result<&PodSpec, String> {
+        if let Some((ns, name)) = query.split_once('/') {
+            return self
+                .pods
+                .iter()
+                .find(|p| p.namespace == ns && p.name == name)
+                .ok_or_else(|| format!("no pod {query:?} in lab {:?}", self.name));
+        }
+        let matches: Vec<_> = self.pods.iter().filter(|p| p.name == query).collect();
+        match matches.as_slice() {
+            [one] => Ok(one),
+            [] => Err(format!("no pod {query:?} in lab {:?}", self.name)),
+            many => Err(format!(
+                "pod name {query:?} is ambiguous: {}; use namespace/name",
+                many.iter()
+                    .map(|p| p.qualified_name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
+    pub fn pod_gateway(&self, node: &NodeSpec) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, node.id, POD_GATEWAY_HOST)
+    }
+
+    /// MTU of pod interfaces: the underlay MTU minus the IPv4 WireGuard overhead (20 IP + 8 UDP
+    /// + 32 WireGuard), so an encrypted packet never needs fragmenting on the underlay.
+    pub fn pod_mtu(&self) -> u32 {
+        self.underlay_mtu - transport_overhead_v4()
+    }
+}
+
+/// WireGuard's per-packet overhead on an IPv4 underlay: outer IP (20) + UDP (8) + WireGuard
+/// header and tag (32). On IPv6 it is 80.
+pub const fn transport_overhead_v4() -> u32 {
+    60
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve_text(text: &str) -> Result<LabSpec, Error> {
+        resolve("t1", parse_lab_file(text)?, &Overrides::default())
+    }
+
+    fn err_text(text: &str) -> String {
+        resolve_text(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn default_topology() {
+        let lab = resolve("veil", LabFile::default(), &Overrides::default()).unwrap();
+        assert_eq!(lab.trust_domain, "lab.veil");
+        assert!(lab.encryption);
+        assert_eq!(lab.svid_ttl, Duration::from_secs(3600));
+        let names: Vec<_> = lab.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["node-a", "node-b"]);
+        assert_eq!(lab.nodes[0].underlay_ip, Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(lab.nodes[1].pod_cidr, "198.19.2.0/24");
+        assert_eq!(lab.nodes[1].wg_interface, "veil-wg2");
+        let fe = lab.find_pod("frontend").unwrap();
+        assert_eq!(
+            (fe.node.as_str(), fe.ip),
+            ("node-a", Ipv4Addr::new(198, 19, 1, 10))
+        );
+        assert_eq!(fe.labels.get("app").map(String::as_str), Some("frontend"));
+        assert_eq!(fe.service_account, "frontend");
+        assert_eq!(fe.netns, "veil-shop-frontend");
+        let be = lab.find_pod("shop/backend").unwrap();
+        assert_eq!(be.ip, Ipv4Addr::new(198, 19, 2, 10));
+        assert_eq!(
+            be.serve,
+            vec![ServeSpec {
+                port: 8080,
+                kind: ServeKind::Http
+            }]
+        );
+        let intruder = lab.find_pod("intruder").unwrap();
+        assert_eq!(intruder.ip, Ipv4Addr::new(198, 19, 1, 11));
+        assert_eq!(lab.pod_mtu(), 1440);
+    }
+
+    #[test]
+    fn overrides_win_over_file() {
+        let file = parse_lab_file("encryption: off\nsvid_ttl: 2m\nbackend: kernel\n").unwrap();
+        let lab = resolve("x", file, &Overrides::default()).unwrap();
+        assert!(!lab.encryption);
+        assert_eq!(lab.svid_ttl, Duration::from_secs(120));
+        assert_eq!(lab.backend, Backend::Kernel);
+        let file = parse_lab_file("encryption: off\nsvid_ttl: 2m\n").unwrap();
+        let o = Overrides {
+            encryption: Some(true),
+            svid_ttl: Some(Duration::from_secs(30)),
+            backend: Some(Backend::Userspace),
+        };
+        let lab = resolve("x", file, &o).unwrap();
+        assert!(lab.encryption);
+        assert_eq!(lab.svid_ttl, Duration::from_secs(30));
+        assert_eq!(lab.backend, Backend::Userspace);
+    }
+
+    #[test]
+    fn custom_topology_allocates_addresses_per_node() {
+        let lab = resolve_text(
+            "trust_domain: example.org\nnodes: [{name: n1}, {name: n2}, {name: n3}]\npods:\n\
+             - {name: a, node: n3}\n- {name: b, node: n3, namespace: x}\n- {name: c, node: n1, serve: [{port: 7, kind: echo}]}\n",
+        )
+        .unwrap();
+        assert_eq!(lab.trust_domain, "example.org");
+        assert_eq!(lab.pods[0].ip, Ipv4Addr::new(198, 19, 3, 10));
+        assert_eq!(lab.pods[1].ip, Ipv4Addr::new(198, 19, 3, 11));
+        assert_eq!(lab.pods[2].ip, Ipv4Addr::new(198, 19, 1, 10));
+        assert_eq!(lab.pods[0].namespace, "default");
+        assert_eq!(lab.pods[1].netns, "t1-x-b");
+    }
+
+    #[test]
+    fn custom_nodes_without_pods_get_no_default_pods() {
+        let lab = resolve_text("nodes: [{name: solo}]").unwrap();
+        assert!(lab.pods.is_empty());
+    }
+
+    #[test]
+    fn bad_files_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("colour: blue", "colour"),
+            ("nodes: [{name: a, zone: x}]", "nodes[0]"),
+            ("pods: [{name: p, node: node-a, lables: {}}]", "pods[0]"),
+            ("encryption: maybe", "encryption"),
+            ("svid_ttl: soon", "svid_ttl"),
+            ("svid_ttl: 1s", "svid_ttl"),
+            ("backend: ebpf", "backend"),
+            ("underlay_mtu: 100", "underlay_mtu"),
+            ("trust_domain: Lab.Veil", "trust_domain"),
+            ("nodes: []", "nodes"),
+            ("nodes: [{name: Node_A}]", "nodes[0].name"),
+            ("nodes: [{name: a}, {name: a}]", "nodes[1].name"),
+            ("pods: [{name: p, node: node-z}]", "pods[0].node"),
+            ("pods: [{name: p, node: node-a}, {name: p, node: node-b}]", "pods[1].name"),
+            ("pods: [{name: p, node: node-a, labels: {'bad key!': x}}]", "pods[0].labels"),
+            ("pods: [{name: p, node: node-a, serve: [{port: 0, kind: http}]}]", "pods[0].serve[0].port"),
+            ("pods: [{name: p, node: node-a, serve: [{port: 80, kind: ftp}]}]", "pods[0].serve[0].kind"),
+            ("pods: [{name: p, node: node-a, serve: [{port: 80, kind: http}, {port: 80, kind: echo}]}]", "pods[0].serve[1].port"),
+            ("pods: [{name: p, node: node-a, serve: [{port: 99999, kind: http}]}]", "pods[0].serve[0].port"),
+            ("nodes: [{name: shop-a}]\npods: [{name: a, namespace: shop, node: shop-a}]", "pods[0].name"),
+            ("- just\n- a list", "(top level)"),
+        ];
+        for (text, path) in cases {
+            let e = err_text(text);
+            assert!(
+                e.contains(path),
+                "{text:?}: error {e:?} does not name {path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lab_names() {
+        for good in ["veil", "a", "t-1", "abcdefgh", "0"] {
+            validate_lab_name(good).unwrap();
+        }
+        for bad in ["", "toolongname", "UPPER", "a_b", "-a", "a-", "a.b"] {
+            assert!(validate_lab_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn wg_interface_fits_ifnamsiz_for_longest_names() {
+        let nodes: String = (0..250).map(|i| format!("- name: n{i}\n")).collect();
+        let lab = resolve(
+            "abcdefgh",
+            parse_lab_file(&format!("nodes:\n{nodes}")).unwrap(),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(lab
+            .nodes
+            .iter()
+            .all(|n| n.wg_interface.len() <= IFNAMSIZ_MAX));
+        assert_eq!(lab.nodes[249].pod_cidr, "198.19.250.0/24");
+    }
+
+    #[test]
+    fn too_many_nodes_rejected() {
+        let nodes: String = (0..251).map(|i| format!("- name: n{i}\n")).collect();
+        assert!(err_text(&format!("nodes:\n{nodes}")).contains("nodes"));
+    }
+
+    #[test]
+    fn find_pod_ambiguity() {
+        let lab = resolve_text(
+            "nodes: [{name: a}]\npods: [{name: p, namespace: x, node: a}, {name: p, namespace: y, node: a}]",
+        )
+        .unwrap();
+        assert!(lab.find_pod("p").unwrap_err().contains("ambiguous"));
+        assert_eq!(lab.find_pod("y/p").unwrap().namespace, "y");
+        assert!(lab.find_pod("z/p").is_err());
+    }
+
+    #[test]
+    fn host_veth_names_are_stable_and_short() {
+        assert_eq!(
+            host_veth_name("shop", "frontend"),
+            host_veth_name("shop", "frontend")
+        );
+        assert_ne!(
+            host_veth_name("shop", "frontend"),
+            host_veth_name("shop", "backend")
+        );
+        assert_eq!(host_veth_name("shop", "frontend").len(), 11);
+    }
+}

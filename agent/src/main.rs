@@ -1,0 +1,303 @@
+//! The `veil` command: agent, CLI and lab.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+use veil_agent::{
+    admin, api,
+    cli::{self, Output},
+    config::Config,
+    daemon::Agent,
+    demo,
+    lab::{self, spec},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "veil",
+    version,
+    about = "Identity-bound pod encryption and mutual-auth policy, without sidecars"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Build, inspect and remove a lab cluster on this host.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+    /// Show agent status: backend, peers, SVIDs, auth pairs, programs, counters.
+    Status {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        /// Only this node (default: every node, one after another).
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Bring up the default lab and walk through what veil does, with numbers.
+    Demo {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        /// Leave the lab running at the end.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Create and start a lab; waits until it is ready.
+    Up {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        /// Lab file (YAML) overriding the default topology and options.
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        backend: Option<spec::Backend>,
+        /// on|off (off only for the capture sanity check).
+        #[arg(long)]
+        encryption: Option<spec::OnOff>,
+        /// SVID TTL, e.g. 30s, 1h.
+        #[arg(long)]
+        svid_ttl: Option<spec::HumanDuration>,
+        /// No progress output.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show a lab's nodes and pods.
+    Show {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Run a command in a pod's netns and cgroup.
+    Exec {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        /// `name` or `namespace/name`.
+        pod: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove everything a lab created (idempotent).
+    Down {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+    },
+    /// (internal) Keep a lab's daemons running.
+    #[command(hide = true)]
+    Supervise {
+        #[arg(long)]
+        name: String,
+    },
+    /// (internal) Serve http or echo inside a pod.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        pod: String,
+        #[arg(long)]
+        ready_file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Agent { config } => run_agent(&config),
+        Command::Lab { command } => run_lab(command),
+        Command::Status { name, node, output } => {
+            let (spec, paths) = lab::load(&name)?;
+            let nodes: Vec<&spec::NodeSpec> = match &node {
+                Some(n) => vec![spec
+                    .node(n)
+                    .with_context(|| format!("no node {n:?} in lab {name:?}"))?],
+                None => spec.nodes.iter().collect(),
+            };
+            let rt = current_thread_runtime();
+            let mut failed = false;
+            for n in nodes {
+                match rt.block_on(admin::get_json::<api::Status>(
+                    &paths.admin_socket(&n.name),
+                    "/v1/status",
+                )) {
+                    Ok(st) => match output {
+                        Output::Json => println!("{}", serde_json::to_string(&st)?),
+                        Output::Table => println!("{}", cli::format_status(&st)),
+                    },
+                    Err(e) => {
+                        eprintln!("error: node {}: {e}", n.name);
+                        failed = true;
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Demo { name, keep } => {
+            let exe = std::env::current_exe().context("cannot find the veil binary")?;
+            demo::run(&exe, &demo::Options { name, keep })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn run_agent(config: &std::path::Path) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cfg = Config::load(config)?;
+    tracing::info!(config = %config.display(), "effective config:\n{}", cfg.to_yaml());
+    let rt = current_thread_runtime();
+    rt.block_on(async move {
+        let span = tracing::info_span!("agent", node = %cfg.node);
+        let _enter = span.enter();
+        let agent = Agent::new(cfg).await?;
+        agent.run(shutdown_signal()).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
+    match cmd {
+        LabCommand::Up {
+            name,
+            file,
+            backend,
+            encryption,
+            svid_ttl,
+            quiet,
+        } => {
+            let lab_file = match &file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read lab file {}", path.display()))?;
+                    spec::parse_lab_file(&text)?
+                }
+                None => spec::LabFile::default(),
+            };
+            let overrides = spec::Overrides {
+                encryption: encryption.map(|e| e.0),
+                svid_ttl: svid_ttl.map(|d| d.0),
+                backend,
+            };
+            let spec = spec::resolve(&name, lab_file, &overrides)?;
+            let exe = std::env::current_exe().context("cannot find the veil binary")?;
+            if !quiet {
+                println!(
+                    "lab {}: {} nodes, {} pods",
+                    spec.name,
+                    spec.nodes.len(),
+                    spec.pods.len()
+                );
+            }
+            match lab::up(&spec, &exe, &lab::Progress::new(quiet)) {
+                Ok(_) => {
+                    if !quiet {
+                        println!("lab {} is up. Try: veil lab exec --name {} frontend -- curl -s http://198.19.2.10:8080/", spec.name, spec.name);
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e @ lab::Error::Exists(_)) => Err(e.into()),
+                Err(e) => {
+                    bail!("{e}\nthe lab is partly built; `veil lab down --name {}` removes what was created", spec.name)
+                }
+            }
+        }
+        LabCommand::Show { name, output } => {
+            let (spec, paths) = lab::load(&name)?;
+            let v = lab::view(&spec, &paths);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table => print!("{}", cli::format_lab(&v)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Exec { name, pod, command } => {
+            let (spec, paths) = lab::load(&name)?;
+            match lab::exec_in_pod(&spec, &paths, &pod, &command)? {}
+        }
+        LabCommand::Down { name } => {
+            let s = lab::down(&name)?;
+            if s.existed {
+                println!(
+                    "lab {name} removed: {} netns, {} cgroups, {} processes",
+                    s.netns, s.cgroups, s.processes
+                );
+            } else {
+                println!("lab {name}: nothing to remove");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Supervise { name } => {
+            let paths = lab::LabPaths::new(&name)?;
+            lab::supervisor::run(&paths)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Serve {
+            kind,
+            port,
+            pod,
+            ready_file,
+        } => {
+            if kind != "http" && kind != "echo" {
+                bail!("--kind: expected http or echo, got {kind:?}");
+            }
+            current_thread_runtime().block_on(lab::serve::run(&kind, port, pod, &ready_file))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Drop reasons: stable codes shared with the kernel side and stable kebab-case names shown to
+//! users (`veil status`, `veil observe`, metrics). Codes index the drop-counter array; never
+//! renumber one, only append.
+
+pub const NONE: u32 = 0;
+/// Destination is a cluster pod CIDR whose node has no installed WireGuard peer (strict mode).
+pub const NO_KEY: u32 = 1;
+/// Denied by policy (or by default-deny once a policy selects the endpoint).
+pub const POLICY_DENIED: u32 = 2;
+/// Policy requires mutual authentication and no valid auth entry exists.
+pub const AUTH_REQUIRED: u32 = 3;
+/// The packet was too short for the headers it claims.
+pub const TRUNCATED: u32 = 4;
+/// A non-first IP fragment with no tracked flow (ports unknown).
+pub const FRAGMENT: u32 = 5;
+/// Source address does not belong to the pod the packet came from.
+pub const SPOOFED_SOURCE: u32 = 6;
+/// The datapath is missing its configuration or a map write failed (fails closed).
+pub const DATAPATH_ERROR: u32 = 7;
+/// Destination pod is not known on this node.
+pub const UNKNOWN_ENDPOINT: u32 = 8;
+/// Unsupported layer-3 protocol on a pod interface.
+pub const UNSUPPORTED_L3: u32 = 9;
+/// Held waiting for a workload handshake and the hold queue was full.
+pub const AUTH_QUEUE_FULL: u32 = 10;
+/// The remote peer failed node authentication (wrong trust domain, wrong SPIFFE ID, ...).
+pub const PEER_UNAUTHENTICATED: u32 = 11;
+
+/// Size of the drop-counter array; one past the highest code.
+pub const MAX: u32 = 16;
+
+/// The stable user-facing name of a drop reason.
+pub const fn name(code: u32) -> &'static str {
+    match code {
+        NONE => "none",
+        NO_KEY => "no-key",
+        POLICY_DENIED => "policy-denied",
+        AUTH_REQUIRED => "auth-required",
+        TRUNCATED => "truncated",
+        FRAGMENT => "fragment",
+        SPOOFED_SOURCE => "spoofed-source",
+        DATAPATH_ERROR => "datapath-error",
+        UNKNOWN_ENDPOINT => "unknown-endpoint",
+        UNSUPPORTED_L3 => "unsupported-l3",
+        AUTH_QUEUE_FULL => "auth-queue-full",
+        PEER_UNAUTHENTICATED => "peer-unauthenticated",
+        _ => "unknown",
+    }
+}
+
+/// Every named reason, in code order (for metrics that list all reasons, even at zero).
+pub const ALL: [u32; 12] = [
+    NONE,
+    NO_KEY,
+    POLICY_DENIED,
+    AUTH_REQUIRED,
+    TRUNCATED,
+    FRAGMENT,
+    SPOOFED_SOURCE,
+    DATAPATH_ERROR,
+    UNKNOWN_ENDPOINT,
+    UNSUPPORTED_L3,
+    AUTH_QUEUE_FULL,
+    PEER_UNAUTHENTICATED,
+];
+
+/// The code for a user-facing name, for parsing filters.
+pub fn from_name(n: &str) -> Option<u32> {
+    ALL.iter().copied().find(|&code| name(code) == n)
+}
