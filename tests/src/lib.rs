@@ -1,1 +1,369 @@
-//! x
+//! Fixtures for veil's end-to-end suites: a uniquely named lab that is removed on drop (even when
+//! the test panics), and helpers to run commands in pods and read agent status.
+//!
+//! Must not depend on: anything but the built `veil` binary, the lab contract and the JSON types
+//! the CLI prints. Tests drive veil the way a user or an outside script does.
+//!
+//! These tests need root, network namespaces and BPF. Without them they fail; they never skip.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub use veil_agent::{api::Status, lab::LabView};
+
+/// The `veil` binary under test: `$VEIL_BIN`, else `target/release/veil` (scripts/test.sh
+/// builds it before the tests run).
+pub fn veil_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VEIL_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let bin = root.join("target/release/veil");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Fails the test (never skips) when the environment cannot run labs.
+pub fn require_lab_environment() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "end-to-end tests need root (netns, cgroups, BPF)"
+    );
+    assert!(
+        Path::new("/var/run/netns").exists()
+            || Command::new("ip").args(["netns", "list"]).status().is_ok()
+    );
+}
+
+/// A unique lab name: `t` + 7 hex digits (lab names are at most 8 characters).
+pub fn unique_name() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut h: u32 = 0x811c_9dc5;
+    for x in [std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed)] {
+        for b in x.to_le_bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    format!("t{:07x}", h & 0x0fff_ffff)
+}
+
+/// Runs `veil ARGS`, returning its output.
+pub fn veil(args: &[&str]) -> Output {
+    Command::new(veil_bin())
+        .args(args)
+        .output()
+        .expect("run veil")
+}
+
+/// Runs `veil ARGS` and panics with its output unless it succeeds; returns stdout.
+pub fn veil_ok(args: &[&str]) -> String {
+    let out = veil(args);
+    assert!(
+        out.status.success(),
+        "veil {} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running lab, removed on drop.
+pub struct Lab {
+    pub name: String,
+    pub view: LabView,
+    _file: Option<TempFile>,
+}
+
+impl Lab {
+    /// `veil lab up --name <unique> EXTRA...`.
+    pub fn up(extra: &[&str]) -> Lab {
+        Self::up_named(&unique_name(), None, extra)
+    }
+
+    /// A lab from a lab file (YAML text).
+    pub fn up_with_file(yaml: &str, extra: &[&str]) -> Lab {
+        let name = unique_name();
+        let file = TempFile::new(&format!("{name}.yaml"), yaml);
+        Self::up_named(&name, Some(file), extra)
+    }
+
+    fn up_named(name: &str, file: Option<TempFile>, extra: &[&str]) -> Lab {
+        require_lab_environment();
+        let mut args = vec!["lab", "up", "--name", name, "--quiet"];
+        let fpath = file.as_ref().map(|f| f.path.display().to_string());
+        if let Some(p) = &fpath {
+            args.extend(["-f", p.as_str()]);
+        }
+        args.extend_from_slice(extra);
+        let out = veil(&args);
+        if !out.status.success() {
+            let logs = collect_logs(name);
+            let _ = veil(&["lab", "down", "--name", name]);
+            panic!(
+                "veil {} failed:\n{}\n{}\nlogs:\n{logs}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let view = Self::show(name);
+        Lab {
+            name: name.to_string(),
+            view,
+            _file: file,
+        }
+    }
+
+    pub fn show(name: &str) -> LabView {
+        let json = veil_ok(&["lab", "show", "--name", name, "-o", "json"]);
+        serde_json::from_str(&json).expect("lab show -o json parses")
+    }
+
+    /// Runs a command in a pod (`veil lab exec`).
+    pub fn exec(&self, pod: &str, argv: &[&str]) -> Output {
+        let mut args = vec!["lab", "exec", "--name", self.name.as_str(), pod, "--"];
+        args.extend_from_slice(argv);
+        Command::new(veil_bin())
+            .args(&args)
+            .output()
+            .expect("run veil lab exec")
+    }
+
+    /// Runs a command in a pod and returns stdout; panics with stderr on failure.
+    pub fn exec_ok(&self, pod: &str, argv: &[&str]) -> String {
+        let out = self.exec(pod, argv);
+        assert!(
+            out.status.success(),
+            "`{}` in {pod} failed ({}): {}",
+            argv.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A command in the pod's netns and cgroup, to spawn (long-running clients).
+    pub fn command_in(&self, pod: &str, argv: &[&str]) -> Command {
+        let mut c = Command::new(veil_bin());
+        c.args(["lab", "exec", "--name", self.name.as_str(), pod, "--"])
+            .args(argv);
+        c
+    }
+
+    /// HTTP GET from a pod with curl; returns the body.
+    pub fn http_get(&self, pod: &str, url: &str) -> String {
+        self.exec_ok(pod, &["curl", "-sS", "--max-time", "5", url])
+    }
+
+    pub fn pod_ip(&self, pod: &str) -> String {
+        self.view
+            .pods
+            .iter()
+            .find(|p| p.name == pod || format!("{}/{}", p.namespace, p.name) == pod)
+            .unwrap_or_else(|| panic!("no pod {pod}"))
+            .ip
+            .clone()
+    }
+
+    pub fn node_netns(&self, node: &str) -> String {
+        self.view
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .unwrap_or_else(|| panic!("no node {node}"))
+            .netns
+            .clone()
+    }
+
+    /// `veil status --node NODE -o json`.
+    pub fn status(&self, node: &str) -> Status {
+        let json = veil_ok(&["status", "--name", &self.name, "--node", node, "-o", "json"]);
+        serde_json::from_str(&json).expect("status -o json parses")
+    }
+
+    /// Polls `f` every 100 ms until it returns Some or the timeout passes.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Removes the lab now (Drop does it otherwise).
+    pub fn down(mut self) {
+        self.down_inner();
+        std::mem::forget(self);
+    }
+
+    fn down_inner(&mut self) {
+        let out = veil(&["lab", "down", "--name", &self.name]);
+        if !out.status.success() {
+            eprintln!(
+                "lab down {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- logs of lab {} ---\n{}",
+                self.name,
+                collect_logs(&self.name)
+            );
+        }
+        self.down_inner();
+    }
+}
+
+/// The tail of every log file of a lab, for failure reports.
+pub fn collect_logs(name: &str) -> String {
+    let dir = veil_agent::lab::run_root().join(name).join("logs");
+    let mut out = String::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            out.push_str(&format!(
+                "== {} ==\n{}\n",
+                e.path().display(),
+                tail.join("\n")
+            ));
+        }
+    }
+    out
+}
+
+/// A file removed on drop.
+pub struct TempFile {
+    pub path: PathBuf,
+}
+
+impl TempFile {
+    pub fn new(name: &str, contents: &str) -> Self {
+        let dir = std::env::temp_dir().join("veil-tests");
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(name);
+        std::fs::write(&path, contents).expect("write temp file");
+        Self { path }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Everything on the host that still carries a lab's name: netns, cgroup, pins, state, processes.
+pub fn leftovers(name: &str, view: Option<&LabView>) -> Vec<String> {
+    let mut left = Vec::new();
+    let netns: Vec<String> = std::fs::read_dir("/var/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(v) = view {
+        let mine: Vec<&str> = std::iter::once(v.underlay.netns.as_str())
+            .chain(v.nodes.iter().map(|n| n.netns.as_str()))
+            .chain(v.pods.iter().map(|p| p.netns.as_str()))
+            .collect();
+        for ns in &netns {
+            if mine.contains(&ns.as_str()) {
+                left.push(format!("netns {ns}"));
+            }
+        }
+        // Host-side interfaces: nothing of a lab may appear in the host namespace either.
+        let links = Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .expect("ip link");
+        let links = String::from_utf8_lossy(&links.stdout);
+        for p in &v.pods {
+            if links.contains(&format!(" {}@", p.host_veth))
+                || links.contains(&format!(" {}:", p.host_veth))
+            {
+                left.push(format!("veth {}", p.host_veth));
+            }
+        }
+        for n in &v.nodes {
+            if Path::new(&n.cgroup).exists() {
+                left.push(format!("cgroup {}", n.cgroup));
+            }
+            if Path::new(&n.pin_dir).exists() {
+                left.push(format!("pins {}", n.pin_dir));
+            }
+            let sock = Path::new("/var/run/wireguard").join(format!("{}.sock", n.wg_interface));
+            if sock.exists() {
+                left.push(format!("uapi socket {}", sock.display()));
+            }
+        }
+    }
+    let state = veil_agent::lab::run_root().join(name);
+    if state.exists() {
+        left.push(format!("state {}", state.display()));
+    }
+    let bpf = Path::new("/sys/fs/bpf/veil").join(name);
+    if bpf.exists() {
+        left.push(format!("pins {}", bpf.display()));
+    }
+    if let Ok(root) = veil_agent::sys::cgroup2_root() {
+        let cg = root.join("veil").join(name);
+        if cg.exists() {
+            left.push(format!("cgroup {}", cg.display()));
+        }
+    }
+    let needle = format!("/run/veil/{name}/");
+    let needle2 = format!("--name\0{name}\0");
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if (cmdline.contains(&needle) || cmdline.contains(&needle2))
+                && pid != std::process::id()
+            {
+                left.push(format!("process {pid}: {}", cmdline.replace('\0', " ")));
+            }
+        }
+    }
+    left
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs what veil's build, demo and tests need, idempotently: a second run changes nothing.
+#   - Debian packages the lab and tests use (iproute2, tcpdump, iperf3, wireguard-tools, curl, ...)
+#   - rust-src for the nightly toolchain (eBPF programs build core from source)
+#   - bpf-linker, linked against the same LLVM as that nightly (major version detected, not assumed)
+#   - cargo-nextest
+set -euo pipefail
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (apt packages, and veil itself needs root for netns/BPF)"
+
+# --- Debian packages -------------------------------------------------------------------------
+PKGS=(iproute2 tcpdump iperf3 wireguard-tools curl procps ncat bpftool)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- Rust toolchains -------------------------------------------------------------------------
+command -v rustup >/dev/null || die "rustup not found"
+export PATH="$HOME/.cargo/bin:$PATH"
+rustup toolchain list | grep -q '^nightly' || die "the nightly toolchain is not installed (rustup toolchain list)"
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+  say "adding rust-src to nightly"
+  rustup component add rust-src --toolchain nightly >/dev/null
+fi
+
+# --- bpf-linker against the nightly's LLVM ---------------------------------------------------
+sysroot=$(rustc +nightly --print sysroot)
+llvm_major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+[ -n "$llvm_major" ] || die "cannot read the nightly's LLVM version (rustc +nightly -vV)"
+stamp="$HOME/.cache/veil/bpf-linker.llvm"
+if ! command -v bpf-linker >/dev/null || [ "$(cat "$stamp" 2>/dev/null)" != "$llvm_major" ]; then
+  so=$(ls "$sysroot"/lib/libLLVM.so.* "$sysroot"/lib/libLLVM-*.so 2>/dev/null | head -n 1)
+  [ -n "$so" ] || die "no libLLVM in $sysroot/lib"
+  prefix="$HOME/.cache/veil/llvm-$llvm_major"
+  mkdir -p "$prefix/lib"
+  ln -sf "$so" "$prefix/lib/libLLVM.so"
+  ln -sf "$so" "$prefix/lib/$(basename "$so")"
+  say "building bpf-linker for LLVM $llvm_major (about 2 minutes, once)"
+  LLVM_PREFIX="$prefix" cargo install bpf-linker --locked --force --no-default-features \
+    --features "llvm-$llvm_major" >/dev/null 2>"$HOME/.cache/veil/bpf-linker-build.log" \
+    || die "bpf-linker build failed; see $HOME/.cache/veil/bpf-linker-build.log"
+  echo "$llvm_major" >"$stamp"
+fi
+
+# --- cargo-nextest ---------------------------------------------------------------------------
+if ! cargo nextest --version >/dev/null 2>&1; then
+  say "installing cargo-nextest"
+  cargo install cargo-nextest --locked >/dev/null
+fi
+
+say "ok (nightly LLVM $llvm_major, $(bpf-linker --version 2>/dev/null | head -n1))"
