@@ -15,10 +15,99 @@ pub const IPCACHE: &str = "VEIL_IPCACHE";
 /// Cluster nodes by node id: whether the node has an installed tunnel peer.
 pub const NODES: &str = "VEIL_NODES";
 
+/// Policy, two slots (A/B): the agent fills the idle slot and flips
+/// [`DatapathConfig::policy_slot`], so no packet ever sees a half-applied policy set.
+pub const POLICY_A: &str = "VEIL_POLICY_A";
+pub const POLICY_B: &str = "VEIL_POLICY_B";
+/// Connection tracking: replies of an allowed connection pass without a policy lookup.
+pub const CT: &str = "VEIL_CT";
+/// Authenticated identity pairs (mutual auth), with expiry.
+pub const AUTH: &str = "VEIL_AUTH";
+/// Flow events (ring buffer of [`FlowEvent`]).
+pub const EVENTS: &str = "VEIL_EVENTS";
+/// Per-flow event throttle: last time an event was emitted for a (src, dst, verdict) tuple.
+pub const EVENT_THROTTLE: &str = "VEIL_EVENT_THROTTLE";
+/// Per-verdict packet counters (per CPU), indexed by [`crate::verdict`] code.
+pub const VERDICTS: &str = "VEIL_VERDICTS";
+
 /// Maximum sizes, chosen for hundreds of nodes and tens of thousands of endpoints.
 pub const IF_STATS_MAX: u32 = 4096;
 pub const IPCACHE_MAX: u32 = 65536;
 pub const NODES_MAX: u32 = 4096;
+pub const POLICY_MAX: u32 = 262144;
+pub const CT_MAX: u32 = 262144;
+pub const AUTH_MAX: u32 = 65536;
+pub const EVENTS_BYTES: u32 = 1 << 22;
+pub const EVENT_THROTTLE_MAX: u32 = 65536;
+
+/// Reserved numeric security identities. Cluster identities start at [`identity::FIRST_CLUSTER`].
+pub mod identity {
+    /// Wildcard in policy keys ("any remote identity"); never a real identity.
+    pub const ANY: u32 = 0;
+    /// The node itself (host netns of the node).
+    pub const HOST: u32 = 1;
+    /// Outside the cluster.
+    pub const WORLD: u32 = 2;
+    /// A cluster pod address whose identity this node does not know (yet).
+    pub const UNKNOWN: u32 = 3;
+    /// Another node's own address.
+    pub const REMOTE_NODE: u32 = 4;
+    pub const FIRST_CLUSTER: u32 = 256;
+    /// Marks the per-endpoint, per-direction enforcement entry in a policy map (see
+    /// [`super::policy_flags::ENFORCED`]).
+    pub const SELECTOR_MARKER: u32 = u32::MAX;
+}
+
+/// Directions in [`PolicyKey::direction`] and flow events.
+pub mod direction {
+    /// Into the local endpoint.
+    pub const INGRESS: u8 = 1;
+    /// Out of the local endpoint.
+    pub const EGRESS: u8 = 2;
+}
+
+/// Bits of [`PolicyEntry::flags`]. For a packet the datapath looks up the six keys
+/// (remote, port, proto), (remote, *, proto), (remote, *, *), (*, port, proto), (*, *, proto),
+/// (*, *, *) and ORs the flags of every hit: DENY anywhere wins, else ALLOW anywhere admits,
+/// AUTH_REQUIRED anywhere requires auth. Six hash lookups, whatever the number of rules.
+pub mod policy_flags {
+    pub const ALLOW: u32 = 1 << 0;
+    pub const DENY: u32 = 1 << 1;
+    /// The admitting rule requires mutual authentication of the identity pair.
+    pub const AUTH_REQUIRED: u32 = 1 << 2;
+    /// On the SELECTOR_MARKER entry: a policy selects this endpoint in this direction, so
+    /// anything not allowed is dropped (default deny).
+    pub const ENFORCED: u32 = 1 << 3;
+    /// On the SELECTOR_MARKER entry: every policy selecting the endpoint in this direction is in
+    /// audit mode; would-be drops are reported as AUDIT and passed.
+    pub const AUDIT: u32 = 1 << 4;
+}
+
+/// Bits of [`FlowEvent::flags`].
+pub mod flow_flags {
+    /// The flow crossed (or will cross) the underlay inside WireGuard.
+    pub const ENCRYPTED: u32 = 1 << 0;
+    /// An auth entry admitted the flow.
+    pub const AUTHENTICATED: u32 = 1 << 1;
+    /// Policy required authentication for the flow.
+    pub const AUTH_REQUIRED: u32 = 1 << 2;
+    /// The packet is a reply of a tracked connection.
+    pub const REPLY: u32 = 1 << 3;
+    /// IPv6 addresses (else v4-mapped IPv4).
+    pub const IPV6: u32 = 1 << 4;
+}
+
+/// Bits of [`CtEntry::flags`].
+pub mod ct_flags {
+    /// Egress policy at the source admitted the connection.
+    pub const EGRESS_OK: u32 = 1 << 0;
+    /// Ingress policy at the destination admitted the connection.
+    pub const INGRESS_OK: u32 = 1 << 1;
+    /// Admitted only in audit mode.
+    pub const AUDITED: u32 = 1 << 2;
+    /// Admission needed an auth entry; replies re-check that it still exists.
+    pub const AUTH: u32 = 1 << 3;
+}
 
 /// Flags in [`IpInfo::flags`].
 pub mod ip_flags {
@@ -112,6 +201,118 @@ pub struct NodeInfo {
     pub _pad: u32,
 }
 
+/// Key of the policy maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    /// Identity of the endpoint on this node the policy is about.
+    pub local_identity: u32,
+    /// Peer identity, or [`identity::ANY`], or [`identity::SELECTOR_MARKER`].
+    pub remote_identity: u32,
+    /// Destination port in host byte order, 0 = any.
+    pub dport: u16,
+    /// IP protocol number, 0 = any.
+    pub protocol: u8,
+    /// [`direction`].
+    pub direction: u8,
+}
+
+/// Value of the policy maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyEntry {
+    /// [`policy_flags`].
+    pub flags: u32,
+    /// Index of the first rule that produced this entry (for flow records), else 0.
+    pub rule: u32,
+}
+
+/// Key of [`CT`]: the 5-tuple in the direction of the first packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`CT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// Boot-time ns of the last packet either way.
+    pub last_seen_ns: u64,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// [`ct_flags`].
+    pub flags: u32,
+    /// Node id of the remote end (0 for node-local).
+    pub remote_node: u32,
+}
+
+/// Key of [`AUTH`]: an authenticated (local identity, remote identity, remote node) triple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AuthKey {
+    pub local_identity: u32,
+    pub remote_identity: u32,
+    pub remote_node: u32,
+    pub _pad: u32,
+}
+
+/// Value of [`AUTH`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuthEntry {
+    /// CLOCK_BOOTTIME ns (`bpf_ktime_get_boot_ns`) after which the entry no longer admits.
+    pub expires_boot_ns: u64,
+}
+
+/// Key of [`EVENT_THROTTLE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ThrottleKey {
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub dport: u16,
+    pub protocol: u8,
+    pub verdict: u8,
+    pub reason: u32,
+}
+
+/// A flow verdict, emitted on the ring buffer for the first packet of a connection, for drops
+/// (throttled per tuple), and for audit verdicts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub time_boot_ns: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub ifindex: u32,
+    /// Node id of the remote end, 0 if local.
+    pub remote_node: u32,
+    /// Packets folded into this event by the throttle since the previous one (>= 1).
+    pub count: u32,
+    pub protocol: u8,
+    /// [`crate::verdict`].
+    pub verdict: u8,
+    /// [`direction`] of the policy decision.
+    pub direction: u8,
+    pub _pad: u8,
+    /// [`crate::reason`] code.
+    pub reason: u32,
+    /// [`flow_flags`].
+    pub flags: u32,
+    pub _pad2: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -122,6 +323,14 @@ mod pod_impls {
     unsafe impl aya::Pod for IpKey {}
     unsafe impl aya::Pod for IpInfo {}
     unsafe impl aya::Pod for NodeInfo {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyEntry {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for AuthKey {}
+    unsafe impl aya::Pod for AuthEntry {}
+    unsafe impl aya::Pod for ThrottleKey {}
+    unsafe impl aya::Pod for FlowEvent {}
 }
 
 #[cfg(test)]
@@ -147,6 +356,14 @@ mod tests {
         assert_eq!(size_of::<IpKey>(), 16);
         assert_eq!(size_of::<IpInfo>(), 16);
         assert_eq!(size_of::<NodeInfo>(), 8);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyEntry>(), 8);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtEntry>(), 24);
+        assert_eq!(size_of::<AuthKey>(), 16);
+        assert_eq!(size_of::<AuthEntry>(), 8);
+        assert_eq!(size_of::<ThrottleKey>(), 16);
+        assert_eq!(size_of::<FlowEvent>(), 80);
     }
 
     #[test]
