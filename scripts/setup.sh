@@ -12,7 +12,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (apt packages, and veil itself needs root for netns/BPF)"
 
 # --- Debian packages -------------------------------------------------------------------------
-PKGS=(iproute2 tcpdump iperf3 wireguard-tools curl procps ncat bpftool)
+PKGS=(iproute2 iputils-ping tcpdump iperf3 wireguard-tools curl procps ncat bpftool)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,107 @@
+//! The `Tunnel` trait the agent programs, whatever the backend, and the plain data it speaks.
+
+use std::{net::SocketAddr, time::SystemTime};
+
+use crate::{allowed_ips::IpPrefix, key::PresharedKey, PrivateKey, PublicKey};
+
+/// Which implementation carries the packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `veil-wg`: TUN + UDP + boringtun in a separate long-lived process.
+    Userspace,
+    /// The kernel's WireGuard, configured over generic netlink.
+    Kernel,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Userspace => "userspace",
+            Backend::Kernel => "kernel",
+        }
+    }
+}
+
+/// Errors programming a tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach {what} at {path}")]
+    Connect {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} i/o failed")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the device refused the configuration (errno {errno})")]
+    Refused { errno: i32 },
+    #[error("bad reply from the device: {0}")]
+    Protocol(#[from] crate::uapi::UapiError),
+    #[error("cannot start veil-wg ({binary})")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("veil-wg for {interface} did not come up within {waited_ms} ms; see {log}")]
+    NotReady {
+        interface: String,
+        waited_ms: u64,
+        log: String,
+    },
+    #[error("kernel wireguard: {0}")]
+    Netlink(String),
+    #[error("the kernel has no WireGuard (generic netlink family `wireguard` not found)")]
+    KernelUnavailable,
+}
+
+/// What the agent wants for one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub public_key: PublicKey,
+    pub preshared_key: Option<PresharedKey>,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpPrefix>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// A peer as the device reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerState {
+    pub public_key: Option<PublicKey>,
+    pub has_preshared_key: bool,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpPrefix>,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// The device as it reports itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceState {
+    pub public_key: Option<PublicKey>,
+    pub listen_port: u16,
+    pub fwmark: u32,
+    pub peers: Vec<PeerState>,
+}
+
+/// A WireGuard device the agent programs. Calls are short, synchronous control operations.
+pub trait Tunnel: Send {
+    fn backend(&self) -> Backend;
+    fn interface(&self) -> &str;
+    fn set_private_key(&mut self, key: &PrivateKey) -> Result<(), Error>;
+    fn set_listen_port(&mut self, port: u16) -> Result<(), Error>;
+    /// Creates or updates a peer; its allowed IPs become exactly `peer.allowed_ips`. Changing
+    /// only the preshared key keeps the current session: the new key takes effect at the next
+    /// handshake.
+    fn upsert_peer(&mut self, peer: &PeerConfig) -> Result<(), Error>;
+    fn remove_peer(&mut self, key: &PublicKey) -> Result<(), Error>;
+    fn state(&mut self) -> Result<DeviceState, Error>;
+}

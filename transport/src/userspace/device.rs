@@ -1,0 +1,540 @@
+//! The userspace WireGuard device inside `veil-wg`: configuration, peers and their boringtun
+//! state, and the routing tables the packet threads read.
+//!
+//! Peers live in an immutable [`Routing`] snapshot swapped whole on every configuration change,
+//! so the packet threads take one cheap `Arc` clone per batch and never see a half-applied
+//! `set`. Per-peer noise state sits behind a mutex the threads hold per batch, not per packet.
+//!
+//! Preshared-key changes are make-before-break: the peer gets a new `Tunn` (new PSK, new local
+//! index) that starts a handshake at once, while the old one keeps carrying traffic and
+//! decrypting packets addressed to its index until the new session is up — the behaviour of
+//! kernel WireGuard, where a new PSK takes effect at the next handshake.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use boringtun::{
+    noise::{rate_limiter::RateLimiter, Tunn, TunnResult},
+    x25519,
+};
+
+use crate::{
+    allowed_ips::AllowedIps,
+    tunnel::{DeviceState, PeerConfig, PeerState},
+    uapi::{DeviceConfig, SetRequest},
+    PublicKey,
+};
+
+/// Handshake initiations the whole device accepts per second before demanding cookies.
+const HANDSHAKE_RATE_LIMIT: u64 = 1000;
+/// How long a replaced `Tunn` keeps decrypting after its successor's session is up.
+const RETIRE_AFTER_SUCCESSOR: Duration = Duration::from_secs(15);
+/// Hard cap on a retiring `Tunn`'s life (WireGuard's REJECT_AFTER_TIME).
+const RETIRE_MAX: Duration = Duration::from_secs(180);
+
+/// Counters of packets the device dropped, by cause.
+#[derive(Debug, Default)]
+pub struct Drops {
+    pub no_peer: AtomicU64,
+    pub bad_source: AtomicU64,
+    pub decrypt: AtomicU64,
+    pub no_endpoint: AtomicU64,
+    pub send_error: AtomicU64,
+}
+
+/// One `Tunn` and the local index its sessions answer to.
+pub struct Noise {
+    pub tunn: Tunn,
+    pub index: u32,
+}
+
+/// The noise state of a peer: the current `Tunn`, and one being retired after a key change.
+pub struct PeerNoise {
+    pub current: Noise,
+    pub retiring: Option<(Noise, Instant)>,
+    /// When `current` first had a session (for retiring its predecessor).
+    pub current_up_since: Option<Instant>,
+}
+
+impl PeerNoise {
+    /// The `Tunn` to encrypt with: the current one once it has a session, else the retiring
+    /// one while it still has one, else the current one (which queues and handshakes).
+    pub fn tx(&mut self) -> &mut Tunn {
+        let current_up = self.current.tunn.time_since_last_handshake().is_some();
+        match &mut self.retiring {
+            Some((old, _)) if !current_up && old.tunn.time_since_last_handshake().is_some() => {
+                &mut old.tunn
+            }
+            _ => &mut self.current.tunn,
+        }
+    }
+
+    /// The `Tunn` owning a local index.
+    pub fn by_index(&mut self, index: u32) -> Option<&mut Tunn> {
+        if self.current.index == index {
+            return Some(&mut self.current.tunn);
+        }
+        match &mut self.retiring {
+            Some((old, _)) if old.index == index => Some(&mut old.tunn),
+            _ => None,
+        }
+    }
+
+    /// Drops the retiring `Tunn` once its successor has been up long enough.
+    pub fn retire(&mut self, now: Instant) {
+        if self.current_up_since.is_none()
+            && self.current.tunn.time_since_last_handshake().is_some()
+        {
+            self.current_up_since = Some(now);
+        }
+        let done = match (&self.retiring, self.current_up_since) {
+            (Some((_, since)), _) if now.duration_since(*since) > RETIRE_MAX => true,
+            (Some(_), Some(up)) => now.duration_since(up) > RETIRE_AFTER_SUCCESSOR,
+            _ => false,
+        };
+        if done {
+            self.retiring = None;
+        }
+    }
+}
+
+pub struct Peer {
+    pub public_key: PublicKey,
+    pub endpoint: Mutex<Option<SocketAddr>>,
+    pub noise: Mutex<PeerNoise>,
+    /// Data bytes (plaintext) sent and received, across `Tunn` replacements.
+    pub tx_bytes: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Unix seconds of the last completed handshake (0 = never).
+    pub last_handshake_unix: AtomicU64,
+    pub config: Mutex<PeerConfig>,
+}
+
+impl Peer {
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        *self.endpoint.lock().expect("endpoint lock")
+    }
+
+    /// WireGuard roaming: an authenticated packet from a new address moves the endpoint.
+    pub fn set_endpoint(&self, addr: SocketAddr) {
+        let mut e = self.endpoint.lock().expect("endpoint lock");
+        if *e != Some(addr) {
+            *e = Some(addr);
+        }
+    }
+
+    pub fn note_handshake(&self, tunn: &Tunn) {
+        if let Some(age) = tunn.time_since_last_handshake() {
+            let t = SystemTime::now() - age;
+            let secs = t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            self.last_handshake_unix.fetch_max(secs, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the packet threads read: built whole, swapped whole.
+#[derive(Default)]
+pub struct Routing {
+    pub by_ip: AllowedIps<Arc<Peer>>,
+    /// Local index (`receiver_idx >> 8`) → peer.
+    pub by_index: HashMap<u32, Arc<Peer>>,
+    pub by_key: HashMap<PublicKey, Arc<Peer>>,
+    pub static_private: Option<x25519::StaticSecret>,
+    pub static_public: Option<x25519::PublicKey>,
+    pub rate_limiter: Option<Arc<RateLimiter>>,
+}
+
+impl Routing {
+    /// The peer whose allowed IPs contain `src` must be the peer that decrypted the packet
+    /// (cryptokey routing); anything else is a spoofed inner source.
+    pub fn source_allowed(&self, peer: &Arc<Peer>, src: IpAddr) -> bool {
+        self.by_ip.lookup(src).is_some_and(|p| Arc::ptr_eq(p, peer))
+    }
+}
+
+/// The configuration half of the device: applies UAPI `set`s and publishes [`Routing`].
+pub struct Device {
+    pub name: String,
+    config: Mutex<DeviceConfig>,
+    routing: RwLock<Arc<Routing>>,
+    next_index: AtomicU32,
+    pub drops: Drops,
+    /// Bumped when the listen port changes, so the UDP side rebinds.
+    pub listen_port: AtomicU32,
+}
+
+impl Device {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            config: Mutex::new(DeviceConfig::default()),
+            routing: RwLock::new(Arc::new(Routing::default())),
+            next_index: AtomicU32::new(rand_index()),
+            drops: Drops::default(),
+            listen_port: AtomicU32::new(0),
+        }
+    }
+
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.read().expect("routing lock").clone()
+    }
+
+    fn alloc_index(&self) -> u32 {
+        // 24 bits: boringtun shifts the index left by 8 for its session ids.
+        self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff
+    }
+
+    /// Applies a validated `set` and swaps in the new routing. Returns handshake initiations
+    /// to send (from peers whose preshared key changed), as (endpoint, datagram).
+    ///
+    /// A peer keeps its `Arc` across changes that keep the static keys, so a packet thread
+    /// holding the previous snapshot still reaches live noise state.
+    pub fn apply(&self, req: &SetRequest) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut cfg = self.config.lock().expect("config lock");
+        let next = cfg.apply(req);
+        let old = self.routing();
+        let key_changed = next.private_key != cfg.private_key;
+        let (static_private, static_public) = match &next.private_key {
+            Some(k) => {
+                let s = x25519::StaticSecret::from(*k.as_bytes());
+                let p = x25519::PublicKey::from(&s);
+                (Some(s), Some(p))
+            }
+            None => (None, None),
+        };
+        let rate_limiter = match (&static_public, &old.rate_limiter) {
+            (Some(_), Some(rl)) if !key_changed => Some(rl.clone()),
+            (Some(p), _) => Some(Arc::new(RateLimiter::new(p, HANDSHAKE_RATE_LIMIT))),
+            (None, _) => None,
+        };
+        let mut routing = Routing {
+            static_private: static_private.clone(),
+            static_public,
+            rate_limiter: rate_limiter.clone(),
+            ..Default::default()
+        };
+        let mut initiations = Vec::new();
+        for pc in &next.peers {
+            // No private key: no noise state at all, so nothing can be sent (fails closed).
+            let Some(sk) = &static_private else { continue };
+            let new_noise = || {
+                let index = self.alloc_index();
+                let tunn = Tunn::new(
+                    sk.clone(),
+                    x25519::PublicKey::from(*pc.public_key.as_bytes()),
+                    pc.preshared_key.as_ref().map(|k| *k.as_bytes()),
+                    pc.persistent_keepalive,
+                    index,
+                    rate_limiter.clone(),
+                );
+                Noise { tunn, index }
+            };
+            let peer = match old.by_key.get(&pc.public_key) {
+                Some(p) if !key_changed => {
+                    let mut conf = p.config.lock().expect("peer config lock");
+                    if !same_noise_params(&conf, pc) {
+                        // Make before break: the old Tunn keeps its sessions while the new one
+                        // (new PSK) handshakes.
+                        let mut noise = p.noise.lock().expect("noise lock");
+                        let mut fresh = new_noise();
+                        if let Some(ep) = pc.endpoint.or(p.endpoint()) {
+                            let mut buf = vec![0u8; 256];
+                            if let TunnResult::WriteToNetwork(d) =
+                                fresh.tunn.format_handshake_initiation(&mut buf, false)
+                            {
+                                initiations.push((ep, d.to_vec()));
+                            }
+                        }
+                        let previous = std::mem::replace(&mut noise.current, fresh);
+                        noise.retiring = Some((previous, Instant::now()));
+                        noise.current_up_since = None;
+                    }
+                    if let Some(e) = pc.endpoint {
+                        p.set_endpoint(e);
+                    }
+                    *conf = pc.clone();
+                    p.clone()
+                }
+                _ => Arc::new(Peer {
+                    public_key: pc.public_key,
+                    endpoint: Mutex::new(pc.endpoint),
+                    noise: Mutex::new(PeerNoise {
+                        current: new_noise(),
+                        retiring: None,
+                        current_up_since: None,
+                    }),
+                    tx_bytes: AtomicU64::new(0),
+                    rx_bytes: AtomicU64::new(0),
+                    last_handshake_unix: AtomicU64::new(0),
+                    config: Mutex::new(pc.clone()),
+                }),
+            };
+            {
+                let n = peer.noise.lock().expect("noise lock");
+                routing.by_index.insert(n.current.index, peer.clone());
+                if let Some((old, _)) = &n.retiring {
+                    routing.by_index.insert(old.index, peer.clone());
+                }
+            }
+            for a in &pc.allowed_ips {
+                routing.by_ip.insert(*a, peer.clone());
+            }
+            routing.by_key.insert(pc.public_key, peer);
+        }
+        self.listen_port
+            .store(u32::from(next.listen_port), Ordering::Relaxed);
+        *self.routing.write().expect("routing lock") = Arc::new(routing);
+        *cfg = next;
+        initiations
+    }
+
+    /// Configuration plus live statistics, in configuration order.
+    pub fn state(&self, bound_port: u16) -> (DeviceConfig, DeviceState) {
+        let cfg = self.config.lock().expect("config lock").clone();
+        let routing = self.routing();
+        let peers = cfg
+            .peers
+            .iter()
+            .map(|pc| {
+                let live = routing.by_key.get(&pc.public_key);
+                let hs = live
+                    .map(|p| p.last_handshake_unix.load(Ordering::Relaxed))
+                    .unwrap_or(0);
+                PeerState {
+                    public_key: Some(pc.public_key),
+                    has_preshared_key: pc.preshared_key.is_some(),
+                    endpoint: live.and_then(|p| p.endpoint()).or(pc.endpoint),
+                    allowed_ips: pc.allowed_ips.clone(),
+                    last_handshake: (hs > 0)
+                        .then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(hs)),
+                    rx_bytes: live
+                        .map(|p| p.rx_bytes.load(Ordering::Relaxed))
+                        .unwrap_or(0),
+                    tx_bytes: live
+                        .map(|p| p.tx_bytes.load(Ordering::Relaxed))
+                        .unwrap_or(0),
+                    persistent_keepalive: pc.persistent_keepalive,
+                }
+            })
+            .collect();
+        let state = DeviceState {
+            public_key: cfg.private_key.as_ref().map(|k| k.public_key()),
+            listen_port: if bound_port != 0 {
+                bound_port
+            } else {
+                cfg.listen_port
+            },
+            fwmark: cfg.fwmark,
+            peers,
+        };
+        (cfg, state)
+    }
+}
+
+/// Whether two configs of one peer can share noise state (same PSK and keepalive).
+fn same_noise_params(a: &PeerConfig, b: &PeerConfig) -> bool {
+    a.preshared_key == b.preshared_key && a.persistent_keepalive == b.persistent_keepalive
+}
+
+fn rand_index() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = getrandom_fill(&mut b);
+    u32::from_le_bytes(b) & 0x00ff_ffff
+}
+
+fn getrandom_fill(b: &mut [u8]) -> Result<(), ()> {
+    use rand_core::RngCore as _;
+    rand_core::OsRng.try_fill_bytes(b).map_err(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{key::PresharedKey, uapi::PeerChange, PrivateKey};
+
+    fn peer_change(key: PublicKey, ip: &str, psk: Option<u8>) -> PeerChange {
+        let mut c = PeerChange::new(key);
+        c.allowed_ips = vec![ip.parse().unwrap()];
+        c.endpoint = Some("198.18.0.2:51820".parse().unwrap());
+        c.preshared_key = psk.map(|b| PresharedKey::from_bytes([b; 32]));
+        c
+    }
+
+    #[test]
+    fn routing_follows_config_and_psk_change_keeps_old_noise() {
+        let dev = Device::new("t0");
+        let me = PrivateKey::generate();
+        let other = PrivateKey::generate().public_key();
+        dev.apply(&SetRequest {
+            private_key: Some(me.clone()),
+            listen_port: Some(51820),
+            peers: vec![peer_change(other, "198.19.2.0/24", Some(1))],
+            ..Default::default()
+        });
+        let r = dev.routing();
+        let p = r
+            .by_ip
+            .lookup("198.19.2.7".parse().unwrap())
+            .unwrap()
+            .clone();
+        assert_eq!(p.public_key, other);
+        let first_index = p.noise.lock().unwrap().current.index;
+        assert!(r.by_index.contains_key(&first_index));
+        assert!(r.source_allowed(&p, "198.19.2.9".parse().unwrap()));
+        assert!(!r.source_allowed(&p, "198.19.3.9".parse().unwrap()));
+
+        // Endpoint-only change: same noise state (same index).
+        let mut ep = PeerChange::new(other);
+        ep.endpoint = Some("198.18.0.9:51820".parse().unwrap());
+        assert!(dev
+            .apply(&SetRequest {
+                peers: vec![ep],
+                ..Default::default()
+            })
+            .is_empty());
+        let p2 = dev.routing().by_key[&other].clone();
+        assert_eq!(p2.noise.lock().unwrap().current.index, first_index);
+        assert_eq!(p2.endpoint(), Some("198.18.0.9:51820".parse().unwrap()));
+
+        // PSK change: a new Tunn (new index) that handshakes at once; the old one is retiring and
+        // still routable by its index.
+        let mut psk = PeerChange::new(other);
+        psk.preshared_key = Some(PresharedKey::from_bytes([2; 32]));
+        let inits = dev.apply(&SetRequest {
+            peers: vec![psk],
+            ..Default::default()
+        });
+        assert_eq!(inits.len(), 1);
+        assert_eq!(inits[0].1.len(), 148, "a handshake initiation is 148 bytes");
+        let r = dev.routing();
+        let p3 = r.by_key[&other].clone();
+        let n = p3.noise.lock().unwrap();
+        assert_ne!(n.current.index, first_index);
+        assert_eq!(n.retiring.as_ref().unwrap().0.index, first_index);
+        assert!(r.by_index.contains_key(&first_index) && r.by_index.contains_key(&n.current.index));
+    }
+
+    #[test]
+    fn without_private_key_there_are_no_peers() {
+        let dev = Device::new("t1");
+        let other = PrivateKey::generate().public_key();
+        dev.apply(&SetRequest {
+            peers: vec![peer_change(other, "198.19.2.0/24", None)],
+            ..Default::default()
+        });
+        assert!(dev
+            .routing()
+            .by_ip
+            .lookup("198.19.2.1".parse().unwrap())
+            .is_none());
+        let (_, st) = dev.state(0);
+        assert_eq!(st.peers.len(), 1, "config still lists the peer");
+    }
+
+    /// Two devices' Tunns complete a handshake and move data, then survive a PSK change on
+    /// both ends without losing a packet that was encrypted with the old session.
+    #[test]
+    fn psk_rotation_is_make_before_break() {
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let (a, b) = (Device::new("a"), Device::new("b"));
+        let set = |d: &Device, me: &PrivateKey, other: PublicKey, ip: &str, psk: u8| {
+            d.apply(&SetRequest {
+                private_key: Some(me.clone()),
+                peers: vec![peer_change(other, ip, Some(psk))],
+                ..Default::default()
+            })
+        };
+        set(&a, &ka, kb.public_key(), "10.0.2.0/24", 1);
+        set(&b, &kb, ka.public_key(), "10.0.1.0/24", 1);
+        let pa = a.routing().by_key[&kb.public_key()].clone();
+        let pb = b.routing().by_key[&ka.public_key()].clone();
+        let mut buf = vec![0u8; 2048];
+        let mut buf2 = vec![0u8; 2048];
+        // Handshake: a initiates.
+        let init = match pa
+            .noise
+            .lock()
+            .unwrap()
+            .tx()
+            .encapsulate(&ipv4_packet(), &mut buf)
+        {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let resp = match pb
+            .noise
+            .lock()
+            .unwrap()
+            .current
+            .tunn
+            .decapsulate(None, &init, &mut buf2)
+        {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        // a consumes the response and flushes its queued packet.
+        let mut na = pa.noise.lock().unwrap();
+        let _ = na.current.tunn.decapsulate(None, &resp, &mut buf);
+        let queued = match na.current.tunn.decapsulate(None, &[], &mut buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        drop(na);
+        assert!(matches!(
+            pb.noise
+                .lock()
+                .unwrap()
+                .current
+                .tunn
+                .decapsulate(None, &queued, &mut buf2),
+            TunnResult::WriteToTunnelV4(..)
+        ));
+        // Encrypt one packet with the old session, then rotate the PSK on both devices.
+        let in_flight = match pa
+            .noise
+            .lock()
+            .unwrap()
+            .tx()
+            .encapsulate(&ipv4_packet(), &mut buf)
+        {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        set(&a, &ka, kb.public_key(), "10.0.2.0/24", 2);
+        set(&b, &kb, ka.public_key(), "10.0.1.0/24", 2);
+        let pb = b.routing().by_key[&ka.public_key()].clone();
+        // The in-flight packet is addressed to b's old index and still decrypts.
+        let idx = u32::from_le_bytes(in_flight[4..8].try_into().unwrap()) >> 8;
+        let mut nb = pb.noise.lock().unwrap();
+        let tunn = nb.by_index(idx).expect("old index still routable");
+        assert!(matches!(
+            tunn.decapsulate(None, &in_flight, &mut buf2),
+            TunnResult::WriteToTunnelV4(..)
+        ));
+        // And the old session still encrypts while the new one is not up.
+        assert!(nb.current.tunn.time_since_last_handshake().is_none());
+        assert!(
+            matches!(nb.tx().encapsulate(&ipv4_packet(), &mut buf2), TunnResult::WriteToNetwork(d) if d[0] == 4)
+        );
+    }
+
+    fn ipv4_packet() -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&40u16.to_be_bytes());
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[10, 0, 1, 1]);
+        p[16..20].copy_from_slice(&[10, 0, 2, 1]);
+        p
+    }
+}
