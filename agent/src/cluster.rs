@@ -53,6 +53,9 @@ pub struct Node {
     pub underlay_ip: Ipv4Addr,
     /// Pod CIDR as `a.b.c.d/len`.
     pub pod_cidr: String,
+    /// The node's WireGuard public key (base64), once its agent has published it.
+    #[serde(default)]
+    pub wg_public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,7 +105,7 @@ impl LabSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
-            poll: Duration::from_secs(1),
+            poll: Duration::from_millis(250),
         }
     }
 
@@ -110,14 +113,44 @@ impl LabSource {
         dir.join(Self::STATE_FILE)
     }
 
-    /// Reads the current snapshot.
+    fn keys_dir(dir: &Path) -> PathBuf {
+        dir.join("node-keys")
+    }
+
+    /// Publishes this node's WireGuard public key (what Cilium keeps in a node annotation).
+    pub fn publish_node_key(dir: &Path, node: &str, key: &str) -> Result<(), crate::sys::Error> {
+        let kd = Self::keys_dir(dir);
+        std::fs::create_dir_all(&kd).map_err(|source| crate::sys::Error::Io {
+            what: "cannot create",
+            path: kd.clone(),
+            source,
+        })?;
+        let path = kd.join(node);
+        if std::fs::read_to_string(&path)
+            .map(|k| k == key)
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        crate::sys::write_atomic(&path, key.as_bytes())
+    }
+
+    /// Reads the current snapshot, with the node keys agents have published.
     pub fn read(dir: &Path) -> Result<ClusterState, Error> {
         let path = Self::state_path(dir);
         let text = std::fs::read(&path).map_err(|source| Error::Read {
             path: path.clone(),
             source,
         })?;
-        serde_json::from_slice(&text).map_err(|source| Error::Parse { path, source })
+        let mut state: ClusterState =
+            serde_json::from_slice(&text).map_err(|source| Error::Parse { path, source })?;
+        let kd = Self::keys_dir(dir);
+        for n in &mut state.nodes {
+            if let Ok(k) = std::fs::read_to_string(kd.join(&n.name)) {
+                n.wg_public_key = Some(k.trim().to_string());
+            }
+        }
+        Ok(state)
     }
 
     /// Writes a snapshot atomically (used by the lab CLI, the only writer).
@@ -129,17 +162,19 @@ impl LabSource {
     /// Reads the first snapshot, then publishes every change on a watch channel until the
     /// receiver is dropped. A file that fails to parse keeps the last good snapshot in force.
     pub async fn watch(self) -> Result<watch::Receiver<Arc<ClusterState>>, Error> {
+        // Stat before reading: any write after this point shows up as a changed mtime.
+        let path = Self::state_path(&self.dir);
+        let keys = Self::keys_dir(&self.dir);
+        let mut last_mtime = (mtime(&path), mtime(&keys));
         let first = Self::read(&self.dir)?;
         let (tx, rx) = watch::channel(Arc::new(first));
         tokio::spawn(async move {
-            let path = Self::state_path(&self.dir);
-            let mut last_mtime = mtime(&path);
             loop {
                 tokio::time::sleep(self.poll).await;
                 if tx.is_closed() {
                     return;
                 }
-                let m = mtime(&path);
+                let m = (mtime(&path), mtime(&keys));
                 if m == last_mtime {
                     continue;
                 }

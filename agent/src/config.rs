@@ -66,6 +66,29 @@ pub struct Config {
     pub interface: String,
     #[serde(default = "default_listen_port")]
     pub listen_port: u16,
+    /// MTU of the tunnel device (underlay MTU minus WireGuard overhead).
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// The veil-wg binary (default: next to this binary).
+    #[serde(default)]
+    pub wg_binary: Option<PathBuf>,
+    /// Where veil-wg logs (default: state_dir/veil-wg.log).
+    #[serde(default)]
+    pub wg_log: Option<PathBuf>,
+    /// cgroup veil-wg runs in (default: the agent's).
+    #[serde(default)]
+    pub wg_cgroup: Option<PathBuf>,
+    /// Where userspace WireGuard devices serve UAPI (the path `wg` looks in).
+    #[serde(default = "default_uapi_dir")]
+    pub uapi_dir: PathBuf,
+}
+
+fn default_mtu() -> u16 {
+    1440
+}
+
+fn default_uapi_dir() -> PathBuf {
+    PathBuf::from(veil_transport::userspace::UAPI_DIR)
 }
 
 fn default_bpffs() -> PathBuf {
@@ -118,6 +141,9 @@ impl Config {
         }
         if self.listen_port == 0 {
             return invalid("listen_port", "must not be 0");
+        }
+        if !(576..=9000).contains(&self.mtu) {
+            return invalid("mtu", "must be within 576..=9000");
         }
         Ok(())
     }

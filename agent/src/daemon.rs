@@ -25,6 +25,7 @@ use crate::{
         maps::{sync, IpCacheMap, KernelHash, Prefix},
         Datapath, Hook,
     },
+    tunnel::NodeTunnel,
 };
 
 /// Errors that stop the agent from starting.
@@ -36,6 +37,10 @@ pub enum Error {
     Cluster(#[from] cluster::Error),
     #[error(transparent)]
     Admin(#[from] admin::Error),
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::Error),
+    #[error("cannot publish the node key")]
+    Publish(#[source] crate::sys::Error),
     #[error("node {0:?} is not in the cluster state")]
     UnknownNode(String),
     #[error("cannot prepare state dir {path}")]
@@ -51,6 +56,7 @@ struct Shared {
     cfg: Config,
     datapath: Datapath,
     cluster: Arc<ClusterState>,
+    tunnel: Option<NodeTunnel>,
     ready: bool,
     started_unix: u64,
     restarts: u64,
@@ -83,9 +89,35 @@ impl Agent {
         if cfg.strict {
             flags |= config_flags::STRICT;
         }
+        let tunnel = if cfg.encryption {
+            let key = crate::tunnel::load_or_create_key(&cfg.state_dir)?;
+            let t = NodeTunnel::open(&cfg, key)?;
+            match &cfg.source {
+                SourceConfig::Lab { dir } => {
+                    LabSource::publish_node_key(dir, &cfg.node, &t.public_key().to_base64())
+                        .map_err(Error::Publish)?
+                }
+            }
+            tracing::info!(
+                backend = t.backend().as_str(),
+                interface = t.interface(),
+                public_key = %t.public_key(),
+                "tunnel ready"
+            );
+            Some(t)
+        } else {
+            tracing::warn!(
+                "encryption is OFF: pod traffic to other nodes crosses the underlay in clear"
+            );
+            None
+        };
+        let tunnel_ifindex = tunnel
+            .as_ref()
+            .and_then(|t| nix::net::if_::if_nametoindex(t.interface()).ok())
+            .unwrap_or(0);
         let dp_cfg = DatapathConfig {
             flags,
-            tunnel_ifindex: 0,
+            tunnel_ifindex,
             node_id: me.id,
             policy_slot: 0,
         };
@@ -99,6 +131,7 @@ impl Agent {
             cfg,
             datapath,
             cluster,
+            tunnel,
             ready: false,
             started_unix,
             restarts,
@@ -198,23 +231,59 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Brings the datapath in line with the cluster state: programs on every local pod veth, the
-/// ipcache and node table exactly as the state says.
-fn reconcile(s: &mut Shared) -> Result<(), datapath::Error> {
+/// Errors of one reconcile pass (retried on the next).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Datapath(#[from] datapath::Error),
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::Error),
+}
+
+/// Brings the node in line with the cluster state: tunnel peers and routes, programs on every
+/// local pod veth and on the tunnel device, the ipcache and node table exactly as the state says.
+fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
     let cluster = s.cluster.clone();
-    let me = &s.cfg.node;
-    let mut first_error = None;
-    for pod in cluster.pods_on(me) {
+    let me = s.cfg.node.clone();
+    let mut first_error: Option<ReconcileError> = None;
+    // Peers first: a node only gets HAS_KEY (and so traffic) once its peer is on the device.
+    let with_key = match s.tunnel.as_mut().map(|t| t.reconcile(&cluster, &me)) {
+        Some(Ok(nodes)) => nodes,
+        Some(Err(e)) => {
+            tracing::warn!(error = %crate::error_chain(&e), "tunnel reconcile failed");
+            first_error.get_or_insert(e.into());
+            Default::default()
+        }
+        None => Default::default(),
+    };
+    if let Some(t) = &s.tunnel {
+        let ifname = t.interface().to_string();
+        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str()).unwrap_or(0);
+        let mut cm = s.datapath.config_map()?;
+        let mut c = cm.get()?;
+        if c.tunnel_ifindex != ifindex {
+            c.tunnel_ifindex = ifindex;
+            cm.set(c)?;
+        }
+        if let Err(e) = s
+            .datapath
+            .attach(programs::FROM_TUNNEL, &ifname, Hook::TcxIngress)
+        {
+            tracing::warn!(interface = %ifname, error = %crate::error_chain(&e), "cannot attach to tunnel");
+            first_error.get_or_insert(e.into());
+        }
+    }
+    for pod in cluster.pods_on(&me) {
         if let Err(e) = s
             .datapath
             .attach(programs::FROM_POD, &pod.host_veth, Hook::TcxIngress)
         {
             tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %crate::error_chain(&e), "cannot attach");
-            first_error.get_or_insert(e);
+            first_error.get_or_insert(e.into());
         }
     }
     s.datapath.prune_pins();
-    let (ipcache, nodes) = desired_maps(&cluster, me);
+    let (ipcache, nodes) = desired_maps(&cluster, &me, &with_key);
     sync(&mut IpCacheMap::new(s.datapath.ebpf_mut())?, &ipcache)?;
     sync(
         &mut KernelHash::<u32, NodeInfo>::new(s.datapath.ebpf_mut(), map_names::NODES)?,
@@ -230,6 +299,7 @@ fn reconcile(s: &mut Shared) -> Result<(), datapath::Error> {
 pub fn desired_maps(
     cluster: &ClusterState,
     me: &str,
+    with_key: &std::collections::BTreeSet<String>,
 ) -> (BTreeMap<Prefix, IpInfo>, BTreeMap<u32, NodeInfo>) {
     let mut ipcache = BTreeMap::new();
     let mut nodes = BTreeMap::new();
@@ -245,7 +315,10 @@ pub fn desired_maps(
                 },
             );
         }
-        let flags = if n.name == me { node_flags::SELF } else { 0 };
+        let mut flags = if n.name == me { node_flags::SELF } else { 0 };
+        if with_key.contains(&n.name) {
+            flags |= node_flags::HAS_KEY;
+        }
         nodes.insert(n.id, NodeInfo { flags, _pad: 0 });
     }
     for p in &cluster.pods {
@@ -282,7 +355,7 @@ impl admin::Handler for AdminHandler {
         Box::pin(async move {
             match (req.method.clone(), req.path.as_str()) {
                 (Method::GET, "/v1/status") => {
-                    match status(&shared.lock().expect("agent state lock")) {
+                    match status(&mut shared.lock().expect("agent state lock")) {
                         Ok(st) => AdminResponse::json(&st),
                         Err(e) => {
                             AdminResponse::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
@@ -290,18 +363,58 @@ impl admin::Handler for AdminHandler {
                     }
                 }
                 (Method::GET, "/metrics") => {
-                    match metrics(&shared.lock().expect("agent state lock")) {
+                    match metrics(&mut shared.lock().expect("agent state lock")) {
                         Ok(text) => AdminResponse::text(StatusCode::OK, text),
                         Err(e) => {
                             AdminResponse::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
                         }
                     }
                 }
+                (Method::POST, path) if path.starts_with("/v1/peers/") => {
+                    peer_switch(&mut shared.lock().expect("agent state lock"), path)
+                }
                 (_, path) => {
                     AdminResponse::error(StatusCode::NOT_FOUND, &format!("no route {path}"))
                 }
             }
         })
+    }
+}
+
+/// `POST /v1/peers/<node>/disable|enable`: take a peer off the tunnel (and out of HAS_KEY) or put
+/// it back. For operators and for the strict-mode test.
+fn peer_switch(s: &mut Shared, path: &str) -> AdminResponse {
+    let rest = &path["/v1/peers/".len()..];
+    let Some((node, action)) = rest.split_once('/') else {
+        return AdminResponse::error(
+            StatusCode::NOT_FOUND,
+            "expected /v1/peers/<node>/disable|enable",
+        );
+    };
+    if s.cluster.node(node).is_none() || node == s.cfg.node {
+        return AdminResponse::error(StatusCode::NOT_FOUND, &format!("no peer node {node:?}"));
+    }
+    let Some(t) = s.tunnel.as_mut() else {
+        return AdminResponse::error(
+            StatusCode::CONFLICT,
+            "encryption is off: there are no tunnel peers",
+        );
+    };
+    match action {
+        "disable" => t.disable_peer(node),
+        "enable" => t.enable_peer(node),
+        other => {
+            return AdminResponse::error(
+                StatusCode::NOT_FOUND,
+                &format!("unknown action {other:?}"),
+            )
+        }
+    }
+    match reconcile(s) {
+        Ok(()) => {
+            AdminResponse::json(&serde_json::json!({ "node": node, "action": action, "ok": true }))
+        }
+        Err(e) => AdminResponse::error(StatusCode::INTERNAL_SERVER_ERROR, &crate::error_chain(&e)),
     }
 }
 
@@ -312,7 +425,7 @@ fn pod_names_by_veth(s: &Shared) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn status(s: &Shared) -> Result<api::Status, datapath::Error> {
+fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
     let pods = pod_names_by_veth(s);
     let stats = datapath::maps::interface_stats(s.datapath.ebpf())?;
     let ifnames: BTreeMap<u32, String> = s
@@ -353,17 +466,32 @@ fn status(s: &Shared) -> Result<api::Status, datapath::Error> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+    let cluster = s.cluster.clone();
+    let (backend, public_key, peers) = match s.tunnel.as_mut() {
+        Some(t) => {
+            let peers = t.peers(&cluster).unwrap_or_else(|e| {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot read tunnel peers");
+                Vec::new()
+            });
+            (
+                t.backend().as_str().to_string(),
+                Some(t.public_key().to_base64()),
+                peers,
+            )
+        }
+        None => ("none".to_string(), None, Vec::new()),
+    };
     Ok(api::Status {
         node: s.cfg.node.clone(),
         cluster: s.cfg.cluster.clone(),
         ready: s.ready,
-        backend: "none".to_string(),
+        backend,
         interface: s.cfg.interface.clone(),
         listen_port: s.cfg.listen_port,
-        public_key: None,
+        public_key,
         encryption: s.cfg.encryption,
         strict: s.cfg.strict,
-        peers: vec![],
+        peers,
         svids: vec![],
         auth: vec![],
         drops,
@@ -380,7 +508,7 @@ fn status(s: &Shared) -> Result<api::Status, datapath::Error> {
 }
 
 /// Prometheus text exposition.
-fn metrics(s: &Shared) -> Result<String, datapath::Error> {
+fn metrics(s: &mut Shared) -> Result<String, datapath::Error> {
     use std::fmt::Write as _;
     let st = status(s)?;
     let mut out = String::new();
@@ -444,6 +572,7 @@ mod tests {
             id,
             underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
             pod_cidr: format!("198.19.{id}.0/24"),
+            wg_public_key: None,
         };
         let pod = |name: &str, node: &str, ip: [u8; 4]| Pod {
             name: name.into(),
@@ -468,7 +597,7 @@ mod tests {
 
     #[test]
     fn desired_maps_cover_cidrs_pods_and_nodes() {
-        let (ipcache, nodes) = desired_maps(&state(), "a");
+        let (ipcache, nodes) = desired_maps(&state(), "a", &["b".to_string()].into());
         assert_eq!(ipcache.len(), 4);
         let fe = ipcache[&Prefix::v4(Ipv4Addr::new(198, 19, 1, 10), 32)];
         assert_eq!(fe.flags, ip_flags::POD | ip_flags::LOCAL_POD);
@@ -477,6 +606,8 @@ mod tests {
         let cidr = ipcache[&Prefix::v4(Ipv4Addr::new(198, 19, 2, 0), 24)];
         assert_eq!((cidr.flags, cidr.node_id), (ip_flags::POD_CIDR, 2));
         assert_eq!(nodes[&1].flags, node_flags::SELF);
-        assert_eq!(nodes[&2].flags, 0);
+        assert_eq!(nodes[&2].flags, node_flags::HAS_KEY);
+        let (_, nodes) = desired_maps(&state(), "a", &Default::default());
+        assert_eq!(nodes[&2].flags, 0, "no peer, no key: strict mode drops");
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod datapath;
 pub mod demo;
 pub mod lab;
 pub mod sys;
+pub mod tunnel;
 
 /// An error with its whole `source()` chain, `a: b: c`, for logs and the CLI.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

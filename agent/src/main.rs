@@ -46,6 +46,19 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Leak self-test: marker traffic between pods on different nodes while capturing the
+    /// underlay; fails (exit 1) if anything crossed in clear.
+    Check {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Take a node's tunnel peer off (remove) or put it back (add) on one node.
+    Peer {
+        #[command(subcommand)]
+        command: PeerCommand,
+    },
     /// Bring up the default lab and walk through what veil does, with numbers.
     Demo {
         #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
@@ -53,6 +66,28 @@ enum Command {
         /// Leave the lab running at the end.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    /// Remove PEER's tunnel peer on --node (strict mode then drops traffic to PEER's pods).
+    Remove {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        /// The node whose tunnel changes.
+        #[arg(long)]
+        node: String,
+        /// The peer node to remove.
+        peer: String,
+    },
+    /// Put PEER's tunnel peer back on --node.
+    Add {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        #[arg(long)]
+        node: String,
+        peer: String,
     },
 }
 
@@ -170,6 +205,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Check { name, output } => {
+            let (spec, paths) = lab::load(&name)?;
+            let report = veil_agent::check::run(&spec, &paths)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string(&report)?),
+                Output::Table => print!("{}", veil_agent::check::format_report(&report)),
+            }
+            Ok(if report.pass {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Peer { command } => {
+            let (name, node, peer, action) = match command {
+                PeerCommand::Remove { name, node, peer } => (name, node, peer, "disable"),
+                PeerCommand::Add { name, node, peer } => (name, node, peer, "enable"),
+            };
+            let (spec, paths) = lab::load(&name)?;
+            spec.node(&node)
+                .with_context(|| format!("no node {node:?} in lab {name:?}"))?;
+            spec.node(&peer)
+                .with_context(|| format!("no peer node {peer:?} in lab {name:?}"))?;
+            let path = format!("/v1/peers/{}/{action}", admin::percent_encode(&peer));
+            current_thread_runtime().block_on(admin::call(
+                &paths.admin_socket(&node),
+                hyper::Method::POST,
+                &path,
+                None,
+                std::time::Duration::from_secs(10),
+            ))?;
+            println!(
+                "{node}: tunnel peer {peer} {}",
+                if action == "disable" {
+                    "removed"
+                } else {
+                    "added"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo { name, keep } => {
             let exe = std::env::current_exe().context("cannot find the veil binary")?;

@@ -1,19 +1,35 @@
-//! veil's eBPF programs. Fails closed: a packet the program cannot classify (truncated headers,
-//! missing configuration, a full map) is dropped and counted, never passed on unexamined.
+//! veil's eBPF programs. They fail closed: a packet the program cannot classify (truncated
+//! headers, missing configuration, unknown source) is dropped and counted, never passed on
+//! unexamined; a packet for a cluster pod CIDR whose node has no tunnel peer is dropped
+//! (`no-key`), never routed in clear.
+//!
+//! Packet walk (see ARCHITECTURE.md): `veil_from_pod` sees every packet a pod sends (tcx ingress
+//! on the host side of its veth): anti-spoofing, conntrack, egress policy of the source and —
+//! for a destination on this node — ingress policy of the destination, auth check, then steering:
+//! local pods via `bpf_redirect_neigh`, remote pods into the WireGuard device, the rest to the
+//! stack. `veil_from_tunnel` sees decrypted packets from peers (tcx ingress on the tunnel
+//! device): ingress policy and auth of the destination pod, then delivery by the stack's route.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_ktime_get_boot_ns, bpf_redirect, bpf_redirect_neigh},
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+    },
     programs::TcContext,
 };
 use veil_common::{
+    config_flags,
     maps::{
-        DatapathConfig, IfStats, IpInfo, IpKey, NodeInfo, IF_STATS_MAX, IPCACHE_MAX, NODES_MAX,
+        ct_flags, direction, flow_flags, identity, ip_flags, node_flags, policy_flags, AuthEntry,
+        AuthKey, CtEntry, CtKey, DatapathConfig, FlowEvent, IfStats, IpInfo, IpKey, NodeInfo,
+        PolicyEntry, PolicyKey, ThrottleKey, ThrottleState, AUTH_MAX, CT_MAX, EVENTS_BYTES,
+        EVENT_THROTTLE_MAX, IF_STATS_MAX, IPCACHE_MAX, NODES_MAX, POLICY_MAX,
     },
-    reason,
+    reason, verdict,
 };
 
 #[map(name = "VEIL_CONFIG")]
@@ -22,37 +38,817 @@ static VEIL_CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 static VEIL_IF_STATS: PerCpuHashMap<u32, IfStats> = PerCpuHashMap::pinned(IF_STATS_MAX, 0);
 #[map(name = "VEIL_DROPS")]
 static VEIL_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(reason::MAX, 0);
+#[map(name = "VEIL_VERDICTS")]
+static VEIL_VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(4, 0);
 #[map(name = "VEIL_IPCACHE")]
 static VEIL_IPCACHE: LpmTrie<IpKey, IpInfo> = LpmTrie::pinned(IPCACHE_MAX, 0);
 #[map(name = "VEIL_NODES")]
 static VEIL_NODES: HashMap<u32, NodeInfo> = HashMap::pinned(NODES_MAX, 0);
+#[map(name = "VEIL_POLICY_A")]
+static VEIL_POLICY_A: HashMap<PolicyKey, PolicyEntry> = HashMap::pinned(POLICY_MAX, 0);
+#[map(name = "VEIL_POLICY_B")]
+static VEIL_POLICY_B: HashMap<PolicyKey, PolicyEntry> = HashMap::pinned(POLICY_MAX, 0);
+#[map(name = "VEIL_CT")]
+static VEIL_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX, 0);
+#[map(name = "VEIL_AUTH")]
+static VEIL_AUTH: HashMap<AuthKey, AuthEntry> = HashMap::pinned(AUTH_MAX, 0);
+#[map(name = "VEIL_EVENTS")]
+static VEIL_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+#[map(name = "VEIL_EVENT_THROTTLE")]
+static VEIL_EVENT_THROTTLE: LruHashMap<ThrottleKey, ThrottleState> =
+    LruHashMap::pinned(EVENT_THROTTLE_MAX, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_SCTP: u8 = 132;
+/// One event per (identities, port, verdict, reason) per second; the rest are counted into it.
+const THROTTLE_NS: u64 = 1_000_000_000;
 
 /// Packets leaving a pod, on the host side of its veth.
 #[classifier]
 pub fn veil_from_pod(ctx: TcContext) -> i32 {
-    match try_veil_from_pod(&ctx) {
+    match try_from_pod(&ctx) {
         Ok(action) => action,
-        Err(code) => drop_packet(&ctx, code),
+        Err(code) => drop_packet(code),
     }
 }
 
 /// Decrypted packets arriving from peer nodes, on the tunnel device.
 #[classifier]
 pub fn veil_from_tunnel(ctx: TcContext) -> i32 {
-    match try_veil_from_tunnel(&ctx) {
+    match try_from_tunnel(&ctx) {
         Ok(action) => action,
-        Err(code) => drop_packet(&ctx, code),
+        Err(code) => drop_packet(code),
     }
 }
 
-fn try_veil_from_pod(ctx: &TcContext) -> Result<i32, u32> {
+/// The parts of a packet the datapath decides on.
+struct Flow {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+    protocol: u8,
+    is_v6: bool,
+    /// A non-first IP fragment: no transport header, ports unknown.
+    later_fragment: bool,
+}
+
+/// Outcome of the policy decision for one direction.
+#[derive(Clone, Copy)]
+struct Decision {
+    allowed: bool,
+    audit: bool,
+    auth_required: bool,
+}
+
+const ALLOW: Decision = Decision {
+    allowed: true,
+    audit: false,
+    auth_required: false,
+};
+
+fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     count_interface(ctx);
+    let cfg = config()?;
+    let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| reason::TRUNCATED)?);
+    let flow = match eth_proto {
+        ETH_P_ARP => return Ok(TC_ACT_OK),
+        ETH_P_IP => parse_v4(ctx, ETH_HLEN)?,
+        ETH_P_IPV6 => parse_v6(ctx, ETH_HLEN)?,
+        _ => return Err(reason::UNSUPPORTED_L3),
+    };
+    // SAFETY: reading ifindex from the context is always valid in a TC program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // Anti-spoofing: the source must be the pod behind this very interface.
+    let src = match lookup_ip(&flow.saddr) {
+        Some(i) if i.flags & ip_flags::LOCAL_POD != 0 && i.ifindex == ifindex => i,
+        _ => return Err(reason::SPOOFED_SOURCE),
+    };
+    let dst = lookup_ip(&flow.daddr);
+    let dst_local = dst.is_some_and(|d| d.flags & ip_flags::LOCAL_POD != 0);
+    let dst_identity = remote_identity(dst);
+    let dst_node = match dst {
+        Some(d) if d.flags & (ip_flags::POD | ip_flags::POD_CIDR) != 0 => d.node_id,
+        _ => 0,
+    };
+    let remote = dst_node != 0 && dst_node != cfg.node_id;
+
+    let mut flags = 0u32;
+    if remote && cfg.flags & config_flags::ENCRYPT != 0 {
+        flags |= flow_flags::ENCRYPTED;
+    }
+    if flow.is_v6 {
+        flags |= flow_flags::IPV6;
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let remote_node = if remote { dst_node } else { 0 };
+
+    // Strict mode first: a packet that cannot be encrypted is never admitted or tracked.
+    if remote {
+        if let Err(r) = steer_check(&cfg, dst_node) {
+            emit(
+                &flow,
+                &Ev {
+                    src_identity: src.identity,
+                    dst_identity: dst_identity,
+                    ifindex: ifindex,
+                    remote_node: remote_node,
+                    verdict: verdict::DROPPED,
+                    reason: r,
+                    direction: direction::EGRESS,
+                    flags: flags,
+                    now: now,
+                },
+            );
+            return Err(r);
+        }
+    }
+
+    // Conntrack: a reply of a tracked connection, or a packet of one already admitted here.
+    let fwd = ct_key(&flow, false);
+    let rev = ct_key(&flow, true);
+    let tracked = match VEIL_CT.get_ptr_mut(&fwd) {
+        Some(e) => Some((e, false)),
+        None => VEIL_CT.get_ptr_mut(&rev).map(|e| (e, true)),
+    };
+    let mut verdict_code = verdict::FORWARDED;
+    if let Some((entry, is_reply)) = tracked {
+        // SAFETY: map value pointer valid for this program run.
+        let e = unsafe { &mut *entry };
+        e.last_seen_ns = now;
+        if e.flags & ct_flags::AUTH != 0
+            && !auth_valid(e.src_identity, e.dst_identity, e.remote_node, now, is_reply)
+        {
+            VEIL_CT.remove(if is_reply { &rev } else { &fwd }).ok();
+            emit(
+                &flow,
+                &Ev {
+                    src_identity: src.identity,
+                    dst_identity: dst_identity,
+                    ifindex: ifindex,
+                    remote_node: remote_node,
+                    verdict: verdict::DROPPED,
+                    reason: reason::AUTH_REQUIRED,
+                    direction: direction::EGRESS,
+                    flags: flags | flow_flags::AUTH_REQUIRED,
+                    now: now,
+                },
+            );
+            return Err(reason::AUTH_REQUIRED);
+        }
+    } else {
+        if flow.later_fragment
+            && (enforced(&cfg, src.identity, direction::EGRESS)
+                || (dst_local && enforced(&cfg, dst_identity, direction::INGRESS)))
+        {
+            emit(
+                &flow,
+                &Ev {
+                    src_identity: src.identity,
+                    dst_identity: dst_identity,
+                    ifindex: ifindex,
+                    remote_node: remote_node,
+                    verdict: verdict::DROPPED,
+                    reason: reason::FRAGMENT,
+                    direction: direction::EGRESS,
+                    flags: flags,
+                    now: now,
+                },
+            );
+            return Err(reason::FRAGMENT);
+        }
+        let egress = decide(
+            &cfg,
+            src.identity,
+            dst_identity,
+            flow.dport,
+            flow.protocol,
+            direction::EGRESS,
+        );
+        let ingress = if dst_local {
+            decide(
+                &cfg,
+                dst_identity,
+                src.identity,
+                flow.dport,
+                flow.protocol,
+                direction::INGRESS,
+            )
+        } else {
+            ALLOW
+        };
+        let mut ct = ct_flags::EGRESS_OK;
+        for (d, dir) in [(egress, direction::EGRESS), (ingress, direction::INGRESS)] {
+            if !d.allowed {
+                if d.audit {
+                    verdict_code = verdict::AUDIT;
+                    ct |= ct_flags::AUDITED;
+                } else {
+                    emit(
+                        &flow,
+                        &Ev {
+                            src_identity: src.identity,
+                            dst_identity: dst_identity,
+                            ifindex: ifindex,
+                            remote_node: remote_node,
+                            verdict: verdict::DROPPED,
+                            reason: reason::POLICY_DENIED,
+                            direction: dir,
+                            flags: flags,
+                            now: now,
+                        },
+                    );
+                    return Err(reason::POLICY_DENIED);
+                }
+            }
+            if d.auth_required {
+                flags |= flow_flags::AUTH_REQUIRED;
+            }
+        }
+        if dst_local {
+            ct |= ct_flags::INGRESS_OK;
+        }
+        if flags & flow_flags::AUTH_REQUIRED != 0 && remote {
+            if !auth_valid(src.identity, dst_identity, remote_node, now, false) {
+                emit(
+                    &flow,
+                    &Ev {
+                        src_identity: src.identity,
+                        dst_identity: dst_identity,
+                        ifindex: ifindex,
+                        remote_node: remote_node,
+                        verdict: verdict::DROPPED,
+                        reason: reason::AUTH_REQUIRED,
+                        direction: direction::EGRESS,
+                        flags: flags,
+                        now: now,
+                    },
+                );
+                return Err(reason::AUTH_REQUIRED);
+            }
+            flags |= flow_flags::AUTHENTICATED;
+            ct |= ct_flags::AUTH;
+        }
+        let entry = CtEntry {
+            last_seen_ns: now,
+            src_identity: src.identity,
+            dst_identity,
+            flags: ct,
+            remote_node,
+        };
+        // A full table (LRU evicts, so only on allocation failure) must not pass the packet
+        // untracked; it is still admitted, just re-evaluated on the next packet.
+        let _ = VEIL_CT.insert(&fwd, &entry, 0);
+        emit(
+            &flow,
+            &Ev {
+                src_identity: src.identity,
+                dst_identity: dst_identity,
+                ifindex: ifindex,
+                remote_node: remote_node,
+                verdict: verdict_code,
+                reason: reason::NONE,
+                direction: direction::EGRESS,
+                flags: flags,
+                now: now,
+            },
+        );
+    }
+    count_verdict(verdict_code);
+
+    if dst_local {
+        let ifx = dst.map(|d| d.ifindex).unwrap_or(0);
+        if ifx == 0 {
+            return Err(reason::UNKNOWN_ENDPOINT);
+        }
+        // SAFETY: helper call with a null params pointer, as documented for bpf_redirect_neigh.
+        return Ok(unsafe { bpf_redirect_neigh(ifx, core::ptr::null_mut(), 0, 0) } as i32);
+    }
+    if remote {
+        if cfg.flags & config_flags::ENCRYPT != 0 {
+            // SAFETY: plain helper call.
+            return Ok(unsafe { bpf_redirect(cfg.tunnel_ifindex, 0) } as i32);
+        }
+    }
     Ok(TC_ACT_OK)
 }
 
-fn try_veil_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
+/// Strict mode: traffic to a remote node's pods needs an installed tunnel peer.
+#[inline(always)]
+fn steer_check(cfg: &DatapathConfig, node_id: u32) -> Result<(), u32> {
+    if cfg.flags & config_flags::ENCRYPT == 0 {
+        return Ok(());
+    }
+    // SAFETY: read-only map value.
+    let has_key =
+        unsafe { VEIL_NODES.get(&node_id) }.is_some_and(|n| n.flags & node_flags::HAS_KEY != 0);
+    if (!has_key || cfg.tunnel_ifindex == 0) && cfg.flags & config_flags::STRICT != 0 {
+        return Err(reason::NO_KEY);
+    }
+    if cfg.tunnel_ifindex == 0 {
+        return Err(reason::NO_KEY);
+    }
+    Ok(())
+}
+
+fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
     count_interface(ctx);
+    let cfg = config()?;
+    // A TUN device carries bare IP packets: the header starts at offset 0.
+    let version = ctx.load::<u8>(0).map_err(|_| reason::TRUNCATED)? >> 4;
+    let flow = match version {
+        4 => parse_v4(ctx, 0)?,
+        6 => parse_v6(ctx, 0)?,
+        _ => return Err(reason::UNSUPPORTED_L3),
+    };
+    // SAFETY: reading ifindex from the context is always valid in a TC program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let src = lookup_ip(&flow.saddr);
+    let src_identity = remote_identity(src);
+    let src_node = src.map(|s| s.node_id).unwrap_or(0);
+    let dst = match lookup_ip(&flow.daddr) {
+        Some(d) if d.flags & ip_flags::LOCAL_POD != 0 => d,
+        // Not for a pod of this node: the stack decides (it has no route back into the tunnel
+        // for anything but pod CIDRs).
+        _ => return Ok(TC_ACT_OK),
+    };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut flags = flow_flags::ENCRYPTED;
+    if flow.is_v6 {
+        flags |= flow_flags::IPV6;
+    }
+    let fwd = ct_key(&flow, false);
+    let rev = ct_key(&flow, true);
+    let tracked = match VEIL_CT.get_ptr_mut(&fwd) {
+        Some(e) => Some((e, false)),
+        None => VEIL_CT.get_ptr_mut(&rev).map(|e| (e, true)),
+    };
+    let mut verdict_code = verdict::FORWARDED;
+    if let Some((entry, is_reply)) = tracked {
+        // SAFETY: map value pointer valid for this program run.
+        let e = unsafe { &mut *entry };
+        e.last_seen_ns = now;
+        if e.flags & ct_flags::AUTH != 0
+            && !auth_valid(e.src_identity, e.dst_identity, e.remote_node, now, is_reply)
+        {
+            VEIL_CT.remove(if is_reply { &rev } else { &fwd }).ok();
+            emit(
+                &flow,
+                &Ev {
+                    src_identity: src_identity,
+                    dst_identity: dst.identity,
+                    ifindex: ifindex,
+                    remote_node: src_node,
+                    verdict: verdict::DROPPED,
+                    reason: reason::AUTH_REQUIRED,
+                    direction: direction::INGRESS,
+                    flags: flags | flow_flags::AUTH_REQUIRED,
+                    now: now,
+                },
+            );
+            return Err(reason::AUTH_REQUIRED);
+        }
+    } else {
+        if flow.later_fragment && enforced(&cfg, dst.identity, direction::INGRESS) {
+            emit(
+                &flow,
+                &Ev {
+                    src_identity: src_identity,
+                    dst_identity: dst.identity,
+                    ifindex: ifindex,
+                    remote_node: src_node,
+                    verdict: verdict::DROPPED,
+                    reason: reason::FRAGMENT,
+                    direction: direction::INGRESS,
+                    flags: flags,
+                    now: now,
+                },
+            );
+            return Err(reason::FRAGMENT);
+        }
+        let d = decide(
+            &cfg,
+            dst.identity,
+            src_identity,
+            flow.dport,
+            flow.protocol,
+            direction::INGRESS,
+        );
+        let mut ct = ct_flags::INGRESS_OK;
+        if !d.allowed {
+            if d.audit {
+                verdict_code = verdict::AUDIT;
+                ct |= ct_flags::AUDITED;
+            } else {
+                emit(
+                    &flow,
+                    &Ev {
+                        src_identity: src_identity,
+                        dst_identity: dst.identity,
+                        ifindex: ifindex,
+                        remote_node: src_node,
+                        verdict: verdict::DROPPED,
+                        reason: reason::POLICY_DENIED,
+                        direction: direction::INGRESS,
+                        flags: flags,
+                        now: now,
+                    },
+                );
+                return Err(reason::POLICY_DENIED);
+            }
+        }
+        if d.auth_required {
+            flags |= flow_flags::AUTH_REQUIRED;
+            // Ingress auth: the local destination and the remote source must be authenticated.
+            if !auth_valid(dst.identity, src_identity, src_node, now, false) {
+                emit(
+                    &flow,
+                    &Ev {
+                        src_identity: src_identity,
+                        dst_identity: dst.identity,
+                        ifindex: ifindex,
+                        remote_node: src_node,
+                        verdict: verdict::DROPPED,
+                        reason: reason::AUTH_REQUIRED,
+                        direction: direction::INGRESS,
+                        flags: flags,
+                        now: now,
+                    },
+                );
+                return Err(reason::AUTH_REQUIRED);
+            }
+            flags |= flow_flags::AUTHENTICATED;
+            ct |= ct_flags::AUTH;
+        }
+        // Stored as seen from this node's pod: src = local destination, so the auth re-check on
+        // later packets looks up (local, remote, node) like the egress side does.
+        let entry = CtEntry {
+            last_seen_ns: now,
+            src_identity: dst.identity,
+            dst_identity: src_identity,
+            flags: ct,
+            remote_node: src_node,
+        };
+        let _ = VEIL_CT.insert(&fwd, &entry, 0);
+        emit(
+            &flow,
+            &Ev {
+                src_identity: src_identity,
+                dst_identity: dst.identity,
+                ifindex: ifindex,
+                remote_node: src_node,
+                verdict: verdict_code,
+                reason: reason::NONE,
+                direction: direction::INGRESS,
+                flags: flags,
+                now: now,
+            },
+        );
+    }
+    count_verdict(verdict_code);
+    // Delivery goes through the stack's /32 route to the pod's veth: bpf_redirect_neigh needs an
+    // Ethernet header to replace, and a TUN device's packets have none.
     Ok(TC_ACT_OK)
+}
+
+#[inline(always)]
+fn config() -> Result<DatapathConfig, u32> {
+    match VEIL_CONFIG.get(0) {
+        Some(c) => Ok(*c),
+        None => Err(reason::DATAPATH_ERROR),
+    }
+}
+
+#[inline(always)]
+fn lookup_ip(addr: &[u8; 16]) -> Option<IpInfo> {
+    let key = Key::new(128, IpKey { addr: *addr });
+    VEIL_IPCACHE.get(&key).copied()
+}
+
+/// The security identity of a peer address: its pod identity, UNKNOWN for an address in a pod
+/// CIDR that no pod holds, WORLD outside the cluster.
+#[inline(always)]
+fn remote_identity(info: Option<IpInfo>) -> u32 {
+    match info {
+        Some(i) if i.flags & ip_flags::POD != 0 => i.identity,
+        Some(_) => identity::UNKNOWN,
+        None => identity::WORLD,
+    }
+}
+
+#[inline(always)]
+fn policy_get(cfg: &DatapathConfig, key: &PolicyKey) -> u32 {
+    // SAFETY: read-only map values.
+    let e = if cfg.policy_slot == 0 {
+        unsafe { VEIL_POLICY_A.get(key) }
+    } else {
+        unsafe { VEIL_POLICY_B.get(key) }
+    };
+    e.map(|e| e.flags).unwrap_or(0)
+}
+
+#[inline(always)]
+fn enforced(cfg: &DatapathConfig, local: u32, dir: u8) -> bool {
+    let marker = PolicyKey {
+        local_identity: local,
+        remote_identity: identity::SELECTOR_MARKER,
+        dport: 0,
+        protocol: 0,
+        direction: dir,
+    };
+    policy_get(cfg, &marker) & policy_flags::ENFORCED != 0
+}
+
+/// The policy decision for `local` talking to `remote` in `dir`: six fixed lookups, whatever the
+/// number of rules (see `veil_common::maps::policy_flags`).
+#[inline(always)]
+fn decide(
+    cfg: &DatapathConfig,
+    local: u32,
+    remote: u32,
+    dport: u16,
+    protocol: u8,
+    dir: u8,
+) -> Decision {
+    let marker = policy_get(
+        cfg,
+        &PolicyKey {
+            local_identity: local,
+            remote_identity: identity::SELECTOR_MARKER,
+            dport: 0,
+            protocol: 0,
+            direction: dir,
+        },
+    );
+    if marker & policy_flags::ENFORCED == 0 {
+        return ALLOW;
+    }
+    let node_audit = cfg.flags & config_flags::AUDIT != 0;
+    let mut acc = 0u32;
+    let keys = [
+        (remote, dport, protocol),
+        (remote, 0, protocol),
+        (remote, 0, 0),
+        (identity::ANY, dport, protocol),
+        (identity::ANY, 0, protocol),
+        (identity::ANY, 0, 0),
+    ];
+    for (r, p, pr) in keys {
+        acc |= policy_get(
+            cfg,
+            &PolicyKey {
+                local_identity: local,
+                remote_identity: r,
+                dport: p,
+                protocol: pr,
+                direction: dir,
+            },
+        );
+    }
+    let allowed = acc & policy_flags::DENY == 0 && acc & policy_flags::ALLOW != 0;
+    Decision {
+        allowed,
+        audit: !allowed && (marker & policy_flags::AUDIT != 0 || node_audit),
+        auth_required: allowed && acc & policy_flags::AUTH_REQUIRED != 0,
+    }
+}
+
+/// An unexpired auth entry for (local, remote, node). On a reply the tuple is the same one the
+/// connection was admitted with.
+#[inline(always)]
+fn auth_valid(local: u32, remote: u32, node: u32, now: u64, _is_reply: bool) -> bool {
+    let key = AuthKey {
+        local_identity: local,
+        remote_identity: remote,
+        remote_node: node,
+        _pad: 0,
+    };
+    // SAFETY: read-only map value.
+    match unsafe { VEIL_AUTH.get(&key) } {
+        Some(e) => e.expires_boot_ns > now,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn ct_key(f: &Flow, reverse: bool) -> CtKey {
+    if reverse {
+        CtKey {
+            saddr: f.daddr,
+            daddr: f.saddr,
+            sport: f.dport,
+            dport: f.sport,
+            protocol: f.protocol,
+            _pad: [0; 3],
+        }
+    } else {
+        CtKey {
+            saddr: f.saddr,
+            daddr: f.daddr,
+            sport: f.sport,
+            dport: f.dport,
+            protocol: f.protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
+#[inline(always)]
+fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
+    let vihl: u8 = ctx.load(off).map_err(|_| reason::TRUNCATED)?;
+    if vihl >> 4 != 4 {
+        return Err(reason::UNSUPPORTED_L3);
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(reason::TRUNCATED);
+    }
+    let frag = u16::from_be(ctx.load::<u16>(off + 6).map_err(|_| reason::TRUNCATED)?);
+    let protocol: u8 = ctx.load(off + 9).map_err(|_| reason::TRUNCATED)?;
+    let saddr: [u8; 4] = ctx.load(off + 12).map_err(|_| reason::TRUNCATED)?;
+    let daddr: [u8; 4] = ctx.load(off + 16).map_err(|_| reason::TRUNCATED)?;
+    let later_fragment = frag & 0x1fff != 0;
+    let (sport, dport) = if later_fragment {
+        (0, 0)
+    } else {
+        ports(ctx, off + ihl, protocol)?
+    };
+    Ok(Flow {
+        saddr: v4_mapped(saddr),
+        daddr: v4_mapped(daddr),
+        sport,
+        dport,
+        protocol,
+        is_v6: false,
+        later_fragment,
+    })
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
+    let first: u8 = ctx.load(off).map_err(|_| reason::TRUNCATED)?;
+    if first >> 4 != 6 {
+        return Err(reason::UNSUPPORTED_L3);
+    }
+    let mut next: u8 = ctx.load(off + 6).map_err(|_| reason::TRUNCATED)?;
+    let saddr: [u8; 16] = ctx.load(off + 8).map_err(|_| reason::TRUNCATED)?;
+    let daddr: [u8; 16] = ctx.load(off + 24).map_err(|_| reason::TRUNCATED)?;
+    let mut l4 = off + 40;
+    let mut later_fragment = false;
+    // Walk a bounded number of extension headers (hop-by-hop, routing, fragment, dest opts).
+    for _ in 0..4 {
+        match next {
+            0 | 43 | 60 => {
+                let hdr: [u8; 2] = ctx.load(l4).map_err(|_| reason::TRUNCATED)?;
+                next = hdr[0];
+                l4 += (usize::from(hdr[1]) + 1) * 8;
+            }
+            44 => {
+                let hdr: [u8; 4] = ctx.load(l4).map_err(|_| reason::TRUNCATED)?;
+                next = hdr[0];
+                later_fragment = (u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8) != 0;
+                l4 += 8;
+            }
+            _ => break,
+        }
+    }
+    let (sport, dport) = if later_fragment {
+        (0, 0)
+    } else {
+        ports(ctx, l4, next)?
+    };
+    Ok(Flow {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        protocol: next,
+        is_v6: true,
+        later_fragment,
+    })
+}
+
+/// Transport ports (host order). ICMP echo uses its identifier as both ports so the reply
+/// matches the request in conntrack; other ICMP carries none.
+#[inline(always)]
+fn ports(ctx: &TcContext, l4: usize, protocol: u8) -> Result<(u16, u16), u32> {
+    match protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let p: [u8; 4] = ctx.load(l4).map_err(|_| reason::TRUNCATED)?;
+            // A TCP header is at least 20 bytes: insist the fixed part is there.
+            if protocol == IPPROTO_TCP {
+                let _: [u8; 20] = ctx.load(l4).map_err(|_| reason::TRUNCATED)?;
+            } else if protocol == IPPROTO_UDP {
+                let _: [u8; 8] = ctx.load(l4).map_err(|_| reason::TRUNCATED)?;
+            }
+            Ok((
+                u16::from_be_bytes([p[0], p[1]]),
+                u16::from_be_bytes([p[2], p[3]]),
+            ))
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let h: [u8; 8] = ctx.load(l4).map_err(|_| reason::TRUNCATED)?;
+            let echo = matches!(
+                (protocol, h[0]),
+                (IPPROTO_ICMP, 0 | 8) | (IPPROTO_ICMPV6, 128 | 129)
+            );
+            if echo {
+                let id = u16::from_be_bytes([h[4], h[5]]);
+                Ok((id, id))
+            } else {
+                Ok((0, 0))
+            }
+        }
+        _ => Ok((0, 0)),
+    }
+}
+
+/// What a flow event says beyond the packet's addresses and ports.
+struct Ev {
+    src_identity: u32,
+    dst_identity: u32,
+    ifindex: u32,
+    remote_node: u32,
+    reason: u32,
+    flags: u32,
+    now: u64,
+    verdict: u8,
+    direction: u8,
+}
+
+/// Emits a flow event, throttled to one per key per second (suppressed packets are counted into
+/// the next one). Not inlined: its stack frame stays out of the callers' 512 bytes, and the
+/// event is written straight into the ring buffer slot.
+#[inline(never)]
+fn emit(f: &Flow, ev: &Ev) {
+    let tk = ThrottleKey {
+        src_identity: ev.src_identity,
+        dst_identity: ev.dst_identity,
+        dport: f.dport,
+        protocol: f.protocol,
+        verdict: ev.verdict,
+        reason: ev.reason,
+    };
+    let mut count = 1u32;
+    if let Some(st) = VEIL_EVENT_THROTTLE.get_ptr_mut(&tk) {
+        // SAFETY: map value pointer valid for this run.
+        let st = unsafe { &mut *st };
+        if ev.now.wrapping_sub(st.last_ns) < THROTTLE_NS {
+            st.suppressed = st.suppressed.saturating_add(1);
+            return;
+        }
+        count += st.suppressed;
+        st.suppressed = 0;
+        st.last_ns = ev.now;
+    } else {
+        let _ = VEIL_EVENT_THROTTLE.insert(
+            &tk,
+            &ThrottleState {
+                last_ns: ev.now,
+                suppressed: 0,
+                _pad: 0,
+            },
+            0,
+        );
+    }
+    if let Some(mut slot) = VEIL_EVENTS.reserve::<FlowEvent>(0) {
+        let p = slot.as_mut_ptr();
+        // SAFETY: `p` points at a reserved, exclusively owned FlowEvent-sized slot.
+        unsafe {
+            (*p).time_boot_ns = ev.now;
+            (*p).saddr = f.saddr;
+            (*p).daddr = f.daddr;
+            (*p).sport = f.sport;
+            (*p).dport = f.dport;
+            (*p).src_identity = ev.src_identity;
+            (*p).dst_identity = ev.dst_identity;
+            (*p).ifindex = ev.ifindex;
+            (*p).remote_node = ev.remote_node;
+            (*p).count = count;
+            (*p).protocol = f.protocol;
+            (*p).verdict = ev.verdict;
+            (*p).direction = ev.direction;
+            (*p)._pad = 0;
+            (*p).reason = ev.reason;
+            (*p).flags = ev.flags;
+            (*p)._pad2 = 0;
+        }
+        slot.submit(0);
+    }
 }
 
 #[inline(always)]
@@ -79,11 +875,20 @@ fn count_interface(ctx: &TcContext) {
 }
 
 #[inline(always)]
-fn drop_packet(_ctx: &TcContext, code: u32) -> i32 {
+fn count_verdict(code: u8) {
+    if let Some(c) = VEIL_VERDICTS.get_ptr_mut(u32::from(code)) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn drop_packet(code: u32) -> i32 {
     if let Some(counter) = VEIL_DROPS.get_ptr_mut(code) {
         // SAFETY: per-CPU slot.
         unsafe { *counter += 1 };
     }
+    count_verdict(verdict::DROPPED);
     TC_ACT_SHOT
 }
 

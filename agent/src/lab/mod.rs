@@ -263,6 +263,7 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
                 id: u32::from(n.id),
                 underlay_ip: n.underlay_ip,
                 pod_cidr: n.pod_cidr.clone(),
+                wg_public_key: None,
             })
             .collect(),
         pods: spec
@@ -298,6 +299,11 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         backend: spec.backend,
         interface: node.wg_interface.clone(),
         listen_port: 51820,
+        mtu: spec.pod_mtu() as u16,
+        wg_binary: None,
+        wg_log: Some(paths.log(&format!("wg-{}", node.name))),
+        wg_cgroup: Some(paths.node_cgroup(&node.name).join("wg")),
+        uapi_dir: PathBuf::from(WG_SOCKET_DIR),
     }
 }
 
@@ -451,6 +457,13 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
         ul_cmds.push(format!("link set {} master {br} up", n.bridge_port));
     }
     sys::ip_batch(Some(&ul), &ul_cmds)?;
+    sysctl_in(
+        &ul,
+        &[
+            ("net.ipv6.conf.all.disable_ipv6", "1"),
+            ("net.ipv6.conf.default.disable_ipv6", "1"),
+        ],
+    )?;
     progress.step(format!("underlay {ul} (bridge {br}, 198.18.0.0/24)"));
 
     for n in &spec.nodes {
@@ -469,8 +482,9 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
                 p.ip, p.host_veth
             ));
         }
-        {
-            // Plain routing over the underlay until the WireGuard transport lands.
+        if !spec.encryption {
+            // Plain routing over the underlay: only for the capture sanity check. With
+            // encryption on there is no route to another node's pods except the tunnel.
             for other in spec.nodes.iter().filter(|o| o.name != n.name) {
                 cmds.push(format!(
                     "route add {} via {}",
@@ -507,7 +521,13 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
                 format!("route add default via {gw} dev eth0 src {}", p.ip),
             ],
         )?;
-        sysctl_in(&p.netns, &[("net.ipv6.conf.all.disable_ipv6", "1")])?;
+        sysctl_in(
+            &p.netns,
+            &[
+                ("net.ipv6.conf.all.disable_ipv6", "1"),
+                ("net.ipv6.conf.default.disable_ipv6", "1"),
+            ],
+        )?;
         progress.step(format!(
             "pod {}/{} on {} ({}, {})",
             p.namespace, p.name, p.node, p.ip, p.netns
@@ -542,6 +562,7 @@ fn build_cgroups(spec: &LabSpec, paths: &LabPaths, j: &mut Journal) -> Result<()
     for n in &spec.nodes {
         dirs.push(paths.node_cgroup(&n.name));
         dirs.push(paths.node_cgroup(&n.name).join("agent"));
+        dirs.push(paths.node_cgroup(&n.name).join("wg"));
     }
     dirs.extend(spec.pods.iter().map(|p| paths.pod_cgroup(p)));
     for d in dirs {
@@ -573,11 +594,17 @@ fn wait_ready(
                 "/v1/status",
             ));
             match st {
-                Ok(st) if st.ready => {
+                // With encryption on, ready also means a tunnel peer for every other node, so
+                // the first packet after `up` finds a key (strict mode would drop it).
+                Ok(st)
+                    if st.ready && (!spec.encryption || st.peers.len() + 1 >= spec.nodes.len()) =>
+                {
                     progress.step(format!(
-                        "agent {} ready: {} program(s) attached, pins {}",
+                        "agent {} ready: {} program(s) attached, backend {}, {} tunnel peer(s), pins {}",
                         n.name,
                         st.programs.len(),
+                        st.backend,
+                        st.peers.len(),
                         st.agent.pin_dir
                     ));
                     break;

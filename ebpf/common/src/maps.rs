@@ -283,6 +283,17 @@ pub struct ThrottleKey {
     pub reason: u32,
 }
 
+/// Value of [`EVENT_THROTTLE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThrottleState {
+    /// Boot-time ns of the last emitted event for the key.
+    pub last_ns: u64,
+    /// Packets suppressed since then (folded into the next event's `count`).
+    pub suppressed: u32,
+    pub _pad: u32,
+}
+
 /// A flow verdict, emitted on the ring buffer for the first packet of a connection, for drops
 /// (throttled per tuple), and for audit verdicts.
 #[repr(C)]
@@ -330,6 +341,7 @@ mod pod_impls {
     unsafe impl aya::Pod for AuthKey {}
     unsafe impl aya::Pod for AuthEntry {}
     unsafe impl aya::Pod for ThrottleKey {}
+    unsafe impl aya::Pod for ThrottleState {}
     unsafe impl aya::Pod for FlowEvent {}
 }
 
@@ -363,6 +375,7 @@ mod tests {
         assert_eq!(size_of::<AuthKey>(), 16);
         assert_eq!(size_of::<AuthEntry>(), 8);
         assert_eq!(size_of::<ThrottleKey>(), 16);
+        assert_eq!(size_of::<ThrottleState>(), 16);
         assert_eq!(size_of::<FlowEvent>(), 80);
     }
 

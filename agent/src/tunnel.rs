@@ -1,0 +1,390 @@
+//! tunnel: the node's WireGuard device as the agent runs it — the node key, the backend choice,
+//! the peers that follow cluster state, and routes for remote pod CIDRs.
+//!
+//! The agent never sends a pod packet itself: it programs the device (userspace `veil-wg` over
+//! UAPI, or the kernel over generic netlink) and tells the datapath which nodes have a peer
+//! (`NODES[id].HAS_KEY`), which is what strict mode checks.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    net::SocketAddr,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use veil_transport::{
+    kernel::KernelTunnel, userspace::UserspaceTunnel, Backend as TunnelBackend, IpPrefix,
+    PeerConfig, PresharedKey, PrivateKey, PublicKey, Tunnel,
+};
+
+use crate::{
+    api,
+    cluster::{self, ClusterState},
+    config::Config,
+    lab::spec::Backend,
+};
+
+/// Errors running the node's tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("node key {path}")]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node key {path} is not a WireGuard key")]
+    BadKey {
+        path: PathBuf,
+        #[source]
+        source: veil_transport::KeyError,
+    },
+    #[error(transparent)]
+    Tunnel(#[from] veil_transport::Error),
+    #[error("kernel backend requested but {0}")]
+    NoKernel(veil_transport::Error),
+    #[error("cannot route {cidr} into {interface}: {message}")]
+    Route {
+        cidr: String,
+        interface: String,
+        message: String,
+    },
+}
+
+/// Loads the node's WireGuard key from `state_dir/wireguard.key`, creating it (mode 0600) on
+/// first start. A key file readable by others is tightened to 0600.
+pub fn load_or_create_key(state_dir: &Path) -> Result<PrivateKey, Error> {
+    let path = state_dir.join("wireguard.key");
+    let key_err = |source| Error::Key {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let meta = std::fs::metadata(&path).map_err(key_err)?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), "node key was readable by others; setting mode 0600");
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(key_err)?;
+            }
+            PrivateKey::from_base64(text.trim()).map_err(|source| Error::BadKey {
+                path: path.clone(),
+                source,
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(state_dir).map_err(key_err)?;
+            let key = PrivateKey::generate();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(key_err)?;
+            f.write_all(key.to_base64().as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(key_err)?;
+            tracing::info!(public_key = %key.public_key(), "created node WireGuard key");
+            Ok(key)
+        }
+        Err(e) => Err(key_err(e)),
+    }
+}
+
+/// The node's WireGuard device and what the agent has put on it.
+pub struct NodeTunnel {
+    device: Box<dyn Tunnel>,
+    key: PrivateKey,
+    listen_port: u16,
+    /// Peers an operator disabled (`veil peer remove`), kept off until re-enabled.
+    disabled: BTreeSet<String>,
+    /// Preshared keys per peer node (set by the mutual-auth handshake).
+    psks: BTreeMap<String, PresharedKey>,
+    /// The preshared keys last written to the device.
+    psk_applied: BTreeMap<String, PresharedKey>,
+    userspace: Option<UserspaceLaunch>,
+    /// Node names whose peer is installed, as of the last reconcile.
+    installed: BTreeMap<String, PublicKey>,
+}
+
+/// How to (re)start veil-wg when it is not running.
+struct UserspaceLaunch {
+    binary: PathBuf,
+    log: PathBuf,
+    cgroup: Option<PathBuf>,
+    mtu: u16,
+    uapi_dir: PathBuf,
+}
+
+impl NodeTunnel {
+    /// Opens the configured backend (auto: kernel where the kernel has WireGuard, else
+    /// userspace), starting veil-wg if it is not already running — a running one (from before
+    /// an agent restart) is adopted as is, so traffic never stops.
+    pub fn open(cfg: &Config, key: PrivateKey) -> Result<Self, Error> {
+        let use_kernel = match cfg.backend {
+            Backend::Kernel => true,
+            Backend::Userspace => false,
+            Backend::Auto => veil_transport::kernel::available(),
+        };
+        let mut userspace = None;
+        let device: Box<dyn Tunnel> = if use_kernel {
+            let k = KernelTunnel::open(&cfg.interface).map_err(|e| match cfg.backend {
+                Backend::Kernel => Error::NoKernel(e),
+                _ => Error::Tunnel(e),
+            })?;
+            let _ = crate::sys::run(
+                "ip",
+                &[
+                    "link",
+                    "set",
+                    "dev",
+                    &cfg.interface,
+                    "mtu",
+                    &cfg.mtu.to_string(),
+                    "up",
+                ],
+                None,
+            );
+            Box::new(k)
+        } else {
+            let launch = UserspaceLaunch {
+                binary: cfg.wg_binary.clone().unwrap_or_else(default_wg_binary),
+                log: cfg
+                    .wg_log
+                    .clone()
+                    .unwrap_or_else(|| cfg.state_dir.join("veil-wg.log")),
+                cgroup: cfg.wg_cgroup.clone(),
+                mtu: cfg.mtu,
+                uapi_dir: cfg.uapi_dir.clone(),
+            };
+            let u = UserspaceTunnel::new(&cfg.interface, &cfg.uapi_dir);
+            let started = u.ensure_running(
+                &launch.binary,
+                launch.mtu,
+                &launch.log,
+                launch.cgroup.as_deref(),
+            )?;
+            if started {
+                tracing::info!(interface = %cfg.interface, "started veil-wg");
+            } else {
+                tracing::info!(interface = %cfg.interface, "adopted running veil-wg");
+            }
+            userspace = Some(launch);
+            Box::new(u)
+        };
+        let mut t = Self {
+            device,
+            key,
+            listen_port: cfg.listen_port,
+            disabled: BTreeSet::new(),
+            psks: BTreeMap::new(),
+            psk_applied: BTreeMap::new(),
+            userspace,
+            installed: BTreeMap::new(),
+        };
+        t.ensure_device()?;
+        Ok(t)
+    }
+
+    pub fn backend(&self) -> TunnelBackend {
+        self.device.backend()
+    }
+
+    pub fn interface(&self) -> &str {
+        self.device.interface()
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.key.public_key()
+    }
+
+    pub fn set_psk(&mut self, node: &str, psk: PresharedKey) {
+        self.psks.insert(node.to_string(), psk);
+    }
+
+    pub fn disable_peer(&mut self, node: &str) {
+        self.disabled.insert(node.to_string());
+    }
+
+    pub fn enable_peer(&mut self, node: &str) {
+        self.disabled.remove(node);
+    }
+
+    /// Restarts veil-wg if it died and puts the node key and port back if the device lost them.
+    fn ensure_device(&mut self) -> Result<(), Error> {
+        if let Some(l) = &self.userspace {
+            let u = UserspaceTunnel::new(self.device.interface(), &l.uapi_dir);
+            if u.ensure_running(&l.binary, l.mtu, &l.log, l.cgroup.as_deref())? {
+                tracing::warn!(interface = %self.device.interface(), "veil-wg was not running; restarted it");
+                self.installed.clear();
+            }
+        }
+        let st = self.device.state()?;
+        if st.public_key != Some(self.key.public_key()) {
+            self.device.set_private_key(&self.key)?;
+            self.installed.clear();
+        }
+        if st.listen_port != self.listen_port {
+            self.device.set_listen_port(self.listen_port)?;
+        }
+        Ok(())
+    }
+
+    /// Brings the device's peers to what the cluster state says: one peer per other node with
+    /// a published key (unless disabled), endpoint on its underlay IP, allowed IPs its pod CIDR.
+    /// Also routes every remote pod CIDR into the device, so even traffic the datapath does not
+    /// steer can only leave encrypted (or not at all). Returns the node names with a peer.
+    pub fn reconcile(
+        &mut self,
+        cluster: &ClusterState,
+        me: &str,
+    ) -> Result<BTreeSet<String>, Error> {
+        self.ensure_device()?;
+        let mut desired: BTreeMap<PublicKey, (String, PeerConfig)> = BTreeMap::new();
+        for n in cluster.nodes.iter().filter(|n| n.name != me) {
+            route_into(self.device.interface(), &n.pod_cidr)?;
+            if self.disabled.contains(&n.name) {
+                continue;
+            }
+            let Some(key) = n
+                .wg_public_key
+                .as_deref()
+                .and_then(|k| PublicKey::from_base64(k).ok())
+            else {
+                continue;
+            };
+            let Ok(cidr) = n.pod_cidr.parse::<IpPrefix>() else {
+                continue;
+            };
+            desired.insert(
+                key,
+                (
+                    n.name.clone(),
+                    PeerConfig {
+                        public_key: key,
+                        preshared_key: self.psks.get(&n.name).cloned(),
+                        endpoint: Some(SocketAddr::from((n.underlay_ip, self.listen_port))),
+                        allowed_ips: vec![cidr],
+                        persistent_keepalive: None,
+                    },
+                ),
+            );
+        }
+        let st = self.device.state()?;
+        let current: BTreeMap<PublicKey, &veil_transport::PeerState> = st
+            .peers
+            .iter()
+            .filter_map(|p| Some((p.public_key?, p)))
+            .collect();
+        for (key, (node, want)) in &desired {
+            let same = current.get(key).is_some_and(|have| {
+                have.allowed_ips == want.allowed_ips
+                    && have.endpoint == want.endpoint
+                    && have.has_preshared_key == want.preshared_key.is_some()
+                    && self.installed.get(node) == Some(key)
+                    && self.psk_unchanged(node)
+            });
+            if !same {
+                self.device.upsert_peer(want)?;
+                tracing::info!(peer = %node, public_key = %key, "tunnel peer installed");
+            }
+        }
+        for key in current.keys().filter(|k| !desired.contains_key(k)) {
+            self.device.remove_peer(key)?;
+            tracing::info!(public_key = %key, "tunnel peer removed");
+        }
+        self.installed = desired.iter().map(|(k, (n, _))| (n.clone(), *k)).collect();
+        self.psk_applied = self.psks.clone();
+        Ok(self.installed.keys().cloned().collect())
+    }
+
+    fn psk_unchanged(&self, node: &str) -> bool {
+        self.psks.get(node) == self.psk_applied.get(node)
+    }
+
+    /// Peers as `veil status` shows them.
+    pub fn peers(&mut self, cluster: &ClusterState) -> Result<Vec<api::Peer>, Error> {
+        let st = self.device.state()?;
+        let by_key: BTreeMap<String, &cluster::Node> = cluster
+            .nodes
+            .iter()
+            .filter_map(|n| Some((n.wg_public_key.clone()?, n)))
+            .collect();
+        Ok(st
+            .peers
+            .iter()
+            .map(|p| {
+                let key = p.public_key.map(|k| k.to_base64()).unwrap_or_default();
+                api::Peer {
+                    node: by_key
+                        .get(&key)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_else(|| "?".into()),
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    public_key: key,
+                    allowed_ips: p.allowed_ips.iter().map(|a| a.to_string()).collect(),
+                    last_handshake_unix: p
+                        .last_handshake
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs()),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                }
+            })
+            .collect())
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+}
+
+fn default_wg_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("veil-wg")))
+        .unwrap_or_else(|| PathBuf::from("veil-wg"))
+}
+
+/// `ip route replace CIDR dev IF`: idempotent.
+fn route_into(interface: &str, cidr: &str) -> Result<(), Error> {
+    crate::sys::run("ip", &["route", "replace", cidr, "dev", interface], None)
+        .map(drop)
+        .map_err(|e| Error::Route {
+            cidr: cidr.into(),
+            interface: interface.into(),
+            message: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file_is_created_0600_and_reloaded() {
+        let dir = std::env::temp_dir().join(format!("veil-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let k1 = load_or_create_key(&dir).unwrap();
+        let path = dir.join("wireguard.key");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let k2 = load_or_create_key(&dir).unwrap();
+        assert_eq!(k1.public_key(), k2.public_key());
+        // A loosened file is tightened back.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        load_or_create_key(&dir).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Garbage is an error naming the file, never a silently new key.
+        std::fs::write(&path, "not a key").unwrap();
+        let e = load_or_create_key(&dir).unwrap_err().to_string();
+        assert!(e.contains("wireguard.key"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
