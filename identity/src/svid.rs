@@ -310,6 +310,9 @@ pub struct ValidatedSvid {
     pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// Earliest `notAfter` on the verified path (leaf, intermediates, anchoring root): after
+    /// it the same chain no longer validates, whatever the leaf says.
+    pub valid_until: SystemTime,
     pub leaf: CertificateDer<'static>,
 }
 
@@ -464,6 +467,11 @@ pub fn validate_x509_svid(
     let last = &chain[last_index];
     let root_index = chain.len();
     let last_der: &[u8] = chain_der[last_index].as_ref();
+    let mut valid_until = chain
+        .iter()
+        .map(|c| asn1_to_system(c.validity().not_after))
+        .min()
+        .expect("chain is not empty");
     let anchored_in_chain = last_index > 0 && roots.iter().any(|r| r.as_ref() == last_der);
     if !anchored_in_chain {
         let mut name_matched = false;
@@ -485,6 +493,7 @@ pub fn validate_x509_svid(
             {
                 Ok(()) => {
                     failure = None;
+                    valid_until = valid_until.min(asn1_to_system(root.validity().not_after));
                     break;
                 }
                 Err(e) => {
@@ -505,6 +514,7 @@ pub fn validate_x509_svid(
         serial: serial_hex(leaf),
         not_before: asn1_to_system(leaf.validity().not_before),
         not_after: asn1_to_system(leaf.validity().not_after),
+        valid_until,
         leaf: CertificateDer::from(chain_der[0].as_ref().to_vec()),
     })
 }
