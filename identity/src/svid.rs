@@ -108,7 +108,7 @@ pub(crate) fn asn1_to_system(t: ASN1Time) -> SystemTime {
 
 pub(crate) fn parse_cert<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>, X509Error> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(X509Error::InvalidCertificate),
         Err(x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e)) => Err(e),
         Err(x509_parser::nom::Err::Incomplete(_)) => Err(X509Error::InvalidCertificate),
