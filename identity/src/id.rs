@@ -47,8 +47,8 @@ pub enum IdError {
     TrailingSlash,
     #[error("path contains character {0:?}; only a-z A-Z 0-9 . - _ are allowed")]
     BadPathChar(char),
-    #[error("path does not start with `/`")]
-    PathNotAbsolute,
+    #[error("trust domain id has a path; expected `spiffe://<trust domain>` alone")]
+    UnexpectedPath,
     #[error("spiffe id is longer than {MAX_SPIFFE_ID_LEN} bytes ({0} bytes)")]
     TooLong(usize),
 }
@@ -99,9 +99,8 @@ fn check_path(path: &str) -> Result<(), IdError> {
     if path.is_empty() {
         return Ok(());
     }
-    let Some(rest) = path.strip_prefix('/') else {
-        return Err(IdError::PathNotAbsolute);
-    };
+    // The caller splits at the first '/', so a non-empty path always starts with one.
+    let rest = &path[1..];
     if rest.is_empty() || path.ends_with('/') {
         return Err(IdError::TrailingSlash);
     }
@@ -125,7 +124,7 @@ impl TrustDomain {
         if key.contains(':') {
             let id = SpiffeId::parse(key)?;
             if !id.path().is_empty() {
-                return Err(IdError::TrailingSlash);
+                return Err(IdError::UnexpectedPath);
             }
             Ok(id.trust_domain())
         } else {
@@ -369,7 +368,10 @@ mod tests {
                 .id_string(),
             "spiffe://lab.veil"
         );
-        assert!(TrustDomain::from_bundle_key("spiffe://lab.veil/x").is_err());
+        assert_eq!(
+            TrustDomain::from_bundle_key("spiffe://lab.veil/x"),
+            Err(IdError::UnexpectedPath)
+        );
     }
 
     #[test]

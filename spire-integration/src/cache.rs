@@ -8,8 +8,10 @@
 //!   it leaves the snapshot once it expires, or its chain's earliest `notAfter` passes.
 //! - An update for a selector set replaces its SVIDs; an empty one removes them at once, and
 //!   so does unwatching the set.
-//! - Bundles: the latest complete bundle map from either API wins (both describe the same
-//!   agent's trust store; after a CA rotation both streams converge on the new one).
+//! - Bundles come from one stream at a time, so they never step back: the Delegated Identity
+//!   API's bundle stream once it has delivered, the Workload API's bundles (carried with the
+//!   node SVID) until then. Mixing the two streams' latest messages could briefly re-trust a
+//!   revoked root whenever they arrive out of order.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -114,6 +116,11 @@ impl Candidate {
 pub(crate) struct IdentityCache {
     node: Vec<Candidate>,
     workloads: BTreeMap<SelectorSet, Vec<Candidate>>,
+    /// From the Workload API (fallback).
+    node_bundles: Option<Bundles>,
+    /// From the Delegated Identity API's bundle stream (preferred).
+    delegated_bundles: Option<Bundles>,
+    /// The bundles in force, shared with snapshots; replaced only when the content changes.
     bundles: Arc<Bundles>,
 }
 
@@ -126,7 +133,8 @@ impl IdentityCache {
         match update {
             Update::Node { svids, bundles } => {
                 self.node = svids.into_iter().map(Candidate::new).collect();
-                self.set_bundles(bundles);
+                self.node_bundles = Some(bundles);
+                self.refresh_bundles();
             }
             Update::Workload { selectors, svids } => {
                 if svids.is_empty() {
@@ -136,16 +144,26 @@ impl IdentityCache {
                         .insert(selectors, svids.into_iter().map(Candidate::new).collect());
                 }
             }
-            Update::Bundles(b) => self.set_bundles(b),
+            Update::Bundles(b) => {
+                self.delegated_bundles = Some(b);
+                self.refresh_bundles();
+            }
             Update::Unwatched(selectors) => {
                 self.workloads.remove(&selectors);
             }
         }
     }
 
-    fn set_bundles(&mut self, bundles: Bundles) {
-        if *self.bundles != bundles {
-            self.bundles = Arc::new(bundles);
+    fn refresh_bundles(&mut self) {
+        let Some(effective) = self
+            .delegated_bundles
+            .as_ref()
+            .or(self.node_bundles.as_ref())
+        else {
+            return;
+        };
+        if *self.bundles != *effective {
+            self.bundles = Arc::new(effective.clone());
         }
     }
 
@@ -300,6 +318,42 @@ mod tests {
         // Old root revoked while the old SVID is still held: it is no longer published.
         c.apply(Update::Bundles(bundles(&[&new])));
         assert!(c.snapshot(SystemTime::now()).workloads.is_empty());
+    }
+
+    #[test]
+    fn delegated_bundles_win_over_workload_api_bundles() {
+        let old = DevCa::new(td()).unwrap();
+        let new = old.rotate().unwrap();
+        let mut c = IdentityCache::new();
+        let node = old
+            .issue_node_svid("node-a", Duration::from_secs(60))
+            .unwrap();
+        // Workload API first: its bundles are used.
+        c.apply(Update::Node {
+            svids: vec![node.clone()],
+            bundles: bundles(&[&old, &new]),
+        });
+        assert_eq!(
+            c.snapshot(SystemTime::now())
+                .bundles
+                .get(&td())
+                .unwrap()
+                .len(),
+            2
+        );
+        // The delegated stream says the old root is revoked: that holds…
+        c.apply(Update::Bundles(bundles(&[&new])));
+        let s = c.snapshot(SystemTime::now());
+        assert_eq!(s.bundles.get(&td()).unwrap().len(), 1);
+        assert!(s.node.is_none(), "svid of the revoked root refused");
+        // …even when a late Workload API message still lists both roots.
+        c.apply(Update::Node {
+            svids: vec![node],
+            bundles: bundles(&[&old, &new]),
+        });
+        let s = c.snapshot(SystemTime::now());
+        assert_eq!(s.bundles.get(&td()).unwrap().len(), 1);
+        assert!(s.node.is_none());
     }
 
     #[test]

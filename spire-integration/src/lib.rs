@@ -9,6 +9,47 @@
 //! generated at build time from this crate's own `.proto` files).
 //!
 //! Must not depend on: the agent or the datapath.
+//!
+//! How the agent uses it (the lab starts the dev server; a real deployment points the client
+//! at SPIRE's sockets instead):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), veil_spire::Error> {
+//! use std::time::Duration;
+//! use veil_identity::{SelectorSet, SvidSource, TrustDomain};
+//! use veil_spire::{
+//!     ClientConfig, DevNodeConfig, DevServer, DevServerConfig, IdentityClient,
+//!     PodRegistration, RotateTarget,
+//! };
+//!
+//! let mut cfg = DevServerConfig::new(TrustDomain::new("lab.veil").unwrap());
+//! cfg.svid_ttl = Duration::from_secs(30);
+//! cfg.nodes.push(DevNodeConfig { name: "node-a".into(), socket: "/run/veil/node-a.sock".into() });
+//! let dev = DevServer::start(cfg).await?;
+//! dev.register_pod(PodRegistration {
+//!     node: "node-a".into(),
+//!     namespace: "shop".into(),
+//!     name: "frontend".into(),
+//!     service_account: "frontend".into(),
+//! })?;
+//!
+//! // In the node agent:
+//! let (client, identities) = IdentityClient::new(ClientConfig::new("/run/veil/node-a.sock"))?;
+//! tokio::spawn(client.run(std::future::pending()));
+//! identities.watch_workload(SelectorSet::k8s_pod("shop", "frontend", "frontend").unwrap());
+//! let mut rx = identities.subscribe();
+//! rx.changed().await.ok();
+//! let snapshot = rx.borrow().clone();
+//! for (slot, svid) in snapshot.svids() {
+//!     println!("{slot:?} {} {} {:?}", svid.spiffe_id(), svid.serial(), svid.not_after());
+//! }
+//!
+//! // `veil lab rotate --pod frontend` / `veil lab revoke --pod frontend`:
+//! dev.rotate(RotateTarget::Pod { namespace: "shop".into(), name: "frontend".into() })?;
+//! dev.revoke_pod("shop", "frontend")?;
+//! dev.shutdown().await;
+//! # Ok(()) }
+//! ```
 
 mod backoff;
 mod cache;

@@ -411,9 +411,13 @@ async fn ca_rotation_overlap_then_old_root_refused() {
         "old CA still issues"
     );
 
+    let old_node = s0.node.as_ref().unwrap().serial().to_owned();
     dev.ca_activate().unwrap();
-    let s2 = wait_until(&client, Duration::from_secs(2), "svid from new CA", |s| {
+    // As an operator would, wait until every SVID was re-issued from the new CA before
+    // revoking the old one (revoking earlier refuses the not-yet-replaced ones at once).
+    let s2 = wait_until(&client, Duration::from_secs(3), "svids from new CA", |s| {
         pod_serial(s, "frontend").is_some_and(|x| x != old_svid.serial())
+            && s.node.as_ref().is_some_and(|n| n.serial() != old_node)
     })
     .await;
     let new_svid = s2.workloads[&selectors("frontend")][0].clone();
