@@ -1,0 +1,332 @@
+//! Validation table: every bad variant the dev PKI can make is rejected with its own error, and
+//! the good ones pass, for root-only and root+intermediate CAs.
+
+use std::time::{Duration, SystemTime};
+
+use veil_certs_dev::{workload_id, BadVariant, CaOptions, DevCa};
+use veil_identity::{
+    validate_x509_svid, BundleSet, Bundles, CertificateDer, SpiffeId, Svid, SvidError, TrustDomain,
+};
+
+fn td(name: &str) -> TrustDomain {
+    TrustDomain::new(name).unwrap()
+}
+
+fn ca(name: &str, with_intermediate: bool) -> DevCa {
+    DevCa::with_options(
+        td(name),
+        CaOptions {
+            with_intermediate,
+            ..CaOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn bundles_of(cas: &[&DevCa]) -> Bundles {
+    let mut b = Bundles::new();
+    for c in cas {
+        let mut roots: Vec<CertificateDer<'static>> = b
+            .get(c.trust_domain())
+            .map(|r| r.to_vec())
+            .unwrap_or_default();
+        roots.extend(c.bundle());
+        b.insert(c.trust_domain().clone(), roots).unwrap();
+    }
+    b
+}
+
+/// Compares variants only (payloads such as timestamps differ per run).
+fn same_variant(got: &SvidError, want: &SvidError) -> bool {
+    std::mem::discriminant(got) == std::mem::discriminant(want)
+}
+
+#[test]
+fn every_bad_variant_is_rejected_with_its_own_error() {
+    for with_intermediate in [false, true] {
+        let ca = ca("lab.veil", with_intermediate);
+        let bundles = bundles_of(&[&ca]);
+        let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
+        let epoch = SystemTime::UNIX_EPOCH;
+        let table: Vec<(BadVariant, SvidError)> = vec![
+            (BadVariant::Expired, SvidError::Expired { not_after: epoch }),
+            (
+                BadVariant::NotYetValid,
+                SvidError::NotYetValid { not_before: epoch },
+            ),
+            // With an intermediate, the foreign intermediate's SPIFFE ID is caught first.
+            (
+                BadVariant::WrongTrustDomain,
+                if with_intermediate {
+                    SvidError::IntermediateForeignTrustDomain {
+                        index: 1,
+                        expected: td("x"),
+                        found: String::new(),
+                    }
+                } else {
+                    SvidError::UntrustedRoot(td("x"))
+                },
+            ),
+            (BadVariant::TwoUriSans, SvidError::MultipleUriSans(2)),
+            (BadVariant::NoUriSan, SvidError::NoUriSan),
+            (BadVariant::CaLeaf, SvidError::LeafIsCa),
+            (BadVariant::KeyCertSignLeaf, SvidError::LeafKeyCertSign),
+            (
+                BadVariant::NoDigitalSignature,
+                SvidError::LeafMissingDigitalSignature,
+            ),
+            (
+                BadVariant::TamperedSignature,
+                SvidError::BadSignature { index: 0 },
+            ),
+        ];
+        assert_eq!(
+            table.len(),
+            BadVariant::ALL.len(),
+            "every variant is in the table"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for (variant, want) in &table {
+            let bad = ca.issue_bad(*variant, &id).unwrap();
+            let got = validate_x509_svid(&bad.chain, &bundles, SystemTime::now()).expect_err(
+                &format!("{variant:?} (intermediate={with_intermediate}) must fail"),
+            );
+            assert!(
+                same_variant(&got, want),
+                "{variant:?} (intermediate={with_intermediate}): got {got:?}, want {want:?}"
+            );
+            assert!(
+                seen.insert(std::mem::discriminant(&got)),
+                "{variant:?} shares an error"
+            );
+        }
+        // The expired/not-yet-valid errors carry the leaf's own bounds.
+        let expired = ca.issue_bad(BadVariant::Expired, &id).unwrap();
+        match validate_x509_svid(&expired.chain, &bundles, SystemTime::now()) {
+            Err(SvidError::Expired { not_after }) => assert!(not_after < SystemTime::now()),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn good_svids_pass_and_report_their_facts() {
+    for with_intermediate in [false, true] {
+        let ca = ca("lab.veil", with_intermediate);
+        let bundles = bundles_of(&[&ca]);
+        let node = ca
+            .issue_node_svid("node-a", Duration::from_secs(300))
+            .unwrap();
+        let wl = ca
+            .issue_workload_svid("shop", "backend", Duration::from_secs(300))
+            .unwrap();
+        for svid in [&node, &wl] {
+            let v = validate_x509_svid(svid.cert_chain(), &bundles, SystemTime::now()).unwrap();
+            assert_eq!(&v.spiffe_id, svid.spiffe_id());
+            assert_eq!(v.serial, svid.serial());
+            assert_eq!(v.not_after, svid.not_after());
+            assert_eq!(&v.leaf, svid.leaf());
+        }
+        // Validity is judged at the given time, not the wall clock.
+        let later = node.not_after() + Duration::from_secs(1);
+        assert!(matches!(
+            validate_x509_svid(node.cert_chain(), &bundles, later),
+            Err(SvidError::Expired { .. })
+        ));
+        let earlier = node.not_before() - Duration::from_secs(1);
+        assert!(matches!(
+            validate_x509_svid(node.cert_chain(), &bundles, earlier),
+            Err(SvidError::NotYetValid { .. })
+        ));
+        // The last instant of validity is still valid (notAfter is inclusive).
+        assert!(validate_x509_svid(node.cert_chain(), &bundles, node.not_after()).is_ok());
+    }
+}
+
+#[test]
+fn chain_must_end_in_a_root_of_the_svids_own_trust_domain() {
+    let lab = ca("lab.veil", false);
+    let other = ca("other.veil", false);
+    let other_svid = other
+        .issue_workload_svid("ns", "sa", Duration::from_secs(60))
+        .unwrap();
+
+    // No bundle for other.veil: refused, even though lab.veil's bundle exists.
+    let only_lab = bundles_of(&[&lab]);
+    assert!(matches!(
+        validate_x509_svid(other_svid.cert_chain(), &only_lab, SystemTime::now()),
+        Err(SvidError::NoBundle(t)) if t == td("other.veil")
+    ));
+
+    // other.veil's root filed under lab.veil does not make it a lab.veil root, and a lab.veil
+    // id signed by other.veil's CA is refused although other.veil's own bundle is present.
+    let mut mixed = bundles_of(&[&lab, &other]);
+    let id = workload_id(&td("lab.veil"), "shop", "frontend").unwrap();
+    let forged = other.issue_chain(&veil_certs_dev::LeafSpec::svid(
+        &id,
+        SystemTime::now(),
+        Duration::from_secs(60),
+    ));
+    let forged = forged.unwrap();
+    assert!(matches!(
+        validate_x509_svid(&forged.chain, &mixed, SystemTime::now()),
+        Err(SvidError::UntrustedRoot(t)) if t == td("lab.veil")
+    ));
+    mixed.remove(&td("other.veil"));
+    assert!(matches!(
+        validate_x509_svid(other_svid.cert_chain(), &mixed, SystemTime::now()),
+        Err(SvidError::NoBundle(_))
+    ));
+}
+
+#[test]
+fn intermediate_problems_each_have_their_error() {
+    let ca = ca("lab.veil", true);
+    let bundles = bundles_of(&[&ca]);
+    let svid = ca
+        .issue_workload_svid("shop", "frontend", Duration::from_secs(60))
+        .unwrap();
+
+    // Intermediate left out: the leaf's issuer is not a root.
+    assert!(matches!(
+        validate_x509_svid(&svid.cert_chain()[..1], &bundles, SystemTime::now()),
+        Err(SvidError::UntrustedRoot(_))
+    ));
+
+    // A leaf posing as intermediate: names do not line up.
+    let other = ca
+        .issue_workload_svid("shop", "backend", Duration::from_secs(60))
+        .unwrap();
+    let chain = vec![svid.leaf().clone(), other.leaf().clone()];
+    assert!(matches!(
+        validate_x509_svid(&chain, &bundles, SystemTime::now()),
+        Err(SvidError::IssuerMismatch { index: 0 })
+    ));
+
+    // The root appended to the chain is fine (anchored in the chain itself).
+    let mut with_root = svid.cert_chain().to_vec();
+    with_root.push(ca.root().clone());
+    assert!(validate_x509_svid(&with_root, &bundles, SystemTime::now()).is_ok());
+
+    // An intermediate from another trust domain's CA is refused by name even if its root is in
+    // the bundle of our trust domain.
+    let foreign = DevCa::with_options(
+        td("other.veil"),
+        CaOptions {
+            with_intermediate: true,
+            ..CaOptions::default()
+        },
+    )
+    .unwrap();
+    let id = workload_id(&td("lab.veil"), "shop", "frontend").unwrap();
+    let forged = foreign
+        .issue_chain(&veil_certs_dev::LeafSpec::svid(
+            &id,
+            SystemTime::now(),
+            Duration::from_secs(60),
+        ))
+        .unwrap();
+    let mut poisoned = bundles_of(&[&ca]);
+    let mut roots = poisoned.get(&td("lab.veil")).unwrap().to_vec();
+    roots.push(foreign.root().clone());
+    poisoned.insert(td("lab.veil"), roots).unwrap();
+    assert!(matches!(
+        validate_x509_svid(&forged.chain, &poisoned, SystemTime::now()),
+        Err(SvidError::IntermediateForeignTrustDomain { index: 1, .. })
+    ));
+}
+
+#[test]
+fn ca_rotation_overlap_then_revoke() {
+    let old = ca("lab.veil", false);
+    let new = old.rotate().unwrap();
+    let from_old = old
+        .issue_node_svid("node-a", Duration::from_secs(60))
+        .unwrap();
+    let from_new = new
+        .issue_node_svid("node-a", Duration::from_secs(60))
+        .unwrap();
+
+    let live = BundleSet::new();
+    live.set_roots(td("lab.veil"), old.bundle()).unwrap();
+    assert!(from_old.validate(&live, SystemTime::now()).is_ok());
+    assert!(from_new.validate(&live, SystemTime::now()).is_err());
+
+    // Overlap: both roots.
+    live.set_roots(td("lab.veil"), [old.bundle(), new.bundle()].concat())
+        .unwrap();
+    assert!(from_old.validate(&live, SystemTime::now()).is_ok());
+    assert!(from_new.validate(&live, SystemTime::now()).is_ok());
+
+    // Revoke the old root: its SVIDs are refused, the new ones stay good. A snapshot loaded
+    // before the change keeps its view.
+    let before = live.load();
+    live.set_roots(td("lab.veil"), new.bundle()).unwrap();
+    assert!(matches!(
+        from_old.validate(&live, SystemTime::now()),
+        Err(SvidError::UntrustedRoot(_))
+    ));
+    assert!(from_new.validate(&live, SystemTime::now()).is_ok());
+    assert!(from_old.validate(&before, SystemTime::now()).is_ok());
+
+    // Removing the trust domain refuses everything with NoBundle.
+    let clone = live.clone();
+    assert!(clone.remove(&td("lab.veil")));
+    assert!(matches!(
+        from_new.validate(&live, SystemTime::now()),
+        Err(SvidError::NoBundle(_))
+    ));
+}
+
+#[test]
+fn svid_from_der_checks_san_and_key() {
+    let ca = ca("lab.veil", false);
+    let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
+    let a = ca.issue(&id, Duration::from_secs(60)).unwrap();
+    let b = ca.issue(&id, Duration::from_secs(60)).unwrap();
+    assert_ne!(a.serial(), b.serial());
+    assert!(matches!(
+        Svid::from_der(a.cert_chain().to_vec(), b.private_key().clone()),
+        Err(SvidError::KeyMismatch)
+    ));
+    let two = ca.issue_bad(BadVariant::TwoUriSans, &id).unwrap();
+    assert!(matches!(
+        two.into_svid(),
+        Err(veil_certs_dev::Error::Svid(SvidError::MultipleUriSans(2)))
+    ));
+    let trust_domain_id = SpiffeId::for_trust_domain(ca.trust_domain());
+    let spec = veil_certs_dev::LeafSpec::svid(
+        &trust_domain_id,
+        SystemTime::now(),
+        Duration::from_secs(60),
+    );
+    assert!(matches!(
+        ca.issue_chain(&spec).unwrap().into_svid(),
+        Err(veil_certs_dev::Error::Svid(SvidError::LeafIdWithoutPath(_)))
+    ));
+    assert!(format!("{a:?}").contains("redacted"));
+}
+
+#[test]
+fn bundles_reject_non_ca_roots() {
+    let ca = ca("lab.veil", false);
+    let leaf = ca.issue_node_svid("n", Duration::from_secs(60)).unwrap();
+    let set = BundleSet::new();
+    assert!(set
+        .set_roots(td("lab.veil"), vec![leaf.leaf().clone()])
+        .is_err());
+    assert!(set.set_roots(td("lab.veil"), vec![]).is_err());
+    assert!(set.load().is_empty());
+}
+
+#[test]
+fn split_der_certs_round_trips_concatenation() {
+    let ca = ca("lab.veil", true);
+    let svid = ca.issue_node_svid("n", Duration::from_secs(60)).unwrap();
+    let joined: Vec<u8> = svid.cert_chain().iter().flat_map(|c| c.to_vec()).collect();
+    let split = veil_identity::split_der_certs(ca.trust_domain(), &joined).unwrap();
+    assert_eq!(split, svid.cert_chain());
+    assert!(
+        veil_identity::split_der_certs(ca.trust_domain(), &joined[..joined.len() - 1]).is_err()
+    );
+}

@@ -1,0 +1,579 @@
+//! The clients against the dev server over real gRPC on unix sockets, and the `spiffe` and
+//! `spire-api` crates' own clients against the dev server (conformance).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use veil_identity::{IdentitySnapshot, SelectorSet, SvidError, SvidSource, TrustDomain};
+use veil_spire::{
+    BackoffConfig, ClientConfig, DevNodeConfig, DevServer, DevServerConfig, IdentityClient,
+    IdentityClientHandle, PodRegistration, RotateTarget,
+};
+
+/// A socket directory removed on drop.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "veil-spire-{}-{}-{name}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    fn sock(&self, node: &str) -> PathBuf {
+        self.0.join(format!("{node}.sock"))
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+fn td() -> TrustDomain {
+    TrustDomain::new("lab.veil").unwrap()
+}
+
+fn config(dir: &TestDir, ttl: Duration) -> DevServerConfig {
+    let mut c = DevServerConfig::new(td());
+    c.svid_ttl = ttl;
+    c.nodes = ["node-a", "node-b"]
+        .iter()
+        .map(|n| DevNodeConfig {
+            name: n.to_string(),
+            socket: dir.sock(n),
+        })
+        .collect();
+    c
+}
+
+fn pod(node: &str, name: &str) -> PodRegistration {
+    PodRegistration {
+        node: node.into(),
+        namespace: "shop".into(),
+        name: name.into(),
+        service_account: name.into(),
+    }
+}
+
+fn selectors(name: &str) -> SelectorSet {
+    SelectorSet::k8s_pod("shop", name, name).unwrap()
+}
+
+/// A client on `socket` with fast reconnects, running until the returned sender fires.
+fn start_client(socket: &Path) -> (IdentityClientHandle, watch::Sender<bool>) {
+    let mut cfg = ClientConfig::new(socket);
+    cfg.backoff = BackoffConfig {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(400),
+    };
+    let (client, handle) = IdentityClient::new(cfg).unwrap();
+    let (stop, mut stopped) = watch::channel(false);
+    tokio::spawn(client.run(async move {
+        let _ = stopped.wait_for(|v| *v).await;
+    }));
+    (handle, stop)
+}
+
+/// Waits until `pred` holds for the published snapshot; panics with `what` after `limit`.
+async fn wait_until(
+    handle: &IdentityClientHandle,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&IdentitySnapshot) -> bool,
+) -> IdentitySnapshot {
+    let mut rx = handle.subscribe();
+    let res = tokio::time::timeout(limit, async {
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                if pred(&s) {
+                    return s.clone();
+                }
+            }
+            rx.changed().await.expect("client alive");
+        }
+    })
+    .await;
+    res.unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for: {what}"))
+}
+
+fn pod_serial(s: &IdentitySnapshot, name: &str) -> Option<String> {
+    s.workloads
+        .get(&selectors(name))
+        .map(|v| v[0].serial().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_fetch_node_and_pod_svids() {
+    init_tracing();
+    let dir = TestDir::new("first");
+    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    dev.register_pod(pod("node-a", "frontend")).unwrap();
+    dev.register_pod(pod("node-b", "backend")).unwrap();
+
+    let (client, _stop) = start_client(&dir.sock("node-a"));
+    client.watch_workload(selectors("frontend"));
+    // backend lives on node-b: node-a's socket must not hand it out.
+    client.watch_workload(selectors("backend"));
+    let snap = wait_until(
+        &client,
+        Duration::from_secs(10),
+        "node + frontend svids",
+        |s| s.node.is_some() && s.workloads.contains_key(&selectors("frontend")),
+    )
+    .await;
+
+    let node = snap.node.as_ref().unwrap();
+    assert_eq!(
+        node.spiffe_id().as_str(),
+        "spiffe://lab.veil/veil/node/node-a"
+    );
+    assert_eq!(node.serial(), dev.node_svid("node-a").unwrap().serial());
+    let fe = &snap.workloads[&selectors("frontend")];
+    assert_eq!(fe.len(), 1);
+    assert_eq!(
+        fe[0].spiffe_id().as_str(),
+        "spiffe://lab.veil/ns/shop/sa/frontend"
+    );
+    assert_eq!(
+        fe[0].serial(),
+        dev.pod_svid("shop", "frontend").unwrap().serial()
+    );
+    assert!(!snap.workloads.contains_key(&selectors("backend")));
+    assert_eq!(snap.bundles.get(&td()).unwrap().to_vec(), dev.bundle());
+    // What is published validates against what is published.
+    for (_, s) in snap.svids() {
+        s.validate(&snap.bundles, SystemTime::now()).unwrap();
+    }
+
+    // Unwatching removes the pod's SVID at once.
+    client.unwatch_workload(&selectors("frontend"));
+    wait_until(
+        &client,
+        Duration::from_secs(2),
+        "frontend gone after unwatch",
+        |s| s.workloads.is_empty(),
+    )
+    .await;
+    dev.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_at_half_ttl_within_jitter() {
+    init_tracing();
+    let dir = TestDir::new("rotate");
+    let ttl = Duration::from_secs(4);
+    let cfg = config(&dir, ttl);
+    let jitter = cfg.jitter();
+    let dev = DevServer::start(cfg).await.unwrap();
+    dev.register_pod(pod("node-a", "frontend")).unwrap();
+    let issued = dev.pod_issued("shop", "frontend").unwrap();
+    let (lo, hi) = (ttl / 2 - jitter, ttl / 2 + jitter);
+    let scheduled = issued.rotate_at.duration_since(issued.issued_at).unwrap();
+    assert!(
+        scheduled >= lo && scheduled <= hi,
+        "scheduled at {scheduled:?}"
+    );
+
+    let (client, _stop) = start_client(&dir.sock("node-a"));
+    client.watch_workload(selectors("frontend"));
+    let first = wait_until(&client, Duration::from_secs(3), "first svid", |s| {
+        pod_serial(s, "frontend").is_some()
+    })
+    .await;
+    let first_serial = pod_serial(&first, "frontend").unwrap();
+    assert_eq!(first_serial, issued.svid.serial());
+
+    // Twice in a row: each new serial arrives TTL/2 ± jitter after the previous issuance
+    // (plus delivery slack), well before the old one expires.
+    let mut prev_serial = first_serial;
+    let mut prev_issued = issued.issued_at;
+    for round in 0..2 {
+        let snap = wait_until(&client, ttl, "rotated serial", |s| {
+            pod_serial(s, "frontend").is_some_and(|x| x != prev_serial)
+        })
+        .await;
+        let seen = SystemTime::now().duration_since(prev_issued).unwrap();
+        assert!(
+            seen >= lo && seen <= hi + Duration::from_millis(700),
+            "round {round}: rotation seen {seen:?} after issuance, want {lo:?}..={hi:?}"
+        );
+        let svid = snap.workloads[&selectors("frontend")][0].clone();
+        assert!(svid.not_after() > SystemTime::now() + ttl / 2 - Duration::from_secs(1));
+        prev_serial = svid.serial().to_owned();
+        prev_issued = dev.pod_issued("shop", "frontend").unwrap().issued_at;
+        assert_eq!(
+            dev.pod_svid("shop", "frontend").unwrap().serial(),
+            prev_serial
+        );
+    }
+    dev.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_rotation_reaches_the_client() {
+    init_tracing();
+    let dir = TestDir::new("force");
+    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    dev.register_pod(pod("node-a", "frontend")).unwrap();
+    let (client, _stop) = start_client(&dir.sock("node-a"));
+    client.watch_workload(selectors("frontend"));
+    let snap = wait_until(&client, Duration::from_secs(5), "svids", |s| {
+        s.node.is_some() && pod_serial(s, "frontend").is_some()
+    })
+    .await;
+    let (node0, pod0) = (
+        snap.node.as_ref().unwrap().serial().to_owned(),
+        pod_serial(&snap, "frontend").unwrap(),
+    );
+    dev.rotate(RotateTarget::Pod {
+        namespace: "shop".into(),
+        name: "frontend".into(),
+    })
+    .unwrap();
+    let s = wait_until(&client, Duration::from_secs(2), "pod rotated", |s| {
+        pod_serial(s, "frontend").is_some_and(|x| x != pod0)
+    })
+    .await;
+    assert_eq!(s.node.as_ref().unwrap().serial(), node0, "node untouched");
+    dev.rotate(RotateTarget::Node("node-a".into())).unwrap();
+    wait_until(&client, Duration::from_secs(2), "node rotated", |s| {
+        s.node.as_ref().is_some_and(|n| n.serial() != node0)
+    })
+    .await;
+    dev.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_absent_at_start_then_appearing() {
+    init_tracing();
+    let dir = TestDir::new("absent");
+    let (client, _stop) = start_client(&dir.sock("node-a"));
+    client.watch_workload(selectors("frontend"));
+    // No server: the client waits and publishes nothing (fails closed, no placeholder).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let snap = client.current();
+    assert_eq!(snap.generation, 0, "nothing published: {snap:?}");
+    assert!(snap.node.is_none() && snap.workloads.is_empty());
+
+    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    dev.register_pod(pod("node-a", "frontend")).unwrap();
+    let started = Instant::now();
+    let snap = wait_until(&client, Duration::from_secs(5), "recovered", |s| {
+        s.node.is_some() && pod_serial(s, "frontend").is_some()
+    })
+    .await;
+    // Capped backoff: reconnect within about the cap.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        pod_serial(&snap, "frontend").unwrap(),
+        dev.pod_svid("shop", "frontend").unwrap().serial()
+    );
+    dev.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_gone_mid_run_keeps_last_good_until_expiry() {
+    init_tracing();
+    let dir = TestDir::new("gone");
+    let dev = DevServer::start(config(&dir, Duration::from_secs(4)))
+        .await
+        .unwrap();
+    dev.register_pod(pod("node-a", "frontend")).unwrap();
+    let (client, _stop) = start_client(&dir.sock("node-a"));
+    client.watch_workload(selectors("frontend"));
+    wait_until(&client, Duration::from_secs(3), "svids", |s| {
+        s.node.is_some() && pod_serial(s, "frontend").is_some()
+    })
+    .await;
+    dev.shutdown().await;
+    assert!(!dir.sock("node-a").exists(), "socket removed");
+
+    // The last good SVIDs stay…
+    let held = client.current();
+    let node = held.node.clone().expect("node svid kept");
+    let fe = held.workloads[&selectors("frontend")][0].clone();
+    assert!(node.not_after() > SystemTime::now());
+    let expiry = node.not_after().min(fe.not_after());
+    let until_expiry = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+    if until_expiry > Duration::from_millis(300) {
+        tokio::time::sleep(until_expiry - Duration::from_millis(300)).await;
+        let s = client.current();
+        assert!(
+            s.node.is_some() || s.workloads.contains_key(&selectors("frontend")),
+            "dropped before expiry"
+        );
+    }
+    // …and are dropped once expired, with no new ones invented.
+    let latest = node.not_after().max(fe.not_after());
+    let limit =
+        latest.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(2);
+    wait_until(&client, limit, "expired svids dropped", |s| {
+        s.node.is_none() && s.workloads.is_empty()
+    })
+    .await;
+    assert!(SystemTime::now() > latest, "dropped only after notAfter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_removes_the_svid_within_two_seconds() {
+    init_tracing();
+    let dir = TestDir::new("revoke");
+    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    dev.register_pod(pod("node-a", "frontend")).unwrap();
+    dev.register_pod(pod("node-a", "intruder")).unwrap();
+    let (client, _stop) = start_client(&dir.sock("node-a"));
+    client.watch_workload(selectors("frontend"));
+    client.watch_workload(selectors("intruder"));
+    wait_until(&client, Duration::from_secs(5), "both pods", |s| {
+        s.workloads.len() == 2
+    })
+    .await;
+
+    let revoked_at = Instant::now();
+    dev.revoke_pod("shop", "frontend").unwrap();
+    let s = wait_until(&client, Duration::from_secs(2), "frontend removed", |s| {
+        !s.workloads.contains_key(&selectors("frontend"))
+    })
+    .await;
+    assert!(revoked_at.elapsed() < Duration::from_secs(2));
+    assert!(
+        s.workloads.contains_key(&selectors("intruder")),
+        "others untouched"
+    );
+    // It stays gone (the server stopped issuing), and comes back when re-registered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!client
+        .current()
+        .workloads
+        .contains_key(&selectors("frontend")));
+    dev.register_pod(pod("node-a", "frontend")).unwrap();
+    wait_until(&client, Duration::from_secs(2), "re-registered", |s| {
+        s.workloads.contains_key(&selectors("frontend"))
+    })
+    .await;
+    dev.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rotation_overlap_then_old_root_refused() {
+    init_tracing();
+    let dir = TestDir::new("ca");
+    let mut cfg = config(&dir, Duration::from_secs(3600));
+    cfg.with_intermediate = true;
+    let dev = DevServer::start(cfg).await.unwrap();
+    dev.register_pod(pod("node-a", "frontend")).unwrap();
+    let (client, _stop) = start_client(&dir.sock("node-a"));
+    client.watch_workload(selectors("frontend"));
+    let s0 = wait_until(&client, Duration::from_secs(5), "svids", |s| {
+        s.node.is_some() && pod_serial(s, "frontend").is_some()
+    })
+    .await;
+    let old_svid = s0.workloads[&selectors("frontend")][0].clone();
+    let roots = |s: &IdentitySnapshot| s.bundles.get(&td()).map(|r| r.len()).unwrap_or(0);
+
+    dev.ca_prepare().unwrap();
+    let s1 = wait_until(&client, Duration::from_secs(2), "two roots", |s| {
+        roots(s) == 2
+    })
+    .await;
+    assert_eq!(
+        pod_serial(&s1, "frontend").unwrap(),
+        old_svid.serial(),
+        "old CA still issues"
+    );
+
+    let old_node = s0.node.as_ref().unwrap().serial().to_owned();
+    dev.ca_activate().unwrap();
+    // As an operator would, wait until every SVID was re-issued from the new CA before
+    // revoking the old one (revoking earlier refuses the not-yet-replaced ones at once).
+    let s2 = wait_until(&client, Duration::from_secs(3), "svids from new CA", |s| {
+        pod_serial(s, "frontend").is_some_and(|x| x != old_svid.serial())
+            && s.node.as_ref().is_some_and(|n| n.serial() != old_node)
+    })
+    .await;
+    let new_svid = s2.workloads[&selectors("frontend")][0].clone();
+    // Overlap: both roots accepted.
+    assert_eq!(roots(&s2), 2);
+    old_svid.validate(&s2.bundles, SystemTime::now()).unwrap();
+    new_svid.validate(&s2.bundles, SystemTime::now()).unwrap();
+
+    dev.ca_revoke().unwrap();
+    let s3 = wait_until(&client, Duration::from_secs(2), "one root", |s| {
+        roots(s) == 1
+    })
+    .await;
+    assert_eq!(
+        s3.bundles.get(&td()).unwrap().to_vec(),
+        vec![dev.active_root()]
+    );
+    // The old root is refused: an SVID it issued no longer validates against the bundle.
+    assert!(matches!(
+        old_svid.validate(&s3.bundles, SystemTime::now()),
+        Err(SvidError::UntrustedRoot(_))
+    ));
+    new_svid.validate(&s3.bundles, SystemTime::now()).unwrap();
+    assert_eq!(pod_serial(&s3, "frontend").unwrap(), new_svid.serial());
+    assert!(s3.node.is_some());
+    dev.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_spiffe_crate_workload_api_client() {
+    init_tracing();
+    let dir = TestDir::new("spiffe");
+    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let endpoint = format!("unix:{}", dir.sock("node-a").display());
+    let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+        .await
+        .unwrap();
+
+    let ctx = client.fetch_x509_context().await.unwrap();
+    let svid = ctx.default_svid().unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://lab.veil/veil/node/node-a"
+    );
+    let leaf = svid.leaf().as_bytes();
+    assert_eq!(leaf, dev.node_svid("node-a").unwrap().leaf().as_ref());
+    let spiffe_td = spiffe::TrustDomain::new("lab.veil").unwrap();
+    let bundle = ctx
+        .bundle_set()
+        .get(&spiffe_td)
+        .expect("bundle for lab.veil");
+    assert_eq!(bundle.authorities()[0].as_bytes(), dev.bundle()[0].as_ref());
+
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let b = bundles.get(&spiffe_td).expect("bundle for lab.veil");
+    assert_eq!(b.authorities().len(), 1);
+
+    // The streaming API delivers a rotation.
+    let stream = client.stream_x509_svids().await.unwrap();
+    tokio::pin!(stream);
+    use tokio_stream::StreamExt;
+    let first = stream.next().await.unwrap().unwrap();
+    dev.rotate(RotateTarget::Node("node-a".into())).unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_ne!(first.leaf().as_bytes(), second.leaf().as_bytes());
+
+    // The high-level X509Source too.
+    let source = spiffe::X509Source::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        source.svid().unwrap().spiffe_id().to_string(),
+        "spiffe://lab.veil/veil/node/node-a"
+    );
+    source.shutdown().await;
+    dev.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_spire_api_delegated_identity_client() {
+    init_tracing();
+    let dir = TestDir::new("spireapi");
+    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    dev.register_pod(pod("node-a", "frontend")).unwrap();
+    let endpoint = format!("unix:{}", dir.sock("node-a").display());
+    let client = spire_api::DelegatedIdentityClient::connect_to(&endpoint)
+        .await
+        .unwrap();
+    use spire_api::selectors::{K8s, Selector};
+    let req = spire_api::DelegateAttestationRequest::for_selectors(vec![
+        Selector::K8s(K8s::Namespace("shop".into())),
+        Selector::K8s(K8s::ServiceAccount("frontend".into())),
+        Selector::Generic(("k8s".into(), "pod-name:frontend".into())),
+    ])
+    .unwrap();
+    let svid = client.fetch_x509_svid(req).await.unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://lab.veil/ns/shop/sa/frontend"
+    );
+    assert_eq!(
+        svid.leaf().as_bytes(),
+        dev.pod_svid("shop", "frontend").unwrap().leaf().as_ref()
+    );
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let td = spiffe::TrustDomain::new("lab.veil").unwrap();
+    assert!(bundles.get(&td).is_some());
+    dev.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_api_requires_the_security_header() {
+    init_tracing();
+    let dir = TestDir::new("header");
+    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let path = dir.sock("node-a");
+    let channel = tonic::transport::Endpoint::from_static("http://x")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    use veil_spire::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let err = raw
+        .fetch_x509svid(veil_spire::proto::workload::X509svidRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("security header"));
+    // With the header, the same call streams the node SVID.
+    let mut req = tonic::Request::new(veil_spire::proto::workload::X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut stream = raw.fetch_x509svid(req).await.unwrap().into_inner();
+    let msg = stream.message().await.unwrap().unwrap();
+    assert_eq!(msg.svids[0].spiffe_id, "spiffe://lab.veil/veil/node/node-a");
+    let shown = format!("{:?}", msg.svids[0]);
+    assert!(shown.contains("redacted"), "{shown}");
+    assert!(!shown.contains(&format!("{:?}", msg.svids[0].x509_svid_key)));
+    dev.shutdown().await;
+}
