@@ -332,6 +332,16 @@ impl Progress {
 /// Creates and starts a lab, waiting until every agent and pod server is ready.
 pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
     sys::check_lab_prerequisites().map_err(Error::Prerequisite)?;
+    if spec.encryption
+        && spec.backend == spec::Backend::Kernel
+        && !veil_transport::kernel::available()
+    {
+        return Err(Error::Prerequisite(
+            "--backend kernel: this kernel has no WireGuard (generic netlink family `wireguard` not found); \
+             use --backend userspace or auto"
+                .into(),
+        ));
+    }
     let paths = LabPaths::new(&spec.name)?;
     if paths.journal().exists() || paths.spec().exists() {
         return Err(Error::Exists(spec.name.clone()));
