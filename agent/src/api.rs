@@ -21,6 +21,8 @@ pub struct Status {
     pub strict: bool,
     pub peers: Vec<Peer>,
     pub svids: Vec<Svid>,
+    /// Trust bundles held: trust domain and number of roots.
+    pub bundles: Vec<Bundle>,
     pub auth: Vec<AuthPair>,
     /// Drop counters by stable reason name.
     pub drops: BTreeMap<String, u64>,
@@ -53,8 +55,16 @@ pub struct Peer {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Svid {
     pub spiffe_id: String,
+    /// `node` or the pod (`namespace/name`) it belongs to.
+    pub owner: String,
     pub serial: String,
     pub not_after_unix: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Bundle {
+    pub trust_domain: String,
+    pub roots: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -78,6 +78,10 @@ pub struct Config {
     /// cgroup veil-wg runs in (default: the agent's).
     #[serde(default)]
     pub wg_cgroup: Option<PathBuf>,
+    /// The SPIRE agent socket serving the Workload API (node SVID) and the Delegated Identity
+    /// API (SVIDs of this node's pods). None: no identities (mutual auth impossible).
+    #[serde(default)]
+    pub spire_socket: Option<PathBuf>,
     /// Where userspace WireGuard devices serve UAPI (the path `wg` looks in).
     #[serde(default = "default_uapi_dir")]
     pub uapi_dir: PathBuf,

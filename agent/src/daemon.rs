@@ -2,18 +2,21 @@
 //! maps in sync, and serves the admin API.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use hyper::{Method, StatusCode};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 use veil_common::{
     config_flags,
     maps::{self as map_names, ip_flags, node_flags, DatapathConfig, IpInfo, NodeInfo},
     programs,
 };
+use veil_identity::{SelectorSet, SvidKey, SvidSource as _};
+use veil_spire::{ClientConfig, IdentityClient, IdentityClientHandle};
 
 use crate::{
     admin::{self, AdminRequest, AdminResponse, BoxFuture},
@@ -41,6 +44,8 @@ pub enum Error {
     Tunnel(#[from] crate::tunnel::Error),
     #[error("cannot publish the node key")]
     Publish(#[source] crate::sys::Error),
+    #[error("identity client")]
+    Spire(#[source] veil_spire::Error),
     #[error("node {0:?} is not in the cluster state")]
     UnknownNode(String),
     #[error("cannot prepare state dir {path}")]
@@ -61,11 +66,16 @@ struct Shared {
     started_unix: u64,
     restarts: u64,
     last_error: Option<String>,
+    /// SVIDs of this node and its pods, as the SPIRE clients deliver them.
+    identities: Option<IdentityClientHandle>,
+    /// Pods whose SVIDs are subscribed (Delegated Identity API selectors).
+    watched: BTreeSet<SelectorSet>,
 }
 
 pub struct Agent {
     shared: Arc<Mutex<Shared>>,
     cluster_rx: watch::Receiver<Arc<ClusterState>>,
+    identity_client: Option<IdentityClient>,
 }
 
 impl Agent {
@@ -126,12 +136,26 @@ impl Agent {
             node = %cfg.node, pin_dir = %cfg.pin_dir.display(), restarts,
             "datapath loaded (maps pinned, {} earlier start(s) re-adopted)", restarts
         );
+        let (identity_client, identities) = match &cfg.spire_socket {
+            Some(socket) => {
+                let (client, handle) =
+                    IdentityClient::new(ClientConfig::new(socket)).map_err(Error::Spire)?;
+                tracing::info!(socket = %socket.display(), "identities from SPIRE (Workload + Delegated Identity API)");
+                (Some(client), Some(handle))
+            }
+            None => {
+                tracing::warn!("no SPIRE socket configured: no identities, mutual auth impossible");
+                (None, None)
+            }
+        };
         let started_unix = unix_now();
         let shared = Shared {
             cfg,
             datapath,
             cluster,
             tunnel,
+            identities,
+            watched: BTreeSet::new(),
             ready: false,
             started_unix,
             restarts,
@@ -140,6 +164,7 @@ impl Agent {
         Ok(Self {
             shared: Arc::new(Mutex::new(shared)),
             cluster_rx,
+            identity_client,
         })
     }
 
@@ -167,6 +192,16 @@ impl Agent {
             .await
         });
 
+        if let Some(client) = self.identity_client {
+            let mut stop_ids = stop_rx.clone();
+            tokio::spawn(
+                client
+                    .run(async move {
+                        let _ = stop_ids.wait_for(|s| *s).await;
+                    })
+                    .instrument(tracing::info_span!("identity")),
+            );
+        }
         let shared = self.shared.clone();
         let mut cluster_rx = self.cluster_rx;
         let mut stop_loop = stop_rx.clone();
@@ -283,6 +318,20 @@ fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         }
     }
     s.datapath.prune_pins();
+    if let Some(ids) = &s.identities {
+        // Subscribe to the SVIDs of exactly the pods on this node.
+        let want: BTreeSet<SelectorSet> = cluster
+            .pods_on(&me)
+            .filter_map(|p| SelectorSet::k8s_pod(&p.namespace, &p.service_account, &p.name).ok())
+            .collect();
+        for gone in s.watched.difference(&want) {
+            ids.unwatch_workload(gone);
+        }
+        for new in want.difference(&s.watched) {
+            ids.watch_workload(new.clone());
+        }
+        s.watched = want;
+    }
     let (ipcache, nodes) = desired_maps(&cluster, &me, &with_key);
     sync(&mut IpCacheMap::new(s.datapath.ebpf_mut())?, &ipcache)?;
     sync(
@@ -466,6 +515,7 @@ fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+    let (svids, bundles) = identity_status(s);
     let cluster = s.cluster.clone();
     let (backend, public_key, peers) = match s.tunnel.as_mut() {
         Some(t) => {
@@ -492,7 +542,8 @@ fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         encryption: s.cfg.encryption,
         strict: s.cfg.strict,
         peers,
-        svids: vec![],
+        svids,
+        bundles,
         auth: vec![],
         drops,
         programs,
@@ -505,6 +556,50 @@ fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
             pin_dir: s.cfg.pin_dir.display().to_string(),
         },
     })
+}
+
+/// SVIDs (node first, then pods) and bundles as `veil status` shows them.
+fn identity_status(s: &Shared) -> (Vec<api::Svid>, Vec<api::Bundle>) {
+    let Some(ids) = &s.identities else {
+        return (Vec::new(), Vec::new());
+    };
+    let snap = ids.current();
+    let owner_of = |key: &SvidKey| match key {
+        SvidKey::Node => "node".to_string(),
+        SvidKey::Workload(sel) => {
+            let get = |k: &str| {
+                sel.iter()
+                    .filter(|x| x.kind() == "k8s")
+                    .find_map(|x| x.value().strip_prefix(&format!("{k}:")).map(str::to_string))
+            };
+            match (get("ns"), get("pod-name")) {
+                (Some(ns), Some(name)) => format!("{ns}/{name}"),
+                _ => "workload".to_string(),
+            }
+        }
+    };
+    let svids = snap
+        .svids()
+        .map(|(key, svid)| api::Svid {
+            spiffe_id: svid.spiffe_id().to_string(),
+            owner: owner_of(&key),
+            serial: svid.serial().to_string(),
+            not_after_unix: svid
+                .not_after()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        })
+        .collect();
+    let bundles = snap
+        .bundles
+        .iter()
+        .map(|(td, roots)| api::Bundle {
+            trust_domain: td.to_string(),
+            roots: roots.len(),
+        })
+        .collect();
+    (svids, bundles)
 }
 
 /// Prometheus text exposition.
@@ -550,6 +645,21 @@ fn metrics(s: &mut Shared) -> Result<String, datapath::Error> {
     );
     let _ = writeln!(out, "# TYPE veil_programs_attached gauge");
     let _ = writeln!(out, "veil_programs_attached {}", st.programs.len());
+    let _ = writeln!(
+        out,
+        "# HELP veil_svid_expiry_seconds Seconds until each held SVID expires."
+    );
+    let _ = writeln!(out, "# TYPE veil_svid_expiry_seconds gauge");
+    let now = unix_now() as i64;
+    for v in &st.svids {
+        let _ = writeln!(
+            out,
+            "veil_svid_expiry_seconds{{spiffe_id=\"{}\",owner=\"{}\"}} {}",
+            v.spiffe_id,
+            v.owner,
+            v.not_after_unix as i64 - now
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP veil_agent_ready 1 once the agent has reconciled the datapath."

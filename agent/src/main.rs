@@ -133,6 +133,33 @@ enum LabCommand {
         #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
         name: String,
     },
+    /// Make the dev SPIRE server rotate SVIDs now.
+    Rotate {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        /// A pod (`name` or `namespace/name`).
+        #[arg(long, conflicts_with_all = ["node", "all"])]
+        pod: Option<String>,
+        /// A node's SVID.
+        #[arg(long, conflicts_with = "all")]
+        node: Option<String>,
+        /// Every SVID.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a pod's identity at the dev SPIRE server.
+    Revoke {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        #[arg(long)]
+        pod: String,
+    },
+    /// (internal) Run the lab's dev SPIRE server.
+    #[command(hide = true)]
+    SpireServer {
+        #[arg(long)]
+        name: String,
+    },
     /// (internal) Keep a lab's daemons running.
     #[command(hide = true)]
     Supervise {
@@ -162,6 +189,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// POST to the lab's dev SPIRE server control socket; returns the JSON answer.
+fn spire_call(paths: &lab::LabPaths, path: &str) -> Result<String> {
+    let body = current_thread_runtime().block_on(admin::call(
+        &lab::spire::control_socket(paths),
+        hyper::Method::POST,
+        path,
+        None,
+        std::time::Duration::from_secs(10),
+    ))?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 fn current_thread_runtime() -> tokio::runtime::Runtime {
@@ -356,6 +395,52 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             } else {
                 println!("lab {name}: nothing to remove");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Rotate {
+            name,
+            pod,
+            node,
+            all,
+        } => {
+            let (spec, paths) = lab::load(&name)?;
+            let query = match (pod, node, all) {
+                (Some(p), _, _) => {
+                    let p = spec.find_pod(&p).map_err(anyhow::Error::msg)?;
+                    format!("pod={}", admin::percent_encode(&p.qualified_name()))
+                }
+                (None, Some(n), _) => {
+                    spec.node(&n)
+                        .with_context(|| format!("no node {n:?} in lab {name:?}"))?;
+                    format!("node={}", admin::percent_encode(&n))
+                }
+                (None, None, true) => "all=1".to_string(),
+                (None, None, false) => bail!("say what to rotate: --pod P, --node N or --all"),
+            };
+            let body = spire_call(&paths, &format!("/v1/rotate?{query}"))?;
+            println!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Revoke { name, pod } => {
+            let (spec, paths) = lab::load(&name)?;
+            let p = spec.find_pod(&pod).map_err(anyhow::Error::msg)?;
+            let body = spire_call(
+                &paths,
+                &format!(
+                    "/v1/revoke?pod={}",
+                    admin::percent_encode(&p.qualified_name())
+                ),
+            )?;
+            println!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::SpireServer { name } => {
+            let (spec, paths) = lab::load(&name)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?
+                .block_on(lab::spire::run(&spec, &paths))?;
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Supervise { name } => {

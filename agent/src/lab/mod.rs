@@ -8,6 +8,7 @@
 pub mod journal;
 pub mod serve;
 pub mod spec;
+pub mod spire;
 pub mod supervisor;
 
 use std::{
@@ -304,6 +305,7 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         wg_log: Some(paths.log(&format!("wg-{}", node.name))),
         wg_cgroup: Some(paths.node_cgroup(&node.name).join("wg")),
         uapi_dir: PathBuf::from(WG_SOCKET_DIR),
+        spire_socket: Some(spire::node_socket(paths, &node.name)),
     }
 }
 
@@ -568,7 +570,7 @@ fn sysctl_in(netns: &str, kv: &[(&str, &str)]) -> Result<()> {
 }
 
 fn build_cgroups(spec: &LabSpec, paths: &LabPaths, j: &mut Journal) -> Result<()> {
-    let mut dirs = vec![paths.cgroup.clone()];
+    let mut dirs = vec![paths.cgroup.clone(), paths.cgroup.join("spire")];
     for n in &spec.nodes {
         dirs.push(paths.node_cgroup(&n.name));
         dirs.push(paths.node_cgroup(&n.name).join("agent"));
@@ -606,15 +608,21 @@ fn wait_ready(
             match st {
                 // With encryption on, ready also means a tunnel peer for every other node, so
                 // the first packet after `up` finds a key (strict mode would drop it).
+                // Ready also means the node SVID and every local pod's SVID arrived from the
+                // dev SPIRE server.
                 Ok(st)
-                    if st.ready && (!spec.encryption || st.peers.len() + 1 >= spec.nodes.len()) =>
+                    if st.ready
+                        && (!spec.encryption || st.peers.len() + 1 >= spec.nodes.len())
+                        && st.svids.len()
+                            > spec.pods.iter().filter(|p| p.node == n.name).count() =>
                 {
                     progress.step(format!(
-                        "agent {} ready: {} program(s) attached, backend {}, {} tunnel peer(s), pins {}",
+                        "agent {} ready: {} program(s) attached, backend {}, {} tunnel peer(s), {} SVID(s), pins {}",
                         n.name,
                         st.programs.len(),
                         st.backend,
                         st.peers.len(),
+                        st.svids.len(),
                         st.agent.pin_dir
                     ));
                     break;

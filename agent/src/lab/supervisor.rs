@@ -29,7 +29,21 @@ pub struct Managed {
 /// The daemons of a lab.
 pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
     let exe = exe.display().to_string();
-    let mut out = Vec::new();
+    // The dev SPIRE server first: agents fail closed (no identities) until it answers.
+    let mut out = vec![Managed {
+        name: "spire".into(),
+        argv: vec![
+            exe.clone(),
+            "lab".into(),
+            "spire-server".into(),
+            "--name".into(),
+            spec.name.clone(),
+        ],
+        netns: None,
+        cgroup: paths.cgroup.join("spire"),
+        log: paths.log("spire"),
+        env: vec![],
+    }];
     for n in &spec.nodes {
         out.push(Managed {
             name: format!("agent-{}", n.name),

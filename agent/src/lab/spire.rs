@@ -1,0 +1,168 @@
+//! The lab's SPIRE stand-in: one process running the dev server (`veil_spire::DevServer`) with a
+//! Workload + Delegated Identity API socket per node, every lab pod registered with the k8s
+//! selectors a SPIRE agent would attest, and a control socket for `veil lab rotate` / `revoke`
+//! and CA rotation.
+
+use std::{path::PathBuf, sync::Arc, time::UNIX_EPOCH};
+
+use hyper::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use veil_identity::TrustDomain;
+use veil_spire::{DevNodeConfig, DevServer, DevServerConfig, PodRegistration, RotateTarget};
+
+use super::{spec::LabSpec, LabPaths};
+use crate::admin::{self, AdminRequest, AdminResponse, BoxFuture};
+
+/// Errors starting the dev server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("trust domain {0:?}")]
+    TrustDomain(String),
+    #[error(transparent)]
+    Spire(#[from] veil_spire::Error),
+    #[error(transparent)]
+    Admin(#[from] admin::Error),
+}
+
+/// `GET /v1/status` of the dev server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevStatus {
+    pub trust_domain: String,
+    pub ca_phase: String,
+    pub svids: Vec<DevSvid>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevSvid {
+    pub node: String,
+    pub pod: Option<String>,
+    pub spiffe_id: String,
+    pub serial: String,
+    pub not_after_unix: u64,
+    pub rotate_at_unix: u64,
+}
+
+pub fn node_socket(paths: &LabPaths, node: &str) -> PathBuf {
+    paths.root.join("spire").join(format!("{node}.sock"))
+}
+
+pub fn control_socket(paths: &LabPaths) -> PathBuf {
+    paths.root.join("spire").join("control.sock")
+}
+
+/// Runs the dev server until killed.
+pub async fn run(spec: &LabSpec, paths: &LabPaths) -> Result<(), Error> {
+    let td = TrustDomain::new(&spec.trust_domain)
+        .map_err(|_| Error::TrustDomain(spec.trust_domain.clone()))?;
+    let mut cfg = DevServerConfig::new(td);
+    cfg.svid_ttl = spec.svid_ttl;
+    cfg.nodes = spec
+        .nodes
+        .iter()
+        .map(|n| DevNodeConfig {
+            name: n.name.clone(),
+            socket: node_socket(paths, &n.name),
+        })
+        .collect();
+    let _ = std::fs::create_dir_all(paths.root.join("spire"));
+    let server = Arc::new(DevServer::start(cfg).await?);
+    for p in &spec.pods {
+        let id = server.register_pod(PodRegistration {
+            node: p.node.clone(),
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            service_account: p.service_account.clone(),
+        })?;
+        eprintln!("registered {} on {} as {id}", p.qualified_name(), p.node);
+    }
+    eprintln!(
+        "dev SPIRE server up: trust domain {}, svid ttl {:?}",
+        spec.trust_domain, spec.svid_ttl
+    );
+    let handler: Arc<dyn admin::Handler> = Arc::new(Control { server });
+    admin::serve(&control_socket(paths), handler, std::future::pending()).await?;
+    Ok(())
+}
+
+struct Control {
+    server: Arc<DevServer>,
+}
+
+impl admin::Handler for Control {
+    fn handle(&self, req: AdminRequest) -> BoxFuture {
+        let server = self.server.clone();
+        Box::pin(async move { control(&server, &req) })
+    }
+}
+
+fn unix(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn control(server: &DevServer, req: &AdminRequest) -> AdminResponse {
+    let pod = req
+        .query("pod")
+        .and_then(|p| p.split_once('/'))
+        .map(|(ns, n)| (ns.to_string(), n.to_string()));
+    let result = match (&req.method, req.path.as_str()) {
+        (&Method::GET, "/v1/status") => {
+            let st = DevStatus {
+                trust_domain: server.trust_domain().to_string(),
+                ca_phase: format!("{:?}", server.ca_phase()),
+                svids: server
+                    .status()
+                    .into_iter()
+                    .map(|s| DevSvid {
+                        node: s.node,
+                        pod: s.pod,
+                        spiffe_id: s.spiffe_id.to_string(),
+                        serial: s.serial,
+                        not_after_unix: unix(s.not_after),
+                        rotate_at_unix: unix(s.rotate_at),
+                    })
+                    .collect(),
+            };
+            return AdminResponse::json(&st);
+        }
+        (&Method::POST, "/v1/rotate") => {
+            let target = match (pod, req.query("node"), req.query("all")) {
+                (Some((namespace, name)), _, _) => RotateTarget::Pod { namespace, name },
+                (None, Some(node), _) => RotateTarget::Node(node.to_string()),
+                (None, None, Some(_)) => RotateTarget::All,
+                _ => {
+                    return AdminResponse::error(
+                        StatusCode::BAD_REQUEST,
+                        "say pod=ns/name, node=NAME or all=1",
+                    )
+                }
+            };
+            server
+                .rotate(target)
+                .map(|n| serde_json::json!({ "rotated": n }))
+        }
+        (&Method::POST, "/v1/revoke") => match pod {
+            Some((ns, name)) => server
+                .revoke_pod(&ns, &name)
+                .map(|id| serde_json::json!({ "revoked": id.to_string() })),
+            None => return AdminResponse::error(StatusCode::BAD_REQUEST, "say pod=ns/name"),
+        },
+        (&Method::POST, "/v1/ca/prepare") => server
+            .ca_prepare()
+            .map(|()| serde_json::json!({ "ca": "prepared" })),
+        (&Method::POST, "/v1/ca/activate") => server
+            .ca_activate()
+            .map(|()| serde_json::json!({ "ca": "activated" })),
+        (&Method::POST, "/v1/ca/revoke") => server
+            .ca_revoke()
+            .map(|()| serde_json::json!({ "ca": "old root revoked" })),
+        (_, path) => {
+            return AdminResponse::error(StatusCode::NOT_FOUND, &format!("no route {path}"))
+        }
+    };
+    match result {
+        Ok(v) => AdminResponse::json(&v),
+        Err(e) => AdminResponse::error(StatusCode::BAD_REQUEST, &crate::error_chain(&e)),
+    }
+}
