@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod demo;
 pub mod lab;
+pub mod policy;
 pub mod sys;
 
 /// An error with its whole `source()` chain, `a: b: c`, for logs and the CLI.
