@@ -7,7 +7,8 @@
 //!   policy is in audit mode) turns on default deny;
 //! - each rule adds `(L, remote, port, proto, D)` for every remote identity its peer selectors
 //!   match (or ANY without selectors) and every port/protocol it lists (or 0/0 without
-//!   `toPorts`), flags ALLOW (+AUTH_REQUIRED) or DENY, merged by OR;
+//!   `toPorts`), flags ALLOW (+AUTH_REQUIRED) or DENY, merged by OR; a rule with neither peers
+//!   nor ports (`{}`) adds nothing;
 //! - entries that cannot change any verdict (covered by the more general keys every packet
 //!   hitting them also hits) are dropped.
 //!
@@ -128,6 +129,9 @@ pub fn compile(
             };
             for pr in rule.peer_rules(&path) {
                 let remotes = match pr.peers {
+                    // Cilium: an empty rule `{}` selects no peer (the deny-all idiom); only
+                    // ports without peers mean every peer.
+                    None if pr.ports.is_none() => Vec::new(),
                     None => vec![identity::ANY],
                     Some(selectors) => {
                         let scoped: Vec<Selector> = selectors
@@ -331,4 +335,432 @@ fn prune(entries: BTreeMap<PolicyKey, PolicyEntry>) -> BTreeMap<PolicyKey, Polic
         .filter(|(k, e)| !is_redundant(k, e))
         .map(|(k, e)| (*k, *e))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{
+        datapath_lookup, evaluate, parse::tests::BACKEND_INGRESS, parse::tests::ISSUE_EGRESS_L7,
+        parse_yaml, IdentityAllocator, Verdict,
+    };
+    use policy_flags::{ALLOW, AUDIT, AUTH_REQUIRED, DENY, ENFORCED};
+    use veil_common::maps::direction::{EGRESS, INGRESS};
+
+    const M: u32 = identity::SELECTOR_MARKER;
+    const ANY: u32 = identity::ANY;
+    const TCP: u8 = Protocol::TCP;
+    const UDP: u8 = Protocol::UDP;
+    const SCTP: u8 = Protocol::SCTP;
+
+    /// The lab's pods: frontend 256, backend 257, intruder 258 in `shop`, and a frontend in
+    /// `other` (259).
+    fn lab() -> Vec<(u32, IdentityLabels)> {
+        let mut a = IdentityAllocator::new();
+        for (ns, app) in [
+            ("shop", "frontend"),
+            ("shop", "backend"),
+            ("shop", "intruder"),
+            ("other", "frontend"),
+        ] {
+            a.allocate(ns, &[("app".to_owned(), app.to_owned())].into())
+                .unwrap();
+        }
+        a.identities()
+    }
+    const FE: u32 = 256;
+    const BE: u32 = 257;
+    const INTRUDER: u32 = 258;
+    const OTHER_FE: u32 = 259;
+
+    fn policies(yaml: &str) -> Vec<Policy> {
+        parse_yaml(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+    }
+
+    fn egress_without_http() -> String {
+        ISSUE_EGRESS_L7
+            .split("      rules:")
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn cnp(name: &str, annotations: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}, namespace: shop, annotations: {{{annotations}}}}}\nspec:\n{spec}---\n"
+        )
+    }
+
+    type Entry = (u32, u32, u16, u8, u8, u32, u32);
+
+    fn entries(c: &CompiledPolicy) -> Vec<Entry> {
+        c.entries
+            .iter()
+            .map(|(k, e)| {
+                (
+                    k.local_identity,
+                    k.remote_identity,
+                    k.dport,
+                    k.protocol,
+                    k.direction,
+                    e.flags,
+                    e.rule,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compiled_maps() {
+        // (policies, local identities, expected entries (local, remote, port, proto, dir,
+        // flags, rule))
+        let table: Vec<(String, Vec<u32>, Vec<Entry>)> = vec![
+            // Issue 5: only the frontend, on TCP 8080, into the backend.
+            (
+                BACKEND_INGRESS.into(),
+                vec![BE],
+                vec![
+                    (BE, FE, 8080, TCP, INGRESS, ALLOW, 1),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                ],
+            ),
+            // The same policy selects nothing on node-a.
+            (BACKEND_INGRESS.into(), vec![FE, INTRUDER], vec![]),
+            // The issue's egress policy without its L7 part.
+            (
+                egress_without_http(),
+                vec![FE, INTRUDER],
+                vec![
+                    (FE, BE, 8080, TCP, EGRESS, ALLOW, 1),
+                    (FE, M, 0, 0, EGRESS, ENFORCED, 1),
+                ],
+            ),
+            // Port with protocol ANY: TCP, UDP and SCTP. No toPorts: everything. Auth.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress:\n  - toPorts: [{ports: [{port: '53'}]}]\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    authentication: {mode: required}\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, ANY, 53, TCP, INGRESS, ALLOW, 1),
+                    (BE, ANY, 53, UDP, INGRESS, ALLOW, 1),
+                    (BE, ANY, 53, SCTP, INGRESS, ALLOW, 1),
+                    (BE, FE, 0, 0, INGRESS, ALLOW | AUTH_REQUIRED, 2),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                ],
+            ),
+            // `[{}]` is every endpoint of the policy's namespace (not `other`); an empty rule
+            // `{}` allows nothing but turns on default deny.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress: [{fromEndpoints: [{}]}]\n  egress: [{}]\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, FE, 0, 0, INGRESS, ALLOW, 1),
+                    (BE, BE, 0, 0, INGRESS, ALLOW, 1),
+                    (BE, INTRUDER, 0, 0, INGRESS, ALLOW, 1),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                    (BE, M, 0, 0, EGRESS, ENFORCED, 2),
+                ],
+            ),
+            // A peer selector naming the namespace reaches into it.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: frontend, k8s:io.kubernetes.pod.namespace: other}}]}]\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, OTHER_FE, 0, 0, INGRESS, ALLOW, 1),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                ],
+            ),
+            // Deny wins, and makes narrower allows for the same peer pointless.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n  - fromEndpoints: [{matchLabels: {app: intruder}}]\n    toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n  ingressDeny: [{fromEndpoints: [{matchLabels: {app: intruder}}]}]\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, ANY, 8080, TCP, INGRESS, ALLOW, 1),
+                    (BE, INTRUDER, 0, 0, INGRESS, DENY, 3),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                ],
+            ),
+            // Narrower allows under a wider one are pruned; a narrower allow that adds auth
+            // is not.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress:\n  - {}\n  - fromEndpoints: [{}]\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    toPorts: [{ports: [{protocol: UDP}]}]\n    authentication: {mode: required}\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, FE, 0, 0, INGRESS, ALLOW, 2),
+                    (BE, FE, 0, UDP, INGRESS, ALLOW | AUTH_REQUIRED, 4),
+                    (BE, BE, 0, 0, INGRESS, ALLOW, 2),
+                    (BE, INTRUDER, 0, 0, INGRESS, ALLOW, 2),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                ],
+            ),
+            // Audit mode alone: AUDIT on the marker.
+            (
+                cnp(
+                    "p",
+                    "policy.veil.io/mode: audit",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: frontend}}]}]\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, FE, 0, 0, INGRESS, ALLOW, 1),
+                    (BE, M, 0, 0, INGRESS, ENFORCED | AUDIT, 1),
+                ],
+            ),
+            // Audit beside enforce: the enforcing policy alone decides.
+            (
+                cnp(
+                    "audit",
+                    "policy.veil.io/mode: audit",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: intruder}}]}]\n  ingressDeny: [{fromEndpoints: [{matchLabels: {app: frontend}}]}]\n",
+                ) + &cnp(
+                    "enforce",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: frontend}}]}]\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, FE, 0, 0, INGRESS, ALLOW, 3),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 3),
+                ],
+            ),
+            // Egress-only policy leaves ingress alone; ranges expand; ICMP has no port;
+            // 1-65535 is any port.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: frontend}}\n  egress:\n  - toPorts: [{ports: [{port: '7000', endPort: 7001, protocol: TCP}, {protocol: ICMP}]}]\n  - toEndpoints: [{matchLabels: {app: backend}}]\n    toPorts: [{ports: [{port: '1', endPort: 65535, protocol: UDP}]}]\n",
+                ),
+                vec![FE],
+                vec![
+                    (FE, ANY, 0, Protocol::ICMP, EGRESS, ALLOW, 1),
+                    (FE, ANY, 7000, TCP, EGRESS, ALLOW, 1),
+                    (FE, ANY, 7001, TCP, EGRESS, ALLOW, 1),
+                    (FE, BE, 0, UDP, EGRESS, ALLOW, 2),
+                    (FE, M, 0, 0, EGRESS, ENFORCED, 1),
+                ],
+            ),
+            // Clusterwide: `{}` peers span namespaces (cluster identities only).
+            (
+                "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: cw}\nspec:\n  endpointSelector: {matchLabels: {app: frontend}}\n  egress: [{toEndpoints: [{matchLabels: {app: frontend}}]}]\n".into(),
+                vec![FE, OTHER_FE],
+                vec![
+                    (FE, FE, 0, 0, EGRESS, ALLOW, 1),
+                    (FE, OTHER_FE, 0, 0, EGRESS, ALLOW, 1),
+                    (FE, M, 0, 0, EGRESS, ENFORCED, 1),
+                    (OTHER_FE, FE, 0, 0, EGRESS, ALLOW, 1),
+                    (OTHER_FE, OTHER_FE, 0, 0, EGRESS, ALLOW, 1),
+                    (OTHER_FE, M, 0, 0, EGRESS, ENFORCED, 1),
+                ],
+            ),
+        ];
+        let ids = lab();
+        for (yaml, locals, want) in table {
+            let ps = policies(&yaml);
+            let c = compile(&ps, &ids, &locals).unwrap();
+            let mut want = want;
+            want.sort();
+            assert_eq!(entries(&c), want, "\n{yaml}");
+        }
+    }
+
+    #[test]
+    fn issue_flows() {
+        let ids = lab();
+        let mut ps = policies(BACKEND_INGRESS);
+        ps.extend(policies(&egress_without_http()));
+        // node-a hosts frontend and intruder, node-b the backend.
+        let node_a = compile(&ps, &ids, &[FE, INTRUDER]).unwrap();
+        let node_b = compile(&ps, &ids, &[BE]).unwrap();
+        let allowed = Verdict::Allowed {
+            is_auth_required: false,
+        };
+        // (map, local, remote, port, proto, direction, verdict)
+        let table = [
+            (&node_b, BE, FE, 8080, TCP, Direction::Ingress, allowed),
+            (
+                &node_b,
+                BE,
+                INTRUDER,
+                8080,
+                TCP,
+                Direction::Ingress,
+                Verdict::Denied,
+            ),
+            (
+                &node_b,
+                BE,
+                FE,
+                8081,
+                TCP,
+                Direction::Ingress,
+                Verdict::Denied,
+            ),
+            (
+                &node_b,
+                BE,
+                FE,
+                8080,
+                UDP,
+                Direction::Ingress,
+                Verdict::Denied,
+            ),
+            (
+                &node_b,
+                BE,
+                identity::WORLD,
+                8080,
+                TCP,
+                Direction::Ingress,
+                Verdict::Denied,
+            ),
+            (&node_b, BE, FE, 8080, TCP, Direction::Egress, allowed),
+            (&node_a, FE, BE, 8080, TCP, Direction::Egress, allowed),
+            (
+                &node_a,
+                FE,
+                BE,
+                9090,
+                TCP,
+                Direction::Egress,
+                Verdict::Denied,
+            ),
+            (
+                &node_a,
+                FE,
+                INTRUDER,
+                8080,
+                TCP,
+                Direction::Egress,
+                Verdict::Denied,
+            ),
+            (&node_a, INTRUDER, BE, 8080, TCP, Direction::Egress, allowed),
+            (&node_a, FE, INTRUDER, 22, TCP, Direction::Ingress, allowed),
+        ];
+        for (map, l, r, p, pr, d, want) in table {
+            assert_eq!(
+                datapath_lookup(&map.entries, l, r, p, pr, d),
+                want,
+                "{l}->{r}:{p}/{pr} {d:?}"
+            );
+            assert_eq!(
+                evaluate(&ps, &ids, l, r, p, pr, d),
+                want,
+                "{l}->{r}:{p}/{pr} {d:?}"
+            );
+        }
+
+        // Flow records can name the rule behind an entry, and stats count per policy.
+        let e = node_b.entries[&PolicyKey {
+            local_identity: BE,
+            remote_identity: FE,
+            dport: 8080,
+            protocol: TCP,
+            direction: INGRESS,
+        }];
+        let r = node_b.rule(e.rule).unwrap();
+        assert_eq!(
+            (r.policy.to_string(), r.path.as_str()),
+            ("shop/backend-ingress".into(), "spec.ingress[0]")
+        );
+        assert_eq!(node_b.rule(0), None);
+        let stats: Vec<_> = node_b
+            .stats
+            .iter()
+            .map(|s| (s.policy.to_string(), s.rules, s.entries))
+            .collect();
+        assert_eq!(
+            stats,
+            [
+                ("shop/backend-ingress".into(), 1, 2),
+                ("shop/frontend-to-backend-l7".into(), 1, 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn audit_mode_passes_would_be_drops() {
+        let ids = lab();
+        let yaml = BACKEND_INGRESS.replace(
+            "  namespace: shop\n",
+            "  namespace: shop\n  annotations:\n    policy.veil.io/mode: audit\n",
+        );
+        let ps = policies(&yaml);
+        let c = compile(&ps, &ids, &[BE]).unwrap();
+        let v = |r, p| datapath_lookup(&c.entries, BE, r, p, TCP, Direction::Ingress);
+        assert_eq!(
+            v(FE, 8080),
+            Verdict::Allowed {
+                is_auth_required: false
+            }
+        );
+        assert_eq!(v(INTRUDER, 8080), Verdict::Audit);
+        assert_eq!(
+            evaluate(&ps, &ids, BE, INTRUDER, 8080, TCP, Direction::Ingress),
+            Verdict::Audit
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let ids = lab();
+        let e = compile(&policies(ISSUE_EGRESS_L7), &ids, &[FE]).unwrap_err();
+        assert_eq!(
+            crate::error_chain(&e),
+            "policy shop/frontend-to-backend-l7: spec.egress[0].toPorts[0].rules.http: L7 HTTP rules are not enforced yet"
+        );
+        let ps = policies(BACKEND_INGRESS);
+        assert!(matches!(
+            compile(&ps, &ids, &[999]),
+            Err(Error::UnknownLocalIdentity(999))
+        ));
+        let mut dup = ids.clone();
+        dup.push(dup[0].clone());
+        assert!(matches!(
+            compile(&ps, &dup, &[BE]),
+            Err(Error::DuplicateIdentity(FE))
+        ));
+        let mut reserved = ids.clone();
+        reserved.push((identity::HOST, IdentityLabels::default()));
+        assert!(matches!(
+            compile(&ps, &reserved, &[BE]),
+            Err(Error::ReservedIdentity(1))
+        ));
+        // Two remotes × 3 protocols × 65534 ports cannot fit the map.
+        let wide = cnp(
+            "wide",
+            "",
+            "  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}, {matchLabels: {app: intruder}}]\n    toPorts: [{ports: [{port: '2', endPort: 65535}]}]\n",
+        );
+        let e = compile(&policies(&wide), &ids, &[BE]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TooManyEntries {
+                    max: POLICY_MAX,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
 }

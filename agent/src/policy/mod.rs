@@ -16,8 +16,10 @@
 //! - A namespaced policy's `endpointSelector` selects only in the policy's namespace; its
 //!   `fromEndpoints`/`toEndpoints` too, unless the selector names the namespace label itself.
 //!   A clusterwide policy's selectors span all namespaces. Endpoint selectors select cluster
-//!   identities only, never reserved ones (host, world, unknown, remote node); a rule without
-//!   endpoint selectors applies to every peer, reserved ones included.
+//!   identities only, never reserved ones (host, world, unknown, remote node); a rule with
+//!   `toPorts` but no endpoint selectors applies to every peer, reserved ones included; an
+//!   empty rule `{}` matches nothing (Cilium's deny-all idiom, unlike Kubernetes'
+//!   NetworkPolicy).
 //! - A policy annotated `policy.veil.io/mode: audit` never drops: if only audit-mode policies
 //!   select an endpoint in a direction, everything passes and would-be drops are reported as
 //!   AUDIT; if enforce-mode policies select it too, the verdict is theirs alone.

@@ -784,7 +784,7 @@ fn join(prefix: &str, path: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::policy::selector::{LabelKey, NAMESPACE_LABEL};
 

@@ -144,15 +144,22 @@ pub fn evaluate(
             if allows.is_empty() && denies.is_empty() {
                 continue;
             }
+            // An empty rule `{}` (no peers, no ports) matches nothing: Cilium's deny-all idiom.
+            let rule_matches = |peers: &Option<Vec<Selector>>,
+                                ports: Option<Vec<&PortProtocol>>| {
+                !(peers.is_none() && ports.is_none())
+                    && peer_matches(peers, ns)
+                    && port_matches(ports)
+            };
             let matching_allows: Vec<_> = allows
                 .into_iter()
-                .filter(|(peers, ports, _)| peer_matches(peers, ns) && port_matches(ports.clone()))
+                .filter(|(peers, ports, _)| rule_matches(peers, ports.clone()))
                 .collect();
             selecting.push(Selecting {
                 mode: p.mode(),
                 is_denied: denies
                     .into_iter()
-                    .any(|(peers, ports, _)| peer_matches(peers, ns) && port_matches(ports)),
+                    .any(|(peers, ports, _)| rule_matches(peers, ports)),
                 is_allowed: !matching_allows.is_empty(),
                 is_auth_required: matching_allows.iter().any(|(_, _, auth)| *auth),
             });
