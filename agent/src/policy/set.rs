@@ -136,3 +136,103 @@ impl PolicySet {
         Ok(set)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse::tests::{BACKEND_INGRESS, ISSUE_EGRESS_L7};
+
+    fn one(yaml: &str) -> Policy {
+        Policy::from_yaml(yaml).unwrap()
+    }
+
+    #[test]
+    fn apply_update_delete_list() {
+        let mut set = PolicySet::new();
+        assert_eq!(set.apply(one(BACKEND_INGRESS)).unwrap(), Applied::Created);
+        assert_eq!(set.apply(one(BACKEND_INGRESS)).unwrap(), Applied::Unchanged);
+        let changed = BACKEND_INGRESS.replace("\"8080\"", "\"8081\"");
+        assert_eq!(set.apply(one(&changed)).unwrap(), Applied::Configured);
+        let cw = one("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: cw}\nspec: {endpointSelector: {}, egress: [{}]}");
+        let dflt = one("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec: {endpointSelector: {}}");
+        assert_eq!(
+            set.apply_all(vec![cw, dflt]).unwrap(),
+            [
+                (PolicyName::new("", "cw"), Applied::Created),
+                (PolicyName::new("default", "p"), Applied::Created)
+            ]
+        );
+        let names: Vec<_> = set.list().iter().map(|p| p.name().to_string()).collect();
+        assert_eq!(names, ["cw", "default/p", "shop/backend-ingress"]);
+        assert_eq!(set.get("shop", "backend-ingress"), Some(&one(&changed)));
+
+        assert_eq!(set.delete("", "cw").unwrap().name().to_string(), "cw");
+        assert!(matches!(set.delete("", "cw"), Err(Error::NotFound(_))));
+        assert!(matches!(
+            set.delete("default", "backend-ingress"),
+            Err(Error::NotFound(_))
+        ));
+        assert_eq!(set.len(), 2);
+    }
+
+    #[test]
+    fn refused_changes_leave_the_set_untouched() {
+        let mut set = PolicySet::new();
+        set.apply(one(BACKEND_INGRESS)).unwrap();
+        let before = set.clone();
+
+        // L7 rules: refused, naming the part.
+        let e = set.apply(one(ISSUE_EGRESS_L7)).unwrap_err();
+        assert_eq!(
+            crate::error_chain(&e),
+            "policy shop/frontend-to-backend-l7: spec.egress[0].toPorts[0].rules.http: L7 HTTP rules are not enforced yet"
+        );
+        assert_eq!(set, before);
+
+        // An update to an applied policy that adds L7 rules keeps the old version in force.
+        let l7_update = ISSUE_EGRESS_L7.replace("frontend-to-backend-l7", "backend-ingress");
+        assert!(set.apply(one(&l7_update)).is_err());
+        assert_eq!(set, before);
+
+        // A batch with one bad policy applies nothing.
+        let good = BACKEND_INGRESS.replace("backend-ingress", "another");
+        assert!(set
+            .apply_all(vec![one(&good), one(ISSUE_EGRESS_L7)])
+            .is_err());
+        assert_eq!(set, before);
+
+        // The same name twice in a batch.
+        let e = set.apply_all(vec![one(&good), one(&good)]).unwrap_err();
+        assert!(matches!(e, Error::DuplicatePolicy(_)), "{e}");
+        assert_eq!(set, before);
+
+        // A policy built in code is validated too.
+        let mut bad = one(BACKEND_INGRESS);
+        bad.metadata.name = "Not A Name".into();
+        assert!(set.apply(bad).is_err());
+        assert_eq!(set, before);
+    }
+
+    #[test]
+    fn persisted_set_reads_back_and_is_revalidated() {
+        let mut set = PolicySet::new();
+        set.apply(one(BACKEND_INGRESS)).unwrap();
+        set.apply(one(&ISSUE_EGRESS_L7.replace(
+            "      rules:\n        http:\n        - method: \"GET\"\n          path: \"/api/products\"\n",
+            "",
+        )))
+        .unwrap();
+        let json = set.to_json();
+        assert_eq!(PolicySet::from_json(&json).unwrap(), set);
+
+        // A persisted file someone edited into something `apply` would refuse is refused whole.
+        let tampered = json.replacen("\"8080\"", "\"0\"", 1);
+        let e = PolicySet::from_json(&tampered).unwrap_err();
+        assert!(
+            matches!(&e, Error::Invalid { path, .. } if path.starts_with("[0].spec.")),
+            "{e}"
+        );
+        assert!(matches!(PolicySet::from_json("[{"), Err(Error::Json(_))));
+        assert_eq!(PolicySet::from_json("[]").unwrap(), PolicySet::new());
+    }
+}
