@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use veil_common::maps::identity;
 
 use super::{
-    selector::{check_dns_label, check_qualified_name, LabelKey, LabelValue, NAMESPACE_LABEL},
+    selector::{check_dns_label, check_qualified_name, LabelValue, NAMESPACE_LABEL},
     Error,
 };
 
@@ -86,8 +86,6 @@ impl IdentityKey {
                 out.insert(k.clone(), v.clone());
             }
         }
-        // A key that parses with a source prefix would not be a Kubernetes label at all.
-        debug_assert!(out.keys().all(|k| LabelKey::parse(k).is_ok()));
         Ok(Self {
             namespace: namespace.to_owned(),
             labels: out,
@@ -133,7 +131,7 @@ impl IdentityAllocator {
             return Ok(*id);
         }
         let id = self.next;
-        if id >= identity::SELECTOR_MARKER {
+        if id == identity::SELECTOR_MARKER {
             return Err(Error::IdentitiesExhausted);
         }
         self.next = id + 1;
@@ -306,7 +304,9 @@ mod tests {
     #[test]
     fn bad_input_is_refused() {
         let mut a = IdentityAllocator::new();
-        let table: &[(&str, &[(&str, &str)], &str)] = &[
+        // (namespace, labels, expected words in the error)
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let table: &[Case] = &[
             ("Shop", &[], "namespace"),
             ("", &[], "namespace"),
             ("shop", &[("k8s:app", "x")], "label key `k8s:app`"),
