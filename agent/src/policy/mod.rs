@@ -22,7 +22,11 @@
 //!   NetworkPolicy).
 //! - A policy annotated `policy.veil.io/mode: audit` never drops: if only audit-mode policies
 //!   select an endpoint in a direction, everything passes and would-be drops are reported as
-//!   AUDIT; if enforce-mode policies select it too, the verdict is theirs alone.
+//!   AUDIT; if enforce-mode policies select it too, the verdict is theirs alone (the map cannot
+//!   report per-policy audit verdicts). AUTH_REQUIRED is compiled in audit mode too, so under
+//!   an AUDIT marker the datapath must also pass, as AUDIT, a flow whose auth is missing.
+//! - Ports: a port with protocol ANY means TCP, UDP and SCTP; `port`..`endPort` is a range
+//!   (1–65535 meaning any port, port 0 included); ICMP takes no port.
 
 pub mod compile;
 pub mod identity;
