@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod demo;
 pub mod lab;
+pub mod policy;
 pub mod sys;
 pub mod tunnel;
 

@@ -1,0 +1,766 @@
+//! Compilation of policies to the datapath's policy map for this node's endpoints.
+//!
+//! The map answers any packet with six hash lookups (see `veil_common::maps::policy_flags`), so
+//! per-packet cost does not depend on the number of rules; the compiler's job is a correct and
+//! compact map. For every local identity L and direction D selected by some policy:
+//! - a marker `(L, SELECTOR_MARKER, 0, 0, D)` with ENFORCED (and AUDIT when every selecting
+//!   policy is in audit mode) turns on default deny;
+//! - each rule adds `(L, remote, port, proto, D)` for every remote identity its peer selectors
+//!   match (or ANY without selectors) and every port/protocol it lists (or 0/0 without
+//!   `toPorts`), flags ALLOW (+AUTH_REQUIRED) or DENY, merged by OR; a rule with neither peers
+//!   nor ports (`{}`) adds nothing;
+//! - entries that cannot change any verdict (covered by the more general keys every packet
+//!   hitting them also hits) are dropped.
+//!
+//! Ports: a port with protocol ANY becomes TCP, UDP and SCTP (the datapath has no
+//! "port, any protocol" lookup); a range `port..=endPort` becomes one entry per port, except
+//! 1–65535, which is "any port".
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use veil_common::maps::{identity, policy_flags, PolicyEntry, PolicyKey, POLICY_MAX};
+
+use super::{
+    parse::{Direction, Policy, PortProtocol, Protocol},
+    selector::{Scope, Selector},
+    Error, IdentityLabels, Mode, PolicyName,
+};
+
+/// The compiled map for one node, with what the flow records need to name a rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    pub entries: BTreeMap<PolicyKey, PolicyEntry>,
+    /// `rules[id - 1]` is the rule with id `id` ([`PolicyEntry::rule`]; 0 means none).
+    pub rules: Vec<RuleRef>,
+    /// One per input policy, in input order.
+    pub stats: Vec<PolicyStats>,
+}
+
+/// Where a rule id comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRef {
+    pub policy: PolicyName,
+    /// e.g. `spec.ingress[0]`.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyStats {
+    pub policy: PolicyName,
+    /// Allow and deny rules in the policy.
+    pub rules: u32,
+    /// Map entries (markers included) this policy contributed to, after merging.
+    pub entries: u32,
+}
+
+impl CompiledPolicy {
+    pub fn rule(&self, id: u32) -> Option<&RuleRef> {
+        self.rules.get(usize::try_from(id).ok()?.checked_sub(1)?)
+    }
+}
+
+/// Refuse inputs so large that even building them would be a problem, before pruning.
+const BUILD_LIMIT: usize = 4 * POLICY_MAX as usize;
+
+struct Spec {
+    policy: usize,
+    mode: Mode,
+    subject: Selector,
+    has_rules: [bool; 2],
+    rules: Vec<usize>,
+}
+
+struct CRule {
+    id: u32,
+    direction: Direction,
+    flags: u32,
+    remotes: Vec<u32>,
+    ports: Vec<(u16, u8)>,
+}
+
+fn dir_index(d: Direction) -> usize {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+/// Compiles `policies` for the endpoints of this node (`local_identities`), given every known
+/// identity. Policies are refused as [`Policy::validate_for_apply`] would refuse them.
+pub fn compile(
+    policies: &[Policy],
+    identities: &[(u32, IdentityLabels)],
+    local_identities: &[u32],
+) -> Result<CompiledPolicy, Error> {
+    let mut table: BTreeMap<u32, &IdentityLabels> = BTreeMap::new();
+    for (id, labels) in identities {
+        if !(identity::FIRST_CLUSTER..identity::SELECTOR_MARKER).contains(id) {
+            return Err(Error::ReservedIdentity(*id));
+        }
+        if table.insert(*id, labels).is_some() {
+            return Err(Error::DuplicateIdentity(*id));
+        }
+    }
+
+    let mut specs = Vec::new();
+    let mut rules = Vec::new();
+    let mut rule_refs = Vec::new();
+    let mut stats = Vec::new();
+    for (pi, policy) in policies.iter().enumerate() {
+        policy.validate_for_apply().map_err(|e| Error::InPolicy {
+            name: policy.name(),
+            source: Box::new(e),
+        })?;
+        let ns = policy.namespace();
+        let mut n_rules = 0;
+        for (path, rule) in policy.rules() {
+            let subject = rule
+                .endpoint_selector
+                .scoped(ns.map_or(Scope::Cluster, Scope::Forced));
+            let mut spec = Spec {
+                policy: pi,
+                mode: policy.mode(),
+                subject,
+                has_rules: [
+                    rule.has_rules(Direction::Ingress),
+                    rule.has_rules(Direction::Egress),
+                ],
+                rules: Vec::new(),
+            };
+            for pr in rule.peer_rules(&path) {
+                let remotes = match pr.peers {
+                    // Cilium: an empty rule `{}` selects no peer (the deny-all idiom); only
+                    // ports without peers mean every peer.
+                    None if pr.ports.is_none() => Vec::new(),
+                    None => vec![identity::ANY],
+                    Some(selectors) => {
+                        let scoped: Vec<Selector> = selectors
+                            .iter()
+                            .map(|s| s.scoped(ns.map_or(Scope::Cluster, Scope::Default)))
+                            .collect();
+                        table
+                            .iter()
+                            .filter(|(_, l)| scoped.iter().any(|s| s.matches(l)))
+                            .map(|(id, _)| *id)
+                            .collect()
+                    }
+                };
+                let flags = if pr.is_deny {
+                    policy_flags::DENY
+                } else if pr.is_auth_required {
+                    policy_flags::ALLOW | policy_flags::AUTH_REQUIRED
+                } else {
+                    policy_flags::ALLOW
+                };
+                spec.rules.push(rules.len());
+                rules.push(CRule {
+                    id: u32::try_from(rules.len() + 1).expect("fewer than 2^32 rules"),
+                    direction: pr.direction,
+                    flags,
+                    remotes,
+                    ports: expand_ports(pr.ports.as_deref()),
+                });
+                rule_refs.push(RuleRef {
+                    policy: policy.name(),
+                    path: pr.path,
+                });
+                n_rules += 1;
+            }
+            specs.push(spec);
+        }
+        stats.push(PolicyStats {
+            policy: policy.name(),
+            rules: n_rules,
+            entries: 0,
+        });
+    }
+
+    let locals: BTreeSet<u32> = local_identities.iter().copied().collect();
+    let mut entries: BTreeMap<PolicyKey, PolicyEntry> = BTreeMap::new();
+    let mut contributed: Vec<BTreeSet<PolicyKey>> = vec![BTreeSet::new(); policies.len()];
+    for &local in &locals {
+        let labels = table
+            .get(&local)
+            .ok_or(Error::UnknownLocalIdentity(local))?;
+        for d in Direction::ALL {
+            let selecting: Vec<&Spec> = specs
+                .iter()
+                .filter(|s| s.has_rules[dir_index(d)] && s.subject.matches(labels))
+                .collect();
+            if selecting.is_empty() {
+                continue;
+            }
+            let is_audit_only = selecting.iter().all(|s| s.mode == Mode::Audit);
+            let considered: Vec<&Spec> = selecting
+                .into_iter()
+                .filter(|s| is_audit_only || s.mode == Mode::Enforce)
+                .collect();
+            let key = |remote, dport, protocol| PolicyKey {
+                local_identity: local,
+                remote_identity: remote,
+                dport,
+                protocol,
+                direction: d.code(),
+            };
+            let mut marker_rule = u32::MAX;
+            for spec in &considered {
+                for r in spec.rules.iter().map(|&i| &rules[i]) {
+                    if r.direction != d {
+                        continue;
+                    }
+                    marker_rule = marker_rule.min(r.id);
+                    for &remote in &r.remotes {
+                        for &(dport, proto) in &r.ports {
+                            let k = key(remote, dport, proto);
+                            merge(&mut entries, k, r.flags, r.id);
+                            contributed[spec.policy].insert(k);
+                        }
+                        if entries.len() > BUILD_LIMIT {
+                            return Err(Error::TooManyEntries {
+                                entries: entries.len(),
+                                max: POLICY_MAX,
+                            });
+                        }
+                    }
+                }
+            }
+            let mut marker_flags = policy_flags::ENFORCED;
+            if is_audit_only {
+                marker_flags |= policy_flags::AUDIT;
+            }
+            let m = key(identity::SELECTOR_MARKER, 0, 0);
+            entries.insert(
+                m,
+                PolicyEntry {
+                    flags: marker_flags,
+                    rule: marker_rule,
+                },
+            );
+            for spec in &considered {
+                contributed[spec.policy].insert(m);
+            }
+        }
+    }
+
+    let entries = prune(entries);
+    if entries.len() > POLICY_MAX as usize {
+        return Err(Error::TooManyEntries {
+            entries: entries.len(),
+            max: POLICY_MAX,
+        });
+    }
+    for (st, keys) in stats.iter_mut().zip(&contributed) {
+        st.entries = keys.iter().filter(|k| entries.contains_key(k)).count() as u32;
+    }
+    Ok(CompiledPolicy {
+        entries,
+        rules: rule_refs,
+        stats,
+    })
+}
+
+fn merge(entries: &mut BTreeMap<PolicyKey, PolicyEntry>, k: PolicyKey, flags: u32, rule: u32) {
+    let e = entries.entry(k).or_insert(PolicyEntry { flags: 0, rule });
+    e.flags |= flags;
+    e.rule = e.rule.min(rule);
+}
+
+/// `(dport, protocol)` keys of a rule's ports; `None` (no `toPorts`) is every port and protocol.
+fn expand_ports(ports: Option<&[PortProtocol]>) -> Vec<(u16, u8)> {
+    let Some(ports) = ports else {
+        return vec![(0, 0)];
+    };
+    let mut out = Vec::new();
+    for pp in ports {
+        let protos = match (pp.protocol, pp.port) {
+            (Protocol::Any, Some(_)) => vec![Protocol::TCP, Protocol::UDP, Protocol::SCTP],
+            (p, _) => vec![p.number()],
+        };
+        let range = match (pp.port, pp.end_port) {
+            (None, _) => 0..=0,
+            (Some(p), None) => p.0..=p.0,
+            (Some(p), Some(65535)) if p.0 == 1 => 0..=0,
+            (Some(p), Some(end)) => p.0..=u16::try_from(end).expect("validated endPort"),
+        };
+        for port in range {
+            for &proto in &protos {
+                out.push((port, proto));
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Drops entries whose every effect is already had by more general keys: a packet that hits
+/// `(L, R, P, Pr)` also looks up every key with R→ANY, P→0, Pr→0 (except the never-used
+/// "port with any protocol" form). So an entry is redundant when a more general entry denies,
+/// or when the more general entries' flags together include all of its flags (every AUTH flag
+/// sits beside an ALLOW, so OR of flags is exactly what the datapath evaluates).
+fn prune(entries: BTreeMap<PolicyKey, PolicyEntry>) -> BTreeMap<PolicyKey, PolicyEntry> {
+    let is_redundant = |k: &PolicyKey, e: &PolicyEntry| -> bool {
+        if k.remote_identity == identity::SELECTOR_MARKER {
+            return false;
+        }
+        let mut covered = 0;
+        for remote in [k.remote_identity, identity::ANY] {
+            for dport in [k.dport, 0] {
+                for protocol in [k.protocol, 0] {
+                    if dport != 0 && protocol == 0 {
+                        continue;
+                    }
+                    let g = PolicyKey {
+                        remote_identity: remote,
+                        dport,
+                        protocol,
+                        ..*k
+                    };
+                    if g == *k {
+                        continue;
+                    }
+                    if let Some(ge) = entries.get(&g) {
+                        if ge.flags & policy_flags::DENY != 0 {
+                            return true;
+                        }
+                        covered |= ge.flags;
+                    }
+                }
+            }
+        }
+        e.flags & !covered == 0
+    };
+    entries
+        .iter()
+        .filter(|(k, e)| !is_redundant(k, e))
+        .map(|(k, e)| (*k, *e))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{
+        datapath_lookup, evaluate, parse::tests::BACKEND_INGRESS, parse::tests::ISSUE_EGRESS_L7,
+        parse_yaml, IdentityAllocator, Verdict,
+    };
+    use policy_flags::{ALLOW, AUDIT, AUTH_REQUIRED, DENY, ENFORCED};
+    use veil_common::maps::direction::{EGRESS, INGRESS};
+
+    const M: u32 = identity::SELECTOR_MARKER;
+    const ANY: u32 = identity::ANY;
+    const TCP: u8 = Protocol::TCP;
+    const UDP: u8 = Protocol::UDP;
+    const SCTP: u8 = Protocol::SCTP;
+
+    /// The lab's pods: frontend 256, backend 257, intruder 258 in `shop`, and a frontend in
+    /// `other` (259).
+    fn lab() -> Vec<(u32, IdentityLabels)> {
+        let mut a = IdentityAllocator::new();
+        for (ns, app) in [
+            ("shop", "frontend"),
+            ("shop", "backend"),
+            ("shop", "intruder"),
+            ("other", "frontend"),
+        ] {
+            a.allocate(ns, &[("app".to_owned(), app.to_owned())].into())
+                .unwrap();
+        }
+        a.identities()
+    }
+    const FE: u32 = 256;
+    const BE: u32 = 257;
+    const INTRUDER: u32 = 258;
+    const OTHER_FE: u32 = 259;
+
+    fn policies(yaml: &str) -> Vec<Policy> {
+        parse_yaml(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+    }
+
+    fn egress_without_http() -> String {
+        ISSUE_EGRESS_L7
+            .split("      rules:")
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn cnp(name: &str, annotations: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}, namespace: shop, annotations: {{{annotations}}}}}\nspec:\n{spec}---\n"
+        )
+    }
+
+    type Entry = (u32, u32, u16, u8, u8, u32, u32);
+
+    fn entries(c: &CompiledPolicy) -> Vec<Entry> {
+        c.entries
+            .iter()
+            .map(|(k, e)| {
+                (
+                    k.local_identity,
+                    k.remote_identity,
+                    k.dport,
+                    k.protocol,
+                    k.direction,
+                    e.flags,
+                    e.rule,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compiled_maps() {
+        // (policies, local identities, expected entries (local, remote, port, proto, dir,
+        // flags, rule))
+        let table: Vec<(String, Vec<u32>, Vec<Entry>)> = vec![
+            // Issue 5: only the frontend, on TCP 8080, into the backend.
+            (
+                BACKEND_INGRESS.into(),
+                vec![BE],
+                vec![
+                    (BE, FE, 8080, TCP, INGRESS, ALLOW, 1),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                ],
+            ),
+            // The same policy selects nothing on node-a.
+            (BACKEND_INGRESS.into(), vec![FE, INTRUDER], vec![]),
+            // The issue's egress policy without its L7 part.
+            (
+                egress_without_http(),
+                vec![FE, INTRUDER],
+                vec![
+                    (FE, BE, 8080, TCP, EGRESS, ALLOW, 1),
+                    (FE, M, 0, 0, EGRESS, ENFORCED, 1),
+                ],
+            ),
+            // Port with protocol ANY: TCP, UDP and SCTP. No toPorts: everything. Auth.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress:\n  - toPorts: [{ports: [{port: '53'}]}]\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    authentication: {mode: required}\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, ANY, 53, TCP, INGRESS, ALLOW, 1),
+                    (BE, ANY, 53, UDP, INGRESS, ALLOW, 1),
+                    (BE, ANY, 53, SCTP, INGRESS, ALLOW, 1),
+                    (BE, FE, 0, 0, INGRESS, ALLOW | AUTH_REQUIRED, 2),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                ],
+            ),
+            // `[{}]` is every endpoint of the policy's namespace (not `other`); an empty rule
+            // `{}` allows nothing but turns on default deny.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress: [{fromEndpoints: [{}]}]\n  egress: [{}]\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, FE, 0, 0, INGRESS, ALLOW, 1),
+                    (BE, BE, 0, 0, INGRESS, ALLOW, 1),
+                    (BE, INTRUDER, 0, 0, INGRESS, ALLOW, 1),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                    (BE, M, 0, 0, EGRESS, ENFORCED, 2),
+                ],
+            ),
+            // A peer selector naming the namespace reaches into it.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: frontend, k8s:io.kubernetes.pod.namespace: other}}]}]\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, OTHER_FE, 0, 0, INGRESS, ALLOW, 1),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                ],
+            ),
+            // Deny wins, and makes narrower allows for the same peer pointless.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n  - fromEndpoints: [{matchLabels: {app: intruder}}]\n    toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n  ingressDeny: [{fromEndpoints: [{matchLabels: {app: intruder}}]}]\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, ANY, 8080, TCP, INGRESS, ALLOW, 1),
+                    (BE, INTRUDER, 0, 0, INGRESS, DENY, 3),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                ],
+            ),
+            // Narrower allows under a wider one are pruned; a narrower allow that adds auth
+            // is not.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress:\n  - {}\n  - fromEndpoints: [{}]\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    toPorts: [{ports: [{protocol: UDP}]}]\n    authentication: {mode: required}\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, FE, 0, 0, INGRESS, ALLOW, 2),
+                    (BE, FE, 0, UDP, INGRESS, ALLOW | AUTH_REQUIRED, 4),
+                    (BE, BE, 0, 0, INGRESS, ALLOW, 2),
+                    (BE, INTRUDER, 0, 0, INGRESS, ALLOW, 2),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 1),
+                ],
+            ),
+            // Audit mode alone: AUDIT on the marker.
+            (
+                cnp(
+                    "p",
+                    "policy.veil.io/mode: audit",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: frontend}}]}]\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, FE, 0, 0, INGRESS, ALLOW, 1),
+                    (BE, M, 0, 0, INGRESS, ENFORCED | AUDIT, 1),
+                ],
+            ),
+            // Audit beside enforce: the enforcing policy alone decides.
+            (
+                cnp(
+                    "audit",
+                    "policy.veil.io/mode: audit",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: intruder}}]}]\n  ingressDeny: [{fromEndpoints: [{matchLabels: {app: frontend}}]}]\n",
+                ) + &cnp(
+                    "enforce",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: backend}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: frontend}}]}]\n",
+                ),
+                vec![BE],
+                vec![
+                    (BE, FE, 0, 0, INGRESS, ALLOW, 3),
+                    (BE, M, 0, 0, INGRESS, ENFORCED, 3),
+                ],
+            ),
+            // Egress-only policy leaves ingress alone; ranges expand; ICMP has no port;
+            // 1-65535 is any port.
+            (
+                cnp(
+                    "p",
+                    "",
+                    "  endpointSelector: {matchLabels: {app: frontend}}\n  egress:\n  - toPorts: [{ports: [{port: '7000', endPort: 7001, protocol: TCP}, {protocol: ICMP}]}]\n  - toEndpoints: [{matchLabels: {app: backend}}]\n    toPorts: [{ports: [{port: '1', endPort: 65535, protocol: UDP}]}]\n",
+                ),
+                vec![FE],
+                vec![
+                    (FE, ANY, 0, Protocol::ICMP, EGRESS, ALLOW, 1),
+                    (FE, ANY, 7000, TCP, EGRESS, ALLOW, 1),
+                    (FE, ANY, 7001, TCP, EGRESS, ALLOW, 1),
+                    (FE, BE, 0, UDP, EGRESS, ALLOW, 2),
+                    (FE, M, 0, 0, EGRESS, ENFORCED, 1),
+                ],
+            ),
+            // Clusterwide: `{}` peers span namespaces (cluster identities only).
+            (
+                "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: cw}\nspec:\n  endpointSelector: {matchLabels: {app: frontend}}\n  egress: [{toEndpoints: [{matchLabels: {app: frontend}}]}]\n".into(),
+                vec![FE, OTHER_FE],
+                vec![
+                    (FE, FE, 0, 0, EGRESS, ALLOW, 1),
+                    (FE, OTHER_FE, 0, 0, EGRESS, ALLOW, 1),
+                    (FE, M, 0, 0, EGRESS, ENFORCED, 1),
+                    (OTHER_FE, FE, 0, 0, EGRESS, ALLOW, 1),
+                    (OTHER_FE, OTHER_FE, 0, 0, EGRESS, ALLOW, 1),
+                    (OTHER_FE, M, 0, 0, EGRESS, ENFORCED, 1),
+                ],
+            ),
+        ];
+        let ids = lab();
+        for (yaml, locals, want) in table {
+            let ps = policies(&yaml);
+            let c = compile(&ps, &ids, &locals).unwrap();
+            let mut want = want;
+            want.sort();
+            assert_eq!(entries(&c), want, "\n{yaml}");
+        }
+    }
+
+    #[test]
+    fn issue_flows() {
+        let ids = lab();
+        let mut ps = policies(BACKEND_INGRESS);
+        ps.extend(policies(&egress_without_http()));
+        // node-a hosts frontend and intruder, node-b the backend.
+        let node_a = compile(&ps, &ids, &[FE, INTRUDER]).unwrap();
+        let node_b = compile(&ps, &ids, &[BE]).unwrap();
+        let allowed = Verdict::Allowed {
+            is_auth_required: false,
+        };
+        // (map, local, remote, port, proto, direction, verdict)
+        let table = [
+            (&node_b, BE, FE, 8080, TCP, Direction::Ingress, allowed),
+            (
+                &node_b,
+                BE,
+                INTRUDER,
+                8080,
+                TCP,
+                Direction::Ingress,
+                Verdict::Denied,
+            ),
+            (
+                &node_b,
+                BE,
+                FE,
+                8081,
+                TCP,
+                Direction::Ingress,
+                Verdict::Denied,
+            ),
+            (
+                &node_b,
+                BE,
+                FE,
+                8080,
+                UDP,
+                Direction::Ingress,
+                Verdict::Denied,
+            ),
+            (
+                &node_b,
+                BE,
+                identity::WORLD,
+                8080,
+                TCP,
+                Direction::Ingress,
+                Verdict::Denied,
+            ),
+            (&node_b, BE, FE, 8080, TCP, Direction::Egress, allowed),
+            (&node_a, FE, BE, 8080, TCP, Direction::Egress, allowed),
+            (
+                &node_a,
+                FE,
+                BE,
+                9090,
+                TCP,
+                Direction::Egress,
+                Verdict::Denied,
+            ),
+            (
+                &node_a,
+                FE,
+                INTRUDER,
+                8080,
+                TCP,
+                Direction::Egress,
+                Verdict::Denied,
+            ),
+            (&node_a, INTRUDER, BE, 8080, TCP, Direction::Egress, allowed),
+            (&node_a, FE, INTRUDER, 22, TCP, Direction::Ingress, allowed),
+        ];
+        for (map, l, r, p, pr, d, want) in table {
+            assert_eq!(
+                datapath_lookup(&map.entries, l, r, p, pr, d),
+                want,
+                "{l}->{r}:{p}/{pr} {d:?}"
+            );
+            assert_eq!(
+                evaluate(&ps, &ids, l, r, p, pr, d),
+                want,
+                "{l}->{r}:{p}/{pr} {d:?}"
+            );
+        }
+
+        // Flow records can name the rule behind an entry, and stats count per policy.
+        let e = node_b.entries[&PolicyKey {
+            local_identity: BE,
+            remote_identity: FE,
+            dport: 8080,
+            protocol: TCP,
+            direction: INGRESS,
+        }];
+        let r = node_b.rule(e.rule).unwrap();
+        assert_eq!(
+            (r.policy.to_string(), r.path.as_str()),
+            ("shop/backend-ingress".into(), "spec.ingress[0]")
+        );
+        assert_eq!(node_b.rule(0), None);
+        let stats: Vec<_> = node_b
+            .stats
+            .iter()
+            .map(|s| (s.policy.to_string(), s.rules, s.entries))
+            .collect();
+        assert_eq!(
+            stats,
+            [
+                ("shop/backend-ingress".into(), 1, 2),
+                ("shop/frontend-to-backend-l7".into(), 1, 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn audit_mode_passes_would_be_drops() {
+        let ids = lab();
+        let yaml = BACKEND_INGRESS.replace(
+            "  namespace: shop\n",
+            "  namespace: shop\n  annotations:\n    policy.veil.io/mode: audit\n",
+        );
+        let ps = policies(&yaml);
+        let c = compile(&ps, &ids, &[BE]).unwrap();
+        let v = |r, p| datapath_lookup(&c.entries, BE, r, p, TCP, Direction::Ingress);
+        assert_eq!(
+            v(FE, 8080),
+            Verdict::Allowed {
+                is_auth_required: false
+            }
+        );
+        assert_eq!(v(INTRUDER, 8080), Verdict::Audit);
+        assert_eq!(
+            evaluate(&ps, &ids, BE, INTRUDER, 8080, TCP, Direction::Ingress),
+            Verdict::Audit
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let ids = lab();
+        let e = compile(&policies(ISSUE_EGRESS_L7), &ids, &[FE]).unwrap_err();
+        assert_eq!(
+            crate::error_chain(&e),
+            "policy shop/frontend-to-backend-l7: spec.egress[0].toPorts[0].rules.http: L7 HTTP rules are not enforced yet"
+        );
+        let ps = policies(BACKEND_INGRESS);
+        assert!(matches!(
+            compile(&ps, &ids, &[999]),
+            Err(Error::UnknownLocalIdentity(999))
+        ));
+        let mut dup = ids.clone();
+        dup.push(dup[0].clone());
+        assert!(matches!(
+            compile(&ps, &dup, &[BE]),
+            Err(Error::DuplicateIdentity(FE))
+        ));
+        let mut reserved = ids.clone();
+        reserved.push((identity::HOST, IdentityLabels::default()));
+        assert!(matches!(
+            compile(&ps, &reserved, &[BE]),
+            Err(Error::ReservedIdentity(1))
+        ));
+        // Two remotes × 3 protocols × 65534 ports cannot fit the map.
+        let wide = cnp(
+            "wide",
+            "",
+            "  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}, {matchLabels: {app: intruder}}]\n    toPorts: [{ports: [{port: '2', endPort: 65535}]}]\n",
+        );
+        let e = compile(&policies(&wide), &ids, &[BE]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TooManyEntries {
+                    max: POLICY_MAX,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}
