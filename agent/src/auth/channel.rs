@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
-use veil_identity::{BundleSet, SpiffeId, TrustDomain};
+use veil_identity::{BundleSet, SpiffeId, TrustDomain, ValidatedSvid};
 use veil_transport::PublicKey;
 
 use super::node_handshake::{EpochBook, NodeHandshake, NodeKeys, Progress};
@@ -195,7 +195,7 @@ fn read_error(peer: &str, e: ReadError, stage: &'static str) -> Error {
 pub(crate) async fn establish<S: TlsIo>(
     mut stream: S,
     peer: NodeInfo,
-    peer_valid_until: SystemTime,
+    peer_svid: ValidatedSvid,
     cfg: &ChannelConfig,
     deps: &Deps,
     deadline: Instant,
@@ -233,7 +233,7 @@ pub(crate) async fn establish<S: TlsIo>(
     let channel = Channel::spawn(
         stream,
         peer,
-        peer_valid_until,
+        peer_svid,
         group,
         keys.epoch,
         binding,
@@ -270,7 +270,7 @@ async fn write_msg<S: AsyncWrite + Unpin>(
 
 struct Inner {
     peer: NodeInfo,
-    peer_valid_until: SystemTime,
+    peer_svid: ValidatedSvid,
     group: Option<KxGroup>,
     epoch: u64,
     binding: SessionBinding,
@@ -343,7 +343,7 @@ impl Channel {
     fn spawn<S: TlsIo>(
         stream: S,
         peer: NodeInfo,
-        peer_valid_until: SystemTime,
+        peer_svid: ValidatedSvid,
         group: Option<KxGroup>,
         epoch: u64,
         binding: SessionBinding,
@@ -354,7 +354,7 @@ impl Channel {
         let (closed, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             peer,
-            peer_valid_until,
+            peer_svid,
             group,
             epoch,
             binding,
@@ -386,9 +386,15 @@ impl Channel {
         self.inner.epoch
     }
 
-    /// When the peer node SVID that authenticated this channel stops validating.
+    /// When the peer node SVID that authenticated this channel stops validating (feed it to
+    /// `RekeySchedule::on_established`).
     pub fn peer_valid_until(&self) -> SystemTime {
-        self.inner.peer_valid_until
+        self.inner.peer_svid.valid_until
+    }
+
+    /// Serial of the peer node SVID that authenticated this channel (for `veil status`).
+    pub fn peer_svid_serial(&self) -> &str {
+        &self.inner.peer_svid.serial
     }
 
     pub fn is_closed(&self) -> bool {
@@ -609,4 +615,73 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
         .events
         .send(ChannelEvent::Closed { peer_node, reason })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn frame_reads_are_bounded_in_size_and_time() {
+        let frame_timeout = Duration::from_secs(5);
+        let mut buf = Vec::new();
+
+        // A whole frame reads.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        tx.write_all(&wire::encode(&Message::Ping(7)))
+            .await
+            .unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        assert_eq!(
+            read_frame(&mut rx, far, frame_timeout, &mut buf)
+                .await
+                .unwrap(),
+            Message::Ping(7)
+        );
+
+        // An oversized length is refused before any body is read or buffered.
+        tx.write_all(&(wire::MAX_FRAME_LEN as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        let e = read_frame(&mut rx, far, frame_timeout, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            ReadError::Wire(wire::Error::FrameTooLarge { .. })
+        ));
+        assert!(buf.capacity() < wire::MAX_FRAME_LEN);
+
+        // A frame whose body stalls is cut off after the frame timeout.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        let frame = wire::encode(&Message::Ping(1));
+        tx.write_all(&frame[..frame.len() - 1]).await.unwrap();
+        let t0 = Instant::now();
+        let e = read_frame(&mut rx, far, frame_timeout, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ReadError::Timeout));
+        assert_eq!(Instant::now() - t0, frame_timeout);
+
+        // Half a length field: the header deadline applies.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        tx.write_all(&[0, 0]).await.unwrap();
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(2);
+        let e = read_frame(&mut rx, deadline, frame_timeout, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ReadError::Timeout));
+        assert_eq!(Instant::now() - t0, Duration::from_secs(2));
+
+        // A peer that hangs up mid-frame is an EOF, not a hang.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        tx.write_all(&frame[..3]).await.unwrap();
+        drop(tx);
+        let e = read_frame(&mut rx, far, frame_timeout, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ReadError::Eof));
+    }
 }

@@ -106,7 +106,7 @@ pub async fn connect_to(
         }
         Ok(Ok(s)) => s,
     };
-    let valid_until = {
+    let peer_svid = {
         let certs = stream.get_ref().1.peer_certificates().unwrap_or_default();
         let (leaf, rest) = certs.split_first().ok_or_else(|| Error::PeerRejected {
             peer: peer.name.clone(),
@@ -123,12 +123,11 @@ pub async fn connect_to(
             peer: peer.name.clone(),
             reason: tls::rejection_reason(&e).unwrap_or(AuthFailure::InvalidSvid),
         })?
-        .valid_until
     };
     let (channel, keys) = channel::establish(
         stream,
         peer.clone(),
-        valid_until,
+        peer_svid,
         &cfg.channel,
         deps,
         deadline,

@@ -285,6 +285,36 @@ async fn good_pair_authenticates_with_the_hybrid_group_and_agrees_on_the_psk() {
 }
 
 #[tokio::test]
+async fn a_rotated_node_svid_is_presented_on_the_next_connection() {
+    let lab = Lab::new();
+    let b_creds = lab.pki.node_creds("node-b");
+    let b_deps = lab.deps(
+        "node-b",
+        b_creds.clone(),
+        lab.dir.clone(),
+        StaticWorkloads([(BACKEND, lab.backend.clone())].into()),
+    );
+    let mut b = serve(b_deps, ServerConfig::default()).await;
+    let (a, _) = lab.node_a();
+    let (ch1, k1) = dial(&lab, &a, 2, "node-b", b.addr).await.unwrap();
+    let (_, kb1) = established(&mut b.events).await;
+    let first = b_creds.svid().unwrap();
+    assert_eq!(ch1.peer_svid_serial(), first.serial());
+    // Rotation: the next node handshake runs on a new connection with the new SVID, and
+    // yields a new PSK; the old channel keeps working until the daemon closes it.
+    b_creds.set(lab.pki.node_svid("node-b")).unwrap();
+    let second = b_creds.svid().unwrap();
+    assert_ne!(first.serial(), second.serial());
+    let (ch2, k2) = dial(&lab, &a, 2, "node-b", b.addr).await.unwrap();
+    let (_, kb2) = established(&mut b.events).await;
+    assert_eq!(ch2.peer_svid_serial(), second.serial());
+    assert_eq!((k1.psk == kb1.psk, k2.psk == kb2.psk), (true, true));
+    assert_ne!(k1.psk, k2.psk);
+    assert!(ch1.authenticate(FRONTEND, BACKEND).await.is_ok());
+    assert!(ch2.authenticate(FRONTEND, BACKEND).await.is_ok());
+}
+
+#[tokio::test]
 async fn node_from_another_trust_domain_cannot_peer() {
     let lab = Lab::new();
     let evil = Pki::new("evil.veil");
@@ -511,7 +541,8 @@ async fn hostile_clients_do_not_stop_a_legitimate_handshake() {
     assert!(get(&s.refused_over_limit) >= 1000 - 8, "{s:?}");
     assert_eq!(get(&s.refused_unknown_source), 20, "{s:?}");
     assert!(get(&s.tls_failures) >= 5, "{s:?}");
-    assert!(get(&s.handshake_timeouts) >= 8 + 3 + 1, "{s:?}");
+    // 8 half-open slots + 3 truncated records + 1 slowloris.
+    assert!(get(&s.handshake_timeouts) >= 12, "{s:?}");
     assert_eq!(get(&s.established), 1, "{s:?}");
     // The legitimate channel is still healthy after the attackers were dropped.
     assert!(ch.authenticate(FRONTEND, BACKEND).await.is_ok());
@@ -519,7 +550,7 @@ async fn hostile_clients_do_not_stop_a_legitimate_handshake() {
 }
 
 #[tokio::test]
-async fn classical_only_peer_is_refused_unless_allowed() {
+async fn a_client_allowing_classical_still_gets_the_hybrid_group() {
     let lab = Lab::new();
     let b = serve(lab.node_b(), ServerConfig::default()).await;
     let (a, _) = lab.node_a();
@@ -529,7 +560,8 @@ async fn classical_only_peer_is_refused_unless_allowed() {
         },
         ..client_cfg(2)
     };
-    // A client that allows classical still gets the hybrid group from a default server.
+    // Allowing classical never downgrades a pair that can do better (the refusal of a
+    // classical-only peer is tested in tls.rs with an in-memory handshake).
     let (ch, _) = client::connect_to(&classical, &a, &lab.node("node-b"), b.addr)
         .await
         .unwrap();

@@ -237,7 +237,7 @@ async fn handle(
         Ok(Ok(s)) => s,
     };
     // The verifier accepted the chain; read back which node it named.
-    let (node, valid_until) = {
+    let (node, peer_svid) = {
         let conn = stream.get_ref().1;
         let certs = conn.peer_certificates().unwrap_or_default();
         let (leaf, rest) = certs.split_first().ok_or_else(|| Error::PeerRejected {
@@ -264,9 +264,9 @@ async fn handle(
             .directory
             .node_by_name(&name)
             .ok_or_else(|| Error::UnknownNode(name.clone()))?;
-        (node, v.valid_until)
+        (node, v)
     };
-    let result = channel::establish(stream, node, valid_until, &cfg.channel, deps, deadline).await;
+    let result = channel::establish(stream, node, peer_svid, &cfg.channel, deps, deadline).await;
     let (channel, keys) = match result {
         Ok(x) => x,
         Err(e) => {

@@ -116,11 +116,14 @@ impl<D> Exporter for rustls::ConnectionCommon<D> {
     }
 }
 
+/// An SVID with its signing key loaded for rustls.
+type Loaded = (Arc<Svid>, Arc<CertifiedKey>);
+
 /// The node SVID the control channel presents, live: the agent calls [`NodeCredentials::set`]
 /// on every rotation and each new connection presents the newest one.
 #[derive(Clone, Default)]
 pub struct NodeCredentials {
-    inner: Arc<RwLock<Option<(Arc<Svid>, Arc<CertifiedKey>)>>>,
+    inner: Arc<RwLock<Option<Loaded>>>,
 }
 
 impl fmt::Debug for NodeCredentials {
@@ -161,7 +164,7 @@ impl NodeCredentials {
         self.read().map(|(s, _)| s)
     }
 
-    fn read(&self) -> Option<(Arc<Svid>, Arc<CertifiedKey>)> {
+    fn read(&self) -> Option<Loaded> {
         self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
