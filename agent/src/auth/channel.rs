@@ -90,7 +90,7 @@ pub enum ChannelEvent {
         triple: AuthTriple,
         result: Result<Authenticated, AuthFailure>,
     },
-    /// The peer revoked one of its workloads' SVIDs (`AuthTable::remove_spiffe_id`).
+    /// The peer revoked one of its workloads' SVIDs (`AuthTable::remove_remote_spiffe_id`).
     RemoteRevoked {
         peer_node: u32,
         spiffe_id: SpiffeId,

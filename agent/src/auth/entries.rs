@@ -340,10 +340,26 @@ impl AuthTable {
     /// goes now; desired triples are re-authenticated (with a new SVID, if any) after the
     /// retry delay.
     pub fn remove_spiffe_id(&mut self, id: &SpiffeId, now: Instant) {
+        self.remove_spiffe_id_where(id, now, |_| true);
+    }
+
+    /// A peer node told us (`ChannelEvent::RemoteRevoked`) that one of *its* workloads' SVIDs
+    /// went away: only entries with that node are affected, so a node cannot revoke what
+    /// another node vouched for.
+    pub fn remove_remote_spiffe_id(&mut self, node: u32, id: &SpiffeId, now: Instant) {
+        self.remove_spiffe_id_where(id, now, |t| t.remote_node == node);
+    }
+
+    fn remove_spiffe_id_where(
+        &mut self,
+        id: &SpiffeId,
+        now: Instant,
+        keep: impl Fn(&AuthTriple) -> bool,
+    ) {
         let triples: Vec<AuthTriple> = self
             .by_spiffe
             .get(id)
-            .map(|s| s.iter().copied().collect())
+            .map(|s| s.iter().copied().filter(|t| keep(t)).collect())
             .unwrap_or_default();
         let retry = self.cfg.retry_min;
         for t in triples {
@@ -650,8 +666,11 @@ mod tests {
         acts.sort_by_key(|a| format!("{a:?}"));
         assert_eq!(acts, [Action::Delete(tr1), Action::Delete(tr2)]);
         assert!(table.status(&tr3).unwrap().entry.is_some());
-        // The remote side's revocation (told over the channel) works the same way.
-        table.remove_spiffe_id(&sid("r301"), now());
+        // The remote side's revocation (told over the channel) works the same way, but only
+        // for entries with the node that told us.
+        table.remove_remote_spiffe_id(3, &sid("r301"), now());
+        assert_eq!(table.poll(now()), []);
+        table.remove_remote_spiffe_id(B, &sid("r301"), now());
         assert_eq!(table.poll(now()), [Action::Delete(tr3)]);
         // They are retried (a rotated SVID would succeed; a revoked one keeps failing).
         let acts = step(&mut table).await;
