@@ -1,0 +1,687 @@
+//! The established control channel (tokio shell around the sans-IO handshakes): one
+//! long-lived TLS connection per node pair, node handshake first, then any number of workload
+//! handshakes multiplexed by request id in both directions, plus revocations, re-key requests
+//! and keepalives. Shared by [`super::server`] and [`super::client`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::time::{timeout, timeout_at, Instant};
+use veil_identity::{BundleSet, SpiffeId, TrustDomain, ValidatedSvid};
+use veil_transport::PublicKey;
+
+use super::node_handshake::{EpochBook, NodeHandshake, NodeKeys, Progress};
+use super::tls::{Exporter, KxGroup, NodeCredentials};
+use super::wire::{self, Message};
+use super::workload::{self, Authenticated, Context, Initiator, SessionBinding, SigningKeys};
+use super::{AuthFailure, AuthTriple, Error, LocalWorkloads, NodeInfo, PeerDirectory};
+
+/// Timeouts and limits of a channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelConfig {
+    /// TCP connect + TLS handshake + node handshake, for a connection that has not
+    /// authenticated yet (slowloris bound).
+    pub handshake_timeout: Duration,
+    /// Once a frame's length arrived, its body must arrive within this.
+    pub frame_timeout: Duration,
+    /// No frame at all for this long closes the channel (keepalives flow every `ping_interval`).
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    /// One workload handshake, request to verified response.
+    pub request_timeout: Duration,
+    /// Outstanding workload handshakes we initiated on one channel.
+    pub max_in_flight: usize,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(45),
+            ping_interval: Duration::from_secs(15),
+            request_timeout: Duration::from_secs(5),
+            max_in_flight: 4096,
+        }
+    }
+}
+
+/// This node as the channel presents it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalNode {
+    pub name: String,
+    pub id: u32,
+}
+
+/// What both shells share: identity, cluster view, keys, and where events go.
+#[derive(Clone)]
+pub struct Deps {
+    pub local: LocalNode,
+    pub trust_domain: TrustDomain,
+    pub creds: NodeCredentials,
+    pub bundles: BundleSet,
+    pub directory: Arc<dyn PeerDirectory>,
+    pub workloads: Arc<dyn LocalWorkloads>,
+    /// This node's current WireGuard public key (static-key rotation swaps it).
+    pub wg_key: Arc<ArcSwap<PublicKey>>,
+    pub epochs: Arc<EpochBook>,
+    pub signing_keys: Arc<SigningKeys>,
+    pub events: mpsc::Sender<ChannelEvent>,
+}
+
+/// What a channel tells the daemon.
+#[derive(Debug)]
+pub enum ChannelEvent {
+    /// The server side established a channel: install `keys` in the tunnel, keep `channel`.
+    Established {
+        channel: Channel,
+        keys: NodeKeys,
+    },
+    /// A peer ran a workload handshake with us as responder: on success write the entry
+    /// (`AuthTable::on_authenticated`); on failure count the reason.
+    Inbound {
+        peer_node: u32,
+        triple: AuthTriple,
+        result: Result<Authenticated, AuthFailure>,
+    },
+    /// The peer revoked one of its workloads' SVIDs (`AuthTable::remove_remote_spiffe_id`).
+    RemoteRevoked {
+        peer_node: u32,
+        spiffe_id: SpiffeId,
+    },
+    /// The peer asks for a new node handshake (its node SVID rotated).
+    RekeyRequested {
+        peer_node: u32,
+    },
+    Closed {
+        peer_node: u32,
+        reason: String,
+    },
+}
+
+/// The async I/O of an authenticated TLS stream, with its exporter.
+pub trait TlsIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn exporter(&self) -> &dyn Exporter;
+    fn common(&self) -> &rustls::CommonState;
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsIo
+    for tokio_rustls::client::TlsStream<IO>
+{
+    fn exporter(&self) -> &dyn Exporter {
+        &**self.get_ref().1
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self.get_ref().1
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsIo
+    for tokio_rustls::server::TlsStream<IO>
+{
+    fn exporter(&self) -> &dyn Exporter {
+        &**self.get_ref().1
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self.get_ref().1
+    }
+}
+
+/// Why reading a frame stopped.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("connection closed")]
+    Eof,
+    #[error("read timed out")]
+    Timeout,
+    #[error("read failed")]
+    Io(#[source] std::io::Error),
+    #[error("bad frame")]
+    Wire(#[source] wire::Error),
+}
+
+/// Reads one frame: the length within `header_deadline`, the body within `frame_timeout`.
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    header_deadline: Instant,
+    frame_timeout: Duration,
+    buf: &mut Vec<u8>,
+) -> Result<Message, ReadError> {
+    let mut header = [0u8; wire::HEADER_LEN];
+    match timeout_at(header_deadline, r.read_exact(&mut header)).await {
+        Err(_) => return Err(ReadError::Timeout),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Eof),
+        Ok(Err(e)) => return Err(ReadError::Io(e)),
+        Ok(Ok(_)) => {}
+    }
+    let len = wire::parse_header(header).map_err(ReadError::Wire)?;
+    buf.resize(len, 0);
+    match timeout(frame_timeout, r.read_exact(&mut buf[..len])).await {
+        Err(_) => return Err(ReadError::Timeout),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Eof),
+        Ok(Err(e)) => return Err(ReadError::Io(e)),
+        Ok(Ok(_)) => {}
+    }
+    wire::decode_body(&buf[..len]).map_err(ReadError::Wire)
+}
+
+fn read_error(peer: &str, e: ReadError, stage: &'static str) -> Error {
+    match e {
+        ReadError::Eof => Error::Closed {
+            peer: peer.to_owned(),
+        },
+        ReadError::Timeout => Error::Timeout {
+            peer: peer.to_owned(),
+            stage,
+        },
+        ReadError::Io(source) => Error::Io {
+            peer: peer.to_owned(),
+            source,
+        },
+        ReadError::Wire(source) => Error::Wire {
+            peer: peer.to_owned(),
+            source,
+        },
+    }
+}
+
+/// Runs the node handshake on a fresh TLS stream, then starts the channel's tasks.
+pub(crate) async fn establish<S: TlsIo>(
+    mut stream: S,
+    peer: NodeInfo,
+    peer_svid: ValidatedSvid,
+    cfg: &ChannelConfig,
+    deps: &Deps,
+    deadline: Instant,
+) -> Result<(Channel, NodeKeys), Error> {
+    let name = peer.name.clone();
+    let hs_err = |source| Error::NodeHandshake {
+        peer: name.clone(),
+        source,
+    };
+    let (mut hs, hello) = NodeHandshake::start(
+        &deps.local.name,
+        **deps.wg_key.load(),
+        deps.epochs.propose(&peer.name),
+        &peer.name,
+    )
+    .map_err(hs_err)?;
+    write_msg(&mut stream, &hello, deadline, &peer.name).await?;
+    let mut buf = Vec::new();
+    let keys = loop {
+        let msg = read_frame(&mut stream, deadline, cfg.frame_timeout, &mut buf)
+            .await
+            .map_err(|e| read_error(&peer.name, e, "node handshake"))?;
+        match hs.handle(msg, stream.exporter()).map_err(hs_err)? {
+            Progress::Send(m) => write_msg(&mut stream, &m, deadline, &peer.name).await?,
+            Progress::Established(keys) => break keys,
+        }
+    };
+    deps.epochs.record(&peer.name, keys.epoch);
+    let binding =
+        SessionBinding::from_exporter(stream.exporter()).map_err(|e| Error::NodeHandshake {
+            peer: peer.name.clone(),
+            source: super::node_handshake::Error::Exporter(e),
+        })?;
+    let group = super::tls::negotiated_group(stream.common());
+    let channel = Channel::spawn(
+        stream,
+        peer,
+        peer_svid,
+        group,
+        keys.epoch,
+        binding,
+        cfg.clone(),
+        deps.clone(),
+    );
+    Ok((channel, keys))
+}
+
+async fn write_msg<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    msg: &Message,
+    deadline: Instant,
+    peer: &str,
+) -> Result<(), Error> {
+    let frame = wire::encode(msg);
+    let res = timeout_at(deadline, async {
+        stream.write_all(&frame).await?;
+        stream.flush().await
+    })
+    .await;
+    match res {
+        Err(_) => Err(Error::Timeout {
+            peer: peer.to_owned(),
+            stage: "node handshake",
+        }),
+        Ok(Err(source)) => Err(Error::Io {
+            peer: peer.to_owned(),
+            source,
+        }),
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
+struct Inner {
+    peer: NodeInfo,
+    peer_svid: ValidatedSvid,
+    group: Option<KxGroup>,
+    epoch: u64,
+    binding: SessionBinding,
+    cfg: ChannelConfig,
+    deps: Deps,
+    out: mpsc::Sender<Message>,
+    pending: Mutex<HashMap<u32, oneshot::Sender<wire::AuthResponse>>>,
+    next_id: AtomicU32,
+    in_flight: Semaphore,
+    closed: watch::Sender<bool>,
+    is_closed: AtomicBool,
+}
+
+impl Inner {
+    fn close(&self) {
+        self.is_closed.store(true, Ordering::SeqCst);
+        self.closed.send_replace(true);
+        // Waiters see their sender dropped: PeerUnreachable.
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn context(&self) -> Context<'_> {
+        Context {
+            trust_domain: &self.deps.trust_domain,
+            bundles: &self.deps.bundles,
+            directory: &*self.deps.directory,
+            local_node: self.deps.local.id,
+            peer_node: self.peer.id,
+            binding: self.binding,
+            now: SystemTime::now(),
+        }
+    }
+}
+
+/// A live, node-authenticated channel to one peer. Cheap to clone.
+#[derive(Clone)]
+pub struct Channel {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("peer", &self.inner.peer.name)
+            .field("group", &self.inner.group)
+            .field("epoch", &self.inner.epoch)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// Removes a pending request when its waiter gives up.
+struct PendingGuard<'a>(&'a Inner, u32);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
+    }
+}
+
+impl Channel {
+    #[allow(clippy::too_many_arguments)]
+    fn spawn<S: TlsIo>(
+        stream: S,
+        peer: NodeInfo,
+        peer_svid: ValidatedSvid,
+        group: Option<KxGroup>,
+        epoch: u64,
+        binding: SessionBinding,
+        cfg: ChannelConfig,
+        deps: Deps,
+    ) -> Self {
+        let (out_tx, out_rx) = mpsc::channel(1024);
+        let (closed, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            peer,
+            peer_svid,
+            group,
+            epoch,
+            binding,
+            in_flight: Semaphore::new(cfg.max_in_flight),
+            cfg,
+            deps,
+            out: out_tx,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            closed,
+            is_closed: AtomicBool::new(false),
+        });
+        let (rd, wr) = tokio::io::split(stream);
+        tokio::spawn(write_loop(wr, out_rx, inner.clone()));
+        tokio::spawn(read_loop(rd, inner.clone()));
+        Self { inner }
+    }
+
+    pub fn peer(&self) -> &NodeInfo {
+        &self.inner.peer
+    }
+
+    /// The TLS key exchange group (X25519MLKEM768 unless classical was allowed and chosen).
+    pub fn negotiated_group(&self) -> Option<KxGroup> {
+        self.inner.group
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// When the peer node SVID that authenticated this channel stops validating (feed it to
+    /// `RekeySchedule::on_established`).
+    pub fn peer_valid_until(&self) -> SystemTime {
+        self.inner.peer_svid.valid_until
+    }
+
+    /// Serial of the peer node SVID that authenticated this channel (for `veil status`).
+    pub fn peer_svid_serial(&self) -> &str {
+        &self.inner.peer_svid.serial
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.is_closed.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the channel is closed (by either side or an error).
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.inner.closed.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+
+    /// Closes the channel (TLS close_notify, then the socket).
+    pub fn close(&self) {
+        self.inner.close();
+    }
+
+    /// Runs one workload handshake as initiator: proves our workload with numeric identity
+    /// `local_identity` to the peer and checks its workload with `remote_identity`.
+    pub async fn authenticate(
+        &self,
+        local_identity: u32,
+        remote_identity: u32,
+    ) -> Result<Authenticated, AuthFailure> {
+        let inner = &*self.inner;
+        if self.is_closed() {
+            return Err(AuthFailure::PeerUnreachable);
+        }
+        let svid = inner
+            .deps
+            .workloads
+            .svid_for(local_identity)
+            .ok_or(AuthFailure::NoLocalSvid)?;
+        let _permit = timeout(inner.cfg.request_timeout, inner.in_flight.acquire())
+            .await
+            .map_err(|_| AuthFailure::Timeout)?
+            .map_err(|_| AuthFailure::PeerUnreachable)?;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut nonce = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| AuthFailure::ProtocolError)?;
+        let (init, req) = Initiator::start(
+            id,
+            nonce,
+            local_identity,
+            remote_identity,
+            svid,
+            &inner.deps.signing_keys,
+            &inner.context(),
+        )?;
+        let (tx, rx) = oneshot::channel();
+        inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let _guard = PendingGuard(inner, id);
+        inner
+            .out
+            .send(Message::AuthRequest(req))
+            .await
+            .map_err(|_| AuthFailure::PeerUnreachable)?;
+        let resp = match timeout(inner.cfg.request_timeout, rx).await {
+            Err(_) => return Err(AuthFailure::Timeout),
+            Ok(Err(_)) => return Err(AuthFailure::PeerUnreachable),
+            Ok(Ok(r)) => r,
+        };
+        init.finish(resp, &inner.context())
+    }
+
+    /// Tells the peer one of our workloads' SVIDs was revoked or removed.
+    pub async fn send_revoke(&self, spiffe_id: &SpiffeId) -> Result<(), AuthFailure> {
+        self.inner
+            .out
+            .send(Message::Revoke {
+                spiffe_id: spiffe_id.to_string(),
+            })
+            .await
+            .map_err(|_| AuthFailure::PeerUnreachable)
+    }
+
+    /// Asks the dialling side for a new node handshake (our node SVID rotated).
+    pub async fn request_rekey(&self) -> Result<(), AuthFailure> {
+        self.inner
+            .out
+            .send(Message::RekeyRequest)
+            .await
+            .map_err(|_| AuthFailure::PeerUnreachable)
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Message>,
+    inner: Arc<Inner>,
+) {
+    let mut closed = inner.closed.subscribe();
+    let mut ping = tokio::time::interval(inner.cfg.ping_interval);
+    ping.tick().await;
+    let mut seq = 0u64;
+    let mut buf = Vec::with_capacity(16 * 1024);
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => break },
+            _ = ping.tick() => { seq += 1; Message::Ping(seq) }
+            _ = closed.wait_for(|c| *c) => break,
+        };
+        buf.clear();
+        buf.extend_from_slice(&wire::encode(&first));
+        // Batch what is already queued into one TLS write: many small handshake frames per
+        // syscall under load.
+        while buf.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(m) => buf.extend_from_slice(&wire::encode(&m)),
+                Err(_) => break,
+            }
+        }
+        let res = timeout(inner.cfg.frame_timeout, async {
+            wr.write_all(&buf).await?;
+            wr.flush().await
+        })
+        .await;
+        if !matches!(res, Ok(Ok(()))) {
+            break;
+        }
+    }
+    let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
+    inner.close();
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
+    let mut buf = Vec::new();
+    let mut closed = inner.closed.subscribe();
+    let peer_node = inner.peer.id;
+    let reason = loop {
+        let deadline = Instant::now() + inner.cfg.idle_timeout;
+        let msg = tokio::select! {
+            r = read_frame(&mut rd, deadline, inner.cfg.frame_timeout, &mut buf) => r,
+            _ = closed.wait_for(|c| *c) => break "closed locally".to_owned(),
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => break crate::error_chain(&e),
+        };
+        match msg {
+            Message::AuthRequest(req) => {
+                let triple = AuthTriple {
+                    local_identity: req.responder_identity,
+                    remote_identity: req.initiator_identity,
+                    remote_node: peer_node,
+                };
+                let (resp, result) = workload::respond(
+                    &req,
+                    &*inner.deps.workloads,
+                    &inner.deps.signing_keys,
+                    &inner.context(),
+                );
+                if inner.out.send(Message::AuthResponse(resp)).await.is_err() {
+                    break "writer gone".to_owned();
+                }
+                let _ = inner
+                    .deps
+                    .events
+                    .send(ChannelEvent::Inbound {
+                        peer_node,
+                        triple,
+                        result,
+                    })
+                    .await;
+            }
+            Message::AuthResponse(resp) => {
+                let waiter = inner
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&resp.id);
+                // A response nobody waits for (timed out) is dropped.
+                if let Some(w) = waiter {
+                    let _ = w.send(resp);
+                }
+            }
+            Message::Revoke { spiffe_id } => match SpiffeId::parse(&spiffe_id) {
+                Ok(spiffe_id) => {
+                    let _ = inner
+                        .deps
+                        .events
+                        .send(ChannelEvent::RemoteRevoked {
+                            peer_node,
+                            spiffe_id,
+                        })
+                        .await;
+                }
+                Err(_) => break "revoke with an invalid spiffe id".to_owned(),
+            },
+            Message::RekeyRequest => {
+                let _ = inner
+                    .deps
+                    .events
+                    .send(ChannelEvent::RekeyRequested { peer_node })
+                    .await;
+            }
+            Message::Ping(n) => {
+                if inner.out.send(Message::Pong(n)).await.is_err() {
+                    break "writer gone".to_owned();
+                }
+            }
+            Message::Pong(_) => {}
+            Message::Hello(_) | Message::Confirm(_) => {
+                break "node handshake message on an established channel".to_owned()
+            }
+        }
+    };
+    inner.close();
+    tracing::debug!(peer = %inner.peer.name, %reason, "control channel closed");
+    let _ = inner
+        .deps
+        .events
+        .send(ChannelEvent::Closed { peer_node, reason })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn frame_reads_are_bounded_in_size_and_time() {
+        let frame_timeout = Duration::from_secs(5);
+        let mut buf = Vec::new();
+
+        // A whole frame reads.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        tx.write_all(&wire::encode(&Message::Ping(7)))
+            .await
+            .unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        assert_eq!(
+            read_frame(&mut rx, far, frame_timeout, &mut buf)
+                .await
+                .unwrap(),
+            Message::Ping(7)
+        );
+
+        // An oversized length is refused before any body is read or buffered.
+        tx.write_all(&(wire::MAX_FRAME_LEN as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        let e = read_frame(&mut rx, far, frame_timeout, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            ReadError::Wire(wire::Error::FrameTooLarge { .. })
+        ));
+        assert!(buf.capacity() < wire::MAX_FRAME_LEN);
+
+        // A frame whose body stalls is cut off after the frame timeout.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        let frame = wire::encode(&Message::Ping(1));
+        tx.write_all(&frame[..frame.len() - 1]).await.unwrap();
+        let t0 = Instant::now();
+        let e = read_frame(&mut rx, far, frame_timeout, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ReadError::Timeout));
+        assert_eq!(Instant::now() - t0, frame_timeout);
+
+        // Half a length field: the header deadline applies.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        tx.write_all(&[0, 0]).await.unwrap();
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(2);
+        let e = read_frame(&mut rx, deadline, frame_timeout, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ReadError::Timeout));
+        assert_eq!(Instant::now() - t0, Duration::from_secs(2));
+
+        // A peer that hangs up mid-frame is an EOF, not a hang.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        tx.write_all(&frame[..3]).await.unwrap();
+        drop(tx);
+        let e = read_frame(&mut rx, far, frame_timeout, &mut buf)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ReadError::Eof));
+    }
+}

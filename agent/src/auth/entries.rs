@@ -1,0 +1,759 @@
+//! Auth-entry lifecycle (sans-IO): which (local identity, remote identity, remote node) triples
+//! are authenticated, until when, and what to do next.
+//!
+//! Inputs: the desired set (triples current policy and placement make possible, so they are
+//! pre-authenticated before the first packet), handshake outcomes (ours and the peers'),
+//! revocations and deletions, and `now`. Outputs ([`Action`]): handshakes to start, entries to
+//! write into / delete from the datapath's auth map. The shell sleeps until [`AuthTable::deadline`]
+//! and calls [`AuthTable::poll`].
+//!
+//! Rules:
+//! - a desired triple without an entry is authenticated at once by the node with the smaller
+//!   id, after `defer_initial` by the other (so the pair usually runs one handshake, not two);
+//! - an entry is re-authenticated at `refresh_fraction` of its lifetime (the deferring side at a
+//!   later point), so it never lapses while SVIDs rotate;
+//! - an entry is deleted at expiry, when an SVID it relied on is revoked or removed, and when
+//!   its identity, node or (through the desired set) policy goes away; entries the peer created
+//!   for triples we do not desire are collected after `undesired_grace`;
+//! - failures are retried with capped exponential backoff and kept as the last result.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+use veil_identity::SpiffeId;
+
+use super::workload::Authenticated;
+use super::{AuthFailure, AuthTriple};
+
+/// Lifecycle settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntriesConfig {
+    /// Re-authenticate at this fraction of an entry's lifetime (preferred initiator).
+    pub refresh_fraction: f64,
+    /// The other side re-authenticates at this later fraction, only if the preferred side did
+    /// not refresh the entry first.
+    pub fallback_refresh_fraction: f64,
+    /// The non-preferred side waits this long before authenticating a new desired triple.
+    pub defer_initial: Duration,
+    /// Entries the peer created for triples we do not desire live this long.
+    pub undesired_grace: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for EntriesConfig {
+    fn default() -> Self {
+        Self {
+            refresh_fraction: 2.0 / 3.0,
+            fallback_refresh_fraction: 0.8,
+            defer_initial: Duration::from_secs(1),
+            undesired_grace: Duration::from_secs(10),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Run a workload handshake for this triple (report with `on_authenticated`/`on_failed`).
+    Start(AuthTriple),
+    /// Write this entry into the auth map (`expires_at` → CLOCK_BOOTTIME via [`boot_ns_at`]).
+    Write {
+        triple: AuthTriple,
+        expires_at: Instant,
+        expires: SystemTime,
+    },
+    /// Delete this entry from the auth map.
+    Delete(AuthTriple),
+}
+
+/// One authenticated entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub expires_at: Instant,
+    pub expires: SystemTime,
+    pub established_at: Instant,
+    pub local_spiffe_id: SpiffeId,
+    pub remote_spiffe_id: SpiffeId,
+}
+
+/// A triple as `veil status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TripleStatus {
+    pub triple: AuthTriple,
+    pub entry: Option<Entry>,
+    pub is_desired: bool,
+    pub is_in_flight: bool,
+    pub last_result: Option<Result<(), AuthFailure>>,
+    pub failures: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entry: Option<Entry>,
+    desired: bool,
+    in_flight: bool,
+    failures: u32,
+    last_result: Option<Result<(), AuthFailure>>,
+    next_attempt: Option<Instant>,
+    collect_at: Option<Instant>,
+    timer: Option<Instant>,
+}
+
+impl State {
+    fn wake_at(&self) -> Option<Instant> {
+        let attempt = if self.in_flight {
+            None
+        } else {
+            self.next_attempt
+        };
+        [
+            attempt,
+            self.entry.as_ref().map(|e| e.expires_at),
+            self.collect_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+/// The auth-entry table of one node.
+#[derive(Debug)]
+pub struct AuthTable {
+    cfg: EntriesConfig,
+    local_node: u32,
+    states: HashMap<AuthTriple, State>,
+    timers: BTreeSet<(Instant, AuthTriple)>,
+    by_spiffe: HashMap<SpiffeId, HashSet<AuthTriple>>,
+    by_identity: HashMap<u32, HashSet<AuthTriple>>,
+    by_node: HashMap<u32, HashSet<AuthTriple>>,
+    actions: VecDeque<Action>,
+}
+
+impl AuthTable {
+    pub fn new(cfg: EntriesConfig, local_node: u32) -> Self {
+        Self {
+            cfg,
+            local_node,
+            states: HashMap::new(),
+            timers: BTreeSet::new(),
+            by_spiffe: HashMap::new(),
+            by_identity: HashMap::new(),
+            by_node: HashMap::new(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    fn is_preferred(&self, t: &AuthTriple) -> bool {
+        self.local_node < t.remote_node
+    }
+
+    fn state_mut(&mut self, t: AuthTriple) -> &mut State {
+        if !self.states.contains_key(&t) {
+            for id in [t.local_identity, t.remote_identity] {
+                self.by_identity.entry(id).or_default().insert(t);
+            }
+            self.by_node.entry(t.remote_node).or_default().insert(t);
+        }
+        self.states.entry(t).or_default()
+    }
+
+    /// Re-files the triple's timer, or forgets the triple if nothing refers to it any more.
+    fn settle(&mut self, t: AuthTriple) {
+        let Some(s) = self.states.get_mut(&t) else {
+            return;
+        };
+        if let Some(old) = s.timer.take() {
+            self.timers.remove(&(old, t));
+        }
+        if s.entry.is_none() && !s.desired && !s.in_flight {
+            self.states.remove(&t);
+            for id in [t.local_identity, t.remote_identity] {
+                if let Some(set) = self.by_identity.get_mut(&id) {
+                    set.remove(&t);
+                    if set.is_empty() {
+                        self.by_identity.remove(&id);
+                    }
+                }
+            }
+            if let Some(set) = self.by_node.get_mut(&t.remote_node) {
+                set.remove(&t);
+                if set.is_empty() {
+                    self.by_node.remove(&t.remote_node);
+                }
+            }
+            return;
+        }
+        if let Some(at) = s.wake_at() {
+            s.timer = Some(at);
+            self.timers.insert((at, t));
+        }
+    }
+
+    fn unindex_entry(&mut self, t: AuthTriple, e: &Entry) {
+        for id in [&e.local_spiffe_id, &e.remote_spiffe_id] {
+            if let Some(set) = self.by_spiffe.get_mut(id) {
+                set.remove(&t);
+                if set.is_empty() {
+                    self.by_spiffe.remove(id);
+                }
+            }
+        }
+    }
+
+    fn delete_entry(&mut self, t: AuthTriple) {
+        let Some(s) = self.states.get_mut(&t) else {
+            return;
+        };
+        s.collect_at = None;
+        if let Some(e) = s.entry.take() {
+            self.unindex_entry(t, &e);
+            self.actions.push_back(Action::Delete(t));
+        }
+    }
+
+    /// Replaces the desired set (policy or placement changed).
+    pub fn set_desired(&mut self, desired: impl IntoIterator<Item = AuthTriple>, now: Instant) {
+        let new: HashSet<AuthTriple> = desired.into_iter().collect();
+        let old: Vec<AuthTriple> = self
+            .states
+            .iter()
+            .filter(|(_, s)| s.desired)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in old {
+            if new.contains(&t) {
+                continue;
+            }
+            let grace = self.cfg.undesired_grace;
+            let s = self.state_mut(t);
+            s.desired = false;
+            s.next_attempt = None;
+            if let Some(e) = &s.entry {
+                let collect = e.established_at + grace;
+                if collect <= now {
+                    self.delete_entry(t);
+                } else {
+                    s.collect_at = Some(collect);
+                }
+            }
+            self.settle(t);
+        }
+        for t in new {
+            let preferred = self.is_preferred(&t);
+            let defer = self.cfg.defer_initial;
+            let frac = self.cfg.refresh_fraction;
+            let s = self.state_mut(t);
+            if s.desired {
+                continue;
+            }
+            s.desired = true;
+            s.collect_at = None;
+            if s.entry.is_none() && !s.in_flight {
+                s.next_attempt = Some(if preferred { now } else { now + defer });
+            } else if let Some(e) = &s.entry {
+                s.next_attempt = Some(refresh_at(e, frac));
+            }
+            self.settle(t);
+        }
+    }
+
+    /// A flow missed its entry: authenticate now, whatever the deferral.
+    pub fn request_now(&mut self, t: AuthTriple, now: Instant) {
+        let s = self.state_mut(t);
+        s.desired = true;
+        s.collect_at = None;
+        if s.entry.is_none() && !s.in_flight {
+            s.next_attempt = Some(now);
+        }
+        self.settle(t);
+    }
+
+    /// A workload handshake succeeded (ours as initiator, or the peer's with us responding).
+    pub fn on_authenticated(&mut self, a: &Authenticated, now: Instant, now_system: SystemTime) {
+        let t = a.triple;
+        let Ok(lifetime) = a.expires.duration_since(now_system) else {
+            // Already expired: nothing to admit.
+            self.on_failed(t, AuthFailure::ExpiredSvid, now, 0.0);
+            return;
+        };
+        let preferred = self.is_preferred(&t);
+        let (frac, fallback, grace) = (
+            self.cfg.refresh_fraction,
+            self.cfg.fallback_refresh_fraction,
+            self.cfg.undesired_grace,
+        );
+        let entry = Entry {
+            expires_at: now + lifetime,
+            expires: a.expires,
+            established_at: now,
+            local_spiffe_id: a.local_spiffe_id.clone(),
+            remote_spiffe_id: a.remote_spiffe_id.clone(),
+        };
+        let s = self.state_mut(t);
+        let old = s.entry.replace(entry.clone());
+        s.in_flight = false;
+        s.failures = 0;
+        s.last_result = Some(Ok(()));
+        if s.desired {
+            s.collect_at = None;
+            s.next_attempt = Some(refresh_at(&entry, if preferred { frac } else { fallback }));
+        } else {
+            s.next_attempt = None;
+            s.collect_at = Some(now + grace);
+        }
+        if let Some(old) = old {
+            self.unindex_entry(t, &old);
+        }
+        for id in [&entry.local_spiffe_id, &entry.remote_spiffe_id] {
+            self.by_spiffe.entry(id.clone()).or_default().insert(t);
+        }
+        self.actions.push_back(Action::Write {
+            triple: t,
+            expires_at: entry.expires_at,
+            expires: entry.expires,
+        });
+        self.settle(t);
+    }
+
+    /// A handshake we started failed. The entry (if any) stays until it expires: it was
+    /// valid and nothing revoked it. `jitter` in [0, 1) spreads retries.
+    pub fn on_failed(&mut self, t: AuthTriple, reason: AuthFailure, now: Instant, jitter: f64) {
+        let (min, max) = (self.cfg.retry_min, self.cfg.retry_max);
+        let s = self.state_mut(t);
+        s.in_flight = false;
+        s.last_result = Some(Err(reason));
+        let exp = s.failures.min(16);
+        s.failures = s.failures.saturating_add(1);
+        if s.desired {
+            let base = min.saturating_mul(1u32 << exp).min(max);
+            s.next_attempt = Some(now + base.mul_f64(1.0 + jitter.clamp(0.0, 1.0) * 0.5));
+        }
+        self.settle(t);
+    }
+
+    /// A workload SVID (local or remote) was revoked or removed: every entry that relied on it
+    /// goes now; desired triples are re-authenticated (with a new SVID, if any) after the
+    /// retry delay.
+    pub fn remove_spiffe_id(&mut self, id: &SpiffeId, now: Instant) {
+        self.remove_spiffe_id_where(id, now, |_| true);
+    }
+
+    /// A peer node told us (`ChannelEvent::RemoteRevoked`) that one of *its* workloads' SVIDs
+    /// went away: only entries with that node are affected, so a node cannot revoke what
+    /// another node vouched for.
+    pub fn remove_remote_spiffe_id(&mut self, node: u32, id: &SpiffeId, now: Instant) {
+        self.remove_spiffe_id_where(id, now, |t| t.remote_node == node);
+    }
+
+    fn remove_spiffe_id_where(
+        &mut self,
+        id: &SpiffeId,
+        now: Instant,
+        keep: impl Fn(&AuthTriple) -> bool,
+    ) {
+        let triples: Vec<AuthTriple> = self
+            .by_spiffe
+            .get(id)
+            .map(|s| s.iter().copied().filter(|t| keep(t)).collect())
+            .unwrap_or_default();
+        let retry = self.cfg.retry_min;
+        for t in triples {
+            self.delete_entry(t);
+            let s = self.state_mut(t);
+            if s.desired && !s.in_flight {
+                s.next_attempt = Some(now + retry);
+            }
+            self.settle(t);
+        }
+    }
+
+    /// A numeric identity no longer exists: forget everything about it.
+    pub fn remove_identity(&mut self, identity: u32) {
+        let triples: Vec<AuthTriple> = self
+            .by_identity
+            .get(&identity)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        self.forget(triples);
+    }
+
+    /// A node left the cluster: forget everything about it.
+    pub fn remove_node(&mut self, node: u32) {
+        let triples: Vec<AuthTriple> = self
+            .by_node
+            .get(&node)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        self.forget(triples);
+    }
+
+    fn forget(&mut self, triples: Vec<AuthTriple>) {
+        for t in triples {
+            self.delete_entry(t);
+            let s = self.state_mut(t);
+            s.desired = false;
+            s.in_flight = false;
+            s.next_attempt = None;
+            self.settle(t);
+        }
+    }
+
+    /// When [`Self::poll`] has something to do next.
+    pub fn deadline(&self) -> Option<Instant> {
+        if !self.actions.is_empty() {
+            return Some(Instant::now());
+        }
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// Runs what is due at `now` and drains the actions.
+    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+        while let Some(&(at, t)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, t));
+            let Some(s) = self.states.get_mut(&t) else {
+                continue;
+            };
+            s.timer = None;
+            if s.entry.as_ref().is_some_and(|e| e.expires_at <= now) {
+                self.delete_entry(t);
+                let s = self.states.get_mut(&t).expect("state exists");
+                if s.desired && !s.in_flight && s.next_attempt.is_none() {
+                    s.next_attempt = Some(now);
+                }
+            }
+            let s = self.states.get_mut(&t).expect("state exists");
+            if s.collect_at.is_some_and(|c| c <= now) && !s.desired {
+                self.delete_entry(t);
+            }
+            let s = self.states.get_mut(&t).expect("state exists");
+            if s.desired && !s.in_flight && s.next_attempt.is_some_and(|a| a <= now) {
+                s.in_flight = true;
+                s.next_attempt = None;
+                self.actions.push_back(Action::Start(t));
+            }
+            self.settle(t);
+        }
+        self.actions.drain(..).collect()
+    }
+
+    pub fn status(&self, t: &AuthTriple) -> Option<TripleStatus> {
+        self.states.get(t).map(|s| TripleStatus {
+            triple: *t,
+            entry: s.entry.clone(),
+            is_desired: s.desired,
+            is_in_flight: s.in_flight,
+            last_result: s.last_result,
+            failures: s.failures,
+        })
+    }
+
+    /// Every known triple, for `veil status`.
+    pub fn statuses(&self) -> Vec<TripleStatus> {
+        let mut v: Vec<_> = self.states.keys().filter_map(|t| self.status(t)).collect();
+        v.sort_by_key(|s| s.triple);
+        v
+    }
+
+    /// Entries currently authenticated.
+    pub fn len(&self) -> usize {
+        self.states.values().filter(|s| s.entry.is_some()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn refresh_at(e: &Entry, fraction: f64) -> Instant {
+    let life = e.expires_at.saturating_duration_since(e.established_at);
+    e.established_at + life.mul_f64(fraction.clamp(0.0, 1.0))
+}
+
+/// The CLOCK_BOOTTIME nanoseconds the datapath compares against, now.
+pub fn boot_time_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we pass; CLOCK_BOOTTIME exists on every
+    // kernel veil supports.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// The boot-clock time of `at`, given the boot clock `boot_now_ns` read at `now`.
+pub fn boot_ns_at(at: Instant, now: Instant, boot_now_ns: u64) -> u64 {
+    if at >= now {
+        boot_now_ns.saturating_add(at.duration_since(now).as_nanos() as u64)
+    } else {
+        boot_now_ns.saturating_sub(now.duration_since(at).as_nanos() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::advance;
+
+    const A: u32 = 1;
+    const B: u32 = 2;
+
+    fn t(l: u32, r: u32, n: u32) -> AuthTriple {
+        AuthTriple {
+            local_identity: l,
+            remote_identity: r,
+            remote_node: n,
+        }
+    }
+
+    fn sid(s: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://lab.veil/ns/shop/sa/{s}")).unwrap()
+    }
+
+    fn auth(tr: AuthTriple, ttl: Duration) -> Authenticated {
+        Authenticated {
+            triple: tr,
+            local_spiffe_id: sid(&format!("l{}", tr.local_identity)),
+            remote_spiffe_id: sid(&format!("r{}", tr.remote_identity)),
+            expires: sys0() + ttl,
+        }
+    }
+
+    /// Sleeps (paused time) to the table's deadline and polls; returns the actions.
+    async fn step(table: &mut AuthTable) -> Vec<Action> {
+        if let Some(d) = table.deadline() {
+            tokio::time::sleep_until(d).await;
+        }
+        table.poll(Instant::now())
+    }
+
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    /// A fixed wall clock: lifetimes are then exact, whatever the paused tokio clock says.
+    fn sys0() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn desired_triples_are_pre_authenticated_then_refreshed_before_expiry() {
+        let mut table = AuthTable::new(EntriesConfig::default(), A);
+        let tr = t(300, 301, B);
+        table.set_desired([tr], now());
+        assert_eq!(
+            table.poll(now()),
+            [Action::Start(tr)],
+            "preferred side starts at once"
+        );
+        assert_eq!(table.poll(now()), [], "only once while in flight");
+        let ttl = Duration::from_secs(30);
+        table.on_authenticated(&auth(tr, ttl), now(), sys0());
+        let acts = table.poll(now());
+        assert!(matches!(acts.as_slice(), [Action::Write { triple, .. }] if *triple == tr));
+        let t0 = now();
+        let acts = step(&mut table).await;
+        assert_eq!(acts, [Action::Start(tr)]);
+        assert_eq!(
+            now() - t0,
+            Duration::from_secs(20),
+            "at 2/3 of the lifetime"
+        );
+        // The refresh succeeds with a rotated SVID: new write, no delete, no gap.
+        table.on_authenticated(&auth(tr, ttl), now(), sys0());
+        let acts = table.poll(now());
+        assert!(matches!(acts.as_slice(), [Action::Write { .. }]));
+        assert_eq!(table.status(&tr).unwrap().last_result, Some(Ok(())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_other_side_defers_and_refreshes_later() {
+        let mut table = AuthTable::new(EntriesConfig::default(), B);
+        let tr = t(301, 300, A);
+        table.set_desired([tr], now());
+        assert_eq!(table.poll(now()), []);
+        let t0 = now();
+        assert_eq!(step(&mut table).await, [Action::Start(tr)]);
+        assert_eq!(now() - t0, Duration::from_secs(1));
+        // The peer authenticated meanwhile (inbound): our refresh moves to 80 %.
+        table.on_authenticated(&auth(tr, Duration::from_secs(100)), now(), sys0());
+        table.poll(now());
+        let t1 = now();
+        assert_eq!(step(&mut table).await, [Action::Start(tr)]);
+        assert_eq!(now() - t1, Duration::from_secs(80));
+        // A flow miss does not wait for the deferral.
+        let tr2 = t(301, 302, A);
+        table.set_desired([tr, tr2], now());
+        table.request_now(tr2, now());
+        assert_eq!(table.poll(now()), [Action::Start(tr2)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_are_deleted_at_expiry_if_not_refreshed() {
+        let mut table = AuthTable::new(EntriesConfig::default(), A);
+        let tr = t(300, 301, B);
+        // An inbound entry we do not desire: collected after the grace period...
+        table.on_authenticated(&auth(tr, Duration::from_secs(5)), now(), sys0());
+        table.poll(now());
+        let t0 = now();
+        assert_eq!(step(&mut table).await, [Action::Delete(tr)]);
+        assert_eq!(
+            now() - t0,
+            Duration::from_secs(5),
+            "...or at expiry, whichever is first"
+        );
+        assert!(table.status(&tr).is_none(), "nothing left behind");
+        // A desired entry whose refresh keeps failing is deleted at expiry and retried.
+        table.set_desired([tr], now());
+        assert_eq!(table.poll(now()), [Action::Start(tr)]);
+        table.on_authenticated(&auth(tr, Duration::from_millis(8500)), now(), sys0());
+        table.poll(now());
+        assert_eq!(step(&mut table).await, [Action::Start(tr)]);
+        table.on_failed(tr, AuthFailure::PeerUnreachable, now(), 0.0);
+        let t1 = now();
+        let acts = step(&mut table).await;
+        assert_eq!(acts, [Action::Start(tr)], "retry after 1 s");
+        assert_eq!(now() - t1, Duration::from_secs(1));
+        table.on_failed(tr, AuthFailure::PeerUnreachable, now(), 0.0);
+        let acts = step(&mut table).await;
+        assert_eq!(
+            acts,
+            [Action::Delete(tr)],
+            "expiry comes before the 2 s retry"
+        );
+        assert_eq!(
+            step(&mut table).await,
+            [Action::Start(tr)],
+            "then the retry"
+        );
+        table.on_failed(tr, AuthFailure::PeerUnreachable, now(), 0.0);
+        let st = table.status(&tr).unwrap();
+        assert_eq!(st.last_result, Some(Err(AuthFailure::PeerUnreachable)));
+        assert_eq!(st.failures, 3);
+        assert!(st.entry.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revocation_deletes_entries_at_once() {
+        let mut table = AuthTable::new(EntriesConfig::default(), A);
+        let tr1 = t(300, 301, B);
+        let tr2 = t(300, 302, B);
+        let tr3 = t(303, 301, B);
+        table.set_desired([tr1, tr2, tr3], now());
+        table.poll(now());
+        let hour = Duration::from_secs(3600);
+        for tr in [tr1, tr2, tr3] {
+            table.on_authenticated(&auth(tr, hour), now(), sys0());
+        }
+        table.poll(now());
+        advance(Duration::from_millis(10)).await;
+        // l300's SVID is revoked: both of its entries go in the same poll, well within 5 s.
+        table.remove_spiffe_id(&sid("l300"), now());
+        let mut acts = table.poll(now());
+        acts.sort_by_key(|a| format!("{a:?}"));
+        assert_eq!(acts, [Action::Delete(tr1), Action::Delete(tr2)]);
+        assert!(table.status(&tr3).unwrap().entry.is_some());
+        // The remote side's revocation (told over the channel) works the same way, but only
+        // for entries with the node that told us.
+        table.remove_remote_spiffe_id(3, &sid("r301"), now());
+        assert_eq!(table.poll(now()), []);
+        table.remove_remote_spiffe_id(B, &sid("r301"), now());
+        assert_eq!(table.poll(now()), [Action::Delete(tr3)]);
+        // They are retried (a rotated SVID would succeed; a revoked one keeps failing).
+        let acts = step(&mut table).await;
+        assert_eq!(acts.len(), 3);
+        assert!(acts.iter().all(|a| matches!(a, Action::Start(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identity_node_and_policy_deletion_collect_entries() {
+        let mut table = AuthTable::new(EntriesConfig::default(), A);
+        let hour = Duration::from_secs(3600);
+        let (tr1, tr2, tr3) = (t(300, 301, B), t(300, 301, 3), t(304, 305, 3));
+        table.set_desired([tr1, tr2, tr3], now());
+        table.poll(now());
+        for tr in [tr1, tr2, tr3] {
+            table.on_authenticated(&auth(tr, hour), now(), sys0());
+        }
+        table.poll(now());
+        assert_eq!(table.len(), 3);
+        table.remove_node(3);
+        let mut acts = table.poll(now());
+        acts.sort_by_key(|a| format!("{a:?}"));
+        assert_eq!(acts, [Action::Delete(tr2), Action::Delete(tr3)]);
+        assert!(table.status(&tr3).is_none());
+
+        table.set_desired([tr1, tr3], now());
+        table.poll(now());
+        table.on_authenticated(&auth(tr3, hour), now(), sys0());
+        table.poll(now());
+        table.remove_identity(301);
+        assert_eq!(table.poll(now()), [Action::Delete(tr1)]);
+
+        // Policy deletion: tr3 leaves the desired set. Just established → collected after
+        // the grace period; an older one would go at once.
+        table.set_desired([], now());
+        assert_eq!(table.poll(now()), []);
+        let t0 = now();
+        assert_eq!(step(&mut table).await, [Action::Delete(tr3)]);
+        assert_eq!(now() - t0, Duration::from_secs(10));
+        assert!(table.is_empty());
+        assert!(table.statuses().is_empty());
+        assert_eq!(table.deadline(), None, "idle: no timers left");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn results_for_undesired_triples_are_collected_and_late_failures_ignored() {
+        let mut table = AuthTable::new(EntriesConfig::default(), A);
+        let tr = t(300, 301, B);
+        table.set_desired([tr], now());
+        assert_eq!(table.poll(now()), [Action::Start(tr)]);
+        // Policy removed while the handshake was in flight; the result still arrives.
+        advance(Duration::from_secs(60)).await;
+        table.set_desired([], now());
+        table.on_authenticated(&auth(tr, Duration::from_secs(3600)), now(), sys0());
+        assert!(matches!(
+            table.poll(now()).as_slice(),
+            [Action::Write { .. }]
+        ));
+        assert_eq!(step(&mut table).await, [Action::Delete(tr)]);
+        // An already-expired result writes nothing.
+        let mut a = auth(tr, Duration::from_secs(1));
+        a.expires = sys0() - Duration::from_secs(1);
+        table.set_desired([tr], now());
+        table.poll(now());
+        table.on_authenticated(&a, now(), sys0());
+        assert_eq!(table.poll(now()), []);
+        assert_eq!(
+            table.status(&tr).unwrap().last_result,
+            Some(Err(AuthFailure::ExpiredSvid))
+        );
+    }
+
+    #[test]
+    fn boot_clock_conversion() {
+        let now = Instant::now();
+        assert_eq!(
+            boot_ns_at(now + Duration::from_secs(2), now, 10),
+            2_000_000_010
+        );
+        assert_eq!(boot_ns_at(now, now + Duration::from_nanos(5), 10), 5);
+        assert_eq!(boot_ns_at(now, now + Duration::from_secs(5), 10), 0);
+        let a = boot_time_ns();
+        let b = boot_time_ns();
+        assert!(a > 0 && b >= a);
+    }
+}

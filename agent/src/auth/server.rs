@@ -1,0 +1,296 @@
+//! The control channel server (TCP 4250 in the node netns): accepts peer agents, refuses
+//! sources that are not cluster nodes before any TLS work, bounds unauthenticated connections
+//! (globally and per source address) and how long they may take, then hands established
+//! channels to the daemon as [`ChannelEvent::Established`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{timeout_at, Instant};
+use tracing::Instrument;
+
+use super::channel::{self, ChannelConfig, ChannelEvent, Deps};
+use super::tls::{self, ExpectedPeer, TlsConfig};
+use super::{node_name_of, AuthFailure, Error, DEFAULT_PORT};
+
+/// Server settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls: TlsConfig,
+    pub channel: ChannelConfig,
+    /// Connections that have not completed TLS + node handshake, in total.
+    pub max_unauthenticated: usize,
+    /// ... and per source address, so one noisy source cannot starve the others.
+    pub max_unauthenticated_per_source: usize,
+    /// Refuse sources that are no node's underlay address (before TLS). Off only where
+    /// agents share an address (tests on loopback).
+    pub require_known_source: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            tls: TlsConfig::default(),
+            channel: ChannelConfig::default(),
+            max_unauthenticated: 256,
+            max_unauthenticated_per_source: 8,
+            require_known_source: true,
+        }
+    }
+}
+
+/// Server counters (Prometheus-style, monotonic).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub accepted: AtomicU64,
+    pub refused_unknown_source: AtomicU64,
+    pub refused_over_limit: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
+    pub tls_failures: AtomicU64,
+    pub node_handshake_failures: AtomicU64,
+    pub established: AtomicU64,
+    /// Peer node certificates we refused, by [`AuthFailure::code`].
+    pub rejected: [AtomicU64; 16],
+}
+
+impl ServerStats {
+    pub fn rejected_for(&self, reason: AuthFailure) -> u64 {
+        self.rejected[reason.code() as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Counts unauthenticated connections per source; the guard gives the slot back.
+#[derive(Default)]
+struct PerSource(Mutex<HashMap<IpAddr, usize>>);
+
+struct SourceSlot(Arc<PerSource>, IpAddr);
+
+impl PerSource {
+    fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// The control channel server.
+pub struct Server {
+    listener: TcpListener,
+    cfg: ServerConfig,
+    deps: Deps,
+    stats: Arc<ServerStats>,
+}
+
+impl Server {
+    pub async fn bind(cfg: ServerConfig, deps: Deps) -> Result<Self, Error> {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            cfg,
+            deps,
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
+    }
+
+    /// Accepts until `shutdown` resolves. Established channels outlive it (the daemon owns
+    /// them); connections still handshaking are dropped with the task.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let global = Arc::new(Semaphore::new(self.cfg.max_unauthenticated));
+        let per_source = Arc::new(PerSource::default());
+        let cfg = Arc::new(self.cfg);
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, addr) = tokio::select! {
+                _ = &mut shutdown => break,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "control channel accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            let ip = canonical_ip(addr.ip());
+            let known = self.deps.directory.node_by_addr(ip);
+            if known.is_none() && cfg.require_known_source {
+                self.stats
+                    .refused_unknown_source
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let Some(slot) = per_source.try_take(ip, cfg.max_unauthenticated_per_source) else {
+                self.stats
+                    .refused_over_limit
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let Ok(permit) = global.clone().try_acquire_owned() else {
+                self.stats
+                    .refused_over_limit
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let expected = match &known {
+                Some(n) => ExpectedPeer::Node(n.spiffe_id.clone()),
+                None => ExpectedPeer::AnyNodeOf(self.deps.trust_domain.clone()),
+            };
+            let (deps, stats, cfg) = (self.deps.clone(), self.stats.clone(), cfg.clone());
+            let span = tracing::debug_span!("auth_conn", peer = %addr);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = handle(tcp, expected, &cfg, &deps, &stats, (slot, permit)).await
+                    {
+                        tracing::debug!(error = %crate::error_chain(&e), "peer connection refused");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    expected: ExpectedPeer,
+    cfg: &ServerConfig,
+    deps: &Deps,
+    stats: &ServerStats,
+    unauthenticated: (SourceSlot, OwnedSemaphorePermit),
+) -> Result<(), Error> {
+    let deadline = Instant::now() + cfg.channel.handshake_timeout;
+    let _ = tcp.set_nodelay(true);
+    let peer_label = tcp
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let config = tls::server_config(&cfg.tls, &deps.creds, &deps.bundles, expected)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let stream = match timeout_at(deadline, acceptor.accept(tcp)).await {
+        Err(_) => {
+            stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::Timeout {
+                peer: peer_label,
+                stage: "tls handshake",
+            });
+        }
+        Ok(Err(e)) => {
+            stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(reason) = tls::rejection_reason(&e) {
+                stats.rejected[reason.code() as usize].fetch_add(1, Ordering::Relaxed);
+                return Err(Error::PeerRejected {
+                    peer: peer_label,
+                    reason,
+                });
+            }
+            return Err(Error::Io {
+                peer: peer_label,
+                source: e,
+            });
+        }
+        Ok(Ok(s)) => s,
+    };
+    // The verifier accepted the chain; read back which node it named.
+    let (node, peer_svid) = {
+        let conn = stream.get_ref().1;
+        let certs = conn.peer_certificates().unwrap_or_default();
+        let (leaf, rest) = certs.split_first().ok_or_else(|| Error::PeerRejected {
+            peer: peer_label.clone(),
+            reason: AuthFailure::InvalidSvid,
+        })?;
+        let v = tls::check_node_chain(
+            leaf,
+            rest,
+            &deps.bundles,
+            &ExpectedPeer::AnyNodeOf(deps.trust_domain.clone()),
+            SystemTime::now(),
+        )
+        .map_err(|e| Error::PeerRejected {
+            peer: peer_label.clone(),
+            reason: tls::rejection_reason(&e).unwrap_or(AuthFailure::InvalidSvid),
+        })?;
+        let name =
+            node_name_of(&v.spiffe_id, &deps.trust_domain).ok_or_else(|| Error::PeerRejected {
+                peer: peer_label.clone(),
+                reason: AuthFailure::WrongSpiffeId,
+            })?;
+        let node = deps
+            .directory
+            .node_by_name(&name)
+            .ok_or_else(|| Error::UnknownNode(name.clone()))?;
+        (node, v)
+    };
+    let result = channel::establish(stream, node, peer_svid, &cfg.channel, deps, deadline).await;
+    let (channel, keys) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            stats
+                .node_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    drop(unauthenticated);
+    stats.established.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        peer = %channel.peer().name,
+        group = ?channel.negotiated_group(),
+        epoch = keys.epoch,
+        "control channel established (accepted)"
+    );
+    if deps
+        .events
+        .send(ChannelEvent::Established { channel, keys })
+        .await
+        .is_err()
+    {
+        tracing::warn!("daemon stopped listening for control channels");
+    }
+    Ok(())
+}

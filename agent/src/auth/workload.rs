@@ -1,0 +1,807 @@
+//! Workload handshake (sans-IO): two node agents prove, over their authenticated channel, that
+//! a (local identity, remote identity) pair is backed by the two workloads' X.509-SVIDs.
+//!
+//! ```text
+//! initiator (node I, workload identity L)           responder (node R, workload identity R)
+//!   AuthRequest { id, nonce, L, R, chain_L, sig_L(transcript_I) } ──▶
+//!                     checks chain_L, L's SPIFFE ID ∈ identities node I hosts, sig_L;
+//!                     picks its own SVID for R (only if it hosts R)
+//!   ◀── AuthResponse { id, Ok { chain_R, sig_R(transcript_R) } | Err(reason) }
+//!   checks chain_R, R's SPIFFE ID ∈ identities node R hosts, sig_R
+//!
+//! transcript = "veil-workload-auth-v1\0" ‖ role ('I'|'R') ‖ binding(32) ‖ nonce(32)
+//!              ‖ L(u32) ‖ R(u32) ‖ node I id(u32) ‖ node R id(u32) [‖ SHA-256(leaf_L), role R]
+//! binding    = TLS-Exporter("EXPORTER-veil-workload-auth", "", 32), once per connection
+//! ```
+//!
+//! The binding ties each proof to this TLS session (a proof cannot be replayed on another
+//! channel); the nonce makes each request's proof fresh; the responder's proof covers the
+//! initiator's leaf, pairing the two. Success yields an [`Authenticated`] on each side:
+//! (L, R, node R) on the initiator, (R, L, node I) on the responder, expiring at the earliest
+//! not-after of the SVIDs involved.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use rustls::pki_types::CertificateDer;
+use rustls::sign::SigningKey;
+use rustls::SignatureScheme;
+use veil_identity::{validate_x509_svid, BundleSet, SpiffeId, Svid, TrustDomain, ValidatedSvid};
+
+use super::tls::Exporter;
+use super::wire::{AuthAccept, AuthRequest, AuthResponse, Proof};
+use super::{AuthFailure, AuthTriple, LocalWorkloads, PeerDirectory};
+
+/// Exporter label of the per-session binding value.
+pub const BINDING_LABEL: &[u8] = b"EXPORTER-veil-workload-auth";
+const TRANSCRIPT_PREFIX: &[u8] = b"veil-workload-auth-v1\0";
+
+/// Signature schemes a proof may use (the TLS 1.3 set).
+pub const PROOF_SCHEMES: [SignatureScheme; 6] = [
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+    SignatureScheme::ED25519,
+    SignatureScheme::RSA_PSS_SHA256,
+    SignatureScheme::RSA_PSS_SHA384,
+    SignatureScheme::RSA_PSS_SHA512,
+];
+
+/// The exporter value that binds proofs to one TLS session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SessionBinding([u8; 32]);
+
+impl SessionBinding {
+    pub fn from_exporter(ex: &dyn Exporter) -> Result<Self, rustls::Error> {
+        let mut out = [0u8; 32];
+        ex.export(BINDING_LABEL, &[], &mut out)?;
+        Ok(Self(out))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn fixed(b: [u8; 32]) -> Self {
+        Self(b)
+    }
+}
+
+impl std::fmt::Debug for SessionBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionBinding(<redacted>)")
+    }
+}
+
+/// What one side needs to check the other: the channel it runs on and the cluster view.
+pub struct Context<'a> {
+    pub trust_domain: &'a TrustDomain,
+    pub bundles: &'a BundleSet,
+    pub directory: &'a dyn PeerDirectory,
+    pub local_node: u32,
+    pub peer_node: u32,
+    pub binding: SessionBinding,
+    pub now: SystemTime,
+}
+
+/// A successful workload handshake, from this node's point of view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authenticated {
+    pub triple: AuthTriple,
+    pub local_spiffe_id: SpiffeId,
+    pub remote_spiffe_id: SpiffeId,
+    /// Earliest not-after of the SVIDs involved (and of the peer chain's issuers).
+    pub expires: SystemTime,
+}
+
+/// Loaded signing keys of workload SVIDs, by SVID serial, so a busy pair does not re-parse
+/// its PKCS#8 key for every handshake. Bounded; cleared when full.
+#[derive(Default)]
+pub struct SigningKeys(Mutex<HashMap<(SpiffeId, String), Arc<dyn SigningKey>>>);
+
+const SIGNING_KEYS_MAX: usize = 4096;
+
+impl SigningKeys {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn get(&self, svid: &Svid) -> Result<Arc<dyn SigningKey>, AuthFailure> {
+        let k = (svid.spiffe_id().clone(), svid.serial().to_owned());
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(key) = map.get(&k) {
+            return Ok(key.clone());
+        }
+        let key = rustls::crypto::aws_lc_rs::sign::any_supported_type(
+            &svid.private_key().private_key_der(),
+        )
+        .map_err(|_| AuthFailure::NoLocalSvid)?;
+        if map.len() >= SIGNING_KEYS_MAX {
+            map.clear();
+        }
+        map.insert(k, key.clone());
+        Ok(key)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Initiator,
+    Responder,
+}
+
+struct Transcript<'a> {
+    binding: &'a SessionBinding,
+    nonce: &'a [u8; 32],
+    initiator_identity: u32,
+    responder_identity: u32,
+    initiator_node: u32,
+    responder_node: u32,
+}
+
+impl Transcript<'_> {
+    fn bytes(&self, role: Role, initiator_leaf: Option<&[u8]>) -> Vec<u8> {
+        let mut m = Vec::with_capacity(TRANSCRIPT_PREFIX.len() + 1 + 64 + 16 + 32);
+        m.extend_from_slice(TRANSCRIPT_PREFIX);
+        m.push(match role {
+            Role::Initiator => b'I',
+            Role::Responder => b'R',
+        });
+        m.extend_from_slice(&self.binding.0);
+        m.extend_from_slice(self.nonce);
+        m.extend_from_slice(&self.initiator_identity.to_be_bytes());
+        m.extend_from_slice(&self.responder_identity.to_be_bytes());
+        m.extend_from_slice(&self.initiator_node.to_be_bytes());
+        m.extend_from_slice(&self.responder_node.to_be_bytes());
+        if let Some(leaf) = initiator_leaf {
+            m.extend_from_slice(
+                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf).as_ref(),
+            );
+        }
+        m
+    }
+}
+
+fn sign(keys: &SigningKeys, svid: &Svid, msg: &[u8]) -> Result<Proof, AuthFailure> {
+    let key = keys.get(svid)?;
+    let signer = key
+        .choose_scheme(&PROOF_SCHEMES)
+        .ok_or(AuthFailure::NoLocalSvid)?;
+    let signature = signer.sign(msg).map_err(|_| AuthFailure::NoLocalSvid)?;
+    Ok(Proof {
+        scheme: u16::from(signer.scheme()),
+        signature,
+    })
+}
+
+fn verify_proof(leaf: &[u8], proof: &Proof, msg: &[u8]) -> Result<(), AuthFailure> {
+    let scheme = SignatureScheme::from(proof.scheme);
+    if !PROOF_SCHEMES.contains(&scheme) {
+        return Err(AuthFailure::BadProof);
+    }
+    static ALGS: std::sync::OnceLock<rustls::crypto::WebPkiSupportedAlgorithms> =
+        std::sync::OnceLock::new();
+    let algs = ALGS.get_or_init(|| {
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+    });
+    // TLS 1.3 semantics: the first algorithm mapped to the scheme, which also pins the key
+    // type (an ECDSA P-256 scheme cannot verify with a P-384 key).
+    let alg = algs
+        .mapping
+        .iter()
+        .find(|(s, _)| *s == scheme)
+        .and_then(|(_, a)| a.first())
+        .ok_or(AuthFailure::BadProof)?;
+    let der = CertificateDer::from(leaf);
+    let cert = webpki::EndEntityCert::try_from(&der).map_err(|_| AuthFailure::InvalidSvid)?;
+    cert.verify_signature(*alg, msg, &proof.signature)
+        .map_err(|_| AuthFailure::BadProof)
+}
+
+/// Validates a peer workload's chain and checks that its SPIFFE ID is in our trust domain,
+/// that the peer node hosts it, and that it maps to `claimed_identity`.
+fn check_peer_workload(
+    chain: &[Vec<u8>],
+    claimed_identity: u32,
+    ctx: &Context<'_>,
+) -> Result<ValidatedSvid, AuthFailure> {
+    let chain: Vec<CertificateDer<'_>> = chain
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let v = validate_x509_svid(&chain, ctx.bundles, ctx.now)
+        .map_err(|e| AuthFailure::from_svid_error(&e))?;
+    if !v.spiffe_id.is_member_of(ctx.trust_domain) {
+        return Err(AuthFailure::WrongTrustDomain);
+    }
+    let ids = ctx.directory.hosted_identities(ctx.peer_node, &v.spiffe_id);
+    if ids.is_empty() {
+        return Err(AuthFailure::NotHosted);
+    }
+    if !ids.contains(&claimed_identity) {
+        return Err(AuthFailure::WrongSpiffeId);
+    }
+    Ok(v)
+}
+
+/// Checks our own SVID before using it to answer or ask.
+fn check_local_svid(svid: &Svid, identity: u32, ctx: &Context<'_>) -> Result<(), AuthFailure> {
+    if svid.is_expired_at(ctx.now) {
+        return Err(AuthFailure::ExpiredSvid);
+    }
+    // Never speak for a workload the cluster does not place on this node.
+    if !ctx
+        .directory
+        .hosted_identities(ctx.local_node, svid.spiffe_id())
+        .contains(&identity)
+    {
+        return Err(AuthFailure::NotHosted);
+    }
+    Ok(())
+}
+
+/// The initiating side of one workload handshake.
+#[derive(Debug)]
+pub struct Initiator {
+    id: u32,
+    nonce: [u8; 32],
+    local_identity: u32,
+    remote_identity: u32,
+    local_svid: Arc<Svid>,
+}
+
+impl Initiator {
+    /// Builds the request for (local identity, remote identity) with the local workload's
+    /// SVID. `nonce` must be fresh random bytes.
+    pub fn start(
+        id: u32,
+        nonce: [u8; 32],
+        local_identity: u32,
+        remote_identity: u32,
+        local_svid: Arc<Svid>,
+        keys: &SigningKeys,
+        ctx: &Context<'_>,
+    ) -> Result<(Self, AuthRequest), AuthFailure> {
+        check_local_svid(&local_svid, local_identity, ctx)?;
+        let t = Transcript {
+            binding: &ctx.binding,
+            nonce: &nonce,
+            initiator_identity: local_identity,
+            responder_identity: remote_identity,
+            initiator_node: ctx.local_node,
+            responder_node: ctx.peer_node,
+        };
+        let proof = sign(keys, &local_svid, &t.bytes(Role::Initiator, None))?;
+        let req = AuthRequest {
+            id,
+            nonce,
+            initiator_identity: local_identity,
+            responder_identity: remote_identity,
+            chain: local_svid
+                .cert_chain()
+                .iter()
+                .map(|c| c.as_ref().to_vec())
+                .collect(),
+            proof,
+        };
+        Ok((
+            Self {
+                id,
+                nonce,
+                local_identity,
+                remote_identity,
+                local_svid,
+            },
+            req,
+        ))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn triple(&self, ctx_peer_node: u32) -> AuthTriple {
+        AuthTriple {
+            local_identity: self.local_identity,
+            remote_identity: self.remote_identity,
+            remote_node: ctx_peer_node,
+        }
+    }
+
+    /// Checks the response.
+    pub fn finish(
+        self,
+        resp: AuthResponse,
+        ctx: &Context<'_>,
+    ) -> Result<Authenticated, AuthFailure> {
+        if resp.id != self.id {
+            return Err(AuthFailure::ProtocolError);
+        }
+        let accept = resp.result?;
+        let peer = check_peer_workload(&accept.chain, self.remote_identity, ctx)?;
+        let t = Transcript {
+            binding: &ctx.binding,
+            nonce: &self.nonce,
+            initiator_identity: self.local_identity,
+            responder_identity: self.remote_identity,
+            initiator_node: ctx.local_node,
+            responder_node: ctx.peer_node,
+        };
+        let msg = t.bytes(Role::Responder, Some(self.local_svid.leaf().as_ref()));
+        verify_proof(&accept.chain[0], &accept.proof, &msg)?;
+        Ok(Authenticated {
+            triple: self.triple(ctx.peer_node),
+            local_spiffe_id: self.local_svid.spiffe_id().clone(),
+            remote_spiffe_id: peer.spiffe_id,
+            expires: self.local_svid.not_after().min(peer.valid_until),
+        })
+    }
+}
+
+/// Answers one request. Returns the response to send and the local outcome (an entry to
+/// write on success, a reason to count on failure).
+pub fn respond(
+    req: &AuthRequest,
+    local: &dyn LocalWorkloads,
+    keys: &SigningKeys,
+    ctx: &Context<'_>,
+) -> (AuthResponse, Result<Authenticated, AuthFailure>) {
+    let outcome = respond_inner(req, local, keys, ctx);
+    let result = match &outcome {
+        Ok((accept, _)) => Ok(accept.clone()),
+        Err(f) => Err(*f),
+    };
+    (AuthResponse { id: req.id, result }, outcome.map(|(_, a)| a))
+}
+
+fn respond_inner(
+    req: &AuthRequest,
+    local: &dyn LocalWorkloads,
+    keys: &SigningKeys,
+    ctx: &Context<'_>,
+) -> Result<(AuthAccept, Authenticated), AuthFailure> {
+    let peer = check_peer_workload(&req.chain, req.initiator_identity, ctx)?;
+    let initiator_transcript = Transcript {
+        binding: &ctx.binding,
+        nonce: &req.nonce,
+        initiator_identity: req.initiator_identity,
+        responder_identity: req.responder_identity,
+        initiator_node: ctx.peer_node,
+        responder_node: ctx.local_node,
+    };
+    verify_proof(
+        &req.chain[0],
+        &req.proof,
+        &initiator_transcript.bytes(Role::Initiator, None),
+    )?;
+    let svid = local
+        .svid_for(req.responder_identity)
+        .ok_or(AuthFailure::NotHosted)?;
+    check_local_svid(&svid, req.responder_identity, ctx)?;
+    let proof = sign(
+        keys,
+        &svid,
+        &initiator_transcript.bytes(Role::Responder, Some(&req.chain[0])),
+    )?;
+    let accept = AuthAccept {
+        chain: svid
+            .cert_chain()
+            .iter()
+            .map(|c| c.as_ref().to_vec())
+            .collect(),
+        proof,
+    };
+    let authenticated = Authenticated {
+        triple: AuthTriple {
+            local_identity: req.responder_identity,
+            remote_identity: req.initiator_identity,
+            remote_node: ctx.peer_node,
+        },
+        local_spiffe_id: svid.spiffe_id().clone(),
+        remote_spiffe_id: peer.spiffe_id,
+        expires: svid.not_after().min(peer.valid_until),
+    };
+    Ok((accept, authenticated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::testing::{session_pair, Pki};
+    use crate::auth::{StaticDirectory, StaticWorkloads};
+    use std::time::Duration;
+    use veil_certs_dev::BadVariant;
+
+    const NODE_A: u32 = 1;
+    const NODE_B: u32 = 2;
+    const FRONTEND: u32 = 300;
+    const BACKEND: u32 = 301;
+    const INTRUDER: u32 = 302;
+
+    struct World {
+        pki: Pki,
+        dir: StaticDirectory,
+        frontend: Arc<Svid>,
+        backend: Arc<Svid>,
+        intruder: Arc<Svid>,
+        on_b: StaticWorkloads,
+        keys: SigningKeys,
+    }
+
+    fn world() -> World {
+        let pki = Pki::new("lab.veil");
+        let hour = Duration::from_secs(3600);
+        let frontend = pki.workload("shop", "frontend", hour);
+        let backend = pki.workload("shop", "backend", 2 * hour);
+        let intruder = pki.workload("shop", "intruder", hour);
+        let mut dir = StaticDirectory::new();
+        dir.add_workload(NODE_A, frontend.spiffe_id().clone(), FRONTEND);
+        dir.add_workload(NODE_A, intruder.spiffe_id().clone(), INTRUDER);
+        dir.add_workload(NODE_B, backend.spiffe_id().clone(), BACKEND);
+        let on_b = StaticWorkloads([(BACKEND, backend.clone())].into());
+        World {
+            pki,
+            dir,
+            frontend,
+            backend,
+            intruder,
+            on_b,
+            keys: SigningKeys::new(),
+        }
+    }
+
+    fn ctx<'a>(w: &'a World, local: u32, peer: u32, binding: SessionBinding) -> Context<'a> {
+        Context {
+            trust_domain: &w.pki.td,
+            bundles: &w.pki.bundles,
+            directory: &w.dir,
+            local_node: local,
+            peer_node: peer,
+            binding,
+            now: SystemTime::now(),
+        }
+    }
+
+    /// A full exchange over a real TLS session's exporter values.
+    fn exchange(
+        w: &World,
+        local_identity: u32,
+        remote_identity: u32,
+        svid: Arc<Svid>,
+    ) -> (
+        Result<Authenticated, AuthFailure>,
+        Result<Authenticated, AuthFailure>,
+    ) {
+        let (client, server) = session_pair(&w.pki);
+        let ba = SessionBinding::from_exporter(&*client).unwrap();
+        let bb = SessionBinding::from_exporter(&*server).unwrap();
+        assert_eq!(ba, bb);
+        let ca = ctx(w, NODE_A, NODE_B, ba);
+        let cb = ctx(w, NODE_B, NODE_A, bb);
+        let (init, req) = match Initiator::start(
+            7,
+            [5; 32],
+            local_identity,
+            remote_identity,
+            svid,
+            &w.keys,
+            &ca,
+        ) {
+            Ok(x) => x,
+            Err(f) => return (Err(f), Err(f)),
+        };
+        let req = roundtrip_request(req);
+        let (resp, responder) = respond(&req, &w.on_b, &w.keys, &cb);
+        (init.finish(roundtrip_response(resp), &ca), responder)
+    }
+
+    fn roundtrip_request(r: AuthRequest) -> AuthRequest {
+        use crate::auth::wire::{decode_frame, encode, Message};
+        match decode_frame(&encode(&Message::AuthRequest(r)))
+            .unwrap()
+            .unwrap()
+            .0
+        {
+            Message::AuthRequest(r) => r,
+            _ => unreachable!(),
+        }
+    }
+
+    fn roundtrip_response(r: AuthResponse) -> AuthResponse {
+        use crate::auth::wire::{decode_frame, encode, Message};
+        match decode_frame(&encode(&Message::AuthResponse(r)))
+            .unwrap()
+            .unwrap()
+            .0
+        {
+            Message::AuthResponse(r) => r,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn good_pair_authenticates_on_both_sides() {
+        let w = world();
+        let (a, b) = exchange(&w, FRONTEND, BACKEND, w.frontend.clone());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(
+            a.triple,
+            AuthTriple {
+                local_identity: FRONTEND,
+                remote_identity: BACKEND,
+                remote_node: NODE_B
+            }
+        );
+        assert_eq!(
+            b.triple,
+            AuthTriple {
+                local_identity: BACKEND,
+                remote_identity: FRONTEND,
+                remote_node: NODE_A
+            }
+        );
+        assert_eq!(&a.remote_spiffe_id, w.backend.spiffe_id());
+        assert_eq!(&b.remote_spiffe_id, w.frontend.spiffe_id());
+        // Expiry: the earliest not-after (frontend's 1 h, not backend's 2 h), on both sides.
+        assert_eq!(a.expires, w.frontend.not_after());
+        assert_eq!(b.expires, w.frontend.not_after());
+    }
+
+    #[test]
+    fn expired_initiator_svid_is_refused_as_expired() {
+        let w = world();
+        let expired = Arc::new(
+            w.pki
+                .ca
+                .issue_bad(BadVariant::Expired, w.frontend.spiffe_id())
+                .unwrap()
+                .into_svid()
+                .unwrap(),
+        );
+        // Our own side refuses to use it...
+        let (a, _) = exchange(&w, FRONTEND, BACKEND, expired.clone());
+        assert_eq!(a, Err(AuthFailure::ExpiredSvid));
+        // ...and a peer that sends one anyway is refused by the responder with that reason.
+        let (client, server) = session_pair(&w.pki);
+        let bb = SessionBinding::from_exporter(&*server).unwrap();
+        let ba = SessionBinding::from_exporter(&*client).unwrap();
+        let mut ca = ctx(&w, NODE_A, NODE_B, ba);
+        ca.now = expired.not_before();
+        let (_, req) =
+            Initiator::start(1, [0; 32], FRONTEND, BACKEND, expired, &w.keys, &ca).unwrap();
+        let (resp, outcome) = respond(&req, &w.on_b, &w.keys, &ctx(&w, NODE_B, NODE_A, bb));
+        assert_eq!(outcome, Err(AuthFailure::ExpiredSvid));
+        assert_eq!(resp.result, Err(AuthFailure::ExpiredSvid));
+    }
+
+    #[test]
+    fn responder_never_answers_for_a_workload_it_does_not_host() {
+        let w = world();
+        // node-b is asked for the intruder identity, which lives on node-a.
+        let (a, b) = exchange(&w, FRONTEND, INTRUDER, w.frontend.clone());
+        assert_eq!(a, Err(AuthFailure::NotHosted));
+        assert_eq!(b, Err(AuthFailure::NotHosted));
+    }
+
+    #[test]
+    fn a_node_claiming_a_workload_it_does_not_host_is_refused() {
+        let mut w = world();
+        // node-a holds a valid backend SVID (stolen, or a stale placement) and claims it.
+        w.dir
+            .add_workload(NODE_A, w.backend.spiffe_id().clone(), BACKEND);
+        let ca_dir = w.dir.clone();
+        w.dir
+            .remove_workload(NODE_A, &w.backend.spiffe_id().clone(), BACKEND);
+        let (client, server) = session_pair(&w.pki);
+        let ba = SessionBinding::from_exporter(&*client).unwrap();
+        let bb = SessionBinding::from_exporter(&*server).unwrap();
+        let ca = Context {
+            directory: &ca_dir,
+            ..ctx(&w, NODE_A, NODE_B, ba)
+        };
+        let (_, req) = Initiator::start(
+            1,
+            [0; 32],
+            BACKEND,
+            BACKEND,
+            w.backend.clone(),
+            &w.keys,
+            &ca,
+        )
+        .unwrap();
+        let (resp, outcome) = respond(&req, &w.on_b, &w.keys, &ctx(&w, NODE_B, NODE_A, bb));
+        assert_eq!(outcome, Err(AuthFailure::NotHosted));
+        assert_eq!(resp.result, Err(AuthFailure::NotHosted));
+    }
+
+    #[test]
+    fn a_responder_answering_with_a_workload_it_does_not_host_is_refused() {
+        let mut w = world();
+        // node-b answers for BACKEND with the intruder's SVID (hosted on node-a).
+        w.on_b.0.insert(BACKEND, w.intruder.clone());
+        w.dir
+            .add_workload(NODE_B, w.intruder.spiffe_id().clone(), BACKEND);
+        let b_dir = w.dir.clone();
+        w.dir
+            .remove_workload(NODE_B, &w.intruder.spiffe_id().clone(), BACKEND);
+        let (client, server) = session_pair(&w.pki);
+        let ba = SessionBinding::from_exporter(&*client).unwrap();
+        let bb = SessionBinding::from_exporter(&*server).unwrap();
+        let ca = ctx(&w, NODE_A, NODE_B, ba);
+        let cb = Context {
+            directory: &b_dir,
+            ..ctx(&w, NODE_B, NODE_A, bb)
+        };
+        let (init, req) = Initiator::start(
+            1,
+            [0; 32],
+            FRONTEND,
+            BACKEND,
+            w.frontend.clone(),
+            &w.keys,
+            &ca,
+        )
+        .unwrap();
+        let (resp, outcome) = respond(&req, &w.on_b, &w.keys, &cb);
+        assert!(outcome.is_ok());
+        assert_eq!(init.finish(resp, &ca), Err(AuthFailure::NotHosted));
+    }
+
+    #[test]
+    fn identity_mismatch_is_a_wrong_spiffe_id() {
+        let w = world();
+        // node-a claims the frontend SVID stands for the intruder's numeric identity.
+        let (client, server) = session_pair(&w.pki);
+        let ba = SessionBinding::from_exporter(&*client).unwrap();
+        let bb = SessionBinding::from_exporter(&*server).unwrap();
+        let mut dir_a = w.dir.clone();
+        dir_a.add_workload(NODE_A, w.frontend.spiffe_id().clone(), INTRUDER);
+        let ca = Context {
+            directory: &dir_a,
+            ..ctx(&w, NODE_A, NODE_B, ba)
+        };
+        let (_, req) = Initiator::start(
+            1,
+            [0; 32],
+            INTRUDER,
+            BACKEND,
+            w.frontend.clone(),
+            &w.keys,
+            &ca,
+        )
+        .unwrap();
+        let (_, outcome) = respond(&req, &w.on_b, &w.keys, &ctx(&w, NODE_B, NODE_A, bb));
+        assert_eq!(outcome, Err(AuthFailure::WrongSpiffeId));
+    }
+
+    #[test]
+    fn foreign_trust_domain_workload_is_refused() {
+        let w = world();
+        let foreign = Pki::new("evil.veil");
+        let f = foreign.workload("shop", "frontend", Duration::from_secs(600));
+        let (client, server) = session_pair(&w.pki);
+        let ba = SessionBinding::from_exporter(&*client).unwrap();
+        let bb = SessionBinding::from_exporter(&*server).unwrap();
+        let mut dir_a = w.dir.clone();
+        dir_a.add_workload(NODE_A, f.spiffe_id().clone(), FRONTEND);
+        let ca = Context {
+            directory: &dir_a,
+            ..ctx(&w, NODE_A, NODE_B, ba)
+        };
+        let (_, req) = Initiator::start(1, [0; 32], FRONTEND, BACKEND, f, &w.keys, &ca).unwrap();
+        let (_, outcome) = respond(&req, &w.on_b, &w.keys, &ctx(&w, NODE_B, NODE_A, bb));
+        assert_eq!(outcome, Err(AuthFailure::WrongTrustDomain));
+    }
+
+    #[test]
+    fn proofs_are_bound_to_the_session_nonce_and_identities() {
+        let w = world();
+        let (client, server) = session_pair(&w.pki);
+        let ba = SessionBinding::from_exporter(&*client).unwrap();
+        let bb = SessionBinding::from_exporter(&*server).unwrap();
+        let ca = ctx(&w, NODE_A, NODE_B, ba);
+        let cb = ctx(&w, NODE_B, NODE_A, bb);
+        let (_, req) = Initiator::start(
+            1,
+            [0; 32],
+            FRONTEND,
+            BACKEND,
+            w.frontend.clone(),
+            &w.keys,
+            &ca,
+        )
+        .unwrap();
+        // Replayed onto another TLS session.
+        let other = ctx(&w, NODE_B, NODE_A, SessionBinding::fixed([1; 32]));
+        assert_eq!(
+            respond(&req, &w.on_b, &w.keys, &other).1,
+            Err(AuthFailure::BadProof)
+        );
+        // Nonce, identities or signature altered.
+        let mut r = req.clone();
+        r.nonce[0] ^= 1;
+        assert_eq!(
+            respond(&r, &w.on_b, &w.keys, &cb).1,
+            Err(AuthFailure::BadProof)
+        );
+        let mut r = req.clone();
+        r.proof.signature[10] ^= 1;
+        assert_eq!(
+            respond(&r, &w.on_b, &w.keys, &cb).1,
+            Err(AuthFailure::BadProof)
+        );
+        let mut r = req.clone();
+        r.proof.scheme = u16::from(SignatureScheme::ECDSA_NISTP384_SHA384);
+        assert_eq!(
+            respond(&r, &w.on_b, &w.keys, &cb).1,
+            Err(AuthFailure::BadProof)
+        );
+        let mut r = req.clone();
+        r.proof.scheme = u16::from(SignatureScheme::RSA_PKCS1_SHA1);
+        assert_eq!(
+            respond(&r, &w.on_b, &w.keys, &cb).1,
+            Err(AuthFailure::BadProof)
+        );
+        // The untouched request still verifies.
+        assert!(respond(&req, &w.on_b, &w.keys, &cb).1.is_ok());
+
+        // A response for another request (id) or to another initiator leaf is refused.
+        let (init, req) = Initiator::start(
+            2,
+            [2; 32],
+            FRONTEND,
+            BACKEND,
+            w.frontend.clone(),
+            &w.keys,
+            &ca,
+        )
+        .unwrap();
+        let (mut resp, _) = respond(&req, &w.on_b, &w.keys, &cb);
+        resp.id = 3;
+        assert_eq!(init.finish(resp, &ca), Err(AuthFailure::ProtocolError));
+        let (init, req) = Initiator::start(
+            4,
+            [4; 32],
+            FRONTEND,
+            BACKEND,
+            w.frontend.clone(),
+            &w.keys,
+            &ca,
+        )
+        .unwrap();
+        let mut forged = req.clone();
+        forged.nonce = [9; 32];
+        let (resp, _) = respond(&forged, &w.on_b, &w.keys, &cb);
+        // (The responder refuses the forged nonce, so it sends a failure, never a proof.)
+        assert_eq!(init.finish(resp, &ca), Err(AuthFailure::BadProof));
+    }
+
+    #[test]
+    fn responder_proof_over_a_different_nonce_is_refused() {
+        let w = world();
+        let binding = SessionBinding::fixed([3; 32]);
+        let ca = ctx(&w, NODE_A, NODE_B, binding);
+        let cb = ctx(&w, NODE_B, NODE_A, binding);
+        let (init1, _) = Initiator::start(
+            1,
+            [1; 32],
+            FRONTEND,
+            BACKEND,
+            w.frontend.clone(),
+            &w.keys,
+            &ca,
+        )
+        .unwrap();
+        let (_, req2) = Initiator::start(
+            1,
+            [2; 32],
+            FRONTEND,
+            BACKEND,
+            w.frontend.clone(),
+            &w.keys,
+            &ca,
+        )
+        .unwrap();
+        // The answer to request 2 (same id, other nonce) does not complete request 1.
+        let (resp2, ok) = respond(&req2, &w.on_b, &w.keys, &cb);
+        assert!(ok.is_ok());
+        assert_eq!(init1.finish(resp2, &ca), Err(AuthFailure::BadProof));
+    }
+}
