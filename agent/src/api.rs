@@ -29,6 +29,33 @@ pub struct Status {
     pub programs: Vec<Program>,
     pub interfaces: Vec<InterfaceCounters>,
     pub agent: AgentInfo,
+    /// The policy installed on this node.
+    pub policy: PolicyStatus,
+    /// Node-wide audit mode.
+    pub audit: bool,
+    /// Fill of the maps that grow with the cluster.
+    pub maps: Vec<MapFill>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// Generation of the policy set in force (0: none applied yet).
+    pub generation: u64,
+    /// `namespace/name` of each policy in force.
+    pub policies: Vec<String>,
+    /// Entries of the live policy map.
+    pub entries: usize,
+    /// Established connections the last change cut.
+    pub conntrack_cut: usize,
+    /// Why the newest generation is not in force, if it is not.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: usize,
+    pub capacity: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -25,6 +25,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("bad policy store {path}: {message}")]
+    Policy { path: PathBuf, message: String },
     #[error("bad cluster state in {path}")]
     Parse {
         path: PathBuf,
@@ -43,6 +45,24 @@ pub struct ClusterState {
     pub trust_domain: String,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    /// Numeric security identities, one per namespace + label set, allocated by the control
+    /// plane so every node agrees.
+    #[serde(default)]
+    pub identities: Vec<Identity>,
+    /// Network policies in force, with the generation of the last change.
+    #[serde(default)]
+    pub policies: Vec<crate::policy::Policy>,
+    #[serde(default)]
+    pub policy_generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub id: u32,
+    pub namespace: String,
+    /// The pod labels (without the namespace label the allocator adds).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +89,9 @@ pub struct Pod {
     pub service_account: String,
     /// Host side of the pod's veth on its node.
     pub host_veth: String,
+    /// Numeric security identity (see [`ClusterState::identities`]).
+    #[serde(default)]
+    pub identity: u32,
 }
 
 impl ClusterState {
@@ -82,6 +105,18 @@ impl ClusterState {
 
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
         self.pods.iter().find(|p| p.ip == ip)
+    }
+
+    /// The identity table in the form the policy compiler takes.
+    pub fn identity_table(&self) -> Vec<(u32, crate::policy::IdentityLabels)> {
+        self.identities
+            .iter()
+            .filter_map(|i| {
+                crate::policy::IdentityKey::new(&i.namespace, &i.labels)
+                    .ok()
+                    .map(|k| (i.id, k.identity_labels()))
+            })
+            .collect()
     }
 }
 
@@ -117,6 +152,51 @@ impl LabSource {
         dir.join("node-keys")
     }
 
+    pub fn policies_path(dir: &Path) -> PathBuf {
+        dir.join("policies.json")
+    }
+
+    /// Reads the policy store: (generation, policies). Absent means none.
+    pub fn read_policies(dir: &Path) -> Result<(u64, crate::policy::PolicySet), Error> {
+        let path = Self::policies_path(dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((0, crate::policy::PolicySet::new()))
+            }
+            Err(source) => return Err(Error::Read { path, source }),
+        };
+        let stored: StoredPolicies =
+            serde_json::from_str(&text).map_err(|source| Error::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        let set =
+            crate::policy::PolicySet::from_json(&stored.policies.to_string()).map_err(|e| {
+                Error::Policy {
+                    path,
+                    message: e.to_string(),
+                }
+            })?;
+        Ok((stored.generation, set))
+    }
+
+    /// Writes the policy store atomically with the next generation (the lab CLI is the writer).
+    pub fn write_policies(
+        dir: &Path,
+        generation: u64,
+        set: &crate::policy::PolicySet,
+    ) -> Result<(), crate::sys::Error> {
+        let policies: serde_json::Value =
+            serde_json::from_str(&set.to_json()).expect("policy set json");
+        let json = serde_json::to_vec_pretty(&StoredPolicies {
+            generation,
+            policies,
+        })
+        .expect("serializes");
+        crate::sys::write_atomic(&Self::policies_path(dir), &json)
+    }
+
     /// Publishes this node's WireGuard public key (what Cilium keeps in a node annotation).
     pub fn publish_node_key(dir: &Path, node: &str, key: &str) -> Result<(), crate::sys::Error> {
         let kd = Self::keys_dir(dir);
@@ -150,6 +230,9 @@ impl LabSource {
                 n.wg_public_key = Some(k.trim().to_string());
             }
         }
+        let (generation, set) = Self::read_policies(dir)?;
+        state.policies = set.list().to_vec();
+        state.policy_generation = generation;
         Ok(state)
     }
 
@@ -165,7 +248,8 @@ impl LabSource {
         // Stat before reading: any write after this point shows up as a changed mtime.
         let path = Self::state_path(&self.dir);
         let keys = Self::keys_dir(&self.dir);
-        let mut last_mtime = (mtime(&path), mtime(&keys));
+        let pols = Self::policies_path(&self.dir);
+        let mut last_mtime = (mtime(&path), mtime(&keys), mtime(&pols));
         let first = Self::read(&self.dir)?;
         let (tx, rx) = watch::channel(Arc::new(first));
         tokio::spawn(async move {
@@ -174,7 +258,7 @@ impl LabSource {
                 if tx.is_closed() {
                     return;
                 }
-                let m = (mtime(&path), mtime(&keys));
+                let m = (mtime(&path), mtime(&keys), mtime(&pols));
                 if m == last_mtime {
                     continue;
                 }
@@ -191,6 +275,13 @@ impl LabSource {
         });
         Ok(rx)
     }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredPolicies {
+    generation: u64,
+    policies: serde_json::Value,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {

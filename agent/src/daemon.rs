@@ -18,16 +18,21 @@ use veil_common::{
 use veil_identity::{SelectorSet, SvidKey, SvidSource as _};
 use veil_spire::{ClientConfig, IdentityClient, IdentityClientHandle};
 
+use aya::maps::RingBuf;
+use veil_common::maps::FlowEvent;
+
 use crate::{
     admin::{self, AdminRequest, AdminResponse, BoxFuture},
     api,
     cluster::{self, ClusterState, LabSource},
     config::{Config, SourceConfig},
+    datapath::policy as dp_policy,
     datapath::{
         self,
         maps::{sync, IpCacheMap, KernelHash, Prefix},
         Datapath, Hook,
     },
+    flows::FlowStore,
     tunnel::NodeTunnel,
 };
 
@@ -70,12 +75,20 @@ struct Shared {
     identities: Option<IdentityClientHandle>,
     /// Pods whose SVIDs are subscribed (Delegated Identity API selectors).
     watched: BTreeSet<SelectorSet>,
+    /// What the installed policy was compiled from: (policy generation, identity table, local
+    /// identities). Recompiled only when it changes.
+    policy_input: Option<(u64, Vec<crate::cluster::Identity>, Vec<u32>)>,
+    policy: api::PolicyStatus,
+    /// Node-wide audit mode: would-be policy drops pass and are reported as AUDIT.
+    audit: bool,
 }
 
 pub struct Agent {
     shared: Arc<Mutex<Shared>>,
     cluster_rx: watch::Receiver<Arc<ClusterState>>,
     identity_client: Option<IdentityClient>,
+    flows: Arc<Mutex<FlowStore>>,
+    events: Option<RingBuf<aya::maps::MapData>>,
 }
 
 impl Agent {
@@ -149,6 +162,24 @@ impl Agent {
             }
         };
         let started_unix = unix_now();
+        let mut datapath = datapath;
+        // The agent owns the ring buffer reader; a restarted agent reopens the pinned map and
+        // picks up where the kernel left off.
+        let events = datapath
+            .ebpf_mut()
+            .take_map(map_names::EVENTS)
+            .map(RingBuf::try_from)
+            .transpose()
+            .map_err(|source| datapath::Error::Map {
+                name: map_names::EVENTS,
+                source,
+            })?;
+        let flows = Arc::new(Mutex::new(FlowStore::open(
+            Some(cfg.state_dir.join("flows.jsonl")),
+            FlowStore::DEFAULT_CAPACITY,
+            FlowStore::DEFAULT_LOG_BYTES,
+        )));
+        let audit = datapath.config_map()?.get()?.flags & config_flags::AUDIT != 0;
         let shared = Shared {
             cfg,
             datapath,
@@ -160,11 +191,16 @@ impl Agent {
             started_unix,
             restarts,
             last_error: None,
+            policy_input: None,
+            policy: api::PolicyStatus::default(),
+            audit,
         };
         Ok(Self {
             shared: Arc::new(Mutex::new(shared)),
             cluster_rx,
             identity_client,
+            flows,
+            events,
         })
     }
 
@@ -183,7 +219,29 @@ impl Agent {
         let (stop_tx, stop_rx) = watch::channel(false);
         let handler: Arc<dyn admin::Handler> = Arc::new(AdminHandler {
             shared: self.shared.clone(),
+            flows: self.flows.clone(),
         });
+        if let Some(events) = self.events {
+            let mut stop_events = stop_rx.clone();
+            let (shared, flows, cluster_rx) = (
+                self.shared.clone(),
+                self.flows.clone(),
+                self.cluster_rx.clone(),
+            );
+            tokio::spawn(
+                async move {
+                    tokio::select! {
+                        _ = stop_events.wait_for(|s| *s) => {}
+                        r = read_events(events, shared, flows, cluster_rx) => {
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, "flow event reader stopped");
+                            }
+                        }
+                    }
+                }
+                .instrument(tracing::info_span!("flows")),
+            );
+        }
         let mut stop_admin = stop_rx.clone();
         let admin_task = tokio::spawn(async move {
             admin::serve(&socket, handler, async move {
@@ -338,9 +396,109 @@ fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         &mut KernelHash::<u32, NodeInfo>::new(s.datapath.ebpf_mut(), map_names::NODES)?,
         &nodes,
     )?;
+    reconcile_policy(s, &cluster, &me)?;
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Compiles the cluster's policies for this node's endpoints and installs them atomically when
+/// the input changed. A policy that does not compile leaves the previous one in force.
+fn reconcile_policy(
+    s: &mut Shared,
+    cluster: &ClusterState,
+    me: &str,
+) -> Result<(), datapath::Error> {
+    let mut locals: Vec<u32> = cluster
+        .pods_on(me)
+        .map(|p| p.identity)
+        .filter(|i| *i != 0)
+        .collect();
+    locals.sort_unstable();
+    locals.dedup();
+    let input = (
+        cluster.policy_generation,
+        cluster.identities.clone(),
+        locals.clone(),
+    );
+    if s.policy_input.as_ref() == Some(&input) {
+        return Ok(());
+    }
+    let compiled = crate::policy::compile(&cluster.policies, &cluster.identity_table(), &locals);
+    s.policy_input = Some(input);
+    match compiled {
+        Ok(c) => {
+            let changes = dp_policy::install(s.datapath.ebpf_mut(), &c.entries)?;
+            let pruned = dp_policy::prune_conntrack(s.datapath.ebpf_mut(), &c.entries)?;
+            tracing::info!(
+                generation = cluster.policy_generation,
+                policies = cluster.policies.len(),
+                entries = c.entries.len(),
+                changes,
+                conntrack_cut = pruned,
+                "policy installed"
+            );
+            s.policy = api::PolicyStatus {
+                generation: cluster.policy_generation,
+                policies: cluster
+                    .policies
+                    .iter()
+                    .map(|p| p.name().to_string())
+                    .collect(),
+                entries: c.entries.len(),
+                conntrack_cut: pruned,
+                last_error: None,
+            };
+        }
+        Err(e) => {
+            tracing::error!(generation = cluster.policy_generation, error = %e, "policy does not compile; previous policy stays in force");
+            s.policy.last_error = Some(format!("generation {}: {e}", cluster.policy_generation));
+        }
+    }
+    Ok(())
+}
+
+/// Drains the datapath's flow events into the flow store.
+async fn read_events(
+    events: RingBuf<aya::maps::MapData>,
+    shared: Arc<Mutex<Shared>>,
+    flows: Arc<Mutex<FlowStore>>,
+    cluster_rx: watch::Receiver<Arc<ClusterState>>,
+) -> std::io::Result<()> {
+    let node = shared.lock().expect("agent state lock").cfg.node.clone();
+    let offset = crate::flows::boot_offset_ns();
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it; nothing else
+    // closes or reuses that descriptor.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let state = cluster_rx.borrow().clone();
+        let rb = guard.get_inner_mut();
+        // A bounded batch per wake-up: a flood cannot monopolize the agent.
+        let mut batch = Vec::new();
+        while batch.len() < 4096 {
+            let Some(item) = rb.next() else { break };
+            if item.len() >= std::mem::size_of::<FlowEvent>() {
+                // SAFETY: the kernel wrote a FlowEvent (repr(C), any bit pattern valid) here.
+                let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                batch.push(ev);
+            }
+        }
+        if batch.len() < 4096 {
+            guard.clear_ready();
+        }
+        drop(guard);
+        {
+            let mut store = flows.lock().expect("flow store lock");
+            for ev in &batch {
+                store.push(crate::flows::from_event(ev, &node, &state, offset));
+            }
+        }
+        tokio::task::yield_now().await;
     }
 }
 
@@ -381,10 +539,15 @@ pub fn desired_maps(
             0
         };
         let flags = ip_flags::POD | if local { ip_flags::LOCAL_POD } else { 0 };
+        let identity = if p.identity != 0 {
+            p.identity
+        } else {
+            veil_common::maps::identity::UNKNOWN
+        };
         ipcache.insert(
             Prefix::v4(p.ip, 32),
             IpInfo {
-                identity: 0,
+                identity,
                 node_id: node.id,
                 flags,
                 ifindex,
@@ -396,13 +559,23 @@ pub fn desired_maps(
 
 struct AdminHandler {
     shared: Arc<Mutex<Shared>>,
+    flows: Arc<Mutex<FlowStore>>,
 }
 
 impl admin::Handler for AdminHandler {
     fn handle(&self, req: AdminRequest) -> BoxFuture {
         let shared = self.shared.clone();
+        let flows = self.flows.clone();
         Box::pin(async move {
             match (req.method.clone(), req.path.as_str()) {
+                (Method::GET, "/v1/flows") => match flow_filter(&req) {
+                    Ok(f) => AdminResponse::json(&flows.lock().expect("flow store lock").query(&f)),
+                    Err(e) => AdminResponse::error(StatusCode::BAD_REQUEST, &e),
+                },
+                (Method::POST, "/v1/audit") => set_audit(
+                    &mut shared.lock().expect("agent state lock"),
+                    req.query("on"),
+                ),
                 (Method::GET, "/v1/status") => {
                     match status(&mut shared.lock().expect("agent state lock")) {
                         Ok(st) => AdminResponse::json(&st),
@@ -412,7 +585,8 @@ impl admin::Handler for AdminHandler {
                     }
                 }
                 (Method::GET, "/metrics") => {
-                    match metrics(&mut shared.lock().expect("agent state lock")) {
+                    let totals = flows.lock().expect("flow store lock").totals().clone();
+                    match metrics(&mut shared.lock().expect("agent state lock"), &totals) {
                         Ok(text) => AdminResponse::text(StatusCode::OK, text),
                         Err(e) => {
                             AdminResponse::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
@@ -427,6 +601,63 @@ impl admin::Handler for AdminHandler {
                 }
             }
         })
+    }
+}
+
+fn flow_filter(req: &AdminRequest) -> Result<crate::flows::Filter, String> {
+    let num = |k: &str| -> Result<Option<u64>, String> {
+        req.query(k)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("{k}: {v:?} is not a number"))
+            })
+            .transpose()
+    };
+    let verdict = req.query("verdict").map(str::to_ascii_uppercase);
+    if let Some(v) = &verdict {
+        if !["FORWARDED", "DROPPED", "AUDIT"].contains(&v.as_str()) {
+            return Err(format!("verdict: {v:?} is not FORWARDED, DROPPED or AUDIT"));
+        }
+    }
+    Ok(crate::flows::Filter {
+        verdict,
+        pod: req.query("pod").map(str::to_string),
+        namespace: req.query("namespace").map(str::to_string),
+        protocol: req.query("protocol").map(str::to_string),
+        since_unix_ns: num("since_unix_ns")?,
+        after_seq: num("after_seq")?,
+        limit: num("limit")?.map(|l| l as usize),
+    })
+}
+
+/// `POST /v1/audit?on=true|false`: node-wide audit mode.
+fn set_audit(s: &mut Shared, on: Option<&str>) -> AdminResponse {
+    let on = match on {
+        Some("true" | "1" | "on") => true,
+        Some("false" | "0" | "off") => false,
+        other => {
+            return AdminResponse::error(
+                StatusCode::BAD_REQUEST,
+                &format!("on: expected true or false, got {other:?}"),
+            )
+        }
+    };
+    let r = s.datapath.config_map().and_then(|mut cm| {
+        let mut c = cm.get()?;
+        if on {
+            c.flags |= config_flags::AUDIT;
+        } else {
+            c.flags &= !config_flags::AUDIT;
+        }
+        cm.set(c)
+    });
+    match r {
+        Ok(()) => {
+            s.audit = on;
+            tracing::info!(audit = on, "node audit mode changed");
+            AdminResponse::json(&serde_json::json!({ "node": s.cfg.node, "audit": on }))
+        }
+        Err(e) => AdminResponse::error(StatusCode::INTERNAL_SERVER_ERROR, &crate::error_chain(&e)),
     }
 }
 
@@ -545,6 +776,9 @@ fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         svids,
         bundles,
         auth: vec![],
+        policy: s.policy.clone(),
+        audit: s.audit,
+        maps: map_fill(&s.datapath),
         drops,
         programs,
         interfaces,
@@ -603,7 +837,46 @@ fn identity_status(s: &Shared) -> (Vec<api::Svid>, Vec<api::Bundle>) {
 }
 
 /// Prometheus text exposition.
-fn metrics(s: &mut Shared) -> Result<String, datapath::Error> {
+/// Entries and capacity of the maps that grow with the cluster.
+fn map_fill(dp: &Datapath) -> Vec<api::MapFill> {
+    use veil_common::maps::{
+        AuthEntry, AuthKey, CtEntry, CtKey, PolicyEntry, PolicyKey, AUTH_MAX, CT_MAX, IPCACHE_MAX,
+        POLICY_MAX,
+    };
+    let e = dp.ebpf();
+    vec![
+        api::MapFill {
+            name: map_names::IPCACHE.into(),
+            entries: datapath::maps::ipcache_len(e),
+            capacity: IPCACHE_MAX,
+        },
+        api::MapFill {
+            name: map_names::POLICY_A.into(),
+            entries: dp_policy::count::<PolicyKey, PolicyEntry>(e, map_names::POLICY_A),
+            capacity: POLICY_MAX,
+        },
+        api::MapFill {
+            name: map_names::POLICY_B.into(),
+            entries: dp_policy::count::<PolicyKey, PolicyEntry>(e, map_names::POLICY_B),
+            capacity: POLICY_MAX,
+        },
+        api::MapFill {
+            name: map_names::CT.into(),
+            entries: dp_policy::count::<CtKey, CtEntry>(e, map_names::CT),
+            capacity: CT_MAX,
+        },
+        api::MapFill {
+            name: map_names::AUTH.into(),
+            entries: dp_policy::count::<AuthKey, AuthEntry>(e, map_names::AUTH),
+            capacity: AUTH_MAX,
+        },
+    ]
+}
+
+fn metrics(
+    s: &mut Shared,
+    flow_totals: &BTreeMap<(String, String), u64>,
+) -> Result<String, datapath::Error> {
     use std::fmt::Write as _;
     let st = status(s)?;
     let mut out = String::new();
@@ -645,6 +918,40 @@ fn metrics(s: &mut Shared) -> Result<String, datapath::Error> {
     );
     let _ = writeln!(out, "# TYPE veil_programs_attached gauge");
     let _ = writeln!(out, "veil_programs_attached {}", st.programs.len());
+    let _ = writeln!(
+        out,
+        "# HELP veil_flows_total Flow records by verdict and reason (packets folded in)."
+    );
+    let _ = writeln!(out, "# TYPE veil_flows_total counter");
+    for ((verdict, reason), n) in flow_totals {
+        let _ = writeln!(
+            out,
+            "veil_flows_total{{verdict=\"{verdict}\",reason=\"{reason}\"}} {n}"
+        );
+    }
+    let _ = writeln!(out, "# HELP veil_policies Policies in force on this node.");
+    let _ = writeln!(out, "# TYPE veil_policies gauge");
+    let _ = writeln!(out, "veil_policies {}", st.policy.policies.len());
+    let _ = writeln!(
+        out,
+        "# HELP veil_policy_entries Entries of the live policy map."
+    );
+    let _ = writeln!(out, "# TYPE veil_policy_entries gauge");
+    let _ = writeln!(out, "veil_policy_entries {}", st.policy.entries);
+    let _ = writeln!(out, "# HELP veil_map_entries Entries in a datapath map.");
+    let _ = writeln!(out, "# TYPE veil_map_entries gauge");
+    for m in &st.maps {
+        let _ = writeln!(out, "veil_map_entries{{map=\"{}\"}} {}", m.name, m.entries);
+    }
+    let _ = writeln!(out, "# HELP veil_map_capacity Capacity of a datapath map.");
+    let _ = writeln!(out, "# TYPE veil_map_capacity gauge");
+    for m in &st.maps {
+        let _ = writeln!(
+            out,
+            "veil_map_capacity{{map=\"{}\"}} {}",
+            m.name, m.capacity
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP veil_svid_expiry_seconds Seconds until each held SVID expires."
@@ -692,6 +999,7 @@ mod tests {
             labels: BTreeMap::new(),
             service_account: name.into(),
             host_veth: "lxc-does-not-exist".into(),
+            identity: 256,
         };
         ClusterState {
             generation: 1,
@@ -702,6 +1010,7 @@ mod tests {
                 pod("fe", "a", [198, 19, 1, 10]),
                 pod("be", "b", [198, 19, 2, 10]),
             ],
+            ..Default::default()
         }
     }
 

@@ -16,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod demo;
+pub mod flows;
 pub mod lab;
 pub mod policy;
 pub mod sys;

@@ -54,6 +54,41 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Apply, delete or list CiliumNetworkPolicy-style policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Show flows with their verdict, reason, identities, auth and encryption state.
+    Observe {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        /// Only flows seen on this node (default: every node).
+        #[arg(long)]
+        node: Option<String>,
+        /// FORWARDED, DROPPED or AUDIT.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Flows from or to this pod (`name` or `namespace/name`).
+        #[arg(long)]
+        pod: Option<String>,
+        #[arg(long)]
+        namespace: Option<String>,
+        /// TCP, UDP, ICMP, SCTP.
+        #[arg(long)]
+        protocol: Option<String>,
+        /// Only flows newer than this (30s, 5m, 1h) or unix seconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// Keep printing new flows as they arrive.
+        #[arg(short, long)]
+        follow: bool,
+        /// At most this many (the newest) per node.
+        #[arg(long)]
+        last: Option<usize>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Take a node's tunnel peer off (remove) or put it back (add) on one node.
     Peer {
         #[command(subcommand)]
@@ -66,6 +101,43 @@ enum Command {
         /// Leave the lab running at the end.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Apply every policy in a YAML file (all or nothing), then report per node.
+    Apply {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Delete the policies named in a file (-f) or given as namespace/name.
+    Delete {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        /// `namespace/name` of policies to delete.
+        policies: Vec<String>,
+    },
+    /// List the policies in force.
+    List {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Node-wide audit mode: would-be policy drops are reported as AUDIT and passed.
+    Audit {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        /// Only this node (default: every node).
+        #[arg(long)]
+        node: Option<String>,
+        /// on or off.
+        state: spec::OnOff,
     },
 }
 
@@ -258,6 +330,99 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Policy { command } => run_policy(command),
+        Command::Observe {
+            name,
+            node,
+            verdict,
+            pod,
+            namespace,
+            protocol,
+            since,
+            follow,
+            last,
+            output,
+        } => {
+            let (spec, paths) = lab::load(&name)?;
+            let nodes: Vec<String> = match &node {
+                Some(n) => vec![spec
+                    .node(n)
+                    .with_context(|| format!("no node {n:?} in lab {name:?}"))?
+                    .name
+                    .clone()],
+                None => spec.nodes.iter().map(|n| n.name.clone()).collect(),
+            };
+            if let Some(v) = &verdict {
+                let up = v.to_ascii_uppercase();
+                if !["FORWARDED", "DROPPED", "AUDIT"].contains(&up.as_str()) {
+                    bail!("--verdict: {v:?} is not FORWARDED, DROPPED or AUDIT");
+                }
+            }
+            if let Some(p) = &pod {
+                spec.find_pod(p).map_err(anyhow::Error::msg)?;
+            }
+            let since_ns = since
+                .as_deref()
+                .map(|s| veil_agent::flows::parse_since(s, std::time::SystemTime::now()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let mut query = String::new();
+            let mut add =
+                |k: &str, v: &str| query.push_str(&format!("&{k}={}", admin::percent_encode(v)));
+            if let Some(v) = &verdict {
+                add("verdict", v)
+            }
+            if let Some(v) = &pod {
+                add("pod", v)
+            }
+            if let Some(v) = &namespace {
+                add("namespace", v)
+            }
+            if let Some(v) = &protocol {
+                add("protocol", v)
+            }
+            if let Some(v) = since_ns {
+                add("since_unix_ns", &v.to_string())
+            }
+            if let Some(v) = last {
+                add("limit", &v.to_string())
+            }
+            let rt = current_thread_runtime();
+            let mut cursors: std::collections::BTreeMap<String, u64> = Default::default();
+            if output == Output::Table {
+                println!("{}", veil_agent::flows::format_table_header());
+            }
+            loop {
+                let mut batch = Vec::new();
+                for n in &nodes {
+                    let after = cursors
+                        .get(n)
+                        .map(|c| format!("&after_seq={c}"))
+                        .unwrap_or_default();
+                    let path = format!("/v1/flows?x=1{query}{after}");
+                    let flows: Vec<veil_agent::flows::Flow> = rt
+                        .block_on(admin::get_json(&paths.admin_socket(n), &path))
+                        .with_context(|| format!("node {n}"))?;
+                    if let Some(f) = flows.last() {
+                        cursors.insert(n.clone(), f.seq);
+                    }
+                    batch.extend(flows);
+                }
+                batch.sort_by_key(|f| f.time_unix_ns);
+                for f in &batch {
+                    match output {
+                        Output::Json => println!("{}", serde_json::to_string(f)?),
+                        Output::Table => println!("{}", veil_agent::flows::format_table_row(f)),
+                    }
+                }
+                if !follow {
+                    break;
+                }
+                std::io::Write::flush(&mut std::io::stdout())?;
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Peer { command } => {
             let (name, node, peer, action) = match command {
                 PeerCommand::Remove { name, node, peer } => (name, node, peer, "disable"),
@@ -324,6 +489,134 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+fn run_policy(cmd: PolicyCommand) -> Result<ExitCode> {
+    use veil_agent::policy;
+    match cmd {
+        PolicyCommand::Apply { name, file } => {
+            let (spec, paths) = lab::load(&name)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let policies =
+                policy::parse_yaml(&text).with_context(|| format!("{}", file.display()))?;
+            for p in &policies {
+                p.validate_for_apply()
+                    .with_context(|| format!("{}: policy {}", file.display(), p.name()))?;
+            }
+            let (generation, results) = lab::cp::apply(&paths, policies)?;
+            for (n, r) in &results {
+                println!("policy {n} {}", format!("{r:?}").to_lowercase());
+            }
+            report_nodes(&spec, &paths, generation)
+        }
+        PolicyCommand::Delete {
+            name,
+            file,
+            policies,
+        } => {
+            let (spec, paths) = lab::load(&name)?;
+            let mut names: Vec<(String, String)> = Vec::new();
+            if let Some(f) = &file {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                for p in policy::parse_yaml(&text).with_context(|| format!("{}", f.display()))? {
+                    let n = p.name();
+                    names.push((n.namespace, n.name));
+                }
+            }
+            for p in &policies {
+                let Some((ns, n)) = p.split_once('/') else {
+                    bail!("{p:?}: write namespace/name")
+                };
+                names.push((ns.to_string(), n.to_string()));
+            }
+            if names.is_empty() {
+                bail!("say which policies: -f FILE or namespace/name");
+            }
+            let generation = lab::cp::delete(&paths, &names)?;
+            for (ns, n) in &names {
+                println!("policy {ns}/{n} deleted");
+            }
+            report_nodes(&spec, &paths, generation)
+        }
+        PolicyCommand::List { name, output } => {
+            let (_, paths) = lab::load(&name)?;
+            let (generation, policies) = lab::cp::list(&paths)?;
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string(
+                        &serde_json::json!({ "generation": generation, "policies": policies })
+                    )?
+                ),
+                Output::Table => {
+                    println!(
+                        "generation {generation}, {} polic{}",
+                        policies.len(),
+                        if policies.len() == 1 { "y" } else { "ies" }
+                    );
+                    for p in &policies {
+                        println!("  {}  mode {:?}", p.name(), p.mode());
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Audit { name, node, state } => {
+            let (spec, paths) = lab::load(&name)?;
+            let nodes: Vec<&spec::NodeSpec> = match &node {
+                Some(n) => vec![spec
+                    .node(n)
+                    .with_context(|| format!("no node {n:?} in lab {name:?}"))?],
+                None => spec.nodes.iter().collect(),
+            };
+            let rt = current_thread_runtime();
+            for n in nodes {
+                rt.block_on(admin::call(
+                    &paths.admin_socket(&n.name),
+                    hyper::Method::POST,
+                    &format!("/v1/audit?on={}", state.0),
+                    None,
+                    std::time::Duration::from_secs(10),
+                ))
+                .with_context(|| format!("node {}", n.name))?;
+                println!(
+                    "{}: audit mode {}",
+                    n.name,
+                    if state.0 { "on" } else { "off" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints how a policy generation landed on each node; fails if any node did not take it.
+fn report_nodes(spec: &spec::LabSpec, paths: &lab::LabPaths, generation: u64) -> Result<ExitCode> {
+    let mut ok = true;
+    for (node, r) in
+        lab::cp::wait_applied(spec, paths, generation, std::time::Duration::from_secs(15))
+    {
+        match r {
+            Ok(p) => println!(
+                "{node}: generation {} in force ({} policies, {} map entries, {} connections cut)",
+                p.generation,
+                p.policies.len(),
+                p.entries,
+                p.conntrack_cut
+            ),
+            Err(e) => {
+                ok = false;
+                println!("{node}: NOT applied: {e}");
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn run_lab(cmd: LabCommand) -> Result<ExitCode> {

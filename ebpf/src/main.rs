@@ -104,14 +104,19 @@ struct Flow {
 #[derive(Clone, Copy)]
 struct Decision {
     allowed: bool,
+    /// Denied, but every policy selecting the endpoint here is in audit mode (or the node is):
+    /// report AUDIT and pass.
     audit: bool,
     auth_required: bool,
+    /// Auth is required and enforced (not only audited): a missing auth entry drops.
+    auth_enforced: bool,
 }
 
 const ALLOW: Decision = Decision {
     allowed: true,
     audit: false,
     auth_required: false,
+    auth_enforced: false,
 };
 
 fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
@@ -179,6 +184,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         None => VEIL_CT.get_ptr_mut(&rev).map(|e| (e, true)),
     };
     let mut verdict_code = verdict::FORWARDED;
+    let mut audit_reason = reason::NONE;
     if let Some((entry, is_reply)) = tracked {
         // SAFETY: map value pointer valid for this program run.
         let e = unsafe { &mut *entry };
@@ -249,6 +255,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
             if !d.allowed {
                 if d.audit {
                     verdict_code = verdict::AUDIT;
+                    audit_reason = reason::POLICY_DENIED;
                     ct |= ct_flags::AUDITED;
                 } else {
                     emit(
@@ -275,7 +282,17 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         if dst_local {
             ct |= ct_flags::INGRESS_OK;
         }
-        if flags & flow_flags::AUTH_REQUIRED != 0 && remote {
+        let auth_enforced = egress.auth_enforced || ingress.auth_enforced;
+        if flags & flow_flags::AUTH_REQUIRED != 0
+            && remote
+            && !auth_valid(src.identity, dst_identity, remote_node, now, false)
+            && !auth_enforced
+        {
+            // Audit mode: the missing auth entry is reported, the flow passes.
+            verdict_code = verdict::AUDIT;
+            audit_reason = reason::AUTH_REQUIRED;
+            ct |= ct_flags::AUDITED;
+        } else if flags & flow_flags::AUTH_REQUIRED != 0 && remote {
             if !auth_valid(src.identity, dst_identity, remote_node, now, false) {
                 emit(
                     &flow,
@@ -314,7 +331,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
                 ifindex: ifindex,
                 remote_node: remote_node,
                 verdict: verdict_code,
-                reason: reason::NONE,
+                reason: audit_reason,
                 direction: direction::EGRESS,
                 flags: flags,
                 now: now,
@@ -391,6 +408,7 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
         None => VEIL_CT.get_ptr_mut(&rev).map(|e| (e, true)),
     };
     let mut verdict_code = verdict::FORWARDED;
+    let mut audit_reason = reason::NONE;
     if let Some((entry, is_reply)) = tracked {
         // SAFETY: map value pointer valid for this program run.
         let e = unsafe { &mut *entry };
@@ -445,6 +463,7 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
         if !d.allowed {
             if d.audit {
                 verdict_code = verdict::AUDIT;
+                audit_reason = reason::POLICY_DENIED;
                 ct |= ct_flags::AUDITED;
             } else {
                 emit(
@@ -464,7 +483,13 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
                 return Err(reason::POLICY_DENIED);
             }
         }
-        if d.auth_required {
+        if d.auth_required && !d.auth_enforced && !auth_valid(dst.identity, src_identity, src_node, now, false) {
+            // Audit mode: the missing auth entry is reported, the flow passes.
+            flags |= flow_flags::AUTH_REQUIRED;
+            verdict_code = verdict::AUDIT;
+            audit_reason = reason::AUTH_REQUIRED;
+            ct |= ct_flags::AUDITED;
+        } else if d.auth_required {
             flags |= flow_flags::AUTH_REQUIRED;
             // Ingress auth: the local destination and the remote source must be authenticated.
             if !auth_valid(dst.identity, src_identity, src_node, now, false) {
@@ -505,7 +530,7 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
                 ifindex: ifindex,
                 remote_node: src_node,
                 verdict: verdict_code,
-                reason: reason::NONE,
+                reason: audit_reason,
                 direction: direction::INGRESS,
                 flags: flags,
                 now: now,
@@ -613,10 +638,13 @@ fn decide(
         );
     }
     let allowed = acc & policy_flags::DENY == 0 && acc & policy_flags::ALLOW != 0;
+    let audit_mode = marker & policy_flags::AUDIT != 0 || node_audit;
+    let auth_required = allowed && acc & policy_flags::AUTH_REQUIRED != 0;
     Decision {
         allowed,
-        audit: !allowed && (marker & policy_flags::AUDIT != 0 || node_audit),
-        auth_required: allowed && acc & policy_flags::AUTH_REQUIRED != 0,
+        audit: !allowed && audit_mode,
+        auth_required,
+        auth_enforced: auth_required && !audit_mode,
     }
 }
 

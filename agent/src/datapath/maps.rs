@@ -139,6 +139,17 @@ fn ignore_missing(name: &'static str, r: Result<(), aya::maps::MapError>) -> Res
     }
 }
 
+/// Entries in the ipcache (walks the keys).
+pub fn ipcache_len(ebpf: &Ebpf) -> usize {
+    let Some(map) = ebpf.map(names::IPCACHE) else {
+        return 0;
+    };
+    match LpmTrie::<&MapData, IpKey, IpInfo>::try_from(map) {
+        Ok(m) => m.keys().filter(Result::is_ok).count(),
+        Err(_) => 0,
+    }
+}
+
 /// [`names::IPCACHE`] in the kernel.
 pub struct IpCacheMap<'a>(LpmTrie<&'a mut MapData, IpKey, IpInfo>);
 

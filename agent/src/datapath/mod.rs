@@ -8,6 +8,7 @@
 //! explicit (`veil lab down`, or deleting the pin directory).
 
 pub mod maps;
+pub mod policy;
 
 use std::{
     collections::BTreeMap,

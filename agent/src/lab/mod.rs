@@ -5,6 +5,7 @@
 //! Everything a lab creates is named after the lab and recorded in its journal before it is
 //! created, so `veil lab down` removes it all, idempotently, even after `up` was killed.
 
+pub mod cp;
 pub mod journal;
 pub mod serve;
 pub mod spec;
@@ -250,8 +251,38 @@ pub fn load(name: &str) -> Result<(LabSpec, LabPaths)> {
     Ok((spec, paths))
 }
 
-/// The cluster state the lab control plane publishes for a spec.
+/// The cluster state the lab control plane publishes for a spec. The lab CLI is the identity
+/// allocator: one numeric identity per namespace + label set, in pod order, the same on every
+/// node because every node reads this one state.
 pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
+    let mut alloc = crate::policy::IdentityAllocator::new();
+    let mut identities: Vec<cluster::Identity> = Vec::new();
+    let pods = spec
+        .pods
+        .iter()
+        .map(|p| {
+            let id = alloc
+                .allocate(&p.namespace, &p.labels)
+                .expect("validated labels allocate");
+            if !identities.iter().any(|i| i.id == id) {
+                identities.push(cluster::Identity {
+                    id,
+                    namespace: p.namespace.clone(),
+                    labels: p.labels.clone(),
+                });
+            }
+            cluster::Pod {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                node: p.node.clone(),
+                ip: p.ip,
+                labels: p.labels.clone(),
+                service_account: p.service_account.clone(),
+                host_veth: p.host_veth.clone(),
+                identity: id,
+            }
+        })
+        .collect();
     ClusterState {
         generation,
         cluster: spec.name.clone(),
@@ -267,19 +298,10 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
                 wg_public_key: None,
             })
             .collect(),
-        pods: spec
-            .pods
-            .iter()
-            .map(|p| cluster::Pod {
-                name: p.name.clone(),
-                namespace: p.namespace.clone(),
-                node: p.node.clone(),
-                ip: p.ip,
-                labels: p.labels.clone(),
-                service_account: p.service_account.clone(),
-                host_veth: p.host_veth.clone(),
-            })
-            .collect(),
+        pods,
+        identities,
+        policies: Vec::new(),
+        policy_generation: 0,
     }
 }
 

@@ -1,0 +1,611 @@
+//! flows: the flow records behind `veil observe` — verdict events from the datapath's ring
+//! buffer, enriched with pod, namespace, identity and node, kept in memory for queries and in a
+//! bounded log on disk that survives agent restarts.
+//!
+//! The datapath already folds repeats of one (identities, port, verdict, reason) tuple into one
+//! event per second; the reader drains a bounded batch per wake-up, so a flood of drops costs
+//! the agent a bounded amount of work and never starves the rest of it.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    io::{BufRead as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use veil_common::{
+    maps::{direction, flow_flags, identity, FlowEvent},
+    reason, verdict,
+};
+
+use crate::cluster::ClusterState;
+
+/// One endpoint of a flow, as `veil observe -o json` prints it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    /// Numeric security identity.
+    pub identity: u32,
+    /// The identity's labels, or the reserved identity's name (`world`, `unknown`, ...).
+    pub labels: Vec<String>,
+    pub ip: String,
+    pub port: u16,
+}
+
+/// A flow record (`veil observe -o json`, one per line).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    /// Per node, increasing; `--follow` resumes after the last one seen.
+    pub seq: u64,
+    /// RFC 3339 UTC.
+    pub time: String,
+    pub time_unix_ns: u64,
+    pub node: String,
+    /// `FORWARDED`, `DROPPED` or `AUDIT`.
+    pub verdict: String,
+    /// Stable kebab-case reason for DROPPED (and for AUDIT: what would have dropped it).
+    pub drop_reason: Option<String>,
+    pub protocol: String,
+    /// `egress` (decided at the source pod) or `ingress` (at the destination).
+    pub direction: String,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    /// `authenticated`, `required` (and missing) or `not-required`.
+    pub auth: String,
+    pub encrypted: bool,
+    /// Packets folded into this record by the datapath's per-second throttle.
+    pub count: u32,
+}
+
+/// Filters of `veil observe`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub verdict: Option<String>,
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub protocol: Option<String>,
+    pub since_unix_ns: Option<u64>,
+    pub after_seq: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+impl Filter {
+    pub fn matches(&self, f: &Flow) -> bool {
+        let endpoint_is = |e: &Endpoint, q: &str| match q.split_once('/') {
+            Some((ns, name)) => {
+                e.namespace.as_deref() == Some(ns) && e.pod.as_deref() == Some(name)
+            }
+            None => e.pod.as_deref() == Some(q),
+        };
+        self.verdict
+            .as_ref()
+            .is_none_or(|v| v.eq_ignore_ascii_case(&f.verdict))
+            && self
+                .pod
+                .as_ref()
+                .is_none_or(|p| endpoint_is(&f.src, p) || endpoint_is(&f.dst, p))
+            && self.namespace.as_ref().is_none_or(|n| {
+                f.src.namespace.as_ref() == Some(n) || f.dst.namespace.as_ref() == Some(n)
+            })
+            && self
+                .protocol
+                .as_ref()
+                .is_none_or(|p| p.eq_ignore_ascii_case(&f.protocol))
+            && self.since_unix_ns.is_none_or(|t| f.time_unix_ns >= t)
+            && self.after_seq.is_none_or(|s| f.seq > s)
+    }
+}
+
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        1 => "ICMP".into(),
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        58 => "ICMPv6".into(),
+        132 => "SCTP".into(),
+        n => format!("IP-{n}"),
+    }
+}
+
+fn verdict_name(v: u8) -> &'static str {
+    match v {
+        verdict::FORWARDED => "FORWARDED",
+        verdict::DROPPED => "DROPPED",
+        verdict::AUDIT => "AUDIT",
+        _ => "UNKNOWN",
+    }
+}
+
+fn addr(raw: [u8; 16], v6: bool) -> IpAddr {
+    let v6addr = Ipv6Addr::from(raw);
+    match (v6, v6addr.to_ipv4_mapped()) {
+        (false, Some(v4)) => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6addr),
+    }
+}
+
+fn reserved_name(id: u32) -> Option<&'static str> {
+    match id {
+        identity::HOST => Some("reserved:host"),
+        identity::WORLD => Some("reserved:world"),
+        identity::UNKNOWN => Some("reserved:unknown"),
+        identity::REMOTE_NODE => Some("reserved:remote-node"),
+        _ => None,
+    }
+}
+
+fn endpoint(state: &ClusterState, ip: IpAddr, port: u16, id: u32) -> Endpoint {
+    let pod = match ip {
+        IpAddr::V4(v4) => state.pod_by_ip(v4),
+        IpAddr::V6(_) => None,
+    };
+    let labels = match reserved_name(id) {
+        Some(r) => vec![r.to_string()],
+        None => state
+            .identities
+            .iter()
+            .find(|i| i.id == id)
+            .map(|i| i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect())
+            .unwrap_or_default(),
+    };
+    Endpoint {
+        pod: pod.map(|p| p.name.clone()),
+        namespace: pod.map(|p| p.namespace.clone()),
+        identity: id,
+        labels,
+        ip: ip.to_string(),
+        port,
+    }
+}
+
+/// Wall-clock ns of a CLOCK_BOOTTIME timestamp, given the offset between the clocks.
+pub fn boot_to_unix_ns(boot_ns: u64, offset_ns: i128) -> u64 {
+    (i128::from(boot_ns) + offset_ns).max(0) as u64
+}
+
+/// `unix_now - boottime_now`, in ns.
+pub fn boot_offset_ns() -> i128 {
+    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+        .unwrap_or(0);
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    unix - boot
+}
+
+/// Builds the record for a datapath event.
+pub fn from_event(ev: &FlowEvent, node: &str, state: &ClusterState, offset_ns: i128) -> Flow {
+    let v6 = ev.flags & flow_flags::IPV6 != 0;
+    let t = boot_to_unix_ns(ev.time_boot_ns, offset_ns);
+    let auth = if ev.flags & flow_flags::AUTHENTICATED != 0 {
+        "authenticated"
+    } else if ev.flags & flow_flags::AUTH_REQUIRED != 0 {
+        "required"
+    } else {
+        "not-required"
+    };
+    Flow {
+        seq: 0,
+        time: rfc3339(t),
+        time_unix_ns: t,
+        node: node.to_string(),
+        verdict: verdict_name(ev.verdict).to_string(),
+        drop_reason: (ev.reason != reason::NONE).then(|| reason::name(ev.reason).to_string()),
+        protocol: protocol_name(ev.protocol),
+        direction: if ev.direction == direction::INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        }
+        .to_string(),
+        src: endpoint(state, addr(ev.saddr, v6), ev.sport, ev.src_identity),
+        dst: endpoint(state, addr(ev.daddr, v6), ev.dport, ev.dst_identity),
+        auth: auth.to_string(),
+        encrypted: ev.flags & flow_flags::ENCRYPTED != 0,
+        count: ev.count.max(1),
+    }
+}
+
+/// UTC RFC 3339 with milliseconds, without a date library.
+pub fn rfc3339(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let ms = (unix_ns / 1_000_000) % 1000;
+    let days = (secs / 86_400) as i64;
+    let sod = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60
+    )
+}
+
+/// In-memory ring of recent flows plus a bounded on-disk log (two files, rotated).
+pub struct FlowStore {
+    recent: VecDeque<Flow>,
+    capacity: usize,
+    log: Option<PathBuf>,
+    log_max_bytes: u64,
+    next_seq: u64,
+    /// Totals by (verdict, reason) for metrics.
+    totals: BTreeMap<(String, String), u64>,
+}
+
+impl FlowStore {
+    pub const DEFAULT_CAPACITY: usize = 20_000;
+    pub const DEFAULT_LOG_BYTES: u64 = 8 << 20;
+
+    /// Opens the store, reloading the newest records from the log left by an earlier agent.
+    pub fn open(log: Option<PathBuf>, capacity: usize, log_max_bytes: u64) -> Self {
+        let mut s = Self {
+            recent: VecDeque::new(),
+            capacity,
+            log,
+            log_max_bytes,
+            next_seq: 1,
+            totals: BTreeMap::new(),
+        };
+        if let Some(path) = s.log.clone() {
+            for file in [rotated(&path), path] {
+                if let Ok(f) = std::fs::File::open(&file) {
+                    for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+                        if let Ok(flow) = serde_json::from_str::<Flow>(&line) {
+                            s.next_seq = s.next_seq.max(flow.seq + 1);
+                            s.remember(flow);
+                        }
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    fn remember(&mut self, flow: Flow) {
+        if self.recent.len() == self.capacity {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(flow);
+    }
+
+    /// Records a flow: numbered, kept in memory, appended to the log.
+    pub fn push(&mut self, mut flow: Flow) {
+        flow.seq = self.next_seq;
+        self.next_seq += 1;
+        *self
+            .totals
+            .entry((
+                flow.verdict.clone(),
+                flow.drop_reason.clone().unwrap_or_default(),
+            ))
+            .or_default() += u64::from(flow.count);
+        if let Some(path) = &self.log {
+            let _ = append_line(path, &flow, self.log_max_bytes);
+        }
+        self.remember(flow);
+    }
+
+    /// Matching flows, oldest first, the newest `limit` of them.
+    pub fn query(&self, f: &Filter) -> Vec<Flow> {
+        let mut out: Vec<Flow> = self
+            .recent
+            .iter()
+            .filter(|x| f.matches(x))
+            .cloned()
+            .collect();
+        if let Some(limit) = f.limit {
+            if out.len() > limit {
+                out.drain(..out.len() - limit);
+            }
+        }
+        out
+    }
+
+    pub fn totals(&self) -> &BTreeMap<(String, String), u64> {
+        &self.totals
+    }
+
+    pub fn len(&self) -> usize {
+        self.recent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.recent.is_empty()
+    }
+}
+
+fn rotated(path: &Path) -> PathBuf {
+    path.with_extension("jsonl.1")
+}
+
+fn append_line(path: &Path, flow: &Flow, max: u64) -> std::io::Result<()> {
+    if std::fs::metadata(path)
+        .map(|m| m.len() >= max / 2)
+        .unwrap_or(false)
+    {
+        std::fs::rename(path, rotated(path))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let mut line = serde_json::to_vec(flow).expect("flow serializes");
+    line.push(b'\n');
+    f.write_all(&line)
+}
+
+/// Parses `--since`: a duration back from now (`30s`, `5m`) or an RFC 3339-free unix seconds.
+pub fn parse_since(s: &str, now: SystemTime) -> Result<u64, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        let t = now.checked_sub(d).unwrap_or(UNIX_EPOCH);
+        return Ok(t
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0));
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs).as_nanos() as u64);
+    }
+    Err(format!(
+        "--since {s:?}: write a duration back from now (30s, 5m, 1h) or unix seconds"
+    ))
+}
+
+pub fn format_table_header() -> String {
+    format!(
+        "{:<24} {:<7} {:<9} {:<15} {:<36} {:<36} {:<6} AUTH/ENC",
+        "TIME", "NODE", "VERDICT", "REASON", "SOURCE", "DESTINATION", "PROTO"
+    )
+}
+
+pub fn format_table_row(f: &Flow) -> String {
+    let ep = |e: &Endpoint| {
+        let who = match (&e.namespace, &e.pod) {
+            (Some(ns), Some(p)) => format!("{ns}/{p}"),
+            _ => e.labels.first().cloned().unwrap_or_else(|| e.ip.clone()),
+        };
+        format!("{who}[{}]:{}", e.identity, e.port)
+    };
+    format!(
+        "{:<24} {:<7} {:<9} {:<15} {:<36} {:<36} {:<6} {}/{}{}",
+        f.time,
+        f.node,
+        f.verdict,
+        f.drop_reason.as_deref().unwrap_or("-"),
+        ep(&f.src),
+        ep(&f.dst),
+        f.protocol,
+        f.auth,
+        if f.encrypted { "encrypted" } else { "clear" },
+        if f.count > 1 {
+            format!(" x{}", f.count)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// The v4-mapped form of an IPv4 address, as events carry it.
+pub fn mapped(ip: Ipv4Addr) -> [u8; 16] {
+    ip.to_ipv6_mapped().octets()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{Identity, Pod};
+
+    fn state() -> ClusterState {
+        let pod = |name: &str, ip: [u8; 4], id: u32| Pod {
+            name: name.into(),
+            namespace: "shop".into(),
+            node: "node-a".into(),
+            ip: Ipv4Addr::from(ip),
+            labels: BTreeMap::from([("app".into(), name.into())]),
+            service_account: name.into(),
+            host_veth: "x".into(),
+            identity: id,
+        };
+        ClusterState {
+            pods: vec![
+                pod("intruder", [198, 19, 1, 11], 258),
+                pod("backend", [198, 19, 2, 10], 257),
+            ],
+            identities: vec![
+                Identity {
+                    id: 258,
+                    namespace: "shop".into(),
+                    labels: BTreeMap::from([("app".into(), "intruder".into())]),
+                },
+                Identity {
+                    id: 257,
+                    namespace: "shop".into(),
+                    labels: BTreeMap::from([("app".into(), "backend".into())]),
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn drop_event() -> FlowEvent {
+        FlowEvent {
+            time_boot_ns: 5_000_000_000,
+            saddr: mapped(Ipv4Addr::new(198, 19, 1, 11)),
+            daddr: mapped(Ipv4Addr::new(198, 19, 2, 10)),
+            sport: 40000,
+            dport: 8080,
+            src_identity: 258,
+            dst_identity: 257,
+            protocol: 6,
+            verdict: verdict::DROPPED,
+            direction: direction::INGRESS,
+            reason: reason::POLICY_DENIED,
+            flags: flow_flags::ENCRYPTED,
+            count: 3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn events_become_records_with_names() {
+        let f = from_event(&drop_event(), "node-b", &state(), 1_700_000_000_000_000_000);
+        assert_eq!(f.verdict, "DROPPED");
+        assert_eq!(f.drop_reason.as_deref(), Some("policy-denied"));
+        assert_eq!(f.protocol, "TCP");
+        assert_eq!(f.direction, "ingress");
+        assert_eq!(
+            (f.src.pod.as_deref(), f.src.identity, f.src.port),
+            (Some("intruder"), 258, 40000)
+        );
+        assert_eq!(f.src.labels, vec!["app=intruder"]);
+        assert_eq!(
+            (f.dst.pod.as_deref(), f.dst.ip.as_str()),
+            (Some("backend"), "198.19.2.10")
+        );
+        assert!(f.encrypted);
+        assert_eq!(f.auth, "not-required");
+        assert_eq!(f.count, 3);
+        assert_eq!(f.time, "2023-11-14T22:13:25.000Z");
+        let v: serde_json::Value = serde_json::to_value(&f).unwrap();
+        for k in [
+            "time",
+            "node",
+            "verdict",
+            "drop_reason",
+            "protocol",
+            "src",
+            "dst",
+            "auth",
+            "encrypted",
+        ] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        for k in ["pod", "namespace", "identity", "ip", "port"] {
+            assert!(v["src"].get(k).is_some(), "src.{k}");
+        }
+        let world = FlowEvent {
+            dst_identity: identity::WORLD,
+            daddr: mapped(Ipv4Addr::new(8, 8, 8, 8)),
+            ..drop_event()
+        };
+        assert_eq!(
+            from_event(&world, "n", &state(), 0).dst.labels,
+            vec!["reserved:world"]
+        );
+    }
+
+    #[test]
+    fn filters() {
+        let f = from_event(&drop_event(), "node-b", &state(), 0);
+        let yes = |flt: Filter| assert!(flt.matches(&f), "{flt:?}");
+        let no = |flt: Filter| assert!(!flt.matches(&f), "{flt:?}");
+        yes(Filter::default());
+        yes(Filter {
+            verdict: Some("dropped".into()),
+            ..Default::default()
+        });
+        no(Filter {
+            verdict: Some("FORWARDED".into()),
+            ..Default::default()
+        });
+        yes(Filter {
+            pod: Some("shop/backend".into()),
+            ..Default::default()
+        });
+        yes(Filter {
+            pod: Some("intruder".into()),
+            ..Default::default()
+        });
+        no(Filter {
+            pod: Some("frontend".into()),
+            ..Default::default()
+        });
+        yes(Filter {
+            namespace: Some("shop".into()),
+            protocol: Some("tcp".into()),
+            ..Default::default()
+        });
+        no(Filter {
+            protocol: Some("UDP".into()),
+            ..Default::default()
+        });
+        no(Filter {
+            since_unix_ns: Some(f.time_unix_ns + 1),
+            ..Default::default()
+        });
+    }
+
+    #[test]
+    fn store_is_bounded_and_survives_reopen() {
+        let dir = std::env::temp_dir().join(format!("veil-flows-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("flows.jsonl");
+        let mut s = FlowStore::open(Some(log.clone()), 5, 4096);
+        for _ in 0..40 {
+            s.push(from_event(&drop_event(), "node-b", &state(), 0));
+        }
+        assert_eq!(s.len(), 5);
+        assert_eq!(s.query(&Filter::default()).last().unwrap().seq, 40);
+        assert_eq!(
+            s.query(&Filter {
+                after_seq: Some(38),
+                ..Default::default()
+            })
+            .len(),
+            2
+        );
+        assert_eq!(
+            s.query(&Filter {
+                limit: Some(2),
+                ..Default::default()
+            })
+            .len(),
+            2
+        );
+        assert_eq!(
+            s.totals()[&("DROPPED".to_string(), "policy-denied".to_string())],
+            120
+        );
+        // The log is bounded: two files of at most max/2 each (plus one line).
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        assert!(size(&log) + size(&rotated(&log)) <= 4096 + 1024);
+        drop(s);
+        let s2 = FlowStore::open(Some(log.clone()), 5, 4096);
+        assert_eq!(
+            s2.query(&Filter::default()).last().unwrap().seq,
+            40,
+            "records survive a restart"
+        );
+        let mut s2 = s2;
+        s2.push(from_event(&drop_event(), "node-b", &state(), 0));
+        assert_eq!(
+            s2.query(&Filter::default()).last().unwrap().seq,
+            41,
+            "numbering continues"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn since_parsing() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        assert_eq!(parse_since("10s", now).unwrap(), 990_000_000_000);
+        assert_eq!(parse_since("500", now).unwrap(), 500_000_000_000);
+        assert!(parse_since("yesterday", now).is_err());
+    }
+}
