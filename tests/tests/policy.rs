@@ -1,0 +1,433 @@
+//! End-to-end: identity-based policy in eBPF and flow observability (policy issue).
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use veil_tests::{veil, veil_ok, Lab, TempFile};
+
+const INGRESS: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: backend-from-frontend
+  namespace: shop
+spec:
+  endpointSelector:
+    matchLabels:
+      app: backend
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: frontend
+    toPorts:
+    - ports:
+      - port: \"8080\"
+        protocol: TCP
+";
+
+/// The issue's egress policy without its `rules.http` part.
+const EGRESS: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: frontend-to-backend-l7
+  namespace: shop
+spec:
+  endpointSelector:
+    matchLabels:
+      app: frontend
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        app: backend
+    toPorts:
+    - ports:
+      - port: \"8080\"
+        protocol: TCP
+";
+
+/// The issue's egress policy verbatim (with L7 rules).
+const EGRESS_L7: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: frontend-to-backend-l7
+  namespace: shop
+spec:
+  endpointSelector:
+    matchLabels:
+      app: frontend
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        app: backend
+    toPorts:
+    - ports:
+      - port: \"8080\"
+        protocol: TCP
+      rules:
+        http:
+        - method: \"GET\"
+          path: \"/api/products\"
+";
+
+fn apply(lab: &Lab, yaml: &str) -> std::process::Output {
+    let f = TempFile::new(&format!("{}-{}.yaml", lab.name, std::process::id()), yaml);
+    veil(&[
+        "policy",
+        "apply",
+        "--name",
+        &lab.name,
+        "-f",
+        &f.path.display().to_string(),
+    ])
+}
+
+fn apply_ok(lab: &Lab, yaml: &str) -> String {
+    let out = apply(lab, yaml);
+    assert!(
+        out.status.success(),
+        "apply failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn get(lab: &Lab, pod: &str, url: &str) -> Result<String, String> {
+    let out = lab.exec(pod, &["curl", "-sS", "--max-time", "2", url]);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn observe(lab: &Lab, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut a = vec!["observe", "--name", lab.name.as_str(), "-o", "json"];
+    a.extend_from_slice(args);
+    veil_ok(&a)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("observe line is JSON"))
+        .collect()
+}
+
+#[test]
+fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
+    let lab = Lab::up(&[]);
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    assert!(
+        get(&lab, "intruder", &url).is_ok(),
+        "no policy yet: everything is allowed"
+    );
+    let out = apply_ok(&lab, &format!("{INGRESS}---\n{EGRESS}"));
+    assert!(
+        out.contains("node-a: generation") && out.contains("node-b: generation"),
+        "per-node result: {out}"
+    );
+
+    assert_eq!(
+        get(&lab, "frontend", &url).unwrap(),
+        "hello from shop/backend\n"
+    );
+    assert!(
+        get(&lab, "intruder", &url).is_err(),
+        "intruder reached backend through the policy"
+    );
+    // frontend's egress is now default-deny except backend:8080.
+    assert!(get(
+        &lab,
+        "frontend",
+        &format!("http://{}:9999/", lab.pod_ip("intruder"))
+    )
+    .is_err());
+
+    let drops = observe(&lab, &["--verdict", "DROPPED"]);
+    let intruder = drops
+        .iter()
+        .find(|f| f["src"]["pod"] == "intruder" && f["dst"]["pod"] == "backend")
+        .unwrap_or_else(|| panic!("no DROPPED flow intruder -> backend in {drops:#?}"));
+    assert_eq!(intruder["drop_reason"], "policy-denied");
+    assert_eq!(intruder["verdict"], "DROPPED");
+    assert_eq!(
+        intruder["node"], "node-b",
+        "dropped at the destination's ingress"
+    );
+    assert_eq!(intruder["protocol"], "TCP");
+    assert_eq!(intruder["dst"]["port"], 8080);
+    assert_eq!(intruder["encrypted"], true);
+    let (si, di) = (
+        intruder["src"]["identity"].as_u64().unwrap(),
+        intruder["dst"]["identity"].as_u64().unwrap(),
+    );
+    assert!(
+        si >= 256 && di >= 256 && si != di,
+        "both identities: {si} {di}"
+    );
+    assert!(intruder["src"]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l == "app=intruder"));
+    assert!(intruder["dst"]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l == "app=backend"));
+    // The allowed flow is there too, and filters work.
+    let fwd = observe(
+        &lab,
+        &[
+            "--verdict",
+            "FORWARDED",
+            "--pod",
+            "shop/frontend",
+            "--protocol",
+            "tcp",
+        ],
+    );
+    assert!(fwd.iter().any(|f| f["dst"]["pod"] == "backend"), "{fwd:#?}");
+    assert!(fwd.iter().all(|f| f["verdict"] == "FORWARDED"));
+    let st = lab.status("node-b");
+    assert!(st.drops["policy-denied"] > 0);
+    assert_eq!(st.policy.policies.len(), 2);
+
+    // Delete → allowed again.
+    veil_ok(&[
+        "policy",
+        "delete",
+        "--name",
+        &lab.name,
+        "shop/backend-from-frontend",
+        "shop/frontend-to-backend-l7",
+    ]);
+    assert_eq!(
+        get(&lab, "intruder", &url).unwrap(),
+        "hello from shop/backend\n"
+    );
+    assert!(lab.status("node-b").policy.policies.is_empty());
+}
+
+#[test]
+fn l7_rules_are_refused_and_the_previous_policy_stays() {
+    let lab = Lab::up(&[]);
+    apply_ok(&lab, INGRESS);
+    let before = lab.status("node-b").policy;
+    let out = apply(&lab, EGRESS_L7);
+    assert!(
+        !out.status.success(),
+        "a policy with rules.http was accepted"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("spec.egress[0].toPorts[0].rules.http"),
+        "{err}"
+    );
+    // Unknown fields name their path; nothing changes either.
+    let out = apply(
+        &lab,
+        &INGRESS.replace(
+            "matchLabels:\n        app: frontend",
+            "matchLables:\n        app: frontend",
+        ),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.ingress[0].fromEndpoints[0]"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = lab.status("node-b").policy;
+    assert_eq!(before, after, "a refused policy changed what is in force");
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    assert!(get(&lab, "intruder", &url).is_err());
+    assert!(get(&lab, "frontend", &url).is_ok());
+}
+
+#[test]
+fn audit_mode_passes_and_reports() {
+    let lab = Lab::up(&[]);
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    // Per policy.
+    let audit = INGRESS.replace(
+        "  namespace: shop\n",
+        "  namespace: shop\n  annotations:\n    policy.veil.io/mode: audit\n",
+    );
+    apply_ok(&lab, &audit);
+    assert_eq!(
+        get(&lab, "intruder", &url).unwrap(),
+        "hello from shop/backend\n"
+    );
+    let flows = observe(&lab, &["--verdict", "AUDIT"]);
+    let f = flows
+        .iter()
+        .find(|f| f["src"]["pod"] == "intruder")
+        .unwrap_or_else(|| panic!("no AUDIT flow: {flows:#?}"));
+    assert_eq!(
+        f["drop_reason"], "policy-denied",
+        "AUDIT says what would have dropped it"
+    );
+    // Per node: an enforcing policy, but node-b in audit mode.
+    apply_ok(&lab, INGRESS);
+    assert!(get(&lab, "intruder", &url).is_err());
+    veil_ok(&[
+        "policy", "audit", "--name", &lab.name, "--node", "node-b", "on",
+    ]);
+    assert!(lab.status("node-b").audit);
+    assert_eq!(
+        get(&lab, "intruder", &url).unwrap(),
+        "hello from shop/backend\n"
+    );
+    veil_ok(&["policy", "audit", "--name", &lab.name, "off"]);
+    assert!(get(&lab, "intruder", &url).is_err());
+}
+
+const ECHO_LAB: &str = "pods:\n\
+- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
+- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}\n\
+- {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}\n";
+
+/// Counts lines of an echo stream that came back.
+fn stream(lab: &Lab, pod: &str, lines: u32, gap_ms: u32) -> std::process::Child {
+    let be = lab.pod_ip("backend");
+    let script = format!(
+        "for i in $(seq 1 {lines}); do echo line-$i; sleep 0.{gap_ms:03}; done | ncat -w 5 -i 3 {be} 9000"
+    );
+    lab.command_in(pod, &["sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn policy_updates_lose_nothing_on_allowed_streams_and_cut_denied_ones() {
+    let lab = Lab::up_with_file(ECHO_LAB, &[]);
+    let allow_9000 = |extra: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: backend-echo\n  namespace: shop\nspec:\n  endpointSelector:\n    matchLabels:\n      app: backend\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        app: frontend\n    toPorts:\n    - ports:\n      - port: \"9000\"\n        protocol: ANY\n{extra}"
+        )
+    };
+    apply_ok(&lab, &allow_9000(""));
+    // A continuous allowed stream (TCP echo) and a sequence-numbered UDP probe while the policy
+    // set changes repeatedly (other policies added, removed, this one re-applied).
+    let tcp = stream(&lab, "frontend", 120, 50);
+    let be = lab.pod_ip("backend");
+    let udp = lab
+        .command_in("frontend", &["sh", "-c", &format!("for i in $(seq 1 100); do echo seq-$i; sleep 0.05; done | ncat -u -w 2 -i 2 {be} 9000")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut updates = 0;
+    while start.elapsed() < Duration::from_secs(5) {
+        let extra = if updates % 2 == 0 {
+            "      - port: \"9001\"\n        protocol: TCP\n"
+        } else {
+            ""
+        };
+        apply_ok(&lab, &allow_9000(extra));
+        apply_ok(
+            &lab,
+            &INGRESS
+                .replace("backend-from-frontend", &format!("other-{updates}"))
+                .replace("app: backend", "app: nobody"),
+        );
+        updates += 1;
+    }
+    let out = tcp.wait_with_output().unwrap();
+    let echoed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        echoed.lines().count(),
+        120,
+        "the allowed TCP stream lost data across {updates} policy updates"
+    );
+    let udp_out = udp.wait_with_output().unwrap();
+    let got: Vec<&str> = std::str::from_utf8(&udp_out.stdout)
+        .unwrap()
+        .lines()
+        .collect();
+    assert_eq!(
+        got.len(),
+        100,
+        "UDP probes lost across policy updates: got {}",
+        got.len()
+    );
+    assert!(updates >= 3, "only {updates} updates happened");
+
+    // An established connection the new policy denies is cut (ARCHITECTURE.md: conntrack is
+    // re-evaluated on every policy change).
+    let victim = stream(&lab, "frontend", 100, 50);
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = apply_ok(
+        &lab,
+        &allow_9000("").replace("app: frontend", "app: intruder"),
+    );
+    assert!(out.contains("connections cut"), "{out}");
+    let out = victim.wait_with_output().unwrap();
+    let n = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(
+        n < 100,
+        "a connection the policy now denies kept flowing ({n} lines)"
+    );
+    assert!(n > 5, "the connection never worked ({n} lines)");
+}
+
+#[test]
+fn flow_log_survives_agent_restart_and_metrics_count() {
+    let lab = Lab::up(&[]);
+    apply_ok(&lab, INGRESS);
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let _ = get(&lab, "intruder", &url);
+    let before = observe(&lab, &["--node", "node-b", "--verdict", "DROPPED"]);
+    assert!(!before.is_empty());
+    let pid = lab.status("node-b").agent.pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    lab.wait_for("restarted agent", Duration::from_secs(20), || {
+        let out = veil(&[
+            "status", "--name", &lab.name, "--node", "node-b", "-o", "json",
+        ]);
+        let st: veil_tests::Status = serde_json::from_slice(&out.stdout).ok()?;
+        (st.agent.pid != pid && st.ready).then_some(())
+    });
+    let after = observe(&lab, &["--node", "node-b", "--verdict", "DROPPED"]);
+    assert!(
+        after.len() >= before.len(),
+        "flow records lost across the restart"
+    );
+    assert_eq!(after[0]["seq"], before[0]["seq"]);
+    // The restarted agent keeps enforcing (pinned maps, same policy) and keeps recording.
+    assert!(get(&lab, "intruder", &url).is_err());
+    let later = observe(&lab, &["--node", "node-b", "--verdict", "DROPPED"]);
+    assert!(
+        later.len() > after.len()
+            || later.last().unwrap()["seq"].as_u64() > after.last().unwrap()["seq"].as_u64()
+    );
+    let metrics = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--unix-socket",
+            &lab.view.nodes[1].agent_admin,
+            "http://agent/metrics",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("veil_flows_total{verdict=\"DROPPED\",reason=\"policy-denied\"}")
+        ),
+        "{text}"
+    );
+    assert!(text.contains("veil_policies 1"), "{text}");
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("veil_map_entries{map=\"VEIL_CT\"}")));
+    // Bad observe filters are refused with a clear error.
+    let out = veil(&["observe", "--name", &lab.name, "--verdict", "MAYBE"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--verdict"));
+}
