@@ -8,6 +8,7 @@
 //! explicit (`veil lab down`, or deleting the pin directory).
 
 pub mod maps;
+pub mod testrun;
 
 use std::{
     collections::BTreeMap,
