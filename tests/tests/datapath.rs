@@ -694,6 +694,31 @@ fn from_pod_parsing_and_truncation() {
         &Packet::tcp(fe(Af::V4), be(Af::V4), 40000, 8080).with_ipv4_options(vec![1, 1, 1, 0]),
         pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
     ));
+    // IPv6 hop-by-hop options before TCP: ports are read after the extension header.
+    let with_hbh = |dport: u16| {
+        let ip = Packet::tcp(fe(Af::V6), be(Af::V6), 40000, dport).ip();
+        let mut out = ip[..40].to_vec();
+        out[6] = 0; // next header: hop-by-hop
+        let plen = u16::from_be_bytes([ip[4], ip[5]]) + 8;
+        out[4..6].copy_from_slice(&plen.to_be_bytes());
+        out.extend([TCP, 0, 1, 4, 0, 0, 0, 0]); // next TCP, 8 bytes, PadN
+        out.extend(&ip[40..]);
+        packet::ethernet(packet::ETH_P_IPV6, &out)
+    };
+    cases.push(raw(
+        "V6 hop-by-hop header, allowed port behind it",
+        backend_admits_frontend_8080,
+        pfe,
+        with_hbh(8080),
+        pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+    ));
+    cases.push(raw(
+        "V6 hop-by-hop header, denied port behind it",
+        backend_admits_frontend_8080,
+        pfe,
+        with_hbh(9090),
+        dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
+    ));
     cases.push(raw(
         "V4 options claimed but missing",
         no_policy,
