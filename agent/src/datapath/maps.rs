@@ -90,6 +90,21 @@ impl Prefix {
             len: IpKey::V4_PREFIX_OFFSET + u32::from(len),
         }
     }
+
+    pub fn v6(ip: std::net::Ipv6Addr, len: u8) -> Self {
+        Self {
+            addr: IpKey::from_v6(ip.octets()).addr,
+            len: u32::from(len),
+        }
+    }
+
+    /// A single address (/32 for IPv4, /128 for IPv6).
+    pub fn host(ip: std::net::IpAddr) -> Self {
+        match ip {
+            std::net::IpAddr::V4(v4) => Self::v4(v4, 32),
+            std::net::IpAddr::V6(v6) => Self::v6(v6, 128),
+        }
+    }
 }
 
 impl std::fmt::Display for Prefix {

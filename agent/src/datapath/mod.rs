@@ -9,6 +9,7 @@
 
 pub mod maps;
 pub mod policy;
+pub mod testrun;
 
 use std::{
     collections::BTreeMap,

@@ -1,0 +1,1829 @@
+//! The TC programs on crafted packets through `BPF_PROG_TEST_RUN` (policy issue, "TC program
+//! unit tests"): verdicts, drop-reason counters and flow events for IPv4/IPv6, TCP/UDP/ICMP,
+//! fragments, truncated headers, anti-spoofing, strict mode, policy, audit, auth, conntrack and
+//! the tunnel-side program.
+//!
+//! Every case gets its own [`TestDatapath`]: a fresh pin directory and network namespace, so no
+//! conntrack entry, event throttle or counter leaks from one case into the next. Needs root and
+//! BPF; without them the cases fail, they never skip.
+//!
+//! The node under test is node 1 (pod CIDR 198.19.1.0/24, fd00:19:1::/64) with frontend,
+//! backend and intruder pods; node 2 has a tunnel peer (HAS_KEY) and the same three apps,
+//! node 3 has none. Strict encryption is on.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use veil_agent::datapath::{
+    maps::Prefix,
+    testrun::{
+        boot_time_ns,
+        packet::{self, icmp_type, Packet},
+        tc_act, TestDatapath,
+    },
+};
+use veil_common::{
+    config_flags,
+    maps::{
+        direction, flow_flags, identity, node_flags, policy_flags, AuthEntry, AuthKey,
+        DatapathConfig, FlowEvent, IpKey, NodeInfo, PolicyEntry, PolicyKey,
+    },
+    programs, reason, verdict,
+};
+
+const NODE: u32 = 1;
+const PEER: u32 = 2;
+const KEYLESS: u32 = 3;
+
+const FE: u32 = 256;
+const BE: u32 = 257;
+const IN: u32 = 258;
+
+const IF_FE: &str = "fe";
+const IF_BE: &str = "be";
+const IF_IN: &str = "in";
+const IF_TUNNEL: &str = "veil0";
+
+const TCP: u8 = packet::IPPROTO_TCP;
+const UDP: u8 = packet::IPPROTO_UDP;
+const ICMP: u8 = packet::IPPROTO_ICMP;
+const ICMPV6: u8 = packet::IPPROTO_ICMPV6;
+
+/// Address family of a case.
+#[derive(Clone, Copy, Debug)]
+enum Af {
+    V4,
+    V6,
+}
+
+/// Pod `host` on node `node`: 198.19.<node>.<host> or fd00:19:<node>::<host>.
+fn ip(af: Af, node: u32, host: u8) -> IpAddr {
+    match af {
+        Af::V4 => IpAddr::V4(Ipv4Addr::new(198, 19, node as u8, host)),
+        Af::V6 => IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x19,
+            node as u16,
+            0,
+            0,
+            0,
+            0,
+            u16::from(host),
+        )),
+    }
+}
+
+fn fe(af: Af) -> IpAddr {
+    ip(af, NODE, 10)
+}
+fn be(af: Af) -> IpAddr {
+    ip(af, NODE, 20)
+}
+fn intruder(af: Af) -> IpAddr {
+    ip(af, NODE, 30)
+}
+fn world(af: Af) -> IpAddr {
+    match af {
+        Af::V4 => IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5)),
+        Af::V6 => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 5)),
+    }
+}
+
+fn cidr(af: Af, node: u32) -> Prefix {
+    match ip(af, node, 0) {
+        IpAddr::V4(a) => Prefix::v4(a, 24),
+        IpAddr::V6(a) => Prefix::v6(a, 64),
+    }
+}
+
+fn mapped(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => IpKey::from_v4(v4.octets()).addr,
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Node 1 with its pods, the peers' pods and pod CIDRs, no policy.
+struct Node {
+    dp: TestDatapath,
+}
+
+impl Node {
+    fn new() -> Node {
+        let mut dp = TestDatapath::new(&[IF_FE, IF_BE, IF_IN, IF_TUNNEL])
+            .expect("test datapath (needs root and BPF)");
+        let tunnel = dp.ifindex(IF_TUNNEL).unwrap();
+        dp.set_config(DatapathConfig {
+            flags: config_flags::ENCRYPT | config_flags::STRICT,
+            tunnel_ifindex: tunnel,
+            node_id: NODE,
+            policy_slot: 0,
+        })
+        .unwrap();
+        for af in [Af::V4, Af::V6] {
+            for n in [NODE, PEER, KEYLESS] {
+                dp.add_pod_cidr(cidr(af, n), n).unwrap();
+            }
+            dp.add_local_pod(fe(af), FE, IF_FE).unwrap();
+            dp.add_local_pod(be(af), BE, IF_BE).unwrap();
+            dp.add_local_pod(intruder(af), IN, IF_IN).unwrap();
+            for n in [PEER, KEYLESS] {
+                dp.add_remote_pod(ip(af, n, 10), FE, n).unwrap();
+                dp.add_remote_pod(ip(af, n, 20), BE, n).unwrap();
+                dp.add_remote_pod(ip(af, n, 30), IN, n).unwrap();
+            }
+        }
+        dp.upsert_node(
+            NODE,
+            NodeInfo {
+                flags: node_flags::SELF,
+                _pad: 0,
+            },
+        )
+        .unwrap();
+        dp.upsert_node(
+            PEER,
+            NodeInfo {
+                flags: node_flags::HAS_KEY,
+                _pad: 0,
+            },
+        )
+        .unwrap();
+        dp.upsert_node(KEYLESS, NodeInfo::default()).unwrap();
+        Node { dp }
+    }
+
+    fn ifindex(&self, name: &str) -> u32 {
+        self.dp.ifindex(name).unwrap()
+    }
+
+    /// Turns default deny on for `local` in `dir` (plus `extra` marker flags, e.g. AUDIT).
+    fn enforce(&mut self, local: u32, dir: u8, extra: u32) {
+        self.rule(
+            local,
+            identity::SELECTOR_MARKER,
+            0,
+            0,
+            dir,
+            policy_flags::ENFORCED | extra,
+        );
+    }
+
+    /// Adds (ORs) `flags` into the live slot's entry for the key.
+    fn rule(&mut self, local: u32, remote: u32, dport: u16, protocol: u8, dir: u8, flags: u32) {
+        self.rule_in_slot(0, local, remote, dport, protocol, dir, flags);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rule_in_slot(
+        &mut self,
+        slot: u32,
+        local: u32,
+        remote: u32,
+        dport: u16,
+        protocol: u8,
+        dir: u8,
+        flags: u32,
+    ) {
+        self.dp
+            .upsert_policy(
+                slot,
+                PolicyKey {
+                    local_identity: local,
+                    remote_identity: remote,
+                    dport,
+                    protocol,
+                    direction: dir,
+                },
+                PolicyEntry { flags, rule: 1 },
+            )
+            .unwrap();
+    }
+
+    /// An auth entry for (local, remote, node) valid for `ttl_s` seconds from now (negative:
+    /// already expired).
+    fn auth(&mut self, local: u32, remote: u32, node: u32, ttl_s: i64) {
+        let expires = (boot_time_ns() as i64 + ttl_s * 1_000_000_000) as u64;
+        self.dp
+            .upsert_auth(
+                AuthKey {
+                    local_identity: local,
+                    remote_identity: remote,
+                    remote_node: node,
+                    _pad: 0,
+                },
+                AuthEntry {
+                    expires_boot_ns: expires,
+                },
+            )
+            .unwrap();
+    }
+
+    fn set_config_flags(&mut self, f: impl FnOnce(&mut DatapathConfig)) {
+        let mut c = self.dp.config().unwrap();
+        f(&mut c);
+        self.dp.set_config(c).unwrap();
+    }
+
+    /// Runs a program on one packet; returns what the test can observe.
+    fn send(&mut self, at: At, bytes: &[u8]) -> Outcome {
+        self.try_send(at, bytes)
+            .unwrap_or_else(|e| panic!("test run: {e}"))
+    }
+
+    fn try_send(&mut self, at: At, bytes: &[u8]) -> Result<Outcome, String> {
+        let before = self.dp.drops().unwrap();
+        let (program, ifindex) = match at {
+            At::Pod(i) => (programs::FROM_POD, self.ifindex(i)),
+            At::Tunnel => (programs::FROM_TUNNEL, self.ifindex(IF_TUNNEL)),
+        };
+        let r = self
+            .dp
+            .run(program, ifindex, bytes)
+            .map_err(|e| veil_agent::error_chain(&e))?;
+        let after = self.dp.drops().unwrap();
+        let drops = after
+            .iter()
+            .filter_map(|(k, v)| {
+                let d = v - before.get(k).copied().unwrap_or(0);
+                (d != 0).then_some((*k, d))
+            })
+            .collect();
+        Ok(Outcome {
+            retval: r.retval,
+            drops,
+            events: self.dp.take_events(),
+        })
+    }
+}
+
+/// Which program sees the packet: `veil_from_pod` on a pod's host-side veth, or
+/// `veil_from_tunnel` on the tunnel device.
+#[derive(Clone, Copy, Debug)]
+enum At {
+    Pod(&'static str),
+    Tunnel,
+}
+
+#[derive(Debug)]
+struct Outcome {
+    retval: u32,
+    drops: BTreeMap<&'static str, u64>,
+    events: Vec<FlowEvent>,
+}
+
+/// The flow event a case expects.
+#[derive(Clone, Copy, Debug)]
+struct Ev {
+    verdict: u8,
+    reason: u32,
+    direction: u8,
+    /// Flags that must be set in the event.
+    flags: u32,
+    /// (src, dst) identities, when the case pins them.
+    identities: Option<(u32, u32)>,
+}
+
+const fn ev(verdict: u8, reason: u32, direction: u8) -> Ev {
+    Ev {
+        verdict,
+        reason,
+        direction,
+        flags: 0,
+        identities: None,
+    }
+}
+
+impl Ev {
+    const fn flags(mut self, f: u32) -> Self {
+        self.flags = f;
+        self
+    }
+    const fn ids(mut self, src: u32, dst: u32) -> Self {
+        self.identities = Some((src, dst));
+        self
+    }
+}
+
+const FWD_EGRESS: Ev = ev(verdict::FORWARDED, reason::NONE, direction::EGRESS);
+const FWD_INGRESS: Ev = ev(verdict::FORWARDED, reason::NONE, direction::INGRESS);
+
+#[derive(Clone, Copy, Debug)]
+struct Want {
+    retval: u32,
+    /// The one drop counter that must move by one (none moves otherwise).
+    drop: Option<u32>,
+    /// The one flow event (none otherwise).
+    event: Option<Ev>,
+}
+
+const fn pass(retval: u32, event: Option<Ev>) -> Want {
+    Want {
+        retval,
+        drop: None,
+        event,
+    }
+}
+
+const fn dropped(code: u32, event: Option<Ev>) -> Want {
+    Want {
+        retval: tc_act::SHOT,
+        drop: Some(code),
+        event,
+    }
+}
+
+/// A drop with its DROPPED event in `dir`.
+const fn dropped_ev(code: u32, dir: u8) -> Want {
+    dropped(code, Some(ev(verdict::DROPPED, code, dir)))
+}
+
+/// Checks an outcome; returns the mismatches (empty when it matches). `addrs` are the packet's
+/// (src, dst) for the event check, when the packet has parseable addresses.
+fn check(o: &Outcome, want: &Want, addrs: Option<(IpAddr, IpAddr)>) -> Vec<String> {
+    let mut bad = Vec::new();
+    if o.retval != want.retval {
+        bad.push(format!("retval {} want {}", o.retval, want.retval));
+    }
+    let want_drops: BTreeMap<&str, u64> = want
+        .drop
+        .map(|c| BTreeMap::from([(reason::name(c), 1)]))
+        .unwrap_or_default();
+    if o.drops != want_drops {
+        bad.push(format!("drops {:?} want {:?}", o.drops, want_drops));
+    }
+    match (&want.event, o.events.as_slice()) {
+        (None, []) => {}
+        (Some(w), [e]) => {
+            if (e.verdict, e.reason, e.direction) != (w.verdict, w.reason, w.direction) {
+                bad.push(format!(
+                    "event verdict/reason/direction {}/{}/{} want {}/{}/{}",
+                    e.verdict,
+                    reason::name(e.reason),
+                    e.direction,
+                    w.verdict,
+                    reason::name(w.reason),
+                    w.direction
+                ));
+            }
+            if e.flags & w.flags != w.flags {
+                bad.push(format!("event flags {:#x} lack {:#x}", e.flags, w.flags));
+            }
+            if let Some(ids) = w.identities {
+                if (e.src_identity, e.dst_identity) != ids {
+                    bad.push(format!(
+                        "event identities {:?} want {ids:?}",
+                        (e.src_identity, e.dst_identity)
+                    ));
+                }
+            }
+            if let Some((s, d)) = addrs {
+                if (e.saddr, e.daddr) != (mapped(s), mapped(d)) {
+                    bad.push("event addresses differ from the packet's".into());
+                }
+            }
+            if e.count != 1 {
+                bad.push(format!("event count {} want 1", e.count));
+            }
+        }
+        (w, got) => bad.push(format!("events {got:?} want {w:?}")),
+    }
+    bad
+}
+
+/// One table row: a fresh node, a setup, one packet, the expected outcome.
+struct Case {
+    name: String,
+    setup: fn(&mut Node),
+    at: At,
+    bytes: Vec<u8>,
+    addrs: Option<(IpAddr, IpAddr)>,
+    want: Want,
+}
+
+fn case(name: &str, setup: fn(&mut Node), at: At, p: &Packet, want: Want) -> Case {
+    let bytes = match at {
+        At::Pod(_) => p.frame(),
+        At::Tunnel => p.ip(),
+    };
+    Case {
+        name: name.to_string(),
+        setup,
+        at,
+        bytes,
+        addrs: Some((p.src, p.dst)),
+        want,
+    }
+}
+
+fn raw(name: &str, setup: fn(&mut Node), at: At, bytes: Vec<u8>, want: Want) -> Case {
+    Case {
+        name: name.to_string(),
+        setup,
+        at,
+        bytes,
+        addrs: None,
+        want,
+    }
+}
+
+/// Runs every case (each on a fresh node) and fails listing every mismatch.
+fn run_table(cases: Vec<Case>) {
+    let mut failures = Vec::new();
+    let n = cases.len();
+    for c in cases {
+        let mut node = Node::new();
+        (c.setup)(&mut node);
+        let bad = match node.try_send(c.at, &c.bytes) {
+            Ok(o) => check(&o, &c.want, c.addrs),
+            Err(e) => vec![format!("{} bytes: {e}", c.bytes.len())],
+        };
+        if !bad.is_empty() {
+            failures.push(format!("{}: {}", c.name, bad.join("; ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {n} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+// Setups.
+
+fn no_policy(_: &mut Node) {}
+
+/// Backend ingress admits frontend on TCP 8080 (the issue's policy), both families.
+fn backend_admits_frontend_8080(n: &mut Node) {
+    n.enforce(BE, direction::INGRESS, 0);
+    n.rule(BE, FE, 8080, TCP, direction::INGRESS, policy_flags::ALLOW);
+}
+
+/// Frontend egress may reach only backend on TCP 8080.
+fn frontend_egress_to_backend_8080(n: &mut Node) {
+    n.enforce(FE, direction::EGRESS, 0);
+    n.rule(FE, BE, 8080, TCP, direction::EGRESS, policy_flags::ALLOW);
+}
+
+/// Backend ingress: anyone on TCP 8080, but intruder denied outright.
+fn backend_any_8080_deny_intruder(n: &mut Node) {
+    n.enforce(BE, direction::INGRESS, 0);
+    n.rule(
+        BE,
+        identity::ANY,
+        8080,
+        TCP,
+        direction::INGRESS,
+        policy_flags::ALLOW,
+    );
+    n.rule(BE, IN, 0, 0, direction::INGRESS, policy_flags::DENY);
+}
+
+/// Backend ingress selected by an audit-mode policy that allows only frontend 8080.
+fn backend_audit(n: &mut Node) {
+    n.enforce(BE, direction::INGRESS, policy_flags::AUDIT);
+    n.rule(BE, FE, 8080, TCP, direction::INGRESS, policy_flags::ALLOW);
+}
+
+/// Enforce-mode policy, node-wide audit switched on.
+fn backend_enforced_node_audit(n: &mut Node) {
+    backend_admits_frontend_8080(n);
+    n.set_config_flags(|c| c.flags |= config_flags::AUDIT);
+}
+
+/// Backend ingress admits ICMP (any type) and UDP 53 from frontend.
+fn backend_admits_icmp_and_dns(n: &mut Node) {
+    n.enforce(BE, direction::INGRESS, 0);
+    n.rule(BE, FE, 0, ICMP, direction::INGRESS, policy_flags::ALLOW);
+    n.rule(BE, FE, 0, ICMPV6, direction::INGRESS, policy_flags::ALLOW);
+    n.rule(BE, FE, 53, UDP, direction::INGRESS, policy_flags::ALLOW);
+}
+
+/// Backend ingress admits everything from everyone (ANY, *, *).
+fn backend_admits_all(n: &mut Node) {
+    n.enforce(BE, direction::INGRESS, 0);
+    n.rule(
+        BE,
+        identity::ANY,
+        0,
+        0,
+        direction::INGRESS,
+        policy_flags::ALLOW,
+    );
+}
+
+/// Frontend egress to the remote backend on TCP 8080 requires mutual auth.
+fn frontend_egress_auth(n: &mut Node) {
+    n.enforce(FE, direction::EGRESS, 0);
+    n.rule(
+        FE,
+        BE,
+        8080,
+        TCP,
+        direction::EGRESS,
+        policy_flags::ALLOW | policy_flags::AUTH_REQUIRED,
+    );
+}
+
+fn frontend_egress_auth_valid(n: &mut Node) {
+    frontend_egress_auth(n);
+    n.auth(FE, BE, PEER, 60);
+}
+
+fn frontend_egress_auth_expired(n: &mut Node) {
+    frontend_egress_auth(n);
+    n.auth(FE, BE, PEER, -1);
+}
+
+/// A valid entry, but for the same identities on another node.
+fn frontend_egress_auth_other_node(n: &mut Node) {
+    frontend_egress_auth(n);
+    n.auth(FE, BE, KEYLESS, 60);
+}
+
+/// Backend ingress from frontend on TCP 8080 requires mutual auth (tunnel side).
+fn backend_ingress_auth(n: &mut Node) {
+    n.enforce(BE, direction::INGRESS, 0);
+    n.rule(
+        BE,
+        FE,
+        8080,
+        TCP,
+        direction::INGRESS,
+        policy_flags::ALLOW | policy_flags::AUTH_REQUIRED,
+    );
+}
+
+fn backend_ingress_auth_valid(n: &mut Node) {
+    backend_ingress_auth(n);
+    n.auth(BE, FE, PEER, 60);
+}
+
+fn backend_ingress_auth_expired(n: &mut Node) {
+    backend_ingress_auth(n);
+    n.auth(BE, FE, PEER, -1);
+}
+
+fn no_tunnel_device(n: &mut Node) {
+    n.set_config_flags(|c| c.tunnel_ifindex = 0);
+}
+
+fn peer_key_removed(n: &mut Node) {
+    n.dp.upsert_node(PEER, NodeInfo::default()).unwrap();
+}
+
+fn encryption_off(n: &mut Node) {
+    n.set_config_flags(|c| c.flags = 0);
+}
+
+// Tables.
+
+#[test]
+fn from_pod_parsing_and_truncation() {
+    let pfe = At::Pod(IF_FE);
+    let mut cases = vec![
+        raw(
+            "arp request passes",
+            no_policy,
+            pfe,
+            packet::arp_request(Ipv4Addr::new(198, 19, 1, 10), Ipv4Addr::new(169, 254, 1, 1)),
+            pass(tc_act::OK, None),
+        ),
+        raw(
+            "arp passes even under default deny",
+            frontend_egress_to_backend_8080,
+            pfe,
+            packet::arp_request(Ipv4Addr::new(198, 19, 1, 10), Ipv4Addr::new(169, 254, 1, 1)),
+            pass(tc_act::OK, None),
+        ),
+        raw(
+            "unsupported ethertype (LLDP)",
+            no_policy,
+            pfe,
+            packet::ethernet(0x88cc, &[0; 46]),
+            dropped(reason::UNSUPPORTED_L3, None),
+        ),
+        raw(
+            "vlan-tagged frame is unsupported",
+            no_policy,
+            pfe,
+            packet::ethernet(0x8100, &[0; 46]),
+            dropped(reason::UNSUPPORTED_L3, None),
+        ),
+        raw(
+            "ipv4 ethertype, version 6 header",
+            no_policy,
+            pfe,
+            packet::ethernet(
+                packet::ETH_P_IP,
+                &Packet::tcp(fe(Af::V6), be(Af::V6), 1, 2).ip(),
+            ),
+            dropped(reason::UNSUPPORTED_L3, None),
+        ),
+    ];
+    for af in [Af::V4, Af::V6] {
+        let tcp = Packet::tcp(fe(af), be(af), 40000, 8080);
+        let udp = Packet::udp(fe(af), be(af), 40000, 53);
+        let icmp = Packet::icmp_echo(fe(af), be(af), 7);
+        let ip_hlen = if matches!(af, Af::V4) { 20 } else { 40 };
+        let l3 = packet::ETH_HLEN + ip_hlen;
+        cases.extend([
+            raw(
+                &format!("{af:?} ip header, no tcp header"),
+                no_policy,
+                pfe,
+                packet::truncated(tcp.frame(), l3),
+                dropped(reason::TRUNCATED, None),
+            ),
+            raw(
+                &format!("{af:?} tcp header one byte short"),
+                no_policy,
+                pfe,
+                packet::truncated(tcp.frame(), l3 + 19),
+                dropped(reason::TRUNCATED, None),
+            ),
+            raw(
+                &format!("{af:?} tcp ports only"),
+                no_policy,
+                pfe,
+                packet::truncated(tcp.frame(), l3 + 4),
+                dropped(reason::TRUNCATED, None),
+            ),
+            raw(
+                &format!("{af:?} udp header one byte short"),
+                no_policy,
+                pfe,
+                packet::truncated(udp.frame(), l3 + 7),
+                dropped(reason::TRUNCATED, None),
+            ),
+            raw(
+                &format!("{af:?} icmp header one byte short"),
+                no_policy,
+                pfe,
+                packet::truncated(icmp.frame(), l3 + 7),
+                dropped(reason::TRUNCATED, None),
+            ),
+            // Exactly the fixed headers, no payload: complete, so it passes.
+            case(
+                &format!("{af:?} tcp header exactly"),
+                no_policy,
+                pfe,
+                &tcp,
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+        ]);
+    }
+    // IPv4 header length below 5 words.
+    let mut bad_ihl = Packet::tcp(fe(Af::V4), be(Af::V4), 1, 8080).frame();
+    bad_ihl[packet::ETH_HLEN] = 0x44;
+    cases.push(raw(
+        "V4 ihl 4",
+        no_policy,
+        pfe,
+        bad_ihl,
+        dropped(reason::TRUNCATED, None),
+    ));
+    // IPv4 options: ports are read after them.
+    cases.push(case(
+        "V4 with options, allowed port behind them",
+        backend_admits_frontend_8080,
+        pfe,
+        &Packet::tcp(fe(Af::V4), be(Af::V4), 40000, 8080).with_ipv4_options(vec![1, 1, 1, 0]),
+        pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+    ));
+    // IPv6 hop-by-hop options before TCP: ports are read after the extension header.
+    let with_hbh = |dport: u16| {
+        let ip = Packet::tcp(fe(Af::V6), be(Af::V6), 40000, dport).ip();
+        let mut out = ip[..40].to_vec();
+        out[6] = 0; // next header: hop-by-hop
+        let plen = u16::from_be_bytes([ip[4], ip[5]]) + 8;
+        out[4..6].copy_from_slice(&plen.to_be_bytes());
+        out.extend([TCP, 0, 1, 4, 0, 0, 0, 0]); // next TCP, 8 bytes, PadN
+        out.extend(&ip[40..]);
+        packet::ethernet(packet::ETH_P_IPV6, &out)
+    };
+    cases.push(raw(
+        "V6 hop-by-hop header, allowed port behind it",
+        backend_admits_frontend_8080,
+        pfe,
+        with_hbh(8080),
+        pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+    ));
+    cases.push(raw(
+        "V6 hop-by-hop header, denied port behind it",
+        backend_admits_frontend_8080,
+        pfe,
+        with_hbh(9090),
+        dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
+    ));
+    cases.push(raw(
+        "V4 options claimed but missing",
+        no_policy,
+        pfe,
+        {
+            let mut f = Packet::tcp(fe(Af::V4), be(Af::V4), 1, 8080).frame();
+            f[packet::ETH_HLEN] = 0x4f; // 60-byte header; the TCP header is read at +60
+            packet::truncated(f, packet::ETH_HLEN + 20 + 20 + 10)
+        },
+        dropped(reason::TRUNCATED, None),
+    ));
+    run_table(cases);
+}
+
+#[test]
+fn from_pod_anti_spoofing() {
+    let mut cases = Vec::new();
+    for af in [Af::V4, Af::V6] {
+        cases.extend([
+            case(
+                &format!("{af:?} frontend's address from intruder's interface"),
+                no_policy,
+                At::Pod(IF_IN),
+                &Packet::tcp(fe(af), be(af), 40000, 8080),
+                dropped(reason::SPOOFED_SOURCE, None),
+            ),
+            case(
+                &format!("{af:?} world source"),
+                no_policy,
+                At::Pod(IF_FE),
+                &Packet::udp(world(af), be(af), 53, 53),
+                dropped(reason::SPOOFED_SOURCE, None),
+            ),
+            case(
+                &format!("{af:?} remote pod's address"),
+                no_policy,
+                At::Pod(IF_FE),
+                &Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080),
+                dropped(reason::SPOOFED_SOURCE, None),
+            ),
+            case(
+                &format!("{af:?} unused address of the local pod cidr"),
+                no_policy,
+                At::Pod(IF_FE),
+                &Packet::icmp_echo(ip(af, NODE, 99), be(af), 1),
+                dropped(reason::SPOOFED_SOURCE, None),
+            ),
+            case(
+                &format!("{af:?} own address on own interface"),
+                no_policy,
+                At::Pod(IF_IN),
+                &Packet::tcp(intruder(af), be(af), 40000, 8080),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS.ids(IN, BE))),
+            ),
+        ]);
+    }
+    run_table(cases);
+}
+
+#[test]
+fn from_pod_protocols_and_steering() {
+    let pfe = At::Pod(IF_FE);
+    let mut cases = Vec::new();
+    for af in [Af::V4, Af::V6] {
+        let enc = FWD_EGRESS.flags(flow_flags::ENCRYPTED);
+        cases.extend([
+            case(
+                &format!("{af:?} tcp to a local pod is redirected to its veth"),
+                no_policy,
+                pfe,
+                &Packet::tcp(fe(af), be(af), 40000, 8080).with_payload(100),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS.ids(FE, BE))),
+            ),
+            case(
+                &format!("{af:?} udp to a local pod"),
+                no_policy,
+                pfe,
+                &Packet::udp(fe(af), be(af), 40000, 53).with_payload(30),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} icmp echo to a local pod"),
+                no_policy,
+                pfe,
+                &Packet::icmp_echo(fe(af), be(af), 77),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} icmp error to a local pod"),
+                no_policy,
+                pfe,
+                &Packet::icmp(fe(af), be(af), dest_unreach(af), 3),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} gre (no ports) to a local pod"),
+                no_policy,
+                pfe,
+                &Packet::other(fe(af), be(af), 47).with_payload(8),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} tcp to the world goes to the stack"),
+                no_policy,
+                pfe,
+                &Packet::tcp(fe(af), world(af), 40000, 443),
+                pass(tc_act::OK, Some(FWD_EGRESS.ids(FE, identity::WORLD))),
+            ),
+            case(
+                &format!("{af:?} tcp to a remote pod goes into the tunnel"),
+                no_policy,
+                pfe,
+                &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080),
+                pass(tc_act::REDIRECT, Some(enc.ids(FE, BE))),
+            ),
+            case(
+                &format!("{af:?} unknown address in a keyed peer's cidr goes into the tunnel"),
+                no_policy,
+                pfe,
+                &Packet::udp(fe(af), ip(af, PEER, 99), 40000, 53),
+                pass(tc_act::REDIRECT, Some(enc.ids(FE, identity::UNKNOWN))),
+            ),
+            // Strict mode.
+            case(
+                &format!("{af:?} remote pod on a node without key: no-key"),
+                no_policy,
+                pfe,
+                &Packet::tcp(fe(af), ip(af, KEYLESS, 20), 40000, 8080),
+                dropped_ev(reason::NO_KEY, direction::EGRESS),
+            ),
+            case(
+                &format!("{af:?} unknown address in a keyless node's cidr: no-key"),
+                no_policy,
+                pfe,
+                &Packet::icmp_echo(fe(af), ip(af, KEYLESS, 99), 1),
+                dropped_ev(reason::NO_KEY, direction::EGRESS),
+            ),
+            case(
+                &format!("{af:?} peer's key removed: no-key"),
+                peer_key_removed,
+                pfe,
+                &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080),
+                dropped_ev(reason::NO_KEY, direction::EGRESS),
+            ),
+            case(
+                &format!("{af:?} no tunnel device yet: no-key"),
+                no_tunnel_device,
+                pfe,
+                &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080),
+                dropped_ev(reason::NO_KEY, direction::EGRESS),
+            ),
+            case(
+                &format!("{af:?} strict mode wins over an allowing policy"),
+                frontend_egress_to_backend_8080,
+                pfe,
+                &Packet::tcp(fe(af), ip(af, KEYLESS, 20), 40000, 8080),
+                dropped_ev(reason::NO_KEY, direction::EGRESS),
+            ),
+            case(
+                &format!("{af:?} encryption off: remote pod goes to the stack"),
+                encryption_off,
+                pfe,
+                &Packet::tcp(fe(af), ip(af, KEYLESS, 20), 40000, 8080),
+                pass(tc_act::OK, Some(FWD_EGRESS)),
+            ),
+        ]);
+    }
+    run_table(cases);
+}
+
+fn dest_unreach(af: Af) -> u8 {
+    match af {
+        Af::V4 => icmp_type::DEST_UNREACH,
+        Af::V6 => icmp_type::V6_DEST_UNREACH,
+    }
+}
+
+#[test]
+fn from_pod_policy() {
+    let mut cases = Vec::new();
+    for af in [Af::V4, Af::V6] {
+        let deny_in = dropped_ev(reason::POLICY_DENIED, direction::INGRESS);
+        cases.extend([
+            case(
+                &format!("{af:?} allowed: frontend -> backend tcp 8080"),
+                backend_admits_frontend_8080,
+                At::Pod(IF_FE),
+                &Packet::tcp(fe(af), be(af), 40000, 8080),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS.ids(FE, BE))),
+            ),
+            case(
+                &format!("{af:?} default deny: intruder -> backend tcp 8080"),
+                backend_admits_frontend_8080,
+                At::Pod(IF_IN),
+                &Packet::tcp(intruder(af), be(af), 40000, 8080),
+                dropped(
+                    reason::POLICY_DENIED,
+                    Some(
+                        ev(verdict::DROPPED, reason::POLICY_DENIED, direction::INGRESS).ids(IN, BE),
+                    ),
+                ),
+            ),
+            case(
+                &format!("{af:?} default deny: other port"),
+                backend_admits_frontend_8080,
+                At::Pod(IF_FE),
+                &Packet::tcp(fe(af), be(af), 40000, 9090),
+                deny_in,
+            ),
+            case(
+                &format!("{af:?} default deny: same port, udp"),
+                backend_admits_frontend_8080,
+                At::Pod(IF_FE),
+                &Packet::udp(fe(af), be(af), 40000, 8080),
+                deny_in,
+            ),
+            case(
+                &format!("{af:?} default deny: icmp echo"),
+                backend_admits_frontend_8080,
+                At::Pod(IF_FE),
+                &Packet::icmp_echo(fe(af), be(af), 5),
+                deny_in,
+            ),
+            case(
+                &format!("{af:?} unselected endpoint stays open: intruder -> frontend"),
+                backend_admits_frontend_8080,
+                At::Pod(IF_IN),
+                &Packet::tcp(intruder(af), fe(af), 40000, 22),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} egress allowed: frontend -> backend 8080"),
+                frontend_egress_to_backend_8080,
+                At::Pod(IF_FE),
+                &Packet::tcp(fe(af), be(af), 40000, 8080),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} egress default deny: frontend -> world 443"),
+                frontend_egress_to_backend_8080,
+                At::Pod(IF_FE),
+                &Packet::tcp(fe(af), world(af), 40000, 443),
+                dropped(
+                    reason::POLICY_DENIED,
+                    Some(
+                        ev(verdict::DROPPED, reason::POLICY_DENIED, direction::EGRESS)
+                            .ids(FE, identity::WORLD),
+                    ),
+                ),
+            ),
+            case(
+                &format!("{af:?} egress default deny: frontend -> remote backend 9090"),
+                frontend_egress_to_backend_8080,
+                At::Pod(IF_FE),
+                &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 9090),
+                dropped_ev(reason::POLICY_DENIED, direction::EGRESS),
+            ),
+            case(
+                &format!("{af:?} egress allowed to a remote backend replica"),
+                frontend_egress_to_backend_8080,
+                At::Pod(IF_FE),
+                &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080),
+                pass(
+                    tc_act::REDIRECT,
+                    Some(FWD_EGRESS.flags(flow_flags::ENCRYPTED)),
+                ),
+            ),
+            case(
+                &format!("{af:?} deny rule wins over allow-any"),
+                backend_any_8080_deny_intruder,
+                At::Pod(IF_IN),
+                &Packet::tcp(intruder(af), be(af), 40000, 8080),
+                deny_in,
+            ),
+            case(
+                &format!("{af:?} allow-any admits the others"),
+                backend_any_8080_deny_intruder,
+                At::Pod(IF_FE),
+                &Packet::tcp(fe(af), be(af), 40000, 8080),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} audit-mode policy passes a would-be drop as AUDIT"),
+                backend_audit,
+                At::Pod(IF_IN),
+                &Packet::tcp(intruder(af), be(af), 40000, 8080),
+                pass(
+                    tc_act::REDIRECT,
+                    Some(ev(verdict::AUDIT, reason::NONE, direction::EGRESS).ids(IN, BE)),
+                ),
+            ),
+            case(
+                &format!("{af:?} audit-mode policy forwards what it allows"),
+                backend_audit,
+                At::Pod(IF_FE),
+                &Packet::tcp(fe(af), be(af), 40000, 8080),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} node-wide audit passes a would-be drop as AUDIT"),
+                backend_enforced_node_audit,
+                At::Pod(IF_IN),
+                &Packet::tcp(intruder(af), be(af), 40000, 8080),
+                pass(
+                    tc_act::REDIRECT,
+                    Some(ev(verdict::AUDIT, reason::NONE, direction::EGRESS)),
+                ),
+            ),
+            case(
+                &format!("{af:?} icmp echo allowed by an icmp rule"),
+                backend_admits_icmp_and_dns,
+                At::Pod(IF_FE),
+                &Packet::icmp_echo(fe(af), be(af), 4242),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} icmp error allowed by an icmp rule"),
+                backend_admits_icmp_and_dns,
+                At::Pod(IF_FE),
+                &Packet::icmp(fe(af), be(af), dest_unreach(af), 1),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} icmp error denied without an icmp rule"),
+                backend_admits_frontend_8080,
+                At::Pod(IF_FE),
+                &Packet::icmp(fe(af), be(af), dest_unreach(af), 1),
+                deny_in,
+            ),
+            case(
+                &format!("{af:?} udp 53 allowed"),
+                backend_admits_icmp_and_dns,
+                At::Pod(IF_FE),
+                &Packet::udp(fe(af), be(af), 40000, 53),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} intruder's icmp denied by an icmp rule for frontend"),
+                backend_admits_icmp_and_dns,
+                At::Pod(IF_IN),
+                &Packet::icmp_echo(intruder(af), be(af), 1),
+                deny_in,
+            ),
+            case(
+                &format!("{af:?} (any, *, *) admits any protocol"),
+                backend_admits_all,
+                At::Pod(IF_IN),
+                &Packet::other(intruder(af), be(af), 47),
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+        ]);
+    }
+    run_table(cases);
+}
+
+#[test]
+fn fragments() {
+    let mut cases = Vec::new();
+    for af in [Af::V4, Af::V6] {
+        let dgram = Packet::udp(fe(af), be(af), 40000, 53).with_payload(64);
+        let first = dgram.clone().first_fragment(0x77);
+        let later = dgram.clone().later_fragment(0x77, 9, true);
+        let frag_in = dropped_ev(reason::FRAGMENT, direction::EGRESS);
+        cases.extend([
+            case(
+                &format!("{af:?} first fragment, no policy"),
+                no_policy,
+                At::Pod(IF_FE),
+                &first,
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} later fragment, no policy: passes"),
+                no_policy,
+                At::Pod(IF_FE),
+                &later,
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} first fragment, allowed by the destination's policy"),
+                backend_admits_icmp_and_dns,
+                At::Pod(IF_FE),
+                &first,
+                pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+            ),
+            case(
+                &format!("{af:?} first fragment, denied by the destination's policy"),
+                backend_admits_frontend_8080,
+                At::Pod(IF_FE),
+                &first,
+                dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
+            ),
+            case(
+                &format!("{af:?} untracked later fragment, destination selected: fragment"),
+                backend_admits_icmp_and_dns,
+                At::Pod(IF_FE),
+                &later,
+                frag_in,
+            ),
+            case(
+                &format!("{af:?} untracked later fragment, source selected: fragment"),
+                frontend_egress_to_backend_8080,
+                At::Pod(IF_FE),
+                &Packet::udp(fe(af), world(af), 40000, 53)
+                    .with_payload(64)
+                    .later_fragment(1, 9, false),
+                frag_in,
+            ),
+            case(
+                &format!("{af:?} tunnel: later fragment, no policy"),
+                no_policy,
+                At::Tunnel,
+                &Packet::udp(ip(af, PEER, 10), be(af), 40000, 53)
+                    .with_payload(64)
+                    .later_fragment(3, 9, true),
+                pass(tc_act::OK, Some(FWD_INGRESS.flags(flow_flags::ENCRYPTED))),
+            ),
+            case(
+                &format!("{af:?} tunnel: untracked later fragment, destination selected"),
+                backend_admits_icmp_and_dns,
+                At::Tunnel,
+                &Packet::udp(ip(af, PEER, 10), be(af), 40000, 53)
+                    .with_payload(64)
+                    .later_fragment(3, 9, true),
+                dropped_ev(reason::FRAGMENT, direction::INGRESS),
+            ),
+            case(
+                &format!("{af:?} tunnel: first fragment allowed"),
+                backend_admits_icmp_and_dns,
+                At::Tunnel,
+                &Packet::udp(ip(af, PEER, 10), be(af), 40000, 53)
+                    .with_payload(64)
+                    .first_fragment(3),
+                pass(tc_act::OK, Some(FWD_INGRESS)),
+            ),
+        ]);
+    }
+    run_table(cases);
+}
+
+#[test]
+fn from_pod_auth() {
+    let pfe = At::Pod(IF_FE);
+    let mut cases = Vec::new();
+    for af in [Af::V4, Af::V6] {
+        let to_remote = Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080);
+        cases.extend([
+            case(
+                &format!("{af:?} auth required, no entry"),
+                frontend_egress_auth,
+                pfe,
+                &to_remote,
+                dropped(
+                    reason::AUTH_REQUIRED,
+                    Some(
+                        ev(verdict::DROPPED, reason::AUTH_REQUIRED, direction::EGRESS)
+                            .flags(flow_flags::AUTH_REQUIRED),
+                    ),
+                ),
+            ),
+            case(
+                &format!("{af:?} auth required, valid entry"),
+                frontend_egress_auth_valid,
+                pfe,
+                &to_remote,
+                pass(
+                    tc_act::REDIRECT,
+                    Some(FWD_EGRESS.flags(
+                        flow_flags::AUTH_REQUIRED
+                            | flow_flags::AUTHENTICATED
+                            | flow_flags::ENCRYPTED,
+                    )),
+                ),
+            ),
+            case(
+                &format!("{af:?} auth required, expired entry"),
+                frontend_egress_auth_expired,
+                pfe,
+                &to_remote,
+                dropped_ev(reason::AUTH_REQUIRED, direction::EGRESS),
+            ),
+            case(
+                &format!("{af:?} auth required, entry for another node"),
+                frontend_egress_auth_other_node,
+                pfe,
+                &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080),
+                dropped_ev(reason::AUTH_REQUIRED, direction::EGRESS),
+            ),
+            case(
+                &format!("{af:?} auth rule does not admit another port"),
+                frontend_egress_auth_valid,
+                pfe,
+                &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 9090),
+                dropped_ev(reason::POLICY_DENIED, direction::EGRESS),
+            ),
+        ]);
+    }
+    run_table(cases);
+}
+
+#[test]
+fn from_tunnel() {
+    let t = At::Tunnel;
+    let mut cases = vec![
+        raw(
+            "ip version 5",
+            no_policy,
+            t,
+            {
+                let mut p = Packet::tcp(ip(Af::V4, PEER, 10), be(Af::V4), 1, 8080).ip();
+                p[0] = 0x55;
+                p
+            },
+            dropped(reason::UNSUPPORTED_L3, None),
+        ),
+        raw(
+            "V4 header cut at 16 bytes",
+            no_policy,
+            t,
+            packet::truncated(
+                Packet::tcp(ip(Af::V4, PEER, 10), be(Af::V4), 1, 8080).ip(),
+                16,
+            ),
+            dropped(reason::TRUNCATED, None),
+        ),
+        raw(
+            "V4 header cut at 19 bytes",
+            no_policy,
+            t,
+            packet::truncated(
+                Packet::udp(ip(Af::V4, PEER, 10), be(Af::V4), 1, 53).ip(),
+                19,
+            ),
+            dropped(reason::TRUNCATED, None),
+        ),
+        raw(
+            "V6 header cut at 20 bytes",
+            no_policy,
+            t,
+            packet::truncated(
+                Packet::udp(ip(Af::V6, PEER, 10), be(Af::V6), 1, 53).ip(),
+                20,
+            ),
+            dropped(reason::TRUNCATED, None),
+        ),
+        raw(
+            "V6 header cut at 39 bytes",
+            no_policy,
+            t,
+            packet::truncated(
+                Packet::tcp(ip(Af::V6, PEER, 10), be(Af::V6), 1, 8080).ip(),
+                39,
+            ),
+            dropped(reason::TRUNCATED, None),
+        ),
+    ];
+    for af in [Af::V4, Af::V6] {
+        let from_fe = Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080);
+        let fwd = FWD_INGRESS.flags(flow_flags::ENCRYPTED);
+        cases.extend([
+            case(
+                &format!("{af:?} no policy: delivered by the stack"),
+                no_policy,
+                t,
+                &from_fe,
+                pass(tc_act::OK, Some(fwd.ids(FE, BE))),
+            ),
+            case(
+                &format!("{af:?} allowed by the destination's ingress policy"),
+                backend_admits_frontend_8080,
+                t,
+                &from_fe,
+                pass(tc_act::OK, Some(fwd.ids(FE, BE))),
+            ),
+            case(
+                &format!("{af:?} remote intruder denied"),
+                backend_admits_frontend_8080,
+                t,
+                &Packet::tcp(ip(af, PEER, 30), be(af), 40000, 8080),
+                dropped(
+                    reason::POLICY_DENIED,
+                    Some(
+                        ev(verdict::DROPPED, reason::POLICY_DENIED, direction::INGRESS).ids(IN, BE),
+                    ),
+                ),
+            ),
+            case(
+                &format!("{af:?} unknown source in a peer cidr denied"),
+                backend_admits_frontend_8080,
+                t,
+                &Packet::tcp(ip(af, PEER, 99), be(af), 40000, 8080),
+                dropped(
+                    reason::POLICY_DENIED,
+                    Some(
+                        ev(verdict::DROPPED, reason::POLICY_DENIED, direction::INGRESS)
+                            .ids(identity::UNKNOWN, BE),
+                    ),
+                ),
+            ),
+            case(
+                &format!("{af:?} audit-mode policy passes as AUDIT"),
+                backend_audit,
+                t,
+                &Packet::tcp(ip(af, PEER, 30), be(af), 40000, 8080),
+                pass(
+                    tc_act::OK,
+                    Some(ev(verdict::AUDIT, reason::NONE, direction::INGRESS)),
+                ),
+            ),
+            case(
+                &format!("{af:?} udp and icmp under an icmp+dns policy"),
+                backend_admits_icmp_and_dns,
+                t,
+                &Packet::udp(ip(af, PEER, 10), be(af), 40000, 53),
+                pass(tc_act::OK, Some(fwd)),
+            ),
+            case(
+                &format!("{af:?} icmp echo under an icmp policy"),
+                backend_admits_icmp_and_dns,
+                t,
+                &Packet::icmp_echo(ip(af, PEER, 10), be(af), 9),
+                pass(tc_act::OK, Some(fwd)),
+            ),
+            case(
+                &format!("{af:?} non-pod destination passes unexamined"),
+                backend_admits_frontend_8080,
+                t,
+                &Packet::tcp(ip(af, PEER, 10), world(af), 40000, 443),
+                pass(tc_act::OK, None),
+            ),
+            case(
+                &format!("{af:?} remote pod destination passes unexamined"),
+                backend_admits_frontend_8080,
+                t,
+                &Packet::tcp(ip(af, PEER, 10), ip(af, KEYLESS, 20), 40000, 8080),
+                pass(tc_act::OK, None),
+            ),
+            case(
+                &format!("{af:?} ingress auth required, no entry"),
+                backend_ingress_auth,
+                t,
+                &from_fe,
+                dropped(
+                    reason::AUTH_REQUIRED,
+                    Some(
+                        ev(verdict::DROPPED, reason::AUTH_REQUIRED, direction::INGRESS)
+                            .flags(flow_flags::AUTH_REQUIRED),
+                    ),
+                ),
+            ),
+            case(
+                &format!("{af:?} ingress auth required, valid entry"),
+                backend_ingress_auth_valid,
+                t,
+                &from_fe,
+                pass(
+                    tc_act::OK,
+                    Some(fwd.flags(
+                        flow_flags::ENCRYPTED
+                            | flow_flags::AUTH_REQUIRED
+                            | flow_flags::AUTHENTICATED,
+                    )),
+                ),
+            ),
+            case(
+                &format!("{af:?} ingress auth required, expired entry"),
+                backend_ingress_auth_expired,
+                t,
+                &from_fe,
+                dropped_ev(reason::AUTH_REQUIRED, direction::INGRESS),
+            ),
+        ]);
+        let full = from_fe.ip();
+        let l4 = if matches!(af, Af::V4) { 20 } else { 40 };
+        cases.push(raw(
+            &format!("{af:?} tcp header cut short"),
+            no_policy,
+            t,
+            packet::truncated(full, l4 + 10),
+            dropped(reason::TRUNCATED, None),
+        ));
+    }
+    run_table(cases);
+}
+
+// Multi-packet scenarios.
+
+#[test]
+fn conntrack_reply_passes_where_policy_denies_the_reverse() {
+    for af in [Af::V4, Af::V6] {
+        let mut n = Node::new();
+        backend_admits_frontend_8080(&mut n);
+        // Frontend admits nothing in: a backend-initiated packet to it is denied.
+        n.enforce(FE, direction::INGRESS, 0);
+        let syn = Packet::tcp(fe(af), be(af), 40000, 8080);
+        let o = n.send(At::Pod(IF_FE), &syn.frame());
+        assert!(
+            check(&o, &pass(tc_act::REDIRECT, Some(FWD_EGRESS)), None).is_empty(),
+            "{o:?}"
+        );
+        let ct = n.dp.conntrack().unwrap();
+        assert_eq!(ct.len(), 1, "one connection tracked: {ct:?}");
+        assert_eq!(ct[0].0.sport, 40000);
+        assert_eq!((ct[0].1.src_identity, ct[0].1.dst_identity), (FE, BE));
+
+        // The reply, from the backend's veth: passes, no new event (not a new flow).
+        let o = n.send(At::Pod(IF_BE), &syn.reply().frame());
+        assert!(
+            check(&o, &pass(tc_act::REDIRECT, None), None).is_empty(),
+            "{af:?} reply: {o:?}"
+        );
+        // More packets of the connection either way.
+        let ack = syn
+            .clone()
+            .with_tcp_flags(packet::tcp_flags::ACK)
+            .with_payload(500);
+        let o = n.send(At::Pod(IF_FE), &ack.frame());
+        assert!(
+            check(&o, &pass(tc_act::REDIRECT, None), None).is_empty(),
+            "{o:?}"
+        );
+
+        // The same reverse direction as a new connection (other port) is denied.
+        let o = n.send(
+            At::Pod(IF_BE),
+            &Packet::tcp(be(af), fe(af), 8080, 40001).frame(),
+        );
+        assert!(
+            check(
+                &o,
+                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
+                None
+            )
+            .is_empty(),
+            "{af:?} new reverse connection: {o:?}"
+        );
+        // After the conntrack entry is gone, the reply is a new, denied flow.
+        n.dp.clear_conntrack().unwrap();
+        let o = n.send(At::Pod(IF_BE), &syn.reply().frame());
+        assert!(
+            check(
+                &o,
+                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
+                None
+            )
+            .is_empty(),
+            "{af:?} reply without conntrack: {o:?}"
+        );
+    }
+}
+
+#[test]
+fn conntrack_reply_through_the_tunnel() {
+    for af in [Af::V4, Af::V6] {
+        let mut n = Node::new();
+        frontend_egress_to_backend_8080(&mut n);
+        n.enforce(FE, direction::INGRESS, 0);
+        let syn = Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080);
+        let o = n.send(At::Pod(IF_FE), &syn.frame());
+        assert_eq!(o.retval, tc_act::REDIRECT, "{o:?}");
+        // The reply arrives decrypted on the tunnel: tracked, so frontend's default deny does
+        // not apply.
+        let o = n.send(At::Tunnel, &syn.reply().ip());
+        assert!(
+            check(&o, &pass(tc_act::OK, None), None).is_empty(),
+            "{af:?} {o:?}"
+        );
+        // An unrelated connection from that pod to frontend is denied.
+        let o = n.send(
+            At::Tunnel,
+            &Packet::tcp(ip(af, PEER, 20), fe(af), 8080, 40001).ip(),
+        );
+        assert!(
+            check(
+                &o,
+                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
+                None
+            )
+            .is_empty(),
+            "{af:?} {o:?}"
+        );
+    }
+}
+
+#[test]
+fn icmp_echo_reply_is_tracked_by_identifier() {
+    for af in [Af::V4, Af::V6] {
+        let mut n = Node::new();
+        backend_admits_icmp_and_dns(&mut n);
+        n.enforce(FE, direction::INGRESS, 0);
+        let echo = Packet::icmp_echo(fe(af), be(af), 0x4242);
+        assert_eq!(
+            n.send(At::Pod(IF_FE), &echo.frame()).retval,
+            tc_act::REDIRECT
+        );
+        let o = n.send(At::Pod(IF_BE), &echo.reply().frame());
+        assert!(
+            check(&o, &pass(tc_act::REDIRECT, None), None).is_empty(),
+            "{af:?} {o:?}"
+        );
+        // A reply with another identifier is no reply: frontend admits nothing.
+        let other = Packet::icmp_echo(fe(af), be(af), 0x4343).reply();
+        let o = n.send(At::Pod(IF_BE), &other.frame());
+        assert_eq!(o.retval, tc_act::SHOT, "{af:?} {o:?}");
+    }
+}
+
+#[test]
+fn auth_expiry_cuts_an_established_connection() {
+    for af in [Af::V4, Af::V6] {
+        let mut n = Node::new();
+        frontend_egress_auth_valid(&mut n);
+        let syn = Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080);
+        assert_eq!(
+            n.send(At::Pod(IF_FE), &syn.frame()).retval,
+            tc_act::REDIRECT
+        );
+        // Reply through the tunnel while the entry is valid.
+        let o = n.send(At::Tunnel, &syn.reply().ip());
+        assert!(check(&o, &pass(tc_act::OK, None), None).is_empty(), "{o:?}");
+        // The entry expires: the next packet either way is dropped and the connection forgotten.
+        n.auth(FE, BE, PEER, -1);
+        let o = n.send(At::Tunnel, &syn.reply().ip());
+        assert!(
+            check(
+                &o,
+                &dropped_ev(reason::AUTH_REQUIRED, direction::INGRESS),
+                None
+            )
+            .is_empty(),
+            "{af:?} reply after expiry: {o:?}"
+        );
+        assert!(n.dp.conntrack().unwrap().is_empty());
+        let o = n.send(At::Pod(IF_FE), &syn.frame());
+        assert!(
+            check(
+                &o,
+                &dropped_ev(reason::AUTH_REQUIRED, direction::EGRESS),
+                None
+            )
+            .is_empty(),
+            "{af:?} new packet after expiry: {o:?}"
+        );
+        // Re-authenticated: admitted again.
+        n.auth(FE, BE, PEER, 60);
+        assert_eq!(
+            n.send(At::Pod(IF_FE), &syn.frame()).retval,
+            tc_act::REDIRECT
+        );
+    }
+}
+
+#[test]
+fn established_flow_skips_policy_until_conntrack_forgets_it() {
+    // Policy changes do not cut tracked connections (documented behaviour of conntrack); a
+    // new connection sees the new policy at once.
+    let af = Af::V4;
+    let mut n = Node::new();
+    backend_admits_frontend_8080(&mut n);
+    let syn = Packet::tcp(fe(af), be(af), 40000, 8080);
+    assert_eq!(
+        n.send(At::Pod(IF_FE), &syn.frame()).retval,
+        tc_act::REDIRECT
+    );
+    n.rule(BE, FE, 0, 0, direction::INGRESS, policy_flags::DENY);
+    assert_eq!(
+        n.send(At::Pod(IF_FE), &syn.frame()).retval,
+        tc_act::REDIRECT
+    );
+    let o = n.send(
+        At::Pod(IF_FE),
+        &Packet::tcp(fe(af), be(af), 40001, 8080).frame(),
+    );
+    assert_eq!(o.drops.get("policy-denied"), Some(&1), "{o:?}");
+}
+
+#[test]
+fn policy_slot_flip_switches_the_whole_set() {
+    let af = Af::V4;
+    let mut n = Node::new();
+    // Slot A (live): backend denies everyone. Slot B (idle): admits frontend on 8080.
+    n.enforce(BE, direction::INGRESS, 0);
+    n.rule_in_slot(
+        1,
+        BE,
+        identity::SELECTOR_MARKER,
+        0,
+        0,
+        direction::INGRESS,
+        policy_flags::ENFORCED,
+    );
+    n.rule_in_slot(
+        1,
+        BE,
+        FE,
+        8080,
+        TCP,
+        direction::INGRESS,
+        policy_flags::ALLOW,
+    );
+    let p = |sport| Packet::tcp(fe(af), be(af), sport, 8080).frame();
+    assert_eq!(n.send(At::Pod(IF_FE), &p(40000)).retval, tc_act::SHOT);
+    n.set_config_flags(|c| c.policy_slot = 1);
+    assert_eq!(n.send(At::Pod(IF_FE), &p(40001)).retval, tc_act::REDIRECT);
+    n.set_config_flags(|c| c.policy_slot = 0);
+    assert_eq!(n.send(At::Pod(IF_FE), &p(40002)).retval, tc_act::SHOT);
+}
+
+#[test]
+fn compiled_issue_policy_admits_frontend_and_drops_intruder() {
+    use veil_agent::policy::{compile, parse_yaml, IdentityAllocator};
+    let mut ids = IdentityAllocator::new();
+    for app in ["frontend", "backend", "intruder"] {
+        ids.allocate("shop", &[("app".to_owned(), app.to_owned())].into())
+            .unwrap();
+    }
+    let table = ids.identities();
+    assert_eq!(
+        table.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![FE, BE, IN]
+    );
+    let yaml = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: backend-ingress, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: backend}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n";
+    let compiled = compile(&parse_yaml(yaml).unwrap(), &table, &[FE, BE, IN]).unwrap();
+    for af in [Af::V4, Af::V6] {
+        let mut n = Node::new();
+        n.dp.set_policy(0, &compiled.entries).unwrap();
+        let o = n.send(
+            At::Pod(IF_FE),
+            &Packet::tcp(fe(af), be(af), 40000, 8080).frame(),
+        );
+        assert!(
+            check(&o, &pass(tc_act::REDIRECT, Some(FWD_EGRESS)), None).is_empty(),
+            "{o:?}"
+        );
+        let o = n.send(
+            At::Pod(IF_IN),
+            &Packet::tcp(intruder(af), be(af), 40000, 8080).frame(),
+        );
+        assert!(
+            check(
+                &o,
+                &dropped(
+                    reason::POLICY_DENIED,
+                    Some(
+                        ev(verdict::DROPPED, reason::POLICY_DENIED, direction::INGRESS).ids(IN, BE)
+                    )
+                ),
+                None
+            )
+            .is_empty(),
+            "{o:?}"
+        );
+        // From a remote frontend through the tunnel, too.
+        let o = n.send(
+            At::Tunnel,
+            &Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080).ip(),
+        );
+        assert_eq!(o.retval, tc_act::OK, "{o:?}");
+    }
+}
+
+#[test]
+fn drop_events_are_throttled_and_counted() {
+    let af = Af::V4;
+    let mut n = Node::new();
+    backend_admits_frontend_8080(&mut n);
+    let p = Packet::tcp(intruder(af), be(af), 40000, 8080).frame();
+    let first = n.send(At::Pod(IF_IN), &p);
+    assert_eq!(first.events.len(), 1);
+    for _ in 0..5 {
+        let o = n.send(At::Pod(IF_IN), &p);
+        assert_eq!(o.retval, tc_act::SHOT);
+        assert!(o.events.is_empty(), "suppressed within the second: {o:?}");
+    }
+    assert_eq!(n.dp.drop_count(reason::POLICY_DENIED).unwrap(), 6);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let o = n.send(At::Pod(IF_IN), &p);
+    assert_eq!(o.events.len(), 1, "{o:?}");
+    assert_eq!(o.events[0].count, 6, "the suppressed five are folded in");
+}
+
+#[test]
+fn counters_see_the_interface_the_packet_came_from() {
+    let af = Af::V4;
+    let mut n = Node::new();
+    let fe_if = n.ifindex(IF_FE);
+    let in_if = n.ifindex(IF_IN);
+    let p = Packet::tcp(fe(af), be(af), 40000, 8080).with_payload(36);
+    let len = p.frame().len() as u64;
+    n.send(At::Pod(IF_FE), &p.frame());
+    n.send(At::Pod(IF_FE), &p.frame());
+    n.send(At::Pod(IF_IN), &p.frame()); // spoofed: still counted on its interface
+    let stats = n.dp.interface_stats().unwrap();
+    assert_eq!(stats[&fe_if].packets, 2);
+    assert_eq!(stats[&fe_if].bytes, 2 * len);
+    assert_eq!(stats[&in_if].packets, 1);
+    let v = n.dp.verdicts().unwrap();
+    assert_eq!(v[usize::from(verdict::FORWARDED)], 2);
+    assert_eq!(v[usize::from(verdict::DROPPED)], 1);
+}
+
+#[test]
+fn test_run_refuses_frames_shorter_than_their_l3_header() {
+    // This kernel's BPF_PROG_TEST_RUN refuses (EINVAL) a frame under 14 bytes, and an IPv4 or
+    // IPv6 frame (by ethertype) shorter than the fixed IP header, before the program runs. So
+    // `veil_from_pod`'s own checks for those are unreachable here; the same parse functions are
+    // exercised on truncated IP headers by the tunnel program's table (bare IP, no ethertype).
+    let n = Node::new();
+    let ifx = n.ifindex(IF_FE);
+    for af in [Af::V4, Af::V6] {
+        let f = Packet::tcp(fe(af), be(af), 1, 2).frame();
+        let l3 = packet::ETH_HLEN + if matches!(af, Af::V4) { 20 } else { 40 };
+        for len in [13, packet::ETH_HLEN, l3 - 1] {
+            let r =
+                n.dp.run(programs::FROM_POD, ifx, &packet::truncated(f.clone(), len));
+            assert!(r.is_err(), "{af:?} {len} bytes reached the program: {r:?}");
+        }
+        // The fixed IP header alone is accepted and reaches the program (no transport header).
+        let r =
+            n.dp.run(programs::FROM_POD, ifx, &packet::truncated(f, l3))
+                .unwrap();
+        assert_eq!(r.retval, tc_act::SHOT);
+    }
+}
+
+#[test]
+fn harness_cleans_up_its_pins() {
+    let dir = {
+        let n = Node::new();
+        let dir = n.dp.pin_dir().to_path_buf();
+        assert!(dir.join(veil_common::maps::CT).exists());
+        dir
+    };
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    let dir = std::thread::spawn(|| {
+        let n = Node::new();
+        let dir = n.dp.pin_dir().to_path_buf();
+        let _keep = &n;
+        std::panic::panic_any(dir)
+    })
+    .join()
+    .unwrap_err();
+    let dir = dir.downcast::<std::path::PathBuf>().unwrap();
+    assert!(!dir.exists(), "{} left behind after a panic", dir.display());
+}
+
+// Datapath bugs found by these tests (the programs are owned elsewhere; each test states the
+// expected behaviour and is ignored until the fix lands: `cargo nextest run --run-ignored all`).
+
+#[test]
+#[ignore = "datapath bug: later fragments never match conntrack (ports are 0), so the tail of an admitted fragmented datagram is dropped as `fragment` under any policy"]
+fn later_fragment_of_an_admitted_datagram_passes() {
+    for af in [Af::V4, Af::V6] {
+        let mut n = Node::new();
+        backend_admits_icmp_and_dns(&mut n);
+        let dgram = Packet::udp(fe(af), be(af), 40000, 53).with_payload(1600);
+        let first = dgram.clone().first_fragment(0x99);
+        let later = dgram.later_fragment(0x99, 185, true);
+        let o = n.send(At::Pod(IF_FE), &first.frame());
+        assert_eq!(o.retval, tc_act::REDIRECT, "{af:?} first: {o:?}");
+        let o = n.send(At::Pod(IF_FE), &later.frame());
+        assert_eq!(o.retval, tc_act::REDIRECT, "{af:?} later: {o:?}");
+    }
+}
+
+#[test]
+#[ignore = "datapath bug: under an AUDIT marker a flow whose rule needs auth and has no entry is dropped `auth-required` instead of passed as AUDIT (policy/mod.rs semantics)"]
+fn audit_mode_passes_missing_auth_as_audit() {
+    let af = Af::V4;
+    let mut n = Node::new();
+    n.enforce(FE, direction::EGRESS, policy_flags::AUDIT);
+    n.rule(
+        FE,
+        BE,
+        8080,
+        TCP,
+        direction::EGRESS,
+        policy_flags::ALLOW | policy_flags::AUTH_REQUIRED,
+    );
+    let o = n.send(
+        At::Pod(IF_FE),
+        &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080).frame(),
+    );
+    assert!(
+        check(
+            &o,
+            &pass(
+                tc_act::REDIRECT,
+                Some(ev(verdict::AUDIT, reason::NONE, direction::EGRESS))
+            ),
+            None
+        )
+        .is_empty(),
+        "{o:?}"
+    );
+}
+
+#[test]
+#[ignore = "datapath bug: IPv6 neighbour discovery from a pod's link-local address is dropped as `spoofed-source` (ARP is exempt, NDP is not), so an IPv6 pod cannot resolve its gateway"]
+fn ipv6_neighbour_discovery_passes_like_arp() {
+    let mut n = Node::new();
+    let link_local = IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x10));
+    let solicited = IpAddr::V6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 1));
+    let mut ns = Packet::icmp(link_local, solicited, icmp_type::V6_NEIGHBOR_SOLICIT, 0);
+    ns.ttl = 255;
+    let o = n.send(At::Pod(IF_FE), &ns.frame());
+    assert!(check(&o, &pass(tc_act::OK, None), None).is_empty(), "{o:?}");
+}
