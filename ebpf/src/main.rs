@@ -25,9 +25,10 @@ use veil_common::{
     config_flags,
     maps::{
         ct_flags, direction, flow_flags, identity, ip_flags, node_flags, policy_flags, AuthEntry,
-        AuthKey, CtEntry, CtKey, DatapathConfig, FlowEvent, IfStats, IpInfo, IpKey, NodeInfo,
-        PolicyEntry, PolicyKey, ThrottleKey, ThrottleState, AUTH_MAX, CT_MAX, EVENTS_BYTES,
-        EVENT_THROTTLE_MAX, IF_STATS_MAX, IPCACHE_MAX, NODES_MAX, POLICY_MAX,
+        AuthKey, CtEntry, CtKey, DatapathConfig, FlowEvent, FragKey, FragPorts, IfStats, IpInfo,
+        IpKey, NodeInfo, PolicyEntry, PolicyKey, ThrottleKey, ThrottleState, AUTH_MAX, CT_MAX,
+        EVENTS_BYTES, EVENT_THROTTLE_MAX, FRAGS_MAX, IF_STATS_MAX, IPCACHE_MAX, NODES_MAX,
+        POLICY_MAX,
     },
     reason, verdict,
 };
@@ -54,6 +55,8 @@ static VEIL_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX, 0);
 static VEIL_AUTH: HashMap<AuthKey, AuthEntry> = HashMap::pinned(AUTH_MAX, 0);
 #[map(name = "VEIL_EVENTS")]
 static VEIL_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+#[map(name = "VEIL_FRAGS")]
+static VEIL_FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGS_MAX, 0);
 #[map(name = "VEIL_EVENT_THROTTLE")]
 static VEIL_EVENT_THROTTLE: LruHashMap<ThrottleKey, ThrottleState> =
     LruHashMap::pinned(EVENT_THROTTLE_MAX, 0);
@@ -75,7 +78,7 @@ const THROTTLE_NS: u64 = 1_000_000_000;
 pub fn veil_from_pod(ctx: TcContext) -> i32 {
     match try_from_pod(&ctx) {
         Ok(action) => action,
-        Err(code) => drop_packet(code),
+        Err(code) => drop_packet(&ctx, code),
     }
 }
 
@@ -84,7 +87,7 @@ pub fn veil_from_pod(ctx: TcContext) -> i32 {
 pub fn veil_from_tunnel(ctx: TcContext) -> i32 {
     match try_from_tunnel(&ctx) {
         Ok(action) => action,
-        Err(code) => drop_packet(code),
+        Err(code) => drop_packet(&ctx, code),
     }
 }
 
@@ -96,8 +99,10 @@ struct Flow {
     dport: u16,
     protocol: u8,
     is_v6: bool,
-    /// A non-first IP fragment: no transport header, ports unknown.
+    /// A non-first IP fragment whose first fragment was not seen: ports unknown.
     later_fragment: bool,
+    /// ICMPv6 type (for neighbour discovery), else 0xff.
+    icmp_type: u8,
 }
 
 /// Outcome of the policy decision for one direction.
@@ -131,6 +136,15 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     };
     // SAFETY: reading ifindex from the context is always valid in a TC program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // IPv6 neighbour discovery from a link-local (or, for DAD, the unspecified) address is the
+    // pod resolving its gateway — the ARP of IPv6 — and passes like ARP.
+    if flow.is_v6 && flow.protocol == IPPROTO_ICMPV6 && (133..=137).contains(&flow.icmp_type) {
+        let link_local = flow.saddr[0] == 0xfe && flow.saddr[1] & 0xc0 == 0x80;
+        let unspecified = flow.saddr == [0u8; 16];
+        if link_local || unspecified {
+            return Ok(TC_ACT_OK);
+        }
+    }
     // Anti-spoofing: the source must be the pod behind this very interface.
     let src = match lookup_ip(&flow.saddr) {
         Some(i) if i.flags & ip_flags::LOCAL_POD != 0 && i.ifindex == ifindex => i,
@@ -144,6 +158,10 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         _ => 0,
     };
     let remote = dst_node != 0 && dst_node != cfg.node_id;
+    // A local pod without an interface (being created or deleted) cannot be delivered to.
+    if dst_local && dst.map(|d| d.ifindex).unwrap_or(0) == 0 {
+        return Err(reason::UNKNOWN_ENDPOINT);
+    }
 
     let mut flags = 0u32;
     if remote && cfg.flags & config_flags::ENCRYPT != 0 {
@@ -483,7 +501,10 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
                 return Err(reason::POLICY_DENIED);
             }
         }
-        if d.auth_required && !d.auth_enforced && !auth_valid(dst.identity, src_identity, src_node, now, false) {
+        if d.auth_required
+            && !d.auth_enforced
+            && !auth_valid(dst.identity, src_identity, src_node, now, false)
+        {
             // Audit mode: the missing auth entry is reported, the flow passes.
             flags |= flow_flags::AUTH_REQUIRED;
             verdict_code = verdict::AUDIT;
@@ -709,20 +730,30 @@ fn parse_v4(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
     let protocol: u8 = ctx.load(off + 9).map_err(|_| reason::TRUNCATED)?;
     let saddr: [u8; 4] = ctx.load(off + 12).map_err(|_| reason::TRUNCATED)?;
     let daddr: [u8; 4] = ctx.load(off + 16).map_err(|_| reason::TRUNCATED)?;
-    let later_fragment = frag & 0x1fff != 0;
-    let (sport, dport) = if later_fragment {
-        (0, 0)
+    let id = u32::from(u16::from_be(
+        ctx.load::<u16>(off + 4).map_err(|_| reason::TRUNCATED)?,
+    ));
+    let later = frag & 0x1fff != 0;
+    let more = frag & 0x2000 != 0;
+    let (saddr, daddr) = (v4_mapped(saddr), v4_mapped(daddr));
+    let (sport, dport, later_fragment) = if later {
+        fragment_ports(&saddr, &daddr, id, protocol)
     } else {
-        ports(ctx, off + ihl, protocol)?
+        let (sp, dp) = ports(ctx, off + ihl, protocol)?;
+        if more {
+            remember_fragment(&saddr, &daddr, id, protocol, sp, dp);
+        }
+        (sp, dp, false)
     };
     Ok(Flow {
-        saddr: v4_mapped(saddr),
-        daddr: v4_mapped(daddr),
+        saddr,
+        daddr,
         sport,
         dport,
         protocol,
         is_v6: false,
         later_fragment,
+        icmp_type: 0xff,
     })
 }
 
@@ -736,7 +767,9 @@ fn parse_v6(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
     let saddr: [u8; 16] = ctx.load(off + 8).map_err(|_| reason::TRUNCATED)?;
     let daddr: [u8; 16] = ctx.load(off + 24).map_err(|_| reason::TRUNCATED)?;
     let mut l4 = off + 40;
-    let mut later_fragment = false;
+    let mut later = false;
+    let mut more = false;
+    let mut frag_id = 0u32;
     // Walk a bounded number of extension headers (hop-by-hop, routing, fragment, dest opts).
     for _ in 0..4 {
         match next {
@@ -746,18 +779,30 @@ fn parse_v6(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
                 l4 += (usize::from(hdr[1]) + 1) * 8;
             }
             44 => {
-                let hdr: [u8; 4] = ctx.load(l4).map_err(|_| reason::TRUNCATED)?;
+                let hdr: [u8; 8] = ctx.load(l4).map_err(|_| reason::TRUNCATED)?;
                 next = hdr[0];
-                later_fragment = (u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8) != 0;
+                let off_m = u16::from_be_bytes([hdr[2], hdr[3]]);
+                later = off_m & 0xfff8 != 0;
+                more = off_m & 1 != 0;
+                frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
                 l4 += 8;
             }
             _ => break,
         }
     }
-    let (sport, dport) = if later_fragment {
-        (0, 0)
+    let (sport, dport, later_fragment) = if later {
+        fragment_ports(&saddr, &daddr, frag_id, next)
     } else {
-        ports(ctx, l4, next)?
+        let (sp, dp) = ports(ctx, l4, next)?;
+        if more {
+            remember_fragment(&saddr, &daddr, frag_id, next, sp, dp);
+        }
+        (sp, dp, false)
+    };
+    let icmp_type = if next == IPPROTO_ICMPV6 && !later {
+        ctx.load::<u8>(l4).unwrap_or(0xff)
+    } else {
+        0xff
     };
     Ok(Flow {
         saddr,
@@ -767,7 +812,45 @@ fn parse_v6(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
         protocol: next,
         is_v6: true,
         later_fragment,
+        icmp_type,
     })
+}
+
+/// Ports of a later fragment, from its first fragment; `(0, 0, true)` when the first was not
+/// seen (then the fragment cannot be matched to a flow).
+#[inline(always)]
+fn fragment_ports(saddr: &[u8; 16], daddr: &[u8; 16], id: u32, protocol: u8) -> (u16, u16, bool) {
+    let key = FragKey {
+        saddr: *saddr,
+        daddr: *daddr,
+        id,
+        protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: read-only map value.
+    match unsafe { VEIL_FRAGS.get(&key) } {
+        Some(p) => (p.sport, p.dport, false),
+        None => (0, 0, true),
+    }
+}
+
+#[inline(always)]
+fn remember_fragment(
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+    id: u32,
+    protocol: u8,
+    sport: u16,
+    dport: u16,
+) {
+    let key = FragKey {
+        saddr: *saddr,
+        daddr: *daddr,
+        id,
+        protocol,
+        _pad: [0; 3],
+    };
+    let _ = VEIL_FRAGS.insert(&key, &FragPorts { sport, dport }, 0);
 }
 
 /// Transport ports (host order). ICMP echo uses its identifier as both ports so the reply
@@ -911,7 +994,13 @@ fn count_verdict(code: u8) {
 }
 
 #[inline(always)]
-fn drop_packet(code: u32) -> i32 {
+fn drop_packet(ctx: &TcContext, code: u32) -> i32 {
+    // SAFETY: reading ifindex from the context is always valid in a TC program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if let Some(stats) = VEIL_IF_STATS.get_ptr_mut(&ifindex) {
+        // SAFETY: per-CPU value.
+        unsafe { (*stats).drops += 1 };
+    }
     if let Some(counter) = VEIL_DROPS.get_ptr_mut(code) {
         // SAFETY: per-CPU slot.
         unsafe { *counter += 1 };

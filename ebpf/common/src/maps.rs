@@ -27,6 +27,9 @@ pub const AUTH: &str = "VEIL_AUTH";
 pub const EVENTS: &str = "VEIL_EVENTS";
 /// Per-flow event throttle: last time an event was emitted for a (src, dst, verdict) tuple.
 pub const EVENT_THROTTLE: &str = "VEIL_EVENT_THROTTLE";
+/// Ports of fragmented datagrams, learned from the first fragment so later fragments (which
+/// carry no transport header) are matched to their flow.
+pub const FRAGS: &str = "VEIL_FRAGS";
 /// Per-verdict packet counters (per CPU), indexed by [`crate::verdict`] code.
 pub const VERDICTS: &str = "VEIL_VERDICTS";
 
@@ -39,6 +42,7 @@ pub const CT_MAX: u32 = 262144;
 pub const AUTH_MAX: u32 = 65536;
 pub const EVENTS_BYTES: u32 = 1 << 22;
 pub const EVENT_THROTTLE_MAX: u32 = 65536;
+pub const FRAGS_MAX: u32 = 8192;
 
 /// Reserved numeric security identities. Cluster identities start at [`identity::FIRST_CLUSTER`].
 pub mod identity {
@@ -283,6 +287,26 @@ pub struct ThrottleKey {
     pub reason: u32,
 }
 
+/// Key of [`FRAGS`]: one fragmented datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`FRAGS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 /// Value of [`EVENT_THROTTLE`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -342,6 +366,8 @@ mod pod_impls {
     unsafe impl aya::Pod for AuthEntry {}
     unsafe impl aya::Pod for ThrottleKey {}
     unsafe impl aya::Pod for ThrottleState {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for FlowEvent {}
 }
 
@@ -376,6 +402,8 @@ mod tests {
         assert_eq!(size_of::<AuthEntry>(), 8);
         assert_eq!(size_of::<ThrottleKey>(), 16);
         assert_eq!(size_of::<ThrottleState>(), 16);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<FragPorts>(), 4);
         assert_eq!(size_of::<FlowEvent>(), 80);
     }
 
