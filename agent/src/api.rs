@@ -35,6 +35,10 @@ pub struct Status {
     pub audit: bool,
     /// Fill of the maps that grow with the cluster.
     pub maps: Vec<MapFill>,
+    /// Control channels to peer agents (mutual auth).
+    pub channels: Vec<NodeChannel>,
+    /// Authentication failures by stable reason.
+    pub auth_failures: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,7 +103,22 @@ pub struct AuthPair {
     pub src_identity: String,
     pub dst_identity: String,
     pub node: String,
+    /// 0 while not authenticated.
     pub expires_unix: u64,
+    /// `ok` or the stable failure reason of the last attempt.
+    pub last_result: Option<String>,
+}
+
+/// A control channel to a peer agent (mutual TLS, node handshake done).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeChannel {
+    pub node: String,
+    /// PSK epoch of the node pair.
+    pub epoch: u64,
+    /// Negotiated TLS key exchange group (X25519MLKEM768 unless classical is allowed).
+    pub group: Option<String>,
+    pub established_unix: u64,
+    pub peer_svid_serial: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

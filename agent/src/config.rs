@@ -82,9 +82,44 @@ pub struct Config {
     /// API (SVIDs of this node's pods). None: no identities (mutual auth impossible).
     #[serde(default)]
     pub spire_socket: Option<PathBuf>,
+    /// Mutual authentication between node agents (needs `spire_socket`): tunnel keys come only
+    /// from authenticated node handshakes, auth entries from workload handshakes.
+    #[serde(default = "yes")]
+    pub mutual_auth: bool,
+    /// Port of the agents' mTLS control channel.
+    #[serde(default = "default_control_port")]
+    pub control_port: u16,
+    /// Also offer plain X25519 on the control channel (default: X25519MLKEM768 only).
+    #[serde(default)]
+    pub allow_classical_kx: bool,
+    /// How often each node pair re-runs its node handshake (new PSK).
+    #[serde(default = "default_psk_rotation", with = "humantime_serde_secs")]
+    pub psk_rotation: std::time::Duration,
     /// Where userspace WireGuard devices serve UAPI (the path `wg` looks in).
     #[serde(default = "default_uapi_dir")]
     pub uapi_dir: PathBuf,
+}
+
+fn default_control_port() -> u16 {
+    4250
+}
+
+fn default_psk_rotation() -> std::time::Duration {
+    std::time::Duration::from_secs(600)
+}
+
+/// Durations in the config file as `10m`, `30s`.
+mod humantime_serde_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
 }
 
 fn default_mtu() -> u16 {

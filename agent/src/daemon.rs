@@ -21,6 +21,8 @@ use veil_spire::{ClientConfig, IdentityClient, IdentityClientHandle};
 use aya::maps::RingBuf;
 use veil_common::maps::FlowEvent;
 
+use veil_common::maps::{PolicyEntry, PolicyKey};
+
 use crate::{
     admin::{self, AdminRequest, AdminResponse, BoxFuture},
     api,
@@ -33,6 +35,7 @@ use crate::{
         Datapath, Hook,
     },
     flows::FlowStore,
+    mesh::{Mesh, MeshConfig, MeshStatus, PeerKeys},
     tunnel::NodeTunnel,
 };
 
@@ -51,6 +54,8 @@ pub enum Error {
     Publish(#[source] crate::sys::Error),
     #[error("identity client")]
     Spire(#[source] veil_spire::Error),
+    #[error("cluster trust domain {0:?} is not a SPIFFE trust domain")]
+    TrustDomain(String),
     #[error("node {0:?} is not in the cluster state")]
     UnknownNode(String),
     #[error("cannot prepare state dir {path}")]
@@ -81,6 +86,12 @@ struct Shared {
     policy: api::PolicyStatus,
     /// Node-wide audit mode: would-be policy drops pass and are reported as AUDIT.
     audit: bool,
+    /// Peer keys from authenticated node handshakes (mutual auth); None: keys from the cluster
+    /// state (mutual auth off).
+    mesh_keys: Option<watch::Receiver<BTreeMap<String, PeerKeys>>>,
+    mesh_status: Option<Arc<Mutex<MeshStatus>>>,
+    /// The compiled policy in force, for the mesh's pre-authentication.
+    policy_tx: watch::Sender<Arc<BTreeMap<PolicyKey, PolicyEntry>>>,
 }
 
 pub struct Agent {
@@ -89,6 +100,8 @@ pub struct Agent {
     identity_client: Option<IdentityClient>,
     flows: Arc<Mutex<FlowStore>>,
     events: Option<RingBuf<aya::maps::MapData>>,
+    mesh: Option<Mesh>,
+    policy_rx: watch::Receiver<Arc<BTreeMap<PolicyKey, PolicyEntry>>>,
 }
 
 impl Agent {
@@ -180,6 +193,47 @@ impl Agent {
             FlowStore::DEFAULT_LOG_BYTES,
         )));
         let audit = datapath.config_map()?.get()?.flags & config_flags::AUDIT != 0;
+        let (policy_tx, policy_rx) = watch::channel(Arc::new(BTreeMap::new()));
+        let me = cluster
+            .node(&cfg.node)
+            .ok_or_else(|| Error::UnknownNode(cfg.node.clone()))?
+            .clone();
+        let (mesh, mesh_keys, mesh_status) = match (&tunnel, &identities) {
+            (Some(t), Some(_)) if cfg.mutual_auth => {
+                let map = datapath
+                    .ebpf_mut()
+                    .take_map(map_names::AUTH)
+                    .ok_or(datapath::Error::MissingMap(map_names::AUTH))?;
+                let auth_map =
+                    aya::maps::HashMap::try_from(map).map_err(|source| datapath::Error::Map {
+                        name: map_names::AUTH,
+                        source,
+                    })?;
+                let td = veil_identity::TrustDomain::new(&cluster.trust_domain)
+                    .map_err(|_| Error::TrustDomain(cluster.trust_domain.clone()))?;
+                let mcfg = MeshConfig {
+                    node: cfg.node.clone(),
+                    node_id: me.id,
+                    trust_domain: td,
+                    underlay_ip: std::net::IpAddr::V4(me.underlay_ip),
+                    port: cfg.control_port,
+                    allow_classical: cfg.allow_classical_kx,
+                    rekey_interval: cfg.psk_rotation,
+                };
+                let (mesh, handles) = Mesh::new(mcfg, auth_map, t.public_key());
+                tracing::info!(
+                    port = cfg.control_port,
+                    "mutual auth on: tunnel keys come only from authenticated node handshakes"
+                );
+                (Some(mesh), Some(handles.keys), Some(handles.status))
+            }
+            _ => {
+                if cfg.mutual_auth && cfg.encryption {
+                    tracing::warn!("mutual auth needs identities (spire_socket): tunnel keys come from cluster state");
+                }
+                (None, None, None)
+            }
+        };
         let shared = Shared {
             cfg,
             datapath,
@@ -194,6 +248,9 @@ impl Agent {
             policy_input: None,
             policy: api::PolicyStatus::default(),
             audit,
+            mesh_keys,
+            mesh_status,
+            policy_tx,
         };
         Ok(Self {
             shared: Arc::new(Mutex::new(shared)),
@@ -201,6 +258,8 @@ impl Agent {
             identity_client,
             flows,
             events,
+            mesh,
+            policy_rx,
         })
     }
 
@@ -260,6 +319,30 @@ impl Agent {
                     .instrument(tracing::info_span!("identity")),
             );
         }
+        if let Some(mesh) = self.mesh {
+            let ids = self
+                .shared
+                .lock()
+                .expect("agent state lock")
+                .identities
+                .clone();
+            if let Some(ids) = ids {
+                let mut stop_mesh = stop_rx.clone();
+                let (crx, prx) = (self.cluster_rx.clone(), self.policy_rx.clone());
+                tokio::spawn(
+                    mesh.run(crx, ids.subscribe(), prx, async move {
+                        let _ = stop_mesh.wait_for(|s| *s).await;
+                    })
+                    .instrument(tracing::info_span!("mesh")),
+                );
+            }
+        }
+        let mut mesh_keys = self
+            .shared
+            .lock()
+            .expect("agent state lock")
+            .mesh_keys
+            .clone();
         let shared = self.shared.clone();
         let mut cluster_rx = self.cluster_rx;
         let mut stop_loop = stop_rx.clone();
@@ -289,6 +372,13 @@ impl Agent {
                 tokio::select! {
                     _ = stop_loop.wait_for(|s| *s) => return,
                     r = cluster_rx.changed() => if r.is_err() { return },
+                    // Peer keys from a (re-)authenticated node pair go on the tunnel at once.
+                    Ok(()) = async {
+                        match mesh_keys.as_mut() {
+                            Some(rx) => rx.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
                     _ = tick.tick() => {}
                 }
             }
@@ -340,7 +430,12 @@ fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
     let me = s.cfg.node.clone();
     let mut first_error: Option<ReconcileError> = None;
     // Peers first: a node only gets HAS_KEY (and so traffic) once its peer is on the device.
-    let with_key = match s.tunnel.as_mut().map(|t| t.reconcile(&cluster, &me)) {
+    let auth_keys = s.mesh_keys.as_ref().map(|rx| rx.borrow().clone());
+    let with_key = match s
+        .tunnel
+        .as_mut()
+        .map(|t| t.reconcile(&cluster, &me, auth_keys.as_ref()))
+    {
         Some(Ok(nodes)) => nodes,
         Some(Err(e)) => {
             tracing::warn!(error = %crate::error_chain(&e), "tunnel reconcile failed");
@@ -431,6 +526,7 @@ fn reconcile_policy(
         Ok(c) => {
             let changes = dp_policy::install(s.datapath.ebpf_mut(), &c.entries)?;
             let pruned = dp_policy::prune_conntrack(s.datapath.ebpf_mut(), &c.entries)?;
+            let _ = s.policy_tx.send(Arc::new(c.entries.clone()));
             tracing::info!(
                 generation = cluster.policy_generation,
                 policies = cluster.policies.len(),
@@ -747,6 +843,11 @@ fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
     let (svids, bundles) = identity_status(s);
+    let mesh = s
+        .mesh_status
+        .as_ref()
+        .map(|m| m.lock().expect("mesh status lock").clone())
+        .unwrap_or_default();
     let cluster = s.cluster.clone();
     let (backend, public_key, peers) = match s.tunnel.as_mut() {
         Some(t) => {
@@ -775,10 +876,12 @@ fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         peers,
         svids,
         bundles,
-        auth: vec![],
+        auth: mesh.auth.clone(),
         policy: s.policy.clone(),
         audit: s.audit,
         maps: map_fill(&s.datapath),
+        channels: mesh.channels,
+        auth_failures: mesh.failures,
         drops,
         programs,
         interfaces,

@@ -18,6 +18,7 @@ pub mod datapath;
 pub mod demo;
 pub mod flows;
 pub mod lab;
+pub mod mesh;
 pub mod policy;
 pub mod sys;
 pub mod tunnel;

@@ -239,6 +239,7 @@ impl NodeTunnel {
         &mut self,
         cluster: &ClusterState,
         me: &str,
+        auth_keys: Option<&BTreeMap<String, crate::mesh::PeerKeys>>,
     ) -> Result<BTreeSet<String>, Error> {
         self.ensure_device()?;
         let mut desired: BTreeMap<PublicKey, (String, PeerConfig)> = BTreeMap::new();
@@ -247,12 +248,21 @@ impl NodeTunnel {
             if self.disabled.contains(&n.name) {
                 continue;
             }
-            let Some(key) = n
-                .wg_public_key
-                .as_deref()
-                .and_then(|k| PublicKey::from_base64(k).ok())
-            else {
-                continue;
+            // With mutual auth, a peer exists only once its node handshake succeeded: the key
+            // and PSK come from that handshake, never from unauthenticated state.
+            let (key, psk) = match auth_keys {
+                Some(keys) => match keys.get(&n.name) {
+                    Some(k) => (k.public_key, Some(k.psk.clone())),
+                    None => continue,
+                },
+                None => match n
+                    .wg_public_key
+                    .as_deref()
+                    .and_then(|k| PublicKey::from_base64(k).ok())
+                {
+                    Some(k) => (k, self.psks.get(&n.name).cloned()),
+                    None => continue,
+                },
             };
             let Ok(cidr) = n.pod_cidr.parse::<IpPrefix>() else {
                 continue;
@@ -263,7 +273,7 @@ impl NodeTunnel {
                     n.name.clone(),
                     PeerConfig {
                         public_key: key,
-                        preshared_key: self.psks.get(&n.name).cloned(),
+                        preshared_key: psk,
                         endpoint: Some(SocketAddr::from((n.underlay_ip, self.listen_port))),
                         allowed_ips: vec![cidr],
                         persistent_keepalive: None,
@@ -283,7 +293,7 @@ impl NodeTunnel {
                     && have.endpoint == want.endpoint
                     && have.has_preshared_key == want.preshared_key.is_some()
                     && self.installed.get(node) == Some(key)
-                    && self.psk_unchanged(node)
+                    && self.psk_applied.get(node) == want.preshared_key.as_ref()
             });
             if !same {
                 self.device.upsert_peer(want)?;
@@ -295,12 +305,11 @@ impl NodeTunnel {
             tracing::info!(public_key = %key, "tunnel peer removed");
         }
         self.installed = desired.iter().map(|(k, (n, _))| (n.clone(), *k)).collect();
-        self.psk_applied = self.psks.clone();
+        self.psk_applied = desired
+            .values()
+            .filter_map(|(n, p)| p.preshared_key.clone().map(|k| (n.clone(), k)))
+            .collect();
         Ok(self.installed.keys().cloned().collect())
-    }
-
-    fn psk_unchanged(&self, node: &str) -> bool {
-        self.psks.get(node) == self.psk_applied.get(node)
     }
 
     /// Peers as `veil status` shows them.

@@ -328,6 +328,10 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         wg_cgroup: Some(paths.node_cgroup(&node.name).join("wg")),
         uapi_dir: PathBuf::from(WG_SOCKET_DIR),
         spire_socket: Some(spire::node_socket(paths, &node.name)),
+        mutual_auth: true,
+        control_port: 4250,
+        allow_classical_kx: false,
+        psk_rotation: spec.psk_rotation,
     }
 }
 

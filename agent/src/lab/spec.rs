@@ -122,6 +122,8 @@ pub struct LabFile {
     pub svid_ttl: Option<HumanDuration>,
     pub backend: Option<Backend>,
     pub underlay_mtu: Option<u32>,
+    /// How often each node pair re-runs its node handshake (new WireGuard PSK).
+    pub psk_rotation: Option<HumanDuration>,
     pub nodes: Option<Vec<NodeFile>>,
     pub pods: Option<Vec<PodFile>>,
 }
@@ -185,6 +187,8 @@ pub struct LabSpec {
     pub svid_ttl: Duration,
     pub backend: Backend,
     pub underlay_mtu: u32,
+    #[serde(with = "duration_secs")]
+    pub psk_rotation: Duration,
     pub nodes: Vec<NodeSpec>,
     pub pods: Vec<PodSpec>,
 }
@@ -404,6 +408,13 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         return Err(invalid("svid_ttl", "must be between 10s and 30 days"));
     }
     let underlay_mtu = file.underlay_mtu.unwrap_or(DEFAULT_UNDERLAY_MTU);
+    let psk_rotation = file
+        .psk_rotation
+        .map(|d| d.0)
+        .unwrap_or(Duration::from_secs(600));
+    if psk_rotation < Duration::from_secs(5) {
+        return Err(invalid("psk_rotation", "must be at least 5s"));
+    }
     if !(1280..=9000).contains(&underlay_mtu) {
         return Err(invalid(
             "underlay_mtu",
@@ -549,6 +560,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         svid_ttl,
         backend: overrides.backend.or(file.backend).unwrap_or_default(),
         underlay_mtu,
+        psk_rotation,
         nodes,
         pods,
     })

@@ -1,0 +1,804 @@
+//! mesh: runs mutual authentication for this node — the control channels to peer agents, the
+//! node handshake whose exporter-derived PSK keys the WireGuard tunnel, and the workload
+//! handshakes whose results are the datapath's auth entries.
+//!
+//! It drives the sans-IO pieces of [`crate::auth`] from four inputs (cluster state, SVID
+//! snapshots, the compiled policy, channel events) and produces three outputs: peer keys for the
+//! tunnel (a watch channel the daemon applies), auth-map writes and deletes (it owns the
+//! `VEIL_AUTH` map), and status for `veil status`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::time::Instant;
+
+use arc_swap::ArcSwap;
+use aya::maps::{HashMap as BpfHash, MapData};
+use tokio::sync::{mpsc, watch};
+use veil_common::maps::{policy_flags, AuthEntry, AuthKey, PolicyEntry, PolicyKey};
+use veil_identity::{BundleSet, IdentitySnapshot, SpiffeId, SvidKey, TrustDomain};
+use veil_transport::{PresharedKey, PublicKey};
+
+use crate::{
+    api,
+    auth::{
+        self,
+        channel::{Channel, ChannelConfig, ChannelEvent, Deps, LocalNode},
+        client::{self, ClientConfig},
+        entries::{self, Action, AuthTable, EntriesConfig},
+        node_handshake::{EpochBook, NodeKeys, RekeyConfig, RekeySchedule},
+        server::{Server, ServerConfig},
+        tls::{NodeCredentials, TlsConfig},
+        workload::{Authenticated, SigningKeys},
+        AuthFailure, AuthTriple, NodeInfo, PeerDirectory as _, StaticDirectory, StaticWorkloads,
+    },
+    cluster::ClusterState,
+};
+
+/// The keys the tunnel must use for one peer node, from its latest node handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerKeys {
+    pub public_key: PublicKey,
+    pub psk: PresharedKey,
+    pub epoch: u64,
+}
+
+/// Settings of the mesh component.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    pub node: String,
+    pub node_id: u32,
+    pub trust_domain: TrustDomain,
+    pub underlay_ip: IpAddr,
+    pub port: u16,
+    /// Offer plain X25519 besides X25519MLKEM768.
+    pub allow_classical: bool,
+    /// PSK rotation interval (new node handshake per peer).
+    pub rekey_interval: Duration,
+}
+
+/// What `veil status` shows about the mesh.
+#[derive(Clone, Debug, Default)]
+pub struct MeshStatus {
+    pub channels: Vec<api::NodeChannel>,
+    pub auth: Vec<api::AuthPair>,
+    /// Authentication failures by reason (node and workload handshakes).
+    pub failures: BTreeMap<String, u64>,
+    pub handshakes_ok: u64,
+}
+
+struct ChannelState {
+    channel: Channel,
+    established: SystemTime,
+    schedule: RekeySchedule,
+}
+
+/// The running mesh component.
+pub struct Mesh {
+    cfg: MeshConfig,
+    deps: Deps,
+    server_cfg: ServerConfig,
+    client_cfg: ClientConfig,
+    directory: Arc<ArcSwap<StaticDirectory>>,
+    workloads: Arc<ArcSwap<StaticWorkloads>>,
+    events_rx: mpsc::Receiver<ChannelEvent>,
+    auth_map: BpfHash<MapData, AuthKey, AuthEntry>,
+    keys_tx: watch::Sender<BTreeMap<String, PeerKeys>>,
+    status: Arc<Mutex<MeshStatus>>,
+}
+
+/// Handles the daemon keeps.
+pub struct MeshHandles {
+    pub keys: watch::Receiver<BTreeMap<String, PeerKeys>>,
+    pub status: Arc<Mutex<MeshStatus>>,
+}
+
+impl Mesh {
+    pub fn new(
+        cfg: MeshConfig,
+        auth_map: BpfHash<MapData, AuthKey, AuthEntry>,
+        wg_key: PublicKey,
+    ) -> (Mesh, MeshHandles) {
+        let _ = auth::tls::install_default_provider();
+        let (events_tx, events_rx) = mpsc::channel(1024);
+        let directory = Arc::new(ArcSwap::from_pointee(StaticDirectory::new()));
+        let workloads = Arc::new(ArcSwap::from_pointee(StaticWorkloads::default()));
+        let tls = TlsConfig {
+            allow_classical: cfg.allow_classical,
+            ..TlsConfig::default()
+        };
+        let deps = Deps {
+            local: LocalNode {
+                name: cfg.node.clone(),
+                id: cfg.node_id,
+            },
+            trust_domain: cfg.trust_domain.clone(),
+            creds: NodeCredentials::new(),
+            bundles: BundleSet::new(),
+            directory: directory.clone(),
+            workloads: workloads.clone(),
+            wg_key: Arc::new(ArcSwap::from_pointee(wg_key)),
+            epochs: Arc::new(EpochBook::new()),
+            signing_keys: Arc::new(SigningKeys::new()),
+            events: events_tx,
+        };
+        let server_cfg = ServerConfig {
+            listen: std::net::SocketAddr::new(cfg.underlay_ip, cfg.port),
+            tls: tls.clone(),
+            channel: ChannelConfig::default(),
+            ..ServerConfig::default()
+        };
+        let client_cfg = ClientConfig {
+            tls,
+            channel: ChannelConfig::default(),
+            port: cfg.port,
+            bind: Some(cfg.underlay_ip),
+        };
+        let (keys_tx, keys) = watch::channel(BTreeMap::new());
+        let status = Arc::new(Mutex::new(MeshStatus::default()));
+        let mesh = Mesh {
+            cfg,
+            deps,
+            server_cfg,
+            client_cfg,
+            directory,
+            workloads,
+            events_rx,
+            auth_map,
+            keys_tx,
+            status: status.clone(),
+        };
+        (mesh, MeshHandles { keys, status })
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(
+        mut self,
+        mut cluster_rx: watch::Receiver<Arc<ClusterState>>,
+        mut ids_rx: watch::Receiver<IdentitySnapshot>,
+        mut policy_rx: watch::Receiver<Arc<BTreeMap<PolicyKey, PolicyEntry>>>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut table = AuthTable::new(EntriesConfig::default(), self.cfg.node_id);
+        let mut channels: BTreeMap<u32, ChannelState> = BTreeMap::new();
+        let mut dialing: BTreeSet<u32> = BTreeSet::new();
+        let mut redial_at: BTreeMap<u32, (Instant, u32)> = BTreeMap::new();
+        let (dial_tx, mut dial_rx) =
+            mpsc::channel::<(u32, Result<(Channel, NodeKeys), AuthFailure>)>(64);
+        let (result_tx, mut result_rx) =
+            mpsc::channel::<(AuthTriple, Result<Authenticated, AuthFailure>)>(4096);
+        let mut keys: BTreeMap<String, PeerKeys> = BTreeMap::new();
+        let mut server_started = false;
+        let mut node_serial: Option<String> = None;
+        let mut local_ids: BTreeMap<u32, SpiffeId> = BTreeMap::new();
+
+        loop {
+            let now = Instant::now();
+            // Inputs are read fresh each turn; they are cheap clones of Arcs.
+            let cluster = cluster_rx.borrow_and_update().clone();
+            let snapshot = ids_rx.borrow_and_update().clone();
+            let policy = policy_rx.borrow_and_update().clone();
+
+            // Identities: node SVID for TLS, bundles for verification, workload SVIDs by identity.
+            if let Some(node_svid) = &snapshot.node {
+                if node_serial.as_deref() != Some(node_svid.serial()) {
+                    if let Err(e) = self.deps.creds.set(node_svid.clone()) {
+                        tracing::warn!(error = %crate::error_chain(&e), "node svid unusable for tls");
+                    } else {
+                        if node_serial.is_some() {
+                            tracing::info!(
+                                serial = node_svid.serial(),
+                                "node svid rotated: re-running node handshakes"
+                            );
+                            for c in channels.values_mut() {
+                                c.schedule.on_svid_rotated(now);
+                            }
+                        }
+                        node_serial = Some(node_svid.serial().to_string());
+                    }
+                }
+            }
+            self.deps.bundles.replace((*snapshot.bundles).clone());
+            let (workloads, ids_now) = local_workloads(&cluster, &self.cfg.node, &snapshot);
+            // Revocation or removal of a local workload's SVID: delete its entries now and tell
+            // the peers so they delete theirs.
+            for (identity, id) in &local_ids {
+                if !ids_now.contains_key(identity) {
+                    tracing::info!(%id, "workload svid gone: removing its auth entries");
+                    table.remove_spiffe_id(id, now);
+                    for c in channels.values() {
+                        let (ch, id) = (c.channel.clone(), id.clone());
+                        tokio::spawn(async move {
+                            let _ = ch.send_revoke(&id).await;
+                        });
+                    }
+                }
+            }
+            local_ids = ids_now;
+            self.workloads.store(Arc::new(workloads));
+            self.directory
+                .store(Arc::new(directory(&cluster, &self.cfg.trust_domain)));
+
+            // The server needs a node SVID before it can answer TLS.
+            if !server_started && self.deps.creds.svid().is_some() {
+                match Server::bind(self.server_cfg.clone(), self.deps.clone()).await {
+                    Ok(server) => {
+                        tracing::info!(listen = %self.server_cfg.listen, "control channel listening (TLS 1.3, X25519MLKEM768)");
+                        tokio::spawn(server.run(std::future::pending()));
+                        server_started = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot listen for peers; retrying")
+                    }
+                }
+            }
+
+            // Channels: dial every peer this node should dial that has none.
+            let peers: Vec<NodeInfo> = cluster
+                .nodes
+                .iter()
+                .filter(|n| n.name != self.cfg.node)
+                .filter_map(|n| self.directory.load().node_by_name(&n.name))
+                .collect();
+            if self.deps.creds.svid().is_some() {
+                for p in &peers {
+                    let due = redial_at.get(&p.id).is_none_or(|(t, _)| *t <= now);
+                    if auth::should_dial(&self.cfg.node, &p.name)
+                        && !channels.contains_key(&p.id)
+                        && !dialing.contains(&p.id)
+                        && due
+                    {
+                        dialing.insert(p.id);
+                        spawn_dial(&self.client_cfg, &self.deps, p.clone(), dial_tx.clone());
+                    }
+                }
+            }
+            // Forget peers that left the cluster.
+            let live: BTreeSet<u32> = peers.iter().map(|p| p.id).collect();
+            let gone: Vec<u32> = channels
+                .keys()
+                .filter(|id| !live.contains(id))
+                .copied()
+                .collect();
+            for id in gone {
+                if let Some(c) = channels.remove(&id) {
+                    c.channel.close();
+                }
+                table.remove_node(id);
+            }
+            keys.retain(|name, _| peers.iter().any(|p| &p.name == name));
+
+            // What policy and placement make possible: pre-authenticate all of it.
+            table.set_desired(desired_triples(&cluster, &self.cfg.node, &policy), now);
+
+            // Due work: auth table actions and re-keys.
+            for action in table.poll(now) {
+                self.apply_action(action, &channels, &result_tx);
+            }
+            for (id, c) in channels.iter_mut() {
+                if let Some(reason) = c.schedule.poll(now) {
+                    let Some(peer) = peers.iter().find(|p| p.id == *id) else {
+                        continue;
+                    };
+                    if auth::should_dial(&self.cfg.node, &peer.name) {
+                        if !dialing.contains(id) {
+                            tracing::info!(peer = %peer.name, reason = reason.as_str(), "re-keying node pair");
+                            dialing.insert(*id);
+                            spawn_dial(&self.client_cfg, &self.deps, peer.clone(), dial_tx.clone());
+                        }
+                    } else {
+                        // The dialer re-keys; ask it to.
+                        let ch = c.channel.clone();
+                        tokio::spawn(async move {
+                            let _ = ch.request_rekey().await;
+                        });
+                    }
+                }
+            }
+            self.publish_status(&channels, &table, &cluster);
+            let _ = self.keys_tx.send_if_modified(|k| {
+                if *k != keys {
+                    *k = keys.clone();
+                    true
+                } else {
+                    false
+                }
+            });
+
+            // Sleep until the next deadline or input.
+            let next = [table.deadline()]
+                .into_iter()
+                .chain(channels.values().map(|c| c.schedule.deadline()))
+                .chain(redial_at.values().map(|(t, _)| Some(*t)))
+                .flatten()
+                .min()
+                .unwrap_or(now + Duration::from_secs(5))
+                .max(now + Duration::from_millis(5));
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep_until(next) => {}
+                r = cluster_rx.changed() => if r.is_err() { break },
+                r = ids_rx.changed() => if r.is_err() { break },
+                r = policy_rx.changed() => if r.is_err() { break },
+                Some((id, r)) = dial_rx.recv() => {
+                    dialing.remove(&id);
+                    match r {
+                        Ok((channel, nk)) => {
+                            redial_at.remove(&id);
+                            self.count_ok();
+                            install(self.cfg.rekey_interval, &mut channels, &mut keys, id, channel, nk);
+                        }
+                        Err(reason) => {
+                            let tries = redial_at.get(&id).map(|(_, n)| n + 1).unwrap_or(1);
+                            let backoff = Duration::from_millis(250 * (1 << tries.min(7))).min(Duration::from_secs(30));
+                            redial_at.insert(id, (Instant::now() + backoff, tries));
+                            self.count_failure(reason);
+                            if let Some(c) = channels.get_mut(&id) {
+                                c.schedule.on_failed(Instant::now(), rand::random());
+                            }
+                        }
+                    }
+                }
+                Some(ev) = self.events_rx.recv() => {
+                    match ev {
+                        ChannelEvent::Established { channel, keys: nk } => {
+                            let id = channel.peer().id;
+                            self.count_ok();
+                            install(self.cfg.rekey_interval, &mut channels, &mut keys, id, channel, nk);
+                        }
+                        ChannelEvent::Inbound { result, .. } => match result {
+                            Ok(a) => {
+                                self.count_ok();
+                                table.on_authenticated(&a, Instant::now(), SystemTime::now());
+                            }
+                            Err(reason) => self.count_failure(reason),
+                        },
+                        ChannelEvent::RemoteRevoked { peer_node, spiffe_id } => {
+                            tracing::info!(peer_node, %spiffe_id, "peer revoked a workload: removing entries");
+                            table.remove_remote_spiffe_id(peer_node, &spiffe_id, Instant::now());
+                        }
+                        ChannelEvent::RekeyRequested { peer_node } => {
+                            if let Some(c) = channels.get_mut(&peer_node) {
+                                c.schedule.on_peer_requested(Instant::now());
+                            }
+                        }
+                        ChannelEvent::Closed { peer_node, reason } => {
+                            // Only forget the channel if it is the one that closed (a re-key
+                            // closes the previous channel after installing the new one).
+                            if channels.get(&peer_node).is_some_and(|c| c.channel.is_closed()) {
+                                tracing::info!(peer_node, %reason, "control channel closed");
+                                channels.remove(&peer_node);
+                            }
+                        }
+                    }
+                }
+                Some((triple, r)) = result_rx.recv() => {
+                    match r {
+                        Ok(a) => {
+                            self.count_ok();
+                            table.on_authenticated(&a, Instant::now(), SystemTime::now());
+                        }
+                        Err(reason) => {
+                            tracing::debug!(?triple, reason = reason.as_str(), "workload handshake failed");
+                            self.count_failure(reason);
+                            table.on_failed(triple, reason, Instant::now(), rand::random());
+                        }
+                    }
+                }
+            }
+        }
+        for c in channels.values() {
+            c.channel.close();
+        }
+    }
+
+    fn apply_action(
+        &mut self,
+        action: Action,
+        channels: &BTreeMap<u32, ChannelState>,
+        results: &mpsc::Sender<(AuthTriple, Result<Authenticated, AuthFailure>)>,
+    ) {
+        match action {
+            Action::Start(triple) => {
+                let tx = results.clone();
+                match channels.get(&triple.remote_node) {
+                    Some(c) => {
+                        let ch = c.channel.clone();
+                        tokio::spawn(async move {
+                            let r = ch
+                                .authenticate(triple.local_identity, triple.remote_identity)
+                                .await;
+                            let _ = tx.send((triple, r)).await;
+                        });
+                    }
+                    None => {
+                        tokio::spawn(async move {
+                            let _ = tx.send((triple, Err(AuthFailure::PeerUnreachable))).await;
+                        });
+                    }
+                }
+            }
+            Action::Write {
+                triple, expires_at, ..
+            } => {
+                let now = Instant::now();
+                let boot = entries::boot_ns_at(expires_at, now, entries::boot_time_ns());
+                if let Err(e) = self.auth_map.insert(
+                    triple.to_key(),
+                    AuthEntry {
+                        expires_boot_ns: boot,
+                    },
+                    0,
+                ) {
+                    tracing::warn!(?triple, error = %e, "cannot write auth entry");
+                }
+            }
+            Action::Delete(triple) => {
+                let _ = self.auth_map.remove(&triple.to_key());
+            }
+        }
+    }
+
+    fn count_ok(&self) {
+        self.status.lock().expect("mesh status lock").handshakes_ok += 1;
+    }
+
+    fn count_failure(&self, reason: AuthFailure) {
+        *self
+            .status
+            .lock()
+            .expect("mesh status lock")
+            .failures
+            .entry(reason.as_str().to_string())
+            .or_default() += 1;
+    }
+
+    fn publish_status(
+        &self,
+        channels: &BTreeMap<u32, ChannelState>,
+        table: &AuthTable,
+        cluster: &ClusterState,
+    ) {
+        let node_name = |id: u32| {
+            cluster
+                .nodes
+                .iter()
+                .find(|n| n.id == id)
+                .map(|n| n.name.clone())
+                .unwrap_or_else(|| id.to_string())
+        };
+        let identity_name = |id: u32| {
+            cluster
+                .identities
+                .iter()
+                .find(|i| i.id == id)
+                .map(|i| {
+                    let labels: Vec<String> =
+                        i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    format!("{id} ({}:{})", i.namespace, labels.join(","))
+                })
+                .unwrap_or_else(|| id.to_string())
+        };
+        let mut st = self.status.lock().expect("mesh status lock");
+        st.channels = channels
+            .iter()
+            .map(|(id, c)| api::NodeChannel {
+                node: node_name(*id),
+                epoch: c.channel.epoch(),
+                group: c.channel.negotiated_group().map(|g| g.as_str().to_string()),
+                established_unix: unix(c.established),
+                peer_svid_serial: c.channel.peer_svid_serial().to_string(),
+            })
+            .collect();
+        st.auth = table
+            .statuses()
+            .into_iter()
+            .map(|s| api::AuthPair {
+                src_identity: identity_name(s.triple.local_identity),
+                dst_identity: identity_name(s.triple.remote_identity),
+                node: node_name(s.triple.remote_node),
+                expires_unix: s.entry.as_ref().map(|e| unix(e.expires)).unwrap_or(0),
+                last_result: s.last_result.map(|r| match r {
+                    Ok(()) => "ok".to_string(),
+                    Err(f) => f.as_str().to_string(),
+                }),
+            })
+            .collect();
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Installs a channel (and its keys) as the one for a peer, closing the one it replaces.
+fn install(
+    interval: Duration,
+    channels: &mut BTreeMap<u32, ChannelState>,
+    keys: &mut BTreeMap<String, PeerKeys>,
+    id: u32,
+    channel: Channel,
+    nk: NodeKeys,
+) {
+    let now = Instant::now();
+    let valid_until = channel.peer_valid_until();
+    let valid_until_instant = valid_until
+        .duration_since(SystemTime::now())
+        .ok()
+        .map(|d| now + d);
+    let mut schedule = RekeySchedule::new(RekeyConfig {
+        interval,
+        ..RekeyConfig::default()
+    });
+    schedule.on_established(now, valid_until_instant);
+    tracing::info!(
+        peer = %nk.peer_node,
+        epoch = nk.epoch,
+        group = channel.negotiated_group().map(|g| g.as_str()).unwrap_or("?"),
+        psk = %nk.psk.fingerprint(),
+        "node pair authenticated; tunnel keys installed"
+    );
+    keys.insert(
+        nk.peer_node.clone(),
+        PeerKeys {
+            public_key: nk.peer_wg_key,
+            psk: nk.psk,
+            epoch: nk.epoch,
+        },
+    );
+    if let Some(old) = channels.insert(
+        id,
+        ChannelState {
+            channel,
+            established: SystemTime::now(),
+            schedule,
+        },
+    ) {
+        // Keep the old channel briefly: in-flight workload handshakes finish on it.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            old.channel.close();
+        });
+    }
+}
+
+fn spawn_dial(
+    cfg: &ClientConfig,
+    deps: &Deps,
+    peer: NodeInfo,
+    done: mpsc::Sender<(u32, Result<(Channel, NodeKeys), AuthFailure>)>,
+) {
+    let (cfg, deps) = (cfg.clone(), deps.clone());
+    tokio::spawn(async move {
+        let r = client::connect(&cfg, &deps, &peer).await.map_err(|e| {
+            tracing::warn!(peer = %peer.name, reason = e.failure().as_str(), error = %crate::error_chain(&e), "node handshake failed");
+            e.failure()
+        });
+        let _ = done.send((peer.id, r)).await;
+    });
+}
+
+/// SPIFFE ID of a pod's workload: `spiffe://<td>/ns/<namespace>/sa/<service account>`.
+pub fn workload_spiffe_id(td: &TrustDomain, namespace: &str, sa: &str) -> Option<SpiffeId> {
+    SpiffeId::from_segments(td, &["ns", namespace, "sa", sa]).ok()
+}
+
+/// The peer directory for a cluster snapshot: nodes by name, id and underlay address, and which
+/// numeric identities each node's workloads (by SPIFFE ID) carry.
+pub fn directory(cluster: &ClusterState, td: &TrustDomain) -> StaticDirectory {
+    let mut d = StaticDirectory::new();
+    for n in &cluster.nodes {
+        if let Ok(spiffe_id) = auth::node_spiffe_id(td, &n.name) {
+            d.add_node(NodeInfo {
+                name: n.name.clone(),
+                id: n.id,
+                spiffe_id,
+                addr: IpAddr::V4(n.underlay_ip),
+            });
+        }
+    }
+    for p in &cluster.pods {
+        let (Some(node), Some(id)) = (
+            cluster.node(&p.node),
+            workload_spiffe_id(td, &p.namespace, &p.service_account),
+        ) else {
+            continue;
+        };
+        if p.identity != 0 {
+            d.add_workload(node.id, id, p.identity);
+        }
+    }
+    d
+}
+
+/// Local workload SVIDs by numeric identity, from the SVID snapshot and the pods on this node.
+pub fn local_workloads(
+    cluster: &ClusterState,
+    me: &str,
+    snapshot: &IdentitySnapshot,
+) -> (StaticWorkloads, BTreeMap<u32, SpiffeId>) {
+    let mut by_identity = std::collections::HashMap::new();
+    let mut ids = BTreeMap::new();
+    for (key, svid) in snapshot.svids() {
+        let SvidKey::Workload(sel) = key else {
+            continue;
+        };
+        let value = |k: &str| {
+            sel.iter()
+                .filter(|s| s.kind() == "k8s")
+                .find_map(|s| s.value().strip_prefix(&format!("{k}:")).map(str::to_string))
+        };
+        let (Some(ns), Some(name)) = (value("ns"), value("pod-name")) else {
+            continue;
+        };
+        if let Some(p) = cluster
+            .pods_on(me)
+            .find(|p| p.namespace == ns && p.name == name)
+        {
+            if p.identity != 0 {
+                by_identity.insert(p.identity, svid.clone());
+                ids.insert(p.identity, svid.spiffe_id().clone());
+            }
+        }
+    }
+    (StaticWorkloads(by_identity), ids)
+}
+
+/// The (local identity, remote identity, remote node) triples that current policy and pod
+/// placement make possible and that need authentication: every compiled entry with
+/// AUTH_REQUIRED, expanded over the pods on other nodes it can match.
+pub fn desired_triples(
+    cluster: &ClusterState,
+    me: &str,
+    policy: &BTreeMap<PolicyKey, PolicyEntry>,
+) -> BTreeSet<AuthTriple> {
+    let Some(my_node) = cluster.node(me) else {
+        return BTreeSet::new();
+    };
+    let local: BTreeSet<u32> = cluster.pods_on(me).map(|p| p.identity).collect();
+    let remote: Vec<(u32, u32)> = cluster
+        .pods
+        .iter()
+        .filter(|p| p.node != me && p.identity != 0)
+        .filter_map(|p| cluster.node(&p.node).map(|n| (p.identity, n.id)))
+        .collect();
+    let mut out = BTreeSet::new();
+    for (k, e) in policy {
+        if e.flags & policy_flags::AUTH_REQUIRED == 0 || !local.contains(&k.local_identity) {
+            continue;
+        }
+        for (rid, node) in &remote {
+            let matches =
+                k.remote_identity == *rid || k.remote_identity == veil_common::maps::identity::ANY;
+            if matches && *node != my_node.id {
+                out.insert(AuthTriple {
+                    local_identity: k.local_identity,
+                    remote_identity: *rid,
+                    remote_node: *node,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use veil_common::maps::direction;
+
+    use super::*;
+    use crate::cluster::{Node, Pod};
+
+    fn cluster() -> ClusterState {
+        let node = |name: &str, id: u32| Node {
+            name: name.into(),
+            id,
+            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
+            pod_cidr: format!("198.19.{id}.0/24"),
+            wg_public_key: None,
+        };
+        let pod = |name: &str, node: &str, id: u32| Pod {
+            name: name.into(),
+            namespace: "shop".into(),
+            node: node.into(),
+            ip: Ipv4Addr::new(198, 19, if node == "a" { 1 } else { 2 }, id as u8),
+            labels: Default::default(),
+            service_account: name.into(),
+            host_veth: "x".into(),
+            identity: id,
+        };
+        ClusterState {
+            nodes: vec![node("a", 1), node("b", 2)],
+            pods: vec![
+                pod("fe", "a", 256),
+                pod("in", "a", 258),
+                pod("be", "b", 257),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn entry(local: u32, remote: u32, flags: u32, dir: u8) -> (PolicyKey, PolicyEntry) {
+        (
+            PolicyKey {
+                local_identity: local,
+                remote_identity: remote,
+                dport: 8080,
+                protocol: 6,
+                direction: dir,
+            },
+            PolicyEntry { flags, rule: 1 },
+        )
+    }
+
+    #[test]
+    fn desired_triples_follow_auth_required_entries_and_placement() {
+        let c = cluster();
+        // Ingress on b: backend requires auth from frontend.
+        let policy = BTreeMap::from([entry(
+            257,
+            256,
+            policy_flags::ALLOW | policy_flags::AUTH_REQUIRED,
+            direction::INGRESS,
+        )]);
+        let on_b = desired_triples(&c, "b", &policy);
+        assert_eq!(
+            on_b,
+            BTreeSet::from([AuthTriple {
+                local_identity: 257,
+                remote_identity: 256,
+                remote_node: 1
+            }])
+        );
+        // Node a has no endpoint with identity 257: nothing desired there from this entry.
+        assert!(desired_triples(&c, "a", &policy).is_empty());
+        // Allow without auth: nothing.
+        let plain = BTreeMap::from([entry(257, 256, policy_flags::ALLOW, direction::INGRESS)]);
+        assert!(desired_triples(&c, "b", &plain).is_empty());
+        // Wildcard remote on a: every remote pod's identity on other nodes.
+        let any = BTreeMap::from([entry(
+            256,
+            0,
+            policy_flags::ALLOW | policy_flags::AUTH_REQUIRED,
+            direction::EGRESS,
+        )]);
+        assert_eq!(
+            desired_triples(&c, "a", &any),
+            BTreeSet::from([AuthTriple {
+                local_identity: 256,
+                remote_identity: 257,
+                remote_node: 2
+            }])
+        );
+    }
+
+    #[test]
+    fn directory_maps_workloads_to_their_nodes() {
+        let td = TrustDomain::new("lab.veil").unwrap();
+        let d = directory(&cluster(), &td);
+        use auth::PeerDirectory as _;
+        let fe = workload_spiffe_id(&td, "shop", "fe").unwrap();
+        assert_eq!(d.hosted_identities(1, &fe), vec![256]);
+        assert!(
+            d.hosted_identities(2, &fe).is_empty(),
+            "node b does not host frontend"
+        );
+        assert_eq!(
+            d.node_by_addr("198.18.0.2".parse().unwrap()).unwrap().name,
+            "b"
+        );
+        assert_eq!(
+            d.node_by_name("a").unwrap().spiffe_id.as_str(),
+            "spiffe://lab.veil/veil/node/a"
+        );
+    }
+}
