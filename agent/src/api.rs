@@ -39,6 +39,16 @@ pub struct Status {
     pub channels: Vec<NodeChannel>,
     /// Authentication failures by stable reason.
     pub auth_failures: BTreeMap<String, u64>,
+    /// Packets held until their identity pair authenticated (no first-packet drop).
+    pub hold: HoldStatus,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldStatus {
+    pub held: u64,
+    pub released: u64,
+    pub timed_out: u64,
+    pub overflow: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,6 +92,7 @@ struct Shared {
     mesh_status: Option<Arc<Mutex<MeshStatus>>>,
     /// The compiled policy in force, for the mesh's pre-authentication.
     policy_tx: watch::Sender<Arc<BTreeMap<PolicyKey, PolicyEntry>>>,
+    hold_stats: crate::hold::SharedStats,
 }
 
 pub struct Agent {
@@ -102,7 +103,18 @@ pub struct Agent {
     events: Option<RingBuf<aya::maps::MapData>>,
     mesh: Option<Mesh>,
     policy_rx: watch::Receiver<Arc<BTreeMap<PolicyKey, PolicyEntry>>>,
+    hold: Option<HoldParts>,
 }
+
+/// The hold device and the mesh handles its loop needs.
+type HoldParts = (
+    tun_rs::SyncDevice,
+    tokio::sync::mpsc::Sender<crate::auth::AuthTriple>,
+    watch::Receiver<BTreeSet<crate::auth::AuthTriple>>,
+);
+
+/// The hold device's name inside the node's network namespace.
+pub const HOLD_DEVICE: &str = "veil-hold";
 
 impl Agent {
     pub async fn new(cfg: Config) -> Result<Self, Error> {
@@ -156,6 +168,8 @@ impl Agent {
             tunnel_ifindex,
             node_id: me.id,
             policy_slot: 0,
+            hold_ifindex: 0,
+            _pad: 0,
         };
         let datapath = Datapath::open(&cfg.bpffs, &cfg.pin_dir, dp_cfg)?;
         tracing::info!(
@@ -198,7 +212,7 @@ impl Agent {
             .node(&cfg.node)
             .ok_or_else(|| Error::UnknownNode(cfg.node.clone()))?
             .clone();
-        let (mesh, mesh_keys, mesh_status) = match (&tunnel, &identities) {
+        let (mesh, mesh_keys, mesh_status, hold) = match (&tunnel, &identities) {
             (Some(t), Some(_)) if cfg.mutual_auth => {
                 let map = datapath
                     .ebpf_mut()
@@ -225,13 +239,33 @@ impl Agent {
                     port = cfg.control_port,
                     "mutual auth on: tunnel keys come only from authenticated node handshakes"
                 );
-                (Some(mesh), Some(handles.keys), Some(handles.status))
+                // The hold device: flows missing auth wait here instead of being dropped.
+                let hold = match tun_rs::DeviceBuilder::new()
+                    .name(HOLD_DEVICE)
+                    .mtu(cfg.mtu)
+                    .enable(true)
+                    .build_sync()
+                {
+                    Ok(dev) => {
+                        let ifindex = nix::net::if_::if_nametoindex(HOLD_DEVICE).unwrap_or(0);
+                        let mut cm = datapath.config_map()?;
+                        let mut c = cm.get()?;
+                        c.hold_ifindex = ifindex;
+                        cm.set(c)?;
+                        Some((dev, handles.requests.clone(), handles.authenticated.clone()))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no hold device: a flow missing auth is dropped until its pair authenticates");
+                        None
+                    }
+                };
+                (Some(mesh), Some(handles.keys), Some(handles.status), hold)
             }
             _ => {
                 if cfg.mutual_auth && cfg.encryption {
                     tracing::warn!("mutual auth needs identities (spire_socket): tunnel keys come from cluster state");
                 }
-                (None, None, None)
+                (None, None, None, None)
             }
         };
         let shared = Shared {
@@ -251,6 +285,7 @@ impl Agent {
             mesh_keys,
             mesh_status,
             policy_tx,
+            hold_stats: Default::default(),
         };
         Ok(Self {
             shared: Arc::new(Mutex::new(shared)),
@@ -260,6 +295,7 @@ impl Agent {
             events,
             mesh,
             policy_rx,
+            hold,
         })
     }
 
@@ -336,6 +372,28 @@ impl Agent {
                     .instrument(tracing::info_span!("mesh")),
                 );
             }
+        }
+        if let Some((dev, requests, authenticated)) = self.hold {
+            let (crx, flows) = (self.cluster_rx.clone(), self.flows.clone());
+            let (me, stats) = {
+                let s = self.shared.lock().expect("agent state lock");
+                (s.cfg.node.clone(), s.hold_stats.clone())
+            };
+            let mut stop_hold = stop_rx.clone();
+            tokio::spawn(
+                async move {
+                    let cfg = crate::hold::HoldConfig::default();
+                    tokio::select! {
+                        _ = stop_hold.wait_for(|s| *s) => {}
+                        r = crate::hold::run(dev, cfg, crx, me, requests, authenticated, flows, stats) => {
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, "hold device loop stopped");
+                            }
+                        }
+                    }
+                }
+                .instrument(tracing::info_span!("hold")),
+            );
         }
         let mut mesh_keys = self
             .shared
@@ -882,6 +940,15 @@ fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         maps: map_fill(&s.datapath),
         channels: mesh.channels,
         auth_failures: mesh.failures,
+        hold: {
+            let h = *s.hold_stats.lock().expect("hold stats lock");
+            api::HoldStatus {
+                held: h.held,
+                released: h.released,
+                timed_out: h.timed_out,
+                overflow: h.overflow,
+            }
+        },
         drops,
         programs,
         interfaces,

@@ -58,6 +58,10 @@ pub struct Flow {
     pub encrypted: bool,
     /// Packets folded into this record by the datapath's per-second throttle.
     pub count: u32,
+    /// For a flow whose first packets were held until its identity pair authenticated: how
+    /// long they waited (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_ms: Option<u64>,
 }
 
 /// Filters of `veil observe`.
@@ -208,6 +212,7 @@ pub fn from_event(ev: &FlowEvent, node: &str, state: &ClusterState, offset_ns: i
         auth: auth.to_string(),
         encrypted: ev.flags & flow_flags::ENCRYPTED != 0,
         count: ev.count.max(1),
+        held_ms: None,
     }
 }
 

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod demo;
 pub mod flows;
+pub mod hold;
 pub mod lab;
 pub mod mesh;
 pub mod policy;

@@ -89,12 +89,19 @@ pub struct Mesh {
     auth_map: BpfHash<MapData, AuthKey, AuthEntry>,
     keys_tx: watch::Sender<BTreeMap<String, PeerKeys>>,
     status: Arc<Mutex<MeshStatus>>,
+    requests_rx: mpsc::Receiver<AuthTriple>,
+    authed: BTreeSet<AuthTriple>,
+    authed_tx: watch::Sender<BTreeSet<AuthTriple>>,
 }
 
 /// Handles the daemon keeps.
 pub struct MeshHandles {
     pub keys: watch::Receiver<BTreeMap<String, PeerKeys>>,
     pub status: Arc<Mutex<MeshStatus>>,
+    /// Ask for a pair to be authenticated now (a held flow is waiting).
+    pub requests: mpsc::Sender<AuthTriple>,
+    /// Pairs with an auth entry in the map, updated on every write and delete.
+    pub authenticated: watch::Receiver<BTreeSet<AuthTriple>>,
 }
 
 impl Mesh {
@@ -139,6 +146,8 @@ impl Mesh {
             bind: Some(cfg.underlay_ip),
         };
         let (keys_tx, keys) = watch::channel(BTreeMap::new());
+        let (requests, requests_rx) = mpsc::channel(4096);
+        let (authed_tx, authenticated) = watch::channel(BTreeSet::new());
         let status = Arc::new(Mutex::new(MeshStatus::default()));
         let mesh = Mesh {
             cfg,
@@ -151,8 +160,19 @@ impl Mesh {
             auth_map,
             keys_tx,
             status: status.clone(),
+            requests_rx,
+            authed: BTreeSet::new(),
+            authed_tx,
         };
-        (mesh, MeshHandles { keys, status })
+        (
+            mesh,
+            MeshHandles {
+                keys,
+                status,
+                requests,
+                authenticated,
+            },
+        )
     }
 
     /// Runs until `shutdown` resolves.
@@ -377,6 +397,9 @@ impl Mesh {
                         }
                     }
                 }
+                Some(t) = self.requests_rx.recv() => {
+                    table.request_now(t, Instant::now());
+                }
                 Some((triple, r)) = result_rx.recv() => {
                     match r {
                         Ok(a) => {
@@ -436,10 +459,15 @@ impl Mesh {
                     0,
                 ) {
                     tracing::warn!(?triple, error = %e, "cannot write auth entry");
+                } else if self.authed.insert(triple) {
+                    let _ = self.authed_tx.send(self.authed.clone());
                 }
             }
             Action::Delete(triple) => {
                 let _ = self.auth_map.remove(&triple.to_key());
+                if self.authed.remove(&triple) {
+                    let _ = self.authed_tx.send(self.authed.clone());
+                }
             }
         }
     }

@@ -312,6 +312,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
             ct |= ct_flags::AUDITED;
         } else if flags & flow_flags::AUTH_REQUIRED != 0 && remote {
             if !auth_valid(src.identity, dst_identity, remote_node, now, false) {
+                // No first-packet drop: hold the packet in the agent's hold device until the pair is
+                // authenticated (the agent re-injects it, or drops and records it on timeout).
+                if cfg.hold_ifindex != 0 {
+                    // SAFETY: plain helper call.
+                    return Ok(unsafe { bpf_redirect(cfg.hold_ifindex, 0) } as i32);
+                }
                 emit(
                     &flow,
                     &Ev {
@@ -514,6 +520,12 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
             flags |= flow_flags::AUTH_REQUIRED;
             // Ingress auth: the local destination and the remote source must be authenticated.
             if !auth_valid(dst.identity, src_identity, src_node, now, false) {
+                // No first-packet drop: hold the packet in the agent's hold device until the pair is
+                // authenticated (the agent re-injects it, or drops and records it on timeout).
+                if cfg.hold_ifindex != 0 {
+                    // SAFETY: plain helper call.
+                    return Ok(unsafe { bpf_redirect(cfg.hold_ifindex, 0) } as i32);
+                }
                 emit(
                     &flow,
                     &Ev {

@@ -120,6 +120,8 @@ impl Node {
             tunnel_ifindex: tunnel,
             node_id: NODE,
             policy_slot: 0,
+            hold_ifindex: 0,
+            _pad: 0,
         })
         .unwrap();
         for af in [Af::V4, Af::V6] {

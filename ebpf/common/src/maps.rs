@@ -143,6 +143,10 @@ pub struct DatapathConfig {
     pub node_id: u32,
     /// Which of the two policy map slots is live (0 or 1).
     pub policy_slot: u32,
+    /// Ifindex of the agent's hold device: a packet waiting for its identity pair's auth goes
+    /// there instead of being dropped (0: no hold device, drop with `auth-required`).
+    pub hold_ifindex: u32,
+    pub _pad: u32,
 }
 
 /// See [`IF_STATS`].
@@ -389,7 +393,7 @@ mod tests {
 
     #[test]
     fn sizes_are_fixed() {
-        assert_eq!(size_of::<DatapathConfig>(), 16);
+        assert_eq!(size_of::<DatapathConfig>(), 24);
         assert_eq!(size_of::<IfStats>(), 24);
         assert_eq!(size_of::<IpKey>(), 16);
         assert_eq!(size_of::<IpInfo>(), 16);
@@ -414,6 +418,8 @@ mod tests {
             tunnel_ifindex: 7,
             node_id: 2,
             policy_slot: 1,
+            hold_ifindex: 0,
+            _pad: 0,
         };
         assert_eq!(from_bytes::<DatapathConfig>(bytes_of(&c)), c);
         let s = IfStats {
