@@ -626,7 +626,12 @@ fn handle_datagram(
             None => return,
         },
     };
-    let mut buf = pool.pop().unwrap_or_default();
+    // tun-rs coalesces later packets of a TCP flow into the first one's buffer only when that
+    // buffer can hold a whole 64 KB super-packet: without the capacity every packet is its own
+    // TUN write.
+    let mut buf = pool
+        .pop()
+        .unwrap_or_else(|| Vec::with_capacity(2 * TUN_OFFSET + MAX_DATAGRAM));
     buf.resize(TUN_OFFSET + MAX_DATAGRAM.min(datagram.len() + 64), 0);
     match tunn.decapsulate(Some(from.ip()), datagram, &mut buf[TUN_OFFSET..]) {
         TunnResult::WriteToTunnelV4(pkt, src) => {
