@@ -61,6 +61,9 @@ struct Args {
     /// Skip the idle measurement.
     #[arg(long)]
     skip_idle: bool,
+    /// Only these tests (tcp1, tcp2, rr), for profiling sessions.
+    #[arg(long, value_delimiter = ',', default_value = "tcp1,tcp2,rr")]
+    tests: Vec<String>,
 }
 
 const LAB_PLAIN: &str = "vb-plain";
@@ -79,6 +82,13 @@ fn date_utc() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn run_tc_cost(bin_dir: &Path) -> TcCost {
@@ -271,12 +281,15 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|c| (c.key(), Samples::default()))
         .collect();
+    // The machine is shared: the load average per round says how quiet it was.
+    let mut loads = vec![];
     for round in 0..args.rounds {
         // Rotate the order each round so no contender always runs first or last.
         let mut order = contenders.clone();
         let k = round as usize % order.len().max(1);
         order.rotate_left(k);
-        for test in ["tcp1", "tcp2", "rr"] {
+        loads.push(loadavg());
+        for test in args.tests.iter().map(String::as_str) {
             for &c in &order {
                 let (lab, pids) = select(c)?;
                 let s = samples.get_mut(c.key()).expect("known contender");
@@ -300,7 +313,7 @@ fn main() -> anyhow::Result<()> {
                             s.tcp2.push(t);
                         }
                     }
-                    _ => {
+                    "rr" => {
                         let r =
                             measure::request_response(lab, &rr_bin, args.rr_size, args.rr_seconds)?;
                         eprintln!(
@@ -315,6 +328,7 @@ fn main() -> anyhow::Result<()> {
                         );
                         s.rr.push(r);
                     }
+                    other => bail!("unknown test {other:?} (tcp1, tcp2, rr)"),
                 }
             }
         }
@@ -348,8 +362,9 @@ fn main() -> anyhow::Result<()> {
         samples.iter().map(|(k, s)| (*k, Medians::of(s))).collect();
     let targets = report::targets(&med, &idle, Some(&tc));
     let table = report::text(&med, &targets, &idle, &tc);
+    let load = report::median(&loads).unwrap_or(0.0);
     let header = format!(
-        "{date} · kernel {} · {} × {} · {} GiB · {} rounds × {} s iperf3, {} s RR, interleaved",
+        "{date} · kernel {} · {} × {} · {} GiB · {} rounds × {} s iperf3, {} s RR, interleaved · median 1-min load average {load:.1}",
         machine["kernel"].as_str().unwrap_or(""),
         machine["cpus"],
         machine["cpu"].as_str().unwrap_or(""),
@@ -369,6 +384,7 @@ fn main() -> anyhow::Result<()> {
         "idle": idle,
         "tunnel_rss_after_load": after_load,
         "tc_cost": tc,
+        "load_average_per_round": loads,
         "control_plane": {"status": "not yet measurable", "reason": "mutual auth is not wired into the agent"},
         "targets": targets,
     });
