@@ -237,9 +237,13 @@ pub fn tc_points(v: &serde_json::Value) -> Vec<(u64, f64)> {
                     .iter()
                     .find(|(k, v)| k.contains("entries") && v.is_u64())
                     .and_then(|(_, v)| v.as_u64());
+                // Prefer an explicit nanoseconds name ("ns_per_packet", "avg_ns", "ns") over
+                // any key that merely contains "ns" ("runs").
+                let is_ns = |k: &str| k == "ns" || k.contains("ns_per") || k.ends_with("_ns");
                 let ns = m
                     .iter()
-                    .find(|(k, v)| k.contains("ns") && v.is_number())
+                    .find(|(k, v)| is_ns(k) && v.is_number())
+                    .or_else(|| m.iter().find(|(k, v)| k.contains("ns") && v.is_number()))
                     .and_then(|(_, v)| v.as_f64());
                 if let (Some(e), Some(n)) = (entries, ns) {
                     out.push((e, n));
@@ -430,4 +434,54 @@ pub fn markdown(
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_ignores_nan_and_averages_even_counts() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, f64::NAN, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+
+    #[test]
+    fn tc_points_found_in_unknown_shapes() {
+        let v = serde_json::json!({
+            "program": "tc_ingress",
+            "results": [
+                {"policy_entries": 100000, "runs": 7, "ns_per_packet": 41.0},
+                {"policy_entries": 10, "ns_per_packet": 40.0},
+                {"policy_entries": 1000, "ns_per_packet": 40.5},
+            ]
+        });
+        assert_eq!(
+            tc_points(&v),
+            vec![(10, 40.0), (1000, 40.5), (100000, 41.0)]
+        );
+        assert!(tc_points(&serde_json::json!({"other": 1})).is_empty());
+    }
+
+    #[test]
+    fn a_missed_target_is_reported_as_missed() {
+        let mut med = BTreeMap::new();
+        let m = |t1, rr| Medians {
+            tcp1_gbit_per_s: Some(t1),
+            tcp2_gbit_per_s: Some(t1),
+            rr_p50_us: Some(rr),
+            cpu_s_per_gb_1stream: Some(1.0),
+            ..Default::default()
+        };
+        med.insert(Contender::Plaintext.key(), m(20.0, 20.0));
+        med.insert(Contender::Veil.key(), m(3.0, 50.0));
+        med.insert(Contender::Boringtun.key(), m(0.6, 50.0));
+        let t = targets(&med, &[], None);
+        let find = |n: &str| t.iter().find(|x| x.name.starts_with(n)).unwrap();
+        assert_eq!(find("throughput, 1 stream").met, Some(true));
+        assert_eq!(find("RR 64 B p50").met, Some(false));
+        assert_eq!(find("idle: veil-wg CPU").met, None);
+        assert_eq!(find("workload handshakes").met, None);
+    }
 }
