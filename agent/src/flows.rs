@@ -402,7 +402,7 @@ pub fn format_table_row(f: &Flow) -> String {
         } else {
             String::new()
         }
-    )
+    ) + &f.held_ms.map(|ms| format!(" (held {ms} ms for auth)")).unwrap_or_default()
 }
 
 /// The v4-mapped form of an IPv4 address, as events carry it.

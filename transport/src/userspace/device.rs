@@ -67,6 +67,11 @@ impl PeerNoise {
     /// The `Tunn` to encrypt with: the current one once it has a session, else the retiring
     /// one while it still has one, else the current one (which queues and handshakes).
     pub fn tx(&mut self) -> &mut Tunn {
+        // The common case, checked first: asking a Tunn for its handshake age reads the clock,
+        // and this runs once per packet.
+        if self.retiring.is_none() {
+            return &mut self.current.tunn;
+        }
         let current_up = self.current.tunn.time_since_last_handshake().is_some();
         match &mut self.retiring {
             Some((old, _)) if !current_up && old.tunn.time_since_last_handshake().is_some() => {

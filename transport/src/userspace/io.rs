@@ -23,13 +23,14 @@ use std::{
 
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
-use super::device::{Device, Drops, Peer};
+use super::{
+    device::{Device, Drops, Peer},
+    gro::Coalescer,
+};
 use crate::uapi::{self, Request};
 
-/// Room in front of each TUN packet: the virtio-net header on writes.
-const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
 /// WireGuard data overhead: 16-byte header + 16-byte tag (payload padded to 16).
 const WG_OVERHEAD: usize = 32;
 const SOCKET_BUFFER: usize = 8 << 20;
@@ -157,11 +158,12 @@ pub fn start(opts: &Options) -> io::Result<Running> {
     for _ in 1..opts.queues.max(1) {
         queues.push(Arc::new(tun.try_clone()?));
     }
+    let mtu = usize::from(opts.mtu);
     for (i, q) in queues.into_iter().enumerate() {
         let (d, u, s) = (device.clone(), udp.clone(), stop.clone());
         std::thread::Builder::new()
             .name(format!("tun-rx-{i}"))
-            .spawn(move || tun_to_udp(&q, &d, &u, &s))?;
+            .spawn(move || tun_to_udp(&q, &d, &u, &s, mtu))?;
     }
     {
         let (d, u, s, t) = (device.clone(), udp.clone(), stop.clone(), tun.clone());
@@ -291,81 +293,69 @@ fn dst_addr(p: &[u8]) -> Option<IpAddr> {
     Tunn::dst_address(p)
 }
 
-/// Encrypted datagrams waiting to go out, grouped so a run of equal-sized datagrams to one
-/// endpoint (the last may be shorter) leaves in one GSO `sendmsg`.
+/// Largest UDP payload of one GSO `sendmsg` (IPv4 total length minus IP and UDP headers).
+const MAX_GSO_BYTES: usize = 65535 - 20 - 8;
+
+/// Encrypted datagrams of one TUN batch, back to back in one buffer, sent after encryption
+/// (no lock held) as GSO runs: equal-sized datagrams to one endpoint, the last may be shorter.
 struct Outbox {
     buf: Vec<u8>,
-    seg: usize,
-    count: usize,
-    dst: Option<SocketAddr>,
+    /// (endpoint, start, len) per datagram, in order.
+    items: Vec<(SocketAddr, usize, usize)>,
+    cursor: usize,
     max_segments: usize,
 }
 
 impl Outbox {
-    fn new(max_segments: usize) -> Self {
+    fn new(max_segments: usize, capacity: usize) -> Self {
         Self {
-            buf: Vec::with_capacity(MAX_DATAGRAM + 4096),
-            seg: 0,
-            count: 0,
-            dst: None,
+            // Sized once; never resized or cleared per packet.
+            buf: vec![0u8; capacity],
+            items: Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE),
+            cursor: 0,
             max_segments,
         }
     }
 
-    /// Appends `room` bytes for the next datagram (flushing first if the batch is full) and
-    /// returns where it starts.
-    fn reserve(&mut self, udp: &Udp, room: usize, drops: &Drops) -> usize {
-        if self.count >= self.max_segments || self.buf.len() + room > MAX_DATAGRAM {
-            self.flush(udp, drops);
-        }
-        let start = self.buf.len();
-        self.buf.resize(start + room, 0);
-        start
+    /// Room for the next datagram (None when the batch filled the buffer: send first).
+    fn room(&mut self, need: usize) -> Option<&mut [u8]> {
+        (self.cursor + need <= self.buf.len()).then(|| &mut self.buf[self.cursor..])
     }
 
-    /// Gives back reserved room that was not used.
-    fn cancel(&mut self, start: usize) {
-        self.buf.truncate(start);
+    fn push(&mut self, dst: SocketAddr, len: usize) {
+        self.items.push((dst, self.cursor, len));
+        self.cursor += len;
     }
 
-    /// Keeps the `used` bytes written at `start` as a datagram for `dst`. If it cannot join
-    /// the current run (other endpoint, larger than the run's segments, or the run already
-    /// ended with a shorter one) the run is sent first and this datagram starts the next.
-    fn commit(&mut self, udp: &Udp, dst: SocketAddr, start: usize, used: usize, drops: &Drops) {
-        self.buf.truncate(start + used);
-        let joins = self.count == 0
-            || (self.dst == Some(dst) && used <= self.seg && start == self.seg * self.count);
-        if !joins {
-            self.send_run(udp, start, drops);
-            self.buf.copy_within(start..start + used, 0);
-            self.buf.truncate(used);
+    /// Sends everything: one `sendmsg` per run of contiguous equal-sized datagrams to one
+    /// endpoint (a shorter one may end a run), capped by the GSO segment and size limits.
+    fn send(&mut self, udp: &Udp, drops: &Drops) {
+        let mut i = 0;
+        while i < self.items.len() {
+            let (dst, start, seg) = self.items[i];
+            let mut j = i + 1;
+            let mut end = start + seg;
+            while j < self.items.len() && j - i < self.max_segments {
+                let (d, s, l) = self.items[j];
+                if d != dst || s != end || l > seg || end + l - start > MAX_GSO_BYTES {
+                    break;
+                }
+                end += l;
+                j += 1;
+                if l < seg {
+                    break;
+                }
+            }
+            let segment_size = (j - i > 1).then_some(seg);
+            if udp.send(dst, &self.buf[start..end], segment_size).is_err() {
+                drops
+                    .send_error
+                    .fetch_add((j - i) as u64, Ordering::Relaxed);
+            }
+            i = j;
         }
-        if self.count == 0 {
-            self.seg = used;
-            self.dst = Some(dst);
-        }
-        self.count += 1;
-    }
-
-    fn send_run(&mut self, udp: &Udp, end: usize, drops: &Drops) {
-        if self.count == 0 {
-            return;
-        }
-        let dst = self.dst.expect("a run has a destination");
-        let seg = (self.count > 1).then_some(self.seg);
-        if udp.send(dst, &self.buf[..end], seg).is_err() {
-            drops
-                .send_error
-                .fetch_add(self.count as u64, Ordering::Relaxed);
-        }
-        self.count = 0;
-        self.dst = None;
-    }
-
-    fn flush(&mut self, udp: &Udp, drops: &Drops) {
-        let end = self.buf.len();
-        self.send_run(udp, end, drops);
-        self.buf.clear();
+        self.items.clear();
+        self.cursor = 0;
     }
 }
 
@@ -375,10 +365,12 @@ fn tun_to_udp(
     device: &Device,
     udp: &RwLock<Option<Arc<Udp>>>,
     stop: &AtomicBool,
+    mtu: usize,
 ) {
     let batch = tun_rs::IDEAL_BATCH_SIZE;
+    let seg_room = mtu.max(1280) + 64;
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
-    let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; 2048]).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; seg_room]).collect();
     let mut sizes = vec![0usize; batch];
     let mut outbox: Option<Outbox> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -400,81 +392,106 @@ fn tun_to_udp(
                 .fetch_add(n as u64, Ordering::Relaxed);
             continue;
         };
-
-        let ob = outbox.get_or_insert_with(|| Outbox::new(u.state.max_gso_segments().clamp(1, 64)));
+        let ob = outbox.get_or_insert_with(|| {
+            Outbox::new(
+                u.state.max_gso_segments().clamp(1, 64),
+                batch * (seg_room + WG_OVERHEAD + 16),
+            )
+        });
         let routing = device.routing();
-        let mut i = 0;
-        while i < n {
-            let Some(dst) = dst_addr(&bufs[i][..sizes[i]]) else {
+        // Packets of one read usually share a destination (a split TSO super-packet): look the
+        // peer up once per destination address, read its endpoint once.
+        let mut last: Option<(IpAddr, Arc<Peer>, Option<SocketAddr>, u64)> = None;
+        for (b, &len) in bufs.iter().zip(&sizes).take(n) {
+            let pkt = &b[..len];
+            let Some(dst) = dst_addr(pkt) else {
                 device.drops.no_peer.fetch_add(1, Ordering::Relaxed);
-                i += 1;
                 continue;
             };
-            let Some(peer) = routing.by_ip.lookup(dst).cloned() else {
-                device.drops.no_peer.fetch_add(1, Ordering::Relaxed);
-                i += 1;
-                continue;
-            };
-            // The run of consecutive packets for the same peer is encrypted under one lock.
-            let mut j = i + 1;
-            while j < n
-                && dst_addr(&bufs[j][..sizes[j]])
-                    .and_then(|d| routing.by_ip.lookup(d))
-                    .is_some_and(|p| Arc::ptr_eq(p, &peer))
-            {
-                j += 1;
+            if last.as_ref().is_none_or(|(ip, ..)| *ip != dst) {
+                if let Some((_, p, _, bytes)) = last.take() {
+                    p.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+                match routing.by_ip.lookup(dst) {
+                    Some(p) => last = Some((dst, p.clone(), p.endpoint(), 0)),
+                    None => {
+                        device.drops.no_peer.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
             }
-            encrypt_run(&peer, &bufs[i..j], &sizes[i..j], &u, ob, device);
-            i = j;
+            let (_, peer, ep, bytes) = last.as_mut().expect("set above");
+            let Some(ep) = *ep else {
+                device.drops.no_endpoint.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let need = (len + WG_OVERHEAD + 16).max(HANDSHAKE_INIT_LEN);
+            if ob.room(need).is_none() {
+                ob.send(&u, &device.drops);
+            }
+            let room = ob.room(need).expect("an empty outbox holds one datagram");
+            // Locked per packet, not per batch: the receive thread decrypting this peer's
+            // packets waits at most one encryption.
+            let mut noise = peer.noise.lock().expect("noise lock");
+            match noise.tx().encapsulate(pkt, room) {
+                // Data is 32 + a multiple of 16 bytes, never 148: that is a handshake
+                // initiation, returned because there is no session yet (boringtun queued the
+                // packet).
+                TunnResult::WriteToNetwork(d) if d.len() == HANDSHAKE_INIT_LEN => {
+                    let init = d.to_vec();
+                    drop(noise);
+                    ob.send(&u, &device.drops);
+                    let _ = u.send(ep, &init, None);
+                }
+                TunnResult::WriteToNetwork(d) => {
+                    let used = d.len();
+                    drop(noise);
+                    ob.push(ep, used);
+                    *bytes += len as u64;
+                }
+                TunnResult::Done => {}
+                _ => {
+                    device.drops.send_error.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
-        ob.flush(&u, &device.drops);
+        if let Some((_, p, _, bytes)) = last.take() {
+            p.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        ob.send(&u, &device.drops);
     }
 }
 
-fn encrypt_run(
-    peer: &Arc<Peer>,
-    bufs: &[Vec<u8>],
-    sizes: &[usize],
-    udp: &Udp,
-    ob: &mut Outbox,
-    device: &Device,
-) {
-    let Some(ep) = peer.endpoint() else {
-        device
-            .drops
-            .no_endpoint
-            .fetch_add(bufs.len() as u64, Ordering::Relaxed);
-        return;
-    };
-    let mut noise = peer.noise.lock().expect("noise lock");
-    let tunn = noise.tx();
-    let mut bytes = 0u64;
-    for (b, &len) in bufs.iter().zip(sizes) {
-        let room = (len + WG_OVERHEAD + 16).max(HANDSHAKE_INIT_LEN);
-        let start = ob.reserve(udp, room, &device.drops);
-        let (used, init) = match tunn.encapsulate(&b[..len], &mut ob.buf[start..]) {
-            // Data is 32 + a multiple of 16 bytes, never 148: that is a handshake initiation,
-            // returned because there is no session yet (boringtun queued the packet).
-            TunnResult::WriteToNetwork(d) if d.len() == HANDSHAKE_INIT_LEN => (0, Some(d.to_vec())),
-            TunnResult::WriteToNetwork(d) => (d.len(), None),
-            TunnResult::Done => (0, None),
-            _ => {
-                device.drops.send_error.fetch_add(1, Ordering::Relaxed);
-                (0, None)
+/// TUN writes are flushed when this many buffers wait (bounds memory, keeps latency low).
+const TUN_FLUSH_AT: usize = 64;
+
+/// Per-batch state of the receive thread: the peer of the last data packet (consecutive packets
+/// are nearly always from one peer and one address), its plaintext bytes, and whether a packet
+/// from that address authenticated — applied once per batch instead of once per packet.
+#[derive(Default)]
+struct RxPeer {
+    current: Option<RxCurrent>,
+}
+
+struct RxCurrent {
+    index: u32,
+    peer: Arc<Peer>,
+    from: SocketAddr,
+    bytes: u64,
+    authenticated: bool,
+}
+
+impl RxPeer {
+    fn settle(&mut self) {
+        if let Some(c) = self.current.take() {
+            c.peer.rx_bytes.fetch_add(c.bytes, Ordering::Relaxed);
+            // WireGuard roaming: only an authenticated packet from a new address moves the
+            // endpoint.
+            if c.authenticated {
+                c.peer.set_endpoint(c.from);
             }
-        };
-        if used > 0 {
-            bytes += len as u64;
-            ob.commit(udp, ep, start, used, &device.drops);
-        } else {
-            ob.cancel(start);
-        }
-        if let Some(init) = init {
-            ob.flush(udp, &device.drops);
-            let _ = udp.send(ep, &init, None);
         }
     }
-    peer.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
 }
 
 /// UDP → decrypt → TUN.
@@ -487,10 +504,10 @@ fn udp_to_tun(
     let batch = quinn_udp::BATCH_SIZE;
     let mut storage: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; MAX_DATAGRAM]).collect();
     let mut metas = vec![RecvMeta::default(); batch];
-    let mut out: Vec<Vec<u8>> = Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE);
-    let mut pool: Vec<Vec<u8>> = Vec::new();
-    let mut gro = GROTable::default();
+    let mut co = Coalescer::new();
     let mut scratch = vec![0u8; MAX_DATAGRAM];
+    let mut rx = RxPeer::default();
+    let fd = tun.as_raw_fd();
     while !stop.load(Ordering::Relaxed) {
         let Some(u) = udp.read().expect("udp lock").clone() else {
             std::thread::sleep(Duration::from_millis(50));
@@ -525,35 +542,30 @@ fn udp_to_tun(
                     &routing,
                     &u,
                     device,
-                    &mut out,
-                    &mut pool,
+                    &mut co,
+                    &mut rx,
                     &mut scratch,
                 );
-                if out.len() >= tun_rs::IDEAL_BATCH_SIZE {
-                    write_tun(tun, &mut out, &mut pool, &mut gro);
+                if co.len() >= TUN_FLUSH_AT {
+                    write_tun(fd, &mut co);
                 }
             }
         }
-        write_tun(tun, &mut out, &mut pool, &mut gro);
+        write_tun(fd, &mut co);
+        rx.settle();
     }
 }
 
-fn write_tun(
-    tun: &SyncDevice,
-    out: &mut Vec<Vec<u8>>,
-    pool: &mut Vec<Vec<u8>>,
-    gro: &mut GROTable,
-) {
-    if out.is_empty() {
-        return;
-    }
-    if let Err(e) = tun.send_multiple(gro, out, TUN_OFFSET) {
-        if e.raw_os_error() == Some(libc::EBADFD) {
-            eprintln!("veil-wg: tun device gone: {e}");
+/// One `write` per buffer: a GSO super-packet or a single packet, virtio header in front.
+fn write_tun(fd: i32, co: &mut Coalescer) {
+    co.finish(|b| {
+        // SAFETY: write(2) from a valid slice on the TUN fd this thread owns a handle to.
+        let r = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EBADFD) {
+            eprintln!("veil-wg: tun device gone");
             std::process::exit(1);
         }
-    }
-    pool.append(out);
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -563,8 +575,85 @@ fn handle_datagram(
     routing: &super::device::Routing,
     udp: &Udp,
     device: &Device,
-    out: &mut Vec<Vec<u8>>,
-    pool: &mut Vec<Vec<u8>>,
+    co: &mut Coalescer,
+    rx: &mut RxPeer,
+    scratch: &mut [u8],
+) {
+    // Data packets (type 4, header + tag at least) skip the rate limiter, which only acts on
+    // handshake messages; boringtun parses the packet again in `decapsulate`.
+    if datagram.len() >= 32 && datagram[..4] == [4, 0, 0, 0] {
+        let index = u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]) >> 8;
+        let same = rx
+            .current
+            .as_ref()
+            .is_some_and(|c| c.index == index && c.from == from);
+        if !same {
+            rx.settle();
+            match routing.by_index.get(&index) {
+                Some(p) => {
+                    rx.current = Some(RxCurrent {
+                        index,
+                        peer: p.clone(),
+                        from,
+                        bytes: 0,
+                        authenticated: false,
+                    })
+                }
+                None => {
+                    device.drops.no_peer.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        let cur = rx.current.as_mut().expect("set above");
+        let peer = &cur.peer;
+        let mut noise = peer.noise.lock().expect("noise lock");
+        let Some(tunn) = noise.by_index(index) else {
+            return;
+        };
+        let slot = co.slot();
+        match tunn.decapsulate(Some(from.ip()), datagram, slot) {
+            TunnResult::WriteToTunnelV4(pkt, src) => {
+                let len = pkt.len();
+                cur.authenticated = true;
+                if routing.source_allowed(peer, IpAddr::V4(src)) {
+                    cur.bytes += len as u64;
+                    co.commit(len);
+                } else {
+                    device.drops.bad_source.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            TunnResult::WriteToTunnelV6(pkt, src) => {
+                let len = pkt.len();
+                cur.authenticated = true;
+                if routing.source_allowed(peer, IpAddr::V6(src)) {
+                    cur.bytes += len as u64;
+                    co.commit(len);
+                } else {
+                    device.drops.bad_source.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // A keepalive.
+            TunnResult::Done => cur.authenticated = true,
+            TunnResult::WriteToNetwork(reply) => {
+                let _ = udp.send(from, reply, None);
+            }
+            TunnResult::Err(_) => {
+                device.drops.decrypt.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        return;
+    }
+    handle_control(datagram, from, routing, udp, device, scratch);
+}
+
+/// Handshake initiations and responses and cookie replies: rare, so no batching here.
+fn handle_control(
+    datagram: &[u8],
+    from: SocketAddr,
+    routing: &super::device::Routing,
+    udp: &Udp,
+    device: &Device,
     scratch: &mut [u8],
 ) {
     let Some(limiter) = &routing.rate_limiter else {
@@ -626,52 +715,22 @@ fn handle_datagram(
             None => return,
         },
     };
-    let mut buf = pool.pop().unwrap_or_default();
-    buf.resize(TUN_OFFSET + MAX_DATAGRAM.min(datagram.len() + 64), 0);
-    match tunn.decapsulate(Some(from.ip()), datagram, &mut buf[TUN_OFFSET..]) {
-        TunnResult::WriteToTunnelV4(pkt, src) => {
-            let len = pkt.len();
-            if routing.source_allowed(&peer, IpAddr::V4(src)) {
-                buf.truncate(TUN_OFFSET + len);
-                peer.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                out.push(buf);
-            } else {
-                device.drops.bad_source.fetch_add(1, Ordering::Relaxed);
-                pool.push(buf);
-            }
-            peer.set_endpoint(from);
-        }
-        TunnResult::WriteToTunnelV6(pkt, src) => {
-            let len = pkt.len();
-            if routing.source_allowed(&peer, IpAddr::V6(src)) {
-                buf.truncate(TUN_OFFSET + len);
-                peer.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                out.push(buf);
-            } else {
-                device.drops.bad_source.fetch_add(1, Ordering::Relaxed);
-                pool.push(buf);
-            }
-            peer.set_endpoint(from);
-        }
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    match tunn.decapsulate(Some(from.ip()), datagram, &mut buf) {
         TunnResult::WriteToNetwork(reply) => {
             let _ = udp.send(from, reply, None);
             peer.set_endpoint(from);
             // Flush packets queued while the handshake was in flight.
-            let mut q = vec![0u8; MAX_DATAGRAM];
-            while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut q) {
+            while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut buf) {
                 let _ = udp.send(from, d, None);
             }
-            pool.push(buf);
         }
-        TunnResult::Done => {
-            // A keepalive or a handshake response that completed a session.
-            peer.set_endpoint(from);
-            pool.push(buf);
-        }
+        // A handshake response that completed a session.
+        TunnResult::Done => peer.set_endpoint(from),
         TunnResult::Err(_) => {
             device.drops.decrypt.fetch_add(1, Ordering::Relaxed);
-            pool.push(buf);
         }
+        _ => {}
     }
     peer.note_handshake(&noise.current.tunn);
 }

@@ -4,6 +4,7 @@
 //! does not cut traffic (the agent only re-attaches to the socket).
 
 pub mod device;
+pub mod gro;
 pub mod io;
 
 use std::{

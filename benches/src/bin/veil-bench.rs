@@ -1,0 +1,475 @@
+//! `veil-bench`: veil vs plaintext vs boringtun-cli on the same 2-node lab path, interleaved,
+//! with medians and ratios against the benchmark issue's targets. See benches/README.md.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use veil_benches::{
+    chart, cleanup,
+    contender::{self, Contender},
+    lab::Lab,
+    measure, procs,
+    report::{self, Medians, Samples, TcCost},
+    setup,
+};
+
+#[derive(Parser, Debug, serde::Serialize)]
+#[command(about = "veil vs plaintext vs boringtun-cli: throughput, latency, CPU, idle cost")]
+struct Args {
+    /// Interleaved rounds (each runs every test for every contender once).
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
+    /// Seconds per request/response run.
+    #[arg(long, default_value_t = 5.0)]
+    rr_seconds: f64,
+    /// Request/response size in bytes.
+    #[arg(long, default_value_t = 64)]
+    rr_size: usize,
+    /// Idle window in seconds (agent and veil-wg CPU and RSS).
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u64,
+    /// Quick smoke run: 1 round, 3 s runs, 10 s idle.
+    #[arg(long)]
+    quick: bool,
+    /// Directory with the release binaries (veil, veil-rr, tc-cost); default: next to this one.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// boringtun-cli binary (default: cargo install 0.7.1 into the cache once).
+    #[arg(long)]
+    boringtun: Option<PathBuf>,
+    /// Lab file for both labs (2 nodes, 10 pods; `client` on node-a, `server` on node-b).
+    #[arg(long)]
+    lab_file: Option<PathBuf>,
+    /// Where to write results.json and chart.png.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Replace the block between the bench markers in benches/README.md with this run.
+    #[arg(long)]
+    update_readme: bool,
+    /// Only the contenders named (plaintext, veil, boringtun-cli), for profiling sessions.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Skip the idle measurement.
+    #[arg(long)]
+    skip_idle: bool,
+    /// Only these tests (tcp1, tcp2, rr), for profiling sessions.
+    #[arg(long, value_delimiter = ',', default_value = "tcp1,tcp2,rr")]
+    tests: Vec<String>,
+}
+
+const LAB_PLAIN: &str = "vb-plain";
+const LAB_VEIL: &str = "vb-veil";
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("benches/ has a parent")
+        .to_path_buf()
+}
+
+fn date_utc() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn run_tc_cost(bin_dir: &Path) -> TcCost {
+    let bin = bin_dir.join("tc-cost");
+    if !bin.exists() {
+        return TcCost::Missing;
+    }
+    eprintln!("tc-cost: {} --json", bin.display());
+    match Command::new(&bin).arg("--json").output() {
+        Ok(o) if o.status.success() => match serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        {
+            Ok(v) => {
+                let points = report::tc_points(&v);
+                let spread = match (points.first(), points.last()) {
+                    (Some(a), Some(b)) if points.len() > 1 && a.1 > 0.0 => Some(b.1 / a.1),
+                    _ => None,
+                };
+                TcCost::Ran {
+                    output: v,
+                    points,
+                    spread,
+                }
+            }
+            Err(e) => TcCost::Failed {
+                error: format!("output is not JSON: {e}"),
+            },
+        },
+        Ok(o) => TcCost::Failed {
+            error: format!(
+                "{}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        },
+        Err(e) => TcCost::Failed {
+            error: e.to_string(),
+        },
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.rounds = 1;
+        args.seconds = 3;
+        args.rr_seconds = 2.0;
+        args.idle_seconds = 10;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("run as root: the labs need network namespaces, cgroups and BPF");
+    }
+    let _guard = cleanup::install_signal_cleanup();
+    cleanup::reap_stale();
+    let root = workspace_root();
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("own directory")?
+            .to_path_buf(),
+    };
+    let veil = bin_dir.join("veil");
+    let rr_bin = bin_dir.join("veil-rr");
+    for b in [&veil, &rr_bin, &bin_dir.join("veil-wg")] {
+        if !b.exists() {
+            bail!(
+                "{} not found: build first (cargo build --release --workspace --bins)",
+                b.display()
+            );
+        }
+    }
+    let lab_file = args
+        .lab_file
+        .clone()
+        .unwrap_or_else(|| root.join("benches/labs/bench.yaml"));
+    let out_dir = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| root.join("benches/results"));
+    std::fs::create_dir_all(&out_dir)?;
+    let state = PathBuf::from(cleanup::STATE_DIR);
+    std::fs::create_dir_all(&state)?;
+
+    setup::ensure_debian_packages(&["iperf3", "wireguard-tools", "iproute2", "iputils-ping"])?;
+    let contenders: Vec<Contender> = Contender::ALL
+        .into_iter()
+        .filter(|c| args.only.is_empty() || args.only.iter().any(|o| o == c.key()))
+        .collect();
+    let boringtun_bin = if contenders.contains(&Contender::Boringtun) {
+        Some(match &args.boringtun {
+            Some(b) => b.clone(),
+            None => setup::ensure_boringtun(&setup::cache_dir())?,
+        })
+    } else {
+        None
+    };
+
+    let date = date_utc();
+    let machine = setup::machine();
+    eprintln!("veil-bench: {date}, {machine}");
+
+    // Labs: one with encryption off (plaintext, and boringtun-cli on its node namespaces), one
+    // with veil's userspace backend. Both stay up for the whole run.
+    let need_plain = contenders
+        .iter()
+        .any(|c| matches!(c, Contender::Plaintext | Contender::Boringtun));
+    let need_veil = contenders.contains(&Contender::Veil) || !args.skip_idle;
+    let plain = if need_plain {
+        eprintln!("lab {LAB_PLAIN}: up (encryption off)");
+        let l = Lab::up(&veil, LAB_PLAIN, &lab_file, &["--encryption", "off"])?;
+        measure::start_servers(&l, &rr_bin)?;
+        Some(l)
+    } else {
+        None
+    };
+    let veil_lab = if need_veil {
+        eprintln!("lab {LAB_VEIL}: up (encryption on, userspace backend)");
+        let l = Lab::up(&veil, LAB_VEIL, &lab_file, &["--backend", "userspace"])?;
+        measure::start_servers(&l, &rr_bin)?;
+        Some(l)
+    } else {
+        None
+    };
+    let bt = match (&plain, &boringtun_bin) {
+        (Some(p), Some(bin)) => Some(contender::start_boringtun(p, bin, &state)?),
+        _ => None,
+    };
+    let veil_wg = match &veil_lab {
+        Some(l) => contender::veil_wg_pids(l)?,
+        None => vec![],
+    };
+
+    // Idle first, before any load has grown a buffer: both labs quiet for the window.
+    let mut idle = vec![];
+    if !args.skip_idle {
+        let vl = veil_lab.as_ref().expect("veil lab is up for idle");
+        std::thread::sleep(Duration::from_secs(5));
+        let mut procs_list = vec![];
+        for (i, pid) in contender::agent_pids(vl)?.into_iter().enumerate() {
+            procs_list.push((format!("agent node-{}", ["a", "b"][i]), pid));
+        }
+        for (i, pid) in veil_wg.iter().enumerate() {
+            procs_list.push((format!("veil-wg node-{}", ["a", "b"][i]), *pid));
+        }
+        if let Some(bt) = &bt {
+            for (i, pid) in bt.pids().into_iter().enumerate() {
+                procs_list.push((format!("boringtun-cli node-{} (ref.)", ["a", "b"][i]), pid));
+            }
+        }
+        eprintln!(
+            "idle: sampling {} processes for {} s",
+            procs_list.len(),
+            args.idle_seconds
+        );
+        idle = procs::sample_idle(&procs_list, Duration::from_secs(args.idle_seconds))?;
+    }
+
+    // Warm every path (WireGuard handshakes) before the first timed run.
+    if let Some(p) = &plain {
+        contender::route_plain_lab(p, None)?;
+        contender::warm_path(p)?;
+        if let Some(bt) = &bt {
+            contender::route_plain_lab(p, Some(bt))?;
+            contender::warm_path(p)?;
+        }
+    }
+    if let Some(v) = &veil_lab {
+        contender::warm_path(v)?;
+    }
+
+    let select = |c: Contender| -> anyhow::Result<(&Lab, Vec<u32>)> {
+        Ok(match c {
+            Contender::Plaintext => {
+                let p = plain.as_ref().expect("plain lab");
+                contender::route_plain_lab(p, None)?;
+                (p, vec![])
+            }
+            Contender::Boringtun => {
+                let p = plain.as_ref().expect("plain lab");
+                let bt = bt.as_ref().expect("boringtun");
+                contender::route_plain_lab(p, Some(bt))?;
+                (p, bt.pids())
+            }
+            Contender::Veil => (veil_lab.as_ref().expect("veil lab"), veil_wg.clone()),
+        })
+    };
+
+    let mut samples: BTreeMap<&'static str, Samples> = Contender::ALL
+        .iter()
+        .map(|c| (c.key(), Samples::default()))
+        .collect();
+    // The machine is shared: the load average per round says how quiet it was.
+    let mut loads = vec![];
+    for round in 0..args.rounds {
+        // Rotate the order each round so no contender always runs first or last.
+        let mut order = contenders.clone();
+        let k = round as usize % order.len().max(1);
+        order.rotate_left(k);
+        loads.push(loadavg());
+        for test in args.tests.iter().map(String::as_str) {
+            for &c in &order {
+                let (lab, pids) = select(c)?;
+                let s = samples.get_mut(c.key()).expect("known contender");
+                match test {
+                    "tcp1" | "tcp2" => {
+                        let streams = if test == "tcp1" { 1 } else { 2 };
+                        let t = measure::iperf(lab, streams, args.seconds, &pids)?;
+                        eprintln!(
+                            "round {}/{} {:<14} TCP x{streams}: {:>6.2} Gbit/s  retr {:>5}  cpu/GB {}",
+                            round + 1,
+                            args.rounds,
+                            c.key(),
+                            t.gbit_per_s,
+                            t.retransmits,
+                            t.cpu_seconds_per_gb
+                                .map_or("-".into(), |v| format!("{v:.2} s"))
+                        );
+                        if streams == 1 {
+                            s.tcp1.push(t);
+                        } else {
+                            s.tcp2.push(t);
+                        }
+                    }
+                    "rr" => {
+                        let r =
+                            measure::request_response(lab, &rr_bin, args.rr_size, args.rr_seconds)?;
+                        eprintln!(
+                            "round {}/{} {:<14} RR {} B: p50 {:.1} µs  p99 {:.1} µs  ({} tx)",
+                            round + 1,
+                            args.rounds,
+                            c.key(),
+                            args.rr_size,
+                            r.p50_us,
+                            r.p99_us,
+                            r.transactions
+                        );
+                        s.rr.push(r);
+                    }
+                    other => bail!("unknown test {other:?} (tcp1, tcp2, rr)"),
+                }
+            }
+        }
+    }
+    // Peak RSS of the tunnel processes after load (for the record; the target is idle RSS).
+    let mut after_load = vec![];
+    for (i, pid) in veil_wg.iter().enumerate() {
+        let (rss, hwm) = procs::rss_bytes(*pid)?;
+        after_load.push(serde_json::json!({"what": format!("veil-wg node-{}", ["a","b"][i]), "rss_mb": rss as f64/1e6, "peak_rss_mb": hwm as f64/1e6}));
+    }
+    if let Some(bt) = &bt {
+        for (i, pid) in bt.pids().into_iter().enumerate() {
+            let (rss, hwm) = procs::rss_bytes(pid)?;
+            after_load.push(serde_json::json!({"what": format!("boringtun-cli node-{}", ["a","b"][i]), "rss_mb": rss as f64/1e6, "peak_rss_mb": hwm as f64/1e6}));
+        }
+    }
+
+    if let Some(bt) = bt {
+        bt.stop();
+    }
+    if let Some(p) = &plain {
+        p.down();
+    }
+    if let Some(v) = &veil_lab {
+        v.down();
+    }
+
+    let tc = run_tc_cost(&bin_dir);
+
+    let med: BTreeMap<&'static str, Medians> =
+        samples.iter().map(|(k, s)| (*k, Medians::of(s))).collect();
+    let targets = report::targets(&med, &idle, Some(&tc));
+    let table = report::text(&med, &targets, &idle, &tc);
+    let load = report::median(&loads).unwrap_or(0.0);
+    let header = format!(
+        "{date} · kernel {} · {} × {} · {} GiB · {} rounds × {} s iperf3, {} s RR, interleaved · median 1-min load average {load:.1}",
+        machine["kernel"].as_str().unwrap_or(""),
+        machine["cpus"],
+        machine["cpu"].as_str().unwrap_or(""),
+        machine["memory_gib"],
+        args.rounds,
+        args.seconds,
+        args.rr_seconds
+    );
+    println!("\n{header}\n\n{table}");
+
+    let json = serde_json::json!({
+        "date": date,
+        "machine": machine,
+        "config": &args,
+        "medians": med,
+        "samples": samples,
+        "idle": idle,
+        "tunnel_rss_after_load": after_load,
+        "tc_cost": tc,
+        "load_average_per_round": loads,
+        "control_plane": {"status": "not yet measurable", "reason": "mutual auth is not wired into the agent"},
+        "targets": targets,
+    });
+    let json_path = out_dir.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
+
+    let series = ["plaintext", "veil (userspace)", "boringtun-cli 0.7.1"];
+    let vals = |g: fn(&Medians) -> Option<f64>| -> Vec<Option<f64>> {
+        Contender::ALL.iter().map(|c| g(&med[c.key()])).collect()
+    };
+    let panels = vec![
+        chart::Panel {
+            title: "TCP throughput, pod to pod".into(),
+            unit: "Gbit/s, median".into(),
+            groups: vec![
+                chart::Group {
+                    label: "1 stream".into(),
+                    values: vals(|m| m.tcp1_gbit_per_s),
+                },
+                chart::Group {
+                    label: "2 streams".into(),
+                    values: vals(|m| m.tcp2_gbit_per_s),
+                },
+            ],
+        },
+        chart::Panel {
+            title: format!("TCP request/response, {} B", args.rr_size),
+            unit: "µs round trip, median of runs".into(),
+            groups: vec![
+                chart::Group {
+                    label: "p50".into(),
+                    values: vals(|m| m.rr_p50_us),
+                },
+                chart::Group {
+                    label: "p99".into(),
+                    values: vals(|m| m.rr_p99_us),
+                },
+            ],
+        },
+        chart::Panel {
+            title: "tunnel CPU per GB, both ends".into(),
+            unit: "CPU seconds / GB".into(),
+            groups: vec![
+                chart::Group {
+                    label: "1 stream".into(),
+                    values: vals(|m| m.cpu_s_per_gb_1stream),
+                },
+                chart::Group {
+                    label: "2 streams".into(),
+                    values: vals(|m| m.cpu_s_per_gb_2streams),
+                },
+            ],
+        },
+    ];
+    let png = out_dir.join("chart.png");
+    chart::render(
+        &png,
+        "veil vs plaintext vs boringtun-cli (2-node lab)",
+        &header,
+        &series,
+        &panels,
+    )?;
+    let md = report::markdown(&med, &targets, &idle, &tc, &format!("Run: {header}."));
+    std::fs::write(out_dir.join("results.md"), &md)?;
+    if args.update_readme {
+        update_readme(&root.join("benches/README.md"), &md)?;
+    }
+    eprintln!(
+        "wrote {}, {} and {}",
+        json_path.display(),
+        png.display(),
+        out_dir.join("results.md").display()
+    );
+    Ok(())
+}
+
+const BEGIN: &str = "<!-- bench:begin -->";
+const END: &str = "<!-- bench:end -->";
+
+fn update_readme(path: &Path, md: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let (Some(a), Some(b)) = (text.find(BEGIN), text.find(END)) else {
+        bail!("{}: no {BEGIN} … {END} block", path.display());
+    };
+    let new = format!("{}{BEGIN}\n{md}\n{}", &text[..a], &text[b..]);
+    std::fs::write(path, new)?;
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! `veil-rr server --port P` / `veil-rr client --connect IP:P [--size 64] [--seconds 5]`:
+//! TCP request/response latency (netperf TCP_RR style), run inside lab pods by `veil-bench`.
+//! The client prints one JSON object (p50/p90/p99/mean in µs, transactions).
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "TCP request/response latency (one outstanding request)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo every byte back, one thread per connection, until killed.
+    Server {
+        #[arg(long, default_value_t = 7001)]
+        port: u16,
+    },
+    /// Time request/response round trips and print JSON.
+    Client {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 1.0)]
+        warmup_seconds: f64,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Server { port } => veil_benches::rr::serve(port),
+        Cmd::Client {
+            connect,
+            size,
+            warmup_seconds,
+            seconds,
+        } => {
+            let r = veil_benches::rr::client(
+                connect,
+                size,
+                Duration::from_secs_f64(warmup_seconds),
+                Duration::from_secs_f64(seconds),
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! TCP request/response latency, netperf TCP_RR style: one connection, one outstanding request
+//! of `size` bytes, the server echoes `size` bytes back, the client times every round trip.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// What one client run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RrResult {
+    pub size: usize,
+    pub transactions: u64,
+    pub seconds: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub mean_us: f64,
+}
+
+/// Serves echo connections until the process is killed (one thread per connection).
+pub fn serve(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        std::thread::spawn(move || {
+            let _ = conn.set_nodelay(true);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if conn.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Runs transactions for `warmup` (not recorded) then `duration`, and reports percentiles.
+pub fn client(
+    addr: SocketAddr,
+    size: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<RrResult> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut conn = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(anyhow::anyhow!("connect {addr}: {e}")),
+        }
+    };
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let req = vec![0x5au8; size];
+    let mut resp = vec![0u8; size];
+    let mut one = |conn: &mut TcpStream| -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        conn.write_all(&req)?;
+        conn.read_exact(&mut resp)?;
+        Ok(t.elapsed())
+    };
+    let warm_end = Instant::now() + warmup;
+    while Instant::now() < warm_end {
+        one(&mut conn)?;
+    }
+    let mut samples: Vec<u32> = Vec::with_capacity(1 << 20);
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let d = one(&mut conn)?;
+        samples.push(d.as_nanos().min(u32::MAX as u128) as u32);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    samples.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if samples.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(samples[i]) / 1000.0
+    };
+    let mean = samples.iter().map(|&s| f64::from(s)).sum::<f64>() / samples.len().max(1) as f64;
+    Ok(RrResult {
+        size,
+        transactions: samples.len() as u64,
+        seconds,
+        p50_us: pct(0.50),
+        p90_us: pct(0.90),
+        p99_us: pct(0.99),
+        mean_us: mean / 1000.0,
+    })
+}

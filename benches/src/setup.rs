@@ -1,0 +1,115 @@
+//! What the harness needs besides veil, installed idempotently: iperf3 and wireguard-tools from
+//! Debian, and the reference boringtun-cli 0.7.1 from crates.io into a cache directory.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+
+pub const BORINGTUN_VERSION: &str = "0.7.1";
+
+fn is_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs the Debian packages that are missing (`apt-get`), nothing when all are there.
+pub fn ensure_debian_packages(pkgs: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !is_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: apt-get install {}", missing.join(" "));
+    let env = [("DEBIAN_FRONTEND", "noninteractive")];
+    let ok = Command::new("apt-get")
+        .args(["update", "-q"])
+        .envs(env)
+        .status()?
+        .success()
+        && Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .envs(env)
+            .status()?
+            .success();
+    if !ok {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+/// `$XDG_CACHE_HOME/veil/bench` (default `~/.cache/veil/bench`).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("veil")
+        .join("bench")
+}
+
+/// The boringtun-cli binary, built once with `cargo install --locked` into the cache.
+pub fn ensure_boringtun(cache: &Path) -> anyhow::Result<PathBuf> {
+    let root = cache.join(format!("boringtun-cli-{BORINGTUN_VERSION}"));
+    let bin = root.join("bin").join("boringtun-cli");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    eprintln!(
+        "setup: cargo install boringtun-cli {BORINGTUN_VERSION} into {} (once, ~2 min)",
+        root.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let ok = Command::new(cargo)
+        .args([
+            "install",
+            "boringtun-cli",
+            "--locked",
+            "--version",
+            BORINGTUN_VERSION,
+            "--root",
+        ])
+        .arg(&root)
+        .status()
+        .context("running cargo install")?
+        .success();
+    if !ok || !bin.exists() {
+        bail!("cargo install boringtun-cli {BORINGTUN_VERSION} failed");
+    }
+    Ok(bin)
+}
+
+/// `uname -r`, the CPU model and the number of CPUs, for the report.
+pub fn machine() -> serde_json::Value {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kb| kb as f64 / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    serde_json::json!({
+        "kernel": kernel,
+        "cpu": cpu,
+        "cpus": cpus,
+        "memory_gib": (mem * 10.0).round() / 10.0,
+    })
+}
