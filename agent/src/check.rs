@@ -45,6 +45,9 @@ pub struct CaptureStats {
     /// TCP to or from the control port (TLS 1.3 between agents).
     pub control: u64,
     pub arp: u64,
+    /// Link-local control the kernel sends on its own: IGMP to 224.0.0.0/24, IPv6 neighbour
+    /// discovery and MLD between link-local addresses. Never pod traffic.
+    pub link_local: u64,
     /// Anything else: pod traffic in clear, or something veil does not expect on the wire.
     pub plaintext: u64,
     /// Frames containing the marker bytes.
@@ -105,6 +108,7 @@ pub fn analyse_pcap(data: &[u8], marker: &[u8]) -> Result<CaptureStats, String> 
             Class::Wireguard => st.wireguard += 1,
             Class::Control => st.control += 1,
             Class::Arp => st.arp += 1,
+            Class::LinkLocal => st.link_local += 1,
             Class::Other => st.plaintext += 1,
         }
     }
@@ -115,6 +119,7 @@ enum Class {
     Wireguard,
     Control,
     Arp,
+    LinkLocal,
     Other,
 }
 
@@ -124,6 +129,25 @@ fn classify(frame: &[u8]) -> Class {
     }
     match u16::from_be_bytes([frame[12], frame[13]]) {
         0x0806 => Class::Arp,
+        0x0800 if frame.len() >= 34 && frame[23] == 2 && frame[30..33] == [224, 0, 0] => {
+            Class::LinkLocal
+        }
+        0x86dd if frame.len() >= 54 => {
+            let next = frame[20];
+            let src_link = frame[22] == 0xfe && frame[23] & 0xc0 == 0x80;
+            let src_unspecified = frame[22..38].iter().all(|b| *b == 0);
+            let dst_link_mcast = frame[38] == 0xff && frame[39] & 0x0f == 0x02;
+            let dst_link = frame[38] == 0xfe && frame[39] & 0xc0 == 0x80;
+            // ICMPv6 (ND) or hop-by-hop (MLD) kept to the link.
+            if (next == 58 || next == 0)
+                && (src_link || src_unspecified)
+                && (dst_link_mcast || dst_link)
+            {
+                Class::LinkLocal
+            } else {
+                Class::Other
+            }
+        }
         0x0800 if frame.len() >= 34 => {
             let ihl = usize::from(frame[14] & 0x0f) * 4;
             let proto = frame[23];
@@ -365,7 +389,7 @@ fn send_markers(
 pub fn format_report(r: &Report) -> String {
     let c = &r.capture;
     let mut s = format!(
-        "leak check on lab {} (capture on {}):\n  marker traffic: {} ({} TCP round trips, {}/{} UDP datagrams delivered)\n  underlay: {} packets: {} WireGuard, {} control (TLS), {} ARP, {} plaintext; marker seen in {} packets\n",
+        "leak check on lab {} (capture on {}):\n  marker traffic: {} ({} TCP round trips, {}/{} UDP datagrams delivered)\n  underlay: {} packets: {} WireGuard, {} control (TLS), {} ARP, {} link-local control, {} plaintext; marker seen in {} packets\n",
         r.lab,
         r.bridge,
         r.pairs.join(", "),
@@ -376,6 +400,7 @@ pub fn format_report(r: &Report) -> String {
         c.wireguard,
         c.control,
         c.arp,
+        c.link_local,
         c.plaintext,
         c.marker_hits
     );
@@ -431,21 +456,48 @@ mod tests {
             f.extend_from_slice(&[0; 28]);
             f
         };
+        let mut igmp = ipv4(2, 0, 0, b"");
+        igmp[30..34].copy_from_slice(&[224, 0, 0, 22]);
+        let mut igmp_routed = igmp.clone();
+        igmp_routed[30..34].copy_from_slice(&[239, 1, 2, 3]);
+        let ipv6 = |src: [u8; 2], dst: [u8; 2], next: u8| {
+            let mut f = vec![0u8; 12];
+            f.extend_from_slice(&[0x86, 0xdd]);
+            let mut ip = vec![0x60, 0, 0, 0, 0, 8, next, 255];
+            let mut a = [0u8; 16];
+            a[..2].copy_from_slice(&src);
+            a[15] = 1;
+            ip.extend_from_slice(&a);
+            let mut b = [0u8; 16];
+            b[..2].copy_from_slice(&dst);
+            b[15] = 2;
+            ip.extend_from_slice(&b);
+            ip.extend_from_slice(&[0; 8]);
+            f.extend(ip);
+            f
+        };
         let data = pcap(&[
             ipv4(17, 51820, 51820, b"\x04encrypted"),
             ipv4(6, 40000, 4250, b"tls"),
             arp,
             ipv4(6, 40000, 8080, b"GET /VEIL-LEAK-MARKER-1 HTTP/1.1"),
+            igmp,
+            igmp_routed,
+            ipv6([0xfe, 0x80], [0xff, 0x02], 58),
+            ipv6([0xfe, 0x80], [0xfe, 0x80], 58),
+            ipv6([0xfd, 0x00], [0xfd, 0x00], 58),
+            ipv6([0xfe, 0x80], [0xff, 0x02], 6),
         ]);
         let st = analyse_pcap(&data, b"VEIL-LEAK-MARKER-1").unwrap();
         assert_eq!(
             st,
             CaptureStats {
-                packets: 4,
+                packets: 10,
                 wireguard: 1,
                 control: 1,
                 arp: 1,
-                plaintext: 1,
+                link_local: 3,
+                plaintext: 4,
                 marker_hits: 1
             }
         );

@@ -25,6 +25,10 @@ use crate::{
     lab::spec::Backend,
 };
 
+/// How long peers found on an adopted `veil-wg` (installed by an earlier agent run from its
+/// authenticated node handshakes) stay without a fresh handshake of this run.
+pub const ADOPTED_PEER_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Errors running the node's tunnel.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -106,6 +110,10 @@ pub struct NodeTunnel {
     userspace: Option<UserspaceLaunch>,
     /// Node names whose peer is installed, as of the last reconcile.
     installed: BTreeMap<String, PublicKey>,
+    /// Peers a previous agent run installed on a veil-wg this run adopted, kept until the
+    /// node handshake re-keys them or the grace period ends (so an agent restart does not cut
+    /// traffic; see ARCHITECTURE.md).
+    adopted: BTreeMap<PublicKey, std::time::Instant>,
 }
 
 /// How to (re)start veil-wg when it is not running.
@@ -128,6 +136,7 @@ impl NodeTunnel {
             Backend::Auto => veil_transport::kernel::available(),
         };
         let mut userspace = None;
+        let mut started_fresh = true;
         let device: Box<dyn Tunnel> = if use_kernel {
             let k = KernelTunnel::open(&cfg.interface).map_err(|e| match cfg.backend {
                 Backend::Kernel => Error::NoKernel(e),
@@ -170,6 +179,7 @@ impl NodeTunnel {
             } else {
                 tracing::info!(interface = %cfg.interface, "adopted running veil-wg");
             }
+            started_fresh = started;
             userspace = Some(launch);
             Box::new(u)
         };
@@ -182,8 +192,19 @@ impl NodeTunnel {
             psk_applied: BTreeMap::new(),
             userspace,
             installed: BTreeMap::new(),
+            adopted: BTreeMap::new(),
         };
         t.ensure_device()?;
+        if !started_fresh {
+            let until = std::time::Instant::now() + ADOPTED_PEER_GRACE;
+            t.adopted = t
+                .device
+                .state()?
+                .peers
+                .iter()
+                .filter_map(|p| Some((p.public_key?, until)))
+                .collect();
+        }
         Ok(t)
     }
 
@@ -218,12 +239,14 @@ impl NodeTunnel {
             if u.ensure_running(&l.binary, l.mtu, &l.log, l.cgroup.as_deref())? {
                 tracing::warn!(interface = %self.device.interface(), "veil-wg was not running; restarted it");
                 self.installed.clear();
+                self.adopted.clear();
             }
         }
         let st = self.device.state()?;
         if st.public_key != Some(self.key.public_key()) {
             self.device.set_private_key(&self.key)?;
             self.installed.clear();
+            self.adopted.clear();
         }
         if st.listen_port != self.listen_port {
             self.device.set_listen_port(self.listen_port)?;
@@ -242,7 +265,11 @@ impl NodeTunnel {
         auth_keys: Option<&BTreeMap<String, crate::mesh::PeerKeys>>,
     ) -> Result<BTreeSet<String>, Error> {
         self.ensure_device()?;
+        let now = std::time::Instant::now();
+        self.adopted.retain(|_, until| *until > now);
         let mut desired: BTreeMap<PublicKey, (String, PeerConfig)> = BTreeMap::new();
+        // Adopted peers kept as they are, by node, until their node handshake completes.
+        let mut kept: BTreeMap<PublicKey, String> = BTreeMap::new();
         for n in cluster.nodes.iter().filter(|n| n.name != me) {
             route_into(self.device.interface(), &n.pod_cidr)?;
             if self.disabled.contains(&n.name) {
@@ -253,7 +280,17 @@ impl NodeTunnel {
             let (key, psk) = match auth_keys {
                 Some(keys) => match keys.get(&n.name) {
                     Some(k) => (k.public_key, Some(k.psk.clone())),
-                    None => continue,
+                    None => {
+                        if let Some(k) = n
+                            .wg_public_key
+                            .as_deref()
+                            .and_then(|k| PublicKey::from_base64(k).ok())
+                            .filter(|k| self.adopted.contains_key(k))
+                        {
+                            kept.insert(k, n.name.clone());
+                        }
+                        continue;
+                    }
                 },
                 None => match n
                     .wg_public_key
@@ -300,11 +337,23 @@ impl NodeTunnel {
                 tracing::info!(peer = %node, public_key = %key, "tunnel peer installed");
             }
         }
-        for key in current.keys().filter(|k| !desired.contains_key(k)) {
+        for (key, _) in &desired {
+            self.adopted.remove(key);
+        }
+        kept.retain(|k, _| current.contains_key(k) && !desired.contains_key(k));
+        for key in current
+            .keys()
+            .filter(|k| !desired.contains_key(k) && !kept.contains_key(k))
+        {
             self.device.remove_peer(key)?;
+            self.adopted.remove(key);
             tracing::info!(public_key = %key, "tunnel peer removed");
         }
-        self.installed = desired.iter().map(|(k, (n, _))| (n.clone(), *k)).collect();
+        self.installed = desired
+            .iter()
+            .map(|(k, (n, _))| (n.clone(), *k))
+            .chain(kept.iter().map(|(k, n)| (n.clone(), *k)))
+            .collect();
         self.psk_applied = desired
             .values()
             .filter_map(|(n, p)| p.preshared_key.clone().map(|k| (n.clone(), k)))

@@ -113,11 +113,16 @@ fn send_marker(lab: &Lab, marker: &str) {
     );
 }
 
-/// Node-to-node packets that are not UDP between node IPs on the WireGuard port (ARP aside).
+/// Node-to-node packets that are not UDP between node IPs on the WireGuard port, nor the
+/// agents' TLS control channel (port 4250), nor link-local control the kernel sends by itself
+/// (ARP, IGMP, IPv6 neighbour discovery / MLD from fe80::).
 fn non_wireguard(lines: &[String]) -> Vec<&String> {
     lines
         .iter()
         .filter(|l| !l.contains(" ARP, "))
+        .filter(|l| !l.contains(": igmp "))
+        .filter(|l| !(l.contains(" IP6 fe80:") || l.contains(" IP6 :: >")))
+        .filter(|l| !(l.contains(".4250 > ") || l.contains(".4250: ")))
         .filter(|l| !(l.contains(".51820 > ") && l.contains(".51820: UDP")))
         .collect()
 }
