@@ -3,7 +3,7 @@
 //! (globally and per source address) and how long they may take, then hands established
 //! channels to the daemon as [`ChannelEvent::Established`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tracing::Instrument;
 
@@ -53,6 +53,8 @@ pub struct ServerStats {
     pub accepted: AtomicU64,
     pub refused_unknown_source: AtomicU64,
     pub refused_over_limit: AtomicU64,
+    /// Pending connections closed to make room for a newer one from the same source.
+    pub evicted_pending: AtomicU64,
     pub handshake_timeouts: AtomicU64,
     pub tls_failures: AtomicU64,
     pub node_handshake_failures: AtomicU64,
@@ -67,31 +69,56 @@ impl ServerStats {
     }
 }
 
-/// Counts unauthenticated connections per source; the guard gives the slot back.
+/// Unauthenticated connections per source, oldest first. When a source is at its cap, a new
+/// connection evicts that source's oldest pending one instead of being refused: a node's own
+/// agent shares its address with whatever else runs on that host, and a legitimate handshake
+/// completes in milliseconds while a half-open or slowloris connection sits for the whole
+/// handshake timeout — so holding slots open cannot lock the real agent out.
 #[derive(Default)]
-struct PerSource(Mutex<HashMap<IpAddr, usize>>);
+struct PerSource {
+    pending: Mutex<HashMap<IpAddr, VecDeque<(u64, Arc<Notify>)>>>,
+    next_id: AtomicU64,
+}
 
-struct SourceSlot(Arc<PerSource>, IpAddr);
+struct SourceSlot {
+    table: Arc<PerSource>,
+    ip: IpAddr,
+    id: u64,
+    evicted: Arc<Notify>,
+}
 
 impl PerSource {
-    fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
+    /// A slot for a new connection from `ip`, and whether an older one had to make room.
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> (SourceSlot, bool) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let evicted = Arc::new(Notify::new());
+        let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let q = m.entry(ip).or_default();
+        let mut made_room = false;
+        while q.len() >= max.max(1) {
+            if let Some((_, oldest)) = q.pop_front() {
+                oldest.notify_one();
+                made_room = true;
+            }
         }
-        *n += 1;
-        Some(SourceSlot(self.clone(), ip))
+        q.push_back((id, evicted.clone()));
+        let slot = SourceSlot {
+            table: self.clone(),
+            ip,
+            id,
+            evicted,
+        };
+        (slot, made_room)
     }
 }
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        let mut m = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.1);
+        let mut m = self.table.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = m.get_mut(&self.ip) {
+            q.retain(|(id, _)| *id != self.id);
+            if q.is_empty() {
+                m.remove(&self.ip);
             }
         }
     }
@@ -158,12 +185,11 @@ impl Server {
                     .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let Some(slot) = per_source.try_take(ip, cfg.max_unauthenticated_per_source) else {
-                self.stats
-                    .refused_over_limit
-                    .fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
+            let (slot, made_room) = per_source.take(ip, cfg.max_unauthenticated_per_source);
+            if made_room {
+                self.stats.evicted_pending.fetch_add(1, Ordering::Relaxed);
+            }
+            let evicted = slot.evicted.clone();
             let Ok(permit) = global.clone().try_acquire_owned() else {
                 self.stats
                     .refused_over_limit
@@ -178,9 +204,15 @@ impl Server {
             let span = tracing::debug_span!("auth_conn", peer = %addr);
             tokio::spawn(
                 async move {
-                    if let Err(e) = handle(tcp, expected, &cfg, &deps, &stats, (slot, permit)).await
-                    {
-                        tracing::debug!(error = %crate::error_chain(&e), "peer connection refused");
+                    tokio::select! {
+                        r = handle(tcp, expected, &cfg, &deps, &stats, (slot, permit)) => {
+                            if let Err(e) = r {
+                                tracing::debug!(error = %crate::error_chain(&e), "peer connection refused");
+                            }
+                        }
+                        () = evicted.notified() => {
+                            tracing::debug!("pending connection evicted by a newer one from its source");
+                        }
                     }
                 }
                 .instrument(span),
