@@ -268,6 +268,12 @@ impl Agent {
                 (None, None, None, None)
             }
         };
+        if let Some(ms) = &mesh_status {
+            flows
+                .lock()
+                .expect("flow store lock")
+                .set_annotator(auth_error_annotator(ms.clone(), cluster_rx.clone()));
+        }
         let shared = Shared {
             cfg,
             datapath,
@@ -611,6 +617,48 @@ fn reconcile_policy(
         }
     }
     Ok(())
+}
+
+/// Names the failed handshake behind `no-key` / `auth-required` drops: the workload handshake
+/// of the pair, else the node handshake with the remote node.
+fn auth_error_annotator(
+    mesh: Arc<Mutex<MeshStatus>>,
+    cluster_rx: watch::Receiver<Arc<ClusterState>>,
+) -> crate::flows::Annotator {
+    Box::new(move |f| {
+        if !matches!(
+            f.drop_reason.as_deref(),
+            Some("no-key" | "auth-required" | "peer-unauthenticated")
+        ) {
+            return;
+        }
+        let (local, remote) = if f.direction == "egress" {
+            (&f.src, &f.dst)
+        } else {
+            (&f.dst, &f.src)
+        };
+        let ip = match remote.ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => ip,
+            Ok(std::net::IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
+                Some(ip) => ip,
+                None => return,
+            },
+            Err(_) => return,
+        };
+        let cluster = cluster_rx.borrow().clone();
+        let Some(node) = cluster.nodes.iter().find(|n| {
+            cluster::parse_cidr_v4(&n.pod_cidr).is_some_and(|(net, len)| {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net) & mask
+            })
+        }) else {
+            return;
+        };
+        let st = mesh.lock().expect("mesh status lock");
+        if let Some(e) = st.failure_for(local.identity, remote.identity, node.id) {
+            f.auth_error = Some(e.to_string());
+        }
+    })
 }
 
 /// Drains the datapath's flow events into the flow store.

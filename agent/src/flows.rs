@@ -62,7 +62,15 @@ pub struct Flow {
     /// long they waited (ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_ms: Option<u64>,
+    /// For a flow dropped for lack of a key or of authentication: the failure of the handshake
+    /// that would have provided it (`wrong-trust-domain`, `expired-svid`, `peer-unreachable`...),
+    /// when one is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_error: Option<String>,
 }
+
+/// Adds what only the agent knows to a record as it is stored (see `Flow::auth_error`).
+pub type Annotator = Box<dyn Fn(&mut Flow) + Send>;
 
 /// Filters of `veil observe`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -213,6 +221,7 @@ pub fn from_event(ev: &FlowEvent, node: &str, state: &ClusterState, offset_ns: i
         encrypted: ev.flags & flow_flags::ENCRYPTED != 0,
         count: ev.count.max(1),
         held_ms: None,
+        auth_error: None,
     }
 }
 
@@ -250,6 +259,7 @@ pub struct FlowStore {
     next_seq: u64,
     /// Totals by (verdict, reason) for metrics.
     totals: BTreeMap<(String, String), u64>,
+    annotate: Option<Annotator>,
 }
 
 impl FlowStore {
@@ -265,6 +275,7 @@ impl FlowStore {
             log_max_bytes,
             next_seq: 1,
             totals: BTreeMap::new(),
+            annotate: None,
         };
         if let Some(path) = s.log.clone() {
             for file in [rotated(&path), path] {
@@ -289,7 +300,14 @@ impl FlowStore {
     }
 
     /// Records a flow: numbered, kept in memory, appended to the log.
+    pub fn set_annotator(&mut self, a: Annotator) {
+        self.annotate = Some(a);
+    }
+
     pub fn push(&mut self, mut flow: Flow) {
+        if let Some(a) = &self.annotate {
+            a(&mut flow);
+        }
         flow.seq = self.next_seq;
         self.next_seq += 1;
         *self
@@ -403,6 +421,11 @@ pub fn format_table_row(f: &Flow) -> String {
             String::new()
         }
     ) + &f.held_ms.map(|ms| format!(" (held {ms} ms for auth)")).unwrap_or_default()
+        + &f
+            .auth_error
+            .as_ref()
+            .map(|e| format!(" (auth: {e})"))
+            .unwrap_or_default()
 }
 
 /// The v4-mapped form of an IPv4 address, as events carry it.

@@ -69,6 +69,32 @@ pub struct MeshStatus {
     /// Authentication failures by reason (node and workload handshakes).
     pub failures: BTreeMap<String, u64>,
     pub handshakes_ok: u64,
+    /// Why the last node handshake with a node (by id) failed, until one succeeds: flows
+    /// dropped for lack of a key to that node carry it.
+    pub node_failures: BTreeMap<u32, &'static str>,
+    /// Why the last workload handshake of an identity pair failed, until one succeeds: flows
+    /// dropped for lack of authentication carry it.
+    pub pair_failures: BTreeMap<AuthTriple, &'static str>,
+}
+
+impl MeshStatus {
+    /// The specific authentication failure behind a `no-key` / `auth-required` drop of a flow
+    /// between `local_identity` here and `remote_identity` on node `remote_node`, if known.
+    pub fn failure_for(
+        &self,
+        local_identity: u32,
+        remote_identity: u32,
+        remote_node: u32,
+    ) -> Option<&'static str> {
+        self.pair_failures
+            .get(&AuthTriple {
+                local_identity,
+                remote_identity,
+                remote_node,
+            })
+            .or_else(|| self.node_failures.get(&remote_node))
+            .copied()
+    }
 }
 
 struct ChannelState {
@@ -351,6 +377,7 @@ impl Mesh {
                         Ok((channel, nk)) => {
                             redial_at.remove(&id);
                             self.count_ok();
+                            self.node_result(id, None);
                             install(self.cfg.rekey_interval, &mut channels, &mut keys, id, channel, nk);
                         }
                         Err(reason) => {
@@ -358,6 +385,7 @@ impl Mesh {
                             let backoff = Duration::from_millis(250 * (1 << tries.min(7))).min(Duration::from_secs(30));
                             redial_at.insert(id, (Instant::now() + backoff, tries));
                             self.count_failure(reason);
+                            self.node_result(id, Some(reason));
                             if let Some(c) = channels.get_mut(&id) {
                                 c.schedule.on_failed(Instant::now(), rand::random());
                             }
@@ -369,14 +397,19 @@ impl Mesh {
                         ChannelEvent::Established { channel, keys: nk } => {
                             let id = channel.peer().id;
                             self.count_ok();
+                            self.node_result(id, None);
                             install(self.cfg.rekey_interval, &mut channels, &mut keys, id, channel, nk);
                         }
-                        ChannelEvent::Inbound { result, .. } => match result {
+                        ChannelEvent::Inbound { result, triple, .. } => match result {
                             Ok(a) => {
                                 self.count_ok();
+                                self.pair_result(a.triple, None);
                                 table.on_authenticated(&a, Instant::now(), SystemTime::now());
                             }
-                            Err(reason) => self.count_failure(reason),
+                            Err(reason) => {
+                                self.count_failure(reason);
+                                self.pair_result(triple, Some(reason));
+                            }
                         },
                         ChannelEvent::RemoteRevoked { peer_node, spiffe_id } => {
                             tracing::info!(peer_node, %spiffe_id, "peer revoked a workload: removing entries");
@@ -404,11 +437,13 @@ impl Mesh {
                     match r {
                         Ok(a) => {
                             self.count_ok();
+                            self.pair_result(a.triple, None);
                             table.on_authenticated(&a, Instant::now(), SystemTime::now());
                         }
                         Err(reason) => {
                             tracing::debug!(?triple, reason = reason.as_str(), "workload handshake failed");
                             self.count_failure(reason);
+                            self.pair_result(triple, Some(reason));
                             table.on_failed(triple, reason, Instant::now(), rand::random());
                         }
                     }
@@ -474,6 +509,22 @@ impl Mesh {
 
     fn count_ok(&self) {
         self.status.lock().expect("mesh status lock").handshakes_ok += 1;
+    }
+
+    fn node_result(&self, node: u32, failure: Option<AuthFailure>) {
+        let mut st = self.status.lock().expect("mesh status lock");
+        match failure {
+            Some(r) => st.node_failures.insert(node, r.as_str()),
+            None => st.node_failures.remove(&node),
+        };
+    }
+
+    fn pair_result(&self, triple: AuthTriple, failure: Option<AuthFailure>) {
+        let mut st = self.status.lock().expect("mesh status lock");
+        match failure {
+            Some(r) => st.pair_failures.insert(triple, r.as_str()),
+            None => st.pair_failures.remove(&triple),
+        };
     }
 
     fn count_failure(&self, reason: AuthFailure) {

@@ -132,6 +132,9 @@ pub struct LabFile {
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
     pub name: String,
+    /// The trust domain whose CA issues this node's SVIDs (and its pods'), when it is not the
+    /// lab's: a node of another trust domain, which the others must refuse to peer with.
+    pub trust_domain: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +211,9 @@ pub struct NodeSpec {
     /// WireGuard interface name; unique per lab and node because `wg` finds the userspace
     /// device by `/var/run/wireguard/<name>.sock`, a host-wide path.
     pub wg_interface: String,
+    /// Set when this node's SVIDs come from another trust domain than the lab's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,7 +328,7 @@ fn check_label(path: &str, key: &str, value: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn check_trust_domain(td: &str) -> Result<(), Error> {
+fn check_trust_domain(path: &str, td: &str) -> Result<(), Error> {
     let ok = !td.is_empty()
         && td.len() <= 255
         && td
@@ -332,7 +338,7 @@ fn check_trust_domain(td: &str) -> Result<(), Error> {
         Ok(())
     } else {
         Err(invalid(
-            "trust_domain",
+            path,
             format!(
                 "{td:?} is not a SPIFFE trust domain (lowercase letters, digits, '-', '.', '_')"
             ),
@@ -371,9 +377,11 @@ pub fn default_file() -> LabFile {
         nodes: Some(vec![
             NodeFile {
                 name: "node-a".into(),
+                trust_domain: None,
             },
             NodeFile {
                 name: "node-b".into(),
+                trust_domain: None,
             },
         ]),
         pods: Some(vec![
@@ -399,7 +407,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
     let trust_domain = file
         .trust_domain
         .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
-    check_trust_domain(&trust_domain)?;
+    check_trust_domain("trust_domain", &trust_domain)?;
     let svid_ttl = overrides
         .svid_ttl
         .or(file.svid_ttl.map(|d| d.0))
@@ -462,6 +470,9 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         }
         let wg_interface = format!("{name}-wg{id}");
         debug_assert!(wg_interface.len() <= IFNAMSIZ_MAX);
+        if let Some(td) = &n.trust_domain {
+            check_trust_domain(&format!("nodes[{i}].trust_domain"), td)?;
+        }
         nodes.push(NodeSpec {
             name: n.name.clone(),
             id,
@@ -471,6 +482,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             underlay_if: "ul0".to_string(),
             bridge_port: format!("n{id}"),
             wg_interface,
+            trust_domain: n.trust_domain.clone().filter(|td| *td != trust_domain),
         });
     }
 

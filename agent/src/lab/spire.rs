@@ -50,49 +50,75 @@ pub fn control_socket(paths: &LabPaths) -> PathBuf {
     paths.root.join("spire").join("control.sock")
 }
 
-/// Runs the dev server until killed.
+/// Runs the dev server until killed: one CA per trust domain in the lab — the lab's, plus any
+/// a node's `trust_domain` names (that node and its pods get SVIDs and a bundle from it only,
+/// like a node attested by another SPIRE server).
 pub async fn run(spec: &LabSpec, paths: &LabPaths) -> Result<(), Error> {
-    let td = TrustDomain::new(&spec.trust_domain)
-        .map_err(|_| Error::TrustDomain(spec.trust_domain.clone()))?;
-    let mut cfg = DevServerConfig::new(td);
-    cfg.svid_ttl = spec.svid_ttl;
-    cfg.nodes = spec
-        .nodes
-        .iter()
-        .map(|n| DevNodeConfig {
-            name: n.name.clone(),
-            socket: node_socket(paths, &n.name),
-        })
-        .collect();
-    let _ = std::fs::create_dir_all(paths.root.join("spire"));
-    let server = Arc::new(DevServer::start(cfg).await?);
-    for p in &spec.pods {
-        let id = server.register_pod(PodRegistration {
-            node: p.node.clone(),
-            namespace: p.namespace.clone(),
-            name: p.name.clone(),
-            service_account: p.service_account.clone(),
-        })?;
-        eprintln!("registered {} on {} as {id}", p.qualified_name(), p.node);
+    let mut by_td: Vec<(String, Vec<&str>)> = vec![(spec.trust_domain.clone(), Vec::new())];
+    for n in &spec.nodes {
+        let td = n.trust_domain.as_deref().unwrap_or(&spec.trust_domain);
+        match by_td.iter_mut().find(|(t, _)| t == td) {
+            Some((_, nodes)) => nodes.push(&n.name),
+            None => by_td.push((td.to_string(), vec![&n.name])),
+        }
     }
-    eprintln!(
-        "dev SPIRE server up: trust domain {}, svid ttl {:?}",
-        spec.trust_domain, spec.svid_ttl
-    );
-    let handler: Arc<dyn admin::Handler> = Arc::new(Control { server });
+    let _ = std::fs::create_dir_all(paths.root.join("spire"));
+    let mut servers = Vec::new();
+    for (td_name, nodes) in &by_td {
+        let td = TrustDomain::new(td_name).map_err(|_| Error::TrustDomain(td_name.clone()))?;
+        let mut cfg = DevServerConfig::new(td);
+        cfg.svid_ttl = spec.svid_ttl;
+        cfg.nodes = nodes
+            .iter()
+            .map(|n| DevNodeConfig {
+                name: n.to_string(),
+                socket: node_socket(paths, n),
+            })
+            .collect();
+        let server = DevServer::start(cfg).await?;
+        for p in spec.pods.iter().filter(|p| nodes.contains(&p.node.as_str())) {
+            let id = server.register_pod(PodRegistration {
+                node: p.node.clone(),
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                service_account: p.service_account.clone(),
+            })?;
+            eprintln!("registered {} on {} as {id}", p.qualified_name(), p.node);
+        }
+        eprintln!(
+            "dev SPIRE server up: trust domain {td_name} for {}, svid ttl {:?}",
+            nodes.join(", "),
+            spec.svid_ttl
+        );
+        servers.push(server);
+    }
+    let handler: Arc<dyn admin::Handler> = Arc::new(Control {
+        servers: Arc::new(servers),
+    });
     admin::serve(&control_socket(paths), handler, std::future::pending()).await?;
     Ok(())
 }
 
+/// The control socket over every trust domain's server; the lab's own comes first (CA rotation
+/// applies to it).
 struct Control {
-    server: Arc<DevServer>,
+    servers: Arc<Vec<DevServer>>,
 }
 
 impl admin::Handler for Control {
     fn handle(&self, req: AdminRequest) -> BoxFuture {
-        let server = self.server.clone();
-        Box::pin(async move { control(&server, &req) })
+        let servers = self.servers.clone();
+        Box::pin(async move { control(&servers, &req) })
     }
+}
+
+/// The first server that accepts `op` (the lab's first), or the lab server's error.
+fn on_owner<T>(
+    lab: &DevServer,
+    others: &[DevServer],
+    op: impl Fn(&DevServer) -> Result<T, veil_spire::Error>,
+) -> Result<T, veil_spire::Error> {
+    op(lab).or_else(|e| others.iter().find_map(|s| op(s).ok()).ok_or(e))
 }
 
 fn unix(t: std::time::SystemTime) -> u64 {
@@ -101,7 +127,10 @@ fn unix(t: std::time::SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn control(server: &DevServer, req: &AdminRequest) -> AdminResponse {
+fn control(servers: &[DevServer], req: &AdminRequest) -> AdminResponse {
+    let Some((server, others)) = servers.split_first() else {
+        return AdminResponse::error(StatusCode::SERVICE_UNAVAILABLE, "no dev server running");
+    };
     let pod = req
         .query("pod")
         .and_then(|p| p.split_once('/'))
@@ -111,9 +140,9 @@ fn control(server: &DevServer, req: &AdminRequest) -> AdminResponse {
             let st = DevStatus {
                 trust_domain: server.trust_domain().to_string(),
                 ca_phase: format!("{:?}", server.ca_phase()),
-                svids: server
-                    .status()
-                    .into_iter()
+                svids: servers
+                    .iter()
+                    .flat_map(|s| s.status())
                     .map(|s| DevSvid {
                         node: s.node,
                         pod: s.pod,
@@ -138,13 +167,16 @@ fn control(server: &DevServer, req: &AdminRequest) -> AdminResponse {
                     )
                 }
             };
-            server
-                .rotate(target)
-                .map(|n| serde_json::json!({ "rotated": n }))
+            match target {
+                RotateTarget::All => servers
+                    .iter()
+                    .try_fold(0, |n, s| s.rotate(RotateTarget::All).map(|m| n + m)),
+                t => on_owner(server, others, |s| s.rotate(t.clone())),
+            }
+            .map(|n| serde_json::json!({ "rotated": n }))
         }
         (&Method::POST, "/v1/revoke") => match pod {
-            Some((ns, name)) => server
-                .revoke_pod(&ns, &name)
+            Some((ns, name)) => on_owner(server, others, |s| s.revoke_pod(&ns, &name))
                 .map(|id| serde_json::json!({ "revoked": id.to_string() })),
             None => return AdminResponse::error(StatusCode::BAD_REQUEST, "say pod=ns/name"),
         },
