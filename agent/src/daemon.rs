@@ -1191,6 +1191,44 @@ fn metrics(
     );
     let _ = writeln!(out, "# TYPE veil_agent_ready gauge");
     let _ = writeln!(out, "veil_agent_ready {}", u8::from(st.ready));
+    let _ = writeln!(
+        out,
+        "# HELP veil_auth_failures_total Failed node and workload handshakes by reason."
+    );
+    let _ = writeln!(out, "# TYPE veil_auth_failures_total counter");
+    for (reason, n) in &st.auth_failures {
+        let _ = writeln!(out, "veil_auth_failures_total{{reason=\"{reason}\"}} {n}");
+    }
+    let now_u = unix_now();
+    let _ = writeln!(
+        out,
+        "# HELP veil_auth_pairs Authenticated identity pairs (auth entries) currently valid."
+    );
+    let _ = writeln!(out, "# TYPE veil_auth_pairs gauge");
+    let _ = writeln!(
+        out,
+        "veil_auth_pairs {}",
+        st.auth.iter().filter(|p| p.expires_unix > now_u).count()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP veil_control_channels Authenticated control channels to peer agents."
+    );
+    let _ = writeln!(out, "# TYPE veil_control_channels gauge");
+    let _ = writeln!(out, "veil_control_channels {}", st.channels.len());
+    let _ = writeln!(
+        out,
+        "# HELP veil_hold_packets_total Packets held for authentication, by outcome."
+    );
+    let _ = writeln!(out, "# TYPE veil_hold_packets_total counter");
+    for (outcome, n) in [
+        ("held", st.hold.held),
+        ("released", st.hold.released),
+        ("timed-out", st.hold.timed_out),
+        ("overflow", st.hold.overflow),
+    ] {
+        let _ = writeln!(out, "veil_hold_packets_total{{outcome=\"{outcome}\"}} {n}");
+    }
     Ok(out)
 }
 

@@ -103,6 +103,9 @@ struct ChannelState {
     schedule: RekeySchedule,
 }
 
+/// How long auth entries left by an earlier run of the agent stay without re-authentication.
+pub const ADOPTED_ENTRY_GRACE: Duration = Duration::from_secs(5);
+
 /// The running mesh component.
 pub struct Mesh {
     cfg: MeshConfig,
@@ -222,9 +225,26 @@ impl Mesh {
         let mut server_started = false;
         let mut node_serial: Option<String> = None;
         let mut local_ids: BTreeMap<u32, SpiffeId> = BTreeMap::new();
+        // Entries an earlier run of this agent left in the pinned map: they keep admitting
+        // their flows while this run re-authenticates (pre-auth runs as soon as channels are
+        // up), and whatever this run has not re-written by the deadline is deleted — so a
+        // revocation during an agent restart takes effect within the same bound.
+        let mut adopted: Vec<AuthKey> = self.auth_map.keys().filter_map(Result::ok).collect();
+        let adopted_until = Instant::now() + ADOPTED_ENTRY_GRACE;
+        if !adopted.is_empty() {
+            tracing::info!(entries = adopted.len(), "adopted auth entries of the previous run until re-authenticated");
+        }
 
         loop {
             let now = Instant::now();
+            if !adopted.is_empty() && now >= adopted_until {
+                let mine: BTreeSet<AuthKey> = self.authed.iter().map(|t| t.to_key()).collect();
+                let stale: Vec<AuthKey> = adopted.drain(..).filter(|k| !mine.contains(k)).collect();
+                for k in &stale {
+                    let _ = self.auth_map.remove(k);
+                }
+                tracing::info!(removed = stale.len(), "adopted auth entries not re-authenticated removed");
+            }
             // Inputs are read fresh each turn; they are cheap clones of Arcs.
             let cluster = cluster_rx.borrow_and_update().clone();
             let snapshot = ids_rx.borrow_and_update().clone();
@@ -357,7 +377,7 @@ impl Mesh {
             });
 
             // Sleep until the next deadline or input.
-            let next = [table.deadline()]
+            let next = [table.deadline(), (!adopted.is_empty()).then_some(adopted_until)]
                 .into_iter()
                 .chain(channels.values().map(|c| c.schedule.deadline()))
                 .chain(redial_at.values().map(|(t, _)| Some(*t)))
@@ -386,6 +406,20 @@ impl Mesh {
                             redial_at.insert(id, (Instant::now() + backoff, tries));
                             self.count_failure(reason);
                             self.node_result(id, Some(reason));
+                            // The peer no longer proves its identity (revoked or expired node
+                            // SVID, another trust domain): its tunnel keys go now, fail closed.
+                            // A network failure keeps them: live WireGuard sessions carry on.
+                            if reason.is_identity_failure() {
+                                if let Some(peer) = self.directory.load().node_by_id(id) {
+                                    if keys.remove(&peer.name).is_some() {
+                                        tracing::warn!(peer = %peer.name, reason = reason.as_str(), "node failed re-authentication: tunnel keys removed");
+                                    }
+                                }
+                                if let Some(c) = channels.remove(&id) {
+                                    c.channel.close();
+                                }
+                                table.remove_node(id);
+                            }
                             if let Some(c) = channels.get_mut(&id) {
                                 c.schedule.on_failed(Instant::now(), rand::random());
                             }

@@ -198,6 +198,70 @@ impl Lab {
         serde_json::from_str(&json).expect("status -o json parses")
     }
 
+    /// `veil policy apply -f <yaml>` on this lab.
+    pub fn apply_policy(&self, yaml: &str) -> Output {
+        let f = TempFile::new(
+            &format!("{}-{}-policy.yaml", self.name, std::process::id()),
+            yaml,
+        );
+        veil(&[
+            "policy",
+            "apply",
+            "--name",
+            &self.name,
+            "-f",
+            &f.path.display().to_string(),
+        ])
+    }
+
+    /// `apply_policy` that must succeed; returns its stdout (the per-node results).
+    pub fn apply_policy_ok(&self, yaml: &str) -> String {
+        let out = self.apply_policy(yaml);
+        assert!(
+            out.status.success(),
+            "policy apply failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// HTTP GET from a pod with a 2 s limit: the body, or curl's error.
+    pub fn try_get(&self, pod: &str, url: &str) -> Result<String, String> {
+        let out = self.exec(pod, &["curl", "-sS", "--max-time", "2", url]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// `veil observe -o json ARGS...`, one JSON value per flow.
+    pub fn observe(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut a = vec!["observe", "--name", self.name.as_str(), "-o", "json"];
+        a.extend_from_slice(args);
+        veil_ok(&a)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("observe line is JSON"))
+            .collect()
+    }
+
+    /// Prometheus text from a node agent's admin socket.
+    pub fn metrics(&self, node: &str) -> String {
+        let sock = &self
+            .view
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .unwrap_or_else(|| panic!("no node {node}"))
+            .agent_admin;
+        let out = Command::new("curl")
+            .args(["-sS", "--unix-socket", sock, "http://agent/metrics"])
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Polls `f` every 100 ms until it returns Some or the timeout passes.
     pub fn wait_for<T>(
         &self,

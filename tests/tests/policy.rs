@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{veil, veil_ok, Lab, TempFile};
+use veil_tests::{veil, veil_ok, Lab};
 
 const INGRESS: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -71,44 +71,19 @@ spec:
 ";
 
 fn apply(lab: &Lab, yaml: &str) -> std::process::Output {
-    let f = TempFile::new(&format!("{}-{}.yaml", lab.name, std::process::id()), yaml);
-    veil(&[
-        "policy",
-        "apply",
-        "--name",
-        &lab.name,
-        "-f",
-        &f.path.display().to_string(),
-    ])
+    lab.apply_policy(yaml)
 }
 
 fn apply_ok(lab: &Lab, yaml: &str) -> String {
-    let out = apply(lab, yaml);
-    assert!(
-        out.status.success(),
-        "apply failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lab.apply_policy_ok(yaml)
 }
 
 fn get(lab: &Lab, pod: &str, url: &str) -> Result<String, String> {
-    let out = lab.exec(pod, &["curl", "-sS", "--max-time", "2", url]);
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    lab.try_get(pod, url)
 }
 
 fn observe(lab: &Lab, args: &[&str]) -> Vec<serde_json::Value> {
-    let mut a = vec!["observe", "--name", lab.name.as_str(), "-o", "json"];
-    a.extend_from_slice(args);
-    veil_ok(&a)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("observe line is JSON"))
-        .collect()
+    lab.observe(args)
 }
 
 #[test]

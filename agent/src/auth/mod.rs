@@ -125,6 +125,15 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
+    /// Failures that say the peer (or this node) is not who it must be, as opposed to the
+    /// network being in the way: keys derived from an earlier handshake must not outlive them.
+    pub const fn is_identity_failure(self) -> bool {
+        !matches!(
+            self,
+            Self::PeerUnreachable | Self::Timeout | Self::ProtocolError
+        )
+    }
+
     pub const ALL: [AuthFailure; 10] = [
         Self::WrongTrustDomain,
         Self::WrongSpiffeId,

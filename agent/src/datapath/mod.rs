@@ -146,6 +146,16 @@ impl Datapath {
             pin_dir: pin_dir.into(),
             attachments: BTreeMap::new(),
         };
+        // A restarted agent finds the config its predecessor left in the pinned map: the live
+        // policy slot and node-wide audit mode carry over, so packets keep seeing the policy
+        // set in force (slot 0 may hold an older generation) until the first reconcile.
+        let mut config = config;
+        if let Ok(prev) = dp.config_map()?.get() {
+            if prev.node_id != 0 && prev.node_id == config.node_id {
+                config.policy_slot = prev.policy_slot;
+                config.flags |= prev.flags & veil_common::config_flags::AUDIT;
+            }
+        }
         dp.config_map()?.set(config)?;
         Ok(dp)
     }

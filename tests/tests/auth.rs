@@ -1,0 +1,545 @@
+//! End-to-end: mutual authentication required by policy and bound to the encryption
+//! (mutual-auth issue). Real agents, real TLS 1.3 control channels on port 4250, real
+//! WireGuard (veil-wg) keyed by the node handshakes, SVIDs from the lab's dev SPIRE server.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsFd as _,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use veil_tests::{veil_ok, Lab, Status};
+
+/// frontend and intruder on node-a, backend on node-b serving HTTP on 8080 and an echo
+/// (TCP and UDP) on 9000.
+const AUTH_LAB: &str = "pods:\n\
+- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
+- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}\n\
+- {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}\n";
+
+/// backend admits frontend on 8080/TCP and 9000 (any protocol), mutual auth required.
+const AUTH_POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: backend-auth
+  namespace: shop
+spec:
+  endpointSelector:
+    matchLabels:
+      app: backend
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: frontend
+    authentication:
+      mode: required
+    toPorts:
+    - ports:
+      - port: \"8080\"
+        protocol: TCP
+      - port: \"9000\"
+        protocol: ANY
+";
+
+fn url(lab: &Lab) -> String {
+    format!("http://{}:8080/", lab.pod_ip("backend"))
+}
+
+/// `nstat`'s absolute SYN retransmission count in a pod's network namespace.
+fn syn_retransmits(lab: &Lab, pod: &str) -> u64 {
+    let out = lab.exec_ok(pod, &["nstat", "-asz", "TcpExtTCPSynRetrans"]);
+    out.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("TcpExtTCPSynRetrans")).then(|| f.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no TcpExtTCPSynRetrans in nstat output: {out}"))
+}
+
+fn auth_pairs_with(st: &Status, label: &str) -> Vec<veil_agent::api::AuthPair> {
+    st.auth
+        .iter()
+        .filter(|p| p.src_identity.contains(label) || p.dst_identity.contains(label))
+        .cloned()
+        .collect()
+}
+
+/// A TCP echo stream from `pod` to backend:9000: `lines` lines, one every `gap_ms`.
+fn tcp_stream(lab: &Lab, pod: &str, lines: u32, gap_ms: u32) -> Child {
+    let be = lab.pod_ip("backend");
+    let script = format!(
+        "for i in $(seq 1 {lines}); do echo line-$i; sleep 0.{gap_ms:03}; done | ncat -w 5 -i 5 {be} 9000"
+    );
+    lab.command_in(pod, &["sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tcp stream")
+}
+
+/// A sequence-numbered UDP probe from `pod` to backend:9000 (echoed back), one datagram every
+/// `gap_ms`.
+fn udp_probe(lab: &Lab, pod: &str, count: u32, gap_ms: u32) -> Child {
+    let be = lab.pod_ip("backend");
+    let script = format!(
+        "for i in $(seq 1 {count}); do echo seq-$i; sleep 0.{gap_ms:03}; done | ncat -u -w 3 -i 3 {be} 9000"
+    );
+    lab.command_in(pod, &["sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn udp probe")
+}
+
+/// The echoed lines of a finished stream or probe.
+fn echoed(child: Child) -> Vec<String> {
+    let out = child.wait_with_output().expect("wait for client");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Sequence numbers 1..=n missing from the echoed probe lines.
+fn missing(lines: &[String], prefix: &str, n: u32) -> Vec<u32> {
+    (1..=n)
+        .filter(|i| !lines.iter().any(|l| *l == format!("{prefix}{i}")))
+        .collect()
+}
+
+fn serial_of(st: &Status, suffix: &str) -> Option<String> {
+    st.svids
+        .iter()
+        .find(|v| v.spiffe_id.ends_with(suffix))
+        .map(|v| v.serial.clone())
+}
+
+fn epoch_with(st: &Status, node: &str) -> Option<u64> {
+    st.channels.iter().find(|c| c.node == node).map(|c| c.epoch)
+}
+
+#[test]
+fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
+    let lab = Lab::up_with_file(AUTH_LAB, &[]);
+    // Control channel up before anything: TLS 1.3 with the hybrid post-quantum group.
+    let ch = lab.wait_for("node-a's control channel", Duration::from_secs(10), || {
+        lab.status("node-a")
+            .channels
+            .into_iter()
+            .find(|c| c.node == "node-b")
+    });
+    assert_eq!(ch.group.as_deref(), Some("X25519MLKEM768"));
+
+    let retrans_before = syn_retransmits(&lab, "frontend");
+    lab.apply_policy_ok(AUTH_POLICY);
+    // The first connection right after the policy appears: it must complete without a SYN
+    // retransmission (pre-authentication or the hold queue, never a dropped first packet).
+    let out = lab.exec_ok(
+        "frontend",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_connect}",
+            &url(&lab),
+        ],
+    );
+    let (code, connect) = out.split_once(' ').expect("curl -w output");
+    assert_eq!(code, "200", "{out}");
+    let connect_ms = connect.trim().parse::<f64>().expect("time_connect") * 1000.0;
+    let retrans_after = syn_retransmits(&lab, "frontend");
+    assert_eq!(
+        retrans_after, retrans_before,
+        "the first connection retransmitted its SYN (connect {connect_ms:.1} ms)"
+    );
+    println!("first connection after the auth policy: connect {connect_ms:.2} ms, 0 SYN retransmissions");
+
+    // Both agents hold the pair, expiring no later than the SVIDs involved.
+    let now = veil_agent::cli::unix_now();
+    for node in ["node-a", "node-b"] {
+        let st = lab.status(node);
+        let pairs = auth_pairs_with(&st, "app=frontend");
+        let p = pairs
+            .iter()
+            .find(|p| p.expires_unix > now)
+            .unwrap_or_else(|| panic!("{node}: no live auth pair with frontend in {:?}", st.auth));
+        assert_eq!(p.last_result.as_deref(), Some("ok"), "{node}: {p:?}");
+        let svid_expiry = st.svids.iter().map(|v| v.not_after_unix).min().unwrap();
+        assert!(
+            p.expires_unix <= svid_expiry.max(now + 3600),
+            "{node}: auth entry outlives the SVIDs: {p:?}"
+        );
+    }
+    // Later connections are authenticated too, and flows say so.
+    assert_eq!(
+        lab.try_get("frontend", &url(&lab)).unwrap(),
+        "hello from shop/backend\n"
+    );
+    let fwd = lab.observe(&["--node", "node-b", "--verdict", "FORWARDED", "--pod", "shop/frontend"]);
+    assert!(
+        fwd.iter().any(|f| f["auth"] == "authenticated" && f["dst"]["pod"] == "backend"),
+        "no authenticated flow frontend -> backend: {fwd:#?}"
+    );
+
+    // The intruder holds a valid SVID of the same trust domain, but no policy allows it.
+    assert!(lab
+        .status("node-a")
+        .svids
+        .iter()
+        .any(|v| v.spiffe_id == "spiffe://lab.veil/ns/shop/sa/intruder"));
+    assert!(
+        lab.try_get("intruder", &url(&lab)).is_err(),
+        "intruder reached backend"
+    );
+    let drops = lab.observe(&["--verdict", "DROPPED", "--pod", "shop/intruder"]);
+    let d = drops
+        .iter()
+        .find(|f| f["dst"]["pod"] == "backend")
+        .unwrap_or_else(|| panic!("no DROPPED intruder -> backend flow: {drops:#?}"));
+    assert_eq!(d["drop_reason"], "policy-denied");
+    // Nothing was held until timeout, nothing overflowed.
+    let hold = lab.status("node-a").hold;
+    assert_eq!((hold.timed_out, hold.overflow), (0, 0), "{hold:?}");
+}
+
+#[test]
+fn node_from_another_trust_domain_cannot_peer() {
+    let lab = Lab::up_with_file(
+        "nodes:\n- {name: node-a}\n- {name: node-b}\n- {name: node-c, trust_domain: other.example}\n\
+         pods:\n\
+         - {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
+         - {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}]}\n\
+         - {name: stranger, namespace: shop, node: node-c, labels: {app: stranger}, serve: [{port: 8080, kind: http}]}\n",
+        &[],
+    );
+    // node-c's agent holds a perfectly valid SVID — of another trust domain.
+    let c = lab.status("node-c");
+    assert!(
+        c.svids
+            .iter()
+            .any(|v| v.spiffe_id == "spiffe://other.example/veil/node/node-c"),
+        "{:?}",
+        c.svids
+    );
+    // node-a refuses it, says why, and installs no tunnel peer for it.
+    let st = lab.wait_for("node-a's refusal of node-c", Duration::from_secs(10), || {
+        let st = lab.status("node-a");
+        (st.auth_failures.get("wrong-trust-domain").copied().unwrap_or(0) > 0).then_some(st)
+    });
+    assert!(st.peers.iter().all(|p| p.node != "node-c"), "{:?}", st.peers);
+    assert!(st.channels.iter().all(|ch| ch.node != "node-c"));
+    assert!(st.peers.iter().any(|p| p.node == "node-b"), "{:?}", st.peers);
+    assert!(lab.status("node-c").peers.is_empty());
+    let metrics = lab.metrics("node-a");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("veil_auth_failures_total{reason=\"wrong-trust-domain\"}")),
+        "no auth failure metric in:\n{metrics}"
+    );
+
+    // No traffic either way; the drop carries the reason of the refused handshake.
+    let stranger = format!("http://{}:8080/", lab.pod_ip("stranger"));
+    assert!(lab.try_get("frontend", &stranger).is_err());
+    assert!(lab.try_get("stranger", &url(&lab)).is_err());
+    let drops = lab.observe(&["--node", "node-a", "--verdict", "DROPPED"]);
+    let d = drops
+        .iter()
+        .find(|f| f["dst"]["pod"] == "stranger")
+        .unwrap_or_else(|| panic!("no drop of frontend -> stranger on node-a: {drops:#?}"));
+    assert_eq!(d["drop_reason"], "no-key");
+    assert_eq!(d["auth_error"], "wrong-trust-domain");
+    let c_drops = lab.observe(&["--node", "node-c", "--verdict", "DROPPED"]);
+    assert!(
+        c_drops
+            .iter()
+            .any(|f| f["dst"]["pod"] == "backend" && f["drop_reason"] == "no-key"),
+        "{c_drops:#?}"
+    );
+    // The nodes of the lab's own trust domain are unaffected.
+    assert_eq!(
+        lab.try_get("frontend", &url(&lab)).unwrap(),
+        "hello from shop/backend\n"
+    );
+}
+
+#[test]
+fn revoked_pod_loses_access_within_5s() {
+    let lab = Lab::up_with_file(AUTH_LAB, &[]);
+    lab.apply_policy_ok(AUTH_POLICY);
+    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    lab.wait_for("frontend's pair on node-b", Duration::from_secs(5), || {
+        (!auth_pairs_with(&lab.status("node-b"), "app=frontend").is_empty()).then_some(())
+    });
+    // An established stream that must be cut too (auth is checked on every packet).
+    let stream = tcp_stream(&lab, "frontend", 100, 100);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let t = Instant::now();
+    veil_ok(&["lab", "revoke", "--name", &lab.name, "--pod", "shop/frontend"]);
+    lab.wait_for("auth entries gone on both nodes", Duration::from_secs(5), || {
+        let now = veil_agent::cli::unix_now();
+        ["node-a", "node-b"]
+            .iter()
+            .all(|n| {
+                auth_pairs_with(&lab.status(n), "app=frontend")
+                    .iter()
+                    .all(|p| p.expires_unix <= now)
+            })
+            .then_some(())
+    });
+    let gone = t.elapsed();
+    assert!(gone < Duration::from_secs(5), "took {gone:?}");
+    println!("revocation removed frontend's auth entries on both nodes in {gone:?}");
+    assert!(
+        lab.try_get("frontend", &url(&lab)).is_err(),
+        "a revoked pod still reached backend"
+    );
+    let lines = echoed(stream);
+    assert!(lines.len() > 5, "the stream never worked ({} lines)", lines.len());
+    assert!(
+        lines.len() < 100,
+        "the established stream kept flowing after revocation"
+    );
+    let drops = lab.observe(&["--verdict", "DROPPED", "--pod", "shop/frontend"]);
+    assert!(
+        drops
+            .iter()
+            .any(|f| f["drop_reason"] == "auth-required" && f["dst"]["pod"] == "backend"),
+        "no auth-required drop for the revoked pod: {drops:#?}"
+    );
+}
+
+#[test]
+fn svid_rotation_every_20s_under_load_loses_nothing() {
+    // TTL 40 s: SPIRE-style rotation at half-life, every ~20 s, for workload and node SVIDs.
+    let lab = Lab::up_with_file(AUTH_LAB, &["--svid-ttl", "40s"]);
+    lab.apply_policy_ok(AUTH_POLICY);
+    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let (n, gap) = (1200, 100);
+    let tcp = tcp_stream(&lab, "frontend", n, gap);
+    let udp = udp_probe(&lab, "frontend", n, gap);
+    let start = Instant::now();
+    let mut fe_serials = vec![];
+    let mut node_serials = vec![];
+    let mut epochs = vec![];
+    while start.elapsed() < Duration::from_secs(122) {
+        let st = lab.status("node-a");
+        for (v, s) in [
+            (&mut fe_serials, serial_of(&st, "/sa/frontend")),
+            (&mut node_serials, serial_of(&st, "/node/node-a")),
+        ] {
+            if let Some(s) = s {
+                if v.last() != Some(&s) {
+                    v.push(s);
+                }
+            }
+        }
+        if let Some(e) = epoch_with(&st, "node-b") {
+            if epochs.last() != Some(&e) {
+                epochs.push(e);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let tcp_lines = echoed(tcp);
+    let udp_lines = echoed(udp);
+    println!(
+        "2 min under load: frontend SVID rotated {}x, node SVID {}x, node PSK epochs {:?}; TCP {}/{n} lines, UDP {}/{n} probes",
+        fe_serials.len() - 1,
+        node_serials.len() - 1,
+        epochs,
+        tcp_lines.len(),
+        udp_lines.len()
+    );
+    assert!(fe_serials.len() >= 5, "frontend SVID rotations: {fe_serials:?}");
+    assert!(node_serials.len() >= 5, "node SVID rotations: {node_serials:?}");
+    assert!(epochs.len() >= 5, "node handshakes re-run: {epochs:?}");
+    assert_eq!(
+        missing(&tcp_lines, "line-", n),
+        Vec::<u32>::new(),
+        "TCP stream lost lines"
+    );
+    assert_eq!(
+        missing(&udp_lines, "seq-", n),
+        Vec::<u32>::new(),
+        "UDP probes lost"
+    );
+    let st = lab.status("node-a");
+    assert_eq!(st.drops.get("auth-required").copied().unwrap_or(0), 0);
+    assert_eq!(st.drops.get("no-key").copied().unwrap_or(0), 0);
+}
+
+#[test]
+fn psk_rotation_under_load_loses_nothing() {
+    let lab = Lab::up_with_file(&format!("psk_rotation: 3s\n{AUTH_LAB}"), &[]);
+    let (n, gap) = (300, 100);
+    let tcp = tcp_stream(&lab, "frontend", n, gap);
+    let udp = udp_probe(&lab, "frontend", n, gap);
+    let start = Instant::now();
+    let mut epochs = vec![];
+    let mut handshakes = vec![];
+    while start.elapsed() < Duration::from_secs(32) {
+        let st = lab.status("node-a");
+        if let Some(e) = epoch_with(&st, "node-b") {
+            if epochs.last() != Some(&e) {
+                epochs.push(e);
+            }
+        }
+        if let Some(h) = st
+            .peers
+            .iter()
+            .find(|p| p.node == "node-b")
+            .and_then(|p| p.last_handshake_unix)
+        {
+            if handshakes.last() != Some(&h) {
+                handshakes.push(h);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let tcp_lines = echoed(tcp);
+    let udp_lines = echoed(udp);
+    println!(
+        "PSK rotation every 3 s: epochs {epochs:?}, WireGuard handshakes at {handshakes:?}; TCP {}/{n}, UDP {}/{n}",
+        tcp_lines.len(),
+        udp_lines.len()
+    );
+    assert!(epochs.len() >= 6, "PSK epochs seen: {epochs:?}");
+    // Each new PSK is used by a fresh WireGuard handshake, not just stored.
+    assert!(handshakes.len() >= 4, "WireGuard handshakes seen: {handshakes:?}");
+    assert_eq!(missing(&tcp_lines, "line-", n), Vec::<u32>::new());
+    assert_eq!(missing(&udp_lines, "seq-", n), Vec::<u32>::new());
+}
+
+/// Runs `f` on a thread inside a network namespace (by `ip netns` name).
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// Hostile connections to `target` from inside `netns`, held open by the returned sockets:
+/// `half_open` connections that send nothing, garbage, truncated TLS records, and a slowloris
+/// thread feeding a ClientHello one byte every 200 ms.
+fn attack(netns: &str, target: SocketAddr, half_open: usize) -> Vec<TcpStream> {
+    in_netns(netns, move || {
+        let mut held = Vec::new();
+        for _ in 0..half_open {
+            if let Ok(s) = TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
+                held.push(s);
+            }
+        }
+        for i in 0..5u8 {
+            if let Ok(mut s) = TcpStream::connect(target) {
+                let junk: Vec<u8> = (0..600u32).map(|b| (b as u8).wrapping_mul(31) ^ i).collect();
+                let _ = s.write_all(b"GET / HTTP/1.1\r\n");
+                let _ = s.write_all(&junk);
+                held.push(s);
+            }
+        }
+        for _ in 0..3 {
+            if let Ok(mut s) = TcpStream::connect(target) {
+                let mut rec = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+                rec.extend_from_slice(&[1; 100]);
+                let _ = s.write_all(&rec);
+                held.push(s);
+            }
+        }
+        if let Ok(s) = TcpStream::connect(target) {
+            std::thread::spawn(move || {
+                let mut s = s;
+                for b in [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01].iter().cycle().take(300) {
+                    if s.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf);
+            });
+        }
+        held
+    })
+}
+
+#[test]
+fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
+    let lab = Lab::up_with_file(AUTH_LAB, &[]);
+    let node_b = lab
+        .view
+        .nodes
+        .iter()
+        .find(|n| n.name == "node-b")
+        .unwrap()
+        .underlay_ip
+        .clone();
+    let target: SocketAddr = format!("{node_b}:4250").parse().unwrap();
+    let epoch0 = lab.wait_for("first channel", Duration::from_secs(10), || {
+        epoch_with(&lab.status("node-a"), "node-b")
+    });
+    // From node-a's own address (other software on that host) and from a stranger on the
+    // underlay (an address no node has).
+    let netns_a = lab.node_netns("node-a");
+    let underlay = format!("{}-underlay", lab.name);
+    let bridge = format!("{}-br0", lab.name);
+    assert!(std::process::Command::new("ip")
+        .args(["-n", &underlay, "addr", "add", "198.18.0.250/24", "dev", &bridge])
+        .status()
+        .unwrap()
+        .success());
+    let held_a = attack(&netns_a, target, 1000);
+    let held_x = attack(&underlay, target, 200);
+    println!(
+        "holding {} hostile connections from node-a's address, {} from a stranger",
+        held_a.len(),
+        held_x.len()
+    );
+
+    // A legitimate node handshake while all of that is open: node-a's SVID rotates, which
+    // re-runs the node handshake with node-b (a new PSK epoch).
+    let t = Instant::now();
+    veil_ok(&["lab", "rotate", "--name", &lab.name, "--node", "node-a"]);
+    let epoch1 = lab.wait_for("a new node handshake under attack", Duration::from_secs(10), || {
+        epoch_with(&lab.status("node-a"), "node-b").filter(|e| *e > epoch0)
+    });
+    println!(
+        "node handshake under attack: epoch {epoch0} -> {epoch1} in {:?}",
+        t.elapsed()
+    );
+    // And a legitimate workload handshake: the auth policy's first connection works.
+    lab.apply_policy_ok(AUTH_POLICY);
+    assert_eq!(
+        lab.try_get("frontend", &url(&lab)).unwrap(),
+        "hello from shop/backend\n"
+    );
+    assert!(!auth_pairs_with(&lab.status("node-b"), "app=frontend").is_empty());
+    drop(held_a);
+    drop(held_x);
+    // The agent on node-b is alive and still serving.
+    assert!(lab.status("node-b").ready);
+}
+
+#[test]
+fn leak_check_still_passes_with_mutual_auth() {
+    // The transport issue's leak pair, now with tunnel keys that come only from authenticated
+    // node handshakes.
+    let lab = Lab::up_with_file(AUTH_LAB, &[]);
+    let out = veil_ok(&["check", "--name", &lab.name, "-o", "json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).expect("check -o json");
+    assert_eq!(r["pass"], true, "{r:#}");
+    assert_eq!(r["capture"]["plaintext"], 0, "{r:#}");
+    assert_eq!(r["capture"]["marker_hits"], 0, "{r:#}");
+    assert!(r["capture"]["wireguard"].as_u64().unwrap() > 0, "{r:#}");
+}
