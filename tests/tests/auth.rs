@@ -234,7 +234,13 @@ fn node_from_another_trust_domain_cannot_peer() {
     });
     assert!(st.peers.iter().all(|p| p.node != "node-c"), "{:?}", st.peers);
     assert!(st.channels.iter().all(|ch| ch.node != "node-c"));
-    assert!(st.peers.iter().any(|p| p.node == "node-b"), "{:?}", st.peers);
+    lab.wait_for("node-a's peer node-b", Duration::from_secs(5), || {
+        lab.status("node-a")
+            .peers
+            .iter()
+            .any(|p| p.node == "node-b")
+            .then_some(())
+    });
     assert!(lab.status("node-c").peers.is_empty());
     let metrics = lab.metrics("node-a");
     assert!(
@@ -378,14 +384,14 @@ fn svid_rotation_every_20s_under_load_loses_nothing() {
 
 #[test]
 fn psk_rotation_under_load_loses_nothing() {
-    let lab = Lab::up_with_file(&format!("psk_rotation: 3s\n{AUTH_LAB}"), &[]);
-    let (n, gap) = (300, 100);
+    let lab = Lab::up_with_file(&format!("psk_rotation: 5s\n{AUTH_LAB}"), &[]);
+    let (n, gap) = (400, 100);
     let tcp = tcp_stream(&lab, "frontend", n, gap);
     let udp = udp_probe(&lab, "frontend", n, gap);
     let start = Instant::now();
     let mut epochs = vec![];
     let mut handshakes = vec![];
-    while start.elapsed() < Duration::from_secs(32) {
+    while start.elapsed() < Duration::from_secs(42) {
         let st = lab.status("node-a");
         if let Some(e) = epoch_with(&st, "node-b") {
             if epochs.last() != Some(&e) {
@@ -407,7 +413,7 @@ fn psk_rotation_under_load_loses_nothing() {
     let tcp_lines = echoed(tcp);
     let udp_lines = echoed(udp);
     println!(
-        "PSK rotation every 3 s: epochs {epochs:?}, WireGuard handshakes at {handshakes:?}; TCP {}/{n}, UDP {}/{n}",
+        "PSK rotation every 5 s: epochs {epochs:?}, WireGuard handshakes at {handshakes:?}; TCP {}/{n}, UDP {}/{n}",
         tcp_lines.len(),
         udp_lines.len()
     );
