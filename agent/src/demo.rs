@@ -187,6 +187,7 @@ fn walk(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Result<(), E
     }
     step_identities(exe, spec, paths)?;
     step_policy(exe, spec, paths)?;
+    step_mutual_auth(exe, spec, paths)?;
     Ok(())
 }
 
@@ -340,6 +341,236 @@ fn step_policy(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Resul
     }
     Ok(())
 }
+
+/// Runs a veil subcommand; its stdout, or a step error with its stderr.
+fn veil_cmd(exe: &Path, args: &[&str]) -> Result<String, Error> {
+    let out = Command::new(exe)
+        .args(args)
+        .output()
+        .map_err(|e| Error::Step(e.to_string()))?;
+    if !out.status.success() {
+        return Err(Error::Step(format!(
+            "veil {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// SYN retransmissions so far in a pod's network namespace (`nstat`), if readable.
+fn syn_retransmits(exe: &Path, lab: &str, pod: &str) -> Option<u64> {
+    let out = exec_in_pod(exe, lab, pod, &["nstat", "-asz", "TcpExtTCPSynRetrans"]).ok()?;
+    out.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next() == Some("TcpExtTCPSynRetrans")).then(|| f.next()?.parse().ok())?
+    })
+}
+
+/// `curl` connect time (ms) from a pod, or None when the request failed.
+fn connect_ms(exe: &Path, lab: &str, pod: &str, url: &str) -> Option<f64> {
+    let out = exec_in_pod(
+        exe,
+        lab,
+        pod,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_connect}",
+            url,
+        ],
+    )
+    .ok()?;
+    let (code, t) = out.split_once(' ')?;
+    (code == "200").then(|| t.trim().parse::<f64>().ok().map(|s| s * 1e3))?
+}
+
+/// A client in a pod sending `n` numbered lines to `ip:9000` (TCP or UDP echo), one every 50 ms.
+fn echo_client(
+    exe: &Path,
+    lab: &str,
+    pod: &str,
+    ip: &str,
+    n: u32,
+    udp: bool,
+) -> Result<std::process::Child, Error> {
+    let script = format!(
+        "for i in $(seq 1 {n}); do echo n-$i; sleep 0.05; done | ncat {} -w 3 -i 3 {ip} 9000",
+        if udp { "-u" } else { "" }
+    );
+    Command::new(exe)
+        .args(["lab", "exec", "--name", lab, pod, "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| Error::Step(e.to_string()))
+}
+
+fn echoed(child: std::process::Child) -> usize {
+    child
+        .wait_with_output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+        })
+        .unwrap_or(0)
+}
+
+fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Result<(), Error> {
+    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
+    let be = spec.find_pod("shop/backend").map_err(Error::Step)?;
+    let intruder = spec.find_pod("shop/intruder").map_err(Error::Step)?;
+    let lab = spec.name.as_str();
+    let url = format!("http://{}:8080/", be.ip);
+    println!("
+== 6. mutual authentication required by policy, bound to the encryption ==");
+    let st = status(paths, &fe.node)?;
+    for c in &st.channels {
+        println!(
+            "control channel {} <-> {}: TLS 1.3 {}, node SVIDs verified, WireGuard PSK epoch {}",
+            fe.node,
+            c.node,
+            c.group.as_deref().unwrap_or("?"),
+            c.epoch
+        );
+    }
+    let policy = paths.root.join("demo-auth-policy.yaml");
+    std::fs::write(&policy, DEMO_AUTH_POLICY).map_err(|e| Error::Step(e.to_string()))?;
+    let policy = policy.display().to_string();
+    let retrans_before = syn_retransmits(exe, lab, &fe.qualified_name());
+    veil_cmd(exe, &["policy", "apply", "--name", lab, "-f", &policy])?;
+    println!("policy applied: backend admits frontend on 8080/TCP and 9000 only with `authentication: {{mode: required}}`");
+    let first = connect_ms(exe, lab, &fe.qualified_name(), &url)
+        .ok_or_else(|| Error::Step("the first authenticated connection failed".into()))?;
+    let retrans_after = syn_retransmits(exe, lab, &fe.qualified_name());
+    let warm = connect_ms(exe, lab, &fe.qualified_name(), &url).unwrap_or(f64::NAN);
+    let retrans = match (retrans_before, retrans_after) {
+        (Some(a), Some(b)) => (b - a).to_string(),
+        _ => "unknown (nstat missing)".into(),
+    };
+    println!(
+        "first connection after the policy: connect {first:.2} ms, SYN retransmissions: {retrans}; an already-authenticated pair: {warm:.2} ms"
+    );
+    let st = status(paths, &fe.node)?;
+    let now = crate::cli::unix_now();
+    for p in st.auth.iter().filter(|p| p.expires_unix > now) {
+        println!(
+            "auth pair {} -> {} via {}: expires in {}s (the earliest SVID not-after), last result {}",
+            p.src_identity,
+            p.dst_identity,
+            p.node,
+            p.expires_unix - now,
+            p.last_result.as_deref().unwrap_or("-")
+        );
+    }
+    let intruder_ok = exec_in_pod(
+        exe,
+        lab,
+        &intruder.qualified_name(),
+        &["curl", "-sS", "--max-time", "2", &url],
+    )
+    .is_ok();
+    println!(
+        "intruder (valid SVID, no policy allowance) -> backend: {}",
+        if intruder_ok { "ALLOWED (unexpected)" } else { "dropped" }
+    );
+
+    // Rotation under load: every identity involved rotates while a TCP stream and a numbered
+    // UDP probe run.
+    let n = 120;
+    let tcp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, false)?;
+    let udp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, true)?;
+    let epoch_before = status(paths, &fe.node)?
+        .channels
+        .first()
+        .map(|c| c.epoch)
+        .unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(800));
+    for target in [
+        ["--pod", "shop/frontend"],
+        ["--pod", "shop/backend"],
+        ["--node", fe.node.as_str()],
+    ] {
+        veil_cmd(exe, &["lab", "rotate", "--name", lab, target[0], target[1]])?;
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let (tcp_n, udp_n) = (echoed(tcp), echoed(udp));
+    let st = status(paths, &fe.node)?;
+    let epoch_after = st.channels.first().map(|c| c.epoch).unwrap_or(0);
+    println!(
+        "rotated frontend's, backend's and {}'s SVIDs under load: node handshake re-ran (PSK epoch {epoch_before} -> {epoch_after}), pairs re-authenticated; TCP stream {tcp_n}/{n} lines, UDP probe {udp_n}/{n} datagrams, {} lost",
+        fe.node,
+        (2 * n as usize).saturating_sub(tcp_n + udp_n)
+    );
+
+    // Revocation: the pod's access ends within seconds, established connections included.
+    let t = Instant::now();
+    veil_cmd(exe, &["lab", "revoke", "--name", lab, "--pod", "shop/frontend"])?;
+    let gone = loop {
+        let now = crate::cli::unix_now();
+        let live = |st: &api::Status| st.auth.iter().any(|p| p.expires_unix > now);
+        if !live(&status(paths, &fe.node)?) && !live(&status(paths, &be.node)?) {
+            break t.elapsed();
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err(Error::Step("revocation did not remove the auth entries".into()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let after = connect_ms(exe, lab, &fe.qualified_name(), &url);
+    println!(
+        "revoked frontend's SVID: auth entries gone on both nodes after {:.0} ms; frontend -> backend now {}",
+        gone.as_secs_f64() * 1e3,
+        if after.is_some() { "ALLOWED (unexpected)" } else { "dropped" }
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let flows: Vec<crate::flows::Flow> = rt
+        .block_on(crate::admin::get_json(
+            &paths.admin_socket(&fe.node),
+            "/v1/flows?verdict=DROPPED&pod=shop%2Ffrontend&limit=1",
+        ))
+        .map_err(|e| Error::Step(e.to_string()))?;
+    if let Some(f) = flows.last() {
+        println!("  {}", crate::flows::format_table_row(f));
+    }
+    if intruder_ok || after.is_some() || tcp_n + udp_n < 2 * n as usize {
+        return Err(Error::Step("mutual auth did not behave as promised".into()));
+    }
+    Ok(())
+}
+
+const DEMO_AUTH_POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: backend-from-frontend
+  namespace: shop
+spec:
+  endpointSelector:
+    matchLabels:
+      app: backend
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: frontend
+    authentication:
+      mode: required
+    toPorts:
+    - ports:
+      - port: \"8080\"
+        protocol: TCP
+      - port: \"9000\"
+        protocol: ANY
+";
 
 const DEMO_POLICY: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy

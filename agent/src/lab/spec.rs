@@ -389,10 +389,16 @@ pub fn default_file() -> LabFile {
             pod(
                 "backend",
                 "node-b",
-                vec![ServeSpec {
-                    port: 8080,
-                    kind: ServeKind::Http,
-                }],
+                vec![
+                    ServeSpec {
+                        port: 8080,
+                        kind: ServeKind::Http,
+                    },
+                    ServeSpec {
+                        port: 9000,
+                        kind: ServeKind::Echo,
+                    },
+                ],
             ),
             pod("intruder", "node-a", vec![]),
         ]),
