@@ -117,6 +117,9 @@ pub struct AuthPair {
     pub expires_unix: u64,
     /// `ok` or the stable failure reason of the last attempt.
     pub last_result: Option<String>,
+    /// When the handshake behind the current entry completed (Unix ms; 0 without entry).
+    #[serde(default)]
+    pub authenticated_unix_ms: u64,
 }
 
 /// A control channel to a peer agent (mutual TLS, node handshake done).

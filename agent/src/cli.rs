@@ -114,16 +114,54 @@ pub fn format_status(st: &api::Status) -> String {
             );
         }
     }
-    if !st.auth.is_empty() {
-        let _ = writeln!(s, "  auth:");
-        for a in &st.auth {
-            let left = a.expires_unix.saturating_sub(unix_now());
+    if !st.channels.is_empty() {
+        let _ = writeln!(s, "  control channels (mTLS, port 4250):");
+        for c in &st.channels {
             let _ = writeln!(
                 s,
-                "    {} -> {} via {}  expires in {}s",
-                a.src_identity, a.dst_identity, a.node, left
+                "    {:<10} {}  psk epoch {}  up {}s  peer svid {}",
+                c.node,
+                c.group.as_deref().unwrap_or("?"),
+                c.epoch,
+                unix_now().saturating_sub(c.established_unix),
+                c.peer_svid_serial
             );
         }
+    }
+    if !st.auth.is_empty() {
+        let _ = writeln!(s, "  auth pairs:");
+        for a in &st.auth {
+            let expiry = if a.expires_unix == 0 {
+                "not authenticated".to_string()
+            } else {
+                format!("expires in {}s", a.expires_unix.saturating_sub(unix_now()))
+            };
+            let _ = writeln!(
+                s,
+                "    {} -> {} via {}  {}  last {}",
+                a.src_identity,
+                a.dst_identity,
+                a.node,
+                expiry,
+                a.last_result.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    if !st.auth_failures.is_empty() {
+        let f: Vec<String> = st
+            .auth_failures
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        let _ = writeln!(s, "  auth failures: {}", f.join(" "));
+    }
+    let h = &st.hold;
+    if h.held + h.overflow > 0 {
+        let _ = writeln!(
+            s,
+            "  held for auth: {} packets ({} released, {} timed out, {} overflowed)",
+            h.held, h.released, h.timed_out, h.overflow
+        );
     }
     let _ = writeln!(s, "  programs:");
     for p in &st.programs {

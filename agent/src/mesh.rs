@@ -225,6 +225,7 @@ impl Mesh {
         let mut server_started = false;
         let mut node_serial: Option<String> = None;
         let mut local_ids: BTreeMap<u32, SpiffeId> = BTreeMap::new();
+        let mut local_serials: BTreeMap<u32, String> = BTreeMap::new();
         // Entries an earlier run of this agent left in the pinned map: they keep admitting
         // their flows while this run re-authenticates (pre-auth runs as soon as channels are
         // up), and whatever this run has not re-written by the deadline is deleted — so a
@@ -285,6 +286,16 @@ impl Mesh {
                     }
                 }
             }
+            // Rotation of a local workload's SVID: re-authenticate its pairs now (the entry's
+            // expiry follows the new SVID).
+            for (identity, svid) in workloads.0.iter() {
+                let serial = svid.serial().to_string();
+                if local_serials.get(identity).is_some_and(|s| *s != serial) {
+                    table.refresh_local_identity(*identity, now);
+                }
+                local_serials.insert(*identity, serial);
+            }
+            local_serials.retain(|id, _| ids_now.contains_key(id));
             local_ids = ids_now;
             self.workloads.store(Arc::new(workloads));
             self.directory
@@ -616,6 +627,12 @@ impl Mesh {
                 dst_identity: identity_name(s.triple.remote_identity),
                 node: node_name(s.triple.remote_node),
                 expires_unix: s.entry.as_ref().map(|e| unix(e.expires)).unwrap_or(0),
+                authenticated_unix_ms: s
+                    .entry
+                    .as_ref()
+                    .and_then(|e| e.authenticated.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
                 last_result: s.last_result.map(|r| match r {
                     Ok(()) => "ok".to_string(),
                     Err(f) => f.as_str().to_string(),

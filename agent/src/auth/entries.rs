@@ -76,6 +76,8 @@ pub struct Entry {
     pub expires_at: Instant,
     pub expires: SystemTime,
     pub established_at: Instant,
+    /// Wall-clock time of the handshake that wrote this entry.
+    pub authenticated: SystemTime,
     pub local_spiffe_id: SpiffeId,
     pub remote_spiffe_id: SpiffeId,
 }
@@ -273,6 +275,23 @@ impl AuthTable {
         self.settle(t);
     }
 
+    /// A local workload's SVID rotated: re-authenticate its live, desired pairs now, so their
+    /// entries take the new SVID's lifetime at once instead of at the refresh point.
+    pub fn refresh_local_identity(&mut self, identity: u32, now: Instant) {
+        let due: Vec<AuthTriple> = self
+            .states
+            .iter()
+            .filter(|(t, s)| {
+                t.local_identity == identity && s.desired && s.entry.is_some() && !s.in_flight
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for t in due {
+            self.state_mut(t).next_attempt = Some(now);
+            self.settle(t);
+        }
+    }
+
     /// A workload handshake succeeded (ours as initiator, or the peer's with us responding).
     pub fn on_authenticated(&mut self, a: &Authenticated, now: Instant, now_system: SystemTime) {
         let t = a.triple;
@@ -291,6 +310,7 @@ impl AuthTable {
             expires_at: now + lifetime,
             expires: a.expires,
             established_at: now,
+            authenticated: now_system,
             local_spiffe_id: a.local_spiffe_id.clone(),
             remote_spiffe_id: a.remote_spiffe_id.clone(),
         };
@@ -577,6 +597,15 @@ mod tests {
         let acts = table.poll(now());
         assert!(matches!(acts.as_slice(), [Action::Write { .. }]));
         assert_eq!(table.status(&tr).unwrap().last_result, Some(Ok(())));
+        // A local SVID rotation re-authenticates at once; other identities' pairs wait.
+        let other = t(302, 301, B);
+        table.set_desired([tr, other], now());
+        let _ = table.poll(now());
+        table.on_authenticated(&auth(other, ttl), now(), sys0());
+        let _ = table.poll(now());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        table.refresh_local_identity(300, now());
+        assert_eq!(table.poll(now()), [Action::Start(tr)]);
     }
 
     #[tokio::test(start_paused = true)]
