@@ -47,7 +47,10 @@ impl Default for EntriesConfig {
         Self {
             refresh_fraction: 2.0 / 3.0,
             fallback_refresh_fraction: 0.8,
-            defer_initial: Duration::from_secs(1),
+            // Long enough for the preferred side's handshake (a few ms) to arrive first when
+            // both sides want the pair, short enough that a pair only one side's policy needs
+            // (an ingress rule on the other node) is ready right after `policy apply`.
+            defer_initial: Duration::from_millis(25),
             undesired_grace: Duration::from_secs(10),
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
@@ -275,14 +278,15 @@ impl AuthTable {
         self.settle(t);
     }
 
-    /// A local workload's SVID rotated: re-authenticate its live, desired pairs now, so their
-    /// entries take the new SVID's lifetime at once instead of at the refresh point.
+    /// A local workload's SVID rotated: re-authenticate its live pairs now (also those only the
+    /// peer's policy wants: the peer learns the new SVID at once), so the entries take the new
+    /// SVID's lifetime at once instead of at the refresh point.
     pub fn refresh_local_identity(&mut self, identity: u32, now: Instant) {
         let due: Vec<AuthTriple> = self
             .states
             .iter()
             .filter(|(t, s)| {
-                t.local_identity == identity && s.desired && s.entry.is_some() && !s.in_flight
+                t.local_identity == identity && s.entry.is_some() && !s.in_flight
             })
             .map(|(t, _)| *t)
             .collect();
@@ -454,10 +458,14 @@ impl AuthTable {
                 self.delete_entry(t);
             }
             let s = self.states.get_mut(&t).expect("state exists");
-            if s.desired && !s.in_flight && s.next_attempt.is_some_and(|a| a <= now) {
-                s.in_flight = true;
+            if !s.in_flight && s.next_attempt.is_some_and(|a| a <= now) {
+                // A due attempt is consumed either way, so a timer never fires twice for it.
                 s.next_attempt = None;
-                self.actions.push_back(Action::Start(t));
+                // Desired triples, and live entries asked to refresh (a local SVID rotated).
+                if s.desired || s.entry.is_some() {
+                    s.in_flight = true;
+                    self.actions.push_back(Action::Start(t));
+                }
             }
             self.settle(t);
         }
@@ -606,6 +614,13 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         table.refresh_local_identity(300, now());
         assert_eq!(table.poll(now()), [Action::Start(tr)]);
+        // An entry only the peer wants (inbound, undesired here) refreshes too, once.
+        let inbound = t(303, 301, B);
+        table.on_authenticated(&auth(inbound, ttl), now(), sys0());
+        let _ = table.poll(now());
+        table.refresh_local_identity(303, now());
+        assert_eq!(table.poll(now()), [Action::Start(inbound)]);
+        assert_eq!(table.poll(now()), []);
     }
 
     #[tokio::test(start_paused = true)]
@@ -616,7 +631,7 @@ mod tests {
         assert_eq!(table.poll(now()), []);
         let t0 = now();
         assert_eq!(step(&mut table).await, [Action::Start(tr)]);
-        assert_eq!(now() - t0, Duration::from_secs(1));
+        assert_eq!(now() - t0, Duration::from_millis(25));
         // The peer authenticated meanwhile (inbound): our refresh moves to 80 %.
         table.on_authenticated(&auth(tr, Duration::from_secs(100)), now(), sys0());
         table.poll(now());
