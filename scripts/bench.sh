@@ -3,7 +3,7 @@
 # ratios against the targets; prints a table, writes benches/results/{results.json,chart.png,
 # results.md}. Sets up what it needs (scripts/setup.sh: iperf3, wireguard-tools, bpf-linker;
 # boringtun-cli 0.7.1 into ~/.cache/veil/bench once), and removes every lab, netns and process
-# it created, also on Ctrl-C. Then control-bench measures the control plane on its own lab. Arguments go to veil-bench (--quick, --rounds N, --seconds N,
+# it created, also on Ctrl-C. control-bench measures the control plane first, on its own lab. Arguments go to veil-bench (--quick, --rounds N, --seconds N,
 # --only veil,boringtun-cli, --update-readme, --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,8 @@ scripts/setup.sh
 scripts/preflight.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked --workspace --bins
-target/release/veil-bench "$@"
-# The control plane (mutual auth): handshakes/s, policy-to-enforcement, rotation-to-reauth,
-# first connection with auth required; writes benches/results/control.json.
+# The control plane first (mutual auth: handshakes per agent CPU-second, policy apply to
+# enforcement, rotation to re-auth, first connection with auth required); it writes
+# benches/results/control.json, which veil-bench's target table reads.
 target/release/control-bench
+exec target/release/veil-bench "$@"

@@ -95,6 +95,10 @@ pub struct Config {
     /// How often each node pair re-runs its node handshake (new PSK).
     #[serde(default = "default_psk_rotation", with = "humantime_serde_secs")]
     pub psk_rotation: std::time::Duration,
+    /// How often the node replaces its static WireGuard key (and re-runs its node handshakes
+    /// so peers learn the new one).
+    #[serde(default = "default_key_rotation", with = "humantime_serde_secs")]
+    pub key_rotation: std::time::Duration,
     /// Where userspace WireGuard devices serve UAPI (the path `wg` looks in).
     #[serde(default = "default_uapi_dir")]
     pub uapi_dir: PathBuf,
@@ -102,6 +106,10 @@ pub struct Config {
 
 fn default_control_port() -> u16 {
     4250
+}
+
+fn default_key_rotation() -> std::time::Duration {
+    std::time::Duration::from_secs(24 * 3600)
 }
 
 fn default_psk_rotation() -> std::time::Duration {

@@ -90,6 +90,12 @@ struct Shared {
     /// state (mutual auth off).
     mesh_keys: Option<watch::Receiver<BTreeMap<String, PeerKeys>>>,
     mesh_status: Option<Arc<Mutex<MeshStatus>>>,
+    /// With mutual auth: where node handshakes read the node's public key, and how to make
+    /// them re-run (static key rotation).
+    key_rotation: Option<(
+        Arc<arc_swap::ArcSwap<veil_transport::PublicKey>>,
+        tokio::sync::mpsc::Sender<()>,
+    )>,
     /// The compiled policy in force, for the mesh's pre-authentication.
     policy_tx: watch::Sender<Arc<BTreeMap<PolicyKey, PolicyEntry>>>,
     hold_stats: crate::hold::SharedStats,
@@ -212,7 +218,7 @@ impl Agent {
             .node(&cfg.node)
             .ok_or_else(|| Error::UnknownNode(cfg.node.clone()))?
             .clone();
-        let (mesh, mesh_keys, mesh_status, hold) = match (&tunnel, &identities) {
+        let (mesh, mesh_keys, mesh_status, hold, key_rotation) = match (&tunnel, &identities) {
             (Some(t), Some(_)) if cfg.mutual_auth => {
                 let map = datapath
                     .ebpf_mut()
@@ -259,13 +265,19 @@ impl Agent {
                         None
                     }
                 };
-                (Some(mesh), Some(handles.keys), Some(handles.status), hold)
+                (
+                    Some(mesh),
+                    Some(handles.keys),
+                    Some(handles.status),
+                    hold,
+                    Some((handles.wg_key, handles.rehandshake)),
+                )
             }
             _ => {
                 if cfg.mutual_auth && cfg.encryption {
                     tracing::warn!("mutual auth needs identities (spire_socket): tunnel keys come from cluster state");
                 }
-                (None, None, None, None)
+                (None, None, None, None, None)
             }
         };
         if let Some(ms) = &mesh_status {
@@ -290,6 +302,7 @@ impl Agent {
             audit,
             mesh_keys,
             mesh_status,
+            key_rotation,
             policy_tx,
             hold_stats: Default::default(),
         };
@@ -410,9 +423,15 @@ impl Agent {
         let shared = self.shared.clone();
         let mut cluster_rx = self.cluster_rx;
         let mut stop_loop = stop_rx.clone();
+        let key_period = shared.lock().expect("agent state lock").cfg.key_rotation;
         let reconcile_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut key_tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + key_period,
+                key_period,
+            );
+            key_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 {
                     let state = cluster_rx.borrow_and_update().clone();
@@ -444,6 +463,10 @@ impl Agent {
                         }
                     } => {}
                     _ = tick.tick() => {}
+                    _ = key_tick.tick() => {
+                        let mut s = shared.lock().expect("agent state lock");
+                        rotate_node_key(&mut s);
+                    }
                 }
             }
         });
@@ -458,6 +481,33 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Static key rotation: a new node key on the device, announced to every peer by re-running
+/// the node handshakes (each peer swaps the old key for the new one with a fresh PSK). Without
+/// mutual auth the key is published to the cluster state instead.
+fn rotate_node_key(s: &mut Shared) {
+    let state_dir = s.cfg.state_dir.clone();
+    let Some(t) = s.tunnel.as_mut() else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let public = match t.rotate_key(&state_dir) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "node key rotation failed; keeping the current key");
+            return;
+        }
+    };
+    if let Some((wg_key, rehandshake)) = &s.key_rotation {
+        wg_key.store(Arc::new(public));
+        let _ = rehandshake.try_send(());
+    }
+    let SourceConfig::Lab { dir } = &s.cfg.source;
+    if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &public.to_base64()) {
+        tracing::warn!(error = %e, "cannot publish the rotated node key");
+    }
+    tracing::info!(public_key = %public, took_us = started.elapsed().as_micros() as u64, "node WireGuard key rotated");
 }
 
 /// Counts agent starts on this node's state (0 on the first), persisted in the state dir.

@@ -119,6 +119,7 @@ pub struct Mesh {
     keys_tx: watch::Sender<BTreeMap<String, PeerKeys>>,
     status: Arc<Mutex<MeshStatus>>,
     requests_rx: mpsc::Receiver<AuthTriple>,
+    rehandshake_rx: mpsc::Receiver<()>,
     authed: BTreeSet<AuthTriple>,
     authed_tx: watch::Sender<BTreeSet<AuthTriple>>,
 }
@@ -131,6 +132,10 @@ pub struct MeshHandles {
     pub requests: mpsc::Sender<AuthTriple>,
     /// Pairs with an auth entry in the map, updated on every write and delete.
     pub authenticated: watch::Receiver<BTreeSet<AuthTriple>>,
+    /// The node's WireGuard public key as node handshakes announce it.
+    pub wg_key: Arc<ArcSwap<PublicKey>>,
+    /// Re-run every node handshake now (the static key rotated: peers must learn the new one).
+    pub rehandshake: mpsc::Sender<()>,
 }
 
 impl Mesh {
@@ -176,6 +181,8 @@ impl Mesh {
         };
         let (keys_tx, keys) = watch::channel(BTreeMap::new());
         let (requests, requests_rx) = mpsc::channel(4096);
+        let (rehandshake, rehandshake_rx) = mpsc::channel(4);
+        let wg_key = deps.wg_key.clone();
         let (authed_tx, authenticated) = watch::channel(BTreeSet::new());
         let status = Arc::new(Mutex::new(MeshStatus::default()));
         let mesh = Mesh {
@@ -190,6 +197,7 @@ impl Mesh {
             keys_tx,
             status: status.clone(),
             requests_rx,
+            rehandshake_rx,
             authed: BTreeSet::new(),
             authed_tx,
         };
@@ -200,6 +208,8 @@ impl Mesh {
                 status,
                 requests,
                 authenticated,
+                wg_key,
+                rehandshake,
             },
         )
     }
@@ -477,6 +487,12 @@ impl Mesh {
                 }
                 Some(t) = self.requests_rx.recv() => {
                     table.request_now(t, Instant::now());
+                }
+                Some(()) = self.rehandshake_rx.recv() => {
+                    tracing::info!(channels = channels.len(), "node key rotated: re-running node handshakes");
+                    for c in channels.values_mut() {
+                        c.schedule.on_svid_rotated(Instant::now());
+                    }
                 }
                 Some((triple, r)) = result_rx.recv() => {
                     match r {

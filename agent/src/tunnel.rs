@@ -220,6 +220,36 @@ impl NodeTunnel {
         self.key.public_key()
     }
 
+    /// Replaces the node's static key: a new key is written (0600, atomically) to
+    /// `state_dir/wireguard.key` and put on the device at once. Every WireGuard session ends;
+    /// peers can handshake again once a node handshake told them the new public key.
+    pub fn rotate_key(&mut self, state_dir: &Path) -> Result<PublicKey, Error> {
+        let key = PrivateKey::generate();
+        let path = state_dir.join("wireguard.key");
+        let tmp = state_dir.join("wireguard.key.new");
+        let key_err = |source| Error::Key {
+            path: path.clone(),
+            source,
+        };
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(key_err)?;
+        f.write_all(key.to_base64().as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(key_err)?;
+        std::fs::rename(&tmp, &path).map_err(key_err)?;
+        self.device.set_private_key(&key)?;
+        self.key = key;
+        // Peers go back on with the new key at the next reconcile.
+        self.installed.clear();
+        self.adopted.clear();
+        Ok(self.key.public_key())
+    }
+
     pub fn set_psk(&mut self, node: &str, psk: PresharedKey) {
         self.psks.insert(node.to_string(), psk);
     }

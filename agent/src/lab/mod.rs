@@ -332,6 +332,7 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         control_port: 4250,
         allow_classical_kx: false,
         psk_rotation: spec.psk_rotation,
+        key_rotation: spec.key_rotation,
     }
 }
 

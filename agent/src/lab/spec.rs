@@ -124,6 +124,8 @@ pub struct LabFile {
     pub underlay_mtu: Option<u32>,
     /// How often each node pair re-runs its node handshake (new WireGuard PSK).
     pub psk_rotation: Option<HumanDuration>,
+    /// How often each node replaces its static WireGuard key.
+    pub key_rotation: Option<HumanDuration>,
     pub nodes: Option<Vec<NodeFile>>,
     pub pods: Option<Vec<PodFile>>,
 }
@@ -192,6 +194,8 @@ pub struct LabSpec {
     pub underlay_mtu: u32,
     #[serde(with = "duration_secs")]
     pub psk_rotation: Duration,
+    #[serde(default = "default_key_rotation", with = "duration_secs")]
+    pub key_rotation: Duration,
     pub nodes: Vec<NodeSpec>,
     pub pods: Vec<PodSpec>,
 }
@@ -234,6 +238,11 @@ impl PodSpec {
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// The brief's default: node static keys rotate daily.
+fn default_key_rotation() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 mod duration_secs {
@@ -429,6 +438,10 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
     if psk_rotation < Duration::from_secs(5) {
         return Err(invalid("psk_rotation", "must be at least 5s"));
     }
+    let key_rotation = file.key_rotation.map(|d| d.0).unwrap_or_else(default_key_rotation);
+    if key_rotation < Duration::from_secs(5) {
+        return Err(invalid("key_rotation", "must be at least 5s"));
+    }
     if !(1280..=9000).contains(&underlay_mtu) {
         return Err(invalid(
             "underlay_mtu",
@@ -579,6 +592,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         backend: overrides.backend.or(file.backend).unwrap_or_default(),
         underlay_mtu,
         psk_rotation,
+        key_rotation,
         nodes,
         pods,
     })
@@ -683,11 +697,19 @@ mod tests {
         assert_eq!(be.ip, Ipv4Addr::new(198, 19, 2, 10));
         assert_eq!(
             be.serve,
-            vec![ServeSpec {
-                port: 8080,
-                kind: ServeKind::Http
-            }]
+            vec![
+                ServeSpec {
+                    port: 8080,
+                    kind: ServeKind::Http
+                },
+                ServeSpec {
+                    port: 9000,
+                    kind: ServeKind::Echo
+                }
+            ]
         );
+        assert_eq!(lab.psk_rotation, Duration::from_secs(600));
+        assert_eq!(lab.key_rotation, Duration::from_secs(24 * 3600));
         let intruder = lab.find_pod("intruder").unwrap();
         assert_eq!(intruder.ip, Ipv4Addr::new(198, 19, 1, 11));
         assert_eq!(lab.pod_mtu(), 1440);

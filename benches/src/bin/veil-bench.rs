@@ -360,7 +360,11 @@ fn main() -> anyhow::Result<()> {
 
     let med: BTreeMap<&'static str, Medians> =
         samples.iter().map(|(k, s)| (*k, Medians::of(s))).collect();
-    let targets = report::targets(&med, &idle, Some(&tc));
+    // control-bench (run just before by scripts/bench.sh) leaves its numbers here.
+    let control: Option<report::Control> = std::fs::read(out_dir.join("control.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let targets = report::targets(&med, &idle, Some(&tc), control.as_ref());
     let table = report::text(&med, &targets, &idle, &tc);
     let load = report::median(&loads).unwrap_or(0.0);
     let header = format!(
