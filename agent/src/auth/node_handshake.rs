@@ -325,6 +325,8 @@ pub struct RekeySchedule {
     cfg: RekeyConfig,
     due: Option<(Instant, RekeyReason)>,
     failures: u32,
+    /// The peer SVID expiry the last handshake saw, to tell a renewed SVID from the same one.
+    last_peer_until: Option<Instant>,
 }
 
 impl RekeySchedule {
@@ -333,6 +335,7 @@ impl RekeySchedule {
             cfg,
             due: None,
             failures: 0,
+            last_peer_until: None,
         }
     }
 
@@ -349,10 +352,22 @@ impl RekeySchedule {
         self.failures = 0;
         self.due = Some((now + self.cfg.interval, RekeyReason::Interval));
         if let Some(until) = peer_valid_until {
-            let at = until
-                .checked_sub(self.cfg.expiry_margin)
-                .unwrap_or(now)
-                .max(now);
+            // A re-key a margin before the peer's SVID expires only helps if the peer has a
+            // newer SVID by then. If this handshake saw the same SVID as the last one (its
+            // expiry within a second: the Instants are derived from wall-clock times), re-keying
+            // again cannot renew anything — with a short TTL it would spin — so the next one is
+            // at the expiry itself, where it fails closed unless the peer rotated meanwhile
+            // (its rotation asks for a re-key anyway).
+            let same_svid = self.last_peer_until.is_some_and(|last| {
+                last.max(until).duration_since(last.min(until)) < Duration::from_secs(1)
+            });
+            self.last_peer_until = Some(until);
+            let at = if same_svid {
+                until
+            } else {
+                until.checked_sub(self.cfg.expiry_margin).unwrap_or(now)
+            }
+            .max(now);
             self.set_earlier(at, RekeyReason::PeerSvidExpiring);
         }
     }
@@ -609,6 +624,15 @@ mod tests {
         assert_eq!(s.deadline(), Some(now + Duration::from_secs(70)));
         tokio::time::advance(Duration::from_secs(70)).await;
         assert_eq!(s.poll(Instant::now()), Some(RekeyReason::PeerSvidExpiring));
+        // The peer had not rotated: the same SVID comes back. No re-key loop: the next one is
+        // at its expiry, not now.
+        let now = Instant::now();
+        s.on_established(now, Some(now + Duration::from_secs(30)));
+        assert_eq!(s.deadline(), Some(now + Duration::from_secs(30)));
+        // A renewed SVID (later expiry) is re-keyed a margin before its end again.
+        let now = Instant::now();
+        s.on_established(now, Some(now + Duration::from_secs(3600)));
+        assert_eq!(s.deadline(), Some(now + Duration::from_secs(600)));
     }
 
     #[tokio::test(start_paused = true)]
