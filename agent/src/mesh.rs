@@ -683,6 +683,9 @@ fn install(
         interval,
         ..RekeyConfig::default()
     });
+    if let Some(prev) = channels.get(&id) {
+        schedule.inherit(&prev.schedule);
+    }
     schedule.on_established(now, valid_until_instant);
     tracing::info!(
         peer = %nk.peer_node,
