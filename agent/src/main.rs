@@ -25,6 +25,27 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum PkiCommand {
+    /// Write `bundle.pem` and, per identity, `<name>/svid.pem` + `<name>/key.pem` (0600).
+    Write {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "lab.veil")]
+        trust_domain: String,
+        /// Node SVIDs `spiffe://<td>/veil/node/<name>` (repeatable).
+        #[arg(long)]
+        node: Vec<String>,
+        /// Workload SVIDs `spiffe://<td>/ns/<ns>/sa/<sa>` as NAMESPACE/SA (repeatable).
+        #[arg(long)]
+        workload: Vec<String>,
+        /// SVID lifetime (1h, 30s, ...).
+        #[arg(long, default_value = "1h")]
+        ttl: spec::HumanDuration,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
     Agent {
@@ -93,6 +114,11 @@ enum Command {
     Peer {
         #[command(subcommand)]
         command: PeerCommand,
+    },
+    /// Dev PKI: write a CA bundle and SVIDs (with keys) to disk for tests and experiments.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
     },
     /// Bring up the default lab and walk through what veil does, with numbers.
     Demo {
@@ -449,6 +475,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "added"
                 }
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki {
+            command:
+                PkiCommand::Write {
+                    dir,
+                    trust_domain,
+                    node,
+                    workload,
+                    ttl,
+                },
+        } => {
+            let td = veil_identity::TrustDomain::new(&trust_domain)
+                .map_err(|e| anyhow::anyhow!("--trust-domain {trust_domain:?}: {e}"))?;
+            if node.is_empty() && workload.is_empty() {
+                anyhow::bail!("say what to issue: --node NAME and/or --workload NAMESPACE/SA");
+            }
+            let ca = veil_certs_dev::DevCa::new(td)
+                .map_err(|e| anyhow::anyhow!("cannot create the dev CA: {e}"))?;
+            let mut issued = Vec::new();
+            for n in &node {
+                let svid = ca
+                    .issue_node_svid(n, ttl.0)
+                    .map_err(|e| anyhow::anyhow!("--node {n:?}: {e}"))?;
+                issued.push((format!("node-{n}"), svid));
+            }
+            for w in &workload {
+                let (ns, sa) = w
+                    .split_once('/')
+                    .with_context(|| format!("--workload {w:?}: expected NAMESPACE/SERVICEACCOUNT"))?;
+                let svid = ca
+                    .issue_workload_svid(ns, sa, ttl.0)
+                    .map_err(|e| anyhow::anyhow!("--workload {w:?}: {e}"))?;
+                issued.push((format!("{ns}-{sa}"), svid));
+            }
+            let refs: Vec<(&str, &veil_identity::Svid)> =
+                issued.iter().map(|(n, s)| (n.as_str(), s)).collect();
+            let files = veil_certs_dev::write_pki(&dir, &ca.bundle(), &refs)
+                .map_err(|e| anyhow::anyhow!("writing the PKI under {}: {e}", dir.display()))?;
+            for (name, svid) in &issued {
+                println!("{name}: {}", svid.spiffe_id());
+            }
+            println!("wrote {} files under {}", files.len(), dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { name, keep } => {

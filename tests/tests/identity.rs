@@ -138,3 +138,53 @@ fn forced_rotation_and_metrics() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nosuchpod"));
 }
+
+#[test]
+fn pki_write_puts_a_bundle_and_svids_with_private_keys_on_disk() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("veil-pki-{}", veil_tests::unique_name()));
+    let out = veil_ok(&[
+        "pki",
+        "write",
+        "--dir",
+        &dir.display().to_string(),
+        "--trust-domain",
+        "example.test",
+        "--node",
+        "node-a",
+        "--workload",
+        "shop/frontend",
+        "--ttl",
+        "10m",
+    ]);
+    assert!(out.contains("spiffe://example.test/veil/node/node-a"), "{out}");
+    assert!(out.contains("spiffe://example.test/ns/shop/sa/frontend"), "{out}");
+    let bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap();
+    assert!(bundle.starts_with("-----BEGIN CERTIFICATE-----"));
+    for who in ["node-node-a", "shop-frontend"] {
+        let chain = std::fs::read_to_string(dir.join(who).join("svid.pem")).unwrap();
+        assert!(chain.matches("BEGIN CERTIFICATE").count() >= 1, "{who}");
+        let key = dir.join(who).join("key.pem");
+        assert!(std::fs::read_to_string(&key)
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----"));
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{who}'s key is readable by others");
+    }
+    // Bad input is refused with what is wrong, and nothing is written.
+    for (args, expect) in [
+        (vec!["--workload", "no-slash"], "NAMESPACE/SERVICEACCOUNT"),
+        (vec!["--trust-domain", "Upper.Case", "--node", "a"], "lowercase"),
+        (vec![], "--node"),
+    ] {
+        let bad = dir.join("bad");
+        let mut a = vec!["pki", "write", "--dir", bad.to_str().unwrap()];
+        a.extend(args);
+        let out = veil_tests::veil(&a);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{err}");
+        assert!(!bad.exists(), "a refused command wrote files");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
