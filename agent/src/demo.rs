@@ -534,13 +534,26 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let flows: Vec<crate::flows::Flow> = rt
-        .block_on(crate::admin::get_json(
-            &paths.admin_socket(&fe.node),
-            "/v1/flows?verdict=DROPPED&pod=shop%2Ffrontend&limit=1",
-        ))
-        .map_err(|e| Error::Step(e.to_string()))?;
+    // The held SYN is dropped and recorded when its hold times out (3 s): wait for the record.
+    let waited = Instant::now();
+    let flows: Vec<crate::flows::Flow> = loop {
+        let mut found = Vec::new();
+        for node in [&fe.node, &be.node] {
+            let f: Vec<crate::flows::Flow> = rt
+                .block_on(crate::admin::get_json(
+                    &paths.admin_socket(node),
+                    "/v1/flows?verdict=DROPPED&pod=shop%2Ffrontend&limit=1",
+                ))
+                .map_err(|e| Error::Step(e.to_string()))?;
+            found.extend(f);
+        }
+        if !found.is_empty() || waited.elapsed() > Duration::from_secs(5) {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     if let Some(f) = flows.last() {
+        println!("  {}", crate::flows::format_table_header());
         println!("  {}", crate::flows::format_table_row(f));
     }
     if intruder_ok || after.is_some() || tcp_n + udp_n < 2 * n as usize {
