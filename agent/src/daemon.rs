@@ -427,10 +427,8 @@ impl Agent {
         let reconcile_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut key_tick = tokio::time::interval_at(
-                tokio::time::Instant::now() + key_period,
-                key_period,
-            );
+            let mut key_tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + key_period, key_period);
             key_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 {

@@ -429,8 +429,10 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
     let intruder = spec.find_pod("shop/intruder").map_err(Error::Step)?;
     let lab = spec.name.as_str();
     let url = format!("http://{}:8080/", be.ip);
-    println!("
-== 6. mutual authentication required by policy, bound to the encryption ==");
+    println!(
+        "
+== 6. mutual authentication required by policy, bound to the encryption =="
+    );
     let st = status(paths, &fe.node)?;
     for c in &st.channels {
         println!(
@@ -479,7 +481,11 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
     .is_ok();
     println!(
         "intruder (valid SVID, no policy allowance) -> backend: {}",
-        if intruder_ok { "ALLOWED (unexpected)" } else { "dropped" }
+        if intruder_ok {
+            "ALLOWED (unexpected)"
+        } else {
+            "dropped"
+        }
     );
 
     // Rotation under load: every identity involved rotates while a TCP stream and a numbered
@@ -512,7 +518,10 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
 
     // Revocation: the pod's access ends within seconds, established connections included.
     let t = Instant::now();
-    veil_cmd(exe, &["lab", "revoke", "--name", lab, "--pod", "shop/frontend"])?;
+    veil_cmd(
+        exe,
+        &["lab", "revoke", "--name", lab, "--pod", "shop/frontend"],
+    )?;
     let gone = loop {
         let now = crate::cli::unix_now();
         let live = |st: &api::Status| st.auth.iter().any(|p| p.expires_unix > now);
@@ -520,7 +529,9 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
             break t.elapsed();
         }
         if t.elapsed() > Duration::from_secs(10) {
-            return Err(Error::Step("revocation did not remove the auth entries".into()));
+            return Err(Error::Step(
+                "revocation did not remove the auth entries".into(),
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     };

@@ -420,9 +420,11 @@ pub fn format_table_row(f: &Flow) -> String {
         } else {
             String::new()
         }
-    ) + &f.held_ms.map(|ms| format!(" (held {ms} ms for auth)")).unwrap_or_default()
-        + &f
-            .auth_error
+    ) + &f
+        .held_ms
+        .map(|ms| format!(" (held {ms} ms for auth)"))
+        .unwrap_or_default()
+        + &f.auth_error
             .as_ref()
             .map(|e| format!(" (auth: {e})"))
             .unwrap_or_default()

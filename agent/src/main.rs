@@ -502,9 +502,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 issued.push((format!("node-{n}"), svid));
             }
             for w in &workload {
-                let (ns, sa) = w
-                    .split_once('/')
-                    .with_context(|| format!("--workload {w:?}: expected NAMESPACE/SERVICEACCOUNT"))?;
+                let (ns, sa) = w.split_once('/').with_context(|| {
+                    format!("--workload {w:?}: expected NAMESPACE/SERVICEACCOUNT")
+                })?;
                 let svid = ca
                     .issue_workload_svid(ns, sa, ttl.0)
                     .map_err(|e| anyhow::anyhow!("--workload {w:?}: {e}"))?;

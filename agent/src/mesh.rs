@@ -243,7 +243,10 @@ impl Mesh {
         let mut adopted: Vec<AuthKey> = self.auth_map.keys().filter_map(Result::ok).collect();
         let adopted_until = Instant::now() + ADOPTED_ENTRY_GRACE;
         if !adopted.is_empty() {
-            tracing::info!(entries = adopted.len(), "adopted auth entries of the previous run until re-authenticated");
+            tracing::info!(
+                entries = adopted.len(),
+                "adopted auth entries of the previous run until re-authenticated"
+            );
         }
 
         loop {
@@ -254,7 +257,10 @@ impl Mesh {
                 for k in &stale {
                     let _ = self.auth_map.remove(k);
                 }
-                tracing::info!(removed = stale.len(), "adopted auth entries not re-authenticated removed");
+                tracing::info!(
+                    removed = stale.len(),
+                    "adopted auth entries not re-authenticated removed"
+                );
             }
             // Inputs are read fresh each turn; they are cheap clones of Arcs.
             let cluster = cluster_rx.borrow_and_update().clone();
@@ -398,14 +404,17 @@ impl Mesh {
             });
 
             // Sleep until the next deadline or input.
-            let next = [table.deadline(), (!adopted.is_empty()).then_some(adopted_until)]
-                .into_iter()
-                .chain(channels.values().map(|c| c.schedule.deadline()))
-                .chain(redial_at.values().map(|(t, _)| Some(*t)))
-                .flatten()
-                .min()
-                .unwrap_or(now + Duration::from_secs(5))
-                .max(now + Duration::from_millis(5));
+            let next = [
+                table.deadline(),
+                (!adopted.is_empty()).then_some(adopted_until),
+            ]
+            .into_iter()
+            .chain(channels.values().map(|c| c.schedule.deadline()))
+            .chain(redial_at.values().map(|(t, _)| Some(*t)))
+            .flatten()
+            .min()
+            .unwrap_or(now + Duration::from_secs(5))
+            .max(now + Duration::from_millis(5));
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep_until(next) => {}

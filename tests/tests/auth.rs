@@ -158,7 +158,9 @@ fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
         retrans_after, retrans_before,
         "the first connection retransmitted its SYN (connect {connect_ms:.1} ms)"
     );
-    println!("first connection after the auth policy: connect {connect_ms:.2} ms, 0 SYN retransmissions");
+    println!(
+        "first connection after the auth policy: connect {connect_ms:.2} ms, 0 SYN retransmissions"
+    );
 
     // Both agents hold the pair, expiring no later than the SVIDs involved.
     let now = veil_agent::cli::unix_now();
@@ -181,9 +183,17 @@ fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
         lab.try_get("frontend", &url(&lab)).unwrap(),
         "hello from shop/backend\n"
     );
-    let fwd = lab.observe(&["--node", "node-b", "--verdict", "FORWARDED", "--pod", "shop/frontend"]);
+    let fwd = lab.observe(&[
+        "--node",
+        "node-b",
+        "--verdict",
+        "FORWARDED",
+        "--pod",
+        "shop/frontend",
+    ]);
     assert!(
-        fwd.iter().any(|f| f["auth"] == "authenticated" && f["dst"]["pod"] == "backend"),
+        fwd.iter()
+            .any(|f| f["auth"] == "authenticated" && f["dst"]["pod"] == "backend"),
         "no authenticated flow frontend -> backend: {fwd:#?}"
     );
 
@@ -228,11 +238,24 @@ fn node_from_another_trust_domain_cannot_peer() {
         c.svids
     );
     // node-a refuses it, says why, and installs no tunnel peer for it.
-    let st = lab.wait_for("node-a's refusal of node-c", Duration::from_secs(10), || {
-        let st = lab.status("node-a");
-        (st.auth_failures.get("wrong-trust-domain").copied().unwrap_or(0) > 0).then_some(st)
-    });
-    assert!(st.peers.iter().all(|p| p.node != "node-c"), "{:?}", st.peers);
+    let st = lab.wait_for(
+        "node-a's refusal of node-c",
+        Duration::from_secs(10),
+        || {
+            let st = lab.status("node-a");
+            (st.auth_failures
+                .get("wrong-trust-domain")
+                .copied()
+                .unwrap_or(0)
+                > 0)
+            .then_some(st)
+        },
+    );
+    assert!(
+        st.peers.iter().all(|p| p.node != "node-c"),
+        "{:?}",
+        st.peers
+    );
     assert!(st.channels.iter().all(|ch| ch.node != "node-c"));
     lab.wait_for("node-a's peer node-b", Duration::from_secs(5), || {
         lab.status("node-a")
@@ -288,18 +311,29 @@ fn revoked_pod_loses_access_within_5s() {
     std::thread::sleep(Duration::from_millis(1500));
 
     let t = Instant::now();
-    veil_ok(&["lab", "revoke", "--name", &lab.name, "--pod", "shop/frontend"]);
-    lab.wait_for("auth entries gone on both nodes", Duration::from_secs(5), || {
-        let now = veil_agent::cli::unix_now();
-        ["node-a", "node-b"]
-            .iter()
-            .all(|n| {
-                auth_pairs_with(&lab.status(n), "app=frontend")
-                    .iter()
-                    .all(|p| p.expires_unix <= now)
-            })
-            .then_some(())
-    });
+    veil_ok(&[
+        "lab",
+        "revoke",
+        "--name",
+        &lab.name,
+        "--pod",
+        "shop/frontend",
+    ]);
+    lab.wait_for(
+        "auth entries gone on both nodes",
+        Duration::from_secs(5),
+        || {
+            let now = veil_agent::cli::unix_now();
+            ["node-a", "node-b"]
+                .iter()
+                .all(|n| {
+                    auth_pairs_with(&lab.status(n), "app=frontend")
+                        .iter()
+                        .all(|p| p.expires_unix <= now)
+                })
+                .then_some(())
+        },
+    );
     let gone = t.elapsed();
     assert!(gone < Duration::from_secs(5), "took {gone:?}");
     println!("revocation removed frontend's auth entries on both nodes in {gone:?}");
@@ -308,7 +342,11 @@ fn revoked_pod_loses_access_within_5s() {
         "a revoked pod still reached backend"
     );
     let lines = echoed(stream);
-    assert!(lines.len() > 5, "the stream never worked ({} lines)", lines.len());
+    assert!(
+        lines.len() > 5,
+        "the stream never worked ({} lines)",
+        lines.len()
+    );
     assert!(
         lines.len() < 100,
         "the established stream kept flowing after revocation"
@@ -364,8 +402,14 @@ fn svid_rotation_every_20s_under_load_loses_nothing() {
         tcp_lines.len(),
         udp_lines.len()
     );
-    assert!(fe_serials.len() >= 5, "frontend SVID rotations: {fe_serials:?}");
-    assert!(node_serials.len() >= 5, "node SVID rotations: {node_serials:?}");
+    assert!(
+        fe_serials.len() >= 5,
+        "frontend SVID rotations: {fe_serials:?}"
+    );
+    assert!(
+        node_serials.len() >= 5,
+        "node SVID rotations: {node_serials:?}"
+    );
     assert!(epochs.len() >= 5, "node handshakes re-run: {epochs:?}");
     assert_eq!(
         missing(&tcp_lines, "line-", n),
@@ -419,7 +463,10 @@ fn psk_rotation_under_load_loses_nothing() {
     );
     assert!(epochs.len() >= 6, "PSK epochs seen: {epochs:?}");
     // Each new PSK is used by a fresh WireGuard handshake, not just stored.
-    assert!(handshakes.len() >= 4, "WireGuard handshakes seen: {handshakes:?}");
+    assert!(
+        handshakes.len() >= 4,
+        "WireGuard handshakes seen: {handshakes:?}"
+    );
     assert_eq!(missing(&tcp_lines, "line-", n), Vec::<u32>::new());
     assert_eq!(missing(&udp_lines, "seq-", n), Vec::<u32>::new());
 }
@@ -449,7 +496,9 @@ fn attack(netns: &str, target: SocketAddr, half_open: usize) -> Vec<TcpStream> {
         }
         for i in 0..5u8 {
             if let Ok(mut s) = TcpStream::connect(target) {
-                let junk: Vec<u8> = (0..600u32).map(|b| (b as u8).wrapping_mul(31) ^ i).collect();
+                let junk: Vec<u8> = (0..600u32)
+                    .map(|b| (b as u8).wrapping_mul(31) ^ i)
+                    .collect();
                 let _ = s.write_all(b"GET / HTTP/1.1\r\n");
                 let _ = s.write_all(&junk);
                 held.push(s);
@@ -466,7 +515,11 @@ fn attack(netns: &str, target: SocketAddr, half_open: usize) -> Vec<TcpStream> {
         if let Ok(s) = TcpStream::connect(target) {
             std::thread::spawn(move || {
                 let mut s = s;
-                for b in [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01].iter().cycle().take(300) {
+                for b in [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01]
+                    .iter()
+                    .cycle()
+                    .take(300)
+                {
                     if s.write_all(&[*b]).is_err() {
                         return;
                     }
@@ -501,7 +554,15 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
     let underlay = format!("{}-underlay", lab.name);
     let bridge = format!("{}-br0", lab.name);
     assert!(std::process::Command::new("ip")
-        .args(["-n", &underlay, "addr", "add", "198.18.0.250/24", "dev", &bridge])
+        .args([
+            "-n",
+            &underlay,
+            "addr",
+            "add",
+            "198.18.0.250/24",
+            "dev",
+            &bridge
+        ])
         .status()
         .unwrap()
         .success());
@@ -517,9 +578,11 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
     // re-runs the node handshake with node-b (a new PSK epoch).
     let t = Instant::now();
     veil_ok(&["lab", "rotate", "--name", &lab.name, "--node", "node-a"]);
-    let epoch1 = lab.wait_for("a new node handshake under attack", Duration::from_secs(10), || {
-        epoch_with(&lab.status("node-a"), "node-b").filter(|e| *e > epoch0)
-    });
+    let epoch1 = lab.wait_for(
+        "a new node handshake under attack",
+        Duration::from_secs(10),
+        || epoch_with(&lab.status("node-a"), "node-b").filter(|e| *e > epoch0),
+    );
     println!(
         "node handshake under attack: epoch {epoch0} -> {epoch1} in {:?}",
         t.elapsed()
@@ -580,10 +643,17 @@ fn static_key_rotation_under_load_recovers_and_is_measured() {
         lost.len() as u64 * gap as u64 / rotations.max(1) as u64
     );
     assert!(rotations >= 3, "keys seen: {keys:?}");
-    assert_eq!(missing(&tcp_lines, "line-", n), Vec::<u32>::new(), "TCP stream broke");
+    assert_eq!(
+        missing(&tcp_lines, "line-", n),
+        Vec::<u32>::new(),
+        "TCP stream broke"
+    );
     // Bounded disruption: at most 3 probes (300 ms) per rotation, and the path recovered.
     assert!(lost.len() <= 3 * rotations, "lost {lost:?}");
-    assert!(lost.iter().all(|s| *s < n - 10), "the tail was lost: {lost:?}");
+    assert!(
+        lost.iter().all(|s| *s < n - 10),
+        "the tail was lost: {lost:?}"
+    );
     // node-b holds node-a's current key, and only that one.
     let current = lab.status("node-a").public_key.unwrap();
     let b = lab.status("node-b");

@@ -157,8 +157,14 @@ fn pki_write_puts_a_bundle_and_svids_with_private_keys_on_disk() {
         "--ttl",
         "10m",
     ]);
-    assert!(out.contains("spiffe://example.test/veil/node/node-a"), "{out}");
-    assert!(out.contains("spiffe://example.test/ns/shop/sa/frontend"), "{out}");
+    assert!(
+        out.contains("spiffe://example.test/veil/node/node-a"),
+        "{out}"
+    );
+    assert!(
+        out.contains("spiffe://example.test/ns/shop/sa/frontend"),
+        "{out}"
+    );
     let bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap();
     assert!(bundle.starts_with("-----BEGIN CERTIFICATE-----"));
     for who in ["node-node-a", "shop-frontend"] {
@@ -174,7 +180,10 @@ fn pki_write_puts_a_bundle_and_svids_with_private_keys_on_disk() {
     // Bad input is refused with what is wrong, and nothing is written.
     for (args, expect) in [
         (vec!["--workload", "no-slash"], "NAMESPACE/SERVICEACCOUNT"),
-        (vec!["--trust-domain", "Upper.Case", "--node", "a"], "lowercase"),
+        (
+            vec!["--trust-domain", "Upper.Case", "--node", "a"],
+            "lowercase",
+        ),
         (vec![], "--node"),
     ] {
         let bad = dir.join("bad");

@@ -285,9 +285,7 @@ impl AuthTable {
         let due: Vec<AuthTriple> = self
             .states
             .iter()
-            .filter(|(t, s)| {
-                t.local_identity == identity && s.entry.is_some() && !s.in_flight
-            })
+            .filter(|(t, s)| t.local_identity == identity && s.entry.is_some() && !s.in_flight)
             .map(|(t, _)| *t)
             .collect();
         for t in due {

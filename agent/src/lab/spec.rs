@@ -438,7 +438,10 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
     if psk_rotation < Duration::from_secs(5) {
         return Err(invalid("psk_rotation", "must be at least 5s"));
     }
-    let key_rotation = file.key_rotation.map(|d| d.0).unwrap_or_else(default_key_rotation);
+    let key_rotation = file
+        .key_rotation
+        .map(|d| d.0)
+        .unwrap_or_else(default_key_rotation);
     if key_rotation < Duration::from_secs(5) {
         return Err(invalid("key_rotation", "must be at least 5s"));
     }

@@ -76,7 +76,11 @@ pub async fn run(spec: &LabSpec, paths: &LabPaths) -> Result<(), Error> {
             })
             .collect();
         let server = DevServer::start(cfg).await?;
-        for p in spec.pods.iter().filter(|p| nodes.contains(&p.node.as_str())) {
+        for p in spec
+            .pods
+            .iter()
+            .filter(|p| nodes.contains(&p.node.as_str()))
+        {
             let id = server.register_pod(PodRegistration {
                 node: p.node.clone(),
                 namespace: p.namespace.clone(),

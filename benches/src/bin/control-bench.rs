@@ -17,7 +17,9 @@ use veil_agent::api::Status;
 use veil_benches::{cleanup, lab::Lab};
 
 #[derive(Parser, Debug)]
-#[command(about = "veil's control plane: handshakes/s, policy-to-enforcement, rotation-to-reauth, first connection")]
+#[command(
+    about = "veil's control plane: handshakes/s, policy-to-enforcement, rotation-to-reauth, first connection"
+)]
 struct Args {
     /// Rounds of each latency measurement.
     #[arg(long, default_value_t = 7)]
@@ -79,7 +81,17 @@ fn apply(veil: &Path, lab: &str, dir: &Path, yaml: &str) -> anyhow::Result<Durat
     let f = dir.join(format!("{lab}-policy.yaml"));
     std::fs::write(&f, yaml)?;
     let t = Instant::now();
-    veil_ok(veil, &["policy", "apply", "--name", lab, "-f", &f.display().to_string()])?;
+    veil_ok(
+        veil,
+        &[
+            "policy",
+            "apply",
+            "--name",
+            lab,
+            "-f",
+            &f.display().to_string(),
+        ],
+    )?;
     Ok(t.elapsed())
 }
 
@@ -99,7 +111,17 @@ fn policy(name: &str, server: &str, clients: &[String], port: u16, auth: bool) -
 fn connect_ms(lab: &Lab, pod: &str, url: &str) -> anyhow::Result<f64> {
     let out = lab.exec(
         pod,
-        &["curl", "-sS", "--max-time", "3", "-o", "/dev/null", "-w", "%{time_connect}", url],
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_connect}",
+            url,
+        ],
     )?;
     Ok(out.trim().parse::<f64>()? * 1e3)
 }
@@ -134,7 +156,10 @@ fn main() -> anyhow::Result<()> {
     let lab_file = tmp.join("lab.yaml");
     std::fs::write(&lab_file, &file)?;
     let name = "vb-ctl";
-    println!("bringing up lab {name}: {} pods", clients.len() + probes.len() + servers.len());
+    println!(
+        "bringing up lab {name}: {} pods",
+        clients.len() + probes.len() + servers.len()
+    );
     let lab = Lab::up(&veil, name, &lab_file, &["--quiet"])?;
     let s0_ip = lab.pod("s0")?.ip.clone();
     let url = format!("http://{s0_ip}:8080/");
@@ -189,7 +214,10 @@ fn main() -> anyhow::Result<()> {
         apply_took.as_secs_f64() * 1e3
     );
     for s in &servers {
-        veil_ok(&veil, &["policy", "delete", "--name", name, &format!("bench/hs-{s}")])?;
+        veil_ok(
+            &veil,
+            &["policy", "delete", "--name", name, &format!("bench/hs-{s}")],
+        )?;
     }
 
     // 2. Policy apply until in force on every node (the CLI waits for every agent).
@@ -210,7 +238,12 @@ fn main() -> anyhow::Result<()> {
     for (i, p) in probes.iter().enumerate() {
         // Warm the neighbour and WireGuard state on the path without admitting anything.
         let _ = lab.exec(p, &["ping", "-c", "1", "-W", "1", &s0_ip]);
-        apply(&veil, name, &tmp, &policy(&format!("first-{i}"), "s0", &[p.clone()], 8080, true))?;
+        apply(
+            &veil,
+            name,
+            &tmp,
+            &policy(&format!("first-{i}"), "s0", &[p.clone()], 8080, true),
+        )?;
         first.push(connect_ms(&lab, p, &url)?);
         warm.push(connect_ms(&lab, p, &url)?);
         let before = status(&veil, name, "node-a")?
@@ -221,14 +254,22 @@ fn main() -> anyhow::Result<()> {
             .max()
             .unwrap_or(0);
         let t = Instant::now();
-        veil_ok(&veil, &["lab", "rotate", "--name", name, "--pod", &format!("bench/{p}")])?;
+        veil_ok(
+            &veil,
+            &[
+                "lab",
+                "rotate",
+                "--name",
+                name,
+                "--pod",
+                &format!("bench/{p}"),
+            ],
+        )?;
         loop {
             let st = status(&veil, name, "node-a")?;
-            if st
-                .auth
-                .iter()
-                .any(|a| a.src_identity.contains(&format!("app={p}")) && a.authenticated_unix_ms > before)
-            {
+            if st.auth.iter().any(|a| {
+                a.src_identity.contains(&format!("app={p}")) && a.authenticated_unix_ms > before
+            }) {
                 reauth.push(t.elapsed().as_secs_f64() * 1e3);
                 break;
             }
@@ -238,8 +279,11 @@ fn main() -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let (first_med, warm_med, reauth_med) =
-        (median(first.clone()), median(warm.clone()), median(reauth.clone()));
+    let (first_med, warm_med, reauth_med) = (
+        median(first.clone()),
+        median(warm.clone()),
+        median(reauth.clone()),
+    );
     println!("first connection, auth required, fresh pair: median {first_med:.2} ms {first:.2?}");
     println!("connection of an authenticated pair:          median {warm_med:.2} ms {warm:.2?}");
     println!("SVID rotation -> pair re-authenticated:       median {reauth_med:.0} ms {reauth:.0?} (includes `veil status` polling)");
@@ -274,6 +318,9 @@ fn main() -> anyhow::Result<()> {
         "authenticated_connection_ms": warm,
         "first_to_authenticated_ratio": ratio,
     });
-    std::fs::write(out_dir.join("control.json"), serde_json::to_string_pretty(&json)?)?;
+    std::fs::write(
+        out_dir.join("control.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
     Ok(())
 }
