@@ -43,16 +43,36 @@ pub fn exec_in_pod(exe: &Path, lab: &str, pod: &str, argv: &[&str]) -> Result<St
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn status(paths: &lab::LabPaths, node: &str) -> Result<api::Status, Error> {
+/// `GET path` on a node agent's admin socket, as JSON.
+fn agent_get<T: serde::de::DeserializeOwned>(
+    paths: &lab::LabPaths,
+    node: &str,
+    path: &str,
+) -> Result<T, Error> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    rt.block_on(crate::admin::get_json::<api::Status>(
-        &paths.admin_socket(node),
-        "/v1/status",
-    ))
-    .map_err(|e| Error::Step(e.to_string()))
+    rt.block_on(crate::admin::get_json::<T>(&paths.admin_socket(node), path))
+        .map_err(|e| Error::Step(e.to_string()))
+}
+
+fn status(paths: &lab::LabPaths, node: &str) -> Result<api::Status, Error> {
+    agent_get(paths, node, "/v1/status")
+}
+
+/// The newest DROPPED flow record from or to `pod` (`namespace%2Fname`) on `node`.
+fn last_drop(
+    paths: &lab::LabPaths,
+    node: &str,
+    pod: &str,
+) -> Result<Option<crate::flows::Flow>, Error> {
+    let flows: Vec<crate::flows::Flow> = agent_get(
+        paths,
+        node,
+        &format!("/v1/flows?verdict=DROPPED&pod={pod}&limit=1"),
+    )?;
+    Ok(flows.into_iter().last())
 }
 
 fn pod_packets(st: &api::Status, pod: &str) -> u64 {
@@ -321,20 +341,10 @@ fn step_policy(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Resul
             "dropped"
         }
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let flows: Vec<crate::flows::Flow> = rt
-        .block_on(crate::admin::get_json(
-            &paths.admin_socket(&be.node),
-            "/v1/flows?verdict=DROPPED&pod=shop%2Fintruder&limit=1",
-        ))
-        .map_err(|e| Error::Step(e.to_string()))?;
-    if let Some(f) = flows.last() {
+    if let Some(f) = last_drop(paths, &be.node, "shop%2Fintruder")? {
         println!("veil observe --verdict DROPPED:");
         println!("  {}", crate::flows::format_table_header());
-        println!("  {}", crate::flows::format_table_row(f));
+        println!("  {}", crate::flows::format_table_row(&f));
     }
     if !fe_ok || in_ok {
         return Err(Error::Step("policy did not behave as applied".into()));
@@ -541,29 +551,19 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
         gone.as_secs_f64() * 1e3,
         if after.is_some() { "ALLOWED (unexpected)" } else { "dropped" }
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     // The held SYN is dropped and recorded when its hold times out (3 s): wait for the record.
     let waited = Instant::now();
-    let flows: Vec<crate::flows::Flow> = loop {
-        let mut found = Vec::new();
+    let drop = loop {
+        let mut found = None;
         for node in [&fe.node, &be.node] {
-            let f: Vec<crate::flows::Flow> = rt
-                .block_on(crate::admin::get_json(
-                    &paths.admin_socket(node),
-                    "/v1/flows?verdict=DROPPED&pod=shop%2Ffrontend&limit=1",
-                ))
-                .map_err(|e| Error::Step(e.to_string()))?;
-            found.extend(f);
+            found = found.or(last_drop(paths, node, "shop%2Ffrontend")?);
         }
-        if !found.is_empty() || waited.elapsed() > Duration::from_secs(5) {
+        if found.is_some() || waited.elapsed() > Duration::from_secs(5) {
             break found;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    if let Some(f) = flows.last() {
+    if let Some(f) = &drop {
         println!("  {}", crate::flows::format_table_header());
         println!("  {}", crate::flows::format_table_row(f));
     }
@@ -573,44 +573,6 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
     Ok(())
 }
 
-const DEMO_AUTH_POLICY: &str = "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: backend-from-frontend
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: backend
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: frontend
-    authentication:
-      mode: required
-    toPorts:
-    - ports:
-      - port: \"8080\"
-        protocol: TCP
-      - port: \"9000\"
-        protocol: ANY
-";
-
-const DEMO_POLICY: &str = "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: backend-from-frontend
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: backend
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: frontend
-    toPorts:
-    - ports:
-      - port: \"8080\"
-        protocol: TCP
-";
+/// The policies the demo applies are the ones in `examples/policies/`.
+const DEMO_POLICY: &str = include_str!("../../examples/policies/backend-ingress.yaml");
+const DEMO_AUTH_POLICY: &str = include_str!("../../examples/policies/backend-ingress-auth.yaml");

@@ -688,13 +688,18 @@ fn install(
         .duration_since(SystemTime::now())
         .ok()
         .map(|d| now + d);
-    let mut schedule = RekeySchedule::new(RekeyConfig {
-        interval,
-        ..RekeyConfig::default()
-    });
-    if let Some(prev) = channels.get(&id) {
-        schedule.inherit(&prev.schedule);
-    }
+    // One schedule per peer, carried from the channel this one replaces: it remembers which
+    // peer SVID the last handshake saw (see `RekeySchedule::on_established`).
+    let fresh = || {
+        RekeySchedule::new(RekeyConfig {
+            interval,
+            ..RekeyConfig::default()
+        })
+    };
+    let mut schedule = match channels.get_mut(&id) {
+        Some(prev) => std::mem::replace(&mut prev.schedule, fresh()),
+        None => fresh(),
+    };
     schedule.on_established(now, valid_until_instant);
     tracing::info!(
         peer = %nk.peer_node,

@@ -80,20 +80,34 @@ pub fn load_or_create_key(state_dir: &Path) -> Result<PrivateKey, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(state_dir).map_err(key_err)?;
             let key = PrivateKey::generate();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(key_err)?;
-            f.write_all(key.to_base64().as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(key_err)?;
+            write_key(state_dir, &key)?;
             tracing::info!(public_key = %key.public_key(), "created node WireGuard key");
             Ok(key)
         }
         Err(e) => Err(key_err(e)),
     }
+}
+
+/// Writes the node key to `state_dir/wireguard.key`: mode 0600 from creation, synced, then
+/// renamed over the old file, so a crash leaves the old key or the new one, never half of one.
+fn write_key(state_dir: &Path, key: &PrivateKey) -> Result<(), Error> {
+    let path = state_dir.join("wireguard.key");
+    let tmp = state_dir.join("wireguard.key.new");
+    let key_err = |source| Error::Key {
+        path: path.clone(),
+        source,
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(key_err)?;
+    f.write_all(key.to_base64().as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(key_err)?;
+    std::fs::rename(&tmp, &path).map_err(key_err)
 }
 
 /// The node's WireGuard device and what the agent has put on it.
@@ -225,23 +239,7 @@ impl NodeTunnel {
     /// peers can handshake again once a node handshake told them the new public key.
     pub fn rotate_key(&mut self, state_dir: &Path) -> Result<PublicKey, Error> {
         let key = PrivateKey::generate();
-        let path = state_dir.join("wireguard.key");
-        let tmp = state_dir.join("wireguard.key.new");
-        let key_err = |source| Error::Key {
-            path: path.clone(),
-            source,
-        };
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(key_err)?;
-        f.write_all(key.to_base64().as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(key_err)?;
-        std::fs::rename(&tmp, &path).map_err(key_err)?;
+        write_key(state_dir, &key)?;
         self.device.set_private_key(&key)?;
         self.key = key;
         // Peers go back on with the new key at the next reconcile.

@@ -70,53 +70,37 @@ spec:
           path: \"/api/products\"
 ";
 
-fn apply(lab: &Lab, yaml: &str) -> std::process::Output {
-    lab.apply_policy(yaml)
-}
-
-fn apply_ok(lab: &Lab, yaml: &str) -> String {
-    lab.apply_policy_ok(yaml)
-}
-
-fn get(lab: &Lab, pod: &str, url: &str) -> Result<String, String> {
-    lab.try_get(pod, url)
-}
-
-fn observe(lab: &Lab, args: &[&str]) -> Vec<serde_json::Value> {
-    lab.observe(args)
-}
-
 #[test]
 fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
     let lab = Lab::up(&[]);
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
     assert!(
-        get(&lab, "intruder", &url).is_ok(),
+        lab.try_get("intruder", &url).is_ok(),
         "no policy yet: everything is allowed"
     );
-    let out = apply_ok(&lab, &format!("{INGRESS}---\n{EGRESS}"));
+    let out = lab.apply_policy_ok(&format!("{INGRESS}---\n{EGRESS}"));
     assert!(
         out.contains("node-a: generation") && out.contains("node-b: generation"),
         "per-node result: {out}"
     );
 
     assert_eq!(
-        get(&lab, "frontend", &url).unwrap(),
+        lab.try_get("frontend", &url).unwrap(),
         "hello from shop/backend\n"
     );
     assert!(
-        get(&lab, "intruder", &url).is_err(),
+        lab.try_get("intruder", &url).is_err(),
         "intruder reached backend through the policy"
     );
     // frontend's egress is now default-deny except backend:8080.
-    assert!(get(
-        &lab,
-        "frontend",
-        &format!("http://{}:9999/", lab.pod_ip("intruder"))
-    )
-    .is_err());
+    assert!(lab
+        .try_get(
+            "frontend",
+            &format!("http://{}:9999/", lab.pod_ip("intruder"))
+        )
+        .is_err());
 
-    let drops = observe(&lab, &["--verdict", "DROPPED"]);
+    let drops = lab.observe(&["--verdict", "DROPPED"]);
     let intruder = drops
         .iter()
         .find(|f| f["src"]["pod"] == "intruder" && f["dst"]["pod"] == "backend")
@@ -149,17 +133,14 @@ fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
         .iter()
         .any(|l| l == "app=backend"));
     // The allowed flow is there too, and filters work.
-    let fwd = observe(
-        &lab,
-        &[
-            "--verdict",
-            "FORWARDED",
-            "--pod",
-            "shop/frontend",
-            "--protocol",
-            "tcp",
-        ],
-    );
+    let fwd = lab.observe(&[
+        "--verdict",
+        "FORWARDED",
+        "--pod",
+        "shop/frontend",
+        "--protocol",
+        "tcp",
+    ]);
     assert!(fwd.iter().any(|f| f["dst"]["pod"] == "backend"), "{fwd:#?}");
     assert!(fwd.iter().all(|f| f["verdict"] == "FORWARDED"));
     let st = lab.status("node-b");
@@ -176,7 +157,7 @@ fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
         "shop/frontend-to-backend-l7",
     ]);
     assert_eq!(
-        get(&lab, "intruder", &url).unwrap(),
+        lab.try_get("intruder", &url).unwrap(),
         "hello from shop/backend\n"
     );
     assert!(lab.status("node-b").policy.policies.is_empty());
@@ -185,9 +166,9 @@ fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
 #[test]
 fn l7_rules_are_refused_and_the_previous_policy_stays() {
     let lab = Lab::up(&[]);
-    apply_ok(&lab, INGRESS);
+    lab.apply_policy_ok(INGRESS);
     let before = lab.status("node-b").policy;
-    let out = apply(&lab, EGRESS_L7);
+    let out = lab.apply_policy(EGRESS_L7);
     assert!(
         !out.status.success(),
         "a policy with rules.http was accepted"
@@ -198,13 +179,10 @@ fn l7_rules_are_refused_and_the_previous_policy_stays() {
         "{err}"
     );
     // Unknown fields name their path; nothing changes either.
-    let out = apply(
-        &lab,
-        &INGRESS.replace(
-            "matchLabels:\n        app: frontend",
-            "matchLables:\n        app: frontend",
-        ),
-    );
+    let out = lab.apply_policy(&INGRESS.replace(
+        "matchLabels:\n        app: frontend",
+        "matchLables:\n        app: frontend",
+    ));
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("spec.ingress[0].fromEndpoints[0]"),
@@ -214,8 +192,8 @@ fn l7_rules_are_refused_and_the_previous_policy_stays() {
     let after = lab.status("node-b").policy;
     assert_eq!(before, after, "a refused policy changed what is in force");
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
-    assert!(get(&lab, "intruder", &url).is_err());
-    assert!(get(&lab, "frontend", &url).is_ok());
+    assert!(lab.try_get("intruder", &url).is_err());
+    assert!(lab.try_get("frontend", &url).is_ok());
 }
 
 #[test]
@@ -227,12 +205,12 @@ fn audit_mode_passes_and_reports() {
         "  namespace: shop\n",
         "  namespace: shop\n  annotations:\n    policy.veil.io/mode: audit\n",
     );
-    apply_ok(&lab, &audit);
+    lab.apply_policy_ok(&audit);
     assert_eq!(
-        get(&lab, "intruder", &url).unwrap(),
+        lab.try_get("intruder", &url).unwrap(),
         "hello from shop/backend\n"
     );
-    let flows = observe(&lab, &["--verdict", "AUDIT"]);
+    let flows = lab.observe(&["--verdict", "AUDIT"]);
     let f = flows
         .iter()
         .find(|f| f["src"]["pod"] == "intruder")
@@ -242,18 +220,18 @@ fn audit_mode_passes_and_reports() {
         "AUDIT says what would have dropped it"
     );
     // Per node: an enforcing policy, but node-b in audit mode.
-    apply_ok(&lab, INGRESS);
-    assert!(get(&lab, "intruder", &url).is_err());
+    lab.apply_policy_ok(INGRESS);
+    assert!(lab.try_get("intruder", &url).is_err());
     veil_ok(&[
         "policy", "audit", "--name", &lab.name, "--node", "node-b", "on",
     ]);
     assert!(lab.status("node-b").audit);
     assert_eq!(
-        get(&lab, "intruder", &url).unwrap(),
+        lab.try_get("intruder", &url).unwrap(),
         "hello from shop/backend\n"
     );
     veil_ok(&["policy", "audit", "--name", &lab.name, "off"]);
-    assert!(get(&lab, "intruder", &url).is_err());
+    assert!(lab.try_get("intruder", &url).is_err());
 }
 
 const ECHO_LAB: &str = "pods:\n\
@@ -282,7 +260,7 @@ fn policy_updates_lose_nothing_on_allowed_streams_and_cut_denied_ones() {
             "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: backend-echo\n  namespace: shop\nspec:\n  endpointSelector:\n    matchLabels:\n      app: backend\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        app: frontend\n    toPorts:\n    - ports:\n      - port: \"9000\"\n        protocol: ANY\n{extra}"
         )
     };
-    apply_ok(&lab, &allow_9000(""));
+    lab.apply_policy_ok(&allow_9000(""));
     // A continuous allowed stream (TCP echo) and a sequence-numbered UDP probe while the policy
     // set changes repeatedly (other policies added, removed, this one re-applied).
     let tcp = stream(&lab, "frontend", 120, 50);
@@ -300,9 +278,8 @@ fn policy_updates_lose_nothing_on_allowed_streams_and_cut_denied_ones() {
         } else {
             ""
         };
-        apply_ok(&lab, &allow_9000(extra));
-        apply_ok(
-            &lab,
+        lab.apply_policy_ok(&allow_9000(extra));
+        lab.apply_policy_ok(
             &INGRESS
                 .replace("backend-from-frontend", &format!("other-{updates}"))
                 .replace("app: backend", "app: nobody"),
@@ -333,10 +310,7 @@ fn policy_updates_lose_nothing_on_allowed_streams_and_cut_denied_ones() {
     // re-evaluated on every policy change).
     let victim = stream(&lab, "frontend", 100, 50);
     std::thread::sleep(Duration::from_millis(1000));
-    let out = apply_ok(
-        &lab,
-        &allow_9000("").replace("app: frontend", "app: intruder"),
-    );
+    let out = lab.apply_policy_ok(&allow_9000("").replace("app: frontend", "app: intruder"));
     assert!(out.contains("connections cut"), "{out}");
     let out = victim.wait_with_output().unwrap();
     let n = String::from_utf8_lossy(&out.stdout).lines().count();
@@ -350,10 +324,10 @@ fn policy_updates_lose_nothing_on_allowed_streams_and_cut_denied_ones() {
 #[test]
 fn flow_log_survives_agent_restart_and_metrics_count() {
     let lab = Lab::up(&[]);
-    apply_ok(&lab, INGRESS);
+    lab.apply_policy_ok(INGRESS);
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
-    let _ = get(&lab, "intruder", &url);
-    let before = observe(&lab, &["--node", "node-b", "--verdict", "DROPPED"]);
+    let _ = lab.try_get("intruder", &url);
+    let before = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
     assert!(!before.is_empty());
     let pid = lab.status("node-b").agent.pid;
     nix::sys::signal::kill(
@@ -368,15 +342,15 @@ fn flow_log_survives_agent_restart_and_metrics_count() {
         let st: veil_tests::Status = serde_json::from_slice(&out.stdout).ok()?;
         (st.agent.pid != pid && st.ready).then_some(())
     });
-    let after = observe(&lab, &["--node", "node-b", "--verdict", "DROPPED"]);
+    let after = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
     assert!(
         after.len() >= before.len(),
         "flow records lost across the restart"
     );
     assert_eq!(after[0]["seq"], before[0]["seq"]);
     // The restarted agent keeps enforcing (pinned maps, same policy) and keeps recording.
-    assert!(get(&lab, "intruder", &url).is_err());
-    let later = observe(&lab, &["--node", "node-b", "--verdict", "DROPPED"]);
+    assert!(lab.try_get("intruder", &url).is_err());
+    let later = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
     assert!(
         later.len() > after.len()
             || later.last().unwrap()["seq"].as_u64() > after.last().unwrap()["seq"].as_u64()
