@@ -39,8 +39,17 @@ llvm_major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 [ -n "$llvm_major" ] || die "cannot read the nightly's LLVM version (rustc +nightly -vV)"
 stamp="$HOME/.cache/veil/bpf-linker.llvm"
 if ! command -v bpf-linker >/dev/null || [ "$(cat "$stamp" 2>/dev/null)" != "$llvm_major" ]; then
-  so=$(ls "$sysroot"/lib/libLLVM.so.* "$sysroot"/lib/libLLVM-*.so 2>/dev/null | head -n 1)
-  [ -n "$so" ] || die "no libLLVM in $sysroot/lib"
+  # The toolchain ships libLLVM twice over: the ELF shared object (libLLVM.so.22.1-rust-…) and a
+  # 43-byte linker script (libLLVM-22-rust-….so: "INPUT(libLLVM.so.22.1-…)") that rust-lld cannot
+  # follow from another directory. Take the file whose first bytes are the ELF magic.
+  so=""
+  found=()
+  for f in "$sysroot"/lib/libLLVM*.so*; do
+    [ -f "$f" ] || continue
+    found+=("$(basename "$f")")
+    if [ "$(head -c 4 "$f" | od -An -c | tr -d ' ')" = '177ELF' ]; then so="$f"; break; fi
+  done
+  [ -n "$so" ] || die "no ELF libLLVM shared object in $sysroot/lib (found: ${found[*]:-nothing})"
   prefix="$HOME/.cache/veil/llvm-$llvm_major"
   mkdir -p "$prefix/lib"
   ln -sf "$so" "$prefix/lib/libLLVM.so"

@@ -279,7 +279,15 @@ enum LabCommand {
 }
 
 fn main() -> ExitCode {
+    veil_transport::abort_on_panic();
     let cli = Cli::parse();
+    if !is_daemon(&cli.command) {
+        // A CLI whose reader went away (`veil status | head -1`) ends quietly, as cat and
+        // kubectl do, instead of panicking in println!. Daemons keep SIGPIPE ignored: a peer
+        // closing a socket must not kill them.
+        // SAFETY: resetting a signal disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -287,6 +295,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Long-running processes (agent, lab daemons, pod servers, the demo and `lab up`, which drive
+/// child processes through pipes) as opposed to one-shot commands that print a result.
+fn is_daemon(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Agent { .. }
+            | Command::Demo { .. }
+            | Command::Lab {
+                command: LabCommand::Up { .. },
+            }
+            | Command::Lab {
+                command: LabCommand::SpireServer { .. }
+                    | LabCommand::Supervise { .. }
+                    | LabCommand::Serve { .. }
+            }
+    )
 }
 
 /// POST to the lab's dev SPIRE server control socket; returns the JSON answer.

@@ -484,3 +484,104 @@ fn kernel_backend_runs_where_the_kernel_has_wireguard() {
         assert_eq!(lab.status("node-a").backend, "userspace");
     }
 }
+
+/// Hostile datagrams to the WireGuard port and random streams to the control port, from the
+/// node-b namespace (an attacker on the underlay reaches the same sockets): zero-length (the
+/// datagram that killed veil-wg's receive thread), 1 and 4 bytes, every message type truncated,
+/// exact-sized and oversized with random content, and random bytes. Sent from port 40404 so an
+/// answer would be visible in the capture.
+const HOSTILE_UDP: &str = r#"
+import os, random, socket, sys
+dst = (sys.argv[1], 51820)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 40404))
+sent = 0
+def send(b):
+    global sent
+    s.sendto(b, dst); sent += 1
+for _ in range(3):
+    send(b"")
+for n in (1, 2, 3, 4, 5, 16, 31, 32, 33):
+    send(os.urandom(n))
+sizes = {1: 148, 2: 92, 3: 64, 4: 32}
+for t, exact in sizes.items():
+    for n in (4, 8, exact - 1, exact, exact + 1, exact + 16, 1420, 9000, 65000):
+        send(bytes([t, 0, 0, 0]) + os.urandom(max(0, n - 4)))
+for _ in range(300):
+    send(os.urandom(random.randint(0, 2000)))
+print(sent)
+"#;
+
+const HOSTILE_TCP: &str = r#"
+import os, random, socket, sys
+for i in range(40):
+    c = socket.create_connection((sys.argv[1], 4250), timeout=3)
+    try:
+        c.sendall(os.urandom(random.randint(0, 20000)) if i % 4 else b"\x16\x03\x01\xff\xff" + os.urandom(100))
+    except OSError:
+        pass
+    c.close()
+print("done")
+"#;
+
+#[test]
+fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
+    let lab = Lab::up(&[]);
+    let a_ip = lab.view.nodes[0].underlay_ip.clone();
+    let b_ns = lab.node_netns("node-b");
+    let be = lab.pod_ip("backend");
+    assert_eq!(
+        lab.http_get("frontend", &format!("http://{be}:8080/")),
+        "hello from shop/backend\n"
+    );
+    let wg_pid = |node: &str| -> String {
+        let st = lab.status(node);
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("veil-wg.* {}$", st.interface)])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let pid_before = wg_pid("node-a");
+    assert!(!pid_before.is_empty(), "no veil-wg process for node-a");
+
+    let cap = Capture::start(&lab);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &b_ns, "python3", "-c", HOSTILE_UDP, &a_ip])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sent: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(sent > 340, "sent {sent} datagrams");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &b_ns, "python3", "-c", HOSTILE_TCP, &a_ip])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Traffic still flows both ways through the tunnel, on a fresh connection each time.
+    for i in 0..5 {
+        assert_eq!(
+            lab.http_get("frontend", &format!("http://{be}:8080/after-{i}")),
+            "hello from shop/backend\n",
+            "request {i} after the hostile input failed"
+        );
+    }
+    let (_, lines) = cap.stop();
+    // Nothing answered the attacker's port.
+    let answers: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains(&format!(" > {}.40404:", lab.view.nodes[1].underlay_ip)))
+        .collect();
+    assert!(answers.is_empty(), "node-a answered hostile datagrams: {answers:?}");
+    // The hostile datagrams were seen on the wire (the capture can see them).
+    assert!(
+        lines.iter().any(|l| l.contains(".40404 > ") && l.contains(".51820")),
+        "the capture did not see the hostile datagrams"
+    );
+    // Same veil-wg process: no thread died, nothing had to restart.
+    assert_eq!(wg_pid("node-a"), pid_before, "veil-wg was restarted");
+    let logs = veil_tests::collect_logs(&lab.name);
+    assert!(!logs.contains("panicked"), "a process panicked:\n{logs}");
+}

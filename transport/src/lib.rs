@@ -27,3 +27,16 @@ pub const fn overhead(ipv6_underlay: bool) -> u32 {
         60
     }
 }
+
+/// Makes a panic in any thread end the whole process (after the default report), for veil-wg
+/// and the agent: a process with one dead thread looks healthy to its supervisor while it moves
+/// no packets, and a dead process is restarted and counted. Tests keep unwinding panics; only
+/// the binaries install this.
+pub fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("veil: a thread panicked; aborting the process so it is restarted");
+        std::process::abort();
+    }));
+}

@@ -68,6 +68,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    veil_transport::abort_on_panic();
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

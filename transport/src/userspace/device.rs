@@ -42,6 +42,8 @@ const RETIRE_MAX: Duration = Duration::from_secs(180);
 /// Counters of packets the device dropped, by cause.
 #[derive(Debug, Default)]
 pub struct Drops {
+    /// Datagrams that are no WireGuard message at all (empty).
+    pub malformed: AtomicU64,
     pub no_peer: AtomicU64,
     pub bad_source: AtomicU64,
     pub decrypt: AtomicU64,

@@ -420,7 +420,9 @@ fn tun_to_udp(
                     }
                 }
             }
-            let (_, peer, ep, bytes) = last.as_mut().expect("set above");
+            let Some((_, peer, ep, bytes)) = last.as_mut() else {
+                continue;
+            };
             let Some(ep) = *ep else {
                 device.drops.no_endpoint.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -429,7 +431,11 @@ fn tun_to_udp(
             if ob.room(need).is_none() {
                 ob.send(&u, &device.drops);
             }
-            let room = ob.room(need).expect("an empty outbox holds one datagram");
+            let Some(room) = ob.room(need) else {
+                // Cannot happen (an empty outbox holds a whole batch); dropped, not panicked.
+                device.drops.send_error.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
             // Locked per packet, not per batch: the receive thread decrypting this peer's
             // packets waits at most one encryption.
             let mut noise = peer.noise.lock().expect("noise lock");
@@ -494,6 +500,96 @@ impl RxPeer {
     }
 }
 
+/// Where the receive path sends its answers (handshake responses, cookie replies): the UDP
+/// socket in veil-wg, a recorder in tests and the fuzz target.
+pub trait Reply {
+    fn reply(&self, to: SocketAddr, datagram: &[u8]);
+}
+
+impl Reply for Udp {
+    fn reply(&self, to: SocketAddr, datagram: &[u8]) {
+        let _ = self.send(to, datagram, None);
+    }
+}
+
+/// What `recvmmsg` reported for one receive buffer. Nothing in it is trusted: `len` may be 0
+/// (an empty datagram) or larger than the buffer, `stride` (the GRO segment size) may be 0 or
+/// larger than `len`.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub len: usize,
+    pub stride: usize,
+    pub from: SocketAddr,
+}
+
+/// The datagrams of one receive buffer: GRO glued `len / stride` datagrams of `stride` bytes
+/// (the last may be shorter). Never panics, whatever the metadata says; an empty datagram yields
+/// nothing.
+pub fn split_datagrams(buf: &[u8], meta: Received) -> impl Iterator<Item = &[u8]> {
+    let data = &buf[..meta.len.min(buf.len())];
+    let stride = match meta.stride {
+        0 => data.len(),
+        s => s,
+    };
+    // `chunks(0)` panics; an empty buffer has no chunks for any positive size.
+    data.chunks(stride.max(1))
+}
+
+/// Receive-path state kept across batches: the TUN coalescer, the per-batch peer and scratch
+/// space for the rate limiter.
+pub struct RxState {
+    co: Coalescer,
+    rx: RxPeer,
+    scratch: Vec<u8>,
+}
+
+impl Default for RxState {
+    fn default() -> Self {
+        Self {
+            co: Coalescer::new(),
+            rx: RxPeer::default(),
+            scratch: vec![0u8; MAX_DATAGRAM],
+        }
+    }
+}
+
+/// One batch of received buffers → decrypted packets handed to `tun_write` (virtio header in
+/// front), answers to `replies`. Everything from the bytes and metadata `recvmmsg` returned to
+/// the TUN write: sans-IO, so tests and the fuzz target drive exactly what veil-wg runs.
+pub fn receive_batch<'a, R: Reply>(
+    batch: impl IntoIterator<Item = (&'a [u8], Received)>,
+    device: &Device,
+    replies: &R,
+    state: &mut RxState,
+    mut tun_write: impl FnMut(&[u8]),
+) {
+    let routing = device.routing();
+    for (buf, meta) in batch {
+        if meta.len == 0 {
+            // An empty datagram is no WireGuard message: nothing to answer, nothing to change.
+            device.drops.malformed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        for datagram in split_datagrams(buf, meta) {
+            handle_datagram(
+                datagram,
+                meta.from,
+                &routing,
+                replies,
+                device,
+                &mut state.co,
+                &mut state.rx,
+                &mut state.scratch,
+            );
+            if state.co.len() >= TUN_FLUSH_AT {
+                state.co.finish(&mut tun_write);
+            }
+        }
+    }
+    state.co.finish(&mut tun_write);
+    state.rx.settle();
+}
+
 /// UDP → decrypt → TUN.
 fn udp_to_tun(
     tun: &SyncDevice,
@@ -504,12 +600,10 @@ fn udp_to_tun(
     let batch = quinn_udp::BATCH_SIZE;
     let mut storage: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; MAX_DATAGRAM]).collect();
     let mut metas = vec![RecvMeta::default(); batch];
-    let mut co = Coalescer::new();
-    let mut scratch = vec![0u8; MAX_DATAGRAM];
-    let mut rx = RxPeer::default();
+    let mut state = RxState::default();
     let fd = tun.as_raw_fd();
     while !stop.load(Ordering::Relaxed) {
-        let Some(u) = udp.read().expect("udp lock").clone() else {
+        let Some(u) = read_lock(udp).clone() else {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
@@ -528,52 +622,41 @@ fn udp_to_tun(
                 Err(_) => continue,
             }
         };
-        let routing = device.routing();
-        for (meta, buf) in metas.iter().zip(&storage).take(n) {
-            let stride = if meta.stride == 0 {
-                meta.len
-            } else {
-                meta.stride
-            };
-            for datagram in buf[..meta.len].chunks(stride) {
-                handle_datagram(
-                    datagram,
-                    meta.addr,
-                    &routing,
-                    &u,
-                    device,
-                    &mut co,
-                    &mut rx,
-                    &mut scratch,
-                );
-                if co.len() >= TUN_FLUSH_AT {
-                    write_tun(fd, &mut co);
-                }
-            }
-        }
-        write_tun(fd, &mut co);
-        rx.settle();
+        let received = metas.iter().zip(&storage).take(n).map(|(m, b)| {
+            (
+                b.as_slice(),
+                Received {
+                    len: m.len,
+                    stride: m.stride,
+                    from: m.addr,
+                },
+            )
+        });
+        receive_batch(received, device, &*u, &mut state, |b| write_tun(fd, b));
     }
 }
 
+/// Reads a lock whose writers never panic while holding it (and a panic aborts veil-wg anyway).
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One `write` per buffer: a GSO super-packet or a single packet, virtio header in front.
-fn write_tun(fd: i32, co: &mut Coalescer) {
-    co.finish(|b| {
-        // SAFETY: write(2) from a valid slice on the TUN fd this thread owns a handle to.
-        let r = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
-        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EBADFD) {
-            eprintln!("veil-wg: tun device gone");
-            std::process::exit(1);
-        }
-    });
+fn write_tun(fd: i32, b: &[u8]) {
+    // SAFETY: write(2) from a valid slice on the TUN fd this thread owns a handle to.
+    let r = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+    if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EBADFD) {
+        eprintln!("veil-wg: tun device gone");
+        std::process::exit(1);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn handle_datagram(
+fn handle_datagram<R: Reply>(
     datagram: &[u8],
     from: SocketAddr,
     routing: &super::device::Routing,
-    udp: &Udp,
+    udp: &R,
     device: &Device,
     co: &mut Coalescer,
     rx: &mut RxPeer,
@@ -605,7 +688,9 @@ fn handle_datagram(
                 }
             }
         }
-        let cur = rx.current.as_mut().expect("set above");
+        let Some(cur) = rx.current.as_mut() else {
+            return;
+        };
         let peer = &cur.peer;
         let mut noise = peer.noise.lock().expect("noise lock");
         let Some(tunn) = noise.by_index(index) else {
@@ -636,7 +721,7 @@ fn handle_datagram(
             // A keepalive.
             TunnResult::Done => cur.authenticated = true,
             TunnResult::WriteToNetwork(reply) => {
-                let _ = udp.send(from, reply, None);
+                udp.reply(from, reply);
             }
             TunnResult::Err(_) => {
                 device.drops.decrypt.fetch_add(1, Ordering::Relaxed);
@@ -648,11 +733,11 @@ fn handle_datagram(
 }
 
 /// Handshake initiations and responses and cookie replies: rare, so no batching here.
-fn handle_control(
+fn handle_control<R: Reply>(
     datagram: &[u8],
     from: SocketAddr,
     routing: &super::device::Routing,
-    udp: &Udp,
+    udp: &R,
     device: &Device,
     scratch: &mut [u8],
 ) {
@@ -662,7 +747,7 @@ fn handle_control(
     let packet = match limiter.verify_packet(Some(from.ip()), datagram, scratch) {
         Ok(p) => p,
         Err(TunnResult::WriteToNetwork(cookie)) => {
-            let _ = udp.send(from, cookie, None);
+            udp.reply(from, cookie);
             return;
         }
         Err(_) => {
@@ -718,11 +803,11 @@ fn handle_control(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     match tunn.decapsulate(Some(from.ip()), datagram, &mut buf) {
         TunnResult::WriteToNetwork(reply) => {
-            let _ = udp.send(from, reply, None);
+            udp.reply(from, reply);
             peer.set_endpoint(from);
             // Flush packets queued while the handshake was in flight.
             while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut buf) {
-                let _ = udp.send(from, d, None);
+                udp.reply(from, d);
             }
         }
         // A handshake response that completed a session.

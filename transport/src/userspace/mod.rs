@@ -6,6 +6,8 @@
 pub mod device;
 pub mod gro;
 pub mod io;
+#[doc(hidden)]
+pub mod fuzzing;
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
