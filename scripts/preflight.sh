@@ -16,4 +16,8 @@ probe=$(bpftool feature probe kernel 2>/dev/null || true)
 grep -q "eBPF program_type sched_cls is available" <<<"$probe" \
   || fail "the kernel cannot load TC (sched_cls) BPF programs"
 [ -e /dev/net/tun ] || fail "no /dev/net/tun (the userspace WireGuard backend needs TUN)"
-echo "preflight: ok (root, netns, cgroup2, bpffs, sched_cls BPF, TUN)"
+# tcx (Linux 6.6+) is how veil attaches TC programs here; report it, with the kernel version.
+kernel=$(uname -r)
+major=${kernel%%.*}; rest=${kernel#*.}; minor=${rest%%[!0-9]*}
+if [ "$major" -gt 6 ] || { [ "$major" -eq 6 ] && [ "$minor" -ge 6 ]; }; then tcx=yes; else tcx=no; fi
+echo "preflight: ok (root, netns, cgroup2, bpffs, sched_cls BPF, TUN; kernel $kernel, tcx: $tcx)"

@@ -29,6 +29,9 @@ pub struct Status {
     pub programs: Vec<Program>,
     pub interfaces: Vec<InterfaceCounters>,
     pub agent: AgentInfo,
+    /// Restarts of the userspace tunnel process (veil-wg) by this agent run, with reasons.
+    #[serde(default)]
+    pub tunnel_restarts: TunnelRestarts,
     /// The policy installed on this node.
     pub policy: PolicyStatus,
     /// Node-wide audit mode.
@@ -70,6 +73,21 @@ pub struct MapFill {
     pub name: String,
     pub entries: usize,
     pub capacity: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TunnelRestarts {
+    pub total: u64,
+    /// The most recent ones, oldest first.
+    pub recent: Vec<TunnelRestart>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TunnelRestart {
+    pub time_unix: u64,
+    /// `exited` (the process was gone) or `unresponsive` (it held its socket but did not
+    /// answer; it was killed first).
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -83,6 +83,26 @@ pub fn format_status(st: &api::Status) -> String {
     if let Some(k) = &st.public_key {
         let _ = writeln!(s, "  public key: {k}");
     }
+    if st.tunnel_restarts.total > 0 {
+        let recent: Vec<String> = st
+            .tunnel_restarts
+            .recent
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}s ago",
+                    r.reason,
+                    unix_now().saturating_sub(r.time_unix)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "  tunnel restarts: {} ({})",
+            st.tunnel_restarts.total,
+            recent.join(", ")
+        );
+    }
     if !st.peers.is_empty() {
         let _ = writeln!(s, "  peers:");
         for p in &st.peers {

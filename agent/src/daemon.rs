@@ -565,12 +565,31 @@ fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
             c.tunnel_ifindex = ifindex;
             cm.set(c)?;
         }
-        if let Err(e) = s
-            .datapath
-            .attach(programs::FROM_TUNNEL, &ifname, Hook::TcxIngress)
-        {
-            tracing::warn!(interface = %ifname, error = %crate::error_chain(&e), "cannot attach to tunnel");
-            first_error.get_or_insert(e.into());
+        let hold = (c.hold_ifindex != 0).then_some(HOLD_DEVICE);
+        let underlay = cluster
+            .nodes
+            .iter()
+            .find(|n| n.name == me)
+            .and_then(|n| interface_with_address(n.underlay_ip));
+        // Tunnel ingress (decrypted packets), tunnel egress (no host process may pose as a
+        // pod), hold ingress (released packets of local pods are marked), underlay ingress (no
+        // plaintext for pods from other nodes).
+        let mut hooks = vec![
+            (programs::FROM_TUNNEL, ifname.clone(), Hook::TcxIngress),
+            (programs::TO_TUNNEL, ifname.clone(), Hook::TcxEgress),
+        ];
+        if let Some(h) = hold {
+            hooks.push((programs::FROM_HOLD, h.to_string(), Hook::TcxIngress));
+        }
+        match underlay {
+            Some(u) => hooks.push((programs::FROM_UNDERLAY, u, Hook::TcxIngress)),
+            None => tracing::warn!("no interface holds this node's underlay address: plaintext from the underlay is not filtered"),
+        }
+        for (program, interface, hook) in hooks {
+            if let Err(e) = s.datapath.attach(program, &interface, hook) {
+                tracing::warn!(interface = %interface, program, error = %crate::error_chain(&e), "cannot attach");
+                first_error.get_or_insert(e.into());
+            }
         }
     }
     for pod in cluster.pods_on(&me) {
@@ -608,6 +627,15 @@ fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// The interface holding `addr` in this network namespace (the node's underlay interface).
+fn interface_with_address(addr: std::net::Ipv4Addr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let a = ifa.address?;
+        let sin = a.as_sockaddr_in()?;
+        (sin.ip() == addr).then(|| ifa.interface_name.clone())
+    })
 }
 
 /// Compiles the cluster's policies for this node's endpoints and installs them atomically when
@@ -1003,19 +1031,37 @@ fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         .map(|m| m.lock().expect("mesh status lock").clone())
         .unwrap_or_default();
     let cluster = s.cluster.clone();
-    let (backend, public_key, peers) = match s.tunnel.as_mut() {
+    let (backend, public_key, peers, tunnel_restarts) = match s.tunnel.as_mut() {
         Some(t) => {
             let peers = t.peers(&cluster).unwrap_or_else(|e| {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot read tunnel peers");
                 Vec::new()
             });
+            let r = t.restarts();
+            let restarts = api::TunnelRestarts {
+                total: r.total,
+                recent: r
+                    .recent
+                    .iter()
+                    .map(|(t, why)| api::TunnelRestart {
+                        time_unix: *t,
+                        reason: why.to_string(),
+                    })
+                    .collect(),
+            };
             (
                 t.backend().as_str().to_string(),
                 Some(t.public_key().to_base64()),
                 peers,
+                restarts,
             )
         }
-        None => ("none".to_string(), None, Vec::new()),
+        None => (
+            "none".to_string(),
+            None,
+            Vec::new(),
+            api::TunnelRestarts::default(),
+        ),
     };
     Ok(api::Status {
         node: s.cfg.node.clone(),
@@ -1055,6 +1101,7 @@ fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
             restarts: s.restarts,
             pin_dir: s.cfg.pin_dir.display().to_string(),
         },
+        tunnel_restarts,
     })
 }
 
@@ -1177,6 +1224,21 @@ fn metrics(
     let _ = writeln!(out, "# TYPE veil_drops_total counter");
     for (reason, n) in &st.drops {
         let _ = writeln!(out, "veil_drops_total{{reason=\"{reason}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP veil_tunnel_restarts_total Restarts of the userspace tunnel (veil-wg) by reason."
+    );
+    let _ = writeln!(out, "# TYPE veil_tunnel_restarts_total counter");
+    let mut by_reason: BTreeMap<&str, u64> = BTreeMap::from([("exited", 0), ("unresponsive", 0)]);
+    for r in &st.tunnel_restarts.recent {
+        *by_reason.entry(r.reason.as_str()).or_default() += 1;
+    }
+    // `recent` is bounded; the total is exact, so any restarts beyond it count as `exited`.
+    let listed: u64 = by_reason.values().sum();
+    *by_reason.entry("exited").or_default() += st.tunnel_restarts.total.saturating_sub(listed);
+    for (reason, n) in &by_reason {
+        let _ = writeln!(out, "veil_tunnel_restarts_total{{reason=\"{reason}\"}} {n}");
     }
     let _ = writeln!(
         out,

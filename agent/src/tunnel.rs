@@ -14,8 +14,9 @@ use std::{
 };
 
 use veil_transport::{
-    kernel::KernelTunnel, userspace::UserspaceTunnel, Backend as TunnelBackend, IpPrefix,
-    PeerConfig, PresharedKey, PrivateKey, PublicKey, Tunnel,
+    kernel::KernelTunnel,
+    userspace::{Liveness, UserspaceTunnel},
+    Backend as TunnelBackend, IpPrefix, PeerConfig, PresharedKey, PrivateKey, PublicKey, Tunnel,
 };
 
 use crate::{
@@ -128,6 +129,45 @@ pub struct NodeTunnel {
     /// node handshake re-keys them or the grace period ends (so an agent restart does not cut
     /// traffic; see ARCHITECTURE.md).
     adopted: BTreeMap<PublicKey, std::time::Instant>,
+    /// veil-wg restarts with reasons (`veil status`).
+    restarts: Restarts,
+}
+
+/// How long veil-wg has to answer a UAPI `get` before it counts as hung.
+const LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Waits (bounded) until process `pid` is gone, so its socket and TUN device are free.
+fn wait_gone(pid: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Restarts of the userspace tunnel process this agent run performed, with reasons.
+#[derive(Debug, Default, Clone)]
+pub struct Restarts {
+    pub total: u64,
+    /// The most recent restarts, newest last (bounded).
+    pub recent: std::collections::VecDeque<(u64, &'static str)>,
+}
+
+impl Restarts {
+    const KEEP: usize = 16;
+
+    fn record(&mut self, reason: &'static str) {
+        self.total += 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if self.recent.len() == Self::KEEP {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now, reason));
+    }
 }
 
 /// How to (re)start veil-wg when it is not running.
@@ -207,6 +247,7 @@ impl NodeTunnel {
             userspace,
             installed: BTreeMap::new(),
             adopted: BTreeMap::new(),
+            restarts: Restarts::default(),
         };
         t.ensure_device()?;
         if !started_fresh {
@@ -220,6 +261,10 @@ impl NodeTunnel {
                 .collect();
         }
         Ok(t)
+    }
+
+    pub fn restarts(&self) -> &Restarts {
+        &self.restarts
     }
 
     pub fn backend(&self) -> TunnelBackend {
@@ -260,14 +305,33 @@ impl NodeTunnel {
         self.disabled.remove(node);
     }
 
-    /// Restarts veil-wg if it died and puts the node key and port back if the device lost them.
+    /// Restarts veil-wg if it died or hangs (ended with SIGKILL first) and puts the node key and
+    /// port back if the device lost them. Each restart is counted with its reason.
     fn ensure_device(&mut self) -> Result<(), Error> {
         if let Some(l) = &self.userspace {
             let u = UserspaceTunnel::new(self.device.interface(), &l.uapi_dir);
-            if u.ensure_running(&l.binary, l.mtu, &l.log, l.cgroup.as_deref())? {
-                tracing::warn!(interface = %self.device.interface(), "veil-wg was not running; restarted it");
+            let reason = match u.probe(LIVENESS_TIMEOUT) {
+                Liveness::Running => None,
+                Liveness::Absent => Some("exited"),
+                Liveness::Hung { pid } => {
+                    tracing::warn!(interface = %self.device.interface(), pid, "veil-wg does not answer its UAPI socket; killing it");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    wait_gone(pid);
+                    Some("unresponsive")
+                }
+            };
+            if reason.is_some()
+                && u.ensure_running(&l.binary, l.mtu, &l.log, l.cgroup.as_deref())?
+            {
+                let reason = reason.unwrap_or("exited");
+                tracing::warn!(interface = %self.device.interface(), reason, "veil-wg was not running; restarted it");
+                self.restarts.record(reason);
                 self.installed.clear();
                 self.adopted.clear();
+                self.psk_applied.clear();
             }
         }
         let st = self.device.state()?;

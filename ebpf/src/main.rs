@@ -9,6 +9,11 @@
 //! local pods via `bpf_redirect_neigh`, remote pods into the WireGuard device, the rest to the
 //! stack. `veil_from_tunnel` sees decrypted packets from peers (tcx ingress on the tunnel
 //! device): ingress policy and auth of the destination pod, then delivery by the stack's route.
+//! `veil_from_underlay` (tcx ingress on the node's underlay interface) drops plaintext for pod
+//! addresses: pod traffic may arrive from another node only inside WireGuard. `veil_to_tunnel`
+//! (tcx egress on the tunnel device) admits a local pod's source address into the tunnel only on
+//! packets `veil_from_pod` or `veil_from_hold` marked, so a host-network process cannot pose as
+//! a pod.
 #![no_std]
 #![no_main]
 
@@ -30,7 +35,7 @@ use veil_common::{
         EVENTS_BYTES, EVENT_THROTTLE_MAX, FRAGS_MAX, IF_STATS_MAX, IPCACHE_MAX, NODES_MAX,
         POLICY_MAX,
     },
-    reason, verdict,
+    marks, reason, verdict,
 };
 
 #[map(name = "VEIL_CONFIG")]
@@ -91,6 +96,135 @@ pub fn veil_from_tunnel(ctx: TcContext) -> i32 {
     }
 }
 
+/// Packets arriving on the node's underlay interface (fails closed for pod addresses).
+#[classifier]
+pub fn veil_from_underlay(ctx: TcContext) -> i32 {
+    match try_from_underlay(&ctx) {
+        Ok(action) => action,
+        Err(code) => drop_packet(&ctx, code),
+    }
+}
+
+/// Packets entering the tunnel device, egress (fails closed for unmarked local pod sources).
+#[classifier]
+pub fn veil_to_tunnel(ctx: TcContext) -> i32 {
+    match try_to_tunnel(&ctx) {
+        Ok(action) => action,
+        Err(code) => drop_packet(&ctx, code),
+    }
+}
+
+/// Packets the agent re-injects from its hold device (ingress). Only the agent holds the
+/// device's file descriptor; a released packet of a local pod gets the from-pod mark so it may
+/// enter the tunnel.
+#[classifier]
+pub fn veil_from_hold(ctx: TcContext) -> i32 {
+    match try_from_hold(&ctx) {
+        Ok(action) => action,
+        Err(code) => drop_packet(&ctx, code),
+    }
+}
+
+/// Is this address a pod's, or inside any node's pod CIDR (this node's included)?
+#[inline(always)]
+fn is_pod_address(addr: &[u8; 16]) -> Option<IpInfo> {
+    lookup_ip(addr).filter(|i| i.flags & (ip_flags::POD | ip_flags::POD_CIDR | ip_flags::LOCAL_POD) != 0)
+}
+
+fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
+    let cfg = config()?;
+    // With encryption off (the capture sanity check only) pod traffic crosses in clear.
+    if cfg.flags & config_flags::ENCRYPT == 0 {
+        return Ok(TC_ACT_OK);
+    }
+    let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| reason::TRUNCATED)?);
+    let daddr: [u8; 16] = match eth_proto {
+        ETH_P_IP => v4_mapped(ctx.load(ETH_HLEN + 16).map_err(|_| reason::TRUNCATED)?),
+        ETH_P_IPV6 => ctx.load(ETH_HLEN + 24).map_err(|_| reason::TRUNCATED)?,
+        // ARP and the rest concern the node itself, not its pods.
+        _ => return Ok(TC_ACT_OK),
+    };
+    // WireGuard and the control channel are addressed to the node: one lookup, no parse.
+    let Some(dst) = is_pod_address(&daddr) else {
+        return Ok(TC_ACT_OK);
+    };
+    // Dropped; parsed only now, for the flow record.
+    let flow = match eth_proto {
+        ETH_P_IP => parse_v4(ctx, ETH_HLEN),
+        _ => parse_v6(ctx, ETH_HLEN),
+    };
+    if let Ok(flow) = flow {
+        let src = lookup_ip(&flow.saddr);
+        // SAFETY: reading ifindex from the context is always valid in a TC program.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        emit(
+            &flow,
+            &Ev {
+                src_identity: remote_identity(src),
+                dst_identity: remote_identity(Some(dst)),
+                ifindex: ifindex,
+                remote_node: 0,
+                verdict: verdict::DROPPED,
+                reason: reason::PLAINTEXT_UNDERLAY,
+                direction: direction::INGRESS,
+                flags: if flow.is_v6 { flow_flags::IPV6 } else { 0 },
+                // SAFETY: plain helper call.
+                now: unsafe { bpf_ktime_get_boot_ns() },
+            },
+        );
+    }
+    Err(reason::PLAINTEXT_UNDERLAY)
+}
+
+fn try_to_tunnel(ctx: &TcContext) -> Result<i32, u32> {
+    // SAFETY: reading the mark from the context is always valid in a TC program.
+    let mark = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).mark)) };
+    if mark & marks::MASK == marks::FROM_POD {
+        return Ok(TC_ACT_OK);
+    }
+    let cfg = config()?;
+    // A TUN device carries bare IP packets.
+    let version = ctx.load::<u8>(0).map_err(|_| reason::TRUNCATED)? >> 4;
+    let saddr: [u8; 16] = match version {
+        4 => v4_mapped(ctx.load(12).map_err(|_| reason::TRUNCATED)?),
+        6 => ctx.load(8).map_err(|_| reason::TRUNCATED)?,
+        _ => return Err(reason::UNSUPPORTED_L3),
+    };
+    // Anything claiming an address of this node's pod CIDR without the mark was not sent by
+    // that pod: a host process (raw socket) posing as it.
+    match is_pod_address(&saddr) {
+        Some(s) if s.node_id == cfg.node_id || s.flags & ip_flags::LOCAL_POD != 0 => {
+            Err(reason::HOST_SPOOFED)
+        }
+        _ => Ok(TC_ACT_OK),
+    }
+}
+
+fn try_from_hold(ctx: &TcContext) -> Result<i32, u32> {
+    let version = ctx.load::<u8>(0).map_err(|_| reason::TRUNCATED)? >> 4;
+    let saddr: [u8; 16] = match version {
+        4 => v4_mapped(ctx.load(12).map_err(|_| reason::TRUNCATED)?),
+        6 => ctx.load(8).map_err(|_| reason::TRUNCATED)?,
+        _ => return Err(reason::UNSUPPORTED_L3),
+    };
+    if lookup_ip(&saddr).is_some_and(|i| i.flags & ip_flags::LOCAL_POD != 0) {
+        set_from_pod(ctx);
+    }
+    Ok(TC_ACT_OK)
+}
+
+#[inline(always)]
+fn set_from_pod(ctx: &TcContext) {
+    // SAFETY: TC programs may write skb->mark; the pointer is the program's own context.
+    // Volatile and whole-word: the verifier allows only 4-byte access to `mark`, and a plain
+    // store of the high half compiles to a 2-byte write it refuses.
+    unsafe {
+        let mark = core::ptr::addr_of_mut!((*ctx.skb.skb).mark);
+        let v = core::ptr::read_volatile(mark);
+        core::ptr::write_volatile(mark, (v & !marks::MASK) | marks::FROM_POD);
+    }
+}
+
 /// The parts of a packet the datapath decides on.
 struct Flow {
     saddr: [u8; 16],
@@ -128,20 +262,36 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     count_interface(ctx);
     let cfg = config()?;
     let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| reason::TRUNCATED)?);
+    // SAFETY: reading ifindex from the context is always valid in a TC program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let flow = match eth_proto {
-        ETH_P_ARP => return Ok(TC_ACT_OK),
+        ETH_P_ARP => {
+            // The sender protocol address (Ethernet/IPv4 ARP: offset 14 in the ARP header) must
+            // be the pod's own, or 0.0.0.0 for a probe: no pod answers for another's address.
+            let spa: [u8; 4] = ctx.load(ETH_HLEN + 14).map_err(|_| reason::TRUNCATED)?;
+            if spa == [0u8; 4] {
+                return Ok(TC_ACT_OK);
+            }
+            return match lookup_ip(&v4_mapped(spa)) {
+                Some(i) if i.flags & ip_flags::LOCAL_POD != 0 && i.ifindex == ifindex => {
+                    Ok(TC_ACT_OK)
+                }
+                _ => Err(reason::SPOOFED_SOURCE),
+            };
+        }
         ETH_P_IP => parse_v4(ctx, ETH_HLEN)?,
         ETH_P_IPV6 => parse_v6(ctx, ETH_HLEN)?,
         _ => return Err(reason::UNSUPPORTED_L3),
     };
-    // SAFETY: reading ifindex from the context is always valid in a TC program.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // IPv6 neighbour discovery from a link-local (or, for DAD, the unspecified) address is the
-    // pod resolving its gateway — the ARP of IPv6 — and passes like ARP.
+    // IPv6 neighbour discovery from a link-local (or, for DAD, the unspecified) address to a
+    // link-local or link-scope multicast address is the pod resolving its gateway — the ARP of
+    // IPv6 — and passes like ARP. To any other destination it takes the checks below.
     if flow.is_v6 && flow.protocol == IPPROTO_ICMPV6 && (133..=137).contains(&flow.icmp_type) {
         let link_local = flow.saddr[0] == 0xfe && flow.saddr[1] & 0xc0 == 0x80;
         let unspecified = flow.saddr == [0u8; 16];
-        if link_local || unspecified {
+        let to_link = (flow.daddr[0] == 0xfe && flow.daddr[1] & 0xc0 == 0x80)
+            || (flow.daddr[0] == 0xff && flow.daddr[1] & 0x0f == 0x02);
+        if (link_local || unspecified) && to_link {
             return Ok(TC_ACT_OK);
         }
     }
@@ -374,6 +524,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     }
     if remote {
         if cfg.flags & config_flags::ENCRYPT != 0 {
+            set_from_pod(ctx);
             // SAFETY: plain helper call.
             return Ok(unsafe { bpf_redirect(cfg.tunnel_ifindex, 0) } as i32);
         }
@@ -416,9 +567,9 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
     let src_node = src.map(|s| s.node_id).unwrap_or(0);
     let dst = match lookup_ip(&flow.daddr) {
         Some(d) if d.flags & ip_flags::LOCAL_POD != 0 => d,
-        // Not for a pod of this node: the stack decides (it has no route back into the tunnel
-        // for anything but pod CIDRs).
-        _ => return Ok(TC_ACT_OK),
+        // Peers carry only pod traffic (their allowed IPs are pod CIDRs): a decrypted packet
+        // for anything but a pod of this node has nowhere legitimate to go.
+        _ => return Err(reason::UNKNOWN_ENDPOINT),
     };
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let mut flags = flow_flags::ENCRYPTED;
@@ -729,6 +880,11 @@ fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
 }
 
 #[inline(always)]
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10] == [0u8; 10] && a[10] == 0xff && a[11] == 0xff
+}
+
+#[inline(always)]
 fn parse_v4(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
     let vihl: u8 = ctx.load(off).map_err(|_| reason::TRUNCATED)?;
     if vihl >> 4 != 4 {
@@ -778,6 +934,11 @@ fn parse_v6(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
     let mut next: u8 = ctx.load(off + 6).map_err(|_| reason::TRUNCATED)?;
     let saddr: [u8; 16] = ctx.load(off + 8).map_err(|_| reason::TRUNCATED)?;
     let daddr: [u8; 16] = ctx.load(off + 24).map_err(|_| reason::TRUNCATED)?;
+    // IPv4 addresses live in the maps as v4-mapped IPv6 keys: a v6 packet carrying one would
+    // be taken for the v4 pod (anti-spoofing, identity). No pod sends such packets.
+    if is_v4_mapped(&saddr) || is_v4_mapped(&daddr) {
+        return Err(reason::MAPPED_ADDRESS);
+    }
     let mut l4 = off + 40;
     let mut later = false;
     let mut more = false;
@@ -801,6 +962,11 @@ fn parse_v6(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
             }
             _ => break,
         }
+    }
+    // Still an extension header after the walk: protocol and ports unknown, so no port rule
+    // could be applied; dropped, not passed with protocol = the header type.
+    if matches!(next, 0 | 43 | 44 | 60 | 51 | 135 | 139 | 140) {
+        return Err(reason::EXTENSION_HEADERS);
     }
     let (sport, dport, later_fragment) = if later {
         fragment_ports(&saddr, &daddr, frag_id, next)

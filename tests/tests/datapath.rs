@@ -45,6 +45,7 @@ const IF_FE: &str = "fe";
 const IF_BE: &str = "be";
 const IF_IN: &str = "in";
 const IF_TUNNEL: &str = "veil0";
+const IF_UNDERLAY: &str = "ul0";
 
 const TCP: u8 = packet::IPPROTO_TCP;
 const UDP: u8 = packet::IPPROTO_UDP;
@@ -112,7 +113,7 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
-        let mut dp = TestDatapath::new(&[IF_FE, IF_BE, IF_IN, IF_TUNNEL])
+        let mut dp = TestDatapath::new(&[IF_FE, IF_BE, IF_IN, IF_TUNNEL, IF_UNDERLAY])
             .expect("test datapath (needs root and BPF)");
         let tunnel = dp.ifindex(IF_TUNNEL).unwrap();
         dp.set_config(DatapathConfig {
@@ -240,6 +241,8 @@ impl Node {
         let (program, ifindex) = match at {
             At::Pod(i) => (programs::FROM_POD, self.ifindex(i)),
             At::Tunnel => (programs::FROM_TUNNEL, self.ifindex(IF_TUNNEL)),
+            At::TunnelOut => (programs::TO_TUNNEL, self.ifindex(IF_TUNNEL)),
+            At::Underlay => (programs::FROM_UNDERLAY, self.ifindex(IF_UNDERLAY)),
         };
         let r = self
             .dp
@@ -267,6 +270,10 @@ impl Node {
 enum At {
     Pod(&'static str),
     Tunnel,
+    /// `veil_to_tunnel`: the tunnel device's egress (bare IP, no mark: not from a pod).
+    TunnelOut,
+    /// `veil_from_underlay`: the node's underlay interface (Ethernet).
+    Underlay,
 }
 
 #[derive(Debug)]
@@ -407,8 +414,8 @@ struct Case {
 
 fn case(name: &str, setup: fn(&mut Node), at: At, p: &Packet, want: Want) -> Case {
     let bytes = match at {
-        At::Pod(_) => p.frame(),
-        At::Tunnel => p.ip(),
+        At::Pod(_) | At::Underlay => p.frame(),
+        At::Tunnel | At::TunnelOut => p.ip(),
     };
     Case {
         name: name.to_string(),
@@ -1348,19 +1355,21 @@ fn from_tunnel() {
                 &Packet::icmp_echo(ip(af, PEER, 10), be(af), 9),
                 pass(tc_act::OK, Some(fwd)),
             ),
+            // Peers carry pod traffic only: anything else out of the tunnel is dropped (it
+            // used to pass unexamined; security issue, pass paths).
             case(
-                &format!("{af:?} non-pod destination passes unexamined"),
+                &format!("{af:?} non-pod destination is dropped"),
                 backend_admits_frontend_8080,
                 t,
                 &Packet::tcp(ip(af, PEER, 10), world(af), 40000, 443),
-                pass(tc_act::OK, None),
+                dropped(reason::UNKNOWN_ENDPOINT, None),
             ),
             case(
-                &format!("{af:?} remote pod destination passes unexamined"),
+                &format!("{af:?} remote pod destination is dropped"),
                 backend_admits_frontend_8080,
                 t,
                 &Packet::tcp(ip(af, PEER, 10), ip(af, KEYLESS, 20), 40000, 8080),
-                pass(tc_act::OK, None),
+                dropped(reason::UNKNOWN_ENDPOINT, None),
             ),
             case(
                 &format!("{af:?} ingress auth required, no entry"),
@@ -1830,4 +1839,159 @@ fn ipv6_neighbour_discovery_passes_like_arp() {
     ns.ttl = 255;
     let o = n.send(At::Pod(IF_FE), &ns.frame());
     assert!(check(&o, &pass(tc_act::OK, None), None).is_empty(), "{o:?}");
+}
+
+/// A v6 frame of `p` with `n` hop-by-hop extension headers before its transport header.
+fn with_extension_headers(p: &Packet, n: usize) -> Vec<u8> {
+    let mut ip = p.ip();
+    let upper = ip[6];
+    ip[6] = 0;
+    let mut ext = Vec::new();
+    for i in 0..n {
+        let next = if i + 1 == n { upper } else { 0 };
+        ext.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let plen = u16::from_be_bytes([ip[4], ip[5]]) + ext.len() as u16;
+    ip[4..6].copy_from_slice(&plen.to_be_bytes());
+    ip.splice(40..40, ext);
+    packet::ethernet(packet::ETH_P_IPV6, &ip)
+}
+
+/// Pass paths found by the hostile review (security issue): each now fails closed.
+#[test]
+fn hostile_review_pass_paths_fail_closed() {
+    let mut cases = Vec::new();
+    for af in [Af::V4, Af::V6] {
+        cases.extend([
+            case(
+                &format!("{af:?} plaintext from the underlay to a local pod"),
+                no_policy,
+                At::Underlay,
+                &Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080),
+                dropped(
+                    reason::PLAINTEXT_UNDERLAY,
+                    Some(ev(
+                        verdict::DROPPED,
+                        reason::PLAINTEXT_UNDERLAY,
+                        direction::INGRESS,
+                    )),
+                ),
+            ),
+            case(
+                &format!("{af:?} plaintext from the underlay to a remote pod cidr"),
+                no_policy,
+                At::Underlay,
+                &Packet::udp(world(af), ip(af, PEER, 99), 53, 53),
+                dropped(
+                    reason::PLAINTEXT_UNDERLAY,
+                    Some(ev(
+                        verdict::DROPPED,
+                        reason::PLAINTEXT_UNDERLAY,
+                        direction::INGRESS,
+                    )),
+                ),
+            ),
+            case(
+                &format!("{af:?} underlay traffic to a non-pod address passes"),
+                no_policy,
+                At::Underlay,
+                &Packet::udp(world(af), world(af), 51820, 51820),
+                pass(tc_act::OK, None),
+            ),
+            case(
+                &format!("{af:?} plaintext from the underlay passes with encryption off"),
+                encryption_off,
+                At::Underlay,
+                &Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080),
+                pass(tc_act::OK, None),
+            ),
+            case(
+                &format!("{af:?} host packet with a local pod's source into the tunnel"),
+                no_policy,
+                At::TunnelOut,
+                &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080),
+                dropped(reason::HOST_SPOOFED, None),
+            ),
+            case(
+                &format!("{af:?} host packet with an unused local pod cidr source into the tunnel"),
+                no_policy,
+                At::TunnelOut,
+                &Packet::udp(ip(af, NODE, 99), ip(af, PEER, 20), 1, 2),
+                dropped(reason::HOST_SPOOFED, None),
+            ),
+            case(
+                &format!("{af:?} host packet with its own source into the tunnel passes"),
+                no_policy,
+                At::TunnelOut,
+                &Packet::udp(world(af), ip(af, PEER, 20), 1, 2),
+                pass(tc_act::OK, None),
+            ),
+            case(
+                &format!("{af:?} decrypted packet for a non-pod address"),
+                no_policy,
+                At::Tunnel,
+                &Packet::tcp(ip(af, PEER, 10), world(af), 40000, 80),
+                dropped(reason::UNKNOWN_ENDPOINT, None),
+            ),
+            case(
+                &format!("{af:?} decrypted packet for an unused local pod cidr address"),
+                no_policy,
+                At::Tunnel,
+                &Packet::tcp(ip(af, PEER, 10), ip(af, NODE, 99), 40000, 80),
+                dropped(reason::UNKNOWN_ENDPOINT, None),
+            ),
+        ]);
+    }
+    let mapped_fe: IpAddr = "::ffff:198.19.1.10".parse().unwrap();
+    let mapped_be: IpAddr = "::ffff:198.19.1.20".parse().unwrap();
+    cases.extend([
+        case(
+            "v4-mapped v6 source of the pod's own v4 address",
+            no_policy,
+            At::Pod(IF_FE),
+            &Packet::tcp(mapped_fe, ip(Af::V6, PEER, 20), 40000, 8080),
+            dropped(reason::MAPPED_ADDRESS, None),
+        ),
+        case(
+            "v4-mapped v6 destination",
+            no_policy,
+            At::Pod(IF_FE),
+            &Packet::tcp(fe(Af::V6), mapped_be, 40000, 8080),
+            dropped(reason::MAPPED_ADDRESS, None),
+        ),
+        raw(
+            "five v6 extension headers hide the transport header",
+            backend_admits_frontend_8080,
+            At::Pod(IF_IN),
+            with_extension_headers(&Packet::tcp(intruder(Af::V6), be(Af::V6), 40000, 22), 5),
+            dropped(reason::EXTENSION_HEADERS, None),
+        ),
+        raw(
+            "arp claiming another pod's address",
+            no_policy,
+            At::Pod(IF_IN),
+            packet::arp_request(Ipv4Addr::new(198, 19, 1, 10), Ipv4Addr::new(198, 19, 1, 1)),
+            dropped(reason::SPOOFED_SOURCE, None),
+        ),
+        raw(
+            "arp probe from 0.0.0.0 passes",
+            no_policy,
+            At::Pod(IF_IN),
+            packet::arp_request(Ipv4Addr::new(0, 0, 0, 0), Ipv4Addr::new(198, 19, 1, 1)),
+            pass(tc_act::OK, None),
+        ),
+        case(
+            "neighbour solicitation from link-local to a pod's global address",
+            no_policy,
+            At::Pod(IF_IN),
+            &Packet::icmp(
+                "fe80::1".parse().unwrap(),
+                be(Af::V6),
+                icmp_type::V6_NEIGHBOR_SOLICIT,
+                0,
+            ),
+            dropped(reason::SPOOFED_SOURCE, None),
+        ),
+    ]);
+    run_table(cases);
 }

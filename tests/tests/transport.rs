@@ -551,14 +551,22 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
         .args(["netns", "exec", &b_ns, "python3", "-c", HOSTILE_UDP, &a_ip])
         .output()
         .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sent: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert!(sent > 340, "sent {sent} datagrams");
     let out = Command::new("ip")
         .args(["netns", "exec", &b_ns, "python3", "-c", HOSTILE_TCP, &a_ip])
         .output()
         .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Traffic still flows both ways through the tunnel, on a fresh connection each time.
     for i in 0..5 {
@@ -574,10 +582,15 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
         .iter()
         .filter(|l| l.contains(&format!(" > {}.40404:", lab.view.nodes[1].underlay_ip)))
         .collect();
-    assert!(answers.is_empty(), "node-a answered hostile datagrams: {answers:?}");
+    assert!(
+        answers.is_empty(),
+        "node-a answered hostile datagrams: {answers:?}"
+    );
     // The hostile datagrams were seen on the wire (the capture can see them).
     assert!(
-        lines.iter().any(|l| l.contains(".40404 > ") && l.contains(".51820")),
+        lines
+            .iter()
+            .any(|l| l.contains(".40404 > ") && l.contains(".51820")),
         "the capture did not see the hostile datagrams"
     );
     // Same veil-wg process: no thread died, nothing had to restart.

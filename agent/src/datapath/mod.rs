@@ -132,7 +132,13 @@ impl Datapath {
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
             .map_err(Error::Load)?;
-        for name in [programs::FROM_POD, programs::FROM_TUNNEL] {
+        for name in [
+            programs::FROM_POD,
+            programs::FROM_TUNNEL,
+            programs::FROM_UNDERLAY,
+            programs::TO_TUNNEL,
+            programs::FROM_HOLD,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(Error::MissingProgram(name))?

@@ -16,6 +16,23 @@ pub mod programs {
     pub const FROM_POD: &str = "veil_from_pod";
     /// TC program on the tunnel device, ingress: decrypted packets arriving from peers.
     pub const FROM_TUNNEL: &str = "veil_from_tunnel";
+    /// TC program on the node's underlay interface, ingress: plaintext for pod addresses is
+    /// dropped (strict mode in the receiving direction).
+    pub const FROM_UNDERLAY: &str = "veil_from_underlay";
+    /// TC program on the tunnel device, egress: only packets that came from a local pod (or the
+    /// agent's hold device) may carry a local pod's source address into the tunnel.
+    pub const TO_TUNNEL: &str = "veil_to_tunnel";
+    /// TC program on the agent's hold device, ingress: marks released packets of local pods.
+    pub const FROM_HOLD: &str = "veil_from_hold";
+}
+
+/// Bits of `skb->mark` the datapath sets.
+pub mod marks {
+    /// Set by `veil_from_pod` (after anti-spoofing) and `veil_from_hold` on packets of local
+    /// pods; `veil_to_tunnel` admits a local pod source into the tunnel only with it.
+    pub const FROM_POD: u32 = 0x0e11_0000;
+    /// The bits of `skb->mark` veil owns.
+    pub const MASK: u32 = 0xffff_0000;
 }
 
 /// Flags in [`maps::DatapathConfig::flags`].

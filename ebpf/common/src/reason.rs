@@ -26,6 +26,17 @@ pub const AUTH_QUEUE_FULL: u32 = 10;
 /// The remote peer failed node authentication (wrong trust domain, wrong SPIFFE ID, ...).
 pub const PEER_UNAUTHENTICATED: u32 = 11;
 
+/// With encryption on, a plaintext packet for a pod address arrived on the underlay interface
+/// (only WireGuard and the control channel may carry pod traffic between nodes).
+pub const PLAINTEXT_UNDERLAY: u32 = 12;
+/// A packet entering the tunnel with a local pod's source address did not come from that pod
+/// (a host-network process posing as a pod).
+pub const HOST_SPOOFED: u32 = 13;
+/// An IPv6 packet with an IPv4-mapped address (`::ffff:a.b.c.d`): it would alias a v4 pod.
+pub const MAPPED_ADDRESS: u32 = 14;
+/// More IPv6 extension headers than the datapath walks: ports and protocol unknown.
+pub const EXTENSION_HEADERS: u32 = 15;
+
 /// Size of the drop-counter array; one past the highest code.
 pub const MAX: u32 = 16;
 
@@ -44,12 +55,16 @@ pub const fn name(code: u32) -> &'static str {
         UNSUPPORTED_L3 => "unsupported-l3",
         AUTH_QUEUE_FULL => "auth-queue-full",
         PEER_UNAUTHENTICATED => "peer-unauthenticated",
+        PLAINTEXT_UNDERLAY => "plaintext-from-underlay",
+        HOST_SPOOFED => "host-spoofed-source",
+        MAPPED_ADDRESS => "v4-mapped-address",
+        EXTENSION_HEADERS => "extension-headers",
         _ => "unknown",
     }
 }
 
 /// Every named reason, in code order (for metrics that list all reasons, even at zero).
-pub const ALL: [u32; 12] = [
+pub const ALL: [u32; 16] = [
     NONE,
     NO_KEY,
     POLICY_DENIED,
@@ -62,6 +77,10 @@ pub const ALL: [u32; 12] = [
     UNSUPPORTED_L3,
     AUTH_QUEUE_FULL,
     PEER_UNAUTHENTICATED,
+    PLAINTEXT_UNDERLAY,
+    HOST_SPOOFED,
+    MAPPED_ADDRESS,
+    EXTENSION_HEADERS,
 ];
 
 /// The code for a user-facing name, for parsing filters.

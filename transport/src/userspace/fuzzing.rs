@@ -100,7 +100,10 @@ impl Harness {
             _ => panic!("harness: no handshake initiation"),
         };
         let o = self.feed(&init, 0, init.len());
-        assert_eq!(o.replies, 1, "harness: the device did not answer the initiation");
+        assert_eq!(
+            o.replies, 1,
+            "harness: the device did not answer the initiation"
+        );
         let (_, response) = self.replies.0.borrow_mut().pop().expect("one reply");
         match self.peer.decapsulate(None, &response, &mut self.out) {
             TunnResult::WriteToNetwork(_) | TunnResult::Done => {}

@@ -15,7 +15,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, RwLock,
     },
     time::{Duration, Instant},
@@ -128,6 +128,63 @@ fn wait_fd(fd: i32, events: i16, timeout_ms: i32) {
     unsafe { libc::poll(&mut p, 1, timeout_ms) };
 }
 
+/// How long a packet, timer or UAPI thread may stay inside one piece of work (not waiting in a
+/// syscall) before veil-wg counts it as stuck and aborts, so its supervisor restarts it: a
+/// process that is alive but moves no packets is worse than a dead one.
+const STUCK_AFTER: Duration = Duration::from_secs(10);
+
+/// Per-thread "busy since" marks (milliseconds since start + 1; 0 = waiting for work).
+pub struct Watchdog {
+    start: Instant,
+    threads: Vec<(String, AtomicU64)>,
+}
+
+impl Watchdog {
+    fn new(names: Vec<String>) -> Self {
+        Self {
+            start: Instant::now(),
+            threads: names.into_iter().map(|n| (n, AtomicU64::new(0))).collect(),
+        }
+    }
+
+    fn busy(&self, i: usize) {
+        let now = self.start.elapsed().as_millis() as u64 + 1;
+        if let Some((_, t)) = self.threads.get(i) {
+            // Only the first mark of a piece of work counts.
+            let _ = t.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    fn idle(&self, i: usize) {
+        if let Some((_, t)) = self.threads.get(i) {
+            t.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The first thread busy for longer than `limit`.
+    fn stuck(&self, limit: Duration) -> Option<(&str, Duration)> {
+        let now = self.start.elapsed().as_millis() as u64 + 1;
+        self.threads.iter().find_map(|(name, t)| {
+            let since = t.load(Ordering::Relaxed);
+            let busy = Duration::from_millis(now.saturating_sub(since));
+            (since != 0 && busy > limit).then_some((name.as_str(), busy))
+        })
+    }
+
+    fn watch(&self) {
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            if let Some((name, busy)) = self.stuck(STUCK_AFTER) {
+                eprintln!(
+                    "veil-wg: thread {name} stuck for {} ms; aborting so the agent restarts veil-wg",
+                    busy.as_millis()
+                );
+                std::process::abort();
+            }
+        }
+    }
+}
+
 /// The running device: config, TUN queues, UDP socket.
 pub struct Running {
     pub device: Arc<Device>,
@@ -159,30 +216,47 @@ pub fn start(opts: &Options) -> io::Result<Running> {
         queues.push(Arc::new(tun.try_clone()?));
     }
     let mtu = usize::from(opts.mtu);
+    let nq = queues.len();
+    // Watchdog slots: one per TUN queue, then udp-rx, timers, uapi.
+    let mut names: Vec<String> = (0..nq).map(|i| format!("tun-rx-{i}")).collect();
+    names.extend(["udp-rx", "timers", "uapi"].map(String::from));
+    let dog = Arc::new(Watchdog::new(names));
     for (i, q) in queues.into_iter().enumerate() {
-        let (d, u, s) = (device.clone(), udp.clone(), stop.clone());
+        let (d, u, s, w) = (device.clone(), udp.clone(), stop.clone(), dog.clone());
         std::thread::Builder::new()
             .name(format!("tun-rx-{i}"))
-            .spawn(move || tun_to_udp(&q, &d, &u, &s, mtu))?;
+            .spawn(move || tun_to_udp(&q, &d, &u, &s, mtu, (&w, i)))?;
     }
     {
-        let (d, u, s, t) = (device.clone(), udp.clone(), stop.clone(), tun.clone());
+        let (d, u, s, t, w) = (
+            device.clone(),
+            udp.clone(),
+            stop.clone(),
+            tun.clone(),
+            dog.clone(),
+        );
         std::thread::Builder::new()
             .name("udp-rx".into())
-            .spawn(move || udp_to_tun(&t, &d, &u, &s))?;
+            .spawn(move || udp_to_tun(&t, &d, &u, &s, (&w, nq)))?;
     }
     {
-        let (d, u, s) = (device.clone(), udp.clone(), stop.clone());
+        let (d, u, s, w) = (device.clone(), udp.clone(), stop.clone(), dog.clone());
         std::thread::Builder::new()
             .name("timers".into())
-            .spawn(move || timers(&d, &u, &s))?;
+            .spawn(move || timers(&d, &u, &s, (&w, nq + 1)))?;
     }
     let listener = bind_uapi(&opts.uapi_dir, &opts.name)?;
     {
-        let (d, u) = (device.clone(), udp.clone());
+        let (d, u, w) = (device.clone(), udp.clone(), dog.clone());
         std::thread::Builder::new()
             .name("uapi".into())
-            .spawn(move || serve_uapi(listener, &d, &u))?;
+            .spawn(move || serve_uapi(listener, &d, &u, (&w, nq + 2)))?;
+    }
+    {
+        let w = dog.clone();
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || w.watch())?;
     }
     Ok(Running { device, udp, stop })
 }
@@ -207,7 +281,12 @@ fn bind_uapi(dir: &Path, name: &str) -> io::Result<UnixListener> {
     Ok(l)
 }
 
-fn serve_uapi(listener: UnixListener, device: &Arc<Device>, udp: &Arc<RwLock<Option<Arc<Udp>>>>) {
+fn serve_uapi(
+    listener: UnixListener,
+    device: &Arc<Device>,
+    udp: &Arc<RwLock<Option<Arc<Udp>>>>,
+    (dog, slot): (&Watchdog, usize),
+) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
@@ -235,6 +314,7 @@ fn serve_uapi(listener: UnixListener, device: &Arc<Device>, udp: &Arc<RwLock<Opt
             if !ended {
                 break;
             }
+            dog.busy(slot);
             let answer = match uapi::parse_request(&text) {
                 Ok(Request::Get) => {
                     let port = udp
@@ -268,6 +348,7 @@ fn serve_uapi(listener: UnixListener, device: &Arc<Device>, udp: &Arc<RwLock<Opt
                     format!("errno={}\n\n", e.errno())
                 }
             };
+            dog.idle(slot);
             if writer.write_all(answer.as_bytes()).is_err() {
                 break;
             }
@@ -366,6 +447,7 @@ fn tun_to_udp(
     udp: &RwLock<Option<Arc<Udp>>>,
     stop: &AtomicBool,
     mtu: usize,
+    (dog, slot): (&Watchdog, usize),
 ) {
     let batch = tun_rs::IDEAL_BATCH_SIZE;
     let seg_room = mtu.max(1280) + 64;
@@ -374,7 +456,10 @@ fn tun_to_udp(
     let mut sizes = vec![0usize; batch];
     let mut outbox: Option<Outbox> = None;
     while !stop.load(Ordering::Relaxed) {
-        let n = match tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
+        dog.idle(slot);
+        let n = tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0);
+        dog.busy(slot);
+        let n = match n {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -596,6 +681,7 @@ fn udp_to_tun(
     device: &Device,
     udp: &RwLock<Option<Arc<Udp>>>,
     stop: &AtomicBool,
+    (dog, slot): (&Watchdog, usize),
 ) {
     let batch = quinn_udp::BATCH_SIZE;
     let mut storage: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; MAX_DATAGRAM]).collect();
@@ -603,6 +689,7 @@ fn udp_to_tun(
     let mut state = RxState::default();
     let fd = tun.as_raw_fd();
     while !stop.load(Ordering::Relaxed) {
+        dog.idle(slot);
         let Some(u) = read_lock(udp).clone() else {
             std::thread::sleep(Duration::from_millis(50));
             continue;
@@ -622,6 +709,7 @@ fn udp_to_tun(
                 Err(_) => continue,
             }
         };
+        dog.busy(slot);
         let received = metas.iter().zip(&storage).take(n).map(|(m, b)| {
             (
                 b.as_slice(),
@@ -822,11 +910,18 @@ fn handle_control<R: Reply>(
 
 /// WireGuard timers (handshake retries, keepalives, rekeys), the rate limiter's window, and
 /// retiring replaced `Tunn`s.
-fn timers(device: &Device, udp: &RwLock<Option<Arc<Udp>>>, stop: &AtomicBool) {
+fn timers(
+    device: &Device,
+    udp: &RwLock<Option<Arc<Udp>>>,
+    stop: &AtomicBool,
+    (dog, slot): (&Watchdog, usize),
+) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut last_reset = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        dog.idle(slot);
         std::thread::sleep(Duration::from_millis(250));
+        dog.busy(slot);
         let routing = device.routing();
         if last_reset.elapsed() >= Duration::from_secs(1) {
             if let Some(rl) = &routing.rate_limiter {
@@ -857,5 +952,30 @@ fn timers(device: &Device, udp: &RwLock<Option<Arc<Udp>>>, stop: &AtomicBool) {
             }
             peer.note_handshake(&noise.current.tunn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_names_a_thread_busy_past_the_limit_only() {
+        let dog = Watchdog::new(vec!["a".into(), "b".into()]);
+        dog.busy(1);
+        assert_eq!(dog.stuck(Duration::from_secs(5)), None);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            dog.stuck(Duration::from_millis(10)).map(|(n, _)| n),
+            Some("b")
+        );
+        // Waiting for work is not being stuck; a new piece of work starts a new clock.
+        dog.idle(1);
+        assert_eq!(dog.stuck(Duration::from_millis(10)), None);
+        dog.busy(0);
+        assert_eq!(dog.stuck(Duration::from_millis(10)), None);
+        // Out-of-range slots are ignored, not a panic.
+        dog.busy(9);
+        dog.idle(9);
     }
 }

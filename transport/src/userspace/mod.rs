@@ -4,10 +4,10 @@
 //! does not cut traffic (the agent only re-attaches to the socket).
 
 pub mod device;
-pub mod gro;
-pub mod io;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gro;
+pub mod io;
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -22,6 +22,18 @@ use crate::{
     uapi::{self, PeerChange, SetRequest},
     PrivateKey, PublicKey,
 };
+
+/// What [`UserspaceTunnel::probe`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Running,
+    /// Nothing answers the socket: the process exited (or never ran).
+    Absent,
+    /// The process `pid` holds the socket but did not answer in time.
+    Hung {
+        pid: i32,
+    },
+}
 
 /// Where `wg` and `veil-wg` put UAPI sockets.
 pub const UAPI_DIR: &str = "/var/run/wireguard";
@@ -48,6 +60,40 @@ impl UserspaceTunnel {
     /// True when a device answers on the socket.
     pub fn is_running(&self) -> bool {
         self.exchange("get=1\n\n").is_ok()
+    }
+
+    /// Whether the device is alive: it answers a `get` within `timeout`; or nothing listens
+    /// (exited); or a process holds the socket but does not answer (hung: its pid, from
+    /// SO_PEERCRED, so the caller can end it).
+    pub fn probe(&self, timeout: Duration) -> Liveness {
+        let Ok(stream) = UnixStream::connect(&self.socket) else {
+            return Liveness::Absent;
+        };
+        let pid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            .map(|c| c.pid())
+            .ok()
+            .filter(|p| *p > 0);
+        let answered = (|| -> std::io::Result<bool> {
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            (&stream).write_all(b"get=1\n\n")?;
+            let mut reader = BufReader::new(&stream);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    return Ok(false);
+                }
+                if line.starts_with("errno=0") {
+                    return Ok(true);
+                }
+            }
+        })();
+        match (answered, pid) {
+            (Ok(true), _) => Liveness::Running,
+            (_, Some(pid)) => Liveness::Hung { pid },
+            (_, None) => Liveness::Absent,
+        }
     }
 
     fn exchange(&self, request: &str) -> Result<String, Error> {
