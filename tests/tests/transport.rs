@@ -295,8 +295,13 @@ fn agent_restart_does_not_cut_a_long_stream() {
         Some(wg_before.as_str()),
         "veil-wg was restarted instead of adopted"
     );
+    // The hold device is the agent's own TUN and is recreated with it; every other link is
+    // adopted.
     assert!(
-        after.programs.iter().all(|p| p.adopted),
+        after
+            .programs
+            .iter()
+            .all(|p| p.adopted || p.interface == "veil-hold"),
         "{:?}",
         after.programs
     );
@@ -597,4 +602,86 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
     assert_eq!(wg_pid("node-a"), pid_before, "veil-wg was restarted");
     let logs = veil_tests::collect_logs(&lab.name);
     assert!(!logs.contains("panicked"), "a process panicked:\n{logs}");
+}
+
+/// Security review §1: plaintext for a pod from the underlay, routed through node-b by a host
+/// on the underlay (the review's `curl` that returned backend's page in clear). Dropped at
+/// node-b's underlay interface with its own reason.
+#[test]
+fn plaintext_from_the_underlay_never_reaches_a_pod() {
+    let lab = Lab::up(&[]);
+    let be = lab.pod_ip("backend");
+    let ul = lab.view.underlay.netns.clone();
+    let br = lab.view.underlay.bridge.clone();
+    let b_ip = lab.view.nodes[1].underlay_ip.clone();
+    let pod_cidr = lab.view.nodes[1].pod_cidr.clone();
+    let sh = |cmd: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ul, "sh", "-c", cmd])
+            .output()
+            .expect("ip netns exec");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert!(sh(&format!("ip addr add 198.18.0.99/24 dev {br} && ip route add {pod_cidr} via {b_ip}")).0);
+    let before = drop_count(&lab, "node-b", "plaintext-from-underlay");
+    let (ok, body) = sh(&format!("curl -s --max-time 3 http://{be}:8080/"));
+    assert!(!ok && body.is_empty(), "plaintext from the underlay reached backend: {body:?}");
+    let after = drop_count(&lab, "node-b", "plaintext-from-underlay");
+    assert!(after > before, "no plaintext-from-underlay drop counted ({before} -> {after})");
+    // The record says why.
+    let flows = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
+    assert!(
+        flows.iter().any(|f| f["drop_reason"] == "plaintext-from-underlay"),
+        "no flow record with drop_reason plaintext-from-underlay"
+    );
+    // Pod traffic through the tunnel is unaffected.
+    assert_eq!(
+        lab.http_get("frontend", &format!("http://{be}:8080/")),
+        "hello from shop/backend\n"
+    );
+}
+
+/// Security review §4: a raw packet from node-a's own namespace with frontend's source address
+/// must not enter the tunnel (it would arrive at node-b credited with frontend's identity).
+#[test]
+fn host_process_cannot_pose_as_a_local_pod() {
+    let lab = Lab::up(&[]);
+    let fe = lab.pod_ip("frontend");
+    let be = lab.pod_ip("backend");
+    let a_ns = lab.node_netns("node-a");
+    // One UDP datagram with IP_HDRINCL, source = frontend, to backend's echo port.
+    let script = format!(
+        r#"
+import socket, struct
+src, dst = socket.inet_aton("{fe}"), socket.inet_aton("{be}")
+payload = b"HOST-SPOOF"
+udp = struct.pack("!HHHH", 40999, 9000, 8 + len(payload), 0) + payload
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, src, dst)
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for _ in range(5):
+    s.sendto(ip + udp, ("{be}", 0))
+"#
+    );
+    let before = drop_count(&lab, "node-a", "host-spoofed-source");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &a_ns, "python3", "-c", &script])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = lab.wait_for("host-spoofed-source drops at node-a", Duration::from_secs(5), || {
+        let n = drop_count(&lab, "node-a", "host-spoofed-source");
+        (n >= before + 5).then_some(n)
+    });
+    assert!(after >= before + 5);
+    // Nothing from port 40999 was seen arriving at node-b.
+    let flows = lab.observe(&["--node", "node-b"]);
+    assert!(
+        !flows.iter().any(|f| f["src"]["port"] == 40999),
+        "node-b recorded the spoofed datagram"
+    );
+    // Frontend's own traffic still flows.
+    assert_eq!(
+        lab.http_get("frontend", &format!("http://{be}:8080/")),
+        "hello from shop/backend\n"
+    );
 }
