@@ -3,9 +3,10 @@
 //! Owns: a CA per trust domain (rcgen, ECDSA P-256), an optional intermediate, node SVIDs
 //! `spiffe://<td>/veil/node/<name>` and workload SVIDs `spiffe://<td>/ns/<ns>/sa/<sa>` with a
 //! TTL and unique random serials, deliberately bad variants for validation tests (expired, not
-//! yet valid, wrong trust domain, two URI SANs, CA leaf, wrong key usage, …), CA rotation (a
-//! new root for the same trust domain so bundles can carry old and new), and writing a PKI to
-//! disk as PEM files.
+//! yet valid, wrong trust domain, two URI SANs, CA leaf, wrong key usage, unknown critical
+//! extensions, a non-CA intermediate, violated name and path-length constraints, …), CA
+//! rotation (a new root for the same trust domain so bundles can carry old and new), and
+//! writing a PKI to disk as PEM files.
 //!
 //! Must not depend on: the agent or the SPIRE clients. Never used for production identities.
 
@@ -17,8 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use veil_identity::{IdError, SpiffeId, Svid, SvidError, SvidPrivateKey, TrustDomain};
@@ -28,6 +29,11 @@ use zeroize::Zeroizing;
 pub const DEFAULT_CA_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// CAs are backdated this much so a leaf issued "now" is always inside its issuer's window.
 const CA_BACKDATE: Duration = Duration::from_secs(3600);
+/// An extension OID no validator knows: 1.3.6.1.4.1.32473.1, under the private enterprise
+/// number IANA reserves for documentation (RFC 5612).
+pub const UNKNOWN_EXTENSION_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 32473, 1];
+/// id-ce-nameConstraints (2.5.29.30).
+const NAME_CONSTRAINTS_OID: &[u64] = &[2, 5, 29, 30];
 
 /// Errors of the dev PKI.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +80,8 @@ pub struct CaOptions {
     /// Issue leaves from an intermediate under the root (chains leaf → intermediate).
     pub with_intermediate: bool,
     pub validity: Duration,
+    /// basicConstraints pathLenConstraint of the root (`None`: unconstrained).
+    pub root_path_len: Option<u8>,
 }
 
 impl Default for CaOptions {
@@ -81,6 +89,7 @@ impl Default for CaOptions {
         Self {
             with_intermediate: false,
             validity: DEFAULT_CA_VALIDITY,
+            root_path_len: None,
         }
     }
 }
@@ -98,6 +107,10 @@ pub struct LeafSpec {
     pub key_cert_sign: bool,
     /// digitalSignature on the leaf (good SVIDs have it).
     pub digital_signature: bool,
+    /// clientAuth in the extended key usage, beside serverAuth (good SVIDs have both).
+    pub client_auth: bool,
+    /// A critical extension of [`UNKNOWN_EXTENSION_OID`] on the leaf (bad).
+    pub unknown_critical_extension: bool,
 }
 
 impl LeafSpec {
@@ -110,6 +123,8 @@ impl LeafSpec {
             is_ca: false,
             key_cert_sign: false,
             digital_signature: true,
+            client_auth: true,
+            unknown_critical_extension: false,
         }
     }
 }
@@ -148,10 +163,26 @@ pub enum BadVariant {
     NoDigitalSignature,
     /// A leaf whose signature was altered after issuance.
     TamperedSignature,
+    /// An extended key usage with serverAuth but not clientAuth.
+    NoClientAuth,
+    /// A critical extension no validator knows, on the leaf.
+    LeafUnknownCriticalExtension,
+    /// A critical extension no validator knows, on an extra intermediate that issues the leaf.
+    IntermediateUnknownCriticalExtension,
+    /// The leaf is issued by an extra "intermediate" with basicConstraints cA=false (it has
+    /// keyCertSign, so the CA bit is the only thing wrong with it).
+    IntermediateNotCa,
+    /// The leaf is issued by an extra intermediate whose keyUsage lacks keyCertSign.
+    IntermediateCannotSign,
+    /// The leaf is issued by an extra intermediate whose name constraints exclude the URI host
+    /// of the leaf's SPIFFE ID (its trust domain).
+    NameConstraintsExcludeLeaf,
+    /// The leaf is issued two levels below an extra intermediate with pathLenConstraint 0.
+    PathLenExceeded,
 }
 
 impl BadVariant {
-    pub const ALL: [BadVariant; 9] = [
+    pub const ALL: [BadVariant; 16] = [
         Self::Expired,
         Self::NotYetValid,
         Self::WrongTrustDomain,
@@ -161,6 +192,13 @@ impl BadVariant {
         Self::KeyCertSignLeaf,
         Self::NoDigitalSignature,
         Self::TamperedSignature,
+        Self::NoClientAuth,
+        Self::LeafUnknownCriticalExtension,
+        Self::IntermediateUnknownCriticalExtension,
+        Self::IntermediateNotCa,
+        Self::IntermediateCannotSign,
+        Self::NameConstraintsExcludeLeaf,
+        Self::PathLenExceeded,
     ];
 }
 
@@ -218,6 +256,64 @@ fn ca_params(td: &TrustDomain, cn: String, validity: Duration) -> Result<Certifi
     Ok(p)
 }
 
+/// An extension of [`UNKNOWN_EXTENSION_OID`] (value: DER NULL), critical or not.
+pub fn unknown_extension(critical: bool) -> CustomExtension {
+    let mut ext = CustomExtension::from_oid_content(UNKNOWN_EXTENSION_OID, vec![0x05, 0x00]);
+    ext.set_criticality(critical);
+    ext
+}
+
+/// A CA certificate placed between a [`DevCa`]'s issuing CA and a leaf, for chains that test
+/// path rules (see [`DevCa::issue_chain_under`]). The default is a good intermediate.
+#[derive(Clone, Debug, Default)]
+pub struct ExtraCa {
+    /// basicConstraints cA=false while keeping keyCertSign (bad: not a CA).
+    pub not_ca: bool,
+    /// basicConstraints pathLenConstraint (`None`: unconstrained).
+    pub path_len: Option<u8>,
+    /// keyUsage without keyCertSign (bad: not allowed to sign certificates).
+    pub no_key_cert_sign: bool,
+    /// Further extensions: name constraints, unknown (critical) extensions, …
+    pub extensions: Vec<CustomExtension>,
+}
+
+/// DER tag-length-value.
+fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = content.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// A critical nameConstraints extension excluding the URI hosts `excluded`.
+///
+/// rcgen's `NameConstraints` cannot express URI subtrees (its `GeneralSubtree` has no URI
+/// form), so the extension is encoded by hand (RFC 5280 §4.2.1.10):
+/// `NameConstraints ::= SEQUENCE { excludedSubtrees [1] SEQUENCE OF GeneralSubtree }`,
+/// `GeneralSubtree ::= SEQUENCE { base GeneralName }`, a URI being `[6] IA5String`; for URIs the
+/// constraint names a host, here the trust domain of a SPIFFE ID.
+pub fn uri_name_constraints_excluding(excluded: &[&str]) -> CustomExtension {
+    let subtrees: Vec<u8> = excluded
+        .iter()
+        .flat_map(|host| der_tlv(0x30, &der_tlv(0x86, host.as_bytes())))
+        .collect();
+    let value = der_tlv(0x30, &der_tlv(0xa1, &subtrees));
+    let mut ext = CustomExtension::from_oid_content(NAME_CONSTRAINTS_OID, value);
+    ext.set_criticality(true);
+    ext
+}
+
 impl DevCa {
     /// A root-only CA.
     pub fn new(trust_domain: TrustDomain) -> Result<Self, Error> {
@@ -234,11 +330,14 @@ impl DevCa {
         generation: u32,
     ) -> Result<Self, Error> {
         let root_key = KeyPair::generate()?;
-        let root_params = ca_params(
+        let mut root_params = ca_params(
             &trust_domain,
             format!("veil dev root {trust_domain} g{generation}"),
             options.validity,
         )?;
+        if let Some(len) = options.root_path_len {
+            root_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(len));
+        }
         let root_der = root_params.self_signed(&root_key)?.der().clone();
         let root = CaLevel {
             der: root_der,
@@ -301,6 +400,49 @@ impl DevCa {
 
     /// Issues a leaf as specified, signed by the intermediate if any, else the root.
     pub fn issue_chain(&self, spec: &LeafSpec) -> Result<IssuedChain, Error> {
+        self.issue_chain_under(spec, &[])
+    }
+
+    /// Issues a leaf under extra CAs of this trust domain: `extra_cas[0]` is signed by this
+    /// CA's issuing CA (the intermediate if any, else the root), each next one by the one
+    /// before, the leaf by the last. The chain is the leaf, the extra CAs bottom-up, then this
+    /// CA's intermediate if any.
+    pub fn issue_chain_under(
+        &self,
+        spec: &LeafSpec,
+        extra_cas: &[ExtraCa],
+    ) -> Result<IssuedChain, Error> {
+        let base = self.intermediate.as_ref().unwrap_or(&self.root);
+        let mut levels: Vec<CaLevel> = Vec::new();
+        for (level, extra) in extra_cas.iter().enumerate() {
+            // Distinct names per level so each certificate's issuer names its parent.
+            let mut params = ca_params(
+                &self.trust_domain,
+                format!(
+                    "veil dev extra intermediate {level} {} g{}",
+                    self.trust_domain, self.generation
+                ),
+                self.options.validity,
+            )?;
+            params.is_ca = match (extra.not_ca, extra.path_len) {
+                (true, _) => IsCa::ExplicitNoCa,
+                (false, Some(len)) => IsCa::Ca(BasicConstraints::Constrained(len)),
+                (false, None) => IsCa::Ca(BasicConstraints::Unconstrained),
+            };
+            if extra.no_key_cert_sign {
+                params.key_usages =
+                    vec![KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            }
+            params.custom_extensions = extra.extensions.clone();
+            let key = KeyPair::generate()?;
+            let signer = levels.last().unwrap_or(base);
+            let der = params.signed_by(&key, &signer.issuer)?.der().clone();
+            levels.push(CaLevel {
+                der,
+                issuer: Issuer::new(params, key),
+            });
+        }
+
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -336,13 +478,19 @@ impl DevCa {
             usages.push(KeyUsagePurpose::KeyCertSign);
         }
         p.key_usages = usages;
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let signer = self.intermediate.as_ref().unwrap_or(&self.root);
+        // X509-SVID §4.4: when present, the extension lists serverAuth and clientAuth.
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if spec.client_auth {
+            p.extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
+        if spec.unknown_critical_extension {
+            p.custom_extensions.push(unknown_extension(true));
+        }
+        let signer = levels.last().unwrap_or(base);
         let leaf = p.signed_by(&key, &signer.issuer)?.der().clone();
         let mut chain = vec![leaf];
+        chain.extend(levels.iter().rev().map(|l| l.der.clone()));
         if let Some(i) = &self.intermediate {
             chain.push(i.der.clone());
         }
@@ -404,6 +552,44 @@ impl DevCa {
             BadVariant::CaLeaf => spec.is_ca = true,
             BadVariant::KeyCertSignLeaf => spec.key_cert_sign = true,
             BadVariant::NoDigitalSignature => spec.digital_signature = false,
+            BadVariant::NoClientAuth => spec.client_auth = false,
+            BadVariant::LeafUnknownCriticalExtension => spec.unknown_critical_extension = true,
+            BadVariant::IntermediateUnknownCriticalExtension => {
+                let ca = ExtraCa {
+                    extensions: vec![unknown_extension(true)],
+                    ..ExtraCa::default()
+                };
+                return self.issue_chain_under(&spec, &[ca]);
+            }
+            BadVariant::IntermediateNotCa => {
+                let ca = ExtraCa {
+                    not_ca: true,
+                    ..ExtraCa::default()
+                };
+                return self.issue_chain_under(&spec, &[ca]);
+            }
+            BadVariant::IntermediateCannotSign => {
+                let ca = ExtraCa {
+                    no_key_cert_sign: true,
+                    ..ExtraCa::default()
+                };
+                return self.issue_chain_under(&spec, &[ca]);
+            }
+            BadVariant::NameConstraintsExcludeLeaf => {
+                let leaf_host = self.trust_domain.as_str();
+                let ca = ExtraCa {
+                    extensions: vec![uri_name_constraints_excluding(&[leaf_host])],
+                    ..ExtraCa::default()
+                };
+                return self.issue_chain_under(&spec, &[ca]);
+            }
+            BadVariant::PathLenExceeded => {
+                let upper = ExtraCa {
+                    path_len: Some(0),
+                    ..ExtraCa::default()
+                };
+                return self.issue_chain_under(&spec, &[upper, ExtraCa::default()]);
+            }
             BadVariant::TamperedSignature => {
                 let mut issued = self.issue_chain(&spec)?;
                 let mut leaf = issued.chain[0].as_ref().to_vec();

@@ -2,10 +2,10 @@
 //!
 //! Owns: `TrustDomain` and `SpiffeId` parsing per the SPIFFE ID specification (exact matching
 //! only), trust bundles (`Bundles` values and the live, shared `BundleSet`), X.509-SVID
-//! validation with explicit trust-domain, SAN, key-usage, validity and chain checks
-//! (`validate_x509_svid`), the agent's `Svid` type with a zeroizing, redacted private key,
-//! selectors, and the source trait (`SvidSource` + `IdentitySnapshot`) through which SVID
-//! streams reach the agent.
+//! validation (`validate_x509_svid`: rustls-webpki path validation with veil's SPIFFE SAN,
+//! key-usage and trust-domain rules on top), the agent's `Svid` type with a zeroizing, redacted
+//! private key, selectors, and the source trait (`SvidSource` + `IdentitySnapshot`) through
+//! which SVID streams reach the agent.
 //!
 //! Must not depend on: the agent, the transport, or any SPIRE client; it is pure validation and
 //! types (tokio only for the `watch` channel type of the source trait).

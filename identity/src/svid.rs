@@ -1,21 +1,30 @@
-//! X.509-SVIDs: the agent's `Svid` (chain + zeroizing private key) and explicit validation per
-//! the X.509-SVID specification (spiffe/standards/X509-SVID.md).
+//! X.509-SVIDs: the agent's `Svid` (chain + zeroizing private key) and validation per the
+//! X.509-SVID specification (spiffe/standards/X509-SVID.md).
 //!
-//! Validation is written out rule by rule instead of delegating to a library's path builder:
-//! every SPIFFE rule is its own [`SvidError`] variant, and the chain is anchored only in the
-//! roots of the SVID's *own* trust domain, which a generic web-PKI verifier does not know about.
-//! Signatures are checked with `x509-parser`'s `verify-aws` feature: it verifies one link at a
-//! time given the issuer's SPKI (which is what an explicit chain walk needs) and uses aws-lc-rs,
-//! the crypto provider the agent's mTLS already uses, so no second provider (ring) comes in.
+//! Path validation (RFC 5280, as the specification's §5.1 requires) is delegated to
+//! `rustls-webpki`: path building, validity windows of the path's certificates, signatures,
+//! basicConstraints (cA and pathLenConstraint) of every issuer, name constraints, extended key
+//! usage, and refusal of unknown critical extensions. It runs with the aws-lc-rs algorithms, the
+//! crypto provider the agent's mTLS already uses, so no second provider (ring) comes in.
+//!
+//! veil's own rules sit on top, each its own [`SvidError`] variant: the SPIFFE leaf rules
+//! (§2, §3.1, §4.3, §5.2) read with `x509-parser` before the path is built; the trust-domain
+//! rules (the chain is anchored only in the roots of the SVID's *own* trust domain, which a
+//! generic verifier does not know about, and no presented CA names another trust domain); and,
+//! on the verified path, what webpki leaves to its caller: keyCertSign on every issuer, the
+//! validity window and the pathLenConstraint of the anchoring root.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, SignatureVerificationAlgorithm, TrustAnchor,
+    UnixTime,
+};
+use webpki::{ExtendedKeyUsageValidator, KeyPurposeId, KeyPurposeIdIter};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::error::X509Error;
 use x509_parser::extensions::GeneralName;
-use x509_parser::oid_registry::{OID_PKCS1_SHA1WITHRSA, OID_SHA1_WITH_RSA};
 use x509_parser::prelude::FromDer;
 use x509_parser::time::ASN1Time;
 use zeroize::Zeroizing;
@@ -28,6 +37,8 @@ pub const MAX_CHAIN_LEN: usize = 8;
 
 /// Why an X.509-SVID was rejected: one variant per rule. `index` is the position in the
 /// presented chain (0 = leaf); `chain.len()` designates the bundle root that anchored it.
+/// Refusals found while building the path (webpki's) carry no index: the verifier does not say
+/// which certificate of the candidate path failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SvidError {
     #[error("svid certificate chain is empty")]
@@ -39,6 +50,12 @@ pub enum SvidError {
         index: usize,
         #[source]
         source: X509Error,
+    },
+    #[error("svid certificate {index} is not a certificate the path verifier accepts")]
+    UnsupportedCertificate {
+        index: usize,
+        #[source]
+        source: webpki::Error,
     },
     #[error("svid leaf has no uri san")]
     NoUriSan,
@@ -56,34 +73,49 @@ pub enum SvidError {
     LeafCrlSign,
     #[error("svid leaf lacks the digitalSignature key usage")]
     LeafMissingDigitalSignature,
+    #[error("svid leaf has an unknown critical extension")]
+    LeafUnknownCriticalExtension,
     #[error("svid leaf is not valid before {} (unix seconds)", unix_secs(*not_before))]
     NotYetValid { not_before: SystemTime },
     #[error("svid leaf expired at {} (unix seconds)", unix_secs(*not_after))]
     Expired { not_after: SystemTime },
-    #[error("svid issuer certificate {index} is not valid yet")]
-    IssuerNotYetValid { index: usize },
-    #[error("svid issuer certificate {index} has expired")]
-    IssuerExpired { index: usize },
+    #[error(
+        "svid issuer certificate is not valid before {} (unix seconds)",
+        unix_secs(*not_before)
+    )]
+    IssuerNotYetValid { not_before: SystemTime },
+    #[error("svid issuer certificate expired at {} (unix seconds)", unix_secs(*not_after))]
+    IssuerExpired { not_after: SystemTime },
     #[error("no trust bundle for trust domain {0}")]
     NoBundle(TrustDomain),
-    #[error("svid certificate {index} is not a ca but issues certificate {}", index - 1)]
-    IntermediateNotCa { index: usize },
+    #[error(
+        "svid chain uses a certificate that is not a ca (basicConstraints ca=true) as an issuer"
+    )]
+    IntermediateNotCa,
     #[error("svid certificate {index} issues certificates but lacks the keyCertSign key usage")]
     IntermediateCannotSign { index: usize },
+    #[error("svid certificate {index} has an unknown critical extension")]
+    IntermediateUnknownCriticalExtension { index: usize },
     #[error("svid intermediate {index} belongs to trust domain {found}, not {expected}")]
     IntermediateForeignTrustDomain {
         index: usize,
         expected: TrustDomain,
         found: String,
     },
-    #[error("svid certificate {index}: issuer name does not match the next certificate's subject")]
-    IssuerMismatch { index: usize },
-    #[error("svid certificate {index} uses an unsupported or weak signature algorithm")]
-    UnsupportedSignatureAlgorithm { index: usize },
-    #[error("svid certificate {index}: signature does not verify with its issuer's key")]
-    BadSignature { index: usize },
+    #[error("svid chain violates the name constraints of an issuer")]
+    NameConstraintViolation,
+    #[error("svid chain is longer than the pathLenConstraint of an issuer allows")]
+    PathLenConstraintExceeded,
+    #[error("svid chain has an extended key usage without both serverAuth and clientAuth")]
+    ExtendedKeyUsageNotMtls,
+    #[error("svid chain uses an unsupported or weak signature algorithm")]
+    UnsupportedSignatureAlgorithm,
+    #[error("svid chain has a signature that does not verify with its issuer's key")]
+    BadSignature,
     #[error("svid chain does not lead to a root of trust domain {0}")]
     UntrustedRoot(TrustDomain),
+    #[error("svid certification path refused by the path verifier")]
+    PathRejected(#[source] webpki::Error),
     #[error("svid private key is not a supported pkcs#8 key")]
     UnsupportedKey,
     #[error("svid private key does not match the leaf certificate's public key")]
@@ -316,78 +348,279 @@ pub struct ValidatedSvid {
     pub leaf: CertificateDer<'static>,
 }
 
-fn check_validity(
-    cert: &X509Certificate<'_>,
-    now: SystemTime,
-    index: usize,
-) -> Result<(), SvidError> {
-    let not_before = asn1_to_system(cert.validity().not_before);
-    let not_after = asn1_to_system(cert.validity().not_after);
-    match (index, now < not_before, now > not_after) {
-        (0, true, _) => Err(SvidError::NotYetValid { not_before }),
-        (0, _, true) => Err(SvidError::Expired { not_after }),
-        (_, true, _) => Err(SvidError::IssuerNotYetValid { index }),
-        (_, _, true) => Err(SvidError::IssuerExpired { index }),
-        _ => Ok(()),
+/// The leaf's own validity window (veil checks it before the path so the error carries the
+/// leaf's bounds; webpki checks the issuers').
+fn check_leaf_validity(leaf: &X509Certificate<'_>, now: SystemTime) -> Result<(), SvidError> {
+    let not_before = asn1_to_system(leaf.validity().not_before);
+    let not_after = asn1_to_system(leaf.validity().not_after);
+    if now < not_before {
+        return Err(SvidError::NotYetValid { not_before });
     }
+    if now > not_after {
+        return Err(SvidError::Expired { not_after });
+    }
+    Ok(())
 }
 
-/// Checks that `issuer` may sign and that it signed `cert`.
-fn check_link(
-    cert: &X509Certificate<'_>,
-    index: usize,
-    issuer: &X509Certificate<'_>,
-    issuer_index: usize,
-) -> Result<(), SvidError> {
-    if !is_ca(issuer) {
-        return Err(SvidError::IntermediateNotCa {
-            index: issuer_index,
-        });
+/// A bundle root's validity window: webpki treats a trust anchor as a name and a key and never
+/// looks at its dates; veil refuses a path that only an expired (or future) root anchors.
+fn check_root_validity(root: &X509Certificate<'_>, now: SystemTime) -> Result<(), SvidError> {
+    let not_before = asn1_to_system(root.validity().not_before);
+    let not_after = asn1_to_system(root.validity().not_after);
+    if now < not_before {
+        return Err(SvidError::IssuerNotYetValid { not_before });
     }
+    if now > not_after {
+        return Err(SvidError::IssuerExpired { not_after });
+    }
+    Ok(())
+}
+
+/// An issuer on the verified path (intermediate or root) must be allowed to sign certificates:
+/// webpki ignores keyUsage, X509-SVID §3.2/§4.3 require keyCertSign on signing certificates.
+fn check_issuer_key_usage(issuer: &X509Certificate<'_>, index: usize) -> Result<(), SvidError> {
     match issuer.key_usage() {
         Ok(Some(ku)) if !ku.value.key_cert_sign() => {
-            return Err(SvidError::IntermediateCannotSign {
-                index: issuer_index,
-            })
+            Err(SvidError::IntermediateCannotSign { index })
         }
-        Ok(_) => {}
-        Err(source) => {
-            return Err(SvidError::Malformed {
-                index: issuer_index,
-                source,
-            })
-        }
+        Ok(_) => Ok(()),
+        Err(source) => Err(SvidError::Malformed { index, source }),
     }
-    verify_signature(cert, index, issuer)
 }
 
-fn verify_signature(
-    cert: &X509Certificate<'_>,
-    index: usize,
-    issuer: &X509Certificate<'_>,
+/// webpki applies a trust anchor's name constraints but not its basicConstraints; a bundle
+/// root's pathLenConstraint still bounds the intermediates below it (RFC 5280 §4.2.1.9, and Go's
+/// crypto/x509, which SPIRE uses, enforces it on roots too).
+fn check_root_path_len(
+    root: &X509Certificate<'_>,
+    root_index: usize,
+    intermediates: usize,
 ) -> Result<(), SvidError> {
-    let alg = &cert.signature_algorithm.algorithm;
-    // x509-parser still accepts SHA-1 RSA "for legacy use"; an SVID never needs it.
-    if *alg == OID_PKCS1_SHA1WITHRSA || *alg == OID_SHA1_WITH_RSA {
-        return Err(SvidError::UnsupportedSignatureAlgorithm { index });
+    match root.basic_constraints() {
+        Ok(Some(bc)) => match bc.value.path_len_constraint {
+            Some(max) if intermediates as u64 > u64::from(max) => {
+                Err(SvidError::PathLenConstraintExceeded)
+            }
+            _ => Ok(()),
+        },
+        Ok(None) => Ok(()),
+        Err(source) => Err(SvidError::Malformed {
+            index: root_index,
+            source,
+        }),
     }
-    match cert.verify_signature(Some(issuer.public_key())) {
-        Ok(()) => Ok(()),
-        Err(X509Error::SignatureUnsupportedAlgorithm) => {
-            Err(SvidError::UnsupportedSignatureAlgorithm { index })
+}
+
+/// Signature algorithms accepted anywhere on an SVID path: the aws-lc-rs implementations of
+/// ECDSA (P-256, P-384, P-521), Ed25519, RSA PKCS#1 v1.5 and RSA-PSS, all with SHA-2. SHA-1
+/// is not among them.
+static SIGNATURE_ALGORITHMS: &[&dyn SignatureVerificationAlgorithm] = &[
+    webpki::aws_lc_rs::ECDSA_P256_SHA256,
+    webpki::aws_lc_rs::ECDSA_P256_SHA384,
+    webpki::aws_lc_rs::ECDSA_P384_SHA256,
+    webpki::aws_lc_rs::ECDSA_P384_SHA384,
+    webpki::aws_lc_rs::ECDSA_P521_SHA256,
+    webpki::aws_lc_rs::ECDSA_P521_SHA384,
+    webpki::aws_lc_rs::ECDSA_P521_SHA512,
+    webpki::aws_lc_rs::ED25519,
+    webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,
+    webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA384,
+    webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA512,
+    webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+    webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+    webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+];
+
+/// id-kp-serverAuth (1.3.6.1.5.5.7.3.1), DER contents.
+const EKU_SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
+/// id-kp-clientAuth (1.3.6.1.5.5.7.3.2), DER contents.
+const EKU_CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
+
+/// The extended key usage an SVID path must allow.
+///
+/// webpki wants one usage per verification (`KeyUsage::server_auth()` or `client_auth()`), but
+/// `validate_x509_svid` serves both sides of veil's mutual TLS and the SVID source, and an SVID
+/// is one certificate for both roles: X509-SVID §4.4 says that when the extension is present,
+/// serverAuth *and* clientAuth MUST be set. So: no extension is fine (the extension is a SHOULD),
+/// otherwise both are required. The dev PKI (`veil-certs-dev`) and SPIRE issue leaves with both.
+/// webpki applies the validator to every certificate of the path, so an intermediate whose EKU
+/// narrows below that refuses its leaves as well (§4.4 leaves CA EKU processing to libraries).
+struct SpiffeMtlsEku;
+
+impl ExtendedKeyUsageValidator for SpiffeMtlsEku {
+    fn validate(&self, iter: KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
+        let (server, client) = (
+            KeyPurposeId::new(EKU_SERVER_AUTH),
+            KeyPurposeId::new(EKU_CLIENT_AUTH),
+        );
+        let (mut is_present, mut has_server, mut has_client) = (false, false, false);
+        let mut present = Vec::new();
+        for id in iter {
+            let id = id?;
+            is_present = true;
+            has_server |= id == server;
+            has_client |= id == client;
+            present.push(id.to_decoded_oid());
         }
-        Err(_) => Err(SvidError::BadSignature { index }),
+        if !is_present || (has_server && has_client) {
+            return Ok(());
+        }
+        let required = if has_client {
+            webpki::KeyUsage::server_auth()
+        } else {
+            webpki::KeyUsage::client_auth()
+        };
+        Err(webpki::Error::RequiredEkuNotFoundContext(
+            webpki::RequiredEkuNotFoundContext { required, present },
+        ))
+    }
+}
+
+/// A refusal from webpki's certificate parser, for the presented certificate `index`.
+fn certificate_error(index: usize, e: webpki::Error) -> SvidError {
+    match (index, e) {
+        (0, webpki::Error::UnsupportedCriticalExtension) => SvidError::LeafUnknownCriticalExtension,
+        (index, webpki::Error::UnsupportedCriticalExtension) => {
+            SvidError::IntermediateUnknownCriticalExtension { index }
+        }
+        (index, source) => SvidError::UnsupportedCertificate { index, source },
+    }
+}
+
+/// A refusal from webpki's path building. The leaf's own validity, CA bit and critical
+/// extensions were checked before, so validity and CA errors here are about issuers.
+fn path_error(e: webpki::Error, td: &TrustDomain) -> SvidError {
+    use webpki::Error as E;
+    let to_system = |t: UnixTime| UNIX_EPOCH + Duration::from_secs(t.as_secs());
+    match e {
+        E::UnknownIssuer => SvidError::UntrustedRoot(td.clone()),
+        E::CertExpired { not_after, .. } => SvidError::IssuerExpired {
+            not_after: to_system(not_after),
+        },
+        E::CertNotValidYet { not_before, .. } => SvidError::IssuerNotYetValid {
+            not_before: to_system(not_before),
+        },
+        E::CaUsedAsEndEntity => SvidError::LeafIsCa,
+        E::EndEntityUsedAsCa => SvidError::IntermediateNotCa,
+        E::PathLenConstraintViolated => SvidError::PathLenConstraintExceeded,
+        E::NameConstraintViolation => SvidError::NameConstraintViolation,
+        E::RequiredEkuNotFoundContext(_) | E::EmptyEkuExtension => {
+            SvidError::ExtendedKeyUsageNotMtls
+        }
+        E::InvalidSignatureForPublicKey => SvidError::BadSignature,
+        E::UnsupportedSignatureAlgorithmContext(_)
+        | E::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            SvidError::UnsupportedSignatureAlgorithm
+        }
+        other => SvidError::PathRejected(other),
+    }
+}
+
+/// Trust anchors for one path search, each with the parsed root it came from.
+#[derive(Default)]
+struct Anchors<'r> {
+    anchors: Vec<TrustAnchor<'r>>,
+    roots: Vec<X509Certificate<'r>>,
+}
+
+/// The path webpki verified, in terms of the presented chain and the bundle.
+struct PathFacts<'r> {
+    /// Number of intermediates on the path.
+    intermediates: usize,
+    /// Presented certificates (indices, leaf excluded) that are on the path.
+    presented_on_path: Vec<usize>,
+    /// The anchoring root.
+    root: X509Certificate<'r>,
+}
+
+/// Builds and verifies the path from the leaf through the presented intermediates to a root of
+/// `roots` with webpki.
+fn verify_path<'r>(
+    chain_der: &[CertificateDer<'_>],
+    roots: &'r [CertificateDer<'static>],
+    td: &TrustDomain,
+    now: SystemTime,
+) -> Result<PathFacts<'r>, SvidError> {
+    let leaf =
+        webpki::EndEntityCert::try_from(&chain_der[0]).map_err(|e| certificate_error(0, e))?;
+    let intermediates = &chain_der[1..];
+    let time = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+
+    // Roots inside their validity window anchor; the others are kept to explain a refusal.
+    let mut current = Anchors::default();
+    let mut stale = Anchors::default();
+    let mut stale_reasons = Vec::new();
+    for der in roots.iter() {
+        // Roots were checked when the bundle was built; one that no longer parses simply
+        // cannot anchor anything.
+        let (Ok(anchor), Ok(root)) = (webpki::anchor_from_trusted_cert(der), parse_cert(der))
+        else {
+            continue;
+        };
+        let set = match check_root_validity(&root, now) {
+            Ok(()) => &mut current,
+            Err(reason) => {
+                stale_reasons.push(reason);
+                &mut stale
+            }
+        };
+        set.anchors.push(anchor);
+        set.roots.push(root);
+    }
+
+    let verify = |set: &Anchors<'r>| -> Result<(usize, usize, Vec<usize>), webpki::Error> {
+        let path = leaf.verify_for_usage(
+            SIGNATURE_ALGORITHMS,
+            &set.anchors,
+            intermediates,
+            time,
+            SpiffeMtlsEku,
+            None,
+            None,
+        )?;
+        let used: Vec<CertificateDer<'_>> =
+            path.intermediate_certificates().map(|c| c.der()).collect();
+        let presented_on_path = (1..chain_der.len())
+            .filter(|&i| used.iter().any(|u| u.as_ref() == chain_der[i].as_ref()))
+            .collect();
+        // The anchor webpki returns is one of `set.anchors`; not finding it fails closed.
+        let anchor = set
+            .anchors
+            .iter()
+            .position(|a| std::ptr::eq(a, path.anchor()))
+            .ok_or(webpki::Error::UnknownIssuer)?;
+        Ok((anchor, used.len(), presented_on_path))
+    };
+
+    match verify(&current) {
+        Ok((anchor, intermediates, presented_on_path)) => Ok(PathFacts {
+            intermediates,
+            presented_on_path,
+            root: current.roots.swap_remove(anchor),
+        }),
+        Err(e) => {
+            // Would a root outside its validity window anchor it? Then that is the reason.
+            if !stale.anchors.is_empty() {
+                if let Ok((anchor, _, _)) = verify(&stale) {
+                    return Err(stale_reasons.swap_remove(anchor));
+                }
+            }
+            Err(path_error(e, td))
+        }
     }
 }
 
 /// Validates an X.509-SVID chain (leaf first, then intermediates) against the roots of the
 /// leaf's own trust domain in `bundles`, at time `now`.
 ///
-/// Checks, in order, each with its own error: chain parses; exactly one URI SAN that is a
-/// SPIFFE ID with a path; leaf is not a CA, has digitalSignature and neither keyCertSign nor
-/// cRLSign; leaf validity window; a bundle exists for the trust domain; each link: issuer name
-/// matches, issuer is a CA allowed to sign, issuer in the same trust domain, issuer valid at
-/// `now`, signature verifies; the last certificate is signed by (or is) a root of that bundle.
+/// Checks, in order, each with its own error: chain length; every certificate parses; exactly
+/// one URI SAN that is a SPIFFE ID with a path; leaf is not a CA, has digitalSignature and
+/// neither keyCertSign nor cRLSign; leaf validity window; a bundle exists for the trust domain;
+/// no presented CA names a SPIFFE ID of another trust domain; webpki's parser accepts every
+/// presented certificate (no unknown critical extension); webpki builds and verifies a path to
+/// a root of that bundle (validity of the issuers, signatures, cA and pathLenConstraint of every
+/// issuer, name constraints, extended key usage); then on that path every issuer has
+/// keyCertSign, the root is inside its validity window and its pathLenConstraint holds.
 pub fn validate_x509_svid(
     chain_der: &[CertificateDer<'_>],
     bundles: &impl TrustRoots,
@@ -408,9 +641,9 @@ pub fn validate_x509_svid(
         .collect::<Result<Vec<_>, _>>()?;
     let leaf = &chain[0];
 
+    // SPIFFE leaf rules (X509-SVID §2, §3.1, §4.3, §5.2).
     let spiffe_id = leaf_spiffe_id(leaf)?;
     let td = spiffe_id.trust_domain();
-
     if is_ca(leaf) {
         return Err(SvidError::LeafIsCa);
     }
@@ -429,85 +662,59 @@ pub fn validate_x509_svid(
             }
         }
     }
-    check_validity(leaf, now, 0)?;
+    check_leaf_validity(leaf, now)?;
 
     let roots = bundles
         .roots(&td)
         .ok_or_else(|| SvidError::NoBundle(td.clone()))?;
 
-    for i in 0..chain.len() - 1 {
-        let (cert, issuer) = (&chain[i], &chain[i + 1]);
-        if cert.issuer().as_raw() != issuer.subject().as_raw() {
-            return Err(SvidError::IssuerMismatch { index: i });
-        }
-        // An intermediate that names a SPIFFE ID must name this trust domain: a CA of another
-        // trust domain cannot vouch for ours even if someone chained it in.
-        let uris = uri_sans(issuer).map_err(|source| SvidError::Malformed {
-            index: i + 1,
-            source,
-        })?;
+    // A presented CA that names a SPIFFE ID must name this trust domain: a CA of another trust
+    // domain cannot vouch for ours even if someone chained it in.
+    for (index, cert) in chain.iter().enumerate().skip(1) {
+        let uris = uri_sans(cert).map_err(|source| SvidError::Malformed { index, source })?;
         for uri in uris {
             if let Ok(id) = SpiffeId::parse(uri) {
                 if !id.is_member_of(&td) {
                     return Err(SvidError::IntermediateForeignTrustDomain {
-                        index: i + 1,
+                        index,
                         expected: td.clone(),
                         found: id.trust_domain_name().to_owned(),
                     });
                 }
             }
         }
-        check_validity(issuer, now, i + 1)?;
-        check_link(cert, i, issuer, i + 1)?;
     }
 
-    // Anchor: the last presented certificate is itself a bundle root, or a bundle root of
-    // this trust domain (and only this one) issued it.
-    let last_index = chain.len() - 1;
-    let last = &chain[last_index];
+    // webpki refuses an unknown critical extension while parsing a certificate, but during
+    // path building it does not say which one; parsing each presented certificate here names
+    // it. A bundle root appended to the chain is an anchor, not an intermediate (webpki
+    // ignores unknown critical extensions on anchors), so it is left to the path search.
+    for (index, der) in chain_der.iter().enumerate() {
+        if index > 0 && roots.iter().any(|r| r.as_ref() == der.as_ref()) {
+            continue;
+        }
+        webpki::EndEntityCert::try_from(der).map_err(|e| certificate_error(index, e))?;
+    }
+
+    let path = verify_path(chain_der, &roots, &td, now)?;
+
+    // What webpki leaves to its caller, on the path it verified.
     let root_index = chain.len();
-    let last_der: &[u8] = chain_der[last_index].as_ref();
-    let mut valid_until = chain
+    for &index in &path.presented_on_path {
+        check_issuer_key_usage(&chain[index], index)?;
+    }
+    let root = &path.root;
+    check_issuer_key_usage(root, root_index)?;
+    check_root_path_len(root, root_index, path.intermediates)?;
+
+    let valid_until = path
+        .presented_on_path
         .iter()
+        .map(|&i| &chain[i])
+        .chain([leaf, root])
         .map(|c| asn1_to_system(c.validity().not_after))
         .min()
-        .expect("chain is not empty");
-    let anchored_in_chain = last_index > 0 && roots.iter().any(|r| r.as_ref() == last_der);
-    if !anchored_in_chain {
-        let mut name_matched = false;
-        let mut failure = None;
-        for root_der in roots.iter() {
-            // Roots were checked when the bundle was built; a root that no longer parses
-            // simply cannot anchor anything.
-            let Ok(root) = parse_cert(root_der) else {
-                continue;
-            };
-            if root.subject().as_raw() != last.issuer().as_raw() {
-                continue;
-            }
-            name_matched = true;
-            // Several roots may share a name (CA rotation); any one that is valid and whose
-            // key verifies the signature anchors the chain.
-            match check_validity(&root, now, root_index)
-                .and_then(|()| check_link(last, last_index, &root, root_index))
-            {
-                Ok(()) => {
-                    failure = None;
-                    valid_until = valid_until.min(asn1_to_system(root.validity().not_after));
-                    break;
-                }
-                Err(e) => {
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-        if !name_matched {
-            return Err(SvidError::UntrustedRoot(td));
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-    }
+        .expect("the path has a leaf and a root");
 
     Ok(ValidatedSvid {
         spiffe_id,

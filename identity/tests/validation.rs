@@ -1,9 +1,14 @@
 //! Validation table: every bad variant the dev PKI can make is rejected with its own error, and
-//! the good ones pass, for root-only and root+intermediate CAs.
+//! the good ones pass, for root-only and root+intermediate CAs. Path rules (name constraints,
+//! pathLenConstraint, CA bit of issuers, unknown critical extensions, extended key usage) come
+//! from webpki; the SPIFFE and trust-domain rules from veil on top.
 
 use std::time::{Duration, SystemTime};
 
-use veil_certs_dev::{workload_id, BadVariant, CaOptions, DevCa};
+use veil_certs_dev::{
+    unknown_extension, uri_name_constraints_excluding, workload_id, BadVariant, CaOptions, DevCa,
+    ExtraCa, LeafSpec,
+};
 use veil_identity::{
     validate_x509_svid, BundleSet, Bundles, CertificateDer, SpiffeId, Svid, SvidError, TrustDomain,
 };
@@ -36,9 +41,28 @@ fn bundles_of(cas: &[&DevCa]) -> Bundles {
     b
 }
 
-/// Compares variants only (payloads such as timestamps differ per run).
-fn same_variant(got: &SvidError, want: &SvidError) -> bool {
-    std::mem::discriminant(got) == std::mem::discriminant(want)
+fn x509_subject(der: &CertificateDer<'_>) -> Vec<u8> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).unwrap();
+    cert.subject().as_raw().to_vec()
+}
+
+/// The refusal reason: the variant and, where it has one, the certificate index (payloads such
+/// as timestamps differ per run and are left out).
+fn reason(e: &SvidError) -> (std::mem::Discriminant<SvidError>, Option<usize>) {
+    let index = match e {
+        SvidError::Malformed { index, .. }
+        | SvidError::UnsupportedCertificate { index, .. }
+        | SvidError::IntermediateCannotSign { index }
+        | SvidError::IntermediateUnknownCriticalExtension { index }
+        | SvidError::IntermediateForeignTrustDomain { index, .. } => Some(*index),
+        _ => None,
+    };
+    (std::mem::discriminant(e), index)
+}
+
+fn same_reason(got: &SvidError, want: &SvidError) -> bool {
+    reason(got) == reason(want)
 }
 
 #[test]
@@ -75,9 +99,29 @@ fn every_bad_variant_is_rejected_with_its_own_error() {
                 BadVariant::NoDigitalSignature,
                 SvidError::LeafMissingDigitalSignature,
             ),
+            (BadVariant::TamperedSignature, SvidError::BadSignature),
+            (BadVariant::NoClientAuth, SvidError::ExtendedKeyUsageNotMtls),
             (
-                BadVariant::TamperedSignature,
-                SvidError::BadSignature { index: 0 },
+                BadVariant::LeafUnknownCriticalExtension,
+                SvidError::LeafUnknownCriticalExtension,
+            ),
+            // The extra intermediate sits right above the leaf (index 1) in both shapes.
+            (
+                BadVariant::IntermediateUnknownCriticalExtension,
+                SvidError::IntermediateUnknownCriticalExtension { index: 1 },
+            ),
+            (BadVariant::IntermediateNotCa, SvidError::IntermediateNotCa),
+            (
+                BadVariant::IntermediateCannotSign,
+                SvidError::IntermediateCannotSign { index: 1 },
+            ),
+            (
+                BadVariant::NameConstraintsExcludeLeaf,
+                SvidError::NameConstraintViolation,
+            ),
+            (
+                BadVariant::PathLenExceeded,
+                SvidError::PathLenConstraintExceeded,
             ),
         ];
         assert_eq!(
@@ -92,13 +136,10 @@ fn every_bad_variant_is_rejected_with_its_own_error() {
                 &format!("{variant:?} (intermediate={with_intermediate}) must fail"),
             );
             assert!(
-                same_variant(&got, want),
+                same_reason(&got, want),
                 "{variant:?} (intermediate={with_intermediate}): got {got:?}, want {want:?}"
             );
-            assert!(
-                seen.insert(std::mem::discriminant(&got)),
-                "{variant:?} shares an error"
-            );
+            assert!(seen.insert(reason(&got)), "{variant:?} shares an error");
         }
         // The expired/not-yet-valid errors carry the leaf's own bounds.
         let expired = ca.issue_bad(BadVariant::Expired, &id).unwrap();
@@ -193,14 +234,14 @@ fn intermediate_problems_each_have_their_error() {
         Err(SvidError::UntrustedRoot(_))
     ));
 
-    // A leaf posing as intermediate: names do not line up.
+    // A leaf posing as intermediate: it is not the leaf's issuer, so no path reaches a root.
     let other = ca
         .issue_workload_svid("shop", "backend", Duration::from_secs(60))
         .unwrap();
     let chain = vec![svid.leaf().clone(), other.leaf().clone()];
     assert!(matches!(
         validate_x509_svid(&chain, &bundles, SystemTime::now()),
-        Err(SvidError::IssuerMismatch { index: 0 })
+        Err(SvidError::UntrustedRoot(_))
     ));
 
     // The root appended to the chain is fine (anchored in the chain itself).
@@ -233,6 +274,145 @@ fn intermediate_problems_each_have_their_error() {
     assert!(matches!(
         validate_x509_svid(&forged.chain, &poisoned, SystemTime::now()),
         Err(SvidError::IntermediateForeignTrustDomain { index: 1, .. })
+    ));
+}
+
+/// The bad chains differ from good ones only in the one thing named: the same shapes without
+/// it validate, so each refusal in the table is about that thing and not about the extra
+/// intermediates.
+#[test]
+fn constraint_shapes_pass_without_the_fault() {
+    for with_intermediate in [false, true] {
+        let ca = ca("lab.veil", with_intermediate);
+        let bundles = bundles_of(&[&ca]);
+        let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
+        let spec = LeafSpec::svid(&id, SystemTime::now(), Duration::from_secs(60));
+        let good = |extra: &[ExtraCa]| {
+            let chain = ca.issue_chain_under(&spec, extra).unwrap().chain;
+            validate_x509_svid(&chain, &bundles, SystemTime::now())
+        };
+        let path_len = |len| ExtraCa {
+            path_len: Some(len),
+            ..ExtraCa::default()
+        };
+        // pathLenConstraint 0 directly above the leaf, 1 above one more intermediate.
+        good(&[path_len(0)]).unwrap();
+        good(&[path_len(1), ExtraCa::default()]).unwrap();
+        // An unknown extension is fine when it is not critical.
+        let non_critical = ExtraCa {
+            extensions: vec![unknown_extension(false)],
+            ..ExtraCa::default()
+        };
+        good(&[non_critical]).unwrap();
+        // Extra intermediates presented out of order still form a path.
+        let mut chain = ca
+            .issue_chain_under(&spec, &[ExtraCa::default(), ExtraCa::default()])
+            .unwrap()
+            .chain;
+        chain[1..].reverse();
+        let v = validate_x509_svid(&chain, &bundles, SystemTime::now()).unwrap();
+        assert_eq!(v.spiffe_id, id);
+    }
+}
+
+/// webpki does not match URI name constraints: any URI subtree refuses every URI SAN below it
+/// (fail closed), even one that by RFC 5280 the constraint would allow. X509-SVID §4.2
+/// anticipates this ("libraries which don't support them will reject such certificates").
+#[test]
+fn uri_name_constraints_refuse_every_uri_san() {
+    let ca = ca("lab.veil", false);
+    let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
+    let elsewhere = ExtraCa {
+        extensions: vec![uri_name_constraints_excluding(&["other.veil"])],
+        ..ExtraCa::default()
+    };
+    let chain = ca
+        .issue_chain_under(
+            &LeafSpec::svid(&id, SystemTime::now(), Duration::from_secs(60)),
+            &[elsewhere],
+        )
+        .unwrap()
+        .chain;
+    assert!(matches!(
+        validate_x509_svid(&chain, &bundles_of(&[&ca]), SystemTime::now()),
+        Err(SvidError::NameConstraintViolation)
+    ));
+}
+
+/// webpki does not apply a trust anchor's basicConstraints; veil applies the root's
+/// pathLenConstraint on top.
+#[test]
+fn root_path_len_bounds_the_intermediates() {
+    for (root_path_len, is_ok) in [(Some(0), false), (Some(1), true), (None, true)] {
+        let ca = DevCa::with_options(
+            td("lab.veil"),
+            CaOptions {
+                with_intermediate: true,
+                root_path_len,
+                ..CaOptions::default()
+            },
+        )
+        .unwrap();
+        let svid = ca
+            .issue_workload_svid("shop", "frontend", Duration::from_secs(60))
+            .unwrap();
+        let got = validate_x509_svid(svid.cert_chain(), &bundles_of(&[&ca]), SystemTime::now());
+        if is_ok {
+            assert!(got.is_ok(), "root pathLen {root_path_len:?}: {got:?}");
+        } else {
+            assert!(
+                matches!(got, Err(SvidError::PathLenConstraintExceeded)),
+                "root pathLen {root_path_len:?}: {got:?}"
+            );
+        }
+    }
+}
+
+/// webpki never looks at a trust anchor's dates; veil anchors only in roots inside their
+/// validity window and names the root's bound when only a stale root would anchor.
+#[test]
+fn root_outside_its_validity_is_refused() {
+    let day = Duration::from_secs(24 * 3600);
+    let now = SystemTime::now();
+    // Root valid from now - 1h (the dev CA backdate) to now + 1 day.
+    let ca = DevCa::with_options(
+        td("lab.veil"),
+        CaOptions {
+            validity: day,
+            ..CaOptions::default()
+        },
+    )
+    .unwrap();
+    let bundles = bundles_of(&[&ca]);
+    let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
+    // A leaf that outlives its root on both ends.
+    let chain = ca
+        .issue_chain(&LeafSpec::svid(&id, now - day, 10 * day))
+        .unwrap()
+        .chain;
+    assert!(validate_x509_svid(&chain, &bundles, now).is_ok());
+    match validate_x509_svid(&chain, &bundles, now + 2 * day) {
+        Err(SvidError::IssuerExpired { not_after }) => {
+            assert!(not_after > now && not_after < now + 2 * day)
+        }
+        other => panic!("{other:?}"),
+    }
+    match validate_x509_svid(&chain, &bundles, now - Duration::from_secs(2 * 3600)) {
+        Err(SvidError::IssuerNotYetValid { not_before }) => assert!(not_before < now),
+        other => panic!("{other:?}"),
+    }
+    // A valid root with the same name but another key (a renewed root) anchors nothing the
+    // expired one signed, and the refusal still names the expired root.
+    let renewed = DevCa::new(td("lab.veil")).unwrap();
+    assert_eq!(
+        x509_subject(renewed.root()),
+        x509_subject(ca.root()),
+        "same root name"
+    );
+    let both = bundles_of(&[&ca, &renewed]);
+    assert!(matches!(
+        validate_x509_svid(&chain, &both, now + 2 * day),
+        Err(SvidError::IssuerExpired { .. })
     ));
 }
 
