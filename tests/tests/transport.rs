@@ -685,3 +685,48 @@ for _ in range(5):
         "hello from shop/backend\n"
     );
 }
+
+/// veil-wg's own restart: killed (`exited`) and frozen (`unresponsive`, SIGSTOP: it holds its
+/// socket but answers nothing) — the agent notices, restarts it, counts the restart with its
+/// reason, and traffic resumes. Prints the outage (kill → first successful request).
+#[test]
+fn veil_wg_killed_or_hung_is_restarted_counted_and_traffic_resumes() {
+    let lab = Lab::up(&[]);
+    let be = lab.pod_ip("backend");
+    let url = format!("http://{be}:8080/");
+    assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
+    let interface = lab.status("node-a").interface;
+    let wg_pid = || -> Option<i32> {
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("veil-wg.* {interface}$")])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    for (signal, reason, n) in [
+        (nix::sys::signal::Signal::SIGKILL, "exited", 1u64),
+        (nix::sys::signal::Signal::SIGSTOP, "unresponsive", 2),
+    ] {
+        let pid = wg_pid().expect("veil-wg of node-a runs");
+        let t0 = std::time::Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal veil-wg");
+        let st = lab.wait_for("the agent to restart veil-wg", Duration::from_secs(30), || {
+            let st = lab.status("node-a");
+            (st.tunnel_restarts.total >= n).then_some(st)
+        });
+        let last = st.tunnel_restarts.recent.last().expect("a recent restart");
+        assert_eq!(last.reason, reason, "{signal:?}");
+        let new_pid = wg_pid().expect("a new veil-wg runs");
+        assert_ne!(new_pid, pid, "{signal:?}: same veil-wg process");
+        lab.wait_for("traffic through the restarted veil-wg", Duration::from_secs(30), || {
+            lab.try_get("frontend", &url).ok()
+        });
+        eprintln!(
+            "veil-wg {reason}: restart detected and traffic back {} ms after {signal:?}",
+            t0.elapsed().as_millis()
+        );
+    }
+    let metrics = lab.metrics("node-a");
+    assert!(metrics.contains("veil_tunnel_restarts_total{reason=\"exited\"} 1"), "{metrics}");
+    assert!(metrics.contains("veil_tunnel_restarts_total{reason=\"unresponsive\"} 1"), "{metrics}");
+}
