@@ -27,7 +27,13 @@ fi
 # --- Rust toolchains -------------------------------------------------------------------------
 command -v rustup >/dev/null || die "rustup not found"
 export PATH="$HOME/.cargo/bin:$PATH"
-rustup toolchain list | grep -q '^nightly' || die "the nightly toolchain is not installed (rustup toolchain list)"
+# The eBPF crate builds `core` for bpfel-unknown-none with -Z build-std: a nightly toolchain with
+# rust-src (ARCHITECTURE.md says why nightly and not RUSTC_BOOTSTRAP on stable).
+if ! rustup toolchain list | grep -q '^nightly'; then
+  say "installing the nightly toolchain (minimal, with rust-src)"
+  rustup toolchain install nightly --profile minimal --component rust-src >/dev/null \
+    || die "rustup could not install the nightly toolchain"
+fi
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
   say "adding rust-src to nightly"
   rustup component add rust-src --toolchain nightly >/dev/null
@@ -37,8 +43,13 @@ fi
 sysroot=$(rustc +nightly --print sysroot)
 llvm_major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 [ -n "$llvm_major" ] || die "cannot read the nightly's LLVM version (rustc +nightly -vV)"
-stamp="$HOME/.cache/veil/bpf-linker.llvm"
-if ! command -v bpf-linker >/dev/null || [ "$(cat "$stamp" 2>/dev/null)" != "$llvm_major" ]; then
+# VEIL_CACHE_DIR and VEIL_TOOL_ROOT (defaults ~/.cache/veil and ~/.cargo) let CI run this part
+# from nothing in empty temporary directories (scripts/test.sh: the from-nothing check).
+cache="${VEIL_CACHE_DIR:-$HOME/.cache/veil}"
+tool_root="${VEIL_TOOL_ROOT:-$HOME/.cargo}"
+mkdir -p "$cache"
+stamp="$cache/bpf-linker.llvm"
+if [ ! -x "$tool_root/bin/bpf-linker" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$llvm_major" ]; then
   # The toolchain ships libLLVM twice over: the ELF shared object (libLLVM.so.22.1-rust-…) and a
   # 43-byte linker script (libLLVM-22-rust-….so: "INPUT(libLLVM.so.22.1-…)") that rust-lld cannot
   # follow from another directory. Take the file whose first bytes are the ELF magic.
@@ -50,16 +61,22 @@ if ! command -v bpf-linker >/dev/null || [ "$(cat "$stamp" 2>/dev/null)" != "$ll
     if [ "$(head -c 4 "$f" | od -An -c | tr -d ' ')" = '177ELF' ]; then so="$f"; break; fi
   done
   [ -n "$so" ] || die "no ELF libLLVM shared object in $sysroot/lib (found: ${found[*]:-nothing})"
-  prefix="$HOME/.cache/veil/llvm-$llvm_major"
+  prefix="$cache/llvm-$llvm_major"
   mkdir -p "$prefix/lib"
   ln -sf "$so" "$prefix/lib/libLLVM.so"
   ln -sf "$so" "$prefix/lib/$(basename "$so")"
-  say "building bpf-linker for LLVM $llvm_major (about 2 minutes, once)"
-  LLVM_PREFIX="$prefix" cargo install bpf-linker --locked --force --no-default-features \
-    --features "llvm-$llvm_major" >/dev/null 2>"$HOME/.cache/veil/bpf-linker-build.log" \
-    || die "bpf-linker build failed; see $HOME/.cache/veil/bpf-linker-build.log"
+  say "building bpf-linker for LLVM $llvm_major against $(basename "$so") (about 2 minutes, once)"
+  t0=$(date +%s)
+  LLVM_PREFIX="$prefix" cargo install bpf-linker --locked --force --root "$tool_root" \
+    --no-default-features --features "llvm-$llvm_major" >/dev/null 2>"$cache/bpf-linker-build.log" \
+    || die "bpf-linker build failed; see $cache/bpf-linker-build.log"
+  "$tool_root/bin/bpf-linker" --version >/dev/null 2>&1 \
+    || die "the bpf-linker just built does not run ($tool_root/bin/bpf-linker)"
+  say "bpf-linker built in $(( $(date +%s) - t0 )) s"
   echo "$llvm_major" >"$stamp"
 fi
+
+[ -n "${VEIL_SETUP_TOOLCHAIN_ONLY:-}" ] && { say "ok: toolchain (nightly LLVM $llvm_major, $("$tool_root/bin/bpf-linker" --version 2>/dev/null | head -n1))"; exit 0; }
 
 # --- cargo-nextest ---------------------------------------------------------------------------
 if ! cargo nextest --version >/dev/null 2>&1; then
@@ -67,4 +84,4 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked >/dev/null
 fi
 
-say "ok (nightly LLVM $llvm_major, $(bpf-linker --version 2>/dev/null | head -n1))"
+say "ok (nightly LLVM $llvm_major, $("$tool_root/bin/bpf-linker" --version 2>/dev/null | head -n1))"

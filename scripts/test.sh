@@ -5,6 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/preflight.sh
+# From nothing: a warm machine once hid a bpf-linker that could not be built (it linked the
+# toolchain's linker script instead of libLLVM). Build bpf-linker again into empty temporary
+# cache and install directories and link the eBPF programs with that one; fails when it breaks.
+fresh=$(mktemp -d /tmp/veil-fresh-XXXXXX)
+trap 'rm -rf "$fresh"' EXIT
+t0=$(date +%s)
+VEIL_SETUP_TOOLCHAIN_ONLY=1 VEIL_CACHE_DIR="$fresh/cache" VEIL_TOOL_ROOT="$fresh/root" scripts/setup.sh
+(cd ebpf && env -u RUSTUP_TOOLCHAIN PATH="$fresh/root/bin:$HOME/.cargo/bin:$PATH" \
+  cargo +nightly build --release --locked --target bpfel-unknown-none -Z build-std=core \
+  --target-dir "$fresh/ebpf-target" >/dev/null 2>"$fresh/ebpf-build.log") \
+  || { cat "$fresh/ebpf-build.log" >&2; echo "test: the eBPF programs do not link with a bpf-linker built from nothing" >&2; exit 1; }
+echo "test: from-nothing toolchain check (bpf-linker build + eBPF link) passed in $(( $(date +%s) - t0 )) s"
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked --workspace --bins
 cargo nextest run --release --locked --workspace --no-fail-fast --profile ci "$@"
