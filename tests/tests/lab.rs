@@ -42,7 +42,18 @@ fn cross_node_http_through_attached_programs() {
     assert!(before_a
         .programs
         .iter()
-        .all(|p| p.hook == "tcx-ingress" && p.program_id > 0 && p.link_id > 0));
+        .all(|p| (p.hook == "tcx-ingress" || p.hook == "tcx-egress")
+            && p.program_id > 0
+            && p.link_id > 0));
+    // Tunnel egress and underlay ingress carry the programs that keep host processes and the
+    // underlay from posing as pods.
+    for name in ["veil_to_tunnel", "veil_from_underlay", "veil_from_tunnel"] {
+        assert!(
+            before_a.programs.iter().any(|p| p.name == name),
+            "{name} not attached: {:?}",
+            before_a.programs
+        );
+    }
 
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
     let body = lab.http_get("frontend", &url);
@@ -157,13 +168,23 @@ fn agent_restart_readopts_pinned_maps_and_links() {
         (st.agent.pid != before.agent.pid && st.ready).then_some(st)
     });
     assert!(after.agent.restarts >= 1);
+    // The hold device is the agent's own TUN, recreated with it (and its link with it); every
+    // other link is adopted.
     assert!(
-        after.programs.iter().all(|p| p.adopted),
+        after
+            .programs
+            .iter()
+            .all(|p| p.adopted || p.interface == "veil-hold"),
         "{:?}",
         after.programs
     );
     let link_ids = |st: &veil_tests::Status| {
-        let mut v: Vec<u32> = st.programs.iter().map(|p| p.link_id).collect();
+        let mut v: Vec<u32> = st
+            .programs
+            .iter()
+            .filter(|p| p.interface != "veil-hold")
+            .map(|p| p.link_id)
+            .collect();
         v.sort();
         v
     };

@@ -620,18 +620,34 @@ fn plaintext_from_the_underlay_never_reaches_a_pod() {
             .args(["netns", "exec", &ul, "sh", "-c", cmd])
             .output()
             .expect("ip netns exec");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     };
-    assert!(sh(&format!("ip addr add 198.18.0.99/24 dev {br} && ip route add {pod_cidr} via {b_ip}")).0);
+    assert!(
+        sh(&format!(
+            "ip addr add 198.18.0.99/24 dev {br} && ip route add {pod_cidr} via {b_ip}"
+        ))
+        .0
+    );
     let before = drop_count(&lab, "node-b", "plaintext-from-underlay");
     let (ok, body) = sh(&format!("curl -s --max-time 3 http://{be}:8080/"));
-    assert!(!ok && body.is_empty(), "plaintext from the underlay reached backend: {body:?}");
+    assert!(
+        !ok && body.is_empty(),
+        "plaintext from the underlay reached backend: {body:?}"
+    );
     let after = drop_count(&lab, "node-b", "plaintext-from-underlay");
-    assert!(after > before, "no plaintext-from-underlay drop counted ({before} -> {after})");
+    assert!(
+        after > before,
+        "no plaintext-from-underlay drop counted ({before} -> {after})"
+    );
     // The record says why.
     let flows = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
     assert!(
-        flows.iter().any(|f| f["drop_reason"] == "plaintext-from-underlay"),
+        flows
+            .iter()
+            .any(|f| f["drop_reason"] == "plaintext-from-underlay"),
         "no flow record with drop_reason plaintext-from-underlay"
     );
     // Pod traffic through the tunnel is unaffected.
@@ -667,11 +683,19 @@ for _ in range(5):
         .args(["netns", "exec", &a_ns, "python3", "-c", &script])
         .output()
         .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let after = lab.wait_for("host-spoofed-source drops at node-a", Duration::from_secs(5), || {
-        let n = drop_count(&lab, "node-a", "host-spoofed-source");
-        (n >= before + 5).then_some(n)
-    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = lab.wait_for(
+        "host-spoofed-source drops at node-a",
+        Duration::from_secs(5),
+        || {
+            let n = drop_count(&lab, "node-a", "host-spoofed-source");
+            (n >= before + 5).then_some(n)
+        },
+    );
     assert!(after >= before + 5);
     // Nothing from port 40999 was seen arriving at node-b.
     let flows = lab.observe(&["--node", "node-b"]);
@@ -710,23 +734,35 @@ fn veil_wg_killed_or_hung_is_restarted_counted_and_traffic_resumes() {
         let pid = wg_pid().expect("veil-wg of node-a runs");
         let t0 = std::time::Instant::now();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal veil-wg");
-        let st = lab.wait_for("the agent to restart veil-wg", Duration::from_secs(30), || {
-            let st = lab.status("node-a");
-            (st.tunnel_restarts.total >= n).then_some(st)
-        });
+        let st = lab.wait_for(
+            "the agent to restart veil-wg",
+            Duration::from_secs(30),
+            || {
+                let st = lab.status("node-a");
+                (st.tunnel_restarts.total >= n).then_some(st)
+            },
+        );
         let last = st.tunnel_restarts.recent.last().expect("a recent restart");
         assert_eq!(last.reason, reason, "{signal:?}");
         let new_pid = wg_pid().expect("a new veil-wg runs");
         assert_ne!(new_pid, pid, "{signal:?}: same veil-wg process");
-        lab.wait_for("traffic through the restarted veil-wg", Duration::from_secs(30), || {
-            lab.try_get("frontend", &url).ok()
-        });
+        lab.wait_for(
+            "traffic through the restarted veil-wg",
+            Duration::from_secs(30),
+            || lab.try_get("frontend", &url).ok(),
+        );
         eprintln!(
             "veil-wg {reason}: restart detected and traffic back {} ms after {signal:?}",
             t0.elapsed().as_millis()
         );
     }
     let metrics = lab.metrics("node-a");
-    assert!(metrics.contains("veil_tunnel_restarts_total{reason=\"exited\"} 1"), "{metrics}");
-    assert!(metrics.contains("veil_tunnel_restarts_total{reason=\"unresponsive\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("veil_tunnel_restarts_total{reason=\"exited\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("veil_tunnel_restarts_total{reason=\"unresponsive\"} 1"),
+        "{metrics}"
+    );
 }
