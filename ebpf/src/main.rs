@@ -29,7 +29,7 @@ use aya_ebpf::{
 use veil_common::{
     config_flags,
     maps::{
-        ct_flags, direction, flow_flags, identity, ip_flags, node_flags, policy_flags, AuthEntry,
+        ct_flags, ct_timeouts, direction, flow_flags, identity, ip_flags, node_flags, policy_flags, AuthEntry,
         AuthKey, CtEntry, CtKey, DatapathConfig, FlowEvent, FragKey, FragPorts, IfStats, IpInfo,
         IpKey, NodeInfo, PolicyEntry, PolicyKey, ThrottleKey, ThrottleState, AUTH_MAX, CT_MAX,
         EVENTS_BYTES, EVENT_THROTTLE_MAX, FRAGS_MAX, IF_STATS_MAX, IPCACHE_MAX, NODES_MAX,
@@ -200,14 +200,77 @@ fn try_to_tunnel(ctx: &TcContext) -> Result<i32, u32> {
     }
 }
 
+/// A held packet is released by the agent once it believes the pair authenticated. The kernel's
+/// auth map decides, not the agent's belief: the packet passes only with a valid auth entry for
+/// the same triple that held it, and then creates the conntrack entry any admitted first packet
+/// creates (AUTH set), so its connection is re-checked and cut like any other.
 fn try_from_hold(ctx: &TcContext) -> Result<i32, u32> {
     let version = ctx.load::<u8>(0).map_err(|_| reason::TRUNCATED)? >> 4;
-    let saddr: [u8; 16] = match version {
-        4 => v4_mapped(ctx.load(12).map_err(|_| reason::TRUNCATED)?),
-        6 => ctx.load(8).map_err(|_| reason::TRUNCATED)?,
+    let flow = match version {
+        4 => parse_v4(ctx, 0)?,
+        6 => parse_v6(ctx, 0)?,
         _ => return Err(reason::UNSUPPORTED_L3),
     };
-    if lookup_ip(&saddr).is_some_and(|i| i.flags & ip_flags::LOCAL_POD != 0) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: reading ifindex from the context is always valid in a TC program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let src = lookup_ip(&flow.saddr);
+    let dst = lookup_ip(&flow.daddr);
+    let src_local = src.is_some_and(|i| i.flags & ip_flags::LOCAL_POD != 0);
+    let dst_local = dst.is_some_and(|i| i.flags & ip_flags::LOCAL_POD != 0);
+    // (local identity, remote identity, remote node, conntrack flags, direction)
+    let (local, remote, node, ct, dir) = if src_local && !dst_local {
+        let node = dst.map(|d| d.node_id).unwrap_or(0);
+        (
+            src.map(|s| s.identity).unwrap_or(0),
+            remote_identity(dst),
+            node,
+            ct_flags::EGRESS_OK | ct_flags::AUTH,
+            direction::EGRESS,
+        )
+    } else if dst_local && !src_local {
+        (
+            dst.map(|d| d.identity).unwrap_or(0),
+            remote_identity(src),
+            src.map(|s| s.node_id).unwrap_or(0),
+            ct_flags::INGRESS_OK | ct_flags::AUTH,
+            direction::INGRESS,
+        )
+    } else {
+        return Err(reason::UNKNOWN_ENDPOINT);
+    };
+    let mut flags = flow_flags::ENCRYPTED | flow_flags::AUTH_REQUIRED;
+    if flow.is_v6 {
+        flags |= flow_flags::IPV6;
+    }
+    if !auth_valid(local, remote, node, now, false) {
+        let (s_id, d_id) = if dir == direction::EGRESS { (local, remote) } else { (remote, local) };
+        emit(
+            &flow,
+            &Ev {
+                src_identity: s_id,
+                dst_identity: d_id,
+                ifindex: ifindex,
+                remote_node: node,
+                verdict: verdict::DROPPED,
+                reason: reason::AUTH_REQUIRED,
+                direction: dir,
+                flags: flags,
+                now: now,
+            },
+        );
+        return Err(reason::AUTH_REQUIRED);
+    }
+    let entry = CtEntry {
+        last_seen_ns: now,
+        src_identity: local,
+        dst_identity: remote,
+        flags: ct,
+        remote_node: node,
+    };
+    let _ = VEIL_CT.insert(&ct_key(&flow, false), &entry, 0);
+    if src_local {
         set_from_pod(ctx);
     }
     Ok(TC_ACT_OK)
@@ -237,6 +300,9 @@ struct Flow {
     later_fragment: bool,
     /// ICMPv6 type (for neighbour discovery), else 0xff.
     icmp_type: u8,
+    /// TCP flags of a TCP packet whose header was seen, else 0xff (not TCP, or a later
+    /// fragment: unknown).
+    tcp_flags: u8,
 }
 
 /// Outcome of the policy decision for one direction.
@@ -347,10 +413,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     // Conntrack: a reply of a tracked connection, or a packet of one already admitted here.
     let fwd = ct_key(&flow, false);
     let rev = ct_key(&flow, true);
-    let tracked = match VEIL_CT.get_ptr_mut(&fwd) {
-        Some(e) => Some((e, false)),
-        None => VEIL_CT.get_ptr_mut(&rev).map(|e| (e, true)),
-    };
+    let tracked = ct_lookup(&flow, &fwd, &rev, now);
     let mut verdict_code = verdict::FORWARDED;
     let mut audit_reason = reason::NONE;
     if let Some((entry, is_reply)) = tracked {
@@ -378,6 +441,23 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
             return Err(reason::AUTH_REQUIRED);
         }
     } else {
+        if !tcp_may_start(&flow) {
+            emit(
+                &flow,
+                &Ev {
+                    src_identity: src.identity,
+                    dst_identity: dst_identity,
+                    ifindex: ifindex,
+                    remote_node: remote_node,
+                    verdict: verdict::DROPPED,
+                    reason: reason::TCP_NOT_ESTABLISHED,
+                    direction: direction::EGRESS,
+                    flags: flags,
+                    now: now,
+                },
+            );
+            return Err(reason::TCP_NOT_ESTABLISHED);
+        }
         if flow.later_fragment
             && (enforced(&cfg, src.identity, direction::EGRESS)
                 || (dst_local && enforced(&cfg, dst_identity, direction::INGRESS)))
@@ -578,10 +658,7 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
     }
     let fwd = ct_key(&flow, false);
     let rev = ct_key(&flow, true);
-    let tracked = match VEIL_CT.get_ptr_mut(&fwd) {
-        Some(e) => Some((e, false)),
-        None => VEIL_CT.get_ptr_mut(&rev).map(|e| (e, true)),
-    };
+    let tracked = ct_lookup(&flow, &fwd, &rev, now);
     let mut verdict_code = verdict::FORWARDED;
     let mut audit_reason = reason::NONE;
     if let Some((entry, is_reply)) = tracked {
@@ -609,6 +686,23 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
             return Err(reason::AUTH_REQUIRED);
         }
     } else {
+        if !tcp_may_start(&flow) {
+            emit(
+                &flow,
+                &Ev {
+                    src_identity: src_identity,
+                    dst_identity: dst.identity,
+                    ifindex: ifindex,
+                    remote_node: src_node,
+                    verdict: verdict::DROPPED,
+                    reason: reason::TCP_NOT_ESTABLISHED,
+                    direction: direction::INGRESS,
+                    flags: flags,
+                    now: now,
+                },
+            );
+            return Err(reason::TCP_NOT_ESTABLISHED);
+        }
         if flow.later_fragment && enforced(&cfg, dst.identity, direction::INGRESS) {
             emit(
                 &flow,
@@ -849,6 +943,54 @@ fn auth_valid(local: u32, remote: u32, node: u32, now: u64, _is_reply: bool) -> 
     }
 }
 
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// The conntrack entry of a packet, forward or reverse (then `true`). An entry idle past its
+/// timeout, or a closing TCP entry met by a new SYN, is removed and counts as absent; FIN and
+/// RST mark an entry closing.
+#[inline(always)]
+fn ct_lookup(flow: &Flow, fwd: &CtKey, rev: &CtKey, now: u64) -> Option<(*mut CtEntry, bool)> {
+    let (entry, is_reply) = match VEIL_CT.get_ptr_mut(fwd) {
+        Some(e) => (e, false),
+        None => (VEIL_CT.get_ptr_mut(rev)?, true),
+    };
+    // SAFETY: map value pointer valid for this program run.
+    let e = unsafe { &mut *entry };
+    let tcp = flow.protocol == IPPROTO_TCP;
+    let closing = e.flags & ct_flags::CLOSING != 0;
+    let limit = match (tcp, closing) {
+        (true, false) => ct_timeouts::TCP_NS,
+        (true, true) => ct_timeouts::TCP_CLOSING_NS,
+        _ => ct_timeouts::OTHER_NS,
+    };
+    let new_syn = tcp && closing && is_syn(flow);
+    if now.saturating_sub(e.last_seen_ns) > limit || new_syn {
+        VEIL_CT.remove(if is_reply { rev } else { fwd }).ok();
+        return None;
+    }
+    if tcp && flow.tcp_flags != 0xff && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        e.flags |= ct_flags::CLOSING;
+    }
+    Some((entry, is_reply))
+}
+
+/// A connection-opening SYN (SYN without ACK).
+#[inline(always)]
+fn is_syn(flow: &Flow) -> bool {
+    flow.tcp_flags != 0xff && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Only a SYN may start tracking a TCP connection: any other TCP packet without an entry
+/// belongs to a connection that was never admitted here, or was cut (policy change,
+/// revocation, expiry). Later fragments (flags unknown) are left to the fragment rules.
+#[inline(always)]
+fn tcp_may_start(flow: &Flow) -> bool {
+    flow.protocol != IPPROTO_TCP || flow.tcp_flags == 0xff || is_syn(flow)
+}
+
 #[inline(always)]
 fn ct_key(f: &Flow, reverse: bool) -> CtKey {
     if reverse {
@@ -913,6 +1055,11 @@ fn parse_v4(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
         }
         (sp, dp, false)
     };
+    let tcp_flags = if protocol == IPPROTO_TCP && !later {
+        ctx.load::<u8>(off + ihl + 13).unwrap_or(0xff)
+    } else {
+        0xff
+    };
     Ok(Flow {
         saddr,
         daddr,
@@ -922,6 +1069,7 @@ fn parse_v4(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
         is_v6: false,
         later_fragment,
         icmp_type: 0xff,
+        tcp_flags,
     })
 }
 
@@ -982,6 +1130,11 @@ fn parse_v6(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
     } else {
         0xff
     };
+    let tcp_flags = if next == IPPROTO_TCP && !later {
+        ctx.load::<u8>(l4 + 13).unwrap_or(0xff)
+    } else {
+        0xff
+    };
     Ok(Flow {
         saddr,
         daddr,
@@ -991,6 +1144,7 @@ fn parse_v6(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
         is_v6: true,
         later_fragment,
         icmp_type,
+        tcp_flags,
     })
 }
 

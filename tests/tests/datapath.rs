@@ -46,6 +46,7 @@ const IF_BE: &str = "be";
 const IF_IN: &str = "in";
 const IF_TUNNEL: &str = "veil0";
 const IF_UNDERLAY: &str = "ul0";
+const IF_HOLD: &str = "hold";
 
 const TCP: u8 = packet::IPPROTO_TCP;
 const UDP: u8 = packet::IPPROTO_UDP;
@@ -113,7 +114,7 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
-        let mut dp = TestDatapath::new(&[IF_FE, IF_BE, IF_IN, IF_TUNNEL, IF_UNDERLAY])
+        let mut dp = TestDatapath::new(&[IF_FE, IF_BE, IF_IN, IF_TUNNEL, IF_UNDERLAY, IF_HOLD])
             .expect("test datapath (needs root and BPF)");
         let tunnel = dp.ifindex(IF_TUNNEL).unwrap();
         dp.set_config(DatapathConfig {
@@ -243,6 +244,7 @@ impl Node {
             At::Tunnel => (programs::FROM_TUNNEL, self.ifindex(IF_TUNNEL)),
             At::TunnelOut => (programs::TO_TUNNEL, self.ifindex(IF_TUNNEL)),
             At::Underlay => (programs::FROM_UNDERLAY, self.ifindex(IF_UNDERLAY)),
+            At::Hold => (programs::FROM_HOLD, self.ifindex(IF_HOLD)),
         };
         let r = self
             .dp
@@ -274,6 +276,8 @@ enum At {
     TunnelOut,
     /// `veil_from_underlay`: the node's underlay interface (Ethernet).
     Underlay,
+    /// `veil_from_hold`: a packet the agent releases from its hold device (bare IP).
+    Hold,
 }
 
 #[derive(Debug)]
@@ -415,7 +419,7 @@ struct Case {
 fn case(name: &str, setup: fn(&mut Node), at: At, p: &Packet, want: Want) -> Case {
     let bytes = match at {
         At::Pod(_) | At::Underlay => p.frame(),
-        At::Tunnel | At::TunnelOut => p.ip(),
+        At::Tunnel | At::TunnelOut | At::Hold => p.ip(),
     };
     Case {
         name: name.to_string(),
@@ -1470,13 +1474,14 @@ fn conntrack_reply_passes_where_policy_denies_the_reverse() {
             .is_empty(),
             "{af:?} new reverse connection: {o:?}"
         );
-        // After the conntrack entry is gone, the reply is a new, denied flow.
+        // After the conntrack entry is gone, the reply (a SYN-ACK) cannot start a connection:
+        // only a SYN can (security issue: a cut connection must not be revived by its far end).
         n.dp.clear_conntrack().unwrap();
         let o = n.send(At::Pod(IF_BE), &syn.reply().frame());
         assert!(
             check(
                 &o,
-                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
+                &dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::EGRESS),
                 None
             )
             .is_empty(),
@@ -1994,4 +1999,174 @@ fn hostile_review_pass_paths_fail_closed() {
         ),
     ]);
     run_table(cases);
+}
+
+
+/// Security review §2: a connection cut by a policy change cannot be revived by either end —
+/// neither by the local server pushing data (which used to create an egress entry the remote
+/// client's packets then matched as replies) nor by the client's next data packet.
+#[test]
+fn a_cut_connection_is_not_revived_by_either_end() {
+    for af in [Af::V4, Af::V6] {
+        let mut n = Node::new();
+        let intruder_remote = ip(af, PEER, 30);
+        let syn = Packet::tcp(intruder_remote, be(af), 40000, 9000);
+        let o = n.send(At::Tunnel, &syn.ip());
+        assert!(
+            check(&o, &pass(tc_act::OK, Some(FWD_INGRESS)), None).is_empty(),
+            "{af:?} syn without policy: {o:?}"
+        );
+        // The policy appears; the agent cuts the connection (prune_conntrack, unit-tested).
+        backend_admits_frontend_8080(&mut n);
+        n.dp.clear_conntrack().unwrap();
+        let push = syn
+            .reply()
+            .with_tcp_flags(packet::tcp_flags::ACK | packet::tcp_flags::PSH)
+            .with_payload(100);
+        let o = n.send(At::Pod(IF_BE), &push.frame());
+        assert!(
+            check(&o, &dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::EGRESS), None)
+                .is_empty(),
+            "{af:?} server push after the cut: {o:?}"
+        );
+        let data = syn
+            .clone()
+            .with_tcp_flags(packet::tcp_flags::ACK)
+            .with_payload(100);
+        let o = n.send(At::Tunnel, &data.ip());
+        assert!(
+            check(&o, &dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::INGRESS), None)
+                .is_empty(),
+            "{af:?} client data after the cut: {o:?}"
+        );
+        assert!(n.dp.conntrack().unwrap().is_empty(), "nothing was re-created");
+        // A new SYN is judged by the policy in force.
+        let o = n.send(At::Tunnel, &syn.ip());
+        assert!(
+            check(&o, &dropped_ev(reason::POLICY_DENIED, direction::INGRESS), None).is_empty(),
+            "{af:?} new syn: {o:?}"
+        );
+    }
+}
+
+/// Conntrack ages: an idle UDP entry (past 60 s) counts as absent, so the flow is judged again;
+/// a TCP entry that saw a RST is closing, and a new SYN on its 5-tuple is a new connection.
+#[test]
+fn conntrack_idle_timeout_and_tcp_close() {
+    use veil_common::maps::{ct_flags, CtEntry, CtKey};
+    for af in [Af::V4, Af::V6] {
+        let mut n = Node::new();
+        // Frontend admits nothing in; an old entry says backend→frontend UDP was admitted.
+        n.enforce(FE, direction::INGRESS, 0);
+        let udp = Packet::udp(be(af), fe(af), 5353, 5353);
+        let key = CtKey {
+            saddr: mapped(be(af)),
+            daddr: mapped(fe(af)),
+            sport: 5353,
+            dport: 5353,
+            protocol: UDP,
+            _pad: [0; 3],
+        };
+        let entry = |age_s: u64| CtEntry {
+            last_seen_ns: boot_time_ns() - age_s * 1_000_000_000,
+            src_identity: BE,
+            dst_identity: FE,
+            flags: ct_flags::EGRESS_OK | ct_flags::INGRESS_OK,
+            remote_node: 0,
+        };
+        n.dp.upsert_conntrack(key, entry(30)).unwrap();
+        let o = n.send(At::Pod(IF_BE), &udp.frame());
+        assert!(
+            check(&o, &pass(tc_act::REDIRECT, None), None).is_empty(),
+            "{af:?} fresh entry: {o:?}"
+        );
+        n.dp.upsert_conntrack(key, entry(61)).unwrap();
+        let o = n.send(At::Pod(IF_BE), &udp.frame());
+        assert!(
+            check(&o, &dropped_ev(reason::POLICY_DENIED, direction::INGRESS), None).is_empty(),
+            "{af:?} idle entry: {o:?}"
+        );
+
+        // TCP: admitted, then RST, then a new SYN on the same ports after the policy changed.
+        let mut n = Node::new();
+        let syn = Packet::tcp(fe(af), be(af), 40000, 8080);
+        let o = n.send(At::Pod(IF_FE), &syn.frame());
+        assert!(check(&o, &pass(tc_act::REDIRECT, Some(FWD_EGRESS)), None).is_empty());
+        let rst = syn.clone().with_tcp_flags(packet::tcp_flags::RST);
+        n.send(At::Pod(IF_FE), &rst.frame());
+        let ct = n.dp.conntrack().unwrap();
+        assert!(
+            ct.iter().all(|(_, e)| e.flags & ct_flags::CLOSING != 0),
+            "{af:?} rst marks closing: {ct:?}"
+        );
+        // Backend now admits nothing in.
+        n.enforce(BE, direction::INGRESS, 0);
+        let o = n.send(At::Pod(IF_FE), &syn.frame());
+        assert!(
+            check(&o, &dropped_ev(reason::POLICY_DENIED, direction::INGRESS), None).is_empty(),
+            "{af:?} new syn on a closing entry is re-evaluated: {o:?}"
+        );
+    }
+}
+
+/// Security review §2/§5: a packet released from the hold device passes only if the kernel's
+/// auth map holds the pair (not on the agent's word), and then creates the conntrack entry an
+/// admitted first packet creates, with AUTH, so the connection's replies pass and a later
+/// revocation cuts it.
+#[test]
+fn hold_release_checks_the_auth_map_and_tracks_the_connection() {
+    use veil_common::maps::ct_flags;
+    for af in [Af::V4, Af::V6] {
+        // Ingress: remote frontend → local backend, held for auth.
+        let mut n = Node::new();
+        backend_ingress_auth(&mut n);
+        let syn = Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080);
+        let o = n.send(At::Hold, &syn.ip());
+        assert!(
+            check(&o, &dropped_ev(reason::AUTH_REQUIRED, direction::INGRESS), None).is_empty(),
+            "{af:?} released without an auth entry: {o:?}"
+        );
+        n.auth(BE, FE, PEER, 60);
+        let o = n.send(At::Hold, &syn.ip());
+        assert!(check(&o, &pass(tc_act::OK, None), None).is_empty(), "{af:?} released: {o:?}");
+        let ct = n.dp.conntrack().unwrap();
+        assert_eq!(ct.len(), 1, "{ct:?}");
+        assert_eq!(ct[0].1.flags, ct_flags::INGRESS_OK | ct_flags::AUTH);
+        assert_eq!((ct[0].1.src_identity, ct[0].1.dst_identity), (BE, FE));
+        // Backend's SYN-ACK is a tracked reply.
+        let o = n.send(At::Pod(IF_BE), &syn.reply().frame());
+        assert!(
+            check(&o, &pass(tc_act::REDIRECT, None), None).is_empty(),
+            "{af:?} syn-ack: {o:?}"
+        );
+        // Revocation (auth entry gone): the next packet is cut.
+        n.dp
+            .remove_auth(&veil_common::maps::AuthKey {
+                local_identity: BE,
+                remote_identity: FE,
+                remote_node: PEER,
+                _pad: 0,
+            })
+            .unwrap();
+        let ack = syn.clone().with_tcp_flags(packet::tcp_flags::ACK);
+        let o = n.send(At::Tunnel, &ack.ip());
+        // Dropped and counted; its event is throttled into the earlier auth-required event of
+        // the same pair (one per key per second).
+        assert!(
+            check(&o, &dropped(reason::AUTH_REQUIRED, None), None).is_empty(),
+            "{af:?} after revocation: {o:?}"
+        );
+        assert!(n.dp.conntrack().unwrap().is_empty(), "{af:?} the entry is gone");
+
+        // Egress: local frontend → remote backend, held for auth at the source.
+        let mut n = Node::new();
+        frontend_egress_auth(&mut n);
+        let syn = Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080);
+        n.auth(FE, BE, PEER, 60);
+        let o = n.send(At::Hold, &syn.ip());
+        assert!(check(&o, &pass(tc_act::OK, None), None).is_empty(), "{af:?} egress: {o:?}");
+        let ct = n.dp.conntrack().unwrap();
+        assert_eq!(ct.len(), 1, "{ct:?}");
+        assert_eq!(ct[0].1.flags, ct_flags::EGRESS_OK | ct_flags::AUTH);
+    }
 }

@@ -111,6 +111,20 @@ pub mod ct_flags {
     pub const AUDITED: u32 = 1 << 2;
     /// Admission needed an auth entry; replies re-check that it still exists.
     pub const AUTH: u32 = 1 << 3;
+    /// A TCP FIN or RST was seen: the entry expires after the closing timeout, and a new SYN
+    /// on the same 5-tuple starts a new connection (re-evaluated).
+    pub const CLOSING: u32 = 1 << 4;
+}
+
+/// Conntrack idle timeouts (boot-time ns since the last packet either way), enforced by the
+/// datapath on lookup: an older entry counts as absent.
+pub mod ct_timeouts {
+    /// Established TCP (Cilium's default TCP lifetime).
+    pub const TCP_NS: u64 = 21_600 * 1_000_000_000;
+    /// TCP after FIN or RST.
+    pub const TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+    /// UDP, ICMP and the rest.
+    pub const OTHER_NS: u64 = 60 * 1_000_000_000;
 }
 
 /// Flags in [`IpInfo::flags`].

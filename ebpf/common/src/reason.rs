@@ -36,9 +36,12 @@ pub const HOST_SPOOFED: u32 = 13;
 pub const MAPPED_ADDRESS: u32 = 14;
 /// More IPv6 extension headers than the datapath walks: ports and protocol unknown.
 pub const EXTENSION_HEADERS: u32 = 15;
+/// A TCP packet other than a connection-opening SYN for a connection conntrack does not know
+/// (never admitted, expired, or cut by a policy change or revocation): only a SYN can start one.
+pub const TCP_NOT_ESTABLISHED: u32 = 16;
 
 /// Size of the drop-counter array; one past the highest code.
-pub const MAX: u32 = 16;
+pub const MAX: u32 = 32;
 
 /// The stable user-facing name of a drop reason.
 pub const fn name(code: u32) -> &'static str {
@@ -59,12 +62,13 @@ pub const fn name(code: u32) -> &'static str {
         HOST_SPOOFED => "host-spoofed-source",
         MAPPED_ADDRESS => "v4-mapped-address",
         EXTENSION_HEADERS => "extension-headers",
+        TCP_NOT_ESTABLISHED => "tcp-not-established",
         _ => "unknown",
     }
 }
 
 /// Every named reason, in code order (for metrics that list all reasons, even at zero).
-pub const ALL: [u32; 16] = [
+pub const ALL: [u32; 17] = [
     NONE,
     NO_KEY,
     POLICY_DENIED,
@@ -81,6 +85,7 @@ pub const ALL: [u32; 16] = [
     HOST_SPOOFED,
     MAPPED_ADDRESS,
     EXTENSION_HEADERS,
+    TCP_NOT_ESTABLISHED,
 ];
 
 /// The code for a user-facing name, for parsing filters.

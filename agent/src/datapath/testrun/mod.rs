@@ -352,6 +352,18 @@ impl TestDatapath {
         Ok(())
     }
 
+    /// Writes one conntrack entry (to age an entry, or to stage a connection).
+    pub fn upsert_conntrack(&mut self, key: CtKey, entry: CtEntry) -> Result<(), Error> {
+        let map = self
+            .dp
+            .ebpf_mut()
+            .map_mut(names::CT)
+            .ok_or(Error::Datapath(super::Error::MissingMap(names::CT)))?;
+        let mut map: HashMap<_, CtKey, CtEntry> =
+            HashMap::try_from(map).map_err(map_err(names::CT))?;
+        map.insert(key, entry, 0).map_err(map_err(names::CT))
+    }
+
     /// Drop counters summed over CPUs, by reason name (zeros included).
     pub fn drops(&self) -> Result<BTreeMap<&'static str, u64>, Error> {
         Ok(typed::drops(self.dp.ebpf())?)
