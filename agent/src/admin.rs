@@ -1,15 +1,27 @@
 //! admin: the agent's admin API, HTTP/1.1 over a unix socket (so `curl --unix-socket` works),
 //! and the client the CLI uses to reach it.
 
-use std::{future::Future, path::Path, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    path::Path,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
-use tokio::net::{UnixListener, UnixStream};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    net::{UnixListener, UnixStream},
+    sync::Semaphore,
+};
 
 /// Errors serving or calling the admin API.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +46,12 @@ pub enum Error {
     },
     #[error("agent at {path} timed out")]
     Timeout { path: String },
+    #[error("invalid admin request {target:?}")]
+    Request {
+        target: String,
+        #[source]
+        source: hyper::http::Error,
+    },
     #[error("agent answered {status}: {body}")]
     Status { status: u16, body: String },
 }
@@ -99,11 +117,50 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: AdminRequest) -> BoxFuture;
 }
 
+/// What one client of the admin socket may take. The socket is local, but nothing that reaches
+/// it may exhaust the agent: connections, bodies, queries and the time they take are bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Largest request body (no route takes a body yet): larger is `413`.
+    pub max_body_bytes: usize,
+    /// Most `key=value` pairs in a query (routes read a handful): more is `400`.
+    pub max_query_params: usize,
+    /// A request's head must arrive within this, and an idle keep-alive connection is closed
+    /// after it.
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this: `408`.
+    pub body_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            max_body_bytes: 64 * 1024,
+            max_query_params: 32,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Serves the admin API until `shutdown` resolves. Replaces a stale socket file.
 pub async fn serve(
     socket: &Path,
     handler: Arc<dyn Handler>,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    serve_with(socket, handler, shutdown, Limits::default()).await
+}
+
+/// [`serve`] with explicit limits.
+pub async fn serve_with(
+    socket: &Path,
+    handler: Arc<dyn Handler>,
+    shutdown: impl Future<Output = ()>,
+    limits: Limits,
 ) -> Result<(), Error> {
     let _ = std::fs::remove_file(socket);
     if let Some(parent) = socket.parent() {
@@ -114,6 +171,8 @@ pub async fn serve(
         source,
     })?;
     tokio::pin!(shutdown);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let refused = AtomicU64::new(0);
     loop {
         let stream = tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -126,72 +185,128 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::debug!(
+                refused = n,
+                max = limits.max_connections,
+                "admin connection refused: too many open"
+            );
+            continue;
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 async move {
-                    let (parts, body) = req.into_parts();
-                    let body = match body.collect().await {
-                        Ok(b) => b.to_bytes(),
-                        Err(_) => Bytes::new(),
+                    let r = match read_request(req, &limits).await {
+                        Ok(req) => handler.handle(req).await,
+                        Err(refusal) => refusal,
                     };
-                    let query = parts
-                        .uri
-                        .query()
-                        .map(|q| {
-                            q.split('&')
-                                .filter(|s| !s.is_empty())
-                                .map(|kv| {
-                                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                                    (percent_decode(k), percent_decode(v))
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    let r = handler
-                        .handle(AdminRequest {
-                            method: parts.method,
-                            path: parts.uri.path().to_string(),
-                            query,
-                            body,
-                        })
-                        .await;
-                    Ok::<_, std::convert::Infallible>(
-                        Response::builder()
-                            .status(r.status)
-                            .header("content-type", r.content_type)
-                            .body(Full::new(r.body))
-                            .expect("static response parts are valid"),
-                    )
+                    Ok::<_, std::convert::Infallible>(to_response(r))
                 }
             });
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
     }
 }
 
-/// Decodes `%XX` and `+` in a query component.
+/// The request as handlers see it, or the answer that refuses it.
+async fn read_request(
+    req: Request<Incoming>,
+    limits: &Limits,
+) -> Result<AdminRequest, AdminResponse> {
+    let (parts, body) = req.into_parts();
+    let query = parse_query(parts.uri.query().unwrap_or(""), limits.max_query_params)
+        .map_err(|e| AdminResponse::error(StatusCode::BAD_REQUEST, &e))?;
+    let too_large = || {
+        AdminResponse::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body exceeds {} bytes", limits.max_body_bytes),
+        )
+    };
+    // A declared length over the limit is refused before waiting for any of it.
+    if hyper::body::Body::size_hint(&body).lower() > limits.max_body_bytes as u64 {
+        return Err(too_large());
+    }
+    let collected = tokio::time::timeout(
+        limits.body_timeout,
+        Limited::new(body, limits.max_body_bytes).collect(),
+    )
+    .await;
+    let body = match collected {
+        Err(_) => {
+            return Err(AdminResponse::error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body did not arrive in time",
+            ))
+        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
+        Ok(Err(_)) => {
+            return Err(AdminResponse::error(
+                StatusCode::BAD_REQUEST,
+                "request body could not be read",
+            ))
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    Ok(AdminRequest {
+        method: parts.method,
+        path: parts.uri.path().to_string(),
+        query,
+        body,
+    })
+}
+
+fn to_response(r: AdminResponse) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(r.body));
+    *resp.status_mut() = r.status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(r.content_type),
+    );
+    resp
+}
+
+/// Splits and decodes a query string; more than `max` pairs is an error.
+fn parse_query(q: &str, max: usize) -> Result<Vec<(String, String)>, String> {
+    let pairs = q.split('&').filter(|s| !s.is_empty());
+    if pairs.clone().nth(max).is_some() {
+        return Err(format!("query has more than {max} parameters"));
+    }
+    Ok(pairs
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect())
+}
+
+/// Decodes `%XX` and `+` in a query component. A `%` not followed by two hex digits stays as
+/// it is (`u8::from_str_radix` alone would also take a sign: `%+5` is not byte 5).
 pub fn percent_decode(s: &str) -> String {
+    let hex = |c: u8| char::from(c).to_digit(16);
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
+    while let Some(&c) = b.get(i) {
+        match (
+            c,
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'+', _, _) => out.push(b' '),
+            (b'%', Some(hi), Some(lo)) => {
+                // Two hex digits: at most 0xff.
+                out.push((hi * 16 + lo) as u8);
+                i += 2;
             }
-            c => out.push(c),
+            (c, _, _) => out.push(c),
         }
         i += 1;
     }
@@ -238,7 +353,10 @@ pub async fn call(
             .uri(path_and_query)
             .header("host", "veil-agent")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .expect("request parts are valid");
+            .map_err(|source| Error::Request {
+                target: path_and_query.to_string(),
+                source,
+            })?;
         let resp = sender
             .send_request(req)
             .await
@@ -312,5 +430,218 @@ mod tests {
         assert_eq!(percent_decode("a+b%2Fc"), "a b/c");
         assert_eq!(percent_decode("bad%zz"), "bad%zz");
         assert_eq!(percent_decode("tail%4"), "tail%4");
+    }
+
+    #[test]
+    fn percent_decoding_takes_only_two_hex_digits() {
+        // A sign is no hex digit: `%` stays, `+` is a space as anywhere else.
+        assert_eq!(percent_decode("%+5"), "% 5");
+        assert_eq!(percent_decode("%-1"), "%-1");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}");
+        assert_eq!(percent_decode("%%41"), "%A");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("ü%"), "ü%");
+    }
+
+    #[test]
+    fn queries_are_bounded_in_parameters() {
+        let q = (0..32)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join("&");
+        assert_eq!(parse_query(&q, 32).unwrap().len(), 32);
+        let e = parse_query(&format!("{q}&one=more"), 32).unwrap_err();
+        assert!(e.contains("more than 32"), "{e}");
+        assert_eq!(
+            parse_query("&&a=1&&", 32).unwrap(),
+            [("a".into(), "1".into())]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_queries_never_panic(q in "\\PC{0,64}") {
+            let _ = parse_query(&q, 8);
+            let _ = percent_decode(&q);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_target_that_is_no_uri_is_an_error_not_a_panic() {
+        let dir = tempdir("client");
+        let sock = dir.join("admin.sock");
+        let _listener = UnixListener::bind(&sock).unwrap();
+        let e = call(
+            &sock,
+            hyper::Method::GET,
+            "/v1/flows?pod=a b",
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, Error::Request { .. }), "{e:?}");
+    }
+
+    /// Answers 200 with the body length; counts calls.
+    struct Echo(std::sync::atomic::AtomicUsize);
+
+    impl Handler for Echo {
+        fn handle(&self, req: AdminRequest) -> BoxFuture {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let n = req.body.len();
+            Box::pin(async move { AdminResponse::json(&serde_json::json!({ "body": n })) })
+        }
+    }
+
+    fn tempdir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "veil-admin-test-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    const TEST_LIMITS: Limits = Limits {
+        max_connections: 2,
+        max_body_bytes: 1024,
+        max_query_params: 4,
+        header_timeout: Duration::from_millis(300),
+        body_timeout: Duration::from_millis(300),
+    };
+
+    /// Serves an [`Echo`] on a fresh socket; returns the socket path and the handler.
+    async fn server(name: &str) -> (std::path::PathBuf, Arc<Echo>) {
+        let sock = tempdir(name).join("admin.sock");
+        let echo = Arc::new(Echo(Default::default()));
+        let (s, h) = (sock.clone(), echo.clone());
+        tokio::spawn(async move {
+            serve_with(&s, h, std::future::pending(), TEST_LIMITS)
+                .await
+                .unwrap()
+        });
+        for _ in 0..100 {
+            if UnixStream::connect(&sock).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (sock, echo)
+    }
+
+    /// Writes raw bytes and reads until the server closes (or 3 s pass).
+    async fn raw(sock: &Path, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut c = UnixStream::connect(sock).await.unwrap();
+        c.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_are_refused_before_the_handler() {
+        let (sock, echo) = server("body").await;
+        let ok = call(
+            &sock,
+            hyper::Method::POST,
+            "/x",
+            Some(vec![0; 1024]),
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&ok[..], br#"{"body":1024}"#);
+        let e = call(
+            &sock,
+            hyper::Method::POST,
+            "/x",
+            Some(vec![0; 1025]),
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, Error::Status { status: 413, body } if body.contains("exceeds 1024")),
+            "{e:?}"
+        );
+        // A declared length far beyond the limit is refused without reading it.
+        let answer = raw(
+            &sock,
+            b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 10000000000\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert_eq!(echo.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn too_many_query_parameters_are_a_bad_request() {
+        let (sock, echo) = server("query").await;
+        let e = call(
+            &sock,
+            hyper::Method::GET,
+            "/v1/flows?a=1&b=2&c=3&d=4&e=5",
+            None,
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, Error::Status { status: 400, .. }), "{e:?}");
+        assert_eq!(echo.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn slow_heads_and_bodies_are_cut_off() {
+        let (sock, echo) = server("slow").await;
+        // Half a request head, then nothing: closed after the header timeout.
+        let t0 = std::time::Instant::now();
+        let answer = raw(&sock, b"GET /x HTTP/1.1\r\nhost: a\r\n").await;
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(!answer.contains("200"), "{answer}");
+        // A body promised and not sent: 408 after the body timeout.
+        let t0 = std::time::Instant::now();
+        let answer = raw(
+            &sock,
+            b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\nabc",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(echo.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_at_accept() {
+        use tokio::io::AsyncReadExt as _;
+        let (sock, _) = server("conns").await;
+        // Two idle connections hold both slots (the readiness probe's is gone by now).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _a = UnixStream::connect(&sock).await.unwrap();
+        let _b = UnixStream::connect(&sock).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut c = UnixStream::connect(&sock).await.unwrap();
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_millis(200), c.read(&mut byte))
+            .await
+            .expect("the third connection is closed, not left waiting")
+            .unwrap();
+        assert_eq!(n, 0);
+        // Once they go (here: the header timeout closes them), new clients are served.
+        drop((_a, _b));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ok = call(
+            &sock,
+            hyper::Method::GET,
+            "/x",
+            None,
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&ok[..], br#"{"body":0}"#);
     }
 }

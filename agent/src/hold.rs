@@ -10,6 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
+    io,
     net::Ipv4Addr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -27,6 +28,9 @@ use crate::{auth::AuthTriple, cluster::ClusterState, flows::FlowStore};
 pub struct HoldConfig {
     pub per_pair: usize,
     pub total: usize,
+    /// Bytes held in all queues. The packet bounds alone allow `total` packets of up to 64 KiB
+    /// each (a TUN read can be that large whatever the MTU says): 256 MiB.
+    pub max_bytes: usize,
     pub timeout: Duration,
 }
 
@@ -35,10 +39,16 @@ impl Default for HoldConfig {
         Self {
             per_pair: 256,
             total: 4096,
+            // 4096 packets of a 1500-byte MTU fit; 64 KiB packets stop at 128.
+            max_bytes: 8 << 20,
             timeout: Duration::from_secs(3),
         }
     }
 }
+
+/// Most packets read per readiness before the loop looks at its other events: a sender that
+/// keeps the device readable must not starve releases, expiries and the runtime thread.
+const MAX_BATCH: usize = 256;
 
 /// Counters of the hold queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,6 +57,9 @@ pub struct HoldStats {
     pub released: u64,
     pub timed_out: u64,
     pub overflow: u64,
+    /// Packets that named no known pair (not IPv4, malformed header, unknown pod or node):
+    /// dropped.
+    pub unclassified: u64,
 }
 
 /// What happened to a packet offered to the queue.
@@ -68,6 +81,7 @@ pub struct HoldQueue {
     cfg: HoldConfig,
     queues: BTreeMap<AuthTriple, VecDeque<Entry>>,
     total: usize,
+    bytes: usize,
     stats: HoldStats,
 }
 
@@ -77,6 +91,7 @@ impl HoldQueue {
             cfg,
             queues: BTreeMap::new(),
             total: 0,
+            bytes: 0,
             stats: HoldStats::default(),
         }
     }
@@ -84,13 +99,17 @@ impl HoldQueue {
     pub fn hold(&mut self, t: AuthTriple, packet: Vec<u8>, now: Instant) -> Held {
         let q = self.queues.entry(t).or_default();
         let first = q.is_empty();
-        if q.len() >= self.cfg.per_pair || self.total >= self.cfg.total {
+        if q.len() >= self.cfg.per_pair
+            || self.total >= self.cfg.total
+            || self.bytes.saturating_add(packet.len()) > self.cfg.max_bytes
+        {
             if first {
                 self.queues.remove(&t);
             }
             self.stats.overflow += 1;
             return Held::Overflow;
         }
+        self.bytes += packet.len();
         q.push_back(Entry { since: now, packet });
         self.total += 1;
         self.stats.held += 1;
@@ -109,6 +128,7 @@ impl HoldQueue {
     pub fn release(&mut self, t: &AuthTriple, now: Instant) -> Option<(Vec<Vec<u8>>, Duration)> {
         let q = self.queues.remove(t)?;
         self.total -= q.len();
+        self.bytes -= q.iter().map(|e| e.packet.len()).sum::<usize>();
         self.stats.released += q.len() as u64;
         let waited = q
             .front()
@@ -126,7 +146,9 @@ impl HoldQueue {
                 .front()
                 .is_some_and(|e| now.duration_since(e.since) >= self.cfg.timeout)
             {
-                q.pop_front();
+                if let Some(e) = q.pop_front() {
+                    self.bytes -= e.packet.len();
+                }
             }
             if q.len() < before {
                 out.push((*t, before - q.len()));
@@ -156,6 +178,16 @@ impl HoldQueue {
         self.stats
     }
 
+    /// A packet read from the device that named no pair was dropped.
+    pub fn count_unclassified(&mut self) {
+        self.stats.unclassified += 1;
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn len(&self) -> usize {
         self.total
     }
@@ -165,15 +197,63 @@ impl HoldQueue {
     }
 }
 
-/// IPv4 source and destination of a packet.
-fn addrs(p: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    if p.len() < 20 || p[0] >> 4 != 4 {
+/// The IPv4 header fields the hold path reads, from a packet whose header is consistent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ipv4Header {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    /// Header length in bytes (20..=60).
+    header_len: usize,
+    /// Total length from the header (≤ the bytes read).
+    total_len: usize,
+    /// Not the first fragment: no transport header follows.
+    is_later_fragment: bool,
+}
+
+/// Parses the IPv4 header of a packet read from the device. Anything else — not IPv4, a header
+/// length under 20 bytes or past the packet, a total length that disagrees — is refused (the
+/// caller drops and counts it) rather than read at wrong offsets.
+fn ipv4_header(p: &[u8]) -> Option<Ipv4Header> {
+    let h = p.get(..20)?;
+    if h[0] >> 4 != 4 {
         return None;
     }
-    Some((
-        Ipv4Addr::new(p[12], p[13], p[14], p[15]),
-        Ipv4Addr::new(p[16], p[17], p[18], p[19]),
-    ))
+    let header_len = usize::from(h[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    if header_len < 20 || total_len < header_len || total_len > p.len() {
+        return None;
+    }
+    Some(Ipv4Header {
+        src: Ipv4Addr::new(h[12], h[13], h[14], h[15]),
+        dst: Ipv4Addr::new(h[16], h[17], h[18], h[19]),
+        proto: h[9],
+        header_len,
+        total_len,
+        is_later_fragment: u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0,
+    })
+}
+
+/// IPv4 source and destination of a packet.
+fn addrs(p: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    ipv4_header(p).map(|h| (h.src, h.dst))
+}
+
+/// Source and destination ports of a TCP, UDP or SCTP packet; zero where there are none (other
+/// protocols, later fragments, a transport header cut short).
+fn ports(p: &[u8], h: &Ipv4Header) -> (u16, u16) {
+    if !matches!(h.proto, 6 | 17 | 132) || h.is_later_fragment {
+        return (0, 0);
+    }
+    p.get(h.header_len..h.total_len)
+        .and_then(|l4| l4.first_chunk::<4>())
+        .map(|b| {
+            (
+                u16::from_be_bytes([b[0], b[1]]),
+                u16::from_be_bytes([b[2], b[3]]),
+            )
+        })
+        .unwrap_or((0, 0))
 }
 
 /// The identity pair a held packet waits for, as this node's auth map keys it: (local pod's
@@ -222,31 +302,29 @@ pub async fn run(
                 let mut guard = r?;
                 let cluster = cluster_rx.borrow_and_update().clone();
                 let authed = authenticated.borrow().clone();
-                loop {
-                    let n = match guard.try_io(|inner| inner.get_ref().recv(&mut buf)) {
-                        Ok(Ok(n)) => n,
-                        Ok(Err(e)) => return Err(e),
-                        Err(_would_block) => break,
+                let recv = |b: &mut [u8]| guard.try_io(|inner| inner.get_ref().recv(b)).ok();
+                read_batch(&mut buf, recv, |packet| {
+                    let Some(t) = classify(packet, &cluster, &me) else {
+                        queue.count_unclassified();
+                        return;
                     };
-                    let packet = buf[..n].to_vec();
-                    let Some(t) = classify(&packet, &cluster, &me) else { continue };
                     let now = Instant::now();
                     if authed.contains(&t) {
                         // Authenticated between the datapath's miss and now: straight back.
-                        let _ = fd.get_ref().send(&packet);
-                        continue;
+                        let _ = fd.get_ref().send(packet);
+                        return;
                     }
-                    match queue.hold(t, packet, now) {
+                    match queue.hold(t, packet.to_vec(), now) {
                         Held::Queued { first: true } => {
                             tracing::debug!(?t, "holding a flow until its identity pair is authenticated");
                             let _ = requests.try_send(t);
                         }
                         Held::Queued { first: false } => {}
                         Held::Overflow => {
-                            record(&flows, &cluster, &me, &buf[..n], "DROPPED", Some("auth-queue-full"), None);
+                            record(&flows, &cluster, &me, packet, "DROPPED", Some("auth-queue-full"), None);
                         }
                     }
-                }
+                })?;
             }
             r = authenticated.changed() => {
                 if r.is_err() {
@@ -278,8 +356,27 @@ pub async fn run(
                 }
             }
         }
-        *stats.lock().expect("hold stats lock") = queue.stats();
+        *stats.lock().unwrap_or_else(|e| e.into_inner()) = queue.stats();
     }
+}
+
+/// Reads packets with `recv` (`None` once the device would block) into `buf` and hands each to
+/// `on_packet`, at most [`MAX_BATCH`] per call. Returns whether the device was drained.
+fn read_batch(
+    buf: &mut [u8],
+    mut recv: impl FnMut(&mut [u8]) -> Option<io::Result<usize>>,
+    mut on_packet: impl FnMut(&[u8]),
+) -> io::Result<bool> {
+    for _ in 0..MAX_BATCH {
+        let n = match recv(buf) {
+            Some(r) => r?,
+            None => return Ok(true),
+        };
+        if let Some(packet) = buf.get(..n) {
+            on_packet(packet);
+        }
+    }
+    Ok(false)
 }
 
 /// A flow record for a held packet (the datapath emitted none for it).
@@ -292,22 +389,11 @@ fn record(
     reason: Option<&str>,
     waited: Option<Duration>,
 ) {
-    let Some((src, dst)) = addrs(packet) else {
+    let Some(h) = ipv4_header(packet) else {
         return;
     };
-    let ihl = usize::from(packet[0] & 0x0f) * 4;
-    let proto = packet[9];
-    let port = |off: usize| {
-        packet
-            .get(ihl + off..ihl + off + 2)
-            .map(|b| u16::from_be_bytes([b[0], b[1]]))
-            .unwrap_or(0)
-    };
-    let (sport, dport) = if matches!(proto, 6 | 17 | 132) {
-        (port(0), port(2))
-    } else {
-        (0, 0)
-    };
+    let (src, dst, proto) = (h.src, h.dst, h.proto);
+    let (sport, dport) = ports(packet, &h);
     let ep = |ip: Ipv4Addr, port: u16| {
         let p = cluster.pod_by_ip(ip);
         crate::flows::Endpoint {
@@ -347,7 +433,7 @@ fn record(
         held_ms: waited.map(|w| w.as_millis() as u64),
         ..Default::default()
     };
-    flows.lock().expect("flow store lock").push(flow);
+    flows.lock().unwrap_or_else(|e| e.into_inner()).push(flow);
 }
 
 #[cfg(test)]
@@ -367,6 +453,7 @@ mod tests {
         let mut q = HoldQueue::new(HoldConfig {
             per_pair: 2,
             total: 3,
+            max_bytes: 1 << 20,
             timeout: Duration::from_secs(3),
         });
         let now = Instant::now();
@@ -391,13 +478,13 @@ mod tests {
                 held: 3,
                 released: 2,
                 timed_out: 1,
-                overflow: 2
+                overflow: 2,
+                unclassified: 0,
             }
         );
     }
 
-    #[test]
-    fn classifies_held_packets_from_either_direction() {
+    fn cluster() -> ClusterState {
         use crate::cluster::{Node, Pod};
         let pod = |name: &str, node: &str, ip: [u8; 4], id: u32| Pod {
             name: name.into(),
@@ -416,18 +503,31 @@ mod tests {
             pod_cidr: String::new(),
             wg_public_key: None,
         };
-        let c = ClusterState {
+        ClusterState {
             nodes: vec![node("a", 1), node("b", 2)],
             pods: vec![
                 pod("fe", "a", [198, 19, 1, 10], 256),
                 pod("be", "b", [198, 19, 2, 10], 257),
             ],
             ..Default::default()
-        };
+        }
+    }
+
+    /// A 40-byte IPv4 packet from the frontend pod to the backend pod.
+    fn fe_to_be(proto: u8) -> Vec<u8> {
         let mut p = vec![0u8; 40];
         p[0] = 0x45;
+        p[2..4].copy_from_slice(&40u16.to_be_bytes());
+        p[9] = proto;
         p[12..16].copy_from_slice(&[198, 19, 1, 10]);
         p[16..20].copy_from_slice(&[198, 19, 2, 10]);
+        p
+    }
+
+    #[test]
+    fn classifies_held_packets_from_either_direction() {
+        let c = cluster();
+        let p = fe_to_be(6);
         // Egress held on a: (frontend, backend, b).
         assert_eq!(
             classify(&p, &c, "a"),
@@ -447,5 +547,153 @@ mod tests {
             })
         );
         assert_eq!(classify(&p[..10], &c, "a"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_bytes_are_bounded_not_only_held_packets() {
+        let mut q = HoldQueue::new(HoldConfig {
+            per_pair: 256,
+            total: 4096,
+            max_bytes: 100_000,
+            timeout: Duration::from_secs(3),
+        });
+        let now = Instant::now();
+        // 64 KiB reads (what one TUN read can return) stop at the byte bound, not at 4096.
+        assert_eq!(
+            q.hold(t(1), vec![0; 65535], now),
+            Held::Queued { first: true }
+        );
+        assert_eq!(q.hold(t(1), vec![0; 65535], now), Held::Overflow);
+        assert_eq!(q.hold(t(2), vec![0; 65535], now), Held::Overflow);
+        assert_eq!(q.bytes(), 65535);
+        // Small packets still fit beside it; releasing and expiring give the bytes back.
+        assert_eq!(
+            q.hold(t(2), vec![0; 1000], now),
+            Held::Queued { first: true }
+        );
+        q.release(&t(1), now).unwrap();
+        assert_eq!(q.bytes(), 1000);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        q.expire(Instant::now());
+        assert_eq!((q.bytes(), q.len()), (0, 0));
+        assert_eq!(q.stats().overflow, 2);
+    }
+
+    #[test]
+    fn malformed_headers_are_refused_not_read_at_wrong_offsets() {
+        let c = cluster();
+        let good = fe_to_be(17);
+        assert!(classify(&good, &c, "a").is_some());
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut p = good.clone();
+            f(&mut p);
+            p
+        };
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("ihl 0", with(&|p| p[0] = 0x40)),
+            ("ihl 4", with(&|p| p[0] = 0x44)),
+            ("ihl past the packet", with(&|p| p[0] = 0x4f)),
+            (
+                "total length past the read",
+                with(&|p| p[2..4].copy_from_slice(&41u16.to_be_bytes())),
+            ),
+            (
+                "total length under the header",
+                with(&|p| p[2..4].copy_from_slice(&19u16.to_be_bytes())),
+            ),
+            ("ipv6", with(&|p| p[0] = 0x60)),
+            ("truncated", good[..19].to_vec()),
+            ("empty", Vec::new()),
+        ];
+        for (what, p) in cases {
+            assert_eq!(ipv4_header(&p), None, "{what}");
+            assert_eq!(classify(&p, &c, "a"), None, "{what}");
+        }
+    }
+
+    #[test]
+    fn flow_records_take_ports_only_from_a_first_fragment() {
+        let c = cluster();
+        let flows = Arc::new(Mutex::new(FlowStore::open(None, 16, 0)));
+        let mut p = fe_to_be(17);
+        p[20..24].copy_from_slice(&[0x1f, 0x90, 0x00, 0x35]);
+        record(&flows, &c, "a", &p, "DROPPED", Some("auth-required"), None);
+        // The same bytes as a later fragment are payload, not ports.
+        p[6..8].copy_from_slice(&0x00b9u16.to_be_bytes());
+        record(&flows, &c, "a", &p, "DROPPED", Some("auth-required"), None);
+        // A UDP header cut short by the total length has no ports either.
+        let mut short = fe_to_be(17);
+        short[2..4].copy_from_slice(&22u16.to_be_bytes());
+        short[20..24].copy_from_slice(&[0x1f, 0x90, 0x00, 0x35]);
+        record(
+            &flows,
+            &c,
+            "a",
+            &short,
+            "DROPPED",
+            Some("auth-required"),
+            None,
+        );
+        let got: Vec<(u16, u16)> = flows
+            .lock()
+            .unwrap()
+            .query(&Default::default())
+            .iter()
+            .map(|f| (f.src.port, f.dst.port))
+            .collect();
+        assert_eq!(got, vec![(8080, 53), (0, 0), (0, 0)]);
+    }
+
+    #[test]
+    fn a_device_that_stays_readable_cannot_keep_the_loop_reading() {
+        let mut buf = vec![0u8; 64];
+        let mut reads = 0;
+        let mut seen = 0;
+        // A flood: the device never runs dry.
+        let drained = read_batch(
+            &mut buf,
+            |b| {
+                reads += 1;
+                (reads <= 10 * MAX_BATCH).then_some(Ok(b.len().min(20)))
+            },
+            |p| {
+                assert_eq!(p.len(), 20);
+                seen += 1;
+            },
+        )
+        .unwrap();
+        assert!(!drained);
+        assert_eq!(
+            seen, MAX_BATCH,
+            "one batch, then the other events get a turn"
+        );
+        // A device that runs dry is drained; a read error ends the loop.
+        let mut left = 3;
+        let drained = read_batch(
+            &mut buf,
+            |_| {
+                left -= 1;
+                (left >= 0).then_some(Ok(1))
+            },
+            |_| {},
+        )
+        .unwrap();
+        assert!(drained);
+        let e = read_batch(&mut buf, |_| Some(Err(io::Error::other("gone"))), |_| {});
+        assert!(e.is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_packets_never_panic(p in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..128)) {
+            let c = cluster();
+            if let Some(h) = ipv4_header(&p) {
+                proptest::prop_assert!(20 <= h.header_len && h.header_len <= h.total_len && h.total_len <= p.len());
+                let _ = ports(&p, &h);
+            }
+            let _ = classify(&p, &c, "a");
+            let flows = Arc::new(Mutex::new(FlowStore::open(None, 4, 0)));
+            record(&flows, &c, "a", &p, "DROPPED", None, None);
+        }
     }
 }

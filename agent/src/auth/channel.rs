@@ -171,6 +171,21 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     wire::decode_body(&buf[..len]).map_err(ReadError::Wire)
 }
 
+/// Reads one frame, header and body, before `deadline`: the node handshake's bound. With
+/// [`read_frame`] alone the body gets its own `frame_timeout` after the header, so a peer that
+/// sends a length just before the deadline would hold its unauthenticated slot a frame timeout
+/// longer than the handshake timeout allows.
+pub(crate) async fn read_frame_before<R: AsyncRead + Unpin>(
+    r: &mut R,
+    deadline: Instant,
+    frame_timeout: Duration,
+    buf: &mut Vec<u8>,
+) -> Result<Message, ReadError> {
+    timeout_at(deadline, read_frame(r, deadline, frame_timeout, buf))
+        .await
+        .unwrap_or(Err(ReadError::Timeout))
+}
+
 fn read_error(peer: &str, e: ReadError, stage: &'static str) -> Error {
     match e {
         ReadError::Eof => Error::Closed {
@@ -215,7 +230,7 @@ pub(crate) async fn establish<S: TlsIo>(
     write_msg(&mut stream, &hello, deadline, &peer.name).await?;
     let mut buf = Vec::new();
     let keys = loop {
-        let msg = read_frame(&mut stream, deadline, cfg.frame_timeout, &mut buf)
+        let msg = read_frame_before(&mut stream, deadline, cfg.frame_timeout, &mut buf)
             .await
             .map_err(|e| read_error(&peer.name, e, "node handshake"))?;
         match hs.handle(msg, stream.exporter()).map_err(hs_err)? {
@@ -683,5 +698,37 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, ReadError::Eof));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handshake_frame_must_arrive_whole_before_the_deadline() {
+        let frame_timeout = Duration::from_secs(5);
+        let mut buf = Vec::new();
+        // The length arrives at once, the body never: the handshake deadline (2 s) ends the
+        // read, not the deadline plus a frame timeout.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        let frame = wire::encode(&Message::Ping(1));
+        tx.write_all(&frame[..wire::HEADER_LEN]).await.unwrap();
+        let t0 = Instant::now();
+        let e = read_frame_before(
+            &mut rx,
+            t0 + Duration::from_secs(2),
+            frame_timeout,
+            &mut buf,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ReadError::Timeout));
+        assert_eq!(Instant::now() - t0, Duration::from_secs(2));
+        // A whole frame before the deadline reads.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        tx.write_all(&frame).await.unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        assert_eq!(
+            read_frame_before(&mut rx, far, frame_timeout, &mut buf)
+                .await
+                .unwrap(),
+            Message::Ping(1)
+        );
     }
 }

@@ -585,6 +585,32 @@ mod tests {
     }
 
     #[test]
+    fn hostile_epochs_are_refused_or_saturate_never_overflow() {
+        let ex = FakeExporter([1; 32]);
+        let (ka, kb) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        for (epoch, ok) in [(0, false), (u64::MAX, false), (u64::MAX - 1, true)] {
+            let (mut h, _) = NodeHandshake::start("node-a", ka, 1, "node-b").unwrap();
+            let hello = Message::Hello(Hello {
+                node_name: "node-b".into(),
+                wg_public_key: *kb.as_bytes(),
+                epoch,
+            });
+            match h.handle(hello, &ex) {
+                Ok(Progress::Send(Message::Confirm(c))) if ok => assert_eq!(c.epoch, epoch),
+                Err(Error::InvalidEpoch(e)) if !ok => assert_eq!(e, epoch),
+                other => panic!("epoch {epoch}: {other:?}"),
+            }
+        }
+        // A peer that pushed the epoch to the top leaves proposals there, still valid.
+        let book = EpochBook::new();
+        book.record("node-b", u64::MAX - 1);
+        assert_eq!(book.propose("node-b"), u64::MAX - 1);
+        book.record("node-b", u64::MAX);
+        assert_eq!(book.propose("node-b"), u64::MAX - 1);
+        assert!(NodeHandshake::start("node-a", ka, book.propose("node-b"), "node-b").is_ok());
+    }
+
+    #[test]
     fn epoch_book_proposes_one_more_than_agreed() {
         let book = EpochBook::new();
         assert_eq!(book.propose("node-b"), 1);

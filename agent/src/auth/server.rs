@@ -60,12 +60,31 @@ pub struct ServerStats {
     pub node_handshake_failures: AtomicU64,
     pub established: AtomicU64,
     /// Peer node certificates we refused, by [`AuthFailure::code`].
-    pub rejected: [AtomicU64; 16],
+    pub rejected: [AtomicU64; REJECTED_SLOTS],
 }
+
+// Every wire code has a counter: appending a code past the array is a build error, not a panic
+// on the first peer refused for it.
+const _: () = {
+    let mut i = 0;
+    while i < AuthFailure::ALL.len() {
+        assert!((AuthFailure::ALL[i].code() as usize) < REJECTED_SLOTS);
+        i += 1;
+    }
+};
+const REJECTED_SLOTS: usize = 16;
 
 impl ServerStats {
     pub fn rejected_for(&self, reason: AuthFailure) -> u64 {
-        self.rejected[reason.code() as usize].load(Ordering::Relaxed)
+        self.rejected
+            .get(usize::from(reason.code()))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn count_rejected(&self, reason: AuthFailure) {
+        if let Some(c) = self.rejected.get(usize::from(reason.code())) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -255,7 +274,7 @@ async fn handle(
         Ok(Err(e)) => {
             stats.tls_failures.fetch_add(1, Ordering::Relaxed);
             if let Some(reason) = tls::rejection_reason(&e) {
-                stats.rejected[reason.code() as usize].fetch_add(1, Ordering::Relaxed);
+                stats.count_rejected(reason);
                 return Err(Error::PeerRejected {
                     peer: peer_label,
                     reason,

@@ -229,10 +229,10 @@ pub fn parse_header(header: [u8; HEADER_LEN]) -> Result<usize, Error> {
 /// Streaming decode: the first complete frame of `buf` and the bytes it used, `None` if more
 /// bytes are needed. A length over the maximum is refused before any body arrives.
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, Error> {
-    let Some(header) = buf.get(..HEADER_LEN) else {
+    let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
         return Ok(None);
     };
-    let len = parse_header(header.try_into().expect("slice of HEADER_LEN"))?;
+    let len = parse_header(*header)?;
     let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
         return Ok(None);
     };
@@ -348,10 +348,12 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], Error> {
-        Ok(self
-            .take(N, what)?
-            .try_into()
-            .expect("take returned N bytes"))
+        let (head, rest) = self
+            .0
+            .split_first_chunk::<N>()
+            .ok_or(Error::Truncated(what))?;
+        self.0 = rest;
+        Ok(*head)
     }
 
     fn str8(&mut self, what: &'static str) -> Result<String, Error> {
@@ -547,6 +549,105 @@ mod tests {
                 buf[0] = VERSION;
                 buf[1] = [0x01, 0x02, 0x03, 0x10, 0x11, 0x12, 0x20, 0x21][n % 8];
                 let _ = decode_body(&buf[..n]);
+            }
+        }
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::{collection::vec, prelude::*};
+
+        fn chain() -> impl Strategy<Value = Vec<Vec<u8>>> {
+            vec(vec(any::<u8>(), 1..64), 1..=MAX_CHAIN_CERTS)
+        }
+
+        fn proof() -> impl Strategy<Value = Proof> {
+            (any::<u16>(), vec(any::<u8>(), 1..128))
+                .prop_map(|(scheme, signature)| Proof { scheme, signature })
+        }
+
+        fn message() -> impl Strategy<Value = Message> {
+            prop_oneof![
+                ("[a-z0-9][a-z0-9.-]{0,40}", any::<[u8; 32]>(), any::<u64>()).prop_map(
+                    |(node_name, wg_public_key, epoch)| Message::Hello(Hello {
+                        node_name,
+                        wg_public_key,
+                        epoch
+                    })
+                ),
+                (any::<u64>(), any::<[u8; 32]>())
+                    .prop_map(|(epoch, check)| Message::Confirm(Confirm { epoch, check })),
+                Just(Message::RekeyRequest),
+                (
+                    any::<u32>(),
+                    any::<[u8; 32]>(),
+                    any::<u32>(),
+                    any::<u32>(),
+                    chain(),
+                    proof()
+                )
+                    .prop_map(|(id, nonce, i, r, chain, proof)| {
+                        Message::AuthRequest(AuthRequest {
+                            id,
+                            nonce,
+                            initiator_identity: i,
+                            responder_identity: r,
+                            chain,
+                            proof,
+                        })
+                    }),
+                (any::<u32>(), chain(), proof()).prop_map(|(id, chain, proof)| {
+                    Message::AuthResponse(AuthResponse {
+                        id,
+                        result: Ok(AuthAccept { chain, proof }),
+                    })
+                }),
+                (
+                    any::<u32>(),
+                    proptest::sample::select(AuthFailure::ALL.to_vec())
+                )
+                    .prop_map(|(id, f)| Message::AuthResponse(AuthResponse { id, result: Err(f) })),
+                "spiffe://[a-z.]{1,20}/[a-z/]{0,40}"
+                    .prop_map(|spiffe_id| Message::Revoke { spiffe_id }),
+                any::<u64>().prop_map(Message::Ping),
+                any::<u64>().prop_map(Message::Pong),
+            ]
+        }
+
+        proptest! {
+            /// Any bytes: an error, a request for more, or a frame that re-encodes to itself,
+            /// never a panic, never a length beyond the input.
+            #[test]
+            fn arbitrary_bytes_never_panic(buf in vec(any::<u8>(), 0..2048)) {
+                if let Ok(Some((m, used))) = decode_frame(&buf) {
+                    prop_assert!(used <= buf.len());
+                    prop_assert_eq!(&encode(&m)[..], &buf[..used]);
+                }
+                let _ = decode_body(&buf);
+            }
+
+            /// Arbitrary bodies behind a valid version and each kind reach every field decoder.
+            #[test]
+            fn arbitrary_fields_never_panic(
+                kind in proptest::sample::select(vec![0x01u8, 0x02, 0x03, 0x10, 0x11, 0x12, 0x20, 0x21]),
+                rest in vec(any::<u8>(), 0..4096),
+            ) {
+                let mut body = vec![VERSION, kind];
+                body.extend_from_slice(&rest);
+                if let Ok(m) = decode_body(&body) {
+                    prop_assert_eq!(&encode(&m)[HEADER_LEN..], &body[..]);
+                }
+            }
+
+            /// Every well-formed message round-trips, and every prefix of its frame only asks
+            /// for more bytes.
+            #[test]
+            fn well_formed_messages_round_trip(m in message()) {
+                let frame = encode(&m);
+                prop_assert_eq!(decode_frame(&frame), Ok(Some((m, frame.len()))));
+                for cut in 0..frame.len() {
+                    prop_assert_eq!(decode_frame(&frame[..cut]), Ok(None));
+                }
             }
         }
     }

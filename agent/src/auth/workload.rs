@@ -221,6 +221,15 @@ fn check_peer_workload(
     Ok(v)
 }
 
+/// The leaf of a peer's chain. The chain was validated first, which refuses an empty one; this
+/// keeps an empty chain an `InvalidSvid` even if that order changes, never an index panic.
+fn leaf_of(chain: &[Vec<u8>]) -> Result<&[u8], AuthFailure> {
+    chain
+        .first()
+        .map(Vec::as_slice)
+        .ok_or(AuthFailure::InvalidSvid)
+}
+
 /// Checks our own SVID before using it to answer or ask.
 fn check_local_svid(svid: &Svid, identity: u32, ctx: &Context<'_>) -> Result<(), AuthFailure> {
     if svid.is_expired_at(ctx.now) {
@@ -325,7 +334,7 @@ impl Initiator {
             responder_node: ctx.peer_node,
         };
         let msg = t.bytes(Role::Responder, Some(self.local_svid.leaf().as_ref()));
-        verify_proof(&accept.chain[0], &accept.proof, &msg)?;
+        verify_proof(leaf_of(&accept.chain)?, &accept.proof, &msg)?;
         Ok(Authenticated {
             triple: self.triple(ctx.peer_node),
             local_spiffe_id: self.local_svid.spiffe_id().clone(),
@@ -358,6 +367,7 @@ fn respond_inner(
     ctx: &Context<'_>,
 ) -> Result<(AuthAccept, Authenticated), AuthFailure> {
     let peer = check_peer_workload(&req.chain, req.initiator_identity, ctx)?;
+    let leaf = leaf_of(&req.chain)?;
     let initiator_transcript = Transcript {
         binding: &ctx.binding,
         nonce: &req.nonce,
@@ -367,7 +377,7 @@ fn respond_inner(
         responder_node: ctx.local_node,
     };
     verify_proof(
-        &req.chain[0],
+        leaf,
         &req.proof,
         &initiator_transcript.bytes(Role::Initiator, None),
     )?;
@@ -378,7 +388,7 @@ fn respond_inner(
     let proof = sign(
         keys,
         &svid,
-        &initiator_transcript.bytes(Role::Responder, Some(&req.chain[0])),
+        &initiator_transcript.bytes(Role::Responder, Some(leaf)),
     )?;
     let accept = AuthAccept {
         chain: svid
@@ -771,6 +781,40 @@ mod tests {
         let (resp, _) = respond(&forged, &w.on_b, &w.keys, &cb);
         // (The responder refuses the forged nonce, so it sends a failure, never a proof.)
         assert_eq!(init.finish(resp, &ca), Err(AuthFailure::BadProof));
+    }
+
+    #[test]
+    fn empty_chains_are_refused_on_both_sides_without_panicking() {
+        let w = world();
+        let binding = SessionBinding::fixed([3; 32]);
+        let ca = ctx(&w, NODE_A, NODE_B, binding);
+        let cb = ctx(&w, NODE_B, NODE_A, binding);
+        let (init, mut req) = Initiator::start(
+            1,
+            [1; 32],
+            FRONTEND,
+            BACKEND,
+            w.frontend.clone(),
+            &w.keys,
+            &ca,
+        )
+        .unwrap();
+        req.chain.clear();
+        let (resp, outcome) = respond(&req, &w.on_b, &w.keys, &cb);
+        assert_eq!(outcome, Err(AuthFailure::InvalidSvid));
+        assert_eq!(resp.result, Err(AuthFailure::InvalidSvid));
+        let forged = AuthResponse {
+            id: 1,
+            result: Ok(AuthAccept {
+                chain: Vec::new(),
+                proof: Proof {
+                    scheme: 0x0403,
+                    signature: vec![1; 64],
+                },
+            }),
+        };
+        assert_eq!(init.finish(forged, &ca), Err(AuthFailure::InvalidSvid));
+        assert_eq!(leaf_of(&[]), Err(AuthFailure::InvalidSvid));
     }
 
     #[test]
