@@ -150,7 +150,6 @@ impl Mesh {
         let workloads = Arc::new(ArcSwap::from_pointee(StaticWorkloads::default()));
         let tls = TlsConfig {
             allow_classical: cfg.allow_classical,
-            ..TlsConfig::default()
         };
         let deps = Deps {
             local: LocalNode {
@@ -227,8 +226,7 @@ impl Mesh {
         let mut channels: BTreeMap<u32, ChannelState> = BTreeMap::new();
         let mut dialing: BTreeSet<u32> = BTreeSet::new();
         let mut redial_at: BTreeMap<u32, (Instant, u32)> = BTreeMap::new();
-        let (dial_tx, mut dial_rx) =
-            mpsc::channel::<(u32, Result<(Channel, NodeKeys), AuthFailure>)>(64);
+        let (dial_tx, mut dial_rx) = mpsc::channel::<DialOutcome>(64);
         let (result_tx, mut result_rx) =
             mpsc::channel::<(AuthTriple, Result<Authenticated, AuthFailure>)>(4096);
         let mut keys: BTreeMap<String, PeerKeys> = BTreeMap::new();
@@ -423,6 +421,7 @@ impl Mesh {
                 r = policy_rx.changed() => if r.is_err() { break },
                 Some((id, r)) = dial_rx.recv() => {
                     dialing.remove(&id);
+                    let r = r.and_then(|(channel, nk)| admit_claim(&keys, channel, nk));
                     match r {
                         Ok((channel, nk)) => {
                             redial_at.remove(&id);
@@ -460,9 +459,25 @@ impl Mesh {
                     match ev {
                         ChannelEvent::Established { channel, keys: nk } => {
                             let id = channel.peer().id;
-                            self.count_ok();
-                            self.node_result(id, None);
-                            install(self.cfg.rekey_interval, &mut channels, &mut keys, id, channel, nk);
+                            let peer = nk.peer_node.clone();
+                            match admit_claim(&keys, channel, nk) {
+                                Ok((channel, nk)) => {
+                                    self.count_ok();
+                                    self.node_result(id, None);
+                                    install(self.cfg.rekey_interval, &mut channels, &mut keys, id, channel, nk);
+                                }
+                                Err(reason) => {
+                                    // As on the dialling side: a node that fails who it must be
+                                    // keeps no keys, channel or auth entries here.
+                                    self.count_failure(reason);
+                                    self.node_result(id, Some(reason));
+                                    keys.remove(&peer);
+                                    if let Some(c) = channels.remove(&id) {
+                                        c.channel.close();
+                                    }
+                                    table.remove_node(id);
+                                }
+                            }
                         }
                         ChannelEvent::Inbound { result, triple, .. } => match result {
                             Ok(a) => {
@@ -701,13 +716,7 @@ fn install(
         None => fresh(),
     };
     schedule.on_established(now, valid_until_instant);
-    tracing::info!(
-        peer = %nk.peer_node,
-        epoch = nk.epoch,
-        group = channel.negotiated_group().map(|g| g.as_str()).unwrap_or("?"),
-        psk = %nk.psk.fingerprint(),
-        "node pair authenticated; tunnel keys installed"
-    );
+    log_installed(&nk, channel.negotiated_group().map(|g| g.as_str()));
     keys.insert(
         nk.peer_node.clone(),
         PeerKeys {
@@ -732,12 +741,74 @@ fn install(
     }
 }
 
-fn spawn_dial(
-    cfg: &ClientConfig,
-    deps: &Deps,
-    peer: NodeInfo,
-    done: mpsc::Sender<(u32, Result<(Channel, NodeKeys), AuthFailure>)>,
-) {
+/// Logs a node pair's new tunnel keys: the peer, its public key and the epoch that tells one
+/// PSK from the next — nothing derived from the PSK itself, not even a fingerprint (a short
+/// hash of a 32-byte key in every log line is material an attacker should not be handed).
+fn log_installed(nk: &NodeKeys, group: Option<&str>) {
+    tracing::info!(
+        peer = %nk.peer_node,
+        public_key = %nk.peer_wg_key,
+        epoch = nk.epoch,
+        group = group.unwrap_or("?"),
+        "node pair authenticated; tunnel keys installed"
+    );
+}
+
+/// A node handshake claimed a WireGuard public key that another node already holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyInUse {
+    /// The node that holds the key.
+    pub holder: String,
+}
+
+/// Whether `node` may have its tunnel peer keyed with `claimed`, the key its node handshake
+/// announced (sans-IO). Not when another node's authenticated handshake already holds it:
+/// WireGuard routes by key, so the claimant would take over (or black-hole) that node's tunnel.
+/// The first authenticated holder keeps its key until it leaves the cluster or loses its keys.
+/// A node re-keying with its own key is not a conflict.
+pub fn check_key_claim(
+    keys: &BTreeMap<String, PeerKeys>,
+    node: &str,
+    claimed: &PublicKey,
+) -> Result<(), KeyInUse> {
+    match keys
+        .iter()
+        .find(|(holder, k)| holder.as_str() != node && k.public_key == *claimed)
+    {
+        Some((holder, _)) => Err(KeyInUse {
+            holder: holder.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A completed node handshake, unless its claimed key is in use by another node: then the
+/// channel is closed and the handshake fails with [`AuthFailure::DuplicateWgKey`].
+fn admit_claim(
+    keys: &BTreeMap<String, PeerKeys>,
+    channel: Channel,
+    nk: NodeKeys,
+) -> Result<(Channel, NodeKeys), AuthFailure> {
+    match check_key_claim(keys, &nk.peer_node, &nk.peer_wg_key) {
+        Ok(()) => Ok((channel, nk)),
+        Err(KeyInUse { holder }) => {
+            tracing::warn!(
+                peer = %nk.peer_node,
+                holder = %holder,
+                public_key = %nk.peer_wg_key,
+                reason = AuthFailure::DuplicateWgKey.as_str(),
+                "node claimed a wireguard key another node holds: refused"
+            );
+            channel.close();
+            Err(AuthFailure::DuplicateWgKey)
+        }
+    }
+}
+
+/// A dial's end: the peer node id and its channel with the node handshake's keys, or why not.
+type DialOutcome = (u32, Result<(Channel, NodeKeys), AuthFailure>);
+
+fn spawn_dial(cfg: &ClientConfig, deps: &Deps, peer: NodeInfo, done: mpsc::Sender<DialOutcome>) {
     let (cfg, deps) = (cfg.clone(), deps.clone());
     tokio::spawn(async move {
         let r = client::connect(&cfg, &deps, &peer).await.map_err(|e| {
@@ -942,6 +1013,92 @@ mod tests {
                 remote_node: 2
             }])
         );
+    }
+
+    fn peer_keys(key: PublicKey) -> PeerKeys {
+        PeerKeys {
+            public_key: key,
+            psk: PresharedKey::from_bytes([9; 32]),
+            epoch: 1,
+        }
+    }
+
+    #[test]
+    fn a_node_cannot_claim_a_key_another_node_holds() {
+        let k = |b: u8| veil_transport::PrivateKey::from_bytes([b; 32]).public_key();
+        let mut keys = BTreeMap::from([("a".to_string(), peer_keys(k(1)))]);
+        keys.insert("b".into(), peer_keys(k(2)));
+        // c claims a's key: refused, naming the holder.
+        assert_eq!(
+            check_key_claim(&keys, "c", &k(1)),
+            Err(KeyInUse { holder: "a".into() })
+        );
+        // b claims a's key on a re-key: refused too.
+        assert_eq!(
+            check_key_claim(&keys, "b", &k(1)),
+            Err(KeyInUse { holder: "a".into() })
+        );
+        // A re-key with its own key, a rotation to a fresh key, a new node with a fresh key.
+        assert_eq!(check_key_claim(&keys, "a", &k(1)), Ok(()));
+        assert_eq!(check_key_claim(&keys, "a", &k(3)), Ok(()));
+        assert_eq!(check_key_claim(&keys, "c", &k(3)), Ok(()));
+        // Once the holder is gone, the key is free.
+        keys.remove("a");
+        assert_eq!(check_key_claim(&keys, "c", &k(1)), Ok(()));
+    }
+
+    /// A `tracing` writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn installed_keys_are_logged_without_anything_derived_from_the_psk() {
+        let psk_bytes = [0x3c; 32];
+        let nk = NodeKeys {
+            peer_node: "node-b".into(),
+            peer_wg_key: veil_transport::PrivateKey::from_bytes([1; 32]).public_key(),
+            psk: PresharedKey::from_bytes(psk_bytes),
+            epoch: 7,
+        };
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            log_installed(&nk, Some("X25519MLKEM768"));
+            tracing::info!(keys = ?nk, peer = ?peer_keys(nk.peer_wg_key), "debug forms");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("epoch=7"), "{text}");
+        assert!(text.contains("node-b"), "{text}");
+        // The 32-bit FNV-1a fingerprint earlier versions logged, the key in hex and base64.
+        let mut fnv: u32 = 0x811c_9dc5;
+        for b in psk_bytes {
+            fnv ^= u32::from(b);
+            fnv = fnv.wrapping_mul(0x0100_0193);
+        }
+        let hex: String = psk_bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let b64 = veil_transport::PrivateKey::from_bytes(psk_bytes).to_base64();
+        for secret in [
+            format!("{fnv:08x}"),
+            hex[..16].to_string(),
+            b64[..16].to_string(),
+        ] {
+            assert!(!text.contains(&secret), "{secret} in {text}");
+        }
+        assert!(!text.contains("psk="), "{text}");
     }
 
     #[test]

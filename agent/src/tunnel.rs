@@ -65,7 +65,7 @@ pub fn load_or_create_key(state_dir: &Path) -> Result<PrivateKey, Error> {
         path: path.clone(),
         source,
     };
-    match std::fs::read_to_string(&path) {
+    match std::fs::read_to_string(&path).map(zeroize::Zeroizing::new) {
         Ok(text) => {
             let meta = std::fs::metadata(&path).map_err(key_err)?;
             if meta.permissions().mode() & 0o077 != 0 {
@@ -105,7 +105,7 @@ fn write_key(state_dir: &Path, key: &PrivateKey) -> Result<(), Error> {
         .mode(0o600)
         .open(&tmp)
         .map_err(key_err)?;
-    f.write_all(key.to_base64().as_bytes())
+    f.write_all(zeroize::Zeroizing::new(key.to_base64()).as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(key_err)?;
     std::fs::rename(&tmp, &path).map_err(key_err)
@@ -131,6 +131,8 @@ pub struct NodeTunnel {
     adopted: BTreeMap<PublicKey, std::time::Instant>,
     /// veil-wg restarts with reasons (`veil status`).
     restarts: Restarts,
+    /// Nodes whose key the last reconcile refused (logged once per change).
+    refused: BTreeMap<String, RefusedKey>,
 }
 
 /// How long veil-wg has to answer a UAPI `get` before it counts as hung.
@@ -248,6 +250,7 @@ impl NodeTunnel {
             installed: BTreeMap::new(),
             adopted: BTreeMap::new(),
             restarts: Restarts::default(),
+            refused: BTreeMap::new(),
         };
         t.ensure_device()?;
         if !started_fresh {
@@ -359,57 +362,30 @@ impl NodeTunnel {
         self.ensure_device()?;
         let now = std::time::Instant::now();
         self.adopted.retain(|_, until| *until > now);
-        let mut desired: BTreeMap<PublicKey, (String, PeerConfig)> = BTreeMap::new();
-        // Adopted peers kept as they are, by node, until their node handshake completes.
-        let mut kept: BTreeMap<PublicKey, String> = BTreeMap::new();
         for n in cluster.nodes.iter().filter(|n| n.name != me) {
             route_into(self.device.interface(), &n.pod_cidr)?;
-            if self.disabled.contains(&n.name) {
-                continue;
-            }
-            // With mutual auth, a peer exists only once its node handshake succeeded: the key
-            // and PSK come from that handshake, never from unauthenticated state.
-            let (key, psk) = match auth_keys {
-                Some(keys) => match keys.get(&n.name) {
-                    Some(k) => (k.public_key, Some(k.psk.clone())),
-                    None => {
-                        if let Some(k) = n
-                            .wg_public_key
-                            .as_deref()
-                            .and_then(|k| PublicKey::from_base64(k).ok())
-                            .filter(|k| self.adopted.contains_key(k))
-                        {
-                            kept.insert(k, n.name.clone());
-                        }
-                        continue;
-                    }
-                },
-                None => match n
-                    .wg_public_key
-                    .as_deref()
-                    .and_then(|k| PublicKey::from_base64(k).ok())
-                {
-                    Some(k) => (k, self.psks.get(&n.name).cloned()),
-                    None => continue,
-                },
-            };
-            let Ok(cidr) = n.pod_cidr.parse::<IpPrefix>() else {
-                continue;
-            };
-            desired.insert(
-                key,
-                (
-                    n.name.clone(),
-                    PeerConfig {
-                        public_key: key,
-                        preshared_key: psk,
-                        endpoint: Some(SocketAddr::from((n.underlay_ip, self.listen_port))),
-                        allowed_ips: vec![cidr],
-                        persistent_keepalive: None,
-                    },
-                ),
-            );
         }
+        let PeerPlan {
+            desired,
+            mut kept,
+            refused,
+        } = plan_peers(&PlanInput {
+            cluster,
+            me,
+            own_key: &self.key.public_key(),
+            listen_port: self.listen_port,
+            disabled: &self.disabled,
+            psks: &self.psks,
+            adopted: &self.adopted,
+            auth_keys,
+        });
+        let refused: BTreeMap<String, RefusedKey> = refused.into_iter().collect();
+        for (node, why) in &refused {
+            if self.refused.get(node) != Some(why) {
+                tracing::warn!(peer = %node, reason = why.as_str(), "no tunnel peer for node: its wireguard key is refused");
+            }
+        }
+        self.refused = refused;
         let st = self.device.state()?;
         let current: BTreeMap<PublicKey, &veil_transport::PeerState> = st
             .peers
@@ -429,7 +405,7 @@ impl NodeTunnel {
                 tracing::info!(peer = %node, public_key = %key, "tunnel peer installed");
             }
         }
-        for (key, _) in &desired {
+        for key in desired.keys() {
             self.adopted.remove(key);
         }
         kept.retain(|k, _| current.contains_key(k) && !desired.contains_key(k));
@@ -490,6 +466,143 @@ impl NodeTunnel {
     }
 }
 
+/// What [`plan_peers`] decides from.
+struct PlanInput<'a> {
+    cluster: &'a ClusterState,
+    me: &'a str,
+    own_key: &'a PublicKey,
+    listen_port: u16,
+    disabled: &'a BTreeSet<String>,
+    psks: &'a BTreeMap<String, PresharedKey>,
+    adopted: &'a BTreeMap<PublicKey, std::time::Instant>,
+    auth_keys: Option<&'a BTreeMap<String, crate::mesh::PeerKeys>>,
+}
+
+/// Why a node gets no peer although it has a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RefusedKey {
+    /// Another node claims the same key: WireGuard routes by key, so one of them would silently
+    /// receive the other's traffic. Neither gets a peer.
+    Duplicate,
+    /// A small-order point (or all zeros): no Diffie-Hellman with it is secret.
+    LowOrder,
+    /// This node's own key.
+    Own,
+}
+
+impl RefusedKey {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Duplicate => "duplicate-wg-key",
+            Self::LowOrder => "low-order-wg-key",
+            Self::Own => "own-wg-key",
+        }
+    }
+}
+
+/// The device's peers as [`plan_peers`] wants them.
+#[derive(Debug, Default)]
+struct PeerPlan {
+    /// Peers to install, by key: one node per key.
+    desired: BTreeMap<PublicKey, (String, PeerConfig)>,
+    /// Adopted peers kept as they are, by node, until their node handshake completes.
+    kept: BTreeMap<PublicKey, String>,
+    /// Nodes with a key but no peer, and why.
+    refused: Vec<(String, RefusedKey)>,
+}
+
+/// Which peers the device should have (sans-IO): one per other node with a key (from its node
+/// handshake with mutual auth, else as published) unless disabled, endpoint on its underlay IP,
+/// allowed IPs its pod CIDR — and never two peers with one key, a low-order key or our own.
+fn plan_peers(input: &PlanInput<'_>) -> PeerPlan {
+    let mut plan = PeerPlan::default();
+    let mut claims: Vec<(PublicKey, String, PeerConfig)> = Vec::new();
+    let mut adopted_claims: Vec<(PublicKey, String)> = Vec::new();
+    let published = |n: &cluster::Node| {
+        n.wg_public_key
+            .as_deref()
+            .and_then(|k| PublicKey::from_base64(k).ok())
+    };
+    for n in input.cluster.nodes.iter().filter(|n| n.name != input.me) {
+        if input.disabled.contains(&n.name) {
+            continue;
+        }
+        // With mutual auth, a peer exists only once its node handshake succeeded: the key
+        // and PSK come from that handshake, never from unauthenticated state.
+        let (key, psk) = match input.auth_keys {
+            Some(keys) => match keys.get(&n.name) {
+                Some(k) => (k.public_key, Some(k.psk.clone())),
+                None => {
+                    if let Some(k) = published(n).filter(|k| input.adopted.contains_key(k)) {
+                        adopted_claims.push((k, n.name.clone()));
+                    }
+                    continue;
+                }
+            },
+            None => match published(n) {
+                Some(k) => (k, input.psks.get(&n.name).cloned()),
+                None => continue,
+            },
+        };
+        let Ok(cidr) = n.pod_cidr.parse::<IpPrefix>() else {
+            continue;
+        };
+        claims.push((
+            key,
+            n.name.clone(),
+            PeerConfig {
+                public_key: key,
+                preshared_key: psk,
+                endpoint: Some(SocketAddr::from((n.underlay_ip, input.listen_port))),
+                allowed_ips: vec![cidr],
+                persistent_keepalive: None,
+            },
+        ));
+    }
+    let count = |keys: &mut dyn Iterator<Item = PublicKey>| {
+        let mut n: BTreeMap<PublicKey, usize> = BTreeMap::new();
+        for k in keys {
+            *n.entry(k).or_default() += 1;
+        }
+        n
+    };
+    let claimed = count(&mut claims.iter().map(|c| c.0));
+    let adopted_claimed = count(&mut adopted_claims.iter().map(|c| c.0));
+    let refusal = |k: &PublicKey, claimants: &BTreeMap<PublicKey, usize>| {
+        if k == input.own_key {
+            Some(RefusedKey::Own)
+        } else if k.is_low_order() {
+            Some(RefusedKey::LowOrder)
+        } else if claimants.get(k).copied().unwrap_or(0) > 1 {
+            Some(RefusedKey::Duplicate)
+        } else {
+            None
+        }
+    };
+    for (key, node, cfg) in claims {
+        match refusal(&key, &claimed) {
+            Some(why) => plan.refused.push((node, why)),
+            None => {
+                plan.desired.insert(key, (node, cfg));
+            }
+        }
+    }
+    // An adopted peer is kept only for the one node that still publishes its key, and never
+    // when a node that has a peer claims it: an unauthenticated claim cannot displace (or, by
+    // colliding, remove) an authenticated one.
+    for (key, node) in adopted_claims {
+        let why = refusal(&key, &adopted_claimed)
+            .or_else(|| claimed.contains_key(&key).then_some(RefusedKey::Duplicate));
+        match why {
+            Some(why) => plan.refused.push((node, why)),
+            None => {
+                plan.kept.insert(key, node);
+            }
+        }
+    }
+    plan
+}
+
 fn default_wg_binary() -> PathBuf {
     std::env::current_exe()
         .ok()
@@ -511,6 +624,180 @@ fn route_into(interface: &str, cidr: &str) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mesh::PeerKeys;
+
+    fn key(b: u8) -> PublicKey {
+        PrivateKey::from_bytes([b; 32]).public_key()
+    }
+
+    fn node(name: &str, id: u8, published: Option<PublicKey>) -> cluster::Node {
+        cluster::Node {
+            name: name.into(),
+            id: u32::from(id),
+            underlay_ip: std::net::Ipv4Addr::new(198, 18, 0, id),
+            pod_cidr: format!("198.19.{id}.0/24"),
+            wg_public_key: published.map(|k| k.to_base64()),
+        }
+    }
+
+    fn auth(key: PublicKey) -> PeerKeys {
+        PeerKeys {
+            public_key: key,
+            psk: PresharedKey::from_bytes([9; 32]),
+            epoch: 1,
+        }
+    }
+
+    struct World {
+        cluster: ClusterState,
+        disabled: BTreeSet<String>,
+        psks: BTreeMap<String, PresharedKey>,
+        adopted: BTreeMap<PublicKey, std::time::Instant>,
+        own: PublicKey,
+    }
+
+    impl World {
+        fn new(nodes: Vec<cluster::Node>) -> Self {
+            Self {
+                cluster: ClusterState {
+                    nodes,
+                    ..Default::default()
+                },
+                disabled: BTreeSet::new(),
+                psks: BTreeMap::new(),
+                adopted: BTreeMap::new(),
+                own: key(100),
+            }
+        }
+
+        fn plan(&self, auth_keys: Option<&BTreeMap<String, PeerKeys>>) -> PeerPlan {
+            plan_peers(&PlanInput {
+                cluster: &self.cluster,
+                me: "me",
+                own_key: &self.own,
+                listen_port: 51820,
+                disabled: &self.disabled,
+                psks: &self.psks,
+                adopted: &self.adopted,
+                auth_keys,
+            })
+        }
+    }
+
+    fn installed(plan: &PeerPlan) -> BTreeMap<String, PublicKey> {
+        plan.desired
+            .iter()
+            .map(|(k, (n, _))| (n.clone(), *k))
+            .collect()
+    }
+
+    #[test]
+    fn one_peer_per_node_from_its_handshake() {
+        let w = World::new(vec![
+            node("me", 1, Some(key(100))),
+            node("a", 2, Some(key(50))),
+            node("b", 3, None),
+            node("c", 4, Some(key(4))),
+        ]);
+        let keys = BTreeMap::from([("a".to_string(), auth(key(2))), ("b".into(), auth(key(3)))]);
+        let plan = w.plan(Some(&keys));
+        // The handshake's key, not the published one; c has no handshake yet: no peer.
+        assert_eq!(
+            installed(&plan),
+            BTreeMap::from([("a".to_string(), key(2)), ("b".into(), key(3))])
+        );
+        let (_, a) = &plan.desired[&key(2)];
+        assert_eq!(a.preshared_key, Some(PresharedKey::from_bytes([9; 32])));
+        assert_eq!(a.endpoint, Some("198.18.0.2:51820".parse().unwrap()));
+        assert_eq!(a.allowed_ips, vec!["198.19.2.0/24".parse().unwrap()]);
+        assert!(plan.refused.is_empty());
+        // Without mutual auth: the published keys.
+        let plan = w.plan(None);
+        assert_eq!(
+            installed(&plan),
+            BTreeMap::from([("a".to_string(), key(50)), ("c".into(), key(4))])
+        );
+    }
+
+    #[test]
+    fn two_nodes_with_one_key_get_no_peer_and_bad_keys_none_either() {
+        let mut zero = [0u8; 32];
+        let low = PublicKey(zero);
+        zero[0] = 1;
+        let identity = PublicKey(zero);
+        let w = World::new(vec![
+            node("a", 2, None),
+            node("b", 3, None),
+            node("c", 4, None),
+            node("d", 5, None),
+            node("e", 6, None),
+            node("f", 7, None),
+        ]);
+        let keys = BTreeMap::from([
+            ("a".to_string(), auth(key(2))),
+            // b and c claim one key: WireGuard would route both nodes' traffic to one of them.
+            ("b".into(), auth(key(3))),
+            ("c".into(), auth(key(3))),
+            ("d".into(), auth(low)),
+            ("e".into(), auth(identity)),
+            ("f".into(), auth(w.own)),
+        ]);
+        let plan = w.plan(Some(&keys));
+        assert_eq!(
+            installed(&plan),
+            BTreeMap::from([("a".to_string(), key(2))])
+        );
+        let refused: BTreeMap<_, _> = plan.refused.iter().cloned().collect();
+        assert_eq!(
+            refused,
+            BTreeMap::from([
+                ("b".to_string(), RefusedKey::Duplicate),
+                ("c".into(), RefusedKey::Duplicate),
+                ("d".into(), RefusedKey::LowOrder),
+                ("e".into(), RefusedKey::LowOrder),
+                ("f".into(), RefusedKey::Own),
+            ])
+        );
+        // Published keys (no mutual auth) are held to the same rules.
+        let w = World::new(vec![
+            node("a", 2, Some(key(2))),
+            node("b", 3, Some(key(3))),
+            node("c", 4, Some(key(3))),
+            node("d", 5, Some(low)),
+        ]);
+        let plan = w.plan(None);
+        assert_eq!(
+            installed(&plan),
+            BTreeMap::from([("a".to_string(), key(2))])
+        );
+        assert_eq!(plan.refused.len(), 3);
+    }
+
+    #[test]
+    fn an_adopted_peer_never_shares_a_key_with_an_authenticated_one() {
+        let mut w = World::new(vec![
+            node("a", 2, Some(key(2))),
+            node("b", 3, Some(key(2))),
+            node("c", 4, Some(key(4))),
+        ]);
+        let later = std::time::Instant::now() + ADOPTED_PEER_GRACE;
+        w.adopted = BTreeMap::from([(key(2), later), (key(4), later)]);
+        // a authenticated with its key; b publishes a's key (its own handshake pending): b's
+        // claim neither displaces nor removes a's peer, and b keeps nothing.
+        let keys = BTreeMap::from([("a".to_string(), auth(key(2)))]);
+        let plan = w.plan(Some(&keys));
+        assert_eq!(
+            installed(&plan),
+            BTreeMap::from([("a".to_string(), key(2))])
+        );
+        assert_eq!(plan.kept, BTreeMap::from([(key(4), "c".to_string())]));
+        assert_eq!(plan.refused, vec![("b".to_string(), RefusedKey::Duplicate)]);
+        // Before any handshake: two nodes publishing one adopted key keep nothing.
+        let plan = w.plan(Some(&BTreeMap::new()));
+        assert!(plan.desired.is_empty());
+        assert_eq!(plan.kept, BTreeMap::from([(key(4), "c".to_string())]));
+        assert_eq!(plan.refused.len(), 2);
+    }
 
     #[test]
     fn key_file_is_created_0600_and_reloaded() {

@@ -1,7 +1,10 @@
-//! WireGuard keys: x25519 static keys and preshared keys. Secrets zeroize on drop and never
-//! print (`Debug` shows only the public half or `<redacted>`).
+//! WireGuard keys: x25519 static keys and preshared keys. Secrets zeroize on drop, never print
+//! (`Debug` shows only the public half or `<redacted>`) and compare in constant time.
+
+use std::fmt::Write as _;
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
+use subtle::{Choice, ConstantTimeEq};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Errors parsing a key.
@@ -22,7 +25,7 @@ fn to_32(bytes: &[u8]) -> Result<[u8; 32], KeyError> {
 /// Parses 64 lowercase-or-uppercase hex digits (the UAPI key encoding).
 pub fn parse_hex32(s: &str) -> Result<[u8; 32], KeyError> {
     if s.len() != 64 {
-        if s.bytes().all(|b| b.is_ascii_hexdigit()) && s.len() % 2 == 0 {
+        if s.bytes().all(|b| b.is_ascii_hexdigit()) && s.len().is_multiple_of(2) {
             return Err(KeyError::Length(s.len() / 2));
         }
         return Err(KeyError::Hex);
@@ -35,13 +38,42 @@ pub fn parse_hex32(s: &str) -> Result<[u8; 32], KeyError> {
     Ok(out)
 }
 
-fn to_hex(b: &[u8; 32]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+/// Lowercase hex of a key, written straight into the formatter: no intermediate `String`, so
+/// a caller formatting into a zeroizing buffer leaves no copy of a secret behind.
+pub(crate) struct Hex<'a>(pub(crate) &'a [u8; 32]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for b in self.0 {
+            f.write_char(char::from(DIGITS[usize::from(b >> 4)]))?;
+            f.write_char(char::from(DIGITS[usize::from(b & 0xf)]))?;
+        }
+        Ok(())
+    }
 }
 
-/// A static private key (x25519). Zeroized on drop.
-#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+fn to_hex(b: &[u8; 32]) -> String {
+    Hex(b).to_string()
+}
+
+/// A static private key (x25519). Zeroized on drop; `==` is constant-time.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct PrivateKey([u8; 32]);
+
+impl ConstantTimeEq for PrivateKey {
+    fn ct_eq(&self, other: &Self) -> Choice {
+        self.0.ct_eq(&other.0)
+    }
+}
+
+impl PartialEq for PrivateKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.ct_eq(other).into()
+    }
+}
+
+impl Eq for PrivateKey {}
 
 impl PrivateKey {
     /// A fresh key from the OS random source, clamped as x25519 requires.
@@ -69,8 +101,14 @@ impl PrivateKey {
         STANDARD.encode(self.0)
     }
 
+    /// Hex of the secret in a plain `String` (not zeroized): for tests and harnesses. The UAPI
+    /// formats keys into zeroizing buffers without it.
     pub fn to_hex(&self) -> String {
         to_hex(&self.0)
+    }
+
+    pub(crate) fn hex(&self) -> Hex<'_> {
+        Hex(&self.0)
     }
 
     pub fn as_bytes(&self) -> &[u8; 32] {
@@ -84,7 +122,7 @@ impl PrivateKey {
 
     /// All zeros: UAPI's way of saying "no private key".
     pub fn is_zero(&self) -> bool {
-        self.0 == [0u8; 32]
+        self.0.ct_eq(&[0u8; 32]).into()
     }
 }
 
@@ -119,6 +157,19 @@ impl PublicKey {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// A point of small order (all zeros, the identity, the points of order 2, 4 and 8, and
+    /// their non-canonical encodings): a Diffie-Hellman with it yields the all-zero secret
+    /// whatever the other side's key, so a peer claiming one contributes nothing to the
+    /// WireGuard handshake. Detected as X25519 does (RFC 7748 §6.1): the shared secret with a
+    /// fixed scalar is all zeros exactly for these points, since every clamped scalar is a
+    /// multiple of the cofactor.
+    pub fn is_low_order(&self) -> bool {
+        let probe = x25519_dalek::StaticSecret::from([0x5a; 32]);
+        !probe
+            .diffie_hellman(&x25519_dalek::PublicKey::from(self.0))
+            .was_contributory()
+    }
 }
 
 impl std::fmt::Display for PublicKey {
@@ -140,9 +191,24 @@ impl std::str::FromStr for PublicKey {
     }
 }
 
-/// A 32-byte preshared key mixed into the WireGuard handshake. Zeroized on drop.
-#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+/// A 32-byte preshared key mixed into the WireGuard handshake. Zeroized on drop; `==` is
+/// constant-time.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct PresharedKey([u8; 32]);
+
+impl ConstantTimeEq for PresharedKey {
+    fn ct_eq(&self, other: &Self) -> Choice {
+        self.0.ct_eq(&other.0)
+    }
+}
+
+impl PartialEq for PresharedKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.ct_eq(other).into()
+    }
+}
+
+impl Eq for PresharedKey {}
 
 impl PresharedKey {
     pub fn from_bytes(b: [u8; 32]) -> Self {
@@ -160,8 +226,14 @@ impl PresharedKey {
         k.map(Self)
     }
 
+    /// Hex of the secret in a plain `String` (not zeroized): for tests and harnesses. The UAPI
+    /// formats keys into zeroizing buffers without it.
     pub fn to_hex(&self) -> String {
         to_hex(&self.0)
+    }
+
+    pub(crate) fn hex(&self) -> Hex<'_> {
+        Hex(&self.0)
     }
 
     pub fn as_bytes(&self) -> &[u8; 32] {
@@ -169,18 +241,7 @@ impl PresharedKey {
     }
 
     pub fn is_zero(&self) -> bool {
-        self.0 == [0u8; 32]
-    }
-
-    /// A short, non-reversible fingerprint for logs (first 4 bytes of SHA-less mixing are
-    /// enough to tell epochs apart without revealing the key).
-    pub fn fingerprint(&self) -> String {
-        let mut h: u32 = 0x811c_9dc5;
-        for b in self.0 {
-            h ^= u32::from(b);
-            h = h.wrapping_mul(0x0100_0193);
-        }
-        format!("{h:08x}")
+        self.0.ct_eq(&[0u8; 32]).into()
     }
 }
 
@@ -216,6 +277,88 @@ mod tests {
         assert!(!dbg.contains(&k.to_base64()) && !dbg.contains(&k.to_hex()));
         let p = PresharedKey::from_bytes([7; 32]);
         assert_eq!(format!("{p:?}"), "PresharedKey(<redacted>)");
+    }
+
+    #[test]
+    fn secret_keys_compare_in_constant_time() {
+        let (a, b) = ([7u8; 32], {
+            let mut b = [7u8; 32];
+            b[31] = 8;
+            b
+        });
+        assert!(bool::from(
+            PresharedKey::from_bytes(a).ct_eq(&PresharedKey::from_bytes(a))
+        ));
+        assert!(!bool::from(
+            PresharedKey::from_bytes(a).ct_eq(&PresharedKey::from_bytes(b))
+        ));
+        assert!(bool::from(
+            PrivateKey::from_bytes(a).ct_eq(&PrivateKey::from_bytes(a))
+        ));
+        assert!(!bool::from(
+            PrivateKey::from_bytes(a).ct_eq(&PrivateKey::from_bytes(b))
+        ));
+        // `==` is the constant-time comparison.
+        assert_eq!(PresharedKey::from_bytes(a), PresharedKey::from_bytes(a));
+        assert_ne!(PresharedKey::from_bytes(a), PresharedKey::from_bytes(b));
+        assert_ne!(PrivateKey::from_bytes(a), PrivateKey::from_bytes(b));
+        assert!(PresharedKey::from_bytes([0; 32]).is_zero());
+        assert!(!PresharedKey::from_bytes(b).is_zero());
+        assert!(PrivateKey::from_bytes([0; 32]).is_zero());
+    }
+
+    #[test]
+    fn hex_is_lowercase_and_round_trips() {
+        let mut b = [0u8; 32];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i as u8).wrapping_mul(37);
+        }
+        let want: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(PresharedKey::from_bytes(b).to_hex(), want);
+        assert_eq!(PrivateKey::from_bytes(b).hex().to_string(), want);
+        assert_eq!(
+            PresharedKey::from_hex(&want.to_uppercase())
+                .unwrap()
+                .as_bytes(),
+            &b
+        );
+    }
+
+    /// The x25519 points of small order (libsodium's blocklist) and the encodings with the
+    /// ignored top bit set.
+    fn low_order_points() -> Vec<[u8; 32]> {
+        let hex = |s: &str| parse_hex32(s).unwrap();
+        let canonical = [
+            hex("0000000000000000000000000000000000000000000000000000000000000000"),
+            hex("0100000000000000000000000000000000000000000000000000000000000000"),
+            hex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+            hex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+            hex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+            hex("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+            hex("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+        ];
+        let mut all = canonical.to_vec();
+        all.extend(canonical.iter().map(|p| {
+            let mut q = *p;
+            q[31] |= 0x80;
+            q
+        }));
+        all
+    }
+
+    #[test]
+    fn low_order_public_keys_are_recognized() {
+        for p in low_order_points() {
+            assert!(PublicKey(p).is_low_order(), "{}", PublicKey(p));
+        }
+        for _ in 0..32 {
+            let k = PrivateKey::generate().public_key();
+            assert!(!k.is_low_order(), "{k}");
+        }
+        // The curve's base point (u = 9) has large prime order.
+        let mut nine = [0u8; 32];
+        nine[0] = 9;
+        assert!(!PublicKey(nine).is_low_order());
     }
 
     #[test]

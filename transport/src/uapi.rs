@@ -3,12 +3,16 @@
 //!
 //! See <https://www.wireguard.com/xplatform/>. Keys are hex on this wire. A `set` is parsed and
 //! validated completely before anything is applied, so a bad request leaves the device exactly
-//! as it was.
+//! as it was. Texts that carry private or preshared keys are built in a [`SecretText`], which
+//! zeroizes every buffer it held, and handed out as `Zeroizing<String>`.
 
 use std::{
+    fmt,
     net::SocketAddr,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
+
+use zeroize::Zeroizing;
 
 use crate::{
     allowed_ips::IpPrefix,
@@ -98,6 +102,74 @@ pub enum Request {
     Set(SetRequest),
 }
 
+/// A UAPI text that may carry key hex. Zeroized on drop, and on growth: a `String` that
+/// reallocates frees its old buffer with the key still in it, so this one copies into a larger
+/// zeroizing buffer itself and wipes the old one.
+#[derive(Default)]
+pub(crate) struct SecretText(Zeroizing<Vec<u8>>);
+
+impl SecretText {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Self(Zeroizing::new(Vec::with_capacity(capacity)))
+    }
+
+    pub(crate) fn push_bytes(&mut self, b: &[u8]) {
+        let need = self.0.len() + b.len();
+        if need > self.0.capacity() {
+            let mut grown = Zeroizing::new(Vec::with_capacity(
+                need.max(self.0.capacity().saturating_mul(2)).max(256),
+            ));
+            grown.extend_from_slice(&self.0);
+            // The old buffer is zeroized as it drops here.
+            self.0 = grown;
+        }
+        // Within capacity: never reallocates.
+        self.0.extend_from_slice(b);
+    }
+
+    fn push_fmt(&mut self, args: fmt::Arguments<'_>) {
+        // Writing to memory cannot fail.
+        let _ = fmt::Write::write_fmt(self, args);
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.0.truncate(len);
+    }
+
+    /// The text as a `String` in the same (zeroizing) buffer, not a copy.
+    pub(crate) fn into_string(mut self) -> Result<Zeroizing<String>, std::str::Utf8Error> {
+        match String::from_utf8(std::mem::take(&mut *self.0)) {
+            Ok(s) => Ok(Zeroizing::new(s)),
+            Err(e) => {
+                let err = e.utf8_error();
+                drop(Zeroizing::new(e.into_bytes()));
+                Err(err)
+            }
+        }
+    }
+}
+
+impl fmt::Write for SecretText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.push_bytes(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// A line without `=`: named in the error, unless it may hold a key.
+fn syntax(line: usize, text: &str) -> UapiError {
+    let text = if text.starts_with("private_key") || text.starts_with("preshared_key") {
+        "<redacted key line>".to_string()
+    } else {
+        text.to_string()
+    };
+    UapiError::Syntax { line, text }
+}
+
 fn bad(line: usize, key: &str, e: impl std::fmt::Display) -> UapiError {
     UapiError::BadValue {
         line,
@@ -138,10 +210,7 @@ fn parse_set_lines<'a>(
     let mut req = SetRequest::default();
     for (n, line) in lines {
         let Some((k, v)) = line.split_once('=') else {
-            return Err(UapiError::Syntax {
-                line: n,
-                text: line.to_string(),
-            });
+            return Err(syntax(n, line));
         };
         if k == "public_key" {
             req.peers.push(PeerChange::new(
@@ -297,85 +366,101 @@ impl DeviceConfig {
     }
 }
 
-/// Formats a `set=1` request (client side).
-pub fn format_set(req: &SetRequest) -> String {
-    let mut s = String::from("set=1\n");
+/// Formats a `set=1` request (client side). It carries the private and preshared keys in hex:
+/// zeroized on drop.
+pub fn format_set(req: &SetRequest) -> Zeroizing<String> {
+    let mut s = SecretText::with_capacity(256 + 320 * req.peers.len());
+    s.push_fmt(format_args!("set=1\n"));
     if let Some(k) = &req.private_key {
-        s += &format!("private_key={}\n", k.to_hex());
+        s.push_fmt(format_args!("private_key={}\n", k.hex()));
     }
     if let Some(p) = req.listen_port {
-        s += &format!("listen_port={p}\n");
+        s.push_fmt(format_args!("listen_port={p}\n"));
     }
     if let Some(m) = req.fwmark {
-        s += &format!("fwmark={m}\n");
+        s.push_fmt(format_args!("fwmark={m}\n"));
     }
     if req.replace_peers {
-        s += "replace_peers=true\n";
+        s.push_fmt(format_args!("replace_peers=true\n"));
     }
     for p in &req.peers {
-        s += &format!("public_key={}\n", p.public_key.to_hex());
+        s.push_fmt(format_args!("public_key={}\n", p.public_key.to_hex()));
         if p.remove {
-            s += "remove=true\n";
+            s.push_fmt(format_args!("remove=true\n"));
             continue;
         }
         if p.update_only {
-            s += "update_only=true\n";
+            s.push_fmt(format_args!("update_only=true\n"));
         }
         if let Some(k) = &p.preshared_key {
-            s += &format!("preshared_key={}\n", k.to_hex());
+            s.push_fmt(format_args!("preshared_key={}\n", k.hex()));
         }
         if let Some(e) = p.endpoint {
-            s += &format!("endpoint={e}\n");
+            s.push_fmt(format_args!("endpoint={e}\n"));
         }
         if let Some(k) = p.persistent_keepalive {
-            s += &format!("persistent_keepalive_interval={k}\n");
+            s.push_fmt(format_args!("persistent_keepalive_interval={k}\n"));
         }
         if p.replace_allowed_ips {
-            s += "replace_allowed_ips=true\n";
+            s.push_fmt(format_args!("replace_allowed_ips=true\n"));
         }
         for a in &p.allowed_ips {
-            s += &format!("allowed_ip={a}\n");
+            s.push_fmt(format_args!("allowed_ip={a}\n"));
         }
     }
-    s + "\n"
+    s.push_fmt(format_args!("\n"));
+    s.into_string().expect("formatted from str")
 }
 
 /// Formats a `get=1` answer (device side). `private_key` is included as the protocol requires
-/// (the socket is root-only).
-pub fn format_get(cfg: &DeviceConfig, state: &DeviceState) -> String {
-    let mut s = String::new();
+/// (the socket is root-only), as are preshared keys: the text is built without stray copies
+/// and zeroized on drop.
+pub fn format_get_zeroizing(cfg: &DeviceConfig, state: &DeviceState) -> Zeroizing<String> {
+    let mut s = SecretText::with_capacity(256 + 512 * cfg.peers.len());
     if let Some(k) = &cfg.private_key {
-        s += &format!("private_key={}\n", k.to_hex());
+        s.push_fmt(format_args!("private_key={}\n", k.hex()));
     }
-    s += &format!("listen_port={}\n", state.listen_port);
+    s.push_fmt(format_args!("listen_port={}\n", state.listen_port));
     if cfg.fwmark != 0 {
-        s += &format!("fwmark={}\n", cfg.fwmark);
+        s.push_fmt(format_args!("fwmark={}\n", cfg.fwmark));
     }
     for (p, st) in cfg.peers.iter().zip(&state.peers) {
-        s += &format!("public_key={}\n", p.public_key.to_hex());
+        s.push_fmt(format_args!("public_key={}\n", p.public_key.to_hex()));
         if let Some(k) = &p.preshared_key {
-            s += &format!("preshared_key={}\n", k.to_hex());
+            s.push_fmt(format_args!("preshared_key={}\n", k.hex()));
         }
-        s += "protocol_version=1\n";
+        s.push_fmt(format_args!("protocol_version=1\n"));
         if let Some(e) = st.endpoint.or(p.endpoint) {
-            s += &format!("endpoint={e}\n");
+            s.push_fmt(format_args!("endpoint={e}\n"));
         }
         let (sec, nsec) = st
             .last_handshake
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| (d.as_secs(), d.subsec_nanos()))
             .unwrap_or((0, 0));
-        s += &format!("last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\n");
-        s += &format!("tx_bytes={}\nrx_bytes={}\n", st.tx_bytes, st.rx_bytes);
-        s += &format!(
+        s.push_fmt(format_args!(
+            "last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\n"
+        ));
+        s.push_fmt(format_args!(
+            "tx_bytes={}\nrx_bytes={}\n",
+            st.tx_bytes, st.rx_bytes
+        ));
+        s.push_fmt(format_args!(
             "persistent_keepalive_interval={}\n",
             p.persistent_keepalive.unwrap_or(0)
-        );
+        ));
         for a in &p.allowed_ips {
-            s += &format!("allowed_ip={a}\n");
+            s.push_fmt(format_args!("allowed_ip={a}\n"));
         }
     }
-    s + "errno=0\n\n"
+    s.push_fmt(format_args!("errno=0\n\n"));
+    s.into_string().expect("formatted from str")
+}
+
+/// [`format_get_zeroizing`] as a plain `String`: the one buffer that holds the keys, moved out
+/// (no copy); the caller owns wiping it. Prefer [`format_get_zeroizing`].
+pub fn format_get(cfg: &DeviceConfig, state: &DeviceState) -> String {
+    std::mem::take(&mut *format_get_zeroizing(cfg, state))
 }
 
 /// Parses a `get=1` answer (client side).
@@ -385,10 +470,7 @@ pub fn parse_get(text: &str) -> Result<DeviceState, UapiError> {
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
         let n = i + 1;
         let Some((k, v)) = line.split_once('=') else {
-            return Err(UapiError::Syntax {
-                line: n,
-                text: line.to_string(),
-            });
+            return Err(syntax(n, line));
         };
         if k == "public_key" {
             st.peers.push(PeerState {
@@ -471,9 +553,146 @@ pub fn system_time_from_unix(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
+/// A test allocator that looks into every heap block as it is freed for a marker (the hex of a
+/// test key): proof that a secret was wiped before its memory went back to the allocator, not
+/// only that a type says it would be. Blocks are handed out zeroed, so the scan never reads
+/// uninitialized memory.
+#[cfg(test)]
+pub(crate) mod freed_memory {
+    use std::{
+        alloc::{GlobalAlloc, Layout, System},
+        cell::Cell,
+    };
+
+    struct Scanning;
+
+    thread_local! {
+        // Plain `Copy` cells with const initializers: no destructor and no allocation, so the
+        // allocator may use them.
+        static MARKER: Cell<Option<&'static [u8]>> = const { Cell::new(None) };
+        static FOUND: Cell<usize> = const { Cell::new(0) };
+    }
+
+    // SAFETY: forwards to the system allocator; `alloc` zeroes each block (so `dealloc` reads
+    // only initialized bytes of a block that is still allocated), and the default `realloc`
+    // goes through `alloc` and `dealloc`, so a block a `String` outgrew is scanned too.
+    unsafe impl GlobalAlloc for Scanning {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: same contract as ours.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if let Ok(Some(marker)) = MARKER.try_with(Cell::get) {
+                // SAFETY: `ptr` is a live block of `layout.size()` bytes, all initialized.
+                let block = unsafe { std::slice::from_raw_parts(ptr, layout.size()) };
+                if block.windows(marker.len()).any(|w| w == marker) {
+                    let _ = FOUND.try_with(|f| f.set(f.get() + 1));
+                }
+            }
+            // SAFETY: same contract as ours.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Scanning = Scanning;
+
+    /// How many heap blocks this thread freed while `f` ran that still held `marker`.
+    pub(crate) fn blocks_freed_holding(marker: &'static [u8], f: impl FnOnce()) -> usize {
+        FOUND.with(|c| c.set(0));
+        MARKER.with(|c| c.set(Some(marker)));
+        f();
+        MARKER.with(|c| c.set(None));
+        FOUND.with(Cell::get)
+    }
+
+    #[test]
+    fn the_scan_sees_a_plain_string() {
+        let n = blocks_freed_holding(b"0123456789abcdef", || {
+            let mut s = String::new();
+            for _ in 0..64 {
+                // Grows (reallocates) several times, then is freed.
+                s.push_str("0123456789abcdef");
+            }
+            drop(s);
+        });
+        assert!(n >= 2, "{n}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hex of half of `[0x5a; 32]` and of `[0xc3; 32]`: what must not outlive the texts.
+    const PRIVATE_HEX: &[u8] = b"5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+    const PSK_HEX: &[u8] = b"c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3";
+
+    fn secret_request(peers: u8) -> SetRequest {
+        SetRequest {
+            private_key: Some(PrivateKey::from_bytes([0x5a; 32])),
+            listen_port: Some(51820),
+            peers: (0..peers)
+                .map(|i| {
+                    let mut p = PeerChange::new(key(10 + i));
+                    p.preshared_key = Some(PresharedKey::from_bytes([0xc3; 32]));
+                    p.allowed_ips = vec![format!("198.19.{i}.0/24").parse().unwrap()];
+                    p
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn texts_carrying_keys_leave_no_copy_in_freed_memory() {
+        // Enough peers that the text outgrows its first buffer.
+        let req = secret_request(40);
+        let cfg = DeviceConfig::default().apply(&req);
+        let state = DeviceState {
+            listen_port: 51820,
+            peers: vec![PeerState::default(); cfg.peers.len()],
+            ..Default::default()
+        };
+        for marker in [PRIVATE_HEX, PSK_HEX] {
+            let hex = std::str::from_utf8(marker).unwrap();
+            let leaked = freed_memory::blocks_freed_holding(marker, || {
+                let text = format_set(&req);
+                assert!(text.contains(hex));
+                assert_eq!(set(&text).unwrap(), req);
+                let text = format_get_zeroizing(&cfg, &state);
+                assert!(text.contains(hex));
+                assert_eq!(parse_get(&text).unwrap().peers.len(), 40);
+            });
+            assert_eq!(leaked, 0, "{hex}: freed blocks still held key hex");
+        }
+    }
+
+    #[test]
+    fn secret_text_wipes_the_buffers_it_outgrows() {
+        let hex = std::str::from_utf8(PRIVATE_HEX).unwrap();
+        let leaked = freed_memory::blocks_freed_holding(PRIVATE_HEX, || {
+            let mut t = SecretText::with_capacity(8);
+            for _ in 0..100 {
+                t.push_fmt(format_args!("private_key={hex}\n"));
+            }
+            let s = t.into_string().unwrap();
+            assert_eq!(s.len(), 100 * (hex.len() + 13));
+        });
+        assert_eq!(leaked, 0);
+    }
+
+    #[test]
+    fn a_malformed_key_line_is_not_echoed() {
+        let e = set(&format!("set=1\nprivate_key {}\n", "5a".repeat(32))).unwrap_err();
+        assert!(!e.to_string().contains("5a5a"), "{e}");
+        let e = parse_get(&format!("preshared_key:{}\nerrno=0\n", "5a".repeat(32))).unwrap_err();
+        assert!(!e.to_string().contains("5a5a"), "{e}");
+        // Other lines are still named.
+        let e = set("set=1\njust a line\n").unwrap_err();
+        assert!(e.to_string().contains("just a line"), "{e}");
+    }
 
     fn key(b: u8) -> PublicKey {
         PrivateKey::from_bytes([b; 32]).public_key()

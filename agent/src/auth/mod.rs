@@ -122,6 +122,9 @@ pub enum AuthFailure {
     Timeout,
     /// The peer sent something the protocol does not allow.
     ProtocolError,
+    /// The node's handshake claimed a WireGuard public key another authenticated node holds:
+    /// refused, so no node can take over (or black-hole) another's tunnel by naming its key.
+    DuplicateWgKey,
 }
 
 impl AuthFailure {
@@ -134,7 +137,7 @@ impl AuthFailure {
         )
     }
 
-    pub const ALL: [AuthFailure; 10] = [
+    pub const ALL: [AuthFailure; 11] = [
         Self::WrongTrustDomain,
         Self::WrongSpiffeId,
         Self::ExpiredSvid,
@@ -145,6 +148,7 @@ impl AuthFailure {
         Self::PeerUnreachable,
         Self::Timeout,
         Self::ProtocolError,
+        Self::DuplicateWgKey,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -159,6 +163,7 @@ impl AuthFailure {
             Self::PeerUnreachable => "peer-unreachable",
             Self::Timeout => "timeout",
             Self::ProtocolError => "protocol-error",
+            Self::DuplicateWgKey => "duplicate-wg-key",
         }
     }
 
@@ -175,6 +180,7 @@ impl AuthFailure {
             Self::PeerUnreachable => 8,
             Self::Timeout => 9,
             Self::ProtocolError => 10,
+            Self::DuplicateWgKey => 11,
         }
     }
 
@@ -385,6 +391,10 @@ mod tests {
         }
         assert_eq!(AuthFailure::from_code(0), None);
         assert_eq!(AuthFailure::ExpiredSvid.as_str(), "expired-svid");
+        assert_eq!(AuthFailure::DuplicateWgKey.as_str(), "duplicate-wg-key");
+        assert_eq!(AuthFailure::DuplicateWgKey.code(), 11);
+        // Claiming another node's key says who the node is not: its keys go.
+        assert!(AuthFailure::DuplicateWgKey.is_identity_failure());
     }
 
     #[test]

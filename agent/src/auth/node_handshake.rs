@@ -51,6 +51,8 @@ pub enum Error {
     },
     #[error("peer wireguard public key is all zeros")]
     ZeroKey,
+    #[error("peer wireguard public key is a point of small order")]
+    LowOrderKey,
     #[error("peer wireguard public key equals ours")]
     SameKey,
     #[error("epoch {0} is not allowed (must be 1..u64::MAX)")]
@@ -193,6 +195,11 @@ impl NodeHandshake {
                 let peer_key = PublicKey(h.wg_public_key);
                 if peer_key.as_bytes() == &[0u8; 32] {
                     return Err(Error::ZeroKey);
+                }
+                // A small-order key makes every Diffie-Hellman with it all zeros: the WireGuard
+                // handshake would rest on the PSK alone.
+                if peer_key.is_low_order() {
+                    return Err(Error::LowOrderKey);
                 }
                 if peer_key == self.local_key {
                     return Err(Error::SameKey);
@@ -536,6 +543,40 @@ mod tests {
             NodeHandshake::start("node-a", ka, 0, "node-b"),
             Err(Error::InvalidEpoch(0))
         ));
+    }
+
+    #[test]
+    fn refuses_a_peer_key_of_small_order() {
+        let ex = FakeExporter([1; 32]);
+        let ka = PrivateKey::generate().public_key();
+        let hex = |s: &str| {
+            let mut b = [0u8; 32];
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+            }
+            b
+        };
+        for point in [
+            "0100000000000000000000000000000000000000000000000000000000000000",
+            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+            "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+        ] {
+            let (mut h, _) = NodeHandshake::start("node-a", ka, 1, "node-b").unwrap();
+            let (_, bad) =
+                NodeHandshake::start("node-b", PublicKey(hex(point)), 1, "node-a").unwrap();
+            assert!(
+                matches!(h.handle(bad, &ex), Err(Error::LowOrderKey)),
+                "{point}"
+            );
+        }
+        // A real key passes.
+        let (mut h, _) = NodeHandshake::start("node-a", ka, 1, "node-b").unwrap();
+        let (_, good) =
+            NodeHandshake::start("node-b", PrivateKey::generate().public_key(), 1, "node-a")
+                .unwrap();
+        assert!(matches!(h.handle(good, &ex), Ok(Progress::Send(_))));
     }
 
     #[test]

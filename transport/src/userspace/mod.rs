@@ -10,16 +10,18 @@ pub mod gro;
 pub mod io;
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{Read as _, Write as _},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+use zeroize::Zeroizing;
+
 use crate::{
     tunnel::{Backend, DeviceState, Error, PeerConfig, Tunnel},
-    uapi::{self, PeerChange, SetRequest},
+    uapi::{self, PeerChange, SecretText, SetRequest},
     PrivateKey, PublicKey,
 };
 
@@ -77,17 +79,9 @@ impl UserspaceTunnel {
             stream.set_read_timeout(Some(timeout))?;
             stream.set_write_timeout(Some(timeout))?;
             (&stream).write_all(b"get=1\n\n")?;
-            let mut reader = BufReader::new(&stream);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if reader.read_line(&mut line)? == 0 {
-                    return Ok(false);
-                }
-                if line.starts_with("errno=0") {
-                    return Ok(true);
-                }
-            }
+            // The answer carries the private key: read into a zeroizing buffer.
+            let answer = read_answer(&stream)?;
+            Ok(answer.lines().any(|l| l.starts_with("errno=0")))
         })();
         match (answered, pid) {
             (Ok(true), _) => Liveness::Running,
@@ -96,7 +90,9 @@ impl UserspaceTunnel {
         }
     }
 
-    fn exchange(&self, request: &str) -> Result<String, Error> {
+    /// One request and its answer (up to, not including, the blank line that ends it). Both
+    /// may carry keys in hex; the answer comes back zeroizing.
+    fn exchange(&self, request: &str) -> Result<Zeroizing<String>, Error> {
         let path = self.socket.display().to_string();
         let stream = UnixStream::connect(&self.socket).map_err(|source| Error::Connect {
             what: "veil-wg uapi",
@@ -111,17 +107,7 @@ impl UserspaceTunnel {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(io_err)?;
         (&stream).write_all(request.as_bytes()).map_err(io_err)?;
-        let mut reader = BufReader::new(&stream);
-        let mut out = String::new();
-        loop {
-            let mut line = String::new();
-            let n = reader.read_line(&mut line).map_err(io_err)?;
-            if n == 0 || line == "\n" {
-                break;
-            }
-            out.push_str(&line);
-        }
-        Ok(out)
+        read_answer(&stream).map_err(io_err)
     }
 
     fn set(&self, req: &SetRequest) -> Result<(), Error> {
@@ -212,6 +198,39 @@ impl UserspaceTunnel {
     }
 }
 
+/// Reads one UAPI answer: the lines up to, not including, the blank line that ends it (or up to
+/// EOF). Read straight into a [`SecretText`], never through a `BufReader` or line `String`s
+/// that would leave the key hex of a `get` answer in freed memory.
+fn read_answer(stream: &UnixStream) -> std::io::Result<Zeroizing<String>> {
+    let mut text = SecretText::with_capacity(4096);
+    let mut chunk = Zeroizing::new([0u8; 1024]);
+    loop {
+        let n = match (&*stream).read(&mut chunk[..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        // Search from the byte before the new data: the blank line may straddle two reads.
+        let from = text.as_bytes().len().saturating_sub(1);
+        text.push_bytes(&chunk[..n]);
+        let buf = text.as_bytes();
+        if buf.first() == Some(&b'\n') {
+            text.truncate(0);
+            break;
+        }
+        if let Some(i) = buf[from..].windows(2).position(|w| w == b"\n\n") {
+            // Keep the last line's own newline, drop the blank line (and anything after it).
+            text.truncate(from + i + 1);
+            break;
+        }
+    }
+    text.into_string()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 impl Tunnel for UserspaceTunnel {
     fn backend(&self) -> Backend {
         Backend::Userspace
@@ -266,5 +285,123 @@ impl Tunnel for UserspaceTunnel {
     fn state(&mut self) -> Result<DeviceState, Error> {
         let answer = self.exchange("get=1\n\n")?;
         Ok(uapi::parse_get(&answer)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::BufRead as _, os::unix::net::UnixListener};
+
+    use super::*;
+    use crate::{
+        uapi::{freed_memory, DeviceConfig},
+        PeerState, PresharedKey,
+    };
+
+    /// Hex of half of `[0x5a; 32]` and of `[0xc3; 32]`.
+    const PRIVATE_HEX: &[u8] = b"5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+    const PSK_HEX: &[u8] = b"c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3";
+
+    /// A UAPI device that answers every `get` with a private key and 20 peers' preshared keys,
+    /// and every `set` with success, delivering the answer in small pieces.
+    fn fake_device(name: &str) -> (UserspaceTunnel, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("veil-uapi-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = UserspaceTunnel::new("wgtest0", &dir);
+        let listener = UnixListener::bind(t.socket()).unwrap();
+        let mut cfg = DeviceConfig {
+            private_key: Some(PrivateKey::from_bytes([0x5a; 32])),
+            listen_port: 51820,
+            ..Default::default()
+        };
+        for i in 0..20u8 {
+            cfg.peers.push(PeerConfig {
+                public_key: PrivateKey::from_bytes([i + 1; 32]).public_key(),
+                preshared_key: Some(PresharedKey::from_bytes([0xc3; 32])),
+                endpoint: None,
+                allowed_ips: vec![format!("198.19.{i}.0/24").parse().unwrap()],
+                persistent_keepalive: None,
+            });
+        }
+        let state = DeviceState {
+            listen_port: 51820,
+            peers: vec![PeerState::default(); cfg.peers.len()],
+            ..Default::default()
+        };
+        let get = uapi::format_get_zeroizing(&cfg, &state);
+        let get = get.as_bytes().to_vec();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let mut reader = std::io::BufReader::new(&conn);
+                let mut first = String::new();
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\n" {
+                    if first.is_empty() {
+                        first = line.clone();
+                    }
+                    line.clear();
+                }
+                let answer: &[u8] = if first == "get=1\n" {
+                    &get
+                } else {
+                    b"errno=0\n\n"
+                };
+                for piece in answer.chunks(37) {
+                    if (&conn).write_all(piece).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        (t, dir)
+    }
+
+    #[test]
+    fn the_client_leaves_no_key_hex_in_freed_memory() {
+        let (mut t, dir) = fake_device("zeroize");
+        for marker in [PRIVATE_HEX, PSK_HEX] {
+            let leaked = freed_memory::blocks_freed_holding(marker, || {
+                let st = t.state().unwrap();
+                assert_eq!(st.peers.len(), 20);
+                assert!(st.peers.iter().all(|p| p.has_preshared_key));
+                assert!(st.public_key.is_some());
+                assert_eq!(t.probe(Duration::from_secs(5)), Liveness::Running);
+                assert!(t.is_running());
+                t.set_private_key(&PrivateKey::from_bytes([0x5a; 32]))
+                    .unwrap();
+                t.upsert_peer(&PeerConfig {
+                    public_key: PrivateKey::from_bytes([1; 32]).public_key(),
+                    preshared_key: Some(PresharedKey::from_bytes([0xc3; 32])),
+                    endpoint: None,
+                    allowed_ips: vec![],
+                    persistent_keepalive: None,
+                })
+                .unwrap();
+            });
+            assert_eq!(
+                leaked,
+                0,
+                "{}: freed blocks still held key hex",
+                std::str::from_utf8(marker).unwrap()
+            );
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_answer_ends_at_its_blank_line() {
+        let (t, dir) = fake_device("answer");
+        let answer = t.exchange("set=1\n\n").unwrap();
+        assert_eq!(answer.as_str(), "errno=0\n");
+        let answer = t.exchange("get=1\n\n").unwrap();
+        assert!(
+            answer.ends_with("errno=0\n"),
+            "{:?}",
+            &answer[answer.len() - 20..]
+        );
+        assert!(!answer.ends_with("\n\n"));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
