@@ -70,13 +70,26 @@ spec:
           path: \"/api/products\"
 ";
 
+/// The default topology, with intruder serving HTTP on 9999 so that frontend's egress deny has
+/// something to deny: without a listener the connection fails whatever the policy says.
+const INTRUDER_SERVES_LAB: &str = "pods:\n\
+- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
+- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}\n\
+- {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}, serve: [{port: 9999, kind: http}]}\n";
+
 #[test]
 fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
-    let lab = Lab::up(&[]);
+    let lab = Lab::up_with_file(INTRUDER_SERVES_LAB, &[]);
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let intruder_url = format!("http://{}:9999/", lab.pod_ip("intruder"));
     assert!(
         lab.try_get("intruder", &url).is_ok(),
         "no policy yet: everything is allowed"
+    );
+    assert_eq!(
+        lab.try_get("frontend", &intruder_url),
+        Ok("hello from shop/intruder\n".to_string()),
+        "no policy yet: frontend reaches intruder:9999"
     );
     let out = lab.apply_policy_ok(&format!("{INGRESS}---\n{EGRESS}"));
     assert!(
@@ -92,13 +105,20 @@ fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
         lab.try_get("intruder", &url).is_err(),
         "intruder reached backend through the policy"
     );
-    // frontend's egress is now default-deny except backend:8080.
-    assert!(lab
-        .try_get(
-            "frontend",
-            &format!("http://{}:9999/", lab.pod_ip("intruder"))
-        )
-        .is_err());
+    // frontend's egress is now default-deny except backend:8080: intruder still serves 9999,
+    // but frontend's SYN is dropped at frontend's own egress on node-a.
+    assert!(
+        lab.try_get("frontend", &intruder_url).is_err(),
+        "frontend reached intruder:9999 through its egress policy"
+    );
+    let egress_drops = lab.observe(&["--node", "node-a", "--verdict", "DROPPED"]);
+    let denied = egress_drops
+        .iter()
+        .find(|f| f["src"]["pod"] == "frontend" && f["dst"]["pod"] == "intruder")
+        .unwrap_or_else(|| panic!("no DROPPED flow frontend -> intruder in {egress_drops:#?}"));
+    assert_eq!(denied["drop_reason"], "policy-denied");
+    assert_eq!(denied["direction"], "egress");
+    assert_eq!(denied["dst"]["port"], 9999);
 
     let drops = lab.observe(&["--verdict", "DROPPED"]);
     let intruder = drops
@@ -159,6 +179,10 @@ fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
     assert_eq!(
         lab.try_get("intruder", &url).unwrap(),
         "hello from shop/backend\n"
+    );
+    assert_eq!(
+        lab.try_get("frontend", &intruder_url),
+        Ok("hello from shop/intruder\n".to_string())
     );
     assert!(lab.status("node-b").policy.policies.is_empty());
 }
