@@ -7,9 +7,11 @@
 //! zeroizes every buffer it held, and handed out as `Zeroizing<String>`.
 
 use std::{
+    collections::HashMap,
     fmt,
+    io::{self, BufRead},
     net::SocketAddr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use zeroize::Zeroizing;
@@ -21,8 +23,28 @@ use crate::{
     PrivateKey, PublicKey,
 };
 
+pub const E2BIG: i32 = 7;
 pub const EINVAL: i32 = 22;
+pub const ENOSPC: i32 = 28;
 pub const EPROTO: i32 = 71;
+
+/// Longest line of a request. The longest a client needs is an `endpoint=` with a scoped IPv6
+/// address (under 80 bytes); a key line is 75.
+pub const MAX_LINE_LEN: usize = 256;
+/// Most peers a device holds, and so the most one `set` may name. Kubernetes supports clusters
+/// of 5000 nodes and veil has one peer per other node; past this bound a `set` is refused
+/// rather than growing per-peer state (noise state, timers, routing entries) without end.
+pub const MAX_PEERS: usize = 8192;
+/// Most allowed IPs a device holds in all, and so the most one `set` may name: veil gives each
+/// peer its pod CIDR; this leaves eight per peer at the peer bound for other clients.
+pub const MAX_ALLOWED_IPS: usize = 65536;
+/// Largest request in bytes: a `set` naming [`MAX_PEERS`] peers, each with a preshared key, an
+/// endpoint and a keepalive (about 350 bytes), plus [`MAX_ALLOWED_IPS`] `allowed_ip` lines of
+/// an IPv6 prefix (under 60 bytes) fits.
+pub const MAX_REQUEST_LEN: usize = 8 << 20;
+/// How long a client has to send a whole request once the device waits for one; a connection
+/// idle that long is closed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A malformed UAPI exchange, naming the line and key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +65,20 @@ pub enum UapiError {
     NoOperation,
     #[error("device answered errno={0}")]
     Errno(i32),
+    #[error("line {line} is longer than {max} bytes")]
+    LineTooLong { line: usize, max: usize },
+    #[error("request is longer than {max} bytes")]
+    RequestTooLong { max: usize },
+    #[error("request is not utf-8")]
+    NotUtf8,
+    #[error("line {line}: a set may name at most {max} {what}")]
+    RequestTooMany {
+        line: usize,
+        what: &'static str,
+        max: usize,
+    },
+    #[error("the device would hold more than {max} {what}")]
+    DeviceFull { what: &'static str, max: usize },
 }
 
 impl UapiError {
@@ -51,6 +87,8 @@ impl UapiError {
         match self {
             UapiError::Errno(e) => *e,
             UapiError::NoOperation => EPROTO,
+            UapiError::RequestTooLong { .. } | UapiError::RequestTooMany { .. } => E2BIG,
+            UapiError::DeviceFull { .. } => ENOSPC,
             _ => EINVAL,
         }
     }
@@ -190,8 +228,117 @@ fn parse_bool(line: usize, key: &str, v: &str) -> Result<bool, UapiError> {
     }
 }
 
+/// Why reading a request stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("reading the request")]
+    Io(#[source] io::Error),
+    #[error("request not complete within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed in the middle of a request")]
+    Truncated,
+    /// Answer with its errno, then close: the rest of the request was not read.
+    #[error(transparent)]
+    Refused(UapiError),
+}
+
+/// Reads one request (its lines, up to the blank line that ends it) from `r`, bounded: a line
+/// over [`MAX_LINE_LEN`] or a request over [`MAX_REQUEST_LEN`] is refused as soon as the bound
+/// is crossed, without reading on, and the whole request must arrive within `timeout` (not
+/// each read: a client trickling bytes cannot hold the server). `set_timeout` is called with
+/// the time left before every read that may block (a socket's read timeout). `Ok(None)`: the
+/// client closed, or sent nothing within `timeout`. The text is zeroized on drop (a `set`
+/// carries keys).
+pub fn read_request<R: BufRead>(
+    r: &mut R,
+    timeout: Duration,
+    mut set_timeout: impl FnMut(Duration) -> io::Result<()>,
+) -> Result<Option<Zeroizing<String>>, ReadError> {
+    let deadline = Instant::now() + timeout;
+    let mut text = SecretText::with_capacity(1024);
+    let mut line_start = 0;
+    let mut line = 1;
+    loop {
+        let idle = text.as_bytes().is_empty();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return if idle {
+                Ok(None)
+            } else {
+                Err(ReadError::Timeout(timeout))
+            };
+        }
+        set_timeout(left).map_err(ReadError::Io)?;
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return if idle {
+                    Ok(None)
+                } else {
+                    Err(ReadError::Timeout(timeout))
+                };
+            }
+            Err(e) => return Err(ReadError::Io(e)),
+        };
+        if buf.is_empty() {
+            return if idle {
+                Ok(None)
+            } else {
+                Err(ReadError::Truncated)
+            };
+        }
+        let newline = buf.iter().position(|&b| b == b'\n');
+        let chunk = &buf[..newline.map_or(buf.len(), |i| i + 1)];
+        let line_len =
+            text.as_bytes().len() - line_start + chunk.len() - usize::from(newline.is_some());
+        if line_len > MAX_LINE_LEN {
+            return Err(ReadError::Refused(UapiError::LineTooLong {
+                line,
+                max: MAX_LINE_LEN,
+            }));
+        }
+        if text.as_bytes().len() + chunk.len() > MAX_REQUEST_LEN {
+            return Err(ReadError::Refused(UapiError::RequestTooLong {
+                max: MAX_REQUEST_LEN,
+            }));
+        }
+        text.push_bytes(chunk);
+        let used = chunk.len();
+        r.consume(used);
+        if newline.is_some() {
+            if line_len == 0 {
+                // The blank line ends the request; it is not part of it.
+                text.truncate(line_start);
+                return text
+                    .into_string()
+                    .map(Some)
+                    .map_err(|_| ReadError::Refused(UapiError::NotUtf8));
+            }
+            line += 1;
+            line_start = text.as_bytes().len();
+        }
+    }
+}
+
 /// Parses one request (the lines up to, not including, the blank line that ends it).
 pub fn parse_request(text: &str) -> Result<Request, UapiError> {
+    if text.len() > MAX_REQUEST_LEN {
+        return Err(UapiError::RequestTooLong {
+            max: MAX_REQUEST_LEN,
+        });
+    }
+    if let Some(line) = text.lines().position(|l| l.len() > MAX_LINE_LEN) {
+        return Err(UapiError::LineTooLong {
+            line: line + 1,
+            max: MAX_LINE_LEN,
+        });
+    }
     let mut lines = text
         .lines()
         .enumerate()
@@ -208,11 +355,19 @@ fn parse_set_lines<'a>(
     lines: impl Iterator<Item = (usize, &'a str)>,
 ) -> Result<SetRequest, UapiError> {
     let mut req = SetRequest::default();
+    let mut allowed_ips = 0usize;
     for (n, line) in lines {
         let Some((k, v)) = line.split_once('=') else {
             return Err(syntax(n, line));
         };
         if k == "public_key" {
+            if req.peers.len() == MAX_PEERS {
+                return Err(UapiError::RequestTooMany {
+                    line: n,
+                    what: "peers",
+                    max: MAX_PEERS,
+                });
+            }
             req.peers.push(PeerChange::new(
                 PublicKey::from_hex(v).map_err(key_err(n, k))?,
             ));
@@ -230,7 +385,17 @@ fn parse_set_lines<'a>(
                     peer.persistent_keepalive = Some(v.parse().map_err(|e| bad(n, k, e))?)
                 }
                 "replace_allowed_ips" => peer.replace_allowed_ips = parse_bool(n, k, v)?,
-                "allowed_ip" => peer.allowed_ips.push(v.parse().map_err(|e| bad(n, k, e))?),
+                "allowed_ip" => {
+                    if allowed_ips == MAX_ALLOWED_IPS {
+                        return Err(UapiError::RequestTooMany {
+                            line: n,
+                            what: "allowed ips",
+                            max: MAX_ALLOWED_IPS,
+                        });
+                    }
+                    allowed_ips += 1;
+                    peer.allowed_ips.push(v.parse().map_err(|e| bad(n, k, e))?)
+                }
                 "protocol_version" => {
                     if v != "1" {
                         return Err(bad(n, k, "only protocol version 1 exists"));
@@ -307,14 +472,53 @@ impl DeviceConfig {
         if req.replace_peers {
             next.peers.clear();
         }
+        // Linear in the request and the device, however many peers and prefixes a set names
+        // (a scan of every list per change is quadratic: seconds of CPU on the UAPI thread for
+        // a set of a few megabytes). Peers are found by key; removed peers and prefixes taken
+        // from a peer are holes until the end, so nothing is shifted or searched.
+        let mut peers: Vec<Option<(PeerConfig, Vec<Option<IpPrefix>>)>> =
+            std::mem::take(&mut next.peers)
+                .into_iter()
+                .map(|mut p| {
+                    let ips = std::mem::take(&mut p.allowed_ips)
+                        .into_iter()
+                        .map(Some)
+                        .collect();
+                    Some((p, ips))
+                })
+                .collect();
+        let mut index: HashMap<PublicKey, usize> = HashMap::with_capacity(peers.len());
+        // Cryptokey routing: a prefix belongs to exactly one peer: (peer, position in its list).
+        let mut owner: HashMap<IpPrefix, (usize, usize)> = HashMap::new();
+        for (i, (p, ips)) in peers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, p.as_ref()?)))
+        {
+            index.entry(p.public_key).or_insert(i);
+            for (at, a) in ips.iter().enumerate() {
+                if let Some(a) = a {
+                    owner.insert(*a, (i, at));
+                }
+            }
+        }
+        let forget = |ips: &mut Vec<Option<IpPrefix>>,
+                      owner: &mut HashMap<IpPrefix, (usize, usize)>,
+                      i: usize| {
+            for a in ips.drain(..).flatten() {
+                if owner.get(&a).is_some_and(|(o, _)| *o == i) {
+                    owner.remove(&a);
+                }
+            }
+        };
         for change in &req.peers {
-            let pos = next
-                .peers
-                .iter()
-                .position(|p| p.public_key == change.public_key);
+            let pos = index.get(&change.public_key).copied();
             if change.remove {
                 if let Some(i) = pos {
-                    next.peers.remove(i);
+                    if let Some((_, mut ips)) = peers.get_mut(i).and_then(Option::take) {
+                        forget(&mut ips, &mut owner, i);
+                    }
+                    index.remove(&change.public_key);
                 }
                 continue;
             }
@@ -322,17 +526,23 @@ impl DeviceConfig {
                 Some(i) => i,
                 None if change.update_only => continue,
                 None => {
-                    next.peers.push(PeerConfig {
-                        public_key: change.public_key,
-                        preshared_key: None,
-                        endpoint: None,
-                        allowed_ips: Vec::new(),
-                        persistent_keepalive: None,
-                    });
-                    next.peers.len() - 1
+                    peers.push(Some((
+                        PeerConfig {
+                            public_key: change.public_key,
+                            preshared_key: None,
+                            endpoint: None,
+                            allowed_ips: Vec::new(),
+                            persistent_keepalive: None,
+                        },
+                        Vec::new(),
+                    )));
+                    index.insert(change.public_key, peers.len() - 1);
+                    peers.len() - 1
                 }
             };
-            let peer = &mut next.peers[i];
+            let Some((peer, ips)) = peers.get_mut(i).and_then(Option::as_mut) else {
+                continue;
+            };
             if let Some(psk) = &change.preshared_key {
                 peer.preshared_key = if psk.is_zero() {
                     None
@@ -347,22 +557,65 @@ impl DeviceConfig {
                 peer.persistent_keepalive = if k == 0 { None } else { Some(k) };
             }
             if change.replace_allowed_ips {
-                peer.allowed_ips.clear();
+                forget(ips, &mut owner, i);
             }
             for a in &change.allowed_ips {
-                if !peer.allowed_ips.contains(a) {
-                    peer.allowed_ips.push(*a);
+                match owner.get(a).copied() {
+                    Some((o, _)) if o == i => continue,
+                    // The last set wins: the prefix leaves its previous peer.
+                    Some((o, at)) => {
+                        if let Some(slot) = peers
+                            .get_mut(o)
+                            .and_then(Option::as_mut)
+                            .and_then(|(_, other)| other.get_mut(at))
+                        {
+                            *slot = None;
+                        }
+                    }
+                    None => {}
                 }
-            }
-            // Cryptokey routing: a prefix belongs to exactly one peer; the last set wins.
-            let owner = change.public_key;
-            for other in next.peers.iter_mut().filter(|p| p.public_key != owner) {
-                other
-                    .allowed_ips
-                    .retain(|a| !change.allowed_ips.contains(a));
+                let Some((_, ips)) = peers.get_mut(i).and_then(Option::as_mut) else {
+                    break;
+                };
+                owner.insert(*a, (i, ips.len()));
+                ips.push(Some(*a));
             }
         }
+        next.peers = peers
+            .into_iter()
+            .flatten()
+            .map(|(mut p, ips)| {
+                p.allowed_ips = ips.into_iter().flatten().collect();
+                p
+            })
+            .collect();
         next
+    }
+
+    /// [`Self::apply`], refused whole if the result would hold more than [`MAX_PEERS`] peers
+    /// or [`MAX_ALLOWED_IPS`] allowed IPs.
+    pub fn try_apply(&self, req: &SetRequest) -> Result<DeviceConfig, UapiError> {
+        let next = self.apply(req);
+        next.check_limits()?;
+        Ok(next)
+    }
+
+    /// Whether this configuration is within what one device holds.
+    pub fn check_limits(&self) -> Result<(), UapiError> {
+        if self.peers.len() > MAX_PEERS {
+            return Err(UapiError::DeviceFull {
+                what: "peers",
+                max: MAX_PEERS,
+            });
+        }
+        let ips: usize = self.peers.iter().map(|p| p.allowed_ips.len()).sum();
+        if ips > MAX_ALLOWED_IPS {
+            return Err(UapiError::DeviceFull {
+                what: "allowed ips",
+                max: MAX_ALLOWED_IPS,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -498,11 +751,23 @@ pub fn parse_get(text: &str) -> Result<DeviceState, UapiError> {
             }
             ("last_handshake_time_sec", Some(p)) => {
                 let secs = num(v)?;
-                p.last_handshake = (secs > 0).then(|| UNIX_EPOCH + Duration::from_secs(secs));
+                p.last_handshake = match secs {
+                    0 => None,
+                    s => Some(
+                        system_time_from_unix(s)
+                            .ok_or_else(|| bad(n, k, "not a representable time"))?,
+                    ),
+                };
             }
             ("last_handshake_time_nsec", Some(p)) => {
+                let nsec = num(v)?;
+                if nsec >= 1_000_000_000 {
+                    return Err(bad(n, k, "must be below one second"));
+                }
                 if let Some(t) = p.last_handshake.as_mut() {
-                    *t += Duration::from_nanos(num(v)?);
+                    *t = t
+                        .checked_add(Duration::from_nanos(nsec))
+                        .ok_or_else(|| bad(n, k, "not a representable time"))?;
                 }
             }
             ("tx_bytes", Some(p)) => p.tx_bytes = num(v)?,
@@ -548,9 +813,9 @@ pub fn parse_errno(text: &str) -> Result<(), UapiError> {
     })
 }
 
-/// Seconds-precision wall clock for reports.
-pub fn system_time_from_unix(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
+/// Seconds-precision wall clock for reports; `None` past what `SystemTime` represents.
+pub fn system_time_from_unix(secs: u64) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 /// A test allocator that looks into every heap block as it is freed for a marker (the hex of a
@@ -864,5 +1129,547 @@ mod tests {
         assert_eq!(parse_get(&format_get(&cfg, &state)).unwrap(), state);
         assert_eq!(parse_get("errno=22\n\n"), Err(UapiError::Errno(22)));
         assert_eq!(parse_errno("errno=0\n\n"), Ok(()));
+    }
+
+    // ---- hostile input: bounds, arithmetic, cost ----
+
+    /// A distinct key per index without curve arithmetic (thousands of peers).
+    fn nth_key(i: usize) -> PublicKey {
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+        PublicKey(b)
+    }
+
+    fn nth_prefix(i: usize) -> IpPrefix {
+        format!("{}.{}.{}.0/24", 10 + (i >> 16), (i >> 8) & 0xff, i & 0xff)
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_set_names_at_most_max_peers_and_max_allowed_ips() {
+        let mut text = String::from("set=1\n");
+        for i in 0..MAX_PEERS {
+            text += &format!("public_key={}\n", nth_key(i).to_hex());
+        }
+        assert_eq!(set(&text).unwrap().peers.len(), MAX_PEERS);
+        text += &format!("public_key={}\n", nth_key(MAX_PEERS).to_hex());
+        let e = set(&text).unwrap_err();
+        assert_eq!(
+            e,
+            UapiError::RequestTooMany {
+                line: MAX_PEERS + 2,
+                what: "peers",
+                max: MAX_PEERS
+            }
+        );
+        assert_eq!(e.errno(), E2BIG);
+
+        let mut text = format!("set=1\npublic_key={}\n", nth_key(0).to_hex());
+        for i in 0..MAX_ALLOWED_IPS {
+            text += &format!("allowed_ip={}\n", nth_prefix(i));
+        }
+        assert_eq!(
+            set(&text).unwrap().peers[0].allowed_ips.len(),
+            MAX_ALLOWED_IPS
+        );
+        text += &format!(
+            "public_key={}\nallowed_ip=10.0.0.0/8\n",
+            nth_key(1).to_hex()
+        );
+        assert!(matches!(
+            set(&text),
+            Err(UapiError::RequestTooMany {
+                what: "allowed ips",
+                ..
+            })
+        ));
+    }
+
+    fn peer_config(i: usize, ips: Vec<IpPrefix>) -> PeerConfig {
+        PeerConfig {
+            public_key: nth_key(i),
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: ips,
+            persistent_keepalive: None,
+        }
+    }
+
+    #[test]
+    fn a_set_the_device_cannot_hold_is_refused_whole() {
+        let full = DeviceConfig {
+            peers: (0..MAX_PEERS).map(|i| peer_config(i, Vec::new())).collect(),
+            ..Default::default()
+        };
+        let one_more = SetRequest {
+            peers: vec![PeerChange::new(nth_key(MAX_PEERS))],
+            ..Default::default()
+        };
+        let e = full.try_apply(&one_more).unwrap_err();
+        assert_eq!(
+            e,
+            UapiError::DeviceFull {
+                what: "peers",
+                max: MAX_PEERS
+            }
+        );
+        assert_eq!(e.errno(), ENOSPC);
+        // Within the bound: updating a peer, or removing one to make room, is fine.
+        let update = SetRequest {
+            peers: vec![PeerChange::new(nth_key(0))],
+            ..Default::default()
+        };
+        assert_eq!(full.try_apply(&update).unwrap().peers.len(), MAX_PEERS);
+        let swap = SetRequest {
+            peers: vec![
+                PeerChange {
+                    remove: true,
+                    ..PeerChange::new(nth_key(0))
+                },
+                PeerChange::new(nth_key(MAX_PEERS)),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(full.try_apply(&swap).unwrap().peers.len(), MAX_PEERS);
+        // Allowed IPs count across peers: two sets each within the request bound overflow the
+        // device together.
+        let half = |peer: usize, from: usize| SetRequest {
+            peers: vec![PeerChange {
+                allowed_ips: (from..from + MAX_ALLOWED_IPS / 2 + 1)
+                    .map(nth_prefix)
+                    .collect(),
+                ..PeerChange::new(nth_key(peer))
+            }],
+            ..Default::default()
+        };
+        let cfg = DeviceConfig::default().try_apply(&half(0, 0)).unwrap();
+        assert!(matches!(
+            cfg.try_apply(&half(1, MAX_ALLOWED_IPS / 2 + 1)),
+            Err(UapiError::DeviceFull {
+                what: "allowed ips",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_largest_set_applies() {
+        // Every peer and prefix the bounds allow, in one request: accepted, and each prefix
+        // owned once.
+        let per_peer = MAX_ALLOWED_IPS / MAX_PEERS;
+        let req = SetRequest {
+            peers: (0..MAX_PEERS)
+                .map(|i| PeerChange {
+                    allowed_ips: (i * per_peer..(i + 1) * per_peer).map(nth_prefix).collect(),
+                    ..PeerChange::new(nth_key(i))
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let cfg = DeviceConfig::default().try_apply(&req).unwrap();
+        assert_eq!(cfg.peers.len(), MAX_PEERS);
+        // The same prefixes all moved to one peer.
+        let steal = SetRequest {
+            peers: vec![PeerChange {
+                allowed_ips: (0..MAX_ALLOWED_IPS).map(nth_prefix).collect(),
+                ..PeerChange::new(nth_key(0))
+            }],
+            ..Default::default()
+        };
+        let cfg = cfg.try_apply(&steal).unwrap();
+        assert_eq!(cfg.peers[0].allowed_ips.len(), MAX_ALLOWED_IPS);
+        assert!(cfg.peers[1..].iter().all(|p| p.allowed_ips.is_empty()));
+    }
+
+    /// `apply` before it was made linear: the model the fast one must agree with.
+    fn reference_apply(cfg: &DeviceConfig, req: &SetRequest) -> DeviceConfig {
+        let mut next = cfg.clone();
+        if let Some(k) = &req.private_key {
+            next.private_key = if k.is_zero() { None } else { Some(k.clone()) };
+        }
+        if let Some(p) = req.listen_port {
+            next.listen_port = p;
+        }
+        if let Some(m) = req.fwmark {
+            next.fwmark = m;
+        }
+        if req.replace_peers {
+            next.peers.clear();
+        }
+        for change in &req.peers {
+            let pos = next
+                .peers
+                .iter()
+                .position(|p| p.public_key == change.public_key);
+            if change.remove {
+                if let Some(i) = pos {
+                    next.peers.remove(i);
+                }
+                continue;
+            }
+            let i = match pos {
+                Some(i) => i,
+                None if change.update_only => continue,
+                None => {
+                    next.peers.push(PeerConfig {
+                        public_key: change.public_key,
+                        preshared_key: None,
+                        endpoint: None,
+                        allowed_ips: Vec::new(),
+                        persistent_keepalive: None,
+                    });
+                    next.peers.len() - 1
+                }
+            };
+            let peer = &mut next.peers[i];
+            if let Some(psk) = &change.preshared_key {
+                peer.preshared_key = if psk.is_zero() {
+                    None
+                } else {
+                    Some(psk.clone())
+                };
+            }
+            if let Some(e) = change.endpoint {
+                peer.endpoint = Some(e);
+            }
+            if let Some(k) = change.persistent_keepalive {
+                peer.persistent_keepalive = if k == 0 { None } else { Some(k) };
+            }
+            if change.replace_allowed_ips {
+                peer.allowed_ips.clear();
+            }
+            for a in &change.allowed_ips {
+                if !peer.allowed_ips.contains(a) {
+                    peer.allowed_ips.push(*a);
+                }
+            }
+            // Cryptokey routing: a prefix belongs to exactly one peer; the last set wins.
+            let owner = change.public_key;
+            for other in next.peers.iter_mut().filter(|p| p.public_key != owner) {
+                other
+                    .allowed_ips
+                    .retain(|a| !change.allowed_ips.contains(a));
+            }
+        }
+        next
+    }
+
+    /// xorshift64*: reproducible random inputs without a dev-dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn chance(&mut self, percent: usize) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    fn random_set(rng: &mut Rng) -> SetRequest {
+        SetRequest {
+            replace_peers: rng.chance(10),
+            peers: (0..rng.below(7))
+                .map(|_| PeerChange {
+                    remove: rng.chance(15),
+                    update_only: rng.chance(15),
+                    preshared_key: rng
+                        .chance(30)
+                        .then(|| PresharedKey::from_bytes([rng.below(2) as u8; 32])),
+                    endpoint: rng
+                        .chance(30)
+                        .then(|| SocketAddr::from(([198, 18, 0, 1], 51820))),
+                    persistent_keepalive: rng.chance(30).then(|| rng.below(2) as u16 * 25),
+                    replace_allowed_ips: rng.chance(30),
+                    allowed_ips: (0..rng.below(4))
+                        .map(|_| nth_prefix(rng.below(6)))
+                        .collect(),
+                    ..PeerChange::new(nth_key(rng.below(5)))
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn linear_apply_agrees_with_the_reference_model() {
+        let mut rng = Rng(0x5eed_1234_abcd_ef01);
+        for _ in 0..5_000 {
+            let mut fast = DeviceConfig::default();
+            let mut model = DeviceConfig::default();
+            for _ in 0..6 {
+                let req = random_set(&mut rng);
+                fast = fast.apply(&req);
+                model = reference_apply(&model, &req);
+                assert_eq!(fast, model, "{req:?}");
+            }
+        }
+    }
+
+    /// Counts what a reader hands out; `read` supplies the bytes.
+    struct Source<F> {
+        read: F,
+        taken: usize,
+    }
+
+    impl<F: FnMut(&mut [u8]) -> io::Result<usize>> io::Read for Source<F> {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            let n = (self.read)(b)?;
+            self.taken += n;
+            Ok(n)
+        }
+    }
+
+    fn source<F: FnMut(&mut [u8]) -> io::Result<usize>>(read: F) -> io::BufReader<Source<F>> {
+        io::BufReader::new(Source { read, taken: 0 })
+    }
+
+    fn no_timeout(_: Duration) -> io::Result<()> {
+        Ok(())
+    }
+
+    #[test]
+    fn requests_are_read_one_at_a_time() {
+        let mut r = io::Cursor::new(b"get=1\n\nset=1\nlisten_port=1\n\n".to_vec());
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            read_request(&mut r, t, no_timeout)
+                .unwrap()
+                .as_deref()
+                .map(String::as_str),
+            Some("get=1\n")
+        );
+        assert_eq!(
+            read_request(&mut r, t, no_timeout)
+                .unwrap()
+                .as_deref()
+                .map(String::as_str),
+            Some("set=1\nlisten_port=1\n")
+        );
+        assert!(read_request(&mut r, t, no_timeout).unwrap().is_none());
+        // Closed mid-request, or bytes that are not text.
+        let mut r = io::Cursor::new(b"set=1\nlisten_port=1\n".to_vec());
+        assert!(matches!(
+            read_request(&mut r, t, no_timeout),
+            Err(ReadError::Truncated)
+        ));
+        let mut r = io::Cursor::new(b"set=1\n\xff=1\n\n".to_vec());
+        assert!(matches!(
+            read_request(&mut r, t, no_timeout),
+            Err(ReadError::Refused(UapiError::NotUtf8))
+        ));
+    }
+
+    #[test]
+    fn an_endless_line_is_refused_without_reading_it() {
+        // 64 MiB of one line (finite, so a reader without the bound ends too).
+        let mut left = 64usize << 20;
+        let mut r = source(|b: &mut [u8]| {
+            let n = b.len().min(left);
+            b[..n].fill(b'a');
+            left -= n;
+            Ok(n)
+        });
+        let e = read_request(&mut r, Duration::from_secs(5), no_timeout).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ReadError::Refused(UapiError::LineTooLong { line: 1, .. })
+            ),
+            "{e:?}"
+        );
+        assert!(
+            r.get_ref().taken <= MAX_LINE_LEN + 8192,
+            "{}",
+            r.get_ref().taken
+        );
+        assert_eq!(
+            parse_request(&format!("set=1\nendpoint={}\n", "1".repeat(MAX_LINE_LEN))),
+            Err(UapiError::LineTooLong {
+                line: 2,
+                max: MAX_LINE_LEN
+            })
+        );
+    }
+
+    #[test]
+    fn an_endless_request_is_refused_at_the_size_bound() {
+        let line = b"listen_port=1\n";
+        let mut at = 0;
+        let mut r = source(|b: &mut [u8]| {
+            let n = b.len().min((64usize << 20).saturating_sub(at));
+            for x in &mut b[..n] {
+                *x = line[at % line.len()];
+                at += 1;
+            }
+            Ok(n)
+        });
+        let e = read_request(&mut r, Duration::from_secs(30), no_timeout).unwrap_err();
+        assert!(
+            matches!(e, ReadError::Refused(UapiError::RequestTooLong { .. })),
+            "{e:?}"
+        );
+        assert!(r.get_ref().taken <= MAX_REQUEST_LEN + 8192);
+        assert_eq!(
+            ReadError::Refused(UapiError::RequestTooLong { max: 1 }).to_string(),
+            "request is longer than 1 bytes"
+        );
+    }
+
+    #[test]
+    fn a_trickling_client_is_cut_off_at_the_request_deadline() {
+        // One byte every 2 ms of a long valid request (a second of it): each read is quick, the
+        // whole request is not.
+        let line = b"listen_port=1\n";
+        let mut at = 0;
+        let mut r = io::BufReader::with_capacity(
+            1,
+            Source {
+                read: |b: &mut [u8]| {
+                    if at == 500 {
+                        return Ok(0);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                    b[0] = line[at % line.len()];
+                    at += 1;
+                    Ok(1)
+                },
+                taken: 0,
+            },
+        );
+        let timeout = Duration::from_millis(150);
+        let mut lefts = Vec::new();
+        let t0 = Instant::now();
+        let e = read_request(&mut r, timeout, |left| {
+            lefts.push(left);
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(matches!(e, ReadError::Timeout(t) if t == timeout), "{e:?}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(lefts.windows(2).all(|w| w[1] <= w[0]) && lefts[0] <= timeout);
+        // A socket read timeout: nothing sent is an idle close, half a request a timeout.
+        let mut idle = source(|_: &mut [u8]| Err(io::ErrorKind::WouldBlock.into()));
+        assert!(read_request(&mut idle, timeout, no_timeout)
+            .unwrap()
+            .is_none());
+        let mut sent = false;
+        let mut half = source(|b: &mut [u8]| {
+            if std::mem::replace(&mut sent, true) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            b[..6].copy_from_slice(b"set=1\n");
+            Ok(6)
+        });
+        assert!(matches!(
+            read_request(&mut half, timeout, no_timeout),
+            Err(ReadError::Timeout(_))
+        ));
+    }
+
+    #[test]
+    fn handshake_times_past_the_clock_are_errors_not_panics() {
+        let peer = format!("public_key={}\n", nth_key(0).to_hex());
+        for (sec, nsec) in [
+            (u64::MAX.to_string(), "0"),
+            ((i64::MAX as u64).to_string(), "999999999"),
+            ("1".to_string(), "1000000000"),
+            ("1".to_string(), &u64::MAX.to_string()),
+        ] {
+            let text = format!(
+                "{peer}last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\nerrno=0\n"
+            );
+            let r = std::panic::catch_unwind(|| parse_get(&text));
+            assert!(
+                matches!(r, Ok(Err(UapiError::BadValue { .. })) | Ok(Ok(_))),
+                "{sec} {nsec}: {r:?}"
+            );
+        }
+        let text = format!("{peer}last_handshake_time_sec={}\nerrno=0\n", u64::MAX);
+        assert!(matches!(
+            parse_get(&text),
+            Err(UapiError::BadValue { ref key, .. }) if key == "last_handshake_time_sec"
+        ));
+        assert_eq!(system_time_from_unix(u64::MAX), None);
+        assert_eq!(
+            system_time_from_unix(1),
+            Some(UNIX_EPOCH + Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn random_requests_and_answers_never_panic() {
+        const KEYS: [&str; 20] = [
+            "get",
+            "set",
+            "private_key",
+            "listen_port",
+            "fwmark",
+            "replace_peers",
+            "public_key",
+            "remove",
+            "update_only",
+            "preshared_key",
+            "endpoint",
+            "persistent_keepalive_interval",
+            "replace_allowed_ips",
+            "allowed_ip",
+            "protocol_version",
+            "last_handshake_time_sec",
+            "last_handshake_time_nsec",
+            "tx_bytes",
+            "rx_bytes",
+            "errno",
+        ];
+        let values = [
+            "1".to_string(),
+            "0".to_string(),
+            "true".to_string(),
+            u64::MAX.to_string(),
+            "99999999999999999999999999".to_string(),
+            "-1".to_string(),
+            nth_key(3).to_hex(),
+            "0".repeat(64),
+            "zz".repeat(32),
+            "[::1]:51820".to_string(),
+            "[fe80::1%eth0]:1".to_string(),
+            "198.18.0.1:65536".to_string(),
+            "10.0.0.0/33".to_string(),
+            "::/0".to_string(),
+            "ü=ü".to_string(),
+            String::new(),
+        ];
+        let mut rng = Rng(42);
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            if rng.chance(80) {
+                text += ["get=1\n", "set=1\n"][rng.below(2)];
+            }
+            for _ in 0..rng.below(12) {
+                let k = KEYS[rng.below(KEYS.len())];
+                let v = &values[rng.below(values.len())];
+                text += &match rng.below(10) {
+                    0 => format!("{k}{v}\n"),
+                    1 => format!("{k}=={v}\n"),
+                    _ => format!("{k}={v}\n"),
+                };
+            }
+            if let Ok(Request::Set(req)) = parse_request(&text) {
+                let _ = DeviceConfig::default().try_apply(&req);
+            }
+            let _ = parse_get(&text);
+            let _ = parse_errno(&text);
+            let mut r = io::Cursor::new(text.into_bytes());
+            let _ = read_request(&mut r, Duration::from_secs(1), no_timeout);
+        }
     }
 }

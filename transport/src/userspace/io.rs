@@ -7,7 +7,7 @@
 //! buffers are sized so bursts are not dropped by the kernel.
 
 use std::{
-    io::{self, BufRead as _, BufReader, IoSliceMut, Write as _},
+    io::{self, BufReader, IoSliceMut, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     os::{
         fd::AsRawFd as _,
@@ -289,60 +289,64 @@ fn serve_uapi(
 ) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
         let mut reader = BufReader::new(&conn);
         let mut writer = &conn;
         loop {
-            let mut text = String::new();
-            let mut line = String::new();
-            let mut ended = false;
-            loop {
-                line.clear();
-                match reader.read_line(&mut line) {
-                    Ok(0) => break,
-                    Ok(_) if line == "\n" => {
-                        ended = true;
-                        break;
-                    }
-                    Ok(_) => text.push_str(&line),
-                    Err(_) => break,
-                }
-                if text.len() > (1 << 20) {
+            // Bounded in line length, request size and time (see `uapi::read_request`): one
+            // client cannot make this thread buffer without end or hold it past the timeout.
+            let text = match uapi::read_request(&mut reader, uapi::REQUEST_TIMEOUT, |left| {
+                conn.set_read_timeout(Some(left))
+            }) {
+                Ok(Some(text)) => text,
+                Ok(None) => break,
+                Err(uapi::ReadError::Refused(e)) => {
+                    // The rest of the request is unread: answer, then close.
+                    eprintln!("veil-wg: uapi: {e}");
+                    let _ = writer.write_all(format!("errno={}\n\n", e.errno()).as_bytes());
                     break;
                 }
-            }
-            if !ended {
-                break;
-            }
+                Err(e) => {
+                    eprintln!("veil-wg: uapi: {e}");
+                    break;
+                }
+            };
             dog.busy(slot);
+            let port = || {
+                udp.read()
+                    .expect("udp lock")
+                    .as_ref()
+                    .map(|u| u.port)
+                    .unwrap_or(0)
+            };
             let answer = match uapi::parse_request(&text) {
                 Ok(Request::Get) => {
-                    let port = udp
-                        .read()
-                        .expect("udp lock")
-                        .as_ref()
-                        .map(|u| u.port)
-                        .unwrap_or(0);
-                    let (cfg, st) = device.state(port);
+                    let (cfg, st) = device.state(port());
                     uapi::format_get(&cfg, &st)
                 }
-                Ok(Request::Set(req)) => {
-                    let inits = device.apply(&req);
-                    match rebind(device, udp) {
-                        Ok(()) => {
-                            if let Some(u) = udp.read().expect("udp lock").clone() {
-                                for (ep, d) in inits {
-                                    let _ = u.send(ep, &d, None);
+                // A set the device could not hold (peers, allowed IPs) is refused whole.
+                Ok(Request::Set(req)) => match device.state(port()).0.try_apply(&req) {
+                    Err(e) => {
+                        eprintln!("veil-wg: uapi: {e}");
+                        format!("errno={}\n\n", e.errno())
+                    }
+                    Ok(_) => {
+                        let inits = device.apply(&req);
+                        match rebind(device, udp) {
+                            Ok(()) => {
+                                if let Some(u) = udp.read().expect("udp lock").clone() {
+                                    for (ep, d) in inits {
+                                        let _ = u.send(ep, &d, None);
+                                    }
                                 }
+                                "errno=0\n\n".to_string()
                             }
-                            "errno=0\n\n".to_string()
-                        }
-                        Err(e) => {
-                            eprintln!("veil-wg: cannot bind udp port: {e}");
-                            format!("errno={}\n\n", e.raw_os_error().unwrap_or(uapi::EINVAL))
+                            Err(e) => {
+                                eprintln!("veil-wg: cannot bind udp port: {e}");
+                                format!("errno={}\n\n", e.raw_os_error().unwrap_or(uapi::EINVAL))
+                            }
                         }
                     }
-                }
+                },
                 Err(e) => {
                     eprintln!("veil-wg: uapi: {e}");
                     format!("errno={}\n\n", e.errno())
