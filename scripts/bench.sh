@@ -3,10 +3,52 @@
 # ratios against the targets; prints a table, writes benches/results/{results.json,chart.png,
 # results.md}. Sets up what it needs (scripts/setup.sh: iperf3, wireguard-tools, bpf-linker;
 # boringtun-cli 0.7.1 into ~/.cache/veil/bench once), and removes every lab, netns and process
-# it created, also on Ctrl-C. control-bench measures the control plane first, on its own lab. Arguments go to veil-bench (--quick, --rounds N, --seconds N,
-# --only veil,boringtun-cli, --update-readme, --help).
+# it created, also on Ctrl-C. control-bench measures the control plane first, on its own lab.
+# Arguments go to veil-bench (--quick, --rounds N, --seconds N, --only veil,boringtun-cli,
+# --update-readme); --help prints the options and runs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+usage() {
+    cat <<'EOF'
+usage: scripts/bench.sh [VEIL-BENCH OPTIONS]
+
+As root: runs scripts/setup.sh and scripts/preflight.sh, builds the release binaries, then
+control-bench (control plane, its own 77-pod lab; writes benches/results/control.json) and
+veil-bench (veil vs plaintext vs boringtun-cli; prints the table, writes
+benches/results/{results.json,chart.png,results.md}). Both carry this run's id, and veil-bench's
+target table uses control.json only if control-bench wrote it in this run.
+
+veil-bench options (passed on):
+  --quick                 1 round, 3 s runs, 10 s idle
+  --rounds N              interleaved rounds (default 5)
+  --seconds N             seconds per iperf3 run (default 10)
+  --rr-seconds S          seconds per request/response run (default 5)
+  --rr-size B             request/response size in bytes (default 64)
+  --idle-seconds N        idle window (default 60)
+  --skip-idle             no idle measurement
+  --only LIST             contenders: plaintext,veil,boringtun-cli
+  --tests LIST            tcp1,tcp2,rr
+  --bin-dir DIR, --boringtun PATH, --lab-file PATH, --out-dir DIR
+  --update-readme         rewrite the results block of benches/README.md
+  -h, --help              this text (nothing is set up, built or run)
+EOF
+}
+for arg in "$@"; do
+    case "$arg" in
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    esac
+done
+
+# One id and start time for the whole run: control-bench writes them into control.json and
+# veil-bench refuses a control.json from any other run.
+VEIL_BENCH_RUN_STARTED_UNIX="$(date +%s)"
+VEIL_BENCH_RUN_ID="$(date -u +%Y%m%dT%H%M%SZ)-$$"
+export VEIL_BENCH_RUN_ID VEIL_BENCH_RUN_STARTED_UNIX
+
 scripts/setup.sh
 scripts/preflight.sh
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -80,7 +80,7 @@ pub fn targets(
     med: &BTreeMap<&'static str, Medians>,
     idle: &[IdleSample],
     tc: Option<&TcCost>,
-    control: Option<&Control>,
+    control: &Result<Control, String>,
 ) -> Vec<Target> {
     let p = &med[Contender::Plaintext.key()];
     let v = &med[Contender::Veil.key()];
@@ -172,7 +172,16 @@ pub fn targets(
         String::new(),
     );
     let (spread, note) = match tc {
-        Some(TcCost::Ran { spread, .. }) => (*spread, String::new()),
+        Some(TcCost::Ran {
+            spread,
+            spread_case,
+            ..
+        }) => (
+            *spread,
+            spread_case.as_deref().map_or(String::new(), |c| {
+                format!("worst case {c}: median of paired per-round ratios")
+            }),
+        ),
         Some(TcCost::Failed { error }) => (None, format!("tc-cost failed: {error}")),
         Some(TcCost::Missing) | None => (
             None,
@@ -187,10 +196,9 @@ pub fn targets(
         |x| (0.9..=1.1).contains(&x),
         note,
     );
-    let note = if control.is_some() {
-        String::new()
-    } else {
-        "not measured: control-bench did not run (scripts/bench.sh runs it first)".into()
+    let (control, note) = match control {
+        Ok(c) => (Some(c), format!("control-bench run {}", c.run_id)),
+        Err(why) => (None, why.clone()),
     };
     push(
         "workload handshakes per CPU-second of an agent",
@@ -211,11 +219,63 @@ pub fn targets(
     t
 }
 
-/// What `control-bench` wrote to `control.json` (the fields the table uses).
+/// What `control-bench` wrote to `control.json` (the fields the table uses), with the run it
+/// belongs to.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Control {
+    /// The `scripts/bench.sh` run (`VEIL_BENCH_RUN_ID`), or control-bench's own id when it ran
+    /// alone.
+    pub run_id: String,
+    pub started_unix: u64,
+    pub finished_unix: u64,
     pub handshakes_per_cpu_second: f64,
     pub first_to_authenticated_ratio: f64,
+}
+
+/// The run veil-bench belongs to: `scripts/bench.sh` exports its id and start time to both
+/// control-bench and veil-bench; veil-bench run alone has no id and starts its own run.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub id: Option<String>,
+    pub started_unix: u64,
+}
+
+/// `control.json`, if it was written by control-bench during this run; otherwise why not (the
+/// target table then says "not measured" with that reason instead of using old figures).
+pub fn control_for_run(json: Option<&[u8]>, run: &Run) -> Result<Control, String> {
+    let Some(json) = json else {
+        return Err(
+            "not measured: control-bench did not run (scripts/bench.sh runs it first)".into(),
+        );
+    };
+    let c: Control = serde_json::from_slice(json).map_err(|e| {
+        format!("not used: control.json has no run id or time ({e}); run scripts/bench.sh")
+    })?;
+    if let Some(id) = &run.id {
+        if &c.run_id != id {
+            return Err(format!(
+                "not used: control.json is from run {}, not this run ({id})",
+                c.run_id
+            ));
+        }
+    }
+    if c.started_unix < run.started_unix {
+        return Err(format!(
+            "not used: control.json (run {}, started {}) is older than this run (started {}); run scripts/bench.sh",
+            c.run_id, c.started_unix, run.started_unix
+        ));
+    }
+    Ok(c)
+}
+
+/// One row of `tc-cost --json`: the median over rounds of one case at one policy map size.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TcPoint {
+    pub case: String,
+    pub entries: u64,
+    pub median_ns: f64,
+    /// tc-cost's ratio to the smallest map: the median over rounds of paired per-round ratios.
+    pub ratio: Option<f64>,
 }
 
 /// What `tc-cost --json` gave, if it exists.
@@ -224,10 +284,11 @@ pub struct Control {
 pub enum TcCost {
     Ran {
         output: serde_json::Value,
-        /// (entries, ns per packet) pairs found in the output.
-        points: Vec<(u64, f64)>,
-        /// ns/packet at the most entries ÷ at the fewest.
+        /// Every (case, map size) row, by case then size.
+        points: Vec<TcPoint>,
+        /// The largest map's ratio to the smallest, of the case that strays furthest from 1.
         spread: Option<f64>,
+        spread_case: Option<String>,
     },
     Failed {
         error: String,
@@ -235,41 +296,70 @@ pub enum TcCost {
     Missing,
 }
 
-/// Finds (entries, ns-per-packet) pairs in tc-cost's JSON without knowing its exact schema:
-/// any object with an integer field whose name mentions "entries" and a number field whose
-/// name mentions "ns".
-pub fn tc_points(v: &serde_json::Value) -> Vec<(u64, f64)> {
-    let mut out = vec![];
-    fn walk(v: &serde_json::Value, out: &mut Vec<(u64, f64)>) {
-        match v {
-            serde_json::Value::Object(m) => {
-                let entries = m
-                    .iter()
-                    .find(|(k, v)| k.contains("entries") && v.is_u64())
-                    .and_then(|(_, v)| v.as_u64());
-                // Prefer an explicit nanoseconds name ("ns_per_packet", "avg_ns", "ns") over
-                // any key that merely contains "ns" ("runs").
-                let is_ns = |k: &str| k == "ns" || k.contains("ns_per") || k.ends_with("_ns");
-                let ns = m
-                    .iter()
-                    .find(|(k, v)| is_ns(k) && v.is_number())
-                    .or_else(|| m.iter().find(|(k, v)| k.contains("ns") && v.is_number()))
-                    .and_then(|(_, v)| v.as_f64());
-                if let (Some(e), Some(n)) = (entries, ns) {
-                    out.push((e, n));
-                }
-                for v in m.values() {
-                    walk(v, out);
-                }
-            }
-            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
-            _ => {}
+impl TcCost {
+    pub fn from_output(output: serde_json::Value) -> TcCost {
+        let points = tc_points(&output);
+        if points.is_empty() {
+            return TcCost::Failed {
+                error: "tc-cost output has no results rows with case, entries and median_ns".into(),
+            };
+        }
+        let (spread, spread_case) = match tc_spread(&points) {
+            Some((r, c)) => (Some(r), Some(c)),
+            None => (None, None),
+        };
+        TcCost::Ran {
+            output,
+            points,
+            spread,
+            spread_case,
         }
     }
-    walk(v, &mut out);
-    out.sort_by_key(|p| p.0);
-    out.dedup_by_key(|p| p.0);
+}
+
+/// The rows of tc-cost's `results`, read by name: `median_ns` (not `min_ns` or `max_ns`), and
+/// tc-cost's paired `ratio`.
+pub fn tc_points(v: &serde_json::Value) -> Vec<TcPoint> {
+    let mut out: Vec<TcPoint> = v["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            Some(TcPoint {
+                case: r["case"].as_str()?.to_string(),
+                entries: r["entries"].as_u64()?,
+                median_ns: r["median_ns"].as_f64()?,
+                ratio: r["ratio"].as_f64(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.case.cmp(&b.case).then(a.entries.cmp(&b.entries)));
     out
+}
+
+/// Per case, the largest map's ratio to the smallest (tc-cost's paired ratio, else the ratio of
+/// the medians); the case furthest from 1 decides, and is named.
+pub fn tc_spread(points: &[TcPoint]) -> Option<(f64, String)> {
+    let mut worst: Option<(f64, String)> = None;
+    let mut cases: Vec<&str> = points.iter().map(|p| p.case.as_str()).collect();
+    cases.dedup();
+    for case in cases {
+        let rows: Vec<&TcPoint> = points.iter().filter(|p| p.case == case).collect();
+        let (Some(small), Some(large)) = (rows.first(), rows.last()) else {
+            continue;
+        };
+        if rows.len() < 2 || small.median_ns <= 0.0 {
+            continue;
+        }
+        let r = large.ratio.unwrap_or(large.median_ns / small.median_ns);
+        if worst
+            .as_ref()
+            .is_none_or(|(w, _)| (r - 1.0).abs() > (w - 1.0).abs())
+        {
+            worst = Some((r, case.to_string()));
+        }
+    }
+    worst
 }
 
 fn f(v: Option<f64>, digits: usize) -> String {
@@ -346,9 +436,15 @@ pub fn text(
     s.push('\n');
     match tc {
         TcCost::Ran { points, .. } if !points.is_empty() => {
-            s.push_str("TC per-packet cost (tc-cost --json)\n");
-            for (e, ns) in points {
-                s.push_str(&format!("  {e:>7} entries  {ns:>8.1} ns/packet\n"));
+            s.push_str("TC per-packet cost (tc-cost --json, medians over rounds)\n");
+            for p in points {
+                s.push_str(&format!(
+                    "  {:<12} {:>7} entries  {:>8.1} ns/packet{}\n",
+                    p.case,
+                    p.entries,
+                    p.median_ns,
+                    p.ratio.map_or(String::new(), |r| format!("  {r:.3}x"))
+                ));
             }
         }
         TcCost::Ran { output, .. } => {
@@ -409,9 +505,15 @@ pub fn markdown(
     }
     match tc {
         TcCost::Ran { points, .. } if !points.is_empty() => {
-            s.push_str("\n| TC policy entries | ns / packet |\n|---:|---:|\n");
-            for (e, ns) in points {
-                s.push_str(&format!("| {e} | {ns:.1} |\n"));
+            s.push_str("\n| TC case | policy entries | median ns / packet | vs smallest map |\n|---|---:|---:|---:|\n");
+            for p in points {
+                s.push_str(&format!(
+                    "| {} | {} | {:.1} | {} |\n",
+                    p.case,
+                    p.entries,
+                    p.median_ns,
+                    f(p.ratio, 3)
+                ));
             }
         }
         TcCost::Ran { output, .. } => {
@@ -427,7 +529,7 @@ pub fn markdown(
         let status = match t.met {
             Some(true) => "met".to_string(),
             Some(false) => "**MISSED**".to_string(),
-            None => "not yet measurable".to_string(),
+            None => "not measured".to_string(),
         };
         s.push_str(&format!(
             "| {} | {} {} | {} | {}{} |\n",
@@ -436,7 +538,7 @@ pub fn markdown(
             t.unit,
             t.target,
             status,
-            if t.note.is_empty() || t.met.is_none() {
+            if t.note.is_empty() {
                 String::new()
             } else {
                 format!(" ({})", t.note)
@@ -457,21 +559,112 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
     }
 
+    /// tc-cost's real shape: serde_json orders keys, so `max_ns` comes before `median_ns` (the
+    /// old reader took the first key ending in `_ns`, the maximum).
+    fn tc_output() -> serde_json::Value {
+        serde_json::json!({"benchmark": "tc-cost", "results": [
+            {"case": "deny", "entries": 10, "max_ns": 381.0, "median_ns": 366.0, "min_ns": 351.0, "ratio": 1.0},
+            {"case": "deny", "entries": 100000, "max_ns": 399.0, "median_ns": 367.0, "min_ns": 355.0, "ratio": 1.006},
+            {"case": "deny", "entries": 1000, "max_ns": 411.0, "median_ns": 368.0, "min_ns": 355.0, "ratio": 1.008},
+            {"case": "allow-new", "entries": 10, "max_ns": 773.0, "median_ns": 751.0, "min_ns": 718.0, "ratio": 1.0},
+            {"case": "allow-new", "entries": 100000, "max_ns": 843.5, "median_ns": 796.0, "min_ns": 753.0, "ratio": 1.062},
+        ]})
+    }
+
     #[test]
-    fn tc_points_found_in_unknown_shapes() {
-        let v = serde_json::json!({
-            "program": "tc_ingress",
-            "results": [
-                {"policy_entries": 100000, "runs": 7, "ns_per_packet": 41.0},
-                {"policy_entries": 10, "ns_per_packet": 40.0},
-                {"policy_entries": 1000, "ns_per_packet": 40.5},
-            ]
-        });
+    fn tc_points_are_medians_not_maxima() {
+        let p = tc_points(&tc_output());
+        let got: Vec<(&str, u64, f64)> = p
+            .iter()
+            .map(|p| (p.case.as_str(), p.entries, p.median_ns))
+            .collect();
         assert_eq!(
-            tc_points(&v),
-            vec![(10, 40.0), (1000, 40.5), (100000, 41.0)]
+            got,
+            vec![
+                ("allow-new", 10, 751.0),
+                ("allow-new", 100000, 796.0),
+                ("deny", 10, 366.0),
+                ("deny", 1000, 368.0),
+                ("deny", 100000, 367.0),
+            ]
         );
         assert!(tc_points(&serde_json::json!({"other": 1})).is_empty());
+        // A row without a median is not a point, whatever other `_ns` keys it has.
+        assert!(tc_points(&serde_json::json!({"results": [
+            {"case": "deny", "entries": 10, "max_ns": 1.0, "min_ns": 1.0}
+        ]}))
+        .is_empty());
+    }
+
+    #[test]
+    fn tc_spread_is_the_worst_case_of_the_largest_map() {
+        match TcCost::from_output(tc_output()) {
+            TcCost::Ran {
+                spread,
+                spread_case,
+                ..
+            } => {
+                assert_eq!(spread, Some(1.062));
+                assert_eq!(spread_case.as_deref(), Some("allow-new"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without tc-cost's paired ratio: the ratio of the medians.
+        let p = vec![
+            TcPoint {
+                case: "deny".into(),
+                entries: 10,
+                median_ns: 100.0,
+                ratio: None,
+            },
+            TcPoint {
+                case: "deny".into(),
+                entries: 100000,
+                median_ns: 120.0,
+                ratio: None,
+            },
+        ];
+        assert_eq!(tc_spread(&p), Some((1.2, "deny".to_string())));
+        assert!(matches!(
+            TcCost::from_output(serde_json::json!({"flat": true})),
+            TcCost::Failed { .. }
+        ));
+    }
+
+    fn control_json(run_id: &str, started_unix: u64) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "run_id": run_id,
+            "started_unix": started_unix,
+            "finished_unix": started_unix + 90,
+            "handshakes_per_cpu_second": 1200.0,
+            "first_to_authenticated_ratio": 1.1,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn control_json_is_used_only_from_this_run() {
+        let run = Run {
+            id: Some("r2".into()),
+            started_unix: 1_000,
+        };
+        let c = control_for_run(Some(&control_json("r2", 1_005)), &run).unwrap();
+        assert_eq!(c.handshakes_per_cpu_second, 1200.0);
+        // Another run's file, a file older than this run, one without run id or time, none.
+        let e = control_for_run(Some(&control_json("r1", 1_005)), &run).unwrap_err();
+        assert!(e.contains("from run r1"), "{e}");
+        let alone = Run {
+            id: None,
+            started_unix: 1_000,
+        };
+        assert!(control_for_run(Some(&control_json("r1", 1_005)), &alone).is_ok());
+        let e = control_for_run(Some(&control_json("r1", 900)), &alone).unwrap_err();
+        assert!(e.contains("older than this run"), "{e}");
+        let old = br#"{"handshakes_per_cpu_second": 1090.9, "first_to_authenticated_ratio": 1.08}"#;
+        let e = control_for_run(Some(old), &run).unwrap_err();
+        assert!(e.contains("no run id"), "{e}");
+        let e = control_for_run(None, &run).unwrap_err();
+        assert!(e.contains("did not run"), "{e}");
     }
 
     #[test]
@@ -487,19 +680,29 @@ mod tests {
         med.insert(Contender::Plaintext.key(), m(20.0, 20.0));
         med.insert(Contender::Veil.key(), m(3.0, 50.0));
         med.insert(Contender::Boringtun.key(), m(0.6, 50.0));
-        let t = targets(&med, &[], None, None);
+        let stale = Err("not used: control.json is from run r1, not this run (r2)".to_string());
+        let t = targets(&med, &[], None, &stale);
         let find = |n: &str| t.iter().find(|x| x.name.starts_with(n)).unwrap();
         assert_eq!(find("throughput, 1 stream").met, Some(true));
         assert_eq!(find("RR 64 B p50").met, Some(false));
         assert_eq!(find("idle: veil-wg CPU").met, None);
         assert_eq!(find("workload handshakes").met, None);
+        assert!(find("workload handshakes").note.contains("from run r1"));
         let c = Control {
+            run_id: "r2".into(),
+            started_unix: 1,
+            finished_unix: 2,
             handshakes_per_cpu_second: 1200.0,
             first_to_authenticated_ratio: 2.5,
         };
-        let t = targets(&med, &[], None, Some(&c));
+        let t = targets(&med, &[], None, &Ok(c));
         let find = |n: &str| t.iter().find(|x| x.name.starts_with(n)).unwrap();
         assert_eq!(find("workload handshakes").met, Some(true));
         assert_eq!(find("first connection").met, Some(false));
+        let tc = TcCost::from_output(tc_output());
+        let t = targets(&med, &[], Some(&tc), &stale);
+        let find = |n: &str| t.iter().find(|x| x.name.starts_with(n)).unwrap();
+        assert_eq!(find("TC per-packet cost").measured, Some(1.062));
+        assert_eq!(find("TC per-packet cost").met, Some(true));
     }
 }

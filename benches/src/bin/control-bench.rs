@@ -126,8 +126,21 @@ fn connect_ms(lab: &Lab, pod: &str, url: &str) -> anyhow::Result<f64> {
     Ok(out.trim().parse::<f64>()? * 1e3)
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let started_unix = unix_now();
+    // The scripts/bench.sh run this belongs to (veil-bench uses control.json only from its own
+    // run); run alone, an id of its own.
+    let run_id = std::env::var("VEIL_BENCH_RUN_ID")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("control-bench-{started_unix}-{}", std::process::id()));
     let _guard = cleanup::install_signal_cleanup();
     let bin_dir = args.bin_dir.clone().unwrap_or_else(|| {
         std::env::current_exe()
@@ -242,7 +255,13 @@ fn main() -> anyhow::Result<()> {
             &veil,
             name,
             &tmp,
-            &policy(&format!("first-{i}"), "s0", &[p.clone()], 8080, true),
+            &policy(
+                &format!("first-{i}"),
+                "s0",
+                std::slice::from_ref(p),
+                8080,
+                true,
+            ),
         )?;
         first.push(connect_ms(&lab, p, &url)?);
         warm.push(connect_ms(&lab, p, &url)?);
@@ -308,6 +327,9 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results"));
     std::fs::create_dir_all(&out_dir)?;
     let json = serde_json::json!({
+        "run_id": run_id,
+        "started_unix": started_unix,
+        "finished_unix": unix_now(),
         "pairs": total_pairs,
         "handshakes_per_second_wall": rate,
         "handshakes_per_cpu_second": per_core,

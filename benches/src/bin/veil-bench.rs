@@ -100,18 +100,7 @@ fn run_tc_cost(bin_dir: &Path) -> TcCost {
     match Command::new(&bin).arg("--json").output() {
         Ok(o) if o.status.success() => match serde_json::from_slice::<serde_json::Value>(&o.stdout)
         {
-            Ok(v) => {
-                let points = report::tc_points(&v);
-                let spread = match (points.first(), points.last()) {
-                    (Some(a), Some(b)) if points.len() > 1 && a.1 > 0.0 => Some(b.1 / a.1),
-                    _ => None,
-                };
-                TcCost::Ran {
-                    output: v,
-                    points,
-                    spread,
-                }
-            }
+            Ok(v) => TcCost::from_output(v),
             Err(e) => TcCost::Failed {
                 error: format!("output is not JSON: {e}"),
             },
@@ -129,7 +118,25 @@ fn run_tc_cost(bin_dir: &Path) -> TcCost {
     }
 }
 
+/// The run this is part of: `scripts/bench.sh` exports `VEIL_BENCH_RUN_ID` and
+/// `VEIL_BENCH_RUN_STARTED_UNIX` before control-bench runs; run alone, veil-bench's own start.
+fn this_run() -> report::Run {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    report::Run {
+        id: std::env::var("VEIL_BENCH_RUN_ID")
+            .ok()
+            .filter(|s| !s.is_empty()),
+        started_unix: std::env::var("VEIL_BENCH_RUN_STARTED_UNIX")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(now),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    let run = this_run();
     let mut args = Args::parse();
     if args.quick {
         args.rounds = 1;
@@ -360,11 +367,14 @@ fn main() -> anyhow::Result<()> {
 
     let med: BTreeMap<&'static str, Medians> =
         samples.iter().map(|(k, s)| (*k, Medians::of(s))).collect();
-    // control-bench (run just before by scripts/bench.sh) leaves its numbers here.
-    let control: Option<report::Control> = std::fs::read(out_dir.join("control.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let targets = report::targets(&med, &idle, Some(&tc), control.as_ref());
+    // control-bench (run just before by scripts/bench.sh) leaves its numbers here; a file from
+    // another run is refused, not reported as this run's.
+    let control_bytes = std::fs::read(out_dir.join("control.json")).ok();
+    let control = report::control_for_run(control_bytes.as_deref(), &run);
+    if let Err(why) = &control {
+        eprintln!("control plane: {why}");
+    }
+    let targets = report::targets(&med, &idle, Some(&tc), &control);
     let table = report::text(&med, &targets, &idle, &tc);
     let load = report::median(&loads).unwrap_or(0.0);
     let header = format!(
@@ -379,8 +389,10 @@ fn main() -> anyhow::Result<()> {
     );
     println!("\n{header}\n\n{table}");
 
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "date": date,
+        "run_id": run.id,
+        "run_started_unix": run.started_unix,
         "machine": machine,
         "config": &args,
         "medians": med,
@@ -389,9 +401,12 @@ fn main() -> anyhow::Result<()> {
         "tunnel_rss_after_load": after_load,
         "tc_cost": tc,
         "load_average_per_round": loads,
-        "control_plane": {"status": "not yet measurable", "reason": "mutual auth is not wired into the agent"},
         "targets": targets,
     });
+    // This run's control-bench figures as it wrote them; no key when there are none.
+    if let (Ok(_), Some(bytes)) = (&control, &control_bytes) {
+        json["control_plane"] = serde_json::from_slice(bytes)?;
+    }
     let json_path = out_dir.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
 
