@@ -566,14 +566,8 @@ fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
             cm.set(c)?;
         }
         let hold = (c.hold_ifindex != 0).then_some(HOLD_DEVICE);
-        let underlay = cluster
-            .nodes
-            .iter()
-            .find(|n| n.name == me)
-            .and_then(|n| interface_with_address(n.underlay_ip));
         // Tunnel ingress (decrypted packets), tunnel egress (no host process may pose as a
-        // pod), hold ingress (released packets of local pods are marked), underlay ingress (no
-        // plaintext for pods from other nodes).
+        // pod), hold ingress (released packets are checked, tracked and marked).
         let mut hooks = vec![
             (programs::FROM_TUNNEL, ifname.clone(), Hook::TcxIngress),
             (programs::TO_TUNNEL, ifname.clone(), Hook::TcxEgress),
@@ -581,16 +575,34 @@ fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         if let Some(h) = hold {
             hooks.push((programs::FROM_HOLD, h.to_string(), Hook::TcxIngress));
         }
-        match underlay {
-            Some(u) => hooks.push((programs::FROM_UNDERLAY, u, Hook::TcxIngress)),
-            None => tracing::warn!("no interface holds this node's underlay address: plaintext from the underlay is not filtered"),
-        }
         for (program, interface, hook) in hooks {
             if let Err(e) = s.datapath.attach(program, &interface, hook) {
                 tracing::warn!(interface = %interface, program, error = %crate::error_chain(&e), "cannot attach");
                 first_error.get_or_insert(e.into());
             }
         }
+    }
+    // Underlay ingress, with or without encryption: with it, no plaintext for pods from other
+    // nodes; without it (the capture sanity check), the ingress checks pod traffic from other
+    // nodes gets, as from the tunnel.
+    match cluster
+        .nodes
+        .iter()
+        .find(|n| n.name == me)
+        .and_then(|n| interface_with_address(n.underlay_ip))
+    {
+        Some(u) => {
+            if let Err(e) = s
+                .datapath
+                .attach(programs::FROM_UNDERLAY, &u, Hook::TcxIngress)
+            {
+                tracing::warn!(interface = %u, error = %crate::error_chain(&e), "cannot attach to the underlay");
+                first_error.get_or_insert(e.into());
+            }
+        }
+        None => tracing::warn!(
+            "no interface holds this node's underlay address: plaintext from the underlay is not filtered"
+        ),
     }
     for pod in cluster.pods_on(&me) {
         if let Err(e) = s

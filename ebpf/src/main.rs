@@ -133,11 +133,22 @@ fn is_pod_address(addr: &[u8; 16]) -> Option<IpInfo> {
 
 fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
     let cfg = config()?;
-    // With encryption off (the capture sanity check only) pod traffic crosses in clear.
-    if cfg.flags & config_flags::ENCRYPT == 0 {
-        return Ok(TC_ACT_OK);
-    }
     let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| reason::TRUNCATED)?);
+    // With encryption off (the capture sanity check only) pod traffic crosses in clear, and
+    // this is where it arrives: the same ingress checks as from the tunnel.
+    if cfg.flags & config_flags::ENCRYPT == 0 {
+        let flow = match eth_proto {
+            ETH_P_IP => parse_v4(ctx, ETH_HLEN)?,
+            ETH_P_IPV6 => parse_v6(ctx, ETH_HLEN)?,
+            _ => return Ok(TC_ACT_OK),
+        };
+        return match lookup_ip(&flow.daddr) {
+            Some(d) if d.flags & ip_flags::LOCAL_POD != 0 => {
+                ingress_from_node(ctx, &cfg, &flow, false)
+            }
+            _ => Ok(TC_ACT_OK),
+        };
+    }
     let daddr: [u8; 16] = match eth_proto {
         ETH_P_IP => v4_mapped(ctx.load(ETH_HLEN + 16).map_err(|_| reason::TRUNCATED)?),
         ETH_P_IPV6 => ctx.load(ETH_HLEN + 24).map_err(|_| reason::TRUNCATED)?,
@@ -289,6 +300,7 @@ fn set_from_pod(ctx: &TcContext) {
 }
 
 /// The parts of a packet the datapath decides on.
+#[derive(Clone, Copy)]
 struct Flow {
     saddr: [u8; 16],
     daddr: [u8; 16],
@@ -640,6 +652,19 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
         6 => parse_v6(ctx, 0)?,
         _ => return Err(reason::UNSUPPORTED_L3),
     };
+    ingress_from_node(ctx, &cfg, &flow, true)
+}
+
+/// A packet from another node for a pod here: decrypted from the tunnel, or — with encryption
+/// off, the capture sanity check only — straight from the underlay. Ingress policy and auth of
+/// the destination pod, conntrack, then the stack delivers.
+#[inline(always)]
+fn ingress_from_node(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    flow: &Flow,
+    encrypted: bool,
+) -> Result<i32, u32> {
     // SAFETY: reading ifindex from the context is always valid in a TC program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let src = lookup_ip(&flow.saddr);
@@ -652,13 +677,13 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
         _ => return Err(reason::UNKNOWN_ENDPOINT),
     };
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let mut flags = flow_flags::ENCRYPTED;
+    let mut flags = if encrypted { flow_flags::ENCRYPTED } else { 0 };
     if flow.is_v6 {
         flags |= flow_flags::IPV6;
     }
-    let fwd = ct_key(&flow, false);
-    let rev = ct_key(&flow, true);
-    let tracked = ct_lookup(&flow, &fwd, &rev, now);
+    let fwd = ct_key(flow, false);
+    let rev = ct_key(flow, true);
+    let tracked = ct_lookup(flow, &fwd, &rev, now);
     let mut verdict_code = verdict::FORWARDED;
     let mut audit_reason = reason::NONE;
     if let Some((entry, is_reply)) = tracked {
@@ -670,7 +695,7 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
         {
             VEIL_CT.remove(if is_reply { &rev } else { &fwd }).ok();
             emit(
-                &flow,
+                flow,
                 &Ev {
                     src_identity: src_identity,
                     dst_identity: dst.identity,
@@ -686,9 +711,9 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
             return Err(reason::AUTH_REQUIRED);
         }
     } else {
-        if !tcp_may_start(&flow) {
+        if !tcp_may_start(flow) {
             emit(
-                &flow,
+                flow,
                 &Ev {
                     src_identity: src_identity,
                     dst_identity: dst.identity,
@@ -703,9 +728,9 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
             );
             return Err(reason::TCP_NOT_ESTABLISHED);
         }
-        if flow.later_fragment && enforced(&cfg, dst.identity, direction::INGRESS) {
+        if flow.later_fragment && enforced(cfg, dst.identity, direction::INGRESS) {
             emit(
-                &flow,
+                flow,
                 &Ev {
                     src_identity: src_identity,
                     dst_identity: dst.identity,
@@ -721,7 +746,7 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
             return Err(reason::FRAGMENT);
         }
         let d = decide(
-            &cfg,
+            cfg,
             dst.identity,
             src_identity,
             flow.dport,
@@ -736,7 +761,7 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
                 ct |= ct_flags::AUDITED;
             } else {
                 emit(
-                    &flow,
+                    flow,
                     &Ev {
                         src_identity: src_identity,
                         dst_identity: dst.identity,
@@ -772,7 +797,7 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
                     return Ok(unsafe { bpf_redirect(cfg.hold_ifindex, 0) } as i32);
                 }
                 emit(
-                    &flow,
+                    flow,
                     &Ev {
                         src_identity: src_identity,
                         dst_identity: dst.identity,
@@ -801,7 +826,7 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<i32, u32> {
         };
         let _ = VEIL_CT.insert(&fwd, &entry, 0);
         emit(
-            &flow,
+            flow,
             &Ev {
                 src_identity: src_identity,
                 dst_identity: dst.identity,

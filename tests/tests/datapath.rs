@@ -1908,7 +1908,8 @@ fn hostile_review_pass_paths_fail_closed() {
                 encryption_off,
                 At::Underlay,
                 &Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080),
-                pass(tc_act::OK, None),
+                // Judged and tracked like a packet from the tunnel (flagged not encrypted).
+                pass(tc_act::OK, Some(FWD_INGRESS)),
             ),
             case(
                 &format!("{af:?} host packet with a local pod's source into the tunnel"),
