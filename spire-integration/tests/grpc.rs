@@ -315,21 +315,34 @@ async fn socket_gone_mid_run_keeps_last_good_until_expiry() {
     dev.shutdown().await;
     assert!(!dir.sock("node-a").exists(), "socket removed");
 
-    // The last good SVIDs stay…
+    // The last good SVIDs stay, both of them, the same ones, until the earlier of the two
+    // expires…
     let held = client.current();
     let node = held.node.clone().expect("node svid kept");
     let fe = held.workloads[&selectors("frontend")][0].clone();
     assert!(node.not_after() > SystemTime::now());
     let expiry = node.not_after().min(fe.not_after());
     let until_expiry = expiry.duration_since(SystemTime::now()).unwrap_or_default();
-    if until_expiry > Duration::from_millis(300) {
-        tokio::time::sleep(until_expiry - Duration::from_millis(300)).await;
-        let s = client.current();
-        assert!(
-            s.node.is_some() || s.workloads.contains_key(&selectors("frontend")),
-            "dropped before expiry"
-        );
-    }
+    tokio::time::sleep(until_expiry.saturating_sub(Duration::from_millis(300))).await;
+    let s = client.current();
+    assert!(
+        SystemTime::now() < expiry,
+        "checked too late to tell: {:?} past the earlier expiry",
+        SystemTime::now().duration_since(expiry).unwrap_or_default()
+    );
+    assert_eq!(
+        s.node.as_ref().map(|n| n.serial()),
+        Some(node.serial()),
+        "node SVID dropped or replaced before expiry"
+    );
+    assert_eq!(
+        s.workloads
+            .get(&selectors("frontend"))
+            .and_then(|v| v.first())
+            .map(|v| v.serial()),
+        Some(fe.serial()),
+        "frontend SVID dropped or replaced before expiry"
+    );
     // …and are dropped once expired, with no new ones invented.
     let latest = node.not_after().max(fe.not_after());
     let limit =
