@@ -1,7 +1,12 @@
 //! End-to-end: SPIFFE identities from the lab's dev SPIRE server (identity issue). The agent's
 //! view (`veil status`) follows rotation and revocation over the real gRPC APIs.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant, SystemTime},
+};
+
+use rustls_pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
 
 use veil_tests::{veil_ok, Lab};
 
@@ -143,6 +148,8 @@ fn forced_rotation_and_metrics() {
 fn pki_write_puts_a_bundle_and_svids_with_private_keys_on_disk() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = std::env::temp_dir().join(format!("veil-pki-{}", veil_tests::unique_name()));
+    // X.509 times have whole seconds.
+    let issued_after = SystemTime::now() - Duration::from_secs(1);
     let out = veil_ok(&[
         "pki",
         "write",
@@ -165,18 +172,62 @@ fn pki_write_puts_a_bundle_and_svids_with_private_keys_on_disk() {
         out.contains("spiffe://example.test/ns/shop/sa/frontend"),
         "{out}"
     );
-    let bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap();
-    assert!(bundle.starts_with("-----BEGIN CERTIFICATE-----"));
-    for who in ["node-node-a", "shop-frontend"] {
-        let chain = std::fs::read_to_string(dir.join(who).join("svid.pem")).unwrap();
-        assert!(chain.matches("BEGIN CERTIFICATE").count() >= 1, "{who}");
+    let issued_before = SystemTime::now();
+    // What a consumer of these files does: each SVID chain validates against the written
+    // bundle with the agent's own X.509-SVID validation, names the identity asked for, matches
+    // its key, and lives exactly the --ttl from when it was issued.
+    let bundles = written_bundle(&dir, "example.test");
+    for (who, id) in [
+        ("node-node-a", "spiffe://example.test/veil/node/node-a"),
+        ("shop-frontend", "spiffe://example.test/ns/shop/sa/frontend"),
+    ] {
+        let svid = written_svid(&dir.join(who));
+        let v = svid
+            .validate(&bundles, SystemTime::now())
+            .unwrap_or_else(|e| panic!("{who}: does not validate against bundle.pem: {e}"));
+        assert_eq!(v.spiffe_id.to_string(), id);
+        assert_eq!(
+            v.not_after.duration_since(v.not_before).unwrap(),
+            Duration::from_secs(600),
+            "{who}: not the 10m TTL asked for"
+        );
+        assert!(
+            v.not_before >= issued_after - Duration::from_secs(1)
+                && v.not_before <= issued_before + Duration::from_secs(1),
+            "{who}: issued at {:?}, not during the command",
+            v.not_before
+        );
+        // Valid until its notAfter, refused after it.
+        assert!(svid.validate(&bundles, v.not_after).is_ok(), "{who}");
+        let late = svid
+            .validate(&bundles, v.not_after + Duration::from_secs(1))
+            .expect_err("an expired SVID validated");
+        assert!(
+            matches!(late, veil_identity::SvidError::Expired { .. }),
+            "{who}: {late}"
+        );
         let key = dir.join(who).join("key.pem");
-        assert!(std::fs::read_to_string(&key)
-            .unwrap()
-            .starts_with("-----BEGIN PRIVATE KEY-----"));
         let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{who}'s key is readable by others");
     }
+    // Another `pki write` makes another CA: its SVIDs do not validate against this bundle.
+    let other = dir.join("other");
+    veil_ok(&[
+        "pki",
+        "write",
+        "--dir",
+        &other.display().to_string(),
+        "--trust-domain",
+        "example.test",
+        "--workload",
+        "shop/frontend",
+    ]);
+    let foreign = written_svid(&other.join("shop-frontend"));
+    assert!(
+        foreign.validate(&bundles, SystemTime::now()).is_err(),
+        "an SVID of another CA validated against this bundle"
+    );
+    std::fs::remove_dir_all(&other).unwrap();
     // Bad input is refused with what is wrong, and nothing is written.
     for (args, expect) in [
         (vec!["--workload", "no-slash"], "NAMESPACE/SERVICEACCOUNT"),
@@ -196,4 +247,36 @@ fn pki_write_puts_a_bundle_and_svids_with_private_keys_on_disk() {
         assert!(!bad.exists(), "a refused command wrote files");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `bundle.pem` of a `veil pki write` directory, as the roots of `trust_domain`.
+fn written_bundle(dir: &Path, trust_domain: &str) -> veil_identity::Bundles {
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("bundle.pem"))
+        .expect("bundle.pem")
+        .collect::<Result<_, _>>()
+        .expect("bundle.pem is PEM certificates");
+    assert!(!roots.is_empty(), "bundle.pem has no certificate");
+    let mut bundles = veil_identity::Bundles::new();
+    bundles
+        .insert(
+            veil_identity::TrustDomain::new(trust_domain).unwrap(),
+            roots,
+        )
+        .expect("bundle.pem holds CA certificates");
+    bundles
+}
+
+/// `svid.pem` and `key.pem` of one identity of a `veil pki write` directory; the key must be the
+/// leaf's (`Svid::from_der` checks it).
+fn written_svid(dir: &Path) -> veil_identity::Svid {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("svid.pem"))
+        .expect("svid.pem")
+        .collect::<Result<_, _>>()
+        .expect("svid.pem is PEM certificates");
+    let key = match PrivateKeyDer::from_pem_file(dir.join("key.pem")).expect("key.pem") {
+        PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        _ => panic!("{}: key.pem is not PKCS#8", dir.display()),
+    };
+    veil_identity::Svid::from_der(chain, veil_identity::SvidPrivateKey::from_pkcs8_der(key))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
