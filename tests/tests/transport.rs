@@ -602,27 +602,338 @@ fn wg_tools_read_and_write_veil_wg() {
             .any(|l| l.starts_with(peer.as_str()) && l.ends_with("\t25")),
         "{dump}"
     );
-    // Bad input through wg is refused and changes nothing.
-    let bad = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node.netns,
-            "wg",
-            "set",
-            &node.wg_interface,
-            "peer",
-            "not-a-key",
-        ])
-        .output()
+    // Bad input straight to veil-wg's UAPI socket: `wg set` validates keys itself and never sends
+    // them, so it cannot show what veil-wg does with bad input.
+    bad_uapi_requests_are_refused_and_change_nothing(&lab);
+}
+
+/// veil-wg's UAPI socket of a node: a host path named after the interface `veil status` reports.
+fn uapi_socket(lab: &Lab, node: &str) -> PathBuf {
+    let interface = lab.status(node).interface;
+    assert!(!interface.is_empty(), "{node} reports no tunnel interface");
+    PathBuf::from("/var/run/wireguard").join(format!("{interface}.sock"))
+}
+
+/// One UAPI exchange on its own connection: the request, then (with `close_write`) end of
+/// input. Returns the pid of the process serving the socket and the errno of the answer, or
+/// None when veil-wg closed the connection without answering.
+fn uapi_exchange(sock: &std::path::Path, request: &[u8], close_write: bool) -> (i32, Option<i32>) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    let pid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .expect("SO_PEERCRED")
+        .pid();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    assert!(!bad.status.success());
-    assert_eq!(
-        wg(&["show", &node.wg_interface, "peers"]).trim(),
-        peer.as_str()
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // veil-wg may close in the middle of an oversized request: the write then fails, and what
+    // counts is what comes back.
+    let _ = stream.write_all(request);
+    if close_write {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"\n\n") {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("veil-wg neither answered nor closed the connection: {e}"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    let errno = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("errno="))
+        .map(|e| e.parse().unwrap_or_else(|_| panic!("bad errno line: {e}")));
+    (pid, errno)
+}
+
+/// The device configuration as `get=1` reports it, without the runtime counters (handshake
+/// times, bytes), which move with traffic.
+fn uapi_config(sock: &std::path::Path) -> Vec<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(b"get=1\n\n").unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"\n\n") {
+        let n = stream.read(&mut buf).expect("get=1 answer");
+        assert!(n > 0, "veil-wg closed the connection on get=1");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8(answer).expect("get=1 answer is text");
+    assert!(text.contains("errno=0\n"), "get=1 failed");
+    text.lines()
+        .filter(|l| {
+            !l.is_empty()
+                && ![
+                    "last_handshake_time_sec=",
+                    "last_handshake_time_nsec=",
+                    "tx_bytes=",
+                    "rx_bytes=",
+                    "errno=",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Configuration lines safe to print: each distinct secret key becomes `<secret N>`, so a
+/// changed key still shows as a difference.
+fn redacted(a: &[String], b: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut secrets: Vec<String> = Vec::new();
+    let mut redact = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .map(|l| match l.split_once('=') {
+                Some((k @ ("private_key" | "preshared_key"), val)) => {
+                    let i = secrets.iter().position(|s| s == val).unwrap_or_else(|| {
+                        secrets.push(val.to_string());
+                        secrets.len() - 1
+                    });
+                    format!("{k}=<secret {i}>")
+                }
+                _ => l.clone(),
+            })
+            .collect()
+    };
+    (redact(a), redact(b))
+}
+
+/// Distinct, random-looking 32-byte keys in hex (not small-order points, unlike 0 or 1).
+fn hex_keys(n: usize, seed: u64) -> Vec<String> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            (0..4)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    format!("{x:016x}")
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// What veil-wg must do with a request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Refusal {
+    /// Answer with a non-zero errno.
+    Errno,
+    /// Answer with a non-zero errno or close the connection without answering (input that is
+    /// truncated, oversized or not text).
+    ErrnoOrClose,
+}
+
+fn bad_uapi_requests_are_refused_and_change_nothing(lab: &Lab) {
+    let sock = uapi_socket(lab, "node-a");
+    let baseline = uapi_config(&sock);
+    let peer = baseline
+        .iter()
+        .find_map(|l| l.strip_prefix("public_key="))
+        .expect("node-a's device has a peer")
+        .to_string();
+    // A key that is on the device nowhere: the peer's, reversed.
+    let new: String = peer.chars().rev().collect();
+    let (wg_pid, _) = uapi_exchange(&sock, b"get=1\n\n", false);
+    let restarts = lab.status("node-a").tunnel_restarts.total;
+
+    let peers = |keys: &[String]| -> String {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| {
+                format!(
+                    "public_key={k}\nallowed_ip=10.{}.{}.{}/32\n",
+                    100 + i / 65536,
+                    i / 256 % 256,
+                    i % 256
+                )
+            })
+            .collect()
+    };
+    let huge_line = format!(
+        "set=1\npublic_key={peer}\nallowed_ip={}\n\n",
+        "1".repeat(2 << 20)
     );
+    let thousands_then_bad = format!(
+        "set=1\n{}endpoint=not-an-endpoint\n\n",
+        peers(&hex_keys(5_000, 0x5eed))
+    );
+    let over_the_size_limit = format!("set=1\n{}\n", peers(&hex_keys(12_000, 0xb16)));
+    assert!(over_the_size_limit.len() > 1 << 20);
+    let many_allowed_ips: String = (0..20_000)
+        .map(|i| format!("allowed_ip=10.200.{}.{}/32\n", i / 256 % 256, i % 256))
+        .collect();
+    let cases: Vec<(&str, Vec<u8>, bool, Refusal)> = vec![
+        (
+            "truncated mid-line, then end of input",
+            format!("set=1\npublic_key={peer}\npersistent_keepalive_interval=7").into_bytes(),
+            true,
+            Refusal::ErrnoOrClose,
+        ),
+        (
+            "no blank line, then end of input",
+            format!("set=1\npublic_key={peer}\npersistent_keepalive_interval=7\n").into_bytes(),
+            true,
+            Refusal::ErrnoOrClose,
+        ),
+        (
+            "truncated key",
+            format!("set=1\npublic_key={}\n\n", &peer[..32]).into_bytes(),
+            false,
+            Refusal::Errno,
+        ),
+        ("no operation", b"hello=1\n\n".to_vec(), false, Refusal::Errno),
+        ("unknown operation", b"get=2\n\n".to_vec(), false, Refusal::Errno),
+        (
+            "unknown device key after a valid one",
+            b"set=1\nlisten_port=51821\nfrobnicate=1\n\n".to_vec(),
+            false,
+            Refusal::Errno,
+        ),
+        (
+            "unknown peer key after a new peer",
+            format!("set=1\npublic_key={new}\nallowed_ip=10.99.0.0/16\nfrobnicate=1\n\n")
+                .into_bytes(),
+            false,
+            Refusal::Errno,
+        ),
+        ("line without =", b"set=1\nlisten_port\n\n".to_vec(), false, Refusal::Errno),
+        (
+            "peer key before any public_key",
+            b"set=1\nendpoint=198.18.0.9:51820\n\n".to_vec(),
+            false,
+            Refusal::Errno,
+        ),
+        ("port out of range", b"set=1\nlisten_port=70000\n\n".to_vec(), false, Refusal::Errno),
+        ("negative fwmark", b"set=1\nfwmark=-1\n\n".to_vec(), false, Refusal::Errno),
+        ("private key not hex", b"set=1\nprivate_key=zz\n\n".to_vec(), false, Refusal::Errno),
+        (
+            "replace_peers not a bool",
+            b"set=1\nreplace_peers=yes\n\n".to_vec(),
+            false,
+            Refusal::Errno,
+        ),
+        (
+            "endpoint not an address",
+            format!("set=1\npublic_key={peer}\nendpoint=300.1.1.1:51820\n\n").into_bytes(),
+            false,
+            Refusal::Errno,
+        ),
+        (
+            "prefix length 33",
+            format!("set=1\npublic_key={peer}\nallowed_ip=10.0.0.0/33\n\n").into_bytes(),
+            false,
+            Refusal::Errno,
+        ),
+        (
+            "keepalive not a number",
+            format!("set=1\npublic_key={peer}\npersistent_keepalive_interval=abc\n\n")
+                .into_bytes(),
+            false,
+            Refusal::Errno,
+        ),
+        (
+            "remove not a bool",
+            format!("set=1\npublic_key={peer}\nremove=maybe\n\n").into_bytes(),
+            false,
+            Refusal::Errno,
+        ),
+        (
+            "protocol version 2",
+            format!("set=1\npublic_key={peer}\nprotocol_version=2\n\n").into_bytes(),
+            false,
+            Refusal::Errno,
+        ),
+        (
+            "NUL in a value",
+            b"set=1\nlisten_port=5\x001820\n\n".to_vec(),
+            false,
+            Refusal::Errno,
+        ),
+        (
+            "not UTF-8",
+            b"set=1\npublic_key=\xff\xfe\n\n".to_vec(),
+            false,
+            Refusal::ErrnoOrClose,
+        ),
+        (
+            // Half applied, this would take node-a off the tunnel: new key, new port, the real
+            // peer replaced by one claiming node-b's pod CIDR.
+            "new key, port and peers, then a bad endpoint",
+            format!(
+                "set=1\nprivate_key={new}\nlisten_port=51821\nreplace_peers=true\npublic_key={new}\nallowed_ip=198.19.2.0/24\nendpoint=not-an-endpoint\n\n"
+            )
+            .into_bytes(),
+            false,
+            Refusal::Errno,
+        ),
+        (
+            "20,000 allowed IPs replacing the peer's, then a bad one",
+            format!(
+                "set=1\npublic_key={peer}\nreplace_allowed_ips=true\n{many_allowed_ips}allowed_ip=10.0.0.0/99\n\n"
+            )
+            .into_bytes(),
+            false,
+            Refusal::ErrnoOrClose,
+        ),
+        (
+            "a 2 MiB line",
+            huge_line.into_bytes(),
+            false,
+            Refusal::ErrnoOrClose,
+        ),
+        (
+            "5,000 new peers, then a bad endpoint",
+            thousands_then_bad.into_bytes(),
+            false,
+            Refusal::Errno,
+        ),
+        (
+            "12,000 new peers (over 1 MiB)",
+            over_the_size_limit.into_bytes(),
+            false,
+            Refusal::ErrnoOrClose,
+        ),
+    ];
+    for (what, request, close_write, refusal) in cases {
+        let (pid, errno) = uapi_exchange(&sock, &request, close_write);
+        assert_eq!(pid, wg_pid, "{what}: another process serves the socket");
+        match (refusal, errno) {
+            (_, Some(0)) => panic!("{what}: veil-wg answered errno=0"),
+            (_, Some(_)) | (Refusal::ErrnoOrClose, None) => {}
+            (Refusal::Errno, None) => panic!("{what}: closed without an errno"),
+        }
+        let now = uapi_config(&sock);
+        if now != baseline {
+            let (before, after) = redacted(&baseline, &now);
+            panic!("{what}: the device changed:\nbefore {before:#?}\nafter {after:#?}");
+        }
+    }
+    // Same veil-wg process (never restarted by the agent meanwhile), and the tunnel carries
+    // traffic as before.
+    let (pid, _) = uapi_exchange(&sock, b"get=1\n\n", false);
+    assert_eq!(pid, wg_pid, "veil-wg was replaced");
+    assert_eq!(lab.status("node-a").tunnel_restarts.total, restarts);
+    let tx = lab.status("node-a").peers[0].tx_bytes;
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
+    assert!(
+        lab.status("node-a").peers[0].tx_bytes > tx,
+        "the request did not go through the tunnel"
+    );
 }
 
 #[test]
