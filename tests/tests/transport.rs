@@ -771,8 +771,19 @@ fn bad_uapi_requests_are_refused_and_change_nothing(lab: &Lab) {
         "set=1\n{}endpoint=not-an-endpoint\n\n",
         peers(&hex_keys(5_000, 0x5eed))
     );
-    let over_the_size_limit = format!("set=1\n{}\n", peers(&hex_keys(12_000, 0xb16)));
-    assert!(over_the_size_limit.len() > 1 << 20);
+    let twelve_thousand_peers = format!("set=1\n{}\n", peers(&hex_keys(12_000, 0xb16)));
+    let over_8_mib = format!(
+        "set=1\npublic_key={peer}\n{}\n",
+        (0..400_000)
+            .map(|i| format!(
+                "allowed_ip=10.{}.{}.{}/32\n",
+                i >> 16,
+                i >> 8 & 255,
+                i & 255
+            ))
+            .collect::<String>()
+    );
+    assert!(over_8_mib.len() > 8 << 20);
     let many_allowed_ips: String = (0..20_000)
         .map(|i| format!("allowed_ip=10.200.{}.{}/32\n", i / 256 % 256, i % 256))
         .collect();
@@ -902,14 +913,34 @@ fn bad_uapi_requests_are_refused_and_change_nothing(lab: &Lab) {
             Refusal::Errno,
         ),
         (
-            "12,000 new peers (over 1 MiB)",
-            over_the_size_limit.into_bytes(),
+            "12,000 new peers",
+            twelve_thousand_peers.into_bytes(),
+            false,
+            Refusal::ErrnoOrClose,
+        ),
+        (
+            "a 1 MiB line without a newline, connection left open",
+            format!("set=1\nallowed_ip={}", "1".repeat(1 << 20)).into_bytes(),
+            false,
+            Refusal::ErrnoOrClose,
+        ),
+        (
+            "a request of over 8 MiB",
+            over_8_mib.into_bytes(),
             false,
             Refusal::ErrnoOrClose,
         ),
     ];
     for (what, request, close_write, refusal) in cases {
+        // veil-wg serves one UAPI connection at a time, and the agent kills a veil-wg that
+        // does not answer its own probe within 3 s: a bad request must be dealt with sooner.
+        let t = std::time::Instant::now();
         let (pid, errno) = uapi_exchange(&sock, &request, close_write);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{what}: took {:?}",
+            t.elapsed()
+        );
         assert_eq!(pid, wg_pid, "{what}: another process serves the socket");
         match (refusal, errno) {
             (_, Some(0)) => panic!("{what}: veil-wg answered errno=0"),
