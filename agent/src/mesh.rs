@@ -230,6 +230,8 @@ impl Mesh {
         let (result_tx, mut result_rx) =
             mpsc::channel::<(AuthTriple, Result<Authenticated, AuthFailure>)>(4096);
         let mut keys: BTreeMap<String, PeerKeys> = BTreeMap::new();
+        // When each peer's keys expire without a fresh node handshake (`key_deadline`).
+        let mut key_deadlines: BTreeMap<String, Instant> = BTreeMap::new();
         let mut server_started = false;
         let mut node_serial: Option<String> = None;
         let mut local_ids: BTreeMap<u32, SpiffeId> = BTreeMap::new();
@@ -363,6 +365,17 @@ impl Mesh {
                 table.remove_node(id);
             }
             keys.retain(|name, _| peers.iter().any(|p| &p.name == name));
+            // Tunnel keys live no longer than the peer's authentication: its node SVID's expiry,
+            // or a few rotation intervals without a successful node handshake, in both roles.
+            for name in expire_keys(&mut keys, &mut key_deadlines, now) {
+                tracing::warn!(peer = %name, "no successful node handshake within the key lifetime (or the peer's node svid expired): tunnel keys removed");
+                if let Some(id) = peers.iter().find(|p| p.name == name).map(|p| p.id) {
+                    if let Some(c) = channels.remove(&id) {
+                        c.channel.close();
+                    }
+                    table.remove_node(id);
+                }
+            }
 
             // What policy and placement make possible: pre-authenticate all of it.
             table.set_desired(desired_triples(&cluster, &self.cfg.node, &policy), now);
@@ -408,6 +421,7 @@ impl Mesh {
             ]
             .into_iter()
             .chain(channels.values().map(|c| c.schedule.deadline()))
+            .chain(key_deadlines.values().map(|t| Some(*t)))
             .chain(redial_at.values().map(|(t, _)| Some(*t)))
             .flatten()
             .min()
@@ -427,7 +441,7 @@ impl Mesh {
                             redial_at.remove(&id);
                             self.count_ok();
                             self.node_result(id, None);
-                            install(self.cfg.rekey_interval, &mut channels, &mut keys, id, channel, nk);
+                            install(self.cfg.rekey_interval, &mut channels, &mut keys, &mut key_deadlines, id, channel, nk);
                         }
                         Err(reason) => {
                             let tries = redial_at.get(&id).map(|(_, n)| n + 1).unwrap_or(1);
@@ -464,7 +478,7 @@ impl Mesh {
                                 Ok((channel, nk)) => {
                                     self.count_ok();
                                     self.node_result(id, None);
-                                    install(self.cfg.rekey_interval, &mut channels, &mut keys, id, channel, nk);
+                                    install(self.cfg.rekey_interval, &mut channels, &mut keys, &mut key_deadlines, id, channel, nk);
                                 }
                                 Err(reason) => {
                                     // As on the dialling side: a node that fails who it must be
@@ -689,10 +703,12 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 /// Installs a channel (and its keys) as the one for a peer, closing the one it replaces.
+#[allow(clippy::too_many_arguments)]
 fn install(
     interval: Duration,
     channels: &mut BTreeMap<u32, ChannelState>,
     keys: &mut BTreeMap<String, PeerKeys>,
+    deadlines: &mut BTreeMap<String, Instant>,
     id: u32,
     channel: Channel,
     nk: NodeKeys,
@@ -703,6 +719,10 @@ fn install(
         .duration_since(SystemTime::now())
         .ok()
         .map(|d| now + d);
+    deadlines.insert(
+        nk.peer_node.clone(),
+        key_deadline(now, valid_until_instant, interval),
+    );
     // One schedule per peer, carried from the channel this one replaces: it remembers which
     // peer SVID the last handshake saw (see `RekeySchedule::on_established`).
     let fresh = || {
@@ -739,6 +759,48 @@ fn install(
             old.channel.close();
         });
     }
+}
+
+/// How long a node pair's tunnel keys may live without a fresh node handshake: a few PSK
+/// rotation intervals (a missed re-key or two is tolerated; a peer whose agent is frozen, cut
+/// off or evicted is not).
+const KEY_MAX_ROTATIONS: u32 = 3;
+/// Floor of that bound, so very short rotation intervals (lab minimum 5 s) still leave room
+/// for a slow handshake.
+const KEY_MIN_AGE: Duration = Duration::from_secs(30);
+
+/// When a node pair's tunnel keys expire: never after the peer's node SVID does (the proof the
+/// keys rest on), and at most a few rotation intervals after the handshake that made them.
+pub fn key_deadline(
+    now: Instant,
+    peer_svid_valid_until: Option<Instant>,
+    interval: Duration,
+) -> Instant {
+    let by_age = now + (interval * KEY_MAX_ROTATIONS).max(KEY_MIN_AGE);
+    match peer_svid_valid_until {
+        Some(t) => t.min(by_age),
+        // Already expired (or unreadable): the keys are good for nothing.
+        None => now,
+    }
+}
+
+/// Removes the keys whose deadline passed; returns the peers that lost them.
+pub fn expire_keys(
+    keys: &mut BTreeMap<String, PeerKeys>,
+    deadlines: &mut BTreeMap<String, Instant>,
+    now: Instant,
+) -> Vec<String> {
+    let expired: Vec<String> = deadlines
+        .iter()
+        .filter(|(_, t)| **t <= now)
+        .map(|(n, _)| n.clone())
+        .collect();
+    for n in &expired {
+        deadlines.remove(n);
+        keys.remove(n);
+    }
+    deadlines.retain(|n, _| keys.contains_key(n));
+    expired
 }
 
 /// Logs a node pair's new tunnel keys: the peer, its public key and the epoch that tells one
@@ -1021,6 +1083,45 @@ mod tests {
             psk: PresharedKey::from_bytes([9; 32]),
             epoch: 1,
         }
+    }
+
+    #[test]
+    fn tunnel_keys_expire_with_the_peer_svid_or_after_a_few_rotations() {
+        let now = Instant::now();
+        let interval = Duration::from_secs(60);
+        // Bounded by age: 3 rotations.
+        let far = now + Duration::from_secs(3600);
+        assert_eq!(
+            key_deadline(now, Some(far), interval),
+            now + Duration::from_secs(180)
+        );
+        // Bounded by the peer's node SVID.
+        let soon = now + Duration::from_secs(40);
+        assert_eq!(key_deadline(now, Some(soon), interval), soon);
+        // Short rotation intervals keep a floor.
+        assert_eq!(
+            key_deadline(now, Some(far), Duration::from_secs(5)),
+            now + KEY_MIN_AGE
+        );
+        // An SVID already expired: the keys are dead on arrival.
+        assert_eq!(key_deadline(now, None, interval), now);
+
+        let k = veil_transport::PrivateKey::generate().public_key();
+        let mut keys = BTreeMap::from([
+            ("node-b".to_string(), peer_keys(k)),
+            ("node-c".to_string(), peer_keys(k)),
+        ]);
+        let mut deadlines = BTreeMap::from([
+            ("node-b".to_string(), now + Duration::from_secs(10)),
+            ("node-c".to_string(), now + Duration::from_secs(100)),
+        ]);
+        assert!(expire_keys(&mut keys, &mut deadlines, now).is_empty());
+        assert_eq!(
+            expire_keys(&mut keys, &mut deadlines, now + Duration::from_secs(10)),
+            vec!["node-b".to_string()]
+        );
+        assert!(!keys.contains_key("node-b") && keys.contains_key("node-c"));
+        assert!(!deadlines.contains_key("node-b"));
     }
 
     #[test]
