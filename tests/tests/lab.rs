@@ -86,23 +86,36 @@ fn down_leaves_nothing_behind() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to remove"));
 }
 
+/// The default topology with backend in another namespace: the same addresses as a default
+/// lab, but its server answers `hello from other/backend`.
+const OTHER_BACKEND_LAB: &str = "pods:\n\
+- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
+- {name: backend, namespace: other, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}]}\n\
+- {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}\n";
+
 #[test]
 fn two_labs_run_side_by_side() {
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| Lab::up(&[]));
-        let b = s.spawn(|| Lab::up(&[]));
+        let b = s.spawn(|| Lab::up_with_file(OTHER_BACKEND_LAB, &[]));
         (a.join().unwrap(), b.join().unwrap())
     });
     assert_ne!(a.name, b.name);
+    // Same addresses in both labs, different answers: a request that crossed into the other
+    // lab would come back with the other lab's body.
+    assert_eq!(a.pod_ip("backend"), b.pod_ip("backend"));
+    assert_eq!(a.pod_ip("frontend"), b.pod_ip("frontend"));
     let url = format!("http://{}:8080/", a.pod_ip("backend"));
-    assert_eq!(a.http_get("frontend", &url), "hello from shop/backend\n");
-    assert_eq!(b.http_get("frontend", &url), "hello from shop/backend\n");
+    for _ in 0..3 {
+        assert_eq!(a.http_get("frontend", &url), "hello from shop/backend\n");
+        assert_eq!(b.http_get("frontend", &url), "hello from other/backend\n");
+    }
     // Taking one down does not disturb the other.
     let a_view = a.view.clone();
     let a_name = a.name.clone();
     a.down();
     assert!(leftovers(&a_name, Some(&a_view)).is_empty());
-    assert_eq!(b.http_get("frontend", &url), "hello from shop/backend\n");
+    assert_eq!(b.http_get("frontend", &url), "hello from other/backend\n");
     assert!(b.status("node-a").ready);
 }
 
