@@ -27,6 +27,11 @@ fi
 # --- Rust toolchains -------------------------------------------------------------------------
 command -v rustup >/dev/null || die "rustup not found"
 export PATH="$HOME/.cargo/bin:$PATH"
+# rustfmt and clippy (scripts/test.sh checks formatting and lints); part of rustup's default
+# profile, added here for minimal installs.
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null
+done
 # The eBPF crate builds `core` for bpfel-unknown-none with -Z build-std: a nightly toolchain with
 # rust-src (ARCHITECTURE.md says why nightly and not RUSTC_BOOTSTRAP on stable).
 if ! rustup toolchain list | grep -q '^nightly'; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The full test suite: setup, preflight (fails without root/netns/BPF), release build, then every
-# unit, integration and end-to-end test with cargo nextest. CI (.ci/run) runs exactly this.
+# The full test suite: setup, preflight (fails without root/netns/BPF), the from-nothing
+# toolchain check, rustfmt and clippy, release build, then every unit, integration and
+# end-to-end test with cargo nextest, and the doctests. CI (.ci/run) runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -18,5 +19,10 @@ VEIL_SETUP_TOOLCHAIN_ONLY=1 VEIL_CACHE_DIR="$fresh/cache" VEIL_TOOL_ROOT="$fresh
   || { cat "$fresh/ebpf-build.log" >&2; echo "test: the eBPF programs do not link with a bpf-linker built from nothing" >&2; exit 1; }
 echo "test: from-nothing toolchain check (bpf-linker build + eBPF link) passed in $(( $(date +%s) - t0 )) s"
 export PATH="$HOME/.cargo/bin:$PATH"
+# What engineers expect of a Rust project before anything runs: formatted, lint-clean.
+cargo fmt --all -- --check
+cargo clippy --release --locked --workspace --all-targets -- -D warnings
+# nextest does not run doctests; they run first so nextest's summary closes the log.
+cargo test --release --locked --workspace --doc
 cargo build --release --locked --workspace --bins
 cargo nextest run --release --locked --workspace --no-fail-fast --profile ci "$@"

@@ -275,6 +275,7 @@ pub fn classify(packet: &[u8], cluster: &ClusterState, me: &str) -> Option<AuthT
 pub type SharedStats = Arc<Mutex<HoldStats>>;
 
 /// Runs the hold device loop until the device fails.
+#[allow(clippy::too_many_arguments)] // the component's dependencies, spawned in one place
 pub async fn run(
     device: tun_rs::SyncDevice,
     cfg: HoldConfig,

@@ -2002,7 +2002,6 @@ fn hostile_review_pass_paths_fail_closed() {
     run_table(cases);
 }
 
-
 /// Security review §2: a connection cut by a policy change cannot be revived by either end —
 /// neither by the local server pushing data (which used to create an egress entry the remote
 /// client's packets then matched as replies) nor by the client's next data packet.
@@ -2026,8 +2025,12 @@ fn a_cut_connection_is_not_revived_by_either_end() {
             .with_payload(100);
         let o = n.send(At::Pod(IF_BE), &push.frame());
         assert!(
-            check(&o, &dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::EGRESS), None)
-                .is_empty(),
+            check(
+                &o,
+                &dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::EGRESS),
+                None
+            )
+            .is_empty(),
             "{af:?} server push after the cut: {o:?}"
         );
         let data = syn
@@ -2036,15 +2039,27 @@ fn a_cut_connection_is_not_revived_by_either_end() {
             .with_payload(100);
         let o = n.send(At::Tunnel, &data.ip());
         assert!(
-            check(&o, &dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::INGRESS), None)
-                .is_empty(),
+            check(
+                &o,
+                &dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::INGRESS),
+                None
+            )
+            .is_empty(),
             "{af:?} client data after the cut: {o:?}"
         );
-        assert!(n.dp.conntrack().unwrap().is_empty(), "nothing was re-created");
+        assert!(
+            n.dp.conntrack().unwrap().is_empty(),
+            "nothing was re-created"
+        );
         // A new SYN is judged by the policy in force.
         let o = n.send(At::Tunnel, &syn.ip());
         assert!(
-            check(&o, &dropped_ev(reason::POLICY_DENIED, direction::INGRESS), None).is_empty(),
+            check(
+                &o,
+                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
+                None
+            )
+            .is_empty(),
             "{af:?} new syn: {o:?}"
         );
     }
@@ -2084,7 +2099,12 @@ fn conntrack_idle_timeout_and_tcp_close() {
         n.dp.upsert_conntrack(key, entry(61)).unwrap();
         let o = n.send(At::Pod(IF_BE), &udp.frame());
         assert!(
-            check(&o, &dropped_ev(reason::POLICY_DENIED, direction::INGRESS), None).is_empty(),
+            check(
+                &o,
+                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
+                None
+            )
+            .is_empty(),
             "{af:?} idle entry: {o:?}"
         );
 
@@ -2104,7 +2124,12 @@ fn conntrack_idle_timeout_and_tcp_close() {
         n.enforce(BE, direction::INGRESS, 0);
         let o = n.send(At::Pod(IF_FE), &syn.frame());
         assert!(
-            check(&o, &dropped_ev(reason::POLICY_DENIED, direction::INGRESS), None).is_empty(),
+            check(
+                &o,
+                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
+                None
+            )
+            .is_empty(),
             "{af:?} new syn on a closing entry is re-evaluated: {o:?}"
         );
     }
@@ -2124,12 +2149,20 @@ fn hold_release_checks_the_auth_map_and_tracks_the_connection() {
         let syn = Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080);
         let o = n.send(At::Hold, &syn.ip());
         assert!(
-            check(&o, &dropped_ev(reason::AUTH_REQUIRED, direction::INGRESS), None).is_empty(),
+            check(
+                &o,
+                &dropped_ev(reason::AUTH_REQUIRED, direction::INGRESS),
+                None
+            )
+            .is_empty(),
             "{af:?} released without an auth entry: {o:?}"
         );
         n.auth(BE, FE, PEER, 60);
         let o = n.send(At::Hold, &syn.ip());
-        assert!(check(&o, &pass(tc_act::OK, None), None).is_empty(), "{af:?} released: {o:?}");
+        assert!(
+            check(&o, &pass(tc_act::OK, None), None).is_empty(),
+            "{af:?} released: {o:?}"
+        );
         let ct = n.dp.conntrack().unwrap();
         assert_eq!(ct.len(), 1, "{ct:?}");
         assert_eq!(ct[0].1.flags, ct_flags::INGRESS_OK | ct_flags::AUTH);
@@ -2141,14 +2174,13 @@ fn hold_release_checks_the_auth_map_and_tracks_the_connection() {
             "{af:?} syn-ack: {o:?}"
         );
         // Revocation (auth entry gone): the next packet is cut.
-        n.dp
-            .remove_auth(&veil_common::maps::AuthKey {
-                local_identity: BE,
-                remote_identity: FE,
-                remote_node: PEER,
-                _pad: 0,
-            })
-            .unwrap();
+        n.dp.remove_auth(&veil_common::maps::AuthKey {
+            local_identity: BE,
+            remote_identity: FE,
+            remote_node: PEER,
+            _pad: 0,
+        })
+        .unwrap();
         let ack = syn.clone().with_tcp_flags(packet::tcp_flags::ACK);
         let o = n.send(At::Tunnel, &ack.ip());
         // Dropped and counted; its event is throttled into the earlier auth-required event of
@@ -2157,7 +2189,10 @@ fn hold_release_checks_the_auth_map_and_tracks_the_connection() {
             check(&o, &dropped(reason::AUTH_REQUIRED, None), None).is_empty(),
             "{af:?} after revocation: {o:?}"
         );
-        assert!(n.dp.conntrack().unwrap().is_empty(), "{af:?} the entry is gone");
+        assert!(
+            n.dp.conntrack().unwrap().is_empty(),
+            "{af:?} the entry is gone"
+        );
 
         // Egress: local frontend → remote backend, held for auth at the source.
         let mut n = Node::new();
@@ -2165,7 +2200,10 @@ fn hold_release_checks_the_auth_map_and_tracks_the_connection() {
         let syn = Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080);
         n.auth(FE, BE, PEER, 60);
         let o = n.send(At::Hold, &syn.ip());
-        assert!(check(&o, &pass(tc_act::OK, None), None).is_empty(), "{af:?} egress: {o:?}");
+        assert!(
+            check(&o, &pass(tc_act::OK, None), None).is_empty(),
+            "{af:?} egress: {o:?}"
+        );
         let ct = n.dp.conntrack().unwrap();
         assert_eq!(ct.len(), 1, "{ct:?}");
         assert_eq!(ct[0].1.flags, ct_flags::EGRESS_OK | ct_flags::AUTH);

@@ -22,10 +22,14 @@ fn frozen_peer_agent_loses_its_tunnel_keys_within_the_key_lifetime() {
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     let b = lab.status("node-b");
-    lab.wait_for("node-a to have node-b as a peer", Duration::from_secs(20), || {
-        let st = lab.status("node-a");
-        st.peers.iter().any(|p| p.node == "node-b").then_some(())
-    });
+    lab.wait_for(
+        "node-a to have node-b as a peer",
+        Duration::from_secs(20),
+        || {
+            let st = lab.status("node-a");
+            st.peers.iter().any(|p| p.node == "node-b").then_some(())
+        },
+    );
 
     freeze(b.agent.pid, nix::sys::signal::Signal::SIGSTOP);
     let frozen_at = Instant::now();
@@ -58,13 +62,26 @@ fn frozen_peer_agent_loses_its_tunnel_keys_within_the_key_lifetime() {
         "removed suspiciously early ({removed_after:?}): not the key lifetime"
     );
     // Traffic to node-b's pods is now dropped for want of a key, never sent in clear.
-    let before = lab.status("node-a").drops.get("no-key").copied().unwrap_or(0);
+    let before = lab
+        .status("node-a")
+        .drops
+        .get("no-key")
+        .copied()
+        .unwrap_or(0);
     assert!(
         lab.try_get("frontend", &url).is_err(),
         "frontend still reached backend through a peer whose authentication lapsed"
     );
-    let after = lab.status("node-a").drops.get("no-key").copied().unwrap_or(0);
-    assert!(after > before, "no no-key drop counted ({before} -> {after})");
+    let after = lab
+        .status("node-a")
+        .drops
+        .get("no-key")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        after > before,
+        "no no-key drop counted ({before} -> {after})"
+    );
 
     // Thawed: node-b re-authenticates, the peer comes back and traffic flows.
     drop(thaw);
@@ -73,5 +90,9 @@ fn frozen_peer_agent_loses_its_tunnel_keys_within_the_key_lifetime() {
         Duration::from_secs(90),
         || lab.try_get("frontend", &url).ok(),
     );
-    assert!(lab.status("node-a").peers.iter().any(|p| p.node == "node-b"));
+    assert!(lab
+        .status("node-a")
+        .peers
+        .iter()
+        .any(|p| p.node == "node-b"));
 }

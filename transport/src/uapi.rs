@@ -1010,7 +1010,7 @@ mod tests {
         let before = DeviceConfig::default().apply(&set(&good).unwrap());
         let cases: Vec<(String, &str)> = vec![
             (format!("{good}colour=blue\n"), "unknown key"),
-            (format!("set=1\nlisten_port=99999\n"), "listen_port"),
+            ("set=1\nlisten_port=99999\n".to_string(), "listen_port"),
             (
                 format!("set=1\nprivate_key=zz{}\n", "0".repeat(62)),
                 "not valid hex",

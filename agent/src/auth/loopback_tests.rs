@@ -548,10 +548,7 @@ async fn hostile_clients_do_not_stop_a_legitimate_handshake() {
     let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     // Older pending connections of a source at its cap were closed to make room: node-c's
     // flood and node-a's (the legitimate dial evicted one of node-a's half-open ones).
-    assert!(
-        get(&s.evicted_pending) >= (1000 - 8) + (50 - 8) + 1,
-        "{s:?}"
-    );
+    assert!(get(&s.evicted_pending) > (1000 - 8) + (50 - 8), "{s:?}");
     assert_eq!(get(&s.refused_unknown_source), 20, "{s:?}");
     assert!(get(&s.tls_failures) >= 5, "{s:?}");
     // 8 half-open slots + 3 truncated records + 1 slowloris.

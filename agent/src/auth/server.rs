@@ -93,9 +93,12 @@ impl ServerStats {
 /// agent shares its address with whatever else runs on that host, and a legitimate handshake
 /// completes in milliseconds while a half-open or slowloris connection sits for the whole
 /// handshake timeout — so holding slots open cannot lock the real agent out.
+/// Pending connections of one source, oldest first: (slot id, eviction signal).
+type PendingQueue = VecDeque<(u64, Arc<Notify>)>;
+
 #[derive(Default)]
 struct PerSource {
-    pending: Mutex<HashMap<IpAddr, VecDeque<(u64, Arc<Notify>)>>>,
+    pending: Mutex<HashMap<IpAddr, PendingQueue>>,
     next_id: AtomicU64,
 }
 
