@@ -162,8 +162,21 @@ fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
         "first connection after the auth policy: connect {connect_ms:.2} ms, 0 SYN retransmissions"
     );
 
-    // Both agents hold the pair, expiring no later than the SVIDs involved.
+    // Both agents hold the pair, expiring when the earlier of the two workload SVIDs involved
+    // does (ARCHITECTURE §9.5): frontend's, held by node-a, and backend's, held by node-b.
     let now = veil_agent::cli::unix_now();
+    let svid_expiry = |node: &str, suffix: &str| {
+        let st = lab.status(node);
+        st.svids
+            .iter()
+            .find(|v| v.spiffe_id.ends_with(suffix))
+            .map(|v| v.not_after_unix)
+            .unwrap_or_else(|| panic!("{node} holds no {suffix} SVID: {:?}", st.svids))
+    };
+    let (fe_expiry, be_expiry) = (
+        svid_expiry("node-a", "/sa/frontend"),
+        svid_expiry("node-b", "/sa/backend"),
+    );
     for node in ["node-a", "node-b"] {
         let st = lab.status(node);
         let pairs = auth_pairs_with(&st, "app=frontend");
@@ -172,10 +185,10 @@ fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
             .find(|p| p.expires_unix > now)
             .unwrap_or_else(|| panic!("{node}: no live auth pair with frontend in {:?}", st.auth));
         assert_eq!(p.last_result.as_deref(), Some("ok"), "{node}: {p:?}");
-        let svid_expiry = st.svids.iter().map(|v| v.not_after_unix).min().unwrap();
-        assert!(
-            p.expires_unix <= svid_expiry.max(now + 3600),
-            "{node}: auth entry outlives the SVIDs: {p:?}"
+        assert_eq!(
+            p.expires_unix,
+            fe_expiry.min(be_expiry),
+            "{node}: the auth entry does not expire with the SVIDs (frontend's at {fe_expiry}, backend's at {be_expiry}): {p:?}"
         );
     }
     // Later connections are authenticated too, and flows say so.
@@ -319,9 +332,11 @@ fn revoked_pod_loses_access_within_5s() {
         "--pod",
         "shop/frontend",
     ]);
+    // Waits well past the 5 s requirement so a slow revocation is measured, not just timed out;
+    // the assertion below decides.
     lab.wait_for(
         "auth entries gone on both nodes",
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         || {
             let now = veil_agent::cli::unix_now();
             ["node-a", "node-b"]
@@ -335,7 +350,10 @@ fn revoked_pod_loses_access_within_5s() {
         },
     );
     let gone = t.elapsed();
-    assert!(gone < Duration::from_secs(5), "took {gone:?}");
+    assert!(
+        gone < Duration::from_secs(5),
+        "revocation took {gone:?} from `veil lab revoke` to both nodes' auth entries gone"
+    );
     println!("revocation removed frontend's auth entries on both nodes in {gone:?}");
     assert!(
         lab.try_get("frontend", &url(&lab)).is_err(),
@@ -471,6 +489,25 @@ fn psk_rotation_under_load_loses_nothing() {
     assert_eq!(missing(&udp_lines, "seq-", n), Vec::<u32>::new());
 }
 
+/// How many of these connections the other end has not closed (no EOF, no reset).
+fn still_open(conns: &[TcpStream]) -> usize {
+    conns
+        .iter()
+        .filter(|s| {
+            s.set_nonblocking(true).expect("nonblocking");
+            let mut buf = [0u8; 512];
+            loop {
+                match (&mut &**s).read(&mut buf) {
+                    Ok(0) => return false,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                    Err(_) => return false,
+                }
+            }
+        })
+        .count()
+}
+
 /// Runs `f` on a thread inside a network namespace (by `ip netns` name).
 fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{netns}");
@@ -566,12 +603,46 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
         .status()
         .unwrap()
         .success());
+    let t = Instant::now();
     let held_a = attack(&netns_a, target, 1000);
     let held_x = attack(&underlay, target, 200);
     println!(
-        "holding {} hostile connections from node-a's address, {} from a stranger",
+        "holding {} hostile connections from node-a's address, {} from a stranger ({:?})",
         held_a.len(),
+        held_x.len(),
+        t.elapsed()
+    );
+    // The attack was mounted: of 1,008 and 208 connections (half-open, garbage, truncated
+    // records) nearly all got through TCP (a few may meet a full accept queue); a test whose
+    // attack never connected would prove nothing.
+    assert!(
+        held_a.len() >= 1000,
+        "only {} of 1,008 connections from node-a's address",
+        held_a.len()
+    );
+    assert!(
+        held_x.len() >= 200,
+        "only {} of 208 connections from the stranger",
         held_x.len()
+    );
+    // And node-b bounds them (ARCHITECTURE §9.7): of node-a's address's pending connections it
+    // keeps at most 8 open (older ones evicted for newer ones, long before the 5 s handshake
+    // timeout), the stranger's it closes before TLS.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let (open_a, open_x) = loop {
+        let open = (still_open(&held_a), still_open(&held_x));
+        if (open.0 <= 8 && open.1 == 0) || Instant::now() > deadline {
+            break open;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        open_a <= 8 && open_x == 0,
+        "node-b holds {open_a} of node-a's address's and {open_x} of the stranger's hostile connections open"
+    );
+    println!(
+        "node-b keeps {open_a} of node-a's address's and {open_x} of the stranger's connections open after {:?}",
+        t.elapsed()
     );
 
     // A legitimate node handshake while all of that is open: node-a's SVID rotates, which
