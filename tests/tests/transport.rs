@@ -1276,3 +1276,73 @@ fn veil_wg_killed_or_hung_is_restarted_counted_and_traffic_resumes() {
         "{metrics}"
     );
 }
+
+/// A local client holding UAPI connections open with incomplete requests (each up to veil-wg's
+/// 5 s request timeout, one after another and several at once) must not make veil-wg look hung
+/// to the agent's 3 s liveness probe: connections are served concurrently, so no restart, and
+/// traffic keeps flowing.
+#[test]
+fn slow_uapi_clients_do_not_get_veil_wg_restarted() {
+    use std::io::Write as _;
+    let lab = Lab::up(&[]);
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
+    let sock = uapi_socket(&lab, "node-a");
+    let start = std::time::Instant::now();
+    // Three waves of 8 connections, each sending an incomplete `set` and then nothing.
+    for _ in 0..3 {
+        let held: Vec<std::os::unix::net::UnixStream> = (0..8)
+            .map(|_| {
+                let mut c = std::os::unix::net::UnixStream::connect(&sock).expect("connect uapi");
+                c.write_all(b"set=1\n").expect("write");
+                c
+            })
+            .collect();
+        // Meanwhile a real client is answered at once.
+        let t = std::time::Instant::now();
+        let mut probe = std::os::unix::net::UnixStream::connect(&sock).expect("connect uapi");
+        probe.write_all(b"get=1\n\n").unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut answer = String::new();
+        let mut buf = [0u8; 4096];
+        while !answer.contains("errno=") {
+            use std::io::Read as _;
+            let n = probe.read(&mut buf).expect("get answered within 3 s");
+            assert!(n > 0, "connection closed without an answer");
+            answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(answer.contains("errno=0"), "{answer}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "get took {:?}",
+            t.elapsed()
+        );
+        // Let the held connections run into veil-wg's request timeout.
+        lab.wait_for(
+            "the held connections to be closed by veil-wg",
+            Duration::from_secs(10),
+            || {
+                held.iter()
+                    .all(|c| {
+                        use std::io::Read as _;
+                        let mut b = [0u8; 64];
+                        let mut c = c;
+                        c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                        matches!(c.read(&mut b), Ok(_))
+                    })
+                    .then_some(())
+            },
+        );
+    }
+    let st = lab.status("node-a");
+    assert_eq!(
+        st.tunnel_restarts.total,
+        0,
+        "veil-wg was restarted: {:?} (after {:?})",
+        st.tunnel_restarts.recent,
+        start.elapsed()
+    );
+    assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
+}

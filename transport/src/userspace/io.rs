@@ -281,14 +281,55 @@ fn bind_uapi(dir: &Path, name: &str) -> io::Result<UnixListener> {
     Ok(l)
 }
 
+/// UAPI connections served at once. Each has its own thread, so one slow or hostile client
+/// (it must be root: the socket is 0600) cannot hold the socket past the agent's 3 s liveness
+/// probe and get veil-wg killed as unresponsive; a connection over the cap is closed at once.
+const UAPI_MAX_CONNECTIONS: usize = 32;
+
 fn serve_uapi(
     listener: UnixListener,
     device: &Arc<Device>,
     udp: &Arc<RwLock<Option<Arc<Udp>>>>,
-    (dog, slot): (&Watchdog, usize),
+    (dog, slot): (&Arc<Watchdog>, usize),
 ) {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // A set is checked against the device's limits and applied as one step.
+    let apply = Arc::new(std::sync::Mutex::new(()));
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
+        if active.fetch_add(1, Ordering::AcqRel) >= UAPI_MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::AcqRel);
+            eprintln!("veil-wg: uapi: {UAPI_MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        }
+        let (d, u, w, a, n) = (
+            device.clone(),
+            udp.clone(),
+            dog.clone(),
+            apply.clone(),
+            active.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("uapi-conn".into())
+            .spawn(move || {
+                serve_uapi_conn(conn, &d, &u, (&w, slot), &a);
+                n.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// One UAPI connection: requests until the client closes, errs or is too slow.
+fn serve_uapi_conn(
+    conn: std::os::unix::net::UnixStream,
+    device: &Arc<Device>,
+    udp: &Arc<RwLock<Option<Arc<Udp>>>>,
+    (dog, slot): (&Watchdog, usize),
+    apply: &std::sync::Mutex<()>,
+) {
+    {
         let mut reader = BufReader::new(&conn);
         let mut writer = &conn;
         loop {
@@ -324,29 +365,35 @@ fn serve_uapi(
                     uapi::format_get(&cfg, &st)
                 }
                 // A set the device could not hold (peers, allowed IPs) is refused whole.
-                Ok(Request::Set(req)) => match device.state(port()).0.try_apply(&req) {
-                    Err(e) => {
-                        eprintln!("veil-wg: uapi: {e}");
-                        format!("errno={}\n\n", e.errno())
-                    }
-                    Ok(_) => {
-                        let inits = device.apply(&req);
-                        match rebind(device, udp) {
-                            Ok(()) => {
-                                if let Some(u) = udp.read().expect("udp lock").clone() {
-                                    for (ep, d) in inits {
-                                        let _ = u.send(ep, &d, None);
+                Ok(Request::Set(req)) => {
+                    let _one_at_a_time = apply.lock().unwrap_or_else(|e| e.into_inner());
+                    match device.state(port()).0.try_apply(&req) {
+                        Err(e) => {
+                            eprintln!("veil-wg: uapi: {e}");
+                            format!("errno={}\n\n", e.errno())
+                        }
+                        Ok(_) => {
+                            let inits = device.apply(&req);
+                            match rebind(device, udp) {
+                                Ok(()) => {
+                                    if let Some(u) = udp.read().expect("udp lock").clone() {
+                                        for (ep, d) in inits {
+                                            let _ = u.send(ep, &d, None);
+                                        }
                                     }
+                                    "errno=0\n\n".to_string()
                                 }
-                                "errno=0\n\n".to_string()
-                            }
-                            Err(e) => {
-                                eprintln!("veil-wg: cannot bind udp port: {e}");
-                                format!("errno={}\n\n", e.raw_os_error().unwrap_or(uapi::EINVAL))
+                                Err(e) => {
+                                    eprintln!("veil-wg: cannot bind udp port: {e}");
+                                    format!(
+                                        "errno={}\n\n",
+                                        e.raw_os_error().unwrap_or(uapi::EINVAL)
+                                    )
+                                }
                             }
                         }
                     }
-                },
+                }
                 Err(e) => {
                     eprintln!("veil-wg: uapi: {e}");
                     format!("errno={}\n\n", e.errno())
