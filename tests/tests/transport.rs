@@ -1330,7 +1330,7 @@ fn slow_uapi_clients_do_not_get_veil_wg_restarted() {
                         let mut b = [0u8; 64];
                         let mut c = c;
                         c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-                        matches!(c.read(&mut b), Ok(_))
+                        c.read(&mut b).is_ok()
                     })
                     .then_some(())
             },
