@@ -76,11 +76,36 @@ impl Capture {
     }
 }
 
+/// A test that fails before `stop` must not leave tcpdump running or its pcap behind.
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
 fn rand_suffix() -> u32 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos()
+}
+
+/// The pid of the veil-wg serving `node`'s tunnel device, if one runs.
+fn wg_pid(lab: &Lab, node: &str) -> Option<i32> {
+    let interface = &lab
+        .view
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .unwrap_or_else(|| panic!("no node {node}"))
+        .wg_interface;
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("veil-wg.* {interface}$")])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -244,22 +269,7 @@ fn agent_restart_does_not_cut_a_long_stream() {
     let lab = Lab::up_with_file(ECHO_LAB, &[]);
     let be = lab.pod_ip("backend");
     let before = lab.status("node-a");
-    let wg_pid = |l: &Lab| -> Option<String> {
-        let out = Command::new("pgrep")
-            .args([
-                "-f",
-                &format!(
-                    "veil-wg --foreground --mtu 1440 {}",
-                    l.view.nodes[0].wg_interface
-                ),
-            ])
-            .output()
-            .ok()?;
-        String::from_utf8(out.stdout)
-            .ok()
-            .map(|s| s.trim().to_string())
-    };
-    let wg_before = wg_pid(&lab).expect("veil-wg runs");
+    let wg_before = wg_pid(&lab, "node-a").expect("veil-wg runs");
     // 200 lines over ~6 s through one TCP connection, echoed back.
     let script =
         format!("for i in $(seq 1 200); do echo line-$i; sleep 0.03; done | ncat -w 10 {be} 9000");
@@ -291,8 +301,8 @@ fn agent_restart_does_not_cut_a_long_stream() {
         (st.agent.pid != before.agent.pid && st.ready).then_some(st)
     });
     assert_eq!(
-        wg_pid(&lab).as_deref(),
-        Some(wg_before.as_str()),
+        wg_pid(&lab, "node-a"),
+        Some(wg_before),
         "veil-wg was restarted instead of adopted"
     );
     // The hold device is the agent's own TUN and is recreated with it; every other link is
@@ -1050,16 +1060,8 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
         lab.http_get("frontend", &format!("http://{be}:8080/")),
         "hello from shop/backend\n"
     );
-    let wg_pid = |node: &str| -> String {
-        let st = lab.status(node);
-        let out = Command::new("pgrep")
-            .args(["-f", &format!("veil-wg.* {}$", st.interface)])
-            .output()
-            .expect("pgrep");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let pid_before = wg_pid("node-a");
-    assert!(!pid_before.is_empty(), "no veil-wg process for node-a");
+    let pid_before = wg_pid(&lab, "node-a");
+    assert!(pid_before.is_some(), "no veil-wg process for node-a");
 
     let cap = Capture::start(&lab);
     let out = Command::new("ip")
@@ -1109,7 +1111,7 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
         "the capture did not see the hostile datagrams"
     );
     // Same veil-wg process: no thread died, nothing had to restart.
-    assert_eq!(wg_pid("node-a"), pid_before, "veil-wg was restarted");
+    assert_eq!(wg_pid(&lab, "node-a"), pid_before, "veil-wg was restarted");
     let logs = veil_tests::collect_logs(&lab.name);
     assert!(!logs.contains("panicked"), "a process panicked:\n{logs}");
 }
@@ -1229,19 +1231,11 @@ fn veil_wg_killed_or_hung_is_restarted_counted_and_traffic_resumes() {
     let be = lab.pod_ip("backend");
     let url = format!("http://{be}:8080/");
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
-    let interface = lab.status("node-a").interface;
-    let wg_pid = || -> Option<i32> {
-        let out = Command::new("pgrep")
-            .args(["-f", &format!("veil-wg.* {interface}$")])
-            .output()
-            .expect("pgrep");
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    };
     for (signal, reason, n) in [
         (nix::sys::signal::Signal::SIGKILL, "exited", 1u64),
         (nix::sys::signal::Signal::SIGSTOP, "unresponsive", 2),
     ] {
-        let pid = wg_pid().expect("veil-wg of node-a runs");
+        let pid = wg_pid(&lab, "node-a").expect("veil-wg of node-a runs");
         let t0 = std::time::Instant::now();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal veil-wg");
         let st = lab.wait_for(
@@ -1254,7 +1248,7 @@ fn veil_wg_killed_or_hung_is_restarted_counted_and_traffic_resumes() {
         );
         let last = st.tunnel_restarts.recent.last().expect("a recent restart");
         assert_eq!(last.reason, reason, "{signal:?}");
-        let new_pid = wg_pid().expect("a new veil-wg runs");
+        let new_pid = wg_pid(&lab, "node-a").expect("a new veil-wg runs");
         assert_ne!(new_pid, pid, "{signal:?}: same veil-wg process");
         lab.wait_for(
             "traffic through the restarted veil-wg",

@@ -336,13 +336,7 @@ impl TestDatapath {
     /// Empties the conntrack table.
     pub fn clear_conntrack(&mut self) -> Result<(), Error> {
         let keys: Vec<CtKey> = self.conntrack()?.into_iter().map(|(k, _)| k).collect();
-        let map = self
-            .dp
-            .ebpf_mut()
-            .map_mut(names::CT)
-            .ok_or(Error::Datapath(super::Error::MissingMap(names::CT)))?;
-        let mut map: HashMap<_, CtKey, CtEntry> =
-            HashMap::try_from(map).map_err(map_err(names::CT))?;
+        let mut map = self.conntrack_mut()?;
         for k in keys {
             match map.remove(&k) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -354,14 +348,19 @@ impl TestDatapath {
 
     /// Writes one conntrack entry (to age an entry, or to stage a connection).
     pub fn upsert_conntrack(&mut self, key: CtKey, entry: CtEntry) -> Result<(), Error> {
+        self.conntrack_mut()?
+            .insert(key, entry, 0)
+            .map_err(map_err(names::CT))
+    }
+
+    /// The conntrack map, writable.
+    fn conntrack_mut(&mut self) -> Result<HashMap<&mut aya::maps::MapData, CtKey, CtEntry>, Error> {
         let map = self
             .dp
             .ebpf_mut()
             .map_mut(names::CT)
             .ok_or(Error::Datapath(super::Error::MissingMap(names::CT)))?;
-        let mut map: HashMap<_, CtKey, CtEntry> =
-            HashMap::try_from(map).map_err(map_err(names::CT))?;
-        map.insert(key, entry, 0).map_err(map_err(names::CT))
+        HashMap::try_from(map).map_err(map_err(names::CT))
     }
 
     /// Drop counters summed over CPUs, by reason name (zeros included).
