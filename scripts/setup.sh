@@ -4,6 +4,8 @@
 #   - rust-src for the nightly toolchain (eBPF programs build core from source)
 #   - bpf-linker, linked against the same LLVM as that nightly (major version detected, not assumed)
 #   - cargo-nextest
+#   - the third-party systems veil runs beside, built from source with Go into the cache, once
+#     (scripts/go-tools.sh: SPIRE, kube-apiserver, kubectl, etcd, helm, wireguard-go; versions there)
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -12,7 +14,9 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (apt packages, and veil itself needs root for netns/BPF)"
 
 # --- Debian packages -------------------------------------------------------------------------
-PKGS=(iproute2 iputils-ping tcpdump iperf3 wireguard-tools curl procps ncat bpftool)
+# containernetworking-plugins: the CNI reference plugins, host-local IPAM at /usr/lib/cni/host-local.
+PKGS=(iproute2 iputils-ping tcpdump iperf3 wireguard-tools curl procps ncat bpftool
+      containernetworking-plugins)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -88,5 +92,9 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest"
   cargo install cargo-nextest --locked >/dev/null
 fi
+
+# --- SPIRE, kube-apiserver, kubectl, etcd, helm, wireguard-go (Go, from source) --------------
+# Not in VEIL_SETUP_TOOLCHAIN_ONLY mode (that one exited above). Links in ${VEIL_TOOLS_BIN:-$cache/bin}.
+"$(dirname "$0")/go-tools.sh"
 
 say "ok (nightly LLVM $llvm_major, $("$tool_root/bin/bpf-linker" --version 2>/dev/null | head -n1))"
