@@ -61,6 +61,8 @@ pub struct ClusterState {
 pub struct Identity {
     pub id: u32,
     pub namespace: String,
+    /// The pods' service account: part of the identity because it is part of the SPIFFE ID.
+    pub service_account: String,
     /// The pod labels (without the namespace label the allocator adds).
     pub labels: BTreeMap<String, String>,
 }
@@ -112,7 +114,7 @@ impl ClusterState {
         self.identities
             .iter()
             .filter_map(|i| {
-                crate::policy::IdentityKey::new(&i.namespace, &i.labels)
+                crate::policy::IdentityKey::new(&i.namespace, &i.service_account, &i.labels)
                     .ok()
                     .map(|k| (i.id, k.identity_labels()))
             })

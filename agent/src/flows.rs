@@ -460,11 +460,13 @@ mod tests {
                 Identity {
                     id: 258,
                     namespace: "shop".into(),
+                    service_account: "intruder".into(),
                     labels: BTreeMap::from([("app".into(), "intruder".into())]),
                 },
                 Identity {
                     id: 257,
                     namespace: "shop".into(),
+                    service_account: "backend".into(),
                     labels: BTreeMap::from([("app".into(), "backend".into())]),
                 },
             ],

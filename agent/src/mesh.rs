@@ -915,6 +915,9 @@ pub fn directory(cluster: &ClusterState, td: &TrustDomain) -> StaticDirectory {
 }
 
 /// Local workload SVIDs by numeric identity, from the SVID snapshot and the pods on this node.
+/// Identities include the service account, so every SVID kept for one identity carries the
+/// same SPIFFE ID: an identity loses its SVID (and its auth entries) exactly when no pod of
+/// that SPIFFE ID on this node holds a valid one.
 pub fn local_workloads(
     cluster: &ClusterState,
     me: &str,
@@ -934,15 +937,31 @@ pub fn local_workloads(
         let (Some(ns), Some(name)) = (value("ns"), value("pod-name")) else {
             continue;
         };
-        if let Some(p) = cluster
+        let Some(p) = cluster
             .pods_on(me)
             .find(|p| p.namespace == ns && p.name == name)
-        {
-            if p.identity != 0 {
-                by_identity.insert(p.identity, svid.clone());
-                ids.insert(p.identity, svid.spiffe_id().clone());
-            }
+        else {
+            continue;
+        };
+        if p.identity == 0 {
+            continue;
         }
+        // One numeric identity is one SPIFFE ID (the identity key holds the namespace and the
+        // service account the ID is made of). An SVID for another ID is not this pod's
+        // workload identity: peers map IDs to identities by the same rule, so admitting it
+        // would vouch for the wrong workload. Fail closed and say so.
+        let want = format!("/ns/{}/sa/{}", p.namespace, p.service_account);
+        if svid.spiffe_id().path() != want {
+            tracing::warn!(
+                pod = %format!("{}/{}", p.namespace, p.name),
+                svid = %svid.spiffe_id(),
+                want = %want,
+                "workload svid names another workload: not used for authentication"
+            );
+            continue;
+        }
+        by_identity.insert(p.identity, svid.clone());
+        ids.insert(p.identity, svid.spiffe_id().clone());
     }
     (StaticWorkloads(by_identity), ids)
 }

@@ -1652,7 +1652,7 @@ fn compiled_issue_policy_admits_frontend_and_drops_intruder() {
     use veil_agent::policy::{compile, parse_yaml, IdentityAllocator};
     let mut ids = IdentityAllocator::new();
     for app in ["frontend", "backend", "intruder"] {
-        ids.allocate("shop", &[("app".to_owned(), app.to_owned())].into())
+        ids.allocate("shop", app, &[("app".to_owned(), app.to_owned())].into())
             .unwrap();
     }
     let table = ids.identities();

@@ -363,7 +363,7 @@ mod tests {
             ("shop", "intruder"),
             ("other", "frontend"),
         ] {
-            a.allocate(ns, &[("app".to_owned(), app.to_owned())].into())
+            a.allocate(ns, app, &[("app".to_owned(), app.to_owned())].into())
                 .unwrap();
         }
         a.identities()

@@ -1,4 +1,7 @@
-//! Numeric security identities: one per (namespace, label set), the same on every node.
+//! Numeric security identities: one per (namespace, service account, label set), the same on
+//! every node. The service account is part of the key because the SPIFFE ID
+//! (`spiffe://<td>/ns/<namespace>/sa/<service account>`) is: pods that share labels but not a
+//! service account are different workloads, authenticated and revoked apart (security issue §3).
 //!
 //! The allocator is a plain table owned by whoever publishes cluster state (the lab CLI today, an
 //! identity CRD in Kubernetes mode); nodes only read the resulting `(id, labels)` list. Ids are
@@ -11,12 +14,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use veil_common::maps::identity;
 
 use super::{
-    selector::{check_dns_label, check_qualified_name, LabelValue, NAMESPACE_LABEL},
+    selector::{
+        check_dns_label, check_qualified_name, LabelValue, NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL,
+    },
     Error,
 };
 
-/// The labels of an identity: the pod's labels plus `io.kubernetes.pod.namespace`, with
-/// canonical keys (no `k8s:` prefix).
+/// The labels of an identity: the pod's labels plus `io.kubernetes.pod.namespace` (and, for pods,
+/// `io.cilium.k8s.policy.serviceaccount`), with canonical keys (no `k8s:` prefix).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct IdentityLabels(BTreeMap<String, String>);
@@ -61,39 +66,55 @@ impl fmt::Display for IdentityLabels {
     }
 }
 
-/// What an identity is allocated for: a namespace and the pod's own labels (without the
-/// namespace label, which the namespace supplies).
+/// What an identity is allocated for: a namespace, a service account and the pod's own labels
+/// (without the namespace and service-account labels, which those fields supply).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityKey {
     pub namespace: String,
+    pub service_account: String,
     pub labels: BTreeMap<String, String>,
 }
 
 impl IdentityKey {
-    /// Validates the namespace and labels; drops a namespace label the pod set on itself.
-    pub fn new(namespace: &str, labels: &BTreeMap<String, String>) -> Result<Self, Error> {
+    /// Validates the namespace, service account and labels; drops a namespace or
+    /// service-account label the pod set on itself (a pod cannot claim another's).
+    pub fn new(
+        namespace: &str,
+        service_account: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Self, Error> {
         let bad = |reason: String| Error::BadIdentity {
             namespace: namespace.to_owned(),
             reason,
         };
         check_dns_label(namespace).map_err(|why| bad(format!("namespace: {why}")))?;
+        if service_account.is_empty() {
+            return Err(bad("service account: empty".into()));
+        }
+        LabelValue::parse(service_account).map_err(|why| bad(format!("service account: {why}")))?;
         let mut out = BTreeMap::new();
         for (k, v) in labels {
             check_qualified_name(k).map_err(|why| bad(format!("label key `{k}`: {why}")))?;
             LabelValue::parse(v).map_err(bad)?;
-            if k != NAMESPACE_LABEL {
+            if k != NAMESPACE_LABEL && k != SERVICE_ACCOUNT_LABEL {
                 out.insert(k.clone(), v.clone());
             }
         }
         Ok(Self {
             namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
             labels: out,
         })
     }
 
     pub fn identity_labels(&self) -> IdentityLabels {
-        IdentityLabels::new(&self.namespace, &self.labels)
+        let mut l = IdentityLabels::new(&self.namespace, &self.labels);
+        l.0.insert(
+            SERVICE_ACCOUNT_LABEL.to_owned(),
+            self.service_account.clone(),
+        );
+        l
     }
 }
 
@@ -120,13 +141,15 @@ impl IdentityAllocator {
         Self::default()
     }
 
-    /// The identity of `labels` in `namespace`, allocating the next free id if it has none.
+    /// The identity of `labels` for service account `sa` in `namespace`, allocating the next
+    /// free id if it has none.
     pub fn allocate(
         &mut self,
         namespace: &str,
+        sa: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<u32, Error> {
-        let key = IdentityKey::new(namespace, labels)?;
+        let key = IdentityKey::new(namespace, sa, labels)?;
         if let Some(id) = self.table.get(&key) {
             return Ok(*id);
         }
@@ -139,16 +162,21 @@ impl IdentityAllocator {
         Ok(id)
     }
 
-    pub fn get(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Option<u32> {
+    pub fn get(&self, namespace: &str, sa: &str, labels: &BTreeMap<String, String>) -> Option<u32> {
         self.table
-            .get(&IdentityKey::new(namespace, labels).ok()?)
+            .get(&IdentityKey::new(namespace, sa, labels).ok()?)
             .copied()
     }
 
     /// Forgets an identity (no pod carries it any more). Its id is not handed out again.
-    pub fn release(&mut self, namespace: &str, labels: &BTreeMap<String, String>) -> Option<u32> {
+    pub fn release(
+        &mut self,
+        namespace: &str,
+        sa: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<u32> {
         self.table
-            .remove(&IdentityKey::new(namespace, labels).ok()?)
+            .remove(&IdentityKey::new(namespace, sa, labels).ok()?)
     }
 
     /// Forgets every identity for which `is_live` is false.
@@ -177,6 +205,7 @@ impl IdentityAllocator {
 struct TableEntry {
     id: u32,
     namespace: String,
+    service_account: String,
     labels: BTreeMap<String, String>,
 }
 
@@ -195,6 +224,7 @@ impl Serialize for IdentityAllocator {
             .map(|(k, id)| TableEntry {
                 id: *id,
                 namespace: k.namespace.clone(),
+                service_account: k.service_account.clone(),
                 labels: k.labels.clone(),
             })
             .collect();
@@ -224,7 +254,8 @@ impl<'de> Deserialize<'de> for IdentityAllocator {
             if !ids.insert(e.id) {
                 return Err(D::Error::custom(format!("identity {} given twice", e.id)));
             }
-            let key = IdentityKey::new(&e.namespace, &e.labels).map_err(D::Error::custom)?;
+            let key = IdentityKey::new(&e.namespace, &e.service_account, &e.labels)
+                .map_err(D::Error::custom)?;
             if table.insert(key, e.id).is_some() {
                 return Err(D::Error::custom(format!(
                     "labels of identity {} given twice",
@@ -251,33 +282,44 @@ mod tests {
     #[test]
     fn allocation_is_deterministic_and_stable() {
         let mut a = IdentityAllocator::new();
-        let fe = a.allocate("shop", &l(&[("app", "frontend")])).unwrap();
-        let be = a.allocate("shop", &l(&[("app", "backend")])).unwrap();
-        let fe_other = a.allocate("other", &l(&[("app", "frontend")])).unwrap();
+        let fe = a
+            .allocate("shop", "sa", &l(&[("app", "frontend")]))
+            .unwrap();
+        let be = a.allocate("shop", "sa", &l(&[("app", "backend")])).unwrap();
+        let fe_other = a
+            .allocate("other", "sa", &l(&[("app", "frontend")]))
+            .unwrap();
         assert_eq!((fe, be, fe_other), (256, 257, 258));
-        assert_eq!(a.allocate("shop", &l(&[("app", "frontend")])).unwrap(), fe);
+        assert_eq!(
+            a.allocate("shop", "sa", &l(&[("app", "frontend")]))
+                .unwrap(),
+            fe
+        );
 
         // Another node given the same table computes the same ids.
         let json = serde_json::to_string(&a).unwrap();
         let mut b: IdentityAllocator = serde_json::from_str(&json).unwrap();
         assert_eq!(b, a);
-        assert_eq!(b.allocate("shop", &l(&[("app", "backend")])).unwrap(), be);
-        assert_eq!(b.allocate("shop", &l(&[("app", "db")])).unwrap(), 259);
-        assert_eq!(a.allocate("shop", &l(&[("app", "db")])).unwrap(), 259);
+        assert_eq!(
+            b.allocate("shop", "sa", &l(&[("app", "backend")])).unwrap(),
+            be
+        );
+        assert_eq!(b.allocate("shop", "sa", &l(&[("app", "db")])).unwrap(), 259);
+        assert_eq!(a.allocate("shop", "sa", &l(&[("app", "db")])).unwrap(), 259);
     }
 
     #[test]
     fn released_ids_are_not_reused() {
         let mut a = IdentityAllocator::new();
-        let x = a.allocate("shop", &l(&[("app", "x")])).unwrap();
-        assert_eq!(a.release("shop", &l(&[("app", "x")])), Some(x));
-        let y = a.allocate("shop", &l(&[("app", "y")])).unwrap();
+        let x = a.allocate("shop", "sa", &l(&[("app", "x")])).unwrap();
+        assert_eq!(a.release("shop", "sa", &l(&[("app", "x")])), Some(x));
+        let y = a.allocate("shop", "sa", &l(&[("app", "y")])).unwrap();
         assert_ne!(x, y);
         // Even after a round trip through the persisted table.
-        a.release("shop", &l(&[("app", "y")]));
+        a.release("shop", "sa", &l(&[("app", "y")]));
         let mut b: IdentityAllocator =
             serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
-        assert!(b.allocate("shop", &l(&[("app", "z")])).unwrap() > y);
+        assert!(b.allocate("shop", "sa", &l(&[("app", "z")])).unwrap() > y);
     }
 
     #[test]
@@ -287,18 +329,51 @@ mod tests {
         let forged = a
             .allocate(
                 "shop",
-                &l(&[("app", "x"), (NAMESPACE_LABEL, "kube-system")]),
+                "sa",
+                &l(&[
+                    ("app", "x"),
+                    (NAMESPACE_LABEL, "kube-system"),
+                    (SERVICE_ACCOUNT_LABEL, "admin"),
+                ]),
             )
             .unwrap();
-        let plain = a.allocate("shop", &l(&[("app", "x")])).unwrap();
+        let plain = a.allocate("shop", "sa", &l(&[("app", "x")])).unwrap();
         assert_eq!(forged, plain);
         let ids = a.identities();
         assert_eq!(ids.len(), 1);
         assert_eq!(ids[0].1.namespace(), Some("shop"));
         assert_eq!(
             ids[0].1.to_string(),
-            "k8s:app=x,k8s:io.kubernetes.pod.namespace=shop"
+            "k8s:app=x,k8s:io.cilium.k8s.policy.serviceaccount=sa,k8s:io.kubernetes.pod.namespace=shop"
         );
+    }
+
+    #[test]
+    fn pods_sharing_labels_but_not_a_service_account_get_apart_identities() {
+        // One numeric identity must be one SPIFFE ID (ns + sa): otherwise revoking one pod's
+        // SVID cannot remove its admissions while a look-alike pod keeps its own.
+        let mut a = IdentityAllocator::new();
+        let fe = a
+            .allocate("shop", "frontend", &l(&[("app", "frontend")]))
+            .unwrap();
+        let look_alike = a
+            .allocate("shop", "intruder", &l(&[("app", "frontend")]))
+            .unwrap();
+        assert_ne!(fe, look_alike);
+        assert_eq!(
+            a.allocate("shop", "frontend", &l(&[("app", "frontend")]))
+                .unwrap(),
+            fe
+        );
+        // A pod cannot take another service account's identity by labelling itself.
+        let forged = a
+            .allocate(
+                "shop",
+                "intruder",
+                &l(&[("app", "frontend"), (SERVICE_ACCOUNT_LABEL, "frontend")]),
+            )
+            .unwrap();
+        assert_eq!(forged, look_alike);
     }
 
     #[test]
@@ -312,8 +387,18 @@ mod tests {
             ("shop", &[("k8s:app", "x")], "label key `k8s:app`"),
             ("shop", &[("app", "a b")], "bad label value"),
         ];
+        assert!(a
+            .allocate("shop", "", &BTreeMap::new())
+            .unwrap_err()
+            .to_string()
+            .contains("service account"));
+        assert!(a
+            .allocate("shop", "a b", &BTreeMap::new())
+            .unwrap_err()
+            .to_string()
+            .contains("service account"));
         for (ns, labels, want) in table {
-            let e = a.allocate(ns, &l(labels)).unwrap_err();
+            let e = a.allocate(ns, "sa", &l(labels)).unwrap_err();
             assert!(e.to_string().contains(want), "{ns} {labels:?}: {e}");
         }
         assert!(a.table().is_empty());
@@ -322,9 +407,9 @@ mod tests {
     #[test]
     fn bad_persisted_tables_are_refused() {
         let table = [
-            r#"{"next":256,"identities":[{"id":5,"namespace":"a","labels":{}}]}"#,
-            r#"{"next":256,"identities":[{"id":300,"namespace":"a","labels":{}},{"id":300,"namespace":"b","labels":{}}]}"#,
-            r#"{"next":256,"identities":[{"id":300,"namespace":"a","labels":{}},{"id":301,"namespace":"a","labels":{}}]}"#,
+            r#"{"next":256,"identities":[{"id":5,"namespace":"a","service_account":"sa","labels":{}}]}"#,
+            r#"{"next":256,"identities":[{"id":300,"namespace":"a","service_account":"sa","labels":{}},{"id":300,"namespace":"b","service_account":"sa","labels":{}}]}"#,
+            r#"{"next":256,"identities":[{"id":300,"namespace":"a","service_account":"sa","labels":{}},{"id":301,"namespace":"a","service_account":"sa","labels":{}}]}"#,
             r#"{"next":256,"identities":[],"extra":1}"#,
         ];
         for json in table {
@@ -334,11 +419,11 @@ mod tests {
             );
         }
         let a: IdentityAllocator = serde_json::from_str(
-            r#"{"next":256,"identities":[{"id":900,"namespace":"a","labels":{}}]}"#,
+            r#"{"next":256,"identities":[{"id":900,"namespace":"a","service_account":"sa","labels":{}}]}"#,
         )
         .unwrap();
         let mut a = a;
-        assert_eq!(a.allocate("b", &BTreeMap::new()).unwrap(), 901);
+        assert_eq!(a.allocate("b", "sa", &BTreeMap::new()).unwrap(), 901);
     }
 
     #[test]
@@ -348,11 +433,11 @@ mod tests {
             next: identity::SELECTOR_MARKER - 1,
         };
         assert_eq!(
-            a.allocate("a", &BTreeMap::new()).unwrap(),
+            a.allocate("a", "sa", &BTreeMap::new()).unwrap(),
             identity::SELECTOR_MARKER - 1
         );
         assert!(matches!(
-            a.allocate("b", &BTreeMap::new()),
+            a.allocate("b", "sa", &BTreeMap::new()),
             Err(Error::IdentitiesExhausted)
         ));
     }

@@ -510,7 +510,7 @@ mod tests {
                 if let Some(t) = tier {
                     labels.insert("tier".to_owned(), t.to_owned());
                 }
-                alloc.allocate(ns, &labels).unwrap();
+                alloc.allocate(ns, "sa", &labels).unwrap();
             }
             let ids = alloc.identities();
             let mut locals: Vec<u32> = ids
@@ -629,7 +629,7 @@ mod tests {
         let mut alloc = IdentityAllocator::new();
         let mut id = |app: &str| {
             alloc
-                .allocate("ns1", &[("app".to_owned(), app.to_owned())].into())
+                .allocate("ns1", app, &[("app".to_owned(), app.to_owned())].into())
                 .unwrap()
         };
         let (a, b, c) = (id("a"), id("b"), id("c"));

@@ -12,6 +12,11 @@ use super::identity::IdentityLabels;
 /// The label every identity carries with the pod's namespace.
 pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 
+/// The label every identity carries with the pod's service account (Cilium's key, so policies
+/// written for Cilium select service accounts the same way). The service account is part of
+/// the identity because it is part of the SPIFFE ID: one numeric identity is one SPIFFE ID.
+pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
+
 /// A canonical label key (no source prefix), validated as a Kubernetes qualified name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LabelKey(String);

@@ -1,0 +1,98 @@
+//! End-to-end: the security issue's probes that concern who is admitted (§3 and the
+//! authentication rules of "What to build"). Real agents, real TLS control channels, real
+//! WireGuard, SVIDs from the lab's SPIRE.
+
+use std::time::{Duration, Instant};
+
+use veil_tests::{veil_ok, Lab};
+
+/// frontend and a look-alike on node-a that shares frontend's labels but not its service
+/// account (so not its SPIFFE ID); backend on node-b.
+const LOOK_ALIKE_LAB: &str = "pods:\n\
+- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
+- {name: look-alike, namespace: shop, node: node-a, labels: {app: frontend}, service_account: intruder}\n\
+- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}]}\n";
+
+/// backend admits app=frontend on 8080, mutual authentication required.
+const AUTH_POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: backend-auth
+  namespace: shop
+spec:
+  endpointSelector:
+    matchLabels:
+      app: backend
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: frontend
+    authentication:
+      mode: required
+    toPorts:
+    - ports:
+      - port: \"8080\"
+        protocol: TCP
+";
+
+/// Security issue §3: revoking one workload's SVID removes its admissions even while another
+/// pod with the same labels (another service account, so another SPIFFE ID) stays admitted.
+/// Seen failing before identities held the service account: both pods were one numeric
+/// identity, the look-alike's SVID kept it "authenticated", and frontend still got 200.
+#[test]
+fn revocation_holds_when_another_pod_shares_the_labels() {
+    let lab = Lab::up_with_file(LOOK_ALIKE_LAB, &[]);
+    lab.apply_policy_ok(AUTH_POLICY);
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    for pod in ["frontend", "look-alike"] {
+        assert_eq!(
+            lab.try_get(pod, &url).as_deref(),
+            Ok("hello from shop/backend\n"),
+            "{pod} before revocation"
+        );
+    }
+    let st = lab.status("node-a");
+    let ids: std::collections::BTreeSet<_> = st
+        .svids
+        .iter()
+        .filter(|s| s.owner == "shop/frontend" || s.owner == "shop/look-alike")
+        .map(|s| s.spiffe_id.clone())
+        .collect();
+    assert_eq!(ids.len(), 2, "two SPIFFE IDs expected: {ids:?}");
+
+    let t = Instant::now();
+    veil_ok(&[
+        "lab",
+        "revoke",
+        "--name",
+        &lab.name,
+        "--pod",
+        "shop/frontend",
+    ]);
+    lab.wait_for("frontend to be refused", Duration::from_secs(30), || {
+        lab.try_get("frontend", &url).is_err().then_some(())
+    });
+    let gone = t.elapsed();
+    println!("frontend refused {} ms after revocation", gone.as_millis());
+    assert!(
+        gone < Duration::from_secs(5),
+        "revocation took {gone:?} (requirement: < 5 s)"
+    );
+    // The look-alike is another workload with its own valid SVID: still admitted.
+    assert_eq!(
+        lab.try_get("look-alike", &url).as_deref(),
+        Ok("hello from shop/backend\n"),
+        "look-alike after frontend's revocation"
+    );
+    // Flow records reach `veil observe` through the agents' ring buffers: wait for them.
+    lab.wait_for(
+        "an auth-required drop of frontend -> backend",
+        Duration::from_secs(10),
+        || {
+            lab.observe(&["--verdict", "DROPPED", "--pod", "shop/frontend"])
+                .iter()
+                .any(|f| f["drop_reason"] == "auth-required" && f["dst"]["pod"] == "backend")
+                .then_some(())
+        },
+    );
+}
