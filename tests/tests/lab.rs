@@ -142,20 +142,127 @@ fn down_cleans_up_after_up_was_killed() {
             String::from_utf8_lossy(&out.stderr)
         );
         // Without `lab show` (it may not have got that far) check by the names the lab uses.
-        let spec = veil_agent::lab::spec::resolve(
-            &name,
-            veil_agent::lab::spec::LabFile::default(),
-            &Default::default(),
-        )
-        .unwrap();
-        let paths = veil_agent::lab::LabPaths::new(&name).unwrap();
-        let view = veil_agent::lab::view(&spec, &paths);
-        let left = leftovers(&name, Some(&view));
+        let left = leftovers(&name, Some(&planned_view(&name)));
         assert!(
             left.is_empty(),
             "after kill -9 at {delay_ms} ms and down: {left:#?}"
         );
     }
+}
+
+/// What `veil lab down` would look for, for a lab that may never have got as far as `lab show`.
+fn planned_view(name: &str) -> veil_tests::LabView {
+    let spec = veil_agent::lab::spec::resolve(
+        name,
+        veil_agent::lab::spec::LabFile::default(),
+        &Default::default(),
+    )
+    .unwrap();
+    let paths = veil_agent::lab::LabPaths::new(name).unwrap();
+    veil_agent::lab::view(&spec, &paths)
+}
+
+/// Everything of lab `name` still on the host: `leftovers` plus any netns `ip netns list` shows
+/// with the lab's prefix (also ones the view would not name).
+fn all_leftovers(name: &str) -> Vec<String> {
+    let mut left = leftovers(name, Some(&planned_view(name)));
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let prefix = format!("{name}-");
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let ns = line.split_whitespace().next().unwrap_or("");
+        if ns.starts_with(&prefix) && !left.contains(&format!("netns {ns}")) {
+            left.push(format!("netns {ns} (ip netns list)"));
+        }
+    }
+    left
+}
+
+#[test]
+fn refused_kernel_backend_leaves_nothing() {
+    veil_tests::require_lab_environment();
+    let name = unique_name();
+    let started = Instant::now();
+    let out = veil(&["lab", "up", "--name", &name, "--backend", "kernel"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // This machine's kernel has no WireGuard (ARCHITECTURE §2): `--backend kernel` is refused.
+    assert!(!out.status.success(), "--backend kernel came up: {err}");
+    assert!(
+        err.contains("--backend kernel: this kernel has no WireGuard")
+            && err.contains("use --backend userspace or auto"),
+        "unclear refusal: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let left = all_leftovers(&name);
+    let _ = veil(&["lab", "down", "--name", &name]);
+    assert!(left.is_empty(), "refused `lab up` left {left:#?}");
+}
+
+#[test]
+fn failed_up_removes_everything_it_created() {
+    veil_tests::require_lab_environment();
+    // `lab up` made to fail right after each of its steps (the last one: after every agent and
+    // pod server was ready, so processes, pins, UAPI sockets, the hold device all existed).
+    let mut failures = vec![];
+    for step in veil_agent::lab::UP_STEPS {
+        let name = unique_name();
+        let out = Command::new(veil_bin())
+            .args(["lab", "up", "--name", &name])
+            .env("VEIL_LAB_UP_FAIL_AFTER", step)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        let left = all_leftovers(&name);
+        let _ = veil(&["lab", "down", "--name", &name]);
+        if out.status.success() {
+            failures.push(format!("{step}: lab up succeeded:\n{stdout}"));
+            continue;
+        }
+        if !stderr.contains(&format!("failing on purpose after step {step:?}")) {
+            failures.push(format!("{step}: not the injected failure: {stderr}"));
+        }
+        if step == "ready" {
+            for what in ["agent node-a ready", "agent node-b ready", "serving Http"] {
+                if !stdout.contains(what) {
+                    failures.push(format!("{step}: no {what:?} before the failure:\n{stdout}"));
+                }
+            }
+        }
+        if !stdout.contains("removing what it created") {
+            failures.push(format!("{step}: no undo reported:\n{stdout}"));
+        }
+        if !left.is_empty() {
+            failures.push(format!("failed after {step}, left {left:#?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn up_never_takes_over_a_namespace_it_did_not_create() {
+    veil_tests::require_lab_environment();
+    let name = unique_name();
+    let theirs = format!("{name}-node-b");
+    veil_agent::sys::ip(&["netns", "add", &theirs]).unwrap();
+    let out = veil(&["lab", "up", "--name", &name]);
+    let still_there = veil_agent::sys::netns_exists(&theirs);
+    let mut left = all_leftovers(&name);
+    left.retain(|l| !l.contains(&theirs));
+    let _ = veil_agent::sys::netns_delete(&theirs);
+    let _ = veil(&["lab", "down", "--name", &name]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "lab up came up over {theirs}");
+    assert!(
+        still_there,
+        "lab up removed {theirs}, which it did not create: {err}"
+    );
+    assert!(left.is_empty(), "{left:#?}");
+    assert!(
+        err.contains(&format!("network namespace {theirs} already exists")),
+        "{err}"
+    );
 }
 
 #[test]

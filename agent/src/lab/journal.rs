@@ -39,6 +39,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("lab journal {path} already exists")]
+    AlreadyExists { path: PathBuf },
     #[error("cannot read lab journal {path}")]
     Read {
         path: PathBuf,
@@ -53,15 +55,18 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating if needed) the journal for appending.
-    pub fn open(path: &Path) -> Result<Self, Error> {
+    /// Creates a new journal; an existing one is an error (`AlreadyExists`), never appended to.
+    pub fn create_new(path: &Path) -> Result<Self, Error> {
         let file = OpenOptions::new()
-            .create(true)
+            .create_new(true)
             .append(true)
             .open(path)
-            .map_err(|source| Error::Write {
-                path: path.into(),
-                source,
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::AlreadyExists => Error::AlreadyExists { path: path.into() },
+                _ => Error::Write {
+                    path: path.into(),
+                    source,
+                },
             })?;
         Ok(Self {
             path: path.into(),
@@ -119,7 +124,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("journal.jsonl");
         let _ = std::fs::remove_file(&path);
-        let mut j = Journal::open(&path).unwrap();
+        let mut j = Journal::create_new(&path).unwrap();
+        assert!(matches!(
+            Journal::create_new(&path),
+            Err(Error::AlreadyExists { .. })
+        ));
         let a = Resource::Netns {
             name: "t-node-a".into(),
         };

@@ -48,11 +48,27 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    #[error("{what} not ready after {waited:?}; see {log}")]
+    /// The tail of the log is in the message: a failed `up` removes the lab, log files included.
+    #[error("{what} not ready after {waited:?}; the last lines of its log ({log}):\n{log_tail}")]
     NotReady {
         what: String,
         waited: Duration,
         log: PathBuf,
+        log_tail: String,
+    },
+    #[error("lab {lab:?} cannot be created: {what} already exists (not made by this lab; remove it or choose another --name)")]
+    InUse { lab: String, what: String },
+    #[error("failing on purpose after step {0:?} ({FAIL_AFTER_ENV} is set)")]
+    Injected(&'static str),
+    #[error("interrupted by a signal")]
+    Interrupted,
+    /// `up` failed and removing what it had created failed too: both are in the message, which
+    /// is all the CLI prints.
+    #[error("{cause}; removing the partly built lab also failed: {undo}; `veil lab down --name {lab}` retries")]
+    UndoFailed {
+        lab: String,
+        cause: Box<Error>,
+        undo: Box<Error>,
     },
     #[error("prerequisite missing: {0}")]
     Prerequisite(String),
@@ -252,7 +268,7 @@ pub fn load(name: &str) -> Result<(LabSpec, LabPaths)> {
 }
 
 /// The cluster state the lab control plane publishes for a spec. The lab CLI is the identity
-/// allocator: one numeric identity per namespace + service account + label set, in pod order, the same on every
+/// allocator: one numeric identity per namespace + label set, in pod order, the same on every
 /// node because every node reads this one state.
 pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
     let mut alloc = crate::policy::IdentityAllocator::new();
@@ -262,13 +278,12 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
         .iter()
         .map(|p| {
             let id = alloc
-                .allocate(&p.namespace, &p.service_account, &p.labels)
+                .allocate(&p.namespace, &p.labels)
                 .expect("validated labels allocate");
             if !identities.iter().any(|i| i.id == id) {
                 identities.push(cluster::Identity {
                     id,
                     namespace: p.namespace.clone(),
-                    service_account: p.service_account.clone(),
                     labels: p.labels.clone(),
                 });
             }
@@ -359,7 +374,43 @@ impl Progress {
     }
 }
 
+/// The steps of `lab up`, in order. `VEIL_LAB_UP_FAIL_AFTER=<step>` makes `up` fail right after
+/// that step (a fault-injection hook for the end-to-end tests of the undo below; the value is
+/// checked before anything is created).
+pub const UP_STEPS: [&str; 6] = [
+    "state",
+    "network",
+    "cgroups",
+    "control-plane",
+    "supervisor",
+    "ready",
+];
+const FAIL_AFTER_ENV: &str = "VEIL_LAB_UP_FAIL_AFTER";
+
+fn fail_after_from_env() -> Result<Option<&'static str>> {
+    let Some(v) = std::env::var_os(FAIL_AFTER_ENV) else {
+        return Ok(None);
+    };
+    let v = v.to_string_lossy();
+    UP_STEPS
+        .iter()
+        .find(|s| **s == v)
+        .map(|s| Some(*s))
+        .ok_or_else(|| {
+            spec::Error::Invalid {
+                path: FAIL_AFTER_ENV.into(),
+                message: format!("unknown step {v:?} (one of {})", UP_STEPS.join(", ")),
+            }
+            .into()
+        })
+}
+
 /// Creates and starts a lab, waiting until every agent and pod server is ready.
+///
+/// A refused `up` leaves nothing behind: everything is checked before the first resource is
+/// created, and if a step fails after that (or `up` is interrupted by SIGINT/SIGTERM/SIGHUP
+/// while it waits), `up` removes everything it created, as `down` would, before it returns the
+/// error. Only `kill -9` leaves a partial lab, which `down` removes.
 pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
     sys::check_lab_prerequisites().map_err(Error::Prerequisite)?;
     if spec.encryption
@@ -372,18 +423,102 @@ pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
                 .into(),
         ));
     }
+    let fail_after = fail_after_from_env()?;
     let paths = LabPaths::new(&spec.name)?;
     if paths.journal().exists() || paths.spec().exists() {
         return Err(Error::Exists(spec.name.clone()));
     }
+    // What `down` would remove must not exist yet: undoing a failed `up` removes everything its
+    // journal names, and that must never include something this `up` did not create.
+    if let Some(ns) = all_netns(spec).find(|ns| sys::netns_exists(ns)) {
+        return Err(Error::InUse {
+            lab: spec.name.clone(),
+            what: format!("network namespace {ns}"),
+        });
+    }
+    for (what, p) in [("cgroup", &paths.cgroup), ("bpffs directory", &paths.bpf)] {
+        if p.exists() {
+            return Err(Error::InUse {
+                lab: spec.name.clone(),
+                what: format!("{what} {}", p.display()),
+            });
+        }
+    }
+    std::fs::create_dir_all(&paths.root).map_err(|source| Error::Write {
+        path: paths.root.clone(),
+        source,
+    })?;
+    // Created exclusively: of two `up`s racing for one name, the second stops here, before it
+    // could build (or undo) anything of the first.
+    let j = match Journal::create_new(&paths.journal()) {
+        Ok(j) => j,
+        Err(journal::Error::AlreadyExists { .. }) => return Err(Error::Exists(spec.name.clone())),
+        Err(e) => {
+            let _ = std::fs::remove_dir(&paths.root); // only if this call left it empty
+            return Err(e.into());
+        }
+    };
+    let interrupted = interrupt::Guard::install();
+    let built = build(spec, &paths, exe, progress, j, fail_after, &interrupted);
+    drop(interrupted);
+    match built {
+        Ok(()) => Ok(paths),
+        Err(cause) => Err(undo(&spec.name, progress, cause)),
+    }
+}
+
+/// Every netns a lab creates.
+fn all_netns(spec: &LabSpec) -> impl Iterator<Item = String> + '_ {
+    std::iter::once(spec::underlay_netns(&spec.name))
+        .chain(spec.nodes.iter().map(|n| n.netns.clone()))
+        .chain(spec.pods.iter().map(|p| p.netns.clone()))
+}
+
+/// Removes what a failed `up` created (its journal, replayed by `down`) and returns the error
+/// to report: the cause, or both if the removal failed too.
+fn undo(name: &str, progress: &Progress, cause: Error) -> Error {
+    progress.step(format!("lab up failed ({cause}); removing what it created"));
+    match down(name) {
+        Ok(s) => {
+            progress.step(format!(
+                "removed {} netns, {} cgroups, {} processes",
+                s.netns, s.cgroups, s.processes
+            ));
+            cause
+        }
+        Err(undo) => Error::UndoFailed {
+            lab: name.to_string(),
+            cause: Box::new(cause),
+            undo: Box::new(undo),
+        },
+    }
+}
+
+/// Everything `up` creates, each resource recorded in the journal first.
+fn build(
+    spec: &LabSpec,
+    paths: &LabPaths,
+    exe: &Path,
+    progress: &Progress,
+    mut j: Journal,
+    fail_after: Option<&'static str>,
+    interrupted: &interrupt::Guard,
+) -> Result<()> {
+    let step_done = |step: &'static str| -> Result<()> {
+        if interrupted.is_set() {
+            return Err(Error::Interrupted);
+        }
+        if fail_after == Some(step) {
+            return Err(Error::Injected(step));
+        }
+        Ok(())
+    };
     let mkdir = |p: &Path| {
         std::fs::create_dir_all(p).map_err(|source| Error::Write {
             path: p.into(),
             source,
         })
     };
-    mkdir(&paths.root)?;
-    let mut j = Journal::open(&paths.journal())?;
     // State dir first: removing it last is what makes `down` idempotent after a crash here.
     j.record(&Resource::Dir {
         path: paths.root.clone(),
@@ -399,15 +534,18 @@ pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
     }
     let spec_json = serde_json::to_vec_pretty(spec).expect("spec serializes");
     sys::write_atomic(&paths.spec(), &spec_json)?;
+    step_done("state")?;
 
     build_network(spec, &mut j, progress)?;
-    build_cgroups(spec, &paths, &mut j)?;
+    step_done("network")?;
+    build_cgroups(spec, paths, &mut j)?;
     progress.step(format!("cgroups under {}", paths.cgroup.display()));
+    step_done("cgroups")?;
 
     LabSource::write(&paths.control_plane(), &cluster_state(spec, 1))?;
     for node in &spec.nodes {
         mkdir(&paths.node_dir(&node.name))?;
-        let cfg = agent_config(spec, &paths, node);
+        let cfg = agent_config(spec, paths, node);
         let p = paths.agent_config(&node.name);
         std::fs::write(&p, cfg.to_yaml()).map_err(|source| Error::Write {
             path: p.clone(),
@@ -418,9 +556,10 @@ pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
         })?;
     }
     progress.step("control plane written (cluster state, agent configs)");
+    step_done("control-plane")?;
 
-    let manifest = supervisor::manifest(spec, &paths, exe);
-    supervisor::write_manifest(&paths, &manifest)?;
+    let manifest = supervisor::manifest(spec, paths, exe);
+    supervisor::write_manifest(paths, &manifest)?;
     let sup_cgroup = paths.cgroup.join("supervisor");
     j.record(&Resource::Cgroup {
         path: sup_cgroup.clone(),
@@ -446,9 +585,10 @@ pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
         "supervisor started (pid {pid}): {} processes",
         manifest.len()
     ));
+    step_done("supervisor")?;
 
-    wait_ready(spec, &paths, progress, Duration::from_secs(90))?;
-    Ok(paths)
+    wait_ready(spec, paths, progress, Duration::from_secs(90), interrupted)?;
+    step_done("ready")
 }
 
 fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result<()> {
@@ -620,6 +760,7 @@ fn wait_ready(
     paths: &LabPaths,
     progress: &Progress,
     timeout: Duration,
+    interrupted: &interrupt::Guard,
 ) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -662,12 +803,15 @@ fn wait_ready(
                     ));
                     break;
                 }
+                _ if interrupted.is_set() => return Err(Error::Interrupted),
                 _ if Instant::now() > deadline => {
+                    let log = paths.log(&format!("agent-{}", n.name));
                     return Err(Error::NotReady {
                         what: format!("agent on {}", n.name),
                         waited: timeout,
-                        log: paths.log(&format!("agent-{}", n.name)),
-                    })
+                        log_tail: log_tail(&log),
+                        log,
+                    });
                 }
                 _ => std::thread::sleep(Duration::from_millis(100)),
             }
@@ -677,11 +821,16 @@ fn wait_ready(
         for s in &p.serve {
             let marker = serve::ready_file(paths, p, s.port);
             while !marker.exists() {
+                if interrupted.is_set() {
+                    return Err(Error::Interrupted);
+                }
                 if Instant::now() > deadline {
+                    let log = paths.log(&serve::log_name(p, s.port));
                     return Err(Error::NotReady {
                         what: format!("{:?} server on {}:{}", s.kind, p.qualified_name(), s.port),
                         waited: timeout,
-                        log: paths.log(&serve::log_name(p, s.port)),
+                        log_tail: log_tail(&log),
+                        log,
                     });
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -696,6 +845,64 @@ fn wait_ready(
         }
     }
     Ok(())
+}
+
+/// The last lines of a log file, for an error that outlives the file.
+fn log_tail(path: &Path) -> String {
+    const LINES: usize = 20;
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LINES)..].join("\n")
+}
+
+/// SIGINT, SIGTERM and SIGHUP while `up` runs set a flag that `up` checks between steps and
+/// while it waits, so an interrupted `up` removes what it created, like a failed one.
+mod interrupt {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+    static SET: AtomicBool = AtomicBool::new(false);
+    const SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+
+    extern "C" fn on_signal(_: nix::libc::c_int) {
+        SET.store(true, Ordering::SeqCst);
+    }
+
+    /// The handlers, installed until dropped (then the previous actions are back).
+    pub struct Guard {
+        previous: Vec<(Signal, SigAction)>,
+    }
+
+    impl Guard {
+        pub fn install() -> Self {
+            SET.store(false, Ordering::SeqCst);
+            let action = SigAction::new(
+                SigHandler::Handler(on_signal),
+                SaFlags::SA_RESTART,
+                SigSet::empty(),
+            );
+            let previous = SIGNALS
+                .iter()
+                // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+                .filter_map(|&s| unsafe { sigaction(s, &action) }.ok().map(|p| (s, p)))
+                .collect();
+            Self { previous }
+        }
+
+        pub fn is_set(&self) -> bool {
+            SET.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            for (s, p) in &self.previous {
+                // SAFETY: puts back the action that was in place before `install`.
+                let _ = unsafe { sigaction(*s, p) };
+            }
+        }
+    }
 }
 
 /// What `down` removed.
