@@ -268,7 +268,7 @@ pub fn load(name: &str) -> Result<(LabSpec, LabPaths)> {
 }
 
 /// The cluster state the lab control plane publishes for a spec. The lab CLI is the identity
-/// allocator: one numeric identity per namespace + label set, in pod order, the same on every
+/// allocator: one numeric identity per namespace + service account + label set, in pod order, the same on every
 /// node because every node reads this one state.
 pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
     let mut alloc = crate::policy::IdentityAllocator::new();
@@ -278,12 +278,13 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
         .iter()
         .map(|p| {
             let id = alloc
-                .allocate(&p.namespace, &p.labels)
+                .allocate(&p.namespace, &p.service_account, &p.labels)
                 .expect("validated labels allocate");
             if !identities.iter().any(|i| i.id == id) {
                 identities.push(cluster::Identity {
                     id,
                     namespace: p.namespace.clone(),
+                    service_account: p.service_account.clone(),
                     labels: p.labels.clone(),
                 });
             }
