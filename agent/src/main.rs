@@ -24,6 +24,14 @@ struct Cli {
     command: Command,
 }
 
+/// A step of a CA rotation at the lab's dev SPIRE server.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CaStep {
+    Prepare,
+    Activate,
+    Revoke,
+}
+
 #[derive(Subcommand)]
 enum PkiCommand {
     /// Write `bundle.pem` and, per identity, `<name>/svid.pem` + `<name>/key.pem` (0600).
@@ -251,6 +259,14 @@ enum LabCommand {
         name: String,
         #[arg(long)]
         pod: String,
+    },
+    /// Rotate the dev SPIRE server's CA in three steps: `prepare` adds a new root to the
+    /// bundle, `activate` issues every SVID from it, `revoke` drops the old root.
+    Ca {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        #[arg(value_enum)]
+        step: CaStep,
     },
     /// (internal) Run the lab's dev SPIRE server.
     #[command(hide = true)]
@@ -806,6 +822,17 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
                 (None, None, false) => bail!("say what to rotate: --pod P, --node N or --all"),
             };
             let body = spire_call(&paths, &format!("/v1/rotate?{query}"))?;
+            println!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Ca { name, step } => {
+            let (_, paths) = lab::load(&name)?;
+            let step = match step {
+                CaStep::Prepare => "prepare",
+                CaStep::Activate => "activate",
+                CaStep::Revoke => "revoke",
+            };
+            let body = spire_call(&paths, &format!("/v1/ca/{step}"))?;
             println!("{body}");
             Ok(ExitCode::SUCCESS)
         }

@@ -61,6 +61,13 @@ pub struct MeshConfig {
     pub rekey_interval: Duration,
 }
 
+/// A workload handshake this node started: the triple, when it started (revocations after
+/// that win, `AuthTable::on_authenticated`), and its outcome.
+type HandshakeResult = (AuthTriple, Instant, Result<Authenticated, AuthFailure>);
+
+/// At most this many pairs' last failures are kept for flow records.
+const PAIR_FAILURES_MAX: usize = 65_536;
+
 /// What `veil status` shows about the mesh.
 #[derive(Clone, Debug, Default)]
 pub struct MeshStatus {
@@ -227,13 +234,13 @@ impl Mesh {
         let mut dialing: BTreeSet<u32> = BTreeSet::new();
         let mut redial_at: BTreeMap<u32, (Instant, u32)> = BTreeMap::new();
         let (dial_tx, mut dial_rx) = mpsc::channel::<DialOutcome>(64);
-        let (result_tx, mut result_rx) =
-            mpsc::channel::<(AuthTriple, Result<Authenticated, AuthFailure>)>(4096);
+        let (result_tx, mut result_rx) = mpsc::channel::<HandshakeResult>(4096);
         let mut keys: BTreeMap<String, PeerKeys> = BTreeMap::new();
         // When each peer's keys expire without a fresh node handshake (`key_deadline`).
         let mut key_deadlines: BTreeMap<String, Instant> = BTreeMap::new();
         let mut server_started = false;
         let mut node_serial: Option<String> = None;
+        let mut held_bundles: Option<Arc<veil_identity::Bundles>> = None;
         let mut local_ids: BTreeMap<u32, SpiffeId> = BTreeMap::new();
         let mut local_serials: BTreeMap<u32, String> = BTreeMap::new();
         // Entries an earlier run of this agent left in the pinned map: they keep admitting
@@ -287,6 +294,35 @@ impl Mesh {
                 }
             }
             self.deps.bundles.replace((*snapshot.bundles).clone());
+            // Bundles changed (a CA prepared, activated or revoked): every open channel's peer
+            // must still validate against them, or its keys and entries go now (security
+            // issue §6: a node whose CA is revoked keeps no tunnel access).
+            let bundles_changed = held_bundles
+                .as_ref()
+                .is_some_and(|b| !Arc::ptr_eq(b, &snapshot.bundles) && **b != *snapshot.bundles);
+            held_bundles = Some(snapshot.bundles.clone());
+            if bundles_changed {
+                let wall = SystemTime::now();
+                let failed: Vec<(u32, String, AuthFailure)> = channels
+                    .iter()
+                    .filter_map(|(id, c)| {
+                        c.channel
+                            .recheck(&self.deps.bundles, wall)
+                            .err()
+                            .map(|r| (*id, c.channel.peer().name.clone(), r))
+                    })
+                    .collect();
+                for (id, name, reason) in failed {
+                    tracing::warn!(peer = %name, reason = reason.as_str(), "peer node no longer validates against the new bundles: channel closed, tunnel keys removed");
+                    self.count_failure(reason);
+                    self.node_result(id, Some(reason));
+                    keys.remove(&name);
+                    if let Some(c) = channels.remove(&id) {
+                        c.channel.close();
+                    }
+                    table.remove_node(id);
+                }
+            }
             let (workloads, ids_now) = local_workloads(&cluster, &self.cfg.node, &snapshot);
             // Revocation or removal of a local workload's SVID: delete its entries now and tell
             // the peers so they delete theirs.
@@ -435,7 +471,7 @@ impl Mesh {
                 r = policy_rx.changed() => if r.is_err() { break },
                 Some((id, r)) = dial_rx.recv() => {
                     dialing.remove(&id);
-                    let r = r.and_then(|(channel, nk)| admit_claim(&keys, channel, nk));
+                    let r = r.and_then(|(channel, nk)| admit_claim(&keys, &cluster, channel, nk));
                     match r {
                         Ok((channel, nk)) => {
                             redial_at.remove(&id);
@@ -474,7 +510,7 @@ impl Mesh {
                         ChannelEvent::Established { channel, keys: nk } => {
                             let id = channel.peer().id;
                             let peer = nk.peer_node.clone();
-                            match admit_claim(&keys, channel, nk) {
+                            match admit_claim(&keys, &cluster, channel, nk) {
                                 Ok((channel, nk)) => {
                                     self.count_ok();
                                     self.node_result(id, None);
@@ -482,22 +518,26 @@ impl Mesh {
                                 }
                                 Err(reason) => {
                                     // As on the dialling side: a node that fails who it must be
-                                    // keeps no keys, channel or auth entries here.
+                                    // keeps no keys, channel or auth entries here; a claim of a
+                                    // key not yet read here keeps the earlier keys until the
+                                    // peer's retry.
                                     self.count_failure(reason);
                                     self.node_result(id, Some(reason));
-                                    keys.remove(&peer);
-                                    if let Some(c) = channels.remove(&id) {
-                                        c.channel.close();
+                                    if reason.is_identity_failure() {
+                                        keys.remove(&peer);
+                                        if let Some(c) = channels.remove(&id) {
+                                            c.channel.close();
+                                        }
+                                        table.remove_node(id);
                                     }
-                                    table.remove_node(id);
                                 }
                             }
                         }
-                        ChannelEvent::Inbound { result, triple, .. } => match result {
+                        ChannelEvent::Inbound { result, triple, at, .. } => match result {
                             Ok(a) => {
                                 self.count_ok();
                                 self.pair_result(a.triple, None);
-                                table.on_authenticated(&a, Instant::now(), SystemTime::now());
+                                table.on_authenticated(&a, at, Instant::now(), SystemTime::now());
                             }
                             Err(reason) => {
                                 self.count_failure(reason);
@@ -532,12 +572,12 @@ impl Mesh {
                         c.schedule.on_svid_rotated(Instant::now());
                     }
                 }
-                Some((triple, r)) = result_rx.recv() => {
+                Some((triple, started, r)) = result_rx.recv() => {
                     match r {
                         Ok(a) => {
                             self.count_ok();
                             self.pair_result(a.triple, None);
-                            table.on_authenticated(&a, Instant::now(), SystemTime::now());
+                            table.on_authenticated(&a, started, Instant::now(), SystemTime::now());
                         }
                         Err(reason) => {
                             tracing::debug!(?triple, reason = reason.as_str(), "workload handshake failed");
@@ -558,11 +598,12 @@ impl Mesh {
         &mut self,
         action: Action,
         channels: &BTreeMap<u32, ChannelState>,
-        results: &mpsc::Sender<(AuthTriple, Result<Authenticated, AuthFailure>)>,
+        results: &mpsc::Sender<HandshakeResult>,
     ) {
         match action {
             Action::Start(triple) => {
                 let tx = results.clone();
+                let started = Instant::now();
                 match channels.get(&triple.remote_node) {
                     Some(c) => {
                         let ch = c.channel.clone();
@@ -570,12 +611,14 @@ impl Mesh {
                             let r = ch
                                 .authenticate(triple.local_identity, triple.remote_identity)
                                 .await;
-                            let _ = tx.send((triple, r)).await;
+                            let _ = tx.send((triple, started, r)).await;
                         });
                     }
                     None => {
                         tokio::spawn(async move {
-                            let _ = tx.send((triple, Err(AuthFailure::PeerUnreachable))).await;
+                            let _ = tx
+                                .send((triple, started, Err(AuthFailure::PeerUnreachable)))
+                                .await;
                         });
                     }
                 }
@@ -618,12 +661,24 @@ impl Mesh {
         };
     }
 
+    /// Remembers why a pair last failed, for flow records. Peer-driven: an authenticated
+    /// peer picks the triples of its requests, so failures that say nothing about a pair we
+    /// host (`not-hosted`, `rate-limited`) are not recorded, and the table is capped.
     fn pair_result(&self, triple: AuthTriple, failure: Option<AuthFailure>) {
         let mut st = self.status.lock().expect("mesh status lock");
         match failure {
-            Some(r) => st.pair_failures.insert(triple, r.as_str()),
-            None => st.pair_failures.remove(&triple),
-        };
+            Some(AuthFailure::NotHosted | AuthFailure::RateLimited) => {}
+            Some(r) => {
+                if st.pair_failures.len() < PAIR_FAILURES_MAX
+                    || st.pair_failures.contains_key(&triple)
+                {
+                    st.pair_failures.insert(triple, r.as_str());
+                }
+            }
+            None => {
+                st.pair_failures.remove(&triple);
+            }
+        }
     }
 
     fn count_failure(&self, reason: AuthFailure) {
@@ -844,13 +899,31 @@ pub fn check_key_claim(
     }
 }
 
-/// A completed node handshake, unless its claimed key is in use by another node: then the
-/// channel is closed and the handshake fails with [`AuthFailure::DuplicateWgKey`].
+/// A completed node handshake, unless its claimed key is in use by another node (then the
+/// channel is closed and the handshake fails with [`AuthFailure::DuplicateWgKey`]) or is not
+/// the key the node published in cluster state ([`AuthFailure::UnpublishedWgKey`]; a node
+/// that rotated its key publishes the new one first, so the retry succeeds once this node has
+/// read it).
 fn admit_claim(
     keys: &BTreeMap<String, PeerKeys>,
+    cluster: &ClusterState,
     channel: Channel,
     nk: NodeKeys,
 ) -> Result<(Channel, NodeKeys), AuthFailure> {
+    let published = cluster
+        .node(&nk.peer_node)
+        .and_then(|n| n.wg_public_key.as_deref())
+        .and_then(|k| PublicKey::from_base64(k).ok());
+    if let Err(reason) = check_published(published.as_ref(), &nk.peer_wg_key) {
+        tracing::warn!(
+            peer = %nk.peer_node,
+            public_key = %nk.peer_wg_key,
+            reason = reason.as_str(),
+            "node claimed a wireguard key it has not published: refused"
+        );
+        channel.close();
+        return Err(reason);
+    }
     match check_key_claim(keys, &nk.peer_node, &nk.peer_wg_key) {
         Ok(()) => Ok((channel, nk)),
         Err(KeyInUse { holder }) => {
@@ -864,6 +937,16 @@ fn admit_claim(
             channel.close();
             Err(AuthFailure::DuplicateWgKey)
         }
+    }
+}
+
+/// The claimed key must be the one the node published, once it published one (before its
+/// first publication there is nothing to compare with; uniqueness still holds).
+fn check_published(published: Option<&PublicKey>, claimed: &PublicKey) -> Result<(), AuthFailure> {
+    match published {
+        // Public keys: plain comparison.
+        Some(p) if p != claimed => Err(AuthFailure::UnpublishedWgKey),
+        _ => Ok(()),
     }
 }
 
@@ -1141,6 +1224,22 @@ mod tests {
         );
         assert!(!keys.contains_key("node-b") && keys.contains_key("node-c"));
         assert!(!deadlines.contains_key("node-b"));
+    }
+
+    #[test]
+    fn a_node_must_claim_the_key_it_published() {
+        let k = |b: u8| veil_transport::PrivateKey::from_bytes([b; 32]).public_key();
+        assert_eq!(
+            check_published(None, &k(1)),
+            Ok(()),
+            "nothing published yet"
+        );
+        assert_eq!(check_published(Some(&k(1)), &k(1)), Ok(()));
+        assert_eq!(
+            check_published(Some(&k(1)), &k(2)),
+            Err(AuthFailure::UnpublishedWgKey)
+        );
+        assert!(!AuthFailure::UnpublishedWgKey.is_identity_failure());
     }
 
     #[test]

@@ -96,3 +96,157 @@ fn frozen_peer_agent_loses_its_tunnel_keys_within_the_key_lifetime() {
         .iter()
         .any(|p| p.node == "node-b"));
 }
+
+/// Security issue §6: a peer whose node SVID chains only to a revoked CA root loses its
+/// tunnel keys as soon as the bundle drops that root, not when its keys would expire. node-b's
+/// agent is frozen through a CA rotation, so it still holds an SVID of the old CA; node-a
+/// re-validates its open channels when its bundle changes. Seen failing before channels were
+/// rechecked: node-b's peer stayed at node-a for the whole 20 s wait (key lifetime 3 min).
+#[test]
+fn a_peer_of_a_revoked_ca_loses_its_keys_when_the_bundle_changes() {
+    // Long SVIDs and a slow PSK rotation: the key lifetime (3 x 60 s) is far beyond the bound.
+    let lab = Lab::up_with_file("svid_ttl: 1h\npsk_rotation: 60s\n", &[]);
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
+    lab.wait_for("node-a to peer node-b", Duration::from_secs(20), || {
+        let st = lab.status("node-a");
+        st.peers.iter().any(|p| p.node == "node-b").then_some(())
+    });
+    let b = lab.status("node-b");
+    freeze(b.agent.pid, nix::sys::signal::Signal::SIGSTOP);
+    struct Thaw(u32);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            freeze(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let thaw = Thaw(b.agent.pid);
+    let node_serial = |st: &veil_tests::Status| {
+        st.svids
+            .iter()
+            .find(|s| s.owner == "node")
+            .map(|s| s.serial.clone())
+    };
+    let old_serial = node_serial(&lab.status("node-a"));
+    let ca = |step: &str| veil_tests::veil_ok(&["lab", "ca", "--name", &lab.name, step]);
+    ca("prepare");
+    ca("activate");
+    // node-a holds its new-CA SVID before the old root goes (a real rotation's order).
+    lab.wait_for(
+        "node-a's node SVID from the new CA",
+        Duration::from_secs(20),
+        || (node_serial(&lab.status("node-a")) != old_serial).then_some(()),
+    );
+    assert!(
+        lab.status("node-a")
+            .peers
+            .iter()
+            .any(|p| p.node == "node-b"),
+        "node-b's peer went before the old root was revoked"
+    );
+    ca("revoke");
+    let revoked_at = Instant::now();
+    lab.wait_for(
+        "node-a to remove the peer of node-b (old CA only)",
+        Duration::from_secs(20),
+        || {
+            let st = lab.status("node-a");
+            (!st.peers.iter().any(|p| p.node == "node-b")).then_some(())
+        },
+    );
+    let took = revoked_at.elapsed();
+    eprintln!(
+        "peer removed {} ms after the old root was revoked",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let st = lab.status("node-a");
+    assert!(
+        st.auth_failures.contains_key("wrong-trust-domain"),
+        "the reason is not counted: {:?}",
+        st.auth_failures
+    );
+    assert!(
+        lab.try_get("frontend", &url).is_err(),
+        "frontend still reached backend through a peer of a revoked CA"
+    );
+    // Thawed, node-b fetches its new-CA SVID, re-authenticates and traffic returns.
+    drop(thaw);
+    lab.wait_for(
+        "traffic after node-b thawed",
+        Duration::from_secs(90),
+        || lab.try_get("frontend", &url).ok(),
+    );
+}
+
+/// Security issue §6: a node that claims another node's WireGuard key is refused
+/// (`duplicate-wg-key`) and cannot take over or black-hole the holder's traffic. node-c is
+/// given node-a's private key and restarted; node-b keeps node-a's peer on node-a's underlay
+/// address, frontend (node-a) keeps reaching backend (node-b). Seen failing before veil-wg
+/// stopped moving endpoints on bare handshake initiations: the claim was refused, but
+/// node-c's initiation (node-a's static key, without the pair's PSK) moved node-b's endpoint
+/// for node-a's key to 198.18.0.3.
+#[test]
+fn a_node_claiming_another_nodes_wireguard_key_is_refused() {
+    let lab = Lab::up_with_file(
+        "nodes:\n- {name: node-a}\n- {name: node-b}\n- {name: node-c}\n\
+         pods:\n\
+         - {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
+         - {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}]}\n\
+         - {name: other, namespace: shop, node: node-c, labels: {app: other}}\n",
+        &[],
+    );
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
+    let a = lab.status("node-a");
+    let a_key = a.public_key.clone().expect("node-a's key");
+    let node_a_endpoint = |st: &veil_tests::Status| {
+        st.peers
+            .iter()
+            .find(|p| p.public_key == a_key)
+            .and_then(|p| p.endpoint.clone())
+    };
+    let before = node_a_endpoint(&lab.status("node-b")).expect("node-b peers node-a");
+
+    // node-c's agent restarts holding node-a's private key.
+    let state = |n: &str| format!("/run/veil/{}/nodes/{n}/state/wireguard.key", lab.name);
+    std::fs::copy(state("node-a"), state("node-c")).expect("copy node-a's key to node-c");
+    let c = lab.status("node-c");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.agent.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill node-c's agent");
+    lab.wait_for(
+        "node-c's agent to claim node-a's key",
+        Duration::from_secs(30),
+        || {
+            // The agent is down for a moment: `veil status` fails until it is back.
+            let out = veil_tests::veil(&[
+                "status", "--name", &lab.name, "--node", "node-c", "-o", "json",
+            ]);
+            let st: veil_tests::Status = serde_json::from_slice(&out.stdout).ok()?;
+            (st.agent.pid != c.agent.pid && st.public_key.as_deref() == Some(a_key.as_str()))
+                .then_some(())
+        },
+    );
+    lab.wait_for(
+        "node-b to refuse node-c's claim",
+        Duration::from_secs(30),
+        || {
+            let st = lab.status("node-b");
+            st.auth_failures
+                .get("duplicate-wg-key")
+                .is_some_and(|n| *n > 0)
+                .then_some(())
+        },
+    );
+    // The holder keeps its key, endpoint and traffic.
+    assert_eq!(node_a_endpoint(&lab.status("node-b")), Some(before));
+    for _ in 0..5 {
+        assert_eq!(
+            lab.try_get("frontend", &url).as_deref(),
+            Ok("hello from shop/backend\n")
+        );
+    }
+}

@@ -37,6 +37,14 @@ pub struct ChannelConfig {
     pub request_timeout: Duration,
     /// Outstanding workload handshakes we initiated on one channel.
     pub max_in_flight: usize,
+    /// Workload requests a peer may send per second on one channel (token bucket, refill
+    /// rate); more are answered `rate-limited` before any certificate is parsed.
+    pub inbound_rate: u32,
+    /// The bucket's depth: a burst a peer may send at once (a policy change that makes
+    /// thousands of pairs need authentication at one instant).
+    pub inbound_burst: u32,
+    /// At most one re-key request per this interval is acted on; more are ignored.
+    pub rekey_request_interval: Duration,
 }
 
 impl Default for ChannelConfig {
@@ -48,6 +56,9 @@ impl Default for ChannelConfig {
             ping_interval: Duration::from_secs(15),
             request_timeout: Duration::from_secs(5),
             max_in_flight: 4096,
+            inbound_rate: 2000,
+            inbound_burst: 4096,
+            rekey_request_interval: Duration::from_secs(1),
         }
     }
 }
@@ -87,6 +98,9 @@ pub enum ChannelEvent {
     /// (`AuthTable::on_authenticated`); on failure count the reason.
     Inbound {
         peer_node: u32,
+        /// When the request was answered: a revocation after this instant wins over the
+        /// result, however late the result reaches the mesh.
+        at: Instant,
         triple: AuthTriple,
         result: Result<Authenticated, AuthFailure>,
     },
@@ -286,6 +300,9 @@ async fn write_msg<S: AsyncWrite + Unpin>(
 struct Inner {
     peer: NodeInfo,
     peer_svid: ValidatedSvid,
+    /// The chain the peer presented in TLS (leaf first), kept to re-validate the channel when
+    /// the trust bundles change (`Channel::recheck`).
+    peer_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     group: Option<KxGroup>,
     epoch: u64,
     binding: SessionBinding,
@@ -367,9 +384,15 @@ impl Channel {
     ) -> Self {
         let (out_tx, out_rx) = mpsc::channel(1024);
         let (closed, _) = watch::channel(false);
+        let peer_chain = stream
+            .common()
+            .peer_certificates()
+            .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+            .unwrap_or_default();
         let inner = Arc::new(Inner {
             peer,
             peer_svid,
+            peer_chain,
             group,
             epoch,
             binding,
@@ -405,6 +428,18 @@ impl Channel {
     /// `RekeySchedule::on_established`).
     pub fn peer_valid_until(&self) -> SystemTime {
         self.inner.peer_svid.valid_until
+    }
+
+    /// Re-validates the node SVID that authenticated this channel against `bundles` (they
+    /// changed: a CA was revoked, a root removed). `Err` says the peer no longer proves its
+    /// identity: the caller closes the channel and drops the peer's tunnel keys.
+    pub fn recheck(&self, bundles: &BundleSet, now: SystemTime) -> Result<(), AuthFailure> {
+        let v = veil_identity::validate_x509_svid(&self.inner.peer_chain, bundles, now)
+            .map_err(|e| AuthFailure::from_svid_error(&e))?;
+        if v.spiffe_id != self.inner.peer_svid.spiffe_id {
+            return Err(AuthFailure::WrongSpiffeId);
+        }
+        Ok(())
     }
 
     /// Serial of the peer node SVID that authenticated this channel (for `veil status`).
@@ -541,8 +576,80 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     inner.close();
 }
 
+/// Admission of the requests a peer drives on one channel (security issue §6): a token bucket
+/// for workload requests, a record of their recent nonces (a repeated nonce is a replayed
+/// request), and a floor between re-key requests. Sans-IO; the read loop owns one.
+#[derive(Debug)]
+pub(crate) struct InboundGuard {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    refilled: Instant,
+    nonces: std::collections::HashSet<[u8; 32]>,
+    nonce_order: std::collections::VecDeque<[u8; 32]>,
+    rekey_interval: Duration,
+    last_rekey: Option<Instant>,
+}
+
+/// Nonces of this many recent workload requests are remembered per channel.
+const NONCES_KEPT: usize = 8192;
+
+impl InboundGuard {
+    pub(crate) fn new(cfg: &ChannelConfig, now: Instant) -> Self {
+        Self {
+            rate: f64::from(cfg.inbound_rate.max(1)),
+            burst: f64::from(cfg.inbound_burst.max(1)),
+            tokens: f64::from(cfg.inbound_burst.max(1)),
+            refilled: now,
+            nonces: Default::default(),
+            nonce_order: Default::default(),
+            rekey_interval: cfg.rekey_request_interval,
+            last_rekey: None,
+        }
+    }
+
+    /// A workload request arrived: `Err` says how to refuse it. Cheap: no certificate or
+    /// signature is looked at.
+    pub(crate) fn admit_request(
+        &mut self,
+        nonce: &[u8; 32],
+        now: Instant,
+    ) -> Result<(), AuthFailure> {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return Err(AuthFailure::RateLimited);
+        }
+        self.tokens -= 1.0;
+        if !self.nonces.insert(*nonce) {
+            return Err(AuthFailure::ProtocolError);
+        }
+        self.nonce_order.push_back(*nonce);
+        if self.nonce_order.len() > NONCES_KEPT {
+            if let Some(old) = self.nonce_order.pop_front() {
+                self.nonces.remove(&old);
+            }
+        }
+        Ok(())
+    }
+
+    /// A re-key request arrived: act on it only if the last one was long enough ago.
+    pub(crate) fn admit_rekey(&mut self, now: Instant) -> bool {
+        if self
+            .last_rekey
+            .is_some_and(|t| now.saturating_duration_since(t) < self.rekey_interval)
+        {
+            return false;
+        }
+        self.last_rekey = Some(now);
+        true
+    }
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
     let mut buf = Vec::new();
+    let mut guard = InboundGuard::new(&inner.cfg, Instant::now());
     let mut closed = inner.closed.subscribe();
     let peer_node = inner.peer.id;
     let reason = loop {
@@ -562,12 +669,22 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
                     remote_identity: req.initiator_identity,
                     remote_node: peer_node,
                 };
-                let (resp, result) = workload::respond(
-                    &req,
-                    &*inner.deps.workloads,
-                    &inner.deps.signing_keys,
-                    &inner.context(),
-                );
+                let at = Instant::now();
+                let (resp, result) = match guard.admit_request(&req.nonce, at) {
+                    Ok(()) => workload::respond(
+                        &req,
+                        &*inner.deps.workloads,
+                        &inner.deps.signing_keys,
+                        &inner.context(),
+                    ),
+                    Err(refused) => (
+                        wire::AuthResponse {
+                            id: req.id,
+                            result: Err(refused),
+                        },
+                        Err(refused),
+                    ),
+                };
                 if inner.out.send(Message::AuthResponse(resp)).await.is_err() {
                     break "writer gone".to_owned();
                 }
@@ -576,6 +693,7 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
                     .events
                     .send(ChannelEvent::Inbound {
                         peer_node,
+                        at,
                         triple,
                         result,
                     })
@@ -606,6 +724,10 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
                 Err(_) => break "revoke with an invalid spiffe id".to_owned(),
             },
             Message::RekeyRequest => {
+                if !guard.admit_rekey(Instant::now()) {
+                    tracing::debug!(peer = %inner.peer.name, "re-key request ignored (too soon after the last)");
+                    continue;
+                }
                 let _ = inner
                     .deps
                     .events
@@ -636,6 +758,72 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn inbound_requests_are_rate_limited_and_replays_refused() {
+        let cfg = ChannelConfig {
+            inbound_rate: 100,
+            inbound_burst: 10,
+            ..ChannelConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut g = InboundGuard::new(&cfg, t0);
+        let nonce = |i: u32| {
+            let mut n = [0u8; 32];
+            n[..4].copy_from_slice(&i.to_le_bytes());
+            n
+        };
+        // The burst is admitted, the next request at the same instant is not.
+        for i in 0..10 {
+            assert_eq!(g.admit_request(&nonce(i), t0), Ok(()), "request {i}");
+        }
+        assert_eq!(
+            g.admit_request(&nonce(10), t0),
+            Err(AuthFailure::RateLimited)
+        );
+        // 100 ms at 100/s refills 10.
+        let t1 = t0 + Duration::from_millis(100);
+        for i in 11..21 {
+            assert_eq!(g.admit_request(&nonce(i), t1), Ok(()), "request {i}");
+        }
+        assert_eq!(
+            g.admit_request(&nonce(21), t1),
+            Err(AuthFailure::RateLimited)
+        );
+        // A nonce seen before is a replay.
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(
+            g.admit_request(&nonce(3), t2),
+            Err(AuthFailure::ProtocolError)
+        );
+        // The record is bounded: the oldest nonces are forgotten first.
+        let mut g = InboundGuard::new(
+            &ChannelConfig {
+                inbound_rate: u32::MAX,
+                inbound_burst: u32::MAX,
+                ..ChannelConfig::default()
+            },
+            t0,
+        );
+        for i in 0..(NONCES_KEPT as u32 + 1) {
+            assert_eq!(g.admit_request(&nonce(i), t0), Ok(()));
+        }
+        assert_eq!(g.nonces.len(), NONCES_KEPT);
+        assert_eq!(g.admit_request(&nonce(0), t0), Ok(()), "forgotten");
+        assert_eq!(
+            g.admit_request(&nonce(NONCES_KEPT as u32), t0),
+            Err(AuthFailure::ProtocolError)
+        );
+    }
+
+    #[test]
+    fn rekey_requests_are_acted_on_at_most_once_per_interval() {
+        let t0 = Instant::now();
+        let mut g = InboundGuard::new(&ChannelConfig::default(), t0);
+        assert!(g.admit_rekey(t0));
+        assert!(!g.admit_rekey(t0 + Duration::from_millis(999)));
+        assert!(g.admit_rekey(t0 + Duration::from_secs(1)));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn frame_reads_are_bounded_in_size_and_time() {

@@ -136,8 +136,16 @@ pub struct AuthTable {
     by_spiffe: HashMap<SpiffeId, HashSet<AuthTriple>>,
     by_identity: HashMap<u32, HashSet<AuthTriple>>,
     by_node: HashMap<u32, HashSet<AuthTriple>>,
+    /// When a SPIFFE ID was last revoked: `None` scope for our own workloads, `Some(node)` for
+    /// a peer's. A handshake result that began before is discarded (results and revocations
+    /// reach the shell on different queues).
+    revoked: HashMap<(SpiffeId, Option<u32>), Instant>,
     actions: VecDeque<Action>,
 }
+
+/// Revocation records are kept this long: far longer than any handshake may take
+/// (`ChannelConfig::request_timeout`) plus queueing.
+const REVOCATION_MEMORY: Duration = Duration::from_secs(120);
 
 impl AuthTable {
     pub fn new(cfg: EntriesConfig, local_node: u32) -> Self {
@@ -149,6 +157,7 @@ impl AuthTable {
             by_spiffe: HashMap::new(),
             by_identity: HashMap::new(),
             by_node: HashMap::new(),
+            revoked: HashMap::new(),
             actions: VecDeque::new(),
         }
     }
@@ -294,9 +303,32 @@ impl AuthTable {
         }
     }
 
-    /// A workload handshake succeeded (ours as initiator, or the peer's with us responding).
-    pub fn on_authenticated(&mut self, a: &Authenticated, now: Instant, now_system: SystemTime) {
+    /// Whether `id` (ours if `node` is `None`, else node `node`'s) was revoked at or after
+    /// `since`.
+    fn revoked_since(&self, id: &SpiffeId, node: Option<u32>, since: Instant) -> bool {
+        self.revoked
+            .get(&(id.clone(), node))
+            .is_some_and(|at| *at >= since)
+    }
+
+    /// A workload handshake that began at `started` succeeded (ours as initiator, or the
+    /// peer's with us responding). If either SVID it proved was revoked since `started`, the
+    /// result is discarded as [`AuthFailure::Revoked`]: ordering by when the handshake began,
+    /// not by when its result arrives, so a revocation always wins.
+    pub fn on_authenticated(
+        &mut self,
+        a: &Authenticated,
+        started: Instant,
+        now: Instant,
+        now_system: SystemTime,
+    ) {
         let t = a.triple;
+        if self.revoked_since(&a.local_spiffe_id, None, started)
+            || self.revoked_since(&a.remote_spiffe_id, Some(t.remote_node), started)
+        {
+            self.on_failed(t, AuthFailure::Revoked, now, 0.0);
+            return;
+        }
         let Ok(lifetime) = a.expires.duration_since(now_system) else {
             // Already expired: nothing to admit.
             self.on_failed(t, AuthFailure::ExpiredSvid, now, 0.0);
@@ -362,6 +394,7 @@ impl AuthTable {
     /// goes now; desired triples are re-authenticated (with a new SVID, if any) after the
     /// retry delay.
     pub fn remove_spiffe_id(&mut self, id: &SpiffeId, now: Instant) {
+        self.revoked.insert((id.clone(), None), now);
         self.remove_spiffe_id_where(id, now, |_| true);
     }
 
@@ -369,6 +402,7 @@ impl AuthTable {
     /// went away: only entries with that node are affected, so a node cannot revoke what
     /// another node vouched for.
     pub fn remove_remote_spiffe_id(&mut self, node: u32, id: &SpiffeId, now: Instant) {
+        self.revoked.insert((id.clone(), Some(node)), now);
         self.remove_spiffe_id_where(id, now, |t| t.remote_node == node);
     }
 
@@ -435,6 +469,9 @@ impl AuthTable {
 
     /// Runs what is due at `now` and drains the actions.
     pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+        if let Some(horizon) = now.checked_sub(REVOCATION_MEMORY) {
+            self.revoked.retain(|_, at| *at > horizon);
+        }
         while let Some(&(at, t)) = self.timers.first() {
             if at > now {
                 break;
@@ -587,7 +624,7 @@ mod tests {
         );
         assert_eq!(table.poll(now()), [], "only once while in flight");
         let ttl = Duration::from_secs(30);
-        table.on_authenticated(&auth(tr, ttl), now(), sys0());
+        table.on_authenticated(&auth(tr, ttl), now(), now(), sys0());
         let acts = table.poll(now());
         assert!(matches!(acts.as_slice(), [Action::Write { triple, .. }] if *triple == tr));
         let t0 = now();
@@ -599,7 +636,7 @@ mod tests {
             "at 2/3 of the lifetime"
         );
         // The refresh succeeds with a rotated SVID: new write, no delete, no gap.
-        table.on_authenticated(&auth(tr, ttl), now(), sys0());
+        table.on_authenticated(&auth(tr, ttl), now(), now(), sys0());
         let acts = table.poll(now());
         assert!(matches!(acts.as_slice(), [Action::Write { .. }]));
         assert_eq!(table.status(&tr).unwrap().last_result, Some(Ok(())));
@@ -607,14 +644,14 @@ mod tests {
         let other = t(302, 301, B);
         table.set_desired([tr, other], now());
         let _ = table.poll(now());
-        table.on_authenticated(&auth(other, ttl), now(), sys0());
+        table.on_authenticated(&auth(other, ttl), now(), now(), sys0());
         let _ = table.poll(now());
         tokio::time::advance(Duration::from_secs(1)).await;
         table.refresh_local_identity(300, now());
         assert_eq!(table.poll(now()), [Action::Start(tr)]);
         // An entry only the peer wants (inbound, undesired here) refreshes too, once.
         let inbound = t(303, 301, B);
-        table.on_authenticated(&auth(inbound, ttl), now(), sys0());
+        table.on_authenticated(&auth(inbound, ttl), now(), now(), sys0());
         let _ = table.poll(now());
         table.refresh_local_identity(303, now());
         assert_eq!(table.poll(now()), [Action::Start(inbound)]);
@@ -631,7 +668,7 @@ mod tests {
         assert_eq!(step(&mut table).await, [Action::Start(tr)]);
         assert_eq!(now() - t0, Duration::from_millis(25));
         // The peer authenticated meanwhile (inbound): our refresh moves to 80 %.
-        table.on_authenticated(&auth(tr, Duration::from_secs(100)), now(), sys0());
+        table.on_authenticated(&auth(tr, Duration::from_secs(100)), now(), now(), sys0());
         table.poll(now());
         let t1 = now();
         assert_eq!(step(&mut table).await, [Action::Start(tr)]);
@@ -648,7 +685,7 @@ mod tests {
         let mut table = AuthTable::new(EntriesConfig::default(), A);
         let tr = t(300, 301, B);
         // An inbound entry we do not desire: collected after the grace period...
-        table.on_authenticated(&auth(tr, Duration::from_secs(5)), now(), sys0());
+        table.on_authenticated(&auth(tr, Duration::from_secs(5)), now(), now(), sys0());
         table.poll(now());
         let t0 = now();
         assert_eq!(step(&mut table).await, [Action::Delete(tr)]);
@@ -661,7 +698,7 @@ mod tests {
         // A desired entry whose refresh keeps failing is deleted at expiry and retried.
         table.set_desired([tr], now());
         assert_eq!(table.poll(now()), [Action::Start(tr)]);
-        table.on_authenticated(&auth(tr, Duration::from_millis(8500)), now(), sys0());
+        table.on_authenticated(&auth(tr, Duration::from_millis(8500)), now(), now(), sys0());
         table.poll(now());
         assert_eq!(step(&mut table).await, [Action::Start(tr)]);
         table.on_failed(tr, AuthFailure::PeerUnreachable, now(), 0.0);
@@ -688,6 +725,49 @@ mod tests {
         assert!(st.entry.is_none());
     }
 
+    /// Security issue §6: a handshake in flight when an SVID it proves is revoked must not
+    /// write an entry after the revocation (results and revocations arrive on two queues).
+    #[tokio::test(start_paused = true)]
+    async fn a_late_result_never_undoes_a_revocation() {
+        let mut table = AuthTable::new(EntriesConfig::default(), A);
+        let tr = t(300, 301, B);
+        let hour = Duration::from_secs(3600);
+        table.set_desired([tr], now());
+        assert_eq!(table.poll(now()), [Action::Start(tr)]);
+        let started = now();
+        advance(Duration::from_millis(10)).await;
+        // Our workload's SVID is revoked while the handshake is in flight; its result
+        // arrives afterwards.
+        table.remove_spiffe_id(&sid("l300"), now());
+        advance(Duration::from_millis(10)).await;
+        table.on_authenticated(&auth(tr, hour), started, now(), sys0());
+        assert!(
+            !table
+                .poll(now())
+                .iter()
+                .any(|a| matches!(a, Action::Write { .. })),
+            "a result that began before the revocation wrote an entry"
+        );
+        let st = table.status(&tr).unwrap();
+        assert!(st.entry.is_none());
+        assert_eq!(st.last_result, Some(Err(AuthFailure::Revoked)));
+        // The same for a peer's revocation, scoped to that peer.
+        let started = now();
+        advance(Duration::from_millis(10)).await;
+        table.remove_remote_spiffe_id(B, &sid("r301"), now());
+        table.on_authenticated(&auth(tr, hour), started, now(), sys0());
+        assert!(table.status(&tr).unwrap().entry.is_none());
+        // A handshake that began after the revocation (with a new SVID) is admitted.
+        advance(Duration::from_millis(10)).await;
+        table.on_authenticated(&auth(tr, hour), now(), now(), sys0());
+        assert!(table.status(&tr).unwrap().entry.is_some());
+        // Another node's revocation of the same ID does not touch this node's pair.
+        let started = now();
+        table.remove_remote_spiffe_id(3, &sid("r301"), now());
+        table.on_authenticated(&auth(tr, hour), started, now(), sys0());
+        assert_eq!(table.status(&tr).unwrap().last_result, Some(Ok(())));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn revocation_deletes_entries_at_once() {
         let mut table = AuthTable::new(EntriesConfig::default(), A);
@@ -698,7 +778,7 @@ mod tests {
         table.poll(now());
         let hour = Duration::from_secs(3600);
         for tr in [tr1, tr2, tr3] {
-            table.on_authenticated(&auth(tr, hour), now(), sys0());
+            table.on_authenticated(&auth(tr, hour), now(), now(), sys0());
         }
         table.poll(now());
         advance(Duration::from_millis(10)).await;
@@ -728,7 +808,7 @@ mod tests {
         table.set_desired([tr1, tr2, tr3], now());
         table.poll(now());
         for tr in [tr1, tr2, tr3] {
-            table.on_authenticated(&auth(tr, hour), now(), sys0());
+            table.on_authenticated(&auth(tr, hour), now(), now(), sys0());
         }
         table.poll(now());
         assert_eq!(table.len(), 3);
@@ -740,7 +820,7 @@ mod tests {
 
         table.set_desired([tr1, tr3], now());
         table.poll(now());
-        table.on_authenticated(&auth(tr3, hour), now(), sys0());
+        table.on_authenticated(&auth(tr3, hour), now(), now(), sys0());
         table.poll(now());
         table.remove_identity(301);
         assert_eq!(table.poll(now()), [Action::Delete(tr1)]);
@@ -766,7 +846,7 @@ mod tests {
         // Policy removed while the handshake was in flight; the result still arrives.
         advance(Duration::from_secs(60)).await;
         table.set_desired([], now());
-        table.on_authenticated(&auth(tr, Duration::from_secs(3600)), now(), sys0());
+        table.on_authenticated(&auth(tr, Duration::from_secs(3600)), now(), now(), sys0());
         assert!(matches!(
             table.poll(now()).as_slice(),
             [Action::Write { .. }]
@@ -777,7 +857,7 @@ mod tests {
         a.expires = sys0() - Duration::from_secs(1);
         table.set_desired([tr], now());
         table.poll(now());
-        table.on_authenticated(&a, now(), sys0());
+        table.on_authenticated(&a, now(), now(), sys0());
         assert_eq!(table.poll(now()), []);
         assert_eq!(
             table.status(&tr).unwrap().last_result,

@@ -125,6 +125,16 @@ pub enum AuthFailure {
     /// The node's handshake claimed a WireGuard public key another authenticated node holds:
     /// refused, so no node can take over (or black-hole) another's tunnel by naming its key.
     DuplicateWgKey,
+    /// The peer sent workload or re-key requests faster than a channel admits
+    /// ([`channel::ChannelConfig::inbound_rate`]): refused before any certificate is parsed.
+    RateLimited,
+    /// The node's handshake claimed a WireGuard public key other than the one it published in
+    /// cluster state. Not an identity failure: a node that just rotated its key is refused
+    /// until this node reads the new publication, and its old keys stay meanwhile.
+    UnpublishedWgKey,
+    /// The handshake completed, but an SVID it proved was revoked while it was in flight: the
+    /// result is discarded, so a revocation is never undone by a late handshake result.
+    Revoked,
 }
 
 impl AuthFailure {
@@ -133,11 +143,15 @@ impl AuthFailure {
     pub const fn is_identity_failure(self) -> bool {
         !matches!(
             self,
-            Self::PeerUnreachable | Self::Timeout | Self::ProtocolError
+            Self::PeerUnreachable
+                | Self::Timeout
+                | Self::ProtocolError
+                | Self::RateLimited
+                | Self::UnpublishedWgKey
         )
     }
 
-    pub const ALL: [AuthFailure; 11] = [
+    pub const ALL: [AuthFailure; 14] = [
         Self::WrongTrustDomain,
         Self::WrongSpiffeId,
         Self::ExpiredSvid,
@@ -149,6 +163,9 @@ impl AuthFailure {
         Self::Timeout,
         Self::ProtocolError,
         Self::DuplicateWgKey,
+        Self::RateLimited,
+        Self::Revoked,
+        Self::UnpublishedWgKey,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -164,6 +181,9 @@ impl AuthFailure {
             Self::Timeout => "timeout",
             Self::ProtocolError => "protocol-error",
             Self::DuplicateWgKey => "duplicate-wg-key",
+            Self::RateLimited => "rate-limited",
+            Self::Revoked => "revoked",
+            Self::UnpublishedWgKey => "unpublished-wg-key",
         }
     }
 
@@ -181,6 +201,9 @@ impl AuthFailure {
             Self::Timeout => 9,
             Self::ProtocolError => 10,
             Self::DuplicateWgKey => 11,
+            Self::RateLimited => 12,
+            Self::Revoked => 13,
+            Self::UnpublishedWgKey => 14,
         }
     }
 

@@ -366,6 +366,11 @@ fn respond_inner(
     keys: &SigningKeys,
     ctx: &Context<'_>,
 ) -> Result<(AuthAccept, Authenticated), AuthFailure> {
+    // Cheap checks first (security issue §6): a request for a workload this node does not
+    // host is refused before the peer's chain is parsed or any signature verified.
+    let svid = local
+        .svid_for(req.responder_identity)
+        .ok_or(AuthFailure::NotHosted)?;
     let peer = check_peer_workload(&req.chain, req.initiator_identity, ctx)?;
     let leaf = leaf_of(&req.chain)?;
     let initiator_transcript = Transcript {
@@ -381,9 +386,6 @@ fn respond_inner(
         &req.proof,
         &initiator_transcript.bytes(Role::Initiator, None),
     )?;
-    let svid = local
-        .svid_for(req.responder_identity)
-        .ok_or(AuthFailure::NotHosted)?;
     check_local_svid(&svid, req.responder_identity, ctx)?;
     let proof = sign(
         keys,

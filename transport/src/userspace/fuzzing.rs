@@ -315,6 +315,36 @@ mod tests {
         }
     }
 
+    /// An initiation proves only the static key: whoever holds a copy of the peer's private
+    /// key (but not the session's preshared key) gets an answer, but the peer's endpoint does
+    /// not move to it. Seen failing with the endpoint set on every answered initiation.
+    #[test]
+    fn an_initiation_from_elsewhere_does_not_move_the_endpoint() {
+        let mut h = Harness::new();
+        let mut thief = Tunn::new(
+            x25519::StaticSecret::from(PEER_KEY),
+            x25519::PublicKey::from(&x25519::StaticSecret::from(LOCAL_KEY)),
+            None,
+            None,
+            9,
+            None,
+        );
+        let init = match thief.format_handshake_initiation(&mut h.out, false) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        let elsewhere = SocketAddr::from(([198, 18, 0, 66], 40000));
+        let o = h.feed_from(&init, 0, init.len(), elsewhere);
+        assert_eq!(
+            o.replies, 1,
+            "the initiation is answered where it came from"
+        );
+        assert_eq!(h.replies.0.borrow()[0].0, elsewhere);
+        let (_, state) = h.device.state(51820);
+        let endpoints: Vec<_> = state.peers.iter().map(|p| p.endpoint).collect();
+        assert_eq!(endpoints, [Some(h.endpoint)], "the endpoint moved");
+    }
+
     #[test]
     fn authentic_packets_are_delivered() {
         let mut h = Harness::new();

@@ -942,8 +942,12 @@ fn handle_control<R: Reply>(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     match tunn.decapsulate(Some(from.ip()), datagram, &mut buf) {
         TunnResult::WriteToNetwork(reply) => {
+            // The answer goes where the initiation came from, but the endpoint does not move:
+            // an initiation proves only the static key, not the preshared key, so whoever
+            // holds a copy of a peer's private key could otherwise steer that peer's traffic
+            // to itself. The endpoint moves on packets of a completed session (which prove
+            // the PSK too): the response below (`Done`) or authenticated data (`RxPeer`).
             udp.reply(from, reply);
-            peer.set_endpoint(from);
             // Flush packets queued while the handshake was in flight.
             while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut buf) {
                 udp.reply(from, d);
