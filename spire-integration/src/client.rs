@@ -51,6 +51,20 @@ impl ClientConfig {
         }
     }
 
+    /// A real spire-agent: the Workload API on its `socket_path`, the Delegated Identity API
+    /// on its `admin_socket_path` (two sockets; spire-agent refuses an admin socket in the
+    /// Workload API socket's directory).
+    pub fn spire_agent(
+        workload_socket: impl Into<PathBuf>,
+        admin_socket: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            workload_socket: workload_socket.into(),
+            delegated_socket: admin_socket.into(),
+            backoff: BackoffConfig::default(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         for (what, p) in [
             ("workload_socket", &self.workload_socket),
@@ -341,15 +355,28 @@ where
         let delay = {
             let mut r = state.lock().unwrap_or_else(|p| p.into_inner());
             if r.in_outage {
-                debug!(error = %e, "{what} still unreachable");
+                debug!(error = %chain(&e), "{what} still unreachable");
             } else {
-                warn!(error = %e, "{what} unreachable; keeping last good identities until they expire");
+                warn!(error = %chain(&e), "{what} unreachable; keeping last good identities until they expire");
                 r.in_outage = true;
             }
             r.backoff.next_delay(&mut rand::rng())
         };
         tokio::time::sleep(delay).await;
     }
+}
+
+/// An error with its sources, so a log line names the cause (the gRPC status SPIRE sent, e.g.
+/// permission denied "no identity issued"; a missing socket), not only "grpc call failed".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 async fn node_stream(path: PathBuf, backoff: BackoffConfig, tx: Tx) {

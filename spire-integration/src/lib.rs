@@ -10,8 +10,9 @@
 //!
 //! Must not depend on: the agent or the datapath.
 //!
-//! How the agent uses it (the lab starts the dev server; a real deployment points the client
-//! at SPIRE's sockets instead):
+//! How the agent uses it (the lab starts the dev server; against a real spire-agent the client
+//! takes its two sockets, `ClientConfig::spire_agent(socket_path, admin_socket_path)`, see
+//! `tests/real_spire.rs`):
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), veil_spire::Error> {
