@@ -270,7 +270,8 @@ async fn socket_absent_at_start_then_appearing() {
     let dir = TestDir::new("absent");
     let (client, _stop) = start_client(&dir.sock("node-a"));
     client.watch_workload(selectors("frontend"));
-    // No server: the client waits and publishes nothing (fails closed, no placeholder).
+    // No server: the client waits and publishes nothing (fails closed, no placeholder). Time
+    // must pass for "nothing": 1.5 s of failed connection attempts.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let snap = client.current();
     assert_eq!(snap.generation, 0, "nothing published: {snap:?}");
@@ -323,6 +324,7 @@ async fn socket_gone_mid_run_keeps_last_good_until_expiry() {
     assert!(node.not_after() > SystemTime::now());
     let expiry = node.not_after().min(fe.not_after());
     let until_expiry = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+    // Time must pass: the check is just before the earlier expiry.
     tokio::time::sleep(until_expiry.saturating_sub(Duration::from_millis(300))).await;
     let s = client.current();
     assert!(
@@ -382,7 +384,8 @@ async fn revocation_removes_the_svid_within_two_seconds() {
         s.workloads.contains_key(&selectors("intruder")),
         "others untouched"
     );
-    // It stays gone (the server stopped issuing), and comes back when re-registered.
+    // It stays gone (the server stopped issuing), and comes back when re-registered. Time must
+    // pass for "stays gone": 500 ms.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!client
         .current()

@@ -7,9 +7,13 @@
 //! These tests need root, network namespaces and BPF. Without them they fail; they never skip.
 
 use std::{
+    io::{BufRead as _, BufReader, Read as _},
     path::{Path, PathBuf},
-    process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -278,6 +282,7 @@ impl Lab {
                 Instant::now() < deadline,
                 "timed out after {timeout:?} waiting for {what}"
             );
+            // The poll interval of this wait, not a wait of its own.
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -330,6 +335,77 @@ pub fn collect_logs(name: &str) -> String {
         }
     }
     out
+}
+
+/// A client process whose stdout lines are collected while it runs, so a test can wait until its
+/// stream flows (`line_count`, with `Lab::wait_for`) instead of sleeping. Killed on drop if still
+/// running.
+pub struct Streaming {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Streaming {
+    /// Spawns `cmd` with stdout and stderr piped.
+    pub fn spawn(cmd: &mut Command) -> Streaming {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn client");
+        let (out, err) = (
+            child.stdout.take().expect("piped"),
+            child.stderr.take().expect("piped"),
+        );
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (l, e) = (lines.clone(), stderr.clone());
+        let readers = vec![
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    l.lock().unwrap().push(line);
+                }
+            }),
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = BufReader::new(err).read_to_end(&mut buf);
+                *e.lock().unwrap() = buf;
+            }),
+        ];
+        Streaming {
+            child,
+            lines,
+            stderr,
+            readers,
+        }
+    }
+
+    /// Lines the client has printed so far.
+    pub fn line_count(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    /// Waits for the client to exit; returns every stdout line and its stderr.
+    pub fn finish(mut self) -> (Vec<String>, String) {
+        let _ = self.child.wait();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let lines = std::mem::take(&mut *self.lines.lock().unwrap());
+        let stderr = String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned();
+        (lines, stderr)
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// A file removed on drop.

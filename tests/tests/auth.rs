@@ -6,11 +6,10 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     os::fd::AsFd as _,
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use veil_tests::{veil_ok, Lab, Status};
+use veil_tests::{veil_ok, Lab, Status, Streaming};
 
 /// frontend and intruder on node-a, backend on node-b serving HTTP on 8080 and an echo
 /// (TCP and UDP) on 9000.
@@ -67,39 +66,27 @@ fn auth_pairs_with(st: &Status, label: &str) -> Vec<veil_agent::api::AuthPair> {
 }
 
 /// A TCP echo stream from `pod` to backend:9000: `lines` lines, one every `gap_ms`.
-fn tcp_stream(lab: &Lab, pod: &str, lines: u32, gap_ms: u32) -> Child {
+fn tcp_stream(lab: &Lab, pod: &str, lines: u32, gap_ms: u32) -> Streaming {
     let be = lab.pod_ip("backend");
     let script = format!(
         "for i in $(seq 1 {lines}); do echo line-$i; sleep 0.{gap_ms:03}; done | ncat -w 5 -i 5 {be} 9000"
     );
-    lab.command_in(pod, &["sh", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tcp stream")
+    Streaming::spawn(&mut lab.command_in(pod, &["sh", "-c", &script]))
 }
 
 /// A sequence-numbered UDP probe from `pod` to backend:9000 (echoed back), one datagram every
 /// `gap_ms`.
-fn udp_probe(lab: &Lab, pod: &str, count: u32, gap_ms: u32) -> Child {
+fn udp_probe(lab: &Lab, pod: &str, count: u32, gap_ms: u32) -> Streaming {
     let be = lab.pod_ip("backend");
     let script = format!(
         "for i in $(seq 1 {count}); do echo seq-$i; sleep 0.{gap_ms:03}; done | ncat -u -w 3 -i 3 {be} 9000"
     );
-    lab.command_in(pod, &["sh", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn udp probe")
+    Streaming::spawn(&mut lab.command_in(pod, &["sh", "-c", &script]))
 }
 
 /// The echoed lines of a finished stream or probe.
-fn echoed(child: Child) -> Vec<String> {
-    let out = child.wait_with_output().expect("wait for client");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+fn echoed(client: Streaming) -> Vec<String> {
+    client.finish().0
 }
 
 /// Sequence numbers 1..=n missing from the echoed probe lines.
@@ -321,7 +308,11 @@ fn revoked_pod_loses_access_within_5s() {
     });
     // An established stream that must be cut too (auth is checked on every packet).
     let stream = tcp_stream(&lab, "frontend", 100, 100);
-    std::thread::sleep(Duration::from_millis(1500));
+    lab.wait_for(
+        "frontend's stream to backend to flow (10 lines echoed)",
+        Duration::from_secs(10),
+        || (stream.line_count() >= 10).then_some(()),
+    );
 
     let t = Instant::now();
     veil_ok(&[
@@ -408,6 +399,7 @@ fn svid_rotation_every_20s_under_load_loses_nothing() {
                 epochs.push(e);
             }
         }
+        // Sampling interval of a 2-minute observation under load, not a wait for an event.
         std::thread::sleep(Duration::from_millis(500));
     }
     let tcp_lines = echoed(tcp);
@@ -470,6 +462,7 @@ fn psk_rotation_under_load_loses_nothing() {
                 handshakes.push(h);
             }
         }
+        // Sampling interval of a 42 s observation of the rotations, not a wait for an event.
         std::thread::sleep(Duration::from_millis(300));
     }
     let tcp_lines = echoed(tcp);
@@ -560,6 +553,7 @@ fn attack(netns: &str, target: SocketAddr, half_open: usize) -> Vec<TcpStream> {
                     if s.write_all(&[*b]).is_err() {
                         return;
                     }
+                    // The attack itself: one byte every 200 ms keeps the handshake pending.
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 let mut buf = [0u8; 64];
@@ -634,6 +628,7 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
         if (open.0 <= 8 && open.1 == 0) || Instant::now() > deadline {
             break open;
         }
+        // Poll interval of this 2 s wait for the caps to take effect.
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(
@@ -700,6 +695,7 @@ fn static_key_rotation_under_load_recovers_and_is_measured() {
                 keys.push(k);
             }
         }
+        // Sampling interval of a 31 s observation of the key rotations, not a wait for an event.
         std::thread::sleep(Duration::from_millis(200));
     }
     let tcp_lines = echoed(tcp);

@@ -1714,6 +1714,8 @@ fn drop_events_are_throttled_and_counted() {
         assert!(o.events.is_empty(), "suppressed within the second: {o:?}");
     }
     assert_eq!(n.dp.drop_count(reason::POLICY_DENIED).unwrap(), 6);
+    // Time must pass: the throttle folds events within one second (bpf_ktime), so the next
+    // event comes only in the next second.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let o = n.send(At::Pod(IF_IN), &p);
     assert_eq!(o.events.len(), 1, "{o:?}");

@@ -58,6 +58,7 @@ fn svids_rotate_at_half_life_and_revocation_removes_within_5s() {
     let start = Instant::now();
     let mut serials = vec![frontend_serial(&lab).unwrap()];
     while start.elapsed() < Duration::from_secs(70) && serials.len() < 3 {
+        // Poll interval of this wait for two rotations (serials kept in order as they appear).
         std::thread::sleep(Duration::from_millis(500));
         if let Some(s) = frontend_serial(&lab) {
             if serials.last() != Some(&s) {
@@ -86,6 +87,7 @@ fn svids_rotate_at_half_life_and_revocation_removes_within_5s() {
         || frontend_serial(&lab).is_none().then_some(()),
     );
     println!("revocation reached node-a in {:?}", t.elapsed());
+    // Time must pass for "stays gone": a revoked SVID must not come back 2 s later.
     std::thread::sleep(Duration::from_secs(2));
     assert!(frontend_serial(&lab).is_none(), "a revoked SVID came back");
     // Other identities are untouched.

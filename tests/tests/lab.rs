@@ -130,10 +130,12 @@ fn down_cleans_up_after_up_was_killed() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // Time must pass: the kill lands at a point in `up` set by the delay, not by an event.
         std::thread::sleep(Duration::from_millis(delay_ms));
         up.kill().unwrap(); // SIGKILL
         let _ = up.wait();
-        // Wait briefly so a half-started supervisor is also in place.
+        // Time must pass: an orphaned, half-started supervisor gets 200 ms to start what it
+        // will, so down has to remove that too (there is no event to wait for: it may not exist).
         std::thread::sleep(Duration::from_millis(200));
         let out = veil(&["lab", "down", "--name", &name]);
         assert!(

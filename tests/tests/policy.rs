@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{veil, veil_ok, Lab};
+use veil_tests::{veil, veil_ok, Lab, Streaming};
 
 const INGRESS: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -264,16 +264,12 @@ const ECHO_LAB: &str = "pods:\n\
 - {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}\n";
 
 /// Counts lines of an echo stream that came back.
-fn stream(lab: &Lab, pod: &str, lines: u32, gap_ms: u32) -> std::process::Child {
+fn stream(lab: &Lab, pod: &str, lines: u32, gap_ms: u32) -> Streaming {
     let be = lab.pod_ip("backend");
     let script = format!(
         "for i in $(seq 1 {lines}); do echo line-$i; sleep 0.{gap_ms:03}; done | ncat -w 5 -i 3 {be} 9000"
     );
-    lab.command_in(pod, &["sh", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    Streaming::spawn(&mut lab.command_in(pod, &["sh", "-c", &script]))
 }
 
 #[test]
@@ -310,10 +306,9 @@ fn policy_updates_lose_nothing_on_allowed_streams_and_cut_denied_ones() {
         );
         updates += 1;
     }
-    let out = tcp.wait_with_output().unwrap();
-    let echoed = String::from_utf8_lossy(&out.stdout);
+    let (echoed, _) = tcp.finish();
     assert_eq!(
-        echoed.lines().count(),
+        echoed.len(),
         120,
         "the allowed TCP stream lost data across {updates} policy updates"
     );
@@ -333,11 +328,14 @@ fn policy_updates_lose_nothing_on_allowed_streams_and_cut_denied_ones() {
     // An established connection the new policy denies is cut (ARCHITECTURE.md: conntrack is
     // re-evaluated on every policy change).
     let victim = stream(&lab, "frontend", 100, 50);
-    std::thread::sleep(Duration::from_millis(1000));
+    lab.wait_for(
+        "the victim stream to flow (10 lines echoed)",
+        Duration::from_secs(10),
+        || (victim.line_count() >= 10).then_some(()),
+    );
     let out = lab.apply_policy_ok(&allow_9000("").replace("app: frontend", "app: intruder"));
     assert!(out.contains("connections cut"), "{out}");
-    let out = victim.wait_with_output().unwrap();
-    let n = String::from_utf8_lossy(&out.stdout).lines().count();
+    let n = victim.finish().0.len();
     assert!(
         n < 100,
         "a connection the policy now denies kept flowing ({n} lines)"

@@ -4,15 +4,60 @@
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use veil_tests::{veil, veil_ok, Lab};
+use veil_tests::{veil, veil_ok, Lab, Streaming};
 
 /// A tcpdump on the lab's underlay bridge writing a pcap, independent of `veil check`.
 struct Capture {
     child: Child,
     file: PathBuf,
+    netns: String,
+    bridge: String,
+}
+
+/// EtherType of the frame that marks the end of a capture (IEEE 802 local experimental).
+const END_ETHERTYPE: u16 = 0x88b5;
+
+/// Sends one broadcast frame of `END_ETHERTYPE` carrying `payload` out of `ifname` in `netns`.
+fn send_end_frame(netns: &str, ifname: &str, payload: &[u8]) {
+    let ifname = std::ffi::CString::new(ifname).unwrap();
+    let mut frame = vec![0xff; 6];
+    frame.extend([0x02, 0, 0, 0, 0, 0x01]);
+    frame.extend(END_ETHERTYPE.to_be_bytes());
+    frame.extend(payload);
+    let sent = veil_agent::sys::in_netns(netns, move || -> std::io::Result<()> {
+        // SAFETY: plain syscalls on a socket this closure opens and closes; `addr` and `frame`
+        // outlive the calls that read them.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n < 0 {
+                return Err(err);
+            }
+        }
+        Ok(())
+    })
+    .expect("enter the underlay netns");
+    sent.expect("send the end-of-capture frame");
 }
 
 impl Capture {
@@ -50,12 +95,33 @@ impl Capture {
             let mut sink = [0u8; 256];
             while matches!(err.read(&mut sink), Ok(n) if n > 0) {}
         });
-        Capture { child, file }
+        Capture {
+            child,
+            file,
+            netns: lab.view.underlay.netns.clone(),
+            bridge: lab.view.underlay.bridge.clone(),
+        }
     }
 
     /// Stops the capture; returns (raw pcap bytes, tcpdump's one-line decode of each packet).
     fn stop(mut self) -> (Vec<u8>, Vec<String>) {
-        std::thread::sleep(Duration::from_millis(300));
+        // What the test sent has crossed the bridge when it calls stop; what may lag is tcpdump
+        // writing it. A frame sent on the bridge now is queued to tcpdump behind all of it, so
+        // once that frame is in the file, everything before it is too.
+        let end = format!("veil-capture-end-{}", rand_suffix());
+        send_end_frame(&self.netns, &self.bridge, end.as_bytes());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !contains(
+            &std::fs::read(&self.file).unwrap_or_default(),
+            end.as_bytes(),
+        ) {
+            assert!(
+                Instant::now() < deadline,
+                "tcpdump did not write the end-of-capture frame within 5 s"
+            );
+            // Poll interval of the wait for the end frame.
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGINT,
@@ -65,6 +131,7 @@ impl Capture {
         let text = Command::new("tcpdump")
             .args(["-nn", "-r"])
             .arg(&self.file)
+            .arg(format!("not ether proto {END_ETHERTYPE:#06x}"))
             .output()
             .expect("tcpdump -r");
         let _ = std::fs::remove_file(&self.file);
@@ -273,27 +340,28 @@ fn agent_restart_does_not_cut_a_long_stream() {
     // 200 lines over ~6 s through one TCP connection, echoed back.
     let script =
         format!("for i in $(seq 1 200); do echo line-$i; sleep 0.03; done | ncat -w 10 {be} 9000");
-    let client = lab
-        .command_in("frontend", &["sh", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    let client = Streaming::spawn(&mut lab.command_in("frontend", &["sh", "-c", &script]));
+    lab.wait_for(
+        "the stream to flow (20 lines echoed)",
+        Duration::from_secs(10),
+        || (client.line_count() >= 20).then_some(()),
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(before.agent.pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let out = client.wait_with_output().unwrap();
-    let echoed = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = echoed.lines().collect();
+    let at_kill = client.line_count();
+    assert!(
+        at_kill < 150,
+        "the agent was killed only after {at_kill} of 200 lines"
+    );
+    let (lines, stderr) = client.finish();
     assert_eq!(
         lines.len(),
         200,
-        "stream lost data across the agent restart: got {} lines; stderr {}",
+        "stream lost data across the agent restart: got {} lines; stderr {stderr}",
         lines.len(),
-        String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(lines[199], "line-200");
     let after = lab.wait_for("restarted agent", Duration::from_secs(20), || {
@@ -350,7 +418,10 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
         )
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    lab.wait_for("backend listening on 9100", Duration::from_secs(5), || {
+        let ss = lab.exec_ok("backend", &["ss", "-Hltn", "sport = :9100"]);
+        (!ss.trim().is_empty()).then_some(())
+    });
     lab.exec_ok(
         "frontend",
         &[
