@@ -52,6 +52,10 @@ pub struct HoldStatus {
     pub released: u64,
     pub timed_out: u64,
     pub overflow: u64,
+    /// Packets the hold device received that name no pair needing auth (not from a local
+    /// pod to a remote one, or unparseable): dropped, never forwarded.
+    #[serde(default)]
+    pub unclassified: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -176,11 +176,11 @@ pub fn format_status(st: &api::Status) -> String {
         let _ = writeln!(s, "  auth failures: {}", f.join(" "));
     }
     let h = &st.hold;
-    if h.held + h.overflow > 0 {
+    if h.held + h.overflow + h.unclassified > 0 {
         let _ = writeln!(
             s,
-            "  held for auth: {} packets ({} released, {} timed out, {} overflowed)",
-            h.held, h.released, h.timed_out, h.overflow
+            "  held for auth: {} packets ({} released, {} timed out, {} overflowed, {} unclassified)",
+            h.held, h.released, h.timed_out, h.overflow, h.unclassified
         );
     }
     let _ = writeln!(s, "  programs:");

@@ -430,6 +430,7 @@ impl Agent {
             let mut key_tick =
                 tokio::time::interval_at(tokio::time::Instant::now() + key_period, key_period);
             key_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut pending_key: Option<PendingKey> = None;
             loop {
                 {
                     let state = cluster_rx.borrow_and_update().clone();
@@ -450,6 +451,7 @@ impl Agent {
                         }
                     }
                 }
+                let commit_at = pending_key.as_ref().map(|(at, _)| *at);
                 tokio::select! {
                     _ = stop_loop.wait_for(|s| *s) => return,
                     r = cluster_rx.changed() => if r.is_err() { return },
@@ -463,7 +465,15 @@ impl Agent {
                     _ = tick.tick() => {}
                     _ = key_tick.tick() => {
                         let mut s = shared.lock().expect("agent state lock");
-                        rotate_node_key(&mut s);
+                        pending_key = rotate_node_key(&mut s);
+                    }
+                    // The new key was published a lead ago: every peer has read it by now, so
+                    // its node handshake claiming that key is admitted (`unpublished-wg-key`).
+                    _ = tokio::time::sleep_until(commit_at.unwrap_or_else(tokio::time::Instant::now)), if commit_at.is_some() => {
+                        if let Some((_, key)) = pending_key.take() {
+                            let mut s = shared.lock().expect("agent state lock");
+                            commit_node_key(&mut s, key);
+                        }
                     }
                 }
             }
@@ -484,26 +494,69 @@ impl Agent {
 /// Static key rotation: a new node key on the device, announced to every peer by re-running
 /// the node handshakes (each peer swaps the old key for the new one with a fresh PSK). Without
 /// mutual auth the key is published to the cluster state instead.
-fn rotate_node_key(s: &mut Shared) {
+/// With mutual auth, a node key is published this long before the node uses it: a peer
+/// admits a node handshake only for the key the node published (§9.6a), and cluster state
+/// reaches every agent well within it (the lab source polls every 250 ms).
+const KEY_PUBLICATION_LEAD: Duration = Duration::from_secs(1);
+
+/// A rotated key waiting for its publication lead: when to put it on the device, and the key.
+type PendingKey = (tokio::time::Instant, veil_transport::PrivateKey);
+
+/// Starts a static key rotation. With mutual auth: publishes the new public key and returns
+/// it for [`commit_node_key`] after [`KEY_PUBLICATION_LEAD`]. Without: rotates at once.
+fn rotate_node_key(s: &mut Shared) -> Option<PendingKey> {
+    if s.key_rotation.is_some() {
+        let key = veil_transport::PrivateKey::generate();
+        let SourceConfig::Lab { dir } = &s.cfg.source;
+        if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &key.public_key().to_base64())
+        {
+            tracing::warn!(error = %e, "cannot publish the next node key; keeping the current key");
+            return None;
+        }
+        tracing::info!(public_key = %key.public_key(), "next node WireGuard key published");
+        return Some((tokio::time::Instant::now() + KEY_PUBLICATION_LEAD, key));
+    }
     let state_dir = s.cfg.state_dir.clone();
     let Some(t) = s.tunnel.as_mut() else {
-        return;
+        return None;
     };
     let started = std::time::Instant::now();
     let public = match t.rotate_key(&state_dir) {
         Ok(k) => k,
         Err(e) => {
             tracing::warn!(error = %crate::error_chain(&e), "node key rotation failed; keeping the current key");
+            return None;
+        }
+    };
+    let SourceConfig::Lab { dir } = &s.cfg.source;
+    if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &public.to_base64()) {
+        tracing::warn!(error = %e, "cannot publish the rotated node key");
+    }
+    tracing::info!(public_key = %public, took_us = started.elapsed().as_micros() as u64, "node WireGuard key rotated");
+    None
+}
+
+/// Puts a published key on the device and re-runs the node handshakes with it.
+fn commit_node_key(s: &mut Shared, key: veil_transport::PrivateKey) {
+    let state_dir = s.cfg.state_dir.clone();
+    let Some(t) = s.tunnel.as_mut() else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let public = match t.rotate_key_to(&state_dir, key) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "node key rotation failed; keeping the current key");
+            // Publish the key in use again, so peers keep admitting its handshakes.
+            let current = t.public_key();
+            let SourceConfig::Lab { dir } = &s.cfg.source;
+            let _ = LabSource::publish_node_key(dir, &s.cfg.node, &current.to_base64());
             return;
         }
     };
     if let Some((wg_key, rehandshake)) = &s.key_rotation {
         wg_key.store(Arc::new(public));
         let _ = rehandshake.try_send(());
-    }
-    let SourceConfig::Lab { dir } = &s.cfg.source;
-    if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &public.to_base64()) {
-        tracing::warn!(error = %e, "cannot publish the rotated node key");
     }
     tracing::info!(public_key = %public, took_us = started.elapsed().as_micros() as u64, "node WireGuard key rotated");
 }
@@ -1101,6 +1154,7 @@ fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
                 released: h.released,
                 timed_out: h.timed_out,
                 overflow: h.overflow,
+                unclassified: h.unclassified,
             }
         },
         drops,
@@ -1348,6 +1402,7 @@ fn metrics(
         ("released", st.hold.released),
         ("timed-out", st.hold.timed_out),
         ("overflow", st.hold.overflow),
+        ("unclassified", st.hold.unclassified),
     ] {
         let _ = writeln!(out, "veil_hold_packets_total{{outcome=\"{outcome}\"}} {n}");
     }

@@ -286,7 +286,12 @@ impl NodeTunnel {
     /// `state_dir/wireguard.key` and put on the device at once. Every WireGuard session ends;
     /// peers can handshake again once a node handshake told them the new public key.
     pub fn rotate_key(&mut self, state_dir: &Path) -> Result<PublicKey, Error> {
-        let key = PrivateKey::generate();
+        self.rotate_key_to(state_dir, PrivateKey::generate())
+    }
+
+    /// Puts `key` (made earlier and published first, see `daemon::rotate_node_key`) on the
+    /// device and in the state dir.
+    pub fn rotate_key_to(&mut self, state_dir: &Path, key: PrivateKey) -> Result<PublicKey, Error> {
         write_key(state_dir, &key)?;
         self.device.set_private_key(&key)?;
         self.key = key;
