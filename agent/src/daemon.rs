@@ -517,9 +517,7 @@ fn rotate_node_key(s: &mut Shared) -> Option<PendingKey> {
         return Some((tokio::time::Instant::now() + KEY_PUBLICATION_LEAD, key));
     }
     let state_dir = s.cfg.state_dir.clone();
-    let Some(t) = s.tunnel.as_mut() else {
-        return None;
-    };
+    let t = s.tunnel.as_mut()?;
     let started = std::time::Instant::now();
     let public = match t.rotate_key(&state_dir) {
         Ok(k) => k,
