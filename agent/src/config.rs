@@ -82,6 +82,10 @@ pub struct Config {
     /// API (SVIDs of this node's pods). None: no identities (mutual auth impossible).
     #[serde(default)]
     pub spire_socket: Option<PathBuf>,
+    /// A real spire-agent serves the Delegated Identity API on its admin socket, apart from the
+    /// Workload API on `spire_socket`. None: `spire_socket` serves both (veil's dev server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spire_admin_socket: Option<PathBuf>,
     /// Mutual authentication between node agents (needs `spire_socket`): tunnel keys come only
     /// from authenticated node handshakes, auth entries from workload handshakes.
     #[serde(default = "yes")]
@@ -185,6 +189,12 @@ impl Config {
         }
         if !self.pin_dir.starts_with(&self.bpffs) {
             return invalid("pin_dir", "must be under bpffs");
+        }
+        if self.spire_admin_socket.is_some() && self.spire_socket.is_none() {
+            return invalid(
+                "spire_admin_socket",
+                "needs spire_socket (the spire-agent's Workload API socket)",
+            );
         }
         if self.listen_port == 0 {
             return invalid("listen_port", "must not be 0");

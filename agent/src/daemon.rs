@@ -184,9 +184,17 @@ impl Agent {
         );
         let (identity_client, identities) = match &cfg.spire_socket {
             Some(socket) => {
-                let (client, handle) =
-                    IdentityClient::new(ClientConfig::new(socket)).map_err(Error::Spire)?;
-                tracing::info!(socket = %socket.display(), "identities from SPIRE (Workload + Delegated Identity API)");
+                let client_cfg = match &cfg.spire_admin_socket {
+                    Some(admin) => {
+                        tracing::info!(workload = %socket.display(), admin = %admin.display(), "identities from a spire-agent (Workload API + Delegated Identity API on its admin socket)");
+                        ClientConfig::spire_agent(socket, admin)
+                    }
+                    None => {
+                        tracing::info!(socket = %socket.display(), "identities from SPIRE (Workload + Delegated Identity API)");
+                        ClientConfig::new(socket)
+                    }
+                };
+                let (client, handle) = IdentityClient::new(client_cfg).map_err(Error::Spire)?;
                 (Some(client), Some(handle))
             }
             None => {

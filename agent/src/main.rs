@@ -214,6 +214,10 @@ enum LabCommand {
         /// SVID TTL, e.g. 30s, 1h.
         #[arg(long)]
         svid_ttl: Option<spec::HumanDuration>,
+        /// Who issues SVIDs: `spire` (real spire-server + one spire-agent per node) or `dev`
+        /// (veil's dev server; supports `lab rotate` and `lab ca`). Default: dev.
+        #[arg(long)]
+        identity: Option<spec::IdentityProvider>,
         /// No progress output.
         #[arg(short, long)]
         quiet: bool,
@@ -274,6 +278,14 @@ enum LabCommand {
         #[arg(long)]
         name: String,
     },
+    /// (internal) Become a node's spire-agent once `lab up` has written its config.
+    #[command(hide = true)]
+    SpireAgent {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        node: String,
+    },
     /// (internal) Keep a lab's daemons running.
     #[command(hide = true)]
     Supervise {
@@ -325,10 +337,25 @@ fn is_daemon(c: &Command) -> bool {
             }
             | Command::Lab {
                 command: LabCommand::SpireServer { .. }
+                    | LabCommand::SpireAgent { .. }
                     | LabCommand::Supervise { .. }
                     | LabCommand::Serve { .. }
             }
     )
+}
+
+/// `lab rotate` and `lab ca` drive the dev server; real SPIRE rotates on its own schedule.
+fn refuse_with_spire(spec: &spec::LabSpec, what: &str) -> Result<()> {
+    if spec.identity == spec::IdentityProvider::Spire {
+        bail!(
+            "`veil {what}` is not supported with --identity spire: SPIRE rotates SVIDs itself at half their TTL \
+             (lab {:?}: {}s); use `spire-server localauthority x509 prepare|activate|taint|revoke -socketPath {}` for the CA",
+            spec.name,
+            spec.svid_ttl.as_secs(),
+            lab::spire_real::server_socket(&lab::LabPaths::new(&spec.name)?).display()
+        );
+    }
+    Ok(())
 }
 
 /// POST to the lab's dev SPIRE server control socket; returns the JSON answer.
@@ -738,6 +765,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             backend,
             encryption,
             svid_ttl,
+            identity,
             quiet,
         } => {
             let lab_file = match &file {
@@ -752,6 +780,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
                 encryption: encryption.map(|e| e.0),
                 svid_ttl: svid_ttl.map(|d| d.0),
                 backend,
+                identity,
             };
             let spec = spec::resolve(&name, lab_file, &overrides)?;
             let exe = std::env::current_exe().context("cannot find the veil binary")?;
@@ -808,6 +837,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             all,
         } => {
             let (spec, paths) = lab::load(&name)?;
+            refuse_with_spire(&spec, "lab rotate")?;
             let query = match (pod, node, all) {
                 (Some(p), _, _) => {
                     let p = spec.find_pod(&p).map_err(anyhow::Error::msg)?;
@@ -826,7 +856,8 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Ca { name, step } => {
-            let (_, paths) = lab::load(&name)?;
+            let (spec, paths) = lab::load(&name)?;
+            refuse_with_spire(&spec, "lab ca")?;
             let step = match step {
                 CaStep::Prepare => "prepare",
                 CaStep::Activate => "activate",
@@ -839,6 +870,27 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
         LabCommand::Revoke { name, pod } => {
             let (spec, paths) = lab::load(&name)?;
             let p = spec.find_pod(&pod).map_err(anyhow::Error::msg)?;
+            if spec.identity == spec::IdentityProvider::Spire {
+                let (id, entries) = lab::spire_real::revoke(&spec, &paths, p)?;
+                if entries.is_empty() {
+                    bail!("no SPIRE registration entry for {id} (already revoked?)");
+                }
+                let sa = format!("{}/{}", p.namespace, p.service_account);
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "revoked": id,
+                        "deleted_entries": entries,
+                        "note": format!(
+                            "SPIRE entries are per SPIFFE ID: every pod of service account {sa} loses its SVID; \
+                             spire-agents drop it at their next sync (server cache reload {} + agent sync {})",
+                            lab::spire_real::SERVER_CACHE_RELOAD,
+                            lab::spire_real::AGENT_SYNC
+                        ),
+                    })
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let body = spire_call(
                 &paths,
                 &format!(
@@ -857,6 +909,10 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
                 .build()?
                 .block_on(lab::spire::run(&spec, &paths))?;
             Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::SpireAgent { name, node } => {
+            let paths = lab::LabPaths::new(&name)?;
+            match lab::spire_real::exec_agent(&paths, &node)? {}
         }
         LabCommand::Supervise { name } => {
             let paths = lab::LabPaths::new(&name)?;

@@ -10,6 +10,7 @@ pub mod journal;
 pub mod serve;
 pub mod spec;
 pub mod spire;
+pub mod spire_real;
 pub mod supervisor;
 
 use std::{
@@ -70,6 +71,8 @@ pub enum Error {
         cause: Box<Error>,
         undo: Box<Error>,
     },
+    #[error("SPIRE: {0}")]
+    Spire(String),
     #[error("prerequisite missing: {0}")]
     Prerequisite(String),
     #[error("cannot write {path}")]
@@ -164,9 +167,23 @@ pub struct LabView {
     pub backend: String,
     pub svid_ttl_seconds: u64,
     pub pod_mtu: u32,
+    /// Who issues the lab's SVIDs.
+    pub identity: IdentityView,
     pub underlay: UnderlayView,
     pub nodes: Vec<NodeView>,
     pub pods: Vec<PodView>,
+}
+
+/// `"identity"` of `veil lab show -o json`: with `spire`, `"$server_bin" entry show -socketPath
+/// "$server_socket"` (and `agent list`) run against the lab's spire-server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdentityView {
+    /// `spire` or `dev`.
+    pub provider: String,
+    /// spire-server's version; `dev` for veil's dev server.
+    pub version: String,
+    pub server_socket: Option<String>,
+    pub server_bin: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,6 +227,22 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
         backend: spec.backend.to_string(),
         svid_ttl_seconds: spec.svid_ttl.as_secs(),
         pod_mtu: spec.pod_mtu(),
+        identity: match spec.identity {
+            spec::IdentityProvider::Dev => IdentityView {
+                provider: "dev".into(),
+                version: "dev".into(),
+                server_socket: None,
+                server_bin: None,
+            },
+            spec::IdentityProvider::Spire => IdentityView {
+                provider: "spire".into(),
+                version: spire_real::version().unwrap_or_default(),
+                server_socket: Some(spire_real::server_socket(paths).display().to_string()),
+                server_bin: spire_real::tool("spire-server")
+                    .ok()
+                    .map(|p| p.display().to_string()),
+            },
+        },
         underlay: UnderlayView {
             netns: spec::underlay_netns(&spec.name),
             bridge: spec::bridge_name(&spec.name),
@@ -344,7 +377,12 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         wg_log: Some(paths.log(&format!("wg-{}", node.name))),
         wg_cgroup: Some(paths.node_cgroup(&node.name).join("wg")),
         uapi_dir: PathBuf::from(WG_SOCKET_DIR),
-        spire_socket: Some(spire::node_socket(paths, &node.name)),
+        spire_socket: Some(match spec.identity {
+            spec::IdentityProvider::Dev => spire::node_socket(paths, &node.name),
+            spec::IdentityProvider::Spire => spire_real::workload_socket(paths, &node.name),
+        }),
+        spire_admin_socket: (spec.identity == spec::IdentityProvider::Spire)
+            .then(|| spire_real::admin_socket(paths, &node.name)),
         mutual_auth: true,
         control_port: 4250,
         allow_classical_kx: false,
@@ -423,6 +461,9 @@ pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
              use --backend userspace or auto"
                 .into(),
         ));
+    }
+    if spec.identity == spec::IdentityProvider::Spire {
+        spire_real::check_tools().map_err(Error::Prerequisite)?;
     }
     let fail_after = fail_after_from_env()?;
     let paths = LabPaths::new(&spec.name)?;
@@ -556,6 +597,12 @@ fn build(
             path: Path::new(WG_SOCKET_DIR).join(format!("{}.sock", node.wg_interface)),
         })?;
     }
+    if spec.identity == spec::IdentityProvider::Spire {
+        j.record(&Resource::Dir {
+            path: spire_real::dir(paths),
+        })?;
+        spire_real::prepare(spec, paths)?;
+    }
     progress.step("control plane written (cluster state, agent configs)");
     step_done("control-plane")?;
 
@@ -586,6 +633,15 @@ fn build(
         "supervisor started (pid {pid}): {} processes",
         manifest.len()
     ));
+    if spec.identity == spec::IdentityProvider::Spire {
+        spire_real::register(
+            spec,
+            paths,
+            progress,
+            Instant::now() + Duration::from_secs(60),
+            &|| interrupted.is_set(),
+        )?;
+    }
     step_done("supervisor")?;
 
     wait_ready(spec, paths, progress, Duration::from_secs(90), interrupted)?;
@@ -636,6 +692,10 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
     ];
     for n in &spec.nodes {
         ul_cmds.push(format!("link set {} master {br} up", n.bridge_port));
+    }
+    if spec.identity == spec::IdentityProvider::Spire {
+        // The spire-server listens here; the nodes reach it over the underlay.
+        ul_cmds.push(format!("addr add {}/24 dev {br}", spire_real::SERVER_IP));
     }
     sys::ip_batch(Some(&ul), &ul_cmds)?;
     sysctl_in(
@@ -744,6 +804,9 @@ fn build_cgroups(spec: &LabSpec, paths: &LabPaths, j: &mut Journal) -> Result<()
         dirs.push(paths.node_cgroup(&n.name));
         dirs.push(paths.node_cgroup(&n.name).join("agent"));
         dirs.push(paths.node_cgroup(&n.name).join("wg"));
+        if spec.identity == spec::IdentityProvider::Spire {
+            dirs.push(paths.node_cgroup(&n.name).join("spire-agent"));
+        }
     }
     dirs.extend(spec.pods.iter().map(|p| paths.pod_cgroup(p)));
     for d in dirs {

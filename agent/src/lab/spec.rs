@@ -62,6 +62,40 @@ impl std::fmt::Display for Backend {
     }
 }
 
+/// Where the lab's SVIDs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityProvider {
+    /// veil's dev SPIRE server (`veil lab spire-server`): one process, one socket per node,
+    /// forced rotation and instant revocation (`veil lab rotate`, `veil lab ca`).
+    #[default]
+    Dev,
+    /// Real SPIRE: one spire-server in the underlay netns, one spire-agent per node.
+    Spire,
+}
+
+impl std::str::FromStr for IdentityProvider {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dev" => Ok(Self::Dev),
+            "spire" => Ok(Self::Spire),
+            other => Err(format!(
+                "unknown identity provider {other:?} (expected spire or dev)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for IdentityProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Dev => "dev",
+            Self::Spire => "spire",
+        })
+    }
+}
+
 /// `on`/`off` switch as users write it in YAML or on the command line (YAML 1.1 also reads
 /// bare on/off as booleans, so both forms are accepted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +155,8 @@ pub struct LabFile {
     pub encryption: Option<OnOff>,
     pub svid_ttl: Option<HumanDuration>,
     pub backend: Option<Backend>,
+    /// `spire` or `dev`: who issues the lab's SVIDs.
+    pub identity: Option<IdentityProvider>,
     pub underlay_mtu: Option<u32>,
     /// How often each node pair re-runs its node handshake (new WireGuard PSK).
     pub psk_rotation: Option<HumanDuration>,
@@ -180,6 +216,7 @@ pub struct Overrides {
     pub encryption: Option<bool>,
     pub svid_ttl: Option<Duration>,
     pub backend: Option<Backend>,
+    pub identity: Option<IdentityProvider>,
 }
 
 /// A validated lab: names, addresses and options all resolved.
@@ -191,6 +228,9 @@ pub struct LabSpec {
     #[serde(with = "duration_secs")]
     pub svid_ttl: Duration,
     pub backend: Backend,
+    /// Absent in the state of labs made before the key existed: those ran the dev server.
+    #[serde(default)]
+    pub identity: IdentityProvider,
     pub underlay_mtu: u32,
     #[serde(with = "duration_secs")]
     pub psk_rotation: Duration,
@@ -584,6 +624,26 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         });
     }
 
+    let identity = overrides.identity.or(file.identity).unwrap_or_default();
+    if identity == IdentityProvider::Spire {
+        // One spire-server serves one trust domain; a node of another trust domain would need
+        // a second server (and federation), which the lab does not build.
+        if let Some((i, n)) = nodes
+            .iter()
+            .enumerate()
+            .find(|(_, n)| n.trust_domain.is_some())
+        {
+            return Err(invalid(
+                format!("nodes[{i}].trust_domain"),
+                format!(
+                    "node {:?} has its own trust domain; with `identity: spire` the lab runs one \
+                     spire-server for one trust domain (use `identity: dev` for this topology)",
+                    n.name
+                ),
+            ));
+        }
+    }
+
     Ok(LabSpec {
         name: name.to_string(),
         trust_domain,
@@ -593,6 +653,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             .unwrap_or(true),
         svid_ttl,
         backend: overrides.backend.or(file.backend).unwrap_or_default(),
+        identity,
         underlay_mtu,
         psk_rotation,
         key_rotation,
@@ -730,6 +791,7 @@ mod tests {
             encryption: Some(true),
             svid_ttl: Some(Duration::from_secs(30)),
             backend: Some(Backend::Userspace),
+            identity: None,
         };
         let lab = resolve("x", file, &o).unwrap();
         assert!(lab.encryption);
@@ -768,6 +830,8 @@ mod tests {
             ("svid_ttl: soon", "svid_ttl"),
             ("svid_ttl: 1s", "svid_ttl"),
             ("backend: ebpf", "backend"),
+            ("identity: vault", "identity"),
+            ("identity: spire\nnodes: [{name: a}, {name: b, trust_domain: other.veil}]", "nodes[1].trust_domain"),
             ("underlay_mtu: 100", "underlay_mtu"),
             ("trust_domain: Lab.Veil", "trust_domain"),
             ("nodes: []", "nodes"),
@@ -790,6 +854,25 @@ mod tests {
                 "{text:?}: error {e:?} does not name {path:?}"
             );
         }
+    }
+
+    #[test]
+    fn identity_provider_from_file_and_flag() {
+        let lab = resolve("x", LabFile::default(), &Overrides::default()).unwrap();
+        assert_eq!(lab.identity, IdentityProvider::Dev);
+        let file = parse_lab_file("identity: spire\n").unwrap();
+        let lab = resolve("x", file, &Overrides::default()).unwrap();
+        assert_eq!(lab.identity, IdentityProvider::Spire);
+        let file = parse_lab_file("identity: spire\n").unwrap();
+        let o = Overrides {
+            identity: Some(IdentityProvider::Dev),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve("x", file, &o).unwrap().identity,
+            IdentityProvider::Dev
+        );
+        assert!("spiffe".parse::<IdentityProvider>().is_err());
     }
 
     #[test]

@@ -12,7 +12,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{serve, spec::LabSpec, Error, LabPaths, Result};
+use super::{
+    serve,
+    spec::{IdentityProvider, LabSpec},
+    Error, LabPaths, Result,
+};
 use crate::sys;
 
 /// One daemon the supervisor keeps running.
@@ -29,21 +33,64 @@ pub struct Managed {
 /// The daemons of a lab.
 pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
     let exe = exe.display().to_string();
-    // The dev SPIRE server first: agents fail closed (no identities) until it answers.
-    let mut out = vec![Managed {
-        name: "spire".into(),
-        argv: vec![
-            exe.clone(),
-            "lab".into(),
-            "spire-server".into(),
-            "--name".into(),
-            spec.name.clone(),
-        ],
-        netns: None,
-        cgroup: paths.cgroup.join("spire"),
-        log: paths.log("spire"),
-        env: vec![],
-    }];
+    // The SPIRE server first: agents fail closed (no identities) until it answers.
+    let mut out = match spec.identity {
+        IdentityProvider::Dev => vec![Managed {
+            name: "spire".into(),
+            argv: vec![
+                exe.clone(),
+                "lab".into(),
+                "spire-server".into(),
+                "--name".into(),
+                spec.name.clone(),
+            ],
+            netns: None,
+            cgroup: paths.cgroup.join("spire"),
+            log: paths.log("spire"),
+            env: vec![],
+        }],
+        IdentityProvider::Spire => {
+            // Real SPIRE: the server in the underlay netns, one agent per node in the node's
+            // netns (through `veil lab spire-agent`, which waits for its join token).
+            let server = super::spire_real::tool("spire-server")
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "spire-server".into());
+            let mut v = vec![Managed {
+                name: "spire".into(),
+                argv: vec![
+                    server,
+                    "run".into(),
+                    "-config".into(),
+                    super::spire_real::server_config(paths)
+                        .display()
+                        .to_string(),
+                ],
+                netns: Some(super::spec::underlay_netns(&spec.name)),
+                cgroup: paths.cgroup.join("spire"),
+                log: paths.log("spire"),
+                env: vec![],
+            }];
+            for n in &spec.nodes {
+                v.push(Managed {
+                    name: format!("spire-agent-{}", n.name),
+                    argv: vec![
+                        exe.clone(),
+                        "lab".into(),
+                        "spire-agent".into(),
+                        "--name".into(),
+                        spec.name.clone(),
+                        "--node".into(),
+                        n.name.clone(),
+                    ],
+                    netns: Some(n.netns.clone()),
+                    cgroup: paths.node_cgroup(&n.name).join("spire-agent"),
+                    log: paths.log(&format!("spire-agent-{}", n.name)),
+                    env: vec![],
+                });
+            }
+            v
+        }
+    };
     for n in &spec.nodes {
         out.push(Managed {
             name: format!("agent-{}", n.name),
