@@ -29,9 +29,10 @@ use aya_ebpf::{
 use veil_common::{
     config_flags,
     maps::{
-        ct_flags, ct_timeouts, direction, flow_flags, identity, ip_flags, node_flags, policy_flags, AuthEntry,
+        ct_flags, ct_timeouts, direction, flow_flags, identity, ip_flags, node_flags,
+        policy_decision, policy_flags, AuthEntry,
         AuthKey, CtEntry, CtKey, DatapathConfig, FlowEvent, FragKey, FragPorts, IfStats, IpInfo,
-        IpKey, NodeInfo, PolicyEntry, PolicyKey, ThrottleKey, ThrottleState, AUTH_MAX, CT_MAX,
+        IpKey, NodeInfo, PolicyDecision, PolicyEntry, PolicyKey, ThrottleKey, ThrottleState, AUTH_MAX, CT_MAX,
         EVENTS_BYTES, EVENT_THROTTLE_MAX, FRAGS_MAX, IF_STATS_MAX, IPCACHE_MAX, NODES_MAX,
         POLICY_MAX,
     },
@@ -168,20 +169,19 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
         let src = lookup_ip(&flow.saddr);
         // SAFETY: reading ifindex from the context is always valid in a TC program.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        emit(
+        EvBase {
+            src_identity: remote_identity(src),
+            dst_identity: remote_identity(Some(dst)),
+            ifindex,
+            remote_node: 0,
+            // SAFETY: plain helper call.
+            now: unsafe { bpf_ktime_get_boot_ns() },
+        }
+        .dropped(
             &flow,
-            &Ev {
-                src_identity: remote_identity(src),
-                dst_identity: remote_identity(Some(dst)),
-                ifindex: ifindex,
-                remote_node: 0,
-                verdict: verdict::DROPPED,
-                reason: reason::PLAINTEXT_UNDERLAY,
-                direction: direction::INGRESS,
-                flags: if flow.is_v6 { flow_flags::IPV6 } else { 0 },
-                // SAFETY: plain helper call.
-                now: unsafe { bpf_ktime_get_boot_ns() },
-            },
+            reason::PLAINTEXT_UNDERLAY,
+            direction::INGRESS,
+            if flow.is_v6 { flow_flags::IPV6 } else { 0 },
         );
     }
     Err(reason::PLAINTEXT_UNDERLAY)
@@ -256,22 +256,19 @@ fn try_from_hold(ctx: &TcContext) -> Result<i32, u32> {
         flags |= flow_flags::IPV6;
     }
     if !auth_valid(local, remote, node, now, false) {
-        let (s_id, d_id) = if dir == direction::EGRESS { (local, remote) } else { (remote, local) };
-        emit(
-            &flow,
-            &Ev {
-                src_identity: s_id,
-                dst_identity: d_id,
-                ifindex: ifindex,
-                remote_node: node,
-                verdict: verdict::DROPPED,
-                reason: reason::AUTH_REQUIRED,
-                direction: dir,
-                flags: flags,
-                now: now,
-            },
-        );
-        return Err(reason::AUTH_REQUIRED);
+        let (src_identity, dst_identity) = if dir == direction::EGRESS {
+            (local, remote)
+        } else {
+            (remote, local)
+        };
+        let ev = EvBase {
+            src_identity,
+            dst_identity,
+            ifindex,
+            remote_node: node,
+            now,
+        };
+        return Err(ev.dropped(&flow, reason::AUTH_REQUIRED, dir, flags));
     }
     let entry = CtEntry {
         last_seen_ns: now,
@@ -318,23 +315,9 @@ struct Flow {
 }
 
 /// Outcome of the policy decision for one direction.
-#[derive(Clone, Copy)]
-struct Decision {
-    allowed: bool,
-    /// Denied, but every policy selecting the endpoint here is in audit mode (or the node is):
-    /// report AUDIT and pass.
-    audit: bool,
-    auth_required: bool,
-    /// Auth is required and enforced (not only audited): a missing auth entry drops.
-    auth_enforced: bool,
-}
+type Decision = PolicyDecision;
 
-const ALLOW: Decision = Decision {
-    allowed: true,
-    audit: false,
-    auth_required: false,
-    auth_enforced: false,
-};
+const ALLOW: Decision = PolicyDecision::ALLOW;
 
 fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     count_interface(ctx);
@@ -401,210 +384,30 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let remote_node = if remote { dst_node } else { 0 };
 
+    let a = Admit {
+        ev: EvBase {
+            src_identity: src.identity,
+            dst_identity,
+            ifindex,
+            remote_node,
+            now,
+        },
+        local: src.identity,
+        peer: dst_identity,
+        egress: true,
+        ingress: dst_local,
+        auth_applies: remote,
+        dir: direction::EGRESS,
+    };
     // Strict mode first: a packet that cannot be encrypted is never admitted or tracked.
     if remote {
         if let Err(r) = steer_check(&cfg, dst_node) {
-            emit(
-                &flow,
-                &Ev {
-                    src_identity: src.identity,
-                    dst_identity: dst_identity,
-                    ifindex: ifindex,
-                    remote_node: remote_node,
-                    verdict: verdict::DROPPED,
-                    reason: r,
-                    direction: direction::EGRESS,
-                    flags: flags,
-                    now: now,
-                },
-            );
-            return Err(r);
+            return Err(a.ev.dropped(&flow, r, direction::EGRESS, flags));
         }
     }
-
-    // Conntrack: a reply of a tracked connection, or a packet of one already admitted here.
-    let fwd = ct_key(&flow, false);
-    let rev = ct_key(&flow, true);
-    let tracked = ct_lookup(&flow, &fwd, &rev, now);
-    let mut verdict_code = verdict::FORWARDED;
-    let mut audit_reason = reason::NONE;
-    if let Some((entry, is_reply)) = tracked {
-        // SAFETY: map value pointer valid for this program run.
-        let e = unsafe { &mut *entry };
-        e.last_seen_ns = now;
-        if e.flags & ct_flags::AUTH != 0
-            && !auth_valid(e.src_identity, e.dst_identity, e.remote_node, now, is_reply)
-        {
-            VEIL_CT.remove(if is_reply { &rev } else { &fwd }).ok();
-            emit(
-                &flow,
-                &Ev {
-                    src_identity: src.identity,
-                    dst_identity: dst_identity,
-                    ifindex: ifindex,
-                    remote_node: remote_node,
-                    verdict: verdict::DROPPED,
-                    reason: reason::AUTH_REQUIRED,
-                    direction: direction::EGRESS,
-                    flags: flags | flow_flags::AUTH_REQUIRED,
-                    now: now,
-                },
-            );
-            return Err(reason::AUTH_REQUIRED);
-        }
-    } else {
-        if !tcp_may_start(&flow) {
-            emit(
-                &flow,
-                &Ev {
-                    src_identity: src.identity,
-                    dst_identity: dst_identity,
-                    ifindex: ifindex,
-                    remote_node: remote_node,
-                    verdict: verdict::DROPPED,
-                    reason: reason::TCP_NOT_ESTABLISHED,
-                    direction: direction::EGRESS,
-                    flags: flags,
-                    now: now,
-                },
-            );
-            return Err(reason::TCP_NOT_ESTABLISHED);
-        }
-        if flow.later_fragment
-            && (enforced(&cfg, src.identity, direction::EGRESS)
-                || (dst_local && enforced(&cfg, dst_identity, direction::INGRESS)))
-        {
-            emit(
-                &flow,
-                &Ev {
-                    src_identity: src.identity,
-                    dst_identity: dst_identity,
-                    ifindex: ifindex,
-                    remote_node: remote_node,
-                    verdict: verdict::DROPPED,
-                    reason: reason::FRAGMENT,
-                    direction: direction::EGRESS,
-                    flags: flags,
-                    now: now,
-                },
-            );
-            return Err(reason::FRAGMENT);
-        }
-        let egress = decide(
-            &cfg,
-            src.identity,
-            dst_identity,
-            flow.dport,
-            flow.protocol,
-            direction::EGRESS,
-        );
-        let ingress = if dst_local {
-            decide(
-                &cfg,
-                dst_identity,
-                src.identity,
-                flow.dport,
-                flow.protocol,
-                direction::INGRESS,
-            )
-        } else {
-            ALLOW
-        };
-        let mut ct = ct_flags::EGRESS_OK;
-        for (d, dir) in [(egress, direction::EGRESS), (ingress, direction::INGRESS)] {
-            if !d.allowed {
-                if d.audit {
-                    verdict_code = verdict::AUDIT;
-                    audit_reason = reason::POLICY_DENIED;
-                    ct |= ct_flags::AUDITED;
-                } else {
-                    emit(
-                        &flow,
-                        &Ev {
-                            src_identity: src.identity,
-                            dst_identity: dst_identity,
-                            ifindex: ifindex,
-                            remote_node: remote_node,
-                            verdict: verdict::DROPPED,
-                            reason: reason::POLICY_DENIED,
-                            direction: dir,
-                            flags: flags,
-                            now: now,
-                        },
-                    );
-                    return Err(reason::POLICY_DENIED);
-                }
-            }
-            if d.auth_required {
-                flags |= flow_flags::AUTH_REQUIRED;
-            }
-        }
-        if dst_local {
-            ct |= ct_flags::INGRESS_OK;
-        }
-        let auth_enforced = egress.auth_enforced || ingress.auth_enforced;
-        if flags & flow_flags::AUTH_REQUIRED != 0
-            && remote
-            && !auth_valid(src.identity, dst_identity, remote_node, now, false)
-            && !auth_enforced
-        {
-            // Audit mode: the missing auth entry is reported, the flow passes.
-            verdict_code = verdict::AUDIT;
-            audit_reason = reason::AUTH_REQUIRED;
-            ct |= ct_flags::AUDITED;
-        } else if flags & flow_flags::AUTH_REQUIRED != 0 && remote {
-            if !auth_valid(src.identity, dst_identity, remote_node, now, false) {
-                // No first-packet drop: hold the packet in the agent's hold device until the pair is
-                // authenticated (the agent re-injects it, or drops and records it on timeout).
-                if cfg.hold_ifindex != 0 {
-                    // SAFETY: plain helper call.
-                    return Ok(unsafe { bpf_redirect(cfg.hold_ifindex, 0) } as i32);
-                }
-                emit(
-                    &flow,
-                    &Ev {
-                        src_identity: src.identity,
-                        dst_identity: dst_identity,
-                        ifindex: ifindex,
-                        remote_node: remote_node,
-                        verdict: verdict::DROPPED,
-                        reason: reason::AUTH_REQUIRED,
-                        direction: direction::EGRESS,
-                        flags: flags,
-                        now: now,
-                    },
-                );
-                return Err(reason::AUTH_REQUIRED);
-            }
-            flags |= flow_flags::AUTHENTICATED;
-            ct |= ct_flags::AUTH;
-        }
-        let entry = CtEntry {
-            last_seen_ns: now,
-            src_identity: src.identity,
-            dst_identity,
-            flags: ct,
-            remote_node,
-        };
-        // A full table (LRU evicts, so only on allocation failure) must not pass the packet
-        // untracked; it is still admitted, just re-evaluated on the next packet.
-        let _ = VEIL_CT.insert(&fwd, &entry, 0);
-        emit(
-            &flow,
-            &Ev {
-                src_identity: src.identity,
-                dst_identity: dst_identity,
-                ifindex: ifindex,
-                remote_node: remote_node,
-                verdict: verdict_code,
-                reason: audit_reason,
-                direction: direction::EGRESS,
-                flags: flags,
-                now: now,
-            },
-        );
+    if let Some(held) = admit(&cfg, &flow, &a, flags)? {
+        return Ok(held);
     }
-    count_verdict(verdict_code);
 
     if dst_local {
         let ifx = dst.map(|d| d.ifindex).unwrap_or(0);
@@ -622,6 +425,168 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         }
     }
     Ok(TC_ACT_OK)
+}
+
+/// The fields every flow event of one packet shares (one event builder for all programs).
+#[derive(Clone, Copy)]
+struct EvBase {
+    src_identity: u32,
+    dst_identity: u32,
+    ifindex: u32,
+    remote_node: u32,
+    now: u64,
+}
+
+impl EvBase {
+    #[inline(always)]
+    fn emit(&self, flow: &Flow, verdict: u8, reason: u32, direction: u8, flags: u32) {
+        emit(
+            flow,
+            &Ev {
+                src_identity: self.src_identity,
+                dst_identity: self.dst_identity,
+                ifindex: self.ifindex,
+                remote_node: self.remote_node,
+                verdict,
+                reason,
+                direction,
+                flags,
+                now: self.now,
+            },
+        );
+    }
+
+    /// Records a drop and returns its reason (for `Err(...)`).
+    #[inline(always)]
+    fn dropped(&self, flow: &Flow, reason: u32, direction: u8, flags: u32) -> u32 {
+        self.emit(flow, verdict::DROPPED, reason, direction, flags);
+        reason
+    }
+}
+
+/// One packet as the admission step sees it.
+struct Admit {
+    ev: EvBase,
+    /// The pod on this node the connection is about (egress: the source; from another node:
+    /// the destination) and the other end: the auth key is (local, peer, ev.remote_node) and
+    /// conntrack stores them in that order.
+    local: u32,
+    peer: u32,
+    /// The source pod's egress policy applies (the packet leaves a pod of this node).
+    egress: bool,
+    /// The destination pod's ingress policy applies (it is a pod of this node).
+    ingress: bool,
+    /// Mutual authentication applies (the other end is on another node).
+    auth_applies: bool,
+    /// Direction events are recorded in.
+    dir: u8,
+}
+
+/// The admission step both TC paths share: conntrack (a tracked connection passes while its
+/// auth entry, if it needed one, lives), TCP may start only with a SYN, later fragments of an
+/// enforced endpoint drop, egress and ingress policy, mutual authentication (held in the
+/// agent's hold device when missing), then the conntrack entry that remembers why the
+/// connection was admitted. `Ok(None)`: admitted; `Ok(Some(act))`: redirected to the hold
+/// device; `Err(reason)`: dropped (recorded).
+#[inline(always)]
+fn admit(cfg: &DatapathConfig, flow: &Flow, a: &Admit, mut flags: u32) -> Result<Option<i32>, u32> {
+    let ev = &a.ev;
+    let now = ev.now;
+    let fwd = ct_key(flow, false);
+    let rev = ct_key(flow, true);
+    if let Some((entry, is_reply)) = ct_lookup(flow, &fwd, &rev, now) {
+        // SAFETY: map value pointer valid for this program run.
+        let e = unsafe { &mut *entry };
+        e.last_seen_ns = now;
+        if e.flags & ct_flags::AUTH != 0
+            && !auth_valid(e.src_identity, e.dst_identity, e.remote_node, now, is_reply)
+        {
+            VEIL_CT.remove(if is_reply { &rev } else { &fwd }).ok();
+            return Err(ev.dropped(
+                flow,
+                reason::AUTH_REQUIRED,
+                a.dir,
+                flags | flow_flags::AUTH_REQUIRED,
+            ));
+        }
+        count_verdict(verdict::FORWARDED);
+        return Ok(None);
+    }
+    if !tcp_may_start(flow) {
+        return Err(ev.dropped(flow, reason::TCP_NOT_ESTABLISHED, a.dir, flags));
+    }
+    if flow.later_fragment
+        && ((a.egress && enforced(cfg, ev.src_identity, direction::EGRESS))
+            || (a.ingress && enforced(cfg, ev.dst_identity, direction::INGRESS)))
+    {
+        return Err(ev.dropped(flow, reason::FRAGMENT, a.dir, flags));
+    }
+    let (src, dst) = (ev.src_identity, ev.dst_identity);
+    let egress = if a.egress {
+        decide(cfg, src, dst, flow.dport, flow.protocol, direction::EGRESS)
+    } else {
+        ALLOW
+    };
+    let ingress = if a.ingress {
+        decide(cfg, dst, src, flow.dport, flow.protocol, direction::INGRESS)
+    } else {
+        ALLOW
+    };
+    let mut verdict_code = verdict::FORWARDED;
+    let mut audit_reason = reason::NONE;
+    let mut ct = 0u32;
+    if a.egress {
+        ct |= ct_flags::EGRESS_OK;
+    }
+    if a.ingress {
+        ct |= ct_flags::INGRESS_OK;
+    }
+    for (d, dir) in [(egress, direction::EGRESS), (ingress, direction::INGRESS)] {
+        if !d.allowed {
+            if !d.audit {
+                return Err(ev.dropped(flow, reason::POLICY_DENIED, dir, flags));
+            }
+            verdict_code = verdict::AUDIT;
+            audit_reason = reason::POLICY_DENIED;
+            ct |= ct_flags::AUDITED;
+        }
+        if d.auth_required {
+            flags |= flow_flags::AUTH_REQUIRED;
+        }
+    }
+    if flags & flow_flags::AUTH_REQUIRED != 0 && a.auth_applies {
+        let authed = auth_valid(a.local, a.peer, ev.remote_node, now, false);
+        if !authed && !(egress.auth_enforced || ingress.auth_enforced) {
+            // Audit mode: the missing auth entry is reported, the flow passes.
+            verdict_code = verdict::AUDIT;
+            audit_reason = reason::AUTH_REQUIRED;
+            ct |= ct_flags::AUDITED;
+        } else if !authed {
+            // No first-packet drop: hold the packet in the agent's hold device until the pair
+            // is authenticated (the agent re-injects it, or drops and records it on timeout).
+            if cfg.hold_ifindex != 0 {
+                // SAFETY: plain helper call.
+                return Ok(Some(unsafe { bpf_redirect(cfg.hold_ifindex, 0) } as i32));
+            }
+            return Err(ev.dropped(flow, reason::AUTH_REQUIRED, a.dir, flags));
+        } else {
+            flags |= flow_flags::AUTHENTICATED;
+            ct |= ct_flags::AUTH;
+        }
+    }
+    let entry = CtEntry {
+        last_seen_ns: now,
+        src_identity: a.local,
+        dst_identity: a.peer,
+        flags: ct,
+        remote_node: ev.remote_node,
+    };
+    // A full table (LRU evicts, so only on allocation failure) must not pass the packet
+    // untracked; it is still admitted, just re-evaluated on the next packet.
+    let _ = VEIL_CT.insert(&fwd, &entry, 0);
+    ev.emit(flow, verdict_code, audit_reason, a.dir, flags);
+    count_verdict(verdict_code);
+    Ok(None)
 }
 
 /// Strict mode: traffic to a remote node's pods needs an installed tunnel peer.
@@ -676,171 +641,33 @@ fn ingress_from_node(
         // for anything but a pod of this node has nowhere legitimate to go.
         _ => return Err(reason::UNKNOWN_ENDPOINT),
     };
+    // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let mut flags = if encrypted { flow_flags::ENCRYPTED } else { 0 };
     if flow.is_v6 {
         flags |= flow_flags::IPV6;
     }
-    let fwd = ct_key(flow, false);
-    let rev = ct_key(flow, true);
-    let tracked = ct_lookup(flow, &fwd, &rev, now);
-    let mut verdict_code = verdict::FORWARDED;
-    let mut audit_reason = reason::NONE;
-    if let Some((entry, is_reply)) = tracked {
-        // SAFETY: map value pointer valid for this program run.
-        let e = unsafe { &mut *entry };
-        e.last_seen_ns = now;
-        if e.flags & ct_flags::AUTH != 0
-            && !auth_valid(e.src_identity, e.dst_identity, e.remote_node, now, is_reply)
-        {
-            VEIL_CT.remove(if is_reply { &rev } else { &fwd }).ok();
-            emit(
-                flow,
-                &Ev {
-                    src_identity: src_identity,
-                    dst_identity: dst.identity,
-                    ifindex: ifindex,
-                    remote_node: src_node,
-                    verdict: verdict::DROPPED,
-                    reason: reason::AUTH_REQUIRED,
-                    direction: direction::INGRESS,
-                    flags: flags | flow_flags::AUTH_REQUIRED,
-                    now: now,
-                },
-            );
-            return Err(reason::AUTH_REQUIRED);
-        }
-    } else {
-        if !tcp_may_start(flow) {
-            emit(
-                flow,
-                &Ev {
-                    src_identity: src_identity,
-                    dst_identity: dst.identity,
-                    ifindex: ifindex,
-                    remote_node: src_node,
-                    verdict: verdict::DROPPED,
-                    reason: reason::TCP_NOT_ESTABLISHED,
-                    direction: direction::INGRESS,
-                    flags: flags,
-                    now: now,
-                },
-            );
-            return Err(reason::TCP_NOT_ESTABLISHED);
-        }
-        if flow.later_fragment && enforced(cfg, dst.identity, direction::INGRESS) {
-            emit(
-                flow,
-                &Ev {
-                    src_identity: src_identity,
-                    dst_identity: dst.identity,
-                    ifindex: ifindex,
-                    remote_node: src_node,
-                    verdict: verdict::DROPPED,
-                    reason: reason::FRAGMENT,
-                    direction: direction::INGRESS,
-                    flags: flags,
-                    now: now,
-                },
-            );
-            return Err(reason::FRAGMENT);
-        }
-        let d = decide(
-            cfg,
-            dst.identity,
+    // Seen from this node's pod: the auth key and the conntrack entry are (local destination,
+    // remote source, source node), like the egress side's; auth applies whatever the source
+    // node (an unknown one has no auth entry, so it is held or dropped).
+    let a = Admit {
+        ev: EvBase {
             src_identity,
-            flow.dport,
-            flow.protocol,
-            direction::INGRESS,
-        );
-        let mut ct = ct_flags::INGRESS_OK;
-        if !d.allowed {
-            if d.audit {
-                verdict_code = verdict::AUDIT;
-                audit_reason = reason::POLICY_DENIED;
-                ct |= ct_flags::AUDITED;
-            } else {
-                emit(
-                    flow,
-                    &Ev {
-                        src_identity: src_identity,
-                        dst_identity: dst.identity,
-                        ifindex: ifindex,
-                        remote_node: src_node,
-                        verdict: verdict::DROPPED,
-                        reason: reason::POLICY_DENIED,
-                        direction: direction::INGRESS,
-                        flags: flags,
-                        now: now,
-                    },
-                );
-                return Err(reason::POLICY_DENIED);
-            }
-        }
-        if d.auth_required
-            && !d.auth_enforced
-            && !auth_valid(dst.identity, src_identity, src_node, now, false)
-        {
-            // Audit mode: the missing auth entry is reported, the flow passes.
-            flags |= flow_flags::AUTH_REQUIRED;
-            verdict_code = verdict::AUDIT;
-            audit_reason = reason::AUTH_REQUIRED;
-            ct |= ct_flags::AUDITED;
-        } else if d.auth_required {
-            flags |= flow_flags::AUTH_REQUIRED;
-            // Ingress auth: the local destination and the remote source must be authenticated.
-            if !auth_valid(dst.identity, src_identity, src_node, now, false) {
-                // No first-packet drop: hold the packet in the agent's hold device until the pair is
-                // authenticated (the agent re-injects it, or drops and records it on timeout).
-                if cfg.hold_ifindex != 0 {
-                    // SAFETY: plain helper call.
-                    return Ok(unsafe { bpf_redirect(cfg.hold_ifindex, 0) } as i32);
-                }
-                emit(
-                    flow,
-                    &Ev {
-                        src_identity: src_identity,
-                        dst_identity: dst.identity,
-                        ifindex: ifindex,
-                        remote_node: src_node,
-                        verdict: verdict::DROPPED,
-                        reason: reason::AUTH_REQUIRED,
-                        direction: direction::INGRESS,
-                        flags: flags,
-                        now: now,
-                    },
-                );
-                return Err(reason::AUTH_REQUIRED);
-            }
-            flags |= flow_flags::AUTHENTICATED;
-            ct |= ct_flags::AUTH;
-        }
-        // Stored as seen from this node's pod: src = local destination, so the auth re-check on
-        // later packets looks up (local, remote, node) like the egress side does.
-        let entry = CtEntry {
-            last_seen_ns: now,
-            src_identity: dst.identity,
-            dst_identity: src_identity,
-            flags: ct,
+            dst_identity: dst.identity,
+            ifindex,
             remote_node: src_node,
-        };
-        let _ = VEIL_CT.insert(&fwd, &entry, 0);
-        emit(
-            flow,
-            &Ev {
-                src_identity: src_identity,
-                dst_identity: dst.identity,
-                ifindex: ifindex,
-                remote_node: src_node,
-                verdict: verdict_code,
-                reason: audit_reason,
-                direction: direction::INGRESS,
-                flags: flags,
-                now: now,
-            },
-        );
+            now,
+        },
+        local: dst.identity,
+        peer: src_identity,
+        egress: false,
+        ingress: true,
+        auth_applies: true,
+        dir: direction::INGRESS,
+    };
+    if let Some(held) = admit(cfg, flow, &a, flags)? {
+        return Ok(held);
     }
-    count_verdict(verdict_code);
     // Delivery goes through the stack's /32 route to the pod's veth: bpf_redirect_neigh needs an
     // Ethernet header to replace, and a TUN device's packets have none.
     Ok(TC_ACT_OK)
@@ -894,8 +721,9 @@ fn enforced(cfg: &DatapathConfig, local: u32, dir: u8) -> bool {
     policy_get(cfg, &marker) & policy_flags::ENFORCED != 0
 }
 
-/// The policy decision for `local` talking to `remote` in `dir`: six fixed lookups, whatever the
-/// number of rules (see `veil_common::maps::policy_flags`).
+/// The policy decision for `local` talking to `remote` in `dir`: the marker and six fixed
+/// lookups, whatever the number of rules, combined by the rule the agent shares
+/// (`veil_common::maps::{PolicyKey::lookups, policy_decision}`).
 #[inline(always)]
 fn decide(
     cfg: &DatapathConfig,
@@ -905,50 +733,15 @@ fn decide(
     protocol: u8,
     dir: u8,
 ) -> Decision {
-    let marker = policy_get(
-        cfg,
-        &PolicyKey {
-            local_identity: local,
-            remote_identity: identity::SELECTOR_MARKER,
-            dport: 0,
-            protocol: 0,
-            direction: dir,
-        },
-    );
+    let marker = policy_get(cfg, &PolicyKey::marker(local, dir));
     if marker & policy_flags::ENFORCED == 0 {
         return ALLOW;
     }
-    let node_audit = cfg.flags & config_flags::AUDIT != 0;
     let mut acc = 0u32;
-    let keys = [
-        (remote, dport, protocol),
-        (remote, 0, protocol),
-        (remote, 0, 0),
-        (identity::ANY, dport, protocol),
-        (identity::ANY, 0, protocol),
-        (identity::ANY, 0, 0),
-    ];
-    for (r, p, pr) in keys {
-        acc |= policy_get(
-            cfg,
-            &PolicyKey {
-                local_identity: local,
-                remote_identity: r,
-                dport: p,
-                protocol: pr,
-                direction: dir,
-            },
-        );
+    for k in PolicyKey::lookups(local, remote, dport, protocol, dir) {
+        acc |= policy_get(cfg, &k);
     }
-    let allowed = acc & policy_flags::DENY == 0 && acc & policy_flags::ALLOW != 0;
-    let audit_mode = marker & policy_flags::AUDIT != 0 || node_audit;
-    let auth_required = allowed && acc & policy_flags::AUTH_REQUIRED != 0;
-    Decision {
-        allowed,
-        audit: !allowed && audit_mode,
-        auth_required,
-        auth_enforced: auth_required && !audit_mode,
-    }
+    policy_decision(Some(marker), acc, cfg.flags & config_flags::AUDIT != 0)
 }
 
 /// An unexpired auth entry for (local, remote, node). On a reply the tuple is the same one the

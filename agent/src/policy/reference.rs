@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use veil_common::maps::{identity, policy_flags, PolicyEntry, PolicyKey};
+use veil_common::maps::{identity, policy_decision, PolicyEntry, PolicyKey};
 
 use super::{
     parse::{AuthMode, Direction, Policy, PortProtocol, Protocol},
@@ -201,48 +201,22 @@ pub fn datapath_lookup(
     proto: u8,
     direction: Direction,
 ) -> Verdict {
-    let key = |remote_identity, dport, protocol| PolicyKey {
-        local_identity: local,
-        remote_identity,
-        dport,
-        protocol,
-        direction: direction.code(),
-    };
-    let allowed = Verdict::Allowed {
-        is_auth_required: false,
-    };
-    let Some(marker) = map.get(&key(identity::SELECTOR_MARKER, 0, 0)) else {
-        return allowed;
-    };
-    if marker.flags & policy_flags::ENFORCED == 0 {
-        return allowed;
-    }
-    let hits: Vec<u32> = [
-        key(remote, port, proto),
-        key(remote, 0, proto),
-        key(remote, 0, 0),
-        key(identity::ANY, port, proto),
-        key(identity::ANY, 0, proto),
-        key(identity::ANY, 0, 0),
-    ]
-    .iter()
-    .filter_map(|k| map.get(k))
-    .map(|e| e.flags)
-    .collect();
-    let verdict = if hits.iter().any(|f| f & policy_flags::DENY != 0) {
-        Verdict::Denied
-    } else if hits.iter().any(|f| f & policy_flags::ALLOW != 0) {
+    let marker = map
+        .get(&PolicyKey::marker(local, direction.code()))
+        .map(|e| e.flags);
+    let acc = PolicyKey::lookups(local, remote, port, proto, direction.code())
+        .iter()
+        .filter_map(|k| map.get(k))
+        .fold(0, |acc, e| acc | e.flags);
+    let d = policy_decision(marker, acc, false);
+    if d.allowed {
         Verdict::Allowed {
-            is_auth_required: hits
-                .iter()
-                .any(|f| f & policy_flags::ALLOW != 0 && f & policy_flags::AUTH_REQUIRED != 0),
+            is_auth_required: d.auth_required,
         }
+    } else if d.audit {
+        Verdict::Audit
     } else {
         Verdict::Denied
-    };
-    match verdict {
-        Verdict::Denied if marker.flags & policy_flags::AUDIT != 0 => Verdict::Audit,
-        v => v,
     }
 }
 
@@ -260,6 +234,7 @@ mod tests {
         selector::{LabelKey, LabelValue, MatchLabels, Operator, Requirement},
         IdentityAllocator,
     };
+    use veil_common::maps::policy_flags;
 
     const NAMESPACES: [&str; 2] = ["ns1", "ns2"];
     const KEYS: [&str; 4] = ["app", "tier", "k8s:io.kubernetes.pod.namespace", "k8s:app"];

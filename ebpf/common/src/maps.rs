@@ -239,6 +239,85 @@ pub struct PolicyKey {
     pub direction: u8,
 }
 
+impl PolicyKey {
+    /// The enforcement marker of `local` in `direction` (see [`policy_flags::ENFORCED`]).
+    #[inline(always)]
+    pub const fn marker(local: u32, direction: u8) -> Self {
+        Self {
+            local_identity: local,
+            remote_identity: identity::SELECTOR_MARKER,
+            dport: 0,
+            protocol: 0,
+            direction,
+        }
+    }
+
+    /// The six keys one policy decision reads, whatever the number of rules: the remote
+    /// identity, then any identity, each with (port, protocol), (any port, protocol) and
+    /// (any port, any protocol). The one definition the program and the agent's userspace
+    /// evaluation share; combine what they hold with [`policy_decision`].
+    #[inline(always)]
+    pub fn lookups(local: u32, remote: u32, dport: u16, protocol: u8, direction: u8) -> [Self; 6] {
+        let k = |remote_identity, dport, protocol| Self {
+            local_identity: local,
+            remote_identity,
+            dport,
+            protocol,
+            direction,
+        };
+        [
+            k(remote, dport, protocol),
+            k(remote, 0, protocol),
+            k(remote, 0, 0),
+            k(identity::ANY, dport, protocol),
+            k(identity::ANY, 0, protocol),
+            k(identity::ANY, 0, 0),
+        ]
+    }
+}
+
+/// A policy decision for one packet in one direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyDecision {
+    pub allowed: bool,
+    /// Denied, but every policy selecting the endpoint here is in audit mode (or the node
+    /// is): report AUDIT and pass.
+    pub audit: bool,
+    pub auth_required: bool,
+    /// Auth is required and enforced (not only audited): a missing auth entry drops.
+    pub auth_enforced: bool,
+}
+
+impl PolicyDecision {
+    pub const ALLOW: Self = Self {
+        allowed: true,
+        audit: false,
+        auth_required: false,
+        auth_enforced: false,
+    };
+}
+
+/// Combines the marker entry's flags (`None`: no marker) and the OR of the flags the
+/// [`PolicyKey::lookups`] keys hold: an endpoint no policy selects in this direction allows
+/// everything; otherwise deny wins, something must allow, and auth is required when an
+/// admitting entry asks for it.
+#[inline(always)]
+pub const fn policy_decision(marker: Option<u32>, acc: u32, node_audit: bool) -> PolicyDecision {
+    let marker = match marker {
+        Some(m) if m & policy_flags::ENFORCED != 0 => m,
+        _ => return PolicyDecision::ALLOW,
+    };
+    let allowed = acc & policy_flags::DENY == 0 && acc & policy_flags::ALLOW != 0;
+    let audit_mode = marker & policy_flags::AUDIT != 0 || node_audit;
+    let auth_required = allowed && acc & policy_flags::AUTH_REQUIRED != 0;
+    PolicyDecision {
+        allowed,
+        audit: !allowed && audit_mode,
+        auth_required,
+        auth_enforced: auth_required && !audit_mode,
+    }
+}
+
 /// Value of the policy maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
