@@ -30,8 +30,14 @@ veil-bench options (passed on):
   --only LIST             contenders: plaintext,veil,boringtun-cli
   --tests LIST            tcp1,tcp2,rr
   --bin-dir DIR, --boringtun PATH, --lab-file PATH, --out-dir DIR
+  --boringtun-default-buffers
+                          leave boringtun-cli's UDP sockets at the netns defaults instead of
+                          veil-wg's buffers (reproduces the earlier unequal runs)
   --update-readme         rewrite the results block of benches/README.md
   -h, --help              this text (nothing is set up, built or run)
+
+control-bench runs with its defaults (60 clients x 10 servers, 3 handshake rounds, 7 latency
+rounds); run target/release/control-bench --help for its options.
 EOF
 }
 for arg in "$@"; do

@@ -18,6 +18,7 @@ enum Item {
     Lab { veil: PathBuf, name: String },
     Process { pid: u32, comm: String },
     File(PathBuf),
+    Netns(String),
 }
 
 static ITEMS: Mutex<Vec<Item>> = Mutex::new(Vec::new());
@@ -72,6 +73,13 @@ pub fn register_lab(veil: &Path, name: &str) {
         veil: veil.to_path_buf(),
         name: name.to_string(),
     });
+}
+
+pub fn register_netns(name: &str) {
+    ITEMS
+        .lock()
+        .expect("cleanup lock")
+        .push(Item::Netns(name.to_string()));
 }
 
 pub fn register_file(path: &Path) {
@@ -135,6 +143,12 @@ pub fn run_all() {
             }
             Item::File(p) => {
                 let _ = std::fs::remove_file(p);
+            }
+            Item::Netns(n) => {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &n])
+                    .stderr(std::process::Stdio::null())
+                    .status();
             }
         }
     }

@@ -1,7 +1,9 @@
-//! The three contenders on the same pod-to-pod path (client on node-a → server on node-b):
-//! plaintext (a lab with `encryption: off`, pod CIDRs routed over the underlay), veil's userspace
-//! backend (a lab with encryption on), and boringtun-cli 0.7.1 running in the node namespaces
-//! of the plaintext lab, configured with `wg set`, with the pod CIDR routes pointed at it.
+//! The three contenders, client beside node-a → server beside node-b: plaintext (the `client`
+//! and `server` pods of a lab with `encryption: off`, pod CIDRs routed over the underlay),
+//! veil's userspace backend (the same pods in a lab with encryption on), and boringtun-cli 0.7.1
+//! running in the node namespaces of the plaintext lab, configured with `wg set`, between two
+//! endpoint namespaces of its own (see `BT_ENDS`). Each run is checked against its path's byte
+//! counters, and the tunnels' UDP sockets are given the same buffers (`sockets`).
 
 use std::{
     path::{Path, PathBuf},
@@ -42,6 +44,98 @@ const NODE_A: &str = "node-a";
 const NODE_B: &str = "node-b";
 const BT_PORT: u16 = 51830;
 
+/// boringtun-cli's two endpoints: a namespace beside each node of the plaintext lab, joined to
+/// it by a veth (no veil program on it). Not lab pods: veil's datapath in the plaintext lab
+/// tracks connections only on the ways it knows (a pod, the underlay, its own tunnel), so a SYN
+/// that reached a pod out of boringtun-cli's TUN left no conntrack entry and the pod's SYN-ACK
+/// was dropped `tcp-not-established` (since 22e2539): boringtun-cli carried no TCP at all.
+const BT_ENDS: [(&str, &str, &str); 2] = [
+    // (netns, address, the /24 routed to it)
+    ("vbbt-client", "10.99.1.10", "10.99.1.0/24"),
+    ("vbbt-server", "10.99.2.10", "10.99.2.0/24"),
+];
+/// The endpoint's gateway, on the node side of its veth (like the lab's pod gateway).
+const BT_GATEWAY: &str = "169.254.1.1";
+/// The node side of an endpoint's veth.
+const BT_HOST_VETH: &str = "vbbt0";
+
+/// Where a contender's client and server run.
+pub enum Ends<'a> {
+    /// The lab's `client` and `server` pods (`veil lab exec`).
+    Pods(&'a Lab),
+    /// boringtun-cli's endpoint namespaces (`ip netns exec`).
+    Netns {
+        client: String,
+        server: String,
+        server_ip: String,
+    },
+}
+
+impl Ends<'_> {
+    /// A command in the client (`server == false`) or server end, not started.
+    pub fn command(&self, server: bool, argv: &[&str]) -> Command {
+        match self {
+            Ends::Pods(lab) => lab.exec_cmd(if server { SERVER } else { CLIENT }, argv),
+            Ends::Netns {
+                client, server: s, ..
+            } => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", if server { s } else { client }])
+                    .args(argv);
+                c
+            }
+        }
+    }
+
+    /// Runs a command in the client to completion; its stdout.
+    pub fn client_output(&self, argv: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = self.command(false, argv);
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {cmd:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "{cmd:?} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts a long-running command in the server end (killed by cleanup or lab down).
+    pub fn spawn_server(&self, argv: &[&str]) -> anyhow::Result<Child> {
+        let mut cmd = self.command(true, argv);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cleanup::spawn(&mut cmd)
+    }
+
+    /// Segments the server end's TCP received out of order so far (`TcpExtTCPOFOQueue`): a
+    /// tunnel that reorders makes the sender retransmit what was not lost.
+    pub fn server_out_of_order(&self) -> anyhow::Result<u64> {
+        let mut cmd = self.command(true, &["nstat", "-asz", "TcpExtTCPOFOQueue"]);
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some("TcpExtTCPOFOQueue")).then(|| f.next()?.parse().ok())?
+            })
+            .context("nstat: no TcpExtTCPOFOQueue")
+    }
+
+    pub fn server_ip(&self) -> anyhow::Result<String> {
+        match self {
+            Ends::Pods(lab) => Ok(lab.pod(SERVER)?.ip.clone()),
+            Ends::Netns { server_ip, .. } => Ok(server_ip.clone()),
+        }
+    }
+}
+
 /// boringtun-cli on both nodes of the plaintext lab.
 pub struct Boringtun {
     /// (node netns, interface, child) per node.
@@ -53,6 +147,7 @@ impl Boringtun {
         self.ends.iter().map(|(_, _, c)| c.id()).collect()
     }
 
+    /// (node netns, interface) per node, node-a (client side) first.
     pub fn interfaces(&self) -> Vec<(String, String)> {
         self.ends
             .iter()
@@ -60,10 +155,22 @@ impl Boringtun {
             .collect()
     }
 
+    /// Its client and server ends.
+    pub fn endpoints(&self) -> Ends<'static> {
+        Ends::Netns {
+            client: BT_ENDS[0].0.into(),
+            server: BT_ENDS[1].0.into(),
+            server_ip: BT_ENDS[1].1.into(),
+        }
+    }
+
     pub fn stop(self) {
         for (_, iface, child) in self.ends {
             cleanup::stop(child);
             let _ = std::fs::remove_file(format!("/var/run/wireguard/{iface}.sock"));
+        }
+        for (ns, _, _) in BT_ENDS {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
 }
@@ -89,7 +196,85 @@ fn wg_genkey() -> anyhow::Result<(String, String)> {
     Ok((private, String::from_utf8(out.stdout)?.trim().to_string()))
 }
 
-/// Starts boringtun-cli in both node netns of `lab` and configures it like a 2-node mesh.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// An endpoint namespace joined to `node_netns` by a veth of `mtu`, reachable at `addr`.
+fn add_endpoint(ns: &str, addr: &str, node_netns: &str, mtu: &str) -> anyhow::Result<()> {
+    // A namespace of this name left by a run killed with SIGKILL goes first.
+    let _ = Command::new("ip")
+        .args(["netns", "del", ns])
+        .stderr(Stdio::null())
+        .status();
+    ip(&["netns", "add", ns])?;
+    cleanup::register_netns(ns);
+    ip(&[
+        "link",
+        "add",
+        "eth0",
+        "mtu",
+        mtu,
+        "netns",
+        ns,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        BT_HOST_VETH,
+        "mtu",
+        mtu,
+        "netns",
+        node_netns,
+    ])?;
+    for a in [
+        &["link", "set", "lo", "up"][..],
+        &["addr", "add", &format!("{addr}/32"), "dev", "eth0"],
+        &["link", "set", "eth0", "up"],
+        &["route", "add", BT_GATEWAY, "dev", "eth0", "scope", "link"],
+        &[
+            "route", "add", "default", "via", BT_GATEWAY, "dev", "eth0", "src", addr,
+        ],
+    ] {
+        ip(&[&["-n", ns][..], a].concat())?;
+    }
+    for a in [
+        &[
+            "addr",
+            "add",
+            &format!("{BT_GATEWAY}/32"),
+            "dev",
+            BT_HOST_VETH,
+        ][..],
+        &["link", "set", BT_HOST_VETH, "up"],
+        &[
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            BT_HOST_VETH,
+            "src",
+            BT_GATEWAY,
+        ],
+    ] {
+        ip(&[&["-n", node_netns][..], a].concat())?;
+    }
+    Ok(())
+}
+
+/// Starts boringtun-cli in both node netns of `lab`, configured like a 2-node mesh, carrying
+/// traffic between its two endpoint namespaces.
 pub fn start_boringtun(lab: &Lab, binary: &Path, state: &Path) -> anyhow::Result<Boringtun> {
     let nodes = [lab.node(NODE_A)?.clone(), lab.node(NODE_B)?.clone()];
     let mtu = lab.view.pod_mtu.unwrap_or(1440).to_string();
@@ -121,6 +306,7 @@ pub fn start_boringtun(lab: &Lab, binary: &Path, state: &Path) -> anyhow::Result
             if start.elapsed() > Duration::from_secs(10) {
                 bail!("boringtun-cli {iface} did not create {}", sock.display());
             }
+            // Poll interval of the wait for the UAPI socket.
             std::thread::sleep(Duration::from_millis(50));
         }
         let other = &nodes[1 - i];
@@ -135,44 +321,178 @@ pub fn start_boringtun(lab: &Lab, binary: &Path, state: &Path) -> anyhow::Result
                 "endpoint",
                 &format!("{}:{BT_PORT}", other.underlay_ip),
                 "allowed-ips",
-                &other.pod_cidr,
+                BT_ENDS[1 - i].2,
             ])
             .status()?;
         if !status.success() {
             bail!("wg set {iface} failed");
         }
         ip_in(netns, &["link", "set", iface, "mtu", &mtu, "up"])?;
+        add_endpoint(BT_ENDS[i].0, BT_ENDS[i].1, netns, &mtu)?;
+        ip_in(netns, &["route", "replace", BT_ENDS[1 - i].2, "dev", iface])?;
     }
     Ok(bt)
 }
 
-/// Points the pod CIDR routes of the plaintext lab at the underlay (plaintext) or at
-/// boringtun-cli's interfaces.
-pub fn route_plain_lab(lab: &Lab, bt: Option<&Boringtun>) -> anyhow::Result<()> {
-    let nodes = [lab.node(NODE_A)?.clone(), lab.node(NODE_B)?.clone()];
-    for (i, n) in nodes.iter().enumerate() {
-        let other = &nodes[1 - i];
-        match bt {
-            None => ip_in(
-                &n.netns,
-                &[
-                    "route",
-                    "replace",
-                    &other.pod_cidr,
-                    "via",
-                    &other.underlay_ip,
-                ],
-            )?,
-            Some(bt) => {
-                let iface = &bt.ends[i].1;
-                ip_in(
-                    &n.netns,
-                    &["route", "replace", &other.pod_cidr, "dev", iface],
-                )?
+/// A contender's path, by byte counters at both nodes: the tunnel device's (`wg show <dev>
+/// transfer`, summed over peers) or, for plaintext, the underlay interface's.
+pub enum PathCounters {
+    /// (node netns, WireGuard interface): client side, server side.
+    Tunnel([(String, String); 2]),
+    /// (node netns, underlay interface): client side, server side.
+    Underlay([(String, String); 2]),
+}
+
+/// Bytes the client side sent and the server side received on a path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PathBytes {
+    pub client_tx: u64,
+    pub server_rx: u64,
+}
+
+impl PathCounters {
+    pub fn read(&self) -> anyhow::Result<PathBytes> {
+        Ok(match self {
+            PathCounters::Tunnel([a, b]) => PathBytes {
+                client_tx: wg_transfer(&a.0, &a.1)?.1,
+                server_rx: wg_transfer(&b.0, &b.1)?.0,
+            },
+            PathCounters::Underlay([a, b]) => PathBytes {
+                client_tx: link_bytes(&a.0, &a.1)?.1,
+                server_rx: link_bytes(&b.0, &b.1)?.0,
+            },
+        })
+    }
+
+    /// Packets the client node's stack could not queue to the path's device (`tx dropped`):
+    /// for a TUN, the tunnel process did not read them in time.
+    pub fn client_tx_dropped(&self) -> anyhow::Result<u64> {
+        let (PathCounters::Tunnel([a, _]) | PathCounters::Underlay([a, _])) = self;
+        Ok(link_stats(&a.0, &a.1)?.tx_dropped)
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            PathCounters::Tunnel([a, b]) => format!("wg show {} / {} transfer", a.1, b.1),
+            PathCounters::Underlay([a, b]) => {
+                format!("{} of {} / {} of {}", a.1, a.0, b.1, b.0)
             }
         }
     }
-    Ok(())
+}
+
+/// (rx, tx) bytes of a WireGuard device, summed over its peers (`wg show <dev> transfer`).
+pub fn wg_transfer(netns: &str, iface: &str) -> anyhow::Result<(u64, u64)> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "wg", "show", iface, "transfer"])
+        .output()
+        .context("running wg show")?;
+    if !out.status.success() {
+        bail!(
+            "wg show {iface} transfer in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut sum = (0, 0);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        if let [_, rx, tx] = f[..] {
+            sum.0 += rx.parse::<u64>()?;
+            sum.1 += tx.parse::<u64>()?;
+        }
+    }
+    Ok(sum)
+}
+
+struct LinkStats {
+    rx_bytes: u64,
+    tx_bytes: u64,
+    tx_dropped: u64,
+}
+
+/// An interface's counters (`ip -j -s link show`).
+fn link_stats(netns: &str, iface: &str) -> anyhow::Result<LinkStats> {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-j", "-s", "link", "show", iface])
+        .output()
+        .context("running ip -s link")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("ip -j -s link show {iface} in {netns}"))?;
+    let stats = &v[0]["stats64"];
+    match (
+        stats["rx"]["bytes"].as_u64(),
+        stats["tx"]["bytes"].as_u64(),
+        stats["tx"]["dropped"].as_u64(),
+    ) {
+        (Some(rx_bytes), Some(tx_bytes), Some(tx_dropped)) => Ok(LinkStats {
+            rx_bytes,
+            tx_bytes,
+            tx_dropped,
+        }),
+        _ => bail!("no counters for {iface} in {netns}"),
+    }
+}
+
+/// (rx, tx) bytes of an interface.
+fn link_bytes(netns: &str, iface: &str) -> anyhow::Result<(u64, u64)> {
+    let s = link_stats(netns, iface)?;
+    Ok((s.rx_bytes, s.tx_bytes))
+}
+
+/// UDP datagrams dropped for a full socket receive buffer in a netns (`RcvbufErrors` of
+/// /proc/net/snmp), the drops behind boringtun-cli's retransmits with default buffers.
+pub fn udp_rcvbuf_errors(netns: &str) -> anyhow::Result<u64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "cat", "/proc/net/snmp"])
+        .output()
+        .context("reading /proc/net/snmp")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        bail!("no Udp lines in /proc/net/snmp of {netns}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .context("no RcvbufErrors in /proc/net/snmp")
+}
+
+/// The node netns of a lab, node-a (client side) first.
+pub fn node_netns(lab: &Lab) -> anyhow::Result<[String; 2]> {
+    Ok([
+        lab.node(NODE_A)?.netns.clone(),
+        lab.node(NODE_B)?.netns.clone(),
+    ])
+}
+
+/// Counters of veil's tunnel devices in an encrypted lab.
+pub fn veil_counters(lab: &Lab) -> anyhow::Result<PathCounters> {
+    let dev = |node: &str| -> anyhow::Result<(String, String)> {
+        let n = lab.node(node)?;
+        let iface = n
+            .wg_interface
+            .clone()
+            .with_context(|| format!("lab show: no wg_interface for {node}"))?;
+        Ok((n.netns.clone(), iface))
+    };
+    Ok(PathCounters::Tunnel([dev(NODE_A)?, dev(NODE_B)?]))
+}
+
+/// Counters of the underlay interfaces of a lab (the plaintext path).
+pub fn underlay_counters(lab: &Lab) -> anyhow::Result<PathCounters> {
+    let [a, b] = node_netns(lab)?;
+    Ok(PathCounters::Underlay([
+        (a, "ul0".into()),
+        (b, "ul0".into()),
+    ]))
+}
+
+/// Counters of boringtun-cli's devices.
+pub fn boringtun_counters(bt: &Boringtun) -> PathCounters {
+    let i = bt.interfaces();
+    PathCounters::Tunnel([i[0].clone(), i[1].clone()])
 }
 
 /// The veil-wg processes of both nodes of an encrypted lab.
@@ -208,12 +528,12 @@ pub fn agent_pids(lab: &Lab) -> anyhow::Result<Vec<u32>> {
 }
 
 /// Sends a few pings client → server until one answers (handshakes done, routes warm).
-pub fn warm_path(lab: &Lab) -> anyhow::Result<()> {
-    let server_ip = lab.pod(SERVER)?.ip.clone();
+pub fn warm_path(ends: &Ends<'_>) -> anyhow::Result<()> {
+    let server_ip = ends.server_ip()?;
     let start = Instant::now();
     loop {
-        let ok = lab
-            .exec_cmd(CLIENT, &["ping", "-c", "1", "-W", "1", "-q", &server_ip])
+        let ok = ends
+            .command(false, &["ping", "-c", "1", "-W", "1", "-q", &server_ip])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -223,8 +543,9 @@ pub fn warm_path(lab: &Lab) -> anyhow::Result<()> {
             return Ok(());
         }
         if start.elapsed() > Duration::from_secs(20) {
-            bail!("lab {}: client cannot reach server {server_ip}", lab.name());
+            bail!("the client cannot reach the server {server_ip}");
         }
+        // Pause between ping attempts (each waits up to 1 s itself).
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -27,6 +27,12 @@ pub struct NodeView {
     pub pod_cidr: String,
     #[serde(default)]
     pub wg_interface: Option<String>,
+    /// The agent's admin socket.
+    #[serde(default)]
+    pub agent_admin: Option<String>,
+    /// The agent's bpffs pin directory (maps by name).
+    #[serde(default)]
+    pub pin_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -14,3 +14,4 @@ pub mod procs;
 pub mod report;
 pub mod rr;
 pub mod setup;
+pub mod sockets;

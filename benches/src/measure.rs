@@ -7,8 +7,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::{
-    contender::{CLIENT, SERVER},
-    lab::Lab,
+    contender::{Ends, PathBytes},
     procs, rr,
 };
 
@@ -25,25 +24,39 @@ pub struct Throughput {
     pub tunnel_cpu_seconds: Option<f64>,
     /// tunnel_cpu_seconds per GB (1e9 bytes) of payload received.
     pub cpu_seconds_per_gb: Option<f64>,
+    /// What the contender's own path counted meanwhile (its tunnel devices, or the underlay for
+    /// plaintext): at least `bytes`, or the run is refused.
+    #[serde(default)]
+    pub path_bytes: PathBytes,
+    /// UDP datagrams dropped for a full receive buffer in both node netns meanwhile.
+    #[serde(default)]
+    pub udp_rcvbuf_errors: u64,
+    /// Packets the client node could not queue to the path's device meanwhile (for a TUN: not
+    /// read by the tunnel process in time).
+    #[serde(default)]
+    pub device_tx_dropped: u64,
+    /// Segments the server received out of order meanwhile.
+    #[serde(default)]
+    pub server_out_of_order: u64,
 }
 
-/// Starts the servers the measurements talk to in the server pod (killed by cleanup/lab down).
-pub fn start_servers(lab: &Lab, rr_bin: &Path) -> anyhow::Result<()> {
+/// Starts the servers the measurements talk to in the server end (killed by cleanup/lab down).
+pub fn start_servers(ends: &Ends<'_>, rr_bin: &Path) -> anyhow::Result<()> {
     let port = IPERF_PORT.to_string();
-    lab.spawn(SERVER, &["iperf3", "-s", "-p", &port])?;
+    ends.spawn_server(&["iperf3", "-s", "-p", &port])?;
     let rr = rr_bin.display().to_string();
-    lab.spawn(SERVER, &[&rr, "server", "--port", &RR_PORT.to_string()])?;
+    ends.spawn_server(&[&rr, "server", "--port", &RR_PORT.to_string()])?;
     Ok(())
 }
 
 /// `iperf3 -c server -P streams -t seconds -J`, with CPU time of `tunnel_pids` around it.
 pub fn iperf(
-    lab: &Lab,
+    ends: &Ends<'_>,
     streams: u32,
     seconds: u32,
     tunnel_pids: &[u32],
 ) -> anyhow::Result<Throughput> {
-    let server = lab.pod(SERVER)?.ip.clone();
+    let server = ends.server_ip()?;
     let (p, t, port) = (
         streams.to_string(),
         seconds.to_string(),
@@ -53,17 +66,15 @@ pub fn iperf(
     // iperf3's server takes one test at a time and may still be closing the previous one.
     for _ in 0..3 {
         let cpu0 = procs::cpu_seconds_sum(tunnel_pids)?;
-        let out = lab.exec(
-            CLIENT,
-            &[
-                "iperf3", "-c", &server, "-p", &port, "-P", &p, "-t", &t, "-J",
-            ],
-        );
+        let out = ends.client_output(&[
+            "iperf3", "-c", &server, "-p", &port, "-P", &p, "-t", &t, "-J",
+        ]);
         let cpu1 = procs::cpu_seconds_sum(tunnel_pids)?;
         let out = match out {
             Ok(o) => o,
             Err(e) => {
                 last_err = Some(e);
+                // iperf3's server may still be closing the previous test: a pause, then again.
                 std::thread::sleep(std::time::Duration::from_secs(1));
                 continue;
             }
@@ -88,6 +99,10 @@ pub fn iperf(
             retransmits,
             tunnel_cpu_seconds: cpu,
             cpu_seconds_per_gb: cpu.map(|c| c / (moved / 1e9)),
+            path_bytes: PathBytes::default(),
+            udp_rcvbuf_errors: 0,
+            device_tx_dropped: 0,
+            server_out_of_order: 0,
         });
     }
     Err(last_err.unwrap_or_else(|| anyhow::anyhow!("iperf3 failed")))
@@ -95,24 +110,21 @@ pub fn iperf(
 
 /// A request/response run of `size` bytes for `seconds`.
 pub fn request_response(
-    lab: &Lab,
+    ends: &Ends<'_>,
     rr_bin: &Path,
     size: usize,
     seconds: f64,
 ) -> anyhow::Result<rr::RrResult> {
-    let server = lab.pod(SERVER)?.ip.clone();
-    let out = lab.exec(
-        CLIENT,
-        &[
-            &rr_bin.display().to_string(),
-            "client",
-            "--connect",
-            &format!("{server}:{RR_PORT}"),
-            "--size",
-            &size.to_string(),
-            "--seconds",
-            &seconds.to_string(),
-        ],
-    )?;
+    let server = ends.server_ip()?;
+    let out = ends.client_output(&[
+        &rr_bin.display().to_string(),
+        "client",
+        "--connect",
+        &format!("{server}:{RR_PORT}"),
+        "--size",
+        &size.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+    ])?;
     serde_json::from_str(out.trim()).context("veil-rr output")
 }

@@ -12,11 +12,12 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 use veil_benches::{
     chart, cleanup,
-    contender::{self, Contender},
+    contender::{self, Contender, Ends, PathBytes, PathCounters},
     lab::Lab,
     measure, procs,
     report::{self, Medians, Samples, TcCost},
     setup,
+    sockets::{self, Buffers},
 };
 
 #[derive(Parser, Debug, serde::Serialize)]
@@ -64,10 +65,72 @@ struct Args {
     /// Only these tests (tcp1, tcp2, rr), for profiling sessions.
     #[arg(long, value_delimiter = ',', default_value = "tcp1,tcp2,rr")]
     tests: Vec<String>,
+    /// Leave boringtun-cli's UDP sockets at the netns defaults instead of veil-wg's buffers
+    /// (to reproduce the earlier, unequal runs; not for published numbers).
+    #[arg(long)]
+    boringtun_default_buffers: bool,
 }
 
 const LAB_PLAIN: &str = "vb-plain";
 const LAB_VEIL: &str = "vb-veil";
+
+/// What veil-wg asks for its UDP sockets (`SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`, 8 MiB each,
+/// transport/src/userspace/io.rs), as the kernel reports it (doubled). Checked against the
+/// running veil-wg whenever the veil lab is up, so it cannot drift unnoticed.
+const VEIL_WG_BUFFERS: Buffers = Buffers {
+    rcvbuf: 2 * (8 << 20),
+    sndbuf: 2 * (8 << 20),
+};
+
+/// The UDP socket buffers every tunnel contender runs with: veil-wg's own. boringtun-cli (no
+/// option for it) starts with the netns defaults (`net.core.rmem_default`/`wmem_default`,
+/// 208 KiB, not writable from a lab netns here) and gets veil-wg's through `pidfd_getfd`.
+fn equalize_socket_buffers(
+    veil_wg: &[u32],
+    boringtun: &[u32],
+) -> anyhow::Result<serde_json::Value> {
+    for &pid in veil_wg {
+        let b = sockets::uniform_udp_buffers(pid)?;
+        if b != VEIL_WG_BUFFERS {
+            bail!("veil-wg (pid {pid}) runs with {b}, not the {VEIL_WG_BUFFERS} this harness gives boringtun-cli: update VEIL_WG_BUFFERS");
+        }
+    }
+    let mut before = vec![];
+    for &pid in boringtun {
+        let b = sockets::set_udp_buffers(pid, VEIL_WG_BUFFERS)?;
+        eprintln!(
+            "boringtun-cli pid {pid}: {} UDP sockets from {} to {VEIL_WG_BUFFERS} (veil-wg's)",
+            b.len(),
+            b[0]
+        );
+        before.push(b[0]);
+    }
+    Ok(serde_json::json!({
+        "every_tunnel_socket": VEIL_WG_BUFFERS,
+        "boringtun_cli_default": before.first(),
+    }))
+}
+
+/// Refuses a run whose bytes did not cross the contender's own path.
+fn check_path(
+    c: Contender,
+    test: &str,
+    payload: u64,
+    counted: PathBytes,
+    path: &PathCounters,
+) -> anyhow::Result<()> {
+    if counted.client_tx < payload || counted.server_rx < payload {
+        bail!(
+            "{} {test}: {payload} bytes went client -> server, but its path ({}) counted {} sent and {} received: the traffic did not cross {}'s own path",
+            c.key(),
+            path.describe(),
+            counted.client_tx,
+            counted.server_rx,
+            c.key()
+        );
+    }
+    Ok(())
+}
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -207,7 +270,7 @@ fn main() -> anyhow::Result<()> {
     let plain = if need_plain {
         eprintln!("lab {LAB_PLAIN}: up (encryption off)");
         let l = Lab::up(&veil, LAB_PLAIN, &lab_file, &["--encryption", "off"])?;
-        measure::start_servers(&l, &rr_bin)?;
+        measure::start_servers(&Ends::Pods(&l), &rr_bin)?;
         Some(l)
     } else {
         None
@@ -215,13 +278,17 @@ fn main() -> anyhow::Result<()> {
     let veil_lab = if need_veil {
         eprintln!("lab {LAB_VEIL}: up (encryption on, userspace backend)");
         let l = Lab::up(&veil, LAB_VEIL, &lab_file, &["--backend", "userspace"])?;
-        measure::start_servers(&l, &rr_bin)?;
+        measure::start_servers(&Ends::Pods(&l), &rr_bin)?;
         Some(l)
     } else {
         None
     };
     let bt = match (&plain, &boringtun_bin) {
-        (Some(p), Some(bin)) => Some(contender::start_boringtun(p, bin, &state)?),
+        (Some(p), Some(bin)) => {
+            let bt = contender::start_boringtun(p, bin, &state)?;
+            measure::start_servers(&bt.endpoints(), &rr_bin)?;
+            Some(bt)
+        }
         _ => None,
     };
     let veil_wg = match &veil_lab {
@@ -256,32 +323,63 @@ fn main() -> anyhow::Result<()> {
 
     // Warm every path (WireGuard handshakes) before the first timed run.
     if let Some(p) = &plain {
-        contender::route_plain_lab(p, None)?;
-        contender::warm_path(p)?;
-        if let Some(bt) = &bt {
-            contender::route_plain_lab(p, Some(bt))?;
-            contender::warm_path(p)?;
-        }
+        contender::warm_path(&Ends::Pods(p))?;
+    }
+    if let Some(bt) = &bt {
+        contender::warm_path(&bt.endpoints())?;
     }
     if let Some(v) = &veil_lab {
-        contender::warm_path(v)?;
+        contender::warm_path(&Ends::Pods(v))?;
     }
+    // boringtun-cli's sockets exist now (the connected one after its first handshake).
+    let bt_pids = bt.as_ref().map(|b| b.pids()).unwrap_or_default();
+    let socket_buffers = if args.boringtun_default_buffers {
+        serde_json::json!({ "boringtun_cli": "netns defaults (--boringtun-default-buffers)" })
+    } else {
+        equalize_socket_buffers(&veil_wg, &bt_pids)?
+    };
 
-    let select = |c: Contender| -> anyhow::Result<(&Lab, Vec<u32>)> {
+    // Each contender: its ends, tunnel processes, path counters and node netns.
+    struct Path<'a> {
+        ends: Ends<'a>,
+        pids: Vec<u32>,
+        counters: PathCounters,
+        netns: [String; 2],
+    }
+    let path = |c: Contender| -> anyhow::Result<Path<'_>> {
         Ok(match c {
             Contender::Plaintext => {
                 let p = plain.as_ref().expect("plain lab");
-                contender::route_plain_lab(p, None)?;
-                (p, vec![])
+                Path {
+                    ends: Ends::Pods(p),
+                    pids: vec![],
+                    counters: contender::underlay_counters(p)?,
+                    netns: contender::node_netns(p)?,
+                }
             }
             Contender::Boringtun => {
                 let p = plain.as_ref().expect("plain lab");
                 let bt = bt.as_ref().expect("boringtun");
-                contender::route_plain_lab(p, Some(bt))?;
-                (p, bt.pids())
+                Path {
+                    ends: bt.endpoints(),
+                    pids: bt.pids(),
+                    counters: contender::boringtun_counters(bt),
+                    netns: contender::node_netns(p)?,
+                }
             }
-            Contender::Veil => (veil_lab.as_ref().expect("veil lab"), veil_wg.clone()),
+            Contender::Veil => {
+                let v = veil_lab.as_ref().expect("veil lab");
+                Path {
+                    ends: Ends::Pods(v),
+                    pids: veil_wg.clone(),
+                    counters: contender::veil_counters(v)?,
+                    netns: contender::node_netns(v)?,
+                }
+            }
         })
+    };
+    let rcvbuf_errors = |netns: &[String; 2]| -> anyhow::Result<u64> {
+        Ok(contender::udp_rcvbuf_errors(&netns[0])? + contender::udp_rcvbuf_errors(&netns[1])?)
     };
 
     let mut samples: BTreeMap<&'static str, Samples> = Contender::ALL
@@ -298,21 +396,52 @@ fn main() -> anyhow::Result<()> {
         loads.push(loadavg());
         for test in args.tests.iter().map(String::as_str) {
             for &c in &order {
-                let (lab, pids) = select(c)?;
+                let p = path(c)?;
+                // Same socket buffers on every tunnel socket, still (a new socket would not
+                // have them).
+                let equal = !(args.boringtun_default_buffers && c == Contender::Boringtun);
+                for &pid in p.pids.iter().filter(|_| equal) {
+                    let b = sockets::uniform_udp_buffers(pid)?;
+                    if b != VEIL_WG_BUFFERS {
+                        bail!(
+                            "{} (pid {pid}) runs with {b}, not {VEIL_WG_BUFFERS}",
+                            c.key()
+                        );
+                    }
+                }
                 let s = samples.get_mut(c.key()).expect("known contender");
+                let (counted0, drops0) = (p.counters.read()?, rcvbuf_errors(&p.netns)?);
+                let (dev_drops0, ofo0) = (
+                    p.counters.client_tx_dropped()?,
+                    p.ends.server_out_of_order()?,
+                );
                 match test {
                     "tcp1" | "tcp2" => {
                         let streams = if test == "tcp1" { 1 } else { 2 };
-                        let t = measure::iperf(lab, streams, args.seconds, &pids)?;
+                        let mut t = measure::iperf(&p.ends, streams, args.seconds, &p.pids)?;
+                        let counted1 = p.counters.read()?;
+                        t.path_bytes = PathBytes {
+                            client_tx: counted1.client_tx - counted0.client_tx,
+                            server_rx: counted1.server_rx - counted0.server_rx,
+                        };
+                        t.udp_rcvbuf_errors = rcvbuf_errors(&p.netns)? - drops0;
+                        t.device_tx_dropped = p.counters.client_tx_dropped()? - dev_drops0;
+                        t.server_out_of_order = p.ends.server_out_of_order()? - ofo0;
+                        check_path(c, test, t.bytes, t.path_bytes, &p.counters)?;
                         eprintln!(
-                            "round {}/{} {:<14} TCP x{streams}: {:>6.2} Gbit/s  retr {:>5}  cpu/GB {}",
+                            "round {}/{} {:<14} TCP x{streams}: {:>6.2} Gbit/s  retr {:>5}  cpu/GB {}  path {:.2}/{:.2} GB  drops: udp rcvbuf {} device {}  out of order {}",
                             round + 1,
                             args.rounds,
                             c.key(),
                             t.gbit_per_s,
                             t.retransmits,
                             t.cpu_seconds_per_gb
-                                .map_or("-".into(), |v| format!("{v:.2} s"))
+                                .map_or("-".into(), |v| format!("{v:.2} s")),
+                            t.path_bytes.client_tx as f64 / 1e9,
+                            t.path_bytes.server_rx as f64 / 1e9,
+                            t.udp_rcvbuf_errors,
+                            t.device_tx_dropped,
+                            t.server_out_of_order
                         );
                         if streams == 1 {
                             s.tcp1.push(t);
@@ -321,8 +450,23 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                     "rr" => {
-                        let r =
-                            measure::request_response(lab, &rr_bin, args.rr_size, args.rr_seconds)?;
+                        let r = measure::request_response(
+                            &p.ends,
+                            &rr_bin,
+                            args.rr_size,
+                            args.rr_seconds,
+                        )?;
+                        let counted1 = p.counters.read()?;
+                        check_path(
+                            c,
+                            test,
+                            r.transactions * args.rr_size as u64,
+                            PathBytes {
+                                client_tx: counted1.client_tx - counted0.client_tx,
+                                server_rx: counted1.server_rx - counted0.server_rx,
+                            },
+                            &p.counters,
+                        )?;
                         eprintln!(
                             "round {}/{} {:<14} RR {} B: p50 {:.1} µs  p99 {:.1} µs  ({} tx)",
                             round + 1,
@@ -400,6 +544,7 @@ fn main() -> anyhow::Result<()> {
         "idle": idle,
         "tunnel_rss_after_load": after_load,
         "tc_cost": tc,
+        "socket_buffers": socket_buffers,
         "load_average_per_round": loads,
         "targets": targets,
     });
