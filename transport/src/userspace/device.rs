@@ -47,8 +47,28 @@ pub struct Drops {
     pub no_peer: AtomicU64,
     pub bad_source: AtomicU64,
     pub decrypt: AtomicU64,
+    /// Authentic packets already seen: a data counter inside or behind the replay window, or
+    /// a handshake initiation whose TAI64N timestamp is not newer than the last one.
+    pub replay: AtomicU64,
     pub no_endpoint: AtomicU64,
     pub send_error: AtomicU64,
+}
+
+impl Drops {
+    /// One line for veil-wg's log: every cause with its count.
+    pub fn summary(&self) -> String {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "malformed {}, no-peer {}, bad-source {}, decrypt {}, replay {}, no-endpoint {}, send-failed {}",
+            n(&self.malformed),
+            n(&self.no_peer),
+            n(&self.bad_source),
+            n(&self.decrypt),
+            n(&self.replay),
+            n(&self.no_endpoint),
+            n(&self.send_error)
+        )
+    }
 }
 
 /// One `Tunn` and the local index its sessions answer to.

@@ -21,7 +21,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
+use boringtun::noise::{
+    errors::WireGuardError, handshake::parse_handshake_anon, Packet, Tunn, TunnResult,
+};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
@@ -862,9 +864,7 @@ fn handle_datagram<R: Reply>(
             TunnResult::WriteToNetwork(reply) => {
                 udp.reply(from, reply);
             }
-            TunnResult::Err(_) => {
-                device.drops.decrypt.fetch_add(1, Ordering::Relaxed);
-            }
+            TunnResult::Err(e) => count_error(device, &e),
         }
         return;
     }
@@ -955,12 +955,22 @@ fn handle_control<R: Reply>(
         }
         // A handshake response that completed a session.
         TunnResult::Done => peer.set_endpoint(from),
-        TunnResult::Err(_) => {
-            device.drops.decrypt.fetch_add(1, Ordering::Relaxed);
-        }
+        TunnResult::Err(e) => count_error(device, &e),
         _ => {}
     }
     peer.note_handshake(&noise.current.tunn);
+}
+
+/// Counts a packet boringtun refused: a replay (a data counter already seen, an initiation with
+/// a timestamp not newer than the last) or anything else that failed to decrypt or verify.
+fn count_error(device: &Device, e: &WireGuardError) {
+    let counter = match e {
+        WireGuardError::DuplicateCounter | WireGuardError::WrongTai64nTimestamp => {
+            &device.drops.replay
+        }
+        _ => &device.drops.decrypt,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// WireGuard timers (handshake retries, keepalives, rekeys), the rate limiter's window, and
@@ -973,6 +983,7 @@ fn timers(
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut last_reset = Instant::now();
+    let mut last_drops = device.drops.summary();
     while !stop.load(Ordering::Relaxed) {
         dog.idle(slot);
         std::thread::sleep(Duration::from_millis(250));
@@ -983,6 +994,12 @@ fn timers(
                 rl.reset_count();
             }
             last_reset = Instant::now();
+            // The drop counters reach the log when they change, at most once a second.
+            let drops = device.drops.summary();
+            if drops != last_drops {
+                eprintln!("veil-wg: {} dropped: {drops}", device.name);
+                last_drops = drops;
+            }
         }
         let u = udp.read().expect("udp lock").clone();
         let now = Instant::now();

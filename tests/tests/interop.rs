@@ -1,0 +1,972 @@
+//! Interop: veil-wg against wireguard-go, the reference userspace WireGuard (issue 17).
+//!
+//! Each test builds two network namespaces of its own joined by a veth pair on the lab range
+//! (underlay 198.18.200.0/24, tunnel 198.19.200.0/24, both only inside the two namespaces), runs
+//! `target/release/veil-wg` in one and `wireguard-go` (built by `scripts/setup.sh`) in the other,
+//! and configures both with `wg set` from wireguard-tools. Everything is removed on drop, also
+//! when the test panics. Missing tools fail the test; nothing is skipped.
+
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::{fd::AsRawFd as _, unix::fs::PermissionsExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use veil_tests::{require_lab_environment, unique_name};
+
+/// Underlay (veth) and tunnel addresses: `A` runs veil-wg, `B` runs wireguard-go.
+const UNDER_A: &str = "198.18.200.1";
+const UNDER_B: &str = "198.18.200.2";
+const TUN_A: &str = "198.19.200.1";
+const TUN_B: &str = "198.19.200.2";
+const PORT_A: u16 = 51820;
+const PORT_B: u16 = 51821;
+/// The veth end's name inside each namespace (private to the namespace).
+const UNDERLAY_IF: &str = "u0";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// `wireguard-go` from `$VEIL_TOOLS_BIN`, `$VEIL_CACHE_DIR/bin` or `~/.cache/veil/bin`.
+fn wireguard_go() -> PathBuf {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("VEIL_TOOLS_BIN") {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("VEIL_CACHE_DIR") {
+        dirs.push(PathBuf::from(d).join("bin"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(h).join(".cache/veil/bin"));
+    }
+    dirs.iter()
+        .map(|d| d.join("wireguard-go"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("wireguard-go not found in {dirs:?}: run scripts/setup.sh (it builds it)")
+        })
+}
+
+fn veil_wg_bin() -> PathBuf {
+    let bin = workspace_root().join("target/release/veil-wg");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+fn run(argv: &[&str]) -> Output {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("run {argv:?}: {e}"))
+}
+
+fn run_ok(argv: &[&str]) -> String {
+    let out = run(argv);
+    assert!(
+        out.status.success(),
+        "{} failed ({}): {}",
+        argv.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `f` every 50 ms until it returns Some or `timeout` passes.
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        // The poll interval, not a wait of its own.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A network namespace deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(name: String) -> Netns {
+        run_ok(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ok(&["ip", "link", "set", "lo", "up"]);
+        // IPv4 only: no IPv6 link-local chatter into the tunnels when a device comes up.
+        for conf in ["all", "default"] {
+            ns.ok(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{conf}.disable_ipv6=1"),
+            ]);
+        }
+        ns
+    }
+
+    fn cmd(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(argv);
+        c
+    }
+
+    fn exec(&self, argv: &[&str]) -> Output {
+        self.cmd(argv).output().expect("ip netns exec")
+    }
+
+    fn ok(&self, argv: &[&str]) -> String {
+        let out = self.exec(argv);
+        assert!(
+            out.status.success(),
+            "`{}` in {} failed ({}): {}",
+            argv.join(" "),
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ping(&self, dst: &str) -> bool {
+        self.exec(&["ping", "-c", "1", "-W", "1", dst])
+            .status
+            .success()
+    }
+
+    /// Packets the kernel received on `ifname` (for a TUN device: what the daemon delivered).
+    fn rx_packets(&self, ifname: &str) -> u64 {
+        self.ok(&[
+            "cat",
+            &format!("/sys/class/net/{ifname}/statistics/rx_packets"),
+        ])
+        .trim()
+        .parse()
+        .expect("rx_packets")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// Runs `f` on a thread that has entered the network namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns(2) on a valid namespace fd; it changes only this thread's namespace.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// A daemon (veil-wg or wireguard-go) in a namespace, stderr+stdout to a log; killed on drop.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    ifname: String,
+}
+
+impl Daemon {
+    fn start(ns: &Netns, argv: &[&str], envs: &[(&str, &str)], ifname: &str, log: PathBuf) -> Self {
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = ns
+            .cmd(argv)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
+        let mut d = Daemon {
+            child,
+            log,
+            ifname: ifname.to_string(),
+        };
+        let sock = d.socket();
+        wait_for(
+            &format!("{} to serve {}", argv[0], sock.display()),
+            Duration::from_secs(10),
+            || {
+                if let Ok(Some(st)) = d.child.try_wait() {
+                    panic!("{argv:?} exited ({st}):\n{}", d.log_text());
+                }
+                sock.exists().then_some(())
+            },
+        );
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/wireguard/{}.sock", self.ifname))
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.socket());
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of {} ---\n{}",
+                self.ifname,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Side {
+    /// veil-wg.
+    A,
+    /// wireguard-go.
+    B,
+}
+
+/// veil-wg in namespace A and wireguard-go in namespace B, peered with a PSK. Fields drop in
+/// order: the daemons first, then the namespaces, then the files.
+struct Pair {
+    veil: Daemon,
+    wggo: Daemon,
+    a: Netns,
+    b: Netns,
+    pub_a: String,
+    pub_b: String,
+    dir: TempDir,
+}
+
+impl Pair {
+    /// Both daemons up and configured as peers.
+    fn up() -> Pair {
+        let pair = Pair::create();
+        pair.peer();
+        pair
+    }
+
+    /// Both daemons with their tunnel devices up and addressed, not yet peered: no packet
+    /// crosses until `peer`.
+    fn create() -> Pair {
+        require_lab_environment();
+        let wggo_bin = wireguard_go();
+        let id = unique_name();
+        let dir = TempDir(std::env::temp_dir().join(format!("veil-interop-{id}")));
+        std::fs::create_dir_all(&dir.0).expect("temp dir");
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let a = Netns::new(format!("veil-iop-{id}-a"));
+        let b = Netns::new(format!("veil-iop-{id}-b"));
+        // The veth pair is created inside A with its peer in B: the host never sees it.
+        a.ok(&[
+            "ip",
+            "link",
+            "add",
+            UNDERLAY_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            UNDERLAY_IF,
+            "netns",
+            &b.name,
+        ]);
+        for (ns, ip) in [(&a, UNDER_A), (&b, UNDER_B)] {
+            ns.ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", UNDERLAY_IF]);
+            ns.ok(&["ip", "link", "set", UNDERLAY_IF, "up"]);
+        }
+        // UAPI sockets live in the host's /var/run/wireguard: the device names must be unique.
+        let (if_a, if_b) = (format!("wv{}", &id[1..]), format!("wg{}", &id[1..]));
+        let veil_bin = veil_wg_bin();
+        let veil = Daemon::start(
+            &a,
+            &[veil_bin.to_str().unwrap(), "--foreground", &if_a],
+            &[],
+            &if_a,
+            dir.0.join("veil-wg.log"),
+        );
+        let wggo = Daemon::start(
+            &b,
+            &[wggo_bin.to_str().unwrap(), "-f", &if_b],
+            &[("WG_PROCESS_FOREGROUND", "1"), ("LOG_LEVEL", "verbose")],
+            &if_b,
+            dir.0.join("wireguard-go.log"),
+        );
+        let key = |name: &str| {
+            let k = run_ok(&["wg", "genkey"]);
+            let path = dir.0.join(name);
+            std::fs::write(&path, &k).expect("write key");
+            let mut c = Command::new("wg")
+                .arg("pubkey")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("wg pubkey");
+            c.stdin.take().unwrap().write_all(k.as_bytes()).unwrap();
+            let out = c.wait_with_output().expect("wg pubkey");
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        let (pub_a, pub_b) = (key("a.key"), key("b.key"));
+        std::fs::write(dir.0.join("psk"), run_ok(&["wg", "genpsk"])).expect("psk");
+        let pair = Pair {
+            veil,
+            wggo,
+            a,
+            b,
+            pub_a,
+            pub_b,
+            dir,
+        };
+        for (ns, ifname, ip) in [
+            (&pair.a, &pair.veil.ifname, TUN_A),
+            (&pair.b, &pair.wggo.ifname, TUN_B),
+        ] {
+            ns.ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", ifname]);
+            ns.ok(&["ip", "link", "set", ifname, "up"]);
+        }
+        pair
+    }
+
+    /// wireguard-go first: veil-wg starts a handshake as soon as its peer is set, and that
+    /// first initiation should find wireguard-go configured.
+    fn peer(&self) {
+        self.configure(Side::B, "psk");
+        self.configure(Side::A, "psk");
+    }
+
+    /// Peers both sides, but veil-wg without wireguard-go's endpoint: veil-wg (which starts a
+    /// handshake as soon as a peer with an endpoint is set) cannot initiate, wireguard-go must,
+    /// and veil-wg learns the endpoint from the authenticated session.
+    fn peer_wireguard_go_first(&self) {
+        self.configure_with(Side::A, "psk", false);
+        self.configure(Side::B, "psk");
+    }
+
+    fn ns(&self, side: Side) -> &Netns {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+
+    fn ifname(&self, side: Side) -> &str {
+        match side {
+            Side::A => &self.veil.ifname,
+            Side::B => &self.wggo.ifname,
+        }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.0.join(name).display().to_string()
+    }
+
+    /// `wg set` of one side: its private key and port, and the other side as its peer with the
+    /// PSK in file `psk_file`.
+    fn configure(&self, side: Side, psk_file: &str) {
+        self.configure_with(side, psk_file, true);
+    }
+
+    fn configure_with(&self, side: Side, psk_file: &str, endpoint: bool) {
+        let (key, port, peer, ep, allowed) = match side {
+            Side::A => ("a.key", PORT_A, &self.pub_b, UNDER_B, TUN_B),
+            Side::B => ("b.key", PORT_B, &self.pub_a, UNDER_A, TUN_A),
+        };
+        let other_port = if side == Side::A { PORT_B } else { PORT_A };
+        let (key, port, psk) = (self.file(key), port.to_string(), self.file(psk_file));
+        let (ep, allowed) = (format!("{ep}:{other_port}"), format!("{allowed}/32"));
+        let mut argv = vec![
+            "wg",
+            "set",
+            self.ifname(side),
+            "private-key",
+            &key,
+            "listen-port",
+            &port,
+            "peer",
+            peer,
+            "preshared-key",
+            &psk,
+            "allowed-ips",
+            &allowed,
+        ];
+        if endpoint {
+            argv.extend(["endpoint", &ep]);
+        }
+        self.ns(side).ok(&argv);
+    }
+
+    fn peer_of(&self, side: Side) -> &str {
+        match side {
+            Side::A => &self.pub_b,
+            Side::B => &self.pub_a,
+        }
+    }
+
+    fn other_tunnel_ip(side: Side) -> &'static str {
+        match side {
+            Side::A => TUN_B,
+            Side::B => TUN_A,
+        }
+    }
+
+    /// The peer's latest handshake as `wg show` reports it (None: never).
+    fn latest_handshake(&self, side: Side) -> Option<u64> {
+        let out = self
+            .ns(side)
+            .ok(&["wg", "show", self.ifname(side), "latest-handshakes"]);
+        let line = out.lines().find(|l| l.starts_with(self.peer_of(side)))?;
+        let secs: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        (secs > 0).then_some(secs)
+    }
+
+    /// Waits until `from` reaches the other side's tunnel address.
+    fn wait_ping(&self, from: Side, timeout: Duration) -> Duration {
+        let t0 = Instant::now();
+        let dst = Self::other_tunnel_ip(from);
+        wait_for(&format!("ping {from:?} -> {dst}"), timeout, || {
+            self.ns(from).ping(dst).then_some(())
+        });
+        t0.elapsed()
+    }
+
+    /// Sends `bytes` over TCP from `from` to the other side's tunnel address; checks every byte.
+    fn tcp_transfer(&self, from: Side, bytes: usize) -> Duration {
+        let to = if from == Side::A { Side::B } else { Side::A };
+        let (server_ip, port) = (Self::other_tunnel_ip(from), 5201u16);
+        let addr: SocketAddr = format!("{server_ip}:{port}").parse().unwrap();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let server = in_netns(&self.ns(to).name, move || {
+            let l = TcpListener::bind(addr).expect("bind tcp server");
+            ready_tx.send(()).unwrap();
+            let (mut s, _) = l.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut got = Vec::with_capacity(bytes);
+            s.read_to_end(&mut got).expect("read transfer");
+            got
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server listening");
+        let t0 = Instant::now();
+        let client = in_netns(&self.ns(from).name, move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+            s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+            s.write_all(&pattern(bytes)).expect("send transfer");
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        client.join().expect("client");
+        let got = server.join().expect("server");
+        let took = t0.elapsed();
+        assert_eq!(got.len(), bytes, "{from:?}->{to:?}: bytes received");
+        assert!(got == pattern(bytes), "{from:?}->{to:?}: data corrupted");
+        took
+    }
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// A WireGuard message seen on the underlay (IPv4/UDP).
+#[derive(Clone, Debug)]
+struct WgPacket {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    /// The whole IPv4 packet, to re-inject as it was.
+    ip: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+impl WgPacket {
+    fn msg_type(&self) -> u8 {
+        self.payload.first().copied().unwrap_or(0)
+    }
+}
+
+/// tcpdump on the underlay veth of a namespace, stopped and parsed on `finish`.
+struct Capture {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Capture {
+    fn start(ns: &Netns, dir: &Path, name: &str, filter: &str) -> Capture {
+        let path = dir.join(name);
+        let mut child = ns
+            .cmd(&[
+                "tcpdump",
+                "-i",
+                UNDERLAY_IF,
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-s",
+                "0",
+                "-w",
+                path.to_str().unwrap(),
+                filter,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump");
+        // tcpdump says "listening on" once the socket is open.
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).expect("tcpdump stderr");
+        assert!(line.contains("listening on"), "tcpdump: {line}");
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Capture { child, path }
+    }
+
+    fn finish(mut self) -> Vec<WgPacket> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+        let data = std::fs::read(&self.path).expect("read pcap");
+        parse_pcap(&data)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// IPv4/UDP packets of a classic pcap file with Ethernet framing.
+fn parse_pcap(data: &[u8]) -> Vec<WgPacket> {
+    assert!(data.len() >= 24, "pcap too short");
+    let magic = u32::from_le_bytes(data[0..4].try_into().unwrap());
+    assert!(
+        magic == 0xa1b2_c3d4 || magic == 0xa1b2_3c4d,
+        "not a little-endian pcap: {magic:#x}"
+    );
+    let linktype = u32::from_le_bytes(data[20..24].try_into().unwrap());
+    assert_eq!(linktype, 1, "expected Ethernet framing");
+    let mut out = Vec::new();
+    let mut off = 24;
+    while off + 16 <= data.len() {
+        let caplen = u32::from_le_bytes(data[off + 8..off + 12].try_into().unwrap()) as usize;
+        let frame = &data[off + 16..(off + 16 + caplen).min(data.len())];
+        off += 16 + caplen;
+        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let ip = &frame[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+        if ip[9] != 17 || total < ihl + 8 {
+            continue;
+        }
+        out.push(WgPacket {
+            src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            ip: ip[..total].to_vec(),
+            payload: ip[ihl + 8..total].to_vec(),
+        });
+    }
+    out
+}
+
+/// Sends whole IPv4 packets (their own headers, source included) from namespace `ns` with a raw
+/// socket.
+fn inject(ns: &Netns, packets: Vec<Vec<u8>>) {
+    in_netns(&ns.name, move || {
+        // SAFETY: plain socket(2)/sendto(2)/close(2) on a fd owned by this closure.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            for p in &packets {
+                // The captured UDP checksum may be a partial one (veth checksum offload): send
+                // without one (0 is "no checksum" in IPv4); the WireGuard payload is unchanged.
+                let mut p = p.clone();
+                let ihl = usize::from(p[0] & 0x0f) * 4;
+                p[ihl + 6] = 0;
+                p[ihl + 7] = 0;
+                let dst = &p[16..20];
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let r = libc::sendto(
+                    fd,
+                    p.as_ptr().cast(),
+                    p.len(),
+                    0,
+                    std::ptr::addr_of!(sa).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                );
+                assert_eq!(
+                    r,
+                    p.len() as isize,
+                    "raw sendto: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            libc::close(fd);
+        }
+    })
+    .join()
+    .expect("inject");
+}
+
+/// veil-wg's drop counters from its log (`<ifname> dropped: ..., replay N, ...`), the last line.
+fn veil_drops(pair: &Pair, reason: &str) -> u64 {
+    let log = pair.veil.log_text();
+    let Some(line) = log.lines().rev().find(|l| l.contains(" dropped: ")) else {
+        return 0;
+    };
+    line.split(" dropped: ")
+        .nth(1)
+        .unwrap()
+        .split(", ")
+        .find_map(|kv| kv.strip_prefix(&format!("{reason} ")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Handshake, ping and a 16 MB TCP transfer both ways, the first packet sent by `initiator`;
+/// the capture on the underlay shows the first handshake initiation came from it.
+fn handshake_and_data_both_ways(initiator: Side) {
+    let pair = Pair::create();
+    let cap = Capture::start(&pair.a, &pair.dir.0, "first.pcap", "udp");
+    match initiator {
+        Side::A => pair.peer(),
+        Side::B => pair.peer_wireguard_go_first(),
+    }
+    assert_eq!(
+        pair.latest_handshake(Side::A),
+        None,
+        "no handshake before traffic"
+    );
+    let first = pair.wait_ping(initiator, Duration::from_secs(10));
+    let packets = cap.finish();
+    let init = packets
+        .iter()
+        .find(|p| p.msg_type() == 1)
+        .expect("a handshake initiation on the underlay");
+    let want = if initiator == Side::A {
+        UNDER_A
+    } else {
+        UNDER_B
+    };
+    assert_eq!(
+        init.src.to_string(),
+        want,
+        "the initiation came from {initiator:?}"
+    );
+    assert!(
+        packets
+            .iter()
+            .any(|p| p.msg_type() == 2 && p.dst == init.src),
+        "a handshake response went back to the initiator"
+    );
+    for side in [Side::A, Side::B] {
+        // veil-wg refreshes what `get` reports from its timer thread (every 250 ms).
+        wait_for(
+            &format!("{side:?} to report a handshake"),
+            Duration::from_secs(2),
+            || pair.latest_handshake(side),
+        );
+    }
+    let other = if initiator == Side::A {
+        Side::B
+    } else {
+        Side::A
+    };
+    pair.wait_ping(other, Duration::from_secs(5));
+    const MB16: usize = 16 << 20;
+    let ab = pair.tcp_transfer(Side::A, MB16);
+    let ba = pair.tcp_transfer(Side::B, MB16);
+    let mbps = |d: Duration| (MB16 as f64 * 8.0 / 1e6) / d.as_secs_f64();
+    println!(
+        "initiator {initiator:?}: first ping after {first:?}; 16 MiB veil-wg->wireguard-go {ab:?} \
+         ({:.0} Mbit/s), wireguard-go->veil-wg {ba:?} ({:.0} Mbit/s)",
+        mbps(ab),
+        mbps(ba)
+    );
+}
+
+#[test]
+fn veil_wg_initiates_handshake_and_data_flow_both_ways() {
+    handshake_and_data_both_ways(Side::A);
+}
+
+#[test]
+fn wireguard_go_initiates_handshake_and_data_flow_both_ways() {
+    handshake_and_data_both_ways(Side::B);
+}
+
+/// A new PSK on both sides (veil-wg first, so its immediate re-handshake fails until
+/// wireguard-go has the same key): both report a handshake after the change, and ping and TCP
+/// work in both directions.
+#[test]
+fn psk_changed_on_both_sides_rehandshakes_and_traffic_continues() {
+    let pair = Pair::up();
+    pair.wait_ping(Side::A, Duration::from_secs(10));
+    std::fs::write(pair.dir.0.join("psk2"), run_ok(&["wg", "genpsk"])).expect("psk2");
+    // `wg show` counts handshakes in whole seconds: start the change on a fresh second.
+    let before = pair.latest_handshake(Side::A).expect("handshake");
+    wait_for("a new second", Duration::from_secs(2), || {
+        (unix_now() > before).then_some(())
+    });
+    let changed_at = unix_now();
+    let t0 = Instant::now();
+    pair.configure(Side::A, "psk2");
+    pair.configure(Side::B, "psk2");
+    for side in [Side::A, Side::B] {
+        wait_for(
+            &format!("{side:?} to handshake with the new PSK"),
+            Duration::from_secs(20),
+            || {
+                let hs = pair.latest_handshake(side)?;
+                (hs >= changed_at).then_some(())
+            },
+        );
+    }
+    let rehandshake = t0.elapsed();
+    pair.wait_ping(Side::A, Duration::from_secs(5));
+    pair.wait_ping(Side::B, Duration::from_secs(5));
+    pair.tcp_transfer(Side::A, 1 << 20);
+    pair.tcp_transfer(Side::B, 1 << 20);
+    println!("new PSK on both sides: both handshook again within {rehandshake:?}");
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The peer removed on one side cuts traffic; re-added, traffic resumes in both directions.
+/// Done on veil-wg's side, then on wireguard-go's.
+#[test]
+fn peer_removed_and_readded_traffic_resumes() {
+    let pair = Pair::up();
+    pair.wait_ping(Side::A, Duration::from_secs(10));
+    for side in [Side::A, Side::B] {
+        pair.ns(side).ok(&[
+            "wg",
+            "set",
+            pair.ifname(side),
+            "peer",
+            pair.peer_of(side),
+            "remove",
+        ]);
+        let shown = pair
+            .ns(side)
+            .ok(&["wg", "show", pair.ifname(side), "peers"]);
+        assert!(
+            shown.trim().is_empty(),
+            "{side:?} still lists a peer: {shown}"
+        );
+        assert!(
+            !pair.ns(Side::A).ping(TUN_B),
+            "ping went through with the peer removed on {side:?}"
+        );
+        pair.configure(side, "psk");
+        let from_a = pair.wait_ping(Side::A, Duration::from_secs(30));
+        let from_b = pair.wait_ping(Side::B, Duration::from_secs(30));
+        pair.tcp_transfer(Side::A, 1 << 20);
+        pair.tcp_transfer(Side::B, 1 << 20);
+        println!(
+            "peer removed and re-added on {side:?}: ping from veil-wg back after {from_a:?}, \
+             then from wireguard-go after {from_b:?}"
+        );
+    }
+}
+
+/// Replay: a handshake initiation and a data packet from wireguard-go, captured on the underlay
+/// and re-injected later from wireguard-go's address and port: veil-wg delivers nothing more to
+/// its TUN device, answers nothing, counts both as `replay`, and the session keeps working.
+#[test]
+fn replayed_data_and_handshake_initiation_are_dropped_and_counted() {
+    let pair = Pair::create();
+    let filter = format!("udp and src host {UNDER_B} and dst port {PORT_A}");
+    let cap = Capture::start(&pair.a, &pair.dir.0, "from-go.pcap", &filter);
+    pair.peer_wireguard_go_first();
+    pair.wait_ping(Side::B, Duration::from_secs(10));
+    let packets = cap.finish();
+    let init = packets
+        .iter()
+        .find(|p| p.msg_type() == 1)
+        .expect("wireguard-go's handshake initiation captured")
+        .clone();
+    let data = packets
+        .iter()
+        .find(|p| p.msg_type() == 4 && p.payload.len() > 32)
+        .expect("a data packet (not a keepalive) captured")
+        .clone();
+    assert_eq!(init.dst.to_string(), UNDER_A);
+    // "Later": after more traffic has moved the receive counter on.
+    for _ in 0..5 {
+        assert!(pair.b.ping(TUN_A), "ping from wireguard-go");
+    }
+    let delivered = pair.a.rx_packets(pair.ifname(Side::A));
+    let replay_before = veil_drops(&pair, "replay");
+    let answers = Capture::start(
+        &pair.a,
+        &pair.dir.0,
+        "to-go.pcap",
+        &format!("udp and src host {UNDER_A}"),
+    );
+    inject(&pair.b, vec![data.ip.clone(), init.ip.clone()]);
+    wait_for(
+        "veil-wg to count 2 replays in its log",
+        Duration::from_secs(5),
+        || (veil_drops(&pair, "replay") >= replay_before + 2).then_some(()),
+    );
+    let sent = answers.finish();
+    assert_eq!(
+        pair.a.rx_packets(pair.ifname(Side::A)),
+        delivered,
+        "a replayed packet reached veil-wg's TUN device"
+    );
+    assert!(
+        !sent.iter().any(|p| p.msg_type() == 2),
+        "veil-wg answered the replayed initiation: {} handshake responses",
+        sent.iter().filter(|p| p.msg_type() == 2).count()
+    );
+    assert_eq!(veil_drops(&pair, "replay"), replay_before + 2);
+    // The session survived the replays.
+    pair.wait_ping(Side::B, Duration::from_secs(2));
+    pair.wait_ping(Side::A, Duration::from_secs(2));
+    println!(
+        "replayed 1 data packet ({} bytes) and 1 initiation: replay counter {} -> {}, TUN \
+         deliveries unchanged at {delivered}, 0 answers",
+        data.payload.len(),
+        replay_before,
+        replay_before + 2
+    );
+}
+
+/// Re-key after REKEY_AFTER_TIME (120 s) under traffic, two pairs at once: one where veil-wg
+/// started the session (veil-wg's own timer) and one where wireguard-go did (veil-wg answers the
+/// re-key). Waits up to 150 s for a new handshake on both sides; pings every 200 ms meanwhile
+/// and reports losses.
+#[test]
+fn rekey_after_120_seconds_both_initiators() {
+    let runs: Vec<_> = [Side::A, Side::B]
+        .into_iter()
+        .map(|initiator| {
+            std::thread::spawn(move || {
+                let pair = Pair::create();
+                match initiator {
+                    Side::A => pair.peer(),
+                    Side::B => pair.peer_wireguard_go_first(),
+                }
+                pair.wait_ping(initiator, Duration::from_secs(10));
+                let first = wait_for("the first handshake", Duration::from_secs(2), || {
+                    pair.latest_handshake(Side::A)
+                });
+                let pinger = pair
+                    .ns(initiator)
+                    .cmd(&[
+                        "ping",
+                        "-q",
+                        "-i",
+                        "0.2",
+                        "-W",
+                        "1",
+                        Pair::other_tunnel_ip(initiator),
+                    ])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("ping");
+                let rekeyed = wait_for(
+                    &format!("a re-key (initiator {initiator:?})"),
+                    Duration::from_secs(150),
+                    || {
+                        let a = pair.latest_handshake(Side::A)?;
+                        let b = pair.latest_handshake(Side::B)?;
+                        (a > first && b > first).then_some(a)
+                    },
+                );
+                pair.wait_ping(initiator, Duration::from_secs(2));
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pinger.id() as i32),
+                    nix::sys::signal::Signal::SIGINT,
+                );
+                let out = pinger.wait_with_output().expect("ping output");
+                let summary = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .find(|l| l.contains("packets transmitted"))
+                    .unwrap_or("")
+                    .to_string();
+                (initiator, rekeyed - first, summary)
+            })
+        })
+        .collect();
+    for r in runs {
+        let (initiator, after, summary) = r.join().expect("re-key run");
+        println!(
+            "initiator {initiator:?}: re-keyed {after} s after the first handshake; {summary}"
+        );
+        assert!(
+            (110..=150).contains(&after),
+            "re-key after {after} s, expected about 120 s"
+        );
+        assert!(
+            summary.contains(" 0% packet loss"),
+            "initiator {initiator:?}: pings lost across the re-key: {summary}"
+        );
+    }
+}
