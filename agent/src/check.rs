@@ -332,8 +332,25 @@ fn send_markers(
     let udp = udp.map_err(|e| Error::Capture(format!("cannot listen in {dst_ns}: {e}")))?;
     let _ = udp.set_read_timeout(Some(Duration::from_millis(200)));
     let server = std::thread::spawn(move || {
-        let _ = tcp.set_nonblocking(false);
-        if let Ok((mut s, _)) = tcp.accept() {
+        // A connection policy drops never arrives: accept until a deadline, not forever (the
+        // check then reports 0 round trips instead of hanging).
+        let _ = tcp.set_nonblocking(true);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let conn = loop {
+            match tcp.accept() {
+                Ok((s, _)) => break Some(s),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        break None;
+                    }
+                    // Poll interval of a bounded accept, not a wait for an event.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(_) => break None,
+            }
+        };
+        if let Some(mut s) = conn {
+            let _ = s.set_nonblocking(false);
             let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
             let mut buf = [0u8; 4096];
             while let Ok(n) = s.read(&mut buf) {

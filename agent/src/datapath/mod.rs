@@ -6,6 +6,12 @@
 //! and atomically swaps its freshly loaded program into each existing link (`bpf_link_update`),
 //! so a pod interface is never without a program. Shutdown detaches nothing; removal is
 //! explicit (`veil lab down`, or deleting the pin directory).
+//!
+//! Kernels without tcx (before 6.6; the 5.15 and 6.1 LTS lines) get the same programs through
+//! the clsact qdisc ([`AttachMode::Clsact`]): one cls_bpf filter per hook at veil's fixed
+//! priority and handle, which a restarted agent replaces in place (netlink `RTM_NEWTFILTER`
+//! without `NLM_F_CREATE` swaps the program atomically), so there is no window without a
+//! program either. The minimum kernel is 5.15 ([`MIN_KERNEL`]).
 
 pub mod maps;
 pub mod policy;
@@ -20,7 +26,7 @@ use std::{
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         LinkOrder, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
@@ -74,20 +80,91 @@ pub enum Error {
     NoInterface(String),
     #[error("cannot mount bpffs")]
     Bpffs(#[source] crate::sys::Error),
+    #[error("kernel {found} is too old: veil needs Linux {}.{} or newer (clsact, ring buffers, bpf_redirect_neigh); tcx is used from 6.6", MIN_KERNEL.0, MIN_KERNEL.1)]
+    KernelTooOld { found: String },
+    #[error("VEIL_ATTACH_MODE={0:?}: say tcx or clsact")]
+    BadAttachMode(String),
 }
 
-/// Where a program is hooked.
+/// The oldest kernel veil runs on.
+pub const MIN_KERNEL: (u32, u32) = (5, 15);
+/// The first kernel with tcx.
+const TCX_KERNEL: (u32, u32) = (6, 6);
+/// veil's cls_bpf filter on clsact: priority 1 (before any other filter) and a fixed handle,
+/// so a restarted agent finds and replaces its own filter.
+const CLSACT_PRIORITY: u16 = 1;
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0x0e11);
+
+/// How TC programs are hooked on this kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// tcx links (Linux 6.6+), pinned so they outlive the agent.
+    Tcx,
+    /// cls_bpf filters on the clsact qdisc (older kernels).
+    Clsact,
+}
+
+impl AttachMode {
+    /// tcx where the kernel has it, else clsact; `VEIL_ATTACH_MODE=tcx|clsact` overrides
+    /// (operators pinning a mode; tests running the lab on clsact on a tcx kernel). Kernels
+    /// older than [`MIN_KERNEL`] are refused with a clear error.
+    pub fn detect() -> Result<Self, Error> {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let version = parse_kernel_version(&release);
+        if version.is_some_and(|v| v < MIN_KERNEL) {
+            return Err(Error::KernelTooOld { found: release });
+        }
+        match std::env::var("VEIL_ATTACH_MODE").ok().as_deref() {
+            Some("tcx") => return Ok(Self::Tcx),
+            Some("clsact") => return Ok(Self::Clsact),
+            Some(other) => return Err(Error::BadAttachMode(other.to_string())),
+            None => {}
+        }
+        Ok(match version {
+            Some(v) if v >= TCX_KERNEL => Self::Tcx,
+            Some(_) => Self::Clsact,
+            // An unparseable release: try the modern path.
+            None => Self::Tcx,
+        })
+    }
+}
+
+/// `major.minor` of a kernel release string (`6.18.3-amd64` → (6, 18)).
+fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Where a program is hooked. Callers name the tcx hooks; on a kernel without tcx the
+/// datapath hooks the clsact equivalent, which [`Attachment::hook`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Hook {
     TcxIngress,
     TcxEgress,
+    ClsactIngress,
+    ClsactEgress,
 }
 
 impl Hook {
     fn attach_type(self) -> TcAttachType {
         match self {
-            Hook::TcxIngress => TcAttachType::Ingress,
-            Hook::TcxEgress => TcAttachType::Egress,
+            Hook::TcxIngress | Hook::ClsactIngress => TcAttachType::Ingress,
+            Hook::TcxEgress | Hook::ClsactEgress => TcAttachType::Egress,
+        }
+    }
+
+    /// The same direction in `mode`.
+    fn in_mode(self, mode: AttachMode) -> Self {
+        let egress = matches!(self, Hook::TcxEgress | Hook::ClsactEgress);
+        match (mode, egress) {
+            (AttachMode::Tcx, true) => Hook::TcxEgress,
+            (AttachMode::Tcx, false) => Hook::TcxIngress,
+            (AttachMode::Clsact, true) => Hook::ClsactEgress,
+            (AttachMode::Clsact, false) => Hook::ClsactIngress,
         }
     }
 
@@ -95,6 +172,8 @@ impl Hook {
         match self {
             Hook::TcxIngress => "tcx-ingress",
             Hook::TcxEgress => "tcx-egress",
+            Hook::ClsactIngress => "clsact-ingress",
+            Hook::ClsactEgress => "clsact-egress",
         }
     }
 }
@@ -114,6 +193,7 @@ pub struct Attachment {
 
 pub struct Datapath {
     ebpf: Ebpf,
+    mode: AttachMode,
     pin_dir: PathBuf,
     attachments: BTreeMap<(String, Hook), Attachment>,
 }
@@ -122,6 +202,7 @@ impl Datapath {
     /// Mounts bpffs if needed, loads the object with maps pinned under `pin_dir` (reusing pins
     /// an earlier agent left), loads the programs and writes the datapath config.
     pub fn open(bpffs: &Path, pin_dir: &Path, config: DatapathConfig) -> Result<Self, Error> {
+        let mode = AttachMode::detect()?;
         crate::sys::ensure_bpffs(bpffs).map_err(Error::Bpffs)?;
         let links_dir = pin_dir.join("links");
         std::fs::create_dir_all(&links_dir).map_err(|source| Error::PinDir {
@@ -149,6 +230,7 @@ impl Datapath {
         }
         let mut dp = Self {
             ebpf,
+            mode,
             pin_dir: pin_dir.into(),
             attachments: BTreeMap::new(),
         };
@@ -168,6 +250,10 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
     }
 
     pub fn config_map(&mut self) -> Result<maps::ConfigMap<'_>, Error> {
@@ -192,10 +278,14 @@ impl Datapath {
     ) -> Result<(), Error> {
         let ifindex = nix::net::if_::if_nametoindex(interface)
             .map_err(|_| Error::NoInterface(interface.to_string()))?;
+        let hook = hook.in_mode(self.mode);
         if let Some(a) = self.attachments.get(&(interface.to_string(), hook)) {
             if a.ifindex == ifindex && a.program == program {
                 return Ok(());
             }
+        }
+        if self.mode == AttachMode::Clsact {
+            return self.attach_clsact(program, interface, ifindex, hook);
         }
         let pin = self.link_pin_path(interface, ifindex, hook);
         self.remove_stale_pins(interface, ifindex, hook);
@@ -263,6 +353,76 @@ impl Datapath {
         Ok(())
     }
 
+    /// clsact: replaces veil's filter on `interface` in place if one is there (an earlier
+    /// agent's: atomic, no window), else creates it. The filter outlives this agent (no link
+    /// object owns it).
+    fn attach_clsact(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+        ifindex: u32,
+        hook: Hook,
+    ) -> Result<(), Error> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(Error::MissingProgram(program))?
+            .try_into()
+            .map_err(|source| Error::Program {
+                name: program,
+                source,
+            })?;
+        let attach_err = |source| Error::Attach {
+            program,
+            interface: interface.to_string(),
+            source,
+        };
+        // Already there is fine; any other failure shows in the attach below.
+        let _ = aya::programs::tc::qdisc_add_clsact(interface);
+        let existing = SchedClassifierLink::attached(
+            interface,
+            hook.attach_type(),
+            CLSACT_PRIORITY,
+            CLSACT_HANDLE,
+            None,
+        )
+        .map_err(|_| Error::NoInterface(interface.to_string()))?;
+        let (link_id, adopted) = match prog.attach_to_link(existing) {
+            Ok(id) => (id, true),
+            Err(_) => (
+                prog.attach_with_options(
+                    interface,
+                    hook.attach_type(),
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: CLSACT_PRIORITY,
+                        handle: CLSACT_HANDLE,
+                        classid: None,
+                    }),
+                )
+                .map_err(attach_err)?,
+                false,
+            ),
+        };
+        let program_id = prog.info().map(|i| i.id()).unwrap_or(0);
+        // The filter stays attached when this agent exits or reloads: take the link out of the
+        // program (whose drop would detach it) and forget it (its drop would too).
+        let link = prog.take_link(link_id).map_err(attach_err)?;
+        std::mem::forget(link);
+        self.attachments.insert(
+            (interface.to_string(), hook),
+            Attachment {
+                program,
+                interface: interface.to_string(),
+                ifindex,
+                hook,
+                program_id,
+                link_id: 0,
+                adopted,
+            },
+        );
+        Ok(())
+    }
+
     fn attach_new(
         prog: &mut SchedClassifier,
         interface: &str,
@@ -277,6 +437,24 @@ impl Datapath {
 
     /// Detaches and unpins whatever veil attached at `hook` on `interface`.
     pub fn detach(&mut self, interface: &str, hook: Hook) {
+        let hook = hook.in_mode(self.mode);
+        if self.mode == AttachMode::Clsact {
+            if self
+                .attachments
+                .remove(&(interface.to_string(), hook))
+                .is_some()
+            {
+                // Dropping a link naming veil's filter deletes the filter.
+                drop(SchedClassifierLink::attached(
+                    interface,
+                    hook.attach_type(),
+                    CLSACT_PRIORITY,
+                    CLSACT_HANDLE,
+                    None,
+                ));
+            }
+            return;
+        }
         if let Some(a) = self.attachments.remove(&(interface.to_string(), hook)) {
             let _ = std::fs::remove_file(self.link_pin_path(interface, a.ifindex, hook));
         }
@@ -348,6 +526,24 @@ fn parse_link_pin_name(name: &str) -> Option<(String, u32, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_versions_parse_and_pick_the_attach_mode() {
+        assert_eq!(parse_kernel_version("6.18.3-amd64"), Some((6, 18)));
+        assert_eq!(parse_kernel_version("5.15.0-91-generic"), Some((5, 15)));
+        assert_eq!(parse_kernel_version("6.1"), Some((6, 1)));
+        assert_eq!(parse_kernel_version("garbage"), None);
+        assert!((6, 1) < TCX_KERNEL && (6, 6) >= TCX_KERNEL && (5, 10) < MIN_KERNEL);
+        assert_eq!(
+            Hook::TcxIngress.in_mode(AttachMode::Clsact),
+            Hook::ClsactIngress
+        );
+        assert_eq!(
+            Hook::TcxEgress.in_mode(AttachMode::Clsact),
+            Hook::ClsactEgress
+        );
+        assert_eq!(Hook::ClsactEgress.in_mode(AttachMode::Tcx), Hook::TcxEgress);
+    }
 
     #[test]
     fn link_pin_names_round_trip_without_dots() {
