@@ -343,24 +343,38 @@ pub enum PathCounters {
     Underlay([(String, String); 2]),
 }
 
-/// Bytes the client side sent and the server side received on a path.
+/// A path's byte counters at both ends: what each end's device sent and received.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PathBytes {
     pub client_tx: u64,
+    pub client_rx: u64,
+    pub server_tx: u64,
     pub server_rx: u64,
+}
+
+impl std::ops::Sub for PathBytes {
+    type Output = PathBytes;
+    fn sub(self, o: PathBytes) -> PathBytes {
+        PathBytes {
+            client_tx: self.client_tx.saturating_sub(o.client_tx),
+            client_rx: self.client_rx.saturating_sub(o.client_rx),
+            server_tx: self.server_tx.saturating_sub(o.server_tx),
+            server_rx: self.server_rx.saturating_sub(o.server_rx),
+        }
+    }
 }
 
 impl PathCounters {
     pub fn read(&self) -> anyhow::Result<PathBytes> {
-        Ok(match self {
-            PathCounters::Tunnel([a, b]) => PathBytes {
-                client_tx: wg_transfer(&a.0, &a.1)?.1,
-                server_rx: wg_transfer(&b.0, &b.1)?.0,
-            },
-            PathCounters::Underlay([a, b]) => PathBytes {
-                client_tx: link_bytes(&a.0, &a.1)?.1,
-                server_rx: link_bytes(&b.0, &b.1)?.0,
-            },
+        let ((crx, ctx), (srx, stx)) = match self {
+            PathCounters::Tunnel([a, b]) => (wg_transfer(&a.0, &a.1)?, wg_transfer(&b.0, &b.1)?),
+            PathCounters::Underlay([a, b]) => (link_bytes(&a.0, &a.1)?, link_bytes(&b.0, &b.1)?),
+        };
+        Ok(PathBytes {
+            client_tx: ctx,
+            client_rx: crx,
+            server_tx: stx,
+            server_rx: srx,
         })
     }
 

@@ -14,7 +14,8 @@
 //!   conntrack insert, the throttled event); every run must be a new flow, so each sample is
 //!   one run with a fresh source port (the kernel's own per-run time, which includes a few
 //!   tens of ns of its timer), median over `--new-flows` runs;
-//! - `established`: a packet of that admitted connection (conntrack hit), `repeat` runs.
+//! - `established`: an ACK of that connection, admitted by its SYN first (conntrack hit),
+//!   `repeat` runs.
 //!
 //! Prints per size the median ns over rounds with its min–max, and the ratio to the smallest
 //! map: the median over rounds of paired per-round ratios (same round, fractions of a second
@@ -231,8 +232,10 @@ fn sample(c: &mut Contender, case: &str, args: &Args) -> Result<f64> {
             let f = Packet::tcp(v4(1, 10), v4(1, 20), 39999, 8080)
                 .with_tcp_flags(packet::tcp_flags::ACK)
                 .frame();
-            // The first run admits and tracks the connection; the timed runs hit conntrack.
-            c.dp.run(programs::FROM_POD, c.fe_if, &f)?;
+            // The SYN admits and tracks the connection (only a SYN starts one); the timed runs,
+            // ACKs of it, hit conntrack.
+            let syn = Packet::tcp(v4(1, 10), v4(1, 20), 39999, 8080).frame();
+            c.dp.run(programs::FROM_POD, c.fe_if, &syn)?;
             let r =
                 c.dp.run_repeat(programs::FROM_POD, c.fe_if, &f, args.repeat)?;
             if r.retval != tc_act::REDIRECT {
