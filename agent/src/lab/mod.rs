@@ -641,6 +641,13 @@ fn build(
             Instant::now() + Duration::from_secs(60),
             &|| interrupted.is_set(),
         )?;
+        spire_real::release_agents(
+            spec,
+            paths,
+            progress,
+            Instant::now() + Duration::from_secs(60),
+            &|| interrupted.is_set(),
+        )?;
     }
     step_done("supervisor")?;
 

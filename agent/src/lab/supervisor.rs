@@ -28,6 +28,10 @@ pub struct Managed {
     pub cgroup: PathBuf,
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
+    /// The first start waits until this file exists (restarts do not): with real SPIRE, a
+    /// node's veil agent waits for `lab up` to see its spire-agent serving SVIDs.
+    #[serde(default)]
+    pub start_after: Option<PathBuf>,
 }
 
 /// The daemons of a lab.
@@ -48,6 +52,7 @@ pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
             cgroup: paths.cgroup.join("spire"),
             log: paths.log("spire"),
             env: vec![],
+            start_after: None,
         }],
         IdentityProvider::Spire => {
             // Real SPIRE: the server in the underlay netns, one agent per node in the node's
@@ -69,6 +74,7 @@ pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
                 cgroup: paths.cgroup.join("spire"),
                 log: paths.log("spire"),
                 env: vec![],
+                start_after: None,
             }];
             for n in &spec.nodes {
                 v.push(Managed {
@@ -86,6 +92,7 @@ pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
                     cgroup: paths.node_cgroup(&n.name).join("spire-agent"),
                     log: paths.log(&format!("spire-agent-{}", n.name)),
                     env: vec![],
+                    start_after: None,
                 });
             }
             v
@@ -107,6 +114,8 @@ pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
                 "RUST_LOG".into(),
                 std::env::var("VEIL_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )],
+            start_after: (spec.identity == IdentityProvider::Spire)
+                .then(|| super::spire_real::agent_release(paths, &n.name)),
         });
     }
     for p in &spec.pods {
@@ -134,6 +143,7 @@ pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
                 cgroup: paths.pod_cgroup(p),
                 log: paths.log(&serve::log_name(p, s.port)),
                 env: vec![],
+                start_after: None,
             });
         }
     }
@@ -172,7 +182,20 @@ pub fn run(paths: &LabPaths) -> Result<()> {
     let mut failures = vec![0u32; manifest.len()];
     let mut started = vec![Instant::now(); manifest.len()];
     for (i, m) in manifest.iter().enumerate() {
-        start(i, m, &tx);
+        match &m.start_after {
+            None => start(i, m, &tx),
+            Some(gate) => {
+                let (gate, m, tx) = (gate.clone(), m.clone(), tx.clone());
+                eprintln!("supervisor: {} waits for {}", m.name, gate.display());
+                std::thread::spawn(move || {
+                    while !gate.exists() {
+                        // Poll interval of the start gate (`lab up` writes it).
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    start(i, &m, &tx);
+                });
+            }
+        }
         started[i] = Instant::now();
     }
     while let Ok(i) = rx.recv() {
