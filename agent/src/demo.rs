@@ -24,7 +24,16 @@ pub enum Error {
 pub struct Options {
     pub name: String,
     pub keep: bool,
+    /// Default: real SPIRE.
+    pub identity: Option<spec::IdentityProvider>,
 }
+
+/// The demo lab's X.509-SVID TTL on real SPIRE: SPIRE renews at half the lifetime (counted from
+/// `notBefore`, which it backdates by 10 s), so every SVID rotates ~10 s after it was issued
+/// and the demo sees SPIRE's own rotations within its run.
+pub const SPIRE_DEMO_SVID_TTL: Duration = Duration::from_secs(30);
+/// SPIRE's `notBefore` backdating (pkg/server/ca: `backdate = 10 * time.Second`).
+const SPIRE_BACKDATE: Duration = Duration::from_secs(10);
 
 /// Runs a command in a pod via `veil lab exec`; returns stdout.
 pub fn exec_in_pod(exe: &Path, lab: &str, pod: &str, argv: &[&str]) -> Result<String, Error> {
@@ -89,16 +98,33 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 pub fn run(exe: &Path, opts: &Options) -> Result<(), Error> {
+    let identity = opts.identity.unwrap_or_default();
     let spec = spec::resolve(
         &opts.name,
         spec::LabFile::default(),
-        &spec::Overrides::default(),
+        &spec::Overrides {
+            identity: Some(identity),
+            svid_ttl: (identity == spec::IdentityProvider::Spire).then_some(SPIRE_DEMO_SVID_TTL),
+            ..Default::default()
+        },
     )
     .map_err(lab::Error::from)?;
     println!(
         "veil demo: lab {:?}, trust domain {}",
         spec.name, spec.trust_domain
     );
+    match spec.identity {
+        spec::IdentityProvider::Spire => println!(
+            "identities: SPIRE {} (spire-server in the underlay, a spire-agent per node attested with a join token, \
+             veil's agents on its Delegated Identity API); X.509-SVID TTL {}s",
+            lab::spire_real::version().unwrap_or_else(|| "?".into()),
+            spec.svid_ttl.as_secs()
+        ),
+        spec::IdentityProvider::Dev => println!(
+            "identities: veil's dev SPIRE server (--identity dev); X.509-SVID TTL {}s",
+            spec.svid_ttl.as_secs()
+        ),
+    }
     println!("\n== 1. a cluster on this host: 2 nodes, 3 pods, one agent per node ==");
     let started = Instant::now();
     let paths = lab::up(&spec, exe, &lab::Progress::new(false))?;
@@ -254,6 +280,9 @@ fn step_identities(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> R
             .map(|v| v.serial.clone())
     };
     let before = serial_of(&st).ok_or_else(|| Error::Step("frontend has no SVID".into()))?;
+    if spec.identity == spec::IdentityProvider::Spire {
+        return spire_rotation(exe, spec, paths, &st, &before);
+    }
     let t = Instant::now();
     let out = Command::new(exe)
         .args([
@@ -287,6 +316,100 @@ fn step_identities(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> R
         &after[..12.min(after.len())],
         t.elapsed().as_secs_f64() * 1e3
     );
+    Ok(())
+}
+
+/// When SPIRE's agent renews an SVID: once less than half of its lifetime (from the backdated
+/// `notBefore`) is left, i.e. `not_after - (ttl + backdate) / 2`; the agent checks at every
+/// sync (1 s in the lab).
+fn spire_renewal_unix(spec: &spec::LabSpec, not_after_unix: u64) -> u64 {
+    not_after_unix.saturating_sub((spec.svid_ttl + SPIRE_BACKDATE).as_secs() / 2)
+}
+
+/// Step 4 on real SPIRE: `lab rotate` has no SPIRE equivalent for one SVID at a time, so the
+/// demo shows the registration entry, then waits (bounded) for SPIRE's own renewal of
+/// frontend's SVID while frontend keeps calling backend.
+fn spire_rotation(
+    exe: &Path,
+    spec: &spec::LabSpec,
+    paths: &lab::LabPaths,
+    st: &api::Status,
+    before: &str,
+) -> Result<(), Error> {
+    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
+    let be = spec.find_pod("shop/backend").map_err(Error::Step)?;
+    let id = lab::spire_real::pod_id(spec, &fe.namespace, &fe.service_account);
+    let entry = lab::spire_real::server_cli(paths, &["entry", "show", "-spiffeID", &id])?;
+    let field = |name: &str| {
+        lab::spire_real::fields(&entry, name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "SPIRE registration entry {}: {id}, parent {}, selectors {}, X509-SVID TTL {}",
+        field("Entry ID"),
+        field("Parent ID"),
+        field("Selector"),
+        field("X509-SVID TTL")
+    );
+    let fe_svid = st
+        .svids
+        .iter()
+        .find(|v| v.owner == fe.qualified_name())
+        .ok_or_else(|| Error::Step("frontend has no SVID".into()))?;
+    let renew_at = spire_renewal_unix(spec, fe_svid.not_after_unix);
+    println!(
+        "SPIRE renews it at half its lifetime: in ~{}s; frontend calls backend meanwhile",
+        renew_at.saturating_sub(crate::cli::unix_now())
+    );
+    let url = format!("http://{}:8080/", be.ip);
+    let bound = spec.svid_ttl + Duration::from_secs(10);
+    let t = Instant::now();
+    let (mut ok, mut sent) = (0u32, 0u32);
+    let (after, now_st) = loop {
+        sent += 1;
+        if exec_in_pod(
+            exe,
+            &spec.name,
+            &fe.qualified_name(),
+            &["curl", "-sS", "--max-time", "2", "-o", "/dev/null", &url],
+        )
+        .is_ok()
+        {
+            ok += 1;
+        }
+        let now_st = status(paths, &fe.node)?;
+        match now_st.svids.iter().find(|v| v.owner == fe.qualified_name()) {
+            Some(v) if v.serial != before => break (v.serial.clone(), now_st),
+            _ if t.elapsed() > bound => {
+                return Err(Error::Step(format!(
+                    "SPIRE did not rotate frontend's SVID within {bound:?}"
+                )))
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    println!(
+        "SPIRE rotated frontend's SVID by itself: serial {}.. -> {}.., seen by {}'s agent after waiting {:.1}s; \
+         frontend -> backend meanwhile: {ok}/{sent} requests OK",
+        &before[..12.min(before.len())],
+        &after[..12.min(after.len())],
+        fe.node,
+        t.elapsed().as_secs_f64()
+    );
+    for v in &now_st.svids {
+        println!(
+            "  {:<16} serial {}..  expires in {}s",
+            v.owner,
+            &v.serial[..v.serial.len().min(12)],
+            v.not_after_unix.saturating_sub(crate::cli::unix_now())
+        );
+    }
+    if ok != sent {
+        return Err(Error::Step(format!(
+            "frontend -> backend failed during the rotation: {ok}/{sent}"
+        )));
+    }
     Ok(())
 }
 
@@ -498,35 +621,18 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
         }
     );
 
-    // Rotation under load: every identity involved rotates while a TCP stream and a numbered
-    // UDP probe run.
-    let n = 120;
-    let tcp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, false)?;
-    let udp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, true)?;
-    let epoch_before = status(paths, &fe.node)?
-        .channels
-        .first()
-        .map(|c| c.epoch)
-        .unwrap_or(0);
-    std::thread::sleep(Duration::from_millis(800));
-    for target in [
-        ["--pod", "shop/frontend"],
-        ["--pod", "shop/backend"],
-        ["--node", fe.node.as_str()],
-    ] {
-        veil_cmd(exe, &["lab", "rotate", "--name", lab, target[0], target[1]])?;
-        std::thread::sleep(Duration::from_millis(1200));
-    }
-    let (tcp_n, udp_n) = (echoed(tcp), echoed(udp));
-    let st = status(paths, &fe.node)?;
-    let epoch_after = st.channels.first().map(|c| c.epoch).unwrap_or(0);
-    println!(
-        "rotated frontend's, backend's and {}'s SVIDs under load: node handshake re-ran (PSK epoch {epoch_before} -> {epoch_after}), pairs re-authenticated; TCP stream {tcp_n}/{n} lines, UDP probe {udp_n}/{n} datagrams, {} lost",
-        fe.node,
-        (2 * n as usize).saturating_sub(tcp_n + udp_n)
-    );
+    let (tcp_n, udp_n, n) = match spec.identity {
+        spec::IdentityProvider::Spire => spire_rotation_under_load(exe, spec, paths)?,
+        spec::IdentityProvider::Dev => dev_rotation_under_load(exe, spec, paths)?,
+    };
 
     // Revocation: the pod's access ends within seconds, established connections included.
+    // With SPIRE the entry is deleted and its SVID leaves the agent's stream at the next
+    // server cache poll + agent sync (1 s each in the lab).
+    let revoke_bound = match spec.identity {
+        spec::IdentityProvider::Spire => Duration::from_secs(20),
+        spec::IdentityProvider::Dev => Duration::from_secs(10),
+    };
     let t = Instant::now();
     veil_cmd(
         exe,
@@ -538,10 +644,10 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
         if !live(&status(paths, &fe.node)?) && !live(&status(paths, &be.node)?) {
             break t.elapsed();
         }
-        if t.elapsed() > Duration::from_secs(10) {
-            return Err(Error::Step(
-                "revocation did not remove the auth entries".into(),
-            ));
+        if t.elapsed() > revoke_bound {
+            return Err(Error::Step(format!(
+                "revocation did not remove the auth entries within {revoke_bound:?}"
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -571,6 +677,143 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
         return Err(Error::Step("mutual auth did not behave as promised".into()));
     }
     Ok(())
+}
+
+/// Rotation under load on real SPIRE: the streams start ~1.5 s before SPIRE's next renewal of
+/// frontend's, backend's or the node's SVID and last until all three renewed (SPIRE's own
+/// schedule, half the lifetime; `lab rotate` is the dev server's).
+fn spire_rotation_under_load(
+    exe: &Path,
+    spec: &spec::LabSpec,
+    paths: &lab::LabPaths,
+) -> Result<(usize, usize, u32), Error> {
+    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
+    let be = spec.find_pod("shop/backend").map_err(Error::Step)?;
+    let lab = spec.name.as_str();
+    // (what, node whose agent holds it, owner in `veil status`)
+    let watched = [
+        ("frontend", fe.node.as_str(), fe.qualified_name()),
+        ("backend", be.node.as_str(), be.qualified_name()),
+        (fe.node.as_str(), fe.node.as_str(), "node".to_string()),
+    ];
+    let current = |node: &str, owner: &str| -> Result<api::Svid, Error> {
+        status(paths, node)?
+            .svids
+            .into_iter()
+            .find(|v| v.owner == owner)
+            .ok_or_else(|| Error::Step(format!("no SVID of {owner} on {node}")))
+    };
+    let mut before = Vec::new();
+    for (_, node, owner) in &watched {
+        before.push(current(node, owner)?);
+    }
+    let renewals: Vec<u64> = before
+        .iter()
+        .map(|v| spire_renewal_unix(spec, v.not_after_unix))
+        .collect();
+    let (first, last) = (
+        *renewals.iter().min().expect("three"),
+        *renewals.iter().max().expect("three"),
+    );
+    let now = crate::cli::unix_now();
+    let lead = Duration::from_millis(1500);
+    let wait = Duration::from_secs(first.saturating_sub(now)).saturating_sub(lead);
+    println!(
+        "waiting {:.1}s for SPIRE's next renewals (in {}..{}s), then streaming through them",
+        wait.as_secs_f64(),
+        first.saturating_sub(now),
+        last.saturating_sub(now)
+    );
+    std::thread::sleep(wait);
+    // Lines every 50 ms, covering the renewals plus the agent's 1 s sync and a margin.
+    let span = last.saturating_sub(first) + 6;
+    let n = (span * 20) as u32 + 30;
+    let t = Instant::now();
+    let epoch_before = status(paths, &fe.node)?
+        .channels
+        .first()
+        .map(|c| c.epoch)
+        .unwrap_or(0);
+    let tcp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, false)?;
+    let udp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, true)?;
+    let bound = Duration::from_secs(span + 10);
+    let mut seen = vec![None; watched.len()];
+    while seen.iter().any(Option::is_none) {
+        for (i, (_, node, owner)) in watched.iter().enumerate() {
+            if seen[i].is_none() {
+                let v = current(node, owner)?;
+                if v.serial != before[i].serial {
+                    seen[i] = Some((v.serial, t.elapsed()));
+                }
+            }
+        }
+        if t.elapsed() > bound {
+            let _ = (echoed(tcp), echoed(udp));
+            return Err(Error::Step(format!(
+                "SPIRE did not renew all of frontend's, backend's and {}'s SVIDs within {bound:?} of the streams' start",
+                fe.node
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (tcp_n, udp_n) = (echoed(tcp), echoed(udp));
+    let epoch_after = status(paths, &fe.node)?
+        .channels
+        .first()
+        .map(|c| c.epoch)
+        .unwrap_or(0);
+    for ((what, _, _), (b, s)) in watched.iter().zip(before.iter().zip(&seen)) {
+        let (serial, at) = s.as_ref().expect("all seen");
+        println!(
+            "  SPIRE renewed {what}'s SVID {:.1}s into the streams: serial {}.. -> {}..",
+            at.as_secs_f64(),
+            &b.serial[..b.serial.len().min(12)],
+            &serial[..serial.len().min(12)]
+        );
+    }
+    println!(
+        "under load through SPIRE's renewals: node handshake re-ran (PSK epoch {epoch_before} -> {epoch_after}), pairs re-authenticated; TCP stream {tcp_n}/{n} lines, UDP probe {udp_n}/{n} datagrams, {} lost",
+        (2 * n as usize).saturating_sub(tcp_n + udp_n)
+    );
+    Ok((tcp_n, udp_n, n))
+}
+
+/// Rotation under load with the dev server: every identity involved rotates (`lab rotate`)
+/// while a TCP stream and a numbered UDP probe run.
+fn dev_rotation_under_load(
+    exe: &Path,
+    spec: &spec::LabSpec,
+    paths: &lab::LabPaths,
+) -> Result<(usize, usize, u32), Error> {
+    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
+    let be = spec.find_pod("shop/backend").map_err(Error::Step)?;
+    let lab = spec.name.as_str();
+    let n = 120;
+    let tcp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, false)?;
+    let udp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, true)?;
+    let epoch_before = status(paths, &fe.node)?
+        .channels
+        .first()
+        .map(|c| c.epoch)
+        .unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(800));
+    for target in [
+        ["--pod", "shop/frontend"],
+        ["--pod", "shop/backend"],
+        ["--node", fe.node.as_str()],
+    ] {
+        veil_cmd(exe, &["lab", "rotate", "--name", lab, target[0], target[1]])?;
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let (tcp_n, udp_n) = (echoed(tcp), echoed(udp));
+    let st = status(paths, &fe.node)?;
+    let epoch_after = st.channels.first().map(|c| c.epoch).unwrap_or(0);
+    println!(
+        "rotated frontend's, backend's and {}'s SVIDs under load: node handshake re-ran (PSK epoch {epoch_before} -> {epoch_after}), pairs re-authenticated; TCP stream {tcp_n}/{n} lines, UDP probe {udp_n}/{n} datagrams, {} lost",
+        fe.node,
+        (2 * n as usize).saturating_sub(tcp_n + udp_n)
+    );
+    Ok((tcp_n, udp_n, n))
 }
 
 /// The policies the demo applies are the ones in `examples/policies/`.

@@ -135,6 +135,10 @@ enum Command {
         /// Leave the lab running at the end.
         #[arg(long)]
         keep: bool,
+        /// Who issues SVIDs: `spire` (default; SVID TTL 30 s, SPIRE rotates on its own) or
+        /// `dev` (veil's dev server; the demo forces rotations with `lab rotate`).
+        #[arg(long)]
+        identity: Option<spec::IdentityProvider>,
     },
 }
 
@@ -214,8 +218,9 @@ enum LabCommand {
         /// SVID TTL, e.g. 30s, 1h.
         #[arg(long)]
         svid_ttl: Option<spec::HumanDuration>,
-        /// Who issues SVIDs: `spire` (real spire-server + one spire-agent per node) or `dev`
-        /// (veil's dev server; supports `lab rotate` and `lab ca`). Default: dev.
+        /// Who issues SVIDs: `spire` (real spire-server + one spire-agent per node; needs the
+        /// SPIRE binaries from scripts/setup.sh) or `dev` (veil's dev server; supports
+        /// `lab rotate` and `lab ca`, for tests). Default: the lab file's `identity:`, else spire.
         #[arg(long)]
         identity: Option<spec::IdentityProvider>,
         /// No progress output.
@@ -589,9 +594,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("wrote {} files under {}", files.len(), dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { name, keep } => {
+        Command::Demo {
+            name,
+            keep,
+            identity,
+        } => {
             let exe = std::env::current_exe().context("cannot find the veil binary")?;
-            demo::run(&exe, &demo::Options { name, keep })?;
+            demo::run(
+                &exe,
+                &demo::Options {
+                    name,
+                    keep,
+                    identity,
+                },
+            )?;
             Ok(ExitCode::SUCCESS)
         }
     }

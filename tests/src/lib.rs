@@ -96,12 +96,15 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// `veil lab up --name <unique> EXTRA...`.
+    /// `veil lab up --name <unique> EXTRA...`, on veil's dev identity server unless EXTRA sets
+    /// `--identity` (`lab up` defaults to real SPIRE; the suites that need the dev server's
+    /// forced rotation and instant revocation stay on it explicitly).
     pub fn up(extra: &[&str]) -> Lab {
         Self::up_named(&unique_name(), None, extra)
     }
 
-    /// A lab from a lab file (YAML text).
+    /// A lab from a lab file (YAML text); on the dev identity server unless the file has an
+    /// `identity:` key or EXTRA sets `--identity` (a flag would override the file's key).
     pub fn up_with_file(yaml: &str, extra: &[&str]) -> Lab {
         let name = unique_name();
         let file = TempFile::new(&format!("{name}.yaml"), yaml);
@@ -116,6 +119,18 @@ impl Lab {
             args.extend(["-f", p.as_str()]);
         }
         args.extend_from_slice(extra);
+        let file_sets_identity = file.as_ref().is_some_and(|f| {
+            std::fs::read_to_string(&f.path)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("identity:"))
+        });
+        let args_set_identity = extra
+            .iter()
+            .any(|a| *a == "--identity" || a.starts_with("--identity="));
+        if !file_sets_identity && !args_set_identity {
+            args.extend(["--identity", "dev"]);
+        }
         let out = veil(&args);
         if !out.status.success() {
             let logs = collect_logs(name);

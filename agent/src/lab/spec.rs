@@ -62,15 +62,16 @@ impl std::fmt::Display for Backend {
     }
 }
 
-/// Where the lab's SVIDs come from.
+/// Where the lab's SVIDs come from. The default is real SPIRE (the README's main job runs on
+/// it); `dev` is for the suites that need forced rotation or instant revocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum IdentityProvider {
     /// veil's dev SPIRE server (`veil lab spire-server`): one process, one socket per node,
     /// forced rotation and instant revocation (`veil lab rotate`, `veil lab ca`).
-    #[default]
     Dev,
     /// Real SPIRE: one spire-server in the underlay netns, one spire-agent per node.
+    #[default]
     Spire,
 }
 
@@ -859,6 +860,9 @@ mod tests {
     #[test]
     fn identity_provider_from_file_and_flag() {
         let lab = resolve("x", LabFile::default(), &Overrides::default()).unwrap();
+        assert_eq!(lab.identity, IdentityProvider::Spire);
+        let file = parse_lab_file("identity: dev\n").unwrap();
+        let lab = resolve("x", file, &Overrides::default()).unwrap();
         assert_eq!(lab.identity, IdentityProvider::Dev);
         let file = parse_lab_file("identity: spire\n").unwrap();
         let lab = resolve("x", file, &Overrides::default()).unwrap();
