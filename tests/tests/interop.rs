@@ -690,11 +690,9 @@ fn handshake_and_data_both_ways(initiator: Side) {
         Side::A => pair.peer(),
         Side::B => pair.peer_wireguard_go_first(),
     }
-    assert_eq!(
-        pair.latest_handshake(Side::A),
-        None,
-        "no handshake before traffic"
-    );
+    // No "no handshake yet" check here: veil-wg initiates as soon as a peer with an endpoint
+    // is configured, so with veil-wg as initiator the handshake may already be done (a race
+    // under load). Which side initiated is decided from the capture below.
     let first = pair.wait_ping(initiator, Duration::from_secs(10));
     let packets = cap.finish();
     let init = packets

@@ -540,8 +540,13 @@ fn tun_to_udp(
         // Packets of one read usually share a destination (a split TSO super-packet): look the
         // peer up once per destination address, read its endpoint once.
         let mut last: Option<(IpAddr, Arc<Peer>, Option<SocketAddr>, u64)> = None;
-        for (b, &len) in bufs.iter().zip(&sizes).take(n) {
-            let pkt = &b[..len];
+        for (b, &len) in bufs.iter_mut().zip(&sizes).take(n) {
+            // WireGuard pads the plaintext to a multiple of 16 bytes, never past the MTU
+            // (whitepaper §5.4.6, as the kernel does), so packet sizes leak less; boringtun 0.7
+            // does not, so the padding is added here. Receivers trim to the IP header's length.
+            let padded = len.next_multiple_of(16).min(len.max(mtu)).min(b.len());
+            b[len..padded].fill(0);
+            let pkt = &b[..padded];
             let Some(dst) = dst_addr(pkt) else {
                 device.drops.no_peer.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -578,10 +583,10 @@ fn tun_to_udp(
             // packets waits at most one encryption.
             let mut noise = peer.noise.lock().expect("noise lock");
             match noise.tx().encapsulate(pkt, room) {
-                // Data is 32 + a multiple of 16 bytes, never 148: that is a handshake
-                // initiation, returned because there is no session yet (boringtun queued the
-                // packet).
-                TunnResult::WriteToNetwork(d) if d.len() == HANDSHAKE_INIT_LEN => {
+                // A handshake initiation (type 1), returned because there is no session yet
+                // (boringtun queued the packet). Told apart by its type, not its length: a data
+                // message (type 4) can be 148 bytes too.
+                TunnResult::WriteToNetwork(d) if d.len() == HANDSHAKE_INIT_LEN && d[0] == 1 => {
                     let init = d.to_vec();
                     drop(noise);
                     ob.send(&u, &device.drops);
