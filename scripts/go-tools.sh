@@ -201,5 +201,14 @@ build_tool() {  # build_tool <tool>
 }
 
 mkdir -p "$root"
-for t in "${ORDER[@]}"; do build_tool "$t"; done
+# VEIL_GO_TOOLS="spire wireguard-go" builds only those (scripts/test.sh and scripts/demo.sh name
+# what they run; kube-apiserver, kubectl, etcd and helm are for the Kubernetes mode). Default: all.
+wanted=("${ORDER[@]}")
+if [ -n "${VEIL_GO_TOOLS:-}" ]; then
+  read -r -a wanted <<<"$VEIL_GO_TOOLS"
+  for t in "${wanted[@]}"; do
+    [ -n "${VERSION[$t]:-}" ] || die "VEIL_GO_TOOLS names \"$t\": the tools are ${ORDER[*]}"
+  done
+fi
+for t in "${wanted[@]}"; do build_tool "$t"; done
 say "ok: binaries in $bindir"

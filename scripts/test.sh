@@ -4,7 +4,9 @@
 # end-to-end test with cargo nextest, and the doctests. CI (.ci/run) runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+# The Go-built systems the suite runs (SPIRE, wireguard-go); the Kubernetes ones (kube-apiserver,
+# kubectl, etcd, helm: ~10 more minutes on a fresh 2-core machine) are built by a plain setup.sh.
+VEIL_GO_TOOLS="${VEIL_GO_TOOLS:-wireguard-go spire}" scripts/setup.sh
 scripts/preflight.sh
 # From nothing: a warm machine once hid a bpf-linker that could not be built (it linked the
 # toolchain's linker script instead of libLLVM). Build bpf-linker again into empty temporary
