@@ -184,7 +184,8 @@ fn main() -> anyhow::Result<()> {
     let clients: Vec<String> = (0..args.clients).map(|i| format!("c{i}")).collect();
     let servers: Vec<String> = (0..args.servers).map(|i| format!("s{i}")).collect();
     let probes: Vec<String> = (0..args.rounds).map(|i| format!("p{i}")).collect();
-    let mut file = String::from("pods:\n");
+    // The dev SPIRE server: `veil lab rotate` (the rotation rounds) is refused with real SPIRE.
+    let mut file = String::from("identity: dev\npods:\n");
     for c in clients.iter().chain(&probes) {
         file += &format!("- {{name: {c}, namespace: bench, node: node-a, labels: {{app: {c}}}}}\n");
     }
