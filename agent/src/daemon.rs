@@ -664,12 +664,14 @@ fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         ),
     }
     for pod in cluster.pods_on(&me) {
-        if let Err(e) = s
-            .datapath
-            .attach(programs::FROM_POD, &pod.host_veth, Hook::TcxIngress)
-        {
-            tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %crate::error_chain(&e), "cannot attach");
-            first_error.get_or_insert(e.into());
+        for (program, hook) in [
+            (programs::FROM_POD, Hook::TcxIngress),
+            (programs::TO_POD, Hook::TcxEgress),
+        ] {
+            if let Err(e) = s.datapath.attach(program, &pod.host_veth, hook) {
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), program, error = %crate::error_chain(&e), "cannot attach");
+                first_error.get_or_insert(e.into());
+            }
         }
     }
     s.datapath.prune_pins();
@@ -870,6 +872,21 @@ pub fn desired_maps(
                     ifindex: 0,
                 },
             );
+        }
+        if n.name == me {
+            // This node's own addresses: its underlay address and its pod-network gateway
+            // (the first address of its pod CIDR, the source of its traffic to local pods).
+            let host = IpInfo {
+                identity: veil_common::maps::identity::HOST,
+                node_id: n.id,
+                flags: ip_flags::HOST,
+                ifindex: 0,
+            };
+            ipcache.insert(Prefix::v4(n.underlay_ip, 32), host);
+            if let Some((net, _)) = cluster::parse_cidr_v4(&n.pod_cidr) {
+                let gw = std::net::Ipv4Addr::from(u32::from(net).wrapping_add(1));
+                ipcache.insert(Prefix::v4(gw, 32), host);
+            }
         }
         let mut flags = if n.name == me { node_flags::SELF } else { 0 };
         if with_key.contains(&n.name) {

@@ -815,10 +815,8 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
                     }
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e @ lab::Error::Exists(_)) => Err(e.into()),
-                Err(e) => {
-                    bail!("{e}\nthe lab is partly built; `veil lab down --name {}` removes what was created", spec.name)
-                }
+                // A failed `up` has already removed what it created (or says why it could not).
+                Err(e) => Err(e.into()),
             }
         }
         LabCommand::Show { name, output } => {

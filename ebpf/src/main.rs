@@ -118,6 +118,15 @@ pub fn veil_to_tunnel(ctx: TcContext) -> i32 {
 /// Packets the agent re-injects from its hold device (ingress). Only the agent holds the
 /// device's file descriptor; a released packet of a local pod gets the from-pod mark so it may
 /// enter the tunnel.
+/// Packets towards a pod, on the host side of its veth (egress).
+#[classifier]
+pub fn veil_to_pod(ctx: TcContext) -> i32 {
+    match try_to_pod(&ctx) {
+        Ok(action) => action,
+        Err(code) => drop_packet(&ctx, code),
+    }
+}
+
 #[classifier]
 pub fn veil_from_hold(ctx: TcContext) -> i32 {
     match try_from_hold(&ctx) {
@@ -209,6 +218,50 @@ fn try_to_tunnel(ctx: &TcContext) -> Result<i32, u32> {
         }
         _ => Ok(TC_ACT_OK),
     }
+}
+
+/// A packet leaving the host side of a pod's veth towards the pod. Packets from other pods,
+/// the tunnel or the hold device were admitted on their way in; this node's own traffic to
+/// the pod (kubelet probes, host-network processes: source address flagged HOST) is admitted
+/// as Cilium admits the local host by default, and tracked so the pod's replies pass
+/// `veil_from_pod`'s TCP-start check.
+fn try_to_pod(ctx: &TcContext) -> Result<i32, u32> {
+    let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| reason::TRUNCATED)?);
+    let flow = match eth_proto {
+        ETH_P_IP => parse_v4(ctx, ETH_HLEN)?,
+        ETH_P_IPV6 => parse_v6(ctx, ETH_HLEN)?,
+        _ => return Ok(TC_ACT_OK),
+    };
+    let Some(src) = lookup_ip(&flow.saddr) else {
+        return Ok(TC_ACT_OK);
+    };
+    if src.flags & ip_flags::HOST == 0 {
+        return Ok(TC_ACT_OK);
+    }
+    let dst = match lookup_ip(&flow.daddr) {
+        Some(d) if d.flags & ip_flags::LOCAL_POD != 0 => d,
+        _ => return Ok(TC_ACT_OK),
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let fwd = ct_key(&flow, false);
+    let rev = ct_key(&flow, true);
+    if let Some((entry, _)) = ct_lookup(&flow, &fwd, &rev, now) {
+        // SAFETY: map value pointer valid for this program run.
+        unsafe { (*entry).last_seen_ns = now };
+        return Ok(TC_ACT_OK);
+    }
+    if tcp_may_start(&flow) {
+        let entry = CtEntry {
+            last_seen_ns: now,
+            src_identity: dst.identity,
+            dst_identity: identity::HOST,
+            flags: ct_flags::INGRESS_OK,
+            remote_node: 0,
+        };
+        let _ = VEIL_CT.insert(&fwd, &entry, 0);
+    }
+    Ok(TC_ACT_OK)
 }
 
 /// A held packet is released by the agent once it believes the pair authenticated. The kernel's

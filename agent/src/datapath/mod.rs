@@ -219,6 +219,7 @@ impl Datapath {
             programs::FROM_UNDERLAY,
             programs::TO_TUNNEL,
             programs::FROM_HOLD,
+            programs::TO_POD,
         ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

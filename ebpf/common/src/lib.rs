@@ -24,6 +24,9 @@ pub mod programs {
     pub const TO_TUNNEL: &str = "veil_to_tunnel";
     /// TC program on the agent's hold device, ingress: marks released packets of local pods.
     pub const FROM_HOLD: &str = "veil_from_hold";
+    /// TC program on the host side of a pod's veth, egress: packets the node itself sends to
+    /// the pod (kubelet probes, host-network processes) are tracked, so the pod's replies pass.
+    pub const TO_POD: &str = "veil_to_pod";
 }
 
 /// Bits of `skb->mark` the datapath sets.

@@ -135,6 +135,8 @@ pub mod ip_flags {
     pub const POD_CIDR: u32 = 1 << 1;
     /// A single pod address (local or remote).
     pub const POD: u32 = 1 << 2;
+    /// An address of this node itself (its underlay address, its pod-network gateway).
+    pub const HOST: u32 = 1 << 3;
 }
 
 /// Flags in [`NodeInfo::flags`].
