@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::lab::spec::Backend;
-
 /// Errors in the agent config file.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -207,6 +205,41 @@ impl Config {
 
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("config serializes")
+    }
+}
+
+/// Which WireGuard backend the agent uses (`auto`: the kernel's where it has WireGuard,
+/// else veil-wg).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Auto,
+    Userspace,
+    Kernel,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "userspace" => Ok(Self::Userspace),
+            "kernel" => Ok(Self::Kernel),
+            other => Err(format!(
+                "unknown backend {other:?} (expected userspace, kernel or auto)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Userspace => "userspace",
+            Self::Kernel => "kernel",
+        })
     }
 }
 

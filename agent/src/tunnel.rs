@@ -22,8 +22,7 @@ use veil_transport::{
 use crate::{
     api,
     cluster::{self, ClusterState},
-    config::Config,
-    lab::spec::Backend,
+    config::{Backend, Config},
 };
 
 /// How long peers found on an adopted `veil-wg` (installed by an earlier agent run from its

@@ -28,39 +28,8 @@ fn invalid(path: impl Into<String>, message: impl Into<String>) -> Error {
     }
 }
 
-/// Which WireGuard backend the agents use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    #[default]
-    Auto,
-    Userspace,
-    Kernel,
-}
-
-impl std::str::FromStr for Backend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "userspace" => Ok(Self::Userspace),
-            "kernel" => Ok(Self::Kernel),
-            other => Err(format!(
-                "unknown backend {other:?} (expected userspace, kernel or auto)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Userspace => "userspace",
-            Self::Kernel => "kernel",
-        })
-    }
-}
+/// The agents' WireGuard backend choice is the agent's own type (the lab only passes it on).
+pub use crate::config::Backend;
 
 /// Where the lab's SVIDs come from. The default is real SPIRE (the README's main job runs on
 /// it); `dev` is for the suites that need forced rotation or instant revocation.
