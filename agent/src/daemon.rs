@@ -1438,6 +1438,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use crate::cluster::{Node, Pod};
+    use veil_common::maps::identity;
 
     fn state() -> ClusterState {
         let node = |name: &str, id: u32| Node {
@@ -1473,7 +1474,17 @@ mod tests {
     #[test]
     fn desired_maps_cover_cidrs_pods_and_nodes() {
         let (ipcache, nodes) = desired_maps(&state(), "a", &["b".to_string()].into());
-        assert_eq!(ipcache.len(), 4);
+        // Two pod CIDRs, two pods, and this node's own underlay address and gateway.
+        assert_eq!(ipcache.len(), 6);
+        for own in [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 19, 1, 1)] {
+            let h = ipcache[&Prefix::v4(own, 32)];
+            assert_eq!(
+                (h.flags, h.identity),
+                (ip_flags::HOST, identity::HOST),
+                "{own}"
+            );
+        }
+        assert!(!ipcache.contains_key(&Prefix::v4(Ipv4Addr::new(198, 18, 0, 2), 32)));
         let fe = ipcache[&Prefix::v4(Ipv4Addr::new(198, 19, 1, 10), 32)];
         assert_eq!(fe.flags, ip_flags::POD | ip_flags::LOCAL_POD);
         let be = ipcache[&Prefix::v4(Ipv4Addr::new(198, 19, 2, 10), 32)];
