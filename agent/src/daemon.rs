@@ -439,6 +439,9 @@ impl Agent {
                 tokio::time::interval_at(tokio::time::Instant::now() + key_period, key_period);
             key_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut pending_key: Option<PendingKey> = None;
+            // veil-wg's process, watched through a pidfd: its exit wakes the loop at once (the
+            // reconcile restarts it) instead of at the next 5 s tick.
+            let mut watched: Option<(i32, tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>)> = None;
             loop {
                 {
                     let state = cluster_rx.borrow_and_update().clone();
@@ -459,8 +462,27 @@ impl Agent {
                         }
                     }
                 }
+                let pid = shared
+                    .lock()
+                    .expect("agent state lock")
+                    .tunnel
+                    .as_ref()
+                    .and_then(|t| t.device_pid());
+                if watched.as_ref().map(|(p, _)| *p) != pid {
+                    watched = pid.and_then(|p| Some((p, watch_exit(p)?)));
+                }
                 let commit_at = pending_key.as_ref().map(|(at, _)| *at);
                 tokio::select! {
+                    // veil-wg exited: reconcile now (`ensure_device` restarts it, counted).
+                    _ = async {
+                        match watched.as_ref() {
+                            Some((_, fd)) => { let _ = fd.readable().await; }
+                            None => std::future::pending::<()>().await,
+                        }
+                    } => {
+                        tracing::warn!(pid = ?watched.as_ref().map(|(p, _)| *p), "veil-wg exited");
+                        watched = None;
+                    }
                     _ = stop_loop.wait_for(|s| *s) => return,
                     r = cluster_rx.changed() => if r.is_err() { return },
                     // Peer keys from a (re-)authenticated node pair go on the tunnel at once.
@@ -502,6 +524,23 @@ impl Agent {
 /// Static key rotation: a new node key on the device, announced to every peer by re-running
 /// the node handshakes (each peer swaps the old key for the new one with a fresh PSK). Without
 /// mutual auth the key is published to the cluster state instead.
+/// A pidfd for `pid` registered with the runtime: readable once the process exits. `None` if
+/// the kernel has no pidfd_open (before 5.3) or the process is already gone.
+fn watch_exit(pid: i32) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor was just returned to us and is owned by nothing else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns `fd` (an OwnedFd: valid, open, the same descriptor for its
+    // whole life) and nothing else closes it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .ok()
+}
+
 /// With mutual auth, a node key is published this long before the node uses it: a peer
 /// admits a node handshake only for the key the node published (§9.6a), and cluster state
 /// reaches every agent well within it (the lab source polls every 250 ms).

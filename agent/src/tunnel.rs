@@ -312,6 +312,13 @@ impl NodeTunnel {
         self.disabled.remove(node);
     }
 
+    /// The pid of the veil-wg process serving this node's device (userspace backend only), so
+    /// the daemon can watch it exit instead of noticing at the next reconcile.
+    pub fn device_pid(&self) -> Option<i32> {
+        let l = self.userspace.as_ref()?;
+        UserspaceTunnel::new(self.device.interface(), &l.uapi_dir).server_pid()
+    }
+
     /// Restarts veil-wg if it died or hangs (ended with SIGKILL first) and puts the node key and
     /// port back if the device lost them. Each restart is counted with its reason.
     fn ensure_device(&mut self) -> Result<(), Error> {

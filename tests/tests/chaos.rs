@@ -580,6 +580,12 @@ fn veil_wg_kill_under_load_is_restarted_and_nothing_leaks() {
         },
     );
     let restarted = t_kill.elapsed();
+    // Watched through a pidfd, the exit is acted on at once (~110-140 ms measured, status
+    // polling included); at the 5 s reconcile alone it took 0-5 s.
+    assert!(
+        restarted < Duration::from_millis(1500),
+        "veil-wg restarted {restarted:?} after the kill: its exit was not noticed"
+    );
     assert_eq!(st.tunnel_restarts.total, restarts0 + 1, "{st:?}");
     let reason = &st.tunnel_restarts.recent.last().expect("a restart").reason;
     assert_eq!(reason, "exited");
@@ -609,14 +615,12 @@ fn veil_wg_kill_under_load_is_restarted_and_nothing_leaks() {
         "the probe's tail was lost: {:?}",
         out.udp_missing
     );
+    // The agent watches veil-wg's process (a pidfd): its exit triggers the restart at once
+    // (137 ms from the kill to the recorded restart, 1 of 300 probes lost, measured; it was
+    // 0-5 s, up to 41 probes, when only the 5 s reconcile noticed). Bound: 1 s of probes. (That
+    // veil-wg was killed at all is proven by the recorded restart, not by a loss.)
     assert!(
-        !out.udp_missing.is_empty(),
-        "no probe lost: was veil-wg killed?"
-    );
-    // The agent finds veil-wg gone at its next reconcile (a 5 s tick: 0-5 s after the kill,
-    // 0.7-4.2 s measured); the restart and the new handshake add ~50 ms. Bound: 5.5 s of probes.
-    assert!(
-        out.udp_missing.len() <= 55,
+        out.udp_missing.len() <= 10,
         "lost {} probes: {:?}",
         out.udp_missing.len(),
         out.udp_missing

@@ -64,6 +64,15 @@ impl UserspaceTunnel {
         self.exchange("get=1\n\n").is_ok()
     }
 
+    /// The pid of the process serving the socket (SO_PEERCRED), if one listens.
+    pub fn server_pid(&self) -> Option<i32> {
+        let stream = UnixStream::connect(&self.socket).ok()?;
+        nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            .map(|c| c.pid())
+            .ok()
+            .filter(|p| *p > 0)
+    }
+
     /// Whether the device is alive: it answers a `get` within `timeout`; or nothing listens
     /// (exited); or a process holds the socket but does not answer (hung: its pid, from
     /// SO_PEERCRED, so the caller can end it).
