@@ -12,39 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::Lab;
-
-/// frontend and intruder on node-a, backend on node-b serving HTTP on 8080 and an echo
-/// (TCP and UDP) on 9000 (as in auth.rs).
-const AUTH_LAB: &str = "pods:\n\
-- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
-- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}\n\
-- {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}\n";
-
-/// backend admits frontend on 8080/TCP and 9000 (any protocol), mutual auth required (as in
-/// auth.rs). intruder is admitted nowhere.
-const AUTH_POLICY: &str = "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: backend-auth
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: backend
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: frontend
-    authentication:
-      mode: required
-    toPorts:
-    - ports:
-      - port: \"8080\"
-        protocol: TCP
-      - port: \"9000\"
-        protocol: ANY
-";
+use veil_tests::{Lab, AUTH_LAB, AUTH_POLICY};
 
 /// The capture point: node-a's own underlay interface (in node-a's netns), so every packet
 /// node-a sends or receives is in the pcap, whatever the bridge does.

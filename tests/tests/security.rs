@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use veil_tests::{veil_ok, Lab};
+use veil_tests::{veil_ok, Lab, AUTH_POLICY};
 
 /// frontend and a look-alike on node-a that shares frontend's labels but not its service
 /// account (so not its SPIFFE ID); backend on node-b.
@@ -12,28 +12,6 @@ const LOOK_ALIKE_LAB: &str = "pods:\n\
 - {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
 - {name: look-alike, namespace: shop, node: node-a, labels: {app: frontend}, service_account: intruder}\n\
 - {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}]}\n";
-
-/// backend admits app=frontend on 8080, mutual authentication required.
-const AUTH_POLICY: &str = "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: backend-auth
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: backend
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: frontend
-    authentication:
-      mode: required
-    toPorts:
-    - ports:
-      - port: \"8080\"
-        protocol: TCP
-";
 
 /// Security issue §3: revoking one workload's SVID removes its admissions even while another
 /// pod with the same labels (another service account, so another SPIFFE ID) stays admitted.

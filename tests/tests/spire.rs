@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{Lab, Status, Streaming};
+use veil_tests::{Lab, Status, Streaming, AUTH_POLICY};
 
 /// frontend and intruder on node-a, backend on node-b (HTTP 8080, echo 9000); frontend2 on
 /// node-a has frontend's labels but its own service account, so its own SPIFFE ID and entry.
@@ -19,30 +19,6 @@ pods:\n\
 - {name: frontend2, namespace: shop, node: node-a, labels: {app: frontend}}\n\
 - {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}\n\
 - {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}\n";
-
-/// backend admits app=frontend on 8080/TCP and 9000 (any protocol), mutual auth required.
-const AUTH_POLICY: &str = "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: backend-auth
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: backend
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: frontend
-    authentication:
-      mode: required
-    toPorts:
-    - ports:
-      - port: \"8080\"
-        protocol: TCP
-      - port: \"9000\"
-        protocol: ANY
-";
 
 fn url(lab: &Lab) -> String {
     format!("http://{}:8080/", lab.pod_ip("backend"))

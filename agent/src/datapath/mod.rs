@@ -221,12 +221,8 @@ impl Datapath {
             programs::FROM_HOLD,
             programs::TO_POD,
         ] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(Error::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| Error::Program { name, source })?;
-            prog.load()
+            classifier(&mut ebpf, name)?
+                .load()
                 .map_err(|source| Error::Program { name, source })?;
         }
         let mut dp = Self {
@@ -290,20 +286,8 @@ impl Datapath {
         }
         let pin = self.link_pin_path(interface, ifindex, hook);
         self.remove_stale_pins(interface, ifindex, hook);
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(Error::MissingProgram(program))?
-            .try_into()
-            .map_err(|source| Error::Program {
-                name: program,
-                source,
-            })?;
-        let attach_err = |source| Error::Attach {
-            program,
-            interface: interface.to_string(),
-            source,
-        };
+        let prog = classifier(&mut self.ebpf, program)?;
+        let attach_err = |source| attach_error(program, interface, source);
         let (link_id, adopted) = match PinnedLink::from_pin(&pin) {
             Ok(old) => {
                 let fd: FdLink = old.into();
@@ -364,20 +348,8 @@ impl Datapath {
         ifindex: u32,
         hook: Hook,
     ) -> Result<(), Error> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(Error::MissingProgram(program))?
-            .try_into()
-            .map_err(|source| Error::Program {
-                name: program,
-                source,
-            })?;
-        let attach_err = |source| Error::Attach {
-            program,
-            interface: interface.to_string(),
-            source,
-        };
+        let prog = classifier(&mut self.ebpf, program)?;
+        let attach_err = |source| attach_error(program, interface, source);
         // Already there is fine; any other failure shows in the attach below.
         let _ = aya::programs::tc::qdisc_add_clsact(interface);
         let existing = SchedClassifierLink::attached(
@@ -503,6 +475,32 @@ impl Datapath {
                 self.attachments.retain(|(i, _), _| *i != ifname);
             }
         }
+    }
+}
+
+/// A loaded TC program of the object, by name.
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+) -> Result<&'a mut SchedClassifier, Error> {
+    ebpf.program_mut(program)
+        .ok_or(Error::MissingProgram(program))?
+        .try_into()
+        .map_err(|source| Error::Program {
+            name: program,
+            source,
+        })
+}
+
+fn attach_error(
+    program: &'static str,
+    interface: &str,
+    source: aya::programs::ProgramError,
+) -> Error {
+    Error::Attach {
+        program,
+        interface: interface.to_string(),
+        source,
     }
 }
 
