@@ -31,6 +31,14 @@ fi
 # --- Rust toolchains -------------------------------------------------------------------------
 command -v rustup >/dev/null || die "rustup not found"
 export PATH="$HOME/.cargo/bin:$PATH"
+# A rustup without any toolchain (a fresh `rustup-init --default-toolchain none`): stable as
+# the default, for the workspace's host crates.
+if ! rustup show active-toolchain >/dev/null 2>&1; then
+  say "installing the stable toolchain (minimal) as rustup's default"
+  rustup toolchain install stable --profile minimal >/dev/null \
+    || die "rustup could not install the stable toolchain"
+  rustup default stable >/dev/null
+fi
 # rustfmt and clippy (scripts/test.sh checks formatting and lints); part of rustup's default
 # profile, added here for minimal installs.
 for c in rustfmt clippy; do
