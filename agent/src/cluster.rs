@@ -78,6 +78,10 @@ pub struct Node {
     /// The node's WireGuard public key (base64), once its agent has published it.
     #[serde(default)]
     pub wg_public_key: Option<String>,
+    /// The key the node will use next (base64), published ahead of a static key rotation: a
+    /// node handshake may claim either key while the rotation is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_next_public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,8 +203,15 @@ impl LabSource {
         crate::sys::write_atomic(&Self::policies_path(dir), &json)
     }
 
-    /// Publishes this node's WireGuard public key (what Cilium keeps in a node annotation).
-    pub fn publish_node_key(dir: &Path, node: &str, key: &str) -> Result<(), crate::sys::Error> {
+    /// Publishes this node's WireGuard public key (what Cilium keeps in a node annotation) and,
+    /// ahead of a static key rotation, the key it will use next: the key file holds the current
+    /// key and, on a second line, the next one.
+    pub fn publish_node_key(
+        dir: &Path,
+        node: &str,
+        key: &str,
+        next: Option<&str>,
+    ) -> Result<(), crate::sys::Error> {
         let kd = Self::keys_dir(dir);
         std::fs::create_dir_all(&kd).map_err(|source| crate::sys::Error::Io {
             what: "cannot create",
@@ -208,13 +219,14 @@ impl LabSource {
             source,
         })?;
         let path = kd.join(node);
-        if std::fs::read_to_string(&path)
-            .map(|k| k == key)
-            .unwrap_or(false)
-        {
+        let text = match next {
+            Some(n) => format!("{key}\n{n}"),
+            None => key.to_string(),
+        };
+        if std::fs::read_to_string(&path).is_ok_and(|k| k == text) {
             return Ok(());
         }
-        crate::sys::write_atomic(&path, key.as_bytes())
+        crate::sys::write_atomic(&path, text.as_bytes())
     }
 
     /// Reads the current snapshot, with the node keys agents have published.
@@ -229,7 +241,9 @@ impl LabSource {
         let kd = Self::keys_dir(dir);
         for n in &mut state.nodes {
             if let Ok(k) = std::fs::read_to_string(kd.join(&n.name)) {
-                n.wg_public_key = Some(k.trim().to_string());
+                let mut lines = k.lines().map(str::trim).filter(|l| !l.is_empty());
+                n.wg_public_key = lines.next().map(str::to_string);
+                n.wg_next_public_key = lines.next().map(str::to_string);
             }
         }
         let (generation, set) = Self::read_policies(dir)?;
@@ -293,6 +307,37 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_publishes_its_next_key_beside_the_current_one() {
+        let dir = std::env::temp_dir().join(format!("veil-cluster-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = ClusterState {
+            nodes: vec![Node {
+                name: "node-a".into(),
+                id: 1,
+                underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
+                pod_cidr: "198.19.1.0/24".into(),
+                wg_public_key: None,
+                wg_next_public_key: None,
+            }],
+            ..ClusterState::default()
+        };
+        LabSource::write(&dir, &state).unwrap();
+        let keys = |d: &Path| {
+            let n = LabSource::read(d).unwrap().nodes.remove(0);
+            (n.wg_public_key, n.wg_next_public_key)
+        };
+        assert_eq!(keys(&dir), (None, None));
+        LabSource::publish_node_key(&dir, "node-a", "K1", None).unwrap();
+        assert_eq!(keys(&dir), (Some("K1".into()), None));
+        LabSource::publish_node_key(&dir, "node-a", "K1", Some("K2")).unwrap();
+        assert_eq!(keys(&dir), (Some("K1".into()), Some("K2".into())));
+        LabSource::publish_node_key(&dir, "node-a", "K2", None).unwrap();
+        assert_eq!(keys(&dir), (Some("K2".into()), None));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn cidr_parsing() {

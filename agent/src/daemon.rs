@@ -148,7 +148,7 @@ impl Agent {
             let t = NodeTunnel::open(&cfg, key)?;
             match &cfg.source {
                 SourceConfig::Lab { dir } => {
-                    LabSource::publish_node_key(dir, &cfg.node, &t.public_key().to_base64())
+                    LabSource::publish_node_key(dir, &cfg.node, &t.public_key().to_base64(), None)
                         .map_err(Error::Publish)?
                 }
             }
@@ -554,9 +554,10 @@ type PendingKey = (tokio::time::Instant, veil_transport::PrivateKey);
 fn rotate_node_key(s: &mut Shared) -> Option<PendingKey> {
     if s.key_rotation.is_some() {
         let key = veil_transport::PrivateKey::generate();
+        let current = s.tunnel.as_ref()?.public_key().to_base64();
+        let next = key.public_key().to_base64();
         let SourceConfig::Lab { dir } = &s.cfg.source;
-        if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &key.public_key().to_base64())
-        {
+        if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &current, Some(&next)) {
             tracing::warn!(error = %e, "cannot publish the next node key; keeping the current key");
             return None;
         }
@@ -574,7 +575,7 @@ fn rotate_node_key(s: &mut Shared) -> Option<PendingKey> {
         }
     };
     let SourceConfig::Lab { dir } = &s.cfg.source;
-    if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &public.to_base64()) {
+    if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &public.to_base64(), None) {
         tracing::warn!(error = %e, "cannot publish the rotated node key");
     }
     tracing::info!(public_key = %public, took_us = started.elapsed().as_micros() as u64, "node WireGuard key rotated");
@@ -595,10 +596,16 @@ fn commit_node_key(s: &mut Shared, key: veil_transport::PrivateKey) {
             // Publish the key in use again, so peers keep admitting its handshakes.
             let current = t.public_key();
             let SourceConfig::Lab { dir } = &s.cfg.source;
-            let _ = LabSource::publish_node_key(dir, &s.cfg.node, &current.to_base64());
+            let _ = LabSource::publish_node_key(dir, &s.cfg.node, &current.to_base64(), None);
             return;
         }
     };
+    // The next key is the current one now (a peer that has not read this yet still admits it
+    // as the published next key).
+    let SourceConfig::Lab { dir } = &s.cfg.source;
+    if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &public.to_base64(), None) {
+        tracing::warn!(error = %e, "cannot publish the rotated node key");
+    }
     if let Some((wg_key, rehandshake)) = &s.key_rotation {
         wg_key.store(Arc::new(public));
         let _ = rehandshake.try_send(());
@@ -1486,6 +1493,7 @@ mod tests {
             underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
             pod_cidr: format!("198.19.{id}.0/24"),
             wg_public_key: None,
+            wg_next_public_key: None,
         };
         let pod = |name: &str, node: &str, ip: [u8; 4]| Pod {
             name: name.into(),

@@ -503,6 +503,7 @@ mod tests {
             underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
             pod_cidr: String::new(),
             wg_public_key: None,
+            wg_next_public_key: None,
         };
         ClusterState {
             nodes: vec![node("a", 1), node("b", 2)],

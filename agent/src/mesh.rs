@@ -27,7 +27,10 @@ use crate::{
     api,
     auth::{
         self,
-        channel::{Channel, ChannelConfig, ChannelEvent, Deps, LocalNode},
+        channel::{
+            await_publication, Channel, ChannelConfig, ChannelEvent, Deps, LocalNode,
+            PublishedKeys, PUBLICATION_WAIT,
+        },
         client::{self, ClientConfig},
         entries::{self, Action, AuthTable, EntriesConfig},
         node_handshake::{EpochBook, NodeKeys, RekeyConfig, RekeySchedule},
@@ -129,6 +132,9 @@ pub struct Mesh {
     rehandshake_rx: mpsc::Receiver<()>,
     authed: BTreeSet<AuthTriple>,
     authed_tx: watch::Sender<BTreeSet<AuthTriple>>,
+    /// Published node keys as this turn's cluster state has them (handshakes that claim a key
+    /// not read yet wait on it: `auth::channel::await_publication`).
+    published_tx: watch::Sender<PublishedKeys>,
 }
 
 /// Handles the daemon keeps.
@@ -153,6 +159,7 @@ impl Mesh {
     ) -> (Mesh, MeshHandles) {
         let _ = auth::tls::install_default_provider();
         let (events_tx, events_rx) = mpsc::channel(1024);
+        let (published_tx, published) = watch::channel(PublishedKeys::new());
         let directory = Arc::new(ArcSwap::from_pointee(StaticDirectory::new()));
         let workloads = Arc::new(ArcSwap::from_pointee(StaticWorkloads::default()));
         let tls = TlsConfig {
@@ -172,6 +179,7 @@ impl Mesh {
             epochs: Arc::new(EpochBook::new()),
             signing_keys: Arc::new(SigningKeys::new()),
             events: events_tx,
+            published,
         };
         let server_cfg = ServerConfig {
             listen: std::net::SocketAddr::new(cfg.underlay_ip, cfg.port),
@@ -206,6 +214,7 @@ impl Mesh {
             rehandshake_rx,
             authed: BTreeSet::new(),
             authed_tx,
+            published_tx,
         };
         (
             mesh,
@@ -352,6 +361,12 @@ impl Mesh {
             self.workloads.store(Arc::new(workloads));
             self.directory
                 .store(Arc::new(directory(&cluster, &self.cfg.trust_domain)));
+            let published = published_keys(&cluster);
+            self.published_tx.send_if_modified(|p| {
+                let changed = *p != published;
+                *p = published;
+                changed
+            });
 
             // The server needs a node SVID before it can answer TLS.
             if !server_started && self.deps.creds.svid().is_some() {
@@ -477,7 +492,7 @@ impl Mesh {
                             redial_at.remove(&id);
                             self.count_ok();
                             self.node_result(id, None);
-                            install(self.cfg.rekey_interval, &mut channels, &mut keys, &mut key_deadlines, id, channel, nk);
+                            install(self.cfg.rekey_interval, &self.deps.wg_key.load(), &mut channels, &mut keys, &mut key_deadlines, id, channel, nk);
                         }
                         Err(reason) => {
                             let tries = redial_at.get(&id).map(|(_, n)| n + 1).unwrap_or(1);
@@ -514,7 +529,7 @@ impl Mesh {
                                 Ok((channel, nk)) => {
                                     self.count_ok();
                                     self.node_result(id, None);
-                                    install(self.cfg.rekey_interval, &mut channels, &mut keys, &mut key_deadlines, id, channel, nk);
+                                    install(self.cfg.rekey_interval, &self.deps.wg_key.load(), &mut channels, &mut keys, &mut key_deadlines, id, channel, nk);
                                 }
                                 Err(reason) => {
                                     // As on the dialling side: a node that fails who it must be
@@ -761,6 +776,7 @@ fn unix(t: SystemTime) -> u64 {
 #[allow(clippy::too_many_arguments)]
 fn install(
     interval: Duration,
+    current_wg_key: &PublicKey,
     channels: &mut BTreeMap<u32, ChannelState>,
     keys: &mut BTreeMap<String, PeerKeys>,
     deadlines: &mut BTreeMap<String, Instant>,
@@ -791,6 +807,12 @@ fn install(
         None => fresh(),
     };
     schedule.on_established(now, valid_until_instant);
+    // This node's static key rotated while the handshake ran: the peer now holds the old key,
+    // so announce the new one at once (else the pair is cut until the next re-key).
+    if nk.local_wg_key != *current_wg_key {
+        tracing::info!(peer = %nk.peer_node, announced = %nk.local_wg_key, current = %current_wg_key, "node key rotated during the node handshake: re-keying");
+        schedule.on_svid_rotated(now);
+    }
     log_installed(&nk, channel.negotiated_group().map(|g| g.as_str()));
     keys.insert(
         nk.peer_node.clone(),
@@ -910,11 +932,8 @@ fn admit_claim(
     channel: Channel,
     nk: NodeKeys,
 ) -> Result<(Channel, NodeKeys), AuthFailure> {
-    let published = cluster
-        .node(&nk.peer_node)
-        .and_then(|n| n.wg_public_key.as_deref())
-        .and_then(|k| PublicKey::from_base64(k).ok());
-    if let Err(reason) = check_published(published.as_ref(), &nk.peer_wg_key) {
+    let published = published_keys(cluster).remove(&nk.peer_node);
+    if let Err(reason) = check_published(published.as_deref(), &nk.peer_wg_key) {
         tracing::warn!(
             peer = %nk.peer_node,
             public_key = %nk.peer_wg_key,
@@ -940,12 +959,16 @@ fn admit_claim(
     }
 }
 
-/// The claimed key must be the one the node published, once it published one (before its
-/// first publication there is nothing to compare with; uniqueness still holds).
-fn check_published(published: Option<&PublicKey>, claimed: &PublicKey) -> Result<(), AuthFailure> {
+/// The claimed key must be one the node published (its current or its next key), once it
+/// published one (before its first publication there is nothing to compare with; uniqueness
+/// still holds).
+fn check_published(
+    published: Option<&[PublicKey]>,
+    claimed: &PublicKey,
+) -> Result<(), AuthFailure> {
     match published {
         // Public keys: plain comparison.
-        Some(p) if p != claimed => Err(AuthFailure::UnpublishedWgKey),
+        Some(p) if !p.contains(claimed) => Err(AuthFailure::UnpublishedWgKey),
         _ => Ok(()),
     }
 }
@@ -960,8 +983,34 @@ fn spawn_dial(cfg: &ClientConfig, deps: &Deps, peer: NodeInfo, done: mpsc::Sende
             tracing::warn!(peer = %peer.name, reason = e.failure().as_str(), error = %crate::error_chain(&e), "node handshake failed");
             e.failure()
         });
+        if let Ok((_, nk)) = &r {
+            await_publication(
+                &deps.published,
+                &nk.peer_node,
+                &nk.peer_wg_key,
+                PUBLICATION_WAIT,
+            )
+            .await;
+        }
         let _ = done.send((peer.id, r)).await;
     });
+}
+
+/// Each node's published WireGuard public keys, current and next (nodes that published none
+/// are left out; an unreadable key is not among them).
+fn published_keys(cluster: &ClusterState) -> PublishedKeys {
+    cluster
+        .nodes
+        .iter()
+        .filter(|n| n.wg_public_key.is_some())
+        .map(|n| {
+            let keys = [&n.wg_public_key, &n.wg_next_public_key]
+                .into_iter()
+                .filter_map(|k| PublicKey::from_base64(k.as_deref()?).ok())
+                .collect();
+            (n.name.clone(), keys)
+        })
+        .collect()
 }
 
 /// SPIFFE ID of a pod's workload: `spiffe://<td>/ns/<namespace>/sa/<service account>`.
@@ -1103,6 +1152,7 @@ mod tests {
             underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
             pod_cidr: format!("198.19.{id}.0/24"),
             wg_public_key: None,
+            wg_next_public_key: None,
         };
         let pod = |name: &str, node: &str, id: u32| Pod {
             name: name.into(),
@@ -1234,9 +1284,21 @@ mod tests {
             Ok(()),
             "nothing published yet"
         );
-        assert_eq!(check_published(Some(&k(1)), &k(1)), Ok(()));
+        assert_eq!(check_published(Some(&[k(1)]), &k(1)), Ok(()));
         assert_eq!(
-            check_published(Some(&k(1)), &k(2)),
+            check_published(Some(&[k(1)]), &k(2)),
+            Err(AuthFailure::UnpublishedWgKey)
+        );
+        // During a rotation: the current key and the announced next key, nothing else.
+        assert_eq!(check_published(Some(&[k(1), k(2)]), &k(1)), Ok(()));
+        assert_eq!(check_published(Some(&[k(1), k(2)]), &k(2)), Ok(()));
+        assert_eq!(
+            check_published(Some(&[k(1), k(2)]), &k(3)),
+            Err(AuthFailure::UnpublishedWgKey)
+        );
+        // A published key that does not parse admits nothing.
+        assert_eq!(
+            check_published(Some(&[]), &k(1)),
             Err(AuthFailure::UnpublishedWgKey)
         );
         assert!(!AuthFailure::UnpublishedWgKey.is_identity_failure());
@@ -1288,6 +1350,7 @@ mod tests {
             peer_wg_key: veil_transport::PrivateKey::from_bytes([1; 32]).public_key(),
             psk: PresharedKey::from_bytes(psk_bytes),
             epoch: 7,
+            local_wg_key: veil_transport::PrivateKey::from_bytes([2; 32]).public_key(),
         };
         let out = Captured::default();
         let writer = out.clone();

@@ -648,6 +648,7 @@ mod tests {
             underlay_ip: std::net::Ipv4Addr::new(198, 18, 0, id),
             pod_cidr: format!("198.19.{id}.0/24"),
             wg_public_key: published.map(|k| k.to_base64()),
+            wg_next_public_key: None,
         }
     }
 

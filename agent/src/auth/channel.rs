@@ -84,6 +84,36 @@ pub struct Deps {
     pub epochs: Arc<EpochBook>,
     pub signing_keys: Arc<SigningKeys>,
     pub events: mpsc::Sender<ChannelEvent>,
+    /// Each node's WireGuard public key as this node has read it from cluster state.
+    pub published: watch::Receiver<PublishedKeys>,
+}
+
+/// Node name → the WireGuard public keys that node published: the one in use and, ahead of a
+/// static key rotation, the next one. A node handshake may claim either.
+pub type PublishedKeys = std::collections::BTreeMap<String, Vec<PublicKey>>;
+
+/// How long a completed node handshake whose claimed key this node has not read yet waits for
+/// the publication before it is refused (`unpublished-wg-key`).
+pub const PUBLICATION_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits, at most `within`, until `claimed` is among `node`'s published keys (or the node has
+/// published none yet). A node that rotates its static key publishes the new key before it
+/// uses it, but cluster state reaches this node on its own schedule: the handshake that
+/// announces the key can arrive first. Returns whether the publication was seen; the caller
+/// still makes the final check.
+pub async fn await_publication(
+    published: &watch::Receiver<PublishedKeys>,
+    node: &str,
+    claimed: &PublicKey,
+    within: Duration,
+) -> bool {
+    let mut rx = published.clone();
+    let seen = timeout(
+        within,
+        rx.wait_for(|m| m.get(node).is_none_or(|p| p.contains(claimed))),
+    )
+    .await;
+    matches!(seen, Ok(Ok(_)))
 }
 
 /// What a channel tells the daemon.
@@ -918,5 +948,33 @@ mod tests {
                 .unwrap(),
             Message::Ping(1)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claimed_key_waits_for_its_publication_and_no_longer() {
+        let key = |b: u8| veil_transport::PrivateKey::from_bytes([b; 32]).public_key();
+        let (tx, rx) = watch::channel(PublishedKeys::new());
+        // Nothing published for the node: nothing to wait for.
+        assert!(await_publication(&rx, "b", &key(1), Duration::from_secs(5)).await);
+        tx.send_modify(|m| {
+            m.insert("b".into(), vec![key(1)]);
+        });
+        assert!(await_publication(&rx, "b", &key(1), Duration::from_secs(5)).await);
+        // A rotated key read 300 ms after the handshake that claims it: admitted then.
+        let t0 = Instant::now();
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tx.send_modify(|m| {
+                m.insert("b".into(), vec![key(1), key(2)]);
+            });
+            tx
+        });
+        assert!(await_publication(&rx, "b", &key(2), Duration::from_secs(5)).await);
+        assert_eq!(t0.elapsed(), Duration::from_millis(300));
+        let _tx = later.await.unwrap();
+        // A key never published: refused when the wait ends.
+        let t0 = Instant::now();
+        assert!(!await_publication(&rx, "b", &key(3), Duration::from_secs(5)).await);
+        assert_eq!(t0.elapsed(), Duration::from_secs(5));
     }
 }

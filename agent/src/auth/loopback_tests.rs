@@ -104,6 +104,7 @@ impl Lab {
                 epochs: Arc::new(EpochBook::new()),
                 signing_keys: Arc::new(SigningKeys::new()),
                 events: tx,
+                published: tokio::sync::watch::channel(Default::default()).1,
             },
             rx,
         )

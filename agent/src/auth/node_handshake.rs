@@ -72,6 +72,8 @@ pub struct NodeKeys {
     pub peer_wg_key: PublicKey,
     pub psk: PresharedKey,
     pub epoch: u64,
+    /// The key this node announced in the handshake (its static key may rotate meanwhile).
+    pub local_wg_key: PublicKey,
 }
 
 /// The exporter context: both public keys in canonical (byte-wise ascending) order, then the
@@ -216,6 +218,7 @@ impl NodeHandshake {
                         peer_wg_key: peer_key,
                         psk,
                         epoch,
+                        local_wg_key: self.local_key,
                     },
                     check,
                 };

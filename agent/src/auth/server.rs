@@ -332,6 +332,13 @@ async fn handle(
     };
     drop(unauthenticated);
     stats.established.fetch_add(1, Ordering::Relaxed);
+    channel::await_publication(
+        &deps.published,
+        &keys.peer_node,
+        &keys.peer_wg_key,
+        channel::PUBLICATION_WAIT,
+    )
+    .await;
     tracing::info!(
         peer = %channel.peer().name,
         group = ?channel.negotiated_group(),

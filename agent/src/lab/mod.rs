@@ -346,6 +346,7 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
                 underlay_ip: n.underlay_ip,
                 pod_cidr: n.pod_cidr.clone(),
                 wg_public_key: None,
+                wg_next_public_key: None,
             })
             .collect(),
         pods,
