@@ -1293,6 +1293,48 @@ for _ in range(5):
     );
 }
 
+/// Security review §5: an IPv6 packet from a pod whose addresses are the IPv4-mapped forms of
+/// its own and the backend's address (`::ffff:198.19.1.x`) would be taken for the v4 pod by
+/// the maps (v4 keys are v4-mapped). Sent as raw frames from the intruder pod's eth0, it is
+/// dropped at the pod's veth with its own reason and never reaches node-b.
+#[test]
+fn ipv6_with_v4_mapped_addresses_is_dropped_at_the_pod() {
+    let lab = Lab::up(&[]);
+    let me = lab.pod_ip("intruder");
+    let be = lab.pod_ip("backend");
+    let script = format!(
+        r#"
+import fcntl, socket, struct
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+mac = fcntl.ioctl(s.fileno(), 0x8927, struct.pack("256s", b"eth0"))[18:24]  # SIOCGIFHWADDR
+mapped = lambda a: bytes(10) + b"\xff\xff" + socket.inet_aton(a)
+payload = b"V4-MAPPED"
+udp = struct.pack("!HHHH", 40998, 9000, 8 + len(payload), 0) + payload
+ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(udp), 17, 64, mapped("{me}"), mapped("{be}"))
+for _ in range(5):
+    s.send(b"\xff" * 6 + mac + b"\x86\xdd" + ip6 + udp)
+"#
+    );
+    let before = drop_count(&lab, "node-a", "v4-mapped-address");
+    lab.exec_ok("intruder", &["python3", "-c", &script]);
+    let after = lab.wait_for(
+        "v4-mapped-address drops at node-a",
+        Duration::from_secs(5),
+        || {
+            let n = drop_count(&lab, "node-a", "v4-mapped-address");
+            (n >= before + 5).then_some(n)
+        },
+    );
+    assert!(after >= before + 5);
+    // Dropped while parsing (no flow record: like a truncated header, it is counted only).
+    let flows = lab.observe(&["--node", "node-b"]);
+    assert!(
+        !flows.iter().any(|f| f["src"]["port"] == 40998),
+        "node-b recorded the v4-mapped datagram"
+    );
+}
+
 /// veil-wg's own restart: killed (`exited`) and frozen (`unresponsive`, SIGSTOP: it holds its
 /// socket but answers nothing) — the agent notices, restarts it, counts the restart with its
 /// reason, and traffic resumes. Prints the outage (kill → first successful request).
