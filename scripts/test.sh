@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full test suite: setup, preflight (fails without root/netns/BPF), the from-nothing
-# toolchain check, rustfmt and clippy, release build, then every unit, integration and
-# end-to-end test with cargo nextest, and the doctests. CI (.ci/run) runs exactly this.
+# toolchain check, a fuzz smoke run (scripts/fuzz.sh --smoke), rustfmt and clippy, release
+# build, then every unit, integration and end-to-end test with cargo nextest, and the
+# doctests. CI (.ci/run) runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The Go-built systems the suite runs (SPIRE, wireguard-go); the Kubernetes ones (kube-apiserver,
@@ -20,6 +21,11 @@ VEIL_SETUP_TOOLCHAIN_ONLY=1 VEIL_CACHE_DIR="$fresh/cache" VEIL_TOOL_ROOT="$fresh
   --target-dir "$fresh/ebpf-target" >/dev/null 2>"$fresh/ebpf-build.log") \
   || { cat "$fresh/ebpf-build.log" >&2; echo "test: the eBPF programs do not link with a bpf-linker built from nothing" >&2; exit 1; }
 echo "test: from-nothing toolchain check (bpf-linker build + eBPF link) passed in $(( $(date +%s) - t0 )) s"
+# Every cargo-fuzz target for a few seconds from its committed corpus, so a crash on a seed
+# (a regression) or a target that no longer builds fails CI; long runs: scripts/fuzz.sh.
+t0=$(date +%s)
+scripts/fuzz.sh --smoke
+echo "test: fuzz smoke run (build + every target) passed in $(( $(date +%s) - t0 )) s"
 export PATH="$HOME/.cargo/bin:$PATH"
 # What engineers expect of a Rust project before anything runs: formatted, lint-clean.
 cargo fmt --all -- --check

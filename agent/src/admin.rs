@@ -273,8 +273,10 @@ fn to_response(r: AdminResponse) -> Response<Full<Bytes>> {
     resp
 }
 
-/// Splits and decodes a query string; more than `max` pairs is an error.
-fn parse_query(q: &str, max: usize) -> Result<Vec<(String, String)>, String> {
+/// Splits and decodes a query string; more than `max` pairs is an error. Public only for the
+/// fuzz target (`fuzz/fuzz_targets/admin_query.rs`).
+#[doc(hidden)]
+pub fn parse_query(q: &str, max: usize) -> Result<Vec<(String, String)>, String> {
     let pairs = q.split('&').filter(|s| !s.is_empty());
     if pairs.clone().nth(max).is_some() {
         return Err(format!("query has more than {max} parameters"));
