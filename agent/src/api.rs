@@ -122,6 +122,19 @@ pub struct Svid {
     pub owner: String,
     pub serial: String,
     pub not_after_unix: u64,
+    /// The leaf's issuer (distinguished name), e.g. SPIRE's `C=US, O=SPIFFE`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// The issuing authority: the leaf's authority key identifier in lowercase hex, which is
+    /// the authority ID `spire-server localauthority x509 show` prints for a local authority.
+    #[serde(default)]
+    pub authority_id: Option<String>,
+    #[serde(default)]
+    pub not_before_unix: u64,
+    /// When the issuer renews it: half its lifetime after `not_before` (SPIRE's agent and the
+    /// dev server, each with a ±10 % jitter of the half-life).
+    #[serde(default)]
+    pub rotates_at_unix: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -126,10 +126,23 @@ pub fn format_status(st: &api::Status) -> String {
     if !st.svids.is_empty() {
         let _ = writeln!(s, "  svids:");
         for v in &st.svids {
-            let left = v.not_after_unix.saturating_sub(unix_now());
+            let now = unix_now();
+            let left = v.not_after_unix.saturating_sub(now);
+            let renew = if v.rotates_at_unix == 0 {
+                String::new()
+            } else if v.rotates_at_unix > now {
+                format!("  renews in {}s", v.rotates_at_unix - now)
+            } else {
+                "  renewal due".to_string()
+            };
+            let issuer = match (&v.issuer, &v.authority_id) {
+                (Some(i), Some(a)) => format!("  issuer {i} (authority {a})"),
+                (Some(i), None) => format!("  issuer {i}"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 s,
-                "    {}  serial {}  expires in {}s",
+                "    {}  serial {}  expires in {}s{renew}{issuer}",
                 v.spiffe_id, v.serial, left
             );
         }

@@ -1260,17 +1260,26 @@ fn identity_status(s: &Shared) -> (Vec<api::Svid>, Vec<api::Bundle>) {
             }
         }
     };
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
     let svids = snap
         .svids()
-        .map(|(key, svid)| api::Svid {
-            spiffe_id: svid.spiffe_id().to_string(),
-            owner: owner_of(&key),
-            serial: svid.serial().to_string(),
-            not_after_unix: svid
-                .not_after()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+        .map(|(key, svid)| {
+            let (issuer, authority_id) = issuer_of(svid.leaf());
+            let (nb, na) = (unix(svid.not_before()), unix(svid.not_after()));
+            api::Svid {
+                spiffe_id: svid.spiffe_id().to_string(),
+                owner: owner_of(&key),
+                serial: svid.serial().to_string(),
+                not_after_unix: na,
+                issuer,
+                authority_id,
+                not_before_unix: nb,
+                rotates_at_unix: nb + na.saturating_sub(nb) / 2,
+            }
         })
         .collect();
     let bundles = snap
@@ -1282,6 +1291,29 @@ fn identity_status(s: &Shared) -> (Vec<api::Svid>, Vec<api::Bundle>) {
         })
         .collect();
     (svids, bundles)
+}
+
+/// The leaf's issuer name and authority key identifier (lowercase hex, as SPIRE prints an
+/// authority ID).
+fn issuer_of(leaf: &[u8]) -> (Option<String>, Option<String>) {
+    use x509_parser::extensions::ParsedExtension;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return (None, None);
+    };
+    let aki = cert
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| {
+                k.0.iter().fold(String::new(), |mut s, b| {
+                    use std::fmt::Write as _;
+                    let _ = write!(s, "{b:02x}");
+                    s
+                })
+            }),
+            _ => None,
+        });
+    (Some(cert.issuer().to_string()), aki)
 }
 
 /// Prometheus text exposition.
