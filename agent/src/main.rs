@@ -24,12 +24,15 @@ struct Cli {
     command: Command,
 }
 
-/// A step of a CA rotation at the lab's dev SPIRE server.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+/// A CA rotation of the lab's identity provider, or one step of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum CaStep {
     Prepare,
     Activate,
     Revoke,
+    /// prepare, wait until every agent trusts the new root, activate (with --revoke-old: then
+    /// re-issue, wait, revoke the old root).
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -248,7 +251,8 @@ enum LabCommand {
         #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
         name: String,
     },
-    /// Make the dev SPIRE server rotate SVIDs now.
+    /// Renew SVIDs now (dev server: re-issue; SPIRE: `entry update` of their entries, which
+    /// bumps the revision and makes the spire-agent mint new SVIDs at its next sync).
     Rotate {
         #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
         name: String,
@@ -262,20 +266,25 @@ enum LabCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Revoke a pod's identity at the dev SPIRE server.
+    /// Revoke a pod's identity (dev server: at once; SPIRE: its entries are deleted).
     Revoke {
         #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
         name: String,
         #[arg(long)]
         pod: String,
     },
-    /// Rotate the dev SPIRE server's CA in three steps: `prepare` adds a new root to the
-    /// bundle, `activate` issues every SVID from it, `revoke` drops the old root.
+    /// Rotate the lab's CA: `rotate [--revoke-old]` does it all with waits; or step by step:
+    /// `prepare` adds a new root to the bundle, `activate` issues from it, `revoke` drops the
+    /// old root (SPIRE: `spire-server localauthority x509 prepare|activate|taint+revoke`).
     Ca {
         #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
         name: String,
         #[arg(value_enum)]
         step: CaStep,
+        /// With `rotate`: also re-issue every SVID of the old authority (SPIRE: taint) and
+        /// revoke it once no agent holds one.
+        #[arg(long)]
+        revoke_old: bool,
     },
     /// (internal) Run the lab's dev SPIRE server.
     #[command(hide = true)]
@@ -349,18 +358,33 @@ fn is_daemon(c: &Command) -> bool {
     )
 }
 
-/// `lab rotate` and `lab ca` drive the dev server; real SPIRE rotates on its own schedule.
-fn refuse_with_spire(spec: &spec::LabSpec, what: &str) -> Result<()> {
-    if spec.identity == spec::IdentityProvider::Spire {
-        bail!(
-            "`veil {what}` is not supported with --identity spire: SPIRE rotates SVIDs itself at half their TTL \
-             (lab {:?}: {}s); use `spire-server localauthority x509 prepare|activate|taint|revoke -socketPath {}` for the CA",
-            spec.name,
-            spec.svid_ttl.as_secs(),
-            lab::spire_real::server_socket(&lab::LabPaths::new(&spec.name)?).display()
-        );
+/// The dev server's CA rotation (its `activate` re-issues every SVID at once).
+struct DevCa<'a>(&'a lab::LabPaths);
+
+impl lab::spire_real::CaProvider for DevCa<'_> {
+    fn name(&self) -> &'static str {
+        "dev"
     }
-    Ok(())
+    fn prepare(&self) -> lab::Result<String> {
+        dev_ca_call(self.0, "prepare")
+    }
+    fn activate(&self) -> lab::Result<String> {
+        dev_ca_call(self.0, "activate")
+    }
+    fn reissue(&self) -> lab::Result<String> {
+        Ok("the dev server re-issued every SVID at activate".into())
+    }
+    fn reissued(&self) -> lab::Result<bool> {
+        Ok(true)
+    }
+    fn revoke(&self) -> lab::Result<String> {
+        dev_ca_call(self.0, "revoke")
+    }
+}
+
+fn dev_ca_call(paths: &lab::LabPaths, step: &str) -> lab::Result<String> {
+    spire_call(paths, &format!("/v1/ca/{step}"))
+        .map_err(|e| lab::Error::Spire(format!("dev server ca {step}: {e:#}")))
 }
 
 /// POST to the lab's dev SPIRE server control socket; returns the JSON answer.
@@ -851,7 +875,39 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             all,
         } => {
             let (spec, paths) = lab::load(&name)?;
-            refuse_with_spire(&spec, "lab rotate")?;
+            if spec.identity == spec::IdentityProvider::Spire {
+                use lab::spire_real::RotateTarget;
+                let target = match (&pod, &node, all) {
+                    (Some(p), _, _) => {
+                        RotateTarget::Pod(spec.find_pod(p).map_err(anyhow::Error::msg)?)
+                    }
+                    (None, Some(n), _) => {
+                        spec.node(n)
+                            .with_context(|| format!("no node {n:?} in lab {name:?}"))?;
+                        RotateTarget::Node(n)
+                    }
+                    (None, None, true) => RotateTarget::All,
+                    (None, None, false) => bail!("say what to rotate: --pod P, --node N or --all"),
+                };
+                let entries = lab::spire_real::rotate(&spec, &paths, target)?;
+                if entries.is_empty() {
+                    bail!("no SPIRE registration entry to rotate (revoked?)");
+                }
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "rotated": entries.len(),
+                        "entries": entries,
+                        "note": format!(
+                            "entry update bumped each entry's revision; spire-agents mint new SVIDs at their next sync \
+                             (server cache reload {} + agent sync {})",
+                            lab::spire_real::SERVER_CACHE_RELOAD,
+                            lab::spire_real::AGENT_SYNC
+                        ),
+                    })
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let query = match (pod, node, all) {
                 (Some(p), _, _) => {
                     let p = spec.find_pod(&p).map_err(anyhow::Error::msg)?;
@@ -869,15 +925,45 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             println!("{body}");
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Ca { name, step } => {
+        LabCommand::Ca {
+            name,
+            step,
+            revoke_old,
+        } => {
             let (spec, paths) = lab::load(&name)?;
-            refuse_with_spire(&spec, "lab ca")?;
-            let step = match step {
-                CaStep::Prepare => "prepare",
-                CaStep::Activate => "activate",
-                CaStep::Revoke => "revoke",
+            if revoke_old && step != CaStep::Rotate {
+                bail!("--revoke-old goes with `lab ca rotate`");
+            }
+            let spire = spec.identity == spec::IdentityProvider::Spire;
+            let body = match (step, spire) {
+                (CaStep::Rotate, true) => serde_json::to_string(&lab::spire_real::ca_rotate(
+                    &spec,
+                    &paths,
+                    &lab::spire_real::SpireCa::new(&paths),
+                    revoke_old,
+                )?)?,
+                (CaStep::Rotate, false) => serde_json::to_string(&lab::spire_real::ca_rotate(
+                    &spec,
+                    &paths,
+                    &DevCa(&paths),
+                    revoke_old,
+                )?)?,
+                (CaStep::Prepare, true) => serde_json::json!({
+                    "prepared": lab::spire_real::ca_prepare(&paths)?
+                })
+                .to_string(),
+                (CaStep::Activate, true) => serde_json::json!({
+                    "activated": lab::spire_real::ca_activate(&paths)?
+                })
+                .to_string(),
+                (CaStep::Revoke, true) => serde_json::json!({
+                    "revoked": lab::spire_real::ca_revoke_step(&paths)?
+                })
+                .to_string(),
+                (CaStep::Prepare, false) => spire_call(&paths, "/v1/ca/prepare")?,
+                (CaStep::Activate, false) => spire_call(&paths, "/v1/ca/activate")?,
+                (CaStep::Revoke, false) => spire_call(&paths, "/v1/ca/revoke")?,
             };
-            let body = spire_call(&paths, &format!("/v1/ca/{step}"))?;
             println!("{body}");
             Ok(ExitCode::SUCCESS)
         }

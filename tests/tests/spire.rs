@@ -383,3 +383,720 @@ fn spire_revocation_cuts_frontend_within_the_sync_bound() {
         "frontend still authenticated: {pairs:?}"
     );
 }
+
+/// The SPIRE lab's statuses of both nodes.
+fn both(lab: &Lab) -> [Status; 2] {
+    [lab.status("node-a"), lab.status("node-b")]
+}
+
+/// (d) `veil lab rotate --pod frontend` on SPIRE is an `entry update` of frontend's entry: the
+/// server bumps its revision, node-a's spire-agent treats the cached SVID as stale at its next
+/// sync and mints a new one. With a 1 h TTL (no renewal of its own in the test's time): a new
+/// serial of frontend within SPIRE's sync bound, frontend2, intruder and the node SVID
+/// unchanged, frontend's auth pairs re-authenticated, while a TCP stream and a UDP probe run
+/// under `authentication: required`: nothing lost. Then `--node node-b` renews node-b's node
+/// SVID and backend's.
+#[test]
+fn spire_lab_rotate_is_an_entry_update_and_nothing_is_lost() {
+    let lab = Lab::up_with_file(SPIRE_LAB, &[]);
+    lab.apply_policy_ok(AUTH_POLICY);
+    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let fe_id = frontend_identity(&lab);
+    let (n, gap) = (150, 100);
+    let tcp = echo_client(&lab, "frontend", false, n, gap);
+    let udp = echo_client(&lab, "frontend", true, n, gap);
+    lab.wait_for("the streams to start", Duration::from_secs(10), || {
+        (tcp.line_count() > 10 && udp.line_count() > 10).then_some(())
+    });
+    let before = lab.status("node-a");
+    let serial = |st: &Status, s: &str| serial_of(st, s).unwrap_or_default();
+    let fe_before = serial(&before, "/sa/frontend");
+    let t = Instant::now();
+    let t_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let out = veil_tests::veil_ok(&[
+        "lab",
+        "rotate",
+        "--name",
+        &lab.name,
+        "--pod",
+        "shop/frontend",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("lab rotate prints JSON");
+    assert_eq!(v["rotated"], 1, "{out}");
+    assert_eq!(
+        v["entries"][0]["spiffe_id"], "spiffe://lab.veil/ns/shop/sa/frontend",
+        "{out}"
+    );
+    let took = lab.wait_for(
+        "a new serial of frontend's SVID on node-a",
+        Duration::from_secs(15),
+        || {
+            let s = serial(&lab.status("node-a"), "/sa/frontend");
+            (!s.is_empty() && s != fe_before).then(|| t.elapsed())
+        },
+    );
+    assert!(
+        v["entries"][0]["revision"].as_u64().unwrap_or(0) >= 1,
+        "revision not bumped: {out}"
+    );
+    let reauth = lab.wait_for(
+        "frontend's pairs re-authenticated on node-a",
+        Duration::from_secs(15),
+        || {
+            let st = lab.status("node-a");
+            let mine: Vec<_> = st
+                .auth
+                .iter()
+                .filter(|p| {
+                    p.src_identity.starts_with(&fe_id) || p.dst_identity.starts_with(&fe_id)
+                })
+                .collect();
+            (!mine.is_empty() && mine.iter().all(|p| p.authenticated_unix_ms > t_unix_ms))
+                .then(|| t.elapsed())
+        },
+    );
+    let after = lab.status("node-a");
+    for other in ["/sa/frontend2", "/sa/intruder", "/veil/node/node-a"] {
+        assert_eq!(
+            serial(&before, other),
+            serial(&after, other),
+            "{other} rotated with frontend"
+        );
+    }
+
+    // --node node-b: node-b's node SVID and backend's.
+    let b_before = lab.status("node-b");
+    let out = veil_tests::veil_ok(&["lab", "rotate", "--name", &lab.name, "--node", "node-b"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rotated"], 2, "{out}");
+    lab.wait_for(
+        "node-b's node SVID and backend's renewed",
+        Duration::from_secs(15),
+        || {
+            let st = lab.status("node-b");
+            ["/veil/node/node-b", "/sa/backend"]
+                .iter()
+                .all(|s| serial(&st, s) != serial(&b_before, s) && !serial(&st, s).is_empty())
+                .then_some(())
+        },
+    );
+
+    let tcp_lines = tcp.finish().0;
+    let udp_lines = udp.finish().0;
+    println!(
+        "lab rotate on SPIRE: frontend's new serial on node-a {took:?} after the entry update, its pairs re-authenticated at {reauth:?}; TCP {}/{n}, UDP {}/{n}",
+        tcp_lines.len(),
+        udp_lines.len()
+    );
+    assert!(took < Duration::from_secs(5), "new serial took {took:?}");
+    assert_eq!(
+        missing(&tcp_lines, "line-", n),
+        Vec::<u32>::new(),
+        "TCP lost lines"
+    );
+    assert_eq!(
+        missing(&udp_lines, "seq-", n),
+        Vec::<u32>::new(),
+        "UDP probes lost"
+    );
+    for st in both(&lab) {
+        assert_eq!(
+            st.drops.get("auth-required").copied().unwrap_or(0),
+            0,
+            "{}",
+            st.node
+        );
+    }
+}
+
+/// `spire-server localauthority x509 show`'s active authority ID.
+fn active_authority(lab: &Lab) -> String {
+    let id = &lab.view.identity;
+    let out = run_ok(Command::new(id.server_bin.as_ref().unwrap()).args([
+        "localauthority",
+        "x509",
+        "show",
+        "-socketPath",
+        id.server_socket.as_ref().unwrap(),
+    ]));
+    out.lines()
+        .skip_while(|l| !l.starts_with("Active"))
+        .find_map(|l| l.trim().strip_prefix("Authority ID:"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| panic!("no active authority: {out}"))
+}
+
+/// (e) `veil lab ca rotate --revoke-old` on SPIRE (prepare, wait for the bundle, activate,
+/// taint, wait until every SVID is re-issued, revoke) under `authentication: required` with a
+/// TCP stream and a UDP probe: nothing lost, no `auth-required` drop; afterwards every SVID on
+/// both nodes is issued by the new authority (as `veil status` shows it: issuer, authority ID =
+/// `localauthority x509 show`'s active ID, renewal at half the lifetime), the bundles hold one
+/// root, every auth pair was re-authenticated after the taint and each control channel's peer
+/// SVID is the peer's current node SVID.
+#[test]
+fn spire_ca_rotation_with_revoke_old_drops_nothing() {
+    let lab = Lab::up_with_file(SPIRE_LAB, &[]);
+    lab.apply_policy_ok(AUTH_POLICY);
+    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let old = active_authority(&lab);
+    for st in both(&lab) {
+        for s in &st.svids {
+            assert_eq!(s.authority_id.as_deref(), Some(old.as_str()), "{s:?}");
+            assert!(
+                s.issuer.as_deref().unwrap_or("").contains("O=SPIFFE"),
+                "{s:?}"
+            );
+            assert_eq!(
+                s.rotates_at_unix,
+                s.not_before_unix + (s.not_after_unix - s.not_before_unix) / 2,
+                "{s:?}"
+            );
+            assert!(s.rotates_at_unix > veil_agent::cli::unix_now(), "{s:?}");
+        }
+    }
+    let (n, gap) = (200, 100);
+    let tcp = echo_client(&lab, "frontend", false, n, gap);
+    let udp = echo_client(&lab, "frontend", true, n, gap);
+    lab.wait_for("the streams to start", Duration::from_secs(10), || {
+        (tcp.line_count() > 10 && udp.line_count() > 10).then_some(())
+    });
+    let t = Instant::now();
+    let t_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let out = veil_tests::veil_ok(&["lab", "ca", "--name", &lab.name, "rotate", "--revoke-old"]);
+    let took = t.elapsed();
+    let tcp_lines = tcp.finish().0;
+    let udp_lines = udp.finish().0;
+    let [a, b] = both(&lab);
+    assert_eq!(
+        missing(&tcp_lines, "line-", n),
+        Vec::<u32>::new(),
+        "TCP lost lines"
+    );
+    assert_eq!(
+        missing(&udp_lines, "seq-", n),
+        Vec::<u32>::new(),
+        "UDP probes lost"
+    );
+    for st in [&a, &b] {
+        assert_eq!(
+            st.drops.get("auth-required").copied().unwrap_or(0),
+            0,
+            "{}",
+            st.node
+        );
+        assert_eq!(
+            st.drops.get("no-key").copied().unwrap_or(0),
+            0,
+            "{}",
+            st.node
+        );
+    }
+    let v: serde_json::Value = serde_json::from_str(&out).expect("lab ca rotate prints JSON");
+    let new = active_authority(&lab);
+    assert_ne!(new, old);
+    assert_eq!(v["new_authority"], new.as_str(), "{out}");
+    assert_eq!(v["old_authorities"][0], old.as_str(), "{out}");
+    let steps: Vec<&str> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["prepare", "bundle", "activate", "reissue", "reissued", "revoke", "bundle"],
+        "{out}"
+    );
+    let reissue_ms = v["steps"][3]["at_ms"].as_u64().unwrap();
+
+    for st in [&a, &b] {
+        for s in &st.svids {
+            assert_eq!(
+                s.authority_id.as_deref(),
+                Some(new.as_str()),
+                "{}: {s:?}",
+                st.node
+            );
+        }
+        let roots: Vec<usize> = st.bundles.iter().map(|b| b.roots).collect();
+        assert_eq!(roots, [1], "{}: bundles {:?}", st.node, st.bundles);
+        for p in st.auth.iter().filter(|p| p.expires_unix > 0) {
+            assert!(
+                p.authenticated_unix_ms > t_unix_ms + reissue_ms,
+                "{}: pair not re-authenticated after the taint: {p:?}",
+                st.node
+            );
+        }
+    }
+    let node_serial =
+        |st: &Status| serial_of(st, &format!("/veil/node/{}", st.node)).unwrap_or_default();
+    for (st, peer) in [(&a, &b), (&b, &a)] {
+        let ch = st.channels.iter().find(|c| c.node == peer.node);
+        assert_eq!(
+            ch.map(|c| c.peer_svid_serial.trim_start_matches('0')),
+            Some(node_serial(peer).trim_start_matches('0')),
+            "{}'s channel to {}",
+            st.node,
+            peer.node
+        );
+    }
+    println!(
+        "lab ca rotate --revoke-old on SPIRE took {took:?}: {}; TCP {}/{n}, UDP {}/{n}",
+        v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{} {} ms", s["step"].as_str().unwrap(), s["at_ms"]))
+            .collect::<Vec<_>>()
+            .join(", "),
+        tcp_lines.len(),
+        udp_lines.len()
+    );
+    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal");
+}
+
+/// (f) SVIDs of a revoked SPIRE authority are refused: node-b's veil agent is frozen
+/// (SIGSTOP) through `lab ca prepare`, `activate` and `revoke` (taint, spire-agents renew their
+/// own SVIDs, revoke), so it still holds node SVIDs of the old authority. When node-a's bundle
+/// loses the old root it re-checks its channel to node-b: the channel closes, node-b's peer and
+/// tunnel keys go, and frontend can no longer reach backend. Thawed, node-b takes its new
+/// SVIDs from its spire-agent and traffic returns.
+#[test]
+fn spire_svids_of_a_revoked_authority_are_refused() {
+    let lab = Lab::up_with_file(SPIRE_LAB, &[]);
+    lab.apply_policy_ok(AUTH_POLICY);
+    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let old = active_authority(&lab);
+    let b = lab.status("node-b");
+    signal(b.agent.pid, nix::sys::signal::Signal::SIGSTOP);
+    struct Thaw(u32);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            signal(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let thaw = Thaw(b.agent.pid);
+    let ca = |step: &str| veil_tests::veil_ok(&["lab", "ca", "--name", &lab.name, step]);
+    ca("prepare");
+    lab.wait_for(
+        "node-a trusts the new root",
+        Duration::from_secs(15),
+        || {
+            lab.status("node-a")
+                .bundles
+                .iter()
+                .any(|b| b.roots == 2)
+                .then_some(())
+        },
+    );
+    ca("activate");
+    assert!(
+        lab.status("node-a")
+            .peers
+            .iter()
+            .any(|p| p.node == "node-b"),
+        "node-b's peer went before the old authority was revoked"
+    );
+    let out = ca("revoke");
+    assert!(out.contains(&old), "{out}");
+    let revoked_at = Instant::now();
+    lab.wait_for(
+        "node-a to drop node-b's peer (node SVID of the revoked authority)",
+        Duration::from_secs(20),
+        || {
+            let st = lab.status("node-a");
+            (!st.peers.iter().any(|p| p.node == "node-b")
+                && st.bundles.iter().all(|b| b.roots == 1))
+            .then_some(())
+        },
+    );
+    let cut = revoked_at.elapsed();
+    let st = lab.status("node-a");
+    assert!(
+        st.svids
+            .iter()
+            .all(|s| s.authority_id.as_deref() != Some(old.as_str())),
+        "node-a still holds SVIDs of the old authority: {:?}",
+        st.svids
+    );
+    assert!(
+        !st.auth_failures.is_empty(),
+        "no authentication failure counted on node-a"
+    );
+    assert!(
+        lab.try_get("frontend", &url(&lab)).is_err(),
+        "frontend reached backend through a peer of a revoked authority"
+    );
+    drop(thaw);
+    let back = lab.wait_for(
+        "traffic after node-b thawed",
+        Duration::from_secs(60),
+        || {
+            lab.try_get("frontend", &url(&lab))
+                .ok()
+                .map(|_| revoked_at.elapsed())
+        },
+    );
+    let b = lab.status("node-b");
+    assert!(
+        b.svids
+            .iter()
+            .all(|s| s.authority_id.is_some() && s.authority_id.as_deref() != Some(old.as_str())),
+        "node-b after thaw: {:?}",
+        b.svids
+    );
+    println!(
+        "revoked SPIRE authority: node-b's peer gone from node-a {cut:?} after `lab ca revoke` (failures {:?}); traffic back {back:?} after it, once thawed",
+        st.auth_failures
+    );
+    assert!(cut < Duration::from_secs(10), "took {cut:?}");
+}
+
+/// Pids in a lab cgroup (`<node>/spire-agent`, `spire`, `<node>/agent`).
+fn cgroup_pids(lab: &Lab, rel: &str) -> Vec<u32> {
+    let paths = veil_agent::lab::LabPaths::new(&lab.name).unwrap();
+    std::fs::read_to_string(paths.cgroup.join(rel).join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The pid of the process whose argv[0] ends with `name` in a lab cgroup.
+fn pid_of(lab: &Lab, rel: &str, name: &str) -> Option<u32> {
+    cgroup_pids(lab, rel).into_iter().find(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline"))
+            .ok()
+            .and_then(|c| {
+                c.split(|b| *b == 0)
+                    .next()
+                    .map(|a| String::from_utf8_lossy(a).ends_with(name))
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// CPU time (user + system) of a process so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised comm: utime and stime are the 14th and 15th overall.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let ticks = f.iter().sum::<u64>();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// A config file moved aside while held, so the supervisor's restart of its daemon cannot
+/// start it (`veil lab spire-agent` waits for its config; `spire-server run` fails and is
+/// retried with backoff); put back on drop.
+struct Held(PathBuf);
+
+impl Held {
+    fn new(p: PathBuf) -> Held {
+        std::fs::rename(&p, p.with_extension("held")).expect("move config aside");
+        Held(p)
+    }
+    fn release(self) {}
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = std::fs::rename(self.0.with_extension("held"), &self.0);
+    }
+}
+
+fn kill9(pid: u32) {
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// The latest `not_after` of frontend's SVID on node-a.
+fn frontend_not_after(lab: &Lab) -> u64 {
+    lab.status("node-a")
+        .svids
+        .iter()
+        .find(|s| s.spiffe_id.ends_with("/sa/frontend"))
+        .map(|s| s.not_after_unix)
+        .unwrap_or(0)
+}
+
+/// Tries frontend -> backend every 250 ms until it fails; returns (last success, first
+/// failure) as Unix seconds (fractional).
+fn until_cut(lab: &Lab, timeout: Duration) -> (f64, f64) {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let mut last_ok = 0.0;
+    lab.wait_for("frontend cut (fail closed)", timeout, || {
+        let t = now();
+        match lab.try_get("frontend", &url(lab)) {
+            Ok(_) => {
+                last_ok = t;
+                // Probe interval while the cached SVIDs still serve.
+                std::thread::sleep(Duration::from_millis(150));
+                None
+            }
+            Err(_) => Some(()),
+        }
+    });
+    (last_ok, now())
+}
+
+/// Packets refused for want of authentication on both nodes: dropped `auth-required`, or held
+/// for a handshake that never completed (the hold device's timeouts).
+fn auth_refusals(lab: &Lab) -> (u64, u64) {
+    both(lab).iter().fold((0, 0), |(d, h), st| {
+        (
+            d + st.drops.get("auth-required").copied().unwrap_or(0),
+            h + st.hold.timed_out,
+        )
+    })
+}
+
+/// (g) spire-agent killed on node-a (kill -9; the supervisor restarts `veil lab spire-agent`,
+/// held back here by moving its config aside, so node-a has no spire-agent for as long as the
+/// test wants). X.509-SVID TTL 20 s: veil's agent keeps its last SVIDs and frontend keeps
+/// reaching backend under `authentication: required` until frontend's SVID expires; then the
+/// flow fails closed (`auth-required`). The veil agent neither restarts nor spins (CPU over the
+/// outage measured). With the config back, the supervisor's restart brings spire-agent up (its
+/// own SVID from its data dir, no new join token) and veil recovers by itself.
+#[test]
+fn spire_agent_killed_cached_svids_then_fail_closed_then_recovery() {
+    let lab = Lab::up_with_file(SPIRE_LAB, &["--svid-ttl", "20s"]);
+    lab.apply_policy_ok(AUTH_POLICY);
+    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let paths = veil_agent::lab::LabPaths::new(&lab.name).unwrap();
+    let agent = lab.status("node-a").agent.pid;
+    let cpu0 = cpu_time(agent);
+    let held = Held::new(veil_agent::lab::spire_real::agent_config(&paths, "node-a"));
+    let sa = pid_of(&lab, "node-a/spire-agent", "spire-agent").expect("node-a's spire-agent");
+    let t_kill = Instant::now();
+    kill9(sa);
+    lab.wait_for("spire-agent gone", Duration::from_secs(5), || {
+        pid_of(&lab, "node-a/spire-agent", "spire-agent")
+            .is_none()
+            .then_some(())
+    });
+    let not_after = frontend_not_after(&lab) as f64;
+    let refused0 = auth_refusals(&lab);
+    let (last_ok, cut) = until_cut(&lab, Duration::from_secs(45));
+    let outage_cpu = cpu_time(agent).saturating_sub(cpu0);
+    let outage = t_kill.elapsed();
+    let st = lab.status("node-a");
+    assert_eq!(st.agent.pid, agent, "the veil agent restarted");
+    let refused = auth_refusals(&lab);
+    let drops: Vec<_> = both(&lab).into_iter().map(|s| (s.node, s.drops)).collect();
+    println!(
+        "spire-agent killed: frontend served until {:.1} s before its SVID's not_after, cut {:.1} s after it; refused (auth-required drops, hold timeouts) {refused0:?} -> {refused:?}; drops {drops:?}",
+        not_after - last_ok,
+        cut - not_after
+    );
+    held.release();
+    let t_back = Instant::now();
+    lab.wait_for(
+        "frontend reaches backend again",
+        Duration::from_secs(60),
+        || lab.try_get("frontend", &url(&lab)).ok(),
+    );
+    let back = t_back.elapsed();
+    println!(
+        "spire-agent killed: frontend served on cached SVIDs until {:.1} s before its SVID's not_after, cut {:.1} s after it; veil agent CPU {:?} over {:?} ({:.2} %); recovered {back:?} after the config came back",
+        not_after - last_ok,
+        cut - not_after,
+        outage_cpu,
+        outage,
+        outage_cpu.as_secs_f64() * 100.0 / outage.as_secs_f64()
+    );
+    assert!(last_ok >= not_after - 3.0, "cut before the SVID expired");
+    assert!(cut <= not_after + 10.0, "not cut within 10 s of expiry");
+    assert!(
+        outage_cpu.as_secs_f64() < 0.05 * outage.as_secs_f64(),
+        "veil agent used {outage_cpu:?} in {outage:?}"
+    );
+    assert_eq!(lab.status("node-a").agent.pid, agent);
+    assert!(back < Duration::from_secs(30), "recovery took {back:?}");
+}
+
+/// (h) spire-server down (kill -9, its restart held back by moving its config aside) for
+/// longer than the 20 s X.509-SVID TTL: the spire-agents cannot renew, frontend keeps working
+/// until its SVID expires, then fails closed; veil's agents stay up and idle (CPU measured,
+/// < 5 % of a core). With the config back the supervisor's next restart (backoff up to 10 s)
+/// brings the server up with its datastore and keys, the agents renew and traffic returns.
+#[test]
+fn spire_server_down_longer_than_the_ttl_fails_closed_and_recovers() {
+    let lab = Lab::up_with_file(SPIRE_LAB, &["--svid-ttl", "20s"]);
+    lab.apply_policy_ok(AUTH_POLICY);
+    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let paths = veil_agent::lab::LabPaths::new(&lab.name).unwrap();
+    let agents = [
+        lab.status("node-a").agent.pid,
+        lab.status("node-b").agent.pid,
+    ];
+    let cpu0: Vec<Duration> = agents.iter().map(|p| cpu_time(*p)).collect();
+    let held = Held::new(veil_agent::lab::spire_real::server_config(&paths));
+    let server = pid_of(&lab, "spire", "spire-server").expect("spire-server");
+    let t_kill = Instant::now();
+    kill9(server);
+    let not_after = frontend_not_after(&lab) as f64;
+    let (last_ok, cut) = until_cut(&lab, Duration::from_secs(45));
+    // Stay down a while past the cut: nothing may spin while the server is away.
+    std::thread::sleep(Duration::from_secs(5));
+    let outage = t_kill.elapsed();
+    let cpu: Vec<Duration> = agents
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c)| cpu_time(*p).saturating_sub(*c))
+        .collect();
+    for (node, pid) in ["node-a", "node-b"].iter().zip(agents) {
+        assert_eq!(
+            lab.status(node).agent.pid,
+            pid,
+            "{node}'s veil agent restarted"
+        );
+    }
+    assert!(
+        pid_of(&lab, "spire", "spire-server").is_none(),
+        "spire-server came back while held"
+    );
+    held.release();
+    let t_back = Instant::now();
+    lab.wait_for(
+        "frontend reaches backend again",
+        Duration::from_secs(60),
+        || lab.try_get("frontend", &url(&lab)).ok(),
+    );
+    let back = t_back.elapsed();
+    println!(
+        "spire-server down {outage:?}: frontend served until {:.1} s before its SVID's not_after, cut {:.1} s after it; veil agents' CPU over the outage {cpu:?} ({:.2} % / {:.2} %); recovered {back:?} after the config came back",
+        not_after - last_ok,
+        cut - not_after,
+        cpu[0].as_secs_f64() * 100.0 / outage.as_secs_f64(),
+        cpu[1].as_secs_f64() * 100.0 / outage.as_secs_f64(),
+    );
+    assert!(outage.as_secs_f64() > 20.0, "down only {outage:?}");
+    assert!(last_ok >= not_after - 3.0, "cut before the SVID expired");
+    assert!(cut <= not_after + 10.0, "not cut within 10 s of expiry");
+    for c in &cpu {
+        assert!(
+            c.as_secs_f64() < 0.05 * outage.as_secs_f64(),
+            "a veil agent used {c:?} in {outage:?}"
+        );
+    }
+    assert!(back < Duration::from_secs(40), "recovery took {back:?}");
+}
+
+/// (i) The admin socket absent when the veil agent starts: node-a's spire-agent is held down
+/// (killed, config aside, its sockets removed) and node-a's veil agent is killed, so the
+/// supervisor restarts it with nothing to connect to. X.509-SVID TTL 20 s. The restarted agent
+/// holds no identity at all (no placeholder SVID in `veil status` at any point); the auth
+/// entries its predecessor left in the pinned maps keep frontend's pair until they expire
+/// (`not_after` of the SVIDs they were proven with), then frontend is refused (fail closed).
+/// Meanwhile the agent retries with its capped backoff without spinning (CPU measured), and it
+/// takes its SVIDs within the backoff cap once spire-agent is back.
+#[test]
+fn spire_admin_socket_absent_at_agent_start_no_identity_bounded_backoff() {
+    let lab = Lab::up_with_file(SPIRE_LAB, &["--svid-ttl", "20s"]);
+    lab.apply_policy_ok(AUTH_POLICY);
+    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let paths = veil_agent::lab::LabPaths::new(&lab.name).unwrap();
+    let held = Held::new(veil_agent::lab::spire_real::agent_config(&paths, "node-a"));
+    kill9(pid_of(&lab, "node-a/spire-agent", "spire-agent").expect("node-a's spire-agent"));
+    lab.wait_for("spire-agent gone", Duration::from_secs(5), || {
+        pid_of(&lab, "node-a/spire-agent", "spire-agent")
+            .is_none()
+            .then_some(())
+    });
+    let admin = veil_agent::lab::spire_real::admin_socket(&paths, "node-a");
+    let workload = veil_agent::lab::spire_real::workload_socket(&paths, "node-a");
+    let _ = std::fs::remove_file(&admin);
+    let _ = std::fs::remove_file(&workload);
+    let old = lab.status("node-a").agent.pid;
+    kill9(old);
+    let st = lab.wait_for(
+        "node-a's veil agent restarted",
+        Duration::from_secs(20),
+        || {
+            veil_tests::veil(&[
+                "status", "--name", &lab.name, "--node", "node-a", "-o", "json",
+            ])
+            .status
+            .success()
+            .then(|| lab.status("node-a"))
+            .filter(|st| st.agent.pid != old)
+        },
+    );
+    assert!(!admin.exists(), "the admin socket came back");
+    let pid = st.agent.pid;
+    let cpu0 = cpu_time(pid);
+    let t0 = Instant::now();
+    // No spire-agent: no identity ever appears; frontend is cut once the inherited entries
+    // expire, and stays cut.
+    let mut seen_svids = Vec::new();
+    let mut cut_at = None;
+    while cut_at.is_none_or(|c: Duration| t0.elapsed() < c + Duration::from_secs(5)) {
+        assert!(t0.elapsed() < Duration::from_secs(45), "frontend never cut");
+        let st = lab.status("node-a");
+        seen_svids.extend(st.svids.iter().map(|s| s.spiffe_id.clone()));
+        let ok = lab.try_get("frontend", &url(&lab)).is_ok();
+        match (ok, cut_at) {
+            (false, None) => cut_at = Some(t0.elapsed()),
+            (true, Some(_)) => {
+                panic!("frontend reached backend again with node-a holding no identity")
+            }
+            _ => {}
+        }
+        // Probe interval.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let waited = t0.elapsed();
+    let cpu = cpu_time(pid).saturating_sub(cpu0);
+    assert_eq!(seen_svids, Vec::<String>::new(), "placeholder identities");
+    held.release();
+    let t_back = Instant::now();
+    let svids = lab.wait_for(
+        "node-a's SVIDs from the returning spire-agent",
+        Duration::from_secs(30),
+        || {
+            let st = lab.status("node-a");
+            (st.svids.len() == 4).then(|| t_back.elapsed())
+        },
+    );
+    lab.wait_for("frontend reaches backend", Duration::from_secs(30), || {
+        lab.try_get("frontend", &url(&lab)).ok()
+    });
+    let back = t_back.elapsed();
+    assert_eq!(
+        lab.status("node-a").agent.pid,
+        pid,
+        "the agent restarted again"
+    );
+    println!(
+        "admin socket absent at start: no SVIDs for {waited:?}, frontend cut {cut_at:?} after the restart (inherited entries expired); agent CPU {cpu:?} ({:.2} %); SVIDs {svids:?} and traffic {back:?} after spire-agent's config came back",
+        cpu.as_secs_f64() * 100.0 / waited.as_secs_f64()
+    );
+    assert!(
+        cpu.as_secs_f64() < 0.05 * waited.as_secs_f64(),
+        "agent used {cpu:?} in {waited:?} waiting for spire-agent"
+    );
+    // spire-agent start (~1-2 s) + the client's backoff cap (5 s) + sync.
+    assert!(svids < Duration::from_secs(12), "SVIDs took {svids:?}");
+}

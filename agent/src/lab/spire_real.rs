@@ -490,3 +490,469 @@ pub fn exec_agent(paths: &LabPaths, node: &str) -> Result<std::convert::Infallib
     }
     .into())
 }
+
+/// A registration entry as `spire-server entry show` prints it (the fields the lab sets).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    pub id: String,
+    pub spiffe_id: String,
+    pub parent_id: String,
+    pub revision: u64,
+    /// `None` for SPIRE's default.
+    pub x509_svid_ttl: Option<u64>,
+    pub selectors: Vec<String>,
+}
+
+/// The entries of `entry show` / `entry update` text output: one block per entry, blocks
+/// separated by blank lines.
+pub fn parse_entries(out: &str) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    for block in out.split("\n\n") {
+        let one = |k: &str| fields(block, k).next();
+        let (Some(id), Some(spiffe_id), Some(parent_id)) =
+            (one("Entry ID"), one("SPIFFE ID"), one("Parent ID"))
+        else {
+            continue;
+        };
+        entries.push(Entry {
+            id,
+            spiffe_id,
+            parent_id,
+            revision: one("Revision").and_then(|r| r.parse().ok()).unwrap_or(0),
+            x509_svid_ttl: one("X509-SVID TTL").and_then(|t| t.parse().ok()),
+            selectors: fields(block, "Selector").collect(),
+        });
+    }
+    entries
+}
+
+/// What `veil lab rotate` renews.
+pub enum RotateTarget<'a> {
+    Pod(&'a super::spec::PodSpec),
+    /// The node's SVID and its pods' (every entry parented by the node).
+    Node(&'a str),
+    All,
+}
+
+/// `veil lab rotate` with SPIRE: `entry update` of the target's entries with their own fields.
+/// The server bumps an entry's revision number on every update (sqlstore
+/// `updateRegistrationEntry`); at its next sync a spire-agent sees the new revision, marks the
+/// cached SVID of that entry stale (`LRUCache.UpdateEntries`: outdated entries) and mints a new
+/// one in the same sync (`manager.updateSVIDs`), which the Workload and Delegated Identity
+/// streams then deliver. Bound: server cache reload + agent sync (1 s + 1 s in the lab).
+/// Returns the updated entries (new revisions).
+pub fn rotate(spec: &LabSpec, paths: &LabPaths, target: RotateTarget<'_>) -> Result<Vec<Entry>> {
+    let all = parse_entries(&server_cli(paths, &["entry", "show"])?);
+    let chosen: Vec<&Entry> = all
+        .iter()
+        .filter(|e| match &target {
+            RotateTarget::Pod(p) => {
+                e.spiffe_id == pod_id(spec, &p.namespace, &p.service_account)
+                    && e.parent_id == node_alias(spec, &p.node)
+            }
+            RotateTarget::Node(n) => e.parent_id == node_alias(spec, n),
+            RotateTarget::All => true,
+        })
+        .collect();
+    let mut updated = Vec::new();
+    for e in chosen {
+        // An update without a mask rewrites every field: pass all the lab sets (the lab's
+        // entries use no DNS names, hints, admin or downstream flags, federation or JWT TTL).
+        let ttl = e.x509_svid_ttl.map(|t| t.to_string());
+        let mut args = vec![
+            "entry",
+            "update",
+            "-entryID",
+            &e.id,
+            "-parentID",
+            &e.parent_id,
+            "-spiffeID",
+            &e.spiffe_id,
+        ];
+        if let Some(t) = &ttl {
+            args.extend(["-x509SVIDTTL", t.as_str()]);
+        }
+        for s in &e.selectors {
+            args.extend(["-selector", s.as_str()]);
+        }
+        let out = server_cli(paths, &args)?;
+        updated.extend(parse_entries(&out));
+    }
+    Ok(updated)
+}
+
+/// `spire-server localauthority x509 show`: authority IDs by slot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Authorities {
+    pub active: Option<String>,
+    pub prepared: Option<String>,
+    pub old: Option<String>,
+}
+
+pub fn parse_authorities(out: &str) -> Authorities {
+    let mut a = Authorities::default();
+    let mut slot: Option<&mut Option<String>> = None;
+    for line in out.lines() {
+        let l = line.trim();
+        if l.starts_with("Active X.509 authority") {
+            slot = Some(&mut a.active);
+        } else if l.starts_with("Prepared X.509 authority") {
+            slot = Some(&mut a.prepared);
+        } else if l.starts_with("Old X.509 authority") {
+            slot = Some(&mut a.old);
+        } else if let Some(id) = l.strip_prefix("Authority ID:") {
+            if let Some(s) = slot.take() {
+                *s = Some(id.trim().to_string());
+            }
+        }
+    }
+    a
+}
+
+pub fn authorities(paths: &LabPaths) -> Result<Authorities> {
+    Ok(parse_authorities(&server_cli(
+        paths,
+        &["localauthority", "x509", "show"],
+    )?))
+}
+
+fn authority_of(out: &str) -> Result<String> {
+    field(out, "Authority ID")
+}
+
+/// `localauthority x509 prepare`: a new authority whose root joins the bundle. Returns its ID.
+pub fn ca_prepare(paths: &LabPaths) -> Result<String> {
+    authority_of(&server_cli(paths, &["localauthority", "x509", "prepare"])?)
+}
+
+/// `localauthority x509 activate` of the prepared authority: it signs from now on; the old one
+/// stays in the bundle. Returns the activated ID.
+pub fn ca_activate(paths: &LabPaths) -> Result<String> {
+    let prepared = authorities(paths)?
+        .prepared
+        .ok_or_else(|| Error::Spire("no prepared X.509 authority: run `lab ca prepare`".into()))?;
+    authority_of(&server_cli(
+        paths,
+        &[
+            "localauthority",
+            "x509",
+            "activate",
+            "-authorityID",
+            &prepared,
+        ],
+    )?)
+}
+
+/// `localauthority x509 taint` of the old authority: every spire-agent re-issues the SVIDs it
+/// signed (its own included), without waiting for their half-life. `Ok(None)` if it was tainted
+/// already.
+pub fn ca_taint_old(paths: &LabPaths) -> Result<Option<String>> {
+    let old = authorities(paths)?
+        .old
+        .ok_or_else(|| Error::Spire("no old X.509 authority: run `lab ca activate`".into()))?;
+    match server_cli(
+        paths,
+        &["localauthority", "x509", "taint", "-authorityID", &old],
+    ) {
+        Ok(_) => Ok(Some(old)),
+        Err(Error::Spire(m)) if m.contains("already tainted") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `localauthority x509 revoke` of the (tainted) old authority: its root leaves the bundle.
+pub fn ca_revoke_old(paths: &LabPaths) -> Result<String> {
+    let old = authorities(paths)?
+        .old
+        .ok_or_else(|| Error::Spire("no old X.509 authority: run `lab ca activate`".into()))?;
+    server_cli(
+        paths,
+        &["localauthority", "x509", "revoke", "-authorityID", &old],
+    )?;
+    Ok(old)
+}
+
+/// Attested spire-agents and the serial of each one's own SVID (`agent list`).
+pub fn agent_serials(paths: &LabPaths) -> Result<Vec<(String, String)>> {
+    let out = server_cli(paths, &["agent", "list"])?;
+    Ok(out
+        .split("\n\n")
+        .filter_map(|b| {
+            Some((
+                fields(b, "SPIFFE ID").next()?,
+                fields(b, "Serial number").next()?,
+            ))
+        })
+        .collect())
+}
+
+/// `veil lab ca revoke` with SPIRE: taint the old authority, wait (bounded) until every
+/// spire-agent renewed its own SVID (else it could no longer reach the server once the root is
+/// gone: join tokens do not re-attest), then revoke. The veil agents' SVIDs are not waited for:
+/// what still holds an SVID of the old authority is refused from then on.
+pub fn ca_revoke_step(paths: &LabPaths) -> Result<String> {
+    let before = agent_serials(paths)?;
+    if ca_taint_old(paths)?.is_some() {
+        wait_until("spire-agents renew their own SVIDs", CA_WAIT, || {
+            Ok(agents_renewed(&before, &agent_serials(paths)?))
+        })?;
+    }
+    ca_revoke_old(paths)
+}
+
+fn agents_renewed(before: &[(String, String)], now: &[(String, String)]) -> bool {
+    before
+        .iter()
+        .all(|(id, s)| now.iter().any(|(i, n)| i == id && n != s))
+}
+
+/// Bound of each wait of a CA rotation.
+pub const CA_WAIT: Duration = Duration::from_secs(60);
+
+/// Polls `cond` every 200 ms until true; fails naming `what` after `timeout`.
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if cond()? {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > timeout {
+            return Err(Error::Spire(format!(
+                "CA rotation: {what}: not done after {timeout:?}"
+            )));
+        }
+        // Poll interval of a step that takes SPIRE seconds (sync 1 s, rotator 5 s).
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `veil lab ca rotate [--revoke-old]`: what happened, when (ms since the command started).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CaRotation {
+    pub provider: String,
+    /// Authority IDs (authority key identifiers) of the SVIDs the agents held before.
+    pub old_authorities: Vec<String>,
+    pub new_authority: Option<String>,
+    pub steps: Vec<CaRotationStep>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaRotationStep {
+    pub step: String,
+    pub at_ms: u64,
+    pub detail: String,
+}
+
+/// The lab's provider behind a CA rotation.
+pub trait CaProvider {
+    fn name(&self) -> &'static str;
+    fn prepare(&self) -> Result<String>;
+    fn activate(&self) -> Result<String>;
+    /// Make the issuer re-issue what the old authority signed (SPIRE: taint). Returns a note.
+    fn reissue(&self) -> Result<String>;
+    /// Wait condition after `reissue` beyond the veil agents (SPIRE: the spire-agents' own
+    /// SVIDs).
+    fn reissued(&self) -> Result<bool>;
+    fn revoke(&self) -> Result<String>;
+}
+
+/// SPIRE's local authority.
+pub struct SpireCa<'a> {
+    pub paths: &'a LabPaths,
+    agents_before: std::cell::RefCell<Vec<(String, String)>>,
+}
+
+impl<'a> SpireCa<'a> {
+    pub fn new(paths: &'a LabPaths) -> Self {
+        Self {
+            paths,
+            agents_before: Default::default(),
+        }
+    }
+}
+
+impl CaProvider for SpireCa<'_> {
+    fn name(&self) -> &'static str {
+        "spire"
+    }
+    fn prepare(&self) -> Result<String> {
+        ca_prepare(self.paths).map(|id| format!("localauthority x509 prepare: {id}"))
+    }
+    fn activate(&self) -> Result<String> {
+        ca_activate(self.paths).map(|id| format!("localauthority x509 activate: {id}"))
+    }
+    fn reissue(&self) -> Result<String> {
+        *self.agents_before.borrow_mut() = agent_serials(self.paths)?;
+        Ok(match ca_taint_old(self.paths)? {
+            Some(id) => format!("localauthority x509 taint: {id}"),
+            None => "old authority was tainted already".into(),
+        })
+    }
+    fn reissued(&self) -> Result<bool> {
+        Ok(agents_renewed(
+            &self.agents_before.borrow(),
+            &agent_serials(self.paths)?,
+        ))
+    }
+    fn revoke(&self) -> Result<String> {
+        ca_revoke_old(self.paths).map(|id| format!("localauthority x509 revoke: {id}"))
+    }
+}
+
+/// The authority IDs of every SVID the lab's agents hold, and each node's root count for the
+/// lab's trust domain; a node whose agent does not answer is `None`.
+pub type NodeIdentity = (String, Option<HeldIdentity>);
+/// Authority IDs of the SVIDs a node's agent holds, and its root count.
+pub type HeldIdentity = (Vec<String>, usize);
+
+fn node_identities(spec: &LabSpec, paths: &LabPaths) -> Vec<NodeIdentity> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    spec.nodes
+        .iter()
+        .map(|n| {
+            let st = rt
+                .block_on(crate::admin::get_json::<crate::api::Status>(
+                    &paths.admin_socket(&n.name),
+                    "/v1/status",
+                ))
+                .ok();
+            let v = st.map(|st| {
+                let auths = st
+                    .svids
+                    .iter()
+                    .map(|s| s.authority_id.clone().unwrap_or_default())
+                    .collect();
+                let roots = st
+                    .bundles
+                    .iter()
+                    .find(|b| b.trust_domain == spec.trust_domain)
+                    .map(|b| b.roots)
+                    .unwrap_or(0);
+                (auths, roots)
+            });
+            (n.name.clone(), v)
+        })
+        .collect()
+}
+
+/// `veil lab ca rotate [--revoke-old]` for either provider: prepare; wait until every veil
+/// agent holds the new root in its bundle (so nothing the new authority signs is refused);
+/// activate. With `revoke_old`: make the issuer re-issue everything the old authority signed
+/// (SPIRE: taint; the dev server re-issued at activate), wait until no veil agent holds an SVID
+/// of the old authority (and, on SPIRE, every spire-agent renewed its own), revoke the old
+/// authority and wait until every agent's bundle lost its root. Each wait is bounded by
+/// [`CA_WAIT`].
+pub fn ca_rotate(
+    spec: &LabSpec,
+    paths: &LabPaths,
+    ca: &dyn CaProvider,
+    revoke_old: bool,
+) -> Result<CaRotation> {
+    let t0 = Instant::now();
+    let mut report = CaRotation {
+        provider: ca.name().into(),
+        ..Default::default()
+    };
+    let step = |r: &mut CaRotation, step: &str, detail: String| {
+        r.steps.push(CaRotationStep {
+            step: step.into(),
+            at_ms: t0.elapsed().as_millis() as u64,
+            detail,
+        })
+    };
+    let answering = |what: &str| -> Result<Vec<(String, HeldIdentity)>> {
+        node_identities(spec, paths)
+            .into_iter()
+            .map(|(n, v)| {
+                v.map(|v| (n.clone(), v)).ok_or_else(|| {
+                    Error::Spire(format!(
+                        "CA rotation ({what}): node {n}'s agent does not answer"
+                    ))
+                })
+            })
+            .collect()
+    };
+    let before = answering("before")?;
+    let roots_before = before.iter().map(|(_, (_, r))| *r).max().unwrap_or(1);
+    let mut old: Vec<String> = before
+        .iter()
+        .flat_map(|(_, (a, _))| a.iter().cloned())
+        .filter(|a| !a.is_empty())
+        .collect();
+    old.sort();
+    old.dedup();
+    report.old_authorities = old.clone();
+
+    let d = ca.prepare()?;
+    step(&mut report, "prepare", d);
+    let took = wait_until("every agent trusts the new root", CA_WAIT, || {
+        Ok(node_identities(spec, paths)
+            .iter()
+            .all(|(_, v)| v.as_ref().is_some_and(|(_, r)| *r > roots_before)))
+    })?;
+    step(
+        &mut report,
+        "bundle",
+        format!(
+            "the new root reached every agent's bundle in {} ms",
+            took.as_millis()
+        ),
+    );
+    let d = ca.activate()?;
+    step(&mut report, "activate", d);
+    if !revoke_old {
+        return Ok(report);
+    }
+    let d = ca.reissue()?;
+    step(&mut report, "reissue", d);
+    let mut new = None;
+    let took = wait_until(
+        "no agent holds an SVID of the old authority",
+        CA_WAIT,
+        || {
+            let ids = node_identities(spec, paths);
+            let done = ids.iter().all(|(_, v)| {
+                v.as_ref()
+                    .is_some_and(|(a, _)| a.iter().all(|x| !x.is_empty() && !old.contains(x)))
+            });
+            if done {
+                new = ids
+                    .iter()
+                    .find_map(|(_, v)| v.as_ref().and_then(|(a, _)| a.first().cloned()));
+            }
+            Ok(done && ca.reissued()?)
+        },
+    )?;
+    report.new_authority = new;
+    step(
+        &mut report,
+        "reissued",
+        format!(
+            "every SVID re-issued by the new authority in {} ms",
+            took.as_millis()
+        ),
+    );
+    let d = ca.revoke()?;
+    step(&mut report, "revoke", d);
+    let took = wait_until("every agent dropped the old root", CA_WAIT, || {
+        Ok(node_identities(spec, paths)
+            .iter()
+            .all(|(_, v)| v.as_ref().is_some_and(|(_, r)| *r <= roots_before)))
+    })?;
+    step(
+        &mut report,
+        "bundle",
+        format!(
+            "the old root left every agent's bundle in {} ms",
+            took.as_millis()
+        ),
+    );
+    Ok(report)
+}
