@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Runs veil's cargo-fuzz targets (libFuzzer, nightly, release with debug assertions) from their
-# committed seed corpora.
+# Runs veil's cargo-fuzz targets (libFuzzer, nightly) from their committed seed corpora.
 #   scripts/fuzz.sh [TARGET|all] [RUNS|SECONDSs]   default: all, 10000000 executions each
 #   scripts/fuzz.sh wg_receive 300s                one target for 300 seconds
-#   scripts/fuzz.sh --smoke                        every target for VEIL_FUZZ_SMOKE_SECONDS (10)
-#   scripts/fuzz.sh --list                         the targets and their cargo roots
+#   scripts/fuzz.sh --smoke                        every target for VEIL_FUZZ_SMOKE_SECONDS (6)
+#   scripts/fuzz.sh --list                         the targets and where their sources live
 # Targets live in two cargo roots: transport/fuzz (veil-wg: wg_receive, uapi) and fuzz (the
-# agent and identity parsers). Seeds are in <root>/corpus/<target> and only read; what a run
-# discovers goes to <root>/target/corpus/<target> (git-ignored). A crash, timeout or leak lands
-# in <root>/artifacts/<target> and makes this script fail; keep the input as a regression seed
-# in the committed corpus once the bug is fixed. Prints one line per target (executions,
-# seconds, result) and a table at the end.
+# agent and identity parsers); fuzz/Cargo.toml lists veil-wg's targets too, so everything is
+# built and run from fuzz/ (one dependency graph). Seeds are in <home root>/corpus/<target> and
+# only read; what a run discovers goes to fuzz/target/corpus/<target> (git-ignored). A crash,
+# timeout or leak lands in fuzz/artifacts/<target> and makes this script fail; keep the input
+# as a regression seed in the committed corpus once the bug is fixed. Prints one line per
+# target (executions, seconds, result) and a table at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-roots=(transport/fuzz fuzz)
+homes=(transport/fuzz fuzz)
+runner=fuzz
 
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz (once)"
@@ -22,9 +23,9 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 
 targets_of() { (cd "$1" && cargo +nightly fuzz list); }
-root_of() {
+home_of() {
   local r
-  for r in "${roots[@]}"; do
+  for r in "${homes[@]}"; do
     if grep -qx "$1" <<<"$(targets_of "$r")"; then echo "$r"; return; fi
   done
   echo "fuzz: unknown target $1 (scripts/fuzz.sh --list)" >&2
@@ -35,9 +36,9 @@ target="all"
 budget="10000000"
 case "${1:-}" in
   --list)
-    for r in "${roots[@]}"; do targets_of "$r" | sed "s|^|$r: |"; done
+    for t in $(targets_of "$runner"); do echo "$(home_of "$t"): $t"; done
     exit 0 ;;
-  --smoke) budget="${VEIL_FUZZ_SMOKE_SECONDS:-10}s" ;;
+  --smoke) budget="${VEIL_FUZZ_SMOKE_SECONDS:-6}s" ;;
   "") ;;
   *) target="$1"; budget="${2:-$budget}" ;;
 esac
@@ -56,29 +57,31 @@ flags=(--release --debug-assertions)
 if [[ -n "${VEIL_FUZZ_TARGET_DIR:-}" ]]; then
   flags+=(--target-dir "$VEIL_FUZZ_TARGET_DIR")
 fi
+# The agent's build script builds the eBPF programs (nightly, bpf-linker) with none of this
+# build's flags; where the workspace keeps them, so neither build does it twice.
+export VEIL_EBPF_TARGET_DIR="${VEIL_EBPF_TARGET_DIR:-$PWD/target/ebpf}"
+
+t0=$(date +%s)
 if [[ "$target" == all ]]; then
-  plan=()
-  for r in "${roots[@]}"; do
-    t0=$(date +%s)
-    (cd "$r" && cargo +nightly fuzz build "${flags[@]}")
-    echo "fuzz: built $r in $(( $(date +%s) - t0 )) s"
-    while read -r t; do plan+=("$r:$t"); done < <(targets_of "$r")
-  done
+  plan=($(targets_of "$runner"))
+  (cd "$runner" && cargo +nightly fuzz build "${flags[@]}")
 else
-  plan=("$(root_of "$target"):$target")
+  home_of "$target" >/dev/null
+  plan=("$target")
+  (cd "$runner" && cargo +nightly fuzz build "${flags[@]}" "$target")
 fi
+echo "fuzz: built ${#plan[@]} target(s) in $(( $(date +%s) - t0 )) s"
 
 failed=0
 table=()
-for entry in "${plan[@]}"; do
-  root="${entry%%:*}" t="${entry#*:}"
-  seeds="$root/corpus/$t" found="$root/target/corpus/$t"
+for t in "${plan[@]}"; do
+  seeds="$PWD/$(home_of "$t")/corpus/$t" found="$PWD/$runner/target/corpus/$t"
   mkdir -p "$seeds" "$found"
   log="/tmp/veil-fuzz-$t.log"
   start=$(date +%s)
   status=0
   # One process: the machine has 2 cores and builds share them.
-  (cd "$root" && cargo +nightly fuzz run "${flags[@]}" "$t" "target/corpus/$t" "corpus/$t" -- \
+  (cd "$runner" && cargo +nightly fuzz run "${flags[@]}" "$t" "$found" "$seeds" -- \
     "${limit[@]}" -max_len=8192 -timeout=30 -print_final_stats=1) >"$log" 2>&1 || status=$?
   wall=$(( $(date +%s) - start ))
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)

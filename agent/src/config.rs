@@ -110,6 +110,9 @@ fn default_control_port() -> u16 {
     4250
 }
 
+/// Shortest PSK and static key rotation periods.
+pub const MIN_ROTATION: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn default_key_rotation() -> std::time::Duration {
     std::time::Duration::from_secs(24 * 3600)
 }
@@ -200,6 +203,15 @@ impl Config {
         if !(576..=9000).contains(&self.mtu) {
             return invalid("mtu", "must be within 576..=9000");
         }
+        // Both arm timers: tokio's `interval_at` panics on a zero period (the daemon's key
+        // rotation timer took `key_rotation: 0s`) and a tiny one re-keys in a loop. Found with
+        // the `agent_config` fuzz target; the same floor as the lab's.
+        if self.psk_rotation < MIN_ROTATION {
+            return invalid("psk_rotation", "must be at least 5s");
+        }
+        if self.key_rotation < MIN_ROTATION {
+            return invalid("key_rotation", "must be at least 5s");
+        }
         Ok(())
     }
 
@@ -284,5 +296,30 @@ pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: lab, dir: /run/cp}\ninterf
         )
         .unwrap_err();
         assert!(e.to_string().contains("source"), "{e}");
+    }
+
+    /// Regression (fuzz target `agent_config`, corpus `agent_config/regression-zero-rotation`):
+    /// `key_rotation: 0s` parsed, and the daemon's `interval_at` panics on a zero period.
+    #[test]
+    fn rotation_periods_have_a_floor() {
+        for (line, field) in [
+            ("key_rotation: 0s", "key_rotation"),
+            ("psk_rotation: 0s", "psk_rotation"),
+            ("psk_rotation: 4s 999ms", "psk_rotation"),
+        ] {
+            let e = Config::parse(&format!("{GOOD}{line}\n"), Path::new("a"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{line}: {e}");
+        }
+        let c = Config::parse(
+            &format!("{GOOD}key_rotation: 5s\npsk_rotation: 5s\n"),
+            Path::new("a"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.key_rotation, c.psk_rotation),
+            (MIN_ROTATION, MIN_ROTATION)
+        );
     }
 }

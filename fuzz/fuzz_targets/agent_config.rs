@@ -1,7 +1,7 @@
 //! The agent's config file (`veil::config::Config::parse`, YAML). Checked on every input:
 //! - bad input is an error, never a panic;
-//! - a config that parses is valid (`validate` passes), and what the agent logs as its effective
-//!   config (`to_yaml`) parses back to the same config.
+//! - a config that parses is valid (`validate` passes), arms no timer with a zero period, and
+//!   what the agent logs as its effective config (`to_yaml`) parses back to the same config.
 #![no_main]
 
 use std::path::Path;
@@ -18,6 +18,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     cfg.validate().expect("a parsed config is valid");
+    // The agent arms timers with these (tokio's interval panics on a zero period).
+    assert!(!cfg.psk_rotation.is_zero() && !cfg.key_rotation.is_zero());
     let yaml = cfg.to_yaml();
     match Config::parse(&yaml, file) {
         Ok(back) => assert_eq!(

@@ -425,6 +425,22 @@ pub fn default_file() -> LabFile {
     }
 }
 
+/// The lab's state keeps durations in whole seconds (and SPIRE takes whole seconds): a
+/// fraction would hold only until the next command read the state back. Found by the `lab_file`
+/// fuzz target (`svid_ttl: 10500ms` read back as 10 s).
+fn check_whole_seconds(field: &str, d: Duration) -> Result<(), Error> {
+    if d.subsec_nanos() != 0 {
+        return Err(invalid(
+            field,
+            format!(
+                "{} is not a whole number of seconds",
+                humantime::format_duration(d)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates a lab file and allocates names and addresses. Pure: touches nothing.
 pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSpec, Error> {
     validate_lab_name(name)?;
@@ -440,6 +456,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
     if svid_ttl < Duration::from_secs(10) || svid_ttl > Duration::from_secs(30 * 24 * 3600) {
         return Err(invalid("svid_ttl", "must be between 10s and 30 days"));
     }
+    check_whole_seconds("svid_ttl", svid_ttl)?;
     let underlay_mtu = file.underlay_mtu.unwrap_or(DEFAULT_UNDERLAY_MTU);
     let psk_rotation = file
         .psk_rotation
@@ -448,6 +465,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
     if psk_rotation < Duration::from_secs(5) {
         return Err(invalid("psk_rotation", "must be at least 5s"));
     }
+    check_whole_seconds("psk_rotation", psk_rotation)?;
     let key_rotation = file
         .key_rotation
         .map(|d| d.0)
@@ -455,6 +473,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
     if key_rotation < Duration::from_secs(5) {
         return Err(invalid("key_rotation", "must be at least 5s"));
     }
+    check_whole_seconds("key_rotation", key_rotation)?;
     if !(1280..=9000).contains(&underlay_mtu) {
         return Err(invalid(
             "underlay_mtu",
@@ -788,6 +807,31 @@ mod tests {
     fn custom_nodes_without_pods_get_no_default_pods() {
         let lab = resolve_text("nodes: [{name: solo}]").unwrap();
         assert!(lab.pods.is_empty());
+    }
+
+    /// Regression (fuzz target `lab_file`, corpus `lab_file/regression-subsecond-ttl`): a
+    /// sub-second part was accepted, used by `lab up`, and lost when the state was read back.
+    #[test]
+    fn sub_second_durations_are_refused_and_the_state_reads_back() {
+        for (text, field) in [
+            ("svid_ttl: 10500ms", "svid_ttl"),
+            ("psk_rotation: 5s 1ns", "psk_rotation"),
+            ("key_rotation: 90s 500ms", "key_rotation"),
+        ] {
+            let e = resolve("veil", parse_lab_file(text).unwrap(), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field) && e.contains("whole"), "{text}: {e}");
+        }
+        let overrides = Overrides {
+            svid_ttl: Some(Duration::from_millis(10_500)),
+            ..Overrides::default()
+        };
+        assert!(resolve("veil", LabFile::default(), &overrides).is_err());
+        let text = "svid_ttl: 10s\npsk_rotation: 1m 5s\nkey_rotation: 2h";
+        let spec = resolve("veil", parse_lab_file(text).unwrap(), &Overrides::default()).unwrap();
+        let back: LabSpec = serde_json::from_slice(&serde_json::to_vec(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
     }
 
     #[test]
