@@ -939,7 +939,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
                 (CaStep::Rotate, true) => serde_json::to_string(&lab::spire_real::ca_rotate(
                     &spec,
                     &paths,
-                    &lab::spire_real::SpireCa::new(&paths),
+                    &lab::spire_real::SpireCa::new(&spec, &paths),
                     revoke_old,
                 )?)?,
                 (CaStep::Rotate, false) => serde_json::to_string(&lab::spire_real::ca_rotate(

@@ -530,11 +530,11 @@ fn active_authority(lab: &Lab) -> String {
 }
 
 /// (e) `veil lab ca rotate --revoke-old` on SPIRE (prepare, wait for the bundle, activate,
-/// taint, wait until every SVID is re-issued, revoke) under `authentication: required` with a
+/// entry update of every entry, wait until every SVID is re-issued, taint, revoke) under `authentication: required` with a
 /// TCP stream and a UDP probe: nothing lost, no `auth-required` drop; afterwards every SVID on
 /// both nodes is issued by the new authority (as `veil status` shows it: issuer, authority ID =
 /// `localauthority x509 show`'s active ID, renewal at half the lifetime), the bundles hold one
-/// root, every auth pair was re-authenticated after the taint and each control channel's peer
+/// root, every auth pair was re-authenticated after the re-issue and each control channel's peer
 /// SVID is the peer's current node SVID.
 #[test]
 fn spire_ca_rotation_with_revoke_old_drops_nothing() {
@@ -629,7 +629,7 @@ fn spire_ca_rotation_with_revoke_old_drops_nothing() {
         for p in st.auth.iter().filter(|p| p.expires_unix > 0) {
             assert!(
                 p.authenticated_unix_ms > t_unix_ms + reissue_ms,
-                "{}: pair not re-authenticated after the taint: {p:?}",
+                "{}: pair not re-authenticated after the re-issue: {p:?}",
                 st.node
             );
         }

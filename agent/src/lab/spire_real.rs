@@ -399,8 +399,35 @@ pub fn release_agents(
     let t0 = Instant::now();
     for n in &spec.nodes {
         let ws = workload_socket(paths, &n.name);
+        // A fetch before the node agent's entry is synced makes spire-agent log an error ("No
+        // identity issued") for every try; wait first for the agent to start minting veil's
+        // node SVID (its "Creating X509-SVID" line), which it caches a server round trip later.
+        let log = paths.log(&format!("spire-agent-{}", n.name));
+        let minting = "msg=\"Creating X509-SVID\" entry_id=";
+        let id = format!("spiffe_id=\"{}\"", node_agent_id(spec, &n.name));
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.lines().any(|l| l.contains(minting) && l.contains(&id)) {
+                break;
+            }
+            if interrupted() {
+                return Err(Error::Interrupted);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotReady {
+                    what: format!("spire-agent on {} (minting {})", n.name, id),
+                    waited: t0.elapsed(),
+                    log_tail: super::log_tail(&log),
+                    log,
+                });
+            }
+            // Poll interval of the agent's log (it syncs every second).
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let mut tries = 0u32;
         loop {
+            // The round trip of the CSR to the server; each later try waits another 100 ms.
+            std::thread::sleep(Duration::from_millis(100));
             tries += 1;
             // `api fetch` fails at once while the socket is missing or the entry not yet synced
             // ("no identity issued"); its own timeout only bounds a hung call.
@@ -436,8 +463,6 @@ pub fn release_agents(
                     log,
                 });
             }
-            // Poll interval: each try is a spire-agent process (~20 ms of CPU).
-            std::thread::sleep(Duration::from_millis(100));
         }
         sys::write_atomic(&agent_release(paths, &n.name), b"")?;
         progress.step(format!(
@@ -752,26 +777,31 @@ pub trait CaProvider {
     fn name(&self) -> &'static str;
     fn prepare(&self) -> Result<String>;
     fn activate(&self) -> Result<String>;
-    /// Make the issuer re-issue what the old authority signed (SPIRE: taint). Returns a note.
+    /// Make the issuer re-issue what the old authority signed (SPIRE: entry update of every
+    /// entry). Returns a note.
     fn reissue(&self) -> Result<String>;
-    /// Wait condition after `reissue` beyond the veil agents (SPIRE: the spire-agents' own
-    /// SVIDs).
+    /// Wait condition after `reissue` beyond the veil agents' SVIDs.
     fn reissued(&self) -> Result<bool>;
+    /// Revoke the old authority (SPIRE: taint, wait for the spire-agents' own SVIDs, revoke).
     fn revoke(&self) -> Result<String>;
 }
 
-/// SPIRE's local authority.
+/// SPIRE's local authority. Re-issue is an `entry update` of every entry (as `lab rotate
+/// --all`), not the taint: a taint makes each spire-agent delete the SVIDs the old authority
+/// signed from its cache (`LRUCache.processTaintedSVIDs`) and the bundle change that carries it
+/// notifies the Delegated Identity subscribers with what is left, so for a moment a pod's SVID
+/// is gone from the stream and veil removes its pairs as if it were revoked (seen: a TCP stream
+/// cut in 1 of 2 runs under load). Renewal through a new revision replaces each SVID in place;
+/// the taint that follows finds no workload SVID of the old authority left and only makes the
+/// spire-agents renew their own.
 pub struct SpireCa<'a> {
+    pub spec: &'a LabSpec,
     pub paths: &'a LabPaths,
-    agents_before: std::cell::RefCell<Vec<(String, String)>>,
 }
 
 impl<'a> SpireCa<'a> {
-    pub fn new(paths: &'a LabPaths) -> Self {
-        Self {
-            paths,
-            agents_before: Default::default(),
-        }
+    pub fn new(spec: &'a LabSpec, paths: &'a LabPaths) -> Self {
+        Self { spec, paths }
     }
 }
 
@@ -786,20 +816,16 @@ impl CaProvider for SpireCa<'_> {
         ca_activate(self.paths).map(|id| format!("localauthority x509 activate: {id}"))
     }
     fn reissue(&self) -> Result<String> {
-        *self.agents_before.borrow_mut() = agent_serials(self.paths)?;
-        Ok(match ca_taint_old(self.paths)? {
-            Some(id) => format!("localauthority x509 taint: {id}"),
-            None => "old authority was tainted already".into(),
-        })
+        let n = rotate(self.spec, self.paths, RotateTarget::All)?.len();
+        Ok(format!("entry update of {n} entries (new revisions)"))
     }
     fn reissued(&self) -> Result<bool> {
-        Ok(agents_renewed(
-            &self.agents_before.borrow(),
-            &agent_serials(self.paths)?,
-        ))
+        Ok(true)
     }
     fn revoke(&self) -> Result<String> {
-        ca_revoke_old(self.paths).map(|id| format!("localauthority x509 revoke: {id}"))
+        ca_revoke_step(self.paths).map(|id| {
+            format!("localauthority x509 taint, spire-agents renewed their own SVIDs, revoke: {id}")
+        })
     }
 }
 
@@ -845,10 +871,10 @@ fn node_identities(spec: &LabSpec, paths: &LabPaths) -> Vec<NodeIdentity> {
 /// `veil lab ca rotate [--revoke-old]` for either provider: prepare; wait until every veil
 /// agent holds the new root in its bundle (so nothing the new authority signs is refused);
 /// activate. With `revoke_old`: make the issuer re-issue everything the old authority signed
-/// (SPIRE: taint; the dev server re-issued at activate), wait until no veil agent holds an SVID
-/// of the old authority (and, on SPIRE, every spire-agent renewed its own), revoke the old
-/// authority and wait until every agent's bundle lost its root. Each wait is bounded by
-/// [`CA_WAIT`].
+/// (SPIRE: entry update of every entry; the dev server re-issued at activate), wait until no
+/// veil agent holds an SVID of the old authority, revoke the old authority (SPIRE: taint, wait
+/// until every spire-agent renewed its own SVID, revoke) and wait until every agent's bundle
+/// lost its root. Each wait is bounded by [`CA_WAIT`].
 pub fn ca_rotate(
     spec: &LabSpec,
     paths: &LabPaths,
