@@ -93,7 +93,21 @@ pub struct Lab {
     pub name: String,
     pub view: LabView,
     _file: Option<TempFile>,
+    /// What this test provokes on purpose and the post-test invariants therefore allow.
+    expected: Mutex<Expected>,
+    is_down: bool,
 }
+
+/// Drop reasons and log lines a test provokes on purpose (see [`Lab::expect_drops`] and
+/// [`Lab::expect_log_lines`]).
+#[derive(Default)]
+struct Expected {
+    drops: Vec<String>,
+    log_lines: Vec<String>,
+}
+
+/// Drop reasons that mean the datapath itself failed: never expected unless a test says so.
+const BUG_DROP_REASONS: &[&str] = &["unknown", "datapath-error"];
 
 impl Lab {
     /// `veil lab up --name <unique> EXTRA...`, on veil's dev identity server unless EXTRA sets
@@ -147,6 +161,8 @@ impl Lab {
             name: name.to_string(),
             view,
             _file: file,
+            expected: Mutex::new(Expected::default()),
+            is_down: false,
         }
     }
 
@@ -302,12 +318,70 @@ impl Lab {
         }
     }
 
-    /// Removes the lab now (Drop does it otherwise).
+    /// Removes the lab now (Drop does it otherwise), after the post-test invariants.
     pub fn down(mut self) {
+        let violations = self.invariant_violations();
         self.down_inner();
-        std::mem::forget(self);
+        self.is_down = true;
+        assert_invariants(&self.name, violations);
     }
 
+    /// Drop reasons this test provokes on purpose, allowed by the post-test invariants even
+    /// where they would mean a datapath failure (`datapath-error`, `unknown`).
+    pub fn expect_drops(&self, reasons: &[&str]) {
+        let mut e = self.expected.lock().expect("expected lock");
+        e.drops.extend(reasons.iter().map(|r| r.to_string()));
+    }
+
+    /// Log lines this test provokes on purpose (a killed SPIRE server makes its agents log
+    /// errors): a line of a lab log containing any of `needles` is not a violation.
+    pub fn expect_log_lines(&self, needles: &[&str]) {
+        let mut e = self.expected.lock().expect("expected lock");
+        e.log_lines.extend(needles.iter().map(|r| r.to_string()));
+    }
+
+    /// Scenario 39, checked when every lab is taken down: drops only with known reasons (none
+    /// meaning a datapath failure unless expected), and no panic or error line in any agent,
+    /// veil-wg or SPIRE log of the lab unless expected.
+    fn invariant_violations(&self) -> Vec<String> {
+        let expected = self.expected.lock().expect("expected lock");
+        let mut v = vec![];
+        for node in &self.view.nodes {
+            // A node whose agent a test stopped has no status: its logs are still checked.
+            let out = veil(&[
+                "status", "--name", &self.name, "--node", &node.name, "-o", "json",
+            ]);
+            let Ok(st) = serde_json::from_slice::<Status>(&out.stdout) else {
+                continue;
+            };
+            for (reason, n) in &st.drops {
+                if *n > 0
+                    && BUG_DROP_REASONS.contains(&reason.as_str())
+                    && !expected.drops.contains(reason)
+                {
+                    v.push(format!("{}: {n} drops with reason {reason}", node.name));
+                }
+            }
+        }
+        let dir = veil_agent::lab::run_root().join(&self.name).join("logs");
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            let file = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for line in text.lines() {
+                if log_line_is_error(&file, line)
+                    && !expected.log_lines.iter().any(|n| line.contains(n.as_str()))
+                {
+                    v.push(format!("{file}: {line}"));
+                }
+            }
+        }
+        v
+    }
     fn down_inner(&mut self) {
         let out = veil(&["lab", "down", "--name", &self.name]);
         if !out.status.success() {
@@ -322,15 +396,41 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if self.is_down {
+            return;
+        }
         if std::thread::panicking() {
             eprintln!(
                 "--- logs of lab {} ---\n{}",
                 self.name,
                 collect_logs(&self.name)
             );
+            self.down_inner();
+            return;
         }
+        let violations = self.invariant_violations();
         self.down_inner();
+        assert_invariants(&self.name, violations);
     }
+}
+
+/// Fails the test on post-test invariant violations (the lab is already down).
+fn assert_invariants(name: &str, violations: Vec<String>) {
+    assert!(
+        violations.is_empty(),
+        "post-test invariants (scenario 39) of lab {name} violated; if the test provokes these \
+         on purpose, declare them with Lab::expect_drops / Lab::expect_log_lines:\n{}",
+        violations.join("\n")
+    );
+}
+
+/// An error or panic line of a lab log: a Rust panic anywhere, an ERROR event of an agent,
+/// an error of SPIRE (`level=error`) or of veil-wg.
+fn log_line_is_error(file: &str, line: &str) -> bool {
+    line.contains("panicked at")
+        || (file.starts_with("agent-") && line.contains(" ERROR "))
+        || line.contains("level=error")
+        || (file.starts_with("wg-") && line.starts_with("veil-wg: error"))
 }
 
 /// The tail of every log file of a lab, for failure reports.

@@ -1335,6 +1335,44 @@ for _ in range(5):
     );
 }
 
+/// Security review §5: an IPv6 packet with more extension headers than the datapath walks
+/// (five destination-options headers before UDP) must not pass with the header type taken for
+/// the protocol and ports 0 (sidestepping port rules): it is dropped at the pod's veth as
+/// `extension-headers`, before any lookup. In this IPv4-only lab the source is no pod's v6
+/// address; the policy sidestep itself needs a v6 pod and is covered by
+/// `datapath::hostile_review_pass_paths_fail_closed` (BPF_PROG_TEST_RUN with a v6 pod entry)
+/// until the lab is dual-stack (issue 19).
+#[test]
+fn ipv6_with_a_long_extension_header_chain_is_dropped_at_the_pod() {
+    let lab = Lab::up(&[]);
+    let script = r#"
+import fcntl, socket, struct
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+mac = fcntl.ioctl(s.fileno(), 0x8927, struct.pack("256s", b"eth0"))[18:24]  # SIOCGIFHWADDR
+payload = b"EXT-CHAIN"
+udp = struct.pack("!HHHH", 40997, 8080, 8 + len(payload), 0) + payload
+# Five destination-options headers (type 60), each 8 bytes: next header, length 0, padding.
+chain = b"".join(struct.pack("!BB6s", 60 if i < 4 else 17, 0, bytes(6)) for i in range(5))
+src = socket.inet_pton(socket.AF_INET6, "fd00:198:19:1::66")
+dst = socket.inet_pton(socket.AF_INET6, "fd00:198:19:2::10")
+ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(chain) + len(udp), 60, 64, src, dst)
+for _ in range(5):
+    s.send(b"\xff" * 6 + mac + b"\x86\xdd" + ip6 + chain + udp)
+"#;
+    let before = drop_count(&lab, "node-a", "extension-headers");
+    lab.exec_ok("intruder", &["python3", "-c", script]);
+    let after = lab.wait_for(
+        "extension-headers drops at node-a",
+        Duration::from_secs(5),
+        || {
+            let n = drop_count(&lab, "node-a", "extension-headers");
+            (n >= before + 5).then_some(n)
+        },
+    );
+    assert!(after >= before + 5);
+}
+
 /// veil-wg's own restart: killed (`exited`) and frozen (`unresponsive`, SIGSTOP: it holds its
 /// socket but answers nothing) — the agent notices, restarts it, counts the restart with its
 /// reason, and traffic resumes. Prints the outage (kill → first successful request).
