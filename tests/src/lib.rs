@@ -88,6 +88,12 @@ pub fn veil_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The identity provider of labs whose test does not choose one: `$VEIL_TEST_IDENTITY`
+/// (`dev` or `spire`), else `dev`.
+pub fn test_identity() -> String {
+    std::env::var("VEIL_TEST_IDENTITY").unwrap_or_else(|_| "dev".into())
+}
+
 /// A running lab, removed on drop.
 pub struct Lab {
     pub name: String,
@@ -142,8 +148,10 @@ impl Lab {
         let args_set_identity = extra
             .iter()
             .any(|a| *a == "--identity" || a.starts_with("--identity="));
+        // VEIL_TEST_IDENTITY=spire runs the suites that do not choose on real SPIRE instead.
+        let default_identity = test_identity();
         if !file_sets_identity && !args_set_identity {
-            args.extend(["--identity", "dev"]);
+            args.extend(["--identity", default_identity.as_str()]);
         }
         let out = veil(&args);
         if !out.status.success() {
