@@ -84,13 +84,14 @@ for t in "${plan[@]}"; do
   (cd "$runner" && cargo +nightly fuzz run "${flags[@]}" "$t" "$found" "$seeds" -- \
     "${limit[@]}" -max_len=8192 -timeout=30 -print_final_stats=1) >"$log" 2>&1 || status=$?
   wall=$(( $(date +%s) - start ))
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
+  # -a: a log quoting a crashing input is binary to grep.
+  execs=$(grep -ao 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
   # libFuzzer's own clock (without cargo's up-to-date check), else the wall clock.
-  secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' | tail -1)
+  secs=$(grep -ao 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' | tail -1 || true)
   secs="${secs:-$wall}"
   if [[ $status -eq 0 ]]; then result=ok; else
     result="FAILED (exit $status)"; failed=1
-    grep -E "panicked|ERROR|SUMMARY|Test unit written" "$log" | head -20 >&2 || true
+    grep -aE "panicked|ERROR|SUMMARY|Test unit written" "$log" | head -20 >&2 || true
   fi
   echo "fuzz: $t: ${execs:-?} executions in $secs s ($wall s with start-up), $result; log $log"
   table+=("$(printf '%-20s %14s %8s  %s' "$t" "${execs:-?}" "$secs" "$result")")
