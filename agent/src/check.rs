@@ -44,6 +44,9 @@ pub struct CaptureStats {
     pub wireguard: u64,
     /// TCP to or from the control port (TLS 1.3 between agents).
     pub control: u64,
+    /// TCP between a node and the lab's spire-server (SPIRE's own mTLS gRPC: agent attestation
+    /// and SVID signing). Never pod traffic.
+    pub identity: u64,
     pub arp: u64,
     /// Link-local control the kernel sends on its own: IGMP to 224.0.0.0/24, IPv6 neighbour
     /// discovery and MLD between link-local addresses. Never pod traffic.
@@ -107,6 +110,7 @@ pub fn analyse_pcap(data: &[u8], marker: &[u8]) -> Result<CaptureStats, String> 
         match classify(frame) {
             Class::Wireguard => st.wireguard += 1,
             Class::Control => st.control += 1,
+            Class::Identity => st.identity += 1,
             Class::Arp => st.arp += 1,
             Class::LinkLocal => st.link_local += 1,
             Class::Other => st.plaintext += 1,
@@ -118,6 +122,7 @@ pub fn analyse_pcap(data: &[u8], marker: &[u8]) -> Result<CaptureStats, String> 
 enum Class {
     Wireguard,
     Control,
+    Identity,
     Arp,
     LinkLocal,
     Other,
@@ -157,9 +162,17 @@ fn classify(frame: &[u8]) -> Class {
             }
             let sport = u16::from_be_bytes([frame[l4], frame[l4 + 1]]);
             let dport = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+            let (src, dst) = (&frame[26..30], &frame[30..34]);
+            let spire = crate::lab::spire_real::SERVER_ADDR.octets();
+            let spire_port = crate::lab::spire_real::SERVER_PORT;
             match proto {
                 17 if sport == WG_PORT || dport == WG_PORT => Class::Wireguard,
                 6 if sport == CONTROL_PORT || dport == CONTROL_PORT => Class::Control,
+                6 if (src == spire && sport == spire_port)
+                    || (dst == spire && dport == spire_port) =>
+                {
+                    Class::Identity
+                }
                 _ => Class::Other,
             }
         }
@@ -406,7 +419,7 @@ fn send_markers(
 pub fn format_report(r: &Report) -> String {
     let c = &r.capture;
     let mut s = format!(
-        "leak check on lab {} (capture on {}):\n  marker traffic: {} ({} TCP round trips, {}/{} UDP datagrams delivered)\n  underlay: {} packets: {} WireGuard, {} control (TLS), {} ARP, {} link-local control, {} plaintext; marker seen in {} packets\n",
+        "leak check on lab {} (capture on {}):\n  marker traffic: {} ({} TCP round trips, {}/{} UDP datagrams delivered)\n  underlay: {} packets: {} WireGuard, {} control (TLS), {} identity (TLS to spire-server), {} ARP, {} link-local control, {} plaintext; marker seen in {} packets\n",
         r.lab,
         r.bridge,
         r.pairs.join(", "),
@@ -416,6 +429,7 @@ pub fn format_report(r: &Report) -> String {
         c.packets,
         c.wireguard,
         c.control,
+        c.identity,
         c.arp,
         c.link_local,
         c.plaintext,
@@ -477,6 +491,13 @@ mod tests {
         igmp[30..34].copy_from_slice(&[224, 0, 0, 22]);
         let mut igmp_routed = igmp.clone();
         igmp_routed[30..34].copy_from_slice(&[239, 1, 2, 3]);
+        // Node -> spire-server:8081 and back are identity traffic; another port of it is not.
+        let mut spire_to = ipv4(6, 40000, 8081, b"tls");
+        spire_to[30..34].copy_from_slice(&[198, 18, 0, 254]);
+        let mut spire_from = ipv4(6, 8081, 40000, b"tls");
+        spire_from[26..30].copy_from_slice(&[198, 18, 0, 254]);
+        let mut spire_other_port = ipv4(6, 40000, 8082, b"x");
+        spire_other_port[30..34].copy_from_slice(&[198, 18, 0, 254]);
         let ipv6 = |src: [u8; 2], dst: [u8; 2], next: u8| {
             let mut f = vec![0u8; 12];
             f.extend_from_slice(&[0x86, 0xdd]);
@@ -496,6 +517,9 @@ mod tests {
         let data = pcap(&[
             ipv4(17, 51820, 51820, b"\x04encrypted"),
             ipv4(6, 40000, 4250, b"tls"),
+            spire_to,
+            spire_from,
+            spire_other_port,
             arp,
             ipv4(6, 40000, 8080, b"GET /VEIL-LEAK-MARKER-1 HTTP/1.1"),
             igmp,
@@ -509,12 +533,13 @@ mod tests {
         assert_eq!(
             st,
             CaptureStats {
-                packets: 10,
+                packets: 13,
                 wireguard: 1,
                 control: 1,
+                identity: 2,
                 arp: 1,
                 link_local: 3,
-                plaintext: 4,
+                plaintext: 5,
                 marker_hits: 1
             }
         );

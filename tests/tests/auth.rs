@@ -190,7 +190,7 @@ fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
 #[test]
 fn node_from_another_trust_domain_cannot_peer() {
     let lab = Lab::up_with_file(
-        "nodes:\n- {name: node-a}\n- {name: node-b}\n- {name: node-c, trust_domain: other.example}\n\
+        "identity: dev\nnodes:\n- {name: node-a}\n- {name: node-b}\n- {name: node-c, trust_domain: other.example}\n\
          pods:\n\
          - {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
          - {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}]}\n\

@@ -383,6 +383,8 @@ struct Verdict {
     wireguard: usize,
     /// TCP to or from port 4250 (the agents' TLS control channel).
     control: usize,
+    /// TCP between a node and the lab's spire-server (SPIRE's mTLS gRPC), on SPIRE labs.
+    identity: usize,
     /// ICMP errors quoting a WireGuard datagram (node-a answering node-b's WireGuard packets
     /// while no veil-wg listens): the quote is of ciphertext.
     icmp_for_wireguard: usize,
@@ -393,6 +395,18 @@ struct Verdict {
     plaintext: Vec<String>,
     /// Any other IP traffic (ARP, IPv6 link-local control and the end frame are not counted).
     other: Vec<String>,
+}
+
+/// TCP to or from the lab's spire-server address and port.
+fn spire_server_traffic(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    ports: Option<(u16, u16)>,
+) -> bool {
+    use veil_agent::lab::spire_real::{SERVER_ADDR, SERVER_PORT};
+    ports.is_some_and(|(s, d)| {
+        (src == SERVER_ADDR && s == SERVER_PORT) || (dst == SERVER_ADDR && d == SERVER_PORT)
+    })
 }
 
 fn classify(pcap: &[u8], tok: &str) -> Verdict {
@@ -458,6 +472,8 @@ fn classify(pcap: &[u8], tok: &str) -> Verdict {
             v.wireguard += 1;
         } else if ip[9] == 6 && ports.is_some_and(|(s, d)| s == 4250 || d == 4250) {
             v.control += 1;
+        } else if ip[9] == 6 && spire_server_traffic(src, dst, ports) {
+            v.identity += 1;
         } else if ip[9] == 1
             && ip.len() >= ihl + 8 + 28
             && ip[ihl] == 3
@@ -503,7 +519,7 @@ fn assert_nothing_in_clear(v: &Verdict, what: &str) {
     );
     assert!(
         v.other.is_empty(),
-        "{what}: traffic other than WireGuard and TCP 4250 on node-a's underlay: {:#?}",
+        "{what}: traffic other than WireGuard, TCP 4250 and SPIRE on node-a's underlay: {:#?}",
         v.other
     );
 }

@@ -206,11 +206,15 @@ fn send_marker(lab: &Lab, marker: &str) {
 }
 
 /// Node-to-node packets that are not UDP between node IPs on the WireGuard port, nor the
-/// agents' TLS control channel (port 4250), nor link-local control the kernel sends by itself
-/// (ARP, IGMP, IPv6 neighbour discovery / MLD from fe80::).
+/// agents' TLS control channel (port 4250), nor a node's TLS to the lab's spire-server (SPIRE
+/// labs), nor link-local control the kernel sends by itself (ARP, IGMP, IPv6 neighbour
+/// discovery / MLD from fe80::).
 fn non_wireguard(lines: &[String]) -> Vec<&String> {
+    use veil_agent::lab::spire_real::{SERVER_IP, SERVER_PORT};
+    let spire = format!("{SERVER_IP}.{SERVER_PORT}");
     lines
         .iter()
+        .filter(|l| !(l.contains(&format!(" > {spire}: ")) || l.contains(&format!(" {spire} > "))))
         .filter(|l| !l.contains(" ARP, "))
         .filter(|l| !l.contains(": igmp "))
         .filter(|l| !(l.contains(" IP6 fe80:") || l.contains(" IP6 :: >")))

@@ -39,6 +39,8 @@ use crate::sys;
 
 /// The spire-server's address on the lab's bridge (node ids end at 250).
 pub const SERVER_IP: &str = "198.18.0.254";
+/// [`SERVER_IP`] as an address (what `veil check` recognises SPIRE's traffic by).
+pub const SERVER_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 254);
 pub const SERVER_PORT: u16 = 8081;
 /// Server entry-cache reload and agent sync: together they bound how long a deleted entry's
 /// SVID is still handed out.
