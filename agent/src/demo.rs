@@ -326,9 +326,9 @@ fn spire_renewal_unix(spec: &spec::LabSpec, not_after_unix: u64) -> u64 {
     not_after_unix.saturating_sub((spec.svid_ttl + SPIRE_BACKDATE).as_secs() / 2)
 }
 
-/// Step 4 on real SPIRE: `lab rotate` has no SPIRE equivalent for one SVID at a time, so the
+/// Step 4 on real SPIRE: rather than forcing a new SVID (`lab rotate`, an entry update), the
 /// demo shows the registration entry, then waits (bounded) for SPIRE's own renewal of
-/// frontend's SVID while frontend keeps calling backend.
+/// frontend's SVID while frontend keeps calling backend: the rotation users get in production.
 fn spire_rotation(
     exe: &Path,
     spec: &spec::LabSpec,
