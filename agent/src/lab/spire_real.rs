@@ -387,6 +387,25 @@ pub fn register(
     Ok(())
 }
 
+/// Where `lab up` records the pids of its `spire-agent api fetch` readiness probes, one per
+/// line: a probe that comes a moment before the agent cached veil's node SVID makes spire-agent
+/// log `No identity issued` with the probe's pid, which the test suites' log checks must tell
+/// apart from a veil agent fetching without an identity.
+pub fn probe_pids_path(paths: &LabPaths) -> std::path::PathBuf {
+    paths.root.join("spire-probe-pids")
+}
+
+fn record_probe_pid(paths: &LabPaths, pid: u32) {
+    use std::io::Write as _;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(probe_pids_path(paths))
+    {
+        let _ = writeln!(f, "{pid}");
+    }
+}
+
 /// Waits until each node's spire-agent serves SVIDs (`spire-agent api fetch x509` over its
 /// Workload API socket, as root: veil's node agent entry, `unix:uid:0`), then releases the
 /// node's veil agent (writes [`agent_release`]).
@@ -447,7 +466,11 @@ pub fn release_agents(
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .status()
+                .spawn()
+                .and_then(|mut c| {
+                    record_probe_pid(paths, c.id());
+                    c.wait()
+                })
                 .map(|s| s.success())
                 .unwrap_or(false);
             if ok {
