@@ -393,7 +393,8 @@ struct Verdict {
     /// Pod addresses (198.19.0.0/16) in an outer IPv4 header, or the run's payload token in the
     /// bytes: a leak.
     plaintext: Vec<String>,
-    /// Any other IP traffic (ARP, IPv6 link-local control and the end frame are not counted).
+    /// Any other IP traffic (ARP, IGMP to 224.0.0.0/24, IPv6 link-local control and the end
+    /// frame are not counted).
     other: Vec<String>,
 }
 
@@ -466,6 +467,12 @@ fn classify(pcap: &[u8], tok: &str) -> Verdict {
         let pod = |a: std::net::Ipv4Addr| a.octets()[..2] == [198, 19];
         let ports = (ip.len() >= ihl + 4).then(|| (be16(&ip[ihl..]), be16(&ip[ihl + 2..])));
         let what = format!("{src} > {dst} proto {} ports {ports:?}", ip[9]);
+        // IGMP to 224.0.0.0/24 (membership reports the kernel sends by itself when a device
+        // comes up): link-local control, like ARP, never pod traffic.
+        let igmp_link_local = ip[9] == 2 && dst.octets()[..3] == [224, 0, 0];
+        if igmp_link_local && !has_token {
+            continue;
+        }
         if pod(src) || pod(dst) || has_token {
             v.plaintext.push(what);
         } else if ip[9] == 17 && ports == Some((51820, 51820)) {
