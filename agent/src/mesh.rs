@@ -250,6 +250,7 @@ impl Mesh {
         let mut server_started = false;
         let mut node_serial: Option<String> = None;
         let mut held_bundles: Option<Arc<veil_identity::Bundles>> = None;
+        let mut seen_cluster: Option<Arc<ClusterState>> = None;
         let mut local_ids: BTreeMap<u32, SpiffeId> = BTreeMap::new();
         let mut local_serials: BTreeMap<u32, String> = BTreeMap::new();
         // Entries an earlier run of this agent left in the pinned map: they keep admitting
@@ -361,12 +362,19 @@ impl Mesh {
             self.workloads.store(Arc::new(workloads));
             self.directory
                 .store(Arc::new(directory(&cluster, &self.cfg.trust_domain)));
-            let published = published_keys(&cluster);
-            self.published_tx.send_if_modified(|p| {
-                let changed = *p != published;
-                *p = published;
-                changed
-            });
+            // Only a new cluster snapshot can change the published keys.
+            if !seen_cluster
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, &cluster))
+            {
+                let published = published_keys(&cluster);
+                self.published_tx.send_if_modified(|p| {
+                    let changed = *p != published;
+                    *p = published;
+                    changed
+                });
+                seen_cluster = Some(cluster.clone());
+            }
 
             // The server needs a node SVID before it can answer TLS.
             if !server_started && self.deps.creds.svid().is_some() {
@@ -932,7 +940,7 @@ fn admit_claim(
     channel: Channel,
     nk: NodeKeys,
 ) -> Result<(Channel, NodeKeys), AuthFailure> {
-    let published = published_keys(cluster).remove(&nk.peer_node);
+    let published = cluster.node(&nk.peer_node).and_then(node_published_keys);
     if let Err(reason) = check_published(published.as_deref(), &nk.peer_wg_key) {
         tracing::warn!(
             peer = %nk.peer_node,
@@ -997,20 +1005,25 @@ fn spawn_dial(cfg: &ClientConfig, deps: &Deps, peer: NodeInfo, done: mpsc::Sende
 }
 
 /// Each node's published WireGuard public keys, current and next (nodes that published none
-/// are left out; an unreadable key is not among them).
+/// are left out).
 fn published_keys(cluster: &ClusterState) -> PublishedKeys {
     cluster
         .nodes
         .iter()
-        .filter(|n| n.wg_public_key.is_some())
-        .map(|n| {
-            let keys = [&n.wg_public_key, &n.wg_next_public_key]
-                .into_iter()
-                .filter_map(|k| PublicKey::from_base64(k.as_deref()?).ok())
-                .collect();
-            (n.name.clone(), keys)
-        })
+        .filter_map(|n| Some((n.name.clone(), node_published_keys(n)?)))
         .collect()
+}
+
+/// A node's published keys, current and next; `None` before its first publication. An
+/// unreadable key is not among them.
+fn node_published_keys(n: &crate::cluster::Node) -> Option<Vec<PublicKey>> {
+    n.wg_public_key.as_ref()?;
+    Some(
+        [&n.wg_public_key, &n.wg_next_public_key]
+            .into_iter()
+            .filter_map(|k| PublicKey::from_base64(k.as_deref()?).ok())
+            .collect(),
+    )
 }
 
 /// SPIFFE ID of a pod's workload: `spiffe://<td>/ns/<namespace>/sa/<service account>`.
