@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs veil's cargo-fuzz targets (libFuzzer, nightly) from their committed seed corpora.
-#   scripts/fuzz.sh [TARGET|all] [RUNS|SECONDSs]   default: all, 10000000 executions each
+#   scripts/fuzz.sh [TARGET|all] [RUNS|SECONDSs]   default: all, 10000000 executions or one
+#                                                  hour each, whichever comes first
 #   scripts/fuzz.sh wg_receive 300s                one target for 300 seconds
 #   scripts/fuzz.sh --smoke                        every target for VEIL_FUZZ_SMOKE_SECONDS (6)
 #   scripts/fuzz.sh --list                         the targets and where their sources live
@@ -45,7 +46,8 @@ esac
 case "$budget" in
   *s) limit=(-max_total_time="${budget%s}") ;;
   *[!0-9]*|"") echo "fuzz: budget must be RUNS or SECONDSs, not $budget" >&2; exit 2 ;;
-  *) limit=(-runs="$budget") ;;
+  # N executions or VEIL_FUZZ_MAX_SECONDS (one hour), whichever comes first.
+  *) limit=(-runs="$budget" -max_total_time="${VEIL_FUZZ_MAX_SECONDS:-3600}") ;;
 esac
 
 # Release + debug assertions: overflow checks and debug_assert!s are part of what is fuzzed.
