@@ -12,7 +12,7 @@ use std::{
 use super::{spec::LabSpec, Error, LabPaths, Result};
 use crate::{
     api,
-    cluster::LabSource,
+    cluster::files::FileSource,
     policy::{self, Applied, Policy},
 };
 
@@ -48,15 +48,15 @@ fn lock(dir: &Path) -> Result<CpLock> {
 pub fn apply(paths: &LabPaths, policies: Vec<Policy>) -> Result<(u64, Vec<(String, Applied)>)> {
     let dir = paths.control_plane();
     let _lock = lock(&dir)?;
-    let (generation, mut set) = LabSource::read_policies(&dir).map_err(cp_err)?;
+    let (generation, mut set) = FileSource::read_policies(&dir).map_err(cp_err)?;
     let results = set.apply_all(policies).map_err(policy_err)?;
     // Compile once for every identity, so a set no node can install is refused here, before
     // anything is written (nodes compile again for their own endpoints).
-    let state = LabSource::read(&dir).map_err(cp_err)?;
+    let state = FileSource::read(&dir).map_err(cp_err)?;
     let table = state.identity_table();
     let all: Vec<u32> = table.iter().map(|(id, _)| *id).collect();
     policy::compile(set.list(), &table, &all).map_err(policy_err)?;
-    LabSource::write_policies(&dir, generation + 1, &set)?;
+    FileSource::write_policies(&dir, generation + 1, &set)?;
     Ok((
         generation + 1,
         results
@@ -70,17 +70,17 @@ pub fn apply(paths: &LabPaths, policies: Vec<Policy>) -> Result<(u64, Vec<(Strin
 pub fn delete(paths: &LabPaths, names: &[(String, String)]) -> Result<u64> {
     let dir = paths.control_plane();
     let _lock = lock(&dir)?;
-    let (generation, mut set) = LabSource::read_policies(&dir).map_err(cp_err)?;
+    let (generation, mut set) = FileSource::read_policies(&dir).map_err(cp_err)?;
     for (ns, name) in names {
         set.delete(ns, name).map_err(policy_err)?;
     }
-    LabSource::write_policies(&dir, generation + 1, &set)?;
+    FileSource::write_policies(&dir, generation + 1, &set)?;
     Ok(generation + 1)
 }
 
 /// The policies in force, with their generation.
 pub fn list(paths: &LabPaths) -> Result<(u64, Vec<Policy>)> {
-    let (generation, set) = LabSource::read_policies(&paths.control_plane()).map_err(cp_err)?;
+    let (generation, set) = FileSource::read_policies(&paths.control_plane()).map_err(cp_err)?;
     Ok((generation, set.list().to_vec()))
 }
 

@@ -22,7 +22,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    cluster::{self, ClusterState, LabSource},
+    cluster::{self, files::FileSource, ClusterState},
     config::{Config, SourceConfig},
     sys,
 };
@@ -365,7 +365,7 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         state_dir: paths.node_dir(&node.name).join("state"),
         bpffs: PathBuf::from(BPFFS),
         pin_dir: paths.pin_dir(&node.name),
-        source: SourceConfig::Lab {
+        source: SourceConfig::Files {
             dir: paths.control_plane(),
         },
         encryption: spec.encryption,
@@ -585,7 +585,7 @@ fn build(
     progress.step(format!("cgroups under {}", paths.cgroup.display()));
     step_done("cgroups")?;
 
-    LabSource::write(&paths.control_plane(), &cluster_state(spec, 1))?;
+    FileSource::write(&paths.control_plane(), &cluster_state(spec, 1))?;
     for node in &spec.nodes {
         mkdir(&paths.node_dir(&node.name))?;
         let cfg = agent_config(spec, paths, node);

@@ -1,4 +1,4 @@
-//! Builds the eBPF programs in `../ebpf` for bpfel-unknown-none with the nightly toolchain and
+//! Builds the eBPF programs in `../../ebpf` for bpfel-unknown-none with the nightly toolchain and
 //! bpf-linker, and leaves the object in OUT_DIR for `include_bytes_aligned!`.
 
 use std::{
@@ -10,10 +10,11 @@ use std::{
 fn main() {
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let ebpf_dir = manifest_dir
-        .parent()
-        .expect("agent lives in the workspace")
-        .join("ebpf");
+    let workspace = manifest_dir
+        .ancestors()
+        .nth(2)
+        .expect("agent/daemon lives in the workspace");
+    let ebpf_dir = workspace.join("ebpf");
     for p in [
         "src",
         "Cargo.toml",
@@ -92,5 +93,11 @@ fn workspace_target_dir(manifest_dir: &Path, out_dir: &Path) -> PathBuf {
         .ancestors()
         .nth(4)
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| manifest_dir.parent().expect("workspace").join("target"))
+        .unwrap_or_else(|| {
+            manifest_dir
+                .ancestors()
+                .nth(2)
+                .expect("workspace")
+                .join("target")
+        })
 }

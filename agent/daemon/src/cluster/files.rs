@@ -1,13 +1,6 @@
-//! cluster: the agent's view of the cluster (nodes, pods, identities) and the sources it comes
-//! from.
-//!
-//! The agent sees only [`ClusterState`] snapshots on a watch channel; which source produced them
-//! (the lab control plane today, the Kubernetes API next) is invisible to the datapath and the
-//! auth code.
+//! The file source: the lab's control plane directory, polled.
 
 use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -16,131 +9,16 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-/// Errors reading cluster state.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot read cluster state {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("bad policy store {path}: {message}")]
-    Policy { path: PathBuf, message: String },
-    #[error("bad cluster state in {path}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-}
+use super::{ClusterSource, ClusterState, Error, WatchFuture};
 
-/// One consistent snapshot of the cluster.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterState {
-    /// Increases with every change the source publishes.
-    pub generation: u64,
-    pub cluster: String,
-    pub trust_domain: String,
-    pub nodes: Vec<Node>,
-    pub pods: Vec<Pod>,
-    /// Numeric security identities, one per namespace + label set, allocated by the control
-    /// plane so every node agrees.
-    #[serde(default)]
-    pub identities: Vec<Identity>,
-    /// Network policies in force, with the generation of the last change.
-    #[serde(default)]
-    pub policies: Vec<crate::policy::Policy>,
-    #[serde(default)]
-    pub policy_generation: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Identity {
-    pub id: u32,
-    pub namespace: String,
-    /// The pods' service account: part of the identity because it is part of the SPIFFE ID.
-    pub service_account: String,
-    /// The pod labels (without the namespace label the allocator adds).
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Node {
-    pub name: String,
-    pub id: u32,
-    pub underlay_ip: Ipv4Addr,
-    /// Pod CIDR as `a.b.c.d/len`.
-    pub pod_cidr: String,
-    /// The node's WireGuard public key (base64), once its agent has published it.
-    #[serde(default)]
-    pub wg_public_key: Option<String>,
-    /// The key the node will use next (base64), published ahead of a static key rotation: a
-    /// node handshake may claim either key while the rotation is under way.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wg_next_public_key: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Pod {
-    pub name: String,
-    pub namespace: String,
-    pub node: String,
-    pub ip: Ipv4Addr,
-    pub labels: BTreeMap<String, String>,
-    pub service_account: String,
-    /// Host side of the pod's veth on its node.
-    pub host_veth: String,
-    /// Numeric security identity (see [`ClusterState::identities`]).
-    #[serde(default)]
-    pub identity: u32,
-}
-
-impl ClusterState {
-    pub fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.iter().find(|n| n.name == name)
-    }
-
-    pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
-        self.pods.iter().filter(move |p| p.node == node)
-    }
-
-    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
-        self.pods.iter().find(|p| p.ip == ip)
-    }
-
-    /// The identity table in the form the policy compiler takes.
-    pub fn identity_table(&self) -> Vec<(u32, crate::policy::IdentityLabels)> {
-        self.identities
-            .iter()
-            .filter_map(|i| {
-                crate::policy::IdentityKey::new(&i.namespace, &i.service_account, &i.labels)
-                    .ok()
-                    .map(|k| (i.id, k.identity_labels()))
-            })
-            .collect()
-    }
-}
-
-/// Parses `a.b.c.d/len`.
-pub fn parse_cidr_v4(s: &str) -> Option<(Ipv4Addr, u8)> {
-    let (ip, len) = s.split_once('/')?;
-    let len: u8 = len.parse().ok()?;
-    (len <= 32).then_some((ip.parse().ok()?, len))
-}
-
-/// The lab control plane: a directory the `veil lab` CLI writes (`cluster.json`) and agents
-/// poll. Polling one file's mtime every second costs nothing measurable idle.
-pub struct LabSource {
+/// The file source: a directory the `veil lab` CLI writes (`cluster.json`, `policies.json`) and
+/// agents poll; each agent publishes its node key as `node-keys/<node>`. Polling one file's mtime every second costs nothing measurable idle.
+pub struct FileSource {
     dir: PathBuf,
     poll: Duration,
 }
 
-impl LabSource {
+impl FileSource {
     pub const STATE_FILE: &'static str = "cluster.json";
 
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -206,7 +84,7 @@ impl LabSource {
     /// Publishes this node's WireGuard public key (what Cilium keeps in a node annotation) and,
     /// ahead of a static key rotation, the key it will use next: the key file holds the current
     /// key and, on a second line, the next one.
-    pub fn publish_node_key(
+    pub fn publish_node_key_in(
         dir: &Path,
         node: &str,
         key: &str,
@@ -260,7 +138,7 @@ impl LabSource {
 
     /// Reads the first snapshot, then publishes every change on a watch channel until the
     /// receiver is dropped. A file that fails to parse keeps the last good snapshot in force.
-    pub async fn watch(self) -> Result<watch::Receiver<Arc<ClusterState>>, Error> {
+    pub async fn watch_dir(self) -> Result<watch::Receiver<Arc<ClusterState>>, Error> {
         // Stat before reading: any write after this point shows up as a changed mtime.
         let path = Self::state_path(&self.dir);
         let keys = Self::keys_dir(&self.dir);
@@ -293,6 +171,24 @@ impl LabSource {
     }
 }
 
+impl ClusterSource for FileSource {
+    fn kind(&self) -> &'static str {
+        "files"
+    }
+
+    fn watch(&self) -> WatchFuture<'_> {
+        let me = Self {
+            dir: self.dir.clone(),
+            poll: self.poll,
+        };
+        Box::pin(me.watch_dir())
+    }
+
+    fn publish_node_key(&self, node: &str, current: &str, next: Option<&str>) -> Result<(), Error> {
+        Self::publish_node_key_in(&self.dir, node, current, next).map_err(Error::Publish)
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoredPolicies {
@@ -306,7 +202,10 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
+    use crate::cluster::Node;
 
     #[test]
     fn a_node_publishes_its_next_key_beside_the_current_one() {
@@ -324,36 +223,18 @@ mod tests {
             }],
             ..ClusterState::default()
         };
-        LabSource::write(&dir, &state).unwrap();
+        FileSource::write(&dir, &state).unwrap();
         let keys = |d: &Path| {
-            let n = LabSource::read(d).unwrap().nodes.remove(0);
+            let n = FileSource::read(d).unwrap().nodes.remove(0);
             (n.wg_public_key, n.wg_next_public_key)
         };
         assert_eq!(keys(&dir), (None, None));
-        LabSource::publish_node_key(&dir, "node-a", "K1", None).unwrap();
+        FileSource::publish_node_key_in(&dir, "node-a", "K1", None).unwrap();
         assert_eq!(keys(&dir), (Some("K1".into()), None));
-        LabSource::publish_node_key(&dir, "node-a", "K1", Some("K2")).unwrap();
+        FileSource::publish_node_key_in(&dir, "node-a", "K1", Some("K2")).unwrap();
         assert_eq!(keys(&dir), (Some("K1".into()), Some("K2".into())));
-        LabSource::publish_node_key(&dir, "node-a", "K2", None).unwrap();
+        FileSource::publish_node_key_in(&dir, "node-a", "K2", None).unwrap();
         assert_eq!(keys(&dir), (Some("K2".into()), None));
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn cidr_parsing() {
-        assert_eq!(
-            parse_cidr_v4("198.19.2.0/24"),
-            Some((Ipv4Addr::new(198, 19, 2, 0), 24))
-        );
-        assert_eq!(parse_cidr_v4("198.19.2.0/33"), None);
-        assert_eq!(parse_cidr_v4("198.19.2.0"), None);
-        assert_eq!(parse_cidr_v4("x/24"), None);
-    }
-
-    #[test]
-    fn unknown_fields_in_state_are_errors() {
-        let bad =
-            r#"{"generation":1,"cluster":"c","trust_domain":"t","nodes":[],"pods":[],"extra":1}"#;
-        assert!(serde_json::from_str::<ClusterState>(bad).is_err());
     }
 }

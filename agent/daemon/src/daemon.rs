@@ -26,8 +26,8 @@ use veil_common::maps::{PolicyEntry, PolicyKey};
 use crate::{
     admin::{self, AdminRequest, AdminResponse, BoxFuture},
     api,
-    cluster::{self, ClusterState, LabSource},
-    config::{Config, SourceConfig},
+    cluster::{self, ClusterSource, ClusterState},
+    config::Config,
     datapath::policy as dp_policy,
     datapath::{
         self,
@@ -51,7 +51,7 @@ pub enum Error {
     #[error(transparent)]
     Tunnel(#[from] crate::tunnel::Error),
     #[error("cannot publish the node key")]
-    Publish(#[source] crate::sys::Error),
+    Publish(#[source] cluster::Error),
     #[error("identity client")]
     Spire(#[source] veil_spire::Error),
     #[error("cluster trust domain {0:?} is not a SPIFFE trust domain")]
@@ -69,6 +69,8 @@ pub enum Error {
 /// Everything the admin API and the reconcile loop share.
 struct Shared {
     cfg: Config,
+    /// Where cluster state comes from and this node's key is published.
+    source: Arc<dyn ClusterSource>,
     datapath: Datapath,
     cluster: Arc<ClusterState>,
     tunnel: Option<NodeTunnel>,
@@ -129,9 +131,8 @@ impl Agent {
             source,
         })?;
         let restarts = bump_start_count(&cfg.state_dir);
-        let cluster_rx = match &cfg.source {
-            SourceConfig::Lab { dir } => LabSource::new(dir).watch().await?,
-        };
+        let source = cluster::open(&cfg.source);
+        let cluster_rx = source.watch().await?;
         let cluster = cluster_rx.borrow().clone();
         let me = cluster
             .node(&cfg.node)
@@ -146,12 +147,9 @@ impl Agent {
         let tunnel = if cfg.encryption {
             let key = crate::tunnel::load_or_create_key(&cfg.state_dir)?;
             let t = NodeTunnel::open(&cfg, key)?;
-            match &cfg.source {
-                SourceConfig::Lab { dir } => {
-                    LabSource::publish_node_key(dir, &cfg.node, &t.public_key().to_base64(), None)
-                        .map_err(Error::Publish)?
-                }
-            }
+            source
+                .publish_node_key(&cfg.node, &t.public_key().to_base64(), None)
+                .map_err(Error::Publish)?;
             tracing::info!(
                 backend = t.backend().as_str(),
                 interface = t.interface(),
@@ -295,6 +293,7 @@ impl Agent {
                 .set_annotator(auth_error_annotator(ms.clone(), cluster_rx.clone()));
         }
         let shared = Shared {
+            source,
             cfg,
             datapath,
             cluster,
@@ -556,8 +555,10 @@ fn rotate_node_key(s: &mut Shared) -> Option<PendingKey> {
         let key = veil_transport::PrivateKey::generate();
         let current = s.tunnel.as_ref()?.public_key().to_base64();
         let next = key.public_key().to_base64();
-        let SourceConfig::Lab { dir } = &s.cfg.source;
-        if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &current, Some(&next)) {
+        if let Err(e) = s
+            .source
+            .publish_node_key(&s.cfg.node, &current, Some(&next))
+        {
             tracing::warn!(error = %e, "cannot publish the next node key; keeping the current key");
             return None;
         }
@@ -574,8 +575,10 @@ fn rotate_node_key(s: &mut Shared) -> Option<PendingKey> {
             return None;
         }
     };
-    let SourceConfig::Lab { dir } = &s.cfg.source;
-    if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &public.to_base64(), None) {
+    if let Err(e) = s
+        .source
+        .publish_node_key(&s.cfg.node, &public.to_base64(), None)
+    {
         tracing::warn!(error = %e, "cannot publish the rotated node key");
     }
     tracing::info!(public_key = %public, took_us = started.elapsed().as_micros() as u64, "node WireGuard key rotated");
@@ -595,15 +598,18 @@ fn commit_node_key(s: &mut Shared, key: veil_transport::PrivateKey) {
             tracing::warn!(error = %crate::error_chain(&e), "node key rotation failed; keeping the current key");
             // Publish the key in use again, so peers keep admitting its handshakes.
             let current = t.public_key();
-            let SourceConfig::Lab { dir } = &s.cfg.source;
-            let _ = LabSource::publish_node_key(dir, &s.cfg.node, &current.to_base64(), None);
+            let _ = s
+                .source
+                .publish_node_key(&s.cfg.node, &current.to_base64(), None);
             return;
         }
     };
     // The next key is the current one now (a peer that has not read this yet still admits it
     // as the published next key).
-    let SourceConfig::Lab { dir } = &s.cfg.source;
-    if let Err(e) = LabSource::publish_node_key(dir, &s.cfg.node, &public.to_base64(), None) {
+    if let Err(e) = s
+        .source
+        .publish_node_key(&s.cfg.node, &public.to_base64(), None)
+    {
         tracing::warn!(error = %e, "cannot publish the rotated node key");
     }
     if let Some((wg_key, rehandshake)) = &s.key_rotation {

@@ -31,8 +31,8 @@ pub enum Error {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceConfig {
-    /// The lab control plane directory.
-    Lab { dir: PathBuf },
+    /// A control plane directory (the lab's): `cluster.json`, `policies.json`, `node-keys/`.
+    Files { dir: PathBuf },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,7 +261,7 @@ mod tests {
 
     const GOOD: &str =
         "cluster: veil\nnode: node-a\nadmin_socket: /run/a.sock\nstate_dir: /run/s\n\
-pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: lab, dir: /run/cp}\ninterface: veil-wg1\n";
+pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: files, dir: /run/cp}\ninterface: veil-wg1\n";
 
     #[test]
     fn parses_with_defaults() {
@@ -291,7 +291,7 @@ pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: lab, dir: /run/cp}\ninterf
         .unwrap_err();
         assert!(e.to_string().contains("pin_dir"));
         let e = Config::parse(
-            &GOOD.replace("{kind: lab, dir: /run/cp}", "{kind: k8s}"),
+            &GOOD.replace("{kind: files, dir: /run/cp}", "{kind: k8s}"),
             Path::new("a"),
         )
         .unwrap_err();

@@ -1,0 +1,185 @@
+//! cluster: the agent's view of the cluster (nodes, pods, identities, policies, peers' node
+//! keys) and the seam its sources plug into.
+//!
+//! The agent sees only [`ClusterState`] snapshots on a watch channel, and publishes its own node
+//! key, through one trait, [`ClusterSource`]; [`open`] builds the source a config names and is
+//! the only place that knows the implementations. The file source ([`files`], the lab's control
+//! plane directory) is one; the Kubernetes API will be the next. Which one is in use is invisible
+//! to the daemon, the datapath and the auth code.
+
+pub mod files;
+
+use std::{
+    collections::BTreeMap, future::Future, net::Ipv4Addr, path::PathBuf, pin::Pin, sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Errors reading cluster state.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read cluster state {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad policy store {path}: {message}")]
+    Policy { path: PathBuf, message: String },
+    #[error("cannot publish the node key")]
+    Publish(#[source] crate::sys::Error),
+    #[error("bad cluster state in {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One consistent snapshot of the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterState {
+    /// Increases with every change the source publishes.
+    pub generation: u64,
+    pub cluster: String,
+    pub trust_domain: String,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    /// Numeric security identities, one per namespace + label set, allocated by the control
+    /// plane so every node agrees.
+    #[serde(default)]
+    pub identities: Vec<Identity>,
+    /// Network policies in force, with the generation of the last change.
+    #[serde(default)]
+    pub policies: Vec<crate::policy::Policy>,
+    #[serde(default)]
+    pub policy_generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub id: u32,
+    pub namespace: String,
+    /// The pods' service account: part of the identity because it is part of the SPIFFE ID.
+    pub service_account: String,
+    /// The pod labels (without the namespace label the allocator adds).
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: String,
+    pub id: u32,
+    pub underlay_ip: Ipv4Addr,
+    /// Pod CIDR as `a.b.c.d/len`.
+    pub pod_cidr: String,
+    /// The node's WireGuard public key (base64), once its agent has published it.
+    #[serde(default)]
+    pub wg_public_key: Option<String>,
+    /// The key the node will use next (base64), published ahead of a static key rotation: a
+    /// node handshake may claim either key while the rotation is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_next_public_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    /// Host side of the pod's veth on its node.
+    pub host_veth: String,
+    /// Numeric security identity (see [`ClusterState::identities`]).
+    #[serde(default)]
+    pub identity: u32,
+}
+
+impl ClusterState {
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.iter().filter(move |p| p.node == node)
+    }
+
+    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
+        self.pods.iter().find(|p| p.ip == ip)
+    }
+
+    /// The identity table in the form the policy compiler takes.
+    pub fn identity_table(&self) -> Vec<(u32, crate::policy::IdentityLabels)> {
+        self.identities
+            .iter()
+            .filter_map(|i| {
+                crate::policy::IdentityKey::new(&i.namespace, &i.service_account, &i.labels)
+                    .ok()
+                    .map(|k| (i.id, k.identity_labels()))
+            })
+            .collect()
+    }
+}
+
+/// Parses `a.b.c.d/len`.
+pub fn parse_cidr_v4(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, len) = s.split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    (len <= 32).then_some((ip.parse().ok()?, len))
+}
+
+/// Where an agent's cluster state comes from, and where it publishes its node key.
+///
+/// A source delivers consistent snapshots (never a half-applied change) and keeps the last good
+/// one in force when the next cannot be read. Publishing is synchronous and cheap: a source that
+/// talks to a remote API queues the write and retries it itself.
+pub trait ClusterSource: Send + Sync {
+    /// Short name for logs and `veil status` (`files`, `kubernetes`).
+    fn kind(&self) -> &'static str;
+    /// Reads the first snapshot, then keeps the receiver current until it is dropped.
+    fn watch(&self) -> WatchFuture<'_>;
+    /// Publishes this node's WireGuard public key and, ahead of a static key rotation, the key it
+    /// will use next (what Cilium keeps in a node annotation).
+    fn publish_node_key(&self, node: &str, current: &str, next: Option<&str>) -> Result<(), Error>;
+}
+
+/// What [`ClusterSource::watch`] returns.
+pub type WatchFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<watch::Receiver<Arc<ClusterState>>, Error>> + Send + 'a>>;
+
+/// The source a config names.
+pub fn open(cfg: &crate::config::SourceConfig) -> Arc<dyn ClusterSource> {
+    match cfg {
+        crate::config::SourceConfig::Files { dir } => Arc::new(files::FileSource::new(dir.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parsing() {
+        assert_eq!(
+            parse_cidr_v4("198.19.2.0/24"),
+            Some((Ipv4Addr::new(198, 19, 2, 0), 24))
+        );
+        assert_eq!(parse_cidr_v4("198.19.2.0/33"), None);
+        assert_eq!(parse_cidr_v4("198.19.2.0"), None);
+        assert_eq!(parse_cidr_v4("x/24"), None);
+    }
+
+    #[test]
+    fn unknown_fields_in_state_are_errors() {
+        let bad =
+            r#"{"generation":1,"cluster":"c","trust_domain":"t","nodes":[],"pods":[],"extra":1}"#;
+        assert!(serde_json::from_str::<ClusterState>(bad).is_err());
+    }
+}
