@@ -20,9 +20,9 @@ use crate::{
 };
 
 /// The WireGuard port on the underlay.
-pub const WG_PORT: u16 = 51820;
+pub const WG_PORT: u16 = veil_transport::DEFAULT_LISTEN_PORT;
 /// The agents' mTLS control channel.
-pub const CONTROL_PORT: u16 = 4250;
+pub const CONTROL_PORT: u16 = crate::auth::DEFAULT_PORT;
 const MARKER_PORT: u16 = 17917;
 
 /// Errors running the check (not a failed verdict: that is a report with `pass: false`).
@@ -515,8 +515,8 @@ mod tests {
             f
         };
         let data = pcap(&[
-            ipv4(17, 51820, 51820, b"\x04encrypted"),
-            ipv4(6, 40000, 4250, b"tls"),
+            ipv4(17, WG_PORT, WG_PORT, b"\x04encrypted"),
+            ipv4(6, 40000, CONTROL_PORT, b"tls"),
             spire_to,
             spire_from,
             spire_other_port,

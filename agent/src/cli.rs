@@ -148,7 +148,11 @@ pub fn format_status(st: &api::Status) -> String {
         }
     }
     if !st.channels.is_empty() {
-        let _ = writeln!(s, "  control channels (mTLS, port 4250):");
+        let _ = writeln!(
+            s,
+            "  control channels (mTLS, port {}):",
+            crate::auth::DEFAULT_PORT
+        );
         for c in &st.channels {
             let _ = writeln!(
                 s,

@@ -46,7 +46,7 @@ static VEIL_IF_STATS: PerCpuHashMap<u32, IfStats> = PerCpuHashMap::pinned(IF_STA
 #[map(name = "VEIL_DROPS")]
 static VEIL_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(reason::MAX, 0);
 #[map(name = "VEIL_VERDICTS")]
-static VEIL_VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(4, 0);
+static VEIL_VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(verdict::COUNT, 0);
 #[map(name = "VEIL_IPCACHE")]
 static VEIL_IPCACHE: LpmTrie<IpKey, IpInfo> = LpmTrie::pinned(IPCACHE_MAX, 0);
 #[map(name = "VEIL_NODES")]
@@ -71,11 +71,10 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_ARP: u16 = 0x0806;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_SCTP: u8 = 132;
+use veil_common::ipproto::{
+    ICMP as IPPROTO_ICMP, ICMPV6 as IPPROTO_ICMPV6, SCTP as IPPROTO_SCTP, TCP as IPPROTO_TCP,
+    UDP as IPPROTO_UDP,
+};
 /// One event per (identities, port, verdict, reason) per second; the rest are counted into it.
 const THROTTLE_NS: u64 = 1_000_000_000;
 

@@ -1,4 +1,5 @@
-//! Jittered, capped exponential backoff for reconnect loops.
+//! Reconnect backoff of the SPIRE clients: an attempt counter around veil's one backoff
+//! ([`veil_common::backoff::Backoff`], capped exponential with equal jitter).
 
 use std::time::Duration;
 
@@ -20,9 +21,7 @@ impl Default for BackoffConfig {
     }
 }
 
-/// Delay `n` is uniform in `[d/2, d]` with `d = min(max, initial·2ⁿ)` ("equal jitter"): never
-/// zero, so nothing busy-loops, and spread so clients of a restarted agent do not reconnect in
-/// lockstep.
+/// Delay `n` is uniform in `[d/2, d]` with `d = min(max, initial·2ⁿ)`.
 #[derive(Debug)]
 pub(crate) struct Backoff {
     cfg: BackoffConfig,
@@ -39,17 +38,10 @@ impl Backoff {
     }
 
     pub(crate) fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
-        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
-        let ceiling = self.cfg.initial.saturating_mul(factor).min(self.cfg.max);
+        let b = veil_common::backoff::Backoff::new(self.cfg.initial, self.cfg.max);
+        let d = b.jittered(self.attempt, rng.random());
         self.attempt = self.attempt.saturating_add(1);
-        let floor = ceiling / 2;
-        let span = (ceiling - floor).as_nanos() as u64;
-        floor
-            + Duration::from_nanos(if span == 0 {
-                0
-            } else {
-                rng.random_range(0..=span)
-            })
+        d
     }
 }
 

@@ -19,13 +19,18 @@ pub use allowed_ips::IpPrefix;
 pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use tunnel::{Backend, DeviceState, Error, PeerConfig, PeerState, Tunnel};
 
-/// WireGuard's per-packet overhead: outer IP header + UDP (8) + WireGuard header and tag (32).
+/// WireGuard's default UDP port, the one every node listens on unless configured otherwise.
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+
+/// What WireGuard adds inside its UDP payload to every data packet: the 16-byte header
+/// (type, receiver index, counter) and the 16-byte Poly1305 tag.
+pub const DATA_OVERHEAD: u32 = 32;
+
+/// WireGuard's per-packet overhead on the underlay: outer IP header (20, or 40 on IPv6) + UDP
+/// (8) + [`DATA_OVERHEAD`].
 pub const fn overhead(ipv6_underlay: bool) -> u32 {
-    if ipv6_underlay {
-        80
-    } else {
-        60
-    }
+    let ip = if ipv6_underlay { 40 } else { 20 };
+    ip + 8 + DATA_OVERHEAD
 }
 
 /// Makes a panic in any thread end the whole process (after the default report), for veil-wg

@@ -107,7 +107,7 @@ pub struct Config {
 }
 
 fn default_control_port() -> u16 {
-    4250
+    crate::auth::DEFAULT_PORT
 }
 
 /// Shortest PSK and static key rotation periods.
@@ -152,7 +152,7 @@ fn yes() -> bool {
 }
 
 fn default_listen_port() -> u16 {
-    51820
+    veil_transport::DEFAULT_LISTEN_PORT
 }
 
 impl Config {

@@ -112,12 +112,13 @@ impl Filter {
 }
 
 pub fn protocol_name(p: u8) -> String {
+    use veil_common::ipproto;
     match p {
-        1 => "ICMP".into(),
-        6 => "TCP".into(),
-        17 => "UDP".into(),
-        58 => "ICMPv6".into(),
-        132 => "SCTP".into(),
+        ipproto::ICMP => "ICMP".into(),
+        ipproto::TCP => "TCP".into(),
+        ipproto::UDP => "UDP".into(),
+        ipproto::ICMPV6 => "ICMPv6".into(),
+        ipproto::SCTP => "SCTP".into(),
         n => format!("IP-{n}"),
     }
 }

@@ -71,6 +71,11 @@ type HandshakeResult = (AuthTriple, Instant, Result<Authenticated, AuthFailure>)
 /// At most this many pairs' last failures are kept for flow records.
 const PAIR_FAILURES_MAX: usize = 65_536;
 
+/// Redial of a peer node whose control channel failed: the n-th consecutive failure waits
+/// 250 ms·2ⁿ, at most 30 s.
+const REDIAL_BACKOFF: veil_common::backoff::Backoff =
+    veil_common::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+
 /// What `veil status` shows about the mesh.
 #[derive(Clone, Debug, Default)]
 pub struct MeshStatus {
@@ -504,7 +509,7 @@ impl Mesh {
                         }
                         Err(reason) => {
                             let tries = redial_at.get(&id).map(|(_, n)| n + 1).unwrap_or(1);
-                            let backoff = Duration::from_millis(250 * (1 << tries.min(7))).min(Duration::from_secs(30));
+                            let backoff = REDIAL_BACKOFF.delay(tries);
                             redial_at.insert(id, (Instant::now() + backoff, tries));
                             self.count_failure(reason);
                             self.node_result(id, Some(reason));

@@ -103,7 +103,7 @@ pub struct LabPaths {
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Where the userspace WireGuard device serves UAPI (the path `wg` looks in).
-pub const WG_SOCKET_DIR: &str = "/var/run/wireguard";
+pub use veil_transport::userspace::UAPI_DIR as WG_SOCKET_DIR;
 
 impl LabPaths {
     pub fn new(name: &str) -> Result<Self> {
@@ -372,7 +372,7 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         strict: true,
         backend: spec.backend,
         interface: node.wg_interface.clone(),
-        listen_port: 51820,
+        listen_port: veil_transport::DEFAULT_LISTEN_PORT,
         mtu: spec.pod_mtu() as u16,
         wg_binary: None,
         wg_log: Some(paths.log(&format!("wg-{}", node.name))),
@@ -385,7 +385,7 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         spire_admin_socket: (spec.identity == spec::IdentityProvider::Spire)
             .then(|| spire_real::admin_socket(paths, &node.name)),
         mutual_auth: true,
-        control_port: 4250,
+        control_port: crate::auth::DEFAULT_PORT,
         allow_classical_kx: false,
         psk_rotation: spec.psk_rotation,
         key_rotation: spec.key_rotation,

@@ -705,14 +705,8 @@ impl LabSpec {
     /// MTU of pod interfaces: the underlay MTU minus the IPv4 WireGuard overhead (20 IP + 8 UDP
     /// + 32 WireGuard), so an encrypted packet never needs fragmenting on the underlay.
     pub fn pod_mtu(&self) -> u32 {
-        self.underlay_mtu - transport_overhead_v4()
+        self.underlay_mtu - veil_transport::overhead(false)
     }
-}
-
-/// WireGuard's per-packet overhead on an IPv4 underlay: outer IP (20) + UDP (8) + WireGuard
-/// header and tag (32). On IPv6 it is 80.
-pub const fn transport_overhead_v4() -> u32 {
-    60
 }
 
 #[cfg(test)]

@@ -171,8 +171,9 @@ fn read_manifest(paths: &LabPaths) -> Result<Vec<Managed>> {
 /// Restart delay after the n-th consecutive quick exit: 0.5 s doubling to a 10 s cap. A process
 /// that ran for a minute starts over at the minimum.
 pub fn backoff(consecutive_failures: u32) -> Duration {
-    let ms = 500u64.saturating_mul(1 << consecutive_failures.min(5));
-    Duration::from_millis(ms.min(10_000))
+    const RESTART: veil_common::backoff::Backoff =
+        veil_common::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    RESTART.delay(consecutive_failures)
 }
 
 /// Runs the supervisor loop (never returns unless the manifest is unreadable).

@@ -4,9 +4,13 @@
 //! verdict and drop-reason codes. Everything here is `#[repr(C)]`, `Copy`, fixed width with
 //! explicit padding, and free of `bool`, `usize` and enums, so both sides agree byte for byte.
 //!
+//! Also the one home of the few pure helpers every userspace crate shares ([`backoff`]), since
+//! this is the crate they all depend on.
+//!
 //! Must not depend on: anything but `core` (and `aya`, for `Pod`, behind the `user` feature).
 #![no_std]
 
+pub mod backoff;
 pub mod maps;
 pub mod reason;
 
@@ -48,9 +52,20 @@ pub mod config_flags {
     pub const AUDIT: u32 = 1 << 2;
 }
 
+/// IP protocol numbers (IANA), the one home for the datapath, policy, flows and tests.
+pub mod ipproto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
 /// Verdict codes carried in flow events.
 pub mod verdict {
     pub const FORWARDED: u8 = 1;
     pub const DROPPED: u8 = 2;
     pub const AUDIT: u8 = 3;
+    /// Slots of the per-verdict counter map (codes 0..COUNT; 0 is unused).
+    pub const COUNT: u32 = 4;
 }

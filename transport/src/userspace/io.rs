@@ -34,7 +34,7 @@ use super::{
 use crate::uapi::{self, Request};
 
 /// WireGuard data overhead: 16-byte header + 16-byte tag (payload padded to 16).
-const WG_OVERHEAD: usize = 32;
+const WG_OVERHEAD: usize = crate::DATA_OVERHEAD as usize;
 const SOCKET_BUFFER: usize = 8 << 20;
 const MAX_DATAGRAM: usize = 65535;
 const HANDSHAKE_INIT_LEN: usize = 148;

@@ -377,14 +377,16 @@ impl AuthTable {
     /// A handshake we started failed. The entry (if any) stays until it expires: it was
     /// valid and nothing revoked it. `jitter` in [0, 1) spreads retries.
     pub fn on_failed(&mut self, t: AuthTriple, reason: AuthFailure, now: Instant, jitter: f64) {
-        let (min, max) = (self.cfg.retry_min, self.cfg.retry_max);
+        let retry = veil_common::backoff::Backoff::new(self.cfg.retry_min, self.cfg.retry_max);
         let s = self.state_mut(t);
         s.in_flight = false;
         s.last_result = Some(Err(reason));
-        let exp = s.failures.min(16);
+        let exp = s.failures;
         s.failures = s.failures.saturating_add(1);
         if s.desired {
-            let base = min.saturating_mul(1u32 << exp).min(max);
+            // Spread above the base ([d, 1.5d], not the reconnect loops' [d/2, d]): a retry
+            // never comes earlier than the policy's minimum.
+            let base = retry.delay(exp);
             s.next_attempt = Some(now + base.mul_f64(1.0 + jitter.clamp(0.0, 1.0) * 0.5));
         }
         self.settle(t);

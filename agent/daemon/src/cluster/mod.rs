@@ -129,10 +129,17 @@ impl ClusterState {
 }
 
 /// Parses `a.b.c.d/len`.
+/// The same parser as the tunnel's allowed IPs (`IpPrefix`), so both read a pod CIDR alike; the
+/// length is required here, and host bits are cleared.
 pub fn parse_cidr_v4(s: &str) -> Option<(Ipv4Addr, u8)> {
-    let (ip, len) = s.split_once('/')?;
-    let len: u8 = len.parse().ok()?;
-    (len <= 32).then_some((ip.parse().ok()?, len))
+    if !s.contains('/') {
+        return None;
+    }
+    let p: veil_transport::IpPrefix = s.parse().ok()?;
+    match p.addr() {
+        std::net::IpAddr::V4(a) => Some((a, p.len())),
+        std::net::IpAddr::V6(_) => None,
+    }
 }
 
 /// Where an agent's cluster state comes from, and where it publishes its node key.

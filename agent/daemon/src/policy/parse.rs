@@ -234,10 +234,10 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    pub const TCP: u8 = 6;
-    pub const UDP: u8 = 17;
-    pub const SCTP: u8 = 132;
-    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = veil_common::ipproto::TCP;
+    pub const UDP: u8 = veil_common::ipproto::UDP;
+    pub const SCTP: u8 = veil_common::ipproto::SCTP;
+    pub const ICMP: u8 = veil_common::ipproto::ICMP;
 
     /// The IP protocol number, 0 for ANY.
     pub fn number(self) -> u8 {

@@ -374,7 +374,7 @@ impl TestDatapath {
     }
 
     /// Packets per verdict code ([`veil_common::verdict`]), summed over CPUs.
-    pub fn verdicts(&self) -> Result<[u64; 4], Error> {
+    pub fn verdicts(&self) -> Result<[u64; veil_common::verdict::COUNT as usize], Error> {
         let map = self
             .dp
             .ebpf()
@@ -382,7 +382,7 @@ impl TestDatapath {
             .ok_or(Error::Datapath(super::Error::MissingMap(names::VERDICTS)))?;
         let map: PerCpuArray<_, u64> =
             PerCpuArray::try_from(map).map_err(map_err(names::VERDICTS))?;
-        let mut out = [0u64; 4];
+        let mut out = [0u64; veil_common::verdict::COUNT as usize];
         for (code, slot) in out.iter_mut().enumerate() {
             *slot = map
                 .get(&(code as u32), 0)
