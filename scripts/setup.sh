@@ -6,6 +6,7 @@
 #   - cargo-nextest
 #   - the third-party systems veil runs beside, built from source with Go into the cache, once
 #     (scripts/go-tools.sh: SPIRE, kube-apiserver, kubectl, etcd, helm, wireguard-go; versions there)
+#   - boringtun-cli 0.7.1 from crates.io (interop tests, benchmark), built once into the cache
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -104,5 +105,23 @@ fi
 # --- SPIRE, kube-apiserver, kubectl, etcd, helm, wireguard-go (Go, from source) --------------
 # Not in VEIL_SETUP_TOOLCHAIN_ONLY mode (that one exited above). Links in ${VEIL_TOOLS_BIN:-$cache/bin}.
 "$(dirname "$0")/go-tools.sh"
+
+# --- boringtun-cli 0.7.1 (crates.io) ---------------------------------------------------------
+# The second independent WireGuard of the interop tests (tests/tests/interop.rs). Built once per
+# machine into the directory the benchmark installs it in (benches/src/setup.rs:
+# ~/.cache/veil/bench/boringtun-cli-0.7.1), so with the default cache directories one build
+# serves both; linked beside wireguard-go, where the interop tests look.
+bt_version=0.7.1
+bt_root="$cache/bench/boringtun-cli-$bt_version"
+if [ ! -x "$bt_root/bin/boringtun-cli" ]; then
+  say "installing boringtun-cli $bt_version into $bt_root (about 2 minutes, once)"
+  cargo install boringtun-cli --locked --version "$bt_version" --root "$bt_root" \
+    >/dev/null 2>"$cache/boringtun-cli-build.log" \
+    || die "cargo install boringtun-cli $bt_version failed; see $cache/boringtun-cli-build.log"
+fi
+tools_bin="${VEIL_TOOLS_BIN:-$cache/bin}"
+mkdir -p "$tools_bin"
+[ "$(readlink "$tools_bin/boringtun-cli" 2>/dev/null)" = "$bt_root/bin/boringtun-cli" ] \
+  || ln -sfn "$bt_root/bin/boringtun-cli" "$tools_bin/boringtun-cli"
 
 say "ok (nightly LLVM $llvm_major, $("$tool_root/bin/bpf-linker" --version 2>/dev/null | head -n1))"

@@ -1,16 +1,22 @@
-//! Interop: veil-wg against wireguard-go, the reference userspace WireGuard (issue 17).
+//! Interop: veil-wg against two independent userspace WireGuards (issue 17): wireguard-go, the
+//! reference implementation, and boringtun-cli 0.7.1 (crates.io), the implementation veil-wg's
+//! protocol core comes from.
 //!
 //! Each test builds two network namespaces of its own joined by a veth pair on the lab range
 //! (underlay 198.18.200.0/24, tunnel 198.19.200.0/24, both only inside the two namespaces), runs
-//! `target/release/veil-wg` in one and `wireguard-go` (built by `scripts/setup.sh`) in the other,
-//! and configures both with `wg set` from wireguard-tools. Everything is removed on drop, also
-//! when the test panics. Missing tools fail the test; nothing is skipped.
+//! `target/release/veil-wg` in one and the other implementation (both installed by
+//! `scripts/setup.sh`) in the other, and configures both with `wg set` from wireguard-tools. Every
+//! test runs once per implementation (`interop_tests!`). Everything is removed on drop, also when
+//! the test panics. Missing tools fail the test; nothing is skipped.
 
 use std::{
     fs::File,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd as _, unix::fs::PermissionsExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::{fs::PermissionsExt as _, net::UnixStream},
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
@@ -19,7 +25,7 @@ use std::{
 
 use veil_tests::{require_lab_environment, unique_name};
 
-/// Underlay (veth) and tunnel addresses: `A` runs veil-wg, `B` runs wireguard-go.
+/// Underlay (veth) and tunnel addresses: `A` runs veil-wg, `B` the other implementation.
 const UNDER_A: &str = "198.18.200.1";
 const UNDER_B: &str = "198.18.200.2";
 const TUN_A: &str = "198.19.200.1";
@@ -36,8 +42,9 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `wireguard-go` from `$VEIL_TOOLS_BIN`, `$VEIL_CACHE_DIR/bin` or `~/.cache/veil/bin`.
-fn wireguard_go() -> PathBuf {
+/// A tool `scripts/setup.sh` installs, from `$VEIL_TOOLS_BIN`, `$VEIL_CACHE_DIR/bin` or
+/// `~/.cache/veil/bin`.
+fn tool(name: &str) -> PathBuf {
     let mut dirs = Vec::new();
     if let Some(d) = std::env::var_os("VEIL_TOOLS_BIN") {
         dirs.push(PathBuf::from(d));
@@ -49,11 +56,79 @@ fn wireguard_go() -> PathBuf {
         dirs.push(PathBuf::from(h).join(".cache/veil/bin"));
     }
     dirs.iter()
-        .map(|d| d.join("wireguard-go"))
+        .map(|d| d.join(name))
         .find(|p| p.exists())
         .unwrap_or_else(|| {
-            panic!("wireguard-go not found in {dirs:?}: run scripts/setup.sh (it builds it)")
+            panic!("{name} not found in {dirs:?}: run scripts/setup.sh (it installs it)")
         })
+}
+
+/// The implementation veil-wg is tested against (side B).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Impl {
+    /// wireguard-go (Go module proxy, built by `scripts/go-tools.sh`).
+    WireguardGo,
+    /// boringtun-cli 0.7.1 (`cargo install`, by `scripts/setup.sh`).
+    BoringtunCli,
+}
+
+impl Impl {
+    fn name(self) -> &'static str {
+        match self {
+            Impl::WireguardGo => "wireguard-go",
+            Impl::BoringtunCli => "boringtun-cli",
+        }
+    }
+
+    /// Starts the daemon in the foreground (so it dies with the test), creating `ifname` and its
+    /// UAPI socket `/var/run/wireguard/<ifname>.sock`, logging to `log`.
+    fn start(self, ns: &Netns, ifname: &str, log: PathBuf) -> Daemon {
+        let bin = tool(self.name());
+        let bin = bin.to_str().unwrap();
+        match self {
+            Impl::WireguardGo => Daemon::start(
+                ns,
+                &[bin, "-f", ifname],
+                &[("WG_PROCESS_FOREGROUND", "1"), ("LOG_LEVEL", "verbose")],
+                ifname,
+                log,
+            ),
+            // `--disable-drop-privileges` (env WG_SUDO): as root outside sudo it would setuid to
+            // root's own ids, find it can regain root and exit "Failed to permanently drop
+            // privileges". In the foreground it logs to stdout (`--log` is for the daemonized
+            // mode only).
+            Impl::BoringtunCli => Daemon::start(
+                ns,
+                &[
+                    bin,
+                    "--foreground",
+                    "--disable-drop-privileges",
+                    "--threads",
+                    "2",
+                    "--verbosity",
+                    "info",
+                    ifname,
+                ],
+                &[],
+                ifname,
+                log,
+            ),
+        }
+    }
+
+    /// Whether the UAPI's `last_handshake_time_sec` is the handshake's age rather than its Unix
+    /// time (the protocol's meaning): boringtun 0.7.1 writes `time_since_last_handshake()`, so
+    /// `wg show latest-handshakes` shows a handshake a few seconds ago as 1970.
+    fn reports_handshake_age(self) -> bool {
+        self == Impl::BoringtunCli
+    }
+
+    /// Whether `wg set` may change a peer it already has. boringtun 0.7.1's `update_peer` panics
+    /// on an existing public key ("Modifying existing peers is not yet supported. Remove and add
+    /// again instead."), which kills its UAPI thread: it needs remove, then add.
+    fn updates_peers_in_place(self) -> bool {
+        self == Impl::WireguardGo
+    }
 }
 
 fn veil_wg_bin() -> PathBuf {
@@ -184,7 +259,7 @@ fn in_netns<T: Send + 'static>(
     })
 }
 
-/// A daemon (veil-wg or wireguard-go) in a namespace, stderr+stdout to a log; killed on drop.
+/// A daemon (veil-wg or the other implementation) in a namespace, stderr+stdout to a log; killed on drop.
 struct Daemon {
     child: Child,
     log: PathBuf,
@@ -270,15 +345,16 @@ impl Drop for TempDir {
 enum Side {
     /// veil-wg.
     A,
-    /// wireguard-go.
+    /// The other implementation.
     B,
 }
 
-/// veil-wg in namespace A and wireguard-go in namespace B, peered with a PSK. Fields drop in
-/// order: the daemons first, then the namespaces, then the files.
+/// veil-wg in namespace A and the other implementation in namespace B, peered with a PSK.
+/// Fields drop in order: the daemons first, then the namespaces, then the files.
 struct Pair {
     veil: Daemon,
-    wggo: Daemon,
+    other: Daemon,
+    imp: Impl,
     a: Netns,
     b: Netns,
     pub_a: String,
@@ -288,17 +364,16 @@ struct Pair {
 
 impl Pair {
     /// Both daemons up and configured as peers.
-    fn up() -> Pair {
-        let pair = Pair::create();
+    fn up(imp: Impl) -> Pair {
+        let pair = Pair::create(imp);
         pair.peer();
         pair
     }
 
     /// Both daemons with their tunnel devices up and addressed, not yet peered: no packet
     /// crosses until `peer`.
-    fn create() -> Pair {
+    fn create(imp: Impl) -> Pair {
         require_lab_environment();
-        let wggo_bin = wireguard_go();
         let id = unique_name();
         let dir = TempDir(std::env::temp_dir().join(format!("veil-interop-{id}")));
         std::fs::create_dir_all(&dir.0).expect("temp dir");
@@ -333,13 +408,7 @@ impl Pair {
             &if_a,
             dir.0.join("veil-wg.log"),
         );
-        let wggo = Daemon::start(
-            &b,
-            &[wggo_bin.to_str().unwrap(), "-f", &if_b],
-            &[("WG_PROCESS_FOREGROUND", "1"), ("LOG_LEVEL", "verbose")],
-            &if_b,
-            dir.0.join("wireguard-go.log"),
-        );
+        let other = imp.start(&b, &if_b, dir.0.join(format!("{}.log", imp.name())));
         let key = |name: &str| {
             let k = run_ok(&["wg", "genkey"]);
             let path = dir.0.join(name);
@@ -358,7 +427,8 @@ impl Pair {
         std::fs::write(dir.0.join("psk"), run_ok(&["wg", "genpsk"])).expect("psk");
         let pair = Pair {
             veil,
-            wggo,
+            other,
+            imp,
             a,
             b,
             pub_a,
@@ -367,7 +437,7 @@ impl Pair {
         };
         for (ns, ifname, ip) in [
             (&pair.a, &pair.veil.ifname, TUN_A),
-            (&pair.b, &pair.wggo.ifname, TUN_B),
+            (&pair.b, &pair.other.ifname, TUN_B),
         ] {
             ns.ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", ifname]);
             ns.ok(&["ip", "link", "set", ifname, "up"]);
@@ -375,17 +445,17 @@ impl Pair {
         pair
     }
 
-    /// wireguard-go first: veil-wg starts a handshake as soon as its peer is set, and that
-    /// first initiation should find wireguard-go configured.
+    /// The other side first: veil-wg starts a handshake as soon as its peer is set, and that
+    /// first initiation should find the other side configured.
     fn peer(&self) {
         self.configure(Side::B, "psk");
         self.configure(Side::A, "psk");
     }
 
-    /// Peers both sides, but veil-wg without wireguard-go's endpoint: veil-wg (which starts a
-    /// handshake as soon as a peer with an endpoint is set) cannot initiate, wireguard-go must,
-    /// and veil-wg learns the endpoint from the authenticated session.
-    fn peer_wireguard_go_first(&self) {
+    /// Peers both sides, but veil-wg without the other side's endpoint: veil-wg (which starts a
+    /// handshake as soon as a peer with an endpoint is set) cannot initiate, the other side
+    /// must, and veil-wg learns the endpoint from the authenticated session.
+    fn peer_other_first(&self) {
         self.configure_with(Side::A, "psk", false);
         self.configure(Side::B, "psk");
     }
@@ -400,7 +470,7 @@ impl Pair {
     fn ifname(&self, side: Side) -> &str {
         match side {
             Side::A => &self.veil.ifname,
-            Side::B => &self.wggo.ifname,
+            Side::B => &self.other.ifname,
         }
     }
 
@@ -443,6 +513,26 @@ impl Pair {
         self.ns(side).ok(&argv);
     }
 
+    /// Changes the PSK of a side's existing peer to the one in file `psk_file`: in place where
+    /// the implementation can, else by removing the peer and adding it again (boringtun-cli).
+    fn change_psk(&self, side: Side, psk_file: &str) {
+        if side == Side::B && !self.imp.updates_peers_in_place() {
+            self.remove_peer(side);
+        }
+        self.configure(side, psk_file);
+    }
+
+    fn remove_peer(&self, side: Side) {
+        self.ns(side).ok(&[
+            "wg",
+            "set",
+            self.ifname(side),
+            "peer",
+            self.peer_of(side),
+            "remove",
+        ]);
+    }
+
     fn peer_of(&self, side: Side) -> &str {
         match side {
             Side::A => &self.pub_b,
@@ -457,14 +547,47 @@ impl Pair {
         }
     }
 
-    /// The peer's latest handshake as `wg show` reports it (None: never).
+    /// The peer's latest handshake in Unix seconds as `wg show` reports it (None: never).
     fn latest_handshake(&self, side: Side) -> Option<u64> {
+        if side == Side::B && self.imp.reports_handshake_age() {
+            return self.handshake_from_age();
+        }
         let out = self
             .ns(side)
             .ok(&["wg", "show", self.ifname(side), "latest-handshakes"]);
         let line = out.lines().find(|l| l.starts_with(self.peer_of(side)))?;
         let secs: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         (secs > 0).then_some(secs)
+    }
+
+    /// Side B's latest handshake in Unix seconds from an implementation whose UAPI reports its
+    /// age: `get=1` on its socket, `last_handshake_time_{sec,nsec}` (the age, to the
+    /// nanosecond, so the subtraction is not off by a second) taken from now.
+    fn handshake_from_age(&self) -> Option<u64> {
+        let mut s = UnixStream::connect(self.other.socket()).expect("connect to the UAPI socket");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"get=1\n\n").expect("UAPI get");
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        let mut out = String::new();
+        for line in BufReader::new(s).lines() {
+            let line = line.expect("UAPI reply");
+            if line.is_empty() || line.starts_with("errno=") {
+                break;
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let field = |k: &str| -> Option<u64> {
+            out.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+        };
+        let age = Duration::new(
+            field("last_handshake_time_sec")?,
+            field("last_handshake_time_nsec")? as u32,
+        );
+        Some(now.checked_sub(age)?.as_secs())
     }
 
     /// Waits until `from` reaches the other side's tunnel address.
@@ -683,12 +806,12 @@ fn veil_drops(pair: &Pair, reason: &str) -> u64 {
 
 /// Handshake, ping and a 16 MB TCP transfer both ways, the first packet sent by `initiator`;
 /// the capture on the underlay shows the first handshake initiation came from it.
-fn handshake_and_data_both_ways(initiator: Side) {
-    let pair = Pair::create();
+fn handshake_and_data_both_ways(imp: Impl, initiator: Side) {
+    let pair = Pair::create(imp);
     let cap = Capture::start(&pair.a, &pair.dir.0, "first.pcap", "udp");
     match initiator {
         Side::A => pair.peer(),
-        Side::B => pair.peer_wireguard_go_first(),
+        Side::B => pair.peer_other_first(),
     }
     // No "no handshake yet" check here: veil-wg initiates as soon as a peer with an endpoint
     // is configured, so with veil-wg as initiator the handshake may already be done (a race
@@ -733,30 +856,20 @@ fn handshake_and_data_both_ways(initiator: Side) {
     let ab = pair.tcp_transfer(Side::A, MB16);
     let ba = pair.tcp_transfer(Side::B, MB16);
     let mbps = |d: Duration| (MB16 as f64 * 8.0 / 1e6) / d.as_secs_f64();
+    let name = imp.name();
     println!(
-        "initiator {initiator:?}: first ping after {first:?}; 16 MiB veil-wg->wireguard-go {ab:?} \
-         ({:.0} Mbit/s), wireguard-go->veil-wg {ba:?} ({:.0} Mbit/s)",
+        "initiator {initiator:?}: first ping after {first:?}; 16 MiB veil-wg->{name} {ab:?} \
+         ({:.0} Mbit/s), {name}->veil-wg {ba:?} ({:.0} Mbit/s)",
         mbps(ab),
         mbps(ba)
     );
 }
 
-#[test]
-fn veil_wg_initiates_handshake_and_data_flow_both_ways() {
-    handshake_and_data_both_ways(Side::A);
-}
-
-#[test]
-fn wireguard_go_initiates_handshake_and_data_flow_both_ways() {
-    handshake_and_data_both_ways(Side::B);
-}
-
-/// A new PSK on both sides (veil-wg first, so its immediate re-handshake fails until
-/// wireguard-go has the same key): both report a handshake after the change, and ping and TCP
-/// work in both directions.
-#[test]
-fn psk_changed_on_both_sides_rehandshakes_and_traffic_continues() {
-    let pair = Pair::up();
+/// A new PSK on both sides (veil-wg first, so its immediate re-handshake fails until the other
+/// side has the same key): both report a handshake after the change, and ping and TCP work in
+/// both directions.
+fn psk_changed_on_both_sides(imp: Impl) {
+    let pair = Pair::up(imp);
     pair.wait_ping(Side::A, Duration::from_secs(10));
     std::fs::write(pair.dir.0.join("psk2"), run_ok(&["wg", "genpsk"])).expect("psk2");
     // `wg show` counts handshakes in whole seconds: start the change on a fresh second.
@@ -766,8 +879,8 @@ fn psk_changed_on_both_sides_rehandshakes_and_traffic_continues() {
     });
     let changed_at = unix_now();
     let t0 = Instant::now();
-    pair.configure(Side::A, "psk2");
-    pair.configure(Side::B, "psk2");
+    pair.change_psk(Side::A, "psk2");
+    pair.change_psk(Side::B, "psk2");
     for side in [Side::A, Side::B] {
         wait_for(
             &format!("{side:?} to handshake with the new PSK"),
@@ -794,20 +907,12 @@ fn unix_now() -> u64 {
 }
 
 /// The peer removed on one side cuts traffic; re-added, traffic resumes in both directions.
-/// Done on veil-wg's side, then on wireguard-go's.
-#[test]
-fn peer_removed_and_readded_traffic_resumes() {
-    let pair = Pair::up();
+/// Done on veil-wg's side, then on the other implementation's.
+fn peer_removed_and_readded(imp: Impl) {
+    let pair = Pair::up(imp);
     pair.wait_ping(Side::A, Duration::from_secs(10));
     for side in [Side::A, Side::B] {
-        pair.ns(side).ok(&[
-            "wg",
-            "set",
-            pair.ifname(side),
-            "peer",
-            pair.peer_of(side),
-            "remove",
-        ]);
+        pair.remove_peer(side);
         let shown = pair
             .ns(side)
             .ok(&["wg", "show", pair.ifname(side), "peers"]);
@@ -826,26 +931,26 @@ fn peer_removed_and_readded_traffic_resumes() {
         pair.tcp_transfer(Side::B, 1 << 20);
         println!(
             "peer removed and re-added on {side:?}: ping from veil-wg back after {from_a:?}, \
-             then from wireguard-go after {from_b:?}"
+             then from {} after {from_b:?}",
+            imp.name()
         );
     }
 }
 
-/// Replay: a handshake initiation and a data packet from wireguard-go, captured on the underlay
-/// and re-injected later from wireguard-go's address and port: veil-wg delivers nothing more to
+/// Replay: a handshake initiation and a data packet from the other side, captured on the
+/// underlay and re-injected later from its address and port: veil-wg delivers nothing more to
 /// its TUN device, answers nothing, counts both as `replay`, and the session keeps working.
-#[test]
-fn replayed_data_and_handshake_initiation_are_dropped_and_counted() {
-    let pair = Pair::create();
+fn replayed_packets_dropped_and_counted(imp: Impl) {
+    let pair = Pair::create(imp);
     let filter = format!("udp and src host {UNDER_B} and dst port {PORT_A}");
-    let cap = Capture::start(&pair.a, &pair.dir.0, "from-go.pcap", &filter);
-    pair.peer_wireguard_go_first();
+    let cap = Capture::start(&pair.a, &pair.dir.0, "from-b.pcap", &filter);
+    pair.peer_other_first();
     pair.wait_ping(Side::B, Duration::from_secs(10));
     let packets = cap.finish();
     let init = packets
         .iter()
         .find(|p| p.msg_type() == 1)
-        .expect("wireguard-go's handshake initiation captured")
+        .unwrap_or_else(|| panic!("{}'s handshake initiation captured", imp.name()))
         .clone();
     let data = packets
         .iter()
@@ -855,14 +960,14 @@ fn replayed_data_and_handshake_initiation_are_dropped_and_counted() {
     assert_eq!(init.dst.to_string(), UNDER_A);
     // "Later": after more traffic has moved the receive counter on.
     for _ in 0..5 {
-        assert!(pair.b.ping(TUN_A), "ping from wireguard-go");
+        assert!(pair.b.ping(TUN_A), "ping from {}", imp.name());
     }
     let delivered = pair.a.rx_packets(pair.ifname(Side::A));
     let replay_before = veil_drops(&pair, "replay");
     let answers = Capture::start(
         &pair.a,
         &pair.dir.0,
-        "to-go.pcap",
+        "to-b.pcap",
         &format!("udp and src host {UNDER_A}"),
     );
     inject(&pair.b, vec![data.ip.clone(), init.ip.clone()]);
@@ -887,28 +992,71 @@ fn replayed_data_and_handshake_initiation_are_dropped_and_counted() {
     pair.wait_ping(Side::B, Duration::from_secs(2));
     pair.wait_ping(Side::A, Duration::from_secs(2));
     println!(
-        "replayed 1 data packet ({} bytes) and 1 initiation: replay counter {} -> {}, TUN \
+        "replayed 1 data packet ({} bytes) and 1 initiation from {}: replay counter {} -> {}, TUN \
          deliveries unchanged at {delivered}, 0 answers",
         data.payload.len(),
+        imp.name(),
         replay_before,
         replay_before + 2
     );
 }
 
-/// Re-key after REKEY_AFTER_TIME (120 s) under traffic, two pairs at once: one where veil-wg
-/// started the session (veil-wg's own timer) and one where wireguard-go did (veil-wg answers the
-/// re-key). Waits up to 150 s for a new handshake on both sides; pings every 200 ms meanwhile
-/// and reports losses.
+/// The tests above, once per implementation: `interop::<implementation>::<test>`.
+macro_rules! interop_tests {
+    ($($module:ident => $imp:expr),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn veil_wg_initiates_handshake_and_data_flow_both_ways() {
+                handshake_and_data_both_ways($imp, Side::A);
+            }
+
+            #[test]
+            fn other_initiates_handshake_and_data_flow_both_ways() {
+                handshake_and_data_both_ways($imp, Side::B);
+            }
+
+            #[test]
+            fn psk_changed_on_both_sides_rehandshakes_and_traffic_continues() {
+                psk_changed_on_both_sides($imp);
+            }
+
+            #[test]
+            fn peer_removed_and_readded_traffic_resumes() {
+                peer_removed_and_readded($imp);
+            }
+
+            #[test]
+            fn replayed_data_and_handshake_initiation_are_dropped_and_counted() {
+                replayed_packets_dropped_and_counted($imp);
+            }
+        }
+    )*};
+}
+
+interop_tests!(
+    wireguard_go => Impl::WireguardGo,
+    boringtun_cli => Impl::BoringtunCli,
+);
+
+/// Re-key after REKEY_AFTER_TIME (120 s) under traffic, four pairs at once: against each
+/// implementation, one where veil-wg started the session (veil-wg's own timer) and one where the
+/// other side did (veil-wg answers the re-key). One test for both implementations, the pairs in
+/// parallel: the wait is 120 s whatever the number of pairs, so the second implementation adds
+/// no suite time (a test of its own would add ~130 s). Waits up to 150 s for a new handshake on
+/// both sides of each pair; pings every 200 ms meanwhile and reports losses.
 #[test]
 fn rekey_after_120_seconds_both_initiators() {
-    let runs: Vec<_> = [Side::A, Side::B]
+    let runs: Vec<_> = [Impl::WireguardGo, Impl::BoringtunCli]
         .into_iter()
-        .map(|initiator| {
+        .flat_map(|imp| [(imp, Side::A), (imp, Side::B)])
+        .map(|(imp, initiator)| {
             std::thread::spawn(move || {
-                let pair = Pair::create();
+                let pair = Pair::create(imp);
                 match initiator {
                     Side::A => pair.peer(),
-                    Side::B => pair.peer_wireguard_go_first(),
+                    Side::B => pair.peer_other_first(),
                 }
                 pair.wait_ping(initiator, Duration::from_secs(10));
                 let first = wait_for("the first handshake", Duration::from_secs(2), || {
@@ -930,7 +1078,7 @@ fn rekey_after_120_seconds_both_initiators() {
                     .spawn()
                     .expect("ping");
                 let rekeyed = wait_for(
-                    &format!("a re-key (initiator {initiator:?})"),
+                    &format!("a re-key ({}, initiator {initiator:?})", imp.name()),
                     Duration::from_secs(150),
                     || {
                         let a = pair.latest_handshake(Side::A)?;
@@ -949,22 +1097,30 @@ fn rekey_after_120_seconds_both_initiators() {
                     .find(|l| l.contains("packets transmitted"))
                     .unwrap_or("")
                     .to_string();
-                (initiator, rekeyed - first, summary)
+                (imp, initiator, rekeyed - first, summary)
             })
         })
         .collect();
-    for r in runs {
-        let (initiator, after, summary) = r.join().expect("re-key run");
+    let results: Vec<_> = runs
+        .into_iter()
+        .map(|r| r.join().expect("re-key run"))
+        .collect();
+    for (imp, initiator, after, summary) in &results {
         println!(
-            "initiator {initiator:?}: re-keyed {after} s after the first handshake; {summary}"
+            "{}, initiator {initiator:?}: re-keyed {after} s after the first handshake; {summary}",
+            imp.name()
         );
+    }
+    for (imp, initiator, after, summary) in results {
         assert!(
             (110..=150).contains(&after),
-            "re-key after {after} s, expected about 120 s"
+            "{}, initiator {initiator:?}: re-key after {after} s, expected about 120 s",
+            imp.name()
         );
         assert!(
             summary.contains(" 0% packet loss"),
-            "initiator {initiator:?}: pings lost across the re-key: {summary}"
+            "{}, initiator {initiator:?}: pings lost across the re-key: {summary}",
+            imp.name()
         );
     }
 }
