@@ -46,6 +46,14 @@ fn io_err(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error
     move |source| Error::Io { what, path, source }
 }
 
+/// A removal's result where "already gone" is success.
+fn removed(result: io::Result<()>, what: &'static str, path: &Path) -> Result<()> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r.map_err(io_err(what, path)),
+    }
+}
+
 /// Runs `ip` with the given arguments; returns stdout.
 pub fn ip(args: &[&str]) -> Result<String> {
     run("ip", args, None)
@@ -256,15 +264,7 @@ pub fn cgroup_remove_tree(path: &Path) -> Result<()> {
             cgroup_remove_tree(&e.path())?;
         }
     }
-    match std::fs::remove_dir(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::Io {
-            what: "cannot remove cgroup",
-            path: path.into(),
-            source: e,
-        }),
-    }
+    removed(std::fs::remove_dir(path), "cannot remove cgroup", path)
 }
 
 /// Where a spawned daemon runs.
@@ -350,28 +350,12 @@ pub fn kill_recorded(pid: u32, start_time: u64) {
 
 /// Removes a directory tree; missing is fine.
 pub fn remove_tree(path: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::Io {
-            what: "cannot remove",
-            path: path.into(),
-            source: e,
-        }),
-    }
+    removed(std::fs::remove_dir_all(path), "cannot remove", path)
 }
 
 /// Removes a file; missing is fine.
 pub fn remove_file(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::Io {
-            what: "cannot remove",
-            path: path.into(),
-            source: e,
-        }),
-    }
+    removed(std::fs::remove_file(path), "cannot remove", path)
 }
 
 /// Writes a file atomically (temp file + rename), so readers never see half of it.

@@ -277,15 +277,77 @@ pub fn check_node_chain(
     }
 }
 
-/// Verifies the server's node SVID on the dialling side.
+/// Verifies the peer's node SVID: the server's on the dialling side, the client's on the
+/// accepting side (client auth is mandatory).
 #[derive(Debug)]
-pub struct NodeServerVerifier {
+pub struct NodeVerifier {
     bundles: BundleSet,
     expected: ExpectedPeer,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for NodeServerVerifier {
+impl NodeVerifier {
+    fn new(bundles: &BundleSet, expected: ExpectedPeer, provider: &Arc<CryptoProvider>) -> Self {
+        NodeVerifier {
+            bundles: bundles.clone(),
+            expected,
+            provider: provider.clone(),
+        }
+    }
+
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ValidatedSvid, rustls::Error> {
+        check_node_chain(
+            end_entity,
+            intermediates,
+            &self.bundles,
+            &self.expected,
+            to_system_time(now),
+        )
+    }
+}
+
+/// The signature methods, the same in rustls' `ServerCertVerifier` and `ClientCertVerifier`
+/// (two traits with no common supertrait, so a function cannot serve both impls): TLS 1.2 is
+/// refused, TLS 1.3 signatures are checked with the provider's algorithms.
+macro_rules! tls13_signature_methods {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("tls 1.2 is not offered".into()))
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+
+impl ServerCertVerifier for NodeVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -294,55 +356,14 @@ impl ServerCertVerifier for NodeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        check_node_chain(
-            end_entity,
-            intermediates,
-            &self.bundles,
-            &self.expected,
-            to_system_time(now),
-        )?;
+        self.check(end_entity, intermediates, now)?;
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("tls 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    tls13_signature_methods!();
 }
 
-/// Verifies the client's node SVID on the accepting side (client auth is mandatory).
-#[derive(Debug)]
-pub struct NodeClientVerifier {
-    bundles: BundleSet,
-    expected: ExpectedPeer,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ClientCertVerifier for NodeClientVerifier {
+impl ClientCertVerifier for NodeVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
@@ -353,44 +374,11 @@ impl ClientCertVerifier for NodeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        check_node_chain(
-            end_entity,
-            intermediates,
-            &self.bundles,
-            &self.expected,
-            to_system_time(now),
-        )?;
+        self.check(end_entity, intermediates, now)?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("tls 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    tls13_signature_methods!();
 }
 
 /// A client config for dialling the node whose SPIFFE ID is `expected`, presenting the
@@ -410,11 +398,11 @@ pub(crate) fn client_config_with_provider(
     bundles: &BundleSet,
     expected: SpiffeId,
 ) -> Result<Arc<rustls::ClientConfig>, Error> {
-    let verifier = Arc::new(NodeServerVerifier {
-        bundles: bundles.clone(),
-        expected: ExpectedPeer::Node(expected),
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(NodeVerifier::new(
+        bundles,
+        ExpectedPeer::Node(expected),
+        &provider,
+    ));
     let certified = creds.certified()?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -436,11 +424,7 @@ pub fn server_config(
     expected: ExpectedPeer,
 ) -> Result<Arc<rustls::ServerConfig>, Error> {
     let provider = provider(cfg);
-    let verifier = Arc::new(NodeClientVerifier {
-        bundles: bundles.clone(),
-        expected,
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(NodeVerifier::new(bundles, expected, &provider));
     let certified = creds.certified()?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -489,7 +473,7 @@ impl rustls::server::ResolvesServerCert for FixedServerCert {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::testing::{handshake_in_memory, Pki};
+    use crate::auth::testing::{handshake_in_memory, session_pair, Pki};
 
     #[test]
     fn provider_is_tls13_with_hybrid_first() {
@@ -510,15 +494,7 @@ mod tests {
     #[test]
     fn good_pair_negotiates_the_hybrid_group() {
         let pki = Pki::new("lab.veil");
-        let (client, server) = handshake_in_memory(
-            &pki.node_creds("node-a"),
-            &pki.node_creds("node-b"),
-            &pki.bundles,
-            pki.node_id("node-b"),
-            ExpectedPeer::Node(pki.node_id("node-a")),
-            (&TlsConfig::default(), &TlsConfig::default()),
-        )
-        .unwrap();
+        let (client, server) = session_pair(&pki);
         assert_eq!(negotiated_group(&client), Some(KxGroup::X25519MLKEM768));
         assert_eq!(negotiated_group(&server), Some(KxGroup::X25519MLKEM768));
         assert_eq!(client.alpn_protocol(), Some(ALPN));
@@ -579,59 +555,58 @@ mod tests {
     fn wrong_node_id_and_foreign_trust_domain_are_refused_with_reasons() {
         let pki = Pki::new("lab.veil");
         let cfg = TlsConfig::default();
-        // The client dialled node-c but node-b answers.
-        let err = handshake_in_memory(
-            &pki.node_creds("node-a"),
-            &pki.node_creds("node-b"),
-            &pki.bundles,
-            pki.node_id("node-c"),
-            ExpectedPeer::AnyNodeOf(pki.td.clone()),
-            (&cfg, &cfg),
-        )
-        .unwrap_err();
-        assert_eq!(rejection_reason(&err), Some(AuthFailure::WrongSpiffeId));
-        // A node SVID from another trust domain, on either side.
         let foreign = Pki::new("evil.veil");
-        let err = handshake_in_memory(
-            &foreign.node_creds("node-a"),
-            &pki.node_creds("node-b"),
-            &pki.bundles,
-            pki.node_id("node-b"),
-            ExpectedPeer::AnyNodeOf(pki.td.clone()),
-            (&cfg, &cfg),
-        )
-        .unwrap_err();
-        assert_eq!(rejection_reason(&err), Some(AuthFailure::WrongTrustDomain));
-        // An impostor CA claiming our trust domain (same root name, other key): its SVIDs do
-        // not verify against our roots.
+        // An impostor CA claiming our trust domain (same root name, other key).
         let impostor = Pki::new("lab.veil");
-        let err = handshake_in_memory(
-            &pki.node_creds("node-a"),
-            &impostor.node_creds("node-b"),
-            &pki.bundles,
-            pki.node_id("node-b"),
-            ExpectedPeer::AnyNodeOf(pki.td.clone()),
-            (&cfg, &cfg),
-        )
-        .unwrap_err();
-        assert_eq!(rejection_reason(&err), Some(AuthFailure::InvalidSvid));
-        // A workload SVID is not a node identity.
-        let wl = NodeCredentials::from_svid(Arc::new(
+        let workload = NodeCredentials::from_svid(Arc::new(
             pki.ca
                 .issue_workload_svid("shop", "frontend", Duration::from_secs(600))
                 .unwrap(),
         ))
         .unwrap();
-        let err = handshake_in_memory(
-            &wl,
-            &pki.node_creds("node-b"),
-            &pki.bundles,
-            pki.node_id("node-b"),
-            ExpectedPeer::AnyNodeOf(pki.td.clone()),
-            (&cfg, &cfg),
-        )
-        .unwrap_err();
-        assert_eq!(rejection_reason(&err), Some(AuthFailure::WrongSpiffeId));
+        // (case, client credentials, server credentials, node dialled, reason)
+        let cases = [
+            (
+                "node-b answers a dial to node-c",
+                pki.node_creds("node-a"),
+                pki.node_creds("node-b"),
+                "node-c",
+                AuthFailure::WrongSpiffeId,
+            ),
+            (
+                "client SVID from another trust domain",
+                foreign.node_creds("node-a"),
+                pki.node_creds("node-b"),
+                "node-b",
+                AuthFailure::WrongTrustDomain,
+            ),
+            (
+                "server SVID from an impostor CA, not verified by our roots",
+                pki.node_creds("node-a"),
+                impostor.node_creds("node-b"),
+                "node-b",
+                AuthFailure::InvalidSvid,
+            ),
+            (
+                "a workload SVID is not a node identity",
+                workload,
+                pki.node_creds("node-b"),
+                "node-b",
+                AuthFailure::WrongSpiffeId,
+            ),
+        ];
+        for (case, client, server, dialled, want) in cases {
+            let err = handshake_in_memory(
+                &client,
+                &server,
+                &pki.bundles,
+                pki.node_id(dialled),
+                ExpectedPeer::AnyNodeOf(pki.td.clone()),
+                (&cfg, &cfg),
+            )
+            .unwrap_err();
+            assert_eq!(rejection_reason(&err), Some(want), "{case}");
+        }
     }
 
     #[test]

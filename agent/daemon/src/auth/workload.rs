@@ -417,6 +417,7 @@ fn respond_inner(
 mod tests {
     use super::*;
     use crate::auth::testing::{session_pair, Pki};
+    use crate::auth::wire::{decode_frame, encode, Message};
     use crate::auth::{StaticDirectory, StaticWorkloads};
     use std::time::Duration;
     use veil_certs_dev::BadVariant;
@@ -460,15 +461,55 @@ mod tests {
     }
 
     fn ctx<'a>(w: &'a World, local: u32, peer: u32, binding: SessionBinding) -> Context<'a> {
+        ctx_in(w, &w.dir, local, peer, binding)
+    }
+
+    /// [`ctx`] with another view of placements (a node that lies about what it hosts).
+    fn ctx_in<'a>(
+        w: &'a World,
+        directory: &'a StaticDirectory,
+        local: u32,
+        peer: u32,
+        binding: SessionBinding,
+    ) -> Context<'a> {
         Context {
             trust_domain: &w.pki.td,
             bundles: &w.pki.bundles,
-            directory: &w.dir,
+            directory,
             local_node: local,
             peer_node: peer,
             binding,
             now: SystemTime::now(),
         }
+    }
+
+    /// The exporter bindings of a real TLS session: (client's, server's).
+    fn bindings(w: &World) -> (SessionBinding, SessionBinding) {
+        let (client, server) = session_pair(&w.pki);
+        (
+            SessionBinding::from_exporter(&*client).unwrap(),
+            SessionBinding::from_exporter(&*server).unwrap(),
+        )
+    }
+
+    /// Starts a request from `local` (presenting `svid`) for BACKEND.
+    fn start(
+        w: &World,
+        ca: &Context<'_>,
+        (id, nonce): (u32, u8),
+        local: u32,
+        svid: Arc<Svid>,
+    ) -> (Initiator, AuthRequest) {
+        Initiator::start(id, [nonce; 32], local, BACKEND, svid, &w.keys, ca).unwrap()
+    }
+
+    /// node-b answers with the workloads it hosts.
+    fn respond_on_b(
+        w: &World,
+        req: &AuthRequest,
+        cb: &Context<'_>,
+    ) -> (AuthResponse, Result<Authenticated, AuthFailure>) {
+        respond(req, &w.on_b, &w.keys, cb)
     }
 
     /// A full exchange over a real TLS session's exporter values.
@@ -481,9 +522,7 @@ mod tests {
         Result<Authenticated, AuthFailure>,
         Result<Authenticated, AuthFailure>,
     ) {
-        let (client, server) = session_pair(&w.pki);
-        let ba = SessionBinding::from_exporter(&*client).unwrap();
-        let bb = SessionBinding::from_exporter(&*server).unwrap();
+        let (ba, bb) = bindings(w);
         assert_eq!(ba, bb);
         let ca = ctx(w, NODE_A, NODE_B, ba);
         let cb = ctx(w, NODE_B, NODE_A, bb);
@@ -499,33 +538,19 @@ mod tests {
             Ok(x) => x,
             Err(f) => return (Err(f), Err(f)),
         };
-        let req = roundtrip_request(req);
+        let Message::AuthRequest(req) = roundtrip(Message::AuthRequest(req)) else {
+            unreachable!()
+        };
         let (resp, responder) = respond(&req, &w.on_b, &w.keys, &cb);
-        (init.finish(roundtrip_response(resp), &ca), responder)
+        let Message::AuthResponse(resp) = roundtrip(Message::AuthResponse(resp)) else {
+            unreachable!()
+        };
+        (init.finish(resp, &ca), responder)
     }
 
-    fn roundtrip_request(r: AuthRequest) -> AuthRequest {
-        use crate::auth::wire::{decode_frame, encode, Message};
-        match decode_frame(&encode(&Message::AuthRequest(r)))
-            .unwrap()
-            .unwrap()
-            .0
-        {
-            Message::AuthRequest(r) => r,
-            _ => unreachable!(),
-        }
-    }
-
-    fn roundtrip_response(r: AuthResponse) -> AuthResponse {
-        use crate::auth::wire::{decode_frame, encode, Message};
-        match decode_frame(&encode(&Message::AuthResponse(r)))
-            .unwrap()
-            .unwrap()
-            .0
-        {
-            Message::AuthResponse(r) => r,
-            _ => unreachable!(),
-        }
+    /// Through the wire encoding and back.
+    fn roundtrip(m: Message) -> Message {
+        decode_frame(&encode(&m)).unwrap().unwrap().0
     }
 
     #[test]
@@ -571,14 +596,11 @@ mod tests {
         let (a, _) = exchange(&w, FRONTEND, BACKEND, expired.clone());
         assert_eq!(a, Err(AuthFailure::ExpiredSvid));
         // ...and a peer that sends one anyway is refused by the responder with that reason.
-        let (client, server) = session_pair(&w.pki);
-        let bb = SessionBinding::from_exporter(&*server).unwrap();
-        let ba = SessionBinding::from_exporter(&*client).unwrap();
+        let (ba, bb) = bindings(&w);
         let mut ca = ctx(&w, NODE_A, NODE_B, ba);
         ca.now = expired.not_before();
-        let (_, req) =
-            Initiator::start(1, [0; 32], FRONTEND, BACKEND, expired, &w.keys, &ca).unwrap();
-        let (resp, outcome) = respond(&req, &w.on_b, &w.keys, &ctx(&w, NODE_B, NODE_A, bb));
+        let (_, req) = start(&w, &ca, (1, 0), FRONTEND, expired);
+        let (resp, outcome) = respond_on_b(&w, &req, &ctx(&w, NODE_B, NODE_A, bb));
         assert_eq!(outcome, Err(AuthFailure::ExpiredSvid));
         assert_eq!(resp.result, Err(AuthFailure::ExpiredSvid));
     }
@@ -592,35 +614,42 @@ mod tests {
         assert_eq!(b, Err(AuthFailure::NotHosted));
     }
 
+    /// node-a's requests as claimed by node-a, which lies about what it hosts: (case, node-a's
+    /// placements added, identity claimed, SVID presented, node-b's verdict).
     #[test]
-    fn a_node_claiming_a_workload_it_does_not_host_is_refused() {
-        let mut w = world();
-        // node-a holds a valid backend SVID (stolen, or a stale placement) and claims it.
-        w.dir
-            .add_workload(NODE_A, w.backend.spiffe_id().clone(), BACKEND);
-        let ca_dir = w.dir.clone();
-        w.dir
-            .remove_workload(NODE_A, &w.backend.spiffe_id().clone(), BACKEND);
-        let (client, server) = session_pair(&w.pki);
-        let ba = SessionBinding::from_exporter(&*client).unwrap();
-        let bb = SessionBinding::from_exporter(&*server).unwrap();
-        let ca = Context {
-            directory: &ca_dir,
-            ..ctx(&w, NODE_A, NODE_B, ba)
-        };
-        let (_, req) = Initiator::start(
-            1,
-            [0; 32],
-            BACKEND,
-            BACKEND,
-            w.backend.clone(),
-            &w.keys,
-            &ca,
-        )
-        .unwrap();
-        let (resp, outcome) = respond(&req, &w.on_b, &w.keys, &ctx(&w, NODE_B, NODE_A, bb));
-        assert_eq!(outcome, Err(AuthFailure::NotHosted));
-        assert_eq!(resp.result, Err(AuthFailure::NotHosted));
+    fn requests_node_a_does_not_host_are_refused() {
+        let w = world();
+        let foreign = Pki::new("evil.veil");
+        let evil = foreign.workload("shop", "frontend", Duration::from_secs(600));
+        let cases = [
+            (
+                // A valid backend SVID (stolen, or a stale placement), claimed as the backend.
+                "claims a workload it does not host",
+                (w.backend.clone(), BACKEND),
+                AuthFailure::NotHosted,
+            ),
+            (
+                // The frontend SVID claimed as the intruder's numeric identity.
+                "identity mismatch",
+                (w.frontend.clone(), INTRUDER),
+                AuthFailure::WrongSpiffeId,
+            ),
+            (
+                "workload of a foreign trust domain",
+                (evil, FRONTEND),
+                AuthFailure::WrongTrustDomain,
+            ),
+        ];
+        for (case, (svid, claimed), want) in cases {
+            let (ba, bb) = bindings(&w);
+            let mut dir_a = w.dir.clone();
+            dir_a.add_workload(NODE_A, svid.spiffe_id().clone(), claimed);
+            let ca = ctx_in(&w, &dir_a, NODE_A, NODE_B, ba);
+            let (_, req) = start(&w, &ca, (1, 0), claimed, svid);
+            let (resp, outcome) = respond_on_b(&w, &req, &ctx(&w, NODE_B, NODE_A, bb));
+            assert_eq!(outcome, Err(want), "{case}");
+            assert_eq!(resp.result, Err(want), "{case}");
+        }
     }
 
     #[test]
@@ -628,159 +657,55 @@ mod tests {
         let mut w = world();
         // node-b answers for BACKEND with the intruder's SVID (hosted on node-a).
         w.on_b.0.insert(BACKEND, w.intruder.clone());
-        w.dir
-            .add_workload(NODE_B, w.intruder.spiffe_id().clone(), BACKEND);
-        let b_dir = w.dir.clone();
-        w.dir
-            .remove_workload(NODE_B, &w.intruder.spiffe_id().clone(), BACKEND);
-        let (client, server) = session_pair(&w.pki);
-        let ba = SessionBinding::from_exporter(&*client).unwrap();
-        let bb = SessionBinding::from_exporter(&*server).unwrap();
+        let mut b_dir = w.dir.clone();
+        b_dir.add_workload(NODE_B, w.intruder.spiffe_id().clone(), BACKEND);
+        let (ba, bb) = bindings(&w);
         let ca = ctx(&w, NODE_A, NODE_B, ba);
-        let cb = Context {
-            directory: &b_dir,
-            ..ctx(&w, NODE_B, NODE_A, bb)
-        };
-        let (init, req) = Initiator::start(
-            1,
-            [0; 32],
-            FRONTEND,
-            BACKEND,
-            w.frontend.clone(),
-            &w.keys,
-            &ca,
-        )
-        .unwrap();
-        let (resp, outcome) = respond(&req, &w.on_b, &w.keys, &cb);
+        let cb = ctx_in(&w, &b_dir, NODE_B, NODE_A, bb);
+        let (init, req) = start(&w, &ca, (1, 0), FRONTEND, w.frontend.clone());
+        let (resp, outcome) = respond_on_b(&w, &req, &cb);
         assert!(outcome.is_ok());
         assert_eq!(init.finish(resp, &ca), Err(AuthFailure::NotHosted));
     }
 
     #[test]
-    fn identity_mismatch_is_a_wrong_spiffe_id() {
-        let w = world();
-        // node-a claims the frontend SVID stands for the intruder's numeric identity.
-        let (client, server) = session_pair(&w.pki);
-        let ba = SessionBinding::from_exporter(&*client).unwrap();
-        let bb = SessionBinding::from_exporter(&*server).unwrap();
-        let mut dir_a = w.dir.clone();
-        dir_a.add_workload(NODE_A, w.frontend.spiffe_id().clone(), INTRUDER);
-        let ca = Context {
-            directory: &dir_a,
-            ..ctx(&w, NODE_A, NODE_B, ba)
-        };
-        let (_, req) = Initiator::start(
-            1,
-            [0; 32],
-            INTRUDER,
-            BACKEND,
-            w.frontend.clone(),
-            &w.keys,
-            &ca,
-        )
-        .unwrap();
-        let (_, outcome) = respond(&req, &w.on_b, &w.keys, &ctx(&w, NODE_B, NODE_A, bb));
-        assert_eq!(outcome, Err(AuthFailure::WrongSpiffeId));
-    }
-
-    #[test]
-    fn foreign_trust_domain_workload_is_refused() {
-        let w = world();
-        let foreign = Pki::new("evil.veil");
-        let f = foreign.workload("shop", "frontend", Duration::from_secs(600));
-        let (client, server) = session_pair(&w.pki);
-        let ba = SessionBinding::from_exporter(&*client).unwrap();
-        let bb = SessionBinding::from_exporter(&*server).unwrap();
-        let mut dir_a = w.dir.clone();
-        dir_a.add_workload(NODE_A, f.spiffe_id().clone(), FRONTEND);
-        let ca = Context {
-            directory: &dir_a,
-            ..ctx(&w, NODE_A, NODE_B, ba)
-        };
-        let (_, req) = Initiator::start(1, [0; 32], FRONTEND, BACKEND, f, &w.keys, &ca).unwrap();
-        let (_, outcome) = respond(&req, &w.on_b, &w.keys, &ctx(&w, NODE_B, NODE_A, bb));
-        assert_eq!(outcome, Err(AuthFailure::WrongTrustDomain));
-    }
-
-    #[test]
     fn proofs_are_bound_to_the_session_nonce_and_identities() {
         let w = world();
-        let (client, server) = session_pair(&w.pki);
-        let ba = SessionBinding::from_exporter(&*client).unwrap();
-        let bb = SessionBinding::from_exporter(&*server).unwrap();
+        let (ba, bb) = bindings(&w);
         let ca = ctx(&w, NODE_A, NODE_B, ba);
         let cb = ctx(&w, NODE_B, NODE_A, bb);
-        let (_, req) = Initiator::start(
-            1,
-            [0; 32],
-            FRONTEND,
-            BACKEND,
-            w.frontend.clone(),
-            &w.keys,
-            &ca,
-        )
-        .unwrap();
+        let (_, req) = start(&w, &ca, (1, 0), FRONTEND, w.frontend.clone());
         // Replayed onto another TLS session.
         let other = ctx(&w, NODE_B, NODE_A, SessionBinding::fixed([1; 32]));
-        assert_eq!(
-            respond(&req, &w.on_b, &w.keys, &other).1,
-            Err(AuthFailure::BadProof)
-        );
+        assert_eq!(respond_on_b(&w, &req, &other).1, Err(AuthFailure::BadProof));
         // Nonce, identities or signature altered.
-        let mut r = req.clone();
-        r.nonce[0] ^= 1;
-        assert_eq!(
-            respond(&r, &w.on_b, &w.keys, &cb).1,
-            Err(AuthFailure::BadProof)
-        );
-        let mut r = req.clone();
-        r.proof.signature[10] ^= 1;
-        assert_eq!(
-            respond(&r, &w.on_b, &w.keys, &cb).1,
-            Err(AuthFailure::BadProof)
-        );
-        let mut r = req.clone();
-        r.proof.scheme = u16::from(SignatureScheme::ECDSA_NISTP384_SHA384);
-        assert_eq!(
-            respond(&r, &w.on_b, &w.keys, &cb).1,
-            Err(AuthFailure::BadProof)
-        );
-        let mut r = req.clone();
-        r.proof.scheme = u16::from(SignatureScheme::RSA_PKCS1_SHA1);
-        assert_eq!(
-            respond(&r, &w.on_b, &w.keys, &cb).1,
-            Err(AuthFailure::BadProof)
-        );
+        let tampers: [fn(&mut AuthRequest); 4] = [
+            |r| r.nonce[0] ^= 1,
+            |r| r.proof.signature[10] ^= 1,
+            |r| r.proof.scheme = u16::from(SignatureScheme::ECDSA_NISTP384_SHA384),
+            |r| r.proof.scheme = u16::from(SignatureScheme::RSA_PKCS1_SHA1),
+        ];
+        for (i, tamper) in tampers.iter().enumerate() {
+            let mut r = req.clone();
+            tamper(&mut r);
+            assert_eq!(
+                respond_on_b(&w, &r, &cb).1,
+                Err(AuthFailure::BadProof),
+                "tamper {i}"
+            );
+        }
         // The untouched request still verifies.
-        assert!(respond(&req, &w.on_b, &w.keys, &cb).1.is_ok());
+        assert!(respond_on_b(&w, &req, &cb).1.is_ok());
 
         // A response for another request (id) or to another initiator leaf is refused.
-        let (init, req) = Initiator::start(
-            2,
-            [2; 32],
-            FRONTEND,
-            BACKEND,
-            w.frontend.clone(),
-            &w.keys,
-            &ca,
-        )
-        .unwrap();
-        let (mut resp, _) = respond(&req, &w.on_b, &w.keys, &cb);
+        let (init, req) = start(&w, &ca, (2, 2), FRONTEND, w.frontend.clone());
+        let (mut resp, _) = respond_on_b(&w, &req, &cb);
         resp.id = 3;
         assert_eq!(init.finish(resp, &ca), Err(AuthFailure::ProtocolError));
-        let (init, req) = Initiator::start(
-            4,
-            [4; 32],
-            FRONTEND,
-            BACKEND,
-            w.frontend.clone(),
-            &w.keys,
-            &ca,
-        )
-        .unwrap();
+        let (init, req) = start(&w, &ca, (4, 4), FRONTEND, w.frontend.clone());
         let mut forged = req.clone();
         forged.nonce = [9; 32];
-        let (resp, _) = respond(&forged, &w.on_b, &w.keys, &cb);
+        let (resp, _) = respond_on_b(&w, &forged, &cb);
         // (The responder refuses the forged nonce, so it sends a failure, never a proof.)
         assert_eq!(init.finish(resp, &ca), Err(AuthFailure::BadProof));
     }
@@ -791,18 +716,9 @@ mod tests {
         let binding = SessionBinding::fixed([3; 32]);
         let ca = ctx(&w, NODE_A, NODE_B, binding);
         let cb = ctx(&w, NODE_B, NODE_A, binding);
-        let (init, mut req) = Initiator::start(
-            1,
-            [1; 32],
-            FRONTEND,
-            BACKEND,
-            w.frontend.clone(),
-            &w.keys,
-            &ca,
-        )
-        .unwrap();
+        let (init, mut req) = start(&w, &ca, (1, 1), FRONTEND, w.frontend.clone());
         req.chain.clear();
-        let (resp, outcome) = respond(&req, &w.on_b, &w.keys, &cb);
+        let (resp, outcome) = respond_on_b(&w, &req, &cb);
         assert_eq!(outcome, Err(AuthFailure::InvalidSvid));
         assert_eq!(resp.result, Err(AuthFailure::InvalidSvid));
         let forged = AuthResponse {
@@ -825,28 +741,10 @@ mod tests {
         let binding = SessionBinding::fixed([3; 32]);
         let ca = ctx(&w, NODE_A, NODE_B, binding);
         let cb = ctx(&w, NODE_B, NODE_A, binding);
-        let (init1, _) = Initiator::start(
-            1,
-            [1; 32],
-            FRONTEND,
-            BACKEND,
-            w.frontend.clone(),
-            &w.keys,
-            &ca,
-        )
-        .unwrap();
-        let (_, req2) = Initiator::start(
-            1,
-            [2; 32],
-            FRONTEND,
-            BACKEND,
-            w.frontend.clone(),
-            &w.keys,
-            &ca,
-        )
-        .unwrap();
+        let (init1, _) = start(&w, &ca, (1, 1), FRONTEND, w.frontend.clone());
+        let (_, req2) = start(&w, &ca, (1, 2), FRONTEND, w.frontend.clone());
         // The answer to request 2 (same id, other nonce) does not complete request 1.
-        let (resp2, ok) = respond(&req2, &w.on_b, &w.keys, &cb);
+        let (resp2, ok) = respond_on_b(&w, &req2, &cb);
         assert!(ok.is_ok());
         assert_eq!(init1.finish(resp2, &ca), Err(AuthFailure::BadProof));
     }

@@ -281,9 +281,34 @@ impl Datapath {
                 return Ok(());
             }
         }
-        if self.mode == AttachMode::Clsact {
-            return self.attach_clsact(program, interface, ifindex, hook);
-        }
+        let (program_id, link_id, adopted) = if self.mode == AttachMode::Clsact {
+            self.attach_clsact(program, interface, hook)?
+        } else {
+            self.attach_tcx(program, interface, ifindex, hook)?
+        };
+        self.attachments.insert(
+            (interface.to_string(), hook),
+            Attachment {
+                program,
+                interface: interface.to_string(),
+                ifindex,
+                hook,
+                program_id,
+                link_id,
+                adopted,
+            },
+        );
+        Ok(())
+    }
+
+    /// tcx: a link pinned per interface and ifindex; returns (program id, link id, adopted).
+    fn attach_tcx(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+        ifindex: u32,
+        hook: Hook,
+    ) -> Result<(u32, u32, bool), Error> {
         let pin = self.link_pin_path(interface, ifindex, hook);
         self.remove_stale_pins(interface, ifindex, hook);
         let prog = classifier(&mut self.ebpf, program)?;
@@ -323,31 +348,18 @@ impl Datapath {
                 source: Box::new(e),
             })?;
         }
-        self.attachments.insert(
-            (interface.to_string(), hook),
-            Attachment {
-                program,
-                interface: interface.to_string(),
-                ifindex,
-                hook,
-                program_id,
-                link_id,
-                adopted,
-            },
-        );
-        Ok(())
+        Ok((program_id, link_id, adopted))
     }
 
     /// clsact: replaces veil's filter on `interface` in place if one is there (an earlier
     /// agent's: atomic, no window), else creates it. The filter outlives this agent (no link
-    /// object owns it).
+    /// object owns it), so the recorded link id is 0. Returns (program id, 0, adopted).
     fn attach_clsact(
         &mut self,
         program: &'static str,
         interface: &str,
-        ifindex: u32,
         hook: Hook,
-    ) -> Result<(), Error> {
+    ) -> Result<(u32, u32, bool), Error> {
         let prog = classifier(&mut self.ebpf, program)?;
         let attach_err = |source| attach_error(program, interface, source);
         // Already there is fine; any other failure shows in the attach below.
@@ -381,19 +393,7 @@ impl Datapath {
         // program (whose drop would detach it) and forget it (its drop would too).
         let link = prog.take_link(link_id).map_err(attach_err)?;
         std::mem::forget(link);
-        self.attachments.insert(
-            (interface.to_string(), hook),
-            Attachment {
-                program,
-                interface: interface.to_string(),
-                ifindex,
-                hook,
-                program_id,
-                link_id: 0,
-                adopted,
-            },
-        );
-        Ok(())
+        Ok((program_id, 0, adopted))
     }
 
     fn attach_new(

@@ -594,78 +594,32 @@ mod tests {
         let allowed = Verdict::Allowed {
             is_auth_required: false,
         };
+        let denied = Verdict::Denied;
+        const IN: Direction = Direction::Ingress;
+        const OUT: Direction = Direction::Egress;
         // (map, local, remote, port, proto, direction, verdict)
         let table = [
-            (&node_b, BE, FE, 8080, TCP, Direction::Ingress, allowed),
-            (
-                &node_b,
-                BE,
-                INTRUDER,
-                8080,
-                TCP,
-                Direction::Ingress,
-                Verdict::Denied,
-            ),
-            (
-                &node_b,
-                BE,
-                FE,
-                8081,
-                TCP,
-                Direction::Ingress,
-                Verdict::Denied,
-            ),
-            (
-                &node_b,
-                BE,
-                FE,
-                8080,
-                UDP,
-                Direction::Ingress,
-                Verdict::Denied,
-            ),
-            (
-                &node_b,
-                BE,
-                identity::WORLD,
-                8080,
-                TCP,
-                Direction::Ingress,
-                Verdict::Denied,
-            ),
-            (&node_b, BE, FE, 8080, TCP, Direction::Egress, allowed),
-            (&node_a, FE, BE, 8080, TCP, Direction::Egress, allowed),
-            (
-                &node_a,
-                FE,
-                BE,
-                9090,
-                TCP,
-                Direction::Egress,
-                Verdict::Denied,
-            ),
-            (
-                &node_a,
-                FE,
-                INTRUDER,
-                8080,
-                TCP,
-                Direction::Egress,
-                Verdict::Denied,
-            ),
-            (&node_a, INTRUDER, BE, 8080, TCP, Direction::Egress, allowed),
-            (&node_a, FE, INTRUDER, 22, TCP, Direction::Ingress, allowed),
+            (&node_b, BE, FE, 8080, TCP, IN, allowed),
+            (&node_b, BE, INTRUDER, 8080, TCP, IN, denied),
+            (&node_b, BE, FE, 8081, TCP, IN, denied),
+            (&node_b, BE, FE, 8080, UDP, IN, denied),
+            (&node_b, BE, identity::WORLD, 8080, TCP, IN, denied),
+            (&node_b, BE, FE, 8080, TCP, OUT, allowed),
+            (&node_a, FE, BE, 8080, TCP, OUT, allowed),
+            (&node_a, FE, BE, 9090, TCP, OUT, denied),
+            (&node_a, FE, INTRUDER, 8080, TCP, OUT, denied),
+            (&node_a, INTRUDER, BE, 8080, TCP, OUT, allowed),
+            (&node_a, FE, INTRUDER, 22, TCP, IN, allowed),
         ];
         for (map, l, r, p, pr, d, want) in table {
-            assert_eq!(
+            let got = (
                 datapath_lookup(&map.entries, l, r, p, pr, d),
-                want,
-                "{l}->{r}:{p}/{pr} {d:?}"
+                evaluate(&ps, &ids, l, r, p, pr, d),
             );
             assert_eq!(
-                evaluate(&ps, &ids, l, r, p, pr, d),
-                want,
-                "{l}->{r}:{p}/{pr} {d:?}"
+                got,
+                (want, want),
+                "{l}->{r}:{p}/{pr} {d:?} (map, evaluator)"
             );
         }
 

@@ -314,6 +314,8 @@ pub struct PeerRule<'a> {
     pub peers: Option<&'a [Selector]>,
     /// `None`: every port and protocol (no `toPorts`).
     pub ports: Option<Vec<PortProtocol>>,
+    /// `ports` as written: the `ports` list of each `toPorts` element.
+    pub port_lists: Option<Vec<&'a [PortProtocol]>>,
     pub is_auth_required: bool,
 }
 
@@ -328,14 +330,6 @@ impl Rule {
 
     /// Every peer rule, in the order ingress, ingressDeny, egress, egressDeny.
     pub fn peer_rules<'a>(&'a self, prefix: &str) -> Vec<PeerRule<'a>> {
-        fn allow_ports(p: &Option<Vec<PortRule>>) -> Option<Vec<PortProtocol>> {
-            p.as_ref()
-                .map(|v| v.iter().flat_map(|r| r.ports.iter().copied()).collect())
-        }
-        fn deny_ports(p: &Option<Vec<PortDenyRule>>) -> Option<Vec<PortProtocol>> {
-            p.as_ref()
-                .map(|v| v.iter().flat_map(|r| r.ports.iter().copied()).collect())
-        }
         fn auth(a: &Option<Authentication>) -> bool {
             matches!(
                 a,
@@ -345,47 +339,111 @@ impl Rule {
             )
         }
         let mut out = Vec::new();
-        for (i, r) in self.ingress.iter().enumerate() {
-            out.push(PeerRule {
-                path: format!("{prefix}.ingress[{i}]"),
-                direction: Direction::Ingress,
-                is_deny: false,
-                peers: r.from_endpoints.as_deref(),
-                ports: allow_ports(&r.to_ports),
-                is_auth_required: auth(&r.authentication),
-            });
-        }
-        for (i, r) in self.ingress_deny.iter().enumerate() {
-            out.push(PeerRule {
-                path: format!("{prefix}.ingressDeny[{i}]"),
-                direction: Direction::Ingress,
-                is_deny: true,
-                peers: r.from_endpoints.as_deref(),
-                ports: deny_ports(&r.to_ports),
-                is_auth_required: false,
-            });
-        }
-        for (i, r) in self.egress.iter().enumerate() {
-            out.push(PeerRule {
-                path: format!("{prefix}.egress[{i}]"),
-                direction: Direction::Egress,
-                is_deny: false,
-                peers: r.to_endpoints.as_deref(),
-                ports: allow_ports(&r.to_ports),
-                is_auth_required: auth(&r.authentication),
-            });
-        }
-        for (i, r) in self.egress_deny.iter().enumerate() {
-            out.push(PeerRule {
-                path: format!("{prefix}.egressDeny[{i}]"),
-                direction: Direction::Egress,
-                is_deny: true,
-                peers: r.to_endpoints.as_deref(),
-                ports: deny_ports(&r.to_ports),
-                is_auth_required: false,
-            });
-        }
+        push_peer_rules(
+            &mut out,
+            prefix,
+            Direction::Ingress,
+            false,
+            &self.ingress,
+            |r| {
+                (
+                    r.from_endpoints.as_deref(),
+                    port_lists(&r.to_ports, |p| &p.ports),
+                    auth(&r.authentication),
+                )
+            },
+        );
+        push_peer_rules(
+            &mut out,
+            prefix,
+            Direction::Ingress,
+            true,
+            &self.ingress_deny,
+            |r| {
+                (
+                    r.from_endpoints.as_deref(),
+                    port_lists(&r.to_ports, |p| &p.ports),
+                    false,
+                )
+            },
+        );
+        push_peer_rules(
+            &mut out,
+            prefix,
+            Direction::Egress,
+            false,
+            &self.egress,
+            |r| {
+                (
+                    r.to_endpoints.as_deref(),
+                    port_lists(&r.to_ports, |p| &p.ports),
+                    auth(&r.authentication),
+                )
+            },
+        );
+        push_peer_rules(
+            &mut out,
+            prefix,
+            Direction::Egress,
+            true,
+            &self.egress_deny,
+            |r| {
+                (
+                    r.to_endpoints.as_deref(),
+                    port_lists(&r.to_ports, |p| &p.ports),
+                    false,
+                )
+            },
+        );
         out
+    }
+}
+
+/// The `ports` list of each `toPorts` element; `None` without `toPorts`.
+fn port_lists<T>(
+    to_ports: &Option<Vec<T>>,
+    ports: impl Fn(&T) -> &Vec<PortProtocol>,
+) -> Option<Vec<&[PortProtocol]>> {
+    to_ports
+        .as_ref()
+        .map(|v| v.iter().map(|r| &ports(r)[..]).collect())
+}
+
+/// One rule section (`ingress`, `ingressDeny`, `egress` or `egressDeny`) as [`PeerRule`]s;
+/// `view` gives a rule's peers, `toPorts` lists and whether it requires authentication.
+fn push_peer_rules<'a, T>(
+    out: &mut Vec<PeerRule<'a>>,
+    prefix: &str,
+    direction: Direction,
+    is_deny: bool,
+    rules: &'a [T],
+    view: impl Fn(
+        &'a T,
+    ) -> (
+        Option<&'a [Selector]>,
+        Option<Vec<&'a [PortProtocol]>>,
+        bool,
+    ),
+) {
+    let section = match (direction, is_deny) {
+        (Direction::Ingress, false) => "ingress",
+        (Direction::Ingress, true) => "ingressDeny",
+        (Direction::Egress, false) => "egress",
+        (Direction::Egress, true) => "egressDeny",
+    };
+    for (i, r) in rules.iter().enumerate() {
+        let (peers, port_lists, is_auth_required) = view(r);
+        out.push(PeerRule {
+            path: format!("{prefix}.{section}[{i}]"),
+            direction,
+            is_deny,
+            peers,
+            ports: port_lists
+                .as_ref()
+                .map(|l| l.iter().flat_map(|p| p.iter().copied()).collect()),
+            port_lists,
+            is_auth_required,
+        });
     }
 }
 
@@ -564,55 +622,23 @@ fn validate_rule(prefix: &str, rule: &Rule, ns: Option<&str>) -> Result<(), Erro
             }
         }
     }
-    for (i, r) in rule.ingress.iter().enumerate() {
-        let p = format!("{prefix}.ingress[{i}]");
-        validate_peers(&format!("{p}.fromEndpoints"), &r.from_endpoints)?;
-        validate_port_rules(
-            &p,
-            r.to_ports
-                .as_deref()
-                .map(|v| v.iter().map(|r| &r.ports[..])),
-        )?;
-    }
-    for (i, r) in rule.ingress_deny.iter().enumerate() {
-        let p = format!("{prefix}.ingressDeny[{i}]");
-        validate_peers(&format!("{p}.fromEndpoints"), &r.from_endpoints)?;
-        validate_port_rules(
-            &p,
-            r.to_ports
-                .as_deref()
-                .map(|v| v.iter().map(|r| &r.ports[..])),
-        )?;
-    }
-    for (i, r) in rule.egress.iter().enumerate() {
-        let p = format!("{prefix}.egress[{i}]");
-        validate_peers(&format!("{p}.toEndpoints"), &r.to_endpoints)?;
-        validate_port_rules(
-            &p,
-            r.to_ports
-                .as_deref()
-                .map(|v| v.iter().map(|r| &r.ports[..])),
-        )?;
-    }
-    for (i, r) in rule.egress_deny.iter().enumerate() {
-        let p = format!("{prefix}.egressDeny[{i}]");
-        validate_peers(&format!("{p}.toEndpoints"), &r.to_endpoints)?;
-        validate_port_rules(
-            &p,
-            r.to_ports
-                .as_deref()
-                .map(|v| v.iter().map(|r| &r.ports[..])),
-        )?;
+    for r in rule.peer_rules(prefix) {
+        let peers_field = match r.direction {
+            Direction::Ingress => "fromEndpoints",
+            Direction::Egress => "toEndpoints",
+        };
+        validate_peers(&format!("{}.{peers_field}", r.path), r.peers)?;
+        validate_port_rules(&r.path, r.port_lists.map(Vec::into_iter))?;
     }
     Ok(())
 }
 
 /// An empty peer list would mean "any peer" in Cilium (as if the field were absent), which
 /// reads like "no peer"; refuse it rather than guess.
-fn validate_peers(path: &str, peers: &Option<Vec<Selector>>) -> Result<(), Error> {
+fn validate_peers(path: &str, peers: Option<&[Selector]>) -> Result<(), Error> {
     match peers {
         None => Ok(()),
-        Some(v) if v.is_empty() => Err(invalid(
+        Some([]) => Err(invalid(
             path,
             "empty list: omit the field to allow any peer, or use [{}] for every endpoint in the namespace",
         )),
@@ -1079,6 +1105,62 @@ spec:
                 "spec.ingress[0].toPorts[0].ports[0].port: port 99999 is out of range"
             ),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn peer_rules_flatten_each_section() {
+        let p = one(&with_spec(
+            "  endpointSelector: {}\n  ingress: [{fromEndpoints: [{}], authentication: {mode: required}}]\n  ingressDeny: [{toPorts: [{ports: [{port: '22'}]}, {ports: [{port: '23'}]}]}]\n  egress: [{toPorts: [{ports: [{protocol: UDP}]}]}]\n  egressDeny: [{toEndpoints: [{}, {}]}]\n",
+        ));
+        let rules = p.spec.as_ref().unwrap().peer_rules("spec");
+        let got: Vec<_> = rules
+            .iter()
+            .map(|r| {
+                let ports = r.ports.as_ref().map(|v| {
+                    v.iter()
+                        .map(|pp| (pp.port.map(|p| p.0), pp.protocol))
+                        .collect::<Vec<_>>()
+                });
+                let lists = r.port_lists.as_ref().map(Vec::len);
+                let peers = r.peers.map(<[_]>::len);
+                let flags = (r.direction, r.is_deny, r.is_auth_required);
+                (r.path.as_str(), flags, peers, ports, lists)
+            })
+            .collect();
+        let any = Protocol::Any;
+        assert_eq!(
+            got,
+            [
+                (
+                    "spec.ingress[0]",
+                    (Direction::Ingress, false, true),
+                    Some(1),
+                    None,
+                    None
+                ),
+                (
+                    "spec.ingressDeny[0]",
+                    (Direction::Ingress, true, false),
+                    None,
+                    Some(vec![(Some(22), any), (Some(23), any)]),
+                    Some(2)
+                ),
+                (
+                    "spec.egress[0]",
+                    (Direction::Egress, false, false),
+                    None,
+                    Some(vec![(None, Protocol::Udp)]),
+                    Some(1)
+                ),
+                (
+                    "spec.egressDeny[0]",
+                    (Direction::Egress, true, false),
+                    Some(2),
+                    None,
+                    None
+                ),
+            ]
         );
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use veil_common::maps::{identity, policy_decision, PolicyEntry, PolicyKey};
 
 use super::{
-    parse::{AuthMode, Direction, Policy, PortProtocol, Protocol},
+    parse::{Direction, PeerRule, Policy, PortProtocol, Protocol},
     selector::Selector,
     IdentityLabels, Mode, Verdict,
 };
@@ -42,7 +42,7 @@ pub fn evaluate(
         };
         ns_ok && s.matches(labels)
     };
-    let peer_matches = |peers: &Option<Vec<Selector>>, ns: Option<&str>| match peers {
+    let peer_matches = |peers: Option<&[Selector]>, ns: Option<&str>| match peers {
         None => true,
         Some(selectors) => {
             remote >= identity::FIRST_CLUSTER
@@ -50,7 +50,7 @@ pub fn evaluate(
                     .is_some_and(|l| selectors.iter().any(|s| selects(s, l, ns, false)))
         }
     };
-    let port_matches = |ports: Option<Vec<&PortProtocol>>| match ports {
+    let port_matches = |ports: Option<&[PortProtocol]>| match ports {
         None => true,
         Some(ports) => ports.iter().any(|pp| {
             let proto_ok = match pp.protocol {
@@ -84,84 +84,31 @@ pub fn evaluate(
             if !selects(&rule.endpoint_selector, local_labels, ns, true) {
                 continue;
             }
-            // (peers, ports, is_auth_required) of the allow and of the deny rules.
-            let (allows, denies): (Vec<_>, Vec<_>) = match direction {
-                Direction::Ingress => (
-                    rule.ingress
-                        .iter()
-                        .map(|r| {
-                            (
-                                &r.from_endpoints,
-                                r.to_ports.as_ref().map(|v| {
-                                    v.iter().flat_map(|pr| pr.ports.iter()).collect::<Vec<_>>()
-                                }),
-                                r.authentication
-                                    .is_some_and(|a| a.mode == AuthMode::Required),
-                            )
-                        })
-                        .collect(),
-                    rule.ingress_deny
-                        .iter()
-                        .map(|r| {
-                            (
-                                &r.from_endpoints,
-                                r.to_ports.as_ref().map(|v| {
-                                    v.iter().flat_map(|pr| pr.ports.iter()).collect::<Vec<_>>()
-                                }),
-                                false,
-                            )
-                        })
-                        .collect(),
-                ),
-                Direction::Egress => (
-                    rule.egress
-                        .iter()
-                        .map(|r| {
-                            (
-                                &r.to_endpoints,
-                                r.to_ports.as_ref().map(|v| {
-                                    v.iter().flat_map(|pr| pr.ports.iter()).collect::<Vec<_>>()
-                                }),
-                                r.authentication
-                                    .is_some_and(|a| a.mode == AuthMode::Required),
-                            )
-                        })
-                        .collect(),
-                    rule.egress_deny
-                        .iter()
-                        .map(|r| {
-                            (
-                                &r.to_endpoints,
-                                r.to_ports.as_ref().map(|v| {
-                                    v.iter().flat_map(|pr| pr.ports.iter()).collect::<Vec<_>>()
-                                }),
-                                false,
-                            )
-                        })
-                        .collect(),
-                ),
-            };
-            if allows.is_empty() && denies.is_empty() {
+            // The rule's sections flattened by the model itself (`peers`, `ports` as written);
+            // the matching below is this evaluator's own.
+            let peer_rules: Vec<_> = rule
+                .peer_rules("")
+                .into_iter()
+                .filter(|r| r.direction == direction)
+                .collect();
+            if peer_rules.is_empty() {
                 continue;
             }
             // An empty rule `{}` (no peers, no ports) matches nothing: Cilium's deny-all idiom.
-            let rule_matches = |peers: &Option<Vec<Selector>>,
-                                ports: Option<Vec<&PortProtocol>>| {
-                !(peers.is_none() && ports.is_none())
-                    && peer_matches(peers, ns)
-                    && port_matches(ports)
+            let rule_matches = |r: &PeerRule| {
+                !(r.peers.is_none() && r.ports.is_none())
+                    && peer_matches(r.peers, ns)
+                    && port_matches(r.ports.as_deref())
             };
-            let matching_allows: Vec<_> = allows
-                .into_iter()
-                .filter(|(peers, ports, _)| rule_matches(peers, ports.clone()))
+            let matching_allows: Vec<_> = peer_rules
+                .iter()
+                .filter(|r| !r.is_deny && rule_matches(r))
                 .collect();
             selecting.push(Selecting {
                 mode: p.mode(),
-                is_denied: denies
-                    .into_iter()
-                    .any(|(peers, ports, _)| rule_matches(peers, ports)),
+                is_denied: peer_rules.iter().any(|r| r.is_deny && rule_matches(r)),
                 is_allowed: !matching_allows.is_empty(),
-                is_auth_required: matching_allows.iter().any(|(_, _, auth)| *auth),
+                is_auth_required: matching_allows.iter().any(|r| r.is_auth_required),
             });
         }
     }
@@ -228,8 +175,8 @@ mod tests {
     use crate::policy::{
         compile,
         parse::{
-            ApiVersion, Authentication, EgressDenyRule, EgressRule, IngressDenyRule, IngressRule,
-            Kind, Metadata, Port, PortDenyRule, PortRule, Rule, MODE_ANNOTATION,
+            ApiVersion, AuthMode, Authentication, EgressDenyRule, EgressRule, IngressDenyRule,
+            IngressRule, Kind, Metadata, Port, PortDenyRule, PortRule, Rule, MODE_ANNOTATION,
         },
         selector::{LabelKey, LabelValue, MatchLabels, Operator, Requirement},
         IdentityAllocator,
