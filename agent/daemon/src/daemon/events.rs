@@ -1,0 +1,126 @@
+//! daemon::events: the datapath's flow events into the flow store. Opens the store (reloading
+//! the flow log), takes the `EVENTS` ring buffer, drains it, and names the failed handshake
+//! behind auth drops as records are stored.
+
+use std::sync::{Arc, Mutex};
+
+use aya::maps::RingBuf;
+use tokio::sync::watch;
+use veil_common::maps::{self as map_names, FlowEvent};
+
+use crate::{
+    cluster::{self, ClusterState},
+    config::Config,
+    datapath::{self, Datapath},
+    flows::FlowStore,
+    mesh::MeshStatus,
+};
+
+/// The flow store, reloaded from `state_dir/flows.jsonl`.
+pub(super) fn open_store(cfg: &Config) -> Arc<Mutex<FlowStore>> {
+    Arc::new(Mutex::new(FlowStore::open(
+        Some(cfg.state_dir.join("flows.jsonl")),
+        FlowStore::DEFAULT_CAPACITY,
+        FlowStore::DEFAULT_LOG_BYTES,
+    )))
+}
+
+/// The ring buffer of flow events. The agent owns its reader; a restarted agent reopens the
+/// pinned map and picks up where the kernel left off.
+pub(super) fn take_ring(
+    datapath: &mut Datapath,
+) -> Result<Option<RingBuf<aya::maps::MapData>>, datapath::Error> {
+    datapath
+        .ebpf_mut()
+        .take_map(map_names::EVENTS)
+        .map(RingBuf::try_from)
+        .transpose()
+        .map_err(|source| datapath::Error::Map {
+            name: map_names::EVENTS,
+            source,
+        })
+}
+
+/// Names the failed handshake behind `no-key` / `auth-required` drops: the workload handshake
+/// of the pair, else the node handshake with the remote node.
+pub(super) fn auth_error_annotator(
+    mesh: Arc<Mutex<MeshStatus>>,
+    cluster_rx: watch::Receiver<Arc<ClusterState>>,
+) -> crate::flows::Annotator {
+    Box::new(move |f| {
+        if !matches!(
+            f.drop_reason.as_deref(),
+            Some("no-key" | "auth-required" | "peer-unauthenticated")
+        ) {
+            return;
+        }
+        let (local, remote) = if f.direction == "egress" {
+            (&f.src, &f.dst)
+        } else {
+            (&f.dst, &f.src)
+        };
+        let ip = match remote.ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => ip,
+            Ok(std::net::IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
+                Some(ip) => ip,
+                None => return,
+            },
+            Err(_) => return,
+        };
+        let cluster = cluster_rx.borrow().clone();
+        let Some(node) = cluster.nodes.iter().find(|n| {
+            cluster::parse_cidr_v4(&n.pod_cidr).is_some_and(|(net, len)| {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net) & mask
+            })
+        }) else {
+            return;
+        };
+        let st = mesh.lock().expect("mesh status lock");
+        if let Some(e) = st.failure_for(local.identity, remote.identity, node.id) {
+            f.auth_error = Some(e.to_string());
+        }
+    })
+}
+
+/// Drains the datapath's flow events into the flow store.
+pub(super) async fn read_events(
+    events: RingBuf<aya::maps::MapData>,
+    node: String,
+    flows: Arc<Mutex<FlowStore>>,
+    cluster_rx: watch::Receiver<Arc<ClusterState>>,
+) -> std::io::Result<()> {
+    let offset = crate::flows::boot_offset_ns();
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it; nothing else
+    // closes or reuses that descriptor.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let state = cluster_rx.borrow().clone();
+        let rb = guard.get_inner_mut();
+        // A bounded batch per wake-up: a flood cannot monopolize the agent.
+        let mut batch = Vec::new();
+        while batch.len() < 4096 {
+            let Some(item) = rb.next() else { break };
+            if item.len() >= std::mem::size_of::<FlowEvent>() {
+                // SAFETY: the kernel wrote a FlowEvent (repr(C), any bit pattern valid) here.
+                let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                batch.push(ev);
+            }
+        }
+        if batch.len() < 4096 {
+            guard.clear_ready();
+        }
+        drop(guard);
+        {
+            let mut store = flows.lock().expect("flow store lock");
+            for ev in &batch {
+                store.push(crate::flows::from_event(ev, &node, &state, offset));
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+}

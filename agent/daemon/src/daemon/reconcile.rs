@@ -1,0 +1,345 @@
+//! daemon::reconcile: brings the node in line with the cluster state (tunnel peers, program
+//! attachments, SVID subscriptions, the ipcache and node table) and recompiles policy when its
+//! input changes. One pass is synchronous and idempotent; the loop in `daemon` decides when.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use veil_common::{
+    maps::{self as map_names, ip_flags, node_flags, IpInfo, NodeInfo},
+    programs,
+};
+use veil_identity::{SelectorSet, SvidSource as _};
+
+use super::{state::Shared, HOLD_DEVICE};
+use crate::{
+    api,
+    cluster::{self, ClusterState},
+    datapath::{
+        self,
+        maps::{sync, IpCacheMap, KernelHash, Prefix},
+        policy as dp_policy, Hook,
+    },
+};
+
+/// Errors of one reconcile pass (retried on the next).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Datapath(#[from] datapath::Error),
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::Error),
+}
+
+/// Brings the node in line with the cluster state: tunnel peers and routes, programs on every
+/// local pod veth and on the tunnel device, the ipcache and node table exactly as the state says.
+pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
+    let cluster = s.cluster.clone();
+    let me = s.cfg.node.clone();
+    let mut first_error: Option<ReconcileError> = None;
+    // Peers first: a node only gets HAS_KEY (and so traffic) once its peer is on the device.
+    let auth_keys = s.mesh_keys.as_ref().map(|rx| rx.borrow().clone());
+    let with_key = match s
+        .tunnel
+        .as_mut()
+        .map(|t| t.reconcile(&cluster, &me, auth_keys.as_ref()))
+    {
+        Some(Ok(nodes)) => nodes,
+        Some(Err(e)) => {
+            tracing::warn!(error = %crate::error_chain(&e), "tunnel reconcile failed");
+            first_error.get_or_insert(e.into());
+            Default::default()
+        }
+        None => Default::default(),
+    };
+    if let Some(t) = &s.tunnel {
+        let ifname = t.interface().to_string();
+        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str()).unwrap_or(0);
+        let mut cm = s.datapath.config_map()?;
+        let mut c = cm.get()?;
+        if c.tunnel_ifindex != ifindex {
+            c.tunnel_ifindex = ifindex;
+            cm.set(c)?;
+        }
+        let hold = (c.hold_ifindex != 0).then_some(HOLD_DEVICE);
+        // Tunnel ingress (decrypted packets), tunnel egress (no host process may pose as a
+        // pod), hold ingress (released packets are checked, tracked and marked).
+        let mut hooks = vec![
+            (programs::FROM_TUNNEL, ifname.clone(), Hook::TcxIngress),
+            (programs::TO_TUNNEL, ifname.clone(), Hook::TcxEgress),
+        ];
+        if let Some(h) = hold {
+            hooks.push((programs::FROM_HOLD, h.to_string(), Hook::TcxIngress));
+        }
+        for (program, interface, hook) in hooks {
+            if let Err(e) = s.datapath.attach(program, &interface, hook) {
+                tracing::warn!(interface = %interface, program, error = %crate::error_chain(&e), "cannot attach");
+                first_error.get_or_insert(e.into());
+            }
+        }
+    }
+    // Underlay ingress, with or without encryption: with it, no plaintext for pods from other
+    // nodes; without it (the capture sanity check), the ingress checks pod traffic from other
+    // nodes gets, as from the tunnel.
+    match cluster
+        .nodes
+        .iter()
+        .find(|n| n.name == me)
+        .and_then(|n| interface_with_address(n.underlay_ip))
+    {
+        Some(u) => {
+            if let Err(e) = s
+                .datapath
+                .attach(programs::FROM_UNDERLAY, &u, Hook::TcxIngress)
+            {
+                tracing::warn!(interface = %u, error = %crate::error_chain(&e), "cannot attach to the underlay");
+                first_error.get_or_insert(e.into());
+            }
+        }
+        None => tracing::warn!(
+            "no interface holds this node's underlay address: plaintext from the underlay is not filtered"
+        ),
+    }
+    for pod in cluster.pods_on(&me) {
+        for (program, hook) in [
+            (programs::FROM_POD, Hook::TcxIngress),
+            (programs::TO_POD, Hook::TcxEgress),
+        ] {
+            if let Err(e) = s.datapath.attach(program, &pod.host_veth, hook) {
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), program, error = %crate::error_chain(&e), "cannot attach");
+                first_error.get_or_insert(e.into());
+            }
+        }
+    }
+    s.datapath.prune_pins();
+    if let Some(ids) = &s.identities {
+        // Subscribe to the SVIDs of exactly the pods on this node.
+        let want: BTreeSet<SelectorSet> = cluster
+            .pods_on(&me)
+            .filter_map(|p| SelectorSet::k8s_pod(&p.namespace, &p.service_account, &p.name).ok())
+            .collect();
+        for gone in s.watched.difference(&want) {
+            ids.unwatch_workload(gone);
+        }
+        for new in want.difference(&s.watched) {
+            ids.watch_workload(new.clone());
+        }
+        s.watched = want;
+    }
+    let (ipcache, nodes) = desired_maps(&cluster, &me, &with_key);
+    sync(&mut IpCacheMap::new(s.datapath.ebpf_mut())?, &ipcache)?;
+    sync(
+        &mut KernelHash::<u32, NodeInfo>::new(s.datapath.ebpf_mut(), map_names::NODES)?,
+        &nodes,
+    )?;
+    reconcile_policy(s, &cluster, &me)?;
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The interface holding `addr` in this network namespace (the node's underlay interface).
+fn interface_with_address(addr: std::net::Ipv4Addr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let a = ifa.address?;
+        let sin = a.as_sockaddr_in()?;
+        (sin.ip() == addr).then(|| ifa.interface_name.clone())
+    })
+}
+
+/// Compiles the cluster's policies for this node's endpoints and installs them atomically when
+/// the input changed. A policy that does not compile leaves the previous one in force.
+fn reconcile_policy(
+    s: &mut Shared,
+    cluster: &ClusterState,
+    me: &str,
+) -> Result<(), datapath::Error> {
+    let mut locals: Vec<u32> = cluster
+        .pods_on(me)
+        .map(|p| p.identity)
+        .filter(|i| *i != 0)
+        .collect();
+    locals.sort_unstable();
+    locals.dedup();
+    let input = (
+        cluster.policy_generation,
+        cluster.identities.clone(),
+        locals.clone(),
+    );
+    if s.policy_input.as_ref() == Some(&input) {
+        return Ok(());
+    }
+    let compiled = crate::policy::compile(&cluster.policies, &cluster.identity_table(), &locals);
+    s.policy_input = Some(input);
+    match compiled {
+        Ok(c) => {
+            let changes = dp_policy::install(s.datapath.ebpf_mut(), &c.entries)?;
+            let pruned = dp_policy::prune_conntrack(s.datapath.ebpf_mut(), &c.entries)?;
+            let _ = s.policy_tx.send(Arc::new(c.entries.clone()));
+            tracing::info!(
+                generation = cluster.policy_generation,
+                policies = cluster.policies.len(),
+                entries = c.entries.len(),
+                changes,
+                conntrack_cut = pruned,
+                "policy installed"
+            );
+            s.policy = api::PolicyStatus {
+                generation: cluster.policy_generation,
+                policies: cluster
+                    .policies
+                    .iter()
+                    .map(|p| p.name().to_string())
+                    .collect(),
+                entries: c.entries.len(),
+                conntrack_cut: pruned,
+                last_error: None,
+            };
+        }
+        Err(e) => {
+            tracing::error!(generation = cluster.policy_generation, error = %e, "policy does not compile; previous policy stays in force");
+            s.policy.last_error = Some(format!("generation {}: {e}", cluster.policy_generation));
+        }
+    }
+    Ok(())
+}
+
+/// The ipcache and node table this node should have for a cluster state.
+pub fn desired_maps(
+    cluster: &ClusterState,
+    me: &str,
+    with_key: &std::collections::BTreeSet<String>,
+) -> (BTreeMap<Prefix, IpInfo>, BTreeMap<u32, NodeInfo>) {
+    let mut ipcache = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    for n in &cluster.nodes {
+        if let Some((ip, len)) = cluster::parse_cidr_v4(&n.pod_cidr) {
+            ipcache.insert(
+                Prefix::v4(ip, len),
+                IpInfo {
+                    identity: 0,
+                    node_id: n.id,
+                    flags: ip_flags::POD_CIDR,
+                    ifindex: 0,
+                },
+            );
+        }
+        if n.name == me {
+            // This node's own addresses: its underlay address and its pod-network gateway
+            // (the first address of its pod CIDR, the source of its traffic to local pods).
+            let host = IpInfo {
+                identity: veil_common::maps::identity::HOST,
+                node_id: n.id,
+                flags: ip_flags::HOST,
+                ifindex: 0,
+            };
+            ipcache.insert(Prefix::v4(n.underlay_ip, 32), host);
+            if let Some((net, _)) = cluster::parse_cidr_v4(&n.pod_cidr) {
+                let gw = std::net::Ipv4Addr::from(u32::from(net).wrapping_add(1));
+                ipcache.insert(Prefix::v4(gw, 32), host);
+            }
+        }
+        let mut flags = if n.name == me { node_flags::SELF } else { 0 };
+        if with_key.contains(&n.name) {
+            flags |= node_flags::HAS_KEY;
+        }
+        nodes.insert(n.id, NodeInfo { flags, _pad: 0 });
+    }
+    for p in &cluster.pods {
+        let Some(node) = cluster.node(&p.node) else {
+            continue;
+        };
+        let local = p.node == me;
+        let ifindex = if local {
+            nix::net::if_::if_nametoindex(p.host_veth.as_str()).unwrap_or(0)
+        } else {
+            0
+        };
+        let flags = ip_flags::POD | if local { ip_flags::LOCAL_POD } else { 0 };
+        let identity = if p.identity != 0 {
+            p.identity
+        } else {
+            veil_common::maps::identity::UNKNOWN
+        };
+        ipcache.insert(
+            Prefix::v4(p.ip, 32),
+            IpInfo {
+                identity,
+                node_id: node.id,
+                flags,
+                ifindex,
+            },
+        );
+    }
+    (ipcache, nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    use crate::cluster::{Node, Pod};
+    use veil_common::maps::identity;
+
+    fn state() -> ClusterState {
+        let node = |name: &str, id: u32| Node {
+            name: name.into(),
+            id,
+            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
+            pod_cidr: format!("198.19.{id}.0/24"),
+            wg_public_key: None,
+            wg_next_public_key: None,
+        };
+        let pod = |name: &str, node: &str, ip: [u8; 4]| Pod {
+            name: name.into(),
+            namespace: "shop".into(),
+            node: node.into(),
+            ip: Ipv4Addr::from(ip),
+            labels: BTreeMap::new(),
+            service_account: name.into(),
+            host_veth: "lxc-does-not-exist".into(),
+            identity: 256,
+        };
+        ClusterState {
+            generation: 1,
+            cluster: "t".into(),
+            trust_domain: "lab.veil".into(),
+            nodes: vec![node("a", 1), node("b", 2)],
+            pods: vec![
+                pod("fe", "a", [198, 19, 1, 10]),
+                pod("be", "b", [198, 19, 2, 10]),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn desired_maps_cover_cidrs_pods_and_nodes() {
+        let (ipcache, nodes) = desired_maps(&state(), "a", &["b".to_string()].into());
+        // Two pod CIDRs, two pods, and this node's own underlay address and gateway.
+        assert_eq!(ipcache.len(), 6);
+        for own in [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 19, 1, 1)] {
+            let h = ipcache[&Prefix::v4(own, 32)];
+            assert_eq!(
+                (h.flags, h.identity),
+                (ip_flags::HOST, identity::HOST),
+                "{own}"
+            );
+        }
+        assert!(!ipcache.contains_key(&Prefix::v4(Ipv4Addr::new(198, 18, 0, 2), 32)));
+        let fe = ipcache[&Prefix::v4(Ipv4Addr::new(198, 19, 1, 10), 32)];
+        assert_eq!(fe.flags, ip_flags::POD | ip_flags::LOCAL_POD);
+        let be = ipcache[&Prefix::v4(Ipv4Addr::new(198, 19, 2, 10), 32)];
+        assert_eq!((be.flags, be.node_id), (ip_flags::POD, 2));
+        let cidr = ipcache[&Prefix::v4(Ipv4Addr::new(198, 19, 2, 0), 24)];
+        assert_eq!((cidr.flags, cidr.node_id), (ip_flags::POD_CIDR, 2));
+        assert_eq!(nodes[&1].flags, node_flags::SELF);
+        assert_eq!(nodes[&2].flags, node_flags::HAS_KEY);
+        let (_, nodes) = desired_maps(&state(), "a", &Default::default());
+        assert_eq!(nodes[&2].flags, 0, "no peer, no key: strict mode drops");
+    }
+}

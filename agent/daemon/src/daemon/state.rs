@@ -1,0 +1,77 @@
+//! daemon::state: what the reconcile loop, the admin routes, status and key rotation share,
+//! behind one lock.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::watch;
+use veil_common::maps::{PolicyEntry, PolicyKey};
+use veil_identity::SelectorSet;
+use veil_spire::IdentityClientHandle;
+
+use crate::{
+    api,
+    cluster::{ClusterSource, ClusterState},
+    config::Config,
+    datapath::Datapath,
+    mesh::{MeshStatus, PeerKeys},
+    tunnel::NodeTunnel,
+};
+
+/// Everything the admin API and the reconcile loop share.
+pub(super) struct Shared {
+    pub(super) cfg: Config,
+    /// Where cluster state comes from and this node's key is published.
+    pub(super) source: Arc<dyn ClusterSource>,
+    pub(super) datapath: Datapath,
+    pub(super) cluster: Arc<ClusterState>,
+    pub(super) tunnel: Option<NodeTunnel>,
+    pub(super) ready: bool,
+    pub(super) started_unix: u64,
+    pub(super) restarts: u64,
+    pub(super) last_error: Option<String>,
+    /// SVIDs of this node and its pods, as the SPIRE clients deliver them.
+    pub(super) identities: Option<IdentityClientHandle>,
+    /// Pods whose SVIDs are subscribed (Delegated Identity API selectors).
+    pub(super) watched: BTreeSet<SelectorSet>,
+    /// What the installed policy was compiled from: (policy generation, identity table, local
+    /// identities). Recompiled only when it changes.
+    pub(super) policy_input: Option<(u64, Vec<crate::cluster::Identity>, Vec<u32>)>,
+    pub(super) policy: api::PolicyStatus,
+    /// Node-wide audit mode: would-be policy drops pass and are reported as AUDIT.
+    pub(super) audit: bool,
+    /// Peer keys from authenticated node handshakes (mutual auth); None: keys from the cluster
+    /// state (mutual auth off).
+    pub(super) mesh_keys: Option<watch::Receiver<BTreeMap<String, PeerKeys>>>,
+    pub(super) mesh_status: Option<Arc<Mutex<MeshStatus>>>,
+    /// With mutual auth: where node handshakes read the node's public key, and how to make
+    /// them re-run (static key rotation).
+    pub(super) key_rotation: Option<(
+        Arc<arc_swap::ArcSwap<veil_transport::PublicKey>>,
+        tokio::sync::mpsc::Sender<()>,
+    )>,
+    /// The compiled policy in force, for the mesh's pre-authentication.
+    pub(super) policy_tx: watch::Sender<Arc<BTreeMap<PolicyKey, PolicyEntry>>>,
+    pub(super) hold_stats: crate::hold::SharedStats,
+}
+
+/// Counts agent starts on this node's state (0 on the first), persisted in the state dir.
+pub(super) fn bump_start_count(state_dir: &std::path::Path) -> u64 {
+    let path = state_dir.join("starts");
+    let n: u64 = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let _ = std::fs::write(&path, (n + 1).to_string());
+    n
+}
+
+pub(super) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
