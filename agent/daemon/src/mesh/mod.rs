@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use tokio::time::Instant;
@@ -23,6 +23,10 @@ use veil_common::maps::{policy_flags, AuthEntry, AuthKey, PolicyEntry, PolicyKey
 use veil_identity::{BundleSet, IdentitySnapshot, SpiffeId, SvidKey, TrustDomain};
 use veil_transport::{PresharedKey, PublicKey};
 
+pub mod state;
+
+pub use state::{Effect, MeshState, PeerChannel};
+
 use crate::{
     api,
     auth::{
@@ -32,8 +36,8 @@ use crate::{
             PublishedKeys, PUBLICATION_WAIT,
         },
         client::{self, ClientConfig},
-        entries::{self, Action, AuthTable, EntriesConfig},
-        node_handshake::{EpochBook, NodeKeys, RekeyConfig, RekeySchedule},
+        entries,
+        node_handshake::{EpochBook, NodeKeys},
         server::{Server, ServerConfig},
         tls::{NodeCredentials, TlsConfig},
         workload::{Authenticated, SigningKeys},
@@ -67,14 +71,6 @@ pub struct MeshConfig {
 /// A workload handshake this node started: the triple, when it started (revocations after
 /// that win, `AuthTable::on_authenticated`), and its outcome.
 type HandshakeResult = (AuthTriple, Instant, Result<Authenticated, AuthFailure>);
-
-/// At most this many pairs' last failures are kept for flow records.
-const PAIR_FAILURES_MAX: usize = 65_536;
-
-/// Redial of a peer node whose control channel failed: the n-th consecutive failure waits
-/// 250 ms·2ⁿ, at most 30 s.
-const REDIAL_BACKOFF: veil_common::backoff::Backoff =
-    veil_common::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
 /// What `veil status` shows about the mesh.
 #[derive(Clone, Debug, Default)]
@@ -110,12 +106,6 @@ impl MeshStatus {
             .or_else(|| self.node_failures.get(&remote_node))
             .copied()
     }
-}
-
-struct ChannelState {
-    channel: Channel,
-    established: SystemTime,
-    schedule: RekeySchedule,
 }
 
 /// How long auth entries left by an earlier run of the agent stay without re-authentication.
@@ -234,7 +224,8 @@ impl Mesh {
         )
     }
 
-    /// Runs until `shutdown` resolves.
+    /// Runs until `shutdown` resolves: feeds every input to the [`MeshState`] and carries
+    /// out its effects.
     pub async fn run(
         mut self,
         mut cluster_rx: watch::Receiver<Arc<ClusterState>>,
@@ -243,21 +234,17 @@ impl Mesh {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
-        let mut table = AuthTable::new(EntriesConfig::default(), self.cfg.node_id);
-        let mut channels: BTreeMap<u32, ChannelState> = BTreeMap::new();
-        let mut dialing: BTreeSet<u32> = BTreeSet::new();
-        let mut redial_at: BTreeMap<u32, (Instant, u32)> = BTreeMap::new();
+        let mut state: MeshState<Channel> = MeshState::new(
+            self.cfg.node.clone(),
+            self.cfg.node_id,
+            self.cfg.rekey_interval,
+        );
         let (dial_tx, mut dial_rx) = mpsc::channel::<DialOutcome>(64);
         let (result_tx, mut result_rx) = mpsc::channel::<HandshakeResult>(4096);
-        let mut keys: BTreeMap<String, PeerKeys> = BTreeMap::new();
-        // When each peer's keys expire without a fresh node handshake (`key_deadline`).
-        let mut key_deadlines: BTreeMap<String, Instant> = BTreeMap::new();
         let mut server_started = false;
         let mut node_serial: Option<String> = None;
         let mut held_bundles: Option<Arc<veil_identity::Bundles>> = None;
         let mut seen_cluster: Option<Arc<ClusterState>> = None;
-        let mut local_ids: BTreeMap<u32, SpiffeId> = BTreeMap::new();
-        let mut local_serials: BTreeMap<u32, String> = BTreeMap::new();
         // Entries an earlier run of this agent left in the pinned map: they keep admitting
         // their flows while this run re-authenticates (pre-auth runs as soon as channels are
         // up), and whatever this run has not re-written by the deadline is deleted — so a
@@ -300,70 +287,23 @@ impl Mesh {
                                 serial = node_svid.serial(),
                                 "node svid rotated: re-running node handshakes"
                             );
-                            for c in channels.values_mut() {
-                                c.schedule.on_svid_rotated(now);
-                            }
+                            state.rehandshake_all(now);
                         }
                         node_serial = Some(node_svid.serial().to_string());
                     }
                 }
             }
             self.deps.bundles.replace((*snapshot.bundles).clone());
-            // Bundles changed (a CA prepared, activated or revoked): every open channel's peer
-            // must still validate against them, or its keys and entries go now (security
-            // issue §6: a node whose CA is revoked keeps no tunnel access).
             let bundles_changed = held_bundles
                 .as_ref()
                 .is_some_and(|b| !Arc::ptr_eq(b, &snapshot.bundles) && **b != *snapshot.bundles);
             held_bundles = Some(snapshot.bundles.clone());
+            let mut effects = Vec::new();
             if bundles_changed {
-                let wall = SystemTime::now();
-                let failed: Vec<(u32, String, AuthFailure)> = channels
-                    .iter()
-                    .filter_map(|(id, c)| {
-                        c.channel
-                            .recheck(&self.deps.bundles, wall)
-                            .err()
-                            .map(|r| (*id, c.channel.peer().name.clone(), r))
-                    })
-                    .collect();
-                for (id, name, reason) in failed {
-                    tracing::warn!(peer = %name, reason = reason.as_str(), "peer node no longer validates against the new bundles: channel closed, tunnel keys removed");
-                    self.count_failure(reason);
-                    self.node_result(id, Some(reason));
-                    keys.remove(&name);
-                    if let Some(c) = channels.remove(&id) {
-                        c.channel.close();
-                    }
-                    table.remove_node(id);
-                }
+                effects.extend(state.on_bundles_changed(&self.deps.bundles, SystemTime::now()));
             }
             let (workloads, ids_now) = local_workloads(&cluster, &self.cfg.node, &snapshot);
-            // Revocation or removal of a local workload's SVID: delete its entries now and tell
-            // the peers so they delete theirs.
-            for (identity, id) in &local_ids {
-                if !ids_now.contains_key(identity) {
-                    tracing::info!(%id, "workload svid gone: removing its auth entries");
-                    table.remove_spiffe_id(id, now);
-                    for c in channels.values() {
-                        let (ch, id) = (c.channel.clone(), id.clone());
-                        tokio::spawn(async move {
-                            let _ = ch.send_revoke(&id).await;
-                        });
-                    }
-                }
-            }
-            // Rotation of a local workload's SVID: re-authenticate its pairs now (the entry's
-            // expiry follows the new SVID).
-            for (identity, svid) in workloads.0.iter() {
-                let serial = svid.serial().to_string();
-                if local_serials.get(identity).is_some_and(|s| *s != serial) {
-                    table.refresh_local_identity(*identity, now);
-                }
-                local_serials.insert(*identity, serial);
-            }
-            local_serials.retain(|id, _| ids_now.contains_key(id));
-            local_ids = ids_now;
+            effects.extend(state.on_local_workloads(&workloads, ids_now, now));
             self.workloads.store(Arc::new(workloads));
             self.directory
                 .store(Arc::new(directory(&cluster, &self.cfg.trust_domain)));
@@ -395,83 +335,21 @@ impl Mesh {
                 }
             }
 
-            // Channels: dial every peer this node should dial that has none.
             let peers: Vec<NodeInfo> = cluster
                 .nodes
                 .iter()
                 .filter(|n| n.name != self.cfg.node)
                 .filter_map(|n| self.directory.load().node_by_name(&n.name))
                 .collect();
-            if self.deps.creds.svid().is_some() {
-                for p in &peers {
-                    let due = redial_at.get(&p.id).is_none_or(|(t, _)| *t <= now);
-                    if auth::should_dial(&self.cfg.node, &p.name)
-                        && !channels.contains_key(&p.id)
-                        && !dialing.contains(&p.id)
-                        && due
-                    {
-                        dialing.insert(p.id);
-                        spawn_dial(&self.client_cfg, &self.deps, p.clone(), dial_tx.clone());
-                    }
-                }
-            }
-            // Forget peers that left the cluster.
-            let live: BTreeSet<u32> = peers.iter().map(|p| p.id).collect();
-            let gone: Vec<u32> = channels
-                .keys()
-                .filter(|id| !live.contains(id))
-                .copied()
-                .collect();
-            for id in gone {
-                if let Some(c) = channels.remove(&id) {
-                    c.channel.close();
-                }
-                table.remove_node(id);
-            }
-            keys.retain(|name, _| peers.iter().any(|p| &p.name == name));
-            // Tunnel keys live no longer than the peer's authentication: its node SVID's expiry,
-            // or a few rotation intervals without a successful node handshake, in both roles.
-            for name in expire_keys(&mut keys, &mut key_deadlines, now) {
-                tracing::warn!(peer = %name, "no successful node handshake within the key lifetime (or the peer's node svid expired): tunnel keys removed");
-                if let Some(id) = peers.iter().find(|p| p.name == name).map(|p| p.id) {
-                    if let Some(c) = channels.remove(&id) {
-                        c.channel.close();
-                    }
-                    table.remove_node(id);
-                }
-            }
-
             // What policy and placement make possible: pre-authenticate all of it.
-            table.set_desired(desired_triples(&cluster, &self.cfg.node, &policy), now);
-
-            // Due work: auth table actions and re-keys.
-            for action in table.poll(now) {
-                self.apply_action(action, &channels, &result_tx);
-            }
-            for (id, c) in channels.iter_mut() {
-                if let Some(reason) = c.schedule.poll(now) {
-                    let Some(peer) = peers.iter().find(|p| p.id == *id) else {
-                        continue;
-                    };
-                    if auth::should_dial(&self.cfg.node, &peer.name) {
-                        if !dialing.contains(id) {
-                            tracing::info!(peer = %peer.name, reason = reason.as_str(), "re-keying node pair");
-                            dialing.insert(*id);
-                            spawn_dial(&self.client_cfg, &self.deps, peer.clone(), dial_tx.clone());
-                        }
-                    } else {
-                        // The dialer re-keys; ask it to.
-                        let ch = c.channel.clone();
-                        tokio::spawn(async move {
-                            let _ = ch.request_rekey().await;
-                        });
-                    }
-                }
-            }
-            self.publish_status(&channels, &table, &cluster);
+            let desired = desired_triples(&cluster, &self.cfg.node, &policy);
+            let can_dial = self.deps.creds.svid().is_some();
+            effects.extend(state.poll(&peers, can_dial, desired, now));
+            self.apply(effects, &dial_tx, &result_tx);
+            *self.status.lock().expect("mesh status lock") = state.status(&cluster);
             let _ = self.keys_tx.send_if_modified(|k| {
-                if *k != keys {
-                    *k = keys.clone();
+                if k != state.keys() {
+                    *k = state.keys().clone();
                     true
                 } else {
                     false
@@ -480,13 +358,10 @@ impl Mesh {
 
             // Sleep until the next deadline or input.
             let next = [
-                table.deadline(),
+                state.deadline(),
                 (!adopted.is_empty()).then_some(adopted_until),
             ]
             .into_iter()
-            .chain(channels.values().map(|c| c.schedule.deadline()))
-            .chain(key_deadlines.values().map(|t| Some(*t)))
-            .chain(redial_at.values().map(|(t, _)| Some(*t)))
             .flatten()
             .min()
             .unwrap_or(now + Duration::from_secs(5))
@@ -498,358 +373,134 @@ impl Mesh {
                 r = ids_rx.changed() => if r.is_err() { break },
                 r = policy_rx.changed() => if r.is_err() { break },
                 Some((id, r)) = dial_rx.recv() => {
-                    dialing.remove(&id);
-                    let r = r.and_then(|(channel, nk)| admit_claim(&keys, &cluster, channel, nk));
-                    match r {
-                        Ok((channel, nk)) => {
-                            redial_at.remove(&id);
-                            self.count_ok();
-                            self.node_result(id, None);
-                            install(self.cfg.rekey_interval, &self.deps.wg_key.load(), &mut channels, &mut keys, &mut key_deadlines, id, channel, nk);
-                        }
-                        Err(reason) => {
-                            let tries = redial_at.get(&id).map(|(_, n)| n + 1).unwrap_or(1);
-                            let backoff = REDIAL_BACKOFF.delay(tries);
-                            redial_at.insert(id, (Instant::now() + backoff, tries));
-                            self.count_failure(reason);
-                            self.node_result(id, Some(reason));
-                            // The peer no longer proves its identity (revoked or expired node
-                            // SVID, another trust domain): its tunnel keys go now, fail closed.
-                            // A network failure keeps them: live WireGuard sessions carry on.
-                            if reason.is_identity_failure() {
-                                if let Some(peer) = self.directory.load().node_by_id(id) {
-                                    if keys.remove(&peer.name).is_some() {
-                                        tracing::warn!(peer = %peer.name, reason = reason.as_str(), "node failed re-authentication: tunnel keys removed");
-                                    }
-                                }
-                                if let Some(c) = channels.remove(&id) {
-                                    c.channel.close();
-                                }
-                                table.remove_node(id);
-                            }
-                            if let Some(c) = channels.get_mut(&id) {
-                                c.schedule.on_failed(Instant::now(), rand::random());
-                            }
-                        }
+                    let published = r
+                        .as_ref()
+                        .ok()
+                        .and_then(|(_, nk)| cluster.node(&nk.peer_node))
+                        .and_then(node_published_keys);
+                    let fx = state.on_dial_outcome(
+                        id,
+                        r,
+                        published.as_deref(),
+                        &self.deps.wg_key.load(),
+                        Instant::now(),
+                        SystemTime::now(),
+                        rand::random(),
+                    );
+                    self.apply(fx, &dial_tx, &result_tx);
+                }
+                Some(ev) = self.events_rx.recv() => match ev {
+                    ChannelEvent::Established { channel, keys: nk } => {
+                        let published = cluster.node(&nk.peer_node).and_then(node_published_keys);
+                        let fx = state.on_established(
+                            channel,
+                            nk,
+                            published.as_deref(),
+                            &self.deps.wg_key.load(),
+                            Instant::now(),
+                            SystemTime::now(),
+                        );
+                        self.apply(fx, &dial_tx, &result_tx);
                     }
-                }
-                Some(ev) = self.events_rx.recv() => {
-                    match ev {
-                        ChannelEvent::Established { channel, keys: nk } => {
-                            let id = channel.peer().id;
-                            let peer = nk.peer_node.clone();
-                            match admit_claim(&keys, &cluster, channel, nk) {
-                                Ok((channel, nk)) => {
-                                    self.count_ok();
-                                    self.node_result(id, None);
-                                    install(self.cfg.rekey_interval, &self.deps.wg_key.load(), &mut channels, &mut keys, &mut key_deadlines, id, channel, nk);
-                                }
-                                Err(reason) => {
-                                    // As on the dialling side: a node that fails who it must be
-                                    // keeps no keys, channel or auth entries here; a claim of a
-                                    // key not yet read here keeps the earlier keys until the
-                                    // peer's retry.
-                                    self.count_failure(reason);
-                                    self.node_result(id, Some(reason));
-                                    if reason.is_identity_failure() {
-                                        keys.remove(&peer);
-                                        if let Some(c) = channels.remove(&id) {
-                                            c.channel.close();
-                                        }
-                                        table.remove_node(id);
-                                    }
-                                }
-                            }
-                        }
-                        ChannelEvent::Inbound { result, triple, at, .. } => match result {
-                            Ok(a) => {
-                                self.count_ok();
-                                self.pair_result(a.triple, None);
-                                table.on_authenticated(&a, at, Instant::now(), SystemTime::now());
-                            }
-                            Err(reason) => {
-                                self.count_failure(reason);
-                                self.pair_result(triple, Some(reason));
-                            }
-                        },
-                        ChannelEvent::RemoteRevoked { peer_node, spiffe_id } => {
-                            tracing::info!(peer_node, %spiffe_id, "peer revoked a workload: removing entries");
-                            table.remove_remote_spiffe_id(peer_node, &spiffe_id, Instant::now());
-                        }
-                        ChannelEvent::RekeyRequested { peer_node } => {
-                            if let Some(c) = channels.get_mut(&peer_node) {
-                                c.schedule.on_peer_requested(Instant::now());
-                            }
-                        }
-                        ChannelEvent::Closed { peer_node, reason } => {
-                            // Only forget the channel if it is the one that closed (a re-key
-                            // closes the previous channel after installing the new one).
-                            if channels.get(&peer_node).is_some_and(|c| c.channel.is_closed()) {
-                                tracing::info!(peer_node, %reason, "control channel closed");
-                                channels.remove(&peer_node);
-                            }
-                        }
+                    ChannelEvent::Inbound { result, triple, at, .. } => {
+                        state.on_inbound(result, triple, at, Instant::now(), SystemTime::now());
                     }
-                }
-                Some(t) = self.requests_rx.recv() => {
-                    table.request_now(t, Instant::now());
-                }
+                    ChannelEvent::RemoteRevoked { peer_node, spiffe_id } => {
+                        state.on_remote_revoked(peer_node, &spiffe_id, Instant::now());
+                    }
+                    ChannelEvent::RekeyRequested { peer_node } => {
+                        state.on_rekey_requested(peer_node, Instant::now());
+                    }
+                    ChannelEvent::Closed { peer_node, reason } => state.on_closed(peer_node, &reason),
+                },
+                Some(t) = self.requests_rx.recv() => state.on_request(t, Instant::now()),
                 Some(()) = self.rehandshake_rx.recv() => {
-                    tracing::info!(channels = channels.len(), "node key rotated: re-running node handshakes");
-                    for c in channels.values_mut() {
-                        c.schedule.on_svid_rotated(Instant::now());
-                    }
+                    tracing::info!(channels = state.channels().count(), "node key rotated: re-running node handshakes");
+                    state.rehandshake_all(Instant::now());
                 }
                 Some((triple, started, r)) = result_rx.recv() => {
-                    match r {
-                        Ok(a) => {
-                            self.count_ok();
-                            self.pair_result(a.triple, None);
-                            table.on_authenticated(&a, started, Instant::now(), SystemTime::now());
-                        }
-                        Err(reason) => {
-                            tracing::debug!(?triple, reason = reason.as_str(), "workload handshake failed");
-                            self.count_failure(reason);
-                            self.pair_result(triple, Some(reason));
-                            table.on_failed(triple, reason, Instant::now(), rand::random());
-                        }
-                    }
+                    state.on_handshake_result(triple, started, r, Instant::now(), SystemTime::now(), rand::random());
                 }
             }
         }
-        for c in channels.values() {
-            c.channel.close();
+        for c in state.channels() {
+            c.close();
         }
     }
 
-    fn apply_action(
+    /// Carries out the state machine's effects (the only IO of the mesh besides the inputs).
+    fn apply(
         &mut self,
-        action: Action,
-        channels: &BTreeMap<u32, ChannelState>,
+        effects: Vec<Effect<Channel>>,
+        dials: &mpsc::Sender<DialOutcome>,
         results: &mpsc::Sender<HandshakeResult>,
     ) {
-        match action {
-            Action::Start(triple) => {
-                let tx = results.clone();
-                let started = Instant::now();
-                match channels.get(&triple.remote_node) {
-                    Some(c) => {
-                        let ch = c.channel.clone();
-                        tokio::spawn(async move {
-                            let r = ch
-                                .authenticate(triple.local_identity, triple.remote_identity)
-                                .await;
-                            let _ = tx.send((triple, started, r)).await;
-                        });
-                    }
-                    None => {
-                        tokio::spawn(async move {
-                            let _ = tx
-                                .send((triple, started, Err(AuthFailure::PeerUnreachable)))
-                                .await;
-                        });
+        for effect in effects {
+            match effect {
+                Effect::Dial(peer) => spawn_dial(&self.client_cfg, &self.deps, peer, dials.clone()),
+                Effect::Close(c) => c.close(),
+                Effect::Retire(c) => {
+                    // In-flight workload handshakes finish on the replaced channel.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(RETIRE_AFTER).await;
+                        c.close();
+                    });
+                }
+                Effect::SendRevoke(c, id) => {
+                    tokio::spawn(async move {
+                        let _ = c.send_revoke(&id).await;
+                    });
+                }
+                Effect::RequestRekey(c) => {
+                    tokio::spawn(async move {
+                        let _ = c.request_rekey().await;
+                    });
+                }
+                Effect::Authenticate {
+                    triple,
+                    channel,
+                    started,
+                } => {
+                    let tx = results.clone();
+                    tokio::spawn(async move {
+                        let r = match channel {
+                            Some(ch) => {
+                                ch.authenticate(triple.local_identity, triple.remote_identity)
+                                    .await
+                            }
+                            None => Err(AuthFailure::PeerUnreachable),
+                        };
+                        let _ = tx.send((triple, started, r)).await;
+                    });
+                }
+                Effect::WriteAuth { triple, expires_at } => {
+                    let now = Instant::now();
+                    let boot = entries::boot_ns_at(expires_at, now, entries::boot_time_ns());
+                    if let Err(e) = self.auth_map.insert(
+                        triple.to_key(),
+                        AuthEntry {
+                            expires_boot_ns: boot,
+                        },
+                        0,
+                    ) {
+                        tracing::warn!(?triple, error = %e, "cannot write auth entry");
+                    } else if self.authed.insert(triple) {
+                        let _ = self.authed_tx.send(self.authed.clone());
                     }
                 }
-            }
-            Action::Write {
-                triple, expires_at, ..
-            } => {
-                let now = Instant::now();
-                let boot = entries::boot_ns_at(expires_at, now, entries::boot_time_ns());
-                if let Err(e) = self.auth_map.insert(
-                    triple.to_key(),
-                    AuthEntry {
-                        expires_boot_ns: boot,
-                    },
-                    0,
-                ) {
-                    tracing::warn!(?triple, error = %e, "cannot write auth entry");
-                } else if self.authed.insert(triple) {
-                    let _ = self.authed_tx.send(self.authed.clone());
-                }
-            }
-            Action::Delete(triple) => {
-                let _ = self.auth_map.remove(&triple.to_key());
-                if self.authed.remove(&triple) {
-                    let _ = self.authed_tx.send(self.authed.clone());
+                Effect::DeleteAuth(triple) => {
+                    let _ = self.auth_map.remove(&triple.to_key());
+                    if self.authed.remove(&triple) {
+                        let _ = self.authed_tx.send(self.authed.clone());
+                    }
                 }
             }
         }
     }
-
-    fn count_ok(&self) {
-        self.status.lock().expect("mesh status lock").handshakes_ok += 1;
-    }
-
-    fn node_result(&self, node: u32, failure: Option<AuthFailure>) {
-        let mut st = self.status.lock().expect("mesh status lock");
-        match failure {
-            Some(r) => st.node_failures.insert(node, r.as_str()),
-            None => st.node_failures.remove(&node),
-        };
-    }
-
-    /// Remembers why a pair last failed, for flow records. Peer-driven: an authenticated
-    /// peer picks the triples of its requests, so failures that say nothing about a pair we
-    /// host (`not-hosted`, `rate-limited`) are not recorded, and the table is capped.
-    fn pair_result(&self, triple: AuthTriple, failure: Option<AuthFailure>) {
-        let mut st = self.status.lock().expect("mesh status lock");
-        match failure {
-            Some(AuthFailure::NotHosted | AuthFailure::RateLimited) => {}
-            Some(r) => {
-                if st.pair_failures.len() < PAIR_FAILURES_MAX
-                    || st.pair_failures.contains_key(&triple)
-                {
-                    st.pair_failures.insert(triple, r.as_str());
-                }
-            }
-            None => {
-                st.pair_failures.remove(&triple);
-            }
-        }
-    }
-
-    fn count_failure(&self, reason: AuthFailure) {
-        *self
-            .status
-            .lock()
-            .expect("mesh status lock")
-            .failures
-            .entry(reason.as_str().to_string())
-            .or_default() += 1;
-    }
-
-    fn publish_status(
-        &self,
-        channels: &BTreeMap<u32, ChannelState>,
-        table: &AuthTable,
-        cluster: &ClusterState,
-    ) {
-        let node_name = |id: u32| {
-            cluster
-                .nodes
-                .iter()
-                .find(|n| n.id == id)
-                .map(|n| n.name.clone())
-                .unwrap_or_else(|| id.to_string())
-        };
-        let identity_name = |id: u32| {
-            cluster
-                .identities
-                .iter()
-                .find(|i| i.id == id)
-                .map(|i| {
-                    let labels: Vec<String> =
-                        i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    format!("{id} ({}:{})", i.namespace, labels.join(","))
-                })
-                .unwrap_or_else(|| id.to_string())
-        };
-        let mut st = self.status.lock().expect("mesh status lock");
-        st.channels = channels
-            .iter()
-            .map(|(id, c)| api::NodeChannel {
-                node: node_name(*id),
-                epoch: c.channel.epoch(),
-                group: c.channel.negotiated_group().map(|g| g.as_str().to_string()),
-                established_unix: unix(c.established),
-                peer_svid_serial: c.channel.peer_svid_serial().to_string(),
-            })
-            .collect();
-        st.auth = table
-            .statuses()
-            .into_iter()
-            .map(|s| api::AuthPair {
-                src_identity: identity_name(s.triple.local_identity),
-                dst_identity: identity_name(s.triple.remote_identity),
-                node: node_name(s.triple.remote_node),
-                expires_unix: s.entry.as_ref().map(|e| unix(e.expires)).unwrap_or(0),
-                authenticated_unix_ms: s
-                    .entry
-                    .as_ref()
-                    .and_then(|e| e.authenticated.duration_since(UNIX_EPOCH).ok())
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
-                last_result: s.last_result.map(|r| match r {
-                    Ok(()) => "ok".to_string(),
-                    Err(f) => f.as_str().to_string(),
-                }),
-            })
-            .collect();
-    }
 }
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Installs a channel (and its keys) as the one for a peer, closing the one it replaces.
-#[allow(clippy::too_many_arguments)]
-fn install(
-    interval: Duration,
-    current_wg_key: &PublicKey,
-    channels: &mut BTreeMap<u32, ChannelState>,
-    keys: &mut BTreeMap<String, PeerKeys>,
-    deadlines: &mut BTreeMap<String, Instant>,
-    id: u32,
-    channel: Channel,
-    nk: NodeKeys,
-) {
-    let now = Instant::now();
-    let valid_until = channel.peer_valid_until();
-    let valid_until_instant = valid_until
-        .duration_since(SystemTime::now())
-        .ok()
-        .map(|d| now + d);
-    deadlines.insert(
-        nk.peer_node.clone(),
-        key_deadline(now, valid_until_instant, interval),
-    );
-    // One schedule per peer, carried from the channel this one replaces: it remembers which
-    // peer SVID the last handshake saw (see `RekeySchedule::on_established`).
-    let fresh = || {
-        RekeySchedule::new(RekeyConfig {
-            interval,
-            ..RekeyConfig::default()
-        })
-    };
-    let mut schedule = match channels.get_mut(&id) {
-        Some(prev) => std::mem::replace(&mut prev.schedule, fresh()),
-        None => fresh(),
-    };
-    schedule.on_established(now, valid_until_instant);
-    // This node's static key rotated while the handshake ran: the peer now holds the old key,
-    // so announce the new one at once (else the pair is cut until the next re-key).
-    if nk.local_wg_key != *current_wg_key {
-        tracing::info!(peer = %nk.peer_node, announced = %nk.local_wg_key, current = %current_wg_key, "node key rotated during the node handshake: re-keying");
-        schedule.on_svid_rotated(now);
-    }
-    log_installed(&nk, channel.negotiated_group().map(|g| g.as_str()));
-    keys.insert(
-        nk.peer_node.clone(),
-        PeerKeys {
-            public_key: nk.peer_wg_key,
-            psk: nk.psk,
-            epoch: nk.epoch,
-        },
-    );
-    if let Some(old) = channels.insert(
-        id,
-        ChannelState {
-            channel,
-            established: SystemTime::now(),
-            schedule,
-        },
-    ) {
-        // Keep the old channel briefly: in-flight workload handshakes finish on it.
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            old.channel.close();
-        });
-    }
-}
+/// How long a replaced control channel stays open for the workload handshakes still on it.
+const RETIRE_AFTER: Duration = Duration::from_secs(2);
 
 /// How long a node pair's tunnel keys may live without a fresh node handshake: a few PSK
 /// rotation intervals (a missed re-key or two is tolerated; a peer whose agent is frozen, cut
@@ -931,44 +582,6 @@ pub fn check_key_claim(
             holder: holder.clone(),
         }),
         None => Ok(()),
-    }
-}
-
-/// A completed node handshake, unless its claimed key is in use by another node (then the
-/// channel is closed and the handshake fails with [`AuthFailure::DuplicateWgKey`]) or is not
-/// the key the node published in cluster state ([`AuthFailure::UnpublishedWgKey`]; a node
-/// that rotated its key publishes the new one first, so the retry succeeds once this node has
-/// read it).
-fn admit_claim(
-    keys: &BTreeMap<String, PeerKeys>,
-    cluster: &ClusterState,
-    channel: Channel,
-    nk: NodeKeys,
-) -> Result<(Channel, NodeKeys), AuthFailure> {
-    let published = cluster.node(&nk.peer_node).and_then(node_published_keys);
-    if let Err(reason) = check_published(published.as_deref(), &nk.peer_wg_key) {
-        tracing::warn!(
-            peer = %nk.peer_node,
-            public_key = %nk.peer_wg_key,
-            reason = reason.as_str(),
-            "node claimed a wireguard key it has not published: refused"
-        );
-        channel.close();
-        return Err(reason);
-    }
-    match check_key_claim(keys, &nk.peer_node, &nk.peer_wg_key) {
-        Ok(()) => Ok((channel, nk)),
-        Err(KeyInUse { holder }) => {
-            tracing::warn!(
-                peer = %nk.peer_node,
-                holder = %holder,
-                public_key = %nk.peer_wg_key,
-                reason = AuthFailure::DuplicateWgKey.as_str(),
-                "node claimed a wireguard key another node holds: refused"
-            );
-            channel.close();
-            Err(AuthFailure::DuplicateWgKey)
-        }
     }
 }
 
