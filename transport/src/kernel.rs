@@ -23,7 +23,7 @@ use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr as NlAddr};
 
 use crate::{
     allowed_ips::IpPrefix,
-    tunnel::{Backend, DeviceState, Error, PeerConfig, PeerState, Tunnel},
+    tunnel::{Backend, DeviceState, Error, PeerState, Tunnel},
     uapi::{PeerChange, SetRequest},
     PrivateKey, PublicKey,
 };
@@ -325,12 +325,6 @@ impl KernelTunnel {
             family,
         })
     }
-
-    fn set(&mut self, req: &SetRequest) -> Result<(), Error> {
-        let mut m = GenlMessage::from_payload(set_device_message(&self.ifname, req));
-        m.set_resolved_family_id(self.family);
-        self.genl.request(m, NLM_F_ACK).map(drop)
-    }
 }
 
 impl Tunnel for KernelTunnel {
@@ -342,45 +336,10 @@ impl Tunnel for KernelTunnel {
         &self.ifname
     }
 
-    fn set_private_key(&mut self, key: &PrivateKey) -> Result<(), Error> {
-        self.set(&SetRequest {
-            private_key: Some(key.clone()),
-            ..Default::default()
-        })
-    }
-
-    fn set_listen_port(&mut self, port: u16) -> Result<(), Error> {
-        self.set(&SetRequest {
-            listen_port: Some(port),
-            ..Default::default()
-        })
-    }
-
-    fn upsert_peer(&mut self, peer: &PeerConfig) -> Result<(), Error> {
-        let mut c = PeerChange::new(peer.public_key);
-        c.preshared_key = Some(
-            peer.preshared_key
-                .clone()
-                .unwrap_or_else(|| crate::PresharedKey::from_bytes([0; 32])),
-        );
-        c.endpoint = peer.endpoint;
-        c.persistent_keepalive = Some(peer.persistent_keepalive.unwrap_or(0));
-        c.replace_allowed_ips = true;
-        c.allowed_ips = peer.allowed_ips.clone();
-        self.set(&SetRequest {
-            peers: vec![c],
-            ..Default::default()
-        })
-    }
-
-    fn remove_peer(&mut self, key: &PublicKey) -> Result<(), Error> {
-        self.set(&SetRequest {
-            peers: vec![PeerChange {
-                remove: true,
-                ..PeerChange::new(*key)
-            }],
-            ..Default::default()
-        })
+    fn apply(&mut self, req: &SetRequest) -> Result<(), Error> {
+        let mut m = GenlMessage::from_payload(set_device_message(&self.ifname, req));
+        m.set_resolved_family_id(self.family);
+        self.genl.request(m, NLM_F_ACK).map(drop)
     }
 
     fn state(&mut self) -> Result<DeviceState, Error> {
@@ -407,7 +366,6 @@ mod tests {
     use netlink_packet_generic::GenlHeader;
 
     use super::*;
-    use crate::key::PresharedKey;
 
     fn round_trip(m: &WireguardMessage) -> WireguardMessage {
         let mut buf = vec![0u8; m.buffer_len()];
@@ -421,30 +379,7 @@ mod tests {
 
     #[test]
     fn set_message_carries_every_field_and_survives_the_wire() {
-        let sk = PrivateKey::from_bytes([1; 32]);
-        let peer = PrivateKey::from_bytes([2; 32]).public_key();
-        let mut c = PeerChange::new(peer);
-        c.preshared_key = Some(PresharedKey::from_bytes([3; 32]));
-        c.endpoint = Some("198.18.0.2:51820".parse().unwrap());
-        c.persistent_keepalive = Some(25);
-        c.replace_allowed_ips = true;
-        c.allowed_ips = vec![
-            "198.19.2.0/24".parse().unwrap(),
-            "fd00::/64".parse().unwrap(),
-        ];
-        let req = SetRequest {
-            private_key: Some(sk.clone()),
-            listen_port: Some(51820),
-            fwmark: None,
-            replace_peers: true,
-            peers: vec![
-                c,
-                PeerChange {
-                    remove: true,
-                    ..PeerChange::new(PublicKey([9; 32]))
-                },
-            ],
-        };
+        let req = crate::uapi::tests::set_with_every_field();
         let m = set_device_message("veil0", &req);
         assert_eq!(m.cmd, WireguardCmd::SetDevice);
         let back = round_trip(&m);

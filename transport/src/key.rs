@@ -22,6 +22,15 @@ fn to_32(bytes: &[u8]) -> Result<[u8; 32], KeyError> {
     bytes.try_into().map_err(|_| KeyError::Length(bytes.len()))
 }
 
+/// Decodes a base64 key (surrounding white space ignored); the decoded buffer is wiped, as
+/// it may hold a secret.
+fn from_base64_32(s: &str) -> Result<[u8; 32], KeyError> {
+    let mut v = STANDARD.decode(s.trim()).map_err(|_| KeyError::Base64)?;
+    let k = to_32(&v);
+    v.zeroize();
+    k
+}
+
 /// Parses 64 lowercase-or-uppercase hex digits (the UAPI key encoding).
 pub fn parse_hex32(s: &str) -> Result<[u8; 32], KeyError> {
     if s.len() != 64 {
@@ -87,10 +96,7 @@ impl PrivateKey {
     }
 
     pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        let mut v = STANDARD.decode(s.trim()).map_err(|_| KeyError::Base64)?;
-        let k = to_32(&v);
-        v.zeroize();
-        k.map(Self)
+        from_base64_32(s).map(Self)
     }
 
     pub fn from_hex(s: &str) -> Result<Self, KeyError> {
@@ -138,8 +144,7 @@ pub struct PublicKey(pub [u8; 32]);
 
 impl PublicKey {
     pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        let v = STANDARD.decode(s.trim()).map_err(|_| KeyError::Base64)?;
-        to_32(&v).map(Self)
+        from_base64_32(s).map(Self)
     }
 
     pub fn from_hex(s: &str) -> Result<Self, KeyError> {
@@ -220,10 +225,7 @@ impl PresharedKey {
     }
 
     pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        let mut v = STANDARD.decode(s.trim()).map_err(|_| KeyError::Base64)?;
-        let k = to_32(&v);
-        v.zeroize();
-        k.map(Self)
+        from_base64_32(s).map(Self)
     }
 
     /// Hex of the secret in a plain `String` (not zeroized): for tests and harnesses. The UAPI

@@ -2,7 +2,12 @@
 
 use std::{net::SocketAddr, time::SystemTime};
 
-use crate::{allowed_ips::IpPrefix, key::PresharedKey, PrivateKey, PublicKey};
+use crate::{
+    allowed_ips::IpPrefix,
+    key::PresharedKey,
+    uapi::{PeerChange, SetRequest},
+    PrivateKey, PublicKey,
+};
 
 /// Which implementation carries the packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,15 +98,57 @@ pub struct DeviceState {
 }
 
 /// A WireGuard device the agent programs. Calls are short, synchronous control operations.
+/// A backend implements [`Tunnel::apply`] (both speak the UAPI `set` shape underneath); the
+/// operations the agent calls are built on it once, here.
 pub trait Tunnel: Send {
     fn backend(&self) -> Backend;
     fn interface(&self) -> &str;
-    fn set_private_key(&mut self, key: &PrivateKey) -> Result<(), Error>;
-    fn set_listen_port(&mut self, port: u16) -> Result<(), Error>;
+    /// Applies one `set` request to the device.
+    fn apply(&mut self, req: &SetRequest) -> Result<(), Error>;
+    fn state(&mut self) -> Result<DeviceState, Error>;
+
+    fn set_private_key(&mut self, key: &PrivateKey) -> Result<(), Error> {
+        self.apply(&SetRequest {
+            private_key: Some(key.clone()),
+            ..Default::default()
+        })
+    }
+
+    fn set_listen_port(&mut self, port: u16) -> Result<(), Error> {
+        self.apply(&SetRequest {
+            listen_port: Some(port),
+            ..Default::default()
+        })
+    }
+
     /// Creates or updates a peer; its allowed IPs become exactly `peer.allowed_ips`. Changing
     /// only the preshared key keeps the current session: the new key takes effect at the next
     /// handshake.
-    fn upsert_peer(&mut self, peer: &PeerConfig) -> Result<(), Error>;
-    fn remove_peer(&mut self, key: &PublicKey) -> Result<(), Error>;
-    fn state(&mut self) -> Result<DeviceState, Error>;
+    fn upsert_peer(&mut self, peer: &PeerConfig) -> Result<(), Error> {
+        let mut c = PeerChange::new(peer.public_key);
+        // A zero key clears a PSK the peer had.
+        c.preshared_key = Some(
+            peer.preshared_key
+                .clone()
+                .unwrap_or_else(|| PresharedKey::from_bytes([0; 32])),
+        );
+        c.endpoint = peer.endpoint;
+        c.persistent_keepalive = Some(peer.persistent_keepalive.unwrap_or(0));
+        c.replace_allowed_ips = true;
+        c.allowed_ips = peer.allowed_ips.clone();
+        self.apply(&SetRequest {
+            peers: vec![c],
+            ..Default::default()
+        })
+    }
+
+    fn remove_peer(&mut self, key: &PublicKey) -> Result<(), Error> {
+        self.apply(&SetRequest {
+            peers: vec![PeerChange {
+                remove: true,
+                ..PeerChange::new(*key)
+            }],
+            ..Default::default()
+        })
+    }
 }

@@ -121,6 +121,23 @@ impl PeerChange {
             allowed_ips: Vec::new(),
         }
     }
+
+    /// A peer's own fields (a zero PSK or keepalive clears it); allowed IPs aside.
+    fn apply_peer_fields(&self, peer: &mut PeerConfig) {
+        if let Some(psk) = &self.preshared_key {
+            peer.preshared_key = if psk.is_zero() {
+                None
+            } else {
+                Some(psk.clone())
+            };
+        }
+        if let Some(e) = self.endpoint {
+            peer.endpoint = Some(e);
+        }
+        if let Some(k) = self.persistent_keepalive {
+            peer.persistent_keepalive = if k == 0 { None } else { Some(k) };
+        }
+    }
 }
 
 /// A parsed `set=1` request.
@@ -457,21 +474,26 @@ pub struct DeviceConfig {
 }
 
 impl DeviceConfig {
+    /// The device-wide fields of a `set` (a zero private key removes it); peers aside.
+    fn apply_device_fields(&mut self, req: &SetRequest) {
+        if let Some(k) = &req.private_key {
+            self.private_key = if k.is_zero() { None } else { Some(k.clone()) };
+        }
+        if let Some(p) = req.listen_port {
+            self.listen_port = p;
+        }
+        if let Some(m) = req.fwmark {
+            self.fwmark = m;
+        }
+        if req.replace_peers {
+            self.peers.clear();
+        }
+    }
+
     /// The configuration after a validated `set`. Pure: the caller swaps it in whole.
     pub fn apply(&self, req: &SetRequest) -> DeviceConfig {
         let mut next = self.clone();
-        if let Some(k) = &req.private_key {
-            next.private_key = if k.is_zero() { None } else { Some(k.clone()) };
-        }
-        if let Some(p) = req.listen_port {
-            next.listen_port = p;
-        }
-        if let Some(m) = req.fwmark {
-            next.fwmark = m;
-        }
-        if req.replace_peers {
-            next.peers.clear();
-        }
+        next.apply_device_fields(req);
         // Linear in the request and the device, however many peers and prefixes a set names
         // (a scan of every list per change is quadratic: seconds of CPU on the UAPI thread for
         // a set of a few megabytes). Peers are found by key; removed peers and prefixes taken
@@ -543,19 +565,7 @@ impl DeviceConfig {
             let Some((peer, ips)) = peers.get_mut(i).and_then(Option::as_mut) else {
                 continue;
             };
-            if let Some(psk) = &change.preshared_key {
-                peer.preshared_key = if psk.is_zero() {
-                    None
-                } else {
-                    Some(psk.clone())
-                };
-            }
-            if let Some(e) = change.endpoint {
-                peer.endpoint = Some(e);
-            }
-            if let Some(k) = change.persistent_keepalive {
-                peer.persistent_keepalive = if k == 0 { None } else { Some(k) };
-            }
+            change.apply_peer_fields(peer);
             if change.replace_allowed_ips {
                 forget(ips, &mut owner, i);
             }
@@ -887,7 +897,7 @@ pub(crate) mod freed_memory {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Hex of half of `[0x5a; 32]` and of `[0xc3; 32]`: what must not outlive the texts.
@@ -977,15 +987,19 @@ mod tests {
         assert_eq!(parse_request(""), Err(UapiError::NoOperation));
     }
 
-    #[test]
-    fn set_round_trips_through_format() {
+    /// A `set` naming every field: the private key ([1; 32]), the port, replace_peers, a peer
+    /// (key 2) with every field (PSK [3; 32], two prefixes), and a removed peer (key 3).
+    pub(crate) fn set_with_every_field() -> SetRequest {
         let mut p = PeerChange::new(key(2));
-        p.preshared_key = Some(PresharedKey::from_bytes([9; 32]));
+        p.preshared_key = Some(PresharedKey::from_bytes([3; 32]));
         p.endpoint = Some("198.18.0.2:51820".parse().unwrap());
         p.persistent_keepalive = Some(25);
         p.replace_allowed_ips = true;
-        p.allowed_ips = vec!["198.19.2.0/24".parse().unwrap()];
-        let req = SetRequest {
+        p.allowed_ips = vec![
+            "198.19.2.0/24".parse().unwrap(),
+            "fd00::/64".parse().unwrap(),
+        ];
+        SetRequest {
             private_key: Some(PrivateKey::from_bytes([1; 32])),
             listen_port: Some(51820),
             fwmark: None,
@@ -997,7 +1011,12 @@ mod tests {
                     ..PeerChange::new(key(3))
                 },
             ],
-        };
+        }
+    }
+
+    #[test]
+    fn set_round_trips_through_format() {
+        let req = set_with_every_field();
         assert_eq!(set(&format_set(&req)).unwrap(), req);
     }
 
@@ -1285,18 +1304,7 @@ mod tests {
     /// `apply` before it was made linear: the model the fast one must agree with.
     fn reference_apply(cfg: &DeviceConfig, req: &SetRequest) -> DeviceConfig {
         let mut next = cfg.clone();
-        if let Some(k) = &req.private_key {
-            next.private_key = if k.is_zero() { None } else { Some(k.clone()) };
-        }
-        if let Some(p) = req.listen_port {
-            next.listen_port = p;
-        }
-        if let Some(m) = req.fwmark {
-            next.fwmark = m;
-        }
-        if req.replace_peers {
-            next.peers.clear();
-        }
+        next.apply_device_fields(req);
         for change in &req.peers {
             let pos = next
                 .peers
@@ -1323,19 +1331,7 @@ mod tests {
                 }
             };
             let peer = &mut next.peers[i];
-            if let Some(psk) = &change.preshared_key {
-                peer.preshared_key = if psk.is_zero() {
-                    None
-                } else {
-                    Some(psk.clone())
-                };
-            }
-            if let Some(e) = change.endpoint {
-                peer.endpoint = Some(e);
-            }
-            if let Some(k) = change.persistent_keepalive {
-                peer.persistent_keepalive = if k == 0 { None } else { Some(k) };
-            }
+            change.apply_peer_fields(peer);
             if change.replace_allowed_ips {
                 peer.allowed_ips.clear();
             }

@@ -20,9 +20,8 @@ use std::{
 use zeroize::Zeroizing;
 
 use crate::{
-    tunnel::{Backend, DeviceState, Error, PeerConfig, Tunnel},
-    uapi::{self, PeerChange, SecretText, SetRequest},
-    PrivateKey, PublicKey,
+    tunnel::{Backend, DeviceState, Error, Tunnel},
+    uapi::{self, SecretText, SetRequest},
 };
 
 /// What [`UserspaceTunnel::probe`] found.
@@ -117,15 +116,6 @@ impl UserspaceTunnel {
             .map_err(io_err)?;
         (&stream).write_all(request.as_bytes()).map_err(io_err)?;
         read_answer(&stream).map_err(io_err)
-    }
-
-    fn set(&self, req: &SetRequest) -> Result<(), Error> {
-        let answer = self.exchange(&uapi::format_set(req))?;
-        match uapi::parse_errno(&answer) {
-            Ok(()) => Ok(()),
-            Err(uapi::UapiError::Errno(errno)) => Err(Error::Refused { errno }),
-            Err(e) => Err(e.into()),
-        }
     }
 
     /// Starts `veil-wg --foreground <interface>` detached (own session) unless a device already
@@ -249,46 +239,13 @@ impl Tunnel for UserspaceTunnel {
         &self.interface
     }
 
-    fn set_private_key(&mut self, key: &PrivateKey) -> Result<(), Error> {
-        self.set(&SetRequest {
-            private_key: Some(key.clone()),
-            ..Default::default()
-        })
-    }
-
-    fn set_listen_port(&mut self, port: u16) -> Result<(), Error> {
-        self.set(&SetRequest {
-            listen_port: Some(port),
-            ..Default::default()
-        })
-    }
-
-    fn upsert_peer(&mut self, peer: &PeerConfig) -> Result<(), Error> {
-        let mut c = PeerChange::new(peer.public_key);
-        // A zero key clears a PSK the peer had.
-        c.preshared_key = Some(
-            peer.preshared_key
-                .clone()
-                .unwrap_or_else(|| crate::PresharedKey::from_bytes([0; 32])),
-        );
-        c.endpoint = peer.endpoint;
-        c.persistent_keepalive = Some(peer.persistent_keepalive.unwrap_or(0));
-        c.replace_allowed_ips = true;
-        c.allowed_ips = peer.allowed_ips.clone();
-        self.set(&SetRequest {
-            peers: vec![c],
-            ..Default::default()
-        })
-    }
-
-    fn remove_peer(&mut self, key: &PublicKey) -> Result<(), Error> {
-        self.set(&SetRequest {
-            peers: vec![PeerChange {
-                remove: true,
-                ..PeerChange::new(*key)
-            }],
-            ..Default::default()
-        })
+    fn apply(&mut self, req: &SetRequest) -> Result<(), Error> {
+        let answer = self.exchange(&uapi::format_set(req))?;
+        match uapi::parse_errno(&answer) {
+            Ok(()) => Ok(()),
+            Err(uapi::UapiError::Errno(errno)) => Err(Error::Refused { errno }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn state(&mut self) -> Result<DeviceState, Error> {
@@ -304,7 +261,7 @@ mod tests {
     use super::*;
     use crate::{
         uapi::{freed_memory, DeviceConfig},
-        PeerState, PresharedKey,
+        PeerConfig, PeerState, PresharedKey, PrivateKey,
     };
 
     /// Hex of half of `[0x5a; 32]` and of `[0xc3; 32]`.
