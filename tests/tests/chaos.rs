@@ -1,7 +1,8 @@
-//! End-to-end chaos under load (issue 17, reliability scenarios 8 and 9): `kill -9` of a node's
-//! veil-wg and of a node's agent while a TCP line stream and a sequenced UDP probe cross from
-//! frontend (node-a) to backend (node-b) under an `authentication: required` policy. Each run
-//! captures node-a's underlay interface for its whole duration: nothing may leave in clear.
+//! End-to-end chaos under load (issue 17, reliability scenarios 8, 9 and 19): `kill -9` of a
+//! node's veil-wg, of a node's agent and of a node's SPIRE agent (real SPIRE) while a TCP line
+//! stream and a sequenced UDP probe cross from frontend (node-a) to backend (node-b) under an
+//! `authentication: required` policy. Each run captures node-a's underlay interface for its whole
+//! duration: nothing may leave in clear.
 
 use std::{
     collections::BTreeMap,
@@ -12,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use veil_agent::lab::{spire_real, LabPaths};
 use veil_tests::{Lab, AUTH_LAB, AUTH_POLICY};
 
 /// The capture point: node-a's own underlay interface (in node-a's netns), so every packet
@@ -500,10 +502,11 @@ fn classify(pcap: &[u8], tok: &str) -> Verdict {
 /// between nodes; the canary proves the capture could see a leak.
 fn assert_nothing_in_clear(v: &Verdict, what: &str) {
     println!(
-        "{what}: capture of node-a's {CAPTURE_IF}: {} frames, {} WireGuard, {} control (TCP 4250), {} ICMP errors quoting WireGuard, {} plaintext, {} other; canary seen {}x",
+        "{what}: capture of node-a's {CAPTURE_IF}: {} frames, {} WireGuard, {} control (TCP 4250), {} SPIRE (TCP to spire-server), {} ICMP errors quoting WireGuard, {} plaintext, {} other; canary seen {}x",
         v.frames,
         v.wireguard,
         v.control,
+        v.identity,
         v.icmp_for_wireguard,
         v.plaintext.len(),
         v.other.len(),
@@ -531,8 +534,119 @@ fn assert_nothing_in_clear(v: &Verdict, what: &str) {
     );
 }
 
-fn up_with_auth_policy() -> Lab {
-    let lab = Lab::up_with_file(AUTH_LAB, &[]);
+/// The denied flows of a fault run, tried by intruder (node-a) against backend (node-b) in loops
+/// that span the fault, the recovery and the seconds after it: TCP connections to 8080 (40, one
+/// per 0.2-0.7 s) and UDP datagrams to the echo on 9000 (300, one per 50 ms), every one of them
+/// announced on stderr.
+struct DeniedFlows {
+    tcp: Timed,
+    udp: Timed,
+}
+
+/// What the denied loops saw: every TCP try (`ADMITTED-i` or `refused-i`), every UDP echo (each
+/// one an admission) and every UDP datagram sent (`sent-i`), with their instants.
+struct DeniedOutcome {
+    tcp_tries: Stamped,
+    udp_echoes: Stamped,
+    udp_sent: Stamped,
+}
+
+impl DeniedFlows {
+    /// Starts both loops and waits until the TCP one has run once.
+    fn start(lab: &Lab, tok: &str) -> DeniedFlows {
+        let be = lab.pod_ip("backend");
+        let tcp = Timed::spawn(&mut lab.command_in(
+            "intruder",
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "for i in $(seq 1 40); do if curl -s -o /dev/null -m 0.5 http://{be}:8080/; then echo ADMITTED-$i; else echo refused-$i; fi; sleep 0.2; done"
+                ),
+            ],
+        ));
+        let udp = Timed::spawn(&mut lab.command_in(
+            "intruder",
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "for i in $(seq 1 300); do echo {tok}-intr-$i; echo sent-$i >&2; sleep 0.05; done | ncat -u -w 3 -i 3 {be} 9000"
+                ),
+            ],
+        ));
+        lab.wait_for("the denied loops to run", Duration::from_secs(10), || {
+            (tcp.count() >= 1).then_some(())
+        });
+        DeniedFlows { tcp, udp }
+    }
+
+    /// Waits for both loops to end.
+    fn finish(self) -> DeniedOutcome {
+        let (tcp_tries, _) = self.tcp.finish();
+        let (udp_echoes, udp_sent) = self.udp.finish();
+        DeniedOutcome {
+            tcp_tries,
+            udp_echoes,
+            udp_sent,
+        }
+    }
+}
+
+impl DeniedOutcome {
+    fn in_window(lines: &[(Instant, String)], prefix: &str, from: Instant, to: Instant) -> usize {
+        lines
+            .iter()
+            .filter(|(t, l)| l.starts_with(prefix) && *t >= from && *t <= to)
+            .count()
+    }
+
+    fn admitted_tcp(&self) -> Vec<&String> {
+        self.tcp_tries
+            .iter()
+            .map(|(_, l)| l)
+            .filter(|l| l.starts_with("ADMITTED"))
+            .collect()
+    }
+
+    /// For the run's printed line, `from`..`to` being the fault.
+    fn summary(&self, from: Instant, to: Instant) -> String {
+        format!(
+            "{} TCP tries ({} during the fault), {} UDP datagrams ({} during the fault), admitted {} TCP / {} UDP",
+            self.tcp_tries.len(),
+            Self::in_window(&self.tcp_tries, "", from, to),
+            self.udp_sent.iter().filter(|(_, l)| l.starts_with("sent-")).count(),
+            Self::in_window(&self.udp_sent, "sent-", from, to),
+            self.admitted_tcp().len(),
+            self.udp_echoes.len(),
+        )
+    }
+
+    /// Not one denied try got through, and the loops did run across the fault (`from`..`to`,
+    /// while `what` was down).
+    fn assert_none_admitted(&self, from: Instant, to: Instant, what: &str) {
+        let admitted = self.admitted_tcp();
+        assert!(admitted.is_empty(), "denied TCP admitted: {admitted:?}");
+        assert!(
+            self.udp_echoes.is_empty(),
+            "denied UDP echoed: {:?}",
+            self.udp_echoes.iter().map(|(_, l)| l).collect::<Vec<_>>()
+        );
+        assert!(
+            Self::in_window(&self.udp_sent, "sent-", from, to) >= 5,
+            "too few denied datagrams while {what} was down: the check proves nothing"
+        );
+        assert!(
+            self.tcp_tries.last().is_some_and(|(t, _)| *t > to),
+            "the denied TCP loop ended before {what} was back"
+        );
+    }
+}
+
+/// The auth lab (on the suite's identity provider unless `extra` sets `--identity`) with the
+/// `authentication: required` policy applied and frontend admitted.
+fn up_with_auth_policy(extra: &[&str]) -> Lab {
+    let lab = Lab::up_with_file(AUTH_LAB, extra);
     lab.apply_policy_ok(AUTH_POLICY);
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
     lab.wait_for(
@@ -543,20 +657,106 @@ fn up_with_auth_policy() -> Lab {
     lab
 }
 
+/// One run under load: node-a's underlay captured (the canary sent first), frontend's TCP stream
+/// and UDP probe flowing, frontend's TCP reset counters taken before the fault.
+struct Run {
+    cap: Capture,
+    traffic: Traffic,
+    tok: String,
+    resets0: BTreeMap<String, u64>,
+}
+
+/// What a finished run measured.
+struct Measured {
+    out: Outcome,
+    verdict: Verdict,
+    n: u32,
+    resets: (BTreeMap<String, u64>, BTreeMap<String, u64>),
+}
+
+impl Run {
+    /// Starts the capture and `n` lines of each kind of traffic; returns once 30 of each came
+    /// back.
+    fn start(lab: &Lab, n: u32) -> Run {
+        let netns_a = lab.node_netns("node-a");
+        let tok = token();
+        let cap = Capture::start(&netns_a, CAPTURE_IF);
+        send_canary(&netns_a, CAPTURE_IF, &tok);
+        let resets0 = tcp_resets(lab, "frontend");
+        let traffic = Traffic::start(lab, &tok, n);
+        traffic.wait_flowing(lab, 30);
+        Run {
+            cap,
+            traffic,
+            tok,
+            resets0,
+        }
+    }
+
+    /// Waits for the traffic to end, then stops the capture and classifies it.
+    fn finish(self, lab: &Lab) -> Measured {
+        let n = self.traffic.n;
+        let out = self.traffic.finish();
+        let pcap = self.cap.stop();
+        let resets1 = tcp_resets(lab, "frontend");
+        Measured {
+            verdict: classify(&pcap, &self.tok),
+            out,
+            n,
+            resets: (self.resets0, resets1),
+        }
+    }
+}
+
+impl Measured {
+    /// The traffic's side of a run's printed line.
+    fn summary(&self) -> String {
+        let (out, n) = (&self.out, self.n);
+        format!(
+            "frontend UDP lost {} of {n} probes ({:?}; {} ms of probes at {GAP_MS} ms), longest gap between echoes {} ms; TCP {} of {n} lines missing, longest stall {} ms, reset counters {:?} -> {:?}",
+            out.udp_missing.len(),
+            out.udp_missing,
+            out.udp_missing.len() as u32 * GAP_MS,
+            out.udp_gap.as_millis(),
+            out.tcp_missing.len(),
+            out.tcp_stall.as_millis(),
+            self.resets.0,
+            self.resets.1,
+        )
+    }
+
+    /// Nothing in clear on node-a's underlay, at most `max_lost` probes lost, and the stream
+    /// neither reset nor short of a line.
+    fn assert_delivered(&self, what: &str, max_lost: usize) {
+        assert_nothing_in_clear(&self.verdict, what);
+        let out = &self.out;
+        assert!(
+            out.udp_missing.len() <= max_lost,
+            "{what}: lost {} probes: {:?}",
+            out.udp_missing.len(),
+            out.udp_missing
+        );
+        assert_eq!(
+            out.tcp_missing,
+            Vec::<u32>::new(),
+            "{what}: TCP stream lost lines; stderr: {}",
+            out.tcp_stderr
+        );
+        assert_eq!(
+            self.resets.0, self.resets.1,
+            "{what}: TCP resets or aborts in frontend's netns"
+        );
+    }
+}
+
 /// Scenario 9 (userspace device): veil-wg of node-a killed mid-traffic. Nothing leaves node-a in
 /// clear while it is gone, the agent restarts it (`exited`), the probe's tail arrives, and the
 /// outage is printed.
 #[test]
 fn veil_wg_kill_under_load_is_restarted_and_nothing_leaks() {
-    let lab = up_with_auth_policy();
-    let netns_a = lab.node_netns("node-a");
-    let tok = token();
-    let cap = Capture::start(&netns_a, CAPTURE_IF);
-    send_canary(&netns_a, "ul0", &tok);
-    let resets0 = tcp_resets(&lab, "frontend");
+    let lab = up_with_auth_policy(&[]);
     let n = 300;
-    let traffic = Traffic::start(&lab, &tok, n);
-    traffic.wait_flowing(&lab, 30);
+    let run = Run::start(&lab, n);
 
     let pid = wg_pid(&lab, "node-a").expect("veil-wg of node-a runs");
     let restarts0 = lab.status("node-a").tunnel_restarts.total;
@@ -583,47 +783,28 @@ fn veil_wg_kill_under_load_is_restarted_and_nothing_leaks() {
     let new_pid = wg_pid(&lab, "node-a").expect("a new veil-wg runs");
     assert_ne!(new_pid, pid, "the same veil-wg process");
 
-    let out = traffic.finish();
-    let pcap = cap.stop();
-    let resets1 = tcp_resets(&lab, "frontend");
-    let verdict = classify(&pcap, &tok);
-    let resumed = out
+    let m = run.finish(&lab);
+    let resumed = m
+        .out
         .udp_resumed
         .map(|t| t.saturating_duration_since(t_kill).as_millis());
     println!(
-        "veil-wg kill -9: restart recorded {} ms after the kill; UDP lost {} of {n} probes ({} ms of probes at {GAP_MS} ms), longest gap between echoes {} ms, echoes resumed {resumed:?} ms after the kill; TCP {} of {n} lines missing, longest stall {} ms, reset counters {resets0:?} -> {resets1:?}",
+        "veil-wg kill -9: restart recorded {} ms after the kill; UDP echoes resumed {resumed:?} ms after the kill; {}",
         restarted.as_millis(),
-        out.udp_missing.len(),
-        out.udp_missing.len() as u32 * GAP_MS,
-        out.udp_gap.as_millis(),
-        out.tcp_missing.len(),
-        out.tcp_stall.as_millis(),
+        m.summary(),
     );
-    assert_nothing_in_clear(&verdict, "veil-wg kill");
     // Traffic resumed: the last 50 probes (5 s) all arrived.
     assert!(
-        out.udp_missing.iter().all(|s| *s <= n - 50),
+        m.out.udp_missing.iter().all(|s| *s <= n - 50),
         "the probe's tail was lost: {:?}",
-        out.udp_missing
+        m.out.udp_missing
     );
     // The agent watches veil-wg's process (a pidfd): its exit triggers the restart at once
     // (137 ms from the kill to the recorded restart, 1 of 300 probes lost, measured; it was
     // 0-5 s, up to 41 probes, when only the 5 s reconcile noticed). Bound: 1 s of probes. (That
-    // veil-wg was killed at all is proven by the recorded restart, not by a loss.)
-    assert!(
-        out.udp_missing.len() <= 10,
-        "lost {} probes: {:?}",
-        out.udp_missing.len(),
-        out.udp_missing
-    );
-    // The stream stalls but is neither reset nor loses a line.
-    assert_eq!(
-        out.tcp_missing,
-        Vec::<u32>::new(),
-        "TCP stream lost lines; stderr: {}",
-        out.tcp_stderr
-    );
-    assert_eq!(resets0, resets1, "TCP resets or aborts in frontend's netns");
+    // veil-wg was killed at all is proven by the recorded restart, not by a loss.) The stream
+    // stalls but is neither reset nor loses a line.
+    m.assert_delivered("veil-wg kill", 10);
 }
 
 /// Scenarios 8 and 9 (agent SIGKILL with the userspace device): node-a's agent killed
@@ -631,45 +812,11 @@ fn veil_wg_kill_under_load_is_restarted_and_nothing_leaks() {
 /// gets through while the agent is down or re-adopting, and the probe loss is bounded.
 #[test]
 fn agent_kill_under_load_leaks_nothing_and_admits_no_denied_flow() {
-    let lab = up_with_auth_policy();
-    let netns_a = lab.node_netns("node-a");
-    let be = lab.pod_ip("backend");
-    let tok = token();
-    let cap = Capture::start(&netns_a, CAPTURE_IF);
-    send_canary(&netns_a, "ul0", &tok);
-    let resets0 = tcp_resets(&lab, "frontend");
-    let n = 250;
-    let traffic = Traffic::start(&lab, &tok, n);
-    traffic.wait_flowing(&lab, 30);
+    let lab = up_with_auth_policy(&[]);
+    let run = Run::start(&lab, 250);
     let before = lab.status("node-a");
     let wg_before = wg_pid(&lab, "node-a").expect("veil-wg runs");
-
-    // The denied flows, tried in loops that span the kill, the restart and the 5 s in which the
-    // new agent adopts the old run's auth entries: TCP connections to 8080 (one per 0.2-0.7 s) and
-    // UDP datagrams to the echo on 9000 (one per 50 ms), every one of them announced on stderr.
-    let tcp_denied = Timed::spawn(&mut lab.command_in(
-        "intruder",
-        &[
-            "sh",
-            "-c",
-            &format!(
-                "for i in $(seq 1 40); do if curl -s -o /dev/null -m 0.5 http://{be}:8080/; then echo ADMITTED-$i; else echo refused-$i; fi; sleep 0.2; done"
-            ),
-        ],
-    ));
-    let udp_denied = Timed::spawn(&mut lab.command_in(
-        "intruder",
-        &[
-            "sh",
-            "-c",
-            &format!(
-                "for i in $(seq 1 300); do echo {tok}-intr-$i; echo sent-$i >&2; sleep 0.05; done | ncat -u -w 3 -i 3 {be} 9000"
-            ),
-        ],
-    ));
-    lab.wait_for("the denied loops to run", Duration::from_secs(10), || {
-        (tcp_denied.count() >= 1).then_some(())
-    });
+    let denied = DeniedFlows::start(&lab, &run.tok);
 
     let t_kill = Instant::now();
     sigkill(before.agent.pid as i32);
@@ -685,71 +832,196 @@ fn agent_kill_under_load_leaks_nothing_and_admits_no_denied_flow() {
         },
     );
     let t_ready = Instant::now();
-    let (tcp_tries, _) = tcp_denied.finish();
-    let (udp_echoes, udp_sent) = udp_denied.finish();
-    let out = traffic.finish();
-    let pcap = cap.stop();
-    let resets1 = tcp_resets(&lab, "frontend");
-    let verdict = classify(&pcap, &tok);
-
-    let down = t_ready - t_kill;
-    let in_window = |lines: &[(Instant, String)], prefix: &str| {
-        lines
-            .iter()
-            .filter(|(t, l)| l.starts_with(prefix) && *t >= t_kill && *t <= t_ready)
-            .count()
-    };
-    let admitted: Vec<&String> = tcp_tries
-        .iter()
-        .map(|(_, l)| l)
-        .filter(|l| l.starts_with("ADMITTED"))
-        .collect();
+    let denied = denied.finish();
+    let m = run.finish(&lab);
     println!(
-        "agent kill -9: restarted agent ready {} ms after the kill; denied flows: {} TCP tries ({} while the agent was down), {} UDP datagrams ({} while down), admitted {} TCP / {} UDP; frontend UDP lost {} of {n} ({:?}), longest gap between echoes {} ms; TCP {} missing, longest stall {} ms, reset counters {resets0:?} -> {resets1:?}",
-        down.as_millis(),
-        tcp_tries.len(),
-        in_window(&tcp_tries, ""),
-        udp_sent.iter().filter(|(_, l)| l.starts_with("sent-")).count(),
-        in_window(&udp_sent, "sent-"),
-        admitted.len(),
-        udp_echoes.len(),
-        out.udp_missing.len(),
-        out.udp_missing,
-        out.udp_gap.as_millis(),
-        out.tcp_missing.len(),
-        out.tcp_stall.as_millis(),
+        "agent kill -9: restarted agent ready {} ms after the kill; denied flows: {}; {}",
+        (t_ready - t_kill).as_millis(),
+        denied.summary(t_kill, t_ready),
+        m.summary(),
     );
-    assert_nothing_in_clear(&verdict, "agent kill");
-    // Not one denied try got through, and the loops did run across the outage.
-    assert!(admitted.is_empty(), "denied TCP admitted: {admitted:?}");
-    assert!(
-        udp_echoes.is_empty(),
-        "denied UDP echoed: {:?}",
-        udp_echoes.iter().map(|(_, l)| l).collect::<Vec<_>>()
-    );
-    assert!(
-        in_window(&udp_sent, "sent-") >= 5,
-        "too few denied datagrams while the agent was down: the check proves nothing"
-    );
-    assert!(
-        tcp_tries.last().is_some_and(|(t, _)| *t > t_ready),
-        "the denied TCP loop ended before the agent was back"
-    );
+    denied.assert_none_admitted(t_kill, t_ready, "the agent");
     // veil-wg adopted, not restarted; the key is the same.
     assert_eq!(wg_pid(&lab, "node-a"), Some(wg_before), "veil-wg replaced");
     assert_eq!(after.public_key, before.public_key);
     // Probe loss bound: at most 10 probes (1 s) at one per 100 ms.
+    m.assert_delivered("agent kill", 10);
+}
+
+/// The pid of the spire-agent in `node`'s spire-agent cgroup (the supervisor runs `veil lab
+/// spire-agent` there, which execs spire-agent).
+fn spire_agent_pid(paths: &LabPaths, node: &str) -> Option<i32> {
+    let procs = paths
+        .node_cgroup(node)
+        .join("spire-agent")
+        .join("cgroup.procs");
+    std::fs::read_to_string(procs)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "spire-agent")
+        })
+}
+
+/// Whether `node`'s spire-agent log has, past byte `from`, the line of it minting an X509-SVID
+/// for `spiffe_id` (it mints every SVID of its entries after each start and entry change: the
+/// sign that it is synced with the server and serves that identity).
+fn spire_agent_minted(paths: &LabPaths, node: &str, from: usize, spiffe_id: &str) -> bool {
+    let log = std::fs::read(paths.log(&format!("spire-agent-{node}"))).unwrap_or_default();
+    let id = format!("spiffe_id=\"{spiffe_id}\"");
+    String::from_utf8_lossy(log.get(from..).unwrap_or_default())
+        .lines()
+        .any(|l| l.contains("msg=\"Creating X509-SVID\"") && l.contains(&id))
+}
+
+fn spire_agent_log_len(paths: &LabPaths, node: &str) -> usize {
+    std::fs::metadata(paths.log(&format!("spire-agent-{node}")))
+        .map(|m| m.len() as usize)
+        .unwrap_or(0)
+}
+
+/// The group of the workload registered after the spire-agent restart (no lab process has it).
+const NEWCOMER_GID: &str = "4242";
+
+/// The serial of the SVID of `spiffe_id` that `node`'s agent holds.
+fn serial(lab: &Lab, node: &str, spiffe_id: &str) -> Option<String> {
+    lab.status(node)
+        .svids
+        .into_iter()
+        .find(|v| v.spiffe_id == spiffe_id)
+        .map(|v| v.serial)
+}
+
+/// Issue 17's chaos under load, SPIRE agent (scenario 19 under traffic), on real SPIRE whatever
+/// `VEIL_TEST_IDENTITY` says: node-a's spire-agent `kill -9` mid-traffic. veil's agent keeps
+/// its cached SVIDs, so established traffic keeps flowing (probes lost and TCP stall measured),
+/// nothing leaves node-a in clear, intruder -> backend (denied) is never admitted while
+/// spire-agent is down or resyncing, the lab's supervisor restarts spire-agent (as the DaemonSet
+/// would), and afterwards identities still flow through it: `lab rotate` gives frontend a new
+/// SVID that authenticates, and a workload registered after the restart gets its SVID from
+/// node-a's Workload API.
+#[test]
+fn spire_agent_kill_under_load_serves_cached_svids_and_is_restarted() {
+    // The flag wins over the suite default (`Lab::up_with_file`).
+    let lab = up_with_auth_policy(&["--identity", "spire"]);
+    assert_eq!(lab.view.identity.provider, "spire");
+    let paths = LabPaths::new(&lab.name).expect("lab paths");
+    let td = lab.view.trust_domain.clone();
+    let node_id = format!("spiffe://{td}/veil/node/node-a");
+    let frontend_id = format!("spiffe://{td}/ns/shop/sa/frontend");
+    let run = Run::start(&lab, 250);
+    let before = lab.status("node-a");
+    let wg_before = wg_pid(&lab, "node-a").expect("veil-wg runs");
+    let serial_before = serial(&lab, "node-a", &frontend_id).expect("frontend's SVID");
+    let denied = DeniedFlows::start(&lab, &run.tok);
+
+    let sa = spire_agent_pid(&paths, "node-a").expect("node-a's spire-agent runs");
+    let log_at_kill = spire_agent_log_len(&paths, "node-a");
+    let t_kill = Instant::now();
+    sigkill(sa);
+    let new_sa = lab.wait_for(
+        "the supervisor to restart node-a's spire-agent",
+        Duration::from_secs(30),
+        || spire_agent_pid(&paths, "node-a").filter(|p| *p != sa),
+    );
+    let restarted = t_kill.elapsed();
+    lab.wait_for(
+        "node-a's restarted spire-agent to serve veil's node SVID",
+        Duration::from_secs(30),
+        || spire_agent_minted(&paths, "node-a", log_at_kill, &node_id).then_some(()),
+    );
+    let t_back = Instant::now();
+    let denied = denied.finish();
+    let m = run.finish(&lab);
+    let after = lab.status("node-a");
+    let serial_after = serial(&lab, "node-a", &frontend_id);
+    println!(
+        "spire-agent kill -9: restarted by the supervisor {} ms after the kill (pid {sa} -> {new_sa}), serving (node SVID minted) {} ms after it; frontend's SVID serial {serial_before} -> {serial_after:?}; denied flows: {}; {}",
+        restarted.as_millis(),
+        (t_back - t_kill).as_millis(),
+        denied.summary(t_kill, t_back),
+        m.summary(),
+    );
+    denied.assert_none_admitted(t_kill, t_back, "spire-agent");
+    // The supervisor's first restart delay is 0.5 s (`supervisor::backoff(0)`).
     assert!(
-        out.udp_missing.len() <= 10,
-        "lost {} probes across the agent restart: {:?}",
-        out.udp_missing.len(),
-        out.udp_missing
+        restarted < Duration::from_secs(5),
+        "spire-agent restarted {restarted:?} after the kill"
     );
-    assert_eq!(
-        out.tcp_missing,
-        Vec::<u32>::new(),
-        "TCP stream lost lines; stderr: {}",
-        out.tcp_stderr
+    // Nothing but spire-agent was restarted: veil's agent and veil-wg ride it out.
+    assert_eq!(after.agent.pid, before.agent.pid, "veil's agent restarted");
+    assert_eq!(wg_pid(&lab, "node-a"), Some(wg_before), "veil-wg replaced");
+    // Established traffic flows on the cached SVIDs, and on the new ones the restarted
+    // spire-agent mints (new serials for every entry): same bound as the agent kill.
+    m.assert_delivered("spire-agent kill", 10);
+
+    // Rotation through the restarted spire-agent: `lab rotate` (an entry update) reaches veil's
+    // agent as a new SVID, and frontend authenticates with it.
+    let current = serial(&lab, "node-a", &frontend_id).expect("frontend's SVID");
+    let t_rotate = Instant::now();
+    let name = lab.name.as_str();
+    veil_tests::veil_ok(&["lab", "rotate", "--name", name, "--pod", "shop/frontend"]);
+    lab.wait_for(
+        "frontend's new SVID on node-a after the restart",
+        Duration::from_secs(15),
+        || (serial(&lab, "node-a", &frontend_id)? != current).then_some(()),
     );
-    assert_eq!(resets0, resets1, "TCP resets or aborts in frontend's netns");
+    let rotated = t_rotate.elapsed();
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    lab.wait_for(
+        "frontend admitted with its rotated SVID",
+        Duration::from_secs(10),
+        || lab.try_get("frontend", &url).ok(),
+    );
+
+    // A workload registered after the restart gets its identity from node-a's Workload API.
+    // Selectors uid 0 and gid NEWCOMER_GID: only a process with that group matches, so veil's agent
+    // (gid 0) is not offered a second SVID. The fetch waits for spire-agent to mint the SVID:
+    // a fetch before the entry is synced makes spire-agent log `No identity issued`.
+    let newcomer = format!("spiffe://{td}/chaos/newcomer");
+    let log_at_create = spire_agent_log_len(&paths, "node-a");
+    let t_create = Instant::now();
+    spire_real::server_cli(
+        &paths,
+        &[
+            "entry",
+            "create",
+            "-parentID",
+            &format!("spiffe://{td}/node/node-a"),
+            "-spiffeID",
+            &newcomer,
+            "-selector",
+            "unix:uid:0",
+            "-selector",
+            &format!("unix:gid:{NEWCOMER_GID}"),
+        ],
+    )
+    .expect("register the new workload");
+    lab.wait_for(
+        "node-a's spire-agent to mint the new workload's SVID",
+        Duration::from_secs(15),
+        || spire_agent_minted(&paths, "node-a", log_at_create, &newcomer).then_some(()),
+    );
+    let agent_bin = spire_real::tool("spire-agent").expect("spire-agent");
+    let fetched = Command::new("setpriv")
+        .args(["--regid", NEWCOMER_GID, "--clear-groups"])
+        .arg(&agent_bin)
+        .args(["api", "fetch", "x509", "-socketPath"])
+        .arg(spire_real::workload_socket(&paths, "node-a"))
+        .output()
+        .expect("spire-agent api fetch");
+    let got = String::from_utf8_lossy(&fetched.stdout);
+    let issued = t_create.elapsed();
+    println!(
+        "after the restart: frontend rotated in {} ms and admitted; a new workload's SVID fetched {} ms after its entry was created",
+        rotated.as_millis(),
+        issued.as_millis()
+    );
+    assert!(
+        fetched.status.success() && got.contains(&newcomer),
+        "the new workload got no SVID from node-a's spire-agent: {got}{}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
 }
