@@ -1,17 +1,15 @@
 //! daemon::events: the datapath's flow events into the flow store. Opens the store (reloading
-//! the flow log), takes the `EVENTS` ring buffer, drains it, and names the failed handshake
-//! behind auth drops as records are stored.
+//! the flow log), drains the ring buffer (`datapath::events::EventRing`), and names the failed
+//! handshake behind auth drops as records are stored.
 
 use std::sync::{Arc, Mutex};
 
-use aya::maps::RingBuf;
 use tokio::sync::watch;
-use veil_common::maps::{self as map_names, FlowEvent};
 
 use crate::{
     cluster::{self, ClusterState},
     config::Config,
-    datapath::{self, Datapath},
+    datapath::events::EventRing,
     flows::FlowStore,
     mesh::MeshStatus,
 };
@@ -23,22 +21,6 @@ pub(super) fn open_store(cfg: &Config) -> Arc<Mutex<FlowStore>> {
         FlowStore::DEFAULT_CAPACITY,
         FlowStore::DEFAULT_LOG_BYTES,
     )))
-}
-
-/// The ring buffer of flow events. The agent owns its reader; a restarted agent reopens the
-/// pinned map and picks up where the kernel left off.
-pub(super) fn take_ring(
-    datapath: &mut Datapath,
-) -> Result<Option<RingBuf<aya::maps::MapData>>, datapath::Error> {
-    datapath
-        .ebpf_mut()
-        .take_map(map_names::EVENTS)
-        .map(RingBuf::try_from)
-        .transpose()
-        .map_err(|source| datapath::Error::Map {
-            name: map_names::EVENTS,
-            source,
-        })
 }
 
 /// Names the failed handshake behind `no-key` / `auth-required` drops: the workload handshake
@@ -85,36 +67,16 @@ pub(super) fn auth_error_annotator(
 
 /// Drains the datapath's flow events into the flow store.
 pub(super) async fn read_events(
-    events: RingBuf<aya::maps::MapData>,
+    mut events: EventRing,
     node: String,
     flows: Arc<Mutex<FlowStore>>,
     cluster_rx: watch::Receiver<Arc<ClusterState>>,
 ) -> std::io::Result<()> {
     let offset = crate::flows::boot_offset_ns();
-    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it; nothing else
-    // closes or reuses that descriptor.
-    let mut fd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| e.into_parts().1)?;
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let state = cluster_rx.borrow().clone();
-        let rb = guard.get_inner_mut();
         // A bounded batch per wake-up: a flood cannot monopolize the agent.
-        let mut batch = Vec::new();
-        while batch.len() < 4096 {
-            let Some(item) = rb.next() else { break };
-            if item.len() >= std::mem::size_of::<FlowEvent>() {
-                // SAFETY: the kernel wrote a FlowEvent (repr(C), any bit pattern valid) here.
-                let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                batch.push(ev);
-            }
-        }
-        if batch.len() < 4096 {
-            guard.clear_ready();
-        }
-        drop(guard);
+        let batch = events.next_batch(4096).await?;
+        let state = cluster_rx.borrow().clone();
         {
             let mut store = flows.lock().expect("flow store lock");
             for ev in &batch {

@@ -21,7 +21,6 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::RingBuf;
 use tokio::sync::watch;
 use tracing::Instrument as _;
 use veil_common::{
@@ -82,7 +81,7 @@ pub struct Agent {
     cluster_rx: watch::Receiver<Arc<ClusterState>>,
     identity_client: Option<IdentityClient>,
     flows: Arc<Mutex<FlowStore>>,
-    events: Option<RingBuf<aya::maps::MapData>>,
+    events: Option<datapath::events::EventRing>,
     mesh: Option<Mesh>,
     policy_rx: watch::Receiver<Arc<BTreeMap<PolicyKey, PolicyEntry>>>,
     hold: Option<HoldParts>,
@@ -106,7 +105,7 @@ impl Agent {
         let mut datapath = load::open_datapath(&cfg, &me, tunnel.as_ref(), restarts)?;
         let (identity_client, identities) = identity::open_client(&cfg)?;
         let started_unix = state::unix_now();
-        let events = events::take_ring(&mut datapath)?;
+        let events = datapath::events::EventRing::take(&mut datapath)?;
         let flows = events::open_store(&cfg);
         let audit = datapath.config_map()?.get()?.flags & config_flags::AUDIT != 0;
         let (policy_tx, policy_rx) = watch::channel(Arc::new(BTreeMap::new()));

@@ -8,7 +8,6 @@ use std::{
 };
 
 use tokio::sync::{mpsc, watch};
-use veil_common::maps as map_names;
 use veil_spire::IdentityClientHandle;
 
 use super::Error;
@@ -67,15 +66,7 @@ impl MutualAuth {
                 return Ok(None);
             }
         };
-        let map = datapath
-            .ebpf_mut()
-            .take_map(map_names::AUTH)
-            .ok_or(datapath::Error::MissingMap(map_names::AUTH))?;
-        let auth_map =
-            aya::maps::HashMap::try_from(map).map_err(|source| datapath::Error::Map {
-                name: map_names::AUTH,
-                source,
-            })?;
+        let auth_map = datapath::auth_map::AuthMap::take(datapath)?;
         let td = veil_identity::TrustDomain::new(&cluster.trust_domain)
             .map_err(|_| Error::TrustDomain(cluster.trust_domain.clone()))?;
         let mcfg = MeshConfig {

@@ -13,6 +13,8 @@
 //! without `NLM_F_CREATE` swaps the program atomically), so there is no window without a
 //! program either. The minimum kernel is 5.15 ([`MIN_KERNEL`]).
 
+pub mod auth_map;
+pub mod events;
 pub mod maps;
 pub mod policy;
 pub mod testrun;
@@ -51,6 +53,8 @@ pub enum Error {
     MissingProgram(&'static str),
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
+    #[error("cannot wait on the flow-event ring buffer")]
+    Events(#[source] io::Error),
     #[error("eBPF program {name}")]
     Program {
         name: &'static str,

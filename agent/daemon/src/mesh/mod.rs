@@ -17,9 +17,8 @@ use std::{
 use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
-use aya::maps::{HashMap as BpfHash, MapData};
 use tokio::sync::{mpsc, watch};
-use veil_common::maps::{policy_flags, AuthEntry, AuthKey, PolicyEntry, PolicyKey};
+use veil_common::maps::{policy_flags, AuthKey, PolicyEntry, PolicyKey};
 use veil_identity::{BundleSet, IdentitySnapshot, SpiffeId, SvidKey, TrustDomain};
 use veil_transport::{PresharedKey, PublicKey};
 
@@ -44,6 +43,7 @@ use crate::{
         AuthFailure, AuthTriple, NodeInfo, PeerDirectory as _, StaticDirectory, StaticWorkloads,
     },
     cluster::ClusterState,
+    datapath::auth_map::AuthMap,
 };
 
 /// The keys the tunnel must use for one peer node, from its latest node handshake.
@@ -120,7 +120,7 @@ pub struct Mesh {
     directory: Arc<ArcSwap<StaticDirectory>>,
     workloads: Arc<ArcSwap<StaticWorkloads>>,
     events_rx: mpsc::Receiver<ChannelEvent>,
-    auth_map: BpfHash<MapData, AuthKey, AuthEntry>,
+    auth_map: AuthMap,
     keys_tx: watch::Sender<BTreeMap<String, PeerKeys>>,
     status: Arc<Mutex<MeshStatus>>,
     requests_rx: mpsc::Receiver<AuthTriple>,
@@ -147,11 +147,7 @@ pub struct MeshHandles {
 }
 
 impl Mesh {
-    pub fn new(
-        cfg: MeshConfig,
-        auth_map: BpfHash<MapData, AuthKey, AuthEntry>,
-        wg_key: PublicKey,
-    ) -> (Mesh, MeshHandles) {
+    pub fn new(cfg: MeshConfig, auth_map: AuthMap, wg_key: PublicKey) -> (Mesh, MeshHandles) {
         let _ = auth::tls::install_default_provider();
         let (events_tx, events_rx) = mpsc::channel(1024);
         let (published_tx, published) = watch::channel(PublishedKeys::new());
@@ -249,7 +245,7 @@ impl Mesh {
         // their flows while this run re-authenticates (pre-auth runs as soon as channels are
         // up), and whatever this run has not re-written by the deadline is deleted — so a
         // revocation during an agent restart takes effect within the same bound.
-        let mut adopted: Vec<AuthKey> = self.auth_map.keys().filter_map(Result::ok).collect();
+        let mut adopted: Vec<AuthKey> = self.auth_map.keys();
         let adopted_until = Instant::now() + ADOPTED_ENTRY_GRACE;
         if !adopted.is_empty() {
             tracing::info!(
@@ -264,7 +260,7 @@ impl Mesh {
                 let mine: BTreeSet<AuthKey> = self.authed.iter().map(|t| t.to_key()).collect();
                 let stale: Vec<AuthKey> = adopted.drain(..).filter(|k| !mine.contains(k)).collect();
                 for k in &stale {
-                    let _ = self.auth_map.remove(k);
+                    self.auth_map.delete(k);
                 }
                 tracing::info!(
                     removed = stale.len(),
@@ -476,20 +472,14 @@ impl Mesh {
                 Effect::WriteAuth { triple, expires_at } => {
                     let now = Instant::now();
                     let boot = entries::boot_ns_at(expires_at, now, entries::boot_time_ns());
-                    if let Err(e) = self.auth_map.insert(
-                        triple.to_key(),
-                        AuthEntry {
-                            expires_boot_ns: boot,
-                        },
-                        0,
-                    ) {
-                        tracing::warn!(?triple, error = %e, "cannot write auth entry");
+                    if let Err(e) = self.auth_map.write(triple.to_key(), boot) {
+                        tracing::warn!(?triple, error = %crate::error_chain(&e), "cannot write auth entry");
                     } else if self.authed.insert(triple) {
                         let _ = self.authed_tx.send(self.authed.clone());
                     }
                 }
                 Effect::DeleteAuth(triple) => {
-                    let _ = self.auth_map.remove(&triple.to_key());
+                    self.auth_map.delete(&triple.to_key());
                     if self.authed.remove(&triple) {
                         let _ = self.authed_tx.send(self.authed.clone());
                     }
