@@ -277,54 +277,35 @@ fn to_response(r: AdminResponse) -> Response<Full<Bytes>> {
 /// fuzz target (`fuzz/fuzz_targets/admin_query.rs`).
 #[doc(hidden)]
 pub fn parse_query(q: &str, max: usize) -> Result<Vec<(String, String)>, String> {
-    let pairs = q.split('&').filter(|s| !s.is_empty());
+    // application/x-www-form-urlencoded, as the url crate family decodes it: `+` is a space,
+    // `%XX` a byte, a `%` without two hex digits stays as it is, invalid UTF-8 is replaced.
+    let pairs = form_urlencoded::parse(q.as_bytes());
     if pairs.clone().nth(max).is_some() {
         return Err(format!("query has more than {max} parameters"));
     }
     Ok(pairs
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
-        })
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect())
 }
 
-/// Decodes `%XX` and `+` in a query component. A `%` not followed by two hex digits stays as
-/// it is (`u8::from_str_radix` alone would also take a sign: `%+5` is not byte 5).
+/// Decodes one query component the same way: `+` is a space, then `%XX` a byte.
 pub fn percent_decode(s: &str) -> String {
-    let hex = |c: u8| char::from(c).to_digit(16);
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        match (
-            c,
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'+', _, _) => out.push(b' '),
-            (b'%', Some(hi), Some(lo)) => {
-                // Two hex digits: at most 0xff.
-                out.push((hi * 16 + lo) as u8);
-                i += 2;
-            }
-            (c, _, _) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
-/// Encodes a query component.
+/// What a query component leaves unescaped: RFC 3986's unreserved characters.
+const QUERY_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Encodes a query component (or a path segment).
 pub fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(s, QUERY_COMPONENT).to_string()
 }
 
 /// Calls the admin API: `method path` with an optional body; returns the body of a 2xx answer.
