@@ -37,19 +37,44 @@ const SPIRE_BACKDATE: Duration = Duration::from_secs(10);
 
 /// Runs a command in a pod via `veil lab exec`; returns stdout.
 pub fn exec_in_pod(exe: &Path, lab: &str, pod: &str, argv: &[&str]) -> Result<String, Error> {
-    let out = Command::new(exe)
-        .args(["lab", "exec", "--name", lab, pod, "--"])
-        .args(argv)
+    stdout_of(
+        Command::new(exe)
+            .args(["lab", "exec", "--name", lab, pod, "--"])
+            .args(argv),
+        "cannot run veil lab exec: ",
+        &format!("`{}` in {pod}", argv.join(" ")),
+    )
+}
+
+/// Runs `cmd`; its stdout, or a step error: `spawn_prefix` and the OS error when it cannot
+/// start, `what` and its stderr when it fails.
+fn stdout_of(cmd: &mut Command, spawn_prefix: &str, what: &str) -> Result<String, Error> {
+    let out = cmd
         .output()
-        .map_err(|e| Error::Step(format!("cannot run veil lab exec: {e}")))?;
+        .map_err(|e| Error::Step(format!("{spawn_prefix}{e}")))?;
     if !out.status.success() {
         return Err(Error::Step(format!(
-            "`{}` in {pod} failed: {}",
-            argv.join(" "),
+            "{what} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The demo's pods, looked up once per step.
+struct Shop<'a> {
+    fe: &'a spec::PodSpec,
+    be: &'a spec::PodSpec,
+    intruder: &'a spec::PodSpec,
+}
+
+fn shop(spec: &spec::LabSpec) -> Result<Shop<'_>, Error> {
+    let pod = |q| spec.find_pod(q).map_err(Error::Step);
+    Ok(Shop {
+        fe: pod("shop/frontend")?,
+        be: pod("shop/backend")?,
+        intruder: pod("shop/intruder")?,
+    })
 }
 
 /// `GET path` on a node agent's admin socket, as JSON.
@@ -147,8 +172,7 @@ pub fn run(exe: &Path, opts: &Options) -> Result<(), Error> {
 }
 
 fn walk(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Result<(), Error> {
-    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
-    let be = spec.find_pod("shop/backend").map_err(Error::Step)?;
+    let Shop { fe, be, .. } = shop(spec)?;
     let url = format!("http://{}:8080/", be.ip);
 
     println!("\n== 2. pods on different nodes talk; veil's eBPF programs see every packet ==");
@@ -261,7 +285,7 @@ fn iperf(exe: &Path, lab: &str, client: &str, server: &str, server_ip: &str) -> 
 }
 
 fn step_identities(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Result<(), Error> {
-    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
+    let Shop { fe, .. } = shop(spec)?;
     println!("\n== 4. SPIFFE identities arrive as a stream and rotate live ==");
     let st = status(paths, &fe.node)?;
     for v in &st.svids {
@@ -336,8 +360,7 @@ fn spire_rotation(
     st: &api::Status,
     before: &str,
 ) -> Result<(), Error> {
-    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
-    let be = spec.find_pod("shop/backend").map_err(Error::Step)?;
+    let Shop { fe, be, .. } = shop(spec)?;
     let id = lab::spire_real::pod_id(spec, &fe.namespace, &fe.service_account);
     let entry = lab::spire_real::server_cli(paths, &["entry", "show", "-spiffeID", &id])?;
     let field = |name: &str| {
@@ -414,9 +437,7 @@ fn spire_rotation(
 }
 
 fn step_policy(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Result<(), Error> {
-    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
-    let be = spec.find_pod("shop/backend").map_err(Error::Step)?;
-    let intruder = spec.find_pod("shop/intruder").map_err(Error::Step)?;
+    let Shop { fe, be, intruder } = shop(spec)?;
     let url = format!("http://{}:8080/", be.ip);
     println!("\n== 5. identity-based policy in the kernel: only frontend may call backend:8080 ==");
     let policy = paths.root.join("demo-policy.yaml");
@@ -477,18 +498,11 @@ fn step_policy(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Resul
 
 /// Runs a veil subcommand; its stdout, or a step error with its stderr.
 fn veil_cmd(exe: &Path, args: &[&str]) -> Result<String, Error> {
-    let out = Command::new(exe)
-        .args(args)
-        .output()
-        .map_err(|e| Error::Step(e.to_string()))?;
-    if !out.status.success() {
-        return Err(Error::Step(format!(
-            "veil {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(
+        Command::new(exe).args(args),
+        "",
+        &format!("veil {}", args.join(" ")),
+    )
 }
 
 /// SYN retransmissions so far in a pod's network namespace (`nstat`), if readable.
@@ -557,9 +571,7 @@ fn echoed(child: std::process::Child) -> usize {
 }
 
 fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Result<(), Error> {
-    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
-    let be = spec.find_pod("shop/backend").map_err(Error::Step)?;
-    let intruder = spec.find_pod("shop/intruder").map_err(Error::Step)?;
+    let Shop { fe, be, intruder } = shop(spec)?;
     let lab = spec.name.as_str();
     let url = format!("http://{}:8080/", be.ip);
     println!(
@@ -687,8 +699,7 @@ fn spire_rotation_under_load(
     spec: &spec::LabSpec,
     paths: &lab::LabPaths,
 ) -> Result<(usize, usize, u32), Error> {
-    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
-    let be = spec.find_pod("shop/backend").map_err(Error::Step)?;
+    let Shop { fe, be, .. } = shop(spec)?;
     let lab = spec.name.as_str();
     // (what, node whose agent holds it, owner in `veil status`)
     let watched = [
@@ -785,8 +796,7 @@ fn dev_rotation_under_load(
     spec: &spec::LabSpec,
     paths: &lab::LabPaths,
 ) -> Result<(usize, usize, u32), Error> {
-    let fe = spec.find_pod("shop/frontend").map_err(Error::Step)?;
-    let be = spec.find_pod("shop/backend").map_err(Error::Step)?;
+    let Shop { fe, be, .. } = shop(spec)?;
     let lab = spec.name.as_str();
     let n = 120;
     let tcp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, false)?;

@@ -399,6 +399,20 @@ fn spire_call(paths: &lab::LabPaths, path: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The lab's node named `node`, or every node when none is named.
+fn selected_nodes<'a>(
+    spec: &'a spec::LabSpec,
+    lab: &str,
+    node: Option<&str>,
+) -> Result<Vec<&'a spec::NodeSpec>> {
+    Ok(match node {
+        Some(n) => vec![spec
+            .node(n)
+            .with_context(|| format!("no node {n:?} in lab {lab:?}"))?],
+        None => spec.nodes.iter().collect(),
+    })
+}
+
 fn current_thread_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -412,12 +426,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Lab { command } => run_lab(command),
         Command::Status { name, node, output } => {
             let (spec, paths) = lab::load(&name)?;
-            let nodes: Vec<&spec::NodeSpec> = match &node {
-                Some(n) => vec![spec
-                    .node(n)
-                    .with_context(|| format!("no node {n:?} in lab {name:?}"))?],
-                None => spec.nodes.iter().collect(),
-            };
+            let nodes = selected_nodes(&spec, &name, node.as_deref())?;
             let rt = current_thread_runtime();
             let mut failed = false;
             for n in nodes {
@@ -743,12 +752,7 @@ fn run_policy(cmd: PolicyCommand) -> Result<ExitCode> {
         }
         PolicyCommand::Audit { name, node, state } => {
             let (spec, paths) = lab::load(&name)?;
-            let nodes: Vec<&spec::NodeSpec> = match &node {
-                Some(n) => vec![spec
-                    .node(n)
-                    .with_context(|| format!("no node {n:?} in lab {name:?}"))?],
-                None => spec.nodes.iter().collect(),
-            };
+            let nodes = selected_nodes(&spec, &name, node.as_deref())?;
             let rt = current_thread_runtime();
             for n in nodes {
                 rt.block_on(admin::call(

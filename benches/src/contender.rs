@@ -89,19 +89,7 @@ impl Ends<'_> {
 
     /// Runs a command in the client to completion; its stdout.
     pub fn client_output(&self, argv: &[&str]) -> anyhow::Result<String> {
-        let mut cmd = self.command(false, argv);
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {cmd:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "{cmd:?} failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let out = crate::lab::run(self.command(false, argv).stdin(Stdio::null()))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 

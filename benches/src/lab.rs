@@ -66,7 +66,8 @@ pub struct Lab {
     pub view: LabView,
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+/// Runs `cmd` to completion; its output, or an error with its stdout and stderr.
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(

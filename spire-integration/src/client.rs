@@ -391,22 +391,64 @@ async fn node_stream(path: PathBuf, backoff: BackoffConfig, tx: Tx) {
                 .await
                 .map_err(Error::WorkloadApi)?;
             tokio::pin!(stream);
-            while let Some(item) = stream.next().await {
-                let ctx = item.map_err(Error::WorkloadApi)?;
-                on_message(&b);
-                match context_update(&ctx) {
-                    Ok(update) => {
-                        if tx.send((Origin::Node, update)).await.is_err() {
-                            return Ok(());
-                        }
+            forward(
+                stream,
+                Error::WorkloadApi,
+                &b,
+                &tx,
+                |ctx| match context_update(&ctx) {
+                    Ok(update) => Some((Origin::Node, update)),
+                    Err(e) => {
+                        warn!(error = %e, "ignoring workload api response");
+                        None
                     }
-                    Err(e) => warn!(error = %e, "ignoring workload api response"),
-                }
-            }
-            Ok(())
+                },
+            )
+            .await
         }
     })
     .await
+}
+
+/// Sends what `convert` makes of each message of `stream` (a message it refuses is skipped),
+/// reporting the server reachable at each message. Returns at the stream's end or error, or
+/// when the receiver is gone.
+async fn forward<S, M, E>(
+    mut stream: S,
+    err: impl Fn(E) -> Error,
+    b: &Shared,
+    tx: &Tx,
+    mut convert: impl FnMut(M) -> Option<(Origin, Update)>,
+) -> Result<(), Error>
+where
+    S: tokio_stream::Stream<Item = Result<M, E>> + Unpin,
+{
+    while let Some(item) = stream.next().await {
+        let message = item.map_err(&err)?;
+        on_message(b);
+        let Some(update) = convert(message) else {
+            continue;
+        };
+        if tx.send(update).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// A Delegated Identity API client on the admin socket at `path`.
+async fn delegated_client(
+    path: &Path,
+) -> Result<DelegatedIdentityClient<tonic::transport::Channel>, Error> {
+    let channel = uds::connect(path).await.map_err(|source| Error::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(DelegatedIdentityClient::new(channel))
+}
+
+fn rpc_error(s: tonic::Status) -> Error {
+    Error::Rpc(Box::new(s))
 }
 
 fn unix_endpoint(path: &Path) -> String {
@@ -446,31 +488,22 @@ async fn bundle_stream(path: PathBuf, backoff: BackoffConfig, tx: Tx) {
     retry_forever("delegated identity api (bundles)", backoff, |b| {
         let (path, tx) = (path.clone(), tx.clone());
         async move {
-            let channel = uds::connect(&path).await.map_err(|source| Error::Connect {
-                path: path.clone(),
-                source,
-            })?;
-            let mut stream = DelegatedIdentityClient::new(channel)
+            let stream = delegated_client(&path)
+                .await?
                 .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
                 .await
-                .map_err(|s| Error::Rpc(Box::new(s)))?
+                .map_err(rpc_error)?
                 .into_inner();
-            while let Some(resp) = stream
-                .message()
-                .await
-                .map_err(|s| Error::Rpc(Box::new(s)))?
-            {
-                on_message(&b);
+            forward(stream, rpc_error, &b, &tx, |resp| {
                 match bundles_update(&resp) {
-                    Ok(u) => {
-                        if tx.send((Origin::Bundles, u)).await.is_err() {
-                            return Ok(());
-                        }
+                    Ok(u) => Some((Origin::Bundles, u)),
+                    Err(e) => {
+                        warn!(error = %e, "ignoring bundle update");
+                        None
                     }
-                    Err(e) => warn!(error = %e, "ignoring bundle update"),
                 }
-            }
-            Ok(())
+            })
+            .await
         }
     })
     .await
@@ -496,10 +529,6 @@ async fn workload_stream(
     retry_forever("delegated identity api (svids)", backoff, |b| {
         let (path, tx, selectors) = (path.clone(), tx.clone(), selectors.clone());
         async move {
-            let channel = uds::connect(&path).await.map_err(|source| Error::Connect {
-                path: path.clone(),
-                source,
-            })?;
             let request = SubscribeToX509sviDsRequest {
                 selectors: selectors
                     .iter()
@@ -510,33 +539,21 @@ async fn workload_stream(
                     .collect(),
                 pid: 0,
             };
-            let mut stream = DelegatedIdentityClient::new(channel)
+            let stream = delegated_client(&path)
+                .await?
                 .subscribe_to_x509svi_ds(request)
                 .await
-                .map_err(|s| Error::Rpc(Box::new(s)))?
+                .map_err(rpc_error)?
                 .into_inner();
-            while let Some(resp) = stream
-                .message()
-                .await
-                .map_err(|s| Error::Rpc(Box::new(s)))?
-            {
-                on_message(&b);
-                let Some(svids) = delegated_svids(&resp) else {
-                    continue;
-                };
+            forward(stream, rpc_error, &b, &tx, |resp| {
+                let svids = delegated_svids(&resp)?;
                 let update = Update::Workload {
                     selectors: selectors.clone(),
                     svids,
                 };
-                if tx
-                    .send((Origin::Workload(selectors.clone(), id), update))
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-            }
-            Ok(())
+                Some((Origin::Workload(selectors.clone(), id), update))
+            })
+            .await
         }
     })
     .await

@@ -635,20 +635,11 @@ fn build(
         manifest.len()
     ));
     if spec.identity == spec::IdentityProvider::Spire {
-        spire_real::register(
-            spec,
-            paths,
-            progress,
-            Instant::now() + Duration::from_secs(60),
-            &|| interrupted.is_set(),
-        )?;
-        spire_real::release_agents(
-            spec,
-            paths,
-            progress,
-            Instant::now() + Duration::from_secs(60),
-            &|| interrupted.is_set(),
-        )?;
+        // Each stage gets its own minute.
+        for stage in [spire_real::register, spire_real::release_agents] {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            stage(spec, paths, progress, deadline, &|| interrupted.is_set())?;
+        }
     }
     step_done("supervisor")?;
 
@@ -875,36 +866,23 @@ fn wait_ready(
                     ));
                     break;
                 }
-                _ if interrupted.is_set() => return Err(Error::Interrupted),
-                _ if Instant::now() > deadline => {
-                    let log = paths.log(&format!("agent-{}", n.name));
-                    return Err(Error::NotReady {
-                        what: format!("agent on {}", n.name),
-                        waited: timeout,
-                        log_tail: log_tail(&log),
-                        log,
-                    });
-                }
-                _ => std::thread::sleep(Duration::from_millis(100)),
+                _ => {}
             }
+            keep_waiting(interrupted.is_set(), deadline, || {
+                let log = paths.log(&format!("agent-{}", n.name));
+                Error::not_ready(format!("agent on {}", n.name), timeout, log)
+            })?;
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
     for p in &spec.pods {
         for s in &p.serve {
             let marker = serve::ready_file(paths, p, s.port);
             while !marker.exists() {
-                if interrupted.is_set() {
-                    return Err(Error::Interrupted);
-                }
-                if Instant::now() > deadline {
-                    let log = paths.log(&serve::log_name(p, s.port));
-                    return Err(Error::NotReady {
-                        what: format!("{:?} server on {}:{}", s.kind, p.qualified_name(), s.port),
-                        waited: timeout,
-                        log_tail: log_tail(&log),
-                        log,
-                    });
-                }
+                keep_waiting(interrupted.is_set(), deadline, || {
+                    let what = format!("{:?} server on {}:{}", s.kind, p.qualified_name(), s.port);
+                    Error::not_ready(what, timeout, paths.log(&serve::log_name(p, s.port)))
+                })?;
                 std::thread::sleep(Duration::from_millis(50));
             }
             progress.step(format!(
@@ -917,6 +895,34 @@ fn wait_ready(
         }
     }
     Ok(())
+}
+
+/// The end of every wait loop: stop when interrupted, fail with `not_ready()` once past
+/// `deadline`.
+pub(crate) fn keep_waiting(
+    is_interrupted: bool,
+    deadline: Instant,
+    not_ready: impl FnOnce() -> Error,
+) -> Result<()> {
+    if is_interrupted {
+        return Err(Error::Interrupted);
+    }
+    if Instant::now() > deadline {
+        return Err(not_ready());
+    }
+    Ok(())
+}
+
+impl Error {
+    /// [`Error::NotReady`] for `what`, quoting the end of its `log`.
+    pub(crate) fn not_ready(what: impl Into<String>, waited: Duration, log: PathBuf) -> Error {
+        Error::NotReady {
+            what: what.into(),
+            waited,
+            log_tail: log_tail(&log),
+            log,
+        }
+    }
 }
 
 /// The last lines of a log file, for an error that outlives the file.

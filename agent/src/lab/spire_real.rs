@@ -311,18 +311,9 @@ pub fn register(
         if ok {
             break;
         }
-        if interrupted() {
-            return Err(Error::Interrupted);
-        }
-        if Instant::now() > deadline {
-            let log = paths.log("spire");
-            return Err(Error::NotReady {
-                what: "spire-server".into(),
-                waited: t0.elapsed(),
-                log_tail: super::log_tail(&log),
-                log,
-            });
-        }
+        super::keep_waiting(interrupted(), deadline, || {
+            Error::not_ready("spire-server", t0.elapsed(), paths.log("spire"))
+        })?;
         // Poll interval of the health check.
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -431,17 +422,10 @@ pub fn release_agents(
             if text.lines().any(|l| l.contains(minting) && l.contains(&id)) {
                 break;
             }
-            if interrupted() {
-                return Err(Error::Interrupted);
-            }
-            if Instant::now() > deadline {
-                return Err(Error::NotReady {
-                    what: format!("spire-agent on {} (minting {})", n.name, id),
-                    waited: t0.elapsed(),
-                    log_tail: super::log_tail(&log),
-                    log,
-                });
-            }
+            super::keep_waiting(interrupted(), deadline, || {
+                let what = format!("spire-agent on {} (minting {})", n.name, id);
+                Error::not_ready(what, t0.elapsed(), log.clone())
+            })?;
             // Poll interval of the agent's log (it syncs every second).
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -476,18 +460,10 @@ pub fn release_agents(
             if ok {
                 break;
             }
-            if interrupted() {
-                return Err(Error::Interrupted);
-            }
-            if Instant::now() > deadline {
-                let log = paths.log(&format!("spire-agent-{}", n.name));
-                return Err(Error::NotReady {
-                    what: format!("spire-agent on {}", n.name),
-                    waited: t0.elapsed(),
-                    log_tail: super::log_tail(&log),
-                    log,
-                });
-            }
+            super::keep_waiting(interrupted(), deadline, || {
+                let what = format!("spire-agent on {}", n.name);
+                Error::not_ready(what, t0.elapsed(), log.clone())
+            })?;
         }
         sys::write_atomic(&agent_release(paths, &n.name), b"")?;
         progress.step(format!(

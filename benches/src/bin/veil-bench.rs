@@ -559,50 +559,49 @@ fn main() -> anyhow::Result<()> {
     let vals = |g: fn(&Medians) -> Option<f64>| -> Vec<Option<f64>> {
         Contender::ALL.iter().map(|c| g(&med[c.key()])).collect()
     };
-    let panels = vec![
-        chart::Panel {
-            title: "TCP throughput, pod to pod".into(),
-            unit: "Gbit/s, median".into(),
-            groups: vec![
-                chart::Group {
-                    label: "1 stream".into(),
-                    values: vals(|m| m.tcp1_gbit_per_s),
-                },
-                chart::Group {
-                    label: "2 streams".into(),
-                    values: vals(|m| m.tcp2_gbit_per_s),
-                },
+    // (title, unit, [(group label, value)])
+    type PanelRow = (
+        String,
+        &'static str,
+        [(&'static str, fn(&Medians) -> Option<f64>); 2],
+    );
+    let panels: [PanelRow; 3] = [
+        (
+            "TCP throughput, pod to pod".into(),
+            "Gbit/s, median",
+            [
+                ("1 stream", |m| m.tcp1_gbit_per_s),
+                ("2 streams", |m| m.tcp2_gbit_per_s),
             ],
-        },
-        chart::Panel {
-            title: format!("TCP request/response, {} B", args.rr_size),
-            unit: "µs round trip, median of runs".into(),
-            groups: vec![
-                chart::Group {
-                    label: "p50".into(),
-                    values: vals(|m| m.rr_p50_us),
-                },
-                chart::Group {
-                    label: "p99".into(),
-                    values: vals(|m| m.rr_p99_us),
-                },
+        ),
+        (
+            format!("TCP request/response, {} B", args.rr_size),
+            "µs round trip, median of runs",
+            [("p50", |m| m.rr_p50_us), ("p99", |m| m.rr_p99_us)],
+        ),
+        (
+            "tunnel CPU per GB, both ends".into(),
+            "CPU seconds / GB",
+            [
+                ("1 stream", |m| m.cpu_s_per_gb_1stream),
+                ("2 streams", |m| m.cpu_s_per_gb_2streams),
             ],
-        },
-        chart::Panel {
-            title: "tunnel CPU per GB, both ends".into(),
-            unit: "CPU seconds / GB".into(),
-            groups: vec![
-                chart::Group {
-                    label: "1 stream".into(),
-                    values: vals(|m| m.cpu_s_per_gb_1stream),
-                },
-                chart::Group {
-                    label: "2 streams".into(),
-                    values: vals(|m| m.cpu_s_per_gb_2streams),
-                },
-            ],
-        },
+        ),
     ];
+    let panels: Vec<_> = panels
+        .into_iter()
+        .map(|(title, unit, groups)| chart::Panel {
+            title,
+            unit: unit.into(),
+            groups: groups
+                .into_iter()
+                .map(|(label, g)| chart::Group {
+                    label: label.into(),
+                    values: vals(g),
+                })
+                .collect(),
+        })
+        .collect();
     let png = out_dir.join("chart.png");
     chart::render(
         &png,
