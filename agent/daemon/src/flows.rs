@@ -35,6 +35,60 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+/// What happened to a flow's packets.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Verdict {
+    Forwarded,
+    #[default]
+    Dropped,
+    /// Would have been dropped; passed because the node is in audit mode.
+    Audit,
+    /// A verdict code this agent does not know (a newer datapath); never a filter value.
+    Unknown,
+}
+
+impl Verdict {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "FORWARDED",
+            Self::Dropped => "DROPPED",
+            Self::Audit => "AUDIT",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// The verdict of a datapath event code ([`veil_common::verdict`]).
+    pub const fn from_code(code: u8) -> Self {
+        match code {
+            verdict::FORWARDED => Self::Forwarded,
+            verdict::DROPPED => Self::Dropped,
+            verdict::AUDIT => Self::Audit,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Verdict {
+    type Err = String;
+
+    /// `forwarded`, `dropped` or `audit`, in any case (what `veil observe --verdict` takes).
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::Forwarded, Self::Dropped, Self::Audit]
+            .into_iter()
+            .find(|v| v.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("{s:?} is not FORWARDED, DROPPED or AUDIT"))
+    }
+}
+
 /// A flow record (`veil observe -o json`, one per line).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
@@ -44,8 +98,7 @@ pub struct Flow {
     pub time: String,
     pub time_unix_ns: u64,
     pub node: String,
-    /// `FORWARDED`, `DROPPED` or `AUDIT`.
-    pub verdict: String,
+    pub verdict: Verdict,
     /// Stable kebab-case reason for DROPPED (and for AUDIT: what would have dropped it).
     pub drop_reason: Option<String>,
     pub protocol: String,
@@ -75,7 +128,7 @@ pub type Annotator = Box<dyn Fn(&mut Flow) + Send>;
 /// Filters of `veil observe`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
-    pub verdict: Option<String>,
+    pub verdict: Option<Verdict>,
     pub pod: Option<String>,
     pub namespace: Option<String>,
     pub protocol: Option<String>,
@@ -92,9 +145,7 @@ impl Filter {
             }
             None => e.pod.as_deref() == Some(q),
         };
-        self.verdict
-            .as_ref()
-            .is_none_or(|v| v.eq_ignore_ascii_case(&f.verdict))
+        self.verdict.is_none_or(|v| v == f.verdict)
             && self
                 .pod
                 .as_ref()
@@ -120,15 +171,6 @@ pub fn protocol_name(p: u8) -> String {
         ipproto::ICMPV6 => "ICMPv6".into(),
         ipproto::SCTP => "SCTP".into(),
         n => format!("IP-{n}"),
-    }
-}
-
-fn verdict_name(v: u8) -> &'static str {
-    match v {
-        verdict::FORWARDED => "FORWARDED",
-        verdict::DROPPED => "DROPPED",
-        verdict::AUDIT => "AUDIT",
-        _ => "UNKNOWN",
     }
 }
 
@@ -207,7 +249,7 @@ pub fn from_event(ev: &FlowEvent, node: &str, state: &ClusterState, offset_ns: i
         time: rfc3339(t),
         time_unix_ns: t,
         node: node.to_string(),
-        verdict: verdict_name(ev.verdict).to_string(),
+        verdict: Verdict::from_code(ev.verdict),
         drop_reason: (ev.reason != reason::NONE).then(|| reason::name(ev.reason).to_string()),
         protocol: protocol_name(ev.protocol),
         direction: if ev.direction == direction::INGRESS {
@@ -259,7 +301,7 @@ pub struct FlowStore {
     log_max_bytes: u64,
     next_seq: u64,
     /// Totals by (verdict, reason) for metrics.
-    totals: BTreeMap<(String, String), u64>,
+    totals: BTreeMap<(Verdict, String), u64>,
     annotate: Option<Annotator>,
 }
 
@@ -313,10 +355,7 @@ impl FlowStore {
         self.next_seq += 1;
         *self
             .totals
-            .entry((
-                flow.verdict.clone(),
-                flow.drop_reason.clone().unwrap_or_default(),
-            ))
+            .entry((flow.verdict, flow.drop_reason.clone().unwrap_or_default()))
             .or_default() += u64::from(flow.count);
         if let Some(path) = &self.log {
             let _ = append_line(path, &flow, self.log_max_bytes);
@@ -340,7 +379,7 @@ impl FlowStore {
         out
     }
 
-    pub fn totals(&self) -> &BTreeMap<(String, String), u64> {
+    pub fn totals(&self) -> &BTreeMap<(Verdict, String), u64> {
         &self.totals
     }
 
@@ -497,7 +536,7 @@ mod tests {
     #[test]
     fn events_become_records_with_names() {
         let f = from_event(&drop_event(), "node-b", &state(), 1_700_000_000_000_000_000);
-        assert_eq!(f.verdict, "DROPPED");
+        assert_eq!(f.verdict, Verdict::Dropped);
         assert_eq!(f.drop_reason.as_deref(), Some("policy-denied"));
         assert_eq!(f.protocol, "TCP");
         assert_eq!(f.direction, "ingress");
@@ -549,11 +588,11 @@ mod tests {
         let no = |flt: Filter| assert!(!flt.matches(&f), "{flt:?}");
         yes(Filter::default());
         yes(Filter {
-            verdict: Some("dropped".into()),
+            verdict: Some("dropped".parse().unwrap()),
             ..Default::default()
         });
         no(Filter {
-            verdict: Some("FORWARDED".into()),
+            verdict: Some(Verdict::Forwarded),
             ..Default::default()
         });
         yes(Filter {
@@ -611,7 +650,7 @@ mod tests {
             2
         );
         assert_eq!(
-            s.totals()[&("DROPPED".to_string(), "policy-denied".to_string())],
+            s.totals()[&(Verdict::Dropped, "policy-denied".to_string())],
             120
         );
         // The log is bounded: two files of at most max/2 each (plus one line).

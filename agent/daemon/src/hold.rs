@@ -21,7 +21,11 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{auth::AuthTriple, cluster::ClusterState, flows::FlowStore};
+use crate::{
+    auth::AuthTriple,
+    cluster::ClusterState,
+    flows::{FlowStore, Verdict},
+};
 
 /// Limits of the hold queue.
 #[derive(Debug, Clone, Copy)]
@@ -322,7 +326,7 @@ pub async fn run(
                         }
                         Held::Queued { first: false } => {}
                         Held::Overflow => {
-                            record(&flows, &cluster, &me, packet, "DROPPED", Some("auth-queue-full"), None);
+                            record(&flows, &cluster, &me, packet, Verdict::Dropped, Some("auth-queue-full"), None);
                         }
                     }
                 })?;
@@ -341,7 +345,7 @@ pub async fn run(
                             let _ = fd.get_ref().send(p);
                         }
                         tracing::info!(?t, packets = packets.len(), waited_ms = waited.as_millis() as u64, "released held packets after authentication");
-                        record(&flows, &cluster, &me, &first, "FORWARDED", None, Some(waited));
+                        record(&flows, &cluster, &me, &first, Verdict::Forwarded, None, Some(waited));
                     }
                 }
             }
@@ -352,7 +356,7 @@ pub async fn run(
                 for (t, n) in queue.expire(Instant::now()) {
                     tracing::warn!(?t, dropped = n, "authentication did not complete in time: held packets dropped");
                     if let Some(p) = firsts.get(&t) {
-                        record(&flows, &cluster, &me, p, "DROPPED", Some("auth-required"), None);
+                        record(&flows, &cluster, &me, p, Verdict::Dropped, Some("auth-required"), None);
                     }
                 }
             }
@@ -386,7 +390,7 @@ fn record(
     cluster: &ClusterState,
     me: &str,
     packet: &[u8],
-    verdict: &str,
+    verdict: Verdict,
     reason: Option<&str>,
     waited: Option<Duration>,
 ) {
@@ -417,13 +421,13 @@ fn record(
         time: crate::flows::rfc3339(now),
         time_unix_ns: now,
         node: me.to_string(),
-        verdict: verdict.to_string(),
+        verdict,
         drop_reason: reason.map(str::to_string),
         protocol: crate::flows::protocol_name(proto),
         direction: if local_is_src { "egress" } else { "ingress" }.into(),
         src: ep(src, sport),
         dst: ep(dst, dport),
-        auth: if verdict == "FORWARDED" {
+        auth: if verdict == Verdict::Forwarded {
             "authenticated"
         } else {
             "required"
@@ -619,10 +623,26 @@ mod tests {
         let flows = Arc::new(Mutex::new(FlowStore::open(None, 16, 0)));
         let mut p = fe_to_be(17);
         p[20..24].copy_from_slice(&[0x1f, 0x90, 0x00, 0x35]);
-        record(&flows, &c, "a", &p, "DROPPED", Some("auth-required"), None);
+        record(
+            &flows,
+            &c,
+            "a",
+            &p,
+            Verdict::Dropped,
+            Some("auth-required"),
+            None,
+        );
         // The same bytes as a later fragment are payload, not ports.
         p[6..8].copy_from_slice(&0x00b9u16.to_be_bytes());
-        record(&flows, &c, "a", &p, "DROPPED", Some("auth-required"), None);
+        record(
+            &flows,
+            &c,
+            "a",
+            &p,
+            Verdict::Dropped,
+            Some("auth-required"),
+            None,
+        );
         // A UDP header cut short by the total length has no ports either.
         let mut short = fe_to_be(17);
         short[2..4].copy_from_slice(&22u16.to_be_bytes());
@@ -632,7 +652,7 @@ mod tests {
             &c,
             "a",
             &short,
-            "DROPPED",
+            Verdict::Dropped,
             Some("auth-required"),
             None,
         );
@@ -695,7 +715,7 @@ mod tests {
             }
             let _ = classify(&p, &c, "a");
             let flows = Arc::new(Mutex::new(FlowStore::open(None, 4, 0)));
-            record(&flows, &c, "a", &p, "DROPPED", None, None);
+            record(&flows, &c, "a", &p, Verdict::Dropped, None, None);
         }
     }
 }

@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::flows::Verdict;
+
 use prometheus_client::{
     collector::Collector,
     encoding::{prometheus_text, DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -21,7 +23,7 @@ use crate::api;
 /// SVID expiry and auth-entry validity measured against `now_unix`.
 pub(super) fn render(
     status: api::Status,
-    flow_totals: &BTreeMap<(String, String), u64>,
+    flow_totals: &BTreeMap<(Verdict, String), u64>,
     now_unix: u64,
 ) -> String {
     let mut registry = Registry::default();
@@ -42,7 +44,7 @@ pub(super) fn render(
 #[derive(Debug)]
 struct Scrape {
     status: api::Status,
-    flow_totals: BTreeMap<(String, String), u64>,
+    flow_totals: BTreeMap<(Verdict, String), u64>,
     now_unix: u64,
 }
 
@@ -316,7 +318,7 @@ mod tests {
     }
 
     fn render_test() -> String {
-        let totals = BTreeMap::from([(("DROPPED".to_string(), "policy-denied".to_string()), 4)]);
+        let totals = BTreeMap::from([((Verdict::Dropped, "policy-denied".to_string()), 4)]);
         render(status(), &totals, 1_000)
     }
 

@@ -84,12 +84,10 @@ fn flow_filter(req: &AdminRequest) -> Result<crate::flows::Filter, String> {
             })
             .transpose()
     };
-    let verdict = req.query("verdict").map(str::to_ascii_uppercase);
-    if let Some(v) = &verdict {
-        if !["FORWARDED", "DROPPED", "AUDIT"].contains(&v.as_str()) {
-            return Err(format!("verdict: {v:?} is not FORWARDED, DROPPED or AUDIT"));
-        }
-    }
+    let verdict = req
+        .query("verdict")
+        .map(|v| v.parse().map_err(|e| format!("verdict: {e}")))
+        .transpose()?;
     Ok(crate::flows::Filter {
         verdict,
         pod: req.query("pod").map(str::to_string),
