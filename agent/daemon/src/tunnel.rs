@@ -288,7 +288,7 @@ impl NodeTunnel {
         self.rotate_key_to(state_dir, PrivateKey::generate())
     }
 
-    /// Puts `key` (made earlier and published first, see `daemon::rotate_node_key`) on the
+    /// Puts `key` (made earlier and published first, see `daemon::keys::rotate_node_key`) on the
     /// device and in the state dir.
     pub fn rotate_key_to(&mut self, state_dir: &Path, key: PrivateKey) -> Result<PublicKey, Error> {
         write_key(state_dir, &key)?;
