@@ -5,11 +5,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+mod common;
+
+use common::{init_tracing, run_client, wait_until};
 use tokio::sync::watch;
 use veil_identity::{IdentitySnapshot, SelectorSet, SvidError, SvidSource, TrustDomain};
 use veil_spire::{
-    BackoffConfig, ClientConfig, DevNodeConfig, DevServer, DevServerConfig, IdentityClient,
-    IdentityClientHandle, PodRegistration, RotateTarget,
+    ClientConfig, DevNodeConfig, DevServer, DevServerConfig, IdentityClientHandle, PodRegistration,
+    RotateTarget,
 };
 
 /// A socket directory removed on drop.
@@ -36,13 +39,6 @@ impl Drop for TestDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
 }
 
 fn td() -> TrustDomain {
@@ -77,40 +73,7 @@ fn selectors(name: &str) -> SelectorSet {
 
 /// A client on `socket` with fast reconnects, running until the returned sender fires.
 fn start_client(socket: &Path) -> (IdentityClientHandle, watch::Sender<bool>) {
-    let mut cfg = ClientConfig::new(socket);
-    cfg.backoff = BackoffConfig {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(400),
-    };
-    let (client, handle) = IdentityClient::new(cfg).unwrap();
-    let (stop, mut stopped) = watch::channel(false);
-    tokio::spawn(client.run(async move {
-        let _ = stopped.wait_for(|v| *v).await;
-    }));
-    (handle, stop)
-}
-
-/// Waits until `pred` holds for the published snapshot; panics with `what` after `limit`.
-async fn wait_until(
-    handle: &IdentityClientHandle,
-    limit: Duration,
-    what: &str,
-    pred: impl Fn(&IdentitySnapshot) -> bool,
-) -> IdentitySnapshot {
-    let mut rx = handle.subscribe();
-    let res = tokio::time::timeout(limit, async {
-        loop {
-            {
-                let s = rx.borrow_and_update();
-                if pred(&s) {
-                    return s.clone();
-                }
-            }
-            rx.changed().await.expect("client alive");
-        }
-    })
-    .await;
-    res.unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for: {what}"))
+    run_client(ClientConfig::new(socket), Duration::from_millis(400))
 }
 
 fn pod_serial(s: &IdentitySnapshot, name: &str) -> Option<String> {

@@ -24,12 +24,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use rustls_pki_types::pem::PemObject;
+mod common;
+
+use common::{init_tracing, run_client, wait_until};
 use tokio::sync::watch;
 use veil_identity::{
     validate_x509_svid, CertificateDer, IdentitySnapshot, SelectorSet, SpiffeId, Svid, SvidSource,
     TrustDomain,
 };
-use veil_spire::{BackoffConfig, ClientConfig, IdentityClient, IdentityClientHandle};
+use veil_spire::{ClientConfig, IdentityClientHandle};
 
 const TRUST_DOMAIN: &str = "lab.veil";
 const NODE: &str = "node-a";
@@ -63,13 +66,6 @@ fn frontend_id() -> SpiffeId {
 /// What the agent asks the Delegated Identity API for the frontend pod.
 fn frontend_selectors() -> SelectorSet {
     SelectorSet::k8s_pod("shop", "frontend", "frontend").unwrap()
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
 }
 
 /// A SPIRE binary from the machine's tool cache; a missing one fails the test.
@@ -404,39 +400,11 @@ fn field(out: &str, name: &str) -> String {
 
 /// The client the agent runs (`IdentityClient::new`, then `run`), on the spire-agent's two
 /// sockets, with quicker reconnects than the default; runs until the returned sender is dropped.
-fn start_client(workload: &Path, admin: &Path) -> (IdentityClientHandle, watch::Sender<()>) {
-    let mut cfg = ClientConfig::spire_agent(workload, admin);
-    cfg.backoff = BackoffConfig {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(500),
-    };
-    let (client, handle) = IdentityClient::new(cfg).unwrap();
-    let (stop, mut stopped) = watch::channel(());
-    tokio::spawn(client.run(async move { while stopped.changed().await.is_ok() {} }));
-    (handle, stop)
-}
-
-/// Waits until `pred` holds for the published snapshot; panics with `what` after `limit`.
-async fn wait_until(
-    handle: &IdentityClientHandle,
-    limit: Duration,
-    what: &str,
-    pred: impl Fn(&IdentitySnapshot) -> bool,
-) -> IdentitySnapshot {
-    let mut rx = handle.subscribe();
-    let res = tokio::time::timeout(limit, async {
-        loop {
-            {
-                let s = rx.borrow_and_update();
-                if pred(&s) {
-                    return s.clone();
-                }
-            }
-            rx.changed().await.expect("client alive");
-        }
-    })
-    .await;
-    res.unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for: {what}"))
+fn start_client(workload: &Path, admin: &Path) -> (IdentityClientHandle, watch::Sender<bool>) {
+    run_client(
+        ClientConfig::spire_agent(workload, admin),
+        Duration::from_millis(500),
+    )
 }
 
 fn frontend_svid(s: &IdentitySnapshot) -> Option<&Svid> {
