@@ -348,30 +348,35 @@ pub struct ValidatedSvid {
     pub leaf: CertificateDer<'static>,
 }
 
-/// The leaf's own validity window (veil checks it before the path so the error carries the
-/// leaf's bounds; webpki checks the issuers').
-fn check_leaf_validity(leaf: &X509Certificate<'_>, now: SystemTime) -> Result<(), SvidError> {
-    let not_before = asn1_to_system(leaf.validity().not_before);
-    let not_after = asn1_to_system(leaf.validity().not_after);
-    if now < not_before {
-        return Err(SvidError::NotYetValid { not_before });
-    }
-    if now > not_after {
-        return Err(SvidError::Expired { not_after });
-    }
-    Ok(())
+/// Whose validity window is checked: the errors name it.
+#[derive(Clone, Copy)]
+enum Whose {
+    /// The leaf's own window, checked before the path so the error carries the leaf's bounds
+    /// (webpki checks the issuers').
+    Leaf,
+    /// A bundle root's: webpki treats a trust anchor as a name and a key and never looks at its
+    /// dates; veil refuses a path that only an expired (or future) root anchors.
+    Root,
 }
 
-/// A bundle root's validity window: webpki treats a trust anchor as a name and a key and never
-/// looks at its dates; veil refuses a path that only an expired (or future) root anchors.
-fn check_root_validity(root: &X509Certificate<'_>, now: SystemTime) -> Result<(), SvidError> {
-    let not_before = asn1_to_system(root.validity().not_before);
-    let not_after = asn1_to_system(root.validity().not_after);
+fn check_validity(
+    cert: &X509Certificate<'_>,
+    now: SystemTime,
+    whose: Whose,
+) -> Result<(), SvidError> {
+    let not_before = asn1_to_system(cert.validity().not_before);
+    let not_after = asn1_to_system(cert.validity().not_after);
     if now < not_before {
-        return Err(SvidError::IssuerNotYetValid { not_before });
+        return Err(match whose {
+            Whose::Leaf => SvidError::NotYetValid { not_before },
+            Whose::Root => SvidError::IssuerNotYetValid { not_before },
+        });
     }
     if now > not_after {
-        return Err(SvidError::IssuerExpired { not_after });
+        return Err(match whose {
+            Whose::Leaf => SvidError::Expired { not_after },
+            Whose::Root => SvidError::IssuerExpired { not_after },
+        });
     }
     Ok(())
 }
@@ -557,7 +562,7 @@ fn verify_path<'r>(
         else {
             continue;
         };
-        let set = match check_root_validity(&root, now) {
+        let set = match check_validity(&root, now, Whose::Root) {
             Ok(()) => &mut current,
             Err(reason) => {
                 stale_reasons.push(reason);
@@ -662,7 +667,7 @@ pub fn validate_x509_svid(
             }
         }
     }
-    check_leaf_validity(leaf, now)?;
+    check_validity(leaf, now, Whose::Leaf)?;
 
     let roots = bundles
         .roots(&td)
