@@ -163,10 +163,7 @@ pub fn run(exe: &Path, opts: &Options) -> Result<(), Error> {
     } else {
         println!("\n== cleaning up ==");
         let s = lab::down(&spec.name)?;
-        println!(
-            "removed {} netns, {} cgroups, {} processes",
-            s.netns, s.cgroups, s.processes
-        );
+        println!("removed {s}");
     }
     result
 }

@@ -863,10 +863,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
         LabCommand::Down { name } => {
             let s = lab::down(&name)?;
             if s.existed {
-                println!(
-                    "lab {name} removed: {} netns, {} cgroups, {} processes",
-                    s.netns, s.cgroups, s.processes
-                );
+                println!("lab {name} removed: {s}");
             } else {
                 println!("lab {name}: nothing to remove");
             }

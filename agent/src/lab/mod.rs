@@ -523,10 +523,7 @@ fn undo(name: &str, progress: &Progress, cause: Error) -> Error {
     progress.step(format!("lab up failed ({cause}); removing what it created"));
     match down(name) {
         Ok(s) => {
-            progress.step(format!(
-                "removed {} netns, {} cgroups, {} processes",
-                s.netns, s.cgroups, s.processes
-            ));
+            progress.step(format!("removed {s}"));
             cause
         }
         Err(undo) => Error::UndoFailed {
@@ -990,6 +987,17 @@ pub struct DownSummary {
     pub cgroups: usize,
     pub processes: usize,
     pub existed: bool,
+}
+
+/// What was removed, as `veil lab down` and the demo print it.
+impl std::fmt::Display for DownSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} netns, {} cgroups, {} processes",
+            self.netns, self.cgroups, self.processes
+        )
+    }
 }
 
 /// Removes everything a lab created. Idempotent; works from the journal alone.
