@@ -1,0 +1,684 @@
+//! Scenario 36 (tests/README.md): MTU and fragmentation. Labs whose underlay MTU is below the
+//! default (1280, the IPv6 minimum, and 1420), so pods get the underlay's MTU minus WireGuard's
+//! 60 bytes; and a pod whose eth0 was raised to 1500 inside its netns, so it sends packets, DF
+//! set, larger than the tunnel carries.
+//!
+//! Pass criteria. NL: a bulk TCP transfer each way arrives byte for byte within a timeout (no
+//! black-holed TCP). NI: a capture of the underlay bridge for the whole test holds no frame to or
+//! from a pod address, no payload marker, no IP fragment and no frame over the underlay MTU; an
+//! oversized DF datagram is never sent in clear or fragmented. Whether it is answered with ICMP
+//! frag-needed is checked by the ignored test at the end (a known defect: see its reason).
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use veil_tests::Lab;
+
+/// Bytes of each bulk transfer.
+const BULK_BYTES: usize = 16 << 20;
+/// A transfer of BULK_BYTES takes well under a second here; a black-holed one never ends.
+const BULK_TIMEOUT: Duration = Duration::from_secs(60);
+/// WireGuard's IPv4 overhead: 20 IP + 8 UDP + 32 WireGuard data header and tag.
+const WG_OVERHEAD: u32 = 60;
+
+fn mtu_lab(underlay_mtu: u32) -> Lab {
+    Lab::up_with_file(&format!("underlay_mtu: {underlay_mtu}\n"), &[])
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `ip netns exec NETNS ARGV...`; panics unless it succeeds; returns stdout.
+fn ip_netns(netns: &str, argv: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(argv)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{argv:?} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn link_mtu(netns: &str, dev: &str) -> u32 {
+    let out = ip_netns(netns, &["ip", "-o", "link", "show", "dev", dev]);
+    out.split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no mtu in {out}"))
+}
+
+/// Raises a pod's eth0 and its host-side veth to `mtu`: the pod then sends packets the tunnel
+/// cannot carry (the host veth must follow, or the veth itself drops them before veil sees them).
+fn raise_pod_mtu(lab: &Lab, pod: &str, mtu: u32) {
+    let p = lab.view.pods.iter().find(|p| p.name == pod).unwrap();
+    let node = lab.view.nodes.iter().find(|n| n.name == p.node).unwrap();
+    let mtu = mtu.to_string();
+    ip_netns(&p.netns, &["ip", "link", "set", "eth0", "mtu", &mtu]);
+    ip_netns(
+        &node.netns,
+        &["ip", "link", "set", &p.host_veth, "mtu", &mtu],
+    );
+}
+
+/// A tcpdump on the lab's underlay bridge writing a pcap (kept local: the suite's shared capture
+/// helper is being reworked).
+struct Capture {
+    child: Child,
+    file: PathBuf,
+    netns: String,
+    bridge: String,
+    /// tcpdump's stderr after "listening on", read to its end (the drop statistics).
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// EtherType of the frame that marks the end of a capture (IEEE 802 local experimental).
+const END_ETHERTYPE: u16 = 0x88b5;
+
+impl Capture {
+    fn start(lab: &Lab) -> Capture {
+        let file =
+            std::env::temp_dir().join(format!("veil-mtu-{}-{}.pcap", lab.name, rand_suffix()));
+        let (netns, bridge) = (&lab.view.underlay.netns, &lab.view.underlay.bridge);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns, "tcpdump", "--immediate-mode", "-U"])
+            .args(["-s", "0", "-B", "131072", "-i", bridge, "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (scripts/setup.sh installs it)");
+        let mut err = child.stderr.take().unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 256];
+        while !seen.contains("listening on") {
+            use std::io::Read as _;
+            let n = err.read(&mut buf).expect("tcpdump stderr");
+            assert!(n > 0, "tcpdump exited: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let stderr = std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut rest = String::new();
+            let _ = err.read_to_string(&mut rest);
+            rest
+        });
+        Capture {
+            child,
+            file,
+            netns: netns.clone(),
+            bridge: bridge.clone(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Stops the capture once an end frame sent now is in the file (so is everything before it).
+    fn stop(mut self) -> Vec<u8> {
+        let end = format!("veil-capture-end-{}", rand_suffix());
+        let mut frame = vec![0xff; 6];
+        frame.extend([0x02, 0, 0, 0, 0, 0x01]);
+        frame.extend(END_ETHERTYPE.to_be_bytes());
+        frame.extend(end.as_bytes());
+        let ifname = std::ffi::CString::new(self.bridge.clone()).unwrap();
+        let sent = veil_agent::sys::in_netns(&self.netns, move || -> std::io::Result<()> {
+            // SAFETY: plain syscalls on a socket this closure opens and closes; `addr` and
+            // `frame` outlive the calls that read them.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
+                addr.sll_halen = 6;
+                addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+                let n = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                );
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n < 0 {
+                    return Err(err);
+                }
+            }
+            Ok(())
+        })
+        .expect("enter the underlay netns");
+        sent.expect("send the end-of-capture frame");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !contains(
+            &std::fs::read(&self.file).unwrap_or_default(),
+            end.as_bytes(),
+        ) {
+            assert!(
+                Instant::now() < deadline,
+                "tcpdump did not write the end frame in 5 s"
+            );
+            // Poll interval of the wait for the end frame.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+        // A frame tcpdump did not keep could be the leak: the capture must be complete.
+        let stats = self.stderr.take().unwrap().join().unwrap();
+        let dropped = stats
+            .lines()
+            .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        assert_eq!(dropped, Some(0), "tcpdump lost packets: {stats}");
+        std::fs::read(&self.file).expect("pcap file")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// One IPv4 frame of a capture.
+#[derive(Debug)]
+struct Ipv4Frame {
+    src: String,
+    dst: String,
+    total_len: u32,
+    /// More-fragments set or a non-zero fragment offset.
+    is_fragment: bool,
+    /// UDP ports of whole datagrams and first fragments.
+    udp_ports: Option<(u16, u16)>,
+    /// For a UDP payload made of WireGuard data messages: the length of each message. veil-wg
+    /// sends with UDP GSO and the lab's veths and bridge keep the batch whole, so tcpdump on the
+    /// bridge sees one "frame" per batch; each message becomes its own datagram of this length
+    /// (the last may be shorter) wherever the batch is segmented.
+    wg_segment: Option<usize>,
+}
+
+impl Ipv4Frame {
+    /// The IP length of the largest datagram this frame stands for on a wire.
+    fn wire_len(&self) -> u32 {
+        match self.wg_segment {
+            Some(seg) => self.total_len.min(seg as u32 + 28),
+            None => self.total_len,
+        }
+    }
+}
+
+/// The segment length of a UDP payload that is a batch of WireGuard data messages (type 4, all
+/// to one receiver index, equal lengths but the last): the smallest length at whose every
+/// multiple such a header starts. A false match needs 8 ciphertext bytes to equal the header.
+fn wg_segment(p: &[u8]) -> Option<usize> {
+    if p.len() < 32 || p[..4] != [4, 0, 0, 0] {
+        return None;
+    }
+    (32..=p.len()).find(|&seg| {
+        (seg..p.len())
+            .step_by(seg)
+            .all(|at| p[at..].len() >= 32 && p[at..at + 8] == p[..8])
+    })
+}
+
+/// The IPv4 frames of a pcap file (Ethernet link type, as tcpdump writes for the bridge).
+fn ipv4_frames(pcap: &[u8]) -> Vec<Ipv4Frame> {
+    assert!(pcap.len() >= 24, "not a pcap file");
+    let le = pcap[..4] == [0xd4, 0xc3, 0xb2, 0xa1] || pcap[..4] == [0x4d, 0x3c, 0xb2, 0xa1];
+    let u32_at = |b: &[u8]| {
+        let a = [b[0], b[1], b[2], b[3]];
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    };
+    assert_eq!(u32_at(&pcap[20..24]), 1, "capture is not Ethernet");
+    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let caplen = u32_at(&pcap[at + 8..at + 12]) as usize;
+        let frame = &pcap[at + 16..(at + 16 + caplen).min(pcap.len())];
+        at += 16 + caplen;
+        if frame.len() < 34 || be16(&frame[12..14]) != 0x0800 {
+            continue;
+        }
+        let ip = &frame[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let frag = be16(&ip[6..8]);
+        out.push(Ipv4Frame {
+            src: std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]).to_string(),
+            dst: std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]).to_string(),
+            total_len: u32::from(be16(&ip[2..4])),
+            is_fragment: frag & 0x2000 != 0 || frag & 0x1fff != 0,
+            udp_ports: (ip[9] == 17 && frag & 0x1fff == 0 && ip.len() >= ihl + 4)
+                .then(|| (be16(&ip[ihl..]), be16(&ip[ihl + 2..]))),
+            wg_segment: (ip[9] == 17 && frag & 0x3fff == 0 && ip.len() >= ihl + 8)
+                .then(|| wg_segment(&ip[ihl + 8..]))
+                .flatten(),
+        });
+    }
+    out
+}
+
+/// What an underlay capture holds that NI forbids, and the WireGuard traffic it carries.
+#[derive(Debug, Default)]
+struct Findings {
+    /// Frames to or from a pod address.
+    plaintext: usize,
+    /// Whether the payload marker appears anywhere in the capture.
+    has_marker: bool,
+    /// IP fragments (any: WireGuard datagrams must not be fragmented either).
+    fragments: usize,
+    /// Frames (or GSO segments) over the underlay MTU.
+    oversized: usize,
+    /// WireGuard datagrams (GSO batches counted per message).
+    wg_datagrams: usize,
+    /// The largest WireGuard datagram as it would be on a wire.
+    wg_largest: u32,
+    /// Up to 5 offending frames, for the failure message.
+    examples: Vec<String>,
+}
+
+fn classify(raw: &[u8], lab: &Lab, marker: &str, underlay_mtu: u32) -> Findings {
+    let pods: Vec<&str> = lab.view.pods.iter().map(|p| p.ip.as_str()).collect();
+    let mut out = Findings {
+        has_marker: contains(raw, marker.as_bytes()),
+        ..Findings::default()
+    };
+    for f in ipv4_frames(raw) {
+        let is_plaintext = pods.contains(&f.src.as_str()) || pods.contains(&f.dst.as_str());
+        let is_oversized = f.wire_len() > underlay_mtu;
+        out.plaintext += usize::from(is_plaintext);
+        out.fragments += usize::from(f.is_fragment);
+        out.oversized += usize::from(is_oversized);
+        if (is_plaintext || f.is_fragment || is_oversized) && out.examples.len() < 5 {
+            out.examples.push(format!("{f:?}"));
+        }
+        if f.udp_ports.is_some_and(|(s, d)| s == 51820 || d == 51820) {
+            out.wg_datagrams += match f.wg_segment {
+                Some(seg) => (f.total_len as usize - 28).div_ceil(seg),
+                None => 1,
+            };
+            out.wg_largest = out.wg_largest.max(f.wire_len());
+        }
+    }
+    out
+}
+
+/// The NI check of an underlay capture: no frame to or from a pod, no marker, no fragment, no
+/// frame over the underlay MTU.
+fn assert_underlay_clean(raw: &[u8], lab: &Lab, marker: &str, underlay_mtu: u32) -> Findings {
+    let f = classify(raw, lab, marker, underlay_mtu);
+    assert!(
+        f.plaintext == 0 && !f.has_marker && f.fragments == 0 && f.oversized == 0,
+        "the underlay (MTU {underlay_mtu}) carried what it must not: {f:#?}"
+    );
+    f
+}
+
+/// BULK_BYTES of numbered lines each carrying `marker`.
+fn bulk_file(marker: &str) -> (tempfile_path::Path, Vec<u8>) {
+    let mut data = Vec::with_capacity(BULK_BYTES + 64);
+    let mut i = 0u64;
+    while data.len() < BULK_BYTES {
+        data.extend_from_slice(format!("{marker} {i:012}\n").as_bytes());
+        i += 1;
+    }
+    data.truncate(BULK_BYTES);
+    let path = tempfile_path::Path::new(&format!("veil-mtu-send-{}", rand_suffix()));
+    std::fs::write(&path.0, &data).unwrap();
+    (path, data)
+}
+
+mod tempfile_path {
+    /// A file removed on drop.
+    pub struct Path(pub std::path::PathBuf);
+    impl Path {
+        pub fn new(name: &str) -> Self {
+            Self(std::env::temp_dir().join(name))
+        }
+    }
+    impl Drop for Path {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// Sends `data` (already in `send`) from pod `from` to pod `to` over TCP with ncat; asserts it
+/// arrives whole within BULK_TIMEOUT; returns how long it took.
+fn transfer(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    port: u16,
+    send: &std::path::Path,
+    data: &[u8],
+) -> Duration {
+    let recv = tempfile_path::Path::new(&format!("veil-mtu-recv-{}", rand_suffix()));
+    let mut server = lab
+        .command_in(
+            to,
+            &[
+                "sh",
+                "-c",
+                &format!("exec ncat -l {port} > {}", recv.0.display()),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sport = format!("sport = :{port}");
+    lab.wait_for(
+        &format!("{to} listening on {port}"),
+        Duration::from_secs(5),
+        || {
+            let ss = lab.exec_ok(to, &["ss", "-Hltn", &sport]);
+            (!ss.trim().is_empty()).then_some(())
+        },
+    );
+    let to_ip = lab.pod_ip(to);
+    let timeout = BULK_TIMEOUT.as_secs().to_string();
+    let start = Instant::now();
+    let client = lab.exec(
+        from,
+        &[
+            "timeout",
+            &timeout,
+            "sh",
+            "-c",
+            &format!("ncat --send-only {to_ip} {port} < {}", send.display()),
+        ],
+    );
+    // The server ends when the client's FIN arrives after the last byte.
+    let done = loop {
+        if let Some(st) = server.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > BULK_TIMEOUT + Duration::from_secs(5) {
+            break None;
+        }
+        // Poll interval of the wait for the receiver to finish.
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = start.elapsed();
+    if done.is_none() {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    let got = std::fs::read(&recv.0).unwrap_or_default();
+    assert!(
+        client.status.success() && done.is_some(),
+        "{from} -> {to}: transfer did not finish in {BULK_TIMEOUT:?} (client {}, {} of {} bytes \
+         arrived): black-holed TCP",
+        client.status,
+        got.len(),
+        data.len()
+    );
+    assert_eq!(got.len(), data.len(), "{from} -> {to}: byte count");
+    assert!(got == data, "{from} -> {to}: bytes differ");
+    took
+}
+
+fn mbit_s(bytes: usize, took: Duration) -> f64 {
+    bytes as f64 * 8.0 / took.as_secs_f64() / 1e6
+}
+
+/// A lab on an underlay of `underlay_mtu`: the MTUs follow, bulk TCP crosses both ways, and the
+/// underlay sees only whole WireGuard datagrams no larger than its MTU.
+fn low_underlay_mtu(underlay_mtu: u32) {
+    let lab = mtu_lab(underlay_mtu);
+    let tunnel_mtu = underlay_mtu - WG_OVERHEAD;
+    assert_eq!(lab.view.pod_mtu, tunnel_mtu);
+    for n in &lab.view.nodes {
+        assert_eq!(link_mtu(&n.netns, "ul0"), underlay_mtu, "{} ul0", n.name);
+        assert_eq!(
+            link_mtu(&n.netns, &n.wg_interface),
+            tunnel_mtu,
+            "{} tunnel",
+            n.name
+        );
+    }
+    for p in &lab.view.pods {
+        assert_eq!(link_mtu(&p.netns, "eth0"), tunnel_mtu, "{} eth0", p.name);
+    }
+
+    let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
+    let (send, data) = bulk_file(&marker);
+    let cap = Capture::start(&lab);
+    let there = transfer(&lab, "frontend", "backend", 9300, &send.0, &data);
+    let back = transfer(&lab, "backend", "frontend", 9301, &send.0, &data);
+    let raw = cap.stop();
+    let Findings {
+        wg_datagrams: wg,
+        wg_largest: largest,
+        ..
+    } = assert_underlay_clean(&raw, &lab, &marker, underlay_mtu);
+    // Both transfers crossed the tunnel: at least one WireGuard datagram per tunnel-MTU of data.
+    assert!(
+        wg as u32 >= 2 * BULK_BYTES as u32 / tunnel_mtu,
+        "only {wg} WireGuard datagrams for 2 x {BULK_BYTES} bytes"
+    );
+    assert_eq!(
+        largest, underlay_mtu,
+        "full-size TCP segments should fill an underlay frame"
+    );
+    println!(
+        "underlay {underlay_mtu}, tunnel {tunnel_mtu}: {BULK_BYTES} bytes frontend->backend in \
+         {there:?} ({:.0} Mbit/s), backend->frontend in {back:?} ({:.0} Mbit/s); {wg} WireGuard \
+         datagrams, largest {largest}; 0 plaintext, 0 fragments",
+        mbit_s(BULK_BYTES, there),
+        mbit_s(BULK_BYTES, back)
+    );
+}
+
+#[test]
+fn underlay_mtu_1280_carries_bulk_tcp_both_ways_without_plaintext_or_fragments() {
+    low_underlay_mtu(1280);
+}
+
+#[test]
+fn underlay_mtu_1420_carries_bulk_tcp_both_ways_without_plaintext_or_fragments() {
+    low_underlay_mtu(1420);
+}
+
+/// Sends UDP datagrams of `total_len` bytes (IP) with `marker` from `pod` to `dst`:9302, DF set
+/// (or, with `is_df` false, fragmented by the pod as needed), for up to 3 s or until the path MTU
+/// the pod's kernel holds drops below `total_len` (ICMP frag-needed arrived, or the pod's own MTU
+/// is lower). Returns (datagrams sent, path MTU at the end, send error if any).
+fn send_udp(
+    lab: &Lab,
+    pod: &str,
+    dst: &str,
+    total_len: u32,
+    marker: &str,
+    is_df: bool,
+) -> (u32, u32, String) {
+    const SCRIPT: &str = r#"
+import socket, sys, time
+dst, total, marker, df = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), sys.argv[4]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+# IP_MTU_DISCOVER: IP_PMTUDISC_DO (DF, never fragment) or IP_PMTUDISC_DONT (fragment)
+s.setsockopt(socket.IPPROTO_IP, 10, 2 if df == "df" else 0)
+s.connect((dst, 9302))
+payload = (marker * (total // len(marker) + 1))[: total - 28]
+sent, err, deadline = 0, "-", time.time() + 3
+while time.time() < deadline:
+    try:
+        s.send(payload)
+        sent += 1
+    except OSError as e:
+        err = e.strerror.replace(" ", "_")
+        break
+    if s.getsockopt(socket.IPPROTO_IP, 14) < total:  # IP_MTU: frag-needed lowered it
+        break
+    time.sleep(0.05)  # poll interval for the ICMP answer
+print(sent, s.getsockopt(socket.IPPROTO_IP, 14), err)
+"#;
+    let out = lab.exec_ok(
+        pod,
+        &[
+            "python3",
+            "-c",
+            SCRIPT,
+            dst,
+            &total_len.to_string(),
+            marker,
+            if is_df { "df" } else { "fragment" },
+        ],
+    );
+    let f: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(f.len(), 3, "{out}");
+    (
+        f[0].parse().unwrap(),
+        f[1].parse().unwrap(),
+        f[2].to_string(),
+    )
+}
+
+/// Packets the kernel handed to a node's tunnel device (its TX counter).
+fn tunnel_tx_packets(lab: &Lab, node: &str) -> u64 {
+    let n = lab.view.nodes.iter().find(|n| n.name == node).unwrap();
+    let out = ip_netns(
+        &n.netns,
+        &[
+            "cat",
+            &format!("/sys/class/net/{}/statistics/tx_packets", n.wg_interface),
+        ],
+    );
+    out.trim().parse().unwrap()
+}
+
+#[test]
+fn pod_with_a_raised_mtu_leaks_nothing_and_its_tcp_still_flows() {
+    let underlay_mtu = 1280;
+    let tunnel_mtu = underlay_mtu - WG_OVERHEAD;
+    let lab = mtu_lab(underlay_mtu);
+    raise_pod_mtu(&lab, "frontend", 1500);
+    let fe = lab.view.pods.iter().find(|p| p.name == "frontend").unwrap();
+    assert_eq!(link_mtu(&fe.netns, "eth0"), 1500);
+    let be = lab.pod_ip("backend");
+    let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
+    let (send, data) = bulk_file(&marker);
+
+    let cap = Capture::start(&lab);
+    // DF datagrams one byte over the tunnel MTU and well over it, straight from the raised pod.
+    let tx_before = tunnel_tx_packets(&lab, "node-a");
+    let mut report = Vec::new();
+    for total in [tunnel_mtu + 1, 1400, 1500] {
+        let (sent, pmtu, err) = send_udp(&lab, "frontend", &be, total, &marker, true);
+        report.push(format!(
+            "{total}: sent {sent}, path mtu {pmtu}, error {err}"
+        ));
+    }
+    let tx_oversized = tunnel_tx_packets(&lab, "node-a") - tx_before;
+    // TCP both ways: the raised pod's MSS (1460) is bounded by the other end's (tunnel MTU - 40).
+    let there = transfer(&lab, "frontend", "backend", 9300, &send.0, &data);
+    let back = transfer(&lab, "backend", "frontend", 9301, &send.0, &data);
+    let raw = cap.stop();
+    let Findings {
+        wg_datagrams: wg,
+        wg_largest: largest,
+        ..
+    } = assert_underlay_clean(&raw, &lab, &marker, underlay_mtu);
+    assert!(largest <= underlay_mtu);
+    println!(
+        "underlay {underlay_mtu}, tunnel {tunnel_mtu}, frontend eth0 1500: DF UDP {report:?}; \
+         {tx_oversized} oversized packets handed to node-a's tunnel device; TCP {BULK_BYTES} bytes \
+         there {there:?} ({:.0} Mbit/s), back {back:?} ({:.0} Mbit/s); {wg} WireGuard datagrams, \
+         largest {largest}; 0 plaintext, 0 fragments",
+        mbit_s(BULK_BYTES, there),
+        mbit_s(BULK_BYTES, back)
+    );
+}
+
+/// The sanity half of the leak pair: the same lab with encryption off must show what the NI
+/// check looks for (pod addresses, the marker and, from a datagram the pod fragments itself, IP
+/// fragments), or a clean capture proves nothing.
+#[test]
+fn underlay_mtu_1280_with_encryption_off_shows_plaintext_and_fragments() {
+    let underlay_mtu = 1280;
+    let lab = Lab::up_with_file(
+        &format!("underlay_mtu: {underlay_mtu}\nencryption: off\n"),
+        &[],
+    );
+    let be = lab.pod_ip("backend");
+    let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
+    let (send, data) = bulk_file(&marker);
+    let cap = Capture::start(&lab);
+    transfer(&lab, "frontend", "backend", 9300, &send.0, &data);
+    let (sent, _, err) = send_udp(&lab, "frontend", &be, 1400, &marker, false);
+    assert!(sent >= 1, "no datagram sent: {err}");
+    let raw = cap.stop();
+    let f = classify(&raw, &lab, &marker, underlay_mtu);
+    println!("encryption off: {f:?}");
+    assert!(f.plaintext > 0, "the classifier saw no pod address: {f:?}");
+    assert!(f.has_marker, "the marker search saw nothing: {f:?}");
+    assert!(f.fragments >= 2, "the classifier saw no fragments: {f:?}");
+}
+
+/// NL for oversized packets: a DF packet a pod sends over the tunnel MTU must be answered with
+/// ICMP frag-needed (or dropped and counted), and TCP between two pods whose MTU is above the
+/// tunnel's must not stall. Today veil_from_pod bpf_redirects the packet into the tunnel device
+/// (bpf_redirect skips the device MTU check) and veil-wg drops it without an ICMP answer: up to
+/// MTU + 64 bytes it encrypts it and the UDP send fails (`send-failed` in its log), beyond that
+/// the TUN read fails and nothing counts it. Measured: no frag-needed for 1221- or 1400-byte DF
+/// datagrams (path MTU stays 1500), 0 of 16 MiB of TCP in 60 s each way.
+#[test]
+#[ignore = "known defect (scenario 36): oversized DF packets from a pod are black-holed by veil-wg without ICMP frag-needed or a counter"]
+fn oversized_df_packets_get_frag_needed_and_tcp_is_not_black_holed() {
+    let underlay_mtu = 1280;
+    let tunnel_mtu = underlay_mtu - WG_OVERHEAD;
+    let lab = mtu_lab(underlay_mtu);
+    raise_pod_mtu(&lab, "frontend", 1500);
+    raise_pod_mtu(&lab, "backend", 1500);
+    let be = lab.pod_ip("backend");
+    let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
+    let mut failures = Vec::new();
+    for total in [tunnel_mtu + 1, 1400] {
+        let (sent, pmtu, err) = send_udp(&lab, "frontend", &be, total, &marker, true);
+        if pmtu > tunnel_mtu {
+            failures.push(format!(
+                "a DF datagram of {total} bytes over a tunnel of {tunnel_mtu}: no frag-needed came \
+                 back ({sent} sent in 3 s, path mtu still {pmtu}, error {err})"
+            ));
+        }
+    }
+    let (send, data) = bulk_file(&marker);
+    for (from, to, port) in [("frontend", "backend", 9300), ("backend", "frontend", 9301)] {
+        let run = std::panic::AssertUnwindSafe(|| transfer(&lab, from, to, port, &send.0, &data));
+        if let Err(e) = std::panic::catch_unwind(run) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "panicked".into());
+            failures.push(format!("TCP {from} -> {to}: {msg}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
