@@ -1,7 +1,7 @@
 //! WireGuard keys: x25519 static keys and preshared keys. Secrets zeroize on drop, never print
 //! (`Debug` shows only the public half or `<redacted>`) and compare in constant time.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, marker::PhantomData};
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use subtle::{Choice, ConstantTimeEq};
@@ -66,45 +66,70 @@ fn to_hex(b: &[u8; 32]) -> String {
     Hex(b).to_string()
 }
 
-/// A static private key (x25519). Zeroized on drop; `==` is constant-time.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct PrivateKey([u8; 32]);
+/// 32 secret bytes of kind `K` ([`PrivateKey`] or [`PresharedKey`]): zeroized on drop, `==` is
+/// constant-time, and `Debug` (one impl per kind) never shows the secret. The kinds differ only
+/// in what else they can do, so parsing, hex and comparison are written once here.
+pub struct SecretKey<K>([u8; 32], PhantomData<K>);
 
-impl ConstantTimeEq for PrivateKey {
+/// The kind of a static private key (x25519).
+#[derive(Debug, Clone, Copy)]
+pub enum Private {}
+
+/// The kind of a preshared key.
+#[derive(Debug, Clone, Copy)]
+pub enum Preshared {}
+
+/// A static private key (x25519).
+pub type PrivateKey = SecretKey<Private>;
+
+/// A 32-byte preshared key mixed into the WireGuard handshake.
+pub type PresharedKey = SecretKey<Preshared>;
+
+impl<K> Clone for SecretKey<K> {
+    fn clone(&self) -> Self {
+        Self::from_bytes(self.0)
+    }
+}
+
+impl<K> Zeroize for SecretKey<K> {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl<K> Drop for SecretKey<K> {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl<K> ZeroizeOnDrop for SecretKey<K> {}
+
+impl<K> ConstantTimeEq for SecretKey<K> {
     fn ct_eq(&self, other: &Self) -> Choice {
         self.0.ct_eq(&other.0)
     }
 }
 
-impl PartialEq for PrivateKey {
+impl<K> PartialEq for SecretKey<K> {
     fn eq(&self, other: &Self) -> bool {
         self.ct_eq(other).into()
     }
 }
 
-impl Eq for PrivateKey {}
+impl<K> Eq for SecretKey<K> {}
 
-impl PrivateKey {
-    /// A fresh key from the OS random source, clamped as x25519 requires.
-    pub fn generate() -> Self {
-        let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
-        Self(secret.to_bytes())
-    }
-
+impl<K> SecretKey<K> {
     pub fn from_bytes(b: [u8; 32]) -> Self {
-        Self(b)
+        Self(b, PhantomData)
     }
 
     pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        from_base64_32(s).map(Self)
+        from_base64_32(s).map(Self::from_bytes)
     }
 
     pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-        parse_hex32(s).map(Self)
-    }
-
-    pub fn to_base64(&self) -> String {
-        STANDARD.encode(self.0)
+        parse_hex32(s).map(Self::from_bytes)
     }
 
     /// Hex of the secret in a plain `String` (not zeroized): for tests and harnesses. The UAPI
@@ -121,20 +146,38 @@ impl PrivateKey {
         &self.0
     }
 
+    /// All zeros: UAPI's way of saying "no key" (no private key, no preshared key).
+    pub fn is_zero(&self) -> bool {
+        self.0.ct_eq(&[0u8; 32]).into()
+    }
+}
+
+impl PrivateKey {
+    /// A fresh key from the OS random source, clamped as x25519 requires.
+    pub fn generate() -> Self {
+        let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+        Self::from_bytes(secret.to_bytes())
+    }
+
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0)
+    }
+
     pub fn public_key(&self) -> PublicKey {
         let secret = x25519_dalek::StaticSecret::from(self.0);
         PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
-    }
-
-    /// All zeros: UAPI's way of saying "no private key".
-    pub fn is_zero(&self) -> bool {
-        self.0.ct_eq(&[0u8; 32]).into()
     }
 }
 
 impl std::fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PrivateKey(<redacted>, public {})", self.public_key())
+    }
+}
+
+impl std::fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresharedKey(<redacted>)")
     }
 }
 
@@ -193,63 +236,6 @@ impl std::str::FromStr for PublicKey {
     type Err = KeyError;
     fn from_str(s: &str) -> Result<Self, KeyError> {
         Self::from_base64(s)
-    }
-}
-
-/// A 32-byte preshared key mixed into the WireGuard handshake. Zeroized on drop; `==` is
-/// constant-time.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct PresharedKey([u8; 32]);
-
-impl ConstantTimeEq for PresharedKey {
-    fn ct_eq(&self, other: &Self) -> Choice {
-        self.0.ct_eq(&other.0)
-    }
-}
-
-impl PartialEq for PresharedKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.ct_eq(other).into()
-    }
-}
-
-impl Eq for PresharedKey {}
-
-impl PresharedKey {
-    pub fn from_bytes(b: [u8; 32]) -> Self {
-        Self(b)
-    }
-
-    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-        parse_hex32(s).map(Self)
-    }
-
-    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        from_base64_32(s).map(Self)
-    }
-
-    /// Hex of the secret in a plain `String` (not zeroized): for tests and harnesses. The UAPI
-    /// formats keys into zeroizing buffers without it.
-    pub fn to_hex(&self) -> String {
-        to_hex(&self.0)
-    }
-
-    pub(crate) fn hex(&self) -> Hex<'_> {
-        Hex(&self.0)
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    pub fn is_zero(&self) -> bool {
-        self.0.ct_eq(&[0u8; 32]).into()
-    }
-}
-
-impl std::fmt::Debug for PresharedKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PresharedKey(<redacted>)")
     }
 }
 
