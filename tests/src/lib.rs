@@ -17,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use veil_agent::{api::Status, lab::LabView};
+pub use veil_agent::{
+    api::Status,
+    lab::{LabView, NodeView},
+};
 
 /// The `veil` binary under test: `$VEIL_BIN`, else `target/release/veil` (scripts/test.sh
 /// builds it before the tests run).
@@ -225,20 +228,53 @@ impl Lab {
             .clone()
     }
 
-    pub fn node_netns(&self, node: &str) -> String {
+    /// The lab's node `node` (a test naming a node the lab does not have fails).
+    pub fn node(&self, node: &str) -> &NodeView {
         self.view
             .nodes
             .iter()
             .find(|n| n.name == node)
             .unwrap_or_else(|| panic!("no node {node}"))
-            .netns
-            .clone()
+    }
+
+    pub fn node_netns(&self, node: &str) -> String {
+        self.node(node).netns.clone()
+    }
+
+    /// The pid of the veil-wg serving `node`'s tunnel device, if one runs.
+    pub fn wg_pid(&self, node: &str) -> Option<i32> {
+        let interface = &self.node(node).wg_interface;
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("veil-wg.* {interface}$")])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
     }
 
     /// `veil status --node NODE -o json`.
     pub fn status(&self, node: &str) -> Status {
         let json = veil_ok(&["status", "--name", &self.name, "--node", node, "-o", "json"]);
         serde_json::from_str(&json).expect("status -o json parses")
+    }
+
+    /// `veil status` of `node`, or None while its agent does not answer (stopped, restarting).
+    pub fn try_status(&self, node: &str) -> Option<Status> {
+        let out = veil(&["status", "--name", &self.name, "--node", node, "-o", "json"]);
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until `node` runs an agent other than `old_pid` that reports ready; its status.
+    pub fn wait_for_restarted_agent(
+        &self,
+        what: &str,
+        node: &str,
+        old_pid: u32,
+        timeout: Duration,
+    ) -> Status {
+        self.wait_for(what, timeout, || {
+            self.try_status(node)
+                .filter(|st| st.agent.pid != old_pid && st.ready)
+        })
     }
 
     /// `veil policy apply -f <yaml>` on this lab.
@@ -291,13 +327,7 @@ impl Lab {
 
     /// Prometheus text from a node agent's admin socket.
     pub fn metrics(&self, node: &str) -> String {
-        let sock = &self
-            .view
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
-            .unwrap_or_else(|| panic!("no node {node}"))
-            .agent_admin;
+        let sock = &self.node(node).agent_admin;
         let out = Command::new("curl")
             .args(["-sS", "--unix-socket", sock, "http://agent/metrics"])
             .output()
@@ -356,10 +386,7 @@ impl Lab {
         let mut v = vec![];
         for node in &self.view.nodes {
             // A node whose agent a test stopped has no status: its logs are still checked.
-            let out = veil(&[
-                "status", "--name", &self.name, "--node", &node.name, "-o", "json",
-            ]);
-            let Ok(st) = serde_json::from_slice::<Status>(&out.stdout) else {
+            let Some(st) = self.try_status(&node.name) else {
                 continue;
             };
             for (reason, n) in &st.drops {
@@ -561,6 +588,189 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A number that differs between calls, for names of files and markers.
+pub fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
+
+/// Whether `needle` occurs in `hay` (a marker in a capture, a token in a frame).
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// EtherType of the frame that marks the end of a capture (IEEE 802 local experimental).
+pub const END_ETHERTYPE: u16 = 0x88b5;
+
+/// Sends one raw Ethernet frame out of `ifname` in `netns`.
+pub fn send_frame(netns: &str, ifname: &str, frame: Vec<u8>) {
+    let ifname = std::ffi::CString::new(ifname).unwrap();
+    let sent = veil_agent::sys::in_netns(netns, move || -> std::io::Result<()> {
+        // SAFETY: plain syscalls on a socket this closure opens and closes; `addr` and `frame`
+        // outlive the calls that read them.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n < 0 {
+                return Err(err);
+            }
+        }
+        Ok(())
+    })
+    .expect("enter the netns");
+    sent.expect("send a raw frame");
+}
+
+/// The frames of a pcap file of Ethernet link type (as tcpdump writes them), each cut to its
+/// captured length.
+pub fn pcap_frames(pcap: &[u8]) -> Vec<&[u8]> {
+    assert!(pcap.len() >= 24, "not a pcap file");
+    let le = pcap[..4] == [0xd4, 0xc3, 0xb2, 0xa1] || pcap[..4] == [0x4d, 0x3c, 0xb2, 0xa1];
+    let u32_at = |b: &[u8]| {
+        let a = [b[0], b[1], b[2], b[3]];
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    };
+    assert_eq!(u32_at(&pcap[20..24]), 1, "capture is not Ethernet");
+    let mut frames = Vec::new();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let caplen = u32_at(&pcap[at + 8..at + 12]) as usize;
+        let frame = &pcap[at + 16..(at + 16 + caplen).min(pcap.len())];
+        at += 16 + caplen;
+        frames.push(frame);
+    }
+    frames
+}
+
+/// A tcpdump writing a pcap of one interface in one netns, independent of `veil check`; stopped
+/// (or killed on drop) with its file removed.
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+    netns: String,
+    ifname: String,
+}
+
+impl Capture {
+    /// Starts tcpdump on `ifname` in `netns`; returns once it listens.
+    pub fn start(netns: &str, ifname: &str) -> Capture {
+        let file =
+            std::env::temp_dir().join(format!("veil-capture-{netns}-{}.pcap", rand_suffix()));
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns, "tcpdump", "--immediate-mode", "-U"])
+            .args(["-s", "0", "-i", ifname, "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (scripts/setup.sh installs it)");
+        let mut err = child.stderr.take().unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 256];
+        while !seen.contains("listening on") {
+            let n = err.read(&mut buf).expect("tcpdump stderr");
+            assert!(n > 0, "tcpdump exited: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 256];
+            while matches!(err.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        Capture {
+            child,
+            file,
+            netns: netns.to_string(),
+            ifname: ifname.to_string(),
+        }
+    }
+
+    /// Stops the capture; returns the raw pcap bytes.
+    pub fn stop(mut self) -> Vec<u8> {
+        self.finish();
+        std::fs::read(&self.file).expect("pcap file")
+    }
+
+    /// Stops the capture; returns (raw pcap bytes, tcpdump's one-line decode of each packet but
+    /// the end-of-capture frame).
+    pub fn stop_decoded(mut self) -> (Vec<u8>, Vec<String>) {
+        self.finish();
+        let raw = std::fs::read(&self.file).expect("pcap file");
+        let text = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&self.file)
+            .arg(format!("not ether proto {END_ETHERTYPE:#06x}"))
+            .output()
+            .expect("tcpdump -r");
+        let lines = String::from_utf8_lossy(&text.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        (raw, lines)
+    }
+
+    /// Ends tcpdump once everything sent before this call is in the file.
+    fn finish(&mut self) {
+        // What the test sent has crossed the interface when it stops the capture; what may lag
+        // is tcpdump writing it. A frame sent on the interface now is queued to tcpdump behind
+        // all of it, so once that frame is in the file, everything before it is too.
+        let end = format!("veil-capture-end-{}", rand_suffix());
+        let mut frame = vec![0xff; 6];
+        frame.extend([0x02, 0, 0, 0, 0, 0x01]);
+        frame.extend(END_ETHERTYPE.to_be_bytes());
+        frame.extend(end.as_bytes());
+        send_frame(&self.netns, &self.ifname, frame);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !contains(
+            &std::fs::read(&self.file).unwrap_or_default(),
+            end.as_bytes(),
+        ) {
+            assert!(
+                Instant::now() < deadline,
+                "tcpdump did not write the end-of-capture frame within 5 s"
+            );
+            // Poll interval of the wait for the end frame.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// A test that fails before `stop` must not leave tcpdump running or its pcap behind.
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.file);
     }
 }
 

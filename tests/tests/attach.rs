@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use veil_tests::{veil, Lab};
+use veil_tests::Lab;
 
 const POLICY: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -83,14 +83,13 @@ fn clsact_mode_enforces_policy_and_survives_an_agent_restart() {
     )
     .expect("kill node-a's agent");
     let old_pid = st.agent.pid;
-    let after = lab.wait_for("restarted agent", Duration::from_secs(30), || {
-        // The agent is down for a moment: `veil status` fails until it is back.
-        let out = veil(&[
-            "status", "--name", &lab.name, "--node", "node-a", "-o", "json",
-        ]);
-        let st: veil_tests::Status = serde_json::from_slice(&out.stdout).ok()?;
-        (st.agent.pid != old_pid && st.ready).then_some(st)
-    });
+    // The agent is down for a moment: `veil status` fails until it is back.
+    let after = lab.wait_for_restarted_agent(
+        "restarted agent",
+        "node-a",
+        old_pid,
+        Duration::from_secs(30),
+    );
     let fe2 = after
         .programs
         .iter()

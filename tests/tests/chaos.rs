@@ -7,27 +7,22 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use veil_agent::lab::{spire_real, LabPaths};
-use veil_tests::{Lab, AUTH_LAB, AUTH_POLICY};
+use veil_tests::{
+    contains, pcap_frames, rand_suffix, send_frame, Capture, Lab, AUTH_LAB, AUTH_POLICY,
+    END_ETHERTYPE,
+};
 
 /// The capture point: node-a's own underlay interface (in node-a's netns), so every packet
 /// node-a sends or receives is in the pcap, whatever the bridge does.
 const CAPTURE_IF: &str = "ul0";
 /// One probe and one stream line every 100 ms.
 const GAP_MS: u32 = 100;
-
-fn rand_suffix() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-}
 
 /// A string every payload of a run starts with, to find it in raw capture bytes.
 fn token() -> String {
@@ -204,22 +199,6 @@ fn tcp_resets(lab: &Lab, pod: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// The pid of the veil-wg serving `node`'s tunnel device, if one runs.
-fn wg_pid(lab: &Lab, node: &str) -> Option<i32> {
-    let interface = &lab
-        .view
-        .nodes
-        .iter()
-        .find(|n| n.name == node)
-        .unwrap_or_else(|| panic!("no node {node}"))
-        .wg_interface;
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("veil-wg.* {interface}$")])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
 fn sigkill(pid: i32) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -230,45 +209,6 @@ fn sigkill(pid: i32) {
 
 // ---------------------------------------------------------------------------------------------
 // The capture: tcpdump on one interface of one netns, and a classifier of every frame.
-
-/// EtherType of the frame that marks the end of a capture (IEEE 802 local experimental).
-const END_ETHERTYPE: u16 = 0x88b5;
-
-/// Sends one raw Ethernet frame out of `ifname` in `netns`.
-fn send_frame(netns: &str, ifname: &str, frame: Vec<u8>) {
-    let ifname = std::ffi::CString::new(ifname).unwrap();
-    let sent = veil_agent::sys::in_netns(netns, move || -> std::io::Result<()> {
-        // SAFETY: plain syscalls on a socket this closure opens and closes; `addr` and `frame`
-        // outlive the calls that read them.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
-            addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-            let n = libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            );
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if n < 0 {
-                return Err(err);
-            }
-        }
-        Ok(())
-    })
-    .expect("enter the netns");
-    sent.expect("send a raw frame");
-}
 
 /// A plaintext pod-to-pod UDP datagram (198.19.1.250 -> 198.19.2.250, payload
 /// `<tok>-canary`) put on node-a's underlay as a raw frame to an unknown unicast MAC (the
@@ -290,91 +230,6 @@ fn send_canary(netns: &str, ifname: &str, tok: &str) {
     f.extend([0, 0]);
     f.extend(payload.as_bytes());
     send_frame(netns, ifname, f);
-}
-
-/// A tcpdump writing a pcap of one interface in one netns; stopped (or killed on drop) with its
-/// file removed.
-struct Capture {
-    child: Child,
-    file: PathBuf,
-    netns: String,
-    ifname: String,
-}
-
-impl Capture {
-    fn start(netns: &str, ifname: &str) -> Capture {
-        let file = std::env::temp_dir().join(format!("veil-chaos-{netns}-{}.pcap", rand_suffix()));
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", netns, "tcpdump", "--immediate-mode", "-U"])
-            .args(["-s", "0", "-i", ifname, "-w"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump (scripts/setup.sh installs it)");
-        let mut err = child.stderr.take().unwrap();
-        let mut seen = String::new();
-        let mut buf = [0u8; 256];
-        while !seen.contains("listening on") {
-            use std::io::Read as _;
-            let n = err.read(&mut buf).expect("tcpdump stderr");
-            assert!(n > 0, "tcpdump exited: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        std::thread::spawn(move || {
-            use std::io::Read as _;
-            let mut sink = [0u8; 256];
-            while matches!(err.read(&mut sink), Ok(n) if n > 0) {}
-        });
-        Capture {
-            child,
-            file,
-            netns: netns.to_string(),
-            ifname: ifname.to_string(),
-        }
-    }
-
-    /// Stops the capture once a frame sent now is in the file (so is everything before it);
-    /// returns the raw pcap bytes.
-    fn stop(mut self) -> Vec<u8> {
-        let end = format!("veil-capture-end-{}", rand_suffix());
-        let mut frame = vec![0xff; 6];
-        frame.extend([0x02, 0, 0, 0, 0, 0x01]);
-        frame.extend(END_ETHERTYPE.to_be_bytes());
-        frame.extend(end.as_bytes());
-        send_frame(&self.netns, &self.ifname, frame);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !contains(
-            &std::fs::read(&self.file).unwrap_or_default(),
-            end.as_bytes(),
-        ) {
-            assert!(
-                Instant::now() < deadline,
-                "tcpdump did not write the end-of-capture frame within 5 s"
-            );
-            // Poll interval of the wait for the end frame.
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
-        std::fs::read(&self.file).expect("pcap file")
-    }
-}
-
-/// A test that fails before `stop` must not leave tcpdump running or its pcap behind.
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Every frame of a capture, sorted.
@@ -413,25 +268,10 @@ fn spire_server_traffic(
 }
 
 fn classify(pcap: &[u8], tok: &str) -> Verdict {
-    assert!(pcap.len() >= 24, "not a pcap file");
-    let le = pcap[..4] == [0xd4, 0xc3, 0xb2, 0xa1] || pcap[..4] == [0x4d, 0x3c, 0xb2, 0xa1];
-    let u32_at = |b: &[u8]| {
-        let a = [b[0], b[1], b[2], b[3]];
-        if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
-    };
-    assert_eq!(u32_at(&pcap[20..24]), 1, "capture is not Ethernet");
     let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
     let canary = format!("{tok}-canary");
     let mut v = Verdict::default();
-    let mut at = 24;
-    while at + 16 <= pcap.len() {
-        let caplen = u32_at(&pcap[at + 8..at + 12]) as usize;
-        let frame = &pcap[at + 16..(at + 16 + caplen).min(pcap.len())];
-        at += 16 + caplen;
+    for frame in pcap_frames(pcap) {
         if frame.len() < 14 {
             continue;
         }
@@ -758,7 +598,7 @@ fn veil_wg_kill_under_load_is_restarted_and_nothing_leaks() {
     let n = 300;
     let run = Run::start(&lab, n);
 
-    let pid = wg_pid(&lab, "node-a").expect("veil-wg of node-a runs");
+    let pid = lab.wg_pid("node-a").expect("veil-wg of node-a runs");
     let restarts0 = lab.status("node-a").tunnel_restarts.total;
     let t_kill = Instant::now();
     sigkill(pid);
@@ -780,7 +620,7 @@ fn veil_wg_kill_under_load_is_restarted_and_nothing_leaks() {
     assert_eq!(st.tunnel_restarts.total, restarts0 + 1, "{st:?}");
     let reason = &st.tunnel_restarts.recent.last().expect("a restart").reason;
     assert_eq!(reason, "exited");
-    let new_pid = wg_pid(&lab, "node-a").expect("a new veil-wg runs");
+    let new_pid = lab.wg_pid("node-a").expect("a new veil-wg runs");
     assert_ne!(new_pid, pid, "the same veil-wg process");
 
     let m = run.finish(&lab);
@@ -815,21 +655,16 @@ fn agent_kill_under_load_leaks_nothing_and_admits_no_denied_flow() {
     let lab = up_with_auth_policy(&[]);
     let run = Run::start(&lab, 250);
     let before = lab.status("node-a");
-    let wg_before = wg_pid(&lab, "node-a").expect("veil-wg runs");
+    let wg_before = lab.wg_pid("node-a").expect("veil-wg runs");
     let denied = DeniedFlows::start(&lab, &run.tok);
 
     let t_kill = Instant::now();
     sigkill(before.agent.pid as i32);
-    let after = lab.wait_for(
+    let after = lab.wait_for_restarted_agent(
         "node-a's restarted agent ready",
+        "node-a",
+        before.agent.pid,
         Duration::from_secs(30),
-        || {
-            let st = veil_tests::veil(&[
-                "status", "--name", &lab.name, "--node", "node-a", "-o", "json",
-            ]);
-            let st: veil_tests::Status = serde_json::from_slice(&st.stdout).ok()?;
-            (st.agent.pid != before.agent.pid && st.ready).then_some(st)
-        },
     );
     let t_ready = Instant::now();
     let denied = denied.finish();
@@ -842,7 +677,7 @@ fn agent_kill_under_load_leaks_nothing_and_admits_no_denied_flow() {
     );
     denied.assert_none_admitted(t_kill, t_ready, "the agent");
     // veil-wg adopted, not restarted; the key is the same.
-    assert_eq!(wg_pid(&lab, "node-a"), Some(wg_before), "veil-wg replaced");
+    assert_eq!(lab.wg_pid("node-a"), Some(wg_before), "veil-wg replaced");
     assert_eq!(after.public_key, before.public_key);
     // Probe loss bound: at most 10 probes (1 s) at one per 100 ms.
     m.assert_delivered("agent kill", 10);
@@ -913,7 +748,7 @@ fn spire_agent_kill_under_load_serves_cached_svids_and_is_restarted() {
     let frontend_id = format!("spiffe://{td}/ns/shop/sa/frontend");
     let run = Run::start(&lab, 250);
     let before = lab.status("node-a");
-    let wg_before = wg_pid(&lab, "node-a").expect("veil-wg runs");
+    let wg_before = lab.wg_pid("node-a").expect("veil-wg runs");
     let serial_before = serial(&lab, "node-a", &frontend_id).expect("frontend's SVID");
     let denied = DeniedFlows::start(&lab, &run.tok);
 
@@ -952,7 +787,7 @@ fn spire_agent_kill_under_load_serves_cached_svids_and_is_restarted() {
     );
     // Nothing but spire-agent was restarted: veil's agent and veil-wg ride it out.
     assert_eq!(after.agent.pid, before.agent.pid, "veil's agent restarted");
-    assert_eq!(wg_pid(&lab, "node-a"), Some(wg_before), "veil-wg replaced");
+    assert_eq!(lab.wg_pid("node-a"), Some(wg_before), "veil-wg replaced");
     // Established traffic flows on the cached SVIDs, and on the new ones the restarted
     // spire-agent mints (new serials for every entry): same bound as the agent kill.
     m.assert_delivered("spire-agent kill", 10);

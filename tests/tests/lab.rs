@@ -282,13 +282,12 @@ fn agent_restart_readopts_pinned_maps_and_links() {
     .unwrap();
     // The programs stay attached while no agent runs: traffic keeps flowing and being counted.
     lab.http_get("frontend", &url);
-    let after = lab.wait_for("restarted agent", Duration::from_secs(20), || {
-        let out = veil(&[
-            "status", "--name", &lab.name, "--node", "node-a", "-o", "json",
-        ]);
-        let st: veil_tests::Status = serde_json::from_slice(&out.stdout).ok()?;
-        (st.agent.pid != before.agent.pid && st.ready).then_some(st)
-    });
+    let after = lab.wait_for_restarted_agent(
+        "restarted agent",
+        "node-a",
+        before.agent.pid,
+        Duration::from_secs(20),
+    );
     assert!(after.agent.restarts >= 1);
     // The hold device is the agent's own TUN, recreated with it (and its link with it); every
     // other link is adopted.

@@ -16,41 +16,58 @@ fn freeze(pid: u32, signal: nix::sys::signal::Signal) {
         .expect("signal the agent");
 }
 
+/// A frozen (SIGSTOP) agent, thawed (SIGCONT) on drop, so also when an assertion fails.
+struct Frozen(u32);
+
+impl Frozen {
+    fn agent_of(lab: &Lab, node: &str) -> Frozen {
+        let pid = lab.status(node).agent.pid;
+        freeze(pid, nix::sys::signal::Signal::SIGSTOP);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        freeze(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// Whether node-a's agent has node-b as a tunnel peer.
+fn a_peers_b(lab: &Lab) -> bool {
+    lab.status("node-a")
+        .peers
+        .iter()
+        .any(|p| p.node == "node-b")
+}
+
+/// Waits until node-a has (`peered`) or has not node-b as a peer.
+fn wait_a_peers_b(lab: &Lab, what: &str, timeout: Duration, peered: bool) {
+    lab.wait_for(what, timeout, || (a_peers_b(lab) == peered).then_some(()));
+}
+
 #[test]
 fn frozen_peer_agent_loses_its_tunnel_keys_within_the_key_lifetime() {
     let lab = Lab::up_with_file(LAB, &[]);
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
-    let b = lab.status("node-b");
-    lab.wait_for(
+    wait_a_peers_b(
+        &lab,
         "node-a to have node-b as a peer",
         Duration::from_secs(20),
-        || {
-            let st = lab.status("node-a");
-            st.peers.iter().any(|p| p.node == "node-b").then_some(())
-        },
+        true,
     );
 
-    freeze(b.agent.pid, nix::sys::signal::Signal::SIGSTOP);
+    let thaw = Frozen::agent_of(&lab, "node-b");
     let frozen_at = Instant::now();
-    // Make sure the agent is thawed even if an assertion below fails.
-    struct Thaw(u32);
-    impl Drop for Thaw {
-        fn drop(&mut self) {
-            freeze(self.0, nix::sys::signal::Signal::SIGCONT);
-        }
-    }
-    let thaw = Thaw(b.agent.pid);
 
     // Bound: the key lifetime (node SVID 30 s, or 30 s floor of 3 x 5 s rotations) plus a
     // reconcile; generous margin for a loaded machine.
-    lab.wait_for(
+    wait_a_peers_b(
+        &lab,
         "node-a to remove node-b's tunnel peer",
         Duration::from_secs(90),
-        || {
-            let st = lab.status("node-a");
-            (!st.peers.iter().any(|p| p.node == "node-b")).then_some(())
-        },
+        false,
     );
     let removed_after = frozen_at.elapsed();
     eprintln!(
@@ -90,11 +107,7 @@ fn frozen_peer_agent_loses_its_tunnel_keys_within_the_key_lifetime() {
         Duration::from_secs(90),
         || lab.try_get("frontend", &url).ok(),
     );
-    assert!(lab
-        .status("node-a")
-        .peers
-        .iter()
-        .any(|p| p.node == "node-b"));
+    assert!(a_peers_b(&lab));
 }
 
 /// Security issue §6: a peer whose node SVID chains only to a revoked CA root loses its
@@ -111,19 +124,8 @@ fn a_peer_of_a_revoked_ca_loses_its_keys_when_the_bundle_changes() {
     let lab = Lab::up_with_file("identity: dev\nsvid_ttl: 1h\npsk_rotation: 60s\n", &[]);
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
-    lab.wait_for("node-a to peer node-b", Duration::from_secs(20), || {
-        let st = lab.status("node-a");
-        st.peers.iter().any(|p| p.node == "node-b").then_some(())
-    });
-    let b = lab.status("node-b");
-    freeze(b.agent.pid, nix::sys::signal::Signal::SIGSTOP);
-    struct Thaw(u32);
-    impl Drop for Thaw {
-        fn drop(&mut self) {
-            freeze(self.0, nix::sys::signal::Signal::SIGCONT);
-        }
-    }
-    let thaw = Thaw(b.agent.pid);
+    wait_a_peers_b(&lab, "node-a to peer node-b", Duration::from_secs(20), true);
+    let thaw = Frozen::agent_of(&lab, "node-b");
     let node_serial = |st: &veil_tests::Status| {
         st.svids
             .iter()
@@ -141,21 +143,16 @@ fn a_peer_of_a_revoked_ca_loses_its_keys_when_the_bundle_changes() {
         || (node_serial(&lab.status("node-a")) != old_serial).then_some(()),
     );
     assert!(
-        lab.status("node-a")
-            .peers
-            .iter()
-            .any(|p| p.node == "node-b"),
+        a_peers_b(&lab),
         "node-b's peer went before the old root was revoked"
     );
     ca("revoke");
     let revoked_at = Instant::now();
-    lab.wait_for(
+    wait_a_peers_b(
+        &lab,
         "node-a to remove the peer of node-b (old CA only)",
         Duration::from_secs(20),
-        || {
-            let st = lab.status("node-a");
-            (!st.peers.iter().any(|p| p.node == "node-b")).then_some(())
-        },
+        false,
     );
     let took = revoked_at.elapsed();
     eprintln!(
@@ -225,10 +222,7 @@ fn a_node_claiming_another_nodes_wireguard_key_is_refused() {
         Duration::from_secs(30),
         || {
             // The agent is down for a moment: `veil status` fails until it is back.
-            let out = veil_tests::veil(&[
-                "status", "--name", &lab.name, "--node", "node-c", "-o", "json",
-            ]);
-            let st: veil_tests::Status = serde_json::from_slice(&out.stdout).ok()?;
+            let st = lab.try_status("node-c")?;
             (st.agent.pid != c.agent.pid && st.public_key.as_deref() == Some(a_key.as_str()))
                 .then_some(())
         },

@@ -26,8 +26,11 @@ spec:
         protocol: TCP
 ";
 
-/// The issue's egress policy without its `rules.http` part.
-const EGRESS: &str = "apiVersion: cilium.io/v2
+/// The issue's egress policy up to its `rules.http` part (a macro so that `concat!` can extend
+/// it).
+macro_rules! egress {
+    () => {
+        "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata:
   name: frontend-to-backend-l7
@@ -44,31 +47,22 @@ spec:
     - ports:
       - port: \"8080\"
         protocol: TCP
-";
+"
+    };
+}
+
+/// The issue's egress policy without its `rules.http` part.
+const EGRESS: &str = egress!();
 
 /// The issue's egress policy verbatim (with L7 rules).
-const EGRESS_L7: &str = "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: frontend-to-backend-l7
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: frontend
-  egress:
-  - toEndpoints:
-    - matchLabels:
-        app: backend
-    toPorts:
-    - ports:
-      - port: \"8080\"
-        protocol: TCP
-      rules:
+const EGRESS_L7: &str = concat!(
+    egress!(),
+    "      rules:
         http:
         - method: \"GET\"
           path: \"/api/products\"
-";
+"
+);
 
 /// The default topology, with intruder serving HTTP on 9999 so that frontend's egress deny has
 /// something to deny: without a listener the connection fails whatever the policy says.
@@ -357,13 +351,7 @@ fn flow_log_survives_agent_restart_and_metrics_count() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    lab.wait_for("restarted agent", Duration::from_secs(20), || {
-        let out = veil(&[
-            "status", "--name", &lab.name, "--node", "node-b", "-o", "json",
-        ]);
-        let st: veil_tests::Status = serde_json::from_slice(&out.stdout).ok()?;
-        (st.agent.pid != pid && st.ready).then_some(())
-    });
+    lab.wait_for_restarted_agent("restarted agent", "node-b", pid, Duration::from_secs(20));
     let after = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
     assert!(
         after.len() >= before.len(),

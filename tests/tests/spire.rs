@@ -1040,15 +1040,7 @@ fn spire_admin_socket_absent_at_agent_start_no_identity_bounded_backoff() {
     let st = lab.wait_for(
         "node-a's veil agent restarted",
         Duration::from_secs(20),
-        || {
-            veil_tests::veil(&[
-                "status", "--name", &lab.name, "--node", "node-a", "-o", "json",
-            ])
-            .status
-            .success()
-            .then(|| lab.status("node-a"))
-            .filter(|st| st.agent.pid != old)
-        },
+        || lab.try_status("node-a").filter(|st| st.agent.pid != old),
     );
     assert!(!admin.exists(), "the admin socket came back");
     let pid = st.agent.pid;

@@ -1,182 +1,13 @@
 //! End-to-end: transparent pod encryption (transport issue). Real WireGuard packets between
 //! node namespaces through veil-wg, real eBPF steering, captures on the underlay bridge.
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, process::Command, time::Duration};
 
-use veil_tests::{veil, veil_ok, Lab, Streaming};
+use veil_tests::{contains, pcap_frames, rand_suffix, veil, veil_ok, Capture, Lab, Streaming};
 
-/// A tcpdump on the lab's underlay bridge writing a pcap, independent of `veil check`.
-struct Capture {
-    child: Child,
-    file: PathBuf,
-    netns: String,
-    bridge: String,
-}
-
-/// EtherType of the frame that marks the end of a capture (IEEE 802 local experimental).
-const END_ETHERTYPE: u16 = 0x88b5;
-
-/// Sends one broadcast frame of `END_ETHERTYPE` carrying `payload` out of `ifname` in `netns`.
-fn send_end_frame(netns: &str, ifname: &str, payload: &[u8]) {
-    let ifname = std::ffi::CString::new(ifname).unwrap();
-    let mut frame = vec![0xff; 6];
-    frame.extend([0x02, 0, 0, 0, 0, 0x01]);
-    frame.extend(END_ETHERTYPE.to_be_bytes());
-    frame.extend(payload);
-    let sent = veil_agent::sys::in_netns(netns, move || -> std::io::Result<()> {
-        // SAFETY: plain syscalls on a socket this closure opens and closes; `addr` and `frame`
-        // outlive the calls that read them.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
-            addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-            let n = libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            );
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if n < 0 {
-                return Err(err);
-            }
-        }
-        Ok(())
-    })
-    .expect("enter the underlay netns");
-    sent.expect("send the end-of-capture frame");
-}
-
-impl Capture {
-    fn start(lab: &Lab) -> Capture {
-        let file =
-            std::env::temp_dir().join(format!("veil-test-{}-{}.pcap", lab.name, rand_suffix()));
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.view.underlay.netns,
-                "tcpdump",
-                "--immediate-mode",
-                "-U",
-                "-s",
-                "0",
-            ])
-            .args(["-i", &lab.view.underlay.bridge, "-w"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump (scripts/setup.sh installs it)");
-        let mut err = child.stderr.take().unwrap();
-        let mut seen = String::new();
-        let mut buf = [0u8; 256];
-        while !seen.contains("listening on") {
-            use std::io::Read as _;
-            let n = err.read(&mut buf).expect("tcpdump stderr");
-            assert!(n > 0, "tcpdump exited: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        std::thread::spawn(move || {
-            use std::io::Read as _;
-            let mut sink = [0u8; 256];
-            while matches!(err.read(&mut sink), Ok(n) if n > 0) {}
-        });
-        Capture {
-            child,
-            file,
-            netns: lab.view.underlay.netns.clone(),
-            bridge: lab.view.underlay.bridge.clone(),
-        }
-    }
-
-    /// Stops the capture; returns (raw pcap bytes, tcpdump's one-line decode of each packet).
-    fn stop(mut self) -> (Vec<u8>, Vec<String>) {
-        // What the test sent has crossed the bridge when it calls stop; what may lag is tcpdump
-        // writing it. A frame sent on the bridge now is queued to tcpdump behind all of it, so
-        // once that frame is in the file, everything before it is too.
-        let end = format!("veil-capture-end-{}", rand_suffix());
-        send_end_frame(&self.netns, &self.bridge, end.as_bytes());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !contains(
-            &std::fs::read(&self.file).unwrap_or_default(),
-            end.as_bytes(),
-        ) {
-            assert!(
-                Instant::now() < deadline,
-                "tcpdump did not write the end-of-capture frame within 5 s"
-            );
-            // Poll interval of the wait for the end frame.
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
-        let raw = std::fs::read(&self.file).expect("pcap file");
-        let text = Command::new("tcpdump")
-            .args(["-nn", "-r"])
-            .arg(&self.file)
-            .arg(format!("not ether proto {END_ETHERTYPE:#06x}"))
-            .output()
-            .expect("tcpdump -r");
-        let _ = std::fs::remove_file(&self.file);
-        let lines = String::from_utf8_lossy(&text.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect();
-        (raw, lines)
-    }
-}
-
-/// A test that fails before `stop` must not leave tcpdump running or its pcap behind.
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
-fn rand_suffix() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-}
-
-/// The pid of the veil-wg serving `node`'s tunnel device, if one runs.
-fn wg_pid(lab: &Lab, node: &str) -> Option<i32> {
-    let interface = &lab
-        .view
-        .nodes
-        .iter()
-        .find(|n| n.name == node)
-        .unwrap_or_else(|| panic!("no node {node}"))
-        .wg_interface;
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("veil-wg.* {interface}$")])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+/// A capture of the lab's underlay bridge, where every packet between the nodes passes.
+fn underlay_capture(lab: &Lab) -> Capture {
+    Capture::start(&lab.view.underlay.netns, &lab.view.underlay.bridge)
 }
 
 /// Sends a unique marker from frontend to backend over TCP (HTTP path and header) and UDP.
@@ -227,9 +58,9 @@ fn non_wireguard(lines: &[String]) -> Vec<&String> {
 fn leak_pair_encrypted_shows_no_marker() {
     let lab = Lab::up(&[]);
     let marker = format!("VEIL-E2E-MARKER-{}", rand_suffix());
-    let cap = Capture::start(&lab);
+    let cap = underlay_capture(&lab);
     send_marker(&lab, &marker);
-    let (raw, lines) = cap.stop();
+    let (raw, lines) = cap.stop_decoded();
     assert!(
         !contains(&raw, marker.as_bytes()),
         "the marker crossed the underlay in clear"
@@ -265,9 +96,9 @@ fn leak_pair_plaintext_shows_marker() {
     // The same capture with encryption off must see the marker: proof the filter can see a leak.
     let lab = Lab::up(&["--encryption", "off"]);
     let marker = format!("VEIL-E2E-MARKER-{}", rand_suffix());
-    let cap = Capture::start(&lab);
+    let cap = underlay_capture(&lab);
     send_marker(&lab, &marker);
-    let (raw, lines) = cap.stop();
+    let (raw, lines) = cap.stop_decoded();
     assert!(
         contains(&raw, marker.as_bytes()),
         "the capture did not see the marker: {lines:#?}"
@@ -301,12 +132,12 @@ fn strict_mode_drops_without_key_and_recovers() {
     assert!(st.peers.is_empty(), "peer still installed: {:?}", st.peers);
 
     let marker = format!("VEIL-STRICT-{}", rand_suffix());
-    let cap = Capture::start(&lab);
+    let cap = underlay_capture(&lab);
     let out = lab.exec(
         "frontend",
         &["curl", "-sS", "--max-time", "2", &format!("{url}{marker}")],
     );
-    let (raw, lines) = cap.stop();
+    let (raw, lines) = cap.stop_decoded();
     assert!(
         !out.status.success(),
         "request succeeded without a tunnel peer"
@@ -340,7 +171,7 @@ fn agent_restart_does_not_cut_a_long_stream() {
     let lab = Lab::up_with_file(ECHO_LAB, &[]);
     let be = lab.pod_ip("backend");
     let before = lab.status("node-a");
-    let wg_before = wg_pid(&lab, "node-a").expect("veil-wg runs");
+    let wg_before = lab.wg_pid("node-a").expect("veil-wg runs");
     // 200 lines over ~6 s through one TCP connection, echoed back.
     let script =
         format!("for i in $(seq 1 200); do echo line-$i; sleep 0.03; done | ncat -w 10 {be} 9000");
@@ -373,7 +204,7 @@ fn agent_restart_does_not_cut_a_long_stream() {
         (st.agent.pid != before.agent.pid && st.ready).then_some(st)
     });
     assert_eq!(
-        wg_pid(&lab, "node-a"),
+        lab.wg_pid("node-a"),
         Some(wg_before),
         "veil-wg was restarted instead of adopted"
     );
@@ -475,14 +306,14 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
     // (2) Exactly the tunnel MTU (payload + 8 ICMP + 20 IP) from frontend: replies come back,
     // and each request and reply is one WireGuard datagram that fills an underlay frame exactly.
     let payload = (tunnel_mtu - 28).to_string();
-    let cap = Capture::start(&lab);
+    let cap = underlay_capture(&lab);
     let ok = lab.exec(
         "frontend",
         &[
             "ping", "-c", "2", "-W", "2", "-M", "do", "-s", &payload, &be,
         ],
     );
-    let (raw, _) = cap.stop();
+    let raw = cap.stop();
     assert!(
         ok.status.success(),
         "DF ping of exactly the tunnel MTU failed: {}{}",
@@ -544,12 +375,12 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
     let mtu = underlay_mtu.to_string();
     ip_netns(&fe.netns, &["ip", "link", "set", "eth0", "mtu", &mtu]);
     ip_netns(&a.netns, &["ip", "link", "set", &fe.host_veth, "mtu", &mtu]);
-    let cap = Capture::start(&lab);
+    let cap = underlay_capture(&lab);
     let oversized = lab.exec(
         "frontend",
         &["ping", "-c", "2", "-W", "1", "-M", "do", "-s", &over, &be],
     );
-    let (raw, _) = cap.stop();
+    let raw = cap.stop();
     assert!(
         !oversized.status.success(),
         "a packet over the tunnel MTU crossed the tunnel: {}",
@@ -604,24 +435,9 @@ struct Ipv4Frame {
 
 /// The IPv4 frames of a pcap file (Ethernet link type, as tcpdump writes for the bridge).
 fn ipv4_frames(pcap: &[u8]) -> Vec<Ipv4Frame> {
-    assert!(pcap.len() >= 24, "not a pcap file");
-    let le = pcap[..4] == [0xd4, 0xc3, 0xb2, 0xa1] || pcap[..4] == [0x4d, 0x3c, 0xb2, 0xa1];
-    let u32_at = |b: &[u8]| {
-        let a = [b[0], b[1], b[2], b[3]];
-        if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
-    };
-    assert_eq!(u32_at(&pcap[20..24]), 1, "capture is not Ethernet");
     let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
     let mut out = Vec::new();
-    let mut at = 24;
-    while at + 16 <= pcap.len() {
-        let caplen = u32_at(&pcap[at + 8..at + 12]) as usize;
-        let frame = &pcap[at + 16..(at + 16 + caplen).min(pcap.len())];
-        at += 16 + caplen;
+    for frame in pcap_frames(pcap) {
         if frame.len() < 34 || be16(&frame[12..14]) != 0x0800 {
             continue;
         }
@@ -1135,10 +951,10 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
         lab.http_get("frontend", &format!("http://{be}:8080/")),
         "hello from shop/backend\n"
     );
-    let pid_before = wg_pid(&lab, "node-a");
+    let pid_before = lab.wg_pid("node-a");
     assert!(pid_before.is_some(), "no veil-wg process for node-a");
 
-    let cap = Capture::start(&lab);
+    let cap = underlay_capture(&lab);
     let out = Command::new("ip")
         .args(["netns", "exec", &b_ns, "python3", "-c", HOSTILE_UDP, &a_ip])
         .output()
@@ -1168,7 +984,7 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
             "request {i} after the hostile input failed"
         );
     }
-    let (_, lines) = cap.stop();
+    let (_, lines) = cap.stop_decoded();
     // Nothing answered the attacker's port.
     let answers: Vec<&String> = lines
         .iter()
@@ -1186,7 +1002,7 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
         "the capture did not see the hostile datagrams"
     );
     // Same veil-wg process: no thread died, nothing had to restart.
-    assert_eq!(wg_pid(&lab, "node-a"), pid_before, "veil-wg was restarted");
+    assert_eq!(lab.wg_pid("node-a"), pid_before, "veil-wg was restarted");
     let logs = veil_tests::collect_logs(&lab.name);
     assert!(!logs.contains("panicked"), "a process panicked:\n{logs}");
 }
@@ -1390,7 +1206,7 @@ fn veil_wg_killed_or_hung_is_restarted_counted_and_traffic_resumes() {
         (nix::sys::signal::Signal::SIGKILL, "exited", 1u64),
         (nix::sys::signal::Signal::SIGSTOP, "unresponsive", 2),
     ] {
-        let pid = wg_pid(&lab, "node-a").expect("veil-wg of node-a runs");
+        let pid = lab.wg_pid("node-a").expect("veil-wg of node-a runs");
         let t0 = std::time::Instant::now();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal veil-wg");
         let st = lab.wait_for(
@@ -1403,7 +1219,7 @@ fn veil_wg_killed_or_hung_is_restarted_counted_and_traffic_resumes() {
         );
         let last = st.tunnel_restarts.recent.last().expect("a recent restart");
         assert_eq!(last.reason, reason, "{signal:?}");
-        let new_pid = wg_pid(&lab, "node-a").expect("a new veil-wg runs");
+        let new_pid = lab.wg_pid("node-a").expect("a new veil-wg runs");
         assert_ne!(new_pid, pid, "{signal:?}: same veil-wg process");
         lab.wait_for(
             "traffic through the restarted veil-wg",
