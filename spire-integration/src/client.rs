@@ -391,19 +391,10 @@ async fn node_stream(path: PathBuf, backoff: BackoffConfig, tx: Tx) {
                 .await
                 .map_err(Error::WorkloadApi)?;
             tokio::pin!(stream);
-            forward(
-                stream,
-                Error::WorkloadApi,
-                &b,
-                &tx,
-                |ctx| match context_update(&ctx) {
-                    Ok(update) => Some((Origin::Node, update)),
-                    Err(e) => {
-                        warn!(error = %e, "ignoring workload api response");
-                        None
-                    }
-                },
-            )
+            forward(stream, Error::WorkloadApi, &b, &tx, |ctx| {
+                let update = usable(context_update(&ctx), "workload api response")?;
+                Some((Origin::Node, update))
+            })
             .await
         }
     })
@@ -434,6 +425,13 @@ where
         }
     }
     Ok(())
+}
+
+/// A response that cannot be used is skipped with a warning; the stream goes on.
+fn usable(update: Result<Update, Error>, what: &str) -> Option<Update> {
+    update
+        .map_err(|e| warn!(error = %e, "ignoring {what}"))
+        .ok()
 }
 
 /// A Delegated Identity API client on the admin socket at `path`.
@@ -495,13 +493,8 @@ async fn bundle_stream(path: PathBuf, backoff: BackoffConfig, tx: Tx) {
                 .map_err(rpc_error)?
                 .into_inner();
             forward(stream, rpc_error, &b, &tx, |resp| {
-                match bundles_update(&resp) {
-                    Ok(u) => Some((Origin::Bundles, u)),
-                    Err(e) => {
-                        warn!(error = %e, "ignoring bundle update");
-                        None
-                    }
-                }
+                let update = usable(bundles_update(&resp), "bundle update")?;
+                Some((Origin::Bundles, update))
             })
             .await
         }

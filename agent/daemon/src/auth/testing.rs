@@ -46,6 +46,24 @@ impl Pki {
     }
 }
 
+/// Moves what `from` has to send into `to`.
+fn pump<A: rustls::SideData, B: rustls::SideData>(
+    from: &mut rustls::ConnectionCommon<A>,
+    to: &mut rustls::ConnectionCommon<B>,
+    buf: &mut Vec<u8>,
+) -> Result<(), rustls::Error> {
+    buf.clear();
+    while from.wants_write() {
+        from.write_tls(buf).unwrap();
+    }
+    let mut rd = &buf[..];
+    while !rd.is_empty() {
+        to.read_tls(&mut rd).unwrap();
+        to.process_new_packets()?;
+    }
+    Ok(())
+}
+
 /// Runs a full TLS handshake between two in-memory connections.
 pub(crate) fn drive(
     mut client: rustls::ClientConnection,
@@ -53,24 +71,8 @@ pub(crate) fn drive(
 ) -> Result<(rustls::ClientConnection, rustls::ServerConnection), rustls::Error> {
     let mut buf = Vec::new();
     for _ in 0..20 {
-        buf.clear();
-        while client.wants_write() {
-            client.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            server.read_tls(&mut rd).unwrap();
-            server.process_new_packets()?;
-        }
-        buf.clear();
-        while server.wants_write() {
-            server.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            client.read_tls(&mut rd).unwrap();
-            client.process_new_packets()?;
-        }
+        pump(&mut client, &mut server, &mut buf)?;
+        pump(&mut server, &mut client, &mut buf)?;
         if !client.is_handshaking() && !server.is_handshaking() {
             return Ok((client, server));
         }
