@@ -336,24 +336,30 @@ impl Lab {
     }
 
     /// Polls `f` every 100 ms until it returns Some or the timeout passes.
-    pub fn wait_for<T>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut f: impl FnMut() -> Option<T>,
-    ) -> T {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}"
-            );
-            // The poll interval of this wait, not a wait of its own.
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    pub fn wait_for<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+        poll_until(what, timeout, Duration::from_millis(100), f)
+    }
+
+    /// `veil lab SUB --name <this lab> ARGS...`, which must succeed; its stdout.
+    pub fn lab_ok(&self, sub: &str, args: &[&str]) -> String {
+        let mut a = vec!["lab", sub, "--name", self.name.as_str()];
+        a.extend_from_slice(args);
+        veil_ok(&a)
+    }
+
+    /// A TCP echo stream (lines `line-1..=n`) or a sequenced UDP probe (`seq-1..=n`) from
+    /// `pod` to backend:9000, which echoes them back; one line every `gap_ms`.
+    pub fn echo_client(&self, pod: &str, udp: bool, n: u32, gap_ms: u32) -> Streaming {
+        let be = self.pod_ip("backend");
+        let (prefix, flags) = if udp {
+            ("seq-", "-u -w 3 -i 3")
+        } else {
+            ("line-", "-w 5 -i 5")
+        };
+        let script = format!(
+            "for i in $(seq 1 {n}); do echo {prefix}$i; sleep 0.{gap_ms:03}; done | ncat {flags} {be} 9000"
+        );
+        Streaming::spawn(&mut self.command_in(pod, &["sh", "-c", &script]))
     }
 
     /// Removes the lab now (Drop does it otherwise), after the post-test invariants.
@@ -589,6 +595,57 @@ impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Polls `f` every `every` until it returns Some; fails the test once `timeout` has passed.
+pub fn poll_until<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        // The poll interval of this wait, not a wait of its own.
+        std::thread::sleep(every);
+    }
+}
+
+/// Sequence numbers 1..=n missing from the echoed lines `<prefix><i>`.
+pub fn missing(lines: &[String], prefix: &str, n: u32) -> Vec<u32> {
+    (1..=n)
+        .filter(|i| !lines.iter().any(|l| *l == format!("{prefix}{i}")))
+        .collect()
+}
+
+/// Every line of a TCP echo stream and every UDP probe of [`Lab::echo_client`] (`n` each) came
+/// back.
+pub fn assert_all_echoed(tcp_lines: &[String], udp_lines: &[String], n: u32) {
+    assert_eq!(
+        missing(tcp_lines, "line-", n),
+        Vec::<u32>::new(),
+        "TCP stream lost lines"
+    );
+    assert_eq!(
+        missing(udp_lines, "seq-", n),
+        Vec::<u32>::new(),
+        "UDP probes lost"
+    );
+}
+
+/// The serial of the SVID in `st` whose SPIFFE ID ends with `suffix`.
+pub fn serial_of(st: &Status, suffix: &str) -> Option<String> {
+    st.svids
+        .iter()
+        .find(|v| v.spiffe_id.ends_with(suffix))
+        .map(|v| v.serial.clone())
 }
 
 /// A number that differs between calls, for names of files and markers.

@@ -796,8 +796,7 @@ fn spire_agent_kill_under_load_serves_cached_svids_and_is_restarted() {
     // agent as a new SVID, and frontend authenticates with it.
     let current = serial(&lab, "node-a", &frontend_id).expect("frontend's SVID");
     let t_rotate = Instant::now();
-    let name = lab.name.as_str();
-    veil_tests::veil_ok(&["lab", "rotate", "--name", name, "--pod", "shop/frontend"]);
+    lab.lab_ok("rotate", &["--pod", "shop/frontend"]);
     lab.wait_for(
         "frontend's new SVID on node-a after the restart",
         Duration::from_secs(15),

@@ -79,7 +79,7 @@ fn svids_rotate_at_half_life_and_revocation_removes_within_5s() {
     );
 
     // Revocation: gone from node-a's view within 5 s, and it stays gone.
-    veil_ok(&["lab", "revoke", "--name", &lab.name, "--pod", "frontend"]);
+    lab.lab_ok("revoke", &["--pod", "frontend"]);
     let t = Instant::now();
     lab.wait_for(
         "frontend's SVID to disappear",
@@ -102,14 +102,7 @@ fn svids_rotate_at_half_life_and_revocation_removes_within_5s() {
 fn forced_rotation_and_metrics() {
     let lab = Lab::up(&[]);
     let before = frontend_serial(&lab).unwrap();
-    veil_ok(&[
-        "lab",
-        "rotate",
-        "--name",
-        &lab.name,
-        "--pod",
-        "shop/frontend",
-    ]);
+    lab.lab_ok("rotate", &["--pod", "shop/frontend"]);
     let after = lab.wait_for("rotated serial", Duration::from_secs(5), || {
         frontend_serial(&lab).filter(|s| *s != before)
     });
@@ -123,7 +116,7 @@ fn forced_rotation_and_metrics() {
             .map(|v| v.serial)
     };
     let nb = node_serial(&lab).unwrap();
-    veil_ok(&["lab", "rotate", "--name", &lab.name, "--node", "node-b"]);
+    lab.lab_ok("rotate", &["--node", "node-b"]);
     lab.wait_for("node-b rotation", Duration::from_secs(5), || {
         node_serial(&lab).filter(|s| *s != nb)
     });

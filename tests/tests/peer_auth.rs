@@ -133,7 +133,7 @@ fn a_peer_of_a_revoked_ca_loses_its_keys_when_the_bundle_changes() {
             .map(|s| s.serial.clone())
     };
     let old_serial = node_serial(&lab.status("node-a"));
-    let ca = |step: &str| veil_tests::veil_ok(&["lab", "ca", "--name", &lab.name, step]);
+    let ca = |step: &str| lab.lab_ok("ca", &[step]);
     ca("prepare");
     ca("activate");
     // node-a holds its new-CA SVID before the old root goes (a real rotation's order).

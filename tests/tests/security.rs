@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use veil_tests::{veil_ok, Lab, AUTH_POLICY};
+use veil_tests::{Lab, AUTH_POLICY};
 
 /// frontend and a look-alike on node-a that shares frontend's labels but not its service
 /// account (so not its SPIFFE ID); backend on node-b.
@@ -39,14 +39,7 @@ fn revocation_holds_when_another_pod_shares_the_labels() {
     assert_eq!(ids.len(), 2, "two SPIFFE IDs expected: {ids:?}");
 
     let t = Instant::now();
-    veil_ok(&[
-        "lab",
-        "revoke",
-        "--name",
-        &lab.name,
-        "--pod",
-        "shop/frontend",
-    ]);
+    lab.lab_ok("revoke", &["--pod", "shop/frontend"]);
     lab.wait_for("frontend to be refused", Duration::from_secs(30), || {
         lab.try_get("frontend", &url).is_err().then_some(())
     });

@@ -119,6 +119,31 @@ fn drop_count(lab: &Lab, node: &str, reason: &str) -> u64 {
     lab.status(node).drops.get(reason).copied().unwrap_or(0)
 }
 
+/// Runs `send`, which sends five packets that `node` must drop as `reason`, and waits (5 s at
+/// most) until the five drops are counted.
+fn assert_five_dropped(lab: &Lab, node: &str, reason: &str, send: impl FnOnce()) {
+    let before = drop_count(lab, node, reason);
+    send();
+    let after = lab.wait_for(
+        &format!("{reason} drops at {node}"),
+        Duration::from_secs(5),
+        || {
+            let n = drop_count(lab, node, reason);
+            (n >= before + 5).then_some(n)
+        },
+    );
+    assert!(after >= before + 5);
+}
+
+/// The head of a Python script run in a pod: `s`, a raw socket on the pod's eth0, and `mac`, its
+/// address, for hand-made frames.
+const RAW_ETH0_PY: &str = r#"
+import fcntl, socket, struct
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+mac = fcntl.ioctl(s.fileno(), 0x8927, struct.pack("256s", b"eth0"))[18:24]  # SIOCGIFHWADDR
+"#;
+
 #[test]
 fn strict_mode_drops_without_key_and_recovers() {
     let lab = Lab::up(&[]);
@@ -1081,25 +1106,17 @@ for _ in range(5):
     s.sendto(ip + udp, ("{be}", 0))
 "#
     );
-    let before = drop_count(&lab, "node-a", "host-spoofed-source");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &a_ns, "python3", "-c", &script])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let after = lab.wait_for(
-        "host-spoofed-source drops at node-a",
-        Duration::from_secs(5),
-        || {
-            let n = drop_count(&lab, "node-a", "host-spoofed-source");
-            (n >= before + 5).then_some(n)
-        },
-    );
-    assert!(after >= before + 5);
+    assert_five_dropped(&lab, "node-a", "host-spoofed-source", || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &a_ns, "python3", "-c", &script])
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
     // Nothing from port 40999 was seen arriving at node-b.
     let flows = lab.observe(&["--node", "node-b"]);
     assert!(
@@ -1123,12 +1140,7 @@ fn ipv6_with_v4_mapped_addresses_is_dropped_at_the_pod() {
     let me = lab.pod_ip("intruder");
     let be = lab.pod_ip("backend");
     let script = format!(
-        r#"
-import fcntl, socket, struct
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind(("eth0", 0))
-mac = fcntl.ioctl(s.fileno(), 0x8927, struct.pack("256s", b"eth0"))[18:24]  # SIOCGIFHWADDR
-mapped = lambda a: bytes(10) + b"\xff\xff" + socket.inet_aton(a)
+        r#"{RAW_ETH0_PY}mapped = lambda a: bytes(10) + b"\xff\xff" + socket.inet_aton(a)
 payload = b"V4-MAPPED"
 udp = struct.pack("!HHHH", 40998, 9000, 8 + len(payload), 0) + payload
 ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(udp), 17, 64, mapped("{me}"), mapped("{be}"))
@@ -1136,17 +1148,9 @@ for _ in range(5):
     s.send(b"\xff" * 6 + mac + b"\x86\xdd" + ip6 + udp)
 "#
     );
-    let before = drop_count(&lab, "node-a", "v4-mapped-address");
-    lab.exec_ok("intruder", &["python3", "-c", &script]);
-    let after = lab.wait_for(
-        "v4-mapped-address drops at node-a",
-        Duration::from_secs(5),
-        || {
-            let n = drop_count(&lab, "node-a", "v4-mapped-address");
-            (n >= before + 5).then_some(n)
-        },
-    );
-    assert!(after >= before + 5);
+    assert_five_dropped(&lab, "node-a", "v4-mapped-address", || {
+        lab.exec_ok("intruder", &["python3", "-c", &script]);
+    });
     // Dropped while parsing (no flow record: like a truncated header, it is counted only).
     let flows = lab.observe(&["--node", "node-b"]);
     assert!(
@@ -1165,12 +1169,8 @@ for _ in range(5):
 #[test]
 fn ipv6_with_a_long_extension_header_chain_is_dropped_at_the_pod() {
     let lab = Lab::up(&[]);
-    let script = r#"
-import fcntl, socket, struct
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind(("eth0", 0))
-mac = fcntl.ioctl(s.fileno(), 0x8927, struct.pack("256s", b"eth0"))[18:24]  # SIOCGIFHWADDR
-payload = b"EXT-CHAIN"
+    let script = format!(
+        r#"{RAW_ETH0_PY}payload = b"EXT-CHAIN"
 udp = struct.pack("!HHHH", 40997, 8080, 8 + len(payload), 0) + payload
 # Five destination-options headers (type 60), each 8 bytes: next header, length 0, padding.
 chain = b"".join(struct.pack("!BB6s", 60 if i < 4 else 17, 0, bytes(6)) for i in range(5))
@@ -1179,18 +1179,11 @@ dst = socket.inet_pton(socket.AF_INET6, "fd00:198:19:2::10")
 ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(chain) + len(udp), 60, 64, src, dst)
 for _ in range(5):
     s.send(b"\xff" * 6 + mac + b"\x86\xdd" + ip6 + chain + udp)
-"#;
-    let before = drop_count(&lab, "node-a", "extension-headers");
-    lab.exec_ok("intruder", &["python3", "-c", script]);
-    let after = lab.wait_for(
-        "extension-headers drops at node-a",
-        Duration::from_secs(5),
-        || {
-            let n = drop_count(&lab, "node-a", "extension-headers");
-            (n >= before + 5).then_some(n)
-        },
+"#
     );
-    assert!(after >= before + 5);
+    assert_five_dropped(&lab, "node-a", "extension-headers", || {
+        lab.exec_ok("intruder", &["python3", "-c", &script]);
+    });
 }
 
 /// veil-wg's own restart: killed (`exited`) and frozen (`unresponsive`, SIGSTOP: it holds its
