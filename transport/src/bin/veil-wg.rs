@@ -19,6 +19,16 @@ fn usage() -> String {
     "usage: veil-wg [--foreground] [--mtu N] [--queues N] IFNAME".to_string()
 }
 
+/// The value after `flag`, as a number.
+fn number_after<T: std::str::FromStr>(
+    it: &mut impl Iterator<Item = String>,
+    flag: &str,
+) -> Result<T, String> {
+    let v = it.next().ok_or(format!("{flag} needs a value"))?;
+    v.parse()
+        .map_err(|_| format!("{flag}: {v:?} is not a number"))
+}
+
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         foreground: false,
@@ -31,19 +41,13 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "-f" | "--foreground" => a.foreground = true,
             "--mtu" => {
-                let v = it.next().ok_or("--mtu needs a value")?;
-                a.mtu = v
-                    .parse()
-                    .map_err(|_| format!("--mtu: {v:?} is not a number"))?;
+                a.mtu = number_after(&mut it, "--mtu")?;
                 if !(576..=9000).contains(&a.mtu) {
                     return Err(format!("--mtu: {} is outside 576..=9000", a.mtu));
                 }
             }
             "--queues" => {
-                let v = it.next().ok_or("--queues needs a value")?;
-                a.queues = v
-                    .parse()
-                    .map_err(|_| format!("--queues: {v:?} is not a number"))?;
+                a.queues = number_after(&mut it, "--queues")?;
                 if !(1..=16).contains(&a.queues) {
                     return Err("--queues: must be 1..=16".into());
                 }
