@@ -19,7 +19,10 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_boot_ns, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_check_mtu, bpf_ktime_get_boot_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_skb_change_tail, bpf_skb_load_bytes,
+    },
     macros::{classifier, map},
     maps::{
         lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
@@ -471,6 +474,16 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     }
     if remote {
         if cfg.flags & config_flags::ENCRYPT != 0 {
+            // bpf_redirect skips the tunnel device's MTU check: a packet it cannot carry would
+            // vanish inside veil-wg. Answer it as a router on the path would.
+            if let Some(mtu) = tunnel_mtu_exceeded(ctx, &flow, cfg.tunnel_ifindex)? {
+                a.ev.dropped(&flow, reason::MTU_EXCEEDED, direction::EGRESS, flags);
+                if !flow.is_v6 && ipv4_dont_fragment(ctx)? {
+                    count_drop(ctx, reason::MTU_EXCEEDED);
+                    return frag_needed_v4(ctx, ifindex, mtu);
+                }
+                return Err(reason::MTU_EXCEEDED);
+            }
             set_from_pod(ctx);
             // SAFETY: plain helper call.
             return Ok(unsafe { bpf_redirect(cfg.tunnel_ifindex, 0) } as i32);
@@ -1197,6 +1210,12 @@ fn count_verdict(code: u8) {
 
 #[inline(always)]
 fn drop_packet(ctx: &TcContext, code: u32) -> i32 {
+    count_drop(ctx, code);
+    TC_ACT_SHOT
+}
+
+/// Counts a dropped packet: on its interface, by reason, and as a DROPPED verdict.
+fn count_drop(ctx: &TcContext, code: u32) {
     // SAFETY: reading ifindex from the context is always valid in a TC program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if let Some(stats) = VEIL_IF_STATS.get_ptr_mut(&ifindex) {
@@ -1208,7 +1227,151 @@ fn drop_packet(ctx: &TcContext, code: u32) -> i32 {
         unsafe { *counter += 1 };
     }
     count_verdict(verdict::DROPPED);
-    TC_ACT_SHOT
+}
+
+/// The tunnel MTU when this IP packet (or, for a GSO packet, one of its segments) is larger
+/// than the tunnel device carries.
+#[inline(always)]
+fn tunnel_mtu_exceeded(ctx: &TcContext, flow: &Flow, tunnel_ifindex: u32) -> Result<Option<u32>, u32> {
+    let load16 = |off: usize| -> Result<u32, u32> {
+        Ok(u32::from(u16::from_be(ctx.load::<u16>(off).map_err(|_| reason::TRUNCATED)?)))
+    };
+    // The L3 length from the header (bpf_check_mtu would otherwise count the Ethernet header
+    // against a device that has none), and the L3 header's own length.
+    let (l3_len, l3_hdr) = if flow.is_v6 {
+        (load16(ETH_HLEN + 4)? + 40, 40)
+    } else {
+        let ver_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| reason::TRUNCATED)?;
+        (load16(ETH_HLEN + 2)?, u32::from(ver_ihl & 0x0f) * 4)
+    };
+    let mut mtu = l3_len;
+    // SAFETY: helper call on this program's own skb with a pointer to a stack variable; on
+    // return `mtu` holds the device's MTU.
+    let r = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), tunnel_ifindex, &mut mtu, 0, 0) };
+    if r < 0 {
+        return Err(reason::DATAPATH_ERROR);
+    }
+    if r > 0 {
+        return Ok(Some(mtu));
+    }
+    // A GSO packet passes that check whole (the helper cannot check segments against an
+    // explicit length): each segment is the headers plus gso_size bytes.
+    // SAFETY: reading a field of this program's own context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return Ok(None);
+    }
+    let l4_hdr = if flow.protocol == IPPROTO_TCP {
+        let doff: u8 = ctx
+            .load(ETH_HLEN + l3_hdr.min(60) as usize + 12)
+            .map_err(|_| reason::TRUNCATED)?;
+        u32::from(doff >> 4) * 4
+    } else {
+        8
+    };
+    Ok((l3_hdr + l4_hdr + gso_size > mtu).then_some(mtu))
+}
+
+/// Whether an IPv4 packet has Don't Fragment set.
+#[inline(always)]
+fn ipv4_dont_fragment(ctx: &TcContext) -> Result<bool, u32> {
+    let frag_off = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| reason::TRUNCATED)?);
+    Ok(frag_off & 0x4000 != 0)
+}
+
+/// One's-complement sum of big-endian 16-bit words, folded: an Internet checksum.
+#[inline(always)]
+fn inet_csum(words: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < words.len() {
+        sum += u32::from(u16::from_be_bytes([words[i], words[i + 1]]));
+        i += 2;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Length of the ICMP "fragmentation needed" packet `frag_needed_v4` builds: Ethernet, IPv4
+/// (20), ICMP header (8), the quoted IPv4 header (20) and 8 bytes of its payload.
+const FRAG_NEEDED_LEN: usize = ETH_HLEN + 20 + 8 + 28;
+
+/// Scratch space for building that packet (the programs' stacks are near the 512-byte limit).
+#[map(name = "VEIL_SCRATCH")]
+static VEIL_SCRATCH: PerCpuArray<[u8; FRAG_NEEDED_LEN]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Turns this IPv4 packet (DF set, too big for the tunnel) into ICMP "fragmentation needed"
+/// (type 3, code 4) carrying `mtu`, from the address it was sent to, quoting its IP header and
+/// first 8 payload bytes, and sends it back out to the pod on `ifindex`: PMTU discovery then
+/// works across the tunnel (RFC 1191) instead of the packet vanishing inside it.
+#[inline(always)]
+fn frag_needed_v4(ctx: &TcContext, ifindex: u32, mtu: u32) -> Result<i32, u32> {
+    // Only a 20-byte header is quoted here; options are rare from pods and then only dropped.
+    let ver_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| reason::TRUNCATED)?;
+    if ver_ihl != 0x45 {
+        return Err(reason::MTU_EXCEEDED);
+    }
+    let out = match VEIL_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, used only within this program run.
+        Some(p) => unsafe { &mut *p },
+        None => return Err(reason::DATAPATH_ERROR),
+    };
+    const IP: usize = ETH_HLEN;
+    const ICMP: usize = IP + 20;
+    const QUOTED: usize = ICMP + 8;
+    // Constant-length copies straight into the scratch slot (aya's load_bytes clamps the length
+    // to the packet, which the verifier cannot prove non-zero).
+    let copy = |offset: usize, at: usize, len: usize, out: &mut [u8; FRAG_NEEDED_LEN]| {
+        // SAFETY: helper call on this program's own skb into `len` bytes of the slot at `at`.
+        let r = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb.cast(),
+                offset as u32,
+                out.as_mut_ptr().add(at).cast(),
+                len as u32,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(reason::TRUNCATED)
+        }
+    };
+    // Ethernet: back to where it came from.
+    copy(0, 0, 12, out)?;
+    for i in 0..6 {
+        out.swap(i, i + 6);
+    }
+    out[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    copy(ETH_HLEN, QUOTED, 28, out)?;
+    // IPv4: from the address the pod tried to reach, to the pod.
+    out[IP..ICMP].fill(0);
+    out[IP] = 0x45;
+    out[IP + 2..IP + 4].copy_from_slice(&((FRAG_NEEDED_LEN - ETH_HLEN) as u16).to_be_bytes());
+    out[IP + 8] = 64;
+    out[IP + 9] = IPPROTO_ICMP;
+    for i in 0..4 {
+        out[IP + 12 + i] = out[QUOTED + 16 + i];
+        out[IP + 16 + i] = out[QUOTED + 12 + i];
+    }
+    let c = inet_csum(&out[IP..ICMP]);
+    out[IP + 10..IP + 12].copy_from_slice(&c.to_be_bytes());
+    // ICMP: type 3 code 4, next-hop MTU.
+    out[ICMP..QUOTED].fill(0);
+    out[ICMP] = 3;
+    out[ICMP + 1] = 4;
+    out[ICMP + 6..ICMP + 8].copy_from_slice(&(mtu.min(0xffff) as u16).to_be_bytes());
+    let c = inet_csum(&out[ICMP..]);
+    out[ICMP + 2..ICMP + 4].copy_from_slice(&c.to_be_bytes());
+    // SAFETY: helper call on this program's own skb; it only trims the packet.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAG_NEEDED_LEN as u32, 0) } != 0 {
+        return Err(reason::MTU_EXCEEDED);
+    }
+    ctx.store(0, out, 0).map_err(|_| reason::DATAPATH_ERROR)?;
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 #[cfg(not(test))]

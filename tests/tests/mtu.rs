@@ -6,8 +6,8 @@
 //! Pass criteria. NL: a bulk TCP transfer each way arrives byte for byte within a timeout (no
 //! black-holed TCP). NI: a capture of the underlay bridge for the whole test holds no frame to or
 //! from a pod address, no payload marker, no IP fragment and no frame over the underlay MTU; an
-//! oversized DF datagram is never sent in clear or fragmented. Whether it is answered with ICMP
-//! frag-needed is checked by the ignored test at the end (a known defect: see its reason).
+//! oversized DF datagram is never sent in clear or fragmented, and is answered with ICMP
+//! frag-needed carrying the tunnel MTU (the last test).
 
 use std::{
     path::PathBuf,
@@ -644,13 +644,11 @@ fn underlay_mtu_1280_with_encryption_off_shows_plaintext_and_fragments() {
 
 /// NL for oversized packets: a DF packet a pod sends over the tunnel MTU must be answered with
 /// ICMP frag-needed (or dropped and counted), and TCP between two pods whose MTU is above the
-/// tunnel's must not stall. Today veil_from_pod bpf_redirects the packet into the tunnel device
-/// (bpf_redirect skips the device MTU check) and veil-wg drops it without an ICMP answer: up to
-/// MTU + 64 bytes it encrypts it and the UDP send fails (`send-failed` in its log), beyond that
-/// the TUN read fails and nothing counts it. Measured: no frag-needed for 1221- or 1400-byte DF
-/// datagrams (path MTU stays 1500), 0 of 16 MiB of TCP in 60 s each way.
+/// tunnel's must not stall. veil_from_pod checks the tunnel MTU itself (its bpf_redirect skips
+/// the device's check) and answers ICMP frag-needed (`mtu-exceeded`). Before that fix this test
+/// failed: no frag-needed for 1221- or 1400-byte DF datagrams (path MTU stayed 1500), 0 of 16 MiB
+/// of TCP in 60 s each way, the packets lost inside veil-wg (`send-failed`, or uncounted).
 #[test]
-#[ignore = "known defect (scenario 36): oversized DF packets from a pod are black-holed by veil-wg without ICMP frag-needed or a counter"]
 fn oversized_df_packets_get_frag_needed_and_tcp_is_not_black_holed() {
     let underlay_mtu = 1280;
     let tunnel_mtu = underlay_mtu - WG_OVERHEAD;

@@ -39,6 +39,10 @@ pub const EXTENSION_HEADERS: u32 = 15;
 /// A TCP packet other than a connection-opening SYN for a connection conntrack does not know
 /// (never admitted, expired, or cut by a policy change or revocation): only a SYN can start one.
 pub const TCP_NOT_ESTABLISHED: u32 = 16;
+/// Larger than the tunnel carries (a pod whose MTU is above the tunnel's). With DF set the pod
+/// gets ICMP "fragmentation needed" with the tunnel MTU, as from a router on the path; without
+/// DF, or on IPv6, it is only dropped.
+pub const MTU_EXCEEDED: u32 = 17;
 
 /// Size of the drop-counter array; one past the highest code.
 pub const MAX: u32 = 32;
@@ -63,12 +67,13 @@ pub const fn name(code: u32) -> &'static str {
         MAPPED_ADDRESS => "v4-mapped-address",
         EXTENSION_HEADERS => "extension-headers",
         TCP_NOT_ESTABLISHED => "tcp-not-established",
+        MTU_EXCEEDED => "mtu-exceeded",
         _ => "unknown",
     }
 }
 
 /// Every named reason, in code order (for metrics that list all reasons, even at zero).
-pub const ALL: [u32; 17] = [
+pub const ALL: [u32; 18] = [
     NONE,
     NO_KEY,
     POLICY_DENIED,
@@ -86,6 +91,7 @@ pub const ALL: [u32; 17] = [
     MAPPED_ADDRESS,
     EXTENSION_HEADERS,
     TCP_NOT_ESTABLISHED,
+    MTU_EXCEEDED,
 ];
 
 /// The code for a user-facing name, for parsing filters.
