@@ -214,7 +214,7 @@ enum LabCommand {
         #[arg(short = 'f', long = "file")]
         file: Option<PathBuf>,
         #[arg(long)]
-        backend: Option<spec::Backend>,
+        backend: Option<spec::BackendChoice>,
         /// on|off (off only for the capture sanity check).
         #[arg(long)]
         encryption: Option<spec::OnOff>,

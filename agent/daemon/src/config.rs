@@ -59,7 +59,7 @@ pub struct Config {
     #[serde(default = "yes")]
     pub strict: bool,
     #[serde(default)]
-    pub backend: Backend,
+    pub backend: BackendChoice,
     /// WireGuard interface name.
     pub interface: String,
     #[serde(default = "default_listen_port")]
@@ -220,18 +220,19 @@ impl Config {
     }
 }
 
-/// Which WireGuard backend the agent uses (`auto`: the kernel's where it has WireGuard,
-/// else veil-wg).
+/// Which WireGuard backend the agent is asked to use (`auto`: the kernel's where it has
+/// WireGuard, else veil-wg). The backend actually running is `veil_transport::Backend`; this is
+/// the choice (config, lab file, `--backend`), which `auto` makes a separate type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Backend {
+pub enum BackendChoice {
     #[default]
     Auto,
     Userspace,
     Kernel,
 }
 
-impl std::str::FromStr for Backend {
+impl std::str::FromStr for BackendChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
@@ -245,7 +246,7 @@ impl std::str::FromStr for Backend {
     }
 }
 
-impl std::fmt::Display for Backend {
+impl std::fmt::Display for BackendChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Auto => "auto",

@@ -22,7 +22,7 @@ use veil_transport::{
 use crate::{
     api,
     cluster::{self, ClusterState},
-    config::{Backend, Config},
+    config::{BackendChoice, Config},
 };
 
 /// How long peers found on an adopted `veil-wg` (installed by an earlier agent run from its
@@ -186,15 +186,15 @@ impl NodeTunnel {
     /// an agent restart) is adopted as is, so traffic never stops.
     pub fn open(cfg: &Config, key: PrivateKey) -> Result<Self, Error> {
         let use_kernel = match cfg.backend {
-            Backend::Kernel => true,
-            Backend::Userspace => false,
-            Backend::Auto => veil_transport::kernel::available(),
+            BackendChoice::Kernel => true,
+            BackendChoice::Userspace => false,
+            BackendChoice::Auto => veil_transport::kernel::available(),
         };
         let mut userspace = None;
         let mut started_fresh = true;
         let device: Box<dyn Tunnel> = if use_kernel {
             let k = KernelTunnel::open(&cfg.interface).map_err(|e| match cfg.backend {
-                Backend::Kernel => Error::NoKernel(e),
+                BackendChoice::Kernel => Error::NoKernel(e),
                 _ => Error::Tunnel(e),
             })?;
             let _ = crate::sys::run(

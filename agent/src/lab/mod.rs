@@ -353,6 +353,7 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
         identities,
         policies: Vec::new(),
         policy_generation: 0,
+        index: Default::default(),
     }
 }
 
@@ -454,7 +455,7 @@ fn fail_after_from_env() -> Result<Option<&'static str>> {
 pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
     sys::check_lab_prerequisites().map_err(Error::Prerequisite)?;
     if spec.encryption
-        && spec.backend == spec::Backend::Kernel
+        && spec.backend == spec::BackendChoice::Kernel
         && !veil_transport::kernel::available()
     {
         return Err(Error::Prerequisite(

@@ -29,7 +29,7 @@ fn invalid(path: impl Into<String>, message: impl Into<String>) -> Error {
 }
 
 /// The agents' WireGuard backend choice is the agent's own type (the lab only passes it on).
-pub use crate::config::Backend;
+pub use crate::config::BackendChoice;
 
 /// Where the lab's SVIDs come from. The default is real SPIRE (the README's main job runs on
 /// it); `dev` is for the suites that need forced rotation or instant revocation.
@@ -124,7 +124,7 @@ pub struct LabFile {
     pub trust_domain: Option<String>,
     pub encryption: Option<OnOff>,
     pub svid_ttl: Option<HumanDuration>,
-    pub backend: Option<Backend>,
+    pub backend: Option<BackendChoice>,
     /// `spire` or `dev`: who issues the lab's SVIDs.
     pub identity: Option<IdentityProvider>,
     pub underlay_mtu: Option<u32>,
@@ -185,7 +185,7 @@ pub enum ServeKind {
 pub struct Overrides {
     pub encryption: Option<bool>,
     pub svid_ttl: Option<Duration>,
-    pub backend: Option<Backend>,
+    pub backend: Option<BackendChoice>,
     pub identity: Option<IdentityProvider>,
 }
 
@@ -197,7 +197,7 @@ pub struct LabSpec {
     pub encryption: bool,
     #[serde(with = "duration_secs")]
     pub svid_ttl: Duration,
-    pub backend: Backend,
+    pub backend: BackendChoice,
     /// Absent in the state of labs made before the key existed: those ran the dev server.
     #[serde(default)]
     pub identity: IdentityProvider,
@@ -768,18 +768,18 @@ mod tests {
         let lab = resolve("x", file, &Overrides::default()).unwrap();
         assert!(!lab.encryption);
         assert_eq!(lab.svid_ttl, Duration::from_secs(120));
-        assert_eq!(lab.backend, Backend::Kernel);
+        assert_eq!(lab.backend, BackendChoice::Kernel);
         let file = parse_lab_file("encryption: off\nsvid_ttl: 2m\n").unwrap();
         let o = Overrides {
             encryption: Some(true),
             svid_ttl: Some(Duration::from_secs(30)),
-            backend: Some(Backend::Userspace),
+            backend: Some(BackendChoice::Userspace),
             identity: None,
         };
         let lab = resolve("x", file, &o).unwrap();
         assert!(lab.encryption);
         assert_eq!(lab.svid_ttl, Duration::from_secs(30));
-        assert_eq!(lab.backend, Backend::Userspace);
+        assert_eq!(lab.backend, BackendChoice::Userspace);
     }
 
     #[test]

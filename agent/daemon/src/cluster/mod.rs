@@ -56,6 +56,56 @@ pub struct ClusterState {
     pub policies: Vec<crate::policy::Policy>,
     #[serde(default)]
     pub policy_generation: u64,
+    /// Lookups by pod IP and node name, derived from the lists above on first use (leave it
+    /// `Default`; a snapshot is not changed once looked up in).
+    #[serde(skip)]
+    pub index: Index,
+}
+
+/// The lookup tables of a [`ClusterState`]: built once per snapshot, so the per-event paths
+/// (flow enrichment, hold classification) cost O(1) however many pods the cluster has.
+#[derive(Debug, Default)]
+pub struct Index(std::sync::OnceLock<IndexMaps>);
+
+#[derive(Debug)]
+struct IndexMaps {
+    pod_by_ip: std::collections::HashMap<Ipv4Addr, usize>,
+    node_by_name: std::collections::HashMap<String, usize>,
+}
+
+/// Derived data: a copy starts empty and builds its own.
+impl Clone for Index {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// Derived data: two snapshots are equal when their lists are.
+impl PartialEq for Index {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Index {}
+
+impl Index {
+    fn maps(&self, state: &ClusterState) -> &IndexMaps {
+        // The first of duplicates wins, as a scan would find it.
+        self.0.get_or_init(|| {
+            let mut m = IndexMaps {
+                pod_by_ip: Default::default(),
+                node_by_name: Default::default(),
+            };
+            for (i, p) in state.pods.iter().enumerate() {
+                m.pod_by_ip.entry(p.ip).or_insert(i);
+            }
+            for (i, n) in state.nodes.iter().enumerate() {
+                m.node_by_name.entry(n.name.clone()).or_insert(i);
+            }
+            m
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +154,8 @@ pub struct Pod {
 
 impl ClusterState {
     pub fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.iter().find(|n| n.name == name)
+        let i = *self.index.maps(self).node_by_name.get(name)?;
+        self.nodes.get(i).filter(|n| n.name == name)
     }
 
     pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
@@ -112,7 +163,8 @@ impl ClusterState {
     }
 
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
-        self.pods.iter().find(|p| p.ip == ip)
+        let i = *self.index.maps(self).pod_by_ip.get(&ip)?;
+        self.pods.get(i).filter(|p| p.ip == ip)
     }
 
     /// The identity table in the form the policy compiler takes.
@@ -171,6 +223,57 @@ pub fn open(cfg: &crate::config::SourceConfig) -> Arc<dyn ClusterSource> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookups_by_ip_and_name_use_the_index_and_find_the_first() {
+        let pod = |name: &str, ip: [u8; 4]| Pod {
+            name: name.into(),
+            namespace: "ns".into(),
+            node: "node-a".into(),
+            ip: ip.into(),
+            labels: BTreeMap::new(),
+            service_account: "default".into(),
+            host_veth: "v".into(),
+            identity: 0,
+        };
+        let node = |name: &str, id: u32| Node {
+            name: name.into(),
+            id,
+            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
+            pod_cidr: format!("198.19.{id}.0/24"),
+            wg_public_key: None,
+            wg_next_public_key: None,
+        };
+        let s = ClusterState {
+            nodes: vec![node("node-a", 1), node("node-b", 2), node("node-a", 3)],
+            pods: (0..1000u32)
+                .map(|i| {
+                    pod(
+                        &format!("p{i}"),
+                        [198, 19, (i / 250) as u8, (i % 250) as u8],
+                    )
+                })
+                .chain([pod("dup", [198, 19, 0, 0])])
+                .collect(),
+            ..ClusterState::default()
+        };
+        assert_eq!(
+            s.pod_by_ip(Ipv4Addr::new(198, 19, 3, 249)).unwrap().name,
+            "p999"
+        );
+        assert_eq!(
+            s.pod_by_ip(Ipv4Addr::new(198, 19, 0, 0)).unwrap().name,
+            "p0"
+        );
+        assert!(s.pod_by_ip(Ipv4Addr::new(198, 19, 9, 9)).is_none());
+        assert_eq!(s.node("node-a").unwrap().id, 1);
+        assert_eq!(s.node("node-b").unwrap().id, 2);
+        assert!(s.node("node-c").is_none());
+        // A copy (a new snapshot) builds its own index and compares equal.
+        let c = s.clone();
+        assert_eq!(c, s);
+        assert_eq!(c.node("node-b").unwrap().id, 2);
+    }
 
     #[test]
     fn cidr_parsing() {
