@@ -79,11 +79,15 @@ pub fn veil(args: &[&str]) -> Output {
 
 /// Runs `veil ARGS` and panics with its output unless it succeeds; returns stdout.
 pub fn veil_ok(args: &[&str]) -> String {
-    let out = veil(args);
+    stdout_of_success(format_args!("veil {}", args.join(" ")), veil(args))
+}
+
+/// The stdout of a command that must have succeeded; otherwise fails the test naming `what`,
+/// with the exit status, stdout and stderr.
+pub fn stdout_of_success(what: impl std::fmt::Display, out: Output) -> String {
     assert!(
         out.status.success(),
-        "veil {} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -194,15 +198,10 @@ impl Lab {
 
     /// Runs a command in a pod and returns stdout; panics with stderr on failure.
     pub fn exec_ok(&self, pod: &str, argv: &[&str]) -> String {
-        let out = self.exec(pod, argv);
-        assert!(
-            out.status.success(),
-            "`{}` in {pod} failed ({}): {}",
-            argv.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_of_success(
+            format_args!("`{}` in {pod}", argv.join(" ")),
+            self.exec(pod, argv),
+        )
     }
 
     /// A command in the pod's netns and cgroup, to spawn (long-running clients).
@@ -295,14 +294,7 @@ impl Lab {
 
     /// `apply_policy` that must succeed; returns its stdout (the per-node results).
     pub fn apply_policy_ok(&self, yaml: &str) -> String {
-        let out = self.apply_policy(yaml);
-        assert!(
-            out.status.success(),
-            "policy apply failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_of_success("policy apply", self.apply_policy(yaml))
     }
 
     /// HTTP GET from a pod with a 2 s limit: the body, or curl's error.
@@ -338,6 +330,16 @@ impl Lab {
     /// Polls `f` every 100 ms until it returns Some or the timeout passes.
     pub fn wait_for<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
         poll_until(what, timeout, Duration::from_millis(100), f)
+    }
+
+    /// `up_with_file(yaml, extra)` with [`AUTH_POLICY`] applied, and frontend reaching backend
+    /// under it (checked once, at once).
+    pub fn up_with_auth_policy(yaml: &str, extra: &[&str]) -> Lab {
+        let lab = Lab::up_with_file(yaml, extra);
+        lab.apply_policy_ok(AUTH_POLICY);
+        let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+        assert!(lab.try_get("frontend", &url).is_ok());
+        lab
     }
 
     /// `veil lab SUB --name <this lab> ARGS...`, which must succeed; its stdout.
@@ -510,10 +512,13 @@ pub fn collect_logs(name: &str) -> String {
 /// running.
 pub struct Streaming {
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<u8>>>,
+    out: Arc<Mutex<Stamped>>,
+    err: Arc<Mutex<Stamped>>,
     readers: Vec<std::thread::JoinHandle<()>>,
 }
+
+/// Output lines with the instant each was read (to measure gaps and place lines in a window).
+pub type Stamped = Vec<(Instant, String)>;
 
 impl Streaming {
     /// Spawns `cmd` with stdout and stderr piped.
@@ -523,47 +528,52 @@ impl Streaming {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn client");
-        let (out, err) = (
-            child.stdout.take().expect("piped"),
-            child.stderr.take().expect("piped"),
-        );
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (l, e) = (lines.clone(), stderr.clone());
-        let readers = vec![
+        let (out, err): (Arc<Mutex<Stamped>>, Arc<Mutex<Stamped>>) = Default::default();
+        let readers = [
+            (
+                Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,
+                out.clone(),
+            ),
+            (Box::new(child.stderr.take().expect("piped")), err.clone()),
+        ]
+        .into_iter()
+        .map(|(pipe, sink)| {
             std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    l.lock().unwrap().push(line);
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push((Instant::now(), line));
                 }
-            }),
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = BufReader::new(err).read_to_end(&mut buf);
-                *e.lock().unwrap() = buf;
-            }),
-        ];
+            })
+        })
+        .collect();
         Streaming {
             child,
-            lines,
-            stderr,
+            out,
+            err,
             readers,
         }
     }
 
     /// Lines the client has printed so far.
     pub fn line_count(&self) -> usize {
-        self.lines.lock().unwrap().len()
+        self.out.lock().unwrap().len()
     }
 
     /// Waits for the client to exit; returns every stdout line and its stderr.
-    pub fn finish(mut self) -> (Vec<String>, String) {
+    pub fn finish(self) -> (Vec<String>, String) {
+        let (out, err) = self.finish_stamped();
+        let stderr = err.into_iter().map(|(_, l)| l + "\n").collect();
+        (out.into_iter().map(|(_, l)| l).collect(), stderr)
+    }
+
+    /// Waits for the client to exit; returns its stdout and stderr lines with their arrival.
+    pub fn finish_stamped(mut self) -> (Stamped, Stamped) {
         let _ = self.child.wait();
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
-        let lines = std::mem::take(&mut *self.lines.lock().unwrap());
-        let stderr = String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned();
-        (lines, stderr)
+        let out = std::mem::take(&mut *self.out.lock().unwrap());
+        let err = std::mem::take(&mut *self.err.lock().unwrap());
+        (out, err)
     }
 }
 
@@ -618,6 +628,28 @@ pub fn poll_until<T>(
     }
 }
 
+/// After an agent restart: every program link was adopted but the hold device's (the hold
+/// device is the agent's own TUN, recreated with it, and its link with it).
+pub fn assert_links_adopted(st: &Status) {
+    assert!(
+        st.programs
+            .iter()
+            .all(|p| p.adopted || p.interface == "veil-hold"),
+        "{:?}",
+        st.programs
+    );
+}
+
+/// Appends `value` to `seen` when it is there and differs from the last value seen (serials,
+/// epochs, keys as they change over an observation).
+pub fn push_changed<T: PartialEq>(seen: &mut Vec<T>, value: Option<T>) {
+    if let Some(v) = value {
+        if seen.last() != Some(&v) {
+            seen.push(v);
+        }
+    }
+}
+
 /// Sequence numbers 1..=n missing from the echoed lines `<prefix><i>`.
 pub fn missing(lines: &[String], prefix: &str, n: u32) -> Vec<u32> {
     (1..=n)
@@ -646,6 +678,31 @@ pub fn serial_of(st: &Status, suffix: &str) -> Option<String> {
         .iter()
         .find(|v| v.spiffe_id.ends_with(suffix))
         .map(|v| v.serial.clone())
+}
+
+/// `ip netns exec NETNS ARGV...`; panics unless it succeeds; returns stdout.
+pub fn ip_netns(netns: &str, argv: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(argv)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{argv:?} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The MTU of a device in a network namespace.
+pub fn link_mtu(netns: &str, dev: &str) -> u32 {
+    let out = ip_netns(netns, &["ip", "-o", "link", "show", "dev", dev]);
+    out.split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no mtu in {out}"))
 }
 
 /// A number that differs between calls, for names of files and markers.
@@ -732,16 +789,33 @@ pub struct Capture {
     file: PathBuf,
     netns: String,
     ifname: String,
+    /// tcpdump's stderr after "listening on", read to its end (its drop statistics).
+    stderr: Option<std::thread::JoinHandle<String>>,
+    /// `stop` fails the test if tcpdump lost packets ([`Capture::start_lossless`]).
+    is_lossless: bool,
 }
 
 impl Capture {
     /// Starts tcpdump on `ifname` in `netns`; returns once it listens.
     pub fn start(netns: &str, ifname: &str) -> Capture {
+        Capture::spawn(netns, ifname, false)
+    }
+
+    /// `start` with a larger kernel buffer, for captures that must be complete (a frame tcpdump
+    /// did not keep could be the leak): `stop` fails the test if tcpdump lost any.
+    pub fn start_lossless(netns: &str, ifname: &str) -> Capture {
+        Capture::spawn(netns, ifname, true)
+    }
+
+    fn spawn(netns: &str, ifname: &str, is_lossless: bool) -> Capture {
         let file =
             std::env::temp_dir().join(format!("veil-capture-{netns}-{}.pcap", rand_suffix()));
+        let buffer: &[&str] = if is_lossless { &["-B", "131072"] } else { &[] };
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns, "tcpdump", "--immediate-mode", "-U"])
-            .args(["-s", "0", "-i", ifname, "-w"])
+            .args(["-s", "0"])
+            .args(buffer)
+            .args(["-i", ifname, "-w"])
             .arg(&file)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -755,15 +829,18 @@ impl Capture {
             assert!(n > 0, "tcpdump exited: {seen}");
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
-        std::thread::spawn(move || {
-            let mut sink = [0u8; 256];
-            while matches!(err.read(&mut sink), Ok(n) if n > 0) {}
+        let stderr = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = err.read_to_string(&mut rest);
+            rest
         });
         Capture {
             child,
             file,
             netns: netns.to_string(),
             ifname: ifname.to_string(),
+            stderr: Some(stderr),
+            is_lossless,
         }
     }
 
@@ -819,6 +896,14 @@ impl Capture {
             nix::sys::signal::Signal::SIGINT,
         );
         let _ = self.child.wait();
+        let stats = self.stderr.take().unwrap().join().unwrap();
+        if self.is_lossless {
+            let dropped = stats
+                .lines()
+                .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+                .and_then(|n| n.trim().parse::<u64>().ok());
+            assert_eq!(dropped, Some(0), "tcpdump lost packets: {stats}");
+        }
     }
 }
 

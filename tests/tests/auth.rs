@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{veil_ok, Lab, Status, Streaming, AUTH_LAB, AUTH_POLICY};
+use veil_tests::{
+    assert_all_echoed, missing, push_changed, serial_of, veil_ok, Lab, Status, AUTH_LAB,
+    AUTH_POLICY,
+};
 
 fn url(lab: &Lab) -> String {
     format!("http://{}:8080/", lab.pod_ip("backend"))
@@ -32,44 +35,6 @@ fn auth_pairs_with(st: &Status, label: &str) -> Vec<veil_agent::api::AuthPair> {
         .filter(|p| p.src_identity.contains(label) || p.dst_identity.contains(label))
         .cloned()
         .collect()
-}
-
-/// A TCP echo stream from `pod` to backend:9000: `lines` lines, one every `gap_ms`.
-fn tcp_stream(lab: &Lab, pod: &str, lines: u32, gap_ms: u32) -> Streaming {
-    let be = lab.pod_ip("backend");
-    let script = format!(
-        "for i in $(seq 1 {lines}); do echo line-$i; sleep 0.{gap_ms:03}; done | ncat -w 5 -i 5 {be} 9000"
-    );
-    Streaming::spawn(&mut lab.command_in(pod, &["sh", "-c", &script]))
-}
-
-/// A sequence-numbered UDP probe from `pod` to backend:9000 (echoed back), one datagram every
-/// `gap_ms`.
-fn udp_probe(lab: &Lab, pod: &str, count: u32, gap_ms: u32) -> Streaming {
-    let be = lab.pod_ip("backend");
-    let script = format!(
-        "for i in $(seq 1 {count}); do echo seq-$i; sleep 0.{gap_ms:03}; done | ncat -u -w 3 -i 3 {be} 9000"
-    );
-    Streaming::spawn(&mut lab.command_in(pod, &["sh", "-c", &script]))
-}
-
-/// The echoed lines of a finished stream or probe.
-fn echoed(client: Streaming) -> Vec<String> {
-    client.finish().0
-}
-
-/// Sequence numbers 1..=n missing from the echoed probe lines.
-fn missing(lines: &[String], prefix: &str, n: u32) -> Vec<u32> {
-    (1..=n)
-        .filter(|i| !lines.iter().any(|l| *l == format!("{prefix}{i}")))
-        .collect()
-}
-
-fn serial_of(st: &Status, suffix: &str) -> Option<String> {
-    st.svids
-        .iter()
-        .find(|v| v.spiffe_id.ends_with(suffix))
-        .map(|v| v.serial.clone())
 }
 
 fn epoch_with(st: &Status, node: &str) -> Option<u64> {
@@ -269,14 +234,12 @@ fn node_from_another_trust_domain_cannot_peer() {
 
 #[test]
 fn revoked_pod_loses_access_within_5s() {
-    let lab = Lab::up_with_file(AUTH_LAB, &[]);
-    lab.apply_policy_ok(AUTH_POLICY);
-    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let lab = Lab::up_with_auth_policy(AUTH_LAB, &[]);
     lab.wait_for("frontend's pair on node-b", Duration::from_secs(5), || {
         (!auth_pairs_with(&lab.status("node-b"), "app=frontend").is_empty()).then_some(())
     });
     // An established stream that must be cut too (auth is checked on every packet).
-    let stream = tcp_stream(&lab, "frontend", 100, 100);
+    let stream = lab.echo_client("frontend", false, 100, 100);
     lab.wait_for(
         "frontend's stream to backend to flow (10 lines echoed)",
         Duration::from_secs(10),
@@ -284,14 +247,7 @@ fn revoked_pod_loses_access_within_5s() {
     );
 
     let t = Instant::now();
-    veil_ok(&[
-        "lab",
-        "revoke",
-        "--name",
-        &lab.name,
-        "--pod",
-        "shop/frontend",
-    ]);
+    lab.lab_ok("revoke", &["--pod", "shop/frontend"]);
     // Waits well past the 5 s requirement so a slow revocation is measured, not just timed out;
     // the assertion below decides.
     lab.wait_for(
@@ -319,7 +275,7 @@ fn revoked_pod_loses_access_within_5s() {
         lab.try_get("frontend", &url(&lab)).is_err(),
         "a revoked pod still reached backend"
     );
-    let lines = echoed(stream);
+    let lines = stream.finish().0;
     assert!(
         lines.len() > 5,
         "the stream never worked ({} lines)",
@@ -341,38 +297,24 @@ fn revoked_pod_loses_access_within_5s() {
 #[test]
 fn svid_rotation_every_20s_under_load_loses_nothing() {
     // TTL 40 s: SPIRE-style rotation at half-life, every ~20 s, for workload and node SVIDs.
-    let lab = Lab::up_with_file(AUTH_LAB, &["--svid-ttl", "40s"]);
-    lab.apply_policy_ok(AUTH_POLICY);
-    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let lab = Lab::up_with_auth_policy(AUTH_LAB, &["--svid-ttl", "40s"]);
     let (n, gap) = (1200, 100);
-    let tcp = tcp_stream(&lab, "frontend", n, gap);
-    let udp = udp_probe(&lab, "frontend", n, gap);
+    let tcp = lab.echo_client("frontend", false, n, gap);
+    let udp = lab.echo_client("frontend", true, n, gap);
     let start = Instant::now();
     let mut fe_serials = vec![];
     let mut node_serials = vec![];
     let mut epochs = vec![];
     while start.elapsed() < Duration::from_secs(122) {
         let st = lab.status("node-a");
-        for (v, s) in [
-            (&mut fe_serials, serial_of(&st, "/sa/frontend")),
-            (&mut node_serials, serial_of(&st, "/node/node-a")),
-        ] {
-            if let Some(s) = s {
-                if v.last() != Some(&s) {
-                    v.push(s);
-                }
-            }
-        }
-        if let Some(e) = epoch_with(&st, "node-b") {
-            if epochs.last() != Some(&e) {
-                epochs.push(e);
-            }
-        }
+        push_changed(&mut fe_serials, serial_of(&st, "/sa/frontend"));
+        push_changed(&mut node_serials, serial_of(&st, "/node/node-a"));
+        push_changed(&mut epochs, epoch_with(&st, "node-b"));
         // Sampling interval of a 2-minute observation under load, not a wait for an event.
         std::thread::sleep(Duration::from_millis(500));
     }
-    let tcp_lines = echoed(tcp);
-    let udp_lines = echoed(udp);
+    let tcp_lines = tcp.finish().0;
+    let udp_lines = udp.finish().0;
     println!(
         "2 min under load: frontend SVID rotated {}x, node SVID {}x, node PSK epochs {:?}; TCP {}/{n} lines, UDP {}/{n} probes",
         fe_serials.len() - 1,
@@ -390,16 +332,7 @@ fn svid_rotation_every_20s_under_load_loses_nothing() {
         "node SVID rotations: {node_serials:?}"
     );
     assert!(epochs.len() >= 5, "node handshakes re-run: {epochs:?}");
-    assert_eq!(
-        missing(&tcp_lines, "line-", n),
-        Vec::<u32>::new(),
-        "TCP stream lost lines"
-    );
-    assert_eq!(
-        missing(&udp_lines, "seq-", n),
-        Vec::<u32>::new(),
-        "UDP probes lost"
-    );
+    assert_all_echoed(&tcp_lines, &udp_lines, n);
     let st = lab.status("node-a");
     assert_eq!(st.drops.get("auth-required").copied().unwrap_or(0), 0);
     assert_eq!(st.drops.get("no-key").copied().unwrap_or(0), 0);
@@ -409,33 +342,26 @@ fn svid_rotation_every_20s_under_load_loses_nothing() {
 fn psk_rotation_under_load_loses_nothing() {
     let lab = Lab::up_with_file(&format!("psk_rotation: 5s\n{AUTH_LAB}"), &[]);
     let (n, gap) = (400, 100);
-    let tcp = tcp_stream(&lab, "frontend", n, gap);
-    let udp = udp_probe(&lab, "frontend", n, gap);
+    let tcp = lab.echo_client("frontend", false, n, gap);
+    let udp = lab.echo_client("frontend", true, n, gap);
     let start = Instant::now();
     let mut epochs = vec![];
     let mut handshakes = vec![];
     while start.elapsed() < Duration::from_secs(42) {
         let st = lab.status("node-a");
-        if let Some(e) = epoch_with(&st, "node-b") {
-            if epochs.last() != Some(&e) {
-                epochs.push(e);
-            }
-        }
-        if let Some(h) = st
-            .peers
-            .iter()
-            .find(|p| p.node == "node-b")
-            .and_then(|p| p.last_handshake_unix)
-        {
-            if handshakes.last() != Some(&h) {
-                handshakes.push(h);
-            }
-        }
+        push_changed(&mut epochs, epoch_with(&st, "node-b"));
+        push_changed(
+            &mut handshakes,
+            st.peers
+                .iter()
+                .find(|p| p.node == "node-b")
+                .and_then(|p| p.last_handshake_unix),
+        );
         // Sampling interval of a 42 s observation of the rotations, not a wait for an event.
         std::thread::sleep(Duration::from_millis(300));
     }
-    let tcp_lines = echoed(tcp);
-    let udp_lines = echoed(udp);
+    let tcp_lines = tcp.finish().0;
+    let udp_lines = udp.finish().0;
     println!(
         "PSK rotation every 5 s: epochs {epochs:?}, WireGuard handshakes at {handshakes:?}; TCP {}/{n}, UDP {}/{n}",
         tcp_lines.len(),
@@ -447,8 +373,7 @@ fn psk_rotation_under_load_loses_nothing() {
         handshakes.len() >= 4,
         "WireGuard handshakes seen: {handshakes:?}"
     );
-    assert_eq!(missing(&tcp_lines, "line-", n), Vec::<u32>::new());
-    assert_eq!(missing(&udp_lines, "seq-", n), Vec::<u32>::new());
+    assert_all_echoed(&tcp_lines, &udp_lines, n);
 }
 
 /// How many of these connections the other end has not closed (no EOF, no reset).
@@ -612,7 +537,7 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
     // A legitimate node handshake while all of that is open: node-a's SVID rotates, which
     // re-runs the node handshake with node-b (a new PSK epoch).
     let t = Instant::now();
-    veil_ok(&["lab", "rotate", "--name", &lab.name, "--node", "node-a"]);
+    lab.lab_ok("rotate", &["--node", "node-a"]);
     let epoch1 = lab.wait_for(
         "a new node handshake under attack",
         Duration::from_secs(10),
@@ -654,21 +579,17 @@ fn static_key_rotation_under_load_recovers_and_is_measured() {
     // WireGuard session of the node, so unlike a PSK rotation it can cost packets: measure it.
     let lab = Lab::up_with_file(&format!("key_rotation: 8s\n{AUTH_LAB}"), &[]);
     let (n, gap) = (300, 100);
-    let tcp = tcp_stream(&lab, "frontend", n, gap);
-    let udp = udp_probe(&lab, "frontend", n, gap);
+    let tcp = lab.echo_client("frontend", false, n, gap);
+    let udp = lab.echo_client("frontend", true, n, gap);
     let start = Instant::now();
     let mut keys: Vec<String> = vec![];
     while start.elapsed() < Duration::from_secs(31) {
-        if let Some(k) = lab.status("node-a").public_key {
-            if keys.last() != Some(&k) {
-                keys.push(k);
-            }
-        }
+        push_changed(&mut keys, lab.status("node-a").public_key);
         // Sampling interval of a 31 s observation of the key rotations, not a wait for an event.
         std::thread::sleep(Duration::from_millis(200));
     }
-    let tcp_lines = echoed(tcp);
-    let udp_lines = echoed(udp);
+    let tcp_lines = tcp.finish().0;
+    let udp_lines = udp.finish().0;
     let lost = missing(&udp_lines, "seq-", n);
     let rotations = keys.len().saturating_sub(1);
     println!(

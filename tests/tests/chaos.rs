@@ -6,16 +6,14 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use veil_agent::lab::{spire_real, LabPaths};
 use veil_tests::{
-    contains, pcap_frames, rand_suffix, send_frame, Capture, Lab, AUTH_LAB, AUTH_POLICY,
-    END_ETHERTYPE,
+    contains, pcap_frames, rand_suffix, send_frame, Capture, Lab, Stamped, Streaming, AUTH_LAB,
+    AUTH_POLICY, END_ETHERTYPE,
 };
 
 /// The capture point: node-a's own underlay interface (in node-a's netns), so every packet
@@ -32,82 +30,12 @@ fn token() -> String {
 // ---------------------------------------------------------------------------------------------
 // Clients whose every output line carries the instant it was read.
 
-/// Output lines with the instant each was read.
-type Stamped = Vec<(Instant, String)>;
-type Lines = Arc<Mutex<Stamped>>;
-
-/// A client process whose stdout and stderr lines are collected with their arrival time, so a
-/// test can measure gaps (the outage) and place lines inside a fault window. Killed on drop.
-struct Timed {
-    child: Child,
-    out: Lines,
-    err: Lines,
-    readers: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Timed {
-    fn spawn(cmd: &mut Command) -> Timed {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn client");
-        let (out, err): (Lines, Lines) = Default::default();
-        let readers = [
-            (
-                Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,
-                out.clone(),
-            ),
-            (Box::new(child.stderr.take().expect("piped")), err.clone()),
-        ]
-        .into_iter()
-        .map(|(pipe, sink)| {
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    sink.lock().unwrap().push((Instant::now(), line));
-                }
-            })
-        })
-        .collect();
-        Timed {
-            child,
-            out,
-            err,
-            readers,
-        }
-    }
-
-    fn count(&self) -> usize {
-        self.out.lock().unwrap().len()
-    }
-
-    /// Waits for the client to exit; returns its stdout and stderr lines.
-    fn finish(mut self) -> (Stamped, Stamped) {
-        let _ = self.child.wait();
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        let out = std::mem::take(&mut *self.out.lock().unwrap());
-        let err = std::mem::take(&mut *self.err.lock().unwrap());
-        (out, err)
-    }
-}
-
-impl Drop for Timed {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// frontend's TCP echo stream and sequenced UDP probe to backend:9000, `n` lines each, one every
 /// `GAP_MS`. ncat's idle timeout (5 s) counts stdin too, so it only ends a client 5 s after its
 /// last line was sent with nothing echoed meanwhile.
 struct Traffic {
-    tcp: Timed,
-    udp: Timed,
+    tcp: Streaming,
+    udp: Streaming,
     n: u32,
     tok: String,
 }
@@ -137,8 +65,8 @@ impl Traffic {
         let tcp = script(tok, "line", n, GAP_MS, &format!("-w 5 -i 5 {be} 9000"));
         let udp = script(tok, "seq", n, GAP_MS, &format!("-u -w 3 -i 5 {be} 9000"));
         Traffic {
-            tcp: Timed::spawn(&mut lab.command_in("frontend", &["sh", "-c", &tcp])),
-            udp: Timed::spawn(&mut lab.command_in("frontend", &["sh", "-c", &udp])),
+            tcp: Streaming::spawn(&mut lab.command_in("frontend", &["sh", "-c", &tcp])),
+            udp: Streaming::spawn(&mut lab.command_in("frontend", &["sh", "-c", &udp])),
             n,
             tok: tok.to_string(),
         }
@@ -149,13 +77,13 @@ impl Traffic {
         lab.wait_for(
             &format!("{k} TCP lines and {k} UDP probes echoed"),
             Duration::from_secs(20),
-            || (self.tcp.count() >= k && self.udp.count() >= k).then_some(()),
+            || (self.tcp.line_count() >= k && self.udp.line_count() >= k).then_some(()),
         );
     }
 
     fn finish(self) -> Outcome {
-        let (tcp, tcp_err) = self.tcp.finish();
-        let (udp, _) = self.udp.finish();
+        let (tcp, tcp_err) = self.tcp.finish_stamped();
+        let (udp, _) = self.udp.finish_stamped();
         let missing = |lines: &[(Instant, String)], kind: &str| -> Vec<u32> {
             (1..=self.n)
                 .filter(|i| {
@@ -379,8 +307,8 @@ fn assert_nothing_in_clear(v: &Verdict, what: &str) {
 /// per 0.2-0.7 s) and UDP datagrams to the echo on 9000 (300, one per 50 ms), every one of them
 /// announced on stderr.
 struct DeniedFlows {
-    tcp: Timed,
-    udp: Timed,
+    tcp: Streaming,
+    udp: Streaming,
 }
 
 /// What the denied loops saw: every TCP try (`ADMITTED-i` or `refused-i`), every UDP echo (each
@@ -395,7 +323,7 @@ impl DeniedFlows {
     /// Starts both loops and waits until the TCP one has run once.
     fn start(lab: &Lab, tok: &str) -> DeniedFlows {
         let be = lab.pod_ip("backend");
-        let tcp = Timed::spawn(&mut lab.command_in(
+        let tcp = Streaming::spawn(&mut lab.command_in(
             "intruder",
             &[
                 "sh",
@@ -405,7 +333,7 @@ impl DeniedFlows {
                 ),
             ],
         ));
-        let udp = Timed::spawn(&mut lab.command_in(
+        let udp = Streaming::spawn(&mut lab.command_in(
             "intruder",
             &[
                 "sh",
@@ -416,15 +344,15 @@ impl DeniedFlows {
             ],
         ));
         lab.wait_for("the denied loops to run", Duration::from_secs(10), || {
-            (tcp.count() >= 1).then_some(())
+            (tcp.line_count() >= 1).then_some(())
         });
         DeniedFlows { tcp, udp }
     }
 
     /// Waits for both loops to end.
     fn finish(self) -> DeniedOutcome {
-        let (tcp_tries, _) = self.tcp.finish();
-        let (udp_echoes, udp_sent) = self.udp.finish();
+        let (tcp_tries, _) = self.tcp.finish_stamped();
+        let (udp_echoes, udp_sent) = self.udp.finish_stamped();
         DeniedOutcome {
             tcp_tries,
             udp_echoes,

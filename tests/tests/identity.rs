@@ -8,7 +8,7 @@ use std::{
 
 use rustls_pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
 
-use veil_tests::{veil_ok, Lab};
+use veil_tests::{push_changed, veil_ok, Lab};
 
 fn frontend_serial(lab: &Lab) -> Option<String> {
     lab.status("node-a")
@@ -60,11 +60,7 @@ fn svids_rotate_at_half_life_and_revocation_removes_within_5s() {
     while start.elapsed() < Duration::from_secs(70) && serials.len() < 3 {
         // Poll interval of this wait for two rotations (serials kept in order as they appear).
         std::thread::sleep(Duration::from_millis(500));
-        if let Some(s) = frontend_serial(&lab) {
-            if serials.last() != Some(&s) {
-                serials.push(s);
-            }
-        }
+        push_changed(&mut serials, frontend_serial(&lab));
     }
     assert!(
         serials.len() >= 3,

@@ -149,31 +149,12 @@ fn run(argv: &[&str]) -> Output {
 }
 
 fn run_ok(argv: &[&str]) -> String {
-    let out = run(argv);
-    assert!(
-        out.status.success(),
-        "{} failed ({}): {}",
-        argv.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    veil_tests::stdout_of_success(argv.join(" "), run(argv))
 }
 
 /// Polls `f` every 50 ms until it returns Some or `timeout` passes.
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        // The poll interval, not a wait of its own.
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    veil_tests::poll_until(what, timeout, Duration::from_millis(50), f)
 }
 
 /// A network namespace deleted on drop.
@@ -208,16 +189,10 @@ impl Netns {
     }
 
     fn ok(&self, argv: &[&str]) -> String {
-        let out = self.exec(argv);
-        assert!(
-            out.status.success(),
-            "`{}` in {} failed ({}): {}",
-            argv.join(" "),
-            self.name,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        veil_tests::stdout_of_success(
+            format_args!("`{}` in {}", argv.join(" "), self.name),
+            self.exec(argv),
+        )
     }
 
     fn ping(&self, dst: &str) -> bool {

@@ -289,16 +289,7 @@ fn agent_restart_readopts_pinned_maps_and_links() {
         Duration::from_secs(20),
     );
     assert!(after.agent.restarts >= 1);
-    // The hold device is the agent's own TUN, recreated with it (and its link with it); every
-    // other link is adopted.
-    assert!(
-        after
-            .programs
-            .iter()
-            .all(|p| p.adopted || p.interface == "veil-hold"),
-        "{:?}",
-        after.programs
-    );
+    veil_tests::assert_links_adopted(&after);
     let link_ids = |st: &veil_tests::Status| {
         let mut v: Vec<u32> = st
             .programs

@@ -10,12 +10,11 @@
 //! frag-needed carrying the tunnel MTU (the last test).
 
 use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
-use veil_tests::Lab;
+use veil_tests::{contains, ip_netns, link_mtu, pcap_frames, rand_suffix, Capture, Lab};
 
 /// Bytes of each bulk transfer.
 const BULK_BYTES: usize = 16 << 20;
@@ -26,41 +25,6 @@ const WG_OVERHEAD: u32 = 60;
 
 fn mtu_lab(underlay_mtu: u32) -> Lab {
     Lab::up_with_file(&format!("underlay_mtu: {underlay_mtu}\n"), &[])
-}
-
-fn rand_suffix() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// `ip netns exec NETNS ARGV...`; panics unless it succeeds; returns stdout.
-fn ip_netns(netns: &str, argv: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(argv)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{argv:?} in {netns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn link_mtu(netns: &str, dev: &str) -> u32 {
-    let out = ip_netns(netns, &["ip", "-o", "link", "show", "dev", dev]);
-    out.split_whitespace()
-        .skip_while(|w| *w != "mtu")
-        .nth(1)
-        .and_then(|m| m.parse().ok())
-        .unwrap_or_else(|| panic!("no mtu in {out}"))
 }
 
 /// Raises a pod's eth0 and its host-side veth to `mtu`: the pod then sends packets the tunnel
@@ -76,130 +40,9 @@ fn raise_pod_mtu(lab: &Lab, pod: &str, mtu: u32) {
     );
 }
 
-/// A tcpdump on the lab's underlay bridge writing a pcap (kept local: the suite's shared capture
-/// helper is being reworked).
-struct Capture {
-    child: Child,
-    file: PathBuf,
-    netns: String,
-    bridge: String,
-    /// tcpdump's stderr after "listening on", read to its end (the drop statistics).
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
-
-/// EtherType of the frame that marks the end of a capture (IEEE 802 local experimental).
-const END_ETHERTYPE: u16 = 0x88b5;
-
-impl Capture {
-    fn start(lab: &Lab) -> Capture {
-        let file =
-            std::env::temp_dir().join(format!("veil-mtu-{}-{}.pcap", lab.name, rand_suffix()));
-        let (netns, bridge) = (&lab.view.underlay.netns, &lab.view.underlay.bridge);
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", netns, "tcpdump", "--immediate-mode", "-U"])
-            .args(["-s", "0", "-B", "131072", "-i", bridge, "-w"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump (scripts/setup.sh installs it)");
-        let mut err = child.stderr.take().unwrap();
-        let mut seen = String::new();
-        let mut buf = [0u8; 256];
-        while !seen.contains("listening on") {
-            use std::io::Read as _;
-            let n = err.read(&mut buf).expect("tcpdump stderr");
-            assert!(n > 0, "tcpdump exited: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        let stderr = std::thread::spawn(move || {
-            use std::io::Read as _;
-            let mut rest = String::new();
-            let _ = err.read_to_string(&mut rest);
-            rest
-        });
-        Capture {
-            child,
-            file,
-            netns: netns.clone(),
-            bridge: bridge.clone(),
-            stderr: Some(stderr),
-        }
-    }
-
-    /// Stops the capture once an end frame sent now is in the file (so is everything before it).
-    fn stop(mut self) -> Vec<u8> {
-        let end = format!("veil-capture-end-{}", rand_suffix());
-        let mut frame = vec![0xff; 6];
-        frame.extend([0x02, 0, 0, 0, 0, 0x01]);
-        frame.extend(END_ETHERTYPE.to_be_bytes());
-        frame.extend(end.as_bytes());
-        let ifname = std::ffi::CString::new(self.bridge.clone()).unwrap();
-        let sent = veil_agent::sys::in_netns(&self.netns, move || -> std::io::Result<()> {
-            // SAFETY: plain syscalls on a socket this closure opens and closes; `addr` and
-            // `frame` outlive the calls that read them.
-            unsafe {
-                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
-                addr.sll_halen = 6;
-                addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-                let n = libc::sendto(
-                    fd,
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                );
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n < 0 {
-                    return Err(err);
-                }
-            }
-            Ok(())
-        })
-        .expect("enter the underlay netns");
-        sent.expect("send the end-of-capture frame");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !contains(
-            &std::fs::read(&self.file).unwrap_or_default(),
-            end.as_bytes(),
-        ) {
-            assert!(
-                Instant::now() < deadline,
-                "tcpdump did not write the end frame in 5 s"
-            );
-            // Poll interval of the wait for the end frame.
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
-        // A frame tcpdump did not keep could be the leak: the capture must be complete.
-        let stats = self.stderr.take().unwrap().join().unwrap();
-        let dropped = stats
-            .lines()
-            .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
-            .and_then(|n| n.trim().parse::<u64>().ok());
-        assert_eq!(dropped, Some(0), "tcpdump lost packets: {stats}");
-        std::fs::read(&self.file).expect("pcap file")
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.file);
-    }
+/// A capture of the lab's underlay bridge that must be complete.
+fn underlay_capture(lab: &Lab) -> Capture {
+    Capture::start_lossless(&lab.view.underlay.netns, &lab.view.underlay.bridge)
 }
 
 /// One IPv4 frame of a capture.
@@ -245,24 +88,9 @@ fn wg_segment(p: &[u8]) -> Option<usize> {
 
 /// The IPv4 frames of a pcap file (Ethernet link type, as tcpdump writes for the bridge).
 fn ipv4_frames(pcap: &[u8]) -> Vec<Ipv4Frame> {
-    assert!(pcap.len() >= 24, "not a pcap file");
-    let le = pcap[..4] == [0xd4, 0xc3, 0xb2, 0xa1] || pcap[..4] == [0x4d, 0x3c, 0xb2, 0xa1];
-    let u32_at = |b: &[u8]| {
-        let a = [b[0], b[1], b[2], b[3]];
-        if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
-    };
-    assert_eq!(u32_at(&pcap[20..24]), 1, "capture is not Ethernet");
     let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
     let mut out = Vec::new();
-    let mut at = 24;
-    while at + 16 <= pcap.len() {
-        let caplen = u32_at(&pcap[at + 8..at + 12]) as usize;
-        let frame = &pcap[at + 16..(at + 16 + caplen).min(pcap.len())];
-        at += 16 + caplen;
+    for frame in pcap_frames(pcap) {
         if frame.len() < 34 || be16(&frame[12..14]) != 0x0800 {
             continue;
         }
@@ -470,7 +298,7 @@ fn low_underlay_mtu(underlay_mtu: u32) {
 
     let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
     let (send, data) = bulk_file(&marker);
-    let cap = Capture::start(&lab);
+    let cap = underlay_capture(&lab);
     let there = transfer(&lab, "frontend", "backend", 9300, &send.0, &data);
     let back = transfer(&lab, "backend", "frontend", 9301, &send.0, &data);
     let raw = cap.stop();
@@ -586,7 +414,7 @@ fn pod_with_a_raised_mtu_leaks_nothing_and_its_tcp_still_flows() {
     let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
     let (send, data) = bulk_file(&marker);
 
-    let cap = Capture::start(&lab);
+    let cap = underlay_capture(&lab);
     // DF datagrams one byte over the tunnel MTU and well over it, straight from the raised pod.
     let tx_before = tunnel_tx_packets(&lab, "node-a");
     let mut report = Vec::new();
@@ -630,7 +458,7 @@ fn underlay_mtu_1280_with_encryption_off_shows_plaintext_and_fragments() {
     let be = lab.pod_ip("backend");
     let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
     let (send, data) = bulk_file(&marker);
-    let cap = Capture::start(&lab);
+    let cap = underlay_capture(&lab);
     transfer(&lab, "frontend", "backend", 9300, &send.0, &data);
     let (sent, _, err) = send_udp(&lab, "frontend", &be, 1400, &marker, false);
     assert!(sent >= 1, "no datagram sent: {err}");

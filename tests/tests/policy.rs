@@ -71,6 +71,14 @@ const INTRUDER_SERVES_LAB: &str = "pods:\n\
 - {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}\n\
 - {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}, serve: [{port: 9999, kind: http}]}\n";
 
+/// The first flow `src` pod -> `dst` pod among `drops` (`veil observe --verdict DROPPED`).
+fn dropped_flow<'a>(drops: &'a [serde_json::Value], src: &str, dst: &str) -> &'a serde_json::Value {
+    drops
+        .iter()
+        .find(|f| f["src"]["pod"] == src && f["dst"]["pod"] == dst)
+        .unwrap_or_else(|| panic!("no DROPPED flow {src} -> {dst} in {drops:#?}"))
+}
+
 #[test]
 fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
     let lab = Lab::up_with_file(INTRUDER_SERVES_LAB, &[]);
@@ -106,19 +114,13 @@ fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
         "frontend reached intruder:9999 through its egress policy"
     );
     let egress_drops = lab.observe(&["--node", "node-a", "--verdict", "DROPPED"]);
-    let denied = egress_drops
-        .iter()
-        .find(|f| f["src"]["pod"] == "frontend" && f["dst"]["pod"] == "intruder")
-        .unwrap_or_else(|| panic!("no DROPPED flow frontend -> intruder in {egress_drops:#?}"));
+    let denied = dropped_flow(&egress_drops, "frontend", "intruder");
     assert_eq!(denied["drop_reason"], "policy-denied");
     assert_eq!(denied["direction"], "egress");
     assert_eq!(denied["dst"]["port"], 9999);
 
     let drops = lab.observe(&["--verdict", "DROPPED"]);
-    let intruder = drops
-        .iter()
-        .find(|f| f["src"]["pod"] == "intruder" && f["dst"]["pod"] == "backend")
-        .unwrap_or_else(|| panic!("no DROPPED flow intruder -> backend in {drops:#?}"));
+    let intruder = dropped_flow(&drops, "intruder", "backend");
     assert_eq!(intruder["drop_reason"], "policy-denied");
     assert_eq!(intruder["verdict"], "DROPPED");
     assert_eq!(

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{Lab, Status, Streaming, AUTH_POLICY};
+use veil_tests::{assert_all_echoed, push_changed, serial_of, Lab, Status, AUTH_POLICY};
 
 /// frontend and intruder on node-a, backend on node-b (HTTP 8080, echo 9000); frontend2 on
 /// node-a has frontend's labels but its own service account, so its own SPIFFE ID and entry.
@@ -22,13 +22,6 @@ pods:\n\
 
 fn url(lab: &Lab) -> String {
     format!("http://{}:8080/", lab.pod_ip("backend"))
-}
-
-fn serial_of(st: &Status, suffix: &str) -> Option<String> {
-    st.svids
-        .iter()
-        .find(|v| v.spiffe_id.ends_with(suffix))
-        .map(|v| v.serial.clone())
 }
 
 /// `"<numeric identity> ("`, how auth pairs name frontend's identity.
@@ -48,13 +41,7 @@ fn frontend_identity(lab: &Lab) -> String {
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    veil_tests::stdout_of_success(format_args!("{cmd:?}"), out)
 }
 
 /// `openssl x509 -serial` of a PEM file, lowercase hex without leading zeros (veil's format).
@@ -204,39 +191,16 @@ fn spire_issues_the_labs_svids_and_auth_policy_admits_only_frontend() {
     );
 }
 
-/// A TCP echo stream or a sequenced UDP probe from `pod` to backend:9000, one line every
-/// `gap_ms`.
-fn echo_client(lab: &Lab, pod: &str, udp: bool, n: u32, gap_ms: u32) -> Streaming {
-    let be = lab.pod_ip("backend");
-    let (prefix, flags) = if udp {
-        ("seq-", "-u -w 3 -i 3")
-    } else {
-        ("line-", "-w 5 -i 5")
-    };
-    let script = format!(
-        "for i in $(seq 1 {n}); do echo {prefix}$i; sleep 0.{gap_ms:03}; done | ncat {flags} {be} 9000"
-    );
-    Streaming::spawn(&mut lab.command_in(pod, &["sh", "-c", &script]))
-}
-
-fn missing(lines: &[String], prefix: &str, n: u32) -> Vec<u32> {
-    (1..=n)
-        .filter(|i| !lines.iter().any(|l| *l == format!("{prefix}{i}")))
-        .collect()
-}
-
 /// (b) With an X.509-SVID TTL of 30 s, SPIRE's agent renews frontend's SVID at half its
 /// (backdated) lifetime: at least three distinct serials in 70 s while a TCP stream and a
 /// sequenced UDP probe run across nodes under `authentication: required`, nothing lost.
 /// Seen failing: with `--svid-ttl 1h` one serial in 70 s ("frontend SVID serials").
 #[test]
 fn spire_rotates_svids_under_load_and_nothing_is_lost() {
-    let lab = Lab::up_with_file(SPIRE_LAB, &["--svid-ttl", "30s"]);
-    lab.apply_policy_ok(AUTH_POLICY);
-    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let lab = Lab::up_with_auth_policy(SPIRE_LAB, &["--svid-ttl", "30s"]);
     let (n, gap) = (700, 100);
-    let tcp = echo_client(&lab, "frontend", false, n, gap);
-    let udp = echo_client(&lab, "frontend", true, n, gap);
+    let tcp = lab.echo_client("frontend", false, n, gap);
+    let udp = lab.echo_client("frontend", true, n, gap);
     let start = Instant::now();
     let mut serials: Vec<(f64, String)> = vec![];
     let mut node_serials: Vec<String> = vec![];
@@ -247,11 +211,7 @@ fn spire_rotates_svids_under_load_and_nothing_is_lost() {
                 serials.push((start.elapsed().as_secs_f64(), s));
             }
         }
-        if let Some(s) = serial_of(&st, "/veil/node/node-a") {
-            if node_serials.last() != Some(&s) {
-                node_serials.push(s);
-            }
-        }
+        push_changed(&mut node_serials, serial_of(&st, "/veil/node/node-a"));
         // Sampling interval of a 70 s observation under load, not a wait for an event.
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -271,16 +231,7 @@ fn spire_rotates_svids_under_load_and_nothing_is_lost() {
         node_serials.len() >= 3,
         "node SVID serials: {node_serials:?}"
     );
-    assert_eq!(
-        missing(&tcp_lines, "line-", n),
-        Vec::<u32>::new(),
-        "TCP stream lost lines"
-    );
-    assert_eq!(
-        missing(&udp_lines, "seq-", n),
-        Vec::<u32>::new(),
-        "UDP probes lost"
-    );
+    assert_all_echoed(&tcp_lines, &udp_lines, n);
     let st = lab.status("node-a");
     assert_eq!(st.drops.get("auth-required").copied().unwrap_or(0), 0);
     assert_eq!(st.drops.get("no-key").copied().unwrap_or(0), 0);
@@ -312,14 +263,7 @@ fn spire_revocation_cuts_frontend_within_the_sync_bound() {
     });
 
     let t = Instant::now();
-    let out = veil_tests::veil_ok(&[
-        "lab",
-        "revoke",
-        "--name",
-        &lab.name,
-        "--pod",
-        "shop/frontend",
-    ]);
+    let out = lab.lab_ok("revoke", &["--pod", "shop/frontend"]);
     assert!(out.contains("per SPIFFE ID"), "{out}");
     let svid_gone = lab.wait_for(
         "frontend's SVID gone from node-a",
@@ -398,13 +342,11 @@ fn both(lab: &Lab) -> [Status; 2] {
 /// SVID and backend's.
 #[test]
 fn spire_lab_rotate_is_an_entry_update_and_nothing_is_lost() {
-    let lab = Lab::up_with_file(SPIRE_LAB, &[]);
-    lab.apply_policy_ok(AUTH_POLICY);
-    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let lab = Lab::up_with_auth_policy(SPIRE_LAB, &[]);
     let fe_id = frontend_identity(&lab);
     let (n, gap) = (150, 100);
-    let tcp = echo_client(&lab, "frontend", false, n, gap);
-    let udp = echo_client(&lab, "frontend", true, n, gap);
+    let tcp = lab.echo_client("frontend", false, n, gap);
+    let udp = lab.echo_client("frontend", true, n, gap);
     lab.wait_for("the streams to start", Duration::from_secs(10), || {
         (tcp.line_count() > 10 && udp.line_count() > 10).then_some(())
     });
@@ -416,14 +358,7 @@ fn spire_lab_rotate_is_an_entry_update_and_nothing_is_lost() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let out = veil_tests::veil_ok(&[
-        "lab",
-        "rotate",
-        "--name",
-        &lab.name,
-        "--pod",
-        "shop/frontend",
-    ]);
+    let out = lab.lab_ok("rotate", &["--pod", "shop/frontend"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("lab rotate prints JSON");
     assert_eq!(v["rotated"], 1, "{out}");
     assert_eq!(
@@ -469,7 +404,7 @@ fn spire_lab_rotate_is_an_entry_update_and_nothing_is_lost() {
 
     // --node node-b: node-b's node SVID and backend's.
     let b_before = lab.status("node-b");
-    let out = veil_tests::veil_ok(&["lab", "rotate", "--name", &lab.name, "--node", "node-b"]);
+    let out = lab.lab_ok("rotate", &["--node", "node-b"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["rotated"], 2, "{out}");
     lab.wait_for(
@@ -492,16 +427,7 @@ fn spire_lab_rotate_is_an_entry_update_and_nothing_is_lost() {
         udp_lines.len()
     );
     assert!(took < Duration::from_secs(5), "new serial took {took:?}");
-    assert_eq!(
-        missing(&tcp_lines, "line-", n),
-        Vec::<u32>::new(),
-        "TCP lost lines"
-    );
-    assert_eq!(
-        missing(&udp_lines, "seq-", n),
-        Vec::<u32>::new(),
-        "UDP probes lost"
-    );
+    assert_all_echoed(&tcp_lines, &udp_lines, n);
     for st in both(&lab) {
         assert_eq!(
             st.drops.get("auth-required").copied().unwrap_or(0),
@@ -538,9 +464,7 @@ fn active_authority(lab: &Lab) -> String {
 /// SVID is the peer's current node SVID.
 #[test]
 fn spire_ca_rotation_with_revoke_old_drops_nothing() {
-    let lab = Lab::up_with_file(SPIRE_LAB, &[]);
-    lab.apply_policy_ok(AUTH_POLICY);
-    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let lab = Lab::up_with_auth_policy(SPIRE_LAB, &[]);
     let old = active_authority(&lab);
     for st in both(&lab) {
         for s in &st.svids {
@@ -558,8 +482,8 @@ fn spire_ca_rotation_with_revoke_old_drops_nothing() {
         }
     }
     let (n, gap) = (200, 100);
-    let tcp = echo_client(&lab, "frontend", false, n, gap);
-    let udp = echo_client(&lab, "frontend", true, n, gap);
+    let tcp = lab.echo_client("frontend", false, n, gap);
+    let udp = lab.echo_client("frontend", true, n, gap);
     lab.wait_for("the streams to start", Duration::from_secs(10), || {
         (tcp.line_count() > 10 && udp.line_count() > 10).then_some(())
     });
@@ -568,21 +492,12 @@ fn spire_ca_rotation_with_revoke_old_drops_nothing() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let out = veil_tests::veil_ok(&["lab", "ca", "--name", &lab.name, "rotate", "--revoke-old"]);
+    let out = lab.lab_ok("ca", &["rotate", "--revoke-old"]);
     let took = t.elapsed();
     let tcp_lines = tcp.finish().0;
     let udp_lines = udp.finish().0;
     let [a, b] = both(&lab);
-    assert_eq!(
-        missing(&tcp_lines, "line-", n),
-        Vec::<u32>::new(),
-        "TCP lost lines"
-    );
-    assert_eq!(
-        missing(&udp_lines, "seq-", n),
-        Vec::<u32>::new(),
-        "UDP probes lost"
-    );
+    assert_all_echoed(&tcp_lines, &udp_lines, n);
     for st in [&a, &b] {
         assert_eq!(
             st.drops.get("auth-required").copied().unwrap_or(0),
@@ -673,9 +588,7 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
 /// SVIDs from its spire-agent and traffic returns.
 #[test]
 fn spire_svids_of_a_revoked_authority_are_refused() {
-    let lab = Lab::up_with_file(SPIRE_LAB, &[]);
-    lab.apply_policy_ok(AUTH_POLICY);
-    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let lab = Lab::up_with_auth_policy(SPIRE_LAB, &[]);
     let old = active_authority(&lab);
     let b = lab.status("node-b");
     // The revoke makes spire-agent drop the SVIDs of the old authority from its cache before
@@ -690,7 +603,7 @@ fn spire_svids_of_a_revoked_authority_are_refused() {
         }
     }
     let thaw = Thaw(b.agent.pid);
-    let ca = |step: &str| veil_tests::veil_ok(&["lab", "ca", "--name", &lab.name, step]);
+    let ca = |step: &str| lab.lab_ok("ca", &[step]);
     ca("prepare");
     lab.wait_for(
         "node-a trusts the new root",
@@ -818,6 +731,19 @@ impl Held {
         Held(p)
     }
     fn release(self) {}
+
+    /// Puts the file back, then waits (60 s at most) until frontend reaches backend again; how
+    /// long that took.
+    fn release_until_frontend_is_back(self, lab: &Lab) -> Duration {
+        self.release();
+        let t_back = Instant::now();
+        lab.wait_for(
+            "frontend reaches backend again",
+            Duration::from_secs(60),
+            || lab.try_get("frontend", &url(lab)).ok(),
+        );
+        t_back.elapsed()
+    }
 }
 
 impl Drop for Held {
@@ -865,6 +791,13 @@ fn until_cut(lab: &Lab, timeout: Duration) -> (f64, f64) {
     (last_ok, now())
 }
 
+/// Fail closed at expiry, not before: frontend was served until at most 3 s before its SVID's
+/// `not_after` (`until_cut`'s seconds) and cut within 10 s after it.
+fn assert_served_until_expiry(last_ok: f64, cut: f64, not_after: f64) {
+    assert!(last_ok >= not_after - 3.0, "cut before the SVID expired");
+    assert!(cut <= not_after + 10.0, "not cut within 10 s of expiry");
+}
+
 /// Packets refused for want of authentication on both nodes: dropped `auth-required`, or held
 /// for a handshake that never completed (the hold device's timeouts).
 fn auth_refusals(lab: &Lab) -> (u64, u64) {
@@ -885,9 +818,7 @@ fn auth_refusals(lab: &Lab) -> (u64, u64) {
 /// own SVID from its data dir, no new join token) and veil recovers by itself.
 #[test]
 fn spire_agent_killed_cached_svids_then_fail_closed_then_recovery() {
-    let lab = Lab::up_with_file(SPIRE_LAB, &["--svid-ttl", "20s"]);
-    lab.apply_policy_ok(AUTH_POLICY);
-    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let lab = Lab::up_with_auth_policy(SPIRE_LAB, &["--svid-ttl", "20s"]);
     let paths = veil_agent::lab::LabPaths::new(&lab.name).unwrap();
     let agent = lab.status("node-a").agent.pid;
     let cpu0 = cpu_time(agent);
@@ -914,14 +845,7 @@ fn spire_agent_killed_cached_svids_then_fail_closed_then_recovery() {
         not_after - last_ok,
         cut - not_after
     );
-    held.release();
-    let t_back = Instant::now();
-    lab.wait_for(
-        "frontend reaches backend again",
-        Duration::from_secs(60),
-        || lab.try_get("frontend", &url(&lab)).ok(),
-    );
-    let back = t_back.elapsed();
+    let back = held.release_until_frontend_is_back(&lab);
     println!(
         "spire-agent killed: frontend served on cached SVIDs until {:.1} s before its SVID's not_after, cut {:.1} s after it; veil agent CPU {:?} over {:?} ({:.2} %); recovered {back:?} after the config came back",
         not_after - last_ok,
@@ -930,8 +854,7 @@ fn spire_agent_killed_cached_svids_then_fail_closed_then_recovery() {
         outage,
         outage_cpu.as_secs_f64() * 100.0 / outage.as_secs_f64()
     );
-    assert!(last_ok >= not_after - 3.0, "cut before the SVID expired");
-    assert!(cut <= not_after + 10.0, "not cut within 10 s of expiry");
+    assert_served_until_expiry(last_ok, cut, not_after);
     assert!(
         outage_cpu.as_secs_f64() < 0.05 * outage.as_secs_f64(),
         "veil agent used {outage_cpu:?} in {outage:?}"
@@ -983,14 +906,7 @@ fn spire_server_down_longer_than_the_ttl_fails_closed_and_recovers() {
         pid_of(&lab, "spire", "spire-server").is_none(),
         "spire-server came back while held"
     );
-    held.release();
-    let t_back = Instant::now();
-    lab.wait_for(
-        "frontend reaches backend again",
-        Duration::from_secs(60),
-        || lab.try_get("frontend", &url(&lab)).ok(),
-    );
-    let back = t_back.elapsed();
+    let back = held.release_until_frontend_is_back(&lab);
     println!(
         "spire-server down {outage:?}: frontend served until {:.1} s before its SVID's not_after, cut {:.1} s after it; veil agents' CPU over the outage {cpu:?} ({:.2} % / {:.2} %); recovered {back:?} after the config came back",
         not_after - last_ok,
@@ -999,8 +915,7 @@ fn spire_server_down_longer_than_the_ttl_fails_closed_and_recovers() {
         cpu[1].as_secs_f64() * 100.0 / outage.as_secs_f64(),
     );
     assert!(outage.as_secs_f64() > 20.0, "down only {outage:?}");
-    assert!(last_ok >= not_after - 3.0, "cut before the SVID expired");
-    assert!(cut <= not_after + 10.0, "not cut within 10 s of expiry");
+    assert_served_until_expiry(last_ok, cut, not_after);
     for c in &cpu {
         assert!(
             c.as_secs_f64() < 0.05 * outage.as_secs_f64(),
@@ -1020,9 +935,7 @@ fn spire_server_down_longer_than_the_ttl_fails_closed_and_recovers() {
 /// takes its SVIDs within the backoff cap once spire-agent is back.
 #[test]
 fn spire_admin_socket_absent_at_agent_start_no_identity_bounded_backoff() {
-    let lab = Lab::up_with_file(SPIRE_LAB, &["--svid-ttl", "20s"]);
-    lab.apply_policy_ok(AUTH_POLICY);
-    assert!(lab.try_get("frontend", &url(&lab)).is_ok());
+    let lab = Lab::up_with_auth_policy(SPIRE_LAB, &["--svid-ttl", "20s"]);
     let paths = veil_agent::lab::LabPaths::new(&lab.name).unwrap();
     let held = Held::new(veil_agent::lab::spire_real::agent_config(&paths, "node-a"));
     kill9(pid_of(&lab, "node-a/spire-agent", "spire-agent").expect("node-a's spire-agent"));

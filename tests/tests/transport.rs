@@ -3,7 +3,9 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use veil_tests::{contains, pcap_frames, rand_suffix, veil, veil_ok, Capture, Lab, Streaming};
+use veil_tests::{
+    contains, ip_netns, link_mtu, pcap_frames, rand_suffix, veil, veil_ok, Capture, Lab, Streaming,
+};
 
 /// A capture of the lab's underlay bridge, where every packet between the nodes passes.
 fn underlay_capture(lab: &Lab) -> Capture {
@@ -224,25 +226,18 @@ fn agent_restart_does_not_cut_a_long_stream() {
         lines.len(),
     );
     assert_eq!(lines[199], "line-200");
-    let after = lab.wait_for("restarted agent", Duration::from_secs(20), || {
-        let st = lab.status("node-a");
-        (st.agent.pid != before.agent.pid && st.ready).then_some(st)
-    });
+    let after = lab.wait_for_restarted_agent(
+        "restarted agent",
+        "node-a",
+        before.agent.pid,
+        Duration::from_secs(20),
+    );
     assert_eq!(
         lab.wg_pid("node-a"),
         Some(wg_before),
         "veil-wg was restarted instead of adopted"
     );
-    // The hold device is the agent's own TUN and is recreated with it; every other link is
-    // adopted.
-    assert!(
-        after
-            .programs
-            .iter()
-            .all(|p| p.adopted || p.interface == "veil-hold"),
-        "{:?}",
-        after.programs
-    );
+    veil_tests::assert_links_adopted(&after);
     assert_eq!(
         after.public_key, before.public_key,
         "node key changed across restart"
@@ -419,31 +414,6 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
         bad.is_empty(),
         "an oversized packet crossed the underlay fragmented: {bad:#?}"
     );
-}
-
-/// `ip netns exec NETNS ARGV...`; panics unless it succeeds; returns stdout.
-fn ip_netns(netns: &str, argv: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(argv)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{argv:?} in {netns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The MTU of a device in a network namespace.
-fn link_mtu(netns: &str, dev: &str) -> u32 {
-    let out = ip_netns(netns, &["ip", "-o", "link", "show", "dev", dev]);
-    out.split_whitespace()
-        .skip_while(|w| *w != "mtu")
-        .nth(1)
-        .and_then(|m| m.parse().ok())
-        .unwrap_or_else(|| panic!("no mtu in {out}"))
 }
 
 /// The facts of one IPv4 frame of a capture that the MTU checks need.
