@@ -485,12 +485,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .clone()],
                 None => spec.nodes.iter().map(|n| n.name.clone()).collect(),
             };
-            if let Some(v) = &verdict {
-                let up = v.to_ascii_uppercase();
-                if !["FORWARDED", "DROPPED", "AUDIT"].contains(&up.as_str()) {
-                    bail!("--verdict: {v:?} is not FORWARDED, DROPPED or AUDIT");
-                }
-            }
+            let verdict = verdict
+                .as_deref()
+                .map(str::parse::<veil_agent::flows::Verdict>)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--verdict: {e}"))?;
             if let Some(p) = &pod {
                 spec.find_pod(p).map_err(anyhow::Error::msg)?;
             }
@@ -502,8 +501,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut query = String::new();
             let mut add =
                 |k: &str, v: &str| query.push_str(&format!("&{k}={}", admin::percent_encode(v)));
-            if let Some(v) = &verdict {
-                add("verdict", v)
+            if let Some(v) = verdict {
+                add("verdict", v.as_str())
             }
             if let Some(v) = &pod {
                 add("pod", v)
