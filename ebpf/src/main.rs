@@ -1249,7 +1249,9 @@ fn tunnel_mtu_exceeded(ctx: &TcContext, flow: &Flow, tunnel_ifindex: u32) -> Res
     // return `mtu` holds the device's MTU.
     let r = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), tunnel_ifindex, &mut mtu, 0, 0) };
     if r < 0 {
-        return Err(reason::DATAPATH_ERROR);
+        // The tunnel device is gone (veil-wg restarting; the agent re-points the datapath at
+        // the new device): nothing can carry the packet, as when no tunnel exists yet.
+        return Err(reason::NO_KEY);
     }
     if r > 0 {
         return Ok(Some(mtu));
