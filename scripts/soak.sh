@@ -145,36 +145,9 @@ done
 # HEAD at the start; the binaries were built from whatever tree was there when they were built.
 COMMIT=$(git -C "$REPO" rev-parse --short HEAD)
 log "HEAD $COMMIT, load average $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cores"
-cat >"$OUT/lab.yaml" <<'EOF'
-pods:
-- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}
-- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}
-- {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}
-EOF
-cat >"$OUT/measured.yaml" <<'EOF'
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: soak-measured
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: backend
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: frontend
-    authentication:
-      mode: required
-    toPorts:
-    - ports:
-      - port: "8080"
-        protocol: TCP
-      - port: "9000"
-        protocol: ANY
-      - protocol: ICMP
-EOF
+cp tests/data/echo-lab.yaml "$OUT/lab.yaml"
+# The demo's auth policy (frontend -> backend on 8080/TCP and 9000/any), plus ICMP for the pings.
+{ cat examples/policies/backend-ingress-auth.yaml; echo '      - protocol: ICMP'; } >"$OUT/measured.yaml"
 # Selects intruder (node-a), which the measured flows never touch.
 cat >"$OUT/churn.yaml" <<'EOF'
 apiVersion: cilium.io/v2

@@ -996,32 +996,9 @@ pub fn leftovers(name: &str, view: Option<&LabView>) -> Vec<String> {
 }
 
 /// frontend and intruder on node-a, backend on node-b serving HTTP on 8080 and an echo
-/// (TCP and UDP) on 9000.
-pub const AUTH_LAB: &str = "pods:\n\
-- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
-- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}\n\
-- {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}\n";
+/// (TCP and UDP) on 9000; the soak runs on the same lab.
+pub const ECHO_LAB: &str = include_str!("../data/echo-lab.yaml");
 
-/// backend admits frontend on 8080/TCP and 9000 (any protocol), mutual auth required.
-pub const AUTH_POLICY: &str = "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: backend-auth
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: backend
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: frontend
-    authentication:
-      mode: required
-    toPorts:
-    - ports:
-      - port: \"8080\"
-        protocol: TCP
-      - port: \"9000\"
-        protocol: ANY
-";
+/// backend admits frontend on 8080/TCP and 9000 (any protocol), mutual auth required: the
+/// demo's policy (`examples/policies/`).
+pub const AUTH_POLICY: &str = include_str!("../../examples/policies/backend-ingress-auth.yaml");

@@ -10,8 +10,8 @@ use std::{
 };
 
 use veil_tests::{
-    assert_all_echoed, missing, push_changed, serial_of, veil_ok, Lab, Status, AUTH_LAB,
-    AUTH_POLICY,
+    assert_all_echoed, missing, push_changed, serial_of, veil_ok, Lab, Status, AUTH_POLICY,
+    ECHO_LAB,
 };
 
 fn url(lab: &Lab) -> String {
@@ -43,7 +43,7 @@ fn epoch_with(st: &Status, node: &str) -> Option<u64> {
 
 #[test]
 fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
-    let lab = Lab::up_with_file(AUTH_LAB, &[]);
+    let lab = Lab::up_with_file(ECHO_LAB, &[]);
     // Control channel up before anything: TLS 1.3 with the hybrid post-quantum group.
     let ch = lab.wait_for("node-a's control channel", Duration::from_secs(10), || {
         lab.status("node-a")
@@ -234,7 +234,7 @@ fn node_from_another_trust_domain_cannot_peer() {
 
 #[test]
 fn revoked_pod_loses_access_within_5s() {
-    let lab = Lab::up_with_auth_policy(AUTH_LAB, &[]);
+    let lab = Lab::up_with_auth_policy(ECHO_LAB, &[]);
     lab.wait_for("frontend's pair on node-b", Duration::from_secs(5), || {
         (!auth_pairs_with(&lab.status("node-b"), "app=frontend").is_empty()).then_some(())
     });
@@ -297,7 +297,7 @@ fn revoked_pod_loses_access_within_5s() {
 #[test]
 fn svid_rotation_every_20s_under_load_loses_nothing() {
     // TTL 40 s: SPIRE-style rotation at half-life, every ~20 s, for workload and node SVIDs.
-    let lab = Lab::up_with_auth_policy(AUTH_LAB, &["--svid-ttl", "40s"]);
+    let lab = Lab::up_with_auth_policy(ECHO_LAB, &["--svid-ttl", "40s"]);
     let (n, gap) = (1200, 100);
     let tcp = lab.echo_client("frontend", false, n, gap);
     let udp = lab.echo_client("frontend", true, n, gap);
@@ -340,7 +340,7 @@ fn svid_rotation_every_20s_under_load_loses_nothing() {
 
 #[test]
 fn psk_rotation_under_load_loses_nothing() {
-    let lab = Lab::up_with_file(&format!("psk_rotation: 5s\n{AUTH_LAB}"), &[]);
+    let lab = Lab::up_with_file(&format!("psk_rotation: 5s\n{ECHO_LAB}"), &[]);
     let (n, gap) = (400, 100);
     let tcp = lab.echo_client("frontend", false, n, gap);
     let udp = lab.echo_client("frontend", true, n, gap);
@@ -460,7 +460,7 @@ fn attack(netns: &str, target: SocketAddr, half_open: usize) -> Vec<TcpStream> {
 
 #[test]
 fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
-    let lab = Lab::up_with_file(AUTH_LAB, &[]);
+    let lab = Lab::up_with_file(ECHO_LAB, &[]);
     let node_b = lab
         .view
         .nodes
@@ -564,7 +564,7 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
 fn leak_check_still_passes_with_mutual_auth() {
     // The transport issue's leak pair, now with tunnel keys that come only from authenticated
     // node handshakes.
-    let lab = Lab::up_with_file(AUTH_LAB, &[]);
+    let lab = Lab::up_with_file(ECHO_LAB, &[]);
     let out = veil_ok(&["check", "--name", &lab.name, "-o", "json"]);
     let r: serde_json::Value = serde_json::from_str(&out).expect("check -o json");
     assert_eq!(r["pass"], true, "{r:#}");
@@ -577,7 +577,7 @@ fn leak_check_still_passes_with_mutual_auth() {
 fn static_key_rotation_under_load_recovers_and_is_measured() {
     // Node static keys rotate every 8 s here (24 h by default); each rotation ends every
     // WireGuard session of the node, so unlike a PSK rotation it can cost packets: measure it.
-    let lab = Lab::up_with_file(&format!("key_rotation: 8s\n{AUTH_LAB}"), &[]);
+    let lab = Lab::up_with_file(&format!("key_rotation: 8s\n{ECHO_LAB}"), &[]);
     let (n, gap) = (300, 100);
     let tcp = lab.echo_client("frontend", false, n, gap);
     let udp = lab.echo_client("frontend", true, n, gap);

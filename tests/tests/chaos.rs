@@ -12,8 +12,8 @@ use std::{
 
 use veil_agent::lab::{spire_real, LabPaths};
 use veil_tests::{
-    contains, pcap_frames, rand_suffix, send_frame, Capture, Lab, Stamped, Streaming, AUTH_LAB,
-    AUTH_POLICY, END_ETHERTYPE,
+    contains, pcap_frames, rand_suffix, send_frame, Capture, Lab, Stamped, Streaming, AUTH_POLICY,
+    ECHO_LAB, END_ETHERTYPE,
 };
 
 /// The capture point: node-a's own underlay interface (in node-a's netns), so every packet
@@ -414,7 +414,7 @@ impl DeniedOutcome {
 /// The auth lab (on the suite's identity provider unless `extra` sets `--identity`) with the
 /// `authentication: required` policy applied and frontend admitted.
 fn up_with_auth_policy(extra: &[&str]) -> Lab {
-    let lab = Lab::up_with_file(AUTH_LAB, extra);
+    let lab = Lab::up_with_file(ECHO_LAB, extra);
     lab.apply_policy_ok(AUTH_POLICY);
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
     lab.wait_for(

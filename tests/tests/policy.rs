@@ -5,64 +5,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{veil, veil_ok, Lab, Streaming};
+use veil_tests::{veil, veil_ok, Lab, Streaming, ECHO_LAB};
 
-const INGRESS: &str = "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: backend-from-frontend
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: backend
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: frontend
-    toPorts:
-    - ports:
-      - port: \"8080\"
-        protocol: TCP
-";
-
-/// The issue's egress policy up to its `rules.http` part (a macro so that `concat!` can extend
-/// it).
-macro_rules! egress {
-    () => {
-        "apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: frontend-to-backend-l7
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: frontend
-  egress:
-  - toEndpoints:
-    - matchLabels:
-        app: backend
-    toPorts:
-    - ports:
-      - port: \"8080\"
-        protocol: TCP
-"
-    };
-}
+/// Only frontend may reach backend, on TCP 8080 (the demo's policy).
+const INGRESS: &str = include_str!("../../examples/policies/backend-ingress.yaml");
 
 /// The issue's egress policy without its `rules.http` part.
-const EGRESS: &str = egress!();
+const EGRESS: &str = include_str!("../../examples/policies/frontend-egress.yaml");
 
 /// The issue's egress policy verbatim (with L7 rules).
-const EGRESS_L7: &str = concat!(
-    egress!(),
-    "      rules:
-        http:
-        - method: \"GET\"
-          path: \"/api/products\"
-"
-);
+const EGRESS_L7: &str = include_str!("../../examples/policies/frontend-to-backend-l7.yaml");
 
 /// The default topology, with intruder serving HTTP on 9999 so that frontend's egress deny has
 /// something to deny: without a listener the connection fails whatever the policy says.
@@ -170,7 +122,7 @@ fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
         "--name",
         &lab.name,
         "shop/backend-from-frontend",
-        "shop/frontend-to-backend-l7",
+        "shop/frontend-to-backend",
     ]);
     assert_eq!(
         lab.try_get("intruder", &url).unwrap(),
@@ -253,11 +205,6 @@ fn audit_mode_passes_and_reports() {
     veil_ok(&["policy", "audit", "--name", &lab.name, "off"]);
     assert!(lab.try_get("intruder", &url).is_err());
 }
-
-const ECHO_LAB: &str = "pods:\n\
-- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
-- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}\n\
-- {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}\n";
 
 /// Counts lines of an echo stream that came back.
 fn stream(lab: &Lab, pod: &str, lines: u32, gap_ms: u32) -> Streaming {

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::Command, time::Duration};
 
 use veil_tests::{
     contains, ip_netns, link_mtu, pcap_frames, rand_suffix, veil, veil_ok, Capture, Lab, Streaming,
+    ECHO_LAB,
 };
 
 /// A capture of the lab's underlay bridge, where every packet between the nodes passes.
@@ -187,11 +188,6 @@ fn strict_mode_drops_without_key_and_recovers() {
     assert_eq!(lab.status("node-a").peers.len(), 1);
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
 }
-
-const ECHO_LAB: &str = "pods:\n\
-- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
-- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}\n\
-- {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}\n";
 
 #[test]
 fn agent_restart_does_not_cut_a_long_stream() {
