@@ -294,9 +294,14 @@ pub fn rfc3339(unix_ns: u64) -> String {
 }
 
 /// In-memory ring of recent flows plus a bounded on-disk log (two files, rotated).
+///
+/// The ring holds records as their JSON lines in one buffer allocated and written in full when
+/// the store opens, so the agent's memory does not grow as flows arrive: a one-hour soak at a
+/// flow a second grew a `VecDeque<Flow>` ring by 2 MB (each record's own strings, and the
+/// deque doubling). Queries parse the records they read (`veil observe` is rare; a full ring
+/// parses in milliseconds).
 pub struct FlowStore {
-    recent: VecDeque<Flow>,
-    capacity: usize,
+    ring: RecordRing,
     log: Option<PathBuf>,
     log_max_bytes: u64,
     next_seq: u64,
@@ -306,14 +311,17 @@ pub struct FlowStore {
 }
 
 impl FlowStore {
-    pub const DEFAULT_CAPACITY: usize = 20_000;
+    /// Records kept in memory (Hubble keeps 4,095 by default).
+    pub const DEFAULT_CAPACITY: usize = 4_096;
     pub const DEFAULT_LOG_BYTES: u64 = 8 << 20;
+    /// Ring bytes per record of capacity: a record is 350–600 bytes of JSON; longer ones (many
+    /// labels) evict more of the oldest.
+    const RECORD_BUDGET: usize = 512;
 
     /// Opens the store, reloading the newest records from the log left by an earlier agent.
     pub fn open(log: Option<PathBuf>, capacity: usize, log_max_bytes: u64) -> Self {
         let mut s = Self {
-            recent: VecDeque::new(),
-            capacity,
+            ring: RecordRing::new(capacity, capacity.saturating_mul(Self::RECORD_BUDGET)),
             log,
             log_max_bytes,
             next_seq: 1,
@@ -326,20 +334,13 @@ impl FlowStore {
                     for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
                         if let Ok(flow) = serde_json::from_str::<Flow>(&line) {
                             s.next_seq = s.next_seq.max(flow.seq + 1);
-                            s.remember(flow);
+                            s.ring.push(&flow, line.as_bytes());
                         }
                     }
                 }
             }
         }
         s
-    }
-
-    fn remember(&mut self, flow: Flow) {
-        if self.recent.len() == self.capacity {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(flow);
     }
 
     /// Records a flow: numbered, kept in memory, appended to the log.
@@ -357,19 +358,21 @@ impl FlowStore {
             .totals
             .entry((flow.verdict, flow.drop_reason.clone().unwrap_or_default()))
             .or_default() += u64::from(flow.count);
+        let mut line = serde_json::to_vec(&flow).expect("flow serializes");
+        self.ring.push(&flow, &line);
         if let Some(path) = &self.log {
-            let _ = append_line(path, &flow, self.log_max_bytes);
+            line.push(b'\n');
+            let _ = append_line(path, &line, self.log_max_bytes);
         }
-        self.remember(flow);
     }
 
     /// Matching flows, oldest first, the newest `limit` of them.
     pub fn query(&self, f: &Filter) -> Vec<Flow> {
         let mut out: Vec<Flow> = self
-            .recent
-            .iter()
+            .ring
+            .records(f.after_seq.unwrap_or(0), f.since_unix_ns.unwrap_or(0))
+            .filter_map(|line| serde_json::from_slice::<Flow>(line).ok())
             .filter(|x| f.matches(x))
-            .cloned()
             .collect();
         if let Some(limit) = f.limit {
             if out.len() > limit {
@@ -384,11 +387,94 @@ impl FlowStore {
     }
 
     pub fn len(&self) -> usize {
-        self.recent.len()
+        self.ring.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.recent.is_empty()
+        self.ring.slots.is_empty()
+    }
+}
+
+/// Where one record's line is in [`RecordRing::buf`], with what queries skip by.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    seq: u64,
+    time_unix_ns: u64,
+    start: usize,
+    len: usize,
+}
+
+/// A FIFO of byte records in a fixed buffer: at most `slots`' capacity records, each stored
+/// whole (never split across the end), the oldest evicted to make room.
+struct RecordRing {
+    buf: Vec<u8>,
+    slots: VecDeque<Slot>,
+    max_slots: usize,
+    /// Where the next record starts.
+    head: usize,
+}
+
+impl RecordRing {
+    fn new(max_slots: usize, bytes: usize) -> Self {
+        // Both are written in full now (a non-zero fill; the index filled and cleared) so that
+        // their pages are resident from the start rather than as the ring fills.
+        let buf = vec![b'\n'; bytes];
+        let mut slots = VecDeque::with_capacity(max_slots);
+        slots.extend(std::iter::repeat_n(
+            Slot {
+                seq: u64::MAX,
+                time_unix_ns: 0,
+                start: 0,
+                len: 0,
+            },
+            max_slots,
+        ));
+        slots.clear();
+        Self {
+            buf,
+            slots,
+            max_slots,
+            head: 0,
+        }
+    }
+
+    fn push(&mut self, flow: &Flow, line: &[u8]) {
+        let len = line.len();
+        if len > self.buf.len() || self.max_slots == 0 {
+            return;
+        }
+        if self.head + len > self.buf.len() {
+            // Wrap: what lies beyond the head is the oldest of the previous lap.
+            while self.slots.front().is_some_and(|s| s.start >= self.head) {
+                self.slots.pop_front();
+            }
+            self.head = 0;
+        }
+        let end = self.head + len;
+        while self.slots.len() == self.max_slots
+            || self
+                .slots
+                .front()
+                .is_some_and(|s| s.start < end && self.head < s.start + s.len)
+        {
+            self.slots.pop_front();
+        }
+        self.buf[self.head..end].copy_from_slice(line);
+        self.slots.push_back(Slot {
+            seq: flow.seq,
+            time_unix_ns: flow.time_unix_ns,
+            start: self.head,
+            len,
+        });
+        self.head = end;
+    }
+
+    /// Records numbered after `after_seq` and stamped at or after `since_ns`, oldest first.
+    fn records(&self, after_seq: u64, since_ns: u64) -> impl Iterator<Item = &[u8]> {
+        self.slots
+            .iter()
+            .filter(move |s| s.seq > after_seq && s.time_unix_ns >= since_ns)
+            .map(|s| &self.buf[s.start..s.start + s.len])
     }
 }
 
@@ -396,7 +482,8 @@ fn rotated(path: &Path) -> PathBuf {
     path.with_extension("jsonl.1")
 }
 
-fn append_line(path: &Path, flow: &Flow, max: u64) -> std::io::Result<()> {
+/// Appends one line (newline included), first rotating the file when it holds half the budget.
+fn append_line(path: &Path, line: &[u8], max: u64) -> std::io::Result<()> {
     if std::fs::metadata(path)
         .map(|m| m.len() >= max / 2)
         .unwrap_or(false)
@@ -407,9 +494,7 @@ fn append_line(path: &Path, flow: &Flow, max: u64) -> std::io::Result<()> {
         .create(true)
         .append(true)
         .open(path)?;
-    let mut line = serde_json::to_vec(flow).expect("flow serializes");
-    line.push(b'\n');
-    f.write_all(&line)
+    f.write_all(line)
 }
 
 /// Parses `--since`: a duration back from now (`30s`, `5m`) or an RFC 3339-free unix seconds.
@@ -671,6 +756,46 @@ mod tests {
             "numbering continues"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn record_ring_keeps_the_newest_suffix_within_its_bounds() {
+        // Records of varied lengths through a small ring: what it keeps is always the newest
+        // records in order, within both bounds, and no less than the buffer minus what a wrap
+        // and the record being written can waste.
+        let (bytes, max_slots, longest) = (1000, 40, 97);
+        let mut ring = RecordRing::new(max_slots, bytes);
+        let mut pushed: Vec<Vec<u8>> = Vec::new();
+        for i in 0..500u64 {
+            let len = 20 + (i * 37 % 78) as usize;
+            let line = vec![b'a' + (i % 26) as u8; len];
+            let flow = Flow {
+                seq: i + 1,
+                time_unix_ns: i,
+                ..Default::default()
+            };
+            ring.push(&flow, &line);
+            pushed.push(line);
+            let kept: Vec<&[u8]> = ring.records(0, 0).collect();
+            let suffix = &pushed[pushed.len() - kept.len()..];
+            assert!(
+                kept.iter().zip(suffix).all(|(a, b)| a == &b.as_slice()),
+                "after {} pushes the ring is not the newest records in order",
+                i + 1
+            );
+            let held: usize = kept.iter().map(|r| r.len()).sum();
+            assert!(kept.len() <= max_slots && held <= bytes);
+            assert!(
+                kept.len() == max_slots
+                    || held + 2 * longest >= bytes
+                    || pushed.len() == kept.len(),
+                "after {} pushes only {held} bytes in {} records are kept",
+                i + 1,
+                kept.len()
+            );
+        }
+        assert_eq!(ring.records(495, 0).count(), 5, "skips by seq");
+        assert_eq!(ring.records(0, 498).count(), 2, "skips by time");
     }
 
     #[test]
