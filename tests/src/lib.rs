@@ -181,6 +181,19 @@ impl Lab {
         }
     }
 
+    /// `veil lab up --name NAME EXTRA...` that must be refused: fails the test (after taking
+    /// the lab down) if it came up; returns veil's error output.
+    pub fn up_refused(name: &str, extra: &[&str]) -> String {
+        require_lab_environment();
+        let args = [&["lab", "up", "--name", name], extra].concat();
+        let out = veil(&args);
+        if out.status.success() {
+            let _ = veil(&["lab", "down", "--name", name]);
+            panic!("veil {} was accepted", args.join(" "));
+        }
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     pub fn show(name: &str) -> LabView {
         let json = veil_ok(&["lab", "show", "--name", name, "-o", "json"]);
         serde_json::from_str(&json).expect("lab show -o json parses")
@@ -592,7 +605,7 @@ pub struct TempFile {
 }
 
 impl TempFile {
-    pub fn new(name: &str, contents: &str) -> Self {
+    pub fn new(name: &str, contents: impl AsRef<[u8]>) -> Self {
         let dir = std::env::temp_dir().join("veil-tests");
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join(name);
@@ -780,6 +793,73 @@ pub fn pcap_frames(pcap: &[u8]) -> Vec<&[u8]> {
         frames.push(frame);
     }
     frames
+}
+
+/// The facts of one IPv4 frame of a capture that the MTU and fragmentation checks need.
+#[derive(Debug)]
+pub struct Ipv4Frame {
+    pub src: String,
+    pub dst: String,
+    pub total_len: u32,
+    /// More-fragments set or a non-zero fragment offset.
+    pub is_fragment: bool,
+    /// UDP ports of whole datagrams and first fragments.
+    pub udp_ports: Option<(u16, u16)>,
+    /// For a UDP payload made of WireGuard data messages: the length of each message. veil-wg
+    /// sends with UDP GSO and the lab's veths and bridge keep the batch whole, so tcpdump on the
+    /// bridge sees one "frame" per batch; each message becomes its own datagram of this length
+    /// (the last may be shorter) wherever the batch is segmented.
+    pub wg_segment: Option<usize>,
+}
+
+impl Ipv4Frame {
+    /// The IP length of the largest datagram this frame stands for on a wire.
+    pub fn wire_len(&self) -> u32 {
+        match self.wg_segment {
+            Some(seg) => self.total_len.min(seg as u32 + 28),
+            None => self.total_len,
+        }
+    }
+}
+
+/// The segment length of a UDP payload that is a batch of WireGuard data messages (type 4, all
+/// to one receiver index, equal lengths but the last): the smallest length at whose every
+/// multiple such a header starts. A false match needs 8 ciphertext bytes to equal the header.
+fn wg_segment(p: &[u8]) -> Option<usize> {
+    if p.len() < 32 || p[..4] != [4, 0, 0, 0] {
+        return None;
+    }
+    (32..=p.len()).find(|&seg| {
+        (seg..p.len())
+            .step_by(seg)
+            .all(|at| p[at..].len() >= 32 && p[at..at + 8] == p[..8])
+    })
+}
+
+/// The IPv4 frames of a pcap file (Ethernet link type, as tcpdump writes for the bridge).
+pub fn ipv4_frames(pcap: &[u8]) -> Vec<Ipv4Frame> {
+    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let mut out = Vec::new();
+    for frame in pcap_frames(pcap) {
+        if frame.len() < 34 || be16(&frame[12..14]) != 0x0800 {
+            continue;
+        }
+        let ip = &frame[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let frag = be16(&ip[6..8]);
+        out.push(Ipv4Frame {
+            src: std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]).to_string(),
+            dst: std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]).to_string(),
+            total_len: u32::from(be16(&ip[2..4])),
+            is_fragment: frag & 0x2000 != 0 || frag & 0x1fff != 0,
+            udp_ports: (ip[9] == 17 && frag & 0x1fff == 0 && ip.len() >= ihl + 4)
+                .then(|| (be16(&ip[ihl..]), be16(&ip[ihl + 2..]))),
+            wg_segment: (ip[9] == 17 && frag & 0x3fff == 0 && ip.len() >= ihl + 8)
+                .then(|| wg_segment(&ip[ihl + 8..]))
+                .flatten(),
+        });
+    }
+    out
 }
 
 /// A tcpdump writing a pcap of one interface in one netns, independent of `veil check`; stopped

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{contains, ip_netns, link_mtu, pcap_frames, rand_suffix, Capture, Lab};
+use veil_tests::{contains, ip_netns, ipv4_frames, link_mtu, rand_suffix, Capture, Lab, TempFile};
 
 /// Bytes of each bulk transfer.
 const BULK_BYTES: usize = 16 << 20;
@@ -43,73 +43,6 @@ fn raise_pod_mtu(lab: &Lab, pod: &str, mtu: u32) {
 /// A capture of the lab's underlay bridge that must be complete.
 fn underlay_capture(lab: &Lab) -> Capture {
     Capture::start_lossless(&lab.view.underlay.netns, &lab.view.underlay.bridge)
-}
-
-/// One IPv4 frame of a capture.
-#[derive(Debug)]
-struct Ipv4Frame {
-    src: String,
-    dst: String,
-    total_len: u32,
-    /// More-fragments set or a non-zero fragment offset.
-    is_fragment: bool,
-    /// UDP ports of whole datagrams and first fragments.
-    udp_ports: Option<(u16, u16)>,
-    /// For a UDP payload made of WireGuard data messages: the length of each message. veil-wg
-    /// sends with UDP GSO and the lab's veths and bridge keep the batch whole, so tcpdump on the
-    /// bridge sees one "frame" per batch; each message becomes its own datagram of this length
-    /// (the last may be shorter) wherever the batch is segmented.
-    wg_segment: Option<usize>,
-}
-
-impl Ipv4Frame {
-    /// The IP length of the largest datagram this frame stands for on a wire.
-    fn wire_len(&self) -> u32 {
-        match self.wg_segment {
-            Some(seg) => self.total_len.min(seg as u32 + 28),
-            None => self.total_len,
-        }
-    }
-}
-
-/// The segment length of a UDP payload that is a batch of WireGuard data messages (type 4, all
-/// to one receiver index, equal lengths but the last): the smallest length at whose every
-/// multiple such a header starts. A false match needs 8 ciphertext bytes to equal the header.
-fn wg_segment(p: &[u8]) -> Option<usize> {
-    if p.len() < 32 || p[..4] != [4, 0, 0, 0] {
-        return None;
-    }
-    (32..=p.len()).find(|&seg| {
-        (seg..p.len())
-            .step_by(seg)
-            .all(|at| p[at..].len() >= 32 && p[at..at + 8] == p[..8])
-    })
-}
-
-/// The IPv4 frames of a pcap file (Ethernet link type, as tcpdump writes for the bridge).
-fn ipv4_frames(pcap: &[u8]) -> Vec<Ipv4Frame> {
-    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-    let mut out = Vec::new();
-    for frame in pcap_frames(pcap) {
-        if frame.len() < 34 || be16(&frame[12..14]) != 0x0800 {
-            continue;
-        }
-        let ip = &frame[14..];
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        let frag = be16(&ip[6..8]);
-        out.push(Ipv4Frame {
-            src: std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]).to_string(),
-            dst: std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]).to_string(),
-            total_len: u32::from(be16(&ip[2..4])),
-            is_fragment: frag & 0x2000 != 0 || frag & 0x1fff != 0,
-            udp_ports: (ip[9] == 17 && frag & 0x1fff == 0 && ip.len() >= ihl + 4)
-                .then(|| (be16(&ip[ihl..]), be16(&ip[ihl + 2..]))),
-            wg_segment: (ip[9] == 17 && frag & 0x3fff == 0 && ip.len() >= ihl + 8)
-                .then(|| wg_segment(&ip[ihl + 8..]))
-                .flatten(),
-        });
-    }
-    out
 }
 
 /// What an underlay capture holds that NI forbids, and the WireGuard traffic it carries.
@@ -168,99 +101,98 @@ fn assert_underlay_clean(raw: &[u8], lab: &Lab, marker: &str, underlay_mtu: u32)
     f
 }
 
-/// BULK_BYTES of numbered lines each carrying `marker`.
-fn bulk_file(marker: &str) -> (tempfile_path::Path, Vec<u8>) {
-    let mut data = Vec::with_capacity(BULK_BYTES + 64);
-    let mut i = 0u64;
-    while data.len() < BULK_BYTES {
-        data.extend_from_slice(format!("{marker} {i:012}\n").as_bytes());
-        i += 1;
-    }
-    data.truncate(BULK_BYTES);
-    let path = tempfile_path::Path::new(&format!("veil-mtu-send-{}", rand_suffix()));
-    std::fs::write(&path.0, &data).unwrap();
-    (path, data)
+/// BULK_BYTES of numbered lines each carrying a marker, in a file the pods' ncat sends.
+struct Bulk {
+    marker: String,
+    data: Vec<u8>,
+    file: TempFile,
 }
 
-mod tempfile_path {
-    /// A file removed on drop.
-    pub struct Path(pub std::path::PathBuf);
-    impl Path {
-        pub fn new(name: &str) -> Self {
-            Self(std::env::temp_dir().join(name))
-        }
-    }
-    impl Drop for Path {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
+/// The two bulk transfers NL asks for: (from, to, port).
+const BOTH_WAYS: [(&str, &str, u16); 2] =
+    [("frontend", "backend", 9300), ("backend", "frontend", 9301)];
 
-/// Sends `data` (already in `send`) from pod `from` to pod `to` over TCP with ncat; asserts it
-/// arrives whole within BULK_TIMEOUT; returns how long it took.
-fn transfer(
-    lab: &Lab,
-    from: &str,
-    to: &str,
-    port: u16,
-    send: &std::path::Path,
-    data: &[u8],
-) -> Duration {
-    let recv = tempfile_path::Path::new(&format!("veil-mtu-recv-{}", rand_suffix()));
-    let mut server = lab
-        .command_in(
-            to,
+impl Bulk {
+    fn new() -> Bulk {
+        let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
+        let mut data = Vec::with_capacity(BULK_BYTES + 64);
+        let mut i = 0u64;
+        while data.len() < BULK_BYTES {
+            data.extend_from_slice(format!("{marker} {i:012}\n").as_bytes());
+            i += 1;
+        }
+        data.truncate(BULK_BYTES);
+        let file = TempFile::new(&format!("veil-mtu-send-{}", rand_suffix()), &data);
+        Bulk { marker, data, file }
+    }
+
+    /// [`BOTH_WAYS`], one after the other; returns how long each took.
+    fn both_ways(&self, lab: &Lab) -> (Duration, Duration) {
+        let [(f1, t1, p1), (f2, t2, p2)] = BOTH_WAYS;
+        (
+            self.transfer(lab, f1, t1, p1),
+            self.transfer(lab, f2, t2, p2),
+        )
+    }
+
+    /// Sends the data from pod `from` to pod `to` over TCP with ncat; asserts it arrives whole
+    /// within BULK_TIMEOUT; returns how long it took.
+    fn transfer(&self, lab: &Lab, from: &str, to: &str, port: u16) -> Duration {
+        let (send, data) = (&self.file.path, self.data.as_slice());
+        let recv = TempFile::new(&format!("veil-mtu-recv-{}", rand_suffix()), "");
+        let mut server = lab
+            .command_in(
+                to,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("exec ncat -l {port} > {}", recv.path.display()),
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let sport = format!("sport = :{port}");
+        lab.wait_for(
+            &format!("{to} listening on {port}"),
+            Duration::from_secs(5),
+            || {
+                let ss = lab.exec_ok(to, &["ss", "-Hltn", &sport]);
+                (!ss.trim().is_empty()).then_some(())
+            },
+        );
+        let to_ip = lab.pod_ip(to);
+        let timeout = BULK_TIMEOUT.as_secs().to_string();
+        let start = Instant::now();
+        let client = lab.exec(
+            from,
             &[
+                "timeout",
+                &timeout,
                 "sh",
                 "-c",
-                &format!("exec ncat -l {port} > {}", recv.0.display()),
+                &format!("ncat --send-only {to_ip} {port} < {}", send.display()),
             ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let sport = format!("sport = :{port}");
-    lab.wait_for(
-        &format!("{to} listening on {port}"),
-        Duration::from_secs(5),
-        || {
-            let ss = lab.exec_ok(to, &["ss", "-Hltn", &sport]);
-            (!ss.trim().is_empty()).then_some(())
-        },
-    );
-    let to_ip = lab.pod_ip(to);
-    let timeout = BULK_TIMEOUT.as_secs().to_string();
-    let start = Instant::now();
-    let client = lab.exec(
-        from,
-        &[
-            "timeout",
-            &timeout,
-            "sh",
-            "-c",
-            &format!("ncat --send-only {to_ip} {port} < {}", send.display()),
-        ],
-    );
-    // The server ends when the client's FIN arrives after the last byte.
-    let done = loop {
-        if let Some(st) = server.try_wait().unwrap() {
-            break Some(st);
+        );
+        // The server ends when the client's FIN arrives after the last byte.
+        let done = loop {
+            if let Some(st) = server.try_wait().unwrap() {
+                break Some(st);
+            }
+            if start.elapsed() > BULK_TIMEOUT + Duration::from_secs(5) {
+                break None;
+            }
+            // Poll interval of the wait for the receiver to finish.
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = start.elapsed();
+        if done.is_none() {
+            let _ = server.kill();
+            let _ = server.wait();
         }
-        if start.elapsed() > BULK_TIMEOUT + Duration::from_secs(5) {
-            break None;
-        }
-        // Poll interval of the wait for the receiver to finish.
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let took = start.elapsed();
-    if done.is_none() {
-        let _ = server.kill();
-        let _ = server.wait();
-    }
-    let got = std::fs::read(&recv.0).unwrap_or_default();
-    assert!(
+        let got = std::fs::read(&recv.path).unwrap_or_default();
+        assert!(
         client.status.success() && done.is_some(),
         "{from} -> {to}: transfer did not finish in {BULK_TIMEOUT:?} (client {}, {} of {} bytes \
          arrived): black-holed TCP",
@@ -268,9 +200,10 @@ fn transfer(
         got.len(),
         data.len()
     );
-    assert_eq!(got.len(), data.len(), "{from} -> {to}: byte count");
-    assert!(got == data, "{from} -> {to}: bytes differ");
-    took
+        assert_eq!(got.len(), data.len(), "{from} -> {to}: byte count");
+        assert!(got == data, "{from} -> {to}: bytes differ");
+        took
+    }
 }
 
 fn mbit_s(bytes: usize, took: Duration) -> f64 {
@@ -296,17 +229,15 @@ fn low_underlay_mtu(underlay_mtu: u32) {
         assert_eq!(link_mtu(&p.netns, "eth0"), tunnel_mtu, "{} eth0", p.name);
     }
 
-    let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
-    let (send, data) = bulk_file(&marker);
+    let bulk = Bulk::new();
     let cap = underlay_capture(&lab);
-    let there = transfer(&lab, "frontend", "backend", 9300, &send.0, &data);
-    let back = transfer(&lab, "backend", "frontend", 9301, &send.0, &data);
+    let (there, back) = bulk.both_ways(&lab);
     let raw = cap.stop();
     let Findings {
         wg_datagrams: wg,
         wg_largest: largest,
         ..
-    } = assert_underlay_clean(&raw, &lab, &marker, underlay_mtu);
+    } = assert_underlay_clean(&raw, &lab, &bulk.marker, underlay_mtu);
     // Both transfers crossed the tunnel: at least one WireGuard datagram per tunnel-MTU of data.
     assert!(
         wg as u32 >= 2 * BULK_BYTES as u32 / tunnel_mtu,
@@ -411,29 +342,28 @@ fn pod_with_a_raised_mtu_leaks_nothing_and_its_tcp_still_flows() {
     let fe = lab.view.pods.iter().find(|p| p.name == "frontend").unwrap();
     assert_eq!(link_mtu(&fe.netns, "eth0"), 1500);
     let be = lab.pod_ip("backend");
-    let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
-    let (send, data) = bulk_file(&marker);
+    let bulk = Bulk::new();
+    let marker = &bulk.marker;
 
     let cap = underlay_capture(&lab);
     // DF datagrams one byte over the tunnel MTU and well over it, straight from the raised pod.
     let tx_before = tunnel_tx_packets(&lab, "node-a");
     let mut report = Vec::new();
     for total in [tunnel_mtu + 1, 1400, 1500] {
-        let (sent, pmtu, err) = send_udp(&lab, "frontend", &be, total, &marker, true);
+        let (sent, pmtu, err) = send_udp(&lab, "frontend", &be, total, marker, true);
         report.push(format!(
             "{total}: sent {sent}, path mtu {pmtu}, error {err}"
         ));
     }
     let tx_oversized = tunnel_tx_packets(&lab, "node-a") - tx_before;
     // TCP both ways: the raised pod's MSS (1460) is bounded by the other end's (tunnel MTU - 40).
-    let there = transfer(&lab, "frontend", "backend", 9300, &send.0, &data);
-    let back = transfer(&lab, "backend", "frontend", 9301, &send.0, &data);
+    let (there, back) = bulk.both_ways(&lab);
     let raw = cap.stop();
     let Findings {
         wg_datagrams: wg,
         wg_largest: largest,
         ..
-    } = assert_underlay_clean(&raw, &lab, &marker, underlay_mtu);
+    } = assert_underlay_clean(&raw, &lab, marker, underlay_mtu);
     assert!(largest <= underlay_mtu);
     println!(
         "underlay {underlay_mtu}, tunnel {tunnel_mtu}, frontend eth0 1500: DF UDP {report:?}; \
@@ -456,14 +386,13 @@ fn underlay_mtu_1280_with_encryption_off_shows_plaintext_and_fragments() {
         &[],
     );
     let be = lab.pod_ip("backend");
-    let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
-    let (send, data) = bulk_file(&marker);
+    let bulk = Bulk::new();
     let cap = underlay_capture(&lab);
-    transfer(&lab, "frontend", "backend", 9300, &send.0, &data);
-    let (sent, _, err) = send_udp(&lab, "frontend", &be, 1400, &marker, false);
+    bulk.transfer(&lab, "frontend", "backend", 9300);
+    let (sent, _, err) = send_udp(&lab, "frontend", &be, 1400, &bulk.marker, false);
     assert!(sent >= 1, "no datagram sent: {err}");
     let raw = cap.stop();
-    let f = classify(&raw, &lab, &marker, underlay_mtu);
+    let f = classify(&raw, &lab, &bulk.marker, underlay_mtu);
     println!("encryption off: {f:?}");
     assert!(f.plaintext > 0, "the classifier saw no pod address: {f:?}");
     assert!(f.has_marker, "the marker search saw nothing: {f:?}");
@@ -484,10 +413,10 @@ fn oversized_df_packets_get_frag_needed_and_tcp_is_not_black_holed() {
     raise_pod_mtu(&lab, "frontend", 1500);
     raise_pod_mtu(&lab, "backend", 1500);
     let be = lab.pod_ip("backend");
-    let marker = format!("veil-mtu-marker-{:08x}", rand_suffix());
+    let bulk = Bulk::new();
     let mut failures = Vec::new();
     for total in [tunnel_mtu + 1, 1400] {
-        let (sent, pmtu, err) = send_udp(&lab, "frontend", &be, total, &marker, true);
+        let (sent, pmtu, err) = send_udp(&lab, "frontend", &be, total, &bulk.marker, true);
         if pmtu > tunnel_mtu {
             failures.push(format!(
                 "a DF datagram of {total} bytes over a tunnel of {tunnel_mtu}: no frag-needed came \
@@ -495,9 +424,8 @@ fn oversized_df_packets_get_frag_needed_and_tcp_is_not_black_holed() {
             ));
         }
     }
-    let (send, data) = bulk_file(&marker);
-    for (from, to, port) in [("frontend", "backend", 9300), ("backend", "frontend", 9301)] {
-        let run = std::panic::AssertUnwindSafe(|| transfer(&lab, from, to, port, &send.0, &data));
+    for (from, to, port) in BOTH_WAYS {
+        let run = std::panic::AssertUnwindSafe(|| bulk.transfer(&lab, from, to, port));
         if let Err(e) = std::panic::catch_unwind(run) {
             let msg = e
                 .downcast_ref::<String>()

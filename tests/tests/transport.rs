@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use veil_tests::{
-    contains, ip_netns, link_mtu, pcap_frames, rand_suffix, veil, veil_ok, Capture, Lab, Streaming,
+    contains, ip_netns, ipv4_frames, link_mtu, rand_suffix, veil, veil_ok, Capture, Lab, Streaming,
     ECHO_LAB,
 };
 
@@ -412,43 +412,6 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
     );
 }
 
-/// The facts of one IPv4 frame of a capture that the MTU checks need.
-#[derive(Debug)]
-struct Ipv4Frame {
-    src: String,
-    dst: String,
-    total_len: u32,
-    /// More-fragments set or a non-zero fragment offset.
-    is_fragment: bool,
-    /// UDP source and destination port (first fragments and whole datagrams only).
-    udp_ports: Option<(u16, u16)>,
-}
-
-/// The IPv4 frames of a pcap file (Ethernet link type, as tcpdump writes for the bridge).
-fn ipv4_frames(pcap: &[u8]) -> Vec<Ipv4Frame> {
-    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-    let mut out = Vec::new();
-    for frame in pcap_frames(pcap) {
-        if frame.len() < 34 || be16(&frame[12..14]) != 0x0800 {
-            continue;
-        }
-        let ip = &frame[14..];
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        let frag = be16(&ip[6..8]);
-        let is_fragment = frag & 0x2000 != 0 || frag & 0x1fff != 0;
-        let udp_ports = (ip[9] == 17 && frag & 0x1fff == 0 && ip.len() >= ihl + 4)
-            .then(|| (be16(&ip[ihl..]), be16(&ip[ihl + 2..])));
-        out.push(Ipv4Frame {
-            src: std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]).to_string(),
-            dst: std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]).to_string(),
-            total_len: u32::from(be16(&ip[2..4])),
-            is_fragment,
-            udp_ports,
-        });
-    }
-    out
-}
-
 struct TempDir(PathBuf);
 
 impl Drop for TempDir {
@@ -461,19 +424,7 @@ impl Drop for TempDir {
 fn wg_tools_read_and_write_veil_wg() {
     let lab = Lab::up(&[]);
     let node = &lab.view.nodes[0];
-    let wg = |args: &[&str]| {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &node.netns, "wg"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "wg {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let wg = |args: &[&str]| ip_netns(&node.netns, &[&["wg"], args].concat());
     let show = wg(&["show", &node.wg_interface]);
     let st = lab.status("node-a");
     assert!(show.contains(st.public_key.as_deref().unwrap()), "{show}");
@@ -546,25 +497,32 @@ fn uapi_exchange(sock: &std::path::Path, request: &[u8], close_write: bool) -> (
     (pid, errno)
 }
 
-/// The device configuration as `get=1` reports it, without the runtime counters (handshake
-/// times, bytes), which move with traffic.
-fn uapi_config(sock: &std::path::Path) -> Vec<String> {
+/// `get=1` on a connection of its own: the whole answer, which must come within `timeout` and
+/// report success.
+fn uapi_get(sock: &std::path::Path, timeout: Duration) -> String {
     use std::io::{Read as _, Write as _};
-    let mut stream = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).expect("connect uapi");
+    stream.set_read_timeout(Some(timeout)).unwrap();
     stream.write_all(b"get=1\n\n").unwrap();
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
     while !answer.ends_with(b"\n\n") {
-        let n = stream.read(&mut buf).expect("get=1 answer");
+        let n = stream
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("get=1 answered within {timeout:?}: {e}"));
         assert!(n > 0, "veil-wg closed the connection on get=1");
         answer.extend_from_slice(&buf[..n]);
     }
     let text = String::from_utf8(answer).expect("get=1 answer is text");
-    assert!(text.contains("errno=0\n"), "get=1 failed");
-    text.lines()
+    assert!(text.contains("errno=0\n"), "get=1 failed: {text}");
+    text
+}
+
+/// The device configuration as `get=1` reports it, without the runtime counters (handshake
+/// times, bytes), which move with traffic.
+fn uapi_config(sock: &std::path::Path) -> Vec<String> {
+    uapi_get(sock, Duration::from_secs(10))
+        .lines()
         .filter(|l| {
             !l.is_empty()
                 && ![
@@ -871,18 +829,8 @@ fn kernel_backend_runs_where_the_kernel_has_wireguard() {
     } else {
         // Not available here: say so, and prove the failure is the clear, early one.
         let name = veil_tests::unique_name();
-        let out = veil(&[
-            "lab",
-            "up",
-            "--name",
-            &name,
-            "--backend",
-            "kernel",
-            "--quiet",
-        ]);
+        let err = Lab::up_refused(&name, &["--backend", "kernel", "--quiet"]);
         let _ = veil(&["lab", "down", "--name", &name]);
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("no WireGuard"), "{err}");
         assert!(veil_tests::leftovers(&name, None).is_empty());
         println!("kernel backend end-to-end NOT RUN: this kernel has no WireGuard module; `lab up --backend kernel` is refused with: {}", err.trim());
@@ -946,26 +894,10 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
     assert!(pid_before.is_some(), "no veil-wg process for node-a");
 
     let cap = underlay_capture(&lab);
-    let out = Command::new("ip")
-        .args(["netns", "exec", &b_ns, "python3", "-c", HOSTILE_UDP, &a_ip])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sent: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let out = ip_netns(&b_ns, &["python3", "-c", HOSTILE_UDP, &a_ip]);
+    let sent: u32 = out.trim().parse().unwrap();
     assert!(sent > 340, "sent {sent} datagrams");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &b_ns, "python3", "-c", HOSTILE_TCP, &a_ip])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ip_netns(&b_ns, &["python3", "-c", HOSTILE_TCP, &a_ip]);
 
     // Traffic still flows both ways through the tunnel, on a fresh connection each time.
     for i in 0..5 {
@@ -1073,15 +1005,7 @@ for _ in range(5):
 "#
     );
     assert_five_dropped(&lab, "node-a", "host-spoofed-source", || {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &a_ns, "python3", "-c", &script])
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ip_netns(&a_ns, &["python3", "-c", &script]);
     });
     // Nothing from port 40999 was seen arriving at node-b.
     let flows = lab.observe(&["--node", "node-b"]);
@@ -1224,20 +1148,7 @@ fn slow_uapi_clients_do_not_get_veil_wg_restarted() {
             .collect();
         // Meanwhile a real client is answered at once.
         let t = std::time::Instant::now();
-        let mut probe = std::os::unix::net::UnixStream::connect(&sock).expect("connect uapi");
-        probe.write_all(b"get=1\n\n").unwrap();
-        probe
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        let mut answer = String::new();
-        let mut buf = [0u8; 4096];
-        while !answer.contains("errno=") {
-            use std::io::Read as _;
-            let n = probe.read(&mut buf).expect("get answered within 3 s");
-            assert!(n > 0, "connection closed without an answer");
-            answer.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        assert!(answer.contains("errno=0"), "{answer}");
+        uapi_get(&sock, Duration::from_secs(3));
         assert!(
             t.elapsed() < Duration::from_secs(1),
             "get took {:?}",
