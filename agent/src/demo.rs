@@ -305,23 +305,18 @@ fn step_identities(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> R
         return spire_rotation(exe, spec, paths, &st, &before);
     }
     let t = Instant::now();
-    let out = Command::new(exe)
-        .args([
+    stdout_of(
+        Command::new(exe).args([
             "lab",
             "rotate",
             "--name",
             &spec.name,
             "--pod",
             &fe.qualified_name(),
-        ])
-        .output()
-        .map_err(|e| Error::Step(e.to_string()))?;
-    if !out.status.success() {
-        return Err(Error::Step(format!(
-            "rotate failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
+        ]),
+        "",
+        "rotate",
+    )?;
     let after = loop {
         match serial_of(&status(paths, &fe.node)?) {
             Some(s) if s != before => break s,
@@ -440,22 +435,18 @@ fn step_policy(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Resul
     let policy = paths.root.join("demo-policy.yaml");
     std::fs::write(&policy, DEMO_POLICY).map_err(|e| Error::Step(e.to_string()))?;
     let t = Instant::now();
-    let out = Command::new(exe)
-        .args(["policy", "apply", "--name", &spec.name, "-f"])
-        .arg(&policy)
-        .output()
-        .map_err(|e| Error::Step(e.to_string()))?;
-    if !out.status.success() {
-        return Err(Error::Step(format!(
-            "policy apply failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
+    let applied = stdout_of(
+        Command::new(exe)
+            .args(["policy", "apply", "--name", &spec.name, "-f"])
+            .arg(&policy),
+        "",
+        "policy apply",
+    )?;
     println!(
         "policy applied; in force on every node after {:.0} ms:",
         t.elapsed().as_secs_f64() * 1e3
     );
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{applied}");
     let get = |pod: &spec::PodSpec| {
         exec_in_pod(
             exe,
@@ -511,8 +502,9 @@ fn syn_retransmits(exe: &Path, lab: &str, pod: &str) -> Option<u64> {
     })
 }
 
-/// `curl` connect time (ms) from a pod, or None when the request failed.
-fn connect_ms(exe: &Path, lab: &str, pod: &str, url: &str) -> Option<f64> {
+/// `curl` from a pod: the HTTP status code and the connect time in ms (what the benches
+/// measure too).
+pub fn curl_connect(exe: &Path, lab: &str, pod: &str, url: &str) -> Result<(String, f64), Error> {
     let out = exec_in_pod(
         exe,
         lab,
@@ -528,10 +520,83 @@ fn connect_ms(exe: &Path, lab: &str, pod: &str, url: &str) -> Option<f64> {
             "%{http_code} %{time_connect}",
             url,
         ],
-    )
-    .ok()?;
-    let (code, t) = out.split_once(' ')?;
-    (code == "200").then(|| t.trim().parse::<f64>().ok().map(|s| s * 1e3))?
+    )?;
+    out.split_once(' ')
+        .and_then(|(code, t)| Some((code.to_owned(), t.trim().parse::<f64>().ok()? * 1e3)))
+        .ok_or_else(|| Error::Step(format!("unexpected curl output `{out}`")))
+}
+
+/// `curl` connect time (ms) from a pod, or None when the request failed.
+fn connect_ms(exe: &Path, lab: &str, pod: &str, url: &str) -> Option<f64> {
+    let (code, ms) = curl_connect(exe, lab, pod, url).ok()?;
+    (code == "200").then_some(ms)
+}
+
+/// The PSK epoch of `node`'s first control channel (0 before any node handshake).
+fn psk_epoch(paths: &lab::LabPaths, node: &str) -> Result<u64, Error> {
+    Ok(status(paths, node)?
+        .channels
+        .first()
+        .map(|c| c.epoch)
+        .unwrap_or(0))
+}
+
+/// A TCP stream and a numbered UDP probe from one pod to another's echo port, `n` lines each.
+struct EchoStreams {
+    tcp: std::process::Child,
+    udp: std::process::Child,
+    n: u32,
+}
+
+/// What came back of [`EchoStreams`]; prints as `TCP stream 120/120 lines, UDP probe 120/120
+/// datagrams, 0 lost`.
+struct Echoed {
+    tcp: usize,
+    udp: usize,
+    sent: u32,
+}
+
+impl Echoed {
+    fn is_complete(&self) -> bool {
+        self.tcp + self.udp >= 2 * self.sent as usize
+    }
+}
+
+impl std::fmt::Display for Echoed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Echoed { tcp, udp, sent: n } = self;
+        write!(
+            f,
+            "TCP stream {tcp}/{n} lines, UDP probe {udp}/{n} datagrams, {} lost",
+            (2 * *n as usize).saturating_sub(tcp + udp)
+        )
+    }
+}
+
+impl EchoStreams {
+    fn start(
+        exe: &Path,
+        lab: &str,
+        from: &spec::PodSpec,
+        to: &spec::PodSpec,
+        n: u32,
+    ) -> Result<Self, Error> {
+        let (pod, ip) = (from.qualified_name(), to.ip.to_string());
+        Ok(Self {
+            tcp: echo_client(exe, lab, &pod, &ip, n, false)?,
+            udp: echo_client(exe, lab, &pod, &ip, n, true)?,
+            n,
+        })
+    }
+
+    /// Lines echoed back on the TCP stream and the UDP probe, once both clients end.
+    fn finish(self) -> Echoed {
+        Echoed {
+            tcp: echoed(self.tcp),
+            udp: echoed(self.udp),
+            sent: self.n,
+        }
+    }
 }
 
 /// A client in a pod sending `n` numbered lines to `ip:9000` (TCP or UDP echo), one every 50 ms.
@@ -630,9 +695,9 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
         }
     );
 
-    let (tcp_n, udp_n, n) = match spec.identity {
-        spec::IdentityProvider::Spire => spire_rotation_under_load(exe, spec, paths)?,
-        spec::IdentityProvider::Dev => dev_rotation_under_load(exe, spec, paths)?,
+    let echoed = match spec.identity {
+        spec::IdentityProvider::Spire => spire_rotation_under_load(exe, spec, paths, fe, be)?,
+        spec::IdentityProvider::Dev => dev_rotation_under_load(exe, lab, paths, fe, be)?,
     };
 
     // Revocation: the pod's access ends within seconds, established connections included.
@@ -682,7 +747,7 @@ fn step_mutual_auth(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> 
         println!("  {}", crate::flows::format_table_header());
         println!("  {}", crate::flows::format_table_row(f));
     }
-    if intruder_ok || after.is_some() || tcp_n + udp_n < 2 * n as usize {
+    if intruder_ok || after.is_some() || !echoed.is_complete() {
         return Err(Error::Step("mutual auth did not behave as promised".into()));
     }
     Ok(())
@@ -695,8 +760,9 @@ fn spire_rotation_under_load(
     exe: &Path,
     spec: &spec::LabSpec,
     paths: &lab::LabPaths,
-) -> Result<(usize, usize, u32), Error> {
-    let Shop { fe, be, .. } = shop(spec)?;
+    fe: &spec::PodSpec,
+    be: &spec::PodSpec,
+) -> Result<Echoed, Error> {
     let lab = spec.name.as_str();
     // (what, node whose agent holds it, owner in `veil status`)
     let watched = [
@@ -737,13 +803,8 @@ fn spire_rotation_under_load(
     let span = last.saturating_sub(first) + 6;
     let n = (span * 20) as u32 + 30;
     let t = Instant::now();
-    let epoch_before = status(paths, &fe.node)?
-        .channels
-        .first()
-        .map(|c| c.epoch)
-        .unwrap_or(0);
-    let tcp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, false)?;
-    let udp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, true)?;
+    let epoch_before = psk_epoch(paths, &fe.node)?;
+    let streams = EchoStreams::start(exe, lab, fe, be, n)?;
     let bound = Duration::from_secs(span + 10);
     let mut seen = vec![None; watched.len()];
     while seen.iter().any(Option::is_none) {
@@ -756,7 +817,7 @@ fn spire_rotation_under_load(
             }
         }
         if t.elapsed() > bound {
-            let _ = (echoed(tcp), echoed(udp));
+            let _ = streams.finish();
             return Err(Error::Step(format!(
                 "SPIRE did not renew all of frontend's, backend's and {}'s SVIDs within {bound:?} of the streams' start",
                 fe.node
@@ -764,12 +825,8 @@ fn spire_rotation_under_load(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (tcp_n, udp_n) = (echoed(tcp), echoed(udp));
-    let epoch_after = status(paths, &fe.node)?
-        .channels
-        .first()
-        .map(|c| c.epoch)
-        .unwrap_or(0);
+    let echoed = streams.finish();
+    let epoch_after = psk_epoch(paths, &fe.node)?;
     for ((what, _, _), (b, s)) in watched.iter().zip(before.iter().zip(&seen)) {
         let (serial, at) = s.as_ref().expect("all seen");
         println!(
@@ -780,29 +837,23 @@ fn spire_rotation_under_load(
         );
     }
     println!(
-        "under load through SPIRE's renewals: node handshake re-ran (PSK epoch {epoch_before} -> {epoch_after}), pairs re-authenticated; TCP stream {tcp_n}/{n} lines, UDP probe {udp_n}/{n} datagrams, {} lost",
-        (2 * n as usize).saturating_sub(tcp_n + udp_n)
+        "under load through SPIRE's renewals: node handshake re-ran (PSK epoch {epoch_before} -> {epoch_after}), pairs re-authenticated; {echoed}",
     );
-    Ok((tcp_n, udp_n, n))
+    Ok(echoed)
 }
 
 /// Rotation under load with the dev server: every identity involved rotates (`lab rotate`)
 /// while a TCP stream and a numbered UDP probe run.
 fn dev_rotation_under_load(
     exe: &Path,
-    spec: &spec::LabSpec,
+    lab: &str,
     paths: &lab::LabPaths,
-) -> Result<(usize, usize, u32), Error> {
-    let Shop { fe, be, .. } = shop(spec)?;
-    let lab = spec.name.as_str();
+    fe: &spec::PodSpec,
+    be: &spec::PodSpec,
+) -> Result<Echoed, Error> {
     let n = 120;
-    let tcp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, false)?;
-    let udp = echo_client(exe, lab, &fe.qualified_name(), &be.ip.to_string(), n, true)?;
-    let epoch_before = status(paths, &fe.node)?
-        .channels
-        .first()
-        .map(|c| c.epoch)
-        .unwrap_or(0);
+    let streams = EchoStreams::start(exe, lab, fe, be, n)?;
+    let epoch_before = psk_epoch(paths, &fe.node)?;
     std::thread::sleep(Duration::from_millis(800));
     for target in [
         ["--pod", "shop/frontend"],
@@ -812,15 +863,13 @@ fn dev_rotation_under_load(
         veil_cmd(exe, &["lab", "rotate", "--name", lab, target[0], target[1]])?;
         std::thread::sleep(Duration::from_millis(1200));
     }
-    let (tcp_n, udp_n) = (echoed(tcp), echoed(udp));
-    let st = status(paths, &fe.node)?;
-    let epoch_after = st.channels.first().map(|c| c.epoch).unwrap_or(0);
+    let echoed = streams.finish();
+    let epoch_after = psk_epoch(paths, &fe.node)?;
     println!(
-        "rotated frontend's, backend's and {}'s SVIDs under load: node handshake re-ran (PSK epoch {epoch_before} -> {epoch_after}), pairs re-authenticated; TCP stream {tcp_n}/{n} lines, UDP probe {udp_n}/{n} datagrams, {} lost",
+        "rotated frontend's, backend's and {}'s SVIDs under load: node handshake re-ran (PSK epoch {epoch_before} -> {epoch_after}), pairs re-authenticated; {echoed}",
         fe.node,
-        (2 * n as usize).saturating_sub(tcp_n + udp_n)
     );
-    Ok((tcp_n, udp_n, n))
+    Ok(echoed)
 }
 
 /// The policies the demo applies are the ones in `examples/policies/`.

@@ -534,14 +534,8 @@ pub fn warm_path(ends: &Ends<'_>) -> anyhow::Result<()> {
     let server_ip = ends.server_ip()?;
     let start = Instant::now();
     loop {
-        let ok = ends
-            .command(false, &["ping", "-c", "1", "-W", "1", "-q", &server_ip])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
+        let ping = ["ping", "-c", "1", "-W", "1", "-q", &server_ip];
+        if veil_agent::sys::succeeds(&mut ends.command(false, &ping)) {
             return Ok(());
         }
         if start.elapsed() > Duration::from_secs(20) {

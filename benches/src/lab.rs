@@ -108,6 +108,11 @@ impl Lab {
         &self.view.name
     }
 
+    /// The `veil` binary that runs this lab.
+    pub fn veil(&self) -> &Path {
+        &self.veil
+    }
+
     pub fn node(&self, name: &str) -> anyhow::Result<&NodeView> {
         self.view
             .nodes

@@ -621,41 +621,28 @@ mod tests {
     fn flow_records_take_ports_only_from_a_first_fragment() {
         let c = cluster();
         let flows = Arc::new(Mutex::new(FlowStore::open(None, 16, 0)));
+        let record_drop = |p: &[u8]| {
+            record(
+                &flows,
+                &c,
+                "a",
+                p,
+                Verdict::Dropped,
+                Some("auth-required"),
+                None,
+            )
+        };
         let mut p = fe_to_be(17);
         p[20..24].copy_from_slice(&[0x1f, 0x90, 0x00, 0x35]);
-        record(
-            &flows,
-            &c,
-            "a",
-            &p,
-            Verdict::Dropped,
-            Some("auth-required"),
-            None,
-        );
+        record_drop(&p);
         // The same bytes as a later fragment are payload, not ports.
         p[6..8].copy_from_slice(&0x00b9u16.to_be_bytes());
-        record(
-            &flows,
-            &c,
-            "a",
-            &p,
-            Verdict::Dropped,
-            Some("auth-required"),
-            None,
-        );
+        record_drop(&p);
         // A UDP header cut short by the total length has no ports either.
         let mut short = fe_to_be(17);
         short[2..4].copy_from_slice(&22u16.to_be_bytes());
         short[20..24].copy_from_slice(&[0x1f, 0x90, 0x00, 0x35]);
-        record(
-            &flows,
-            &c,
-            "a",
-            &short,
-            Verdict::Dropped,
-            Some("auth-required"),
-            None,
-        );
+        record_drop(&short);
         let got: Vec<(u16, u16)> = flows
             .lock()
             .unwrap()

@@ -41,7 +41,11 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-fn io_err(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
+/// Names the file operation that failed: `.map_err(io_err("cannot read", path))`.
+pub(crate) fn io_err(
+    what: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(io::Error) -> Error {
     let path = path.into();
     move |source| Error::Io { what, path, source }
 }
@@ -72,6 +76,16 @@ pub fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<()> {
     args.extend(["-batch", "-"]);
     let script = lines.join("\n") + "\n";
     run("ip", &args, Some(script.as_bytes())).map(drop)
+}
+
+/// Runs `cmd` to completion with no input and its output discarded: did it exit 0? For polls,
+/// where a command that cannot start yet is only "not yet".
+pub fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Runs a command to completion; a non-zero exit becomes [`Error::Command`] carrying stderr.

@@ -634,9 +634,14 @@ fn build(
     ));
     if spec.identity == spec::IdentityProvider::Spire {
         // Each stage gets its own minute.
+        let is_interrupted = || interrupted.is_set();
         for stage in [spire_real::register, spire_real::release_agents] {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            stage(spec, paths, progress, deadline, &|| interrupted.is_set())?;
+            stage(
+                spec,
+                paths,
+                progress,
+                &Wait::new(Duration::from_secs(60), &is_interrupted),
+            )?;
         }
     }
     step_done("supervisor")?;
@@ -893,6 +898,32 @@ fn wait_ready(
         }
     }
     Ok(())
+}
+
+/// A bounded wait of a `lab up` stage: when it began, its deadline, and whether the user
+/// interrupted.
+pub(crate) struct Wait<'a> {
+    started: Instant,
+    deadline: Instant,
+    interrupted: &'a dyn Fn() -> bool,
+}
+
+impl<'a> Wait<'a> {
+    pub(crate) fn new(budget: Duration, interrupted: &'a dyn Fn() -> bool) -> Self {
+        let started = Instant::now();
+        Wait {
+            started,
+            deadline: started + budget,
+            interrupted,
+        }
+    }
+
+    /// [`keep_waiting`], with `not_ready` given how long this wait has lasted.
+    pub(crate) fn keep_waiting(&self, not_ready: impl FnOnce(Duration) -> Error) -> Result<()> {
+        keep_waiting((self.interrupted)(), self.deadline, || {
+            not_ready(self.started.elapsed())
+        })
+    }
 }
 
 /// The end of every wait loop: stop when interrupted, fail with `not_ready()` once past

@@ -288,32 +288,23 @@ fn field(out: &str, name: &str) -> Result<String> {
 /// Waits for the supervised spire-server, then registers the lab: the bundle for the agents,
 /// one join token per node (written into its agent's config, which starts it), the node agents'
 /// and the pods' entries.
-pub fn register(
+pub(crate) fn register(
     spec: &LabSpec,
     paths: &LabPaths,
     progress: &Progress,
-    deadline: Instant,
-    interrupted: &dyn Fn() -> bool,
+    wait: &super::Wait<'_>,
 ) -> Result<()> {
     let bin = tool("spire-server").map_err(Error::Prerequisite)?;
-    let t0 = Instant::now();
     loop {
-        let ok = Command::new(&bin)
-            .arg("healthcheck")
-            .arg("-socketPath")
-            .arg(server_socket(paths))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
+        let healthcheck = ["healthcheck", "-socketPath"];
+        if sys::succeeds(
+            Command::new(&bin)
+                .args(healthcheck)
+                .arg(server_socket(paths)),
+        ) {
             break;
         }
-        super::keep_waiting(interrupted(), deadline, || {
-            Error::not_ready("spire-server", t0.elapsed(), paths.log("spire"))
-        })?;
+        wait.keep_waiting(|waited| Error::not_ready("spire-server", waited, paths.log("spire")))?;
         // Poll interval of the health check.
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -400,15 +391,13 @@ fn record_probe_pid(paths: &LabPaths, pid: u32) {
 /// Waits until each node's spire-agent serves SVIDs (`spire-agent api fetch x509` over its
 /// Workload API socket, as root: veil's node agent entry, `unix:uid:0`), then releases the
 /// node's veil agent (writes [`agent_release`]).
-pub fn release_agents(
+pub(crate) fn release_agents(
     spec: &LabSpec,
     paths: &LabPaths,
     progress: &Progress,
-    deadline: Instant,
-    interrupted: &dyn Fn() -> bool,
+    wait: &super::Wait<'_>,
 ) -> Result<()> {
     let bin = tool("spire-agent").map_err(Error::Prerequisite)?;
-    let t0 = Instant::now();
     for n in &spec.nodes {
         let ws = workload_socket(paths, &n.name);
         // A fetch before the node agent's entry is synced makes spire-agent log an error ("No
@@ -422,9 +411,9 @@ pub fn release_agents(
             if text.lines().any(|l| l.contains(minting) && l.contains(&id)) {
                 break;
             }
-            super::keep_waiting(interrupted(), deadline, || {
+            wait.keep_waiting(|waited| {
                 let what = format!("spire-agent on {} (minting {})", n.name, id);
-                Error::not_ready(what, t0.elapsed(), log.clone())
+                Error::not_ready(what, waited, log.clone())
             })?;
             // Poll interval of the agent's log (it syncs every second).
             std::thread::sleep(Duration::from_millis(50));
@@ -460,9 +449,9 @@ pub fn release_agents(
             if ok {
                 break;
             }
-            super::keep_waiting(interrupted(), deadline, || {
+            wait.keep_waiting(|waited| {
                 let what = format!("spire-agent on {}", n.name);
-                Error::not_ready(what, t0.elapsed(), log.clone())
+                Error::not_ready(what, waited, log.clone())
             })?;
         }
         sys::write_atomic(&agent_release(paths, &n.name), b"")?;
@@ -906,6 +895,7 @@ pub fn ca_rotate(
             })
             .collect()
     };
+    let in_ms = |what: &str, took: Duration| format!("{what} in {} ms", took.as_millis());
     let before = answering("before")?;
     let roots_before = before.iter().map(|(_, (_, r))| *r).max().unwrap_or(1);
     let mut old: Vec<String> = before
@@ -917,8 +907,7 @@ pub fn ca_rotate(
     old.dedup();
     report.old_authorities = old.clone();
 
-    let d = ca.prepare()?;
-    step(&mut report, "prepare", d);
+    step(&mut report, "prepare", ca.prepare()?);
     let took = wait_until("every agent trusts the new root", CA_WAIT, || {
         Ok(node_identities(spec, paths)
             .iter()
@@ -927,18 +916,13 @@ pub fn ca_rotate(
     step(
         &mut report,
         "bundle",
-        format!(
-            "the new root reached every agent's bundle in {} ms",
-            took.as_millis()
-        ),
+        in_ms("the new root reached every agent's bundle", took),
     );
-    let d = ca.activate()?;
-    step(&mut report, "activate", d);
+    step(&mut report, "activate", ca.activate()?);
     if !revoke_old {
         return Ok(report);
     }
-    let d = ca.reissue()?;
-    step(&mut report, "reissue", d);
+    step(&mut report, "reissue", ca.reissue()?);
     let mut new = None;
     let took = wait_until(
         "no agent holds an SVID of the old authority",
@@ -961,13 +945,9 @@ pub fn ca_rotate(
     step(
         &mut report,
         "reissued",
-        format!(
-            "every SVID re-issued by the new authority in {} ms",
-            took.as_millis()
-        ),
+        in_ms("every SVID re-issued by the new authority", took),
     );
-    let d = ca.revoke()?;
-    step(&mut report, "revoke", d);
+    step(&mut report, "revoke", ca.revoke()?);
     let took = wait_until("every agent dropped the old root", CA_WAIT, || {
         Ok(node_identities(spec, paths)
             .iter()
@@ -976,10 +956,7 @@ pub fn ca_rotate(
     step(
         &mut report,
         "bundle",
-        format!(
-            "the old root left every agent's bundle in {} ms",
-            took.as_millis()
-        ),
+        in_ms("the old root left every agent's bundle", took),
     );
     Ok(report)
 }

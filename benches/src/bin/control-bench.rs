@@ -134,25 +134,6 @@ fn policy(name: &str, server: &str, clients: &[String], port: u16, auth: bool) -
     )
 }
 
-/// curl's connect time in ms from a pod.
-fn connect_ms(lab: &Lab, pod: &str, url: &str) -> anyhow::Result<f64> {
-    let out = lab.exec(
-        pod,
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "3",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_connect}",
-            url,
-        ],
-    )?;
-    Ok(out.trim().parse::<f64>()? * 1e3)
-}
-
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -423,7 +404,7 @@ fn main() -> anyhow::Result<()> {
         );
         first.push(first_ms);
         held_ms.push(held);
-        warm.push(connect_ms(&lab, p, &url)?);
+        warm.push(veil_agent::demo::curl_connect(lab.veil(), lab.name(), p, &url)?.1);
         let before = status(&veil, name, "node-a")?
             .auth
             .iter()

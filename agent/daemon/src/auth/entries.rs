@@ -432,22 +432,12 @@ impl AuthTable {
 
     /// A numeric identity no longer exists: forget everything about it.
     pub fn remove_identity(&mut self, identity: u32) {
-        let triples: Vec<AuthTriple> = self
-            .by_identity
-            .get(&identity)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
-        self.forget(triples);
+        self.forget(indexed(self.by_identity.get(&identity)));
     }
 
     /// A node left the cluster: forget everything about it.
     pub fn remove_node(&mut self, node: u32) {
-        let triples: Vec<AuthTriple> = self
-            .by_node
-            .get(&node)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
-        self.forget(triples);
+        self.forget(indexed(self.by_node.get(&node)));
     }
 
     fn forget(&mut self, triples: Vec<AuthTriple>) {
@@ -535,6 +525,12 @@ impl AuthTable {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The triples an index (`by_identity`, `by_node`) holds under one key, copied out so the
+/// table can change.
+fn indexed(set: Option<&HashSet<AuthTriple>>) -> Vec<AuthTriple> {
+    set.map(|s| s.iter().copied().collect()).unwrap_or_default()
 }
 
 fn refresh_at(e: &Entry, fraction: f64) -> Instant {

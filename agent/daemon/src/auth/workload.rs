@@ -464,6 +464,15 @@ mod tests {
         ctx_in(w, &w.dir, local, peer, binding)
     }
 
+    /// Node A's and node B's contexts over one fixed session binding.
+    fn fixed_pair(w: &World) -> (Context<'_>, Context<'_>) {
+        let binding = SessionBinding::fixed([3; 32]);
+        (
+            ctx(w, NODE_A, NODE_B, binding),
+            ctx(w, NODE_B, NODE_A, binding),
+        )
+    }
+
     /// [`ctx`] with another view of placements (a node that lies about what it hosts).
     fn ctx_in<'a>(
         w: &'a World,
@@ -713,9 +722,7 @@ mod tests {
     #[test]
     fn empty_chains_are_refused_on_both_sides_without_panicking() {
         let w = world();
-        let binding = SessionBinding::fixed([3; 32]);
-        let ca = ctx(&w, NODE_A, NODE_B, binding);
-        let cb = ctx(&w, NODE_B, NODE_A, binding);
+        let (ca, cb) = fixed_pair(&w);
         let (init, mut req) = start(&w, &ca, (1, 1), FRONTEND, w.frontend.clone());
         req.chain.clear();
         let (resp, outcome) = respond_on_b(&w, &req, &cb);
@@ -738,9 +745,7 @@ mod tests {
     #[test]
     fn responder_proof_over_a_different_nonce_is_refused() {
         let w = world();
-        let binding = SessionBinding::fixed([3; 32]);
-        let ca = ctx(&w, NODE_A, NODE_B, binding);
-        let cb = ctx(&w, NODE_B, NODE_A, binding);
+        let (ca, cb) = fixed_pair(&w);
         let (init1, _) = start(&w, &ca, (1, 1), FRONTEND, w.frontend.clone());
         let (_, req2) = start(&w, &ca, (1, 2), FRONTEND, w.frontend.clone());
         // The answer to request 2 (same id, other nonce) does not complete request 1.

@@ -4,10 +4,11 @@
 //! The agent sees only [`ClusterState`] snapshots on a watch channel, and publishes its own node
 //! key, through one trait, [`ClusterSource`]; [`open`] builds the source a config names and is
 //! the only place that knows the implementations. The file source ([`files`], the lab's control
-//! plane directory) is one; the Kubernetes API will be the next. Which one is in use is invisible
+//! plane directory) is one; the Kubernetes API ([`kubernetes`]) is the other. Which one is in use is invisible
 //! to the daemon, the datapath and the auth code.
 
 pub mod files;
+pub mod kubernetes;
 
 use std::{
     collections::BTreeMap, future::Future, net::Ipv4Addr, path::PathBuf, pin::Pin, sync::Arc,
@@ -29,6 +30,8 @@ pub enum Error {
     Policy { path: PathBuf, message: String },
     #[error("cannot publish the node key")]
     Publish(#[source] crate::sys::Error),
+    #[error("Kubernetes: {0}")]
+    Kubernetes(String),
     #[error("bad cluster state in {path}")]
     Parse {
         path: PathBuf,
@@ -214,9 +217,35 @@ pub type WatchFuture<'a> =
     Pin<Box<dyn Future<Output = Result<watch::Receiver<Arc<ClusterState>>, Error>> + Send + 'a>>;
 
 /// The source a config names.
-pub fn open(cfg: &crate::config::SourceConfig) -> Arc<dyn ClusterSource> {
-    match cfg {
+pub fn open(cfg: &crate::config::Config) -> Arc<dyn ClusterSource> {
+    match &cfg.source {
         crate::config::SourceConfig::Files { dir } => Arc::new(files::FileSource::new(dir.clone())),
+        crate::config::SourceConfig::Kubernetes {
+            kubeconfig,
+            trust_domain,
+        } => Arc::new(kubernetes::KubeSource::new(kubernetes::KubeConfig {
+            kubeconfig: kubeconfig.clone(),
+            cluster: cfg.cluster.clone(),
+            trust_domain: trust_domain.clone(),
+            node: cfg.node.clone(),
+        })),
+    }
+}
+
+/// Test nodes for the modules that work on a [`ClusterState`].
+#[cfg(test)]
+impl Node {
+    /// Node `id` as the lab numbers it: underlay `198.18.0.<id>`, pod CIDR `198.19.<id>.0/24`,
+    /// no WireGuard key published yet.
+    pub(crate) fn for_test(name: &str, id: u32) -> Node {
+        Node {
+            name: name.into(),
+            id,
+            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
+            pod_cidr: format!("198.19.{id}.0/24"),
+            wg_public_key: None,
+            wg_next_public_key: None,
+        }
     }
 }
 
@@ -236,16 +265,12 @@ mod tests {
             host_veth: "v".into(),
             identity: 0,
         };
-        let node = |name: &str, id: u32| Node {
-            name: name.into(),
-            id,
-            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
-            pod_cidr: format!("198.19.{id}.0/24"),
-            wg_public_key: None,
-            wg_next_public_key: None,
-        };
         let s = ClusterState {
-            nodes: vec![node("node-a", 1), node("node-b", 2), node("node-a", 3)],
+            nodes: vec![
+                Node::for_test("node-a", 1),
+                Node::for_test("node-b", 2),
+                Node::for_test("node-a", 3),
+            ],
             pods: (0..1000u32)
                 .map(|i| {
                     pod(

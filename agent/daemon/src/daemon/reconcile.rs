@@ -286,14 +286,6 @@ mod tests {
     use veil_common::maps::identity;
 
     fn state() -> ClusterState {
-        let node = |name: &str, id: u32| Node {
-            name: name.into(),
-            id,
-            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
-            pod_cidr: format!("198.19.{id}.0/24"),
-            wg_public_key: None,
-            wg_next_public_key: None,
-        };
         let pod = |name: &str, node: &str, ip: [u8; 4]| Pod {
             name: name.into(),
             namespace: "shop".into(),
@@ -308,7 +300,7 @@ mod tests {
             generation: 1,
             cluster: "t".into(),
             trust_domain: "lab.veil".into(),
-            nodes: vec![node("a", 1), node("b", 2)],
+            nodes: vec![Node::for_test("a", 1), Node::for_test("b", 2)],
             pods: vec![
                 pod("fe", "a", [198, 19, 1, 10]),
                 pod("be", "b", [198, 19, 2, 10]),

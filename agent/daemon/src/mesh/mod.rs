@@ -767,14 +767,6 @@ mod tests {
     use crate::cluster::{Node, Pod};
 
     fn cluster() -> ClusterState {
-        let node = |name: &str, id: u32| Node {
-            name: name.into(),
-            id,
-            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
-            pod_cidr: format!("198.19.{id}.0/24"),
-            wg_public_key: None,
-            wg_next_public_key: None,
-        };
         let pod = |name: &str, node: &str, id: u32| Pod {
             name: name.into(),
             namespace: "shop".into(),
@@ -786,7 +778,7 @@ mod tests {
             identity: id,
         };
         ClusterState {
-            nodes: vec![node("a", 1), node("b", 2)],
+            nodes: vec![Node::for_test("a", 1), Node::for_test("b", 2)],
             pods: vec![
                 pod("fe", "a", 256),
                 pod("in", "a", 258),

@@ -408,11 +408,7 @@ impl<C: PeerChannel> MeshState<C> {
         wall: SystemTime,
     ) {
         match result {
-            Ok(a) => {
-                self.counters.handshakes_ok += 1;
-                self.pair_result(a.triple, None);
-                self.table.on_authenticated(&a, at, now, wall);
-            }
+            Ok(a) => self.on_authenticated(&a, at, now, wall),
             Err(reason) => {
                 self.count_failure(reason);
                 self.pair_result(triple, Some(reason));
@@ -431,11 +427,7 @@ impl<C: PeerChannel> MeshState<C> {
         jitter: f64,
     ) {
         match result {
-            Ok(a) => {
-                self.counters.handshakes_ok += 1;
-                self.pair_result(a.triple, None);
-                self.table.on_authenticated(&a, started, now, wall);
-            }
+            Ok(a) => self.on_authenticated(&a, started, now, wall),
             Err(reason) => {
                 tracing::debug!(
                     ?triple,
@@ -447,6 +439,14 @@ impl<C: PeerChannel> MeshState<C> {
                 self.table.on_failed(triple, reason, now, jitter);
             }
         }
+    }
+
+    /// A workload handshake succeeded, in either direction: count it, record the pair's result
+    /// and install the entry.
+    fn on_authenticated(&mut self, a: &Authenticated, at: Instant, now: Instant, wall: SystemTime) {
+        self.counters.handshakes_ok += 1;
+        self.pair_result(a.triple, None);
+        self.table.on_authenticated(a, at, now, wall);
     }
 
     /// A peer revoked one of its workloads.

@@ -814,30 +814,9 @@ pub(crate) mod tests {
     use super::*;
     use crate::policy::selector::{LabelKey, NAMESPACE_LABEL};
 
-    /// The egress policy of issue 5, verbatim.
-    pub(crate) const ISSUE_EGRESS_L7: &str = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: frontend-to-backend-l7
-  namespace: shop
-spec:
-  endpointSelector:
-    matchLabels:
-      app: frontend
-  egress:
-  - toEndpoints:
-    - matchLabels:
-        app: backend
-    toPorts:
-    - ports:
-      - port: "8080"
-        protocol: TCP
-      rules:
-        http:
-        - method: "GET"
-          path: "/api/products"
-"#;
+    /// The egress policy of issue 5, verbatim (the example the docs apply).
+    pub(crate) const ISSUE_EGRESS_L7: &str =
+        include_str!("../../../../examples/policies/frontend-to-backend-l7.yaml");
 
     /// Only `app: frontend` may reach `app: backend`, on TCP 8080.
     pub(crate) const BACKEND_INGRESS: &str = r#"

@@ -75,13 +75,9 @@ pub enum Error {
     Netns(#[source] nix::Error),
     #[error("cannot create the test interfaces")]
     Interfaces(#[source] crate::sys::Error),
-    #[error("{what} {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// A file or directory the test datapath opens or creates (`sys::Error::Io`).
+    #[error(transparent)]
+    Io(crate::sys::Error),
     #[error("bad test interface name `{0}` (1-15 characters, not starting with `vtpeer`)")]
     BadInterfaceName(String),
     #[error("interface {0} is not in the test network namespace")]
@@ -483,11 +479,7 @@ impl TestNetns {
                     .map_err(|_| Error::NoInterface(n.clone()))?;
                 ifindexes.insert(n.clone(), idx);
             }
-            let fd = File::open(THREAD_NETNS).map_err(|source| Error::Io {
-                what: "cannot open",
-                path: THREAD_NETNS.into(),
-                source,
-            })?;
+            let fd = File::open(THREAD_NETNS).map_err(io_err("cannot open", THREAD_NETNS))?;
             Ok(Self {
                 fd: fd.into(),
                 ifindexes,
@@ -498,14 +490,15 @@ impl TestNetns {
     }
 
     fn enter(&self) -> Result<InsideNetns, Error> {
-        let home = File::open(THREAD_NETNS).map_err(|source| Error::Io {
-            what: "cannot open",
-            path: THREAD_NETNS.into(),
-            source,
-        })?;
+        let home = File::open(THREAD_NETNS).map_err(io_err("cannot open", THREAD_NETNS))?;
         nix::sched::setns(&self.fd, CloneFlags::CLONE_NEWNET).map_err(Error::Setns)?;
         Ok(InsideNetns { home })
     }
+}
+
+fn io_err(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
+    let io_err = crate::sys::io_err(what, path);
+    move |source| Error::Io(io_err(source))
 }
 
 /// A pin directory removed (with everything pinned in it) on drop.
@@ -520,11 +513,7 @@ impl PinDir {
         let path = Path::new(BPFFS).join(format!("{PIN_PREFIX}{pid}-{start}-{n}"));
         // A leftover with this very name is ours from an earlier incarnation of this pid.
         let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir(&path).map_err(|source| Error::Io {
-            what: "cannot create",
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::create_dir(&path).map_err(io_err("cannot create", &path))?;
         Ok(Self(path))
     }
 }
