@@ -21,172 +21,63 @@ use veil_identity::{
 /// The principal every look-alike below imitates.
 const REFERENCE: &str = "spiffe://lab.veil/ns/shop/sa/frontend";
 
-/// Malformed IDs and the error each must be refused with.
+/// Malformed IDs and the error each must be refused with (one row a line: a table).
+#[rustfmt::skip]
 fn malformed() -> Vec<(&'static str, IdError)> {
+    use IdError::*;
     vec![
         // Dot segments: a path normaliser would turn these into REFERENCE.
-        (
-            "spiffe://lab.veil/ns/shop/sa/./frontend",
-            IdError::DotSegment,
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/x/../frontend",
-            IdError::DotSegment,
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/frontend/.",
-            IdError::DotSegment,
-        ),
-        (
-            "spiffe://lab.veil/./ns/shop/sa/frontend",
-            IdError::DotSegment,
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/frontend/..",
-            IdError::DotSegment,
-        ),
+        ("spiffe://lab.veil/ns/shop/sa/./frontend", DotSegment),
+        ("spiffe://lab.veil/ns/shop/sa/x/../frontend", DotSegment),
+        ("spiffe://lab.veil/ns/shop/sa/frontend/.", DotSegment),
+        ("spiffe://lab.veil/./ns/shop/sa/frontend", DotSegment),
+        ("spiffe://lab.veil/ns/shop/sa/frontend/..", DotSegment),
         // Wildcards are not patterns anywhere in veil; as characters they are refused.
-        ("spiffe://lab.veil/ns/shop/sa/*", IdError::BadPathChar('*')),
-        (
-            "spiffe://lab.veil/ns/*/sa/frontend",
-            IdError::BadPathChar('*'),
-        ),
-        ("spiffe://lab.veil/*", IdError::BadPathChar('*')),
-        (
-            "spiffe://*.veil/ns/shop/sa/frontend",
-            IdError::BadTrustDomainChar('*'),
-        ),
-        (
-            "spiffe://*/ns/shop/sa/frontend",
-            IdError::BadTrustDomainChar('*'),
-        ),
+        ("spiffe://lab.veil/ns/shop/sa/*", BadPathChar('*')),
+        ("spiffe://lab.veil/ns/*/sa/frontend", BadPathChar('*')),
+        ("spiffe://lab.veil/*", BadPathChar('*')),
+        ("spiffe://*.veil/ns/shop/sa/frontend", BadTrustDomainChar('*')),
+        ("spiffe://*/ns/shop/sa/frontend", BadTrustDomainChar('*')),
         // Percent-encodings: a decoder would make `%2F` a separator, `%41` an `A`, `%2e` a dot.
-        (
-            "spiffe://lab.veil/ns/shop/sa%2Ffrontend",
-            IdError::BadPathChar('%'),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa%2ffrontend",
-            IdError::BadPathChar('%'),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/fr%6Fntend",
-            IdError::BadPathChar('%'),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/%2e/frontend",
-            IdError::BadPathChar('%'),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/%41",
-            IdError::BadPathChar('%'),
-        ),
-        (
-            "spiffe://lab%2Eveil/ns/shop/sa/frontend",
-            IdError::BadTrustDomainChar('%'),
-        ),
+        ("spiffe://lab.veil/ns/shop/sa%2Ffrontend", BadPathChar('%')),
+        ("spiffe://lab.veil/ns/shop/sa%2ffrontend", BadPathChar('%')),
+        ("spiffe://lab.veil/ns/shop/sa/fr%6Fntend", BadPathChar('%')),
+        ("spiffe://lab.veil/ns/shop/sa/%2e/frontend", BadPathChar('%')),
+        ("spiffe://lab.veil/ns/shop/sa/%41", BadPathChar('%')),
+        ("spiffe://lab%2Eveil/ns/shop/sa/frontend", BadTrustDomainChar('%')),
         // Trailing and doubled slashes.
-        (
-            "spiffe://lab.veil/ns/shop/sa/frontend/",
-            IdError::TrailingSlash,
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/frontend//",
-            IdError::TrailingSlash,
-        ),
-        (
-            "spiffe://lab.veil/ns/shop//sa/frontend",
-            IdError::EmptySegment,
-        ),
-        (
-            "spiffe://lab.veil//ns/shop/sa/frontend",
-            IdError::EmptySegment,
-        ),
-        ("spiffe://lab.veil/", IdError::TrailingSlash),
+        ("spiffe://lab.veil/ns/shop/sa/frontend/", TrailingSlash),
+        ("spiffe://lab.veil/ns/shop/sa/frontend//", TrailingSlash),
+        ("spiffe://lab.veil/ns/shop//sa/frontend", EmptySegment),
+        ("spiffe://lab.veil//ns/shop/sa/frontend", EmptySegment),
+        ("spiffe://lab.veil/", TrailingSlash),
         // Unicode, look-alikes first: Cyrillic а (U+0430), fullwidth ｆ (U+FF46), a combining
         // acute (U+0301), a zero-width space (U+200B), dotless ı (U+0131), Kelvin sign K (U+212A).
-        (
-            "spiffe://lab.veil/ns/shop/sa/front\u{0435}nd",
-            IdError::BadPathChar('\u{0435}'),
-        ),
-        (
-            "spiffe://lab.veil/ns/sh\u{043e}p/sa/frontend",
-            IdError::BadPathChar('\u{043e}'),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/\u{ff46}rontend",
-            IdError::BadPathChar('\u{ff46}'),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/fronte\u{301}nd",
-            IdError::BadPathChar('\u{301}'),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/frontend\u{200b}",
-            IdError::BadPathChar('\u{200b}'),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/fronte\u{0131}nd",
-            IdError::BadPathChar('\u{0131}'),
-        ),
-        (
-            "spiffe://l\u{0430}b.veil/ns/shop/sa/frontend",
-            IdError::BadTrustDomainChar('\u{0430}'),
-        ),
-        (
-            "spiffe://lab.v\u{0435}il/ns/shop/sa/frontend",
-            IdError::BadTrustDomainChar('\u{0435}'),
-        ),
-        (
-            "spiffe://lab.veil\u{3002}x/ns/shop/sa/frontend",
-            IdError::BadTrustDomainChar('\u{3002}'),
-        ),
-        (
-            "spiffe://\u{212a}.veil/ns/shop/sa/frontend",
-            IdError::BadTrustDomainChar('\u{212a}'),
-        ),
+        ("spiffe://lab.veil/ns/shop/sa/front\u{0435}nd", BadPathChar('\u{0435}')),
+        ("spiffe://lab.veil/ns/sh\u{043e}p/sa/frontend", BadPathChar('\u{043e}')),
+        ("spiffe://lab.veil/ns/shop/sa/\u{ff46}rontend", BadPathChar('\u{ff46}')),
+        ("spiffe://lab.veil/ns/shop/sa/fronte\u{301}nd", BadPathChar('\u{301}')),
+        ("spiffe://lab.veil/ns/shop/sa/frontend\u{200b}", BadPathChar('\u{200b}')),
+        ("spiffe://lab.veil/ns/shop/sa/fronte\u{0131}nd", BadPathChar('\u{0131}')),
+        ("spiffe://l\u{0430}b.veil/ns/shop/sa/frontend", BadTrustDomainChar('\u{0430}')),
+        ("spiffe://lab.v\u{0435}il/ns/shop/sa/frontend", BadTrustDomainChar('\u{0435}')),
+        ("spiffe://lab.veil\u{3002}x/ns/shop/sa/frontend", BadTrustDomainChar('\u{3002}')),
+        ("spiffe://\u{212a}.veil/ns/shop/sa/frontend", BadTrustDomainChar('\u{212a}')),
         // Upper case where the spec wants lower case: scheme and trust domain.
-        (
-            "SPIFFE://lab.veil/ns/shop/sa/frontend",
-            IdError::WrongScheme,
-        ),
-        (
-            "Spiffe://lab.veil/ns/shop/sa/frontend",
-            IdError::WrongScheme,
-        ),
-        (
-            "spiffe://LAB.veil/ns/shop/sa/frontend",
-            IdError::UppercaseTrustDomain('L'),
-        ),
-        (
-            "spiffe://lab.Veil/ns/shop/sa/frontend",
-            IdError::UppercaseTrustDomain('V'),
-        ),
+        ("SPIFFE://lab.veil/ns/shop/sa/frontend", WrongScheme),
+        ("Spiffe://lab.veil/ns/shop/sa/frontend", WrongScheme),
+        ("spiffe://LAB.veil/ns/shop/sa/frontend", UppercaseTrustDomain('L')),
+        ("spiffe://lab.Veil/ns/shop/sa/frontend", UppercaseTrustDomain('V')),
         // Other URL parts a lenient parser would drop on the way to a match.
-        ("spiffe://lab.veil/ns/shop/sa/frontend?x", IdError::Query),
-        ("spiffe://lab.veil/ns/shop/sa/frontend#x", IdError::Fragment),
-        ("spiffe://lab.veil:443/ns/shop/sa/frontend", IdError::Port),
-        ("spiffe://x@lab.veil/ns/shop/sa/frontend", IdError::Userinfo),
-        (
-            "spiffe://lab.veil/ns/shop/sa/front end",
-            IdError::BadPathChar(' '),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/frontend\n",
-            IdError::BadPathChar('\n'),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/frontend\0",
-            IdError::BadPathChar('\0'),
-        ),
-        (
-            "spiffe://lab.veil/ns/shop/sa/front\\end",
-            IdError::BadPathChar('\\'),
-        ),
-        (
-            " spiffe://lab.veil/ns/shop/sa/frontend",
-            IdError::WrongScheme,
-        ),
+        ("spiffe://lab.veil/ns/shop/sa/frontend?x", Query),
+        ("spiffe://lab.veil/ns/shop/sa/frontend#x", Fragment),
+        ("spiffe://lab.veil:443/ns/shop/sa/frontend", Port),
+        ("spiffe://x@lab.veil/ns/shop/sa/frontend", Userinfo),
+        ("spiffe://lab.veil/ns/shop/sa/front end", BadPathChar(' ')),
+        ("spiffe://lab.veil/ns/shop/sa/frontend\n", BadPathChar('\n')),
+        ("spiffe://lab.veil/ns/shop/sa/frontend\0", BadPathChar('\0')),
+        ("spiffe://lab.veil/ns/shop/sa/front\\end", BadPathChar('\\')),
+        (" spiffe://lab.veil/ns/shop/sa/frontend", WrongScheme),
     ]
 }
 

@@ -17,15 +17,26 @@ fn td(name: &str) -> TrustDomain {
     TrustDomain::new(name).unwrap()
 }
 
-fn ca(name: &str, with_intermediate: bool) -> DevCa {
-    DevCa::with_options(
-        td(name),
+fn dev_ca(name: &str, with_intermediate: bool) -> DevCa {
+    ca_with(
+        name,
         CaOptions {
             with_intermediate,
             ..CaOptions::default()
         },
     )
-    .unwrap()
+}
+
+fn ca_with(name: &str, options: CaOptions) -> DevCa {
+    DevCa::with_options(td(name), options).unwrap()
+}
+
+/// A CA of lab.veil, the bundles of its root, and frontend's SPIFFE ID in its trust domain.
+fn lab_veil_frontend(with_intermediate: bool) -> (DevCa, Bundles, SpiffeId) {
+    let ca = dev_ca("lab.veil", with_intermediate);
+    let bundles = bundles_of(&[&ca]);
+    let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
+    (ca, bundles, id)
 }
 
 fn bundles_of(cas: &[&DevCa]) -> Bundles {
@@ -68,9 +79,7 @@ fn same_reason(got: &SvidError, want: &SvidError) -> bool {
 #[test]
 fn every_bad_variant_is_rejected_with_its_own_error() {
     for with_intermediate in [false, true] {
-        let ca = ca("lab.veil", with_intermediate);
-        let bundles = bundles_of(&[&ca]);
-        let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
+        let (ca, bundles, id) = lab_veil_frontend(with_intermediate);
         let epoch = SystemTime::UNIX_EPOCH;
         let table: Vec<(BadVariant, SvidError)> = vec![
             (BadVariant::Expired, SvidError::Expired { not_after: epoch }),
@@ -153,7 +162,7 @@ fn every_bad_variant_is_rejected_with_its_own_error() {
 #[test]
 fn good_svids_pass_and_report_their_facts() {
     for with_intermediate in [false, true] {
-        let ca = ca("lab.veil", with_intermediate);
+        let ca = dev_ca("lab.veil", with_intermediate);
         let bundles = bundles_of(&[&ca]);
         let node = ca
             .issue_node_svid("node-a", Duration::from_secs(300))
@@ -186,8 +195,8 @@ fn good_svids_pass_and_report_their_facts() {
 
 #[test]
 fn chain_must_end_in_a_root_of_the_svids_own_trust_domain() {
-    let lab = ca("lab.veil", false);
-    let other = ca("other.veil", false);
+    let lab = dev_ca("lab.veil", false);
+    let other = dev_ca("other.veil", false);
     let other_svid = other
         .issue_workload_svid("ns", "sa", Duration::from_secs(60))
         .unwrap();
@@ -222,7 +231,7 @@ fn chain_must_end_in_a_root_of_the_svids_own_trust_domain() {
 
 #[test]
 fn intermediate_problems_each_have_their_error() {
-    let ca = ca("lab.veil", true);
+    let ca = dev_ca("lab.veil", true);
     let bundles = bundles_of(&[&ca]);
     let svid = ca
         .issue_workload_svid("shop", "frontend", Duration::from_secs(60))
@@ -251,14 +260,7 @@ fn intermediate_problems_each_have_their_error() {
 
     // An intermediate from another trust domain's CA is refused by name even if its root is in
     // the bundle of our trust domain.
-    let foreign = DevCa::with_options(
-        td("other.veil"),
-        CaOptions {
-            with_intermediate: true,
-            ..CaOptions::default()
-        },
-    )
-    .unwrap();
+    let foreign = dev_ca("other.veil", true);
     let id = workload_id(&td("lab.veil"), "shop", "frontend").unwrap();
     let forged = foreign
         .issue_chain(&veil_certs_dev::LeafSpec::svid(
@@ -283,9 +285,7 @@ fn intermediate_problems_each_have_their_error() {
 #[test]
 fn constraint_shapes_pass_without_the_fault() {
     for with_intermediate in [false, true] {
-        let ca = ca("lab.veil", with_intermediate);
-        let bundles = bundles_of(&[&ca]);
-        let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
+        let (ca, bundles, id) = lab_veil_frontend(with_intermediate);
         let spec = LeafSpec::svid(&id, SystemTime::now(), Duration::from_secs(60));
         let good = |extra: &[ExtraCa]| {
             let chain = ca.issue_chain_under(&spec, extra).unwrap().chain;
@@ -320,7 +320,7 @@ fn constraint_shapes_pass_without_the_fault() {
 /// anticipates this ("libraries which don't support them will reject such certificates").
 #[test]
 fn uri_name_constraints_refuse_every_uri_san() {
-    let ca = ca("lab.veil", false);
+    let ca = dev_ca("lab.veil", false);
     let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
     let elsewhere = ExtraCa {
         extensions: vec![uri_name_constraints_excluding(&["other.veil"])],
@@ -344,15 +344,14 @@ fn uri_name_constraints_refuse_every_uri_san() {
 #[test]
 fn root_path_len_bounds_the_intermediates() {
     for (root_path_len, is_ok) in [(Some(0), false), (Some(1), true), (None, true)] {
-        let ca = DevCa::with_options(
-            td("lab.veil"),
+        let ca = ca_with(
+            "lab.veil",
             CaOptions {
                 with_intermediate: true,
                 root_path_len,
                 ..CaOptions::default()
             },
-        )
-        .unwrap();
+        );
         let svid = ca
             .issue_workload_svid("shop", "frontend", Duration::from_secs(60))
             .unwrap();
@@ -375,14 +374,13 @@ fn root_outside_its_validity_is_refused() {
     let day = Duration::from_secs(24 * 3600);
     let now = SystemTime::now();
     // Root valid from now - 1h (the dev CA backdate) to now + 1 day.
-    let ca = DevCa::with_options(
-        td("lab.veil"),
+    let ca = ca_with(
+        "lab.veil",
         CaOptions {
             validity: day,
             ..CaOptions::default()
         },
-    )
-    .unwrap();
+    );
     let bundles = bundles_of(&[&ca]);
     let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
     // A leaf that outlives its root on both ends.
@@ -418,7 +416,7 @@ fn root_outside_its_validity_is_refused() {
 
 #[test]
 fn ca_rotation_overlap_then_revoke() {
-    let old = ca("lab.veil", false);
+    let old = dev_ca("lab.veil", false);
     let new = old.rotate().unwrap();
     let from_old = old
         .issue_node_svid("node-a", Duration::from_secs(60))
@@ -460,7 +458,7 @@ fn ca_rotation_overlap_then_revoke() {
 
 #[test]
 fn svid_from_der_checks_san_and_key() {
-    let ca = ca("lab.veil", false);
+    let ca = dev_ca("lab.veil", false);
     let id = workload_id(ca.trust_domain(), "shop", "frontend").unwrap();
     let a = ca.issue(&id, Duration::from_secs(60)).unwrap();
     let b = ca.issue(&id, Duration::from_secs(60)).unwrap();
@@ -489,7 +487,7 @@ fn svid_from_der_checks_san_and_key() {
 
 #[test]
 fn bundles_reject_non_ca_roots() {
-    let ca = ca("lab.veil", false);
+    let ca = dev_ca("lab.veil", false);
     let leaf = ca.issue_node_svid("n", Duration::from_secs(60)).unwrap();
     let set = BundleSet::new();
     assert!(set
@@ -501,7 +499,7 @@ fn bundles_reject_non_ca_roots() {
 
 #[test]
 fn split_der_certs_round_trips_concatenation() {
-    let ca = ca("lab.veil", true);
+    let ca = dev_ca("lab.veil", true);
     let svid = ca.issue_node_svid("n", Duration::from_secs(60)).unwrap();
     let joined: Vec<u8> = svid.cert_chain().iter().flat_map(|c| c.to_vec()).collect();
     let split = veil_identity::split_der_certs(ca.trust_domain(), &joined).unwrap();
