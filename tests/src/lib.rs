@@ -362,6 +362,20 @@ impl Lab {
         veil_ok(&a)
     }
 
+    /// [`EchoLoad`]: a TCP echo stream and a UDP probe from `pod`, `n` lines one per `gap_ms`.
+    pub fn echo_load(&self, pod: &str, n: u32, gap_ms: u32) -> EchoLoad {
+        EchoLoad {
+            n,
+            tcp: self.echo_client(pod, false, n, gap_ms),
+            udp: self.echo_client(pod, true, n, gap_ms),
+        }
+    }
+
+    /// The drops of `reason` that `node` counts.
+    pub fn drop_count(&self, node: &str, reason: &str) -> u64 {
+        drop_count(&self.status(node), reason)
+    }
+
     /// A TCP echo stream (lines `line-1..=n`) or a sequenced UDP probe (`seq-1..=n`) from
     /// `pod` to backend:9000, which echoes them back; one line every `gap_ms`.
     pub fn echo_client(&self, pod: &str, udp: bool, n: u32, gap_ms: u32) -> Streaming {
@@ -683,6 +697,50 @@ pub fn assert_all_echoed(tcp_lines: &[String], udp_lines: &[String], n: u32) {
         Vec::<u32>::new(),
         "UDP probes lost"
     );
+}
+
+/// A TCP echo stream and a sequenced UDP probe from one pod ([`Lab::echo_client`], `n` lines
+/// each): the load under which the rotation and revocation tests change something.
+pub struct EchoLoad {
+    pub n: u32,
+    tcp: Streaming,
+    udp: Streaming,
+}
+
+impl EchoLoad {
+    /// Waits (10 s at most) until both streams flow: more than 10 lines echoed each.
+    pub fn wait_flowing(&self, lab: &Lab) {
+        lab.wait_for("the streams to start", Duration::from_secs(10), || {
+            (self.tcp.line_count() > 10 && self.udp.line_count() > 10).then_some(())
+        });
+    }
+
+    /// Ends both; the (TCP, UDP) lines echoed back.
+    pub fn finish(self) -> (Vec<String>, Vec<String>) {
+        (self.tcp.finish().0, self.udp.finish().0)
+    }
+}
+
+/// Calls `sample` with the time elapsed every `every` until `window` has passed: the sampling
+/// loop of an observation (serials, epochs, keys under load), not a wait for an event.
+pub fn sample_for(window: Duration, every: Duration, mut sample: impl FnMut(Duration)) {
+    let start = Instant::now();
+    while start.elapsed() < window {
+        sample(start.elapsed());
+        std::thread::sleep(every);
+    }
+}
+
+/// The drops of `reason` that `st` counts (0 when there were none).
+pub fn drop_count(st: &Status, reason: &str) -> u64 {
+    st.drops.get(reason).copied().unwrap_or(0)
+}
+
+/// Fails the test if `st` counted a drop of any of `reasons`.
+pub fn assert_no_drops(st: &Status, reasons: &[&str]) {
+    for r in reasons {
+        assert_eq!(drop_count(st, r), 0, "{}: {r} drops", st.node);
+    }
 }
 
 /// The serial of the SVID in `st` whose SPIFFE ID ends with `suffix`.

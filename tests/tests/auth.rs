@@ -10,8 +10,8 @@ use std::{
 };
 
 use veil_tests::{
-    assert_all_echoed, missing, push_changed, serial_of, veil_ok, Lab, Status, AUTH_POLICY,
-    ECHO_LAB,
+    assert_all_echoed, assert_no_drops, missing, push_changed, sample_for, serial_of, veil_ok, Lab,
+    Status, AUTH_POLICY, ECHO_LAB,
 };
 
 fn url(lab: &Lab) -> String {
@@ -298,23 +298,19 @@ fn revoked_pod_loses_access_within_5s() {
 fn svid_rotation_every_20s_under_load_loses_nothing() {
     // TTL 40 s: SPIRE-style rotation at half-life, every ~20 s, for workload and node SVIDs.
     let lab = Lab::up_with_auth_policy(ECHO_LAB, &["--svid-ttl", "40s"]);
-    let (n, gap) = (1200, 100);
-    let tcp = lab.echo_client("frontend", false, n, gap);
-    let udp = lab.echo_client("frontend", true, n, gap);
-    let start = Instant::now();
+    let load = lab.echo_load("frontend", 1200, 100);
+    let n = load.n;
     let mut fe_serials = vec![];
     let mut node_serials = vec![];
     let mut epochs = vec![];
-    while start.elapsed() < Duration::from_secs(122) {
+    // A 2-minute observation under load.
+    sample_for(Duration::from_secs(122), Duration::from_millis(500), |_| {
         let st = lab.status("node-a");
         push_changed(&mut fe_serials, serial_of(&st, "/sa/frontend"));
         push_changed(&mut node_serials, serial_of(&st, "/node/node-a"));
         push_changed(&mut epochs, epoch_with(&st, "node-b"));
-        // Sampling interval of a 2-minute observation under load, not a wait for an event.
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let tcp_lines = tcp.finish().0;
-    let udp_lines = udp.finish().0;
+    });
+    let (tcp_lines, udp_lines) = load.finish();
     println!(
         "2 min under load: frontend SVID rotated {}x, node SVID {}x, node PSK epochs {:?}; TCP {}/{n} lines, UDP {}/{n} probes",
         fe_serials.len() - 1,
@@ -333,21 +329,18 @@ fn svid_rotation_every_20s_under_load_loses_nothing() {
     );
     assert!(epochs.len() >= 5, "node handshakes re-run: {epochs:?}");
     assert_all_echoed(&tcp_lines, &udp_lines, n);
-    let st = lab.status("node-a");
-    assert_eq!(st.drops.get("auth-required").copied().unwrap_or(0), 0);
-    assert_eq!(st.drops.get("no-key").copied().unwrap_or(0), 0);
+    assert_no_drops(&lab.status("node-a"), &["auth-required", "no-key"]);
 }
 
 #[test]
 fn psk_rotation_under_load_loses_nothing() {
     let lab = Lab::up_with_file(&format!("psk_rotation: 5s\n{ECHO_LAB}"), &[]);
-    let (n, gap) = (400, 100);
-    let tcp = lab.echo_client("frontend", false, n, gap);
-    let udp = lab.echo_client("frontend", true, n, gap);
-    let start = Instant::now();
+    let load = lab.echo_load("frontend", 400, 100);
+    let n = load.n;
     let mut epochs = vec![];
     let mut handshakes = vec![];
-    while start.elapsed() < Duration::from_secs(42) {
+    // A 42 s observation of the rotations.
+    sample_for(Duration::from_secs(42), Duration::from_millis(300), |_| {
         let st = lab.status("node-a");
         push_changed(&mut epochs, epoch_with(&st, "node-b"));
         push_changed(
@@ -357,11 +350,8 @@ fn psk_rotation_under_load_loses_nothing() {
                 .find(|p| p.node == "node-b")
                 .and_then(|p| p.last_handshake_unix),
         );
-        // Sampling interval of a 42 s observation of the rotations, not a wait for an event.
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let tcp_lines = tcp.finish().0;
-    let udp_lines = udp.finish().0;
+    });
+    let (tcp_lines, udp_lines) = load.finish();
     println!(
         "PSK rotation every 5 s: epochs {epochs:?}, WireGuard handshakes at {handshakes:?}; TCP {}/{n}, UDP {}/{n}",
         tcp_lines.len(),
@@ -578,18 +568,15 @@ fn static_key_rotation_under_load_recovers_and_is_measured() {
     // Node static keys rotate every 8 s here (24 h by default); each rotation ends every
     // WireGuard session of the node, so unlike a PSK rotation it can cost packets: measure it.
     let lab = Lab::up_with_file(&format!("key_rotation: 8s\n{ECHO_LAB}"), &[]);
-    let (n, gap) = (300, 100);
-    let tcp = lab.echo_client("frontend", false, n, gap);
-    let udp = lab.echo_client("frontend", true, n, gap);
-    let start = Instant::now();
+    let gap = 100;
+    let load = lab.echo_load("frontend", 300, gap);
+    let n = load.n;
     let mut keys: Vec<String> = vec![];
-    while start.elapsed() < Duration::from_secs(31) {
+    // A 31 s observation of the key rotations.
+    sample_for(Duration::from_secs(31), Duration::from_millis(200), |_| {
         push_changed(&mut keys, lab.status("node-a").public_key);
-        // Sampling interval of a 31 s observation of the key rotations, not a wait for an event.
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let tcp_lines = tcp.finish().0;
-    let udp_lines = udp.finish().0;
+    });
+    let (tcp_lines, udp_lines) = load.finish();
     let lost = missing(&udp_lines, "seq-", n);
     let rotations = keys.len().saturating_sub(1);
     println!(

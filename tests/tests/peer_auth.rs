@@ -46,6 +46,18 @@ fn wait_a_peers_b(lab: &Lab, what: &str, timeout: Duration, peered: bool) {
     lab.wait_for(what, timeout, || (a_peers_b(lab) == peered).then_some(()));
 }
 
+/// Waits (`timeout` at most) until node-a has removed node-b's peer; returns and prints how long
+/// that took since `since`, when `cause` happened.
+fn time_to_peer_removal(lab: &Lab, timeout: Duration, since: Instant, cause: &str) -> Duration {
+    wait_a_peers_b(lab, "node-a to remove node-b's tunnel peer", timeout, false);
+    let took = since.elapsed();
+    eprintln!(
+        "node-b's peer removed at node-a {} ms after {cause}",
+        took.as_millis()
+    );
+    took
+}
+
 #[test]
 fn frozen_peer_agent_loses_its_tunnel_keys_within_the_key_lifetime() {
     let lab = Lab::up_with_file(LAB, &[]);
@@ -63,38 +75,23 @@ fn frozen_peer_agent_loses_its_tunnel_keys_within_the_key_lifetime() {
 
     // Bound: the key lifetime (node SVID 30 s, or 30 s floor of 3 x 5 s rotations) plus a
     // reconcile; generous margin for a loaded machine.
-    wait_a_peers_b(
+    let removed_after = time_to_peer_removal(
         &lab,
-        "node-a to remove node-b's tunnel peer",
         Duration::from_secs(90),
-        false,
-    );
-    let removed_after = frozen_at.elapsed();
-    eprintln!(
-        "node-b's keys removed at node-a {} ms after node-b's agent froze",
-        removed_after.as_millis()
+        frozen_at,
+        "node-b's agent froze",
     );
     assert!(
         removed_after >= Duration::from_secs(5),
         "removed suspiciously early ({removed_after:?}): not the key lifetime"
     );
     // Traffic to node-b's pods is now dropped for want of a key, never sent in clear.
-    let before = lab
-        .status("node-a")
-        .drops
-        .get("no-key")
-        .copied()
-        .unwrap_or(0);
+    let before = lab.drop_count("node-a", "no-key");
     assert!(
         lab.try_get("frontend", &url).is_err(),
         "frontend still reached backend through a peer whose authentication lapsed"
     );
-    let after = lab
-        .status("node-a")
-        .drops
-        .get("no-key")
-        .copied()
-        .unwrap_or(0);
+    let after = lab.drop_count("node-a", "no-key");
     assert!(
         after > before,
         "no no-key drop counted ({before} -> {after})"
@@ -148,16 +145,11 @@ fn a_peer_of_a_revoked_ca_loses_its_keys_when_the_bundle_changes() {
     );
     ca("revoke");
     let revoked_at = Instant::now();
-    wait_a_peers_b(
+    let took = time_to_peer_removal(
         &lab,
-        "node-a to remove the peer of node-b (old CA only)",
         Duration::from_secs(20),
-        false,
-    );
-    let took = revoked_at.elapsed();
-    eprintln!(
-        "peer removed {} ms after the old root was revoked",
-        took.as_millis()
+        revoked_at,
+        "the old root (node-b's only CA) was revoked",
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");
     let st = lab.status("node-a");

@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{assert_all_echoed, push_changed, serial_of, Lab, Status, AUTH_POLICY};
+use veil_tests::{
+    assert_all_echoed, assert_no_drops, drop_count, push_changed, sample_for, serial_of, Lab,
+    Status, AUTH_POLICY,
+};
 
 /// frontend and intruder on node-a, backend on node-b (HTTP 8080, echo 9000); frontend2 on
 /// node-a has frontend's labels but its own service account, so its own SPIFFE ID and entry.
@@ -198,25 +201,25 @@ fn spire_issues_the_labs_svids_and_auth_policy_admits_only_frontend() {
 #[test]
 fn spire_rotates_svids_under_load_and_nothing_is_lost() {
     let lab = Lab::up_with_auth_policy(SPIRE_LAB, &["--svid-ttl", "30s"]);
-    let (n, gap) = (700, 100);
-    let tcp = lab.echo_client("frontend", false, n, gap);
-    let udp = lab.echo_client("frontend", true, n, gap);
-    let start = Instant::now();
+    let load = lab.echo_load("frontend", 700, 100);
+    let n = load.n;
     let mut serials: Vec<(f64, String)> = vec![];
     let mut node_serials: Vec<String> = vec![];
-    while start.elapsed() < Duration::from_secs(72) {
-        let st = lab.status("node-a");
-        if let Some(s) = serial_of(&st, "/sa/frontend") {
-            if serials.last().map(|(_, l)| l) != Some(&s) {
-                serials.push((start.elapsed().as_secs_f64(), s));
+    // A 70 s observation under load.
+    sample_for(
+        Duration::from_secs(72),
+        Duration::from_millis(500),
+        |elapsed| {
+            let st = lab.status("node-a");
+            if let Some(s) = serial_of(&st, "/sa/frontend") {
+                if serials.last().map(|(_, l)| l) != Some(&s) {
+                    serials.push((elapsed.as_secs_f64(), s));
+                }
             }
-        }
-        push_changed(&mut node_serials, serial_of(&st, "/veil/node/node-a"));
-        // Sampling interval of a 70 s observation under load, not a wait for an event.
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let tcp_lines = tcp.finish().0;
-    let udp_lines = udp.finish().0;
+            push_changed(&mut node_serials, serial_of(&st, "/veil/node/node-a"));
+        },
+    );
+    let (tcp_lines, udp_lines) = load.finish();
     let at: Vec<String> = serials.iter().map(|(t, _)| format!("{t:.1}s")).collect();
     println!(
         "70 s under load on SPIRE (svid ttl 30 s): frontend serials {} (first seen at {}), node SVID serials {}; TCP {}/{n} lines, UDP {}/{n} probes",
@@ -232,9 +235,7 @@ fn spire_rotates_svids_under_load_and_nothing_is_lost() {
         "node SVID serials: {node_serials:?}"
     );
     assert_all_echoed(&tcp_lines, &udp_lines, n);
-    let st = lab.status("node-a");
-    assert_eq!(st.drops.get("auth-required").copied().unwrap_or(0), 0);
-    assert_eq!(st.drops.get("no-key").copied().unwrap_or(0), 0);
+    assert_no_drops(&lab.status("node-a"), &["auth-required", "no-key"]);
 }
 
 /// (c) `veil lab revoke --pod frontend` deletes frontend's SPIRE entry: its auth entries are
@@ -344,12 +345,9 @@ fn both(lab: &Lab) -> [Status; 2] {
 fn spire_lab_rotate_is_an_entry_update_and_nothing_is_lost() {
     let lab = Lab::up_with_auth_policy(SPIRE_LAB, &[]);
     let fe_id = frontend_identity(&lab);
-    let (n, gap) = (150, 100);
-    let tcp = lab.echo_client("frontend", false, n, gap);
-    let udp = lab.echo_client("frontend", true, n, gap);
-    lab.wait_for("the streams to start", Duration::from_secs(10), || {
-        (tcp.line_count() > 10 && udp.line_count() > 10).then_some(())
-    });
+    let load = lab.echo_load("frontend", 150, 100);
+    let n = load.n;
+    load.wait_flowing(&lab);
     let before = lab.status("node-a");
     let serial = |st: &Status, s: &str| serial_of(st, s).unwrap_or_default();
     let fe_before = serial(&before, "/sa/frontend");
@@ -419,8 +417,7 @@ fn spire_lab_rotate_is_an_entry_update_and_nothing_is_lost() {
         },
     );
 
-    let tcp_lines = tcp.finish().0;
-    let udp_lines = udp.finish().0;
+    let (tcp_lines, udp_lines) = load.finish();
     println!(
         "lab rotate on SPIRE: frontend's new serial on node-a {took:?} after the entry update, its pairs re-authenticated at {reauth:?}; TCP {}/{n}, UDP {}/{n}",
         tcp_lines.len(),
@@ -429,12 +426,7 @@ fn spire_lab_rotate_is_an_entry_update_and_nothing_is_lost() {
     assert!(took < Duration::from_secs(5), "new serial took {took:?}");
     assert_all_echoed(&tcp_lines, &udp_lines, n);
     for st in both(&lab) {
-        assert_eq!(
-            st.drops.get("auth-required").copied().unwrap_or(0),
-            0,
-            "{}",
-            st.node
-        );
+        assert_no_drops(&st, &["auth-required"]);
     }
 }
 
@@ -481,12 +473,9 @@ fn spire_ca_rotation_with_revoke_old_drops_nothing() {
             assert!(s.rotates_at_unix > veil_agent::cli::unix_now(), "{s:?}");
         }
     }
-    let (n, gap) = (200, 100);
-    let tcp = lab.echo_client("frontend", false, n, gap);
-    let udp = lab.echo_client("frontend", true, n, gap);
-    lab.wait_for("the streams to start", Duration::from_secs(10), || {
-        (tcp.line_count() > 10 && udp.line_count() > 10).then_some(())
-    });
+    let load = lab.echo_load("frontend", 200, 100);
+    let n = load.n;
+    load.wait_flowing(&lab);
     let t = Instant::now();
     let t_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -494,23 +483,11 @@ fn spire_ca_rotation_with_revoke_old_drops_nothing() {
         .as_millis() as u64;
     let out = lab.lab_ok("ca", &["rotate", "--revoke-old"]);
     let took = t.elapsed();
-    let tcp_lines = tcp.finish().0;
-    let udp_lines = udp.finish().0;
+    let (tcp_lines, udp_lines) = load.finish();
     let [a, b] = both(&lab);
     assert_all_echoed(&tcp_lines, &udp_lines, n);
     for st in [&a, &b] {
-        assert_eq!(
-            st.drops.get("auth-required").copied().unwrap_or(0),
-            0,
-            "{}",
-            st.node
-        );
-        assert_eq!(
-            st.drops.get("no-key").copied().unwrap_or(0),
-            0,
-            "{}",
-            st.node
-        );
+        assert_no_drops(st, &["auth-required", "no-key"]);
     }
     let v: serde_json::Value = serde_json::from_str(&out).expect("lab ca rotate prints JSON");
     let new = active_authority(&lab);
@@ -802,10 +779,7 @@ fn assert_served_until_expiry(last_ok: f64, cut: f64, not_after: f64) {
 /// for a handshake that never completed (the hold device's timeouts).
 fn auth_refusals(lab: &Lab) -> (u64, u64) {
     both(lab).iter().fold((0, 0), |(d, h), st| {
-        (
-            d + st.drops.get("auth-required").copied().unwrap_or(0),
-            h + st.hold.timed_out,
-        )
+        (d + drop_count(st, "auth-required"), h + st.hold.timed_out)
     })
 }
 

@@ -118,20 +118,16 @@ fn leak_pair_plaintext_shows_marker() {
     assert!(report["capture"]["marker_hits"].as_u64().unwrap() > 0);
 }
 
-fn drop_count(lab: &Lab, node: &str, reason: &str) -> u64 {
-    lab.status(node).drops.get(reason).copied().unwrap_or(0)
-}
-
 /// Runs `send`, which sends five packets that `node` must drop as `reason`, and waits (5 s at
 /// most) until the five drops are counted.
 fn assert_five_dropped(lab: &Lab, node: &str, reason: &str, send: impl FnOnce()) {
-    let before = drop_count(lab, node, reason);
+    let before = lab.drop_count(node, reason);
     send();
     let after = lab.wait_for(
         &format!("{reason} drops at {node}"),
         Duration::from_secs(5),
         || {
-            let n = drop_count(lab, node, reason);
+            let n = lab.drop_count(node, reason);
             (n >= before + 5).then_some(n)
         },
     );
@@ -152,7 +148,7 @@ fn strict_mode_drops_without_key_and_recovers() {
     let lab = Lab::up(&[]);
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
-    let before = drop_count(&lab, "node-a", "no-key");
+    let before = lab.drop_count("node-a", "no-key");
     veil_ok(&[
         "peer", "remove", "--name", &lab.name, "--node", "node-a", "node-b",
     ]);
@@ -176,7 +172,7 @@ fn strict_mode_drops_without_key_and_recovers() {
         "{:#?}",
         non_wireguard(&lines)
     );
-    let after = drop_count(&lab, "node-a", "no-key");
+    let after = lab.drop_count("node-a", "no-key");
     assert!(
         after > before,
         "no-key counter did not rise ({before} -> {after})"
@@ -957,13 +953,13 @@ fn plaintext_from_the_underlay_never_reaches_a_pod() {
         ))
         .0
     );
-    let before = drop_count(&lab, "node-b", "plaintext-from-underlay");
+    let before = lab.drop_count("node-b", "plaintext-from-underlay");
     let (ok, body) = sh(&format!("curl -s --max-time 3 http://{be}:8080/"));
     assert!(
         !ok && body.is_empty(),
         "plaintext from the underlay reached backend: {body:?}"
     );
-    let after = drop_count(&lab, "node-b", "plaintext-from-underlay");
+    let after = lab.drop_count("node-b", "plaintext-from-underlay");
     assert!(
         after > before,
         "no plaintext-from-underlay drop counted ({before} -> {after})"
