@@ -466,6 +466,16 @@ mod tests {
         assert!(matches!(e, Error::Request { .. }), "{e:?}");
     }
 
+    /// [`call`] with the tests' 3 s timeout.
+    async fn call_3s(
+        sock: &Path,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, Error> {
+        call(sock, method, path, body, Duration::from_secs(3)).await
+    }
+
     /// Answers 200 with the body length; counts calls.
     struct Echo(std::sync::atomic::AtomicUsize);
 
@@ -528,25 +538,13 @@ mod tests {
     #[tokio::test]
     async fn oversized_bodies_are_refused_before_the_handler() {
         let (sock, echo) = server("body").await;
-        let ok = call(
-            &sock,
-            hyper::Method::POST,
-            "/x",
-            Some(vec![0; 1024]),
-            Duration::from_secs(3),
-        )
-        .await
-        .unwrap();
+        let ok = call_3s(&sock, hyper::Method::POST, "/x", Some(vec![0; 1024]))
+            .await
+            .unwrap();
         assert_eq!(&ok[..], br#"{"body":1024}"#);
-        let e = call(
-            &sock,
-            hyper::Method::POST,
-            "/x",
-            Some(vec![0; 1025]),
-            Duration::from_secs(3),
-        )
-        .await
-        .unwrap_err();
+        let e = call_3s(&sock, hyper::Method::POST, "/x", Some(vec![0; 1025]))
+            .await
+            .unwrap_err();
         assert!(
             matches!(&e, Error::Status { status: 413, body } if body.contains("exceeds 1024")),
             "{e:?}"
@@ -564,12 +562,11 @@ mod tests {
     #[tokio::test]
     async fn too_many_query_parameters_are_a_bad_request() {
         let (sock, echo) = server("query").await;
-        let e = call(
+        let e = call_3s(
             &sock,
             hyper::Method::GET,
             "/v1/flows?a=1&b=2&c=3&d=4&e=5",
             None,
-            Duration::from_secs(3),
         )
         .await
         .unwrap_err();
@@ -616,15 +613,9 @@ mod tests {
         // Once they go (here: the header timeout closes them), new clients are served.
         drop((_a, _b));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let ok = call(
-            &sock,
-            hyper::Method::GET,
-            "/x",
-            None,
-            Duration::from_secs(3),
-        )
-        .await
-        .unwrap();
+        let ok = call_3s(&sock, hyper::Method::GET, "/x", None)
+            .await
+            .unwrap();
         assert_eq!(&ok[..], br#"{"body":0}"#);
     }
 }

@@ -2,7 +2,6 @@
 //! exactly that node's SPIFFE ID, runs the node handshake and returns the channel.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::SystemTime;
 
 use tokio::net::TcpSocket;
 use tokio::time::{timeout_at, Instant};
@@ -108,20 +107,12 @@ pub async fn connect_to(
     };
     let peer_svid = {
         let certs = stream.get_ref().1.peer_certificates().unwrap_or_default();
-        let (leaf, rest) = certs.split_first().ok_or_else(|| Error::PeerRejected {
-            peer: peer.name.clone(),
-            reason: AuthFailure::InvalidSvid,
-        })?;
-        tls::check_node_chain(
-            leaf,
-            rest,
-            &deps.bundles,
-            &ExpectedPeer::Node(peer.spiffe_id.clone()),
-            SystemTime::now(),
-        )
-        .map_err(|e| Error::PeerRejected {
-            peer: peer.name.clone(),
-            reason: tls::rejection_reason(&e).unwrap_or(AuthFailure::InvalidSvid),
+        let expected = ExpectedPeer::Node(peer.spiffe_id.clone());
+        tls::check_peer_chain(certs, &deps.bundles, &expected).map_err(|reason| {
+            Error::PeerRejected {
+                peer: peer.name.clone(),
+                reason,
+            }
         })?
     };
     let (channel, keys) = channel::establish(

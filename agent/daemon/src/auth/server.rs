@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -294,20 +294,12 @@ async fn handle(
     let (node, peer_svid) = {
         let conn = stream.get_ref().1;
         let certs = conn.peer_certificates().unwrap_or_default();
-        let (leaf, rest) = certs.split_first().ok_or_else(|| Error::PeerRejected {
-            peer: peer_label.clone(),
-            reason: AuthFailure::InvalidSvid,
-        })?;
-        let v = tls::check_node_chain(
-            leaf,
-            rest,
-            &deps.bundles,
-            &ExpectedPeer::AnyNodeOf(deps.trust_domain.clone()),
-            SystemTime::now(),
-        )
-        .map_err(|e| Error::PeerRejected {
-            peer: peer_label.clone(),
-            reason: tls::rejection_reason(&e).unwrap_or(AuthFailure::InvalidSvid),
+        let expected = ExpectedPeer::AnyNodeOf(deps.trust_domain.clone());
+        let v = tls::check_peer_chain(certs, &deps.bundles, &expected).map_err(|reason| {
+            Error::PeerRejected {
+                peer: peer_label.clone(),
+                reason,
+            }
         })?;
         let name =
             node_name_of(&v.spiffe_id, &deps.trust_domain).ok_or_else(|| Error::PeerRejected {

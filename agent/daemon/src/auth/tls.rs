@@ -240,6 +240,18 @@ fn to_system_time(t: UnixTime) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(t.as_secs())
 }
 
+/// The chain the TLS peer presented (leaf first), checked as [`check_node_chain`] does now; a
+/// refusal is its reason (`InvalidSvid` for an empty chain or an error without one).
+pub fn check_peer_chain(
+    certs: &[CertificateDer<'_>],
+    bundles: &BundleSet,
+    expected: &ExpectedPeer,
+) -> Result<ValidatedSvid, AuthFailure> {
+    let (leaf, rest) = certs.split_first().ok_or(AuthFailure::InvalidSvid)?;
+    check_node_chain(leaf, rest, bundles, expected, SystemTime::now())
+        .map_err(|e| rejection_reason(&e).unwrap_or(AuthFailure::InvalidSvid))
+}
+
 /// Validates a presented node chain and checks the SPIFFE ID (the part shared by both sides).
 pub fn check_node_chain(
     end_entity: &CertificateDer<'_>,
