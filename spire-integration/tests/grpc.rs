@@ -76,6 +76,39 @@ fn start_client(socket: &Path) -> (IdentityClientHandle, watch::Sender<bool>) {
     run_client(ClientConfig::new(socket), Duration::from_millis(400))
 }
 
+/// SVIDs that outlive every test.
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Tracing, a fresh socket directory `name` and a dev server of `config(dir, ttl)` with `pods`
+/// registered.
+async fn start_dev(name: &str, ttl: Duration, pods: &[PodRegistration]) -> (TestDir, DevServer) {
+    init_tracing();
+    let dir = TestDir::new(name);
+    let dev = DevServer::start(config(&dir, ttl)).await.unwrap();
+    for p in pods {
+        dev.register_pod(p.clone()).unwrap();
+    }
+    (dir, dev)
+}
+
+/// A client on node-a's socket watching `pods` (of node-a), once it has published its node SVID
+/// and theirs (within `limit`).
+async fn node_a_client(
+    dir: &TestDir,
+    pods: &[&str],
+    limit: Duration,
+) -> (IdentityClientHandle, watch::Sender<bool>, IdentitySnapshot) {
+    let (client, stop) = start_client(&dir.sock("node-a"));
+    for p in pods {
+        client.watch_workload(selectors(p));
+    }
+    let snap = wait_until(&client, limit, "svids", |s| {
+        s.node.is_some() && pods.iter().all(|p| pod_serial(s, p).is_some())
+    })
+    .await;
+    (client, stop, snap)
+}
+
 fn pod_serial(s: &IdentitySnapshot, name: &str) -> Option<String> {
     s.workloads
         .get(&selectors(name))
@@ -84,13 +117,12 @@ fn pod_serial(s: &IdentitySnapshot, name: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_fetch_node_and_pod_svids() {
-    init_tracing();
-    let dir = TestDir::new("first");
-    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
-        .await
-        .unwrap();
-    dev.register_pod(pod("node-a", "frontend")).unwrap();
-    dev.register_pod(pod("node-b", "backend")).unwrap();
+    let (dir, dev) = start_dev(
+        "first",
+        HOUR,
+        &[pod("node-a", "frontend"), pod("node-b", "backend")],
+    )
+    .await;
 
     let (client, _stop) = start_client(&dir.sock("node-a"));
     client.watch_workload(selectors("frontend"));
@@ -193,18 +225,8 @@ async fn rotation_at_half_ttl_within_jitter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_rotation_reaches_the_client() {
-    init_tracing();
-    let dir = TestDir::new("force");
-    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
-        .await
-        .unwrap();
-    dev.register_pod(pod("node-a", "frontend")).unwrap();
-    let (client, _stop) = start_client(&dir.sock("node-a"));
-    client.watch_workload(selectors("frontend"));
-    let snap = wait_until(&client, Duration::from_secs(5), "svids", |s| {
-        s.node.is_some() && pod_serial(s, "frontend").is_some()
-    })
-    .await;
+    let (dir, dev) = start_dev("force", HOUR, &[pod("node-a", "frontend")]).await;
+    let (client, _stop, snap) = node_a_client(&dir, &["frontend"], Duration::from_secs(5)).await;
     let (node0, pod0) = (
         snap.node.as_ref().unwrap().serial().to_owned(),
         pod_serial(&snap, "frontend").unwrap(),
@@ -240,9 +262,7 @@ async fn socket_absent_at_start_then_appearing() {
     assert_eq!(snap.generation, 0, "nothing published: {snap:?}");
     assert!(snap.node.is_none() && snap.workloads.is_empty());
 
-    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
-        .await
-        .unwrap();
+    let dev = DevServer::start(config(&dir, HOUR)).await.unwrap();
     dev.register_pod(pod("node-a", "frontend")).unwrap();
     let started = Instant::now();
     let snap = wait_until(&client, Duration::from_secs(5), "recovered", |s| {
@@ -264,18 +284,8 @@ async fn socket_absent_at_start_then_appearing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_gone_mid_run_keeps_last_good_until_expiry() {
-    init_tracing();
-    let dir = TestDir::new("gone");
-    let dev = DevServer::start(config(&dir, Duration::from_secs(4)))
-        .await
-        .unwrap();
-    dev.register_pod(pod("node-a", "frontend")).unwrap();
-    let (client, _stop) = start_client(&dir.sock("node-a"));
-    client.watch_workload(selectors("frontend"));
-    wait_until(&client, Duration::from_secs(3), "svids", |s| {
-        s.node.is_some() && pod_serial(s, "frontend").is_some()
-    })
-    .await;
+    let (dir, dev) = start_dev("gone", Duration::from_secs(4), &[pod("node-a", "frontend")]).await;
+    let (client, _stop, _) = node_a_client(&dir, &["frontend"], Duration::from_secs(3)).await;
     dev.shutdown().await;
     assert!(!dir.sock("node-a").exists(), "socket removed");
 
@@ -321,20 +331,14 @@ async fn socket_gone_mid_run_keeps_last_good_until_expiry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_removes_the_svid_within_two_seconds() {
-    init_tracing();
-    let dir = TestDir::new("revoke");
-    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
-        .await
-        .unwrap();
-    dev.register_pod(pod("node-a", "frontend")).unwrap();
-    dev.register_pod(pod("node-a", "intruder")).unwrap();
-    let (client, _stop) = start_client(&dir.sock("node-a"));
-    client.watch_workload(selectors("frontend"));
-    client.watch_workload(selectors("intruder"));
-    wait_until(&client, Duration::from_secs(5), "both pods", |s| {
-        s.workloads.len() == 2
-    })
+    let (dir, dev) = start_dev(
+        "revoke",
+        HOUR,
+        &[pod("node-a", "frontend"), pod("node-a", "intruder")],
+    )
     .await;
+    let (client, _stop, _) =
+        node_a_client(&dir, &["frontend", "intruder"], Duration::from_secs(5)).await;
 
     let revoked_at = Instant::now();
     dev.revoke_pod("shop", "frontend").unwrap();
@@ -366,16 +370,11 @@ async fn revocation_removes_the_svid_within_two_seconds() {
 async fn ca_rotation_overlap_then_old_root_refused() {
     init_tracing();
     let dir = TestDir::new("ca");
-    let mut cfg = config(&dir, Duration::from_secs(3600));
+    let mut cfg = config(&dir, HOUR);
     cfg.with_intermediate = true;
     let dev = DevServer::start(cfg).await.unwrap();
     dev.register_pod(pod("node-a", "frontend")).unwrap();
-    let (client, _stop) = start_client(&dir.sock("node-a"));
-    client.watch_workload(selectors("frontend"));
-    let s0 = wait_until(&client, Duration::from_secs(5), "svids", |s| {
-        s.node.is_some() && pod_serial(s, "frontend").is_some()
-    })
-    .await;
+    let (client, _stop, s0) = node_a_client(&dir, &["frontend"], Duration::from_secs(5)).await;
     let old_svid = s0.workloads[&selectors("frontend")][0].clone();
     let roots = |s: &IdentitySnapshot| s.bundles.get(&td()).map(|r| r.len()).unwrap_or(0);
 
@@ -427,11 +426,7 @@ async fn ca_rotation_overlap_then_old_root_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_spiffe_crate_workload_api_client() {
-    init_tracing();
-    let dir = TestDir::new("spiffe");
-    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
-        .await
-        .unwrap();
+    let (dir, dev) = start_dev("spiffe", HOUR, &[]).await;
     let endpoint = format!("unix:{}", dir.sock("node-a").display());
     let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
         .await
@@ -485,12 +480,7 @@ async fn conformance_spiffe_crate_workload_api_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_spire_api_delegated_identity_client() {
-    init_tracing();
-    let dir = TestDir::new("spireapi");
-    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
-        .await
-        .unwrap();
-    dev.register_pod(pod("node-a", "frontend")).unwrap();
+    let (dir, dev) = start_dev("spireapi", HOUR, &[pod("node-a", "frontend")]).await;
     let endpoint = format!("unix:{}", dir.sock("node-a").display());
     let client = spire_api::DelegatedIdentityClient::connect_to(&endpoint)
         .await
@@ -519,11 +509,7 @@ async fn conformance_spire_api_delegated_identity_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_api_requires_the_security_header() {
-    init_tracing();
-    let dir = TestDir::new("header");
-    let dev = DevServer::start(config(&dir, Duration::from_secs(3600)))
-        .await
-        .unwrap();
+    let (dir, dev) = start_dev("header", HOUR, &[]).await;
     let path = dir.sock("node-a");
     let channel = tonic::transport::Endpoint::from_static("http://x")
         .connect_with_connector(tower::service_fn(move |_| {

@@ -414,6 +414,18 @@ fn frontend_svid(s: &IdentitySnapshot) -> Option<&Svid> {
         .map(|a| &**a)
 }
 
+/// Waits (30 s at most) until frontend's SVID is in `client`'s snapshot (`is_present`) or gone.
+async fn wait_frontend(
+    client: &IdentityClientHandle,
+    is_present: bool,
+    what: &str,
+) -> IdentitySnapshot {
+    wait_until(client, Duration::from_secs(30), what, |s| {
+        frontend_svid(s).is_some() == is_present
+    })
+    .await
+}
+
 /// veil's own validation of `svid` against the snapshot's bundles, now; returns the serial.
 fn validate(svid: &Svid, s: &IdentitySnapshot, id: &SpiffeId) -> String {
     let v =
@@ -475,10 +487,7 @@ async fn node_and_pod_svids_rotate_and_a_deleted_entry_withdraws_the_pod_svid() 
 
     // (b) The pod's SVID through the Delegated Identity API by the pod's selectors (a superset
     // of the entry's), validated by veil against the bundle.
-    let snap = wait_until(&client, Duration::from_secs(30), "frontend svid", |s| {
-        frontend_svid(s).is_some()
-    })
-    .await;
+    let snap = wait_frontend(&client, true, "frontend svid").await;
     let first = frontend_svid(&snap).unwrap().clone();
     let first_serial = validate(&first, &snap, &frontend_id());
     assert_eq!(snap.workloads[&frontend_selectors()].len(), 1);
@@ -495,11 +504,10 @@ async fn node_and_pod_svids_rotate_and_a_deleted_entry_withdraws_the_pod_svid() 
     let absent = spire.dir.join("agent/public/absent.sock");
     let (delegated_only, _stop2) = start_client(&absent, &spire.admin_socket());
     delegated_only.watch_workload(frontend_selectors());
-    let snap2 = wait_until(
+    let snap2 = wait_frontend(
         &delegated_only,
-        Duration::from_secs(30),
+        true,
         "frontend svid with delegated bundles only",
-        |s| frontend_svid(s).is_some(),
     )
     .await;
     assert!(snap2.node.is_none());
@@ -541,21 +549,14 @@ async fn node_and_pod_svids_rotate_and_a_deleted_entry_withdraws_the_pod_svid() 
         .server_cli(&["entry", "delete", "-entryID", &frontend_entry])
         .await;
     let deleted = Instant::now();
-    let snap = wait_until(
-        &client,
-        Duration::from_secs(30),
-        "frontend svid withdrawn after entry delete",
-        |s| frontend_svid(s).is_none(),
-    )
-    .await;
+    let snap = wait_frontend(&client, false, "frontend svid withdrawn after entry delete").await;
     let withdrawn_after = deleted.elapsed();
     assert!(snap.node.is_some());
     assert!(snap.workload_svid(&frontend_id()).is_none());
-    wait_until(
+    wait_frontend(
         &delegated_only,
-        Duration::from_secs(30),
+        false,
         "frontend svid withdrawn (second client)",
-        |s| frontend_svid(s).is_none(),
     )
     .await;
     eprintln!(
@@ -569,13 +570,7 @@ async fn node_and_pod_svids_rotate_and_a_deleted_entry_withdraws_the_pod_svid() 
         .create_entry(frontend_id().as_str(), &["k8s:ns:shop", "k8s:sa:frontend"])
         .await;
     let created = Instant::now();
-    let snap = wait_until(
-        &client,
-        Duration::from_secs(30),
-        "frontend svid back after re-registration",
-        |s| frontend_svid(s).is_some(),
-    )
-    .await;
+    let snap = wait_frontend(&client, true, "frontend svid back after re-registration").await;
     let back = frontend_svid(&snap).unwrap();
     validate(back, &snap, &frontend_id());
     assert_ne!(back.serial(), rotated.serial());
