@@ -117,16 +117,12 @@ fn pod_serial(s: &IdentitySnapshot, name: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_fetch_node_and_pod_svids() {
-    let (dir, dev) = start_dev(
-        "first",
-        HOUR,
-        &[pod("node-a", "frontend"), pod("node-b", "backend")],
-    )
-    .await;
+    let (dir, dev) = start_dev("first", HOUR, &[pod("node-a", "frontend")]).await;
+    // backend lives on node-b: node-a's socket must not hand it out.
+    dev.register_pod(pod("node-b", "backend")).unwrap();
 
     let (client, _stop) = start_client(&dir.sock("node-a"));
     client.watch_workload(selectors("frontend"));
-    // backend lives on node-b: node-a's socket must not hand it out.
     client.watch_workload(selectors("backend"));
     let snap = wait_until(
         &client,
