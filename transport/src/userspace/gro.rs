@@ -315,7 +315,9 @@ mod tests {
         p
     }
 
-    fn feed(c: &mut Coalescer, pkts: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    /// What a fresh coalescer hands on for `pkts`, read in one batch.
+    fn coalesce(pkts: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut c = Coalescer::new();
         for p in pkts {
             c.slot()[..p.len()].copy_from_slice(p);
             c.commit(p.len());
@@ -327,13 +329,12 @@ mod tests {
 
     #[test]
     fn in_order_segments_become_one_gso_packet() {
-        let mut c = Coalescer::new();
         let mss = 1388;
         let mut pkts: Vec<Vec<u8>> = (0..10)
             .map(|i| tcp4(1000 + i * mss as u32, mss, TCP_ACK, 77))
             .collect();
         pkts.push(tcp4(1000 + 10 * mss as u32, 100, TCP_ACK | TCP_PSH, 77));
-        let out = feed(&mut c, &pkts);
+        let out = coalesce(&pkts);
         assert_eq!(out.len(), 1);
         let b = &out[0];
         assert_eq!(b[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
@@ -363,17 +364,13 @@ mod tests {
 
     #[test]
     fn gaps_other_flows_and_pure_acks_are_not_merged() {
-        let mut c = Coalescer::new();
-        let out = feed(
-            &mut c,
-            &[
-                tcp4(1000, 1000, TCP_ACK, 1),
-                tcp4(3000, 1000, TCP_ACK, 1),     // gap
-                tcp4(4000, 1000, TCP_ACK, 2),     // other ack number
-                tcp4(5000, 0, TCP_ACK, 2),        // pure ACK
-                tcp4(5000, 1000, 0x18 | 0x01, 2), // FIN
-            ],
-        );
+        let out = coalesce(&[
+            tcp4(1000, 1000, TCP_ACK, 1),
+            tcp4(3000, 1000, TCP_ACK, 1),     // gap
+            tcp4(4000, 1000, TCP_ACK, 2),     // other ack number
+            tcp4(5000, 0, TCP_ACK, 2),        // pure ACK
+            tcp4(5000, 1000, 0x18 | 0x01, 2), // FIN
+        ]);
         assert_eq!(out.len(), 5);
         for b in &out {
             assert_eq!(b[0], VIRTIO_NET_HDR_F_DATA_VALID);
@@ -383,26 +380,21 @@ mod tests {
 
     #[test]
     fn short_segment_and_psh_close_the_run() {
-        let mut c = Coalescer::new();
-        let out = feed(
-            &mut c,
-            &[
-                tcp4(0, 1000, TCP_ACK, 1),
-                tcp4(1000, 500, TCP_ACK, 1),
-                tcp4(1500, 500, TCP_ACK, 1), // after a short one: new run
-                tcp4(2000, 500, TCP_ACK | TCP_PSH, 1),
-                tcp4(2500, 500, TCP_ACK, 1), // after PSH: new run
-            ],
-        );
+        let out = coalesce(&[
+            tcp4(0, 1000, TCP_ACK, 1),
+            tcp4(1000, 500, TCP_ACK, 1),
+            tcp4(1500, 500, TCP_ACK, 1), // after a short one: new run
+            tcp4(2000, 500, TCP_ACK | TCP_PSH, 1),
+            tcp4(2500, 500, TCP_ACK, 1), // after PSH: new run
+        ]);
         let sizes: Vec<usize> = out.iter().map(|b| b.len() - VNET_HDR_LEN - 52).collect();
         assert_eq!(sizes, vec![1500, 1000, 500]);
     }
 
     #[test]
     fn super_packets_stop_at_64k() {
-        let mut c = Coalescer::new();
         let pkts: Vec<Vec<u8>> = (0..60).map(|i| tcp4(i * 1388, 1388, TCP_ACK, 1)).collect();
-        let out = feed(&mut c, &pkts);
+        let out = coalesce(&pkts);
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|b| b.len() - VNET_HDR_LEN <= 65535));
         let total: usize = out.iter().map(|b| b.len() - VNET_HDR_LEN - 52).sum();
@@ -411,10 +403,9 @@ mod tests {
 
     #[test]
     fn non_tcp_is_passed_through() {
-        let mut c = Coalescer::new();
         let mut udp = tcp4(0, 100, TCP_ACK, 1);
         udp[9] = 17;
-        let out = feed(&mut c, &[udp.clone(), udp.clone()]);
+        let out = coalesce(&[udp.clone(), udp.clone()]);
         assert_eq!(out.len(), 2);
         assert_eq!(&out[0][VNET_HDR_LEN..], &udp[..]);
     }
