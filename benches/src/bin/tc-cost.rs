@@ -42,10 +42,7 @@ use veil_agent::datapath::{
 };
 use veil_common::{
     config_flags,
-    maps::{
-        direction, identity, node_flags, policy_flags, DatapathConfig, NodeInfo, PolicyEntry,
-        PolicyKey,
-    },
+    maps::{direction, node_flags, policy_flags, DatapathConfig, NodeInfo, PolicyEntry, PolicyKey},
     programs,
 };
 
@@ -101,16 +98,6 @@ impl Rng {
     }
 }
 
-fn key(local: u32, remote: u32, dport: u16, protocol: u8, dir: u8) -> PolicyKey {
-    PolicyKey {
-        local_identity: local,
-        remote_identity: remote,
-        dport,
-        protocol,
-        direction: dir,
-    }
-}
-
 /// Exactly `n` entries (n ≥ 4): the measured flow's markers and allow entries, and n − 4
 /// others that no measured packet looks up.
 fn policy(n: usize) -> Result<BTreeMap<PolicyKey, PolicyEntry>> {
@@ -126,16 +113,10 @@ fn policy(n: usize) -> Result<BTreeMap<PolicyKey, PolicyEntry>> {
         rule: 0,
     };
     let mut m = BTreeMap::new();
-    m.insert(
-        key(FE, identity::SELECTOR_MARKER, 0, 0, direction::EGRESS),
-        marker,
-    );
-    m.insert(key(FE, BE, 8080, TCP, direction::EGRESS), allow);
-    m.insert(
-        key(BE, identity::SELECTOR_MARKER, 0, 0, direction::INGRESS),
-        marker,
-    );
-    m.insert(key(BE, FE, 8080, TCP, direction::INGRESS), allow);
+    m.insert(PolicyKey::marker(FE, direction::EGRESS), marker);
+    m.insert(PolicyKey::new(FE, BE, 8080, TCP, direction::EGRESS), allow);
+    m.insert(PolicyKey::marker(BE, direction::INGRESS), marker);
+    m.insert(PolicyKey::new(BE, FE, 8080, TCP, direction::INGRESS), allow);
     // Others: local identities FE, BE and 400 more endpoints; remote identities from a pool
     // that grows with the map (about ten entries per identity), never FE/BE/IN/ANY, so the
     // measured lookups hit exactly what they hit with 10 entries.
@@ -162,7 +143,7 @@ fn policy(n: usize) -> Result<BTreeMap<PolicyKey, PolicyEntry>> {
         } else {
             direction::EGRESS
         };
-        m.insert(key(local, remote, port, proto, dir), allow);
+        m.insert(PolicyKey::new(local, remote, port, proto, dir), allow);
     }
     Ok(m)
 }

@@ -242,6 +242,17 @@ pub struct PolicyKey {
 }
 
 impl PolicyKey {
+    #[inline(always)]
+    pub const fn new(local: u32, remote: u32, dport: u16, protocol: u8, direction: u8) -> Self {
+        Self {
+            local_identity: local,
+            remote_identity: remote,
+            dport,
+            protocol,
+            direction,
+        }
+    }
+
     /// The enforcement marker of `local` in `direction` (see [`policy_flags::ENFORCED`]).
     #[inline(always)]
     pub const fn marker(local: u32, direction: u8) -> Self {

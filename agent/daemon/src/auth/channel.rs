@@ -155,27 +155,24 @@ pub trait TlsIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn common(&self) -> &rustls::CommonState;
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsIo
-    for tokio_rustls::client::TlsStream<IO>
-{
-    fn exporter(&self) -> &dyn Exporter {
-        &**self.get_ref().1
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self.get_ref().1
-    }
+/// [`TlsIo`] for tokio-rustls' client and server streams: two types with no common trait, whose
+/// connections both deref to the exporter and the common state.
+macro_rules! impl_tls_io {
+    ($($side:ident),*) => {$(
+        impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsIo
+            for tokio_rustls::$side::TlsStream<IO>
+        {
+            fn exporter(&self) -> &dyn Exporter {
+                &**self.get_ref().1
+            }
+            fn common(&self) -> &rustls::CommonState {
+                self.get_ref().1
+            }
+        }
+    )*};
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsIo
-    for tokio_rustls::server::TlsStream<IO>
-{
-    fn exporter(&self) -> &dyn Exporter {
-        &**self.get_ref().1
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self.get_ref().1
-    }
-}
+impl_tls_io!(client, server);
 
 /// Why reading a frame stopped.
 #[derive(Debug, thiserror::Error)]
@@ -198,21 +195,23 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
 ) -> Result<Message, ReadError> {
     let mut header = [0u8; wire::HEADER_LEN];
-    match timeout_at(header_deadline, r.read_exact(&mut header)).await {
-        Err(_) => return Err(ReadError::Timeout),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Eof),
-        Ok(Err(e)) => return Err(ReadError::Io(e)),
-        Ok(Ok(_)) => {}
-    }
+    read_outcome(timeout_at(header_deadline, r.read_exact(&mut header)).await)?;
     let len = wire::parse_header(header).map_err(ReadError::Wire)?;
     buf.resize(len, 0);
-    match timeout(frame_timeout, r.read_exact(&mut buf[..len])).await {
-        Err(_) => return Err(ReadError::Timeout),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Eof),
-        Ok(Err(e)) => return Err(ReadError::Io(e)),
-        Ok(Ok(_)) => {}
-    }
+    read_outcome(timeout(frame_timeout, r.read_exact(&mut buf[..len])).await)?;
     wire::decode_body(&buf[..len]).map_err(ReadError::Wire)
+}
+
+/// A timed `read_exact` as a [`ReadError`]: timed out, closed early or failed.
+fn read_outcome(
+    read: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
+) -> Result<(), ReadError> {
+    match read {
+        Err(_) => Err(ReadError::Timeout),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ReadError::Eof),
+        Ok(Err(e)) => Err(ReadError::Io(e)),
+        Ok(Ok(_)) => Ok(()),
+    }
 }
 
 /// Reads one frame, header and body, before `deadline`: the node handshake's bound. With
@@ -803,23 +802,21 @@ mod tests {
             n[..4].copy_from_slice(&i.to_le_bytes());
             n
         };
+        // Requests `nonces` at `t` are admitted, and the one after them is rate limited.
+        let burst = |g: &mut InboundGuard, nonces: std::ops::Range<u32>, t: Instant| {
+            for i in nonces.clone() {
+                assert_eq!(g.admit_request(&nonce(i), t), Ok(()), "request {i}");
+            }
+            assert_eq!(
+                g.admit_request(&nonce(nonces.end), t),
+                Err(AuthFailure::RateLimited)
+            );
+        };
         // The burst is admitted, the next request at the same instant is not.
-        for i in 0..10 {
-            assert_eq!(g.admit_request(&nonce(i), t0), Ok(()), "request {i}");
-        }
-        assert_eq!(
-            g.admit_request(&nonce(10), t0),
-            Err(AuthFailure::RateLimited)
-        );
+        burst(&mut g, 0..10, t0);
         // 100 ms at 100/s refills 10.
         let t1 = t0 + Duration::from_millis(100);
-        for i in 11..21 {
-            assert_eq!(g.admit_request(&nonce(i), t1), Ok(()), "request {i}");
-        }
-        assert_eq!(
-            g.admit_request(&nonce(21), t1),
-            Err(AuthFailure::RateLimited)
-        );
+        burst(&mut g, 11..21, t1);
         // A nonce seen before is a replay.
         let t2 = t1 + Duration::from_secs(1);
         assert_eq!(

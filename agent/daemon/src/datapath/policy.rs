@@ -128,25 +128,13 @@ pub fn count<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &'static str) -> usize
 
 #[cfg(test)]
 mod tests {
-    use veil_common::maps::{direction, identity, policy_flags};
+    use veil_common::maps::{direction, policy_flags};
 
     use super::*;
 
     fn entries(allow_remote: u32) -> BTreeMap<PolicyKey, PolicyEntry> {
-        let marker = PolicyKey {
-            local_identity: 300,
-            remote_identity: identity::SELECTOR_MARKER,
-            dport: 0,
-            protocol: 0,
-            direction: direction::INGRESS,
-        };
-        let allow = PolicyKey {
-            local_identity: 300,
-            remote_identity: allow_remote,
-            dport: 8080,
-            protocol: 6,
-            direction: direction::INGRESS,
-        };
+        let marker = PolicyKey::marker(300, direction::INGRESS);
+        let allow = PolicyKey::new(300, allow_remote, 8080, 6, direction::INGRESS);
         BTreeMap::from([
             (
                 marker,

@@ -790,13 +790,7 @@ mod tests {
 
     fn entry(local: u32, remote: u32, flags: u32, dir: u8) -> (PolicyKey, PolicyEntry) {
         (
-            PolicyKey {
-                local_identity: local,
-                remote_identity: remote,
-                dport: 8080,
-                protocol: 6,
-                direction: dir,
-            },
+            PolicyKey::new(local, remote, 8080, 6, dir),
             PolicyEntry { flags, rule: 1 },
         )
     }

@@ -195,13 +195,8 @@ pub fn compile(
                 .into_iter()
                 .filter(|s| is_audit_only || s.mode == Mode::Enforce)
                 .collect();
-            let key = |remote, dport, protocol| PolicyKey {
-                local_identity: local,
-                remote_identity: remote,
-                dport,
-                protocol,
-                direction: d.code(),
-            };
+            let key =
+                |remote, dport, protocol| PolicyKey::new(local, remote, dport, protocol, d.code());
             let mut marker_rule = u32::MAX;
             for spec in &considered {
                 for r in spec.rules.iter().map(|&i| &rules[i]) {
@@ -624,13 +619,7 @@ mod tests {
         }
 
         // Flow records can name the rule behind an entry, and stats count per policy.
-        let e = node_b.entries[&PolicyKey {
-            local_identity: BE,
-            remote_identity: FE,
-            dport: 8080,
-            protocol: TCP,
-            direction: INGRESS,
-        }];
+        let e = node_b.entries[&PolicyKey::new(BE, FE, 8080, TCP, INGRESS)];
         let r = node_b.rule(e.rule).unwrap();
         assert_eq!(
             (r.policy.to_string(), r.path.as_str()),

@@ -562,13 +562,8 @@ mod tests {
         let good = compile(&ps, &ids, &locals).unwrap().entries;
         assert_eq!(mismatches(&ps, &ids, &locals, &good), Vec::<String>::new());
 
-        let key = |l, r, dport, protocol, d: Direction| PolicyKey {
-            local_identity: l,
-            remote_identity: r,
-            dport,
-            protocol,
-            direction: d.code(),
-        };
+        let key =
+            |l, r, dport, protocol, d: Direction| PolicyKey::new(l, r, dport, protocol, d.code());
         let m = identity::SELECTOR_MARKER;
         type Corruption = Box<dyn Fn(&mut BTreeMap<PolicyKey, PolicyEntry>)>;
         let corruptions: Vec<(&str, Corruption)> = vec![
