@@ -194,35 +194,16 @@ fn check_chain(p: &Pki, chain: &[CertificateDer<'static>]) {
     let Some((leaf, rest)) = chain.split_first() else {
         return;
     };
-    let as_node = check_node_chain(
-        leaf,
-        rest,
-        &p.bundles,
-        &ExpectedPeer::Node(p.id.clone()),
-        p.now,
-    );
+    let as_peer = |peer: ExpectedPeer| check_node_chain(leaf, rest, &p.bundles, &peer, p.now);
     assert_eq!(
-        as_node.is_ok(),
+        as_peer(ExpectedPeer::Node(p.id.clone())).is_ok(),
         validated.is_ok(),
         "node check and validation disagree"
     );
-    let any = check_node_chain(
-        leaf,
-        rest,
-        &p.bundles,
-        &ExpectedPeer::AnyNodeOf(p.td.clone()),
-        p.now,
-    );
+    let any = as_peer(ExpectedPeer::AnyNodeOf(p.td.clone()));
     assert_eq!(any.is_ok(), validated.is_ok());
     assert!(
-        check_node_chain(
-            leaf,
-            rest,
-            &p.bundles,
-            &ExpectedPeer::Node(p.other.clone()),
-            p.now
-        )
-        .is_err(),
+        as_peer(ExpectedPeer::Node(p.other.clone())).is_err(),
         "node-a's chain accepted as node-b"
     );
 }
