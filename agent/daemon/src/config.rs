@@ -33,6 +33,14 @@ pub enum Error {
 pub enum SourceConfig {
     /// A control plane directory (the lab's): `cluster.json`, `policies.json`, `node-keys/`.
     Files { dir: PathBuf },
+    /// The Kubernetes API: Nodes, Pods, CiliumNetworkPolicies and veil's identities.
+    Kubernetes {
+        /// A kubeconfig file; absent: in-cluster (the DaemonSet's service account).
+        #[serde(default)]
+        kubeconfig: Option<PathBuf>,
+        /// The SPIFFE trust domain of the cluster's workloads.
+        trust_domain: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

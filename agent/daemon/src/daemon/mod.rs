@@ -94,7 +94,7 @@ impl Agent {
             source,
         })?;
         let restarts = state::bump_start_count(&cfg.state_dir);
-        let source = cluster::open(&cfg.source);
+        let source = cluster::open(&cfg);
         let cluster_rx = source.watch().await?;
         let cluster = cluster_rx.borrow().clone();
         let me = cluster

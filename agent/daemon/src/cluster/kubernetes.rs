@@ -1,0 +1,914 @@
+//! cluster::kubernetes: cluster state from the Kubernetes API.
+//!
+//! Reflectors (kube-runtime: list, then watch from the last resourceVersion, relist on
+//! `410 Gone`, bounded backoff) keep local caches of Nodes, Pods, `CiliumNetworkPolicy`,
+//! `CiliumClusterwideNetworkPolicy` and veil's `VeilIdentity`; every change rebuilds one
+//! [`ClusterState`] snapshot from the caches. While the apiserver or etcd is down the caches,
+//! and so the snapshot in force, stay as they were: the agent keeps enforcing its last state.
+//!
+//! - **Nodes**: a Node with an IPv4 `InternalIP` and `spec.podCIDR` is a veil node; its id is
+//!   its InternalIP as a number (unique in the cluster, the same on every agent); its WireGuard
+//!   keys are the annotations [`WG_KEY_ANNOTATION`] and [`WG_NEXT_KEY_ANNOTATION`], which each
+//!   agent writes on its own Node ([`ClusterSource::publish_node_key`]).
+//! - **Pods**: a Pod scheduled on a node, with an IPv4 `status.podIP`, not on the host network
+//!   and not terminating; its host-side interface is [`host_veth_name`] (what `veil-cni` names
+//!   it).
+//! - **Identities**: one cluster-scoped `VeilIdentity` per identity label set, named by the
+//!   number. The number is a hash of the labels probed linearly on collision
+//!   ([`identity_candidates`]), so agents racing to allocate the same labels try the same name
+//!   first and end with one object (create-if-absent: the loser reads the winner's). Unused
+//!   identities older than [`IDENTITY_GC_AGE`] are deleted (with the uid as precondition); an
+//!   agent that still needs one recreates it under the same number.
+//! - **Policies**: each CNP/CCNP is parsed with the same strict parser as `veil policy apply`;
+//!   one veil cannot enforce (`rules.http` until the L7 proxy exists) is refused and the
+//!   previous accepted version of it stays in force. Each agent writes its verdict into the
+//!   policy's `status.nodes.<node>` (as Cilium does).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::{Node as KNode, Pod as KPod};
+use kube::{
+    api::{
+        Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
+        PostParams, Preconditions,
+    },
+    runtime::{
+        reflector::{self, Store},
+        watcher, WatchStreamExt as _,
+    },
+    Client,
+};
+use serde_json::json;
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::{ClusterSource, ClusterState, Error, Identity, Node, Pod, WatchFuture};
+use crate::policy::{
+    selector::{NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL},
+    IdentityKey, Policy, PolicyName,
+};
+
+/// The Node annotation holding a node's WireGuard public key (base64).
+pub const WG_KEY_ANNOTATION: &str = "veil.dev/wg-public-key";
+/// The Node annotation holding the key a node will use next, ahead of a static key rotation.
+pub const WG_NEXT_KEY_ANNOTATION: &str = "veil.dev/wg-next-public-key";
+/// veil's API group and version (the `VeilIdentity` CRD).
+pub const API_GROUP: &str = "veil.dev";
+pub const API_VERSION: &str = "v1alpha1";
+/// How old an unused identity must be before an agent deletes it: longer than a Pod takes to
+/// reach every agent's cache after the identity was created for it.
+pub const IDENTITY_GC_AGE: Duration = Duration::from_secs(120);
+/// Numbers are `FIRST_CLUSTER + hash mod IDENTITY_SPACE`.
+const IDENTITY_SPACE: u32 = 1 << 24;
+/// Changes arriving within this window are folded into one snapshot.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// A rebuild that could not finish (an identity not allocated, a status not written: the API is
+/// unreachable) is retried after this long.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Where the Kubernetes source connects and what it adds to the snapshot.
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    /// A kubeconfig file; `None`: in-cluster (service account) or the usual inference.
+    pub kubeconfig: Option<PathBuf>,
+    /// The cluster name (the agent config's `cluster`).
+    pub cluster: String,
+    /// The SPIFFE trust domain of the cluster's workloads.
+    pub trust_domain: String,
+    /// This agent's node: the key it publishes goes on this Node, its policy verdicts under
+    /// this name in policy statuses.
+    pub node: String,
+}
+
+/// The cluster source backed by the Kubernetes API.
+pub struct KubeSource {
+    cfg: KubeConfig,
+    keys_tx: mpsc::UnboundedSender<NodeKeys>,
+    keys_rx: Mutex<Option<mpsc::UnboundedReceiver<NodeKeys>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeKeys {
+    node: String,
+    current: String,
+    next: Option<String>,
+}
+
+impl KubeSource {
+    pub fn new(cfg: KubeConfig) -> Self {
+        let (keys_tx, keys_rx) = mpsc::unbounded_channel();
+        Self {
+            cfg,
+            keys_tx,
+            keys_rx: Mutex::new(Some(keys_rx)),
+        }
+    }
+
+    async fn client(&self) -> Result<Client, Error> {
+        let config = match &self.cfg.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| kube_error(format!("kubeconfig {}: {e}", path.display())))?;
+                kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| kube_error(format!("kubeconfig {}: {e}", path.display())))?
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| kube_error(format!("no Kubernetes configuration: {e}")))?,
+        };
+        Client::try_from(config).map_err(|e| kube_error(format!("Kubernetes client: {e}")))
+    }
+
+    async fn start(&self) -> Result<watch::Receiver<Arc<ClusterState>>, Error> {
+        let client = self.client().await?;
+        let changed = Arc::new(Notify::new());
+        let caches = Caches::start(&client, &changed);
+        caches
+            .wait_until_ready()
+            .await
+            .map_err(|_| kube_error("a Kubernetes watch ended before its first list".into()))?;
+        let mut builder = Builder::new(client.clone(), self.cfg.clone(), caches);
+        let (first, _) = builder.build().await;
+        let (tx, rx) = watch::channel(Arc::new(first));
+        tokio::spawn(builder.run(tx, changed));
+        if let Some(keys_rx) = self.keys_rx.lock().expect("keys receiver lock").take() {
+            tokio::spawn(publish_keys(Api::all(client), keys_rx));
+        }
+        Ok(rx)
+    }
+}
+
+impl ClusterSource for KubeSource {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn watch(&self) -> WatchFuture<'_> {
+        Box::pin(self.start())
+    }
+
+    /// Queues the annotation patch on this node's Node; a background task writes the newest
+    /// queued keys, retrying while the apiserver is unreachable.
+    fn publish_node_key(&self, node: &str, current: &str, next: Option<&str>) -> Result<(), Error> {
+        self.keys_tx
+            .send(NodeKeys {
+                node: node.to_owned(),
+                current: current.to_owned(),
+                next: next.map(str::to_owned),
+            })
+            .map_err(|_| kube_error("the node-key publisher has stopped".into()))
+    }
+}
+
+fn kube_error(message: String) -> Error {
+    Error::Kubernetes(message)
+}
+
+/// Writes node keys as Node annotations: the newest queued, retried with backoff until written.
+async fn publish_keys(nodes: Api<KNode>, mut rx: mpsc::UnboundedReceiver<NodeKeys>) {
+    const BACKOFF: veil_common::backoff::Backoff =
+        veil_common::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    while let Some(mut keys) = rx.recv().await {
+        for attempt in 0u32.. {
+            while let Ok(newer) = rx.try_recv() {
+                keys = newer;
+            }
+            let patch = json!({"metadata": {"annotations": {
+                WG_KEY_ANNOTATION: keys.current,
+                WG_NEXT_KEY_ANNOTATION: keys.next,
+            }}});
+            match nodes
+                .patch(&keys.node, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(node = %keys.node, "published the node key on the Node");
+                    break;
+                }
+                Err(e) => {
+                    let wait = BACKOFF.jittered(attempt, rand::random());
+                    tracing::warn!(node = %keys.node, error = %e, ?wait, "cannot publish the node key; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+/// The reflectors' caches.
+struct Caches {
+    nodes: Store<KNode>,
+    pods: Store<KPod>,
+    cnps: Store<DynamicObject>,
+    ccnps: Store<DynamicObject>,
+    identities: Store<DynamicObject>,
+    resources: Resources,
+}
+
+/// The custom resources' API descriptions.
+#[derive(Clone)]
+struct Resources {
+    cnp: ApiResource,
+    ccnp: ApiResource,
+    identity: ApiResource,
+}
+
+impl Resources {
+    fn new() -> Self {
+        let ar = |group: &str, version: &str, kind: &str| {
+            ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
+        };
+        Self {
+            cnp: ar("cilium.io", "v2", "CiliumNetworkPolicy"),
+            ccnp: ar("cilium.io", "v2", "CiliumClusterwideNetworkPolicy"),
+            identity: ar(API_GROUP, API_VERSION, "VeilIdentity"),
+        }
+    }
+}
+
+impl Caches {
+    fn start(client: &Client, changed: &Arc<Notify>) -> Self {
+        let resources = Resources::new();
+        Self {
+            nodes: reflect(Api::<KNode>::all(client.clone()), (), changed),
+            pods: reflect(Api::<KPod>::all(client.clone()), (), changed),
+            cnps: reflect(
+                Api::all_with(client.clone(), &resources.cnp),
+                resources.cnp.clone(),
+                changed,
+            ),
+            ccnps: reflect(
+                Api::all_with(client.clone(), &resources.ccnp),
+                resources.ccnp.clone(),
+                changed,
+            ),
+            identities: reflect(
+                Api::all_with(client.clone(), &resources.identity),
+                resources.identity.clone(),
+                changed,
+            ),
+            resources,
+        }
+    }
+
+    /// Until every cache holds its first full list.
+    async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.nodes.wait_until_ready().await?;
+        self.pods.wait_until_ready().await?;
+        self.cnps.wait_until_ready().await?;
+        self.ccnps.wait_until_ready().await?;
+        self.identities.wait_until_ready().await
+    }
+}
+
+/// Starts one reflector: its cache, kept current by a task that wakes `changed` on every event
+/// and logs (does not end on) watch errors; the watcher retries with bounded backoff.
+fn reflect<K>(api: Api<K>, dyntype: K::DynamicType, changed: &Arc<Notify>) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+{
+    let writer = reflector::store::Writer::new(dyntype.clone());
+    let store = writer.as_reader();
+    let kind = K::kind(&dyntype).into_owned();
+    let changed = changed.clone();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(async move {
+        futures_util::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => {
+                    tracing::warn!(%kind, error = %e, "Kubernetes watch failed; keeping the last state, retrying")
+                }
+            }
+        }
+    });
+    store
+}
+
+/// What the last build decided about one policy, to write into its status once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Verdict {
+    /// `metadata.generation` the verdict is about.
+    generation: i64,
+    error: Option<String>,
+}
+
+/// Turns the caches into snapshots; allocates identities, collects unused ones, writes policy
+/// verdicts.
+struct Builder {
+    client: Client,
+    cfg: KubeConfig,
+    caches: Caches,
+    generation: u64,
+    policy_generation: u64,
+    /// The last accepted version of each policy (kept when a newer version is refused).
+    accepted: BTreeMap<PolicyName, Policy>,
+    /// Verdicts written into policy statuses (by uid).
+    reported: HashMap<String, Verdict>,
+    last: Option<ClusterState>,
+}
+
+impl Builder {
+    fn new(client: Client, cfg: KubeConfig, caches: Caches) -> Self {
+        Self {
+            client,
+            cfg,
+            caches,
+            generation: 0,
+            policy_generation: 0,
+            accepted: BTreeMap::new(),
+            reported: HashMap::new(),
+            last: None,
+        }
+    }
+
+    async fn run(mut self, tx: watch::Sender<Arc<ClusterState>>, changed: Arc<Notify>) {
+        let mut retry = false;
+        loop {
+            if retry {
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            } else {
+                changed.notified().await;
+            }
+            tokio::time::sleep(DEBOUNCE).await;
+            if tx.is_closed() {
+                return;
+            }
+            let (state, complete) = self.build().await;
+            retry = !complete;
+            if **tx.borrow() != state {
+                tracing::info!(generation = state.generation, "cluster state changed");
+                let _ = tx.send(Arc::new(state));
+            }
+        }
+    }
+
+    /// One snapshot from the caches, and whether everything it needed from the API was done
+    /// (identities allocated, statuses written); if not, the caller builds again soon.
+    async fn build(&mut self) -> (ClusterState, bool) {
+        let mut complete = true;
+        let nodes: Vec<Node> = {
+            let mut v: Vec<Node> = self
+                .caches
+                .nodes
+                .state()
+                .iter()
+                .filter_map(|n| node_from(n))
+                .collect();
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+            v
+        };
+        let known: BTreeMap<String, IdentityKey> = self
+            .caches
+            .identities
+            .state()
+            .iter()
+            .filter_map(|o| identity_from(o))
+            .map(|(id, key)| (id.to_string(), key))
+            .collect();
+        let mut by_key: BTreeMap<IdentityKey, u32> = known
+            .iter()
+            .filter_map(|(id, key)| Some((key.clone(), id.parse().ok()?)))
+            .collect();
+        let mut pods: Vec<Pod> = Vec::new();
+        for kp in self.caches.pods.state() {
+            let Some(mut pod) = pod_from(&kp) else {
+                continue;
+            };
+            let Ok(key) = IdentityKey::new(&pod.namespace, &pod.service_account, &pod.labels)
+            else {
+                tracing::warn!(pod = %pod.name, namespace = %pod.namespace, "pod labels make no identity; left out (unknown identity: fail closed)");
+                continue;
+            };
+            let id = match by_key.get(&key) {
+                Some(id) => *id,
+                None => match self.allocate(&key, &known).await {
+                    Ok(id) => {
+                        by_key.insert(key.clone(), id);
+                        id
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %pod.name, namespace = %pod.namespace, error = %e, "cannot allocate an identity yet; retrying");
+                        complete = false;
+                        continue;
+                    }
+                },
+            };
+            pod.identity = id;
+            pods.push(pod);
+        }
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let used: std::collections::BTreeSet<u32> = pods.iter().map(|p| p.identity).collect();
+        let identities: Vec<Identity> = by_key
+            .iter()
+            .filter(|(_, id)| used.contains(id))
+            .map(|(k, id)| Identity {
+                id: *id,
+                namespace: k.namespace.clone(),
+                service_account: k.service_account.clone(),
+                labels: k.labels.clone(),
+            })
+            .collect();
+        self.collect_unused(&used).await;
+        if !self.update_policies().await {
+            complete = false;
+        }
+        let mut state = ClusterState {
+            generation: self.generation,
+            cluster: self.cfg.cluster.clone(),
+            trust_domain: self.cfg.trust_domain.clone(),
+            nodes,
+            pods,
+            identities,
+            policies: self.accepted.values().cloned().collect(),
+            policy_generation: self.policy_generation,
+            index: Default::default(),
+        };
+        let changed = self.last.as_ref().is_none_or(|last| {
+            let mut l = last.clone();
+            l.generation = state.generation;
+            l != state
+        });
+        if changed {
+            self.generation += 1;
+            state.generation = self.generation;
+            self.last = Some(state.clone());
+        } else if let Some(last) = &self.last {
+            state = last.clone();
+        }
+        (state, complete)
+    }
+
+    /// Finds or creates the `VeilIdentity` for `key`: the first candidate number that is free
+    /// (created now) or already holds these labels (created by another agent).
+    async fn allocate(
+        &self,
+        key: &IdentityKey,
+        known: &BTreeMap<String, IdentityKey>,
+    ) -> Result<u32, kube::Error> {
+        let api: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &self.caches.resources.identity);
+        let labels = key.identity_labels();
+        for id in identity_candidates(&labels.to_string()).take(64) {
+            let name = id.to_string();
+            match known.get(&name) {
+                Some(k) if k == key => return Ok(id),
+                Some(_) => continue,
+                None => {}
+            }
+            let mut obj = DynamicObject::new(&name, &self.caches.resources.identity);
+            obj.data = json!({"spec": {"labels": labels}});
+            match api.create(&PostParams::default(), &obj).await {
+                Ok(_) => {
+                    tracing::info!(id, labels = %labels, "allocated identity");
+                    return Ok(id);
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    // Another agent created it first: ours if its labels are ours.
+                    if let Some(o) = api.get_opt(&name).await? {
+                        if identity_from(&o).is_some_and(|(_, k)| &k == key) {
+                            return Ok(id);
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(kube::Error::Api(Box::new(kube::core::Status::failure(
+            "no free identity number among 64 candidates",
+            "Conflict",
+        ))))
+    }
+
+    /// Deletes identities no pod uses, once older than [`IDENTITY_GC_AGE`].
+    async fn collect_unused(&self, used: &std::collections::BTreeSet<u32>) {
+        let api: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &self.caches.resources.identity);
+        let now = k8s_openapi::jiff::Timestamp::now();
+        for o in self.caches.identities.state() {
+            let Some((id, _)) = identity_from(&o) else {
+                continue;
+            };
+            let old = o.metadata.creation_timestamp.as_ref().is_some_and(|t| {
+                now.duration_since(t.0).as_secs() >= IDENTITY_GC_AGE.as_secs() as i64
+            });
+            if used.contains(&id) || !old {
+                continue;
+            }
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: o.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&id.to_string(), &dp).await {
+                Ok(_) => tracing::info!(id, "collected unused identity"),
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => tracing::debug!(id, error = %e, "cannot collect identity yet"),
+            }
+        }
+    }
+
+    /// Parses the cached policies: accepted ones replace their previous version, refused ones
+    /// keep it. Writes each verdict into the policy's status; false when a write failed.
+    async fn update_policies(&mut self) -> bool {
+        let mut next: BTreeMap<PolicyName, Policy> = BTreeMap::new();
+        let mut verdicts: Vec<(ApiResource, Arc<DynamicObject>, Verdict)> = Vec::new();
+        for (ar, kind, objects) in [
+            (
+                &self.caches.resources.cnp,
+                "CiliumNetworkPolicy",
+                self.caches.cnps.state(),
+            ),
+            (
+                &self.caches.resources.ccnp,
+                "CiliumClusterwideNetworkPolicy",
+                self.caches.ccnps.state(),
+            ),
+        ] {
+            for o in objects {
+                let name = PolicyName::new(
+                    o.metadata.namespace.as_deref().unwrap_or_default(),
+                    o.metadata.name.as_deref().unwrap_or_default(),
+                );
+                let error = match policy_from(kind, &o) {
+                    Ok(p) => {
+                        next.insert(name, p);
+                        None
+                    }
+                    Err(e) => {
+                        if let Some(prev) = self.accepted.get(&name) {
+                            next.insert(name, prev.clone());
+                        }
+                        Some(e)
+                    }
+                };
+                let v = Verdict {
+                    generation: o.metadata.generation.unwrap_or(0),
+                    error,
+                };
+                verdicts.push((ar.clone(), o, v));
+            }
+        }
+        if next != self.accepted {
+            self.accepted = next;
+            self.policy_generation += 1;
+        }
+        let mut all_written = true;
+        let live: std::collections::HashSet<String> = verdicts
+            .iter()
+            .filter_map(|(_, o, _)| o.metadata.uid.clone())
+            .collect();
+        self.reported.retain(|uid, _| live.contains(uid));
+        for (ar, o, v) in verdicts {
+            let Some(uid) = o.metadata.uid.clone() else {
+                continue;
+            };
+            if self.reported.get(&uid) == Some(&v) {
+                continue;
+            }
+            match self.write_status(&ar, &o, &v).await {
+                Ok(()) => {
+                    self.reported.insert(uid, v);
+                }
+                Err(e) => {
+                    tracing::debug!(policy = ?o.metadata.name, error = %e, "cannot write policy status yet");
+                    all_written = false;
+                }
+            }
+        }
+        all_written
+    }
+
+    async fn write_status(
+        &self,
+        ar: &ApiResource,
+        o: &DynamicObject,
+        v: &Verdict,
+    ) -> Result<(), kube::Error> {
+        let api: Api<DynamicObject> = match &o.metadata.namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
+            None => Api::all_with(self.client.clone(), ar),
+        };
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let entry = match &v.error {
+            None => {
+                json!({"ok": true, "enforcing": true, "localPolicyRevision": v.generation, "lastUpdated": now})
+            }
+            Some(e) => {
+                json!({"ok": false, "enforcing": false, "error": e, "localPolicyRevision": v.generation, "lastUpdated": now})
+            }
+        };
+        let patch = json!({"status": {"nodes": {self.cfg.node.clone(): entry}}});
+        api.patch_status(
+            o.metadata.name.as_deref().unwrap_or_default(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// The host-side interface name of a pod's veth, as `veil-cni` creates it: `veil` and 11 hex
+/// digits of a hash of namespace and name (15 bytes, the kernel's limit).
+pub fn host_veth_name(namespace: &str, pod: &str) -> String {
+    let h = fnv1a(format!("{namespace}/{pod}").as_bytes());
+    format!("veil{:011x}", h & ((1 << 44) - 1))
+}
+
+/// The identity numbers to try, in order, for a label set's canonical text: its hash, then the
+/// following numbers (wrapping inside the cluster range).
+pub fn identity_candidates(labels: &str) -> impl Iterator<Item = u32> {
+    let first = (fnv1a(labels.as_bytes()) % u64::from(IDENTITY_SPACE)) as u32;
+    (0..IDENTITY_SPACE).map(move |i| nth_candidate(first, i))
+}
+
+/// Candidate `i` after the hash's `first` offset, wrapping inside the cluster range.
+fn nth_candidate(first: u32, i: u32) -> u32 {
+    veil_common::maps::identity::FIRST_CLUSTER + (first + i) % IDENTITY_SPACE
+}
+
+/// FNV-1a, 64 bits: stable across builds and platforms (unlike `DefaultHasher`).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A Node as a veil node: needs an IPv4 InternalIP and an IPv4 podCIDR.
+fn node_from(n: &KNode) -> Option<Node> {
+    let name = n.metadata.name.clone()?;
+    let ip: Ipv4Addr = n
+        .status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .and_then(|a| a.address.parse().ok())?;
+    let spec = n.spec.as_ref()?;
+    let cidr = spec
+        .pod_cidrs
+        .iter()
+        .flatten()
+        .chain(spec.pod_cidr.iter())
+        .find(|c| super::parse_cidr_v4(c).is_some())?
+        .clone();
+    let annotations = n.metadata.annotations.as_ref();
+    let key = |k: &str| annotations.and_then(|a| a.get(k)).cloned();
+    Some(Node {
+        name,
+        id: u32::from(ip),
+        underlay_ip: ip,
+        pod_cidr: cidr,
+        wg_public_key: key(WG_KEY_ANNOTATION),
+        wg_next_public_key: key(WG_NEXT_KEY_ANNOTATION),
+    })
+}
+
+/// A Pod as a veil endpoint (identity filled in by the caller), if it is one now.
+fn pod_from(p: &KPod) -> Option<Pod> {
+    if p.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let spec = p.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let status = p.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let ip: Ipv4Addr = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|a| a.ip.as_str())
+        .chain(status.pod_ip.as_deref())
+        .find_map(|a| a.parse().ok())?;
+    let name = p.metadata.name.clone()?;
+    let namespace = p.metadata.namespace.clone()?;
+    Some(Pod {
+        host_veth: host_veth_name(&namespace, &name),
+        name,
+        namespace,
+        node: spec.node_name.clone()?,
+        ip,
+        labels: p.metadata.labels.clone().unwrap_or_default(),
+        service_account: spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        identity: 0,
+    })
+}
+
+/// A `VeilIdentity` object's number and key: `spec.labels` are the identity labels, the
+/// namespace and service-account labels included.
+fn identity_from(o: &DynamicObject) -> Option<(u32, IdentityKey)> {
+    let id: u32 = o.metadata.name.as_deref()?.parse().ok()?;
+    let labels: BTreeMap<String, String> =
+        serde_json::from_value(o.data.get("spec")?.get("labels")?.clone()).ok()?;
+    let key = IdentityKey::new(
+        labels.get(NAMESPACE_LABEL)?,
+        labels.get(SERVICE_ACCOUNT_LABEL)?,
+        &labels,
+    )
+    .ok()?;
+    Some((id, key))
+}
+
+/// A CNP/CCNP object as veil's policy model, or why veil refuses it: the API's own metadata
+/// (uid, resourceVersion, managedFields...) and status are left out, the rest goes through the
+/// parser and the apply-time checks `veil policy apply` uses.
+fn policy_from(kind: &str, o: &DynamicObject) -> Result<Policy, String> {
+    let m = &o.metadata;
+    let mut meta = json!({"name": m.name});
+    if let Some(ns) = &m.namespace {
+        meta["namespace"] = json!(ns);
+    }
+    if let Some(l) = m.labels.as_ref().filter(|l| !l.is_empty()) {
+        meta["labels"] = json!(l);
+    }
+    // kubectl's own bookkeeping is not policy.
+    let annotations: BTreeMap<&String, &String> = m
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| !k.starts_with("kubectl.kubernetes.io/"))
+        .collect();
+    if !annotations.is_empty() {
+        meta["annotations"] = json!(annotations);
+    }
+    let mut doc = json!({"apiVersion": "cilium.io/v2", "kind": kind, "metadata": meta});
+    for field in ["spec", "specs"] {
+        if let Some(v) = o.data.get(field).filter(|v| !v.is_null()) {
+            doc[field] = v.clone();
+        }
+    }
+    let p = Policy::from_json(&doc.to_string()).map_err(|e| e.to_string())?;
+    p.validate_for_apply().map_err(|e| e.to_string())?;
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_numbers_are_stable_distinct_and_probe_inside_the_range() {
+        let a: Vec<u32> = identity_candidates("k8s:app=a").take(3).collect();
+        assert_eq!(
+            a,
+            identity_candidates("k8s:app=a").take(3).collect::<Vec<_>>()
+        );
+        assert_eq!(a[1], a[0] + 1);
+        assert_ne!(a[0], identity_candidates("k8s:app=b").next().unwrap());
+        let first = veil_common::maps::identity::FIRST_CLUSTER;
+        assert!(identity_candidates("x")
+            .take(1000)
+            .all(|id| (first..first + IDENTITY_SPACE).contains(&id)));
+        // Wrapping: after the last number of the range comes the first.
+        assert_eq!(
+            nth_candidate(IDENTITY_SPACE - 1, 0),
+            first + IDENTITY_SPACE - 1
+        );
+        assert_eq!(nth_candidate(IDENTITY_SPACE - 1, 1), first);
+    }
+
+    #[test]
+    fn host_veth_names_fit_the_kernel_and_differ_by_pod() {
+        let a = host_veth_name("shop", "frontend");
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("veil"));
+        assert_eq!(a, host_veth_name("shop", "frontend"));
+        assert_ne!(a, host_veth_name("shop", "backend"));
+        assert_ne!(a, host_veth_name("sho", "pfrontend"));
+    }
+
+    fn object(v: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn nodes_need_an_ipv4_internal_ip_and_pod_cidr() {
+        let n: KNode = serde_json::from_value(json!({
+            "metadata": {"name": "node-a", "annotations": {WG_KEY_ANNOTATION: "K1"}},
+            "spec": {"podCIDR": "198.19.1.0/24", "podCIDRs": ["fd00::/64", "198.19.1.0/24"]},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "node-a"},
+                {"type": "InternalIP", "address": "198.18.0.1"}
+            ]}
+        }))
+        .unwrap();
+        let node = node_from(&n).unwrap();
+        assert_eq!(node.underlay_ip, Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(node.id, u32::from(Ipv4Addr::new(198, 18, 0, 1)));
+        assert_eq!(node.pod_cidr, "198.19.1.0/24");
+        assert_eq!(node.wg_public_key.as_deref(), Some("K1"));
+        assert_eq!(node.wg_next_public_key, None);
+        let mut no_cidr = n.clone();
+        no_cidr.spec = None;
+        assert!(node_from(&no_cidr).is_none());
+        let mut no_ip = n;
+        no_ip.status = None;
+        assert!(node_from(&no_ip).is_none());
+    }
+
+    #[test]
+    fn pods_are_endpoints_once_they_have_an_ipv4_address_and_until_they_end() {
+        let p: KPod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"nodeName": "node-b", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": "198.19.2.7"}
+        }))
+        .unwrap();
+        let pod = pod_from(&p).unwrap();
+        assert_eq!(pod.ip, Ipv4Addr::new(198, 19, 2, 7));
+        assert_eq!(pod.service_account, "default");
+        assert_eq!(pod.node, "node-b");
+        assert_eq!(pod.host_veth, host_veth_name("shop", "web"));
+        let with = |f: &dyn Fn(&mut KPod)| {
+            let mut q = p.clone();
+            f(&mut q);
+            pod_from(&q)
+        };
+        assert!(with(&|q| q.status.as_mut().unwrap().pod_ip = None).is_none());
+        assert!(with(&|q| q.status.as_mut().unwrap().phase = Some("Succeeded".into())).is_none());
+        assert!(with(&|q| q.spec.as_mut().unwrap().host_network = Some(true)).is_none());
+        assert!(with(&|q| q.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH
+            )))
+        .is_none());
+    }
+
+    #[test]
+    fn policies_parse_without_the_api_metadata_and_refuse_what_veil_cannot_enforce() {
+        let base = json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "p", "namespace": "shop", "uid": "u1", "resourceVersion": "7",
+                "generation": 2, "managedFields": [{"manager": "kubectl"}],
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {"endpointSelector": {"matchLabels": {"app": "backend"}},
+                "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}]}]},
+            "status": {"nodes": {"node-a": {"ok": true}}}
+        });
+        let p = policy_from("CiliumNetworkPolicy", &object(base.clone())).unwrap();
+        assert_eq!(p.name(), PolicyName::new("shop", "p"));
+        assert!(p.metadata.annotations.is_empty());
+        let mut l7 = base;
+        l7["spec"]["ingress"][0]["toPorts"] = json!([{"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": [{"method": "GET"}]}}]);
+        let e = policy_from("CiliumNetworkPolicy", &object(l7)).unwrap_err();
+        assert!(e.contains("rules.http"), "{e}");
+    }
+
+    #[test]
+    fn identities_read_back_from_their_objects() {
+        let o = object(json!({
+            "apiVersion": "veil.dev/v1alpha1", "kind": "VeilIdentity",
+            "metadata": {"name": "70001"},
+            "spec": {"labels": {"app": "web", NAMESPACE_LABEL: "shop", SERVICE_ACCOUNT_LABEL: "web"}}
+        }));
+        let (id, key) = identity_from(&o).unwrap();
+        assert_eq!(id, 70001);
+        assert_eq!(
+            key,
+            IdentityKey::new(
+                "shop",
+                "web",
+                &BTreeMap::from([("app".into(), "web".into())])
+            )
+            .unwrap()
+        );
+        let mut bad = o.clone();
+        bad.metadata.name = Some("web".into());
+        assert!(identity_from(&bad).is_none());
+        let mut no_namespace = o;
+        no_namespace.data["spec"]["labels"] = json!({"app": "web"});
+        assert!(identity_from(&no_namespace).is_none());
+    }
+}
