@@ -843,33 +843,29 @@ fn handle_datagram<R: Reply>(
             return;
         };
         let slot = co.slot();
-        match tunn.decapsulate(Some(from.ip()), datagram, slot) {
-            TunnResult::WriteToTunnelV4(pkt, src) => {
-                let len = pkt.len();
-                cur.authenticated = true;
-                if routing.source_allowed(peer, IpAddr::V4(src)) {
-                    cur.bytes += len as u64;
-                    co.commit(len);
-                } else {
-                    device.drops.bad_source.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            TunnResult::WriteToTunnelV6(pkt, src) => {
-                let len = pkt.len();
-                cur.authenticated = true;
-                if routing.source_allowed(peer, IpAddr::V6(src)) {
-                    cur.bytes += len as u64;
-                    co.commit(len);
-                } else {
-                    device.drops.bad_source.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        let (len, src) = match tunn.decapsulate(Some(from.ip()), datagram, slot) {
+            TunnResult::WriteToTunnelV4(pkt, src) => (pkt.len(), IpAddr::V4(src)),
+            TunnResult::WriteToTunnelV6(pkt, src) => (pkt.len(), IpAddr::V6(src)),
             // A keepalive.
-            TunnResult::Done => cur.authenticated = true,
+            TunnResult::Done => {
+                cur.authenticated = true;
+                return;
+            }
             TunnResult::WriteToNetwork(reply) => {
                 udp.reply(from, reply);
+                return;
             }
-            TunnResult::Err(e) => count_error(device, &e),
+            TunnResult::Err(e) => {
+                count_error(device, &e);
+                return;
+            }
+        };
+        cur.authenticated = true;
+        if routing.source_allowed(peer, src) {
+            cur.bytes += len as u64;
+            co.commit(len);
+        } else {
+            device.drops.bad_source.fetch_add(1, Ordering::Relaxed);
         }
         return;
     }
