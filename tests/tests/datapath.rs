@@ -37,9 +37,11 @@ const NODE: u32 = 1;
 const PEER: u32 = 2;
 const KEYLESS: u32 = 3;
 
-const FE: u32 = 256;
-const BE: u32 = 257;
-const IN: u32 = 258;
+/// The apps' identities: the first cluster identities, allocated in this order (as the
+/// compiled-policy test checks).
+const FE: u32 = identity::FIRST_CLUSTER;
+const BE: u32 = FE + 1;
+const IN: u32 = FE + 2;
 
 const IF_FE: &str = "fe";
 const IF_BE: &str = "be";
@@ -100,6 +102,15 @@ fn cidr(af: Af, node: u32) -> Prefix {
     }
 }
 
+fn auth_key(local: u32, remote: u32, node: u32) -> AuthKey {
+    AuthKey {
+        local_identity: local,
+        remote_identity: remote,
+        remote_node: node,
+        _pad: 0,
+    }
+}
+
 fn mapped(a: IpAddr) -> [u8; 16] {
     match a {
         IpAddr::V4(v4) => IpKey::from_v4(v4.octets()).addr,
@@ -121,9 +132,7 @@ impl Node {
             flags: config_flags::ENCRYPT | config_flags::STRICT,
             tunnel_ifindex: tunnel,
             node_id: NODE,
-            policy_slot: 0,
-            hold_ifindex: 0,
-            _pad: 0,
+            ..DatapathConfig::default()
         })
         .unwrap();
         for af in [Af::V4, Af::V6] {
@@ -212,12 +221,7 @@ impl Node {
         let expires = (boot_time_ns() as i64 + ttl_s * 1_000_000_000) as u64;
         self.dp
             .upsert_auth(
-                AuthKey {
-                    local_identity: local,
-                    remote_identity: remote,
-                    remote_node: node,
-                    _pad: 0,
-                },
+                auth_key(local, remote, node),
                 AuthEntry {
                     expires_boot_ns: expires,
                 },
@@ -229,6 +233,24 @@ impl Node {
         let mut c = self.dp.config().unwrap();
         f(&mut c);
         self.dp.set_config(c).unwrap();
+    }
+
+    /// Runs the program at `at` on `p`, encoded as that program sees packets.
+    fn send_packet(&mut self, at: At, p: &Packet) -> Outcome {
+        self.send(at, &encode(at, p))
+    }
+
+    /// Sends `p` at `at`; fails the test, saying `what`, unless the outcome is `want` (the event's
+    /// addresses unchecked).
+    fn expect(&mut self, what: &str, at: At, p: &Packet, want: Want) {
+        let o = self.send_packet(at, p);
+        let bad = check(&o, &want, None);
+        assert!(bad.is_empty(), "{what}: {}: {o:?}", bad.join("; "));
+    }
+
+    /// The program's return value for `p` at `at`.
+    fn retval(&mut self, at: At, p: &Packet) -> u32 {
+        self.send_packet(at, p).retval
     }
 
     /// Runs a program on one packet; returns what the test can observe.
@@ -353,6 +375,20 @@ const fn dropped_ev(code: u32, dir: u8) -> Want {
     dropped(code, Some(ev(verdict::DROPPED, code, dir)))
 }
 
+impl Want {
+    /// The expected event also pins its (src, dst) identities.
+    fn ids(mut self, src: u32, dst: u32) -> Self {
+        self.event = self.event.map(|e| e.ids(src, dst));
+        self
+    }
+
+    /// The expected event also carries `f`.
+    fn flags(mut self, f: u32) -> Self {
+        self.event = self.event.map(|e| e.flags(f));
+        self
+    }
+}
+
 /// Checks an outcome; returns the mismatches (empty when it matches). `addrs` are the packet's
 /// (src, dst) for the event check, when the packet has parseable addresses.
 fn check(o: &Outcome, want: &Want, addrs: Option<(IpAddr, IpAddr)>) -> Vec<String> {
@@ -416,16 +452,21 @@ struct Case {
     want: Want,
 }
 
-fn case(name: &str, setup: fn(&mut Node), at: At, p: &Packet, want: Want) -> Case {
-    let bytes = match at {
+/// `p` as the program at `at` sees it: a frame on an Ethernet device, bare IP on the tunnel
+/// and hold devices.
+fn encode(at: At, p: &Packet) -> Vec<u8> {
+    match at {
         At::Pod(_) | At::Underlay => p.frame(),
         At::Tunnel | At::TunnelOut | At::Hold => p.ip(),
-    };
+    }
+}
+
+fn case(name: &str, setup: fn(&mut Node), at: At, p: &Packet, want: Want) -> Case {
     Case {
         name: name.to_string(),
         setup,
         at,
-        bytes,
+        bytes: encode(at, p),
         addrs: Some((p.src, p.dst)),
         want,
     }
@@ -927,12 +968,7 @@ fn from_pod_policy() {
                 backend_admits_frontend_8080,
                 At::Pod(IF_IN),
                 &Packet::tcp(intruder(af), be(af), 40000, 8080),
-                dropped(
-                    reason::POLICY_DENIED,
-                    Some(
-                        ev(verdict::DROPPED, reason::POLICY_DENIED, direction::INGRESS).ids(IN, BE),
-                    ),
-                ),
+                dropped_ev(reason::POLICY_DENIED, direction::INGRESS).ids(IN, BE),
             ),
             case(
                 &format!("{af:?} default deny: other port"),
@@ -974,13 +1010,7 @@ fn from_pod_policy() {
                 frontend_egress_to_backend_8080,
                 At::Pod(IF_FE),
                 &Packet::tcp(fe(af), world(af), 40000, 443),
-                dropped(
-                    reason::POLICY_DENIED,
-                    Some(
-                        ev(verdict::DROPPED, reason::POLICY_DENIED, direction::EGRESS)
-                            .ids(FE, identity::WORLD),
-                    ),
-                ),
+                dropped_ev(reason::POLICY_DENIED, direction::EGRESS).ids(FE, identity::WORLD),
             ),
             case(
                 &format!("{af:?} egress default deny: frontend -> remote backend 9090"),
@@ -1184,13 +1214,8 @@ fn from_pod_auth() {
                 frontend_egress_auth,
                 pfe,
                 &to_remote,
-                dropped(
-                    reason::AUTH_REQUIRED,
-                    Some(
-                        ev(verdict::DROPPED, reason::AUTH_REQUIRED, direction::EGRESS)
-                            .flags(flow_flags::AUTH_REQUIRED),
-                    ),
-                ),
+                dropped_ev(reason::AUTH_REQUIRED, direction::EGRESS)
+                    .flags(flow_flags::AUTH_REQUIRED),
             ),
             case(
                 &format!("{af:?} auth required, valid entry"),
@@ -1311,25 +1336,14 @@ fn from_tunnel() {
                 backend_admits_frontend_8080,
                 t,
                 &Packet::tcp(ip(af, PEER, 30), be(af), 40000, 8080),
-                dropped(
-                    reason::POLICY_DENIED,
-                    Some(
-                        ev(verdict::DROPPED, reason::POLICY_DENIED, direction::INGRESS).ids(IN, BE),
-                    ),
-                ),
+                dropped_ev(reason::POLICY_DENIED, direction::INGRESS).ids(IN, BE),
             ),
             case(
                 &format!("{af:?} unknown source in a peer cidr denied"),
                 backend_admits_frontend_8080,
                 t,
                 &Packet::tcp(ip(af, PEER, 99), be(af), 40000, 8080),
-                dropped(
-                    reason::POLICY_DENIED,
-                    Some(
-                        ev(verdict::DROPPED, reason::POLICY_DENIED, direction::INGRESS)
-                            .ids(identity::UNKNOWN, BE),
-                    ),
-                ),
+                dropped_ev(reason::POLICY_DENIED, direction::INGRESS).ids(identity::UNKNOWN, BE),
             ),
             case(
                 &format!("{af:?} audit-mode policy passes as AUDIT"),
@@ -1380,13 +1394,8 @@ fn from_tunnel() {
                 backend_ingress_auth,
                 t,
                 &from_fe,
-                dropped(
-                    reason::AUTH_REQUIRED,
-                    Some(
-                        ev(verdict::DROPPED, reason::AUTH_REQUIRED, direction::INGRESS)
-                            .flags(flow_flags::AUTH_REQUIRED),
-                    ),
-                ),
+                dropped_ev(reason::AUTH_REQUIRED, direction::INGRESS)
+                    .flags(flow_flags::AUTH_REQUIRED),
             ),
             case(
                 &format!("{af:?} ingress auth required, valid entry"),
@@ -1433,10 +1442,11 @@ fn conntrack_reply_passes_where_policy_denies_the_reverse() {
         // Frontend admits nothing in: a backend-initiated packet to it is denied.
         n.enforce(FE, direction::INGRESS, 0);
         let syn = Packet::tcp(fe(af), be(af), 40000, 8080);
-        let o = n.send(At::Pod(IF_FE), &syn.frame());
-        assert!(
-            check(&o, &pass(tc_act::REDIRECT, Some(FWD_EGRESS)), None).is_empty(),
-            "{o:?}"
+        n.expect(
+            &format!("{af:?} syn"),
+            At::Pod(IF_FE),
+            &syn,
+            pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
         );
         let ct = n.dp.conntrack().unwrap();
         assert_eq!(ct.len(), 1, "one connection tracked: {ct:?}");
@@ -1444,48 +1454,39 @@ fn conntrack_reply_passes_where_policy_denies_the_reverse() {
         assert_eq!((ct[0].1.src_identity, ct[0].1.dst_identity), (FE, BE));
 
         // The reply, from the backend's veth: passes, no new event (not a new flow).
-        let o = n.send(At::Pod(IF_BE), &syn.reply().frame());
-        assert!(
-            check(&o, &pass(tc_act::REDIRECT, None), None).is_empty(),
-            "{af:?} reply: {o:?}"
+        n.expect(
+            &format!("{af:?} reply"),
+            At::Pod(IF_BE),
+            &syn.reply(),
+            pass(tc_act::REDIRECT, None),
         );
         // More packets of the connection either way.
         let ack = syn
             .clone()
             .with_tcp_flags(packet::tcp_flags::ACK)
             .with_payload(500);
-        let o = n.send(At::Pod(IF_FE), &ack.frame());
-        assert!(
-            check(&o, &pass(tc_act::REDIRECT, None), None).is_empty(),
-            "{o:?}"
+        n.expect(
+            &format!("{af:?} more of the connection"),
+            At::Pod(IF_FE),
+            &ack,
+            pass(tc_act::REDIRECT, None),
         );
 
         // The same reverse direction as a new connection (other port) is denied.
-        let o = n.send(
+        n.expect(
+            &format!("{af:?} new reverse connection"),
             At::Pod(IF_BE),
-            &Packet::tcp(be(af), fe(af), 8080, 40001).frame(),
-        );
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} new reverse connection: {o:?}"
+            &Packet::tcp(be(af), fe(af), 8080, 40001),
+            dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
         );
         // After the conntrack entry is gone, the reply (a SYN-ACK) cannot start a connection:
         // only a SYN can (security issue: a cut connection must not be revived by its far end).
         n.dp.clear_conntrack().unwrap();
-        let o = n.send(At::Pod(IF_BE), &syn.reply().frame());
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::EGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} reply without conntrack: {o:?}"
+        n.expect(
+            &format!("{af:?} reply without conntrack"),
+            At::Pod(IF_BE),
+            &syn.reply(),
+            dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::EGRESS),
         );
     }
 }
@@ -1501,24 +1502,18 @@ fn conntrack_reply_through_the_tunnel() {
         assert_eq!(o.retval, tc_act::REDIRECT, "{o:?}");
         // The reply arrives decrypted on the tunnel: tracked, so frontend's default deny does
         // not apply.
-        let o = n.send(At::Tunnel, &syn.reply().ip());
-        assert!(
-            check(&o, &pass(tc_act::OK, None), None).is_empty(),
-            "{af:?} {o:?}"
+        n.expect(
+            &format!("{af:?} reply"),
+            At::Tunnel,
+            &syn.reply(),
+            pass(tc_act::OK, None),
         );
         // An unrelated connection from that pod to frontend is denied.
-        let o = n.send(
+        n.expect(
+            &format!("{af:?} unrelated connection from that pod"),
             At::Tunnel,
-            &Packet::tcp(ip(af, PEER, 20), fe(af), 8080, 40001).ip(),
-        );
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} {o:?}"
+            &Packet::tcp(ip(af, PEER, 20), fe(af), 8080, 40001),
+            dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
         );
     }
 }
@@ -1530,14 +1525,12 @@ fn icmp_echo_reply_is_tracked_by_identifier() {
         backend_admits_icmp_and_dns(&mut n);
         n.enforce(FE, direction::INGRESS, 0);
         let echo = Packet::icmp_echo(fe(af), be(af), 0x4242);
-        assert_eq!(
-            n.send(At::Pod(IF_FE), &echo.frame()).retval,
-            tc_act::REDIRECT
-        );
-        let o = n.send(At::Pod(IF_BE), &echo.reply().frame());
-        assert!(
-            check(&o, &pass(tc_act::REDIRECT, None), None).is_empty(),
-            "{af:?} {o:?}"
+        assert_eq!(n.retval(At::Pod(IF_FE), &echo), tc_act::REDIRECT);
+        n.expect(
+            &format!("{af:?} echo reply"),
+            At::Pod(IF_BE),
+            &echo.reply(),
+            pass(tc_act::REDIRECT, None),
         );
         // A reply with another identifier is no reply: frontend admits nothing.
         let other = Packet::icmp_echo(fe(af), be(af), 0x4343).reply();
@@ -1552,42 +1545,32 @@ fn auth_expiry_cuts_an_established_connection() {
         let mut n = Node::new();
         frontend_egress_auth_valid(&mut n);
         let syn = Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080);
-        assert_eq!(
-            n.send(At::Pod(IF_FE), &syn.frame()).retval,
-            tc_act::REDIRECT
-        );
+        assert_eq!(n.retval(At::Pod(IF_FE), &syn), tc_act::REDIRECT);
         // Reply through the tunnel while the entry is valid.
-        let o = n.send(At::Tunnel, &syn.reply().ip());
-        assert!(check(&o, &pass(tc_act::OK, None), None).is_empty(), "{o:?}");
+        n.expect(
+            &format!("{af:?} reply while authenticated"),
+            At::Tunnel,
+            &syn.reply(),
+            pass(tc_act::OK, None),
+        );
         // The entry expires: the next packet either way is dropped and the connection forgotten.
         n.auth(FE, BE, PEER, -1);
-        let o = n.send(At::Tunnel, &syn.reply().ip());
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::AUTH_REQUIRED, direction::INGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} reply after expiry: {o:?}"
+        n.expect(
+            &format!("{af:?} reply after expiry"),
+            At::Tunnel,
+            &syn.reply(),
+            dropped_ev(reason::AUTH_REQUIRED, direction::INGRESS),
         );
         assert!(n.dp.conntrack().unwrap().is_empty());
-        let o = n.send(At::Pod(IF_FE), &syn.frame());
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::AUTH_REQUIRED, direction::EGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} new packet after expiry: {o:?}"
+        n.expect(
+            &format!("{af:?} new packet after expiry"),
+            At::Pod(IF_FE),
+            &syn,
+            dropped_ev(reason::AUTH_REQUIRED, direction::EGRESS),
         );
         // Re-authenticated: admitted again.
         n.auth(FE, BE, PEER, 60);
-        assert_eq!(
-            n.send(At::Pod(IF_FE), &syn.frame()).retval,
-            tc_act::REDIRECT
-        );
+        assert_eq!(n.retval(At::Pod(IF_FE), &syn), tc_act::REDIRECT);
     }
 }
 
@@ -1599,15 +1582,9 @@ fn established_flow_skips_policy_until_conntrack_forgets_it() {
     let mut n = Node::new();
     backend_admits_frontend_8080(&mut n);
     let syn = Packet::tcp(fe(af), be(af), 40000, 8080);
-    assert_eq!(
-        n.send(At::Pod(IF_FE), &syn.frame()).retval,
-        tc_act::REDIRECT
-    );
+    assert_eq!(n.retval(At::Pod(IF_FE), &syn), tc_act::REDIRECT);
     n.rule(BE, FE, 0, 0, direction::INGRESS, policy_flags::DENY);
-    assert_eq!(
-        n.send(At::Pod(IF_FE), &syn.frame()).retval,
-        tc_act::REDIRECT
-    );
+    assert_eq!(n.retval(At::Pod(IF_FE), &syn), tc_act::REDIRECT);
     let o = n.send(
         At::Pod(IF_FE),
         &Packet::tcp(fe(af), be(af), 40001, 8080).frame(),
@@ -1665,31 +1642,17 @@ fn compiled_issue_policy_admits_frontend_and_drops_intruder() {
     for af in [Af::V4, Af::V6] {
         let mut n = Node::new();
         n.dp.set_policy(0, &compiled.entries).unwrap();
-        let o = n.send(
+        n.expect(
+            &format!("{af:?} frontend"),
             At::Pod(IF_FE),
-            &Packet::tcp(fe(af), be(af), 40000, 8080).frame(),
+            &Packet::tcp(fe(af), be(af), 40000, 8080),
+            pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
         );
-        assert!(
-            check(&o, &pass(tc_act::REDIRECT, Some(FWD_EGRESS)), None).is_empty(),
-            "{o:?}"
-        );
-        let o = n.send(
+        n.expect(
+            &format!("{af:?} intruder"),
             At::Pod(IF_IN),
-            &Packet::tcp(intruder(af), be(af), 40000, 8080).frame(),
-        );
-        assert!(
-            check(
-                &o,
-                &dropped(
-                    reason::POLICY_DENIED,
-                    Some(
-                        ev(verdict::DROPPED, reason::POLICY_DENIED, direction::INGRESS).ids(IN, BE)
-                    )
-                ),
-                None
-            )
-            .is_empty(),
-            "{o:?}"
+            &Packet::tcp(intruder(af), be(af), 40000, 8080),
+            dropped_ev(reason::POLICY_DENIED, direction::INGRESS).ids(IN, BE),
         );
         // From a remote frontend through the tunnel, too.
         let o = n.send(
@@ -1819,21 +1782,14 @@ fn audit_mode_passes_missing_auth_as_audit() {
         direction::EGRESS,
         policy_flags::ALLOW | policy_flags::AUTH_REQUIRED,
     );
-    let o = n.send(
+    n.expect(
+        "missing auth under an audit-mode policy",
         At::Pod(IF_FE),
-        &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080).frame(),
-    );
-    assert!(
-        check(
-            &o,
-            &pass(
-                tc_act::REDIRECT,
-                Some(ev(verdict::AUDIT, reason::AUTH_REQUIRED, direction::EGRESS))
-            ),
-            None
-        )
-        .is_empty(),
-        "{o:?}"
+        &Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080),
+        pass(
+            tc_act::REDIRECT,
+            Some(ev(verdict::AUDIT, reason::AUTH_REQUIRED, direction::EGRESS)),
+        ),
     );
 }
 
@@ -1844,8 +1800,12 @@ fn ipv6_neighbour_discovery_passes_like_arp() {
     let solicited = IpAddr::V6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 1));
     let mut ns = Packet::icmp(link_local, solicited, icmp_type::V6_NEIGHBOR_SOLICIT, 0);
     ns.ttl = 255;
-    let o = n.send(At::Pod(IF_FE), &ns.frame());
-    assert!(check(&o, &pass(tc_act::OK, None), None).is_empty(), "{o:?}");
+    n.expect(
+        "neighbour solicitation",
+        At::Pod(IF_FE),
+        &ns,
+        pass(tc_act::OK, None),
+    );
 }
 
 /// A v6 frame of `p` with `n` hop-by-hop extension headers before its transport header.
@@ -1875,28 +1835,14 @@ fn hostile_review_pass_paths_fail_closed() {
                 no_policy,
                 At::Underlay,
                 &Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080),
-                dropped(
-                    reason::PLAINTEXT_UNDERLAY,
-                    Some(ev(
-                        verdict::DROPPED,
-                        reason::PLAINTEXT_UNDERLAY,
-                        direction::INGRESS,
-                    )),
-                ),
+                dropped_ev(reason::PLAINTEXT_UNDERLAY, direction::INGRESS),
             ),
             case(
                 &format!("{af:?} plaintext from the underlay to a remote pod cidr"),
                 no_policy,
                 At::Underlay,
                 &Packet::udp(world(af), ip(af, PEER, 99), 53, 53),
-                dropped(
-                    reason::PLAINTEXT_UNDERLAY,
-                    Some(ev(
-                        verdict::DROPPED,
-                        reason::PLAINTEXT_UNDERLAY,
-                        direction::INGRESS,
-                    )),
-                ),
+                dropped_ev(reason::PLAINTEXT_UNDERLAY, direction::INGRESS),
             ),
             case(
                 &format!("{af:?} underlay traffic to a non-pod address passes"),
@@ -2013,10 +1959,11 @@ fn a_cut_connection_is_not_revived_by_either_end() {
         let mut n = Node::new();
         let intruder_remote = ip(af, PEER, 30);
         let syn = Packet::tcp(intruder_remote, be(af), 40000, 9000);
-        let o = n.send(At::Tunnel, &syn.ip());
-        assert!(
-            check(&o, &pass(tc_act::OK, Some(FWD_INGRESS)), None).is_empty(),
-            "{af:?} syn without policy: {o:?}"
+        n.expect(
+            &format!("{af:?} syn without policy"),
+            At::Tunnel,
+            &syn,
+            pass(tc_act::OK, Some(FWD_INGRESS)),
         );
         // The policy appears; the agent cuts the connection (prune_conntrack, unit-tested).
         backend_admits_frontend_8080(&mut n);
@@ -2025,44 +1972,32 @@ fn a_cut_connection_is_not_revived_by_either_end() {
             .reply()
             .with_tcp_flags(packet::tcp_flags::ACK | packet::tcp_flags::PSH)
             .with_payload(100);
-        let o = n.send(At::Pod(IF_BE), &push.frame());
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::EGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} server push after the cut: {o:?}"
+        n.expect(
+            &format!("{af:?} server push after the cut"),
+            At::Pod(IF_BE),
+            &push,
+            dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::EGRESS),
         );
         let data = syn
             .clone()
             .with_tcp_flags(packet::tcp_flags::ACK)
             .with_payload(100);
-        let o = n.send(At::Tunnel, &data.ip());
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::INGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} client data after the cut: {o:?}"
+        n.expect(
+            &format!("{af:?} client data after the cut"),
+            At::Tunnel,
+            &data,
+            dropped_ev(reason::TCP_NOT_ESTABLISHED, direction::INGRESS),
         );
         assert!(
             n.dp.conntrack().unwrap().is_empty(),
             "nothing was re-created"
         );
         // A new SYN is judged by the policy in force.
-        let o = n.send(At::Tunnel, &syn.ip());
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} new syn: {o:?}"
+        n.expect(
+            &format!("{af:?} new syn"),
+            At::Tunnel,
+            &syn,
+            dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
         );
     }
 }
@@ -2093,28 +2028,29 @@ fn conntrack_idle_timeout_and_tcp_close() {
             remote_node: 0,
         };
         n.dp.upsert_conntrack(key, entry(30)).unwrap();
-        let o = n.send(At::Pod(IF_BE), &udp.frame());
-        assert!(
-            check(&o, &pass(tc_act::REDIRECT, None), None).is_empty(),
-            "{af:?} fresh entry: {o:?}"
+        n.expect(
+            &format!("{af:?} fresh entry"),
+            At::Pod(IF_BE),
+            &udp,
+            pass(tc_act::REDIRECT, None),
         );
         n.dp.upsert_conntrack(key, entry(61)).unwrap();
-        let o = n.send(At::Pod(IF_BE), &udp.frame());
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} idle entry: {o:?}"
+        n.expect(
+            &format!("{af:?} idle entry"),
+            At::Pod(IF_BE),
+            &udp,
+            dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
         );
 
         // TCP: admitted, then RST, then a new SYN on the same ports after the policy changed.
         let mut n = Node::new();
         let syn = Packet::tcp(fe(af), be(af), 40000, 8080);
-        let o = n.send(At::Pod(IF_FE), &syn.frame());
-        assert!(check(&o, &pass(tc_act::REDIRECT, Some(FWD_EGRESS)), None).is_empty());
+        n.expect(
+            &format!("{af:?} tcp syn"),
+            At::Pod(IF_FE),
+            &syn,
+            pass(tc_act::REDIRECT, Some(FWD_EGRESS)),
+        );
         let rst = syn.clone().with_tcp_flags(packet::tcp_flags::RST);
         n.send(At::Pod(IF_FE), &rst.frame());
         let ct = n.dp.conntrack().unwrap();
@@ -2124,15 +2060,11 @@ fn conntrack_idle_timeout_and_tcp_close() {
         );
         // Backend now admits nothing in.
         n.enforce(BE, direction::INGRESS, 0);
-        let o = n.send(At::Pod(IF_FE), &syn.frame());
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} new syn on a closing entry is re-evaluated: {o:?}"
+        n.expect(
+            &format!("{af:?} new syn on a closing entry is re-evaluated"),
+            At::Pod(IF_FE),
+            &syn,
+            dropped_ev(reason::POLICY_DENIED, direction::INGRESS),
         );
     }
 }
@@ -2149,40 +2081,32 @@ fn hold_release_checks_the_auth_map_and_tracks_the_connection() {
         let mut n = Node::new();
         backend_ingress_auth(&mut n);
         let syn = Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080);
-        let o = n.send(At::Hold, &syn.ip());
-        assert!(
-            check(
-                &o,
-                &dropped_ev(reason::AUTH_REQUIRED, direction::INGRESS),
-                None
-            )
-            .is_empty(),
-            "{af:?} released without an auth entry: {o:?}"
+        n.expect(
+            &format!("{af:?} released without an auth entry"),
+            At::Hold,
+            &syn,
+            dropped_ev(reason::AUTH_REQUIRED, direction::INGRESS),
         );
         n.auth(BE, FE, PEER, 60);
-        let o = n.send(At::Hold, &syn.ip());
-        assert!(
-            check(&o, &pass(tc_act::OK, None), None).is_empty(),
-            "{af:?} released: {o:?}"
+        n.expect(
+            &format!("{af:?} released"),
+            At::Hold,
+            &syn,
+            pass(tc_act::OK, None),
         );
         let ct = n.dp.conntrack().unwrap();
         assert_eq!(ct.len(), 1, "{ct:?}");
         assert_eq!(ct[0].1.flags, ct_flags::INGRESS_OK | ct_flags::AUTH);
         assert_eq!((ct[0].1.src_identity, ct[0].1.dst_identity), (BE, FE));
         // Backend's SYN-ACK is a tracked reply.
-        let o = n.send(At::Pod(IF_BE), &syn.reply().frame());
-        assert!(
-            check(&o, &pass(tc_act::REDIRECT, None), None).is_empty(),
-            "{af:?} syn-ack: {o:?}"
+        n.expect(
+            &format!("{af:?} syn-ack"),
+            At::Pod(IF_BE),
+            &syn.reply(),
+            pass(tc_act::REDIRECT, None),
         );
         // Revocation (auth entry gone): the next packet is cut.
-        n.dp.remove_auth(&veil_common::maps::AuthKey {
-            local_identity: BE,
-            remote_identity: FE,
-            remote_node: PEER,
-            _pad: 0,
-        })
-        .unwrap();
+        n.dp.remove_auth(&auth_key(BE, FE, PEER)).unwrap();
         let ack = syn.clone().with_tcp_flags(packet::tcp_flags::ACK);
         let o = n.send(At::Tunnel, &ack.ip());
         // Dropped and counted; its event is throttled into the earlier auth-required event of
@@ -2201,10 +2125,11 @@ fn hold_release_checks_the_auth_map_and_tracks_the_connection() {
         frontend_egress_auth(&mut n);
         let syn = Packet::tcp(fe(af), ip(af, PEER, 20), 40000, 8080);
         n.auth(FE, BE, PEER, 60);
-        let o = n.send(At::Hold, &syn.ip());
-        assert!(
-            check(&o, &pass(tc_act::OK, None), None).is_empty(),
-            "{af:?} egress: {o:?}"
+        n.expect(
+            &format!("{af:?} egress"),
+            At::Hold,
+            &syn,
+            pass(tc_act::OK, None),
         );
         let ct = n.dp.conntrack().unwrap();
         assert_eq!(ct.len(), 1, "{ct:?}");
