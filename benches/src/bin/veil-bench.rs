@@ -272,22 +272,25 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .any(|c| matches!(c, Contender::Plaintext | Contender::Boringtun));
     let need_veil = contenders.contains(&Contender::Veil) || !args.skip_idle;
-    let plain = if need_plain {
-        eprintln!("lab {LAB_PLAIN}: up (encryption off)");
-        let l = Lab::up(&veil, LAB_PLAIN, &lab_file, &["--encryption", "off"])?;
+    // A lab with the benchmark's servers running in its pods.
+    let serving_lab = |name: &str, what: &str, up_args: &[&str]| -> anyhow::Result<Lab> {
+        eprintln!("lab {name}: up ({what})");
+        let l = Lab::up(&veil, name, &lab_file, up_args)?;
         measure::start_servers(&Ends::Pods(&l), &rr_bin)?;
-        Some(l)
-    } else {
-        None
+        Ok(l)
     };
-    let veil_lab = if need_veil {
-        eprintln!("lab {LAB_VEIL}: up (encryption on, userspace backend)");
-        let l = Lab::up(&veil, LAB_VEIL, &lab_file, &["--backend", "userspace"])?;
-        measure::start_servers(&Ends::Pods(&l), &rr_bin)?;
-        Some(l)
-    } else {
-        None
-    };
+    let plain = need_plain
+        .then(|| serving_lab(LAB_PLAIN, "encryption off", &["--encryption", "off"]))
+        .transpose()?;
+    let veil_lab = need_veil
+        .then(|| {
+            serving_lab(
+                LAB_VEIL,
+                "encryption on, userspace backend",
+                &["--backend", "userspace"],
+            )
+        })
+        .transpose()?;
     let bt = match (&plain, &boringtun_bin) {
         (Some(p), Some(bin)) => {
             let bt = contender::start_boringtun(p, bin, &state)?;
