@@ -62,6 +62,12 @@ enum Command {
     Agent {
         #[arg(long)]
         config: PathBuf,
+        /// This node's name (sets the config's `node`: one file for every node of a DaemonSet).
+        #[arg(long)]
+        node: Option<String>,
+        /// Serve GET /healthz, /readyz and /metrics on this TCP address (sets `health_addr`).
+        #[arg(long, value_name = "ADDR:PORT")]
+        health_addr: Option<std::net::SocketAddr>,
     },
     /// Build, inspect and remove a lab cluster on this host.
     Lab {
@@ -422,7 +428,20 @@ fn current_thread_runtime() -> tokio::runtime::Runtime {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Agent { config } => run_agent(&config),
+        Command::Agent {
+            config,
+            node,
+            health_addr,
+        } => {
+            let overrides: Vec<(&str, String)> = [
+                node.map(|n| ("node", n)),
+                health_addr.map(|a| ("health_addr", a.to_string())),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            run_agent(&config, &overrides)
+        }
         Command::Lab { command } => run_lab(command),
         Command::Status { name, node, output } => {
             let (spec, paths) = lab::load(&name)?;
@@ -645,7 +664,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn run_agent(config: &std::path::Path) -> Result<ExitCode> {
+fn run_agent(config: &std::path::Path, overrides: &[(&str, String)]) -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -654,7 +673,7 @@ fn run_agent(config: &std::path::Path) -> Result<ExitCode> {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cfg = Config::load(config)?;
+    let cfg = Config::load_with(config, overrides)?;
     tracing::info!(config = %config.display(), "effective config:\n{}", cfg.to_yaml());
     let rt = current_thread_runtime();
     rt.block_on(async move {

@@ -1,5 +1,7 @@
 //! admin: the agent's admin API, HTTP/1.1 over a unix socket (so `curl --unix-socket` works),
-//! and the client the CLI uses to reach it.
+//! and the client the CLI uses to reach it; and the health port, the same server on TCP with
+//! only `GET /healthz`, `/readyz` and `/metrics` ([`HealthOnly`]) for kubelet probes and
+//! Prometheus.
 
 use std::{
     future::Future,
@@ -19,7 +21,8 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    net::{UnixListener, UnixStream},
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener, UnixStream},
     sync::Semaphore,
 };
 
@@ -117,6 +120,32 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: AdminRequest) -> BoxFuture;
 }
 
+/// The health port's routes: `GET /healthz` answered here (the process and its runtime answer),
+/// `GET /readyz` and `GET /metrics` passed to the admin routes; everything else, the admin API's
+/// writes and its flow and status data included, is refused: the port is on the host network.
+pub struct HealthOnly(pub Arc<dyn Handler>);
+
+impl Handler for HealthOnly {
+    fn handle(&self, req: AdminRequest) -> BoxFuture {
+        match (req.method == hyper::Method::GET, req.path.as_str()) {
+            (true, "/healthz") => {
+                Box::pin(async { AdminResponse::text(StatusCode::OK, "ok\n".into()) })
+            }
+            (true, "/readyz" | "/metrics") => self.0.handle(req),
+            (true, path) => {
+                let m = format!("no route {path} on the health port");
+                Box::pin(async move { AdminResponse::error(StatusCode::NOT_FOUND, &m) })
+            }
+            (false, _) => Box::pin(async {
+                AdminResponse::error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "the health port takes GET only",
+                )
+            }),
+        }
+    }
+}
+
 /// What one client of the admin socket may take. The socket is local, but nothing that reaches
 /// it may exhaust the agent: connections, bodies, queries and the time they take are bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +199,44 @@ pub async fn serve_with(
         path: socket.display().to_string(),
         source,
     })?;
+    serve_on(Listener::Unix(listener), handler, shutdown, limits).await
+}
+
+/// Serves [`HealthOnly`] over `handler` on a bound TCP listener until `shutdown` resolves.
+pub async fn serve_health(
+    listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let health: Arc<dyn Handler> = Arc::new(HealthOnly(handler));
+    serve_on(Listener::Tcp(listener), health, shutdown, Limits::default()).await
+}
+
+/// What the server accepts connections on.
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// A connection of either kind.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection for T {}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Box<dyn Connection>> {
+        Ok(match self {
+            Self::Unix(l) => Box::new(l.accept().await?.0),
+            Self::Tcp(l) => Box::new(l.accept().await?.0),
+        })
+    }
+}
+
+async fn serve_on(
+    listener: Listener,
+    handler: Arc<dyn Handler>,
+    shutdown: impl Future<Output = ()>,
+    limits: Limits,
+) -> Result<(), Error> {
     tokio::pin!(shutdown);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let refused = AtomicU64::new(0);
@@ -177,7 +244,7 @@ pub async fn serve_with(
         let stream = tokio::select! {
             _ = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -533,6 +600,42 @@ mod tests {
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut out)).await;
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn the_health_port_serves_probes_and_metrics_and_nothing_else() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let echo = Arc::new(Echo(Default::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let h: Arc<dyn Handler> = echo.clone();
+        tokio::spawn(serve_health(listener, h, std::future::pending()));
+        let status_of = |method: &'static str, path: &'static str| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            c.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(3), c.read_to_string(&mut out)).await;
+            out.split(' ').nth(1).unwrap_or_default().to_owned()
+        };
+        assert_eq!(status_of("GET", "/healthz").await, "200");
+        assert_eq!(
+            echo.0.load(Ordering::SeqCst),
+            0,
+            "/healthz is answered by the filter"
+        );
+        assert_eq!(status_of("GET", "/readyz").await, "200");
+        assert_eq!(status_of("GET", "/metrics").await, "200");
+        assert_eq!(echo.0.load(Ordering::SeqCst), 2);
+        assert_eq!(status_of("GET", "/v1/status").await, "404");
+        assert_eq!(status_of("GET", "/v1/flows").await, "404");
+        assert_eq!(status_of("POST", "/v1/audit").await, "405");
+        assert_eq!(status_of("POST", "/metrics").await, "405");
+        assert_eq!(
+            echo.0.load(Ordering::SeqCst),
+            2,
+            "nothing else reaches the admin routes"
+        );
     }
 
     #[tokio::test]

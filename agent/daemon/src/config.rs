@@ -52,6 +52,10 @@ pub struct Config {
     pub node: String,
     /// Admin API unix socket.
     pub admin_socket: PathBuf,
+    /// The health port: `GET /healthz`, `/readyz` and `/metrics` over TCP (kubelet probes,
+    /// Prometheus); none when absent. `veil agent --health-addr` sets it too.
+    #[serde(default)]
+    pub health_addr: Option<std::net::SocketAddr>,
     /// Persistent node state (WireGuard key, flow log).
     pub state_dir: PathBuf,
     /// bpffs mount point; mounted by the agent if absent.
@@ -173,12 +177,41 @@ impl Config {
     }
 
     pub fn parse(text: &str, file: &Path) -> Result<Self, Error> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| Error::Parse {
-            file: file.into(),
-            path: e.path().to_string(),
-            message: e.into_inner().to_string(),
+        Self::parse_with(text, file, &[])
+    }
+
+    /// Loads the file with top-level keys set from the command line (`veil agent --node N`):
+    /// one file for every node of a DaemonSet, the node's name from its pod.
+    pub fn load_with(path: &Path, overrides: &[(&str, String)]) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
         })?;
+        Self::parse_with(&text, path, overrides)
+    }
+
+    fn parse_with(text: &str, file: &Path, overrides: &[(&str, String)]) -> Result<Self, Error> {
+        let parse_error = |path: String, message: String| Error::Parse {
+            file: file.into(),
+            path,
+            message,
+        };
+        let cfg: Config = if overrides.is_empty() {
+            // Straight from the text, so errors keep their line and column.
+            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
+                .map_err(|e| parse_error(e.path().to_string(), e.into_inner().to_string()))?
+        } else {
+            let mut doc: serde_yaml::Value =
+                serde_yaml::from_str(text).map_err(|e| parse_error(".".into(), e.to_string()))?;
+            let map = doc
+                .as_mapping_mut()
+                .ok_or_else(|| parse_error(".".into(), "expected a mapping".into()))?;
+            for (k, v) in overrides {
+                map.insert((*k).into(), v.as_str().into());
+            }
+            serde_path_to_error::deserialize(doc)
+                .map_err(|e| parse_error(e.path().to_string(), e.into_inner().to_string()))?
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -309,6 +342,32 @@ pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: files, dir: /run/cp}\ninte
 
     /// Regression (fuzz target `agent_config`, corpus `agent_config/regression-zero-rotation`):
     /// `key_rotation: 0s` parsed, and the daemon's `interval_at` panics on a zero period.
+    #[test]
+    fn command_line_keys_fill_in_or_replace_the_files() {
+        let dir = std::env::temp_dir().join(format!("veil-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.yaml");
+        // The DaemonSet's file names no node; the pod's --node does.
+        std::fs::write(&file, GOOD.replace("node: node-a\n", "")).unwrap();
+        let e = Config::load(&file).unwrap_err().to_string();
+        assert!(e.contains("node"), "{e}");
+        let c = Config::load_with(
+            &file,
+            &[
+                ("node", "node-b".into()),
+                ("health_addr", "0.0.0.0:9962".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.node, "node-b");
+        assert_eq!(c.health_addr, Some("0.0.0.0:9962".parse().unwrap()));
+        let e = Config::load_with(&file, &[("health_addr", "nowhere".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("health_addr"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn rotation_periods_have_a_floor() {
         for (line, field) in [

@@ -363,6 +363,7 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         cluster: spec.name.clone(),
         node: node.name.clone(),
         admin_socket: paths.admin_socket(&node.name),
+        health_addr: None,
         state_dir: paths.node_dir(&node.name).join("state"),
         bpffs: PathBuf::from(BPFFS),
         pin_dir: paths.pin_dir(&node.name),

@@ -205,6 +205,28 @@ impl Agent {
                 .instrument(tracing::info_span!("flows")),
             );
         }
+        let health_addr = self
+            .shared
+            .lock()
+            .expect("agent state lock")
+            .cfg
+            .health_addr;
+        if let Some(addr) = health_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| admin::Error::Listen {
+                    path: addr.to_string(),
+                    source,
+                })?;
+            tracing::info!(%addr, "health port: /healthz /readyz /metrics");
+            let (h, mut stop_health) = (handler.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                admin::serve_health(listener, h, async move {
+                    let _ = stop_health.wait_for(|s| *s).await;
+                })
+                .await
+            });
+        }
         let mut stop_admin = stop_rx.clone();
         let admin_task = tokio::spawn(async move {
             admin::serve(&socket, handler, async move {

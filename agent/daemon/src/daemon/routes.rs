@@ -52,6 +52,17 @@ impl admin::Handler for Routes {
                         }
                     }
                 }
+                // Ready: the agent answers and can read its datapath's state (it only serves once
+                // the datapath is attached and the first cluster snapshot is in).
+                (Method::GET, "/readyz") => {
+                    match status(&mut shared.lock().expect("agent state lock")) {
+                        Ok(_) => AdminResponse::text(StatusCode::OK, "ready\n".into()),
+                        Err(e) => AdminResponse::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!("not ready: {e}"),
+                        ),
+                    }
+                }
                 (Method::GET, "/metrics") => {
                     let totals = flows.lock().expect("flow store lock").totals().clone();
                     match status(&mut shared.lock().expect("agent state lock")) {
