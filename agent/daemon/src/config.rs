@@ -369,6 +369,34 @@ pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: files, dir: /run/cp}\ninte
     }
 
     #[test]
+    fn the_shipped_daemonset_config_parses() {
+        // deploy/configmap.yaml (rendered from the Helm chart): its agent.yaml with the node
+        // the DaemonSet passes as --node.
+        let cm: serde_yaml::Value = serde_yaml::from_str(
+            include_str!("../../../deploy/configmap.yaml")
+                .split("\n---\n")
+                .find(|d| d.contains("kind: ConfigMap"))
+                .unwrap(),
+        )
+        .unwrap();
+        let text = cm["data"]["agent.yaml"].as_str().unwrap();
+        let dir = std::env::temp_dir().join(format!("veil-config-cm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.yaml");
+        std::fs::write(&file, text).unwrap();
+        let c = Config::load_with(&file, &[("node", "node-a".into())]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(
+            c.source,
+            SourceConfig::Kubernetes {
+                kubeconfig: None,
+                ..
+            }
+        ));
+        assert_eq!(c.node, "node-a");
+    }
+
+    #[test]
     fn rotation_periods_have_a_floor() {
         for (line, field) in [
             ("key_rotation: 0s", "key_rotation"),
