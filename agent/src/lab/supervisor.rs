@@ -34,88 +34,100 @@ pub struct Managed {
     pub start_after: Option<PathBuf>,
 }
 
+impl Managed {
+    /// `argv` in `netns` under `cgroup`, logging to the lab log named after the daemon, with
+    /// no extra environment and no start condition.
+    fn new(
+        paths: &LabPaths,
+        name: String,
+        argv: Vec<String>,
+        netns: Option<String>,
+        cgroup: PathBuf,
+    ) -> Managed {
+        Managed {
+            log: paths.log(&name),
+            name,
+            argv,
+            netns,
+            cgroup,
+            env: vec![],
+            start_after: None,
+        }
+    }
+}
+
 /// The daemons of a lab.
 pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
     let exe = exe.display().to_string();
+    // `veil <args>`, the same binary as `lab up`'s.
+    let veil = |args: &[&str]| -> Vec<String> {
+        std::iter::once(exe.clone())
+            .chain(args.iter().map(|a| a.to_string()))
+            .collect()
+    };
     // The SPIRE server first: agents fail closed (no identities) until it answers.
     let mut out = match spec.identity {
-        IdentityProvider::Dev => vec![Managed {
-            name: "spire".into(),
-            argv: vec![
-                exe.clone(),
-                "lab".into(),
-                "spire-server".into(),
-                "--name".into(),
-                spec.name.clone(),
-            ],
-            netns: None,
-            cgroup: paths.cgroup.join("spire"),
-            log: paths.log("spire"),
-            env: vec![],
-            start_after: None,
-        }],
+        IdentityProvider::Dev => vec![Managed::new(
+            paths,
+            "spire".into(),
+            veil(&["lab", "spire-server", "--name", &spec.name]),
+            None,
+            paths.cgroup.join("spire"),
+        )],
         IdentityProvider::Spire => {
             // Real SPIRE: the server in the underlay netns, one agent per node in the node's
             // netns (through `veil lab spire-agent`, which waits for its join token).
             let server = super::spire_real::tool("spire-server")
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|_| "spire-server".into());
-            let mut v = vec![Managed {
-                name: "spire".into(),
-                argv: vec![
+            let config = super::spire_real::server_config(paths);
+            let mut v = vec![Managed::new(
+                paths,
+                "spire".into(),
+                vec![
                     server,
                     "run".into(),
                     "-config".into(),
-                    super::spire_real::server_config(paths)
-                        .display()
-                        .to_string(),
+                    config.display().to_string(),
                 ],
-                netns: Some(super::spec::underlay_netns(&spec.name)),
-                cgroup: paths.cgroup.join("spire"),
-                log: paths.log("spire"),
-                env: vec![],
-                start_after: None,
-            }];
+                Some(super::spec::underlay_netns(&spec.name)),
+                paths.cgroup.join("spire"),
+            )];
             for n in &spec.nodes {
-                v.push(Managed {
-                    name: format!("spire-agent-{}", n.name),
-                    argv: vec![
-                        exe.clone(),
-                        "lab".into(),
-                        "spire-agent".into(),
-                        "--name".into(),
-                        spec.name.clone(),
-                        "--node".into(),
-                        n.name.clone(),
-                    ],
-                    netns: Some(n.netns.clone()),
-                    cgroup: paths.node_cgroup(&n.name).join("spire-agent"),
-                    log: paths.log(&format!("spire-agent-{}", n.name)),
-                    env: vec![],
-                    start_after: None,
-                });
+                v.push(Managed::new(
+                    paths,
+                    format!("spire-agent-{}", n.name),
+                    veil(&[
+                        "lab",
+                        "spire-agent",
+                        "--name",
+                        &spec.name,
+                        "--node",
+                        &n.name,
+                    ]),
+                    Some(n.netns.clone()),
+                    paths.node_cgroup(&n.name).join("spire-agent"),
+                ));
             }
             v
         }
     };
     for n in &spec.nodes {
+        let config = paths.agent_config(&n.name).display().to_string();
         out.push(Managed {
-            name: format!("agent-{}", n.name),
-            argv: vec![
-                exe.clone(),
-                "agent".into(),
-                "--config".into(),
-                paths.agent_config(&n.name).display().to_string(),
-            ],
-            netns: Some(n.netns.clone()),
-            cgroup: paths.node_cgroup(&n.name).join("agent"),
-            log: paths.log(&format!("agent-{}", n.name)),
             env: vec![(
                 "RUST_LOG".into(),
                 std::env::var("VEIL_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )],
             start_after: (spec.identity == IdentityProvider::Spire)
                 .then(|| super::spire_real::agent_release(paths, &n.name)),
+            ..Managed::new(
+                paths,
+                format!("agent-{}", n.name),
+                veil(&["agent", "--config", &config]),
+                Some(n.netns.clone()),
+                paths.node_cgroup(&n.name).join("agent"),
+            )
         });
     }
     for p in &spec.pods {
@@ -124,27 +136,25 @@ pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
                 super::spec::ServeKind::Http => "http",
                 super::spec::ServeKind::Echo => "echo",
             };
-            out.push(Managed {
-                name: serve::log_name(p, s.port),
-                argv: vec![
-                    exe.clone(),
-                    "lab".into(),
-                    "serve".into(),
-                    "--kind".into(),
-                    kind.into(),
-                    "--port".into(),
-                    s.port.to_string(),
-                    "--pod".into(),
-                    p.qualified_name(),
-                    "--ready-file".into(),
-                    serve::ready_file(paths, p, s.port).display().to_string(),
-                ],
-                netns: Some(p.netns.clone()),
-                cgroup: paths.pod_cgroup(p),
-                log: paths.log(&serve::log_name(p, s.port)),
-                env: vec![],
-                start_after: None,
-            });
+            let ready = serve::ready_file(paths, p, s.port).display().to_string();
+            out.push(Managed::new(
+                paths,
+                serve::log_name(p, s.port),
+                veil(&[
+                    "lab",
+                    "serve",
+                    "--kind",
+                    kind,
+                    "--port",
+                    &s.port.to_string(),
+                    "--pod",
+                    &p.qualified_name(),
+                    "--ready-file",
+                    &ready,
+                ]),
+                Some(p.netns.clone()),
+                paths.pod_cgroup(p),
+            ));
         }
     }
     out
