@@ -776,12 +776,16 @@ pub fn link_mtu(netns: &str, dev: &str) -> u32 {
         .unwrap_or_else(|| panic!("no mtu in {out}"))
 }
 
-/// A number that differs between calls, for names of files and markers.
-pub fn rand_suffix() -> u32 {
+/// The wall clock as time since the Unix epoch (what status timestamps are compared with).
+pub fn since_epoch() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .subsec_nanos()
+}
+
+/// A number that differs between calls, for names of files and markers.
+pub fn rand_suffix() -> u32 {
+    since_epoch().subsec_nanos()
 }
 
 /// Whether `needle` occurs in `hay` (a marker in a capture, a token in a frame).

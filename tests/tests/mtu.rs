@@ -333,12 +333,18 @@ fn tunnel_tx_packets(lab: &Lab, node: &str) -> u64 {
     out.trim().parse().unwrap()
 }
 
-#[test]
-fn pod_with_a_raised_mtu_leaks_nothing_and_its_tcp_still_flows() {
+/// The raised-MTU labs: a 1280-byte underlay (so a 1220-byte tunnel) with frontend's MTU at 1500.
+/// Returns the lab and the underlay and tunnel MTUs.
+fn raised_frontend_lab() -> (Lab, u32, u32) {
     let underlay_mtu = 1280;
-    let tunnel_mtu = underlay_mtu - WG_OVERHEAD;
     let lab = mtu_lab(underlay_mtu);
     raise_pod_mtu(&lab, "frontend", 1500);
+    (lab, underlay_mtu, underlay_mtu - WG_OVERHEAD)
+}
+
+#[test]
+fn pod_with_a_raised_mtu_leaks_nothing_and_its_tcp_still_flows() {
+    let (lab, underlay_mtu, tunnel_mtu) = raised_frontend_lab();
     let fe = lab.view.pods.iter().find(|p| p.name == "frontend").unwrap();
     assert_eq!(link_mtu(&fe.netns, "eth0"), 1500);
     let be = lab.pod_ip("backend");
@@ -407,10 +413,7 @@ fn underlay_mtu_1280_with_encryption_off_shows_plaintext_and_fragments() {
 /// of TCP in 60 s each way, the packets lost inside veil-wg (`send-failed`, or uncounted).
 #[test]
 fn oversized_df_packets_get_frag_needed_and_tcp_is_not_black_holed() {
-    let underlay_mtu = 1280;
-    let tunnel_mtu = underlay_mtu - WG_OVERHEAD;
-    let lab = mtu_lab(underlay_mtu);
-    raise_pod_mtu(&lab, "frontend", 1500);
+    let (lab, _, tunnel_mtu) = raised_frontend_lab();
     raise_pod_mtu(&lab, "backend", 1500);
     let be = lab.pod_ip("backend");
     let bulk = Bulk::new();

@@ -10,8 +10,8 @@ use std::{
 };
 
 use veil_tests::{
-    assert_all_echoed, assert_no_drops, drop_count, push_changed, sample_for, serial_of, Lab,
-    Status, AUTH_POLICY,
+    assert_all_echoed, assert_no_drops, drop_count, push_changed, sample_for, serial_of,
+    since_epoch, Lab, Status, AUTH_POLICY,
 };
 
 /// frontend and intruder on node-a, backend on node-b (HTTP 8080, echo 9000); frontend2 on
@@ -352,10 +352,7 @@ fn spire_lab_rotate_is_an_entry_update_and_nothing_is_lost() {
     let serial = |st: &Status, s: &str| serial_of(st, s).unwrap_or_default();
     let fe_before = serial(&before, "/sa/frontend");
     let t = Instant::now();
-    let t_unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let t_unix_ms = since_epoch().as_millis() as u64;
     let out = lab.lab_ok("rotate", &["--pod", "shop/frontend"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("lab rotate prints JSON");
     assert_eq!(v["rotated"], 1, "{out}");
@@ -477,10 +474,7 @@ fn spire_ca_rotation_with_revoke_old_drops_nothing() {
     let n = load.n;
     load.wait_flowing(&lab);
     let t = Instant::now();
-    let t_unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let t_unix_ms = since_epoch().as_millis() as u64;
     let out = lab.lab_ok("ca", &["rotate", "--revoke-old"]);
     let took = t.elapsed();
     let (tcp_lines, udp_lines) = load.finish();
@@ -746,12 +740,7 @@ fn frontend_not_after(lab: &Lab) -> u64 {
 /// Tries frontend -> backend every 250 ms until it fails; returns (last success, first
 /// failure) as Unix seconds (fractional).
 fn until_cut(lab: &Lab, timeout: Duration) -> (f64, f64) {
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64()
-    };
+    let now = || since_epoch().as_secs_f64();
     let mut last_ok = 0.0;
     lab.wait_for("frontend cut (fail closed)", timeout, || {
         let t = now();
