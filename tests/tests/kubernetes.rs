@@ -25,6 +25,8 @@ struct Apiserver {
     dir: PathBuf,
     kubeconfig: PathBuf,
     kubectl: PathBuf,
+    /// The apiserver this test started again (`restart_apiserver`), reaped on drop.
+    restarted: std::cell::RefCell<Option<std::process::Child>>,
 }
 
 impl Apiserver {
@@ -38,6 +40,7 @@ impl Apiserver {
         let me = Self {
             kubeconfig: dir.join("admin.kubeconfig"),
             dir,
+            restarted: Default::default(),
             kubectl: std::env::var_os("VEIL_TOOLS_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| {
@@ -84,6 +87,89 @@ impl Apiserver {
         self.kubectl(&["apply", "-f", "-"], yaml);
     }
 
+    fn pid(&self, process: &str) -> i32 {
+        std::fs::read_to_string(self.dir.join(format!("{process}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Kills kube-apiserver (SIGKILL: a crash, no graceful drain) and starts it again with the
+    /// same command line, port and etcd; returns once it is ready again.
+    fn restart_apiserver(&self) {
+        let pid = self.pid("kube-apiserver");
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_for("kube-apiserver to exit", || {
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        });
+        // Its threads may outlive the zombie leader for a moment, the listener with them.
+        let port = args
+            .iter()
+            .position(|a| a == "--secure-port")
+            .map(|i| args[i + 1].clone())
+            .expect("the apiserver's --secure-port");
+        wait_for("the apiserver's port to be released", || {
+            Command::new("ss")
+                .args(["-Htln", &format!("sport = :{port}")])
+                .output()
+                .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+        });
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("kube-apiserver.log"))
+            .unwrap();
+        let child = Command::new(&args[0])
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        std::fs::write(self.dir.join("kube-apiserver.pid"), child.id().to_string()).unwrap();
+        *self.restarted.borrow_mut() = Some(child);
+        self.wait_ready();
+    }
+
+    /// SIGSTOP or SIGCONT to etcd: the apiserver's store hangs, as when etcd is unreachable.
+    fn signal_etcd(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid("etcd")), signal).unwrap();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["get", "--raw", "/readyz", "--request-timeout=2s"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            if std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.join("kube-apiserver.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                panic!(
+                    "the apiserver is not ready after 60 s; its log, last lines first:\n{}",
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn source(&self, node: &str) -> KubeSource {
         KubeSource::new(KubeConfig {
             kubeconfig: Some(self.kubeconfig.clone()),
@@ -100,6 +186,23 @@ impl Drop for Apiserver {
             .arg("stop")
             .arg(&self.dir)
             .status();
+        // Stopped by its pid file above; reaped here.
+        if let Some(mut child) = self.restarted.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `cond` every 100 ms for up to 60 s.
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -171,9 +274,9 @@ fn policy_status(api: &Apiserver, name: &str, node: &str) -> String {
     )
 }
 
-#[test]
-fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_apiserver() {
-    let api = Apiserver::start("source");
+/// CRDs, node-a and node-b (InternalIP 198.18.0.n, pod CIDR 198.19.n.0/24), namespace shop with
+/// frontend on node-a and backend on node-b, running with their IPs (as kubelet and CNI write).
+fn two_nodes_two_pods(api: &Apiserver) {
     api.kubectl(
         &["apply", "-f", repo().join("deploy/crds").to_str().unwrap()],
         "",
@@ -212,8 +315,14 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
     }
     api.apply(&pod_yaml("frontend", "frontend", "node-a"));
     api.apply(&pod_yaml("backend", "backend", "node-b"));
-    set_pod_ip(&api, "frontend", "198.19.1.10");
-    set_pod_ip(&api, "backend", "198.19.2.10");
+    set_pod_ip(api, "frontend", "198.19.1.10");
+    set_pod_ip(api, "backend", "198.19.2.10");
+}
+
+#[test]
+fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_apiserver() {
+    let api = Apiserver::start("source");
+    two_nodes_two_pods(&api);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -309,5 +418,67 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
         .await;
         api.kubectl(&["-n", "shop", "delete", "cnp", &name], "");
         until(&mut rb, "the policy gone at node-b", |s| s.policies.is_empty()).await;
+    });
+}
+
+#[test]
+fn kubernetes_source_keeps_its_state_through_an_apiserver_restart_and_an_etcd_stop() {
+    let api = Apiserver::start("faults");
+    two_nodes_two_pods(&api);
+    let policy =
+        std::fs::read_to_string(repo().join("examples/policies/backend-ingress.yaml")).unwrap();
+    api.apply(&policy);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let source = api.source("node-a");
+        let mut rx = source.watch().await.expect("node-a watches");
+        let before = until(&mut rx, "pods and the policy", |s| {
+            s.pods.len() == 2 && s.policies.len() == 1
+        })
+        .await;
+
+        // The apiserver goes away and comes back: the snapshot in force does not change, and a
+        // change made right after it is back arrives (the watch resumed or relisted).
+        // (Blocking here is fine: the runtime has other worker threads for the source.)
+        tokio::task::block_in_place(|| api.restart_apiserver());
+        assert_eq!(
+            rx.borrow().pods,
+            before.pods,
+            "pods kept while the apiserver was away"
+        );
+        assert_eq!(rx.borrow().policies, before.policies);
+        api.apply(&pod_yaml("extra", "frontend", "node-b"));
+        set_pod_ip(&api, "extra", "198.19.2.11");
+        until(&mut rx, "a pod made after the apiserver restart", |s| {
+            s.pods.iter().any(|p| p.name == "extra")
+        })
+        .await;
+
+        // etcd stops answering for 30 s: the snapshot stays; once it answers again, a policy
+        // deleted then reaches the agent.
+        api.signal_etcd(nix::sys::signal::Signal::SIGSTOP);
+        let frozen = rx.borrow().clone();
+        let held = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                rx.changed().await.unwrap();
+                let s = rx.borrow().clone();
+                if s.pods != frozen.pods || s.policies != frozen.policies {
+                    return s;
+                }
+            }
+        })
+        .await;
+        api.signal_etcd(nix::sys::signal::Signal::SIGCONT);
+        assert!(
+            held.is_err(),
+            "the snapshot changed while etcd was stopped: {held:?}"
+        );
+        tokio::task::block_in_place(|| api.wait_ready());
+        let name = before.policies[0].metadata.name.clone();
+        api.kubectl(&["-n", "shop", "delete", "cnp", &name], "");
+        until(&mut rx, "the policy deleted after etcd came back", |s| {
+            s.policies.is_empty()
+        })
+        .await;
     });
 }
