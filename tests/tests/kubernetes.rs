@@ -176,6 +176,8 @@ impl Apiserver {
             cluster: "kube-test".into(),
             trust_domain: "veil.test".into(),
             node: node.into(),
+            // Short, so that the test sees an unused identity collected.
+            identity_gc_age: Duration::from_secs(1),
         })
     }
 }
@@ -416,6 +418,18 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
             s.pods.iter().all(|p| p.name != "backend")
         })
         .await;
+        // backend's identity is no longer used: collected; frontend's stays.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let frontend_id = sa.pods.iter().find(|p| p.name == "frontend").unwrap().identity;
+        loop {
+            let objects = api.kubectl(&["get", "veilidentities", "-o", "name"], "");
+            if objects.lines().count() == 1 {
+                assert!(objects.contains(&frontend_id.to_string()), "{objects}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "not collected: {objects}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         api.kubectl(&["-n", "shop", "delete", "cnp", &name], "");
         until(&mut rb, "the policy gone at node-b", |s| s.policies.is_empty()).await;
     });

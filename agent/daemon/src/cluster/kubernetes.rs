@@ -84,6 +84,8 @@ pub struct KubeConfig {
     /// This agent's node: the key it publishes goes on this Node, its policy verdicts under
     /// this name in policy statuses.
     pub node: String,
+    /// How old an unused identity must be before it is deleted ([`IDENTITY_GC_AGE`]).
+    pub identity_gc_age: Duration,
 }
 
 /// The cluster source backed by the Kubernetes API.
@@ -510,7 +512,7 @@ impl Builder {
                 continue;
             };
             let old = o.metadata.creation_timestamp.as_ref().is_some_and(|t| {
-                now.duration_since(t.0).as_secs() >= IDENTITY_GC_AGE.as_secs() as i64
+                now.duration_since(t.0).as_secs() >= self.cfg.identity_gc_age.as_secs() as i64
             });
             if used.contains(&id) || !old {
                 continue;

@@ -228,6 +228,7 @@ pub fn open(cfg: &crate::config::Config) -> Arc<dyn ClusterSource> {
             cluster: cfg.cluster.clone(),
             trust_domain: trust_domain.clone(),
             node: cfg.node.clone(),
+            identity_gc_age: kubernetes::IDENTITY_GC_AGE,
         })),
     }
 }
