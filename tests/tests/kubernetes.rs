@@ -412,15 +412,52 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
         let now = ra.borrow().clone();
         assert_eq!(now.policies, before.policies, "the accepted version stays");
 
+        // A Kubernetes NetworkPolicy joins the set as networkpolicy.<name>; an ipBlock rule
+        // veil cannot enforce leaves the accepted version in force.
+        let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: backend-np, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: backend}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: frontend}}}]\n    ports: [{port: 8080}]\n";
+        api.apply(np);
+        let with_np = until(&mut rb, "the NetworkPolicy at node-b", |s| {
+            s.policies
+                .iter()
+                .any(|p| p.metadata.name == "networkpolicy.backend-np")
+        })
+        .await;
+        api.apply(&np.replace(
+            "{podSelector: {matchLabels: {app: frontend}}}",
+            "{ipBlock: {cidr: 198.18.0.0/15}}",
+        ));
+        // A change made after it, to wait on: by then the refused version has been read.
+        api.kubectl(&["-n", "shop", "label", "pod", "frontend", "probe=1"], "");
+        until(&mut rb, "frontend's new label", |s| {
+            s.pods
+                .iter()
+                .any(|p| p.labels.get("probe").is_some_and(|v| v == "1"))
+        })
+        .await;
+        assert_eq!(
+            rb.borrow().policies,
+            with_np.policies,
+            "the refused NetworkPolicy version leaves the accepted one"
+        );
+        api.kubectl(&["-n", "shop", "delete", "networkpolicy", "backend-np"], "");
+
         // Deleting a pod removes it; deleting the policy removes it.
         api.kubectl(&["-n", "shop", "delete", "pod", "backend", "--wait=false"], "");
         until(&mut ra, "backend gone at node-a", |s| {
             s.pods.iter().all(|p| p.name != "backend")
         })
         .await;
-        // backend's identity is no longer used: collected; frontend's stays.
+        // Identities no pod uses any more (backend's, frontend's before its new label) are
+        // collected; frontend's current one stays.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let frontend_id = sa.pods.iter().find(|p| p.name == "frontend").unwrap().identity;
+        // frontend's identity now: its new label made it a new one, and the old one unused.
+        let frontend_id = ra
+            .borrow()
+            .pods
+            .iter()
+            .find(|p| p.name == "frontend")
+            .unwrap()
+            .identity;
         loop {
             let objects = api.kubectl(&["get", "veilidentities", "-o", "name"], "");
             if objects.lines().count() == 1 {

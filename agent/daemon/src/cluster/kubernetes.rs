@@ -33,7 +33,10 @@ use std::{
 };
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Node as KNode, Pod as KPod};
+use k8s_openapi::api::{
+    core::v1::{Node as KNode, Pod as KPod},
+    networking::v1::NetworkPolicy,
+};
 use kube::{
     api::{
         Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
@@ -210,6 +213,7 @@ struct Caches {
     pods: Store<KPod>,
     cnps: Store<DynamicObject>,
     ccnps: Store<DynamicObject>,
+    netpols: Store<NetworkPolicy>,
     identities: Store<DynamicObject>,
     resources: Resources,
 }
@@ -251,6 +255,7 @@ impl Caches {
                 resources.ccnp.clone(),
                 changed,
             ),
+            netpols: reflect(Api::<NetworkPolicy>::all(client.clone()), (), changed),
             identities: reflect(
                 Api::all_with(client.clone(), &resources.identity),
                 resources.identity.clone(),
@@ -266,6 +271,7 @@ impl Caches {
         self.pods.wait_until_ready().await?;
         self.cnps.wait_until_ready().await?;
         self.ccnps.wait_until_ready().await?;
+        self.netpols.wait_until_ready().await?;
         self.identities.wait_until_ready().await
     }
 }
@@ -324,6 +330,8 @@ struct Builder {
     accepted: BTreeMap<PolicyName, Policy>,
     /// Verdicts written into policy statuses (by uid).
     reported: HashMap<String, Verdict>,
+    /// NetworkPolicies (uid, generation) whose refusal was logged (they have no status).
+    netpol_refusals: std::collections::HashSet<(String, i64)>,
     last: Option<ClusterState>,
 }
 
@@ -337,6 +345,7 @@ impl Builder {
             policy_generation: 0,
             accepted: BTreeMap::new(),
             reported: HashMap::new(),
+            netpol_refusals: Default::default(),
             last: None,
         }
     }
@@ -571,6 +580,29 @@ impl Builder {
                     error,
                 };
                 verdicts.push((ar.clone(), o, v));
+            }
+        }
+        for o in self.caches.netpols.state() {
+            let name = PolicyName::new(
+                o.metadata.namespace.as_deref().unwrap_or_default(),
+                &super::netpol::policy_name(o.metadata.name.as_deref().unwrap_or_default()),
+            );
+            match super::netpol::policy_from(&o) {
+                Ok(p) => {
+                    next.insert(name, p);
+                }
+                Err(e) => {
+                    if let Some(prev) = self.accepted.get(&name) {
+                        next.insert(name.clone(), prev.clone());
+                    }
+                    let seen = (
+                        o.metadata.uid.clone().unwrap_or_default(),
+                        o.metadata.generation.unwrap_or(0),
+                    );
+                    if self.netpol_refusals.insert(seen) {
+                        tracing::warn!(policy = %name, error = %e, "NetworkPolicy refused; its previous version (if any) stays in force");
+                    }
+                }
             }
         }
         if next != self.accepted {

@@ -9,6 +9,7 @@
 
 pub mod files;
 pub mod kubernetes;
+pub mod netpol;
 
 use std::{
     collections::BTreeMap, future::Future, net::Ipv4Addr, path::PathBuf, pin::Pin, sync::Arc,
