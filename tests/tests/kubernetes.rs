@@ -208,6 +208,19 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// Reads `read` every 100 ms until `done` holds of the reading, for up to 30 s; returns it.
+async fn poll(what: &str, read: impl Fn() -> String, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = read();
+        if done(&got) {
+            return got;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {got}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until the snapshot satisfies `cond`; panics with the last snapshot after `secs`.
 async fn until(
     rx: &mut watch::Receiver<Arc<ClusterState>>,
@@ -379,15 +392,12 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
         until(&mut rb, "the policy at node-b", has_policy).await;
         let name = before.policies[0].metadata.name.clone();
         for node in ["node-a", "node-b"] {
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                let st = policy_status(&api, &name, node);
-                if st.contains(r#""ok":true"#) && st.contains(r#""enforcing":true"#) {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "{node}'s status: {st}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            poll(
+                &format!("{node}'s status"),
+                || policy_status(&api, &name, node),
+                |st| st.contains(r#""ok":true"#) && st.contains(r#""enforcing":true"#),
+            )
+            .await;
         }
 
         // A version veil cannot enforce (L7 rules) is refused in the status; the accepted
@@ -399,16 +409,13 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
         );
         assert_ne!(l7, policy, "the L7 edit applies to the example");
         api.apply(&l7);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let st = policy_status(&api, &name, "node-a");
-            if st.contains(r#""ok":false"#) {
-                assert!(st.contains("rules.http"), "{st}");
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "node-a's status: {st}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let st = poll(
+            "node-a's status",
+            || policy_status(&api, &name, "node-a"),
+            |st| st.contains(r#""ok":false"#),
+        )
+        .await;
+        assert!(st.contains("rules.http"), "{st}");
         let now = ra.borrow().clone();
         assert_eq!(now.policies, before.policies, "the accepted version stays");
 
@@ -449,7 +456,6 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
         .await;
         // Identities no pod uses any more (backend's, frontend's before its new label) are
         // collected; frontend's current one stays.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         // frontend's identity now: its new label made it a new one, and the old one unused.
         let frontend_id = ra
             .borrow()
@@ -458,15 +464,13 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
             .find(|p| p.name == "frontend")
             .unwrap()
             .identity;
-        loop {
-            let objects = api.kubectl(&["get", "veilidentities", "-o", "name"], "");
-            if objects.lines().count() == 1 {
-                assert!(objects.contains(&frontend_id.to_string()), "{objects}");
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "not collected: {objects}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let objects = poll(
+            "not collected",
+            || api.kubectl(&["get", "veilidentities", "-o", "name"], ""),
+            |o| o.lines().count() == 1,
+        )
+        .await;
+        assert!(objects.contains(&frontend_id.to_string()), "{objects}");
         api.kubectl(&["-n", "shop", "delete", "cnp", &name], "");
         until(&mut rb, "the policy gone at node-b", |s| s.policies.is_empty()).await;
     });

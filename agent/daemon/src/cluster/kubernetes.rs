@@ -367,7 +367,8 @@ impl Builder {
             }
             let (state, complete) = self.build().await;
             retry = !complete;
-            if **tx.borrow() != state {
+            // build() hands back the same snapshot, generation included, when nothing changed.
+            if tx.borrow().generation != state.generation {
                 tracing::info!(generation = state.generation, "cluster state changed");
                 let _ = tx.send(Arc::new(state));
             }
