@@ -29,7 +29,8 @@ declare -A VERSION=(
   [kubernetes]=v1.37.2
 )
 # Build order: quick ones first. Measured first build on 2 cores: about 22 min in all, of which
-# spire-server (cgo sqlite) 8 min and kube-apiserver 7 min; the go build cache is shared between them.
+# spire-server (cgo sqlite) 8 min and kube-apiserver 7 min; the go build cache is shared between them
+# within one run (then removed, see check_go).
 ORDER=(wireguard-go etcd helm spire kubernetes)
 
 say() { printf 'go-tools: %s\n' "$*"; }
@@ -113,7 +114,7 @@ fail_build() {  # fail_build <tool> <what> <log>
   exit 1
 }
 
-go_checked=""
+go_checked="" scratch=""
 check_go() {  # once, and only when something must be built: Go present, new enough, proxy answers
   [ -n "$go_checked" ] && return 0
   if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then export PATH="/usr/local/go/bin:$PATH"; fi
@@ -122,8 +123,15 @@ check_go() {  # once, and only when something must be built: Go present, new eno
   local mm=${gv#go}; local maj=${mm%%.*} rest=${mm#*.}; local min=${rest%%[!0-9]*}
   { [ "$maj" -gt 1 ] || { [ "$maj" -eq 1 ] && [ "$min" -ge 26 ]; }; } \
     || die "Go $gv is too old: these pins need Go >= 1.26 (helm, etcd and Kubernetes 1.37 say go 1.26.0)"
+  # Go's build and module caches live for this run only, in one scratch directory shared by the
+  # tools it builds and removed when it ends (also on failure): Kubernetes alone leaves ~6 GB of
+  # build cache and ~2.5 GB of modules, which a CI disk cannot spare beside the Rust builds that
+  # follow. Only the binaries are kept; a rebuild (a pin changed) downloads again.
+  scratch=$(mktemp -d "$root/.go-scratch-XXXXXX")
+  trap 'rm -rf "$scratch"' EXIT
+  export GOCACHE="$scratch/build" GOMODCACHE="$scratch/mod"
   local out
-  if ! out=$(cd / && GOWORK=off GOFLAGS= timeout 120 go list -m -versions golang.zx2c4.com/wireguard 2>&1); then
+  if ! out=$(cd / && GOWORK=off GOFLAGS=-modcacherw timeout 120 go list -m -versions golang.zx2c4.com/wireguard 2>&1); then
     die "the Go module proxy ($(go env GOPROXY)) does not answer: go list -m -versions golang.zx2c4.com/wireguard: $out"
   fi
   go_checked=1
@@ -152,7 +160,8 @@ build_tool() {  # build_tool <tool>
   rm -rf "$d"; mkdir -p "$d/src" "$d/bin"
   local log="$d/build.log"
   : >"$log"
-  export GOWORK=off GOFLAGS=-buildvcs=false
+  # -modcacherw: the scratch module cache is writable, so rm -rf removes it.
+  export GOWORK=off GOFLAGS="-buildvcs=false -modcacherw"
 
   # The wrapper module. @STAGING@: a replace for each staging module k8s.io/kubernetes' own go.mod
   # points into ./staging, to the published release of the same version.

@@ -23,6 +23,7 @@ VEIL_SETUP_TOOLCHAIN_ONLY=1 VEIL_CACHE_DIR="$fresh/cache" VEIL_TOOL_ROOT="$fresh
   --target-dir "$fresh/ebpf-target" >/dev/null 2>"$fresh/ebpf-build.log") \
   || { cat "$fresh/ebpf-build.log" >&2; echo "test: the eBPF programs do not link with a bpf-linker built from nothing" >&2; exit 1; }
 echo "test: from-nothing toolchain check (bpf-linker build + eBPF link) passed in $(( $(date +%s) - t0 )) s"
+rm -rf "$fresh"  # ~1.5 GB of build output the rest of the suite needs the disk for
 # Every cargo-fuzz target for a few seconds from its committed corpus, so a crash on a seed
 # (a regression) or a target that no longer builds fails CI; long runs: scripts/fuzz.sh.
 t0=$(date +%s)

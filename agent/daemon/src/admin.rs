@@ -519,7 +519,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_target_that_is_no_uri_is_an_error_not_a_panic() {
         let dir = tempdir("client");
-        let sock = dir.join("admin.sock");
+        let sock = dir.0.join("admin.sock");
         let _listener = UnixListener::bind(&sock).unwrap();
         let e = call(
             &sock,
@@ -554,7 +554,16 @@ mod tests {
         }
     }
 
-    fn tempdir(name: &str) -> std::path::PathBuf {
+    /// A fresh directory under the temp dir, removed on drop.
+    struct TestDir(std::path::PathBuf);
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tempdir(name: &str) -> TestDir {
         let d = std::env::temp_dir().join(format!(
             "veil-admin-test-{name}-{}-{:?}",
             std::process::id(),
@@ -562,7 +571,7 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        TestDir(d)
     }
 
     const TEST_LIMITS: Limits = Limits {
@@ -573,9 +582,11 @@ mod tests {
         body_timeout: Duration::from_millis(300),
     };
 
-    /// Serves an [`Echo`] on a fresh socket; returns the socket path and the handler.
-    async fn server(name: &str) -> (std::path::PathBuf, Arc<Echo>) {
-        let sock = tempdir(name).join("admin.sock");
+    /// Serves an [`Echo`] on a fresh socket; returns its directory (removed on drop), the socket
+    /// path and the handler.
+    async fn server(name: &str) -> (TestDir, std::path::PathBuf, Arc<Echo>) {
+        let dir = tempdir(name);
+        let sock = dir.0.join("admin.sock");
         let echo = Arc::new(Echo(Default::default()));
         let (s, h) = (sock.clone(), echo.clone());
         tokio::spawn(async move {
@@ -589,7 +600,7 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        (sock, echo)
+        (dir, sock, echo)
     }
 
     /// Writes raw bytes and reads until the server closes (or 3 s pass).
@@ -640,7 +651,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_bodies_are_refused_before_the_handler() {
-        let (sock, echo) = server("body").await;
+        let (_dir, sock, echo) = server("body").await;
         let ok = call_3s(&sock, hyper::Method::POST, "/x", Some(vec![0; 1024]))
             .await
             .unwrap();
@@ -664,7 +675,7 @@ mod tests {
 
     #[tokio::test]
     async fn too_many_query_parameters_are_a_bad_request() {
-        let (sock, echo) = server("query").await;
+        let (_dir, sock, echo) = server("query").await;
         let e = call_3s(
             &sock,
             hyper::Method::GET,
@@ -679,7 +690,7 @@ mod tests {
 
     #[tokio::test]
     async fn slow_heads_and_bodies_are_cut_off() {
-        let (sock, echo) = server("slow").await;
+        let (_dir, sock, echo) = server("slow").await;
         // Half a request head, then nothing: closed after the header timeout.
         let t0 = std::time::Instant::now();
         let answer = raw(&sock, b"GET /x HTTP/1.1\r\nhost: a\r\n").await;
@@ -700,7 +711,7 @@ mod tests {
     #[tokio::test]
     async fn connections_beyond_the_limit_are_closed_at_accept() {
         use tokio::io::AsyncReadExt as _;
-        let (sock, _) = server("conns").await;
+        let (_dir, sock, _) = server("conns").await;
         // Two idle connections hold both slots (the readiness probe's is gone by now).
         tokio::time::sleep(Duration::from_millis(50)).await;
         let _a = UnixStream::connect(&sock).await.unwrap();

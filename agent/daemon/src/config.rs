@@ -384,8 +384,9 @@ pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: files, dir: /run/cp}\ninte
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("agent.yaml");
         std::fs::write(&file, text).unwrap();
-        let c = Config::load_with(&file, &[("node", "node-a".into())]).unwrap();
+        let c = Config::load_with(&file, &[("node", "node-a".into())]);
         std::fs::remove_dir_all(&dir).unwrap();
+        let c = c.unwrap();
         assert!(matches!(
             c.source,
             SourceConfig::Kubernetes {
