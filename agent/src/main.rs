@@ -232,6 +232,11 @@ enum LabCommand {
         /// `lab rotate` and `lab ca`, for tests). Default: the lab file's `identity:`, else spire.
         #[arg(long)]
         identity: Option<spec::IdentityProvider>,
+        /// Where the agents read cluster state: `kubernetes` (etcd + kube-apiserver in the lab,
+        /// pods made through veil-cni, policies with kubectl) or `files` (the lab's JSON files,
+        /// `veil policy`). Default: the lab file's `control_plane:`, else files.
+        #[arg(long)]
+        control_plane: Option<spec::ControlPlane>,
         /// No progress output.
         #[arg(short, long)]
         quiet: bool,
@@ -312,6 +317,20 @@ enum LabCommand {
         #[arg(long)]
         name: String,
     },
+    /// (internal) Forward the host's loopback port to the lab's kube-apiserver.
+    #[command(hide = true)]
+    ApiProxy {
+        #[arg(long)]
+        name: String,
+    },
+    /// (internal) Play kubelet for one node of a Kubernetes-mode lab.
+    #[command(hide = true)]
+    Kubelet {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        node: String,
+    },
     /// (internal) Serve http or echo inside a pod.
     #[command(hide = true)]
     Serve {
@@ -359,6 +378,8 @@ fn is_daemon(c: &Command) -> bool {
                 command: LabCommand::SpireServer { .. }
                     | LabCommand::SpireAgent { .. }
                     | LabCommand::Supervise { .. }
+                    | LabCommand::ApiProxy { .. }
+                    | LabCommand::Kubelet { .. }
                     | LabCommand::Serve { .. }
             }
     )
@@ -828,6 +849,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             encryption,
             svid_ttl,
             identity,
+            control_plane,
             quiet,
         } => {
             let lab_file = match &file {
@@ -843,6 +865,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
                 svid_ttl: svid_ttl.map(|d| d.0),
                 backend,
                 identity,
+                control_plane,
             };
             let spec = spec::resolve(&name, lab_file, &overrides)?;
             let exe = std::env::current_exe().context("cannot find the veil binary")?;
@@ -1036,6 +1059,16 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
         LabCommand::Supervise { name } => {
             let paths = lab::LabPaths::new(&name)?;
             lab::supervisor::run(&paths)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::ApiProxy { name } => {
+            let (spec, paths) = lab::load(&name)?;
+            lab::kube::api_proxy(&spec, &paths)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Kubelet { name, node } => {
+            let (spec, paths) = lab::load(&name)?;
+            lab::kubelet::run(&spec, &paths, &node)?;
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Serve {

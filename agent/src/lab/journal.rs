@@ -74,6 +74,23 @@ impl Journal {
         })
     }
 
+    /// Opens a lab's existing journal to append to it (the lab's kubelets record the pods they
+    /// make). Each record is one `write` of one line to an O_APPEND file, so records from
+    /// several processes never interleave.
+    pub fn open_append(path: &Path) -> Result<Self, Error> {
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|source| Error::Write {
+                path: path.into(),
+                source,
+            })?;
+        Ok(Self {
+            path: path.into(),
+            file,
+        })
+    }
+
     /// Appends a resource and syncs, so it is on disk before the caller creates it.
     pub fn record(&mut self, r: &Resource) -> Result<(), Error> {
         let mut line = serde_json::to_string(r).expect("resource serializes");

@@ -7,6 +7,8 @@
 
 pub mod cp;
 pub mod journal;
+pub mod kube;
+pub mod kubelet;
 pub mod serve;
 pub mod spec;
 pub mod spire;
@@ -169,6 +171,11 @@ pub struct LabView {
     pub pod_mtu: u32,
     /// Who issues the lab's SVIDs.
     pub identity: IdentityView,
+    /// `kubernetes` or `files`: where the agents read cluster state.
+    pub control_plane: String,
+    /// The lab's kube-apiserver (`control_plane: kubernetes` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<kube::KubeView>,
     pub underlay: UnderlayView,
     pub nodes: Vec<NodeView>,
     pub pods: Vec<PodView>,
@@ -243,6 +250,10 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
                     .map(|p| p.display().to_string()),
             },
         },
+        control_plane: spec.control_plane.to_string(),
+        kubernetes: (spec.control_plane == spec::ControlPlane::Kubernetes)
+            .then(|| kube::view(paths))
+            .flatten(),
         underlay: UnderlayView {
             netns: spec::underlay_netns(&spec.name),
             bridge: spec::bridge_name(&spec.name),
@@ -266,7 +277,15 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
                     .to_string(),
             })
             .collect(),
-        pods: spec
+        pods: pod_views(spec, paths),
+    }
+}
+
+/// The lab file's pods and, with Kubernetes, every other pod the lab's kubelets run (made with
+/// kubectl), as the kubelets set them up.
+fn pod_views(spec: &LabSpec, paths: &LabPaths) -> Vec<PodView> {
+    if spec.control_plane == spec::ControlPlane::Files {
+        return spec
             .pods
             .iter()
             .map(|p| PodView {
@@ -280,8 +299,48 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
                 cgroup: paths.pod_cgroup(p).display().to_string(),
                 host_veth: p.host_veth.clone(),
             })
-            .collect(),
+            .collect();
     }
+    // The lab file's pods are listed even before their kubelet has set them up (the address is
+    // the one the kubelet asks host-local for).
+    let records = kubelet::records(paths);
+    let mut out: Vec<PodView> = spec
+        .pods
+        .iter()
+        .map(|p| PodView {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            node: p.node.clone(),
+            netns: p.netns.clone(),
+            ip: p.ip.to_string(),
+            labels: p.labels.clone(),
+            service_account: p.service_account.clone(),
+            cgroup: paths.pod_cgroup(p).display().to_string(),
+            host_veth: crate::cluster::kubernetes::host_veth_name(&p.namespace, &p.name),
+        })
+        .collect();
+    out.extend(
+        records
+            .into_iter()
+            .filter(|r| {
+                !spec
+                    .pods
+                    .iter()
+                    .any(|p| p.namespace == r.namespace && p.name == r.name)
+            })
+            .map(|r| PodView {
+                ip: r.ip.map(|i| i.to_string()).unwrap_or_default(),
+                cgroup: r.cgroup.display().to_string(),
+                name: r.name,
+                namespace: r.namespace,
+                node: r.node,
+                netns: r.netns,
+                labels: r.labels,
+                service_account: r.service_account,
+                host_veth: r.host_veth,
+            }),
+    );
+    out
 }
 
 /// Loads a running lab's resolved spec.
@@ -367,8 +426,14 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         state_dir: paths.node_dir(&node.name).join("state"),
         bpffs: PathBuf::from(BPFFS),
         pin_dir: paths.pin_dir(&node.name),
-        source: SourceConfig::Files {
-            dir: paths.control_plane(),
+        source: match spec.control_plane {
+            spec::ControlPlane::Files => SourceConfig::Files {
+                dir: paths.control_plane(),
+            },
+            spec::ControlPlane::Kubernetes => SourceConfig::Kubernetes {
+                kubeconfig: Some(kube::node_kubeconfig(paths, &node.name)),
+                trust_domain: spec.trust_domain.clone(),
+            },
         },
         encryption: spec.encryption,
         strict: true,
@@ -467,6 +532,16 @@ pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
     }
     if spec.identity == spec::IdentityProvider::Spire {
         spire_real::check_tools().map_err(Error::Prerequisite)?;
+    }
+    if spec.control_plane == spec::ControlPlane::Kubernetes {
+        kube::check_tools().map_err(Error::Prerequisite)?;
+        let cni = exe.with_file_name("veil-cni");
+        if !cni.exists() {
+            return Err(Error::Prerequisite(format!(
+                "`control_plane: kubernetes` needs the CNI plugin {} (cargo build --release --bins)",
+                cni.display()
+            )));
+        }
     }
     let fail_after = fail_after_from_env()?;
     let paths = LabPaths::new(&spec.name)?;
@@ -584,7 +659,12 @@ fn build(
     progress.step(format!("cgroups under {}", paths.cgroup.display()));
     step_done("cgroups")?;
 
-    FileSource::write(&paths.control_plane(), &cluster_state(spec, 1))?;
+    let kubernetes = spec.control_plane == spec::ControlPlane::Kubernetes;
+    if kubernetes {
+        kube::prepare(paths)?;
+    } else {
+        FileSource::write(&paths.control_plane(), &cluster_state(spec, 1))?;
+    }
     for node in &spec.nodes {
         mkdir(&paths.node_dir(&node.name))?;
         let cfg = agent_config(spec, paths, node);
@@ -633,6 +713,15 @@ fn build(
         "supervisor started (pid {pid}): {} processes",
         manifest.len()
     ));
+    if kubernetes {
+        let is_interrupted = || interrupted.is_set();
+        kube::bootstrap(
+            spec,
+            paths,
+            progress,
+            &Wait::new(Duration::from_secs(90), &is_interrupted),
+        )?;
+    }
     if spec.identity == spec::IdentityProvider::Spire {
         // Each stage gets its own minute.
         let is_interrupted = || interrupted.is_set();
@@ -662,7 +751,12 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
             name: n.netns.clone(),
         })?;
     }
-    for p in &spec.pods {
+    // With Kubernetes the lab's kubelets make the pods (and record them) through veil-cni.
+    let file_pods: &[spec::PodSpec] = match spec.control_plane {
+        spec::ControlPlane::Files => &spec.pods,
+        spec::ControlPlane::Kubernetes => &[],
+    };
+    for p in file_pods {
         j.record(&Resource::Netns {
             name: p.netns.clone(),
         })?;
@@ -672,14 +766,14 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
     // batch per namespace configures it. ~10x faster than one `ip` per step.
     let mut host = vec![format!("netns add {ul}")];
     host.extend(spec.nodes.iter().map(|n| format!("netns add {}", n.netns)));
-    host.extend(spec.pods.iter().map(|p| format!("netns add {}", p.netns)));
+    host.extend(file_pods.iter().map(|p| format!("netns add {}", p.netns)));
     for n in &spec.nodes {
         host.push(format!(
             "link add {} mtu {mtu} netns {} type veth peer name {} mtu {mtu} netns {ul}",
             n.underlay_if, n.netns, n.bridge_port
         ));
     }
-    for p in &spec.pods {
+    for p in file_pods {
         let node = spec.node(&p.node).expect("validated");
         host.push(format!(
             "link add eth0 mtu {pod_mtu} netns {} type veth peer name {} mtu {pod_mtu} netns {}",
@@ -700,6 +794,10 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
         // The spire-server listens here; the nodes reach it over the underlay.
         ul_cmds.push(format!("addr add {}/24 dev {br}", spire_real::SERVER_IP));
     }
+    if spec.control_plane == spec::ControlPlane::Kubernetes {
+        // The kube-apiserver listens here; agents reach it over the underlay.
+        ul_cmds.push(format!("addr add {}/24 dev {br}", kube::API_IP));
+    }
     sys::ip_batch(Some(&ul), &ul_cmds)?;
     sysctl_in(
         &ul,
@@ -717,7 +815,7 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
             format!("addr add {}/24 dev {}", n.underlay_ip, n.underlay_if),
             format!("link set {} up", n.underlay_if),
         ];
-        for p in spec.pods.iter().filter(|p| p.node == n.name) {
+        for p in file_pods.iter().filter(|p| p.node == n.name) {
             // Every pod veth answers for the same gateway address, like Calico's 169.254.1.1.
             cmds.push(format!("addr add {gw}/32 dev {}", p.host_veth));
             cmds.push(format!("link set {} up", p.host_veth));
@@ -752,7 +850,7 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
         ));
     }
 
-    for p in &spec.pods {
+    for p in file_pods {
         let node = spec.node(&p.node).expect("validated");
         let gw = spec.pod_gateway(node);
         sys::ip_batch(
@@ -811,7 +909,10 @@ fn build_cgroups(spec: &LabSpec, paths: &LabPaths, j: &mut Journal) -> Result<()
             dirs.push(paths.node_cgroup(&n.name).join("spire-agent"));
         }
     }
-    dirs.extend(spec.pods.iter().map(|p| paths.pod_cgroup(p)));
+    match spec.control_plane {
+        spec::ControlPlane::Files => dirs.extend(spec.pods.iter().map(|p| paths.pod_cgroup(p))),
+        spec::ControlPlane::Kubernetes => dirs.extend(kube::cgroups(spec, paths)),
+    }
     for d in dirs {
         j.record(&Resource::Cgroup { path: d.clone() })?;
         std::fs::create_dir_all(&d).map_err(|source| Error::Write {

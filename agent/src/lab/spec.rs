@@ -66,6 +66,41 @@ impl std::fmt::Display for IdentityProvider {
     }
 }
 
+/// Where the agents read cluster state from: a real kube-apiserver the lab runs (Pods made
+/// through `veil-cni` by the lab playing kubelet, policies with `kubectl apply`) or the files
+/// the lab writes (`veil policy` edits them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlPlane {
+    /// etcd + kube-apiserver in the underlay namespace; agents use the Kubernetes source.
+    Kubernetes,
+    /// `cp/*.json` in the lab directory; agents use the files source.
+    #[default]
+    Files,
+}
+
+impl std::str::FromStr for ControlPlane {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kubernetes" => Ok(Self::Kubernetes),
+            "files" => Ok(Self::Files),
+            other => Err(format!(
+                "unknown control plane {other:?} (expected kubernetes or files)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Kubernetes => "kubernetes",
+            Self::Files => "files",
+        })
+    }
+}
+
 /// `on`/`off` switch as users write it in YAML or on the command line (YAML 1.1 also reads
 /// bare on/off as booleans, so both forms are accepted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +162,8 @@ pub struct LabFile {
     pub backend: Option<BackendChoice>,
     /// `spire` or `dev`: who issues the lab's SVIDs.
     pub identity: Option<IdentityProvider>,
+    /// `kubernetes` or `files`: where the agents read cluster state from.
+    pub control_plane: Option<ControlPlane>,
     pub underlay_mtu: Option<u32>,
     /// How often each node pair re-runs its node handshake (new WireGuard PSK).
     pub psk_rotation: Option<HumanDuration>,
@@ -187,6 +224,7 @@ pub struct Overrides {
     pub svid_ttl: Option<Duration>,
     pub backend: Option<BackendChoice>,
     pub identity: Option<IdentityProvider>,
+    pub control_plane: Option<ControlPlane>,
 }
 
 /// A validated lab: names, addresses and options all resolved.
@@ -201,6 +239,9 @@ pub struct LabSpec {
     /// Absent in the state of labs made before the key existed: those ran the dev server.
     #[serde(default)]
     pub identity: IdentityProvider,
+    /// Absent in the state of labs made before the key existed: those used files.
+    #[serde(default)]
+    pub control_plane: ControlPlane,
     pub underlay_mtu: u32,
     #[serde(with = "duration_secs")]
     pub psk_rotation: Duration,
@@ -643,6 +684,10 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         svid_ttl,
         backend: overrides.backend.or(file.backend).unwrap_or_default(),
         identity,
+        control_plane: overrides
+            .control_plane
+            .or(file.control_plane)
+            .unwrap_or_default(),
         underlay_mtu,
         psk_rotation,
         key_rotation,
@@ -775,6 +820,7 @@ mod tests {
             svid_ttl: Some(Duration::from_secs(30)),
             backend: Some(BackendChoice::Userspace),
             identity: None,
+            control_plane: None,
         };
         let lab = resolve("x", file, &o).unwrap();
         assert!(lab.encryption);

@@ -37,7 +37,7 @@ pub struct Managed {
 impl Managed {
     /// `argv` in `netns` under `cgroup`, logging to the lab log named after the daemon, with
     /// no extra environment and no start condition.
-    fn new(
+    pub(super) fn new(
         paths: &LabPaths,
         name: String,
         argv: Vec<String>,
@@ -112,6 +112,13 @@ pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
             v
         }
     };
+    let kubernetes = spec.control_plane == super::spec::ControlPlane::Kubernetes;
+    if kubernetes {
+        // etcd and the apiserver first: the agents' source reads from them.
+        let mut cp = super::kube::managed(spec, paths, Path::new(&exe));
+        cp.append(&mut out);
+        out = cp;
+    }
     for n in &spec.nodes {
         let config = paths.agent_config(&n.name).display().to_string();
         out.push(Managed {
@@ -119,8 +126,15 @@ pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
                 "RUST_LOG".into(),
                 std::env::var("VEIL_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )],
-            start_after: (spec.identity == IdentityProvider::Spire)
-                .then(|| super::spire_real::agent_release(paths, &n.name)),
+            // With Kubernetes the agent's credentials exist once the control plane is
+            // bootstrapped (before SPIRE releases the agents).
+            start_after: if spec.identity == IdentityProvider::Spire {
+                Some(super::spire_real::agent_release(paths, &n.name))
+            } else if kubernetes {
+                Some(super::kube::node_kubeconfig(paths, &n.name))
+            } else {
+                None
+            },
             ..Managed::new(
                 paths,
                 format!("agent-{}", n.name),
@@ -130,7 +144,8 @@ pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
             )
         });
     }
-    for p in &spec.pods {
+    // With Kubernetes the pods' servers are their containers, run by the lab's kubelet.
+    for p in spec.pods.iter().filter(|_| !kubernetes) {
         for s in &p.serve {
             let kind = match s.kind {
                 super::spec::ServeKind::Http => "http",

@@ -1,0 +1,703 @@
+//! The lab playing kubelet and container runtime for one node (`veil lab kubelet`), through the
+//! interface a kubelet uses: it watches the Pods bound to its node, and for each one creates the
+//! pod's network namespace and cgroup, calls the CNI plugin (`veil-cni`, chained with
+//! `host-local` IPAM) in the node's namespace, reports the address in the Pod's status, waits
+//! until the node's agent has its programs on the pod's interface (so no packet of the pod ever
+//! passes unenforced), then runs each container's `command` + `args` as a process in the pod
+//! (images are ignored: there is no container runtime) and restarts it when it exits. A Pod
+//! being deleted is stopped, CNI DEL releases its address, its namespace and cgroup go, and the
+//! Pod object is removed (grace period 0, as a kubelet finishes a deletion).
+//!
+//! Everything it creates is recorded in the lab journal first, so `veil lab down` removes it
+//! even if this process dies; what it runs is recorded per pod under `kube/kubelet/<node>/`
+//! (`veil lab show` lists those pods too).
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    runtime::{reflector, watcher, WatchStreamExt as _},
+    Api, Client,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    journal::{Journal, Resource},
+    kube::{admin_kubeconfig, dir, REQUESTED_IP},
+    spec::{LabSpec, NodeSpec},
+    Error, LabPaths, Result,
+};
+use crate::sys;
+
+/// What the kubelet made for one Pod: enough to tear it down after a restart, and what
+/// `veil lab show` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRecord {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ip: Option<std::net::Ipv4Addr>,
+    pub host_veth: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+}
+
+pub fn records_dir(paths: &LabPaths, node: &str) -> PathBuf {
+    dir(paths).join("kubelet").join(node)
+}
+
+/// Every pod the kubelets of a lab run (all nodes).
+pub fn records(paths: &LabPaths) -> Vec<PodRecord> {
+    let mut out = Vec::new();
+    let Ok(nodes) = std::fs::read_dir(dir(paths).join("kubelet")) else {
+        return out;
+    };
+    for n in nodes.flatten() {
+        let Ok(files) = std::fs::read_dir(n.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            if let Some(r) = std::fs::read(f.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<PodRecord>(&b).ok())
+            {
+                out.push(r);
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// One container: its argv and the process running it.
+struct Container {
+    name: String,
+    argv: Vec<String>,
+    child: Option<Child>,
+    restarts: u32,
+    next_start: Instant,
+}
+
+/// A pod this kubelet runs.
+struct Running {
+    record: PodRecord,
+    containers: Vec<Container>,
+    ready_reported: bool,
+}
+
+struct Kubelet<'a> {
+    spec: &'a LabSpec,
+    paths: &'a LabPaths,
+    node: &'a NodeSpec,
+    pods: Api<Pod>,
+    journal: Journal,
+    running: BTreeMap<String, Running>,
+    cni: PathBuf,
+}
+
+fn kerr(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Prerequisite(format!("kubelet: {what}: {e}"))
+}
+
+/// Runs the kubelet for `node` until killed.
+pub fn run(spec: &LabSpec, paths: &LabPaths, node: &str) -> Result<()> {
+    let node = spec.node(node).ok_or_else(|| {
+        kerr(
+            "node",
+            format!("{node:?} is not a node of lab {}", spec.name),
+        )
+    })?;
+    let exe = std::env::current_exe().map_err(|e| kerr("own path", e))?;
+    let cni = exe.with_file_name("veil-cni");
+    if !cni.exists() {
+        return Err(kerr(
+            "CNI plugin",
+            format!(
+                "{} is missing (cargo build --release --bins)",
+                cni.display()
+            ),
+        ));
+    }
+    std::fs::create_dir_all(records_dir(paths, &node.name)).map_err(|source| Error::Write {
+        path: records_dir(paths, &node.name),
+        source,
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| kerr("runtime", e))?;
+    rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(admin_kubeconfig(paths))
+            .map_err(|e| kerr("admin kubeconfig", e))?;
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .map_err(|e| kerr("admin kubeconfig", e))?;
+        let client = Client::try_from(cfg).map_err(|e| kerr("client", e))?;
+        let mut k = Kubelet {
+            spec,
+            paths,
+            node,
+            pods: Api::all(client),
+            journal: Journal::open_append(&paths.journal())?,
+            running: BTreeMap::new(),
+            cni,
+        };
+        k.adopt();
+        k.run().await
+    })
+}
+
+impl Kubelet<'_> {
+    /// Pods a previous run of this kubelet set up: kept (their containers restart if gone) or
+    /// torn down, once the watch says whether the Pod still exists.
+    fn adopt(&mut self) {
+        for r in records(self.paths)
+            .into_iter()
+            .filter(|r| r.node == self.node.name)
+        {
+            eprintln!("kubelet: adopting {}/{} ({})", r.namespace, r.name, r.uid);
+            self.running.insert(
+                r.uid.clone(),
+                Running {
+                    record: r,
+                    containers: Vec::new(),
+                    ready_reported: false,
+                },
+            );
+        }
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        let (store, writer) = reflector::store::<Pod>();
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node.name));
+        let stream = reflector(writer, watcher(self.pods.clone(), cfg))
+            .default_backoff()
+            .touched_objects();
+        let mut stream = std::pin::pin!(stream);
+        let mut synced = false;
+        // Container exits and agent attachment are noticed on this tick as well as on events.
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                ev = stream.next() => match ev {
+                    Some(Ok(_)) => synced = true,
+                    Some(Err(e)) => eprintln!("kubelet: watch: {e}"),
+                    None => return Err(kerr("watch", "ended")),
+                },
+                _ = tick.tick() => {}
+            }
+            if !synced {
+                // Until the first list arrives an empty store means nothing, not "delete all".
+                if store.wait_until_ready().await.is_err() {
+                    continue;
+                }
+                synced = true;
+            }
+            let pods: Vec<std::sync::Arc<Pod>> = store.state();
+            self.reconcile(&pods).await;
+        }
+    }
+
+    async fn reconcile(&mut self, pods: &[std::sync::Arc<Pod>]) {
+        let wanted: BTreeMap<String, &Pod> = pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| Some((p.metadata.uid.clone()?, p.as_ref())))
+            .collect();
+        // Gone or being deleted: tear down, then finish the deletion.
+        let stale: Vec<String> = self
+            .running
+            .keys()
+            .filter(|uid| !wanted.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in stale {
+            let r = self.running.remove(&uid).expect("listed");
+            self.teardown(r).await;
+        }
+        for p in pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+        {
+            if let Some(uid) = &p.metadata.uid {
+                if !self.running.contains_key(uid) {
+                    self.finish_delete(p).await;
+                }
+            }
+        }
+        for (uid, pod) in wanted {
+            if !self.running.contains_key(&uid) {
+                match self.setup(pod) {
+                    Ok(r) => {
+                        self.running.insert(uid.clone(), r);
+                    }
+                    Err(e) => {
+                        eprintln!("kubelet: {}: {e}", name_of(pod));
+                        continue;
+                    }
+                }
+            }
+            let r = self.running.get_mut(&uid).expect("inserted");
+            if r.containers.is_empty() {
+                r.containers = containers_of(pod);
+            }
+            if let Err(e) = report_network(&self.pods, pod, r, self.node).await {
+                eprintln!("kubelet: {}: status: {e}", name_of(pod));
+                continue;
+            }
+            if !agent_attached(self.paths, &self.node.name, &r.record.host_veth).await {
+                continue;
+            }
+            let now = Instant::now();
+            let mut changed = false;
+            for c in &mut r.containers {
+                if let Some(child) = &mut c.child {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        eprintln!(
+                            "kubelet: {}/{} container {} exited: {status}",
+                            r.record.namespace, r.record.name, c.name
+                        );
+                        c.child = None;
+                        c.restarts += 1;
+                        c.next_start =
+                            now + super::supervisor::backoff(c.restarts.saturating_sub(1));
+                        changed = true;
+                    }
+                }
+                if c.child.is_none() && now >= c.next_start {
+                    match start(self.paths, &r.record, c) {
+                        Ok(child) => {
+                            c.child = Some(child);
+                            changed = true;
+                        }
+                        Err(e) => eprintln!(
+                            "kubelet: {}/{} container {}: {e}",
+                            r.record.namespace, r.record.name, c.name
+                        ),
+                    }
+                }
+            }
+            if changed || !r.ready_reported {
+                match report_containers(&self.pods, pod, r).await {
+                    Ok(()) => r.ready_reported = true,
+                    Err(e) => eprintln!("kubelet: {}: status: {e}", name_of(pod)),
+                }
+            }
+        }
+    }
+
+    /// Namespace, cgroup and CNI ADD for a new Pod; its record is written once it has an IP.
+    fn setup(&mut self, pod: &Pod) -> Result<Running> {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        // A lab-file pod keeps the names `lab up` reserved for it; any other gets its own.
+        let from_file = self
+            .spec
+            .pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name && p.node == self.node.name);
+        let (netns, cgroup) = match from_file {
+            Some(p) => (p.netns.clone(), self.paths.pod_cgroup(p)),
+            None => {
+                let short = &uid[..uid.len().min(8)];
+                (
+                    format!("{}-k{short}", self.spec.name),
+                    self.paths
+                        .node_cgroup(&self.node.name)
+                        .join(format!("pod-{short}")),
+                )
+            }
+        };
+        let host_veth = crate::cluster::kubernetes::host_veth_name(&namespace, &name);
+        let mut record = PodRecord {
+            uid,
+            namespace,
+            name,
+            node: self.node.name.clone(),
+            netns,
+            cgroup,
+            ip: None,
+            host_veth,
+            labels: pod
+                .metadata
+                .labels
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into()),
+        };
+        self.journal.record(&Resource::Netns {
+            name: record.netns.clone(),
+        })?;
+        self.journal.record(&Resource::Cgroup {
+            path: record.cgroup.clone(),
+        })?;
+        if !sys::netns_exists(&record.netns) {
+            sys::ip(&["netns", "add", &record.netns])?;
+        }
+        std::fs::create_dir_all(&record.cgroup).map_err(|source| Error::Write {
+            path: record.cgroup.clone(),
+            source,
+        })?;
+        let requested = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REQUESTED_IP))
+            .cloned();
+        let result = match self.cni("ADD", &record, requested.as_deref()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.release(&record);
+                return Err(e);
+            }
+        };
+        record.ip = cni_ip(&result);
+        if record.ip.is_none() {
+            self.release(&record);
+            return Err(kerr(
+                "CNI ADD",
+                format!("no IPv4 address in its result: {result}"),
+            ));
+        }
+        self.write_record(&record)?;
+        eprintln!(
+            "kubelet: {}/{} set up: netns {}, {} on {}",
+            record.namespace,
+            record.name,
+            record.netns,
+            record.ip.map(|i| i.to_string()).unwrap_or_default(),
+            record.host_veth
+        );
+        Ok(Running {
+            record,
+            containers: Vec::new(),
+            ready_reported: false,
+        })
+    }
+
+    fn write_record(&self, r: &PodRecord) -> Result<()> {
+        let p = records_dir(self.paths, &self.node.name).join(format!("{}.json", r.uid));
+        sys::write_atomic(
+            &p,
+            &serde_json::to_vec_pretty(r).expect("record serializes"),
+        )
+        .map_err(Error::from)
+    }
+
+    /// Runs the CNI plugin in the node's namespace, as a container runtime does.
+    fn cni(&self, command: &str, r: &PodRecord, requested_ip: Option<&str>) -> Result<String> {
+        let mut args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
+            r.namespace, r.name, r.uid
+        );
+        if let Some(ip) = requested_ip {
+            args.push_str(&format!(";IP={ip}"));
+        }
+        let cni_dir = self.cni.parent().expect("a file has a parent");
+        let config = cni_config(self.spec, self.paths, self.node);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node.netns])
+            .arg(&self.cni)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &r.uid)
+            .env("CNI_NETNS", sys::netns_path(&r.netns))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_ARGS", args)
+            .env(
+                "CNI_PATH",
+                format!("{}:/usr/lib/cni:/opt/cni/bin", cni_dir.display()),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin
+                    .take()
+                    .expect("piped")
+                    .write_all(config.as_bytes())?;
+                c.wait_with_output()
+            })
+            .map_err(|e| kerr("running veil-cni", e))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(kerr(
+                &format!("CNI {command} for {}/{}", r.namespace, r.name),
+                format!(
+                    "{} {}",
+                    stdout.trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        Ok(stdout)
+    }
+
+    /// Undoes a setup: CNI DEL (releases the address), the namespace, the cgroup.
+    fn release(&self, r: &PodRecord) {
+        if let Err(e) = self.cni("DEL", r, None) {
+            eprintln!("kubelet: {e}");
+        }
+        if let Err(e) = sys::netns_delete(&r.netns) {
+            eprintln!("kubelet: {e}");
+        }
+        let _ = sys::cgroup_kill(&r.cgroup, Duration::from_secs(5));
+        let _ = sys::cgroup_remove_tree(&r.cgroup);
+    }
+
+    async fn teardown(&mut self, mut r: Running) {
+        eprintln!("kubelet: stopping {}/{}", r.record.namespace, r.record.name);
+        for c in &mut r.containers {
+            if let Some(mut child) = c.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.release(&r.record);
+        let _ = std::fs::remove_file(
+            records_dir(self.paths, &self.node.name).join(format!("{}.json", r.record.uid)),
+        );
+        if let Some(p) = self
+            .pods_api(&r.record.namespace)
+            .get_opt(&r.record.name)
+            .await
+            .ok()
+            .flatten()
+        {
+            if p.metadata.uid.as_deref() == Some(r.record.uid.as_str()) {
+                self.finish_delete(&p).await;
+            }
+        }
+    }
+
+    fn pods_api(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.pods.clone().into_client(), namespace)
+    }
+
+    /// The last step of a deletion: remove the object (grace 0, only this very Pod).
+    async fn finish_delete(&self, p: &Pod) {
+        let (Some(ns), Some(name)) = (&p.metadata.namespace, &p.metadata.name) else {
+            return;
+        };
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: p.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match self.pods_api(ns).delete(name, &dp).await {
+            Ok(_) => eprintln!("kubelet: {ns}/{name} deleted"),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => eprintln!("kubelet: deleting {ns}/{name}: {e}"),
+        }
+    }
+}
+
+fn name_of(p: &Pod) -> String {
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or(""),
+        p.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// The network configuration the kubelet hands veil-cni: host-local over the node's pod CIDR,
+/// its state under the lab directory.
+pub fn cni_config(spec: &LabSpec, paths: &LabPaths, node: &NodeSpec) -> String {
+    let gw = spec.pod_gateway(node);
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": format!("veil-{}", node.name),
+        "type": "veil-cni",
+        "mtu": spec.pod_mtu(),
+        "gateway": gw.to_string(),
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": node.pod_cidr, "gateway": gw.to_string()}]],
+            "dataDir": dir(paths).join("ipam").display().to_string(),
+        },
+    })
+    .to_string()
+}
+
+/// The first IPv4 address of a CNI result.
+fn cni_ip(result: &str) -> Option<std::net::Ipv4Addr> {
+    let v: serde_json::Value = serde_json::from_str(result).ok()?;
+    v["ips"].as_array()?.iter().find_map(|i| {
+        i["address"]
+            .as_str()?
+            .split('/')
+            .next()?
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+    })
+}
+
+fn containers_of(p: &Pod) -> Vec<Container> {
+    p.spec
+        .as_ref()
+        .map(|s| {
+            s.containers
+                .iter()
+                .map(|c| Container {
+                    name: c.name.clone(),
+                    argv: c
+                        .command
+                        .iter()
+                        .flatten()
+                        .chain(c.args.iter().flatten())
+                        .cloned()
+                        .collect(),
+                    child: None,
+                    restarts: 0,
+                    next_start: Instant::now(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Starts a container's process in the pod's namespace and cgroup.
+fn start(paths: &LabPaths, r: &PodRecord, c: &Container) -> Result<Child> {
+    let Some((prog, args)) = c.argv.split_first() else {
+        return Err(kerr(
+            "container",
+            format!("{} has no command (images are not run here)", c.name),
+        ));
+    };
+    let mut cmd = Command::new(prog);
+    cmd.args(args);
+    let child = sys::spawn_daemon(
+        &mut cmd,
+        &sys::Placement {
+            netns: Some(&r.netns),
+            cgroup: Some(&r.cgroup),
+            log: &paths.log(&format!("pod-{}-{}-{}", r.namespace, r.name, c.name)),
+        },
+    )?;
+    eprintln!(
+        "kubelet: {}/{} container {} started (pid {})",
+        r.namespace,
+        r.name,
+        c.name,
+        child.id()
+    );
+    Ok(child)
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Phase Running with the pod's address (not Ready yet): what the agents learn the pod from.
+async fn report_network(
+    api: &Api<Pod>,
+    pod: &Pod,
+    r: &Running,
+    node: &NodeSpec,
+) -> std::result::Result<(), kube::Error> {
+    let status = pod.status.as_ref();
+    let ip = r.record.ip.map(|i| i.to_string());
+    if status.and_then(|s| s.pod_ip.clone()) == ip
+        && status.and_then(|s| s.phase.as_deref()) == Some("Running")
+    {
+        return Ok(());
+    }
+    let patch = serde_json::json!({"status": {
+        "phase": "Running",
+        "podIP": ip, "podIPs": [{"ip": ip}],
+        "hostIP": node.underlay_ip.to_string(), "hostIPs": [{"ip": node.underlay_ip.to_string()}],
+        "startTime": now(),
+        "conditions": [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Initialized", "status": "True"},
+            {"type": "ContainersReady", "status": "False"},
+            {"type": "Ready", "status": "False", "reason": "WaitingForVeil",
+             "message": "the node's agent has not attached to the pod's interface yet"},
+        ],
+    }});
+    ns_api(api, pod)
+        .patch_status(
+            &r.record.name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map(drop)
+}
+
+/// Ready when every container runs.
+async fn report_containers(
+    api: &Api<Pod>,
+    pod: &Pod,
+    r: &Running,
+) -> std::result::Result<(), kube::Error> {
+    let ready = r.containers.iter().all(|c| c.child.is_some());
+    let t = now();
+    let statuses: Vec<serde_json::Value> = r
+        .containers
+        .iter()
+        .map(|c| {
+            let state = if c.child.is_some() {
+                serde_json::json!({"running": {"startedAt": t}})
+            } else {
+                serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}})
+            };
+            serde_json::json!({"name": c.name, "ready": c.child.is_some(), "started": c.child.is_some(),
+                               "restartCount": c.restarts, "image": "veil.dev/lab/none", "imageID": "",
+                               "state": state})
+        })
+        .collect();
+    let cond = if ready { "True" } else { "False" };
+    let patch = serde_json::json!({"status": {
+        "conditions": [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Initialized", "status": "True"},
+            {"type": "ContainersReady", "status": cond},
+            {"type": "Ready", "status": cond},
+        ],
+        "containerStatuses": statuses,
+    }});
+    ns_api(api, pod)
+        .patch_status(
+            &r.record.name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map(drop)
+}
+
+fn ns_api(api: &Api<Pod>, pod: &Pod) -> Api<Pod> {
+    Api::namespaced(
+        api.clone().into_client(),
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+    )
+}
+
+/// Has the node's agent its programs on this interface? (Its status lists its attachments.)
+async fn agent_attached(paths: &LabPaths, node: &str, host_veth: &str) -> bool {
+    crate::admin::get_json::<crate::api::Status>(&paths.admin_socket(node), "/v1/status")
+        .await
+        .is_ok_and(|st| st.programs.iter().any(|p| p.interface == host_veth))
+}
