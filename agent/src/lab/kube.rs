@@ -211,15 +211,13 @@ pub fn prepare(paths: &LabPaths) -> Result<()> {
     write(&pki.join("sa.key"), sa_key.serialize_pem())?;
     write(&pki.join("sa.pub"), sa_key.public_key_pem())?;
 
-    // The forwarder's port: a free one now; `api-proxy` binds exactly this one (a lost race
+    // The forwarder's port: a free one now, below the ephemeral range (32768-60999) so no
+    // outgoing connection takes it before `api-proxy` binds it (a lost race to another listener
     // fails `up` with the proxy's log).
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map_err(|source| Error::Write {
-            path: proxy_port_file(paths),
-            source,
-        })?
-        .port();
+    let port = (0..200)
+        .map(|_| rand::random_range(20000..32000u16))
+        .find(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, *p)).is_ok())
+        .ok_or_else(|| Error::Prerequisite("no free port on 127.0.0.1 in 20000-31999".into()))?;
     write(&proxy_port_file(paths), format!("{port}\n"))?;
     write(
         &admin_kubeconfig(paths),
@@ -324,6 +322,10 @@ pub fn managed(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
                 "--service-cluster-ip-range".into(),
                 SERVICE_RANGE.into(),
                 "--profiling=false".into(),
+                // No kube-controller-manager runs here, so no namespace gets its `default`
+                // ServiceAccount: without this, a Pod made with kubectl in a new namespace would
+                // be refused. (The agents' tokens come from the TokenRequest API, unaffected.)
+                "--disable-admission-plugins=ServiceAccount".into(),
             ],
             Some(ul),
             cg.join("kube-apiserver"),

@@ -180,28 +180,24 @@ impl Kubelet<'_> {
     async fn run(&mut self) -> Result<()> {
         let (store, writer) = reflector::store::<Pod>();
         let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node.name));
-        let stream = reflector(writer, watcher(self.pods.clone(), cfg))
-            .default_backoff()
-            .touched_objects();
+        let stream = reflector(writer, watcher(self.pods.clone(), cfg)).default_backoff();
         let mut stream = std::pin::pin!(stream);
+        // Until the first list is complete an empty store means nothing, not "delete all".
         let mut synced = false;
         // Container exits and agent attachment are noticed on this tick as well as on events.
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 ev = stream.next() => match ev {
-                    Some(Ok(_)) => synced = true,
+                    Some(Ok(watcher::Event::InitDone)) => synced = true,
+                    Some(Ok(_)) => {}
                     Some(Err(e)) => eprintln!("kubelet: watch: {e}"),
                     None => return Err(kerr("watch", "ended")),
                 },
                 _ = tick.tick() => {}
             }
             if !synced {
-                // Until the first list arrives an empty store means nothing, not "delete all".
-                if store.wait_until_ready().await.is_err() {
-                    continue;
-                }
-                synced = true;
+                continue;
             }
             let pods: Vec<std::sync::Arc<Pod>> = store.state();
             self.reconcile(&pods).await;

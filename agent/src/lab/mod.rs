@@ -1221,10 +1221,18 @@ pub fn exec_in_pod(
     argv: &[String],
 ) -> Result<std::convert::Infallible> {
     use std::os::unix::process::CommandExt as _;
-    let pod = spec.find_pod(pod).map_err(|message| spec::Error::Invalid {
-        path: "POD".into(),
-        message,
-    })?;
+    // A lab-file pod, or (Kubernetes) one the lab's kubelet runs: `name` or `namespace/name`.
+    let (netns, cgroup) = match spec.find_pod(pod) {
+        Ok(p) => (p.netns.clone(), paths.pod_cgroup(p)),
+        Err(message) => kubelet::records(paths)
+            .into_iter()
+            .find(|r| r.name == pod || format!("{}/{}", r.namespace, r.name) == pod)
+            .map(|r| (r.netns, r.cgroup))
+            .ok_or(spec::Error::Invalid {
+                path: "POD".into(),
+                message,
+            })?,
+    };
     let Some((program, args)) = argv.split_first() else {
         return Err(spec::Error::Invalid {
             path: "CMD".into(),
@@ -1232,12 +1240,12 @@ pub fn exec_in_pod(
         }
         .into());
     };
-    let procs = paths.pod_cgroup(pod).join("cgroup.procs");
+    let procs = cgroup.join("cgroup.procs");
     std::fs::write(&procs, std::process::id().to_string()).map_err(|source| Error::Write {
         path: procs.clone(),
         source,
     })?;
-    sys::enter_netns(&pod.netns)?;
+    sys::enter_netns(&netns)?;
     let err = std::process::Command::new(program).args(args).exec();
     Err(sys::Error::Spawn {
         command: program.clone(),
