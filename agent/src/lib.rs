@@ -11,5 +11,6 @@ pub use veil_daemon::*;
 
 pub mod check;
 pub mod cli;
+pub mod cni;
 pub mod demo;
 pub mod lab;
