@@ -92,6 +92,13 @@ const WEB2_FROM_FRONTEND: &str = r#"{"apiVersion": "cilium.io/v2", "kind": "Cili
            "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
                         "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]}}"#;
 
+const WEB2_FROM_FRONTEND_AUTH: &str = r#"{"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+  "metadata": {"name": "web2-from-frontend-auth", "namespace": "shop"},
+  "spec": {"endpointSelector": {"matchLabels": {"app": "web2"}},
+           "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
+                        "authentication": {"mode": "required"},
+                        "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]}}"#;
+
 const WEB2_NETPOL: &str = r#"{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
   "metadata": {"name": "web2", "namespace": "shop"},
   "spec": {"podSelector": {"matchLabels": {"app": "web2"}}, "policyTypes": ["Ingress"],
@@ -254,6 +261,30 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         "intruder reaches web2 after the NetworkPolicy is deleted",
         Duration::from_secs(30),
         || curl(&lab, "intruder", &url).is_ok(),
+    );
+
+    // `authentication: required` with a Pod made by kubectl: the lab's kubelet registered it
+    // with SPIRE from its Pod object, so both ends have SVIDs and frontend is admitted (a pod
+    // without one would be refused: fail closed).
+    kubectl(&lab, &["apply", "-f", "-"], WEB2_FROM_FRONTEND_AUTH);
+    until(
+        "the auth CNP enforced on both nodes",
+        Duration::from_secs(30),
+        || enforced_everywhere(&lab, "cnp", "web2-from-frontend-auth"),
+    );
+    until(
+        "frontend reaches web2 with authentication required",
+        Duration::from_secs(30),
+        || curl(&lab, "frontend", &url).is_ok_and(|b| b == "hello from shop/web2\n"),
+    );
+    assert!(
+        curl(&lab, "intruder", &url).is_err(),
+        "intruder reached web2 through the auth CNP"
+    );
+    kubectl(
+        &lab,
+        &["delete", "cnp", "-n", "shop", "web2-from-frontend-auth"],
+        "",
     );
 
     // Deleting the Pod removes its namespace, releases its address and detaches the agent.

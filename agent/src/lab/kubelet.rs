@@ -338,6 +338,7 @@ impl Kubelet<'_> {
                 .and_then(|s| s.service_account_name.clone())
                 .unwrap_or_else(|| "default".into()),
         };
+        self.register_identity(&record)?;
         self.journal.record(&Resource::Netns {
             name: record.netns.clone(),
         })?;
@@ -386,6 +387,56 @@ impl Kubelet<'_> {
             containers: Vec::new(),
             ready_reported: false,
         })
+    }
+
+    /// Registers a Pod that is not in the lab file with the lab's SPIRE (what SPIRE's
+    /// controller manager does from Pod objects), so its workload gets an SVID and
+    /// `authentication: required` works with it.
+    fn register_identity(&self, r: &PodRecord) -> Result<()> {
+        if self
+            .spec
+            .pods
+            .iter()
+            .any(|p| p.namespace == r.namespace && p.name == r.name)
+        {
+            return Ok(()); // registered by `lab up`
+        }
+        match self.spec.identity {
+            super::spec::IdentityProvider::Spire => super::spire_real::register_pod(
+                self.spec,
+                self.paths,
+                &self.node.name,
+                &r.namespace,
+                &r.service_account,
+            ),
+            super::spec::IdentityProvider::Dev => {
+                let path = format!(
+                    "/v1/register?pod={}/{}&node={}&sa={}",
+                    r.namespace, r.name, self.node.name, r.service_account
+                );
+                let sock = super::spire::control_socket(self.paths);
+                // This runs inside the kubelet's runtime: a scoped thread with its own.
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .map_err(|e| kerr("runtime", e))?
+                            .block_on(crate::admin::call(
+                                &sock,
+                                hyper::Method::POST,
+                                &path,
+                                None,
+                                Duration::from_secs(10),
+                            ))
+                            .map_err(|e| kerr("registering with the dev SPIRE server", e))
+                    })
+                    .join()
+                    .unwrap_or_else(|_| Err(kerr("registering", "panicked")))
+                })
+                .map(drop)
+            }
+        }
     }
 
     fn write_record(&self, r: &PodRecord) -> Result<()> {

@@ -179,6 +179,25 @@ fn control(servers: &[DevServer], req: &AdminRequest) -> AdminResponse {
             }
             .map(|n| serde_json::json!({ "rotated": n }))
         }
+        // The lab's kubelet registers a Pod made with kubectl, with the selectors a SPIRE agent
+        // would attest from its Pod object (namespace, service account, name).
+        (&Method::POST, "/v1/register") => match (pod, req.query("node"), req.query("sa")) {
+            (Some((namespace, name)), Some(node), Some(sa)) => on_owner(server, others, |s| {
+                s.register_pod(PodRegistration {
+                    node: node.to_string(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    service_account: sa.to_string(),
+                })
+            })
+            .map(|id| serde_json::json!({ "registered": id.to_string() })),
+            _ => {
+                return AdminResponse::error(
+                    StatusCode::BAD_REQUEST,
+                    "say pod=ns/name, node=NAME and sa=NAME",
+                )
+            }
+        },
         (&Method::POST, "/v1/revoke") => match pod {
             Some((ns, name)) => on_owner(server, others, |s| s.revoke_pod(&ns, &name))
                 .map(|id| serde_json::json!({ "revoked": id.to_string() })),

@@ -134,6 +134,43 @@ fn node_alias(spec: &LabSpec, node: &str) -> String {
 fn node_agent_id(spec: &LabSpec, node: &str) -> String {
     format!("spiffe://{}/veil/node/{node}", spec.trust_domain)
 }
+/// Registers a Pod's service account on its node with spire-server, as SPIRE's controller
+/// manager would for a Pod made with kubectl: one entry per namespace, service account and node
+/// (an entry that already exists is kept).
+pub fn register_pod(
+    spec: &LabSpec,
+    paths: &LabPaths,
+    node: &str,
+    ns: &str,
+    sa: &str,
+) -> Result<()> {
+    let (alias, id) = (node_alias(spec, node), pod_id(spec, ns, sa));
+    let (sel_ns, sel_sa) = (format!("k8s:ns:{ns}"), format!("k8s:sa:{sa}"));
+    let ttl = spec.svid_ttl.as_secs().to_string();
+    let args = [
+        "entry",
+        "create",
+        "-parentID",
+        &alias,
+        "-spiffeID",
+        &id,
+        "-x509SVIDTTL",
+        &ttl,
+        "-selector",
+        &sel_ns,
+        "-selector",
+        &sel_sa,
+    ];
+    match server_cli(paths, &args) {
+        Err(Error::Spire(e))
+            if e.contains("AlreadyExists") || e.contains("similar entry already exists") =>
+        {
+            Ok(())
+        }
+        r => r.map(drop),
+    }
+}
+
 pub fn pod_id(spec: &LabSpec, ns: &str, sa: &str) -> String {
     format!("spiffe://{}/ns/{ns}/sa/{sa}", spec.trust_domain)
 }
