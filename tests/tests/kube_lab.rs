@@ -384,3 +384,102 @@ fn kubernetes_lab_leak_pair_plaintext_shows_marker() {
         "the capture did not see the marker: {lines:#?}"
     );
 }
+
+/// The pid of the lab's process whose command line starts with `program` and names `needle`.
+fn pid_of(program: &str, needle: &str) -> i32 {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("^\\S*{program} .*{needle}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {program} process naming {needle}"))
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
+#[test]
+fn a_kubernetes_lab_rides_out_an_apiserver_restart_and_an_etcd_stop() {
+    use nix::sys::signal::Signal;
+    let lab = Lab::up(&["--control-plane", "kubernetes"]);
+    let kube_dir = format!("/run/veil/{}/kube", lab.name);
+    // frontend may reach backend's HTTP and echo ports; intruder nothing.
+    let policy = r#"{"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+      "metadata": {"name": "backend-from-frontend", "namespace": "shop"},
+      "spec": {"endpointSelector": {"matchLabels": {"app": "backend"}},
+               "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
+                            "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"},
+                                                   {"port": "9000", "protocol": "ANY"}]}]}]}}"#;
+    kubectl(&lab, &["apply", "-f", "-"], policy);
+    until(
+        "backend-ingress enforced on both nodes",
+        Duration::from_secs(30),
+        || enforced_everywhere(&lab, "cnp", "backend-from-frontend"),
+    );
+    let backend = format!("http://{}:8080/", lab.pod_ip("backend"));
+    assert!(curl(&lab, "intruder", &backend).is_err());
+    let agents: Vec<u32> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| lab.status(n).agent.pid)
+        .collect();
+    let load = lab.echo_load("frontend", 500, 100);
+    load.wait_flowing(&lab);
+
+    // The agents' watches log each failed reconnect while the apiserver is away.
+    lab.expect_log_lines(&["failed with error client error"]);
+    // kube-apiserver killed (the lab's supervisor starts it again): enforcement stays.
+    signal(pid_of("kube-apiserver", &kube_dir), Signal::SIGKILL);
+    assert!(
+        curl(&lab, "intruder", &backend).is_err(),
+        "intruder admitted while the apiserver was down"
+    );
+    until("kube-apiserver back", Duration::from_secs(60), || {
+        let k = lab.view.kubernetes.as_ref().unwrap();
+        Command::new(&k.kubectl)
+            .arg("--kubeconfig")
+            .arg(&k.kubeconfig)
+            .args(["get", "--raw", "/readyz", "--request-timeout", "2s"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+
+    // etcd stopped for 30 s: the agents keep their last state, traffic flows, intruder stays out.
+    let etcd = pid_of("etcd", &kube_dir);
+    signal(etcd, Signal::SIGSTOP);
+    veil_tests::sample_for(Duration::from_secs(30), Duration::from_secs(3), |_| {
+        assert!(
+            curl(&lab, "intruder", &backend).is_err(),
+            "intruder admitted while etcd was stopped"
+        );
+    });
+    signal(etcd, Signal::SIGCONT);
+
+    // A change made once the control plane is back reaches the agents.
+    kubectl(
+        &lab,
+        &["delete", "cnp", "-n", "shop", "backend-from-frontend"],
+        "",
+    );
+    until(
+        "intruder admitted after the CNP is deleted",
+        Duration::from_secs(60),
+        || curl(&lab, "intruder", &backend).is_ok(),
+    );
+    let (tcp, udp) = load.finish();
+    veil_tests::assert_all_echoed(&tcp, &udp, 500);
+    let after: Vec<u32> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| lab.status(n).agent.pid)
+        .collect();
+    assert_eq!(agents, after, "an agent restarted");
+    for n in ["node-a", "node-b"] {
+        assert!(
+            lab.status(n).ready,
+            "{n}'s agent not ready after the faults"
+        );
+    }
+}
