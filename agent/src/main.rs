@@ -730,6 +730,9 @@ fn run_policy(cmd: PolicyCommand) -> Result<ExitCode> {
                 p.validate_for_apply()
                     .with_context(|| format!("{}: policy {}", file.display(), p.name()))?;
             }
+            if spec.control_plane == spec::ControlPlane::Kubernetes {
+                return kube_policy_apply(&spec, &paths, &text, &policies);
+            }
             let (generation, results) = lab::cp::apply(&paths, policies)?;
             for (n, r) in &results {
                 println!("policy {n} {}", format!("{r:?}").to_lowercase());
@@ -743,11 +746,14 @@ fn run_policy(cmd: PolicyCommand) -> Result<ExitCode> {
         } => {
             let (spec, paths) = lab::load(&name)?;
             let mut names: Vec<(String, String)> = Vec::new();
+            // (kind, namespace, name), for the Kubernetes API.
+            let mut kinds: Vec<String> = Vec::new();
             if let Some(f) = &file {
                 let text = std::fs::read_to_string(f)
                     .with_context(|| format!("cannot read {}", f.display()))?;
                 for p in policy::parse_yaml(&text).with_context(|| format!("{}", f.display()))? {
                     let n = p.name();
+                    kinds.push(format!("{:?}", p.kind));
                     names.push((n.namespace, n.name));
                 }
             }
@@ -755,10 +761,23 @@ fn run_policy(cmd: PolicyCommand) -> Result<ExitCode> {
                 let Some((ns, n)) = p.split_once('/') else {
                     bail!("{p:?}: write namespace/name")
                 };
+                kinds.push("CiliumNetworkPolicy".into());
                 names.push((ns.to_string(), n.to_string()));
             }
             if names.is_empty() {
                 bail!("say which policies: -f FILE or namespace/name");
+            }
+            if spec.control_plane == spec::ControlPlane::Kubernetes {
+                let ids: Vec<(String, String, String)> = kinds
+                    .into_iter()
+                    .zip(names)
+                    .map(|(k, (ns, n))| (k, ns, n))
+                    .collect();
+                lab::kube::delete_policies(&paths, &ids)?;
+                for (_, ns, n) in &ids {
+                    println!("policy {ns}/{n} deleted (kubectl delete)");
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             let generation = lab::cp::delete(&paths, &names)?;
             for (ns, n) in &names {
@@ -767,7 +786,30 @@ fn run_policy(cmd: PolicyCommand) -> Result<ExitCode> {
             report_nodes(&spec, &paths, generation)
         }
         PolicyCommand::List { name, output } => {
-            let (_, paths) = lab::load(&name)?;
+            let (spec, paths) = lab::load(&name)?;
+            if spec.control_plane == spec::ControlPlane::Kubernetes {
+                let list = lab::kube::list_policies(&paths)?;
+                match output {
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::to_string(&serde_json::json!({ "policies": list
+                            .iter()
+                            .map(|(n, k)| serde_json::json!({"name": n, "kind": k}))
+                            .collect::<Vec<_>>() }))?
+                    ),
+                    Output::Table => {
+                        println!(
+                            "{} polic{} (kube-apiserver)",
+                            list.len(),
+                            if list.len() == 1 { "y" } else { "ies" }
+                        );
+                        for (n, k) in &list {
+                            println!("  {n}  {k}");
+                        }
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let (generation, policies) = lab::cp::list(&paths)?;
             match output {
                 Output::Json => println!(
@@ -814,6 +856,47 @@ fn run_policy(cmd: PolicyCommand) -> Result<ExitCode> {
 }
 
 /// Prints how a policy generation landed on each node; fails if any node did not take it.
+/// `veil policy apply` on a Kubernetes lab: the file goes to the apiserver as it is, then each
+/// node's verdict comes back through the policies' status (as `kubectl get cnp -o yaml` shows).
+fn kube_policy_apply(
+    spec: &spec::LabSpec,
+    paths: &lab::LabPaths,
+    text: &str,
+    policies: &[veil_agent::policy::Policy],
+) -> Result<ExitCode> {
+    let ids: Vec<(String, String, String)> = policies
+        .iter()
+        .map(|p| {
+            let n = p.name();
+            (format!("{:?}", p.kind), n.namespace, n.name)
+        })
+        .collect();
+    let verdicts =
+        lab::kube::apply_policies(paths, spec, text, &ids, std::time::Duration::from_secs(15))?;
+    for p in policies {
+        println!("policy {} applied (kubectl apply --server-side)", p.name());
+    }
+    let mut ok = true;
+    for (policy, node, v) in verdicts {
+        match v {
+            Ok(lab::kube::NodeVerdict::Enforced) => println!("{node}: {policy} enforced"),
+            Ok(lab::kube::NodeVerdict::Refused(e)) => {
+                ok = false;
+                println!("{node}: {policy} NOT enforced: {e}");
+            }
+            Err(e) => {
+                ok = false;
+                println!("{node}: {policy} NOT applied: {e}");
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn report_nodes(spec: &spec::LabSpec, paths: &lab::LabPaths, generation: u64) -> Result<ExitCode> {
     let mut ok = true;
     for (node, r) in

@@ -287,6 +287,49 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         "",
     );
 
+    // `veil policy` goes through the API in this mode: applied, reported per node from the
+    // policy's status, listed, deleted; one veil cannot enforce (L7) is reported refused.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
+    let out = veil_tests::veil_ok(&[
+        "policy",
+        "apply",
+        "--name",
+        &lab.name,
+        "-f",
+        examples.join("backend-ingress.yaml").to_str().unwrap(),
+    ]);
+    for n in ["node-a", "node-b"] {
+        assert!(
+            out.contains(&format!("{n}: shop/backend-from-frontend enforced")),
+            "{out}"
+        );
+    }
+    let list = veil_tests::veil_ok(&["policy", "list", "--name", &lab.name]);
+    assert!(list.contains("shop/backend-from-frontend"), "{list}");
+    let l7 = veil_tests::veil(&[
+        "policy",
+        "apply",
+        "--name",
+        &lab.name,
+        "-f",
+        examples
+            .join("frontend-to-backend-l7.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    // Refused before anything is sent, as in files mode (the same validation).
+    let l7_err = String::from_utf8_lossy(&l7.stderr);
+    assert!(!l7.status.success() && l7_err.contains("http"), "{l7_err}");
+    veil_tests::veil_ok(&[
+        "policy",
+        "delete",
+        "--name",
+        &lab.name,
+        "shop/backend-from-frontend",
+    ]);
+    let list = veil_tests::veil_ok(&["policy", "list", "--name", &lab.name]);
+    assert!(!list.contains("shop/backend-from-frontend"), "{list}");
+
     // Deleting the Pod removes its namespace, releases its address and detaches the agent.
     let netns = web2.netns.clone();
     let veth = web2.host_veth.clone();

@@ -640,3 +640,119 @@ fn pod_object(paths: &LabPaths, p: &spec::PodSpec, exe: &Path) -> serde_json::Va
                  "automountServiceAccountToken": false, "containers": containers},
     })
 }
+
+/// The `kubectl` resource name of a policy's kind.
+fn resource_of(kind: &str) -> &'static str {
+    if kind == "CiliumClusterwideNetworkPolicy" {
+        "ciliumclusterwidenetworkpolicies.cilium.io"
+    } else {
+        "ciliumnetworkpolicies.cilium.io"
+    }
+}
+
+/// One policy's verdict on one node, from its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeVerdict {
+    Enforced,
+    Refused(String),
+}
+
+/// `veil policy apply` with Kubernetes: the documents go to the apiserver as they are
+/// (server-side apply, as `kubectl apply --server-side` would), then every node's verdict on
+/// the applied generation is read back from each policy's status (`timeout` at most).
+/// `policies` are (kind, namespace, name) of the documents, already validated by the caller.
+pub fn apply_policies(
+    paths: &LabPaths,
+    spec: &LabSpec,
+    yaml: &str,
+    policies: &[(String, String, String)],
+    timeout: Duration,
+) -> Result<Vec<(String, String, std::result::Result<NodeVerdict, String>)>> {
+    kubectl(
+        paths,
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        Some(yaml),
+    )?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    for (kind, ns, name) in policies {
+        let mut args = vec!["get", resource_of(kind), name.as_str(), "-o", "json"];
+        if kind != "CiliumClusterwideNetworkPolicy" {
+            args.extend(["-n", ns.as_str()]);
+        }
+        let label = if ns.is_empty() {
+            name.clone()
+        } else {
+            format!("{ns}/{name}")
+        };
+        for n in &spec.nodes {
+            let verdict = loop {
+                let v: serde_json::Value = kubectl(paths, &args, None)
+                    .ok()
+                    .and_then(|o| serde_json::from_str(&o).ok())
+                    .unwrap_or_default();
+                let gen = v["metadata"]["generation"].as_i64();
+                let st = &v["status"]["nodes"][&n.name];
+                if gen.is_some() && st["localPolicyRevision"].as_i64() == gen {
+                    break Ok(if st["ok"] == true {
+                        NodeVerdict::Enforced
+                    } else {
+                        NodeVerdict::Refused(st["error"].as_str().unwrap_or("refused").to_string())
+                    });
+                }
+                if std::time::Instant::now() > deadline {
+                    break Err(format!("no verdict after {timeout:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            out.push((label.clone(), n.name.clone(), verdict));
+        }
+    }
+    Ok(out)
+}
+
+/// `veil policy delete` with Kubernetes: (kind, namespace, name); a missing one is an error.
+pub fn delete_policies(paths: &LabPaths, policies: &[(String, String, String)]) -> Result<()> {
+    for (kind, ns, name) in policies {
+        let mut args = vec!["delete", resource_of(kind), name.as_str()];
+        if kind != "CiliumClusterwideNetworkPolicy" {
+            args.extend(["-n", ns.as_str()]);
+        }
+        kubectl(paths, &args, None)?;
+    }
+    Ok(())
+}
+
+/// `veil policy list` with Kubernetes: every CNP and CCNP, as (namespace/name, kind).
+pub fn list_policies(paths: &LabPaths) -> Result<Vec<(String, String)>> {
+    let out = kubectl(
+        paths,
+        &[
+            "get",
+            "ciliumnetworkpolicies.cilium.io,ciliumclusterwidenetworkpolicies.cilium.io",
+            "-A",
+            "-o",
+            "json",
+        ],
+        None,
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| {
+        Error::Prerequisite(format!("kubectl get policies: unreadable answer: {e}"))
+    })?;
+    Ok(v["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| {
+                    let m = &i["metadata"];
+                    let name = match m["namespace"].as_str() {
+                        Some(ns) => format!("{ns}/{}", m["name"].as_str().unwrap_or("")),
+                        None => m["name"].as_str().unwrap_or("").to_string(),
+                    };
+                    (name, i["kind"].as_str().unwrap_or("").to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
