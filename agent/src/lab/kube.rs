@@ -650,6 +650,9 @@ fn resource_of(kind: &str) -> &'static str {
     }
 }
 
+/// (policy, node, its verdict or why none came).
+pub type PolicyReport = (String, String, std::result::Result<NodeVerdict, String>);
+
 /// One policy's verdict on one node, from its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeVerdict {
@@ -667,7 +670,7 @@ pub fn apply_policies(
     yaml: &str,
     policies: &[(String, String, String)],
     timeout: Duration,
-) -> Result<Vec<(String, String, std::result::Result<NodeVerdict, String>)>> {
+) -> Result<Vec<PolicyReport>> {
     kubectl(
         paths,
         &["apply", "--server-side", "--force-conflicts", "-f", "-"],
