@@ -47,6 +47,10 @@ pub struct CaptureStats {
     /// TCP between a node and the lab's spire-server (SPIRE's own mTLS gRPC: agent attestation
     /// and SVID signing). Never pod traffic.
     pub identity: u64,
+    /// TCP between a node and the lab's kube-apiserver (`--control-plane kubernetes`: the
+    /// agents' watches and status writes, TLS). Never pod traffic.
+    #[serde(default)]
+    pub kube_api: u64,
     pub arp: u64,
     /// Link-local control the kernel sends on its own: IGMP to 224.0.0.0/24, IPv6 neighbour
     /// discovery and MLD between link-local addresses. Never pod traffic.
@@ -111,6 +115,7 @@ pub fn analyse_pcap(data: &[u8], marker: &[u8]) -> Result<CaptureStats, String> 
             Class::Wireguard => st.wireguard += 1,
             Class::Control => st.control += 1,
             Class::Identity => st.identity += 1,
+            Class::KubeApi => st.kube_api += 1,
             Class::Arp => st.arp += 1,
             Class::LinkLocal => st.link_local += 1,
             Class::Other => st.plaintext += 1,
@@ -123,6 +128,7 @@ enum Class {
     Wireguard,
     Control,
     Identity,
+    KubeApi,
     Arp,
     LinkLocal,
     Other,
@@ -165,6 +171,10 @@ fn classify(frame: &[u8]) -> Class {
             let (src, dst) = (&frame[26..30], &frame[30..34]);
             let spire = crate::lab::spire_real::SERVER_ADDR.octets();
             let spire_port = crate::lab::spire_real::SERVER_PORT;
+            let (api, api_port) = (
+                crate::lab::kube::API_IP.octets(),
+                crate::lab::kube::API_PORT,
+            );
             match proto {
                 17 if sport == WG_PORT || dport == WG_PORT => Class::Wireguard,
                 6 if sport == CONTROL_PORT || dport == CONTROL_PORT => Class::Control,
@@ -172,6 +182,9 @@ fn classify(frame: &[u8]) -> Class {
                     || (dst == spire && dport == spire_port) =>
                 {
                     Class::Identity
+                }
+                6 if (src == api && sport == api_port) || (dst == api && dport == api_port) => {
+                    Class::KubeApi
                 }
                 _ => Class::Other,
             }
@@ -498,6 +511,11 @@ mod tests {
         spire_from[26..30].copy_from_slice(&[198, 18, 0, 254]);
         let mut spire_other_port = ipv4(6, 40000, 8082, b"x");
         spire_other_port[30..34].copy_from_slice(&[198, 18, 0, 254]);
+        // Node <-> kube-apiserver:6443 is the control plane; pod traffic to its address is not.
+        let mut api_to = ipv4(6, 40000, 6443, b"tls");
+        api_to[30..34].copy_from_slice(&[198, 18, 0, 253]);
+        let mut api_other_port = ipv4(6, 40000, 8080, b"x");
+        api_other_port[30..34].copy_from_slice(&[198, 18, 0, 253]);
         let ipv6 = |src: [u8; 2], dst: [u8; 2], next: u8| {
             let mut f = vec![0u8; 12];
             f.extend_from_slice(&[0x86, 0xdd]);
@@ -520,6 +538,8 @@ mod tests {
             spire_to,
             spire_from,
             spire_other_port,
+            api_to,
+            api_other_port,
             arp,
             ipv4(6, 40000, 8080, b"GET /VEIL-LEAK-MARKER-1 HTTP/1.1"),
             igmp,
@@ -533,13 +553,14 @@ mod tests {
         assert_eq!(
             st,
             CaptureStats {
-                packets: 13,
+                packets: 15,
                 wireguard: 1,
                 control: 1,
                 identity: 2,
+                kube_api: 1,
                 arp: 1,
                 link_local: 3,
-                plaintext: 5,
+                plaintext: 6,
                 marker_hits: 1
             }
         );

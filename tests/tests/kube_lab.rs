@@ -208,6 +208,15 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         "no WireGuard between the nodes: {lines:#?}"
     );
 
+    // The product's own leak check passes on a Kubernetes lab (the agents' apiserver traffic
+    // on the underlay is control plane, not a leak).
+    let check = veil_tests::veil(&["check", "--name", &lab.name, "-o", "json"]);
+    assert!(
+        check.status.success(),
+        "veil check failed on a kubernetes lab: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
     // A CiliumNetworkPolicy applied with kubectl admits frontend and drops intruder; its status
     // says both nodes enforce it; deleting it restores access.
     let t0 = Instant::now();
