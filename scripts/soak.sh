@@ -170,7 +170,7 @@ spec:
       - port: "7777"
         protocol: TCP
 EOF
-if ! "$V" lab up --name "$NAME" -f "$OUT/lab.yaml" --identity "$IDENTITY" >>"$OUT/soak.log" 2>&1; then
+if ! "$V" lab up --name "$NAME" -f "$OUT/lab.yaml" --identity "$IDENTITY" --control-plane files >>"$OUT/soak.log" 2>&1; then
     log "lab up failed (see $OUT/soak.log)"
     exit 2
 fi

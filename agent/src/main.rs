@@ -234,7 +234,7 @@ enum LabCommand {
         identity: Option<spec::IdentityProvider>,
         /// Where the agents read cluster state: `kubernetes` (etcd + kube-apiserver in the lab,
         /// pods made through veil-cni, policies with kubectl) or `files` (the lab's JSON files,
-        /// `veil policy`). Default: the lab file's `control_plane:`, else files.
+        /// `veil policy`). Default: the lab file's `control_plane:`, else kubernetes.
         #[arg(long)]
         control_plane: Option<spec::ControlPlane>,
         /// No progress output.

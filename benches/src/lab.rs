@@ -87,10 +87,20 @@ impl Lab {
         Self::down_named(veil, name);
         crate::cleanup::register_lab(veil, name);
         let mut cmd = Command::new(veil);
-        cmd.args(["lab", "up", "--name", name, "-f"])
-            .arg(file)
-            .args(args)
-            .stdin(Stdio::null());
+        // The files control plane: an apiserver and etcd on this 2-core machine would share the
+        // cores being measured; the datapath is the same in both modes.
+        cmd.args([
+            "lab",
+            "up",
+            "--name",
+            name,
+            "--control-plane",
+            "files",
+            "-f",
+        ])
+        .arg(file)
+        .args(args)
+        .stdin(Stdio::null());
         run(&mut cmd).with_context(|| format!("lab {name} did not come up"))?;
         let view = Self::show(veil, name)?;
         Ok(Lab {

@@ -160,6 +160,23 @@ impl Lab {
         if !file_sets_identity && !args_set_identity {
             args.extend(["--identity", default_identity.as_str()]);
         }
+        // The suites run on the files control plane unless they choose (`lab up` defaults to
+        // Kubernetes; tests/tests/kube_lab.rs covers it); VEIL_TEST_CONTROL_PLANE=kubernetes runs
+        // the ones that do not choose on the Kubernetes API instead.
+        let file_sets_cp = file.as_ref().is_some_and(|f| {
+            std::fs::read_to_string(&f.path)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("control_plane:"))
+        });
+        let args_set_cp = extra
+            .iter()
+            .any(|a| *a == "--control-plane" || a.starts_with("--control-plane="));
+        let default_cp =
+            std::env::var("VEIL_TEST_CONTROL_PLANE").unwrap_or_else(|_| "files".into());
+        if !file_sets_cp && !args_set_cp {
+            args.extend(["--control-plane", default_cp.as_str()]);
+        }
         let out = veil(&args);
         if !out.status.success() {
             let logs = collect_logs(name);

@@ -1160,6 +1160,9 @@ pub fn down(name: &str) -> Result<DownSummary> {
             sys::kill_recorded(*pid, *start_time);
         }
     }
+    // Read again now that nothing runs: a Kubernetes lab's kubelet may have recorded a pod's
+    // netns and cgroup after the first read.
+    let resources = Journal::read(&paths.journal())?;
     // 2. Namespaces (their interfaces go with them), pods first.
     for r in resources.iter().rev() {
         if let Resource::Netns { name } = r {

@@ -67,8 +67,9 @@ impl std::fmt::Display for IdentityProvider {
 }
 
 /// Where the agents read cluster state from: a real kube-apiserver the lab runs (Pods made
-/// through `veil-cni` by the lab playing kubelet, policies with `kubectl apply`) or the files
-/// the lab writes (`veil policy` edits them).
+/// through `veil-cni` by the lab playing kubelet, policies with `kubectl apply`; what `lab up`
+/// picks unless told otherwise) or the files the lab writes (`veil policy` edits them). The
+/// serde default is `Files`: the state of a lab made before the key existed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ControlPlane {
@@ -684,10 +685,12 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         svid_ttl,
         backend: overrides.backend.or(file.backend).unwrap_or_default(),
         identity,
+        // Kubernetes unless asked otherwise (`ControlPlane::default()`, Files, is only what a
+        // stored state without the key means).
         control_plane: overrides
             .control_plane
             .or(file.control_plane)
-            .unwrap_or_default(),
+            .unwrap_or(ControlPlane::Kubernetes),
         underlay_mtu,
         psk_rotation,
         key_rotation,
