@@ -7,7 +7,7 @@
 //! These tests need root, network namespaces and BPF. Without them they fail; they never skip.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -628,6 +628,34 @@ impl Drop for Streaming {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Runs `kubectl --kubeconfig KUBECONFIG ARGS` with `stdin`; panics with its output when it
+/// fails; returns stdout.
+pub fn kubectl(kubectl: &Path, kubeconfig: &Path, args: &[&str], stdin: &str) -> String {
+    let mut child = Command::new(kubectl)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write kubectl's stdin");
+    let out = child.wait_with_output().expect("wait for kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A file removed on drop.

@@ -4,8 +4,7 @@
 //! NetworkPolicies are made with the real kubectl; traffic is real WireGuard on the underlay.
 
 use std::{
-    io::Write as _,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -18,29 +17,7 @@ fn kubectl(lab: &Lab, args: &[&str], stdin: &str) -> String {
         .kubernetes
         .as_ref()
         .expect("a kubernetes lab shows its apiserver");
-    let mut child = Command::new(&k.kubectl)
-        .arg("--kubeconfig")
-        .arg(&k.kubeconfig)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    veil_tests::kubectl(&k.kubectl, &k.kubeconfig, args, stdin)
 }
 
 /// A Pod on `node` serving HTTP on 8080 (`veil lab serve`: there is no container runtime).
@@ -55,6 +32,20 @@ fn web_pod(name: &str, node: &str) -> String {
                           "--pod", "shop/{name}", "--ready-file", "{}"]}}]}}}}"#,
         veil.display(),
         ready.display()
+    )
+}
+
+/// Applies [`web_pod`] with kubectl and waits until the lab's kubelet reports its address.
+fn make_web_pod(lab: &Lab, name: &str, node: &str) -> String {
+    kubectl(lab, &["apply", "-f", "-"], &web_pod(name, node));
+    lab.wait_for(
+        &format!("{name}'s address"),
+        Duration::from_secs(30),
+        || {
+            let path = "jsonpath={.status.podIP}";
+            let ip = kubectl(lab, &["get", "pod", "-n", "shop", name, "-o", path], "");
+            (!ip.is_empty()).then_some(ip)
+        },
     )
 }
 
@@ -143,23 +134,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
 
     // A Pod made with kubectl on node-b: an address from node-b's CIDR, reachable from frontend.
     let t0 = Instant::now();
-    kubectl(&lab, &["apply", "-f", "-"], &web_pod("web2", "node-b"));
-    let ip = lab.wait_for("web2's address", Duration::from_secs(30), || {
-        let ip = kubectl(
-            &lab,
-            &[
-                "get",
-                "pod",
-                "-n",
-                "shop",
-                "web2",
-                "-o",
-                "jsonpath={.status.podIP}",
-            ],
-            "",
-        );
-        (!ip.is_empty()).then_some(ip)
-    });
+    let ip = make_web_pod(&lab, "web2", "node-b");
     assert!(
         ip.starts_with("198.19.2."),
         "web2 got {ip}, not from node-b's 198.19.2.0/24"
@@ -368,23 +343,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         .join(&ip);
     assert!(!ipam.exists(), "host-local still holds {ip}");
     // The address is free again: the next Pod on node-b may take it, and it is reachable.
-    kubectl(&lab, &["apply", "-f", "-"], &web_pod("web3", "node-b"));
-    let ip3 = lab.wait_for("web3's address", Duration::from_secs(30), || {
-        let ip = kubectl(
-            &lab,
-            &[
-                "get",
-                "pod",
-                "-n",
-                "shop",
-                "web3",
-                "-o",
-                "jsonpath={.status.podIP}",
-            ],
-            "",
-        );
-        (!ip.is_empty()).then_some(ip)
-    });
+    let ip3 = make_web_pod(&lab, "web3", "node-b");
     until("frontend reaches web3", Duration::from_secs(30), || {
         curl(&lab, "frontend", &format!("http://{ip3}:8080/"))
             .is_ok_and(|b| b == "hello from shop/web3\n")
@@ -395,23 +354,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
 fn kubernetes_lab_leak_pair_plaintext_shows_marker() {
     // The other half of the leak pair: with encryption off, the same capture sees the marker.
     let lab = Lab::up(&["--control-plane", "kubernetes", "--encryption", "off"]);
-    kubectl(&lab, &["apply", "-f", "-"], &web_pod("web2", "node-b"));
-    let ip = lab.wait_for("web2's address", Duration::from_secs(30), || {
-        let ip = kubectl(
-            &lab,
-            &[
-                "get",
-                "pod",
-                "-n",
-                "shop",
-                "web2",
-                "-o",
-                "jsonpath={.status.podIP}",
-            ],
-            "",
-        );
-        (!ip.is_empty()).then_some(ip)
-    });
+    let ip = make_web_pod(&lab, "web2", "node-b");
     let url = format!("http://{ip}:8080/");
     until("frontend reaches web2", Duration::from_secs(30), || {
         curl(&lab, "frontend", &url).is_ok()
@@ -481,9 +424,10 @@ fn a_kubernetes_lab_rides_out_an_apiserver_restart_and_an_etcd_stop() {
     let load = lab.echo_load("frontend", 500, 100);
     load.wait_flowing(&lab);
 
-    // The agents' watches (kube-runtime) log each failed list or watch while the apiserver
-    // is away or etcd stopped: connection errors, then the apiserver's own 5xx answers.
-    lab.expect_log_lines(&["failed with error"]);
+    // kube-client logs each failed request of the agents' watches at ERROR while the
+    // apiserver is away ("failed with error …") or etcd stopped (the apiserver's own 5xx:
+    // "failed with status …").
+    lab.expect_log_lines(&["failed with error", "failed with status 5"]);
     // kube-apiserver killed (the lab's supervisor starts it again): enforcement stays.
     signal(pid_of("kube-apiserver", &kube_dir), Signal::SIGKILL);
     assert!(

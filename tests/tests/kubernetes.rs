@@ -3,7 +3,6 @@
 //! CRDs from `deploy/crds/` and objects made with the real kubectl.
 
 use std::{
-    io::Write as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Arc,
@@ -59,28 +58,7 @@ impl Apiserver {
 
     /// Runs kubectl with `stdin`; panics with its output when it fails.
     fn kubectl(&self, args: &[&str], stdin: &str) -> String {
-        let mut child = Command::new(&self.kubectl)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run kubectl");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        veil_tests::kubectl(&self.kubectl, &self.kubeconfig, args, stdin)
     }
 
     fn apply(&self, yaml: &str) {

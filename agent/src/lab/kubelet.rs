@@ -102,6 +102,8 @@ struct Kubelet<'a> {
     pods: Api<Pod>,
     journal: Journal,
     running: BTreeMap<String, Running>,
+    /// Pods whose setup failed: how often in a row, and not before when to try again.
+    failed: BTreeMap<String, (u32, Instant)>,
     cni: PathBuf,
 }
 
@@ -150,6 +152,7 @@ pub fn run(spec: &LabSpec, paths: &LabPaths, node: &str) -> Result<()> {
             pods: Api::all(client),
             journal: Journal::open_append(&paths.journal())?,
             running: BTreeMap::new(),
+            failed: BTreeMap::new(),
             cni,
         };
         k.adopt();
@@ -210,6 +213,7 @@ impl Kubelet<'_> {
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter_map(|p| Some((p.metadata.uid.clone()?, p.as_ref())))
             .collect();
+        self.failed.retain(|uid, _| wanted.contains_key(uid));
         // Gone or being deleted: tear down, then finish the deletion.
         let stale: Vec<String> = self
             .running
@@ -233,12 +237,25 @@ impl Kubelet<'_> {
         }
         for (uid, pod) in wanted {
             if !self.running.contains_key(&uid) {
+                if self
+                    .failed
+                    .get(&uid)
+                    .is_some_and(|(_, at)| Instant::now() < *at)
+                {
+                    continue;
+                }
                 match self.setup(pod) {
                     Ok(r) => {
+                        self.failed.remove(&uid);
                         self.running.insert(uid.clone(), r);
                     }
                     Err(e) => {
-                        eprintln!("kubelet: {}: {e}", name_of(pod));
+                        // Retried with the supervisor's backoff (0.5 s doubling to 10 s).
+                        let n = self.failed.get(&uid).map_or(0, |(n, _)| *n);
+                        let delay = super::supervisor::backoff(n);
+                        eprintln!("kubelet: {}: {e}; retrying in {delay:?}", name_of(pod));
+                        self.failed
+                            .insert(uid.clone(), (n + 1, Instant::now() + delay));
                         continue;
                     }
                 }
@@ -683,14 +700,7 @@ async fn report_network(
              "message": "the node's agent has not attached to the pod's interface yet"},
         ],
     }});
-    ns_api(api, pod)
-        .patch_status(
-            &r.record.name,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .map(drop)
+    merge_status(api, pod, &patch).await
 }
 
 /// Ready when every container runs.
@@ -725,21 +735,26 @@ async fn report_containers(
         ],
         "containerStatuses": statuses,
     }});
-    ns_api(api, pod)
-        .patch_status(
-            &r.record.name,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .map(drop)
+    merge_status(api, pod, &patch).await
 }
 
-fn ns_api(api: &Api<Pod>, pod: &Pod) -> Api<Pod> {
-    Api::namespaced(
+/// A merge patch of the Pod's status subresource.
+async fn merge_status(
+    api: &Api<Pod>,
+    pod: &Pod,
+    patch: &serde_json::Value,
+) -> std::result::Result<(), kube::Error> {
+    Api::<Pod>::namespaced(
         api.clone().into_client(),
         pod.metadata.namespace.as_deref().unwrap_or("default"),
     )
+    .patch_status(
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await
+    .map(drop)
 }
 
 /// Has the node's agent its programs on this interface? (Its status lists its attachments.)

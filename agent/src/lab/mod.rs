@@ -284,26 +284,9 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
 /// The lab file's pods and, with Kubernetes, every other pod the lab's kubelets run (made with
 /// kubectl), as the kubelets set them up.
 fn pod_views(spec: &LabSpec, paths: &LabPaths) -> Vec<PodView> {
-    if spec.control_plane == spec::ControlPlane::Files {
-        return spec
-            .pods
-            .iter()
-            .map(|p| PodView {
-                name: p.name.clone(),
-                namespace: p.namespace.clone(),
-                node: p.node.clone(),
-                netns: p.netns.clone(),
-                ip: p.ip.to_string(),
-                labels: p.labels.clone(),
-                service_account: p.service_account.clone(),
-                cgroup: paths.pod_cgroup(p).display().to_string(),
-                host_veth: p.host_veth.clone(),
-            })
-            .collect();
-    }
-    // The lab file's pods are listed even before their kubelet has set them up (the address is
-    // the one the kubelet asks host-local for).
-    let records = kubelet::records(paths);
+    let kubernetes = spec.control_plane == spec::ControlPlane::Kubernetes;
+    // The lab file's pods are listed even before a kubelet has set them up (the address is the
+    // one it asks host-local for; the veth is the name veil-cni gives it).
     let mut out: Vec<PodView> = spec
         .pods
         .iter()
@@ -316,9 +299,17 @@ fn pod_views(spec: &LabSpec, paths: &LabPaths) -> Vec<PodView> {
             labels: p.labels.clone(),
             service_account: p.service_account.clone(),
             cgroup: paths.pod_cgroup(p).display().to_string(),
-            host_veth: crate::cluster::kubernetes::host_veth_name(&p.namespace, &p.name),
+            host_veth: if kubernetes {
+                crate::cluster::kubernetes::host_veth_name(&p.namespace, &p.name)
+            } else {
+                p.host_veth.clone()
+            },
         })
         .collect();
+    if !kubernetes {
+        return out;
+    }
+    let records = kubelet::records(paths);
     out.extend(
         records
             .into_iter()
