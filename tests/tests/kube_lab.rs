@@ -21,9 +21,13 @@ fn kubectl(lab: &Lab, args: &[&str], stdin: &str) -> String {
 }
 
 /// A Pod on `node` serving HTTP on 8080 (`veil lab serve`: there is no container runtime).
-fn web_pod(name: &str, node: &str) -> String {
+/// Its ready file is in the lab's own state directory, which `lab down` removes.
+fn web_pod(lab: &Lab, name: &str, node: &str) -> String {
     let veil = veil_bin();
-    let ready = std::env::temp_dir().join(format!("veil-kube-lab-{name}-{}.ready", rand_suffix()));
+    let ready = veil_agent::lab::LabPaths::new(&lab.name)
+        .expect("lab paths")
+        .ready_dir()
+        .join(format!("web-{name}"));
     format!(
         r#"{{"apiVersion": "v1", "kind": "Pod",
             "metadata": {{"name": "{name}", "namespace": "shop", "labels": {{"app": "{name}"}}}},
@@ -37,7 +41,7 @@ fn web_pod(name: &str, node: &str) -> String {
 
 /// Applies [`web_pod`] with kubectl and waits until the lab's kubelet reports its address.
 fn make_web_pod(lab: &Lab, name: &str, node: &str) -> String {
-    kubectl(lab, &["apply", "-f", "-"], &web_pod(name, node));
+    kubectl(lab, &["apply", "-f", "-"], &web_pod(lab, name, node));
     lab.wait_for(
         &format!("{name}'s address"),
         Duration::from_secs(30),
