@@ -57,34 +57,24 @@ pub struct Journal {
 impl Journal {
     /// Creates a new journal; an existing one is an error (`AlreadyExists`), never appended to.
     pub fn create_new(path: &Path) -> Result<Self, Error> {
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| match source.kind() {
-                std::io::ErrorKind::AlreadyExists => Error::AlreadyExists { path: path.into() },
-                _ => Error::Write {
-                    path: path.into(),
-                    source,
-                },
-            })?;
-        Ok(Self {
-            path: path.into(),
-            file,
-        })
+        Self::open(path, OpenOptions::new().create_new(true).append(true))
     }
 
     /// Opens a lab's existing journal to append to it (the lab's kubelets record the pods they
     /// make). Each record is one `write` of one line to an O_APPEND file, so records from
     /// several processes never interleave.
     pub fn open_append(path: &Path) -> Result<Self, Error> {
-        let file = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|source| Error::Write {
+        Self::open(path, OpenOptions::new().append(true))
+    }
+
+    fn open(path: &Path, opts: &OpenOptions) -> Result<Self, Error> {
+        let file = opts.open(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::AlreadyExists { path: path.into() },
+            _ => Error::Write {
                 path: path.into(),
                 source,
-            })?;
+            },
+        })?;
         Ok(Self {
             path: path.into(),
             file,

@@ -93,6 +93,9 @@ struct Running {
     record: PodRecord,
     containers: Vec<Container>,
     ready_reported: bool,
+    /// The node's agent has listed programs on the pod's veth once: from then on the
+    /// containers may run, and the agent is not asked again.
+    attached: bool,
 }
 
 struct Kubelet<'a> {
@@ -175,6 +178,7 @@ impl Kubelet<'_> {
                     record: r,
                     containers: Vec::new(),
                     ready_reported: false,
+                    attached: false,
                 },
             );
         }
@@ -244,7 +248,7 @@ impl Kubelet<'_> {
                 {
                     continue;
                 }
-                match self.setup(pod) {
+                match self.setup(pod).await {
                     Ok(r) => {
                         self.failed.remove(&uid);
                         self.running.insert(uid.clone(), r);
@@ -268,8 +272,11 @@ impl Kubelet<'_> {
                 eprintln!("kubelet: {}: status: {e}", name_of(pod));
                 continue;
             }
-            if !agent_attached(self.paths, &self.node.name, &r.record.host_veth).await {
-                continue;
+            if !r.attached {
+                r.attached = agent_attached(self.paths, &self.node.name, &r.record.host_veth).await;
+                if !r.attached {
+                    continue;
+                }
             }
             let now = Instant::now();
             let mut changed = false;
@@ -310,7 +317,7 @@ impl Kubelet<'_> {
     }
 
     /// Namespace, cgroup and CNI ADD for a new Pod; its record is written once it has an IP.
-    fn setup(&mut self, pod: &Pod) -> Result<Running> {
+    async fn setup(&mut self, pod: &Pod) -> Result<Running> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
@@ -355,7 +362,7 @@ impl Kubelet<'_> {
                 .and_then(|s| s.service_account_name.clone())
                 .unwrap_or_else(|| "default".into()),
         };
-        self.register_identity(&record)?;
+        self.register_identity(&record).await?;
         self.journal.record(&Resource::Netns {
             name: record.netns.clone(),
         })?;
@@ -403,13 +410,14 @@ impl Kubelet<'_> {
             record,
             containers: Vec::new(),
             ready_reported: false,
+            attached: false,
         })
     }
 
     /// Registers a Pod that is not in the lab file with the lab's SPIRE (what SPIRE's
     /// controller manager does from Pod objects), so its workload gets an SVID and
     /// `authentication: required` works with it.
-    fn register_identity(&self, r: &PodRecord) -> Result<()> {
+    async fn register_identity(&self, r: &PodRecord) -> Result<()> {
         if self
             .spec
             .pods
@@ -431,26 +439,15 @@ impl Kubelet<'_> {
                     "/v1/register?pod={}/{}&node={}&sa={}",
                     r.namespace, r.name, self.node.name, r.service_account
                 );
-                let sock = super::spire::control_socket(self.paths);
-                // This runs inside the kubelet's runtime: a scoped thread with its own.
-                std::thread::scope(|s| {
-                    s.spawn(|| {
-                        tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                            .map_err(|e| kerr("runtime", e))?
-                            .block_on(crate::admin::call(
-                                &sock,
-                                hyper::Method::POST,
-                                &path,
-                                None,
-                                Duration::from_secs(10),
-                            ))
-                            .map_err(|e| kerr("registering with the dev SPIRE server", e))
-                    })
-                    .join()
-                    .unwrap_or_else(|_| Err(kerr("registering", "panicked")))
-                })
+                crate::admin::call(
+                    &super::spire::control_socket(self.paths),
+                    hyper::Method::POST,
+                    &path,
+                    None,
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|e| kerr("registering with the dev SPIRE server", e))
                 .map(drop)
             }
         }
