@@ -100,6 +100,12 @@ const WEB2_NETPOL: &str = r#"{"apiVersion": "networking.k8s.io/v1", "kind": "Net
            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "frontend"}}}],
                         "ports": [{"port": 8080, "protocol": "TCP"}]}]}}"#;
 
+/// Admits pods of namespaces labelled `team=trusted`, whichever namespace that is.
+const WEB2_NETPOL_TRUSTED_NS: &str = r#"{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+  "metadata": {"name": "web2-trusted", "namespace": "shop"},
+  "spec": {"podSelector": {"matchLabels": {"app": "web2"}}, "policyTypes": ["Ingress"],
+           "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "trusted"}}}]}]}}"#;
+
 #[test]
 fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     let t0 = Instant::now();
@@ -251,6 +257,41 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         || curl(&lab, "intruder", &url).is_ok(),
     );
 
+    // A namespaceSelector on a namespace label follows the Namespace object: nobody is admitted
+    // until shop is labelled team=trusted, everyone in shop then, nobody once relabelled.
+    kubectl(&lab, &["apply", "-f", "-"], WEB2_NETPOL_TRUSTED_NS);
+    until(
+        "frontend is refused while shop is not trusted",
+        Duration::from_secs(30),
+        || curl(&lab, "frontend", &url).is_err(),
+    );
+    kubectl(&lab, &["label", "namespace", "shop", "team=trusted"], "");
+    until(
+        "frontend admitted once shop is labelled team=trusted",
+        Duration::from_secs(30),
+        || curl(&lab, "frontend", &url).is_ok_and(|b| b == "hello from shop/web2\n"),
+    );
+    kubectl(
+        &lab,
+        &["label", "--overwrite", "namespace", "shop", "team=other"],
+        "",
+    );
+    until(
+        "frontend refused once shop is relabelled",
+        Duration::from_secs(30),
+        || curl(&lab, "frontend", &url).is_err(),
+    );
+    kubectl(
+        &lab,
+        &["delete", "networkpolicy", "-n", "shop", "web2-trusted"],
+        "",
+    );
+    until(
+        "frontend reaches web2 after the namespace NetworkPolicy is deleted",
+        Duration::from_secs(30),
+        || curl(&lab, "frontend", &url).is_ok(),
+    );
+
     // `authentication: required` with a Pod made by kubectl: the lab's kubelet registered it
     // with SPIRE from its Pod object, so both ends have SVIDs and frontend is admitted (a pod
     // without one would be refused: fail closed).
@@ -346,6 +387,30 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         .join("kube/ipam/veil-node-b")
         .join(&ip);
     assert!(!ipam.exists(), "host-local still holds {ip}");
+    // Its SPIRE registration is gone with it: the dev server issues no SVID for it any more.
+    let control = std::path::Path::new("/run/veil")
+        .join(&lab.name)
+        .join("spire/control.sock");
+    let dev: veil_agent::lab::spire::DevStatus = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(veil_agent::admin::get_json(&control, "/v1/status"))
+        .expect("the dev SPIRE server's status");
+    assert!(
+        dev.svids
+            .iter()
+            .any(|v| v.pod.as_deref() == Some("shop/frontend")),
+        "the status lists pods: {:?}",
+        dev.svids
+    );
+    assert!(
+        dev.svids
+            .iter()
+            .all(|v| v.pod.as_deref() != Some("shop/web2")),
+        "web2 is still registered: {:?}",
+        dev.svids
+    );
     // The address is free again: the next Pod on node-b may take it, and it is reachable.
     let ip3 = make_web_pod(&lab, "web3", "node-b");
     until("frontend reaches web3", Duration::from_secs(30), || {

@@ -343,6 +343,43 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
         assert_eq!(node_a.pod_cidr, "198.19.1.0/24");
         assert_eq!(sa.trust_domain, "veil.test");
 
+        // Each agent keeps status.lastSeen of its own pods' identities fresh.
+        poll(
+            "lastSeen on both identities",
+            || {
+                api.kubectl(
+                    &["get", "veilidentities", "-o", "jsonpath={.items[*].status.lastSeen}"],
+                    "",
+                )
+            },
+            |o| o.split_whitespace().filter(|t| t.ends_with('Z')).count() == 2,
+        )
+        .await;
+
+        // Namespace labels are part of the identity: relabelling the namespace moves its pods
+        // to new identities carrying io.cilium.k8s.namespace.labels.team on both agents.
+        api.kubectl(&["label", "namespace", "shop", "team=a"], "");
+        let relabelled = |s: &ClusterState| {
+            s.pods.len() == 2
+                && s.pods.iter().all(|p| {
+                    s.identities.iter().any(|i| {
+                        i.id == p.identity
+                            && i.namespace_labels.get("team").map(String::as_str) == Some("a")
+                    })
+                })
+        };
+        let sa2 = until(&mut ra, "team=a in node-a's identities", relabelled).await;
+        let sb2 = until(&mut rb, "team=a in node-b's identities", relabelled).await;
+        assert_eq!(ids(&sa2), ids(&sb2), "both agents agree on the new identities");
+        for (before, after) in ids(&sa).iter().zip(ids(&sa2).iter()) {
+            assert_ne!(before, after, "a new namespace label, a new identity");
+        }
+        let table = sa2.identity_table();
+        assert!(
+            table.iter().all(|(_, l)| l.get("io.cilium.k8s.namespace.labels.team") == Some("a")),
+            "{table:?}"
+        );
+
         // A node key published by one agent reaches the other through the Node object.
         a.publish_node_key("node-a", "S0VZMQ==", Some("S0VZMg=="))
             .unwrap();

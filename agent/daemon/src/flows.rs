@@ -587,12 +587,14 @@ mod tests {
                     namespace: "shop".into(),
                     service_account: "intruder".into(),
                     labels: BTreeMap::from([("app".into(), "intruder".into())]),
+                    namespace_labels: BTreeMap::new(),
                 },
                 Identity {
                     id: 257,
                     namespace: "shop".into(),
                     service_account: "backend".into(),
                     labels: BTreeMap::from([("app".into(), "backend".into())]),
+                    namespace_labels: BTreeMap::new(),
                 },
             ],
             ..Default::default()

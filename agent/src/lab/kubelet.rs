@@ -453,6 +453,57 @@ impl Kubelet<'_> {
         }
     }
 
+    /// Undoes [`Self::register_identity`] once the Pod is gone: the dev server forgets the pod
+    /// (its SVID is no longer issued or renewed); with SPIRE, the node's entry for the pod's
+    /// service account is deleted once no other Pod this kubelet runs shares it. Failures are
+    /// logged: the Pod is gone either way.
+    async fn unregister_identity(&self, r: &PodRecord) {
+        if self
+            .spec
+            .pods
+            .iter()
+            .any(|p| p.namespace == r.namespace && p.name == r.name)
+        {
+            return; // the lab file's own, registered by `lab up` for the lab's life
+        }
+        let result = match self.spec.identity {
+            super::spec::IdentityProvider::Spire => {
+                let shared = self.running.values().any(|o| {
+                    o.record.namespace == r.namespace
+                        && o.record.service_account == r.service_account
+                }) || self.spec.pods.iter().any(|p| {
+                    p.node == self.node.name
+                        && p.namespace == r.namespace
+                        && p.service_account == r.service_account
+                });
+                if shared {
+                    return;
+                }
+                super::spire_real::unregister_pod(
+                    self.spec,
+                    self.paths,
+                    &self.node.name,
+                    &r.namespace,
+                    &r.service_account,
+                )
+                .map(drop)
+            }
+            super::spec::IdentityProvider::Dev => crate::admin::call(
+                &super::spire::control_socket(self.paths),
+                hyper::Method::POST,
+                &format!("/v1/revoke?pod={}/{}", r.namespace, r.name),
+                None,
+                Duration::from_secs(10),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| kerr("unregistering from the dev SPIRE server", e)),
+        };
+        if let Err(e) = result {
+            eprintln!("kubelet: {}/{}: {e}", r.namespace, r.name);
+        }
+    }
+
     fn write_record(&self, r: &PodRecord) -> Result<()> {
         let p = records_dir(self.paths, &self.node.name).join(format!("{}.json", r.uid));
         sys::write_atomic(
@@ -533,6 +584,7 @@ impl Kubelet<'_> {
             }
         }
         self.release(&r.record);
+        self.unregister_identity(&r.record).await;
         let _ = std::fs::remove_file(
             records_dir(self.paths, &self.node.name).join(format!("{}.json", r.record.uid)),
         );

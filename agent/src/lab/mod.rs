@@ -369,6 +369,7 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
                     namespace: p.namespace.clone(),
                     service_account: p.service_account.clone(),
                     labels: p.labels.clone(),
+                    namespace_labels: Default::default(),
                 });
             }
             cluster::Pod {

@@ -171,6 +171,31 @@ pub fn register_pod(
     }
 }
 
+/// Undoes [`register_pod`]: deletes the node's entries for the service account. Returns the
+/// deleted entry IDs.
+pub fn unregister_pod(
+    spec: &LabSpec,
+    paths: &LabPaths,
+    node: &str,
+    ns: &str,
+    sa: &str,
+) -> Result<Vec<String>> {
+    let (alias, id) = (node_alias(spec, node), pod_id(spec, ns, sa));
+    delete_entries(paths, &["-spiffeID", &id, "-parentID", &alias])
+}
+
+/// Deletes every entry `entry show <filter>` lists; returns their IDs.
+fn delete_entries(paths: &LabPaths, filter: &[&str]) -> Result<Vec<String>> {
+    let mut args = vec!["entry", "show"];
+    args.extend_from_slice(filter);
+    let out = server_cli(paths, &args)?;
+    let ids: Vec<String> = fields(&out, "Entry ID").collect();
+    for e in &ids {
+        server_cli(paths, &["entry", "delete", "-entryID", e])?;
+    }
+    Ok(ids)
+}
+
 pub fn pod_id(spec: &LabSpec, ns: &str, sa: &str) -> String {
     format!("spiffe://{}/ns/{ns}/sa/{sa}", spec.trust_domain)
 }
@@ -508,11 +533,7 @@ pub fn revoke(
     pod: &super::spec::PodSpec,
 ) -> Result<(String, Vec<String>)> {
     let id = pod_id(spec, &pod.namespace, &pod.service_account);
-    let out = server_cli(paths, &["entry", "show", "-spiffeID", &id])?;
-    let ids: Vec<String> = fields(&out, "Entry ID").collect();
-    for e in &ids {
-        server_cli(paths, &["entry", "delete", "-entryID", e])?;
-    }
+    let ids = delete_entries(paths, &["-spiffeID", &id])?;
     Ok((id, ids))
 }
 

@@ -1,7 +1,7 @@
 //! cluster::kubernetes: cluster state from the Kubernetes API.
 //!
 //! Reflectors (kube-runtime: list, then watch from the last resourceVersion, relist on
-//! `410 Gone`, bounded backoff) keep local caches of Nodes, Pods, `CiliumNetworkPolicy`,
+//! `410 Gone`, bounded backoff) keep local caches of Nodes, Pods, Namespaces, `CiliumNetworkPolicy`,
 //! `CiliumClusterwideNetworkPolicy` and veil's `VeilIdentity`; every change rebuilds one
 //! [`ClusterState`] snapshot from the caches. While the apiserver or etcd is down the caches,
 //! and so the snapshot in force, stay as they were: the agent keeps enforcing its last state.
@@ -13,12 +13,20 @@
 //! - **Pods**: a Pod scheduled on a node, with an IPv4 `status.podIP`, not on the host network
 //!   and not terminating; its host-side interface is [`host_veth_name`] (what `veil-cni` names
 //!   it).
+//! - **Namespaces**: their labels are part of the identity of every pod in them, as
+//!   `io.cilium.k8s.namespace.labels.<key>` (Cilium's keys, so namespace selectors written for
+//!   Cilium work): relabelling a namespace moves its pods to new identities. A pod whose
+//!   namespace is not in the cache yet is left out until it is (unknown identity: fail closed).
 //! - **Identities**: one cluster-scoped `VeilIdentity` per identity label set, named by the
 //!   number. The number is a hash of the labels probed linearly on collision
 //!   ([`identity_candidates`]), so agents racing to allocate the same labels try the same name
-//!   first and end with one object (create-if-absent: the loser reads the winner's). Unused
-//!   identities older than [`IDENTITY_GC_AGE`] are deleted (with the uid as precondition); an
-//!   agent that still needs one recreates it under the same number.
+//!   first and end with one object (create-if-absent: the loser reads the winner's). Each agent
+//!   keeps `status.lastSeen` of the identities its own pods carry fresh (rewritten once it is
+//!   older than a quarter of [`IDENTITY_GC_AGE`]); an identity no pod in this agent's cache
+//!   carries, created and last seen more than [`IDENTITY_GC_AGE`] ago, is deleted (with the uid
+//!   as precondition). So an agent whose pod cache lags does not delete an identity another
+//!   node still uses; an agent that still needs a deleted one recreates it under the same
+//!   number.
 //! - **Policies**: each CNP/CCNP is parsed with the same strict parser as `veil policy apply`;
 //!   one veil cannot enforce (`rules.http` until the L7 proxy exists) is refused and the
 //!   previous accepted version of it stays in force. Each agent writes its verdict into the
@@ -34,7 +42,7 @@ use std::{
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Node as KNode, Pod as KPod},
+    core::v1::{Namespace as KNamespace, Node as KNode, Pod as KPod},
     networking::v1::NetworkPolicy,
 };
 use kube::{
@@ -52,10 +60,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{ClusterSource, ClusterState, Error, Identity, Node, Pod, WatchFuture};
-use crate::policy::{
-    selector::{NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL},
-    IdentityKey, Policy, PolicyName,
-};
+use crate::policy::{IdentityKey, Policy, PolicyName};
 
 /// The Node annotation holding a node's WireGuard public key (base64).
 pub const WG_KEY_ANNOTATION: &str = "veil.dev/wg-public-key";
@@ -211,6 +216,7 @@ async fn publish_keys(nodes: Api<KNode>, mut rx: mpsc::UnboundedReceiver<NodeKey
 struct Caches {
     nodes: Store<KNode>,
     pods: Store<KPod>,
+    namespaces: Store<KNamespace>,
     cnps: Store<DynamicObject>,
     ccnps: Store<DynamicObject>,
     netpols: Store<NetworkPolicy>,
@@ -245,6 +251,7 @@ impl Caches {
         Self {
             nodes: reflect(Api::<KNode>::all(client.clone()), (), changed),
             pods: reflect(Api::<KPod>::all(client.clone()), (), changed),
+            namespaces: reflect(Api::<KNamespace>::all(client.clone()), (), changed),
             cnps: reflect(
                 Api::all_with(client.clone(), &resources.cnp),
                 resources.cnp.clone(),
@@ -256,10 +263,11 @@ impl Caches {
                 changed,
             ),
             netpols: reflect(Api::<NetworkPolicy>::all(client.clone()), (), changed),
-            identities: reflect(
+            identities: reflect_changes(
                 Api::all_with(client.clone(), &resources.identity),
                 resources.identity.clone(),
                 changed,
+                true,
             ),
             resources,
         }
@@ -269,6 +277,7 @@ impl Caches {
     async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
         self.nodes.wait_until_ready().await?;
         self.pods.wait_until_ready().await?;
+        self.namespaces.wait_until_ready().await?;
         self.cnps.wait_until_ready().await?;
         self.ccnps.wait_until_ready().await?;
         self.netpols.wait_until_ready().await?;
@@ -289,6 +298,28 @@ where
         + 'static,
     K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
 {
+    reflect_changes(api, dyntype, changed, false)
+}
+
+/// [`reflect`], waking `changed` only when an object's spec changed (its
+/// `metadata.generation`) when `spec_only`: status writes (the identities' lastSeen) update the
+/// cache without a rebuild.
+fn reflect_changes<K>(
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    changed: &Arc<Notify>,
+    spec_only: bool,
+) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+{
     let writer = reflector::store::Writer::new(dyntype.clone());
     let store = writer.as_reader();
     let kind = K::kind(&dyntype).into_owned();
@@ -298,8 +329,20 @@ where
         .reflect(writer);
     tokio::spawn(async move {
         futures_util::pin_mut!(stream);
+        let mut generations: HashMap<String, i64> = HashMap::new();
         while let Some(event) = stream.next().await {
             match event {
+                Ok(watcher::Event::Apply(o)) if spec_only => {
+                    let m = o.meta();
+                    let (uid, generation) = (m.uid.clone().unwrap_or_default(), m.generation);
+                    if generations.insert(uid, generation.unwrap_or_default()) != generation {
+                        changed.notify_one()
+                    }
+                }
+                Ok(watcher::Event::Delete(o)) if spec_only => {
+                    generations.remove(o.meta().uid.as_deref().unwrap_or_default());
+                    changed.notify_one()
+                }
                 Ok(_) => changed.notify_one(),
                 Err(e) => {
                     tracing::warn!(%kind, error = %e, "Kubernetes watch failed; keeping the last state, retrying")
@@ -359,7 +402,12 @@ impl Builder {
                     _ = tokio::time::sleep(RETRY) => {}
                 }
             } else {
-                changed.notified().await;
+                // Also now and then without a change: lastSeen refreshes and collection are
+                // due with time.
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    _ = tokio::time::sleep(self.cfg.identity_gc_age / 4) => {}
+                }
             }
             tokio::time::sleep(DEBOUNCE).await;
             if tx.is_closed() {
@@ -402,14 +450,31 @@ impl Builder {
             .iter()
             .filter_map(|(id, key)| Some((key.clone(), id.parse().ok()?)))
             .collect();
+        let namespace_labels: HashMap<String, BTreeMap<String, String>> = self
+            .caches
+            .namespaces
+            .state()
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n.metadata.name.clone()?,
+                    n.metadata.labels.clone().unwrap_or_default(),
+                ))
+            })
+            .collect();
         let mut pods: Vec<Pod> = Vec::new();
         for kp in self.caches.pods.state() {
             let Some(mut pod) = pod_from(&kp) else {
                 continue;
             };
-            let Ok(key) = IdentityKey::new(&pod.namespace, &pod.service_account, &pod.labels)
-            else {
-                tracing::warn!(pod = %pod.name, namespace = %pod.namespace, "pod labels make no identity; left out (unknown identity: fail closed)");
+            let Some(ns_labels) = namespace_labels.get(&pod.namespace) else {
+                tracing::debug!(pod = %pod.name, namespace = %pod.namespace, "namespace not seen yet; pod left out until it is");
+                continue;
+            };
+            let key = IdentityKey::new(&pod.namespace, &pod.service_account, &pod.labels)
+                .and_then(|k| k.with_namespace_labels(ns_labels));
+            let Ok(key) = key else {
+                tracing::warn!(pod = %pod.name, namespace = %pod.namespace, "pod or namespace labels make no identity; left out (unknown identity: fail closed)");
                 continue;
             };
             let id = match by_key.get(&key) {
@@ -431,6 +496,12 @@ impl Builder {
         }
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let used: std::collections::BTreeSet<u32> = pods.iter().map(|p| p.identity).collect();
+        let local: std::collections::BTreeSet<u32> = pods
+            .iter()
+            .filter(|p| p.node == self.cfg.node)
+            .map(|p| p.identity)
+            .collect();
+        self.refresh_last_seen(&local).await;
         let identities: Vec<Identity> = by_key
             .iter()
             .filter(|(_, id)| used.contains(id))
@@ -439,6 +510,7 @@ impl Builder {
                 namespace: k.namespace.clone(),
                 service_account: k.service_account.clone(),
                 labels: k.labels.clone(),
+                namespace_labels: k.namespace_labels.clone(),
             })
             .collect();
         self.collect_unused(&used).await;
@@ -512,7 +584,37 @@ impl Builder {
         ))))
     }
 
-    /// Deletes identities no pod uses, once older than [`IDENTITY_GC_AGE`].
+    /// Writes `status.lastSeen` = now on the identities of this node's pods whose lastSeen is
+    /// missing or older than a quarter of the collection age. Failures wait for the next round.
+    async fn refresh_last_seen(&self, local: &std::collections::BTreeSet<u32>) {
+        let api: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &self.caches.resources.identity);
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let stale = self.cfg.identity_gc_age / 4;
+        for o in self.caches.identities.state() {
+            let Some((id, _)) = identity_from(&o) else {
+                continue;
+            };
+            let fresh = last_seen(&o).is_some_and(|t| age(now, t) < stale);
+            if !local.contains(&id) || fresh {
+                continue;
+            }
+            let patch = json!({"status": {"lastSeen": now.to_string()}});
+            if let Err(e) = api
+                .patch_status(
+                    &id.to_string(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                tracing::debug!(id, error = %e, "cannot write the identity's lastSeen yet");
+            }
+        }
+    }
+
+    /// Deletes identities no pod uses, once created and last seen longer than
+    /// [`IDENTITY_GC_AGE`] ago.
     async fn collect_unused(&self, used: &std::collections::BTreeSet<u32>) {
         let api: Api<DynamicObject> =
             Api::all_with(self.client.clone(), &self.caches.resources.identity);
@@ -521,9 +623,12 @@ impl Builder {
             let Some((id, _)) = identity_from(&o) else {
                 continue;
             };
-            let old = o.metadata.creation_timestamp.as_ref().is_some_and(|t| {
-                now.duration_since(t.0).as_secs() >= self.cfg.identity_gc_age.as_secs() as i64
-            });
+            let created = o.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            let old = [created, last_seen(&o)]
+                .into_iter()
+                .flatten()
+                .max()
+                .is_some_and(|t| age(now, t) >= self.cfg.identity_gc_age);
             if used.contains(&id) || !old {
                 continue;
             }
@@ -761,19 +866,28 @@ fn pod_from(p: &KPod) -> Option<Pod> {
     })
 }
 
+/// A `VeilIdentity`'s `status.lastSeen`, if it has a readable one.
+fn last_seen(o: &DynamicObject) -> Option<k8s_openapi::jiff::Timestamp> {
+    o.data
+        .get("status")?
+        .get("lastSeen")?
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+/// How long ago `t` was (zero if in the future: clocks differ between nodes).
+fn age(now: k8s_openapi::jiff::Timestamp, t: k8s_openapi::jiff::Timestamp) -> Duration {
+    Duration::from_millis(now.duration_since(t).as_millis().max(0) as u64)
+}
+
 /// A `VeilIdentity` object's number and key: `spec.labels` are the identity labels, the
 /// namespace and service-account labels included.
 fn identity_from(o: &DynamicObject) -> Option<(u32, IdentityKey)> {
     let id: u32 = o.metadata.name.as_deref()?.parse().ok()?;
     let labels: BTreeMap<String, String> =
         serde_json::from_value(o.data.get("spec")?.get("labels")?.clone()).ok()?;
-    let key = IdentityKey::new(
-        labels.get(NAMESPACE_LABEL)?,
-        labels.get(SERVICE_ACCOUNT_LABEL)?,
-        &labels,
-    )
-    .ok()?;
-    Some((id, key))
+    Some((id, IdentityKey::from_identity_labels(&labels).ok()?))
 }
 
 /// A CNP/CCNP object as veil's policy model, or why veil refuses it: the API's own metadata
@@ -812,6 +926,7 @@ fn policy_from(kind: &str, o: &DynamicObject) -> Result<Policy, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::selector::{NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL};
 
     #[test]
     fn identity_numbers_are_stable_distinct_and_probe_inside_the_range() {
@@ -926,18 +1041,28 @@ mod tests {
         let o = object(json!({
             "apiVersion": "veil.dev/v1alpha1", "kind": "VeilIdentity",
             "metadata": {"name": "70001"},
-            "spec": {"labels": {"app": "web", NAMESPACE_LABEL: "shop", SERVICE_ACCOUNT_LABEL: "web"}}
+            "spec": {"labels": {"app": "web", NAMESPACE_LABEL: "shop", SERVICE_ACCOUNT_LABEL: "web",
+                "io.cilium.k8s.namespace.labels.team": "a"}}
         }));
         let (id, key) = identity_from(&o).unwrap();
         assert_eq!(id, 70001);
+        let expected = IdentityKey::new(
+            "shop",
+            "web",
+            &BTreeMap::from([("app".into(), "web".into())]),
+        )
+        .and_then(|k| k.with_namespace_labels(&BTreeMap::from([("team".into(), "a".into())])))
+        .unwrap();
+        assert_eq!(key, expected);
+        // What an agent writes is what it reads back.
+        let written: BTreeMap<String, String> = expected
+            .identity_labels()
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
         assert_eq!(
-            key,
-            IdentityKey::new(
-                "shop",
-                "web",
-                &BTreeMap::from([("app".into(), "web".into())])
-            )
-            .unwrap()
+            IdentityKey::from_identity_labels(&written).unwrap(),
+            expected
         );
         let mut bad = o.clone();
         bad.metadata.name = Some("web".into());

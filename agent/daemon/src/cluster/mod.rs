@@ -121,6 +121,10 @@ pub struct Identity {
     pub service_account: String,
     /// The pod labels (without the namespace label the allocator adds).
     pub labels: BTreeMap<String, String>,
+    /// The namespace's labels (Kubernetes mode), carried as
+    /// `io.cilium.k8s.namespace.labels.<key>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +181,7 @@ impl ClusterState {
             .iter()
             .filter_map(|i| {
                 crate::policy::IdentityKey::new(&i.namespace, &i.service_account, &i.labels)
+                    .and_then(|k| k.with_namespace_labels(&i.namespace_labels))
                     .ok()
                     .map(|k| (i.id, k.identity_labels()))
             })

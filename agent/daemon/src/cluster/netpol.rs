@@ -9,9 +9,10 @@
 //!   `toPorts` rule without endpoint selectors; without ports either, every protocol (`ANY`,
 //!   and `ICMP`).
 //! - A peer's `podSelector` selects in the policy's namespace; `namespaceSelector: {}` widens
-//!   it to every namespace; `namespaceSelector` on `kubernetes.io/metadata.name` names
-//!   namespaces. Other namespace labels and `ipBlock` are refused (veil has neither namespace
-//!   labels nor CIDR rules yet), as are named ports.
+//!   it to every namespace; a `namespaceSelector` with labels selects the namespaces carrying
+//!   them, as the identities' `io.cilium.k8s.namespace.labels.<key>` labels (Cilium's
+//!   translation); `kubernetes.io/metadata.name` names the namespace itself. `ipBlock` is
+//!   refused (veil has no CIDR rules yet), as are named ports.
 
 use k8s_openapi::{
     api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec},
@@ -19,7 +20,10 @@ use k8s_openapi::{
 };
 use serde_json::{json, Value};
 
-use crate::policy::{selector::NAMESPACE_LABEL, Policy};
+use crate::policy::{
+    selector::{NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX},
+    Policy,
+};
 
 /// The label Kubernetes sets on every Namespace to its name.
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -139,33 +143,29 @@ fn peer(p: &NetworkPolicyPeer) -> Result<Value, String> {
     }
     let mut sel = selector(p.pod_selector.as_ref());
     if let Some(ns) = &p.namespace_selector {
-        let labels = ns.match_labels.clone().unwrap_or_default();
-        let unsupported = labels.keys().any(|k| k != NAMESPACE_NAME_LABEL)
-            || ns
-                .match_expressions
-                .as_ref()
-                .is_some_and(|e| e.iter().any(|r| r.key != NAMESPACE_NAME_LABEL));
-        if unsupported {
-            return Err(format!(
-                "namespaceSelector on labels other than {NAMESPACE_NAME_LABEL} is not supported yet"
-            ));
-        }
+        // A namespace's name is the identity's namespace label; its other labels are the
+        // identity's prefixed namespace labels.
+        let key = |k: &str| match k {
+            NAMESPACE_NAME_LABEL => NAMESPACE_LABEL.to_owned(),
+            _ => format!("{NAMESPACE_LABELS_PREFIX}{k}"),
+        };
         let mut exprs: Vec<Value> = sel
             .get("matchExpressions")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        match labels.get(NAMESPACE_NAME_LABEL) {
-            Some(name) => {
-                exprs.push(json!({"key": NAMESPACE_LABEL, "operator": "In", "values": [name]}))
-            }
-            None if ns.match_expressions.as_ref().is_none_or(Vec::is_empty) => {
-                exprs.push(json!({"key": NAMESPACE_LABEL, "operator": "Exists"}));
-            }
-            None => {}
+        // Any namespace, narrowed by the labels below (without it the selector would be
+        // confined to the policy's namespace).
+        exprs.push(json!({"key": NAMESPACE_LABEL, "operator": "Exists"}));
+        for (k, v) in ns.match_labels.iter().flatten() {
+            exprs.push(json!({"key": key(k), "operator": "In", "values": [v]}));
         }
         for r in ns.match_expressions.iter().flatten() {
-            exprs.push(json!({"key": NAMESPACE_LABEL, "operator": r.operator, "values": r.values}));
+            let mut e = json!({"key": key(&r.key), "operator": r.operator});
+            if let Some(values) = &r.values {
+                e["values"] = json!(values);
+            }
+            exprs.push(e);
         }
         sel["matchExpressions"] = Value::Array(exprs);
     }
@@ -256,31 +256,35 @@ mod tests {
     }
 
     #[test]
-    fn namespace_selectors_by_name_or_all_and_refusals_named() {
+    fn namespace_selectors_by_name_labels_or_all_and_refusals_named() {
         let v = converted(json!({
             "podSelector": {},
             "egress": [{"to": [
                 {"namespaceSelector": {}},
                 {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: "db"}},
-                 "podSelector": {"matchLabels": {"app": "pg"}}}
+                 "podSelector": {"matchLabels": {"app": "pg"}}},
+                {"namespaceSelector": {"matchLabels": {"team": "a"},
+                    "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]},
+                                         {"key": "tier", "operator": "Exists"}]}}
             ]}]
         }));
+        let exists = json!({"key": NAMESPACE_LABEL, "operator": "Exists"});
         assert_eq!(
             v["egress"][0]["toEndpoints"],
             json!([
-                {"matchExpressions": [{"key": NAMESPACE_LABEL, "operator": "Exists"}]},
+                {"matchExpressions": [exists]},
                 {"matchLabels": {"app": "pg"},
-                 "matchExpressions": [{"key": NAMESPACE_LABEL, "operator": "In", "values": ["db"]}]}
+                 "matchExpressions": [exists, {"key": NAMESPACE_LABEL, "operator": "In", "values": ["db"]}]},
+                {"matchExpressions": [exists,
+                    {"key": "io.cilium.k8s.namespace.labels.team", "operator": "In", "values": ["a"]},
+                    {"key": "io.cilium.k8s.namespace.labels.env", "operator": "NotIn", "values": ["dev"]},
+                    {"key": "io.cilium.k8s.namespace.labels.tier", "operator": "Exists"}]}
             ])
         );
         for (spec, want) in [
             (
                 json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "198.18.0.0/15"}}]}]}),
                 "spec.ingress[0].from[0]: ipBlock",
-            ),
-            (
-                json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}]}),
-                "spec.ingress[0].from[0]: namespaceSelector",
             ),
             (
                 json!({"podSelector": {}, "egress": [{"ports": [{"port": "http"}]}]}),

@@ -15,7 +15,8 @@ use veil_common::maps::identity;
 
 use super::{
     selector::{
-        check_dns_label, check_qualified_name, LabelValue, NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL,
+        check_dns_label, check_qualified_name, LabelValue, NAMESPACE_LABEL,
+        NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_LABEL,
     },
     Error,
 };
@@ -66,14 +67,17 @@ impl fmt::Display for IdentityLabels {
     }
 }
 
-/// What an identity is allocated for: a namespace, a service account and the pod's own labels
-/// (without the namespace and service-account labels, which those fields supply).
+/// What an identity is allocated for: a namespace, a service account, the pod's own labels
+/// (without the namespace and service-account labels, which those fields supply) and the
+/// namespace's labels (Kubernetes mode; the files source has none).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityKey {
     pub namespace: String,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_labels: BTreeMap<String, String>,
 }
 
 impl IdentityKey {
@@ -97,7 +101,10 @@ impl IdentityKey {
         for (k, v) in labels {
             check_qualified_name(k).map_err(|why| bad(format!("label key `{k}`: {why}")))?;
             LabelValue::parse(v).map_err(bad)?;
-            if k != NAMESPACE_LABEL && k != SERVICE_ACCOUNT_LABEL {
+            if k != NAMESPACE_LABEL
+                && k != SERVICE_ACCOUNT_LABEL
+                && !k.starts_with(NAMESPACE_LABELS_PREFIX)
+            {
                 out.insert(k.clone(), v.clone());
             }
         }
@@ -105,7 +112,52 @@ impl IdentityKey {
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
             labels: out,
+            namespace_labels: BTreeMap::new(),
         })
+    }
+
+    /// The key with the namespace's own labels (as `kubectl label namespace` sets them, without
+    /// the prefix), validated like pod labels.
+    pub fn with_namespace_labels(
+        mut self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Self, Error> {
+        for (k, v) in labels {
+            let bad = |reason: String| Error::BadIdentity {
+                namespace: self.namespace.clone(),
+                reason,
+            };
+            check_qualified_name(k)
+                .map_err(|why| bad(format!("namespace label key `{k}`: {why}")))?;
+            LabelValue::parse(v).map_err(bad)?;
+        }
+        self.namespace_labels = labels.clone();
+        Ok(self)
+    }
+
+    /// Reads a key back from its identity labels (a `VeilIdentity`'s `spec.labels`): the
+    /// namespace, service-account and prefixed namespace labels go back to their fields.
+    pub fn from_identity_labels(labels: &BTreeMap<String, String>) -> Result<Self, Error> {
+        let missing = |what: &str| Error::BadIdentity {
+            namespace: labels.get(NAMESPACE_LABEL).cloned().unwrap_or_default(),
+            reason: format!("no {what} label"),
+        };
+        let ns = labels
+            .get(NAMESPACE_LABEL)
+            .ok_or_else(|| missing(NAMESPACE_LABEL))?;
+        let sa = labels
+            .get(SERVICE_ACCOUNT_LABEL)
+            .ok_or_else(|| missing(SERVICE_ACCOUNT_LABEL))?;
+        let ns_labels: BTreeMap<String, String> = labels
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.strip_prefix(NAMESPACE_LABELS_PREFIX)?.to_owned(),
+                    v.clone(),
+                ))
+            })
+            .collect();
+        Self::new(ns, sa, labels)?.with_namespace_labels(&ns_labels)
     }
 
     pub fn identity_labels(&self) -> IdentityLabels {
@@ -114,6 +166,9 @@ impl IdentityKey {
             SERVICE_ACCOUNT_LABEL.to_owned(),
             self.service_account.clone(),
         );
+        for (k, v) in &self.namespace_labels {
+            l.0.insert(format!("{NAMESPACE_LABELS_PREFIX}{k}"), v.clone());
+        }
         l
     }
 }
@@ -320,6 +375,40 @@ mod tests {
         let mut b: IdentityAllocator =
             serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
         assert!(b.allocate("shop", "sa", &l(&[("app", "z")])).unwrap() > y);
+    }
+
+    #[test]
+    fn namespace_labels_come_from_the_namespace_not_the_pod_and_are_selected_as_cilium_writes_them()
+    {
+        let team = |v: &str| BTreeMap::from([("team".to_owned(), v.to_owned())]);
+        // A pod claiming a namespace label for itself does not get it.
+        let forged = IdentityKey::new(
+            "shop",
+            "sa",
+            &l(&[("app", "x"), ("io.cilium.k8s.namespace.labels.team", "a")]),
+        )
+        .unwrap();
+        assert_eq!(
+            forged,
+            IdentityKey::new("shop", "sa", &l(&[("app", "x")])).unwrap()
+        );
+        let a = forged.clone().with_namespace_labels(&team("a")).unwrap();
+        assert_ne!(a, forged, "namespace labels are part of the key");
+        let sel: super::super::selector::Selector =
+            serde_yaml::from_str("matchLabels: {k8s:io.cilium.k8s.namespace.labels.team: a}")
+                .unwrap();
+        assert!(sel.matches(&a.identity_labels()));
+        assert!(!sel.matches(&forged.identity_labels()));
+        let b = forged.clone().with_namespace_labels(&team("b")).unwrap();
+        assert!(!sel.matches(&b.identity_labels()));
+        // Long namespace label keys fit: the prefix is not counted against the name's 63.
+        let long = BTreeMap::from([(
+            "app.kubernetes.io/part-of-a-rather-long-name".to_owned(),
+            "x".to_owned(),
+        )]);
+        assert!(forged.clone().with_namespace_labels(&long).is_ok());
+        let e = forged.with_namespace_labels(&team("-bad")).unwrap_err();
+        assert!(e.to_string().contains("shop"), "{e}");
     }
 
     #[test]

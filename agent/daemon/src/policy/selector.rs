@@ -17,6 +17,10 @@ pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 /// the identity because it is part of the SPIFFE ID: one numeric identity is one SPIFFE ID.
 pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
 
+/// The prefix under which an identity carries its namespace's labels (Cilium's key, so
+/// `k8s:io.cilium.k8s.namespace.labels.team: a` selects pods of namespaces labelled `team=a`).
+pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
+
 /// A canonical label key (no source prefix), validated as a Kubernetes qualified name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LabelKey(String);
@@ -107,6 +111,12 @@ impl<'de> Deserialize<'de> for LabelValue {
 /// Checks a Kubernetes qualified name: `[prefix/]name`, prefix a DNS subdomain, name up to 63
 /// characters.
 pub fn check_qualified_name(key: &str) -> Result<(), &'static str> {
+    // A namespace label carried by an identity: the namespace's own key after Cilium's prefix.
+    let key = match key.strip_prefix(NAMESPACE_LABELS_PREFIX) {
+        Some("") => return Err("namespace label key must not be empty"),
+        Some(rest) => rest,
+        None => key,
+    };
     let name = match key.rsplit_once('/') {
         Some((prefix, name)) => {
             check_dns_subdomain(prefix).map_err(|_| "prefix must be a DNS subdomain")?;
