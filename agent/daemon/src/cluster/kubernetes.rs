@@ -249,21 +249,28 @@ impl Caches {
     fn start(client: &Client, changed: &Arc<Notify>) -> Self {
         let resources = Resources::new();
         Self {
-            nodes: reflect(Api::<KNode>::all(client.clone()), (), changed),
-            pods: reflect(Api::<KPod>::all(client.clone()), (), changed),
-            namespaces: reflect(Api::<KNamespace>::all(client.clone()), (), changed),
+            nodes: reflect(Api::<KNode>::all(client.clone()), (), changed, false),
+            pods: reflect(Api::<KPod>::all(client.clone()), (), changed, false),
+            namespaces: reflect(Api::<KNamespace>::all(client.clone()), (), changed, false),
             cnps: reflect(
                 Api::all_with(client.clone(), &resources.cnp),
                 resources.cnp.clone(),
                 changed,
+                false,
             ),
             ccnps: reflect(
                 Api::all_with(client.clone(), &resources.ccnp),
                 resources.ccnp.clone(),
                 changed,
+                false,
             ),
-            netpols: reflect(Api::<NetworkPolicy>::all(client.clone()), (), changed),
-            identities: reflect_changes(
+            netpols: reflect(
+                Api::<NetworkPolicy>::all(client.clone()),
+                (),
+                changed,
+                false,
+            ),
+            identities: reflect(
                 Api::all_with(client.clone(), &resources.identity),
                 resources.identity.clone(),
                 changed,
@@ -286,25 +293,10 @@ impl Caches {
 }
 
 /// Starts one reflector: its cache, kept current by a task that wakes `changed` on every event
-/// and logs (does not end on) watch errors; the watcher retries with bounded backoff.
-fn reflect<K>(api: Api<K>, dyntype: K::DynamicType, changed: &Arc<Notify>) -> Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
-{
-    reflect_changes(api, dyntype, changed, false)
-}
-
-/// [`reflect`], waking `changed` only when an object's spec changed (its
-/// `metadata.generation`) when `spec_only`: status writes (the identities' lastSeen) update the
-/// cache without a rebuild.
-fn reflect_changes<K>(
+/// (when `spec_only`, only on a change of an object's spec, its `metadata.generation`: status
+/// writes such as the identities' lastSeen update the cache without a rebuild) and logs (does
+/// not end on) watch errors; the watcher retries with bounded backoff.
+fn reflect<K>(
     api: Api<K>,
     dyntype: K::DynamicType,
     changed: &Arc<Notify>,
