@@ -976,6 +976,77 @@ fn replayed_packets_dropped_and_counted(imp: Impl) {
     );
 }
 
+/// Legitimate reordering (scenario 27's other half): data packets the other side sent are held
+/// back from veil-wg (blackholed by A's routing, after the capture's tap saw them), then delivered
+/// in reverse order. All of them are inside the replay window, so all reach veil-wg's TUN device
+/// and none counts as a replay; one of them sent a second time is a replay.
+fn reordered_packets_inside_the_window_are_delivered(imp: Impl) {
+    let pair = Pair::create(imp);
+    pair.peer_other_first();
+    pair.wait_ping(Side::B, Duration::from_secs(10));
+    let filter = format!("udp and src host {UNDER_B} and dst port {PORT_A}");
+    let cap = Capture::start(&pair.a, &pair.dir.0, "held.pcap", &filter);
+    // The hold: a policy rule blackholing what comes from B, ahead of the local table (moved
+    // behind it), so A's routing drops the packets after the capture's tap saw them. iproute2
+    // only: no netfilter or tc action module needed.
+    pair.a
+        .ok(&["ip", "rule", "add", "pref", "100", "lookup", "local"]);
+    pair.a.ok(&["ip", "rule", "del", "pref", "0"]);
+    let hold = [
+        "pref",
+        "10",
+        "from",
+        UNDER_B,
+        "iif",
+        UNDERLAY_IF,
+        "blackhole",
+    ];
+    pair.a.ok(&[&["ip", "rule", "add"][..], &hold].concat());
+    // Four echo requests: encrypted by the other side, captured, never delivered.
+    let held = pair
+        .b
+        .exec(&["ping", "-c", "4", "-i", "0.2", "-W", "1", TUN_A]);
+    assert!(!held.status.success(), "a ping crossed the tc drop");
+    let packets: Vec<_> = cap
+        .finish()
+        .into_iter()
+        .filter(|p| p.msg_type() == 4 && p.payload.len() > 32)
+        .collect();
+    assert_eq!(packets.len(), 4, "four data packets held back");
+    pair.a.ok(&[&["ip", "rule", "del"][..], &hold].concat());
+    let delivered = pair.a.rx_packets(pair.ifname(Side::A));
+    let replay_before = veil_drops(&pair, "replay");
+    inject(
+        &pair.b,
+        packets.iter().rev().map(|p| p.ip.clone()).collect(),
+    );
+    wait_for(
+        "the four reordered packets on veil-wg's TUN device",
+        Duration::from_secs(5),
+        || (pair.a.rx_packets(pair.ifname(Side::A)) >= delivered + 4).then_some(()),
+    );
+    assert_eq!(pair.a.rx_packets(pair.ifname(Side::A)), delivered + 4);
+    // The same counter twice inside the window is still a replay.
+    inject(&pair.b, vec![packets[1].ip.clone()]);
+    wait_for(
+        "veil-wg to count the duplicate as a replay",
+        Duration::from_secs(5),
+        || (veil_drops(&pair, "replay") > replay_before).then_some(()),
+    );
+    assert_eq!(
+        veil_drops(&pair, "replay"),
+        replay_before + 1,
+        "only the duplicate is a replay"
+    );
+    assert_eq!(pair.a.rx_packets(pair.ifname(Side::A)), delivered + 4);
+    pair.wait_ping(Side::B, Duration::from_secs(2));
+    println!(
+        "{}: 4 data packets held back and delivered in reverse order: 4 on the TUN device, 0 \
+         replays; a duplicate of one: 1 replay",
+        imp.name()
+    );
+}
+
 /// The tests above, once per implementation: `interop::<implementation>::<test>`.
 macro_rules! interop_tests {
     ($($module:ident => $imp:expr),* $(,)?) => {$(
@@ -1005,6 +1076,11 @@ macro_rules! interop_tests {
             #[test]
             fn replayed_data_and_handshake_initiation_are_dropped_and_counted() {
                 replayed_packets_dropped_and_counted($imp);
+            }
+
+            #[test]
+            fn reordered_data_inside_the_window_is_delivered() {
+                reordered_packets_inside_the_window_are_delivered($imp);
             }
         }
     )*};
