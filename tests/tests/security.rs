@@ -107,3 +107,63 @@ fn the_node_reaches_its_local_pods_with_and_without_policy() {
         "{drops:#?}"
     );
 }
+
+/// Scenario 21, same-node spoofing: intruder (root in its pod, so CAP_NET_RAW and more) puts
+/// frontend's address on its interface and connects to backend from it, under a policy that
+/// admits frontend only. The packets are dropped at intruder's veth (`spoofed-source` on
+/// node-a): none reaches backend's interface, so none is credited with frontend's identity.
+/// Its own address still works as itself (refused by the policy, not by anti-spoofing).
+#[test]
+fn a_pod_forging_a_local_neighbours_source_address_is_dropped_at_its_veth() {
+    let lab = Lab::up(&[]);
+    let (fe, be) = (lab.pod_ip("frontend"), lab.pod_ip("backend"));
+    let url = format!("http://{be}:8080/");
+    lab.apply_policy_ok(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: backend-ingress, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: backend}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n",
+    );
+    assert_eq!(
+        lab.try_get("frontend", &url).as_deref(),
+        Ok("hello from shop/backend\n")
+    );
+    let backend_netns = lab
+        .view
+        .pods
+        .iter()
+        .find(|p| p.name == "backend")
+        .expect("backend in the lab")
+        .netns
+        .clone();
+    // Intruder as itself first: refused by the policy, and its neighbour entry for the gateway
+    // is then resolved, so the forged packets below are IP packets, not ARP requests carrying
+    // frontend's address (which anti-spoofing drops too).
+    assert!(lab.try_get("intruder", &url).is_err(), "intruder admitted");
+    let cap = veil_tests::Capture::start(&backend_netns, "eth0");
+    let spoofed = lab.drop_count("node-a", "spoofed-source");
+    lab.exec_ok(
+        "intruder",
+        &["ip", "addr", "add", &format!("{fe}/32"), "dev", "eth0"],
+    );
+    let forged = lab.exec(
+        "intruder",
+        &["curl", "-sS", "--max-time", "2", "--interface", &fe, &url],
+    );
+    assert!(
+        !forged.status.success(),
+        "the forged connection was answered"
+    );
+    let (_, lines) = cap.stop_decoded();
+    let reached: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains(&format!("{fe}.")) && l.contains(&format!("> {be}.8080")))
+        .collect();
+    assert!(
+        reached.is_empty(),
+        "packets with frontend's address from intruder reached backend: {reached:#?}"
+    );
+    let after = lab.drop_count("node-a", "spoofed-source");
+    assert!(
+        after > spoofed,
+        "no spoofed-source drop counted on node-a ({spoofed} -> {after})"
+    );
+    println!("forged SYNs from intruder as frontend: 0 reached backend, spoofed-source {spoofed} -> {after}");
+}
