@@ -493,6 +493,11 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
 
 #[test]
 fn kubernetes_source_keeps_its_state_through_an_apiserver_restart_and_an_etcd_stop() {
+    // The source's and the watchers' logs, shown when the test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("veil_daemon=debug,kube_runtime=debug")
+        .with_test_writer()
+        .try_init();
     let api = Apiserver::start("faults");
     two_nodes_two_pods(&api);
     let policy =

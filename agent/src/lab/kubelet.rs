@@ -418,12 +418,7 @@ impl Kubelet<'_> {
     /// controller manager does from Pod objects), so its workload gets an SVID and
     /// `authentication: required` works with it.
     async fn register_identity(&self, r: &PodRecord) -> Result<()> {
-        if self
-            .spec
-            .pods
-            .iter()
-            .any(|p| p.namespace == r.namespace && p.name == r.name)
-        {
+        if self.in_lab_file(r) {
             return Ok(()); // registered by `lab up`
         }
         match self.spec.identity {
@@ -439,18 +434,31 @@ impl Kubelet<'_> {
                     "/v1/register?pod={}/{}&node={}&sa={}",
                     r.namespace, r.name, self.node.name, r.service_account
                 );
-                crate::admin::call(
-                    &super::spire::control_socket(self.paths),
-                    hyper::Method::POST,
-                    &path,
-                    None,
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|e| kerr("registering with the dev SPIRE server", e))
-                .map(drop)
+                self.dev_spire(&path, "registering with").await
             }
         }
+    }
+
+    /// A pod of the lab file (as opposed to one made with kubectl).
+    fn in_lab_file(&self, r: &PodRecord) -> bool {
+        self.spec
+            .pods
+            .iter()
+            .any(|p| p.namespace == r.namespace && p.name == r.name)
+    }
+
+    /// A POST to the dev SPIRE server's control socket; `what` names it in the error.
+    async fn dev_spire(&self, path: &str, what: &str) -> Result<()> {
+        crate::admin::call(
+            &super::spire::control_socket(self.paths),
+            hyper::Method::POST,
+            path,
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .map(drop)
+        .map_err(|e| kerr(&format!("{what} the dev SPIRE server"), e))
     }
 
     /// Undoes [`Self::register_identity`] once the Pod is gone: the dev server forgets the pod
@@ -458,13 +466,8 @@ impl Kubelet<'_> {
     /// service account is deleted once no other Pod this kubelet runs shares it. Failures are
     /// logged: the Pod is gone either way.
     async fn unregister_identity(&self, r: &PodRecord) {
-        if self
-            .spec
-            .pods
-            .iter()
-            .any(|p| p.namespace == r.namespace && p.name == r.name)
-        {
-            return; // the lab file's own, registered by `lab up` for the lab's life
+        if self.in_lab_file(r) {
+            return; // registered by `lab up` for the lab's life
         }
         let result = match self.spec.identity {
             super::spec::IdentityProvider::Spire => {
@@ -488,16 +491,10 @@ impl Kubelet<'_> {
                 )
                 .map(drop)
             }
-            super::spec::IdentityProvider::Dev => crate::admin::call(
-                &super::spire::control_socket(self.paths),
-                hyper::Method::POST,
-                &format!("/v1/revoke?pod={}/{}", r.namespace, r.name),
-                None,
-                Duration::from_secs(10),
-            )
-            .await
-            .map(drop)
-            .map_err(|e| kerr("unregistering from the dev SPIRE server", e)),
+            super::spec::IdentityProvider::Dev => {
+                let path = format!("/v1/revoke?pod={}/{}", r.namespace, r.name);
+                self.dev_spire(&path, "unregistering from").await
+            }
         };
         if let Err(e) = result {
             eprintln!("kubelet: {}/{}: {e}", r.namespace, r.name);

@@ -442,6 +442,21 @@ impl Builder {
             .iter()
             .filter_map(|(id, key)| Some((key.clone(), id.parse().ok()?)))
             .collect();
+        // An identity the last snapshot used stays usable while the cache lacks it: created
+        // by this builder just now, its watch event may not have arrived (and, with the
+        // apiserver gone, cannot be allocated again): dropping its pods would lose what is
+        // applied.
+        for i in self.last.iter().flat_map(|s| &s.identities) {
+            if !known.contains_key(&i.id.to_string()) {
+                let key = IdentityKey {
+                    namespace: i.namespace.clone(),
+                    service_account: i.service_account.clone(),
+                    labels: i.labels.clone(),
+                    namespace_labels: i.namespace_labels.clone(),
+                };
+                by_key.entry(key).or_insert(i.id);
+            }
+        }
         let namespace_labels: HashMap<String, BTreeMap<String, String>> = self
             .caches
             .namespaces
@@ -493,7 +508,6 @@ impl Builder {
             .filter(|p| p.node == self.cfg.node)
             .map(|p| p.identity)
             .collect();
-        self.refresh_last_seen(&local).await;
         let identities: Vec<Identity> = by_key
             .iter()
             .filter(|(_, id)| used.contains(id))
@@ -505,7 +519,7 @@ impl Builder {
                 namespace_labels: k.namespace_labels.clone(),
             })
             .collect();
-        self.collect_unused(&used).await;
+        self.tend_identities(&used, &local).await;
         if !self.update_policies().await {
             complete = false;
         }
@@ -576,51 +590,44 @@ impl Builder {
         ))))
     }
 
-    /// Writes `status.lastSeen` = now on the identities of this node's pods whose lastSeen is
-    /// missing or older than a quarter of the collection age. Failures wait for the next round.
-    async fn refresh_last_seen(&self, local: &std::collections::BTreeSet<u32>) {
+    /// One pass over the cached identities: writes `status.lastSeen` = now on those this node's
+    /// pods carry (`local`) once it is missing or older than a quarter of the collection age;
+    /// deletes those no pod carries (`used`), once created and last seen longer than
+    /// [`IDENTITY_GC_AGE`] ago. Failures wait for the next round.
+    async fn tend_identities(
+        &self,
+        used: &std::collections::BTreeSet<u32>,
+        local: &std::collections::BTreeSet<u32>,
+    ) {
         let api: Api<DynamicObject> =
             Api::all_with(self.client.clone(), &self.caches.resources.identity);
         let now = k8s_openapi::jiff::Timestamp::now();
-        let stale = self.cfg.identity_gc_age / 4;
+        let gc_age = self.cfg.identity_gc_age;
         for o in self.caches.identities.state() {
-            let Some((id, _)) = identity_from(&o) else {
+            let Some(id) = identity_number(&o) else {
                 continue;
             };
-            let fresh = last_seen(&o).is_some_and(|t| age(now, t) < stale);
-            if !local.contains(&id) || fresh {
+            let seen = last_seen(&o);
+            if local.contains(&id) {
+                if seen.is_some_and(|t| age(now, t) < gc_age / 4) {
+                    continue;
+                }
+                let patch = json!({"status": {"lastSeen": now.to_string()}});
+                let pp = PatchParams::default();
+                if let Err(e) = api
+                    .patch_status(&id.to_string(), &pp, &Patch::Merge(&patch))
+                    .await
+                {
+                    tracing::debug!(id, error = %e, "cannot write the identity's lastSeen yet");
+                }
                 continue;
             }
-            let patch = json!({"status": {"lastSeen": now.to_string()}});
-            if let Err(e) = api
-                .patch_status(
-                    &id.to_string(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-            {
-                tracing::debug!(id, error = %e, "cannot write the identity's lastSeen yet");
-            }
-        }
-    }
-
-    /// Deletes identities no pod uses, once created and last seen longer than
-    /// [`IDENTITY_GC_AGE`] ago.
-    async fn collect_unused(&self, used: &std::collections::BTreeSet<u32>) {
-        let api: Api<DynamicObject> =
-            Api::all_with(self.client.clone(), &self.caches.resources.identity);
-        let now = k8s_openapi::jiff::Timestamp::now();
-        for o in self.caches.identities.state() {
-            let Some((id, _)) = identity_from(&o) else {
-                continue;
-            };
             let created = o.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            let old = [created, last_seen(&o)]
+            let old = [created, seen]
                 .into_iter()
                 .flatten()
                 .max()
-                .is_some_and(|t| age(now, t) >= self.cfg.identity_gc_age);
+                .is_some_and(|t| age(now, t) >= gc_age);
             if used.contains(&id) || !old {
                 continue;
             }
@@ -858,6 +865,11 @@ fn pod_from(p: &KPod) -> Option<Pod> {
     })
 }
 
+/// A `VeilIdentity`'s number: its name.
+fn identity_number(o: &DynamicObject) -> Option<u32> {
+    o.metadata.name.as_deref()?.parse().ok()
+}
+
 /// A `VeilIdentity`'s `status.lastSeen`, if it has a readable one.
 fn last_seen(o: &DynamicObject) -> Option<k8s_openapi::jiff::Timestamp> {
     o.data
@@ -876,7 +888,7 @@ fn age(now: k8s_openapi::jiff::Timestamp, t: k8s_openapi::jiff::Timestamp) -> Du
 /// A `VeilIdentity` object's number and key: `spec.labels` are the identity labels, the
 /// namespace and service-account labels included.
 fn identity_from(o: &DynamicObject) -> Option<(u32, IdentityKey)> {
-    let id: u32 = o.metadata.name.as_deref()?.parse().ok()?;
+    let id = identity_number(o)?;
     let labels: BTreeMap<String, String> =
         serde_json::from_value(o.data.get("spec")?.get("labels")?.clone()).ok()?;
     Some((id, IdentityKey::from_identity_labels(&labels).ok()?))

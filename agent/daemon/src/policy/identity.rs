@@ -97,10 +97,9 @@ impl IdentityKey {
             return Err(bad("service account: empty".into()));
         }
         LabelValue::parse(service_account).map_err(|why| bad(format!("service account: {why}")))?;
+        check_labels(namespace, "label", labels)?;
         let mut out = BTreeMap::new();
         for (k, v) in labels {
-            check_qualified_name(k).map_err(|why| bad(format!("label key `{k}`: {why}")))?;
-            LabelValue::parse(v).map_err(bad)?;
             if k != NAMESPACE_LABEL
                 && k != SERVICE_ACCOUNT_LABEL
                 && !k.starts_with(NAMESPACE_LABELS_PREFIX)
@@ -122,15 +121,7 @@ impl IdentityKey {
         mut self,
         labels: &BTreeMap<String, String>,
     ) -> Result<Self, Error> {
-        for (k, v) in labels {
-            let bad = |reason: String| Error::BadIdentity {
-                namespace: self.namespace.clone(),
-                reason,
-            };
-            check_qualified_name(k)
-                .map_err(|why| bad(format!("namespace label key `{k}`: {why}")))?;
-            LabelValue::parse(v).map_err(bad)?;
-        }
+        check_labels(&self.namespace, "namespace label", labels)?;
         self.namespace_labels = labels.clone();
         Ok(self)
     }
@@ -171,6 +162,23 @@ impl IdentityKey {
         }
         l
     }
+}
+
+/// Validates label keys (qualified names) and values; errors name `what` and the key.
+fn check_labels(
+    namespace: &str,
+    what: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), Error> {
+    let bad = |reason: String| Error::BadIdentity {
+        namespace: namespace.to_owned(),
+        reason,
+    };
+    for (k, v) in labels {
+        check_qualified_name(k).map_err(|why| bad(format!("{what} key `{k}`: {why}")))?;
+        LabelValue::parse(v).map_err(bad)?;
+    }
+    Ok(())
 }
 
 /// The identity table. Serialized as `{"next": N, "identities": [{"id", "namespace",
