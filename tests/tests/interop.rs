@@ -1197,3 +1197,129 @@ fn rekey_after_120_seconds_both_initiators() {
         );
     }
 }
+
+/// Scenario 33: concurrent configuration churn against a live session. For 15 s, at once:
+/// veil-wg's peers are added, changed and removed through its UAPI (`wg set`), including
+/// in-place changes of the live peer that rebuild its noise state (make before break);
+/// `wg show dump` runs continuously; wireguard-go drops veil-wg as a peer and adds it back, so
+/// the session handshakes again and again; B pings A every 50 ms throughout. Afterwards veil-wg
+/// is alive, lists exactly its one remaining peer, and carries traffic both ways (a 1 MiB TCP
+/// transfer checked byte by byte). Each activity must have run a minimum number of times, so
+/// a churn that silently stopped fails too.
+#[test]
+fn config_churn_with_dumps_and_handshakes_leaves_veil_wg_working() {
+    const CHURN: Duration = Duration::from_secs(15);
+    let pair = Pair::up(Impl::WireguardGo);
+    pair.wait_ping(Side::B, Duration::from_secs(10));
+    let if_a = pair.veil.ifname.clone();
+    // Extra peers' public keys: any 32 bytes are one, so fresh private keys serve.
+    let extra: Vec<String> = (0..8)
+        .map(|_| run_ok(&["wg", "genkey"]).trim().to_string())
+        .collect();
+    let dead_end = format!("{UNDER_B}:{}", PORT_B + 1);
+    let mut flood = pair
+        .ns(Side::B)
+        .cmd(&["ping", "-q", "-i", "0.05", "-W", "1", TUN_A])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ping");
+    let t0 = Instant::now();
+    let (changes, dumps, readds) = std::thread::scope(|s| {
+        let churn = s.spawn(|| {
+            let mut n = 0u32;
+            while t0.elapsed() < CHURN {
+                let i = n as usize;
+                let key = &extra[i % extra.len()];
+                let ip = format!("198.19.201.{}/32", i % extra.len() + 1);
+                // A new peer with an endpoint: veil-wg sends it an initiation at once (to a
+                // port nobody answers).
+                pair.a.ok(&[
+                    "wg",
+                    "set",
+                    &if_a,
+                    "peer",
+                    key,
+                    "allowed-ips",
+                    &ip,
+                    "endpoint",
+                    &dead_end,
+                ]);
+                let keepalive = if n.is_multiple_of(2) { "25" } else { "0" };
+                pair.a.ok(&[
+                    "wg",
+                    "set",
+                    &if_a,
+                    "peer",
+                    &pair.pub_b,
+                    "persistent-keepalive",
+                    keepalive,
+                ]);
+                pair.a.ok(&["wg", "set", &if_a, "peer", key, "remove"]);
+                n += 1;
+            }
+            n
+        });
+        let dump = s.spawn(|| {
+            let mut n = 0u32;
+            while t0.elapsed() < CHURN {
+                let out = pair.a.ok(&["wg", "show", &if_a, "dump"]);
+                assert!(out.contains(&pair.pub_b), "dump lost the live peer:\n{out}");
+                n += 1;
+            }
+            n
+        });
+        let handshakes = s.spawn(|| {
+            let mut n = 0u32;
+            while t0.elapsed() < CHURN {
+                pair.remove_peer(Side::B);
+                pair.configure(Side::B, "psk");
+                pair.wait_ping(Side::B, Duration::from_secs(10));
+                n += 1;
+            }
+            n
+        });
+        (
+            churn.join().expect("churn"),
+            dump.join().expect("dumps"),
+            handshakes.join().expect("re-adds"),
+        )
+    });
+    let _ = flood.kill();
+    let _ = flood.wait();
+    println!(
+        "in {:?}: {changes} add/change/remove rounds, {dumps} dumps, {readds} re-handshakes",
+        t0.elapsed()
+    );
+    assert!(
+        changes >= 20 && dumps >= 20 && readds >= 3,
+        "too little churn to mean anything: {changes} rounds, {dumps} dumps, {readds} re-adds"
+    );
+    let pid = pair.veil.child.id();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        !stat.is_empty() && !stat.contains(") Z "),
+        "veil-wg died under churn:\n{}",
+        pair.veil.log_text()
+    );
+    let dump = pair.a.ok(&["wg", "show", &if_a, "dump"]);
+    let peers: Vec<&str> = dump
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    assert_eq!(
+        peers,
+        [pair.pub_b.as_str()],
+        "peers after the churn:\n{dump}"
+    );
+    pair.wait_ping(Side::A, Duration::from_secs(10));
+    pair.wait_ping(Side::B, Duration::from_secs(10));
+    pair.tcp_transfer(Side::A, 1 << 20);
+    pair.tcp_transfer(Side::B, 1 << 20);
+    assert!(
+        !pair.veil.log_text().contains("panicked"),
+        "veil-wg panicked:\n{}",
+        pair.veil.log_text()
+    );
+}
