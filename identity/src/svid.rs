@@ -88,8 +88,10 @@ pub enum SvidError {
     IssuerExpired { not_after: SystemTime },
     #[error("no trust bundle for trust domain {0}")]
     NoBundle(TrustDomain),
+    /// A certificate after the leaf is not a CA: used as an issuer, or a second end-entity
+    /// certificate presented beside the leaf (a substituted leaf, scenario 14).
     #[error(
-        "svid chain uses a certificate that is not a ca (basicConstraints ca=true) as an issuer"
+        "svid chain has a certificate after the leaf that is not a ca (basicConstraints ca=true)"
     )]
     IntermediateNotCa,
     #[error("svid certificate {index} issues certificates but lacks the keyCertSign key usage")]
@@ -673,9 +675,15 @@ pub fn validate_x509_svid(
         .roots(&td)
         .ok_or_else(|| SvidError::NoBundle(td.clone()))?;
 
-    // A presented CA that names a SPIFFE ID must name this trust domain: a CA of another trust
-    // domain cannot vouch for ours even if someone chained it in.
+    // Every certificate after the leaf must be a CA: a chain carries one end-entity
+    // certificate, so another workload's leaf presented beside it is refused, not merely left
+    // off the path (webpki would ignore it as an unused intermediate).
     for (index, cert) in chain.iter().enumerate().skip(1) {
+        if !is_ca(cert) {
+            return Err(SvidError::IntermediateNotCa);
+        }
+        // A presented CA that names a SPIFFE ID must name this trust domain: a CA of another
+        // trust domain cannot vouch for ours even if someone chained it in.
         let uris = uri_sans(cert).map_err(|source| SvidError::Malformed { index, source })?;
         for uri in uris {
             if let Ok(id) = SpiffeId::parse(uri) {

@@ -10,7 +10,8 @@ use veil_certs_dev::{
     ExtraCa, LeafSpec,
 };
 use veil_identity::{
-    validate_x509_svid, BundleSet, Bundles, CertificateDer, SpiffeId, Svid, SvidError, TrustDomain,
+    validate_x509_svid, BundleSet, Bundles, CertificateDer, IdError, SpiffeId, Svid, SvidError,
+    TrustDomain,
 };
 
 fn td(name: &str) -> TrustDomain {
@@ -243,14 +244,15 @@ fn intermediate_problems_each_have_their_error() {
         Err(SvidError::UntrustedRoot(_))
     ));
 
-    // A leaf posing as intermediate: it is not the leaf's issuer, so no path reaches a root.
+    // A leaf posing as intermediate: refused as a non-CA after the leaf (before the path search,
+    // where it would not reach a root either).
     let other = ca
         .issue_workload_svid("shop", "backend", Duration::from_secs(60))
         .unwrap();
     let chain = vec![svid.leaf().clone(), other.leaf().clone()];
     assert!(matches!(
         validate_x509_svid(&chain, &bundles, SystemTime::now()),
-        Err(SvidError::UntrustedRoot(_))
+        Err(SvidError::IntermediateNotCa)
     ));
 
     // The root appended to the chain is fine (anchored in the chain itself).
@@ -507,4 +509,57 @@ fn split_der_certs_round_trips_concatenation() {
     assert!(
         veil_identity::split_der_certs(ca.trust_domain(), &joined[..joined.len() - 1]).is_err()
     );
+}
+
+/// Scenario 14's forms that are not a [`BadVariant`], as certificates through the validator: a
+/// NUL inside the URI SAN (a C-string reader would see the victim's ID), IDs with the root path
+/// (none, or "/"), and a substituted leaf (another workload's leaf where an intermediate
+/// belongs, so the chain carries two identities): each refused with its own error.
+#[test]
+fn nul_in_the_san_root_path_ids_and_a_substituted_leaf_are_rejected() {
+    for with_intermediate in [false, true] {
+        let (ca, bundles, id) = lab_veil_frontend(with_intermediate);
+        let now = SystemTime::now();
+        let issue = |uri: &str| {
+            let mut spec = LeafSpec::svid(
+                &id,
+                now - Duration::from_secs(60),
+                Duration::from_secs(3600),
+            );
+            spec.uris = vec![uri.to_string()];
+            ca.issue_chain(&spec).unwrap().chain
+        };
+        let check = |what: &str, chain: &[CertificateDer<'static>], ok: fn(&SvidError) -> bool| {
+            let got = validate_x509_svid(chain, &bundles, now).expect_err(&format!(
+                "{what} (intermediate={with_intermediate}) must fail"
+            ));
+            assert!(
+                ok(&got),
+                "{what} (intermediate={with_intermediate}): {got:?}"
+            );
+        };
+        check("NUL in the SAN", &issue(&format!("{id}\0.evil")), |e| {
+            matches!(e, SvidError::InvalidSpiffeId(IdError::BadPathChar('\0')))
+        });
+        check("no path", &issue("spiffe://lab.veil"), |e| {
+            matches!(e, SvidError::LeafIdWithoutPath(_))
+        });
+        check("root path", &issue("spiffe://lab.veil/"), |e| {
+            matches!(e, SvidError::InvalidSpiffeId(IdError::TrailingSlash))
+        });
+        // backend's leaf in front of frontend's whole chain: two end-entity certificates.
+        let backend = workload_id(ca.trust_domain(), "shop", "backend").unwrap();
+        let mut substituted = ca
+            .issue(&backend, Duration::from_secs(3600))
+            .unwrap()
+            .cert_chain()
+            .to_vec();
+        substituted.truncate(1);
+        substituted.extend(issue(&id.to_string()));
+        check("a substituted leaf", &substituted, |e| {
+            matches!(e, SvidError::IntermediateNotCa)
+        });
+        // The same chain without the substitution passes: the forms above are the only fault.
+        validate_x509_svid(&issue(&id.to_string()), &bundles, now).expect("the good chain");
+    }
 }
