@@ -447,13 +447,7 @@ impl Builder {
         // apiserver gone, cannot be allocated again): dropping its pods would lose what is
         // applied.
         for i in self.last.iter().flat_map(|s| &s.identities) {
-            if !known.contains_key(&i.id.to_string()) {
-                let key = IdentityKey {
-                    namespace: i.namespace.clone(),
-                    service_account: i.service_account.clone(),
-                    labels: i.labels.clone(),
-                    namespace_labels: i.namespace_labels.clone(),
-                };
+            if let (false, Ok(key)) = (known.contains_key(&i.id.to_string()), i.key()) {
                 by_key.entry(key).or_insert(i.id);
             }
         }
@@ -511,13 +505,7 @@ impl Builder {
         let identities: Vec<Identity> = by_key
             .iter()
             .filter(|(_, id)| used.contains(id))
-            .map(|(k, id)| Identity {
-                id: *id,
-                namespace: k.namespace.clone(),
-                service_account: k.service_account.clone(),
-                labels: k.labels.clone(),
-                namespace_labels: k.namespace_labels.clone(),
-            })
+            .map(|(k, id)| Identity::new(*id, k))
             .collect();
         self.tend_identities(&used, &local).await;
         if !self.update_policies().await {

@@ -127,6 +127,25 @@ pub struct Identity {
     pub namespace_labels: BTreeMap<String, String>,
 }
 
+impl Identity {
+    /// The identity `id` with the labels of `key`.
+    pub fn new(id: u32, key: &crate::policy::IdentityKey) -> Self {
+        Self {
+            id,
+            namespace: key.namespace.clone(),
+            service_account: key.service_account.clone(),
+            labels: key.labels.clone(),
+            namespace_labels: key.namespace_labels.clone(),
+        }
+    }
+
+    /// Its labels as the allocator's key, checked as a pod's would be.
+    pub fn key(&self) -> Result<crate::policy::IdentityKey, crate::policy::Error> {
+        crate::policy::IdentityKey::new(&self.namespace, &self.service_account, &self.labels)
+            .and_then(|k| k.with_namespace_labels(&self.namespace_labels))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
@@ -179,12 +198,7 @@ impl ClusterState {
     pub fn identity_table(&self) -> Vec<(u32, crate::policy::IdentityLabels)> {
         self.identities
             .iter()
-            .filter_map(|i| {
-                crate::policy::IdentityKey::new(&i.namespace, &i.service_account, &i.labels)
-                    .and_then(|k| k.with_namespace_labels(&i.namespace_labels))
-                    .ok()
-                    .map(|k| (i.id, k.identity_labels()))
-            })
+            .filter_map(|i| Some((i.id, i.key().ok()?.identity_labels())))
             .collect()
     }
 }
