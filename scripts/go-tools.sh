@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real third-party systems veil's lab and tests run beside, from source through the Go
 # module proxy, once per machine: SPIRE (spire-server, spire-agent), Kubernetes (kube-apiserver,
-# kubectl), etcd, helm and wireguard-go. scripts/setup.sh runs it; it can also run on its own.
+# kube-controller-manager, kubectl), etcd, helm and wireguard-go. scripts/setup.sh runs it; it
+# can also run on its own.
 #
 #   cache:  ${VEIL_CACHE_DIR:-~/.cache/veil}/go-tools/<tool>-<version>/
 #             src/go.mod, go.sum   generated wrapper module (requires, replaces, tool lines)
@@ -94,7 +95,9 @@ recipe_kubernetes() {
   for p in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
     x+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=archive -X $p.buildDate=@DATE@"
   done
+  # kube-controller-manager: the lab runs its EndpointSlice controller (Services' backends).
   BINS=("kube-apiserver|k8s.io/kubernetes/cmd/kube-apiserver|0|-s -w$x|--version|Kubernetes $v"
+        "kube-controller-manager|k8s.io/kubernetes/cmd/kube-controller-manager|0|-s -w$x|--version|Kubernetes $v"
         "kubectl|k8s.io/kubernetes/cmd/kubectl|0|-s -w$x|version --client|Client Version: $v")
   STAGING_VERSION=$staging
 }

@@ -6,7 +6,7 @@
 #   scripts/kube-apiserver.sh stop DIR    stop both processes and remove DIR
 #
 # Everything listens on 127.0.0.1 only, on free ports picked at start (so several can run side
-# by side); the Service range is 198.19.128.0/17 (inside 198.18.0.0/15, never routed). TLS: a
+# by side); the Service range is 198.18.16.0/20 (inside 198.18.0.0/15, never routed). TLS: a
 # CA, the apiserver's serving certificate and an admin client certificate (group
 # system:masters), all made with openssl in DIR; authorization Node,RBAC as on a real cluster;
 # service-account tokens signed with a key made in DIR.
@@ -117,7 +117,7 @@ make_pki() {
   issue apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:198.19.128.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+subjectAltName=IP:127.0.0.1,IP:198.18.16.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   issue admin "/O=system:masters/CN=veil-admin" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=clientAuth"
@@ -209,7 +209,7 @@ do_start() {
     --service-account-key-file "$dir/pki/sa.pub" \
     --service-account-signing-key-file "$dir/pki/sa.key" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-cluster-ip-range 198.19.128.0/17 \
+    --service-cluster-ip-range 198.18.16.0/20 \
     --profiling=false \
     >"$dir/kube-apiserver.log" 2>&1 </dev/null &
   echo $! >"$dir/kube-apiserver.pid"

@@ -20,8 +20,8 @@
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{
-        bpf_check_mtu, bpf_ktime_get_boot_ns, bpf_redirect, bpf_redirect_neigh,
-        bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_check_mtu, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_redirect,
+        bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     macros::{classifier, map},
     maps::{
@@ -33,14 +33,15 @@ use veil_common::{
     config_flags,
     maps::{
         ct_flags, ct_timeouts, direction, flow_flags, identity, ip_flags, node_flags,
-        policy_decision, policy_flags, AuthEntry,
-        AuthKey, CtEntry, CtKey, DatapathConfig, FlowEvent, FragKey, FragPorts, IfStats, IpInfo,
-        IpKey, NodeInfo, PolicyDecision, PolicyEntry, PolicyKey, ThrottleKey, ThrottleState, AUTH_MAX, CT_MAX,
-        EVENTS_BYTES, EVENT_THROTTLE_MAX, FRAGS_MAX, IF_STATS_MAX, IPCACHE_MAX, NODES_MAX,
-        POLICY_MAX,
+        policy_decision, policy_flags, AuthEntry, AuthKey, CtEntry, CtKey, DatapathConfig,
+        FlowEvent, FragKey, FragPorts, IfStats, IpInfo, IpKey, NodeInfo, PolicyDecision,
+        PolicyEntry, PolicyKey, ThrottleKey, ThrottleState, AUTH_MAX, CT_MAX, EVENTS_BYTES,
+        EVENT_THROTTLE_MAX, FRAGS_MAX, IF_STATS_MAX, IPCACHE_MAX, NODES_MAX, POLICY_MAX,
     },
     marks, reason, verdict,
 };
+
+mod sock;
 
 #[map(name = "VEIL_CONFIG")]
 static VEIL_CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
@@ -140,7 +141,8 @@ pub fn veil_from_hold(ctx: TcContext) -> i32 {
 /// Is this address a pod's, or inside any node's pod CIDR (this node's included)?
 #[inline(always)]
 fn is_pod_address(addr: &[u8; 16]) -> Option<IpInfo> {
-    lookup_ip(addr).filter(|i| i.flags & (ip_flags::POD | ip_flags::POD_CIDR | ip_flags::LOCAL_POD) != 0)
+    lookup_ip(addr)
+        .filter(|i| i.flags & (ip_flags::POD | ip_flags::POD_CIDR | ip_flags::LOCAL_POD) != 0)
 }
 
 fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
@@ -187,6 +189,7 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
             remote_node: 0,
             // SAFETY: plain helper call.
             now: unsafe { bpf_ktime_get_boot_ns() },
+            cookie: 0,
         }
         .dropped(
             &flow,
@@ -322,6 +325,7 @@ fn try_from_hold(ctx: &TcContext) -> Result<i32, u32> {
             ifindex,
             remote_node: node,
             now,
+            cookie: 0,
         };
         return Err(ev.dropped(&flow, reason::AUTH_REQUIRED, dir, flags));
     }
@@ -446,6 +450,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
             ifindex,
             remote_node,
             now,
+            // SAFETY: plain helper call on this program's own context.
+            cookie: unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) },
         },
         local: src.identity,
         peer: dst_identity,
@@ -500,6 +506,9 @@ struct EvBase {
     ifindex: u32,
     remote_node: u32,
     now: u64,
+    /// The sending socket's cookie where the packet still carries its socket (a pod's own
+    /// packets on its veth), else 0: names the Service a socket program translated from.
+    cookie: u64,
 }
 
 impl EvBase {
@@ -517,6 +526,7 @@ impl EvBase {
                 direction,
                 flags,
                 now: self.now,
+                cookie: self.cookie,
             },
         );
     }
@@ -722,6 +732,7 @@ fn ingress_from_node(
             ifindex,
             remote_node: src_node,
             now,
+            cookie: 0,
         },
         local: dst.identity,
         peer: src_identity,
@@ -1112,6 +1123,7 @@ struct Ev {
     reason: u32,
     flags: u32,
     now: u64,
+    cookie: u64,
     verdict: u8,
     direction: u8,
 }
@@ -1151,6 +1163,11 @@ fn emit(f: &Flow, ev: &Ev) {
             0,
         );
     }
+    let service_ip = if ev.cookie != 0 {
+        sock::service_of(ev.cookie, &f.daddr, f.dport)
+    } else {
+        0
+    };
     if let Some(mut slot) = VEIL_EVENTS.reserve::<FlowEvent>(0) {
         let p = slot.as_mut_ptr();
         // SAFETY: `p` points at a reserved, exclusively owned FlowEvent-sized slot.
@@ -1171,7 +1188,7 @@ fn emit(f: &Flow, ev: &Ev) {
             (*p)._pad = 0;
             (*p).reason = ev.reason;
             (*p).flags = ev.flags;
-            (*p)._pad2 = 0;
+            (*p).service_ip = service_ip;
         }
         slot.submit(0);
     }
@@ -1232,9 +1249,15 @@ fn count_drop(ctx: &TcContext, code: u32) {
 /// The tunnel MTU when this IP packet (or, for a GSO packet, one of its segments) is larger
 /// than the tunnel device carries.
 #[inline(always)]
-fn tunnel_mtu_exceeded(ctx: &TcContext, flow: &Flow, tunnel_ifindex: u32) -> Result<Option<u32>, u32> {
+fn tunnel_mtu_exceeded(
+    ctx: &TcContext,
+    flow: &Flow,
+    tunnel_ifindex: u32,
+) -> Result<Option<u32>, u32> {
     let load16 = |off: usize| -> Result<u32, u32> {
-        Ok(u32::from(u16::from_be(ctx.load::<u16>(off).map_err(|_| reason::TRUNCATED)?)))
+        Ok(u32::from(u16::from_be(
+            ctx.load::<u16>(off).map_err(|_| reason::TRUNCATED)?,
+        )))
     };
     // The L3 length from the header (bpf_check_mtu would otherwise count the Ethernet header
     // against a device that has none), and the L3 header's own length.
@@ -1277,7 +1300,10 @@ fn tunnel_mtu_exceeded(ctx: &TcContext, flow: &Flow, tunnel_ifindex: u32) -> Res
 /// Whether an IPv4 packet has Don't Fragment set.
 #[inline(always)]
 fn ipv4_dont_fragment(ctx: &TcContext) -> Result<bool, u32> {
-    let frag_off = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| reason::TRUNCATED)?);
+    let frag_off = u16::from_be(
+        ctx.load::<u16>(ETH_HLEN + 6)
+            .map_err(|_| reason::TRUNCATED)?,
+    );
     Ok(frag_off & 0x4000 != 0)
 }
 

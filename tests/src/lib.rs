@@ -337,6 +337,47 @@ impl Lab {
         }
     }
 
+    /// Runs the lab's kubectl with its admin kubeconfig (a Kubernetes-mode lab); panics with
+    /// the output when it fails.
+    pub fn kubectl(&self, args: &[&str], stdin: &str) -> String {
+        let k = self
+            .view
+            .kubernetes
+            .as_ref()
+            .expect("a kubernetes lab shows its apiserver");
+        kubectl(&k.kubectl, &k.kubeconfig, args, stdin)
+    }
+
+    /// A Pod on `node` in namespace shop, labelled `app=<name>`, serving HTTP on 8080 (`veil lab
+    /// serve`: there is no container runtime), made with kubectl; waits until the lab's kubelet
+    /// reports its address and returns it. Its ready file is in the lab's own state directory,
+    /// which `lab down` removes.
+    pub fn make_web_pod(&self, name: &str, node: &str) -> String {
+        let ready = veil_agent::lab::LabPaths::new(&self.name)
+            .expect("lab paths")
+            .ready_dir()
+            .join(format!("web-{name}"));
+        let pod = format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod",
+            "metadata": {{"name": "{name}", "namespace": "shop", "labels": {{"app": "{name}"}}}},
+            "spec": {{"nodeName": "{node}", "containers": [{{"name": "web", "image": "ignored",
+              "command": ["{}", "lab", "serve", "--kind", "http", "--port", "8080",
+                          "--pod", "shop/{name}", "--ready-file", "{}"]}}]}}}}"#,
+            veil_bin().display(),
+            ready.display()
+        );
+        self.kubectl(&["apply", "-f", "-"], &pod);
+        self.wait_for(
+            &format!("{name}'s address"),
+            Duration::from_secs(30),
+            || {
+                let path = "jsonpath={.status.podIP}";
+                let ip = self.kubectl(&["get", "pod", "-n", "shop", name, "-o", path], "");
+                (!ip.is_empty()).then_some(ip)
+            },
+        )
+    }
+
     /// `veil observe -o json ARGS...`, one JSON value per flow.
     pub fn observe(&self, args: &[&str]) -> Vec<serde_json::Value> {
         let mut a = vec!["observe", "--name", self.name.as_str(), "-o", "json"];

@@ -8,50 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{contains, rand_suffix, veil_bin, Capture, Lab};
-
-/// Runs the lab's kubectl with its admin kubeconfig; panics with the output when it fails.
-fn kubectl(lab: &Lab, args: &[&str], stdin: &str) -> String {
-    let k = lab
-        .view
-        .kubernetes
-        .as_ref()
-        .expect("a kubernetes lab shows its apiserver");
-    veil_tests::kubectl(&k.kubectl, &k.kubeconfig, args, stdin)
-}
-
-/// A Pod on `node` serving HTTP on 8080 (`veil lab serve`: there is no container runtime).
-/// Its ready file is in the lab's own state directory, which `lab down` removes.
-fn web_pod(lab: &Lab, name: &str, node: &str) -> String {
-    let veil = veil_bin();
-    let ready = veil_agent::lab::LabPaths::new(&lab.name)
-        .expect("lab paths")
-        .ready_dir()
-        .join(format!("web-{name}"));
-    format!(
-        r#"{{"apiVersion": "v1", "kind": "Pod",
-            "metadata": {{"name": "{name}", "namespace": "shop", "labels": {{"app": "{name}"}}}},
-            "spec": {{"nodeName": "{node}", "containers": [{{"name": "web", "image": "ignored",
-              "command": ["{}", "lab", "serve", "--kind", "http", "--port", "8080",
-                          "--pod", "shop/{name}", "--ready-file", "{}"]}}]}}}}"#,
-        veil.display(),
-        ready.display()
-    )
-}
-
-/// Applies [`web_pod`] with kubectl and waits until the lab's kubelet reports its address.
-fn make_web_pod(lab: &Lab, name: &str, node: &str) -> String {
-    kubectl(lab, &["apply", "-f", "-"], &web_pod(lab, name, node));
-    lab.wait_for(
-        &format!("{name}'s address"),
-        Duration::from_secs(30),
-        || {
-            let path = "jsonpath={.status.podIP}";
-            let ip = kubectl(lab, &["get", "pod", "-n", "shop", name, "-o", path], "");
-            (!ip.is_empty()).then_some(ip)
-        },
-    )
-}
+use veil_tests::{contains, rand_suffix, Capture, Lab};
 
 fn curl(lab: &Lab, from: &str, url: &str) -> Result<String, String> {
     let out = lab.exec(from, &["curl", "-sS", "--max-time", "2", url]);
@@ -74,7 +31,7 @@ fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration
 
 /// Both nodes report the policy enforced in its status.
 fn enforced_everywhere(lab: &Lab, kind: &str, name: &str) -> bool {
-    let out = kubectl(lab, &["get", kind, "-n", "shop", name, "-o", "json"], "");
+    let out = lab.kubectl(&["get", kind, "-n", "shop", name, "-o", "json"], "");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     ["node-a", "node-b"].iter().all(|n| {
         v["status"]["nodes"][n]["enforcing"] == true && v["status"]["nodes"][n]["ok"] == true
@@ -117,12 +74,9 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     assert!(k.server.starts_with("https://127.0.0.1:"), "{k:?}");
 
     // The lab file's pods are Pods, Running at their addresses, made by the lab's kubelet.
-    let pods: serde_json::Value = serde_json::from_str(&kubectl(
-        &lab,
-        &["get", "pods", "-n", "shop", "-o", "json"],
-        "",
-    ))
-    .unwrap();
+    let pods: serde_json::Value =
+        serde_json::from_str(&lab.kubectl(&["get", "pods", "-n", "shop", "-o", "json"], ""))
+            .unwrap();
     let ips: Vec<(String, String)> = pods["items"]
         .as_array()
         .unwrap()
@@ -144,7 +98,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
 
     // A Pod made with kubectl on node-b: an address from node-b's CIDR, reachable from frontend.
     let t0 = Instant::now();
-    let ip = make_web_pod(&lab, "web2", "node-b");
+    let ip = lab.make_web_pod("web2", "node-b");
     assert!(
         ip.starts_with("198.19.2."),
         "web2 got {ip}, not from node-b's 198.19.2.0/24"
@@ -205,7 +159,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     // A CiliumNetworkPolicy applied with kubectl admits frontend and drops intruder; its status
     // says both nodes enforce it; deleting it restores access.
     let t0 = Instant::now();
-    kubectl(&lab, &["apply", "-f", "-"], WEB2_FROM_FRONTEND);
+    lab.kubectl(&["apply", "-f", "-"], WEB2_FROM_FRONTEND);
     until(
         "the CNP enforced on both nodes",
         Duration::from_secs(30),
@@ -228,11 +182,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         curl(&lab, "frontend", &url).as_deref(),
         Ok("hello from shop/web2\n")
     );
-    kubectl(
-        &lab,
-        &["delete", "cnp", "-n", "shop", "web2-from-frontend"],
-        "",
-    );
+    lab.kubectl(&["delete", "cnp", "-n", "shop", "web2-from-frontend"], "");
     until(
         "intruder reaches web2 after the CNP is deleted",
         Duration::from_secs(30),
@@ -240,7 +190,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     );
 
     // A NetworkPolicy works the same.
-    kubectl(&lab, &["apply", "-f", "-"], WEB2_NETPOL);
+    lab.kubectl(&["apply", "-f", "-"], WEB2_NETPOL);
     until(
         "intruder is refused by the NetworkPolicy",
         Duration::from_secs(30),
@@ -250,7 +200,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         curl(&lab, "frontend", &url).as_deref(),
         Ok("hello from shop/web2\n")
     );
-    kubectl(&lab, &["delete", "networkpolicy", "-n", "shop", "web2"], "");
+    lab.kubectl(&["delete", "networkpolicy", "-n", "shop", "web2"], "");
     until(
         "intruder reaches web2 after the NetworkPolicy is deleted",
         Duration::from_secs(30),
@@ -259,20 +209,19 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
 
     // A namespaceSelector on a namespace label follows the Namespace object: nobody is admitted
     // until shop is labelled team=trusted, everyone in shop then, nobody once relabelled.
-    kubectl(&lab, &["apply", "-f", "-"], WEB2_NETPOL_TRUSTED_NS);
+    lab.kubectl(&["apply", "-f", "-"], WEB2_NETPOL_TRUSTED_NS);
     until(
         "frontend is refused while shop is not trusted",
         Duration::from_secs(30),
         || curl(&lab, "frontend", &url).is_err(),
     );
-    kubectl(&lab, &["label", "namespace", "shop", "team=trusted"], "");
+    lab.kubectl(&["label", "namespace", "shop", "team=trusted"], "");
     until(
         "frontend admitted once shop is labelled team=trusted",
         Duration::from_secs(30),
         || curl(&lab, "frontend", &url).is_ok_and(|b| b == "hello from shop/web2\n"),
     );
-    kubectl(
-        &lab,
+    lab.kubectl(
         &["label", "--overwrite", "namespace", "shop", "team=other"],
         "",
     );
@@ -281,8 +230,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         Duration::from_secs(30),
         || curl(&lab, "frontend", &url).is_err(),
     );
-    kubectl(
-        &lab,
+    lab.kubectl(
         &["delete", "networkpolicy", "-n", "shop", "web2-trusted"],
         "",
     );
@@ -295,7 +243,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     // `authentication: required` with a Pod made by kubectl: the lab's kubelet registered it
     // with SPIRE from its Pod object, so both ends have SVIDs and frontend is admitted (a pod
     // without one would be refused: fail closed).
-    kubectl(&lab, &["apply", "-f", "-"], WEB2_FROM_FRONTEND_AUTH);
+    lab.kubectl(&["apply", "-f", "-"], WEB2_FROM_FRONTEND_AUTH);
     until(
         "the auth CNP enforced on both nodes",
         Duration::from_secs(30),
@@ -310,8 +258,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         curl(&lab, "intruder", &url).is_err(),
         "intruder reached web2 through the auth CNP"
     );
-    kubectl(
-        &lab,
+    lab.kubectl(
         &["delete", "cnp", "-n", "shop", "web2-from-frontend-auth"],
         "",
     );
@@ -362,8 +309,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     // Deleting the Pod removes its namespace, releases its address and detaches the agent.
     let netns = web2.netns.clone();
     let veth = web2.host_veth.clone();
-    kubectl(
-        &lab,
+    lab.kubectl(
         &["delete", "pod", "-n", "shop", "web2", "--timeout", "30s"],
         "",
     );
@@ -412,7 +358,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         dev.svids
     );
     // The address is free again: the next Pod on node-b may take it, and it is reachable.
-    let ip3 = make_web_pod(&lab, "web3", "node-b");
+    let ip3 = lab.make_web_pod("web3", "node-b");
     until("frontend reaches web3", Duration::from_secs(30), || {
         curl(&lab, "frontend", &format!("http://{ip3}:8080/"))
             .is_ok_and(|b| b == "hello from shop/web3\n")
@@ -423,7 +369,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
 fn kubernetes_lab_leak_pair_plaintext_shows_marker() {
     // The other half of the leak pair: with encryption off, the same capture sees the marker.
     let lab = Lab::up(&["--control-plane", "kubernetes", "--encryption", "off"]);
-    let ip = make_web_pod(&lab, "web2", "node-b");
+    let ip = lab.make_web_pod("web2", "node-b");
     let url = format!("http://{ip}:8080/");
     until("frontend reaches web2", Duration::from_secs(30), || {
         curl(&lab, "frontend", &url).is_ok()
@@ -478,7 +424,7 @@ fn a_kubernetes_lab_rides_out_an_apiserver_restart_and_an_etcd_stop() {
                "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
                             "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"},
                                                    {"port": "9000", "protocol": "ANY"}]}]}]}}"#;
-    kubectl(&lab, &["apply", "-f", "-"], policy);
+    lab.kubectl(&["apply", "-f", "-"], policy);
     until(
         "backend-ingress enforced on both nodes",
         Duration::from_secs(30),
@@ -525,8 +471,7 @@ fn a_kubernetes_lab_rides_out_an_apiserver_restart_and_an_etcd_stop() {
     signal(etcd, Signal::SIGCONT);
 
     // A change made once the control plane is back reaches the agents.
-    kubectl(
-        &lab,
+    lab.kubectl(
         &["delete", "cnp", "-n", "shop", "backend-from-frontend"],
         "",
     );

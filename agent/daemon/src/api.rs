@@ -27,6 +27,9 @@ pub struct Status {
     /// Drop counters by stable reason name.
     pub drops: BTreeMap<String, u64>,
     pub programs: Vec<Program>,
+    /// The Services this node balances at the socket, with their backends.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
     pub interfaces: Vec<InterfaceCounters>,
     pub agent: AgentInfo,
     /// Restarts of the userspace tunnel process (veil-wg) by this agent run, with reasons.
@@ -44,6 +47,31 @@ pub struct Status {
     pub auth_failures: BTreeMap<String, u64>,
     /// Packets held until their identity pair authenticated (no first-packet drop).
     pub hold: HoldStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: String,
+    pub ports: Vec<ServicePortStatus>,
+    /// `None` (random backend per connection) or `ClientIP`.
+    pub session_affinity: String,
+    pub backends: Vec<ServiceBackendStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePortStatus {
+    pub port: u16,
+    pub target_port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceBackendStatus {
+    pub pod: String,
+    pub ip: String,
+    pub ready: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -88,6 +88,11 @@ pub struct Config {
     /// cgroup veil-wg runs in (default: the agent's).
     #[serde(default)]
     pub wg_cgroup: Option<PathBuf>,
+    /// The cgroup (v2) whose sockets get Service load balancing: the one holding the node's
+    /// pods (`/sys/fs/cgroup` on a node, where kubepods lives; the node's cgroup in the lab).
+    /// None: Services are not balanced on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_cgroup: Option<PathBuf>,
     /// The SPIRE agent socket serving the Workload API (node SVID) and the Delegated Identity
     /// API (SVIDs of this node's pods). None: no identities (mutual auth impossible).
     #[serde(default)]

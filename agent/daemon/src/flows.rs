@@ -111,6 +111,10 @@ pub struct Flow {
     pub encrypted: bool,
     /// Packets folded into this record by the datapath's per-second throttle.
     pub count: u32,
+    /// The Service (`namespace/name`) the source's socket addressed, when a socket program
+    /// translated its ClusterIP to the destination pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// For a flow whose first packets were held until its identity pair authenticated: how
     /// long they waited (ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -263,6 +267,13 @@ pub fn from_event(ev: &FlowEvent, node: &str, state: &ClusterState, offset_ns: i
         auth: auth.to_string(),
         encrypted: ev.flags & flow_flags::ENCRYPTED != 0,
         count: ev.count.max(1),
+        service: (ev.service_ip != 0).then(|| {
+            let ip = std::net::Ipv4Addr::from(ev.service_ip.to_ne_bytes());
+            state
+                .service_by_ip(ip)
+                .map(|svc| svc.qualified_name())
+                .unwrap_or_else(|| ip.to_string())
+        }),
         held_ms: None,
         auth_error: None,
     }

@@ -7,7 +7,7 @@
 //! runs. The lab plays kubelet for its nodes (`kubelet.rs`).
 //!
 //! Addresses: the apiserver listens on 198.18.0.253:6443 (the underlay bridge), etcd on the
-//! underlay namespace's own loopback; Services take 198.19.128.0/17. Nothing leaves the lab.
+//! underlay namespace's own loopback; Services take 198.18.16.0/20. Nothing leaves the lab.
 
 use std::{
     io::{Read as _, Write as _},
@@ -33,8 +33,6 @@ use crate::sys;
 /// The apiserver's address on the underlay bridge.
 pub const API_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 253);
 pub const API_PORT: u16 = 6443;
-/// The first address of the Service range is the `kubernetes` Service's.
-const SERVICE_RANGE: &str = "198.19.128.0/17";
 /// The agents' ServiceAccount, as `deploy/rbac.yaml` ships it.
 pub const AGENT_NAMESPACE: &str = "veil-system";
 pub const AGENT_SERVICE_ACCOUNT: &str = "veil";
@@ -77,6 +75,12 @@ pub fn node_kubeconfig(paths: &LabPaths, node: &str) -> PathBuf {
 }
 
 /// Written once the control plane is bootstrapped: the kubelets start after it.
+/// kube-controller-manager's kubeconfig: the apiserver on the underlay, the admin credentials
+/// (a lab shortcut: a cluster gives it its own identity).
+fn controller_kubeconfig(paths: &LabPaths) -> PathBuf {
+    dir(paths).join("controller-manager.kubeconfig")
+}
+
 pub fn bootstrapped(paths: &LabPaths) -> PathBuf {
     dir(paths).join("bootstrapped")
 }
@@ -96,7 +100,12 @@ pub fn tool(name: &str) -> std::result::Result<PathBuf, String> {
 }
 
 pub fn check_tools() -> std::result::Result<(), String> {
-    for t in ["etcd", "kube-apiserver", "kubectl"] {
+    for t in [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kubectl",
+    ] {
         tool(t)?;
     }
     Ok(())
@@ -185,7 +194,8 @@ pub fn prepare(paths: &LabPaths) -> Result<()> {
         vec![
             ip(API_IP),
             ip(Ipv4Addr::LOCALHOST),
-            ip(Ipv4Addr::new(198, 19, 128, 1)),
+            // The `kubernetes` Service: the first address of the service CIDR.
+            ip(Ipv4Addr::from(u32::from(spec::SERVICE_CIDR.0) + 1)),
             dns("localhost"),
             dns("kubernetes"),
             dns("kubernetes.default"),
@@ -210,6 +220,18 @@ pub fn prepare(paths: &LabPaths) -> Result<()> {
     write(&pki.join("admin.key"), &adm_key)?;
     write(&pki.join("sa.key"), sa_key.serialize_pem())?;
     write(&pki.join("sa.pub"), sa_key.public_key_pem())?;
+    write(
+        &controller_kubeconfig(paths),
+        kubeconfig(
+            &format!("https://{API_IP}:{API_PORT}"),
+            &pki.join("ca.crt"),
+            &format!(
+                "    client-certificate: {}\n    client-key: {}\n",
+                pki.join("admin.crt").display(),
+                pki.join("admin.key").display()
+            ),
+        ),
+    )?;
 
     // The forwarder's port: a free one now, below the ephemeral range (32768-60999) so no
     // outgoing connection takes it before `api-proxy` binds it (a lost race to another listener
@@ -320,16 +342,39 @@ pub fn managed(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
                 "--service-account-issuer".into(),
                 "https://kubernetes.default.svc.cluster.local".into(),
                 "--service-cluster-ip-range".into(),
-                SERVICE_RANGE.into(),
+                format!(
+                    "{}/{}",
+                    super::spec::SERVICE_CIDR.0,
+                    super::spec::SERVICE_CIDR.1
+                ),
                 "--profiling=false".into(),
                 // No kube-controller-manager runs here, so no namespace gets its `default`
                 // ServiceAccount: without this, a Pod made with kubectl in a new namespace would
                 // be refused. (The agents' tokens come from the TokenRequest API, unaffected.)
                 "--disable-admission-plugins=ServiceAccount".into(),
             ],
-            Some(ul),
+            Some(ul.clone()),
             cg.join("kube-apiserver"),
         ),
+        // Only the EndpointSlice controller: Services' backends, from the Pods' readiness.
+        Managed {
+            start_after: Some(bootstrapped(paths)),
+            ..Managed::new(
+                paths,
+                "kube-controller-manager".into(),
+                vec![
+                    bin("kube-controller-manager"),
+                    "--kubeconfig".into(),
+                    s(controller_kubeconfig(paths)),
+                    "--controllers=endpointslice".into(),
+                    "--leader-elect=false".into(),
+                    "--secure-port=0".into(),
+                    "--concurrent-service-endpoint-syncs=2".into(),
+                ],
+                Some(ul),
+                cg.join("kube-controller-manager"),
+            )
+        },
         Managed::new(
             paths,
             "api-proxy".into(),
@@ -374,6 +419,7 @@ pub fn cgroups(spec: &LabSpec, paths: &LabPaths) -> Vec<PathBuf> {
         cg.clone(),
         cg.join("etcd"),
         cg.join("kube-apiserver"),
+        cg.join("kube-controller-manager"),
         cg.join("api-proxy"),
     ];
     v.extend(
@@ -586,6 +632,12 @@ pub(crate) fn bootstrap(
         source,
     })?;
     objects.extend(spec.pods.iter().map(|p| pod_object(paths, p, &exe)));
+    for svc in &spec.services {
+        if seen.insert(svc.namespace.clone()) {
+            objects.push(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": svc.namespace}}));
+        }
+        objects.push(service_object(svc));
+    }
     if !objects.is_empty() {
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects});
         kubectl(
@@ -596,8 +648,9 @@ pub(crate) fn bootstrap(
     }
     write(&bootstrapped(paths), b"ok\n")?;
     progress.step(format!(
-        "{} pod(s) created as Pods; kubelets started",
-        spec.pods.len()
+        "{} pod(s) created as Pods, {} Service(s); kubelets started",
+        spec.pods.len(),
+        spec.services.len()
     ));
     Ok(())
 }
@@ -638,6 +691,35 @@ fn pod_object(paths: &LabPaths, p: &spec::PodSpec, exe: &Path) -> serde_json::Va
                      "annotations": {REQUESTED_IP: p.ip.to_string()}},
         "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
                  "automountServiceAccountToken": false, "containers": containers},
+    })
+}
+
+/// A lab Service as a Service object, with the ClusterIP the lab allocated (the apiserver takes
+/// it from the same CIDR); kube-controller-manager writes its EndpointSlices.
+fn service_object(svc: &spec::ServiceSpec) -> serde_json::Value {
+    let ports: Vec<serde_json::Value> = svc
+        .ports
+        .iter()
+        .map(|p| {
+            let mut o = serde_json::json!({"port": p.port, "targetPort": p.target_port,
+                                           "protocol": p.protocol});
+            if !p.name.is_empty() {
+                o["name"] = p.name.clone().into();
+            }
+            o
+        })
+        .collect();
+    let mut spec = serde_json::json!({
+        "clusterIP": svc.cluster_ip.to_string(), "selector": svc.selector, "ports": ports,
+        "sessionAffinity": if svc.affinity_timeout_s.is_some() { "ClientIP" } else { "None" },
+    });
+    if let Some(t) = svc.affinity_timeout_s {
+        spec["sessionAffinityConfig"] = serde_json::json!({"clientIP": {"timeoutSeconds": t}});
+    }
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": svc.name, "namespace": svc.namespace},
+        "spec": spec,
     })
 }
 

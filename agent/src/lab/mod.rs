@@ -179,6 +179,8 @@ pub struct LabView {
     pub underlay: UnderlayView,
     pub nodes: Vec<NodeView>,
     pub pods: Vec<PodView>,
+    /// Services, their ClusterIPs and the pods behind them.
+    pub services: Vec<ServiceView>,
 }
 
 /// `"identity"` of `veil lab show -o json`: with `spire`, `"$server_bin" entry show -socketPath
@@ -278,7 +280,117 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
             })
             .collect(),
         pods: pod_views(spec, paths),
+        services: service_views(spec, paths),
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: String,
+    pub ports: Vec<ServicePortView>,
+    pub session_affinity: String,
+    pub backends: Vec<ServiceBackendView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServicePortView {
+    pub port: u16,
+    pub target_port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceBackendView {
+    pub pod: String,
+    pub ip: String,
+}
+
+/// The lab's Services with the pods behind them, as the first node's agent balances them (so
+/// Services made with kubectl and the EndpointSlices' readiness show); from the lab file and
+/// its pods when no agent answers.
+fn service_views(spec: &LabSpec, paths: &LabPaths) -> Vec<ServiceView> {
+    let affinity = |a: bool| if a { "ClientIP" } else { "None" }.to_string();
+    if let Some(published) = published_services(spec, paths) {
+        return published
+            .into_iter()
+            .map(|s| ServiceView {
+                namespace: s.namespace,
+                name: s.name,
+                cluster_ip: s.cluster_ip,
+                ports: s
+                    .ports
+                    .into_iter()
+                    .map(|p| ServicePortView {
+                        port: p.port,
+                        target_port: p.target_port,
+                        protocol: p.protocol,
+                    })
+                    .collect(),
+                session_affinity: s.session_affinity,
+                backends: s
+                    .backends
+                    .into_iter()
+                    .filter(|b| b.ready)
+                    .map(|b| ServiceBackendView {
+                        pod: b.pod,
+                        ip: b.ip,
+                    })
+                    .collect(),
+            })
+            .collect();
+    }
+    spec.services
+        .iter()
+        .map(|svc| ServiceView {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            cluster_ip: svc.cluster_ip.to_string(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| ServicePortView {
+                    port: p.port,
+                    target_port: p.target_port,
+                    protocol: p.protocol.clone(),
+                })
+                .collect(),
+            session_affinity: affinity(svc.affinity_timeout_s.is_some()),
+            backends: spec
+                .pods
+                .iter()
+                .filter(|p| svc.selects(&p.namespace, &p.labels))
+                .map(|p| ServiceBackendView {
+                    pod: p.qualified_name(),
+                    ip: p.ip.to_string(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The Services the first node's agent balances, if it answers within a second.
+fn published_services(spec: &LabSpec, paths: &LabPaths) -> Option<Vec<crate::api::ServiceStatus>> {
+    let node = spec.nodes.first()?;
+    let sock = paths.admin_socket(&node.name);
+    if !sock.exists() {
+        return None;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            crate::admin::get_json::<crate::api::Status>(&sock, "/v1/status"),
+        )
+        .await
+    })
+    .ok()?
+    .ok()
+    .map(|st| st.services)
 }
 
 /// The lab file's pods and, with Kubernetes, every other pod the lab's kubelets run (made with
@@ -356,7 +468,7 @@ pub fn load(name: &str) -> Result<(LabSpec, LabPaths)> {
 pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
     let mut alloc = crate::policy::IdentityAllocator::new();
     let mut identities: Vec<cluster::Identity> = Vec::new();
-    let pods = spec
+    let pods: Vec<cluster::Pod> = spec
         .pods
         .iter()
         .map(|p| {
@@ -400,11 +512,37 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
                 wg_next_public_key: None,
             })
             .collect(),
+        services: spec
+            .services
+            .iter()
+            .map(|svc| cluster_service(svc, &pods))
+            .collect(),
         pods,
         identities,
         policies: Vec::new(),
         policy_generation: 0,
         index: Default::default(),
+    }
+}
+
+/// A lab Service as the files control plane publishes it: its backends are the pods its
+/// selector matches (a files-mode pod is ready once it is in the state).
+pub fn cluster_service(svc: &spec::ServiceSpec, pods: &[cluster::Pod]) -> cluster::Service {
+    cluster::Service {
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
+        cluster_ip: svc.cluster_ip,
+        ports: svc.ports.clone(),
+        affinity_timeout_s: svc.affinity_timeout_s,
+        backends: pods
+            .iter()
+            .filter(|p| svc.selects(&p.namespace, &p.labels))
+            .map(|p| cluster::ServiceBackend {
+                pod: format!("{}/{}", p.namespace, p.name),
+                ip: p.ip,
+                ready: true,
+            })
+            .collect(),
     }
 }
 
@@ -436,6 +574,7 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         wg_binary: None,
         wg_log: Some(paths.log(&format!("wg-{}", node.name))),
         wg_cgroup: Some(paths.node_cgroup(&node.name).join("wg")),
+        service_cgroup: Some(paths.node_cgroup(&node.name)),
         uapi_dir: PathBuf::from(WG_SOCKET_DIR),
         spire_socket: Some(match spec.identity {
             spec::IdentityProvider::Dev => spire::node_socket(paths, &node.name),

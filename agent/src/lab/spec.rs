@@ -172,6 +172,96 @@ pub struct LabFile {
     pub key_rotation: Option<HumanDuration>,
     pub nodes: Option<Vec<NodeFile>>,
     pub pods: Option<Vec<PodFile>>,
+    /// Services balanced at the socket (default: `shop/backend`, 80 → 8080, with the default
+    /// pods).
+    pub services: Option<Vec<ServiceFile>>,
+}
+
+/// A Service as a lab file writes it (Kubernetes' Service, flattened).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Pods of the namespace with all these labels are its backends.
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePortFile>,
+    /// Taken from the service CIDR 198.18.16.0/20 when absent.
+    pub cluster_ip: Option<Ipv4Addr>,
+    /// `None` (default: a random ready backend per connection) or `ClientIP`.
+    pub session_affinity: Option<SessionAffinity>,
+    /// How long a client keeps its backend under ClientIP affinity (default 3h, as Kubernetes).
+    pub session_affinity_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePortFile {
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    /// Defaults to `port`.
+    pub target_port: Option<u16>,
+    /// `TCP` (default), `UDP` or `SCTP`.
+    #[serde(default)]
+    pub protocol: ServiceProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum ServiceProtocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+impl ServiceProtocol {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+}
+
+/// A resolved Service: its ClusterIP allocated, its ports complete. Backends are not part of
+/// the spec: the control plane finds them among the pods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub selector: BTreeMap<String, String>,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<crate::cluster::ServicePort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_s: Option<u32>,
+}
+
+impl ServiceSpec {
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Does `labels` (a pod's, in `namespace`) match the selector? An empty selector selects
+    /// nothing, as in Kubernetes (a Service without a selector has no managed endpoints).
+    pub fn selects(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        namespace == self.namespace
+            && !self.selector.is_empty()
+            && self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,6 +340,9 @@ pub struct LabSpec {
     pub key_rotation: Duration,
     pub nodes: Vec<NodeSpec>,
     pub pods: Vec<PodSpec>,
+    /// Absent in the state of labs made before Services existed.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +408,12 @@ pub const DEFAULT_LAB_NAME: &str = "veil";
 pub const DEFAULT_TRUST_DOMAIN: &str = "lab.veil";
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+/// ClusterIPs come from here (the brief's service CIDR; the lab's kube-apiserver uses it too).
+pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 16, 0), 20);
+/// First ClusterIP the lab hands out on its own (.1 is the `kubernetes` Service's).
+const FIRST_SERVICE_HOST: u32 = 10;
+/// Kubernetes' default ClientIP affinity timeout.
+const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(3 * 3600);
 /// The gateway address every pod routes through: the host side of each pod veth answers for it.
 pub const POD_GATEWAY_HOST: u8 = 1;
 /// First host number handed to pods in a node's /24.
@@ -463,6 +562,20 @@ pub fn default_file() -> LabFile {
             ),
             pod("intruder", "node-a", vec![]),
         ]),
+        services: Some(vec![ServiceFile {
+            name: "backend".into(),
+            namespace: "shop".into(),
+            selector: BTreeMap::from([("app".to_string(), "backend".to_string())]),
+            ports: vec![ServicePortFile {
+                name: "http".into(),
+                port: 80,
+                target_port: Some(8080),
+                protocol: ServiceProtocol::Tcp,
+            }],
+            cluster_ip: None,
+            session_affinity: None,
+            session_affinity_timeout: None,
+        }]),
         ..LabFile::default()
     }
 }
@@ -523,6 +636,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         ));
     }
     let nodes_file = file.nodes.or(defaults.nodes).unwrap_or_default();
+    let default_pods = file.pods.is_none();
     let pods_file = match file.pods {
         Some(p) => p,
         // Default pods only make sense on the default nodes.
@@ -655,6 +769,14 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         });
     }
 
+    // The default Service comes with the default pods it selects.
+    let services_file = match file.services {
+        Some(s) => s,
+        None if default_pods && !pods.is_empty() => defaults.services.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let services = resolve_services(services_file)?;
+
     let identity = overrides.identity.or(file.identity).unwrap_or_default();
     if identity == IdentityProvider::Spire {
         // One spire-server serves one trust domain; a node of another trust domain would need
@@ -696,7 +818,156 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         key_rotation,
         nodes,
         pods,
+        services,
     })
+}
+
+fn in_service_cidr(ip: Ipv4Addr) -> bool {
+    let (net, len) = SERVICE_CIDR;
+    let mask = u32::MAX << (32 - len);
+    u32::from(ip) & mask == u32::from(net)
+}
+
+/// Validates Services and allocates the ClusterIPs not given, lowest free first.
+fn resolve_services(files: Vec<ServiceFile>) -> Result<Vec<ServiceSpec>, Error> {
+    let (net, len) = SERVICE_CIDR;
+    let broadcast = u32::from(net) | (u32::MAX >> len);
+    let taken: BTreeSet<Ipv4Addr> = files.iter().filter_map(|s| s.cluster_ip).collect();
+    let mut next = u32::from(net) + FIRST_SERVICE_HOST;
+    let mut used = BTreeSet::new();
+    let mut out: Vec<ServiceSpec> = Vec::with_capacity(files.len());
+    for (i, f) in files.into_iter().enumerate() {
+        let at = |field: &str| format!("services[{i}].{field}");
+        check_dns_label(&at("name"), &f.name)?;
+        check_dns_label(&at("namespace"), &f.namespace)?;
+        if out
+            .iter()
+            .any(|s| s.name == f.name && s.namespace == f.namespace)
+        {
+            return Err(invalid(
+                at("name"),
+                format!("duplicate service {}/{}", f.namespace, f.name),
+            ));
+        }
+        for (k, v) in &f.selector {
+            check_label(&at("selector"), k, v)?;
+        }
+        if f.ports.is_empty() {
+            return Err(invalid(at("ports"), "a service needs at least one port"));
+        }
+        let mut ports: Vec<crate::cluster::ServicePort> = Vec::with_capacity(f.ports.len());
+        for (j, p) in f.ports.iter().enumerate() {
+            let pat = |field: &str| format!("services[{i}].ports[{j}].{field}");
+            let target_port = p.target_port.unwrap_or(p.port);
+            if p.port == 0 {
+                return Err(invalid(pat("port"), "port 0 is not a port"));
+            }
+            if target_port == 0 {
+                return Err(invalid(pat("target_port"), "port 0 is not a port"));
+            }
+            if !p.name.is_empty() {
+                check_dns_label(&pat("name"), &p.name)?;
+            }
+            if f.ports.len() > 1 && p.name.is_empty() {
+                return Err(invalid(
+                    pat("name"),
+                    "a service with several ports must name each (as Kubernetes requires)",
+                ));
+            }
+            let protocol = p.protocol.as_str().to_string();
+            if ports
+                .iter()
+                .any(|o| o.port == p.port && o.protocol == protocol)
+            {
+                return Err(invalid(
+                    pat("port"),
+                    format!("duplicate {protocol} port {}", p.port),
+                ));
+            }
+            if !p.name.is_empty() && ports.iter().any(|o| o.name == p.name) {
+                return Err(invalid(
+                    pat("name"),
+                    format!("duplicate port name {:?}", p.name),
+                ));
+            }
+            ports.push(crate::cluster::ServicePort {
+                name: p.name.clone(),
+                port: p.port,
+                target_port,
+                protocol,
+            });
+        }
+        let cluster_ip = match f.cluster_ip {
+            Some(ip) => {
+                if !in_service_cidr(ip)
+                    || u32::from(ip) == u32::from(net)
+                    || u32::from(ip) == broadcast
+                {
+                    return Err(invalid(
+                        at("cluster_ip"),
+                        format!("{ip} is not a host address of the service CIDR {net}/{len}"),
+                    ));
+                }
+                if !used.insert(ip) {
+                    return Err(invalid(
+                        at("cluster_ip"),
+                        format!("{ip} is taken by another service"),
+                    ));
+                }
+                ip
+            }
+            None => {
+                while next < broadcast
+                    && (taken.contains(&Ipv4Addr::from(next))
+                        || used.contains(&Ipv4Addr::from(next)))
+                {
+                    next += 1;
+                }
+                if next >= broadcast {
+                    return Err(invalid(at("cluster_ip"), "the service CIDR is full"));
+                }
+                let ip = Ipv4Addr::from(next);
+                used.insert(ip);
+                next += 1;
+                ip
+            }
+        };
+        let affinity_timeout_s = match f.session_affinity.unwrap_or_default() {
+            SessionAffinity::None => {
+                if f.session_affinity_timeout.is_some() {
+                    return Err(invalid(
+                        at("session_affinity_timeout"),
+                        "only with session_affinity: ClientIP",
+                    ));
+                }
+                None
+            }
+            SessionAffinity::ClientIp => {
+                let t = f
+                    .session_affinity_timeout
+                    .map(|d| d.0)
+                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
+                check_whole_seconds(&at("session_affinity_timeout"), t)?;
+                // Kubernetes' bounds: 1 s to 1 day.
+                if t < Duration::from_secs(1) || t > Duration::from_secs(86_400) {
+                    return Err(invalid(
+                        at("session_affinity_timeout"),
+                        "must be between 1s and 1 day",
+                    ));
+                }
+                Some(t.as_secs() as u32)
+            }
+        };
+        out.push(ServiceSpec {
+            name: f.name,
+            namespace: f.namespace,
+            selector: f.selector,
+            cluster_ip,
+            ports,
+            affinity_timeout_s,
+        });
+    }
+    Ok(out)
 }
 
 pub fn underlay_netns(lab: &str) -> String {
@@ -844,6 +1115,55 @@ mod tests {
         assert_eq!(lab.pods[2].ip, Ipv4Addr::new(198, 19, 1, 10));
         assert_eq!(lab.pods[0].namespace, "default");
         assert_eq!(lab.pods[1].netns, "t1-x-b");
+    }
+
+    #[test]
+    fn the_default_service_comes_with_the_default_pods_and_cluster_ips_are_allocated() {
+        let lab = resolve("veil", LabFile::default(), &Overrides::default()).unwrap();
+        assert_eq!(lab.services.len(), 1);
+        let s = &lab.services[0];
+        assert_eq!(s.qualified_name(), "shop/backend");
+        assert_eq!(s.cluster_ip, Ipv4Addr::new(198, 18, 16, 10));
+        assert_eq!((s.ports[0].port, s.ports[0].target_port), (80, 8080));
+        assert_eq!(s.ports[0].protocol, "TCP");
+        assert!(s.selects("shop", &BTreeMap::from([("app".into(), "backend".into())])));
+        assert!(!s.selects("other", &BTreeMap::from([("app".into(), "backend".into())])));
+        // Own pods: no default Service; given addresses are skipped when allocating.
+        let lab = resolve_text("pods: [{name: p, node: node-a}]").unwrap();
+        assert!(lab.services.is_empty());
+        let lab = resolve_text(
+            "services:\n- {name: a, selector: {x: y}, ports: [{port: 1}]}\n\
+             - {name: b, selector: {x: y}, cluster_ip: 198.18.16.10, ports: [{port: 2, protocol: UDP}], \
+             session_affinity: ClientIP, session_affinity_timeout: 10m}",
+        )
+        .unwrap();
+        assert_eq!(lab.services[0].cluster_ip, Ipv4Addr::new(198, 18, 16, 11));
+        assert_eq!(lab.services[0].ports[0].target_port, 1);
+        assert_eq!(lab.services[1].affinity_timeout_s, Some(600));
+        assert_eq!(lab.services[1].ports[0].protocol, "UDP");
+        let back: LabSpec = serde_json::from_slice(&serde_json::to_vec(&lab).unwrap()).unwrap();
+        assert_eq!(back, lab);
+    }
+
+    #[test]
+    fn bad_services_name_the_field() {
+        for (text, field) in [
+            ("services: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 10.0.0.1}]", "services[0].cluster_ip"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 198.18.16.0}]", "services[0].cluster_ip"),
+            ("services: [{name: a, selector: {}, ports: []}]", "services[0].ports"),
+            ("services: [{name: a, selector: {}, ports: [{port: 0}]}]", "services[0].ports[0].port"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1}, {port: 2}]}]", "services[0].ports[0].name"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1, protocol: QUIC}]}]", "services[0].ports[0].protocol"),
+            ("services: [{name: A, selector: {}, ports: [{port: 1}]}]", "services[0].name"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1}]}, {name: a, selector: {}, ports: [{port: 1}]}]", "services[1].name"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 198.18.16.9}, {name: b, selector: {}, ports: [{port: 1}], cluster_ip: 198.18.16.9}]", "services[1].cluster_ip"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1}], session_affinity_timeout: 1m}]", "services[0].session_affinity_timeout"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1}], session_affinity: ClientIP, session_affinity_timeout: 2d}]", "services[0].session_affinity_timeout"),
+            ("services: [{name: a, selector: {'bad key!': x}, ports: [{port: 1}]}]", "services[0].selector"),
+        ] {
+            let e = err_text(text);
+            assert!(e.contains(field), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -31,6 +31,18 @@ pub mod programs {
     /// TC program on the host side of a pod's veth, egress: packets the node itself sends to
     /// the pod (kubelet probes, host-network processes) are tracked, so the pod's replies pass.
     pub const TO_POD: &str = "veil_to_pod";
+    /// cgroup sock_addr programs on the cgroup holding the node's pods: Service load balancing
+    /// at the socket (translate on connect/sendmsg, translate back on recvmsg/getpeername).
+    pub const SOCK: [&str; 8] = [
+        "veil_sock_connect4",
+        "veil_sock_sendmsg4",
+        "veil_sock_recvmsg4",
+        "veil_sock_getpeername4",
+        "veil_sock_connect6",
+        "veil_sock_sendmsg6",
+        "veil_sock_recvmsg6",
+        "veil_sock_getpeername6",
+    ];
 }
 
 /// Bits of `skb->mark` the datapath sets.

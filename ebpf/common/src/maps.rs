@@ -32,6 +32,16 @@ pub const EVENT_THROTTLE: &str = "VEIL_EVENT_THROTTLE";
 pub const FRAGS: &str = "VEIL_FRAGS";
 /// Per-verdict packet counters (per CPU), indexed by [`crate::verdict`] code.
 pub const VERDICTS: &str = "VEIL_VERDICTS";
+/// Service frontends (ClusterIP, port, protocol) → how many backends and how to pick one.
+pub const SERVICES: &str = "VEIL_SERVICES";
+/// Backends of each frontend, in slots `0..count`.
+pub const BACKENDS: &str = "VEIL_BACKENDS";
+/// What the socket programs translated, per socket and backend: read back by getpeername,
+/// recvmsg (the reply seems to come from the ClusterIP) and flow events (which name the
+/// Service). LRU: an entry lives as long as sockets keep using it.
+pub const SVC_REVNAT: &str = "VEIL_SVC_REVNAT";
+/// Session affinity: the backend a client network namespace was last given for a frontend.
+pub const SVC_AFFINITY: &str = "VEIL_SVC_AFFINITY";
 
 /// Maximum sizes, chosen for hundreds of nodes and tens of thousands of endpoints.
 pub const IF_STATS_MAX: u32 = 4096;
@@ -43,6 +53,10 @@ pub const AUTH_MAX: u32 = 65536;
 pub const EVENTS_BYTES: u32 = 1 << 22;
 pub const EVENT_THROTTLE_MAX: u32 = 65536;
 pub const FRAGS_MAX: u32 = 8192;
+pub const SERVICES_MAX: u32 = 65536;
+pub const BACKENDS_MAX: u32 = 262144;
+pub const SVC_REVNAT_MAX: u32 = 262144;
+pub const SVC_AFFINITY_MAX: u32 = 65536;
 
 /// Reserved numeric security identities. Cluster identities start at [`identity::FIRST_CLUSTER`].
 pub mod identity {
@@ -428,6 +442,83 @@ pub struct ThrottleState {
     pub _pad: u32,
 }
 
+/// Key of [`SERVICES`]: one frontend of a Service. `addr` is IPv6 or IPv4-mapped (as in
+/// [`IpKey`]), `port` in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Flags in [`ServiceEntry::flags`].
+pub mod service_flags {
+    /// ClientIP session affinity: a client network namespace keeps its backend for
+    /// [`super::ServiceEntry::affinity_timeout_s`].
+    pub const AFFINITY: u32 = 1 << 0;
+}
+
+/// Value of [`SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Ready backends, in [`BACKENDS`] slots `0..count`; 0 refuses connections at once.
+    pub count: u32,
+    /// [`service_flags`].
+    pub flags: u32,
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
+}
+
+/// Key of [`BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendKey {
+    pub service: ServiceKey,
+    pub slot: u32,
+}
+
+/// Value of [`BACKENDS`] and of an affinity entry: where a connection goes (`port` in host
+/// byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of [`SVC_REVNAT`]: a socket (its cookie) and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    pub cookie: u64,
+    pub backend: Backend,
+    pub _pad: u32,
+}
+
+/// Key of [`SVC_AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub service: ServiceKey,
+    pub _pad: u32,
+}
+
+/// Value of [`SVC_AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityEntry {
+    pub backend: Backend,
+    /// Its slot in [`BACKENDS`] when chosen (checked again before reuse).
+    pub slot: u32,
+    /// Boot-time ns of the last connection that used it.
+    pub last_ns: u64,
+}
+
 /// A flow verdict, emitted on the ring buffer for the first packet of a connection, for drops
 /// (throttled per tuple), and for audit verdicts.
 #[repr(C)]
@@ -455,7 +546,9 @@ pub struct FlowEvent {
     pub reason: u32,
     /// [`flow_flags`].
     pub flags: u32,
-    pub _pad2: u32,
+    /// The ClusterIP (IPv4, network byte order) a socket program translated this connection
+    /// from, 0 when it went straight to the pod.
+    pub service_ip: u32,
 }
 
 #[cfg(feature = "user")]
@@ -479,6 +572,13 @@ mod pod_impls {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
 }
 
 #[cfg(test)]
@@ -515,6 +615,13 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragPorts>(), 4);
         assert_eq!(size_of::<FlowEvent>(), 80);
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceEntry>(), 16);
+        assert_eq!(size_of::<BackendKey>(), 24);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<RevNatKey>(), 32);
+        assert_eq!(size_of::<AffinityKey>(), 32);
+        assert_eq!(size_of::<AffinityEntry>(), 32);
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub const TCP_NOT_ESTABLISHED: u32 = 16;
 /// gets ICMP "fragmentation needed" with the tunnel MTU, as from a router on the path; without
 /// DF, or on IPv6, it is only dropped.
 pub const MTU_EXCEEDED: u32 = 17;
+/// A connection (or datagram) to a Service with no ready backend, refused at the socket
+/// (`ECONNREFUSED`) before any packet was made; counted here, not a packet drop.
+pub const SERVICE_NO_BACKEND: u32 = 18;
 
 /// Size of the drop-counter array; one past the highest code.
 pub const MAX: u32 = 32;
@@ -68,12 +71,13 @@ pub const fn name(code: u32) -> &'static str {
         EXTENSION_HEADERS => "extension-headers",
         TCP_NOT_ESTABLISHED => "tcp-not-established",
         MTU_EXCEEDED => "mtu-exceeded",
+        SERVICE_NO_BACKEND => "service-no-backend",
         _ => "unknown",
     }
 }
 
 /// Every named reason, in code order (for metrics that list all reasons, even at zero).
-pub const ALL: [u32; 18] = [
+pub const ALL: [u32; 19] = [
     NONE,
     NO_KEY,
     POLICY_DENIED,
@@ -92,6 +96,7 @@ pub const ALL: [u32; 18] = [
     EXTENSION_HEADERS,
     TCP_NOT_ESTABLISHED,
     MTU_EXCEEDED,
+    SERVICE_NO_BACKEND,
 ];
 
 /// The code for a user-facing name, for parsing filters.

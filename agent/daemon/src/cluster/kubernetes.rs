@@ -42,7 +42,8 @@ use std::{
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Namespace as KNamespace, Node as KNode, Pod as KPod},
+    core::v1::{Namespace as KNamespace, Node as KNode, Pod as KPod, Service as KService},
+    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use kube::{
@@ -221,6 +222,8 @@ struct Caches {
     ccnps: Store<DynamicObject>,
     netpols: Store<NetworkPolicy>,
     identities: Store<DynamicObject>,
+    services: Store<KService>,
+    slices: Store<EndpointSlice>,
     resources: Resources,
 }
 
@@ -276,6 +279,13 @@ impl Caches {
                 changed,
                 true,
             ),
+            services: reflect(Api::<KService>::all(client.clone()), (), changed, false),
+            slices: reflect(
+                Api::<EndpointSlice>::all(client.clone()),
+                (),
+                changed,
+                false,
+            ),
             resources,
         }
     }
@@ -288,6 +298,8 @@ impl Caches {
         self.cnps.wait_until_ready().await?;
         self.ccnps.wait_until_ready().await?;
         self.netpols.wait_until_ready().await?;
+        self.services.wait_until_ready().await?;
+        self.slices.wait_until_ready().await?;
         self.identities.wait_until_ready().await
     }
 }
@@ -520,6 +532,7 @@ impl Builder {
             identities,
             policies: self.accepted.values().cloned().collect(),
             policy_generation: self.policy_generation,
+            services: services_from(&self.caches.services.state(), &self.caches.slices.state()),
             index: Default::default(),
         };
         let changed = self.last.as_ref().is_none_or(|last| {
@@ -915,10 +928,191 @@ fn policy_from(kind: &str, o: &DynamicObject) -> Result<Policy, String> {
     Ok(p)
 }
 
+/// The Services with a ClusterIP (not headless, not ExternalName), each with the endpoints of
+/// its EndpointSlices (label `kubernetes.io/service-name`): IPv4 addresses, ready unless a
+/// condition says otherwise (the EndpointSlice API's rule for a missing `ready`), and the
+/// target port the slice gives for the Service port's name. A Service port with no slice port
+/// yet takes its numeric `targetPort` (or `port`).
+pub(crate) fn services_from(
+    services: &[Arc<KService>],
+    slices: &[Arc<EndpointSlice>],
+) -> Vec<super::Service> {
+    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for sl in slices {
+        let (Some(ns), Some(name)) = (
+            sl.metadata.namespace.clone(),
+            sl.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .cloned(),
+        ) else {
+            continue;
+        };
+        if sl.address_type != "IPv4" {
+            continue;
+        }
+        by_service.entry((ns, name)).or_default().push(sl);
+    }
+    let mut out: Vec<super::Service> = services
+        .iter()
+        .filter_map(|ks| {
+            let ns = ks.metadata.namespace.clone()?;
+            let name = ks.metadata.name.clone()?;
+            let spec = ks.spec.as_ref()?;
+            if spec.type_.as_deref() == Some("ExternalName") {
+                return None;
+            }
+            let cluster_ip: Ipv4Addr = spec.cluster_ip.as_deref()?.parse().ok()?;
+            let slices = by_service
+                .get(&(ns.clone(), name.clone()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let ports = spec
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    let pname = p.name.clone().unwrap_or_default();
+                    let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+                    let from_slice = slices.iter().find_map(|sl| {
+                        sl.ports.iter().flatten().find_map(|sp| {
+                            (sp.name.clone().unwrap_or_default() == pname
+                                && sp.protocol.as_deref().unwrap_or("TCP") == protocol)
+                                .then_some(sp.port?)
+                        })
+                    });
+                    let numeric = match &p.target_port {
+                        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                            Some(*n)
+                        }
+                        Some(_) => None,
+                        None => Some(p.port),
+                    };
+                    let target = u16::try_from(from_slice.or(numeric)?).ok()?;
+                    Some(super::ServicePort {
+                        name: pname,
+                        port: u16::try_from(p.port).ok()?,
+                        target_port: target,
+                        protocol,
+                    })
+                })
+                .collect();
+            let affinity_timeout_s =
+                (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                    spec.session_affinity_config
+                        .as_ref()
+                        .and_then(|c| c.client_ip.as_ref())
+                        .and_then(|c| c.timeout_seconds)
+                        .and_then(|t| u32::try_from(t).ok())
+                        .unwrap_or(10_800)
+                });
+            let mut backends: Vec<super::ServiceBackend> = slices
+                .iter()
+                .flat_map(|sl| sl.endpoints.iter())
+                .filter_map(|ep| {
+                    let ip: Ipv4Addr = ep.addresses.first()?.parse().ok()?;
+                    let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                    let pod = ep
+                        .target_ref
+                        .as_ref()
+                        .filter(|r| r.kind.as_deref() == Some("Pod"))
+                        .map(|r| {
+                            format!(
+                                "{}/{}",
+                                r.namespace.clone().unwrap_or_else(|| ns.clone()),
+                                r.name.clone().unwrap_or_default()
+                            )
+                        })
+                        .unwrap_or_default();
+                    Some(super::ServiceBackend { pod, ip, ready })
+                })
+                .collect();
+            backends.sort_by(|a, b| (a.ip, &a.pod).cmp(&(b.ip, &b.pod)));
+            backends.dedup_by(|a, b| a.ip == b.ip);
+            Some(super::Service {
+                namespace: ns,
+                name,
+                cluster_ip,
+                ports,
+                affinity_timeout_s,
+                backends,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::selector::{NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL};
+
+    #[test]
+    fn services_take_their_slices_endpoints_readiness_and_named_target_ports() {
+        let svc: KService = serde_json::from_value(json!({
+            "metadata": {"namespace": "shop", "name": "backend"},
+            "spec": {"clusterIP": "198.18.16.10", "sessionAffinity": "ClientIP",
+                     "ports": [{"name": "http", "port": 80, "targetPort": "web", "protocol": "TCP"},
+                               {"name": "metrics", "port": 9090, "targetPort": 9091}]}
+        }))
+        .unwrap();
+        let headless: KService = serde_json::from_value(json!({
+            "metadata": {"namespace": "shop", "name": "db"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}
+        }))
+        .unwrap();
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"namespace": "shop", "name": "backend-x",
+                         "labels": {"kubernetes.io/service-name": "backend"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["198.19.2.10"], "conditions": {"ready": true},
+                 "targetRef": {"kind": "Pod", "namespace": "shop", "name": "backend"}},
+                {"addresses": ["198.19.1.11"], "conditions": {"ready": false},
+                 "targetRef": {"kind": "Pod", "namespace": "shop", "name": "backend-2"}},
+                {"addresses": ["198.19.1.12"]}
+            ]
+        }))
+        .unwrap();
+        let other: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"namespace": "other", "name": "backend-y",
+                         "labels": {"kubernetes.io/service-name": "backend"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["198.19.9.9"]}]
+        }))
+        .unwrap();
+        let out = services_from(
+            &[Arc::new(svc), Arc::new(headless)],
+            &[Arc::new(slice), Arc::new(other)],
+        );
+        assert_eq!(out.len(), 1, "the headless Service is not balanced");
+        let s = &out[0];
+        assert_eq!(s.cluster_ip, Ipv4Addr::new(198, 18, 16, 10));
+        assert_eq!(s.affinity_timeout_s, Some(10_800));
+        assert_eq!(
+            s.ports[0].target_port, 8080,
+            "the named port from the slice"
+        );
+        assert_eq!(s.ports[1].target_port, 9091, "the numeric targetPort");
+        let b: Vec<(String, bool)> = s
+            .backends
+            .iter()
+            .map(|b| (b.ip.to_string(), b.ready))
+            .collect();
+        assert_eq!(
+            b,
+            [
+                ("198.19.1.11".to_string(), false),
+                ("198.19.1.12".to_string(), true),
+                ("198.19.2.10".to_string(), true)
+            ],
+            "the other namespace's slice is not this Service's; a missing condition is ready"
+        );
+        assert_eq!(s.backends[2].pod, "shop/backend");
+    }
 
     #[test]
     fn identity_numbers_are_stable_distinct_and_probe_inside_the_range() {

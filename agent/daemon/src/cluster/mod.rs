@@ -60,6 +60,9 @@ pub struct ClusterState {
     pub policies: Vec<crate::policy::Policy>,
     #[serde(default)]
     pub policy_generation: u64,
+    /// Services, with their backends resolved by the source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
     /// Lookups by pod IP and node name, derived from the lists above on first use (leave it
     /// `Default`; a snapshot is not changed once looked up in).
     #[serde(skip)]
@@ -75,6 +78,7 @@ pub struct Index(std::sync::OnceLock<IndexMaps>);
 struct IndexMaps {
     pod_by_ip: std::collections::HashMap<Ipv4Addr, usize>,
     node_by_name: std::collections::HashMap<String, usize>,
+    service_by_ip: std::collections::HashMap<Ipv4Addr, usize>,
 }
 
 /// Derived data: a copy starts empty and builds its own.
@@ -100,7 +104,11 @@ impl Index {
             let mut m = IndexMaps {
                 pod_by_ip: Default::default(),
                 node_by_name: Default::default(),
+                service_by_ip: Default::default(),
             };
+            for (i, s) in state.services.iter().enumerate() {
+                m.service_by_ip.entry(s.cluster_ip).or_insert(i);
+            }
             for (i, p) in state.pods.iter().enumerate() {
                 m.pod_by_ip.entry(p.ip).or_insert(i);
             }
@@ -163,6 +171,64 @@ pub struct Node {
     pub wg_next_public_key: Option<String>,
 }
 
+/// A Service: a stable virtual address (ClusterIP) and ports, balanced at the socket over the
+/// ready pods behind it. The source resolves the backends (files: the selector over the pods;
+/// Kubernetes: the Service's EndpointSlices), so the datapath never evaluates a selector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+    /// ClientIP session affinity: seconds a client keeps its backend; none for random choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_s: Option<u32>,
+    pub backends: Vec<ServiceBackend>,
+}
+
+impl Service {
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    /// The port's name (Kubernetes matches it to the EndpointSlice's ports); may be empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub port: u16,
+    pub target_port: u16,
+    /// `TCP`, `UDP` or `SCTP`, as Kubernetes spells it.
+    pub protocol: String,
+}
+
+impl ServicePort {
+    /// The IP protocol number, for the datapath; None for a protocol veil does not balance.
+    pub fn protocol_number(&self) -> Option<u8> {
+        use veil_common::ipproto;
+        match self.protocol.as_str() {
+            "TCP" => Some(ipproto::TCP),
+            "UDP" => Some(ipproto::UDP),
+            "SCTP" => Some(ipproto::SCTP),
+            _ => None,
+        }
+    }
+}
+
+/// One pod behind a Service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceBackend {
+    /// `namespace/name` of the pod, when known.
+    pub pod: String,
+    pub ip: Ipv4Addr,
+    /// Not-ready backends are listed (for `veil status`) and never chosen.
+    pub ready: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pod {
@@ -187,6 +253,12 @@ impl ClusterState {
 
     pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
         self.pods.iter().filter(move |p| p.node == node)
+    }
+
+    /// The Service whose ClusterIP is `ip` (the first, if two claim it).
+    pub fn service_by_ip(&self, ip: Ipv4Addr) -> Option<&Service> {
+        let i = *self.index.maps(self).service_by_ip.get(&ip)?;
+        self.services.get(i).filter(|s| s.cluster_ip == ip)
     }
 
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {

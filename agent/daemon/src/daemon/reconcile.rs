@@ -135,10 +135,31 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         &nodes,
     )?;
     reconcile_policy(s, &cluster, &me)?;
+    if let Err(e) = reconcile_services(s, &cluster) {
+        tracing::warn!(error = %crate::error_chain(&e), "services not installed");
+        first_error.get_or_insert(e.into());
+    }
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Writes the Service maps, then attaches the socket programs that read them to the pods'
+/// cgroup (once; a no-op when this node balances no Services).
+fn reconcile_services(s: &mut Shared, cluster: &ClusterState) -> Result<(), datapath::Error> {
+    let Some(cgroup) = s.cfg.service_cgroup.clone() else {
+        return Ok(());
+    };
+    let changes = datapath::services::install(s.datapath.ebpf_mut(), &cluster.services)?;
+    if changes > 0 {
+        tracing::info!(
+            services = cluster.services.len(),
+            changes,
+            "services installed"
+        );
+    }
+    s.datapath.attach_sockets(&cgroup)
 }
 
 /// The interface holding `addr` in this network namespace (the node's underlay interface).

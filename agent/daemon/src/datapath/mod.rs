@@ -17,6 +17,7 @@ pub mod auth_map;
 pub mod events;
 pub mod maps;
 pub mod policy;
+pub mod services;
 pub mod testrun;
 
 use std::{
@@ -88,6 +89,8 @@ pub enum Error {
     KernelTooOld { found: String },
     #[error("VEIL_ATTACH_MODE={0:?}: say tcx or clsact")]
     BadAttachMode(String),
+    #[error("socket programs (Service load balancing) did not load: {0}")]
+    SocketPrograms(String),
 }
 
 /// The oldest kernel veil runs on.
@@ -200,6 +203,9 @@ pub struct Datapath {
     mode: AttachMode,
     pin_dir: PathBuf,
     attachments: BTreeMap<(String, Hook), Attachment>,
+    /// Why the socket programs did not load, if they did not (Services unavailable).
+    sock_error: Option<String>,
+    sock_attachments: Vec<services::SockAttachment>,
 }
 
 impl Datapath {
@@ -229,11 +235,18 @@ impl Datapath {
                 .load()
                 .map_err(|source| Error::Program { name, source })?;
         }
+        let sock_error = services::load(&mut ebpf).err().map(|e| {
+            let e = crate::error_chain(&e);
+            tracing::error!(error = %e, "socket programs did not load: Services are not balanced on this node");
+            e
+        });
         let mut dp = Self {
             ebpf,
             mode,
             pin_dir: pin_dir.into(),
             attachments: BTreeMap::new(),
+            sock_error,
+            sock_attachments: Vec::new(),
         };
         // A restarted agent finds the config its predecessor left in the pinned map: the live
         // policy slot and node-wide audit mode carry over, so packets keep seeing the policy

@@ -1,0 +1,311 @@
+//! End-to-end: Services balanced at the socket (services issue). A ClusterIP is translated to a
+//! ready backend by the cgroup sock_addr programs once per connection (per datagram for
+//! unconnected UDP); the application still sees the ClusterIP (getpeername, recvfrom); policy is
+//! decided on the backend; flow records name the Service; a Service without a ready backend
+//! refuses at once.
+
+use std::time::Duration;
+
+use veil_tests::Lab;
+
+/// Only frontend may reach backend, on TCP 8080.
+const INGRESS: &str = include_str!("../../examples/policies/backend-ingress.yaml");
+
+/// Connects to ADDR:PORT over TCP, prints getpeername() and the first line of an HTTP GET's
+/// answer body; or `refused` / the error's name.
+const TCP_PROBE: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.settimeout(3)
+try:
+    s.connect((host, port))
+except ConnectionRefusedError:
+    print("refused"); sys.exit(0)
+except OSError as e:
+    print("error", e.__class__.__name__, e.errno); sys.exit(0)
+peer = s.getpeername()
+s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+body = data.split(b"\r\n\r\n", 1)[1].decode().strip()
+print(peer[0], peer[1], body)
+"#;
+
+/// Sends one UDP datagram unconnected to ADDR:PORT and prints where the answer came from
+/// (recvfrom) and what it said.
+const UDP_PROBE: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(b"ping-via-service", (host, port))
+data, src = s.recvfrom(2048)
+print(src[0], src[1], data.decode())
+"#;
+
+fn service<'a>(lab: &'a Lab, name: &str) -> &'a veil_agent::lab::ServiceView {
+    lab.view
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no service {name} in lab show: {:#?}", lab.view.services))
+}
+
+fn tcp_probe(lab: &Lab, pod: &str, host: &str, port: u16) -> String {
+    lab.exec_ok(pod, &["python3", "-c", TCP_PROBE, host, &port.to_string()])
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn clusterip_reaches_the_backend_shows_the_service_and_policy_applies_to_the_backend() {
+    let lab = Lab::up(&[]);
+    let svc = service(&lab, "backend");
+    assert_eq!(svc.namespace, "shop");
+    assert!(
+        svc.cluster_ip.starts_with("198.18.16."),
+        "ClusterIP from the service CIDR: {}",
+        svc.cluster_ip
+    );
+    assert_eq!(
+        (
+            svc.ports[0].port,
+            svc.ports[0].target_port,
+            svc.ports[0].protocol.as_str()
+        ),
+        (80, 8080, "TCP")
+    );
+    let backend_ip = lab.pod_ip("backend");
+    assert_eq!(svc.backends.len(), 1, "{:?}", svc.backends);
+    assert_eq!(svc.backends[0].pod, "shop/backend");
+    assert_eq!(svc.backends[0].ip, backend_ip);
+    let vip = svc.cluster_ip.clone();
+
+    // Through the ClusterIP, across nodes (frontend on node-a, backend on node-b); the socket
+    // still names the ClusterIP and port 80.
+    assert_eq!(
+        tcp_probe(&lab, "frontend", &vip, 80),
+        format!("{vip} 80 hello from shop/backend")
+    );
+    // A dual-stack socket reaching the ClusterIP as an IPv4-mapped address.
+    assert_eq!(
+        tcp_probe(&lab, "frontend", &format!("::ffff:{vip}"), 80),
+        format!("::ffff:{vip} 80 hello from shop/backend")
+    );
+    assert_eq!(
+        lab.http_get("frontend", &format!("http://{vip}/")),
+        "hello from shop/backend\n"
+    );
+
+    // The flow record names the Service; the direct one does not.
+    lab.http_get("intruder", &format!("http://{backend_ip}:8080/"));
+    let flows = lab.observe(&["--node", "node-a"]);
+    let via = flows
+        .iter()
+        .find(|f| f["src"]["pod"] == "frontend" && f["dst"]["pod"] == "backend")
+        .unwrap_or_else(|| panic!("no frontend -> backend flow in {flows:#?}"));
+    assert_eq!(via["service"], "shop/backend", "{via:#}");
+    assert_eq!(via["dst"]["port"], 8080);
+    assert_eq!(via["encrypted"], true);
+    let direct = flows
+        .iter()
+        .find(|f| f["src"]["pod"] == "intruder" && f["dst"]["pod"] == "backend")
+        .unwrap_or_else(|| panic!("no intruder -> backend flow in {flows:#?}"));
+    assert!(direct.get("service").is_none(), "{direct:#}");
+
+    // Every node balances the Service; status lists it and the socket programs.
+    for node in ["node-a", "node-b"] {
+        let st = lab.status(node);
+        let s = st
+            .services
+            .iter()
+            .find(|s| s.name == "backend")
+            .unwrap_or_else(|| panic!("{node}: no service in status: {:?}", st.services));
+        assert_eq!(s.cluster_ip, vip);
+        assert_eq!(s.backends[0].ip, backend_ip);
+        let sock: Vec<_> = st.programs.iter().filter(|p| p.hook == "cgroup").collect();
+        assert_eq!(sock.len(), 8, "{node}: socket programs {sock:?}");
+    }
+
+    // Policy is decided on the backend: intruder may not reach it through the ClusterIP.
+    lab.apply_policy_ok(INGRESS);
+    lab.expect_drops(&["policy-denied"]);
+    assert_eq!(
+        tcp_probe(&lab, "frontend", &vip, 80),
+        format!("{vip} 80 hello from shop/backend")
+    );
+    assert!(
+        lab.try_get("intruder", &format!("http://{vip}/")).is_err(),
+        "intruder reached backend through the ClusterIP despite the policy"
+    );
+    let drops = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
+    let denied = drops
+        .iter()
+        .find(|f| f["src"]["pod"] == "intruder" && f["dst"]["pod"] == "backend")
+        .unwrap_or_else(|| panic!("no intruder -> backend drop in {drops:#?}"));
+    assert_eq!(denied["drop_reason"], "policy-denied");
+}
+
+/// Two backends, a Service without any, a UDP Service and a ClientIP-affinity Service.
+const LAB: &str = "pods:
+- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}
+- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}
+- {name: backend-2, namespace: shop, node: node-a, labels: {app: backend}, serve: [{port: 8080, kind: http}]}
+services:
+- {name: backend, namespace: shop, selector: {app: backend}, ports: [{port: 80, target_port: 8080}]}
+- {name: sticky, namespace: shop, selector: {app: backend}, ports: [{port: 80, target_port: 8080}], session_affinity: ClientIP}
+- {name: nobody, namespace: shop, selector: {app: nothing}, ports: [{port: 80, target_port: 8080}]}
+- {name: echo, namespace: shop, selector: {app: backend}, cluster_ip: 198.18.16.53, ports: [{port: 53, target_port: 9000, protocol: UDP}]}
+";
+
+#[test]
+fn backends_are_spread_affinity_sticks_no_backend_refuses_and_udp_answers_from_the_service() {
+    let lab = Lab::up_with_file(LAB, &[]);
+    let spread = service(&lab, "backend").cluster_ip.clone();
+    let sticky = service(&lab, "sticky").cluster_ip.clone();
+    let nobody = service(&lab, "nobody").cluster_ip.clone();
+    assert_eq!(service(&lab, "backend").backends.len(), 2);
+    assert!(service(&lab, "nobody").backends.is_empty());
+    assert_eq!(service(&lab, "sticky").session_affinity, "ClientIP");
+
+    // Random choice per connection: 24 connections reach both backends (all on one: 2^-23).
+    let bodies: std::collections::BTreeSet<String> = (0..24)
+        .map(|_| lab.http_get("frontend", &format!("http://{spread}/")))
+        .collect();
+    assert_eq!(
+        bodies.into_iter().collect::<Vec<_>>(),
+        ["hello from shop/backend\n", "hello from shop/backend-2\n"],
+        "connections to the ClusterIP were not spread over both backends"
+    );
+    // ClientIP affinity: every connection from frontend's namespace lands on one backend.
+    let sticky_bodies: std::collections::BTreeSet<String> = (0..12)
+        .map(|_| lab.http_get("frontend", &format!("http://{sticky}/")))
+        .collect();
+    assert_eq!(sticky_bodies.len(), 1, "affinity broke: {sticky_bodies:?}");
+
+    // No ready backend: refused at once (ECONNREFUSED), not a connection that hangs, counted.
+    assert_eq!(tcp_probe(&lab, "frontend", &nobody, 80), "refused");
+    assert!(
+        lab.drop_count("node-a", "service-no-backend") >= 1,
+        "the refusal was not counted"
+    );
+    lab.expect_drops(&["service-no-backend"]);
+
+    // Unconnected UDP: translated per datagram, the answer seems to come from the Service.
+    let out = lab.exec_ok(
+        "frontend",
+        &["python3", "-c", UDP_PROBE, "198.18.16.53", "53"],
+    );
+    assert_eq!(out.trim(), "198.18.16.53 53 ping-via-service");
+
+    // A pod's own traffic to a pod IP is never translated (the backend answers as itself).
+    let direct = lab.pod_ip("backend");
+    assert_eq!(
+        tcp_probe(&lab, "frontend", &direct, 8080),
+        format!("{direct} 8080 hello from shop/backend")
+    );
+}
+
+/// A Pod whose only container exits at once: it gets an address, never becomes Ready.
+const CRASHING_POD: &str = r#"{"apiVersion": "v1", "kind": "Pod",
+  "metadata": {"name": "crashing", "namespace": "shop", "labels": {"app": "web1"}},
+  "spec": {"nodeName": "node-b", "containers": [{"name": "main", "image": "ignored", "command": ["false"]}]}}"#;
+
+/// Kubernetes mode: Services made with kubectl, their backends from the EndpointSlices the real
+/// kube-controller-manager writes (the target port as the slice gives it), a Pod that is not
+/// Ready never chosen.
+#[test]
+fn kubernetes_services_follow_endpointslices_and_skip_pods_that_are_not_ready() {
+    let lab = Lab::up(&["--control-plane", "kubernetes"]);
+    // The lab's own Service, made as a Service object with the ClusterIP the lab allocated.
+    let vip = service(&lab, "backend").cluster_ip.clone();
+    assert_eq!(
+        tcp_probe(&lab, "frontend", &vip, 80),
+        format!("{vip} 80 hello from shop/backend")
+    );
+
+    let web_ip = lab.make_web_pod("web1", "node-a");
+    lab.kubectl(&["apply", "-f", "-"], CRASHING_POD);
+    lab.kubectl(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"app": "web1"},
+                     "ports": [{"name": "http", "port": 8081, "targetPort": 8080}]}}"#,
+    );
+    let web_vip = lab.kubectl(
+        &[
+            "get",
+            "service",
+            "-n",
+            "shop",
+            "web",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+        "",
+    );
+    let crashing_ip = lab.wait_for(
+        "the crashing pod's address",
+        Duration::from_secs(30),
+        || {
+            let ip = lab.kubectl(
+                &[
+                    "get",
+                    "pod",
+                    "-n",
+                    "shop",
+                    "crashing",
+                    "-o",
+                    "jsonpath={.status.podIP}",
+                ],
+                "",
+            );
+            (!ip.is_empty()).then_some(ip)
+        },
+    );
+    // Both nodes learn both endpoints, the crashing one not ready.
+    for node in ["node-a", "node-b"] {
+        lab.wait_for(
+            &format!("{node} balances shop/web"),
+            Duration::from_secs(30),
+            || {
+                let st = lab.status(node);
+                let s = st.services.iter().find(|s| s.name == "web")?;
+                let ready = |ip: &str| s.backends.iter().find(|b| b.ip == ip).map(|b| b.ready);
+                (s.cluster_ip == web_vip
+                    && s.ports[0].target_port == 8080
+                    && ready(&web_ip) == Some(true)
+                    && ready(&crashing_ip) == Some(false))
+                .then_some(())
+            },
+        );
+    }
+    // Every connection goes to the ready pod (with the crashing one chosen half of them would
+    // fail).
+    for _ in 0..12 {
+        assert_eq!(
+            tcp_probe(&lab, "frontend", &web_vip, 8081),
+            format!("{web_vip} 8081 hello from shop/web1")
+        );
+    }
+    // Without its ready pod the Service refuses at once.
+    lab.kubectl(&["delete", "pod", "-n", "shop", "web1", "--wait=false"], "");
+    lab.wait_for(
+        "web1 gone from node-a's table",
+        Duration::from_secs(30),
+        || {
+            let st = lab.status("node-a");
+            let s = st.services.iter().find(|s| s.name == "web")?;
+            s.backends.iter().all(|b| !b.ready).then_some(())
+        },
+    );
+    assert_eq!(tcp_probe(&lab, "frontend", &web_vip, 8081), "refused");
+    lab.expect_drops(&["service-no-backend"]);
+}
