@@ -214,6 +214,59 @@ pub fn format_status(st: &api::Status) -> String {
             if p.adopted { " (adopted)" } else { "" }
         );
     }
+    if let Some(first) = st.socket_programs.first() {
+        let names: Vec<&str> = st
+            .socket_programs
+            .iter()
+            .map(|p| p.name.trim_start_matches("veil_sock_"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  socket programs on {}: {}",
+            first.interface,
+            names.join(" ")
+        );
+    }
+    if !st.services.is_empty() {
+        let _ = writeln!(s, "  services (balanced at the socket):");
+        for svc in &st.services {
+            let ports: Vec<String> = svc
+                .ports
+                .iter()
+                .map(|p| format!("{}->{}/{}", p.port, p.target_port, p.protocol))
+                .collect();
+            let backends: Vec<String> = svc
+                .backends
+                .iter()
+                .map(|b| {
+                    let who = if b.pod.is_empty() { &b.ip } else { &b.pod };
+                    if b.ready {
+                        format!("{who} ({})", b.ip)
+                    } else {
+                        format!("{who} ({}, not ready)", b.ip)
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "    {}/{:<20} {:<15} {}{}  -> {}",
+                svc.namespace,
+                svc.name,
+                svc.cluster_ip,
+                ports.join(","),
+                if svc.session_affinity == "ClientIP" {
+                    "  affinity ClientIP"
+                } else {
+                    ""
+                },
+                if backends.is_empty() {
+                    "no backends (refused)".to_string()
+                } else {
+                    backends.join(", ")
+                }
+            );
+        }
+    }
     let _ = writeln!(s, "  counters:");
     for i in &st.interfaces {
         let _ = writeln!(

@@ -188,7 +188,14 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let view = Self::show(name);
+        // A lab that came up but cannot be shown is still taken down.
+        let view = match std::panic::catch_unwind(|| Self::show(name)) {
+            Ok(v) => v,
+            Err(panic) => {
+                let _ = veil(&["lab", "down", "--name", name]);
+                std::panic::resume_unwind(panic)
+            }
+        };
         Lab {
             name: name.to_string(),
             view,

@@ -129,9 +129,45 @@ fn clusterip_reaches_the_backend_shows_the_service_and_policy_applies_to_the_bac
             .unwrap_or_else(|| panic!("{node}: no service in status: {:?}", st.services));
         assert_eq!(s.cluster_ip, vip);
         assert_eq!(s.backends[0].ip, backend_ip);
-        let sock: Vec<_> = st.programs.iter().filter(|p| p.hook == "cgroup").collect();
+        let sock = &st.socket_programs;
         assert_eq!(sock.len(), 8, "{node}: socket programs {sock:?}");
     }
+
+    // A restarted agent replaces its socket links (make before break) and Services keep
+    // working.
+    let before = lab.status("node-a");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before.agent.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill node-a's agent");
+    let after = lab.wait_for_restarted_agent(
+        "restarted agent",
+        "node-a",
+        before.agent.pid,
+        Duration::from_secs(30),
+    );
+    assert_eq!(after.socket_programs.len(), 8);
+    assert!(
+        after.socket_programs.iter().all(|p| p.adopted),
+        "{:?}",
+        after.socket_programs
+    );
+    let cgroup = &after.socket_programs[0].interface;
+    let attached = std::process::Command::new("bpftool")
+        .args(["cgroup", "show", cgroup])
+        .output()
+        .expect("run bpftool");
+    let listing = String::from_utf8_lossy(&attached.stdout);
+    assert_eq!(
+        listing.matches("cgroup_inet4_connect").count(),
+        1,
+        "the earlier agent's link is still attached:\n{listing}"
+    );
+    assert_eq!(
+        tcp_probe(&lab, "frontend", &vip, 80),
+        format!("{vip} 80 hello from shop/backend")
+    );
 
     // Policy is decided on the backend: intruder may not reach it through the ClusterIP.
     lab.apply_policy_ok(INGRESS);
@@ -155,13 +191,13 @@ fn clusterip_reaches_the_backend_shows_the_service_and_policy_applies_to_the_bac
 /// Two backends, a Service without any, a UDP Service and a ClientIP-affinity Service.
 const LAB: &str = "pods:
 - {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}
-- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}
+- {name: backend, namespace: shop, node: node-b, labels: {app: backend, echo: 'yes'}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}
 - {name: backend-2, namespace: shop, node: node-a, labels: {app: backend}, serve: [{port: 8080, kind: http}]}
 services:
 - {name: backend, namespace: shop, selector: {app: backend}, ports: [{port: 80, target_port: 8080}]}
 - {name: sticky, namespace: shop, selector: {app: backend}, ports: [{port: 80, target_port: 8080}], session_affinity: ClientIP}
 - {name: nobody, namespace: shop, selector: {app: nothing}, ports: [{port: 80, target_port: 8080}]}
-- {name: echo, namespace: shop, selector: {app: backend}, cluster_ip: 198.18.16.53, ports: [{port: 53, target_port: 9000, protocol: UDP}]}
+- {name: echo, namespace: shop, selector: {echo: 'yes'}, cluster_ip: 198.18.16.53, ports: [{port: 53, target_port: 9000, protocol: UDP}]}
 ";
 
 #[test]
@@ -212,10 +248,11 @@ fn backends_are_spread_affinity_sticks_no_backend_refuses_and_udp_answers_from_t
     );
 }
 
-/// A Pod whose only container exits at once: it gets an address, never becomes Ready.
+/// A Pod whose only container cannot start: it gets an address, never becomes Ready (one that
+/// exits is Ready for a moment after each restart).
 const CRASHING_POD: &str = r#"{"apiVersion": "v1", "kind": "Pod",
   "metadata": {"name": "crashing", "namespace": "shop", "labels": {"app": "web1"}},
-  "spec": {"nodeName": "node-b", "containers": [{"name": "main", "image": "ignored", "command": ["false"]}]}}"#;
+  "spec": {"nodeName": "node-b", "containers": [{"name": "main", "image": "ignored", "command": ["/nonexistent/no-such-binary"]}]}}"#;
 
 /// Kubernetes mode: Services made with kubectl, their backends from the EndpointSlices the real
 /// kube-controller-manager writes (the target port as the slice gives it), a Pod that is not

@@ -26,7 +26,12 @@ pub struct Status {
     pub auth: Vec<AuthPair>,
     /// Drop counters by stable reason name.
     pub drops: BTreeMap<String, u64>,
+    /// TC programs on interfaces.
     pub programs: Vec<Program>,
+    /// Socket programs (Service load balancing) on the pods' cgroup: `interface` is the
+    /// cgroup's path, `hook` is `cgroup`.
+    #[serde(default)]
+    pub socket_programs: Vec<Program>,
     /// The Services this node balances at the socket, with their backends.
     #[serde(default)]
     pub services: Vec<ServiceStatus>,

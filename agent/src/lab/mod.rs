@@ -1130,6 +1130,59 @@ fn wait_ready(
             ));
         }
     }
+    // Every node balances the lab's Services over the lab-file pods they select (with
+    // Kubernetes the EndpointSlice controller marks them ready only after the Pods are): a
+    // connection to a ClusterIP right after `up` is never refused for a backend still coming.
+    for n in &spec.nodes {
+        let sock = paths.admin_socket(&n.name);
+        for svc in &spec.services {
+            let want: Vec<std::net::Ipv4Addr> = spec
+                .pods
+                .iter()
+                .filter(|p| svc.selects(&p.namespace, &p.labels))
+                .map(|p| p.ip)
+                .collect();
+            loop {
+                let st = rt.block_on(crate::admin::get_json::<crate::api::Status>(
+                    &sock,
+                    "/v1/status",
+                ));
+                let ready = st.ok().is_some_and(|st| {
+                    st.services
+                        .iter()
+                        .find(|s| s.namespace == svc.namespace && s.name == svc.name)
+                        .is_some_and(|s| {
+                            want.iter().all(|ip| {
+                                s.backends.iter().any(|b| b.ready && b.ip == ip.to_string())
+                            })
+                        })
+                });
+                if ready {
+                    break;
+                }
+                keep_waiting(interrupted.is_set(), deadline, || {
+                    let log = paths.log(&format!("agent-{}", n.name));
+                    Error::not_ready(
+                        format!("service {} on {}", svc.qualified_name(), n.name),
+                        timeout,
+                        log,
+                    )
+                })?;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    if !spec.services.is_empty() {
+        progress.step(format!(
+            "{} service(s) balanced on every node: {}",
+            spec.services.len(),
+            spec.services
+                .iter()
+                .map(|s| format!("{} {}", s.qualified_name(), s.cluster_ip))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     Ok(())
 }
 

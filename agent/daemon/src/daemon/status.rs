@@ -93,15 +93,20 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
             pod: pods.get(&a.interface).cloned(),
             adopted: a.adopted,
         })
-        .chain(s.datapath.sock_attachments().iter().map(|a| api::Program {
+        .collect();
+    let socket_programs = s
+        .datapath
+        .sock_attachments()
+        .iter()
+        .map(|a| api::Program {
             name: a.program.to_string(),
             interface: a.cgroup.display().to_string(),
             hook: "cgroup".to_string(),
             program_id: a.program_id,
             link_id: a.link_id,
             pod: None,
-            adopted: false,
-        }))
+            adopted: a.adopted,
+        })
         .collect();
     let services = service_status(&s.cluster);
     let drops = datapath::maps::drops(s.datapath.ebpf())?
@@ -178,6 +183,7 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         },
         drops,
         programs,
+        socket_programs,
         services,
         interfaces,
         agent: api::AgentInfo {

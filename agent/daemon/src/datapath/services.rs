@@ -34,6 +34,8 @@ pub struct SockAttachment {
     pub cgroup: PathBuf,
     pub program_id: u32,
     pub link_id: u32,
+    /// It replaced a link an earlier agent pinned for the same cgroup.
+    pub adopted: bool,
 }
 
 /// Loads the socket programs. Their failure (a kernel before 5.18 lacks `bpf_set_retval` in
@@ -110,6 +112,7 @@ impl Datapath {
                 source: e,
             };
             fd.pin(&fresh).map_err(|e| pin_err(Box::new(e)))?;
+            let adopted = pin.exists();
             // Replacing the earlier agent's pin releases its link: make before break.
             std::fs::rename(&fresh, &pin).map_err(|e| pin_err(Box::new(e)))?;
             attached.push(SockAttachment {
@@ -117,6 +120,7 @@ impl Datapath {
                 cgroup: cgroup.into(),
                 program_id,
                 link_id,
+                adopted,
             });
         }
         self.sock_attachments = attached;
