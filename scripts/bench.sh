@@ -14,8 +14,9 @@ usage() {
 usage: scripts/bench.sh [VEIL-BENCH OPTIONS]
 
 As root: runs scripts/setup.sh and scripts/preflight.sh, builds the release binaries, then
-control-bench (control plane, its own 77-pod lab; writes benches/results/control.json) and
-veil-bench (veil vs plaintext vs boringtun-cli; prints the table, writes
+control-bench (control plane, its own 77-pod lab; writes benches/results/control.json),
+svc-bench (Services: ClusterIP vs pod IP vs iptables DNAT at 10 and 10,000 Service ports;
+writes benches/results/services.json) and veil-bench (veil vs plaintext vs boringtun-cli; prints the table, writes
 benches/results/{results.json,chart.png,results.md}). Both carry this run's id, and veil-bench's
 target table uses control.json only if control-bench wrote it in this run.
 
@@ -63,4 +64,7 @@ cargo build --release --locked --workspace --bins
 # enforcement, rotation to re-auth, first connection with auth required); it writes
 # benches/results/control.json, which veil-bench's target table reads.
 target/release/control-bench
+# Services at the socket vs pod IP vs a kube-proxy iptables rule set, at 10 and 10,000 Service
+# ports (TCP_RR and TCP_CRR; writes benches/results/services.json).
+target/release/svc-bench
 exec target/release/veil-bench "$@"

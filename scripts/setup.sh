@@ -16,8 +16,9 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 # --- Debian packages -------------------------------------------------------------------------
 # containernetworking-plugins: the CNI reference plugins, host-local IPAM at /usr/lib/cni/host-local.
+# iptables: the benchmark's kube-proxy-style rule set (svc-bench).
 PKGS=(iproute2 iputils-ping tcpdump iperf3 wireguard-tools curl procps ncat bpftool
-      containernetworking-plugins)
+      containernetworking-plugins iptables)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -51,35 +51,96 @@ pub fn client(
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<RrResult> {
+    let mut conn = connect_retrying(addr)?;
+    let req = vec![0x5au8; size];
+    let mut resp = vec![0u8; size];
+    measure(size, warmup, duration, || {
+        let t = Instant::now();
+        conn.write_all(&req)?;
+        conn.read_exact(&mut resp)?;
+        Ok(t.elapsed())
+    })
+}
+
+/// netperf TCP_CRR style: every transaction is a new connection (connect, one request of
+/// `size` bytes, the echo, close), so what a connection's setup costs (a Service's translation,
+/// an iptables rule walk) is in every sample.
+pub fn crr_client(
+    addr: SocketAddr,
+    size: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<RrResult> {
+    drop(connect_retrying(addr)?);
+    let req = vec![0x5au8; size];
+    let mut resp = vec![0u8; size];
+    measure(size, warmup, duration, || {
+        let t = Instant::now();
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(&req)?;
+        conn.read_exact(&mut resp)?;
+        // RST instead of FIN: no TIME_WAIT pile-up exhausting the client's ports.
+        set_linger_zero(&conn)?;
+        drop(conn);
+        Ok(t.elapsed())
+    })
+}
+
+/// SO_LINGER with a zero timeout: close() sends RST and leaves no TIME_WAIT.
+fn set_linger_zero(conn: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a correctly sized linger value.
+    let r = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn connect_retrying(addr: SocketAddr) -> anyhow::Result<TcpStream> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut conn = loop {
+    let conn = loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(c) => break c,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
             Err(e) => return Err(anyhow::anyhow!("connect {addr}: {e}")),
         }
     };
     conn.set_nodelay(true)?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let req = vec![0x5au8; size];
-    let mut resp = vec![0u8; size];
-    let mut one = |conn: &mut TcpStream| -> anyhow::Result<Duration> {
-        let t = Instant::now();
-        conn.write_all(&req)?;
-        conn.read_exact(&mut resp)?;
-        Ok(t.elapsed())
-    };
+    Ok(conn)
+}
+
+/// Times `one` for `warmup` (not recorded), then for `duration`.
+fn measure(
+    size: usize,
+    warmup: Duration,
+    duration: Duration,
+    mut one: impl FnMut() -> anyhow::Result<Duration>,
+) -> anyhow::Result<RrResult> {
     let warm_end = Instant::now() + warmup;
     while Instant::now() < warm_end {
-        one(&mut conn)?;
+        one()?;
     }
     let mut samples: Vec<u32> = Vec::with_capacity(1 << 20);
     let start = Instant::now();
     while start.elapsed() < duration {
-        let d = one(&mut conn)?;
+        let d = one()?;
         samples.push(d.as_nanos().min(u32::MAX as u128) as u32);
     }
     let seconds = start.elapsed().as_secs_f64();

@@ -1133,43 +1133,57 @@ fn wait_ready(
     // Every node balances the lab's Services over the lab-file pods they select (with
     // Kubernetes the EndpointSlice controller marks them ready only after the Pods are): a
     // connection to a ClusterIP right after `up` is never refused for a backend still coming.
-    for n in &spec.nodes {
-        let sock = paths.admin_socket(&n.name);
-        for svc in &spec.services {
-            let want: Vec<std::net::Ipv4Addr> = spec
+    let wanted: Vec<(&spec::ServiceSpec, Vec<String>)> = spec
+        .services
+        .iter()
+        .map(|svc| {
+            let ips = spec
                 .pods
                 .iter()
                 .filter(|p| svc.selects(&p.namespace, &p.labels))
-                .map(|p| p.ip)
+                .map(|p| p.ip.to_string())
                 .collect();
-            loop {
-                let st = rt.block_on(crate::admin::get_json::<crate::api::Status>(
-                    &sock,
-                    "/v1/status",
-                ));
-                let ready = st.ok().is_some_and(|st| {
-                    st.services
-                        .iter()
-                        .find(|s| s.namespace == svc.namespace && s.name == svc.name)
-                        .is_some_and(|s| {
-                            want.iter().all(|ip| {
-                                s.backends.iter().any(|b| b.ready && b.ip == ip.to_string())
+            (svc, ips)
+        })
+        .collect();
+    for n in spec.nodes.iter().filter(|_| !wanted.is_empty()) {
+        let sock = paths.admin_socket(&n.name);
+        loop {
+            let st = rt.block_on(crate::admin::get_json::<crate::api::Status>(
+                &sock,
+                "/v1/status",
+            ));
+            // The first Service still without its backends on this node, if any.
+            let missing = match &st {
+                Ok(st) => {
+                    let table: std::collections::HashMap<(&str, &str), &crate::api::ServiceStatus> =
+                        st.services
+                            .iter()
+                            .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+                            .collect();
+                    wanted.iter().find(|(svc, ips)| {
+                        !table
+                            .get(&(svc.namespace.as_str(), svc.name.as_str()))
+                            .is_some_and(|s| {
+                                ips.iter()
+                                    .all(|ip| s.backends.iter().any(|b| b.ready && &b.ip == ip))
                             })
-                        })
-                });
-                if ready {
-                    break;
+                    })
                 }
-                keep_waiting(interrupted.is_set(), deadline, || {
-                    let log = paths.log(&format!("agent-{}", n.name));
-                    Error::not_ready(
-                        format!("service {} on {}", svc.qualified_name(), n.name),
-                        timeout,
-                        log,
-                    )
-                })?;
-                std::thread::sleep(Duration::from_millis(50));
-            }
+                Err(_) => wanted.first(),
+            };
+            let Some((svc, _)) = missing else {
+                break;
+            };
+            keep_waiting(interrupted.is_set(), deadline, || {
+                let log = paths.log(&format!("agent-{}", n.name));
+                Error::not_ready(
+                    format!("service {} on {}", svc.qualified_name(), n.name),
+                    timeout,
+                    log,
+                )
+            })?;
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
     if !spec.services.is_empty() {

@@ -1,5 +1,6 @@
-//! `veil-rr server --port P` / `veil-rr client --connect IP:P [--size 64] [--seconds 5]`:
-//! TCP request/response latency (netperf TCP_RR style), run inside lab pods by `veil-bench`.
+//! `veil-rr server --port P` / `veil-rr client --connect IP:P [--size 64] [--seconds 5]
+//! [--new-connections]`: TCP request/response latency (netperf TCP_RR style; TCP_CRR with a new
+//! connection per transaction), run inside lab pods by `veil-bench` and `svc-bench`.
 //! The client prints one JSON object (p50/p90/p99/mean in µs, transactions).
 
 use std::{net::SocketAddr, time::Duration};
@@ -30,6 +31,9 @@ enum Cmd {
         warmup_seconds: f64,
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// A new connection per transaction (TCP_CRR).
+        #[arg(long)]
+        new_connections: bool,
     },
 }
 
@@ -41,8 +45,14 @@ fn main() -> anyhow::Result<()> {
             size,
             warmup_seconds,
             seconds,
+            new_connections,
         } => {
-            let r = veil_benches::rr::client(
+            let run = if new_connections {
+                veil_benches::rr::crr_client
+            } else {
+                veil_benches::rr::client
+            };
+            let r = run(
                 connect,
                 size,
                 Duration::from_secs_f64(warmup_seconds),
