@@ -172,15 +172,8 @@ fn translate6(ctx: &SockAddrContext) -> i32 {
         // A mapped frontend needs a mapped backend (the socket may be IPv4 underneath), and an
         // IPv6 frontend an IPv6 one.
         Pick::To(b) if is_v4_mapped(&b.addr) == is_v4_mapped(&key.addr) => {
-            let w = addr_to_words(&b.addr);
-            // SAFETY: user_ip6 and user_port are writable in connect6 and sendmsg6.
-            unsafe {
-                (*sa).user_ip6[0] = w[0];
-                (*sa).user_ip6[1] = w[1];
-                (*sa).user_ip6[2] = w[2];
-                (*sa).user_ip6[3] = w[3];
-                (*sa).user_port = u32::from(b.port.to_be());
-            }
+            // user_ip6 and user_port are writable in connect6 and sendmsg6.
+            set_addr6(ctx, &b);
             ALLOW
         }
         _ => refuse(),
@@ -326,15 +319,24 @@ fn reverse6(ctx: &SockAddrContext) {
     // SAFETY: readable in recvmsg6 and getpeername6.
     let (ip, port) = unsafe { ((*sa).user_ip6, (*sa).user_port) };
     if let Some(f) = frontend(ctx, words_to_addr(ip), port) {
-        let w = addr_to_words(&f.addr);
-        // SAFETY: writable in recvmsg6 and getpeername6.
-        unsafe {
-            (*sa).user_ip6[0] = w[0];
-            (*sa).user_ip6[1] = w[1];
-            (*sa).user_ip6[2] = w[2];
-            (*sa).user_ip6[3] = w[3];
-            (*sa).user_port = u32::from(f.port.to_be());
-        }
+        // Writable in recvmsg6 and getpeername6.
+        set_addr6(ctx, &f);
+    }
+}
+
+/// Writes `to` as the socket address of an IPv6 sock_addr program (the caller's program type
+/// allows writing `user_ip6` and `user_port`).
+#[inline(always)]
+fn set_addr6(ctx: &SockAddrContext, to: &Backend) {
+    let w = addr_to_words(&to.addr);
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for this run; the fields are writable (see above).
+    unsafe {
+        (*sa).user_ip6[0] = w[0];
+        (*sa).user_ip6[1] = w[1];
+        (*sa).user_ip6[2] = w[2];
+        (*sa).user_ip6[3] = w[3];
+        (*sa).user_port = u32::from(to.port.to_be());
     }
 }
 

@@ -49,7 +49,7 @@ data, src = s.recvfrom(2048)
 print(src[0], src[1], data.decode())
 "#;
 
-fn service<'a>(lab: &'a Lab, name: &str) -> &'a veil_agent::lab::ServiceView {
+fn service<'a>(lab: &'a Lab, name: &str) -> &'a veil_agent::api::ServiceStatus {
     lab.view
         .services
         .iter()

@@ -65,6 +65,41 @@ pub struct ServiceStatus {
     pub backends: Vec<ServiceBackendStatus>,
 }
 
+/// A Service as this node balances it (what its maps are written from).
+impl From<&crate::cluster::Service> for ServiceStatus {
+    fn from(svc: &crate::cluster::Service) -> Self {
+        Self {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            cluster_ip: svc.cluster_ip.to_string(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| ServicePortStatus {
+                    port: p.port,
+                    target_port: p.target_port,
+                    protocol: p.protocol.clone(),
+                })
+                .collect(),
+            session_affinity: if svc.affinity_timeout_s.is_some() {
+                "ClientIP"
+            } else {
+                "None"
+            }
+            .to_string(),
+            backends: svc
+                .backends
+                .iter()
+                .map(|b| ServiceBackendStatus {
+                    pod: b.pod.clone(),
+                    ip: b.ip.to_string(),
+                    ready: b.ready,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicePortStatus {
     pub port: u16,

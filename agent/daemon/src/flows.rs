@@ -557,9 +557,13 @@ pub fn format_table_row(f: &Flow) -> String {
             String::new()
         }
     ) + &f
-        .held_ms
-        .map(|ms| format!(" (held {ms} ms for auth)"))
+        .service
+        .as_ref()
+        .map(|svc| format!(" (via service {svc})"))
         .unwrap_or_default()
+        + &f.held_ms
+            .map(|ms| format!(" (held {ms} ms for auth)"))
+            .unwrap_or_default()
         + &f.auth_error
             .as_ref()
             .map(|e| format!(" (auth: {e})"))
@@ -629,6 +633,36 @@ mod tests {
             count: 3,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_translated_flow_names_its_service() {
+        let mut st = state();
+        st.services = vec![crate::cluster::Service {
+            namespace: "shop".into(),
+            name: "backend".into(),
+            cluster_ip: Ipv4Addr::new(198, 18, 16, 10),
+            ports: vec![],
+            affinity_timeout_s: None,
+            backends: vec![],
+        }];
+        let via = |ip: [u8; 4]| FlowEvent {
+            service_ip: u32::from_ne_bytes(ip),
+            ..drop_event()
+        };
+        let f = from_event(&via([198, 18, 16, 10]), "node-a", &st, 0);
+        assert_eq!(f.service.as_deref(), Some("shop/backend"));
+        assert!(
+            format_table_row(&f).ends_with(" (via service shop/backend)"),
+            "{}",
+            format_table_row(&f)
+        );
+        // A ClusterIP the state no longer knows is still shown, as its address.
+        let f = from_event(&via([198, 18, 16, 99]), "node-a", &st, 0);
+        assert_eq!(f.service.as_deref(), Some("198.18.16.99"));
+        let f = from_event(&drop_event(), "node-a", &st, 0);
+        assert_eq!(f.service, None);
+        assert!(serde_json::to_value(&f).unwrap().get("service").is_none());
     }
 
     #[test]

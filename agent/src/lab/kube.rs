@@ -220,16 +220,19 @@ pub fn prepare(paths: &LabPaths) -> Result<()> {
     write(&pki.join("admin.key"), &adm_key)?;
     write(&pki.join("sa.key"), sa_key.serialize_pem())?;
     write(&pki.join("sa.pub"), sa_key.public_key_pem())?;
+    // The admin's client certificate: for the host's kubectl (through the forwarder below) and
+    // for kube-controller-manager (straight to the apiserver on the underlay).
+    let admin_user = format!(
+        "    client-certificate: {}\n    client-key: {}\n",
+        pki.join("admin.crt").display(),
+        pki.join("admin.key").display()
+    );
     write(
         &controller_kubeconfig(paths),
         kubeconfig(
             &format!("https://{API_IP}:{API_PORT}"),
             &pki.join("ca.crt"),
-            &format!(
-                "    client-certificate: {}\n    client-key: {}\n",
-                pki.join("admin.crt").display(),
-                pki.join("admin.key").display()
-            ),
+            &admin_user,
         ),
     )?;
 
@@ -246,11 +249,7 @@ pub fn prepare(paths: &LabPaths) -> Result<()> {
         kubeconfig(
             &format!("https://127.0.0.1:{port}"),
             &pki.join("ca.crt"),
-            &format!(
-                "    client-certificate: {}\n    client-key: {}\n",
-                pki.join("admin.crt").display(),
-                pki.join("admin.key").display()
-            ),
+            &admin_user,
         ),
     )?;
     let version = Command::new(tool("kube-apiserver").map_err(Error::Prerequisite)?)

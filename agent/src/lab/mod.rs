@@ -179,8 +179,8 @@ pub struct LabView {
     pub underlay: UnderlayView,
     pub nodes: Vec<NodeView>,
     pub pods: Vec<PodView>,
-    /// Services, their ClusterIPs and the pods behind them.
-    pub services: Vec<ServiceView>,
+    /// Services, their ClusterIPs and the (ready) pods behind them.
+    pub services: Vec<crate::api::ServiceStatus>,
 }
 
 /// `"identity"` of `veil lab show -o json`: with `spire`, `"$server_bin" entry show -socketPath
@@ -284,90 +284,21 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceView {
-    pub namespace: String,
-    pub name: String,
-    pub cluster_ip: String,
-    pub ports: Vec<ServicePortView>,
-    pub session_affinity: String,
-    pub backends: Vec<ServiceBackendView>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServicePortView {
-    pub port: u16,
-    pub target_port: u16,
-    pub protocol: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceBackendView {
-    pub pod: String,
-    pub ip: String,
-}
-
-/// The lab's Services with the pods behind them, as the first node's agent balances them (so
-/// Services made with kubectl and the EndpointSlices' readiness show); from the lab file and
+/// The lab's Services with the ready pods behind them, as the first node's agent balances them
+/// (so Services made with kubectl and the EndpointSlices' readiness show); from the lab file and
 /// its pods when no agent answers.
-fn service_views(spec: &LabSpec, paths: &LabPaths) -> Vec<ServiceView> {
-    let affinity = |a: bool| if a { "ClientIP" } else { "None" }.to_string();
-    if let Some(published) = published_services(spec, paths) {
-        return published
-            .into_iter()
-            .map(|s| ServiceView {
-                namespace: s.namespace,
-                name: s.name,
-                cluster_ip: s.cluster_ip,
-                ports: s
-                    .ports
-                    .into_iter()
-                    .map(|p| ServicePortView {
-                        port: p.port,
-                        target_port: p.target_port,
-                        protocol: p.protocol,
-                    })
-                    .collect(),
-                session_affinity: s.session_affinity,
-                backends: s
-                    .backends
-                    .into_iter()
-                    .filter(|b| b.ready)
-                    .map(|b| ServiceBackendView {
-                        pod: b.pod,
-                        ip: b.ip,
-                    })
-                    .collect(),
-            })
-            .collect();
+fn service_views(spec: &LabSpec, paths: &LabPaths) -> Vec<crate::api::ServiceStatus> {
+    let mut services = published_services(spec, paths).unwrap_or_else(|| {
+        cluster_state(spec, 0)
+            .services
+            .iter()
+            .map(crate::api::ServiceStatus::from)
+            .collect()
+    });
+    for s in &mut services {
+        s.backends.retain(|b| b.ready);
     }
-    spec.services
-        .iter()
-        .map(|svc| ServiceView {
-            namespace: svc.namespace.clone(),
-            name: svc.name.clone(),
-            cluster_ip: svc.cluster_ip.to_string(),
-            ports: svc
-                .ports
-                .iter()
-                .map(|p| ServicePortView {
-                    port: p.port,
-                    target_port: p.target_port,
-                    protocol: p.protocol.clone(),
-                })
-                .collect(),
-            session_affinity: affinity(svc.affinity_timeout_s.is_some()),
-            backends: spec
-                .pods
-                .iter()
-                .filter(|p| svc.selects(&p.namespace, &p.labels))
-                .map(|p| ServiceBackendView {
-                    pod: p.qualified_name(),
-                    ip: p.ip.to_string(),
-                })
-                .collect(),
-        })
-        .collect()
+    services
 }
 
 /// The Services the first node's agent balances, if it answers within a second.

@@ -92,7 +92,9 @@ fn lab_file(services: usize) -> String {
 /// kube-proxy's iptables-mode shape for `services` Service ports, all to `backend`.
 fn iptables_rules(services: usize, backend: &str) -> (String, Ipv4Addr, u16) {
     let mut r = String::from("*nat\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n");
-    let vip = |i: usize| Ipv4Addr::from(u32::from(IPTABLES_VIP_BASE) + 1 + (i / PORTS_PER_SERVICE) as u32);
+    let vip = |i: usize| {
+        Ipv4Addr::from(u32::from(IPTABLES_VIP_BASE) + 1 + (i / PORTS_PER_SERVICE) as u32)
+    };
     let port = |i: usize| FIRST_PORT + (i % PORTS_PER_SERVICE) as u16;
     for i in 0..services {
         let _ = writeln!(r, ":KUBE-SVC-{i} - [0:0]\n:KUBE-SEP-{i} - [0:0]");
@@ -133,7 +135,13 @@ fn nat(netns: &str, rules: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_client(lab: &Lab, rr: &Path, target: &str, crr: bool, seconds: f64) -> anyhow::Result<RrResult> {
+fn run_client(
+    lab: &Lab,
+    rr: &Path,
+    target: &str,
+    crr: bool,
+    seconds: f64,
+) -> anyhow::Result<RrResult> {
     let secs = seconds.to_string();
     let rr = rr.display().to_string();
     let mut argv = vec![
@@ -173,12 +181,16 @@ fn main() -> anyhow::Result<()> {
     let rr = bin_dir.join("veil-rr");
     for b in [&veil, &rr] {
         if !b.exists() {
-            bail!("{} not found (cargo build --release --workspace --bins)", b.display());
+            bail!(
+                "{} not found (cargo build --release --workspace --bins)",
+                b.display()
+            );
         }
     }
-    let out_dir = args.out_dir.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results")
-    });
+    let out_dir = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results"));
     std::fs::create_dir_all(&out_dir)?;
     let mut samples: Vec<Sample> = Vec::new();
     let mut setup: Vec<(usize, f64)> = Vec::new();
@@ -197,7 +209,12 @@ fn main() -> anyhow::Result<()> {
         let client_netns = lab.pod("client")?.netns.clone();
         let _server = lab.spawn(
             "server",
-            &[rr.to_str().context("path")?, "server", "--port", &SERVER_PORT.to_string()],
+            &[
+                rr.to_str().context("path")?,
+                "server",
+                "--port",
+                &SERVER_PORT.to_string(),
+            ],
         )?;
         // The measured Service port: the last one the lab allocated (its ClusterIP from `lab show`
         // through the agent's table).
@@ -209,9 +226,15 @@ fn main() -> anyhow::Result<()> {
         )?;
         let last = show["services"]
             .as_array()
-            .and_then(|a| a.iter().find(|s| s["name"] == format!("s{}", size.div_ceil(PORTS_PER_SERVICE) - 1)))
+            .and_then(|a| {
+                a.iter()
+                    .find(|s| s["name"] == format!("s{}", size.div_ceil(PORTS_PER_SERVICE) - 1))
+            })
             .context("lab show lists no last Service")?;
-        let cluster_ip = last["cluster_ip"].as_str().context("cluster_ip")?.to_string();
+        let cluster_ip = last["cluster_ip"]
+            .as_str()
+            .context("cluster_ip")?
+            .to_string();
         let cluster_port = last["ports"]
             .as_array()
             .and_then(|p| p.last())

@@ -19,43 +19,6 @@ fn pod_names_by_veth(s: &Shared) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The Service table this node balances (what its maps were written from).
-fn service_status(cluster: &crate::cluster::ClusterState) -> Vec<api::ServiceStatus> {
-    cluster
-        .services
-        .iter()
-        .map(|svc| api::ServiceStatus {
-            namespace: svc.namespace.clone(),
-            name: svc.name.clone(),
-            cluster_ip: svc.cluster_ip.to_string(),
-            ports: svc
-                .ports
-                .iter()
-                .map(|p| api::ServicePortStatus {
-                    port: p.port,
-                    target_port: p.target_port,
-                    protocol: p.protocol.clone(),
-                })
-                .collect(),
-            session_affinity: if svc.affinity_timeout_s.is_some() {
-                "ClientIP"
-            } else {
-                "None"
-            }
-            .to_string(),
-            backends: svc
-                .backends
-                .iter()
-                .map(|b| api::ServiceBackendStatus {
-                    pod: b.pod.clone(),
-                    ip: b.ip.to_string(),
-                    ready: b.ready,
-                })
-                .collect(),
-        })
-        .collect()
-}
-
 /// The node's status as `veil status` shows it.
 pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
     let pods = pod_names_by_veth(s);
@@ -108,7 +71,12 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
             adopted: a.adopted,
         })
         .collect();
-    let services = service_status(&s.cluster);
+    let services = s
+        .cluster
+        .services
+        .iter()
+        .map(api::ServiceStatus::from)
+        .collect();
     let drops = datapath::maps::drops(s.datapath.ebpf())?
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

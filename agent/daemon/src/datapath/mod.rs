@@ -500,13 +500,18 @@ fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     program: &'static str,
 ) -> Result<&'a mut SchedClassifier, Error> {
-    ebpf.program_mut(program)
-        .ok_or(Error::MissingProgram(program))?
+    program_of(ebpf, program)
+}
+
+/// A program of the object, by name, as its type.
+fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, Error>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
         .try_into()
-        .map_err(|source| Error::Program {
-            name: program,
-            source,
-        })
+        .map_err(|source| Error::Program { name, source })
 }
 
 fn attach_error(

@@ -53,10 +53,7 @@ fn sock_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut CgroupSockAddr, Error> {
-    ebpf.program_mut(name)
-        .ok_or(Error::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| Error::Program { name, source })
+    super::program_of(ebpf, name)
 }
 
 impl Datapath {
