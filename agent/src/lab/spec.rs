@@ -204,8 +204,7 @@ pub struct ServicePortFile {
     /// Defaults to `port`.
     pub target_port: Option<u16>,
     /// `TCP` (default), `UDP` or `SCTP`.
-    #[serde(default)]
-    pub protocol: ServiceProtocol,
+    pub protocol: Option<crate::policy::parse::Protocol>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -214,27 +213,6 @@ pub enum SessionAffinity {
     None,
     #[serde(rename = "ClientIP")]
     ClientIp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-pub enum ServiceProtocol {
-    #[default]
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
-    #[serde(rename = "SCTP")]
-    Sctp,
-}
-
-impl ServiceProtocol {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Tcp => "TCP",
-            Self::Udp => "UDP",
-            Self::Sctp => "SCTP",
-        }
-    }
 }
 
 /// A resolved Service: its ClusterIP allocated, its ports complete. Backends are not part of
@@ -570,7 +548,7 @@ pub fn default_file() -> LabFile {
                 name: "http".into(),
                 port: 80,
                 target_port: Some(8080),
-                protocol: ServiceProtocol::Tcp,
+                protocol: None,
             }],
             cluster_ip: None,
             session_affinity: None,
@@ -874,7 +852,19 @@ fn resolve_services(files: Vec<ServiceFile>) -> Result<Vec<ServiceSpec>, Error> 
                     "a service with several ports must name each (as Kubernetes requires)",
                 ));
             }
-            let protocol = p.protocol.as_str().to_string();
+            use crate::policy::parse::Protocol;
+            let protocol = match p.protocol.unwrap_or(Protocol::Tcp) {
+                Protocol::Tcp => "TCP",
+                Protocol::Udp => "UDP",
+                Protocol::Sctp => "SCTP",
+                other => {
+                    return Err(invalid(
+                        pat("protocol"),
+                        format!("{other:?} is not a Service protocol (TCP, UDP or SCTP)"),
+                    ))
+                }
+            }
+            .to_string();
             if ports
                 .iter()
                 .any(|o| o.port == p.port && o.protocol == protocol)
@@ -1154,6 +1144,7 @@ mod tests {
             ("services: [{name: a, selector: {}, ports: [{port: 0}]}]", "services[0].ports[0].port"),
             ("services: [{name: a, selector: {}, ports: [{port: 1}, {port: 2}]}]", "services[0].ports[0].name"),
             ("services: [{name: a, selector: {}, ports: [{port: 1, protocol: QUIC}]}]", "services[0].ports[0].protocol"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1, protocol: ICMP}]}]", "services[0].ports[0].protocol"),
             ("services: [{name: A, selector: {}, ports: [{port: 1}]}]", "services[0].name"),
             ("services: [{name: a, selector: {}, ports: [{port: 1}]}, {name: a, selector: {}, ports: [{port: 1}]}]", "services[1].name"),
             ("services: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 198.18.16.9}, {name: b, selector: {}, ports: [{port: 1}], cluster_ip: 198.18.16.9}]", "services[1].cluster_ip"),
