@@ -291,7 +291,7 @@ can() {  # can yes|no VERB RESOURCE [FLAGS]
   [ "$got" = "$want" ] || die "auth can-i $*: $got, expected $want"
 }
 # Everything the agent needs ...
-for r in nodes pods namespaces networkpolicies.networking.k8s.io \
+for r in nodes pods namespaces services endpointslices.discovery.k8s.io networkpolicies.networking.k8s.io \
   ciliumnetworkpolicies.cilium.io ciliumclusterwidenetworkpolicies.cilium.io veilidentities.veil.dev; do
   for v in get list watch; do can yes "$v" "$r" --all-namespaces; done
 done
@@ -319,6 +319,8 @@ can no list secrets --all-namespaces
 can no get configmaps -n kube-system
 can no create serviceaccounts/token -n "$NS"
 can no patch networkpolicies.networking.k8s.io -n shop
+can no create services -n shop
+can no update endpointslices.discovery.k8s.io -n shop
 can no '*' '*'
 echo "    $SA: reads cluster state; writes policy status, node annotations, identities, events; nothing else"
 done_step "RBAC least privilege"
