@@ -29,8 +29,8 @@ struct Args {
     /// Service-port counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "10,10000")]
     sizes: Vec<usize>,
-    /// Interleaved rounds per size.
-    #[arg(long, default_value_t = 3)]
+    /// Interleaved rounds per size (each starting with the next target).
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 4.0)]
@@ -250,7 +250,10 @@ fn main() -> anyhow::Result<()> {
             "svc-bench: {size} Service ports, lab up in {up_s:.1} s; clusterip {cluster_ip}:{cluster_port}, iptables {vip}:{vport} (rule {size} of {size})"
         );
         for round in 0..args.rounds {
-            for (target, addr) in &targets {
+            // Each round starts with another target, so no target always follows the same one
+            // (a CRR run leaves thousands of conntrack entries behind it).
+            for k in 0..targets.len() {
+                let (target, addr) = &targets[(round + k) % targets.len()];
                 // The rule set exists only while its target is measured: every new connection
                 // from the pod walks it, which a node running veil instead of kube-proxy does not.
                 if *target == "iptables" {
