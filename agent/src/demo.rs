@@ -217,6 +217,30 @@ fn walk(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Result<(), E
         be.node,
         paths.bpf.display()
     );
+    // The Service in front of backend: the same request to its ClusterIP, translated once at
+    // connect by the socket programs on the pods' cgroup (no NAT rule anywhere).
+    if let Some(svc) = after_a
+        .services
+        .iter()
+        .find(|s| s.namespace == be.namespace && s.name == be.name)
+    {
+        let port = svc.ports.first().map(|p| p.port).unwrap_or(80);
+        let svc_url = format!("http://{}:{port}/", svc.cluster_ip);
+        let body = exec_in_pod(
+            exe,
+            &spec.name,
+            &fe.qualified_name(),
+            &["curl", "-sS", "--max-time", "5", &svc_url],
+        )?;
+        println!(
+            "Service {}/{} at {svc_url}: {:?}, balanced at connect() by {} socket programs on {}'s pod cgroup",
+            svc.namespace,
+            svc.name,
+            body.trim(),
+            after_a.socket_programs.len(),
+            fe.node
+        );
+    }
 
     println!("\n== 3. every packet between nodes is WireGuard; nothing leaks in clear ==");
     let peer = after_a.peers.first();
