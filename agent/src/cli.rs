@@ -227,7 +227,9 @@ pub fn format_status(st: &api::Status) -> String {
             names.join(" ")
         );
     }
-    if !st.services.is_empty() {
+    if let Some(why) = &st.services_unavailable {
+        let _ = writeln!(s, "  services: not balanced on this node: {why}");
+    } else if !st.services.is_empty() {
         let _ = writeln!(s, "  services (balanced at the socket):");
         for svc in &st.services {
             let ports: Vec<String> = svc

@@ -35,6 +35,10 @@ pub struct Status {
     /// The Services this node balances at the socket, with their backends.
     #[serde(default)]
     pub services: Vec<ServiceStatus>,
+    /// Why this node balances no Service although it has a `service_cgroup` (its socket
+    /// programs did not load: a kernel before 5.18).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services_unavailable: Option<String>,
     pub interfaces: Vec<InterfaceCounters>,
     pub agent: AgentInfo,
     /// Restarts of the userspace tunnel process (veil-wg) by this agent run, with reasons.

@@ -151,6 +151,12 @@ fn reconcile_services(s: &mut Shared, cluster: &ClusterState) -> Result<(), data
     let Some(cgroup) = s.cfg.service_cgroup.clone() else {
         return Ok(());
     };
+    // Socket programs that did not load (a kernel before 5.18) leave Services unbalanced on
+    // this node, said once at load and in `veil status`; the rest of the node must still become
+    // ready, so this is not a reconcile failure.
+    if s.datapath.sock_error().is_some() {
+        return Ok(());
+    }
     let changes = datapath::services::install(s.datapath.ebpf_mut(), &cluster.services)?;
     if changes > 0 {
         tracing::info!(

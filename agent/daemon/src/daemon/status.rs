@@ -153,6 +153,12 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         programs,
         socket_programs,
         services,
+        services_unavailable: s
+            .cfg
+            .service_cgroup
+            .as_ref()
+            .and(s.datapath.sock_error())
+            .map(str::to_string),
         interfaces,
         agent: api::AgentInfo {
             pid: std::process::id(),

@@ -124,6 +124,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// Why the socket programs did not load, if they did not.
+    pub fn sock_error(&self) -> Option<&str> {
+        self.sock_error.as_deref()
+    }
+
     /// The socket programs' attachments.
     pub fn sock_attachments(&self) -> &[SockAttachment] {
         &self.sock_attachments
