@@ -201,6 +201,7 @@ fn main() -> anyhow::Result<()> {
         let name = format!("svcb{}", size % 1000);
         let file = std::env::temp_dir().join(format!("svc-bench-{size}.yaml"));
         std::fs::write(&file, lab_file(size))?;
+        cleanup::register_file(&file);
         let t0 = std::time::Instant::now();
         let lab = Lab::up(&veil, &name, &file, &["--quiet"])?;
         let up_s = t0.elapsed().as_secs_f64();
