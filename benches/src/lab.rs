@@ -17,6 +17,9 @@ pub struct LabView {
     pub pods: Vec<PodView>,
     #[serde(default)]
     pub pod_mtu: Option<u32>,
+    /// `services` as `lab show` gives them (svc-bench reads ClusterIPs and ports).
+    #[serde(default)]
+    pub services: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

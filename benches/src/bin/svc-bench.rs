@@ -217,20 +217,14 @@ fn main() -> anyhow::Result<()> {
                 &SERVER_PORT.to_string(),
             ],
         )?;
-        // The measured Service port: the last one the lab allocated (its ClusterIP from `lab show`
-        // through the agent's table).
-        let show: serde_json::Value = serde_json::from_slice(
-            &Command::new(&veil)
-                .args(["lab", "show", "--name", &name, "-o", "json"])
-                .output()?
-                .stdout,
-        )?;
-        let last = show["services"]
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|s| s["name"] == format!("s{}", size.div_ceil(PORTS_PER_SERVICE) - 1))
-            })
+        // The measured Service port: the last one the lab allocated (its ClusterIP from `lab
+        // show`, taken when the lab came up).
+        let last_name = format!("s{}", size.div_ceil(PORTS_PER_SERVICE) - 1);
+        let last = lab
+            .view
+            .services
+            .iter()
+            .find(|s| s["name"] == last_name.as_str())
             .context("lab show lists no last Service")?;
         let cluster_ip = last["cluster_ip"]
             .as_str()

@@ -146,6 +146,7 @@ impl Agent {
             restarts,
             last_error: None,
             policy_input: None,
+            services_input: None,
             policy: api::PolicyStatus::default(),
             audit,
             mesh_keys,

@@ -157,13 +157,14 @@ fn reconcile_services(s: &mut Shared, cluster: &ClusterState) -> Result<(), data
     if s.datapath.sock_error().is_some() {
         return Ok(());
     }
-    let changes = datapath::services::install(s.datapath.ebpf_mut(), &cluster.services)?;
-    if changes > 0 {
+    if s.services_input.as_ref() != Some(&cluster.services) {
+        let changes = datapath::services::install(s.datapath.ebpf_mut(), &cluster.services)?;
         tracing::info!(
             services = cluster.services.len(),
             changes,
             "services installed"
         );
+        s.services_input = Some(cluster.services.clone());
     }
     s.datapath.attach_sockets(&cgroup)
 }

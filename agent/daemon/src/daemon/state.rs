@@ -40,6 +40,9 @@ pub(super) struct Shared {
     /// What the installed policy was compiled from: (policy generation, identity table, local
     /// identities). Recompiled only when it changes.
     pub(super) policy_input: Option<(u64, Vec<crate::cluster::Identity>, Vec<u32>)>,
+    /// The Services the socket maps were last written from: a reconcile with the same ones
+    /// (every tick) reads no map.
+    pub(super) services_input: Option<Vec<crate::cluster::Service>>,
     pub(super) policy: api::PolicyStatus,
     /// Node-wide audit mode: would-be policy drops pass and are reported as AUDIT.
     pub(super) audit: bool,
