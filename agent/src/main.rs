@@ -115,6 +115,9 @@ enum Command {
         /// TCP, UDP, ICMP, SCTP.
         #[arg(long)]
         protocol: Option<String>,
+        /// `l7`: only the L7 proxy's request records; `l3l4`: only packet records.
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
         /// Only flows newer than this (30s, 5m, 1h) or unix seconds.
         #[arg(long)]
         since: Option<String>,
@@ -511,11 +514,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pod,
             namespace,
             protocol,
+            kind,
             since,
             follow,
             last,
             output,
         } => {
+            if let Some(k) = &kind {
+                k.parse::<veil_agent::flows::FlowType>()
+                    .map_err(|e| anyhow::anyhow!("--type: {e}"))?;
+            }
             let (spec, paths) = lab::load(&name)?;
             let nodes: Vec<String> = match &node {
                 Some(n) => vec![spec
@@ -552,6 +560,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if let Some(v) = &protocol {
                 add("protocol", v)
+            }
+            if let Some(v) = &kind {
+                add("type", v)
             }
             if let Some(v) = since_ns {
                 add("since_unix_ns", &v.to_string())

@@ -18,10 +18,14 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT,
+    },
     helpers::{
         bpf_check_mtu, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_redirect,
-        bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_redirect_neigh, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     macros::{classifier, map},
     maps::{
@@ -210,6 +214,9 @@ fn try_to_tunnel(ctx: &TcContext) -> Result<i32, u32> {
     let cfg = config()?;
     // A TUN device carries bare IP packets.
     let version = ctx.load::<u8>(0).map_err(|_| reason::TRUNCATED)? >> 4;
+    if mark & marks::MASK == marks::FROM_PROXY {
+        return from_proxy(ctx, version);
+    }
     let saddr: [u8; 16] = match version {
         4 => v4_mapped(ctx.load(12).map_err(|_| reason::TRUNCATED)?),
         6 => ctx.load(8).map_err(|_| reason::TRUNCATED)?,
@@ -223,6 +230,37 @@ fn try_to_tunnel(ctx: &TcContext) -> Result<i32, u32> {
         }
         _ => Ok(TC_ACT_OK),
     }
+}
+
+/// A packet the node's L7 proxy sends with a pod's address (its upstream connection carries the
+/// client's 5-tuple; its accepted connection answers as the server): admitted into the tunnel
+/// only on a connection conntrack tracks as proxied, and only while its auth entry, if it
+/// needed one, lives. Anything else with the proxy's mark is a host process posing as a pod.
+#[inline(always)]
+fn from_proxy(ctx: &TcContext, version: u8) -> Result<i32, u32> {
+    let flow = match version {
+        4 => parse_v4(ctx, 0)?,
+        6 => parse_v6(ctx, 0)?,
+        _ => return Err(reason::UNSUPPORTED_L3),
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let (fwd, rev) = (ct_key(&flow, false), ct_key(&flow, true));
+    let Some((entry, is_reply)) = ct_lookup(&flow, &fwd, &rev, now) else {
+        return Err(reason::HOST_SPOOFED);
+    };
+    // SAFETY: map value pointer valid for this program run.
+    let e = unsafe { &mut *entry };
+    if e.flags & ct_flags::PROXY == 0 {
+        return Err(reason::HOST_SPOOFED);
+    }
+    if e.flags & ct_flags::AUTH != 0
+        && !auth_valid(e.src_identity, e.dst_identity, e.remote_node, now, is_reply)
+    {
+        return Err(reason::AUTH_REQUIRED);
+    }
+    e.last_seen_ns = now;
+    Ok(TC_ACT_OK)
 }
 
 /// A packet leaving the host side of a pod's veth towards the pod. Packets from other pods,
@@ -345,14 +383,81 @@ fn try_from_hold(ctx: &TcContext) -> Result<i32, u32> {
 
 #[inline(always)]
 fn set_from_pod(ctx: &TcContext) {
+    set_mark(ctx, marks::FROM_POD);
+}
+
+/// Puts `value` (one of [`marks`]) in veil's bits of `skb->mark`.
+#[inline(always)]
+fn set_mark(ctx: &TcContext, value: u32) {
     // SAFETY: TC programs may write skb->mark; the pointer is the program's own context.
     // Volatile and whole-word: the verifier allows only 4-byte access to `mark`, and a plain
     // store of the high half compiles to a 2-byte write it refuses.
     unsafe {
         let mark = core::ptr::addr_of_mut!((*ctx.skb.skb).mark);
         let v = core::ptr::read_volatile(mark);
-        core::ptr::write_volatile(mark, (v & !marks::MASK) | marks::FROM_POD);
+        core::ptr::write_volatile(mark, (v & !marks::MASK) | value);
     }
+}
+
+/// Hands the first packet (SYN) of an L7-proxied connection to the proxy's listener on
+/// loopback (`bpf_sk_assign`; the accepted socket keeps the original destination as its local
+/// address). False when no proxy listens: the caller drops, never passes the flow around it.
+#[inline(always)]
+fn assign_proxy(ctx: &TcContext, cfg: &DatapathConfig, flow: &Flow) -> bool {
+    let port = cfg.proxy_port as u16;
+    if port == 0 {
+        return false;
+    }
+    // SAFETY: an all-zero bpf_sock_tuple is a valid value of the C union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if flow.is_v6 {
+        let mut daddr = [0u8; 16];
+        daddr[15] = 1;
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: words(&flow.saddr),
+            daddr: words(&daddr),
+            sport: flow.sport.to_be(),
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    } else {
+        let s = &flow.saddr;
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: u32::from_ne_bytes([s[12], s[13], s[14], s[15]]),
+            daddr: u32::from_ne_bytes([127, 0, 0, 1]),
+            sport: flow.sport.to_be(),
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    };
+    let skb = ctx.skb.skb;
+    // SAFETY: helper calls on this program's own context and a tuple on its stack; the socket
+    // reference the lookup returns is released on every path.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            skb as *mut _,
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        let assigned = bpf_sk_assign(skb as *mut _, sk as *mut _, 0);
+        bpf_sk_release(sk as *mut _);
+        assigned == 0
+    }
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
 }
 
 /// The parts of a packet the datapath decides on.
@@ -466,8 +571,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
             return Err(a.ev.dropped(&flow, r, direction::EGRESS, flags));
         }
     }
-    if let Some(held) = admit(&cfg, &flow, &a, flags)? {
-        return Ok(held);
+    if let Some(act) = admit(ctx, &cfg, &flow, &a, flags)? {
+        return Ok(act);
     }
 
     if dst_local {
@@ -561,10 +666,18 @@ struct Admit {
 /// auth entry, if it needed one, lives), TCP may start only with a SYN, later fragments of an
 /// enforced endpoint drop, egress and ingress policy, mutual authentication (held in the
 /// agent's hold device when missing), then the conntrack entry that remembers why the
-/// connection was admitted. `Ok(None)`: admitted; `Ok(Some(act))`: redirected to the hold
-/// device; `Err(reason)`: dropped (recorded).
+/// connection was admitted. `Ok(None)`: admitted, the caller steers; `Ok(Some(act))`: redirected
+/// to the hold device, or delivered to the L7 proxy (a connection with L7 rules, both
+/// directions: the SYN assigned to the proxy's listener, every packet marked for local
+/// delivery); `Err(reason)`: dropped (recorded).
 #[inline(always)]
-fn admit(cfg: &DatapathConfig, flow: &Flow, a: &Admit, mut flags: u32) -> Result<Option<i32>, u32> {
+fn admit(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    flow: &Flow,
+    a: &Admit,
+    mut flags: u32,
+) -> Result<Option<i32>, u32> {
     let ev = &a.ev;
     let now = ev.now;
     let fwd = ct_key(flow, false);
@@ -585,6 +698,10 @@ fn admit(cfg: &DatapathConfig, flow: &Flow, a: &Admit, mut flags: u32) -> Result
             ));
         }
         count_verdict(verdict::FORWARDED);
+        if e.flags & ct_flags::PROXY != 0 {
+            set_mark(ctx, marks::TO_PROXY);
+            return Ok(Some(TC_ACT_OK));
+        }
         return Ok(None);
     }
     if !tcp_may_start(flow) {
@@ -607,6 +724,8 @@ fn admit(cfg: &DatapathConfig, flow: &Flow, a: &Admit, mut flags: u32) -> Result
     } else {
         ALLOW
     };
+    // HTTP rules apply to TCP only (the compiler puts L7 on TCP entries only).
+    let proxy = (egress.proxy || ingress.proxy) && flow.protocol == IPPROTO_TCP;
     let mut verdict_code = verdict::FORWARDED;
     let mut audit_reason = reason::NONE;
     let mut ct = 0u32;
@@ -639,7 +758,9 @@ fn admit(cfg: &DatapathConfig, flow: &Flow, a: &Admit, mut flags: u32) -> Result
         } else if !authed {
             // No first-packet drop: hold the packet in the agent's hold device until the pair
             // is authenticated (the agent re-injects it, or drops and records it on timeout).
-            if cfg.hold_ifindex != 0 {
+            // Not a proxied connection: a released packet would pass beside the proxy; its SYN
+            // is dropped and retransmitted instead.
+            if cfg.hold_ifindex != 0 && !proxy {
                 // SAFETY: plain helper call.
                 return Ok(Some(unsafe { bpf_redirect(cfg.hold_ifindex, 0) } as i32));
             }
@@ -649,6 +770,12 @@ fn admit(cfg: &DatapathConfig, flow: &Flow, a: &Admit, mut flags: u32) -> Result
             ct |= ct_flags::AUTH;
         }
     }
+    if proxy {
+        if !assign_proxy(ctx, cfg, flow) {
+            return Err(ev.dropped(flow, reason::PROXY_UNAVAILABLE, a.dir, flags));
+        }
+        ct |= ct_flags::PROXY;
+    }
     let entry = CtEntry {
         last_seen_ns: now,
         src_identity: a.local,
@@ -657,10 +784,15 @@ fn admit(cfg: &DatapathConfig, flow: &Flow, a: &Admit, mut flags: u32) -> Result
         remote_node: ev.remote_node,
     };
     // A full table (LRU evicts, so only on allocation failure) must not pass the packet
-    // untracked; it is still admitted, just re-evaluated on the next packet.
+    // untracked; it is still admitted, just re-evaluated on the next packet. A proxied
+    // connection's later packets find no entry and drop (`tcp-not-established`): fail closed.
     let _ = VEIL_CT.insert(&fwd, &entry, 0);
     ev.emit(flow, verdict_code, audit_reason, a.dir, flags);
     count_verdict(verdict_code);
+    if proxy {
+        set_mark(ctx, marks::TO_PROXY);
+        return Ok(Some(TC_ACT_OK));
+    }
     Ok(None)
 }
 
@@ -741,8 +873,8 @@ fn ingress_from_node(
         auth_applies: true,
         dir: direction::INGRESS,
     };
-    if let Some(held) = admit(cfg, flow, &a, flags)? {
-        return Ok(held);
+    if let Some(act) = admit(ctx, cfg, flow, &a, flags)? {
+        return Ok(act);
     }
     // Delivery goes through the stack's /32 route to the pod's veth: bpf_redirect_neigh needs an
     // Ethernet header to replace, and a TUN device's packets have none.

@@ -39,6 +39,9 @@ pub struct Status {
     /// programs did not load: a kernel before 5.18).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services_unavailable: Option<String>,
+    /// The node's L7 proxy; None when the agent runs without one (`proxy_port: 0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<crate::l7::supervisor::ProxyStatus>,
     pub interfaces: Vec<InterfaceCounters>,
     pub agent: AgentInfo,
     /// Restarts of the userspace tunnel process (veil-wg) by this agent run, with reasons.

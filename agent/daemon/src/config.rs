@@ -121,6 +121,26 @@ pub struct Config {
     /// Where userspace WireGuard devices serve UAPI (the path `wg` looks in).
     #[serde(default = "default_uapi_dir")]
     pub uapi_dir: PathBuf,
+    /// Port of the node's L7 proxy (`veil-proxy`) on 127.0.0.1. 0: no proxy; connections that
+    /// policy sends to it (`rules.http`) are then dropped (`proxy-unavailable`).
+    #[serde(default = "default_proxy_port")]
+    pub proxy_port: u16,
+    /// The veil-proxy binary (default: next to this binary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_binary: Option<PathBuf>,
+    /// Where veil-proxy logs (default: state_dir/veil-proxy.log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_log: Option<PathBuf>,
+    /// cgroup veil-proxy runs in (default: the agent's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_cgroup: Option<PathBuf>,
+}
+
+/// The L7 proxy's default port (Envoy's and ztunnel's outbound capture port).
+pub const DEFAULT_PROXY_PORT: u16 = 15001;
+
+fn default_proxy_port() -> u16 {
+    DEFAULT_PROXY_PORT
 }
 
 fn default_control_port() -> u16 {

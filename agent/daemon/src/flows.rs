@@ -124,6 +124,42 @@ pub struct Flow {
     /// when one is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_error: Option<String>,
+    /// For a request the node's L7 proxy decided: what it saw and answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7: Option<L7Info>,
+}
+
+/// The L7 part of a flow record (`veil observe --type l7`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L7Info {
+    /// `http`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub method: String,
+    pub path: String,
+    /// The status the client got (403 from the proxy for a denied request).
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// `veil observe --type`: packet records of the datapath, or request records of the L7 proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowType {
+    L3L4,
+    L7,
+}
+
+impl std::str::FromStr for FlowType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "l7" => Ok(Self::L7),
+            "l3l4" | "l4" => Ok(Self::L3L4),
+            _ => Err(format!("{s:?} is not l7 or l3l4")),
+        }
+    }
 }
 
 /// Adds what only the agent knows to a record as it is stored (see `Flow::auth_error`).
@@ -139,6 +175,7 @@ pub struct Filter {
     pub since_unix_ns: Option<u64>,
     pub after_seq: Option<u64>,
     pub limit: Option<usize>,
+    pub kind: Option<FlowType>,
 }
 
 impl Filter {
@@ -163,6 +200,9 @@ impl Filter {
                 .is_none_or(|p| p.eq_ignore_ascii_case(&f.protocol))
             && self.since_unix_ns.is_none_or(|t| f.time_unix_ns >= t)
             && self.after_seq.is_none_or(|s| f.seq > s)
+            && self
+                .kind
+                .is_none_or(|k| (k == FlowType::L7) == f.l7.is_some())
     }
 }
 
@@ -276,6 +316,36 @@ pub fn from_event(ev: &FlowEvent, node: &str, state: &ClusterState, offset_ns: i
         }),
         held_ms: None,
         auth_error: None,
+        l7: None,
+    }
+}
+
+/// Builds the record for a request the L7 proxy decided.
+pub fn from_l7(r: &crate::l7::L7Record, node: &str, state: &ClusterState) -> Flow {
+    Flow {
+        seq: 0,
+        time: rfc3339(r.time_unix_ns),
+        time_unix_ns: r.time_unix_ns,
+        node: node.to_string(),
+        verdict: r.verdict,
+        drop_reason: r.drop_reason.clone(),
+        protocol: "TCP".into(),
+        direction: r.direction.clone(),
+        src: endpoint(state, r.src.ip(), r.src.port(), r.src_identity),
+        dst: endpoint(state, r.dst.ip(), r.dst.port(), r.dst_identity),
+        auth: "not-required".into(),
+        encrypted: false,
+        count: 1,
+        service: None,
+        held_ms: None,
+        auth_error: None,
+        l7: Some(L7Info {
+            kind: "http".into(),
+            method: r.method.clone(),
+            path: r.path.clone(),
+            status: r.status,
+            host: r.host.clone(),
+        }),
     }
 }
 
@@ -567,6 +637,21 @@ pub fn format_table_row(f: &Flow) -> String {
         + &f.auth_error
             .as_ref()
             .map(|e| format!(" (auth: {e})"))
+            .unwrap_or_default()
+        + &f.l7
+            .as_ref()
+            .map(|l| {
+                format!(
+                    " http {} {}{} -> {}",
+                    l.method,
+                    l.host
+                        .as_deref()
+                        .map(|h| format!("//{h}"))
+                        .unwrap_or_default(),
+                    l.path,
+                    l.status
+                )
+            })
             .unwrap_or_default()
 }
 

@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod flows;
 pub mod hold;
+pub mod l7;
 pub mod mesh;
 pub mod policy;
 pub mod sys;

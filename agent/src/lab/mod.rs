@@ -507,6 +507,10 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         wg_cgroup: Some(paths.node_cgroup(&node.name).join("wg")),
         service_cgroup: Some(paths.node_cgroup(&node.name)),
         uapi_dir: PathBuf::from(WG_SOCKET_DIR),
+        proxy_port: crate::config::DEFAULT_PROXY_PORT,
+        proxy_binary: None,
+        proxy_log: Some(paths.log(&format!("proxy-{}", node.name))),
+        proxy_cgroup: Some(paths.node_cgroup(&node.name).join("proxy")),
         spire_socket: Some(match spec.identity {
             spec::IdentityProvider::Dev => spire::node_socket(paths, &node.name),
             spec::IdentityProvider::Spire => spire_real::workload_socket(paths, &node.name),

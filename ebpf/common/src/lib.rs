@@ -50,6 +50,18 @@ pub mod marks {
     /// Set by `veil_from_pod` (after anti-spoofing) and `veil_from_hold` on packets of local
     /// pods; `veil_to_tunnel` admits a local pod source into the tunnel only with it.
     pub const FROM_POD: u32 = 0x0e11_0000;
+    /// Set by the TC programs on packets of an L7-proxied connection (conntrack `PROXY`): a
+    /// policy routing rule (`fwmark TO_PROXY/MASK lookup` [`PROXY_ROUTE_TABLE`]) delivers them
+    /// locally, to the proxy's accepted socket (client to server) or to its upstream socket
+    /// (server to client), whatever their destination address.
+    pub const TO_PROXY: u32 = 0x0e12_0000;
+    /// `SO_MARK` of the L7 proxy's sockets: `veil_to_tunnel` admits a local pod's source
+    /// address with it only on a connection conntrack tracks as proxied.
+    pub const FROM_PROXY: u32 = 0x0e13_0000;
+    /// The routing table holding `local default dev lo` for [`TO_PROXY`] packets, and the rule's
+    /// priority (before the main table).
+    pub const PROXY_ROUTE_TABLE: u32 = 2004;
+    pub const PROXY_RULE_PRIORITY: u32 = 90;
     /// The bits of `skb->mark` veil owns.
     pub const MASK: u32 = 0xffff_0000;
 }

@@ -99,6 +99,9 @@ pub mod policy_flags {
     /// On the SELECTOR_MARKER entry: every policy selecting the endpoint in this direction is in
     /// audit mode; would-be drops are reported as AUDIT and passed.
     pub const AUDIT: u32 = 1 << 4;
+    /// The admitting rule carries L7 (HTTP) rules for this port: a TCP connection it admits
+    /// goes through the node's L7 proxy, which decides request by request.
+    pub const L7: u32 = 1 << 5;
 }
 
 /// Bits of [`FlowEvent::flags`].
@@ -128,6 +131,10 @@ pub mod ct_flags {
     /// A TCP FIN or RST was seen: the entry expires after the closing timeout, and a new SYN
     /// on the same 5-tuple starts a new connection (re-evaluated).
     pub const CLOSING: u32 = 1 << 4;
+    /// The connection goes through the node's L7 proxy: its packets in both directions are
+    /// delivered to the proxy's sockets (mark [`crate::marks::TO_PROXY`]), and the proxy's own
+    /// packets of this 5-tuple (mark [`crate::marks::FROM_PROXY`]) may enter the tunnel.
+    pub const PROXY: u32 = 1 << 5;
 }
 
 /// Conntrack idle timeouts (boot-time ns since the last packet either way), enforced by the
@@ -176,7 +183,9 @@ pub struct DatapathConfig {
     /// Ifindex of the agent's hold device: a packet waiting for its identity pair's auth goes
     /// there instead of being dropped (0: no hold device, drop with `auth-required`).
     pub hold_ifindex: u32,
-    pub _pad: u32,
+    /// TCP port of the node's L7 proxy listener on 127.0.0.1 (0: no proxy configured; an
+    /// L7-policed connection is dropped with `proxy-unavailable`).
+    pub proxy_port: u32,
 }
 
 /// See [`IF_STATS`].
@@ -313,6 +322,8 @@ pub struct PolicyDecision {
     pub auth_required: bool,
     /// Auth is required and enforced (not only audited): a missing auth entry drops.
     pub auth_enforced: bool,
+    /// Allowed by a rule with L7 rules: a TCP connection goes through the L7 proxy.
+    pub proxy: bool,
 }
 
 impl PolicyDecision {
@@ -321,6 +332,7 @@ impl PolicyDecision {
         audit: false,
         auth_required: false,
         auth_enforced: false,
+        proxy: false,
     };
 }
 
@@ -342,6 +354,7 @@ pub const fn policy_decision(marker: Option<u32>, acc: u32, node_audit: bool) ->
         audit: !allowed && audit_mode,
         auth_required,
         auth_enforced: auth_required && !audit_mode,
+        proxy: allowed && acc & policy_flags::L7 != 0,
     }
 }
 

@@ -46,6 +46,9 @@ pub const MTU_EXCEEDED: u32 = 17;
 /// A connection (or datagram) to a Service with no ready backend, refused at the socket
 /// (`ECONNREFUSED`) before any packet was made; counted here, not a packet drop.
 pub const SERVICE_NO_BACKEND: u32 = 18;
+/// A new connection that policy sends through the node's L7 proxy, and no proxy listens
+/// (dead, restarting, or not configured): dropped, never passed around the proxy.
+pub const PROXY_UNAVAILABLE: u32 = 19;
 
 /// Size of the drop-counter array; one past the highest code.
 pub const MAX: u32 = 32;
@@ -72,12 +75,13 @@ pub const fn name(code: u32) -> &'static str {
         TCP_NOT_ESTABLISHED => "tcp-not-established",
         MTU_EXCEEDED => "mtu-exceeded",
         SERVICE_NO_BACKEND => "service-no-backend",
+        PROXY_UNAVAILABLE => "proxy-unavailable",
         _ => "unknown",
     }
 }
 
 /// Every named reason, in code order (for metrics that list all reasons, even at zero).
-pub const ALL: [u32; 19] = [
+pub const ALL: [u32; 20] = [
     NONE,
     NO_KEY,
     POLICY_DENIED,
@@ -97,6 +101,7 @@ pub const ALL: [u32; 19] = [
     TCP_NOT_ESTABLISHED,
     MTU_EXCEEDED,
     SERVICE_NO_BACKEND,
+    PROXY_UNAVAILABLE,
 ];
 
 /// The code for a user-facing name, for parsing filters.

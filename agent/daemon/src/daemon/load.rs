@@ -34,7 +34,7 @@ pub(super) fn open_datapath(
         node_id: me.id,
         policy_slot: 0,
         hold_ifindex: 0,
-        _pad: 0,
+        proxy_port: u32::from(cfg.proxy_port),
     };
     let datapath = Datapath::open(&cfg.bpffs, &cfg.pin_dir, dp_cfg)?;
     tracing::info!(

@@ -85,6 +85,7 @@ pub struct Agent {
     mesh: Option<Mesh>,
     policy_rx: watch::Receiver<Arc<BTreeMap<PolicyKey, PolicyEntry>>>,
     hold: Option<HoldParts>,
+    proxy_rx: watch::Receiver<Arc<crate::l7::ProxyConfig>>,
 }
 
 impl Agent {
@@ -109,6 +110,8 @@ impl Agent {
         let flows = events::open_store(&cfg);
         let audit = datapath.config_map()?.get()?.flags & config_flags::AUDIT != 0;
         let (policy_tx, policy_rx) = watch::channel(Arc::new(BTreeMap::new()));
+        let (proxy_tx, proxy_rx) = watch::channel(Arc::new(crate::l7::ProxyConfig::default()));
+        l7_routes(&cfg);
         let mutual_auth = MutualAuth::new(
             &cfg,
             &mut datapath,
@@ -154,6 +157,9 @@ impl Agent {
             key_rotation,
             policy_tx,
             hold_stats: Default::default(),
+            l7_rules: Vec::new(),
+            proxy_tx,
+            proxy_status: Default::default(),
         };
         Ok(Self {
             shared: Arc::new(Mutex::new(shared)),
@@ -164,6 +170,7 @@ impl Agent {
             mesh,
             policy_rx,
             hold,
+            proxy_rx,
         })
     }
 
@@ -286,6 +293,30 @@ impl Agent {
                 .instrument(tracing::info_span!("hold")),
             );
         }
+        let proxy = {
+            let s = self.shared.lock().expect("agent state lock");
+            (s.cfg.proxy_port != 0).then(|| {
+                (
+                    proxy_launch(&s.cfg),
+                    s.proxy_status.clone(),
+                    s.cfg.node.clone(),
+                )
+            })
+        };
+        if let Some((launch, status, node)) = proxy {
+            let (flows, crx) = (self.flows.clone(), self.cluster_rx.clone());
+            let on_record = move |r: crate::l7::L7Record| {
+                let f = crate::flows::from_l7(&r, &node, &crx.borrow());
+                flows.lock().expect("flow store lock").push(f);
+            };
+            let mut stop_proxy = stop_rx.clone();
+            tokio::spawn(
+                crate::l7::supervisor::run(launch, self.proxy_rx, on_record, status, async move {
+                    let _ = stop_proxy.wait_for(|s| *s).await;
+                })
+                .instrument(tracing::info_span!("proxy")),
+            );
+        }
         let mut mesh_keys = self
             .shared
             .lock()
@@ -382,6 +413,65 @@ impl Agent {
             _ => tracing::warn!("admin server did not stop within 5s"),
         }
         Ok(())
+    }
+}
+
+/// How to start this node's veil-proxy.
+fn proxy_launch(cfg: &Config) -> crate::l7::supervisor::Launch {
+    crate::l7::supervisor::Launch {
+        binary: cfg.proxy_binary.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("veil-proxy")))
+                .unwrap_or_else(|| "veil-proxy".into())
+        }),
+        log: cfg
+            .proxy_log
+            .clone()
+            .unwrap_or_else(|| cfg.state_dir.join("veil-proxy.log")),
+        control: cfg.state_dir.join("proxy.sock"),
+        listen_port: cfg.proxy_port,
+        cgroup: cfg.proxy_cgroup.clone(),
+    }
+}
+
+/// The policy route that delivers packets the datapath marked `TO_PROXY` locally (to the
+/// proxy's sockets, whatever their destination address): `ip rule fwmark … lookup 2004` and
+/// `local default dev lo` in that table, for both families (IPv6 only where the node has it).
+fn l7_routes(cfg: &Config) {
+    use veil_common::marks;
+    if cfg.proxy_port == 0 {
+        return;
+    }
+    let mark = format!("{:#x}/{:#x}", marks::TO_PROXY, marks::MASK);
+    let (table, pref) = (
+        marks::PROXY_ROUTE_TABLE.to_string(),
+        marks::PROXY_RULE_PRIORITY.to_string(),
+    );
+    for (family, default) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+        // Idempotent: a rule left by an earlier run is replaced, not doubled.
+        while crate::sys::run("ip", &[family, "rule", "del", "pref", &pref], None).is_ok() {}
+        let r = crate::sys::run(
+            "ip",
+            &[
+                family, "rule", "add", "pref", &pref, "fwmark", &mark, "lookup", &table,
+            ],
+            None,
+        )
+        .and_then(|_| {
+            crate::sys::run(
+                "ip",
+                &[
+                    family, "route", "replace", "local", default, "dev", "lo", "table", &table,
+                ],
+                None,
+            )
+        });
+        if let Err(e) = r {
+            if family == "-4" {
+                tracing::warn!(error = %e, "cannot install the L7 proxy's policy route; L7-policed connections will not reach it");
+            }
+        }
     }
 }
 

@@ -135,6 +135,7 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         &nodes,
     )?;
     reconcile_policy(s, &cluster, &me)?;
+    reconcile_proxy(s, &cluster, &me);
     if let Err(e) = reconcile_services(s, &cluster) {
         tracing::warn!(error = %crate::error_chain(&e), "services not installed");
         first_error.get_or_insert(e.into());
@@ -207,6 +208,7 @@ fn reconcile_policy(
             let changes = dp_policy::install(s.datapath.ebpf_mut(), &c.entries)?;
             let pruned = dp_policy::prune_conntrack(s.datapath.ebpf_mut(), &c.entries)?;
             let _ = s.policy_tx.send(Arc::new(c.entries.clone()));
+            s.l7_rules = c.l7.clone();
             tracing::info!(
                 generation = cluster.policy_generation,
                 policies = cluster.policies.len(),
@@ -233,6 +235,33 @@ fn reconcile_policy(
         }
     }
     Ok(())
+}
+
+/// Sends the L7 proxy its configuration when it changed: the pods' addresses and identities
+/// and the HTTP rules of the policy in force.
+fn reconcile_proxy(s: &mut Shared, cluster: &ClusterState, me: &str) {
+    let endpoints = cluster
+        .pods
+        .iter()
+        .filter(|p| p.identity != 0)
+        .map(|p| crate::l7::ProxyEndpoint {
+            ip: std::net::IpAddr::V4(p.ip),
+            identity: p.identity,
+            local: p.node == me,
+        })
+        .collect();
+    let cfg = crate::l7::ProxyConfig {
+        generation: cluster.policy_generation,
+        endpoints,
+        rules: s.l7_rules.clone(),
+    };
+    s.proxy_tx.send_if_modified(|cur| {
+        let changed = **cur != cfg;
+        if changed {
+            *cur = Arc::new(cfg);
+        }
+        changed
+    });
 }
 
 /// The ipcache and node table this node should have for a cluster state.

@@ -99,7 +99,12 @@ fn flow_filter(req: &AdminRequest) -> Result<crate::flows::Filter, String> {
         .query("verdict")
         .map(|v| v.parse().map_err(|e| format!("verdict: {e}")))
         .transpose()?;
+    let kind = req
+        .query("type")
+        .map(|v| v.parse().map_err(|e| format!("type: {e}")))
+        .transpose()?;
     Ok(crate::flows::Filter {
+        kind,
         verdict,
         pod: req.query("pod").map(str::to_string),
         namespace: req.query("namespace").map(str::to_string),

@@ -59,6 +59,11 @@ pub(super) struct Shared {
     /// The compiled policy in force, for the mesh's pre-authentication.
     pub(super) policy_tx: watch::Sender<Arc<BTreeMap<PolicyKey, PolicyEntry>>>,
     pub(super) hold_stats: crate::hold::SharedStats,
+    /// The L7 proxy's rules, from the last policy that compiled.
+    pub(super) l7_rules: Vec<crate::policy::compile::L7Rule>,
+    /// What the L7 proxy enforces (its supervisor pushes every change).
+    pub(super) proxy_tx: watch::Sender<Arc<crate::l7::ProxyConfig>>,
+    pub(super) proxy_status: Arc<Mutex<crate::l7::supervisor::ProxyStatus>>,
 }
 
 /// Counts agent starts on this node's state (0 on the first), persisted in the state dir.

@@ -159,6 +159,8 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
             .as_ref()
             .and(s.datapath.sock_error())
             .map(str::to_string),
+        proxy: (s.cfg.proxy_port != 0)
+            .then(|| s.proxy_status.lock().expect("proxy status lock").clone()),
         interfaces,
         agent: api::AgentInfo {
             pid: std::process::id(),

@@ -34,6 +34,27 @@ pub struct CompiledPolicy {
     pub rules: Vec<RuleRef>,
     /// One per input policy, in input order.
     pub stats: Vec<PolicyStats>,
+    /// What the L7 proxy enforces: for every (local identity, direction) that some rule gives
+    /// HTTP rules, every allow rule of that direction (the ones without HTTP rules admit every
+    /// request on their ports, as in Cilium).
+    pub l7: Vec<L7Rule>,
+}
+
+/// One allow rule as the L7 proxy sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct L7Rule {
+    pub local: u32,
+    /// `ingress` or `egress`, seen from `local`.
+    pub direction: String,
+    /// Remote identities; [`identity::ANY`] for every peer.
+    pub remotes: Vec<u32>,
+    /// `(port, protocol)`, 0 meaning any.
+    pub ports: Vec<(u16, u8)>,
+    /// `None`: every request (an L4-only rule).
+    pub http: Option<Vec<super::parse::HttpRule>>,
+    /// Every policy selecting `local` in this direction is in audit mode: a request the rules
+    /// refuse is reported (AUDIT) and forwarded.
+    pub audit: bool,
 }
 
 /// Where a rule id comes from.
@@ -76,6 +97,8 @@ struct CRule {
     flags: u32,
     remotes: Vec<u32>,
     ports: Vec<(u16, u8)>,
+    /// Ports of `toPorts` elements with HTTP rules (TCP only), with their rules.
+    http: Vec<(Vec<(u16, u8)>, Vec<super::parse::HttpRule>)>,
 }
 
 fn dir_index(d: Direction) -> usize {
@@ -152,13 +175,15 @@ pub fn compile(
                 } else {
                     policy_flags::ALLOW
                 };
+                let (ports, http) = rule_ports(&pr);
                 spec.rules.push(rules.len());
                 rules.push(CRule {
                     id: u32::try_from(rules.len() + 1).expect("fewer than 2^32 rules"),
                     direction: pr.direction,
                     flags,
                     remotes,
-                    ports: expand_ports(pr.ports.as_deref()),
+                    ports,
+                    http,
                 });
                 rule_refs.push(RuleRef {
                     policy: policy.name(),
@@ -178,6 +203,7 @@ pub fn compile(
     let locals: BTreeSet<u32> = local_identities.iter().copied().collect();
     let mut entries: BTreeMap<PolicyKey, PolicyEntry> = BTreeMap::new();
     let mut contributed: Vec<BTreeSet<PolicyKey>> = vec![BTreeSet::new(); policies.len()];
+    let mut l7 = Vec::new();
     for &local in &locals {
         let labels = table
             .get(&local)
@@ -207,7 +233,13 @@ pub fn compile(
                     for &remote in &r.remotes {
                         for &(dport, proto) in &r.ports {
                             let k = key(remote, dport, proto);
-                            merge(&mut entries, k, r.flags, r.id);
+                            let l7_flag = if r.http.iter().any(|(p, _)| p.contains(&(dport, proto)))
+                            {
+                                policy_flags::L7
+                            } else {
+                                0
+                            };
+                            merge(&mut entries, k, r.flags | l7_flag, r.id);
                             contributed[spec.policy].insert(k);
                         }
                         if entries.len() > BUILD_LIMIT {
@@ -217,6 +249,34 @@ pub fn compile(
                             });
                         }
                     }
+                }
+            }
+            let allows = || {
+                considered
+                    .iter()
+                    .flat_map(|s| s.rules.iter().map(|&i| &rules[i]))
+                    .filter(|r| r.direction == d && r.flags & policy_flags::DENY == 0)
+            };
+            if allows().any(|r| !r.http.is_empty()) {
+                for r in allows().filter(|r| !r.remotes.is_empty()) {
+                    let mut rest = r.ports.clone();
+                    let mut push = |ports: Vec<(u16, u8)>, http| {
+                        if !ports.is_empty() {
+                            l7.push(L7Rule {
+                                local,
+                                direction: d.name().to_owned(),
+                                remotes: r.remotes.clone(),
+                                ports,
+                                http,
+                                audit: is_audit_only,
+                            });
+                        }
+                    };
+                    for (ports, http) in &r.http {
+                        rest.retain(|p| !ports.contains(p));
+                        push(ports.clone(), Some(http.clone()));
+                    }
+                    push(rest, None);
                 }
             }
             let mut marker_flags = policy_flags::ENFORCED;
@@ -251,7 +311,35 @@ pub fn compile(
         entries,
         rules: rule_refs,
         stats,
+        l7,
     })
+}
+
+/// A rule's `(port, protocol)` keys, and those of its `toPorts` elements with HTTP rules (TCP
+/// only: HTTP rules apply to TCP, so such an element admits nothing else).
+#[allow(clippy::type_complexity)]
+fn rule_ports(
+    pr: &super::parse::PeerRule<'_>,
+) -> (
+    Vec<(u16, u8)>,
+    Vec<(Vec<(u16, u8)>, Vec<super::parse::HttpRule>)>,
+) {
+    let Some(lists) = &pr.port_lists else {
+        return (expand_ports(None), Vec::new());
+    };
+    let mut ports = Vec::new();
+    let mut http = Vec::new();
+    for (i, list) in lists.iter().enumerate() {
+        let mut p = expand_ports(Some(list));
+        if let Some(rules) = pr.http.get(i).copied().flatten() {
+            p.retain(|&(_, proto)| proto == Protocol::TCP);
+            http.push((p.clone(), rules.to_vec()));
+        }
+        ports.extend(p);
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    (ports, http)
 }
 
 fn merge(entries: &mut BTreeMap<PolicyKey, PolicyEntry>, k: PolicyKey, flags: u32, rule: u32) {
@@ -663,13 +751,83 @@ mod tests {
         );
     }
 
+    /// The datapath's decision (with the proxy bit) from a compiled map.
+    fn l7_decision(
+        c: &CompiledPolicy,
+        local: u32,
+        remote: u32,
+        port: u16,
+        proto: u8,
+        dir: u8,
+    ) -> veil_common::maps::PolicyDecision {
+        let marker = c
+            .entries
+            .get(&PolicyKey::marker(local, dir))
+            .map(|e| e.flags);
+        let acc = PolicyKey::lookups(local, remote, port, proto, dir)
+            .iter()
+            .filter_map(|k| c.entries.get(k))
+            .fold(0, |a, e| a | e.flags);
+        veil_common::maps::policy_decision(marker, acc, false)
+    }
+
+    #[test]
+    fn http_rules_mark_their_tcp_entries_l7_and_go_to_the_proxy() {
+        let ids = lab();
+        let c = compile(&policies(ISSUE_EGRESS_L7), &ids, &[FE, BE]).unwrap();
+        let e = c.entries[&PolicyKey::new(FE, BE, 8080, TCP, EGRESS)];
+        assert_eq!(e.flags, ALLOW | policy_flags::L7);
+        assert_eq!(c.l7.len(), 1);
+        let r = &c.l7[0];
+        assert_eq!(
+            (r.local, r.direction.as_str(), &r.remotes, &r.ports),
+            (FE, "egress", &vec![BE], &vec![(8080, TCP)])
+        );
+        assert_eq!(
+            r.http.as_ref().unwrap()[0].path.as_deref(),
+            Some("/api/products")
+        );
+        // The datapath's decision carries the proxy bit, for that port only.
+        let d = l7_decision(&c, FE, BE, 8080, TCP, EGRESS);
+        assert!(d.allowed && d.proxy);
+        assert!(!l7_decision(&c, FE, BE, 8081, TCP, EGRESS).allowed);
+
+        // Protocol ANY with HTTP rules admits TCP only; an L4-only element of the same rule
+        // goes to the proxy as "every request".
+        let any = ISSUE_EGRESS_L7
+            .replace("        protocol: TCP\n", "")
+            .replace(
+                "    toPorts:\n",
+                "    toPorts:\n    - ports: [{port: '9090', protocol: TCP}]\n",
+            );
+        let c = compile(&policies(&any), &ids, &[FE]).unwrap();
+        assert!(l7_decision(&c, FE, BE, 8080, TCP, EGRESS).proxy);
+        assert!(!l7_decision(&c, FE, BE, 8080, UDP, EGRESS).allowed);
+        let plain = l7_decision(&c, FE, BE, 9090, TCP, EGRESS);
+        assert!(plain.allowed && !plain.proxy);
+        assert_eq!(c.l7.len(), 2);
+        assert!(c
+            .l7
+            .iter()
+            .any(|r| r.http.is_none() && r.ports == vec![(9090, TCP)]));
+
+        // Without HTTP rules nothing goes to the proxy.
+        let c = compile(&policies(BACKEND_INGRESS), &ids, &[BE]).unwrap();
+        assert!(c.l7.is_empty());
+        assert!(c.entries.values().all(|e| e.flags & policy_flags::L7 == 0));
+    }
+
     #[test]
     fn refusals() {
         let ids = lab();
-        let e = compile(&policies(ISSUE_EGRESS_L7), &ids, &[FE]).unwrap_err();
-        assert_eq!(
-            crate::error_chain(&e),
-            "policy shop/frontend-to-backend-l7: spec.egress[0].toPorts[0].rules.http: L7 HTTP rules are not enforced yet"
+        let bad_l7 = ISSUE_EGRESS_L7.replace("/api/products", "/api/[");
+        let e = compile(&policies(&bad_l7), &ids, &[FE]).unwrap_err();
+        assert!(
+            crate::error_chain(&e).starts_with(
+                "policy shop/frontend-to-backend-l7: spec.egress[0].toPorts[0].rules.http[0].path: "
+            ),
+            "{}",
+            crate::error_chain(&e)
         );
         let ps = policies(BACKEND_INGRESS);
         assert!(matches!(

@@ -145,7 +145,7 @@ pub struct EgressDenyRule {
 #[serde(deny_unknown_fields)]
 pub struct PortRule {
     pub ports: Vec<PortProtocol>,
-    /// Stored for the L7 proxy; refused by [`Policy::validate_for_apply`] until it exists.
+    /// L7 rules, enforced by the node's L7 proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<L7Rules>,
 }
@@ -292,6 +292,14 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// `ingress` or `egress`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+
     pub const ALL: [Direction; 2] = [Direction::Ingress, Direction::Egress];
 
     /// The datapath's [`veil_common::maps::direction`] code.
@@ -316,6 +324,9 @@ pub struct PeerRule<'a> {
     pub ports: Option<Vec<PortProtocol>>,
     /// `ports` as written: the `ports` list of each `toPorts` element.
     pub port_lists: Option<Vec<&'a [PortProtocol]>>,
+    /// The `rules.http` of each `toPorts` element (aligned with `port_lists`; deny rules have
+    /// none).
+    pub http: Vec<Option<&'a [HttpRule]>>,
     pub is_auth_required: bool,
 }
 
@@ -349,6 +360,7 @@ impl Rule {
                 (
                     r.from_endpoints.as_deref(),
                     port_lists(&r.to_ports, |p| &p.ports),
+                    http_lists(&r.to_ports),
                     auth(&r.authentication),
                 )
             },
@@ -363,6 +375,7 @@ impl Rule {
                 (
                     r.from_endpoints.as_deref(),
                     port_lists(&r.to_ports, |p| &p.ports),
+                    Vec::new(),
                     false,
                 )
             },
@@ -377,6 +390,7 @@ impl Rule {
                 (
                     r.to_endpoints.as_deref(),
                     port_lists(&r.to_ports, |p| &p.ports),
+                    http_lists(&r.to_ports),
                     auth(&r.authentication),
                 )
             },
@@ -391,6 +405,7 @@ impl Rule {
                 (
                     r.to_endpoints.as_deref(),
                     port_lists(&r.to_ports, |p| &p.ports),
+                    Vec::new(),
                     false,
                 )
             },
@@ -409,6 +424,15 @@ fn port_lists<T>(
         .map(|v| v.iter().map(|r| &ports(r)[..]).collect())
 }
 
+/// The `rules.http` of each `toPorts` element.
+fn http_lists(to_ports: &Option<Vec<PortRule>>) -> Vec<Option<&[HttpRule]>> {
+    to_ports
+        .iter()
+        .flatten()
+        .map(|r| r.rules.as_ref().and_then(|l7| l7.http.as_deref()))
+        .collect()
+}
+
 /// One rule section (`ingress`, `ingressDeny`, `egress` or `egressDeny`) as [`PeerRule`]s;
 /// `view` gives a rule's peers, `toPorts` lists and whether it requires authentication.
 fn push_peer_rules<'a, T>(
@@ -422,6 +446,7 @@ fn push_peer_rules<'a, T>(
     ) -> (
         Option<&'a [Selector]>,
         Option<Vec<&'a [PortProtocol]>>,
+        Vec<Option<&'a [HttpRule]>>,
         bool,
     ),
 ) {
@@ -432,7 +457,7 @@ fn push_peer_rules<'a, T>(
         (Direction::Egress, true) => "egressDeny",
     };
     for (i, r) in rules.iter().enumerate() {
-        let (peers, port_lists, is_auth_required) = view(r);
+        let (peers, port_lists, http, is_auth_required) = view(r);
         out.push(PeerRule {
             path: format!("{prefix}.{section}[{i}]"),
             direction,
@@ -442,6 +467,7 @@ fn push_peer_rules<'a, T>(
                 .as_ref()
                 .map(|l| l.iter().flat_map(|p| p.iter().copied()).collect()),
             port_lists,
+            http,
             is_auth_required,
         });
     }
@@ -567,22 +593,34 @@ impl Policy {
         Ok(())
     }
 
-    /// Refuses what is parsed and stored but not enforced yet, so that nothing is ever applied
-    /// wider than written: L7 `rules.http` (until the L7 proxy lands).
+    /// Checks what only matters once a policy is applied: every `rules.http` rule compiles
+    /// (regular expressions, header syntax) and sits on TCP ports (HTTP rules apply to TCP
+    /// only; a port with protocol ANY is enforced as TCP).
     pub fn validate_for_apply(&self) -> Result<(), Error> {
         for (prefix, rule) in self.rules() {
             let sections = [
-                ("ingress", &rule.ingress_ports()),
-                ("egress", &rule.egress_ports()),
+                ("ingress", rule.ingress_ports()),
+                ("egress", rule.egress_ports()),
             ];
             for (section, rules) in sections {
                 for (i, port_rules) in rules.iter().enumerate() {
                     for (j, pr) in port_rules.iter().enumerate() {
-                        if pr.rules.as_ref().is_some_and(|l7| l7.http.is_some()) {
-                            return Err(invalid(
-                                &format!("{prefix}.{section}[{i}].toPorts[{j}].rules.http"),
-                                "L7 HTTP rules are not enforced yet",
-                            ));
+                        let Some(http) = pr.rules.as_ref().and_then(|l7| l7.http.as_ref()) else {
+                            continue;
+                        };
+                        let at = format!("{prefix}.{section}[{i}].toPorts[{j}]");
+                        for (k, pp) in pr.ports.iter().enumerate() {
+                            if !matches!(pp.protocol, Protocol::Tcp | Protocol::Any) {
+                                return Err(invalid(
+                                    &format!("{at}.ports[{k}].protocol"),
+                                    "`rules.http` applies to TCP ports only",
+                                ));
+                            }
+                        }
+                        for (k, h) in http.iter().enumerate() {
+                            crate::l7::rules::HttpMatcher::compile(h).map_err(|e| {
+                                invalid(&format!("{at}.rules.http[{k}].{}", e.field), e.reason)
+                            })?;
                         }
                     }
                 }
@@ -862,12 +900,36 @@ spec:
         let http = pr.rules.as_ref().unwrap().http.as_ref().unwrap();
         assert_eq!(http[0].method.as_deref(), Some("GET"));
         assert_eq!(http[0].path.as_deref(), Some("/api/products"));
-        // Stored, but refused at apply time, naming the unsupported part.
-        let e = p.validate_for_apply().unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "spec.egress[0].toPorts[0].rules.http: L7 HTTP rules are not enforced yet"
-        );
+        p.validate_for_apply().unwrap();
+        // A bad regular expression, header or protocol is refused at apply time, naming it.
+        for (from, to, path) in [
+            (
+                "/api/products",
+                "/api/[",
+                "spec.egress[0].toPorts[0].rules.http[0].path",
+            ),
+            (
+                "\"GET\"",
+                "\"GET(\"",
+                "spec.egress[0].toPorts[0].rules.http[0].method",
+            ),
+            (
+                "protocol: TCP",
+                "protocol: UDP",
+                "spec.egress[0].toPorts[0].ports[0].protocol",
+            ),
+            (
+                "method: \"GET\"",
+                "method: \"GET\"\n          headers: [\"bad header: 1\"]",
+                "spec.egress[0].toPorts[0].rules.http[0].headers[0]",
+            ),
+        ] {
+            let e = one(&ISSUE_EGRESS_L7.replace(from, to))
+                .validate_for_apply()
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(&format!("{path}: ")), "{e}");
+        }
 
         let p = one(BACKEND_INGRESS);
         p.validate_for_apply().unwrap();
