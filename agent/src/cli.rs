@@ -227,6 +227,17 @@ pub fn format_status(st: &api::Status) -> String {
             names.join(" ")
         );
     }
+    if let Some(p) = &st.proxy {
+        let state = match (p.running, p.pid) {
+            (true, Some(pid)) => format!("running (pid {pid})"),
+            _ => "NOT RUNNING (L7-policed connections are dropped: proxy-unavailable)".into(),
+        };
+        let _ = writeln!(
+            s,
+            "  l7 proxy: {state} on 127.0.0.1:{}, {} requests ({} denied), {} restarts, policy generation {}",
+            p.listen_port, p.requests, p.denied, p.restarts, p.config_generation
+        );
+    }
     if let Some(why) = &st.services_unavailable {
         let _ = writeln!(s, "  services: not balanced on this node: {why}");
     } else if !st.services.is_empty() {

@@ -75,6 +75,21 @@ static VEIL_FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGS_MAX
 static VEIL_EVENT_THROTTLE: LruHashMap<ThrottleKey, ThrottleState> =
     LruHashMap::pinned(EVENT_THROTTLE_MAX, 0);
 
+/// The socket tuple of the proxy listener lookup: off the stack, which `admit` nearly fills.
+#[map(name = "VEIL_PROXY_SCRATCH")]
+static VEIL_PROXY_SCRATCH: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1, 0);
+
+/// `emit`'s throttle key and new throttle state: off its stack, which counts against the 512
+/// bytes of every program that calls it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct EmitScratch {
+    key: ThrottleKey,
+    state: ThrottleState,
+}
+#[map(name = "VEIL_EMIT_SCRATCH")]
+static VEIL_EMIT_SCRATCH: PerCpuArray<EmitScratch> = PerCpuArray::with_max_entries(1, 0);
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -402,14 +417,18 @@ fn set_mark(ctx: &TcContext, value: u32) {
 /// Hands the first packet (SYN) of an L7-proxied connection to the proxy's listener on
 /// loopback (`bpf_sk_assign`; the accepted socket keeps the original destination as its local
 /// address). False when no proxy listens: the caller drops, never passes the flow around it.
-#[inline(always)]
+/// Not inlined: its frame stays out of `admit`'s callers' 512 bytes.
+#[inline(never)]
 fn assign_proxy(ctx: &TcContext, cfg: &DatapathConfig, flow: &Flow) -> bool {
     let port = cfg.proxy_port as u16;
     if port == 0 {
         return false;
     }
-    // SAFETY: an all-zero bpf_sock_tuple is a valid value of the C union.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let Some(tuple) = VEIL_PROXY_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: the per-CPU scratch value is this program run's own until it returns.
+    let tuple = unsafe { &mut *tuple };
     let size = if flow.is_v6 {
         let mut daddr = [0u8; 16];
         daddr[15] = 1;
@@ -436,7 +455,7 @@ fn assign_proxy(ctx: &TcContext, cfg: &DatapathConfig, flow: &Flow) -> bool {
     unsafe {
         let sk = bpf_sk_lookup_tcp(
             skb as *mut _,
-            &mut tuple,
+            tuple,
             size as u32,
             BPF_F_CURRENT_NETNS as u64,
             0,
@@ -724,8 +743,6 @@ fn admit(
     } else {
         ALLOW
     };
-    // HTTP rules apply to TCP only (the compiler puts L7 on TCP entries only).
-    let proxy = (egress.proxy || ingress.proxy) && flow.protocol == IPPROTO_TCP;
     let mut verdict_code = verdict::FORWARDED;
     let mut audit_reason = reason::NONE;
     let mut ct = 0u32;
@@ -734,6 +751,10 @@ fn admit(
     }
     if a.ingress {
         ct |= ct_flags::INGRESS_OK;
+    }
+    // HTTP rules apply to TCP only (the compiler puts L7 on TCP entries only).
+    if (egress.proxy || ingress.proxy) && flow.protocol == IPPROTO_TCP {
+        ct |= ct_flags::PROXY;
     }
     for (d, dir) in [(egress, direction::EGRESS), (ingress, direction::INGRESS)] {
         if !d.allowed {
@@ -760,7 +781,7 @@ fn admit(
             // is authenticated (the agent re-injects it, or drops and records it on timeout).
             // Not a proxied connection: a released packet would pass beside the proxy; its SYN
             // is dropped and retransmitted instead.
-            if cfg.hold_ifindex != 0 && !proxy {
+            if cfg.hold_ifindex != 0 && ct & ct_flags::PROXY == 0 {
                 // SAFETY: plain helper call.
                 return Ok(Some(unsafe { bpf_redirect(cfg.hold_ifindex, 0) } as i32));
             }
@@ -770,11 +791,8 @@ fn admit(
             ct |= ct_flags::AUTH;
         }
     }
-    if proxy {
-        if !assign_proxy(ctx, cfg, flow) {
-            return Err(ev.dropped(flow, reason::PROXY_UNAVAILABLE, a.dir, flags));
-        }
-        ct |= ct_flags::PROXY;
+    if ct & ct_flags::PROXY != 0 && !assign_proxy(ctx, cfg, flow) {
+        return Err(ev.dropped(flow, reason::PROXY_UNAVAILABLE, a.dir, flags));
     }
     let entry = CtEntry {
         last_seen_ns: now,
@@ -789,7 +807,7 @@ fn admit(
     let _ = VEIL_CT.insert(&fwd, &entry, 0);
     ev.emit(flow, verdict_code, audit_reason, a.dir, flags);
     count_verdict(verdict_code);
-    if proxy {
+    if ct & ct_flags::PROXY != 0 {
         set_mark(ctx, marks::TO_PROXY);
         return Ok(Some(TC_ACT_OK));
     }
@@ -1265,7 +1283,12 @@ struct Ev {
 /// event is written straight into the ring buffer slot.
 #[inline(never)]
 fn emit(f: &Flow, ev: &Ev) {
-    let tk = ThrottleKey {
+    let Some(scratch) = VEIL_EMIT_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the per-CPU scratch value is this program run's own until it returns.
+    let scratch = unsafe { &mut *scratch };
+    scratch.key = ThrottleKey {
         src_identity: ev.src_identity,
         dst_identity: ev.dst_identity,
         dport: f.dport,
@@ -1273,8 +1296,9 @@ fn emit(f: &Flow, ev: &Ev) {
         verdict: ev.verdict,
         reason: ev.reason,
     };
+    let tk = &scratch.key;
     let mut count = 1u32;
-    if let Some(st) = VEIL_EVENT_THROTTLE.get_ptr_mut(&tk) {
+    if let Some(st) = VEIL_EVENT_THROTTLE.get_ptr_mut(tk) {
         // SAFETY: map value pointer valid for this run.
         let st = unsafe { &mut *st };
         if ev.now.wrapping_sub(st.last_ns) < THROTTLE_NS {
@@ -1285,15 +1309,12 @@ fn emit(f: &Flow, ev: &Ev) {
         st.suppressed = 0;
         st.last_ns = ev.now;
     } else {
-        let _ = VEIL_EVENT_THROTTLE.insert(
-            &tk,
-            &ThrottleState {
-                last_ns: ev.now,
-                suppressed: 0,
-                _pad: 0,
-            },
-            0,
-        );
+        scratch.state = ThrottleState {
+            last_ns: ev.now,
+            suppressed: 0,
+            _pad: 0,
+        };
+        let _ = VEIL_EVENT_THROTTLE.insert(&scratch.key, &scratch.state, 0);
     }
     let service_ip = if ev.cookie != 0 {
         sock::service_of(ev.cookie, &f.daddr, f.dport)

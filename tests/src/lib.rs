@@ -572,12 +572,14 @@ fn assert_invariants(name: &str, violations: Vec<String>) {
 }
 
 /// An error or panic line of a lab log: a Rust panic anywhere, an ERROR event of an agent,
-/// an error of SPIRE (`level=error`) or of veil-wg.
+/// an error of SPIRE (`level=error`), of veil-wg or of veil-proxy.
 fn log_line_is_error(file: &str, line: &str) -> bool {
     line.contains("panicked at")
         || (file.starts_with("agent-") && line.contains(" ERROR "))
         || line.contains("level=error")
         || (file.starts_with("wg-") && line.starts_with("veil-wg: error"))
+        || (file.starts_with("proxy-")
+            && (line.contains(" ERROR ") || line.starts_with("veil-proxy: ")))
 }
 
 /// The tail of every log file of a lab, for failure reports.

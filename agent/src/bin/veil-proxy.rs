@@ -26,6 +26,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,0 +1,317 @@
+//! End-to-end: the node-local L7 HTTP policy proxy (services/L7 issue). The seed's example
+//! (`examples/policies/frontend-to-backend-l7.yaml`) applied verbatim: frontend may only
+//! `GET /api/products` on backend:8080, decided request by request (HTTP/1.1 keep-alive and
+//! h2c); other pods and ports never pass through the proxy; the proxied connection reaches the
+//! other node encrypted and under the client's identity; the proxy's death fails closed for
+//! L7-policed flows only and it comes back; hostile requests never reach the backend.
+
+use std::time::Duration;
+
+use veil_tests::Lab;
+
+const L7: &str = include_str!("../../examples/policies/frontend-to-backend-l7.yaml");
+/// Only frontend may reach backend, on TCP 8080 (node-b enforces it on arrival).
+const INGRESS: &str = include_str!("../../examples/policies/backend-ingress.yaml");
+
+/// `curl` from a pod: one status code per URL (one connection, reused: keep-alive), `-w`
+/// printing `<status> <new connections>`.
+fn codes(lab: &Lab, pod: &str, extra: &[&str], urls: &[String]) -> Vec<String> {
+    let mut argv = vec!["curl", "-sS", "--max-time", "5"];
+    argv.extend_from_slice(extra);
+    argv.extend(["-w", "%{http_code} %{num_connects}\\n"]);
+    for u in urls {
+        argv.extend(["-o", "/dev/null", u.as_str()]);
+    }
+    lab.exec_ok(pod, &argv).lines().map(str::to_owned).collect()
+}
+
+fn l7_records(lab: &Lab, node: &str) -> Vec<serde_json::Value> {
+    lab.observe(&["--node", node, "--type", "l7"])
+}
+
+fn proxy_requests(lab: &Lab, node: &str) -> u64 {
+    lab.status(node)
+        .proxy
+        .expect("the node runs a proxy")
+        .requests
+}
+
+/// New connections node-b admitted from frontend to backend:8080 (its flow records).
+fn arrivals(lab: &Lab) -> u64 {
+    lab.observe(&["--node", "node-b", "--type", "l3l4"])
+        .iter()
+        .filter(|f| {
+            f["src"]["pod"] == "frontend"
+                && f["dst"]["pod"] == "backend"
+                && f["dst"]["port"] == 8080
+                && f["verdict"] == "FORWARDED"
+        })
+        .map(|f| f["count"].as_u64().unwrap_or(1))
+        .sum()
+}
+
+#[test]
+fn seed_example_decides_each_request_and_other_pods_bypass_the_proxy() {
+    let lab = Lab::up(&[]);
+    let backend = lab.pod_ip("backend");
+    let base = format!("http://{backend}:8080");
+    lab.apply_policy_ok(L7);
+    lab.apply_policy_ok(INGRESS);
+
+    // HTTP/1.1, one keep-alive connection, decided request by request.
+    let urls = [
+        format!("{base}/api/products"),
+        format!("{base}/admin"),
+        format!("{base}/api/products"),
+    ];
+    assert_eq!(
+        codes(&lab, "frontend", &[], &urls),
+        ["200 1", "403 0", "200 0"]
+    );
+    let post = codes(
+        &lab,
+        "frontend",
+        &["-X", "POST"],
+        &[format!("{base}/api/products")],
+    );
+    assert_eq!(post, ["403 1"]);
+    // The 403 comes from the proxy, with a short body.
+    let body = lab.exec_ok(
+        "frontend",
+        &["curl", "-sS", "--max-time", "5", &format!("{base}/admin")],
+    );
+    assert_eq!(body, "Access denied\n");
+    // Anchored: a longer path is not the allowed one.
+    let longer = codes(&lab, "frontend", &[], &[format!("{base}/api/products/1")]);
+    assert_eq!(longer, ["403 1"]);
+    // h2c (HTTP/2 with prior knowledge), also one connection.
+    let h2 = codes(&lab, "frontend", &["--http2-prior-knowledge"], &urls[..2]);
+    assert_eq!(h2, ["200 1", "403 0"]);
+    // Through the Service's ClusterIP: translated at the socket, then policed.
+    let vip = &lab
+        .view
+        .services
+        .iter()
+        .find(|s| s.name == "backend")
+        .expect("service")
+        .cluster_ip;
+    let via = codes(
+        &lab,
+        "frontend",
+        &[],
+        &[
+            format!("http://{vip}/api/products"),
+            format!("http://{vip}/admin"),
+        ],
+    );
+    assert_eq!(via, ["200 1", "403 0"]);
+
+    // Flow records of the proxy: allowed and denied requests, with the L7 part.
+    let recs = l7_records(&lab, "node-a");
+    let find = |method: &str, path: &str, status: u64| {
+        recs.iter()
+            .find(|r| {
+                r["l7"]["method"] == method
+                    && r["l7"]["path"] == path
+                    && r["l7"]["status"] == status
+            })
+            .unwrap_or_else(|| panic!("no {method} {path} -> {status} in {recs:#?}"))
+    };
+    let ok = find("GET", "/api/products", 200);
+    assert_eq!(ok["verdict"], "FORWARDED", "{ok:#}");
+    assert_eq!(ok["l7"]["type"], "http");
+    assert_eq!(
+        (ok["src"]["pod"].as_str(), ok["dst"]["pod"].as_str()),
+        (Some("frontend"), Some("backend"))
+    );
+    assert_eq!(ok["direction"], "egress");
+    let denied = find("POST", "/api/products", 403);
+    assert_eq!(
+        (denied["verdict"].as_str(), denied["drop_reason"].as_str()),
+        (Some("DROPPED"), Some("policy-denied"))
+    );
+    assert!(
+        recs.iter().all(|r| r["src"]["pod"] == "frontend"),
+        "{recs:#?}"
+    );
+    // `--type l7` is only the proxy's records; plain `observe` shows both kinds.
+    assert!(lab
+        .observe(&["--node", "node-a", "--type", "l3l4"])
+        .iter()
+        .all(|f| f.get("l7").is_none()));
+
+    // The proxied connection reached node-b through the tunnel, as frontend: backend's ingress
+    // policy (frontend only) admitted it there, and the record says encrypted.
+    let at_b = lab.observe(&["--node", "node-b"]);
+    let arrived = at_b
+        .iter()
+        .find(|f| {
+            f["src"]["pod"] == "frontend"
+                && f["dst"]["pod"] == "backend"
+                && f["verdict"] == "FORWARDED"
+        })
+        .unwrap_or_else(|| panic!("no frontend -> backend arrival at node-b: {at_b:#?}"));
+    assert_eq!(arrived["encrypted"], true, "{arrived:#}");
+    assert_eq!(arrived["src"]["ip"], lab.pod_ip("frontend"), "{arrived:#}");
+
+    // Another pod (no HTTP rules) reaches the same backend port without the proxy: every
+    // request passes, the proxy decides none of them.
+    let before = proxy_requests(&lab, "node-a");
+    lab.apply_policy_ok(
+        &INGRESS
+            .replace("app: frontend", "app: intruder")
+            .replace("name: backend-from-frontend", "name: intruder-in"),
+    );
+    assert_eq!(
+        codes(&lab, "intruder", &[], &[format!("{base}/admin")]),
+        ["200 1"]
+    );
+    assert_eq!(proxy_requests(&lab, "node-a"), before);
+    assert!(l7_records(&lab, "node-a")
+        .iter()
+        .all(|r| r["src"]["pod"] != "intruder"));
+}
+
+#[test]
+fn proxy_death_fails_closed_for_l7_flows_only_and_the_agent_restarts_it() {
+    let lab = Lab::up(&[]);
+    let base = format!("http://{}:8080", lab.pod_ip("backend"));
+    lab.apply_policy_ok(L7);
+    assert_eq!(
+        codes(&lab, "frontend", &[], &[format!("{base}/api/products")]),
+        ["200 1"]
+    );
+    let st = lab.status("node-a").proxy.expect("proxy status");
+    let pid = st.pid.expect("proxy pid") as i32;
+    let agent = lab.status("node-a").agent.pid as i32;
+    lab.expect_drops(&["proxy-unavailable"]);
+
+    // The agent is frozen (it cannot restart the proxy) while the proxy is killed: an
+    // L7-policed connection is dropped, never passed around the proxy; other pods' flows go on.
+    let stop = |sig| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), sig).expect("signal the agent")
+    };
+    stop(nix::sys::signal::Signal::SIGSTOP);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill veil-proxy");
+    let dead = lab.try_get("frontend", &format!("{base}/api/products"));
+    let other = lab.try_get("intruder", &format!("{base}/admin"));
+    stop(nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        dead.is_err(),
+        "an L7 flow passed with the proxy dead: {dead:?}"
+    );
+    assert_eq!(other.as_deref(), Ok("hello from shop/backend\n"));
+    assert!(lab.drop_count("node-a", "proxy-unavailable") >= 1);
+
+    // The agent notices at once and starts it again; enforcement resumes.
+    let st = lab.wait_for("veil-proxy restarted", Duration::from_secs(20), || {
+        lab.status("node-a")
+            .proxy
+            .filter(|p| p.running && p.pid != Some(pid as u32) && p.restarts >= 1)
+    });
+    assert!(st.config_generation > 0, "{st:?}");
+    let urls = [format!("{base}/api/products"), format!("{base}/admin")];
+    assert_eq!(codes(&lab, "frontend", &[], &urls), ["200 1", "403 0"]);
+}
+
+/// Raw requests from a pod: prints the status line of each answer, or `closed`.
+const RAW: &str = r#"
+import socket, sys, time
+host = sys.argv[1]
+def send(parts, pause=0):
+    s = socket.create_connection((host, 8080), timeout=15)
+    try:
+        for p in parts:
+            s.sendall(p)
+            time.sleep(pause)
+        data = s.recv(65536)
+    except (ConnectionResetError, BrokenPipeError, socket.timeout):
+        data = b""
+    s.close()
+    print(data.split(b"\r\n", 1)[0].decode() if data else "closed")
+# Smuggling: Content-Length beside Transfer-Encoding.
+send([b"POST /api/products HTTP/1.1\r\nHost: b\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: b\r\n\r\n"])
+# Two different Content-Lengths.
+send([b"POST /api/products HTTP/1.1\r\nHost: b\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"])
+# Not HTTP.
+send([b"GARBAGE\r\n\r\n"])
+# A 20 KiB header (the limit is 16 KiB).
+send([b"GET /api/products HTTP/1.1\r\nHost: b\r\nX-Big: " + b"a" * 20480 + b"\r\n\r\n"])
+# Slowloris: a header section that never ends.
+send([b"GET /api/products HTTP/1.1\r\n", b"X-A: 1\r\n"], pause=1)
+"#;
+
+#[test]
+fn hostile_requests_are_refused_and_never_reach_the_backend() {
+    let lab = Lab::up(&[]);
+    let backend = lab.pod_ip("backend");
+    lab.apply_policy_ok(L7);
+    let before = arrivals(&lab);
+    let out = lab.exec_ok("frontend", &["python3", "-c", RAW, &backend]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    assert!(lines[0].starts_with("HTTP/1.1 400"), "smuggling: {out}");
+    assert!(lines[1].starts_with("HTTP/1.1 400"), "two lengths: {out}");
+    assert!(lines[2].starts_with("HTTP/1.1 400"), "garbage: {out}");
+    assert!(lines[3].starts_with("HTTP/1.1 431"), "20 KiB header: {out}");
+    assert!(
+        lines[4] == "closed" || lines[4].starts_with("HTTP/1.1 408"),
+        "slowloris: {out}"
+    );
+    // None of them opened a connection to the backend.
+    assert_eq!(arrivals(&lab), before, "a refused request reached node-b");
+    // A good request still works (and does reach it).
+    let ok = codes(
+        &lab,
+        "frontend",
+        &[],
+        &[format!("http://{backend}:8080/api/products")],
+    );
+    assert_eq!(ok, ["200 1"]);
+    lab.wait_for(
+        "the good request's arrival at node-b",
+        Duration::from_secs(5),
+        || (arrivals(&lab) > before).then_some(()),
+    );
+}
+
+/// Kubernetes mode: the seed's example applied verbatim with kubectl (the CRD the lab
+/// installs), enforced by the proxy, and gone again when deleted.
+#[test]
+fn kubernetes_mode_enforces_the_seed_example_applied_with_kubectl() {
+    let lab = Lab::up(&["--control-plane", "kubernetes"]);
+    let base = format!("http://{}:8080", lab.pod_ip("backend"));
+    let admin = [format!("{base}/admin")];
+    assert_eq!(codes(&lab, "frontend", &[], &admin), ["200 1"]);
+    lab.kubectl(&["apply", "-f", "-"], L7);
+    lab.wait_for("the L7 policy enforced", Duration::from_secs(30), || {
+        (codes(&lab, "frontend", &[], &admin) == ["403 1"]).then_some(())
+    });
+    let urls = [format!("{base}/api/products"), format!("{base}/admin")];
+    assert_eq!(codes(&lab, "frontend", &[], &urls), ["200 1", "403 0"]);
+    let post = codes(
+        &lab,
+        "frontend",
+        &["-X", "POST"],
+        &[format!("{base}/api/products")],
+    );
+    assert_eq!(post, ["403 1"]);
+    let recs = l7_records(&lab, "node-a");
+    assert!(
+        recs.iter().any(|r| r["l7"]["method"] == "POST"
+            && r["l7"]["status"] == 403
+            && r["src"]["pod"] == "frontend"),
+        "{recs:#?}"
+    );
+    lab.kubectl(
+        &["delete", "cnp", "-n", "shop", "frontend-to-backend-l7"],
+        "",
+    );
+    lab.wait_for("the L7 policy gone", Duration::from_secs(30), || {
+        (codes(&lab, "frontend", &[], &admin) == ["200 1"]).then_some(())
+    });
+}
