@@ -187,6 +187,62 @@ fn seed_example_decides_each_request_and_other_pods_bypass_the_proxy() {
         .all(|r| r["src"]["pod"] != "intruder"));
 }
 
+/// Ingress HTTP rules with mutual authentication: decided by the proxy of the server's node
+/// (the connection arrives through the tunnel), admitted only for the authenticated pair.
+const INGRESS_L7_AUTH: &str = include_str!("../../examples/policies/backend-ingress-l7-auth.yaml");
+
+#[test]
+fn ingress_rules_are_decided_at_the_servers_node_under_mutual_authentication() {
+    let lab = Lab::up(&[]);
+    let base = format!("http://{}:8080", lab.pod_ip("backend"));
+    lab.apply_policy_ok(INGRESS_L7_AUTH);
+    let urls = [
+        format!("{base}/api/products"),
+        format!("{base}/admin"),
+        format!("{base}/api/orders"),
+    ];
+    lab.wait_for(
+        "frontend admitted under the policy",
+        Duration::from_secs(15),
+        || {
+            let got = codes(&lab, "frontend", &[], &urls);
+            (got == ["200 1", "403 0", "200 0"]).then_some(())
+        },
+    );
+    // node-b's proxy decided (direction ingress); node-a's saw nothing.
+    let recs = l7_records(&lab, "node-b");
+    let denied = recs
+        .iter()
+        .find(|r| r["l7"]["path"] == "/admin")
+        .unwrap_or_else(|| panic!("no /admin record at node-b: {recs:#?}"));
+    assert_eq!(
+        (
+            denied["direction"].as_str(),
+            denied["verdict"].as_str(),
+            denied["src"]["pod"].as_str()
+        ),
+        (Some("ingress"), Some("DROPPED"), Some("frontend")),
+        "{denied:#}"
+    );
+    assert!(l7_records(&lab, "node-a").is_empty());
+    // The connection was admitted at node-b on an authenticated identity pair, encrypted.
+    let at_b = lab.observe(&["--node", "node-b", "--type", "l3l4", "--pod", "frontend"]);
+    let admitted = at_b
+        .iter()
+        .find(|f| f["dst"]["pod"] == "backend" && f["verdict"] == "FORWARDED")
+        .unwrap_or_else(|| panic!("no admission at node-b: {at_b:#?}"));
+    assert_eq!(
+        (admitted["auth"].as_str(), admitted["encrypted"].as_bool()),
+        (Some("authenticated"), Some(true)),
+        "{admitted:#}"
+    );
+    // Another pod never reaches the proxy: dropped at L4 by the same policy.
+    assert!(lab.try_get("intruder", &urls[0]).is_err());
+    assert!(l7_records(&lab, "node-b")
+        .iter()
+        .all(|r| r["src"]["pod"] != "intruder"));
+}
+
 #[test]
 fn proxy_death_fails_closed_for_l7_flows_only_and_the_agent_restarts_it() {
     let lab = Lab::up(&[]);
