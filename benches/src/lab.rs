@@ -56,6 +56,15 @@ pub struct Status {
     pub peers: Vec<serde_json::Value>,
     #[serde(default)]
     pub agent: Option<AgentInfo>,
+    #[serde(default)]
+    pub proxy: Option<ProxyInfo>,
+}
+
+/// The node's L7 proxy in `veil status -o json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProxyInfo {
+    #[serde(default)]
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

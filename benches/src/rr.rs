@@ -88,6 +88,69 @@ pub fn crr_client(
     })
 }
 
+/// HTTP/1.1 request/response on one keep-alive connection: `GET path`, the whole response
+/// (headers, then a `Content-Length` body) read before the next request. `size` in the result is
+/// the response body's length.
+pub fn http_client(
+    addr: SocketAddr,
+    path: &str,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<RrResult> {
+    let mut conn = connect_retrying(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes();
+    let mut buf = Vec::with_capacity(4096);
+    let mut body_len = 0;
+    let r = measure(0, warmup, duration, || {
+        let t = Instant::now();
+        conn.write_all(&req)?;
+        body_len = read_http_response(&mut conn, &mut buf)?;
+        Ok(t.elapsed())
+    })?;
+    Ok(RrResult {
+        size: body_len,
+        ..r
+    })
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body; fails on any status but 200.
+fn read_http_response(conn: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            return Err(bad("connection closed mid-response".into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        return Err(bad(format!(
+            "status: {}",
+            head.lines().next().unwrap_or("")
+        )));
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| bad("no content-length".into()))?;
+    while buf.len() < head_end + len {
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            return Err(bad("connection closed mid-body".into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(len)
+}
+
 /// SO_LINGER with a zero timeout: close() sends RST and leaves no TIME_WAIT.
 fn set_linger_zero(conn: &TcpStream) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;

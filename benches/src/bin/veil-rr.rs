@@ -1,5 +1,5 @@
 //! `veil-rr server --port P` / `veil-rr client --connect IP:P [--size 64] [--seconds 5]
-//! [--new-connections]`: TCP request/response latency (netperf TCP_RR style; TCP_CRR with a new
+//! [--new-connections | --http PATH]`: TCP request/response latency (netperf TCP_RR style; TCP_CRR with a new
 //! connection per transaction), run inside lab pods by `veil-bench` and `svc-bench`.
 //! The client prints one JSON object (p50/p90/p99/mean in µs, transactions).
 
@@ -34,6 +34,9 @@ enum Cmd {
         /// A new connection per transaction (TCP_CRR).
         #[arg(long)]
         new_connections: bool,
+        /// HTTP/1.1 keep-alive instead: `GET PATH` per transaction, the server an HTTP server.
+        #[arg(long, value_name = "PATH", conflicts_with = "new_connections")]
+        http: Option<String>,
     },
 }
 
@@ -46,7 +49,18 @@ fn main() -> anyhow::Result<()> {
             warmup_seconds,
             seconds,
             new_connections,
+            http,
         } => {
+            if let Some(path) = http {
+                let r = veil_benches::rr::http_client(
+                    connect,
+                    &path,
+                    Duration::from_secs_f64(warmup_seconds),
+                    Duration::from_secs_f64(seconds),
+                )?;
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
             let run = if new_connections {
                 veil_benches::rr::crr_client
             } else {

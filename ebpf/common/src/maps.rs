@@ -645,7 +645,7 @@ mod tests {
             node_id: 2,
             policy_slot: 1,
             hold_ifindex: 0,
-            _pad: 0,
+            proxy_port: 0,
         };
         assert_eq!(from_bytes::<DatapathConfig>(bytes_of(&c)), c);
         let s = IfStats {
