@@ -385,6 +385,9 @@ pub struct FlowStore {
     ring: RecordRing,
     log: Option<PathBuf>,
     log_max_bytes: u64,
+    /// The log, kept open between records (the L7 proxy records every request), with its
+    /// length; reopened after a rotation or a failed write.
+    log_file: Option<(std::fs::File, u64)>,
     next_seq: u64,
     /// Totals by (verdict, reason) for metrics.
     totals: BTreeMap<(Verdict, String), u64>,
@@ -405,6 +408,7 @@ impl FlowStore {
             ring: RecordRing::new(capacity, capacity.saturating_mul(Self::RECORD_BUDGET)),
             log,
             log_max_bytes,
+            log_file: None,
             next_seq: 1,
             totals: BTreeMap::new(),
             annotate: None,
@@ -443,7 +447,10 @@ impl FlowStore {
         self.ring.push(&flow, &line);
         if let Some(path) = &self.log {
             line.push(b'\n');
-            let _ = append_line(path, &line, self.log_max_bytes);
+            if let Err(e) = append_line(&mut self.log_file, path, &line, self.log_max_bytes) {
+                tracing::debug!(error = %e, "flow log write failed");
+                self.log_file = None;
+            }
         }
     }
 
@@ -564,18 +571,35 @@ fn rotated(path: &Path) -> PathBuf {
 }
 
 /// Appends one line (newline included), first rotating the file when it holds half the budget.
-fn append_line(path: &Path, line: &[u8], max: u64) -> std::io::Result<()> {
-    if std::fs::metadata(path)
-        .map(|m| m.len() >= max / 2)
-        .unwrap_or(false)
-    {
+/// Appends `line` to the log at `path` through `open` (opened on first use), rotating the log
+/// to `rotated(path)` once it holds half of `max`.
+fn append_line(
+    open: &mut Option<(std::fs::File, u64)>,
+    path: &Path,
+    line: &[u8],
+    max: u64,
+) -> std::io::Result<()> {
+    if open.as_ref().is_some_and(|(_, len)| *len >= max / 2) {
+        *open = None;
         std::fs::rename(path, rotated(path))?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    f.write_all(line)
+    if open.is_none() {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let len = f.metadata()?.len();
+        if len >= max / 2 {
+            drop(f);
+            std::fs::rename(path, rotated(path))?;
+            return append_line(open, path, line, max);
+        }
+        *open = Some((f, len));
+    }
+    let (f, len) = open.as_mut().expect("opened above");
+    f.write_all(line)?;
+    *len += line.len() as u64;
+    Ok(())
 }
 
 /// Parses `--since`: a duration back from now (`30s`, `5m`) or an RFC 3339-free unix seconds.

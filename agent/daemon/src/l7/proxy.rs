@@ -294,7 +294,16 @@ async fn control_session(stream: UnixStream, state: Arc<State>) {
             },
             r = records.recv() => match r {
                 Ok(rec) => {
-                    if write_line(&mut wr, &ProxyMessage::Request(rec)).await.is_err() {
+                    // This record and every one already waiting, in one write.
+                    let mut batch = Vec::new();
+                    let mut next = Some(rec);
+                    while let Some(rec) = next {
+                        serde_json::to_writer(&mut batch, &ProxyMessage::Request(rec))
+                            .expect("message serializes");
+                        batch.push(b'\n');
+                        next = records.try_recv().ok();
+                    }
+                    if wr.write_all(&batch).await.is_err() {
                         return;
                     }
                 }
