@@ -16,7 +16,8 @@ usage: scripts/bench.sh [VEIL-BENCH OPTIONS]
 As root: runs scripts/setup.sh and scripts/preflight.sh, builds the release binaries, then
 control-bench (control plane, its own 77-pod lab; writes benches/results/control.json),
 svc-bench (Services: ClusterIP vs pod IP vs iptables DNAT at 10 and 10,000 Service ports;
-writes benches/results/services.json) and veil-bench (veil vs plaintext vs boringtun-cli; prints the table, writes
+writes benches/results/services.json), l7-bench (HTTP through the L7 proxy vs L4 policy only;
+writes benches/results/l7.json) and veil-bench (veil vs plaintext vs boringtun-cli; prints the table, writes
 benches/results/{results.json,chart.png,results.md}). Both carry this run's id, and veil-bench's
 target table uses control.json only if control-bench wrote it in this run.
 
@@ -67,4 +68,7 @@ target/release/control-bench
 # Services at the socket vs pod IP vs a kube-proxy iptables rule set, at 10 and 10,000 Service
 # ports (TCP_RR and TCP_CRR; writes benches/results/services.json).
 target/release/svc-bench
+# HTTP through the node's L7 proxy vs L4 policy only (keep-alive, requests/s, p50/p99, the
+# proxy's CPU per request; writes benches/results/l7.json).
+target/release/l7-bench
 exec target/release/veil-bench "$@"

@@ -49,7 +49,7 @@ pub enum ProxyMessage {
     /// First line on every control connection.
     Hello { pid: u32, listen_port: u16 },
     /// One decided request.
-    Request(L7Record),
+    Request(Box<L7Record>),
 }
 
 /// One request the proxy decided.

@@ -298,7 +298,7 @@ async fn control_session(stream: UnixStream, state: Arc<State>) {
                     let mut batch = Vec::new();
                     let mut next = Some(rec);
                     while let Some(rec) = next {
-                        serde_json::to_writer(&mut batch, &ProxyMessage::Request(rec))
+                        serde_json::to_writer(&mut batch, &ProxyMessage::Request(Box::new(rec)))
                             .expect("message serializes");
                         batch.push(b'\n');
                         next = records.try_recv().ok();

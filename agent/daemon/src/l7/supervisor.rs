@@ -191,7 +191,7 @@ async fn session(
                                 st.denied += 1;
                             }
                         }
-                        on_record(r);
+                        on_record(*r);
                     }
                     Err(e) => tracing::warn!(error = %e, "unreadable line from veil-proxy"),
                 }

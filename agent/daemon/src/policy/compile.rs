@@ -98,8 +98,11 @@ struct CRule {
     remotes: Vec<u32>,
     ports: Vec<(u16, u8)>,
     /// Ports of `toPorts` elements with HTTP rules (TCP only), with their rules.
-    http: Vec<(Vec<(u16, u8)>, Vec<super::parse::HttpRule>)>,
+    http: Vec<HttpPorts>,
 }
+
+/// `(port, protocol)` keys of one `toPorts` element and its HTTP rules.
+type HttpPorts = (Vec<(u16, u8)>, Vec<super::parse::HttpRule>);
 
 fn dir_index(d: Direction) -> usize {
     match d {
