@@ -15,6 +15,11 @@ pub struct Samples {
     pub rr: Vec<RrResult>,
 }
 
+/// [`median`] of a vector, NaN for none (for tables).
+pub fn median_or_nan(v: Vec<f64>) -> f64 {
+    median(&v).unwrap_or(f64::NAN)
+}
+
 pub fn median(v: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {

@@ -113,3 +113,56 @@ pub fn machine() -> serde_json::Value {
         "memory_gib": (mem * 10.0).round() / 10.0,
     })
 }
+
+/// The directory holding this workspace's release binaries (`bin_dir`, else the running
+/// binary's own), checked to hold every one of `names`.
+pub fn release_bins(bin_dir: Option<&Path>, names: &[&str]) -> anyhow::Result<PathBuf> {
+    let dir = match bin_dir {
+        Some(d) => d.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .ok_or_else(|| anyhow::anyhow!("binary directory"))?
+            .to_path_buf(),
+    };
+    for n in names {
+        let b = dir.join(n);
+        if !b.exists() {
+            bail!(
+                "{} not found (cargo build --release --workspace --bins)",
+                b.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Where results go (`out_dir`, else `benches/results`), created.
+pub fn results_dir(out_dir: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let d = out_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results"));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// Where a benchmark binary finds the release binaries and writes its results.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Dirs {
+    /// Directory with the release binaries (default: next to this one).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Where to write the results (default: benches/results).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+}
+
+/// How long an interleaved benchmark runs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Rounds {
+    /// Interleaved rounds (each starting with the next target).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 4.0)]
+    pub seconds: f64,
+}

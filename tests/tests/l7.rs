@@ -25,6 +25,17 @@ fn codes(lab: &Lab, pod: &str, extra: &[&str], urls: &[String]) -> Vec<String> {
     lab.exec_ok(pod, &argv).lines().map(str::to_owned).collect()
 }
 
+/// `POST /api/products` from frontend: the example allows only GET.
+fn assert_post_denied(lab: &Lab, base: &str) {
+    let post = codes(
+        lab,
+        "frontend",
+        &["-X", "POST"],
+        &[format!("{base}/api/products")],
+    );
+    assert_eq!(post, ["403 1"]);
+}
+
 fn l7_records(lab: &Lab, node: &str) -> Vec<serde_json::Value> {
     lab.observe(&["--node", node, "--type", "l7"])
 }
@@ -68,13 +79,7 @@ fn seed_example_decides_each_request_and_other_pods_bypass_the_proxy() {
         codes(&lab, "frontend", &[], &urls),
         ["200 1", "403 0", "200 0"]
     );
-    let post = codes(
-        &lab,
-        "frontend",
-        &["-X", "POST"],
-        &[format!("{base}/api/products")],
-    );
-    assert_eq!(post, ["403 1"]);
+    assert_post_denied(&lab, &base);
     // The 403 comes from the proxy, with a short body.
     let body = lab.exec_ok(
         "frontend",
@@ -391,13 +396,7 @@ fn kubernetes_mode_enforces_the_seed_example_applied_with_kubectl() {
     });
     let urls = [format!("{base}/api/products"), format!("{base}/admin")];
     assert_eq!(codes(&lab, "frontend", &[], &urls), ["200 1", "403 0"]);
-    let post = codes(
-        &lab,
-        "frontend",
-        &["-X", "POST"],
-        &[format!("{base}/api/products")],
-    );
-    assert_eq!(post, ["403 1"]);
+    assert_post_denied(&lab, &base);
     let recs = l7_records(&lab, "node-a");
     assert!(
         recs.iter().any(|r| r["l7"]["method"] == "POST"

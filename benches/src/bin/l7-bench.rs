@@ -10,25 +10,20 @@
 //! /proc/PID/stat) is read around the run: CPU per request. Prints a table and writes
 //! `benches/results/l7.json`.
 
-use std::{fmt::Write as _, path::PathBuf};
+use std::fmt::Write as _;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use serde::Serialize;
-use veil_benches::{cleanup, lab::Lab, rr::RrResult};
+use veil_benches::{cleanup, lab::Lab, report::median_or_nan as median, rr::RrResult};
 
 #[derive(Parser, Debug)]
 #[command(about = "HTTP through the L7 proxy vs L4 policy only")]
 struct Args {
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 4.0)]
-    seconds: f64,
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    #[arg(long)]
-    out_dir: Option<PathBuf>,
+    #[command(flatten)]
+    run: veil_benches::setup::Rounds,
+    #[command(flatten)]
+    dirs: veil_benches::setup::Dirs,
 }
 
 const LAB: &str = "# l7-bench: client on node-a, HTTP server on node-b.\n\
@@ -69,37 +64,16 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / hz)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     cleanup::reap_stale();
     let _guard = cleanup::install_signal_cleanup();
-    let bin_dir = match &args.bin_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("binary directory")?
-            .to_path_buf(),
-    };
-    let veil = bin_dir.join("veil");
-    let rr = bin_dir.join("veil-rr");
-    for b in [&veil, &rr, &bin_dir.join("veil-proxy")] {
-        if !b.exists() {
-            bail!(
-                "{} not found (cargo build --release --workspace --bins)",
-                b.display()
-            );
-        }
-    }
-    let out_dir = args
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results"));
-    std::fs::create_dir_all(&out_dir)?;
+    let bin_dir = veil_benches::setup::release_bins(
+        args.dirs.bin_dir.as_deref(),
+        &["veil", "veil-rr", "veil-proxy"],
+    )?;
+    let (veil, rr) = (bin_dir.join("veil"), bin_dir.join("veil-rr"));
+    let out_dir = veil_benches::setup::results_dir(args.dirs.out_dir.as_deref())?;
     let file = std::env::temp_dir().join("l7-bench.yaml");
     std::fs::write(&file, LAB)?;
     cleanup::register_file(&file);
@@ -119,9 +93,9 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     };
     let rr_s = rr.display().to_string();
-    let secs = args.seconds.to_string();
+    let secs = args.run.seconds.to_string();
     let mut samples = Vec::new();
-    for round in 0..args.rounds {
+    for round in 0..args.run.rounds {
         // Each round starts with the other path.
         for k in 0..2 {
             let l7 = (round + k) % 2 == 1;
@@ -222,8 +196,8 @@ fn main() -> anyhow::Result<()> {
     );
     println!("{table}");
     let json = serde_json::json!({
-        "seconds": args.seconds,
-        "rounds": args.rounds,
+        "seconds": args.run.seconds,
+        "rounds": args.run.rounds,
         "samples": samples,
         "table_md": table,
     });

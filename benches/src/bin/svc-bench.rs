@@ -14,14 +14,14 @@
 use std::{
     fmt::Write as _,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use serde::Serialize;
-use veil_benches::{cleanup, lab::Lab, rr::RrResult};
+use veil_benches::{cleanup, lab::Lab, report::median_or_nan as median, rr::RrResult};
 
 #[derive(Parser, Debug)]
 #[command(about = "Services at the socket vs pod IP vs kube-proxy iptables rules")]
@@ -29,18 +29,10 @@ struct Args {
     /// Service-port counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "10,10000")]
     sizes: Vec<usize>,
-    /// Interleaved rounds per size (each starting with the next target).
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 4.0)]
-    seconds: f64,
-    /// Directory with the release binaries (default: next to this one).
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    /// Where to write services.json.
-    #[arg(long)]
-    out_dir: Option<PathBuf>,
+    #[command(flatten)]
+    run: veil_benches::setup::Rounds,
+    #[command(flatten)]
+    dirs: veil_benches::setup::Dirs,
 }
 
 /// The server's port and the Service ports' first number.
@@ -161,37 +153,14 @@ fn run_client(
     serde_json::from_str(out.trim()).with_context(|| format!("veil-rr client said {out:?}"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     cleanup::reap_stale();
     let _guard = cleanup::install_signal_cleanup();
-    let bin_dir = match &args.bin_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("binary directory")?
-            .to_path_buf(),
-    };
-    let veil = bin_dir.join("veil");
-    let rr = bin_dir.join("veil-rr");
-    for b in [&veil, &rr] {
-        if !b.exists() {
-            bail!(
-                "{} not found (cargo build --release --workspace --bins)",
-                b.display()
-            );
-        }
-    }
-    let out_dir = args
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results"));
-    std::fs::create_dir_all(&out_dir)?;
+    let bin_dir =
+        veil_benches::setup::release_bins(args.dirs.bin_dir.as_deref(), &["veil", "veil-rr"])?;
+    let (veil, rr) = (bin_dir.join("veil"), bin_dir.join("veil-rr"));
+    let out_dir = veil_benches::setup::results_dir(args.dirs.out_dir.as_deref())?;
     let mut samples: Vec<Sample> = Vec::new();
     let mut setup: Vec<(usize, f64)> = Vec::new();
     for &size in &args.sizes {
@@ -244,7 +213,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!(
             "svc-bench: {size} Service ports, lab up in {up_s:.1} s; clusterip {cluster_ip}:{cluster_port}, iptables {vip}:{vport} (rule {size} of {size})"
         );
-        for round in 0..args.rounds {
+        for round in 0..args.run.rounds {
             // Each round starts with another target, so no target always follows the same one
             // (a CRR run leaves thousands of conntrack entries behind it).
             for k in 0..targets.len() {
@@ -255,7 +224,7 @@ fn main() -> anyhow::Result<()> {
                     nat(&client_netns, &rules)?;
                 }
                 for (mode, crr) in [("rr", false), ("crr", true)] {
-                    let result = run_client(&lab, &rr, addr, crr, args.seconds)?;
+                    let result = run_client(&lab, &rr, addr, crr, args.run.seconds)?;
                     samples.push(Sample {
                         size,
                         target,
@@ -308,8 +277,8 @@ fn main() -> anyhow::Result<()> {
         println!("lab up with {size} Service ports: {up:.1} s");
     }
     let json = serde_json::json!({
-        "seconds": args.seconds,
-        "rounds": args.rounds,
+        "seconds": args.run.seconds,
+        "rounds": args.run.rounds,
         "lab_up_seconds": setup.iter().map(|(s, t)| serde_json::json!({"service_ports": s, "seconds": t})).collect::<Vec<_>>(),
         "samples": samples,
         "table_md": table,
