@@ -264,7 +264,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     );
 
     // `veil policy` goes through the API in this mode: applied, reported per node from the
-    // policy's status, listed, deleted; one veil cannot enforce (L7) is reported refused.
+    // policy's status, listed, deleted; one veil cannot enforce (a bad HTTP rule) is reported refused.
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
     let out = veil_tests::veil_ok(&[
         "policy",
@@ -282,20 +282,25 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     }
     let list = veil_tests::veil_ok(&["policy", "list", "--name", &lab.name]);
     assert!(list.contains("shop/backend-from-frontend"), "{list}");
+    // An HTTP rule whose path is not a regular expression.
+    let bad = std::fs::read_to_string(examples.join("frontend-to-backend-l7.yaml"))
+        .expect("example")
+        .replace("/api/products", "/api/[");
+    let bad = veil_tests::TempFile::new(&format!("{}-bad-l7.yaml", lab.name), bad);
     let l7 = veil_tests::veil(&[
         "policy",
         "apply",
         "--name",
         &lab.name,
         "-f",
-        examples
-            .join("frontend-to-backend-l7.yaml")
-            .to_str()
-            .unwrap(),
+        bad.path.to_str().unwrap(),
     ]);
     // Refused before anything is sent, as in files mode (the same validation).
     let l7_err = String::from_utf8_lossy(&l7.stderr);
-    assert!(!l7.status.success() && l7_err.contains("http"), "{l7_err}");
+    assert!(
+        !l7.status.success() && l7_err.contains("rules.http[0].path"),
+        "{l7_err}"
+    );
     veil_tests::veil_ok(&[
         "policy",
         "delete",

@@ -415,11 +415,11 @@ fn kubernetes_source_follows_nodes_pods_identities_keys_and_policies_on_a_real_a
             .await;
         }
 
-        // A version veil cannot enforce (L7 rules) is refused in the status; the accepted
-        // version stays in force.
+        // A version veil cannot enforce (an HTTP rule whose path is not a regular expression)
+        // is refused in the status; the accepted version stays in force.
         let l7 = policy.replacen(
             "    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n",
-            "    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n",
+            "    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n      rules:\n        http:\n        - method: GET\n          path: \"/api/[\"\n",
             1,
         );
         assert_ne!(l7, policy, "the L7 edit applies to the example");

@@ -28,7 +28,7 @@
 //!   node still uses; an agent that still needs a deleted one recreates it under the same
 //!   number.
 //! - **Policies**: each CNP/CCNP is parsed with the same strict parser as `veil policy apply`;
-//!   one veil cannot enforce (`rules.http` until the L7 proxy exists) is refused and the
+//!   one veil cannot enforce (e.g. an HTTP rule whose path does not compile) is refused and the
 //!   previous accepted version of it stays in force. Each agent writes its verdict into the
 //!   policy's `status.nodes.<node>` (as Cilium does).
 
@@ -1216,10 +1216,13 @@ mod tests {
         let p = policy_from("CiliumNetworkPolicy", &object(base.clone())).unwrap();
         assert_eq!(p.name(), PolicyName::new("shop", "p"));
         assert!(p.metadata.annotations.is_empty());
+        // HTTP rules are enforced (the L7 proxy); one that cannot compile is refused, named.
         let mut l7 = base;
         l7["spec"]["ingress"][0]["toPorts"] = json!([{"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": [{"method": "GET"}]}}]);
+        policy_from("CiliumNetworkPolicy", &object(l7.clone())).unwrap();
+        l7["spec"]["ingress"][0]["toPorts"][0]["rules"]["http"][0]["path"] = json!("/api/[");
         let e = policy_from("CiliumNetworkPolicy", &object(l7)).unwrap_err();
-        assert!(e.contains("rules.http"), "{e}");
+        assert!(e.contains("rules.http[0].path"), "{e}");
     }
 
     #[test]
