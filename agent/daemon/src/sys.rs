@@ -281,6 +281,14 @@ pub fn cgroup_remove_tree(path: &Path) -> Result<()> {
     removed(std::fs::remove_dir(path), "cannot remove cgroup", path)
 }
 
+/// A binary shipped beside the running one (veil-wg, veil-proxy), else `name` on the PATH.
+pub fn sibling_binary(name: &str) -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| name.into())
+}
+
 /// Where a spawned daemon runs.
 pub struct Placement<'a> {
     pub netns: Option<&'a str>,

@@ -213,7 +213,10 @@ impl NodeTunnel {
             Box::new(k)
         } else {
             let launch = UserspaceLaunch {
-                binary: cfg.wg_binary.clone().unwrap_or_else(default_wg_binary),
+                binary: cfg
+                    .wg_binary
+                    .clone()
+                    .unwrap_or_else(|| crate::sys::sibling_binary("veil-wg")),
                 log: cfg
                     .wg_log
                     .clone()
@@ -612,13 +615,6 @@ fn plan_peers(input: &PlanInput<'_>) -> PeerPlan {
         }
     }
     plan
-}
-
-fn default_wg_binary() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("veil-wg")))
-        .unwrap_or_else(|| PathBuf::from("veil-wg"))
 }
 
 /// `ip route replace CIDR dev IF`: idempotent.

@@ -419,12 +419,10 @@ impl Agent {
 /// How to start this node's veil-proxy.
 fn proxy_launch(cfg: &Config) -> crate::l7::supervisor::Launch {
     crate::l7::supervisor::Launch {
-        binary: cfg.proxy_binary.clone().unwrap_or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(|d| d.join("veil-proxy")))
-                .unwrap_or_else(|| "veil-proxy".into())
-        }),
+        binary: cfg
+            .proxy_binary
+            .clone()
+            .unwrap_or_else(|| crate::sys::sibling_binary("veil-proxy")),
         log: cfg
             .proxy_log
             .clone()
