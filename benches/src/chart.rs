@@ -22,7 +22,7 @@ pub const SERIES_COLORS: [RGBColor; 4] = [
     RGBColor(0x8c, 0x8c, 0x8c), // plaintext: grey
     RGBColor(0x2b, 0x6c, 0xb0), // veil: blue
     RGBColor(0xd9, 0x7a, 0x1e), // boringtun-cli: orange
-    RGBColor(0x4a, 0xa5, 0x5a),
+    RGBColor(0x4a, 0xa5, 0x5a), // wireguard-go: green
 ];
 
 fn glyph(c: char) -> [u8; 8] {

@@ -1,9 +1,10 @@
-//! The three contenders, client beside node-a → server beside node-b: plaintext (the `client`
+//! The four contenders, client beside node-a → server beside node-b: plaintext (the `client`
 //! and `server` pods of a lab with `encryption: off`, pod CIDRs routed over the underlay),
-//! veil's userspace backend (the same pods in a lab with encryption on), and boringtun-cli 0.7.1
-//! running in the node namespaces of the plaintext lab, configured with `wg set`, between two
-//! endpoint namespaces of its own (see `BT_ENDS`). Each run is checked against its path's byte
-//! counters, and the tunnels' UDP sockets are given the same buffers (`sockets`).
+//! veil's userspace backend (the same pods in a lab with encryption on), and two reference
+//! userspace WireGuards, boringtun-cli 0.7.1 and wireguard-go, each running in the node
+//! namespaces of the plaintext lab, configured with `wg set`, between two endpoint namespaces of
+//! its own (see [`RefSpec`]). Each run is checked against its path's byte counters, and the
+//! tunnels' UDP sockets are given the same buffers (`sockets`).
 
 use std::{
     path::{Path, PathBuf},
@@ -24,16 +25,32 @@ pub enum Contender {
     Plaintext,
     Veil,
     Boringtun,
+    WireguardGo,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 3] = [Contender::Plaintext, Contender::Veil, Contender::Boringtun];
+    pub const ALL: [Contender; 4] = [
+        Contender::Plaintext,
+        Contender::Veil,
+        Contender::Boringtun,
+        Contender::WireguardGo,
+    ];
 
     pub fn key(self) -> &'static str {
         match self {
             Contender::Plaintext => "plaintext",
             Contender::Veil => "veil",
             Contender::Boringtun => "boringtun-cli",
+            Contender::WireguardGo => "wireguard-go",
+        }
+    }
+
+    /// How a reference WireGuard runs beside the plaintext lab; None for plaintext and veil.
+    pub fn reference(self) -> Option<&'static RefSpec> {
+        match self {
+            Contender::Boringtun => Some(&BORINGTUN),
+            Contender::WireguardGo => Some(&WIREGUARD_GO),
+            Contender::Plaintext | Contender::Veil => None,
         }
     }
 }
@@ -42,28 +59,53 @@ pub const CLIENT: &str = "client";
 pub const SERVER: &str = "server";
 const NODE_A: &str = "node-a";
 const NODE_B: &str = "node-b";
-const BT_PORT: u16 = 51830;
 
-/// boringtun-cli's two endpoints: a namespace beside each node of the plaintext lab, joined to
-/// it by a veth (no veil program on it). Not lab pods: veil's datapath in the plaintext lab
-/// tracks connections only on the ways it knows (a pod, the underlay, its own tunnel), so a SYN
-/// that reached a pod out of boringtun-cli's TUN left no conntrack entry and the pod's SYN-ACK
-/// was dropped `tcp-not-established` (since 22e2539): boringtun-cli carried no TCP at all.
-const BT_ENDS: [(&str, &str, &str); 2] = [
-    // (netns, address, the /24 routed to it)
-    ("vbbt-client", "10.99.1.10", "10.99.1.0/24"),
-    ("vbbt-server", "10.99.2.10", "10.99.2.0/24"),
-];
-/// The endpoint's gateway, on the node side of its veth (like the lab's pod gateway).
-const BT_GATEWAY: &str = "169.254.1.1";
-/// The node side of an endpoint's veth.
-const BT_HOST_VETH: &str = "vbbt0";
+/// A reference WireGuard's place beside the plaintext lab: its listen port, interface name
+/// suffix, and two endpoint namespaces, one beside each node, joined to it by a veth (no veil
+/// program on it). Not lab pods: veil's datapath in the plaintext lab tracks connections only
+/// on the ways it knows (a pod, the underlay, its own tunnel), so a SYN that reached a pod out
+/// of a reference tunnel's TUN left no conntrack entry and the pod's SYN-ACK was dropped
+/// `tcp-not-established` (since 22e2539): boringtun-cli carried no TCP at all. Both references
+/// run at once, so each has its own port, namespaces, addresses (unused node numbers of the
+/// lab's 198.19.N.0/24 pod ranges) and node-side veth.
+pub struct RefSpec {
+    port: u16,
+    /// Interface `<lab>-<suffix><i>` on node i.
+    suffix: &'static str,
+    /// (netns, address, the /24 routed to it): client end, server end.
+    ends: [(&'static str, &'static str, &'static str); 2],
+    /// The node side of an endpoint's veth.
+    host_veth: &'static str,
+}
+
+const BORINGTUN: RefSpec = RefSpec {
+    port: 51830,
+    suffix: "bt",
+    ends: [
+        ("vbbt-client", "198.19.201.10", "198.19.201.0/24"),
+        ("vbbt-server", "198.19.202.10", "198.19.202.0/24"),
+    ],
+    host_veth: "vbbt0",
+};
+
+const WIREGUARD_GO: RefSpec = RefSpec {
+    port: 51831,
+    suffix: "wg",
+    ends: [
+        ("vbwg-client", "198.19.203.10", "198.19.203.0/24"),
+        ("vbwg-server", "198.19.204.10", "198.19.204.0/24"),
+    ],
+    host_veth: "vbwg0",
+};
+
+/// An endpoint's gateway, on the node side of its veth (like the lab's pod gateway).
+const ENDPOINT_GATEWAY: &str = "169.254.1.1";
 
 /// Where a contender's client and server run.
 pub enum Ends<'a> {
     /// The lab's `client` and `server` pods (`veil lab exec`).
     Pods(&'a Lab),
-    /// boringtun-cli's endpoint namespaces (`ip netns exec`).
+    /// A reference WireGuard's endpoint namespaces (`ip netns exec`).
     Netns {
         client: String,
         server: String,
@@ -124,13 +166,15 @@ impl Ends<'_> {
     }
 }
 
-/// boringtun-cli on both nodes of the plaintext lab.
-pub struct Boringtun {
+/// A reference WireGuard on both nodes of the plaintext lab.
+pub struct RefTunnel {
+    pub contender: Contender,
+    spec: &'static RefSpec,
     /// (node netns, interface, child) per node.
     ends: Vec<(String, String, Child)>,
 }
 
-impl Boringtun {
+impl RefTunnel {
     pub fn pids(&self) -> Vec<u32> {
         self.ends.iter().map(|(_, _, c)| c.id()).collect()
     }
@@ -146,9 +190,9 @@ impl Boringtun {
     /// Its client and server ends.
     pub fn endpoints(&self) -> Ends<'static> {
         Ends::Netns {
-            client: BT_ENDS[0].0.into(),
-            server: BT_ENDS[1].0.into(),
-            server_ip: BT_ENDS[1].1.into(),
+            client: self.spec.ends[0].0.into(),
+            server: self.spec.ends[1].0.into(),
+            server_ip: self.spec.ends[1].1.into(),
         }
     }
 
@@ -157,7 +201,7 @@ impl Boringtun {
             cleanup::stop(child);
             let _ = std::fs::remove_file(format!("/var/run/wireguard/{iface}.sock"));
         }
-        for (ns, _, _) in BT_ENDS {
+        for (ns, _, _) in self.spec.ends {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
@@ -199,8 +243,15 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An endpoint namespace joined to `node_netns` by a veth of `mtu`, reachable at `addr`.
-fn add_endpoint(ns: &str, addr: &str, node_netns: &str, mtu: &str) -> anyhow::Result<()> {
+/// An endpoint namespace joined to `node_netns` by a veth of `mtu` (node side `host_veth`),
+/// reachable at `addr`.
+fn add_endpoint(
+    ns: &str,
+    addr: &str,
+    host_veth: &str,
+    node_netns: &str,
+    mtu: &str,
+) -> anyhow::Result<()> {
     // A namespace of this name left by a run killed with SIGKILL goes first.
     let _ = Command::new("ip")
         .args(["netns", "del", ns])
@@ -220,7 +271,7 @@ fn add_endpoint(ns: &str, addr: &str, node_netns: &str, mtu: &str) -> anyhow::Re
         "veth",
         "peer",
         "name",
-        BT_HOST_VETH,
+        host_veth,
         "mtu",
         mtu,
         "netns",
@@ -230,9 +281,9 @@ fn add_endpoint(ns: &str, addr: &str, node_netns: &str, mtu: &str) -> anyhow::Re
         &["link", "set", "lo", "up"][..],
         &["addr", "add", &format!("{addr}/32"), "dev", "eth0"],
         &["link", "set", "eth0", "up"],
-        &["route", "add", BT_GATEWAY, "dev", "eth0", "scope", "link"],
+        &["route", "add", ENDPOINT_GATEWAY, "dev", "eth0", "scope", "link"],
         &[
-            "route", "add", "default", "via", BT_GATEWAY, "dev", "eth0", "src", addr,
+            "route", "add", "default", "via", ENDPOINT_GATEWAY, "dev", "eth0", "src", addr,
         ],
     ] {
         ip(&[&["-n", ns][..], a].concat())?;
@@ -241,19 +292,19 @@ fn add_endpoint(ns: &str, addr: &str, node_netns: &str, mtu: &str) -> anyhow::Re
         &[
             "addr",
             "add",
-            &format!("{BT_GATEWAY}/32"),
+            &format!("{ENDPOINT_GATEWAY}/32"),
             "dev",
-            BT_HOST_VETH,
+            host_veth,
         ][..],
-        &["link", "set", BT_HOST_VETH, "up"],
+        &["link", "set", host_veth, "up"],
         &[
             "route",
             "add",
             &format!("{addr}/32"),
             "dev",
-            BT_HOST_VETH,
+            host_veth,
             "src",
-            BT_GATEWAY,
+            ENDPOINT_GATEWAY,
         ],
     ] {
         ip(&[&["-n", node_netns][..], a].concat())?;
@@ -261,38 +312,63 @@ fn add_endpoint(ns: &str, addr: &str, node_netns: &str, mtu: &str) -> anyhow::Re
     Ok(())
 }
 
-/// Starts boringtun-cli in both node netns of `lab`, configured like a 2-node mesh, carrying
-/// traffic between its two endpoint namespaces.
-pub fn start_boringtun(lab: &Lab, binary: &Path, state: &Path) -> anyhow::Result<Boringtun> {
+/// Starts a reference WireGuard (`contender`, from `binary`) in both node netns of `lab`,
+/// configured like a 2-node mesh, carrying traffic between its two endpoint namespaces.
+pub fn start_reference(
+    lab: &Lab,
+    contender: Contender,
+    binary: &Path,
+    state: &Path,
+) -> anyhow::Result<RefTunnel> {
+    let spec = contender
+        .reference()
+        .with_context(|| format!("{} is not a reference WireGuard", contender.key()))?;
     let nodes = [lab.node(NODE_A)?.clone(), lab.node(NODE_B)?.clone()];
     let mtu = lab.view.pod_mtu.unwrap_or(1440).to_string();
     let keys = [wg_genkey()?, wg_genkey()?];
     let mut ends = vec![];
     for (i, n) in nodes.iter().enumerate() {
         // UAPI sockets live in a host-wide directory: the name carries the lab name.
-        let iface = format!("{}-bt{}", lab.name(), i);
+        let iface = format!("{}-{}{}", lab.name(), spec.suffix, i);
         let sock = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
         cleanup::register_file(&sock);
         let log = state.join(format!("{iface}.log"));
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &n.netns])
-            .arg(binary)
-            .args(["--foreground", "--disable-drop-privileges", "--log"])
-            .arg(&log)
-            .arg(&iface)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args(["netns", "exec", &n.netns]).arg(binary);
+        match contender {
+            // In the foreground boringtun-cli logs only with `--log`.
+            Contender::Boringtun => {
+                cmd.args(["--foreground", "--disable-drop-privileges", "--log"])
+                    .arg(&log)
+                    .stdout(Stdio::null());
+            }
+            // wireguard-go in the foreground logs to stdout.
+            _ => {
+                cmd.arg("-f")
+                    .env("WG_PROCESS_FOREGROUND", "1")
+                    .stdout(std::fs::File::create(&log)?);
+                cleanup::register_file(&log);
+            }
+        }
+        cmd.arg(&iface).stdin(Stdio::null()).stderr(Stdio::null());
         let child = cleanup::spawn(&mut cmd)?;
         ends.push((n.netns.clone(), iface, child));
     }
-    let bt = Boringtun { ends };
+    let bt = RefTunnel {
+        contender,
+        spec,
+        ends,
+    };
     for (i, (netns, iface, _)) in bt.ends.iter().enumerate() {
         let sock = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
         let start = Instant::now();
         while !sock.exists() {
             if start.elapsed() > Duration::from_secs(10) {
-                bail!("boringtun-cli {iface} did not create {}", sock.display());
+                bail!(
+                    "{} {iface} did not create {}",
+                    contender.key(),
+                    sock.display()
+                );
             }
             // Poll interval of the wait for the UAPI socket.
             std::thread::sleep(Duration::from_millis(50));
@@ -304,20 +380,21 @@ pub fn start_boringtun(lab: &Lab, binary: &Path, state: &Path) -> anyhow::Result
         let status = Command::new("ip")
             .args(["netns", "exec", netns, "wg", "set", iface, "private-key"])
             .arg(&keyfile)
-            .args(["listen-port", &BT_PORT.to_string(), "peer", &keys[1 - i].1])
+            .args(["listen-port", &spec.port.to_string(), "peer", &keys[1 - i].1])
             .args([
                 "endpoint",
-                &format!("{}:{BT_PORT}", other.underlay_ip),
+                &format!("{}:{}", other.underlay_ip, spec.port),
                 "allowed-ips",
-                BT_ENDS[1 - i].2,
+                spec.ends[1 - i].2,
             ])
             .status()?;
         if !status.success() {
             bail!("wg set {iface} failed");
         }
         ip_in(netns, &["link", "set", iface, "mtu", &mtu, "up"])?;
-        add_endpoint(BT_ENDS[i].0, BT_ENDS[i].1, netns, &mtu)?;
-        ip_in(netns, &["route", "replace", BT_ENDS[1 - i].2, "dev", iface])?;
+        let (ns, addr, _) = spec.ends[i];
+        add_endpoint(ns, addr, spec.host_veth, netns, &mtu)?;
+        ip_in(netns, &["route", "replace", spec.ends[1 - i].2, "dev", iface])?;
     }
     Ok(bt)
 }
@@ -491,8 +568,8 @@ pub fn underlay_counters(lab: &Lab) -> anyhow::Result<PathCounters> {
     ]))
 }
 
-/// Counters of boringtun-cli's devices.
-pub fn boringtun_counters(bt: &Boringtun) -> PathCounters {
+/// Counters of a reference WireGuard's devices.
+pub fn reference_counters(bt: &RefTunnel) -> PathCounters {
     let i = bt.interfaces();
     PathCounters::Tunnel([i[0].clone(), i[1].clone()])
 }

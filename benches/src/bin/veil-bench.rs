@@ -21,7 +21,7 @@ use veil_benches::{
 };
 
 #[derive(Parser, Debug, serde::Serialize)]
-#[command(about = "veil vs plaintext vs boringtun-cli: throughput, latency, CPU, idle cost")]
+#[command(about = "veil vs plaintext vs boringtun-cli vs wireguard-go: throughput, latency, CPU, idle cost")]
 struct Args {
     /// Interleaved rounds (each runs every test for every contender once).
     #[arg(long, default_value_t = 5)]
@@ -47,6 +47,9 @@ struct Args {
     /// boringtun-cli binary (default: cargo install 0.7.1 into the cache once).
     #[arg(long)]
     boringtun: Option<PathBuf>,
+    /// wireguard-go binary (default: the one scripts/setup.sh builds, in ~/.cache/veil/bin).
+    #[arg(long)]
+    wireguard_go: Option<PathBuf>,
     /// Lab file for both labs (2 nodes, 10 pods; `client` on node-a, `server` on node-b).
     #[arg(long)]
     lab_file: Option<PathBuf>,
@@ -56,14 +59,15 @@ struct Args {
     /// Replace the block between the bench markers in benches/README.md with this run.
     #[arg(long)]
     update_readme: bool,
-    /// Only the contenders named (plaintext, veil, boringtun-cli), for profiling sessions.
+    /// Only the contenders named (plaintext, veil, boringtun-cli, wireguard-go), for profiling
+    /// sessions.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Skip the idle measurement.
     #[arg(long)]
     skip_idle: bool,
-    /// Only these tests (tcp1, tcp2, rr), for profiling sessions.
-    #[arg(long, value_delimiter = ',', default_value = "tcp1,tcp2,rr")]
+    /// Only these tests (tcp1, tcp2, tcp4, rr), for profiling sessions.
+    #[arg(long, value_delimiter = ',', default_value = "tcp1,tcp2,tcp4,rr")]
     tests: Vec<String>,
     /// Leave boringtun-cli's UDP sockets at the netns defaults instead of veil-wg's buffers
     /// (to reproduce the earlier, unequal runs; not for published numbers).
@@ -84,10 +88,11 @@ const VEIL_WG_BUFFERS: Buffers = Buffers {
 
 /// The UDP socket buffers every tunnel contender runs with: veil-wg's own. boringtun-cli (no
 /// option for it) starts with the netns defaults (`net.core.rmem_default`/`wmem_default`,
-/// 208 KiB, not writable from a lab netns here) and gets veil-wg's through `pidfd_getfd`.
+/// 208 KiB, not writable from a lab netns here), wireguard-go with its own 7 MiB; both get
+/// veil-wg's through `pidfd_getfd`.
 fn equalize_socket_buffers(
     veil_wg: &[u32],
-    boringtun: &[u32],
+    references: &[(&'static str, Vec<u32>)],
 ) -> anyhow::Result<serde_json::Value> {
     for &pid in veil_wg {
         let b = sockets::uniform_udp_buffers(pid)?;
@@ -95,20 +100,19 @@ fn equalize_socket_buffers(
             bail!("veil-wg (pid {pid}) runs with {b}, not the {VEIL_WG_BUFFERS} this harness gives boringtun-cli: update VEIL_WG_BUFFERS");
         }
     }
-    let mut before = vec![];
-    for &pid in boringtun {
-        let b = sockets::set_udp_buffers(pid, VEIL_WG_BUFFERS)?;
-        eprintln!(
-            "boringtun-cli pid {pid}: {} UDP sockets from {} to {VEIL_WG_BUFFERS} (veil-wg's)",
-            b.len(),
-            b[0]
-        );
-        before.push(b[0]);
+    let mut json = serde_json::json!({ "every_tunnel_socket": VEIL_WG_BUFFERS });
+    for (name, pids) in references {
+        for &pid in pids {
+            let b = sockets::set_udp_buffers(pid, VEIL_WG_BUFFERS)?;
+            eprintln!(
+                "{name} pid {pid}: {} UDP sockets from {} to {VEIL_WG_BUFFERS} (veil-wg's)",
+                b.len(),
+                b[0]
+            );
+            json[format!("{name}_default")] = serde_json::json!(b[0]);
+        }
     }
-    Ok(serde_json::json!({
-        "every_tunnel_socket": VEIL_WG_BUFFERS,
-        "boringtun_cli_default": before.first(),
-    }))
+    Ok(json)
 }
 
 /// Refuses a run whose bytes did not cross the contender's own path: in each direction with a
@@ -253,24 +257,35 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .filter(|c| args.only.is_empty() || args.only.iter().any(|o| o == c.key()))
         .collect();
-    let boringtun_bin = if contenders.contains(&Contender::Boringtun) {
-        Some(match &args.boringtun {
-            Some(b) => b.clone(),
-            None => setup::ensure_boringtun(&setup::cache_dir())?,
-        })
-    } else {
-        None
-    };
+    // The reference WireGuards this run compares with, and their binaries.
+    let mut reference_bins = vec![];
+    for &c in contenders.iter().filter(|c| c.reference().is_some()) {
+        let bin = match c {
+            Contender::Boringtun => match &args.boringtun {
+                Some(b) => b.clone(),
+                None => setup::ensure_boringtun(&setup::cache_dir())?,
+            },
+            _ => match &args.wireguard_go {
+                Some(b) => b.clone(),
+                None => veil_agent::lab::spire_real::tool("wireguard-go").map_err(|_| {
+                    anyhow::anyhow!(
+                        "wireguard-go not found in $VEIL_TOOLS_BIN or ~/.cache/veil/bin: run scripts/setup.sh (it builds it), or pass --wireguard-go"
+                    )
+                })?,
+            },
+        };
+        reference_bins.push((c, bin));
+    }
 
     let date = date_utc();
     let machine = setup::machine();
     eprintln!("veil-bench: {date}, {machine}");
 
-    // Labs: one with encryption off (plaintext, and boringtun-cli on its node namespaces), one
-    // with veil's userspace backend. Both stay up for the whole run.
+    // Labs: one with encryption off (plaintext, and the reference WireGuards on its node
+    // namespaces), one with veil's userspace backend. Both stay up for the whole run.
     let need_plain = contenders
         .iter()
-        .any(|c| matches!(c, Contender::Plaintext | Contender::Boringtun));
+        .any(|c| *c == Contender::Plaintext || c.reference().is_some());
     let need_veil = contenders.contains(&Contender::Veil) || !args.skip_idle;
     // A lab with the benchmark's servers running in its pods.
     let serving_lab = |name: &str, what: &str, up_args: &[&str]| -> anyhow::Result<Lab> {
@@ -291,14 +306,15 @@ fn main() -> anyhow::Result<()> {
             )
         })
         .transpose()?;
-    let bt = match (&plain, &boringtun_bin) {
-        (Some(p), Some(bin)) => {
-            let bt = contender::start_boringtun(p, bin, &state)?;
-            measure::start_servers(&bt.endpoints(), &rr_bin)?;
-            Some(bt)
+    let mut refs = vec![];
+    if let Some(p) = &plain {
+        for (c, bin) in &reference_bins {
+            let t = contender::start_reference(p, *c, bin, &state)?;
+            measure::start_servers(&t.endpoints(), &rr_bin)?;
+            refs.push(t);
         }
-        _ => None,
-    };
+    }
+    let reference = |c: Contender| refs.iter().find(|t| t.contender == c);
     let veil_wg = match &veil_lab {
         Some(l) => contender::veil_wg_pids(l)?,
         None => vec![],
@@ -316,9 +332,12 @@ fn main() -> anyhow::Result<()> {
         for (i, pid) in veil_wg.iter().enumerate() {
             procs_list.push((format!("veil-wg node-{}", ["a", "b"][i]), *pid));
         }
-        if let Some(bt) = &bt {
-            for (i, pid) in bt.pids().into_iter().enumerate() {
-                procs_list.push((format!("boringtun-cli node-{} (ref.)", ["a", "b"][i]), pid));
+        for t in &refs {
+            for (i, pid) in t.pids().into_iter().enumerate() {
+                procs_list.push((
+                    format!("{} node-{} (ref.)", t.contender.key(), ["a", "b"][i]),
+                    pid,
+                ));
             }
         }
         eprintln!(
@@ -333,19 +352,23 @@ fn main() -> anyhow::Result<()> {
     if let Some(p) = &plain {
         contender::warm_path(&Ends::Pods(p))?;
     }
-    if let Some(bt) = &bt {
-        contender::warm_path(&bt.endpoints())?;
+    for t in &refs {
+        contender::warm_path(&t.endpoints())?;
     }
     if let Some(v) = &veil_lab {
         contender::warm_path(&Ends::Pods(v))?;
     }
-    // boringtun-cli's sockets exist now (the connected one after its first handshake).
-    let bt_pids = bt.as_ref().map(|b| b.pids()).unwrap_or_default();
-    let socket_buffers = if args.boringtun_default_buffers {
-        serde_json::json!({ "boringtun_cli": "netns defaults (--boringtun-default-buffers)" })
-    } else {
-        equalize_socket_buffers(&veil_wg, &bt_pids)?
-    };
+    // The references' sockets exist now (the connected one after the first handshake).
+    let equalized: Vec<(&'static str, Vec<u32>)> = refs
+        .iter()
+        .filter(|t| !(args.boringtun_default_buffers && t.contender == Contender::Boringtun))
+        .map(|t| (t.contender.key(), t.pids()))
+        .collect();
+    let mut socket_buffers = equalize_socket_buffers(&veil_wg, &equalized)?;
+    if args.boringtun_default_buffers {
+        socket_buffers["boringtun-cli"] =
+            "netns defaults (--boringtun-default-buffers)".into();
+    }
 
     // Each contender: its ends, tunnel processes, path counters and node netns.
     struct Path<'a> {
@@ -365,13 +388,13 @@ fn main() -> anyhow::Result<()> {
                     netns: contender::node_netns(p)?,
                 }
             }
-            Contender::Boringtun => {
+            Contender::Boringtun | Contender::WireguardGo => {
                 let p = plain.as_ref().expect("plain lab");
-                let bt = bt.as_ref().expect("boringtun");
+                let t = reference(c).expect("reference tunnel started");
                 Path {
-                    ends: bt.endpoints(),
-                    pids: bt.pids(),
-                    counters: contender::boringtun_counters(bt),
+                    ends: t.endpoints(),
+                    pids: t.pids(),
+                    counters: contender::reference_counters(t),
                     netns: contender::node_netns(p)?,
                 }
             }
@@ -424,8 +447,12 @@ fn main() -> anyhow::Result<()> {
                     p.ends.server_out_of_order()?,
                 );
                 match test {
-                    "tcp1" | "tcp2" => {
-                        let streams = if test == "tcp1" { 1 } else { 2 };
+                    "tcp1" | "tcp2" | "tcp4" => {
+                        let streams = match test {
+                            "tcp1" => 1,
+                            "tcp2" => 2,
+                            _ => 4,
+                        };
                         let mut t = measure::iperf(&p.ends, streams, args.seconds, &p.pids)?;
                         let counted1 = p.counters.read()?;
                         t.path_bytes = counted1 - counted0;
@@ -448,10 +475,10 @@ fn main() -> anyhow::Result<()> {
                             t.device_tx_dropped,
                             t.server_out_of_order
                         );
-                        if streams == 1 {
-                            s.tcp1.push(t);
-                        } else {
-                            s.tcp2.push(t);
+                        match streams {
+                            1 => s.tcp1.push(t),
+                            2 => s.tcp2.push(t),
+                            _ => s.tcp4.push(t),
                         }
                     }
                     "rr" => {
@@ -482,7 +509,7 @@ fn main() -> anyhow::Result<()> {
                         );
                         s.rr.push(r);
                     }
-                    other => bail!("unknown test {other:?} (tcp1, tcp2, rr)"),
+                    other => bail!("unknown test {other:?} (tcp1, tcp2, tcp4, rr)"),
                 }
             }
         }
@@ -493,15 +520,15 @@ fn main() -> anyhow::Result<()> {
         let (rss, hwm) = procs::rss_bytes(*pid)?;
         after_load.push(serde_json::json!({"what": format!("veil-wg node-{}", ["a","b"][i]), "rss_mb": rss as f64/1e6, "peak_rss_mb": hwm as f64/1e6}));
     }
-    if let Some(bt) = &bt {
-        for (i, pid) in bt.pids().into_iter().enumerate() {
+    for t in &refs {
+        for (i, pid) in t.pids().into_iter().enumerate() {
             let (rss, hwm) = procs::rss_bytes(pid)?;
-            after_load.push(serde_json::json!({"what": format!("boringtun-cli node-{}", ["a","b"][i]), "rss_mb": rss as f64/1e6, "peak_rss_mb": hwm as f64/1e6}));
+            after_load.push(serde_json::json!({"what": format!("{} node-{}", t.contender.key(), ["a","b"][i]), "rss_mb": rss as f64/1e6, "peak_rss_mb": hwm as f64/1e6}));
         }
     }
 
-    if let Some(bt) = bt {
-        bt.stop();
+    for t in refs {
+        t.stop();
     }
     if let Some(p) = &plain {
         p.down();
@@ -558,7 +585,12 @@ fn main() -> anyhow::Result<()> {
     let json_path = out_dir.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
 
-    let series = ["plaintext", "veil (userspace)", "boringtun-cli 0.7.1"];
+    let series = [
+        "plaintext",
+        "veil (userspace)",
+        "boringtun-cli 0.7.1",
+        "wireguard-go",
+    ];
     let vals = |g: fn(&Medians) -> Option<f64>| -> Vec<Option<f64>> {
         Contender::ALL.iter().map(|c| g(&med[c.key()])).collect()
     };
@@ -574,7 +606,7 @@ fn main() -> anyhow::Result<()> {
             "Gbit/s, median",
             [
                 ("1 stream", |m| m.tcp1_gbit_per_s),
-                ("2 streams", |m| m.tcp2_gbit_per_s),
+                ("4 streams", |m| m.tcp4_gbit_per_s),
             ],
         ),
         (
@@ -608,7 +640,7 @@ fn main() -> anyhow::Result<()> {
     let png = out_dir.join("chart.png");
     chart::render(
         &png,
-        "veil vs plaintext vs boringtun-cli (2-node lab)",
+        "veil vs plaintext vs boringtun-cli vs wireguard-go (2-node lab)",
         &header,
         &series,
         &panels,
