@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The benchmark: veil vs plaintext vs boringtun-cli on a 2-node lab, interleaved, medians and
-# ratios against the targets; prints a table, writes benches/results/{results.json,chart.png,
-# results.md}. Sets up what it needs (scripts/setup.sh: iperf3, wireguard-tools, bpf-linker;
-# boringtun-cli 0.7.1 into ~/.cache/veil/bench once), and removes every lab, netns and process
-# it created, also on Ctrl-C. control-bench measures the control plane first, on its own lab.
-# Arguments go to veil-bench (--quick, --rounds N, --seconds N, --only veil,boringtun-cli,
+# The benchmark: veil vs plaintext vs boringtun-cli vs wireguard-go on a 2-node lab, interleaved,
+# medians and ratios against the targets; prints a table, writes benches/results/{results.json,
+# chart.png,results.md}. Sets up what it needs (scripts/setup.sh: iperf3, wireguard-tools,
+# bpf-linker, wireguard-go into ~/.cache/veil/bin; boringtun-cli 0.7.1 into ~/.cache/veil/bench
+# once), and removes every lab, netns and process it created, also on Ctrl-C. control-bench measures the control plane first, on its own lab.
+# Arguments go to veil-bench (--quick, --rounds N, --seconds N, --only veil,wireguard-go,
 # --update-readme); --help prints the options and runs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,8 @@ As root: runs scripts/setup.sh and scripts/preflight.sh, builds the release bina
 control-bench (control plane, its own 77-pod lab; writes benches/results/control.json),
 svc-bench (Services: ClusterIP vs pod IP vs iptables DNAT at 10 and 10,000 Service ports;
 writes benches/results/services.json), l7-bench (HTTP through the L7 proxy vs L4 policy only;
-writes benches/results/l7.json) and veil-bench (veil vs plaintext vs boringtun-cli; prints the table, writes
+writes benches/results/l7.json) and veil-bench (veil vs plaintext vs boringtun-cli vs
+wireguard-go; prints the table, writes
 benches/results/{results.json,chart.png,results.md}). Both carry this run's id, and veil-bench's
 target table uses control.json only if control-bench wrote it in this run.
 
@@ -29,9 +30,9 @@ veil-bench options (passed on):
   --rr-size B             request/response size in bytes (default 64)
   --idle-seconds N        idle window (default 60)
   --skip-idle             no idle measurement
-  --only LIST             contenders: plaintext,veil,boringtun-cli
-  --tests LIST            tcp1,tcp2,rr
-  --bin-dir DIR, --boringtun PATH, --lab-file PATH, --out-dir DIR
+  --only LIST             contenders: plaintext,veil,boringtun-cli,wireguard-go
+  --tests LIST            tcp1,tcp2,tcp4,rr
+  --bin-dir DIR, --boringtun PATH, --wireguard-go PATH, --lab-file PATH, --out-dir DIR
   --boringtun-default-buffers
                           leave boringtun-cli's UDP sockets at the netns defaults instead of
                           veil-wg's buffers (reproduces the earlier unequal runs)
