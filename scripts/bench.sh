@@ -67,7 +67,7 @@ cargo build --release --locked --workspace --bins
 # benches/results/control.json, which veil-bench's target table reads.
 target/release/control-bench
 # Services at the socket vs pod IP vs a kube-proxy iptables rule set, at 10 and 10,000 Service
-# ports (TCP_RR and TCP_CRR; writes benches/results/services.json).
+# ports (TCP_RR, TCP_CRR and HTTP keep-alive; writes benches/results/services.json).
 target/release/svc-bench
 # HTTP through the node's L7 proxy vs L4 policy only (keep-alive, requests/s, p50/p99, the
 # proxy's CPU per request; writes benches/results/l7.json).

@@ -260,30 +260,32 @@ fn add_endpoint(
     ip(&["netns", "add", ns])?;
     cleanup::register_netns(ns);
     ip(&[
-        "link",
-        "add",
-        "eth0",
-        "mtu",
-        mtu,
-        "netns",
-        ns,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        host_veth,
-        "mtu",
-        mtu,
-        "netns",
-        node_netns,
+        "link", "add", "eth0", "mtu", mtu, "netns", ns, "type", "veth", "peer", "name", host_veth,
+        "mtu", mtu, "netns", node_netns,
     ])?;
     for a in [
         &["link", "set", "lo", "up"][..],
         &["addr", "add", &format!("{addr}/32"), "dev", "eth0"],
         &["link", "set", "eth0", "up"],
-        &["route", "add", ENDPOINT_GATEWAY, "dev", "eth0", "scope", "link"],
         &[
-            "route", "add", "default", "via", ENDPOINT_GATEWAY, "dev", "eth0", "src", addr,
+            "route",
+            "add",
+            ENDPOINT_GATEWAY,
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ],
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            ENDPOINT_GATEWAY,
+            "dev",
+            "eth0",
+            "src",
+            addr,
         ],
     ] {
         ip(&[&["-n", ns][..], a].concat())?;
@@ -380,7 +382,12 @@ pub fn start_reference(
         let status = Command::new("ip")
             .args(["netns", "exec", netns, "wg", "set", iface, "private-key"])
             .arg(&keyfile)
-            .args(["listen-port", &spec.port.to_string(), "peer", &keys[1 - i].1])
+            .args([
+                "listen-port",
+                &spec.port.to_string(),
+                "peer",
+                &keys[1 - i].1,
+            ])
             .args([
                 "endpoint",
                 &format!("{}:{}", other.underlay_ip, spec.port),
@@ -394,7 +401,10 @@ pub fn start_reference(
         ip_in(netns, &["link", "set", iface, "mtu", &mtu, "up"])?;
         let (ns, addr, _) = spec.ends[i];
         add_endpoint(ns, addr, spec.host_veth, netns, &mtu)?;
-        ip_in(netns, &["route", "replace", spec.ends[1 - i].2, "dev", iface])?;
+        ip_in(
+            netns,
+            &["route", "replace", spec.ends[1 - i].2, "dev", iface],
+        )?;
     }
     Ok(bt)
 }

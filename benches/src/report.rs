@@ -765,8 +765,14 @@ mod tests {
         assert_eq!(find("throughput, 1 stream").met, Some(true));
         assert_eq!(find("RR 64 B p50: veil / plaintext").met, Some(false));
         // 3 / 4 Gbit/s against wireguard-go: missed; 50 / 40 µs p50: missed.
-        assert_eq!(find("throughput, 1 stream: veil / wireguard-go").measured, Some(0.75));
-        assert_eq!(find("throughput, 1 stream: veil / wireguard-go").met, Some(false));
+        assert_eq!(
+            find("throughput, 1 stream: veil / wireguard-go").measured,
+            Some(0.75)
+        );
+        assert_eq!(
+            find("throughput, 1 stream: veil / wireguard-go").met,
+            Some(false)
+        );
         assert_eq!(find("RR 64 B p50: veil / wireguard-go").met, Some(false));
         assert_eq!(find("idle: veil-wg CPU").met, None);
         assert_eq!(find("workload handshakes").met, None);

@@ -325,7 +325,10 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, u32> {
 /// A held packet is released by the agent once it believes the pair authenticated. The kernel's
 /// auth map decides, not the agent's belief: the packet passes only with a valid auth entry for
 /// the same triple that held it, and then creates the conntrack entry any admitted first packet
-/// creates (AUTH set), so its connection is re-checked and cut like any other.
+/// creates (AUTH set), so its connection is re-checked and cut like any other. A held SYN of a
+/// connection the policy sends to the L7 proxy is assigned to the proxy's listener here, as
+/// `admit` would have done (no listener: dropped `proxy-unavailable`), so releasing it never
+/// lets it pass beside the proxy.
 fn try_from_hold(ctx: &TcContext) -> Result<i32, u32> {
     let version = ctx.load::<u8>(0).map_err(|_| reason::TRUNCATED)? >> 4;
     let flow = match version {
@@ -366,31 +369,39 @@ fn try_from_hold(ctx: &TcContext) -> Result<i32, u32> {
     if flow.is_v6 {
         flags |= flow_flags::IPV6;
     }
+    let (src_identity, dst_identity) = if dir == direction::EGRESS {
+        (local, remote)
+    } else {
+        (remote, local)
+    };
+    let ev = EvBase {
+        src_identity,
+        dst_identity,
+        ifindex,
+        remote_node: node,
+        now,
+        cookie: 0,
+    };
     if !auth_valid(local, remote, node, now, false) {
-        let (src_identity, dst_identity) = if dir == direction::EGRESS {
-            (local, remote)
-        } else {
-            (remote, local)
-        };
-        let ev = EvBase {
-            src_identity,
-            dst_identity,
-            ifindex,
-            remote_node: node,
-            now,
-            cookie: 0,
-        };
         return Err(ev.dropped(&flow, reason::AUTH_REQUIRED, dir, flags));
+    }
+    let cfg = config()?;
+    let proxy = flow.protocol == IPPROTO_TCP
+        && decide(&cfg, local, remote, flow.dport, flow.protocol, dir).proxy;
+    if proxy && !assign_proxy(ctx, &cfg, &flow) {
+        return Err(ev.dropped(&flow, reason::PROXY_UNAVAILABLE, dir, flags));
     }
     let entry = CtEntry {
         last_seen_ns: now,
         src_identity: local,
         dst_identity: remote,
-        flags: ct,
+        flags: if proxy { ct | ct_flags::PROXY } else { ct },
         remote_node: node,
     };
     let _ = VEIL_CT.insert(&ct_key(&flow, false), &entry, 0);
-    if src_local {
+    if proxy {
+        set_mark(ctx, marks::TO_PROXY);
+    } else if src_local {
         set_from_pod(ctx);
     }
     Ok(TC_ACT_OK)
@@ -779,9 +790,8 @@ fn admit(
         } else if !authed {
             // No first-packet drop: hold the packet in the agent's hold device until the pair
             // is authenticated (the agent re-injects it, or drops and records it on timeout).
-            // Not a proxied connection: a released packet would pass beside the proxy; its SYN
-            // is dropped and retransmitted instead.
-            if cfg.hold_ifindex != 0 && ct & ct_flags::PROXY == 0 {
+            // A proxied connection's SYN too: `veil_from_hold` assigns it to the proxy.
+            if cfg.hold_ifindex != 0 {
                 // SAFETY: plain helper call.
                 return Ok(Some(unsafe { bpf_redirect(cfg.hold_ifindex, 0) } as i32));
             }

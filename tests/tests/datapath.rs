@@ -2134,5 +2134,29 @@ fn hold_release_checks_the_auth_map_and_tracks_the_connection() {
         let ct = n.dp.conntrack().unwrap();
         assert_eq!(ct.len(), 1, "{ct:?}");
         assert_eq!(ct[0].1.flags, ct_flags::EGRESS_OK | ct_flags::AUTH);
+
+        // A connection the policy sends to the L7 proxy: released only into the proxy's
+        // listener, never beside it. None listens on port 1 here, so it drops
+        // `proxy-unavailable` and tracks nothing.
+        let mut n = Node::new();
+        n.enforce(BE, direction::INGRESS, 0);
+        n.rule(
+            BE,
+            FE,
+            8080,
+            TCP,
+            direction::INGRESS,
+            policy_flags::ALLOW | policy_flags::AUTH_REQUIRED | policy_flags::L7,
+        );
+        n.set_config_flags(|c| c.proxy_port = 1);
+        n.auth(BE, FE, PEER, 60);
+        let syn = Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080);
+        n.expect(
+            &format!("{af:?} proxied, released without a proxy"),
+            At::Hold,
+            &syn,
+            dropped_ev(reason::PROXY_UNAVAILABLE, direction::INGRESS),
+        );
+        assert!(n.dp.conntrack().unwrap().is_empty(), "{af:?}");
     }
 }

@@ -248,6 +248,103 @@ fn ingress_rules_are_decided_at_the_servers_node_under_mutual_authentication() {
         .all(|r| r["src"]["pod"] != "intruder"));
 }
 
+/// The agents' control channel (TCP 4250) cut at node-b's underlay (`iptables` in node-b's
+/// netns), restored on drop, so also when an assertion fails.
+struct ControlChannelCut(String);
+
+impl ControlChannelCut {
+    const RULES: [[&'static str; 4]; 2] = [
+        ["--dport", "4250", "-j", "DROP"],
+        ["--sport", "4250", "-j", "DROP"],
+    ];
+
+    fn at(lab: &Lab, node: &str) -> ControlChannelCut {
+        let cut = ControlChannelCut(lab.node_netns(node));
+        for r in Self::RULES {
+            cut.iptables("-I", &r);
+        }
+        cut
+    }
+
+    fn iptables(&self, op: &str, rule: &[&str]) {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &self.0, "iptables", op, "INPUT", "-p", "tcp",
+            ])
+            .args(rule)
+            .output()
+            .expect("run iptables");
+        assert!(
+            out.status.success() || op == "-D",
+            "iptables {op} {rule:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for ControlChannelCut {
+    fn drop(&mut self) {
+        for r in Self::RULES {
+            self.iptables("-D", &r);
+        }
+    }
+}
+
+/// A proxied connection whose pair is not yet authenticated is held like any other (not
+/// dropped to wait for a SYN retransmit), and released into the proxy: node-b cannot reach
+/// node-a's agent when the policy comes into force, so the SYN of frontend's first request is
+/// certainly held; once the channel is back the pair authenticates, the SYN is released to
+/// node-b's proxy, and the request is decided there.
+#[test]
+fn a_held_l7_connection_is_released_into_the_proxy() {
+    let lab = Lab::up(&[]);
+    let url = format!("http://{}:8080/api/products", lab.pod_ip("backend"));
+    let cut = ControlChannelCut::at(&lab, "node-b");
+    lab.apply_policy_ok(INGRESS_L7_AUTH);
+    let before = lab.status("node-b").hold;
+    let client = lab
+        .command_in(
+            "frontend",
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+                "-w",
+                " %{http_code}",
+                &url,
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start curl in frontend");
+    lab.wait_for(
+        "node-b to hold frontend's SYN",
+        Duration::from_secs(10),
+        || (lab.status("node-b").hold.held > before.held).then_some(()),
+    );
+    drop(cut);
+    let out = client.wait_with_output().expect("curl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.ends_with(" 200"),
+        "the held request: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = lab.status("node-b").hold;
+    assert!(after.released > before.released, "{before:?} -> {after:?}");
+    // It was decided by node-b's proxy, as the authenticated frontend.
+    let recs = l7_records(&lab, "node-b");
+    assert!(
+        recs.iter().any(|r| r["l7"]["path"] == "/api/products"
+            && r["l7"]["status"] == 200
+            && r["direction"] == "ingress"
+            && r["src"]["pod"] == "frontend"),
+        "no proxied record of the held request at node-b: {recs:#?}"
+    );
+}
+
 #[test]
 fn proxy_death_fails_closed_for_l7_flows_only_and_the_agent_restarts_it() {
     let lab = Lab::up(&[]);
@@ -320,12 +417,15 @@ send([b"GET /api/products HTTP/1.1\r\n", b"X-A: 1\r\n"], pause=1)
 "#;
 
 /// Request smuggling from a pod: an allowed request framed by both Content-Length and
-/// Transfer-Encoding, with a denied request hidden after its chunked body. Prints every status
-/// line received until the proxy closes the connection.
+/// Transfer-Encoding (in the order of argv[2]: `cl-te` or `te-cl`), with a denied request hidden
+/// after its chunked body. Prints every status line received until the proxy closes the
+/// connection.
 const SMUGGLE: &str = r#"
 import socket, sys
+cl, te = b"Content-Length: 40\r\n", b"Transfer-Encoding: chunked\r\n"
+lengths = cl + te if sys.argv[2] == "cl-te" else te + cl
 s = socket.create_connection((sys.argv[1], 8080), timeout=15)
-s.sendall(b"GET /api/products HTTP/1.1\r\nHost: b\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: b\r\n\r\n")
+s.sendall(b"GET /api/products HTTP/1.1\r\nHost: b\r\n" + lengths + b"\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: b\r\n\r\n")
 data = b""
 while True:
     try:
@@ -357,15 +457,31 @@ fn hostile_requests_are_refused_and_never_reach_the_backend() {
     // None of them opened a connection to the backend.
     assert_eq!(arrivals(&lab), before, "a refused request reached node-b");
 
-    // Smuggling: Transfer-Encoding wins over Content-Length (RFC 9112 §6.3), the request is
-    // answered and the connection closed: the hidden `GET /admin` is never parsed, so it is
-    // neither decided nor forwarded.
-    let out = lab.exec_ok("frontend", &["python3", "-c", SMUGGLE, &backend]);
-    assert_eq!(out.trim(), "HTTP/1.1 200 OK", "smuggling: {out}");
+    // Smuggling, in both header orders (hyper drops the Content-Length either way; the proxy's
+    // framing watch sees it on the wire): 400 and the connection closed. The allowed request is
+    // not forwarded, and the hidden `GET /admin` is never parsed, so it is neither decided nor
+    // forwarded.
+    for order in ["cl-te", "te-cl"] {
+        let out = lab.exec_ok("frontend", &["python3", "-c", SMUGGLE, &backend, order]);
+        assert_eq!(
+            out.trim(),
+            "HTTP/1.1 400 Bad Request",
+            "smuggling {order}: {out}"
+        );
+    }
+    assert_eq!(arrivals(&lab), before, "a smuggling attempt reached node-b");
     let recs = l7_records(&lab, "node-a");
     assert!(
         recs.iter().all(|r| r["l7"]["path"] != "/admin"),
         "the smuggled request was seen: {recs:#?}"
+    );
+    let refused = recs
+        .iter()
+        .filter(|r| r["l7"]["status"] == 400 && r["l7"]["path"] == "/api/products")
+        .count();
+    assert!(
+        refused >= 2,
+        "no 400 records for the smuggling attempts: {recs:#?}"
     );
     // A good request still works (and does reach it).
     let ok = codes(

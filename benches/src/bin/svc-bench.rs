@@ -1,7 +1,9 @@
 //! `svc-bench`: Services at the socket against a pod IP and against a kube-proxy-style iptables
 //! rule set, on a real lab (files control plane, dev identities), at 10 and 10,000 Service
 //! ports. Per size, interleaved rounds of three targets from `client` (node-a) to `server`
-//! (node-b), each with TCP_RR (one connection) and TCP_CRR (a new connection per transaction):
+//! (node-b), each with TCP_RR (one connection), TCP_CRR (a new connection per transaction) and
+//! HTTP (keep-alive `GET`s to the lab's HTTP server on the server pod, through one more Service
+//! port, 80 → 8080, the last of the last Service, and one more iptables rule, the last):
 //! - `pod-ip`: the server pod's address, no translation;
 //! - `clusterip`: the last Service port of the lab, translated by veil's socket programs;
 //! - `iptables`: a virtual address DNATed by a kube-proxy iptables-mode rule set (`KUBE-SERVICES`
@@ -37,6 +39,9 @@ struct Args {
 
 /// The server's port and the Service ports' first number.
 const SERVER_PORT: u16 = 7001;
+/// The server pod's HTTP server (the lab's `serve: http`), and the Service port in front of it.
+const HTTP_PORT: u16 = 8080;
+const HTTP_SERVICE_PORT: u16 = 80;
 const FIRST_PORT: u16 = 1000;
 /// Ports per Service: the /20 service CIDR holds 4,086 ClusterIPs from .10, so 10,000 Service
 /// ports are 2,500 Services of 4 (kube-proxy writes one rule per Service port either way).
@@ -44,6 +49,9 @@ const PORTS_PER_SERVICE: usize = 4;
 /// Virtual addresses of the iptables rule set: outside the service CIDR, so veil's socket
 /// programs never see them as Services.
 const IPTABLES_VIP_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 64, 0);
+
+/// The tests of every target: TCP_RR, TCP_CRR, HTTP/1.1 keep-alive GETs.
+const MODES: [&str; 3] = ["rr", "crr", "http"];
 
 #[derive(Debug, Clone, Serialize)]
 struct Sample {
@@ -59,12 +67,12 @@ fn lab_file(services: usize) -> String {
         "# svc-bench: client on node-a, server on node-b, SERVICES Service ports on server.\n\
          identity: dev\nnodes: [{name: node-a}, {name: node-b}]\npods:\n\
          - {name: client, namespace: bench, node: node-a, labels: {app: client}}\n\
-         - {name: server, namespace: bench, node: node-b, labels: {app: server}}\nservices:\n",
+         - {name: server, namespace: bench, node: node-b, labels: {app: server}, serve: [{port: 8080, kind: http}]}\nservices:\n",
     );
     let count = services.div_ceil(PORTS_PER_SERVICE);
     for i in 0..count {
         let ports = PORTS_PER_SERVICE.min(services - i * PORTS_PER_SERVICE);
-        let list: Vec<String> = (0..ports)
+        let mut list: Vec<String> = (0..ports)
             .map(|k| {
                 format!(
                     "{{name: p{k}, port: {}, target_port: {SERVER_PORT}}}",
@@ -72,6 +80,11 @@ fn lab_file(services: usize) -> String {
                 )
             })
             .collect();
+        if i == count - 1 {
+            list.push(format!(
+                "{{name: http, port: {HTTP_SERVICE_PORT}, target_port: {HTTP_PORT}}}"
+            ));
+        }
         let _ = writeln!(
             s,
             "- {{name: s{i}, namespace: bench, selector: {{app: server}}, ports: [{}]}}",
@@ -81,14 +94,18 @@ fn lab_file(services: usize) -> String {
     s
 }
 
-/// kube-proxy's iptables-mode shape for `services` Service ports, all to `backend`.
-fn iptables_rules(services: usize, backend: &str) -> (String, Ipv4Addr, u16) {
+/// kube-proxy's iptables-mode shape for `services` Service ports, all to `backend`'s echo
+/// server, plus the HTTP port of the last Service (the last rule) to its HTTP server. The rule
+/// set, the last echo port's (address, port) and the HTTP port's.
+fn iptables_rules(services: usize, backend: &str) -> (String, (Ipv4Addr, u16), (Ipv4Addr, u16)) {
     let mut r = String::from("*nat\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n");
     let vip = |i: usize| {
         Ipv4Addr::from(u32::from(IPTABLES_VIP_BASE) + 1 + (i / PORTS_PER_SERVICE) as u32)
     };
     let port = |i: usize| FIRST_PORT + (i % PORTS_PER_SERVICE) as u16;
-    for i in 0..services {
+    // Rule `services` is the HTTP port, beside the last echo port's address.
+    let http_vip = vip(services - 1);
+    for i in 0..=services {
         let _ = writeln!(r, ":KUBE-SVC-{i} - [0:0]\n:KUBE-SEP-{i} - [0:0]");
     }
     r.push_str("-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
@@ -100,16 +117,25 @@ fn iptables_rules(services: usize, backend: &str) -> (String, Ipv4Addr, u16) {
             port(i)
         );
     }
-    for i in 0..services {
+    let _ = writeln!(
+        r,
+        "-A KUBE-SERVICES -d {http_vip}/32 -p tcp -m comment --comment \"bench/http\" -m tcp --dport {HTTP_SERVICE_PORT} -j KUBE-SVC-{services}"
+    );
+    for i in 0..=services {
+        let to = if i == services {
+            HTTP_PORT
+        } else {
+            SERVER_PORT
+        };
         let _ = writeln!(r, "-A KUBE-SVC-{i} -j KUBE-SEP-{i}");
         let _ = writeln!(
             r,
-            "-A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {backend}:{SERVER_PORT}"
+            "-A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {backend}:{to}"
         );
     }
     r.push_str("COMMIT\n");
     let last = services - 1;
-    (r, vip(last), port(last))
+    (r, (vip(last), port(last)), (http_vip, HTTP_SERVICE_PORT))
 }
 
 /// Replaces the client pod's nat table with `rules` (iptables-restore without --noflush: the
@@ -127,11 +153,12 @@ fn nat(netns: &str, rules: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One veil-rr client run: `mode` is `rr`, `crr` or `http`.
 fn run_client(
     lab: &Lab,
     rr: &Path,
     target: &str,
-    crr: bool,
+    mode: &str,
     seconds: f64,
 ) -> anyhow::Result<RrResult> {
     let secs = seconds.to_string();
@@ -146,8 +173,10 @@ fn run_client(
         "--warmup-seconds",
         "0.5",
     ];
-    if crr {
-        argv.push("--new-connections");
+    match mode {
+        "crr" => argv.push("--new-connections"),
+        "http" => argv.extend(["--http", "/"]),
+        _ => {}
     }
     let out = lab.exec("client", &argv)?;
     serde_json::from_str(out.trim()).with_context(|| format!("veil-rr client said {out:?}"))
@@ -199,32 +228,48 @@ fn main() -> anyhow::Result<()> {
             .as_str()
             .context("cluster_ip")?
             .to_string();
+        // The last echo port (the one before `http`).
         let cluster_port = last["ports"]
             .as_array()
-            .and_then(|p| p.last())
+            .and_then(|p| p.iter().rev().find(|p| p["port"] != HTTP_SERVICE_PORT))
             .and_then(|p| p["port"].as_u64())
             .context("ports")?;
-        let (rules, vip, vport) = iptables_rules(size, &server_ip);
-        let targets: [(&'static str, String); 3] = [
-            ("pod-ip", format!("{server_ip}:{SERVER_PORT}")),
-            ("clusterip", format!("{cluster_ip}:{cluster_port}")),
-            ("iptables", format!("{vip}:{vport}")),
+        let (rules, (vip, vport), (http_vip, http_vport)) = iptables_rules(size, &server_ip);
+        // (target, echo address, HTTP address)
+        let targets: [(&'static str, String, String); 3] = [
+            (
+                "pod-ip",
+                format!("{server_ip}:{SERVER_PORT}"),
+                format!("{server_ip}:{HTTP_PORT}"),
+            ),
+            (
+                "clusterip",
+                format!("{cluster_ip}:{cluster_port}"),
+                format!("{cluster_ip}:{HTTP_SERVICE_PORT}"),
+            ),
+            (
+                "iptables",
+                format!("{vip}:{vport}"),
+                format!("{http_vip}:{http_vport}"),
+            ),
         ];
         eprintln!(
-            "svc-bench: {size} Service ports, lab up in {up_s:.1} s; clusterip {cluster_ip}:{cluster_port}, iptables {vip}:{vport} (rule {size} of {size})"
+            "svc-bench: {size} Service ports, lab up in {up_s:.1} s; clusterip {cluster_ip}:{cluster_port} and :{HTTP_SERVICE_PORT}, iptables {vip}:{vport} (rule {size} of {}) and {http_vip}:{http_vport} (the last rule)",
+            size + 1
         );
         for round in 0..args.run.rounds {
             // Each round starts with another target, so no target always follows the same one
             // (a CRR run leaves thousands of conntrack entries behind it).
             for k in 0..targets.len() {
-                let (target, addr) = &targets[(round + k) % targets.len()];
+                let (target, addr, http_addr) = &targets[(round + k) % targets.len()];
                 // The rule set exists only while its target is measured: every new connection
                 // from the pod walks it, which a node running veil instead of kube-proxy does not.
                 if *target == "iptables" {
                     nat(&client_netns, &rules)?;
                 }
-                for (mode, crr) in [("rr", false), ("crr", true)] {
-                    let result = run_client(&lab, &rr, addr, crr, args.run.seconds)?;
+                for mode in MODES {
+                    let to = if mode == "http" { http_addr } else { addr };
+                    let result = run_client(&lab, &rr, to, mode, args.run.seconds)?;
                     samples.push(Sample {
                         size,
                         target,
@@ -240,12 +285,14 @@ fn main() -> anyhow::Result<()> {
         }
         lab.down();
     }
-    // Table: per size and mode, medians over rounds, and ratios to the pod IP.
+    // Table: per size and mode, medians over rounds, ratios of the medians to the pod IP's, and
+    // the median and range of the per-round ratios (each round measures every target within
+    // seconds of the others, so the machine's drift between rounds cancels out of them).
     let mut table = String::from(
-        "| Service ports | test | target | transactions/s | p50 µs | p99 µs | tps vs pod IP | p50 vs pod IP |\n|---:|---|---|---:|---:|---:|---:|---:|\n",
+        "| Service ports | test | target | transactions/s | p50 µs | p99 µs | tps vs pod IP | p50 vs pod IP | tps vs pod IP, per round: median (range) |\n|---:|---|---|---:|---:|---:|---:|---:|---|\n",
     );
     for &size in &args.sizes {
-        for mode in ["rr", "crr"] {
+        for mode in MODES {
             let med = |target: &str, f: &dyn Fn(&RrResult) -> f64| {
                 median(
                     samples
@@ -256,18 +303,44 @@ fn main() -> anyhow::Result<()> {
                 )
             };
             let tps = |r: &RrResult| r.transactions as f64 / r.seconds;
+            let per_round = |target: &str| -> Vec<f64> {
+                (0..args.run.rounds)
+                    .filter_map(|round| {
+                        let of = |t: &str| {
+                            samples
+                                .iter()
+                                .find(|s| {
+                                    s.size == size
+                                        && s.mode == mode
+                                        && s.target == t
+                                        && s.round == round
+                                })
+                                .map(|s| tps(&s.result))
+                        };
+                        Some(of(target)? / of("pod-ip")?)
+                    })
+                    .collect()
+            };
             let base_tps = med("pod-ip", &tps);
             let base_p50 = med("pod-ip", &|r| r.p50_us);
             for target in ["pod-ip", "clusterip", "iptables"] {
                 let t = med(target, &tps);
                 let p50 = med(target, &|r| r.p50_us);
+                let paired = per_round(target);
+                let lo = paired.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = paired.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let _ = writeln!(
                     table,
-                    "| {size} | {} | {target} | {t:.0} | {p50:.1} | {:.1} | {:.3}× | {:.3}× |",
-                    if mode == "rr" { "TCP_RR" } else { "TCP_CRR" },
+                    "| {size} | {} | {target} | {t:.0} | {p50:.1} | {:.1} | {:.3}× | {:.3}× | {:.3}× ({lo:.3}–{hi:.3}) |",
+                    match mode {
+                        "rr" => "TCP_RR",
+                        "crr" => "TCP_CRR",
+                        _ => "HTTP keep-alive",
+                    },
                     med(target, &|r| r.p99_us),
                     t / base_tps,
-                    p50 / base_p50
+                    p50 / base_p50,
+                    median(paired.clone())
                 );
             }
         }

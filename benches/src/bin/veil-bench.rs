@@ -21,7 +21,9 @@ use veil_benches::{
 };
 
 #[derive(Parser, Debug, serde::Serialize)]
-#[command(about = "veil vs plaintext vs boringtun-cli vs wireguard-go: throughput, latency, CPU, idle cost")]
+#[command(
+    about = "veil vs plaintext vs boringtun-cli vs wireguard-go: throughput, latency, CPU, idle cost"
+)]
 struct Args {
     /// Interleaved rounds (each runs every test for every contender once).
     #[arg(long, default_value_t = 5)]
@@ -366,8 +368,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let mut socket_buffers = equalize_socket_buffers(&veil_wg, &equalized)?;
     if args.boringtun_default_buffers {
-        socket_buffers["boringtun-cli"] =
-            "netns defaults (--boringtun-default-buffers)".into();
+        socket_buffers["boringtun-cli"] = "netns defaults (--boringtun-default-buffers)".into();
     }
 
     // Each contender: its ends, tunnel processes, path counters and node netns.

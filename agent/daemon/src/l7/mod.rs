@@ -13,6 +13,7 @@
 //! surviving an agent restart) over a unix socket, one JSON object per line: the agent sends
 //! [`ProxyConfig`] snapshots, the proxy answers [`ProxyMessage`]s (hello, request records).
 
+pub mod framing;
 pub mod proxy;
 pub mod rules;
 pub mod supervisor;

@@ -4,7 +4,9 @@
 //! own address and port.
 //!
 //! Refused before any rule is consulted (never forwarded): a request whose framing is ambiguous
-//! (`Content-Length` beside `Transfer-Encoding`, or several different `Content-Length`s: 400),
+//! (`Content-Length` beside `Transfer-Encoding`, seen on the raw bytes by [`framing`] because
+//! hyper drops the Content-Length, or several different `Content-Length`s: 400, and the
+//! connection is closed),
 //! a header section over [`MAX_HEADER_BYTES`] or [`MAX_HEADERS`] headers (431, by hyper), a
 //! header section not complete within [`HEADER_TIMEOUT`] (slowloris: the connection is closed),
 //! malformed requests (400, by hyper).
@@ -14,7 +16,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -37,6 +39,7 @@ use tokio::{
 use veil_common::{maps::identity, marks};
 
 use super::{
+    framing,
     rules::{self, HttpMatcher},
     L7Record, ProxyConfig, ProxyMessage,
 };
@@ -329,6 +332,9 @@ async fn write_line(
 struct Conn {
     src: SocketAddr,
     dst: SocketAddr,
+    /// Set by the connection's [`framing::Watched`] once a request head on it had both
+    /// Transfer-Encoding and Content-Length.
+    ambiguous: Arc<AtomicBool>,
     upstream: Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>,
 }
 
@@ -344,9 +350,12 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
         return;
     }
     let _ = stream.set_nodelay(true);
+    let ambiguous = Arc::new(AtomicBool::new(false));
+    let stream = framing::Watched::new(stream, ambiguous.clone());
     let conn = Arc::new(Conn {
         src,
         dst,
+        ambiguous,
         upstream: Mutex::new(None),
     });
     let svc = hyper::service::service_fn(move |req| {
@@ -428,7 +437,7 @@ async fn decide_and_forward(
     conn: &Conn,
     record: &mut L7Record,
 ) -> Response<Body> {
-    if ambiguous_framing(req.headers()) {
+    if conn.ambiguous.load(Ordering::Relaxed) || ambiguous_framing(req.headers()) {
         record.drop_reason = Some("bad-request".into());
         let mut r = text(
             StatusCode::BAD_REQUEST,
