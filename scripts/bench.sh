@@ -67,8 +67,9 @@ cargo build --release --locked --workspace --bins
 # benches/results/control.json, which veil-bench's target table reads.
 target/release/control-bench
 # Services at the socket vs pod IP vs a kube-proxy iptables rule set, at 10 and 10,000 Service
-# ports (TCP_RR, TCP_CRR and HTTP keep-alive; writes benches/results/services.json).
-target/release/svc-bench
+# ports (TCP_RR, TCP_CRR and HTTP keep-alive; writes benches/results/services.json). Seven
+# rounds: the ClusterIP/pod-IP ratios are a few percent from 1, the rounds' spread about as much.
+target/release/svc-bench --rounds 7
 # HTTP through the node's L7 proxy vs L4 policy only (keep-alive, requests/s, p50/p99, the
 # proxy's CPU per request; writes benches/results/l7.json).
 target/release/l7-bench
