@@ -1048,6 +1048,194 @@ fn reordered_packets_inside_the_window_are_delivered(imp: Impl) {
 }
 
 /// The tests above, once per implementation: `interop::<implementation>::<test>`.
+/// Where the flood's spoofed sources claim to be (lab range, routed nowhere but back to B).
+const FLOOD_NET: &str = "198.18.201.0/24";
+/// Handshake initiations the flood sends per second: 20 times the device-wide load limit.
+const FLOOD_RATE: u64 = 20_000;
+
+/// `n` handshake initiations to `responder` (base64 public key), each from a static key of its
+/// own that the responder does not know, with a valid MAC1 (so they pass the first check and
+/// would cost the responder Diffie-Hellman work), as UDP payloads.
+fn flood_initiations(responder: &str, n: u32) -> Vec<Vec<u8>> {
+    let peer = veil_transport::PublicKey::from_base64(responder).expect("responder key");
+    (0..n)
+        .map(|i| {
+            let mut secret = [0x5au8; 32];
+            secret[..4].copy_from_slice(&i.to_le_bytes());
+            let mut tunn = boringtun::noise::Tunn::new(
+                boringtun::x25519::StaticSecret::from(secret),
+                boringtun::x25519::PublicKey::from(*peer.as_bytes()),
+                None,
+                None,
+                i,
+                None,
+            );
+            let mut buf = [0u8; 256];
+            match tunn.format_handshake_initiation(&mut buf, true) {
+                boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+                _ => panic!("no initiation formatted"),
+            }
+        })
+        .collect()
+}
+
+/// An IPv4/UDP packet from `src:sport` to `dst:dport` (checksums left to the kernel / none).
+fn udp_packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = 20 + 8 + payload.len();
+    let mut p = Vec::with_capacity(len);
+    p.extend_from_slice(&[
+        0x45,
+        0,
+        (len >> 8) as u8,
+        len as u8,
+        0,
+        0,
+        0,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// Sends `initiations` to veil-wg from namespace `ns` at [`FLOOD_RATE`] per second, each from a
+/// different spoofed source in [`FLOOD_NET`], until `stop`; returns how many were sent.
+fn flood(
+    ns: &Netns,
+    initiations: Vec<Vec<u8>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let dst: Ipv4Addr = UNDER_A.parse().unwrap();
+    in_netns(&ns.name, move || {
+        // SAFETY: plain socket(2)/sendto(2)/close(2) on a fd owned by this closure.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let (mut sent, start) = (0u64, Instant::now());
+        // Bursts of 1/100 of the rate every 10 ms (a load generator's pacing).
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for _ in 0..FLOOD_RATE / 100 {
+                let k = sent as usize;
+                let src = Ipv4Addr::new(198, 18, 201, 1 + (k % 254) as u8);
+                let p = udp_packet(
+                    src,
+                    1024 + (k % 50_000) as u16,
+                    dst,
+                    PORT_A,
+                    &initiations[k % initiations.len()],
+                );
+                // SAFETY: a valid buffer and address for the lifetime of the call.
+                let r = unsafe {
+                    libc::sendto(
+                        fd,
+                        p.as_ptr().cast(),
+                        p.len(),
+                        0,
+                        std::ptr::addr_of!(sa).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                };
+                if r == p.len() as isize {
+                    sent += 1;
+                }
+            }
+            let due = Duration::from_millis(10 * (sent / (FLOOD_RATE / 100)));
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        // SAFETY: closing the fd this closure opened.
+        unsafe { libc::close(fd) };
+        sent
+    })
+}
+
+/// Scenario 29: a flood of handshake initiations with a valid MAC1 from many spoofed sources.
+/// Past 1,000 a second veil-wg answers them with cookie replies instead of doing
+/// Diffie-Hellman work, which a spoofed source never receives; the real peer (wireguard-go)
+/// gets its cookie, retries with MAC2 and completes its handshake during the flood.
+#[test]
+fn handshake_flood_from_spoofed_sources_leaves_the_real_peer_its_handshake() {
+    let pair = Pair::create(Impl::WireguardGo);
+    // Cookie replies to the spoofed sources go towards B, which drops them.
+    pair.a.ok(&[
+        "ip",
+        "route",
+        "add",
+        FLOOD_NET,
+        "via",
+        UNDER_B,
+        "dev",
+        UNDERLAY_IF,
+    ]);
+    let initiations = flood_initiations(&pair.pub_a, 256);
+    // veil-wg needs its key for the MAC1 check: configure it first, the peer only later.
+    pair.configure_with(Side::A, "psk", false);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = flood(&pair.b, initiations, stop.clone());
+    let started = Instant::now();
+    wait_for(
+        "veil-wg to answer the flood with cookies",
+        Duration::from_secs(10),
+        || (veil_drops(&pair, "cookie") > 0).then_some(()),
+    );
+    // The real peer, configured under load: handshake and traffic through the flood.
+    pair.configure(Side::B, "psk");
+    let took = pair.wait_ping(Side::B, Duration::from_secs(30));
+    pair.tcp_transfer(Side::B, 1 << 20);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flooding.join().expect("flood");
+    let seconds = started.elapsed().as_secs_f64();
+    // The counters reach veil-wg's log once a second: wait for the flood's last ones.
+    let settled = || {
+        let now = (veil_drops(&pair, "cookie"), veil_drops(&pair, "no-peer"));
+        std::thread::sleep(Duration::from_millis(1500));
+        (now == (veil_drops(&pair, "cookie"), veil_drops(&pair, "no-peer"))).then_some(now)
+    };
+    let (cookies, dh) = wait_for(
+        "veil-wg's counters to settle",
+        Duration::from_secs(15),
+        settled,
+    );
+    eprintln!(
+        "flood: {sent} initiations in {seconds:.1} s; veil-wg did Diffie-Hellman for {dh} (no-peer) and answered {cookies} with cookies; the peer reached veil-wg after {took:?}"
+    );
+    assert!(
+        sent as f64 >= seconds * FLOOD_RATE as f64 / 2.0,
+        "the flood ran slower than half its rate: {sent} in {seconds:.1} s"
+    );
+    // At most the device-wide limit per window of veil-wg's limiter reached the expensive path.
+    // Its windows last 1 to 1.25 s, so at most ceil(seconds) + 1 of them overlap the flood (+1
+    // for the flood's start, a moment before `started`).
+    let bound = (seconds.ceil() as u64 + 2) * 1000;
+    assert!(
+        dh <= bound,
+        "{dh} initiations got Diffie-Hellman work in {seconds:.1} s (bound {bound})"
+    );
+    assert!(
+        cookies >= sent / 2,
+        "only {cookies} of {sent} answered with cookies"
+    );
+    // veil-wg is still serving.
+    pair.wait_ping(Side::A, Duration::from_secs(5));
+}
+
 macro_rules! interop_tests {
     ($($module:ident => $imp:expr),* $(,)?) => {$(
         mod $module {

@@ -32,8 +32,9 @@ use crate::{
     PublicKey,
 };
 
-/// Handshake initiations the whole device accepts per second before demanding cookies.
-const HANDSHAKE_RATE_LIMIT: u64 = 1000;
+/// Handshake initiations the whole device accepts per second before demanding cookies (and
+/// holding each source to [`super::limiter::PER_SOURCE_RATE`]).
+pub const HANDSHAKE_RATE_LIMIT: u64 = 1000;
 /// How long a replaced `Tunn` keeps decrypting after its successor's session is up.
 const RETIRE_AFTER_SUCCESSOR: Duration = Duration::from_secs(15);
 /// Hard cap on a retiring `Tunn`'s life (WireGuard's REJECT_AFTER_TIME).
@@ -52,6 +53,11 @@ pub struct Drops {
     pub replay: AtomicU64,
     pub no_endpoint: AtomicU64,
     pub send_error: AtomicU64,
+    /// Handshake messages refused under load for a missing or stale cookie (MAC2), each
+    /// answered with a cookie reply.
+    pub cookie: AtomicU64,
+    /// Handshake messages over their source address's budget under load.
+    pub rate_limited: AtomicU64,
 }
 
 impl Drops {
@@ -59,14 +65,16 @@ impl Drops {
     pub fn summary(&self) -> String {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "malformed {}, no-peer {}, bad-source {}, decrypt {}, replay {}, no-endpoint {}, send-failed {}",
+            "malformed {}, no-peer {}, bad-source {}, decrypt {}, replay {}, no-endpoint {}, send-failed {}, cookie {}, rate-limited {}",
             n(&self.malformed),
             n(&self.no_peer),
             n(&self.bad_source),
             n(&self.decrypt),
             n(&self.replay),
             n(&self.no_endpoint),
-            n(&self.send_error)
+            n(&self.send_error),
+            n(&self.cookie),
+            n(&self.rate_limited)
         )
     }
 }
@@ -196,6 +204,8 @@ pub struct Device {
     routing: RwLock<Arc<Routing>>,
     next_index: AtomicU32,
     pub drops: Drops,
+    /// Handshake load and per-source budgets (see [`super::limiter`]).
+    pub handshakes: super::limiter::PerSource,
     /// Bumped when the listen port changes, so the UDP side rebinds.
     pub listen_port: AtomicU32,
 }
@@ -208,6 +218,7 @@ impl Device {
             routing: RwLock::new(Arc::new(Routing::default())),
             next_index: AtomicU32::new(rand_index()),
             drops: Drops::default(),
+            handshakes: super::limiter::PerSource::new(HANDSHAKE_RATE_LIMIT),
             listen_port: AtomicU32::new(0),
         }
     }

@@ -887,6 +887,7 @@ fn handle_control<R: Reply>(
     let packet = match limiter.verify_packet(Some(from.ip()), datagram, scratch) {
         Ok(p) => p,
         Err(TunnResult::WriteToNetwork(cookie)) => {
+            device.drops.cookie.fetch_add(1, Ordering::Relaxed);
             udp.reply(from, cookie);
             return;
         }
@@ -895,6 +896,14 @@ fn handle_control<R: Reply>(
             return;
         }
     };
+    if matches!(
+        packet,
+        Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+    ) && !device.handshakes.allow(from.ip(), Instant::now())
+    {
+        device.drops.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     let (peer, index) = match &packet {
         Packet::HandshakeInit(init) => {
             let (Some(sk), Some(pk)) = (&routing.static_private, &routing.static_public) else {
@@ -994,6 +1003,7 @@ fn timers(
             if let Some(rl) = &routing.rate_limiter {
                 rl.reset_count();
             }
+            device.handshakes.tick(Instant::now());
             last_reset = Instant::now();
             // The drop counters reach the log when they change, at most once a second.
             let drops = device.drops.summary();

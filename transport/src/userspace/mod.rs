@@ -8,6 +8,7 @@ pub mod device;
 pub mod fuzzing;
 pub mod gro;
 pub mod io;
+pub mod limiter;
 
 use std::{
     io::{Read as _, Write as _},

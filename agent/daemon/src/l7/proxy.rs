@@ -13,7 +13,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -214,10 +214,26 @@ struct State {
 
 /// Runs the proxy until the process is killed.
 pub async fn run(opts: Options) -> Result<(), Error> {
-    let listener = listen(opts.listen_port).map_err(|source| Error::Listen {
+    let listener = listen(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        opts.listen_port,
+    ))
+    .map_err(|source| Error::Listen {
         port: opts.listen_port,
         source,
     })?;
+    // IPv6 connections are assigned to [::1]:port. A namespace without IPv6 has no such
+    // address: then there is no v6 listener, and such connections drop `proxy-unavailable`.
+    let listener6 = match listen(SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+        opts.listen_port,
+    )) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::info!(error = %e, "no IPv6 listener on [::1] (IPv6 is off here?): IPv6 connections for the proxy drop proxy-unavailable");
+            None
+        }
+    };
     let _ = std::fs::remove_file(&opts.control);
     if let Some(dir) = opts.control.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -236,15 +252,8 @@ pub async fn run(opts: Options) -> Result<(), Error> {
     tracing::info!(port = opts.listen_port, control = %opts.control.display(), "veil-proxy listening");
     loop {
         tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, state.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+            r = listener.accept() => accepted(r, &state).await,
+            r = accept_if_any(listener6.as_ref()) => accepted(r, &state).await,
             r = control.accept() => match r {
                 Ok((stream, _)) => {
                     tokio::spawn(control_session(stream, state.clone()));
@@ -255,16 +264,48 @@ pub async fn run(opts: Options) -> Result<(), Error> {
     }
 }
 
-/// The listener: transparent (its accepted sockets answer from the original destination) and
-/// marked (the datapath admits the proxy's packets into the tunnel only for proxied
-/// connections).
-fn listen(port: u16) -> std::io::Result<tokio::net::TcpListener> {
-    let sock = TcpSocket::new_v4()?;
+/// Serves an accepted connection, or pauses after a failed accept (a full fd table).
+async fn accepted(r: std::io::Result<(TcpStream, SocketAddr)>, state: &Arc<State>) {
+    match r {
+        Ok((stream, _)) => {
+            tokio::spawn(serve_connection(stream, state.clone()));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The next connection on `listener`; never, without one.
+async fn accept_if_any(
+    listener: Option<&tokio::net::TcpListener>,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A listener on `addr`: transparent (its accepted sockets answer from the original
+/// destination) and marked (the datapath admits the proxy's packets into the tunnel only for
+/// proxied connections).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     let s = socket2::SockRef::from(&sock);
-    s.set_ip_transparent_v4(true)?;
+    if addr.is_ipv4() {
+        s.set_ip_transparent_v4(true)?;
+    } else {
+        s.set_only_v6(true)?;
+        s.set_ip_transparent_v6(true)?;
+    }
     s.set_mark(marks::FROM_PROXY)?;
     sock.set_reuseaddr(true)?;
-    sock.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))?;
+    sock.bind(addr)?;
     sock.listen(1024)
 }
 
