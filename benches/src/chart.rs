@@ -5,10 +5,12 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-/// One bar group: a label under it and one value per series.
+/// One bar group: a label under it and one value per series, with the (lowest, highest) of
+/// the rounds behind it where there were several.
 pub struct Group {
     pub label: String,
     pub values: Vec<Option<f64>>,
+    pub spread: Vec<Option<(f64, f64)>>,
 }
 
 /// One panel of grouped bars.
@@ -136,8 +138,14 @@ pub fn render(
         let max = panel
             .groups
             .iter()
-            .flat_map(|g| g.values.iter().flatten())
-            .fold(0.0f64, |a, &b| a.max(b));
+            .flat_map(|g| {
+                g.values
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .chain(g.spread.iter().flatten().map(|s| s.1))
+            })
+            .fold(0.0f64, f64::max);
         let top = nice_max(max);
         // Grid and y labels.
         for i in 0..=4 {
@@ -174,9 +182,23 @@ pub fn render(
                             c.filled(),
                         ))
                         .map_err(e)?;
+                        let y_of = |x: f64| y1 - ((y1 - y0) as f64 * (x / top)).round() as i32;
+                        let mut label_y = y1 - bh - 11;
+                        if let Some(Some((lo, hi))) = g.spread.get(bi) {
+                            // The rounds' range: a line with caps at the bar's centre.
+                            let (cx, ylo, yhi) = (bx + bw / 2, y_of(*lo), y_of(*hi));
+                            for seg in [
+                                vec![(cx, ylo), (cx, yhi)],
+                                vec![(cx - 3, ylo), (cx + 3, ylo)],
+                                vec![(cx - 3, yhi), (cx + 3, yhi)],
+                            ] {
+                                area.draw(&PathElement::new(seg, black)).map_err(e)?;
+                            }
+                            label_y = label_y.min(yhi - 11);
+                        }
                         let label = format_value(*v);
                         let tx = bx + bw / 2 - text_width(&label, 1) / 2;
-                        draw_text(&area, tx, y1 - bh - 11, &label, 1, &black)?;
+                        draw_text(&area, tx, label_y, &label, 1, &black)?;
                     }
                     None => {
                         draw_text(&area, bx + bw / 2 - 8, y1 - 11, "n/a", 1, &black)?;

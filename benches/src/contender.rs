@@ -419,7 +419,7 @@ pub enum PathCounters {
 }
 
 /// A path's byte counters at both ends: what each end's device sent and received.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PathBytes {
     pub client_tx: u64,
     pub client_rx: u64,

@@ -14,7 +14,7 @@ use crate::{
 pub const IPERF_PORT: u16 = 5201;
 pub const RR_PORT: u16 = 7001;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Throughput {
     pub streams: u32,
     pub gbit_per_s: f64,

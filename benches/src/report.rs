@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::{contender::Contender, measure::Throughput, procs::IdleSample, rr::RrResult};
 
 /// Every sample of one contender, in run order.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
 pub struct Samples {
     pub tcp1: Vec<Throughput>,
     pub tcp2: Vec<Throughput>,
@@ -34,6 +34,16 @@ pub fn median(v: &[f64]) -> Option<f64> {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     })
+}
+
+/// (lowest, highest) of the finite values; None for none.
+pub fn range(v: &[f64]) -> Option<(f64, f64)> {
+    v.iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(None, |acc, x| {
+            Some(acc.map_or((x, x), |(lo, hi): (f64, f64)| (lo.min(x), hi.max(x))))
+        })
 }
 
 /// Medians of one contender.
@@ -654,6 +664,8 @@ mod tests {
 
     #[test]
     fn median_ignores_nan_and_averages_even_counts() {
+        assert_eq!(range(&[3.0, f64::NAN, 1.0, 2.0]), Some((1.0, 3.0)));
+        assert_eq!(range(&[]), None);
         assert_eq!(median(&[]), None);
         assert_eq!(median(&[3.0, f64::NAN, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));

@@ -71,6 +71,9 @@ struct Args {
     /// Only these tests (tcp1, tcp2, tcp4, rr), for profiling sessions.
     #[arg(long, value_delimiter = ',', default_value = "tcp1,tcp2,tcp4,rr")]
     tests: Vec<String>,
+    /// Only draw chart.png again from the results.json in the output directory (no lab, no run).
+    #[arg(long)]
+    rechart: bool,
     /// Leave boringtun-cli's UDP sockets at the netns defaults instead of veil-wg's buffers
     /// (to reproduce the earlier, unequal runs; not for published numbers).
     #[arg(long)]
@@ -217,6 +220,9 @@ fn main() -> anyhow::Result<()> {
         args.seconds = 3;
         args.rr_seconds = 2.0;
         args.idle_seconds = 10;
+    }
+    if args.rechart {
+        return rechart(&args);
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -552,15 +558,11 @@ fn main() -> anyhow::Result<()> {
     let targets = report::targets(&med, &idle, Some(&tc), &control);
     let table = report::text(&med, &targets, &idle, &tc);
     let load = report::median(&loads).unwrap_or(0.0);
-    let header = format!(
-        "{date} · kernel {} · {} × {} · {} GiB · {} rounds × {} s iperf3, {} s RR, interleaved · median 1-min load average {load:.1}",
-        machine["kernel"].as_str().unwrap_or(""),
-        machine["cpus"],
-        machine["cpu"].as_str().unwrap_or(""),
-        machine["memory_gib"],
-        args.rounds,
-        args.seconds,
-        args.rr_seconds
+    let header = header_line(
+        &date,
+        &machine,
+        (args.rounds, args.seconds, args.rr_seconds),
+        load,
     );
     println!("\n{header}\n\n{table}");
 
@@ -578,6 +580,7 @@ fn main() -> anyhow::Result<()> {
         "socket_buffers": socket_buffers,
         "load_average_per_round": loads,
         "targets": targets,
+        "header": header,
     });
     // This run's control-bench figures as it wrote them; no key when there are none.
     if let (Ok(_), Some(bytes)) = (&control, &control_bytes) {
@@ -586,66 +589,8 @@ fn main() -> anyhow::Result<()> {
     let json_path = out_dir.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
 
-    let series = [
-        "plaintext",
-        "veil (userspace)",
-        "boringtun-cli 0.7.1",
-        "wireguard-go",
-    ];
-    let vals = |g: fn(&Medians) -> Option<f64>| -> Vec<Option<f64>> {
-        Contender::ALL.iter().map(|c| g(&med[c.key()])).collect()
-    };
-    // (title, unit, [(group label, value)])
-    type PanelRow = (
-        String,
-        &'static str,
-        [(&'static str, fn(&Medians) -> Option<f64>); 2],
-    );
-    let panels: [PanelRow; 3] = [
-        (
-            "TCP throughput, pod to pod".into(),
-            "Gbit/s, median",
-            [
-                ("1 stream", |m| m.tcp1_gbit_per_s),
-                ("4 streams", |m| m.tcp4_gbit_per_s),
-            ],
-        ),
-        (
-            format!("TCP request/response, {} B", args.rr_size),
-            "µs round trip, median of runs",
-            [("p50", |m| m.rr_p50_us), ("p99", |m| m.rr_p99_us)],
-        ),
-        (
-            "tunnel CPU per GB, both ends".into(),
-            "CPU seconds / GB",
-            [
-                ("1 stream", |m| m.cpu_s_per_gb_1stream),
-                ("2 streams", |m| m.cpu_s_per_gb_2streams),
-            ],
-        ),
-    ];
-    let panels: Vec<_> = panels
-        .into_iter()
-        .map(|(title, unit, groups)| chart::Panel {
-            title,
-            unit: unit.into(),
-            groups: groups
-                .into_iter()
-                .map(|(label, g)| chart::Group {
-                    label: label.into(),
-                    values: vals(g),
-                })
-                .collect(),
-        })
-        .collect();
     let png = out_dir.join("chart.png");
-    chart::render(
-        &png,
-        "veil vs plaintext vs boringtun-cli vs wireguard-go (2-node lab)",
-        &header,
-        &series,
-        &panels,
-    )?;
+    render_chart(&png, &header, args.rr_size, &samples)?;
     let md = report::markdown(&med, &targets, &idle, &tc, &format!("Run: {header}."));
     std::fs::write(out_dir.join("results.md"), &md)?;
     if args.update_readme {
@@ -657,6 +602,142 @@ fn main() -> anyhow::Result<()> {
         png.display(),
         out_dir.join("results.md").display()
     );
+    Ok(())
+}
+
+/// The chart: every contender on every figure, bars at the median of the rounds and a line
+/// across the rounds' range.
+fn render_chart(
+    png: &Path,
+    header: &str,
+    rr_size: usize,
+    samples: &BTreeMap<&'static str, Samples>,
+) -> anyhow::Result<()> {
+    let series = [
+        "plaintext",
+        "veil (userspace)",
+        "boringtun-cli 0.7.1",
+        "wireguard-go",
+    ];
+    // (group label, every round's value of one contender)
+    type Figure = (&'static str, fn(&Samples) -> Vec<f64>);
+    let panels: [(String, &str, [Figure; 2]); 3] = [
+        (
+            "TCP throughput, pod to pod".into(),
+            "Gbit/s; bar: median, line: range of the rounds",
+            [
+                ("1 stream", |s| {
+                    s.tcp1.iter().map(|t| t.gbit_per_s).collect()
+                }),
+                ("4 streams", |s| {
+                    s.tcp4.iter().map(|t| t.gbit_per_s).collect()
+                }),
+            ],
+        ),
+        (
+            format!("TCP request/response, {rr_size} B"),
+            "µs round trip; bar: median, line: range",
+            [
+                ("p50", |s| s.rr.iter().map(|r| r.p50_us).collect()),
+                ("p99", |s| s.rr.iter().map(|r| r.p99_us).collect()),
+            ],
+        ),
+        (
+            "tunnel CPU per GB, both ends".into(),
+            "CPU seconds / GB; bar: median, line: range",
+            [
+                ("1 stream", |s| {
+                    s.tcp1.iter().filter_map(|t| t.cpu_seconds_per_gb).collect()
+                }),
+                ("4 streams", |s| {
+                    s.tcp4.iter().filter_map(|t| t.cpu_seconds_per_gb).collect()
+                }),
+            ],
+        ),
+    ];
+    let rounds = |f: fn(&Samples) -> Vec<f64>| -> Vec<Vec<f64>> {
+        Contender::ALL
+            .iter()
+            .map(|c| samples.get(c.key()).map(f).unwrap_or_default())
+            .collect()
+    };
+    let panels: Vec<chart::Panel> = panels
+        .into_iter()
+        .map(|(title, unit, figures)| chart::Panel {
+            title,
+            unit: unit.into(),
+            groups: figures
+                .into_iter()
+                .map(|(label, f)| {
+                    let per_contender = rounds(f);
+                    chart::Group {
+                        label: label.into(),
+                        values: per_contender.iter().map(|v| report::median(v)).collect(),
+                        spread: per_contender.iter().map(|v| report::range(v)).collect(),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    chart::render(
+        png,
+        "veil vs plaintext vs boringtun-cli vs wireguard-go (2-node lab)",
+        header,
+        &series,
+        &panels,
+    )
+}
+
+/// The run's one-line description (the chart's footer, the table's heading).
+fn header_line(
+    date: &str,
+    machine: &serde_json::Value,
+    (rounds, seconds, rr_seconds): (u32, u32, f64),
+    load: f64,
+) -> String {
+    format!(
+        "{date} · kernel {} · {} × {} · {} GiB · {rounds} rounds × {seconds} s iperf3, {rr_seconds} s RR, interleaved · median 1-min load average {load:.1}",
+        machine["kernel"].as_str().unwrap_or(""),
+        machine["cpus"],
+        machine["cpu"].as_str().unwrap_or(""),
+        machine["memory_gib"],
+    )
+}
+
+/// `--rechart`: chart.png again from the output directory's results.json.
+fn rechart(args: &Args) -> anyhow::Result<()> {
+    let out_dir = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("benches/results"));
+    let path = out_dir.join("results.json");
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", path.display()))?;
+    let mut samples = BTreeMap::new();
+    for c in Contender::ALL {
+        let s: Samples = serde_json::from_value(v["samples"][c.key()].clone())
+            .with_context(|| format!("{}: samples of {}", path.display(), c.key()))?;
+        samples.insert(c.key(), s);
+    }
+    let loads: Vec<f64> = serde_json::from_value(v["load_average_per_round"].clone())
+        .with_context(|| format!("{}: load_average_per_round", path.display()))?;
+    let c = &v["config"];
+    let header = header_line(
+        v["date"].as_str().unwrap_or(""),
+        &v["machine"],
+        (
+            c["rounds"].as_u64().unwrap_or(0) as u32,
+            c["seconds"].as_u64().unwrap_or(0) as u32,
+            c["rr_seconds"].as_f64().unwrap_or(0.0),
+        ),
+        report::median(&loads).unwrap_or(0.0),
+    );
+    let rr_size = v["config"]["rr_size"].as_u64().unwrap_or(64) as usize;
+    let png = out_dir.join("chart.png");
+    render_chart(&png, &header, rr_size, &samples)?;
+    eprintln!("wrote {}", png.display());
     Ok(())
 }
 
