@@ -37,7 +37,6 @@ veil-bench options (passed on):
                           leave boringtun-cli's UDP sockets at the netns defaults instead of
                           veil-wg's buffers (reproduces the earlier unequal runs)
   --update-readme         rewrite the results block of benches/README.md
-  --rechart               only draw benches/results/chart.png again from results.json
   -h, --help              this text (nothing is set up, built or run)
 
 control-bench runs with its defaults (60 clients x 10 servers, 3 handshake rounds, 7 latency
