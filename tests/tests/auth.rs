@@ -397,10 +397,32 @@ fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'stat
     .expect("netns thread")
 }
 
+/// A real TLS 1.3 ClientHello (rustls, the agent's own TLS library) as it goes on the wire.
+fn client_hello() -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("node-b.veil").expect("server name");
+    let mut c = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+    let mut out = Vec::new();
+    c.write_tls(&mut out).expect("ClientHello");
+    assert_eq!(out[0], 0x16, "a handshake record");
+    out
+}
+
+/// A TLS alert record: close_notify (warning, 0).
+const CLOSE_NOTIFY: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 0x00];
+
 /// Hostile connections to `target` from inside `netns`, held open by the returned sockets:
-/// `half_open` connections that send nothing, garbage, truncated TLS records, and a slowloris
-/// thread feeding a ClientHello one byte every 200 ms.
+/// `half_open` connections that send nothing, garbage, truncated TLS records, a real
+/// ClientHello fragmented into one-byte TCP segments, a ClientHello followed at once by
+/// close_notify, and a slowloris thread feeding a ClientHello one byte every 200 ms.
 fn attack(netns: &str, target: SocketAddr, half_open: usize) -> Vec<TcpStream> {
+    let hello = client_hello();
     in_netns(netns, move || {
         let mut held = Vec::new();
         for _ in 0..half_open {
@@ -425,6 +447,21 @@ fn attack(netns: &str, target: SocketAddr, half_open: usize) -> Vec<TcpStream> {
                 let _ = s.write_all(&rec);
                 held.push(s);
             }
+        }
+        // A whole, valid ClientHello in one-byte segments (the server must reassemble it).
+        if let Ok(mut s) = TcpStream::connect(target) {
+            let _ = s.set_nodelay(true);
+            for b in &hello {
+                if s.write_all(std::slice::from_ref(b)).is_err() {
+                    break;
+                }
+            }
+            held.push(s);
+        }
+        // A ClientHello, then close_notify before the server has answered.
+        if let Ok(mut s) = TcpStream::connect(target) {
+            let _ = s.write_all(&[hello.as_slice(), &CLOSE_NOTIFY].concat());
+            held.push(s);
         }
         if let Ok(s) = TcpStream::connect(target) {
             std::thread::spawn(move || {
@@ -490,9 +527,9 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
         held_x.len(),
         t.elapsed()
     );
-    // The attack was mounted: of 1,008 and 208 connections (half-open, garbage, truncated
-    // records) nearly all got through TCP (a few may meet a full accept queue); a test whose
-    // attack never connected would prove nothing.
+    // The attack was mounted: of 1,010 and 210 connections (half-open, garbage, truncated
+    // records, fragmented and closed hellos) nearly all got through TCP (a few may meet a full
+    // accept queue); a test whose attack never connected would prove nothing.
     assert!(
         held_a.len() >= 1000,
         "only {} of 1,008 connections from node-a's address",
