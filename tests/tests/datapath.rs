@@ -2002,6 +2002,74 @@ fn a_cut_connection_is_not_revived_by_either_end() {
     }
 }
 
+/// Scenario 34 for conntrack: a table filled to `max_entries` (an LRU map) evicts its least
+/// recently used entries for new connections. New allowed connections keep working, a denied
+/// one is still denied (no eviction grants access), and a connection whose entry was evicted is
+/// cut with a counted reason (`tcp-not-established`), never passed around the policy.
+#[test]
+fn a_full_conntrack_table_keeps_enforcing_and_evicts_into_counted_drops() {
+    use veil_common::maps::{ct_flags, CtEntry, CtKey, CT_MAX};
+    let af = Af::V4;
+    let mut n = Node::new();
+    backend_admits_frontend_8080(&mut n);
+    let syn = Packet::tcp(fe(af), be(af), 40000, 8080);
+    assert_eq!(n.retval(At::Pod(IF_FE), &syn), tc_act::REDIRECT);
+    // Fill the table with other connections, each touched after frontend's.
+    let entry = CtEntry {
+        last_seen_ns: boot_time_ns(),
+        src_identity: FE,
+        dst_identity: BE,
+        flags: ct_flags::INGRESS_OK,
+        remote_node: 0,
+    };
+    for i in 0..CT_MAX {
+        let key = CtKey {
+            saddr: mapped(IpAddr::from(std::net::Ipv4Addr::from(0xc613_0000 + i))),
+            daddr: mapped(be(af)),
+            sport: 1024,
+            dport: 8080,
+            protocol: TCP,
+            _pad: [0; 3],
+        };
+        n.dp.upsert_conntrack(key, entry).unwrap();
+    }
+    let tracked = n.dp.conntrack().unwrap();
+    assert!(
+        tracked.len() as u32 >= CT_MAX * 9 / 10,
+        "the table holds {} of {CT_MAX}",
+        tracked.len()
+    );
+    let still_tracked = tracked
+        .iter()
+        .any(|(k, _)| k.sport == 40000 && k.daddr == mapped(be(af)));
+    assert!(
+        !still_tracked,
+        "frontend's entry outlived {CT_MAX} newer ones"
+    );
+    // Its next segment: cut, counted.
+    let ack = syn.clone().with_tcp_flags(packet::tcp_flags::ACK);
+    let o = n.send(At::Pod(IF_FE), &ack.frame());
+    assert_eq!(o.retval, tc_act::SHOT, "{o:?}");
+    assert_eq!(o.drops.get("tcp-not-established"), Some(&1), "{o:?}");
+    // A new allowed connection still works (it evicts an older entry) and is tracked.
+    assert_eq!(
+        n.retval(At::Pod(IF_FE), &Packet::tcp(fe(af), be(af), 40001, 8080)),
+        tc_act::REDIRECT
+    );
+    assert!(n
+        .dp
+        .conntrack()
+        .unwrap()
+        .iter()
+        .any(|(k, _)| k.sport == 40001));
+    // And a denied one is still denied, full table or not.
+    let o = n.send(
+        At::Pod(IF_IN),
+        &Packet::tcp(intruder(af), be(af), 40002, 8080).frame(),
+    );
+    assert_eq!(o.drops.get("policy-denied"), Some(&1), "{o:?}");
+}
+
 /// Conntrack ages: an idle UDP entry (past 60 s) counts as absent, so the flow is judged again;
 /// a TCP entry that saw a RST is closing, and a new SYN on its 5-tuple is a new connection.
 #[test]
