@@ -1574,15 +1574,22 @@ fn auth_expiry_cuts_an_established_connection() {
     }
 }
 
-#[test]
-fn established_flow_skips_policy_until_conntrack_forgets_it() {
-    // Policy changes do not cut tracked connections (documented behaviour of conntrack); a
-    // new connection sees the new policy at once.
+/// A node whose backend admits frontend on TCP 8080, and frontend's SYN to it (source port
+/// 40000), admitted and tracked.
+fn tracked_frontend_connection() -> (Af, Node, Packet) {
     let af = Af::V4;
     let mut n = Node::new();
     backend_admits_frontend_8080(&mut n);
     let syn = Packet::tcp(fe(af), be(af), 40000, 8080);
     assert_eq!(n.retval(At::Pod(IF_FE), &syn), tc_act::REDIRECT);
+    (af, n, syn)
+}
+
+#[test]
+fn established_flow_skips_policy_until_conntrack_forgets_it() {
+    // Policy changes do not cut tracked connections (documented behaviour of conntrack); a
+    // new connection sees the new policy at once.
+    let (af, mut n, syn) = tracked_frontend_connection();
     n.rule(BE, FE, 0, 0, direction::INGRESS, policy_flags::DENY);
     assert_eq!(n.retval(At::Pod(IF_FE), &syn), tc_act::REDIRECT);
     let o = n.send(
@@ -2009,11 +2016,7 @@ fn a_cut_connection_is_not_revived_by_either_end() {
 #[test]
 fn a_full_conntrack_table_keeps_enforcing_and_evicts_into_counted_drops() {
     use veil_common::maps::{ct_flags, CtEntry, CtKey, CT_MAX};
-    let af = Af::V4;
-    let mut n = Node::new();
-    backend_admits_frontend_8080(&mut n);
-    let syn = Packet::tcp(fe(af), be(af), 40000, 8080);
-    assert_eq!(n.retval(At::Pod(IF_FE), &syn), tc_act::REDIRECT);
+    let (af, mut n, syn) = tracked_frontend_connection();
     // Fill the table with other connections, each touched after frontend's.
     let entry = CtEntry {
         last_seen_ns: boot_time_ns(),
