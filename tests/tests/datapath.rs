@@ -600,6 +600,11 @@ fn frontend_egress_auth_other_node(n: &mut Node) {
 
 /// Backend ingress from frontend on TCP 8080 requires mutual auth (tunnel side).
 fn backend_ingress_auth(n: &mut Node) {
+    backend_ingress_auth_with(n, 0);
+}
+
+/// The same, with `extra` policy flags on the rule (L7: through the proxy).
+fn backend_ingress_auth_with(n: &mut Node, extra: u32) {
     n.enforce(BE, direction::INGRESS, 0);
     n.rule(
         BE,
@@ -607,7 +612,7 @@ fn backend_ingress_auth(n: &mut Node) {
         8080,
         TCP,
         direction::INGRESS,
-        policy_flags::ALLOW | policy_flags::AUTH_REQUIRED,
+        policy_flags::ALLOW | policy_flags::AUTH_REQUIRED | extra,
     );
 }
 
@@ -2210,15 +2215,7 @@ fn hold_release_checks_the_auth_map_and_tracks_the_connection() {
         // listener, never beside it. None listens on port 1 here, so it drops
         // `proxy-unavailable` and tracks nothing.
         let mut n = Node::new();
-        n.enforce(BE, direction::INGRESS, 0);
-        n.rule(
-            BE,
-            FE,
-            8080,
-            TCP,
-            direction::INGRESS,
-            policy_flags::ALLOW | policy_flags::AUTH_REQUIRED | policy_flags::L7,
-        );
+        backend_ingress_auth_with(&mut n, policy_flags::L7);
         n.set_config_flags(|c| c.proxy_port = 1);
         n.auth(BE, FE, PEER, 60);
         let syn = Packet::tcp(ip(af, PEER, 10), be(af), 40000, 8080);
