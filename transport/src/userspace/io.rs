@@ -1003,8 +1003,8 @@ fn timers(
             if let Some(rl) = &routing.rate_limiter {
                 rl.reset_count();
             }
-            device.handshakes.tick(Instant::now());
             last_reset = Instant::now();
+            device.handshakes.tick(last_reset);
             // The drop counters reach the log when they change, at most once a second.
             let drops = device.drops.summary();
             if drops != last_drops {

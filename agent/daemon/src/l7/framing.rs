@@ -72,18 +72,28 @@ impl Scanner {
     fn step(&mut self, bytes: &[u8]) -> usize {
         match &mut self.state {
             State::Head(buf) => {
+                // A read that holds a whole head (the usual case) is parsed where it is; only
+                // a head split across reads is gathered.
                 let old = buf.len();
-                buf.extend_from_slice(bytes);
+                if old > 0 {
+                    buf.extend_from_slice(bytes);
+                }
+                let data: &[u8] = if old > 0 { buf } else { bytes };
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut req = httparse::Request::new(&mut headers);
-                match req.parse(buf) {
+                match req.parse(data) {
                     Ok(httparse::Status::Complete(end)) => {
                         let (next, ambiguous) = after_head(&req);
                         self.ambiguous |= ambiguous;
                         self.state = next;
                         end.saturating_sub(old).min(bytes.len())
                     }
-                    Ok(httparse::Status::Partial) if buf.len() <= MAX_HEADER_BYTES => bytes.len(),
+                    Ok(httparse::Status::Partial) if data.len() <= MAX_HEADER_BYTES => {
+                        if old == 0 {
+                            buf.extend_from_slice(bytes);
+                        }
+                        bytes.len()
+                    }
                     // Too large, too many headers or malformed: hyper answers it itself.
                     _ => {
                         self.state = State::Off;
@@ -147,22 +157,28 @@ impl Scanner {
     }
 }
 
-/// The state after a complete request head, and whether the head was ambiguous.
+/// The state after a complete request head, and whether the head was ambiguous: both
+/// Transfer-Encoding and Content-Length, or two different Content-Lengths.
 fn after_head(req: &httparse::Request<'_, '_>) -> (State, bool) {
     let (mut te, mut cl, mut cl_seen, mut upgrade) = (None, None, false, false);
+    let mut first_cl: Option<&[u8]> = None;
+    let mut lengths_differ = false;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             te = Some(h.value);
         } else if h.name.eq_ignore_ascii_case("content-length") {
             cl_seen = true;
-            cl = std::str::from_utf8(h.value)
+            let v = h.value.trim_ascii();
+            lengths_differ |= first_cl.is_some_and(|f| f != v);
+            first_cl.get_or_insert(v);
+            cl = std::str::from_utf8(v)
                 .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
+                .and_then(|v| v.parse::<u64>().ok());
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
         }
     }
-    if te.is_some() && cl_seen {
+    if (te.is_some() && cl_seen) || lengths_differ {
         // hyper closes the connection after this request.
         return (State::Off, true);
     }
@@ -293,6 +309,19 @@ mod tests {
         // Header names in any case.
         assert!(scan(&[
             b"GET / HTTP/1.1\r\ntransfer-ENCODING: chunked\r\ncontent-length: 1\r\n\r\n"
+        ]));
+    }
+
+    #[test]
+    fn two_different_content_lengths_are_ambiguous_and_equal_ones_are_not() {
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcde"
+        ]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde"
+        ]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nabcde"
         ]));
     }
 
