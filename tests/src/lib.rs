@@ -101,6 +101,14 @@ pub fn test_identity() -> String {
     std::env::var("VEIL_TEST_IDENTITY").unwrap_or_else(|_| "dev".into())
 }
 
+/// `$VEIL_TEST_BACKEND` (`kernel`, `userspace`, `auto`): the WireGuard backend of the labs
+/// whose test does not choose one; unset, `lab up`'s default.
+pub fn test_backend() -> Option<String> {
+    std::env::var("VEIL_TEST_BACKEND")
+        .ok()
+        .filter(|b| !b.is_empty())
+}
+
 /// A running lab, removed on drop.
 pub struct Lab {
     pub name: String,
@@ -146,36 +154,42 @@ impl Lab {
             args.extend(["-f", p.as_str()]);
         }
         args.extend_from_slice(extra);
-        let file_sets_identity = file.as_ref().is_some_and(|f| {
-            std::fs::read_to_string(&f.path)
-                .unwrap_or_default()
+        // Does the lab file set this top-level key, or EXTRA this flag? Then the test chose.
+        let file_text = file
+            .as_ref()
+            .map(|f| std::fs::read_to_string(&f.path).unwrap_or_default())
+            .unwrap_or_default();
+        let file_sets = |key: &str| {
+            file_text
                 .lines()
-                .any(|l| l.starts_with("identity:"))
-        });
-        let args_set_identity = extra
-            .iter()
-            .any(|a| *a == "--identity" || a.starts_with("--identity="));
+                .any(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))
+        };
+        let args_set = |flag: &str| {
+            extra
+                .iter()
+                .any(|a| *a == flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
+        };
         // VEIL_TEST_IDENTITY=spire runs the suites that do not choose on real SPIRE instead.
         let default_identity = test_identity();
-        if !file_sets_identity && !args_set_identity {
+        if !file_sets("identity") && !args_set("--identity") {
             args.extend(["--identity", default_identity.as_str()]);
         }
         // The suites run on the files control plane unless they choose (`lab up` defaults to
         // Kubernetes; tests/tests/kube_lab.rs covers it); VEIL_TEST_CONTROL_PLANE=kubernetes runs
         // the ones that do not choose on the Kubernetes API instead.
-        let file_sets_cp = file.as_ref().is_some_and(|f| {
-            std::fs::read_to_string(&f.path)
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.starts_with("control_plane:"))
-        });
-        let args_set_cp = extra
-            .iter()
-            .any(|a| *a == "--control-plane" || a.starts_with("--control-plane="));
         let default_cp =
             std::env::var("VEIL_TEST_CONTROL_PLANE").unwrap_or_else(|_| "files".into());
-        if !file_sets_cp && !args_set_cp {
+        if !file_sets("control_plane") && !args_set("--control-plane") {
             args.extend(["--control-plane", default_cp.as_str()]);
+        }
+        // VEIL_TEST_BACKEND=kernel runs the suites that do not choose on kernel WireGuard
+        // (scripts/vm-test.sh, in a VM whose kernel has the module).
+        let default_backend = test_backend();
+        if let Some(b) = default_backend
+            .as_deref()
+            .filter(|_| !file_sets("backend") && !args_set("--backend"))
+        {
+            args.extend(["--backend", b]);
         }
         let out = veil(&args);
         if !out.status.success() {

@@ -498,7 +498,7 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         },
         encryption: spec.encryption,
         strict: true,
-        backend: spec.backend,
+        backend: spec.node_backend(node),
         interface: node.wg_interface.clone(),
         listen_port: veil_transport::DEFAULT_LISTEN_PORT,
         mtu: spec.pod_mtu() as u16,
@@ -586,15 +586,21 @@ fn fail_after_from_env() -> Result<Option<&'static str>> {
 /// error. Only `kill -9` leaves a partial lab, which `down` removes.
 pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
     sys::check_lab_prerequisites().map_err(Error::Prerequisite)?;
-    if spec.encryption
-        && spec.backend == spec::BackendChoice::Kernel
-        && !veil_transport::kernel::available()
+    if let Some(node) = spec
+        .nodes
+        .iter()
+        .find(|n| spec.node_backend(n) == spec::BackendChoice::Kernel)
+        .filter(|_| spec.encryption && !veil_transport::kernel::available())
     {
-        return Err(Error::Prerequisite(
-            "--backend kernel: this kernel has no WireGuard (generic netlink family `wireguard` not found); \
+        let asked = if node.backend.is_some() {
+            format!("node {:?} has `backend: kernel`", node.name)
+        } else {
+            "--backend kernel".to_string()
+        };
+        return Err(Error::Prerequisite(format!(
+            "{asked}: this kernel has no WireGuard (generic netlink family `wireguard` not found); \
              use --backend userspace or auto"
-                .into(),
-        ));
+        )));
     }
     if spec.identity == spec::IdentityProvider::Spire {
         spire_real::check_tools().map_err(Error::Prerequisite)?;

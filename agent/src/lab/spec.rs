@@ -249,6 +249,9 @@ pub struct NodeFile {
     /// The trust domain whose CA issues this node's SVIDs (and its pods'), when it is not the
     /// lab's: a node of another trust domain, which the others must refuse to peer with.
     pub trust_domain: Option<String>,
+    /// This node's WireGuard backend when it is not the lab's (a kernel-WireGuard node beside
+    /// veil-wg nodes); wins over the lab-wide `backend:` and `--backend`.
+    pub backend: Option<BackendChoice>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -341,6 +344,9 @@ pub struct NodeSpec {
     /// Set when this node's SVIDs come from another trust domain than the lab's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_domain: Option<String>,
+    /// Set when this node's WireGuard backend is not the lab's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendChoice>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -516,10 +522,12 @@ pub fn default_file() -> LabFile {
             NodeFile {
                 name: "node-a".into(),
                 trust_domain: None,
+                backend: None,
             },
             NodeFile {
                 name: "node-b".into(),
                 trust_domain: None,
+                backend: None,
             },
         ]),
         pods: Some(vec![
@@ -668,6 +676,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             bridge_port: format!("n{id}"),
             wg_interface,
             trust_domain: n.trust_domain.clone().filter(|td| *td != trust_domain),
+            backend: n.backend,
         });
     }
 
@@ -984,6 +993,11 @@ impl LabSpec {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    /// The WireGuard backend `node`'s agent runs: its own choice, else the lab's.
+    pub fn node_backend(&self, node: &NodeSpec) -> BackendChoice {
+        node.backend.unwrap_or(self.backend)
+    }
+
     /// Finds a pod by `name` or `namespace/name`; a bare name must be unambiguous.
     pub fn find_pod(&self, query: &str) -> Result<&PodSpec, String> {
         if let Some((ns, name)) = query.split_once('/') {
@@ -1090,6 +1104,23 @@ mod tests {
         assert!(lab.encryption);
         assert_eq!(lab.svid_ttl, Duration::from_secs(30));
         assert_eq!(lab.backend, BackendChoice::Userspace);
+    }
+
+    #[test]
+    fn a_node_backend_wins_over_the_labs() {
+        let file = parse_lab_file(
+            "backend: userspace\nnodes: [{name: a, backend: kernel}, {name: b}]\npods: []\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            backend: Some(BackendChoice::Auto),
+            ..Overrides::default()
+        };
+        let lab = resolve("x", file, &o).unwrap();
+        let backends: Vec<_> = lab.nodes.iter().map(|n| lab.node_backend(n)).collect();
+        assert_eq!(backends, [BackendChoice::Kernel, BackendChoice::Auto]);
+        let err = parse_lab_file("nodes: [{name: a, backend: wg}]\n").unwrap_err();
+        assert!(err.to_string().contains("wg"), "{err}");
     }
 
     #[test]
