@@ -230,8 +230,8 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'say "interrupted; stopping QEMU" >&2; exit 130' INT
+trap 'say "terminated; stopping QEMU" >&2; exit 143' TERM
 
 probe_key="$(uname -r)-$key"
 probe_file="$vmcache/kvm-probe"
@@ -306,7 +306,6 @@ m bpf /sys/fs/bpf -o mode=0700
 m debugfs /sys/kernel/debug
 m tracefs /sys/kernel/tracing
 mkdir -p /run/netns /var/run
-ln -sfn /dev/pts/ptmx /dev/ptmx 2>/dev/null || true
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 mount -o remount,rw / 2>/dev/null || true
 echo veil-vm >/proc/sys/kernel/hostname
@@ -344,7 +343,7 @@ qemu-system-x86_64 -name veil-vm -machine q35 "${accel[@]}" -m 6G -smp 2 \
   -kernel "$img/vmlinuz" -initrd "$img/initrd.img" -append "$append" \
   -drive "file=$tmp/overlay.qcow2,format=qcow2,if=virtio,cache=unsafe" \
   -device virtio-rng-pci -fw_cfg name=etc/sercon-port,string=0 \
-  "${virtfs[@]}" -pidfile "$tmp/qemu.pid" </dev/null >>"$log" 2>&1 &
+  "${virtfs[@]}" -pidfile "$tmp/qemu.pid" </dev/null >>"$log" 2>"$tmp/qemu.stderr" &
 qpid=$!
 tail -n +1 -s 0.2 -f --pid="$qpid" "$log" &
 tpid=$!
@@ -364,6 +363,8 @@ wait "$qpid" 2>/dev/null || qrc=$?
 qpid=""
 wait "$tpid" 2>/dev/null || true
 elapsed=$(( $(date +%s) - t0 ))
+# QEMU's own messages (SeaBIOS is silenced with etc/sercon-port, which QEMU warns about).
+grep -v 'sercon-port' "$tmp/qemu.stderr" | sed 's/^/vm-test: qemu: /' | tee -a "$log" >&2 || true
 
 if [ "$timed_out" -eq 1 ]; then
   say "error: timed out after ${timeout_s} s; QEMU killed (console log: $log)" >&2

@@ -298,6 +298,7 @@ pub struct KernelTunnel {
     ifname: String,
     genl: Genl,
     family: u16,
+    existed: bool,
 }
 
 impl KernelTunnel {
@@ -305,7 +306,8 @@ impl KernelTunnel {
     pub fn open(ifname: &str) -> Result<Self, Error> {
         let mut genl = Genl::open()?;
         let family = genl.resolve_family("wireguard")?;
-        if nix::net::if_::if_nametoindex(ifname).is_err() {
+        let existed = nix::net::if_::if_nametoindex(ifname).is_ok();
+        if !existed {
             let out = std::process::Command::new("ip")
                 .args(["link", "add", "dev", ifname, "type", "wireguard"])
                 .output()
@@ -323,7 +325,13 @@ impl KernelTunnel {
             ifname: ifname.to_string(),
             genl,
             family,
+            existed,
         })
+    }
+
+    /// Was the interface already there (made by an earlier run, whose peers it still has)?
+    pub fn existed(&self) -> bool {
+        self.existed
     }
 }
 

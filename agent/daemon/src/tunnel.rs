@@ -25,8 +25,9 @@ use crate::{
     config::{BackendChoice, Config},
 };
 
-/// How long peers found on an adopted `veil-wg` (installed by an earlier agent run from its
-/// authenticated node handshakes) stay without a fresh handshake of this run.
+/// How long peers found on an adopted `veil-wg` or kernel WireGuard device (installed by an
+/// earlier agent run from its authenticated node handshakes) stay without a fresh handshake of
+/// this run.
 pub const ADOPTED_PEER_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Errors running the node's tunnel.
@@ -210,6 +211,12 @@ impl NodeTunnel {
                 ],
                 None,
             );
+            // A device an earlier agent run made keeps its peers and sessions: adopted like a
+            // running veil-wg, its peers kept for the grace until this run's handshakes.
+            if k.existed() {
+                tracing::info!(interface = %cfg.interface, "adopted kernel WireGuard device");
+                started_fresh = false;
+            }
             Box::new(k)
         } else {
             let launch = UserspaceLaunch {
