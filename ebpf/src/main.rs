@@ -90,6 +90,13 @@ struct EmitScratch {
 #[map(name = "VEIL_EMIT_SCRATCH")]
 static VEIL_EMIT_SCRATCH: PerCpuArray<EmitScratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// A packet's conntrack keys, forward and reverse: off the stack of the programs that track
+/// connections. Kernels before 6.x round every frame up to 32 bytes and count the deepest call
+/// chain (a program and `emit`) against 512: with the keys on its stack, veil_from_pod did not
+/// load on Linux 6.1 ("combined stack size of 2 calls is 544").
+#[map(name = "VEIL_CT_SCRATCH")]
+static VEIL_CT_SCRATCH: PerCpuArray<[CtKey; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -260,8 +267,8 @@ fn from_proxy(ctx: &TcContext, version: u8) -> Result<i32, u32> {
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let (fwd, rev) = (ct_key(&flow, false), ct_key(&flow, true));
-    let Some((entry, is_reply)) = ct_lookup(&flow, &fwd, &rev, now) else {
+    let [fwd, rev] = ct_keys(&flow)?;
+    let Some((entry, is_reply)) = ct_lookup(&flow, fwd, rev, now) else {
         return Err(reason::HOST_SPOOFED);
     };
     // SAFETY: map value pointer valid for this program run.
@@ -302,9 +309,8 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, u32> {
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let fwd = ct_key(&flow, false);
-    let rev = ct_key(&flow, true);
-    if let Some((entry, _)) = ct_lookup(&flow, &fwd, &rev, now) {
+    let [fwd, rev] = ct_keys(&flow)?;
+    if let Some((entry, _)) = ct_lookup(&flow, fwd, rev, now) {
         // SAFETY: map value pointer valid for this program run.
         unsafe { (*entry).last_seen_ns = now };
         return Ok(TC_ACT_OK);
@@ -317,7 +323,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, u32> {
             flags: ct_flags::INGRESS_OK,
             remote_node: 0,
         };
-        let _ = VEIL_CT.insert(&fwd, &entry, 0);
+        let _ = VEIL_CT.insert(fwd, &entry, 0);
     }
     Ok(TC_ACT_OK)
 }
@@ -710,16 +716,15 @@ fn admit(
 ) -> Result<Option<i32>, u32> {
     let ev = &a.ev;
     let now = ev.now;
-    let fwd = ct_key(flow, false);
-    let rev = ct_key(flow, true);
-    if let Some((entry, is_reply)) = ct_lookup(flow, &fwd, &rev, now) {
+    let [fwd, rev] = ct_keys(flow)?;
+    if let Some((entry, is_reply)) = ct_lookup(flow, fwd, rev, now) {
         // SAFETY: map value pointer valid for this program run.
         let e = unsafe { &mut *entry };
         e.last_seen_ns = now;
         if e.flags & ct_flags::AUTH != 0
             && !auth_valid(e.src_identity, e.dst_identity, e.remote_node, now, is_reply)
         {
-            VEIL_CT.remove(if is_reply { &rev } else { &fwd }).ok();
+            VEIL_CT.remove(if is_reply { rev } else { fwd }).ok();
             return Err(ev.dropped(
                 flow,
                 reason::AUTH_REQUIRED,
@@ -814,7 +819,7 @@ fn admit(
     // A full table (LRU evicts, so only on allocation failure) must not pass the packet
     // untracked; it is still admitted, just re-evaluated on the next packet. A proxied
     // connection's later packets find no entry and drop (`tcp-not-established`): fail closed.
-    let _ = VEIL_CT.insert(&fwd, &entry, 0);
+    let _ = VEIL_CT.insert(fwd, &entry, 0);
     ev.emit(flow, verdict_code, audit_reason, a.dir, flags);
     count_verdict(verdict_code);
     if ct & ct_flags::PROXY != 0 {
@@ -1043,6 +1048,19 @@ fn is_syn(flow: &Flow) -> bool {
 #[inline(always)]
 fn tcp_may_start(flow: &Flow) -> bool {
     flow.protocol != IPPROTO_TCP || flow.tcp_flags == 0xff || is_syn(flow)
+}
+
+/// The packet's conntrack keys, forward and reverse, in this CPU's [`VEIL_CT_SCRATCH`] slot.
+#[inline(always)]
+fn ct_keys(f: &Flow) -> Result<&'static [CtKey; 2], u32> {
+    let p = VEIL_CT_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(reason::DATAPATH_ERROR)?;
+    // SAFETY: this CPU's slot, used only within this program run.
+    let k = unsafe { &mut *p };
+    k[0] = ct_key(f, false);
+    k[1] = ct_key(f, true);
+    Ok(k)
 }
 
 #[inline(always)]

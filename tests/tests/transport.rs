@@ -828,7 +828,10 @@ fn kernel_wireguard_carries_pods_and_interoperates_with_veil_wg() {
     if !veil_transport::kernel::available() {
         let name = veil_tests::unique_name();
         let err = Lab::up_refused(&name, &["--backend", "kernel", "--quiet"]);
-        assert!(err.contains("--backend kernel: this kernel has no WireGuard"), "{err}");
+        assert!(
+            err.contains("--backend kernel: this kernel has no WireGuard"),
+            "{err}"
+        );
         assert!(veil_tests::leftovers(&name, None).is_empty());
         let file = veil_tests::TempFile::new(&format!("{name}.yaml"), MIXED_BACKENDS);
         let path = file.path.display().to_string();
@@ -862,7 +865,16 @@ fn kernel_wireguard_carries_pods_and_interoperates_with_veil_wg() {
     // And the other way: backend (veil-wg's side) pings frontend (the kernel's side).
     lab.exec_ok(
         "backend",
-        &["ping", "-c", "3", "-i", "0.2", "-W", "2", &lab.pod_ip("frontend")],
+        &[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &lab.pod_ip("frontend"),
+        ],
     );
     let (raw, lines) = cap.stop_decoded();
     assert!(
@@ -874,7 +886,10 @@ fn kernel_wireguard_carries_pods_and_interoperates_with_veil_wg() {
             .iter()
             .filter(|l| l.contains(&format!("{from}.51820 > {to}.51820: UDP")))
             .count();
-        assert!(wg >= 3, "expected WireGuard from {from} to {to}, saw {wg}: {lines:#?}");
+        assert!(
+            wg >= 3,
+            "expected WireGuard from {from} to {to}, saw {wg}: {lines:#?}"
+        );
     }
     assert!(
         non_wireguard(&lines).is_empty(),
@@ -883,13 +898,19 @@ fn kernel_wireguard_carries_pods_and_interoperates_with_veil_wg() {
     );
     // The kernel's own view of its peer: a completed handshake with veil-wg.
     let a = lab.node("node-a");
-    let hs = ip_netns(&a.netns, &["wg", "show", &a.wg_interface, "latest-handshakes"]);
+    let hs = ip_netns(
+        &a.netns,
+        &["wg", "show", &a.wg_interface, "latest-handshakes"],
+    );
     let secs: u64 = hs
         .split_whitespace()
         .nth(1)
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| panic!("no peer in `wg show` on node-a: {hs:?}"));
-    assert!(secs > 0, "node-a's kernel WireGuard never completed a handshake: {hs:?}");
+    assert!(
+        secs > 0,
+        "node-a's kernel WireGuard never completed a handshake: {hs:?}"
+    );
 }
 
 /// Hostile datagrams to the WireGuard port and random streams to the control port, from the
