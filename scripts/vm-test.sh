@@ -3,6 +3,10 @@
 # (linux-image-amd64, 6.1, which ships the wireguard module), so the end-to-end tests can run
 # against real kernel WireGuard on hosts whose kernel has none.
 #
+#   scripts/vm-test.sh             (the kernel-WireGuard suite: builds this workspace's release
+#                                   binaries and the test binaries it needs on the host, then
+#                                   runs scripts/vm-suite.sh in the VM; prints
+#                                   `vm-test: N passed, M failed`, exits non-zero on a failure)
 #   scripts/vm-test.sh --run 'COMMAND' [--timeout SECONDS] [--results DIR] [--log FILE]
 #                      [--share DIR]... [--verbose]
 #   scripts/vm-test.sh --build     (only build the cached image, then exit)
@@ -22,7 +26,7 @@
 #   and execs init.sh from it; this script writes init.sh fresh every run, so changing the guest
 #   init needs no rebuild. The command travels as /vm-results/cmd.sh, never on the kernel
 #   command line; the guest writes its exit status to /vm-results/exit-status and powers off.
-# - The guest console (ttyS0) streams to stdout and to the log file; --timeout (default 1800 s)
+# - The guest console (ttyS0) streams to stdout and to the log file; --timeout (default 1800 s; 3600 for the suite)
 #   kills QEMU. Exit status: the guest command's, or 124 on timeout, or 125 when the VM ended
 #   without reporting one. KVM when /dev/kvm can run this guest (probed once, cached), else TCG;
 #   VEIL_VM_ACCEL=kvm|tcg overrides the probe.
@@ -32,7 +36,7 @@ say() { printf 'vm-test: %s\n' "$*"; }
 die() { printf 'vm-test: error: %s\n' "$*" >&2; exit 1; }
 
 # --- arguments -------------------------------------------------------------------------------
-cmd="" build_only=0 timeout_s=1800 results_keep="" log="" verbose=0
+cmd="" build_only=0 timeout_s="" results_keep="" log="" verbose=0
 shares=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,8 +51,7 @@ while [ $# -gt 0 ]; do
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
-[ "$build_only" -eq 1 ] || [ -n "$cmd" ] || die "nothing to run: pass --run 'COMMAND' (or --build)"
-[[ "$timeout_s" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive number of seconds, not '$timeout_s'"
+[ -z "$timeout_s" ] || [[ "$timeout_s" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive number of seconds, not '$timeout_s'"
 [ "$(id -u)" -eq 0 ] || die "run as root (debootstrap, and the image holds root-owned files)"
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -56,6 +59,29 @@ cache="${VEIL_CACHE_DIR:-$HOME/.cache/veil}"
 vmcache="$cache/vm"
 mkdir -p "$vmcache"
 log="${log:-$vmcache/console.log}"
+
+# --- the default suite: release binaries and test binaries from this workspace ---------------
+if [ "$build_only" -eq 0 ] && [ -z "$cmd" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+  command -v cargo >/dev/null || die "cargo not found: run scripts/setup.sh first"
+  say "building the release binaries and the transport, auth and attach test binaries"
+  (cd "$repo" && cargo build --release --locked --workspace --bins) >&2 \
+    || die "cargo build --release failed"
+  tests_json=$(cd "$repo" && cargo test --release --locked -p veil-tests --test transport \
+    --test auth --test attach --no-run --message-format=json 2>/dev/null) \
+    || die "building the test binaries failed (cargo test --no-run)"
+  test_bins=$(printf '%s\n' "$tests_json" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"] + "=" + m["executable"])')
+  [ "$(printf '%s\n' "$test_bins" | grep -c .)" -eq 3 ] \
+    || die "expected 3 test binaries (transport, auth, attach), found: $test_bins"
+  cmd="bash $repo/scripts/vm-suite.sh $(printf '%s\n' "$test_bins" | tr '\n' ' ')"
+  timeout_s=${timeout_s:-3600}
+fi
+timeout_s=${timeout_s:-1800}
 
 # --- host packages ---------------------------------------------------------------------------
 need=()

@@ -20,7 +20,11 @@ pub fn format_lab(v: &LabView) -> String {
         "lab {}  trust domain {}  encryption {}  backend {}  pod MTU {}",
         v.name,
         v.trust_domain,
-        if v.encryption { "on" } else { "off" },
+        match (v.encryption, v.node_encryption) {
+            (true, true) => "on (pods and nodes)",
+            (true, false) => "on (pods)",
+            (false, _) => "off",
+        },
         v.backend,
         v.pod_mtu
     );
@@ -74,7 +78,11 @@ pub fn format_status(st: &api::Status) -> String {
     let _ = writeln!(
         s,
         "  encryption: {}  backend: {}  interface: {}  listen port: {}  strict: {}",
-        if st.encryption { "on" } else { "OFF" },
+        match (st.encryption, st.node_encryption) {
+            (true, true) => "on (pods and nodes)",
+            (true, false) => "on (pods)",
+            (false, _) => "OFF",
+        },
         st.backend,
         st.interface,
         st.listen_port,

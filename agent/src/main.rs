@@ -227,6 +227,10 @@ enum LabCommand {
         /// on|off (off only for the capture sanity check).
         #[arg(long)]
         encryption: Option<spec::OnOff>,
+        /// on|off: encrypt the nodes' own traffic (host network) too, not only pod traffic.
+        /// Default: the lab file's `node_encryption:`, else off.
+        #[arg(long)]
+        node_encryption: Option<spec::OnOff>,
         /// SVID TTL, e.g. 30s, 1h.
         #[arg(long)]
         svid_ttl: Option<spec::HumanDuration>,
@@ -941,6 +945,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             file,
             backend,
             encryption,
+            node_encryption,
             svid_ttl,
             identity,
             control_plane,
@@ -956,6 +961,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             };
             let overrides = spec::Overrides {
                 encryption: encryption.map(|e| e.0),
+                node_encryption: node_encryption.map(|e| e.0),
                 svid_ttl: svid_ttl.map(|d| d.0),
                 backend,
                 identity,

@@ -135,6 +135,16 @@ pub fn veil_from_underlay(ctx: TcContext) -> i32 {
     }
 }
 
+/// Packets leaving on the node's underlay interface (egress), with node encryption: traffic to
+/// another node's own address enters the tunnel (fails closed without a peer).
+#[classifier]
+pub fn veil_to_underlay(ctx: TcContext) -> i32 {
+    match try_to_underlay(&ctx) {
+        Ok(action) => action,
+        Err(code) => drop_packet(&ctx, code),
+    }
+}
+
 /// Packets entering the tunnel device, egress (fails closed for unmarked local pod sources).
 #[classifier]
 pub fn veil_to_tunnel(ctx: TcContext) -> i32 {
@@ -225,6 +235,45 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
         );
     }
     Err(reason::PLAINTEXT_UNDERLAY)
+}
+
+/// With node encryption on, an IPv4 packet to another node's own address (the nodes' addresses
+/// are IPv4) is redirected into the tunnel device, whatever sends it (a host process, a pod's
+/// connection to a node port), except what carries the tunnel: WireGuard's own datagrams (UDP
+/// from its port) and the control channel (TCP to or from its port). No peer for that node:
+/// `no-key`, never clear. Larger than the tunnel carries: `mtu-exceeded` (the agent routes
+/// the other nodes' addresses with the tunnel's MTU, so TCP sizes its segments to fit).
+fn try_to_underlay(ctx: &TcContext) -> Result<i32, u32> {
+    let cfg = config()?;
+    let both = config_flags::ENCRYPT | config_flags::NODE_ENCRYPT;
+    if cfg.flags & both != both {
+        return Ok(TC_ACT_OK);
+    }
+    if u16::from_be(ctx.load::<u16>(12).map_err(|_| reason::TRUNCATED)?) != ETH_P_IP {
+        return Ok(TC_ACT_OK);
+    }
+    let daddr: [u8; 4] = ctx.load(ETH_HLEN + 16).map_err(|_| reason::TRUNCATED)?;
+    let node = match lookup_ip(&v4_mapped(daddr)) {
+        Some(d) if d.flags & ip_flags::NODE != 0 => d.node_id,
+        _ => return Ok(TC_ACT_OK),
+    };
+    let flow = parse_v4(ctx, ETH_HLEN)?;
+    if !flow.later_fragment {
+        let wireguard =
+            flow.protocol == IPPROTO_UDP && u32::from(flow.sport) == cfg.wg_port;
+        let control = flow.protocol == IPPROTO_TCP
+            && (u32::from(flow.sport) == cfg.control_port
+                || u32::from(flow.dport) == cfg.control_port);
+        if wireguard || control {
+            return Ok(TC_ACT_OK);
+        }
+    }
+    steer_check(&cfg, node)?;
+    if tunnel_mtu_exceeded(ctx, &flow, cfg.tunnel_ifindex)?.is_some() {
+        return Err(reason::MTU_EXCEEDED);
+    }
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(cfg.tunnel_ifindex, 0) } as i32)
 }
 
 fn try_to_tunnel(ctx: &TcContext) -> Result<i32, u32> {
@@ -877,8 +926,19 @@ fn ingress_from_node(
     let src_node = src.map(|s| s.node_id).unwrap_or(0);
     let dst = match lookup_ip(&flow.daddr) {
         Some(d) if d.flags & ip_flags::LOCAL_POD != 0 => d,
-        // Peers carry only pod traffic (their allowed IPs are pod CIDRs): a decrypted packet
-        // for anything but a pod of this node has nowhere legitimate to go.
+        // Node encryption: another node's traffic for this node's own address (its peer's
+        // allowed IPs hold that node's address, so veil-wg vouched for the source) goes to
+        // the host stack, like the same packet from the underlay without node encryption.
+        Some(d)
+            if d.flags & ip_flags::HOST != 0
+                && cfg.flags & config_flags::NODE_ENCRYPT != 0
+                && encrypted =>
+        {
+            return Ok(TC_ACT_OK)
+        }
+        // Peers carry only pod traffic (their allowed IPs are pod CIDRs) and, with node
+        // encryption, the nodes' own: a decrypted packet for anything else has nowhere
+        // legitimate to go.
         _ => return Err(reason::UNKNOWN_ENDPOINT),
     };
     // SAFETY: plain helper call.
@@ -933,7 +993,8 @@ fn lookup_ip(addr: &[u8; 16]) -> Option<IpInfo> {
 #[inline(always)]
 fn remote_identity(info: Option<IpInfo>) -> u32 {
     match info {
-        Some(i) if i.flags & ip_flags::POD != 0 => i.identity,
+        // Pods, and other nodes' own addresses (present with node encryption): remote-node.
+        Some(i) if i.flags & (ip_flags::POD | ip_flags::NODE) != 0 => i.identity,
         Some(_) => identity::UNKNOWN,
         None => identity::WORLD,
     }

@@ -335,22 +335,31 @@ fn svid_rotation_every_20s_under_load_loses_nothing() {
 #[test]
 fn psk_rotation_under_load_loses_nothing() {
     let lab = Lab::up_with_file(&format!("psk_rotation: 5s\n{ECHO_LAB}"), &[]);
-    let load = lab.echo_load("frontend", 400, 100);
+    // veil-wg starts a handshake with each new PSK (make-before-break). Kernel WireGuard has no
+    // way to ask for one: a new PSK is used from its next handshake, the 120 s re-key, so on
+    // that backend the observation spans one re-key and needs it to succeed (both ends then
+    // hold the same, newest PSK).
+    let kernel = lab.status("node-a").backend == "kernel";
+    let (seconds, want_handshakes): (u32, usize) = if kernel { (135, 2) } else { (42, 4) };
+    let load = lab.echo_load("frontend", seconds * 10 - 20, 100);
     let n = load.n;
     let mut epochs = vec![];
     let mut handshakes = vec![];
-    // A 42 s observation of the rotations.
-    sample_for(Duration::from_secs(42), Duration::from_millis(300), |_| {
-        let st = lab.status("node-a");
-        push_changed(&mut epochs, epoch_with(&st, "node-b"));
-        push_changed(
-            &mut handshakes,
-            st.peers
-                .iter()
-                .find(|p| p.node == "node-b")
-                .and_then(|p| p.last_handshake_unix),
-        );
-    });
+    sample_for(
+        Duration::from_secs(seconds.into()),
+        Duration::from_millis(300),
+        |_| {
+            let st = lab.status("node-a");
+            push_changed(&mut epochs, epoch_with(&st, "node-b"));
+            push_changed(
+                &mut handshakes,
+                st.peers
+                    .iter()
+                    .find(|p| p.node == "node-b")
+                    .and_then(|p| p.last_handshake_unix),
+            );
+        },
+    );
     let (tcp_lines, udp_lines) = load.finish();
     println!(
         "PSK rotation every 5 s: epochs {epochs:?}, WireGuard handshakes at {handshakes:?}; TCP {}/{n}, UDP {}/{n}",
@@ -358,9 +367,10 @@ fn psk_rotation_under_load_loses_nothing() {
         udp_lines.len()
     );
     assert!(epochs.len() >= 6, "PSK epochs seen: {epochs:?}");
-    // Each new PSK is used by a fresh WireGuard handshake, not just stored.
+    // Each new PSK is used by a fresh WireGuard handshake, not just stored (kernel: the next
+    // re-key uses the newest).
     assert!(
-        handshakes.len() >= 4,
+        handshakes.len() >= want_handshakes,
         "WireGuard handshakes seen: {handshakes:?}"
     );
     assert_all_echoed(&tcp_lines, &udp_lines, n);

@@ -18,6 +18,9 @@ pub struct Status {
     pub listen_port: u16,
     pub public_key: Option<String>,
     pub encryption: bool,
+    /// Node traffic (host network, node address to node address) encrypted too.
+    #[serde(default)]
+    pub node_encryption: bool,
     pub strict: bool,
     pub peers: Vec<Peer>,
     pub svids: Vec<Svid>,

@@ -70,6 +70,10 @@ pub struct Config {
     /// Drop traffic to pod CIDRs of nodes without a tunnel peer (`no-key`).
     #[serde(default = "yes")]
     pub strict: bool,
+    /// Encrypt the nodes' own traffic too (host network, node address to node address), not only
+    /// pod traffic; WireGuard's datagrams and the control channel stay outside the tunnel.
+    #[serde(default)]
+    pub node_encryption: bool,
     #[serde(default)]
     pub backend: BackendChoice,
     /// WireGuard interface name.
@@ -266,6 +270,12 @@ impl Config {
         if self.listen_port == 0 {
             return invalid("listen_port", "must not be 0");
         }
+        if self.node_encryption && !self.encryption {
+            return invalid(
+                "node_encryption",
+                "needs encryption: node traffic is encrypted in the same tunnel as pod traffic",
+            );
+        }
         if !(576..=9000).contains(&self.mtu) {
             return invalid("mtu", "must be within 576..=9000");
         }
@@ -363,6 +373,12 @@ pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: files, dir: /run/cp}\ninte
         )
         .unwrap_err();
         assert!(e.to_string().contains("source"), "{e}");
+        let e = Config::parse(
+            &format!("{GOOD}encryption: false\nnode_encryption: true\n"),
+            Path::new("a"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("node_encryption"), "{e}");
     }
 
     /// Regression (fuzz target `agent_config`, corpus `agent_config/regression-zero-rotation`):

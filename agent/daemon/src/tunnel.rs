@@ -116,6 +116,11 @@ pub struct NodeTunnel {
     device: Box<dyn Tunnel>,
     key: PrivateKey,
     listen_port: u16,
+    /// Node traffic encryption: the tunnel MTU (each peer's allowed IPs also hold its node's
+    /// address, routed with an MSS that fits the tunnel); None when off.
+    node_encryption: Option<u16>,
+    /// Other nodes' addresses this agent routed with that MSS (removed when a node leaves).
+    node_routes: BTreeSet<std::net::Ipv4Addr>,
     /// Peers an operator disabled (`veil peer remove`), kept off until re-enabled.
     disabled: BTreeSet<String>,
     /// Preshared keys per peer node (set by the mutual-auth handshake).
@@ -252,6 +257,8 @@ impl NodeTunnel {
             device,
             key,
             listen_port: cfg.listen_port,
+            node_encryption: (cfg.encryption && cfg.node_encryption).then_some(cfg.mtu),
+            node_routes: BTreeSet::new(),
             disabled: BTreeSet::new(),
             psks: BTreeMap::new(),
             psk_applied: BTreeMap::new(),
@@ -386,6 +393,9 @@ impl NodeTunnel {
         for n in cluster.nodes.iter().filter(|n| n.name != me) {
             route_into(self.device.interface(), &n.pod_cidr)?;
         }
+        if let Some(mtu) = self.node_encryption {
+            self.route_nodes(cluster, me, mtu);
+        }
         let PeerPlan {
             desired,
             mut kept,
@@ -395,6 +405,7 @@ impl NodeTunnel {
             me,
             own_key: &self.key.public_key(),
             listen_port: self.listen_port,
+            node_encryption: self.node_encryption.is_some(),
             disabled: &self.disabled,
             psks: &self.psks,
             adopted: &self.adopted,
@@ -485,6 +496,69 @@ impl NodeTunnel {
     pub fn listen_port(&self) -> u16 {
         self.listen_port
     }
+
+    /// Node encryption: the other nodes' addresses keep their route (the datapath steers their
+    /// traffic into the tunnel at the underlay's egress), with an advertised MSS that fits the
+    /// tunnel, so TCP between nodes never sends a segment the tunnel cannot carry. The MTU of
+    /// the route stays the underlay's: WireGuard's own datagrams to the same address need it.
+    fn route_nodes(&mut self, cluster: &ClusterState, me: &str, mtu: u16) {
+        let advmss = (mtu - 40).to_string();
+        let want: BTreeSet<std::net::Ipv4Addr> = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.name != me)
+            .map(|n| n.underlay_ip)
+            .collect();
+        for ip in &want {
+            let dst = format!("{ip}/32");
+            // The path the node already has to it (gateway, interface), as the kernel resolves it.
+            let path = match crate::sys::run(
+                "ip",
+                &["-4", "-o", "route", "get", &ip.to_string()],
+                None,
+            ) {
+                Ok(out) => route_path(&out),
+                Err(e) => {
+                    tracing::warn!(node_ip = %ip, error = %e, "no route to a node: its traffic is not sized for the tunnel");
+                    continue;
+                }
+            };
+            let mut args = vec!["-4", "route", "replace", dst.as_str()];
+            args.extend(path.iter().map(String::as_str));
+            args.extend(["advmss", advmss.as_str()]);
+            match crate::sys::run("ip", &args, None) {
+                Ok(_) => {
+                    self.node_routes.insert(*ip);
+                }
+                Err(e) => {
+                    tracing::warn!(node_ip = %ip, error = %e, "cannot size a node's route for the tunnel")
+                }
+            }
+        }
+        for gone in self
+            .node_routes
+            .difference(&want)
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            let _ = crate::sys::run("ip", &["-4", "route", "del", &format!("{gone}/32")], None);
+            self.node_routes.remove(&gone);
+        }
+    }
+}
+
+/// `via GW dev IF` (what is present) of one line of `ip -o route get`.
+fn route_path(out: &str) -> Vec<String> {
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let mut path = Vec::new();
+    for key in ["via", "dev"] {
+        if let Some(i) = words.iter().position(|w| *w == key) {
+            if let Some(v) = words.get(i + 1) {
+                path.extend([key.to_string(), v.to_string()]);
+            }
+        }
+    }
+    path
 }
 
 /// What [`plan_peers`] decides from.
@@ -493,6 +567,8 @@ struct PlanInput<'a> {
     me: &'a str,
     own_key: &'a PublicKey,
     listen_port: u16,
+    /// Node encryption: a peer's allowed IPs also hold its node's own address.
+    node_encryption: bool,
     disabled: &'a BTreeSet<String>,
     psks: &'a BTreeMap<String, PresharedKey>,
     adopted: &'a BTreeMap<PublicKey, std::time::Instant>,
@@ -568,6 +644,10 @@ fn plan_peers(input: &PlanInput<'_>) -> PeerPlan {
         let Ok(cidr) = n.pod_cidr.parse::<IpPrefix>() else {
             continue;
         };
+        let mut allowed_ips = vec![cidr];
+        if input.node_encryption {
+            allowed_ips.extend(IpPrefix::new(n.underlay_ip.into(), 32).ok());
+        }
         claims.push((
             key,
             n.name.clone(),
@@ -575,7 +655,7 @@ fn plan_peers(input: &PlanInput<'_>) -> PeerPlan {
                 public_key: key,
                 preshared_key: psk,
                 endpoint: Some(SocketAddr::from((n.underlay_ip, input.listen_port))),
-                allowed_ips: vec![cidr],
+                allowed_ips,
                 persistent_keepalive: None,
             },
         ));
@@ -669,6 +749,7 @@ mod tests {
         psks: BTreeMap<String, PresharedKey>,
         adopted: BTreeMap<PublicKey, std::time::Instant>,
         own: PublicKey,
+        node_encryption: bool,
     }
 
     impl World {
@@ -682,6 +763,7 @@ mod tests {
                 psks: BTreeMap::new(),
                 adopted: BTreeMap::new(),
                 own: key(100),
+                node_encryption: false,
             }
         }
 
@@ -691,6 +773,7 @@ mod tests {
                 me: "me",
                 own_key: &self.own,
                 listen_port: 51820,
+                node_encryption: self.node_encryption,
                 disabled: &self.disabled,
                 psks: &self.psks,
                 adopted: &self.adopted,
@@ -731,6 +814,30 @@ mod tests {
         assert_eq!(
             installed(&plan),
             BTreeMap::from([("a".to_string(), key(50)), ("c".into(), key(4))])
+        );
+        // Node encryption: the node's own address joins its pod CIDR.
+        let mut w = w;
+        w.node_encryption = true;
+        let plan = w.plan(Some(&keys));
+        let (_, a) = &plan.desired[&key(2)];
+        assert_eq!(
+            a.allowed_ips,
+            vec![
+                "198.19.2.0/24".parse().unwrap(),
+                "198.18.0.2/32".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_node_route_keeps_its_path() {
+        assert_eq!(
+            route_path("198.18.0.2 dev ul0 src 198.18.0.1 uid 0 \\    cache "),
+            ["dev", "ul0"]
+        );
+        assert_eq!(
+            route_path("10.0.9.7 via 10.0.0.1 dev eth0 src 10.0.0.5 uid 0 \\    cache "),
+            ["via", "10.0.0.1", "dev", "eth0"]
         );
     }
 

@@ -159,6 +159,8 @@ impl std::str::FromStr for HumanDuration {
 pub struct LabFile {
     pub trust_domain: Option<String>,
     pub encryption: Option<OnOff>,
+    /// Encrypt the nodes' own traffic too (host network), not only pod traffic.
+    pub node_encryption: Option<OnOff>,
     pub svid_ttl: Option<HumanDuration>,
     pub backend: Option<BackendChoice>,
     /// `spire` or `dev`: who issues the lab's SVIDs.
@@ -293,6 +295,7 @@ pub enum ServeKind {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub encryption: Option<bool>,
+    pub node_encryption: Option<bool>,
     pub svid_ttl: Option<Duration>,
     pub backend: Option<BackendChoice>,
     pub identity: Option<IdentityProvider>,
@@ -305,6 +308,9 @@ pub struct LabSpec {
     pub name: String,
     pub trust_domain: String,
     pub encryption: bool,
+    /// Node traffic encryption (absent in the state of labs made before the key: off).
+    #[serde(default)]
+    pub node_encryption: bool,
     #[serde(with = "duration_secs")]
     pub svid_ttl: Duration,
     pub backend: BackendChoice,
@@ -784,13 +790,26 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         }
     }
 
+    let encryption = overrides
+        .encryption
+        .or(file.encryption.map(|e| e.0))
+        .unwrap_or(true);
+    let node_encryption = overrides
+        .node_encryption
+        .or(file.node_encryption.map(|e| e.0))
+        .unwrap_or(false);
+    if node_encryption && !encryption {
+        return Err(invalid(
+            "node_encryption",
+            "on needs `encryption: on`: node traffic is encrypted in the pod traffic's tunnel",
+        ));
+    }
+
     Ok(LabSpec {
         name: name.to_string(),
         trust_domain,
-        encryption: overrides
-            .encryption
-            .or(file.encryption.map(|e| e.0))
-            .unwrap_or(true),
+        encryption,
+        node_encryption,
         svid_ttl,
         backend: overrides.backend.or(file.backend).unwrap_or_default(),
         identity,
@@ -1097,8 +1116,7 @@ mod tests {
             encryption: Some(true),
             svid_ttl: Some(Duration::from_secs(30)),
             backend: Some(BackendChoice::Userspace),
-            identity: None,
-            control_plane: None,
+            ..Overrides::default()
         };
         let lab = resolve("x", file, &o).unwrap();
         assert!(lab.encryption);
@@ -1226,6 +1244,8 @@ mod tests {
             ("nodes: [{name: a, zone: x}]", "nodes[0]"),
             ("pods: [{name: p, node: node-a, lables: {}}]", "pods[0]"),
             ("encryption: maybe", "encryption"),
+            ("node_encryption: yes please", "node_encryption"),
+            ("encryption: off\nnode_encryption: on", "node_encryption"),
             ("svid_ttl: soon", "svid_ttl"),
             ("svid_ttl: 1s", "svid_ttl"),
             ("backend: ebpf", "backend"),

@@ -164,9 +164,7 @@ fn contender(entries: usize) -> Result<Contender> {
         flags: config_flags::ENCRYPT | config_flags::STRICT,
         tunnel_ifindex: tunnel,
         node_id: NODE,
-        policy_slot: 0,
-        hold_ifindex: 0,
-        proxy_port: 0,
+        ..DatapathConfig::default()
     })?;
     for n in [1u8, 2, 3] {
         dp.add_pod_cidr(Prefix::v4(Ipv4Addr::new(198, 19, n, 0), 24), u32::from(n))?;

@@ -23,6 +23,9 @@ pub mod programs {
     /// TC program on the node's underlay interface, ingress: plaintext for pod addresses is
     /// dropped (strict mode in the receiving direction).
     pub const FROM_UNDERLAY: &str = "veil_from_underlay";
+    /// TC program on the node's underlay interface, egress, attached with node encryption: the
+    /// node's traffic to other nodes' addresses goes into the tunnel.
+    pub const TO_UNDERLAY: &str = "veil_to_underlay";
     /// TC program on the tunnel device, egress: only packets that came from a local pod (or the
     /// agent's hold device) may carry a local pod's source address into the tunnel.
     pub const TO_TUNNEL: &str = "veil_to_tunnel";
@@ -74,6 +77,9 @@ pub mod config_flags {
     pub const STRICT: u32 = 1 << 1;
     /// Node-wide audit mode: would-be policy drops are reported as AUDIT and passed.
     pub const AUDIT: u32 = 1 << 2;
+    /// Node traffic encryption (with [`ENCRYPT`]): packets to another node's own address enter
+    /// the tunnel too, except WireGuard's datagrams and the control channel.
+    pub const NODE_ENCRYPT: u32 = 1 << 3;
 }
 
 /// IP protocol numbers (IANA), the one home for the datapath, policy, flows and tests.

@@ -158,6 +158,8 @@ pub mod ip_flags {
     pub const POD: u32 = 1 << 2;
     /// An address of this node itself (its underlay address, its pod-network gateway).
     pub const HOST: u32 = 1 << 3;
+    /// Another node's own (underlay) address; `node_id` is that node's.
+    pub const NODE: u32 = 1 << 4;
 }
 
 /// Flags in [`NodeInfo::flags`].
@@ -186,6 +188,10 @@ pub struct DatapathConfig {
     /// TCP port of the node's L7 proxy listener on 127.0.0.1 (0: no proxy configured; an
     /// L7-policed connection is dropped with `proxy-unavailable`).
     pub proxy_port: u32,
+    /// The node's WireGuard UDP port and its control channel's TCP port: with node encryption,
+    /// the node traffic that stays outside the tunnel (it carries the tunnel).
+    pub wg_port: u32,
+    pub control_port: u32,
 }
 
 /// See [`IF_STATS`].
@@ -646,6 +652,8 @@ mod tests {
             policy_slot: 1,
             hold_ifindex: 0,
             proxy_port: 0,
+            wg_port: 51820,
+            control_port: 4250,
         };
         assert_eq!(from_bytes::<DatapathConfig>(bytes_of(&c)), c);
         let s = IfStats {

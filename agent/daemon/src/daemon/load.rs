@@ -25,6 +25,9 @@ pub(super) fn open_datapath(
     if cfg.strict {
         flags |= config_flags::STRICT;
     }
+    if cfg.node_encryption {
+        flags |= config_flags::NODE_ENCRYPT;
+    }
     let tunnel_ifindex = tunnel
         .and_then(|t| nix::net::if_::if_nametoindex(t.interface()).ok())
         .unwrap_or(0);
@@ -35,6 +38,8 @@ pub(super) fn open_datapath(
         policy_slot: 0,
         hold_ifindex: 0,
         proxy_port: u32::from(cfg.proxy_port),
+        wg_port: u32::from(cfg.listen_port),
+        control_port: u32::from(cfg.control_port),
     };
     let datapath = Datapath::open(&cfg.bpffs, &cfg.pin_dir, dp_cfg)?;
     tracing::info!(

@@ -90,12 +90,16 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         .and_then(|n| interface_with_address(n.underlay_ip))
     {
         Some(u) => {
-            if let Err(e) = s
-                .datapath
-                .attach(programs::FROM_UNDERLAY, &u, Hook::TcxIngress)
-            {
-                tracing::warn!(interface = %u, error = %crate::error_chain(&e), "cannot attach to the underlay");
-                first_error.get_or_insert(e.into());
+            // With node encryption, underlay egress too: node traffic goes into the tunnel.
+            let mut hooks = vec![(programs::FROM_UNDERLAY, Hook::TcxIngress)];
+            if s.cfg.node_encryption && s.cfg.encryption {
+                hooks.push((programs::TO_UNDERLAY, Hook::TcxEgress));
+            }
+            for (program, hook) in hooks {
+                if let Err(e) = s.datapath.attach(program, &u, hook) {
+                    tracing::warn!(interface = %u, program, error = %crate::error_chain(&e), "cannot attach to the underlay");
+                    first_error.get_or_insert(e.into());
+                }
             }
         }
         None => tracing::warn!(
@@ -128,7 +132,8 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         }
         s.watched = want;
     }
-    let (ipcache, nodes) = desired_maps(&cluster, &me, &with_key);
+    let node_encryption = s.cfg.encryption && s.cfg.node_encryption;
+    let (ipcache, nodes) = desired_maps(&cluster, &me, &with_key, node_encryption);
     sync(&mut IpCacheMap::new(s.datapath.ebpf_mut())?, &ipcache)?;
     sync(
         &mut KernelHash::<u32, NodeInfo>::new(s.datapath.ebpf_mut(), map_names::NODES)?,
@@ -269,6 +274,7 @@ pub fn desired_maps(
     cluster: &ClusterState,
     me: &str,
     with_key: &std::collections::BTreeSet<String>,
+    node_encryption: bool,
 ) -> (BTreeMap<Prefix, IpInfo>, BTreeMap<u32, NodeInfo>) {
     let mut ipcache = BTreeMap::new();
     let mut nodes = BTreeMap::new();
@@ -298,6 +304,18 @@ pub fn desired_maps(
                 let gw = std::net::Ipv4Addr::from(u32::from(net).wrapping_add(1));
                 ipcache.insert(Prefix::v4(gw, 32), host);
             }
+        } else if node_encryption {
+            // Another node's own address: with node encryption, traffic to it enters the
+            // tunnel (`veil_to_underlay`), and policy sees it as the remote-node entity.
+            ipcache.insert(
+                Prefix::v4(n.underlay_ip, 32),
+                IpInfo {
+                    identity: veil_common::maps::identity::REMOTE_NODE,
+                    node_id: n.id,
+                    flags: ip_flags::NODE,
+                    ifindex: 0,
+                },
+            );
         }
         let mut flags = if n.name == me { node_flags::SELF } else { 0 };
         if with_key.contains(&n.name) {
@@ -368,7 +386,7 @@ mod tests {
 
     #[test]
     fn desired_maps_cover_cidrs_pods_and_nodes() {
-        let (ipcache, nodes) = desired_maps(&state(), "a", &["b".to_string()].into());
+        let (ipcache, nodes) = desired_maps(&state(), "a", &["b".to_string()].into(), false);
         // Two pod CIDRs, two pods, and this node's own underlay address and gateway.
         assert_eq!(ipcache.len(), 6);
         for own in [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 19, 1, 1)] {
@@ -388,7 +406,15 @@ mod tests {
         assert_eq!((cidr.flags, cidr.node_id), (ip_flags::POD_CIDR, 2));
         assert_eq!(nodes[&1].flags, node_flags::SELF);
         assert_eq!(nodes[&2].flags, node_flags::HAS_KEY);
-        let (_, nodes) = desired_maps(&state(), "a", &Default::default());
+        let (_, nodes) = desired_maps(&state(), "a", &Default::default(), false);
         assert_eq!(nodes[&2].flags, 0, "no peer, no key: strict mode drops");
+        // Node encryption: the other node's own address is known, as the remote-node entity.
+        let (ipcache, _) = desired_maps(&state(), "a", &Default::default(), true);
+        assert_eq!(ipcache.len(), 7);
+        let b = ipcache[&Prefix::v4(Ipv4Addr::new(198, 18, 0, 2), 32)];
+        assert_eq!(
+            (b.flags, b.identity, b.node_id),
+            (ip_flags::NODE, identity::REMOTE_NODE, 2)
+        );
     }
 }

@@ -129,6 +129,7 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         listen_port: s.cfg.listen_port,
         public_key,
         encryption: s.cfg.encryption,
+        node_encryption: s.cfg.encryption && s.cfg.node_encryption,
         strict: s.cfg.strict,
         peers,
         svids,

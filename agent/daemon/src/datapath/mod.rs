@@ -227,6 +227,7 @@ impl Datapath {
             programs::FROM_POD,
             programs::FROM_TUNNEL,
             programs::FROM_UNDERLAY,
+            programs::TO_UNDERLAY,
             programs::TO_TUNNEL,
             programs::FROM_HOLD,
             programs::TO_POD,
