@@ -324,6 +324,7 @@ fn agent_restart_does_not_cut_a_long_stream() {
         Duration::from_secs(10),
         || (client.line_count() >= 20).then_some(()),
     );
+    let handshake_at_kill = lab.status("node-a").peers[0].last_handshake_unix;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(before.agent.pid as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -360,6 +361,15 @@ fn agent_restart_does_not_cut_a_long_stream() {
         "node key changed across restart"
     );
     assert_eq!(after.peers.len(), 1);
+    // Kernel WireGuard starts no handshake for a new PSK, so the same session means the
+    // peer was kept; a removed and re-added peer needs a new one (veil-wg hands shake anew
+    // with the restarted agent's PSK by design).
+    if kernel {
+        assert_eq!(
+            after.peers[0].last_handshake_unix, handshake_at_kill,
+            "kernel WireGuard's peer was removed and re-added across the restart"
+        );
+    }
     assert_eq!(
         lab.http_get("frontend", &format!("http://{be}:8080/")),
         "hello from shop/backend\n"
