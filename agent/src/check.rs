@@ -319,6 +319,15 @@ pub fn run(spec: &spec::LabSpec, paths: &LabPaths) -> Result<Report, Error> {
         udp_sent += s;
         udp_received += r;
     }
+    // With node encryption, the nodes' own traffic must not cross in clear either: the same
+    // markers between the first two nodes' addresses (host network).
+    if let (true, [a, b, ..]) = (spec.node_encryption, spec.nodes.as_slice()) {
+        names.push(format!("node {} -> node {}", a.name, b.name));
+        let (t, s, r) = send_markers(&a.netns, &b.netns, b.underlay_ip, marker.as_bytes())?;
+        tcp_round_trips += t;
+        udp_sent += s;
+        udp_received += r;
+    }
     let data = stop_capture(capture)?;
     let capture = analyse_pcap(&data, marker.as_bytes()).map_err(Error::Capture)?;
     let pass = capture.marker_hits == 0
@@ -338,7 +347,7 @@ pub fn run(spec: &spec::LabSpec, paths: &LabPaths) -> Result<Report, Error> {
 }
 
 /// Marker traffic from `src` to `dst` over TCP (echoed back) and UDP, with listeners the check
-/// opens in the destination pod's netns for the duration. Returns (TCP round trips, UDP
+/// opens in the destination's netns (a pod's, or a node's) for the duration. Returns (TCP round trips, UDP
 /// datagrams sent, UDP datagrams received).
 fn send_markers(
     src_ns: &str,

@@ -201,6 +201,19 @@ fn node_traffic_leak_pair_encrypted_shows_no_marker() {
         lab.status("node-a").peers[0].tx_bytes > tx + bulk as u64,
         "the megabyte did not go through node-a's tunnel"
     );
+    // The product's own check covers node traffic too, and passes.
+    let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "veil check failed: {report}");
+    assert!(
+        report["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "node node-a -> node node-b"),
+        "veil check sent no node marker: {report}"
+    );
+    assert_eq!(report["capture"]["marker_hits"], 0);
     // Every segment fit the tunnel (the node route's MSS): none was dropped as too big.
     let st = lab.status("node-a");
     assert_eq!(

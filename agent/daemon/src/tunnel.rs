@@ -425,14 +425,22 @@ impl NodeTunnel {
             .filter_map(|p| Some((p.public_key?, p)))
             .collect();
         for (key, (node, want)) in &desired {
-            let same = current.get(key).is_some_and(|have| {
+            // The peer as installed, apart from its PSK.
+            let placed = current.get(key).is_some_and(|have| {
                 have.allowed_ips == want.allowed_ips
                     && have.endpoint == want.endpoint
-                    && have.has_preshared_key == want.preshared_key.is_some()
                     && self.installed.get(node) == Some(key)
-                    && self.psk_applied.get(node) == want.preshared_key.as_ref()
             });
-            if !same {
+            let psk_same = current
+                .get(key)
+                .is_some_and(|have| have.has_preshared_key == want.preshared_key.is_some())
+                && self.psk_applied.get(node) == want.preshared_key.as_ref();
+            if placed && !psk_same {
+                // A new PSK alone (every node handshake): the allowed IPs stay untouched.
+                self.device
+                    .set_preshared_key(key, want.preshared_key.as_ref())?;
+                tracing::info!(peer = %node, public_key = %key, "tunnel peer PSK updated");
+            } else if !placed {
                 self.device.upsert_peer(want)?;
                 tracing::info!(peer = %node, public_key = %key, "tunnel peer installed");
             }
