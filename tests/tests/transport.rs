@@ -57,6 +57,26 @@ fn non_wireguard(lines: &[String]) -> Vec<&String> {
         .collect()
 }
 
+/// The capture's lines hold at least `min` WireGuard datagrams from node address `from` to
+/// `to` for each flow given, and nothing but WireGuard and the control channel between nodes.
+fn assert_only_wireguard(lines: &[String], flows: &[(&str, &str, usize)]) {
+    for (from, to, min) in flows {
+        let wg = lines
+            .iter()
+            .filter(|l| l.contains(&format!("{from}.51820 > {to}.51820: UDP")))
+            .count();
+        assert!(
+            wg >= *min,
+            "expected WireGuard from {from} to {to}, saw {wg}: {lines:#?}"
+        );
+    }
+    assert!(
+        non_wireguard(lines).is_empty(),
+        "non-WireGuard packets crossed: {:#?}",
+        non_wireguard(lines)
+    );
+}
+
 #[test]
 fn leak_pair_encrypted_shows_no_marker() {
     let lab = Lab::up(&[]);
@@ -68,19 +88,7 @@ fn leak_pair_encrypted_shows_no_marker() {
         !contains(&raw, marker.as_bytes()),
         "the marker crossed the underlay in clear"
     );
-    let wg = lines
-        .iter()
-        .filter(|l| l.contains("198.18.0.1.51820 > 198.18.0.2.51820: UDP"))
-        .count();
-    assert!(
-        wg >= 5,
-        "expected WireGuard packets between node IPs, saw {wg}: {lines:#?}"
-    );
-    assert!(
-        non_wireguard(&lines).is_empty(),
-        "non-WireGuard packets crossed: {:#?}",
-        non_wireguard(&lines)
-    );
+    assert_only_wireguard(&lines, &[("198.18.0.1", "198.18.0.2", 5)]);
     // The product's own check agrees (and exits 0).
     let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
     assert!(
@@ -192,11 +200,7 @@ fn node_traffic_leak_pair_encrypted_shows_no_marker() {
         !contains(&raw, marker.as_bytes()),
         "the marker crossed the underlay in clear"
     );
-    assert!(
-        non_wireguard(&lines).is_empty(),
-        "node traffic crossed outside WireGuard: {:#?}",
-        non_wireguard(&lines)
-    );
+    assert_only_wireguard(&lines, &[("198.18.0.1", "198.18.0.2", 5)]);
     assert!(
         lab.status("node-a").peers[0].tx_bytes > tx + bulk as u64,
         "the megabyte did not go through node-a's tunnel"
@@ -288,11 +292,7 @@ fn strict_mode_drops_without_key_and_recovers() {
         "request succeeded without a tunnel peer"
     );
     assert!(!contains(&raw, marker.as_bytes()));
-    assert!(
-        non_wireguard(&lines).is_empty(),
-        "{:#?}",
-        non_wireguard(&lines)
-    );
+    assert_only_wireguard(&lines, &[]);
     let after = lab.drop_count("node-a", "no-key");
     assert!(
         after > before,
@@ -1029,20 +1029,12 @@ fn kernel_wireguard_carries_pods_and_interoperates_with_veil_wg() {
         !contains(&raw, marker.as_bytes()),
         "the marker crossed the underlay in clear"
     );
-    for (from, to) in [("198.18.0.1", "198.18.0.2"), ("198.18.0.2", "198.18.0.1")] {
-        let wg = lines
-            .iter()
-            .filter(|l| l.contains(&format!("{from}.51820 > {to}.51820: UDP")))
-            .count();
-        assert!(
-            wg >= 3,
-            "expected WireGuard from {from} to {to}, saw {wg}: {lines:#?}"
-        );
-    }
-    assert!(
-        non_wireguard(&lines).is_empty(),
-        "non-WireGuard packets crossed: {:#?}",
-        non_wireguard(&lines)
+    assert_only_wireguard(
+        &lines,
+        &[
+            ("198.18.0.1", "198.18.0.2", 3),
+            ("198.18.0.2", "198.18.0.1", 3),
+        ],
     );
     // The kernel's own view of its peer: a completed handshake with veil-wg.
     let a = lab.node("node-a");

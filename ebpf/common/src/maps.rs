@@ -618,7 +618,7 @@ mod tests {
 
     #[test]
     fn sizes_are_fixed() {
-        assert_eq!(size_of::<DatapathConfig>(), 24);
+        assert_eq!(size_of::<DatapathConfig>(), 32);
         assert_eq!(size_of::<IfStats>(), 24);
         assert_eq!(size_of::<IpKey>(), 16);
         assert_eq!(size_of::<IpInfo>(), 16);
