@@ -241,8 +241,8 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
 /// are IPv4) is redirected into the tunnel device, whatever sends it (a host process, a pod's
 /// connection to a node port), except what carries the tunnel: WireGuard's own datagrams (UDP
 /// from its port) and the control channel (TCP to or from its port). No peer for that node:
-/// `no-key`, never clear. Larger than the tunnel carries: `mtu-exceeded` (the agent routes
-/// the other nodes' addresses with the tunnel's MTU, so TCP sizes its segments to fit).
+/// `no-key`, never clear. Larger than the tunnel carries: `mtu-exceeded` (the agent gives the
+/// routes to the other nodes an advertised MSS that fits the tunnel, so TCP's segments do).
 fn try_to_underlay(ctx: &TcContext) -> Result<i32, u32> {
     let cfg = config()?;
     let both = config_flags::ENCRYPT | config_flags::NODE_ENCRYPT;
