@@ -100,6 +100,12 @@ pub struct DeviceState {
 /// A WireGuard device the agent programs. Calls are short, synchronous control operations.
 /// A backend implements [`Tunnel::apply`] (both speak the UAPI `set` shape underneath); the
 /// operations the agent calls are built on it once, here.
+/// The preshared key to write: `psk`, or the zero key, which clears one the peer had.
+fn psk_or_clear(psk: Option<&PresharedKey>) -> PresharedKey {
+    psk.cloned()
+        .unwrap_or_else(|| PresharedKey::from_bytes([0; 32]))
+}
+
 pub trait Tunnel: Send {
     fn backend(&self) -> Backend;
     fn interface(&self) -> &str;
@@ -126,12 +132,7 @@ pub trait Tunnel: Send {
     /// handshake.
     fn upsert_peer(&mut self, peer: &PeerConfig) -> Result<(), Error> {
         let mut c = PeerChange::new(peer.public_key);
-        // A zero key clears a PSK the peer had.
-        c.preshared_key = Some(
-            peer.preshared_key
-                .clone()
-                .unwrap_or_else(|| PresharedKey::from_bytes([0; 32])),
-        );
+        c.preshared_key = Some(psk_or_clear(peer.preshared_key.as_ref()));
         c.endpoint = peer.endpoint;
         c.persistent_keepalive = Some(peer.persistent_keepalive.unwrap_or(0));
         c.replace_allowed_ips = true;
@@ -153,10 +154,7 @@ pub trait Tunnel: Send {
     ) -> Result<(), Error> {
         let mut c = PeerChange::new(*key);
         c.update_only = true;
-        c.preshared_key = Some(
-            psk.cloned()
-                .unwrap_or_else(|| PresharedKey::from_bytes([0; 32])),
-        );
+        c.preshared_key = Some(psk_or_clear(psk));
         self.apply(&SetRequest {
             peers: vec![c],
             ..Default::default()

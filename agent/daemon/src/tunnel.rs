@@ -517,7 +517,13 @@ impl NodeTunnel {
             .filter(|n| n.name != me)
             .map(|n| n.underlay_ip)
             .collect();
-        for ip in &want {
+        // Once per node (the reconcile runs on every cluster change): a node already routed
+        // keeps its route; a failed one is retried at the next reconcile.
+        for ip in want
+            .difference(&self.node_routes)
+            .copied()
+            .collect::<Vec<_>>()
+        {
             let dst = format!("{ip}/32");
             // The path the node already has to it (gateway, interface), as the kernel resolves it.
             let path = match crate::sys::run(
@@ -536,7 +542,7 @@ impl NodeTunnel {
             args.extend(["advmss", advmss.as_str()]);
             match crate::sys::run("ip", &args, None) {
                 Ok(_) => {
-                    self.node_routes.insert(*ip);
+                    self.node_routes.insert(ip);
                 }
                 Err(e) => {
                     tracing::warn!(node_ip = %ip, error = %e, "cannot size a node's route for the tunnel")
