@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -314,16 +314,28 @@ pub fn run(spec: &spec::LabSpec, paths: &LabPaths) -> Result<Report, Error> {
             src.qualified_name(),
             dst.qualified_name()
         ));
-        let (t, s, r) = send_markers(&src.netns, &dst.netns, dst.ip, marker.as_bytes())?;
+        let (t, s, r) = send_markers(&src.netns, &dst.netns, dst.ip.into(), marker.as_bytes())?;
         tcp_round_trips += t;
         udp_sent += s;
         udp_received += r;
+        // A dual-stack pair is checked over IPv6 as well.
+        if let Some(ip6) = dst.ipv6 {
+            names.push(format!(
+                "{} -> {} (IPv6)",
+                src.qualified_name(),
+                dst.qualified_name()
+            ));
+            let (t, s, r) = send_markers(&src.netns, &dst.netns, ip6.into(), marker.as_bytes())?;
+            tcp_round_trips += t;
+            udp_sent += s;
+            udp_received += r;
+        }
     }
     // With node encryption, the nodes' own traffic must not cross in clear either: the same
     // markers between the first two nodes' addresses (host network).
     if let (true, [a, b, ..]) = (spec.node_encryption, spec.nodes.as_slice()) {
         names.push(format!("node {} -> node {}", a.name, b.name));
-        let (t, s, r) = send_markers(&a.netns, &b.netns, b.underlay_ip, marker.as_bytes())?;
+        let (t, s, r) = send_markers(&a.netns, &b.netns, b.underlay_ip.into(), marker.as_bytes())?;
         tcp_round_trips += t;
         udp_sent += s;
         udp_received += r;
@@ -352,15 +364,20 @@ pub fn run(spec: &spec::LabSpec, paths: &LabPaths) -> Result<Report, Error> {
 fn send_markers(
     src_ns: &str,
     dst_ns: &str,
-    dst_ip: Ipv4Addr,
+    dst_ip: IpAddr,
     marker: &[u8],
 ) -> Result<(u32, u32, u32), Error> {
     let rounds = 10u32;
     let m = marker.to_vec();
+    // The unspecified address of the destination's family, for both ends' sockets.
+    let any = match dst_ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
     // Listeners in the destination pod.
     let (tcp, udp) = sys::in_netns(dst_ns, move || {
-        let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, MARKER_PORT));
-        let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, MARKER_PORT));
+        let tcp = TcpListener::bind((any, MARKER_PORT));
+        let udp = UdpSocket::bind((any, MARKER_PORT));
         (tcp, udp)
     })?;
     let tcp = tcp.map_err(|e| Error::Capture(format!("cannot listen in {dst_ns}: {e}")))?;
@@ -423,7 +440,7 @@ fn send_markers(
                 trips += 1;
             }
         }
-        if let Ok(u) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+        if let Ok(u) = UdpSocket::bind((any, 0)) {
             for _ in 0..rounds {
                 if u.send_to(&m, addr).is_ok() {
                     sent += 1;

@@ -231,6 +231,10 @@ enum LabCommand {
         /// Default: the lab file's `node_encryption:`, else off.
         #[arg(long)]
         node_encryption: Option<spec::OnOff>,
+        /// ipv4|dual: the pods' address families (dual: an IPv4 and an IPv6 address each).
+        /// Default: the lab file's `ip_family:`, else ipv4.
+        #[arg(long)]
+        ip_family: Option<spec::IpFamily>,
         /// SVID TTL, e.g. 30s, 1h.
         #[arg(long)]
         svid_ttl: Option<spec::HumanDuration>,
@@ -946,6 +950,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             backend,
             encryption,
             node_encryption,
+            ip_family,
             svid_ttl,
             identity,
             control_plane,
@@ -962,6 +967,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             let overrides = spec::Overrides {
                 encryption: encryption.map(|e| e.0),
                 node_encryption: node_encryption.map(|e| e.0),
+                ip_family,
                 svid_ttl: svid_ttl.map(|d| d.0),
                 backend,
                 identity,

@@ -593,15 +593,16 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         ETH_P_IPV6 => parse_v6(ctx, ETH_HLEN)?,
         _ => return Err(reason::UNSUPPORTED_L3),
     };
-    // IPv6 neighbour discovery from a link-local (or, for DAD, the unspecified) address to a
-    // link-local or link-scope multicast address is the pod resolving its gateway — the ARP of
-    // IPv6 — and passes like ARP. To any other destination it takes the checks below.
-    if flow.is_v6 && flow.protocol == IPPROTO_ICMPV6 && (133..=137).contains(&flow.icmp_type) {
+    // IPv6 neighbour discovery and multicast listener reports (MLD) to a link-local or
+    // link-scope multicast address are the pod resolving its gateway — the ARP of IPv6 — and
+    // pass like ARP when they come from a link-local (or, for DAD, the unspecified) address;
+    // from the pod's own address they pass after the anti-spoofing check below. To any other
+    // destination they take every check.
+    let link_control = flow.is_v6 && flow.protocol == IPPROTO_ICMPV6 && is_link_control(&flow);
+    if link_control {
         let link_local = flow.saddr[0] == 0xfe && flow.saddr[1] & 0xc0 == 0x80;
         let unspecified = flow.saddr == [0u8; 16];
-        let to_link = (flow.daddr[0] == 0xfe && flow.daddr[1] & 0xc0 == 0x80)
-            || (flow.daddr[0] == 0xff && flow.daddr[1] & 0x0f == 0x02);
-        if (link_local || unspecified) && to_link {
+        if link_local || unspecified {
             return Ok(TC_ACT_OK);
         }
     }
@@ -610,6 +611,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
         Some(i) if i.flags & ip_flags::LOCAL_POD != 0 && i.ifindex == ifindex => i,
         _ => return Err(reason::SPOOFED_SOURCE),
     };
+    if link_control {
+        return Ok(TC_ACT_OK);
+    }
     let dst = lookup_ip(&flow.daddr);
     let dst_local = dst.is_some_and(|d| d.flags & ip_flags::LOCAL_POD != 0);
     let dst_identity = remote_identity(dst);
@@ -1204,6 +1208,23 @@ fn parse_v4(ctx: &TcContext, off: usize) -> Result<Flow, u32> {
         icmp_type: 0xff,
         tcp_flags,
     })
+}
+
+/// ICMPv6 that never leaves the link: neighbour discovery (133–137) or MLD (130–132, 143),
+/// addressed to a link-local address, a link-scope multicast group or the node's gateway
+/// address on this link (the pod's neighbour advertisement answering the node). A router never
+/// forwards such a packet, so it cannot carry data past policy to another endpoint.
+#[inline(always)]
+fn is_link_control(flow: &Flow) -> bool {
+    if !matches!(flow.icmp_type, 130..=137 | 143) {
+        return false;
+    }
+    let d = &flow.daddr;
+    let link_local = d[0] == 0xfe && d[1] & 0xc0 == 0x80;
+    let link_multicast = d[0] == 0xff && d[1] & 0x0f == 0x02;
+    link_local
+        || link_multicast
+        || lookup_ip(d).is_some_and(|i| i.flags & ip_flags::HOST != 0)
 }
 
 #[inline(always)]

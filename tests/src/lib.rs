@@ -278,6 +278,21 @@ impl Lab {
             .clone()
     }
 
+    /// A dual-stack pod's IPv6 address (the second of its `ips`).
+    pub fn pod_ip6(&self, pod: &str) -> String {
+        let p = self
+            .view
+            .pods
+            .iter()
+            .find(|p| p.name == pod || format!("{}/{}", p.namespace, p.name) == pod)
+            .unwrap_or_else(|| panic!("no pod {pod}"));
+        p.ips
+            .iter()
+            .find(|a| a.contains(':'))
+            .unwrap_or_else(|| panic!("pod {pod} has no IPv6 address: {:?}", p.ips))
+            .clone()
+    }
+
     /// The lab's node `node` (a test naming a node the lab does not have fails).
     pub fn node(&self, node: &str) -> &NodeView {
         self.view

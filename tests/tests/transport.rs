@@ -102,6 +102,159 @@ fn leak_pair_encrypted_shows_no_marker() {
     assert!(report["capture"]["wireguard"].as_u64().unwrap() > 0);
 }
 
+/// Dual stack: every pod has an IPv6 address beside its IPv4 one, and IPv6 between pods on
+/// different nodes crosses the underlay only inside WireGuard — HTTP, a 4 MiB transfer (byte
+/// exact), UDP and ping — with policy, flow records and `veil check` covering it as for IPv4.
+#[test]
+fn dual_stack_ipv6_between_pods_crosses_only_encrypted_and_under_policy() {
+    let lab = Lab::up(&["--ip-family", "dual"]);
+    assert_eq!(lab.view.ip_family, "dual");
+    let be6 = lab.pod_ip6("backend");
+    assert!(
+        be6.starts_with("fd00:198:19:2::"),
+        "backend's IPv6 address is not in node-b's IPv6 pod CIDR: {be6}"
+    );
+    assert_eq!(
+        lab.node("node-b").pod_cidrs,
+        ["198.19.2.0/24", "fd00:198:19:2::/64"]
+    );
+    let st = lab.status("node-a");
+    assert!(
+        st.peers[0]
+            .allowed_ips
+            .iter()
+            .any(|a| a == "fd00:198:19:2::/64"),
+        "node-b's IPv6 pod CIDR is not in its peer's allowed IPs: {:?}",
+        st.peers[0].allowed_ips
+    );
+    let tx = st.peers[0].tx_bytes;
+    let marker = format!("VEIL-E2E-V6-MARKER-{}", rand_suffix());
+    let cap = underlay_capture(&lab);
+    let body = lab.exec_ok(
+        "frontend",
+        &[
+            "curl",
+            "-sS",
+            "-g",
+            "--max-time",
+            "5",
+            "-H",
+            &format!("X-Marker: {marker}"),
+            &format!("http://[{be6}]:8080/{marker}"),
+        ],
+    );
+    assert_eq!(body, "hello from shop/backend\n");
+    // UDP to the backend's echo port: every datagram comes back.
+    let echoed = lab.exec_ok(
+        "frontend",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "(for i in 1 2 3; do echo {marker}-$i; sleep 0.2; done; sleep 0.5) | \
+                 ncat -u -w 3 -i 2 {be6} 9000"
+            ),
+        ],
+    );
+    assert_eq!(echoed.lines().count(), 3, "UDP echo over IPv6: {echoed:?}");
+    lab.exec_ok("frontend", &["ping", "-6", "-c", "2", "-W", "2", &be6]);
+    // 4 MiB over IPv6 TCP, byte exact.
+    let bulk = 4 << 20;
+    let dir = std::env::temp_dir().join(format!("veil-e2e-{}", lab.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _guard = TempDir(dir.clone());
+    let (send, recv) = (dir.join("send.bin"), dir.join("recv.bin"));
+    let mut data = vec![0u8; bulk];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(2654435761) >> 13) as u8;
+    }
+    std::fs::write(&send, &data).unwrap();
+    let mut server = lab
+        .command_in(
+            "backend",
+            &["sh", "-c", &format!("ncat -6 -l 9100 > {}", recv.display())],
+        )
+        .spawn()
+        .unwrap();
+    lab.wait_for("backend listening on 9100", Duration::from_secs(5), || {
+        let ss = lab.exec_ok("backend", &["ss", "-Hltn", "sport = :9100"]);
+        (!ss.trim().is_empty()).then_some(())
+    });
+    lab.exec_ok(
+        "frontend",
+        &[
+            "sh",
+            "-c",
+            &format!("ncat --send-only {be6} 9100 < {}", send.display()),
+        ],
+    );
+    let _ = server.wait();
+    let (raw, lines) = cap.stop_decoded();
+    assert!(
+        std::fs::read(&recv).unwrap() == data,
+        "the 4 MiB did not arrive byte exact over IPv6 ({} bytes)",
+        std::fs::metadata(&recv).map(|m| m.len()).unwrap_or(0)
+    );
+    assert!(
+        !contains(&raw, marker.as_bytes()),
+        "the marker crossed the underlay in clear"
+    );
+    assert_only_wireguard(&lines, &[("198.18.0.1", "198.18.0.2", 5)]);
+    assert!(
+        lab.status("node-a").peers[0].tx_bytes > tx + bulk as u64,
+        "the transfer did not go through node-a's tunnel"
+    );
+
+    // Flow records name both pods of an IPv6 flow.
+    let flows = lab.observe(&["--node", "node-b", "--pod", "shop/frontend"]);
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["src"]["ip"] == lab.pod_ip6("frontend")
+                && f["dst"]["ip"] == be6.as_str()
+                && f["src"]["pod"] == "frontend"
+                && f["dst"]["pod"] == "backend"),
+        "no IPv6 flow record from frontend to backend: {flows:#?}"
+    );
+
+    // The product's leak check covers the IPv6 pairs too.
+    let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "veil check failed on a dual-stack lab: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "shop/frontend -> shop/backend (IPv6)"),
+        "no IPv6 pair in {report:#?}"
+    );
+    assert_eq!(report["capture"]["marker_hits"], 0);
+
+    // Policy: backend admits only frontend on 8080, over IPv6 as over IPv4.
+    lab.apply_policy_ok(include_str!("../../examples/policies/backend-ingress.yaml"));
+    let url6 = format!("http://[{be6}]:8080/");
+    assert_eq!(
+        lab.try_get("frontend", &url6).unwrap(),
+        "hello from shop/backend\n"
+    );
+    assert!(
+        lab.try_get("intruder", &url6).is_err(),
+        "intruder reached backend over IPv6 through the policy"
+    );
+    let drops = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
+    let denied = drops
+        .iter()
+        .find(|f| f["src"]["pod"] == "intruder" && f["dst"]["ip"] == be6.as_str())
+        .unwrap_or_else(|| panic!("no IPv6 drop from intruder: {drops:#?}"));
+    assert_eq!(denied["drop_reason"], "policy-denied");
+    lab.expect_drops(&["policy-denied"]);
+}
+
 #[test]
 fn leak_pair_plaintext_shows_marker() {
     // The same capture with encryption off must see the marker: proof the filter can see a leak.

@@ -33,6 +33,21 @@ pub const fn overhead(ipv6_underlay: bool) -> u32 {
     ip + 8 + DATA_OVERHEAD
 }
 
+/// Brings up a TUN device veil made (created down) without an IPv6 link-local address: with
+/// one, the kernel would send its own router solicitations and multicast listener reports into
+/// the device, where no peer takes them. Where IPv6 is off the sysctl is absent and nothing is
+/// needed. IPv6 packets routed into the device still pass.
+pub fn enable_without_link_local(dev: &tun_rs::SyncDevice, name: &str) -> std::io::Result<()> {
+    let sysctl = std::path::Path::new("/proc/sys/net/ipv6/conf")
+        .join(name)
+        .join("addr_gen_mode");
+    if sysctl.exists() {
+        // 1: no link-local address is generated.
+        std::fs::write(&sysctl, "1")?;
+    }
+    dev.enabled(true)
+}
+
 /// Makes a panic in any thread end the whole process (after the default report), for veil-wg
 /// and the agent: a process with one dead thread looks healthy to its supervisor while it moves
 /// no packets, and a dead process is restarted and counted. Tests keep unwinding panics; only

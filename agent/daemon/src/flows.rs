@@ -237,10 +237,7 @@ fn reserved_name(id: u32) -> Option<&'static str> {
 }
 
 fn endpoint(state: &ClusterState, ip: IpAddr, port: u16, id: u32) -> Endpoint {
-    let pod = match ip {
-        IpAddr::V4(v4) => state.pod_by_ip(v4),
-        IpAddr::V6(_) => None,
-    };
+    let pod = state.pod_by_ip(ip);
     let labels = match reserved_name(id) {
         Some(r) => vec![r.to_string()],
         None => state
@@ -695,6 +692,7 @@ mod tests {
             namespace: "shop".into(),
             node: "node-a".into(),
             ip: Ipv4Addr::from(ip),
+            ipv6: None,
             labels: BTreeMap::from([("app".into(), name.into())]),
             service_account: name.into(),
             host_veth: "x".into(),

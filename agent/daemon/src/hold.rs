@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -201,13 +201,14 @@ impl HoldQueue {
     }
 }
 
-/// The IPv4 header fields the hold path reads, from a packet whose header is consistent.
+/// The IP header fields the hold path reads, from a packet whose header is consistent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Ipv4Header {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+struct IpHeader {
+    src: IpAddr,
+    dst: IpAddr,
+    /// The transport protocol (IPv6: after the extension headers).
     proto: u8,
-    /// Header length in bytes (20..=60).
+    /// Bytes before the transport header (IPv4 20..=60; IPv6 40 plus extension headers).
     header_len: usize,
     /// Total length from the header (≤ the bytes read).
     total_len: usize,
@@ -215,22 +216,28 @@ struct Ipv4Header {
     is_later_fragment: bool,
 }
 
-/// Parses the IPv4 header of a packet read from the device. Anything else — not IPv4, a header
-/// length under 20 bytes or past the packet, a total length that disagrees — is refused (the
-/// caller drops and counts it) rather than read at wrong offsets.
-fn ipv4_header(p: &[u8]) -> Option<Ipv4Header> {
-    let h = p.get(..20)?;
-    if h[0] >> 4 != 4 {
-        return None;
+/// Parses the IP header of a packet read from the device. Anything else — neither IPv4 nor
+/// IPv6, a header length under 20 bytes or past the packet, a total length that disagrees, more
+/// IPv6 extension headers than the datapath walks — is refused (the caller drops and counts it)
+/// rather than read at wrong offsets.
+fn ip_header(p: &[u8]) -> Option<IpHeader> {
+    match p.first()? >> 4 {
+        4 => ipv4_header(p),
+        6 => ipv6_header(p),
+        _ => None,
     }
+}
+
+fn ipv4_header(p: &[u8]) -> Option<IpHeader> {
+    let h = p.get(..20)?;
     let header_len = usize::from(h[0] & 0x0f) * 4;
     let total_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
     if header_len < 20 || total_len < header_len || total_len > p.len() {
         return None;
     }
-    Some(Ipv4Header {
-        src: Ipv4Addr::new(h[12], h[13], h[14], h[15]),
-        dst: Ipv4Addr::new(h[16], h[17], h[18], h[19]),
+    Some(IpHeader {
+        src: Ipv4Addr::new(h[12], h[13], h[14], h[15]).into(),
+        dst: Ipv4Addr::new(h[16], h[17], h[18], h[19]).into(),
         proto: h[9],
         header_len,
         total_len,
@@ -238,14 +245,55 @@ fn ipv4_header(p: &[u8]) -> Option<Ipv4Header> {
     })
 }
 
-/// IPv4 source and destination of a packet.
-fn addrs(p: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    ipv4_header(p).map(|h| (h.src, h.dst))
+fn ipv6_header(p: &[u8]) -> Option<IpHeader> {
+    let h = p.get(..40)?;
+    let total_len = 40 + usize::from(u16::from_be_bytes([h[4], h[5]]));
+    if total_len > p.len() {
+        return None;
+    }
+    let addr = |at: usize| -> Option<IpAddr> {
+        Some(Ipv6Addr::from(*h.get(at..at + 16)?.first_chunk::<16>()?).into())
+    };
+    let (mut next, mut off, mut is_later_fragment) = (h[6], 40usize, false);
+    // The extension headers the datapath walks (hop-by-hop, routing, fragment, destination
+    // options), as many as it walks.
+    for _ in 0..4 {
+        match next {
+            0 | 43 | 60 => {
+                let e = p.get(off..off + 2)?;
+                next = e[0];
+                off += (usize::from(e[1]) + 1) * 8;
+            }
+            44 => {
+                let e = p.get(off..off + 8)?;
+                next = e[0];
+                is_later_fragment = u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0;
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    if matches!(next, 0 | 43 | 44 | 60) || off > total_len {
+        return None;
+    }
+    Some(IpHeader {
+        src: addr(8)?,
+        dst: addr(24)?,
+        proto: next,
+        header_len: off,
+        total_len,
+        is_later_fragment,
+    })
+}
+
+/// Source and destination of a packet.
+fn addrs(p: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    ip_header(p).map(|h| (h.src, h.dst))
 }
 
 /// Source and destination ports of a TCP, UDP or SCTP packet; zero where there are none (other
 /// protocols, later fragments, a transport header cut short).
-fn ports(p: &[u8], h: &Ipv4Header) -> (u16, u16) {
+fn ports(p: &[u8], h: &IpHeader) -> (u16, u16) {
     if !matches!(h.proto, 6 | 17 | 132) || h.is_later_fragment {
         return (0, 0);
     }
@@ -258,6 +306,21 @@ fn ports(p: &[u8], h: &Ipv4Header) -> (u16, u16) {
             )
         })
         .unwrap_or((0, 0))
+}
+
+/// The kernel's own IPv6 link control on the device (a multicast listener report from the
+/// unspecified or a link-local address to a link-scope group, sent when the device comes up):
+/// not a packet the datapath held, so neither held nor counted.
+fn is_own_link_control(p: &[u8]) -> bool {
+    let Some(h) = ipv6_header(p) else {
+        return false;
+    };
+    let (IpAddr::V6(src), IpAddr::V6(dst)) = (h.src, h.dst) else {
+        return false;
+    };
+    let link_src = src.is_unspecified() || src.is_unicast_link_local();
+    let link_dst = dst.is_multicast() && dst.segments()[0] & 0x000f == 2;
+    h.proto == 58 && link_src && link_dst
 }
 
 /// The identity pair a held packet waits for, as this node's auth map keys it: (local pod's
@@ -309,6 +372,9 @@ pub async fn run(
                 let authed = authenticated.borrow().clone();
                 let recv = |b: &mut [u8]| guard.try_io(|inner| inner.get_ref().recv(b)).ok();
                 read_batch(&mut buf, recv, |packet| {
+                    if is_own_link_control(packet) {
+                        return;
+                    }
                     let Some(t) = classify(packet, &cluster, &me) else {
                         queue.count_unclassified();
                         return;
@@ -394,12 +460,12 @@ fn record(
     reason: Option<&str>,
     waited: Option<Duration>,
 ) {
-    let Some(h) = ipv4_header(packet) else {
+    let Some(h) = ip_header(packet) else {
         return;
     };
     let (src, dst, proto) = (h.src, h.dst, h.proto);
     let (sport, dport) = ports(packet, &h);
-    let ep = |ip: Ipv4Addr, port: u16| {
+    let ep = |ip: IpAddr, port: u16| {
         let p = cluster.pod_by_ip(ip);
         crate::flows::Endpoint {
             pod: p.map(|p| p.name.clone()),
@@ -496,6 +562,16 @@ mod tests {
             namespace: "shop".into(),
             node: node.into(),
             ip: Ipv4Addr::from(ip),
+            ipv6: Some(Ipv6Addr::new(
+                0xfd00,
+                0x198,
+                0x19,
+                ip[2].into(),
+                0,
+                0,
+                0,
+                ip[3].into(),
+            )),
             labels: Default::default(),
             service_account: name.into(),
             host_veth: "x".into(),
@@ -506,6 +582,7 @@ mod tests {
             id,
             underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
             pod_cidr: String::new(),
+            pod_cidr_v6: None,
             wg_public_key: None,
             wg_next_public_key: None,
         };
@@ -528,6 +605,55 @@ mod tests {
         p[12..16].copy_from_slice(&[198, 19, 1, 10]);
         p[16..20].copy_from_slice(&[198, 19, 2, 10]);
         p
+    }
+
+    /// The same packet over IPv6, through a hop-by-hop and a first-fragment header.
+    fn fe_to_be_v6(proto: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 40 + 8 + 8 + 20];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(36u16).to_be_bytes());
+        p[6] = 0; // hop-by-hop
+        p[8..24].copy_from_slice(&Ipv6Addr::new(0xfd00, 0x198, 0x19, 1, 0, 0, 0, 10).octets());
+        p[24..40].copy_from_slice(&Ipv6Addr::new(0xfd00, 0x198, 0x19, 2, 0, 0, 0, 10).octets());
+        p[40] = 44; // then a fragment header (offset 0, more fragments)
+        p[48] = proto;
+        p[51] = 1;
+        p[56..60].copy_from_slice(&[0x1f, 0x90, 0x00, 0x35]);
+        p
+    }
+
+    #[test]
+    fn classifies_ipv6_packets_and_reads_their_ports_past_extension_headers() {
+        let c = cluster();
+        let p = fe_to_be_v6(17);
+        assert_eq!(
+            classify(&p, &c, "a"),
+            Some(AuthTriple {
+                local_identity: 256,
+                remote_identity: 257,
+                remote_node: 2
+            })
+        );
+        let h = ip_header(&p).unwrap();
+        assert_eq!((h.proto, h.header_len, ports(&p, &h)), (17, 56, (8080, 53)));
+        // A later fragment has no ports; a payload length past the read is refused.
+        let mut later = p.clone();
+        later[50] = 0x08;
+        assert_eq!(ports(&later, &ip_header(&later).unwrap()), (0, 0));
+        let mut long = p.clone();
+        long[4..6].copy_from_slice(&100u16.to_be_bytes());
+        assert_eq!(ip_header(&long), None);
+    }
+
+    #[test]
+    fn the_kernels_own_listener_reports_are_not_held_packets() {
+        let mut report = fe_to_be_v6(58);
+        report[8..24].copy_from_slice(&[0; 16]);
+        report[24..40].copy_from_slice(&Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16).octets());
+        assert!(is_own_link_control(&report));
+        // A pod's ICMPv6 to a pod is held like any other packet.
+        assert!(!is_own_link_control(&fe_to_be_v6(58)));
+        assert!(!is_own_link_control(&fe_to_be(1)));
     }
 
     #[test]
@@ -607,12 +733,13 @@ mod tests {
                 "total length under the header",
                 with(&|p| p[2..4].copy_from_slice(&19u16.to_be_bytes())),
             ),
-            ("ipv6", with(&|p| p[0] = 0x60)),
+            ("version 5", with(&|p| p[0] = 0x55)),
+            ("ipv6 header cut short", with(&|p| p[0] = 0x60)),
             ("truncated", good[..19].to_vec()),
             ("empty", Vec::new()),
         ];
         for (what, p) in cases {
-            assert_eq!(ipv4_header(&p), None, "{what}");
+            assert_eq!(ip_header(&p), None, "{what}");
             assert_eq!(classify(&p, &c, "a"), None, "{what}");
         }
     }
@@ -696,7 +823,7 @@ mod tests {
         #[test]
         fn arbitrary_packets_never_panic(p in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..128)) {
             let c = cluster();
-            if let Some(h) = ipv4_header(&p) {
+            if let Some(h) = ip_header(&p) {
                 proptest::prop_assert!(20 <= h.header_len && h.header_len <= h.total_len && h.total_len <= p.len());
                 let _ = ports(&p, &h);
             }

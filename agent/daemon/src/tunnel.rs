@@ -391,7 +391,9 @@ impl NodeTunnel {
         let now = std::time::Instant::now();
         self.adopted.retain(|_, until| *until > now);
         for n in cluster.nodes.iter().filter(|n| n.name != me) {
-            route_into(self.device.interface(), &n.pod_cidr)?;
+            for cidr in n.pod_cidrs() {
+                route_into(self.device.interface(), cidr)?;
+            }
         }
         if let Some(mtu) = self.node_encryption {
             self.route_nodes(cluster, me, mtu);
@@ -659,6 +661,11 @@ fn plan_peers(input: &PlanInput<'_>) -> PeerPlan {
             continue;
         };
         let mut allowed_ips = vec![cidr];
+        allowed_ips.extend(
+            n.pod_cidr_v6
+                .as_deref()
+                .and_then(|c| c.parse::<IpPrefix>().ok()),
+        );
         if input.node_encryption {
             allowed_ips.extend(IpPrefix::new(n.underlay_ip.into(), 32).ok());
         }
@@ -744,6 +751,7 @@ mod tests {
             id: u32::from(id),
             underlay_ip: std::net::Ipv4Addr::new(198, 18, 0, id),
             pod_cidr: format!("198.19.{id}.0/24"),
+            pod_cidr_v6: None,
             wg_public_key: published.map(|k| k.to_base64()),
             wg_next_public_key: None,
         }

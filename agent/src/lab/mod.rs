@@ -168,6 +168,9 @@ pub struct LabView {
     pub encryption: bool,
     #[serde(default)]
     pub node_encryption: bool,
+    /// `ipv4` or `dual`.
+    #[serde(default)]
+    pub ip_family: String,
     pub backend: String,
     pub svid_ttl_seconds: u64,
     pub pod_mtu: u32,
@@ -210,6 +213,9 @@ pub struct NodeView {
     pub netns: String,
     pub underlay_ip: String,
     pub pod_cidr: String,
+    /// Every pod CIDR of the node: IPv4, then IPv6 when dual-stack.
+    #[serde(default)]
+    pub pod_cidrs: Vec<String>,
     pub agent_admin: String,
     pub cgroup: String,
     pub pin_dir: String,
@@ -223,7 +229,11 @@ pub struct PodView {
     pub namespace: String,
     pub node: String,
     pub netns: String,
+    /// The pod's IPv4 address.
     pub ip: String,
+    /// Every address of the pod: IPv4, then IPv6 when dual-stack.
+    #[serde(default)]
+    pub ips: Vec<String>,
     pub labels: std::collections::BTreeMap<String, String>,
     pub service_account: String,
     pub cgroup: String,
@@ -236,6 +246,7 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
         trust_domain: spec.trust_domain.clone(),
         encryption: spec.encryption,
         node_encryption: spec.node_encryption,
+        ip_family: spec.ip_family.to_string(),
         backend: spec.backend.to_string(),
         svid_ttl_seconds: spec.svid_ttl.as_secs(),
         pod_mtu: spec.pod_mtu(),
@@ -272,6 +283,9 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
                 netns: n.netns.clone(),
                 underlay_ip: n.underlay_ip.to_string(),
                 pod_cidr: n.pod_cidr.clone(),
+                pod_cidrs: std::iter::once(n.pod_cidr.clone())
+                    .chain(n.pod_cidr_v6.clone())
+                    .collect(),
                 agent_admin: paths.admin_socket(&n.name).display().to_string(),
                 cgroup: paths.node_cgroup(&n.name).display().to_string(),
                 pin_dir: paths.pin_dir(&n.name).display().to_string(),
@@ -342,6 +356,9 @@ fn pod_views(spec: &LabSpec, paths: &LabPaths) -> Vec<PodView> {
             node: p.node.clone(),
             netns: p.netns.clone(),
             ip: p.ip.to_string(),
+            ips: std::iter::once(p.ip.to_string())
+                .chain(p.ipv6.map(|a| a.to_string()))
+                .collect(),
             labels: p.labels.clone(),
             service_account: p.service_account.clone(),
             cgroup: paths.pod_cgroup(p).display().to_string(),
@@ -367,6 +384,7 @@ fn pod_views(spec: &LabSpec, paths: &LabPaths) -> Vec<PodView> {
             })
             .map(|r| PodView {
                 ip: r.ip.map(|i| i.to_string()).unwrap_or_default(),
+                ips: r.ip.map(|i| i.to_string()).into_iter().collect(),
                 cgroup: r.cgroup.display().to_string(),
                 name: r.name,
                 namespace: r.namespace,
@@ -423,6 +441,7 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
                 namespace: p.namespace.clone(),
                 node: p.node.clone(),
                 ip: p.ip,
+                ipv6: p.ipv6,
                 labels: p.labels.clone(),
                 service_account: p.service_account.clone(),
                 host_veth: p.host_veth.clone(),
@@ -442,6 +461,7 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
                 id: u32::from(n.id),
                 underlay_ip: n.underlay_ip,
                 pod_cidr: n.pod_cidr.clone(),
+                pod_cidr_v6: n.pod_cidr_v6.clone(),
                 wg_public_key: None,
                 wg_next_public_key: None,
             })
@@ -886,6 +906,21 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
 
     for n in &spec.nodes {
         let gw = spec.pod_gateway(n);
+        let gw6 = spec.pod_gateway_v6(n);
+        if gw6.is_some() {
+            // The node routes IPv6 between its pods and the tunnel; its underlay stays IPv4
+            // only (nothing but WireGuard and the control channel crosses it).
+            sysctl_in(
+                &n.netns,
+                &[
+                    (
+                        format!("net.ipv6.conf.{}.disable_ipv6", n.underlay_if).as_str(),
+                        "1",
+                    ),
+                    ("net.ipv6.conf.all.forwarding", "1"),
+                ],
+            )?;
+        }
         let mut cmds = vec![
             "link set lo up".to_string(),
             format!("addr add {}/24 dev {}", n.underlay_ip, n.underlay_if),
@@ -894,11 +929,17 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
         for p in file_pods.iter().filter(|p| p.node == n.name) {
             // Every pod veth answers for the same gateway address, like Calico's 169.254.1.1.
             cmds.push(format!("addr add {gw}/32 dev {}", p.host_veth));
+            if let Some(gw6) = gw6 {
+                cmds.push(format!("addr add {gw6}/128 dev {} nodad", p.host_veth));
+            }
             cmds.push(format!("link set {} up", p.host_veth));
             cmds.push(format!(
                 "route add {}/32 dev {} src {gw}",
                 p.ip, p.host_veth
             ));
+            if let (Some(gw6), Some(ip6)) = (gw6, p.ipv6) {
+                cmds.push(format!("route add {ip6}/128 dev {} src {gw6}", p.host_veth));
+            }
         }
         if !spec.encryption {
             // Plain routing over the underlay: only for the capture sanity check. With
@@ -911,44 +952,76 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
             }
         }
         sys::ip_batch(Some(&n.netns), &cmds)?;
-        sysctl_in(
-            &n.netns,
-            &[
-                ("net.ipv4.ip_forward", "1"),
-                ("net.ipv4.conf.all.rp_filter", "0"),
-                ("net.ipv4.conf.default.rp_filter", "0"),
-                ("net.ipv6.conf.all.disable_ipv6", "1"),
-            ],
-        )?;
+        let mut sysctls = vec![
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ];
+        if gw6.is_none() {
+            sysctls.push(("net.ipv6.conf.all.disable_ipv6", "1"));
+        }
+        sysctl_in(&n.netns, &sysctls)?;
         progress.step(format!(
             "node {} ({}, underlay {}, pods {})",
-            n.name, n.netns, n.underlay_ip, n.pod_cidr
+            n.name,
+            n.netns,
+            n.underlay_ip,
+            std::iter::once(n.pod_cidr.as_str())
+                .chain(n.pod_cidr_v6.as_deref())
+                .collect::<Vec<_>>()
+                .join(" ")
         ));
     }
 
     for p in file_pods {
         let node = spec.node(&p.node).expect("validated");
         let gw = spec.pod_gateway(node);
-        sys::ip_batch(
-            Some(&p.netns),
-            &[
-                "link set lo up".to_string(),
-                format!("addr add {}/32 dev eth0", p.ip),
-                "link set eth0 up".to_string(),
-                format!("route add {gw} dev eth0 scope link"),
-                format!("route add default via {gw} dev eth0 src {}", p.ip),
-            ],
-        )?;
-        sysctl_in(
-            &p.netns,
-            &[
-                ("net.ipv6.conf.all.disable_ipv6", "1"),
-                ("net.ipv6.conf.default.disable_ipv6", "1"),
-            ],
-        )?;
+        let mut cmds = vec![
+            "link set lo up".to_string(),
+            format!("addr add {}/32 dev eth0", p.ip),
+        ];
+        let v6 = spec.pod_gateway_v6(node).zip(p.ipv6);
+        if let Some((_, ip6)) = v6 {
+            cmds.push(format!("addr add {ip6}/128 dev eth0 nodad"));
+        }
+        cmds.extend([
+            "link set eth0 up".to_string(),
+            format!("route add {gw} dev eth0 scope link"),
+            format!("route add default via {gw} dev eth0 src {}", p.ip),
+        ]);
+        if let Some((gw6, ip6)) = v6 {
+            cmds.push(format!("route add {gw6}/128 dev eth0"));
+            cmds.push(format!("route add ::/0 via {gw6} dev eth0 src {ip6}"));
+        }
+        sys::ip_batch(Some(&p.netns), &cmds)?;
+        if v6.is_some() {
+            // A pod takes its addresses from the lab, not from router advertisements.
+            sysctl_in(
+                &p.netns,
+                &[
+                    ("net.ipv6.conf.all.accept_ra", "0"),
+                    ("net.ipv6.conf.eth0.accept_ra", "0"),
+                ],
+            )?;
+        } else {
+            sysctl_in(
+                &p.netns,
+                &[
+                    ("net.ipv6.conf.all.disable_ipv6", "1"),
+                    ("net.ipv6.conf.default.disable_ipv6", "1"),
+                ],
+            )?;
+        }
         progress.step(format!(
             "pod {}/{} on {} ({}, {})",
-            p.namespace, p.name, p.node, p.ip, p.netns
+            p.namespace,
+            p.name,
+            p.node,
+            std::iter::once(p.ip.to_string())
+                .chain(p.ipv6.map(|a| a.to_string()))
+                .collect::<Vec<_>>()
+                .join(" "),
+            p.netns
         ));
     }
     Ok(())

@@ -3,7 +3,7 @@
 
 use std::{
     convert::Infallible,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -33,8 +33,15 @@ pub fn http_body(pod: &str) -> String {
 
 /// Serves until killed. The ready file is written once the port is bound.
 pub async fn run(kind: &str, port: u16, pod: String, ready: &Path) -> std::io::Result<()> {
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let tcp = TcpListener::bind(addr).await?;
+    // `[::]` takes IPv4 and IPv6 (a dual-stack pod); a pod without IPv6 gets `0.0.0.0`.
+    let (addr, tcp) = match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).await
+    {
+        Ok(l) => (SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), l),
+        Err(_) => {
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            (addr, TcpListener::bind(addr).await?)
+        }
+    };
     let udp = if kind == "echo" {
         Some(UdpSocket::bind(addr).await?)
     } else {

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
@@ -102,6 +102,48 @@ impl std::fmt::Display for ControlPlane {
     }
 }
 
+/// The pods' address families: `ipv4`, `ipv6` or `dual` (both, IPv4 first). The serde default
+/// is `Ipv4`: the state of a lab made before the key existed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    #[default]
+    Ipv4,
+    Ipv6,
+    Dual,
+}
+
+impl IpFamily {
+    /// Do pods get an IPv6 address?
+    pub fn has_v6(self) -> bool {
+        self != Self::Ipv4
+    }
+}
+
+impl std::str::FromStr for IpFamily {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ipv4" => Ok(Self::Ipv4),
+            "ipv6" => Ok(Self::Ipv6),
+            "dual" => Ok(Self::Dual),
+            other => Err(format!(
+                "unknown IP family {other:?} (expected ipv4, ipv6 or dual)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+            Self::Dual => "dual",
+        })
+    }
+}
+
 /// `on`/`off` switch as users write it in YAML or on the command line (YAML 1.1 also reads
 /// bare on/off as booleans, so both forms are accepted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +203,8 @@ pub struct LabFile {
     pub encryption: Option<OnOff>,
     /// Encrypt the nodes' own traffic too (host network), not only pod traffic.
     pub node_encryption: Option<OnOff>,
+    /// `ipv4`, `ipv6` or `dual`: the pods' address families.
+    pub ip_family: Option<IpFamily>,
     pub svid_ttl: Option<HumanDuration>,
     pub backend: Option<BackendChoice>,
     /// `spire` or `dev`: who issues the lab's SVIDs.
@@ -296,6 +340,7 @@ pub enum ServeKind {
 pub struct Overrides {
     pub encryption: Option<bool>,
     pub node_encryption: Option<bool>,
+    pub ip_family: Option<IpFamily>,
     pub svid_ttl: Option<Duration>,
     pub backend: Option<BackendChoice>,
     pub identity: Option<IdentityProvider>,
@@ -311,6 +356,9 @@ pub struct LabSpec {
     /// Node traffic encryption (absent in the state of labs made before the key: off).
     #[serde(default)]
     pub node_encryption: bool,
+    /// Absent in the state of labs made before the key: IPv4 only.
+    #[serde(default)]
+    pub ip_family: IpFamily,
     #[serde(with = "duration_secs")]
     pub svid_ttl: Duration,
     pub backend: BackendChoice,
@@ -340,6 +388,9 @@ pub struct NodeSpec {
     pub netns: String,
     pub underlay_ip: Ipv4Addr,
     pub pod_cidr: String,
+    /// IPv6 pod CIDR `fd00:198:19:<id>::/64` when the lab is dual-stack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr_v6: Option<String>,
     /// Interface of the node on the underlay (inside the node netns).
     pub underlay_if: String,
     /// The node's port on the underlay bridge (inside the underlay netns).
@@ -362,6 +413,10 @@ pub struct PodSpec {
     pub node: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// `fd00:198:19:<node id>::<host>` (the IPv4 address's last octet, read as hex digits) when
+    /// the lab is dual-stack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
     /// Host side of the pod's veth, inside the node netns.
@@ -412,6 +467,13 @@ const MAX_NODES: usize = 250;
 const MAX_PODS_PER_NODE: usize = 240;
 /// Interface names are at most 15 bytes (IFNAMSIZ - 1).
 const IFNAMSIZ_MAX: usize = 15;
+
+/// `fd00:198:19:<node>::<host>` with both numbers written as their decimal digits (198.19.1.10
+/// is fd00:198:19:1::10), so a pod's two addresses read alike.
+fn v6_in_node(node: u8, host: u8) -> Ipv6Addr {
+    let hex = |n: u8| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex");
+    Ipv6Addr::new(0xfd00, 0x198, 0x19, hex(node), 0, 0, 0, hex(host))
+}
 
 /// Checks a lab name: 1–8 characters of `a-z0-9-`, not starting or ending with `-`.
 pub fn validate_lab_name(name: &str) -> Result<(), Error> {
@@ -627,6 +689,17 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             format!("{underlay_mtu} is outside 1280..=9000"),
         ));
     }
+    let ip_family = overrides
+        .ip_family
+        .or(file.ip_family)
+        .unwrap_or(IpFamily::Ipv4);
+    if ip_family == IpFamily::Ipv6 {
+        return Err(invalid(
+            "ip_family",
+            "ipv6 (IPv6-only pods) is not built yet: pods, nodes and the underlay are IPv4 \
+             first; use dual for IPv4 + IPv6 pods",
+        ));
+    }
     let nodes_file = file.nodes.or(defaults.nodes).unwrap_or_default();
     let default_pods = file.pods.is_none();
     let pods_file = match file.pods {
@@ -678,6 +751,9 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             netns,
             underlay_ip: Ipv4Addr::new(198, 18, 0, id),
             pod_cidr: format!("198.19.{id}.0/24"),
+            pod_cidr_v6: ip_family
+                .has_v6()
+                .then(|| format!("{}/64", v6_in_node(id, 0))),
             underlay_if: "ul0".to_string(),
             bridge_port: format!("n{id}"),
             wg_interface,
@@ -731,6 +807,9 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             ));
         }
         let ip = Ipv4Addr::new(198, 19, node.id, FIRST_POD_HOST + *slot);
+        let ipv6 = ip_family
+            .has_v6()
+            .then(|| v6_in_node(node.id, FIRST_POD_HOST + *slot));
         *slot += 1;
         let netns = format!("{name}-{}-{}", p.namespace, p.name);
         if !netns_names.insert(netns.clone()) {
@@ -755,6 +834,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             node: node.name.clone(),
             netns,
             ip,
+            ipv6,
             labels: p.labels,
             service_account,
             host_veth,
@@ -805,20 +885,32 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         ));
     }
 
+    // Kubernetes unless asked otherwise (`ControlPlane::default()`, Files, is only what a stored
+    // state without the key means).
+    let control_plane = overrides
+        .control_plane
+        .or(file.control_plane)
+        .unwrap_or(ControlPlane::Kubernetes);
+    if ip_family.has_v6() && control_plane == ControlPlane::Kubernetes {
+        return Err(invalid(
+            "ip_family",
+            format!(
+                "{ip_family} needs `control_plane: files` for now: veil-cni and the lab's \
+                 kubelet hand pods one IPv4 address"
+            ),
+        ));
+    }
+
     Ok(LabSpec {
         name: name.to_string(),
         trust_domain,
         encryption,
         node_encryption,
+        ip_family,
         svid_ttl,
         backend: overrides.backend.or(file.backend).unwrap_or_default(),
         identity,
-        // Kubernetes unless asked otherwise (`ControlPlane::default()`, Files, is only what a
-        // stored state without the key means).
-        control_plane: overrides
-            .control_plane
-            .or(file.control_plane)
-            .unwrap_or(ControlPlane::Kubernetes),
+        control_plane,
         underlay_mtu,
         psk_rotation,
         key_rotation,
@@ -1042,6 +1134,13 @@ impl LabSpec {
 
     pub fn pod_gateway(&self, node: &NodeSpec) -> Ipv4Addr {
         Ipv4Addr::new(198, 19, node.id, POD_GATEWAY_HOST)
+    }
+
+    /// The IPv6 gateway of a dual-stack node's pods, `fd00:198:19:<id>::1`.
+    pub fn pod_gateway_v6(&self, node: &NodeSpec) -> Option<Ipv6Addr> {
+        node.pod_cidr_v6
+            .as_ref()
+            .map(|_| v6_in_node(node.id, POD_GATEWAY_HOST))
     }
 
     /// MTU of pod interfaces: the underlay MTU minus the IPv4 WireGuard overhead (20 IP + 8 UDP

@@ -207,8 +207,9 @@ pub fn start(opts: &Options) -> io::Result<Running> {
         .mtu(opts.mtu)
         .offload(true)
         .multi_queue(opts.queues > 1)
-        .enable(true)
+        .enable(false)
         .build_sync()?;
+    crate::enable_without_link_local(&tun, &opts.name)?;
     let device = Arc::new(Device::new(&opts.name));
     let udp: Arc<RwLock<Option<Arc<Udp>>>> = Arc::new(RwLock::new(None));
     let stop = Arc::new(AtomicBool::new(false));

@@ -218,6 +218,7 @@ mod tests {
                 id: 1,
                 underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
                 pod_cidr: "198.19.1.0/24".into(),
+                pod_cidr_v6: None,
                 wg_public_key: None,
                 wg_next_public_key: None,
             }],

@@ -816,6 +816,13 @@ fn node_from(n: &KNode) -> Option<Node> {
         .chain(spec.pod_cidr.iter())
         .find(|c| super::parse_cidr_v4(c).is_some())?
         .clone();
+    // A dual-stack node's second podCIDR.
+    let cidr_v6 = spec
+        .pod_cidrs
+        .iter()
+        .flatten()
+        .find(|c| super::parse_cidr_v6(c).is_some())
+        .cloned();
     let annotations = n.metadata.annotations.as_ref();
     let key = |k: &str| annotations.and_then(|a| a.get(k)).cloned();
     Some(Node {
@@ -823,6 +830,7 @@ fn node_from(n: &KNode) -> Option<Node> {
         id: u32::from(ip),
         underlay_ip: ip,
         pod_cidr: cidr,
+        pod_cidr_v6: cidr_v6,
         wg_public_key: key(WG_KEY_ANNOTATION),
         wg_next_public_key: key(WG_NEXT_KEY_ANNOTATION),
     })
@@ -841,13 +849,16 @@ fn pod_from(p: &KPod) -> Option<Pod> {
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
-    let ip: Ipv4Addr = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .map(|a| a.ip.as_str())
-        .chain(status.pod_ip.as_deref())
-        .find_map(|a| a.parse().ok())?;
+    let addrs = || {
+        status
+            .pod_ips
+            .iter()
+            .flatten()
+            .map(|a| a.ip.as_str())
+            .chain(status.pod_ip.as_deref())
+    };
+    let ip: Ipv4Addr = addrs().find_map(|a| a.parse().ok())?;
+    let ipv6: Option<std::net::Ipv6Addr> = addrs().find_map(|a| a.parse().ok());
     let name = p.metadata.name.clone()?;
     let namespace = p.metadata.namespace.clone()?;
     Some(Pod {
@@ -856,6 +867,7 @@ fn pod_from(p: &KPod) -> Option<Pod> {
         namespace,
         node: spec.node_name.clone()?,
         ip,
+        ipv6,
         labels: p.metadata.labels.clone().unwrap_or_default(),
         service_account: spec
             .service_account_name

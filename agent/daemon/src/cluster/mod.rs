@@ -12,7 +12,12 @@ pub mod kubernetes;
 pub mod netpol;
 
 use std::{
-    collections::BTreeMap, future::Future, net::Ipv4Addr, path::PathBuf, pin::Pin, sync::Arc,
+    collections::BTreeMap,
+    future::Future,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -76,7 +81,7 @@ pub struct Index(std::sync::OnceLock<IndexMaps>);
 
 #[derive(Debug)]
 struct IndexMaps {
-    pod_by_ip: std::collections::HashMap<Ipv4Addr, usize>,
+    pod_by_ip: std::collections::HashMap<IpAddr, usize>,
     node_by_name: std::collections::HashMap<String, usize>,
     service_by_ip: std::collections::HashMap<Ipv4Addr, usize>,
 }
@@ -110,7 +115,9 @@ impl Index {
                 m.service_by_ip.entry(s.cluster_ip).or_insert(i);
             }
             for (i, p) in state.pods.iter().enumerate() {
-                m.pod_by_ip.entry(p.ip).or_insert(i);
+                for a in p.addrs() {
+                    m.pod_by_ip.entry(a).or_insert(i);
+                }
             }
             for (i, n) in state.nodes.iter().enumerate() {
                 m.node_by_name.entry(n.name.clone()).or_insert(i);
@@ -162,6 +169,9 @@ pub struct Node {
     pub underlay_ip: Ipv4Addr,
     /// Pod CIDR as `a.b.c.d/len`.
     pub pod_cidr: String,
+    /// IPv6 pod CIDR of a dual-stack node, as `prefix/len`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr_v6: Option<String>,
     /// The node's WireGuard public key (base64), once its agent has published it.
     #[serde(default)]
     pub wg_public_key: Option<String>,
@@ -236,6 +246,9 @@ pub struct Pod {
     pub namespace: String,
     pub node: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address on a dual-stack node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
     /// Host side of the pod's veth on its node.
@@ -243,6 +256,20 @@ pub struct Pod {
     /// Numeric security identity (see [`ClusterState::identities`]).
     #[serde(default)]
     pub identity: u32,
+}
+
+impl Node {
+    /// Its pod CIDRs: the IPv4 one, then the IPv6 one of a dual-stack node.
+    pub fn pod_cidrs(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.pod_cidr.as_str()).chain(self.pod_cidr_v6.as_deref())
+    }
+}
+
+impl Pod {
+    /// Its addresses: the IPv4 one, then the IPv6 one of a dual-stack pod.
+    pub fn addrs(&self) -> impl Iterator<Item = IpAddr> {
+        std::iter::once(IpAddr::V4(self.ip)).chain(self.ipv6.map(IpAddr::V6))
+    }
 }
 
 impl ClusterState {
@@ -261,9 +288,11 @@ impl ClusterState {
         self.services.get(i).filter(|s| s.cluster_ip == ip)
     }
 
-    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Pod> {
+    /// The pod with address `ip`, IPv4 or IPv6 (the first, if two claim it).
+    pub fn pod_by_ip(&self, ip: impl Into<IpAddr>) -> Option<&Pod> {
+        let ip = ip.into();
         let i = *self.index.maps(self).pod_by_ip.get(&ip)?;
-        self.pods.get(i).filter(|p| p.ip == ip)
+        self.pods.get(i).filter(|p| p.addrs().any(|a| a == ip))
     }
 
     /// The identity table in the form the policy compiler takes.
@@ -286,6 +315,18 @@ pub fn parse_cidr_v4(s: &str) -> Option<(Ipv4Addr, u8)> {
     match p.addr() {
         std::net::IpAddr::V4(a) => Some((a, p.len())),
         std::net::IpAddr::V6(_) => None,
+    }
+}
+
+/// Parses an IPv6 `prefix/len` (as [`parse_cidr_v4`] does IPv4).
+pub fn parse_cidr_v6(s: &str) -> Option<(Ipv6Addr, u8)> {
+    if !s.contains('/') {
+        return None;
+    }
+    let p: veil_transport::IpPrefix = s.parse().ok()?;
+    match p.addr() {
+        IpAddr::V6(a) => Some((a, p.len())),
+        IpAddr::V4(_) => None,
     }
 }
 
@@ -336,6 +377,7 @@ impl Node {
             id,
             underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
             pod_cidr: format!("198.19.{id}.0/24"),
+            pod_cidr_v6: None,
             wg_public_key: None,
             wg_next_public_key: None,
         }
@@ -353,6 +395,7 @@ mod tests {
             namespace: "ns".into(),
             node: "node-a".into(),
             ip: ip.into(),
+            ipv6: None,
             labels: BTreeMap::new(),
             service_account: "default".into(),
             host_veth: "v".into(),

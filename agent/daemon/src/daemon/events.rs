@@ -7,10 +7,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use crate::{
-    cluster::{self, ClusterState},
-    config::Config,
-    datapath::events::EventRing,
-    flows::FlowStore,
+    cluster::ClusterState, config::Config, datapath::events::EventRing, flows::FlowStore,
     mesh::MeshStatus,
 };
 
@@ -42,18 +39,18 @@ pub(super) fn auth_error_annotator(
             (&f.dst, &f.src)
         };
         let ip = match remote.ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => ip,
             Ok(std::net::IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
-                Some(ip) => ip,
-                None => return,
+                Some(ip) => std::net::IpAddr::V4(ip),
+                None => std::net::IpAddr::V6(ip),
             },
+            Ok(ip) => ip,
             Err(_) => return,
         };
         let cluster = cluster_rx.borrow().clone();
         let Some(node) = cluster.nodes.iter().find(|n| {
-            cluster::parse_cidr_v4(&n.pod_cidr).is_some_and(|(net, len)| {
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                u32::from(ip) & mask == u32::from(net) & mask
+            n.pod_cidrs().any(|c| {
+                c.parse::<veil_transport::IpPrefix>()
+                    .is_ok_and(|p| p.contains(ip))
             })
         }) else {
             return;

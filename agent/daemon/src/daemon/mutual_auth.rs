@@ -87,9 +87,12 @@ impl MutualAuth {
         let hold = match tun_rs::DeviceBuilder::new()
             .name(HOLD_DEVICE)
             .mtu(cfg.mtu)
-            .enable(true)
+            .enable(false)
             .build_sync()
-        {
+            .and_then(|dev| {
+                veil_transport::enable_without_link_local(&dev, HOLD_DEVICE)?;
+                Ok(dev)
+            }) {
             Ok(dev) => {
                 let ifindex = nix::net::if_::if_nametoindex(HOLD_DEVICE).unwrap_or(0);
                 let mut cm = datapath.config_map()?;

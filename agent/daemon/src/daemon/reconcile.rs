@@ -249,10 +249,12 @@ fn reconcile_proxy(s: &mut Shared, cluster: &ClusterState, me: &str) {
         .pods
         .iter()
         .filter(|p| p.identity != 0)
-        .map(|p| crate::l7::ProxyEndpoint {
-            ip: std::net::IpAddr::V4(p.ip),
-            identity: p.identity,
-            local: p.node == me,
+        .flat_map(|p| {
+            p.addrs().map(|ip| crate::l7::ProxyEndpoint {
+                ip,
+                identity: p.identity,
+                local: p.node == me,
+            })
         })
         .collect();
     let cfg = crate::l7::ProxyConfig {
@@ -279,9 +281,10 @@ pub fn desired_maps(
     let mut ipcache = BTreeMap::new();
     let mut nodes = BTreeMap::new();
     for n in &cluster.nodes {
-        if let Some((ip, len)) = cluster::parse_cidr_v4(&n.pod_cidr) {
+        let cidrs = || n.pod_cidrs().filter_map(cidr_prefix);
+        for (cidr, _) in cidrs() {
             ipcache.insert(
-                Prefix::v4(ip, len),
+                cidr,
                 IpInfo {
                     identity: 0,
                     node_id: n.id,
@@ -291,8 +294,8 @@ pub fn desired_maps(
             );
         }
         if n.name == me {
-            // This node's own addresses: its underlay address and its pod-network gateway
-            // (the first address of its pod CIDR, the source of its traffic to local pods).
+            // This node's own addresses: its underlay address and its pod-network gateways
+            // (the first address of each pod CIDR, the source of its traffic to local pods).
             let host = IpInfo {
                 identity: veil_common::maps::identity::HOST,
                 node_id: n.id,
@@ -300,9 +303,8 @@ pub fn desired_maps(
                 ifindex: 0,
             };
             ipcache.insert(Prefix::v4(n.underlay_ip, 32), host);
-            if let Some((net, _)) = cluster::parse_cidr_v4(&n.pod_cidr) {
-                let gw = std::net::Ipv4Addr::from(u32::from(net).wrapping_add(1));
-                ipcache.insert(Prefix::v4(gw, 32), host);
+            for (_, gw) in cidrs() {
+                ipcache.insert(Prefix::host(gw), host);
             }
         } else if node_encryption {
             // Another node's own address: with node encryption, traffic to it enters the
@@ -339,17 +341,29 @@ pub fn desired_maps(
         } else {
             veil_common::maps::identity::UNKNOWN
         };
-        ipcache.insert(
-            Prefix::v4(p.ip, 32),
-            IpInfo {
-                identity,
-                node_id: node.id,
-                flags,
-                ifindex,
-            },
-        );
+        let info = IpInfo {
+            identity,
+            node_id: node.id,
+            flags,
+            ifindex,
+        };
+        for a in p.addrs() {
+            ipcache.insert(Prefix::host(a), info);
+        }
     }
     (ipcache, nodes)
+}
+
+/// A pod CIDR as an ipcache prefix, with its first address (the node's gateway on it).
+fn cidr_prefix(s: &str) -> Option<(Prefix, std::net::IpAddr)> {
+    use std::net::IpAddr;
+    if let Some((net, len)) = cluster::parse_cidr_v4(s) {
+        let gw = std::net::Ipv4Addr::from(u32::from(net).wrapping_add(1));
+        return Some((Prefix::v4(net, len), IpAddr::V4(gw)));
+    }
+    let (net, len) = cluster::parse_cidr_v6(s)?;
+    let gw = std::net::Ipv6Addr::from(u128::from(net).wrapping_add(1));
+    Some((Prefix::v6(net, len), IpAddr::V6(gw)))
 }
 
 #[cfg(test)]
@@ -366,6 +380,7 @@ mod tests {
             namespace: "shop".into(),
             node: node.into(),
             ip: Ipv4Addr::from(ip),
+            ipv6: None,
             labels: BTreeMap::new(),
             service_account: name.into(),
             host_veth: "lxc-does-not-exist".into(),

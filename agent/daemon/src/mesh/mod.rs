@@ -772,6 +772,7 @@ mod tests {
             namespace: "shop".into(),
             node: node.into(),
             ip: Ipv4Addr::new(198, 19, if node == "a" { 1 } else { 2 }, id as u8),
+            ipv6: None,
             labels: Default::default(),
             service_account: name.into(),
             host_veth: "x".into(),
