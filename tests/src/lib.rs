@@ -191,6 +191,18 @@ impl Lab {
         {
             args.extend(["--backend", b]);
         }
+        // The suites' labs are dual-stack unless they choose (IPv4 paths run as before, beside
+        // IPv6 addresses, neighbour discovery and routes); VEIL_TEST_IP_FAMILY=ipv4 runs them on
+        // IPv4-only labs. A Kubernetes-mode lab is IPv4 only for now.
+        let default_family = std::env::var("VEIL_TEST_IP_FAMILY").unwrap_or_else(|_| "dual".into());
+        let kube = if args_set("--control-plane") {
+            extra.windows(2).any(|w| w == ["--control-plane", "kubernetes"])
+        } else {
+            file_sets("control_plane") || default_cp == "kubernetes"
+        };
+        if !file_sets("ip_family") && !args_set("--ip-family") && !kube {
+            args.extend(["--ip-family", default_family.as_str()]);
+        }
         let out = veil(&args);
         if !out.status.success() {
             let logs = collect_logs(name);

@@ -152,6 +152,77 @@ fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
     assert_eq!((hold.timed_out, hold.overflow), (0, 0), "{hold:?}");
 }
 
+/// Dual stack: an `authentication: required` policy binds IPv6 connections as it binds IPv4
+/// ones — the first connection over IPv6 right after the policy completes without a SYN
+/// retransmission (authenticated before or held until), its flows say `authenticated`, and the
+/// intruder is dropped over IPv6 too.
+#[test]
+fn dual_stack_ipv6_connections_are_mutually_authenticated_like_ipv4() {
+    let lab = Lab::up_with_file(ECHO_LAB, &["--ip-family", "dual"]);
+    let url6 = format!("http://[{}]:8080/", lab.pod_ip6("backend"));
+    lab.wait_for("node-a's control channel", Duration::from_secs(10), || {
+        epoch_with(&lab.status("node-a"), "node-b")
+    });
+    let retrans_before = syn_retransmits(&lab, "frontend");
+    lab.apply_policy_ok(AUTH_POLICY);
+    let code = lab.exec_ok(
+        "frontend",
+        &[
+            "curl",
+            "-sS",
+            "-g",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url6,
+        ],
+    );
+    assert_eq!(code, "200");
+    assert_eq!(
+        syn_retransmits(&lab, "frontend"),
+        retrans_before,
+        "the first IPv6 connection retransmitted its SYN; hold {:?}; flows {:#?}",
+        lab.status("node-b").hold,
+        lab.observe(&[])
+    );
+    let fwd = lab.observe(&[
+        "--node",
+        "node-b",
+        "--verdict",
+        "FORWARDED",
+        "--pod",
+        "shop/frontend",
+    ]);
+    assert!(
+        fwd.iter().any(|f| f["auth"] == "authenticated"
+            && f["dst"]["ip"] == lab.pod_ip6("backend").as_str()
+            && f["dst"]["pod"] == "backend"),
+        "no authenticated IPv6 flow frontend -> backend: {fwd:#?}"
+    );
+    assert!(
+        lab.try_get("intruder", &url6).is_err(),
+        "intruder reached backend over IPv6"
+    );
+    let drops = lab.observe(&["--verdict", "DROPPED", "--pod", "shop/intruder"]);
+    assert!(
+        drops
+            .iter()
+            .any(|f| f["dst"]["ip"] == lab.pod_ip6("backend").as_str()
+                && f["drop_reason"] == "policy-denied"),
+        "no IPv6 policy drop intruder -> backend: {drops:#?}"
+    );
+    let hold = lab.status("node-a").hold;
+    assert_eq!(
+        (hold.timed_out, hold.overflow, hold.unclassified),
+        (0, 0, 0),
+        "{hold:?}"
+    );
+    lab.expect_drops(&["policy-denied"]);
+}
+
 #[test]
 fn node_from_another_trust_domain_cannot_peer() {
     let lab = Lab::up_with_file(

@@ -909,17 +909,19 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
         let gw6 = spec.pod_gateway_v6(n);
         if gw6.is_some() {
             // The node routes IPv6 between its pods and the tunnel; its underlay stays IPv4
-            // only (nothing but WireGuard and the control channel crosses it).
-            sysctl_in(
-                &n.netns,
-                &[
-                    (
-                        format!("net.ipv6.conf.{}.disable_ipv6", n.underlay_if).as_str(),
-                        "1",
-                    ),
-                    ("net.ipv6.conf.all.forwarding", "1"),
-                ],
-            )?;
+            // only (nothing but WireGuard and the control channel crosses it). A pod veth's
+            // link-local address must be usable at once: while it is tentative (duplicate
+            // address detection, a second) the node cannot solicit its pod's address, and the
+            // first packet to a new pod waits for the neighbour timer.
+            let mut v6 = vec![
+                (format!("net.ipv6.conf.{}.disable_ipv6", n.underlay_if), "1"),
+                ("net.ipv6.conf.all.forwarding".to_string(), "1"),
+            ];
+            for p in file_pods.iter().filter(|p| p.node == n.name) {
+                v6.push((format!("net.ipv6.conf.{}.accept_dad", p.host_veth), "0"));
+            }
+            let v6: Vec<(&str, &str)> = v6.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            sysctl_in(&n.netns, &v6)?;
         }
         let mut cmds = vec![
             "link set lo up".to_string(),
