@@ -30,7 +30,7 @@
 use std::{
     fs::File,
     io::{self, Read as _, Write as _},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Command as Process, Stdio},
 };
@@ -349,6 +349,9 @@ pub struct NetConf {
     pub mtu: u32,
     /// The node's pod gateway address, on every pod's host veth.
     pub gateway: Ipv4Addr,
+    /// The node's IPv6 pod gateway (`gateway6`), for dual-stack pods: set when the IPAM plugin
+    /// hands out IPv6 addresses too.
+    pub gateway6: Option<Ipv6Addr>,
     /// `ipam.type`: the IPAM plugin's file name in `CNI_PATH`.
     pub ipam_type: String,
     pub prev_result: Option<Value>,
@@ -363,6 +366,7 @@ struct RawConf {
     kind: Option<String>,
     mtu: Option<u32>,
     gateway: Option<Ipv4Addr>,
+    gateway6: Option<Ipv6Addr>,
     ipam: Option<RawIpam>,
     #[serde(rename = "prevResult")]
     prev_result: Option<Value>,
@@ -428,6 +432,7 @@ impl NetConf {
             name,
             mtu,
             gateway,
+            gateway6: raw.gateway6,
             ipam_type,
             prev_result: raw.prev_result,
         })
@@ -452,40 +457,45 @@ pub fn version_json() -> Value {
 #[derive(Debug, Clone, PartialEq)]
 pub struct IpamResult {
     pub ip: Ipv4Addr,
+    /// A dual-stack pod's IPv6 address.
+    pub ipv6: Option<Ipv6Addr>,
     pub dns: Value,
 }
 
-/// Reads the IPAM result: exactly one IPv4 address (veil pods are IPv4-only; IPv6 is disabled in
-/// the pod), its prefix length ignored (the pod gets a /32).
+/// Reads the IPAM result: exactly one IPv4 address and at most one IPv6 address (a dual-stack
+/// pod), their prefix lengths ignored (the pod gets a /32 and a /128).
 pub fn parse_ipam_result(out: &[u8]) -> std::result::Result<IpamResult, String> {
     let v: Value = serde_json::from_slice(out).map_err(|e| format!("result is not JSON ({e})"))?;
     let ips = v
         .get("ips")
         .and_then(Value::as_array)
         .ok_or("result has no `ips` list")?;
-    let mut v4 = vec![];
+    let (mut v4, mut v6) = (vec![], vec![]);
     for entry in ips {
         let addr = entry
             .get("address")
             .and_then(Value::as_str)
             .ok_or("an `ips` entry has no `address`")?;
         let host = addr.split_once('/').map_or(addr, |(h, _)| h);
-        match host.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => v4.push(ip),
-            Ok(std::net::IpAddr::V6(_)) => {
-                return Err(format!(
-                    "returned IPv6 address {addr}: veil-cni configures IPv4 pods only"
-                ))
-            }
+        match host.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => v4.push(ip),
+            Ok(IpAddr::V6(ip)) => v6.push(ip),
             Err(_) => return Err(format!("`{addr}` is not an address")),
         }
+    }
+    if v6.len() > 1 {
+        return Err(format!(
+            "returned {} IPv6 addresses; a pod has at most one",
+            v6.len()
+        ));
     }
     match v4.as_slice() {
         [ip] => Ok(IpamResult {
             ip: *ip,
+            ipv6: v6.first().copied(),
             dns: v.get("dns").cloned().unwrap_or_else(|| json!({})),
         }),
-        [] => Err("returned no IPv4 address".into()),
+        [] => Err("returned no IPv4 address (veil pods are IPv4 or dual-stack)".into()),
         more => Err(format!(
             "returned {} IPv4 addresses; a pod has one",
             more.len()
@@ -508,10 +518,23 @@ pub const POD_SYSCTLS: [(&str, &str); 2] = [
     ("net.ipv6.conf.default.disable_ipv6", "1"),
 ];
 
+/// The same for a dual-stack pod: IPv6 on, its address from IPAM, never from router
+/// advertisements.
+pub const POD_SYSCTLS_DUAL: [(&str, &str); 2] = [
+    ("net.ipv6.conf.all.accept_ra", "0"),
+    ("net.ipv6.conf.default.accept_ra", "0"),
+];
+
 /// The lab's pod shape (`lab::build_network`), for one pod.
-pub fn plan_add(env: &Env, conf: &NetConf, netns: &Path, host_veth: &str, ip: Ipv4Addr) -> Plan {
-    let (mtu, gw, ifname) = (conf.mtu, conf.gateway, &env.ifname);
-    Plan {
+pub fn plan_add(
+    env: &Env,
+    conf: &NetConf,
+    netns: &Path,
+    host_veth: &str,
+    ipam: &IpamResult,
+) -> Plan {
+    let (mtu, gw, ifname, ip) = (conf.mtu, conf.gateway, &env.ifname, ipam.ip);
+    let mut plan = Plan {
         create: format!(
             "link add {host_veth} mtu {mtu} type veth peer name {ifname} mtu {mtu} netns {}",
             netns.display()
@@ -529,7 +552,21 @@ pub fn plan_add(env: &Env, conf: &NetConf, netns: &Path, host_veth: &str, ip: Ip
             format!("route add {gw} dev {ifname} scope link"),
             format!("route add default via {gw} dev {ifname} src {ip}"),
         ],
+    };
+    // A dual-stack pod: the same shape over IPv6 (the addresses without duplicate detection:
+    // the node and IPAM own them, and a tentative address would hold the first packets).
+    if let (Some(ip6), Some(gw6)) = (ipam.ipv6, conf.gateway6) {
+        plan.node
+            .insert(2, format!("addr add {gw6}/128 dev {host_veth} nodad"));
+        plan.node
+            .push(format!("route add {ip6}/128 dev {host_veth} src {gw6}"));
+        plan.pod
+            .insert(2, format!("addr add {ip6}/128 dev {ifname} nodad"));
+        plan.pod.push(format!("route add {gw6}/128 dev {ifname}"));
+        plan.pod
+            .push(format!("route add ::/0 via {gw6} dev {ifname} src {ip6}"));
     }
+    plan
 }
 
 /// ADD's result in the configuration's version (0.4.0 results carry `ips[].version`).
@@ -550,14 +587,28 @@ pub fn add_result(
     if conf.cni_version == "0.4.0" {
         ip["version"] = json!("4");
     }
+    let mut ips = vec![ip];
+    let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": conf.gateway.to_string()})];
+    if let (Some(ip6), Some(gw6)) = (ipam.ipv6, conf.gateway6) {
+        let mut ip = json!({
+            "address": format!("{ip6}/128"),
+            "gateway": gw6.to_string(),
+            "interface": 1,
+        });
+        if conf.cni_version == "0.4.0" {
+            ip["version"] = json!("6");
+        }
+        ips.push(ip);
+        routes.push(json!({"dst": "::/0", "gw": gw6.to_string()}));
+    }
     json!({
         "cniVersion": conf.cni_version,
         "interfaces": [
             {"name": host_veth, "mac": host_mac},
             {"name": env.ifname, "mac": pod_mac, "sandbox": netns.display().to_string()},
         ],
-        "ips": [ip],
-        "routes": [{"dst": "0.0.0.0/0", "gw": conf.gateway.to_string()}],
+        "ips": ips,
+        "routes": routes,
         "dns": ipam.dns,
     })
 }
@@ -565,14 +616,24 @@ pub fn add_result(
 /// The IPv4 address of an ADD result handed back as `prevResult` (CHECK).
 pub fn prev_result_ip(prev: &Value) -> Result<Ipv4Addr> {
     let bad = |reason: &str| config_err("prevResult.ips", reason);
-    let ips = prev
-        .get("ips")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("missing"))?;
-    ips.iter()
-        .filter_map(|i| i.get("address")?.as_str())
-        .find_map(|a| a.split('/').next()?.parse::<Ipv4Addr>().ok())
+    prev_result_addrs(prev)
+        .ok_or_else(|| bad("missing"))?
+        .find_map(|a| a.parse::<Ipv4Addr>().ok())
         .ok_or_else(|| bad("no IPv4 address"))
+}
+
+/// The IPv6 address of a dual-stack ADD result handed back as `prevResult`, if it has one.
+pub fn prev_result_ipv6(prev: &Value) -> Option<Ipv6Addr> {
+    prev_result_addrs(prev)?.find_map(|a| a.parse::<Ipv6Addr>().ok())
+}
+
+fn prev_result_addrs(prev: &Value) -> Option<impl Iterator<Item = &str>> {
+    let ips = prev.get("ips").and_then(Value::as_array)?;
+    Some(
+        ips.iter()
+            .filter_map(|i| i.get("address")?.as_str())
+            .filter_map(|a| a.split('/').next()),
+    )
 }
 
 /// One interface, from `ip -j link show`.
@@ -585,7 +646,7 @@ pub struct Link {
     pub is_up: bool,
 }
 
-/// One IPv4 route, from `ip -j -4 route show`.
+/// One route, from `ip -j -4 route show` or `ip -j -6 route show`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// `default` or an address or prefix, as `ip` prints it.
@@ -598,8 +659,8 @@ pub struct Route {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NetState {
     pub links: Vec<Link>,
-    /// (interface, address, prefix length) of every IPv4 address.
-    pub addrs: Vec<(String, Ipv4Addr, u8)>,
+    /// (interface, address, prefix length) of every address.
+    pub addrs: Vec<(String, IpAddr, u8)>,
     pub routes: Vec<Route>,
 }
 
@@ -637,8 +698,8 @@ pub fn parse_links(out: &str) -> std::result::Result<Vec<Link>, String> {
         .collect())
 }
 
-/// Parses `ip -j -4 addr show`.
-pub fn parse_addrs(out: &str) -> std::result::Result<Vec<(String, Ipv4Addr, u8)>, String> {
+/// Parses `ip -j addr show`.
+pub fn parse_addrs(out: &str) -> std::result::Result<Vec<(String, IpAddr, u8)>, String> {
     let mut addrs = vec![];
     for l in json_array(out, "addr show")? {
         let Some(name) = l.get("ifname").and_then(Value::as_str) else {
@@ -652,7 +713,7 @@ pub fn parse_addrs(out: &str) -> std::result::Result<Vec<(String, Ipv4Addr, u8)>
         {
             let local = a.get("local").and_then(Value::as_str);
             let len = a.get("prefixlen").and_then(Value::as_u64);
-            if let (Some(Ok(ip)), Some(len)) = (local.map(str::parse::<Ipv4Addr>), len) {
+            if let (Some(Ok(ip)), Some(len)) = (local.map(str::parse::<IpAddr>), len) {
                 addrs.push((name.to_string(), ip, len as u8));
             }
         }
@@ -675,14 +736,17 @@ pub fn parse_routes(out: &str) -> std::result::Result<Vec<Route>, String> {
         .collect())
 }
 
-/// CHECK in the pod's namespace: the interface is up with the MTU, `ip/32`, and the default route.
+/// CHECK in the pod's namespace: the interface is up with the MTU, `ip/32` (`/128`), and the
+/// default route of the address's family.
 pub fn verify_pod(
     state: &NetState,
     ifname: &str,
-    ip: Ipv4Addr,
-    gateway: Ipv4Addr,
+    ip: impl Into<IpAddr>,
+    gateway: impl Into<IpAddr>,
     mtu: u32,
 ) -> std::result::Result<(), String> {
+    let (ip, gateway) = (ip.into(), gateway.into());
+    let len = host_len(ip);
     let link = state
         .links
         .iter()
@@ -694,8 +758,8 @@ pub fn verify_pod(
     if link.mtu != mtu {
         return Err(format!("{ifname} has MTU {} instead of {mtu}", link.mtu));
     }
-    if !state.addrs.contains(&(ifname.to_string(), ip, 32)) {
-        return Err(format!("{ifname} does not have {ip}/32"));
+    if !state.addrs.contains(&(ifname.to_string(), ip, len)) {
+        return Err(format!("{ifname} does not have {ip}/{len}"));
     }
     let gw = gateway.to_string();
     if !state.routes.iter().any(|r| {
@@ -712,8 +776,10 @@ pub fn verify_pod(
 pub fn verify_node(
     state: &NetState,
     host_veth: &str,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
 ) -> std::result::Result<(), String> {
+    let ip = ip.into();
+    let len = host_len(ip);
     let link = state
         .links
         .iter()
@@ -722,15 +788,24 @@ pub fn verify_node(
     if !link.is_up {
         return Err(format!("{host_veth} is down"));
     }
-    let (dst, dst32) = (ip.to_string(), format!("{ip}/32"));
+    let (dst, dst_host) = (ip.to_string(), format!("{ip}/{len}"));
     if !state
         .routes
         .iter()
-        .any(|r| (r.dst == dst || r.dst == dst32) && r.dev.as_deref() == Some(host_veth))
+        .any(|r| (r.dst == dst || r.dst == dst_host) && r.dev.as_deref() == Some(host_veth))
     {
-        return Err(format!("no route {ip}/32 dev {host_veth}"));
+        return Err(format!("no route {ip}/{len} dev {host_veth}"));
     }
     Ok(())
+}
+
+/// A single address's prefix length: 32 or 128.
+fn host_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -817,9 +892,19 @@ fn add(env: &Env, conf: &NetConf, config: &[u8]) -> Result<Value> {
             plugin: ipam.name.clone(),
             reason,
         })
+        .and_then(|r| match (r.ipv6, conf.gateway6) {
+            (Some(ip6), None) => Err(Error::IpamUnusable {
+                plugin: ipam.name.clone(),
+                reason: format!(
+                    "returned IPv6 address {ip6}, but the configuration has no `gateway6` \
+                     (the node's IPv6 pod gateway) to route it through"
+                ),
+            }),
+            _ => Ok(r),
+        })
         .and_then(|r| {
-            let plan = plan_add(env, conf, netns, &host_veth, r.ip);
-            let (host_mac, pod_mac) = set_up(&plan, env, netns, &host_veth)?;
+            let plan = plan_add(env, conf, netns, &host_veth, &r);
+            let (host_mac, pod_mac) = set_up(&plan, env, netns, &host_veth, r.ipv6.is_some())?;
             Ok(add_result(
                 conf, env, netns, &host_veth, &host_mac, &pod_mac, &r,
             ))
@@ -835,7 +920,13 @@ fn add(env: &Env, conf: &NetConf, config: &[u8]) -> Result<Value> {
 
 /// Creates and configures the veth pair; removes it again if any later step fails. Returns the
 /// MACs of the host and pod ends.
-fn set_up(plan: &Plan, env: &Env, netns: &Path, host_veth: &str) -> Result<(String, String)> {
+fn set_up(
+    plan: &Plan,
+    env: &Env,
+    netns: &Path,
+    host_veth: &str,
+    dual: bool,
+) -> Result<(String, String)> {
     let node_links = read_links()?;
     if let Some(stale) = node_links.iter().find(|l| l.name == host_veth) {
         // The same pod's interface from a sandbox whose DEL never came (names are per pod,
@@ -849,11 +940,28 @@ fn set_up(plan: &Plan, env: &Env, netns: &Path, host_veth: &str) -> Result<(Stri
     sys::ip_batch(None, std::slice::from_ref(&plan.create))
         .map_err(setup("create the veth pair"))?;
     let configured = (|| {
+        if dual {
+            // The host end's link-local address must be usable at once: while it is tentative
+            // the node cannot solicit the pod's address, and the first packets to the pod wait
+            // for the neighbour timer (a second).
+            let path = PathBuf::from("/proc/sys/net/ipv6/conf")
+                .join(host_veth)
+                .join("accept_dad");
+            std::fs::write(&path, "0").map_err(|source| Error::Setup {
+                step: format!("turn off duplicate address detection on {host_veth}"),
+                source: sys::Error::Io {
+                    what: "cannot write",
+                    path,
+                    source,
+                },
+            })?;
+        }
         sys::ip_batch(None, &plan.node).map_err(setup("configure the host interface"))?;
         let pod_cmds = plan.pod.clone();
         let ifname = env.ifname.clone();
+        let sysctls = if dual { POD_SYSCTLS_DUAL } else { POD_SYSCTLS };
         let pod_mac = in_netns(netns, move || -> Result<String> {
-            for (key, value) in POD_SYSCTLS {
+            for (key, value) in sysctls {
                 let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
                 match std::fs::write(&path, value) {
                     // A kernel without IPv6 has nothing to disable.
@@ -920,10 +1028,20 @@ fn check(env: &Env, conf: &NetConf, config: &[u8]) -> Result<()> {
         .as_ref()
         .ok_or_else(|| config_err("prevResult", "missing (CHECK needs the ADD result)"))?;
     let ip = prev_result_ip(prev)?;
+    let ip6 = prev_result_ipv6(prev);
     Ipam::find(env, conf)?.exec("CHECK", config)?;
     let pod_state = in_netns(netns, read_state)??;
+    let node_state = read_state()?;
     verify_pod(&pod_state, &env.ifname, ip, conf.gateway, conf.mtu).map_err(Error::Check)?;
-    verify_node(&read_state()?, &pod.host_veth(), ip).map_err(Error::Check)
+    verify_node(&node_state, &pod.host_veth(), ip).map_err(Error::Check)?;
+    if let Some(ip6) = ip6 {
+        let gw6 = conf
+            .gateway6
+            .ok_or_else(|| config_err("gateway6", "missing, but the pod has an IPv6 address"))?;
+        verify_pod(&pod_state, &env.ifname, ip6, gw6, conf.mtu).map_err(Error::Check)?;
+        verify_node(&node_state, &pod.host_veth(), ip6).map_err(Error::Check)?;
+    }
+    Ok(())
 }
 
 fn setup(step: &'static str) -> impl FnOnce(sys::Error) -> Error {
@@ -939,12 +1057,16 @@ fn read_links() -> Result<Vec<Link>> {
 }
 
 fn read_state() -> Result<NetState> {
-    let addrs = sys::ip(&["-j", "-4", "addr", "show"]).map_err(setup("list addresses"))?;
-    let routes = sys::ip(&["-j", "-4", "route", "show"]).map_err(setup("list routes"))?;
+    let addrs = sys::ip(&["-j", "addr", "show"]).map_err(setup("list addresses"))?;
+    let mut routes = vec![];
+    for family in ["-4", "-6"] {
+        let out = sys::ip(&["-j", family, "route", "show"]).map_err(setup("list routes"))?;
+        routes.extend(parse_routes(&out).map_err(Error::Check)?);
+    }
     Ok(NetState {
         links: read_links()?,
         addrs: parse_addrs(&addrs).map_err(Error::Check)?,
-        routes: parse_routes(&routes).map_err(Error::Check)?,
+        routes,
     })
 }
 
@@ -1320,10 +1442,10 @@ mod tests {
             (b"nope", "not JSON"),
             (br#"{"ips":[]}"#, "no IPv4"),
             (br#"{"dns":{}}"#, "no `ips`"),
-            (br#"{"ips":[{"address":"fd00::5/64"}]}"#, "IPv6"),
+            (br#"{"ips":[{"address":"fd00::5/64"}]}"#, "no IPv4"),
             (
-                br#"{"ips":[{"address":"198.19.1.7/24"},{"address":"fd00::5/64"}]}"#,
-                "IPv6",
+                br#"{"ips":[{"address":"198.19.1.7/24"},{"address":"fd00::5/64"},{"address":"fd00::6/64"}]}"#,
+                "2 IPv6",
             ),
             (
                 br#"{"ips":[{"address":"198.19.1.7/24"},{"address":"198.19.1.8/24"}]}"#,
@@ -1335,6 +1457,18 @@ mod tests {
             let e = parse_ipam_result(out).unwrap_err();
             assert!(e.contains(needle), "{e:?} lacks {needle:?}");
         }
+        // A dual-stack pod: one address of each family.
+        let dual = parse_ipam_result(
+            br#"{"ips":[{"address":"198.19.1.7/24"},{"address":"fd00:198:19:1::7/64"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (dual.ip, dual.ipv6),
+            (
+                Ipv4Addr::new(198, 19, 1, 7),
+                Some("fd00:198:19:1::7".parse().unwrap())
+            )
+        );
     }
 
     #[test]
@@ -1346,7 +1480,11 @@ mod tests {
             &conf,
             Path::new("/var/run/netns/pod1"),
             "veil0123456789a",
-            Ipv4Addr::new(198, 19, 1, 7),
+            &IpamResult {
+                ip: Ipv4Addr::new(198, 19, 1, 7),
+                ipv6: None,
+                dns: json!({}),
+            },
         );
         assert_eq!(
             plan.create,
@@ -1371,6 +1509,46 @@ mod tests {
                 "route add default via 198.19.1.1 dev eth0 src 198.19.1.7",
             ]
         );
+        // Dual stack: the same over IPv6, through the configuration's `gateway6`.
+        let conf = NetConf {
+            gateway6: Some("fd00:198:19:1::1".parse().unwrap()),
+            ..conf
+        };
+        let plan = plan_add(
+            &env,
+            &conf,
+            Path::new("/var/run/netns/pod1"),
+            "veil0123456789a",
+            &IpamResult {
+                ip: Ipv4Addr::new(198, 19, 1, 7),
+                ipv6: Some("fd00:198:19:1::7".parse().unwrap()),
+                dns: json!({}),
+            },
+        );
+        assert_eq!(
+            plan.node,
+            [
+                "link set veil0123456789a alias 0c2f-uid.1_x",
+                "addr add 198.19.1.1/32 dev veil0123456789a",
+                "addr add fd00:198:19:1::1/128 dev veil0123456789a nodad",
+                "link set veil0123456789a up",
+                "route add 198.19.1.7/32 dev veil0123456789a src 198.19.1.1",
+                "route add fd00:198:19:1::7/128 dev veil0123456789a src fd00:198:19:1::1",
+            ]
+        );
+        assert_eq!(
+            plan.pod,
+            [
+                "link set lo up",
+                "addr add 198.19.1.7/32 dev eth0",
+                "addr add fd00:198:19:1::7/128 dev eth0 nodad",
+                "link set eth0 up",
+                "route add 198.19.1.1 dev eth0 scope link",
+                "route add default via 198.19.1.1 dev eth0 src 198.19.1.7",
+                "route add fd00:198:19:1::1/128 dev eth0",
+                "route add ::/0 via fd00:198:19:1::1 dev eth0 src fd00:198:19:1::7",
+            ]
+        );
     }
 
     #[test]
@@ -1379,6 +1557,7 @@ mod tests {
         let conf = NetConf::parse(CONF.as_bytes()).unwrap();
         let ipam = IpamResult {
             ip: Ipv4Addr::new(198, 19, 1, 7),
+            ipv6: None,
             dns: json!({}),
         };
         let netns = Path::new("/var/run/netns/pod1");
@@ -1408,6 +1587,24 @@ mod tests {
             prev_result_ip(&json!({"ips": []})).unwrap_err().code(),
             code::INVALID_CONFIG
         );
+        // Dual stack: both addresses and both default routes, and CHECK reads the IPv6 one back.
+        let dual_conf = NetConf {
+            gateway6: Some("fd00:198:19:1::1".parse().unwrap()),
+            ..old
+        };
+        let dual = IpamResult {
+            ipv6: Some("fd00:198:19:1::7".parse().unwrap()),
+            ..ipam
+        };
+        let r = add_result(&dual_conf, &env, netns, "veilx", "aa:aa", "bb:bb", &dual);
+        assert_eq!(r["ips"][1]["address"], "fd00:198:19:1::7/128");
+        assert_eq!(r["ips"][1]["version"], "6");
+        assert_eq!(
+            r["routes"][1],
+            json!({"dst": "::/0", "gw": "fd00:198:19:1::1"})
+        );
+        assert_eq!(prev_result_ipv6(&r), dual.ipv6);
+        assert_eq!(prev_result_ip(&r).unwrap(), dual.ip);
     }
 
     #[test]
@@ -1551,7 +1748,7 @@ mod tests {
         );
         assert_eq!(
             s.addrs,
-            vec![("eth0".into(), Ipv4Addr::new(198, 19, 1, 7), 32)]
+            vec![("eth0".into(), IpAddr::V4(Ipv4Addr::new(198, 19, 1, 7)), 32)]
         );
         assert_eq!(s.routes[0].gateway.as_deref(), Some("198.19.1.1"));
         assert_eq!(parse_routes("").unwrap(), vec![]);
@@ -1594,5 +1791,43 @@ mod tests {
                 .unwrap_err()
                 .contains("no route")
         );
+    }
+
+    #[test]
+    fn check_reads_and_verifies_ipv6_addresses_and_routes() {
+        let ip6: Ipv6Addr = "fd00:198:19:1::7".parse().unwrap();
+        let gw6: Ipv6Addr = "fd00:198:19:1::1".parse().unwrap();
+        let mut s = state();
+        s.addrs = parse_addrs(
+            r#"[{"ifname":"eth0","addr_info":[{"local":"198.19.1.7","prefixlen":32},
+                {"local":"fd00:198:19:1::7","prefixlen":128},{"local":"fe80::1","prefixlen":64}]}]"#,
+        )
+        .unwrap();
+        s.routes.extend(
+            parse_routes(
+                r#"[{"dst":"default","gateway":"fd00:198:19:1::1","dev":"eth0"},
+                    {"dst":"fd00:198:19:1::7","dev":"veil0123456789a"}]"#,
+            )
+            .unwrap(),
+        );
+        verify_pod(&s, "eth0", ip6, gw6, 1400).unwrap();
+        verify_node(&s, "veil0123456789a", ip6).unwrap();
+        let other: Ipv6Addr = "fd00:198:19:1::8".parse().unwrap();
+        assert!(verify_pod(&s, "eth0", other, gw6, 1400)
+            .unwrap_err()
+            .contains("fd00:198:19:1::8/128"));
+        assert!(verify_node(&s, "veil0123456789a", other)
+            .unwrap_err()
+            .contains("no route fd00:198:19:1::8/128"));
+        // The IPv4 default route is not the IPv6 one.
+        assert!(verify_pod(
+            &s,
+            "eth0",
+            ip6,
+            "fd00:198:19:1::2".parse::<Ipv6Addr>().unwrap(),
+            1400
+        )
+        .unwrap_err()
+        .contains("default route"));
     }
 }

@@ -200,6 +200,26 @@ fn walk(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Result<(), E
         "{rounds} requests, median {:.1} ms each (including process start)",
         median(times).as_secs_f64() * 1e3
     );
+    if let (Some(fe6), Some(be6)) = (fe.ipv6, be.ipv6) {
+        // A dual-stack lab: the same request over IPv6, through the same tunnel.
+        let body6 = exec_in_pod(
+            exe,
+            &spec.name,
+            &fe.qualified_name(),
+            &[
+                "curl",
+                "-sS",
+                "-g",
+                "--max-time",
+                "5",
+                &format!("http://[{be6}]:8080/"),
+            ],
+        )?;
+        println!(
+            "over IPv6: frontend ({fe6}) -> backend ({be6}): {:?}",
+            body6.trim()
+        );
+    }
     let after_a = status(paths, &fe.node)?;
     let after_b = status(paths, &be.node)?;
     println!(

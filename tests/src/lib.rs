@@ -191,17 +191,16 @@ impl Lab {
         {
             args.extend(["--backend", b]);
         }
-        // The suites' labs are dual-stack unless they choose (IPv4 paths run as before, beside
-        // IPv6 addresses, neighbour discovery and routes); VEIL_TEST_IP_FAMILY=ipv4 runs them on
-        // IPv4-only labs. A Kubernetes-mode lab is IPv4 only for now.
-        let default_family = std::env::var("VEIL_TEST_IP_FAMILY").unwrap_or_else(|_| "dual".into());
-        let kube = if args_set("--control-plane") {
-            extra.windows(2).any(|w| w == ["--control-plane", "kubernetes"])
-        } else {
-            file_sets("control_plane") || default_cp == "kubernetes"
-        };
-        if !file_sets("ip_family") && !args_set("--ip-family") && !kube {
-            args.extend(["--ip-family", default_family.as_str()]);
+        // VEIL_TEST_IP_FAMILY=ipv4|dual gives the labs whose test does not choose that family;
+        // unset, `lab up`'s default (dual where the pod MTU carries IPv6).
+        let family = std::env::var("VEIL_TEST_IP_FAMILY")
+            .ok()
+            .filter(|f| !f.is_empty());
+        if let Some(f) = family
+            .as_deref()
+            .filter(|_| !file_sets("ip_family") && !args_set("--ip-family"))
+        {
+            args.extend(["--ip-family", f]);
         }
         let out = veil(&args);
         if !out.status.success() {

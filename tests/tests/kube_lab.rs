@@ -119,6 +119,48 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         .expect("lab show lists the kubectl-made pod");
     assert_eq!(web2.ip, ip);
 
+    // Dual stack (the lab's default): node-b's Node has both pod CIDRs, web2 also got an IPv6
+    // address from node-b's IPv6 range through veil-cni and host-local, its Pod status lists
+    // both, and frontend reaches it over IPv6.
+    assert_eq!(lab.view.ip_family, "dual");
+    let cidrs = lab.kubectl(
+        &["get", "node", "node-b", "-o", "jsonpath={.spec.podCIDRs}"],
+        "",
+    );
+    assert_eq!(cidrs, r#"["198.19.2.0/24","fd00:198:19:2::/64"]"#);
+    let pod_ips = lab.kubectl(
+        &[
+            "get",
+            "pod",
+            "-n",
+            "shop",
+            "web2",
+            "-o",
+            "jsonpath={.status.podIPs[*].ip}",
+        ],
+        "",
+    );
+    let ip6 = pod_ips
+        .split_whitespace()
+        .find(|a| a.contains(':'))
+        .unwrap_or_else(|| panic!("web2's podIPs have no IPv6 address: {pod_ips:?}"))
+        .to_string();
+    assert!(
+        ip6.starts_with("fd00:198:19:2::"),
+        "web2 got {ip6}, not from node-b's fd00:198:19:2::/64"
+    );
+    assert_eq!(web2.ips, [ip.clone(), ip6.clone()], "lab show: {web2:?}");
+    let url6 = format!("http://[{ip6}]:8080/");
+    until(
+        "frontend reaches web2 over IPv6",
+        Duration::from_secs(30),
+        || {
+            lab.exec("frontend", &["curl", "-sS", "-g", "--max-time", "2", &url6])
+                .stdout
+                == b"hello from shop/web2\n"
+        },
+    );
+
     // Encrypted: a marker sent to it never crosses the underlay in clear, and WireGuard does.
     let marker = format!("VEIL-KUBE-MARKER-{}", rand_suffix());
     let cap = Capture::start(&lab.view.underlay.netns, &lab.view.underlay.bridge);

@@ -555,7 +555,8 @@ pub(crate) fn bootstrap(
         let node = serde_json::json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": n.name, "labels": {"kubernetes.io/hostname": n.name}},
-            "spec": {"podCIDR": n.pod_cidr, "podCIDRs": [n.pod_cidr]},
+            "spec": {"podCIDR": n.pod_cidr,
+                     "podCIDRs": std::iter::once(&n.pod_cidr).chain(&n.pod_cidr_v6).collect::<Vec<_>>()},
         });
         kubectl(
             paths,
@@ -656,6 +657,8 @@ pub(crate) fn bootstrap(
 
 /// Annotation carrying a lab-file pod's address: the lab's kubelet asks host-local for it.
 pub const REQUESTED_IP: &str = "veil.dev/lab-ip";
+/// The same for a dual-stack lab-file pod's IPv6 address.
+pub const REQUESTED_IP6: &str = "veil.dev/lab-ip6";
 
 /// A lab-file pod as a Pod: its node, labels and ServiceAccount, and one container per server
 /// (`veil lab serve`), or one that only waits.
@@ -684,10 +687,14 @@ fn pod_object(paths: &LabPaths, p: &spec::PodSpec, exe: &Path) -> serde_json::Va
                                             "command": ["sleep", "infinity"]}),
         );
     }
+    let mut annotations = serde_json::json!({REQUESTED_IP: p.ip.to_string()});
+    if let Some(ip6) = p.ipv6 {
+        annotations[REQUESTED_IP6] = serde_json::json!(ip6.to_string());
+    }
     serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels,
-                     "annotations": {REQUESTED_IP: p.ip.to_string()}},
+                     "annotations": annotations},
         "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
                  "automountServiceAccountToken": false, "containers": containers},
     })

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     journal::{Journal, Resource},
-    kube::{admin_kubeconfig, dir, REQUESTED_IP},
+    kube::{admin_kubeconfig, dir, REQUESTED_IP, REQUESTED_IP6},
     spec::{LabSpec, NodeSpec},
     Error, LabPaths, Result,
 };
@@ -47,6 +47,9 @@ pub struct PodRecord {
     pub netns: String,
     pub cgroup: PathBuf,
     pub ip: Option<std::net::Ipv4Addr>,
+    /// A dual-stack pod's IPv6 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<std::net::Ipv6Addr>,
     pub host_veth: String,
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
@@ -348,6 +351,7 @@ impl Kubelet<'_> {
             netns,
             cgroup,
             ip: None,
+            ipv6: None,
             host_veth,
             labels: pod
                 .metadata
@@ -376,13 +380,10 @@ impl Kubelet<'_> {
             path: record.cgroup.clone(),
             source,
         })?;
-        let requested = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(REQUESTED_IP))
-            .cloned();
-        let result = match self.cni("ADD", &record, requested.as_deref()) {
+        let annotation = |key: &str| pod.metadata.annotations.as_ref()?.get(key).cloned();
+        let requested = annotation(REQUESTED_IP);
+        let requested6 = annotation(REQUESTED_IP6);
+        let result = match self.cni_add(&record, requested.as_deref(), requested6.as_deref()) {
             Ok(r) => r,
             Err(e) => {
                 self.release(&record);
@@ -390,6 +391,7 @@ impl Kubelet<'_> {
             }
         };
         record.ip = cni_ip(&result);
+        record.ipv6 = cni_ip(&result);
         if record.ip.is_none() {
             self.release(&record);
             return Err(kerr(
@@ -511,7 +513,30 @@ impl Kubelet<'_> {
     }
 
     /// Runs the CNI plugin in the node's namespace, as a container runtime does.
+    /// CNI ADD, asking host-local for the lab file's addresses: the IPv4 one in `CNI_ARGS`
+    /// (`IP=`), the IPv6 one in the configuration's `args.cni.ips` (host-local takes both).
+    fn cni_add(&self, r: &PodRecord, ip: Option<&str>, ip6: Option<&str>) -> Result<String> {
+        let mut config: serde_json::Value =
+            serde_json::from_str(&cni_config(self.spec, self.paths, self.node))
+                .expect("cni_config is JSON");
+        if let Some(ip6) = ip6 {
+            config["args"] = serde_json::json!({"cni": {"ips": [ip6]}});
+        }
+        self.cni_with("ADD", r, ip, &config.to_string())
+    }
+
     fn cni(&self, command: &str, r: &PodRecord, requested_ip: Option<&str>) -> Result<String> {
+        let config = cni_config(self.spec, self.paths, self.node);
+        self.cni_with(command, r, requested_ip, &config)
+    }
+
+    fn cni_with(
+        &self,
+        command: &str,
+        r: &PodRecord,
+        requested_ip: Option<&str>,
+        config: &str,
+    ) -> Result<String> {
         let mut args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
             r.namespace, r.name, r.uid
@@ -520,7 +545,6 @@ impl Kubelet<'_> {
             args.push_str(&format!(";IP={ip}"));
         }
         let cni_dir = self.cni.parent().expect("a file has a parent");
-        let config = cni_config(self.spec, self.paths, self.node);
         let out = Command::new("ip")
             .args(["netns", "exec", &self.node.netns])
             .arg(&self.cni)
@@ -633,34 +657,38 @@ fn name_of(p: &Pod) -> String {
 
 /// The network configuration the kubelet hands veil-cni: host-local over the node's pod CIDR,
 /// its state under the lab directory.
+/// A dual-stack node's configuration adds its IPv6 pod CIDR as a second range (one address of
+/// each family per pod) and the IPv6 gateway as `gateway6`.
 pub fn cni_config(spec: &LabSpec, paths: &LabPaths, node: &NodeSpec) -> String {
     let gw = spec.pod_gateway(node);
-    serde_json::json!({
+    let mut ranges =
+        vec![serde_json::json!([{"subnet": node.pod_cidr, "gateway": gw.to_string()}])];
+    let mut config = serde_json::json!({
         "cniVersion": "1.0.0",
         "name": format!("veil-{}", node.name),
         "type": "veil-cni",
         "mtu": spec.pod_mtu(),
         "gateway": gw.to_string(),
-        "ipam": {
-            "type": "host-local",
-            "ranges": [[{"subnet": node.pod_cidr, "gateway": gw.to_string()}]],
-            "dataDir": dir(paths).join("ipam").display().to_string(),
-        },
-    })
-    .to_string()
+    });
+    if let (Some(cidr6), Some(gw6)) = (&node.pod_cidr_v6, spec.pod_gateway_v6(node)) {
+        ranges.push(serde_json::json!([{"subnet": cidr6, "gateway": gw6.to_string()}]));
+        config["gateway6"] = serde_json::json!(gw6.to_string());
+    }
+    config["ipam"] = serde_json::json!({
+        "type": "host-local",
+        "ranges": ranges,
+        "dataDir": dir(paths).join("ipam").display().to_string(),
+    });
+    config.to_string()
 }
 
-/// The first IPv4 address of a CNI result.
-fn cni_ip(result: &str) -> Option<std::net::Ipv4Addr> {
+/// The first address of a family in a CNI result.
+fn cni_ip<A: std::str::FromStr>(result: &str) -> Option<A> {
     let v: serde_json::Value = serde_json::from_str(result).ok()?;
-    v["ips"].as_array()?.iter().find_map(|i| {
-        i["address"]
-            .as_str()?
-            .split('/')
-            .next()?
-            .parse::<std::net::Ipv4Addr>()
-            .ok()
-    })
+    v["ips"]
+        .as_array()?
+        .iter()
+        .find_map(|i| i["address"].as_str()?.split('/').next()?.parse::<A>().ok())
 }
 
 fn containers_of(p: &Pod) -> Vec<Container> {
@@ -728,14 +756,27 @@ async fn report_network(
 ) -> std::result::Result<(), kube::Error> {
     let status = pod.status.as_ref();
     let ip = r.record.ip.map(|i| i.to_string());
+    let ips: Vec<serde_json::Value> = r
+        .record
+        .ip
+        .map(|i| i.to_string())
+        .into_iter()
+        .chain(r.record.ipv6.map(|i| i.to_string()))
+        .map(|ip| serde_json::json!({"ip": ip}))
+        .collect();
+    let reported = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|l| l.len())
+        .unwrap_or(0);
     if status.and_then(|s| s.pod_ip.clone()) == ip
+        && reported == ips.len()
         && status.and_then(|s| s.phase.as_deref()) == Some("Running")
     {
         return Ok(());
     }
     let patch = serde_json::json!({"status": {
         "phase": "Running",
-        "podIP": ip, "podIPs": [{"ip": ip}],
+        "podIP": ip, "podIPs": ips,
         "hostIP": node.underlay_ip.to_string(), "hostIPs": [{"ip": node.underlay_ip.to_string()}],
         "startTime": now(),
         "conditions": [

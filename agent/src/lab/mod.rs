@@ -384,7 +384,12 @@ fn pod_views(spec: &LabSpec, paths: &LabPaths) -> Vec<PodView> {
             })
             .map(|r| PodView {
                 ip: r.ip.map(|i| i.to_string()).unwrap_or_default(),
-                ips: r.ip.map(|i| i.to_string()).into_iter().collect(),
+                ips: r
+                    .ip
+                    .map(|i| i.to_string())
+                    .into_iter()
+                    .chain(r.ipv6.map(|i| i.to_string()))
+                    .collect(),
                 cgroup: r.cgroup.display().to_string(),
                 name: r.name,
                 namespace: r.namespace,

@@ -464,6 +464,8 @@ pub const POD_GATEWAY_HOST: u8 = 1;
 /// First host number handed to pods in a node's /24.
 const FIRST_POD_HOST: u8 = 10;
 const MAX_NODES: usize = 250;
+/// IPv6's minimum link MTU: an interface with less has no IPv6.
+const IPV6_MIN_MTU: u32 = 1280;
 const MAX_PODS_PER_NODE: usize = 240;
 /// Interface names are at most 15 bytes (IFNAMSIZ - 1).
 const IFNAMSIZ_MAX: usize = 15;
@@ -689,17 +691,29 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             format!("{underlay_mtu} is outside 1280..=9000"),
         ));
     }
-    let ip_family = overrides
-        .ip_family
-        .or(file.ip_family)
-        .unwrap_or(IpFamily::Ipv4);
-    if ip_family == IpFamily::Ipv6 {
-        return Err(invalid(
-            "ip_family",
-            "ipv6 (IPv6-only pods) is not built yet: pods, nodes and the underlay are IPv4 \
-             first; use dual for IPv4 + IPv6 pods",
-        ));
-    }
+    // Dual stack unless asked otherwise, where the pods' MTU can carry IPv6 (1280 at least);
+    // a smaller underlay leaves the default lab IPv4-only and refuses an explicit dual.
+    let pod_mtu = underlay_mtu - veil_transport::overhead(false);
+    let ip_family =
+        match overrides.ip_family.or(file.ip_family) {
+            Some(IpFamily::Ipv6) => return Err(invalid(
+                "ip_family",
+                "ipv6 (IPv6-only pods) is not built yet: pods, nodes and the underlay are IPv4 \
+                 first; use dual for IPv4 + IPv6 pods",
+            )),
+            Some(f) if f.has_v6() && pod_mtu < IPV6_MIN_MTU => {
+                return Err(invalid(
+                    "ip_family",
+                    format!(
+                        "{f} needs a pod MTU of at least {IPV6_MIN_MTU} (IPv6's minimum); \
+                     underlay_mtu {underlay_mtu} leaves the pods {pod_mtu}"
+                    ),
+                ))
+            }
+            Some(f) => f,
+            None if pod_mtu >= IPV6_MIN_MTU => IpFamily::Dual,
+            None => IpFamily::Ipv4,
+        };
     let nodes_file = file.nodes.or(defaults.nodes).unwrap_or_default();
     let default_pods = file.pods.is_none();
     let pods_file = match file.pods {
@@ -891,16 +905,6 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         .control_plane
         .or(file.control_plane)
         .unwrap_or(ControlPlane::Kubernetes);
-    if ip_family.has_v6() && control_plane == ControlPlane::Kubernetes {
-        return Err(invalid(
-            "ip_family",
-            format!(
-                "{ip_family} needs `control_plane: files` for now: veil-cni and the lab's \
-                 kubelet hand pods one IPv4 address"
-            ),
-        ));
-    }
-
     Ok(LabSpec {
         name: name.to_string(),
         trust_domain,
@@ -1163,6 +1167,40 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_by_default_where_the_pod_mtu_carries_ipv6() {
+        let lab = resolve_text("").unwrap();
+        assert_eq!(lab.ip_family, IpFamily::Dual);
+        assert_eq!(
+            lab.nodes[1].pod_cidr_v6.as_deref(),
+            Some("fd00:198:19:2::/64")
+        );
+        let be = lab.find_pod("backend").unwrap();
+        assert_eq!(be.ipv6, Some("fd00:198:19:2::10".parse().unwrap()));
+        assert_eq!(
+            lab.pod_gateway_v6(&lab.nodes[0]),
+            Some("fd00:198:19:1::1".parse().unwrap())
+        );
+        // Node 250 and host 249 still read as their decimal digits.
+        let many: String = (0..250).map(|i| format!("- {{name: n{i}}}\n")).collect();
+        let lab = resolve_text(&format!("nodes:\n{many}")).unwrap();
+        assert_eq!(
+            lab.nodes[249].pod_cidr_v6.as_deref(),
+            Some("fd00:198:19:250::/64")
+        );
+        // IPv4 only when asked, or by default where the pods' MTU is under IPv6's 1280.
+        for text in ["ip_family: ipv4", "underlay_mtu: 1300"] {
+            let lab = resolve_text(text).unwrap();
+            assert_eq!(lab.ip_family, IpFamily::Ipv4, "{text}");
+            assert!(lab.nodes.iter().all(|n| n.pod_cidr_v6.is_none()), "{text}");
+            assert!(lab.pods.iter().all(|p| p.ipv6.is_none()), "{text}");
+        }
+        assert_eq!(
+            resolve_text("underlay_mtu: 1340").unwrap().ip_family,
+            IpFamily::Dual
+        );
+    }
+
+    #[test]
     fn default_topology() {
         let lab = resolve("veil", LabFile::default(), &Overrides::default()).unwrap();
         assert_eq!(lab.trust_domain, "lab.veil");
@@ -1345,6 +1383,9 @@ mod tests {
             ("encryption: maybe", "encryption"),
             ("node_encryption: yes please", "node_encryption"),
             ("encryption: off\nnode_encryption: on", "node_encryption"),
+            ("ip_family: both", "ip_family"),
+            ("ip_family: ipv6", "ip_family"),
+            ("ip_family: dual\nunderlay_mtu: 1300", "ip_family"),
             ("svid_ttl: soon", "svid_ttl"),
             ("svid_ttl: 1s", "svid_ttl"),
             ("backend: ebpf", "backend"),
