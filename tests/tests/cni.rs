@@ -19,6 +19,7 @@ use veil_tests::{ip_netns, link_mtu, require_lab_environment, unique_name, veil_
 
 const HOST_LOCAL_DIR: &str = "/usr/lib/cni";
 const GATEWAY: &str = "198.19.200.1";
+const GATEWAY6: &str = "fd00:198:19:200::1";
 const MTU: u32 = 1400;
 /// Two addresses, so that a full range and a released address can both be seen.
 const RANGE: [&str; 2] = ["198.19.200.10", "198.19.200.11"];
@@ -83,6 +84,8 @@ struct Node {
     data: TempDir,
     unique: String,
     network: String,
+    /// Dual stack: a second, IPv6 range and `gateway6`.
+    dual: bool,
 }
 
 /// What one `veil-cni` run printed.
@@ -168,6 +171,14 @@ impl Node {
             data,
             network: format!("vcni-{unique}"),
             unique,
+            dual: false,
+        }
+    }
+
+    fn dual() -> Node {
+        Node {
+            dual: true,
+            ..Node::new()
         }
     }
 
@@ -181,6 +192,18 @@ impl Node {
     }
 
     fn config(&self) -> Value {
+        let mut c = self.config_v4();
+        if self.dual {
+            c["gateway6"] = json!(GATEWAY6);
+            c["ipam"]["ranges"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!([{"subnet": "fd00:198:19:200::/64", "gateway": GATEWAY6}]));
+        }
+        c
+    }
+
+    fn config_v4(&self) -> Value {
         json!({
             "cniVersion": "1.0.0",
             "name": self.network,
@@ -427,6 +450,89 @@ fn add_check_del_with_host_local() {
     node.del(&b);
     node.del(&c);
     node.assert_empty("every DEL");
+}
+
+/// Dual stack: host-local with an IPv6 range beside the IPv4 one hands the pod one address of
+/// each; veil-cni configures both (the pod reaches both gateways), CHECK verifies both and names
+/// what differs, DEL frees both.
+#[test]
+fn dual_stack_add_check_del_with_host_local() {
+    let node = Node::dual();
+    let a = node.pod("a");
+    let result = node.add(&a);
+    let ip_a = result_ip(&result);
+    let ip6 = result["ips"][1]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no second address in {result}"))
+        .trim_end_matches("/128")
+        .to_string();
+    assert!(ip6.starts_with("fd00:198:19:200::"), "{result}");
+    assert_eq!(result["ips"][1]["gateway"], GATEWAY6);
+    assert_eq!(
+        result["routes"],
+        json!([{"dst": "0.0.0.0/0", "gw": GATEWAY}, {"dst": "::/0", "gw": GATEWAY6}])
+    );
+    let addr = ip_netns(
+        &a.netns.0,
+        &["ip", "-6", "-o", "addr", "show", "dev", "eth0"],
+    );
+    assert!(addr.contains(&format!("inet6 {ip6}/128")), "{addr}");
+    let routes = ip_netns(&a.netns.0, &["ip", "-6", "route", "show"]);
+    assert!(
+        routes.contains(&format!("default via {GATEWAY6} dev eth0 src {ip6}")),
+        "{routes}"
+    );
+    let hv = a.host_veth();
+    let node_routes = ip_netns(&node.netns.0, &["ip", "-6", "route", "show"]);
+    assert!(
+        node_routes.contains(&format!("{ip6} dev {hv}")),
+        "{node_routes}"
+    );
+    let dad = ip_netns(
+        &node.netns.0,
+        &["cat", &format!("/proc/sys/net/ipv6/conf/{hv}/accept_dad")],
+    );
+    assert_eq!(
+        dad.trim(),
+        "0",
+        "duplicate address detection on the host veth"
+    );
+    ip_netns(&a.netns.0, &["ping", "-c", "1", "-W", "2", GATEWAY]);
+    ip_netns(&a.netns.0, &["ping", "-6", "-c", "1", "-W", "2", GATEWAY6]);
+
+    node.check(&a, &result)
+        .assert_ok("CHECK of a dual-stack pod");
+    ip_netns(&a.netns.0, &["ip", "-6", "route", "del", "default"]);
+    let msg = node
+        .check(&a, &result)
+        .assert_error("CHECK without the IPv6 default route", 101);
+    assert!(msg.contains(GATEWAY6), "{msg}");
+
+    node.del(&a);
+    assert_eq!(a.netns.links(), ["lo"]);
+    let held: Vec<String> = std::fs::read_dir(node.data.0.join(&node.network))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_string))
+        .filter(|f| f.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    assert!(
+        held.is_empty(),
+        "addresses left after DEL: {held:?} ({ip_a})"
+    );
+
+    // Without `gateway6` an IPv6 address from IPAM is refused (102) and released.
+    let b = node.pod("b");
+    let mut no_gw6 = node.config();
+    no_gw6.as_object_mut().unwrap().remove("gateway6");
+    let run = node.cni("ADD", &b, &no_gw6.to_string(), &[]);
+    let msg = run.assert_error("ADD of IPv6 without gateway6", 102);
+    assert!(
+        msg.contains("gateway6") || run.stdout.contains("gateway6"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(b.netns.links(), ["lo"]);
+    node.assert_empty("the refused ADD");
 }
 
 #[test]
