@@ -192,6 +192,48 @@ fn seed_example_decides_each_request_and_other_pods_bypass_the_proxy() {
         .all(|r| r["src"]["pod"] != "intruder"));
 }
 
+/// Dual stack: the same HTTP rules decide requests made over IPv6 — the proxy takes the IPv6
+/// connection (its `[::1]` listener), answers 403 itself for a denied path, forwards an allowed
+/// one to backend's IPv6 address as frontend, encrypted, and records both with their IPv6
+/// addresses.
+#[test]
+fn dual_stack_ipv6_requests_are_decided_by_the_proxy_like_ipv4() {
+    let lab = Lab::up(&["--ip-family", "dual"]);
+    let be6 = lab.pod_ip6("backend");
+    let base = format!("http://[{be6}]:8080");
+    lab.apply_policy_ok(L7);
+    lab.apply_policy_ok(INGRESS);
+    let before = proxy_requests(&lab, "node-a");
+    let urls = [
+        format!("{base}/api/products"),
+        format!("{base}/admin"),
+        format!("{base}/api/products"),
+    ];
+    assert_eq!(
+        codes(&lab, "frontend", &["-g"], &urls),
+        ["200 1", "403 0", "200 0"]
+    );
+    assert_eq!(proxy_requests(&lab, "node-a"), before + 3);
+    let recs = l7_records(&lab, "node-a");
+    let denied = recs
+        .iter()
+        .find(|r| r["l7"]["path"] == "/admin" && r["dst"]["ip"] == be6.as_str())
+        .unwrap_or_else(|| panic!("no IPv6 /admin record in {recs:#?}"));
+    assert_eq!(denied["drop_reason"], "policy-denied", "{denied:#}");
+    assert_eq!(denied["src"]["ip"], lab.pod_ip6("frontend"), "{denied:#}");
+    let at_b = lab.observe(&["--node", "node-b"]);
+    let arrived = at_b
+        .iter()
+        .find(|f| {
+            f["src"]["ip"] == lab.pod_ip6("frontend")
+                && f["dst"]["ip"] == be6.as_str()
+                && f["verdict"] == "FORWARDED"
+        })
+        .unwrap_or_else(|| panic!("no IPv6 frontend -> backend arrival at node-b: {at_b:#?}"));
+    assert_eq!(arrived["encrypted"], true, "{arrived:#}");
+    assert_eq!(arrived["src"]["pod"], "frontend", "{arrived:#}");
+}
+
 /// Ingress HTTP rules with mutual authentication: decided by the proxy of the server's node
 /// (the connection arrives through the tunnel), admitted only for the authenticated pair.
 const INGRESS_L7_AUTH: &str = include_str!("../../examples/policies/backend-ingress-l7-auth.yaml");

@@ -138,6 +138,9 @@ pub struct NodeTunnel {
     restarts: Restarts,
     /// Nodes whose key the last reconcile refused (logged once per change).
     refused: BTreeMap<String, RefusedKey>,
+    /// An IPv6 pod CIDR could not be routed into the device (IPv6 off on this host): logged
+    /// once, and IPv4 carries on.
+    v6_route_failed: bool,
 }
 
 /// How long veil-wg has to answer a UAPI `get` before it counts as hung.
@@ -267,6 +270,7 @@ impl NodeTunnel {
             adopted: BTreeMap::new(),
             restarts: Restarts::default(),
             refused: BTreeMap::new(),
+            v6_route_failed: false,
         };
         t.ensure_device()?;
         if !started_fresh {
@@ -391,8 +395,17 @@ impl NodeTunnel {
         let now = std::time::Instant::now();
         self.adopted.retain(|_, until| *until > now);
         for n in cluster.nodes.iter().filter(|n| n.name != me) {
-            for cidr in n.pod_cidrs() {
-                route_into(self.device.interface(), cidr)?;
+            route_into(self.device.interface(), &n.pod_cidr)?;
+            if let Some(cidr6) = &n.pod_cidr_v6 {
+                // A host with IPv6 off cannot route another node's IPv6 pods; its own pods have
+                // no IPv6 either, so only that family is lost, and nothing leaves in clear.
+                match route_into(self.device.interface(), cidr6) {
+                    Err(e) if !self.v6_route_failed => {
+                        tracing::warn!(error = %e, "IPv6 pod CIDRs are not routed into the tunnel (is IPv6 off on this host?); IPv4 is unaffected");
+                        self.v6_route_failed = true;
+                    }
+                    _ => {}
+                }
             }
         }
         if let Some(mtu) = self.node_encryption {
