@@ -29,6 +29,18 @@ fn syn_retransmits(lab: &Lab, pod: &str) -> u64 {
         .unwrap_or_else(|| panic!("no TcpExtTCPSynRetrans in nstat output: {out}"))
 }
 
+/// node-b's FORWARDED flow records of frontend's traffic.
+fn forwarded_from_frontend_at_node_b(lab: &Lab) -> Vec<serde_json::Value> {
+    lab.observe(&[
+        "--node",
+        "node-b",
+        "--verdict",
+        "FORWARDED",
+        "--pod",
+        "shop/frontend",
+    ])
+}
+
 fn auth_pairs_with(st: &Status, label: &str) -> Vec<veil_agent::api::AuthPair> {
     st.auth
         .iter()
@@ -117,14 +129,7 @@ fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
         lab.try_get("frontend", &url(&lab)).unwrap(),
         "hello from shop/backend\n"
     );
-    let fwd = lab.observe(&[
-        "--node",
-        "node-b",
-        "--verdict",
-        "FORWARDED",
-        "--pod",
-        "shop/frontend",
-    ]);
+    let fwd = forwarded_from_frontend_at_node_b(&lab);
     assert!(
         fwd.iter()
             .any(|f| f["auth"] == "authenticated" && f["dst"]["pod"] == "backend"),
@@ -188,14 +193,7 @@ fn dual_stack_ipv6_connections_are_mutually_authenticated_like_ipv4() {
         lab.status("node-b").hold,
         lab.observe(&[])
     );
-    let fwd = lab.observe(&[
-        "--node",
-        "node-b",
-        "--verdict",
-        "FORWARDED",
-        "--pod",
-        "shop/frontend",
-    ]);
+    let fwd = forwarded_from_frontend_at_node_b(&lab);
     assert!(
         fwd.iter().any(|f| f["auth"] == "authenticated"
             && f["dst"]["ip"] == lab.pod_ip6("backend").as_str()
