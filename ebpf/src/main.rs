@@ -682,6 +682,10 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
                     count_drop(ctx, reason::MTU_EXCEEDED);
                     return frag_needed_v4(ctx, ifindex, mtu);
                 }
+                if flow.is_v6 && mtu >= IPV6_MIN_MTU {
+                    count_drop(ctx, reason::MTU_EXCEEDED);
+                    return packet_too_big_v6(ctx, ifindex, mtu);
+                }
                 return Err(reason::MTU_EXCEEDED);
             }
             set_from_pod(ctx);
@@ -1658,6 +1662,92 @@ fn frag_needed_v4(ctx: &TcContext, ifindex: u32, mtu: u32) -> Result<i32, u32> {
     out[ICMP + 2..ICMP + 4].copy_from_slice(&c.to_be_bytes());
     // SAFETY: helper call on this program's own skb; it only trims the packet.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAG_NEEDED_LEN as u32, 0) } != 0 {
+        return Err(reason::MTU_EXCEEDED);
+    }
+    ctx.store(0, out, 0).map_err(|_| reason::DATAPATH_ERROR)?;
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// IPv6's minimum link MTU: a Packet Too Big below it is not sent (a host would ignore it).
+const IPV6_MIN_MTU: u32 = 1280;
+
+/// Length of the ICMPv6 Packet Too Big `packet_too_big_v6` builds: Ethernet, IPv6 (40), ICMPv6
+/// header (8), the quoted IPv6 header (40) and 8 bytes of its payload.
+const PTB_LEN: usize = ETH_HLEN + 40 + 8 + 48;
+
+/// Scratch space for building that packet (its own slot: the IPv4 one keeps its size).
+#[map(name = "VEIL_SCRATCH6")]
+static VEIL_SCRATCH6: PerCpuArray<[u8; PTB_LEN]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Turns this IPv6 packet (too big for the tunnel; IPv6 is never fragmented on the path) into
+/// ICMPv6 Packet Too Big (type 2) carrying `mtu`, from the address it was sent to, quoting its
+/// IPv6 header and first 8 payload bytes, and sends it back out to the pod on `ifindex`: path
+/// MTU discovery then works across the tunnel (RFC 8201), as `frag_needed_v4` does for IPv4.
+#[inline(always)]
+fn packet_too_big_v6(ctx: &TcContext, ifindex: u32, mtu: u32) -> Result<i32, u32> {
+    let out = match VEIL_SCRATCH6.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, used only within this program run.
+        Some(p) => unsafe { &mut *p },
+        None => return Err(reason::DATAPATH_ERROR),
+    };
+    const IP: usize = ETH_HLEN;
+    const ICMP: usize = IP + 40;
+    const QUOTED: usize = ICMP + 8;
+    let copy = |offset: usize, at: usize, len: usize, out: &mut [u8; PTB_LEN]| {
+        // SAFETY: helper call on this program's own skb into `len` bytes of the slot at `at`.
+        let r = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb.cast(),
+                offset as u32,
+                out.as_mut_ptr().add(at).cast(),
+                len as u32,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(reason::TRUNCATED)
+        }
+    };
+    copy(0, 0, 12, out)?;
+    for i in 0..6 {
+        out.swap(i, i + 6);
+    }
+    out[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    copy(ETH_HLEN, QUOTED, 48, out)?;
+    // IPv6: from the address the pod tried to reach, to the pod.
+    out[IP..ICMP].fill(0);
+    out[IP] = 0x60;
+    out[IP + 4..IP + 6].copy_from_slice(&((PTB_LEN - ICMP) as u16).to_be_bytes());
+    out[IP + 6] = IPPROTO_ICMPV6;
+    out[IP + 7] = 64;
+    for i in 0..16 {
+        out[IP + 8 + i] = out[QUOTED + 24 + i];
+        out[IP + 24 + i] = out[QUOTED + 8 + i];
+    }
+    // ICMPv6: type 2 code 0, the MTU; the checksum covers the pseudo-header (both addresses,
+    // the ICMPv6 length, next header 58) and the message.
+    out[ICMP..QUOTED].fill(0);
+    out[ICMP] = 2;
+    out[ICMP + 4..ICMP + 8].copy_from_slice(&mtu.to_be_bytes());
+    let mut sum = ((PTB_LEN - ICMP) as u32) + u32::from(IPPROTO_ICMPV6);
+    let mut i = IP + 8;
+    while i + 1 < IP + 40 {
+        sum += u32::from(u16::from_be_bytes([out[i], out[i + 1]]));
+        i += 2;
+    }
+    let mut i = ICMP;
+    while i + 1 < PTB_LEN {
+        sum += u32::from(u16::from_be_bytes([out[i], out[i + 1]]));
+        i += 2;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    out[ICMP + 2..ICMP + 4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    // SAFETY: helper call on this program's own skb; it only trims the packet.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, PTB_LEN as u32, 0) } != 0 {
         return Err(reason::MTU_EXCEEDED);
     }
     ctx.store(0, out, 0).map_err(|_| reason::DATAPATH_ERROR)?;

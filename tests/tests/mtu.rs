@@ -439,3 +439,82 @@ fn oversized_df_packets_get_frag_needed_and_tcp_is_not_black_holed() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Dual stack: a pod whose MTU is raised past the tunnel's sends IPv6 packets the tunnel cannot
+/// carry. IPv6 routers never fragment, so each must come back as ICMPv6 Packet Too Big carrying
+/// the tunnel MTU (RFC 8201), or TCP over IPv6 from that pod is black-holed.
+#[test]
+fn ipv6_oversized_packets_get_packet_too_big_and_tcp_is_not_black_holed() {
+    let underlay_mtu = 1400;
+    let lab = mtu_lab(underlay_mtu);
+    assert_eq!(lab.view.ip_family, "dual");
+    let tunnel_mtu = underlay_mtu - WG_OVERHEAD;
+    raise_pod_mtu(&lab, "frontend", 1500);
+    let be6 = lab.pod_ip6("backend");
+    const SCRIPT: &str = r#"
+import socket, sys, time
+dst, total = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, 23, 2)  # IPV6_MTU_DISCOVER: IPV6_PMTUDISC_DO
+s.connect((dst, 9302))
+sent, err, deadline = 0, "-", time.time() + 3
+while time.time() < deadline:
+    try:
+        s.send(b"x" * (total - 48))
+        sent += 1
+    except OSError as e:
+        err = e.strerror.replace(" ", "_")
+        break
+    if s.getsockopt(socket.IPPROTO_IPV6, 24) < total:  # IPV6_MTU: Packet Too Big lowered it
+        break
+    time.sleep(0.05)  # poll interval for the ICMPv6 answer
+print(sent, s.getsockopt(socket.IPPROTO_IPV6, 24), err)
+"#;
+    let out = lab.exec_ok("frontend", &["python3", "-c", SCRIPT, &be6, "1400"]);
+    let f: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(f.len(), 3, "{out}");
+    assert_eq!(
+        f[1].parse::<u32>().unwrap(),
+        tunnel_mtu,
+        "a 1400-byte IPv6 datagram over a tunnel of {tunnel_mtu}: the path MTU did not drop to \
+         the tunnel's (sent, path mtu, error: {out})"
+    );
+    // TCP over IPv6 from the raised pod (segments up to its 1500-byte MTU): 1 MiB arrives.
+    let received = TempFile::new(&format!("{}-v6-pmtu", lab.name), "");
+    let mut server = lab
+        .command_in(
+            "backend",
+            &[
+                "sh",
+                "-c",
+                &format!("ncat -l 9100 > {}", received.path.display()),
+            ],
+        )
+        .spawn()
+        .unwrap();
+    lab.wait_for("backend listening on 9100", Duration::from_secs(5), || {
+        let ss = lab.exec_ok("backend", &["ss", "-Hltn", "sport = :9100"]);
+        (!ss.trim().is_empty()).then_some(())
+    });
+    let sent = lab.exec(
+        "frontend",
+        &[
+            "timeout",
+            "20",
+            "sh",
+            "-c",
+            &format!("head -c 1048576 /dev/zero | ncat --send-only {be6} 9100"),
+        ],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let got = std::fs::metadata(&received.path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(
+        sent.status.success() && got == 1 << 20,
+        "TCP over IPv6 from a pod with a raised MTU: {got} of 1 MiB arrived ({})",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    lab.expect_drops(&["mtu-exceeded"]);
+}
