@@ -1589,6 +1589,48 @@ fn inet_csum(words: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// Copies `len` bytes of the packet at `offset` into `out` at `at`: a constant-length copy
+/// straight into a scratch slot (aya's load_bytes clamps the length to the packet, which the
+/// verifier cannot prove non-zero).
+#[inline(always)]
+fn load_into<const N: usize>(
+    ctx: &TcContext,
+    offset: usize,
+    out: &mut [u8; N],
+    at: usize,
+    len: usize,
+) -> Result<(), u32> {
+    // SAFETY: helper call on this program's own skb into `len` bytes of the slot at `at`.
+    let r = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset as u32,
+            out.as_mut_ptr().add(at).cast(),
+            len as u32,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(reason::TRUNCATED)
+    }
+}
+
+/// The Ethernet header of an answer to this packet: back to where it came from.
+#[inline(always)]
+fn reply_ethernet<const N: usize>(
+    ctx: &TcContext,
+    out: &mut [u8; N],
+    ethertype: u16,
+) -> Result<(), u32> {
+    load_into(ctx, 0, out, 0, 12)?;
+    for i in 0..6 {
+        out.swap(i, i + 6);
+    }
+    out[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    Ok(())
+}
+
 /// Length of the ICMP "fragmentation needed" packet `frag_needed_v4` builds: Ethernet, IPv4
 /// (20), ICMP header (8), the quoted IPv4 header (20) and 8 bytes of its payload.
 const FRAG_NEEDED_LEN: usize = ETH_HLEN + 20 + 8 + 28;
@@ -1616,31 +1658,8 @@ fn frag_needed_v4(ctx: &TcContext, ifindex: u32, mtu: u32) -> Result<i32, u32> {
     const IP: usize = ETH_HLEN;
     const ICMP: usize = IP + 20;
     const QUOTED: usize = ICMP + 8;
-    // Constant-length copies straight into the scratch slot (aya's load_bytes clamps the length
-    // to the packet, which the verifier cannot prove non-zero).
-    let copy = |offset: usize, at: usize, len: usize, out: &mut [u8; FRAG_NEEDED_LEN]| {
-        // SAFETY: helper call on this program's own skb into `len` bytes of the slot at `at`.
-        let r = unsafe {
-            bpf_skb_load_bytes(
-                ctx.skb.skb.cast(),
-                offset as u32,
-                out.as_mut_ptr().add(at).cast(),
-                len as u32,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(reason::TRUNCATED)
-        }
-    };
-    // Ethernet: back to where it came from.
-    copy(0, 0, 12, out)?;
-    for i in 0..6 {
-        out.swap(i, i + 6);
-    }
-    out[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    copy(ETH_HLEN, QUOTED, 28, out)?;
+    reply_ethernet(ctx, out, ETH_P_IP)?;
+    load_into(ctx, ETH_HLEN, out, QUOTED, 28)?;
     // IPv4: from the address the pod tried to reach, to the pod.
     out[IP..ICMP].fill(0);
     out[IP] = 0x45;
@@ -1694,28 +1713,8 @@ fn packet_too_big_v6(ctx: &TcContext, ifindex: u32, mtu: u32) -> Result<i32, u32
     const IP: usize = ETH_HLEN;
     const ICMP: usize = IP + 40;
     const QUOTED: usize = ICMP + 8;
-    let copy = |offset: usize, at: usize, len: usize, out: &mut [u8; PTB_LEN]| {
-        // SAFETY: helper call on this program's own skb into `len` bytes of the slot at `at`.
-        let r = unsafe {
-            bpf_skb_load_bytes(
-                ctx.skb.skb.cast(),
-                offset as u32,
-                out.as_mut_ptr().add(at).cast(),
-                len as u32,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(reason::TRUNCATED)
-        }
-    };
-    copy(0, 0, 12, out)?;
-    for i in 0..6 {
-        out.swap(i, i + 6);
-    }
-    out[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
-    copy(ETH_HLEN, QUOTED, 48, out)?;
+    reply_ethernet(ctx, out, ETH_P_IPV6)?;
+    load_into(ctx, ETH_HLEN, out, QUOTED, 48)?;
     // IPv6: from the address the pod tried to reach, to the pod.
     out[IP..ICMP].fill(0);
     out[IP] = 0x60;
