@@ -556,7 +556,7 @@ pub(crate) fn bootstrap(
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": n.name, "labels": {"kubernetes.io/hostname": n.name}},
             "spec": {"podCIDR": n.pod_cidr,
-                     "podCIDRs": std::iter::once(&n.pod_cidr).chain(&n.pod_cidr_v6).collect::<Vec<_>>()},
+                     "podCIDRs": n.pod_cidrs()},
         });
         kubectl(
             paths,

@@ -283,9 +283,7 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
                 netns: n.netns.clone(),
                 underlay_ip: n.underlay_ip.to_string(),
                 pod_cidr: n.pod_cidr.clone(),
-                pod_cidrs: std::iter::once(n.pod_cidr.clone())
-                    .chain(n.pod_cidr_v6.clone())
-                    .collect(),
+                pod_cidrs: n.pod_cidrs(),
                 agent_admin: paths.admin_socket(&n.name).display().to_string(),
                 cgroup: paths.node_cgroup(&n.name).display().to_string(),
                 pin_dir: paths.pin_dir(&n.name).display().to_string(),
@@ -356,9 +354,7 @@ fn pod_views(spec: &LabSpec, paths: &LabPaths) -> Vec<PodView> {
             node: p.node.clone(),
             netns: p.netns.clone(),
             ip: p.ip.to_string(),
-            ips: std::iter::once(p.ip.to_string())
-                .chain(p.ipv6.map(|a| a.to_string()))
-                .collect(),
+            ips: p.ips(),
             labels: p.labels.clone(),
             service_account: p.service_account.clone(),
             cgroup: paths.pod_cgroup(p).display().to_string(),
@@ -973,10 +969,7 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
             n.name,
             n.netns,
             n.underlay_ip,
-            std::iter::once(n.pod_cidr.as_str())
-                .chain(n.pod_cidr_v6.as_deref())
-                .collect::<Vec<_>>()
-                .join(" ")
+            n.pod_cidrs().join(" ")
         ));
     }
 
@@ -1024,10 +1017,7 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
             p.namespace,
             p.name,
             p.node,
-            std::iter::once(p.ip.to_string())
-                .chain(p.ipv6.map(|a| a.to_string()))
-                .collect::<Vec<_>>()
-                .join(" "),
+            p.ips().join(" "),
             p.netns
         ));
     }

@@ -428,6 +428,22 @@ impl PodSpec {
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// Its addresses as text: IPv4, then IPv6 when dual-stack.
+    pub fn ips(&self) -> Vec<String> {
+        std::iter::once(self.ip.to_string())
+            .chain(self.ipv6.map(|a| a.to_string()))
+            .collect()
+    }
+}
+
+impl NodeSpec {
+    /// Its pod CIDRs: IPv4, then IPv6 when dual-stack.
+    pub fn pod_cidrs(&self) -> Vec<String> {
+        std::iter::once(self.pod_cidr.clone())
+            .chain(self.pod_cidr_v6.clone())
+            .collect()
+    }
 }
 
 /// The brief's default: node static keys rotate daily.

@@ -821,7 +821,7 @@ fn node_from(n: &KNode) -> Option<Node> {
         .pod_cidrs
         .iter()
         .flatten()
-        .find(|c| super::parse_cidr_v6(c).is_some())
+        .find(|c| super::parse_cidr(c).is_some_and(|(a, _)| a.is_ipv6()))
         .cloned();
     let annotations = n.metadata.annotations.as_ref();
     let key = |k: &str| annotations.and_then(|a| a.get(k)).cloned();

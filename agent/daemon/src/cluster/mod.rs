@@ -304,29 +304,22 @@ impl ClusterState {
     }
 }
 
-/// Parses `a.b.c.d/len`.
+/// Parses a pod CIDR, `prefix/len` of either family.
 /// The same parser as the tunnel's allowed IPs (`IpPrefix`), so both read a pod CIDR alike; the
 /// length is required here, and host bits are cleared.
-pub fn parse_cidr_v4(s: &str) -> Option<(Ipv4Addr, u8)> {
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     if !s.contains('/') {
         return None;
     }
     let p: veil_transport::IpPrefix = s.parse().ok()?;
-    match p.addr() {
-        std::net::IpAddr::V4(a) => Some((a, p.len())),
-        std::net::IpAddr::V6(_) => None,
-    }
+    Some((p.addr(), p.len()))
 }
 
-/// Parses an IPv6 `prefix/len` (as [`parse_cidr_v4`] does IPv4).
-pub fn parse_cidr_v6(s: &str) -> Option<(Ipv6Addr, u8)> {
-    if !s.contains('/') {
-        return None;
-    }
-    let p: veil_transport::IpPrefix = s.parse().ok()?;
-    match p.addr() {
-        IpAddr::V6(a) => Some((a, p.len())),
-        IpAddr::V4(_) => None,
+/// Parses `a.b.c.d/len` ([`parse_cidr`], IPv4 only).
+pub fn parse_cidr_v4(s: &str) -> Option<(Ipv4Addr, u8)> {
+    match parse_cidr(s)? {
+        (IpAddr::V4(a), len) => Some((a, len)),
+        (IpAddr::V6(_), _) => None,
     }
 }
 
@@ -445,6 +438,11 @@ mod tests {
         assert_eq!(parse_cidr_v4("198.19.2.0/33"), None);
         assert_eq!(parse_cidr_v4("198.19.2.0"), None);
         assert_eq!(parse_cidr_v4("x/24"), None);
+        assert_eq!(parse_cidr_v4("fd00:198:19:2::/64"), None);
+        assert_eq!(
+            parse_cidr("fd00:198:19:2::1/64"),
+            Some(("fd00:198:19:2::".parse().unwrap(), 64))
+        );
     }
 
     #[test]

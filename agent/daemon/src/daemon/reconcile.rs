@@ -357,13 +357,16 @@ pub fn desired_maps(
 /// A pod CIDR as an ipcache prefix, with its first address (the node's gateway on it).
 fn cidr_prefix(s: &str) -> Option<(Prefix, std::net::IpAddr)> {
     use std::net::IpAddr;
-    if let Some((net, len)) = cluster::parse_cidr_v4(s) {
-        let gw = std::net::Ipv4Addr::from(u32::from(net).wrapping_add(1));
-        return Some((Prefix::v4(net, len), IpAddr::V4(gw)));
-    }
-    let (net, len) = cluster::parse_cidr_v6(s)?;
-    let gw = std::net::Ipv6Addr::from(u128::from(net).wrapping_add(1));
-    Some((Prefix::v6(net, len), IpAddr::V6(gw)))
+    Some(match cluster::parse_cidr(s)? {
+        (IpAddr::V4(net), len) => {
+            let gw = std::net::Ipv4Addr::from(u32::from(net).wrapping_add(1));
+            (Prefix::v4(net, len), IpAddr::V4(gw))
+        }
+        (IpAddr::V6(net), len) => {
+            let gw = std::net::Ipv6Addr::from(u128::from(net).wrapping_add(1));
+            (Prefix::v6(net, len), IpAddr::V6(gw))
+        }
+    })
 }
 
 #[cfg(test)]
