@@ -135,9 +135,14 @@ impl Bulk {
         )
     }
 
-    /// Sends the data from pod `from` to pod `to` over TCP with ncat; asserts it arrives whole
-    /// within BULK_TIMEOUT; returns how long it took.
+    /// Sends the data from pod `from` to pod `to`'s IPv4 address over TCP with ncat; asserts it
+    /// arrives whole within BULK_TIMEOUT; returns how long it took.
     fn transfer(&self, lab: &Lab, from: &str, to: &str, port: u16) -> Duration {
+        self.transfer_to(lab, from, to, &lab.pod_ip(to), port)
+    }
+
+    /// [`Bulk::transfer`] to the address `to_ip` of pod `to` (either family).
+    fn transfer_to(&self, lab: &Lab, from: &str, to: &str, to_ip: &str, port: u16) -> Duration {
         let (send, data) = (&self.file.path, self.data.as_slice());
         let recv = TempFile::new(&format!("veil-mtu-recv-{}", rand_suffix()), "");
         let mut server = lab
@@ -162,7 +167,6 @@ impl Bulk {
                 (!ss.trim().is_empty()).then_some(())
             },
         );
-        let to_ip = lab.pod_ip(to);
         let timeout = BULK_TIMEOUT.as_secs().to_string();
         let start = Instant::now();
         let client = lab.exec(
@@ -479,42 +483,7 @@ print(sent, s.getsockopt(socket.IPPROTO_IPV6, 24), err)
         "a 1400-byte IPv6 datagram over a tunnel of {tunnel_mtu}: the path MTU did not drop to \
          the tunnel's (sent, path mtu, error: {out})"
     );
-    // TCP over IPv6 from the raised pod (segments up to its 1500-byte MTU): 1 MiB arrives.
-    let received = TempFile::new(&format!("{}-v6-pmtu", lab.name), "");
-    let mut server = lab
-        .command_in(
-            "backend",
-            &[
-                "sh",
-                "-c",
-                &format!("ncat -l 9100 > {}", received.path.display()),
-            ],
-        )
-        .spawn()
-        .unwrap();
-    lab.wait_for("backend listening on 9100", Duration::from_secs(5), || {
-        let ss = lab.exec_ok("backend", &["ss", "-Hltn", "sport = :9100"]);
-        (!ss.trim().is_empty()).then_some(())
-    });
-    let sent = lab.exec(
-        "frontend",
-        &[
-            "timeout",
-            "20",
-            "sh",
-            "-c",
-            &format!("head -c 1048576 /dev/zero | ncat --send-only {be6} 9100"),
-        ],
-    );
-    let _ = server.kill();
-    let _ = server.wait();
-    let got = std::fs::metadata(&received.path)
-        .map(|m| m.len())
-        .unwrap_or(0);
-    assert!(
-        sent.status.success() && got == 1 << 20,
-        "TCP over IPv6 from a pod with a raised MTU: {got} of 1 MiB arrived ({})",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    // TCP over IPv6 from the raised pod (segments up to its 1500-byte MTU) arrives whole.
+    Bulk::new().transfer_to(&lab, "frontend", "backend", &be6, 9100);
     lab.expect_drops(&["mtu-exceeded"]);
 }
