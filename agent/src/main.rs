@@ -232,7 +232,8 @@ enum LabCommand {
         #[arg(long)]
         node_encryption: Option<spec::OnOff>,
         /// ipv4|dual: the pods' address families (dual: an IPv4 and an IPv6 address each).
-        /// Default: the lab file's `ip_family:`, else ipv4.
+        /// Default: the lab file's `ip_family:`, else dual where the pod MTU is at least 1280
+        /// (IPv6's minimum), ipv4 below that.
         #[arg(long)]
         ip_family: Option<spec::IpFamily>,
         /// SVID TTL, e.g. 30s, 1h.

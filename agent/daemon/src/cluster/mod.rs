@@ -82,6 +82,8 @@ pub struct Index(std::sync::OnceLock<IndexMaps>);
 #[derive(Debug)]
 struct IndexMaps {
     pod_by_ip: std::collections::HashMap<IpAddr, usize>,
+    /// Pods by node name, in list order.
+    pods_by_node: std::collections::HashMap<String, Vec<usize>>,
     node_by_name: std::collections::HashMap<String, usize>,
     service_by_ip: std::collections::HashMap<Ipv4Addr, usize>,
 }
@@ -108,6 +110,7 @@ impl Index {
         self.0.get_or_init(|| {
             let mut m = IndexMaps {
                 pod_by_ip: Default::default(),
+                pods_by_node: Default::default(),
                 node_by_name: Default::default(),
                 service_by_ip: Default::default(),
             };
@@ -118,6 +121,7 @@ impl Index {
                 for a in p.addrs() {
                     m.pod_by_ip.entry(a).or_insert(i);
                 }
+                m.pods_by_node.entry(p.node.clone()).or_default().push(i);
             }
             for (i, n) in state.nodes.iter().enumerate() {
                 m.node_by_name.entry(n.name.clone()).or_insert(i);
@@ -278,8 +282,17 @@ impl ClusterState {
         self.nodes.get(i).filter(|n| n.name == name)
     }
 
+    /// The pods on `node`, in list order (an index lookup, not a scan of every pod).
     pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
-        self.pods.iter().filter(move |p| p.node == node)
+        let at: &'a [usize] = self
+            .index
+            .maps(self)
+            .pods_by_node
+            .get(node)
+            .map_or(&[], Vec::as_slice);
+        at.iter()
+            .filter_map(move |&i| self.pods.get(i))
+            .filter(move |p| p.node == node)
     }
 
     /// The Service whose ClusterIP is `ip` (the first, if two claim it).

@@ -206,6 +206,7 @@ fn reconcile_policy(
     if s.policy_input.as_ref() == Some(&input) {
         return Ok(());
     }
+    let started = std::time::Instant::now();
     let compiled = crate::policy::compile(&cluster.policies, &cluster.identity_table(), &locals);
     s.policy_input = Some(input);
     match compiled {
@@ -220,6 +221,7 @@ fn reconcile_policy(
                 entries = c.entries.len(),
                 changes,
                 conntrack_cut = pruned,
+                took_ms = started.elapsed().as_millis() as u64,
                 "policy installed"
             );
             s.policy = api::PolicyStatus {

@@ -8,7 +8,7 @@
 //! `VEIL_AUTH` map), and status for `veil status`.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -110,6 +110,10 @@ impl MeshStatus {
 
 /// How long auth entries left by an earlier run of the agent stay without re-authentication.
 pub const ADOPTED_ENTRY_GRACE: Duration = Duration::from_secs(5);
+
+/// How stale the mesh's part of `veil status` may get while the loop is busy; it is rebuilt
+/// before every longer rest.
+const STATUS_MAX_AGE: Duration = Duration::from_millis(200);
 
 /// The running mesh component.
 pub struct Mesh {
@@ -241,6 +245,12 @@ impl Mesh {
         let mut node_serial: Option<String> = None;
         let mut held_bundles: Option<Arc<veil_identity::Bundles>> = None;
         let mut seen_cluster: Option<Arc<ClusterState>> = None;
+        let mut seen_policy: Option<Arc<BTreeMap<PolicyKey, PolicyEntry>>> = None;
+        let mut peers: Vec<NodeInfo> = Vec::new();
+        let mut status_at = Instant::now();
+        // Peers whose last dial failed, with why: a failure is logged when it starts or
+        // changes, not at every redial (a thousand unreachable peers would flood the log).
+        let mut dial_failures: HashMap<u32, AuthFailure> = HashMap::new();
         // Entries an earlier run of this agent left in the pinned map: they keep admitting
         // their flows while this run re-authenticates (pre-auth runs as soon as channels are
         // up), and whatever this run has not re-written by the deadline is deleted — so a
@@ -301,13 +311,21 @@ impl Mesh {
             let (workloads, ids_now) = local_workloads(&cluster, &self.cfg.node, &snapshot);
             effects.extend(state.on_local_workloads(&workloads, ids_now, now));
             self.workloads.store(Arc::new(workloads));
-            self.directory
-                .store(Arc::new(directory(&cluster, &self.cfg.trust_domain)));
-            // Only a new cluster snapshot can change the published keys.
-            if !seen_cluster
+            // What only a new cluster snapshot can change: the directory, the peers and the
+            // published keys. Rebuilt per snapshot, not per turn: a turn follows every dial,
+            // handshake and timer, and these scale with the cluster.
+            let cluster_changed = !seen_cluster
                 .as_ref()
-                .is_some_and(|c| Arc::ptr_eq(c, &cluster))
-            {
+                .is_some_and(|c| Arc::ptr_eq(c, &cluster));
+            if cluster_changed {
+                let dir = directory(&cluster, &self.cfg.trust_domain);
+                peers = cluster
+                    .nodes
+                    .iter()
+                    .filter(|n| n.name != self.cfg.node)
+                    .filter_map(|n| dir.node_by_name(&n.name))
+                    .collect();
+                self.directory.store(Arc::new(dir));
                 let published = published_keys(&cluster);
                 self.published_tx.send_if_modified(|p| {
                     let changed = *p != published;
@@ -331,18 +349,18 @@ impl Mesh {
                 }
             }
 
-            let peers: Vec<NodeInfo> = cluster
-                .nodes
-                .iter()
-                .filter(|n| n.name != self.cfg.node)
-                .filter_map(|n| self.directory.load().node_by_name(&n.name))
-                .collect();
-            // What policy and placement make possible: pre-authenticate all of it.
-            let desired = desired_triples(&cluster, &self.cfg.node, &policy);
+            // What policy and placement make possible: pre-authenticate all of it. Only a new
+            // cluster snapshot or policy changes it.
+            let policy_changed = !seen_policy
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, &policy));
+            let desired = (cluster_changed || policy_changed).then(|| {
+                seen_policy = Some(policy.clone());
+                desired_triples(&cluster, &self.cfg.node, &policy)
+            });
             let can_dial = self.deps.creds.svid().is_some();
             effects.extend(state.poll(&peers, can_dial, desired, now));
             self.apply(effects, &dial_tx, &result_tx);
-            *self.status.lock().expect("mesh status lock") = state.status(&cluster);
             let _ = self.keys_tx.send_if_modified(|k| {
                 if k != state.keys() {
                     *k = state.keys().clone();
@@ -362,6 +380,12 @@ impl Mesh {
             .min()
             .unwrap_or(now + Duration::from_secs(5))
             .max(now + Duration::from_millis(5));
+            // `veil status`'s view: at once before a rest, at most STATUS_MAX_AGE old while
+            // busy (building it scales with the auth pairs, the nodes and the identities).
+            if next >= now + STATUS_MAX_AGE || status_at + STATUS_MAX_AGE <= now {
+                *self.status.lock().expect("mesh status lock") = state.status(&cluster);
+                status_at = now;
+            }
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep_until(next) => {}
@@ -369,6 +393,20 @@ impl Mesh {
                 r = ids_rx.changed() => if r.is_err() { break },
                 r = policy_rx.changed() => if r.is_err() { break },
                 Some((id, r)) = dial_rx.recv() => {
+                    let r = r.map_err(|f| {
+                        let again = dial_failures.insert(id, f.failure) == Some(f.failure);
+                        if again {
+                            tracing::debug!(peer = %f.peer, reason = f.failure.as_str(), error = %f.detail, "node handshake failed again");
+                        } else {
+                            tracing::warn!(peer = %f.peer, reason = f.failure.as_str(), error = %f.detail, "node handshake failed; redialling with backoff (the same failure again is logged at debug)");
+                        }
+                        f.failure
+                    });
+                    if r.is_ok() {
+                        if let Some(f) = dial_failures.remove(&id) {
+                            tracing::info!(node_id = id, after = f.as_str(), "node handshake succeeded after failing");
+                        }
+                    }
                     let published = r
                         .as_ref()
                         .ok()
@@ -590,15 +628,25 @@ fn check_published(
 }
 
 /// A dial's end: the peer node id and its channel with the node handshake's keys, or why not.
-type DialOutcome = (u32, Result<(Channel, NodeKeys), AuthFailure>);
+type DialOutcome = (u32, Result<(Channel, NodeKeys), DialFailure>);
+
+/// Why a dial failed, with the peer's name and the error for the log.
+struct DialFailure {
+    failure: AuthFailure,
+    peer: String,
+    detail: String,
+}
 
 fn spawn_dial(cfg: &ClientConfig, deps: &Deps, peer: NodeInfo, done: mpsc::Sender<DialOutcome>) {
     let (cfg, deps) = (cfg.clone(), deps.clone());
     tokio::spawn(async move {
-        let r = client::connect(&cfg, &deps, &peer).await.map_err(|e| {
-            tracing::warn!(peer = %peer.name, reason = e.failure().as_str(), error = %crate::error_chain(&e), "node handshake failed");
-            e.failure()
-        });
+        let r = client::connect(&cfg, &deps, &peer)
+            .await
+            .map_err(|e| DialFailure {
+                failure: e.failure(),
+                peer: peer.name.clone(),
+                detail: crate::error_chain(&e),
+            });
         if let Ok((_, nk)) = &r {
             await_publication(
                 &deps.published,
@@ -676,7 +724,7 @@ pub fn local_workloads(
     me: &str,
     snapshot: &IdentitySnapshot,
 ) -> (StaticWorkloads, BTreeMap<u32, SpiffeId>) {
-    let mut by_identity = std::collections::HashMap::new();
+    let mut by_identity = HashMap::new();
     let mut ids = BTreeMap::new();
     for (key, svid) in snapshot.svids() {
         let SvidKey::Workload(sel) = key else {
@@ -731,21 +779,31 @@ pub fn desired_triples(
         return BTreeSet::new();
     };
     let local: BTreeSet<u32> = cluster.pods_on(me).map(|p| p.identity).collect();
-    let remote: Vec<(u32, u32)> = cluster
+    // Remote nodes by identity: each entry expands over its identity's nodes only, so the
+    // cost follows the entries and the triples, not entries × pods.
+    let mut remote: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+    for p in cluster
         .pods
         .iter()
         .filter(|p| p.node != me && p.identity != 0)
-        .filter_map(|p| cluster.node(&p.node).map(|n| (p.identity, n.id)))
-        .collect();
-    let mut out = BTreeSet::new();
-    for (k, e) in policy {
-        if e.flags & policy_flags::AUTH_REQUIRED == 0 || !local.contains(&k.local_identity) {
-            continue;
+    {
+        if let Some(n) = cluster.node(&p.node).filter(|n| n.id != my_node.id) {
+            remote.entry(p.identity).or_default().insert(n.id);
         }
-        for (rid, node) in &remote {
-            let matches =
-                k.remote_identity == *rid || k.remote_identity == veil_common::maps::identity::ANY;
-            if matches && *node != my_node.id {
+    }
+    let mut out = BTreeSet::new();
+    for k in policy.iter().filter_map(|(k, e)| {
+        (e.flags & policy_flags::AUTH_REQUIRED != 0 && local.contains(&k.local_identity))
+            .then_some(k)
+    }) {
+        let remotes: Box<dyn Iterator<Item = (&u32, &BTreeSet<u32>)>> =
+            if k.remote_identity == veil_common::maps::identity::ANY {
+                Box::new(remote.iter())
+            } else {
+                Box::new(remote.get_key_value(&k.remote_identity).into_iter())
+            };
+        for (rid, nodes) in remotes {
+            for node in nodes {
                 out.insert(AuthTriple {
                     local_identity: k.local_identity,
                     remote_identity: *rid,

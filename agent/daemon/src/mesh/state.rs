@@ -8,7 +8,7 @@
 //! ([`PeerChannel`]), so a unit test drives it with no sockets and no clock.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -240,10 +240,11 @@ impl<C: PeerChannel> MeshState<C> {
         &mut self,
         peers: &[NodeInfo],
         can_dial: bool,
-        desired: BTreeSet<AuthTriple>,
+        desired: Option<BTreeSet<AuthTriple>>,
         now: Instant,
     ) -> Vec<Effect<C>> {
         let mut out = Vec::new();
+        let by_id: HashMap<u32, &NodeInfo> = peers.iter().map(|p| (p.id, p)).collect();
         if can_dial {
             for p in peers {
                 let due = self.redial_at.get(&p.id).is_none_or(|(t, _)| *t <= now);
@@ -258,18 +259,17 @@ impl<C: PeerChannel> MeshState<C> {
             }
         }
         // Forget peers that left the cluster.
-        let live: BTreeSet<u32> = peers.iter().map(|p| p.id).collect();
         let gone: Vec<u32> = self
             .channels
             .keys()
-            .filter(|id| !live.contains(id))
+            .filter(|id| !by_id.contains_key(id))
             .copied()
             .collect();
         for id in gone {
             self.drop_node(id, &mut out);
         }
-        self.keys
-            .retain(|name, _| peers.iter().any(|p| &p.name == name));
+        let names: HashSet<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+        self.keys.retain(|name, _| names.contains(name.as_str()));
         // Tunnel keys live no longer than the peer's authentication: its node SVID's expiry,
         // or a few rotation intervals without a successful node handshake, in both roles.
         for name in expire_keys(&mut self.keys, &mut self.key_deadlines, now) {
@@ -278,7 +278,10 @@ impl<C: PeerChannel> MeshState<C> {
                 self.drop_node(id, &mut out);
             }
         }
-        self.table.set_desired(desired, now);
+        // None: the desired set is as last time (its inputs did not change).
+        if let Some(desired) = desired {
+            self.table.set_desired(desired, now);
+        }
         for action in self.table.poll(now) {
             out.push(match action {
                 Action::Start(triple) => Effect::Authenticate {
@@ -299,14 +302,14 @@ impl<C: PeerChannel> MeshState<C> {
             let Some(reason) = c.schedule.poll(now) else {
                 continue;
             };
-            let Some(peer) = peers.iter().find(|p| p.id == *id) else {
+            let Some(peer) = by_id.get(id) else {
                 continue;
             };
             if auth::should_dial(&self.node, &peer.name) {
                 if !self.dialing.contains_key(id) {
                     self.dialing.insert(*id, peer.name.clone());
                     tracing::info!(peer = %peer.name, reason = reason.as_str(), "re-keying node pair");
-                    out.push(Effect::Dial(peer.clone()));
+                    out.push(Effect::Dial((*peer).clone()));
                 }
             } else {
                 // The dialer re-keys; ask it to.
@@ -483,19 +486,22 @@ impl<C: PeerChannel> MeshState<C> {
 
     /// Counters, last failures, channels and auth pairs, names from `cluster`.
     pub fn status(&self, cluster: &ClusterState) -> super::MeshStatus {
+        let nodes: HashMap<u32, &str> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.name.as_str()))
+            .collect();
+        let identities: HashMap<u32, &crate::cluster::Identity> =
+            cluster.identities.iter().map(|i| (i.id, i)).collect();
         let node_name = |id: u32| {
-            cluster
-                .nodes
-                .iter()
-                .find(|n| n.id == id)
-                .map(|n| n.name.clone())
+            nodes
+                .get(&id)
+                .map(|n| n.to_string())
                 .unwrap_or_else(|| id.to_string())
         };
         let identity_name = |id: u32| {
-            cluster
-                .identities
-                .iter()
-                .find(|i| i.id == id)
+            identities
+                .get(&id)
                 .map(|i| {
                     let labels: Vec<String> =
                         i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -795,7 +801,8 @@ mod tests {
         }
 
         fn poll(&mut self, peers: &[NodeInfo]) -> Vec<Effect<Fake>> {
-            self.state.poll(peers, true, BTreeSet::new(), self.now)
+            self.state
+                .poll(peers, true, Some(BTreeSet::new()), self.now)
         }
 
         fn dialled(&mut self, outcome: Result<(Fake, NodeKeys), AuthFailure>) -> Vec<Effect<Fake>> {
@@ -842,7 +849,7 @@ mod tests {
         // The dialled side never dials.
         let mut m: MeshState<Fake> = MeshState::new("node-c".into(), 3, HOUR);
         assert!(m
-            .poll(&[node("node-b", 2)], true, BTreeSet::new(), w.now)
+            .poll(&[node("node-b", 2)], true, Some(BTreeSet::new()), w.now)
             .is_empty());
     }
 
