@@ -174,7 +174,20 @@ pub fn format_status(st: &api::Status) -> String {
         }
     }
     if !st.auth.is_empty() {
-        let _ = writeln!(s, "  auth pairs:");
+        let c = &st.auth_pairs;
+        let shown = if c.total > st.auth.len() {
+            format!(", the first {} listed", st.auth.len())
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "  auth pairs: {} ({} authenticated, {} failing, {} desired{shown}):",
+            c.total.max(st.auth.len()),
+            c.authenticated,
+            c.failing,
+            c.desired
+        );
         for a in &st.auth {
             let expiry = if a.expires_unix == 0 {
                 "not authenticated".to_string()

@@ -26,7 +26,11 @@ pub struct Status {
     pub svids: Vec<Svid>,
     /// Trust bundles held: trust domain and number of roots.
     pub bundles: Vec<Bundle>,
+    /// The first 256 auth pairs in (local identity, remote identity, node) order; all of
+    /// them are counted in `auth_pairs`.
     pub auth: Vec<AuthPair>,
+    #[serde(default)]
+    pub auth_pairs: AuthPairCounts,
     /// Drop counters by stable reason name.
     pub drops: BTreeMap<String, u64>,
     /// TC programs on interfaces.
@@ -148,6 +152,18 @@ pub struct PolicyStatus {
     pub conntrack_cut: usize,
     /// Why the newest generation is not in force, if it is not.
     pub last_error: Option<String>,
+}
+
+/// Auth pairs (local identity, remote identity, remote node) this node knows, by state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthPairCounts {
+    pub total: usize,
+    /// With a live entry in the auth map.
+    pub authenticated: usize,
+    /// Whose last attempt failed.
+    pub failing: usize,
+    /// That policy and placement make possible (pre-authenticated).
+    pub desired: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

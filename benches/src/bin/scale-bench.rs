@@ -15,7 +15,8 @@
 //! - the whole simulated cluster written → its policy installed and its last endpoint in the
 //!   ipcache;
 //! - RSS (VmRSS) after it settled, and its peak (VmHWM);
-//! - idle CPU over `--idle-seconds` (the periodic reconcile included);
+//! - idle CPU over `--idle-seconds` after `--settle-seconds` (the periodic reconcile and the
+//!   redials of the silent peers included);
 //! - one policy change (one rule's port) → installed, seen in the agent's log, end to end and
 //!   as the agent's own compile + install time (`took_ms`);
 //! - one pod added on a simulated node → its address in the pinned ipcache with its identity;
@@ -64,6 +65,10 @@ struct Args {
     /// Seconds of the idle CPU window (the agent reconciles every 5 s).
     #[arg(long, default_value_t = 15)]
     idle_seconds: u64,
+    /// Seconds to let the agent settle after the cluster is applied before the idle window:
+    /// its redials of the silent peers back off to their 30 s cap in about a minute.
+    #[arg(long, default_value_t = 60)]
+    settle_seconds: u64,
     #[command(flatten)]
     dirs: veil_benches::setup::Dirs,
 }
@@ -168,8 +173,8 @@ fn simulate(base: &ClusterState, size: Size, identities: usize) -> anyhow::Resul
         state.nodes.push(Node {
             name: format!("sim-{i:04}"),
             id: first_node + i as u32,
-            // 198.18.1.1 onwards: lab addresses no interface holds.
-            underlay_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 1, 1)) + i as u32),
+            // 198.18.4.1 onwards (198.18.4.0/22): lab addresses no interface holds.
+            underlay_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 4, 1)) + i as u32),
             pod_cidr: format!("{}/{len}", Ipv4Addr::from(*net)),
             pod_cidr_v6: None,
             wg_public_key: None,
@@ -352,6 +357,22 @@ fn active_opens(netns: &str) -> anyhow::Result<u64> {
         .context("ActiveOpens value")
 }
 
+/// Routes the simulated nodes' underlay addresses (198.18.4.0/22) out of node-a's underlay
+/// interface, so its dials to them send SYNs (counted as TCP active opens) that nothing
+/// answers, as dials to nodes that went away would, instead of failing at once.
+fn route_simulated_underlay(netns: &str, underlay_ip: &str) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-o", "-4", "addr", "show"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ifname = text
+        .lines()
+        .find(|l| l.contains(&format!(" {underlay_ip}/")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .with_context(|| format!("no interface holds {underlay_ip} in {netns}"))?;
+    veil_benches::lab::ip_in(netns, &["route", "replace", "198.18.4.0/22", "dev", ifname])
+}
+
 /// Seconds since the process started, from /proc.
 fn process_age(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -409,7 +430,52 @@ fn main() -> anyhow::Result<()> {
     let base: ClusterState = serde_json::from_slice(&std::fs::read(FileSource::state_path(&cp))?)
         .context("the lab's cluster.json")?;
     let mut log = Log::new(root.join("logs/agent-node-a.log"))?;
+    route_simulated_underlay(&node.netns, &node.underlay_ip)?;
     let mut points = Vec::new();
+    let run = measure(
+        &args,
+        &lab,
+        &veil,
+        &cp,
+        &pin_dir,
+        &node.netns,
+        &base,
+        &mut log,
+        &mut points,
+    );
+    // Leave the lab as it was before `lab down` reads it; keep node-a's agent log.
+    FileSource::write(&cp, &base)?;
+    let kept = out_dir.join("scale-agent-node-a.log");
+    std::fs::copy(&log.path, &kept)?;
+    println!("node-a's agent log: {}", kept.display());
+    lab.down();
+    run?;
+    print_table(&points);
+    let json = serde_json::json!({
+        "machine": veil_benches::setup::machine(),
+        "file_source_poll_ms": 250,
+        "points": points,
+    });
+    let path = out_dir.join("scale.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Every size in turn, into `points`.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    args: &Args,
+    lab: &Lab,
+    veil: &Path,
+    cp: &Path,
+    pin_dir: &Path,
+    netns: &str,
+    base: &ClusterState,
+    log: &mut Log,
+    points: &mut Vec<Point>,
+) -> anyhow::Result<()> {
+    let (cp, pin_dir) = (cp.to_path_buf(), pin_dir.to_path_buf());
     let mut generation = FileSource::read_policies(&cp)?.0;
     for size in &args.sizes {
         let size = *size;
@@ -417,7 +483,7 @@ fn main() -> anyhow::Result<()> {
             "== {} nodes, {} endpoints, {} rules",
             size.nodes, size.endpoints, size.rules
         );
-        let mut state = simulate(&base, size, args.identities)?;
+        let mut state = simulate(base, size, args.identities)?;
         let set = policies(size.rules, args.identities, 0)?;
         generation += 1;
         log.mark();
@@ -436,11 +502,12 @@ fn main() -> anyhow::Result<()> {
             },
         )?;
         let first_apply_s = t.elapsed().as_secs_f64();
-        let pid = status(&veil, lab.name())?.agent.pid;
+        let pid = status(veil, lab.name())?.agent.pid;
+        std::thread::sleep(Duration::from_secs(args.settle_seconds));
         // Idle: the agent's CPU over the window, dials to the silent peers counted alongside.
-        let (cpu0, opens0) = (procs::cpu_seconds(pid)?, active_opens(&node.netns)?);
+        let (cpu0, opens0) = (procs::cpu_seconds(pid)?, active_opens(netns)?);
         std::thread::sleep(Duration::from_secs(args.idle_seconds));
-        let (cpu1, opens1) = (procs::cpu_seconds(pid)?, active_opens(&node.netns)?);
+        let (cpu1, opens1) = (procs::cpu_seconds(pid)?, active_opens(netns)?);
         let idle_cpu_percent = (cpu1 - cpu0) / args.idle_seconds as f64 * 100.0;
         let dials_per_s = (opens1 - opens0) as f64 / args.idle_seconds as f64;
         let (rss, peak) = procs::rss_bytes(pid)?;
@@ -491,7 +558,7 @@ fn main() -> anyhow::Result<()> {
             )?;
             pod_add.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        let st = status(&veil, lab.name())?;
+        let st = status(veil, lab.name())?;
         let (ipcache_entries, ipcache_capacity) = st
             .maps
             .iter()
@@ -505,7 +572,7 @@ fn main() -> anyhow::Result<()> {
             "the restarted agent ready",
             Duration::from_secs(300),
             || {
-                let s = status(&veil, lab.name()).ok()?;
+                let s = status(veil, lab.name()).ok()?;
                 (s.agent.pid != pid && s.ready)
                     .then(|| (s.agent.pid, process_age(s.agent.pid).ok()))
             },
@@ -529,24 +596,9 @@ fn main() -> anyhow::Result<()> {
             rss_after_restart_mb: rss_after_restart as f64 / 1e6,
             dials_per_s,
         };
-        println!("{p:#?}");
+        println!("{}", serde_json::to_string(&p)?);
         points.push(p);
     }
-    // Leave the lab as it was before `lab down` reads it; keep node-a's agent log.
-    FileSource::write(&cp, &base)?;
-    let kept = out_dir.join("scale-agent-node-a.log");
-    std::fs::copy(&log.path, &kept)?;
-    println!("node-a's agent log: {}", kept.display());
-    lab.down();
-    print_table(&points);
-    let json = serde_json::json!({
-        "machine": veil_benches::setup::machine(),
-        "file_source_poll_ms": 250,
-        "points": points,
-    });
-    let path = out_dir.join("scale.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
-    println!("wrote {}", path.display());
     Ok(())
 }
 

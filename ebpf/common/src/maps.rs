@@ -43,9 +43,13 @@ pub const SVC_REVNAT: &str = "VEIL_SVC_REVNAT";
 /// Session affinity: the backend a client network namespace was last given for a frontend.
 pub const SVC_AFFINITY: &str = "VEIL_SVC_AFFINITY";
 
-/// Maximum sizes, chosen for hundreds of nodes and tens of thousands of endpoints.
+/// Maximum sizes, chosen for a thousand nodes and a hundred thousand endpoints.
 pub const IF_STATS_MAX: u32 = 4096;
-pub const IPCACHE_MAX: u32 = 65536;
+/// One entry per pod address (two for a dual-stack pod) and per node CIDR or address: 100,000
+/// dual-stack endpoints need 200,000. An LPM trie is never preallocated: the kernel holds only
+/// the entries written (about 100 bytes each), so the bound costs nothing until used. (Cilium's
+/// ipcache holds 512 Ki too.)
+pub const IPCACHE_MAX: u32 = 524288;
 pub const NODES_MAX: u32 = 4096;
 pub const POLICY_MAX: u32 = 262144;
 pub const CT_MAX: u32 = 262144;

@@ -512,9 +512,60 @@ impl AuthTable {
 
     /// Every known triple, for `veil status`.
     pub fn statuses(&self) -> Vec<TripleStatus> {
-        let mut v: Vec<_> = self.states.keys().filter_map(|t| self.status(t)).collect();
+        self.first_statuses(usize::MAX)
+    }
+
+    /// The first `limit` known triples in triple order (a bounded heap: the cost grows with
+    /// the table, not with its sort).
+    pub fn first_statuses(&self, limit: usize) -> Vec<TripleStatus> {
+        let mut heap = std::collections::BinaryHeap::new();
+        for t in self.states.keys() {
+            heap.push(*t);
+            if heap.len() > limit {
+                heap.pop();
+            }
+        }
+        let mut v: Vec<_> = heap.iter().filter_map(|t| self.status(t)).collect();
         v.sort_by_key(|s| s.triple);
         v
+    }
+
+    /// How many triples are known, authenticated, failing (last attempt failed) and desired.
+    pub fn counts(&self) -> crate::api::AuthPairCounts {
+        let mut c = crate::api::AuthPairCounts {
+            total: self.states.len(),
+            ..Default::default()
+        };
+        for s in self.states.values() {
+            c.authenticated += usize::from(s.entry.is_some());
+            c.failing += usize::from(matches!(s.last_result, Some(Err(_))));
+            c.desired += usize::from(s.desired);
+        }
+        c
+    }
+
+    /// A handshake could not start: no control channel to the triple's node. It fails without
+    /// a retry timer; [`Self::retry_node`] starts it again when a channel to that node comes
+    /// up (its entry, if any, stays until it expires, as after any failure).
+    pub fn park_unreachable(&mut self, t: AuthTriple) {
+        let s = self.state_mut(t);
+        s.in_flight = false;
+        s.last_result = Some(Err(AuthFailure::PeerUnreachable));
+        s.failures = s.failures.saturating_add(1);
+        s.next_attempt = None;
+        self.settle(t);
+    }
+
+    /// A control channel to `node` came up: its desired triples parked by
+    /// [`Self::park_unreachable`] are attempted now.
+    pub fn retry_node(&mut self, node: u32, now: Instant) {
+        for t in indexed(self.by_node.get(&node)) {
+            let s = self.state_mut(t);
+            if s.desired && !s.in_flight && s.failures > 0 && s.next_attempt.is_none() {
+                s.next_attempt = Some(now);
+            }
+            self.settle(t);
+        }
     }
 
     /// Entries currently authenticated.
@@ -654,6 +705,28 @@ mod tests {
         table.refresh_local_identity(303, now());
         assert_eq!(table.poll(now()), [Action::Start(inbound)]);
         assert_eq!(table.poll(now()), []);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_triple_without_a_channel_waits_for_one_instead_of_a_timer() {
+        let mut table = AuthTable::new(EntriesConfig::default(), A);
+        let (tr, other) = (t(300, 301, B), t(300, 301, 3));
+        table.set_desired([tr, other], now());
+        assert_eq!(table.poll(now()).len(), 2);
+        table.park_unreachable(tr);
+        table.on_failed(other, AuthFailure::Timeout, now(), 0.0);
+        let st = table.status(&tr).unwrap();
+        assert_eq!(st.last_result, Some(Err(AuthFailure::PeerUnreachable)));
+        assert_eq!(table.counts().failing, 2);
+        // Only the timed-out triple has a retry timer; the parked one never fires...
+        assert_eq!(step(&mut table).await, [Action::Start(other)]);
+        advance(Duration::from_secs(3600)).await;
+        assert_eq!(table.poll(now()), []);
+        // ...until its node has a channel; another node's channel does not start it.
+        table.retry_node(3, now());
+        assert_eq!(table.poll(now()), []);
+        table.retry_node(B, now());
+        assert_eq!(table.poll(now()), [Action::Start(tr)]);
     }
 
     #[tokio::test(start_paused = true)]

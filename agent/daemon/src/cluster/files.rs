@@ -109,13 +109,21 @@ impl FileSource {
 
     /// Reads the current snapshot, with the node keys agents have published.
     pub fn read(dir: &Path) -> Result<ClusterState, Error> {
+        Self::with_keys_and_policies(dir, Self::read_state_file(dir)?)
+    }
+
+    /// `cluster.json` alone.
+    fn read_state_file(dir: &Path) -> Result<ClusterState, Error> {
         let path = Self::state_path(dir);
         let text = std::fs::read(&path).map_err(|source| Error::Read {
             path: path.clone(),
             source,
         })?;
-        let mut state: ClusterState =
-            serde_json::from_slice(&text).map_err(|source| Error::Parse { path, source })?;
+        serde_json::from_slice(&text).map_err(|source| Error::Parse { path, source })
+    }
+
+    /// `state` (as `cluster.json` says) with the published node keys and the policy store.
+    fn with_keys_and_policies(dir: &Path, mut state: ClusterState) -> Result<ClusterState, Error> {
         let kd = Self::keys_dir(dir);
         for n in &mut state.nodes {
             if let Ok(k) = std::fs::read_to_string(kd.join(&n.name)) {
@@ -144,7 +152,10 @@ impl FileSource {
         let keys = Self::keys_dir(&self.dir);
         let pols = Self::policies_path(&self.dir);
         let mut last_mtime = (mtime(&path), mtime(&keys), mtime(&pols));
-        let first = Self::read(&self.dir)?;
+        // cluster.json as last parsed: a change of the policies or a node key alone does not
+        // parse it again (100,000 pods are tens of megabytes of JSON).
+        let mut base = Self::read_state_file(&self.dir)?;
+        let first = Self::with_keys_and_policies(&self.dir, base.clone())?;
         let (tx, rx) = watch::channel(Arc::new(first));
         tokio::spawn(async move {
             loop {
@@ -156,8 +167,18 @@ impl FileSource {
                 if m == last_mtime {
                     continue;
                 }
+                if m.0 != last_mtime.0 {
+                    match Self::read_state_file(&self.dir) {
+                        Ok(b) => base = b,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "keeping last good cluster state");
+                            last_mtime = m;
+                            continue;
+                        }
+                    }
+                }
                 last_mtime = m;
-                match Self::read(&self.dir) {
+                match Self::with_keys_and_policies(&self.dir, base.clone()) {
                     Ok(state) if state != **tx.borrow() => {
                         tracing::info!(generation = state.generation, "cluster state changed");
                         let _ = tx.send(Arc::new(state));

@@ -150,6 +150,8 @@ impl Agent {
             last_error: None,
             policy_input: None,
             services_input: None,
+            ipcache_written: Default::default(),
+            nodes_written: Default::default(),
             policy: api::PolicyStatus::default(),
             audit,
             mesh_keys,

@@ -19,7 +19,7 @@ use crate::{
     cluster::{self, ClusterState},
     datapath::{
         self,
-        maps::{sync, IpCacheMap, KernelHash, Prefix},
+        maps::{IpCacheMap, KernelHash, Prefix},
         policy as dp_policy, Hook,
     },
 };
@@ -134,10 +134,11 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
     }
     let node_encryption = s.cfg.encryption && s.cfg.node_encryption;
     let (ipcache, nodes) = desired_maps(&cluster, &me, &with_key, node_encryption);
-    sync(&mut IpCacheMap::new(s.datapath.ebpf_mut())?, &ipcache)?;
-    sync(
+    s.ipcache_written
+        .sync(&mut IpCacheMap::new(s.datapath.ebpf_mut())?, ipcache)?;
+    s.nodes_written.sync(
         &mut KernelHash::<u32, NodeInfo>::new(s.datapath.ebpf_mut(), map_names::NODES)?,
-        &nodes,
+        nodes,
     )?;
     reconcile_policy(s, &cluster, &me)?;
     reconcile_proxy(s, &cluster, &me);

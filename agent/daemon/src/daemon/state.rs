@@ -43,6 +43,10 @@ pub(super) struct Shared {
     /// The Services the socket maps were last written from: a reconcile with the same ones
     /// (every tick) reads no map.
     pub(super) services_input: Option<Vec<crate::cluster::Service>>,
+    /// What this agent last wrote to the ipcache and the node table.
+    pub(super) ipcache_written:
+        crate::datapath::maps::Shadowed<crate::datapath::maps::Prefix, veil_common::maps::IpInfo>,
+    pub(super) nodes_written: crate::datapath::maps::Shadowed<u32, veil_common::maps::NodeInfo>,
     pub(super) policy: api::PolicyStatus,
     /// Node-wide audit mode: would-be policy drops pass and are reported as AUDIT.
     pub(super) audit: bool,

@@ -135,6 +135,7 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         svids,
         bundles,
         auth: mesh.auth.clone(),
+        auth_pairs: mesh.auth_pairs.clone(),
         policy: s.policy.clone(),
         audit: s.audit,
         maps: map_fill(&s.datapath),

@@ -76,7 +76,10 @@ type HandshakeResult = (AuthTriple, Instant, Result<Authenticated, AuthFailure>)
 #[derive(Clone, Debug, Default)]
 pub struct MeshStatus {
     pub channels: Vec<api::NodeChannel>,
+    /// The first [`MeshState::AUTH_PAIRS_LISTED`] auth pairs.
     pub auth: Vec<api::AuthPair>,
+    /// All auth pairs, counted.
+    pub auth_pairs: api::AuthPairCounts,
     /// Authentication failures by reason (node and workload handshakes).
     pub failures: BTreeMap<String, u64>,
     pub handshakes_ok: u64,

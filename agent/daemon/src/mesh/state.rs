@@ -282,21 +282,34 @@ impl<C: PeerChannel> MeshState<C> {
         if let Some(desired) = desired {
             self.table.set_desired(desired, now);
         }
+        let mut unreachable = Vec::new();
         for action in self.table.poll(now) {
             out.push(match action {
-                Action::Start(triple) => Effect::Authenticate {
-                    triple,
-                    channel: self
-                        .channels
-                        .get(&triple.remote_node)
-                        .map(|c| c.channel.clone()),
-                    started: now,
+                Action::Start(triple) => match self.channels.get(&triple.remote_node) {
+                    Some(c) => Effect::Authenticate {
+                        triple,
+                        channel: Some(c.channel.clone()),
+                        started: now,
+                    },
+                    // No control channel to that node: the attempt fails here, without a task
+                    // or a turn of the loop, and waits for a channel (`install` retries it)
+                    // instead of a backoff timer: a thousand unreachable nodes are a hundred
+                    // thousand triples, which retried on timers kept the agent busy idle.
+                    None => {
+                        unreachable.push(triple);
+                        continue;
+                    }
                 },
                 Action::Write {
                     triple, expires_at, ..
                 } => Effect::WriteAuth { triple, expires_at },
                 Action::Delete(triple) => Effect::DeleteAuth(triple),
             });
+        }
+        for t in unreachable {
+            self.count_failure(AuthFailure::PeerUnreachable);
+            self.pair_result(t, Some(AuthFailure::PeerUnreachable));
+            self.table.park_unreachable(t);
         }
         for (id, c) in self.channels.iter_mut() {
             let Some(reason) = c.schedule.poll(now) else {
@@ -521,9 +534,10 @@ impl<C: PeerChannel> MeshState<C> {
                 peer_svid_serial: c.channel.peer_svid_serial().to_string(),
             })
             .collect();
+        st.auth_pairs = self.table.counts();
         st.auth = self
             .table
-            .statuses()
+            .first_statuses(Self::AUTH_PAIRS_LISTED)
             .into_iter()
             .map(|s| api::AuthPair {
                 src_identity: identity_name(s.triple.local_identity),
@@ -650,7 +664,13 @@ impl<C: PeerChannel> MeshState<C> {
         ) {
             out.push(Effect::Retire(old.channel));
         }
+        // Pairs with that node that failed while it had no channel need not wait out their
+        // backoff.
+        self.table.retry_node(id, now);
     }
+
+    /// At most this many auth pairs are listed in `veil status` (all are counted).
+    pub const AUTH_PAIRS_LISTED: usize = 256;
 
     fn count_failure(&mut self, reason: AuthFailure) {
         *self
