@@ -12,6 +12,13 @@ cd "$(dirname "$0")/.."
 usage() {
     cat <<'EOF'
 usage: scripts/bench.sh [VEIL-BENCH OPTIONS]
+       scripts/bench.sh --scale [SCALE-BENCH OPTIONS]
+
+--scale: only scale-bench: one real agent (node-a of a 2-node lab) in a simulated cluster of
+10, 100 and 1,000 nodes, 1,000 to 100,000 endpoints and 100 to 10,000 policy rules, written
+through the agent's file source; prints a table, writes benches/results/scale.json (about 6
+minutes; target/release/scale-bench --help for its options: --sizes, --rounds, --idle-seconds,
+--settle-seconds).
 
 As root: runs scripts/setup.sh and scripts/preflight.sh, builds the release binaries, then
 control-bench (control plane, its own 77-pod lab; writes benches/results/control.json),
@@ -51,6 +58,11 @@ for arg in "$@"; do
         ;;
     esac
 done
+scale=0
+if [ "${1:-}" = "--scale" ]; then
+    scale=1
+    shift
+fi
 
 # One id and start time for the whole run: control-bench writes them into control.json and
 # veil-bench refuses a control.json from any other run.
@@ -62,6 +74,9 @@ scripts/setup.sh
 scripts/preflight.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked --workspace --bins
+if [ "$scale" = 1 ]; then
+    exec target/release/scale-bench "$@"
+fi
 # The control plane first (mutual auth: handshakes per agent CPU-second, policy apply to
 # enforcement, rotation to re-auth, first connection with auth required); it writes
 # benches/results/control.json, which veil-bench's target table reads.
