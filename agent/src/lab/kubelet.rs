@@ -96,6 +96,11 @@ struct Running {
     record: PodRecord,
     containers: Vec<Container>,
     ready_reported: bool,
+    /// Phase Running with the pod's addresses was reported. Once: the watch cache the next
+    /// turn reads may not show that patch yet, and reporting it again would put back
+    /// `Ready: False` over the containers' `Ready: True` (the pod then never became a Service
+    /// backend: 1 lab in about 10 hung so in Kubernetes mode).
+    network_reported: bool,
     /// The node's agent has listed programs on the pod's veth once: from then on the
     /// containers may run, and the agent is not asked again.
     attached: bool,
@@ -181,6 +186,7 @@ impl Kubelet<'_> {
                     record: r,
                     containers: Vec::new(),
                     ready_reported: false,
+                    network_reported: false,
                     attached: false,
                 },
             );
@@ -271,9 +277,12 @@ impl Kubelet<'_> {
             if r.containers.is_empty() {
                 r.containers = containers_of(pod);
             }
-            if let Err(e) = report_network(&self.pods, pod, r, self.node).await {
-                eprintln!("kubelet: {}: status: {e}", name_of(pod));
-                continue;
+            if !r.network_reported {
+                if let Err(e) = report_network(&self.pods, pod, r, self.node).await {
+                    eprintln!("kubelet: {}: status: {e}", name_of(pod));
+                    continue;
+                }
+                r.network_reported = true;
             }
             if !r.attached {
                 r.attached = agent_attached(self.paths, &self.node.name, &r.record.host_veth).await;
@@ -412,6 +421,7 @@ impl Kubelet<'_> {
             record,
             containers: Vec::new(),
             ready_reported: false,
+            network_reported: false,
             attached: false,
         })
     }

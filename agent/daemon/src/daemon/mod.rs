@@ -353,11 +353,18 @@ impl Agent {
                             s.last_error = None;
                         }
                         Err(e) => {
+                            // Once per distinct failure: a full map fails every pass (5 s).
                             let msg = crate::error_chain(&e);
-                            tracing::warn!(error = %msg, "reconcile failed; retrying");
+                            if s.last_error.as_deref() != Some(msg.as_str()) {
+                                tracing::warn!(error = %msg, "reconcile failed; retrying (the same failure again is logged at debug)");
+                            } else {
+                                tracing::debug!(error = %msg, "reconcile failed again");
+                            }
                             s.last_error = Some(msg);
                         }
                     }
+                    // Old snapshots (once every holder moved on) and each pass's scratch.
+                    crate::sys::release_free_memory();
                 }
                 let pid = shared
                     .lock()

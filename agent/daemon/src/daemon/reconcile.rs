@@ -29,6 +29,8 @@ use crate::{
 pub enum ReconcileError {
     #[error(transparent)]
     Datapath(#[from] datapath::Error),
+    #[error("{0}")]
+    Map(&'static str, #[source] Box<datapath::Error>),
     #[error(transparent)]
     Tunnel(#[from] crate::tunnel::Error),
 }
@@ -134,13 +136,23 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
     }
     let node_encryption = s.cfg.encryption && s.cfg.node_encryption;
     let (ipcache, nodes) = desired_maps(&cluster, &me, &with_key, node_encryption);
-    s.ipcache_written
-        .sync(&mut IpCacheMap::new(s.datapath.ebpf_mut())?, ipcache)?;
-    s.nodes_written.sync(
-        &mut KernelHash::<u32, NodeInfo>::new(s.datapath.ebpf_mut(), map_names::NODES)?,
-        nodes,
-    )?;
-    reconcile_policy(s, &cluster, &me)?;
+    // A map that cannot take every entry (full) keeps what fits; the rest of the pass still
+    // runs (policy above all), and the failure is this pass's error. An endpoint left out of
+    // the ipcache is matched by its node's pod CIDR entry: unknown identity, so policy drops
+    // it (fail closed).
+    let ipcache_synced = IpCacheMap::new(s.datapath.ebpf_mut())
+        .and_then(|mut m| s.ipcache_written.sync(&mut m, ipcache));
+    if let Err(e) = ipcache_synced {
+        first_error.get_or_insert(ReconcileError::Map("ipcache", Box::new(e)));
+    }
+    let nodes_synced = KernelHash::<u32, NodeInfo>::new(s.datapath.ebpf_mut(), map_names::NODES)
+        .and_then(|mut m| s.nodes_written.sync(&mut m, nodes));
+    if let Err(e) = nodes_synced {
+        first_error.get_or_insert(ReconcileError::Map("node table", Box::new(e)));
+    }
+    if let Err(e) = reconcile_policy(s, &cluster, &me) {
+        first_error.get_or_insert(e.into());
+    }
     reconcile_proxy(s, &cluster, &me);
     if let Err(e) = reconcile_services(s, &cluster) {
         tracing::warn!(error = %crate::error_chain(&e), "services not installed");

@@ -167,24 +167,40 @@ impl<K: Ord + Copy, V: PartialEq + Copy> Shadowed<K, V> {
     }
 }
 
-/// [`sync`] from a known `current` content.
+/// [`sync`] from a known `current` content. A write that fails (a full map) does not stop the
+/// others or the removals (which make room): what fits is written, and the failures are
+/// reported together.
 fn sync_from<K: Ord + Copy, V: PartialEq + Copy>(
     map: &mut impl MapOps<K, V>,
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
 ) -> Result<usize, Error> {
-    let mut changes = 0;
+    let (mut changes, mut wanted, mut failed) = (0, 0, 0);
+    let mut first = None;
     for (k, v) in desired {
         if current.get(k) != Some(v) {
-            map.upsert(*k, *v)?;
-            changes += 1;
+            wanted += 1;
+            match map.upsert(*k, *v) {
+                Ok(()) => changes += 1,
+                Err(e) => {
+                    failed += 1;
+                    first.get_or_insert(e);
+                }
+            }
         }
     }
     for k in current.keys().filter(|k| !desired.contains_key(k)) {
         map.remove(k)?;
         changes += 1;
     }
-    Ok(changes)
+    match first {
+        None => Ok(changes),
+        Some(first) => Err(Error::SomeWritesFailed {
+            failed,
+            wanted,
+            first: Box::new(first),
+        }),
+    }
 }
 
 fn ignore_missing(name: &'static str, r: Result<(), aya::maps::MapError>) -> Result<(), Error> {
@@ -361,15 +377,17 @@ mod tests {
         assert_eq!(sync(&mut m, &desired).unwrap(), 0);
     }
 
-    /// A fake map whose writes fail while `fail` is set.
+    /// A fake map whose writes fail while `fail` is set, or once it holds `capacity` entries.
     struct Flaky {
         map: FakeMap<u32, NodeInfo>,
         fail: bool,
+        capacity: usize,
     }
 
     impl MapOps<u32, NodeInfo> for Flaky {
         fn upsert(&mut self, key: u32, value: NodeInfo) -> Result<(), Error> {
-            if self.fail {
+            let full = self.map.0.len() >= self.capacity && !self.map.0.contains_key(&key);
+            if self.fail || full {
                 return Err(Error::MissingMap("flaky"));
             }
             self.map.upsert(key, value)
@@ -387,6 +405,7 @@ mod tests {
         let mut m = Flaky {
             map: FakeMap::default(),
             fail: false,
+            capacity: usize::MAX,
         };
         m.map.0.insert(9, NodeInfo::default());
         let mut shadow = Shadowed::default();
@@ -397,13 +416,43 @@ mod tests {
         // Later syncs diff against what was written, without reading the map.
         m.map.0.insert(7, NodeInfo::default());
         assert_eq!(shadow.sync(&mut m, one.clone()).unwrap(), 0);
-        // A failed sync forgets what was written; the next one reads the map again.
+        // A failed sync (its removal of 1 still made) forgets what was written; the next one
+        // reads the map again and finds 7: write 2, remove 7.
         let two = BTreeMap::from([(2, NodeInfo { flags: 2, _pad: 0 })]);
         m.fail = true;
         assert!(shadow.sync(&mut m, two.clone()).is_err());
         m.fail = false;
-        assert_eq!(shadow.sync(&mut m, two.clone()).unwrap(), 3);
+        assert_eq!(shadow.sync(&mut m, two.clone()).unwrap(), 2);
         assert_eq!(m.map.0, two);
+    }
+
+    #[test]
+    fn a_full_map_gets_what_fits_its_stale_entries_removed_and_the_failures_counted() {
+        let info = |f| NodeInfo { flags: f, _pad: 0 };
+        let mut m = Flaky {
+            map: FakeMap::default(),
+            fail: false,
+            capacity: 3,
+        };
+        m.map.0.extend([(10, info(0)), (11, info(0))]);
+        // Five wanted, two stale: the writes before the removals fit one; the rest fail,
+        // counted, and the stale entries still go.
+        let desired: BTreeMap<u32, NodeInfo> = (1..=5).map(|k| (k, info(1))).collect();
+        match sync(&mut m, &desired) {
+            Err(Error::SomeWritesFailed { failed, wanted, .. }) => {
+                assert_eq!((failed, wanted), (4, 5))
+            }
+            other => panic!("expected SomeWritesFailed, got {other:?}"),
+        }
+        assert!(!m.map.0.contains_key(&10) && !m.map.0.contains_key(&11));
+        // The next sync fills the room the removals made.
+        match sync(&mut m, &desired) {
+            Err(Error::SomeWritesFailed { failed, wanted, .. }) => {
+                assert_eq!((failed, wanted), (2, 4))
+            }
+            other => panic!("expected SomeWritesFailed, got {other:?}"),
+        }
+        assert_eq!(m.map.0.len(), 3);
     }
 
     #[test]

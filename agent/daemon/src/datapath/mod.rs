@@ -81,6 +81,13 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("{failed} of {wanted} writes failed (the map is full, or its entries are refused); the rest were made and stale entries removed")]
+    SomeWritesFailed {
+        failed: usize,
+        wanted: usize,
+        #[source]
+        first: Box<Error>,
+    },
     #[error("interface {0} not found")]
     NoInterface(String),
     #[error("cannot mount bpffs")]
