@@ -43,7 +43,7 @@ use veil_agent::{
     datapath::maps::Prefix,
     policy::PolicySet,
 };
-use veil_benches::{cleanup, lab::Lab, procs};
+use veil_benches::{cleanup, lab::Lab, procs, report::median_or_nan};
 use veil_common::maps::{IpInfo, IpKey, IPCACHE};
 
 #[derive(Parser, Debug)]
@@ -330,11 +330,6 @@ fn wait_until<T>(
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// TCP active opens (connect attempts that sent a SYN) in a netns, from `nstat`.
 fn active_opens(netns: &str) -> anyhow::Result<u64> {
     let out = Command::new("ip")
@@ -589,9 +584,9 @@ fn measure(
             rss_mb: rss as f64 / 1e6,
             peak_rss_mb: peak as f64 / 1e6,
             idle_cpu_percent,
-            policy_change_ms: median(change),
-            policy_change_agent_ms: median(change_agent),
-            pod_add_ms: median(pod_add),
+            policy_change_ms: median_or_nan(change),
+            policy_change_agent_ms: median_or_nan(change_agent),
+            pod_add_ms: median_or_nan(pod_add),
             restart_to_ready_s,
             rss_after_restart_mb: rss_after_restart as f64 / 1e6,
             dials_per_s,
