@@ -1,4 +1,4 @@
-//! The file source: the lab's control plane directory, polled.
+//! The file source: the lab's control plane directory, watched with inotify and polled.
 
 use std::{
     path::{Path, PathBuf},
@@ -12,7 +12,9 @@ use tokio::sync::watch;
 use super::{ClusterSource, ClusterState, Error, WatchFuture};
 
 /// The file source: a directory the `veil lab` CLI writes (`cluster.json`, `policies.json`) and
-/// agents poll; each agent publishes its node key as `node-keys/<node>`. Polling one file's mtime every second costs nothing measurable idle.
+/// agents watch; each agent publishes its node key as `node-keys/<node>`. inotify wakes the
+/// agent as soon as a file is written; the stamps (mtime, inode, size) of the three paths are
+/// also polled every 250 ms, so a missed or unavailable inotify costs latency, not a change.
 pub struct FileSource {
     dir: PathBuf,
     poll: Duration,
@@ -50,18 +52,17 @@ impl FileSource {
             }
             Err(source) => return Err(Error::Read { path, source }),
         };
-        let stored: StoredPolicies =
-            serde_json::from_str(&text).map_err(|source| Error::Parse {
-                path: path.clone(),
-                source,
-            })?;
-        let set =
-            crate::policy::PolicySet::from_json(&stored.policies.to_string()).map_err(|e| {
-                Error::Policy {
-                    path,
-                    message: e.to_string(),
-                }
-            })?;
+        // The policies are parsed once, by the policy set (kept raw here).
+        let stored: ReadPolicies = serde_json::from_str(&text).map_err(|source| Error::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        let set = crate::policy::PolicySet::from_json(stored.policies.get()).map_err(|e| {
+            Error::Policy {
+                path,
+                message: e.to_string(),
+            }
+        })?;
         Ok((stored.generation, set))
     }
 
@@ -147,28 +148,33 @@ impl FileSource {
     /// Reads the first snapshot, then publishes every change on a watch channel until the
     /// receiver is dropped. A file that fails to parse keeps the last good snapshot in force.
     pub async fn watch_dir(self) -> Result<watch::Receiver<Arc<ClusterState>>, Error> {
-        // Stat before reading: any write after this point shows up as a changed mtime.
+        // Stat before reading: any write after this point shows up as a changed stamp.
         let path = Self::state_path(&self.dir);
         let keys = Self::keys_dir(&self.dir);
         let pols = Self::policies_path(&self.dir);
-        let mut last_mtime = (mtime(&path), mtime(&keys), mtime(&pols));
+        let stamps = move |p: &Path, k: &Path, q: &Path| (stamp(p), stamp(k), stamp(q));
+        let mut last_stamp = stamps(&path, &keys, &pols);
         let first = Self::read(&self.dir)?;
         let (tx, rx) = watch::channel(Arc::new(first));
+        let mut events = DirEvents::new(&self.dir);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(self.poll).await;
+                match events.as_mut() {
+                    Some(ev) => ev.next(self.poll, &keys).await,
+                    None => tokio::time::sleep(self.poll).await,
+                }
                 if tx.is_closed() {
                     return;
                 }
-                let m = (mtime(&path), mtime(&keys), mtime(&pols));
-                if m == last_mtime {
+                let m = stamps(&path, &keys, &pols);
+                if m == last_stamp {
                     continue;
                 }
                 // A change of the policies or a node key alone does not parse cluster.json
                 // again (tens of MB at 100,000 pods, about 400 ms of a policy change): the
                 // snapshot in force is its parse. A copy made for the change, not a second
                 // one kept (that held 100 MB more at 100,000 pods).
-                let state = if m.0 == last_mtime.0 {
+                let state = if m.0 == last_stamp.0 {
                     let mut base = (**tx.borrow()).clone();
                     for n in &mut base.nodes {
                         (n.wg_public_key, n.wg_next_public_key) = (None, None);
@@ -177,7 +183,7 @@ impl FileSource {
                 } else {
                     Self::read(&self.dir)
                 };
-                last_mtime = m;
+                last_stamp = m;
                 match state {
                     Ok(state) if state != **tx.borrow() => {
                         tracing::info!(generation = state.generation, "cluster state changed");
@@ -217,8 +223,80 @@ struct StoredPolicies {
     policies: serde_json::Value,
 }
 
-fn mtime(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// [`StoredPolicies`] as read: the policies' JSON text, for [`crate::policy::PolicySet::from_json`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadPolicies<'a> {
+    generation: u64,
+    #[serde(borrow)]
+    policies: &'a serde_json::value::RawValue,
+}
+
+/// What tells a rewrite of `path` apart: its mtime, and its inode and size (an atomic write is
+/// a new inode, so two writes within one timestamp tick still differ).
+fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.ino(), m.size()))
+}
+
+/// inotify on the control-plane directory and its node-key directory: a write wakes the
+/// watcher at once instead of at its next poll.
+struct DirEvents {
+    fd: tokio::io::unix::AsyncFd<InotifyFd>,
+    keys_watched: bool,
+}
+
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd as _;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl DirEvents {
+    const MASK: nix::sys::inotify::AddWatchFlags = nix::sys::inotify::AddWatchFlags::IN_CLOSE_WRITE
+        .union(nix::sys::inotify::AddWatchFlags::IN_MOVED_TO)
+        .union(nix::sys::inotify::AddWatchFlags::IN_CREATE)
+        .union(nix::sys::inotify::AddWatchFlags::IN_DELETE);
+
+    /// None (the poll alone) when inotify cannot watch `dir`.
+    fn new(dir: &Path) -> Option<Self> {
+        use nix::sys::inotify::{InitFlags, Inotify};
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .inspect_err(|e| tracing::debug!(error = %e, "no inotify: the file source polls"))
+            .ok()?;
+        ino.add_watch(dir, Self::MASK).ok()?;
+        // SAFETY: the AsyncFd owns the Inotify (its descriptor valid and open for the
+        // AsyncFd's whole life) and nothing else closes it.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                InotifyFd(ino),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .ok()?;
+        Some(Self {
+            fd,
+            keys_watched: false,
+        })
+    }
+
+    /// Returns when something was written or `poll` passed, whichever is first. The node-key
+    /// directory is watched once it exists (the first agent to publish creates it).
+    async fn next(&mut self, poll: Duration, keys: &Path) {
+        if !self.keys_watched {
+            self.keys_watched = self.fd.get_ref().0.add_watch(keys, Self::MASK).is_ok();
+        }
+        let Ok(Ok(mut ready)) = tokio::time::timeout(poll, self.fd.readable()).await else {
+            return;
+        };
+        // Drain what is queued; the stamps say what changed.
+        while ready.get_inner().0.read_events().is_ok() {}
+        ready.clear_ready();
+    }
 }
 
 #[cfg(test)]
@@ -227,6 +305,47 @@ mod tests {
 
     use super::*;
     use crate::cluster::Node;
+
+    /// With the poll an hour away, only inotify can deliver a change: the last of several
+    /// quick rewrites of cluster.json, then a rewrite of policies.json, reach the watcher.
+    #[tokio::test]
+    async fn a_write_is_seen_without_waiting_for_the_poll() {
+        let dir = std::env::temp_dir().join(format!("veil-cluster-inotify-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut state = ClusterState::default();
+        FileSource::write(&dir, &state).unwrap();
+        let source = FileSource {
+            dir: dir.clone(),
+            poll: Duration::from_secs(3600),
+        };
+        let mut rx = source.watch_dir().await.unwrap();
+        let seen = |rx: &mut watch::Receiver<Arc<ClusterState>>, want: (u64, u64)| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(20),
+                    rx.wait_for(|s| (s.generation, s.policy_generation) == want),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|_| {
+                    format!("{want:?} not seen; last {:?}", {
+                        let s = rx.borrow();
+                        (s.generation, s.policy_generation)
+                    })
+                })
+            }
+        };
+        for g in 1..=5 {
+            state.generation = g;
+            FileSource::write(&dir, &state).unwrap();
+        }
+        seen(&mut rx, (5, 0)).await.unwrap();
+        FileSource::write_policies(&dir, 7, &crate::policy::PolicySet::new()).unwrap();
+        seen(&mut rx, (5, 7)).await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_node_publishes_its_next_key_beside_the_current_one() {

@@ -114,9 +114,13 @@ impl MeshStatus {
 /// How long auth entries left by an earlier run of the agent stay without re-authentication.
 pub const ADOPTED_ENTRY_GRACE: Duration = Duration::from_secs(5);
 
-/// How stale the mesh's part of `veil status` may get while the loop is busy; it is rebuilt
-/// before every longer rest.
-const STATUS_MAX_AGE: Duration = Duration::from_millis(200);
+/// The mesh's part of `veil status` is rebuilt after a turn that may have changed it, at most
+/// once per this many times the last build took (building it scales with the auth pairs: a
+/// 100,000-pair table costs milliseconds, and a thousand silent peers' redials wake the loop
+/// tens of times a second), so it costs at most 1/STATUS_COST_SHARE of the loop; and never
+/// staler than STATUS_MAX_AGE.
+const STATUS_COST_SHARE: u32 = 20;
+const STATUS_MAX_AGE: Duration = Duration::from_secs(2);
 
 /// The running mesh component.
 pub struct Mesh {
@@ -251,6 +255,7 @@ impl Mesh {
         let mut seen_policy: Option<Arc<BTreeMap<PolicyKey, PolicyEntry>>> = None;
         let mut peers: Vec<NodeInfo> = Vec::new();
         let mut status_at = Instant::now();
+        let mut status_every = Duration::ZERO;
         // Peers whose last dial failed, with why: a failure is logged when it starts or
         // changes, not at every redial (a thousand unreachable peers would flood the log).
         let mut dial_failures: HashMap<u32, AuthFailure> = HashMap::new();
@@ -383,12 +388,18 @@ impl Mesh {
             .min()
             .unwrap_or(now + Duration::from_secs(5))
             .max(now + Duration::from_millis(5));
-            // `veil status`'s view: at once before a rest, at most STATUS_MAX_AGE old while
-            // busy (building it scales with the auth pairs, the nodes and the identities).
-            if next >= now + STATUS_MAX_AGE || status_at + STATUS_MAX_AGE <= now {
+            // `veil status`'s view: every turn may have changed it; rebuilt now, or (while
+            // rebuilding often would cost more than its share) woken up for when it is due.
+            let status_due = status_at + status_every;
+            let next = if status_due <= now {
+                let t = Instant::now();
                 *self.status.lock().expect("mesh status lock") = state.status(&cluster);
                 status_at = now;
-            }
+                status_every = (t.elapsed() * STATUS_COST_SHARE).min(STATUS_MAX_AGE);
+                next
+            } else {
+                next.min(status_due)
+            };
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep_until(next) => {}

@@ -16,13 +16,13 @@
 //! "port, any protocol" lookup); a range `port..=endPort` becomes one entry per port, except
 //! 1–65535, which is "any port".
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use veil_common::maps::{identity, policy_flags, PolicyEntry, PolicyKey, POLICY_MAX};
 
 use super::{
     parse::{Direction, Policy, PortProtocol, Protocol},
-    selector::{Scope, Selector},
+    selector::{Operator, Scope, Selector},
     Error, IdentityLabels, Mode, PolicyName,
 };
 
@@ -113,6 +113,78 @@ fn dir_index(d: Direction) -> usize {
 
 /// Compiles `policies` for the endpoints of this node (`local_identities`), given every known
 /// identity. Policies are refused as [`Policy::validate_for_apply`] would refuse them.
+/// The identities by label `key=value`, so a selector is evaluated against the identities
+/// that carry one of its required labels rather than against all of them (10,000 rules over
+/// 1,000 identities were ten million evaluations per compile).
+struct LabelIndex<'a> {
+    table: &'a BTreeMap<u32, &'a IdentityLabels>,
+    by_label: HashMap<&'a str, HashMap<&'a str, Vec<u32>>>,
+}
+
+impl<'a> LabelIndex<'a> {
+    fn new(table: &'a BTreeMap<u32, &'a IdentityLabels>) -> Self {
+        let mut by_label: HashMap<&str, HashMap<&str, Vec<u32>>> = HashMap::new();
+        for (id, labels) in table {
+            for (k, v) in labels.iter() {
+                by_label
+                    .entry(k)
+                    .or_default()
+                    .entry(v)
+                    .or_default()
+                    .push(*id);
+            }
+        }
+        Self { table, by_label }
+    }
+
+    /// The identities any of `selectors` matches, ascending.
+    fn select(&self, selectors: &[Selector]) -> Vec<u32> {
+        let mut out = BTreeSet::new();
+        for s in selectors {
+            match self.candidates(s) {
+                Some(ids) => out.extend(
+                    ids.into_iter()
+                        .filter(|id| self.table.get(id).is_some_and(|l| s.matches(l))),
+                ),
+                None => out.extend(
+                    self.table
+                        .iter()
+                        .filter(|(_, l)| s.matches(l))
+                        .map(|(id, _)| *id),
+                ),
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// A superset of what `s` matches, from the smallest posting list of a label it requires
+    /// (`matchLabels`, or an `In` requirement's values); None when it requires none.
+    fn candidates(&self, s: &Selector) -> Option<Vec<u32>> {
+        let posting = |k: &str, v: &str| {
+            self.by_label
+                .get(k)
+                .and_then(|vs| vs.get(v))
+                .map_or(&[][..], Vec::as_slice)
+        };
+        let required = s
+            .match_labels
+            .0
+            .iter()
+            .map(|(k, v)| posting(k.as_str(), v.as_str()).to_vec());
+        let any_of = s
+            .match_expressions
+            .iter()
+            .filter(|r| r.operator == Operator::In)
+            .map(|r| {
+                r.values
+                    .iter()
+                    .flat_map(|v| posting(r.key.as_str(), v.as_str()).iter().copied())
+                    .collect::<Vec<u32>>()
+            });
+        required.chain(any_of).min_by_key(Vec::len)
+    }
+}
+
 pub fn compile(
     policies: &[Policy],
     identities: &[(u32, IdentityLabels)],
@@ -128,6 +200,7 @@ pub fn compile(
         }
     }
 
+    let index = LabelIndex::new(&table);
     let mut specs = Vec::new();
     let mut rules = Vec::new();
     let mut rule_refs = Vec::new();
@@ -164,11 +237,7 @@ pub fn compile(
                             .iter()
                             .map(|s| s.scoped(ns.map_or(Scope::Cluster, Scope::Default)))
                             .collect();
-                        table
-                            .iter()
-                            .filter(|(_, l)| scoped.iter().any(|s| s.matches(l)))
-                            .map(|(id, _)| *id)
-                            .collect()
+                        index.select(&scoped)
                     }
                 };
                 let flags = if pr.is_deny {
@@ -438,6 +507,62 @@ mod tests {
     const TCP: u8 = Protocol::TCP;
     const UDP: u8 = Protocol::UDP;
     const SCTP: u8 = Protocol::SCTP;
+
+    /// The label index selects exactly what a scan of every identity would, for each operator,
+    /// scope and union of selectors, over every combination of a few labels.
+    #[test]
+    fn the_label_index_selects_what_a_scan_selects() {
+        let mut ids = Vec::new();
+        for ns in ["n1", "n2"] {
+            for app in [None, Some("a"), Some("b"), Some("c")] {
+                for tier in [None, Some("x"), Some("y")] {
+                    let labels = [("app", app), ("tier", tier)]
+                        .into_iter()
+                        .filter_map(|(k, v)| Some((k, v?)));
+                    ids.push((256 + ids.len() as u32, IdentityLabels::new(ns, labels)));
+                }
+            }
+        }
+        let table: BTreeMap<u32, &IdentityLabels> = ids.iter().map(|(i, l)| (*i, l)).collect();
+        let index = LabelIndex::new(&table);
+        let selectors: Vec<Selector> = [
+            r#"{}"#,
+            r#"{"matchLabels": {"app": "a"}}"#,
+            r#"{"matchLabels": {"app": "a", "tier": "x"}}"#,
+            r#"{"matchLabels": {"app": "nobody"}}"#,
+            r#"{"matchExpressions": [{"key": "app", "operator": "In", "values": ["b", "c"]}]}"#,
+            r#"{"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["a"]}]}"#,
+            r#"{"matchExpressions": [{"key": "tier", "operator": "Exists"}]}"#,
+            r#"{"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}"#,
+            r#"{"matchLabels": {"tier": "y"}, "matchExpressions": [{"key": "app", "operator": "In", "values": ["a", "b"]}, {"key": "app", "operator": "NotIn", "values": ["b"]}]}"#,
+        ]
+        .iter()
+        .map(|j| serde_json::from_str(j).unwrap())
+        .collect();
+        let scan = |sel: &[Selector]| -> Vec<u32> {
+            table
+                .iter()
+                .filter(|(_, l)| sel.iter().any(|s| s.matches(l)))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let mut checked = 0;
+        for scope in [Scope::Cluster, Scope::Default("n2"), Scope::Forced("n1")] {
+            let scoped: Vec<Selector> = selectors.iter().map(|s| s.scoped(scope)).collect();
+            for a in 0..scoped.len() {
+                for b in a..scoped.len() {
+                    let sel = if a == b {
+                        vec![scoped[a].clone()]
+                    } else {
+                        vec![scoped[a].clone(), scoped[b].clone()]
+                    };
+                    assert_eq!(index.select(&sel), scan(&sel), "{sel:?}");
+                    checked += usize::from(!scan(&sel).is_empty());
+                }
+            }
+        }
+        assert!(checked > 100, "only {checked} non-empty selections");
+    }
 
     /// The lab's pods: frontend 256, backend 257, intruder 258 in `shop`, and a frontend in
     /// `other` (259).
