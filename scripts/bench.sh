@@ -18,7 +18,8 @@ usage: scripts/bench.sh [VEIL-BENCH OPTIONS]
 10, 100 and 1,000 nodes, 1,000 to 100,000 endpoints and 100 to 10,000 policy rules, written
 through the agent's file source; prints a table, writes benches/results/scale.json (about 6
 minutes; target/release/scale-bench --help for its options: --sizes, --rounds, --idle-seconds,
---settle-seconds).
+--settle-seconds). First, tc-cost with 1,000 and 100,000 endpoints in the ipcache writes
+benches/results/tc-cost-scale.json.
 
 As root: runs scripts/setup.sh and scripts/preflight.sh, builds the release binaries, then
 control-bench (control plane, its own 77-pod lab; writes benches/results/control.json),
@@ -75,6 +76,10 @@ scripts/preflight.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked --workspace --bins
 if [ "$scale" = 1 ]; then
+    # The TC program's per-packet cost with the ipcache of the largest size (100,000 remote
+    # endpoints) against the smallest's (1,000), at 10 and 100,000 policy entries.
+    target/release/tc-cost --sizes 10,100000 --ipcache 1000,100000 --rounds 11 --json \
+        >benches/results/tc-cost-scale.json
     exec target/release/scale-bench "$@"
 fi
 # The control plane first (mutual auth: handshakes per agent CPU-second, policy apply to

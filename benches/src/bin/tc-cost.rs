@@ -1,5 +1,6 @@
 //! tc-cost: per-packet cost of `veil_from_pod` with 10, 1,000 and 100,000 policy entries
-//! (benchmarks issue, item 4; target: flat within ±10 %).
+//! (benchmarks issue, item 4; target: flat within ±10 %), and with `--ipcache`, with up to
+//! 100,000 remote endpoints in the ipcache (scale issue).
 //!
 //! Loads veil's programs once per policy size through the agent's test-run harness (a private
 //! pin directory and network namespace each, nothing attached), fills each with the same node
@@ -52,6 +53,12 @@ struct Args {
     /// Policy map sizes (entries).
     #[arg(long, value_delimiter = ',', default_value = "10,1000,100000")]
     sizes: Vec<usize>,
+    /// ipcache sizes: remote endpoints (/32s over 1,000 other nodes and 1,000 identities, in
+    /// 198.18.4.0-198.18.255.255 and 198.19.16.0-198.19.255.255) beside the measured node's
+    /// 203 entries. Every policy size is loaded with every ipcache size (the scale issue: cost
+    /// at 100,000 endpoints against 1,000).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    ipcache: Vec<usize>,
     /// Runs per timed sample for the repeatable cases.
     #[arg(long, default_value_t = 200_000)]
     repeat: u32,
@@ -148,15 +155,29 @@ fn policy(n: usize) -> Result<BTreeMap<PolicyKey, PolicyEntry>> {
     Ok(m)
 }
 
-/// One loaded datapath with a policy of `entries`.
+/// One loaded datapath with a policy of `entries` and `ipcache` extra remote endpoints.
 struct Contender {
     entries: usize,
+    ipcache: usize,
     dp: TestDatapath,
     fe_if: u32,
     in_if: u32,
 }
 
-fn contender(entries: usize) -> Result<Contender> {
+/// The `i`th extra remote endpoint's address (see `Args::ipcache`), None past the last.
+fn extra_endpoint(i: usize) -> Option<Ipv4Addr> {
+    const FIRST: u32 = u32::from_be_bytes([198, 18, 4, 0]);
+    const SKIP_FROM: u32 = u32::from_be_bytes([198, 19, 0, 0]);
+    const SKIP_TO: u32 = u32::from_be_bytes([198, 19, 16, 0]);
+    const END: u32 = u32::from_be_bytes([198, 20, 0, 0]);
+    let mut a = FIRST.checked_add(u32::try_from(i).ok()?)?;
+    if a >= SKIP_FROM {
+        a = a.checked_add(SKIP_TO - SKIP_FROM)?;
+    }
+    (a < END).then(|| Ipv4Addr::from(a))
+}
+
+fn contender(entries: usize, ipcache: usize) -> Result<Contender> {
     let mut dp = TestDatapath::new(&["fe", "be", "in", "veil0"])
         .context("loading the datapath for a test run (needs root and BPF)")?;
     let tunnel = dp.ifindex("veil0")?;
@@ -182,6 +203,11 @@ fn contender(entries: usize) -> Result<Contender> {
             _pad: 0,
         },
     )?;
+    for i in 0..ipcache {
+        let ip = extra_endpoint(i).with_context(|| format!("no room for {ipcache} endpoints"))?;
+        let k = i as u32 % 1000;
+        dp.add_remote_pod(IpAddr::V4(ip), 3000 + k, 4 + k)?;
+    }
     let p = policy(entries)?;
     let written = dp.set_policy(0, &p)?;
     if written != entries {
@@ -189,6 +215,7 @@ fn contender(entries: usize) -> Result<Contender> {
     }
     Ok(Contender {
         entries,
+        ipcache,
         fe_if: dp.ifindex("fe")?,
         in_if: dp.ifindex("in")?,
         dp,
@@ -298,8 +325,15 @@ fn kernel_release() -> String {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.sizes.is_empty() || args.rounds == 0 || args.new_flows == 0 || args.repeat == 0 {
-        bail!("--sizes, --rounds, --new-flows and --repeat must be non-empty / positive");
+    if args.sizes.is_empty()
+        || args.ipcache.is_empty()
+        || args.rounds == 0
+        || args.new_flows == 0
+        || args.repeat == 0
+    {
+        bail!(
+            "--sizes, --ipcache, --rounds, --new-flows and --repeat must be non-empty / positive"
+        );
     }
     if let Some(cpu) = args.cpu {
         pin_to_cpu(cpu)?;
@@ -308,10 +342,15 @@ fn main() -> Result<()> {
     let t0 = Instant::now();
     let mut contenders = Vec::new();
     for &n in &args.sizes {
-        let t = Instant::now();
-        contenders.push(contender(n)?);
-        if !args.json {
-            eprintln!("loaded {n} entries in {:.1}s", t.elapsed().as_secs_f64());
+        for &m in &args.ipcache {
+            let t = Instant::now();
+            contenders.push(contender(n, m)?);
+            if !args.json {
+                eprintln!(
+                    "loaded {n} policy entries, {m} extra ipcache entries in {:.1}s",
+                    t.elapsed().as_secs_f64()
+                );
+            }
         }
     }
     // samples[case][size index] = one value per round.
@@ -355,6 +394,7 @@ fn main() -> Result<()> {
             rows.push(serde_json::json!({
                 "case": case,
                 "entries": c.entries,
+                "ipcache_extra": c.ipcache,
                 "median_ns": (med * 10.0).round() / 10.0,
                 "min_ns": v.first().copied().unwrap_or(0.0),
                 "max_ns": v.last().copied().unwrap_or(0.0),
@@ -401,15 +441,16 @@ fn main() -> Result<()> {
             load_average()
         );
         println!(
-            "{:<12} {:>9} {:>10} {:>12} {:>12} {:>16}",
-            "case", "entries", "median ns", "min-max ns", "vs smallest", "(p25-p75)"
+            "{:<12} {:>9} {:>9} {:>10} {:>12} {:>12} {:>16}",
+            "case", "entries", "ipcache+", "median ns", "min-max ns", "vs smallest", "(p25-p75)"
         );
         let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(0.0);
         for r in &rows {
             println!(
-                "{:<12} {:>9} {:>10.1} {:>12} {:>12} {:>16}",
+                "{:<12} {:>9} {:>9} {:>10.1} {:>12} {:>12} {:>16}",
                 r["case"].as_str().unwrap_or(""),
                 r["entries"].as_u64().unwrap_or(0),
+                r["ipcache_extra"].as_u64().unwrap_or(0),
                 f(r, "median_ns"),
                 format!("{:.0}-{:.0}", f(r, "min_ns"), f(r, "max_ns")),
                 format!("{:.3}x", f(r, "ratio")),
