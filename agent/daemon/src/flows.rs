@@ -693,7 +693,7 @@ mod tests {
             node: "node-a".into(),
             ip: Ipv4Addr::from(ip),
             ipv6: None,
-            labels: BTreeMap::from([("app".into(), name.into())]),
+            labels: BTreeMap::from([("app".into(), name.into())]).into(),
             service_account: name.into(),
             host_veth: "x".into(),
             identity: id,

@@ -443,7 +443,7 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
                 node: p.node.clone(),
                 ip: p.ip,
                 ipv6: p.ipv6,
-                labels: p.labels.clone(),
+                labels: p.labels.clone().into(),
                 service_account: p.service_account.clone(),
                 host_veth: p.host_veth.clone(),
                 identity: id,

@@ -207,7 +207,7 @@ fn simulate(base: &ClusterState, size: Size, identities: usize) -> anyhow::Resul
             node: format!("sim-{node:04}"),
             ip,
             ipv6: None,
-            labels: ident.labels.clone(),
+            labels: ident.labels.clone().into(),
             service_account: ident.service_account.clone(),
             host_veth: String::new(),
             identity: ident.id,

@@ -120,7 +120,10 @@ impl FileSource {
             path: path.clone(),
             source,
         })?;
-        serde_json::from_slice(&text).map_err(|source| Error::Parse { path, source })
+        let mut state: ClusterState =
+            serde_json::from_slice(&text).map_err(|source| Error::Parse { path, source })?;
+        state.share_labels();
+        Ok(state)
     }
 
     /// `state` (as `cluster.json` says) with the published node keys and the policy store.
@@ -344,6 +347,36 @@ mod tests {
         seen(&mut rx, (5, 0)).await.unwrap();
         FileSource::write_policies(&dir, 7, &crate::policy::PolicySet::new()).unwrap();
         seen(&mut rx, (5, 7)).await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Pods with equal labels share one map once read (each pod had its own as parsed).
+    #[test]
+    fn pods_read_with_equal_labels_share_one_map() {
+        let dir = std::env::temp_dir().join(format!("veil-cluster-labels-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pod = |name: &str, host: u8, app: &str| crate::cluster::Pod {
+            name: name.into(),
+            namespace: "shop".into(),
+            node: "node-a".into(),
+            ip: Ipv4Addr::new(198, 19, 1, host),
+            ipv6: None,
+            labels: Arc::new([("app".to_string(), app.to_string())].into()),
+            service_account: "default".into(),
+            host_veth: String::new(),
+            identity: 0,
+        };
+        let state = ClusterState {
+            pods: vec![pod("a1", 10, "a"), pod("b", 11, "b"), pod("a2", 12, "a")],
+            ..ClusterState::default()
+        };
+        FileSource::write(&dir, &state).unwrap();
+        let read = FileSource::read(&dir).unwrap();
+        assert_eq!(read.pods, state.pods);
+        let l = |i: usize| &read.pods[i].labels;
+        assert!(Arc::ptr_eq(l(0), l(2)), "equal labels not shared");
+        assert!(!Arc::ptr_eq(l(0), l(1)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

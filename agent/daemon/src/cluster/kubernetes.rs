@@ -535,6 +535,7 @@ impl Builder {
             services: services_from(&self.caches.services.state(), &self.caches.slices.state()),
             index: Default::default(),
         };
+        state.share_labels();
         let changed = self.last.as_ref().is_none_or(|last| {
             let mut l = last.clone();
             l.generation = state.generation;
@@ -868,7 +869,7 @@ fn pod_from(p: &KPod) -> Option<Pod> {
         node: spec.node_name.clone()?,
         ip,
         ipv6,
-        labels: p.metadata.labels.clone().unwrap_or_default(),
+        labels: p.metadata.labels.clone().unwrap_or_default().into(),
         service_account: spec
             .service_account_name
             .clone()

@@ -399,7 +399,7 @@ mod tests {
             node: node.into(),
             ip: Ipv4Addr::from(ip),
             ipv6: None,
-            labels: BTreeMap::new(),
+            labels: BTreeMap::new().into(),
             service_account: name.into(),
             host_veth: "lxc-does-not-exist".into(),
             identity: 256,
