@@ -3,7 +3,7 @@
 //!
 //! A 2-node lab (benches/labs/bench.yaml, IPv4, the files control plane) runs real agents,
 //! programs, maps and veil-wg. Around it the bench writes, through the agent's real cluster
-//! source (the lab's `cluster.json` and `policies.json`, which the agents poll), a simulated
+//! source (the lab's `cluster.json` and `policies.json`, which the agents watch), a simulated
 //! cluster at each size: N peer nodes (own ids, underlay addresses and pod CIDRs), E remote
 //! endpoints (pods without processes behind them) over 1,000 identities, and R policy rules,
 //! 1 % of them selecting node-a's pods, plus one `authentication: required` policy over all
@@ -25,8 +25,8 @@
 //! - the control-channel dials node-a makes to the silent peers per second (TCP active opens
 //!   in node-a's netns).
 //!
-//! The file source polls every 250 ms: the end-to-end latencies include up to that much before
-//! the agent sees the change. Prints a table, writes `scale.json`. Needs root.
+//! The file source is woken by inotify (its 250 ms poll is a fallback): the end-to-end
+//! latencies start at the file write. Prints a table, writes `scale.json`. Needs root.
 
 use std::{
     io::{Read as _, Seek as _, SeekFrom},
@@ -448,7 +448,7 @@ fn main() -> anyhow::Result<()> {
     print_table(&points);
     let json = serde_json::json!({
         "machine": veil_benches::setup::machine(),
-        "file_source_poll_ms": 250,
+        "file_source": "inotify (250 ms poll as a fallback)",
         "points": points,
     });
     let path = out_dir.join("scale.json");
