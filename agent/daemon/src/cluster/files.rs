@@ -325,14 +325,20 @@ mod tests {
     use super::*;
     use crate::cluster::Node;
 
+    /// An empty directory of this test process, `tag` telling the tests apart.
+    fn fresh_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("veil-cluster-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     /// With the poll an hour away, only inotify can deliver a change: the last of several
     /// quick rewrites of cluster.json, then a rewrite of policies.json, then of cluster.json
     /// alone (the policies in force kept), reach the watcher.
     #[tokio::test]
     async fn a_write_is_seen_without_waiting_for_the_poll() {
-        let dir = std::env::temp_dir().join(format!("veil-cluster-inotify-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("inotify");
         let mut state = ClusterState::default();
         FileSource::write(&dir, &state).unwrap();
         let source = FileSource {
@@ -374,9 +380,7 @@ mod tests {
     /// Pods with equal labels share one map once read (each pod had its own as parsed).
     #[test]
     fn pods_read_with_equal_labels_share_one_map() {
-        let dir = std::env::temp_dir().join(format!("veil-cluster-labels-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("labels");
         let pod = |name: &str, host: u8, app: &str| crate::cluster::Pod {
             name: name.into(),
             namespace: "shop".into(),
@@ -403,9 +407,7 @@ mod tests {
 
     #[test]
     fn a_node_publishes_its_next_key_beside_the_current_one() {
-        let dir = std::env::temp_dir().join(format!("veil-cluster-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("test");
         let state = ClusterState {
             nodes: vec![Node {
                 name: "node-a".into(),
