@@ -122,7 +122,7 @@ impl FileSource {
         })?;
         let mut state: ClusterState =
             serde_json::from_slice(&text).map_err(|source| Error::Parse { path, source })?;
-        state.share_labels();
+        state.compact();
         Ok(state)
     }
 
@@ -379,7 +379,7 @@ mod tests {
 
     /// Pods with equal labels share one map once read (each pod had its own as parsed).
     #[test]
-    fn pods_read_with_equal_labels_share_one_map() {
+    fn pods_read_share_equal_labels_and_keep_no_spare_room() {
         let dir = fresh_dir("labels");
         let pod = |name: &str, host: u8, app: &str| crate::cluster::Pod {
             name: name.into(),
@@ -402,6 +402,8 @@ mod tests {
         let l = |i: usize| &read.pods[i].labels;
         assert!(Arc::ptr_eq(l(0), l(2)), "equal labels not shared");
         assert!(!Arc::ptr_eq(l(0), l(1)));
+        // As parsed, 3 pods had room for 4.
+        assert_eq!(read.pods.capacity(), read.pods.len());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -535,7 +535,7 @@ impl Builder {
             services: services_from(&self.caches.services.state(), &self.caches.slices.state()),
             index: Default::default(),
         };
-        state.share_labels();
+        state.compact();
         let changed = self.last.as_ref().is_none_or(|last| {
             let mut l = last.clone();
             l.generation = state.generation;

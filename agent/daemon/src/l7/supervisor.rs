@@ -161,8 +161,12 @@ async fn session(
         status.lock().expect("proxy status lock").config_generation = cfg.generation;
         line
     };
-    let line = send(config_rx.borrow_and_update().clone());
-    wr.write_all(&line).await?;
+    {
+        // Scoped: the line (megabytes at 100,000 endpoints) is freed once written, not kept
+        // for the session's life.
+        let line = send(config_rx.borrow_and_update().clone());
+        wr.write_all(&line).await?;
+    }
     loop {
         tokio::select! {
             r = config_rx.changed() => {

@@ -308,7 +308,12 @@ impl<C: PeerChannel> MeshState<C> {
         }
         for t in unreachable {
             self.count_failure(AuthFailure::PeerUnreachable);
-            self.pair_result(t, Some(AuthFailure::PeerUnreachable));
+            // The reason is the node's, kept once for it (a flow record falls back to it),
+            // not once per pair: a thousand unreachable nodes are a hundred thousand pairs.
+            self.pair_result(t, None);
+            if !self.counters.node_failures.contains_key(&t.remote_node) {
+                self.node_result(t.remote_node, Some(AuthFailure::PeerUnreachable));
+            }
             self.table.park_unreachable(t);
         }
         for (id, c) in self.channels.iter_mut() {
@@ -357,8 +362,13 @@ impl<C: PeerChannel> MeshState<C> {
             }
             Err(reason) => {
                 let tries = self.redial_at.get(&id).map(|(_, n)| n + 1).unwrap_or(1);
-                self.redial_at
-                    .insert(id, (now + REDIAL_BACKOFF.delay(tries), tries));
+                // Spread above the base ([d, 1.5d]): peers that failed together (a thousand
+                // unreachable at start) redial spread out, not in waves every 30 s, and never
+                // sooner than the backoff, so redials stay within peers / 30 s.
+                let wait = REDIAL_BACKOFF
+                    .delay(tries)
+                    .mul_f64(1.0 + jitter.clamp(0.0, 1.0) * 0.5);
+                self.redial_at.insert(id, (now + wait, tries));
                 self.count_failure(reason);
                 self.node_result(id, Some(reason));
                 // The peer no longer proves its identity (revoked or expired node SVID,
@@ -871,6 +881,57 @@ mod tests {
         assert!(m
             .poll(&[node("node-b", 2)], true, Some(BTreeSet::new()), w.now)
             .is_empty());
+    }
+
+    /// A failed dial's redial is spread by the jitter above its backoff: 250 ms · 2¹ · 1.5.
+    #[test]
+    fn a_redial_is_spread_above_its_backoff() {
+        let mut w = World::new();
+        let b = w.b.clone();
+        assert!(matches!(
+            &w.poll(std::slice::from_ref(&b))[..],
+            [Effect::Dial(_)]
+        ));
+        let published = [w.b_key];
+        let (local, now, wall) = (w.local_key, w.now, w.wall);
+        w.state.on_dial_outcome(
+            2,
+            Err(AuthFailure::Timeout),
+            Some(&published),
+            &local,
+            now,
+            wall,
+            1.0,
+        );
+        w.now += Duration::from_millis(749);
+        assert!(w.poll(std::slice::from_ref(&b)).is_empty());
+        w.now += Duration::from_millis(1);
+        assert!(matches!(&w.poll(&[b])[..], [Effect::Dial(_)]));
+    }
+
+    /// Pairs with a node without a control channel fail as `peer-unreachable`, recorded once
+    /// for the node, not per pair; a node's own, more specific, reason is kept.
+    #[test]
+    fn pairs_with_an_unreachable_node_carry_its_reason_stored_once() {
+        let mut w = World::new();
+        let desired: BTreeSet<AuthTriple> = (0..100)
+            .map(|i| AuthTriple {
+                local_identity: 300,
+                remote_identity: 1_000 + i,
+                remote_node: 2 + i % 2,
+            })
+            .collect();
+        w.state.node_result(3, Some(AuthFailure::Timeout));
+        w.state.poll(&[], true, Some(desired), w.now);
+        let st = w.state.status(&ClusterState::default());
+        assert!(
+            st.pair_failures.is_empty(),
+            "{} pairs",
+            st.pair_failures.len()
+        );
+        assert_eq!(st.failure_for(300, 1_000, 2), Some("peer-unreachable"));
+        assert_eq!(st.failure_for(300, 1_001, 3), Some("timeout"));
+        assert_eq!(st.failures["peer-unreachable"], 100);
     }
 
     #[test]

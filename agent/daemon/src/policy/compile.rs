@@ -168,7 +168,6 @@ impl<'a> LabelIndex<'a> {
         };
         let required = s
             .match_labels
-            .0
             .iter()
             .map(|(k, v)| posting(k.as_str(), v.as_str()).to_vec());
         let any_of = s

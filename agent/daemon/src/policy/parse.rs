@@ -651,7 +651,7 @@ fn validate_rule(prefix: &str, rule: &Rule, ns: Option<&str>) -> Result<(), Erro
     validate_selector(&es, &rule.endpoint_selector)?;
     if let Some(ns) = ns {
         // Cilium: a namespaced policy's subject is always in the policy's namespace.
-        for (k, v) in &rule.endpoint_selector.match_labels.0 {
+        for (k, v) in rule.endpoint_selector.match_labels.iter() {
             if k.is_namespace() && v.as_str() != ns {
                 return Err(invalid(
                     &format!("{es}.matchLabels.{k}"),
@@ -939,7 +939,6 @@ spec:
         // `k8s:app` and `app` are the same key.
         assert!(from[0]
             .match_labels
-            .0
             .contains_key(&LabelKey::parse("app").unwrap()));
         assert_eq!(
             spec.description.as_deref(),
@@ -1211,7 +1210,7 @@ spec:
             "  endpointSelector: {}\n  ingress: [{fromEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: other}}]}]\n",
         ));
         let sel = &p.spec.unwrap().ingress[0].from_endpoints.clone().unwrap()[0];
-        let (k, v) = sel.match_labels.0.iter().next().unwrap();
+        let (k, v) = sel.match_labels.iter().next().unwrap();
         assert_eq!((k.as_str(), v.as_str()), (NAMESPACE_LABEL, "other"));
     }
 }

@@ -243,7 +243,7 @@ mod tests {
                 m.insert(LabelKey::namespace(), value(v));
             }
             Selector {
-                match_labels: MatchLabels(m),
+                match_labels: MatchLabels::from(m),
                 match_expressions,
             }
         })
@@ -375,7 +375,6 @@ mod tests {
                         if let Some(v) = r
                             .endpoint_selector
                             .match_labels
-                            .0
                             .get_mut(&LabelKey::namespace())
                         {
                             *v = value(ns);
