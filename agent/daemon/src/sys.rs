@@ -408,14 +408,15 @@ pub fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Hands the allocator's free memory back to the kernel. glibc returns only what is free at the
-/// top of the heap by itself: a new cluster snapshot (tens of megabytes at 100,000 pods) frees
-/// the old one in the middle of it, and the agent's RSS kept it (scale-bench).
+/// Hands the allocator's free memory back to the kernel. The `veil` binary allocates with
+/// mimalloc (agent/src/main.rs): `mi_collect` frees its empty pages and segments at once. A new
+/// cluster snapshot (tens of megabytes at 100,000 pods) frees the old one; glibc's malloc, used
+/// before, kept most of it resident between the pages still in use (scale-bench). In a process
+/// allocating with glibc (the daemon's unit tests) it finds nothing of its own to free.
 pub fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks and releases the allocator's own free chunks.
+    // SAFETY: mi_collect only walks and releases mimalloc's own free pages.
     unsafe {
-        libc::malloc_trim(0);
+        libmimalloc_sys::mi_collect(true);
     }
 }
 

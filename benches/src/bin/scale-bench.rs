@@ -62,12 +62,14 @@ struct Args {
     /// Rounds of the policy-change and pod-add measurements at each size.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Seconds of the idle CPU window (the agent reconciles every 5 s).
-    #[arg(long, default_value_t = 15)]
+    /// Seconds of the idle CPU window (the agent reconciles every 5 s). Longer than the
+    /// silent peers' redial interval (30 to 45 s), so the dial rate is an average over a cycle.
+    #[arg(long, default_value_t = 45)]
     idle_seconds: u64,
     /// Seconds to let the agent settle after the cluster is applied before the idle window:
-    /// its redials of the silent peers back off to their 30 s cap in about a minute.
-    #[arg(long, default_value_t = 60)]
+    /// a silent peer's dials fail after about 3 s (no ARP answer) and back off, spread by
+    /// jitter, from 0.5 s to the 30 s cap, which they reach after 50 to 75 s.
+    #[arg(long, default_value_t = 90)]
     settle_seconds: u64,
     #[command(flatten)]
     dirs: veil_benches::setup::Dirs,
