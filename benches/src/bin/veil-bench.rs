@@ -395,7 +395,7 @@ fn main() -> anyhow::Result<()> {
                     netns: contender::node_netns(p)?,
                 }
             }
-            Contender::Boringtun | Contender::WireguardGo => {
+            Contender::Boringtun | Contender::WireguardGo | Contender::VeilWg => {
                 let p = plain.as_ref().expect("plain lab");
                 let t = reference(c).expect("reference tunnel started");
                 Path {
