@@ -16,10 +16,11 @@ usage: scripts/bench.sh [VEIL-BENCH OPTIONS]
 
 --scale: only scale-bench: one real agent (node-a of a 2-node lab) in a simulated cluster of
 10, 100 and 1,000 nodes, 1,000 to 100,000 endpoints and 100 to 10,000 policy rules, written
-through the agent's file source; prints a table, writes benches/results/scale.json (about 6
+through the agent's file source; prints a table, writes benches/results/scale.json (about 11
 minutes; target/release/scale-bench --help for its options: --sizes, --rounds, --idle-seconds,
 --settle-seconds). First, tc-cost with 1,000 and 100,000 endpoints in the ipcache writes
-benches/results/tc-cost-scale.json.
+benches/results/tc-cost-scale.json, and wg-peers-bench (stand-alone veil-wg with 1,000 peers
+against 1, about 2 minutes) benches/results/wg-peers.json.
 
 As root: runs scripts/setup.sh and scripts/preflight.sh, builds the release binaries, then
 control-bench (control plane, its own 77-pod lab; writes benches/results/control.json),
@@ -80,6 +81,8 @@ if [ "$scale" = 1 ]; then
     # endpoints) against the smallest's (1,000), at 10 and 100,000 policy entries.
     target/release/tc-cost --sizes 10,100000 --ipcache 1000,100000 --rounds 11 --json \
         >benches/results/tc-cost-scale.json
+    # veil-wg's per-packet cost with 1,000 peers against 1 (stand-alone devices, UAPI).
+    target/release/wg-peers-bench
     exec target/release/scale-bench "$@"
 fi
 # The control plane first (mutual auth: handshakes per agent CPU-second, policy apply to
