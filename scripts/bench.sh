@@ -19,8 +19,9 @@ usage: scripts/bench.sh [VEIL-BENCH OPTIONS]
 through the agent's file source; prints a table, writes benches/results/scale.json (about 11
 minutes; target/release/scale-bench --help for its options: --sizes, --rounds, --idle-seconds,
 --settle-seconds). First, tc-cost with 1,000 and 100,000 endpoints in the ipcache writes
-benches/results/tc-cost-scale.json, and wg-peers-bench (stand-alone veil-wg with 1,000 peers
-against 1, about 2 minutes) benches/results/wg-peers.json.
+benches/results/tc-cost-scale.json, wg-peers-bench (stand-alone veil-wg with 1,000 peers
+against 1, about 2 minutes) benches/results/wg-peers.json, and flow-bench (the agent under
+10,000 new flows a second, about 1 minute) benches/results/flow.json.
 
 As root: runs scripts/setup.sh and scripts/preflight.sh, builds the release binaries, then
 control-bench (control plane, its own 77-pod lab; writes benches/results/control.json),
@@ -83,6 +84,8 @@ if [ "$scale" = 1 ]; then
         >benches/results/tc-cost-scale.json
     # veil-wg's per-packet cost with 1,000 peers against 1 (stand-alone devices, UAPI).
     target/release/wg-peers-bench
+    # The agent's CPU and memory under 10,000 new flows a second (its flow store and log).
+    target/release/flow-bench
     exec target/release/scale-bench "$@"
 fi
 # The control plane first (mutual auth: handshakes per agent CPU-second, policy apply to

@@ -79,7 +79,7 @@ pub struct Lab {
 }
 
 /// Runs `cmd` to completion; its output, or an error with its stdout and stderr.
-pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(

@@ -2,6 +2,8 @@
 //! [--new-connections | --http PATH]`: TCP request/response latency (netperf TCP_RR style; TCP_CRR with a new
 //! connection per transaction), run inside lab pods by `veil-bench` and `svc-bench`.
 //! The client prints one JSON object (p50/p90/p99/mean in µs, transactions).
+//! `veil-rr flood --to IP [--first-port 20000] [--ports 10000] [--seconds 10]`: new UDP flows,
+//! `--ports` a second (flow-bench); prints one JSON object (datagrams sent).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -38,11 +40,33 @@ enum Cmd {
         #[arg(long, value_name = "PATH", conflicts_with = "new_connections")]
         http: Option<String>,
     },
+    /// New UDP flows: each second one datagram to each of PORTS ports (the next PORTS in odd
+    /// seconds), from a new source port.
+    Flood {
+        #[arg(long)]
+        to: std::net::IpAddr,
+        #[arg(long, default_value_t = 20000)]
+        first_port: u16,
+        #[arg(long, default_value_t = 10000)]
+        ports: u16,
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Server { port } => veil_benches::rr::serve(port),
+        Cmd::Flood {
+            to,
+            first_port,
+            ports,
+            seconds,
+        } => {
+            let r = veil_benches::rr::flood(to, first_port, ports, seconds)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Cmd::Client {
             connect,
             size,
