@@ -164,6 +164,18 @@ impl Drop for Guard {
     }
 }
 
+/// What a benchmark does first: refuses to run without root (its labs need network
+/// namespaces, cgroups and BPF), removes what a killed earlier run left, and cleans up on
+/// SIGINT/SIGTERM and when the returned guard drops.
+pub fn start_as_root() -> anyhow::Result<Guard> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("run as root: the labs need network namespaces, cgroups and BPF");
+    }
+    reap_stale();
+    Ok(install_signal_cleanup())
+}
+
 /// Blocks SIGINT/SIGTERM in this (main) thread and every thread spawned after, and starts a
 /// thread that cleans up and exits when one arrives. Call before spawning anything.
 pub fn install_signal_cleanup() -> Guard {

@@ -68,12 +68,7 @@ fn main() -> anyhow::Result<()> {
     if args.rounds == 0 || args.seconds == 0 {
         bail!("--rounds and --seconds must be at least 1");
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("run as root: the lab needs network namespaces, cgroups and BPF");
-    }
-    cleanup::reap_stale();
-    let _guard = cleanup::install_signal_cleanup();
+    let _guard = cleanup::start_as_root()?;
     let bins = veil_benches::setup::release_bins(
         args.dirs.bin_dir.as_deref(),
         &["veil", "veil-wg", "veil-rr"],
