@@ -69,6 +69,8 @@ static VEIL_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX, 0);
 static VEIL_AUTH: HashMap<AuthKey, AuthEntry> = HashMap::pinned(AUTH_MAX, 0);
 #[map(name = "VEIL_EVENTS")]
 static VEIL_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+#[map(name = "VEIL_EVENTS_LOST")]
+static VEIL_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 #[map(name = "VEIL_FRAGS")]
 static VEIL_FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(FRAGS_MAX, 0);
 #[map(name = "VEIL_EVENT_THROTTLE")]
@@ -1458,6 +1460,11 @@ fn emit(f: &Flow, ev: &Ev) {
             (*p).service_ip = service_ip;
         }
         slot.submit(0);
+    } else if let Some(lost) = VEIL_EVENTS_LOST.get_ptr_mut(0) {
+        // The ring is full (the agent is not draining it fast enough): counted, so the flow
+        // log's gap is known.
+        // SAFETY: per-CPU slot.
+        unsafe { *lost += 1 };
     }
 }
 

@@ -1697,6 +1697,43 @@ fn drop_events_are_throttled_and_counted() {
     assert_eq!(o.events[0].count, 6, "the suppressed five are folded in");
 }
 
+/// Events the ring buffer has no room for (nobody drains it here) are counted, one for one: every
+/// event the datapath emitted is either in the ring or in `VEIL_EVENTS_LOST`. The packets are
+/// still judged: each one is dropped and counted as policy-denied.
+#[test]
+fn flow_events_a_full_ring_cannot_take_are_counted_as_lost() {
+    let af = Af::V4;
+    let mut n = Node::new();
+    backend_admits_frontend_8080(&mut n);
+    let ifindex = n.ifindex(IF_IN);
+    // Distinct ports: distinct throttle keys, so one event each (more than the ring holds).
+    const PACKETS: u16 = 60_000;
+    for port in 1..=PACKETS {
+        let p = Packet::tcp(intruder(af), be(af), 40000, port).frame();
+        let r = n.dp.run(programs::FROM_POD, ifindex, &p).unwrap();
+        assert_eq!(r.retval, tc_act::SHOT);
+    }
+    let lost = n.dp.events_lost().unwrap();
+    let delivered = n.dp.take_events().len() as u64;
+    assert!(lost > 0, "{delivered} events delivered, none lost");
+    assert_eq!(
+        delivered + lost,
+        u64::from(PACKETS),
+        "{delivered} delivered, {lost} lost"
+    );
+    assert_eq!(
+        n.dp.drop_count(reason::POLICY_DENIED).unwrap(),
+        u64::from(PACKETS)
+    );
+    // Drained, the ring takes events again; the count of lost ones stays.
+    let o = n.send(
+        At::Pod(IF_IN),
+        &Packet::tcp(intruder(af), be(af), 40001, 8080).frame(),
+    );
+    assert_eq!(o.events.len(), 1, "{o:?}");
+    assert_eq!(n.dp.events_lost().unwrap(), lost);
+}
+
 #[test]
 fn counters_see_the_interface_the_packet_came_from() {
     let af = Af::V4;

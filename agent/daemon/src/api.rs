@@ -33,6 +33,9 @@ pub struct Status {
     pub auth_pairs: AuthPairCounts,
     /// Drop counters by stable reason name.
     pub drops: BTreeMap<String, u64>,
+    /// Flow events lost to a full ring buffer (the agent fell behind): the flow log has gaps.
+    #[serde(default)]
+    pub events_lost: u64,
     /// TC programs on interfaces.
     pub programs: Vec<Program>,
     /// Socket programs (Service load balancing) on the pods' cgroup: `interface` is the

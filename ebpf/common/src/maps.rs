@@ -25,6 +25,9 @@ pub const CT: &str = "VEIL_CT";
 pub const AUTH: &str = "VEIL_AUTH";
 /// Flow events (ring buffer of [`FlowEvent`]).
 pub const EVENTS: &str = "VEIL_EVENTS";
+/// Flow events the datapath could not write because the ring buffer was full (one per-CPU
+/// counter): the agent reports them, so a flow log with gaps says so.
+pub const EVENTS_LOST: &str = "VEIL_EVENTS_LOST";
 /// Per-flow event throttle: last time an event was emitted for a (src, dst, verdict) tuple.
 pub const EVENT_THROTTLE: &str = "VEIL_EVENT_THROTTLE";
 /// Ports of fragmented datagrams, learned from the first fragment so later fragments (which

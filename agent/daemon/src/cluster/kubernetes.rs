@@ -42,7 +42,10 @@ use std::{
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Namespace as KNamespace, Node as KNode, Pod as KPod, Service as KService},
+    core::v1::{
+        Namespace as KNamespace, Node as KNode, Pod as KPod, PodSpec, PodStatus,
+        Service as KService,
+    },
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
@@ -252,39 +255,62 @@ impl Caches {
     fn start(client: &Client, changed: &Arc<Notify>) -> Self {
         let resources = Resources::new();
         Self {
-            nodes: reflect(Api::<KNode>::all(client.clone()), (), changed, false),
-            pods: reflect(Api::<KPod>::all(client.clone()), (), changed, false),
-            namespaces: reflect(Api::<KNamespace>::all(client.clone()), (), changed, false),
+            nodes: reflect(Api::<KNode>::all(client.clone()), (), changed, false, keep),
+            pods: reflect(
+                Api::<KPod>::all(client.clone()),
+                (),
+                changed,
+                false,
+                slim_pod,
+            ),
+            namespaces: reflect(
+                Api::<KNamespace>::all(client.clone()),
+                (),
+                changed,
+                false,
+                keep,
+            ),
             cnps: reflect(
                 Api::all_with(client.clone(), &resources.cnp),
                 resources.cnp.clone(),
                 changed,
                 false,
+                keep,
             ),
             ccnps: reflect(
                 Api::all_with(client.clone(), &resources.ccnp),
                 resources.ccnp.clone(),
                 changed,
                 false,
+                keep,
             ),
             netpols: reflect(
                 Api::<NetworkPolicy>::all(client.clone()),
                 (),
                 changed,
                 false,
+                keep,
             ),
             identities: reflect(
                 Api::all_with(client.clone(), &resources.identity),
                 resources.identity.clone(),
                 changed,
                 true,
+                keep,
             ),
-            services: reflect(Api::<KService>::all(client.clone()), (), changed, false),
+            services: reflect(
+                Api::<KService>::all(client.clone()),
+                (),
+                changed,
+                false,
+                keep,
+            ),
             slices: reflect(
                 Api::<EndpointSlice>::all(client.clone()),
                 (),
                 changed,
                 false,
+                keep,
             ),
             resources,
         }
@@ -307,12 +333,14 @@ impl Caches {
 /// Starts one reflector: its cache, kept current by a task that wakes `changed` on every event
 /// (when `spec_only`, only on a change of an object's spec, its `metadata.generation`: status
 /// writes such as the identities' lastSeen update the cache without a rebuild) and logs (does
-/// not end on) watch errors; the watcher retries with bounded backoff.
+/// not end on) watch errors; the watcher retries with bounded backoff. `strip` drops what the
+/// snapshot never reads before an object enters the cache.
 fn reflect<K>(
     api: Api<K>,
     dyntype: K::DynamicType,
     changed: &Arc<Notify>,
     spec_only: bool,
+    strip: fn(&mut K),
 ) -> Store<K>
 where
     K: kube::Resource
@@ -330,6 +358,7 @@ where
     let changed = changed.clone();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(strip)
         .reflect(writer);
     tokio::spawn(async move {
         futures_util::pin_mut!(stream);
@@ -355,6 +384,34 @@ where
         }
     });
     store
+}
+
+/// Caches the object whole.
+fn keep<K>(_: &mut K) {}
+
+/// A Pod as the cache keeps it: what [`pod_from`] reads and nothing else. Containers, volumes,
+/// conditions, annotations and managed fields are most of a Pod's size, and the cache holds
+/// every Pod of the cluster (100,000 in the scale benchmark).
+fn slim_pod(p: &mut KPod) {
+    let m = &mut p.metadata;
+    (
+        m.managed_fields,
+        m.annotations,
+        m.owner_references,
+        m.finalizers,
+    ) = (None, None, None, None);
+    p.spec = p.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        host_network: s.host_network,
+        service_account_name: s.service_account_name,
+        ..Default::default()
+    });
+    p.status = p.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..Default::default()
+    });
 }
 
 /// What the last build decided about one policy, to write into its status once.
@@ -1213,6 +1270,35 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::UNIX_EPOCH
             )))
         .is_none());
+    }
+
+    #[test]
+    fn slimmed_pods_make_the_same_endpoints_without_their_bulk() {
+        let full: KPod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"},
+                "annotations": {"a": "b"}, "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": "node-b", "serviceAccountName": "web-sa",
+                "containers": [{"name": "c", "image": "x"}], "volumes": [{"name": "v"}]},
+            "status": {"phase": "Running", "podIP": "198.19.2.7",
+                "podIPs": [{"ip": "198.19.2.7"}, {"ip": "fd00:198:19:2::7"}],
+                "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let mut slim = full.clone();
+        slim_pod(&mut slim);
+        let (a, b) = (pod_from(&full).unwrap(), pod_from(&slim).unwrap());
+        assert_eq!(a, b);
+        assert_eq!(b.service_account, "web-sa");
+        assert!(b.ipv6.is_some());
+        let (spec, status) = (slim.spec.unwrap(), slim.status.unwrap());
+        assert!(spec.containers.is_empty() && spec.volumes.is_none());
+        assert!(status.conditions.is_none());
+        assert!(slim.metadata.managed_fields.is_none() && slim.metadata.annotations.is_none());
+        // Its host network flag survives: a host-network pod stays out.
+        let mut host = full;
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        slim_pod(&mut host);
+        assert!(pod_from(&host).is_none());
     }
 
     #[test]

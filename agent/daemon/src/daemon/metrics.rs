@@ -115,6 +115,12 @@ impl Collector for Scrape {
         )?;
         single(
             &mut enc,
+            "veil_flow_events_lost",
+            "Flow events the datapath could not write: its ring buffer was full.",
+            ConstCounter::new(st.events_lost),
+        )?;
+        single(
+            &mut enc,
             "veil_policies",
             "Policies in force on this node.",
             ConstGauge::new(st.policy.policies.len() as i64),
@@ -267,6 +273,7 @@ mod tests {
         ("veil_tunnel_restarts_total", "counter"),
         ("veil_programs_attached", "gauge"),
         ("veil_flows_total", "counter"),
+        ("veil_flow_events_lost_total", "counter"),
         ("veil_policies", "gauge"),
         ("veil_policy_entries", "gauge"),
         ("veil_map_entries", "gauge"),
@@ -290,6 +297,7 @@ mod tests {
                 bytes: 3400,
             }],
             drops: BTreeMap::from([("no-key".to_string(), 3), ("policy-denied".into(), 0)]),
+            events_lost: 41,
             svids: vec![api::Svid {
                 // Not a valid SPIFFE ID, but a label value must survive anything.
                 spiffe_id: "spiffe://lab.veil/ns/shop/sa/\"fe\\\n".into(),
@@ -348,6 +356,7 @@ mod tests {
             "veil_interface_packets_total{interface=\"lxc-fe\"} 12",
             "veil_interface_bytes_total{interface=\"lxc-fe\"} 3400",
             "veil_drops_total{reason=\"no-key\"} 3",
+            "veil_flow_events_lost_total 41",
             "veil_drops_total{reason=\"policy-denied\"} 0",
             // One listed restart; the other two of the total count as `exited`.
             "veil_tunnel_restarts_total{reason=\"exited\"} 2",

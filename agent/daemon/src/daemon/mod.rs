@@ -148,6 +148,7 @@ impl Agent {
             started_unix,
             restarts,
             last_error: None,
+            events_lost_logged: false,
             policy_input: None,
             services_input: None,
             ipcache_written: Default::default(),
@@ -363,6 +364,7 @@ impl Agent {
                             s.last_error = Some(msg);
                         }
                     }
+                    reconcile::log_events_lost(&mut s);
                     // Old snapshots (once every holder moved on) and each pass's scratch.
                     crate::sys::release_free_memory();
                 }

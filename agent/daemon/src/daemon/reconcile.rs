@@ -197,6 +197,23 @@ fn interface_with_address(addr: std::net::Ipv4Addr) -> Option<String> {
     })
 }
 
+/// Logs, once per agent run, that flow events were lost to a full ring buffer: the flow log
+/// has gaps (how many: `veil status`, `veil_flow_events_lost_total`). The packets themselves
+/// were judged as always; only their records are missing.
+pub(super) fn log_events_lost(s: &mut Shared) {
+    if s.events_lost_logged {
+        return;
+    }
+    match datapath::maps::events_lost(s.datapath.ebpf()) {
+        Ok(0) => {}
+        Ok(lost) => {
+            tracing::warn!(lost, "flow events lost: the datapath's ring buffer was full (the agent fell behind); flow records are missing, packets were judged as always (counted in veil_flow_events_lost_total; logged once)");
+            s.events_lost_logged = true;
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot read the lost flow events counter"),
+    }
+}
+
 /// Compiles the cluster's policies for this node's endpoints and installs them atomically when
 /// the input changed. A policy that does not compile leaves the previous one in force.
 fn reconcile_policy(

@@ -33,6 +33,9 @@ pub(super) struct Shared {
     pub(super) started_unix: u64,
     pub(super) restarts: u64,
     pub(super) last_error: Option<String>,
+    /// Whether flow events lost to a full ring buffer were logged (once per agent run; the
+    /// count is in `veil status` and `veil_flow_events_lost_total`).
+    pub(super) events_lost_logged: bool,
     /// SVIDs of this node and its pods, as the SPIRE clients deliver them.
     pub(super) identities: Option<IdentityClientHandle>,
     /// Pods whose SVIDs are subscribed (Delegated Identity API selectors).

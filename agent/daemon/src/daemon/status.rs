@@ -81,6 +81,7 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+    let events_lost = datapath::maps::events_lost(s.datapath.ebpf())?;
     let (svids, bundles) = identity_status(s);
     let mesh = s
         .mesh_status
@@ -152,6 +153,7 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
             }
         },
         drops,
+        events_lost,
         programs,
         socket_programs,
         services,

@@ -75,6 +75,17 @@ pub fn drops(ebpf: &Ebpf) -> Result<BTreeMap<&'static str, u64>, Error> {
     Ok(out)
 }
 
+/// Flow events lost to a full ring buffer, summed over CPUs.
+pub fn events_lost(ebpf: &Ebpf) -> Result<u64, Error> {
+    let map = ebpf
+        .map(names::EVENTS_LOST)
+        .ok_or(Error::MissingMap(names::EVENTS_LOST))?;
+    let map: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(map).map_err(map_err(names::EVENTS_LOST))?;
+    let per_cpu = map.get(&0, 0).map_err(map_err(names::EVENTS_LOST))?;
+    Ok(per_cpu.iter().sum())
+}
+
 /// An LPM prefix in the ipcache: address (v4-mapped for IPv4) and prefix length in the mapped
 /// space (an IPv4 /24 is 96 + 24).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -394,6 +394,11 @@ impl TestDatapath {
         Ok(typed::interface_stats(self.dp.ebpf())?)
     }
 
+    /// Flow events lost to a full ring buffer, summed over CPUs.
+    pub fn events_lost(&self) -> Result<u64, Error> {
+        Ok(typed::events_lost(self.dp.ebpf())?)
+    }
+
     /// Flow events emitted since the last call, oldest first.
     pub fn take_events(&mut self) -> Vec<FlowEvent> {
         let mut out = Vec::new();
