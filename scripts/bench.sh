@@ -15,10 +15,12 @@ usage: scripts/bench.sh [VEIL-BENCH OPTIONS]
        scripts/bench.sh --scale [SCALE-BENCH OPTIONS]
 
 --scale: only scale-bench: one real agent (node-a of a 2-node lab) in a simulated cluster of
-10, 100 and 1,000 nodes, 1,000 to 100,000 endpoints and 100 to 10,000 policy rules, written
-through the agent's file source; prints a table, writes benches/results/scale.json (about 11
-minutes; target/release/scale-bench --help for its options: --sizes, --rounds, --idle-seconds,
---settle-seconds). First, tc-cost with 1,000 and 100,000 endpoints in the ipcache writes
+10, 100 and 1,000 nodes, 1,000 to 100,000 endpoints and 100 to 10,000 policy rules, created
+as Node, Pod and CiliumNetworkPolicy objects in a Kubernetes-mode lab's kube-apiserver (a fresh
+lab per size) and read by the agent's Kubernetes source; prints a table, writes
+benches/results/scale-kubernetes.json; then the same sizes through the agent's file source
+(one files-mode lab), benches/results/scale.json (target/release/scale-bench --help for its
+options: --source, --sizes, --rounds, --idle-seconds, --settle-seconds). First, tc-cost with 1,000 and 100,000 endpoints in the ipcache writes
 benches/results/tc-cost-scale.json, wg-peers-bench (stand-alone veil-wg with 1,000 peers
 against 1, about 2 minutes) benches/results/wg-peers.json, and flow-bench (the agent under
 10,000 new flows a second, about 1 minute) benches/results/flow.json.
@@ -86,7 +88,8 @@ if [ "$scale" = 1 ]; then
     target/release/wg-peers-bench
     # The agent's CPU and memory under 10,000 new flows a second (its flow store and log).
     target/release/flow-bench
-    exec target/release/scale-bench "$@"
+    target/release/scale-bench --source kubernetes "$@"
+    exec target/release/scale-bench --source files "$@"
 fi
 # The control plane first (mutual auth: handshakes per agent CPU-second, policy apply to
 # enforcement, rotation to re-auth, first connection with auth required); it writes

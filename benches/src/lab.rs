@@ -20,6 +20,15 @@ pub struct LabView {
     /// `services` as `lab show` gives them (svc-bench reads ClusterIPs and ports).
     #[serde(default)]
     pub services: Vec<serde_json::Value>,
+    /// The lab's kube-apiserver (`--control-plane kubernetes` only).
+    #[serde(default)]
+    pub kubernetes: Option<KubeView>,
+}
+
+/// The `kubernetes` block of `veil lab show -o json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KubeView {
+    pub kubeconfig: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,21 +102,32 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
 }
 
 impl Lab {
-    /// `veil lab up --name NAME -f FILE ARGS…`, then `lab show`.
+    /// `veil lab up --name NAME --control-plane files -f FILE ARGS…`, then `lab show`. The
+    /// files control plane: an apiserver and etcd on this 2-core machine would share the cores
+    /// being measured; the datapath is the same in both modes.
     pub fn up(veil: &Path, name: &str, file: &Path, args: &[&str]) -> anyhow::Result<Lab> {
+        Self::up_with(veil, name, "files", file, args)
+    }
+
+    /// `veil lab up --name NAME --control-plane CONTROL_PLANE -f FILE ARGS…`, then `lab show`.
+    pub fn up_with(
+        veil: &Path,
+        name: &str,
+        control_plane: &str,
+        file: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Lab> {
         // A lab of the same name left by an interrupted run goes first.
         Self::down_named(veil, name);
         crate::cleanup::register_lab(veil, name);
         let mut cmd = Command::new(veil);
-        // The files control plane: an apiserver and etcd on this 2-core machine would share the
-        // cores being measured; the datapath is the same in both modes.
         cmd.args([
             "lab",
             "up",
             "--name",
             name,
             "--control-plane",
-            "files",
+            control_plane,
             "-f",
         ])
         .arg(file)

@@ -1,0 +1,940 @@
+//! scale-bench: one real agent in a simulated cluster (scale issue). How node-a's agent's cost
+//! grows with the cluster around it.
+//!
+//! A 2-node lab (benches/labs/bench.yaml, IPv4) runs real agents, programs, maps and veil-wg.
+//! Around it the bench puts, through the agent's real cluster source, a simulated cluster at
+//! each size: N peer nodes (own names, underlay addresses and pod CIDRs), E remote endpoints
+//! (pods without processes behind them) over 1,000 identities, and R policy rules, 1 % of them
+//! selecting node-a's pods, plus one `authentication: required` policy over all identities.
+//!
+//! - `--source kubernetes` (default): a fresh Kubernetes-mode lab per size; the simulated
+//!   cluster is created in its real kube-apiserver as Namespaces, Nodes (InternalIP, podCIDR),
+//!   Pods (created on their node, then given their address through the status subresource, as a
+//!   kubelet reports it) and one CiliumNetworkPolicy per rule. The agents list and watch them and
+//!   allocate the identities as `VeilIdentity` objects, as in a cluster.
+//! - `--source files`: one files-mode lab; each size is written into the lab's `cluster.json`
+//!   and `policies.json`, which the agents watch (inotify; a 250 ms poll as a fallback).
+//!
+//! The simulated peers never answer: mutual auth is on, so their node handshakes are measured
+//! one-sided (the agent dials, nothing answers, no tunnel key is ever installed for them: fail
+//! closed).
+//!
+//! At each size it measures node-a's agent:
+//! - the whole simulated cluster published → its policy installed and its last endpoint in the
+//!   ipcache (with Kubernetes, the time to create the objects is also reported on its own);
+//! - RSS (VmRSS) after it settled, and its peak (VmHWM);
+//! - idle CPU over `--idle-seconds` after `--settle-seconds` (the periodic reconcile and the
+//!   redials of the silent peers included);
+//! - one policy change (one rule's port) → installed, seen in the agent's log, end to end and
+//!   as the agent's own compile + install time (`took_ms`);
+//! - one pod added on a simulated node → its address in the pinned ipcache with its identity
+//!   (with Kubernetes, from the status write that gives the created Pod its address);
+//! - a restart (SIGKILL, the lab's supervisor restarts it) → ready again, from the new
+//!   process's start;
+//! - the control-channel dials node-a makes to the silent peers per second (TCP active opens
+//!   in node-a's netns).
+//!
+//! Prints a table, writes `scale-kubernetes.json` or `scale.json`. Needs root.
+
+use std::{
+    io::{Read as _, Seek as _, SeekFrom},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use serde_json::{json, Value};
+use veil_agent::{
+    cluster::{files::FileSource, ClusterState, Identity, Node, Pod},
+    datapath::maps::Prefix,
+    policy::PolicySet,
+};
+use veil_benches::{cleanup, lab::Lab, procs, report::median_or_nan};
+
+mod kube;
+use veil_common::maps::{IpInfo, IpKey, IPCACHE};
+
+#[derive(Parser, Debug)]
+#[command(about = "One real agent in a simulated cluster of 10 to 1,000 nodes")]
+struct Args {
+    /// Sizes as NODES:ENDPOINTS:RULES, comma separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10:1000:100,100:10000:1000,1000:100000:10000"
+    )]
+    sizes: Vec<Size>,
+    /// Identities the simulated endpoints are spread over.
+    #[arg(long, default_value_t = 1000)]
+    identities: usize,
+    /// Rounds of the policy-change and pod-add measurements at each size.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds of the idle CPU window (the agent reconciles every 5 s). Longer than the
+    /// silent peers' redial interval (30 to 45 s), so the dial rate is an average over a cycle.
+    #[arg(long, default_value_t = 45)]
+    idle_seconds: u64,
+    /// Seconds to let the agent settle after the cluster is applied before the idle window:
+    /// a silent peer's dials fail after about 3 s (no ARP answer) and back off, spread by
+    /// jitter, from 0.5 s to the 30 s cap, which they reach after 50 to 75 s.
+    #[arg(long, default_value_t = 90)]
+    settle_seconds: u64,
+    /// The agent's cluster source the simulated cluster goes through: `kubernetes` (objects
+    /// in the lab's kube-apiserver, a fresh lab per size) or `files` (the lab's cluster.json).
+    #[arg(long, default_value = "kubernetes")]
+    source: Source,
+    #[command(flatten)]
+    dirs: veil_benches::setup::Dirs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Source {
+    Kubernetes,
+    Files,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Kubernetes => "kubernetes",
+            Source::Files => "files",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Size {
+    nodes: usize,
+    endpoints: usize,
+    rules: usize,
+}
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let num = |i: usize, what: &str| -> Result<usize, String> {
+            parts
+                .get(i)
+                .and_then(|p| p.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    format!("size {s:?}: {what} must be a positive number (NODES:ENDPOINTS:RULES)")
+                })
+        };
+        if parts.len() != 3 {
+            return Err(format!("size {s:?}: expected NODES:ENDPOINTS:RULES"));
+        }
+        Ok(Size {
+            nodes: num(0, "NODES")?,
+            endpoints: num(1, "ENDPOINTS")?,
+            rules: num(2, "RULES")?,
+        })
+    }
+}
+
+/// Address space for the simulated pod CIDRs: the lab's 198.18.0.0/15 without its underlay
+/// (198.18.0.0/20, the simulated nodes' underlay addresses included), its ClusterIPs
+/// (198.18.16.0/20) and its real nodes' pod CIDRs (198.19.0.0/22).
+const FREE: [(Ipv4Addr, u8); 9] = [
+    (Ipv4Addr::new(198, 18, 32, 0), 19),
+    (Ipv4Addr::new(198, 18, 64, 0), 18),
+    (Ipv4Addr::new(198, 18, 128, 0), 17),
+    (Ipv4Addr::new(198, 19, 4, 0), 22),
+    (Ipv4Addr::new(198, 19, 8, 0), 21),
+    (Ipv4Addr::new(198, 19, 16, 0), 20),
+    (Ipv4Addr::new(198, 19, 32, 0), 19),
+    (Ipv4Addr::new(198, 19, 64, 0), 18),
+    (Ipv4Addr::new(198, 19, 128, 0), 17),
+];
+
+/// Namespaces of the simulated identities (identities / NAMESPACES apps each).
+const NAMESPACES: usize = 20;
+
+/// The simulated nodes' pod CIDRs: /25s while the rest still fit as /26s, then /26s. Each is
+/// (network, prefix length).
+fn pod_cidrs(nodes: usize) -> anyhow::Result<Vec<(u32, u8)>> {
+    let free: u64 = FREE.iter().map(|(_, l)| 1u64 << (32 - l)).sum();
+    if nodes as u64 * 64 > free {
+        bail!("{nodes} simulated nodes do not fit in the lab's address space as /26s");
+    }
+    let big = ((free - nodes as u64 * 64) / 64).min(nodes as u64) as usize;
+    let mut out = Vec::with_capacity(nodes);
+    let mut regions = FREE
+        .iter()
+        .map(|(a, l)| (u32::from(*a), u32::from(*a) + (1 << (32 - l))));
+    let (mut next, mut end) = regions.next().expect("regions");
+    for i in 0..nodes {
+        let len = if i < big { 25 } else { 26 };
+        let size = 1u32 << (32 - len);
+        while next + size > end {
+            (next, end) = regions.next().context("address space exhausted")?;
+        }
+        out.push((next, len));
+        next += size;
+    }
+    Ok(out)
+}
+
+fn sim_identity(i: usize, identities: usize) -> (String, String) {
+    let per_ns = identities.div_ceil(NAMESPACES);
+    (format!("ns-{}", i / per_ns), format!("app-{}", i % per_ns))
+}
+
+/// `base` (the lab's own nodes, pods and identities) with the simulated cluster of `size`
+/// around it.
+fn simulate(base: &ClusterState, size: Size, identities: usize) -> anyhow::Result<ClusterState> {
+    let mut state = base.clone();
+    let first_node = base.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+    let first_id = base.identities.iter().map(|i| i.id).max().unwrap_or(255) + 1;
+    for i in 0..identities {
+        let (namespace, app) = sim_identity(i, identities);
+        state.identities.push(Identity {
+            id: first_id + i as u32,
+            namespace,
+            service_account: app.clone(),
+            labels: [("app".to_string(), app)].into(),
+            namespace_labels: Default::default(),
+        });
+    }
+    let cidrs = pod_cidrs(size.nodes)?;
+    for (i, (net, len)) in cidrs.iter().enumerate() {
+        state.nodes.push(Node {
+            name: format!("sim-{i:04}"),
+            id: first_node + i as u32,
+            // 198.18.4.1 onwards (198.18.4.0/22): lab addresses no interface holds.
+            underlay_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 4, 1)) + i as u32),
+            pod_cidr: format!("{}/{len}", Ipv4Addr::from(*net)),
+            pod_cidr_v6: None,
+            wg_public_key: None,
+            wg_next_public_key: None,
+        });
+    }
+    // Pods round-robin over the nodes with room: .2 up to the last address before broadcast.
+    let mut used = vec![0u32; cidrs.len()];
+    let mut node = 0;
+    for e in 0..size.endpoints {
+        let mut tried = 0;
+        while used[node] + 3 >= 1 << (32 - cidrs[node].1) {
+            node = (node + 1) % cidrs.len();
+            tried += 1;
+            if tried > cidrs.len() {
+                bail!(
+                    "{} endpoints do not fit in {} nodes",
+                    size.endpoints,
+                    size.nodes
+                );
+            }
+        }
+        let ip = Ipv4Addr::from(cidrs[node].0 + 2 + used[node]);
+        used[node] += 1;
+        let k = e % identities;
+        let ident = &state.identities[base.identities.len() + k];
+        state.pods.push(Pod {
+            name: format!("ep-{e}"),
+            namespace: ident.namespace.clone(),
+            node: format!("sim-{node:04}"),
+            ip,
+            ipv6: None,
+            labels: ident.labels.clone().into(),
+            service_account: ident.service_account.clone(),
+            host_veth: String::new(),
+            identity: ident.id,
+        });
+        node = (node + 1) % cidrs.len();
+    }
+    state.generation = base.generation + 1;
+    Ok(state)
+}
+
+/// Rule `i` as a CiliumNetworkPolicy object: over the simulated identities; every 100th selects
+/// node-a's `client` pods (namespace `bench`) from a simulated identity. `port_shift` changes
+/// rule 0's port (the measured policy change).
+fn rule_object(i: usize, identities: usize, port_shift: u16) -> Value {
+    let (ns, app) = sim_identity(i % identities, identities);
+    let (from_ns, from_app) = sim_identity((i * 7 + 3) % identities, identities);
+    let port = 1000 + (i % 500) as u16 + if i == 0 { port_shift } else { 0 };
+    let (namespace, selected) = if i % 100 == 0 {
+        ("bench".to_string(), "client".to_string())
+    } else {
+        (ns, app)
+    };
+    json!({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": format!("r{i}"), "namespace": namespace},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": selected}},
+            "ingress": [{
+                "fromEndpoints": [{"matchLabels": {"app": from_app,
+                                                   "k8s:io.kubernetes.pod.namespace": from_ns}}],
+                "toPorts": [{"ports": [{"port": port.to_string(), "protocol": "TCP"}]}],
+            }],
+        },
+    })
+}
+
+/// R rules, one policy each ([`rule_object`]), plus `auth-all`: node-a's `idle` pods accept
+/// 9000 only from authenticated peers, from every namespace.
+fn policy_objects(rules: usize, identities: usize, port_shift: u16) -> Vec<Value> {
+    let mut out: Vec<Value> = (0..rules)
+        .map(|i| rule_object(i, identities, port_shift))
+        .collect();
+    out.push(json!({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "auth-all", "namespace": "bench"},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": "idle"}},
+            "ingress": [{
+                "fromEndpoints": [{"matchExpressions": [
+                    {"key": "k8s:io.kubernetes.pod.namespace", "operator": "Exists"}]}],
+                "authentication": {"mode": "required"},
+                "toPorts": [{"ports": [{"port": "9000", "protocol": "TCP"}]}],
+            }],
+        },
+    }));
+    out
+}
+
+/// The objects as the files source's policy set (JSON documents are YAML).
+fn policy_set(objects: &[Value]) -> anyhow::Result<PolicySet> {
+    let yaml: String = objects.iter().map(|o| format!("---\n{o}\n")).collect();
+    let mut set = PolicySet::new();
+    set.apply_all(veil_agent::policy::parse_yaml(&yaml).context("generated policies")?)
+        .context("generated policies")?;
+    Ok(set)
+}
+
+/// The agent's log, read from where it ended when the bench last looked.
+struct Log {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Log {
+    fn new(path: PathBuf) -> anyhow::Result<Self> {
+        let offset = std::fs::metadata(&path)
+            .with_context(|| format!("{}", path.display()))?
+            .len();
+        Ok(Log { path, offset })
+    }
+
+    /// Skips what is there now.
+    fn mark(&mut self) {
+        self.offset = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+    }
+
+    /// The first new line containing `needle`, if one was written since the mark.
+    fn find(&self, needle: &str) -> Option<String> {
+        let mut f = std::fs::File::open(&self.path).ok()?;
+        f.seek(SeekFrom::Start(self.offset)).ok()?;
+        let mut text = String::new();
+        f.read_to_string(&mut text).ok()?;
+        text.lines()
+            .find(|l| l.contains(needle))
+            .map(str::to_string)
+    }
+}
+
+/// `key=value` of a tracing log line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    let pat = format!(" {key}=");
+    let at = line.find(&pat)? + pat.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn ipcache(
+    pin_dir: &Path,
+) -> anyhow::Result<aya::maps::LpmTrie<aya::maps::MapData, IpKey, IpInfo>> {
+    let path = pin_dir.join(IPCACHE);
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?)
+}
+
+fn ipcache_identity(
+    map: &aya::maps::LpmTrie<aya::maps::MapData, IpKey, IpInfo>,
+    ip: Ipv4Addr,
+) -> Option<u32> {
+    let p = Prefix::v4(ip, 32);
+    let key = aya::maps::lpm_trie::Key::new(p.len, IpKey { addr: p.addr });
+    map.get(&key, 0).ok().map(|v| v.identity)
+}
+
+fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        // Poll interval: a tenth of the smallest latency reported.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// TCP active opens (connect attempts that sent a SYN) in a netns, from `nstat`.
+fn active_opens(netns: &str) -> anyhow::Result<u64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "cat", "/proc/net/snmp"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (
+        tcp.next().context("Tcp header")?,
+        tcp.next().context("Tcp values")?,
+    );
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "ActiveOpens")
+        .context("ActiveOpens")?;
+    values
+        .split_whitespace()
+        .nth(i)
+        .and_then(|v| v.parse().ok())
+        .context("ActiveOpens value")
+}
+
+/// Routes the simulated nodes' underlay addresses (198.18.4.0/22) out of node-a's underlay
+/// interface, so its dials to them send SYNs (counted as TCP active opens) that nothing
+/// answers, as dials to nodes that went away would, instead of failing at once.
+fn route_simulated_underlay(netns: &str, underlay_ip: &str) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-o", "-4", "addr", "show"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ifname = text
+        .lines()
+        .find(|l| l.contains(&format!(" {underlay_ip}/")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .with_context(|| format!("no interface holds {underlay_ip} in {netns}"))?;
+    veil_benches::lab::ip_in(netns, &["route", "replace", "198.18.4.0/22", "dev", ifname])
+}
+
+/// Seconds since the process started, from /proc.
+fn process_age(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = &stat[stat.rfind(')').context("stat")? + 2..];
+    let start_ticks: f64 = after
+        .split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .context("starttime")?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")?
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .context("uptime")?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(uptime - start_ticks / hz)
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Point {
+    size: Size,
+    identities: usize,
+    ipcache_entries: usize,
+    ipcache_capacity: u32,
+    policy_entries: usize,
+    /// Kubernetes: creating the objects (inside `first_apply_s`).
+    populate_s: Option<f64>,
+    first_apply_s: f64,
+    rss_mb: f64,
+    peak_rss_mb: f64,
+    idle_cpu_percent: f64,
+    policy_change_ms: f64,
+    policy_change_agent_ms: f64,
+    pod_add_ms: f64,
+    restart_to_ready_s: f64,
+    rss_after_restart_mb: f64,
+    dials_per_s: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.identities == 0 {
+        bail!("--identities must be at least 1");
+    }
+    cleanup::reap_stale();
+    let _guard = cleanup::install_signal_cleanup();
+    let bin_dir = veil_benches::setup::release_bins(args.dirs.bin_dir.as_deref(), &["veil"])?;
+    let veil = bin_dir.join("veil");
+    let out_dir = veil_benches::setup::results_dir(args.dirs.out_dir.as_deref())?;
+    let mut points = Vec::new();
+    let (run, results) = match args.source {
+        Source::Files => (
+            files_source(&args, &veil, &out_dir, &mut points),
+            "scale.json",
+        ),
+        Source::Kubernetes => (
+            kubernetes_source(&args, &veil, &out_dir, &mut points),
+            "scale-kubernetes.json",
+        ),
+    };
+    run?;
+    print_table(&points);
+    let json = serde_json::json!({
+        "machine": veil_benches::setup::machine(),
+        "source": args.source.to_string(),
+        "file_source": "inotify (250 ms poll as a fallback)",
+        "points": points,
+    });
+    let path = out_dir.join(results);
+    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+const LAB_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/labs/bench.yaml");
+
+/// One files-mode lab for every size: each size's cluster replaces the last one in the lab's
+/// `cluster.json` and `policies.json`.
+fn files_source(
+    args: &Args,
+    veil: &Path,
+    out_dir: &Path,
+    points: &mut Vec<Point>,
+) -> anyhow::Result<()> {
+    let lab = Lab::up(
+        veil,
+        "vscale",
+        Path::new(LAB_FILE),
+        &["--quiet", "--ip-family", "ipv4"],
+    )?;
+    let root = PathBuf::from("/run/veil").join(lab.name());
+    let cp = root.join("cp");
+    let base: ClusterState = serde_json::from_slice(&std::fs::read(FileSource::state_path(&cp))?)
+        .context("the lab's cluster.json")?;
+    let mut driver = Files {
+        generation: FileSource::read_policies(&cp)?.0,
+        cp,
+        base,
+        state: ClusterState::default(),
+        rules: 0,
+        needle: String::new(),
+    };
+    let run = args.sizes.iter().try_for_each(|size| {
+        points.push(measure(args, &lab, veil, *size, &mut driver)?);
+        anyhow::Ok(())
+    });
+    // Leave the lab as it was before `lab down` reads it; keep node-a's agent log.
+    FileSource::write(&driver.cp, &driver.base)?;
+    keep_log(&lab, out_dir, "scale-agent-node-a.log")?;
+    lab.down();
+    run
+}
+
+/// A fresh Kubernetes-mode lab for each size: the simulated cluster is created as API objects
+/// in its kube-apiserver, which both agents (and the lab's two kubelets) list and watch.
+fn kubernetes_source(
+    args: &Args,
+    veil: &Path,
+    out_dir: &Path,
+    points: &mut Vec<Point>,
+) -> anyhow::Result<()> {
+    for size in &args.sizes {
+        let lab = Lab::up_with(
+            veil,
+            "vscalek",
+            "kubernetes",
+            Path::new(LAB_FILE),
+            &["--quiet", "--ip-family", "ipv4"],
+        )?;
+        let run = (|| {
+            let kubeconfig = lab
+                .view
+                .kubernetes
+                .as_ref()
+                .context("the lab shows no kubernetes block")?
+                .kubeconfig
+                .clone();
+            let mut driver = Kube {
+                sim: kube::Sim::connect(&kubeconfig)?,
+                veil: veil.to_path_buf(),
+                lab: lab.name().to_string(),
+                want: Vec::new(),
+                last_check: std::cell::Cell::new(Instant::now()),
+                state: ClusterState::default(),
+                populated: None,
+            };
+            measure(args, &lab, veil, *size, &mut driver)
+        })();
+        let log = format!("scale-kubernetes-{}-agent-node-a.log", size.nodes);
+        let kept = keep_log(&lab, out_dir, &log);
+        lab.down();
+        points.push(run?);
+        kept?;
+    }
+    Ok(())
+}
+
+fn keep_log(lab: &Lab, out_dir: &Path, name: &str) -> anyhow::Result<()> {
+    let log = agent_log(lab);
+    let kept = out_dir.join(name);
+    std::fs::copy(&log, &kept).with_context(|| format!("{}", log.display()))?;
+    println!("node-a's agent log: {}", kept.display());
+    Ok(())
+}
+
+fn agent_log(lab: &Lab) -> PathBuf {
+    PathBuf::from("/run/veil")
+        .join(lab.name())
+        .join("logs/agent-node-a.log")
+}
+
+/// How the simulated cluster reaches the agent: its cluster source.
+trait Driver {
+    /// Publishes the simulated cluster of `size`; the address of its last endpoint.
+    fn apply(&mut self, size: Size, identities: usize) -> anyhow::Result<Ipv4Addr>;
+    /// Whether the agent installed the policies `apply` published (polled).
+    fn applied(&self, log: &Log) -> bool;
+    /// Publishes round `round`'s change of rule 0's port; the log line saying it is installed.
+    fn change_policy(&mut self, identities: usize, round: usize) -> anyhow::Result<String>;
+    /// Makes `pod` known to the source without an address (not an endpoint yet).
+    fn prepare_pod(&mut self, pod: &Pod) -> anyhow::Result<()>;
+    /// Gives it its address: the source's event the pod-add latency is measured from.
+    fn publish_pod(&mut self, pod: &Pod) -> anyhow::Result<()>;
+    /// The simulated cluster last published.
+    fn state(&self) -> &ClusterState;
+    /// How long creating it took, where that is separate from the agent's work.
+    fn populated(&self) -> Option<kube::Populated> {
+        None
+    }
+}
+
+/// The lab's `cluster.json` and `policies.json`, which the agents watch.
+struct Files {
+    cp: PathBuf,
+    base: ClusterState,
+    generation: u64,
+    state: ClusterState,
+    /// Rules of the size applied last.
+    rules: usize,
+    needle: String,
+}
+
+impl Files {
+    fn write_policies(&mut self, objects: &[Value]) -> anyhow::Result<String> {
+        let set = policy_set(objects)?;
+        self.generation += 1;
+        FileSource::write_policies(&self.cp, self.generation, &set)?;
+        Ok(format!("policy installed generation={} ", self.generation))
+    }
+}
+
+impl Driver for Files {
+    fn apply(&mut self, size: Size, identities: usize) -> anyhow::Result<Ipv4Addr> {
+        self.state = simulate(&self.base, size, identities)?;
+        self.rules = size.rules;
+        let last = self.state.pods.last().map(|p| p.ip).context("no pods")?;
+        self.needle = self.write_policies(&policy_objects(size.rules, identities, 0))?;
+        FileSource::write(&self.cp, &self.state)?;
+        Ok(last)
+    }
+
+    fn applied(&self, log: &Log) -> bool {
+        log.find(&self.needle).is_some()
+    }
+
+    fn change_policy(&mut self, identities: usize, round: usize) -> anyhow::Result<String> {
+        self.write_policies(&policy_objects(self.rules, identities, 1 + round as u16))
+    }
+
+    fn prepare_pod(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        self.state.pods.push(pod.clone());
+        self.state.generation += 1;
+        self.state.index = Default::default();
+        Ok(())
+    }
+
+    fn publish_pod(&mut self, _pod: &Pod) -> anyhow::Result<()> {
+        Ok(FileSource::write(&self.cp, &self.state)?)
+    }
+
+    fn state(&self) -> &ClusterState {
+        &self.state
+    }
+}
+
+/// Objects in the lab's kube-apiserver.
+struct Kube {
+    sim: kube::Sim,
+    veil: PathBuf,
+    lab: String,
+    /// The policies node-a must list in force once the cluster is applied.
+    want: Vec<String>,
+    last_check: std::cell::Cell<Instant>,
+    state: ClusterState,
+    populated: Option<kube::Populated>,
+}
+
+impl Driver for Kube {
+    fn apply(&mut self, size: Size, identities: usize) -> anyhow::Result<Ipv4Addr> {
+        self.state = simulate(&ClusterState::default(), size, identities)?;
+        let last = self.state.pods.last().map(|p| p.ip).context("no pods")?;
+        let policies = policy_objects(size.rules, identities, 0);
+        self.want = policies
+            .iter()
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o["metadata"]["namespace"].as_str().unwrap_or_default(),
+                    o["metadata"]["name"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        let namespaces: std::collections::BTreeSet<String> = self
+            .state
+            .pods
+            .iter()
+            .map(|p| p.namespace.clone())
+            .chain(
+                self.want
+                    .iter()
+                    .filter_map(|w| Some(w.split_once('/')?.0.to_string())),
+            )
+            .filter(|ns| ns != "bench")
+            .collect();
+        let namespaces: Vec<String> = namespaces.into_iter().collect();
+        let populated =
+            self.sim
+                .populate(&namespaces, &self.state.nodes, &self.state.pods, &policies)?;
+        println!(
+            "   populated: {} requests in {:.1} s",
+            populated.requests, populated.seconds
+        );
+        self.populated = Some(populated);
+        Ok(last)
+    }
+
+    fn applied(&self, _log: &Log) -> bool {
+        // `veil status` costs the agent work: at most twice a second.
+        if self.last_check.get().elapsed() < Duration::from_millis(500) {
+            return false;
+        }
+        self.last_check.set(Instant::now());
+        let Ok(st) = status(&self.veil, &self.lab) else {
+            return false;
+        };
+        self.want.iter().all(|w| st.policy.policies.contains(w))
+    }
+
+    fn change_policy(&mut self, identities: usize, round: usize) -> anyhow::Result<String> {
+        self.sim
+            .replace_policy_spec(&rule_object(0, identities, 1 + round as u16))?;
+        Ok("policy installed ".to_string())
+    }
+
+    fn prepare_pod(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        self.sim.add_pod(pod)?;
+        self.state.pods.push(pod.clone());
+        self.state.index = Default::default();
+        Ok(())
+    }
+
+    fn publish_pod(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        self.sim.publish_pod(pod)
+    }
+
+    fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    fn populated(&self) -> Option<kube::Populated> {
+        self.populated
+    }
+}
+
+/// One size, through `driver`.
+fn measure(
+    args: &Args,
+    lab: &Lab,
+    veil: &Path,
+    size: Size,
+    driver: &mut dyn Driver,
+) -> anyhow::Result<Point> {
+    println!(
+        "== {} nodes, {} endpoints, {} rules ({} source)",
+        size.nodes, size.endpoints, size.rules, args.source
+    );
+    let node = lab.node("node-a")?.clone();
+    let pin_dir = PathBuf::from(node.pin_dir.clone().context("node-a has no pin_dir")?);
+    let netns = node.netns.as_str();
+    route_simulated_underlay(netns, &node.underlay_ip)?;
+    let mut log = Log::new(agent_log(lab))?;
+    let map = ipcache(&pin_dir)?;
+    log.mark();
+    let t = Instant::now();
+    let last = driver.apply(size, args.identities)?;
+    wait_until(
+        "the simulated cluster applied",
+        Duration::from_secs(1800),
+        || (driver.applied(&log) && ipcache_identity(&map, last).is_some()).then_some(()),
+    )?;
+    let first_apply_s = t.elapsed().as_secs_f64();
+    let populate_s = driver.populated().map(|p| p.seconds);
+    let pid = status(veil, lab.name())?.agent.pid;
+    std::thread::sleep(Duration::from_secs(args.settle_seconds));
+    // Idle: the agent's CPU over the window, dials to the silent peers counted alongside.
+    let (cpu0, opens0) = (procs::cpu_seconds(pid)?, active_opens(netns)?);
+    std::thread::sleep(Duration::from_secs(args.idle_seconds));
+    let (cpu1, opens1) = (procs::cpu_seconds(pid)?, active_opens(netns)?);
+    let idle_cpu_percent = (cpu1 - cpu0) / args.idle_seconds as f64 * 100.0;
+    let dials_per_s = (opens1 - opens0) as f64 / args.idle_seconds as f64;
+    let (rss, peak) = procs::rss_bytes(pid)?;
+    let mut change = Vec::new();
+    let mut change_agent = Vec::new();
+    for r in 0..args.rounds {
+        log.mark();
+        let t = Instant::now();
+        let needle = driver.change_policy(args.identities, r)?;
+        let line = wait_until(
+            "the policy change installed",
+            Duration::from_secs(120),
+            || log.find(&needle),
+        )?;
+        change.push(t.elapsed().as_secs_f64() * 1e3);
+        change_agent.push(field(&line, "took_ms").context("took_ms in the log")? as f64);
+    }
+    let mut pod_add = Vec::new();
+    for r in 0..args.rounds {
+        let state = driver.state();
+        let like = state.pods.last().context("no pods")?.clone();
+        let want = ipcache_identity(&map, like.ip)
+            .with_context(|| format!("{} ({}) not in the ipcache", like.name, like.ip))?;
+        let mut pod = like.clone();
+        pod.name = format!("added-{r}");
+        // The last address of sim-0000's CIDR that the round-robin left free.
+        let net = state
+            .nodes
+            .iter()
+            .find(|n| n.name == "sim-0000")
+            .context("sim-0000")?;
+        let (addr, len) = veil_agent::cluster::parse_cidr_v4(&net.pod_cidr).context("cidr")?;
+        let top = u32::from(addr) + (1 << (32 - len)) - 2 - r as u32;
+        pod.ip = Ipv4Addr::from(top);
+        pod.node = net.name.clone();
+        if state.pod_by_ip(pod.ip).is_some() {
+            bail!("{} is taken: no free address to add a pod at", pod.ip);
+        }
+        driver.prepare_pod(&pod)?;
+        let t = Instant::now();
+        driver.publish_pod(&pod)?;
+        wait_until(
+            "the added pod in the ipcache",
+            Duration::from_secs(60),
+            || (ipcache_identity(&map, pod.ip) == Some(want)).then_some(()),
+        )?;
+        pod_add.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let st = status(veil, lab.name())?;
+    let (ipcache_entries, ipcache_capacity) = st
+        .maps
+        .iter()
+        .find(|m| m.name == IPCACHE)
+        .map(|m| (m.entries, m.capacity))
+        .unwrap_or((0, 0));
+    let policy_entries = st.policy.entries;
+    // Restart: SIGKILL; the lab's supervisor starts a new agent, which re-adopts its pins.
+    nix_kill(pid)?;
+    let (new_pid, age) = wait_until(
+        "the restarted agent ready",
+        Duration::from_secs(300),
+        || {
+            let s = status(veil, lab.name()).ok()?;
+            (s.agent.pid != pid && s.ready).then(|| (s.agent.pid, process_age(s.agent.pid).ok()))
+        },
+    )?;
+    let restart_to_ready_s = age.context("new agent's start time")?;
+    let (rss_after_restart, _) = procs::rss_bytes(new_pid)?;
+    let p = Point {
+        size,
+        identities: args.identities,
+        ipcache_entries,
+        ipcache_capacity,
+        policy_entries,
+        populate_s,
+        first_apply_s,
+        rss_mb: rss as f64 / 1e6,
+        peak_rss_mb: peak as f64 / 1e6,
+        idle_cpu_percent,
+        policy_change_ms: median_or_nan(change),
+        policy_change_agent_ms: median_or_nan(change_agent),
+        pod_add_ms: median_or_nan(pod_add),
+        restart_to_ready_s,
+        rss_after_restart_mb: rss_after_restart as f64 / 1e6,
+        dials_per_s,
+    };
+    println!("{}", serde_json::to_string(&p)?);
+    Ok(p)
+}
+
+/// `veil status --node node-a -o json`, all of it.
+fn status(veil: &Path, lab: &str) -> anyhow::Result<veil_agent::api::Status> {
+    let out = Command::new(veil)
+        .args(["status", "--name", lab, "--node", "node-a", "-o", "json"])
+        .output()?;
+    if !out.status.success() {
+        bail!("veil status: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).context("parsing veil status")
+}
+
+fn nix_kill(pid: u32) -> anyhow::Result<()> {
+    // SAFETY: kill(2) with a pid this bench read from the agent's own status.
+    if unsafe { libc::kill(pid as i32, libc::SIGKILL) } != 0 {
+        bail!("kill {pid}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn print_table(points: &[Point]) {
+    println!(
+        "\n{:>6} {:>8} {:>6} | {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "nodes",
+        "endpts",
+        "rules",
+        "apply s",
+        "RSS MB",
+        "idle %",
+        "pol ms",
+        "pol(ag)",
+        "pod ms",
+        "restart",
+        "ipcache",
+        "dials/s"
+    );
+    for p in points {
+        println!(
+            "{:>6} {:>8} {:>6} | {:>8.2} {:>8.1} {:>7.2} {:>8.0} {:>8.0} {:>8.0} {:>8.2} {:>8} {:>7.1}",
+            p.size.nodes,
+            p.size.endpoints,
+            p.size.rules,
+            p.first_apply_s,
+            p.rss_mb,
+            p.idle_cpu_percent,
+            p.policy_change_ms,
+            p.policy_change_agent_ms,
+            p.pod_add_ms,
+            p.restart_to_ready_s,
+            p.ipcache_entries,
+            p.dials_per_s
+        );
+    }
+    println!(
+        "targets at the largest size: RSS ≤ 150 MB; policy change ≤ 1,000 ms; pod added ≤ 1,000 ms"
+    );
+}
