@@ -2,8 +2,9 @@
 //!
 //! Reflectors (kube-runtime: list, then watch from the last resourceVersion, relist on
 //! `410 Gone`, bounded backoff) keep local caches of Nodes, Pods, Namespaces, `CiliumNetworkPolicy`,
-//! `CiliumClusterwideNetworkPolicy` and veil's `VeilIdentity`; every change rebuilds one
-//! [`ClusterState`] snapshot from the caches. While the apiserver or etcd is down the caches,
+//! `CiliumClusterwideNetworkPolicy` and veil's `VeilIdentity` (without their managed fields;
+//! Pods only as the endpoints they make, [`PodCache`]); every change rebuilds one
+//! [`ClusterState`] snapshot from the caches (policies parsed once per spec generation). While the apiserver or etcd is down the caches,
 //! and so the snapshot in force, stay as they were: the agent keeps enforcing its last state.
 //!
 //! - **Nodes**: a Node with an IPv4 `InternalIP` and `spec.podCIDR` is a veil node; its id is
@@ -42,10 +43,7 @@ use std::{
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{
-        Namespace as KNamespace, Node as KNode, Pod as KPod, PodSpec, PodStatus,
-        Service as KService,
-    },
+    core::v1::{Namespace as KNamespace, Node as KNode, Pod as KPod, Service as KService},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
@@ -150,7 +148,7 @@ impl KubeSource {
             .map_err(|_| kube_error("a Kubernetes watch ended before its first list".into()))?;
         let mut builder = Builder::new(client.clone(), self.cfg.clone(), caches);
         let (first, _) = builder.build().await;
-        let (tx, rx) = watch::channel(Arc::new(first));
+        let (tx, rx) = watch::channel(first);
         tokio::spawn(builder.run(tx, changed));
         if let Some(keys_rx) = self.keys_rx.lock().expect("keys receiver lock").take() {
             tokio::spawn(publish_keys(Api::all(client), keys_rx));
@@ -219,7 +217,7 @@ async fn publish_keys(nodes: Api<KNode>, mut rx: mpsc::UnboundedReceiver<NodeKey
 /// The reflectors' caches.
 struct Caches {
     nodes: Store<KNode>,
-    pods: Store<KPod>,
+    pods: PodCache,
     namespaces: Store<KNamespace>,
     cnps: Store<DynamicObject>,
     ccnps: Store<DynamicObject>,
@@ -255,62 +253,62 @@ impl Caches {
     fn start(client: &Client, changed: &Arc<Notify>) -> Self {
         let resources = Resources::new();
         Self {
-            nodes: reflect(Api::<KNode>::all(client.clone()), (), changed, false, keep),
-            pods: reflect(
-                Api::<KPod>::all(client.clone()),
+            nodes: reflect(
+                Api::<KNode>::all(client.clone()),
                 (),
                 changed,
                 false,
-                slim_pod,
+                without_managed_fields,
             ),
+            pods: PodCache::start(Api::<KPod>::all(client.clone()), changed),
             namespaces: reflect(
                 Api::<KNamespace>::all(client.clone()),
                 (),
                 changed,
                 false,
-                keep,
+                without_managed_fields,
             ),
             cnps: reflect(
                 Api::all_with(client.clone(), &resources.cnp),
                 resources.cnp.clone(),
                 changed,
                 false,
-                keep,
+                without_managed_fields,
             ),
             ccnps: reflect(
                 Api::all_with(client.clone(), &resources.ccnp),
                 resources.ccnp.clone(),
                 changed,
                 false,
-                keep,
+                without_managed_fields,
             ),
             netpols: reflect(
                 Api::<NetworkPolicy>::all(client.clone()),
                 (),
                 changed,
                 false,
-                keep,
+                without_managed_fields,
             ),
             identities: reflect(
                 Api::all_with(client.clone(), &resources.identity),
                 resources.identity.clone(),
                 changed,
                 true,
-                keep,
+                without_managed_fields,
             ),
             services: reflect(
                 Api::<KService>::all(client.clone()),
                 (),
                 changed,
                 false,
-                keep,
+                without_managed_fields,
             ),
             slices: reflect(
                 Api::<EndpointSlice>::all(client.clone()),
                 (),
                 changed,
                 false,
-                keep,
+                without_managed_fields,
             ),
             resources,
         }
@@ -386,32 +384,128 @@ where
     store
 }
 
-/// Caches the object whole.
-fn keep<K>(_: &mut K) {}
+/// Caches the object without its managed fields (the field managers' record of who set what:
+/// nothing veil reads, and often the largest part of a small object).
+fn without_managed_fields<K: kube::Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+}
 
-/// A Pod as the cache keeps it: what [`pod_from`] reads and nothing else. Containers, volumes,
-/// conditions, annotations and managed fields are most of a Pod's size, and the cache holds
-/// every Pod of the cluster (100,000 in the scale benchmark).
-fn slim_pod(p: &mut KPod) {
-    let m = &mut p.metadata;
+/// The cluster's Pods as endpoints: what [`pod_from`] makes of each one (identity not yet
+/// assigned), by namespace and name, and nothing else. A Pod object is kilobytes even with its
+/// containers left out (its spec and status structs are mostly empty fields), and the cache
+/// holds every Pod of the cluster (100,000 in the scale benchmark). A Pod that is no endpoint
+/// now (no address yet, host network, ended, terminating) is not held.
+#[derive(Clone)]
+struct PodCache {
+    pods: Arc<Mutex<PodMap>>,
+    ready: watch::Receiver<bool>,
+}
+
+impl PodCache {
+    /// Lists and watches Pods (relisting on `410 Gone`, bounded backoff), waking `changed` on
+    /// every change.
+    fn start(api: Api<KPod>, changed: &Arc<Notify>) -> Self {
+        let (ready_tx, ready) = watch::channel(false);
+        let cache = PodCache {
+            pods: Arc::default(),
+            ready,
+        };
+        let pods = cache.pods.clone();
+        let changed = changed.clone();
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        tokio::spawn(async move {
+            futures_util::pin_mut!(stream);
+            // A relist's objects, swapped in whole at its end.
+            let mut relist: Option<PodMap> = None;
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(event) => {
+                        let mut cache = pods.lock().expect("pod cache lock");
+                        let (rebuild, listed) = on_pod_event(&mut cache, &mut relist, event);
+                        drop(cache);
+                        if listed {
+                            ready_tx.send_replace(true);
+                        }
+                        if rebuild {
+                            changed.notify_one();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(kind = "Pod", error = %e, "Kubernetes watch failed; keeping the last state, retrying")
+                    }
+                }
+            }
+        });
+        cache
+    }
+
+    /// Until the first full list is in.
+    async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        let mut ready = self.ready.clone();
+        // The sender lives as long as the watch task; it only ends with the runtime.
+        let _ = ready.wait_for(|r| *r).await;
+        Ok(())
+    }
+
+    /// Every cached endpoint, cloned.
+    fn endpoints(&self) -> Vec<Pod> {
+        self.pods
+            .lock()
+            .expect("pod cache lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+type PodMap = HashMap<(String, String), Pod>;
+
+/// One watch event into the pod cache (a relist is gathered in `relist` and replaces the cache
+/// at its end: a Pod it no longer lists is gone). Whether the snapshot must be rebuilt, and
+/// whether a full list has just completed.
+fn on_pod_event(
+    cache: &mut PodMap,
+    relist: &mut Option<PodMap>,
+    event: watcher::Event<KPod>,
+) -> (bool, bool) {
+    match event {
+        watcher::Event::Init => {
+            *relist = Some(HashMap::new());
+            (false, false)
+        }
+        watcher::Event::InitApply(p) => {
+            if let (Some(r), Some(pod)) = (relist.as_mut(), pod_from(&p)) {
+                r.insert((pod.namespace.clone(), pod.name.clone()), pod);
+            }
+            (false, false)
+        }
+        watcher::Event::InitDone => {
+            if let Some(mut r) = relist.take() {
+                r.shrink_to_fit();
+                *cache = r;
+            }
+            (true, true)
+        }
+        watcher::Event::Apply(p) => {
+            let key = pod_key(&p);
+            match pod_from(&p) {
+                Some(pod) => cache.insert(key, pod),
+                None => cache.remove(&key),
+            };
+            (true, false)
+        }
+        watcher::Event::Delete(p) => {
+            cache.remove(&pod_key(&p));
+            (true, false)
+        }
+    }
+}
+
+fn pod_key(p: &KPod) -> (String, String) {
     (
-        m.managed_fields,
-        m.annotations,
-        m.owner_references,
-        m.finalizers,
-    ) = (None, None, None, None);
-    p.spec = p.spec.take().map(|s| PodSpec {
-        node_name: s.node_name,
-        host_network: s.host_network,
-        service_account_name: s.service_account_name,
-        ..Default::default()
-    });
-    p.status = p.status.take().map(|s| PodStatus {
-        phase: s.phase,
-        pod_ip: s.pod_ip,
-        pod_ips: s.pod_ips,
-        ..Default::default()
-    });
+        p.metadata.namespace.clone().unwrap_or_default(),
+        p.metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 /// What the last build decided about one policy, to write into its status once.
@@ -434,9 +528,12 @@ struct Builder {
     accepted: BTreeMap<PolicyName, Policy>,
     /// Verdicts written into policy statuses (by uid).
     reported: HashMap<String, Verdict>,
+    /// Each policy object's parse, by uid, with the generation it was parsed at.
+    parsed: HashMap<String, (i64, Result<Policy, String>)>,
     /// NetworkPolicies (uid, generation) whose refusal was logged (they have no status).
     netpol_refusals: std::collections::HashSet<(String, i64)>,
-    last: Option<ClusterState>,
+    /// The snapshot last published (shared with the receivers, not copied).
+    last: Option<Arc<ClusterState>>,
 }
 
 impl Builder {
@@ -449,6 +546,7 @@ impl Builder {
             policy_generation: 0,
             accepted: BTreeMap::new(),
             reported: HashMap::new(),
+            parsed: HashMap::new(),
             netpol_refusals: Default::default(),
             last: None,
         }
@@ -479,14 +577,14 @@ impl Builder {
             // build() hands back the same snapshot, generation included, when nothing changed.
             if tx.borrow().generation != state.generation {
                 tracing::info!(generation = state.generation, "cluster state changed");
-                let _ = tx.send(Arc::new(state));
+                let _ = tx.send(state);
             }
         }
     }
 
     /// One snapshot from the caches, and whether everything it needed from the API was done
     /// (identities allocated, statuses written); if not, the caller builds again soon.
-    async fn build(&mut self) -> (ClusterState, bool) {
+    async fn build(&mut self) -> (Arc<ClusterState>, bool) {
         let mut complete = true;
         let nodes: Vec<Node> = {
             let mut v: Vec<Node> = self
@@ -533,10 +631,7 @@ impl Builder {
             })
             .collect();
         let mut pods: Vec<Pod> = Vec::new();
-        for kp in self.caches.pods.state() {
-            let Some(mut pod) = pod_from(&kp) else {
-                continue;
-            };
+        for mut pod in self.caches.pods.endpoints() {
             let Some(ns_labels) = namespace_labels.get(&pod.namespace) else {
                 tracing::debug!(pod = %pod.name, namespace = %pod.namespace, "namespace not seen yet; pod left out until it is");
                 continue;
@@ -593,18 +688,17 @@ impl Builder {
             index: Default::default(),
         };
         state.compact();
-        let changed = self.last.as_ref().is_none_or(|last| {
-            let mut l = last.clone();
-            l.generation = state.generation;
-            l != state
-        });
-        if changed {
-            self.generation += 1;
-            state.generation = self.generation;
-            self.last = Some(state.clone());
-        } else if let Some(last) = &self.last {
-            state = last.clone();
+        // Compared with the generation set aside (a snapshot is 100,000 pods at scale: no copy).
+        if let Some(last) = self.last.as_ref() {
+            state.generation = last.generation;
+            if **last == state {
+                return (last.clone(), complete);
+            }
         }
+        self.generation += 1;
+        state.generation = self.generation;
+        let state = Arc::new(state);
+        self.last = Some(state.clone());
         (state, complete)
     }
 
@@ -727,7 +821,19 @@ impl Builder {
                     o.metadata.namespace.as_deref().unwrap_or_default(),
                     o.metadata.name.as_deref().unwrap_or_default(),
                 );
-                let error = match policy_from(kind, &o) {
+                // Parsed once per spec change (generation), not on every rebuild: a pod added
+                // rebuilds the snapshot, and a cluster may hold 10,000 policies.
+                let generation = o.metadata.generation.unwrap_or(0);
+                let uid = o.metadata.uid.clone().unwrap_or_default();
+                let parsed = match self.parsed.get(&uid) {
+                    Some((g, r)) if *g == generation && !uid.is_empty() => r.clone(),
+                    _ => {
+                        let r = policy_from(kind, &o);
+                        self.parsed.insert(uid, (generation, r.clone()));
+                        r
+                    }
+                };
+                let error = match parsed {
                     Ok(p) => {
                         next.insert(name, p);
                         None
@@ -779,6 +885,7 @@ impl Builder {
             .filter_map(|(_, o, _)| o.metadata.uid.clone())
             .collect();
         self.reported.retain(|uid, _| live.contains(uid));
+        self.parsed.retain(|uid, _| live.contains(uid));
         for (ar, o, v) in verdicts {
             let Some(uid) = o.metadata.uid.clone() else {
                 continue;
@@ -1273,32 +1380,94 @@ mod tests {
     }
 
     #[test]
-    fn slimmed_pods_make_the_same_endpoints_without_their_bulk() {
-        let full: KPod = serde_json::from_value(json!({
-            "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"},
-                "annotations": {"a": "b"}, "managedFields": [{"manager": "kubectl"}]},
-            "spec": {"nodeName": "node-b", "serviceAccountName": "web-sa",
-                "containers": [{"name": "c", "image": "x"}], "volumes": [{"name": "v"}]},
-            "status": {"phase": "Running", "podIP": "198.19.2.7",
-                "podIPs": [{"ip": "198.19.2.7"}, {"ip": "fd00:198:19:2::7"}],
-                "conditions": [{"type": "Ready", "status": "True"}]}
-        }))
-        .unwrap();
-        let mut slim = full.clone();
-        slim_pod(&mut slim);
-        let (a, b) = (pod_from(&full).unwrap(), pod_from(&slim).unwrap());
-        assert_eq!(a, b);
-        assert_eq!(b.service_account, "web-sa");
-        assert!(b.ipv6.is_some());
-        let (spec, status) = (slim.spec.unwrap(), slim.status.unwrap());
-        assert!(spec.containers.is_empty() && spec.volumes.is_none());
-        assert!(status.conditions.is_none());
-        assert!(slim.metadata.managed_fields.is_none() && slim.metadata.annotations.is_none());
-        // Its host network flag survives: a host-network pod stays out.
-        let mut host = full;
-        host.spec.as_mut().unwrap().host_network = Some(true);
-        slim_pod(&mut host);
-        assert!(pod_from(&host).is_none());
+    fn the_pod_cache_keeps_endpoints_and_a_relist_replaces_it_whole() {
+        let pod = |name: &str, ip: Option<&str>| -> KPod {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop", "labels": {"app": name},
+                    "managedFields": [{"manager": "kubectl"}]},
+                "spec": {"nodeName": "node-b", "serviceAccountName": "sa",
+                    "containers": [{"name": "c", "image": "x"}]},
+                "status": {"phase": "Running", "podIP": ip,
+                    "podIPs": ip.map(|ip| vec![json!({"ip": ip}), json!({"ip": "fd00:198:19:2::7"})])}
+            }))
+            .unwrap()
+        };
+        let key = |n: &str| ("shop".to_string(), n.to_string());
+        let (mut cache, mut relist) = (PodMap::new(), None);
+        assert_eq!(
+            on_pod_event(&mut cache, &mut relist, watcher::Event::Init),
+            (false, false)
+        );
+        assert_eq!(
+            on_pod_event(
+                &mut cache,
+                &mut relist,
+                watcher::Event::InitApply(pod("web", Some("198.19.2.7")))
+            ),
+            (false, false)
+        );
+        assert_eq!(
+            on_pod_event(
+                &mut cache,
+                &mut relist,
+                watcher::Event::InitApply(pod("new", None))
+            ),
+            (false, false)
+        );
+        assert_eq!(
+            on_pod_event(&mut cache, &mut relist, watcher::Event::InitDone),
+            (true, true)
+        );
+        // Held as its endpoint (both addresses), the pod without an address not at all.
+        assert_eq!(cache.len(), 1);
+        let web = &cache[&key("web")];
+        assert_eq!(
+            Some(web),
+            pod_from(&pod("web", Some("198.19.2.7"))).as_ref()
+        );
+        assert_eq!(web.service_account, "sa");
+        assert!(web.ipv6.is_some());
+        // Its address arrives: an endpoint now; it loses it: gone again.
+        assert_eq!(
+            on_pod_event(
+                &mut cache,
+                &mut relist,
+                watcher::Event::Apply(pod("new", Some("198.19.2.8")))
+            ),
+            (true, false)
+        );
+        assert_eq!(cache.len(), 2);
+        assert_eq!(
+            on_pod_event(
+                &mut cache,
+                &mut relist,
+                watcher::Event::Apply(pod("new", None))
+            ),
+            (true, false)
+        );
+        assert!(!cache.contains_key(&key("new")));
+        // A relist that no longer lists `web` (deleted while the watch was down) drops it.
+        on_pod_event(&mut cache, &mut relist, watcher::Event::Init);
+        on_pod_event(
+            &mut cache,
+            &mut relist,
+            watcher::Event::InitApply(pod("other", Some("198.19.2.9"))),
+        );
+        assert!(
+            cache.contains_key(&key("web")),
+            "kept until the relist completes"
+        );
+        on_pod_event(&mut cache, &mut relist, watcher::Event::InitDone);
+        assert_eq!(cache.keys().collect::<Vec<_>>(), [&key("other")]);
+        assert_eq!(
+            on_pod_event(
+                &mut cache,
+                &mut relist,
+                watcher::Event::Delete(pod("other", Some("198.19.2.9")))
+            ),
+            (true, false)
+        );
+        assert!(cache.is_empty());
     }
 
     #[test]
