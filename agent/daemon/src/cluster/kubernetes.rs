@@ -893,6 +893,12 @@ impl Builder {
             if self.reported.get(&uid) == Some(&v) {
                 continue;
             }
+            // Already in the object (written by this node's previous run): a restarted agent
+            // does not rewrite every policy's status (10,000 writes before its first snapshot).
+            if recorded_verdict(&o, &self.cfg.node).as_ref() == Some(&v) {
+                self.reported.insert(uid, v);
+                continue;
+            }
             match self.write_status(&ar, &o, &v).await {
                 Ok(()) => {
                     self.reported.insert(uid, v);
@@ -934,6 +940,18 @@ impl Builder {
         .await
         .map(|_| ())
     }
+}
+
+/// The verdict `node` last wrote into a policy's `status.nodes`, if any.
+fn recorded_verdict(o: &DynamicObject, node: &str) -> Option<Verdict> {
+    let entry = o.data.get("status")?.get("nodes")?.get(node)?;
+    Some(Verdict {
+        generation: entry.get("localPolicyRevision")?.as_i64()?,
+        error: match entry.get("ok")?.as_bool()? {
+            true => None,
+            false => Some(entry.get("error")?.as_str()?.to_string()),
+        },
+    })
 }
 
 /// The host-side interface name of a pod's veth, as `veil-cni` creates it: `veil` and 11 hex
@@ -1377,6 +1395,39 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::UNIX_EPOCH
             )))
         .is_none());
+    }
+
+    #[test]
+    fn a_verdict_already_in_the_policy_status_is_read_back() {
+        let with_status = |status: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(json!({
+                "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                "metadata": {"name": "p", "namespace": "shop", "generation": 3},
+                "spec": {}, "status": status,
+            }))
+            .unwrap()
+        };
+        let ok = with_status(json!({"nodes": {"node-a": {"ok": true, "enforcing": true,
+            "localPolicyRevision": 3, "lastUpdated": "2026-12-02T00:00:00Z"}}}));
+        assert_eq!(
+            recorded_verdict(&ok, "node-a"),
+            Some(Verdict {
+                generation: 3,
+                error: None
+            })
+        );
+        // Another node's verdict is not this one's.
+        assert_eq!(recorded_verdict(&ok, "node-b"), None);
+        let refused = with_status(json!({"nodes": {"node-a": {"ok": false, "enforcing": false,
+            "error": "bad port", "localPolicyRevision": 2}}}));
+        assert_eq!(
+            recorded_verdict(&refused, "node-a"),
+            Some(Verdict {
+                generation: 2,
+                error: Some("bad port".into())
+            })
+        );
+        assert_eq!(recorded_verdict(&with_status(json!({})), "node-a"), None);
     }
 
     #[test]
