@@ -4,8 +4,9 @@
 //! `410 Gone`, bounded backoff) keep local caches of Nodes, Pods, Namespaces, `CiliumNetworkPolicy`,
 //! `CiliumClusterwideNetworkPolicy` and veil's `VeilIdentity` (without their managed fields;
 //! Pods only as the endpoints they make, [`PodCache`]); every change rebuilds one
-//! [`ClusterState`] snapshot from the caches (policies parsed once per spec generation). While the apiserver or etcd is down the caches,
-//! and so the snapshot in force, stay as they were: the agent keeps enforcing its last state.
+//! [`ClusterState`] snapshot from the caches (policies parsed once per spec generation). While
+//! the apiserver or etcd is down the caches, and so the snapshot in force, stay as they were:
+//! the agent keeps enforcing its last state.
 //!
 //! - **Nodes**: a Node with an IPv4 `InternalIP` and `spec.podCIDR` is a veil node; its id is
 //!   its InternalIP as a number (unique in the cluster, the same on every agent); its WireGuard
