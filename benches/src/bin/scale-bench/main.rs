@@ -257,7 +257,7 @@ fn rule_object(i: usize, identities: usize, port_shift: u16) -> Value {
     let (ns, app) = sim_identity(i % identities, identities);
     let (from_ns, from_app) = sim_identity((i * 7 + 3) % identities, identities);
     let port = 1000 + (i % 500) as u16 + if i == 0 { port_shift } else { 0 };
-    let (namespace, selected) = if i % 100 == 0 {
+    let (namespace, selected) = if i.is_multiple_of(100) {
         ("bench".to_string(), "client".to_string())
     } else {
         (ns, app)
