@@ -193,24 +193,36 @@ fn dual_stack_ipv6_connections_are_mutually_authenticated_like_ipv4() {
         lab.status("node-b").hold,
         lab.observe(&[])
     );
-    let fwd = forwarded_from_frontend_at_node_b(&lab);
-    assert!(
-        fwd.iter().any(|f| f["auth"] == "authenticated"
-            && f["dst"]["ip"] == lab.pod_ip6("backend").as_str()
-            && f["dst"]["pod"] == "backend"),
-        "no authenticated IPv6 flow frontend -> backend: {fwd:#?}"
+    // The agents store flow records as they drain the datapath's events: waited for, not read
+    // once (CI read node-b's flows before its record of the first connection was stored).
+    let backend6 = lab.pod_ip6("backend");
+    lab.wait_for(
+        "an authenticated IPv6 flow frontend -> backend at node-b",
+        Duration::from_secs(10),
+        || {
+            forwarded_from_frontend_at_node_b(&lab)
+                .iter()
+                .any(|f| {
+                    f["auth"] == "authenticated"
+                        && f["dst"]["ip"] == backend6.as_str()
+                        && f["dst"]["pod"] == "backend"
+                })
+                .then_some(())
+        },
     );
     assert!(
         lab.try_get("intruder", &url6).is_err(),
         "intruder reached backend over IPv6"
     );
-    let drops = lab.observe(&["--verdict", "DROPPED", "--pod", "shop/intruder"]);
-    assert!(
-        drops
-            .iter()
-            .any(|f| f["dst"]["ip"] == lab.pod_ip6("backend").as_str()
-                && f["drop_reason"] == "policy-denied"),
-        "no IPv6 policy drop intruder -> backend: {drops:#?}"
+    lab.wait_for(
+        "an IPv6 policy drop intruder -> backend",
+        Duration::from_secs(10),
+        || {
+            lab.observe(&["--verdict", "DROPPED", "--pod", "shop/intruder"])
+                .iter()
+                .any(|f| f["dst"]["ip"] == backend6.as_str() && f["drop_reason"] == "policy-denied")
+                .then_some(())
+        },
     );
     let hold = lab.status("node-a").hold;
     assert_eq!(
