@@ -254,62 +254,39 @@ impl Caches {
     fn start(client: &Client, changed: &Arc<Notify>) -> Self {
         let resources = Resources::new();
         Self {
-            nodes: reflect(
-                Api::<KNode>::all(client.clone()),
-                (),
-                changed,
-                false,
-                without_managed_fields,
-            ),
+            nodes: reflect(Api::<KNode>::all(client.clone()), (), changed, false),
             pods: PodCache::start(Api::<KPod>::all(client.clone()), changed),
-            namespaces: reflect(
-                Api::<KNamespace>::all(client.clone()),
-                (),
-                changed,
-                false,
-                without_managed_fields,
-            ),
+            namespaces: reflect(Api::<KNamespace>::all(client.clone()), (), changed, false),
             cnps: reflect(
                 Api::all_with(client.clone(), &resources.cnp),
                 resources.cnp.clone(),
                 changed,
                 false,
-                without_managed_fields,
             ),
             ccnps: reflect(
                 Api::all_with(client.clone(), &resources.ccnp),
                 resources.ccnp.clone(),
                 changed,
                 false,
-                without_managed_fields,
             ),
             netpols: reflect(
                 Api::<NetworkPolicy>::all(client.clone()),
                 (),
                 changed,
                 false,
-                without_managed_fields,
             ),
             identities: reflect(
                 Api::all_with(client.clone(), &resources.identity),
                 resources.identity.clone(),
                 changed,
                 true,
-                without_managed_fields,
             ),
-            services: reflect(
-                Api::<KService>::all(client.clone()),
-                (),
-                changed,
-                false,
-                without_managed_fields,
-            ),
+            services: reflect(Api::<KService>::all(client.clone()), (), changed, false),
             slices: reflect(
                 Api::<EndpointSlice>::all(client.clone()),
                 (),
                 changed,
                 false,
-                without_managed_fields,
             ),
             resources,
         }
@@ -332,14 +309,13 @@ impl Caches {
 /// Starts one reflector: its cache, kept current by a task that wakes `changed` on every event
 /// (when `spec_only`, only on a change of an object's spec, its `metadata.generation`: status
 /// writes such as the identities' lastSeen update the cache without a rebuild) and logs (does
-/// not end on) watch errors; the watcher retries with bounded backoff. `strip` drops what the
-/// snapshot never reads before an object enters the cache.
+/// not end on) watch errors; the watcher retries with bounded backoff. Objects enter the cache
+/// without their managed fields.
 fn reflect<K>(
     api: Api<K>,
     dyntype: K::DynamicType,
     changed: &Arc<Notify>,
     spec_only: bool,
-    strip: fn(&mut K),
 ) -> Store<K>
 where
     K: kube::Resource
@@ -357,7 +333,7 @@ where
     let changed = changed.clone();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
-        .modify(strip)
+        .modify(without_managed_fields::<K>)
         .reflect(writer);
     tokio::spawn(async move {
         futures_util::pin_mut!(stream);
