@@ -148,9 +148,9 @@ impl KubeSource {
             .await
             .map_err(|_| kube_error("a Kubernetes watch ended before its first list".into()))?;
         let mut builder = Builder::new(client.clone(), self.cfg.clone(), caches);
-        let (first, _) = builder.build().await;
+        let (first, complete) = builder.build().await;
         let (tx, rx) = watch::channel(first);
-        tokio::spawn(builder.run(tx, changed));
+        tokio::spawn(builder.run(tx, changed, complete));
         if let Some(keys_rx) = self.keys_rx.lock().expect("keys receiver lock").take() {
             tokio::spawn(publish_keys(Api::all(client), keys_rx));
         }
@@ -254,39 +254,51 @@ impl Caches {
     fn start(client: &Client, changed: &Arc<Notify>) -> Self {
         let resources = Resources::new();
         Self {
-            nodes: reflect(Api::<KNode>::all(client.clone()), (), changed, false),
+            nodes: reflect(Api::<KNode>::all(client.clone()), (), changed, node_from),
             pods: PodCache::start(Api::<KPod>::all(client.clone()), changed),
-            namespaces: reflect(Api::<KNamespace>::all(client.clone()), (), changed, false),
+            namespaces: reflect(
+                Api::<KNamespace>::all(client.clone()),
+                (),
+                changed,
+                labels_of_namespace,
+            ),
+            // Spec changes only: every node writes its verdict into a policy's status, and
+            // each write would otherwise rebuild the snapshot on every node.
             cnps: reflect(
                 Api::all_with(client.clone(), &resources.cnp),
                 resources.cnp.clone(),
                 changed,
-                false,
+                generation,
             ),
             ccnps: reflect(
                 Api::all_with(client.clone(), &resources.ccnp),
                 resources.ccnp.clone(),
                 changed,
-                false,
+                generation,
             ),
             netpols: reflect(
                 Api::<NetworkPolicy>::all(client.clone()),
                 (),
                 changed,
-                false,
+                generation,
             ),
             identities: reflect(
                 Api::all_with(client.clone(), &resources.identity),
                 resources.identity.clone(),
                 changed,
-                true,
+                generation,
             ),
-            services: reflect(Api::<KService>::all(client.clone()), (), changed, false),
+            services: reflect(
+                Api::<KService>::all(client.clone()),
+                (),
+                changed,
+                resource_version,
+            ),
             slices: reflect(
                 Api::<EndpointSlice>::all(client.clone()),
                 (),
                 changed,
-                false,
+                resource_version,
             ),
             resources,
         }
@@ -306,16 +318,17 @@ impl Caches {
     }
 }
 
-/// Starts one reflector: its cache, kept current by a task that wakes `changed` on every event
-/// (when `spec_only`, only on a change of an object's spec, its `metadata.generation`: status
-/// writes such as the identities' lastSeen update the cache without a rebuild) and logs (does
-/// not end on) watch errors; the watcher retries with bounded backoff. Objects enter the cache
+/// Starts one reflector: its cache, kept current by a task that logs (does not end on) watch
+/// errors (the watcher retries with bounded backoff) and wakes `changed` when what `relevant`
+/// reads of an object changed, or the object went: a rebuild at 100,000 pods is not free, and
+/// most watch events are status writes that change nothing veil reads (Nodes' conditions,
+/// identities' `lastSeen`, each node's verdict in a policy's status). Objects enter the cache
 /// without their managed fields.
-fn reflect<K>(
+fn reflect<K, R>(
     api: Api<K>,
     dyntype: K::DynamicType,
     changed: &Arc<Notify>,
-    spec_only: bool,
+    relevant: fn(&K) -> R,
 ) -> Store<K>
 where
     K: kube::Resource
@@ -326,6 +339,7 @@ where
         + Sync
         + 'static,
     K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+    R: PartialEq + Send + 'static,
 {
     let writer = reflector::store::Writer::new(dyntype.clone());
     let store = writer.as_reader();
@@ -337,21 +351,14 @@ where
         .reflect(writer);
     tokio::spawn(async move {
         futures_util::pin_mut!(stream);
-        let mut generations: HashMap<String, i64> = HashMap::new();
+        let mut seen: HashMap<String, R> = HashMap::new();
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::Apply(o)) if spec_only => {
-                    let m = o.meta();
-                    let (uid, generation) = (m.uid.clone().unwrap_or_default(), m.generation);
-                    if generations.insert(uid, generation.unwrap_or_default()) != generation {
+                Ok(event) => {
+                    if on_event(&mut seen, relevant, event) {
                         changed.notify_one()
                     }
                 }
-                Ok(watcher::Event::Delete(o)) if spec_only => {
-                    generations.remove(o.meta().uid.as_deref().unwrap_or_default());
-                    changed.notify_one()
-                }
-                Ok(_) => changed.notify_one(),
                 Err(e) => {
                     tracing::warn!(%kind, error = %e, "Kubernetes watch failed; keeping the last state, retrying")
                 }
@@ -359,6 +366,60 @@ where
         }
     });
     store
+}
+
+/// One watch event against what was last seen of each object (by uid); whether the snapshot
+/// must be rebuilt. A relist starts afresh and rebuilds at its end.
+fn on_event<K: kube::Resource, R: PartialEq>(
+    seen: &mut HashMap<String, R>,
+    relevant: fn(&K) -> R,
+    event: watcher::Event<K>,
+) -> bool {
+    let uid = |o: &K| o.meta().uid.clone().unwrap_or_default();
+    match event {
+        watcher::Event::Init => {
+            seen.clear();
+            false
+        }
+        watcher::Event::InitApply(o) => {
+            seen.insert(uid(&o), relevant(&o));
+            false
+        }
+        watcher::Event::InitDone => true,
+        watcher::Event::Apply(o) => {
+            let now = relevant(&o);
+            match seen.get_mut(&uid(&o)) {
+                Some(before) if *before == now => false,
+                Some(before) => {
+                    *before = now;
+                    true
+                }
+                None => {
+                    seen.insert(uid(&o), now);
+                    true
+                }
+            }
+        }
+        watcher::Event::Delete(o) => {
+            seen.remove(&uid(&o));
+            true
+        }
+    }
+}
+
+/// Relevant: the object's spec (`metadata.generation` counts its changes).
+fn generation<K: kube::Resource>(o: &K) -> i64 {
+    o.meta().generation.unwrap_or_default()
+}
+
+/// Relevant: everything (each write changes `metadata.resourceVersion`).
+fn resource_version<K: kube::Resource>(o: &K) -> Option<String> {
+    o.meta().resource_version.clone()
+}
+
+/// Relevant: the namespace's labels (its pods' identities carry them).
+fn labels_of_namespace(n: &KNamespace) -> Option<BTreeMap<String, String>> {
+    n.metadata.labels.clone()
 }
 
 /// Caches the object without its managed fields (the field managers' record of who set what:
@@ -429,17 +490,57 @@ impl PodCache {
         self.pods
             .lock()
             .expect("pod cache lock")
+            .pods
             .values()
             .cloned()
             .collect()
     }
 }
 
-type PodMap = HashMap<(String, String), Pod>;
+/// The pod cache's contents: endpoints by (namespace, name), their label sets shared.
+#[derive(Default)]
+struct PodMap {
+    /// In the snapshot's order.
+    pods: BTreeMap<(String, String), Pod>,
+    /// One copy of each label set, shared by the pods that carry it (a Deployment's 100 pods
+    /// carry one set; as a map per pod, labels were most of the cache).
+    labels: std::collections::HashSet<Arc<BTreeMap<String, String>>>,
+    /// Size of `labels` after its last pruning.
+    labels_pruned_at: usize,
+}
+
+impl PodMap {
+    /// Caches `pod` under `key`; whether that changed the cache (a status update that leaves
+    /// the endpoint as it was does not, and rebuilds nothing).
+    fn insert(&mut self, key: (String, String), mut pod: Pod) -> bool {
+        if self.pods.get(&key) == Some(&pod) {
+            return false;
+        }
+        match self.labels.get(&pod.labels) {
+            Some(shared) => pod.labels = Arc::clone(shared),
+            None => {
+                self.labels.insert(Arc::clone(&pod.labels));
+                // Label sets no pod carries any more go, once the set has doubled.
+                if self.labels.len() >= 2 * self.labels_pruned_at.max(512) {
+                    self.labels.retain(|l| Arc::strong_count(l) > 1);
+                    self.labels_pruned_at = self.labels.len();
+                }
+            }
+        }
+        self.pods.insert(key, pod);
+        true
+    }
+
+    /// Whether `key` was cached.
+    fn remove(&mut self, key: &(String, String)) -> bool {
+        self.pods.remove(key).is_some()
+    }
+}
 
 /// One watch event into the pod cache (a relist is gathered in `relist` and replaces the cache
-/// at its end: a Pod it no longer lists is gone). Whether the snapshot must be rebuilt, and
-/// whether a full list has just completed.
+/// at its end: a Pod it no longer lists is gone). Whether the snapshot must be rebuilt (not for
+/// an update that leaves the endpoint as it was: pods' status changes are most of a cluster's
+/// watch events), and whether a full list has just completed.
 fn on_pod_event(
     cache: &mut PodMap,
     relist: &mut Option<PodMap>,
@@ -447,7 +548,7 @@ fn on_pod_event(
 ) -> (bool, bool) {
     match event {
         watcher::Event::Init => {
-            *relist = Some(HashMap::new());
+            *relist = Some(PodMap::default());
             (false, false)
         }
         watcher::Event::InitApply(p) => {
@@ -457,24 +558,20 @@ fn on_pod_event(
             (false, false)
         }
         watcher::Event::InitDone => {
-            if let Some(mut r) = relist.take() {
-                r.shrink_to_fit();
+            if let Some(r) = relist.take() {
                 *cache = r;
             }
             (true, true)
         }
         watcher::Event::Apply(p) => {
             let key = pod_key(&p);
-            match pod_from(&p) {
+            let changed = match pod_from(&p) {
                 Some(pod) => cache.insert(key, pod),
                 None => cache.remove(&key),
             };
-            (true, false)
+            (changed, false)
         }
-        watcher::Event::Delete(p) => {
-            cache.remove(&pod_key(&p));
-            (true, false)
-        }
+        watcher::Event::Delete(p) => (cache.remove(&pod_key(&p)), false),
     }
 }
 
@@ -511,6 +608,10 @@ struct Builder {
     netpol_refusals: std::collections::HashSet<(String, i64)>,
     /// The snapshot last published (shared with the receivers, not copied).
     last: Option<Arc<ClusterState>>,
+    /// Verdicts the last build decided and has not written into their policies' status yet:
+    /// written once its snapshot is out, so a policy change reaches the datapath without
+    /// waiting for the apiserver's answer to a status write.
+    unwritten: Vec<(ApiResource, Arc<DynamicObject>, Verdict)>,
 }
 
 impl Builder {
@@ -526,11 +627,20 @@ impl Builder {
             parsed: HashMap::new(),
             netpol_refusals: Default::default(),
             last: None,
+            unwritten: Vec::new(),
         }
     }
 
-    async fn run(mut self, tx: watch::Sender<Arc<ClusterState>>, changed: Arc<Notify>) {
-        let mut retry = false;
+    /// Rebuilds on every change after the first snapshot (already in `tx`; `complete` is its
+    /// build's).
+    async fn run(
+        mut self,
+        tx: watch::Sender<Arc<ClusterState>>,
+        changed: Arc<Notify>,
+        complete: bool,
+    ) {
+        let written = self.write_verdicts().await;
+        let mut retry = !complete || !written;
         loop {
             if retry {
                 tokio::select! {
@@ -549,13 +659,23 @@ impl Builder {
             if tx.is_closed() {
                 return;
             }
+            let started = std::time::Instant::now();
             let (state, complete) = self.build().await;
-            retry = !complete;
+            let build_ms = started.elapsed().as_millis() as u64;
             // build() hands back the same snapshot, generation included, when nothing changed.
             if tx.borrow().generation != state.generation {
-                tracing::info!(generation = state.generation, "cluster state changed");
+                tracing::info!(
+                    generation = state.generation,
+                    pods = state.pods.len(),
+                    build_ms,
+                    "cluster state changed"
+                );
                 let _ = tx.send(state);
+            } else {
+                tracing::debug!(build_ms, "cluster state unchanged");
             }
+            let written = self.write_verdicts().await;
+            retry = !complete || !written;
         }
     }
 
@@ -607,35 +727,62 @@ impl Builder {
                 ))
             })
             .collect();
-        let mut pods: Vec<Pod> = Vec::new();
-        for mut pod in self.caches.pods.endpoints() {
+        let endpoints = self.caches.pods.endpoints();
+        // Each pod's identity, derived once per namespace, service account and label set (the
+        // cache shares one label set between the pods that carry it): validating and comparing
+        // 100,000 pods' label maps was most of a rebuild. Outcomes are kept for the pods after
+        // the first, a failure included (each is logged once per build).
+        let mut outcomes: HashMap<(&str, &str, usize), Option<u32>> = HashMap::new();
+        let mut ids: Vec<Option<u32>> = Vec::with_capacity(endpoints.len());
+        for pod in &endpoints {
+            let memo = (
+                pod.namespace.as_str(),
+                pod.service_account.as_str(),
+                Arc::as_ptr(&pod.labels) as usize,
+            );
+            if let Some(id) = outcomes.get(&memo) {
+                ids.push(*id);
+                continue;
+            }
             let Some(ns_labels) = namespace_labels.get(&pod.namespace) else {
                 tracing::debug!(pod = %pod.name, namespace = %pod.namespace, "namespace not seen yet; pod left out until it is");
+                ids.push(None);
                 continue;
             };
             let key = IdentityKey::new(&pod.namespace, &pod.service_account, &pod.labels)
                 .and_then(|k| k.with_namespace_labels(ns_labels));
-            let Ok(key) = key else {
-                tracing::warn!(pod = %pod.name, namespace = %pod.namespace, "pod or namespace labels make no identity; left out (unknown identity: fail closed)");
-                continue;
-            };
-            let id = match by_key.get(&key) {
-                Some(id) => *id,
-                None => match self.allocate(&key, &known).await {
-                    Ok(id) => {
-                        by_key.insert(key.clone(), id);
-                        id
-                    }
-                    Err(e) => {
-                        tracing::warn!(pod = %pod.name, namespace = %pod.namespace, error = %e, "cannot allocate an identity yet; retrying");
-                        complete = false;
-                        continue;
-                    }
+            let id = match key {
+                Err(_) => {
+                    tracing::warn!(pod = %pod.name, namespace = %pod.namespace, "pod or namespace labels make no identity; left out, and the pods that share them (unknown identity: fail closed)");
+                    None
+                }
+                Ok(key) => match by_key.get(&key) {
+                    Some(id) => Some(*id),
+                    None => match self.allocate(&key, &known).await {
+                        Ok(id) => {
+                            by_key.insert(key, id);
+                            Some(id)
+                        }
+                        Err(e) => {
+                            tracing::warn!(pod = %pod.name, namespace = %pod.namespace, error = %e, "cannot allocate an identity yet; retrying");
+                            complete = false;
+                            None
+                        }
+                    },
                 },
             };
-            pod.identity = id;
-            pods.push(pod);
+            outcomes.insert(memo, id);
+            ids.push(id);
         }
+        drop(outcomes);
+        let mut pods: Vec<Pod> = Vec::with_capacity(endpoints.len());
+        for (mut pod, id) in endpoints.into_iter().zip(ids) {
+            if let Some(id) = id {
+                pod.identity = id;
+                pods.push(pod);
+            }
+        }
+        // Already in this order from the cache (a linear check).
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let used: std::collections::BTreeSet<u32> = pods.iter().map(|p| p.identity).collect();
         let local: std::collections::BTreeSet<u32> = pods
@@ -649,9 +796,7 @@ impl Builder {
             .map(|(k, id)| Identity::new(*id, k))
             .collect();
         self.tend_identities(&used, &local).await;
-        if !self.update_policies().await {
-            complete = false;
-        }
+        self.update_policies();
         let mut state = ClusterState {
             generation: self.generation,
             cluster: self.cfg.cluster.clone(),
@@ -777,8 +922,9 @@ impl Builder {
     }
 
     /// Parses the cached policies: accepted ones replace their previous version, refused ones
-    /// keep it. Writes each verdict into the policy's status; false when a write failed.
-    async fn update_policies(&mut self) -> bool {
+    /// keep it. Each verdict not yet in its policy's status waits in `unwritten`.
+    fn update_policies(&mut self) {
+        self.unwritten.clear();
         let mut next: BTreeMap<PolicyName, Policy> = BTreeMap::new();
         let mut verdicts: Vec<(ApiResource, Arc<DynamicObject>, Verdict)> = Vec::new();
         for (ar, kind, objects) in [
@@ -856,7 +1002,6 @@ impl Builder {
             self.accepted = next;
             self.policy_generation += 1;
         }
-        let mut all_written = true;
         let live: std::collections::HashSet<String> = verdicts
             .iter()
             .filter_map(|(_, o, _)| o.metadata.uid.clone())
@@ -876,6 +1021,18 @@ impl Builder {
                 self.reported.insert(uid, v);
                 continue;
             }
+            self.unwritten.push((ar, o, v));
+        }
+    }
+
+    /// Writes the verdicts `update_policies` left; false when a write failed (it is decided
+    /// again by the next build).
+    async fn write_verdicts(&mut self) -> bool {
+        let mut all_written = true;
+        for (ar, o, v) in std::mem::take(&mut self.unwritten) {
+            let Some(uid) = o.metadata.uid.clone() else {
+                continue;
+            };
             match self.write_status(&ar, &o, &v).await {
                 Ok(()) => {
                     self.reported.insert(uid, v);
@@ -1322,6 +1479,49 @@ mod tests {
     }
 
     #[test]
+    fn only_a_change_the_snapshot_reads_wakes_a_rebuild() {
+        let node = |ip: &str, heartbeat: &str| -> KNode {
+            serde_json::from_value(json!({
+                "metadata": {"name": "node-a", "uid": "u1"},
+                "spec": {"podCIDR": "198.19.1.0/24"},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}],
+                    "conditions": [{"type": "Ready", "status": "True",
+                        "lastHeartbeatTime": heartbeat}]}
+            }))
+            .unwrap()
+        };
+        let mut seen = HashMap::new();
+        let mut nodes = |e| on_event(&mut seen, node_from, e);
+        assert!(!nodes(watcher::Event::Init));
+        let t0 = "2026-12-02T10:00:00Z";
+        assert!(!nodes(watcher::Event::InitApply(node("198.18.0.1", t0))));
+        assert!(nodes(watcher::Event::InitDone));
+        // The kubelet's heartbeat: nothing veil reads.
+        let t1 = "2026-12-02T10:05:00Z";
+        assert!(!nodes(watcher::Event::Apply(node("198.18.0.1", t1))));
+        assert!(nodes(watcher::Event::Apply(node("198.18.0.2", t1))));
+        assert!(nodes(watcher::Event::Delete(node("198.18.0.2", t1))));
+        // A policy: a status write (another node's verdict) is not a spec change.
+        let cnp = |generation: i64, status: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(json!({
+                "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                "metadata": {"name": "p", "namespace": "shop", "uid": "u2", "generation": generation},
+                "spec": {"endpointSelector": {}},
+                "status": status
+            }))
+            .unwrap()
+        };
+        let mut seen = HashMap::new();
+        let mut policies = |e| on_event(&mut seen, generation::<DynamicObject>, e);
+        assert!(policies(watcher::Event::Apply(cnp(1, json!({})))));
+        assert!(!policies(watcher::Event::Apply(cnp(
+            1,
+            json!({"nodes": {"node-b": {"ok": true}}})
+        ))));
+        assert!(policies(watcher::Event::Apply(cnp(2, json!({})))));
+    }
+
+    #[test]
     fn nodes_need_an_ipv4_internal_ip_and_pod_cidr() {
         let n: KNode = serde_json::from_value(json!({
             "metadata": {"name": "node-a", "annotations": {WG_KEY_ANNOTATION: "K1"}},
@@ -1421,7 +1621,7 @@ mod tests {
             .unwrap()
         };
         let key = |n: &str| ("shop".to_string(), n.to_string());
-        let (mut cache, mut relist) = (PodMap::new(), None);
+        let (mut cache, mut relist) = (PodMap::default(), None);
         assert_eq!(
             on_pod_event(&mut cache, &mut relist, watcher::Event::Init),
             (false, false)
@@ -1447,8 +1647,8 @@ mod tests {
             (true, true)
         );
         // Held as its endpoint (both addresses), the pod without an address not at all.
-        assert_eq!(cache.len(), 1);
-        let web = &cache[&key("web")];
+        assert_eq!(cache.pods.len(), 1);
+        let web = &cache.pods[&key("web")];
         assert_eq!(
             Some(web),
             pod_from(&pod("web", Some("198.19.2.7"))).as_ref()
@@ -1464,7 +1664,7 @@ mod tests {
             ),
             (true, false)
         );
-        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.pods.len(), 2);
         assert_eq!(
             on_pod_event(
                 &mut cache,
@@ -1473,7 +1673,7 @@ mod tests {
             ),
             (true, false)
         );
-        assert!(!cache.contains_key(&key("new")));
+        assert!(!cache.pods.contains_key(&key("new")));
         // A relist that no longer lists `web` (deleted while the watch was down) drops it.
         on_pod_event(&mut cache, &mut relist, watcher::Event::Init);
         on_pod_event(
@@ -1482,11 +1682,11 @@ mod tests {
             watcher::Event::InitApply(pod("other", Some("198.19.2.9"))),
         );
         assert!(
-            cache.contains_key(&key("web")),
+            cache.pods.contains_key(&key("web")),
             "kept until the relist completes"
         );
         on_pod_event(&mut cache, &mut relist, watcher::Event::InitDone);
-        assert_eq!(cache.keys().collect::<Vec<_>>(), [&key("other")]);
+        assert_eq!(cache.pods.keys().collect::<Vec<_>>(), [&key("other")]);
         assert_eq!(
             on_pod_event(
                 &mut cache,
@@ -1495,7 +1695,57 @@ mod tests {
             ),
             (true, false)
         );
-        assert!(cache.is_empty());
+        assert!(cache.pods.is_empty());
+        // Deleting what is not cached changes nothing.
+        assert_eq!(
+            on_pod_event(
+                &mut cache,
+                &mut relist,
+                watcher::Event::Delete(pod("other", Some("198.19.2.9")))
+            ),
+            (false, false)
+        );
+    }
+
+    #[test]
+    fn a_pod_update_that_leaves_its_endpoint_alone_rebuilds_nothing_and_labels_are_shared() {
+        let pod = |name: &str, ip: &str, app: &str| -> KPod {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+                "spec": {"nodeName": "node-b", "containers": [{"name": "c", "image": "x"}]},
+                "status": {"phase": "Running", "podIP": ip}
+            }))
+            .unwrap()
+        };
+        let (mut cache, mut relist) = (PodMap::default(), None);
+        let apply = |cache: &mut PodMap, relist: &mut Option<PodMap>, p| {
+            on_pod_event(cache, relist, watcher::Event::Apply(p)).0
+        };
+        assert!(apply(
+            &mut cache,
+            &mut relist,
+            pod("a", "198.19.2.7", "web")
+        ));
+        // A status update (readiness, conditions) that leaves the endpoint as it was.
+        let mut ready = pod("a", "198.19.2.7", "web");
+        ready.status.as_mut().unwrap().conditions = Some(vec![Default::default()]);
+        assert!(!apply(&mut cache, &mut relist, ready));
+        // A label change is one.
+        assert!(apply(
+            &mut cache,
+            &mut relist,
+            pod("a", "198.19.2.7", "api")
+        ));
+        assert!(apply(
+            &mut cache,
+            &mut relist,
+            pod("b", "198.19.2.8", "api")
+        ));
+        let (a, b) = (
+            &cache.pods[&("shop".into(), "a".into())],
+            &cache.pods[&("shop".into(), "b".into())],
+        );
+        assert!(Arc::ptr_eq(&a.labels, &b.labels), "one label set for both");
     }
 
     #[test]
