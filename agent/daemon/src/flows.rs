@@ -702,7 +702,8 @@ mod tests {
             pods: vec![
                 pod("intruder", [198, 19, 1, 11], 258),
                 pod("backend", [198, 19, 2, 10], 257),
-            ],
+            ]
+            .into(),
             identities: vec![
                 Identity {
                     id: 258,

@@ -591,7 +591,8 @@ mod tests {
             pods: vec![
                 pod("fe", "a", [198, 19, 1, 10], 256),
                 pod("be", "b", [198, 19, 2, 10], 257),
-            ],
+            ]
+            .into(),
             ..Default::default()
         }
     }

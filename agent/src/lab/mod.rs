@@ -472,9 +472,9 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
             .iter()
             .map(|svc| cluster_service(svc, &pods))
             .collect(),
-        pods,
+        pods: pods.into(),
         identities,
-        policies: Vec::new(),
+        policies: Default::default(),
         policy_generation: 0,
         index: Default::default(),
     }

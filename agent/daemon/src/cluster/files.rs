@@ -130,7 +130,7 @@ impl FileSource {
     fn with_keys_and_policies(dir: &Path, mut state: ClusterState) -> Result<ClusterState, Error> {
         Self::with_keys(dir, &mut state);
         let (generation, set) = Self::read_policies(dir)?;
-        state.policies = set.list().to_vec();
+        state.policies = Arc::new(set.list().to_vec());
         state.policy_generation = generation;
         Ok(state)
     }
@@ -205,6 +205,7 @@ impl FileSource {
                 last_stamp = m;
                 match state {
                     Ok(state) if state != **tx.borrow() => {
+                        state.share_index(&tx.borrow());
                         tracing::info!(generation = state.generation, "cluster state changed");
                         let _ = tx.send(Arc::new(state));
                     }
@@ -393,7 +394,7 @@ mod tests {
             identity: 0,
         };
         let state = ClusterState {
-            pods: vec![pod("a1", 10, "a"), pod("b", 11, "b"), pod("a2", 12, "a")],
+            pods: vec![pod("a1", 10, "a"), pod("b", 11, "b"), pod("a2", 12, "a")].into(),
             ..ClusterState::default()
         };
         FileSource::write(&dir, &state).unwrap();

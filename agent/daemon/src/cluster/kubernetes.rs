@@ -35,10 +35,13 @@
 //!   policy's `status.nodes.<node>` (as Cilium does).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -217,6 +220,9 @@ async fn publish_keys(nodes: Api<KNode>, mut rx: mpsc::UnboundedReceiver<NodeKey
 
 /// The reflectors' caches.
 struct Caches {
+    /// Changes of what the snapshot's pod list is made of (Pods, Namespaces' labels,
+    /// identities), counted: while the count stands, the builder reuses the last list.
+    endpoint_inputs: Changed,
     nodes: Store<KNode>,
     pods: PodCache,
     namespaces: Store<KNamespace>,
@@ -251,15 +257,18 @@ impl Resources {
 }
 
 impl Caches {
-    fn start(client: &Client, changed: &Arc<Notify>) -> Self {
+    fn start(client: &Client, notify: &Arc<Notify>) -> Self {
         let resources = Resources::new();
+        let endpoint_inputs = Changed::new(notify);
+        // The other caches' changes wake the builder without being counted.
+        let changed = &Changed::new(notify);
         Self {
             nodes: reflect(Api::<KNode>::all(client.clone()), (), changed, node_from),
-            pods: PodCache::start(Api::<KPod>::all(client.clone()), changed),
+            pods: PodCache::start(Api::<KPod>::all(client.clone()), &endpoint_inputs),
             namespaces: reflect(
                 Api::<KNamespace>::all(client.clone()),
                 (),
-                changed,
+                &endpoint_inputs,
                 labels_of_namespace,
             ),
             // Spec changes only: every node writes its verdict into a policy's status, and
@@ -285,7 +294,7 @@ impl Caches {
             identities: reflect(
                 Api::all_with(client.clone(), &resources.identity),
                 resources.identity.clone(),
-                changed,
+                &endpoint_inputs,
                 generation,
             ),
             services: reflect(
@@ -301,6 +310,7 @@ impl Caches {
                 resource_version,
             ),
             resources,
+            endpoint_inputs,
         }
     }
 
@@ -318,6 +328,34 @@ impl Caches {
     }
 }
 
+/// A cache's change signal: the builder's wake-up (one `Notify` for every cache) and a count of
+/// the changes, shared by the caches one part of the snapshot is built from.
+#[derive(Clone)]
+struct Changed {
+    notify: Arc<Notify>,
+    count: Arc<AtomicU64>,
+}
+
+impl Changed {
+    fn new(notify: &Arc<Notify>) -> Self {
+        Self {
+            notify: notify.clone(),
+            count: Arc::default(),
+        }
+    }
+
+    /// Counts a change, then wakes the builder (which reads the count before the caches: a
+    /// change it races with is seen by its next build).
+    fn mark(&self) {
+        self.count.fetch_add(1, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
 /// Starts one reflector: its cache, kept current by a task that logs (does not end on) watch
 /// errors (the watcher retries with bounded backoff) and wakes `changed` when what `relevant`
 /// reads of an object changed, or the object went: a rebuild at 100,000 pods is not free, and
@@ -327,7 +365,7 @@ impl Caches {
 fn reflect<K, R>(
     api: Api<K>,
     dyntype: K::DynamicType,
-    changed: &Arc<Notify>,
+    changed: &Changed,
     relevant: fn(&K) -> R,
 ) -> Store<K>
 where
@@ -356,7 +394,7 @@ where
             match event {
                 Ok(event) => {
                     if on_event(&mut seen, relevant, event) {
-                        changed.notify_one()
+                        changed.mark()
                     }
                 }
                 Err(e) => {
@@ -442,7 +480,7 @@ struct PodCache {
 impl PodCache {
     /// Lists and watches Pods (relisting on `410 Gone`, bounded backoff), waking `changed` on
     /// every change.
-    fn start(api: Api<KPod>, changed: &Arc<Notify>) -> Self {
+    fn start(api: Api<KPod>, changed: &Changed) -> Self {
         let (ready_tx, ready) = watch::channel(false);
         let cache = PodCache {
             pods: Arc::default(),
@@ -465,7 +503,7 @@ impl PodCache {
                             ready_tx.send_replace(true);
                         }
                         if rebuild {
-                            changed.notify_one();
+                            changed.mark();
                         }
                     }
                     Err(e) => {
@@ -598,12 +636,15 @@ struct Builder {
     caches: Caches,
     generation: u64,
     policy_generation: u64,
-    /// The last accepted version of each policy (kept when a newer version is refused).
-    accepted: BTreeMap<PolicyName, Policy>,
+    /// The last accepted version of each policy (kept when a newer version is refused),
+    /// shared with `parsed`.
+    accepted: BTreeMap<PolicyName, Arc<Policy>>,
+    /// `accepted` as the snapshot's list, made once per change of it (a pod added shares it).
+    policy_list: Arc<Vec<Policy>>,
     /// Verdicts written into policy statuses (by uid).
     reported: HashMap<String, Verdict>,
     /// Each policy object's parse, by uid, with the generation it was parsed at.
-    parsed: HashMap<String, (i64, Result<Policy, String>)>,
+    parsed: HashMap<String, (i64, Result<Arc<Policy>, String>)>,
     /// NetworkPolicies (uid, generation) whose refusal was logged (they have no status).
     netpol_refusals: std::collections::HashSet<(String, i64)>,
     /// The snapshot last published (shared with the receivers, not copied).
@@ -612,6 +653,13 @@ struct Builder {
     /// written once its snapshot is out, so a policy change reaches the datapath without
     /// waiting for the apiserver's answer to a status write.
     unwritten: Vec<(ApiResource, Arc<DynamicObject>, Verdict)>,
+    /// The count of endpoint-input changes the last snapshot's pod list was built at, when
+    /// that build allocated every identity it needed: while the count stands, the next
+    /// snapshot shares the list (a policy or Node change does not redo 100,000 pods).
+    endpoints_at: Option<u64>,
+    /// The identities the last pod list's pods carry, and those this node's pods carry.
+    used: BTreeSet<u32>,
+    local: BTreeSet<u32>,
 }
 
 impl Builder {
@@ -623,11 +671,15 @@ impl Builder {
             generation: 0,
             policy_generation: 0,
             accepted: BTreeMap::new(),
+            policy_list: Arc::default(),
             reported: HashMap::new(),
             parsed: HashMap::new(),
             netpol_refusals: Default::default(),
             last: None,
             unwritten: Vec::new(),
+            endpoints_at: None,
+            used: BTreeSet::new(),
+            local: BTreeSet::new(),
         }
     }
 
@@ -694,6 +746,62 @@ impl Builder {
             v.sort_by(|a, b| a.name.cmp(&b.name));
             v
         };
+        // Read before the caches: a change racing with this build is seen by the next.
+        let inputs = self.caches.endpoint_inputs.count();
+        let reuse = self
+            .last
+            .as_ref()
+            .filter(|_| self.endpoints_at == Some(inputs))
+            .map(|last| (last.pods.clone(), last.identities.clone()));
+        let fresh = reuse.is_none();
+        let (pods, identities) = match reuse {
+            Some(shared) => shared,
+            None => {
+                let (pods, identities, done) = self.endpoints().await;
+                complete &= done;
+                self.endpoints_at = done.then_some(inputs);
+                (Arc::new(pods), identities)
+            }
+        };
+        self.tend_identities(&self.used, &self.local).await;
+        self.update_policies();
+        let mut state = ClusterState {
+            generation: self.generation,
+            cluster: self.cfg.cluster.clone(),
+            trust_domain: self.cfg.trust_domain.clone(),
+            nodes,
+            pods,
+            identities,
+            policies: self.policy_list.clone(),
+            policy_generation: self.policy_generation,
+            services: services_from(&self.caches.services.state(), &self.caches.slices.state()),
+            index: Default::default(),
+        };
+        if fresh {
+            state.compact();
+        }
+        // Compared with the generation set aside (a snapshot is 100,000 pods at scale: no copy).
+        if let Some(last) = self.last.as_ref() {
+            state.generation = last.generation;
+            if **last == state {
+                return (last.clone(), complete);
+            }
+        }
+        self.generation += 1;
+        state.generation = self.generation;
+        if let Some(last) = self.last.as_ref() {
+            state.share_index(last);
+        }
+        let state = Arc::new(state);
+        self.last = Some(state.clone());
+        (state, complete)
+    }
+
+    /// The pod list from the caches, each pod with its identity (allocated now if no agent did
+    /// yet), the identities they carry, and whether every identity could be allocated (a pod
+    /// without one is left out: unknown identity, fail closed). Sets `used` and `local`.
+    async fn endpoints(&mut self) -> (Vec<Pod>, Vec<Identity>, bool) {
+        let mut complete = true;
         let known: BTreeMap<String, IdentityKey> = self
             .caches
             .identities
@@ -784,44 +892,18 @@ impl Builder {
         }
         // Already in this order from the cache (a linear check).
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        let used: std::collections::BTreeSet<u32> = pods.iter().map(|p| p.identity).collect();
-        let local: std::collections::BTreeSet<u32> = pods
+        self.used = pods.iter().map(|p| p.identity).collect();
+        self.local = pods
             .iter()
             .filter(|p| p.node == self.cfg.node)
             .map(|p| p.identity)
             .collect();
         let identities: Vec<Identity> = by_key
             .iter()
-            .filter(|(_, id)| used.contains(id))
+            .filter(|(_, id)| self.used.contains(id))
             .map(|(k, id)| Identity::new(*id, k))
             .collect();
-        self.tend_identities(&used, &local).await;
-        self.update_policies();
-        let mut state = ClusterState {
-            generation: self.generation,
-            cluster: self.cfg.cluster.clone(),
-            trust_domain: self.cfg.trust_domain.clone(),
-            nodes,
-            pods,
-            identities,
-            policies: self.accepted.values().cloned().collect(),
-            policy_generation: self.policy_generation,
-            services: services_from(&self.caches.services.state(), &self.caches.slices.state()),
-            index: Default::default(),
-        };
-        state.compact();
-        // Compared with the generation set aside (a snapshot is 100,000 pods at scale: no copy).
-        if let Some(last) = self.last.as_ref() {
-            state.generation = last.generation;
-            if **last == state {
-                return (last.clone(), complete);
-            }
-        }
-        self.generation += 1;
-        state.generation = self.generation;
-        let state = Arc::new(state);
-        self.last = Some(state.clone());
-        (state, complete)
+        (pods, identities, complete)
     }
 
     /// Finds or creates the `VeilIdentity` for `key`: the first candidate number that is free
@@ -925,7 +1007,7 @@ impl Builder {
     /// keep it. Each verdict not yet in its policy's status waits in `unwritten`.
     fn update_policies(&mut self) {
         self.unwritten.clear();
-        let mut next: BTreeMap<PolicyName, Policy> = BTreeMap::new();
+        let mut next: BTreeMap<PolicyName, Arc<Policy>> = BTreeMap::new();
         let mut verdicts: Vec<(ApiResource, Arc<DynamicObject>, Verdict)> = Vec::new();
         for (ar, kind, objects) in [
             (
@@ -951,7 +1033,7 @@ impl Builder {
                 let parsed = match self.parsed.get(&uid) {
                     Some((g, r)) if *g == generation && !uid.is_empty() => r.clone(),
                     _ => {
-                        let r = policy_from(kind, &o);
+                        let r = policy_from(kind, &o).map(Arc::new);
                         self.parsed.insert(uid, (generation, r.clone()));
                         r
                     }
@@ -982,7 +1064,7 @@ impl Builder {
             );
             match super::netpol::policy_from(&o) {
                 Ok(p) => {
-                    next.insert(name, p);
+                    next.insert(name, Arc::new(p));
                 }
                 Err(e) => {
                     if let Some(prev) = self.accepted.get(&name) {
@@ -999,6 +1081,7 @@ impl Builder {
             }
         }
         if next != self.accepted {
+            self.policy_list = Arc::new(next.values().map(|p| (**p).clone()).collect());
             self.accepted = next;
             self.policy_generation += 1;
         }

@@ -55,14 +55,17 @@ pub struct ClusterState {
     pub cluster: String,
     pub trust_domain: String,
     pub nodes: Vec<Node>,
-    pub pods: Vec<Pod>,
+    /// Shared between snapshots while no pod changed (a source hands the next snapshot the
+    /// same list): the daemon then skips what it derives from pods alone, O(endpoints).
+    pub pods: Arc<Vec<Pod>>,
     /// Numeric security identities, one per namespace + label set, allocated by the control
     /// plane so every node agrees.
     #[serde(default)]
     pub identities: Vec<Identity>,
     /// Network policies in force, with the generation of the last change.
+    /// Shared between snapshots while no policy changed.
     #[serde(default)]
-    pub policies: Vec<crate::policy::Policy>,
+    pub policies: Arc<Vec<crate::policy::Policy>>,
     #[serde(default)]
     pub policy_generation: u64,
     /// Services, with their backends resolved by the source.
@@ -77,7 +80,7 @@ pub struct ClusterState {
 /// The lookup tables of a [`ClusterState`]: built once per snapshot, so the per-event paths
 /// (flow enrichment, hold classification) cost O(1) however many pods the cluster has.
 #[derive(Debug, Default)]
-pub struct Index(std::sync::OnceLock<IndexMaps>);
+pub struct Index(std::sync::OnceLock<Arc<IndexMaps>>);
 
 #[derive(Debug)]
 struct IndexMaps {
@@ -126,7 +129,7 @@ impl Index {
             for (i, n) in state.nodes.iter().enumerate() {
                 m.node_by_name.entry(n.name.clone()).or_insert(i);
             }
-            m
+            Arc::new(m)
         })
     }
 }
@@ -280,13 +283,28 @@ impl Pod {
 }
 
 impl ClusterState {
+    /// Takes over `last`'s lookup tables when they were built and this snapshot has the same
+    /// pod list (by pointer), nodes and Services: a policy change then rebuilds no O(endpoints)
+    /// index.
+    pub fn share_index(&self, last: &ClusterState) {
+        if Arc::ptr_eq(&self.pods, &last.pods)
+            && self.nodes == last.nodes
+            && self.services == last.services
+        {
+            if let Some(maps) = last.index.0.get() {
+                let _ = self.index.0.set(maps.clone());
+            }
+        }
+    }
+
     /// Makes pods with equal labels share one map, and drops the lists' spare capacity (a
     /// source calls it on each snapshot it builds). A snapshot as parsed has a map per pod, and
     /// its pod list the capacity its parser grew it to: at 100,000 pods, room for 131,072.
     pub fn compact(&mut self) {
         let mut seen: std::collections::HashSet<Arc<BTreeMap<String, String>>> =
             std::collections::HashSet::new();
-        for p in &mut self.pods {
+        let pods = Arc::make_mut(&mut self.pods);
+        for p in pods.iter_mut() {
             match seen.get(&p.labels) {
                 Some(shared) => p.labels = Arc::clone(shared),
                 None => {
@@ -294,11 +312,10 @@ impl ClusterState {
                 }
             }
         }
-        self.pods.shrink_to_fit();
+        pods.shrink_to_fit();
         self.nodes.shrink_to_fit();
         self.services.shrink_to_fit();
         self.identities.shrink_to_fit();
-        self.policies.shrink_to_fit();
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {
@@ -445,7 +462,8 @@ mod tests {
                     )
                 })
                 .chain([pod("dup", [198, 19, 0, 0])])
-                .collect(),
+                .collect::<Vec<_>>()
+                .into(),
             ..ClusterState::default()
         };
         assert_eq!(
@@ -464,6 +482,71 @@ mod tests {
         let c = s.clone();
         assert_eq!(c, s);
         assert_eq!(c.node("node-b").unwrap().id, 2);
+    }
+
+    /// A snapshot takes over the last one's index only with the very same pod list: one whose
+    /// pods changed (a new list, even with equal contents) builds its own, so no lookup answers
+    /// from a stale table.
+    #[test]
+    fn index_shared_only_with_the_same_pod_list() {
+        let pod = |name: &str, last: u8| Pod {
+            name: name.into(),
+            namespace: "ns".into(),
+            node: "node-a".into(),
+            ip: Ipv4Addr::new(198, 19, 1, last),
+            ipv6: None,
+            labels: BTreeMap::new().into(),
+            service_account: "default".into(),
+            host_veth: "v".into(),
+            identity: 0,
+        };
+        let last = ClusterState {
+            nodes: vec![Node::for_test("node-a", 1)],
+            pods: vec![pod("a", 10)].into(),
+            ..ClusterState::default()
+        };
+        let index = |s: &ClusterState| s.index.0.get().map(Arc::as_ptr);
+        // Not built yet: nothing to share.
+        let early = last.clone();
+        early.share_index(&last);
+        assert_eq!(index(&early), None);
+        assert_eq!(
+            last.pod_by_ip(Ipv4Addr::new(198, 19, 1, 10)).unwrap().name,
+            "a"
+        );
+        // A policy change: the same list, shared.
+        let policy_change = ClusterState {
+            policy_generation: 1,
+            ..last.clone()
+        };
+        policy_change.share_index(&last);
+        assert!(index(&last).is_some());
+        assert_eq!(index(&policy_change), index(&last));
+        // A pod moved to another address: a new list; its own index finds it.
+        let moved = ClusterState {
+            pods: vec![pod("a", 11)].into(),
+            ..last.clone()
+        };
+        moved.share_index(&last);
+        assert_eq!(index(&moved), None);
+        assert_eq!(
+            moved.pod_by_ip(Ipv4Addr::new(198, 19, 1, 11)).unwrap().name,
+            "a"
+        );
+        assert!(moved.pod_by_ip(Ipv4Addr::new(198, 19, 1, 10)).is_none());
+        // An equal list that is not the same one is not trusted either; nor are other nodes.
+        let copied = ClusterState {
+            pods: Arc::new((*last.pods).clone()),
+            ..last.clone()
+        };
+        copied.share_index(&last);
+        assert_eq!(index(&copied), None);
+        let renodes = ClusterState {
+            nodes: vec![Node::for_test("node-a", 2)],
+            ..last.clone()
+        };
+        renodes.share_index(&last);
+        assert_eq!(index(&renodes), None);
     }
 
     #[test]

@@ -151,6 +151,8 @@ impl Agent {
             events_lost_logged: false,
             policy_input: None,
             services_input: None,
+            maps_input: None,
+            proxy_pods: None,
             ipcache_written: Default::default(),
             nodes_written: Default::default(),
             policy: api::PolicyStatus::default(),

@@ -135,20 +135,40 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         s.watched = want;
     }
     let node_encryption = s.cfg.encryption && s.cfg.node_encryption;
-    let (ipcache, nodes) = desired_maps(&cluster, &me, &with_key, node_encryption);
-    // A map that cannot take every entry (full) keeps what fits; the rest of the pass still
-    // runs (policy above all), and the failure is this pass's error. An endpoint left out of
-    // the ipcache is matched by its node's pod CIDR entry: unknown identity, so policy drops
-    // it (fail closed).
-    let ipcache_synced = IpCacheMap::new(s.datapath.ebpf_mut())
-        .and_then(|mut m| s.ipcache_written.sync(&mut m, ipcache));
-    if let Err(e) = ipcache_synced {
-        first_error.get_or_insert(ReconcileError::Map("ipcache", Box::new(e)));
-    }
-    let nodes_synced = KernelHash::<u32, NodeInfo>::new(s.datapath.ebpf_mut(), map_names::NODES)
-        .and_then(|mut m| s.nodes_written.sync(&mut m, nodes));
-    if let Err(e) = nodes_synced {
-        first_error.get_or_insert(ReconcileError::Map("node table", Box::new(e)));
+    let unchanged = s
+        .maps_input
+        .as_ref()
+        .is_some_and(|i| i.same(&cluster, &with_key, node_encryption));
+    if !unchanged {
+        s.maps_input = None;
+        let (ipcache, nodes) = desired_maps(&cluster, &me, &with_key, node_encryption);
+        // A map that cannot take every entry (full) keeps what fits; the rest of the pass
+        // still runs (policy above all), and the failure is this pass's error (and the next's:
+        // only a complete write is remembered). An endpoint left out of the ipcache is matched
+        // by its node's pod CIDR entry: unknown identity, so policy drops it (fail closed).
+        let ipcache_synced = IpCacheMap::new(s.datapath.ebpf_mut())
+            .and_then(|mut m| s.ipcache_written.sync(&mut m, ipcache));
+        let nodes_synced =
+            KernelHash::<u32, NodeInfo>::new(s.datapath.ebpf_mut(), map_names::NODES)
+                .and_then(|mut m| s.nodes_written.sync(&mut m, nodes));
+        match (ipcache_synced, nodes_synced) {
+            (Ok(_), Ok(_)) => {
+                s.maps_input = Some(super::state::MapsInput {
+                    pods: cluster.pods.clone(),
+                    nodes: cluster.nodes.clone(),
+                    with_key,
+                    node_encryption,
+                })
+            }
+            (i, n) => {
+                if let Err(e) = i {
+                    first_error.get_or_insert(ReconcileError::Map("ipcache", Box::new(e)));
+                }
+                if let Err(e) = n {
+                    first_error.get_or_insert(ReconcileError::Map("node table", Box::new(e)));
+                }
+            }
+        }
     }
     if let Err(e) = reconcile_policy(s, &cluster, &me) {
         first_error.get_or_insert(e.into());
@@ -277,6 +297,18 @@ fn reconcile_policy(
 /// Sends the L7 proxy its configuration when it changed: the pods' addresses and identities
 /// and the HTTP rules of the policy in force.
 fn reconcile_proxy(s: &mut Shared, cluster: &ClusterState, me: &str) {
+    // Its endpoint table is O(endpoints): not rebuilt while the pod list is the same one.
+    let same_pods = s
+        .proxy_pods
+        .as_ref()
+        .is_some_and(|p| Arc::ptr_eq(p, &cluster.pods));
+    if same_pods && {
+        let cur = s.proxy_tx.borrow();
+        cur.generation == cluster.policy_generation && cur.rules == s.l7_rules
+    } {
+        return;
+    }
+    s.proxy_pods = Some(cluster.pods.clone());
     let endpoints = cluster
         .pods
         .iter()
@@ -357,7 +389,7 @@ pub fn desired_maps(
         }
         nodes.insert(n.id, NodeInfo { flags, _pad: 0 });
     }
-    for p in &cluster.pods {
+    for p in cluster.pods.iter() {
         let Some(node) = cluster.node(&p.node) else {
             continue;
         };
@@ -429,9 +461,47 @@ mod tests {
             pods: vec![
                 pod("fe", "a", [198, 19, 1, 10]),
                 pod("be", "b", [198, 19, 2, 10]),
-            ],
+            ]
+            .into(),
             ..Default::default()
         }
+    }
+
+    /// The maps are rebuilt unless the pod list is the one they were written from (by
+    /// pointer) and nodes, keyed peers and the encryption setting are as they were.
+    #[test]
+    fn maps_are_rebuilt_unless_their_input_is_the_same() {
+        let written = state();
+        let with_key: BTreeSet<String> = ["b".to_string()].into();
+        let input = crate::daemon::state::MapsInput {
+            pods: written.pods.clone(),
+            nodes: written.nodes.clone(),
+            with_key: with_key.clone(),
+            node_encryption: false,
+        };
+        // A policy change: the next snapshot shares the list.
+        let policy_change = ClusterState {
+            policy_generation: 7,
+            ..written.clone()
+        };
+        assert!(input.same(&policy_change, &with_key, false));
+        // A pod added, or the same pods parsed again: a new list.
+        let mut added = written.clone();
+        let mut pods = (*written.pods).clone();
+        pods.push(pods[0].clone());
+        added.pods = pods.into();
+        assert!(!input.same(&added, &with_key, false));
+        let reparsed = ClusterState {
+            pods: Arc::new((*written.pods).clone()),
+            ..written.clone()
+        };
+        assert!(!input.same(&reparsed, &with_key, false));
+        // A node's pod CIDR, a peer's key, node encryption.
+        let mut renumbered = written.clone();
+        renumbered.nodes[1].pod_cidr = "198.19.9.0/24".into();
+        assert!(!input.same(&renumbered, &with_key, false));
+        assert!(!input.same(&written, &BTreeSet::new(), false));
+        assert!(!input.same(&written, &with_key, true));
     }
 
     #[test]

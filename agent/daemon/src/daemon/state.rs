@@ -46,6 +46,12 @@ pub(super) struct Shared {
     /// The Services the socket maps were last written from: a reconcile with the same ones
     /// (every tick) reads no map.
     pub(super) services_input: Option<Vec<crate::cluster::Service>>,
+    /// What the ipcache and node table were last written from, completely: a pass with the
+    /// same pod list (shared by pointer between snapshots), nodes, keyed peers and encryption
+    /// setting skips rebuilding them (O(endpoints)).
+    pub(super) maps_input: Option<MapsInput>,
+    /// The pod list the L7 proxy's endpoint table was last built from.
+    pub(super) proxy_pods: Option<Arc<Vec<crate::cluster::Pod>>>,
     /// What this agent last wrote to the ipcache and the node table.
     pub(super) ipcache_written:
         crate::datapath::maps::Shadowed<crate::datapath::maps::Prefix, veil_common::maps::IpInfo>,
@@ -89,4 +95,27 @@ pub(super) fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// See [`Shared::maps_input`].
+pub(super) struct MapsInput {
+    pub(super) pods: Arc<Vec<crate::cluster::Pod>>,
+    pub(super) nodes: Vec<crate::cluster::Node>,
+    pub(super) with_key: BTreeSet<String>,
+    pub(super) node_encryption: bool,
+}
+
+impl MapsInput {
+    /// Whether the maps written from `self` are those `cluster` and the rest would give.
+    pub(super) fn same(
+        &self,
+        cluster: &crate::cluster::ClusterState,
+        with_key: &BTreeSet<String>,
+        node_encryption: bool,
+    ) -> bool {
+        Arc::ptr_eq(&self.pods, &cluster.pods)
+            && self.nodes == cluster.nodes
+            && self.with_key == *with_key
+            && self.node_encryption == node_encryption
+    }
 }

@@ -715,7 +715,7 @@ pub fn directory(cluster: &ClusterState, td: &TrustDomain) -> StaticDirectory {
             });
         }
     }
-    for p in &cluster.pods {
+    for p in cluster.pods.iter() {
         let (Some(node), Some(id)) = (
             cluster.node(&p.node),
             workload_spiffe_id(td, &p.namespace, &p.service_account),
@@ -856,7 +856,8 @@ mod tests {
                 pod("fe", "a", 256),
                 pod("in", "a", 258),
                 pod("be", "b", 257),
-            ],
+            ]
+            .into(),
             ..Default::default()
         }
     }

@@ -233,7 +233,7 @@ fn simulate(base: &ClusterState, size: Size, identities: usize) -> anyhow::Resul
         used[node] += 1;
         let k = e % identities;
         let ident = &state.identities[base.identities.len() + k];
-        state.pods.push(Pod {
+        std::sync::Arc::make_mut(&mut state.pods).push(Pod {
             name: format!("ep-{e}"),
             namespace: ident.namespace.clone(),
             node: format!("sim-{node:04}"),
@@ -654,7 +654,7 @@ impl Driver for Files {
     }
 
     fn prepare_pod(&mut self, pod: &Pod) -> anyhow::Result<()> {
-        self.state.pods.push(pod.clone());
+        std::sync::Arc::make_mut(&mut self.state.pods).push(pod.clone());
         self.state.generation += 1;
         self.state.index = Default::default();
         Ok(())
@@ -740,7 +740,7 @@ impl Driver for Kube {
 
     fn prepare_pod(&mut self, pod: &Pod) -> anyhow::Result<()> {
         self.sim.add_pod(pod)?;
-        self.state.pods.push(pod.clone());
+        std::sync::Arc::make_mut(&mut self.state.pods).push(pod.clone());
         self.state.index = Default::default();
         Ok(())
     }
