@@ -360,6 +360,8 @@ enum LabCommand {
 /// mimalloc, not glibc's malloc: at 1,000 nodes and 100,000 endpoints glibc kept the agent's
 /// freed memory resident between pages in use (ARCHITECTURE.md, "Scale"). Every `veil`
 /// subcommand allocates with it.
+/// (The `system-allocator` feature leaves glibc's, for heaptrack.)
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -435,9 +435,8 @@ impl Node {
 mod tests {
     use super::*;
 
-    #[test]
-    fn lookups_by_ip_and_name_use_the_index_and_find_the_first() {
-        let pod = |name: &str, ip: [u8; 4]| Pod {
+    fn pod(name: &str, ip: [u8; 4]) -> Pod {
+        Pod {
             name: name.into(),
             namespace: "ns".into(),
             node: "node-a".into(),
@@ -447,7 +446,11 @@ mod tests {
             service_account: "default".into(),
             host_veth: "v".into(),
             identity: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn lookups_by_ip_and_name_use_the_index_and_find_the_first() {
         let s = ClusterState {
             nodes: vec![
                 Node::for_test("node-a", 1),
@@ -489,17 +492,7 @@ mod tests {
     /// from a stale table.
     #[test]
     fn index_shared_only_with_the_same_pod_list() {
-        let pod = |name: &str, last: u8| Pod {
-            name: name.into(),
-            namespace: "ns".into(),
-            node: "node-a".into(),
-            ip: Ipv4Addr::new(198, 19, 1, last),
-            ipv6: None,
-            labels: BTreeMap::new().into(),
-            service_account: "default".into(),
-            host_veth: "v".into(),
-            identity: 0,
-        };
+        let pod = |name: &str, last: u8| pod(name, [198, 19, 1, last]);
         let last = ClusterState {
             nodes: vec![Node::for_test("node-a", 1)],
             pods: vec![pod("a", 10)].into(),
