@@ -285,20 +285,14 @@ impl Caches {
                 resources.cnp.clone(),
                 changed,
                 generation,
-                {
-                    let node = node.to_string();
-                    move |o: &mut DynamicObject| compact_policy(o, &node)
-                },
+                policy_compactor(node),
             ),
             ccnps: reflect(
                 Api::all_with(client.clone(), &resources.ccnp),
                 resources.ccnp.clone(),
                 changed,
                 generation,
-                {
-                    let node = node.to_string();
-                    move |o: &mut DynamicObject| compact_policy(o, &node)
-                },
+                policy_compactor(node),
             ),
             netpols: reflect(
                 Api::<NetworkPolicy>::all(client.clone()),
@@ -514,6 +508,12 @@ fn compact_policy(o: &mut DynamicObject, node: &str) {
     if let Some(entry) = mine {
         data.insert("status".into(), json!({"nodes": {node: entry}}));
     }
+}
+
+/// [`compact_policy`] for this node, as a reflector's `compact` step.
+fn policy_compactor(node: &str) -> impl FnMut(&mut DynamicObject) + Send + 'static {
+    let node = node.to_string();
+    move |o| compact_policy(o, &node)
 }
 
 /// The cluster's Pods as endpoints: what [`pod_from`] makes of each one (identity not yet
