@@ -699,11 +699,10 @@ mod tests {
             identity: id,
         };
         ClusterState {
-            pods: vec![
+            pods: crate::cluster::pod_list([
                 pod("intruder", [198, 19, 1, 11], 258),
                 pod("backend", [198, 19, 2, 10], 257),
-            ]
-            .into(),
+            ]),
             identities: vec![
                 Identity {
                     id: 258,

@@ -588,11 +588,10 @@ mod tests {
         };
         ClusterState {
             nodes: vec![node("a", 1), node("b", 2)],
-            pods: vec![
+            pods: crate::cluster::pod_list([
                 pod("fe", "a", [198, 19, 1, 10], 256),
                 pod("be", "b", [198, 19, 2, 10], 257),
-            ]
-            .into(),
+            ]),
             ..Default::default()
         }
     }

@@ -472,7 +472,7 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
             .iter()
             .map(|svc| cluster_service(svc, &pods))
             .collect(),
-        pods: pods.into(),
+        pods: cluster::pod_list(pods),
         identities,
         policies: Default::default(),
         policy_generation: 0,

@@ -394,7 +394,11 @@ mod tests {
             identity: 0,
         };
         let state = ClusterState {
-            pods: vec![pod("a1", 10, "a"), pod("b", 11, "b"), pod("a2", 12, "a")].into(),
+            pods: crate::cluster::pod_list([
+                pod("a1", 10, "a"),
+                pod("b", 11, "b"),
+                pod("a2", 12, "a"),
+            ]),
             ..ClusterState::default()
         };
         FileSource::write(&dir, &state).unwrap();

@@ -573,8 +573,8 @@ impl PodCache {
         Ok(())
     }
 
-    /// Every cached endpoint, cloned.
-    fn endpoints(&self) -> Vec<Pod> {
+    /// Every cached endpoint (shared, not copied).
+    fn endpoints(&self) -> Vec<Arc<Pod>> {
         self.pods
             .lock()
             .expect("pod cache lock")
@@ -583,13 +583,28 @@ impl PodCache {
             .cloned()
             .collect()
     }
+
+    /// Puts each `(cached, with_identity)` pair's second pod in the place of its first, if the
+    /// cache still holds that one: the next build and the cache then share it.
+    fn adopt(&self, pods: Vec<(Arc<Pod>, Arc<Pod>)>) {
+        let mut cache = self.pods.lock().expect("pod cache lock");
+        for (cached, with_identity) in pods {
+            let key = (cached.namespace.clone(), cached.name.clone());
+            if let Some(p) = cache.pods.get_mut(&key) {
+                if Arc::ptr_eq(p, &cached) {
+                    *p = with_identity;
+                }
+            }
+        }
+    }
 }
 
-/// The pod cache's contents: endpoints by (namespace, name), their label sets shared.
+/// The pod cache's contents: endpoints by (namespace, name), each shared with the snapshots
+/// that list it, their label sets shared between them.
 #[derive(Default)]
 struct PodMap {
     /// In the snapshot's order.
-    pods: BTreeMap<(String, String), Pod>,
+    pods: BTreeMap<(String, String), Arc<Pod>>,
     /// One copy of each label set, shared by the pods that carry it (a Deployment's 100 pods
     /// carry one set; as a map per pod, labels were most of the cache).
     labels: std::collections::HashSet<Arc<BTreeMap<String, String>>>,
@@ -598,25 +613,39 @@ struct PodMap {
 }
 
 impl PodMap {
-    /// Caches `pod` under `key`; whether that changed the cache (a status update that leaves
-    /// the endpoint as it was does not, and rebuilds nothing).
-    fn insert(&mut self, key: (String, String), mut pod: Pod) -> bool {
-        if self.pods.get(&key) == Some(&pod) {
-            return false;
-        }
-        match self.labels.get(&pod.labels) {
-            Some(shared) => pod.labels = Arc::clone(shared),
-            None => {
-                self.labels.insert(Arc::clone(&pod.labels));
-                // Label sets no pod carries any more go, once the set has doubled.
-                if self.labels.len() >= 2 * self.labels_pruned_at.max(512) {
-                    self.labels.retain(|l| Arc::strong_count(l) > 1);
-                    self.labels_pruned_at = self.labels.len();
-                }
+    /// Caches `pod` under `key`, unless `before` (what a cache held under `key`) is the same
+    /// endpoint: then `before` is kept, the identity the builder gave it included, and stays
+    /// shared with the snapshots. Whether that changed what this map held (a status update
+    /// that leaves the endpoint as it was does not, and rebuilds nothing).
+    fn insert(&mut self, key: (String, String), mut pod: Pod, before: Option<&Arc<Pod>>) -> bool {
+        if let Some(before) = before.filter(|b| same_endpoint(b, &pod)) {
+            let labels = self.shared_labels(&before.labels);
+            if Arc::ptr_eq(&labels, &before.labels) {
+                let unchanged = self.pods.get(&key).is_some_and(|p| Arc::ptr_eq(p, before));
+                self.pods.insert(key, before.clone());
+                return !unchanged;
             }
         }
-        self.pods.insert(key, pod);
+        pod.labels = self.shared_labels(&pod.labels);
+        self.pods.insert(key, Arc::new(pod));
         true
+    }
+
+    /// The label set equal to `labels` that the cache's pods share.
+    fn shared_labels(
+        &mut self,
+        labels: &Arc<BTreeMap<String, String>>,
+    ) -> Arc<BTreeMap<String, String>> {
+        if let Some(shared) = self.labels.get(labels) {
+            return Arc::clone(shared);
+        }
+        self.labels.insert(Arc::clone(labels));
+        // Label sets no pod carries any more go, once the set has doubled.
+        if self.labels.len() >= 2 * self.labels_pruned_at.max(512) {
+            self.labels.retain(|l| Arc::strong_count(l) > 1);
+            self.labels_pruned_at = self.labels.len();
+        }
+        Arc::clone(labels)
     }
 
     /// Whether `key` was cached.
@@ -625,10 +654,46 @@ impl PodMap {
     }
 }
 
+/// Whether `a` and `b` are one endpoint, their identities aside (a pod from the API has none
+/// yet; the builder gives it one).
+fn same_endpoint(a: &Pod, b: &Pod) -> bool {
+    let Pod {
+        name,
+        namespace,
+        node,
+        ip,
+        ipv6,
+        labels,
+        service_account,
+        host_veth,
+        identity: _,
+    } = a;
+    (
+        name,
+        namespace,
+        node,
+        ip,
+        ipv6,
+        labels,
+        service_account,
+        host_veth,
+    ) == (
+        &b.name,
+        &b.namespace,
+        &b.node,
+        &b.ip,
+        &b.ipv6,
+        &b.labels,
+        &b.service_account,
+        &b.host_veth,
+    )
+}
+
 /// One watch event into the pod cache (a relist is gathered in `relist` and replaces the cache
-/// at its end: a Pod it no longer lists is gone). Whether the snapshot must be rebuilt (not for
-/// an update that leaves the endpoint as it was: pods' status changes are most of a cluster's
-/// watch events), and whether a full list has just completed.
+/// at its end: a Pod it no longer lists is gone; one it lists as it was keeps its cached
+/// endpoint). Whether the snapshot must be rebuilt (not for an update that leaves the endpoint
+/// as it was: pods' status changes are most of a cluster's watch events), and whether a full
+/// list has just completed.
 fn on_pod_event(
     cache: &mut PodMap,
     relist: &mut Option<PodMap>,
@@ -636,12 +701,18 @@ fn on_pod_event(
 ) -> (bool, bool) {
     match event {
         watcher::Event::Init => {
-            *relist = Some(PodMap::default());
+            // Knowing the cache's label sets, the relist's pods share them as the cache's do.
+            *relist = Some(PodMap {
+                labels: cache.labels.clone(),
+                ..PodMap::default()
+            });
             (false, false)
         }
         watcher::Event::InitApply(p) => {
             if let (Some(r), Some(pod)) = (relist.as_mut(), pod_from(&p)) {
-                r.insert((pod.namespace.clone(), pod.name.clone()), pod);
+                let key = (pod.namespace.clone(), pod.name.clone());
+                let before = cache.pods.get(&key);
+                r.insert(key, pod, before);
             }
             (false, false)
         }
@@ -654,7 +725,10 @@ fn on_pod_event(
         watcher::Event::Apply(p) => {
             let key = pod_key(&p);
             let changed = match pod_from(&p) {
-                Some(pod) => cache.insert(key, pod),
+                Some(pod) => {
+                    let before = cache.pods.get(&key).cloned();
+                    cache.insert(key, pod, before.as_ref())
+                }
                 None => cache.remove(&key),
             };
             (changed, false)
@@ -850,7 +924,7 @@ impl Builder {
     /// The pod list from the caches, each pod with its identity (allocated now if no agent did
     /// yet), the identities they carry, and whether every identity could be allocated (a pod
     /// without one is left out: unknown identity, fail closed). Sets `used` and `local`.
-    async fn endpoints(&mut self) -> (Vec<Pod>, Vec<Identity>, bool) {
+    async fn endpoints(&mut self) -> (Vec<Arc<Pod>>, Vec<Identity>, bool) {
         let mut complete = true;
         let known: BTreeMap<String, IdentityKey> = self
             .caches
@@ -933,13 +1007,25 @@ impl Builder {
             ids.push(id);
         }
         drop(outcomes);
-        let mut pods: Vec<Pod> = Vec::with_capacity(endpoints.len());
-        for (mut pod, id) in endpoints.into_iter().zip(ids) {
-            if let Some(id) = id {
-                pod.identity = id;
-                pods.push(pod);
+        // Shared with the cache: a pod is copied only when its identity is new to it, and the
+        // copy then replaces it in the cache.
+        let mut pods: Vec<Arc<Pod>> = Vec::with_capacity(endpoints.len());
+        let mut identified = Vec::new();
+        for (pod, id) in endpoints.into_iter().zip(ids) {
+            match id {
+                Some(id) if pod.identity == id => pods.push(pod),
+                Some(id) => {
+                    let with_identity = Arc::new(Pod {
+                        identity: id,
+                        ..(*pod).clone()
+                    });
+                    pods.push(with_identity.clone());
+                    identified.push((pod, with_identity));
+                }
+                None => {}
             }
         }
+        self.caches.pods.adopt(identified);
         // Already in this order from the cache (a linear check).
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         self.used = pods.iter().map(|p| p.identity).collect();
@@ -1786,7 +1872,7 @@ mod tests {
         assert_eq!(cache.pods.len(), 1);
         let web = &cache.pods[&key("web")];
         assert_eq!(
-            Some(web),
+            Some(&**web),
             pod_from(&pod("web", Some("198.19.2.7"))).as_ref()
         );
         assert_eq!(web.service_account, "sa");
@@ -1882,6 +1968,73 @@ mod tests {
             &cache.pods[&("shop".into(), "b".into())],
         );
         assert!(Arc::ptr_eq(&a.labels, &b.labels), "one label set for both");
+    }
+
+    /// The pod the builder gave an identity stays the cache's, shared with the snapshot,
+    /// through the status updates and relists that leave its endpoint as it was.
+    #[test]
+    fn an_identified_pod_stays_shared_through_status_updates_and_relists() {
+        let kpod = |ip: &str, ready: bool| -> KPod {
+            let mut p: KPod = serde_json::from_value(json!({
+                "metadata": {"name": "a", "namespace": "shop", "labels": {"app": "web"}},
+                "spec": {"nodeName": "node-b", "containers": [{"name": "c", "image": "x"}]},
+                "status": {"phase": "Running", "podIP": ip}
+            }))
+            .unwrap();
+            if ready {
+                p.status.as_mut().unwrap().conditions = Some(vec![Default::default()]);
+            }
+            p
+        };
+        let mut relist = None;
+        let cache = PodCache {
+            pods: Arc::default(),
+            ready: watch::channel(true).1,
+        };
+        let event = |relist: &mut Option<PodMap>, e| {
+            on_pod_event(&mut cache.pods.lock().unwrap(), relist, e).0
+        };
+        let held = || cache.pods.lock().unwrap().pods[&("shop".into(), "a".into())].clone();
+        assert!(event(
+            &mut relist,
+            watcher::Event::Apply(kpod("198.19.2.7", false))
+        ));
+        // The builder gives it its identity: the copy takes its place in the cache.
+        let [cached] = <[_; 1]>::try_from(cache.endpoints()).unwrap();
+        assert_eq!(cached.identity, 0);
+        let identified = Arc::new(Pod {
+            identity: 300,
+            ..(*cached).clone()
+        });
+        cache.adopt(vec![(cached.clone(), identified.clone())]);
+        assert!(Arc::ptr_eq(&held(), &identified));
+        // A status update changes nothing.
+        assert!(!event(
+            &mut relist,
+            watcher::Event::Apply(kpod("198.19.2.7", true))
+        ));
+        assert!(Arc::ptr_eq(&held(), &identified));
+        // Nor does a relist that lists it as it was.
+        event(&mut relist, watcher::Event::Init);
+        event(
+            &mut relist,
+            watcher::Event::InitApply(kpod("198.19.2.7", true)),
+        );
+        event(&mut relist, watcher::Event::InitDone);
+        assert!(Arc::ptr_eq(&held(), &identified));
+        // A new address is a new endpoint, without an identity until the builder's next pass;
+        // a pass that started before it does not put the old one back.
+        assert!(event(
+            &mut relist,
+            watcher::Event::Apply(kpod("198.19.2.8", true))
+        ));
+        let moved = held();
+        assert_eq!(
+            (moved.identity, moved.ip),
+            (0, Ipv4Addr::new(198, 19, 2, 8))
+        );
+        cache.adopt(vec![(identified.clone(), identified)]);
+        assert!(Arc::ptr_eq(&held(), &moved));
     }
 
     #[test]

@@ -458,11 +458,10 @@ mod tests {
             cluster: "t".into(),
             trust_domain: "lab.veil".into(),
             nodes: vec![Node::for_test("a", 1), Node::for_test("b", 2)],
-            pods: vec![
+            pods: crate::cluster::pod_list([
                 pod("fe", "a", [198, 19, 1, 10]),
                 pod("be", "b", [198, 19, 2, 10]),
-            ]
-            .into(),
+            ]),
             ..Default::default()
         }
     }

@@ -51,7 +51,7 @@ pub(super) struct Shared {
     /// setting skips rebuilding them (O(endpoints)).
     pub(super) maps_input: Option<MapsInput>,
     /// The pod list the L7 proxy's endpoint table was last built from.
-    pub(super) proxy_pods: Option<Arc<Vec<crate::cluster::Pod>>>,
+    pub(super) proxy_pods: Option<crate::cluster::PodList>,
     /// What this agent last wrote to the ipcache and the node table.
     pub(super) ipcache_written:
         crate::datapath::maps::Shadowed<crate::datapath::maps::Prefix, veil_common::maps::IpInfo>,
@@ -99,7 +99,7 @@ pub(super) fn unix_now() -> u64 {
 
 /// See [`Shared::maps_input`].
 pub(super) struct MapsInput {
-    pub(super) pods: Arc<Vec<crate::cluster::Pod>>,
+    pub(super) pods: crate::cluster::PodList,
     pub(super) nodes: Vec<crate::cluster::Node>,
     pub(super) with_key: BTreeSet<String>,
     pub(super) node_encryption: bool,

@@ -852,12 +852,11 @@ mod tests {
         };
         ClusterState {
             nodes: vec![Node::for_test("a", 1), Node::for_test("b", 2)],
-            pods: vec![
+            pods: crate::cluster::pod_list([
                 pod("fe", "a", 256),
                 pod("in", "a", 258),
                 pod("be", "b", 257),
-            ]
-            .into(),
+            ]),
             ..Default::default()
         }
     }

@@ -67,7 +67,7 @@ impl Sim {
         &self,
         namespaces: &[String],
         nodes: &[Node],
-        pods: &[Pod],
+        pods: &[std::sync::Arc<Pod>],
         policies: &[Value],
     ) -> anyhow::Result<Populated> {
         let t = Instant::now();

@@ -233,17 +233,20 @@ fn simulate(base: &ClusterState, size: Size, identities: usize) -> anyhow::Resul
         used[node] += 1;
         let k = e % identities;
         let ident = &state.identities[base.identities.len() + k];
-        std::sync::Arc::make_mut(&mut state.pods).push(Pod {
-            name: format!("ep-{e}"),
-            namespace: ident.namespace.clone(),
-            node: format!("sim-{node:04}"),
-            ip,
-            ipv6: None,
-            labels: ident.labels.clone().into(),
-            service_account: ident.service_account.clone(),
-            host_veth: String::new(),
-            identity: ident.id,
-        });
+        std::sync::Arc::make_mut(&mut state.pods).push(
+            Pod {
+                name: format!("ep-{e}"),
+                namespace: ident.namespace.clone(),
+                node: format!("sim-{node:04}"),
+                ip,
+                ipv6: None,
+                labels: ident.labels.clone().into(),
+                service_account: ident.service_account.clone(),
+                host_veth: String::new(),
+                identity: ident.id,
+            }
+            .into(),
+        );
         node = (node + 1) % cidrs.len();
     }
     state.generation = base.generation + 1;
@@ -654,7 +657,7 @@ impl Driver for Files {
     }
 
     fn prepare_pod(&mut self, pod: &Pod) -> anyhow::Result<()> {
-        std::sync::Arc::make_mut(&mut self.state.pods).push(pod.clone());
+        std::sync::Arc::make_mut(&mut self.state.pods).push(pod.clone().into());
         self.state.generation += 1;
         self.state.index = Default::default();
         Ok(())
@@ -740,7 +743,7 @@ impl Driver for Kube {
 
     fn prepare_pod(&mut self, pod: &Pod) -> anyhow::Result<()> {
         self.sim.add_pod(pod)?;
-        std::sync::Arc::make_mut(&mut self.state.pods).push(pod.clone());
+        std::sync::Arc::make_mut(&mut self.state.pods).push(pod.clone().into());
         self.state.index = Default::default();
         Ok(())
     }
@@ -815,7 +818,7 @@ fn measure(
         let like = state.pods.last().context("no pods")?.clone();
         let want = ipcache_identity(&map, like.ip)
             .with_context(|| format!("{} ({}) not in the ipcache", like.name, like.ip))?;
-        let mut pod = like.clone();
+        let mut pod = (*like).clone();
         pod.name = format!("added-{r}");
         // The last address of sim-0000's CIDR that the round-robin left free.
         let net = state
