@@ -130,7 +130,7 @@ impl FileSource {
     fn with_keys_and_policies(dir: &Path, mut state: ClusterState) -> Result<ClusterState, Error> {
         Self::with_keys(dir, &mut state);
         let (generation, set) = Self::read_policies(dir)?;
-        state.policies = Arc::new(set.list().to_vec());
+        state.policies = Arc::new(set.into_shared());
         state.policy_generation = generation;
         Ok(state)
     }

@@ -764,7 +764,7 @@ struct Builder {
     /// shared with `parsed`.
     accepted: BTreeMap<PolicyName, Arc<Policy>>,
     /// `accepted` as the snapshot's list, made once per change of it (a pod added shares it).
-    policy_list: Arc<Vec<Policy>>,
+    policy_list: Arc<Vec<Arc<Policy>>>,
     /// Verdicts written into policy statuses (by uid).
     reported: HashMap<String, Verdict>,
     /// Each policy object's parse, by uid, with the generation it was parsed at.
@@ -1217,7 +1217,7 @@ impl Builder {
             }
         }
         if next != self.accepted {
-            self.policy_list = Arc::new(next.values().map(|p| (**p).clone()).collect());
+            self.policy_list = Arc::new(next.values().cloned().collect());
             self.accepted = next;
             self.policy_generation += 1;
         }

@@ -65,9 +65,9 @@ pub struct ClusterState {
     #[serde(default)]
     pub identities: Vec<Identity>,
     /// Network policies in force, with the generation of the last change.
-    /// Shared between snapshots while no policy changed.
+    /// Shared between snapshots while no policy changed, each policy with the source's parse.
     #[serde(default)]
-    pub policies: Arc<Vec<crate::policy::Policy>>,
+    pub policies: Arc<Vec<Arc<crate::policy::Policy>>>,
     #[serde(default)]
     pub policy_generation: u64,
     /// Services, with their backends resolved by the source.

@@ -184,8 +184,8 @@ impl<'a> LabelIndex<'a> {
     }
 }
 
-pub fn compile(
-    policies: &[Policy],
+pub fn compile<P: std::borrow::Borrow<Policy>>(
+    policies: &[P],
     identities: &[(u32, IdentityLabels)],
     local_identities: &[u32],
 ) -> Result<CompiledPolicy, Error> {
@@ -205,6 +205,7 @@ pub fn compile(
     let mut rule_refs = Vec::new();
     let mut stats = Vec::new();
     for (pi, policy) in policies.iter().enumerate() {
+        let policy: &Policy = policy.borrow();
         policy.validate_for_apply().map_err(|e| Error::InPolicy {
             name: policy.name(),
             source: Box::new(e),

@@ -107,6 +107,11 @@ impl PolicySet {
         &self.policies
     }
 
+    /// Every policy, by name, each to be shared.
+    pub fn into_shared(self) -> Vec<std::sync::Arc<Policy>> {
+        self.policies.into_iter().map(std::sync::Arc::new).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.policies.len()
     }
