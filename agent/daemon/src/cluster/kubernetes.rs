@@ -480,33 +480,37 @@ fn without_managed_fields<K: kube::Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;
 }
 
-/// Caches a policy object as [`policy_from`] and [`recorded_verdict`] read it: its `spec` and
-/// `specs` as their JSON text (`specText`, `specsText`; parsed once per generation anyway),
-/// and of its status only this node's verdict. As a JSON tree a small CNP is about 9 KB (each
-/// map a B-tree node with room for eleven entries): 10,000 of them were 95 MB of a 215 MB
-/// agent (heaptrack); and every node's verdict is in each policy's status, a thousand at
-/// 1,000 nodes.
+/// Caches a policy object as [`policy_from`] and [`recorded_verdict`] read it: `data` becomes
+/// `[specText, specsText, verdict]`, its `spec` and `specs` as their JSON text (null if absent;
+/// parsed once per generation anyway) and this node's verdict from its status as
+/// `[node, localPolicyRevision, error]` (null if none; error null when ok); of the metadata,
+/// what a policy is made of and named by. As a JSON tree a small CNP was about 9 KB (each map
+/// a B-tree node with room for eleven entries; 10,000 of them were 95 MB of a 215 MB agent),
+/// and with its spec as text still 2.8 KB (its status three maps deep): 28 MB at 10,000 rules
+/// (heaptrack). Every node's verdict is in each policy's status, a thousand at 1,000 nodes.
 fn compact_policy(o: &mut DynamicObject, node: &str) {
-    without_managed_fields(o);
-    let Some(data) = o.data.as_object_mut() else {
+    if o.data.is_array() {
         return;
-    };
-    for field in ["spec", "specs"] {
-        if let Some(v) = data.remove(field).filter(|v| !v.is_null()) {
-            data.insert(
-                format!("{field}Text"),
-                serde_json::Value::String(v.to_string()),
-            );
-        }
     }
-    let mine = data
-        .get_mut("status")
-        .and_then(|s| s.get_mut("nodes"))
-        .and_then(|n| n.get_mut(node))
-        .map(serde_json::Value::take);
-    data.remove("status");
-    if let Some(entry) = mine {
-        data.insert("status".into(), json!({"nodes": {node: entry}}));
+    let verdict = recorded_verdict(o, node).map(|v| json!([node, v.generation, v.error]));
+    let text = |field: &str| {
+        o.data
+            .get(field)
+            .filter(|v| !v.is_null())
+            .map(|v| v.to_string())
+    };
+    o.data = json!([text("spec"), text("specs"), verdict]);
+    o.types = None;
+    let m = &mut o.metadata;
+    m.managed_fields = None;
+    m.creation_timestamp = None;
+    m.finalizers = None;
+    m.owner_references = None;
+    m.generate_name = None;
+    m.self_link = None;
+    // kubectl's copy of the whole object (`last-applied-configuration`) is not policy.
+    if let Some(a) = m.annotations.as_mut() {
+        a.retain(|k, _| !k.starts_with("kubectl.kubernetes.io/"));
     }
 }
 
@@ -1297,6 +1301,14 @@ impl Builder {
 
 /// The verdict `node` last wrote into a policy's `status.nodes`, if any.
 fn recorded_verdict(o: &DynamicObject, node: &str) -> Option<Verdict> {
+    // As cached (`compact_policy`).
+    if let Some(cached) = o.data.as_array() {
+        let v = cached.get(2)?.as_array()?;
+        return (v.first()?.as_str()? == node).then_some(Verdict {
+            generation: v.get(1)?.as_i64()?,
+            error: v.get(2)?.as_str().map(str::to_string),
+        });
+    }
     let entry = o.data.get("status")?.get("nodes")?.get(node)?;
     Some(Verdict {
         generation: entry.get("localPolicyRevision")?.as_i64()?,
@@ -1466,9 +1478,9 @@ fn policy_from(kind: &str, o: &DynamicObject) -> Result<Policy, String> {
         meta["annotations"] = json!(annotations);
     }
     let mut doc = json!({"apiVersion": "cilium.io/v2", "kind": kind, "metadata": meta});
-    for field in ["spec", "specs"] {
+    for (i, field) in ["spec", "specs"].into_iter().enumerate() {
         // As cached (`compact_policy`), or as the object came.
-        if let Some(text) = o.data.get(format!("{field}Text")).and_then(|t| t.as_str()) {
+        if let Some(text) = o.data.as_array().and_then(|a| a.get(i)?.as_str()) {
             doc[field] = serde_json::from_str(text).map_err(|e| format!("{field}: {e}"))?;
         } else if let Some(v) = o.data.get(field).filter(|v| !v.is_null()) {
             doc[field] = v.clone();
@@ -2068,7 +2080,9 @@ mod tests {
         let whole = object(json!({
             "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
             "metadata": {"name": "p", "namespace": "shop", "uid": "u1", "generation": 3,
-                "managedFields": [{"manager": "kubectl"}]},
+                "managedFields": [{"manager": "kubectl"}],
+                "annotations": {"team": "payments",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\": {}}"}},
             "spec": {"endpointSelector": {"matchLabels": {"app": "backend"}},
                 "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
                     "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]},
@@ -2089,17 +2103,37 @@ mod tests {
         );
         assert_eq!(recorded_verdict(&cached, "node-b"), None);
         assert!(cached.metadata.managed_fields.is_none());
-        assert!(cached.data.get("spec").is_none());
         assert_eq!(
-            cached.data["status"]["nodes"].as_object().unwrap().len(),
-            1,
-            "{}",
+            cached.metadata.annotations,
+            Some(BTreeMap::from([("team".into(), "payments".into())]))
+        );
+        assert!(cached.data.get("spec").is_none());
+        assert!(
+            !cached.data.to_string().contains("node-b"),
+            "other nodes' verdicts are not kept: {}",
             cached.data
         );
-        // No verdict of this node yet: no status held; a spec the parser refuses stays refused.
+        // Compacting again changes nothing.
+        let again = cached.clone();
+        compact_policy(&mut cached, "node-a");
+        assert_eq!(cached, again);
+        // A refusal reads back with its reason.
+        let mut refused_here = whole.clone();
+        refused_here.data["status"]["nodes"]["node-a"] =
+            json!({"ok": false, "error": "bad port", "localPolicyRevision": 2});
+        compact_policy(&mut refused_here, "node-a");
+        assert_eq!(
+            recorded_verdict(&refused_here, "node-a"),
+            Some(Verdict {
+                generation: 2,
+                error: Some("bad port".into())
+            })
+        );
+        // No verdict of this node yet: none held; a spec the parser refuses stays refused.
         let mut fresh = whole.clone();
         compact_policy(&mut fresh, "node-c");
-        assert!(fresh.data.get("status").is_none());
+        assert_eq!(recorded_verdict(&fresh, "node-c"), None);
+        assert!(fresh.data[2].is_null());
         let mut bad = whole;
         bad.data["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"] = json!("http-alt");
         let refused = policy_from("CiliumNetworkPolicy", &bad).unwrap_err();
