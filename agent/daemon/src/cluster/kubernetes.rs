@@ -579,36 +579,47 @@ impl PodCache {
 
     /// Every cached endpoint (shared, not copied).
     fn endpoints(&self) -> Vec<Arc<Pod>> {
-        self.pods
-            .lock()
-            .expect("pod cache lock")
-            .pods
-            .values()
-            .cloned()
-            .collect()
+        self.pods.lock().expect("pod cache lock").pods.clone()
     }
 
-    /// Puts each `(cached, with_identity)` pair's second pod in the place of its first, if the
-    /// cache still holds that one: the next build and the cache then share it.
-    fn adopt(&self, pods: Vec<(Arc<Pod>, Arc<Pod>)>) {
+    /// `endpoints` (as [`Self::endpoints`] gave them) with the identities `ids` (a pod
+    /// without one is left out). A pod whose identity is new gets it in the cache, in place
+    /// when nothing else holds it (a snapshot does: then a copy takes its place), so the
+    /// cache and the snapshot share every pod; one the cache has moved on from meanwhile is
+    /// copied for this snapshot alone.
+    fn identify(&self, endpoints: Vec<Arc<Pod>>, ids: Vec<Option<u32>>) -> Vec<Arc<Pod>> {
         let mut cache = self.pods.lock().expect("pod cache lock");
-        for (cached, with_identity) in pods {
-            let key = (cached.namespace.clone(), cached.name.clone());
-            if let Some(p) = cache.pods.get_mut(&key) {
-                if Arc::ptr_eq(p, &cached) {
-                    *p = with_identity;
+        let mut out = Vec::with_capacity(endpoints.len());
+        for (pod, id) in endpoints.into_iter().zip(ids) {
+            let Some(id) = id else { continue };
+            if pod.identity == id {
+                out.push(pod);
+                continue;
+            }
+            match cache.find(&pod.namespace, &pod.name) {
+                Ok(i) if Arc::ptr_eq(&cache.pods[i], &pod) => {
+                    drop(pod);
+                    let cached = &mut cache.pods[i];
+                    Arc::make_mut(cached).identity = id;
+                    out.push(cached.clone());
                 }
+                _ => out.push(Arc::new(Pod {
+                    identity: id,
+                    ..(*pod).clone()
+                })),
             }
         }
+        out
     }
 }
 
-/// The pod cache's contents: endpoints by (namespace, name), each shared with the snapshots
-/// that list it, their label sets shared between them.
+/// The pod cache's contents: endpoints, each shared with the snapshots that list it, their
+/// label sets shared between them.
 #[derive(Default)]
 struct PodMap {
-    /// In the snapshot's order.
-    pods: BTreeMap<(String, String), Arc<Pod>>,
+    /// By namespace and name (the snapshot's order), looked up by binary search: a pointer per
+    /// pod (keyed maps held each pod's namespace and name again, 12 MB at 100,000 pods).
+    pods: Vec<Arc<Pod>>,
     /// One copy of each label set, shared by the pods that carry it (a Deployment's 100 pods
     /// carry one set; as a map per pod, labels were most of the cache).
     labels: std::collections::HashSet<Arc<BTreeMap<String, String>>>,
@@ -617,21 +628,41 @@ struct PodMap {
 }
 
 impl PodMap {
-    /// Caches `pod` under `key`, unless `before` (what a cache held under `key`) is the same
-    /// endpoint: then `before` is kept, the identity the builder gave it included, and stays
-    /// shared with the snapshots. Whether that changed what this map held (a status update
-    /// that leaves the endpoint as it was does not, and rebuilds nothing).
-    fn insert(&mut self, key: (String, String), mut pod: Pod, before: Option<&Arc<Pod>>) -> bool {
+    /// Where the pod `namespace`/`name` is, or would go.
+    fn find(&self, namespace: &str, name: &str) -> Result<usize, usize> {
+        self.pods
+            .binary_search_by(|p| (p.namespace.as_str(), p.name.as_str()).cmp(&(namespace, name)))
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<&Arc<Pod>> {
+        self.find(namespace, name).ok().map(|i| &self.pods[i])
+    }
+
+    /// `pod` as this map holds it: `before` (what a cache held for it) if that is the same
+    /// endpoint (the identity the builder gave it included, and shared with the snapshots),
+    /// else `pod` with its labels shared.
+    fn endpoint(&mut self, mut pod: Pod, before: Option<&Arc<Pod>>) -> Arc<Pod> {
         if let Some(before) = before.filter(|b| same_endpoint(b, &pod)) {
             let labels = self.shared_labels(&before.labels);
             if Arc::ptr_eq(&labels, &before.labels) {
-                let unchanged = self.pods.get(&key).is_some_and(|p| Arc::ptr_eq(p, before));
-                self.pods.insert(key, before.clone());
-                return !unchanged;
+                return before.clone();
             }
         }
         pod.labels = self.shared_labels(&pod.labels);
-        self.pods.insert(key, Arc::new(pod));
+        Arc::new(pod)
+    }
+
+    /// Caches `pod`; whether that changed the cache (a status update that leaves the endpoint
+    /// as it was does not, and rebuilds nothing).
+    fn insert(&mut self, pod: Pod) -> bool {
+        let at = self.find(&pod.namespace, &pod.name);
+        let before = at.ok().map(|i| self.pods[i].clone());
+        let pod = self.endpoint(pod, before.as_ref());
+        match at {
+            Ok(i) if Arc::ptr_eq(&self.pods[i], &pod) => return false,
+            Ok(i) => self.pods[i] = pod,
+            Err(i) => self.pods.insert(i, pod),
+        }
         true
     }
 
@@ -652,9 +683,15 @@ impl PodMap {
         Arc::clone(labels)
     }
 
-    /// Whether `key` was cached.
-    fn remove(&mut self, key: &(String, String)) -> bool {
-        self.pods.remove(key).is_some()
+    /// Whether `namespace`/`name` was cached.
+    fn remove(&mut self, (namespace, name): &(String, String)) -> bool {
+        match self.find(namespace, name) {
+            Ok(i) => {
+                self.pods.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -714,26 +751,28 @@ fn on_pod_event(
         }
         watcher::Event::InitApply(p) => {
             if let (Some(r), Some(pod)) = (relist.as_mut(), pod_from(&p)) {
-                let key = (pod.namespace.clone(), pod.name.clone());
-                let before = cache.pods.get(&key);
-                r.insert(key, pod, before);
+                let before = cache.get(&pod.namespace, &pod.name);
+                let pod = r.endpoint(pod, before);
+                // Sorted at the end (a list comes in key order: then that is a linear check).
+                r.pods.push(pod);
             }
             (false, false)
         }
         watcher::Event::InitDone => {
-            if let Some(r) = relist.take() {
+            if let Some(mut r) = relist.take() {
+                r.pods
+                    .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+                r.pods
+                    .dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
+                r.pods.shrink_to_fit();
                 *cache = r;
             }
             (true, true)
         }
         watcher::Event::Apply(p) => {
-            let key = pod_key(&p);
             let changed = match pod_from(&p) {
-                Some(pod) => {
-                    let before = cache.pods.get(&key).cloned();
-                    cache.insert(key, pod, before.as_ref())
-                }
-                None => cache.remove(&key),
+                Some(pod) => cache.insert(pod),
+                None => cache.remove(&pod_key(&p)),
             };
             (changed, false)
         }
@@ -1011,25 +1050,7 @@ impl Builder {
             ids.push(id);
         }
         drop(outcomes);
-        // Shared with the cache: a pod is copied only when its identity is new to it, and the
-        // copy then replaces it in the cache.
-        let mut pods: Vec<Arc<Pod>> = Vec::with_capacity(endpoints.len());
-        let mut identified = Vec::new();
-        for (pod, id) in endpoints.into_iter().zip(ids) {
-            match id {
-                Some(id) if pod.identity == id => pods.push(pod),
-                Some(id) => {
-                    let with_identity = Arc::new(Pod {
-                        identity: id,
-                        ..(*pod).clone()
-                    });
-                    pods.push(with_identity.clone());
-                    identified.push((pod, with_identity));
-                }
-                None => {}
-            }
-        }
-        self.caches.pods.adopt(identified);
+        let mut pods = self.caches.pods.identify(endpoints, ids);
         // Already in this order from the cache (a linear check).
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         self.used = pods.iter().map(|p| p.identity).collect();
@@ -1854,7 +1875,6 @@ mod tests {
             }))
             .unwrap()
         };
-        let key = |n: &str| ("shop".to_string(), n.to_string());
         let (mut cache, mut relist) = (PodMap::default(), None);
         assert_eq!(
             on_pod_event(&mut cache, &mut relist, watcher::Event::Init),
@@ -1882,7 +1902,7 @@ mod tests {
         );
         // Held as its endpoint (both addresses), the pod without an address not at all.
         assert_eq!(cache.pods.len(), 1);
-        let web = &cache.pods[&key("web")];
+        let web = cache.get("shop", "web").unwrap();
         assert_eq!(
             Some(&**web),
             pod_from(&pod("web", Some("198.19.2.7"))).as_ref()
@@ -1907,20 +1927,32 @@ mod tests {
             ),
             (true, false)
         );
-        assert!(!cache.pods.contains_key(&key("new")));
-        // A relist that no longer lists `web` (deleted while the watch was down) drops it.
+        assert!(cache.get("shop", "new").is_none());
+        // A relist that no longer lists `web` (deleted while the watch was down) drops it; it
+        // lists the others out of order, and each is found.
         on_pod_event(&mut cache, &mut relist, watcher::Event::Init);
-        on_pod_event(
-            &mut cache,
-            &mut relist,
-            watcher::Event::InitApply(pod("other", Some("198.19.2.9"))),
-        );
+        for name in ["zeta", "other"] {
+            on_pod_event(
+                &mut cache,
+                &mut relist,
+                watcher::Event::InitApply(pod(name, Some("198.19.2.9"))),
+            );
+        }
         assert!(
-            cache.pods.contains_key(&key("web")),
+            cache.get("shop", "web").is_some(),
             "kept until the relist completes"
         );
         on_pod_event(&mut cache, &mut relist, watcher::Event::InitDone);
-        assert_eq!(cache.pods.keys().collect::<Vec<_>>(), [&key("other")]);
+        assert_eq!(
+            cache
+                .pods
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>(),
+            ["other", "zeta"]
+        );
+        assert!(cache.get("shop", "zeta").is_some());
+        assert!(cache.remove(&("shop".into(), "zeta".into())));
         assert_eq!(
             on_pod_event(
                 &mut cache,
@@ -1976,8 +2008,8 @@ mod tests {
             pod("b", "198.19.2.8", "api")
         ));
         let (a, b) = (
-            &cache.pods[&("shop".into(), "a".into())],
-            &cache.pods[&("shop".into(), "b".into())],
+            cache.get("shop", "a").unwrap(),
+            cache.get("shop", "b").unwrap(),
         );
         assert!(Arc::ptr_eq(&a.labels, &b.labels), "one label set for both");
     }
@@ -1985,7 +2017,7 @@ mod tests {
     /// The pod the builder gave an identity stays the cache's, shared with the snapshot,
     /// through the status updates and relists that leave its endpoint as it was.
     #[test]
-    fn an_identified_pod_stays_shared_through_status_updates_and_relists() {
+    fn an_identified_pod_is_shared_in_place_through_status_updates_and_relists() {
         let kpod = |ip: &str, ready: bool| -> KPod {
             let mut p: KPod = serde_json::from_value(json!({
                 "metadata": {"name": "a", "namespace": "shop", "labels": {"app": "web"}},
@@ -2006,26 +2038,24 @@ mod tests {
         let event = |relist: &mut Option<PodMap>, e| {
             on_pod_event(&mut cache.pods.lock().unwrap(), relist, e).0
         };
-        let held = || cache.pods.lock().unwrap().pods[&("shop".into(), "a".into())].clone();
+        let held = || cache.pods.lock().unwrap().get("shop", "a").unwrap().clone();
         assert!(event(
             &mut relist,
             watcher::Event::Apply(kpod("198.19.2.7", false))
         ));
-        // The builder gives it its identity: the copy takes its place in the cache.
-        let [cached] = <[_; 1]>::try_from(cache.endpoints()).unwrap();
-        assert_eq!(cached.identity, 0);
-        let identified = Arc::new(Pod {
-            identity: 300,
-            ..(*cached).clone()
-        });
-        cache.adopt(vec![(cached.clone(), identified.clone())]);
-        assert!(Arc::ptr_eq(&held(), &identified));
+        // The builder gives it its identity: in place, nothing else holding it.
+        let at = Arc::as_ptr(&held());
+        let listed = cache.endpoints();
+        assert_eq!(listed[0].identity, 0);
+        let snapshot = cache.identify(listed, vec![Some(300)]);
+        assert_eq!((Arc::as_ptr(&snapshot[0]), snapshot[0].identity), (at, 300));
+        assert!(Arc::ptr_eq(&held(), &snapshot[0]));
         // A status update changes nothing.
         assert!(!event(
             &mut relist,
             watcher::Event::Apply(kpod("198.19.2.7", true))
         ));
-        assert!(Arc::ptr_eq(&held(), &identified));
+        assert!(Arc::ptr_eq(&held(), &snapshot[0]));
         // Nor does a relist that lists it as it was.
         event(&mut relist, watcher::Event::Init);
         event(
@@ -2033,9 +2063,15 @@ mod tests {
             watcher::Event::InitApply(kpod("198.19.2.7", true)),
         );
         event(&mut relist, watcher::Event::InitDone);
-        assert!(Arc::ptr_eq(&held(), &identified));
+        assert!(Arc::ptr_eq(&held(), &snapshot[0]));
+        // Another identity while a snapshot holds the pod: the cache takes a copy, the
+        // snapshot keeps what it had; a pod without one is left out.
+        let next = cache.identify(cache.endpoints(), vec![Some(301)]);
+        assert_eq!((held().identity, snapshot[0].identity), (301, 300));
+        assert!(Arc::ptr_eq(&held(), &next[0]));
+        assert!(cache.identify(cache.endpoints(), vec![None]).is_empty());
         // A new address is a new endpoint, without an identity until the builder's next pass;
-        // a pass that started before it does not put the old one back.
+        // a pass that started before it gives its snapshot a copy and leaves the cache alone.
         assert!(event(
             &mut relist,
             watcher::Event::Apply(kpod("198.19.2.8", true))
@@ -2045,7 +2081,11 @@ mod tests {
             (moved.identity, moved.ip),
             (0, Ipv4Addr::new(198, 19, 2, 8))
         );
-        cache.adopt(vec![(identified.clone(), identified)]);
+        let late = cache.identify(snapshot, vec![Some(302)]);
+        assert_eq!(
+            (late[0].identity, late[0].ip),
+            (302, Ipv4Addr::new(198, 19, 2, 7))
+        );
         assert!(Arc::ptr_eq(&held(), &moved));
     }
 
