@@ -85,6 +85,21 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 /// A rebuild that could not finish (an identity not allocated, a status not written: the API is
 /// unreachable) is retried after this long.
 const RETRY: Duration = Duration::from_secs(2);
+/// How long one pass writes policy verdicts before the builder looks at the caches again: a
+/// first apply or a restart has thousands to write (10,000 at one a request), and a policy
+/// change must not wait behind them (it did, past two minutes, with a slow apiserver).
+const VERDICT_SLICE: Duration = Duration::from_millis(250);
+
+/// What a pass of verdict writes left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdicts {
+    Written,
+    /// A write failed: tried again after [`RETRY`] or a change.
+    Failed,
+    /// The slice ended first: the next pass goes on at once (after a rebuild, which decides
+    /// again what is still to write).
+    More,
+}
 
 /// Where the Kubernetes source connects and what it adds to the snapshot.
 #[derive(Debug, Clone)]
@@ -642,9 +657,12 @@ impl PodMap {
     /// endpoint (the identity the builder gave it included, and shared with the snapshots),
     /// else `pod` with its labels shared.
     fn endpoint(&mut self, mut pod: Pod, before: Option<&Arc<Pod>>) -> Arc<Pod> {
-        if let Some(before) = before.filter(|b| same_endpoint(b, &pod)) {
-            let labels = self.shared_labels(&before.labels);
-            if Arc::ptr_eq(&labels, &before.labels) {
+        if let Some(before) = before {
+            // Compared with the identity aside: a pod from the API has none yet.
+            pod.identity = before.identity;
+            let same = **before == pod;
+            pod.identity = 0;
+            if same && Arc::ptr_eq(&self.shared_labels(&before.labels), &before.labels) {
                 return before.clone();
             }
         }
@@ -693,41 +711,6 @@ impl PodMap {
             Err(_) => false,
         }
     }
-}
-
-/// Whether `a` and `b` are one endpoint, their identities aside (a pod from the API has none
-/// yet; the builder gives it one).
-fn same_endpoint(a: &Pod, b: &Pod) -> bool {
-    let Pod {
-        name,
-        namespace,
-        node,
-        ip,
-        ipv6,
-        labels,
-        service_account,
-        host_veth,
-        identity: _,
-    } = a;
-    (
-        name,
-        namespace,
-        node,
-        ip,
-        ipv6,
-        labels,
-        service_account,
-        host_veth,
-    ) == (
-        &b.name,
-        &b.namespace,
-        &b.node,
-        &b.ip,
-        &b.ipv6,
-        &b.labels,
-        &b.service_account,
-        &b.host_veth,
-    )
 }
 
 /// One watch event into the pod cache (a relist is gathered in `relist` and replaces the cache
@@ -858,10 +841,12 @@ impl Builder {
         changed: Arc<Notify>,
         complete: bool,
     ) {
-        let written = self.write_verdicts().await;
-        let mut retry = !complete || !written;
+        let mut verdicts = self.write_verdicts().await;
+        let mut retry = !complete || verdicts == Verdicts::Failed;
         loop {
-            if retry {
+            if verdicts == Verdicts::More {
+                // Straight on: the rebuild takes whatever changed meanwhile first.
+            } else if retry {
                 tokio::select! {
                     _ = changed.notified() => {}
                     _ = tokio::time::sleep(RETRY) => {}
@@ -893,8 +878,8 @@ impl Builder {
             } else {
                 tracing::debug!(build_ms, "cluster state unchanged");
             }
-            let written = self.write_verdicts().await;
-            retry = !complete || !written;
+            verdicts = self.write_verdicts().await;
+            retry = !complete || verdicts == Verdicts::Failed;
         }
     }
 
@@ -1269,11 +1254,18 @@ impl Builder {
         }
     }
 
-    /// Writes the verdicts `update_policies` left; false when a write failed (it is decided
-    /// again by the next build).
-    async fn write_verdicts(&mut self) -> bool {
-        let mut all_written = true;
+    /// Writes the verdicts `update_policies` left, for at most [`VERDICT_SLICE`] (what is not
+    /// written is decided again by the next build).
+    async fn write_verdicts(&mut self) -> Verdicts {
+        let started = std::time::Instant::now();
+        let mut outcome = Verdicts::Written;
         for (ar, o, v) in std::mem::take(&mut self.unwritten) {
+            if started.elapsed() >= VERDICT_SLICE {
+                return match outcome {
+                    Verdicts::Failed => Verdicts::Failed,
+                    _ => Verdicts::More,
+                };
+            }
             let Some(uid) = o.metadata.uid.clone() else {
                 continue;
             };
@@ -1283,11 +1275,11 @@ impl Builder {
                 }
                 Err(e) => {
                     tracing::debug!(policy = ?o.metadata.name, error = %e, "cannot write policy status yet");
-                    all_written = false;
+                    outcome = Verdicts::Failed;
                 }
             }
         }
-        all_written
+        outcome
     }
 
     async fn write_status(
