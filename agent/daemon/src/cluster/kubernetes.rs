@@ -702,7 +702,7 @@ impl PodMap {
     }
 
     /// Whether `namespace`/`name` was cached.
-    fn remove(&mut self, (namespace, name): &(String, String)) -> bool {
+    fn remove(&mut self, (namespace, name): (&str, &str)) -> bool {
         match self.find(namespace, name) {
             Ok(i) => {
                 self.pods.remove(i);
@@ -755,18 +755,18 @@ fn on_pod_event(
         watcher::Event::Apply(p) => {
             let changed = match pod_from(&p) {
                 Some(pod) => cache.insert(pod),
-                None => cache.remove(&pod_key(&p)),
+                None => cache.remove(pod_key(&p)),
             };
             (changed, false)
         }
-        watcher::Event::Delete(p) => (cache.remove(&pod_key(&p)), false),
+        watcher::Event::Delete(p) => (cache.remove(pod_key(&p)), false),
     }
 }
 
-fn pod_key(p: &KPod) -> (String, String) {
+fn pod_key(p: &KPod) -> (&str, &str) {
     (
-        p.metadata.namespace.clone().unwrap_or_default(),
-        p.metadata.name.clone().unwrap_or_default(),
+        p.metadata.namespace.as_deref().unwrap_or_default(),
+        p.metadata.name.as_deref().unwrap_or_default(),
     )
 }
 
@@ -1944,7 +1944,7 @@ mod tests {
             ["other", "zeta"]
         );
         assert!(cache.get("shop", "zeta").is_some());
-        assert!(cache.remove(&("shop".into(), "zeta".into())));
+        assert!(cache.remove(("shop", "zeta")));
         assert_eq!(
             on_pod_event(
                 &mut cache,
