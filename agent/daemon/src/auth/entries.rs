@@ -105,9 +105,60 @@ struct State {
     in_flight: bool,
     failures: u32,
     last_result: Option<Result<(), AuthFailure>>,
-    next_attempt: Option<Instant>,
-    collect_at: Option<Instant>,
-    timer: Option<Instant>,
+    next_attempt: Moment,
+    collect_at: Moment,
+    /// Where the triple is filed in `AuthTable::timers`.
+    timer: Moment,
+}
+
+/// An optional instant in 8 bytes, where `Option<Instant>` takes 16: nanoseconds from a
+/// process-wide origin, `i64::MIN` for none. A table of a large cluster holds a state for each
+/// of some 150,000 triples, each with three of these: 6 MB less.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Moment(i64);
+
+impl Default for Moment {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+impl Moment {
+    const NONE: Self = Self(i64::MIN);
+
+    fn origin() -> Instant {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *ORIGIN.get_or_init(Instant::now)
+    }
+
+    /// Exact for any instant within 292 years of the origin (clamped beyond).
+    fn at(at: Instant) -> Self {
+        let origin = Self::origin();
+        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        Self(if at >= origin {
+            nanos(at - origin)
+        } else {
+            // Never `i64::MIN`: that is none.
+            -nanos(origin - at)
+        })
+    }
+
+    fn get(self) -> Option<Instant> {
+        if self == Self::NONE {
+            return None;
+        }
+        let origin = Self::origin();
+        let d = Duration::from_nanos(self.0.unsigned_abs());
+        Some(if self.0 >= 0 {
+            origin + d
+        } else {
+            origin.checked_sub(d).unwrap_or(origin)
+        })
+    }
+
+    fn take(&mut self) -> Option<Instant> {
+        std::mem::take(self).get()
+    }
 }
 
 impl State {
@@ -115,12 +166,12 @@ impl State {
         let attempt = if self.in_flight {
             None
         } else {
-            self.next_attempt
+            self.next_attempt.get()
         };
         [
             attempt,
             self.entry.as_ref().map(|e| e.expires_at),
-            self.collect_at,
+            self.collect_at.get(),
         ]
         .into_iter()
         .flatten()
@@ -192,7 +243,7 @@ impl AuthTable {
             return;
         }
         if let Some(at) = s.wake_at() {
-            s.timer = Some(at);
+            s.timer = Moment::at(at);
             self.timers.insert((at, t));
         }
     }
@@ -212,7 +263,7 @@ impl AuthTable {
         let Some(s) = self.states.get_mut(&t) else {
             return;
         };
-        s.collect_at = None;
+        s.collect_at = Moment::NONE;
         if let Some(e) = s.entry.take() {
             self.unindex_entry(t, &e);
             self.actions.push_back(Action::Delete(t));
@@ -235,13 +286,13 @@ impl AuthTable {
             let grace = self.cfg.undesired_grace;
             let s = self.state_mut(t);
             s.desired = false;
-            s.next_attempt = None;
+            s.next_attempt = Moment::NONE;
             if let Some(e) = &s.entry {
                 let collect = e.established_at + grace;
                 if collect <= now {
                     self.delete_entry(t);
                 } else {
-                    s.collect_at = Some(collect);
+                    s.collect_at = Moment::at(collect);
                 }
             }
             self.settle(t);
@@ -255,11 +306,11 @@ impl AuthTable {
                 continue;
             }
             s.desired = true;
-            s.collect_at = None;
+            s.collect_at = Moment::NONE;
             if s.entry.is_none() && !s.in_flight {
-                s.next_attempt = Some(if preferred { now } else { now + defer });
+                s.next_attempt = Moment::at(if preferred { now } else { now + defer });
             } else if let Some(e) = &s.entry {
-                s.next_attempt = Some(refresh_at(e, frac));
+                s.next_attempt = Moment::at(refresh_at(e, frac));
             }
             self.settle(t);
         }
@@ -269,9 +320,9 @@ impl AuthTable {
     pub fn request_now(&mut self, t: AuthTriple, now: Instant) {
         let s = self.state_mut(t);
         s.desired = true;
-        s.collect_at = None;
+        s.collect_at = Moment::NONE;
         if s.entry.is_none() && !s.in_flight {
-            s.next_attempt = Some(now);
+            s.next_attempt = Moment::at(now);
         }
         self.settle(t);
     }
@@ -287,7 +338,7 @@ impl AuthTable {
             .map(|(t, _)| *t)
             .collect();
         for t in due {
-            self.state_mut(t).next_attempt = Some(now);
+            self.state_mut(t).next_attempt = Moment::at(now);
             self.settle(t);
         }
     }
@@ -343,11 +394,12 @@ impl AuthTable {
         s.failures = 0;
         s.last_result = Some(Ok(()));
         if s.desired {
-            s.collect_at = None;
-            s.next_attempt = Some(refresh_at(&entry, if preferred { frac } else { fallback }));
+            s.collect_at = Moment::NONE;
+            s.next_attempt =
+                Moment::at(refresh_at(&entry, if preferred { frac } else { fallback }));
         } else {
-            s.next_attempt = None;
-            s.collect_at = Some(now + grace);
+            s.next_attempt = Moment::NONE;
+            s.collect_at = Moment::at(now + grace);
         }
         if let Some(old) = old {
             self.unindex_entry(t, &old);
@@ -376,7 +428,7 @@ impl AuthTable {
             // Spread above the base ([d, 1.5d], not the reconnect loops' [d/2, d]): a retry
             // never comes earlier than the policy's minimum.
             let base = retry.delay(exp);
-            s.next_attempt = Some(now + base.mul_f64(1.0 + jitter.clamp(0.0, 1.0) * 0.5));
+            s.next_attempt = Moment::at(now + base.mul_f64(1.0 + jitter.clamp(0.0, 1.0) * 0.5));
         }
         self.settle(t);
     }
@@ -413,7 +465,7 @@ impl AuthTable {
             self.delete_entry(t);
             let s = self.state_mut(t);
             if s.desired && !s.in_flight {
-                s.next_attempt = Some(now + retry);
+                s.next_attempt = Moment::at(now + retry);
             }
             self.settle(t);
         }
@@ -430,7 +482,7 @@ impl AuthTable {
             let s = self.state_mut(t);
             s.desired = false;
             s.in_flight = false;
-            s.next_attempt = None;
+            s.next_attempt = Moment::NONE;
             self.settle(t);
         }
     }
@@ -456,22 +508,22 @@ impl AuthTable {
             let Some(s) = self.states.get_mut(&t) else {
                 continue;
             };
-            s.timer = None;
+            s.timer = Moment::NONE;
             if s.entry.as_ref().is_some_and(|e| e.expires_at <= now) {
                 self.delete_entry(t);
                 let s = self.states.get_mut(&t).expect("state exists");
-                if s.desired && !s.in_flight && s.next_attempt.is_none() {
-                    s.next_attempt = Some(now);
+                if s.desired && !s.in_flight && s.next_attempt.get().is_none() {
+                    s.next_attempt = Moment::at(now);
                 }
             }
             let s = self.states.get_mut(&t).expect("state exists");
-            if s.collect_at.is_some_and(|c| c <= now) && !s.desired {
+            if s.collect_at.get().is_some_and(|c| c <= now) && !s.desired {
                 self.delete_entry(t);
             }
             let s = self.states.get_mut(&t).expect("state exists");
-            if !s.in_flight && s.next_attempt.is_some_and(|a| a <= now) {
+            if !s.in_flight && s.next_attempt.get().is_some_and(|a| a <= now) {
                 // A due attempt is consumed either way, so a timer never fires twice for it.
-                s.next_attempt = None;
+                s.next_attempt = Moment::NONE;
                 // Desired triples, and live entries asked to refresh (a local SVID rotated).
                 if s.desired || s.entry.is_some() {
                     s.in_flight = true;
@@ -538,7 +590,7 @@ impl AuthTable {
         s.in_flight = false;
         s.last_result = Some(Err(AuthFailure::PeerUnreachable));
         s.failures = s.failures.saturating_add(1);
-        s.next_attempt = None;
+        s.next_attempt = Moment::NONE;
         self.settle(t);
     }
 
@@ -547,8 +599,8 @@ impl AuthTable {
     pub fn retry_node(&mut self, node: u32, now: Instant) {
         for t in indexed(self.by_node.get(&node)) {
             let s = self.state_mut(t);
-            if s.desired && !s.in_flight && s.failures > 0 && s.next_attempt.is_none() {
-                s.next_attempt = Some(now);
+            if s.desired && !s.in_flight && s.failures > 0 && s.next_attempt.get().is_none() {
+                s.next_attempt = Moment::at(now);
             }
             self.settle(t);
         }
@@ -606,12 +658,32 @@ mod tests {
     use super::*;
 
     /// A large cluster parks most of its triples without an entry: a slot of the table stays
-    /// small (80 bytes; the entry, two SPIFFE IDs and four times, is boxed: inline, a slot
-    /// was more than twice that).
+    /// small (56 bytes; the entry, two SPIFFE IDs and four times, is boxed: inline, a slot
+    /// was more than twice that; with `Option<Instant>` times, 80).
     #[test]
     fn a_triple_without_an_entry_takes_a_small_slot() {
         let slot = std::mem::size_of::<(AuthTriple, State)>();
-        assert!(slot <= 96, "a table slot is {slot} bytes");
+        assert!(slot <= 56, "a table slot is {slot} bytes");
+    }
+
+    /// A time kept in a state reads back as the same instant, before the origin and after it,
+    /// and none stays none.
+    #[tokio::test(start_paused = true)]
+    async fn a_moment_keeps_its_instant_exactly() {
+        let origin = Moment::origin();
+        for at in [
+            origin,
+            origin + Duration::from_nanos(1),
+            origin + Duration::from_secs(86_400 * 365 * 50) + Duration::from_nanos(7),
+            origin - Duration::from_nanos(3),
+        ] {
+            assert_eq!(Moment::at(at).get(), Some(at));
+        }
+        assert_eq!(Moment::NONE.get(), None);
+        assert_eq!(Moment::default().get(), None);
+        let mut m = Moment::at(origin);
+        assert_eq!(m.take(), Some(origin));
+        assert_eq!(m.get(), None, "taken");
     }
 
     /// Ten thousand triples made desired at once queue as many actions: once polled,
