@@ -3,8 +3,9 @@
 //! Reflectors (kube-runtime: list, then watch from the last resourceVersion, relist on
 //! `410 Gone`, bounded backoff) keep local caches of Nodes, Pods, Namespaces, `CiliumNetworkPolicy`,
 //! `CiliumClusterwideNetworkPolicy` and veil's `VeilIdentity` (without their managed fields;
-//! Pods only as the endpoints they make, [`PodCache`]); every change rebuilds one
-//! [`ClusterState`] snapshot from the caches (policies parsed once per spec generation). While
+//! Pods only as the endpoints they make, [`PodCache`]; policies only as their parse and this
+//! node's verdict, [`PolicyCache`], parsed once per spec generation); every change rebuilds one
+//! [`ClusterState`] snapshot from the caches. While
 //! the apiserver or etcd is down the caches, and so the snapshot in force, stay as they were:
 //! the agent keeps enforcing its last state.
 //!
@@ -241,8 +242,8 @@ struct Caches {
     nodes: Store<KNode>,
     pods: PodCache,
     namespaces: Store<KNamespace>,
-    cnps: Store<DynamicObject>,
-    ccnps: Store<DynamicObject>,
+    cnps: PolicyCache,
+    ccnps: PolicyCache,
     netpols: Store<NetworkPolicy>,
     identities: Store<DynamicObject>,
     services: Store<KService>,
@@ -295,20 +296,8 @@ impl Caches {
             ),
             // Spec changes only: every node writes its verdict into a policy's status, and
             // each write would otherwise rebuild the snapshot on every node.
-            cnps: reflect(
-                Api::all_with(client.clone(), &resources.cnp),
-                resources.cnp.clone(),
-                changed,
-                generation,
-                policy_compactor(node),
-            ),
-            ccnps: reflect(
-                Api::all_with(client.clone(), &resources.ccnp),
-                resources.ccnp.clone(),
-                changed,
-                generation,
-                policy_compactor(node),
-            ),
+            cnps: PolicyCache::start(client, &resources.cnp, node, changed),
+            ccnps: PolicyCache::start(client, &resources.ccnp, node, changed),
             netpols: reflect(
                 Api::<NetworkPolicy>::all(client.clone()),
                 (),
@@ -495,44 +484,169 @@ fn without_managed_fields<K: kube::Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;
 }
 
-/// Caches a policy object as [`policy_from`] and [`recorded_verdict`] read it: `data` becomes
-/// `[specText, specsText, verdict]`, its `spec` and `specs` as their JSON text (null if absent;
-/// parsed once per generation anyway) and this node's verdict from its status as
-/// `[node, localPolicyRevision, error]` (null if none; error null when ok); of the metadata,
-/// what a policy is made of and named by. As a JSON tree a small CNP was about 9 KB (each map
-/// a B-tree node with room for eleven entries; 10,000 of them were 95 MB of a 215 MB agent),
-/// and with its spec as text still 2.8 KB (its status three maps deep): 28 MB at 10,000 rules
-/// (heaptrack). Every node's verdict is in each policy's status, a thousand at 1,000 nodes.
-fn compact_policy(o: &mut DynamicObject, node: &str) {
-    if o.data.is_array() {
-        return;
+/// A CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy as the agent keeps it: parsed as it
+/// arrives (once per spec generation: every node's verdict written into a policy's status is a
+/// watch event that keeps the parse), with this node's verdict as its status records it. Not
+/// the object: a small CNP held as a kube-runtime cache entry (its metadata, its spec as JSON,
+/// its key with the resource's five names) was 1.5 KB, 15 MB at 10,000 rules (heaptrack).
+#[derive(Debug, PartialEq)]
+struct CachedPolicy {
+    namespace: Option<String>,
+    name: String,
+    uid: String,
+    /// `metadata.generation` the parse is of.
+    generation: i64,
+    /// What [`policy_from`] made of it: the policy, or why veil refuses it.
+    parsed: Result<Arc<Policy>, String>,
+    /// This node's verdict in `status.nodes` (as [`recorded_verdict`] reads it).
+    recorded: Option<Verdict>,
+}
+
+impl CachedPolicy {
+    /// `o` as cached on `node`: `before` (what the cache held under its name) again if
+    /// nothing veil reads of it changed, else with `before`'s parse if its spec did not.
+    fn new(kind: &str, o: &DynamicObject, node: &str, before: Option<&Arc<Self>>) -> Arc<Self> {
+        let m = &o.metadata;
+        let (uid, generation) = (m.uid.clone().unwrap_or_default(), m.generation.unwrap_or(0));
+        let recorded = recorded_verdict(o, node);
+        let same_spec =
+            before.filter(|b| b.uid == uid && b.generation == generation && !uid.is_empty());
+        if let Some(b) = same_spec.filter(|b| b.recorded == recorded) {
+            return b.clone();
+        }
+        Arc::new(Self {
+            namespace: m.namespace.clone(),
+            name: m.name.clone().unwrap_or_default(),
+            parsed: match same_spec {
+                Some(b) => b.parsed.clone(),
+                None => policy_from(kind, o).map(Arc::new),
+            },
+            uid,
+            generation,
+            recorded,
+        })
     }
-    let verdict = recorded_verdict(o, node).map(|v| json!([node, v.generation, v.error]));
-    let text = |field: &str| {
-        o.data
-            .get(field)
-            .filter(|v| !v.is_null())
-            .map(|v| v.to_string())
-    };
-    o.data = json!([text("spec"), text("specs"), verdict]);
-    o.types = None;
-    let m = &mut o.metadata;
-    m.managed_fields = None;
-    m.creation_timestamp = None;
-    m.finalizers = None;
-    m.owner_references = None;
-    m.generate_name = None;
-    m.self_link = None;
-    // kubectl's copy of the whole object (`last-applied-configuration`) is not policy.
-    if let Some(a) = m.annotations.as_mut() {
-        a.retain(|k, _| !k.starts_with("kubectl.kubernetes.io/"));
+
+    fn key(&self) -> PolicyName {
+        PolicyName::new(self.namespace.as_deref().unwrap_or_default(), &self.name)
+    }
+
+    /// What this node decides about it now.
+    fn verdict(&self) -> Verdict {
+        Verdict {
+            generation: self.generation,
+            error: self.parsed.as_ref().err().cloned(),
+        }
     }
 }
 
-/// [`compact_policy`] for this node, as a reflector's `compact` step.
-fn policy_compactor(node: &str) -> impl FnMut(&mut DynamicObject) + Send + 'static {
-    let node = node.to_string();
-    move |o| compact_policy(o, &node)
+/// One kind of policy object (CNP or CCNP) as [`CachedPolicy`]s by name: listed and watched
+/// (relisting on `410 Gone`, bounded backoff), waking `changed` when a spec changes or a policy
+/// comes or goes.
+#[derive(Clone)]
+struct PolicyCache {
+    resource: ApiResource,
+    policies: Arc<Mutex<BTreeMap<PolicyName, Arc<CachedPolicy>>>>,
+    ready: watch::Receiver<bool>,
+}
+
+impl PolicyCache {
+    fn start(client: &Client, resource: &ApiResource, node: &str, changed: &Changed) -> Self {
+        let (ready_tx, ready) = watch::channel(false);
+        let cache = PolicyCache {
+            resource: resource.clone(),
+            policies: Arc::default(),
+            ready,
+        };
+        let policies = cache.policies.clone();
+        let (changed, node) = (changed.clone(), node.to_string());
+        let kind = resource.kind.clone();
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        tokio::spawn(async move {
+            futures_util::pin_mut!(stream);
+            let mut relist = None;
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(event) => {
+                        let mut cache = policies.lock().expect("policy cache lock");
+                        let (rebuild, listed) =
+                            on_policy_event(&mut cache, &mut relist, &kind, &node, event);
+                        drop(cache);
+                        if listed {
+                            ready_tx.send_replace(true);
+                        }
+                        if rebuild {
+                            changed.mark();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%kind, error = %e, "Kubernetes watch failed; keeping the last state, retrying")
+                    }
+                }
+            }
+        });
+        cache
+    }
+
+    /// Until the first full list is in.
+    async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        let mut ready = self.ready.clone();
+        // The sender lives as long as the watch task; it only ends with the runtime.
+        let _ = ready.wait_for(|r| *r).await;
+        Ok(())
+    }
+
+    /// Every cached policy, in name order (shared, not copied).
+    fn policies(&self) -> Vec<Arc<CachedPolicy>> {
+        let cache = self.policies.lock().expect("policy cache lock");
+        cache.values().cloned().collect()
+    }
+}
+
+/// One watch event into a policy cache (a relist is gathered in `relist` and replaces the cache
+/// at its end, keeping the parses of what it lists unchanged). Whether the snapshot must be
+/// rebuilt (not for a status write), and whether a full list has just completed.
+fn on_policy_event(
+    cache: &mut BTreeMap<PolicyName, Arc<CachedPolicy>>,
+    relist: &mut Option<BTreeMap<PolicyName, Arc<CachedPolicy>>>,
+    kind: &str,
+    node: &str,
+    event: watcher::Event<DynamicObject>,
+) -> (bool, bool) {
+    let key = |o: &DynamicObject| {
+        PolicyName::new(
+            o.metadata.namespace.as_deref().unwrap_or_default(),
+            o.metadata.name.as_deref().unwrap_or_default(),
+        )
+    };
+    match event {
+        watcher::Event::Init => {
+            *relist = Some(BTreeMap::new());
+            (false, false)
+        }
+        watcher::Event::InitApply(o) => {
+            if let Some(r) = relist.as_mut() {
+                let c = CachedPolicy::new(kind, &o, node, cache.get(&key(&o)));
+                r.insert(c.key(), c);
+            }
+            (false, false)
+        }
+        watcher::Event::InitDone => {
+            if let Some(r) = relist.take() {
+                *cache = r;
+            }
+            (true, true)
+        }
+        watcher::Event::Apply(o) => {
+            let before = cache.get(&key(&o)).cloned();
+            let c = CachedPolicy::new(kind, &o, node, before.as_ref());
+            let rebuild = before.is_none_or(|b| b.uid != c.uid || b.generation != c.generation);
+            cache.insert(c.key(), c);
+            (rebuild, false)
+        }
+        watcher::Event::Delete(o) => (cache.remove(&key(&o)).is_some(), false),
+    }
 }
 
 /// The cluster's Pods as endpoints: what [`pod_from`] makes of each one (identity not yet
@@ -787,14 +901,12 @@ struct Builder {
     generation: u64,
     policy_generation: u64,
     /// The last accepted version of each policy (kept when a newer version is refused),
-    /// shared with `parsed`.
+    /// shared with the policy caches' parses.
     accepted: BTreeMap<PolicyName, Arc<Policy>>,
     /// `accepted` as the snapshot's list, made once per change of it (a pod added shares it).
     policy_list: Arc<Vec<Arc<Policy>>>,
     /// Verdicts written into policy statuses (by uid).
     reported: HashMap<String, Verdict>,
-    /// Each policy object's parse, by uid, with the generation it was parsed at.
-    parsed: HashMap<String, (i64, Result<Arc<Policy>, String>)>,
     /// NetworkPolicies (uid, generation) whose refusal was logged (they have no status).
     netpol_refusals: std::collections::HashSet<(String, i64)>,
     /// The snapshot last published (shared with the receivers, not copied).
@@ -802,7 +914,7 @@ struct Builder {
     /// Verdicts the last build decided and has not written into their policies' status yet:
     /// written once its snapshot is out, so a policy change reaches the datapath without
     /// waiting for the apiserver's answer to a status write.
-    unwritten: Vec<(ApiResource, Arc<DynamicObject>, Verdict)>,
+    unwritten: Vec<(ApiResource, Arc<CachedPolicy>, Verdict)>,
     /// The count of endpoint-input changes the last snapshot's pod list was built at, when
     /// that build allocated every identity it needed: while the count stands, the next
     /// snapshot shares the list (a policy or Node change does not redo 100,000 pods).
@@ -823,7 +935,6 @@ impl Builder {
             accepted: BTreeMap::new(),
             policy_list: Arc::default(),
             reported: HashMap::new(),
-            parsed: HashMap::new(),
             netpol_refusals: Default::default(),
             last: None,
             unwritten: Vec::new(),
@@ -1154,53 +1265,24 @@ impl Builder {
     fn update_policies(&mut self) {
         self.unwritten.clear();
         let mut next: BTreeMap<PolicyName, Arc<Policy>> = BTreeMap::new();
-        let mut verdicts: Vec<(ApiResource, Arc<DynamicObject>, Verdict)> = Vec::new();
-        for (ar, kind, objects) in [
-            (
-                &self.caches.resources.cnp,
-                "CiliumNetworkPolicy",
-                self.caches.cnps.state(),
-            ),
-            (
-                &self.caches.resources.ccnp,
-                "CiliumClusterwideNetworkPolicy",
-                self.caches.ccnps.state(),
-            ),
-        ] {
-            for o in objects {
-                let name = PolicyName::new(
-                    o.metadata.namespace.as_deref().unwrap_or_default(),
-                    o.metadata.name.as_deref().unwrap_or_default(),
-                );
-                // Parsed once per spec change (generation), not on every rebuild: a pod added
-                // rebuilds the snapshot, and a cluster may hold 10,000 policies.
-                let generation = o.metadata.generation.unwrap_or(0);
-                let uid = o.metadata.uid.clone().unwrap_or_default();
-                let parsed = match self.parsed.get(&uid) {
-                    Some((g, r)) if *g == generation && !uid.is_empty() => r.clone(),
-                    _ => {
-                        let r = policy_from(kind, &o).map(Arc::new);
-                        self.parsed.insert(uid, (generation, r.clone()));
-                        r
-                    }
-                };
-                let error = match parsed {
+        let mut verdicts: Vec<(ApiResource, Arc<CachedPolicy>, Verdict)> = Vec::new();
+        for cache in [&self.caches.cnps, &self.caches.ccnps] {
+            // Parsed once per spec change (generation), by the cache as it arrived, not on every
+            // rebuild: a pod added rebuilds the snapshot, and a cluster may hold 10,000 policies.
+            for c in cache.policies() {
+                let name = c.key();
+                match &c.parsed {
                     Ok(p) => {
-                        next.insert(name, p);
-                        None
+                        next.insert(name, p.clone());
                     }
-                    Err(e) => {
+                    Err(_) => {
                         if let Some(prev) = self.accepted.get(&name) {
                             next.insert(name, prev.clone());
                         }
-                        Some(e)
                     }
-                };
-                let v = Verdict {
-                    generation: o.metadata.generation.unwrap_or(0),
-                    error,
-                };
-                verdicts.push((ar.clone(), o, v));
+                }
+                let v = c.verdict();
+                verdicts.push((cache.resource.clone(), c, v));
             }
         }
         for o in self.caches.netpols.state() {
@@ -1231,26 +1313,20 @@ impl Builder {
             self.accepted = next;
             self.policy_generation += 1;
         }
-        let live: std::collections::HashSet<String> = verdicts
-            .iter()
-            .filter_map(|(_, o, _)| o.metadata.uid.clone())
-            .collect();
-        self.reported.retain(|uid, _| live.contains(uid));
-        self.parsed.retain(|uid, _| live.contains(uid));
-        for (ar, o, v) in verdicts {
-            let Some(uid) = o.metadata.uid.clone() else {
-                continue;
-            };
-            if self.reported.get(&uid) == Some(&v) {
+        let live: std::collections::HashSet<&str> =
+            verdicts.iter().map(|(_, c, _)| c.uid.as_str()).collect();
+        self.reported.retain(|uid, _| live.contains(uid.as_str()));
+        for (ar, c, v) in verdicts {
+            if c.uid.is_empty() || self.reported.get(&c.uid) == Some(&v) {
                 continue;
             }
             // Already in the object (written by this node's previous run): a restarted agent
             // does not rewrite every policy's status (10,000 writes before its first snapshot).
-            if recorded_verdict(&o, &self.cfg.node).as_ref() == Some(&v) {
-                self.reported.insert(uid, v);
+            if c.recorded.as_ref() == Some(&v) {
+                self.reported.insert(c.uid.clone(), v);
                 continue;
             }
-            self.unwritten.push((ar, o, v));
+            self.unwritten.push((ar, c, v));
         }
     }
 
@@ -1259,22 +1335,19 @@ impl Builder {
     async fn write_verdicts(&mut self) -> Verdicts {
         let started = std::time::Instant::now();
         let mut outcome = Verdicts::Written;
-        for (ar, o, v) in std::mem::take(&mut self.unwritten) {
+        for (ar, c, v) in std::mem::take(&mut self.unwritten) {
             if started.elapsed() >= VERDICT_SLICE {
                 return match outcome {
                     Verdicts::Failed => Verdicts::Failed,
                     _ => Verdicts::More,
                 };
             }
-            let Some(uid) = o.metadata.uid.clone() else {
-                continue;
-            };
-            match self.write_status(&ar, &o, &v).await {
+            match self.write_status(&ar, &c, &v).await {
                 Ok(()) => {
-                    self.reported.insert(uid, v);
+                    self.reported.insert(c.uid.clone(), v);
                 }
                 Err(e) => {
-                    tracing::debug!(policy = ?o.metadata.name, error = %e, "cannot write policy status yet");
+                    tracing::debug!(policy = %c.key(), error = %e, "cannot write policy status yet");
                     outcome = Verdicts::Failed;
                 }
             }
@@ -1285,10 +1358,10 @@ impl Builder {
     async fn write_status(
         &self,
         ar: &ApiResource,
-        o: &DynamicObject,
+        c: &CachedPolicy,
         v: &Verdict,
     ) -> Result<(), kube::Error> {
-        let api: Api<DynamicObject> = match &o.metadata.namespace {
+        let api: Api<DynamicObject> = match &c.namespace {
             Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
             None => Api::all_with(self.client.clone(), ar),
         };
@@ -1302,26 +1375,14 @@ impl Builder {
             }
         };
         let patch = json!({"status": {"nodes": {self.cfg.node.clone(): entry}}});
-        api.patch_status(
-            o.metadata.name.as_deref().unwrap_or_default(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .map(|_| ())
+        api.patch_status(&c.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
     }
 }
 
 /// The verdict `node` last wrote into a policy's `status.nodes`, if any.
 fn recorded_verdict(o: &DynamicObject, node: &str) -> Option<Verdict> {
-    // As cached (`compact_policy`).
-    if let Some(cached) = o.data.as_array() {
-        let v = cached.get(2)?.as_array()?;
-        return (v.first()?.as_str()? == node).then_some(Verdict {
-            generation: v.get(1)?.as_i64()?,
-            error: v.get(2)?.as_str().map(str::to_string),
-        });
-    }
     let entry = o.data.get("status")?.get("nodes")?.get(node)?;
     Some(Verdict {
         generation: entry.get("localPolicyRevision")?.as_i64()?,
@@ -1491,11 +1552,8 @@ fn policy_from(kind: &str, o: &DynamicObject) -> Result<Policy, String> {
         meta["annotations"] = json!(annotations);
     }
     let mut doc = json!({"apiVersion": "cilium.io/v2", "kind": kind, "metadata": meta});
-    for (i, field) in ["spec", "specs"].into_iter().enumerate() {
-        // As cached (`compact_policy`), or as the object came.
-        if let Some(text) = o.data.as_array().and_then(|a| a.get(i)?.as_str()) {
-            doc[field] = serde_json::from_str(text).map_err(|e| format!("{field}: {e}"))?;
-        } else if let Some(v) = o.data.get(field).filter(|v| !v.is_null()) {
+    for field in ["spec", "specs"] {
+        if let Some(v) = o.data.get(field).filter(|v| !v.is_null()) {
             doc[field] = v.clone();
         }
     }
@@ -2104,75 +2162,141 @@ mod tests {
         assert!(e.contains("rules.http[0].path"), "{e}");
     }
 
-    /// The cache holds a policy as its spec's text and this node's verdict: it parses to the
-    /// same policy and reads back the same verdict, and holds no other node's.
+    /// The cache holds a policy as its parse and this node's verdict: the same policy and
+    /// verdict as read from the object; a status write keeps the parse (and, if this node's
+    /// verdict stays, the entry); a new generation is parsed again.
     #[test]
-    fn a_cached_policy_parses_and_reads_its_verdict_as_the_object_did() {
+    fn a_cached_policy_keeps_its_parse_and_this_nodes_verdict() {
+        const CNP: &str = "CiliumNetworkPolicy";
         let verdict = |rev: i64| json!({"ok": true, "enforcing": true, "localPolicyRevision": rev});
         let whole = object(json!({
-            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "apiVersion": "cilium.io/v2", "kind": CNP,
             "metadata": {"name": "p", "namespace": "shop", "uid": "u1", "generation": 3,
-                "managedFields": [{"manager": "kubectl"}],
-                "annotations": {"team": "payments",
-                    "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\": {}}"}},
+                "annotations": {"team": "payments"}},
             "spec": {"endpointSelector": {"matchLabels": {"app": "backend"}},
                 "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
                     "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]},
             "status": {"nodes": {"node-a": verdict(3), "node-b": verdict(2)}}
         }));
-        let mut cached = whole.clone();
-        compact_policy(&mut cached, "node-a");
+        let cached = CachedPolicy::new(CNP, &whole, "node-a", None);
+        assert_eq!(cached.key(), PolicyName::new("shop", "p"));
         assert_eq!(
-            policy_from("CiliumNetworkPolicy", &cached).unwrap(),
-            policy_from("CiliumNetworkPolicy", &whole).unwrap()
+            cached.parsed.as_deref().unwrap(),
+            &policy_from(CNP, &whole).unwrap()
+        );
+        let ok = |generation| Verdict {
+            generation,
+            error: None,
+        };
+        assert_eq!(cached.recorded, Some(ok(3)));
+        assert_eq!(cached.verdict(), ok(3));
+        let on_b = CachedPolicy::new(CNP, &whole, "node-b", None);
+        assert_eq!(
+            on_b.recorded,
+            Some(ok(2)),
+            "each node reads its own verdict"
         );
         assert_eq!(
-            recorded_verdict(&cached, "node-a"),
-            Some(Verdict {
-                generation: 3,
-                error: None
-            })
+            CachedPolicy::new(CNP, &whole, "node-c", None).recorded,
+            None
         );
-        assert_eq!(recorded_verdict(&cached, "node-b"), None);
-        assert!(cached.metadata.managed_fields.is_none());
-        assert_eq!(
-            cached.metadata.annotations,
-            Some(BTreeMap::from([("team".into(), "payments".into())]))
-        );
-        assert!(cached.data.get("spec").is_none());
-        assert!(
-            !cached.data.to_string().contains("node-b"),
-            "other nodes' verdicts are not kept: {}",
-            cached.data
-        );
-        // Compacting again changes nothing.
-        let again = cached.clone();
-        compact_policy(&mut cached, "node-a");
-        assert_eq!(cached, again);
-        // A refusal reads back with its reason.
-        let mut refused_here = whole.clone();
-        refused_here.data["status"]["nodes"]["node-a"] =
+        // Another node's status write: the same entry.
+        let mut written = whole.clone();
+        written.data["status"]["nodes"]["node-b"] = verdict(3);
+        assert!(Arc::ptr_eq(
+            &CachedPolicy::new(CNP, &written, "node-a", Some(&cached)),
+            &cached
+        ));
+        // This node's verdict changed (a refusal, with its reason): the parse is kept.
+        written.data["status"]["nodes"]["node-a"] =
             json!({"ok": false, "error": "bad port", "localPolicyRevision": 2});
-        compact_policy(&mut refused_here, "node-a");
+        let refused_here = CachedPolicy::new(CNP, &written, "node-a", Some(&cached));
         assert_eq!(
-            recorded_verdict(&refused_here, "node-a"),
+            refused_here.recorded,
             Some(Verdict {
                 generation: 2,
                 error: Some("bad port".into())
             })
         );
-        // No verdict of this node yet: none held; a spec the parser refuses stays refused.
-        let mut fresh = whole.clone();
-        compact_policy(&mut fresh, "node-c");
-        assert_eq!(recorded_verdict(&fresh, "node-c"), None);
-        assert!(fresh.data[2].is_null());
+        assert!(Arc::ptr_eq(
+            refused_here.parsed.as_ref().unwrap(),
+            cached.parsed.as_ref().unwrap()
+        ));
+        // A new generation is parsed: a spec the parser refuses stays refused, with its reason.
         let mut bad = whole;
+        bad.metadata.generation = Some(4);
         bad.data["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"] = json!("http-alt");
-        let refused = policy_from("CiliumNetworkPolicy", &bad).unwrap_err();
-        compact_policy(&mut bad, "node-a");
+        let refused = CachedPolicy::new(CNP, &bad, "node-a", Some(&cached));
+        assert_eq!(refused.parsed, Err(policy_from(CNP, &bad).unwrap_err()));
+        assert_eq!(refused.verdict().error, refused.parsed.clone().err());
+    }
+
+    /// A policy cache rebuilds the snapshot when a spec changes or a policy comes or goes, not
+    /// for a status write; a relist replaces it whole and keeps the parses of what it lists.
+    #[test]
+    fn the_policy_cache_rebuilds_for_specs_not_statuses() {
+        let cnp = |name: &str, generation: i64, port: &str| {
+            object(json!({
+                "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                "metadata": {"name": name, "namespace": "shop", "uid": format!("u-{name}"),
+                    "generation": generation},
+                "spec": {"endpointSelector": {"matchLabels": {"app": "backend"}},
+                    "ingress": [{"toPorts": [{"ports": [{"port": port, "protocol": "TCP"}]}]}]}
+            }))
+        };
+        let (mut cache, mut relist) = (BTreeMap::new(), None);
+        let mut event =
+            |e| on_policy_event(&mut cache, &mut relist, "CiliumNetworkPolicy", "node-a", e);
+        assert_eq!(event(watcher::Event::Init), (false, false));
         assert_eq!(
-            policy_from("CiliumNetworkPolicy", &bad).unwrap_err(),
-            refused
+            event(watcher::Event::InitApply(cnp("a", 1, "80"))),
+            (false, false)
+        );
+        assert_eq!(
+            event(watcher::Event::InitApply(cnp("b", 1, "81"))),
+            (false, false)
+        );
+        assert_eq!(event(watcher::Event::InitDone), (true, true));
+        let mut status = cnp("a", 1, "80");
+        status.data["status"] =
+            json!({"nodes": {"node-b": {"ok": true, "localPolicyRevision": 1}}});
+        assert_eq!(
+            event(watcher::Event::Apply(status)),
+            (false, false),
+            "a status write"
+        );
+        assert_eq!(
+            event(watcher::Event::Apply(cnp("a", 2, "8080"))),
+            (true, false)
+        );
+        assert_eq!(
+            event(watcher::Event::Apply(cnp("c", 1, "82"))),
+            (true, false)
+        );
+        assert_eq!(
+            event(watcher::Event::Delete(cnp("c", 1, "82"))),
+            (true, false)
+        );
+        assert_eq!(
+            event(watcher::Event::Delete(cnp("c", 1, "82"))),
+            (false, false),
+            "gone already"
+        );
+        let a = cache.get(&PolicyName::new("shop", "a")).unwrap().clone();
+        assert_eq!(a.generation, 2);
+        // A relist that no longer lists `b`, and `a` as it was.
+        let mut event =
+            |e| on_policy_event(&mut cache, &mut relist, "CiliumNetworkPolicy", "node-a", e);
+        event(watcher::Event::Init);
+        event(watcher::Event::InitApply(cnp("a", 2, "8080")));
+        assert_eq!(event(watcher::Event::InitDone), (true, true));
+        assert_eq!(
+            cache.keys().collect::<Vec<_>>(),
+            [&PolicyName::new("shop", "a")]
+        );
+        assert!(
+            Arc::ptr_eq(&cache[&PolicyName::new("shop", "a")], &a),
+            "kept, not parsed again"
         );
     }
 
