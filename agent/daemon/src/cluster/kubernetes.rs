@@ -334,10 +334,10 @@ impl Caches {
     /// Until every cache holds its first full list.
     async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
         self.nodes.wait_until_ready().await?;
-        self.pods.wait_until_ready().await?;
+        self.pods.listed.wait().await;
         self.namespaces.wait_until_ready().await?;
-        self.cnps.wait_until_ready().await?;
-        self.ccnps.wait_until_ready().await?;
+        self.cnps.listed.wait().await;
+        self.ccnps.listed.wait().await;
         self.netpols.wait_until_ready().await?;
         self.services.wait_until_ready().await?;
         self.slices.wait_until_ready().await?;
@@ -484,6 +484,60 @@ fn without_managed_fields<K: kube::Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;
 }
 
+/// Whether a cache kept by [`watch_into`] holds its first full list.
+#[derive(Clone)]
+struct Listed(watch::Receiver<bool>);
+
+impl Listed {
+    /// Until the first full list is in.
+    async fn wait(&self) {
+        let mut listed = self.0.clone();
+        // The sender lives as long as the watch task; it only ends with the runtime.
+        let _ = listed.wait_for(|l| *l).await;
+    }
+}
+
+/// Lists and watches `api` into `cache` through `on_event` (which answers whether the snapshot
+/// must be rebuilt, and whether a full list has just completed), relisting on `410 Gone` with
+/// bounded backoff; wakes `changed`; logs (does not end on) watch errors. For the caches that
+/// keep what veil makes of an object rather than the object (a kube-runtime store keeps the
+/// object, its metadata struct and a key naming its resource).
+fn watch_into<K, S>(
+    api: Api<K>,
+    kind: &str,
+    cache: &Arc<Mutex<S>>,
+    changed: &Changed,
+    mut on_event: impl FnMut(&mut S, watcher::Event<K>) -> (bool, bool) + Send + 'static,
+) -> Listed
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    S: Send + 'static,
+{
+    let (listed_tx, listed) = watch::channel(false);
+    let (cache, changed, kind) = (cache.clone(), changed.clone(), kind.to_string());
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    tokio::spawn(async move {
+        futures_util::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    let (rebuild, done) = on_event(&mut cache.lock().expect("cache lock"), event);
+                    if done {
+                        listed_tx.send_replace(true);
+                    }
+                    if rebuild {
+                        changed.mark();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%kind, error = %e, "Kubernetes watch failed; keeping the last state, retrying")
+                }
+            }
+        }
+    });
+    Listed(listed)
+}
+
 /// A CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy as the agent keeps it: parsed as it
 /// arrives (once per spec generation: every node's verdict written into a policy's status is a
 /// watch event that keeps the parse), with this node's verdict as its status records it. Not
@@ -547,54 +601,26 @@ impl CachedPolicy {
 struct PolicyCache {
     resource: ApiResource,
     policies: Arc<Mutex<BTreeMap<PolicyName, Arc<CachedPolicy>>>>,
-    ready: watch::Receiver<bool>,
+    listed: Listed,
 }
 
 impl PolicyCache {
     fn start(client: &Client, resource: &ApiResource, node: &str, changed: &Changed) -> Self {
-        let (ready_tx, ready) = watch::channel(false);
-        let cache = PolicyCache {
+        let policies = Arc::default();
+        let (kind, node) = (resource.kind.clone(), node.to_string());
+        let mut relist = None;
+        let listed = watch_into(
+            Api::all_with(client.clone(), resource),
+            &resource.kind,
+            &policies,
+            changed,
+            move |cache, event| on_policy_event(cache, &mut relist, &kind, &node, event),
+        );
+        PolicyCache {
             resource: resource.clone(),
-            policies: Arc::default(),
-            ready,
-        };
-        let policies = cache.policies.clone();
-        let (changed, node) = (changed.clone(), node.to_string());
-        let kind = resource.kind.clone();
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
-        tokio::spawn(async move {
-            futures_util::pin_mut!(stream);
-            let mut relist = None;
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(event) => {
-                        let mut cache = policies.lock().expect("policy cache lock");
-                        let (rebuild, listed) =
-                            on_policy_event(&mut cache, &mut relist, &kind, &node, event);
-                        drop(cache);
-                        if listed {
-                            ready_tx.send_replace(true);
-                        }
-                        if rebuild {
-                            changed.mark();
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%kind, error = %e, "Kubernetes watch failed; keeping the last state, retrying")
-                    }
-                }
-            }
-        });
-        cache
-    }
-
-    /// Until the first full list is in.
-    async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        let mut ready = self.ready.clone();
-        // The sender lives as long as the watch task; it only ends with the runtime.
-        let _ = ready.wait_for(|r| *r).await;
-        Ok(())
+            policies,
+            listed,
+        }
     }
 
     /// Every cached policy, in name order (shared, not copied).
@@ -657,53 +683,19 @@ fn on_policy_event(
 #[derive(Clone)]
 struct PodCache {
     pods: Arc<Mutex<PodMap>>,
-    ready: watch::Receiver<bool>,
+    listed: Listed,
 }
 
 impl PodCache {
-    /// Lists and watches Pods (relisting on `410 Gone`, bounded backoff), waking `changed` on
-    /// every change.
+    /// Lists and watches Pods, waking `changed` on every change.
     fn start(api: Api<KPod>, changed: &Changed) -> Self {
-        let (ready_tx, ready) = watch::channel(false);
-        let cache = PodCache {
-            pods: Arc::default(),
-            ready,
-        };
-        let pods = cache.pods.clone();
-        let changed = changed.clone();
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
-        tokio::spawn(async move {
-            futures_util::pin_mut!(stream);
-            // A relist's objects, swapped in whole at its end.
-            let mut relist: Option<PodMap> = None;
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(event) => {
-                        let mut cache = pods.lock().expect("pod cache lock");
-                        let (rebuild, listed) = on_pod_event(&mut cache, &mut relist, event);
-                        drop(cache);
-                        if listed {
-                            ready_tx.send_replace(true);
-                        }
-                        if rebuild {
-                            changed.mark();
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(kind = "Pod", error = %e, "Kubernetes watch failed; keeping the last state, retrying")
-                    }
-                }
-            }
+        let pods = Arc::default();
+        // A relist's objects, swapped in whole at its end.
+        let mut relist = None;
+        let listed = watch_into(api, "Pod", &pods, changed, move |cache, event| {
+            on_pod_event(cache, &mut relist, event)
         });
-        cache
-    }
-
-    /// Until the first full list is in.
-    async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        let mut ready = self.ready.clone();
-        // The sender lives as long as the watch task; it only ends with the runtime.
-        let _ = ready.wait_for(|r| *r).await;
-        Ok(())
+        PodCache { pods, listed }
     }
 
     /// Every cached endpoint (shared, not copied).
@@ -2083,7 +2075,7 @@ mod tests {
         let mut relist = None;
         let cache = PodCache {
             pods: Arc::default(),
-            ready: watch::channel(true).1,
+            listed: Listed(watch::channel(true).1),
         };
         let event = |relist: &mut Option<PodMap>, e| {
             on_pod_event(&mut cache.pods.lock().unwrap(), relist, e).0
@@ -2245,43 +2237,27 @@ mod tests {
             }))
         };
         let (mut cache, mut relist) = (BTreeMap::new(), None);
-        let mut event =
-            |e| on_policy_event(&mut cache, &mut relist, "CiliumNetworkPolicy", "node-a", e);
-        assert_eq!(event(watcher::Event::Init), (false, false));
-        assert_eq!(
-            event(watcher::Event::InitApply(cnp("a", 1, "80"))),
-            (false, false)
-        );
-        assert_eq!(
-            event(watcher::Event::InitApply(cnp("b", 1, "81"))),
-            (false, false)
-        );
-        assert_eq!(event(watcher::Event::InitDone), (true, true));
         let mut status = cnp("a", 1, "80");
         status.data["status"] =
             json!({"nodes": {"node-b": {"ok": true, "localPolicyRevision": 1}}});
-        assert_eq!(
-            event(watcher::Event::Apply(status)),
-            (false, false),
-            "a status write"
-        );
-        assert_eq!(
-            event(watcher::Event::Apply(cnp("a", 2, "8080"))),
-            (true, false)
-        );
-        assert_eq!(
-            event(watcher::Event::Apply(cnp("c", 1, "82"))),
-            (true, false)
-        );
-        assert_eq!(
-            event(watcher::Event::Delete(cnp("c", 1, "82"))),
-            (true, false)
-        );
-        assert_eq!(
-            event(watcher::Event::Delete(cnp("c", 1, "82"))),
-            (false, false),
-            "gone already"
-        );
+        // Each event, and (rebuild, listed) as it must answer.
+        for (step, (e, want)) in [
+            (watcher::Event::Init, (false, false)),
+            (watcher::Event::InitApply(cnp("a", 1, "80")), (false, false)),
+            (watcher::Event::InitApply(cnp("b", 1, "81")), (false, false)),
+            (watcher::Event::InitDone, (true, true)),
+            (watcher::Event::Apply(status), (false, false)),
+            (watcher::Event::Apply(cnp("a", 2, "8080")), (true, false)),
+            (watcher::Event::Apply(cnp("c", 1, "82")), (true, false)),
+            (watcher::Event::Delete(cnp("c", 1, "82")), (true, false)),
+            (watcher::Event::Delete(cnp("c", 1, "82")), (false, false)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let got = on_policy_event(&mut cache, &mut relist, "CiliumNetworkPolicy", "node-a", e);
+            assert_eq!(got, want, "event {step}");
+        }
         let a = cache.get(&PolicyName::new("shop", "a")).unwrap().clone();
         assert_eq!(a.generation, 2);
         // A relist that no longer lists `b`, and `a` as it was.
