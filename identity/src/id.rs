@@ -163,9 +163,11 @@ impl FromStr for TrustDomain {
 }
 
 /// A SPIFFE ID, e.g. `spiffe://lab.veil/ns/shop/sa/frontend`. Compared by exact string.
+/// A clone shares the text: an agent keys its peer directory and auth entries by IDs that
+/// thousands of pods and pairs carry.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SpiffeId {
-    repr: String,
+    repr: std::sync::Arc<str>,
     /// Byte offset where the path starts (end of the trust domain).
     path_start: usize,
 }
@@ -193,7 +195,7 @@ impl SpiffeId {
         check_trust_domain(td)?;
         check_path(path)?;
         Ok(Self {
-            repr: s.to_owned(),
+            repr: s.into(),
             path_start: SCHEME_PREFIX.len() + td_end,
         })
     }
@@ -210,7 +212,10 @@ impl SpiffeId {
         if repr.len() > MAX_SPIFFE_ID_LEN {
             return Err(IdError::TooLong(repr.len()));
         }
-        Ok(Self { repr, path_start })
+        Ok(Self {
+            repr: repr.into(),
+            path_start,
+        })
     }
 
     /// The trust domain's own ID, `spiffe://<td>` (empty path).

@@ -309,7 +309,32 @@ fn reconcile_proxy(s: &mut Shared, cluster: &ClusterState, me: &str) {
         return;
     }
     s.proxy_pods = Some(cluster.pods.clone());
-    let endpoints = cluster
+    let cfg = crate::l7::ProxyConfig {
+        generation: cluster.policy_generation,
+        endpoints: proxy_endpoints(cluster, me, &s.l7_rules),
+        rules: s.l7_rules.clone(),
+    };
+    s.proxy_tx.send_if_modified(|cur| {
+        let changed = **cur != cfg;
+        if changed {
+            *cur = Arc::new(cfg);
+        }
+        changed
+    });
+}
+
+/// The endpoints the L7 proxy identifies connections' peers by: every pod with an identity,
+/// while any L7 rule exists; none without one (no connection goes to the proxy then, and at
+/// 100,000 endpoints the table was 3 MB kept and sent for nothing).
+fn proxy_endpoints(
+    cluster: &ClusterState,
+    me: &str,
+    rules: &[crate::policy::compile::L7Rule],
+) -> Vec<crate::l7::ProxyEndpoint> {
+    if rules.is_empty() {
+        return Vec::new();
+    }
+    cluster
         .pods
         .iter()
         .filter(|p| p.identity != 0)
@@ -320,19 +345,7 @@ fn reconcile_proxy(s: &mut Shared, cluster: &ClusterState, me: &str) {
                 local: p.node == me,
             })
         })
-        .collect();
-    let cfg = crate::l7::ProxyConfig {
-        generation: cluster.policy_generation,
-        endpoints,
-        rules: s.l7_rules.clone(),
-    };
-    s.proxy_tx.send_if_modified(|cur| {
-        let changed = **cur != cfg;
-        if changed {
-            *cur = Arc::new(cfg);
-        }
-        changed
-    });
+        .collect()
 }
 
 /// The ipcache and node table this node should have for a cluster state.
@@ -501,6 +514,33 @@ mod tests {
         assert!(!input.same(&renumbered, &with_key, false));
         assert!(!input.same(&written, &BTreeSet::new(), false));
         assert!(!input.same(&written, &with_key, true));
+    }
+
+    /// The proxy learns the endpoints while an L7 rule exists, and none without one.
+    #[test]
+    fn the_proxy_gets_endpoints_only_with_l7_rules() {
+        let cluster = state();
+        assert!(proxy_endpoints(&cluster, "a", &[]).is_empty());
+        let rule = crate::policy::compile::L7Rule {
+            local: 256,
+            direction: "ingress".into(),
+            remotes: vec![veil_common::maps::identity::ANY],
+            ports: vec![(80, 6)],
+            http: None,
+            audit: false,
+        };
+        let endpoints = proxy_endpoints(&cluster, "a", &[rule]);
+        let seen: Vec<_> = endpoints
+            .iter()
+            .map(|e| (e.ip.to_string(), e.identity, e.local))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("198.19.1.10".to_string(), 256, true),
+                ("198.19.2.10".to_string(), 256, false)
+            ]
+        );
     }
 
     #[test]

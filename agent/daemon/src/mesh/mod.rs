@@ -715,16 +715,20 @@ pub fn directory(cluster: &ClusterState, td: &TrustDomain) -> StaticDirectory {
             });
         }
     }
+    // One ID per namespace and service account, shared by the pods that carry it (100,000
+    // pods over a few thousand IDs: the directory held a copy per pod and node).
+    let mut ids: HashMap<(&str, &str), Option<SpiffeId>> = HashMap::new();
     for p in cluster.pods.iter() {
-        let (Some(node), Some(id)) = (
-            cluster.node(&p.node),
-            workload_spiffe_id(td, &p.namespace, &p.service_account),
-        ) else {
+        if p.identity == 0 {
+            continue;
+        }
+        let id = ids
+            .entry((&p.namespace, &p.service_account))
+            .or_insert_with(|| workload_spiffe_id(td, &p.namespace, &p.service_account));
+        let (Some(node), Some(id)) = (cluster.node(&p.node), id.as_ref()) else {
             continue;
         };
-        if p.identity != 0 {
-            d.add_workload(node.id, id, p.identity);
-        }
+        d.add_workload(node.id, id.clone(), p.identity);
     }
     d
 }
