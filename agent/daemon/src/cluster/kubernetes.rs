@@ -248,33 +248,19 @@ struct Caches {
     identities: Store<DynamicObject>,
     services: Store<KService>,
     slices: Store<EndpointSlice>,
-    resources: Resources,
+    /// The `VeilIdentity` custom resource's API description (the policy caches hold theirs).
+    identity_resource: ApiResource,
 }
 
-/// The custom resources' API descriptions.
-#[derive(Clone)]
-struct Resources {
-    cnp: ApiResource,
-    ccnp: ApiResource,
-    identity: ApiResource,
-}
-
-impl Resources {
-    fn new() -> Self {
-        let ar = |group: &str, version: &str, kind: &str| {
-            ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
-        };
-        Self {
-            cnp: ar("cilium.io", "v2", "CiliumNetworkPolicy"),
-            ccnp: ar("cilium.io", "v2", "CiliumClusterwideNetworkPolicy"),
-            identity: ar(API_GROUP, API_VERSION, "VeilIdentity"),
-        }
-    }
+/// A custom resource's API description.
+fn custom_resource(group: &str, version: &str, kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
 }
 
 impl Caches {
     fn start(client: &Client, notify: &Arc<Notify>, node: &str) -> Self {
-        let resources = Resources::new();
+        let identity_resource = custom_resource(API_GROUP, API_VERSION, "VeilIdentity");
+        let cilium = |kind| custom_resource("cilium.io", "v2", kind);
         let endpoint_inputs = Changed::new(notify);
         // The other caches' changes wake the builder without being counted.
         let changed = &Changed::new(notify);
@@ -296,8 +282,13 @@ impl Caches {
             ),
             // Spec changes only: every node writes its verdict into a policy's status, and
             // each write would otherwise rebuild the snapshot on every node.
-            cnps: PolicyCache::start(client, &resources.cnp, node, changed),
-            ccnps: PolicyCache::start(client, &resources.ccnp, node, changed),
+            cnps: PolicyCache::start(client, &cilium("CiliumNetworkPolicy"), node, changed),
+            ccnps: PolicyCache::start(
+                client,
+                &cilium("CiliumClusterwideNetworkPolicy"),
+                node,
+                changed,
+            ),
             netpols: reflect(
                 Api::<NetworkPolicy>::all(client.clone()),
                 (),
@@ -306,8 +297,8 @@ impl Caches {
                 without_managed_fields,
             ),
             identities: reflect(
-                Api::all_with(client.clone(), &resources.identity),
-                resources.identity.clone(),
+                Api::all_with(client.clone(), &identity_resource),
+                identity_resource.clone(),
                 &endpoint_inputs,
                 generation,
                 without_managed_fields,
@@ -326,7 +317,7 @@ impl Caches {
                 resource_version,
                 without_managed_fields,
             ),
-            resources,
+            identity_resource,
             endpoint_inputs,
         }
     }
@@ -1163,7 +1154,7 @@ impl Builder {
         known: &BTreeMap<String, IdentityKey>,
     ) -> Result<u32, kube::Error> {
         let api: Api<DynamicObject> =
-            Api::all_with(self.client.clone(), &self.caches.resources.identity);
+            Api::all_with(self.client.clone(), &self.caches.identity_resource);
         let labels = key.identity_labels();
         for id in identity_candidates(&labels.to_string()).take(64) {
             let name = id.to_string();
@@ -1172,7 +1163,7 @@ impl Builder {
                 Some(_) => continue,
                 None => {}
             }
-            let mut obj = DynamicObject::new(&name, &self.caches.resources.identity);
+            let mut obj = DynamicObject::new(&name, &self.caches.identity_resource);
             obj.data = json!({"spec": {"labels": labels}});
             match api.create(&PostParams::default(), &obj).await {
                 Ok(_) => {
@@ -1206,7 +1197,7 @@ impl Builder {
         local: &std::collections::BTreeSet<u32>,
     ) {
         let api: Api<DynamicObject> =
-            Api::all_with(self.client.clone(), &self.caches.resources.identity);
+            Api::all_with(self.client.clone(), &self.caches.identity_resource);
         let now = k8s_openapi::jiff::Timestamp::now();
         let gc_age = self.cfg.identity_gc_age;
         for o in self.caches.identities.state() {
@@ -1257,7 +1248,7 @@ impl Builder {
     fn update_policies(&mut self) {
         self.unwritten.clear();
         let mut next: BTreeMap<PolicyName, Arc<Policy>> = BTreeMap::new();
-        let mut verdicts: Vec<(ApiResource, Arc<CachedPolicy>, Verdict)> = Vec::new();
+        let mut verdicts: Vec<(&ApiResource, Arc<CachedPolicy>, Verdict)> = Vec::new();
         for cache in [&self.caches.cnps, &self.caches.ccnps] {
             // Parsed once per spec change (generation), by the cache as it arrived, not on every
             // rebuild: a pod added rebuilds the snapshot, and a cluster may hold 10,000 policies.
@@ -1274,7 +1265,7 @@ impl Builder {
                     }
                 }
                 let v = c.verdict();
-                verdicts.push((cache.resource.clone(), c, v));
+                verdicts.push((&cache.resource, c, v));
             }
         }
         for o in self.caches.netpols.state() {
@@ -1318,7 +1309,7 @@ impl Builder {
                 self.reported.insert(c.uid.clone(), v);
                 continue;
             }
-            self.unwritten.push((ar, c, v));
+            self.unwritten.push((ar.clone(), c, v));
         }
     }
 
