@@ -272,7 +272,7 @@ impl Caches {
                 node_from,
                 without_managed_fields,
             ),
-            pods: PodCache::start(Api::<KPod>::all(client.clone()), &endpoint_inputs),
+            pods: PodCache::start(Api::<KPod>::all(client.clone()), node, &endpoint_inputs),
             namespaces: reflect(
                 Api::<KNamespace>::all(client.clone()),
                 (),
@@ -678,13 +678,14 @@ struct PodCache {
 }
 
 impl PodCache {
-    /// Lists and watches Pods, waking `changed` on every change.
-    fn start(api: Api<KPod>, changed: &Changed) -> Self {
+    /// Lists and watches Pods, waking `changed` on every change; `node` is this node.
+    fn start(api: Api<KPod>, node: &str, changed: &Changed) -> Self {
         let pods = Arc::default();
         // A relist's objects, swapped in whole at its end.
         let mut relist = None;
+        let node = node.to_string();
         let listed = watch_into(api, "Pod", &pods, changed, move |cache, event| {
-            on_pod_event(cache, &mut relist, event)
+            on_pod_event(cache, &mut relist, &node, event)
         });
         PodCache { pods, listed }
     }
@@ -818,6 +819,7 @@ impl PodMap {
 fn on_pod_event(
     cache: &mut PodMap,
     relist: &mut Option<PodMap>,
+    node: &str,
     event: watcher::Event<KPod>,
 ) -> (bool, bool) {
     match event {
@@ -830,7 +832,7 @@ fn on_pod_event(
             (false, false)
         }
         watcher::Event::InitApply(p) => {
-            if let (Some(r), Some(pod)) = (relist.as_mut(), pod_from(&p)) {
+            if let (Some(r), Some(pod)) = (relist.as_mut(), pod_from(&p, node)) {
                 let before = cache.get(&pod.namespace, &pod.name);
                 let pod = r.endpoint(pod, before);
                 // Sorted at the end (a list comes in key order: then that is a linear check).
@@ -850,7 +852,7 @@ fn on_pod_event(
             (true, true)
         }
         watcher::Event::Apply(p) => {
-            let changed = match pod_from(&p) {
+            let changed = match pod_from(&p, node) {
                 Some(pod) => cache.insert(pod),
                 None => cache.remove(pod_key(&p)),
             };
@@ -1441,8 +1443,10 @@ fn node_from(n: &KNode) -> Option<Node> {
     })
 }
 
-/// A Pod as a veil endpoint (identity filled in by the caller), if it is one now.
-fn pod_from(p: &KPod) -> Option<Pod> {
+/// A Pod as a veil endpoint (identity filled in by the caller), if it is one now. Only a pod
+/// on `me`, this node, has its host veth named: the agent touches no other pod's interface,
+/// and 100,000 names are 1.6 MB.
+fn pod_from(p: &KPod, me: &str) -> Option<Pod> {
     if p.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -1466,11 +1470,16 @@ fn pod_from(p: &KPod) -> Option<Pod> {
     let ipv6: Option<std::net::Ipv6Addr> = addrs().find_map(|a| a.parse().ok());
     let name = p.metadata.name.clone()?;
     let namespace = p.metadata.namespace.clone()?;
+    let node = spec.node_name.clone()?;
     Some(Pod {
-        host_veth: host_veth_name(&namespace, &name),
+        host_veth: if node == me {
+            host_veth_name(&namespace, &name)
+        } else {
+            String::new()
+        },
         name,
         namespace,
-        node: spec.node_name.clone()?,
+        node,
         ip,
         ipv6,
         labels: p.metadata.labels.clone().unwrap_or_default().into(),
@@ -1842,15 +1851,21 @@ mod tests {
             "status": {"phase": "Running", "podIP": "198.19.2.7"}
         }))
         .unwrap();
-        let pod = pod_from(&p).unwrap();
+        let pod = pod_from(&p, "node-b").unwrap();
         assert_eq!(pod.ip, Ipv4Addr::new(198, 19, 2, 7));
         assert_eq!(pod.service_account, "default");
         assert_eq!(pod.node, "node-b");
         assert_eq!(pod.host_veth, host_veth_name("shop", "web"));
+        // Another node's pod: its interface is not this node's to name.
+        let remote = pod_from(&p, "node-a").unwrap();
+        assert_eq!(
+            (remote.node.as_str(), remote.host_veth.as_str()),
+            ("node-b", "")
+        );
         let with = |f: &dyn Fn(&mut KPod)| {
             let mut q = p.clone();
             f(&mut q);
-            pod_from(&q)
+            pod_from(&q, "node-b")
         };
         assert!(with(&|q| q.status.as_mut().unwrap().pod_ip = None).is_none());
         assert!(with(&|q| q.status.as_mut().unwrap().phase = Some("Succeeded".into())).is_none());
@@ -1910,13 +1925,14 @@ mod tests {
         };
         let (mut cache, mut relist) = (PodMap::default(), None);
         assert_eq!(
-            on_pod_event(&mut cache, &mut relist, watcher::Event::Init),
+            on_pod_event(&mut cache, &mut relist, "node-a", watcher::Event::Init),
             (false, false)
         );
         assert_eq!(
             on_pod_event(
                 &mut cache,
                 &mut relist,
+                "node-a",
                 watcher::Event::InitApply(pod("web", Some("198.19.2.7")))
             ),
             (false, false)
@@ -1925,12 +1941,13 @@ mod tests {
             on_pod_event(
                 &mut cache,
                 &mut relist,
+                "node-a",
                 watcher::Event::InitApply(pod("new", None))
             ),
             (false, false)
         );
         assert_eq!(
-            on_pod_event(&mut cache, &mut relist, watcher::Event::InitDone),
+            on_pod_event(&mut cache, &mut relist, "node-a", watcher::Event::InitDone),
             (true, true)
         );
         // Held as its endpoint (both addresses), the pod without an address not at all.
@@ -1938,7 +1955,7 @@ mod tests {
         let web = cache.get("shop", "web").unwrap();
         assert_eq!(
             Some(&**web),
-            pod_from(&pod("web", Some("198.19.2.7"))).as_ref()
+            pod_from(&pod("web", Some("198.19.2.7")), "node-a").as_ref()
         );
         assert_eq!(web.service_account, "sa");
         assert!(web.ipv6.is_some());
@@ -1947,6 +1964,7 @@ mod tests {
             on_pod_event(
                 &mut cache,
                 &mut relist,
+                "node-a",
                 watcher::Event::Apply(pod("new", Some("198.19.2.8")))
             ),
             (true, false)
@@ -1956,6 +1974,7 @@ mod tests {
             on_pod_event(
                 &mut cache,
                 &mut relist,
+                "node-a",
                 watcher::Event::Apply(pod("new", None))
             ),
             (true, false)
@@ -1963,11 +1982,12 @@ mod tests {
         assert!(cache.get("shop", "new").is_none());
         // A relist that no longer lists `web` (deleted while the watch was down) drops it; it
         // lists the others out of order, and each is found.
-        on_pod_event(&mut cache, &mut relist, watcher::Event::Init);
+        on_pod_event(&mut cache, &mut relist, "node-a", watcher::Event::Init);
         for name in ["zeta", "other"] {
             on_pod_event(
                 &mut cache,
                 &mut relist,
+                "node-a",
                 watcher::Event::InitApply(pod(name, Some("198.19.2.9"))),
             );
         }
@@ -1975,7 +1995,7 @@ mod tests {
             cache.get("shop", "web").is_some(),
             "kept until the relist completes"
         );
-        on_pod_event(&mut cache, &mut relist, watcher::Event::InitDone);
+        on_pod_event(&mut cache, &mut relist, "node-a", watcher::Event::InitDone);
         assert_eq!(
             cache
                 .pods
@@ -1990,6 +2010,7 @@ mod tests {
             on_pod_event(
                 &mut cache,
                 &mut relist,
+                "node-a",
                 watcher::Event::Delete(pod("other", Some("198.19.2.9")))
             ),
             (true, false)
@@ -2000,6 +2021,7 @@ mod tests {
             on_pod_event(
                 &mut cache,
                 &mut relist,
+                "node-a",
                 watcher::Event::Delete(pod("other", Some("198.19.2.9")))
             ),
             (false, false)
@@ -2018,7 +2040,7 @@ mod tests {
         };
         let (mut cache, mut relist) = (PodMap::default(), None);
         let apply = |cache: &mut PodMap, relist: &mut Option<PodMap>, p| {
-            on_pod_event(cache, relist, watcher::Event::Apply(p)).0
+            on_pod_event(cache, relist, "node-a", watcher::Event::Apply(p)).0
         };
         assert!(apply(
             &mut cache,
@@ -2069,7 +2091,7 @@ mod tests {
             listed: Listed(watch::channel(true).1),
         };
         let event = |relist: &mut Option<PodMap>, e| {
-            on_pod_event(&mut cache.pods.lock().unwrap(), relist, e).0
+            on_pod_event(&mut cache.pods.lock().unwrap(), relist, "node-a", e).0
         };
         let held = || cache.pods.lock().unwrap().get("shop", "a").unwrap().clone();
         assert!(event(

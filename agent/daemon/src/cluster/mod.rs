@@ -271,7 +271,8 @@ pub struct Pod {
     /// map was most of the snapshot's memory.
     pub labels: Arc<BTreeMap<String, String>>,
     pub service_account: String,
-    /// Host side of the pod's veth on its node.
+    /// Host side of the pod's veth on its node. The Kubernetes source names it only for this
+    /// node's pods (empty for the others): nothing reads another node's.
     pub host_veth: String,
     /// Numeric security identity (see [`ClusterState::identities`]).
     #[serde(default)]

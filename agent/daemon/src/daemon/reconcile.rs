@@ -2,10 +2,7 @@
 //! attachments, SVID subscriptions, the ipcache and node table) and recompiles policy when its
 //! input changes. One pass is synchronous and idempotent; the loop in `daemon` decides when.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-};
+use std::{collections::BTreeSet, sync::Arc};
 
 use veil_common::{
     maps::{self as map_names, ip_flags, node_flags, IpInfo, NodeInfo},
@@ -19,7 +16,7 @@ use crate::{
     cluster::{self, ClusterState},
     datapath::{
         self,
-        maps::{IpCacheMap, KernelHash, Prefix},
+        maps::{Entries, IpCacheMap, KernelHash, Prefix},
         policy as dp_policy, Hook,
     },
 };
@@ -354,13 +351,14 @@ pub fn desired_maps(
     me: &str,
     with_key: &std::collections::BTreeSet<String>,
     node_encryption: bool,
-) -> (BTreeMap<Prefix, IpInfo>, BTreeMap<u32, NodeInfo>) {
-    let mut ipcache = BTreeMap::new();
-    let mut nodes = BTreeMap::new();
+) -> (Entries<Prefix, IpInfo>, Entries<u32, NodeInfo>) {
+    // Pushed in any order and sorted once; of an address given twice the later entry stays.
+    let mut ipcache = Vec::with_capacity(cluster.pods.len() + 2 * cluster.nodes.len());
+    let mut nodes = Vec::with_capacity(cluster.nodes.len());
     for n in &cluster.nodes {
         let cidrs = || n.pod_cidrs().filter_map(cidr_prefix);
         for (cidr, _) in cidrs() {
-            ipcache.insert(
+            ipcache.push((
                 cidr,
                 IpInfo {
                     identity: 0,
@@ -368,7 +366,7 @@ pub fn desired_maps(
                     flags: ip_flags::POD_CIDR,
                     ifindex: 0,
                 },
-            );
+            ));
         }
         if n.name == me {
             // This node's own addresses: its underlay address and its pod-network gateways
@@ -379,14 +377,14 @@ pub fn desired_maps(
                 flags: ip_flags::HOST,
                 ifindex: 0,
             };
-            ipcache.insert(Prefix::v4(n.underlay_ip, 32), host);
+            ipcache.push((Prefix::v4(n.underlay_ip, 32), host));
             for (_, gw) in cidrs() {
-                ipcache.insert(Prefix::host(gw), host);
+                ipcache.push((Prefix::host(gw), host));
             }
         } else if node_encryption {
             // Another node's own address: with node encryption, traffic to it enters the
             // tunnel (`veil_to_underlay`), and policy sees it as the remote-node entity.
-            ipcache.insert(
+            ipcache.push((
                 Prefix::v4(n.underlay_ip, 32),
                 IpInfo {
                     identity: veil_common::maps::identity::REMOTE_NODE,
@@ -394,13 +392,13 @@ pub fn desired_maps(
                     flags: ip_flags::NODE,
                     ifindex: 0,
                 },
-            );
+            ));
         }
         let mut flags = if n.name == me { node_flags::SELF } else { 0 };
         if with_key.contains(&n.name) {
             flags |= node_flags::HAS_KEY;
         }
-        nodes.insert(n.id, NodeInfo { flags, _pad: 0 });
+        nodes.push((n.id, NodeInfo { flags, _pad: 0 }));
     }
     for p in cluster.pods.iter() {
         let Some(node) = cluster.node(&p.node) else {
@@ -425,10 +423,10 @@ pub fn desired_maps(
             ifindex,
         };
         for a in p.addrs() {
-            ipcache.insert(Prefix::host(a), info);
+            ipcache.push((Prefix::host(a), info));
         }
     }
-    (ipcache, nodes)
+    (ipcache.into_iter().collect(), nodes.into_iter().collect())
 }
 
 /// A pod CIDR as an ipcache prefix, with its first address (the node's gateway on it).
@@ -449,6 +447,7 @@ fn cidr_prefix(s: &str) -> Option<(Prefix, std::net::IpAddr)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
 
     use crate::cluster::{Node, Pod};
