@@ -239,7 +239,7 @@ struct Caches {
     /// Changes of what the snapshot's pod list is made of (Pods, Namespaces' labels,
     /// identities), counted: while the count stands, the builder reuses the last list.
     endpoint_inputs: Changed,
-    nodes: Store<KNode>,
+    nodes: NodeCache,
     pods: PodCache,
     namespaces: Store<KNamespace>,
     cnps: PolicyCache,
@@ -265,13 +265,7 @@ impl Caches {
         // The other caches' changes wake the builder without being counted.
         let changed = &Changed::new(notify);
         Self {
-            nodes: reflect(
-                Api::<KNode>::all(client.clone()),
-                (),
-                changed,
-                node_from,
-                without_managed_fields,
-            ),
+            nodes: NodeCache::start(Api::<KNode>::all(client.clone()), changed),
             pods: PodCache::start(Api::<KPod>::all(client.clone()), node, &endpoint_inputs),
             namespaces: reflect(
                 Api::<KNamespace>::all(client.clone()),
@@ -324,7 +318,7 @@ impl Caches {
 
     /// Until every cache holds its first full list.
     async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        self.nodes.wait_until_ready().await?;
+        self.nodes.listed.wait().await;
         self.pods.listed.wait().await;
         self.namespaces.wait_until_ready().await?;
         self.cnps.listed.wait().await;
@@ -869,6 +863,76 @@ fn pod_key(p: &KPod) -> (&str, &str) {
     )
 }
 
+/// The cluster's Nodes as veil nodes (what [`node_from`] makes of each), by name, and nothing
+/// else: a Node object carries its conditions, capacity, images and kubelet details, none of
+/// which veil reads, and the builder parsed every one of them again on each rebuild. A Node
+/// that is no veil node now (no IPv4 InternalIP or pod CIDR) is not held.
+#[derive(Clone)]
+struct NodeCache {
+    nodes: Arc<Mutex<BTreeMap<String, Node>>>,
+    listed: Listed,
+}
+
+impl NodeCache {
+    /// Lists and watches Nodes, waking `changed` when a veil node changes.
+    fn start(api: Api<KNode>, changed: &Changed) -> Self {
+        let nodes = Arc::default();
+        // A relist's nodes, swapped in whole at its end.
+        let mut relist = None;
+        let listed = watch_into(api, "Node", &nodes, changed, move |cache, event| {
+            on_node_event(cache, &mut relist, event)
+        });
+        NodeCache { nodes, listed }
+    }
+
+    /// The nodes, by name.
+    fn nodes(&self) -> Vec<Node> {
+        self.nodes
+            .lock()
+            .expect("node cache lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// One Node watch event into the cache; whether a veil node changed (a kubelet heartbeat
+/// changes nothing veil reads), and whether a full list has just completed.
+fn on_node_event(
+    cache: &mut BTreeMap<String, Node>,
+    relist: &mut Option<BTreeMap<String, Node>>,
+    event: watcher::Event<KNode>,
+) -> (bool, bool) {
+    let name = |n: &KNode| n.metadata.name.clone().unwrap_or_default();
+    match event {
+        watcher::Event::Init => {
+            *relist = Some(BTreeMap::new());
+            (false, false)
+        }
+        watcher::Event::InitApply(n) => {
+            if let (Some(r), Some(node)) = (relist.as_mut(), node_from(&n)) {
+                r.insert(node.name.clone(), node);
+            }
+            (false, false)
+        }
+        watcher::Event::InitDone => {
+            if let Some(r) = relist.take() {
+                *cache = r;
+            }
+            (true, true)
+        }
+        watcher::Event::Apply(n) => match node_from(&n) {
+            Some(node) if cache.get(&node.name) == Some(&node) => (false, false),
+            Some(node) => {
+                cache.insert(node.name.clone(), node);
+                (true, false)
+            }
+            None => (cache.remove(&name(&n)).is_some(), false),
+        },
+        watcher::Event::Delete(n) => (cache.remove(&name(&n)).is_some(), false),
+    }
+}
+
 /// What the last build decided about one policy, to write into its status once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Verdict {
@@ -983,17 +1047,7 @@ impl Builder {
     /// (identities allocated, statuses written); if not, the caller builds again soon.
     async fn build(&mut self) -> (Arc<ClusterState>, bool) {
         let mut complete = true;
-        let nodes: Vec<Node> = {
-            let mut v: Vec<Node> = self
-                .caches
-                .nodes
-                .state()
-                .iter()
-                .filter_map(|n| node_from(n))
-                .collect();
-            v.sort_by(|a, b| a.name.cmp(&b.name));
-            v
-        };
+        let nodes = self.caches.nodes.nodes();
         // Read before the caches: a change racing with this build is seen by the next.
         let inputs = self.caches.endpoint_inputs.count();
         let reuse = self
@@ -1787,8 +1841,8 @@ mod tests {
             }))
             .unwrap()
         };
-        let mut seen = HashMap::new();
-        let mut nodes = |e| on_event(&mut seen, node_from, e);
+        let (mut cache, mut relist) = (BTreeMap::new(), None);
+        let mut nodes = |e| on_node_event(&mut cache, &mut relist, e).0;
         assert!(!nodes(watcher::Event::Init));
         let t0 = "2026-12-02T10:00:00Z";
         assert!(!nodes(watcher::Event::InitApply(node("198.18.0.1", t0))));
@@ -1797,7 +1851,18 @@ mod tests {
         let t1 = "2026-12-02T10:05:00Z";
         assert!(!nodes(watcher::Event::Apply(node("198.18.0.1", t1))));
         assert!(nodes(watcher::Event::Apply(node("198.18.0.2", t1))));
+        let underlay = |c: &BTreeMap<String, Node>| c.get("node-a").map(|n| n.underlay_ip);
+        assert_eq!(underlay(&cache), Some(Ipv4Addr::new(198, 18, 0, 2)));
+        // It loses its address: no veil node now, gone from the cache; back, and deleted.
+        let mut bare = node("198.18.0.2", t1);
+        bare.status = None;
+        assert!(on_node_event(&mut cache, &mut relist, watcher::Event::Apply(bare)).0);
+        assert_eq!(underlay(&cache), None);
+        let mut nodes = |e| on_node_event(&mut cache, &mut relist, e).0;
+        assert!(nodes(watcher::Event::Apply(node("198.18.0.2", t1))));
         assert!(nodes(watcher::Event::Delete(node("198.18.0.2", t1))));
+        assert!(!nodes(watcher::Event::Delete(node("198.18.0.2", t1))));
+        assert!(cache.is_empty());
         // A policy: a status write (another node's verdict) is not a spec change.
         let cnp = |generation: i64, status: serde_json::Value| -> DynamicObject {
             serde_json::from_value(json!({
