@@ -194,6 +194,8 @@ impl<K: Ord, V> From<BTreeMap<K, V>> for Entries<K, V> {
     }
 }
 
+/// For tests' lookups; the agent reads with [`Entries::get`] (a missing key panics here).
+#[cfg(test)]
 impl<K: Ord, V> std::ops::Index<&K> for Entries<K, V> {
     type Output = V;
 
