@@ -107,7 +107,11 @@ fi
 
 # --- SPIRE, kube-apiserver, kubectl, etcd, helm, wireguard-go (Go, from source) --------------
 # Not in VEIL_SETUP_TOOLCHAIN_ONLY mode (that one exited above). Links in ${VEIL_TOOLS_BIN:-$cache/bin}.
-"$(dirname "$0")/go-tools.sh"
+# VEIL_SETUP_SKIP_GO_TOOLS=1: the caller runs go-tools.sh itself (scripts/test.sh, in the
+# background beside the Rust build).
+if [ -z "${VEIL_SETUP_SKIP_GO_TOOLS:-}" ]; then
+  "$(dirname "$0")/go-tools.sh"
+fi
 
 # --- boringtun-cli 0.7.1 (crates.io) ---------------------------------------------------------
 # The second independent WireGuard of the interop tests (tests/tests/interop.rs). Built once per

@@ -42,25 +42,9 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A tool `scripts/setup.sh` installs, from `$VEIL_TOOLS_BIN`, `$VEIL_CACHE_DIR/bin` or
-/// `~/.cache/veil/bin`.
+/// A tool `scripts/setup.sh` installs ([`veil_agent::lab::tool`]); a missing one fails the test.
 fn tool(name: &str) -> PathBuf {
-    let mut dirs = Vec::new();
-    if let Some(d) = std::env::var_os("VEIL_TOOLS_BIN") {
-        dirs.push(PathBuf::from(d));
-    }
-    if let Some(d) = std::env::var_os("VEIL_CACHE_DIR") {
-        dirs.push(PathBuf::from(d).join("bin"));
-    }
-    if let Some(h) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(h).join(".cache/veil/bin"));
-    }
-    dirs.iter()
-        .map(|d| d.join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!("{name} not found in {dirs:?}: run scripts/setup.sh (it installs it)")
-        })
+    veil_agent::lab::tool(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The implementation veil-wg is tested against (side B).

@@ -40,12 +40,7 @@ impl Apiserver {
             kubeconfig: dir.join("admin.kubeconfig"),
             dir,
             restarted: Default::default(),
-            kubectl: std::env::var_os("VEIL_TOOLS_BIN")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/veil/bin")
-                })
-                .join("kubectl"),
+            kubectl: veil_agent::lab::tool("kubectl").unwrap_or_else(|e| panic!("{e}")),
         };
         assert!(
             out.status.success(),

@@ -89,13 +89,10 @@ fn proxy_port_file(paths: &LabPaths) -> PathBuf {
     dir(paths).join("api-proxy.port")
 }
 
-/// A Kubernetes binary (`etcd`, `kube-apiserver`, `kubectl`): where scripts/setup.sh puts them.
+/// A Kubernetes binary (`etcd`, `kube-apiserver`, `kubectl`, ...) ([`super::tool`]).
 pub fn tool(name: &str) -> std::result::Result<PathBuf, String> {
-    super::spire_real::tool(name).map_err(|_| {
-        format!(
-            "`control_plane: kubernetes` needs {name}, not found in $VEIL_TOOLS_BIN or ~/.cache/veil/bin \
-             (run scripts/setup.sh; or use --control-plane files)"
-        )
+    super::tool(name).map_err(|e| {
+        format!("`control_plane: kubernetes` needs {e}; or use --control-plane files")
     })
 }
 

@@ -94,6 +94,31 @@ pub fn run_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/veil"))
 }
 
+/// A tool scripts/setup.sh builds or installs (SPIRE, the Kubernetes binaries, wireguard-go,
+/// boringtun-cli): in `$VEIL_TOOLS_BIN`, else `$VEIL_CACHE_DIR/bin`, else `~/.cache/veil/bin`,
+/// and only there (scripts/test.sh points `VEIL_TOOLS_BIN` at an empty directory while the Go
+/// tools are still building, so a test that needs one fails instead of finding a half-built set).
+pub fn tool(name: &str) -> std::result::Result<PathBuf, String> {
+    let dir = if let Some(d) = std::env::var_os("VEIL_TOOLS_BIN") {
+        PathBuf::from(d)
+    } else if let Some(d) = std::env::var_os("VEIL_CACHE_DIR") {
+        PathBuf::from(d).join("bin")
+    } else {
+        let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+        PathBuf::from(home).join(".cache/veil/bin")
+    };
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{name} not found at {} (scripts/setup.sh installs it there; VEIL_TOOLS_BIN or \
+             VEIL_CACHE_DIR move that place)",
+            p.display()
+        ))
+    }
+}
+
 /// Where a lab keeps things on the host. All of it is named after the lab.
 #[derive(Debug, Clone)]
 pub struct LabPaths {

@@ -47,25 +47,9 @@ pub const SERVER_PORT: u16 = 8081;
 pub const SERVER_CACHE_RELOAD: &str = "1s";
 pub const AGENT_SYNC: &str = "1s";
 
-/// A SPIRE binary: `$VEIL_TOOLS_BIN`, else `$VEIL_CACHE_DIR/bin`, else `~/.cache/veil/bin`.
+/// A SPIRE binary ([`super::tool`]).
 pub fn tool(name: &str) -> std::result::Result<PathBuf, String> {
-    let dir = if let Some(d) = std::env::var_os("VEIL_TOOLS_BIN") {
-        PathBuf::from(d)
-    } else if let Some(d) = std::env::var_os("VEIL_CACHE_DIR") {
-        PathBuf::from(d).join("bin")
-    } else {
-        let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-        PathBuf::from(home).join(".cache/veil/bin")
-    };
-    let p = dir.join(name);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "`identity: spire` needs {name}, not found at {} (run scripts/setup.sh, or set VEIL_TOOLS_BIN)",
-            p.display()
-        ))
-    }
+    super::tool(name).map_err(|e| format!("`identity: spire` needs {e}"))
 }
 
 /// Both binaries, checked before `lab up` creates anything.
