@@ -91,9 +91,8 @@ fn proxy_port_file(paths: &LabPaths) -> PathBuf {
 
 /// A Kubernetes binary (`etcd`, `kube-apiserver`, `kubectl`, ...) ([`super::tool`]).
 pub fn tool(name: &str) -> std::result::Result<PathBuf, String> {
-    super::tool(name).map_err(|e| {
-        format!("`control_plane: kubernetes` needs {e}; or use --control-plane files")
-    })
+    super::tool(name)
+        .map_err(|e| format!("`control_plane: kubernetes` needs {e}; or use --control-plane files"))
 }
 
 pub fn check_tools() -> std::result::Result<(), String> {
