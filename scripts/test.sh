@@ -88,12 +88,12 @@ step "release build (binaries + tests)" "$t0"
 # The doctests (nextest does not run them).
 cargo test --release --locked --workspace --doc
 # The tests that run the Go-built systems: real SPIRE (spire, real_spire, the chaos suite's
-# spire-agent kills), a Kubernetes control plane (kube_lab, kubernetes, the L7 and Services tests
+# spire-agent kills, the lab suite's two `lab up` undo tests on a SPIRE lab), a Kubernetes control plane (kube_lab, kubernetes, the L7 and Services tests
 # in Kubernetes mode), and the interop suite (wireguard-go, boringtun-cli). Every other test runs
 # first, while those systems build, with VEIL_TOOLS_BIN an empty directory: a test needing one
 # that this filter misses fails there, every time, instead of passing or failing by how far the
 # build has got.
-go_tests='binary(spire) | binary(real_spire) | binary(kube_lab) | binary(kubernetes) | binary(interop) | (package(veil-tests) & test(/spire|kubernetes/))'
+go_tests='binary(spire) | binary(real_spire) | binary(kube_lab) | binary(kubernetes) | binary(interop) | (package(veil-tests) & test(/spire|kubernetes/)) | (binary(lab) & test(/failed_up_removes_everything_it_created|up_never_takes_over_a_namespace_it_did_not_create/))'
 nextest() { cargo nextest run --release --locked --workspace --no-fail-fast --profile ci "$@"; }
 rc=0
 if [ $# -eq 0 ]; then
