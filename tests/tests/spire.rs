@@ -727,14 +727,31 @@ fn kill9(pid: u32) {
     signal(pid, nix::sys::signal::Signal::SIGKILL);
 }
 
-/// The latest `not_after` of frontend's SVID on node-a.
-fn frontend_not_after(lab: &Lab) -> u64 {
-    lab.status("node-a")
-        .svids
+/// When frontend -> backend under `authentication: required` must fail closed once `nodes`
+/// can no longer renew SVIDs: the first `not_after` (Unix seconds) among those nodes' own node
+/// SVIDs (a node pair's tunnel keys end with either node's) and frontend's and backend's
+/// SVIDs. Each is renewed at half its life within its spire-agent's sync, so they expire
+/// seconds apart; the flow ends at the first (CI once saw node-a's node SVID expire 3 s
+/// before frontend's).
+fn first_expiry(lab: &Lab, nodes: &[&str]) -> f64 {
+    let needed = |s: &veil_agent::api::Svid| {
+        s.owner == "node"
+            || s.spiffe_id.ends_with("/sa/frontend")
+            || s.spiffe_id.ends_with("/sa/backend")
+    };
+    let expiries: Vec<(String, String, u64)> = nodes
         .iter()
-        .find(|s| s.spiffe_id.ends_with("/sa/frontend"))
-        .map(|s| s.not_after_unix)
-        .unwrap_or(0)
+        .flat_map(|n| {
+            lab.status(n)
+                .svids
+                .into_iter()
+                .filter(needed)
+                .map(|s| (n.to_string(), s.owner, s.not_after_unix))
+        })
+        .collect();
+    println!("SVIDs the flow needs (node, owner, not_after): {expiries:?}");
+    let first = expiries.iter().map(|e| e.2).min();
+    first.expect("no node or workload SVID in veil status") as f64
 }
 
 /// Tries frontend -> backend every 250 ms until it fails; returns (last success, first
@@ -757,8 +774,8 @@ fn until_cut(lab: &Lab, timeout: Duration) -> (f64, f64) {
     (last_ok, now())
 }
 
-/// Fail closed at expiry, not before: frontend was served until at most 3 s before its SVID's
-/// `not_after` (`until_cut`'s seconds) and cut within 10 s after it.
+/// Fail closed at expiry, not before: frontend was served until at most 3 s before the first
+/// SVID it needs expired (`first_expiry`; `until_cut`'s seconds) and cut within 10 s after it.
 fn assert_served_until_expiry(last_ok: f64, cut: f64, not_after: f64) {
     assert!(last_ok >= not_after - 3.0, "cut before the SVID expired");
     assert!(cut <= not_after + 10.0, "not cut within 10 s of expiry");
@@ -775,8 +792,9 @@ fn auth_refusals(lab: &Lab) -> (u64, u64) {
 /// (g) spire-agent killed on node-a (kill -9; the supervisor restarts `veil lab spire-agent`,
 /// held back here by moving its config aside, so node-a has no spire-agent for as long as the
 /// test wants). X.509-SVID TTL 20 s: veil's agent keeps its last SVIDs and frontend keeps
-/// reaching backend under `authentication: required` until frontend's SVID expires; then the
-/// flow fails closed (`auth-required`). The veil agent neither restarts nor spins (CPU over the
+/// reaching backend under `authentication: required` until the first of frontend's SVID and
+/// node-a's node SVID expires; then the flow fails closed (`auth-required`, or the node pair's
+/// tunnel keys gone with node-a's node SVID). The veil agent neither restarts nor spins (CPU over the
 /// outage measured). With the config back, the supervisor's restart brings spire-agent up (its
 /// own SVID from its data dir, no new join token) and veil recovers by itself.
 #[test]
@@ -794,7 +812,7 @@ fn spire_agent_killed_cached_svids_then_fail_closed_then_recovery() {
             .is_none()
             .then_some(())
     });
-    let not_after = frontend_not_after(&lab) as f64;
+    let not_after = first_expiry(&lab, &["node-a"]);
     let refused0 = auth_refusals(&lab);
     let (last_ok, cut) = until_cut(&lab, Duration::from_secs(45));
     let outage_cpu = cpu_time(agent).saturating_sub(cpu0);
@@ -804,13 +822,13 @@ fn spire_agent_killed_cached_svids_then_fail_closed_then_recovery() {
     let refused = auth_refusals(&lab);
     let drops: Vec<_> = both(&lab).into_iter().map(|s| (s.node, s.drops)).collect();
     println!(
-        "spire-agent killed: frontend served until {:.1} s before its SVID's not_after, cut {:.1} s after it; refused (auth-required drops, hold timeouts) {refused0:?} -> {refused:?}; drops {drops:?}",
+        "spire-agent killed: frontend served until {:.1} s before the first SVID it needs expired, cut {:.1} s after that; refused (auth-required drops, hold timeouts) {refused0:?} -> {refused:?}; drops {drops:?}",
         not_after - last_ok,
         cut - not_after
     );
     let back = held.release_until_frontend_is_back(&lab);
     println!(
-        "spire-agent killed: frontend served on cached SVIDs until {:.1} s before its SVID's not_after, cut {:.1} s after it; veil agent CPU {:?} over {:?} ({:.2} %); recovered {back:?} after the config came back",
+        "spire-agent killed: frontend served on cached SVIDs until {:.1} s before the first of them expired, cut {:.1} s after that; veil agent CPU {:?} over {:?} ({:.2} %); recovered {back:?} after the config came back",
         not_after - last_ok,
         cut - not_after,
         outage_cpu,
@@ -828,7 +846,8 @@ fn spire_agent_killed_cached_svids_then_fail_closed_then_recovery() {
 
 /// (h) spire-server down (kill -9, its restart held back by moving its config aside) for
 /// longer than the 20 s X.509-SVID TTL: the spire-agents cannot renew, frontend keeps working
-/// until its SVID expires, then fails closed; veil's agents stay up and idle (CPU measured,
+/// until the first SVID it needs (frontend's, backend's, either node's) expires, then fails
+/// closed; veil's agents stay up and idle (CPU measured,
 /// < 5 % of a core). With the config back the supervisor's next restart (backoff up to 10 s)
 /// brings the server up with its datastore and keys, the agents renew and traffic returns.
 #[test]
@@ -848,7 +867,7 @@ fn spire_server_down_longer_than_the_ttl_fails_closed_and_recovers() {
     let server = pid_of(&lab, "spire", "spire-server").expect("spire-server");
     let t_kill = Instant::now();
     kill9(server);
-    let not_after = frontend_not_after(&lab) as f64;
+    let not_after = first_expiry(&lab, &["node-a", "node-b"]);
     let (last_ok, cut) = until_cut(&lab, Duration::from_secs(45));
     // Stay down a while past the cut: nothing may spin while the server is away.
     std::thread::sleep(Duration::from_secs(5));
@@ -871,7 +890,7 @@ fn spire_server_down_longer_than_the_ttl_fails_closed_and_recovers() {
     );
     let back = held.release_until_frontend_is_back(&lab);
     println!(
-        "spire-server down {outage:?}: frontend served until {:.1} s before its SVID's not_after, cut {:.1} s after it; veil agents' CPU over the outage {cpu:?} ({:.2} % / {:.2} %); recovered {back:?} after the config came back",
+        "spire-server down {outage:?}: frontend served until {:.1} s before the first SVID it needs expired, cut {:.1} s after that; veil agents' CPU over the outage {cpu:?} ({:.2} % / {:.2} %); recovered {back:?} after the config came back",
         not_after - last_ok,
         cut - not_after,
         cpu[0].as_secs_f64() * 100.0 / outage.as_secs_f64(),
