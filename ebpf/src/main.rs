@@ -110,70 +110,50 @@ use veil_common::ipproto::{
 /// One event per (identities, port, verdict, reason) per second; the rest are counted into it.
 const THROTTLE_NS: u64 = 1_000_000_000;
 
-/// Packets leaving a pod, on the host side of its veth.
-#[classifier]
-pub fn veil_from_pod(ctx: TcContext) -> i32 {
-    match try_from_pod(&ctx) {
-        Ok(action) => action,
-        Err(code) => drop_packet(&ctx, code),
-    }
+/// A TC program: runs its `try_` function and drops, with the counted reason, what that refuses.
+macro_rules! tc_program {
+    ($(#[$doc:meta])* $name:ident => $body:ident) => {
+        $(#[$doc])*
+        #[classifier]
+        pub fn $name(ctx: TcContext) -> i32 {
+            match $body(&ctx) {
+                Ok(action) => action,
+                Err(code) => drop_packet(&ctx, code),
+            }
+        }
+    };
 }
 
-/// Decrypted packets arriving from peer nodes, on the tunnel device.
-#[classifier]
-pub fn veil_from_tunnel(ctx: TcContext) -> i32 {
-    match try_from_tunnel(&ctx) {
-        Ok(action) => action,
-        Err(code) => drop_packet(&ctx, code),
-    }
+tc_program! {
+    /// Packets leaving a pod, on the host side of its veth.
+    veil_from_pod => try_from_pod
 }
-
-/// Packets arriving on the node's underlay interface (fails closed for pod addresses).
-#[classifier]
-pub fn veil_from_underlay(ctx: TcContext) -> i32 {
-    match try_from_underlay(&ctx) {
-        Ok(action) => action,
-        Err(code) => drop_packet(&ctx, code),
-    }
+tc_program! {
+    /// Decrypted packets arriving from peer nodes, on the tunnel device.
+    veil_from_tunnel => try_from_tunnel
 }
-
-/// Packets leaving on the node's underlay interface (egress), with node encryption: traffic to
-/// another node's own address enters the tunnel (fails closed without a peer).
-#[classifier]
-pub fn veil_to_underlay(ctx: TcContext) -> i32 {
-    match try_to_underlay(&ctx) {
-        Ok(action) => action,
-        Err(code) => drop_packet(&ctx, code),
-    }
+tc_program! {
+    /// Packets arriving on the node's underlay interface (fails closed for pod addresses).
+    veil_from_underlay => try_from_underlay
 }
-
-/// Packets entering the tunnel device, egress (fails closed for unmarked local pod sources).
-#[classifier]
-pub fn veil_to_tunnel(ctx: TcContext) -> i32 {
-    match try_to_tunnel(&ctx) {
-        Ok(action) => action,
-        Err(code) => drop_packet(&ctx, code),
-    }
+tc_program! {
+    /// Packets leaving on the node's underlay interface (egress), with node encryption: traffic
+    /// to another node's own address enters the tunnel (fails closed without a peer).
+    veil_to_underlay => try_to_underlay
 }
-
-/// Packets the agent re-injects from its hold device (ingress). Only the agent holds the
-/// device's file descriptor; a released packet of a local pod gets the from-pod mark so it may
-/// enter the tunnel.
-/// Packets towards a pod, on the host side of its veth (egress).
-#[classifier]
-pub fn veil_to_pod(ctx: TcContext) -> i32 {
-    match try_to_pod(&ctx) {
-        Ok(action) => action,
-        Err(code) => drop_packet(&ctx, code),
-    }
+tc_program! {
+    /// Packets entering the tunnel device, egress (fails closed for unmarked local pod sources).
+    veil_to_tunnel => try_to_tunnel
 }
-
-#[classifier]
-pub fn veil_from_hold(ctx: TcContext) -> i32 {
-    match try_from_hold(&ctx) {
-        Ok(action) => action,
-        Err(code) => drop_packet(&ctx, code),
-    }
+tc_program! {
+    /// Packets towards a pod, on the host side of its veth (egress).
+    veil_to_pod => try_to_pod
+}
+tc_program! {
+    /// Packets the agent re-injects from its hold device (ingress). Only the agent holds the
+    /// device's file descriptor; a released packet of a local pod gets the from-pod mark so it
+    /// may enter the tunnel.
+    veil_from_hold => try_from_hold
 }
 
 /// Is this address a pod's, or inside any node's pod CIDR (this node's included)?
@@ -492,11 +472,9 @@ fn assign_proxy(ctx: &TcContext, cfg: &DatapathConfig, flow: &Flow) -> bool {
     if port == 0 {
         return false;
     }
-    let Some(tuple) = VEIL_PROXY_SCRATCH.get_ptr_mut(0) else {
+    let Ok(tuple) = scratch(&VEIL_PROXY_SCRATCH) else {
         return false;
     };
-    // SAFETY: the per-CPU scratch value is this program run's own until it returns.
-    let tuple = unsafe { &mut *tuple };
     let size = if flow.is_v6 {
         let mut daddr = [0u8; 16];
         daddr[15] = 1;
@@ -1124,11 +1102,7 @@ fn tcp_may_start(flow: &Flow) -> bool {
 /// The packet's conntrack keys, forward and reverse, in this CPU's [`VEIL_CT_SCRATCH`] slot.
 #[inline(always)]
 fn ct_keys(f: &Flow) -> Result<&'static [CtKey; 2], u32> {
-    let p = VEIL_CT_SCRATCH
-        .get_ptr_mut(0)
-        .ok_or(reason::DATAPATH_ERROR)?;
-    // SAFETY: this CPU's slot, used only within this program run.
-    let k = unsafe { &mut *p };
+    let k = scratch(&VEIL_CT_SCRATCH)?;
     k[0] = ct_key(f, false);
     k[1] = ct_key(f, true);
     Ok(k)
@@ -1399,11 +1373,9 @@ struct Ev {
 /// event is written straight into the ring buffer slot.
 #[inline(never)]
 fn emit(f: &Flow, ev: &Ev) {
-    let Some(scratch) = VEIL_EMIT_SCRATCH.get_ptr_mut(0) else {
+    let Ok(scratch) = scratch(&VEIL_EMIT_SCRATCH) else {
         return;
     };
-    // SAFETY: the per-CPU scratch value is this program run's own until it returns.
-    let scratch = unsafe { &mut *scratch };
     scratch.key = ThrottleKey {
         src_identity: ev.src_identity,
         dst_identity: ev.dst_identity,
@@ -1584,16 +1556,49 @@ fn ipv4_dont_fragment(ctx: &TcContext) -> Result<bool, u32> {
 /// One's-complement sum of big-endian 16-bit words, folded: an Internet checksum.
 #[inline(always)]
 fn inet_csum(words: &[u8]) -> u16 {
-    let mut sum = 0u32;
+    csum_fold(csum_add(0, words))
+}
+
+/// Adds `words` (big-endian 16-bit words) to a one's complement sum, unfolded.
+#[inline(always)]
+fn csum_add(mut sum: u32, words: &[u8]) -> u32 {
     let mut i = 0;
     while i + 1 < words.len() {
         sum += u32::from(u16::from_be_bytes([words[i], words[i + 1]]));
         i += 2;
     }
+    sum
+}
+
+/// Folds a one's complement sum into the 16-bit checksum.
+#[inline(always)]
+fn csum_fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// This CPU's slot of a one-entry scratch map, used only within this program run.
+#[inline(always)]
+fn scratch<T>(map: &'static PerCpuArray<T>) -> Result<&'static mut T, u32> {
+    match map.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a program run is not preempted on its CPU.
+        Some(p) => Ok(unsafe { &mut *p }),
+        None => Err(reason::DATAPATH_ERROR),
+    }
+}
+
+/// Makes the packet the reply built in `out` and sends it out on `ifindex`.
+#[inline(always)]
+fn send_reply<const N: usize>(ctx: &TcContext, out: &[u8; N], ifindex: u32) -> Result<i32, u32> {
+    // SAFETY: helper call on this program's own skb; it only trims the packet.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, N as u32, 0) } != 0 {
+        return Err(reason::MTU_EXCEEDED);
+    }
+    ctx.store(0, out, 0).map_err(|_| reason::DATAPATH_ERROR)?;
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 /// Copies `len` bytes of the packet at `offset` into `out` at `at`: a constant-length copy
@@ -1657,11 +1662,7 @@ fn frag_needed_v4(ctx: &TcContext, ifindex: u32, mtu: u32) -> Result<i32, u32> {
     if ver_ihl != 0x45 {
         return Err(reason::MTU_EXCEEDED);
     }
-    let out = match VEIL_SCRATCH.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot, used only within this program run.
-        Some(p) => unsafe { &mut *p },
-        None => return Err(reason::DATAPATH_ERROR),
-    };
+    let out = scratch(&VEIL_SCRATCH)?;
     const IP: usize = ETH_HLEN;
     const ICMP: usize = IP + 20;
     const QUOTED: usize = ICMP + 8;
@@ -1686,13 +1687,7 @@ fn frag_needed_v4(ctx: &TcContext, ifindex: u32, mtu: u32) -> Result<i32, u32> {
     out[ICMP + 6..ICMP + 8].copy_from_slice(&(mtu.min(0xffff) as u16).to_be_bytes());
     let c = inet_csum(&out[ICMP..]);
     out[ICMP + 2..ICMP + 4].copy_from_slice(&c.to_be_bytes());
-    // SAFETY: helper call on this program's own skb; it only trims the packet.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAG_NEEDED_LEN as u32, 0) } != 0 {
-        return Err(reason::MTU_EXCEEDED);
-    }
-    ctx.store(0, out, 0).map_err(|_| reason::DATAPATH_ERROR)?;
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    send_reply(ctx, out, ifindex)
 }
 
 /// IPv6's minimum link MTU: a Packet Too Big below it is not sent (a host would ignore it).
@@ -1712,11 +1707,7 @@ static VEIL_SCRATCH6: PerCpuArray<[u8; PTB_LEN]> = PerCpuArray::with_max_entries
 /// MTU discovery then works across the tunnel (RFC 8201), as `frag_needed_v4` does for IPv4.
 #[inline(always)]
 fn packet_too_big_v6(ctx: &TcContext, ifindex: u32, mtu: u32) -> Result<i32, u32> {
-    let out = match VEIL_SCRATCH6.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot, used only within this program run.
-        Some(p) => unsafe { &mut *p },
-        None => return Err(reason::DATAPATH_ERROR),
-    };
+    let out = scratch(&VEIL_SCRATCH6)?;
     const IP: usize = ETH_HLEN;
     const ICMP: usize = IP + 40;
     const QUOTED: usize = ICMP + 8;
@@ -1737,28 +1728,10 @@ fn packet_too_big_v6(ctx: &TcContext, ifindex: u32, mtu: u32) -> Result<i32, u32
     out[ICMP..QUOTED].fill(0);
     out[ICMP] = 2;
     out[ICMP + 4..ICMP + 8].copy_from_slice(&mtu.to_be_bytes());
-    let mut sum = ((PTB_LEN - ICMP) as u32) + u32::from(IPPROTO_ICMPV6);
-    let mut i = IP + 8;
-    while i + 1 < IP + 40 {
-        sum += u32::from(u16::from_be_bytes([out[i], out[i + 1]]));
-        i += 2;
-    }
-    let mut i = ICMP;
-    while i + 1 < PTB_LEN {
-        sum += u32::from(u16::from_be_bytes([out[i], out[i + 1]]));
-        i += 2;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    out[ICMP + 2..ICMP + 4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    // SAFETY: helper call on this program's own skb; it only trims the packet.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, PTB_LEN as u32, 0) } != 0 {
-        return Err(reason::MTU_EXCEEDED);
-    }
-    ctx.store(0, out, 0).map_err(|_| reason::DATAPATH_ERROR)?;
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    let pseudo = ((PTB_LEN - ICMP) as u32) + u32::from(IPPROTO_ICMPV6);
+    let sum = csum_add(csum_add(pseudo, &out[IP + 8..IP + 40]), &out[ICMP..]);
+    out[ICMP + 2..ICMP + 4].copy_from_slice(&csum_fold(sum).to_be_bytes());
+    send_reply(ctx, out, ifindex)
 }
 
 #[cfg(not(test))]
