@@ -747,14 +747,9 @@ pub fn verify_pod(
 ) -> std::result::Result<(), String> {
     let (ip, gateway) = (ip.into(), gateway.into());
     let len = host_len(ip);
-    let link = state
-        .links
-        .iter()
-        .find(|l| l.name == ifname)
-        .ok_or_else(|| format!("no {ifname} in the pod's namespace"))?;
-    if !link.is_up {
-        return Err(format!("{ifname} is down"));
-    }
+    let link = up_link(state, ifname, || {
+        format!("no {ifname} in the pod's namespace")
+    })?;
     if link.mtu != mtu {
         return Err(format!("{ifname} has MTU {} instead of {mtu}", link.mtu));
     }
@@ -780,14 +775,9 @@ pub fn verify_node(
 ) -> std::result::Result<(), String> {
     let ip = ip.into();
     let len = host_len(ip);
-    let link = state
-        .links
-        .iter()
-        .find(|l| l.name == host_veth)
-        .ok_or_else(|| format!("no host interface {host_veth}"))?;
-    if !link.is_up {
-        return Err(format!("{host_veth} is down"));
-    }
+    up_link(state, host_veth, || {
+        format!("no host interface {host_veth}")
+    })?;
     let (dst, dst_host) = (ip.to_string(), format!("{ip}/{len}"));
     if !state
         .routes
@@ -797,6 +787,23 @@ pub fn verify_node(
         return Err(format!("no route {ip}/{len} dev {host_veth}"));
     }
     Ok(())
+}
+
+/// The link named `name`, which must be up; `missing` says what is wrong when there is none.
+fn up_link<'a>(
+    state: &'a NetState,
+    name: &str,
+    missing: impl FnOnce() -> String,
+) -> std::result::Result<&'a Link, String> {
+    let link = state
+        .links
+        .iter()
+        .find(|l| l.name == name)
+        .ok_or_else(missing)?;
+    if !link.is_up {
+        return Err(format!("{name} is down"));
+    }
+    Ok(link)
 }
 
 /// A single address's prefix length: 32 or 128.

@@ -266,6 +266,39 @@ impl Lab {
         )
     }
 
+    /// HTTP GET from a pod (5 s limit), the body discarded: curl's `-w` output for
+    /// `write_out` (e.g. `%{http_code}`); panics when curl fails.
+    pub fn curl_write_out(&self, pod: &str, url: &str, write_out: &str) -> String {
+        let argv = [
+            "curl",
+            "-sS",
+            "-g",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            write_out,
+            url,
+        ];
+        self.exec_ok(pod, &argv)
+    }
+
+    /// A capture of the lab's underlay bridge, where every packet between the nodes passes.
+    pub fn capture_underlay(&self) -> Capture {
+        Capture::start(&self.view.underlay.netns, &self.view.underlay.bridge)
+    }
+
+    /// HTTP GET from a pod (5 s limit) with `marker` in the path after `url` and in an
+    /// `X-Marker` header, for a capture to look for; the body (panics on failure). `url` may
+    /// name an IPv6 literal in brackets.
+    pub fn get_with_marker(&self, pod: &str, url: &str, marker: &str) -> String {
+        let header = format!("X-Marker: {marker}");
+        let url = format!("{url}{marker}");
+        let argv = ["curl", "-sS", "-g", "--max-time", "5", "-H", &header, &url];
+        self.exec_ok(pod, &argv)
+    }
+
     /// A command in the pod's netns and cgroup, to spawn (long-running clients).
     pub fn command_in(&self, pod: &str, argv: &[&str]) -> Command {
         let mut c = Command::new(veil_bin());

@@ -69,20 +69,7 @@ fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
     lab.apply_policy_ok(AUTH_POLICY);
     // The first connection right after the policy appears: it must complete without a SYN
     // retransmission (pre-authentication or the hold queue, never a dropped first packet).
-    let out = lab.exec_ok(
-        "frontend",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{time_connect}",
-            &url(&lab),
-        ],
-    );
+    let out = lab.curl_write_out("frontend", &url(&lab), "%{http_code} %{time_connect}");
     let (code, connect) = out.split_once(' ').expect("curl -w output");
     assert_eq!(code, "200", "{out}");
     let connect_ms = connect.trim().parse::<f64>().expect("time_connect") * 1000.0;
@@ -170,21 +157,7 @@ fn dual_stack_ipv6_connections_are_mutually_authenticated_like_ipv4() {
     });
     let retrans_before = syn_retransmits(&lab, "frontend");
     lab.apply_policy_ok(AUTH_POLICY);
-    let code = lab.exec_ok(
-        "frontend",
-        &[
-            "curl",
-            "-sS",
-            "-g",
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &url6,
-        ],
-    );
+    let code = lab.curl_write_out("frontend", &url6, "%{http_code}");
     assert_eq!(code, "200");
     assert_eq!(
         syn_retransmits(&lab, "frontend"),

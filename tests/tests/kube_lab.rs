@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{contains, rand_suffix, Capture, Lab};
+use veil_tests::{contains, rand_suffix, Lab};
 
 fn curl(lab: &Lab, from: &str, url: &str) -> Result<String, String> {
     let out = lab.exec(from, &["curl", "-sS", "--max-time", "2", url]);
@@ -163,19 +163,8 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
 
     // Encrypted: a marker sent to it never crosses the underlay in clear, and WireGuard does.
     let marker = format!("VEIL-KUBE-MARKER-{}", rand_suffix());
-    let cap = Capture::start(&lab.view.underlay.netns, &lab.view.underlay.bridge);
-    let body = lab.exec_ok(
-        "frontend",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-H",
-            &format!("X-Marker: {marker}"),
-            &format!("{url}{marker}"),
-        ],
-    );
+    let cap = lab.capture_underlay();
+    let body = lab.get_with_marker("frontend", &url, &marker);
     assert_eq!(body, "hello from shop/web2\n");
     let (raw, lines) = cap.stop_decoded();
     assert!(
@@ -422,19 +411,8 @@ fn kubernetes_lab_leak_pair_plaintext_shows_marker() {
         curl(&lab, "frontend", &url).is_ok()
     });
     let marker = format!("VEIL-KUBE-MARKER-{}", rand_suffix());
-    let cap = Capture::start(&lab.view.underlay.netns, &lab.view.underlay.bridge);
-    lab.exec_ok(
-        "frontend",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-H",
-            &format!("X-Marker: {marker}"),
-            &format!("{url}{marker}"),
-        ],
-    );
+    let cap = lab.capture_underlay();
+    lab.get_with_marker("frontend", &url, &marker);
     let (raw, lines) = cap.stop_decoded();
     assert!(
         contains(&raw, marker.as_bytes()),

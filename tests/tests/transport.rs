@@ -4,30 +4,13 @@
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use veil_tests::{
-    contains, ip_netns, ipv4_frames, link_mtu, rand_suffix, veil, veil_ok, Capture, Lab, Streaming,
-    ECHO_LAB,
+    contains, ip_netns, ipv4_frames, link_mtu, rand_suffix, veil, veil_ok, Lab, Streaming, ECHO_LAB,
 };
-
-/// A capture of the lab's underlay bridge, where every packet between the nodes passes.
-fn underlay_capture(lab: &Lab) -> Capture {
-    Capture::start(&lab.view.underlay.netns, &lab.view.underlay.bridge)
-}
 
 /// Sends a unique marker from frontend to backend over TCP (HTTP path and header) and UDP.
 fn send_marker(lab: &Lab, marker: &str) {
     let be = lab.pod_ip("backend");
-    let body = lab.exec_ok(
-        "frontend",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-H",
-            &format!("X-Marker: {marker}"),
-            &format!("http://{be}:8080/{marker}"),
-        ],
-    );
+    let body = lab.get_with_marker("frontend", &format!("http://{be}:8080/"), marker);
     assert_eq!(body, "hello from shop/backend\n");
     lab.exec_ok(
         "frontend",
@@ -81,7 +64,7 @@ fn assert_only_wireguard(lines: &[String], flows: &[(&str, &str, usize)]) {
 fn leak_pair_encrypted_shows_no_marker() {
     let lab = Lab::up(&[]);
     let marker = format!("VEIL-E2E-MARKER-{}", rand_suffix());
-    let cap = underlay_capture(&lab);
+    let cap = lab.capture_underlay();
     send_marker(&lab, &marker);
     let (raw, lines) = cap.stop_decoded();
     assert!(
@@ -129,20 +112,8 @@ fn dual_stack_ipv6_between_pods_crosses_only_encrypted_and_under_policy() {
     );
     let tx = st.peers[0].tx_bytes;
     let marker = format!("VEIL-E2E-V6-MARKER-{}", rand_suffix());
-    let cap = underlay_capture(&lab);
-    let body = lab.exec_ok(
-        "frontend",
-        &[
-            "curl",
-            "-sS",
-            "-g",
-            "--max-time",
-            "5",
-            "-H",
-            &format!("X-Marker: {marker}"),
-            &format!("http://[{be6}]:8080/{marker}"),
-        ],
-    );
+    let cap = lab.capture_underlay();
+    let body = lab.get_with_marker("frontend", &format!("http://[{be6}]:8080/"), &marker);
     assert_eq!(body, "hello from shop/backend\n");
     // UDP to the backend's echo port: every datagram comes back. ncat ends 2 s after the last
     // datagram (its idle timeout, exit status 1; the count of replies is what is checked) while
@@ -230,7 +201,7 @@ fn leak_pair_plaintext_shows_marker() {
     // The same capture with encryption off must see the marker: proof the filter can see a leak.
     let lab = Lab::up(&["--encryption", "off"]);
     let marker = format!("VEIL-E2E-MARKER-{}", rand_suffix());
-    let cap = underlay_capture(&lab);
+    let cap = lab.capture_underlay();
     send_marker(&lab, &marker);
     let (raw, lines) = cap.stop_decoded();
     assert!(
@@ -308,7 +279,7 @@ fn node_traffic_leak_pair_encrypted_shows_no_marker() {
     let tx = st.peers[0].tx_bytes;
     let marker = format!("VEIL-NODE-MARKER-{}", rand_suffix());
     let bulk = 1 << 20;
-    let cap = underlay_capture(&lab);
+    let cap = lab.capture_underlay();
     let got = send_node_marker(&lab, &marker, bulk);
     send_marker(&lab, &marker);
     let (raw, lines) = cap.stop_decoded();
@@ -356,7 +327,7 @@ fn node_traffic_leak_pair_plaintext_shows_marker() {
     let lab = Lab::up(&[]);
     assert!(!lab.status("node-a").node_encryption);
     let marker = format!("VEIL-NODE-MARKER-{}", rand_suffix());
-    let cap = underlay_capture(&lab);
+    let cap = lab.capture_underlay();
     send_node_marker(&lab, &marker, 0);
     let (raw, lines) = cap.stop_decoded();
     assert!(
@@ -404,7 +375,7 @@ fn strict_mode_drops_without_key_and_recovers() {
     assert!(st.peers.is_empty(), "peer still installed: {:?}", st.peers);
 
     let marker = format!("VEIL-STRICT-{}", rand_suffix());
-    let cap = underlay_capture(&lab);
+    let cap = lab.capture_underlay();
     let out = lab.exec(
         "frontend",
         &["curl", "-sS", "--max-time", "2", &format!("{url}{marker}")],
@@ -598,7 +569,7 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
     // (2) Exactly the tunnel MTU (payload + 8 ICMP + 20 IP) from frontend: replies come back,
     // and each request and reply is one WireGuard datagram that fills an underlay frame exactly.
     let payload = (tunnel_mtu - 28).to_string();
-    let cap = underlay_capture(&lab);
+    let cap = lab.capture_underlay();
     let ok = lab.exec(
         "frontend",
         &[
@@ -667,7 +638,7 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
     let mtu = underlay_mtu.to_string();
     ip_netns(&fe.netns, &["ip", "link", "set", "eth0", "mtu", &mtu]);
     ip_netns(&a.netns, &["ip", "link", "set", &fe.host_veth, "mtu", &mtu]);
-    let cap = underlay_capture(&lab);
+    let cap = lab.capture_underlay();
     let oversized = lab.exec(
         "frontend",
         &["ping", "-c", "2", "-W", "1", "-M", "do", "-s", &over, &be],
@@ -1140,7 +1111,7 @@ fn kernel_wireguard_carries_pods_and_interoperates_with_veil_wg() {
     assert_eq!(lab.status("node-a").backend, "kernel");
     assert_eq!(lab.status("node-b").backend, "userspace");
     let marker = format!("VEIL-E2E-MARKER-{}", rand_suffix());
-    let cap = underlay_capture(&lab);
+    let cap = lab.capture_underlay();
     send_marker(&lab, &marker);
     // And the other way: backend (veil-wg's side) pings frontend (the kernel's side).
     lab.exec_ok(
@@ -1238,7 +1209,7 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
     let pid_before = lab.wg_pid("node-a");
     assert!(pid_before.is_some(), "no veil-wg process for node-a");
 
-    let cap = underlay_capture(&lab);
+    let cap = lab.capture_underlay();
     let out = ip_netns(&b_ns, &["python3", "-c", HOSTILE_UDP, &a_ip]);
     let sent: u32 = out.trim().parse().unwrap();
     assert!(sent > 340, "sent {sent} datagrams");

@@ -511,12 +511,16 @@ fn record(
 mod tests {
     use super::*;
 
-    fn t(n: u32) -> AuthTriple {
+    fn triple(local_identity: u32, remote_identity: u32, remote_node: u32) -> AuthTriple {
         AuthTriple {
-            local_identity: 256,
-            remote_identity: n,
-            remote_node: 2,
+            local_identity,
+            remote_identity,
+            remote_node,
         }
+    }
+
+    fn t(n: u32) -> AuthTriple {
+        triple(256, n, 2)
     }
 
     #[tokio::test(start_paused = true)]
@@ -626,14 +630,7 @@ mod tests {
     fn classifies_ipv6_packets_and_reads_their_ports_past_extension_headers() {
         let c = cluster();
         let p = fe_to_be_v6(17);
-        assert_eq!(
-            classify(&p, &c, "a"),
-            Some(AuthTriple {
-                local_identity: 256,
-                remote_identity: 257,
-                remote_node: 2
-            })
-        );
+        assert_eq!(classify(&p, &c, "a"), Some(triple(256, 257, 2)));
         let h = ip_header(&p).unwrap();
         assert_eq!((h.proto, h.header_len, ports(&p, &h)), (17, 56, (8080, 53)));
         // A later fragment has no ports; a payload length past the read is refused.
@@ -661,23 +658,9 @@ mod tests {
         let c = cluster();
         let p = fe_to_be(6);
         // Egress held on a: (frontend, backend, b).
-        assert_eq!(
-            classify(&p, &c, "a"),
-            Some(AuthTriple {
-                local_identity: 256,
-                remote_identity: 257,
-                remote_node: 2
-            })
-        );
+        assert_eq!(classify(&p, &c, "a"), Some(triple(256, 257, 2)));
         // Ingress held on b: (backend, frontend, a).
-        assert_eq!(
-            classify(&p, &c, "b"),
-            Some(AuthTriple {
-                local_identity: 257,
-                remote_identity: 256,
-                remote_node: 1
-            })
-        );
+        assert_eq!(classify(&p, &c, "b"), Some(triple(257, 256, 1)));
         assert_eq!(classify(&p[..10], &c, "a"), None);
     }
 

@@ -1989,32 +1989,22 @@ mod tests {
             .unwrap()
         };
         let (mut cache, mut relist) = (PodMap::default(), None);
+        // One event into the cache as node-a's watch sees it: (rebuild, relist done).
+        macro_rules! on {
+            ($event:expr) => {
+                on_pod_event(&mut cache, &mut relist, "node-a", $event)
+            };
+        }
+        assert_eq!(on!(watcher::Event::Init), (false, false));
         assert_eq!(
-            on_pod_event(&mut cache, &mut relist, "node-a", watcher::Event::Init),
+            on!(watcher::Event::InitApply(pod("web", Some("198.19.2.7")))),
             (false, false)
         );
         assert_eq!(
-            on_pod_event(
-                &mut cache,
-                &mut relist,
-                "node-a",
-                watcher::Event::InitApply(pod("web", Some("198.19.2.7")))
-            ),
+            on!(watcher::Event::InitApply(pod("new", None))),
             (false, false)
         );
-        assert_eq!(
-            on_pod_event(
-                &mut cache,
-                &mut relist,
-                "node-a",
-                watcher::Event::InitApply(pod("new", None))
-            ),
-            (false, false)
-        );
-        assert_eq!(
-            on_pod_event(&mut cache, &mut relist, "node-a", watcher::Event::InitDone),
-            (true, true)
-        );
+        assert_eq!(on!(watcher::Event::InitDone), (true, true));
         // Held as its endpoint (both addresses), the pod without an address not at all.
         assert_eq!(cache.pods.len(), 1);
         let web = cache.get("shop", "web").unwrap();
@@ -2026,41 +2016,23 @@ mod tests {
         assert!(web.ipv6.is_some());
         // Its address arrives: an endpoint now; it loses it: gone again.
         assert_eq!(
-            on_pod_event(
-                &mut cache,
-                &mut relist,
-                "node-a",
-                watcher::Event::Apply(pod("new", Some("198.19.2.8")))
-            ),
+            on!(watcher::Event::Apply(pod("new", Some("198.19.2.8")))),
             (true, false)
         );
         assert_eq!(cache.pods.len(), 2);
-        assert_eq!(
-            on_pod_event(
-                &mut cache,
-                &mut relist,
-                "node-a",
-                watcher::Event::Apply(pod("new", None))
-            ),
-            (true, false)
-        );
+        assert_eq!(on!(watcher::Event::Apply(pod("new", None))), (true, false));
         assert!(cache.get("shop", "new").is_none());
         // A relist that no longer lists `web` (deleted while the watch was down) drops it; it
         // lists the others out of order, and each is found.
-        on_pod_event(&mut cache, &mut relist, "node-a", watcher::Event::Init);
+        on!(watcher::Event::Init);
         for name in ["zeta", "other"] {
-            on_pod_event(
-                &mut cache,
-                &mut relist,
-                "node-a",
-                watcher::Event::InitApply(pod(name, Some("198.19.2.9"))),
-            );
+            on!(watcher::Event::InitApply(pod(name, Some("198.19.2.9"))));
         }
         assert!(
             cache.get("shop", "web").is_some(),
             "kept until the relist completes"
         );
-        on_pod_event(&mut cache, &mut relist, "node-a", watcher::Event::InitDone);
+        on!(watcher::Event::InitDone);
         assert_eq!(
             cache
                 .pods
@@ -2072,23 +2044,13 @@ mod tests {
         assert!(cache.get("shop", "zeta").is_some());
         assert!(cache.remove(("shop", "zeta")));
         assert_eq!(
-            on_pod_event(
-                &mut cache,
-                &mut relist,
-                "node-a",
-                watcher::Event::Delete(pod("other", Some("198.19.2.9")))
-            ),
+            on!(watcher::Event::Delete(pod("other", Some("198.19.2.9")))),
             (true, false)
         );
         assert!(cache.pods.is_empty());
         // Deleting what is not cached changes nothing.
         assert_eq!(
-            on_pod_event(
-                &mut cache,
-                &mut relist,
-                "node-a",
-                watcher::Event::Delete(pod("other", Some("198.19.2.9")))
-            ),
+            on!(watcher::Event::Delete(pod("other", Some("198.19.2.9")))),
             (false, false)
         );
     }
