@@ -89,22 +89,6 @@ fn v4(node: u8, host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 19, node, host))
 }
 
-/// A small deterministic generator (xorshift64*), so every size gets the same kind of map run
-/// after run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Exactly `n` entries (n ≥ 4): the measured flow's markers and allow entries, and n − 4
 /// others that no measured packet looks up.
 fn policy(n: usize) -> Result<BTreeMap<PolicyKey, PolicyEntry>> {
@@ -130,22 +114,23 @@ fn policy(n: usize) -> Result<BTreeMap<PolicyKey, PolicyEntry>> {
     const PORTS: [u16; 12] = [
         80, 443, 8080, 8443, 5432, 6379, 3306, 9090, 53, 25, 11211, 9092,
     ];
-    let remotes = (n as u64 / 10).max(16);
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let remotes = (n as u32 / 10).max(16);
+    // Seeded: every size gets the same kind of map, run after run.
+    let mut rng = fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15);
     while m.len() < n {
-        let local = match rng.below(4) {
+        let local = match rng.u8(..4) {
             0 => FE,
             1 => BE,
-            _ => 1000 + rng.below(400) as u32,
+            _ => 1000 + rng.u32(..400),
         };
-        let remote = 2000 + rng.below(remotes) as u32;
-        let port = if rng.below(4) == 0 {
-            1024 + rng.below(30000) as u16
+        let remote = 2000 + rng.u32(..remotes);
+        let port = if rng.u8(..4) == 0 {
+            1024 + rng.u16(..30000)
         } else {
-            PORTS[rng.below(PORTS.len() as u64) as usize]
+            PORTS[rng.usize(..PORTS.len())]
         };
-        let proto = if rng.below(5) == 0 { UDP } else { TCP };
-        let dir = if rng.below(2) == 0 {
+        let proto = if rng.u8(..5) == 0 { UDP } else { TCP };
+        let dir = if rng.bool() {
             direction::INGRESS
         } else {
             direction::EGRESS
