@@ -96,6 +96,51 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+/// A target's bound: its text and whether a measured figure meets it, from one definition.
+#[derive(Debug, Clone, Copy)]
+pub enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+    Below(f64),
+    Within(f64, f64),
+}
+
+impl Bound {
+    pub fn met(self, x: f64) -> bool {
+        match self {
+            Bound::AtLeast(b) => x >= b,
+            Bound::AtMost(b) => x <= b,
+            Bound::Below(b) => x < b,
+            Bound::Within(lo, hi) => (lo..=hi).contains(&x),
+        }
+    }
+
+    /// `>= 5x`, `< 10 MB`, `within 0.9–1.1x`: a ratio's `x` and a rate's `/s` follow the number,
+    /// other units after a space.
+    pub fn text(self, unit: &str) -> String {
+        let sep = if unit == "x" || unit.starts_with('/') {
+            ""
+        } else {
+            " "
+        };
+        match self {
+            Bound::AtLeast(b) => format!(">= {b}{sep}{unit}"),
+            Bound::AtMost(b) => format!("<= {b}{sep}{unit}"),
+            Bound::Below(b) => format!("< {b}{sep}{unit}"),
+            Bound::Within(lo, hi) => format!("within {lo}–{hi}{sep}{unit}"),
+        }
+    }
+}
+
+/// A figure of the contenders' medians, named for veil's side of a ratio.
+type Figure = (&'static str, fn(&Medians) -> Option<f64>);
+const TCP1: Figure = ("throughput, 1 stream: veil", |m| m.tcp1_gbit_per_s);
+const TCP2: Figure = ("throughput, 2 streams: veil", |m| m.tcp2_gbit_per_s);
+const TCP4: Figure = ("throughput, 4 streams: veil", |m| m.tcp4_gbit_per_s);
+const RR_P50: Figure = ("RR 64 B p50: veil", |m| m.rr_p50_us);
+const RR_P99: Figure = ("RR 64 B p99: veil", |m| m.rr_p99_us);
+const CPU1: Figure = ("CPU per GB, 1 stream: veil-wg", |m| m.cpu_s_per_gb_1stream);
+
 /// The targets, evaluated on this run's medians.
 pub fn targets(
     med: &BTreeMap<&'static str, Medians>,
@@ -103,115 +148,43 @@ pub fn targets(
     tc: Option<&TcCost>,
     control: &Result<Control, String>,
 ) -> Vec<Target> {
-    let p = &med[Contender::Plaintext.key()];
+    use Bound::*;
+    use Contender::{Boringtun, Plaintext, WireguardGo};
     let v = &med[Contender::Veil.key()];
-    let b = &med[Contender::Boringtun.key()];
-    let g = &med[Contender::WireguardGo.key()];
     let mut t = vec![];
-    let mut push = |name: &str,
-                    measured: Option<f64>,
-                    unit: &str,
-                    target: &str,
-                    ok: fn(f64) -> bool,
-                    note: String| {
+    let mut push = |name: &str, measured: Option<f64>, unit: &str, bound: Bound, note: String| {
         t.push(Target {
             name: name.into(),
             measured,
             unit: unit.into(),
-            target: target.into(),
-            met: measured.map(ok),
+            target: bound.text(unit),
+            met: measured.map(|x| bound.met(x)),
             note,
         });
     };
-    // Ratios of veil's medians to another contender's: (name, veil's figure, the other's,
-    // target text, met when).
-    type RatioTarget<'a> = (
-        &'static str,
-        Option<f64>,
-        Option<f64>,
-        &'static str,
-        fn(f64) -> bool,
-    );
-    let ratios: [RatioTarget<'_>; 10] = [
-        (
-            "throughput, 1 stream: veil / boringtun-cli",
-            v.tcp1_gbit_per_s,
-            b.tcp1_gbit_per_s,
-            ">= 5x",
-            |x| x >= 5.0,
-        ),
-        (
-            "throughput, 2 streams: veil / boringtun-cli",
-            v.tcp2_gbit_per_s,
-            b.tcp2_gbit_per_s,
-            ">= 3x",
-            |x| x >= 3.0,
-        ),
-        (
-            "RR 64 B p50: veil / plaintext",
-            v.rr_p50_us,
-            p.rr_p50_us,
-            "<= 1.25x",
-            |x| x <= 1.25,
-        ),
-        (
-            "CPU per GB, 1 stream: veil-wg / boringtun-cli",
-            v.cpu_s_per_gb_1stream,
-            b.cpu_s_per_gb_1stream,
-            "<= 0.3x",
-            |x| x <= 0.3,
-        ),
+    // Ratios of veil's medians to another contender's.
+    let ratios = [
+        (TCP1, Boringtun, AtLeast(5.0)),
+        (TCP2, Boringtun, AtLeast(3.0)),
+        (RR_P50, Plaintext, AtMost(1.25)),
+        (CPU1, Boringtun, AtMost(0.3)),
         // Against wireguard-go (the performance issue's anchor).
-        (
-            "throughput, 1 stream: veil / wireguard-go",
-            v.tcp1_gbit_per_s,
-            g.tcp1_gbit_per_s,
-            ">= 1.5x",
-            |x| x >= 1.5,
-        ),
-        (
-            "throughput, 1 stream: veil / plaintext",
-            v.tcp1_gbit_per_s,
-            p.tcp1_gbit_per_s,
-            ">= 0.35x",
-            |x| x >= 0.35,
-        ),
-        (
-            "throughput, 4 streams: veil / wireguard-go",
-            v.tcp4_gbit_per_s,
-            g.tcp4_gbit_per_s,
-            ">= 1.5x",
-            |x| x >= 1.5,
-        ),
-        (
-            "CPU per GB, 1 stream: veil-wg / wireguard-go",
-            v.cpu_s_per_gb_1stream,
-            g.cpu_s_per_gb_1stream,
-            "<= 0.7x",
-            |x| x <= 0.7,
-        ),
-        (
-            "RR 64 B p50: veil / wireguard-go",
-            v.rr_p50_us,
-            g.rr_p50_us,
-            "<= 1.0x",
-            |x| x <= 1.0,
-        ),
-        (
-            "RR 64 B p99: veil / wireguard-go",
-            v.rr_p99_us,
-            g.rr_p99_us,
-            "<= 1.0x",
-            |x| x <= 1.0,
-        ),
+        (TCP1, WireguardGo, AtLeast(1.5)),
+        (TCP1, Plaintext, AtLeast(0.35)),
+        (TCP4, WireguardGo, AtLeast(1.5)),
+        (CPU1, WireguardGo, AtMost(0.7)),
+        (RR_P50, WireguardGo, AtMost(1.0)),
+        (RR_P99, WireguardGo, AtMost(1.0)),
     ];
-    for (name, veil, other, target, ok) in ratios {
-        let note = if name.starts_with("RR 64 B p99") {
+    for ((label, figure), other, bound) in ratios {
+        let note = if label == RR_P99.0 {
             "the machine is shared by both labs' processes: p99 is not a quiet-machine figure"
         } else {
             ""
         };
-        push(name, ratio(veil, other), "x", target, ok, note.into());
+        let measured = ratio(figure(v), figure(&med[other.key()]));
+        let name = format!("{label} / {}", other.key());
+        push(&name, measured, "x", bound, note.into());
     }
     let worst = |what: &str, f: fn(&IdleSample) -> f64| -> Option<f64> {
         idle.iter()
@@ -219,50 +192,19 @@ pub fn targets(
             .map(f)
             .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))))
     };
-    type IdleTarget = (
-        &'static str,
-        &'static str,
-        fn(&IdleSample) -> f64,
-        &'static str,
-        &'static str,
-        fn(f64) -> bool,
-    );
-    let idle_targets: [IdleTarget; 4] = [
-        (
-            "idle: veil-wg CPU (worst node)",
-            "veil-wg",
-            |s| s.cpu_percent,
-            "%",
-            "~0 % (< 0.1 %)",
-            |x| x < 0.1,
-        ),
-        (
-            "idle: veil-wg RSS (worst node)",
-            "veil-wg",
-            |s| s.rss_max_mb,
-            "MB",
-            "< 10 MB",
-            |x| x < 10.0,
-        ),
-        (
-            "idle: agent CPU (worst node)",
-            "agent",
-            |s| s.cpu_percent,
-            "%",
-            "< 0.1 %",
-            |x| x < 0.1,
-        ),
-        (
-            "idle: agent RSS (worst node)",
-            "agent",
-            |s| s.rss_max_mb,
-            "MB",
-            "< 40 MB",
-            |x| x < 40.0,
-        ),
+    // (figure, unit, sample field) of an idle process, worst over the nodes.
+    type IdleFigure = (&'static str, &'static str, fn(&IdleSample) -> f64);
+    let cpu: IdleFigure = ("CPU", "%", |s| s.cpu_percent);
+    let rss: IdleFigure = ("RSS", "MB", |s| s.rss_max_mb);
+    let idle_targets = [
+        ("veil-wg", cpu, Below(0.1)),
+        ("veil-wg", rss, Below(10.0)),
+        ("agent", cpu, Below(0.1)),
+        ("agent", rss, Below(40.0)),
     ];
-    for (name, who, field, unit, target, ok) in idle_targets {
-        push(name, worst(who, field), unit, target, ok, String::new());
+    for (who, (what, unit, field), bound) in idle_targets {
+        let name = format!("idle: {who} {what} (worst node)");
+        push(&name, worst(who, field), unit, bound, String::new());
     }
     let (spread, note) = match tc {
         Some(TcCost::Ran {
@@ -285,8 +227,7 @@ pub fn targets(
         "TC per-packet cost, 100,000 vs 10 entries",
         spread,
         "x",
-        "within ±10 % (0.9–1.1x)",
-        |x| (0.9..=1.1).contains(&x),
+        Within(0.9, 1.1),
         note,
     );
     let (control, note) = match control {
@@ -297,16 +238,14 @@ pub fn targets(
         "workload handshakes per CPU-second of an agent",
         control.map(|c| c.handshakes_per_cpu_second),
         "/s",
-        ">= 1,000/s on one core",
-        |x| x >= 1000.0,
+        AtLeast(1000.0),
         note.clone(),
     );
     push(
         "first connection, auth required / authenticated pair",
         control.map(|c| c.first_to_authenticated_ratio),
         "x",
-        "<= 2x",
-        |x| x <= 2.0,
+        AtMost(2.0),
         note,
     );
     t
@@ -777,6 +716,23 @@ mod tests {
         assert!(e.contains("no run id"), "{e}");
         let e = control_for_run(None, &run).unwrap_err();
         assert!(e.contains("did not run"), "{e}");
+    }
+
+    #[test]
+    fn a_bound_reads_as_it_checks() {
+        use Bound::*;
+        let cases = [
+            (AtLeast(1.5), "x", ">= 1.5x", 1.5, 1.49),
+            (AtMost(1.25), "x", "<= 1.25x", 1.25, 1.26),
+            (Below(10.0), "MB", "< 10 MB", 9.99, 10.0),
+            (AtLeast(1000.0), "/s", ">= 1000/s", 1000.0, 999.0),
+            (Within(0.9, 1.1), "x", "within 0.9–1.1x", 1.1, 0.89),
+        ];
+        for (bound, unit, text, meets, misses) in cases {
+            assert_eq!(bound.text(unit), text);
+            assert!(bound.met(meets), "{text}: {meets}");
+            assert!(!bound.met(misses), "{text}: {misses}");
+        }
     }
 
     #[test]
