@@ -1079,7 +1079,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
                         "entries": entries,
                         "note": format!(
                             "entry update bumped each entry's revision; spire-agents mint new SVIDs at their next sync \
-                             (server cache reload {} + agent sync {})",
+                             (server cache reload {:?} + agent sync {:?})",
                             lab::spire_real::SERVER_CACHE_RELOAD,
                             lab::spire_real::AGENT_SYNC
                         ),
@@ -1162,7 +1162,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
                         "deleted_entries": entries,
                         "note": format!(
                             "SPIRE entries are per SPIFFE ID: every pod of service account {sa} loses its SVID; \
-                             spire-agents drop it at their next sync (server cache reload {} + agent sync {})",
+                             spire-agents drop it at their next sync (server cache reload {:?} + agent sync {:?})",
                             lab::spire_real::SERVER_CACHE_RELOAD,
                             lab::spire_real::AGENT_SYNC
                         ),

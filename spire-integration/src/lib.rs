@@ -6,7 +6,8 @@
 //! `veil_identity::IdentitySnapshot`s ([`client`]); a dev server speaking the same gRPC
 //! services on one unix socket per node, issuing from the certs-dev CA with TTL, rotation,
 //! revocation and CA rotation ([`dev`]); and the protocol definitions both use ([`proto`],
-//! generated at build time from this crate's own `.proto` files).
+//! generated at build time from this crate's own `.proto` files); and the configuration files
+//! of real spire-server and spire-agent as veil runs them ([`conf`]).
 //!
 //! Must not depend on: the agent or the datapath.
 //!
@@ -55,6 +56,7 @@
 mod backoff;
 mod cache;
 pub mod client;
+pub mod conf;
 pub mod dev;
 pub mod proto;
 mod uds;

@@ -32,17 +32,20 @@ use veil_identity::{
     validate_x509_svid, CertificateDer, IdentitySnapshot, SelectorSet, SpiffeId, Svid, SvidSource,
     TrustDomain,
 };
-use veil_spire::{ClientConfig, IdentityClientHandle};
+use veil_spire::{
+    conf::{AgentConf, ServerConf, ServerKeys},
+    ClientConfig, IdentityClientHandle,
+};
 
 const TRUST_DOMAIN: &str = "lab.veil";
 const NODE: &str = "node-a";
 /// The X.509-SVID TTL of every entry (server default). SPIRE backdates `notBefore` by 10 s and
 /// its agent renews at half the lifetime, so a new SVID is due about 5 s after issue.
-const SVID_TTL: &str = "20s";
+const SVID_TTL: Duration = Duration::from_secs(20);
 /// How often the server reloads its entry cache and the agent syncs with the server: together
 /// they bound how long a deleted entry's SVID is still handed out (5 s + 4 s ± 10 % jitter).
-const SERVER_CACHE_RELOAD: &str = "5s";
-const AGENT_SYNC: &str = "4s";
+const SERVER_CACHE_RELOAD: Duration = Duration::from_secs(5);
+const AGENT_SYNC: Duration = Duration::from_secs(4);
 
 fn td() -> TrustDomain {
     TrustDomain::new(TRUST_DOMAIN).unwrap()
@@ -160,78 +163,38 @@ impl Spire {
     }
 
     fn server_conf(&self) -> String {
-        let d = self.dir.display();
-        format!(
-            r#"server {{
-    bind_address = "127.0.0.1"
-    bind_port = "{port}"
-    socket_path = "{d}/server/api.sock"
-    trust_domain = "{TRUST_DOMAIN}"
-    data_dir = "{d}/server/data"
-    log_level = "DEBUG"
-    ca_ttl = "10m"
-    default_x509_svid_ttl = "{SVID_TTL}"
-    default_jwt_svid_ttl = "1m"
-    agent_ttl = "1m"
-    experimental {{
-        cache_reload_interval = "{SERVER_CACHE_RELOAD}"
-    }}
-}}
-
-plugins {{
-    DataStore "sql" {{
-        plugin_data {{
-            database_type = "sqlite3"
-            connection_string = "{d}/server/data/datastore.sqlite3"
-        }}
-    }}
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "memory" {{
-        plugin_data {{}}
-    }}
-}}
-"#,
-            port = self.port,
-        )
+        ServerConf {
+            bind_address: "127.0.0.1",
+            bind_port: self.port,
+            socket_path: &self.server_socket(),
+            trust_domain: TRUST_DOMAIN,
+            data_dir: &self.dir.join("server/data"),
+            log_level: "DEBUG",
+            ca_ttl: Duration::from_secs(600),
+            x509_svid_ttl: SVID_TTL,
+            jwt_svid_ttl: Duration::from_secs(60),
+            agent_ttl: Duration::from_secs(60),
+            cache_reload_interval: SERVER_CACHE_RELOAD,
+            keys: ServerKeys::Memory,
+        }
+        .render()
     }
 
     fn agent_conf(&self) -> String {
-        let d = self.dir.display();
-        format!(
-            r#"agent {{
-    data_dir = "{d}/agent/data"
-    log_level = "DEBUG"
-    server_address = "127.0.0.1"
-    server_port = "{port}"
-    socket_path = "{d}/agent/public/api.sock"
-    admin_socket_path = "{d}/agent/admin/admin.sock"
-    trust_bundle_path = "{d}/bundle.pem"
-    trust_domain = "{TRUST_DOMAIN}"
-    authorized_delegates = ["{delegate}"]
-    experimental {{
-        sync_interval = "{AGENT_SYNC}"
-    }}
-}}
-
-plugins {{
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "disk" {{
-        plugin_data {{
-            directory = "{d}/agent/data"
-        }}
-    }}
-    WorkloadAttestor "unix" {{
-        plugin_data {{}}
-    }}
-}}
-"#,
-            port = self.port,
-            delegate = node_agent_id(),
-        )
+        AgentConf {
+            data_dir: &self.dir.join("agent/data"),
+            log_level: "DEBUG",
+            server_address: "127.0.0.1",
+            server_port: self.port,
+            socket_path: &self.workload_socket(),
+            admin_socket_path: &self.admin_socket(),
+            trust_bundle_path: &self.dir.join("bundle.pem"),
+            trust_domain: TRUST_DOMAIN,
+            join_token: None,
+            delegate: &node_agent_id().to_string(),
+            sync_interval: AGENT_SYNC,
+        }
+        .render()
     }
 
     /// `spire-server <args> -socketPath <server socket>`; its stdout, or a panic with its output.
@@ -561,7 +524,7 @@ async fn node_and_pod_svids_rotate_and_a_deleted_entry_withdraws_the_pod_svid() 
     .await;
     eprintln!(
         "frontend svid withdrawn {:.1} s after `entry delete` (bound: server cache reload \
-         {SERVER_CACHE_RELOAD} + agent sync {AGENT_SYNC})",
+         {SERVER_CACHE_RELOAD:?} + agent sync {AGENT_SYNC:?})",
         withdrawn_after.as_secs_f64()
     );
 

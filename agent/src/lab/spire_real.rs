@@ -36,6 +36,7 @@ use std::{
 
 use super::{spec::LabSpec, Error, LabPaths, Progress, Result};
 use crate::sys;
+use veil_spire::conf::{AgentConf, ServerConf, ServerKeys};
 
 /// The spire-server's address on the lab's bridge (node ids end at 250).
 pub const SERVER_IP: &str = "198.18.0.254";
@@ -44,8 +45,8 @@ pub const SERVER_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 
 pub const SERVER_PORT: u16 = 8081;
 /// Server entry-cache reload and agent sync: together they bound how long a deleted entry's
 /// SVID is still handed out.
-pub const SERVER_CACHE_RELOAD: &str = "1s";
-pub const AGENT_SYNC: &str = "1s";
+pub const SERVER_CACHE_RELOAD: Duration = Duration::from_secs(1);
+pub const AGENT_SYNC: Duration = Duration::from_secs(1);
 
 /// A SPIRE binary ([`super::tool`]).
 pub fn tool(name: &str) -> std::result::Result<PathBuf, String> {
@@ -206,88 +207,40 @@ pub fn prepare(spec: &LabSpec, paths: &LabPaths) -> Result<()> {
             mkdir(&ad.join(sub))?;
         }
     }
-    let d = sd.display();
-    let conf = format!(
-        r#"server {{
-    bind_address = "{SERVER_IP}"
-    bind_port = "{SERVER_PORT}"
-    socket_path = "{d}/api.sock"
-    trust_domain = "{td}"
-    data_dir = "{d}/data"
-    log_level = "INFO"
-    ca_ttl = "{ca}s"
-    default_x509_svid_ttl = "{ttl}s"
-    default_jwt_svid_ttl = "5m"
-    agent_ttl = "1h"
-    experimental {{
-        cache_reload_interval = "{SERVER_CACHE_RELOAD}"
-    }}
-}}
-
-plugins {{
-    DataStore "sql" {{
-        plugin_data {{
-            database_type = "sqlite3"
-            connection_string = "{d}/data/datastore.sqlite3"
-        }}
-    }}
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "disk" {{
-        plugin_data {{
-            keys_path = "{d}/data/keys.json"
-        }}
-    }}
-}}
-"#,
-        td = spec.trust_domain,
-        ca = ca_ttl(spec).as_secs(),
-        ttl = spec.svid_ttl.as_secs(),
-    );
+    let (data, keys) = (sd.join("data"), sd.join("data").join("keys.json"));
+    let conf = ServerConf {
+        bind_address: SERVER_IP,
+        bind_port: SERVER_PORT,
+        socket_path: &server_socket(paths),
+        trust_domain: &spec.trust_domain,
+        data_dir: &data,
+        log_level: "INFO",
+        ca_ttl: ca_ttl(spec),
+        x509_svid_ttl: spec.svid_ttl,
+        jwt_svid_ttl: Duration::from_secs(300),
+        agent_ttl: Duration::from_secs(3600),
+        cache_reload_interval: SERVER_CACHE_RELOAD,
+        keys: ServerKeys::Disk(&keys),
+    }
+    .render();
     sys::write_atomic(&server_config(paths), conf.as_bytes()).map_err(Error::from)
 }
 
 fn agent_config_text(spec: &LabSpec, paths: &LabPaths, node: &str, token: &str) -> String {
-    let d = agent_dir(paths, node);
-    format!(
-        r#"agent {{
-    data_dir = "{d}/data"
-    log_level = "INFO"
-    server_address = "{SERVER_IP}"
-    server_port = "{SERVER_PORT}"
-    socket_path = "{ws}"
-    admin_socket_path = "{adm}"
-    trust_bundle_path = "{bundle}"
-    trust_domain = "{td}"
-    join_token = "{token}"
-    authorized_delegates = ["{delegate}"]
-    experimental {{
-        sync_interval = "{AGENT_SYNC}"
-    }}
-}}
-
-plugins {{
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "disk" {{
-        plugin_data {{
-            directory = "{d}/data"
-        }}
-    }}
-    WorkloadAttestor "unix" {{
-        plugin_data {{}}
-    }}
-}}
-"#,
-        d = d.display(),
-        ws = workload_socket(paths, node).display(),
-        adm = admin_socket(paths, node).display(),
-        bundle = bundle_path(paths).display(),
-        td = spec.trust_domain,
-        delegate = node_agent_id(spec, node),
-    )
+    AgentConf {
+        data_dir: &agent_dir(paths, node).join("data"),
+        log_level: "INFO",
+        server_address: SERVER_IP,
+        server_port: SERVER_PORT,
+        socket_path: &workload_socket(paths, node),
+        admin_socket_path: &admin_socket(paths, node),
+        trust_bundle_path: &bundle_path(paths),
+        trust_domain: &spec.trust_domain,
+        join_token: Some(token),
+        delegate: &node_agent_id(spec, node),
+        sync_interval: AGENT_SYNC,
+    }
+    .render()
 }
 
 /// `spire-server <args> -socketPath <lab server socket>`: its stdout, or an error with its
