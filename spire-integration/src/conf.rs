@@ -176,6 +176,16 @@ plugins {{
 mod tests {
     use super::*;
 
+    /// Each of `lines` ends a line of `text`.
+    fn assert_has_lines(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(
+                text.contains(&format!("{line}\n")),
+                "{line:?} not in\n{text}"
+            );
+        }
+    }
+
     #[test]
     fn the_agent_file_carries_its_token_only_when_given_one() {
         let conf = AgentConf {
@@ -191,16 +201,16 @@ mod tests {
             delegate: "spiffe://lab.veil/veil/node/node-a",
             sync_interval: Duration::from_secs(1),
         };
-        let text = conf.render();
-        for line in [
-            "    join_token = \"t0k\"\n",
-            "    server_port = \"8081\"\n",
-            "    authorized_delegates = [\"spiffe://lab.veil/veil/node/node-a\"]\n",
-            "        sync_interval = \"1s\"\n",
-            "            directory = \"/s/agent/data\"\n",
-        ] {
-            assert!(text.contains(line), "{line:?} not in\n{text}");
-        }
+        assert_has_lines(
+            &conf.render(),
+            &[
+                "    join_token = \"t0k\"",
+                "    server_port = \"8081\"",
+                "    authorized_delegates = [\"spiffe://lab.veil/veil/node/node-a\"]",
+                "        sync_interval = \"1s\"",
+                "            directory = \"/s/agent/data\"",
+            ],
+        );
         let without = AgentConf {
             join_token: None,
             ..conf
@@ -226,22 +236,22 @@ mod tests {
             cache_reload_interval: Duration::from_secs(5),
             keys: ServerKeys::Disk(keys),
         };
-        let text = conf.render();
-        for line in [
-            "    ca_ttl = \"600s\"\n",
-            "    default_x509_svid_ttl = \"20s\"\n",
-            "            connection_string = \"/s/server/data/datastore.sqlite3\"\n",
-            "    KeyManager \"disk\" {\n",
-            "            keys_path = \"/s/server/data/keys.json\"\n",
-        ] {
-            assert!(text.contains(line), "{line:?} not in\n{text}");
-        }
+        assert_has_lines(
+            &conf.render(),
+            &[
+                "    ca_ttl = \"600s\"",
+                "    default_x509_svid_ttl = \"20s\"",
+                "            connection_string = \"/s/server/data/datastore.sqlite3\"",
+                "    KeyManager \"disk\" {",
+                "            keys_path = \"/s/server/data/keys.json\"",
+            ],
+        );
         let memory = ServerConf {
             keys: ServerKeys::Memory,
             ..conf
         }
         .render();
-        assert!(memory.contains("    KeyManager \"memory\" {\n"), "{memory}");
+        assert_has_lines(&memory, &["    KeyManager \"memory\" {"]);
         assert!(!memory.contains("keys_path"), "{memory}");
     }
 }

@@ -104,6 +104,20 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         "web2 got {ip}, not from node-b's 198.19.2.0/24"
     );
     let url = format!("http://{ip}:8080/");
+    // Waits (30 s at most) until `pod` reaches web2 (`true`) or is refused (`false`).
+    let reaches = |pod: &str, want: bool, when: &str| {
+        let verb = if want { "reaches" } else { "is refused by" };
+        let what = format!("{pod} {verb} web2 {when}");
+        until(&what, Duration::from_secs(30), || {
+            curl(&lab, pod, &url).is_ok() == want
+        });
+    };
+    let frontend_is_served = || {
+        assert_eq!(
+            curl(&lab, "frontend", &url).as_deref(),
+            Ok("hello from shop/web2\n")
+        );
+    };
     until("frontend reaches web2", Duration::from_secs(30), || {
         curl(&lab, "frontend", &url).is_ok_and(|b| b == "hello from shop/web2\n")
     });
@@ -209,43 +223,21 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         lab.drop_count("node-b", "policy-denied") > denied,
         "intruder's SYN not counted as policy-denied"
     );
-    assert_eq!(
-        curl(&lab, "frontend", &url).as_deref(),
-        Ok("hello from shop/web2\n")
-    );
+    frontend_is_served();
     lab.kubectl(&["delete", "cnp", "-n", "shop", "web2-from-frontend"], "");
-    until(
-        "intruder reaches web2 after the CNP is deleted",
-        Duration::from_secs(30),
-        || curl(&lab, "intruder", &url).is_ok(),
-    );
+    reaches("intruder", true, "after the CNP is deleted");
 
     // A NetworkPolicy works the same.
     lab.kubectl(&["apply", "-f", "-"], WEB2_NETPOL);
-    until(
-        "intruder is refused by the NetworkPolicy",
-        Duration::from_secs(30),
-        || curl(&lab, "intruder", &url).is_err(),
-    );
-    assert_eq!(
-        curl(&lab, "frontend", &url).as_deref(),
-        Ok("hello from shop/web2\n")
-    );
+    reaches("intruder", false, "under the NetworkPolicy");
+    frontend_is_served();
     lab.kubectl(&["delete", "networkpolicy", "-n", "shop", "web2"], "");
-    until(
-        "intruder reaches web2 after the NetworkPolicy is deleted",
-        Duration::from_secs(30),
-        || curl(&lab, "intruder", &url).is_ok(),
-    );
+    reaches("intruder", true, "once the NetworkPolicy is gone");
 
     // A namespaceSelector on a namespace label follows the Namespace object: nobody is admitted
     // until shop is labelled team=trusted, everyone in shop then, nobody once relabelled.
     lab.kubectl(&["apply", "-f", "-"], WEB2_NETPOL_TRUSTED_NS);
-    until(
-        "frontend is refused while shop is not trusted",
-        Duration::from_secs(30),
-        || curl(&lab, "frontend", &url).is_err(),
-    );
+    reaches("frontend", false, "while shop is not trusted");
     lab.kubectl(&["label", "namespace", "shop", "team=trusted"], "");
     until(
         "frontend admitted once shop is labelled team=trusted",
@@ -256,20 +248,12 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         &["label", "--overwrite", "namespace", "shop", "team=other"],
         "",
     );
-    until(
-        "frontend refused once shop is relabelled",
-        Duration::from_secs(30),
-        || curl(&lab, "frontend", &url).is_err(),
-    );
+    reaches("frontend", false, "once shop is relabelled");
     lab.kubectl(
         &["delete", "networkpolicy", "-n", "shop", "web2-trusted"],
         "",
     );
-    until(
-        "frontend reaches web2 after the namespace NetworkPolicy is deleted",
-        Duration::from_secs(30),
-        || curl(&lab, "frontend", &url).is_ok(),
-    );
+    reaches("frontend", true, "once web2-trusted is gone");
 
     // `authentication: required` with a Pod made by kubectl: the lab's kubelet registered it
     // with SPIRE from its Pod object, so both ends have SVIDs and frontend is admitted (a pod
