@@ -433,20 +433,7 @@ impl Lab {
     /// reports its address and returns it. Its ready file is in the lab's own state directory,
     /// which `lab down` removes.
     pub fn make_web_pod(&self, name: &str, node: &str) -> String {
-        let ready = veil_agent::lab::LabPaths::new(&self.name)
-            .expect("lab paths")
-            .ready_dir()
-            .join(format!("web-{name}"));
-        let pod = format!(
-            r#"{{"apiVersion": "v1", "kind": "Pod",
-            "metadata": {{"name": "{name}", "namespace": "shop", "labels": {{"app": "{name}"}}}},
-            "spec": {{"nodeName": "{node}", "containers": [{{"name": "web", "image": "ignored",
-              "command": ["{}", "lab", "serve", "--kind", "http", "--port", "8080",
-                          "--pod", "shop/{name}", "--ready-file", "{}"]}}]}}}}"#,
-            veil_bin().display(),
-            ready.display()
-        );
-        self.kubectl(&["apply", "-f", "-"], &pod);
+        self.apply_web_pod(name, node, name, None);
         self.wait_for(
             &format!("{name}'s address"),
             Duration::from_secs(30),
@@ -456,6 +443,29 @@ impl Lab {
                 (!ip.is_empty()).then_some(ip)
             },
         )
+    }
+
+    /// `make_web_pod` labelled `app=<app>` and, with `ip`, asking the lab's kubelet for that
+    /// address (its `veil.dev/lab-ip` annotation); returns once the apiserver has the Pod, not
+    /// waiting for the kubelet.
+    pub fn apply_web_pod(&self, name: &str, node: &str, app: &str, ip: Option<&str>) {
+        let ready = veil_agent::lab::LabPaths::new(&self.name)
+            .expect("lab paths")
+            .ready_dir()
+            .join(format!("web-{name}"));
+        let annotations = match ip {
+            Some(ip) => serde_json::json!({ veil_agent::lab::kube::REQUESTED_IP: ip }),
+            None => serde_json::json!({}),
+        };
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": app},
+                         "annotations": annotations},
+            "spec": {"nodeName": node, "containers": [{"name": "web", "image": "ignored",
+                "command": [veil_bin(), "lab", "serve", "--kind", "http", "--port", "8080",
+                            "--pod", format!("shop/{name}"), "--ready-file", ready]}]}
+        });
+        self.kubectl(&["apply", "-f", "-"], &pod.to_string());
     }
 
     /// `veil observe -o json ARGS...`, one JSON value per flow.

@@ -385,6 +385,80 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     });
 }
 
+/// Scenario 23, pod churn with IP reuse, on node-a: a Pod that web2's CNP admits (`app=frontend`)
+/// is deleted and a Pod it refuses (`app=intruder`) is created at the same address, `ROUNDS`
+/// times. The refused Pod sends to web2 from the moment the lab's kubelet has made its namespace
+/// and is never answered (NI: 0 successes, the first packets included), while the admitted Pod
+/// before it was answered at that address (the policy does not simply refuse everything).
+#[test]
+fn pod_churn_with_ip_reuse_admits_nothing_from_the_refused_pod() {
+    const ROUNDS: usize = 5;
+    /// In node-a's pod CIDR, above the lab file's pods.
+    const REUSED: &str = "198.19.1.200";
+    let lab = Lab::up(&["--control-plane", "kubernetes"]);
+    let web2 = lab.make_web_pod("web2", "node-b");
+    let url = format!("http://{web2}:8080/");
+    lab.kubectl(&["apply", "-f", "-"], WEB2_FROM_FRONTEND);
+    until(
+        "the CNP enforced on both nodes",
+        Duration::from_secs(30),
+        || enforced_everywhere(&lab, "cnp", "web2-from-frontend"),
+    );
+    let pod_ip = |name: &str| {
+        let path = "jsonpath={.status.podIP}";
+        lab.kubectl(&["get", "pod", "-n", "shop", name, "-o", path], "")
+    };
+    let delete = |name: &str| {
+        lab.kubectl(
+            &["delete", "pod", "-n", "shop", name, "--timeout", "30s"],
+            "",
+        );
+    };
+    // 40 tries, each a fresh connection with a 250 ms limit: one line per try, `200` when
+    // answered.
+    let probe = format!(
+        "for i in $(seq 40); do curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 0.25 {url}; done; true"
+    );
+    for round in 0..ROUNDS {
+        lab.apply_web_pod("churn-admitted", "node-a", "frontend", Some(REUSED));
+        let admitted = until(
+            "the admitted Pod reaches web2",
+            Duration::from_secs(30),
+            || curl(&lab, "churn-admitted", &url).is_ok(),
+        );
+        assert_eq!(pod_ip("churn-admitted"), REUSED);
+        delete("churn-admitted");
+        lab.apply_web_pod("churn-refused", "node-a", "intruder", Some(REUSED));
+        // From the first moment `lab exec` finds the Pod's namespace.
+        let t0 = Instant::now();
+        let (started, out) = loop {
+            let at = t0.elapsed();
+            let out = lab.exec("churn-refused", &["sh", "-c", &probe]);
+            if out.status.success() {
+                break (at, String::from_utf8_lossy(&out.stdout).into_owned());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no namespace for churn-refused: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let answered = out.lines().filter(|l| *l == "200").count();
+        eprintln!(
+            "round {round}: admitted Pod answered after {admitted:?}; refused Pod probed from \
+             {started:?} after its creation: {answered} of {} tries answered",
+            out.lines().count()
+        );
+        assert_eq!(pod_ip("churn-refused"), REUSED);
+        assert_eq!(
+            answered, 0,
+            "the refused Pod at {REUSED} reached web2: {out}"
+        );
+        delete("churn-refused");
+    }
+}
+
 #[test]
 fn kubernetes_lab_leak_pair_plaintext_shows_marker() {
     // The other half of the leak pair: with encryption off, the same capture sees the marker.
