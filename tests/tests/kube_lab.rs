@@ -459,6 +459,74 @@ fn pod_churn_with_ip_reuse_admits_nothing_from_the_refused_pod() {
     }
 }
 
+/// Scenario 3, new-peer race: frontend (node-a) sends to an address on node-b before the Pod that
+/// will have it exists, and goes on sending while it is created: a UDP datagram and an HTTP
+/// request every round, both carrying a marker. NI: the marker never crosses the underlay in
+/// clear, not in the first packets either (WireGuard does). NL: frontend is answered once the
+/// Pod is known on both nodes; the time from `kubectl apply` to the first answer is printed.
+#[test]
+fn sends_to_a_pod_being_created_never_cross_the_underlay_in_clear() {
+    use std::io::BufRead as _;
+    /// In node-b's pod CIDR, above the lab file's pods.
+    const NEW: &str = "198.19.2.200";
+    let lab = Lab::up(&["--control-plane", "kubernetes"]);
+    let marker = format!("VEIL-NEW-PEER-{}", rand_suffix());
+    let cap = lab.capture_underlay();
+    // One line per round: the HTTP status (000 when not answered within 200 ms).
+    let rounds = format!(
+        "while :; do printf {marker} | ncat -u --send-only {NEW} 9999; \
+         curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 0.2 http://{NEW}:8080/{marker}; done"
+    );
+    let mut client = lab
+        .command_in("frontend", &["sh", "-c", &rounds])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn frontend's sender");
+    let mut lines = std::io::BufReader::new(client.stdout.take().expect("piped")).lines();
+    let mut next = || {
+        lines
+            .next()
+            .expect("the sender ended")
+            .expect("read its output")
+    };
+    // Sending before the Pod exists: refused, not answered.
+    for _ in 0..3 {
+        assert_eq!(next(), "000", "answered before the Pod exists");
+    }
+    let t0 = Instant::now();
+    lab.apply_web_pod("newcomer", "node-b", "newcomer", Some(NEW));
+    let mut refused = 0;
+    while next() != "200" {
+        refused += 1;
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no answer 30 s after the Pod was applied"
+        );
+    }
+    let answered = t0.elapsed();
+    // Some more rounds on the established path, then the capture.
+    for _ in 0..5 {
+        next();
+    }
+    let _ = client.kill();
+    let _ = client.wait();
+    let (raw, lines) = cap.stop_decoded();
+    eprintln!(
+        "new peer: first answer {answered:?} after kubectl apply ({refused} rounds unanswered \
+         while it was created)"
+    );
+    assert!(
+        !contains(&raw, marker.as_bytes()),
+        "the marker crossed the underlay in clear"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("198.18.0.1.51820 > 198.18.0.2.51820: UDP")),
+        "no WireGuard between the nodes: {lines:#?}"
+    );
+}
+
 #[test]
 fn kubernetes_lab_leak_pair_plaintext_shows_marker() {
     // The other half of the leak pair: with encryption off, the same capture sees the marker.
