@@ -594,6 +594,156 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
     );
 }
 
+/// Admits service account `frontend` only, by Cilium's service-account label.
+const WEB2_FROM_SA_FRONTEND: &str = r#"{"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+  "metadata": {"name": "web2-from-sa-frontend", "namespace": "shop"},
+  "spec": {"endpointSelector": {"matchLabels": {"app": "web2"}},
+           "ingress": [{"fromEndpoints": [{"matchLabels":
+                          {"k8s:io.cilium.k8s.policy.serviceaccount": "frontend"}}],
+                        "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]}}"#;
+
+/// Scenario 24, identity attribute tampering: web2 admits service account `frontend` only.
+/// intruder (service account `intruder`) labels its running Pod with the service-account and
+/// namespace keys the identity is made of (`frontend`, `kube-system`) and with `app=frontend`.
+/// NI: its identity takes the ordinary label (node-b's drop records show `app=frontend`, so
+/// the agents saw the change) and neither reserved key, and every request from it, before and
+/// after, is refused; frontend stays admitted.
+#[test]
+fn a_pod_labelling_itself_with_identity_keys_gains_nothing() {
+    let lab = Lab::up(&["--control-plane", "kubernetes"]);
+    let web2 = lab.make_web_pod("web2", "node-b");
+    let url = format!("http://{web2}:8080/");
+    lab.kubectl(&["apply", "-f", "-"], WEB2_FROM_SA_FRONTEND);
+    until(
+        "the CNP enforced on both nodes",
+        Duration::from_secs(30),
+        || enforced_everywhere(&lab, "cnp", "web2-from-sa-frontend"),
+    );
+    until("frontend reaches web2", Duration::from_secs(30), || {
+        curl(&lab, "frontend", &url).is_ok()
+    });
+    assert!(curl(&lab, "intruder", &url).is_err(), "intruder admitted");
+    lab.kubectl(
+        &[
+            "label",
+            "--overwrite",
+            "pod",
+            "-n",
+            "shop",
+            "intruder",
+            "app=frontend",
+            "io.cilium.k8s.policy.serviceaccount=frontend",
+            "io.kubernetes.pod.namespace=kube-system",
+        ],
+        "",
+    );
+    // intruder's labels as node-b's records of its refused requests show them.
+    let refused_labels = || -> Option<Vec<String>> {
+        assert!(
+            curl(&lab, "intruder", &url).is_err(),
+            "intruder admitted after labelling itself"
+        );
+        let flows = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
+        let relabelled = flows.into_iter().rev().find(|f| {
+            f["src"]["pod"] == "intruder"
+                && f["src"]["labels"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|l| l == "app=frontend"))
+        })?;
+        let labels = relabelled["src"]["labels"].as_array()?;
+        Some(
+            labels
+                .iter()
+                .filter_map(|l| l.as_str().map(str::to_owned))
+                .collect(),
+        )
+    };
+    let labels = lab.wait_for(
+        "node-b refusing intruder with its new app label",
+        Duration::from_secs(30),
+        refused_labels,
+    );
+    eprintln!("intruder's identity labels after it labelled itself: {labels:?}");
+    assert!(
+        labels
+            .iter()
+            .all(|l| !l.contains("serviceaccount") && !l.contains("pod.namespace")),
+        "a reserved key reached intruder's identity: {labels:?}"
+    );
+    for _ in 0..5 {
+        assert!(curl(&lab, "intruder", &url).is_err(), "intruder admitted");
+    }
+    assert!(curl(&lab, "frontend", &url).is_ok(), "frontend refused");
+}
+
+/// Scenario 25, auth-state GC: frontend -> web2 under `authentication: required` (web2's ingress,
+/// enforced on node-b) leaves an entry in node-b's kernel auth map. NI: deleting the policy
+/// empties both nodes' maps within the agents' 10 s grace for pairs no longer needed (the time
+/// is printed); with the policy back, frontend is admitted only after a new handshake (a later
+/// `authenticated_unix_ms` on node-b); deleting web2 (its identity leaves the cluster) empties
+/// them again.
+#[test]
+fn auth_entries_go_with_their_policy_and_their_identity() {
+    let lab = Lab::up(&["--control-plane", "kubernetes"]);
+    let web2 = lab.make_web_pod("web2", "node-b");
+    let url = format!("http://{web2}:8080/");
+    let entries = |node: &str| {
+        let maps = lab.status(node).maps;
+        let auth = maps.iter().find(|m| m.name == "VEIL_AUTH");
+        auth.expect("veil status lists VEIL_AUTH").entries
+    };
+    let both_empty = || entries("node-a") == 0 && entries("node-b") == 0;
+    // When node-b's newest handshake for a pair completed (Unix ms).
+    let handshake_at = || {
+        let pairs = lab.status("node-b").auth;
+        pairs
+            .iter()
+            .map(|p| p.authenticated_unix_ms)
+            .max()
+            .unwrap_or(0)
+    };
+    let admitted = |what: &str| {
+        lab.kubectl(&["apply", "-f", "-"], WEB2_FROM_FRONTEND_AUTH);
+        until(
+            "the auth CNP enforced on both nodes",
+            Duration::from_secs(30),
+            || enforced_everywhere(&lab, "cnp", "web2-from-frontend-auth"),
+        );
+        until(what, Duration::from_secs(30), || {
+            curl(&lab, "frontend", &url).is_ok()
+        });
+    };
+    admitted("frontend admitted under the auth policy");
+    assert!(entries("node-b") > 0, "no auth entry on node-b");
+    let first = handshake_at();
+    assert!(first > 0, "no authenticated pair on node-b");
+    lab.kubectl(
+        &["delete", "cnp", "-n", "shop", "web2-from-frontend-auth"],
+        "",
+    );
+    let after_policy = until(
+        "auth entries gone with the policy",
+        Duration::from_secs(30),
+        both_empty,
+    );
+    admitted("frontend admitted again with the policy back");
+    let second = handshake_at();
+    assert!(second > first, "no new handshake: {first} then {second}");
+    lab.kubectl(
+        &["delete", "pod", "-n", "shop", "web2", "--timeout", "30s"],
+        "",
+    );
+    let after_identity = until(
+        "auth entries gone with web2",
+        Duration::from_secs(30),
+        both_empty,
+    );
+    eprintln!(
+        "auth GC: entries gone {after_policy:?} after the policy's deletion, \
+         {after_identity:?} after web2's"
+    );
+}
+
 #[test]
 fn kubernetes_lab_leak_pair_plaintext_shows_marker() {
     // The other half of the leak pair: with encryption off, the same capture sees the marker.

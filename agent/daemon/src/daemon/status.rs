@@ -283,7 +283,11 @@ fn map_fill(dp: &Datapath) -> Vec<api::MapFill> {
         },
         api::MapFill {
             name: map_names::AUTH.into(),
-            entries: dp_policy::count::<AuthKey, AuthEntry>(e, map_names::AUTH),
+            // The mesh took this map out of the loaded object (its one writer): counted
+            // through its pin.
+            entries: dp_policy::count_pinned::<AuthKey, AuthEntry>(
+                &dp.pin_dir().join(map_names::AUTH),
+            ),
             capacity: AUTH_MAX,
         },
     ]

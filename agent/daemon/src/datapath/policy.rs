@@ -117,6 +117,19 @@ pub fn prune_conntrack(
     Ok(doomed.len())
 }
 
+/// Entries in the pinned hash map at `pin` (walks the keys; for status): for a map another
+/// component took out of the loaded object as its only writer (`VEIL_AUTH`); 0 when the pin
+/// cannot be opened.
+pub fn count_pinned<K: aya::Pod, V: aya::Pod>(pin: &std::path::Path) -> usize {
+    let Ok(data) = MapData::from_pin(pin) else {
+        return 0;
+    };
+    match HashMap::<MapData, K, V>::try_from(aya::maps::Map::HashMap(data)) {
+        Ok(m) => m.keys().filter(Result::is_ok).count(),
+        Err(_) => 0,
+    }
+}
+
 /// Entries in a hash map with key type `K` (walks the keys; for status and metrics).
 pub fn count<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &'static str) -> usize {
     let Some(map) = ebpf.map(name) else { return 0 };
