@@ -29,6 +29,31 @@ fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration
     t0.elapsed()
 }
 
+/// Applies a CiliumNetworkPolicy with kubectl and waits (30 s at most) until both nodes report
+/// it enforced.
+fn apply_enforced(lab: &Lab, cnp: &str, name: &str) {
+    lab.kubectl(&["apply", "-f", "-"], cnp);
+    until(
+        &format!("the CNP {name} enforced on both nodes"),
+        Duration::from_secs(30),
+        || enforced_everywhere(lab, "cnp", name),
+    );
+}
+
+/// An underlay capture that never holds `marker` in clear and shows WireGuard between the nodes.
+fn assert_encrypted(raw: &[u8], lines: &[String], marker: &str) {
+    assert!(
+        !contains(raw, marker.as_bytes()),
+        "the marker crossed the underlay in clear"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("198.18.0.1.51820 > 198.18.0.2.51820: UDP")),
+        "no WireGuard between the nodes: {lines:#?}"
+    );
+}
+
 /// Both nodes report the policy enforced in its status.
 fn enforced_everywhere(lab: &Lab, kind: &str, name: &str) -> bool {
     let out = lab.kubectl(&["get", kind, "-n", "shop", name, "-o", "json"], "");
@@ -181,16 +206,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     let body = lab.get_with_marker("frontend", &url, &marker);
     assert_eq!(body, "hello from shop/web2\n");
     let (raw, lines) = cap.stop_decoded();
-    assert!(
-        !contains(&raw, marker.as_bytes()),
-        "the marker crossed the underlay in clear"
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("198.18.0.1.51820 > 198.18.0.2.51820: UDP")),
-        "no WireGuard between the nodes: {lines:#?}"
-    );
+    assert_encrypted(&raw, &lines, &marker);
 
     // The product's own leak check passes on a Kubernetes lab (the agents' apiserver traffic
     // on the underlay is control plane, not a leak).
@@ -204,12 +220,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     // A CiliumNetworkPolicy applied with kubectl admits frontend and drops intruder; its status
     // says both nodes enforce it; deleting it restores access.
     let t0 = Instant::now();
-    lab.kubectl(&["apply", "-f", "-"], WEB2_FROM_FRONTEND);
-    until(
-        "the CNP enforced on both nodes",
-        Duration::from_secs(30),
-        || enforced_everywhere(&lab, "cnp", "web2-from-frontend"),
-    );
+    apply_enforced(&lab, WEB2_FROM_FRONTEND, "web2-from-frontend");
     eprintln!(
         "measured: kubectl apply of a policy -> enforced on every node {:?}",
         t0.elapsed()
@@ -258,12 +269,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     // `authentication: required` with a Pod made by kubectl: the lab's kubelet registered it
     // with SPIRE from its Pod object, so both ends have SVIDs and frontend is admitted (a pod
     // without one would be refused: fail closed).
-    lab.kubectl(&["apply", "-f", "-"], WEB2_FROM_FRONTEND_AUTH);
-    until(
-        "the auth CNP enforced on both nodes",
-        Duration::from_secs(30),
-        || enforced_everywhere(&lab, "cnp", "web2-from-frontend-auth"),
-    );
+    apply_enforced(&lab, WEB2_FROM_FRONTEND_AUTH, "web2-from-frontend-auth");
     until(
         "frontend reaches web2 with authentication required",
         Duration::from_secs(30),
@@ -398,12 +404,7 @@ fn pod_churn_with_ip_reuse_admits_nothing_from_the_refused_pod() {
     let lab = Lab::up(&["--control-plane", "kubernetes"]);
     let web2 = lab.make_web_pod("web2", "node-b");
     let url = format!("http://{web2}:8080/");
-    lab.kubectl(&["apply", "-f", "-"], WEB2_FROM_FRONTEND);
-    until(
-        "the CNP enforced on both nodes",
-        Duration::from_secs(30),
-        || enforced_everywhere(&lab, "cnp", "web2-from-frontend"),
-    );
+    apply_enforced(&lab, WEB2_FROM_FRONTEND, "web2-from-frontend");
     let pod_ip = |name: &str| {
         let path = "jsonpath={.status.podIP}";
         lab.kubectl(&["get", "pod", "-n", "shop", name, "-o", path], "")
@@ -515,16 +516,7 @@ fn sends_to_a_pod_being_created_never_cross_the_underlay_in_clear() {
         "new peer: first answer {answered:?} after kubectl apply ({refused} rounds unanswered \
          while it was created)"
     );
-    assert!(
-        !contains(&raw, marker.as_bytes()),
-        "the marker crossed the underlay in clear"
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("198.18.0.1.51820 > 198.18.0.2.51820: UDP")),
-        "no WireGuard between the nodes: {lines:#?}"
-    );
+    assert_encrypted(&raw, &lines, &marker);
 }
 
 /// Scenario 5, terminating pod: a Pod on node-a sends marked UDP datagrams to backend (node-b)
@@ -582,16 +574,7 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
         "terminating pod: deleted in {deleted:?} while sending; {} frames captured",
         lines.len()
     );
-    assert!(
-        !contains(&raw, marker.as_bytes()),
-        "the marker crossed the underlay in clear during the teardown"
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("198.18.0.1.51820 > 198.18.0.2.51820: UDP")),
-        "no WireGuard between the nodes"
-    );
+    assert_encrypted(&raw, &lines, &marker);
 }
 
 /// Admits service account `frontend` only, by Cilium's service-account label.
@@ -613,12 +596,7 @@ fn a_pod_labelling_itself_with_identity_keys_gains_nothing() {
     let lab = Lab::up(&["--control-plane", "kubernetes"]);
     let web2 = lab.make_web_pod("web2", "node-b");
     let url = format!("http://{web2}:8080/");
-    lab.kubectl(&["apply", "-f", "-"], WEB2_FROM_SA_FRONTEND);
-    until(
-        "the CNP enforced on both nodes",
-        Duration::from_secs(30),
-        || enforced_everywhere(&lab, "cnp", "web2-from-sa-frontend"),
-    );
+    apply_enforced(&lab, WEB2_FROM_SA_FRONTEND, "web2-from-sa-frontend");
     until("frontend reaches web2", Duration::from_secs(30), || {
         curl(&lab, "frontend", &url).is_ok()
     });
@@ -703,12 +681,7 @@ fn auth_entries_go_with_their_policy_and_their_identity() {
             .unwrap_or(0)
     };
     let admitted = |what: &str| {
-        lab.kubectl(&["apply", "-f", "-"], WEB2_FROM_FRONTEND_AUTH);
-        until(
-            "the auth CNP enforced on both nodes",
-            Duration::from_secs(30),
-            || enforced_everywhere(&lab, "cnp", "web2-from-frontend-auth"),
-        );
+        apply_enforced(&lab, WEB2_FROM_FRONTEND_AUTH, "web2-from-frontend-auth");
         until(what, Duration::from_secs(30), || {
             curl(&lab, "frontend", &url).is_ok()
         });
@@ -792,12 +765,7 @@ fn a_kubernetes_lab_rides_out_an_apiserver_restart_and_an_etcd_stop() {
                "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
                             "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"},
                                                    {"port": "9000", "protocol": "ANY"}]}]}]}}"#;
-    lab.kubectl(&["apply", "-f", "-"], policy);
-    until(
-        "backend-ingress enforced on both nodes",
-        Duration::from_secs(30),
-        || enforced_everywhere(&lab, "cnp", "backend-from-frontend"),
-    );
+    apply_enforced(&lab, policy, "backend-from-frontend");
     let backend = format!("http://{}:8080/", lab.pod_ip("backend"));
     assert!(curl(&lab, "intruder", &backend).is_err());
     let agents: Vec<u32> = ["node-a", "node-b"]
