@@ -19,7 +19,7 @@ use std::{
 
 pub use veil_agent::{
     api::Status,
-    lab::{LabView, NodeView},
+    lab::{LabView, NodeView, PodView},
 };
 
 /// The `veil` binary under test: `$VEIL_BIN`, else `target/release/veil` (scripts/test.sh
@@ -312,24 +312,23 @@ impl Lab {
         self.exec_ok(pod, &["curl", "-sS", "--max-time", "5", url])
     }
 
-    pub fn pod_ip(&self, pod: &str) -> String {
+    /// The lab's pod `pod` (`name` or `namespace/name`; a test naming a pod the lab does not
+    /// have fails).
+    pub fn pod(&self, pod: &str) -> &PodView {
         self.view
             .pods
             .iter()
             .find(|p| p.name == pod || format!("{}/{}", p.namespace, p.name) == pod)
             .unwrap_or_else(|| panic!("no pod {pod}"))
-            .ip
-            .clone()
+    }
+
+    pub fn pod_ip(&self, pod: &str) -> String {
+        self.pod(pod).ip.clone()
     }
 
     /// A dual-stack pod's IPv6 address (the second of its `ips`).
     pub fn pod_ip6(&self, pod: &str) -> String {
-        let p = self
-            .view
-            .pods
-            .iter()
-            .find(|p| p.name == pod || format!("{}/{}", p.namespace, p.name) == pod)
-            .unwrap_or_else(|| panic!("no pod {pod}"));
+        let p = self.pod(pod);
         p.ips
             .iter()
             .find(|a| a.contains(':'))

@@ -1,5 +1,6 @@
-//! End-to-end chaos under load (issue 17, reliability scenarios 8, 9 and 19): `kill -9` of a
-//! node's veil-wg, of a node's agent and of a node's SPIRE agent (real SPIRE) while a TCP line
+//! End-to-end chaos under load (issue 17, reliability scenarios 8, 9, 10 and 19): `kill -9` of a
+//! node's veil-wg, of a node's agent and of a node's SPIRE agent (real SPIRE), and the programs
+//! reloaded under a flood of denied flows, while a TCP line
 //! stream and a sequenced UDP probe cross from frontend (node-a) to backend (node-b) under an
 //! `authentication: required` policy. Each run captures node-a's underlay interface for its whole
 //! duration: nothing may leave in clear.
@@ -609,6 +610,248 @@ fn agent_kill_under_load_leaks_nothing_and_admits_no_denied_flow() {
     assert_eq!(after.public_key, before.public_key);
     // Probe loss bound: at most 10 probes (1 s) at one per 100 ms.
     m.assert_delivered("agent kill", 10);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 10: the programs replaced while denied and allowed flows flood.
+
+/// A flood of denied flows from intruder (node-a) to backend (node-b), on every address family
+/// the lab gives them: UDP datagrams (each tenth to backend's echo on 9000, which would answer an
+/// admitted one, the rest spread over 1,000 closed ports) at about 5,000 a second, and a TCP
+/// connection attempt to 8080 (a SYN; any completed handshake is an admission) every 10 ms, sent
+/// from one thread in intruder's netns until stopped.
+struct DeniedFlood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<FloodCount>,
+}
+
+/// What the flood's sender saw.
+#[derive(Debug, Default)]
+struct FloodCount {
+    datagrams: u64,
+    syns: u64,
+    /// Datagrams that came back (only an admitted datagram draws an echo).
+    echoes: u64,
+    /// TCP attempts that completed a handshake.
+    connected: u64,
+}
+
+impl DeniedFlood {
+    fn start(lab: &Lab, tok: &str) -> DeniedFlood {
+        use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let netns = lab.pod("intruder").netns.clone();
+        let targets: Vec<IpAddr> = lab
+            .pod("backend")
+            .ips
+            .iter()
+            .map(|a| a.parse().expect("a pod address"))
+            .collect();
+        assert!(!targets.is_empty(), "backend has no address");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let sent = std::sync::Arc::new(AtomicU64::new(0));
+        let payload = format!("{tok}-flood").into_bytes();
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        let thread = std::thread::spawn(move || {
+            veil_agent::sys::in_netns(&netns, move || {
+                let socks: Vec<UdpSocket> = targets
+                    .iter()
+                    .map(|ip| {
+                        let any = if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                        let s = UdpSocket::bind(any).expect("a UDP socket in intruder");
+                        s.set_nonblocking(true).expect("non-blocking");
+                        s
+                    })
+                    .collect();
+                let mut c = FloodCount::default();
+                let mut buf = [0u8; 2048];
+                let mut n: u64 = 0;
+                while !stop2.load(Ordering::Relaxed) {
+                    for _ in 0..25 {
+                        for (sock, ip) in socks.iter().zip(&targets) {
+                            let port = if n.is_multiple_of(10) {
+                                9000
+                            } else {
+                                20000 + (n % 1000) as u16
+                            };
+                            if sock.send_to(&payload, (*ip, port)).is_ok() {
+                                c.datagrams += 1;
+                            }
+                            n += 1;
+                        }
+                    }
+                    for sock in &socks {
+                        while sock.recv(&mut buf).is_ok() {
+                            c.echoes += 1;
+                        }
+                    }
+                    for ip in &targets {
+                        c.syns += 1;
+                        let to = SocketAddr::new(*ip, 8080);
+                        if TcpStream::connect_timeout(&to, Duration::from_millis(1)).is_ok() {
+                            c.connected += 1;
+                        }
+                    }
+                    sent2.store(c.datagrams, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(8));
+                }
+                c
+            })
+            .expect("intruder's netns")
+        });
+        DeniedFlood { stop, sent, thread }
+    }
+
+    /// Datagrams sent so far.
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn finish(self) -> FloodCount {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the flood thread")
+    }
+}
+
+/// Frames of a capture whose IPv4 or IPv6 source is one of `ips`.
+fn frames_from(pcap: &[u8], ips: &[String]) -> usize {
+    let ips: Vec<std::net::IpAddr> = ips.iter().map(|a| a.parse().unwrap()).collect();
+    pcap_frames(pcap)
+        .into_iter()
+        .filter(|f| {
+            let src: Option<std::net::IpAddr> = match f.get(12..14) {
+                Some([0x08, 0x00]) => f
+                    .get(26..30)
+                    .map(|b| <[u8; 4]>::try_from(b).unwrap().into()),
+                Some([0x86, 0xdd]) => f
+                    .get(22..38)
+                    .map(|b| <[u8; 16]>::try_from(b).unwrap().into()),
+                _ => None,
+            };
+            src.is_some_and(|s| ips.contains(&s))
+        })
+        .count()
+}
+
+/// The ids of every program a node's agent runs (TC and socket), by (interface, hook, name),
+/// with their link ids.
+fn attachments(st: &veil_tests::Status) -> BTreeMap<(String, String, String), (u32, u32)> {
+    st.programs
+        .iter()
+        .chain(&st.socket_programs)
+        .filter(|p| p.interface != "veil-hold")
+        .map(|p| {
+            (
+                (p.interface.clone(), p.hook.clone(), p.name.clone()),
+                (p.program_id, p.link_id),
+            )
+        })
+        .collect()
+}
+
+/// Scenario 10: each node's agent is stopped (SIGTERM) and started again, three reloads in all,
+/// while intruder floods backend with denied UDP and TCP and frontend's TCP stream and UDP probe
+/// (admitted, `authentication: required`) run. Each start loads the programs anew and swaps them
+/// into the TC links already attached (new program ids under the same link ids; the socket
+/// programs' cgroup links are made before the old ones are released): nothing from
+/// intruder reaches backend's interface, nothing is echoed or connects, the stream loses no line
+/// and is not reset, and the probe loses at most 3 of 300.
+#[test]
+fn programs_reloaded_during_a_flood_admit_nothing_denied_and_keep_allowed_flows() {
+    let lab = up_with_auth_policy(&[]);
+    let backend = lab.pod("backend");
+    let inside = Capture::start_lossless(&backend.netns, "eth0");
+    let run = Run::start(&lab, 300);
+    let flood = DeniedFlood::start(&lab, &run.tok);
+    lab.wait_for("the flood to run", Duration::from_secs(10), || {
+        (flood.sent() >= 1000).then_some(())
+    });
+    let denied0 =
+        lab.drop_count("node-b", "policy-denied") + lab.drop_count("node-a", "policy-denied");
+
+    let mut windows = Vec::new();
+    for node in ["node-b", "node-a", "node-b"] {
+        let before = lab.status(node);
+        let sent0 = flood.sent();
+        let t_term = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(before.agent.pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM to the agent");
+        let after = lab.wait_for_restarted_agent(
+            &format!("{node}'s agent started again"),
+            node,
+            before.agent.pid,
+            Duration::from_secs(30),
+        );
+        let reload = t_term.elapsed();
+        let during = flood.sent() - sent0;
+        // Reloaded, not re-attached: every program is new, every TC link the one it replaced.
+        let (old, new) = (attachments(&before), attachments(&after));
+        assert_eq!(
+            old.keys().collect::<Vec<_>>(),
+            new.keys().collect::<Vec<_>>(),
+            "{node}: the attached programs differ after the reload"
+        );
+        for (k, (prog, link)) in &new {
+            let (old_prog, old_link) = old[k];
+            assert_ne!(*prog, old_prog, "{node}: {k:?} was not reloaded");
+            // A cgroup hook takes the new link beside the old one before the old one goes (make
+            // before break, both programs run meanwhile): a new link id there is no window.
+            if k.1 != "cgroup" {
+                assert_eq!(
+                    *link, old_link,
+                    "{node}: {k:?} got a new link (a detach window)"
+                );
+            }
+        }
+        veil_tests::assert_links_adopted(&after);
+        println!(
+            "{node}: agent stopped and ready again in {} ms, {} programs replaced, {during} denied datagrams sent meanwhile",
+            reload.as_millis(),
+            new.len(),
+        );
+        assert!(
+            during >= 1000,
+            "only {during} denied datagrams while {node}'s agent reloaded: the flood proves nothing"
+        );
+        windows.push(reload);
+        // The started agent's first seconds under the flood too.
+        let settle = flood.sent() + 5000;
+        lab.wait_for(
+            "5,000 more denied datagrams",
+            Duration::from_secs(20),
+            || (flood.sent() >= settle).then_some(()),
+        );
+    }
+    let count = flood.finish();
+    let m = run.finish(&lab);
+    let pcap = inside.stop();
+    let denied1 =
+        lab.drop_count("node-b", "policy-denied") + lab.drop_count("node-a", "policy-denied");
+    let from_intruder = frames_from(&pcap, &lab.pod("intruder").ips);
+    let from_frontend = frames_from(&pcap, &lab.pod("frontend").ips);
+    println!(
+        "denied flood: {count:?}; policy-denied drops +{}; frames from intruder on backend's eth0: {from_intruder} (from frontend: {from_frontend}); {}",
+        denied1 - denied0,
+        m.summary()
+    );
+    assert!(
+        from_frontend >= 300,
+        "only {from_frontend} of frontend's frames on backend's eth0: the capture sees nothing"
+    );
+    assert_eq!(from_intruder, 0, "intruder's packets reached backend");
+    assert_eq!(count.echoes, 0, "denied datagrams were echoed");
+    assert_eq!(count.connected, 0, "denied TCP connections completed");
+    assert!(
+        denied1 - denied0 >= count.datagrams / 2,
+        "{} policy-denied drops for {} denied datagrams: dropped for another reason?",
+        denied1 - denied0,
+        count.datagrams
+    );
+    m.assert_delivered("program reload", 3);
 }
 
 /// The pid of the spire-agent in `node`'s spire-agent cgroup (the supervisor runs `veil lab
