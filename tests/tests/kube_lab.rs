@@ -659,7 +659,8 @@ fn a_pod_labelling_itself_with_identity_keys_gains_nothing() {
 /// empties both nodes' maps within the agents' 10 s grace for pairs no longer needed (the time
 /// is printed); with the policy back, frontend is admitted only after a new handshake (a later
 /// `authenticated_unix_ms` on node-b); deleting web2 (its identity leaves the cluster) empties
-/// them again.
+/// them again; with web2 back and frontend admitted, deleting node-a's Node empties node-b's map
+/// at once (within 5 s, not after the grace) and frontend is refused.
 #[test]
 fn auth_entries_go_with_their_policy_and_their_identity() {
     let lab = Lab::up(&["--control-plane", "kubernetes"]);
@@ -711,9 +712,38 @@ fn auth_entries_go_with_their_policy_and_their_identity() {
         Duration::from_secs(30),
         both_empty,
     );
+    // The node: web2 back and frontend admitted again, then frontend's Node deleted (the last
+    // step of a node's removal; nothing in the lab registers it again): node-b forgets node-a
+    // and every entry that names it.
+    let web2 = lab.make_web_pod("web2", "node-b");
+    let url = format!("http://{web2}:8080/");
+    until(
+        "frontend admitted with web2 back",
+        Duration::from_secs(30),
+        || curl(&lab, "frontend", &url).is_ok(),
+    );
+    assert!(
+        entries("node-b") > 0,
+        "no auth entry on node-b with web2 back"
+    );
+    lab.kubectl(&["delete", "node", "node-a", "--timeout", "30s"], "");
+    // At once, not after the 10 s grace of pairs no longer needed (a pair of a node that left
+    // cannot be used again).
+    let after_node = until(
+        "node-b's auth entries gone with node-a",
+        Duration::from_secs(5),
+        || entries("node-b") == 0,
+    );
+    let st = lab.status("node-b");
     eprintln!(
         "auth GC: entries gone {after_policy:?} after the policy's deletion, \
-         {after_identity:?} after web2's"
+         {after_identity:?} after web2's, {after_node:?} after node-a's; node-b then: {:?}; node-a: {:?}",
+        st.auth,
+        lab.try_status("node-a").map(|s| (s.ready, s.auth.len())),
+    );
+    assert!(
+        curl(&lab, "frontend", &url).is_err(),
+        "frontend still admitted without its node"
     );
 }
 
