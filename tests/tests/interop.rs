@@ -113,6 +113,14 @@ impl Impl {
     fn updates_peers_in_place(self) -> bool {
         self == Impl::WireguardGo
     }
+
+    /// Whether it keeps sending after its own address changes. boringtun 0.7.1 sends to each
+    /// peer through a UDP socket `connect`ed to the peer's endpoint (`Peer::connect_endpoint`),
+    /// whose source address is fixed when it connects, and connects again only when the peer's
+    /// endpoint moves.
+    fn survives_own_address_change(self) -> bool {
+        self == Impl::WireguardGo
+    }
 }
 
 fn veil_wg_bin() -> PathBuf {
@@ -960,6 +968,135 @@ fn replayed_packets_dropped_and_counted(imp: Impl) {
     );
 }
 
+/// The endpoint `side` holds for its peer (`wg show <dev> endpoints`), `(none)` if it has none.
+fn endpoint_of_peer(pair: &Pair, side: Side) -> String {
+    let out = pair
+        .ns(side)
+        .ok(&["wg", "show", pair.ifname(side), "endpoints"]);
+    out.lines()
+        .find_map(|l| {
+            l.strip_prefix(pair.peer_of(side))?
+                .split_whitespace()
+                .next()
+        })
+        .unwrap_or("(none)")
+        .to_string()
+}
+
+/// Roaming and NAT rebinding (scenario 37, netns.sh's roaming checks). NI first: data packets
+/// the other side sent, replayed and tampered with, from an address nobody holds, change
+/// nothing at veil-wg (counted `replay` and `decrypt`; its endpoint for the peer stays). Then
+/// each side moves in turn, first the other implementation, then veil-wg: a new listen port (a
+/// NAT rebinding), then a new address (the old one removed; boringtun-cli cannot, see
+/// [`Impl::survives_own_address_change`]). After each move the mover pings, the follower's
+/// endpoint is the new address and port (learnt from the authenticated packet, no `wg set`),
+/// and the follower's own ping reaches the mover there. veil-wg moving second is what found
+/// that its `wg set` of the listen port put the roamed peer back at its configured endpoint.
+fn roaming_follows_authenticated_packets_only(imp: Impl) {
+    let pair = Pair::create(imp);
+    let filter = format!("udp and src host {UNDER_B} and dst port {PORT_A}");
+    let cap = Capture::start(&pair.a, &pair.dir.0, "from-b.pcap", &filter);
+    pair.peer();
+    pair.wait_ping(Side::A, Duration::from_secs(10));
+    pair.wait_ping(Side::B, Duration::from_secs(10));
+    let data = cap
+        .finish()
+        .into_iter()
+        .find(|p| p.msg_type() == 4 && p.payload.len() > 32)
+        .expect("a data packet (not a keepalive) captured");
+    let from_b = format!("{UNDER_B}:{PORT_B}");
+    assert_eq!(endpoint_of_peer(&pair, Side::A), from_b);
+
+    // Unauthenticated packets from elsewhere: a replay, and a copy under a counter not seen
+    // yet (past the replay check, so the AEAD decides), both from 198.18.200.9.
+    let spoofed = |ip: &[u8]| {
+        let mut p = ip.to_vec();
+        p[12..16].copy_from_slice(&[198, 18, 200, 9]);
+        p
+    };
+    let mut tampered = spoofed(&data.ip);
+    let counter_at = tampered.len() - data.payload.len() + 8;
+    let counter = &mut tampered[counter_at..counter_at + 8];
+    let next = u64::from_le_bytes(counter.try_into().unwrap()) + 1000;
+    counter.copy_from_slice(&next.to_le_bytes());
+    let (replay0, decrypt0) = (veil_drops(&pair, "replay"), veil_drops(&pair, "decrypt"));
+    inject(&pair.b, vec![spoofed(&data.ip), tampered]);
+    wait_for(
+        "veil-wg to count the replay and the failed decryption",
+        Duration::from_secs(5),
+        || {
+            (veil_drops(&pair, "replay") > replay0 && veil_drops(&pair, "decrypt") > decrypt0)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        endpoint_of_peer(&pair, Side::A),
+        from_b,
+        "an unauthenticated packet moved veil-wg's endpoint"
+    );
+
+    let mut moves = Vec::new();
+    for (mover, port, addr) in [
+        (Side::B, PORT_B + 10, "198.18.200.12"),
+        (Side::A, PORT_A + 10, "198.18.200.11"),
+    ] {
+        let follower = if mover == Side::A { Side::B } else { Side::A };
+        let old = if mover == Side::A { UNDER_A } else { UNDER_B };
+        let port = port.to_string();
+        let dev = pair.ifname(mover).to_string();
+        // A NAT rebinding: same address, new port.
+        pair.ns(mover)
+            .ok(&["wg", "set", &dev, "listen-port", &port]);
+        let rebound = pair.wait_ping(mover, Duration::from_secs(10));
+        assert_eq!(
+            endpoint_of_peer(&pair, follower),
+            format!("{old}:{port}"),
+            "{follower:?} did not follow {mover:?}'s new port"
+        );
+        pair.wait_ping(follower, Duration::from_secs(5));
+        if mover == Side::B && !imp.survives_own_address_change() {
+            moves.push(format!(
+                "{mover:?} moved its port, {follower:?} followed after {rebound:?} ({} cannot move its address)",
+                imp.name()
+            ));
+            continue;
+        }
+        // A new address, the old one gone.
+        let ns = pair.ns(mover);
+        ns.ok(&[
+            "ip",
+            "addr",
+            "del",
+            &format!("{old}/24"),
+            "dev",
+            UNDERLAY_IF,
+        ]);
+        ns.ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            UNDERLAY_IF,
+        ]);
+        let moved = pair.wait_ping(mover, Duration::from_secs(10));
+        assert_eq!(
+            endpoint_of_peer(&pair, follower),
+            format!("{addr}:{port}"),
+            "{follower:?} did not follow {mover:?}'s new address"
+        );
+        pair.wait_ping(follower, Duration::from_secs(5));
+        moves.push(format!(
+            "{mover:?} moved, {follower:?} followed: new port answered after {rebound:?}, new address after {moved:?}"
+        ));
+    }
+    println!(
+        "roaming against {}: replay and tampered packets from 198.18.200.9 left the endpoint at {from_b}; {}",
+        imp.name(),
+        moves.join("; ")
+    );
+}
+
 /// Legitimate reordering (scenario 27's other half): data packets the other side sent are held
 /// back from veil-wg (blackholed by A's routing, after the capture's tap saw them), then delivered
 /// in reverse order. All of them are inside the replay window, so all reach veil-wg's TUN device
@@ -1253,6 +1390,11 @@ macro_rules! interop_tests {
             #[test]
             fn reordered_data_inside_the_window_is_delivered() {
                 reordered_packets_inside_the_window_are_delivered($imp);
+            }
+
+            #[test]
+            fn roaming_and_nat_rebinding_follow_authenticated_packets_only() {
+                roaming_follows_authenticated_packets_only($imp);
             }
         }
     )*};

@@ -277,6 +277,16 @@ impl Device {
                 );
                 Noise { tunn, index }
             };
+            // Only an endpoint this request names moves a live peer: every other peer keeps
+            // the endpoint it roamed to, as in wireguard-go and the kernel (a `wg set` of the
+            // listen port, or of another peer, must not send a roamed peer's traffic back to
+            // where it was first configured).
+            let requested = req
+                .peers
+                .iter()
+                .rev()
+                .filter(|c| c.public_key == pc.public_key)
+                .find_map(|c| c.endpoint);
             let peer = match old.by_key.get(&pc.public_key) {
                 Some(p) if !key_changed => {
                     let mut conf = p.config.lock().expect("peer config lock");
@@ -285,7 +295,7 @@ impl Device {
                         // (new PSK) handshakes.
                         let mut noise = p.noise.lock().expect("noise lock");
                         let mut fresh = new_noise();
-                        if let Some(ep) = pc.endpoint.or(p.endpoint()) {
+                        if let Some(ep) = requested.or(p.endpoint()) {
                             let mut buf = vec![0u8; 256];
                             if let TunnResult::WriteToNetwork(d) =
                                 fresh.tunn.format_handshake_initiation(&mut buf, false)
@@ -297,7 +307,7 @@ impl Device {
                         noise.retiring = Some((previous, Instant::now()));
                         noise.current_up_since = None;
                     }
-                    if let Some(e) = pc.endpoint {
+                    if let Some(e) = requested {
                         p.set_endpoint(e);
                     }
                     *conf = pc.clone();
@@ -458,6 +468,30 @@ mod tests {
         let p2 = dev.routing().by_key[&other].clone();
         assert_eq!(p2.noise.lock().unwrap().current.index, first_index);
         assert_eq!(p2.endpoint(), Some("198.18.0.9:51820".parse().unwrap()));
+
+        // Roamed (an authenticated packet from elsewhere), then a set that does not name the
+        // peer's endpoint: the roamed endpoint stays. One that names it moves it.
+        let roamed: SocketAddr = "198.18.0.12:40000".parse().unwrap();
+        p2.set_endpoint(roamed);
+        dev.apply(&SetRequest {
+            listen_port: Some(51830),
+            ..Default::default()
+        });
+        dev.apply(&SetRequest {
+            peers: vec![PeerChange::new(other)],
+            ..Default::default()
+        });
+        assert_eq!(dev.routing().by_key[&other].endpoint(), Some(roamed));
+        let mut back = PeerChange::new(other);
+        back.endpoint = Some("198.18.0.9:51820".parse().unwrap());
+        dev.apply(&SetRequest {
+            peers: vec![back],
+            ..Default::default()
+        });
+        assert_eq!(
+            dev.routing().by_key[&other].endpoint(),
+            Some("198.18.0.9:51820".parse().unwrap())
+        );
 
         // PSK change: a new Tunn (new index) that handshakes at once; the old one is retiring and
         // still routable by its index.
