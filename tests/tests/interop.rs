@@ -1405,6 +1405,111 @@ interop_tests!(
     boringtun_cli => Impl::BoringtunCli,
 );
 
+/// Scenario 31 (netns.sh D8): a peer whose public key is a low-order point (all zeros here) is
+/// accepted and listed, like the kernel and wireguard-go accept it, but nothing is ever sent to
+/// it: its endpoint and a one-second persistent keepalive are set, pings go to its allowed IPs,
+/// and neither the underlay capture nor `wg show transfer` sees a byte towards it, on veil-wg
+/// and, side by side, on wireguard-go. The capture sees the pair's own handshake and pings:
+/// it would have seen packets to the low-order peer.
+#[test]
+fn a_low_order_peer_key_is_listed_but_gets_no_packet() {
+    const LOW_ORDER: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    // Where the low-order peer "is": port 9 of the other namespace's underlay address, so a
+    // datagram sent there does leave on the wire (an address nobody holds would stop at ARP).
+    const ENDPOINT: &str = "198.18.200.2:9";
+    let pair = Pair::create(Impl::WireguardGo);
+    let cap = Capture::start(&pair.a, &pair.dir.0, "underlay.pcap", "udp");
+    pair.peer();
+    pair.wait_ping(Side::A, Duration::from_secs(10));
+    for (side, net, endpoint) in [
+        (Side::A, "198.19.210.0/24", ENDPOINT),
+        (Side::B, "198.19.211.0/24", "198.18.200.1:9"),
+    ] {
+        let (ns, dev) = (pair.ns(side), pair.ifname(side));
+        ns.ok(&[
+            "wg",
+            "set",
+            dev,
+            "peer",
+            LOW_ORDER,
+            "endpoint",
+            endpoint,
+            "persistent-keepalive",
+            "1",
+            "allowed-ips",
+            net,
+        ]);
+        ns.ok(&["ip", "route", "add", net, "dev", dev]);
+        let peers = ns.ok(&["wg", "show", dev, "peers"]);
+        assert!(
+            peers.lines().any(|l| l.trim() == LOW_ORDER),
+            "{side:?} does not list the low-order peer: {peers}"
+        );
+    }
+    // Three pings from each side into the low-order peer's range (3 s with the keepalive's
+    // period of 1 s running), and the pair's own traffic meanwhile (B's peer is at port 9 of
+    // A's address: its packets would show up on A's veth as well).
+    for (side, dst) in [(Side::A, "198.19.210.1"), (Side::B, "198.19.211.1")] {
+        assert!(
+            !pair
+                .ns(side)
+                .exec(&["ping", "-c", "3", "-i", "0.5", "-W", "1", dst])
+                .status
+                .success(),
+            "{side:?}: something answered for the low-order peer"
+        );
+    }
+    pair.wait_ping(Side::B, Duration::from_secs(5));
+    let packets = cap.finish();
+    // The UDP destination port of a captured datagram (its IPv4 header, then the port).
+    let dport = |p: &&WgPacket| {
+        let ihl = usize::from(p.ip[0] & 0x0f) * 4;
+        u16::from_be_bytes([p.ip[ihl + 2], p.ip[ihl + 3]])
+    };
+    let towards: Vec<_> = packets.iter().filter(|p| dport(p) == 9).collect();
+    let own = packets
+        .iter()
+        .filter(|p| [PORT_A, PORT_B].contains(&dport(p)))
+        .count();
+    let sent = |side: Side| -> u64 {
+        let out = pair
+            .ns(side)
+            .ok(&["wg", "show", pair.ifname(side), "transfer"]);
+        out.lines()
+            .find(|l| l.starts_with(LOW_ORDER))
+            .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or_else(|| panic!("{side:?}: no transfer line for the low-order peer: {out}"))
+    };
+    println!(
+        "low-order peer: {} packets towards it on the underlay ({own} of the pair's own), tx bytes veil-wg {} / wireguard-go {}",
+        towards.len(),
+        sent(Side::A),
+        sent(Side::B)
+    );
+    assert!(
+        own >= 4,
+        "only {own} packets of the pair itself: the capture sees nothing"
+    );
+    assert!(
+        towards.is_empty(),
+        "sent to the low-order peer: {:?}",
+        towards
+            .iter()
+            .map(|p| (p.src, p.dst, p.msg_type(), p.payload.len()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        sent(Side::A),
+        0,
+        "veil-wg counts bytes sent to the low-order peer"
+    );
+    assert_eq!(
+        sent(Side::B),
+        0,
+        "wireguard-go counts bytes sent to the low-order peer"
+    );
+}
+
 /// Re-key after REKEY_AFTER_TIME (120 s) under traffic, four pairs at once: against each
 /// implementation, one where veil-wg started the session (veil-wg's own timer) and one where the
 /// other side did (veil-wg answers the re-key). One test for both implementations, the pairs in

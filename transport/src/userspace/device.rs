@@ -265,6 +265,14 @@ impl Device {
         for pc in &next.peers {
             // No private key: no noise state at all, so nothing can be sent (fails closed).
             let Some(sk) = &static_private else { continue };
+            // A low-order public key: every Diffie-Hellman with it is all zeros, so a handshake
+            // with it authenticates nobody. The peer stays in the configuration (`get` lists it,
+            // as the kernel and wireguard-go do) but gets no noise state and no routing: nothing
+            // is ever sent to it, its allowed IPs drop as `no-peer`, and an initiation claiming
+            // its key finds no peer.
+            if pc.public_key.is_low_order() {
+                continue;
+            }
             let new_noise = || {
                 let index = self.alloc_index();
                 let tunn = Tunn::new(
@@ -431,6 +439,30 @@ mod tests {
         c.endpoint = Some("198.18.0.2:51820".parse().unwrap());
         c.preshared_key = psk.map(|b| PresharedKey::from_bytes([b; 32]));
         c
+    }
+
+    #[test]
+    fn a_low_order_peer_is_listed_but_gets_no_noise_state_and_no_initiation() {
+        let dev = Device::new("t0");
+        let low = PublicKey([0; 32]);
+        assert!(low.is_low_order());
+        let good = PrivateKey::generate().public_key();
+        let inits = dev.apply(&SetRequest {
+            private_key: Some(PrivateKey::generate()),
+            peers: vec![
+                peer_change(low, "198.19.9.0/24", None),
+                peer_change(good, "198.19.2.0/24", None),
+            ],
+            ..Default::default()
+        });
+        // Only the good peer (it has an endpoint) is initiated.
+        assert_eq!(inits.len(), 1);
+        let r = dev.routing();
+        assert!(!r.by_key.contains_key(&low));
+        assert!(r.by_ip.lookup("198.19.9.1".parse().unwrap()).is_none());
+        assert!(r.by_key.contains_key(&good));
+        let (cfg, _) = dev.state(51820);
+        assert!(cfg.peers.iter().any(|p| p.public_key == low));
     }
 
     #[test]
