@@ -597,8 +597,14 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     let dst = lookup_ip(&flow.daddr);
     let dst_local = dst.is_some_and(|d| d.flags & ip_flags::LOCAL_POD != 0);
     let dst_identity = remote_identity(dst);
+    // Another node's pods, and with node encryption another node's own address (its `NODE`
+    // entry exists only then): both leave through the tunnel, marked as this pod's. Without the
+    // mark the tunnel's egress would take a pod's reply to a remote host for a host process
+    // posing as the pod (`host-spoofed-source`).
     let dst_node = match dst {
-        Some(d) if d.flags & (ip_flags::POD | ip_flags::POD_CIDR) != 0 => d.node_id,
+        Some(d) if d.flags & (ip_flags::POD | ip_flags::POD_CIDR | ip_flags::NODE) != 0 => {
+            d.node_id
+        }
         _ => 0,
     };
     let remote = dst_node != 0 && dst_node != cfg.node_id;

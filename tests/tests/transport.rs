@@ -260,8 +260,9 @@ fn send_node_marker(lab: &Lab, marker: &str, bulk: usize) -> usize {
 
 /// Node traffic encryption on: the nodes' own traffic (TCP, UDP, ICMP between their underlay
 /// addresses) crosses inside WireGuard, a megabyte of TCP arrives whole (its segments sized for
-/// the tunnel), the control channel and WireGuard itself still cross outside, and pod traffic
-/// is unaffected. The other half of the pair: the same traffic with node encryption off is
+/// the tunnel), the control channel and WireGuard itself still cross outside, pod traffic is
+/// unaffected, and a host process's HTTP request to a pod on the other node is answered, both
+/// ways inside WireGuard (scenario 6). The other half of the pair: the same traffic with node encryption off is
 /// seen in clear.
 #[test]
 fn node_traffic_leak_pair_encrypted_shows_no_marker() {
@@ -282,6 +283,14 @@ fn node_traffic_leak_pair_encrypted_shows_no_marker() {
     let cap = lab.capture_underlay();
     let got = send_node_marker(&lab, &marker, bulk);
     send_marker(&lab, &marker);
+    // A host process on node-a to a pod on node-b, and the pod's answers to that host: both
+    // through the tunnel. (The answers were dropped `host-spoofed-source` on node-b until the
+    // datapath marked a pod's traffic to another node's address as the pod's own.)
+    let url = format!("http://{}:8080/{marker}", lab.pod_ip("backend"));
+    let header = format!("X-Marker: {marker}");
+    let argv = ["curl", "-sS", "-g", "--max-time", "5", "-H", &header, &url];
+    let body = ip_netns(&lab.node("node-a").netns, &argv);
+    assert_eq!(body, "hello from shop/backend\n", "host -> remote pod");
     let (raw, lines) = cap.stop_decoded();
     assert_eq!(
         got,
