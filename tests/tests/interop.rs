@@ -441,6 +441,12 @@ impl Pair {
         }
     }
 
+    /// tcpdump on A's underlay of what the other side sends to veil-wg's port, into `name`.
+    fn capture_to_veil_wg(&self, name: &str) -> Capture {
+        let filter = format!("udp and src host {UNDER_B} and dst port {PORT_A}");
+        Capture::start(&self.a, &self.dir.0, name, &filter)
+    }
+
     fn file(&self, name: &str) -> String {
         self.dir.0.join(name).display().to_string()
     }
@@ -909,8 +915,7 @@ fn peer_removed_and_readded(imp: Impl) {
 /// its TUN device, answers nothing, counts both as `replay`, and the session keeps working.
 fn replayed_packets_dropped_and_counted(imp: Impl) {
     let pair = Pair::create(imp);
-    let filter = format!("udp and src host {UNDER_B} and dst port {PORT_A}");
-    let cap = Capture::start(&pair.a, &pair.dir.0, "from-b.pcap", &filter);
+    let cap = pair.capture_to_veil_wg("from-b.pcap");
     pair.peer_other_first();
     pair.wait_ping(Side::B, Duration::from_secs(10));
     let packets = cap.finish();
@@ -994,8 +999,7 @@ fn endpoint_of_peer(pair: &Pair, side: Side) -> String {
 /// that its `wg set` of the listen port put the roamed peer back at its configured endpoint.
 fn roaming_follows_authenticated_packets_only(imp: Impl) {
     let pair = Pair::create(imp);
-    let filter = format!("udp and src host {UNDER_B} and dst port {PORT_A}");
-    let cap = Capture::start(&pair.a, &pair.dir.0, "from-b.pcap", &filter);
+    let cap = pair.capture_to_veil_wg("from-b.pcap");
     pair.peer();
     pair.wait_ping(Side::A, Duration::from_secs(10));
     pair.wait_ping(Side::B, Duration::from_secs(10));
@@ -1044,16 +1048,22 @@ fn roaming_follows_authenticated_packets_only(imp: Impl) {
         let old = if mover == Side::A { UNDER_A } else { UNDER_B };
         let port = port.to_string();
         let dev = pair.ifname(mover).to_string();
+        // The mover pings from its new place; the follower's endpoint is that place and its own
+        // ping reaches it. Returns how long the mover's first ping took to be answered.
+        let follows = |place: String, what: &str| {
+            let took = pair.wait_ping(mover, Duration::from_secs(10));
+            assert_eq!(
+                endpoint_of_peer(&pair, follower),
+                place,
+                "{follower:?} did not follow {mover:?}'s new {what}"
+            );
+            pair.wait_ping(follower, Duration::from_secs(5));
+            took
+        };
         // A NAT rebinding: same address, new port.
         pair.ns(mover)
             .ok(&["wg", "set", &dev, "listen-port", &port]);
-        let rebound = pair.wait_ping(mover, Duration::from_secs(10));
-        assert_eq!(
-            endpoint_of_peer(&pair, follower),
-            format!("{old}:{port}"),
-            "{follower:?} did not follow {mover:?}'s new port"
-        );
-        pair.wait_ping(follower, Duration::from_secs(5));
+        let rebound = follows(format!("{old}:{port}"), "port");
         if mover == Side::B && !imp.survives_own_address_change() {
             moves.push(format!(
                 "{mover:?} moved its port, {follower:?} followed after {rebound:?} ({} cannot move its address)",
@@ -1063,29 +1073,10 @@ fn roaming_follows_authenticated_packets_only(imp: Impl) {
         }
         // A new address, the old one gone.
         let ns = pair.ns(mover);
-        ns.ok(&[
-            "ip",
-            "addr",
-            "del",
-            &format!("{old}/24"),
-            "dev",
-            UNDERLAY_IF,
-        ]);
-        ns.ok(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            UNDERLAY_IF,
-        ]);
-        let moved = pair.wait_ping(mover, Duration::from_secs(10));
-        assert_eq!(
-            endpoint_of_peer(&pair, follower),
-            format!("{addr}:{port}"),
-            "{follower:?} did not follow {mover:?}'s new address"
-        );
-        pair.wait_ping(follower, Duration::from_secs(5));
+        for (op, a) in [("del", old), ("add", addr)] {
+            ns.ok(&["ip", "addr", op, &format!("{a}/24"), "dev", UNDERLAY_IF]);
+        }
+        let moved = follows(format!("{addr}:{port}"), "address");
         moves.push(format!(
             "{mover:?} moved, {follower:?} followed: new port answered after {rebound:?}, new address after {moved:?}"
         ));
@@ -1105,8 +1096,7 @@ fn reordered_packets_inside_the_window_are_delivered(imp: Impl) {
     let pair = Pair::create(imp);
     pair.peer_other_first();
     pair.wait_ping(Side::B, Duration::from_secs(10));
-    let filter = format!("udp and src host {UNDER_B} and dst port {PORT_A}");
-    let cap = Capture::start(&pair.a, &pair.dir.0, "held.pcap", &filter);
+    let cap = pair.capture_to_veil_wg("held.pcap");
     // The hold: a policy rule blackholing what comes from B, ahead of the local table (moved
     // behind it), so A's routing drops the packets after the capture's tap saw them. iproute2
     // only: no netfilter or tc action module needed.
