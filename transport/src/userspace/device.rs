@@ -262,6 +262,15 @@ impl Device {
             ..Default::default()
         };
         let mut initiations = Vec::new();
+        // Only an endpoint this request names moves a live peer: every other peer keeps the
+        // endpoint it roamed to, as in wireguard-go and the kernel (a `wg set` of the listen
+        // port, or of another peer, must not send a roamed peer's traffic back to where it was
+        // first configured). The last change of a peer that names one wins.
+        let requested_endpoints: HashMap<PublicKey, SocketAddr> = req
+            .peers
+            .iter()
+            .filter_map(|c| Some((c.public_key, c.endpoint?)))
+            .collect();
         for pc in &next.peers {
             // No private key: no noise state at all, so nothing can be sent (fails closed).
             let Some(sk) = &static_private else { continue };
@@ -285,16 +294,7 @@ impl Device {
                 );
                 Noise { tunn, index }
             };
-            // Only an endpoint this request names moves a live peer: every other peer keeps
-            // the endpoint it roamed to, as in wireguard-go and the kernel (a `wg set` of the
-            // listen port, or of another peer, must not send a roamed peer's traffic back to
-            // where it was first configured).
-            let requested = req
-                .peers
-                .iter()
-                .rev()
-                .filter(|c| c.public_key == pc.public_key)
-                .find_map(|c| c.endpoint);
+            let requested = requested_endpoints.get(&pc.public_key).copied();
             let peer = match old.by_key.get(&pc.public_key) {
                 Some(p) if !key_changed => {
                     let mut conf = p.config.lock().expect("peer config lock");
