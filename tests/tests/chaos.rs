@@ -770,7 +770,6 @@ fn programs_reloaded_during_a_flood_admit_nothing_denied_and_keep_allowed_flows(
     let denied0 =
         lab.drop_count("node-b", "policy-denied") + lab.drop_count("node-a", "policy-denied");
 
-    let mut windows = Vec::new();
     for node in ["node-b", "node-a", "node-b"] {
         let before = lab.status(node);
         let sent0 = flood.sent();
@@ -813,15 +812,15 @@ fn programs_reloaded_during_a_flood_admit_nothing_denied_and_keep_allowed_flows(
             reload.as_millis(),
             new.len(),
         );
+        // 4,000-6,400 measured; the bound leaves room for a loaded machine's slower flood.
         assert!(
-            during >= 1000,
+            during >= 250,
             "only {during} denied datagrams while {node}'s agent reloaded: the flood proves nothing"
         );
-        windows.push(reload);
-        // The started agent's first seconds under the flood too.
-        let settle = flood.sent() + 5000;
+        // The started agent's first moments under the flood too.
+        let settle = flood.sent() + 2000;
         lab.wait_for(
-            "5,000 more denied datagrams",
+            "2,000 more denied datagrams",
             Duration::from_secs(20),
             || (flood.sent() >= settle).then_some(()),
         );
