@@ -437,11 +437,17 @@ impl Lab {
             &format!("{name}'s address"),
             Duration::from_secs(30),
             || {
-                let path = "jsonpath={.status.podIP}";
-                let ip = self.kubectl(&["get", "pod", "-n", "shop", name, "-o", path], "");
+                let ip = self.kube_pod_ip(name);
                 (!ip.is_empty()).then_some(ip)
             },
         )
+    }
+
+    /// A kubectl-made Pod's `status.podIP` in namespace `shop` (empty until the lab's kubelet
+    /// has given it one).
+    pub fn kube_pod_ip(&self, name: &str) -> String {
+        let path = "jsonpath={.status.podIP}";
+        self.kubectl(&["get", "pod", "-n", "shop", name, "-o", path], "")
     }
 
     /// `make_web_pod` labelled `app=<app>` and, with `ip`, asking the lab's kubelet for that

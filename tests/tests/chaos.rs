@@ -128,12 +128,13 @@ fn tcp_resets(lab: &Lab, pod: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+        .unwrap_or_else(|e| panic!("{sig} to {pid}: {e}"));
+}
+
 fn sigkill(pid: i32) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill -9");
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -774,11 +775,7 @@ fn programs_reloaded_during_a_flood_admit_nothing_denied_and_keep_allowed_flows(
         let before = lab.status(node);
         let sent0 = flood.sent();
         let t_term = Instant::now();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(before.agent.pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM to the agent");
+        signal(before.agent.pid as i32, nix::sys::signal::Signal::SIGTERM);
         let after = lab.wait_for_restarted_agent(
             &format!("{node}'s agent started again"),
             node,

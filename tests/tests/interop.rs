@@ -525,12 +525,19 @@ impl Pair {
         if side == Side::B && self.imp.reports_handshake_age() {
             return self.handshake_from_age();
         }
-        let out = self
-            .ns(side)
-            .ok(&["wg", "show", self.ifname(side), "latest-handshakes"]);
-        let line = out.lines().find(|l| l.starts_with(self.peer_of(side)))?;
-        let secs: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        let peer = self.peer_of(side);
+        let secs: u64 = self.wg_show(side, "latest-handshakes", peer)?[0]
+            .parse()
+            .ok()?;
         (secs > 0).then_some(secs)
+    }
+
+    /// The values `wg show <dev> <field>` gives for peer `key` on `side` (the columns after
+    /// the key), None if it lists no such peer.
+    fn wg_show(&self, side: Side, field: &str, key: &str) -> Option<Vec<String>> {
+        let out = self.ns(side).ok(&["wg", "show", self.ifname(side), field]);
+        let line = out.lines().find(|l| l.starts_with(key))?;
+        Some(line.split_whitespace().skip(1).map(str::to_owned).collect())
     }
 
     /// Side B's latest handshake in Unix seconds from an implementation whose UAPI reports its
@@ -975,17 +982,9 @@ fn replayed_packets_dropped_and_counted(imp: Impl) {
 
 /// The endpoint `side` holds for its peer (`wg show <dev> endpoints`), `(none)` if it has none.
 fn endpoint_of_peer(pair: &Pair, side: Side) -> String {
-    let out = pair
-        .ns(side)
-        .ok(&["wg", "show", pair.ifname(side), "endpoints"]);
-    out.lines()
-        .find_map(|l| {
-            l.strip_prefix(pair.peer_of(side))?
-                .split_whitespace()
-                .next()
-        })
-        .unwrap_or("(none)")
-        .to_string()
+    pair.wg_show(side, "endpoints", pair.peer_of(side))
+        .and_then(|v| v.into_iter().next())
+        .unwrap_or_else(|| "(none)".into())
 }
 
 /// Roaming and NAT rebinding (scenario 37, netns.sh's roaming checks). NI first: data packets
@@ -1461,14 +1460,12 @@ fn a_low_order_peer_key_is_listed_but_gets_no_packet() {
         .iter()
         .filter(|p| [PORT_A, PORT_B].contains(&dport(p)))
         .count();
+    // `wg show transfer`: received, then sent bytes.
     let sent = |side: Side| -> u64 {
-        let out = pair
-            .ns(side)
-            .ok(&["wg", "show", pair.ifname(side), "transfer"]);
-        out.lines()
-            .find(|l| l.starts_with(LOW_ORDER))
-            .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
-            .unwrap_or_else(|| panic!("{side:?}: no transfer line for the low-order peer: {out}"))
+        let row = pair.wg_show(side, "transfer", LOW_ORDER);
+        row.as_ref()
+            .and_then(|v| v.get(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("{side:?}: no transfer for the low-order peer: {row:?}"))
     };
     println!(
         "low-order peer: {} packets towards it on the underlay ({own} of the pair's own), tx bytes veil-wg {} / wireguard-go {}",

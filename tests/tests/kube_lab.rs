@@ -405,10 +405,6 @@ fn pod_churn_with_ip_reuse_admits_nothing_from_the_refused_pod() {
     let web2 = lab.make_web_pod("web2", "node-b");
     let url = format!("http://{web2}:8080/");
     apply_enforced(&lab, WEB2_FROM_FRONTEND, "web2-from-frontend");
-    let pod_ip = |name: &str| {
-        let path = "jsonpath={.status.podIP}";
-        lab.kubectl(&["get", "pod", "-n", "shop", name, "-o", path], "")
-    };
     let delete = |name: &str| {
         lab.kubectl(
             &["delete", "pod", "-n", "shop", name, "--timeout", "30s"],
@@ -427,7 +423,7 @@ fn pod_churn_with_ip_reuse_admits_nothing_from_the_refused_pod() {
             Duration::from_secs(30),
             || curl(&lab, "churn-admitted", &url).is_ok(),
         );
-        assert_eq!(pod_ip("churn-admitted"), REUSED);
+        assert_eq!(lab.kube_pod_ip("churn-admitted"), REUSED);
         delete("churn-admitted");
         lab.apply_web_pod("churn-refused", "node-a", "intruder", Some(REUSED));
         // From the first moment `lab exec` finds the Pod's namespace.
@@ -451,7 +447,7 @@ fn pod_churn_with_ip_reuse_admits_nothing_from_the_refused_pod() {
              {started:?} after its creation: {answered} of {} tries answered",
             out.lines().count()
         );
-        assert_eq!(pod_ip("churn-refused"), REUSED);
+        assert_eq!(lab.kube_pod_ip("churn-refused"), REUSED);
         assert_eq!(
             answered, 0,
             "the refused Pod at {REUSED} reached web2: {out}"

@@ -85,11 +85,8 @@ fn admin_status(socket: &Path) -> anyhow::Result<Status> {
 /// the agents no CPU (polling `veil status` did, and was counted as handshake CPU).
 fn auth_entries(pin_dir: &Path) -> anyhow::Result<usize> {
     let path = pin_dir.join(AUTH);
-    let data = aya::maps::MapData::from_pin(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let map: aya::maps::HashMap<_, AuthKey, AuthEntry> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
-    Ok(map.keys().filter(Result::is_ok).count())
+    veil_agent::datapath::policy::count_pinned::<AuthKey, AuthEntry>(&path)
+        .with_context(|| format!("counting {}", path.display()))
 }
 
 fn veil_ok(veil: &Path, args: &[&str]) -> anyhow::Result<String> {

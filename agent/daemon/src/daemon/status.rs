@@ -284,10 +284,11 @@ fn map_fill(dp: &Datapath) -> Vec<api::MapFill> {
         api::MapFill {
             name: map_names::AUTH.into(),
             // The mesh took this map out of the loaded object (its one writer): counted
-            // through its pin.
+            // through its pin (0 if it cannot be opened).
             entries: dp_policy::count_pinned::<AuthKey, AuthEntry>(
                 &dp.pin_dir().join(map_names::AUTH),
-            ),
+            )
+            .unwrap_or(0),
             capacity: AUTH_MAX,
         },
     ]

@@ -117,17 +117,14 @@ pub fn prune_conntrack(
     Ok(doomed.len())
 }
 
-/// Entries in the pinned hash map at `pin` (walks the keys; for status): for a map another
-/// component took out of the loaded object as its only writer (`VEIL_AUTH`); 0 when the pin
-/// cannot be opened.
-pub fn count_pinned<K: aya::Pod, V: aya::Pod>(pin: &std::path::Path) -> usize {
-    let Ok(data) = MapData::from_pin(pin) else {
-        return 0;
-    };
-    match HashMap::<MapData, K, V>::try_from(aya::maps::Map::HashMap(data)) {
-        Ok(m) => m.keys().filter(Result::is_ok).count(),
-        Err(_) => 0,
-    }
+/// Entries in the pinned hash map at `pin` (walks the keys; for status and control-bench): for
+/// a map another component took out of the loaded object as its only writer (`VEIL_AUTH`).
+pub fn count_pinned<K: aya::Pod, V: aya::Pod>(
+    pin: &std::path::Path,
+) -> Result<usize, aya::maps::MapError> {
+    let data = MapData::from_pin(pin)?;
+    let m = HashMap::<MapData, K, V>::try_from(aya::maps::Map::HashMap(data))?;
+    Ok(m.keys().filter(Result::is_ok).count())
 }
 
 /// Entries in a hash map with key type `K` (walks the keys; for status and metrics).
