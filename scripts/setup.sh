@@ -17,10 +17,11 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # --- Debian packages -------------------------------------------------------------------------
 # containernetworking-plugins: the CNI reference plugins, host-local IPAM at /usr/lib/cni/host-local.
 # iptables: the benchmark's kube-proxy-style rule set (svc-bench).
+# faketime: libfaketime, a process's wall clock set back for the clock-jump test (scenario 38).
 # gcc, libc6-dev: the linker rustc calls, and the C of crates built from source (mimalloc, the
 # agent's allocator; ring).
 PKGS=(iproute2 iputils-ping tcpdump iperf3 wireguard-tools curl procps ncat bpftool
-      containernetworking-plugins iptables gcc libc6-dev)
+      containernetworking-plugins iptables faketime gcc libc6-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -54,6 +54,8 @@ enum Impl {
     WireguardGo,
     /// boringtun-cli 0.7.1 (`cargo install`, by `scripts/setup.sh`).
     BoringtunCli,
+    /// veil-wg itself, for what only two veil-wgs do (scenario 38).
+    VeilWg,
 }
 
 impl Impl {
@@ -61,22 +63,32 @@ impl Impl {
         match self {
             Impl::WireguardGo => "wireguard-go",
             Impl::BoringtunCli => "boringtun-cli",
+            Impl::VeilWg => "veil-wg",
         }
     }
 
     /// Starts the daemon in the foreground (so it dies with the test), creating `ifname` and its
-    /// UAPI socket `/var/run/wireguard/<ifname>.sock`, logging to `log`.
-    fn start(self, ns: &Netns, ifname: &str, log: PathBuf) -> Daemon {
-        let bin = tool(self.name());
+    /// UAPI socket `/var/run/wireguard/<ifname>.sock`, logging to `log`, with `env` added to
+    /// its environment.
+    fn start(self, ns: &Netns, ifname: &str, log: PathBuf, env: &[(&str, &str)]) -> Daemon {
+        let bin = match self {
+            Impl::VeilWg => veil_wg_bin(),
+            _ => tool(self.name()),
+        };
         let bin = bin.to_str().unwrap();
         match self {
             Impl::WireguardGo => Daemon::start(
                 ns,
                 &[bin, "-f", ifname],
-                &[("WG_PROCESS_FOREGROUND", "1"), ("LOG_LEVEL", "verbose")],
+                &[
+                    &[("WG_PROCESS_FOREGROUND", "1"), ("LOG_LEVEL", "verbose")],
+                    env,
+                ]
+                .concat(),
                 ifname,
                 log,
             ),
+            Impl::VeilWg => Daemon::start(ns, &[bin, "--foreground", ifname], env, ifname, log),
             // `--disable-drop-privileges` (env WG_SUDO): as root outside sudo it would setuid to
             // root's own ids, find it can regain root and exit "Failed to permanently drop
             // privileges". In the foreground it logs to stdout (`--log` is for the daemonized
@@ -93,7 +105,7 @@ impl Impl {
                     "info",
                     ifname,
                 ],
-                &[],
+                env,
                 ifname,
                 log,
             ),
@@ -111,7 +123,7 @@ impl Impl {
     /// on an existing public key ("Modifying existing peers is not yet supported. Remove and add
     /// again instead."), which kills its UAPI thread: it needs remove, then add.
     fn updates_peers_in_place(self) -> bool {
-        self == Impl::WireguardGo
+        self != Impl::BoringtunCli
     }
 
     /// Whether it keeps sending after its own address changes. boringtun 0.7.1 sends to each
@@ -119,7 +131,7 @@ impl Impl {
     /// whose source address is fixed when it connects, and connects again only when the peer's
     /// endpoint moves.
     fn survives_own_address_change(self) -> bool {
-        self == Impl::WireguardGo
+        self != Impl::BoringtunCli
     }
 }
 
@@ -231,6 +243,7 @@ struct Daemon {
     child: Child,
     log: PathBuf,
     ifname: String,
+    stopped: bool,
 }
 
 impl Daemon {
@@ -249,6 +262,7 @@ impl Daemon {
             child,
             log,
             ifname: ifname.to_string(),
+            stopped: false,
         };
         let sock = d.socket();
         wait_for(
@@ -273,8 +287,13 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
+impl Daemon {
+    /// Stops the daemon (SIGTERM, then SIGKILL after 3 s) and removes its socket; once.
+    fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -289,6 +308,21 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(self.socket());
+        // libfaketime's shared memory, if the daemon ran under it (scenario 38) and did not
+        // remove it itself.
+        let pid = self.child.id();
+        for f in [
+            format!("/dev/shm/faketime_shm_{pid}"),
+            format!("/dev/shm/sem.faketime_sem_{pid}"),
+        ] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
         if std::thread::panicking() {
             eprintln!(
                 "--- log of {} ---\n{}",
@@ -316,6 +350,13 @@ enum Side {
     B,
 }
 
+fn other(side: Side) -> Side {
+    match side {
+        Side::A => Side::B,
+        Side::B => Side::A,
+    }
+}
+
 /// veil-wg in namespace A and the other implementation in namespace B, peered with a PSK.
 /// Fields drop in order: the daemons first, then the namespaces, then the files.
 struct Pair {
@@ -340,6 +381,11 @@ impl Pair {
     /// Both daemons with their tunnel devices up and addressed, not yet peered: no packet
     /// crosses until `peer`.
     fn create(imp: Impl) -> Pair {
+        Pair::create_with(imp, &[])
+    }
+
+    /// `create`, with `env` added to the other side's environment.
+    fn create_with(imp: Impl, env: &[(&str, &str)]) -> Pair {
         require_lab_environment();
         let id = unique_name();
         let dir = TempDir(std::env::temp_dir().join(format!("veil-interop-{id}")));
@@ -375,7 +421,7 @@ impl Pair {
             &if_a,
             dir.0.join("veil-wg.log"),
         );
-        let other = imp.start(&b, &if_b, dir.0.join(format!("{}.log", imp.name())));
+        let other = imp.start(&b, &if_b, dir.0.join(format!("{}-b.log", imp.name())), env);
         let key = |name: &str| {
             let k = run_ok(&["wg", "genkey"]);
             let path = dir.0.join(name);
@@ -402,14 +448,26 @@ impl Pair {
             pub_b,
             dir,
         };
-        for (ns, ifname, ip) in [
-            (&pair.a, &pair.veil.ifname, TUN_A),
-            (&pair.b, &pair.other.ifname, TUN_B),
-        ] {
-            ns.ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", ifname]);
-            ns.ok(&["ip", "link", "set", ifname, "up"]);
-        }
+        pair.address(Side::A);
+        pair.address(Side::B);
         pair
+    }
+
+    /// Addresses a side's tunnel device and sets it up.
+    fn address(&self, side: Side) {
+        let (ip, ifname) = (Self::other_tunnel_ip(other(side)), self.ifname(side));
+        let ns = self.ns(side);
+        ns.ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", ifname]);
+        ns.ok(&["ip", "link", "set", ifname, "up"]);
+    }
+
+    /// Stops the other side's daemon and starts it again with `env` added (its tunnel device
+    /// made again and addressed, not yet configured); its log goes to `log`.
+    fn restart_other(&mut self, env: &[(&str, &str)], log: &str) {
+        self.other.stop();
+        let ifname = self.other.ifname.clone();
+        self.other = self.imp.start(&self.b, &ifname, self.dir.0.join(log), env);
+        self.address(Side::B);
     }
 
     /// The other side first: veil-wg starts a handshake as soon as its peer is set, and that
@@ -513,6 +571,7 @@ impl Pair {
         }
     }
 
+    /// The tunnel address of the side `side` talks to.
     fn other_tunnel_ip(side: Side) -> &'static str {
         match side {
             Side::A => TUN_B,
@@ -942,31 +1001,7 @@ fn replayed_packets_dropped_and_counted(imp: Impl) {
         assert!(pair.b.ping(TUN_A), "ping from {}", imp.name());
     }
     let delivered = pair.a.rx_packets(pair.ifname(Side::A));
-    let replay_before = veil_drops(&pair, "replay");
-    let answers = Capture::start(
-        &pair.a,
-        &pair.dir.0,
-        "to-b.pcap",
-        &format!("udp and src host {UNDER_A}"),
-    );
-    inject(&pair.b, vec![data.ip.clone(), init.ip.clone()]);
-    wait_for(
-        "veil-wg to count 2 replays in its log",
-        Duration::from_secs(5),
-        || (veil_drops(&pair, "replay") >= replay_before + 2).then_some(()),
-    );
-    let sent = answers.finish();
-    assert_eq!(
-        pair.a.rx_packets(pair.ifname(Side::A)),
-        delivered,
-        "a replayed packet reached veil-wg's TUN device"
-    );
-    assert!(
-        !sent.iter().any(|p| p.msg_type() == 2),
-        "veil-wg answered the replayed initiation: {} handshake responses",
-        sent.iter().filter(|p| p.msg_type() == 2).count()
-    );
-    assert_eq!(veil_drops(&pair, "replay"), replay_before + 2);
+    let (replay_before, _) = assert_replays_refused(&pair, vec![data.ip.clone(), init.ip.clone()]);
     // The session survived the replays.
     pair.wait_ping(Side::B, Duration::from_secs(2));
     pair.wait_ping(Side::A, Duration::from_secs(2));
@@ -977,6 +1012,72 @@ fn replayed_packets_dropped_and_counted(imp: Impl) {
         imp.name(),
         replay_before,
         replay_before + 2
+    );
+}
+
+/// Re-injects `packets` (whole IPv4 packets of the other side's, from its address) at veil-wg
+/// and checks it refuses every one as a replay: nothing more reaches its TUN device, it sends no
+/// handshake response, and its `replay` counter grows by exactly their number. Returns the
+/// counter before, and what veil-wg sent meanwhile.
+fn assert_replays_refused(pair: &Pair, packets: Vec<Vec<u8>>) -> (u64, Vec<WgPacket>) {
+    let n = packets.len() as u64;
+    let delivered = pair.a.rx_packets(pair.ifname(Side::A));
+    let replay_before = veil_drops(pair, "replay");
+    let answers = Capture::start(
+        &pair.a,
+        &pair.dir.0,
+        "from-veil-wg.pcap",
+        &format!("udp and src host {UNDER_A}"),
+    );
+    inject(&pair.b, packets);
+    // Not `wait_for`: when the counter never moves, what veil-wg sent says why.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while veil_drops(pair, "replay") < replay_before + n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = answers.finish();
+    assert_eq!(
+        pair.a.rx_packets(pair.ifname(Side::A)),
+        delivered,
+        "a replayed packet reached veil-wg's TUN device"
+    );
+    assert!(
+        !sent.iter().any(|p| p.msg_type() == 2),
+        "veil-wg answered a replayed initiation: {} handshake responses",
+        sent.iter().filter(|p| p.msg_type() == 2).count()
+    );
+    assert_eq!(veil_drops(pair, "replay"), replay_before + n);
+    (replay_before, sent)
+}
+
+/// A handshake initiation captured before a PSK change and re-injected after it is still a
+/// replay. A PSK change gives veil-wg's peer new noise state (make before break) whose own
+/// memory of timestamps starts empty; the newest initiation timestamp seen from the peer has to
+/// outlive it, as it does in the kernel and wireguard-go, or the old initiation is answered.
+fn initiation_replayed_after_a_psk_change(imp: Impl) {
+    let pair = Pair::create(imp);
+    let cap = pair.capture_to_veil_wg("from-b.pcap");
+    pair.peer_other_first();
+    pair.wait_ping(Side::B, Duration::from_secs(10));
+    let init = cap
+        .finish()
+        .into_iter()
+        .find(|p| p.msg_type() == 1)
+        .unwrap_or_else(|| panic!("{}'s handshake initiation captured", imp.name()));
+    std::fs::write(pair.dir.0.join("psk2"), run_ok(&["wg", "genpsk"])).expect("psk2");
+    // The other side first: veil-wg's new noise state completes the handshake it starts at
+    // once, as the initiator, and has been sent no initiation when the old one comes back.
+    pair.change_psk(Side::B, "psk2");
+    pair.change_psk(Side::A, "psk2");
+    let back = pair.wait_ping(Side::A, Duration::from_secs(10));
+    let (before, _) = assert_replays_refused(&pair, vec![init.ip]);
+    pair.wait_ping(Side::A, Duration::from_secs(5));
+    pair.wait_ping(Side::B, Duration::from_secs(5));
+    println!(
+        "new PSK on both sides, ping back after {back:?}; {}'s first initiation re-injected: \
+         refused, replay counter {before} -> {}, no answer",
+        imp.name(),
+        before + 1
     );
 }
 
@@ -1377,6 +1478,11 @@ macro_rules! interop_tests {
             }
 
             #[test]
+            fn an_initiation_replayed_after_a_psk_change_is_still_refused() {
+                initiation_replayed_after_a_psk_change($imp);
+            }
+
+            #[test]
             fn reordered_data_inside_the_window_is_delivered() {
                 reordered_packets_inside_the_window_are_delivered($imp);
             }
@@ -1393,6 +1499,121 @@ interop_tests!(
     wireguard_go => Impl::WireguardGo,
     boringtun_cli => Impl::BoringtunCli,
 );
+
+/// libfaketime's preloadable library (Debian package `libfaketime`, which `scripts/setup.sh`
+/// installs with `faketime`); a missing one fails the test.
+fn libfaketime() -> PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "libfaketimeMT.so.1 not found under /usr/lib/*/faketime: scripts/setup.sh \
+                 installs the Debian package faketime"
+            )
+        })
+}
+
+/// Scenario 38: the initiator's clock goes back 10 minutes. Two veil-wgs; B's runs under
+/// libfaketime, whose wall clock (`CLOCK_REALTIME`) follows a file while its monotonic clocks
+/// stay true, as when a clock is stepped back by hand or by NTP.
+///
+/// veil-wg stamps an initiation with the wall clock read when the peer's noise state was made
+/// plus the monotonic time since, so a jump alone changes nothing in a running veil-wg. One
+/// started after the jump stamps from the jumped clock: its initiations are older than the
+/// newest one its peer accepted, and the protocol refuses them (a replay and a clock set back
+/// look the same). Kernel WireGuard and wireguard-go then wait until the side with the good
+/// clock initiates for reasons of its own, or until the clock passes the old stamps (10 min
+/// here). veil-wg, refusing such an initiation, starts a handshake of its own to the peer's
+/// endpoint: B has a session again after about a round trip. Replays stay refused: B's
+/// initiation from before the jump and B's stale one, re-injected afterwards, are both counted
+/// `replay` and answered with nothing. Seen failing with that handshake not sent (B's ping not
+/// back within 10 s).
+#[test]
+fn clock_set_back_on_the_initiator_recovers_and_replays_stay_refused() {
+    let clock_dir = TempDir(std::env::temp_dir().join(format!("veil-clock-{}", unique_name())));
+    std::fs::create_dir_all(&clock_dir.0).expect("clock dir");
+    let clock = clock_dir.0.join("clock");
+    std::fs::write(&clock, "+0\n").expect("clock file");
+    let (lib, clock_path) = (libfaketime(), clock.display().to_string());
+    let env = [
+        ("LD_PRELOAD", lib.to_str().unwrap()),
+        ("FAKETIME_TIMESTAMP_FILE", clock_path.as_str()),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let mut pair = Pair::create_with(Impl::VeilWg, &env);
+    let cap = pair.capture_to_veil_wg("before.pcap");
+    pair.peer_other_first();
+    pair.wait_ping(Side::B, Duration::from_secs(10));
+    let before_jump = cap
+        .finish()
+        .into_iter()
+        .find(|p| p.msg_type() == 1)
+        .expect("B's first initiation captured");
+
+    // B's wall clock goes back 10 minutes, and B's veil-wg starts again under it.
+    std::fs::write(&clock, "-10m\n").expect("set the clock back");
+    let to_a = pair.capture_to_veil_wg("after.pcap");
+    let from_a = Capture::start(
+        &pair.a,
+        &pair.dir.0,
+        "from-a.pcap",
+        &format!("udp and src host {UNDER_A}"),
+    );
+    let replays = veil_drops(&pair, "replay");
+    pair.restart_other(&env, "veil-wg-b-restarted.log");
+    pair.configure(Side::B, "psk");
+    let back_b = pair.wait_ping(Side::B, Duration::from_secs(10));
+    let back_a = pair.wait_ping(Side::A, Duration::from_secs(5));
+    wait_for(
+        "A to count B's stale initiation as a replay",
+        Duration::from_secs(5),
+        || (veil_drops(&pair, "replay") > replays).then_some(()),
+    );
+    let stale = to_a
+        .finish()
+        .into_iter()
+        .find(|p| p.msg_type() == 1)
+        .expect("B's initiation after the restart captured");
+    let sent = from_a.finish();
+    assert!(
+        sent.iter()
+            .any(|p| p.msg_type() == 1 && p.dst.to_string() == UNDER_B),
+        "A did not start a handshake to B"
+    );
+    assert!(
+        !sent.iter().any(|p| p.msg_type() == 2),
+        "A answered a stale initiation"
+    );
+    // B's clock did go back: its own record of the new handshake is 10 minutes old.
+    let b_handshake: u64 = pair
+        .wg_show(Side::B, "latest-handshakes", &pair.pub_a)
+        .expect("B lists A")[0]
+        .parse()
+        .expect("a number");
+    let behind = unix_now().saturating_sub(b_handshake);
+    assert!(
+        (590..=610).contains(&behind),
+        "B's handshake time is {behind} s behind, not about 600"
+    );
+    let stale_replays = veil_drops(&pair, "replay") - replays;
+
+    let (before, _) = assert_replays_refused(&pair, vec![before_jump.ip, stale.ip]);
+    pair.wait_ping(Side::B, Duration::from_secs(5));
+    pair.wait_ping(Side::A, Duration::from_secs(5));
+    pair.tcp_transfer(Side::B, 1 << 20);
+    println!(
+        "B's clock {behind} s back, B's veil-wg restarted: {stale_replays} stale initiation(s) \
+         refused, A initiated, ping B->A back after {back_b:?}, A->B after {back_a:?}; B's \
+         initiation from before the jump and its stale one re-injected: refused, replay {before} \
+         -> {}, no answer",
+        before + 2
+    );
+}
 
 /// Scenario 31 (netns.sh D8): a peer whose public key is a low-order point (all zeros here) is
 /// accepted and listed, like the kernel and wireguard-go accept it, but nothing is ever sent to

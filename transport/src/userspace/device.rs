@@ -25,6 +25,9 @@ use boringtun::{
     x25519,
 };
 
+use zeroize::Zeroizing;
+
+use super::initiation::Tai64n;
 use crate::{
     allowed_ips::AllowedIps,
     tunnel::{DeviceState, PeerConfig, PeerState},
@@ -91,6 +94,11 @@ pub struct PeerNoise {
     pub retiring: Option<(Noise, Instant)>,
     /// When `current` first had a session (for retiring its predecessor).
     pub current_up_since: Option<Instant>,
+    /// The newest initiation timestamp accepted from the peer, kept across `Tunn` replacements
+    /// (see [`super::initiation`]).
+    pub latest_initiation: Tai64n,
+    /// When this side last started a handshake because the peer sent a stale initiation.
+    pub initiated_after_stale: Option<Instant>,
 }
 
 impl PeerNoise {
@@ -142,6 +150,8 @@ impl PeerNoise {
 
 pub struct Peer {
     pub public_key: PublicKey,
+    /// Diffie-Hellman of the device's static key with the peer's (reads initiation timestamps).
+    pub static_shared: Zeroizing<[u8; 32]>,
     pub endpoint: Mutex<Option<SocketAddr>>,
     pub noise: Mutex<PeerNoise>,
     /// Data bytes (plaintext) sent and received, across `Tunn` replacements.
@@ -335,13 +345,17 @@ impl Device {
                             initiations.push((ep, d.to_vec()));
                         }
                     }
+                    let peer_public = x25519::PublicKey::from(*pc.public_key.as_bytes());
                     Arc::new(Peer {
                         public_key: pc.public_key,
+                        static_shared: Zeroizing::new(sk.diffie_hellman(&peer_public).to_bytes()),
                         endpoint: Mutex::new(pc.endpoint),
                         noise: Mutex::new(PeerNoise {
                             current: noise,
                             retiring: None,
                             current_up_since: None,
+                            latest_initiation: Tai64n::default(),
+                            initiated_after_stale: None,
                         }),
                         tx_bytes: AtomicU64::new(0),
                         rx_bytes: AtomicU64::new(0),

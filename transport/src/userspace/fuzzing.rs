@@ -345,6 +345,74 @@ mod tests {
         assert_eq!(endpoints, [Some(h.endpoint)], "the endpoint moved");
     }
 
+    /// A new initiation from the peer's `Tunn` (a new timestamp).
+    fn initiation(h: &mut Harness) -> Vec<u8> {
+        match h.peer.format_handshake_initiation(&mut h.out, true) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        }
+    }
+
+    fn replays(h: &Harness) -> u64 {
+        h.device
+            .drops
+            .replay
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A PSK change gives the peer a new `Tunn` whose own memory of timestamps is empty; an
+    /// initiation the old one answered is still a replay after it. Seen failing with the
+    /// device's per-peer timestamp check removed (the new `Tunn` answered).
+    #[test]
+    fn an_initiation_replayed_after_a_psk_change_gets_no_answer() {
+        let mut h = Harness::new();
+        let old = initiation(&mut h);
+        h.feed(&old, 0, old.len());
+        assert_eq!(h.replies.0.borrow()[0].1[0], 2, "the first one is answered");
+        let text = format!(
+            "set=1\npublic_key={}\npreshared_key={}\n",
+            PrivateKey::from_bytes(PEER_KEY).public_key().to_hex(),
+            "ab".repeat(32)
+        );
+        let uapi::Request::Set(req) = uapi::parse_request(&text).expect("uapi set") else {
+            unreachable!("a set request")
+        };
+        h.device.apply(&req);
+        let before = replays(&h);
+        h.feed(&old, 0, old.len());
+        let answers = h
+            .replies
+            .0
+            .borrow()
+            .iter()
+            .filter(|(_, d)| d[0] == 2)
+            .count();
+        assert_eq!(answers, 0, "the replayed initiation was answered");
+        assert_eq!(replays(&h), before + 1);
+    }
+
+    /// A stale initiation (a replay, or a peer whose clock went back) gets no answer; the device
+    /// starts a handshake of its own to the peer's endpoint instead, not to the stale message's
+    /// source, and once per 5 s at most. Seen failing with `initiate_after_stale` disabled.
+    #[test]
+    fn a_stale_initiation_makes_the_device_initiate_once_to_the_peer_endpoint() {
+        let mut h = Harness::new();
+        let older = initiation(&mut h);
+        let newer = initiation(&mut h);
+        h.feed(&newer, 0, newer.len());
+        assert_eq!(h.replies.0.borrow().len(), 1, "the newer one is answered");
+        let elsewhere = SocketAddr::from(([198, 18, 0, 66], 40000));
+        let before = replays(&h);
+        h.feed_from(&older, 0, older.len(), elsewhere);
+        let sent = h.replies.0.borrow().clone();
+        assert_eq!(sent.len(), 1, "one datagram: the device's own initiation");
+        assert_eq!((sent[0].0, sent[0].1[0]), (h.endpoint, 1));
+        h.feed_from(&older, 0, older.len(), elsewhere);
+        assert!(h.replies.0.borrow().is_empty(), "a second one within 5 s");
+        assert_eq!(replays(&h), before + 2);
+        h.assert_alive();
+    }
+
     #[test]
     fn authentic_packets_are_delivered() {
         let mut h = Harness::new();

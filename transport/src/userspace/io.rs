@@ -21,15 +21,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use boringtun::noise::{
-    errors::WireGuardError, handshake::parse_handshake_anon, Packet, Tunn, TunnResult,
-};
+use boringtun::noise::{errors::WireGuardError, Packet, Tunn, TunnResult};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::{
-    device::{Device, Drops, Peer},
+    device::{Device, Drops, Peer, PeerNoise},
     gro::Coalescer,
+    initiation::Opened,
 };
 use crate::uapi::{self, Request};
 
@@ -905,36 +904,37 @@ fn handle_control<R: Reply>(
         device.drops.rate_limited.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let (peer, index) = match &packet {
-        Packet::HandshakeInit(init) => {
+    // An initiation carries no index: its peer is the sender of the static key inside, and its
+    // timestamp is read here so the peer's newest one outlives a `Tunn` replacement.
+    let (peer, index, stamp) = match &packet {
+        Packet::HandshakeInit(_) => {
             let (Some(sk), Some(pk)) = (&routing.static_private, &routing.static_public) else {
                 return;
             };
-            let Ok(half) = parse_handshake_anon(sk, pk, init) else {
+            let Some(opened) = Opened::new(sk, pk, datagram) else {
                 device.drops.decrypt.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            match routing
-                .by_key
-                .get(&crate::PublicKey(half.peer_static_public))
-            {
-                Some(p) => (p.clone(), None),
-                None => {
-                    device.drops.no_peer.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            }
+            let Some(p) = routing.by_key.get(&crate::PublicKey(opened.peer_static)) else {
+                device.drops.no_peer.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let Some(stamp) = opened.timestamp(&p.static_shared, datagram) else {
+                device.drops.decrypt.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            (p.clone(), None, Some(stamp))
         }
         Packet::HandshakeResponse(r) => match routing.by_index.get(&(r.receiver_idx >> 8)) {
-            Some(p) => (p.clone(), Some(r.receiver_idx >> 8)),
+            Some(p) => (p.clone(), Some(r.receiver_idx >> 8), None),
             None => return,
         },
         Packet::PacketCookieReply(c) => match routing.by_index.get(&(c.receiver_idx >> 8)) {
-            Some(p) => (p.clone(), Some(c.receiver_idx >> 8)),
+            Some(p) => (p.clone(), Some(c.receiver_idx >> 8), None),
             None => return,
         },
         Packet::PacketData(d) => match routing.by_index.get(&(d.receiver_idx >> 8)) {
-            Some(p) => (p.clone(), Some(d.receiver_idx >> 8)),
+            Some(p) => (p.clone(), Some(d.receiver_idx >> 8), None),
             None => {
                 device.drops.no_peer.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -942,6 +942,12 @@ fn handle_control<R: Reply>(
         },
     };
     let mut noise = peer.noise.lock().expect("noise lock");
+    if stamp.is_some_and(|s| s <= noise.latest_initiation) {
+        device.drops.replay.fetch_add(1, Ordering::Relaxed);
+        initiate_after_stale(&peer, &mut noise, udp, Instant::now());
+        return;
+    }
+    let mut accepted_initiation = false;
     let tunn = match index {
         // A handshake initiation always goes to the current Tunn (the newest keys).
         None => &mut noise.current.tunn,
@@ -959,6 +965,7 @@ fn handle_control<R: Reply>(
             // to itself. The endpoint moves on packets of a completed session (which prove
             // the PSK too): the response below (`Done`) or authenticated data (`RxPeer`).
             udp.reply(from, reply);
+            accepted_initiation = index.is_none();
             // Flush packets queued while the handshake was in flight.
             while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut buf) {
                 udp.reply(from, d);
@@ -969,7 +976,43 @@ fn handle_control<R: Reply>(
         TunnResult::Err(e) => count_error(device, &e),
         _ => {}
     }
+    if let (true, Some(s)) = (accepted_initiation, stamp) {
+        noise.latest_initiation = s;
+    }
     peer.note_handshake(&noise.current.tunn);
+}
+
+/// How often at most a stale initiation makes this side start a handshake (REKEY_TIMEOUT).
+const INITIATE_AFTER_STALE_EVERY: Duration = Duration::from_secs(5);
+
+/// An authentic initiation whose timestamp is not newer than the peer's newest is a replay, or
+/// its sender's clock went back (a peer restarted after its clock was set back stamps from that
+/// clock, and the protocol refuses it until its clock passes the old timestamps again, minutes
+/// to hours). It gets no answer either way. Instead this side starts a handshake of its own,
+/// to the peer's authenticated endpoint (never to where the stale message came from), at most
+/// once per [`INITIATE_AFTER_STALE_EVERY`]: a peer whose clock went back has a session again
+/// after one round trip, and a replay buys its sender one handshake every 5 s between the two
+/// real peers. The kernel and wireguard-go do not do this; they recover only when the side
+/// with the good clock initiates for reasons of its own.
+fn initiate_after_stale<R: Reply>(peer: &Peer, noise: &mut PeerNoise, udp: &R, now: Instant) {
+    if noise
+        .initiated_after_stale
+        .is_some_and(|t| now.duration_since(t) < INITIATE_AFTER_STALE_EVERY)
+    {
+        return;
+    }
+    let Some(endpoint) = peer.endpoint() else {
+        return;
+    };
+    noise.initiated_after_stale = Some(now);
+    let mut buf = [0u8; 256];
+    if let TunnResult::WriteToNetwork(d) = noise
+        .current
+        .tunn
+        .format_handshake_initiation(&mut buf, false)
+    {
+        udp.reply(endpoint, d);
+    }
 }
 
 /// Counts a packet boringtun refused: a replay (a data counter already seen, an initiation with

@@ -7,6 +7,7 @@ pub mod device;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gro;
+pub mod initiation;
 pub mod io;
 pub mod limiter;
 
