@@ -6,8 +6,11 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     os::fd::AsFd as _,
+    path::Path,
     time::{Duration, Instant},
 };
+
+use veil_common::maps::{AuthEntry, AuthKey};
 
 use veil_tests::{
     assert_all_echoed, assert_no_drops, missing, push_changed, sample_for, serial_of, veil_ok, Lab,
@@ -704,4 +707,148 @@ fn static_key_rotation_under_load_recovers_and_is_measured() {
     let b = lab.status("node-b");
     let keys_b: Vec<&str> = b.peers.iter().map(|p| p.public_key.as_str()).collect();
     assert_eq!(keys_b, vec![current.as_str()]);
+}
+
+/// backend admits intruder on 8080 with mutual authentication: a second pair for the auth map.
+const INTRUDER_AUTH_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: backend-from-intruder
+  namespace: shop
+spec:
+  endpointSelector:
+    matchLabels:
+      app: backend
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: intruder
+    authentication:
+      mode: required
+    toPorts:
+    - ports:
+      - port: "8080"
+        protocol: TCP
+"#;
+
+/// A node's pinned auth map, opened beside the agent (its one writer in production).
+fn pinned_auth_map(
+    lab: &Lab,
+    node: &str,
+) -> aya::maps::HashMap<aya::maps::MapData, AuthKey, AuthEntry> {
+    let pin = Path::new(&lab.node(node).pin_dir).join(veil_common::maps::AUTH);
+    let data = aya::maps::MapData::from_pin(&pin)
+        .unwrap_or_else(|e| panic!("open {}: {e}", pin.display()));
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("VEIL_AUTH is a hash map")
+}
+
+/// A key no pair of the lab has (identities far above any the lab allocates, an unknown node).
+fn filler(i: u32) -> AuthKey {
+    AuthKey {
+        local_identity: 0x7000_0000 + i,
+        remote_identity: 0x7000_0000 + i,
+        remote_node: 0xffff,
+        _pad: 0,
+    }
+}
+
+/// Scenario 34, the auth map: node-b's map filled to its capacity (65,536) from outside while
+/// frontend → backend is authenticated. A new pair (intruder → backend, allowed with
+/// authentication by a second policy) cannot get its entry: intruder stays refused (fail
+/// closed), the pair shows `auth-map-full` in `veil status` and the metrics, the agent logs it
+/// once (not per retry), and frontend keeps working. With 100 fillers removed, intruder's pair
+/// gets its entry at the next retry of its backoff and intruder is admitted.
+#[test]
+fn a_full_auth_map_keeps_new_pairs_out_and_old_ones_working() {
+    let lab = Lab::up_with_auth_policy(ECHO_LAB, &[]);
+    let mut map = pinned_auth_map(&lab, "node-b");
+    let cap = veil_common::maps::AUTH_MAX;
+    let expires_boot_ns = u64::MAX;
+    let mut filled = 0u32;
+    for i in 0..cap {
+        match map.insert(filler(i), AuthEntry { expires_boot_ns }, 0) {
+            Ok(()) => filled += 1,
+            // E2BIG: full (the lab's own entries took the rest).
+            Err(_) => break,
+        }
+    }
+    let fill = |st: &Status| {
+        st.maps
+            .iter()
+            .find(|m| m.name == veil_common::maps::AUTH)
+            .map(|m| (m.entries, m.capacity))
+            .expect("VEIL_AUTH in status")
+    };
+    assert_eq!(fill(&lab.status("node-b")), (cap as usize, cap));
+
+    lab.apply_policy_ok(INTRUDER_AUTH_POLICY);
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let pair = lab.wait_for(
+        "node-b's intruder pair to fail auth-map-full",
+        Duration::from_secs(15),
+        || {
+            auth_pairs_with(&lab.status("node-b"), "app=intruder")
+                .into_iter()
+                .find(|p| p.last_result.as_deref() == Some("auth-map-full"))
+        },
+    );
+    // Several refused attempts, each a fresh connection, over more than one retry.
+    let t0 = Instant::now();
+    let mut refused = 0;
+    while t0.elapsed() < Duration::from_secs(4) {
+        assert!(
+            lab.try_get("intruder", &url).is_err(),
+            "intruder got in with the auth map full"
+        );
+        refused += 1;
+    }
+    assert_eq!(
+        lab.try_get("frontend", &url).unwrap(),
+        "hello from shop/backend\n",
+        "frontend's existing pair stopped working"
+    );
+    let metrics = lab.metrics("node-b");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("veil_auth_failures_total{reason=\"auth-map-full\"}")),
+        "no auth-map-full failures in node-b's metrics"
+    );
+    let log = std::fs::read_to_string(&lab.node("node-b").agent_log).expect("node-b's agent log");
+    let warned = log.matches("auth map refused an entry").count();
+    let failures = lab
+        .status("node-b")
+        .auth_failures
+        .get("auth-map-full")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(
+        warned, 1,
+        "logged {warned} times for {failures} refused writes"
+    );
+
+    // Room again: the next retry writes the entry.
+    for i in 0..100 {
+        map.remove(&filler(i)).expect("remove a filler");
+    }
+    let freed = Instant::now();
+    lab.wait_for("intruder to be admitted", Duration::from_secs(45), || {
+        lab.try_get("intruder", &url).ok()
+    });
+    let admitted = freed.elapsed();
+    let log = std::fs::read_to_string(&lab.node("node-b").agent_log).expect("node-b's agent log");
+    assert!(
+        log.contains("auth map takes entries again"),
+        "no recovery line in the log"
+    );
+    for i in 100..filled {
+        let _ = map.remove(&filler(i));
+    }
+    println!(
+        "node-b's auth map filled with {filled} entries to {cap}: intruder's pair failed \
+         auth-map-full ({failures} refused writes, 1 log line, first result {:?}), {refused} \
+         connections refused, frontend still served; 100 entries freed: intruder admitted \
+         {admitted:?} later",
+        pair.last_result
+    );
 }

@@ -316,15 +316,27 @@ impl AuthTable {
         }
     }
 
-    /// A flow missed its entry: authenticate now, whatever the deferral.
+    /// A flow missed its entry: authenticate now, whatever the deferral. Not while a full
+    /// auth map holds the triple back: every packet of a refused flow would otherwise buy a
+    /// handshake the map refuses again; the backoff's retry stands.
     pub fn request_now(&mut self, t: AuthTriple, now: Instant) {
         let s = self.state_mut(t);
         s.desired = true;
         s.collect_at = Moment::NONE;
-        if s.entry.is_none() && !s.in_flight {
+        let map_full = s.last_result == Some(Err(AuthFailure::AuthMapFull))
+            && s.next_attempt.get().is_some_and(|a| a > now);
+        if s.entry.is_none() && !s.in_flight && !map_full {
             s.next_attempt = Moment::at(now);
         }
         self.settle(t);
+    }
+
+    /// The auth map refused the entry this table asked to write (it is full): the table
+    /// forgets the entry, so nothing here claims the pair admitted, and a desired triple is
+    /// retried with backoff like a failed handshake.
+    pub fn on_write_failed(&mut self, t: AuthTriple, now: Instant, jitter: f64) {
+        self.delete_entry(t);
+        self.on_failed(t, AuthFailure::AuthMapFull, now, jitter);
     }
 
     /// A local workload's SVID rotated: re-authenticate its live pairs now (also those only the
@@ -736,6 +748,36 @@ mod tests {
     /// A fixed wall clock: lifetimes are then exact, whatever the paused tokio clock says.
     fn sys0() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    /// A full auth map refused a desired triple's entry: the table forgets it (the status shows
+    /// no entry and `auth-map-full`), flow misses do not buy handshakes during the backoff, and
+    /// the backoff's retry comes. Seen failing with `request_now` ignoring the backoff.
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_the_map_refused_is_forgotten_and_retried_with_backoff() {
+        let mut table = AuthTable::new(EntriesConfig::default(), A);
+        let tr = t(300, 301, B);
+        table.set_desired([tr], now());
+        assert_eq!(table.poll(now()), [Action::Start(tr)]);
+        table.on_authenticated(&auth(tr, Duration::from_secs(60)), now(), now(), sys0());
+        assert!(matches!(
+            table.poll(now()).as_slice(),
+            [Action::Write { .. }]
+        ));
+        table.on_write_failed(tr, now(), 0.0);
+        let st = table.status(&tr).unwrap();
+        assert_eq!(st.entry, None);
+        assert_eq!(st.last_result, Some(Err(AuthFailure::AuthMapFull)));
+        assert_eq!(table.poll(now()), [Action::Delete(tr)]);
+        assert_eq!(table.counts().authenticated, 0);
+        // Misses of the refused flow during the backoff start nothing.
+        for _ in 0..5 {
+            table.request_now(tr, now());
+            assert_eq!(table.poll(now()), []);
+        }
+        let t0 = now();
+        assert_eq!(step(&mut table).await, [Action::Start(tr)]);
+        assert_eq!(now() - t0, EntriesConfig::default().retry_min);
     }
 
     #[tokio::test(start_paused = true)]

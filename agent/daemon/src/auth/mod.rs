@@ -135,6 +135,9 @@ pub enum AuthFailure {
     /// The handshake completed, but an SVID it proved was revoked while it was in flight: the
     /// result is discarded, so a revocation is never undone by a late handshake result.
     Revoked,
+    /// The handshake completed, but this node's auth map refused the entry (full): the pair
+    /// stays refused and is retried with backoff. Local: never sent to a peer.
+    AuthMapFull,
 }
 
 impl AuthFailure {
@@ -148,10 +151,11 @@ impl AuthFailure {
                 | Self::ProtocolError
                 | Self::RateLimited
                 | Self::UnpublishedWgKey
+                | Self::AuthMapFull
         )
     }
 
-    pub const ALL: [AuthFailure; 14] = [
+    pub const ALL: [AuthFailure; 15] = [
         Self::WrongTrustDomain,
         Self::WrongSpiffeId,
         Self::ExpiredSvid,
@@ -166,6 +170,7 @@ impl AuthFailure {
         Self::RateLimited,
         Self::Revoked,
         Self::UnpublishedWgKey,
+        Self::AuthMapFull,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -184,6 +189,7 @@ impl AuthFailure {
             Self::RateLimited => "rate-limited",
             Self::Revoked => "revoked",
             Self::UnpublishedWgKey => "unpublished-wg-key",
+            Self::AuthMapFull => "auth-map-full",
         }
     }
 
@@ -204,6 +210,7 @@ impl AuthFailure {
             Self::RateLimited => 12,
             Self::Revoked => 13,
             Self::UnpublishedWgKey => 14,
+            Self::AuthMapFull => 15,
         }
     }
 

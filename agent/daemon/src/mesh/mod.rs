@@ -141,6 +141,9 @@ pub struct Mesh {
     /// Published node keys as this turn's cluster state has them (handshakes that claim a key
     /// not read yet wait on it: `auth::channel::await_publication`).
     published_tx: watch::Sender<PublishedKeys>,
+    /// Auth entries the map refused since its last accepted write (logged when it starts and
+    /// when it ends, not per entry).
+    auth_writes_refused: u64,
 }
 
 /// Handles the daemon keeps.
@@ -217,6 +220,7 @@ impl Mesh {
             authed: BTreeSet::new(),
             authed_tx,
             published_tx,
+            auth_writes_refused: 0,
         };
         (
             mesh,
@@ -368,7 +372,7 @@ impl Mesh {
             });
             let can_dial = self.deps.creds.svid().is_some();
             effects.extend(state.poll(&peers, can_dial, desired, now));
-            self.apply(effects, &dial_tx, &result_tx);
+            self.apply(effects, &mut state, &dial_tx, &result_tx);
             let _ = self.keys_tx.send_if_modified(|k| {
                 if k != state.keys() {
                     *k = state.keys().clone();
@@ -435,7 +439,7 @@ impl Mesh {
                         SystemTime::now(),
                         rand::random(),
                     );
-                    self.apply(fx, &dial_tx, &result_tx);
+                    self.apply(fx, &mut state, &dial_tx, &result_tx);
                 }
                 Some(ev) = self.events_rx.recv() => match ev {
                     ChannelEvent::Established { channel, keys: nk } => {
@@ -448,7 +452,7 @@ impl Mesh {
                             Instant::now(),
                             SystemTime::now(),
                         );
-                        self.apply(fx, &dial_tx, &result_tx);
+                        self.apply(fx, &mut state, &dial_tx, &result_tx);
                     }
                     ChannelEvent::Inbound { result, triple, at, .. } => {
                         state.on_inbound(result, triple, at, Instant::now(), SystemTime::now());
@@ -480,6 +484,7 @@ impl Mesh {
     fn apply(
         &mut self,
         effects: Vec<Effect<Channel>>,
+        state: &mut MeshState<Channel>,
         dials: &mpsc::Sender<DialOutcome>,
         results: &mpsc::Sender<HandshakeResult>,
     ) {
@@ -525,9 +530,29 @@ impl Mesh {
                     let now = Instant::now();
                     let boot = entries::boot_ns_at(expires_at, now, entries::boot_time_ns());
                     if let Err(e) = self.auth_map.write(triple.to_key(), boot) {
-                        tracing::warn!(?triple, error = %crate::error_chain(&e), "cannot write auth entry");
-                    } else if self.authed.insert(triple) {
-                        let _ = self.authed_tx.send(self.authed.clone());
+                        // Fail closed: the pair stays without an entry (its packets drop as
+                        // `auth-required`), fails `auth-map-full` and is retried with backoff.
+                        if self.auth_writes_refused == 0 {
+                            tracing::warn!(
+                                ?triple,
+                                capacity = veil_common::maps::AUTH_MAX,
+                                error = %crate::error_chain(&e),
+                                "auth map refused an entry (full?): new authenticated pairs stay refused until entries free up"
+                            );
+                        }
+                        self.auth_writes_refused += 1;
+                        state.on_auth_write_failed(triple, now, rand::random());
+                    } else {
+                        if self.auth_writes_refused > 0 {
+                            tracing::info!(
+                                refused = self.auth_writes_refused,
+                                "auth map takes entries again"
+                            );
+                            self.auth_writes_refused = 0;
+                        }
+                        if self.authed.insert(triple) {
+                            let _ = self.authed_tx.send(self.authed.clone());
+                        }
                     }
                 }
                 Effect::DeleteAuth(triple) => {

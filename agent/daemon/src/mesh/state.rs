@@ -467,6 +467,14 @@ impl<C: PeerChannel> MeshState<C> {
         }
     }
 
+    /// The auth map refused a triple's entry (full): the pair fails `auth-map-full` and is
+    /// retried with backoff.
+    pub fn on_auth_write_failed(&mut self, triple: AuthTriple, now: Instant, jitter: f64) {
+        self.count_failure(AuthFailure::AuthMapFull);
+        self.pair_result(triple, Some(AuthFailure::AuthMapFull));
+        self.table.on_write_failed(triple, now, jitter);
+    }
+
     /// A workload handshake succeeded, in either direction: count it, record the pair's result
     /// and install the entry.
     fn on_authenticated(&mut self, a: &Authenticated, at: Instant, now: Instant, wall: SystemTime) {
