@@ -485,6 +485,15 @@ impl Pair {
         self.configure(Side::B, "psk");
     }
 
+    /// `peer_other_first`, then a ping from the other side; what it sent veil-wg meanwhile
+    /// (its first handshake initiation among it).
+    fn peer_other_first_captured(&self) -> Vec<WgPacket> {
+        let cap = self.capture_to_veil_wg("from-b-first.pcap");
+        self.peer_other_first();
+        self.wait_ping(Side::B, Duration::from_secs(10));
+        cap.finish()
+    }
+
     fn ns(&self, side: Side) -> &Netns {
         match side {
             Side::A => &self.a,
@@ -1056,11 +1065,8 @@ fn assert_replays_refused(pair: &Pair, packets: Vec<Vec<u8>>) -> (u64, Vec<WgPac
 /// outlive it, as it does in the kernel and wireguard-go, or the old initiation is answered.
 fn initiation_replayed_after_a_psk_change(imp: Impl) {
     let pair = Pair::create(imp);
-    let cap = pair.capture_to_veil_wg("from-b.pcap");
-    pair.peer_other_first();
-    pair.wait_ping(Side::B, Duration::from_secs(10));
-    let init = cap
-        .finish()
+    let init = pair
+        .peer_other_first_captured()
         .into_iter()
         .find(|p| p.msg_type() == 1)
         .unwrap_or_else(|| panic!("{}'s handshake initiation captured", imp.name()));
@@ -1546,11 +1552,8 @@ fn clock_set_back_on_the_initiator_recovers_and_replays_stay_refused() {
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
     ];
     let mut pair = Pair::create_with(Impl::VeilWg, &env);
-    let cap = pair.capture_to_veil_wg("before.pcap");
-    pair.peer_other_first();
-    pair.wait_ping(Side::B, Duration::from_secs(10));
-    let before_jump = cap
-        .finish()
+    let before_jump = pair
+        .peer_other_first_captured()
         .into_iter()
         .find(|p| p.msg_type() == 1)
         .expect("B's first initiation captured");
