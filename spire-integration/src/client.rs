@@ -20,6 +20,12 @@ use veil_identity::{
 };
 
 use crate::backoff::{Backoff, BackoffConfig};
+
+/// The longest the client goes without checking its SVIDs' validity against the wall clock:
+/// how long a node whose clock was stepped (back before an SVID's `notBefore`, forward past its
+/// `notAfter`, or back to the right time) keeps publishing what it published before. Each
+/// check is a comparison of the cached SVIDs' validity windows, nothing sent.
+const CLOCK_RECHECK: Duration = Duration::from_secs(5);
 use crate::cache::{same_content, IdentityCache, Update};
 use crate::proto::delegated::delegated_identity_client::DelegatedIdentityClient;
 use crate::proto::delegated::{
@@ -199,10 +205,14 @@ impl IdentityClient {
         loop {
             publish(&mut cache, &snapshots);
             let now = SystemTime::now();
+            // The deadline is on the wall clock, the sleep on the monotonic one: a wall clock
+            // stepped (NTP, by hand) after this point would leave the sleep wrong, so the
+            // validity of every SVID is looked at again at least every CLOCK_RECHECK.
             let wait = cache
                 .next_deadline(now)
                 .map(|d| d.duration_since(now).unwrap_or_default())
-                .unwrap_or(Duration::from_secs(3600));
+                .unwrap_or(CLOCK_RECHECK)
+                .min(CLOCK_RECHECK);
             tokio::select! {
                 _ = &mut shutdown => break,
                 Some((origin, update)) = rx.recv() => {

@@ -135,7 +135,7 @@ impl Lab {
     /// `--identity` (`lab up` defaults to real SPIRE; the suites that need the dev server's
     /// forced rotation and instant revocation stay on it explicitly).
     pub fn up(extra: &[&str]) -> Lab {
-        Self::up_named(&unique_name(), None, extra)
+        Self::up_named(&unique_name(), None, extra, None)
     }
 
     /// A lab from a lab file (YAML text); on the dev identity server unless the file has an
@@ -143,10 +143,34 @@ impl Lab {
     pub fn up_with_file(yaml: &str, extra: &[&str]) -> Lab {
         let name = unique_name();
         let file = TempFile::new(&format!("{name}.yaml"), yaml);
-        Self::up_named(&name, Some(file), extra)
+        Self::up_named(&name, Some(file), extra, None)
     }
 
-    fn up_named(name: &str, file: Option<TempFile>, extra: &[&str]) -> Lab {
+    /// [`Lab::up_with_file`] with extra environment for one node's agent (`lab up`'s
+    /// `VEIL_LAB_AGENT_ENV` hook), for example a [`FakeClock`]'s.
+    pub fn up_with_agent_env(
+        yaml: &str,
+        extra: &[&str],
+        node: &str,
+        env: &[(&str, String)],
+    ) -> Lab {
+        let name = unique_name();
+        let file = TempFile::new(&format!("{name}.yaml"), yaml);
+        let vars: serde_json::Map<String, serde_json::Value> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str())))
+            .collect();
+        let hook = serde_json::json!({ node: vars }).to_string();
+        Self::up_named(&name, Some(file), extra, Some(&hook))
+    }
+
+    /// `agent_env`: the value of `lab up`'s `VEIL_LAB_AGENT_ENV`, if any.
+    fn up_named(
+        name: &str,
+        file: Option<TempFile>,
+        extra: &[&str],
+        agent_env: Option<&str>,
+    ) -> Lab {
         require_lab_environment();
         let mut args = vec!["lab", "up", "--name", name, "--quiet"];
         let fpath = file.as_ref().map(|f| f.path.display().to_string());
@@ -202,7 +226,12 @@ impl Lab {
         {
             args.extend(["--ip-family", f]);
         }
-        let out = veil(&args);
+        let mut up = Command::new(veil_bin());
+        up.args(&args);
+        if let Some(v) = agent_env {
+            up.env("VEIL_LAB_AGENT_ENV", v);
+        }
+        let out = up.output().expect("run veil lab up");
         if !out.status.success() {
             let logs = collect_logs(name);
             let _ = veil(&["lab", "down", "--name", name]);
@@ -794,6 +823,91 @@ pub fn kubectl(kubectl: &Path, kubeconfig: &Path, args: &[&str], stdin: &str) ->
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A wall clock of its own for the processes started with [`FakeClock::env`]: libfaketime
+/// (Debian package `faketime`, installed by `scripts/setup.sh`) preloaded, their
+/// `CLOCK_REALTIME` offset by what [`FakeClock::set`] last wrote (read at every call), their
+/// monotonic clocks true, as when a host's clock is stepped by hand or by NTP.
+pub struct FakeClock {
+    file: TempFile,
+}
+
+impl FakeClock {
+    /// A clock that starts right (offset `+0`).
+    pub fn new(name: &str) -> FakeClock {
+        FakeClock {
+            file: TempFile::new(&format!("{name}.clock"), "+0\n"),
+        }
+    }
+
+    /// Steps the clock to `offset` from the true time: libfaketime's relative format, such as
+    /// `-5m`, `+2h` or `+0`.
+    pub fn set(&self, offset: &str) {
+        std::fs::write(&self.file.path, format!("{offset}\n")).expect("write the fake clock");
+    }
+
+    /// The environment that puts a process on this clock.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("LD_PRELOAD", libfaketime().display().to_string()),
+            (
+                "FAKETIME_TIMESTAMP_FILE",
+                self.file.path.display().to_string(),
+            ),
+            ("FAKETIME_NO_CACHE", "1".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+        ]
+    }
+}
+
+impl Drop for FakeClock {
+    /// Also removes the shared memory libfaketime leaves behind a process that was killed
+    /// (`/dev/shm/faketime_shm_<pid>`, `sem.faketime_sem_<pid>`): those of processes no longer
+    /// running (gone, or a zombie not yet reaped), whoever started them.
+    fn drop(&mut self) {
+        let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("faketime_shm_")
+                .or_else(|| name.strip_prefix("sem.faketime_sem_"))
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !running(p)) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // `pid (comm) state ...`; comm may hold spaces and parentheses.
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// libfaketime's preloadable library; a missing one fails the test.
+fn libfaketime() -> PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "libfaketimeMT.so.1 not found under /usr/lib/*/faketime: scripts/setup.sh \
+                 installs the Debian package faketime"
+            )
+        })
 }
 
 /// A file removed on drop.

@@ -13,8 +13,8 @@ use std::{
 use veil_common::maps::{AuthEntry, AuthKey};
 
 use veil_tests::{
-    assert_all_echoed, assert_no_drops, missing, push_changed, sample_for, serial_of, veil_ok, Lab,
-    Status, AUTH_POLICY, ECHO_LAB,
+    assert_all_echoed, assert_no_drops, missing, push_changed, sample_for, serial_of, veil_ok,
+    FakeClock, Lab, Status, AUTH_POLICY, ECHO_LAB,
 };
 
 fn url(lab: &Lab) -> String {
@@ -851,4 +851,89 @@ fn a_full_auth_map_keeps_new_pairs_out_and_old_ones_working() {
          {admitted:?} later",
         pair.last_result
     );
+}
+
+/// Scenario 13, a node's clock stepped: node-b's agent runs under libfaketime ([`FakeClock`]),
+/// everything else on the true clock, and `backend-ingress-auth` requires authentication for
+/// frontend (node-a) → backend (node-b). node-b's clock set 5 minutes back makes every SVID of
+/// the lab, its own included, not yet valid by its clock (the lab is younger than that); set 2
+/// hours ahead, every one expired (they live an hour). Each time node-b stops publishing its
+/// SVIDs, logs why, with the time it judged by, and frontend is refused (fail closed: no
+/// authentication without an SVID valid by the local clock). Its clock set right again, it
+/// publishes them again and frontend is served, without any SVID re-issued: the SPIRE client
+/// looks at its SVIDs' validity at least every 5 s, so a stepped clock is noticed in both
+/// directions. Seen failing with that bound removed (the client sleeps until the deadline it
+/// computed on the old clock: node-b still published its SVIDs 15 s after its clock went back;
+/// by hand, set right again after a step back it stayed without them for minutes).
+#[test]
+fn a_node_whose_clock_is_stepped_refuses_svids_outside_validity_and_recovers() {
+    let clock = FakeClock::new(&format!("veil-clock-{}", std::process::id()));
+    let lab = Lab::up_with_agent_env(ECHO_LAB, &[], "node-b", &clock.env());
+    lab.apply_policy_ok(AUTH_POLICY);
+    let url = url(&lab);
+    lab.wait_for(
+        "frontend served under authentication",
+        Duration::from_secs(10),
+        || lab.try_get("frontend", &url).ok(),
+    );
+    let served_before = lab.status("node-b").svids.len();
+    assert!(served_before >= 2, "node-b holds {served_before} SVIDs");
+    let log_path = lab.node("node-b").agent_log.clone();
+    let warnings = |needle: &str| {
+        std::fs::read_to_string(&log_path)
+            .expect("node-b's agent log")
+            .lines()
+            .filter(|l| l.contains("svid not published") && l.contains(needle))
+            .count()
+    };
+    for (offset, error) in [("-5m", "is not valid before"), ("+2h", "expired")] {
+        let logged_before = warnings(error);
+        let stepped = Instant::now();
+        clock.set(offset);
+        lab.wait_for(
+            &format!("node-b to withdraw its SVIDs with its clock at {offset}"),
+            Duration::from_secs(15),
+            || lab.status("node-b").svids.is_empty().then_some(()),
+        );
+        let withdrawn = stepped.elapsed();
+        lab.wait_for(
+            &format!("frontend refused with node-b's clock at {offset}"),
+            Duration::from_secs(15),
+            || lab.try_get("frontend", &url).is_err().then_some(()),
+        );
+        let refused = stepped.elapsed();
+        // Refused for as long as the clock stays there, not once by chance.
+        for _ in 0..3 {
+            assert!(
+                lab.try_get("frontend", &url).is_err(),
+                "frontend served while node-b's clock is at {offset}"
+            );
+        }
+        assert!(
+            warnings(error) >= logged_before + served_before,
+            "node-b did not log each SVID withdrawn as {error:?} ({} such lines, {logged_before} before)",
+            warnings(error)
+        );
+        let st = lab.status("node-b");
+        let pairs = auth_pairs_with(&st, "app=frontend");
+        assert!(
+            pairs.iter().all(|p| p.last_result.as_deref() != Some("ok")),
+            "node-b still reports an authenticated pair with frontend: {pairs:?}"
+        );
+
+        let corrected = Instant::now();
+        clock.set("+0");
+        lab.wait_for(
+            &format!("frontend served again after node-b's clock at {offset} was set right"),
+            Duration::from_secs(30),
+            || lab.try_get("frontend", &url).ok(),
+        );
+        let recovered = corrected.elapsed();
+        assert_eq!(lab.status("node-b").svids.len(), served_before);
+        println!(
+            "node-b's clock at {offset}: SVIDs withdrawn after {withdrawn:.2?}, frontend refused \
+             after {refused:.2?}; clock set right: frontend served again after {recovered:.2?}"
+        );
+    }
+    lab.expect_log_lines(&["svid not published"]);
 }

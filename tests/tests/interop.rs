@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use veil_tests::{require_lab_environment, unique_name};
+use veil_tests::{require_lab_environment, unique_name, FakeClock};
 
 /// Underlay (veth) and tunnel addresses: `A` runs veil-wg, `B` the other implementation.
 const UNDER_A: &str = "198.18.200.1";
@@ -1506,23 +1506,6 @@ interop_tests!(
     boringtun_cli => Impl::BoringtunCli,
 );
 
-/// libfaketime's preloadable library (Debian package `libfaketime`, which `scripts/setup.sh`
-/// installs with `faketime`); a missing one fails the test.
-fn libfaketime() -> PathBuf {
-    std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "libfaketimeMT.so.1 not found under /usr/lib/*/faketime: scripts/setup.sh \
-                 installs the Debian package faketime"
-            )
-        })
-}
-
 /// Scenario 38: the initiator's clock goes back 10 minutes. Two veil-wgs; B's runs under
 /// libfaketime, whose wall clock (`CLOCK_REALTIME`) follows a file while its monotonic clocks
 /// stay true, as when a clock is stepped back by hand or by NTP.
@@ -1540,17 +1523,9 @@ fn libfaketime() -> PathBuf {
 /// back within 10 s).
 #[test]
 fn clock_set_back_on_the_initiator_recovers_and_replays_stay_refused() {
-    let clock_dir = TempDir(std::env::temp_dir().join(format!("veil-clock-{}", unique_name())));
-    std::fs::create_dir_all(&clock_dir.0).expect("clock dir");
-    let clock = clock_dir.0.join("clock");
-    std::fs::write(&clock, "+0\n").expect("clock file");
-    let (lib, clock_path) = (libfaketime(), clock.display().to_string());
-    let env = [
-        ("LD_PRELOAD", lib.to_str().unwrap()),
-        ("FAKETIME_TIMESTAMP_FILE", clock_path.as_str()),
-        ("FAKETIME_NO_CACHE", "1"),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-    ];
+    let clock = FakeClock::new(&format!("veil-clock-{}", unique_name()));
+    let clock_env = clock.env();
+    let env: Vec<(&str, &str)> = clock_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut pair = Pair::create_with(Impl::VeilWg, &env);
     let before_jump = pair
         .peer_other_first_captured()
@@ -1559,7 +1534,7 @@ fn clock_set_back_on_the_initiator_recovers_and_replays_stay_refused() {
         .expect("B's first initiation captured");
 
     // B's wall clock goes back 10 minutes, and B's veil-wg starts again under it.
-    std::fs::write(&clock, "-10m\n").expect("set the clock back");
+    clock.set("-10m");
     let to_a = pair.capture_to_veil_wg("after.pcap");
     let from_a = Capture::start(
         &pair.a,

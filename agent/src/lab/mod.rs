@@ -609,6 +609,27 @@ pub const UP_STEPS: [&str; 6] = [
     "ready",
 ];
 const FAIL_AFTER_ENV: &str = "VEIL_LAB_UP_FAIL_AFTER";
+/// `VEIL_LAB_AGENT_ENV={"<node>": {"<VAR>": "<value>", ...}, ...}`: extra environment for the
+/// named nodes' agents (and so for the veil-wg each starts), for the end-to-end tests that
+/// run one node under a changed clock (libfaketime) and the like. Checked before anything is
+/// created; the agents' own `RUST_LOG` (from `VEIL_AGENT_LOG`) can be overridden here.
+const AGENT_ENV_ENV: &str = "VEIL_LAB_AGENT_ENV";
+
+/// The test hooks of `lab up`, read from its environment.
+#[derive(Debug, Default)]
+struct UpHooks {
+    fail_after: Option<&'static str>,
+    agent_env: supervisor::AgentEnv,
+}
+
+impl UpHooks {
+    fn from_env(spec: &LabSpec) -> Result<UpHooks> {
+        Ok(UpHooks {
+            fail_after: fail_after_from_env()?,
+            agent_env: agent_env_from_env(spec)?,
+        })
+    }
+}
 
 fn fail_after_from_env() -> Result<Option<&'static str>> {
     let Some(v) = std::env::var_os(FAIL_AFTER_ENV) else {
@@ -626,6 +647,44 @@ fn fail_after_from_env() -> Result<Option<&'static str>> {
             }
             .into()
         })
+}
+
+fn agent_env_from_env(spec: &LabSpec) -> Result<supervisor::AgentEnv> {
+    match std::env::var_os(AGENT_ENV_ENV) {
+        None => Ok(supervisor::AgentEnv::new()),
+        Some(v) => parse_agent_env(&v.to_string_lossy(), spec),
+    }
+}
+
+/// `VEIL_LAB_AGENT_ENV`'s value: a JSON object of node name to an object of variable to string.
+fn parse_agent_env(text: &str, spec: &LabSpec) -> Result<supervisor::AgentEnv> {
+    let invalid =
+        |path: String, message: String| -> Error { spec::Error::Invalid { path, message }.into() };
+    let env: supervisor::AgentEnv = serde_json::from_str(text).map_err(|e| {
+        invalid(
+            AGENT_ENV_ENV.into(),
+            format!("not a JSON object of node name to {{\"VAR\": \"value\"}}: {e}"),
+        )
+    })?;
+    for (node, vars) in &env {
+        if !spec.nodes.iter().any(|n| &n.name == node) {
+            let known: Vec<&str> = spec.nodes.iter().map(|n| n.name.as_str()).collect();
+            return Err(invalid(
+                format!("{AGENT_ENV_ENV}.{node}"),
+                format!("no such node in this lab (nodes: {})", known.join(", ")),
+            ));
+        }
+        if let Some(var) = vars
+            .keys()
+            .find(|k| k.is_empty() || k.contains(['=', '\0']))
+        {
+            return Err(invalid(
+                format!("{AGENT_ENV_ENV}.{node}"),
+                format!("{var:?} is not an environment variable name"),
+            ));
+        }
+    }
+    Ok(env)
 }
 
 /// Creates and starts a lab, waiting until every agent and pod server is ready.
@@ -665,7 +724,7 @@ pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
             )));
         }
     }
-    let fail_after = fail_after_from_env()?;
+    let hooks = UpHooks::from_env(spec)?;
     let paths = LabPaths::new(&spec.name)?;
     if paths.journal().exists() || paths.spec().exists() {
         return Err(Error::Exists(spec.name.clone()));
@@ -701,7 +760,7 @@ pub fn up(spec: &LabSpec, exe: &Path, progress: &Progress) -> Result<LabPaths> {
         }
     };
     let interrupted = interrupt::Guard::install();
-    let built = build(spec, &paths, exe, progress, j, fail_after, &interrupted);
+    let built = build(spec, &paths, exe, progress, j, &hooks, &interrupted);
     drop(interrupted);
     match built {
         Ok(()) => Ok(paths),
@@ -740,14 +799,14 @@ fn build(
     exe: &Path,
     progress: &Progress,
     mut j: Journal,
-    fail_after: Option<&'static str>,
+    hooks: &UpHooks,
     interrupted: &interrupt::Guard,
 ) -> Result<()> {
     let step_done = |step: &'static str| -> Result<()> {
         if interrupted.is_set() {
             return Err(Error::Interrupted);
         }
-        if fail_after == Some(step) {
+        if hooks.fail_after == Some(step) {
             return Err(Error::Injected(step));
         }
         Ok(())
@@ -808,7 +867,7 @@ fn build(
     progress.step("control plane written (cluster state, agent configs)");
     step_done("control-plane")?;
 
-    let manifest = supervisor::manifest(spec, paths, exe);
+    let manifest = supervisor::manifest(spec, paths, exe, &hooks.agent_env);
     supervisor::write_manifest(paths, &manifest)?;
     let sup_cgroup = paths.cgroup.join("supervisor");
     j.record(&Resource::Cgroup {
@@ -1493,4 +1552,41 @@ pub fn exec_in_pod(
         source: err,
     }
     .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_lab() -> LabSpec {
+        spec::resolve("t", spec::default_file(), &spec::Overrides::default()).unwrap()
+    }
+
+    #[test]
+    fn agent_env_names_a_node_and_its_variables() {
+        let env = parse_agent_env(
+            r#"{"node-b": {"LD_PRELOAD": "/lib/x.so", "FAKETIME_NO_CACHE": "1"}}"#,
+            &default_lab(),
+        )
+        .unwrap();
+        assert_eq!(env.len(), 1);
+        assert_eq!(env["node-b"]["LD_PRELOAD"], "/lib/x.so");
+        assert_eq!(env["node-b"]["FAKETIME_NO_CACHE"], "1");
+        assert!(parse_agent_env("{}", &default_lab()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn agent_env_refuses_unknown_nodes_bad_names_and_bad_json() {
+        let lab = default_lab();
+        for (text, names) in [
+            (r#"{"node-z": {"A": "1"}}"#, "VEIL_LAB_AGENT_ENV.node-z"),
+            (r#"{"node-a": {"A=B": "1"}}"#, "\"A=B\""),
+            (r#"{"node-a": {"": "1"}}"#, "\"\""),
+            (r#"{"node-a": {"A": 1}}"#, "VEIL_LAB_AGENT_ENV"),
+            ("node-a=A", "VEIL_LAB_AGENT_ENV"),
+        ] {
+            let e = parse_agent_env(text, &lab).unwrap_err().to_string();
+            assert!(e.contains(names), "{text}: {e}");
+        }
+    }
 }

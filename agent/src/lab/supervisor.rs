@@ -4,6 +4,7 @@
 //! first so nothing is restarted during teardown.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::Command,
     sync::mpsc,
@@ -56,8 +57,16 @@ impl Managed {
     }
 }
 
-/// The daemons of a lab.
-pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
+/// Extra environment for some nodes' agents: node name → variable → value.
+pub type AgentEnv = BTreeMap<String, BTreeMap<String, String>>;
+
+/// The daemons of a lab; `agent_env` adds to (or overrides) the named nodes' agents' environment.
+pub fn manifest(
+    spec: &LabSpec,
+    paths: &LabPaths,
+    exe: &Path,
+    agent_env: &AgentEnv,
+) -> Vec<Managed> {
     let exe = exe.display().to_string();
     // `veil <args>`, the same binary as `lab up`'s.
     let veil = |args: &[&str]| -> Vec<String> {
@@ -121,11 +130,13 @@ pub fn manifest(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
     }
     for n in &spec.nodes {
         let config = paths.agent_config(&n.name).display().to_string();
+        let mut env = BTreeMap::from([(
+            "RUST_LOG".to_string(),
+            std::env::var("VEIL_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+        )]);
+        env.extend(agent_env.get(&n.name).cloned().unwrap_or_default());
         out.push(Managed {
-            env: vec![(
-                "RUST_LOG".into(),
-                std::env::var("VEIL_AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            )],
+            env: env.into_iter().collect(),
             // With Kubernetes the agent's credentials exist once the control plane is
             // bootstrapped (before SPIRE releases the agents).
             start_after: if spec.identity == IdentityProvider::Spire {
