@@ -1,7 +1,7 @@
 //! cli: what the `veil` commands print. Tables for people, `-o json` for scripts (shapes in
 //! `api` and `lab::LabView`).
 
-use std::fmt::Write as _;
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{api, lab::LabView};
 
@@ -312,22 +312,27 @@ pub fn format_status(st: &api::Status) -> String {
             human_bytes(i.bytes)
         );
     }
-    let nonzero: Vec<String> = st
-        .drops
+    let _ = writeln!(s, "  drops: {}", nonzero_counts(&st.drops));
+    // veil-wg's own drops (traffic for a peer without keys, forged or replayed packets, ...);
+    // kernel WireGuard reports none.
+    if st.backend == "userspace" {
+        let _ = writeln!(s, "  tunnel drops: {}", nonzero_counts(&st.tunnel_drops));
+    }
+    s
+}
+
+/// `reason=count` for every non-zero counter, or `none`.
+fn nonzero_counts(counts: &BTreeMap<String, u64>) -> String {
+    let nonzero: Vec<String> = counts
         .iter()
         .filter(|(_, n)| **n > 0)
         .map(|(r, n)| format!("{r}={n}"))
         .collect();
-    let _ = writeln!(
-        s,
-        "  drops: {}",
-        if nonzero.is_empty() {
-            "none".to_string()
-        } else {
-            nonzero.join(" ")
-        }
-    );
-    s
+    if nonzero.is_empty() {
+        "none".to_string()
+    } else {
+        nonzero.join(" ")
+    }
 }
 
 pub fn human_bytes(b: u64) -> String {
@@ -405,6 +410,24 @@ mod tests {
     }
 
     #[test]
+    fn the_status_table_lists_non_zero_datapath_and_tunnel_drops() {
+        let mut st = api::Status {
+            backend: "userspace".into(),
+            drops: BTreeMap::from([("policy-denied".into(), 2), ("no-key".into(), 0)]),
+            tunnel_drops: BTreeMap::from([("no-peer".into(), 5), ("replay".into(), 0)]),
+            ..Default::default()
+        };
+        let text = format_status(&st);
+        assert!(text.contains("\n  drops: policy-denied=2\n"), "{text}");
+        assert!(text.contains("\n  tunnel drops: no-peer=5\n"), "{text}");
+        st.tunnel_drops.clear();
+        assert!(format_status(&st).contains("\n  tunnel drops: none\n"));
+        // Kernel WireGuard counts nothing it would report: no line claiming "none".
+        st.backend = "kernel".into();
+        assert!(!format_status(&st).contains("tunnel drops"));
+    }
+
+    #[test]
     fn status_json_has_the_contract_fields() {
         let v = serde_json::to_value(api::Status::default()).unwrap();
         for k in [
@@ -417,6 +440,7 @@ mod tests {
             "svids",
             "auth",
             "drops",
+            "tunnel_drops",
             "programs",
         ] {
             assert!(v.get(k).is_some(), "status missing {k}");

@@ -1230,7 +1230,40 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .expect("VmRSS")
     };
+    let tunnel_drops = || lab.status("node-a").tunnel_drops;
+    let drops0 = tunnel_drops();
     ip_netns(&b_ns, &["python3", "-c", HOSTILE_UDP, &a_ip, "300"]);
+    // Every datagram veil-wg discards is counted under a reason `veil status` shows (read
+    // from veil-wg by the agent): the three empty ones as `malformed` at least.
+    let counted = lab.wait_for(
+        "veil-wg's drops in node-a's status",
+        Duration::from_secs(5),
+        || {
+            let d = tunnel_drops();
+            let grew =
+                |r: &str| d.get(r).copied().unwrap_or(0) - drops0.get(r).copied().unwrap_or(0);
+            (grew("malformed") >= 3).then(|| d.values().sum::<u64>() - drops0.values().sum::<u64>())
+        },
+    );
+    assert!(
+        counted >= 300,
+        "veil-wg counted {counted} drops for 300+ hostile datagrams"
+    );
+    println!("veil-wg counted {counted} drops for the first 300+ hostile datagrams");
+    let table = veil_ok(&["status", "--name", &lab.name, "--node", "node-a"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with("tunnel drops: ") && l.contains("malformed=")),
+        "no tunnel drops line with malformed in:\n{table}"
+    );
+    let metrics = lab.metrics("node-a");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("veil_tunnel_drops_total{reason=\"malformed\"} ")),
+        "no veil_tunnel_drops_total for malformed in node-a's metrics"
+    );
     let rss0 = rss_kib();
     let cap = lab.capture_underlay();
     let out = ip_netns(&b_ns, &["python3", "-c", HOSTILE_UDP, &a_ip, "20000"]);

@@ -1,6 +1,6 @@
 //! The `Tunnel` trait the agent programs, whatever the backend, and the plain data it speaks.
 
-use std::{net::SocketAddr, time::SystemTime};
+use std::{collections::BTreeMap, net::SocketAddr, time::SystemTime};
 
 use crate::{
     allowed_ips::IpPrefix,
@@ -112,6 +112,11 @@ pub trait Tunnel: Send {
     /// Applies one `set` request to the device.
     fn apply(&mut self, req: &SetRequest) -> Result<(), Error>;
     fn state(&mut self) -> Result<DeviceState, Error>;
+    /// Packets the device dropped, by reason, since it started: veil-wg's own counters. The
+    /// kernel's WireGuard keeps none it would report (empty).
+    fn drops(&mut self) -> Result<BTreeMap<String, u64>, Error> {
+        Ok(BTreeMap::new())
+    }
 
     fn set_private_key(&mut self, key: &PrivateKey) -> Result<(), Error> {
         self.apply(&SetRequest {

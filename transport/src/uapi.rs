@@ -7,7 +7,7 @@
 //! zeroizes every buffer it held, and handed out as `Zeroizing<String>`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     io::{self, BufRead},
     net::SocketAddr,
@@ -61,7 +61,7 @@ pub enum UapiError {
     },
     #[error("line {line}: {key} before any public_key")]
     NoPeer { line: usize, key: String },
-    #[error("request must start with get=1 or set=1")]
+    #[error("request must start with get=1, set=1 or veil-drops=1")]
     NoOperation,
     #[error("device answered errno={0}")]
     Errno(i32),
@@ -155,6 +155,9 @@ pub struct SetRequest {
 pub enum Request {
     Get,
     Set(SetRequest),
+    /// `veil-drops=1`, veil-wg's own extension (no other implementation has it, `wg` never sends
+    /// it): the device's drop counters, one `<reason>=<count>` line each, then `errno=0`.
+    Drops,
 }
 
 /// A UAPI text that may carry key hex. Zeroized on drop, and on growth: a `String` that
@@ -364,6 +367,7 @@ pub fn parse_request(text: &str) -> Result<Request, UapiError> {
     match lines.next() {
         Some((_, "get=1")) => Ok(Request::Get),
         Some((_, "set=1")) => parse_set_lines(lines).map(Request::Set),
+        Some((_, "veil-drops=1")) => Ok(Request::Drops),
         _ => Err(UapiError::NoOperation),
     }
 }
@@ -805,6 +809,34 @@ pub fn parse_get(text: &str) -> Result<DeviceState, UapiError> {
     }
 }
 
+/// Formats the answer to `veil-drops=1` (device side).
+pub fn format_drops(counts: &[(&str, u64)]) -> String {
+    let mut s: String = counts
+        .iter()
+        .map(|(reason, n)| format!("{reason}={n}\n"))
+        .collect();
+    s.push_str("errno=0\n\n");
+    s
+}
+
+/// Parses the answer to `veil-drops=1` (client side): drop counters by reason.
+pub fn parse_drops(text: &str) -> Result<BTreeMap<String, u64>, UapiError> {
+    parse_errno(text)?;
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let (reason, n) = line.split_once('=').ok_or_else(|| UapiError::Syntax {
+            line: i + 1,
+            text: line.to_string(),
+        })?;
+        if reason == "errno" {
+            continue;
+        }
+        let n: u64 = n.parse().map_err(|e| bad(i + 1, reason, e))?;
+        out.insert(reason.to_string(), n);
+    }
+    Ok(out)
+}
+
 /// Parses the `errno=N` answer to a `set`.
 pub fn parse_errno(text: &str) -> Result<(), UapiError> {
     for line in text.lines() {
@@ -976,8 +1008,32 @@ pub(crate) mod tests {
     fn set(text: &str) -> Result<SetRequest, UapiError> {
         match parse_request(text)? {
             Request::Set(s) => Ok(s),
-            Request::Get => panic!("expected set"),
+            other => panic!("expected set, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn drop_counters_round_trip_and_bad_answers_are_named() {
+        assert_eq!(parse_request("veil-drops=1\n"), Ok(Request::Drops));
+        let text = format_drops(&[("malformed", 3), ("no-peer", 0), ("replay", 12)]);
+        assert_eq!(text, "malformed=3\nno-peer=0\nreplay=12\nerrno=0\n\n");
+        let back = parse_drops(&text).unwrap();
+        assert_eq!(
+            back.into_iter().collect::<Vec<_>>(),
+            [
+                ("malformed".to_string(), 3),
+                ("no-peer".to_string(), 0),
+                ("replay".to_string(), 12)
+            ]
+        );
+        // Another implementation refuses the request: its errno, not an empty map.
+        assert_eq!(parse_drops("errno=22\n\n"), Err(UapiError::Errno(22)));
+        let e = parse_drops("replay=x\nerrno=0\n\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1") && e.contains("replay"), "{e}");
+        let e = parse_drops("replay\nerrno=0\n\n").unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("\"replay\""), "{e}");
     }
 
     #[test]

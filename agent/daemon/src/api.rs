@@ -33,6 +33,11 @@ pub struct Status {
     pub auth_pairs: AuthPairCounts,
     /// Drop counters by stable reason name.
     pub drops: BTreeMap<String, u64>,
+    /// Packets the tunnel device dropped, by reason: veil-wg's own counters (`malformed`,
+    /// `no-peer`, `bad-source`, `decrypt`, `replay`, ...), such as traffic for a peer whose
+    /// keys were withdrawn. Empty with kernel WireGuard, which reports none.
+    #[serde(default)]
+    pub tunnel_drops: BTreeMap<String, u64>,
     /// Flow events lost to a full ring buffer (the agent fell behind): the flow log has gaps.
     #[serde(default)]
     pub events_lost: u64,

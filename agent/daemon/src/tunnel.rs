@@ -503,6 +503,11 @@ impl NodeTunnel {
             .collect())
     }
 
+    /// What the device dropped, by reason (veil-wg's counters; none from kernel WireGuard).
+    pub fn drops(&mut self) -> Result<BTreeMap<String, u64>, Error> {
+        Ok(self.device.drops()?)
+    }
+
     pub fn listen_port(&self) -> u16 {
         self.listen_port
     }

@@ -64,21 +64,29 @@ pub struct Drops {
 }
 
 impl Drops {
+    /// Every cause with its count, by the cause's stable name.
+    pub fn counts(&self) -> [(&'static str, u64); 9] {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("malformed", n(&self.malformed)),
+            ("no-peer", n(&self.no_peer)),
+            ("bad-source", n(&self.bad_source)),
+            ("decrypt", n(&self.decrypt)),
+            ("replay", n(&self.replay)),
+            ("no-endpoint", n(&self.no_endpoint)),
+            ("send-failed", n(&self.send_error)),
+            ("cookie", n(&self.cookie)),
+            ("rate-limited", n(&self.rate_limited)),
+        ]
+    }
+
     /// One line for veil-wg's log: every cause with its count.
     pub fn summary(&self) -> String {
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        format!(
-            "malformed {}, no-peer {}, bad-source {}, decrypt {}, replay {}, no-endpoint {}, send-failed {}, cookie {}, rate-limited {}",
-            n(&self.malformed),
-            n(&self.no_peer),
-            n(&self.bad_source),
-            n(&self.decrypt),
-            n(&self.replay),
-            n(&self.no_endpoint),
-            n(&self.send_error),
-            n(&self.cookie),
-            n(&self.rate_limited)
-        )
+        self.counts()
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

@@ -366,6 +366,7 @@ fn serve_uapi_conn(
                     let (cfg, st) = device.state(port());
                     uapi::format_get(&cfg, &st)
                 }
+                Ok(Request::Drops) => uapi::format_drops(&device.drops.counts()),
                 // A set the device could not hold (peers, allowed IPs) is refused whole.
                 Ok(Request::Set(req)) => {
                     let _one_at_a_time = apply.lock().unwrap_or_else(|e| e.into_inner());

@@ -12,6 +12,7 @@ pub mod io;
 pub mod limiter;
 
 use std::{
+    collections::BTreeMap,
     io::{Read as _, Write as _},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
@@ -253,6 +254,11 @@ impl Tunnel for UserspaceTunnel {
     fn state(&mut self) -> Result<DeviceState, Error> {
         let answer = self.exchange("get=1\n\n")?;
         Ok(uapi::parse_get(&answer)?)
+    }
+
+    fn drops(&mut self) -> Result<BTreeMap<String, u64>, Error> {
+        let answer = self.exchange("veil-drops=1\n\n")?;
+        Ok(uapi::parse_drops(&answer)?)
     }
 }
 

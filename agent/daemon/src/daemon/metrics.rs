@@ -88,6 +88,15 @@ impl Collector for Scrape {
         )?;
         family(
             &mut enc,
+            "veil_tunnel_drops",
+            "Packets dropped by the userspace tunnel (veil-wg) by reason.",
+            MetricType::Counter,
+            st.tunnel_drops
+                .iter()
+                .map(|(reason, n)| ([("reason", reason.as_str())], ConstCounter::new(*n))),
+        )?;
+        family(
+            &mut enc,
             "veil_tunnel_restarts",
             "Restarts of the userspace tunnel (veil-wg) by reason.",
             MetricType::Counter,
@@ -270,6 +279,7 @@ mod tests {
         ("veil_interface_packets_total", "counter"),
         ("veil_interface_bytes_total", "counter"),
         ("veil_drops_total", "counter"),
+        ("veil_tunnel_drops_total", "counter"),
         ("veil_tunnel_restarts_total", "counter"),
         ("veil_programs_attached", "gauge"),
         ("veil_flows_total", "counter"),
@@ -297,6 +307,7 @@ mod tests {
                 bytes: 3400,
             }],
             drops: BTreeMap::from([("no-key".to_string(), 3), ("policy-denied".into(), 0)]),
+            tunnel_drops: BTreeMap::from([("no-peer".to_string(), 7)]),
             events_lost: 41,
             svids: vec![api::Svid {
                 // Not a valid SPIFFE ID, but a label value must survive anything.
@@ -356,6 +367,7 @@ mod tests {
             "veil_interface_packets_total{interface=\"lxc-fe\"} 12",
             "veil_interface_bytes_total{interface=\"lxc-fe\"} 3400",
             "veil_drops_total{reason=\"no-key\"} 3",
+            "veil_tunnel_drops_total{reason=\"no-peer\"} 7",
             "veil_flow_events_lost_total 41",
             "veil_drops_total{reason=\"policy-denied\"} 0",
             // One listed restart; the other two of the total count as `exited`.

@@ -89,11 +89,15 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         .map(|m| m.lock().expect("mesh status lock").clone())
         .unwrap_or_default();
     let cluster = s.cluster.clone();
-    let (backend, public_key, peers, tunnel_restarts) = match s.tunnel.as_mut() {
+    let (backend, public_key, peers, tunnel_restarts, tunnel_drops) = match s.tunnel.as_mut() {
         Some(t) => {
             let peers = t.peers(&cluster).unwrap_or_else(|e| {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot read tunnel peers");
                 Vec::new()
+            });
+            let drops = t.drops().unwrap_or_else(|e| {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot read tunnel drops");
+                BTreeMap::new()
             });
             let r = t.restarts();
             let restarts = api::TunnelRestarts {
@@ -112,6 +116,7 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
                 Some(t.public_key().to_base64()),
                 peers,
                 restarts,
+                drops,
             )
         }
         None => (
@@ -119,6 +124,7 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
             None,
             Vec::new(),
             api::TunnelRestarts::default(),
+            BTreeMap::new(),
         ),
     };
     Ok(api::Status {
@@ -153,6 +159,7 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
             }
         },
         drops,
+        tunnel_drops,
         events_lost,
         programs,
         socket_programs,
