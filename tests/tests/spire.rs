@@ -781,12 +781,41 @@ fn assert_served_until_expiry(last_ok: f64, cut: f64, not_after: f64) {
     assert!(cut <= not_after + 10.0, "not cut within 10 s of expiry");
 }
 
-/// Packets refused for want of authentication on both nodes: dropped `auth-required`, or held
-/// for a handshake that never completed (the hold device's timeouts).
-fn auth_refusals(lab: &Lab) -> (u64, u64) {
-    both(lab).iter().fold((0, 0), |(d, h), st| {
-        (d + drop_count(st, "auth-required"), h + st.hold.timed_out)
-    })
+/// Packets refused for want of authentication on both nodes: dropped `auth-required`, held
+/// for a handshake that never completed (the hold device's timeouts), dropped `no-key` (the
+/// node pair's tunnel key went with an expired node SVID; strict mode sends nothing without
+/// one), or dropped by veil-wg for want of a peer (`no-peer`, the same seen by veil-wg).
+fn auth_refusals(lab: &Lab) -> Refusals {
+    both(lab)
+        .iter()
+        .fold(Refusals::default(), |r, st| Refusals {
+            auth_required: r.auth_required + drop_count(st, "auth-required"),
+            hold_timed_out: r.hold_timed_out + st.hold.timed_out,
+            no_key: r.no_key + drop_count(st, "no-key"),
+            tunnel_no_peer: r.tunnel_no_peer + st.tunnel_drops.get("no-peer").copied().unwrap_or(0),
+        })
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Refusals {
+    auth_required: u64,
+    hold_timed_out: u64,
+    no_key: u64,
+    tunnel_no_peer: u64,
+}
+
+impl Refusals {
+    fn total(self) -> u64 {
+        self.auth_required + self.hold_timed_out + self.no_key + self.tunnel_no_peer
+    }
+}
+
+/// A flow cut by an expired SVID is counted somewhere `veil status` shows (scenario 39).
+fn assert_cut_counted(before: Refusals, after: Refusals) {
+    assert!(
+        after.total() > before.total(),
+        "the cut was counted nowhere: {before:?} -> {after:?}"
+    );
 }
 
 /// (g) spire-agent killed on node-a (kill -9; the supervisor restarts `veil lab spire-agent`,
@@ -822,10 +851,11 @@ fn spire_agent_killed_cached_svids_then_fail_closed_then_recovery() {
     let refused = auth_refusals(&lab);
     let drops: Vec<_> = both(&lab).into_iter().map(|s| (s.node, s.drops)).collect();
     println!(
-        "spire-agent killed: frontend served until {:.1} s before the first SVID it needs expired, cut {:.1} s after that; refused (auth-required drops, hold timeouts) {refused0:?} -> {refused:?}; drops {drops:?}",
+        "spire-agent killed: frontend served until {:.1} s before the first SVID it needs expired, cut {:.1} s after that; refused {refused0:?} -> {refused:?}; drops {drops:?}",
         not_after - last_ok,
         cut - not_after
     );
+    assert_cut_counted(refused0, refused);
     let back = held.release_until_frontend_is_back(&lab);
     println!(
         "spire-agent killed: frontend served on cached SVIDs until {:.1} s before the first of them expired, cut {:.1} s after that; veil agent CPU {:?} over {:?} ({:.2} %); recovered {back:?} after the config came back",
@@ -868,9 +898,13 @@ fn spire_server_down_longer_than_the_ttl_fails_closed_and_recovers() {
     let t_kill = Instant::now();
     kill9(server);
     let not_after = first_expiry(&lab, &["node-a", "node-b"]);
+    let refused0 = auth_refusals(&lab);
     let (last_ok, cut) = until_cut(&lab, Duration::from_secs(45));
     // Stay down a while past the cut: nothing may spin while the server is away.
     std::thread::sleep(Duration::from_secs(5));
+    let refused = auth_refusals(&lab);
+    println!("spire-server down: refused {refused0:?} -> {refused:?}");
+    assert_cut_counted(refused0, refused);
     let outage = t_kill.elapsed();
     let cpu: Vec<Duration> = agents
         .iter()
