@@ -20,12 +20,6 @@ use veil_identity::{
 };
 
 use crate::backoff::{Backoff, BackoffConfig};
-
-/// The longest the client goes without checking its SVIDs' validity against the wall clock:
-/// how long a node whose clock was stepped (back before an SVID's `notBefore`, forward past its
-/// `notAfter`, or back to the right time) keeps publishing what it published before. Each
-/// check is a comparison of the cached SVIDs' validity windows, nothing sent.
-const CLOCK_RECHECK: Duration = Duration::from_secs(5);
 use crate::cache::{same_content, IdentityCache, Update};
 use crate::proto::delegated::delegated_identity_client::DelegatedIdentityClient;
 use crate::proto::delegated::{
@@ -34,6 +28,12 @@ use crate::proto::delegated::{
 };
 use crate::proto::types;
 use crate::{uds, Error};
+
+/// The longest the client goes without checking its SVIDs' validity against the wall clock:
+/// how long a node whose clock was stepped (back before an SVID's `notBefore`, forward past its
+/// `notAfter`, or back to the right time) keeps publishing what it published before. Each
+/// check is a comparison of the cached SVIDs' validity windows, nothing sent.
+const CLOCK_RECHECK: Duration = Duration::from_secs(5);
 
 /// Where the client connects and how it retries.
 #[derive(Clone, Debug, PartialEq, Eq)]

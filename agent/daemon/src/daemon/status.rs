@@ -91,14 +91,21 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
     let cluster = s.cluster.clone();
     let (backend, public_key, peers, tunnel_restarts, tunnel_drops) = match s.tunnel.as_mut() {
         Some(t) => {
-            let peers = t.peers(&cluster).unwrap_or_else(|e| {
-                tracing::warn!(error = %crate::error_chain(&e), "cannot read tunnel peers");
-                Vec::new()
-            });
-            let drops = t.drops().unwrap_or_else(|e| {
-                tracing::warn!(error = %crate::error_chain(&e), "cannot read tunnel drops");
-                BTreeMap::new()
-            });
+            // A device that did not answer for its peers is not asked again for its drops: a
+            // hung veil-wg would hold the status request for a second read timeout.
+            let (peers, drops) = match t.peers(&cluster) {
+                Ok(peers) => {
+                    let drops = t.drops().unwrap_or_else(|e| {
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot read tunnel drops");
+                        BTreeMap::new()
+                    });
+                    (peers, drops)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot read tunnel peers");
+                    (Vec::new(), BTreeMap::new())
+                }
+            };
             let r = t.restarts();
             let restarts = api::TunnelRestarts {
                 total: r.total,
