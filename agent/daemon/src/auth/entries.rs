@@ -618,6 +618,28 @@ impl AuthTable {
         }
     }
 
+    /// A local workload has an SVID again (it had none: not issued yet, withdrawn as outside
+    /// its validity by this host's clock, or its spire-agent was away): its desired triples
+    /// that failed without an entry are attempted now, not at the end of their backoff.
+    pub fn retry_local_identity(&mut self, identity: u32, now: Instant) {
+        let due: Vec<AuthTriple> = self
+            .states
+            .iter()
+            .filter(|(t, s)| {
+                t.local_identity == identity
+                    && s.desired
+                    && s.entry.is_none()
+                    && !s.in_flight
+                    && s.failures > 0
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for t in due {
+            self.state_mut(t).next_attempt = Moment::at(now);
+            self.settle(t);
+        }
+    }
+
     /// Entries currently authenticated.
     pub fn len(&self) -> usize {
         self.states.values().filter(|s| s.entry.is_some()).count()
@@ -778,6 +800,30 @@ mod tests {
         let t0 = now();
         assert_eq!(step(&mut table).await, [Action::Start(tr)]);
         assert_eq!(now() - t0, EntriesConfig::default().retry_min);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_local_svid_back_retries_its_failed_triples_at_once() {
+        let mut table = AuthTable::new(EntriesConfig::default(), A);
+        let (tr, other) = (t(300, 301, B), t(302, 301, B));
+        table.set_desired([tr, other], now());
+        assert_eq!(table.poll(now()).len(), 2);
+        for _ in 0..4 {
+            for x in [tr, other] {
+                table.on_failed(x, AuthFailure::NoLocalSvid, now(), 0.0);
+            }
+            advance(Duration::from_secs(60)).await;
+            assert_eq!(table.poll(now()).len(), 2);
+        }
+        for x in [tr, other] {
+            table.on_failed(x, AuthFailure::NoLocalSvid, now(), 0.0);
+        }
+        // Backing off: nothing due now...
+        assert_eq!(table.poll(now()), []);
+        // ...until identity 300 has its SVID again: its triple starts at once, 302's waits.
+        table.retry_local_identity(300, now());
+        assert_eq!(table.poll(now()), [Action::Start(tr)]);
+        assert_eq!(table.poll(now()), []);
     }
 
     #[tokio::test(start_paused = true)]

@@ -228,6 +228,13 @@ impl<C: PeerChannel> MeshState<C> {
             }
             self.local_serials.insert(*identity, serial);
         }
+        // An SVID back (or new): its pairs that failed for want of it need not sit out their
+        // backoff (a node whose clock was set right, a spire-agent back).
+        for identity in ids_now.keys() {
+            if !self.local_ids.contains_key(identity) {
+                self.table.retry_local_identity(*identity, now);
+            }
+        }
         self.local_serials.retain(|id, _| ids_now.contains_key(id));
         self.local_ids = ids_now;
         out
