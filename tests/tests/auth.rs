@@ -782,7 +782,7 @@ fn a_full_auth_map_keeps_new_pairs_out_and_old_ones_working() {
     assert_eq!(fill(&lab.status("node-b")), (cap as usize, cap));
 
     lab.apply_policy_ok(INTRUDER_AUTH_POLICY);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = url(&lab);
     let pair = lab.wait_for(
         "node-b's intruder pair to fail auth-map-full",
         Duration::from_secs(15),

@@ -308,15 +308,6 @@ impl Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(self.socket());
-        // libfaketime's shared memory, if the daemon ran under it (scenario 38) and did not
-        // remove it itself.
-        let pid = self.child.id();
-        for f in [
-            format!("/dev/shm/faketime_shm_{pid}"),
-            format!("/dev/shm/sem.faketime_sem_{pid}"),
-        ] {
-            let _ = std::fs::remove_file(f);
-        }
     }
 }
 
