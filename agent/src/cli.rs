@@ -164,8 +164,9 @@ pub fn format_status(st: &api::Status) -> String {
         for c in &st.channels {
             let _ = writeln!(
                 s,
-                "    {:<10} {}  psk epoch {}  up {}s  peer svid {}",
+                "    {:<10} {:<15} {}  psk epoch {}  up {}s  peer svid {}",
                 c.node,
+                c.address,
                 c.group.as_deref().unwrap_or("?"),
                 c.epoch,
                 unix_now().saturating_sub(c.established_unix),

@@ -272,12 +272,18 @@ fn ingress_rules_are_decided_at_the_servers_node_under_mutual_authentication() {
         "{denied:#}"
     );
     assert!(l7_records(&lab, "node-a").is_empty());
-    // The connection was admitted at node-b on an authenticated identity pair, encrypted.
-    let at_b = lab.observe(&["--node", "node-b", "--type", "l3l4", "--pod", "frontend"]);
-    let admitted = at_b
-        .iter()
-        .find(|f| f["dst"]["pod"] == "backend" && f["verdict"] == "FORWARDED")
-        .unwrap_or_else(|| panic!("no admission at node-b: {at_b:#?}"));
+    // The connection was admitted at node-b on an authenticated identity pair, encrypted. The
+    // record comes through the agent's ring buffer reader, not with the proxy's L7 records:
+    // waited for (it was once not there yet when the L7 records were).
+    let admitted = lab.wait_for(
+        "frontend's admission record at node-b",
+        Duration::from_secs(10),
+        || {
+            lab.observe(&["--node", "node-b", "--type", "l3l4", "--pod", "frontend"])
+                .into_iter()
+                .find(|f| f["dst"]["pod"] == "backend" && f["verdict"] == "FORWARDED")
+        },
+    );
     assert_eq!(
         (admitted["auth"].as_str(), admitted["encrypted"].as_bool()),
         (Some("authenticated"), Some(true)),

@@ -239,3 +239,183 @@ fn a_node_claiming_another_nodes_wireguard_key_is_refused() {
         );
     }
 }
+
+/// The interface of `netns` holding the IPv4 address `ip`.
+fn interface_with(netns: &str, ip: &str) -> String {
+    let out = veil_tests::ip_netns(netns, &["ip", "-o", "-4", "addr", "show"]);
+    out.lines()
+        .find(|l| l.contains(&format!(" inet {ip}/")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no interface of {netns} holds {ip}:\n{out}"))
+        .to_string()
+}
+
+/// How a node gets its new underlay address.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Move {
+    /// As a DHCP renewal does: the old address goes before the cluster names the new one (the
+    /// node is unreachable at both for a moment).
+    OldGoneFirst,
+    /// Planned: the cluster names the new address while the old one still works (and still
+    /// carries the channels); the old one goes only once the peers have followed.
+    OldKept,
+}
+
+/// Moves `node` to the underlay address `to`: the new address is added, the old one deleted
+/// before (`Move::OldGoneFirst`) or not (`Move::OldKept`, see [`drop_address`]) the lab's
+/// cluster state names the new one (written whole and renamed into place, as `veil lab`
+/// writes it). Returns the old address and when the cluster state changed.
+fn move_node(lab: &Lab, node: &str, to: &str, how: Move) -> (String, Instant) {
+    let netns = lab.node_netns(node);
+    let paths = veil_agent::lab::LabPaths::new(&lab.name).unwrap();
+    let state = paths.control_plane().join("cluster.json");
+    let mut cs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let entry = cs["nodes"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|n| n["name"] == node)
+        .unwrap_or_else(|| panic!("{node} in cluster.json"));
+    let from = entry["underlay_ip"].as_str().unwrap().to_string();
+    entry["underlay_ip"] = to.into();
+    let dev = interface_with(&netns, &from);
+    // The new address is a secondary one of the same subnet: it must outlive the primary.
+    veil_tests::ip_netns(
+        &netns,
+        &[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{dev}.promote_secondaries=1"),
+        ],
+    );
+    veil_tests::ip_netns(
+        &netns,
+        &["ip", "addr", "add", &format!("{to}/24"), "dev", &dev],
+    );
+    if how == Move::OldGoneFirst {
+        drop_address(lab, node, &from);
+    }
+    let tmp = state.with_extension("json.moving");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&cs).unwrap()).unwrap();
+    std::fs::rename(&tmp, &state).unwrap();
+    eprintln!("{node} moved from {from} to {to} on {dev} ({how:?})");
+    (from, Instant::now())
+}
+
+/// Deletes `node`'s underlay address `ip` (its other address stays, promoted).
+fn drop_address(lab: &Lab, node: &str, ip: &str) {
+    let netns = lab.node_netns(node);
+    let dev = interface_with(&netns, ip);
+    veil_tests::ip_netns(
+        &netns,
+        &["ip", "addr", "del", &format!("{ip}/24"), "dev", &dev],
+    );
+}
+
+/// Scenario 37, a node changing its underlay address: neither agent restarts. The other node's
+/// veil-wg sends to the new endpoint and its control channel runs to the new address (a node
+/// handshake from or to it), frontend is served again under `authentication: required`
+/// (backend's pair re-authenticated over the new channel), intruder stays refused, and the
+/// underlay carries WireGuard from the new address with the marker never in clear. node-b
+/// moves first (the dialled side: node-a closes its channel, which would otherwise live on
+/// through the old address it keeps, and redials), then node-a, its old address gone first
+/// (the dialling side: it listens and dials from its new address).
+#[test]
+fn a_node_whose_underlay_address_changes_is_followed_without_an_agent_restart() {
+    // PSK rotation at its default (10 min): a re-key, which dials the peer's current address,
+    // does not stand in for following the move.
+    let lab = Lab::up_with_auth_policy("", &[]);
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let agents = |lab: &Lab| {
+        (
+            lab.status("node-a").agent.pid,
+            lab.status("node-b").agent.pid,
+        )
+    };
+    let before = agents(&lab);
+    let channel_to =
+        |on: &str, node: &str| lab.status(on).channels.into_iter().find(|c| c.node == node);
+    for (node, to, other, how) in [
+        ("node-b", "198.18.0.77", "node-a", Move::OldKept),
+        ("node-a", "198.18.0.78", "node-b", Move::OldGoneFirst),
+    ] {
+        lab.wait_for(
+            "a control channel between the nodes",
+            Duration::from_secs(30),
+            || channel_to(other, node),
+        );
+        let capture = lab.capture_underlay();
+        let (from, moved_at) = move_node(&lab, node, to, how);
+        // The control channel: closed and dialled again to or from the new address.
+        let followed = lab.wait_for(
+            &format!("{other}'s control channel to {node} at {to}"),
+            Duration::from_secs(10),
+            || {
+                channel_to(other, node)
+                    .is_some_and(|c| c.address == to)
+                    .then(|| moved_at.elapsed())
+            },
+        );
+        if how == Move::OldKept {
+            // Until now node-b's packets left from its old (primary) address.
+            drop_address(&lab, node, &from);
+        }
+        // WireGuard: the endpoint the cluster names, and the one authenticated packets show.
+        let endpoint = format!("{to}:51820");
+        let tunnel = lab.wait_for(
+            &format!("{other}'s veil-wg to send to {node} at {endpoint}"),
+            Duration::from_secs(30),
+            || {
+                lab.status(other)
+                    .peers
+                    .iter()
+                    .any(|p| p.node == node && p.endpoint.as_deref() == Some(endpoint.as_str()))
+                    .then(|| moved_at.elapsed())
+            },
+        );
+        let served = lab.wait_for("frontend served again", Duration::from_secs(30), || {
+            lab.try_get("frontend", &url)
+                .ok()
+                .map(|_| moved_at.elapsed())
+        });
+        eprintln!(
+            "{node} → {to} ({how:?}): {other}'s control channel followed after {} ms, its \
+             tunnel endpoint after {} ms, frontend served after {} ms",
+            followed.as_millis(),
+            tunnel.as_millis(),
+            served.as_millis()
+        );
+        let marker = format!("moved-{}-{}", node, veil_tests::rand_suffix());
+        assert_eq!(
+            lab.get_with_marker("frontend", &url, &marker),
+            "hello from shop/backend\n"
+        );
+        assert!(
+            lab.try_get("intruder", &url).is_err(),
+            "intruder was served after {node} moved"
+        );
+        let pcap = capture.stop();
+        assert!(
+            !veil_tests::contains(&pcap, marker.as_bytes()),
+            "the marker crossed the underlay in clear after {node} moved"
+        );
+        let wg_from_new = veil_tests::ipv4_frames(&pcap)
+            .iter()
+            .filter(|f| f.src == to && f.udp_ports == Some((51820, 51820)))
+            .count();
+        assert!(
+            wg_from_new > 0,
+            "no WireGuard datagram from {to} on the underlay"
+        );
+    }
+    assert_eq!(agents(&lab), before, "an agent restarted");
+    let paths = veil_agent::lab::LabPaths::new(&lab.name).unwrap();
+    for node in ["node-a", "node-b"] {
+        let log = std::fs::read_to_string(paths.log(&format!("agent-{node}"))).unwrap();
+        assert!(
+            log.contains("this node's underlay address changed"),
+            "{node}'s agent did not log its move"
+        );
+    }
+}

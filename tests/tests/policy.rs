@@ -341,3 +341,88 @@ fn flow_log_survives_agent_restart_and_metrics_count() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--verdict"));
 }
+
+/// A policy of `rules` for backend, named `big` (each apply replaces the last).
+fn big_policy(rules: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big, namespace: shop}}\n\
+         spec:\n  endpointSelector: {{matchLabels: {{app: backend}}}}\n{rules}"
+    )
+}
+
+/// Frontend on every port but 1 (1–65535 would be "any port", one entry), every protocol:
+/// 65,534 ports × TCP, UDP and SCTP = 196,602 entries of `direction` on node-b.
+fn every_port(direction: &str, peers: &str) -> String {
+    format!(
+        "  {direction}:\n  - {peers}: [{{matchLabels: {{app: frontend}}}}]\n    \
+         toPorts: [{{ports: [{{port: '2', endPort: 65535}}]}}]\n"
+    )
+}
+
+/// Scenario 34, the policy table: node-b's policy map (two slots of 262,144 entries, the idle
+/// one written, then made live) takes three policies in a row. The third, 196,605 entries of
+/// other keys than the first, goes into the slot still holding the first's 196,603: together
+/// they do not fit, so the writes that fail before the first's entries are removed must be
+/// written after. The third is in force at once, whole; frontend is served and intruder
+/// refused throughout.
+#[test]
+fn a_large_policy_replaces_another_of_other_keys_through_a_full_slot() {
+    let lab = Lab::up(&[]);
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let only_8080 = "  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    \
+                     toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n";
+    let policies = [
+        (
+            "every port in",
+            big_policy(&every_port("ingress", "fromEndpoints")),
+            196_603,
+        ),
+        ("8080 in", big_policy(only_8080), 2),
+        (
+            "8080 in, every port out",
+            big_policy(&format!(
+                "{only_8080}{}",
+                every_port("egress", "toEndpoints")
+            )),
+            196_605,
+        ),
+    ];
+    for (what, yaml, entries) in policies {
+        let t = Instant::now();
+        let out = lab.apply_policy_ok(&yaml);
+        let took = t.elapsed();
+        let policy = lab.status("node-b").policy;
+        eprintln!(
+            "{what}: in force on node-b after {} ms ({} entries): {}",
+            took.as_millis(),
+            policy.entries,
+            out.trim().replace('\n', "; ")
+        );
+        assert_eq!(
+            (policy.entries, policy.last_error),
+            (entries, None),
+            "{what}: node-b's live policy map"
+        );
+        assert_eq!(
+            lab.try_get("frontend", &url).as_deref(),
+            Ok("hello from shop/backend\n"),
+            "{what}: frontend"
+        );
+        assert!(
+            lab.try_get("intruder", &url).is_err(),
+            "{what}: intruder was served"
+        );
+    }
+    // Each went in at its first pass: no install failed and waited for the next reconcile.
+    let paths = veil_agent::lab::LabPaths::new(&lab.name).unwrap();
+    let log = std::fs::read_to_string(paths.log("agent-node-b")).unwrap();
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("reconcile failed"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "a policy install failed on node-b before it went in:\n{}",
+        failed.join("\n")
+    );
+}

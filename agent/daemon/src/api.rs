@@ -263,6 +263,9 @@ pub struct AuthPair {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NodeChannel {
     pub node: String,
+    /// The peer's underlay address the channel runs to (or came from).
+    #[serde(default)]
+    pub address: String,
     /// PSK epoch of the node pair.
     pub epoch: u64,
     /// Negotiated TLS key exchange group (X25519MLKEM768 unless classical is allowed).

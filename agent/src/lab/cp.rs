@@ -120,13 +120,19 @@ pub fn wait_applied(
                     Err(e) if Instant::now() > deadline => {
                         break (n.name.clone(), Err(e.to_string()))
                     }
-                    _ if Instant::now() > deadline => {
+                    Ok(st) if Instant::now() > deadline => {
+                        // An install the agent keeps retrying says why it has not gone in.
+                        let why = st
+                            .policy
+                            .last_error
+                            .map(|e| format!(" (last error: {e})"))
+                            .unwrap_or_default();
                         break (
                             n.name.clone(),
                             Err(format!(
-                                "generation {generation} not in force after {timeout:?}"
+                                "generation {generation} not in force after {timeout:?}{why}"
                             )),
-                        )
+                        );
                     }
                     _ => std::thread::sleep(Duration::from_millis(50)),
                 }

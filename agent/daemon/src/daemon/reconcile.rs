@@ -255,10 +255,23 @@ fn reconcile_policy(
     }
     let started = std::time::Instant::now();
     let compiled = crate::policy::compile(&cluster.policies, &cluster.identity_table(), &locals);
-    s.policy_input = Some(input);
     match compiled {
         Ok(c) => {
-            let changes = dp_policy::install(s.datapath.ebpf_mut(), &c.entries)?;
+            // Not installed (the idle slot refused writes): the live slot keeps the previous
+            // policy whole, `veil status` says which generation did not go in, and the next
+            // reconcile tries again (the input is remembered only once installed).
+            let changes = match dp_policy::install(s.datapath.ebpf_mut(), &c.entries) {
+                Ok(n) => n,
+                Err(e) => {
+                    s.policy.last_error = Some(format!(
+                        "generation {} not installed, previous policy stays in force: {}",
+                        cluster.policy_generation,
+                        crate::error_chain(&e)
+                    ));
+                    return Err(e);
+                }
+            };
+            s.policy_input = Some(input);
             let pruned = dp_policy::prune_conntrack(s.datapath.ebpf_mut(), &c.entries)?;
             let _ = s.policy_tx.send(Arc::new(c.entries.clone()));
             s.l7_rules = c.l7.clone();
@@ -284,6 +297,7 @@ fn reconcile_policy(
             };
         }
         Err(e) => {
+            s.policy_input = Some(input);
             tracing::error!(generation = cluster.policy_generation, error = %e, "policy does not compile; previous policy stays in force");
             s.policy.last_error = Some(format!("generation {}: {e}", cluster.policy_generation));
         }

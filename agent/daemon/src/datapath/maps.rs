@@ -247,30 +247,46 @@ impl<K: Ord + Copy, V: PartialEq + Copy> Shadowed<K, V> {
 }
 
 /// [`sync`] from a known `current` content. A write that fails (a full map) does not stop the
-/// others or the removals (which make room): what fits is written, and the failures are
-/// reported together.
+/// others or the removals; the removals make room, so the failed writes are tried once more
+/// after them: what fits is written (a set that fits the map is written whole, even over a
+/// full one of other keys), and what still fails is reported together.
 fn sync_from<K: Ord + Copy, V: PartialEq + Copy>(
     map: &mut impl MapOps<K, V>,
     current: &Entries<K, V>,
     desired: &Entries<K, V>,
 ) -> Result<usize, Error> {
-    let (mut changes, mut wanted, mut failed) = (0, 0, 0);
-    let mut first = None;
+    let (mut changes, mut wanted) = (0, 0);
+    let mut refused = Vec::new();
     for (k, v) in desired.iter() {
         if current.get(k) != Some(v) {
             wanted += 1;
             match map.upsert(*k, *v) {
                 Ok(()) => changes += 1,
-                Err(e) => {
-                    failed += 1;
-                    first.get_or_insert(e);
-                }
+                Err(e) => refused.push((*k, *v, e)),
             }
         }
     }
+    let mut removed = 0;
     for (k, _) in current.iter().filter(|(k, _)| !desired.contains_key(k)) {
         map.remove(k)?;
-        changes += 1;
+        removed += 1;
+    }
+    changes += removed;
+    let (mut failed, mut first) = (0, None);
+    for (k, v, e) in refused {
+        // Without a removal there is no new room: the first answer stands.
+        let again = if removed > 0 {
+            map.upsert(k, v)
+        } else {
+            Err(e)
+        };
+        match again {
+            Ok(()) => changes += 1,
+            Err(e) => {
+                failed += 1;
+                first.get_or_insert(e);
+            }
+        }
     }
     match first {
         None => Ok(changes),
@@ -515,24 +531,40 @@ mod tests {
             capacity: 3,
         };
         m.map.0.extend([(10, info(0)), (11, info(0))]);
-        // Five wanted, two stale: the writes before the removals fit one; the rest fail,
-        // counted, and the stale entries still go.
+        // Five wanted, two stale: the writes before the removals fit one, the removals make
+        // room for two more, the last two fail, counted, and the stale entries still go.
         let desired: BTreeMap<u32, NodeInfo> = (1..=5).map(|k| (k, info(1))).collect();
         match sync(&mut m, &desired) {
             Err(Error::SomeWritesFailed { failed, wanted, .. }) => {
-                assert_eq!((failed, wanted), (4, 5))
+                assert_eq!((failed, wanted), (2, 5))
             }
             other => panic!("expected SomeWritesFailed, got {other:?}"),
         }
         assert!(!m.map.0.contains_key(&10) && !m.map.0.contains_key(&11));
-        // The next sync fills the room the removals made.
+        assert_eq!(m.map.0.len(), 3);
+        // Nothing stale left: no room is made, the same two fail again.
         match sync(&mut m, &desired) {
             Err(Error::SomeWritesFailed { failed, wanted, .. }) => {
-                assert_eq!((failed, wanted), (2, 4))
+                assert_eq!((failed, wanted), (2, 2))
             }
             other => panic!("expected SomeWritesFailed, got {other:?}"),
         }
-        assert_eq!(m.map.0.len(), 3);
+    }
+
+    /// A full map of other keys takes a whole new set that fits it, in one sync (a policy slot
+    /// going from one large policy to another of other keys).
+    #[test]
+    fn a_set_that_fits_replaces_a_full_map_of_other_keys_in_one_sync() {
+        let info = |f| NodeInfo { flags: f, _pad: 0 };
+        let mut m = Flaky {
+            map: FakeMap::default(),
+            fail: false,
+            capacity: 4,
+        };
+        m.map.0.extend((10..14).map(|k| (k, info(0))));
+        let desired: BTreeMap<u32, NodeInfo> = (1..=4).map(|k| (k, info(1))).collect();
+        assert_eq!(sync(&mut m, &desired).unwrap(), 8);
+        assert_eq!(m.map.0, desired);
     }
 
     #[test]

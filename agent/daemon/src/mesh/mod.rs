@@ -252,7 +252,9 @@ impl Mesh {
         );
         let (dial_tx, mut dial_rx) = mpsc::channel::<DialOutcome>(64);
         let (result_tx, mut result_rx) = mpsc::channel::<HandshakeResult>(4096);
-        let mut server_started = false;
+        // The running server's stop: dropped when this node's underlay address changes (the
+        // listener is bound to it) and at shutdown.
+        let mut server_stop: Option<tokio::sync::oneshot::Sender<()>> = None;
         let mut node_serial: Option<String> = None;
         let mut held_bundles: Option<Arc<veil_identity::Bundles>> = None;
         let mut seen_cluster: Option<Arc<ClusterState>> = None;
@@ -338,6 +340,12 @@ impl Mesh {
                     .filter_map(|n| dir.node_by_name(&n.name))
                     .collect();
                 self.directory.store(Arc::new(dir));
+                let me_moved = self.follow_own_address(&cluster);
+                if me_moved {
+                    server_stop = None;
+                }
+                let fx = state.on_addresses(&peers, me_moved);
+                self.apply(fx, &mut state, &dial_tx, &result_tx);
                 let published = published_keys(&cluster);
                 self.published_tx.send_if_modified(|p| {
                     let changed = *p != published;
@@ -348,12 +356,15 @@ impl Mesh {
             }
 
             // The server needs a node SVID before it can answer TLS.
-            if !server_started && self.deps.creds.svid().is_some() {
+            if server_stop.is_none() && self.deps.creds.svid().is_some() {
                 match Server::bind(self.server_cfg.clone(), self.deps.clone()).await {
                     Ok(server) => {
                         tracing::info!(listen = %self.server_cfg.listen, "control channel listening (TLS 1.3, X25519MLKEM768)");
-                        tokio::spawn(server.run(std::future::pending()));
-                        server_started = true;
+                        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                        tokio::spawn(server.run(async move {
+                            let _ = stopped.await;
+                        }));
+                        server_stop = Some(stop);
                     }
                     Err(e) => {
                         tracing::warn!(error = %crate::error_chain(&e), "cannot listen for peers; retrying")
@@ -478,6 +489,27 @@ impl Mesh {
         for c in state.channels() {
             c.close();
         }
+    }
+
+    /// Takes this node's underlay address from `cluster`: when it changed, the control channel
+    /// listens and dials from the new one (true: the caller restarts the listener and closes
+    /// the channels bound to the old one). An address the node does not hold yet fails to
+    /// bind and is retried like any bind failure.
+    fn follow_own_address(&mut self, cluster: &ClusterState) -> bool {
+        let Some(now) = cluster
+            .node(&self.cfg.node)
+            .map(|n| IpAddr::V4(n.underlay_ip))
+        else {
+            return false;
+        };
+        if now == self.cfg.underlay_ip {
+            return false;
+        }
+        tracing::info!(from = %self.cfg.underlay_ip, to = %now, "this node's underlay address changed: the control channel moves to it");
+        self.cfg.underlay_ip = now;
+        self.server_cfg.listen.set_ip(now);
+        self.client_cfg.bind = Some(now);
+        true
     }
 
     /// Carries out the state machine's effects (the only IO of the mesh besides the inputs).

@@ -9,6 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -120,6 +121,8 @@ pub struct MeshState<C> {
     dialing: BTreeMap<u32, String>,
     /// Earliest redial and consecutive failures, by peer node id.
     redial_at: BTreeMap<u32, (Instant, u32)>,
+    /// Each peer's underlay address as last given to [`Self::on_addresses`].
+    peer_addrs: HashMap<u32, IpAddr>,
     keys: BTreeMap<String, PeerKeys>,
     /// When each peer's keys expire without a fresh node handshake (`key_deadline`).
     key_deadlines: BTreeMap<String, Instant>,
@@ -138,6 +141,7 @@ impl<C: PeerChannel> MeshState<C> {
             channels: BTreeMap::new(),
             dialing: BTreeMap::new(),
             redial_at: BTreeMap::new(),
+            peer_addrs: HashMap::new(),
             keys: BTreeMap::new(),
             key_deadlines: BTreeMap::new(),
             local_ids: BTreeMap::new(),
@@ -504,6 +508,36 @@ impl<C: PeerChannel> MeshState<C> {
         }
     }
 
+    /// A node's underlay address changed in the cluster state. A channel runs between the
+    /// addresses its two ends had when it opened, so it is closed when its peer's address is
+    /// no longer the one in `peers` or, when this node itself moved (`me_moved`), whatever its
+    /// peer; the peer is dialled again at once (its backoff forgotten: failures against the
+    /// old address say nothing of the new one). Tunnel keys and auth entries stay: WireGuard
+    /// sessions carry on from the new address, and the next node handshake renews the keys.
+    pub fn on_addresses(&mut self, peers: &[NodeInfo], me_moved: bool) -> Vec<Effect<C>> {
+        let now_at: HashMap<u32, IpAddr> = peers.iter().map(|p| (p.id, p.addr)).collect();
+        let before = std::mem::replace(&mut self.peer_addrs, now_at);
+        let now_at = &self.peer_addrs;
+        let stale: Vec<u32> = self
+            .channels
+            .iter()
+            .filter(|(id, c)| {
+                me_moved || now_at.get(id).is_some_and(|a| *a != c.channel.peer().addr)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::new();
+        for id in stale {
+            if let Some(c) = self.channels.remove(&id) {
+                tracing::info!(peer = %c.channel.peer().name, from = %c.channel.peer().addr, to = ?now_at.get(&id), me_moved, "underlay address changed: control channel closed, redialling");
+                out.push(Effect::Close(c.channel));
+            }
+        }
+        self.redial_at
+            .retain(|id, _| !me_moved && before.get(id).is_none_or(|a| now_at.get(id) == Some(a)));
+        out
+    }
+
     /// A channel closed. Only the channel in use is forgotten (a re-key closes the previous
     /// channel after installing the new one).
     pub fn on_closed(&mut self, peer_node: u32, reason: &str) {
@@ -553,6 +587,7 @@ impl<C: PeerChannel> MeshState<C> {
             .iter()
             .map(|(id, c)| api::NodeChannel {
                 node: node_name(*id),
+                address: c.channel.peer().addr.to_string(),
                 epoch: c.channel.epoch(),
                 group: c.channel.group().map(str::to_string),
                 established_unix: unix(c.established),
@@ -947,6 +982,54 @@ mod tests {
         assert_eq!(st.failure_for(300, 1_000, 2), Some("peer-unreachable"));
         assert_eq!(st.failure_for(300, 1_001, 3), Some("timeout"));
         assert_eq!(st.failures["peer-unreachable"], 100);
+    }
+
+    /// A node that moves: the channel to its old address is closed and it is dialled again at
+    /// once, at its new address, its backoff forgotten; its keys stay. A channel already at
+    /// the new address is kept, and this node moving closes every channel.
+    #[test]
+    fn a_moved_peer_is_redialled_at_its_new_address_and_its_keys_kept() {
+        let mut w = World::new();
+        let b = w.b.clone();
+        assert!(w
+            .state
+            .on_addresses(std::slice::from_ref(&b), false)
+            .is_empty());
+        w.connect(w.channel("s1"));
+        // The same addresses again: nothing to do.
+        assert!(w
+            .state
+            .on_addresses(std::slice::from_ref(&b), false)
+            .is_empty());
+        // A failed redial is waiting its backoff when node-b moves.
+        w.state.redial_at.insert(2, (w.now + HOUR, 7));
+        let moved = NodeInfo {
+            addr: Ipv4Addr::new(198, 18, 0, 50).into(),
+            ..b.clone()
+        };
+        let fx = w.state.on_addresses(std::slice::from_ref(&moved), false);
+        assert_eq!(closed(&fx), ["s1"]);
+        assert!(w.state.keys().contains_key("node-b"), "keys kept");
+        match &w.poll(std::slice::from_ref(&moved))[..] {
+            [Effect::Dial(p)] => assert_eq!(p.addr, moved.addr),
+            other => panic!(
+                "expected one dial to the new address, got {} effects",
+                other.len()
+            ),
+        }
+        // A channel to the new address stays when the same state is given again ...
+        w.state.dialing.clear();
+        w.b = moved.clone();
+        w.connect(w.channel("s2"));
+        assert!(w
+            .state
+            .on_addresses(std::slice::from_ref(&moved), false)
+            .is_empty());
+        // ... and goes when this node moves, whatever its peer.
+        w.state.redial_at.insert(2, (w.now + HOUR, 7));
+        let fx = w.state.on_addresses(std::slice::from_ref(&moved), true);
+        assert_eq!(closed(&fx), ["s2"]);
+        assert!(matches!(&w.poll(&[moved])[..], [Effect::Dial(_)]));
     }
 
     #[test]
