@@ -156,6 +156,7 @@ impl Agent {
             ipcache_written: Default::default(),
             nodes_written: Default::default(),
             policy: api::PolicyStatus::default(),
+            underlay_if: None,
             audit,
             mesh_keys,
             mesh_status,

@@ -82,13 +82,17 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
     // Underlay ingress, with or without encryption: with it, no plaintext for pods from other
     // nodes; without it (the capture sanity check), the ingress checks pod traffic from other
     // nodes gets, as from the tunnel.
-    match cluster
-        .nodes
-        .iter()
-        .find(|n| n.name == me)
-        .and_then(|n| interface_with_address(n.underlay_ip))
-    {
+    let underlay_ip = cluster.node(&me).map(|n| n.underlay_ip);
+    let underlay = underlay_ip.and_then(interface_with_address);
+    let found = underlay.is_some();
+    match underlay.or_else(|| s.underlay_if.clone()) {
         Some(u) => {
+            if !found {
+                // The address moved off (a renumbering under way): the programs stay where
+                // they are, still filtering, until the interface holding it is known.
+                tracing::warn!(underlay_ip = ?underlay_ip, interface = %u, "this node's underlay address is on no interface: the underlay programs stay on the last one");
+            }
+            s.underlay_if = Some(u.clone());
             // With node encryption, underlay egress too: node traffic goes into the tunnel.
             let mut hooks = vec![(programs::FROM_UNDERLAY, Hook::TcxIngress)];
             if s.cfg.node_encryption && s.cfg.encryption {

@@ -57,6 +57,9 @@ pub(super) struct Shared {
         crate::datapath::maps::Shadowed<crate::datapath::maps::Prefix, veil_common::maps::IpInfo>,
     pub(super) nodes_written: crate::datapath::maps::Shadowed<u32, veil_common::maps::NodeInfo>,
     pub(super) policy: api::PolicyStatus,
+    /// The interface the underlay programs were last attached to (the one holding this node's
+    /// underlay address then): they stay there while the address is on no interface.
+    pub(super) underlay_if: Option<String>,
     /// Node-wide audit mode: would-be policy drops pass and are reported as AUDIT.
     pub(super) audit: bool,
     /// Peer keys from authenticated node handshakes (mutual auth); None: keys from the cluster
