@@ -479,6 +479,17 @@ mod tests {
         capacity: usize,
     }
 
+    impl Flaky {
+        /// An empty map that takes `capacity` entries.
+        fn holding(capacity: usize) -> Self {
+            Self {
+                map: FakeMap::default(),
+                fail: false,
+                capacity,
+            }
+        }
+    }
+
     impl MapOps<u32, NodeInfo> for Flaky {
         fn upsert(&mut self, key: u32, value: NodeInfo) -> Result<(), Error> {
             let full = self.map.0.len() >= self.capacity && !self.map.0.contains_key(&key);
@@ -497,11 +508,7 @@ mod tests {
 
     #[test]
     fn shadowed_sync_reads_the_map_once_and_again_after_a_failure() {
-        let mut m = Flaky {
-            map: FakeMap::default(),
-            fail: false,
-            capacity: usize::MAX,
-        };
+        let mut m = Flaky::holding(usize::MAX);
         m.map.0.insert(9, NodeInfo::default());
         let mut shadow = Shadowed::default();
         let one = BTreeMap::from([(1, NodeInfo { flags: 1, _pad: 0 })]);
@@ -525,11 +532,7 @@ mod tests {
     #[test]
     fn a_full_map_gets_what_fits_its_stale_entries_removed_and_the_failures_counted() {
         let info = |f| NodeInfo { flags: f, _pad: 0 };
-        let mut m = Flaky {
-            map: FakeMap::default(),
-            fail: false,
-            capacity: 3,
-        };
+        let mut m = Flaky::holding(3);
         m.map.0.extend([(10, info(0)), (11, info(0))]);
         // Five wanted, two stale: the writes before the removals fit one, the removals make
         // room for two more, the last two fail, counted, and the stale entries still go.
@@ -556,11 +559,7 @@ mod tests {
     #[test]
     fn a_set_that_fits_replaces_a_full_map_of_other_keys_in_one_sync() {
         let info = |f| NodeInfo { flags: f, _pad: 0 };
-        let mut m = Flaky {
-            map: FakeMap::default(),
-            fail: false,
-            capacity: 4,
-        };
+        let mut m = Flaky::holding(4);
         m.map.0.extend((10..14).map(|k| (k, info(0))));
         let desired: BTreeMap<u32, NodeInfo> = (1..=4).map(|k| (k, info(1))).collect();
         assert_eq!(sync(&mut m, &desired).unwrap(), 8);
