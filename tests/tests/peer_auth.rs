@@ -300,9 +300,7 @@ fn tell_cluster(lab: &Lab, node: &str, to: &str) -> String {
         .unwrap_or_else(|| panic!("{node} in cluster.json"));
     let from = entry["underlay_ip"].as_str().unwrap().to_string();
     entry["underlay_ip"] = to.into();
-    let tmp = state.with_extension("json.moving");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&cs).unwrap()).unwrap();
-    std::fs::rename(&tmp, &state).unwrap();
+    veil_agent::sys::write_atomic(&state, &serde_json::to_vec_pretty(&cs).unwrap()).unwrap();
     from
 }
 

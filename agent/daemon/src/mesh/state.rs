@@ -991,24 +991,21 @@ mod tests {
     fn a_moved_peer_is_redialled_at_its_new_address_and_its_keys_kept() {
         let mut w = World::new();
         let b = w.b.clone();
-        assert!(w
-            .state
-            .on_addresses(std::slice::from_ref(&b), false)
-            .is_empty());
+        // The serials of the channels closed when node-b is at `at` (this node moved or not).
+        let addresses = |w: &mut World, at: &NodeInfo, me_moved: bool| {
+            closed(&w.state.on_addresses(std::slice::from_ref(at), me_moved))
+        };
+        assert!(addresses(&mut w, &b, false).is_empty());
         w.connect(w.channel("s1"));
         // The same addresses again: nothing to do.
-        assert!(w
-            .state
-            .on_addresses(std::slice::from_ref(&b), false)
-            .is_empty());
+        assert!(addresses(&mut w, &b, false).is_empty());
         // A failed redial is waiting its backoff when node-b moves.
         w.state.redial_at.insert(2, (w.now + HOUR, 7));
         let moved = NodeInfo {
             addr: Ipv4Addr::new(198, 18, 0, 50).into(),
             ..b.clone()
         };
-        let fx = w.state.on_addresses(std::slice::from_ref(&moved), false);
-        assert_eq!(closed(&fx), ["s1"]);
+        assert_eq!(addresses(&mut w, &moved, false), ["s1"]);
         assert!(w.state.keys().contains_key("node-b"), "keys kept");
         match &w.poll(std::slice::from_ref(&moved))[..] {
             [Effect::Dial(p)] => assert_eq!(p.addr, moved.addr),
@@ -1021,14 +1018,10 @@ mod tests {
         w.state.dialing.clear();
         w.b = moved.clone();
         w.connect(w.channel("s2"));
-        assert!(w
-            .state
-            .on_addresses(std::slice::from_ref(&moved), false)
-            .is_empty());
+        assert!(addresses(&mut w, &moved, false).is_empty());
         // ... and goes when this node moves, whatever its peer.
         w.state.redial_at.insert(2, (w.now + HOUR, 7));
-        let fx = w.state.on_addresses(std::slice::from_ref(&moved), true);
-        assert_eq!(closed(&fx), ["s2"]);
+        assert_eq!(addresses(&mut w, &moved, true), ["s2"]);
         assert!(matches!(&w.poll(&[moved])[..], [Effect::Dial(_)]));
     }
 
