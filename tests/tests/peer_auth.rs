@@ -360,28 +360,45 @@ fn a_node_whose_underlay_address_changes_is_followed_without_an_agent_restart() 
     node_moves_are_followed(
         &Lab::up_with_auth_policy("", &[]),
         &[
-            ("node-b", "198.18.0.77", "node-a", Move::OldKept),
-            ("node-a", "198.18.0.78", "node-b", Move::OldGoneFirst),
+            ("node-b", "198.18.0.77", "node-a", Move::OldKept, SOON),
+            ("node-a", "198.18.0.78", "node-b", Move::OldGoneFirst, SOON),
         ],
     );
 }
 
-/// The same on a Kubernetes lab, one move: node-b's Node gets a new InternalIP (kubectl, the
-/// status subresource) while it keeps its old address, and node-a follows through the
-/// Kubernetes source. Not a second move: once node-b's old address is gone, its agent's
-/// apiserver watches run on connections from that address, dead without a word, until the
-/// watcher's idle timeout (290 s + 5 s) reconnects them (ARCHITECTURE.md §11).
+/// The same on a Kubernetes lab: node-b's Node gets a new InternalIP (kubectl, the status
+/// subresource) while it keeps its old address, and node-a follows through the Kubernetes
+/// source; then node-a loses its old address before its Node names the new one. After each
+/// move the moved node's apiserver connections leave from an address that is gone: dead
+/// without a FIN, noticed only through the apiserver client's TCP keepalive.
 #[test]
 fn a_kubernetes_node_whose_internal_ip_changes_is_followed_without_an_agent_restart() {
     node_moves_are_followed(
         &Lab::up_with_auth_policy("control_plane: kubernetes\n", &[]),
-        &[("node-b", "198.18.0.77", "node-a", Move::OldKept)],
+        &[
+            ("node-b", "198.18.0.77", "node-a", Move::OldKept, SOON),
+            // Both agents' apiserver connections left from addresses now gone (node-b's since
+            // the end of its move): each learns the patch once its watches noticed their
+            // connections dead (TCP keepalive, `cluster::apiserver::DEAD_AFTER`, 25 s) and
+            // reconnected; without the probes, only at the watch timeout (295 s).
+            (
+                "node-a",
+                "198.18.0.78",
+                "node-b",
+                Move::OldGoneFirst,
+                Duration::from_secs(60),
+            ),
+        ],
     );
 }
 
-/// Each move in turn: (node, its new address, the node that must follow, how); then neither
-/// agent restarted and each moved node's agent logged its move.
-fn node_moves_are_followed(lab: &Lab, moves: &[(&str, &str, &str, Move)]) {
+/// How soon a peer follows a move the cluster source reports at once.
+const SOON: Duration = Duration::from_secs(10);
+
+/// Each move in turn: (node, its new address, the node that must follow, how, how soon its
+/// control channel must follow); then neither agent restarted and each moved node's agent
+/// logged its move.
+fn node_moves_are_followed(lab: &Lab, moves: &[(&str, &str, &str, Move, Duration)]) {
     let url = format!("http://{}:8080/", lab.pod_ip("backend"));
     let agents = |lab: &Lab| {
         (
@@ -392,7 +409,7 @@ fn node_moves_are_followed(lab: &Lab, moves: &[(&str, &str, &str, Move)]) {
     let before = agents(lab);
     let channel_to =
         |on: &str, node: &str| lab.status(on).channels.into_iter().find(|c| c.node == node);
-    for &(node, to, other, how) in moves {
+    for &(node, to, other, how, within) in moves {
         lab.wait_for(
             "a control channel between the nodes",
             Duration::from_secs(30),
@@ -404,35 +421,43 @@ fn node_moves_are_followed(lab: &Lab, moves: &[(&str, &str, &str, Move)]) {
         // The control channel: closed and dialled again to or from the new address.
         let followed = lab.wait_for(
             &format!("{other}'s control channel to {node} at {to}"),
-            Duration::from_secs(10),
+            within,
             || {
                 channel_to(other, node)
                     .is_some_and(|c| c.address == to)
                     .then(|| moved_at.elapsed())
             },
         );
-        if how == Move::OldKept {
-            // Until now the node's packets left from its old (primary) address.
-            drop_address(lab, node, &from);
-        }
         // WireGuard: the endpoint the cluster names, and the one authenticated packets show.
         let endpoint = format!("{to}:51820");
+        let tunnel_at = || {
+            lab.status(other)
+                .peers
+                .into_iter()
+                .find(|p| p.node == node)
+                .and_then(|p| p.endpoint)
+        };
         let tunnel = lab.wait_for(
             &format!("{other}'s veil-wg to send to {node} at {endpoint}"),
             Duration::from_secs(30),
-            || {
-                lab.status(other)
-                    .peers
-                    .iter()
-                    .any(|p| p.node == node && p.endpoint.as_deref() == Some(endpoint.as_str()))
-                    .then(|| moved_at.elapsed())
-            },
+            || (tunnel_at().as_deref() == Some(endpoint.as_str())).then(|| moved_at.elapsed()),
         );
         let served = lab.wait_for("frontend served again", Duration::from_secs(30), || {
             lab.try_get("frontend", &url)
                 .ok()
                 .map(|_| moved_at.elapsed())
         });
+        if how == Move::OldKept {
+            // The node still holds its old address, its primary one: its veil-wg answered the
+            // request above from the address the peer sent to (sticky source), so the peer's
+            // endpoint stayed there rather than roaming back to the old address.
+            assert_eq!(
+                tunnel_at(),
+                Some(endpoint.clone()),
+                "{other}'s veil-wg roamed back to {node}'s old address: {node} answered from it"
+            );
+            drop_address(lab, node, &from);
+        }
         eprintln!(
             "{node} → {to} ({how:?}): {other}'s control channel followed after {} ms, its \
              tunnel endpoint after {} ms, frontend served after {} ms",

@@ -160,7 +160,7 @@ pub struct Peer {
     pub public_key: PublicKey,
     /// Diffie-Hellman of the device's static key with the peer's (reads initiation timestamps).
     pub static_shared: Zeroizing<[u8; 32]>,
-    pub endpoint: Mutex<Option<SocketAddr>>,
+    pub endpoint: Mutex<Option<Endpoint>>,
     pub noise: Mutex<PeerNoise>,
     /// Data bytes (plaintext) sent and received, across `Tunn` replacements.
     pub tx_bytes: AtomicU64,
@@ -170,16 +170,47 @@ pub struct Peer {
     pub config: Mutex<PeerConfig>,
 }
 
+/// Where a peer's datagrams go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// The local address the peer's last authenticated datagram was sent to, the source of
+    /// everything sent to it (as the kernel and wireguard-go do): on a node with several
+    /// addresses the peer sees its answers come from where it sent, so it does not roam to
+    /// the node's primary address. `None` (configured, not yet heard from): the route decides.
+    pub local: Option<IpAddr>,
+}
+
+impl Endpoint {
+    /// A configured endpoint: no local address yet.
+    pub fn configured(addr: SocketAddr) -> Self {
+        Self { addr, local: None }
+    }
+}
+
 impl Peer {
     pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.route().map(|e| e.addr)
+    }
+
+    /// The endpoint with the local address answers leave from.
+    pub fn route(&self) -> Option<Endpoint> {
         *self.endpoint.lock().expect("endpoint lock")
     }
 
-    /// WireGuard roaming: an authenticated packet from a new address moves the endpoint.
+    /// An endpoint set through the UAPI: the local address is forgotten (as `wg set` does in
+    /// the kernel).
     pub fn set_endpoint(&self, addr: SocketAddr) {
+        *self.endpoint.lock().expect("endpoint lock") = Some(Endpoint::configured(addr));
+    }
+
+    /// WireGuard roaming: an authenticated datagram from `addr`, sent to this device's `local`
+    /// address, moves the endpoint there and makes `local` the source of what is sent back.
+    pub fn roam(&self, addr: SocketAddr, local: Option<IpAddr>) {
+        let new = Endpoint { addr, local };
         let mut e = self.endpoint.lock().expect("endpoint lock");
-        if *e != Some(addr) {
-            *e = Some(addr);
+        if *e != Some(new) {
+            *e = Some(new);
         }
     }
 
@@ -251,11 +282,11 @@ impl Device {
     }
 
     /// Applies a validated `set` and swaps in the new routing. Returns handshake initiations
-    /// to send (from peers whose preshared key changed), as (endpoint, datagram).
+    /// to send (from peers whose preshared key changed, and new peers), as (endpoint, datagram).
     ///
     /// A peer keeps its `Arc` across changes that keep the static keys, so a packet thread
     /// holding the previous snapshot still reaches live noise state.
-    pub fn apply(&self, req: &SetRequest) -> Vec<(SocketAddr, Vec<u8>)> {
+    pub fn apply(&self, req: &SetRequest) -> Vec<(Endpoint, Vec<u8>)> {
         let mut cfg = self.config.lock().expect("config lock");
         let next = cfg.apply(req);
         let old = self.routing();
@@ -321,7 +352,8 @@ impl Device {
                         // (new PSK) handshakes.
                         let mut noise = p.noise.lock().expect("noise lock");
                         let mut fresh = new_noise();
-                        if let Some(ep) = requested.or(p.endpoint()) {
+                        let ep = requested.map(Endpoint::configured).or(p.route());
+                        if let Some(ep) = ep {
                             let mut buf = vec![0u8; 256];
                             if let TunnResult::WriteToNetwork(d) =
                                 fresh.tunn.format_handshake_initiation(&mut buf, false)
@@ -345,7 +377,7 @@ impl Device {
                     // veil-wg restart the peers still hold sessions this process forgot, and
                     // would otherwise keep sending into them until their own rekey timeout
                     // (about 15 s of one-way loss); it also saves the first packet a round trip.
-                    if let Some(ep) = pc.endpoint {
+                    if let Some(ep) = pc.endpoint.map(Endpoint::configured) {
                         let mut buf = vec![0u8; 256];
                         if let TunnResult::WriteToNetwork(d) =
                             noise.tunn.format_handshake_initiation(&mut buf, false)
@@ -357,7 +389,7 @@ impl Device {
                     Arc::new(Peer {
                         public_key: pc.public_key,
                         static_shared: Zeroizing::new(sk.diffie_hellman(&peer_public).to_bytes()),
-                        endpoint: Mutex::new(pc.endpoint),
+                        endpoint: Mutex::new(pc.endpoint.map(Endpoint::configured)),
                         noise: Mutex::new(PeerNoise {
                             current: noise,
                             retiring: None,
@@ -523,10 +555,15 @@ mod tests {
         assert_eq!(p2.noise.lock().unwrap().current.index, first_index);
         assert_eq!(p2.endpoint(), Some("198.18.0.9:51820".parse().unwrap()));
 
-        // Roamed (an authenticated packet from elsewhere), then a set that does not name the
-        // peer's endpoint: the roamed endpoint stays. One that names it moves it.
-        let roamed: SocketAddr = "198.18.0.12:40000".parse().unwrap();
-        p2.set_endpoint(roamed);
+        // Roamed (an authenticated packet from elsewhere, sent to this device's secondary
+        // address), then a set that does not name the peer's endpoint: the roamed endpoint and
+        // the local address answers leave from stay. One that names it moves it and forgets
+        // the local address.
+        let roamed = Endpoint {
+            addr: "198.18.0.12:40000".parse().unwrap(),
+            local: Some("198.18.0.77".parse().unwrap()),
+        };
+        p2.roam(roamed.addr, roamed.local);
         dev.apply(&SetRequest {
             listen_port: Some(51830),
             ..Default::default()
@@ -535,7 +572,7 @@ mod tests {
             peers: vec![PeerChange::new(other)],
             ..Default::default()
         });
-        assert_eq!(dev.routing().by_key[&other].endpoint(), Some(roamed));
+        assert_eq!(dev.routing().by_key[&other].route(), Some(roamed));
         let mut back = PeerChange::new(other);
         back.endpoint = Some("198.18.0.9:51820".parse().unwrap());
         dev.apply(&SetRequest {
@@ -543,8 +580,8 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            dev.routing().by_key[&other].endpoint(),
-            Some("198.18.0.9:51820".parse().unwrap())
+            dev.routing().by_key[&other].route(),
+            Some(Endpoint::configured("198.18.0.9:51820".parse().unwrap()))
         );
 
         // PSK change: a new Tunn (new index) that handshakes at once; the old one is retiring and

@@ -12,7 +12,7 @@
 
 use std::{
     cell::RefCell,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use boringtun::{
@@ -21,7 +21,7 @@ use boringtun::{
 };
 
 use super::{
-    device::Device,
+    device::{Device, Endpoint},
     io::{receive_batch, Received, Reply, RxState},
 };
 use crate::{uapi, PrivateKey};
@@ -33,10 +33,10 @@ const LOCAL_DST: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 10);
 
 /// Records what the receive path answered.
 #[derive(Default)]
-struct Recorder(RefCell<Vec<(SocketAddr, Vec<u8>)>>);
+struct Recorder(RefCell<Vec<(Endpoint, Vec<u8>)>>);
 
 impl Reply for Recorder {
-    fn reply(&self, to: SocketAddr, datagram: &[u8]) {
+    fn reply(&self, to: Endpoint, datagram: &[u8]) {
         self.0.borrow_mut().push((to, datagram.to_vec()));
     }
 }
@@ -48,6 +48,8 @@ pub struct Harness {
     replies: Recorder,
     state: RxState,
     endpoint: SocketAddr,
+    /// The device's address the datagrams are sent to.
+    local: Option<IpAddr>,
     out: Vec<u8>,
 }
 
@@ -87,6 +89,7 @@ impl Harness {
             replies: Recorder::default(),
             state: RxState::default(),
             endpoint,
+            local: Some(IpAddr::from([198, 18, 0, 1])),
             out: vec![0u8; 70_000],
         };
         h.handshake();
@@ -120,7 +123,12 @@ impl Harness {
     fn feed_from(&mut self, buf: &[u8], stride: usize, len: usize, from: SocketAddr) -> Outcome {
         self.replies.0.borrow_mut().clear();
         let mut tun_writes = 0;
-        let meta = Received { len, stride, from };
+        let meta = Received {
+            len,
+            stride,
+            from,
+            to: self.local,
+        };
         receive_batch(
             [(buf, meta)],
             &self.device,
@@ -339,7 +347,7 @@ mod tests {
             o.replies, 1,
             "the initiation is answered where it came from"
         );
-        assert_eq!(h.replies.0.borrow()[0].0, elsewhere);
+        assert_eq!(h.replies.0.borrow()[0].0.addr, elsewhere);
         let (_, state) = h.device.state(51820);
         let endpoints: Vec<_> = state.peers.iter().map(|p| p.endpoint).collect();
         assert_eq!(endpoints, [Some(h.endpoint)], "the endpoint moved");
@@ -406,11 +414,44 @@ mod tests {
         h.feed_from(&older, 0, older.len(), elsewhere);
         let sent = h.replies.0.borrow().clone();
         assert_eq!(sent.len(), 1, "one datagram: the device's own initiation");
-        assert_eq!((sent[0].0, sent[0].1[0]), (h.endpoint, 1));
+        assert_eq!((sent[0].0.addr, sent[0].1[0]), (h.endpoint, 1));
         h.feed_from(&older, 0, older.len(), elsewhere);
         assert!(h.replies.0.borrow().is_empty(), "a second one within 5 s");
         assert_eq!(replays(&h), before + 2);
         h.assert_alive();
+    }
+
+    /// Sticky source: an answer leaves from the device's address its cause was sent to, and an
+    /// authenticated packet sent to another of its addresses makes that one the source of
+    /// what the device sends the peer next (here the initiation a stale one provokes). Seen
+    /// failing with `RxPeer::settle` roaming without the local address.
+    #[test]
+    fn answers_leave_from_the_address_the_peer_sent_to() {
+        let mut h = Harness::new();
+        let older = initiation(&mut h);
+        let newer = initiation(&mut h);
+        let second = IpAddr::from([198, 18, 0, 77]);
+        h.local = Some(second);
+        h.feed(&newer, 0, newer.len());
+        let sent = h.replies.0.borrow().clone();
+        assert_eq!(sent.len(), 1, "the initiation is answered");
+        assert_eq!(
+            sent[0].0.local,
+            Some(second),
+            "answered from another address"
+        );
+        h.assert_alive();
+        h.feed(&older, 0, older.len());
+        let sent = h.replies.0.borrow().clone();
+        assert_eq!(sent.len(), 1, "one datagram: the device's own initiation");
+        assert_eq!(
+            sent[0].0,
+            Endpoint {
+                addr: h.endpoint,
+                local: Some(second)
+            },
+            "the device's initiation left from elsewhere"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::{
-    device::{Device, Drops, Peer, PeerNoise},
+    device::{Device, Drops, Endpoint, Peer, PeerNoise},
     gro::Coalescer,
     initiation::Opened,
 };
@@ -75,9 +75,28 @@ impl Udp {
         })
     }
 
-    fn send(
+    /// Sends to `to.addr` from `to.local`; when that address is no longer this host's (it was
+    /// removed: the kernel refuses it as a source), from whatever the route picks. The peer's
+    /// next authenticated datagram, which follows by roaming, sets the new local address.
+    fn send(&self, to: Endpoint, contents: &[u8], segment_size: Option<usize>) -> io::Result<()> {
+        match self.send_from(to.addr, to.local, contents, segment_size) {
+            Err(e)
+                if to.local.is_some()
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH)
+                    ) =>
+            {
+                self.send_from(to.addr, None, contents, segment_size)
+            }
+            r => r,
+        }
+    }
+
+    fn send_from(
         &self,
         dst: SocketAddr,
+        src_ip: Option<IpAddr>,
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> io::Result<()> {
@@ -86,7 +105,7 @@ impl Udp {
             ecn: None,
             contents,
             segment_size,
-            src_ip: None,
+            src_ip,
         };
         loop {
             match self.state.try_send(UdpSockRef::from(&self.socket), &t) {
@@ -436,7 +455,7 @@ const MAX_GSO_BYTES: usize = 65535 - 20 - 8;
 struct Outbox {
     buf: Vec<u8>,
     /// (endpoint, start, len) per datagram, in order.
-    items: Vec<(SocketAddr, usize, usize)>,
+    items: Vec<(Endpoint, usize, usize)>,
     cursor: usize,
     max_segments: usize,
 }
@@ -457,7 +476,7 @@ impl Outbox {
         (self.cursor + need <= self.buf.len()).then(|| &mut self.buf[self.cursor..])
     }
 
-    fn push(&mut self, dst: SocketAddr, len: usize) {
+    fn push(&mut self, dst: Endpoint, len: usize) {
         self.items.push((dst, self.cursor, len));
         self.cursor += len;
     }
@@ -540,7 +559,7 @@ fn tun_to_udp(
         let routing = device.routing();
         // Packets of one read usually share a destination (a split TSO super-packet): look the
         // peer up once per destination address, read its endpoint once.
-        let mut last: Option<(IpAddr, Arc<Peer>, Option<SocketAddr>, u64)> = None;
+        let mut last: Option<(IpAddr, Arc<Peer>, Option<Endpoint>, u64)> = None;
         for (b, &len) in bufs.iter_mut().zip(&sizes).take(n) {
             // WireGuard pads the plaintext to a multiple of 16 bytes, never past the MTU
             // (whitepaper §5.4.6, as the kernel does), so packet sizes leak less; boringtun 0.7
@@ -557,7 +576,7 @@ fn tun_to_udp(
                     p.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
                 }
                 match routing.by_ip.lookup(dst) {
-                    Some(p) => last = Some((dst, p.clone(), p.endpoint(), 0)),
+                    Some(p) => last = Some((dst, p.clone(), p.route(), 0)),
                     None => {
                         device.drops.no_peer.fetch_add(1, Ordering::Relaxed);
                         continue;
@@ -627,6 +646,8 @@ struct RxCurrent {
     index: u32,
     peer: Arc<Peer>,
     from: SocketAddr,
+    /// The local address the datagrams were sent to.
+    to: Option<IpAddr>,
     bytes: u64,
     authenticated: bool,
 }
@@ -638,20 +659,21 @@ impl RxPeer {
             // WireGuard roaming: only an authenticated packet from a new address moves the
             // endpoint.
             if c.authenticated {
-                c.peer.set_endpoint(c.from);
+                c.peer.roam(c.from, c.to);
             }
         }
     }
 }
 
 /// Where the receive path sends its answers (handshake responses, cookie replies): the UDP
-/// socket in veil-wg, a recorder in tests and the fuzz target.
+/// socket in veil-wg, a recorder in tests and the fuzz target. An answer leaves from the local
+/// address its cause was sent to (`to.local`).
 pub trait Reply {
-    fn reply(&self, to: SocketAddr, datagram: &[u8]);
+    fn reply(&self, to: Endpoint, datagram: &[u8]);
 }
 
 impl Reply for Udp {
-    fn reply(&self, to: SocketAddr, datagram: &[u8]) {
+    fn reply(&self, to: Endpoint, datagram: &[u8]) {
         let _ = self.send(to, datagram, None);
     }
 }
@@ -664,6 +686,8 @@ pub struct Received {
     pub len: usize,
     pub stride: usize,
     pub from: SocketAddr,
+    /// The local address it was sent to (`IP_PKTINFO`), when the kernel said.
+    pub to: Option<IpAddr>,
 }
 
 /// The datagrams of one receive buffer: GRO glued `len / stride` datagrams of `stride` bytes
@@ -717,7 +741,10 @@ pub fn receive_batch<'a, R: Reply>(
         for datagram in split_datagrams(buf, meta) {
             handle_datagram(
                 datagram,
-                meta.from,
+                Endpoint {
+                    addr: meta.from,
+                    local: meta.to,
+                },
                 &routing,
                 replies,
                 device,
@@ -776,6 +803,7 @@ fn udp_to_tun(
                     len: m.len,
                     stride: m.stride,
                     from: m.addr,
+                    to: m.dst_ip,
                 },
             )
         });
@@ -801,7 +829,7 @@ fn write_tun(fd: i32, b: &[u8]) {
 #[allow(clippy::too_many_arguments)]
 fn handle_datagram<R: Reply>(
     datagram: &[u8],
-    from: SocketAddr,
+    sender: Endpoint,
     routing: &super::device::Routing,
     udp: &R,
     device: &Device,
@@ -811,12 +839,13 @@ fn handle_datagram<R: Reply>(
 ) {
     // Data packets (type 4, header + tag at least) skip the rate limiter, which only acts on
     // handshake messages; boringtun parses the packet again in `decapsulate`.
+    let from = sender.addr;
     if datagram.len() >= 32 && datagram[..4] == [4, 0, 0, 0] {
         let index = u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]) >> 8;
         let same = rx
             .current
             .as_ref()
-            .is_some_and(|c| c.index == index && c.from == from);
+            .is_some_and(|c| c.index == index && c.from == from && c.to == sender.local);
         if !same {
             rx.settle();
             match routing.by_index.get(&index) {
@@ -825,6 +854,7 @@ fn handle_datagram<R: Reply>(
                         index,
                         peer: p.clone(),
                         from,
+                        to: sender.local,
                         bytes: 0,
                         authenticated: false,
                     })
@@ -853,7 +883,7 @@ fn handle_datagram<R: Reply>(
                 return;
             }
             TunnResult::WriteToNetwork(reply) => {
-                udp.reply(from, reply);
+                udp.reply(sender, reply);
                 return;
             }
             TunnResult::Err(e) => {
@@ -870,13 +900,13 @@ fn handle_datagram<R: Reply>(
         }
         return;
     }
-    handle_control(datagram, from, routing, udp, device, scratch);
+    handle_control(datagram, sender, routing, udp, device, scratch);
 }
 
 /// Handshake initiations and responses and cookie replies: rare, so no batching here.
 fn handle_control<R: Reply>(
     datagram: &[u8],
-    from: SocketAddr,
+    sender: Endpoint,
     routing: &super::device::Routing,
     udp: &R,
     device: &Device,
@@ -885,11 +915,12 @@ fn handle_control<R: Reply>(
     let Some(limiter) = &routing.rate_limiter else {
         return;
     };
+    let from = sender.addr;
     let packet = match limiter.verify_packet(Some(from.ip()), datagram, scratch) {
         Ok(p) => p,
         Err(TunnResult::WriteToNetwork(cookie)) => {
             device.drops.cookie.fetch_add(1, Ordering::Relaxed);
-            udp.reply(from, cookie);
+            udp.reply(sender, cookie);
             return;
         }
         Err(_) => {
@@ -965,15 +996,15 @@ fn handle_control<R: Reply>(
             // holds a copy of a peer's private key could otherwise steer that peer's traffic
             // to itself. The endpoint moves on packets of a completed session (which prove
             // the PSK too): the response below (`Done`) or authenticated data (`RxPeer`).
-            udp.reply(from, reply);
+            udp.reply(sender, reply);
             accepted_initiation = index.is_none();
             // Flush packets queued while the handshake was in flight.
             while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut buf) {
-                udp.reply(from, d);
+                udp.reply(sender, d);
             }
         }
         // A handshake response that completed a session.
-        TunnResult::Done => peer.set_endpoint(from),
+        TunnResult::Done => peer.roam(from, sender.local),
         TunnResult::Err(e) => count_error(device, &e),
         _ => {}
     }
@@ -1002,7 +1033,7 @@ fn initiate_after_stale<R: Reply>(peer: &Peer, noise: &mut PeerNoise, udp: &R, n
     {
         return;
     }
-    let Some(endpoint) = peer.endpoint() else {
+    let Some(endpoint) = peer.route() else {
         return;
     };
     noise.initiated_after_stale = Some(now);
@@ -1062,7 +1093,7 @@ fn timers(
         for peer in routing.by_key.values() {
             let mut noise = peer.noise.lock().expect("noise lock");
             noise.retire(now);
-            let ep = peer.endpoint();
+            let ep = peer.route();
             let result = noise.current.tunn.update_timers(&mut buf);
             if let (TunnResult::WriteToNetwork(d), Some(u), Some(ep)) = (result, &u, ep) {
                 let _ = u.send(ep, d, None);

@@ -155,7 +155,7 @@ impl KubeSource {
                 .await
                 .map_err(|e| kube_error(format!("no Kubernetes configuration: {e}")))?,
         };
-        Client::try_from(config).map_err(|e| kube_error(format!("Kubernetes client: {e}")))
+        super::apiserver::client(config).map_err(|e| kube_error(format!("Kubernetes client: {e}")))
     }
 
     async fn start(&self) -> Result<watch::Receiver<Arc<ClusterState>>, Error> {

@@ -7,6 +7,7 @@
 //! plane directory) is one; the Kubernetes API ([`kubernetes`]) is the other. Which one is in use is invisible
 //! to the daemon, the datapath and the auth code.
 
+pub mod apiserver;
 pub mod files;
 pub mod kubernetes;
 pub mod netpol;
