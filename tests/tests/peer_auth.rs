@@ -432,36 +432,31 @@ fn node_moves_are_followed(lab: &Lab, moves: &[(&str, &str, &str, Move, Duration
                     .then(|| moved_at.elapsed())
             },
         );
+        if how == Move::OldKept {
+            // Until now the node's packets left from its old (primary) address, or from the
+            // new one where the peer sent there (veil-wg's sticky source): which one wins while
+            // both are valid is a race between the peer's agent setting the new endpoint and
+            // the node's answers (ARCHITECTURE.md §4), so it is not asserted here.
+            drop_address(lab, node, &from);
+        }
         // WireGuard: the endpoint the cluster names, and the one authenticated packets show.
         let endpoint = format!("{to}:51820");
-        let tunnel_at = || {
-            lab.status(other)
-                .peers
-                .into_iter()
-                .find(|p| p.node == node)
-                .and_then(|p| p.endpoint)
-        };
         let tunnel = lab.wait_for(
             &format!("{other}'s veil-wg to send to {node} at {endpoint}"),
             Duration::from_secs(30),
-            || (tunnel_at().as_deref() == Some(endpoint.as_str())).then(|| moved_at.elapsed()),
+            || {
+                lab.status(other)
+                    .peers
+                    .iter()
+                    .any(|p| p.node == node && p.endpoint.as_deref() == Some(endpoint.as_str()))
+                    .then(|| moved_at.elapsed())
+            },
         );
         let served = lab.wait_for("frontend served again", Duration::from_secs(30), || {
             lab.try_get("frontend", &url)
                 .ok()
                 .map(|_| moved_at.elapsed())
         });
-        if how == Move::OldKept {
-            // The node still holds its old address, its primary one: its veil-wg answered the
-            // request above from the address the peer sent to (sticky source), so the peer's
-            // endpoint stayed there rather than roaming back to the old address.
-            assert_eq!(
-                tunnel_at(),
-                Some(endpoint.clone()),
-                "{other}'s veil-wg roamed back to {node}'s old address: {node} answered from it"
-            );
-            drop_address(lab, node, &from);
-        }
         eprintln!(
             "{node} → {to} ({how:?}): {other}'s control channel followed after {} ms, its \
              tunnel endpoint after {} ms, frontend served after {} ms",
