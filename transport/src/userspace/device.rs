@@ -201,17 +201,13 @@ impl Peer {
     /// An endpoint set through the UAPI: the local address is forgotten (as `wg set` does in
     /// the kernel).
     pub fn set_endpoint(&self, addr: SocketAddr) {
-        *self.endpoint.lock().expect("endpoint lock") = Some(Endpoint::configured(addr));
+        self.roam(addr, None);
     }
 
     /// WireGuard roaming: an authenticated datagram from `addr`, sent to this device's `local`
     /// address, moves the endpoint there and makes `local` the source of what is sent back.
     pub fn roam(&self, addr: SocketAddr, local: Option<IpAddr>) {
-        let new = Endpoint { addr, local };
-        let mut e = self.endpoint.lock().expect("endpoint lock");
-        if *e != Some(new) {
-            *e = Some(new);
-        }
+        *self.endpoint.lock().expect("endpoint lock") = Some(Endpoint { addr, local });
     }
 
     pub fn note_handshake(&self, tunn: &Tunn) {
