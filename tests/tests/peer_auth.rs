@@ -368,26 +368,24 @@ fn a_node_whose_underlay_address_changes_is_followed_without_an_agent_restart() 
 
 /// The same on a Kubernetes lab: node-b's Node gets a new InternalIP (kubectl, the status
 /// subresource) while it keeps its old address, and node-a follows through the Kubernetes
-/// source; then node-b moves again, its old address gone before its Node names the new one.
-/// Its agent learns that only through its apiserver watches, whose connections left from
-/// an address now gone: dead without a FIN, noticed through the apiserver client's TCP
-/// keepalive (`cluster::apiserver::DEAD_AFTER`, 25 s), then reconnected; until its agent
-/// listens on the new address node-a's dials fail. Without the probes the watches waited
-/// out their timeout (295 s). Not node-a: a node's id in Kubernetes mode is its InternalIP,
-/// and an agent keeps the id it started with (a gap, ARCHITECTURE.md §12).
+/// source; then node-a (frontend's node) does the same, keeping its node id (a hash of its
+/// name, not its address: with the address as id, node-b held frontend's packets for want
+/// of authentication under the new id); then node-b moves again, its old address gone
+/// before its Node names the new one. Each node's agent learns of moves through its
+/// apiserver watches, whose connections left from an address that is then gone (both kinds
+/// of move drop it): dead without a FIN. The apiserver client shuts down a connection whose
+/// local address left the host as soon as the kernel says so (`cluster::apiserver`), and the
+/// watch reconnects; without that, node-b did not see node-a's move within 10 s (its watches
+/// waited for their TCP keepalive, 20–25 s, and without the probes for their idle timeout,
+/// 295 s).
 #[test]
 fn a_kubernetes_node_whose_internal_ip_changes_is_followed_without_an_agent_restart() {
     node_moves_are_followed(
         &Lab::up_with_auth_policy("control_plane: kubernetes\n", &[]),
         &[
             ("node-b", "198.18.0.77", "node-a", Move::OldKept, SOON),
-            (
-                "node-b",
-                "198.18.0.79",
-                "node-a",
-                Move::OldGoneFirst,
-                Duration::from_secs(60),
-            ),
+            ("node-a", "198.18.0.78", "node-b", Move::OldKept, SOON),
+            ("node-b", "198.18.0.79", "node-a", Move::OldGoneFirst, SOON),
         ],
     );
 }

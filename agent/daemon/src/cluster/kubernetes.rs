@@ -869,8 +869,16 @@ fn pod_key(p: &KPod) -> (&str, &str) {
 /// that is no veil node now (no IPv4 InternalIP or pod CIDR) is not held.
 #[derive(Clone)]
 struct NodeCache {
-    nodes: Arc<Mutex<BTreeMap<String, Node>>>,
+    nodes: Arc<Mutex<BTreeMap<String, CachedNode>>>,
     listed: Listed,
+}
+
+/// A veil node as the cache holds it, with when its Node object was created: of two nodes
+/// whose names hash to the same id, the older keeps it ([`with_ids`]).
+#[derive(Clone, Debug, PartialEq)]
+struct CachedNode {
+    created: Option<k8s_openapi::jiff::Timestamp>,
+    node: Node,
 }
 
 impl NodeCache {
@@ -885,33 +893,67 @@ impl NodeCache {
         NodeCache { nodes, listed }
     }
 
-    /// The nodes, by name.
+    /// The nodes, by name, each with its id.
     fn nodes(&self) -> Vec<Node> {
-        self.nodes
-            .lock()
-            .expect("node cache lock")
-            .values()
-            .cloned()
-            .collect()
+        with_ids(self.nodes.lock().expect("node cache lock").values())
     }
+}
+
+/// The nodes, by name, each with its id: the hash of its name ([`node_id_hash`]), or the next
+/// free number when an older node (by creation, then name) already has it. An id does not
+/// follow the node's address, so a renumbered node keeps its auth entries, tunnel peer and
+/// control channel; every agent reading the same Nodes gives the same ids; and a node that
+/// joins never takes the id of one already there.
+fn with_ids<'a>(cached: impl Iterator<Item = &'a CachedNode>) -> Vec<Node> {
+    let mut by_age: Vec<&CachedNode> = cached.collect();
+    by_age.sort_by(|a, b| (a.created, &a.node.name).cmp(&(b.created, &b.node.name)));
+    let mut taken = std::collections::HashSet::with_capacity(by_age.len());
+    let mut nodes: Vec<Node> = by_age
+        .into_iter()
+        .map(|c| {
+            let mut id = node_id_hash(&c.node.name);
+            // 0 is "no node" in the datapath.
+            while id == 0 || !taken.insert(id) {
+                id = id.wrapping_add(1);
+            }
+            Node {
+                id,
+                ..c.node.clone()
+            }
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    nodes
+}
+
+/// A node's id before collisions: 32 bits of the FNV-1a hash of its name.
+fn node_id_hash(name: &str) -> u32 {
+    let h = fnv1a(format!("node/{name}").as_bytes());
+    (h ^ (h >> 32)) as u32
 }
 
 /// One Node watch event into the cache; whether a veil node changed (a kubelet heartbeat
 /// changes nothing veil reads), and whether a full list has just completed.
 fn on_node_event(
-    cache: &mut BTreeMap<String, Node>,
-    relist: &mut Option<BTreeMap<String, Node>>,
+    cache: &mut BTreeMap<String, CachedNode>,
+    relist: &mut Option<BTreeMap<String, CachedNode>>,
     event: watcher::Event<KNode>,
 ) -> (bool, bool) {
     let name = |n: &KNode| n.metadata.name.clone().unwrap_or_default();
+    let cached = |n: &KNode| {
+        node_from(n).map(|node| CachedNode {
+            created: n.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            node,
+        })
+    };
     match event {
         watcher::Event::Init => {
             *relist = Some(BTreeMap::new());
             (false, false)
         }
         watcher::Event::InitApply(n) => {
-            if let (Some(r), Some(node)) = (relist.as_mut(), node_from(&n)) {
-                r.insert(node.name.clone(), node);
+            if let (Some(r), Some(c)) = (relist.as_mut(), cached(&n)) {
+                r.insert(c.node.name.clone(), c);
             }
             (false, false)
         }
@@ -921,10 +963,10 @@ fn on_node_event(
             }
             (true, true)
         }
-        watcher::Event::Apply(n) => match node_from(&n) {
-            Some(node) if cache.get(&node.name) == Some(&node) => (false, false),
-            Some(node) => {
-                cache.insert(node.name.clone(), node);
+        watcher::Event::Apply(n) => match cached(&n) {
+            Some(c) if cache.get(&c.node.name) == Some(&c) => (false, false),
+            Some(c) => {
+                cache.insert(c.node.name.clone(), c);
                 (true, false)
             }
             None => (cache.remove(&name(&n)).is_some(), false),
@@ -1458,7 +1500,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// A Node as a veil node: needs an IPv4 InternalIP and an IPv4 podCIDR.
+/// A Node as a veil node: needs an IPv4 InternalIP and an IPv4 podCIDR. Its id is the hash
+/// of its name; [`with_ids`] settles collisions.
 fn node_from(n: &KNode) -> Option<Node> {
     let name = n.metadata.name.clone()?;
     let ip: Ipv4Addr = n
@@ -1487,8 +1530,8 @@ fn node_from(n: &KNode) -> Option<Node> {
     let annotations = n.metadata.annotations.as_ref();
     let key = |k: &str| annotations.and_then(|a| a.get(k)).cloned();
     Some(Node {
+        id: node_id_hash(&name),
         name,
-        id: u32::from(ip),
         underlay_ip: ip,
         pod_cidr: cidr,
         pod_cidr_v6: cidr_v6,
@@ -1851,7 +1894,8 @@ mod tests {
         let t1 = "2026-12-02T10:05:00Z";
         assert!(!nodes(watcher::Event::Apply(node("198.18.0.1", t1))));
         assert!(nodes(watcher::Event::Apply(node("198.18.0.2", t1))));
-        let underlay = |c: &BTreeMap<String, Node>| c.get("node-a").map(|n| n.underlay_ip);
+        let underlay =
+            |c: &BTreeMap<String, CachedNode>| c.get("node-a").map(|c| c.node.underlay_ip);
         assert_eq!(underlay(&cache), Some(Ipv4Addr::new(198, 18, 0, 2)));
         // It loses its address: no veil node now, gone from the cache; back, and deleted.
         let mut bare = node("198.18.0.2", t1);
@@ -1896,7 +1940,7 @@ mod tests {
         .unwrap();
         let node = node_from(&n).unwrap();
         assert_eq!(node.underlay_ip, Ipv4Addr::new(198, 18, 0, 1));
-        assert_eq!(node.id, u32::from(Ipv4Addr::new(198, 18, 0, 1)));
+        assert_eq!(node.id, node_id_hash("node-a"));
         assert_eq!(node.pod_cidr, "198.19.1.0/24");
         assert_eq!(node.wg_public_key.as_deref(), Some("K1"));
         assert_eq!(node.wg_next_public_key, None);
@@ -1906,6 +1950,53 @@ mod tests {
         let mut no_ip = n;
         no_ip.status = None;
         assert!(node_from(&no_ip).is_none());
+    }
+
+    #[test]
+    fn node_ids_stay_when_addresses_change_and_the_older_node_keeps_a_shared_hash() {
+        let node = |name: &str, ip: &str, created: &str| -> KNode {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "creationTimestamp": created},
+                "spec": {"podCIDR": "198.19.1.0/24"},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
+            }))
+            .unwrap()
+        };
+        let ids = |cache: &BTreeMap<String, CachedNode>| -> BTreeMap<String, u32> {
+            with_ids(cache.values())
+                .into_iter()
+                .map(|n| (n.name, n.id))
+                .collect()
+        };
+        // Two names of the same hash (found by search).
+        let (x, y) = ("worker-18814", "worker-45725");
+        let h = node_id_hash(x);
+        assert_eq!(h, node_id_hash(y));
+        let (t1, t2) = ("2026-12-01T10:00:00Z", "2026-12-01T11:00:00Z");
+        let (mut cache, mut relist) = (BTreeMap::new(), None);
+        let mut apply = |n| on_node_event(&mut cache, &mut relist, watcher::Event::Apply(n));
+        apply(node("node-a", "198.18.0.1", t1));
+        apply(node(y, "198.18.0.2", t1));
+        apply(node(x, "198.18.0.3", t2));
+        let before = ids(&cache);
+        // The older keeps the hash, though its name sorts after; the newer takes the next.
+        assert_eq!((before[y], before[x]), (h, h.wrapping_add(1)));
+        assert_eq!(before["node-a"], node_id_hash("node-a"));
+        // A node renumbered keeps its id.
+        let mut apply = |n| on_node_event(&mut cache, &mut relist, watcher::Event::Apply(n));
+        assert!(apply(node("node-a", "198.18.0.79", t1)).0);
+        assert!(apply(node(y, "198.18.0.80", t1)).0);
+        assert_eq!(ids(&cache), before);
+        // Every agent reads the same: the order events came in does not matter.
+        let (mut other, mut relist) = (BTreeMap::new(), None);
+        for n in [
+            node(x, "198.18.0.3", t2),
+            node(y, "198.18.0.2", t1),
+            node("node-a", "198.18.0.1", t1),
+        ] {
+            on_node_event(&mut other, &mut relist, watcher::Event::Apply(n));
+        }
+        assert_eq!(ids(&other), before);
     }
 
     #[test]

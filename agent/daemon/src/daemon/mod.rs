@@ -68,6 +68,8 @@ pub enum Error {
     TrustDomain(String),
     #[error("node {0:?} is not in the cluster state")]
     UnknownNode(String),
+    #[error(transparent)]
+    Fatal(#[from] reconcile::ReconcileError),
     #[error("cannot prepare state dir {path}")]
     StateDir {
         path: std::path::PathBuf,
@@ -356,6 +358,10 @@ impl Agent {
                             s.ready = true;
                             s.last_error = None;
                         }
+                        Err(e @ reconcile::ReconcileError::NodeIdChanged { .. }) => {
+                            tracing::error!(error = %e, "cannot go on");
+                            return Some(e);
+                        }
                         Err(e) => {
                             // Once per distinct failure: a full map fails every pass (5 s).
                             let msg = crate::error_chain(&e);
@@ -392,8 +398,8 @@ impl Agent {
                         tracing::warn!(pid = ?watched.as_ref().map(|(p, _)| *p), "veil-wg exited");
                         watched = None;
                     }
-                    _ = stop_loop.wait_for(|s| *s) => return,
-                    r = cluster_rx.changed() => if r.is_err() { return },
+                    _ = stop_loop.wait_for(|s| *s) => return None,
+                    r = cluster_rx.changed() => if r.is_err() { return None },
                     // Peer keys from a (re-)authenticated node pair go on the tunnel at once.
                     Ok(()) = async {
                         match mesh_keys.as_mut() {
@@ -418,15 +424,23 @@ impl Agent {
             }
         });
 
-        shutdown.await;
+        let mut reconcile_task = reconcile_task;
+        // A reconcile loop that ended without an error (its cluster watch closed) leaves the
+        // rest running until `shutdown`, as before; one that ended on a fatal error stops all.
+        let fatal = tokio::select! {
+            () = shutdown => None,
+            Ok(Some(e)) = &mut reconcile_task => Some(e),
+        };
         tracing::info!("shutting down (programs stay attached, maps stay pinned)");
         let _ = stop_tx.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), reconcile_task).await;
+        if !reconcile_task.is_finished() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reconcile_task).await;
+        }
         match tokio::time::timeout(Duration::from_secs(5), admin_task).await {
             Ok(Ok(r)) => r?,
             _ => tracing::warn!("admin server did not stop within 5s"),
         }
-        Ok(())
+        fatal.map_or(Ok(()), |e| Err(e.into()))
     }
 }
 

@@ -30,6 +30,9 @@ pub enum ReconcileError {
     Map(&'static str, #[source] Box<datapath::Error>),
     #[error(transparent)]
     Tunnel(#[from] crate::tunnel::Error),
+    /// Fatal: the datapath, the mesh and the auth table were built with this node's id.
+    #[error("this node's id changed from {from} to {to} in the cluster state; the datapath, auth entries and workload handshakes hold the old one, so the agent exits to start again with the new one")]
+    NodeIdChanged { from: u32, to: u32 },
 }
 
 /// Brings the node in line with the cluster state: tunnel peers and routes, programs on every
@@ -38,6 +41,14 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
     let cluster = s.cluster.clone();
     let me = s.cfg.node.clone();
     let mut first_error: Option<ReconcileError> = None;
+    // Ids do not follow addresses (`cluster::kubernetes::with_ids`); one changes only when
+    // an edited lab file says so or an older node of the same id hash leaves.
+    if let Some(n) = cluster.node(&me) {
+        let from = s.datapath.config_map()?.get()?.node_id;
+        if n.id != from {
+            return Err(ReconcileError::NodeIdChanged { from, to: n.id });
+        }
+    }
     // Peers first: a node only gets HAS_KEY (and so traffic) once its peer is on the device.
     let auth_keys = s.mesh_keys.as_ref().map(|rx| rx.borrow().clone());
     let with_key = match s
