@@ -610,7 +610,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     let remote = dst_node != 0 && dst_node != cfg.node_id;
     // A local pod without an interface (being created or deleted) cannot be delivered to.
     if dst_local && dst.map(|d| d.ifindex).unwrap_or(0) == 0 {
-        return Err(reason::UNKNOWN_ENDPOINT);
+        return Err(reason::ENDPOINT_GONE);
     }
 
     let mut flags = 0u32;
@@ -653,7 +653,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, u32> {
     if dst_local {
         let ifx = dst.map(|d| d.ifindex).unwrap_or(0);
         if ifx == 0 {
-            return Err(reason::UNKNOWN_ENDPOINT);
+            return Err(reason::ENDPOINT_GONE);
         }
         // SAFETY: helper call with a null params pointer, as documented for bpf_redirect_neigh.
         return Ok(unsafe { bpf_redirect_neigh(ifx, core::ptr::null_mut(), 0, 0) } as i32);
@@ -929,6 +929,11 @@ fn ingress_from_node(
                 && encrypted =>
         {
             return Ok(TC_ACT_OK)
+        }
+        // This node's pod CIDR, no pod there now: deleted while the peer still sends, or not
+        // set up yet.
+        Some(d) if d.flags & ip_flags::POD_CIDR != 0 && d.node_id == cfg.node_id => {
+            return Err(reason::ENDPOINT_GONE)
         }
         // Peers carry only pod traffic (their allowed IPs are pod CIDRs) and, with node
         // encryption, the nodes' own: a decrypted packet for anything else has nowhere

@@ -1942,7 +1942,7 @@ fn hostile_review_pass_paths_fail_closed() {
                 no_policy,
                 At::Tunnel,
                 &Packet::tcp(ip(af, PEER, 10), ip(af, NODE, 99), 40000, 80),
-                dropped(reason::UNKNOWN_ENDPOINT, None),
+                dropped(reason::ENDPOINT_GONE, None),
             ),
         ]);
     }

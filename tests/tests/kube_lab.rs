@@ -519,25 +519,19 @@ fn sends_to_a_pod_being_created_never_cross_the_underlay_in_clear() {
 /// without pause (about 5,000 a second) while it is deleted with kubectl. NI: through its whole
 /// teardown (the lab's kubelet stopping it, CNI DEL, the agent letting go of its veth) the marker
 /// never crosses the underlay in clear, in a capture that lost no frame; WireGuard carried the
-/// datagrams.
+/// datagrams. Then the other end: a Pod on node-b that frontend sends to the same way is
+/// deleted; what still comes for its address crosses encrypted and node-b drops it as
+/// `endpoint-gone`, counted.
 #[test]
 fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
     let lab = Lab::up(&["--control-plane", "kubernetes"]);
     let marker = format!("VEIL-TEARDOWN-{}", rand_suffix());
     let backend = lab.pod_ip("backend");
     lab.make_web_pod("leaver", "node-a");
-    let sender = format!(
-        "import socket, time\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         while True:\n\
-         \x20   try: s.sendto(b'{marker}', ('{backend}', 9999))\n\
-         \x20   except OSError: pass\n\
-         \x20   time.sleep(0.0002)\n"
-    );
     let cap =
         veil_tests::Capture::start_lossless(&lab.view.underlay.netns, &lab.view.underlay.bridge);
     let mut child = lab
-        .command_in("leaver", &["python3", "-c", &sender])
+        .command_in("leaver", &["python3", "-c", &udp_sender(&marker, &backend)])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn leaver's sender");
@@ -571,6 +565,65 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
         lines.len()
     );
     assert_encrypted(&raw, &lines, &marker);
+
+    // The receiving end deleted.
+    let goner = lab.make_web_pod("goner", "node-b");
+    let gone_drops = |lab: &Lab| {
+        let st = lab.status("node-b");
+        st.drops.get("endpoint-gone").copied().unwrap_or(0)
+    };
+    let before = gone_drops(&lab);
+    let cap =
+        veil_tests::Capture::start_lossless(&lab.view.underlay.netns, &lab.view.underlay.bridge);
+    // Interface counters count what a pod sends: frontend's, from before its sender started.
+    let sent = |lab: &Lab| {
+        lab.status("node-a")
+            .interfaces
+            .iter()
+            .find(|i| i.pod.as_deref() == Some("shop/frontend"))
+            .map_or(0, |i| i.packets)
+    };
+    let sent_before = sent(&lab);
+    let mut child = lab
+        .command_in("frontend", &["python3", "-c", &udp_sender(&marker, &goner)])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn frontend's sender");
+    until(
+        "frontend's datagrams to goner counted at its veth",
+        Duration::from_secs(10),
+        || sent(&lab) > sent_before + 2_000,
+    );
+    lab.kubectl(
+        &["delete", "pod", "-n", "shop", "goner", "--timeout", "30s"],
+        "",
+    );
+    until(
+        "node-b dropping frontend's datagrams for goner's address as endpoint-gone",
+        Duration::from_secs(10),
+        || gone_drops(&lab) > before + 1_000,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let (raw, lines) = cap.stop_decoded();
+    eprintln!(
+        "deleted receiver: {} datagrams for its address dropped endpoint-gone at node-b",
+        gone_drops(&lab) - before
+    );
+    assert_encrypted(&raw, &lines, &marker);
+}
+
+/// A Python program sending datagrams holding `marker` to `dst` port 9999 without pause
+/// (about 5,000 a second), ignoring send errors.
+fn udp_sender(marker: &str, dst: &str) -> String {
+    format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         while True:\n\
+         \x20   try: s.sendto(b'{marker}', ('{dst}', 9999))\n\
+         \x20   except OSError: pass\n\
+         \x20   time.sleep(0.0002)\n"
+    )
 }
 
 /// Admits service account `frontend` only, by Cilium's service-account label.

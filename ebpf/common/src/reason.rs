@@ -49,6 +49,10 @@ pub const SERVICE_NO_BACKEND: u32 = 18;
 /// A new connection that policy sends through the node's L7 proxy, and no proxy listens
 /// (dead, restarting, or not configured): dropped, never passed around the proxy.
 pub const PROXY_UNAVAILABLE: u32 = 19;
+/// For an address in this node's pod CIDR that no pod here holds now: the pod was deleted
+/// (a peer still sending to it), or is not set up yet (its veth not known). Not delivered:
+/// the address may be given to another pod next.
+pub const ENDPOINT_GONE: u32 = 20;
 
 /// Size of the drop-counter array; one past the highest code.
 pub const MAX: u32 = 32;
@@ -76,12 +80,13 @@ pub const fn name(code: u32) -> &'static str {
         MTU_EXCEEDED => "mtu-exceeded",
         SERVICE_NO_BACKEND => "service-no-backend",
         PROXY_UNAVAILABLE => "proxy-unavailable",
+        ENDPOINT_GONE => "endpoint-gone",
         _ => "unknown",
     }
 }
 
 /// Every named reason, in code order (for metrics that list all reasons, even at zero).
-pub const ALL: [u32; 20] = [
+pub const ALL: [u32; 21] = [
     NONE,
     NO_KEY,
     POLICY_DENIED,
@@ -102,6 +107,7 @@ pub const ALL: [u32; 20] = [
     MTU_EXCEEDED,
     SERVICE_NO_BACKEND,
     PROXY_UNAVAILABLE,
+    ENDPOINT_GONE,
 ];
 
 /// The code for a user-facing name, for parsing filters.
