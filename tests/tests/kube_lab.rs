@@ -335,10 +335,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     // Deleting the Pod removes its namespace, releases its address and detaches the agent.
     let netns = web2.netns.clone();
     let veth = web2.host_veth.clone();
-    lab.kubectl(
-        &["delete", "pod", "-n", "shop", "web2", "--timeout", "30s"],
-        "",
-    );
+    delete_pod(&lab, "web2");
     assert!(
         !std::path::Path::new("/var/run/netns").join(&netns).exists(),
         "web2's netns {netns} is still there"
@@ -405,12 +402,7 @@ fn pod_churn_with_ip_reuse_admits_nothing_from_the_refused_pod() {
     let web2 = lab.make_web_pod("web2", "node-b");
     let url = format!("http://{web2}:8080/");
     apply_enforced(&lab, WEB2_FROM_FRONTEND, "web2-from-frontend");
-    let delete = |name: &str| {
-        lab.kubectl(
-            &["delete", "pod", "-n", "shop", name, "--timeout", "30s"],
-            "",
-        );
-    };
+    let delete = |name: &str| delete_pod(&lab, name);
     // 40 tries, each a fresh connection with a 250 ms limit: one line per try, `200` when
     // answered.
     let probe = format!(
@@ -530,30 +522,15 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
     lab.make_web_pod("leaver", "node-a");
     let cap =
         veil_tests::Capture::start_lossless(&lab.view.underlay.netns, &lab.view.underlay.bridge);
-    let mut child = lab
-        .command_in("leaver", &["python3", "-c", &udp_sender(&marker, &backend)])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn leaver's sender");
+    let mut child = send_marked_udp(&lab, "leaver", &marker, &backend);
     // Sending before the deletion: node-a's datapath counts the Pod's packets.
-    let sent = |lab: &Lab| {
-        let st = lab.status("node-a");
-        let leaver = st
-            .interfaces
-            .iter()
-            .find(|i| i.pod.as_deref() == Some("shop/leaver"));
-        leaver.map_or(0, |i| i.packets)
-    };
     until(
         "leaver's datagrams counted at its veth",
         Duration::from_secs(10),
-        || sent(&lab) > 2_000,
+        || sent_by(&lab, "node-a", "leaver") > 2_000,
     );
     let t0 = Instant::now();
-    lab.kubectl(
-        &["delete", "pod", "-n", "shop", "leaver", "--timeout", "30s"],
-        "",
-    );
+    delete_pod(&lab, "leaver");
     let deleted = t0.elapsed();
     // The sender outlives its Pod (a process keeps its namespace); a second more of it.
     std::thread::sleep(Duration::from_secs(1));
@@ -575,29 +552,15 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
     let before = gone_drops(&lab);
     let cap =
         veil_tests::Capture::start_lossless(&lab.view.underlay.netns, &lab.view.underlay.bridge);
-    // Interface counters count what a pod sends: frontend's, from before its sender started.
-    let sent = |lab: &Lab| {
-        lab.status("node-a")
-            .interfaces
-            .iter()
-            .find(|i| i.pod.as_deref() == Some("shop/frontend"))
-            .map_or(0, |i| i.packets)
-    };
-    let sent_before = sent(&lab);
-    let mut child = lab
-        .command_in("frontend", &["python3", "-c", &udp_sender(&marker, &goner)])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn frontend's sender");
+    // Frontend's count from before its sender started.
+    let sent_before = sent_by(&lab, "node-a", "frontend");
+    let mut child = send_marked_udp(&lab, "frontend", &marker, &goner);
     until(
         "frontend's datagrams to goner counted at its veth",
         Duration::from_secs(10),
-        || sent(&lab) > sent_before + 2_000,
+        || sent_by(&lab, "node-a", "frontend") > sent_before + 2_000,
     );
-    lab.kubectl(
-        &["delete", "pod", "-n", "shop", "goner", "--timeout", "30s"],
-        "",
-    );
+    delete_pod(&lab, "goner");
     until(
         "node-b dropping frontend's datagrams for goner's address as endpoint-gone",
         Duration::from_secs(10),
@@ -613,17 +576,40 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
     assert_encrypted(&raw, &lines, &marker);
 }
 
-/// A Python program sending datagrams holding `marker` to `dst` port 9999 without pause
-/// (about 5,000 a second), ignoring send errors.
-fn udp_sender(marker: &str, dst: &str) -> String {
-    format!(
+/// Starts, in `pod`, a Python program sending datagrams holding `marker` to `dst` port 9999
+/// without pause (about 5,000 a second), ignoring send errors.
+fn send_marked_udp(lab: &Lab, pod: &str, marker: &str, dst: &str) -> std::process::Child {
+    let program = format!(
         "import socket, time\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          while True:\n\
          \x20   try: s.sendto(b'{marker}', ('{dst}', 9999))\n\
          \x20   except OSError: pass\n\
          \x20   time.sleep(0.0002)\n"
-    )
+    );
+    lab.command_in(pod, &["python3", "-c", &program])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {pod}'s sender: {e}"))
+}
+
+/// Packets `node`'s datapath counted from Pod `shop/<pod>` (interface counters count what a
+/// pod sends).
+fn sent_by(lab: &Lab, node: &str, pod: &str) -> u64 {
+    let pod = format!("shop/{pod}");
+    lab.status(node)
+        .interfaces
+        .iter()
+        .find(|i| i.pod.as_deref() == Some(pod.as_str()))
+        .map_or(0, |i| i.packets)
+}
+
+/// Deletes Pod `shop/<name>` with kubectl, waiting (up to 30 s) until it is gone.
+fn delete_pod(lab: &Lab, name: &str) {
+    lab.kubectl(
+        &["delete", "pod", "-n", "shop", name, "--timeout", "30s"],
+        "",
+    );
 }
 
 /// Admits service account `frontend` only, by Cilium's service-account label.
@@ -752,10 +738,7 @@ fn auth_entries_go_with_their_policy_and_their_identity() {
     admitted("frontend admitted again with the policy back");
     let second = handshake_at();
     assert!(second > first, "no new handshake: {first} then {second}");
-    lab.kubectl(
-        &["delete", "pod", "-n", "shop", "web2", "--timeout", "30s"],
-        "",
-    );
+    delete_pod(&lab, "web2");
     let after_identity = until(
         "auth entries gone with web2",
         Duration::from_secs(30),
