@@ -88,6 +88,18 @@ pub fn format_status(st: &api::Status) -> String {
         st.listen_port,
         st.strict
     );
+    if let Some(e) = &st.reconcile_error {
+        let _ = writeln!(s, "  RECONCILE FAILING (retried every 5 s): {e}");
+    }
+    let full: Vec<String> = st
+        .maps
+        .iter()
+        .filter(|m| m.capacity > 0 && m.entries as u64 * 10 >= u64::from(m.capacity) * 9)
+        .map(|m| format!("{} {}/{}", m.name, m.entries, m.capacity))
+        .collect();
+    if !full.is_empty() {
+        let _ = writeln!(s, "  maps 90 % full or more: {}", full.join(", "));
+    }
     if let Some(k) = &st.public_key {
         let _ = writeln!(s, "  public key: {k}");
     }
@@ -426,6 +438,42 @@ mod tests {
         // Kernel WireGuard counts nothing it would report: no line claiming "none".
         st.backend = "kernel".into();
         assert!(!format_status(&st).contains("tunnel drops"));
+    }
+
+    #[test]
+    fn the_status_table_names_a_failing_reconcile_and_nearly_full_maps() {
+        let fill = |name: &str, entries, capacity| api::MapFill {
+            name: name.into(),
+            entries,
+            capacity,
+        };
+        let mut st = api::Status {
+            maps: vec![
+                fill("VEIL_IPCACHE", 524_288, 524_288),
+                fill("VEIL_CT", 9, 10),
+                fill("VEIL_AUTH", 8, 10),
+            ],
+            reconcile_error: Some("map ipcache: 3 of 9 writes failed".into()),
+            ..Default::default()
+        };
+        let text = format_status(&st);
+        assert!(
+            text.contains(
+                "\n  RECONCILE FAILING (retried every 5 s): map ipcache: 3 of 9 writes failed\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  maps 90 % full or more: VEIL_IPCACHE 524288/524288, VEIL_CT 9/10\n"),
+            "{text}"
+        );
+        st.reconcile_error = None;
+        st.maps.truncate(0);
+        let text = format_status(&st);
+        assert!(
+            !text.contains("RECONCILE") && !text.contains("maps 90"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -516,6 +516,17 @@ impl Pair {
     }
 
     fn configure_with(&self, side: Side, psk_file: &str, endpoint: bool) {
+        self.configure_keepalive(side, psk_file, endpoint, None);
+    }
+
+    /// `configure_with`, and with `keepalive`, the peer's persistent keepalive in seconds.
+    fn configure_keepalive(
+        &self,
+        side: Side,
+        psk_file: &str,
+        endpoint: bool,
+        keepalive: Option<u16>,
+    ) {
         let (key, port, peer, ep, allowed) = match side {
             Side::A => ("a.key", PORT_A, &self.pub_b, UNDER_B, TUN_B),
             Side::B => ("b.key", PORT_B, &self.pub_a, UNDER_A, TUN_A),
@@ -540,6 +551,10 @@ impl Pair {
         ];
         if endpoint {
             argv.extend(["endpoint", &ep]);
+        }
+        let keepalive = keepalive.map(|k| k.to_string());
+        if let Some(k) = &keepalive {
+            argv.extend(["persistent-keepalive", k]);
         }
         self.ns(side).ok(&argv);
     }
@@ -1444,6 +1459,227 @@ fn handshake_flood_from_spoofed_sources_leaves_the_real_peer_its_handshake() {
     pair.wait_ping(Side::A, Duration::from_secs(5));
 }
 
+/// The natted side's network behind the router (lab range, inside its namespaces only).
+const NAT_INSIDE_ROUTER: &str = "198.18.202.1";
+const NAT_INSIDE_HOST: &str = "198.18.202.2";
+/// How long the router keeps a UDP mapping without traffic (netns.sh uses 2 s too).
+const NAT_UDP_TIMEOUT_S: u64 = 2;
+
+/// Puts `natted` behind a NAT router in a namespace of its own (deleted on drop): the pair's
+/// direct link is replaced by two, natted ↔ router ↔ public, and the router masquerades the
+/// natted side's datagrams as the natted side's usual underlay address (which the router now
+/// holds) and forgets a UDP mapping after [`NAT_UDP_TIMEOUT_S`] without traffic. The public side
+/// can reach the natted one only through a live mapping.
+fn put_behind_a_nat(pair: &Pair, natted: Side) -> Netns {
+    let router = Netns::new(pair.a.name.replace("-a", "-r"));
+    let (inside, outside) = (pair.ns(natted), pair.ns(other(natted)));
+    let (natted_ip, public_ip) = match natted {
+        Side::A => (UNDER_A, UNDER_B),
+        Side::B => (UNDER_B, UNDER_A),
+    };
+    // Deleting one end of the direct veth deletes both.
+    inside.ok(&["ip", "link", "del", UNDERLAY_IF]);
+    for (dev, ns) in [("r-in", inside), ("r-out", outside)] {
+        router.ok(&[
+            "ip",
+            "link",
+            "add",
+            dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            UNDERLAY_IF,
+            "netns",
+            &ns.name,
+        ]);
+        router.ok(&["ip", "link", "set", dev, "up"]);
+        ns.ok(&["ip", "link", "set", UNDERLAY_IF, "up"]);
+    }
+    router.ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{NAT_INSIDE_ROUTER}/24"),
+        "dev",
+        "r-in",
+    ]);
+    router.ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{natted_ip}/24"),
+        "dev",
+        "r-out",
+    ]);
+    inside.ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{NAT_INSIDE_HOST}/24"),
+        "dev",
+        UNDERLAY_IF,
+    ]);
+    inside.ok(&["ip", "route", "add", "default", "via", NAT_INSIDE_ROUTER]);
+    outside.ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{public_ip}/24"),
+        "dev",
+        UNDERLAY_IF,
+    ]);
+    router.ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    for t in [
+        "nf_conntrack_udp_timeout",
+        "nf_conntrack_udp_timeout_stream",
+    ] {
+        router.ok(&[
+            "sysctl",
+            "-qw",
+            &format!("net.netfilter.{t}={NAT_UDP_TIMEOUT_S}"),
+        ]);
+    }
+    router.ok(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        "198.18.202.0/24",
+        "-o",
+        "r-out",
+        "-j",
+        "SNAT",
+        "--to-source",
+        natted_ip,
+    ]);
+    // Counts what the natted side sends out ([`forwarded_out`]).
+    router.ok(&[
+        "iptables", "-A", "FORWARD", "-i", "r-in", "-o", "r-out", "-p", "udp",
+    ]);
+    router
+}
+
+/// UDP datagrams the NAT router has forwarded from the natted side so far.
+fn forwarded_out(router: &Netns) -> u64 {
+    let out = router.ok(&["iptables", "-L", "FORWARD", "-v", "-x", "-n"]);
+    out.lines()
+        .find(|l| l.contains("r-in") && l.contains("r-out"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no counting rule in:\n{out}"))
+}
+
+/// (received, sent) bytes of side `side` with its peer (`wg show transfer`).
+fn transfer(pair: &Pair, side: Side) -> (u64, u64) {
+    let t = pair
+        .wg_show(side, "transfer", pair.peer_of(side))
+        .expect("the peer listed");
+    let n = |i: usize| t[i].parse().expect("a byte count");
+    (n(0), n(1))
+}
+
+/// Scenario 37's conntrack expiry with keepalive (netns.sh's NAT test): `natted` sits behind
+/// a NAT router that forgets a UDP mapping after 2 s of silence, and only it knows the other
+/// side's endpoint; the public side learns the natted one's (the router's address and the port
+/// its mapping chose) from its authenticated packets. Without a persistent keepalive, 3 s of
+/// silence lose the mapping and the public side's ping cannot get through (the control: the
+/// NAT does expire). With a 1 s keepalive from the natted side, its keepalives cross the
+/// router during the 3 s (counted there) and the public side's ping gets through. veil-wg's
+/// `wg show transfer` counts the keepalives it sends or receives, 32 bytes each, as the kernel
+/// and wireguard-go do. Run with veil-wg as either side.
+fn behind_a_nat_keepalive_keeps_the_mapping(imp: Impl, natted: Side) {
+    let pair = Pair::create(imp);
+    let router = put_behind_a_nat(&pair, natted);
+    let public = other(natted);
+    let idle = Duration::from_secs(NAT_UDP_TIMEOUT_S + 1);
+    let natted_ip = if natted == Side::A { UNDER_A } else { UNDER_B };
+    let mut results = vec![];
+    for keepalive in [None, Some(1)] {
+        if keepalive.is_some() && (natted == Side::A || imp.updates_peers_in_place()) {
+            pair.configure_keepalive(natted, "psk", true, keepalive);
+        } else {
+            if keepalive.is_some() {
+                pair.remove_peer(natted);
+            }
+            pair.configure_keepalive(public, "psk", false, None);
+            pair.configure_keepalive(natted, "psk", true, keepalive);
+        }
+        pair.wait_ping(natted, Duration::from_secs(10));
+        pair.wait_ping(public, Duration::from_secs(5));
+        let endpoint = pair
+            .wg_show(public, "endpoints", pair.peer_of(public))
+            .expect("the peer listed")
+            .join(" ");
+        assert!(
+            endpoint.starts_with(&format!("{natted_ip}:")),
+            "the public side did not learn the natted side's address through the NAT: {endpoint}"
+        );
+        let (out0, veil0) = (forwarded_out(&router), transfer(&pair, Side::A));
+        // The silence is the test: the mapping lives 2 s without traffic.
+        std::thread::sleep(idle);
+        // veil-wg's count of the keepalives against the router's: read until a keepalive in
+        // flight between the two readings has landed.
+        let (sent_out, veil_bytes) = wait_for(
+            "veil-wg's transfer to match the router's count",
+            Duration::from_secs(2),
+            || {
+                let n = forwarded_out(&router) - out0;
+                let (rx, tx) = transfer(&pair, Side::A);
+                let veil = if natted == Side::A {
+                    tx - veil0.1
+                } else {
+                    rx - veil0.0
+                };
+                (veil == 32 * n).then_some((n, veil))
+            },
+        );
+        let reached = pair.ns(public).ping(Pair::other_tunnel_ip(public));
+        match keepalive {
+            None => {
+                assert_eq!(sent_out, 0, "the natted side sent without a keepalive");
+                assert!(
+                    !reached,
+                    "the public side reached the natted one after {idle:?} of silence without \
+                     keepalives: the NAT did not expire its mapping, so this test shows nothing"
+                );
+            }
+            Some(_) => {
+                assert!(
+                    sent_out >= 2,
+                    "{sent_out} keepalives crossed the router in {idle:?}"
+                );
+                assert!(
+                    reached,
+                    "the public side lost the natted side after {idle:?} of silence with a 1 s \
+                     keepalive ({sent_out} keepalives crossed the router)"
+                );
+            }
+        }
+        results.push(format!(
+            "keepalive {keepalive:?}: endpoint {endpoint}, {sent_out} keepalives ({veil_bytes} \
+             bytes in veil-wg's transfer) in {idle:?} of silence, public ping {}",
+            if reached { "answered" } else { "lost" }
+        ));
+    }
+    pair.tcp_transfer(public, 1 << 20);
+    println!(
+        "{} behind a NAT (2 s UDP mappings), {} public: {}",
+        if natted == Side::A {
+            "veil-wg"
+        } else {
+            imp.name()
+        },
+        if natted == Side::A {
+            imp.name()
+        } else {
+            "veil-wg"
+        },
+        results.join("; ")
+    );
+}
+
 macro_rules! interop_tests {
     ($($module:ident => $imp:expr),* $(,)?) => {$(
         mod $module {
@@ -1487,6 +1723,16 @@ macro_rules! interop_tests {
             #[test]
             fn roaming_and_nat_rebinding_follow_authenticated_packets_only() {
                 roaming_follows_authenticated_packets_only($imp);
+            }
+
+            #[test]
+            fn veil_wg_behind_a_nat_keeps_its_mapping_with_keepalives() {
+                behind_a_nat_keepalive_keeps_the_mapping($imp, Side::A);
+            }
+
+            #[test]
+            fn other_behind_a_nat_stays_reachable_from_veil_wg_with_keepalives() {
+                behind_a_nat_keepalive_keeps_the_mapping($imp, Side::B);
             }
         }
     )*};

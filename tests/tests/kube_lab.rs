@@ -892,3 +892,185 @@ fn a_kubernetes_lab_rides_out_an_apiserver_restart_and_an_etcd_stop() {
         );
     }
 }
+
+/// (entries, capacity) of a node's ipcache (the identity table: address → identity, node) as
+/// its `veil status` reports them.
+fn ipcache_fill(lab: &Lab, node: &str) -> (usize, u32) {
+    lab.status(node)
+        .maps
+        .iter()
+        .find(|m| m.name == veil_common::maps::IPCACHE)
+        .map(|m| (m.entries, m.capacity))
+        .expect("VEIL_IPCACHE in the status")
+}
+
+/// CPU time (user + system) of a process so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the agent's stat");
+    // After the command's closing parenthesis, utime and stime are the 12th and 13th fields,
+    // in clock ticks (100 a second).
+    let after = &stat[stat.rfind(')').expect("stat's command") + 2..];
+    let f: Vec<u64> = after
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|t| t.parse().expect("a tick count"))
+        .collect();
+    Duration::from_millis((f[0] + f[1]) * 10)
+}
+
+/// node-b's ipcache made with room for `IPCACHE_ROOM` entries (its agent's `map_max_entries`).
+const SMALL_IPCACHE_LAB: &str = "control_plane: kubernetes
+nodes: [{name: node-a}, {name: node-b, map_max_entries: {VEIL_IPCACHE: 24}}]
+";
+const IPCACHE_ROOM: usize = 24;
+
+/// Scenario 34, the identity table (ipcache) full at runtime. node-b's ipcache is made small
+/// (`map_max_entries`, 24 entries) and filled with real Pods on node-a, while web2 (node-b)
+/// admits `app=frontend`. Then:
+/// - a new Pod `newcomer` labelled `app=frontend` cannot get its entry on node-b, which judges
+///   its address by node-a's pod-CIDR entry (unknown identity) and refuses it, counted
+///   `policy-denied` on node-b (NI: fail closed; no entry is evicted to make room); frontend,
+///   known before, stays admitted (NL). The failure is raised: node-b's `veil status` names
+///   the ipcache in `reconcile_error`, and `veil_reconcile_failing` is 1;
+/// - an admitted Pod at 198.19.1.201 is deleted: the entry it frees goes to newcomer, which is
+///   admitted; a refused Pod (`app=intruder`) created at the same address finds no room and is
+///   refused (the admitted Pod's identity did not stay with the address);
+/// - the agent warned once for all of it (its counts moved at every pass);
+/// - two filler Pods deleted, the refused Pod gets its own entry and is still refused, and the
+///   reconcile error clears.
+#[test]
+fn a_full_identity_table_refuses_new_pods_and_keeps_known_ones() {
+    const REUSED: &str = "198.19.1.201";
+    let lab = Lab::up_with_file(SMALL_IPCACHE_LAB, &[]);
+    assert_eq!(ipcache_fill(&lab, "node-b").1 as usize, IPCACHE_ROOM);
+    let web2 = lab.make_web_pod("web2", "node-b");
+    let url = format!("http://{web2}:8080/");
+    apply_enforced(&lab, WEB2_FROM_FRONTEND, "web2-from-frontend");
+    lab.apply_web_pod("churn-admitted", "node-a", "frontend", Some(REUSED));
+    until(
+        "the admitted Pod reaches web2",
+        Duration::from_secs(30),
+        || curl(&lab, "churn-admitted", &url).is_ok(),
+    );
+    curl(&lab, "frontend", &url).expect("frontend served before the table is full");
+
+    // Real Pods on node-a fill node-b's table: their entries are the cluster's, so the agent
+    // keeps them (an entry written from outside it would remove as stale).
+    let mut fillers = 0;
+    while ipcache_fill(&lab, "node-b").0 < IPCACHE_ROOM {
+        let before = ipcache_fill(&lab, "node-b").0;
+        lab.apply_web_pod(&format!("filler-{fillers}"), "node-a", "filler", None);
+        fillers += 1;
+        until(
+            "node-b's ipcache to take the filler Pod",
+            Duration::from_secs(30),
+            || ipcache_fill(&lab, "node-b").0 > before,
+        );
+    }
+    assert!(
+        fillers >= 2,
+        "node-b's ipcache was full after {fillers} filler Pods"
+    );
+    eprintln!("node-b's ipcache full with {fillers} filler Pods");
+
+    // A new Pod node-b cannot learn.
+    lab.apply_web_pod("newcomer", "node-a", "frontend", None);
+    let denied_before = lab.drop_count("node-b", "policy-denied");
+    until(
+        "newcomer's requests to reach node-b and be refused there",
+        Duration::from_secs(30),
+        || {
+            assert!(
+                curl(&lab, "newcomer", &url).is_err(),
+                "newcomer was admitted with node-b's identity table full"
+            );
+            lab.drop_count("node-b", "policy-denied") > denied_before
+        },
+    );
+    for _ in 0..10 {
+        assert!(
+            curl(&lab, "newcomer", &url).is_err(),
+            "newcomer was admitted with node-b's identity table full"
+        );
+    }
+    curl(&lab, "frontend", &url).expect("frontend refused with the table full");
+    let st = lab.status("node-b");
+    assert_eq!(ipcache_fill(&lab, "node-b").0, IPCACHE_ROOM);
+    let error = st.reconcile_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("ipcache"),
+        "node-b's reconcile error: {error:?}"
+    );
+    assert!(
+        lab.metrics("node-b")
+            .lines()
+            .any(|l| l == "veil_reconcile_failing 1"),
+        "veil_reconcile_failing is not 1"
+    );
+    let (pid, cpu0, at0) = (st.agent.pid, cpu_time(st.agent.pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let failing_cpu = (cpu_time(pid) - cpu0).as_secs_f64() / at0.elapsed().as_secs_f64();
+
+    // The admitted Pod goes: newcomer takes its entry; a refused Pod at its address finds no
+    // room.
+    delete_pod(&lab, "churn-admitted");
+    let deleted = Instant::now();
+    until("newcomer to be admitted", Duration::from_secs(30), || {
+        curl(&lab, "newcomer", &url).is_ok()
+    });
+    let newcomer_in = deleted.elapsed();
+    lab.apply_web_pod("churn-refused", "node-a", "intruder", Some(REUSED));
+    let mut refused = 0;
+    until(
+        "churn-refused's requests to be refused",
+        Duration::from_secs(30),
+        || {
+            let out = lab.exec("churn-refused", &["curl", "-sS", "--max-time", "0.5", &url]);
+            assert!(
+                !out.status.success(),
+                "churn-refused at {REUSED} reached web2 with the table full"
+            );
+            // Counted once its namespace exists (`lab exec` finds it).
+            if String::from_utf8_lossy(&out.stderr).contains("curl:") {
+                refused += 1;
+            }
+            refused >= 10
+        },
+    );
+    assert_eq!(lab.kube_pod_ip("churn-refused"), REUSED);
+    assert!(
+        lab.status("node-b").reconcile_error.is_some(),
+        "node-b took churn-refused's entry with its table full"
+    );
+
+    // The agent said so once, not at every pass whose counts moved.
+    let log = std::fs::read_to_string(&lab.node("node-b").agent_log).expect("node-b's agent log");
+    let warned = log.matches("reconcile failed; retrying").count();
+    assert_eq!(
+        warned, 1,
+        "node-b warned {warned} times of its full ipcache"
+    );
+
+    // Room again (a Pod takes two entries, IPv4 and IPv6: churn-refused's and what is left of
+    // the last filler's need two Pods gone).
+    delete_pod(&lab, "filler-0");
+    delete_pod(&lab, "filler-1");
+    until(
+        "node-b's reconcile error to clear",
+        Duration::from_secs(15),
+        || lab.status("node-b").reconcile_error.is_none(),
+    );
+    assert!(
+        curl(&lab, "churn-refused", &url).is_err(),
+        "churn-refused admitted once node-b knew it"
+    );
+    curl(&lab, "frontend", &url).expect("frontend refused after the table had room");
+    println!(
+        "node-b's ipcache ({IPCACHE_ROOM} entries) full with {fillers} filler Pods: newcomer \
+         refused (policy-denied on node-b), frontend served, reconcile_error {error:?}; node-b's \
+         agent used {:.1} % of a core while failing; the admitted Pod deleted, newcomer admitted \
+         {newcomer_in:?} later; churn-refused at the freed address refused {refused} times",
+        failing_cpu * 100.0
+    );
+}

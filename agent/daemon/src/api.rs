@@ -12,6 +12,11 @@ pub struct Status {
     pub cluster: String,
     /// The agent finished its first reconcile: programs attached to every local pod.
     pub ready: bool,
+    /// Why the last reconcile pass failed (a map that cannot take every entry, a program that
+    /// did not attach, ...); it is retried every 5 s and at each cluster change. Absent once a
+    /// pass succeeds. What did not fail of the pass is in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile_error: Option<String>,
     /// `userspace`, `kernel`, or `none` (encryption off).
     pub backend: String,
     pub interface: String,

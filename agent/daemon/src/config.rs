@@ -138,7 +138,46 @@ pub struct Config {
     /// cgroup veil-proxy runs in (default: the agent's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_cgroup: Option<PathBuf>,
+    /// Sizes of the maps that grow with the cluster, where the defaults ([`SIZED_MAPS`]) do
+    /// not fit: map name → entries. A map takes its size when it is made; one an earlier agent
+    /// pinned keeps its size until its pin is removed (the agent says so in a WARN).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub map_max_entries: std::collections::BTreeMap<String, u32>,
 }
+
+/// The maps `map_max_entries` may size, with their default sizes: every address the node
+/// knows (pods, pod CIDRs, nodes), the nodes, the tracked connections.
+pub const SIZED_MAPS: [(&str, u32); 3] = [
+    (veil_common::maps::IPCACHE, veil_common::maps::IPCACHE_MAX),
+    (veil_common::maps::NODES, veil_common::maps::NODES_MAX),
+    (veil_common::maps::CT, veil_common::maps::CT_MAX),
+];
+
+/// `map_max_entries` names only [`SIZED_MAPS`], each with 1..=[`MAP_MAX_ENTRIES_LIMIT`]
+/// entries (the lab checks its files' with this too).
+pub fn check_map_max_entries(
+    sizes: &std::collections::BTreeMap<String, u32>,
+) -> Result<(), String> {
+    for (name, n) in sizes {
+        if !SIZED_MAPS.iter().any(|(m, _)| m == name) {
+            let names: Vec<&str> = SIZED_MAPS.iter().map(|(m, _)| *m).collect();
+            return Err(format!(
+                "{name:?} is not a map that can be sized (one of {})",
+                names.join(", ")
+            ));
+        }
+        if !(1..=MAP_MAX_ENTRIES_LIMIT).contains(n) {
+            return Err(format!(
+                "{name}: {n} entries, must be within 1..={MAP_MAX_ENTRIES_LIMIT}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The largest size `map_max_entries` takes (2^24: a 16-million-entry map; the kernel refuses
+/// far larger ones for lack of memory anyway).
+pub const MAP_MAX_ENTRIES_LIMIT: u32 = 1 << 24;
 
 /// The L7 proxy's default port (Envoy's and ztunnel's outbound capture port).
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
@@ -288,7 +327,10 @@ impl Config {
         if self.key_rotation < MIN_ROTATION {
             return invalid("key_rotation", "must be at least 5s");
         }
-        Ok(())
+        check_map_max_entries(&self.map_max_entries).map_err(|message| Error::Invalid {
+            field: "map_max_entries",
+            message,
+        })
     }
 
     pub fn to_yaml(&self) -> String {
@@ -436,6 +478,40 @@ pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: files, dir: /run/cp}\ninte
             }
         ));
         assert_eq!(c.node, "node-a");
+    }
+
+    #[test]
+    fn map_sizes_name_a_sized_map_and_a_size_it_can_take() {
+        for (line, needle) in [
+            (
+                "map_max_entries: {VEIL_AUTH: 10}",
+                "\"VEIL_AUTH\" is not a map that can be sized",
+            ),
+            (
+                "map_max_entries: {VEIL_IPCACHE: 0}",
+                "VEIL_IPCACHE: 0 entries",
+            ),
+            (
+                "map_max_entries: {VEIL_CT: 16777217}",
+                "VEIL_CT: 16777217 entries",
+            ),
+            (
+                "map_max_entries: {VEIL_NODES: -1}",
+                "map_max_entries.VEIL_NODES",
+            ),
+        ] {
+            let e = Config::parse(&format!("{GOOD}{line}\n"), Path::new("a"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{line}: {e}");
+        }
+        let c = Config::parse(
+            &format!("{GOOD}map_max_entries: {{VEIL_IPCACHE: 40, VEIL_NODES: 1}}\n"),
+            Path::new("a"),
+        )
+        .unwrap();
+        assert_eq!(c.map_max_entries["VEIL_IPCACHE"], 40);
+        assert_eq!(Config::parse(&c.to_yaml(), Path::new("b")).unwrap(), c);
     }
 
     #[test]

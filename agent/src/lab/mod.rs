@@ -561,6 +561,7 @@ pub fn agent_config(spec: &LabSpec, paths: &LabPaths, node: &spec::NodeSpec) -> 
         proxy_binary: None,
         proxy_log: Some(paths.log(&format!("proxy-{}", node.name))),
         proxy_cgroup: Some(paths.node_cgroup(&node.name).join("proxy")),
+        map_max_entries: node.map_max_entries.clone(),
         spire_socket: Some(match spec.identity {
             spec::IdentityProvider::Dev => spire::node_socket(paths, &node.name),
             spec::IdentityProvider::Spire => spire_real::workload_socket(paths, &node.name),

@@ -298,6 +298,9 @@ pub struct NodeFile {
     /// This node's WireGuard backend when it is not the lab's (a kernel-WireGuard node beside
     /// veil-wg nodes); wins over the lab-wide `backend:` and `--backend`.
     pub backend: Option<BackendChoice>,
+    /// Sizes of this node's maps (the agent config's `map_max_entries`), to fill one at runtime.
+    #[serde(default)]
+    pub map_max_entries: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -404,6 +407,9 @@ pub struct NodeSpec {
     /// Set when this node's WireGuard backend is not the lab's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendChoice>,
+    /// This node's agent's `map_max_entries`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub map_max_entries: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -609,11 +615,13 @@ pub fn default_file() -> LabFile {
                 name: "node-a".into(),
                 trust_domain: None,
                 backend: None,
+                map_max_entries: BTreeMap::new(),
             },
             NodeFile {
                 name: "node-b".into(),
                 trust_domain: None,
                 backend: None,
+                map_max_entries: BTreeMap::new(),
             },
         ]),
         pods: Some(vec![
@@ -775,6 +783,8 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         if let Some(td) = &n.trust_domain {
             check_trust_domain(&format!("nodes[{i}].trust_domain"), td)?;
         }
+        crate::config::check_map_max_entries(&n.map_max_entries)
+            .map_err(|m| invalid(format!("nodes[{i}].map_max_entries"), m))?;
         nodes.push(NodeSpec {
             name: n.name.clone(),
             id,
@@ -789,6 +799,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             wg_interface,
             trust_domain: n.trust_domain.clone().filter(|td| *td != trust_domain),
             backend: n.backend,
+            map_max_entries: n.map_max_entries.clone(),
         });
     }
 
@@ -1412,6 +1423,8 @@ mod tests {
             ("nodes: []", "nodes"),
             ("nodes: [{name: Node_A}]", "nodes[0].name"),
             ("nodes: [{name: a}, {name: a}]", "nodes[1].name"),
+            ("nodes: [{name: a}, {name: b, map_max_entries: {VEIL_IPCACHE: 0}}]", "nodes[1].map_max_entries"),
+            ("nodes: [{name: a, map_max_entries: {VEIL_POLICY_A: 9}}]", "nodes[0].map_max_entries"),
             ("pods: [{name: p, node: node-z}]", "pods[0].node"),
             ("pods: [{name: p, node: node-a}, {name: p, node: node-b}]", "pods[1].name"),
             ("pods: [{name: p, node: node-a, labels: {'bad key!': x}}]", "pods[0].labels"),

@@ -162,7 +162,10 @@ pub struct Peer {
     pub static_shared: Zeroizing<[u8; 32]>,
     pub endpoint: Mutex<Option<Endpoint>>,
     pub noise: Mutex<PeerNoise>,
-    /// Data bytes (plaintext) sent and received, across `Tunn` replacements.
+    /// Bytes of data messages (keepalives included) sent to and received from the peer, as
+    /// they cross the wire (header and tag included), across `Tunn` replacements: what the
+    /// kernel and wireguard-go report as `transfer`, but for handshake messages, which they
+    /// count too.
     pub tx_bytes: AtomicU64,
     pub rx_bytes: AtomicU64,
     /// Unix seconds of the last completed handshake (0 = never).

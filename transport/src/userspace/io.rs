@@ -616,7 +616,7 @@ fn tun_to_udp(
                     let used = d.len();
                     drop(noise);
                     ob.push(ep, used);
-                    *bytes += len as u64;
+                    *bytes += used as u64;
                 }
                 TunnResult::Done => {}
                 _ => {
@@ -877,9 +877,10 @@ fn handle_datagram<R: Reply>(
         let (len, src) = match tunn.decapsulate(Some(from.ip()), datagram, slot) {
             TunnResult::WriteToTunnelV4(pkt, src) => (pkt.len(), IpAddr::V4(src)),
             TunnResult::WriteToTunnelV6(pkt, src) => (pkt.len(), IpAddr::V6(src)),
-            // A keepalive.
+            // A keepalive: counted like data, as the kernel and wireguard-go count it.
             TunnResult::Done => {
                 cur.authenticated = true;
+                cur.bytes += datagram.len() as u64;
                 return;
             }
             TunnResult::WriteToNetwork(reply) => {
@@ -893,7 +894,7 @@ fn handle_datagram<R: Reply>(
         };
         cur.authenticated = true;
         if routing.source_allowed(peer, src) {
-            cur.bytes += len as u64;
+            cur.bytes += datagram.len() as u64;
             co.commit(len);
         } else {
             device.drops.bad_source.fetch_add(1, Ordering::Relaxed);
@@ -1059,6 +1060,9 @@ fn count_error(device: &Device, e: &WireGuardError) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// A keepalive on the wire: a data message with nothing inside (header 16, tag 16).
+const KEEPALIVE_LEN: usize = 32;
+
 /// WireGuard timers (handshake retries, keepalives, rekeys), the rate limiter's window, and
 /// retiring replaced `Tunn`s.
 fn timers(
@@ -1096,15 +1100,21 @@ fn timers(
             let ep = peer.route();
             let result = noise.current.tunn.update_timers(&mut buf);
             if let (TunnResult::WriteToNetwork(d), Some(u), Some(ep)) = (result, &u, ep) {
-                let _ = u.send(ep, d, None);
+                if u.send(ep, d, None).is_ok() && d.len() == KEEPALIVE_LEN {
+                    peer.tx_bytes
+                        .fetch_add(KEEPALIVE_LEN as u64, Ordering::Relaxed);
+                }
             }
             if let Some((old, _)) = &mut noise.retiring {
                 // The retiring Tunn still answers keepalives for its sessions but never starts
                 // a handshake of its own.
                 if let TunnResult::WriteToNetwork(d) = old.tunn.update_timers(&mut buf) {
-                    if d.len() == 32 {
+                    if d.len() == KEEPALIVE_LEN {
                         if let (Some(u), Some(ep)) = (&u, ep) {
-                            let _ = u.send(ep, d, None);
+                            if u.send(ep, d, None).is_ok() {
+                                peer.tx_bytes
+                                    .fetch_add(KEEPALIVE_LEN as u64, Ordering::Relaxed);
+                            }
                         }
                     }
                 }

@@ -41,7 +41,7 @@ pub(super) fn open_datapath(
         wg_port: u32::from(cfg.listen_port),
         control_port: u32::from(cfg.control_port),
     };
-    let datapath = Datapath::open(&cfg.bpffs, &cfg.pin_dir, dp_cfg)?;
+    let datapath = Datapath::open(&cfg.bpffs, &cfg.pin_dir, dp_cfg, &cfg.map_max_entries)?;
     tracing::info!(
         node = %cfg.node, pin_dir = %cfg.pin_dir.display(), restarts,
         "datapath loaded (maps pinned, {} earlier start(s) re-adopted)", restarts

@@ -186,6 +186,12 @@ impl Collector for Scrape {
             "1 once the agent has reconciled the datapath.",
             ConstGauge::new(i64::from(st.ready)),
         )?;
+        single(
+            &mut enc,
+            "veil_reconcile_failing",
+            "1 while the agent's last reconcile pass failed (a full map, a program not attached; `veil status` says why).",
+            ConstGauge::new(i64::from(st.reconcile_error.is_some())),
+        )?;
         family(
             &mut enc,
             "veil_auth_failures",
@@ -290,6 +296,7 @@ mod tests {
         ("veil_map_capacity", "gauge"),
         ("veil_svid_expiry_seconds", "gauge"),
         ("veil_agent_ready", "gauge"),
+        ("veil_reconcile_failing", "gauge"),
         ("veil_auth_failures_total", "counter"),
         ("veil_auth_pairs", "gauge"),
         ("veil_control_channels", "gauge"),
@@ -299,6 +306,7 @@ mod tests {
     fn status() -> api::Status {
         api::Status {
             ready: true,
+            reconcile_error: Some("ipcache: 3 of 9 writes failed".into()),
             interfaces: vec![api::InterfaceCounters {
                 interface: "lxc-fe".into(),
                 ifindex: 7,
@@ -377,6 +385,7 @@ mod tests {
             "veil_map_entries{map=\"VEIL_CT\"} 5",
             "veil_map_capacity{map=\"VEIL_CT\"} 65536",
             "veil_agent_ready 1",
+            "veil_reconcile_failing 1",
             "veil_policies 0",
             "veil_hold_packets_total{outcome=\"timed-out\"} 2",
             "veil_hold_packets_total{outcome=\"unclassified\"} 0",

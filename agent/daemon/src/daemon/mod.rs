@@ -363,9 +363,14 @@ impl Agent {
                             return Some(e);
                         }
                         Err(e) => {
-                            // Once per distinct failure: a full map fails every pass (5 s).
+                            // Once per distinct failure: a full map fails every pass (5 s),
+                            // with counts that move as the cluster does.
                             let msg = crate::error_chain(&e);
-                            if s.last_error.as_deref() != Some(msg.as_str()) {
+                            if !s
+                                .last_error
+                                .as_deref()
+                                .is_some_and(|l| same_failure(l, &msg))
+                            {
                                 tracing::warn!(error = %msg, "reconcile failed; retrying (the same failure again is logged at debug)");
                             } else {
                                 tracing::debug!(error = %msg, "reconcile failed again");
@@ -516,4 +521,27 @@ fn watch_exit(pid: i32) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>
     // whole life) and nothing else closes it.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .ok()
+}
+
+/// Two reconcile failures alike but for their counts ("3 of 9 writes failed" and "4 of 9").
+fn same_failure(a: &str, b: &str) -> bool {
+    let shape = |s: &str| {
+        s.chars()
+            .filter(|c| !c.is_ascii_digit())
+            .collect::<String>()
+    };
+    shape(a) == shape(b)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failures_differing_only_in_counts_are_the_same() {
+        let full = |n: u32| format!("ipcache: {n} of 9 writes failed (the map is full)");
+        assert!(super::same_failure(&full(3), &full(4)));
+        assert!(!super::same_failure(
+            &full(3),
+            "node table: 3 of 9 writes failed (the map is full)"
+        ));
+    }
 }

@@ -138,6 +138,7 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         node: s.cfg.node.clone(),
         cluster: s.cfg.cluster.clone(),
         ready: s.ready,
+        reconcile_error: s.last_error.clone(),
         backend,
         interface: s.cfg.interface.clone(),
         listen_port: s.cfg.listen_port,
@@ -270,15 +271,22 @@ fn issuer_of(leaf: &[u8]) -> (Option<String>, Option<String>) {
 /// Entries and capacity of the maps that grow with the cluster.
 fn map_fill(dp: &Datapath) -> Vec<api::MapFill> {
     use veil_common::maps::{
-        AuthEntry, AuthKey, CtEntry, CtKey, PolicyEntry, PolicyKey, AUTH_MAX, CT_MAX, IPCACHE_MAX,
-        POLICY_MAX,
+        AuthEntry, AuthKey, CtEntry, CtKey, NodeInfo, PolicyEntry, PolicyKey, AUTH_MAX, CT_MAX,
+        IPCACHE_MAX, NODES_MAX, POLICY_MAX,
     };
     let e = dp.ebpf();
+    // As the kernel made them (`map_max_entries`, or an older pin's size).
+    let capacity = |name, default| datapath::maps::capacity(e, name).unwrap_or(default);
     vec![
         api::MapFill {
             name: map_names::IPCACHE.into(),
             entries: datapath::maps::ipcache_len(e),
-            capacity: IPCACHE_MAX,
+            capacity: capacity(map_names::IPCACHE, IPCACHE_MAX),
+        },
+        api::MapFill {
+            name: map_names::NODES.into(),
+            entries: dp_policy::count::<u32, NodeInfo>(e, map_names::NODES),
+            capacity: capacity(map_names::NODES, NODES_MAX),
         },
         api::MapFill {
             name: map_names::POLICY_A.into(),
@@ -293,7 +301,7 @@ fn map_fill(dp: &Datapath) -> Vec<api::MapFill> {
         api::MapFill {
             name: map_names::CT.into(),
             entries: dp_policy::count::<CtKey, CtEntry>(e, map_names::CT),
-            capacity: CT_MAX,
+            capacity: capacity(map_names::CT, CT_MAX),
         },
         api::MapFill {
             name: map_names::AUTH.into(),

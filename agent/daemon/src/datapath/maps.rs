@@ -250,6 +250,13 @@ impl<K: Ord + Copy, V: PartialEq + Copy> Shadowed<K, V> {
 /// others or the removals; the removals make room, so the failed writes are tried once more
 /// after them: what fits is written (a set that fits the map is written whole, even over a
 /// full one of other keys), and what still fails is reported together.
+///
+/// A key whose new value cannot be written never keeps its old one: it is removed and written
+/// once more into the room that made. A full LPM trie refuses even an in-place update on
+/// kernels before 6.14 (`ENOSPC`; fixed by "bpf: Handle in-place update for full LPM trie
+/// correctly"), and in the ipcache an old value left in place is an address reused by another
+/// pod keeping the first pod's identity. Without its entry the address falls to its pod CIDR's
+/// (unknown identity: refused by policy, fail closed).
 fn sync_from<K: Ord + Copy, V: PartialEq + Copy>(
     map: &mut impl MapOps<K, V>,
     current: &Entries<K, V>,
@@ -280,6 +287,13 @@ fn sync_from<K: Ord + Copy, V: PartialEq + Copy>(
         } else {
             Err(e)
         };
+        let again = match again {
+            Err(_) if current.contains_key(&k) => {
+                map.remove(&k)?;
+                map.upsert(k, v)
+            }
+            again => again,
+        };
         match again {
             Ok(()) => changes += 1,
             Err(e) => {
@@ -303,6 +317,16 @@ fn ignore_missing(name: &'static str, r: Result<(), aya::maps::MapError>) -> Res
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(e) => Err(map_err(name)(e)),
     }
+}
+
+/// A map's capacity as the kernel made it (a pinned map keeps the size it was made with).
+pub fn capacity(ebpf: &Ebpf, name: &str) -> Option<u32> {
+    use aya::maps::Map;
+    let data = match ebpf.map(name)? {
+        Map::LpmTrie(d) | Map::HashMap(d) | Map::LruHashMap(d) => d,
+        _ => return None,
+    };
+    data.info().ok().map(|i| i.max_entries())
 }
 
 /// Entries in the ipcache (walks the keys).
@@ -472,11 +496,14 @@ mod tests {
         assert_eq!(sync(&mut m, &desired).unwrap(), 0);
     }
 
-    /// A fake map whose writes fail while `fail` is set, or once it holds `capacity` entries.
+    /// A fake map whose writes fail while `fail` is set, or once it holds `capacity` entries
+    /// (then also over a key it holds when `full_refuses_updates`, as a full LPM trie does
+    /// before Linux 6.14).
     struct Flaky {
         map: FakeMap<u32, NodeInfo>,
         fail: bool,
         capacity: usize,
+        full_refuses_updates: bool,
     }
 
     impl Flaky {
@@ -486,13 +513,15 @@ mod tests {
                 map: FakeMap::default(),
                 fail: false,
                 capacity,
+                full_refuses_updates: false,
             }
         }
     }
 
     impl MapOps<u32, NodeInfo> for Flaky {
         fn upsert(&mut self, key: u32, value: NodeInfo) -> Result<(), Error> {
-            let full = self.map.0.len() >= self.capacity && !self.map.0.contains_key(&key);
+            let full = self.map.0.len() >= self.capacity
+                && (self.full_refuses_updates || !self.map.0.contains_key(&key));
             if self.fail || full {
                 return Err(Error::MissingMap("flaky"));
             }
@@ -552,6 +581,38 @@ mod tests {
             }
             other => panic!("expected SomeWritesFailed, got {other:?}"),
         }
+    }
+
+    /// A full map that refuses even in-place updates (an LPM trie before Linux 6.14): a key
+    /// whose value changes is never left with its old one. With nothing stale to remove, it is
+    /// removed and written again in the room that made; and where that fails too, it is left
+    /// out (the ipcache then judges its address by the pod CIDR's entry: unknown identity).
+    #[test]
+    fn a_value_a_full_map_will_not_update_in_place_is_never_left_stale() {
+        let info = |f| NodeInfo { flags: f, _pad: 0 };
+        let mut m = Flaky::holding(3);
+        m.full_refuses_updates = true;
+        m.map.0.extend([(1, info(1)), (2, info(1)), (3, info(1))]);
+        let mut desired: BTreeMap<u32, NodeInfo> = m.map.0.clone();
+        desired.insert(2, info(2));
+        assert_eq!(sync(&mut m, &desired).unwrap(), 1);
+        assert_eq!(m.map.0, desired);
+        // Key 3 changes and a new key 4 comes, into a full map: 4 cannot fit, and 3 is written
+        // only because removing its old value made room; where even that fails, 3 is absent.
+        desired.insert(3, info(2));
+        desired.insert(4, info(2));
+        match sync(&mut m, &desired) {
+            Err(Error::SomeWritesFailed { failed, wanted, .. }) => {
+                assert_eq!((failed, wanted), (1, 2))
+            }
+            other => panic!("expected SomeWritesFailed, got {other:?}"),
+        }
+        assert_eq!(m.map.0.get(&3), Some(&info(2)));
+        assert!(!m.map.0.contains_key(&4));
+        m.fail = true;
+        desired.insert(1, info(3));
+        assert!(sync(&mut m, &desired).is_err());
+        assert_eq!(m.map.0.get(&1), None, "a stale value stayed");
     }
 
     /// A full map of other keys takes a whole new set that fits it, in one sync (a policy slot

@@ -218,7 +218,12 @@ pub struct Datapath {
 impl Datapath {
     /// Mounts bpffs if needed, loads the object with maps pinned under `pin_dir` (reusing pins
     /// an earlier agent left), loads the programs and writes the datapath config.
-    pub fn open(bpffs: &Path, pin_dir: &Path, config: DatapathConfig) -> Result<Self, Error> {
+    pub fn open(
+        bpffs: &Path,
+        pin_dir: &Path,
+        config: DatapathConfig,
+        sizes: &BTreeMap<String, u32>,
+    ) -> Result<Self, Error> {
         let mode = AttachMode::detect()?;
         crate::sys::ensure_bpffs(bpffs).map_err(Error::Bpffs)?;
         let links_dir = pin_dir.join("links");
@@ -226,10 +231,22 @@ impl Datapath {
             path: links_dir.clone(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(OBJECT)
-            .map_err(Error::Load)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        for (name, n) in sizes {
+            loader.map_max_entries(name, *n);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(Error::Load)?;
+        // A pinned map is reused as it is: one made by an earlier agent keeps its size.
+        for (name, n) in sizes {
+            match maps::capacity(&ebpf, name) {
+                Some(had) if had != *n => tracing::warn!(
+                    map = %name, configured = n, pinned = had,
+                    "map_max_entries: the pinned map keeps the size it was made with until its pin is removed"
+                ),
+                _ => {}
+            }
+        }
         for name in [
             programs::FROM_POD,
             programs::FROM_TUNNEL,

@@ -137,7 +137,12 @@ impl TestDatapath {
         sweep_stale_pin_dirs(Path::new(BPFFS));
         let netns = TestNetns::create(interfaces)?;
         let pins = PinDir::create()?;
-        let mut dp = Datapath::open(Path::new(BPFFS), &pins.0, DatapathConfig::default())?;
+        let mut dp = Datapath::open(
+            Path::new(BPFFS),
+            &pins.0,
+            DatapathConfig::default(),
+            &Default::default(),
+        )?;
         let events = dp
             .ebpf_mut()
             .take_map(names::EVENTS)
