@@ -107,13 +107,16 @@ lint() {  # lint [HELM ARGS]: --strict turns warnings into failures; only INFO l
 lint
 lint --set createNamespace=true --set installCRDs=false --set k8sServiceHost=198.18.0.1 \
   --set k8sServicePort=6443 --set image.tag=dev
-lint --set installCiliumCRDs=false --set nodeGuard.enabled=false
+lint --set installCiliumCRDs=false --set nodeGuard.enabled=false \
+  --set mapMaxEntries.VEIL_IPCACHE=1048576 --set mapMaxEntries.VEIL_CT=65536
 # values.schema.json refuses bad values at install, as the agent would at start.
-for bad in mtu=100 backend=fast interface=much-too-long-name listenPort=0 pskRotation=soon; do
+BAD=(mtu=100 backend=fast interface=much-too-long-name listenPort=0 pskRotation=soon
+     mapMaxEntries.VEIL_AUTH=5 mapMaxEntries.VEIL_CT=0)
+for bad in "${BAD[@]}"; do
   if "$H" lint --strict "$CHART" --set "$bad" >"$tmp/out" 2>&1; then die "helm lint accepted --set $bad"; fi
 done
-echo "    values.schema.json refuses: mtu=100 backend=fast interface=much-too-long-name listenPort=0 pskRotation=soon"
-done_step "helm lint (3 value sets, 5 bad values)"
+echo "    values.schema.json refuses: ${BAD[*]}"
+done_step "helm lint (3 value sets, ${#BAD[@]} bad values)"
 
 # --- 2. render; the plain manifests are up to date ------------------------------------------
 begin "helm template; deploy/*.yaml and deploy/crds/ are the chart's rendering"
