@@ -389,6 +389,56 @@ fn svid_rotation_every_20s_under_load_loses_nothing() {
     assert_no_drops(&lab.status("node-a"), &["auth-required", "no-key"]);
 }
 
+/// Scenario 13, refresh before expiry under skew: SVIDs live 40 s and are renewed at half-life,
+/// and node-b's clock runs 10 s ahead (a quarter of the lifetime, as 15 minutes are of SPIRE's
+/// default hour), so node-b sees every SVID expire 10 s early and computes auth-entry expiries
+/// 10 s short. With frontend → backend under `authentication: required` and a TCP stream and a
+/// sequenced UDP probe crossing for a minute (three renewals of every SVID): every line and
+/// probe is echoed and neither node drops anything for want of authentication or a key (NL:
+/// refresh before expiry gives no drop, with the skew).
+#[test]
+fn svid_rotation_under_a_clock_10s_ahead_loses_nothing() {
+    let clock = FakeClock::new(&format!("veil-ahead-{}", std::process::id()));
+    let lab = Lab::up_with_agent_env(ECHO_LAB, &["--svid-ttl", "40s"], "node-b", &clock.env());
+    clock.set("+10s");
+    lab.apply_policy_ok(AUTH_POLICY);
+    let load = lab.echo_load("frontend", 600, 100);
+    let n = load.n;
+    let mut fe_serials = vec![];
+    let mut be_serials = vec![];
+    sample_for(Duration::from_secs(62), Duration::from_millis(500), |_| {
+        push_changed(
+            &mut fe_serials,
+            serial_of(&lab.status("node-a"), "/sa/frontend"),
+        );
+        push_changed(
+            &mut be_serials,
+            serial_of(&lab.status("node-b"), "/sa/backend"),
+        );
+    });
+    let (tcp_lines, udp_lines) = load.finish();
+    println!(
+        "node-b 10 s ahead, SVIDs of 40 s: frontend's renewed {}x, backend's {}x in a minute; \
+         TCP {}/{n} lines, UDP {}/{n} probes",
+        fe_serials.len() - 1,
+        be_serials.len() - 1,
+        tcp_lines.len(),
+        udp_lines.len()
+    );
+    assert!(
+        fe_serials.len() >= 3,
+        "frontend's SVID renewals: {fe_serials:?}"
+    );
+    assert!(
+        be_serials.len() >= 3,
+        "backend's SVID renewals: {be_serials:?}"
+    );
+    assert_all_echoed(&tcp_lines, &udp_lines, n);
+    for node in ["node-a", "node-b"] {
+        assert_no_drops(&lab.status(node), &["auth-required", "no-key"]);
+    }
+}
+
 #[test]
 fn psk_rotation_under_load_loses_nothing() {
     let lab = Lab::up_with_file(&format!("psk_rotation: 5s\n{ECHO_LAB}"), &[]);
@@ -849,6 +899,93 @@ fn a_full_auth_map_keeps_new_pairs_out_and_old_ones_working() {
          auth-map-full ({failures} refused writes, 1 log line, first result {:?}), {refused} \
          connections refused, frontend still served; 100 entries freed: intruder admitted \
          {admitted:?} later",
+        pair.last_result
+    );
+}
+
+/// Scenario 13, a skew that only the peer's SVID falls into: node-b's clock runs `SKEW` behind
+/// (its agent under libfaketime) while every other clock is true. The lab's SVIDs, node-b's own
+/// included, are older than the skew, so node-b keeps publishing its own (NL: a small skew
+/// costs a node nothing). frontend's SVID is then re-issued (`lab rotate`) and an
+/// `authentication: required` policy applied: the new SVID is not yet valid by node-b's clock,
+/// so node-b refuses frontend's workload handshake (`invalid-svid`, logged with the time it
+/// judged by) and frontend is refused (NI), with nothing else failing. Without anyone touching
+/// a clock, frontend is served once node-b's clock reaches the SVID's `notBefore`, through the
+/// auth table's retries (NL: recovers by itself; the time is printed).
+#[test]
+fn a_peer_svid_newer_than_a_skewed_clock_is_refused_until_that_clock_reaches_it() {
+    const SKEW: Duration = Duration::from_secs(15);
+    let clock = FakeClock::new(&format!("veil-skew-{}", std::process::id()));
+    let lab = Lab::up_with_agent_env(ECHO_LAB, &[], "node-b", &clock.env());
+    let up = Instant::now();
+    let url = url(&lab);
+    let own = lab.status("node-b").svids.len();
+    assert!(own >= 2, "node-b holds {own} SVIDs");
+    // The lab's SVIDs were issued before `up` returned: once it is SKEW (and a margin) ago,
+    // they are older than the skew. The wait is the test's subject, not a guess.
+    std::thread::sleep((SKEW + Duration::from_secs(2)).saturating_sub(up.elapsed()));
+    clock.set(&format!("-{}s", SKEW.as_secs()));
+    // The SPIRE client looks at its SVIDs' validity at least every 5 s.
+    sample_for(Duration::from_secs(6), Duration::from_millis(500), |_| {
+        assert_eq!(
+            lab.status("node-b").svids.len(),
+            own,
+            "node-b withdrew its own SVIDs with its clock {SKEW:?} behind"
+        )
+    });
+
+    let before = serial_of(&lab.status("node-a"), "/sa/frontend");
+    lab.lab_ok("rotate", &["--pod", "shop/frontend"]);
+    let rotated = Instant::now();
+    lab.wait_for(
+        "node-a to hold frontend's new SVID",
+        Duration::from_secs(10),
+        || {
+            let now = serial_of(&lab.status("node-a"), "/sa/frontend");
+            (now.is_some() && now != before).then_some(())
+        },
+    );
+    lab.apply_policy_ok(AUTH_POLICY);
+    let pair = lab.wait_for(
+        "node-b to refuse frontend's new SVID",
+        Duration::from_secs(15),
+        || {
+            auth_pairs_with(&lab.status("node-b"), "app=frontend")
+                .into_iter()
+                .find(|p| p.last_result.as_deref() == Some("invalid-svid"))
+        },
+    );
+    let refused_after = rotated.elapsed();
+    assert!(
+        lab.try_get("frontend", &url).is_err(),
+        "frontend served with an SVID not yet valid by node-b's clock"
+    );
+    let log = std::fs::read_to_string(&lab.node("node-b").agent_log).expect("node-b's agent log");
+    assert!(
+        log.contains("outside its validity by this node's clock")
+            && log.contains("is not valid before"),
+        "node-b did not say why it refused frontend's SVID"
+    );
+    assert_eq!(
+        lab.status("node-b").svids.len(),
+        own,
+        "node-b lost its own SVIDs"
+    );
+    lab.wait_for(
+        "frontend served once node-b's clock reached its SVID's notBefore",
+        Duration::from_secs(60),
+        || lab.try_get("frontend", &url).ok(),
+    );
+    let served_after = rotated.elapsed();
+    // The SVID was issued a little before `rotated` was taken.
+    assert!(
+        served_after + Duration::from_secs(1) >= SKEW,
+        "frontend served {served_after:?} after its SVID was issued, before node-b's clock \
+         ({SKEW:?} behind) reached it"
+    );
+    println!(
+        "node-b's clock {SKEW:?} behind: its own SVIDs kept; frontend's SVID re-issued: node-b \
+         refused it ({:?}) {refused_after:.2?} after, frontend served {served_after:.2?} after",
         pair.last_result
     );
 }

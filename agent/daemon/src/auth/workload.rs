@@ -206,8 +206,10 @@ fn check_peer_workload(
         .iter()
         .map(|c| CertificateDer::from(c.as_slice()))
         .collect();
-    let v = validate_x509_svid(&chain, ctx.bundles, ctx.now)
-        .map_err(|e| AuthFailure::from_svid_error(&e))?;
+    let v = validate_x509_svid(&chain, ctx.bundles, ctx.now).map_err(|e| {
+        note_outside_validity(&e, ctx.now);
+        AuthFailure::from_svid_error(&e)
+    })?;
     if !v.spiffe_id.is_member_of(ctx.trust_domain) {
         return Err(AuthFailure::WrongTrustDomain);
     }
@@ -219,6 +221,42 @@ fn check_peer_workload(
         return Err(AuthFailure::WrongSpiffeId);
     }
     Ok(v)
+}
+
+/// A peer workload's SVID outside its validity by this node's clock is most often a clock that
+/// is wrong here or on the issuer's side (the pair only shows `invalid-svid` or
+/// `expired-svid`): said at WARN with the time it was judged by, at most once a minute.
+fn note_outside_validity(e: &veil_identity::SvidError, now: SystemTime) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use veil_identity::SvidError as E;
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    static LAST: AtomicU64 = AtomicU64::new(u64::MAX);
+    if !matches!(
+        e,
+        E::NotYetValid { .. }
+            | E::Expired { .. }
+            | E::IssuerNotYetValid { .. }
+            | E::IssuerExpired { .. }
+    ) {
+        return;
+    }
+    let at = BASE
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs();
+    let last = LAST.load(Ordering::Relaxed);
+    let due = last == u64::MAX || at >= last + 60;
+    if due
+        && LAST
+            .compare_exchange(last, at, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let judged = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        tracing::warn!(error = %e, judged_at_unix = judged, "a peer workload's svid is outside its validity by this node's clock: is a clock wrong? (said at most once a minute)");
+    }
 }
 
 /// The leaf of a peer's chain. The chain was validated first, which refuses an empty one; this
