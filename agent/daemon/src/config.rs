@@ -145,12 +145,12 @@ pub struct Config {
     pub map_max_entries: std::collections::BTreeMap<String, u32>,
 }
 
-/// The maps `map_max_entries` may size, with their default sizes: every address the node
-/// knows (pods, pod CIDRs, nodes), the nodes, the tracked connections.
-pub const SIZED_MAPS: [(&str, u32); 3] = [
-    (veil_common::maps::IPCACHE, veil_common::maps::IPCACHE_MAX),
-    (veil_common::maps::NODES, veil_common::maps::NODES_MAX),
-    (veil_common::maps::CT, veil_common::maps::CT_MAX),
+/// The maps `map_max_entries` may size: every address the node knows (pods, pod CIDRs,
+/// nodes), the nodes, the tracked connections (defaults: `veil_common::maps::*_MAX`).
+pub const SIZED_MAPS: [&str; 3] = [
+    veil_common::maps::IPCACHE,
+    veil_common::maps::NODES,
+    veil_common::maps::CT,
 ];
 
 /// `map_max_entries` names only [`SIZED_MAPS`], each with 1..=[`MAP_MAX_ENTRIES_LIMIT`]
@@ -159,11 +159,10 @@ pub fn check_map_max_entries(
     sizes: &std::collections::BTreeMap<String, u32>,
 ) -> Result<(), String> {
     for (name, n) in sizes {
-        if !SIZED_MAPS.iter().any(|(m, _)| m == name) {
-            let names: Vec<&str> = SIZED_MAPS.iter().map(|(m, _)| *m).collect();
+        if !SIZED_MAPS.contains(&name.as_str()) {
             return Err(format!(
                 "{name:?} is not a map that can be sized (one of {})",
-                names.join(", ")
+                SIZED_MAPS.join(", ")
             ));
         }
         if !(1..=MAP_MAX_ENTRIES_LIMIT).contains(n) {

@@ -227,10 +227,8 @@ fn check_peer_workload(
 /// is wrong here or on the issuer's side (the pair only shows `invalid-svid` or
 /// `expired-svid`): said at WARN with the time it was judged by, at most once a minute.
 fn note_outside_validity(e: &veil_identity::SvidError, now: SystemTime) {
-    use std::sync::atomic::{AtomicU64, Ordering};
     use veil_identity::SvidError as E;
-    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    static LAST: AtomicU64 = AtomicU64::new(u64::MAX);
+    static LAST: Mutex<Option<std::time::Instant>> = Mutex::new(None);
     if !matches!(
         e,
         E::NotYetValid { .. }
@@ -240,23 +238,18 @@ fn note_outside_validity(e: &veil_identity::SvidError, now: SystemTime) {
     ) {
         return;
     }
-    let at = BASE
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_secs();
-    let last = LAST.load(Ordering::Relaxed);
-    let due = last == u64::MAX || at >= last + 60;
-    if due
-        && LAST
-            .compare_exchange(last, at, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
     {
-        let judged = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        tracing::warn!(error = %e, judged_at_unix = judged, "a peer workload's svid is outside its validity by this node's clock: is a clock wrong? (said at most once a minute)");
+        let mut last = LAST.lock().expect("svid warning lock");
+        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
     }
+    let judged = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    tracing::warn!(error = %e, judged_at_unix = judged, "a peer workload's svid is outside its validity by this node's clock: is a clock wrong? (said at most once a minute)");
 }
 
 /// The leaf of a peer's chain. The chain was validated first, which refuses an empty one; this
