@@ -2266,3 +2266,143 @@ fn hold_release_checks_the_auth_map_and_tracks_the_connection() {
         assert!(n.dp.conntrack().unwrap().is_empty(), "{af:?}");
     }
 }
+
+/// A pin directory of its own under bpffs, removed on drop.
+struct OwnPins(std::path::PathBuf);
+
+impl Drop for OwnPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn open_in(pins: &OwnPins, sizes: &[(&str, u32)]) -> veil_agent::datapath::Datapath {
+    let sizes = sizes.iter().map(|(n, s)| (n.to_string(), *s)).collect();
+    veil_agent::datapath::Datapath::open(
+        std::path::Path::new("/sys/fs/bpf"),
+        &pins.0,
+        DatapathConfig::default(),
+        &sizes,
+    )
+    .expect("datapath opens")
+}
+
+fn ct_key(n: u8) -> veil_common::maps::CtKey {
+    veil_common::maps::CtKey {
+        saddr: [n; 16],
+        daddr: [2; 16],
+        sport: 1000 + u16::from(n),
+        dport: 80,
+        protocol: 6,
+        ..Default::default()
+    }
+}
+
+fn ct_entry(n: u8) -> veil_common::maps::CtEntry {
+    veil_common::maps::CtEntry {
+        last_seen_ns: u64::from(n),
+        src_identity: u32::from(n),
+        ..Default::default()
+    }
+}
+
+type CtMap<T> = aya::maps::HashMap<T, veil_common::maps::CtKey, veil_common::maps::CtEntry>;
+
+fn ct_map(dp: &mut veil_agent::datapath::Datapath) -> CtMap<&mut aya::maps::MapData> {
+    CtMap::try_from(dp.ebpf_mut().map_mut("VEIL_CT").expect("VEIL_CT")).expect("VEIL_CT typed")
+}
+
+/// Upgrades (scenario 32) and `map_max_entries` changes: a map an earlier agent pinned with
+/// another shape than this build declares is made anew. Same layout, other size (VEIL_CT, sized
+/// by the config): the new map has the configured size and every entry of the old one, and
+/// the connections the earlier programs tracked after the open are carried over when the new
+/// programs settle. Another layout (VEIL_NODES with a 1-byte value, as an older or newer build
+/// might have left it; aya would reuse it and the verifier refuse the programs): made anew,
+/// empty, and the programs load. An array of another length (VEIL_DROPS, 16 reasons as before
+/// reason 16 existed): made anew with every reason.
+#[test]
+fn pinned_maps_of_another_shape_are_made_anew_and_same_layout_entries_carried() {
+    use veil_agent::datapath::maps::capacity;
+    let pins = OwnPins(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/veil-pins-test-{}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_dir_all(&pins.0);
+    std::fs::create_dir_all(&pins.0).expect("pin dir");
+
+    let mut dp = open_in(&pins, &[("VEIL_CT", 1024)]);
+    assert_eq!(capacity(dp.ebpf(), "VEIL_CT"), Some(1024));
+    for n in 1..=3 {
+        ct_map(&mut dp)
+            .insert(ct_key(n), ct_entry(n), 0)
+            .expect("insert");
+    }
+    drop(dp);
+
+    // The earlier agent's conntrack, as its programs (still attached) keep writing to it.
+    let old_ct = aya::maps::MapData::from_pin(pins.0.join("VEIL_CT")).expect("old VEIL_CT");
+    // Another layout and another length, as another build could have pinned them.
+    for (name, args) in [
+        ("VEIL_NODES", "type hash key 4 value 1 entries 8"),
+        ("VEIL_DROPS", "type percpu_array key 4 value 8 entries 16"),
+    ] {
+        let pin = pins.0.join(name);
+        std::fs::remove_file(&pin).expect("remove pin");
+        let mut cmd = std::process::Command::new("bpftool");
+        cmd.args(["map", "create"]).arg(&pin);
+        cmd.args(args.split(' ')).args(["name", name]);
+        let out = cmd.output().expect("bpftool");
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    }
+
+    let mut dp = open_in(&pins, &[("VEIL_CT", 2048)]);
+    assert_eq!(
+        capacity(dp.ebpf(), "VEIL_CT"),
+        Some(2048),
+        "VEIL_CT kept its pinned size"
+    );
+    let ct = ct_map(&mut dp);
+    for n in 1..=3 {
+        assert_eq!(
+            ct.get(&ct_key(n), 0).ok(),
+            Some(ct_entry(n)),
+            "entry {n} not carried"
+        );
+    }
+    let shape = |name: &str| {
+        let m = aya::maps::MapData::from_pin(pins.0.join(name)).expect("pin");
+        veil_agent::datapath::pins::shape_of(&m).expect("shape")
+    };
+    assert_eq!(
+        shape("VEIL_NODES").value_size as usize,
+        size_of::<NodeInfo>()
+    );
+    let nodes = aya::maps::HashMap::<_, u32, NodeInfo>::try_from(
+        dp.ebpf().map("VEIL_NODES").expect("VEIL_NODES"),
+    )
+    .expect("VEIL_NODES typed");
+    assert_eq!(
+        nodes.keys().count(),
+        0,
+        "a map of another layout is not carried"
+    );
+    assert_eq!(shape("VEIL_DROPS").max_entries, reason::MAX);
+
+    // A connection the earlier programs tracked after the open reaches the new map once the new
+    // programs settle; one the new map already holds keeps the new map's value.
+    let mut old = CtMap::try_from(aya::maps::Map::LruHashMap(old_ct)).expect("old typed");
+    old.insert(ct_key(4), ct_entry(4), 0).expect("insert old");
+    old.insert(ct_key(1), ct_entry(9), 0).expect("update old");
+    dp.settle_set_aside();
+    let ct = ct_map(&mut dp);
+    assert_eq!(
+        ct.get(&ct_key(4), 0).ok(),
+        Some(ct_entry(4)),
+        "late entry not carried"
+    );
+    assert_eq!(
+        ct.get(&ct_key(1), 0).ok(),
+        Some(ct_entry(1)),
+        "new value overwritten"
+    );
+}

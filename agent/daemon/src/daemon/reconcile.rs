@@ -132,6 +132,7 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
         }
     }
     s.datapath.prune_pins();
+    s.datapath.settle_set_aside();
     if let Some(ids) = &s.identities {
         // Subscribe to the SVIDs of exactly the pods on this node.
         let want: BTreeSet<SelectorSet> = cluster

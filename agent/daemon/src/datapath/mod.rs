@@ -16,6 +16,7 @@
 pub mod auth_map;
 pub mod events;
 pub mod maps;
+pub mod pins;
 pub mod policy;
 pub mod services;
 pub mod testrun;
@@ -50,6 +51,8 @@ pub enum Error {
     },
     #[error("cannot load the eBPF object")]
     Load(#[source] aya::EbpfError),
+    #[error("cannot read the eBPF object's map definitions")]
+    Object(#[source] aya_obj::ParseError),
     #[error("eBPF program {0} is missing from the object")]
     MissingProgram(&'static str),
     #[error("eBPF map {0} is missing from the object")]
@@ -213,6 +216,9 @@ pub struct Datapath {
     /// Why the socket programs did not load, if they did not (Services unavailable).
     sock_error: Option<String>,
     sock_attachments: Vec<services::SockAttachment>,
+    /// Maps an earlier agent pinned that were made anew at open, held until this agent's
+    /// programs replaced the earlier ones ([`Datapath::settle_set_aside`]).
+    set_aside: Vec<pins::SetAside>,
 }
 
 impl Datapath {
@@ -231,21 +237,28 @@ impl Datapath {
             path: links_dir.clone(),
             source,
         })?;
+        // aya reuses a pinned map as it finds it: one an earlier agent (another version, or
+        // another `map_max_entries`) made differently is set aside and made anew (`pins`).
+        let declared = pins::declared(OBJECT, sizes).map_err(Error::Object)?;
+        let set_aside =
+            pins::set_aside_mismatched(pin_dir, &declared).map_err(|source| Error::PinDir {
+                path: pin_dir.into(),
+                source,
+            })?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         for (name, n) in sizes {
             loader.map_max_entries(name, *n);
         }
         let mut ebpf = loader.load(OBJECT).map_err(Error::Load)?;
-        // A pinned map is reused as it is: one made by an earlier agent keeps its size.
-        for (name, n) in sizes {
-            match maps::capacity(&ebpf, name) {
-                Some(had) if had != *n => tracing::warn!(
-                    map = %name, configured = n, pinned = had,
-                    "map_max_entries: the pinned map keeps the size it was made with until its pin is removed"
-                ),
-                _ => {}
-            }
+        if !set_aside.is_empty() {
+            let c = pins::carry_all(&set_aside, pin_dir, false);
+            tracing::info!(
+                maps = set_aside.len(),
+                copied = c.copied,
+                refused = c.refused,
+                "maps made anew, entries of the same layout carried over"
+            );
         }
         for name in [
             programs::FROM_POD,
@@ -272,6 +285,7 @@ impl Datapath {
             attachments: BTreeMap::new(),
             sock_error,
             sock_attachments: Vec::new(),
+            set_aside,
         };
         // A restarted agent finds the config its predecessor left in the pinned map: the live
         // policy slot and node-wide audit mode carry over, so packets keep seeing the policy
@@ -285,6 +299,27 @@ impl Datapath {
         }
         dp.config_map()?.set(config)?;
         Ok(dp)
+    }
+
+    /// Once this agent's TC programs are attached everywhere (the earlier agent's programs,
+    /// which wrote to the maps set aside at open, are gone): carries the connections the old
+    /// programs tracked meanwhile (conntrack and fragment keys still missing) into the new maps,
+    /// then lets the old maps go. Before any conntrack pruning, so a cut is never undone.
+    pub fn settle_set_aside(&mut self) {
+        if self.set_aside.is_empty() {
+            return;
+        }
+        let tracked: Vec<_> = std::mem::take(&mut self.set_aside)
+            .into_iter()
+            .filter(|s| {
+                [veil_common::maps::CT, veil_common::maps::FRAGS].contains(&s.name.as_str())
+            })
+            .collect();
+        let c = pins::carry_all(&tracked, &self.pin_dir, true);
+        tracing::info!(
+            copied = c.copied,
+            "maps set aside at start released; connections tracked meanwhile carried over"
+        );
     }
 
     pub fn pin_dir(&self) -> &Path {
