@@ -1254,11 +1254,25 @@ fn rollout_step(lab: &Lab, versions: &Versions, node: &str, to: Version, tok: &s
 #[test]
 #[ignore = "needs the previous release's binaries: scripts/upgrade-test.sh runs it"]
 fn rollout_n_to_n1_and_back_under_load_interrupts_nothing_and_admits_nothing_denied() {
+    rollout_under_load(&[]);
+}
+
+/// [`rollout_n_to_n1_and_back_under_load_interrupts_nothing_and_admits_nothing_denied`] with
+/// the Kubernetes control plane: both versions' agents read the same Nodes, Pods, policies and
+/// `VeilIdentity` objects from the lab's kube-apiserver and write policy status beside each
+/// other; the policy is applied with this build's `veil policy apply`.
+#[test]
+#[ignore = "needs the previous release's binaries: scripts/upgrade-test.sh runs it"]
+fn rollout_n_to_n1_and_back_under_load_on_kubernetes_interrupts_nothing() {
+    rollout_under_load(&["--control-plane", "kubernetes"]);
+}
+
+fn rollout_under_load(extra: &[&str]) {
     let from = std::env::var_os("VEIL_UPGRADE_FROM")
         .map(std::path::PathBuf::from)
         .expect("VEIL_UPGRADE_FROM (the previous release's binaries) unset: run scripts/upgrade-test.sh");
     let versions = Versions::install(&from);
-    let lab = up_with_auth_policy(&[]);
+    let lab = up_with_auth_policy(extra);
     for node in ["node-a", "node-b"] {
         let st = lab.status(node);
         assert_eq!(versions.of(st.agent.pid), Version::Old, "{node} before");

@@ -2339,6 +2339,21 @@ fn pinned_maps_of_another_shape_are_made_anew_and_same_layout_entries_carried() 
     }
     drop(dp);
 
+    // Every map pinned, by id: those of the same shape are reused as they are.
+    let map_ids = || -> BTreeMap<String, u32> {
+        std::fs::read_dir(&pins.0)
+            .expect("pin dir")
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| {
+                let m = aya::maps::MapData::from_pin(e.path()).expect("pinned map");
+                let id = m.info().expect("map info").id();
+                (e.file_name().to_string_lossy().into_owned(), id)
+            })
+            .collect()
+    };
+    let ids_before = map_ids();
+    assert!(ids_before.len() >= 10, "{ids_before:?}");
     // The earlier agent's conntrack, as its programs (still attached) keep writing to it.
     let old_ct = aya::maps::MapData::from_pin(pins.0.join("VEIL_CT")).expect("old VEIL_CT");
     // Another layout and another length, as another build could have pinned them.
@@ -2387,6 +2402,17 @@ fn pinned_maps_of_another_shape_are_made_anew_and_same_layout_entries_carried() 
         "a map of another layout is not carried"
     );
     assert_eq!(shape("VEIL_DROPS").max_entries, reason::MAX);
+    let ids_after = map_ids();
+    for (name, id) in &ids_before {
+        let remade = ["VEIL_CT", "VEIL_NODES", "VEIL_DROPS"].contains(&name.as_str());
+        assert_eq!(
+            ids_after.get(name) != Some(id),
+            remade,
+            "{name}: made anew {} (ids {id} -> {:?})",
+            !remade,
+            ids_after.get(name)
+        );
+    }
 
     // A connection the earlier programs tracked after the open reaches the new map once the new
     // programs settle; one the new map already holds keeps the new map's value.
