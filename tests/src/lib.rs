@@ -1237,16 +1237,28 @@ pub struct Capture {
 impl Capture {
     /// Starts tcpdump on `ifname` in `netns`; returns once it listens.
     pub fn start(netns: &str, ifname: &str) -> Capture {
-        Capture::spawn(netns, ifname, false)
+        Capture::spawn(netns, ifname, false, None)
     }
 
     /// `start` with a larger kernel buffer, for captures that must be complete (a frame tcpdump
     /// did not keep could be the leak): `stop` fails the test if tcpdump lost any.
     pub fn start_lossless(netns: &str, ifname: &str) -> Capture {
-        Capture::spawn(netns, ifname, true)
+        Capture::spawn(netns, ifname, true, None)
     }
 
-    fn spawn(netns: &str, ifname: &str, is_lossless: bool) -> Capture {
+    /// [`Capture::start_lossless`] of every frame but WireGuard's (UDP from port 51820 to port
+    /// 51820): a capture that stays complete while the tunnel runs at line rate, and still
+    /// holds any frame that leaves in clear.
+    pub fn start_lossless_but_wireguard(netns: &str, ifname: &str) -> Capture {
+        Capture::spawn(
+            netns,
+            ifname,
+            true,
+            Some("not (udp src port 51820 and udp dst port 51820)"),
+        )
+    }
+
+    fn spawn(netns: &str, ifname: &str, is_lossless: bool, filter: Option<&str>) -> Capture {
         let file =
             std::env::temp_dir().join(format!("veil-capture-{netns}-{}.pcap", rand_suffix()));
         let buffer: &[&str] = if is_lossless { &["-B", "131072"] } else { &[] };
@@ -1256,6 +1268,7 @@ impl Capture {
             .args(buffer)
             .args(["-i", ifname, "-w"])
             .arg(&file)
+            .args(filter)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -170,8 +170,9 @@ struct Verdict {
     wireguard: usize,
     /// TCP to or from port 4250 (the agents' TLS control channel).
     control: usize,
-    /// TCP between a node and the lab's spire-server (SPIRE's mTLS gRPC), on SPIRE labs.
-    identity: usize,
+    /// TCP between a node and the lab's spire-server (SPIRE's mTLS gRPC, on SPIRE labs) or its
+    /// kube-apiserver (the agents' and kubelets' TLS, on Kubernetes labs).
+    control_plane: usize,
     /// ICMP errors quoting a WireGuard datagram (node-a answering node-b's WireGuard packets
     /// while no veil-wg listens): the quote is of ciphertext.
     icmp_for_wireguard: usize,
@@ -185,15 +186,20 @@ struct Verdict {
     other: Vec<String>,
 }
 
-/// TCP to or from the lab's spire-server address and port.
-fn spire_server_traffic(
+/// TCP to or from the lab's spire-server or kube-apiserver address and port.
+fn control_plane_traffic(
     src: std::net::Ipv4Addr,
     dst: std::net::Ipv4Addr,
     ports: Option<(u16, u16)>,
 ) -> bool {
-    use veil_agent::lab::spire_real::{SERVER_ADDR, SERVER_PORT};
-    ports.is_some_and(|(s, d)| {
-        (src == SERVER_ADDR && s == SERVER_PORT) || (dst == SERVER_ADDR && d == SERVER_PORT)
+    use veil_agent::lab::{kube, spire_real};
+    [
+        (spire_real::SERVER_ADDR, spire_real::SERVER_PORT),
+        (kube::API_IP, kube::API_PORT),
+    ]
+    .iter()
+    .any(|&(addr, port)| {
+        ports.is_some_and(|(s, d)| (src == addr && s == port) || (dst == addr && d == port))
     })
 }
 
@@ -251,8 +257,8 @@ fn classify(pcap: &[u8], tok: &str) -> Verdict {
             v.wireguard += 1;
         } else if ip[9] == 6 && ports.is_some_and(|(s, d)| s == 4250 || d == 4250) {
             v.control += 1;
-        } else if ip[9] == 6 && spire_server_traffic(src, dst, ports) {
-            v.identity += 1;
+        } else if ip[9] == 6 && control_plane_traffic(src, dst, ports) {
+            v.control_plane += 1;
         } else if ip[9] == 1
             && ip.len() >= ihl + 8 + 28
             && ip[ihl] == 3
@@ -272,11 +278,11 @@ fn classify(pcap: &[u8], tok: &str) -> Verdict {
 /// between nodes; the canary proves the capture could see a leak.
 fn assert_nothing_in_clear(v: &Verdict, what: &str) {
     println!(
-        "{what}: capture of node-a's {CAPTURE_IF}: {} frames, {} WireGuard, {} control (TCP 4250), {} SPIRE (TCP to spire-server), {} ICMP errors quoting WireGuard, {} plaintext, {} other; canary seen {}x",
+        "{what}: capture of node-a's {CAPTURE_IF}: {} frames, {} WireGuard, {} control (TCP 4250), {} control plane (TCP to spire-server or kube-apiserver), {} ICMP errors quoting WireGuard, {} plaintext, {} other; canary seen {}x",
         v.frames,
         v.wireguard,
         v.control,
-        v.identity,
+        v.control_plane,
         v.icmp_for_wireguard,
         v.plaintext.len(),
         v.other.len(),

@@ -508,20 +508,23 @@ fn sends_to_a_pod_being_created_never_cross_the_underlay_in_clear() {
 }
 
 /// Scenario 5, terminating pod: a Pod on node-a sends marked UDP datagrams to backend (node-b)
-/// without pause (about 5,000 a second) while it is deleted with kubectl. NI: through its whole
-/// teardown (the lab's kubelet stopping it, CNI DEL, the agent letting go of its veth) the marker
-/// never crosses the underlay in clear, in a capture that lost no frame; WireGuard carried the
-/// datagrams. Then the other end: a Pod on node-b that frontend sends to the same way is
-/// deleted; what still comes for its address crosses encrypted and node-b drops it as
-/// `endpoint-gone`, counted.
+/// at line rate (as fast as it can; the rate is printed) while it is deleted with kubectl. NI:
+/// through its whole teardown (the lab's kubelet stopping it, CNI DEL, the agent letting go of
+/// its veth) nothing crosses the underlay in clear, in a capture of every frame but WireGuard's
+/// that lost none; the tunnel carried the datagrams (node-a's peer counters). Then the other
+/// end: a Pod on node-b that frontend sends to the same way is deleted; what still comes for its
+/// address crosses encrypted and node-b drops it as `endpoint-gone`, counted.
 #[test]
 fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
     let lab = Lab::up(&["--control-plane", "kubernetes"]);
     let marker = format!("VEIL-TEARDOWN-{}", rand_suffix());
     let backend = lab.pod_ip("backend");
     lab.make_web_pod("leaver", "node-a");
-    let cap =
-        veil_tests::Capture::start_lossless(&lab.view.underlay.netns, &lab.view.underlay.bridge);
+    let cap = veil_tests::Capture::start_lossless_but_wireguard(
+        &lab.view.underlay.netns,
+        &lab.view.underlay.bridge,
+    );
+    let tunnel_before = tunnel_tx(&lab);
     let mut child = send_marked_udp(&lab, "leaver", &marker, &backend);
     // Sending before the deletion: node-a's datapath counts the Pod's packets.
     until(
@@ -529,6 +532,7 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
         Duration::from_secs(10),
         || sent_by(&lab, "node-a", "leaver") > 2_000,
     );
+    let rate = send_rate(&lab, "leaver");
     let t0 = Instant::now();
     delete_pod(&lab, "leaver");
     let deleted = t0.elapsed();
@@ -537,11 +541,16 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
     let _ = child.kill();
     let _ = child.wait();
     let (raw, lines) = cap.stop_decoded();
+    let carried = tunnel_tx(&lab) - tunnel_before;
     eprintln!(
-        "terminating pod: deleted in {deleted:?} while sending; {} frames captured",
+        "terminating pod: sending {rate} datagrams a second, deleted in {deleted:?}; {carried} bytes through node-a's tunnel; {} frames other than WireGuard captured",
         lines.len()
     );
-    assert_encrypted(&raw, &lines, &marker);
+    assert_nothing_in_clear(&raw, &lines, &marker);
+    assert!(
+        carried > 2_000 * marker.len() as u64,
+        "the datagrams did not go through node-a's tunnel ({carried} bytes)"
+    );
 
     // The receiving end deleted.
     let goner = lab.make_web_pod("goner", "node-b");
@@ -550,8 +559,10 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
         st.drops.get("endpoint-gone").copied().unwrap_or(0)
     };
     let before = gone_drops(&lab);
-    let cap =
-        veil_tests::Capture::start_lossless(&lab.view.underlay.netns, &lab.view.underlay.bridge);
+    let cap = veil_tests::Capture::start_lossless_but_wireguard(
+        &lab.view.underlay.netns,
+        &lab.view.underlay.bridge,
+    );
     // Frontend's count from before its sender started.
     let sent_before = sent_by(&lab, "node-a", "frontend");
     let mut child = send_marked_udp(&lab, "frontend", &marker, &goner);
@@ -560,6 +571,7 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
         Duration::from_secs(10),
         || sent_by(&lab, "node-a", "frontend") > sent_before + 2_000,
     );
+    let rate = send_rate(&lab, "frontend");
     delete_pod(&lab, "goner");
     until(
         "node-b dropping frontend's datagrams for goner's address as endpoint-gone",
@@ -570,22 +582,53 @@ fn a_pod_deleted_while_sending_leaks_nothing_in_its_teardown() {
     let _ = child.wait();
     let (raw, lines) = cap.stop_decoded();
     eprintln!(
-        "deleted receiver: {} datagrams for its address dropped endpoint-gone at node-b",
+        "deleted receiver: frontend sending {rate} datagrams a second; {} datagrams for its address dropped endpoint-gone at node-b",
         gone_drops(&lab) - before
     );
-    assert_encrypted(&raw, &lines, &marker);
+    assert_nothing_in_clear(&raw, &lines, &marker);
 }
 
-/// Starts, in `pod`, a Python program sending datagrams holding `marker` to `dst` port 9999
-/// without pause (about 5,000 a second), ignoring send errors.
+/// Bytes node-a's tunnel sent to node-b (veil-wg's transfer counters, wire bytes).
+fn tunnel_tx(lab: &Lab) -> u64 {
+    lab.status("node-a")
+        .peers
+        .iter()
+        .filter(|p| p.node == "node-b")
+        .map(|p| p.tx_bytes)
+        .sum()
+}
+
+/// Datagrams a second Pod `shop/<pod>` on node-a sends, over half a second of its counter.
+fn send_rate(lab: &Lab, pod: &str) -> u64 {
+    let (t, n) = (Instant::now(), sent_by(lab, "node-a", pod));
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = sent_by(lab, "node-a", pod) - n;
+    (sent as f64 / t.elapsed().as_secs_f64()) as u64
+}
+
+/// A capture of every frame but WireGuard's holds no marker, no pod address (198.19.0.0/16;
+/// the nodes are 198.18.0.0/24) and nothing to the senders' port.
+fn assert_nothing_in_clear(raw: &[u8], lines: &[String], marker: &str) {
+    assert!(
+        !contains(raw, marker.as_bytes()),
+        "the marker crossed the underlay in clear"
+    );
+    let clear: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains(" 198.19.") || l.contains(".9999:"))
+        .collect();
+    assert!(clear.is_empty(), "pod traffic in clear: {clear:#?}");
+}
+
+/// Starts, in `pod`, a Python program sending datagrams holding `marker` to `dst` port 9999 as
+/// fast as it can, ignoring send errors.
 fn send_marked_udp(lab: &Lab, pod: &str, marker: &str, dst: &str) -> std::process::Child {
     let program = format!(
-        "import socket, time\n\
+        "import socket\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          while True:\n\
          \x20   try: s.sendto(b'{marker}', ('{dst}', 9999))\n\
-         \x20   except OSError: pass\n\
-         \x20   time.sleep(0.0002)\n"
+         \x20   except OSError: pass\n"
     );
     lab.command_in(pod, &["python3", "-c", &program])
         .stdout(std::process::Stdio::null())

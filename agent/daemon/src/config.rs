@@ -139,8 +139,8 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_cgroup: Option<PathBuf>,
     /// Sizes of the maps that grow with the cluster, where the defaults ([`SIZED_MAPS`]) do
-    /// not fit: map name → entries. A map takes its size when it is made; one an earlier agent
-    /// pinned keeps its size until its pin is removed (the agent says so in a WARN).
+    /// not fit: map name → entries. A map an earlier agent pinned with another size is made
+    /// anew at start, its entries carried over (`datapath::pins`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub map_max_entries: std::collections::BTreeMap<String, u32>,
 }

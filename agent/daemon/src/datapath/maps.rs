@@ -319,7 +319,7 @@ fn ignore_missing(name: &'static str, r: Result<(), aya::maps::MapError>) -> Res
     }
 }
 
-/// A map's capacity as the kernel made it (a pinned map keeps the size it was made with).
+/// A map's capacity as the kernel holds it.
 pub fn capacity(ebpf: &Ebpf, name: &str) -> Option<u32> {
     use aya::maps::Map;
     let data = match ebpf.map(name)? {

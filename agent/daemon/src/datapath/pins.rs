@@ -22,7 +22,7 @@ use std::{
     collections::BTreeMap,
     io,
     os::fd::{AsFd, AsRawFd},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use aya::maps::MapData;
@@ -186,8 +186,8 @@ pub fn carry_all(set_aside: &[SetAside], pin_dir: &Path, only_missing: bool) -> 
     total
 }
 
-pub(crate) const BPF_ANY: u64 = 0;
-pub(crate) const BPF_NOEXIST: u64 = 1;
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
@@ -290,9 +290,4 @@ fn copy_entries(from: &MapData, to: &MapData, shape: Shape, flags: u64) -> io::R
             Err(_) => c.refused += 1,
         }
     }
-}
-
-/// Where a map of `name` is pinned.
-pub fn pin_path(pin_dir: &Path, name: &str) -> PathBuf {
-    pin_dir.join(name)
 }
