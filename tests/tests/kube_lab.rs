@@ -1117,3 +1117,146 @@ fn a_full_identity_table_refuses_new_pods_and_keeps_known_ones() {
         failing_cpu * 100.0
     );
 }
+
+/// node-b's node table (VEIL_NODES) with room for the lab's two nodes and one more.
+const SMALL_NODE_TABLE_LAB: &str = "control_plane: kubernetes
+nodes: [{name: node-a}, {name: node-b, map_max_entries: {VEIL_NODES: 3}}]
+";
+
+/// A Node object as a kubelet would leave it (podCIDR, InternalIP, Ready), with no kubelet or
+/// agent behind it: nothing answers at its address.
+fn add_simulated_node(lab: &Lab, name: &str, pod_cidr: &str, underlay_ip: &str) {
+    lab.kubectl(
+        &["apply", "-f", "-"],
+        &format!(
+            r#"{{"apiVersion": "v1", "kind": "Node", "metadata": {{"name": "{name}"}},
+               "spec": {{"podCIDR": "{pod_cidr}", "podCIDRs": ["{pod_cidr}"]}}}}"#
+        ),
+    );
+    lab.kubectl(
+        &[
+            "patch",
+            "node",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!(
+                r#"{{"status": {{"addresses": [{{"type": "InternalIP", "address": "{underlay_ip}"}}],
+                   "conditions": [{{"type": "Ready", "status": "True", "reason": "Simulated",
+                                   "message": "no kubelet"}}]}}}}"#
+            ),
+        ],
+        "",
+    );
+}
+
+/// Entries and capacity of `node`'s node table.
+fn node_table_fill(lab: &Lab, node: &str) -> (usize, u32) {
+    lab.status(node)
+        .maps
+        .iter()
+        .find(|m| m.name == veil_common::maps::NODES)
+        .map(|m| (m.entries, m.capacity))
+        .expect("VEIL_NODES in the status")
+}
+
+/// The keys of map `name` as `node`'s kernel holds them (bpftool's JSON of its pin).
+fn pinned_keys(lab: &Lab, node: &str, name: &str) -> Vec<serde_json::Value> {
+    let pin = format!("{}/{name}", lab.status(node).agent.pin_dir);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned", &pin])
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool map dump {pin}: {out:?}");
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    let mut keys: Vec<_> = entries.into_iter().map(|e| e["key"].clone()).collect();
+    keys.sort_by_key(|k| k.to_string());
+    keys
+}
+
+/// Scenario 34, the node table (the WireGuard peers' side of the datapath) full at runtime.
+/// node-b's VEIL_NODES has room for 3 nodes (`map_max_entries`); the lab has 2. A Node joins
+/// with kubectl and takes the last entry; a second cannot get one. NI: traffic from backend
+/// (node-b) to the second Node's pod CIDR is dropped on node-b (`no-key`, counted) and nothing
+/// crosses the underlay in clear (a lossless capture of every frame but WireGuard's); no entry
+/// is evicted for it. NL: frontend (node-a) -> backend stays served. The failure is raised: the
+/// reconcile error names the node table and `veil_reconcile_failing` is 1. The first extra Node
+/// deleted, the second takes its entry and the error clears.
+#[test]
+fn a_full_node_table_refuses_new_nodes_and_keeps_known_ones() {
+    let lab = Lab::up_with_file(SMALL_NODE_TABLE_LAB, &[]);
+    assert_eq!(node_table_fill(&lab, "node-b"), (2, 3));
+    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    curl(&lab, "frontend", &url).expect("frontend served before");
+
+    add_simulated_node(&lab, "sim-1", "198.19.61.0/24", "198.18.0.61");
+    until(
+        "node-b's node table to take sim-1",
+        Duration::from_secs(15),
+        || node_table_fill(&lab, "node-b").0 == 3,
+    );
+    assert_eq!(lab.status("node-b").reconcile_error, None);
+    let keys_full = pinned_keys(&lab, "node-b", veil_common::maps::NODES);
+    assert_eq!(keys_full.len(), 3, "{keys_full:?}");
+    add_simulated_node(&lab, "sim-2", "198.19.62.0/24", "198.18.0.62");
+    let error = lab.wait_for(
+        "node-b to report its node table full",
+        Duration::from_secs(15),
+        || lab.status("node-b").reconcile_error,
+    );
+    assert!(
+        error.contains("node table"),
+        "node-b's reconcile error: {error:?}"
+    );
+    assert!(
+        lab.metrics("node-b")
+            .lines()
+            .any(|l| l == "veil_reconcile_failing 1"),
+        "veil_reconcile_failing is not 1"
+    );
+    assert_eq!(
+        pinned_keys(&lab, "node-b", veil_common::maps::NODES),
+        keys_full,
+        "an entry of node-b's full node table was replaced for sim-2"
+    );
+
+    // Traffic for the Node without an entry: dropped on node-b, never in clear.
+    let cap = veil_tests::Capture::start_lossless_but_wireguard(
+        &lab.view.underlay.netns,
+        &lab.view.underlay.bridge,
+    );
+    let no_key_before = lab.drop_count("node-b", "no-key");
+    let marker = format!("VEIL-NODE-TABLE-{}", rand_suffix());
+    let mut sender = send_marked_udp(&lab, "backend", &marker, "198.19.62.10");
+    until(
+        "node-b dropping backend's datagrams for sim-2 as no-key",
+        Duration::from_secs(10),
+        || lab.drop_count("node-b", "no-key") > no_key_before + 1_000,
+    );
+    let _ = sender.kill();
+    let _ = sender.wait();
+    let (raw, lines) = cap.stop_decoded();
+    assert_nothing_in_clear(&raw, &lines, &marker);
+    let dropped = lab.drop_count("node-b", "no-key") - no_key_before;
+    // The known node keeps its entry, with its key: frontend stays served.
+    for _ in 0..5 {
+        curl(&lab, "frontend", &url).expect("frontend refused with node-b's node table full");
+    }
+
+    // Room again: sim-2 takes sim-1's entry, the error clears.
+    lab.kubectl(&["delete", "node", "sim-1"], "");
+    until(
+        "node-b's reconcile error to clear",
+        Duration::from_secs(15),
+        || lab.status("node-b").reconcile_error.is_none(),
+    );
+    assert_eq!(node_table_fill(&lab, "node-b"), (3, 3));
+    curl(&lab, "frontend", &url).expect("frontend served after");
+    println!(
+        "node-b's node table (3 entries) full with sim-1: sim-2 refused, reconcile_error \
+         {error:?}; {dropped} datagrams for sim-2's pod CIDR dropped no-key on node-b, none in \
+         clear; frontend served throughout; sim-1 deleted, sim-2 took its entry"
+    );
+}
