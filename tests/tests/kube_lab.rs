@@ -1040,17 +1040,7 @@ fn a_full_identity_table_refuses_new_pods_and_keeps_known_ones() {
     curl(&lab, "frontend", &url).expect("frontend refused with the table full");
     let st = lab.status("node-b");
     assert_eq!(ipcache_fill(&lab, "node-b").0, IPCACHE_ROOM);
-    let error = st.reconcile_error.clone().unwrap_or_default();
-    assert!(
-        error.contains("ipcache"),
-        "node-b's reconcile error: {error:?}"
-    );
-    assert!(
-        lab.metrics("node-b")
-            .lines()
-            .any(|l| l == "veil_reconcile_failing 1"),
-        "veil_reconcile_failing is not 1"
-    );
+    let error = assert_reconcile_failing(&lab, "node-b", "ipcache");
     let (pid, cpu0, at0) = (st.agent.pid, cpu_time(st.agent.pid), Instant::now());
     std::thread::sleep(Duration::from_secs(10));
     let failing_cpu = (cpu_time(pid) - cpu0).as_secs_f64() / at0.elapsed().as_secs_f64();
@@ -1151,6 +1141,20 @@ fn add_simulated_node(lab: &Lab, name: &str, pod_cidr: &str, underlay_ip: &str) 
     );
 }
 
+/// `node`'s reconcile fails naming `map`, in `veil status` and in `veil_reconcile_failing`; the
+/// error.
+fn assert_reconcile_failing(lab: &Lab, node: &str, map: &str) -> String {
+    let error = lab.status(node).reconcile_error.unwrap_or_default();
+    assert!(error.contains(map), "{node}'s reconcile error: {error:?}");
+    assert!(
+        lab.metrics(node)
+            .lines()
+            .any(|l| l == "veil_reconcile_failing 1"),
+        "{node}: veil_reconcile_failing is not 1"
+    );
+    error
+}
+
 /// Entries and capacity of `node`'s node table.
 fn node_table_fill(lab: &Lab, node: &str) -> (usize, u32) {
     lab.status(node)
@@ -1201,21 +1205,12 @@ fn a_full_node_table_refuses_new_nodes_and_keeps_known_ones() {
     let keys_full = pinned_keys(&lab, "node-b", veil_common::maps::NODES);
     assert_eq!(keys_full.len(), 3, "{keys_full:?}");
     add_simulated_node(&lab, "sim-2", "198.19.62.0/24", "198.18.0.62");
-    let error = lab.wait_for(
+    lab.wait_for(
         "node-b to report its node table full",
         Duration::from_secs(15),
         || lab.status("node-b").reconcile_error,
     );
-    assert!(
-        error.contains("node table"),
-        "node-b's reconcile error: {error:?}"
-    );
-    assert!(
-        lab.metrics("node-b")
-            .lines()
-            .any(|l| l == "veil_reconcile_failing 1"),
-        "veil_reconcile_failing is not 1"
-    );
+    let error = assert_reconcile_failing(&lab, "node-b", "node table");
     assert_eq!(
         pinned_keys(&lab, "node-b", veil_common::maps::NODES),
         keys_full,
