@@ -24,6 +24,22 @@ pub mod policy;
 pub mod sys;
 pub mod tunnel;
 
+/// Whether a warning limited to one per `every` is due now (and, if so, records it): for a
+/// condition that lasts, the first occurrence at WARN and the repeats at debug.
+pub fn warning_due(
+    last: &std::sync::Mutex<Option<std::time::Instant>>,
+    every: std::time::Duration,
+) -> bool {
+    let mut last = last
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last.is_some_and(|t| t.elapsed() < every) {
+        return false;
+    }
+    *last = Some(std::time::Instant::now());
+    true
+}
+
 /// An error with its whole `source()` chain, `a: b: c`, for logs and the CLI.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
@@ -37,4 +53,18 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod warning_tests {
+    #[test]
+    fn a_limited_warning_is_due_once_per_period() {
+        let last = std::sync::Mutex::new(None);
+        let every = std::time::Duration::from_secs(60);
+        assert!(super::warning_due(&last, every));
+        assert!(!super::warning_due(&last, every));
+        assert!(!super::warning_due(&last, every));
+        // A period of zero has always passed.
+        assert!(super::warning_due(&last, std::time::Duration::ZERO));
+    }
 }

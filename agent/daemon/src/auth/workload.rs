@@ -238,12 +238,8 @@ fn note_outside_validity(e: &veil_identity::SvidError, now: SystemTime) {
     ) {
         return;
     }
-    {
-        let mut last = LAST.lock().expect("svid warning lock");
-        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60)) {
-            return;
-        }
-        *last = Some(std::time::Instant::now());
+    if !crate::warning_due(&LAST, std::time::Duration::from_secs(60)) {
+        return;
     }
     let judged = now
         .duration_since(SystemTime::UNIX_EPOCH)

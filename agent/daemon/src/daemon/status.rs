@@ -95,8 +95,16 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
             // hung veil-wg would hold the status request for a second read timeout.
             let (peers, drops) = match t.peers(&cluster) {
                 Ok(peers) => {
+                    // An older veil-wg (a cluster mid-upgrade) has no drop counters and
+                    // refuses the request: said once a minute, not at every status.
                     let drops = t.drops().unwrap_or_else(|e| {
-                        tracing::warn!(error = %crate::error_chain(&e), "cannot read tunnel drops");
+                        static LAST: std::sync::Mutex<Option<std::time::Instant>> =
+                            std::sync::Mutex::new(None);
+                        if crate::warning_due(&LAST, std::time::Duration::from_secs(60)) {
+                            tracing::warn!(error = %crate::error_chain(&e), "cannot read tunnel drops (said at most once a minute)");
+                        } else {
+                            tracing::debug!(error = %crate::error_chain(&e), "cannot read tunnel drops");
+                        }
                         BTreeMap::new()
                     });
                     (peers, drops)
