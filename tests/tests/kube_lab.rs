@@ -936,15 +936,19 @@ fn a_kubernetes_lab_rides_out_an_apiserver_restart_and_an_etcd_stop() {
     }
 }
 
-/// (entries, capacity) of a node's ipcache (the identity table: address → identity, node) as
-/// its `veil status` reports them.
-fn ipcache_fill(lab: &Lab, node: &str) -> (usize, u32) {
+/// (entries, capacity) of one of a node's maps as its `veil status` reports them.
+fn map_fill(lab: &Lab, node: &str, map: &str) -> (usize, u32) {
     lab.status(node)
         .maps
         .iter()
-        .find(|m| m.name == veil_common::maps::IPCACHE)
+        .find(|m| m.name == map)
         .map(|m| (m.entries, m.capacity))
-        .expect("VEIL_IPCACHE in the status")
+        .unwrap_or_else(|| panic!("{map} in {node}'s status"))
+}
+
+/// [`map_fill`] of the ipcache (the identity table: address → identity, node).
+fn ipcache_fill(lab: &Lab, node: &str) -> (usize, u32) {
+    map_fill(lab, node, veil_common::maps::IPCACHE)
 }
 
 /// CPU time (user + system) of a process so far.
@@ -1155,14 +1159,9 @@ fn assert_reconcile_failing(lab: &Lab, node: &str, map: &str) -> String {
     error
 }
 
-/// Entries and capacity of `node`'s node table.
+/// [`map_fill`] of the node table.
 fn node_table_fill(lab: &Lab, node: &str) -> (usize, u32) {
-    lab.status(node)
-        .maps
-        .iter()
-        .find(|m| m.name == veil_common::maps::NODES)
-        .map(|m| (m.entries, m.capacity))
-        .expect("VEIL_NODES in the status")
+    map_fill(lab, node, veil_common::maps::NODES)
 }
 
 /// The keys of map `name` as `node`'s kernel holds them (bpftool's JSON of its pin).
