@@ -388,64 +388,129 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     });
 }
 
-/// Scenario 23, pod churn with IP reuse, on node-a: a Pod that web2's CNP admits (`app=frontend`)
-/// is deleted and a Pod it refuses (`app=intruder`) is created at the same address, `ROUNDS`
-/// times. The refused Pod sends to web2 from the moment the lab's kubelet has made its namespace
-/// and is never answered (NI: 0 successes, the first packets included), while the admitted Pod
-/// before it was answered at that address (the policy does not simply refuse everything).
+/// Scenario 23, pod churn with IP reuse, on node-a, at 100 churns a minute: `CHURNS` times a Pod
+/// that web2's CNP admits (`app=frontend`) is deleted and a Pod it refuses (`app=intruder`) is
+/// created at the same address. `SLOTS` addresses churn side by side, and a churn starts no
+/// sooner than `PACE` after the one before, so the whole runs at 100 a minute at most (the
+/// rate reached is printed). Each refused Pod sends to web2 from the moment `lab exec` finds
+/// its namespace, `TRIES` fresh connections, and is never answered (NI: 0 successes, the first
+/// packets included), while the admitted Pod before it was answered at that address (the
+/// policy does not simply refuse everything, and the address was known as admitted).
 #[test]
 fn pod_churn_with_ip_reuse_admits_nothing_from_the_refused_pod() {
-    const ROUNDS: usize = 5;
-    /// In node-a's pod CIDR, above the lab file's pods.
-    const REUSED: &str = "198.19.1.200";
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const CHURNS: usize = 100;
+    const SLOTS: usize = 14;
+    const PACE: Duration = Duration::from_millis(600);
+    const TRIES: usize = 8;
     let lab = Lab::up(&["--control-plane", "kubernetes"]);
     let web2 = lab.make_web_pod("web2", "node-b");
     let url = format!("http://{web2}:8080/");
     apply_enforced(&lab, WEB2_FROM_FRONTEND, "web2-from-frontend");
-    let delete = |name: &str| delete_pod(&lab, name);
-    // 40 tries, each a fresh connection with a 250 ms limit: one line per try, `200` when
-    // answered.
+    // The Pod's own address first (`ip -br`: `eth0@ifN UP <address>/32`), then fresh connections
+    // with a 250 ms limit: one line per try, `200` when answered.
     let probe = format!(
-        "for i in $(seq 40); do curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 0.25 {url}; done; true"
+        "ip -4 -br addr show dev eth0; for i in $(seq {TRIES}); do curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 0.25 {url}; done; true"
     );
-    for round in 0..ROUNDS {
-        lab.apply_web_pod("churn-admitted", "node-a", "frontend", Some(REUSED));
-        let admitted = until(
-            "the admitted Pod reaches web2",
-            Duration::from_secs(30),
-            || curl(&lab, "churn-admitted", &url).is_ok(),
-        );
-        assert_eq!(lab.kube_pod_ip("churn-admitted"), REUSED);
-        delete("churn-admitted");
-        lab.apply_web_pod("churn-refused", "node-a", "intruder", Some(REUSED));
-        // From the first moment `lab exec` finds the Pod's namespace.
-        let t0 = Instant::now();
-        let (started, out) = loop {
-            let at = t0.elapsed();
-            let out = lab.exec("churn-refused", &["sh", "-c", &probe]);
-            if out.status.success() {
-                break (at, String::from_utf8_lossy(&out.stdout).into_owned());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "no namespace for churn-refused: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let answered = out.lines().filter(|l| *l == "200").count();
-        eprintln!(
-            "round {round}: admitted Pod answered after {admitted:?}; refused Pod probed from \
-             {started:?} after its creation: {answered} of {} tries answered",
-            out.lines().count()
-        );
-        assert_eq!(lab.kube_pod_ip("churn-refused"), REUSED);
-        assert_eq!(
-            answered, 0,
-            "the refused Pod at {REUSED} reached web2: {out}"
-        );
-        delete("churn-refused");
-    }
+    // Exits 0 once answered at `$1` (60 s at most).
+    let reach = format!(
+        "ip -4 -br addr show dev eth0 | grep -q \" $1/\" || exit 2; for i in $(seq 600); do curl -s -o /dev/null --max-time 0.25 {url} && exit 0; sleep 0.05; done; exit 1"
+    );
+    let next = AtomicUsize::new(0);
+    let t0 = Instant::now();
+    // Per churn: (slot, its start after t0, time until the admitted Pod was answered, time from
+    // the refused Pod's creation to its first try, its tries' output).
+    let churns: Vec<(usize, Duration, Duration, Duration, String)> = std::thread::scope(|s| {
+        let slots: Vec<_> = (0..SLOTS)
+            .map(|slot| {
+                let (lab, reach, probe, next) = (&lab, &reach, &probe, &next);
+                s.spawn(move || {
+                    // In node-a's pod CIDR, above the lab file's pods.
+                    let reused = format!("198.19.1.{}", 200 + slot);
+                    let (admitted, refused) = (format!("churn-a{slot}"), format!("churn-r{slot}"));
+                    let mut done = Vec::new();
+                    loop {
+                        let n = next.fetch_add(1, Ordering::SeqCst);
+                        if n >= CHURNS {
+                            return done;
+                        }
+                        if let Some(wait) = (PACE * n as u32).checked_sub(t0.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                        let start = t0.elapsed();
+                        lab.create_web_pod(&admitted, "node-a", "frontend", Some(&reused));
+                        // Tries from inside the Pod (one `lab exec` once its namespace
+                        // exists, not one per try: the churn's CPU is the machine's).
+                        let answered = until(
+                            &format!("{admitted} at {reused} reaches web2"),
+                            Duration::from_secs(60),
+                            || {
+                                let argv = ["sh", "-c", reach, "reach", &reused];
+                                lab.exec(&admitted, &argv).status.success()
+                            },
+                        );
+                        delete_pod(lab, &admitted);
+                        lab.create_web_pod(&refused, "node-a", "intruder", Some(&reused));
+                        // From the first moment `lab exec` finds the Pod's namespace.
+                        let created = Instant::now();
+                        let (started, out) = loop {
+                            let at = created.elapsed();
+                            let out = lab.exec(&refused, &["sh", "-c", probe]);
+                            if out.status.success() {
+                                break (at, String::from_utf8_lossy(&out.stdout).into_owned());
+                            }
+                            assert!(
+                                created.elapsed() < Duration::from_secs(60),
+                                "no namespace for {refused}: {}",
+                                String::from_utf8_lossy(&out.stderr)
+                            );
+                            std::thread::sleep(Duration::from_millis(20));
+                        };
+                        let address = out.lines().next().unwrap_or_default();
+                        assert!(
+                            address.contains(&format!(" {reused}/")),
+                            "{refused} is not at {reused}: {address}"
+                        );
+                        delete_pod(lab, &refused);
+                        done.push((slot, start, answered, started, out));
+                    }
+                })
+            })
+            .collect();
+        slots
+            .into_iter()
+            .flat_map(|h| h.join().expect("a churn slot failed"))
+            .collect()
+    });
+    let took = t0.elapsed();
+    let tries: usize = churns.iter().map(|c| c.4.lines().count() - 1).sum();
+    let admitted: Vec<_> = churns
+        .iter()
+        .filter(|c| c.4.lines().any(|l| l == "200"))
+        .collect();
+    let max = |f: fn(&(usize, Duration, Duration, Duration, String)) -> Duration| {
+        churns.iter().map(f).max().unwrap_or_default()
+    };
+    let last_start = max(|c| c.1);
+    eprintln!(
+        "pod churn: {} churns on {SLOTS} addresses started within {last_start:.1?} ({:.0} a \
+         minute), all done in {took:.1?}; admitted Pods answered within {:?}; refused Pods \
+         probed from at most {:?} after their creation; {} of {tries} tries answered",
+        churns.len(),
+        (churns.len() - 1) as f64 * 60.0 / last_start.as_secs_f64(),
+        max(|c| c.2),
+        max(|c| c.3),
+        admitted
+            .iter()
+            .map(|c| c.4.lines().filter(|l| *l == "200").count())
+            .sum::<usize>(),
+    );
+    assert_eq!(churns.len(), CHURNS);
+    assert!(
+        admitted.is_empty(),
+        "refused Pods at a reused address reached web2 (slot, first try after creation, tries): {:?}",
+        admitted.iter().map(|c| (c.0, c.3, &c.4)).collect::<Vec<_>>()
+    );
 }
 
 /// Scenario 3, new-peer race: frontend (node-a) sends to an address on node-b before the Pod that
@@ -483,7 +548,7 @@ fn sends_to_a_pod_being_created_never_cross_the_underlay_in_clear() {
         assert_eq!(next(), "000", "answered before the Pod exists");
     }
     let t0 = Instant::now();
-    lab.apply_web_pod("newcomer", "node-b", "newcomer", Some(NEW));
+    lab.create_web_pod("newcomer", "node-b", "newcomer", Some(NEW));
     let mut refused = 0;
     while next() != "200" {
         refused += 1;
@@ -994,7 +1059,7 @@ fn a_full_identity_table_refuses_new_pods_and_keeps_known_ones() {
     let web2 = lab.make_web_pod("web2", "node-b");
     let url = format!("http://{web2}:8080/");
     apply_enforced(&lab, WEB2_FROM_FRONTEND, "web2-from-frontend");
-    lab.apply_web_pod("churn-admitted", "node-a", "frontend", Some(REUSED));
+    lab.create_web_pod("churn-admitted", "node-a", "frontend", Some(REUSED));
     until(
         "the admitted Pod reaches web2",
         Duration::from_secs(30),
@@ -1007,7 +1072,7 @@ fn a_full_identity_table_refuses_new_pods_and_keeps_known_ones() {
     let mut fillers = 0;
     while ipcache_fill(&lab, "node-b").0 < IPCACHE_ROOM {
         let before = ipcache_fill(&lab, "node-b").0;
-        lab.apply_web_pod(&format!("filler-{fillers}"), "node-a", "filler", None);
+        lab.create_web_pod(&format!("filler-{fillers}"), "node-a", "filler", None);
         fillers += 1;
         until(
             "node-b's ipcache to take the filler Pod",
@@ -1022,7 +1087,7 @@ fn a_full_identity_table_refuses_new_pods_and_keeps_known_ones() {
     eprintln!("node-b's ipcache full with {fillers} filler Pods");
 
     // A new Pod node-b cannot learn.
-    lab.apply_web_pod("newcomer", "node-a", "frontend", None);
+    lab.create_web_pod("newcomer", "node-a", "frontend", None);
     let denied_before = lab.drop_count("node-b", "policy-denied");
     until(
         "newcomer's requests to reach node-b and be refused there",
@@ -1057,7 +1122,7 @@ fn a_full_identity_table_refuses_new_pods_and_keeps_known_ones() {
         curl(&lab, "newcomer", &url).is_ok()
     });
     let newcomer_in = deleted.elapsed();
-    lab.apply_web_pod("churn-refused", "node-a", "intruder", Some(REUSED));
+    lab.create_web_pod("churn-refused", "node-a", "intruder", Some(REUSED));
     let mut refused = 0;
     until(
         "churn-refused's requests to be refused",
