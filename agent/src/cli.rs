@@ -186,6 +186,30 @@ pub fn format_status(st: &api::Status) -> String {
             );
         }
     }
+    let l = &st.listener;
+    // Shown once the listener has turned something away; a healthy node's count equals its
+    // channels made.
+    if l.accepted > l.established {
+        let outcomes: Vec<String> = [
+            ("established", l.established),
+            ("evicted pending", l.evicted_pending),
+            ("refused (unknown source)", l.refused_unknown_source),
+            ("refused (over limit)", l.refused_over_limit),
+            ("handshake timeouts", l.handshake_timeouts),
+            ("tls failures", l.tls_failures),
+            ("node handshake failures", l.node_handshake_failures),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(what, n)| format!("{n} {what}"))
+        .collect();
+        let _ = writeln!(
+            s,
+            "  control-channel listener: {} accepted: {}",
+            l.accepted,
+            outcomes.join(", ")
+        );
+    }
     if !st.auth.is_empty() {
         let c = &st.auth_pairs;
         let shown = if c.total > st.auth.len() {

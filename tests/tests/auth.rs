@@ -635,8 +635,24 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
         .status()
         .unwrap()
         .success());
+    /// Half-open connections from node-a's address (the scenario's 10k).
+    const HALF_OPEN: usize = 10_000;
+    let st_b = lab.status("node-b");
+    let before = st_b.listener;
+    // node-b's agent's resident memory, now and at its peak (kB, /proc).
+    let agent_b = st_b.agent.pid;
+    let memory = |field: &str| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{agent_b}/status"))
+            .expect("node-b's agent's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in node-b's agent's status"))
+    };
+    let rss_before = memory("VmRSS:");
     let t = Instant::now();
-    let held_a = attack(&netns_a, target, 1000);
+    let held_a = attack(&netns_a, target, HALF_OPEN);
     let held_x = attack(&underlay, target, 200);
     println!(
         "holding {} hostile connections from node-a's address, {} from a stranger ({:?})",
@@ -644,13 +660,15 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
         held_x.len(),
         t.elapsed()
     );
-    // The attack was mounted: of 1,010 and 210 connections (half-open, garbage, truncated
-    // records, fragmented and closed hellos) nearly all got through TCP (a few may meet a full
-    // accept queue); a test whose attack never connected would prove nothing.
+    // The attack was mounted: of 10,010 and 210 connections (half-open, garbage, truncated
+    // records, fragmented and closed hellos) nearly all got through TCP (some meet a full
+    // accept queue: 15 of 10,010 in one run on a busy machine); a test whose attack never
+    // connected would prove nothing.
     assert!(
-        held_a.len() >= 1000,
-        "only {} of 1,008 connections from node-a's address",
-        held_a.len()
+        held_a.len() >= HALF_OPEN * 99 / 100,
+        "only {} of {} connections from node-a's address",
+        held_a.len(),
+        HALF_OPEN + 10
     );
     assert!(
         held_x.len() >= 200,
@@ -698,6 +716,65 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
         "hello from shop/backend\n"
     );
     assert!(!auth_pairs_with(&lab.status("node-b"), "app=frontend").is_empty());
+
+    // What node-b did with each connection, from its own counters (`veil status`'s listener,
+    // `veil_control_connections_total`): once the last pending ones have had their 5 s, every
+    // accepted connection has an outcome.
+    let accepted = (held_a.len() + held_x.len()) as u64;
+    let outcomes = |l: &veil_agent::api::ListenerCounters| {
+        l.established
+            + l.evicted_pending
+            + l.refused_unknown_source
+            + l.refused_over_limit
+            + l.handshake_timeouts
+            + l.tls_failures
+            + l.node_handshake_failures
+    };
+    let after = lab.wait_for(
+        "node-b's listener accounting for every connection",
+        Duration::from_secs(15),
+        || {
+            let l = lab.status("node-b").listener;
+            (l.accepted - before.accepted >= accepted
+                && outcomes(&l) - outcomes(&before) >= l.accepted - before.accepted)
+                .then_some(l)
+        },
+    );
+    let delta = |f: fn(&veil_agent::api::ListenerCounters) -> u64| f(&after) - f(&before);
+    println!(
+        "node-b's listener: {} accepted: {} evicted pending, {} refused (unknown source), {} \
+         refused (over limit), {} handshake timeouts, {} tls failures, {} node handshake \
+         failures, {} established",
+        delta(|l| l.accepted),
+        delta(|l| l.evicted_pending),
+        delta(|l| l.refused_unknown_source),
+        delta(|l| l.refused_over_limit),
+        delta(|l| l.handshake_timeouts),
+        delta(|l| l.tls_failures),
+        delta(|l| l.node_handshake_failures),
+        delta(|l| l.established),
+    );
+    // Each of node-a's address's connections but the last 8 pending ones made room for a newer
+    // one, or failed TLS, or had its 5 s (when the flood was slow to be accepted), and most made
+    // room; every one of the stranger's was refused before TLS; the slowloris (the last
+    // connection from node-a's address, never evicted) timed out; the legitimate handshake
+    // made a channel.
+    let ended = delta(|l| l.evicted_pending + l.tls_failures + l.handshake_timeouts);
+    assert!(ended >= held_a.len() as u64 - 8, "{after:?}");
+    assert!(delta(|l| l.evicted_pending) >= held_a.len() as u64 / 2, "{after:?}");
+    assert!(delta(|l| l.refused_unknown_source) >= held_x.len() as u64, "{after:?}");
+    assert!(delta(|l| l.handshake_timeouts) >= 1, "{after:?}");
+    assert!(delta(|l| l.established) >= 1, "{after:?}");
+    // Bounded memory: the pending connections are capped, so the flood costs node-b's agent
+    // little (64 MiB would be 6.5 kB kept per connection).
+    let (rss_after, peak) = (memory("VmRSS:"), memory("VmHWM:"));
+    println!(
+        "node-b's agent: {rss_before} kB resident before the attack, {rss_after} kB after, peak {peak} kB"
+    );
+    assert!(
+        peak < rss_before + 64 * 1024,
+        "node-b's agent grew from {rss_before} kB to a peak of {peak} kB"
+    );
     drop(held_a);
     drop(held_x);
     // The agent on node-b is alive and still serving.

@@ -576,3 +576,45 @@ fn kubernetes_mode_enforces_the_seed_example_applied_with_kubectl() {
         (codes(&lab, "frontend", &[], &admin) == ["200 1"]).then_some(())
     });
 }
+
+/// Scenario 2's agent-proxy path: a unique marker in a request header that node-a's proxy
+/// admits and forwards to backend (node-b); the underlay capture is searched for it. Returns
+/// whether the marker was on the underlay, and the capture's lines.
+fn marker_through_the_proxy(flags: &[&str]) -> (bool, Vec<String>) {
+    let lab = Lab::up(flags);
+    let backend = lab.pod_ip("backend");
+    lab.apply_policy_ok(L7);
+    lab.apply_policy_ok(INGRESS);
+    let marker = format!("VEIL-L7-PROXY-MARKER-{:010}", veil_tests::rand_suffix());
+    let through_proxy = proxy_requests(&lab, "node-a");
+    let cap = lab.capture_underlay();
+    let url = format!("http://{backend}:8080/api/products");
+    let header = format!("X-Marker: {marker}");
+    let argv = ["curl", "-sS", "--max-time", "5", "-H", &header, &url];
+    assert_eq!(lab.exec_ok("frontend", &argv), "hello from shop/backend\n");
+    let (raw, lines) = cap.stop_decoded();
+    // The request went through node-a's proxy (an L7 rule covers it), not around it.
+    assert!(
+        proxy_requests(&lab, "node-a") > through_proxy,
+        "node-a's proxy did not count the request"
+    );
+    (veil_tests::contains(&raw, marker.as_bytes()), lines)
+}
+
+/// The leak pair for proxied traffic: with encryption on, the marker leaves node-a's proxy
+/// inside WireGuard only; with `--encryption off` (the sanity half) the same capture sees it.
+#[test]
+fn a_marker_through_the_proxy_crosses_the_underlay_only_encrypted() {
+    let (seen, lines) = marker_through_the_proxy(&[]);
+    assert!(!seen, "the marker crossed the underlay in clear");
+    let wireguard = lines
+        .iter()
+        .filter(|l| l.contains(".51820 > ") && l.contains(".51820: UDP"))
+        .count();
+    assert!(wireguard > 0, "no WireGuard on the underlay: {lines:#?}");
+    let (seen, _) = marker_through_the_proxy(&["--encryption", "off"]);
+    assert!(
+        seen,
+        "with encryption off the capture did not see the marker: it proves nothing"
+    );
+}

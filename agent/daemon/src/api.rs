@@ -77,6 +77,9 @@ pub struct Status {
     pub channels: Vec<NodeChannel>,
     /// Authentication failures by stable reason.
     pub auth_failures: BTreeMap<String, u64>,
+    /// What the control-channel listener did with the connections it accepted.
+    #[serde(default)]
+    pub listener: ListenerCounters,
     /// Packets held until their identity pair authenticated (no first-packet drop).
     pub hold: HoldStatus,
 }
@@ -165,6 +168,29 @@ pub struct PolicyStatus {
     pub conntrack_cut: usize,
     /// Why the newest generation is not in force, if it is not.
     pub last_error: Option<String>,
+}
+
+/// The control-channel listener's counters since the agent started: every connection it
+/// accepted, and what became of it. A connection counts once in `accepted` and at most once
+/// in the outcomes (`evicted_pending` is counted for the newer connection that made room).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerCounters {
+    pub accepted: u64,
+    /// Closed before TLS: the source is no node's underlay address.
+    pub refused_unknown_source: u64,
+    /// Closed before TLS: the listener already had its limit of unauthenticated connections.
+    pub refused_over_limit: u64,
+    /// Pending connections closed to make room for a newer one from the same source.
+    pub evicted_pending: u64,
+    /// No TLS handshake within the handshake timeout (a slowloris, a half-open connection).
+    pub handshake_timeouts: u64,
+    /// TLS failed: garbage, a truncated record, a peer certificate refused.
+    pub tls_failures: u64,
+    /// TLS succeeded but the node handshake inside it did not (or its certificate named no
+    /// node of the cluster).
+    pub node_handshake_failures: u64,
+    /// Control channels made.
+    pub established: u64,
 }
 
 /// Auth pairs (local identity, remote identity, remote node) this node knows, by state.

@@ -81,6 +81,21 @@ impl ServerStats {
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
+    /// The counters as `veil status` shows them.
+    pub fn counters(&self) -> crate::api::ListenerCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        crate::api::ListenerCounters {
+            accepted: get(&self.accepted),
+            refused_unknown_source: get(&self.refused_unknown_source),
+            refused_over_limit: get(&self.refused_over_limit),
+            evicted_pending: get(&self.evicted_pending),
+            handshake_timeouts: get(&self.handshake_timeouts),
+            tls_failures: get(&self.tls_failures),
+            node_handshake_failures: get(&self.node_handshake_failures),
+            established: get(&self.established),
+        }
+    }
+
     fn count_rejected(&self, reason: AuthFailure) {
         if let Some(c) = self.rejected.get(usize::from(reason.code())) {
             c.fetch_add(1, Ordering::Relaxed);
@@ -176,6 +191,13 @@ impl Server {
 
     pub fn stats(&self) -> Arc<ServerStats> {
         self.stats.clone()
+    }
+
+    /// Counts into `stats` instead of its own: counters that outlive this listener (the mesh
+    /// binds a new one when the node's address moves).
+    pub fn counting_into(mut self, stats: Arc<ServerStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Accepts until `shutdown` resolves. Established channels outlive it (the daemon owns
@@ -291,7 +313,7 @@ async fn handle(
         Ok(Ok(s)) => s,
     };
     // The verifier accepted the chain; read back which node it named.
-    let (node, peer_svid) = {
+    let named = (|| -> Result<_, Error> {
         let conn = stream.get_ref().1;
         let certs = conn.peer_certificates().unwrap_or_default();
         let expected = ExpectedPeer::AnyNodeOf(deps.trust_domain.clone());
@@ -310,7 +332,16 @@ async fn handle(
             .directory
             .node_by_name(&name)
             .ok_or_else(|| Error::UnknownNode(name.clone()))?;
-        (node, v)
+        Ok((node, v))
+    })();
+    let (node, peer_svid) = match named {
+        Ok(x) => x,
+        Err(e) => {
+            stats
+                .node_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
     };
     let result = channel::establish(stream, node, peer_svid, &cfg.channel, deps, deadline).await;
     let (channel, keys) = match result {

@@ -218,6 +218,30 @@ impl Collector for Scrape {
             "Authenticated control channels to peer agents.",
             ConstGauge::new(st.channels.len() as i64),
         )?;
+        let l = &st.listener;
+        single(
+            &mut enc,
+            "veil_control_connections_accepted",
+            "Connections the control-channel listener accepted.",
+            ConstCounter::new(l.accepted),
+        )?;
+        family(
+            &mut enc,
+            "veil_control_connections",
+            "What became of the control-channel listener's connections, by outcome (evicted: a pending one closed for a newer one from its source).",
+            MetricType::Counter,
+            [
+                ("established", l.established),
+                ("evicted", l.evicted_pending),
+                ("refused-unknown-source", l.refused_unknown_source),
+                ("refused-over-limit", l.refused_over_limit),
+                ("handshake-timeout", l.handshake_timeouts),
+                ("tls-failure", l.tls_failures),
+                ("node-handshake-failure", l.node_handshake_failures),
+            ]
+            .into_iter()
+            .map(|(outcome, n)| ([("outcome", outcome)], ConstCounter::new(n))),
+        )?;
         let h = &st.hold;
         family(
             &mut enc,
@@ -300,6 +324,8 @@ mod tests {
         ("veil_auth_failures_total", "counter"),
         ("veil_auth_pairs", "gauge"),
         ("veil_control_channels", "gauge"),
+        ("veil_control_connections_accepted_total", "counter"),
+        ("veil_control_connections_total", "counter"),
         ("veil_hold_packets_total", "counter"),
     ];
 
@@ -340,6 +366,13 @@ mod tests {
                 entries: 5,
                 capacity: 65536,
             }],
+            listener: api::ListenerCounters {
+                accepted: 1_013,
+                established: 2,
+                evicted_pending: 1_000,
+                tls_failures: 10,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -389,6 +422,11 @@ mod tests {
             "veil_policies 0",
             "veil_hold_packets_total{outcome=\"timed-out\"} 2",
             "veil_hold_packets_total{outcome=\"unclassified\"} 0",
+            "veil_control_connections_accepted_total 1013",
+            "veil_control_connections_total{outcome=\"established\"} 2",
+            "veil_control_connections_total{outcome=\"evicted\"} 1000",
+            "veil_control_connections_total{outcome=\"tls-failure\"} 10",
+            "veil_control_connections_total{outcome=\"refused-unknown-source\"} 0",
             "# HELP veil_drops_total Packets dropped by the datapath by reason.",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");

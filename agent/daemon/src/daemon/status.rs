@@ -164,6 +164,7 @@ pub(super) fn status(s: &mut Shared) -> Result<api::Status, datapath::Error> {
         maps: map_fill(&s.datapath),
         channels: mesh.channels,
         auth_failures: mesh.failures,
+        listener: mesh.listener.counters(),
         hold: {
             let h = *s.hold_stats.lock().expect("hold stats lock");
             api::HoldStatus {

@@ -37,7 +37,7 @@ use crate::{
         client::{self, ClientConfig},
         entries,
         node_handshake::{EpochBook, NodeKeys},
-        server::{Server, ServerConfig},
+        server::{Server, ServerConfig, ServerStats},
         tls::{NodeCredentials, TlsConfig},
         workload::{Authenticated, SigningKeys},
         AuthFailure, AuthTriple, NodeInfo, PeerDirectory as _, StaticDirectory, StaticWorkloads,
@@ -89,6 +89,8 @@ pub struct MeshStatus {
     /// Why the last workload handshake of an identity pair failed, until one succeeds: flows
     /// dropped for lack of authentication carry it.
     pub pair_failures: BTreeMap<AuthTriple, &'static str>,
+    /// The control-channel listener's counters, live (read when `veil status` asks).
+    pub listener: Arc<ServerStats>,
 }
 
 impl MeshStatus {
@@ -144,6 +146,8 @@ pub struct Mesh {
     /// Auth entries the map refused since its last accepted write (logged when it starts and
     /// when it ends, not per entry).
     auth_writes_refused: u64,
+    /// Counters of every listener this mesh binds.
+    listener_stats: Arc<ServerStats>,
 }
 
 /// Handles the daemon keeps.
@@ -204,6 +208,7 @@ impl Mesh {
         let wg_key = deps.wg_key.clone();
         let (authed_tx, authenticated) = watch::channel(BTreeSet::new());
         let status = Arc::new(Mutex::new(MeshStatus::default()));
+        let listener_stats = status.lock().expect("mesh status lock").listener.clone();
         let mesh = Mesh {
             cfg,
             deps,
@@ -221,6 +226,7 @@ impl Mesh {
             authed_tx,
             published_tx,
             auth_writes_refused: 0,
+            listener_stats,
         };
         (
             mesh,
@@ -359,6 +365,7 @@ impl Mesh {
             if server_stop.is_none() && self.deps.creds.svid().is_some() {
                 match Server::bind(self.server_cfg.clone(), self.deps.clone()).await {
                     Ok(server) => {
+                        let server = server.counting_into(self.listener_stats.clone());
                         tracing::info!(listen = %self.server_cfg.listen, "control channel listening (TLS 1.3, X25519MLKEM768)");
                         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
                         tokio::spawn(server.run(async move {
@@ -408,7 +415,9 @@ impl Mesh {
             let status_due = status_at + status_every;
             let next = if status_due <= now {
                 let t = Instant::now();
-                *self.status.lock().expect("mesh status lock") = state.status(&cluster);
+                let mut st = state.status(&cluster);
+                st.listener = self.listener_stats.clone();
+                *self.status.lock().expect("mesh status lock") = st;
                 status_at = now;
                 status_every = (t.elapsed() * STATUS_COST_SHARE).min(STATUS_MAX_AGE);
                 next
