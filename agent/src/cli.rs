@@ -501,6 +501,34 @@ mod tests {
     }
 
     #[test]
+    fn the_status_table_says_what_the_listener_turned_away_once_it_has() {
+        let mut st = api::Status {
+            listener: api::ListenerCounters {
+                accepted: 2,
+                established: 2,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(!format_status(&st).contains("listener"));
+        st.listener = api::ListenerCounters {
+            accepted: 1_013,
+            established: 2,
+            evicted_pending: 1_000,
+            tls_failures: 10,
+            handshake_timeouts: 1,
+            ..Default::default()
+        };
+        let text = format_status(&st);
+        assert!(
+            text.contains(
+                "\n  control-channel listener: 1013 accepted: 2 established, 1000 evicted pending, 1 handshake timeouts, 10 tls failures\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn status_json_has_the_contract_fields() {
         let v = serde_json::to_value(api::Status::default()).unwrap();
         for k in [
