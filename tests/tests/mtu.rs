@@ -216,7 +216,7 @@ fn mbit_s(bytes: usize, took: Duration) -> f64 {
 
 /// A lab on an underlay of `underlay_mtu`: the MTUs follow, bulk TCP crosses both ways, and the
 /// underlay sees only whole WireGuard datagrams no larger than its MTU.
-fn low_underlay_mtu(underlay_mtu: u32) {
+fn on_underlay_mtu(underlay_mtu: u32) {
     let lab = mtu_lab(underlay_mtu);
     let tunnel_mtu = underlay_mtu - WG_OVERHEAD;
     assert_eq!(lab.view.pod_mtu, tunnel_mtu);
@@ -262,12 +262,18 @@ fn low_underlay_mtu(underlay_mtu: u32) {
 
 #[test]
 fn underlay_mtu_1280_carries_bulk_tcp_both_ways_without_plaintext_or_fragments() {
-    low_underlay_mtu(1280);
+    on_underlay_mtu(1280);
 }
 
 #[test]
 fn underlay_mtu_1420_carries_bulk_tcp_both_ways_without_plaintext_or_fragments() {
-    low_underlay_mtu(1420);
+    on_underlay_mtu(1420);
+}
+
+/// Jumbo frames: the lab file's largest underlay MTU (9000, tunnel and pods 8940).
+#[test]
+fn underlay_mtu_9000_carries_bulk_tcp_both_ways_without_plaintext_or_fragments() {
+    on_underlay_mtu(9000);
 }
 
 /// Sends UDP datagrams of `total_len` bytes (IP) with `marker` from `pod` to `dst`:9302, DF set
