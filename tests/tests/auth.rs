@@ -761,8 +761,14 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
     // made a channel.
     let ended = delta(|l| l.evicted_pending + l.tls_failures + l.handshake_timeouts);
     assert!(ended >= held_a.len() as u64 - 8, "{after:?}");
-    assert!(delta(|l| l.evicted_pending) >= held_a.len() as u64 / 2, "{after:?}");
-    assert!(delta(|l| l.refused_unknown_source) >= held_x.len() as u64, "{after:?}");
+    assert!(
+        delta(|l| l.evicted_pending) >= held_a.len() as u64 / 2,
+        "{after:?}"
+    );
+    assert!(
+        delta(|l| l.refused_unknown_source) >= held_x.len() as u64,
+        "{after:?}"
+    );
     assert!(delta(|l| l.handshake_timeouts) >= 1, "{after:?}");
     assert!(delta(|l| l.established) >= 1, "{after:?}");
     // Bounded memory: the pending connections are capped, so the flood costs node-b's agent
