@@ -14,10 +14,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tracing::Instrument;
+use veil_identity::ValidatedSvid;
 
 use super::channel::{self, ChannelConfig, ChannelEvent, Deps};
 use super::tls::{self, ExpectedPeer, TlsConfig};
-use super::{node_name_of, AuthFailure, Error, DEFAULT_PORT};
+use super::{node_name_of, AuthFailure, Error, NodeInfo, DEFAULT_PORT};
 
 /// Server settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -265,6 +266,28 @@ impl Server {
     }
 }
 
+/// The cluster node a TLS peer's verified certificate names, and that certificate validated.
+fn named_node(
+    conn: &rustls::ServerConnection,
+    deps: &Deps,
+    peer_label: &str,
+) -> Result<(NodeInfo, ValidatedSvid), Error> {
+    let certs = conn.peer_certificates().unwrap_or_default();
+    let expected = ExpectedPeer::AnyNodeOf(deps.trust_domain.clone());
+    let rejected = |reason| Error::PeerRejected {
+        peer: peer_label.to_owned(),
+        reason,
+    };
+    let v = tls::check_peer_chain(certs, &deps.bundles, &expected).map_err(rejected)?;
+    let name = node_name_of(&v.spiffe_id, &deps.trust_domain)
+        .ok_or_else(|| rejected(AuthFailure::WrongSpiffeId))?;
+    let node = deps
+        .directory
+        .node_by_name(&name)
+        .ok_or(Error::UnknownNode(name))?;
+    Ok((node, v))
+}
+
 fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
@@ -312,38 +335,12 @@ async fn handle(
         }
         Ok(Ok(s)) => s,
     };
-    // The verifier accepted the chain; read back which node it named.
-    let named = (|| -> Result<_, Error> {
-        let conn = stream.get_ref().1;
-        let certs = conn.peer_certificates().unwrap_or_default();
-        let expected = ExpectedPeer::AnyNodeOf(deps.trust_domain.clone());
-        let v = tls::check_peer_chain(certs, &deps.bundles, &expected).map_err(|reason| {
-            Error::PeerRejected {
-                peer: peer_label.clone(),
-                reason,
-            }
-        })?;
-        let name =
-            node_name_of(&v.spiffe_id, &deps.trust_domain).ok_or_else(|| Error::PeerRejected {
-                peer: peer_label.clone(),
-                reason: AuthFailure::WrongSpiffeId,
-            })?;
-        let node = deps
-            .directory
-            .node_by_name(&name)
-            .ok_or_else(|| Error::UnknownNode(name.clone()))?;
-        Ok((node, v))
-    })();
-    let (node, peer_svid) = match named {
-        Ok(x) => x,
-        Err(e) => {
-            stats
-                .node_handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(e);
-        }
-    };
-    let result = channel::establish(stream, node, peer_svid, &cfg.channel, deps, deadline).await;
+    // The verifier accepted the chain: the node it names, then the node handshake.
+    let result = async {
+        let (node, peer_svid) = named_node(stream.get_ref().1, deps, &peer_label)?;
+        channel::establish(stream, node, peer_svid, &cfg.channel, deps, deadline).await
+    }
+    .await;
     let (channel, keys) = match result {
         Ok(x) => x,
         Err(e) => {
