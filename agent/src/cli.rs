@@ -190,24 +190,17 @@ pub fn format_status(st: &api::Status) -> String {
     // Shown once the listener has turned something away; a healthy node's count equals its
     // channels made.
     if l.accepted > l.established {
-        let outcomes: Vec<String> = [
-            ("established", l.established),
-            ("evicted pending", l.evicted_pending),
-            ("refused (unknown source)", l.refused_unknown_source),
-            ("refused (over limit)", l.refused_over_limit),
-            ("handshake timeouts", l.handshake_timeouts),
-            ("tls failures", l.tls_failures),
-            ("node handshake failures", l.node_handshake_failures),
-        ]
-        .into_iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(what, n)| format!("{n} {what}"))
-        .collect();
+        let outcomes: Vec<String> = l
+            .outcomes()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(outcome, n)| format!("{outcome}={n}"))
+            .collect();
         let _ = writeln!(
             s,
             "  control-channel listener: {} accepted: {}",
             l.accepted,
-            outcomes.join(", ")
+            outcomes.join(" ")
         );
     }
     if !st.auth.is_empty() {
@@ -522,7 +515,7 @@ mod tests {
         let text = format_status(&st);
         assert!(
             text.contains(
-                "\n  control-channel listener: 1013 accepted: 2 established, 1000 evicted pending, 1 handshake timeouts, 10 tls failures\n"
+                "\n  control-channel listener: 1013 accepted: established=2 evicted=1000 handshake-timeout=1 tls-failure=10\n"
             ),
             "{text}"
         );

@@ -193,6 +193,21 @@ pub struct ListenerCounters {
     pub established: u64,
 }
 
+impl ListenerCounters {
+    /// Each outcome by its stable name (the metric's `outcome` label, `veil status`'s line).
+    pub fn outcomes(&self) -> [(&'static str, u64); 7] {
+        [
+            ("established", self.established),
+            ("evicted", self.evicted_pending),
+            ("refused-unknown-source", self.refused_unknown_source),
+            ("refused-over-limit", self.refused_over_limit),
+            ("handshake-timeout", self.handshake_timeouts),
+            ("tls-failure", self.tls_failures),
+            ("node-handshake-failure", self.node_handshake_failures),
+        ]
+    }
+}
+
 /// Auth pairs (local identity, remote identity, remote node) this node knows, by state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthPairCounts {

@@ -230,17 +230,9 @@ impl Collector for Scrape {
             "veil_control_connections",
             "What became of the control-channel listener's connections, by outcome (evicted: a pending one closed for a newer one from its source).",
             MetricType::Counter,
-            [
-                ("established", l.established),
-                ("evicted", l.evicted_pending),
-                ("refused-unknown-source", l.refused_unknown_source),
-                ("refused-over-limit", l.refused_over_limit),
-                ("handshake-timeout", l.handshake_timeouts),
-                ("tls-failure", l.tls_failures),
-                ("node-handshake-failure", l.node_handshake_failures),
-            ]
-            .into_iter()
-            .map(|(outcome, n)| ([("outcome", outcome)], ConstCounter::new(n))),
+            l.outcomes()
+                .into_iter()
+                .map(|(outcome, n)| ([("outcome", outcome)], ConstCounter::new(n))),
         )?;
         let h = &st.hold;
         family(
