@@ -22,6 +22,52 @@ fn send_marker(lab: &Lab, marker: &str) {
     );
 }
 
+/// Scenario 1's NL half, under the capture: `PROBES` pings and `PROBES` UDP datagrams to
+/// backend's echo port from frontend, 20 ms apart, to `be` (an IPv4 or IPv6 address); every
+/// one is answered (0 probe loss). Returns the counts answered.
+fn assert_no_probe_loss(lab: &Lab, be: &str) -> (usize, usize) {
+    const PROBES: usize = 50;
+    let ping = lab.exec_ok(
+        "frontend",
+        &[
+            "ping",
+            "-q",
+            "-c",
+            &PROBES.to_string(),
+            "-i",
+            "0.02",
+            "-W",
+            "2",
+            be,
+        ],
+    );
+    let received = ping
+        .split(", ")
+        .find_map(|f| f.strip_suffix(" received"))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no count of replies in ping's summary: {ping}"));
+    // ncat ends 2 s after the last reply (its idle timeout; the count is what is checked)
+    // while its input is still open.
+    let echoed = lab.exec_ok(
+        "frontend",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "(for i in $(seq {PROBES}); do echo probe-$i; sleep 0.02; done; sleep 5) | \
+                 ncat -u -w 3 -i 2 {be} 9000 || true"
+            ),
+        ],
+    );
+    let udp = echoed.lines().filter(|l| l.starts_with("probe-")).count();
+    assert_eq!(
+        (received, udp),
+        (PROBES, PROBES),
+        "probes lost to {be}: {received} of {PROBES} pings and {udp} of {PROBES} UDP datagrams answered"
+    );
+    (received, udp)
+}
+
 /// Node-to-node packets that are not UDP between node IPs on the WireGuard port, nor the
 /// agents' TLS control channel (port 4250), nor a node's TLS to the lab's spire-server (SPIRE
 /// labs), nor link-local control the kernel sends by itself (ARP, IGMP, IPv6 neighbour
@@ -66,12 +112,14 @@ fn leak_pair_encrypted_shows_no_marker() {
     let marker = format!("VEIL-E2E-MARKER-{}", rand_suffix());
     let cap = lab.capture_underlay();
     send_marker(&lab, &marker);
+    let (pings, udp) = assert_no_probe_loss(&lab, &lab.pod_ip("backend"));
     let (raw, lines) = cap.stop_decoded();
     assert!(
         !contains(&raw, marker.as_bytes()),
         "the marker crossed the underlay in clear"
     );
     assert_only_wireguard(&lines, &[("198.18.0.1", "198.18.0.2", 5)]);
+    println!("steady state over IPv4: {pings} pings and {udp} UDP probes answered, 0 lost");
     // The product's own check agrees (and exits 0).
     let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
     assert!(
@@ -131,7 +179,8 @@ fn dual_stack_ipv6_between_pods_crosses_only_encrypted_and_under_policy() {
         ],
     );
     assert_eq!(echoed.lines().count(), 3, "UDP echo over IPv6: {echoed:?}");
-    lab.exec_ok("frontend", &["ping", "-6", "-c", "2", "-W", "2", &be6]);
+    let (pings, udp) = assert_no_probe_loss(&lab, &be6);
+    println!("steady state over IPv6: {pings} pings and {udp} UDP probes answered, 0 lost");
     // 4 MiB over IPv6 TCP, byte exact.
     let bulk: u64 = 4 << 20;
     send_file_to_backend(&lab, &be6, bulk);
