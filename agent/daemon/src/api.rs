@@ -171,8 +171,9 @@ pub struct PolicyStatus {
 }
 
 /// The control-channel listener's counters since the agent started: every connection it
-/// accepted, and what became of it. A connection counts once in `accepted` and at most once
-/// in the outcomes (`evicted_pending` is counted for the newer connection that made room).
+/// accepted, and what became of it. Once none is pending, the outcomes add up to `accepted`
+/// (an eviction is counted when a newer connection makes room, for the older one it closes;
+/// rarely, one that fails as it is evicted counts twice).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerCounters {
     pub accepted: u64,
