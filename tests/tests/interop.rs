@@ -695,6 +695,8 @@ fn pattern(n: usize) -> Vec<u8> {
 /// A WireGuard message seen on the underlay (IPv4/UDP).
 #[derive(Clone, Debug)]
 struct WgPacket {
+    /// When the capture saw it (the pcap record's time).
+    at: Duration,
     src: Ipv4Addr,
     dst: Ipv4Addr,
     /// The whole IPv4 packet, to re-inject as it was.
@@ -744,6 +746,15 @@ impl Capture {
         Capture { child, path }
     }
 
+    /// What the capture holds so far (tcpdump writes each packet at once, `-U`).
+    fn so_far(&self) -> Vec<WgPacket> {
+        let data = std::fs::read(&self.path).unwrap_or_default();
+        if data.len() < 24 {
+            return vec![];
+        }
+        parse_pcap(&data)
+    }
+
     fn finish(mut self) -> Vec<WgPacket> {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
@@ -775,7 +786,9 @@ fn parse_pcap(data: &[u8]) -> Vec<WgPacket> {
     let mut out = Vec::new();
     let mut off = 24;
     while off + 16 <= data.len() {
-        let caplen = u32::from_le_bytes(data[off + 8..off + 12].try_into().unwrap()) as usize;
+        let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+        let at = Duration::new(u64::from(word(off)), word(off + 4).min(999_999) * 1000);
+        let caplen = word(off + 8) as usize;
         let frame = &data[off + 16..(off + 16 + caplen).min(data.len())];
         off += 16 + caplen;
         if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
@@ -788,6 +801,7 @@ fn parse_pcap(data: &[u8]) -> Vec<WgPacket> {
             continue;
         }
         out.push(WgPacket {
+            at,
             src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
             dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
             ip: ip[..total].to_vec(),
@@ -2244,5 +2258,68 @@ fn config_churn_with_dumps_and_handshakes_leaves_veil_wg_working() {
         !pair.veil.log_text().contains("panicked"),
         "veil-wg panicked:\n{}",
         pair.veil.log_text()
+    );
+}
+
+/// A node key rotation's race: both ends of a pair get each other's new key at about the same
+/// moment (from one node handshake), so the initiation veil-wg sends when its peer is set can
+/// reach a peer that is not configured yet, and is lost (two such initiations crossing in
+/// flight once cut a lab's pair for 5.4 s, WireGuard's REKEY_TIMEOUT). veil-wg sends it again
+/// while there is no session, at 0.25 s, 0.75 s, 1.75 s and 3.75 s: here the other side is
+/// configured right after veil-wg's first initiation left, without veil-wg's endpoint (so it
+/// cannot initiate), and the handshake completes from veil-wg's first retry. Seen failing
+/// without the retries: the second initiation left 5.1 s after the first.
+#[test]
+fn an_initiation_lost_to_a_peer_configured_just_after_is_sent_again_before_rekey_timeout() {
+    let pair = Pair::create(Impl::VeilWg);
+    let cap = Capture::start(
+        &pair.a,
+        &pair.dir.0,
+        "config-race.pcap",
+        &format!("udp and host {UNDER_B}"),
+    );
+    let from_a = |p: &WgPacket| p.src.to_string() == UNDER_A;
+    pair.configure(Side::A, "psk");
+    wait_for(
+        "veil-wg's first initiation on the wire",
+        Duration::from_secs(5),
+        || {
+            cap.so_far()
+                .iter()
+                .any(|p| from_a(p) && p.msg_type() == 1)
+                .then_some(())
+        },
+    );
+    pair.configure_with(Side::B, "psk", false);
+    pair.wait_ping(Side::A, Duration::from_secs(10));
+    let packets = cap.finish();
+    let inits: Vec<Duration> = packets
+        .iter()
+        .filter(|p| from_a(p) && p.msg_type() == 1)
+        .map(|p| p.at)
+        .collect();
+    let answered = packets
+        .iter()
+        .find(|p| !from_a(p) && p.msg_type() == 2)
+        .map(|p| p.at)
+        .expect("the other side's handshake response captured");
+    let since_first = |t: Duration| t.saturating_sub(inits[0]).as_secs_f64();
+    println!(
+        "veil-wg's initiations at {:?} s, the response at {:.3} s (from the first initiation)",
+        inits.iter().map(|t| since_first(*t)).collect::<Vec<_>>(),
+        since_first(answered)
+    );
+    assert!(inits.len() >= 2, "one initiation only: {inits:?}");
+    // The first retry is due 0.25 s after the first initiation (the timer ticks every 0.25 s);
+    // WireGuard's own retry would come after 5 s.
+    assert!(
+        since_first(inits[1]) < 1.0,
+        "the second initiation left {:.3} s after the first",
+        since_first(inits[1])
+    );
+    assert!(
+        since_first(answered) < 2.0,
+        "the session came up {:.3} s after the first initiation",
+        since_first(answered)
     );
 }

@@ -42,6 +42,19 @@ pub const HANDSHAKE_RATE_LIMIT: u64 = 1000;
 const RETIRE_AFTER_SUCCESSOR: Duration = Duration::from_secs(15);
 /// Hard cap on a retiring `Tunn`'s life (WireGuard's REJECT_AFTER_TIME).
 const RETIRE_MAX: Duration = Duration::from_secs(180);
+/// When a handshake that configuration started (a new peer, a new PSK, a new private key) is
+/// tried again while it has no session, counted from its first initiation. Both sides of a
+/// pair change together (the node handshake hands each the other's new key and PSK at about
+/// the same moment), so that first initiation often reaches a peer not yet configured and is
+/// dropped there; when both sides' first initiations cross in flight, each is lost, and
+/// WireGuard's own retry (REKEY_TIMEOUT) would leave the pair without a session for 5 s. After
+/// the last of these, boringtun's timers go on as usual.
+pub const CONFIG_RETRY_AFTER: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_millis(750),
+    Duration::from_millis(1750),
+    Duration::from_millis(3750),
+];
 
 /// Counters of packets the device dropped, by cause.
 #[derive(Debug, Default)]
@@ -107,6 +120,9 @@ pub struct PeerNoise {
     pub latest_initiation: Tai64n,
     /// When this side last started a handshake because the peer sent a stale initiation.
     pub initiated_after_stale: Option<Instant>,
+    /// A handshake configuration started, until `current` has a session: when its first
+    /// initiation left and how many were sent again ([`CONFIG_RETRY_AFTER`]).
+    pub config_retry: Option<(Instant, usize)>,
 }
 
 impl PeerNoise {
@@ -134,6 +150,25 @@ impl PeerNoise {
         }
         match &mut self.retiring {
             Some((old, _)) if old.index == index => Some(&mut old.tunn),
+            _ => None,
+        }
+    }
+
+    /// The initiation to send again now for a handshake configuration started, if one is due
+    /// (see [`CONFIG_RETRY_AFTER`]); none once `current` has a session.
+    pub fn config_retry<'a>(&mut self, now: Instant, buf: &'a mut [u8]) -> Option<&'a [u8]> {
+        let (since, sent) = self.config_retry?;
+        let due = CONFIG_RETRY_AFTER.get(sent).copied();
+        if self.current.tunn.time_since_last_handshake().is_some() || due.is_none() {
+            self.config_retry = None;
+            return None;
+        }
+        if now.duration_since(since) < due? {
+            return None;
+        }
+        self.config_retry = Some((since, sent + 1));
+        match self.current.tunn.format_handshake_initiation(buf, true) {
+            TunnResult::WriteToNetwork(d) => Some(d),
             _ => None,
         }
     }
@@ -351,6 +386,7 @@ impl Device {
                         // (new PSK) handshakes.
                         let mut noise = p.noise.lock().expect("noise lock");
                         let mut fresh = new_noise();
+                        let sent = initiations.len();
                         let ep = requested.map(Endpoint::configured).or(p.route());
                         if let Some(ep) = ep {
                             let mut buf = vec![0u8; 256];
@@ -363,6 +399,8 @@ impl Device {
                         let previous = std::mem::replace(&mut noise.current, fresh);
                         noise.retiring = Some((previous, Instant::now()));
                         noise.current_up_since = None;
+                        noise.config_retry =
+                            (initiations.len() > sent).then(|| (Instant::now(), 0));
                     }
                     if let Some(e) = requested {
                         p.set_endpoint(e);
@@ -372,6 +410,7 @@ impl Device {
                 }
                 _ => {
                     let mut noise = new_noise();
+                    let sent = initiations.len();
                     // A new peer with a known endpoint gets an initiation at once: after a
                     // veil-wg restart the peers still hold sessions this process forgot, and
                     // would otherwise keep sending into them until their own rekey timeout
@@ -395,6 +434,7 @@ impl Device {
                             current_up_since: None,
                             latest_initiation: Tai64n::default(),
                             initiated_after_stale: None,
+                            config_retry: (initiations.len() > sent).then(|| (Instant::now(), 0)),
                         }),
                         tx_bytes: AtomicU64::new(0),
                         rx_bytes: AtomicU64::new(0),
@@ -709,6 +749,74 @@ mod tests {
         assert!(
             matches!(nb.tx().encapsulate(&ipv4_packet(), &mut buf2), TunnResult::WriteToNetwork(d) if d[0] == 4)
         );
+    }
+
+    /// Both sides are configured at about the same moment and their first initiations cross:
+    /// each reaches a side that does not know the sender's key yet and is dropped. The
+    /// initiation is sent again at each `CONFIG_RETRY_AFTER` step while there is no session
+    /// (not after boringtun's 5 s), and the retry completes the handshake.
+    #[test]
+    fn a_lost_configuration_initiation_is_sent_again_until_a_session_is_up() {
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let (a, b) = (Device::new("a"), Device::new("b"));
+        let set = |d: &Device, me: &PrivateKey, other: PublicKey, ip: &str| {
+            d.apply(&SetRequest {
+                private_key: Some(me.clone()),
+                peers: vec![peer_change(other, ip, Some(1))],
+                ..Default::default()
+            })
+        };
+        // a's first initiation is lost (b has no peer yet); b's is never delivered either.
+        assert_eq!(set(&a, &ka, kb.public_key(), "10.0.2.0/24").len(), 1);
+        assert_eq!(set(&b, &kb, ka.public_key(), "10.0.1.0/24").len(), 1);
+        // Just after the first initiations: their steps are due at t0 + step at the latest.
+        let t0 = Instant::now();
+        let pa = a.routing().by_key[&kb.public_key()].clone();
+        let pb = b.routing().by_key[&ka.public_key()].clone();
+        let mut buf = vec![0u8; 2048];
+        let mut buf2 = vec![0u8; 2048];
+        let retry_at = |n: &mut PeerNoise, at: Duration, buf: &mut [u8]| {
+            n.config_retry(t0 + at, buf).map(<[u8]>::to_vec)
+        };
+        let mut na = pa.noise.lock().unwrap();
+        // Not before the first step, then once per step.
+        assert_eq!(
+            retry_at(&mut na, Duration::from_millis(100), &mut buf),
+            None
+        );
+        let again = retry_at(&mut na, CONFIG_RETRY_AFTER[0], &mut buf).expect("sent again");
+        assert_eq!((again.len(), again[0]), (148, 1), "a handshake initiation");
+        assert_eq!(retry_at(&mut na, CONFIG_RETRY_AFTER[0], &mut buf), None);
+        // The retry reaches b, configured by now: b answers, a's session comes up.
+        let resp = match pb
+            .noise
+            .lock()
+            .unwrap()
+            .current
+            .tunn
+            .decapsulate(None, &again, &mut buf2)
+        {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("b did not answer the retry: {other:?}"),
+        };
+        assert!(matches!(
+            na.current.tunn.decapsulate(None, &resp, &mut buf),
+            TunnResult::WriteToNetwork(d) if d[0] == 4
+        ));
+        // A session: nothing more is sent, and the retry is over.
+        assert_eq!(retry_at(&mut na, CONFIG_RETRY_AFTER[1], &mut buf), None);
+        assert!(na.config_retry.is_none());
+        drop(na);
+        // Without an answer, b sends again at each step and then leaves it to boringtun.
+        let mut nb = pb.noise.lock().unwrap();
+        nb.config_retry = Some((t0, 0));
+        let sent = CONFIG_RETRY_AFTER
+            .iter()
+            .filter(|at| retry_at(&mut nb, **at, &mut buf2).is_some())
+            .count();
+        assert_eq!(sent, CONFIG_RETRY_AFTER.len());
+        assert_eq!(retry_at(&mut nb, Duration::from_secs(60), &mut buf2), None);
+        assert!(nb.config_retry.is_none());
     }
 
     fn ipv4_packet() -> Vec<u8> {

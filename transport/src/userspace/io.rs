@@ -1105,6 +1105,13 @@ fn timers(
                         .fetch_add(KEEPALIVE_LEN as u64, Ordering::Relaxed);
                 }
             }
+            // A handshake configuration started and the peer has not answered: again, sooner
+            // than boringtun's 5 s (see `CONFIG_RETRY_AFTER`).
+            if let (Some(u), Some(ep)) = (&u, ep) {
+                if let Some(d) = noise.config_retry(now, &mut buf) {
+                    let _ = u.send(ep, d, None);
+                }
+            }
             if let Some((old, _)) = &mut noise.retiring {
                 // The retiring Tunn still answers keepalives for its sessions but never starts
                 // a handshake of its own.
