@@ -2323,3 +2323,111 @@ fn an_initiation_lost_to_a_peer_configured_just_after_is_sent_again_before_rekey
         since_first(answered)
     );
 }
+
+/// Scenario 34's WireGuard peer table, at runtime: a veil-wg device holds at most 8,192 peers
+/// (`veil_transport::uapi::MAX_PEERS`, as the agent's largest cluster needs). Filled to it
+/// through the UAPI (`wg addconf`, 8,191 peers beside the real one, without endpoints), one
+/// more peer is refused whole: `wg set` fails with ENOSPC (28), veil-wg logs the limit, no peer is
+/// added or lost, and the real peer's traffic flows both ways. A change to a peer it holds
+/// still applies while full; one filler removed, the refused peer goes in.
+#[test]
+fn a_full_peer_table_refuses_one_more_peer_and_keeps_the_others_working() {
+    const MAX: usize = veil_transport::uapi::MAX_PEERS;
+    let pair = Pair::up(Impl::VeilWg);
+    pair.wait_ping(Side::A, Duration::from_secs(10));
+    let ifname = pair.ifname(Side::A).to_string();
+    let peers = || {
+        pair.a
+            .ok(&["wg", "show", &ifname, "peers"])
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // Allowed IPs 198.19.128.0 up: configuration only, nothing is sent to them.
+    let filler_ip = |i: usize| format!("198.19.{}.{}/32", 128 + i / 256, i % 256);
+    let fillers: Vec<String> = (0..MAX - 1)
+        .map(|_| {
+            veil_transport::PrivateKey::generate()
+                .public_key()
+                .to_base64()
+        })
+        .collect();
+    let conf: String = fillers
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("[Peer]\nPublicKey = {k}\nAllowedIPs = {}\n\n", filler_ip(i)))
+        .collect();
+    let conf_path = pair.file("fillers.conf");
+    std::fs::write(&conf_path, conf).expect("write fillers.conf");
+    let t = Instant::now();
+    pair.a.ok(&["wg", "addconf", &ifname, &conf_path]);
+    let filled_in = t.elapsed();
+    assert_eq!(peers().len(), MAX, "the table is full");
+
+    // One more: refused whole, said, nothing else changed.
+    let extra = veil_transport::PrivateKey::generate()
+        .public_key()
+        .to_base64();
+    let extra_ip = filler_ip(MAX);
+    let refused = pair.a.exec(&[
+        "wg",
+        "set",
+        &ifname,
+        "peer",
+        &extra,
+        "allowed-ips",
+        &extra_ip,
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(!refused.status.success(), "an 8,193rd peer was accepted");
+    // ENOSPC (28); wireguard-tools prints a userspace device's errno as "Unknown error -28".
+    assert!(
+        stderr.contains("error -28") || stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+    let log = pair.veil.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("uapi") && l.contains(&MAX.to_string())),
+        "veil-wg did not log the limit:\n{log}"
+    );
+    let listed = peers();
+    assert_eq!(listed.len(), MAX);
+    assert!(!listed.contains(&extra));
+    assert!(listed.contains(&pair.pub_b));
+
+    // The real peer works both ways, and its PSK can still change while the table is full.
+    pair.wait_ping(Side::A, Duration::from_secs(5));
+    pair.wait_ping(Side::B, Duration::from_secs(5));
+    std::fs::write(pair.dir.0.join("psk2"), run_ok(&["wg", "genpsk"])).expect("psk2");
+    pair.configure(Side::B, "psk2");
+    pair.configure(Side::A, "psk2");
+    pair.tcp_transfer(Side::A, 1 << 20);
+
+    // Room made: the refused peer goes in.
+    pair.a
+        .ok(&["wg", "set", &ifname, "peer", &fillers[0], "remove"]);
+    pair.a.ok(&[
+        "wg",
+        "set",
+        &ifname,
+        "peer",
+        &extra,
+        "allowed-ips",
+        &extra_ip,
+    ]);
+    let listed = peers();
+    assert_eq!(listed.len(), MAX);
+    assert!(listed.contains(&extra) && !listed.contains(&fillers[0]));
+    let pid = pair.veil.child.id();
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    println!(
+        "veil-wg filled to {MAX} peers in {:.2} s (one wg addconf), resident {rss}; one more refused: {}",
+        filled_in.as_secs_f64(),
+        stderr.trim()
+    );
+}

@@ -694,17 +694,7 @@ mod tests {
                 .encapsulate(&ipv4_packet(), &mut buf),
             TunnResult::Done
         ));
-        let resp = match pb
-            .noise
-            .lock()
-            .unwrap()
-            .current
-            .tunn
-            .decapsulate(None, &init, &mut buf2)
-        {
-            TunnResult::WriteToNetwork(d) => d.to_vec(),
-            other => panic!("{other:?}"),
-        };
+        let resp = answer(&pb, &init, &mut buf2);
         // a consumes the response and flushes its queued packet.
         let mut na = pa.noise.lock().unwrap();
         let _ = na.current.tunn.decapsulate(None, &resp, &mut buf);
@@ -788,17 +778,7 @@ mod tests {
         assert_eq!((again.len(), again[0]), (148, 1), "a handshake initiation");
         assert_eq!(retry_at(&mut na, CONFIG_RETRY_AFTER[0], &mut buf), None);
         // The retry reaches b, configured by now: b answers, a's session comes up.
-        let resp = match pb
-            .noise
-            .lock()
-            .unwrap()
-            .current
-            .tunn
-            .decapsulate(None, &again, &mut buf2)
-        {
-            TunnResult::WriteToNetwork(d) => d.to_vec(),
-            other => panic!("b did not answer the retry: {other:?}"),
-        };
+        let resp = answer(&pb, &again, &mut buf2);
         assert!(matches!(
             na.current.tunn.decapsulate(None, &resp, &mut buf),
             TunnResult::WriteToNetwork(d) if d[0] == 4
@@ -817,6 +797,15 @@ mod tests {
         assert_eq!(sent, CONFIG_RETRY_AFTER.len());
         assert_eq!(retry_at(&mut nb, Duration::from_secs(60), &mut buf2), None);
         assert!(nb.config_retry.is_none());
+    }
+
+    /// The handshake response of `responder`'s current `Tunn` to `init`.
+    fn answer(responder: &Peer, init: &[u8], buf: &mut [u8]) -> Vec<u8> {
+        let mut n = responder.noise.lock().unwrap();
+        match n.current.tunn.decapsulate(None, init, buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("no handshake response: {other:?}"),
+        }
     }
 
     fn ipv4_packet() -> Vec<u8> {
