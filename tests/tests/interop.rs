@@ -2369,7 +2369,7 @@ fn a_full_peer_table_refuses_one_more_peer_and_keeps_the_others_working() {
         .public_key()
         .to_base64();
     let extra_ip = filler_ip(MAX);
-    let refused = pair.a.exec(&[
+    let add_extra = [
         "wg",
         "set",
         &ifname,
@@ -2377,7 +2377,8 @@ fn a_full_peer_table_refuses_one_more_peer_and_keeps_the_others_working() {
         &extra,
         "allowed-ips",
         &extra_ip,
-    ]);
+    ];
+    let refused = pair.a.exec(&add_extra);
     let stderr = String::from_utf8_lossy(&refused.stderr).to_string();
     assert!(!refused.status.success(), "an 8,193rd peer was accepted");
     // ENOSPC (28); wireguard-tools prints a userspace device's errno as "Unknown error -28".
@@ -2407,15 +2408,7 @@ fn a_full_peer_table_refuses_one_more_peer_and_keeps_the_others_working() {
     // Room made: the refused peer goes in.
     pair.a
         .ok(&["wg", "set", &ifname, "peer", &fillers[0], "remove"]);
-    pair.a.ok(&[
-        "wg",
-        "set",
-        &ifname,
-        "peer",
-        &extra,
-        "allowed-ips",
-        &extra_ip,
-    ]);
+    pair.a.ok(&add_extra);
     let listed = peers();
     assert_eq!(listed.len(), MAX);
     assert!(listed.contains(&extra) && !listed.contains(&fillers[0]));
