@@ -386,21 +386,11 @@ impl Device {
                         // (new PSK) handshakes.
                         let mut noise = p.noise.lock().expect("noise lock");
                         let mut fresh = new_noise();
-                        let sent = initiations.len();
                         let ep = requested.map(Endpoint::configured).or(p.route());
-                        if let Some(ep) = ep {
-                            let mut buf = vec![0u8; 256];
-                            if let TunnResult::WriteToNetwork(d) =
-                                fresh.tunn.format_handshake_initiation(&mut buf, false)
-                            {
-                                initiations.push((ep, d.to_vec()));
-                            }
-                        }
+                        noise.config_retry = first_initiation(&mut fresh, ep, &mut initiations);
                         let previous = std::mem::replace(&mut noise.current, fresh);
                         noise.retiring = Some((previous, Instant::now()));
                         noise.current_up_since = None;
-                        noise.config_retry =
-                            (initiations.len() > sent).then(|| (Instant::now(), 0));
                     }
                     if let Some(e) = requested {
                         p.set_endpoint(e);
@@ -410,19 +400,15 @@ impl Device {
                 }
                 _ => {
                     let mut noise = new_noise();
-                    let sent = initiations.len();
                     // A new peer with a known endpoint gets an initiation at once: after a
                     // veil-wg restart the peers still hold sessions this process forgot, and
                     // would otherwise keep sending into them until their own rekey timeout
                     // (about 15 s of one-way loss); it also saves the first packet a round trip.
-                    if let Some(ep) = pc.endpoint.map(Endpoint::configured) {
-                        let mut buf = vec![0u8; 256];
-                        if let TunnResult::WriteToNetwork(d) =
-                            noise.tunn.format_handshake_initiation(&mut buf, false)
-                        {
-                            initiations.push((ep, d.to_vec()));
-                        }
-                    }
+                    let config_retry = first_initiation(
+                        &mut noise,
+                        pc.endpoint.map(Endpoint::configured),
+                        &mut initiations,
+                    );
                     let peer_public = x25519::PublicKey::from(*pc.public_key.as_bytes());
                     Arc::new(Peer {
                         public_key: pc.public_key,
@@ -434,7 +420,7 @@ impl Device {
                             current_up_since: None,
                             latest_initiation: Tai64n::default(),
                             initiated_after_stale: None,
-                            config_retry: (initiations.len() > sent).then(|| (Instant::now(), 0)),
+                            config_retry,
                         }),
                         tx_bytes: AtomicU64::new(0),
                         rx_bytes: AtomicU64::new(0),
@@ -502,6 +488,24 @@ impl Device {
             peers,
         };
         (cfg, state)
+    }
+}
+
+/// The initiation a `Tunn` that configuration made sends at once to `ep` (none without one),
+/// added to `out`; returns its retry state ([`PeerNoise::config_retry`]).
+fn first_initiation(
+    noise: &mut Noise,
+    ep: Option<Endpoint>,
+    out: &mut Vec<(Endpoint, Vec<u8>)>,
+) -> Option<(Instant, usize)> {
+    let ep = ep?;
+    let mut buf = [0u8; 256];
+    match noise.tunn.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(d) => {
+            out.push((ep, d.to_vec()));
+            Some((Instant::now(), 0))
+        }
+        _ => None,
     }
 }
 
