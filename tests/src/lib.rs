@@ -53,6 +53,16 @@ pub fn require_lab_environment() {
 }
 
 /// A unique lab name: `t` + 7 hex digits (lab names are at most 8 characters).
+/// A `/proc/<pid>/status` field in kB (`VmRSS`, `VmHWM`, ...); None if the process or the
+/// field is gone.
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 pub fn unique_name() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()

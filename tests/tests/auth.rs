@@ -642,15 +642,10 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
     // node-b's agent's resident memory, now and at its peak (kB, /proc).
     let agent_b = st_b.agent.pid;
     let memory = |field: &str| -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{agent_b}/status"))
-            .expect("node-b's agent's /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in node-b's agent's status"))
+        veil_tests::proc_status_kb(agent_b, field)
+            .unwrap_or_else(|| panic!("no {field} in node-b's agent's /proc status"))
     };
-    let rss_before = memory("VmRSS:");
+    let rss_before = memory("VmRSS");
     let t = Instant::now();
     let held_a = attack(&netns_a, target, HALF_OPEN);
     let held_x = attack(&underlay, target, 200);
@@ -773,7 +768,7 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
     assert!(delta(|l| l.established) >= 1, "{after:?}");
     // Bounded memory: the pending connections are capped, so the flood costs node-b's agent
     // little (64 MiB would be 6.5 kB kept per connection).
-    let (rss_after, peak) = (memory("VmRSS:"), memory("VmHWM:"));
+    let (rss_after, peak) = (memory("VmRSS"), memory("VmHWM"));
     println!(
         "node-b's agent: {rss_before} kB resident before the attack, {rss_after} kB after, peak {peak} kB"
     );

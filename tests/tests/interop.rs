@@ -2413,13 +2413,9 @@ fn a_full_peer_table_refuses_one_more_peer_and_keeps_the_others_working() {
     assert_eq!(listed.len(), MAX);
     assert!(listed.contains(&extra) && !listed.contains(&fillers[0]));
     let pid = pair.veil.child.id();
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_string()))
-        .unwrap_or_default();
+    let rss = veil_tests::proc_status_kb(pid, "VmRSS").expect("veil-wg's VmRSS");
     println!(
-        "veil-wg filled to {MAX} peers in {:.2} s (one wg addconf), resident {rss}; one more refused: {}",
+        "veil-wg filled to {MAX} peers in {:.2} s (one wg addconf), resident {rss} kB; one more refused: {}",
         filled_in.as_secs_f64(),
         stderr.trim()
     );

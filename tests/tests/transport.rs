@@ -1271,14 +1271,7 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
     // must not stay (scenario 28, "no state allocated"). Its buffers are sized at start; a
     // first round warms whatever paths the later ones take.
     let wg_pid = pid_before.unwrap();
-    let rss_kib = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{wg_pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS")
-    };
+    let rss_kib = || veil_tests::proc_status_kb(wg_pid as u32, "VmRSS").expect("veil-wg's VmRSS");
     let tunnel_drops = || lab.status("node-a").tunnel_drops;
     let drops0 = tunnel_drops();
     ip_netns(&b_ns, &["python3", "-c", HOSTILE_UDP, &a_ip, "300"]);
