@@ -150,13 +150,37 @@ fn classify(frame: &[u8]) -> Class {
             let dst_link_mcast = frame[38] == 0xff && frame[39] & 0x0f == 0x02;
             let dst_link = frame[38] == 0xfe && frame[39] & 0xc0 == 0x80;
             // ICMPv6 (ND) or hop-by-hop (MLD) kept to the link.
-            if (next == 58 || next == 0)
-                && (src_link || src_unspecified)
-                && (dst_link_mcast || dst_link)
+            let l4 = &frame[54..];
+            // Neighbour discovery (router and neighbour solicitations and advertisements,
+            // redirects: ICMPv6 133-137, hop limit 255 so never routed) between the nodes'
+            // IPv6 underlay addresses, which it resolves from those global addresses.
+            let neighbour_discovery =
+                next == 58 && frame[21] == 255 && (133..=137).contains(&l4[0]);
+            if neighbour_discovery
+                || ((next == 58 || next == 0)
+                    && (src_link || src_unspecified)
+                    && (dst_link_mcast || dst_link))
             {
                 Class::LinkLocal
             } else {
-                Class::Other
+                // An IPv6 underlay: WireGuard, the control channel and the nodes' TLS to the
+                // spire-server as over IPv4 (no extension headers: anything else is counted as
+                // plaintext).
+                let sport = u16::from_be_bytes([l4[0], l4[1]]);
+                let dport = u16::from_be_bytes([l4[2], l4[3]]);
+                let (src, dst) = (&frame[22..38], &frame[38..54]);
+                let spire = crate::lab::spire_real::SERVER_ADDR6.octets();
+                let spire_port = crate::lab::spire_real::SERVER_PORT;
+                match next {
+                    17 if sport == WG_PORT || dport == WG_PORT => Class::Wireguard,
+                    6 if sport == CONTROL_PORT || dport == CONTROL_PORT => Class::Control,
+                    6 if (src == spire && sport == spire_port)
+                        || (dst == spire && dport == spire_port) =>
+                    {
+                        Class::Identity
+                    }
+                    _ => Class::Other,
+                }
             }
         }
         0x0800 if frame.len() >= 34 => {
@@ -314,7 +338,7 @@ pub fn run(spec: &spec::LabSpec, paths: &LabPaths) -> Result<Report, Error> {
             src.qualified_name(),
             dst.qualified_name()
         ));
-        let (t, s, r) = send_markers(&src.netns, &dst.netns, dst.ip.into(), marker.as_bytes())?;
+        let (t, s, r) = send_markers(&src.netns, &dst.netns, dst.ip, marker.as_bytes())?;
         tcp_round_trips += t;
         udp_sent += s;
         udp_received += r;
@@ -335,7 +359,7 @@ pub fn run(spec: &spec::LabSpec, paths: &LabPaths) -> Result<Report, Error> {
     // markers between the first two nodes' addresses (host network).
     if let (true, [a, b, ..]) = (spec.node_encryption, spec.nodes.as_slice()) {
         names.push(format!("node {} -> node {}", a.name, b.name));
-        let (t, s, r) = send_markers(&a.netns, &b.netns, b.underlay_ip.into(), marker.as_bytes())?;
+        let (t, s, r) = send_markers(&a.netns, &b.netns, b.underlay_ip, marker.as_bytes())?;
         tcp_round_trips += t;
         udp_sent += s;
         udp_received += r;
@@ -542,7 +566,7 @@ mod tests {
         api_to[30..34].copy_from_slice(&[198, 18, 0, 253]);
         let mut api_other_port = ipv4(6, 40000, 8080, b"x");
         api_other_port[30..34].copy_from_slice(&[198, 18, 0, 253]);
-        let ipv6 = |src: [u8; 2], dst: [u8; 2], next: u8| {
+        let ipv6_l4 = |src: [u8; 2], dst: [u8; 2], next: u8, l4: [u8; 8]| {
             let mut f = vec![0u8; 12];
             f.extend_from_slice(&[0x86, 0xdd]);
             let mut ip = vec![0x60, 0, 0, 0, 0, 8, next, 255];
@@ -554,10 +578,23 @@ mod tests {
             b[..2].copy_from_slice(&dst);
             b[15] = 2;
             ip.extend_from_slice(&b);
-            ip.extend_from_slice(&[0; 8]);
+            ip.extend_from_slice(&l4);
             f.extend(ip);
             f
         };
+        let ipv6 = |src, dst, next| ipv6_l4(src, dst, next, [0; 8]);
+        let ports = |sport: u16, dport: u16| {
+            let mut l4 = [0u8; 8];
+            l4[..2].copy_from_slice(&sport.to_be_bytes());
+            l4[2..4].copy_from_slice(&dport.to_be_bytes());
+            l4
+        };
+        // Neighbour solicitation between two IPv6 underlay addresses (hop limit 255); the same
+        // ICMPv6 type with another hop limit was routed, so it is not kept to the link.
+        let ula = [0xfd, 0x00];
+        let solicitation = ipv6_l4(ula, ula, 58, [135, 0, 0, 0, 0, 0, 0, 0]);
+        let mut routed_solicitation = solicitation.clone();
+        routed_solicitation[21] = 64;
         let data = pcap(&[
             ipv4(17, WG_PORT, WG_PORT, b"\x04encrypted"),
             ipv4(6, 40000, CONTROL_PORT, b"tls"),
@@ -574,19 +611,24 @@ mod tests {
             ipv6([0xfe, 0x80], [0xfe, 0x80], 58),
             ipv6([0xfd, 0x00], [0xfd, 0x00], 58),
             ipv6([0xfe, 0x80], [0xff, 0x02], 6),
+            solicitation,
+            routed_solicitation,
+            ipv6_l4(ula, ula, 17, ports(WG_PORT, WG_PORT)),
+            ipv6_l4(ula, ula, 6, ports(40000, CONTROL_PORT)),
+            ipv6_l4(ula, ula, 6, ports(40000, 8080)),
         ]);
         let st = analyse_pcap(&data, b"VEIL-LEAK-MARKER-1").unwrap();
         assert_eq!(
             st,
             CaptureStats {
-                packets: 15,
-                wireguard: 1,
-                control: 1,
+                packets: 20,
+                wireguard: 2,
+                control: 2,
                 identity: 2,
                 kube_api: 1,
                 arp: 1,
-                link_local: 3,
-                plaintext: 6,
+                link_local: 4,
+                plaintext: 8,
                 marker_hits: 1
             }
         );

@@ -231,7 +231,8 @@ enum LabCommand {
         /// Default: the lab file's `node_encryption:`, else off.
         #[arg(long)]
         node_encryption: Option<spec::OnOff>,
-        /// ipv4|dual: the pods' address families (dual: an IPv4 and an IPv6 address each).
+        /// ipv4|ipv6|dual: the pods' address families (dual: an IPv4 and an IPv6 address
+        /// each; ipv6: only IPv6, over an IPv6 underlay, with `--control-plane files`).
         /// Default: the lab file's `ip_family:`, else dual where the pod MTU is at least 1280
         /// (IPv6's minimum), ipv4 below that.
         #[arg(long)]

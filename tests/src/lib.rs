@@ -365,6 +365,11 @@ impl Lab {
         self.pod(pod).ip.clone()
     }
 
+    /// `http://<pod's first address>:<port>/`, an IPv6 address in brackets.
+    pub fn pod_url(&self, pod: &str, port: u16) -> String {
+        http_url(&self.pod_ip(pod), port)
+    }
+
     /// A dual-stack pod's IPv6 address (the second of its `ips`).
     pub fn pod_ip6(&self, pod: &str) -> String {
         let p = self.pod(pod);
@@ -544,8 +549,9 @@ impl Lab {
     pub fn up_with_auth_policy(yaml: &str, extra: &[&str]) -> Lab {
         let lab = Lab::up_with_file(yaml, extra);
         lab.apply_policy_ok(AUTH_POLICY);
-        let url = format!("http://{}:8080/", lab.pod_ip("backend"));
-        assert!(lab.try_get("frontend", &url).is_ok());
+        assert!(lab
+            .try_get("frontend", &lab.pod_url("backend", 8080))
+            .is_ok());
         lab
     }
 
@@ -1086,6 +1092,15 @@ pub fn link_mtu(netns: &str, dev: &str) -> u32 {
 }
 
 /// The wall clock as time since the Unix epoch (what status timestamps are compared with).
+/// `http://<ip>:<port>/`, an IPv6 address in brackets.
+pub fn http_url(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("http://[{ip}]:{port}/")
+    } else {
+        format!("http://{ip}:{port}/")
+    }
+}
+
 pub fn since_epoch() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

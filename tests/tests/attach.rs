@@ -69,7 +69,7 @@ fn clsact_mode_enforces_policy_and_survives_an_agent_restart() {
         "{before:?}"
     );
 
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     lab.apply_policy_ok(POLICY);
     assert!(lab.try_get("intruder", &url).is_err(), "intruder admitted");

@@ -18,7 +18,7 @@ use veil_tests::{
 };
 
 fn url(lab: &Lab) -> String {
-    format!("http://{}:8080/", lab.pod_ip("backend"))
+    lab.pod_url("backend", 8080)
 }
 
 /// `nstat`'s absolute SYN retransmission count in a pod's network namespace.
@@ -265,7 +265,7 @@ fn node_from_another_trust_domain_cannot_peer() {
     );
 
     // No traffic either way; the drop carries the reason of the refused handshake.
-    let stranger = format!("http://{}:8080/", lab.pod_ip("stranger"));
+    let stranger = lab.pod_url("stranger", 8080);
     assert!(lab.try_get("frontend", &stranger).is_err());
     assert!(lab.try_get("stranger", &url(&lab)).is_err());
     let drops = lab.observe(&["--node", "node-a", "--verdict", "DROPPED"]);

@@ -424,7 +424,7 @@ impl DeniedOutcome {
 fn up_with_auth_policy(extra: &[&str]) -> Lab {
     let lab = Lab::up_with_file(ECHO_LAB, extra);
     lab.apply_policy_ok(AUTH_POLICY);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     lab.wait_for(
         "frontend admitted to backend under the auth policy",
         Duration::from_secs(10),
@@ -976,7 +976,7 @@ fn spire_agent_kill_under_load_serves_cached_svids_and_is_restarted() {
         || (serial(&lab, "node-a", &frontend_id)? != current).then_some(()),
     );
     let rotated = t_rotate.elapsed();
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     lab.wait_for(
         "frontend admitted with its rotated SVID",
         Duration::from_secs(10),
@@ -1231,7 +1231,7 @@ fn rollout_step(lab: &Lab, versions: &Versions, node: &str, to: Version, tok: &s
     let wg_after = lab.wg_pid(node).expect("a new veil-wg runs");
     assert_ne!(wg_after, wg_before, "{node}'s veil-wg was not restarted");
     assert_eq!(versions.of(wg_after as u32), to, "{node}'s veil-wg");
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     lab.wait_for(
         "a new connection frontend -> backend",
         Duration::from_secs(10),

@@ -936,7 +936,7 @@ fn a_kubernetes_lab_rides_out_an_apiserver_restart_and_an_etcd_stop() {
                             "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"},
                                                    {"port": "9000", "protocol": "ANY"}]}]}]}}"#;
     apply_enforced(&lab, policy, "backend-from-frontend");
-    let backend = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let backend = lab.pod_url("backend", 8080);
     assert!(curl(&lab, "intruder", &backend).is_err());
     let agents: Vec<u32> = ["node-a", "node-b"]
         .iter()
@@ -1256,7 +1256,7 @@ fn pinned_keys(lab: &Lab, node: &str, name: &str) -> Vec<serde_json::Value> {
 fn a_full_node_table_refuses_new_nodes_and_keeps_known_ones() {
     let lab = Lab::up_with_file(SMALL_NODE_TABLE_LAB, &[]);
     assert_eq!(node_table_fill(&lab, "node-b"), (2, 3));
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     curl(&lab, "frontend", &url).expect("frontend served before");
 
     add_simulated_node(&lab, "sim-1", "198.19.61.0/24", "198.18.0.61");

@@ -55,7 +55,7 @@ fn cross_node_http_through_attached_programs() {
         );
     }
 
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     let body = lab.http_get("frontend", &url);
     assert_eq!(body, "hello from shop/backend\n");
 
@@ -105,7 +105,7 @@ fn two_labs_run_side_by_side() {
     // lab would come back with the other lab's body.
     assert_eq!(a.pod_ip("backend"), b.pod_ip("backend"));
     assert_eq!(a.pod_ip("frontend"), b.pod_ip("frontend"));
-    let url = format!("http://{}:8080/", a.pod_ip("backend"));
+    let url = a.pod_url("backend", 8080);
     for _ in 0..3 {
         assert_eq!(a.http_get("frontend", &url), "hello from shop/backend\n");
         assert_eq!(b.http_get("frontend", &url), "hello from other/backend\n");
@@ -270,7 +270,7 @@ fn up_never_takes_over_a_namespace_it_did_not_create() {
 #[test]
 fn agent_restart_readopts_pinned_maps_and_links() {
     let lab = Lab::up(&[]);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     lab.http_get("frontend", &url);
     let before = lab.status("node-a");
     let packets = pod_packets(&before, "shop/frontend");

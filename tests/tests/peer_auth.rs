@@ -61,7 +61,7 @@ fn time_to_peer_removal(lab: &Lab, timeout: Duration, since: Instant, cause: &st
 #[test]
 fn frozen_peer_agent_loses_its_tunnel_keys_within_the_key_lifetime() {
     let lab = Lab::up_with_file(LAB, &[]);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     wait_a_peers_b(
         &lab,
@@ -119,7 +119,7 @@ fn a_peer_of_a_revoked_ca_loses_its_keys_when_the_bundle_changes() {
     // the next renewal, so this stays on dev. SPIRE's own behaviour is
     // spire::spire_svids_of_a_revoked_authority_are_refused.
     let lab = Lab::up_with_file("identity: dev\nsvid_ttl: 1h\npsk_rotation: 60s\n", &[]);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     wait_a_peers_b(&lab, "node-a to peer node-b", Duration::from_secs(20), true);
     let thaw = Frozen::agent_of(&lab, "node-b");
@@ -188,7 +188,7 @@ fn a_node_claiming_another_nodes_wireguard_key_is_refused() {
          - {name: other, namespace: shop, node: node-c, labels: {app: other}}\n",
         &[],
     );
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     let a = lab.status("node-a");
     let a_key = a.public_key.clone().expect("node-a's key");
@@ -397,7 +397,7 @@ const SOON: Duration = Duration::from_secs(10);
 /// control channel must follow); then neither agent restarted and each moved node's agent
 /// logged its move.
 fn node_moves_are_followed(lab: &Lab, moves: &[(&str, &str, &str, Move, Duration)]) {
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     let agents = |lab: &Lab| {
         (
             lab.status("node-a").agent.pid,

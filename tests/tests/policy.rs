@@ -34,8 +34,8 @@ fn dropped_flow<'a>(drops: &'a [serde_json::Value], src: &str, dst: &str) -> &'a
 #[test]
 fn ingress_and_egress_policy_admit_frontend_and_drop_intruder_with_reason() {
     let lab = Lab::up_with_file(INTRUDER_SERVES_LAB, &[]);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
-    let intruder_url = format!("http://{}:9999/", lab.pod_ip("intruder"));
+    let url = lab.pod_url("backend", 8080);
+    let intruder_url = lab.pod_url("intruder", 9999);
     assert!(
         lab.try_get("intruder", &url).is_ok(),
         "no policy yet: everything is allowed"
@@ -165,7 +165,7 @@ fn bad_l7_rules_are_refused_and_the_previous_policy_stays() {
     );
     let after = lab.status("node-b").policy;
     assert_eq!(before, after, "a refused policy changed what is in force");
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     assert!(lab.try_get("intruder", &url).is_err());
     assert!(lab.try_get("frontend", &url).is_ok());
 }
@@ -173,7 +173,7 @@ fn bad_l7_rules_are_refused_and_the_previous_policy_stays() {
 #[test]
 fn audit_mode_passes_and_reports() {
     let lab = Lab::up(&[]);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     // Per policy.
     let audit = INGRESS.replace(
         "  namespace: shop\n",
@@ -292,7 +292,7 @@ fn policy_updates_lose_nothing_on_allowed_streams_and_cut_denied_ones() {
 fn flow_log_survives_agent_restart_and_metrics_count() {
     let lab = Lab::up(&[]);
     lab.apply_policy_ok(INGRESS);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     let _ = lab.try_get("intruder", &url);
     let before = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
     assert!(!before.is_empty());
@@ -368,7 +368,7 @@ fn every_port(direction: &str, peers: &str) -> String {
 #[test]
 fn a_large_policy_replaces_another_of_other_keys_through_a_full_slot() {
     let lab = Lab::up(&[]);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     let only_8080 = "  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    \
                      toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n";
     let policies = [

@@ -21,7 +21,7 @@ const LOOK_ALIKE_LAB: &str = "pods:\n\
 fn revocation_holds_when_another_pod_shares_the_labels() {
     let lab = Lab::up_with_file(LOOK_ALIKE_LAB, &[]);
     lab.apply_policy_ok(AUTH_POLICY);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     for pod in ["frontend", "look-alike"] {
         assert_eq!(
             lab.try_get(pod, &url).as_deref(),
@@ -76,7 +76,7 @@ fn revocation_holds_when_another_pod_shares_the_labels() {
 #[test]
 fn the_node_reaches_its_local_pods_with_and_without_policy() {
     let lab = Lab::up(&[]);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     let from_node = || {
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &lab.node_netns("node-b")])

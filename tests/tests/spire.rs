@@ -24,7 +24,7 @@ pods:\n\
 - {name: intruder, namespace: shop, node: node-a, labels: {app: intruder}}\n";
 
 fn url(lab: &Lab) -> String {
-    format!("http://{}:8080/", lab.pod_ip("backend"))
+    lab.pod_url("backend", 8080)
 }
 
 /// `"<numeric identity> ("`, how auth pairs name frontend's identity.

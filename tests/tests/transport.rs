@@ -7,10 +7,11 @@ use veil_tests::{
     contains, ip_netns, ipv4_frames, link_mtu, rand_suffix, veil, veil_ok, Lab, Streaming, ECHO_LAB,
 };
 
-/// Sends a unique marker from frontend to backend over TCP (HTTP path and header) and UDP.
+/// Sends a unique marker from frontend to backend over TCP (HTTP path and header) and UDP, to
+/// backend's first address (IPv6 in an IPv6-only lab).
 fn send_marker(lab: &Lab, marker: &str) {
     let be = lab.pod_ip("backend");
-    let body = lab.get_with_marker("frontend", &format!("http://{be}:8080/"), marker);
+    let body = lab.get_with_marker("frontend", &lab.pod_url("backend", 8080), marker);
     assert_eq!(body, "hello from shop/backend\n");
     lab.exec_ok(
         "frontend",
@@ -71,16 +72,25 @@ fn assert_no_probe_loss(lab: &Lab, be: &str) -> (usize, usize) {
 /// Node-to-node packets that are not UDP between node IPs on the WireGuard port, nor the
 /// agents' TLS control channel (port 4250), nor a node's TLS to the lab's spire-server (SPIRE
 /// labs), nor link-local control the kernel sends by itself (ARP, IGMP, IPv6 neighbour
-/// discovery / MLD from fe80::).
+/// discovery / MLD from fe80::, and neighbour discovery between an IPv6 underlay's addresses).
 fn non_wireguard(lines: &[String]) -> Vec<&String> {
-    use veil_agent::lab::spire_real::{SERVER_IP, SERVER_PORT};
-    let spire = format!("{SERVER_IP}.{SERVER_PORT}");
+    use veil_agent::lab::spire_real::{SERVER_IP, SERVER_IP6, SERVER_PORT};
+    let spire = [SERVER_IP, SERVER_IP6].map(|ip| format!("{ip}.{SERVER_PORT}"));
+    let to_spire = |l: &String| {
+        spire
+            .iter()
+            .any(|s| l.contains(&format!(" > {s}: ")) || l.contains(&format!(" {s} > ")))
+    };
     lines
         .iter()
-        .filter(|l| !(l.contains(&format!(" > {spire}: ")) || l.contains(&format!(" {spire} > "))))
+        .filter(|l| !to_spire(l))
         .filter(|l| !l.contains(" ARP, "))
         .filter(|l| !l.contains(": igmp "))
         .filter(|l| !(l.contains(" IP6 fe80:") || l.contains(" IP6 :: >")))
+        .filter(|l| {
+            !(l.contains(": ICMP6, neighbor solicitation")
+                || l.contains(": ICMP6, neighbor advertisement"))
+        })
         .filter(|l| !(l.contains(".4250 > ") || l.contains(".4250: ")))
         .filter(|l| !(l.contains(".51820 > ") && l.contains(".51820: UDP")))
         .collect()
@@ -243,6 +253,132 @@ fn dual_stack_ipv6_between_pods_crosses_only_encrypted_and_under_policy() {
         .unwrap_or_else(|| panic!("no IPv6 drop from intruder: {drops:#?}"));
     assert_eq!(denied["drop_reason"], "policy-denied");
     lab.expect_drops(&["policy-denied"]);
+}
+
+/// IPv6 only (`--ip-family ipv6`), on real SPIRE: pods have only IPv6 addresses, the nodes'
+/// underlay addresses are IPv6, and WireGuard, the control channel and the spire-agents' TLS to
+/// the spire-server cross an IPv6 underlay. The same
+/// marker, probes and 4 MiB transfer as the IPv4 pair cross only inside WireGuard over IPv6;
+/// `veil check` agrees; policy holds. Its plaintext half is
+/// `ipv6_only_leak_pair_plaintext_shows_marker`.
+#[test]
+fn ipv6_only_lab_crosses_an_ipv6_underlay_only_encrypted_and_under_policy() {
+    let lab = Lab::up(&["--ip-family", "ipv6", "--identity", "spire"]);
+    assert_eq!(lab.view.ip_family, "ipv6");
+    assert!(
+        lab.status("node-a")
+            .svids
+            .iter()
+            .any(|s| s.spiffe_id.ends_with("/veil/node/node-a")),
+        "node-a's agent has no node SVID from SPIRE over IPv6"
+    );
+    let (a, b) = ("fd00:198:18::1", "fd00:198:18::2");
+    assert_eq!(lab.node("node-b").underlay_ip, b);
+    assert_eq!(lab.node("node-b").pod_cidrs, ["fd00:198:19:2::/64"]);
+    let be = lab.pod_ip("backend");
+    assert_eq!(lab.pod("backend").ips, std::slice::from_ref(&be));
+    assert!(be.starts_with("fd00:198:19:2::"), "{be}");
+    // No IPv4 on a pod: its only IPv4 address is loopback's.
+    let v4 = lab.exec_ok(
+        "frontend",
+        &["ip", "-4", "-o", "addr", "show", "scope", "global"],
+    );
+    assert!(v4.trim().is_empty(), "frontend has IPv4 addresses: {v4}");
+    // The peer's endpoint and the control channel are on the IPv6 underlay.
+    let st = lab.wait_for(
+        "node-a's channel to node-b",
+        Duration::from_secs(10),
+        || {
+            let st = lab.status("node-a");
+            st.channels.iter().any(|c| c.node == "node-b").then_some(st)
+        },
+    );
+    assert_eq!(
+        st.peers[0].endpoint.as_deref(),
+        Some("[fd00:198:18::2]:51820")
+    );
+    assert_eq!(st.peers[0].allowed_ips, ["fd00:198:19:2::/64"]);
+    let tx = st.peers[0].tx_bytes;
+
+    let marker = format!("VEIL-E2E-V6ONLY-MARKER-{}", rand_suffix());
+    let cap = lab.capture_underlay();
+    send_marker(&lab, &marker);
+    let (pings, udp) = assert_no_probe_loss(&lab, &be);
+    let bulk: u64 = 4 << 20;
+    send_file_to_backend(&lab, &be, bulk);
+    let (raw, lines) = cap.stop_decoded();
+    assert!(
+        !contains(&raw, marker.as_bytes()),
+        "the marker crossed the underlay in clear"
+    );
+    assert_only_wireguard(&lines, &[(a, b, 5), (b, a, 5)]);
+    assert!(
+        lab.status("node-a").peers[0].tx_bytes > tx + bulk,
+        "the transfer did not go through node-a's tunnel"
+    );
+    println!("IPv6 only: {pings} pings and {udp} UDP probes answered, 0 lost; {bulk} bytes exact");
+
+    let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "veil check failed on an IPv6-only lab: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["capture"]["marker_hits"], 0);
+    assert_eq!(report["capture"]["plaintext"], 0);
+    assert!(report["capture"]["wireguard"].as_u64().unwrap() > 0);
+
+    // Policy over IPv6 only: backend admits frontend on 8080, not intruder.
+    lab.apply_policy_ok(include_str!("../../examples/policies/backend-ingress.yaml"));
+    let url = lab.pod_url("backend", 8080);
+    assert_eq!(
+        lab.try_get("frontend", &url).unwrap(),
+        "hello from shop/backend\n"
+    );
+    assert!(
+        lab.try_get("intruder", &url).is_err(),
+        "intruder reached backend through the policy"
+    );
+    let drops = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
+    let denied = drops
+        .iter()
+        .find(|f| f["src"]["pod"] == "intruder" && f["dst"]["ip"] == be.as_str())
+        .unwrap_or_else(|| panic!("no drop from intruder: {drops:#?}"));
+    assert_eq!(denied["drop_reason"], "policy-denied");
+    lab.expect_drops(&["policy-denied"]);
+}
+
+/// The IPv6-only lab with encryption off: the same capture sees the marker over the IPv6
+/// underlay, and `veil check` fails.
+#[test]
+fn ipv6_only_leak_pair_plaintext_shows_marker() {
+    let lab = Lab::up(&[
+        "--ip-family",
+        "ipv6",
+        "--identity",
+        "dev",
+        "--encryption",
+        "off",
+    ]);
+    let marker = format!("VEIL-E2E-V6ONLY-MARKER-{}", rand_suffix());
+    let cap = lab.capture_underlay();
+    send_marker(&lab, &marker);
+    let (raw, lines) = cap.stop_decoded();
+    assert!(
+        contains(&raw, marker.as_bytes()),
+        "the capture did not see the marker: {lines:#?}"
+    );
+    assert!(
+        non_wireguard(&lines)
+            .iter()
+            .any(|l| l.contains(" IP6 fd00:198:19:1::10.")),
+        "no IPv6 pod packet in clear: {lines:#?}"
+    );
+    let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "veil check must fail in clear");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["capture"]["marker_hits"].as_u64().unwrap() > 0);
 }
 
 #[test]
@@ -423,7 +559,7 @@ mac = fcntl.ioctl(s.fileno(), 0x8927, struct.pack("256s", b"eth0"))[18:24]  # SI
 #[test]
 fn strict_mode_drops_without_key_and_recovers() {
     let lab = Lab::up(&[]);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     let before = lab.drop_count("node-a", "no-key");
     veil_ok(&[
@@ -1114,7 +1250,7 @@ fn bad_uapi_requests_are_refused_and_change_nothing(lab: &Lab) {
     assert_eq!(pid, wg_pid, "veil-wg was replaced");
     assert_eq!(lab.status("node-a").tunnel_restarts.total, restarts);
     let tx = lab.status("node-a").peers[0].tx_bytes;
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     assert!(
         lab.status("node-a").peers[0].tx_bytes > tx,
@@ -1161,7 +1297,7 @@ fn kernel_wireguard_carries_pods_and_interoperates_with_veil_wg() {
     }
     let lab = Lab::up(&["--backend", "kernel"]);
     assert_eq!(lab.status("node-a").backend, "kernel");
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     drop(lab);
 
@@ -1557,7 +1693,7 @@ fn veil_wg_killed_or_hung_is_restarted_counted_and_traffic_resumes() {
 fn slow_uapi_clients_do_not_get_veil_wg_restarted() {
     use std::io::Write as _;
     let lab = Lab::up(&[]);
-    let url = format!("http://{}:8080/", lab.pod_ip("backend"));
+    let url = lab.pod_url("backend", 8080);
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     let sock = uapi_socket(&lab, "node-a");
     let start = std::time::Instant::now();

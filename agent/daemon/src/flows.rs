@@ -691,7 +691,7 @@ mod tests {
             name: name.into(),
             namespace: "shop".into(),
             node: "node-a".into(),
-            ip: Ipv4Addr::from(ip),
+            ip: Ipv4Addr::from(ip).into(),
             ipv6: None,
             labels: BTreeMap::from([("app".into(), name.into())]).into(),
             service_account: name.into(),

@@ -565,7 +565,7 @@ mod tests {
             name: name.into(),
             namespace: "shop".into(),
             node: node.into(),
-            ip: Ipv4Addr::from(ip),
+            ip: Ipv4Addr::from(ip).into(),
             ipv6: Some(Ipv6Addr::new(
                 0xfd00,
                 0x198,
@@ -584,7 +584,7 @@ mod tests {
         let node = |name: &str, id: u32| Node {
             name: name.into(),
             id,
-            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
+            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8).into(),
             pod_cidr: String::new(),
             pod_cidr_v6: None,
             wg_public_key: None,

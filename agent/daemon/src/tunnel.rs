@@ -518,11 +518,17 @@ impl NodeTunnel {
     fn route_pod_cidrs(&mut self, cluster: &ClusterState, me: &str) -> Result<(), Error> {
         let (mut v4, mut v6) = (BTreeSet::new(), BTreeSet::new());
         for n in cluster.nodes.iter().filter(|n| n.name != me) {
-            v4.insert(n.pod_cidr.as_str());
-            v6.extend(n.pod_cidr_v6.as_deref());
+            for c in n.pod_cidrs() {
+                match crate::cluster::parse_cidr(c) {
+                    Some((std::net::IpAddr::V4(_), _)) => v4.insert(c),
+                    _ => v6.insert(c),
+                };
+            }
         }
         let dev = self.device.interface().to_string();
-        routes_into(&dev, "-4", &v4)?;
+        if !v4.is_empty() {
+            routes_into(&dev, "-4", &v4)?;
+        }
         if !v6.is_empty() {
             match routes_into(&dev, "-6", &v6) {
                 Err(e) if !self.v6_route_failed => {
@@ -535,7 +541,8 @@ impl NodeTunnel {
         Ok(())
     }
 
-    /// Node encryption: the other nodes' addresses keep their route (the datapath steers their
+    /// Node encryption (IPv4 node addresses: the datapath steers IPv4 only): the other nodes'
+    /// addresses keep their route (the datapath steers their
     /// traffic into the tunnel at the underlay's egress), with an advertised MSS that fits the
     /// tunnel, so TCP between nodes never sends a segment the tunnel cannot carry. The MTU of
     /// the route stays the underlay's: WireGuard's own datagrams to the same address need it.
@@ -545,7 +552,10 @@ impl NodeTunnel {
             .nodes
             .iter()
             .filter(|n| n.name != me)
-            .map(|n| n.underlay_ip)
+            .filter_map(|n| match n.underlay_ip {
+                std::net::IpAddr::V4(a) => Some(a),
+                std::net::IpAddr::V6(_) => None,
+            })
             .collect();
         // Once per node (the reconcile runs on every cluster change): a node already routed
         // keeps its route; a failed one is retried at the next reconcile.
@@ -694,8 +704,8 @@ fn plan_peers(input: &PlanInput<'_>) -> PeerPlan {
                 .as_deref()
                 .and_then(|c| c.parse::<IpPrefix>().ok()),
         );
-        if input.node_encryption {
-            allowed_ips.extend(IpPrefix::new(n.underlay_ip.into(), 32).ok());
+        if input.node_encryption && n.underlay_ip.is_ipv4() {
+            allowed_ips.extend(IpPrefix::new(n.underlay_ip, 32).ok());
         }
         claims.push((
             key,
@@ -837,7 +847,7 @@ mod tests {
         cluster::Node {
             name: name.into(),
             id: u32::from(id),
-            underlay_ip: std::net::Ipv4Addr::new(198, 18, 0, id),
+            underlay_ip: std::net::Ipv4Addr::new(198, 18, 0, id).into(),
             pod_cidr: format!("198.19.{id}.0/24"),
             pod_cidr_v6: None,
             wg_public_key: published.map(|k| k.to_base64()),

@@ -670,7 +670,10 @@ fn name_of(p: &Pod) -> String {
 /// A dual-stack node's configuration adds its IPv6 pod CIDR as a second range (one address of
 /// each family per pod) and the IPv6 gateway as `gateway6`.
 pub fn cni_config(spec: &LabSpec, paths: &LabPaths, node: &NodeSpec) -> String {
-    let gw = spec.pod_gateway(node);
+    // `resolve` runs an IPv6-only lab on files only: a Kubernetes lab's pods have IPv4.
+    let gw = spec
+        .pod_gateway(node)
+        .expect("a Kubernetes lab has IPv4 pods");
     let mut ranges =
         vec![serde_json::json!([{"subnet": node.pod_cidr, "gateway": gw.to_string()}])];
     let mut config = serde_json::json!({

@@ -17,6 +17,7 @@ pub mod supervisor;
 
 use std::{
     io::Write as _,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -298,7 +299,7 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
         underlay: UnderlayView {
             netns: spec::underlay_netns(&spec.name),
             bridge: spec::bridge_name(&spec.name),
-            cidr: "198.18.0.0/24".into(),
+            cidr: spec.underlay_cidr().into(),
         },
         nodes: spec
             .nodes
@@ -517,10 +518,12 @@ pub fn cluster_service(svc: &spec::ServiceSpec, pods: &[cluster::Pod]) -> cluste
         backends: pods
             .iter()
             .filter(|p| svc.selects(&p.namespace, &p.labels))
-            .map(|p| cluster::ServiceBackend {
-                pod: format!("{}/{}", p.namespace, p.name),
-                ip: p.ip,
-                ready: true,
+            .filter_map(|p| {
+                Some(cluster::ServiceBackend {
+                    pod: format!("{}/{}", p.namespace, p.name),
+                    ip: p.ipv4()?,
+                    ready: true,
+                })
             })
             .collect(),
     }
@@ -972,37 +975,55 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
     for n in &spec.nodes {
         ul_cmds.push(format!("link set {} master {br} up", n.bridge_port));
     }
+    let v6_underlay = spec.ip_family.v6_underlay();
     if spec.identity == spec::IdentityProvider::Spire {
         // The spire-server listens here; the nodes reach it over the underlay.
-        ul_cmds.push(format!("addr add {}/24 dev {br}", spire_real::SERVER_IP));
+        let ip = spire_real::server_ip(spec);
+        ul_cmds.push(if v6_underlay {
+            format!("addr add {ip}/64 dev {br} nodad")
+        } else {
+            format!("addr add {ip}/24 dev {br}")
+        });
     }
     if spec.control_plane == spec::ControlPlane::Kubernetes {
         // The kube-apiserver listens here; agents reach it over the underlay.
         ul_cmds.push(format!("addr add {}/24 dev {br}", kube::API_IP));
     }
     sys::ip_batch(Some(&ul), &ul_cmds)?;
-    sysctl_in(
-        &ul,
-        &[
-            ("net.ipv6.conf.all.disable_ipv6", "1"),
-            ("net.ipv6.conf.default.disable_ipv6", "1"),
-        ],
-    )?;
-    progress.step(format!("underlay {ul} (bridge {br}, 198.18.0.0/24)"));
+    // An IPv6 underlay's bridge holds the spire-server's IPv6 address.
+    if !v6_underlay {
+        sysctl_in(
+            &ul,
+            &[
+                ("net.ipv6.conf.all.disable_ipv6", "1"),
+                ("net.ipv6.conf.default.disable_ipv6", "1"),
+            ],
+        )?;
+    }
+    progress.step(format!(
+        "underlay {ul} (bridge {br}, {})",
+        spec.underlay_cidr()
+    ));
 
     for n in &spec.nodes {
         let gw = spec.pod_gateway(n);
         let gw6 = spec.pod_gateway_v6(n);
+        let v6_underlay = n.underlay_ip.is_ipv6();
         if gw6.is_some() {
-            // The node routes IPv6 between its pods and the tunnel; its underlay stays IPv4
-            // only (nothing but WireGuard and the control channel crosses it). A pod veth's
-            // link-local address must be usable at once: while it is tentative (duplicate
-            // address detection, a second) the node cannot solicit its pod's address, and the
-            // first packet to a new pod waits for the neighbour timer.
-            let mut v6 = vec![
-                (format!("net.ipv6.conf.{}.disable_ipv6", n.underlay_if), "1"),
-                ("net.ipv6.conf.all.forwarding".to_string(), "1"),
-            ];
+            // The node routes IPv6 between its pods and the tunnel. A dual-stack lab's underlay
+            // stays IPv4 only (nothing but WireGuard and the control channel crosses it); an
+            // IPv6-only lab's is IPv6, its address usable at once (no duplicate address
+            // detection: the lab hands out every address) and not from router advertisements.
+            // A pod veth's link-local address must be usable at once: while it is tentative
+            // (duplicate address detection, a second) the node cannot solicit its pod's
+            // address, and the first packet to a new pod waits for the neighbour timer.
+            let mut v6 = vec![("net.ipv6.conf.all.forwarding".to_string(), "1")];
+            if v6_underlay {
+                v6.push((format!("net.ipv6.conf.{}.accept_dad", n.underlay_if), "0"));
+                v6.push((format!("net.ipv6.conf.{}.accept_ra", n.underlay_if), "0"));
+            } else {
+                v6.push((format!("net.ipv6.conf.{}.disable_ipv6", n.underlay_if), "1"));
+            }
             for p in file_pods.iter().filter(|p| p.node == n.name) {
                 v6.push((format!("net.ipv6.conf.{}.accept_dad", p.host_veth), "0"));
             }
@@ -1011,27 +1032,41 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
         }
         let mut cmds = vec![
             "link set lo up".to_string(),
-            format!("addr add {}/24 dev {}", n.underlay_ip, n.underlay_if),
+            format!(
+                "addr add {}/{} dev {}{}",
+                n.underlay_ip,
+                spec::underlay_prefix_len(n.underlay_ip),
+                n.underlay_if,
+                if v6_underlay { " nodad" } else { "" }
+            ),
             format!("link set {} up", n.underlay_if),
         ];
         for p in file_pods.iter().filter(|p| p.node == n.name) {
             // Every pod veth answers for the same gateway address, like Calico's 169.254.1.1.
-            cmds.push(format!("addr add {gw}/32 dev {}", p.host_veth));
+            if let Some(gw) = gw {
+                cmds.push(format!("addr add {gw}/32 dev {}", p.host_veth));
+            }
             if let Some(gw6) = gw6 {
                 cmds.push(format!("addr add {gw6}/128 dev {} nodad", p.host_veth));
             }
             cmds.push(format!("link set {} up", p.host_veth));
-            cmds.push(format!(
-                "route add {}/32 dev {} src {gw}",
-                p.ip, p.host_veth
-            ));
-            if let (Some(gw6), Some(ip6)) = (gw6, p.ipv6) {
-                cmds.push(format!("route add {ip6}/128 dev {} src {gw6}", p.host_veth));
+            for ip in p.addrs() {
+                let (len, src) = match ip {
+                    IpAddr::V4(_) => (32, gw.map(IpAddr::V4)),
+                    IpAddr::V6(_) => (128, gw6.map(IpAddr::V6)),
+                };
+                let src = src.expect("a pod's family has its gateway");
+                cmds.push(format!(
+                    "route add {ip}/{len} dev {} src {src}",
+                    p.host_veth
+                ));
             }
         }
         if !spec.encryption {
             // Plain routing over the underlay: only for the capture sanity check. With
-            // encryption on there is no route to another node's pods except the tunnel.
+            // encryption on there is no route to another node's pods except the tunnel. The
+            // pod CIDRs of the underlay's family only: a dual-stack lab's IPv6 pods have no
+            // path between nodes without the tunnel.
             for other in spec.nodes.iter().filter(|o| o.name != n.name) {
                 cmds.push(format!(
                     "route add {} via {}",
@@ -1061,25 +1096,27 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
     for p in file_pods {
         let node = spec.node(&p.node).expect("validated");
         let gw = spec.pod_gateway(node);
-        let mut cmds = vec![
-            "link set lo up".to_string(),
-            format!("addr add {}/32 dev eth0", p.ip),
-        ];
-        let v6 = spec.pod_gateway_v6(node).zip(p.ipv6);
-        if let Some((_, ip6)) = v6 {
+        let gw6 = spec.pod_gateway_v6(node);
+        let ip4 = p.ipv4();
+        let ip6 = p.ipv6_addr();
+        let mut cmds = vec!["link set lo up".to_string()];
+        if let Some(ip4) = ip4 {
+            cmds.push(format!("addr add {ip4}/32 dev eth0"));
+        }
+        if let Some(ip6) = ip6 {
             cmds.push(format!("addr add {ip6}/128 dev eth0 nodad"));
         }
-        cmds.extend([
-            "link set eth0 up".to_string(),
-            format!("route add {gw} dev eth0 scope link"),
-            format!("route add default via {gw} dev eth0 src {}", p.ip),
-        ]);
-        if let Some((gw6, ip6)) = v6 {
+        cmds.push("link set eth0 up".to_string());
+        if let (Some(gw), Some(ip4)) = (gw, ip4) {
+            cmds.push(format!("route add {gw} dev eth0 scope link"));
+            cmds.push(format!("route add default via {gw} dev eth0 src {ip4}"));
+        }
+        if let (Some(gw6), Some(ip6)) = (gw6, ip6) {
             cmds.push(format!("route add {gw6}/128 dev eth0"));
             cmds.push(format!("route add ::/0 via {gw6} dev eth0 src {ip6}"));
         }
         sys::ip_batch(Some(&p.netns), &cmds)?;
-        if v6.is_some() {
+        if ip6.is_some() {
             // A pod takes its addresses from the lab, not from router advertisements.
             sysctl_in(
                 &p.netns,

@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
@@ -117,6 +117,17 @@ impl IpFamily {
     /// Do pods get an IPv6 address?
     pub fn has_v6(self) -> bool {
         self != Self::Ipv4
+    }
+
+    /// Do pods get an IPv4 address?
+    pub fn has_v4(self) -> bool {
+        self != Self::Ipv6
+    }
+
+    /// Is the underlay IPv6 (the nodes' addresses, WireGuard, the control channel)? Only in an
+    /// IPv6-only lab; a dual-stack lab's underlay is IPv4.
+    pub fn v6_underlay(self) -> bool {
+        self == Self::Ipv6
     }
 }
 
@@ -386,10 +397,12 @@ pub struct LabSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeSpec {
     pub name: String,
-    /// Small integer: pod CIDR 198.19.<id>.0/24, underlay 198.18.0.<id>.
+    /// Small integer: pod CIDR 198.19.<id>.0/24, underlay 198.18.0.<id> (IPv6-only:
+    /// `fd00:198:19:<id>::/64` and `fd00:198:18::<id>`).
     pub id: u8,
     pub netns: String,
-    pub underlay_ip: Ipv4Addr,
+    pub underlay_ip: IpAddr,
+    /// The first pod CIDR: IPv4, or IPv6 in an IPv6-only lab.
     pub pod_cidr: String,
     /// IPv6 pod CIDR `fd00:198:19:<id>::/64` when the lab is dual-stack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -418,7 +431,8 @@ pub struct PodSpec {
     pub namespace: String,
     pub node: String,
     pub netns: String,
-    pub ip: Ipv4Addr,
+    /// The first address: IPv4, or IPv6 in an IPv6-only lab.
+    pub ip: IpAddr,
     /// `fd00:198:19:<node id>::<host>` (the IPv4 address's last octet, read as hex digits) when
     /// the lab is dual-stack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -435,16 +449,35 @@ impl PodSpec {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// Its addresses as text: IPv4, then IPv6 when dual-stack.
+    /// Its addresses: the first, then IPv6 when dual-stack.
+    pub fn addrs(&self) -> impl Iterator<Item = IpAddr> {
+        std::iter::once(self.ip).chain(self.ipv6.map(IpAddr::V6))
+    }
+
+    /// Its addresses as text: the first, then IPv6 when dual-stack.
     pub fn ips(&self) -> Vec<String> {
-        std::iter::once(self.ip.to_string())
-            .chain(self.ipv6.map(|a| a.to_string()))
-            .collect()
+        self.addrs().map(|a| a.to_string()).collect()
+    }
+
+    /// Its IPv4 address, if it has one.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        match self.ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    /// Its IPv6 address, if it has one (dual-stack or IPv6-only).
+    pub fn ipv6_addr(&self) -> Option<Ipv6Addr> {
+        match self.ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => self.ipv6,
+        }
     }
 }
 
 impl NodeSpec {
-    /// Its pod CIDRs: IPv4, then IPv6 when dual-stack.
+    /// Its pod CIDRs: the first, then IPv6 when dual-stack.
     pub fn pod_cidrs(&self) -> Vec<String> {
         std::iter::once(self.pod_cidr.clone())
             .chain(self.pod_cidr_v6.clone())
@@ -492,11 +525,43 @@ const MAX_PODS_PER_NODE: usize = 240;
 /// Interface names are at most 15 bytes (IFNAMSIZ - 1).
 const IFNAMSIZ_MAX: usize = 15;
 
+/// A number written with its decimal digits read as hex, so an IPv6 address reads like its
+/// IPv4 sibling (10 is `::10`).
+fn decimal_digits(n: u8) -> u16 {
+    u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex")
+}
+
 /// `fd00:198:19:<node>::<host>` with both numbers written as their decimal digits (198.19.1.10
 /// is fd00:198:19:1::10), so a pod's two addresses read alike.
 fn v6_in_node(node: u8, host: u8) -> Ipv6Addr {
-    let hex = |n: u8| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex");
-    Ipv6Addr::new(0xfd00, 0x198, 0x19, hex(node), 0, 0, 0, hex(host))
+    Ipv6Addr::new(
+        0xfd00,
+        0x198,
+        0x19,
+        decimal_digits(node),
+        0,
+        0,
+        0,
+        decimal_digits(host),
+    )
+}
+
+/// A node's underlay address: `198.18.0.<id>`, or `fd00:198:18::<id>` in an IPv6-only lab.
+fn underlay_address(family: IpFamily, id: u8) -> IpAddr {
+    if family.v6_underlay() {
+        Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, decimal_digits(id)).into()
+    } else {
+        Ipv4Addr::new(198, 18, 0, id).into()
+    }
+}
+
+/// The prefix length of the underlay's subnet: a /24 or a /64.
+pub fn underlay_prefix_len(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        24
+    } else {
+        64
+    }
 }
 
 /// Checks a lab name: 1–8 characters of `a-z0-9-`, not starting or ending with `-`.
@@ -716,28 +781,23 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         ));
     }
     // Dual stack unless asked otherwise, where the pods' MTU can carry IPv6 (1280 at least);
-    // a smaller underlay leaves the default lab IPv4-only and refuses an explicit dual.
-    let pod_mtu = underlay_mtu - veil_transport::overhead(false);
-    let ip_family =
-        match overrides.ip_family.or(file.ip_family) {
-            Some(IpFamily::Ipv6) => return Err(invalid(
+    // a smaller underlay leaves the default lab IPv4-only and refuses an explicit dual or ipv6.
+    let asked = overrides.ip_family.or(file.ip_family);
+    let pod_mtu = underlay_mtu - veil_transport::overhead(asked.is_some_and(IpFamily::v6_underlay));
+    let ip_family = match asked {
+        Some(f) if f.has_v6() && pod_mtu < IPV6_MIN_MTU => {
+            return Err(invalid(
                 "ip_family",
-                "ipv6 (IPv6-only pods) is not built yet: pods, nodes and the underlay are IPv4 \
-                 first; use dual for IPv4 + IPv6 pods",
-            )),
-            Some(f) if f.has_v6() && pod_mtu < IPV6_MIN_MTU => {
-                return Err(invalid(
-                    "ip_family",
-                    format!(
-                        "{f} needs a pod MTU of at least {IPV6_MIN_MTU} (IPv6's minimum); \
+                format!(
+                    "{f} needs a pod MTU of at least {IPV6_MIN_MTU} (IPv6's minimum); \
                      underlay_mtu {underlay_mtu} leaves the pods {pod_mtu}"
-                    ),
-                ))
-            }
-            Some(f) => f,
-            None if pod_mtu >= IPV6_MIN_MTU => IpFamily::Dual,
-            None => IpFamily::Ipv4,
-        };
+                ),
+            ))
+        }
+        Some(f) => f,
+        None if pod_mtu >= IPV6_MIN_MTU => IpFamily::Dual,
+        None => IpFamily::Ipv4,
+    };
     let nodes_file = file.nodes.or(defaults.nodes).unwrap_or_default();
     let default_pods = file.pods.is_none();
     let pods_file = match file.pods {
@@ -789,11 +849,13 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             name: n.name.clone(),
             id,
             netns,
-            underlay_ip: Ipv4Addr::new(198, 18, 0, id),
-            pod_cidr: format!("198.19.{id}.0/24"),
-            pod_cidr_v6: ip_family
-                .has_v6()
-                .then(|| format!("{}/64", v6_in_node(id, 0))),
+            underlay_ip: underlay_address(ip_family, id),
+            pod_cidr: if ip_family.has_v4() {
+                format!("198.19.{id}.0/24")
+            } else {
+                format!("{}/64", v6_in_node(id, 0))
+            },
+            pod_cidr_v6: (ip_family == IpFamily::Dual).then(|| format!("{}/64", v6_in_node(id, 0))),
             underlay_if: "ul0".to_string(),
             bridge_port: format!("n{id}"),
             wg_interface,
@@ -847,10 +909,13 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
                 format!("node {:?} is full ({MAX_PODS_PER_NODE} pods)", node.name),
             ));
         }
-        let ip = Ipv4Addr::new(198, 19, node.id, FIRST_POD_HOST + *slot);
-        let ipv6 = ip_family
-            .has_v6()
-            .then(|| v6_in_node(node.id, FIRST_POD_HOST + *slot));
+        let host = FIRST_POD_HOST + *slot;
+        let ip: IpAddr = if ip_family.has_v4() {
+            Ipv4Addr::new(198, 19, node.id, host).into()
+        } else {
+            v6_in_node(node.id, host).into()
+        };
+        let ipv6 = (ip_family == IpFamily::Dual).then(|| v6_in_node(node.id, host));
         *slot += 1;
         let netns = format!("{name}-{}-{}", p.namespace, p.name);
         if !netns_names.insert(netns.clone()) {
@@ -883,10 +948,19 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         });
     }
 
-    // The default Service comes with the default pods it selects.
+    // The default Service comes with the default pods it selects; ClusterIPs are IPv4, so an
+    // IPv6-only lab has none.
     let services_file = match file.services {
+        Some(s) if !s.is_empty() && !ip_family.has_v4() => {
+            return Err(invalid(
+                "services",
+                "Services need IPv4 pods (ClusterIPs are IPv4): use ip_family dual or ipv4",
+            ))
+        }
         Some(s) => s,
-        None if default_pods && !pods.is_empty() => defaults.services.unwrap_or_default(),
+        None if default_pods && !pods.is_empty() && ip_family.has_v4() => {
+            defaults.services.unwrap_or_default()
+        }
         None => Vec::new(),
     };
     let services = resolve_services(services_file)?;
@@ -925,6 +999,13 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             "on needs `encryption: on`: node traffic is encrypted in the pod traffic's tunnel",
         ));
     }
+    if node_encryption && ip_family.v6_underlay() {
+        return Err(invalid(
+            "node_encryption",
+            "on is not built for an IPv6 underlay (ip_family ipv6): node encryption steers IPv4 \
+             node addresses only",
+        ));
+    }
 
     // Kubernetes unless asked otherwise (`ControlPlane::default()`, Files, is only what a stored
     // state without the key means).
@@ -932,6 +1013,14 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         .control_plane
         .or(file.control_plane)
         .unwrap_or(ControlPlane::Kubernetes);
+    if ip_family.v6_underlay() && control_plane == ControlPlane::Kubernetes {
+        return Err(invalid(
+            "ip_family",
+            "ipv6 runs with `control_plane: files` (--control-plane files): the lab's \
+             kube-apiserver, its kubelets and veil-cni give pods IPv4 or dual-stack addresses",
+        ));
+    }
+
     Ok(LabSpec {
         name: name.to_string(),
         trust_domain,
@@ -1163,21 +1252,35 @@ impl LabSpec {
         }
     }
 
-    pub fn pod_gateway(&self, node: &NodeSpec) -> Ipv4Addr {
-        Ipv4Addr::new(198, 19, node.id, POD_GATEWAY_HOST)
+    /// The underlay's subnet: `198.18.0.0/24`, or `fd00:198:18::/64` in an IPv6-only lab.
+    pub fn underlay_cidr(&self) -> &'static str {
+        if self.ip_family.v6_underlay() {
+            "fd00:198:18::/64"
+        } else {
+            "198.18.0.0/24"
+        }
     }
 
-    /// The IPv6 gateway of a dual-stack node's pods, `fd00:198:19:<id>::1`.
+    /// The IPv4 gateway of a node's pods, `198.19.<id>.1`; none in an IPv6-only lab.
+    pub fn pod_gateway(&self, node: &NodeSpec) -> Option<Ipv4Addr> {
+        self.ip_family
+            .has_v4()
+            .then(|| Ipv4Addr::new(198, 19, node.id, POD_GATEWAY_HOST))
+    }
+
+    /// The IPv6 gateway of a node's pods, `fd00:198:19:<id>::1`, in a dual-stack or IPv6-only
+    /// lab.
     pub fn pod_gateway_v6(&self, node: &NodeSpec) -> Option<Ipv6Addr> {
-        node.pod_cidr_v6
-            .as_ref()
-            .map(|_| v6_in_node(node.id, POD_GATEWAY_HOST))
+        self.ip_family
+            .has_v6()
+            .then(|| v6_in_node(node.id, POD_GATEWAY_HOST))
     }
 
-    /// MTU of pod interfaces: the underlay MTU minus the IPv4 WireGuard overhead (20 IP + 8 UDP
-    /// + 32 WireGuard), so an encrypted packet never needs fragmenting on the underlay.
+    /// MTU of pod interfaces: the underlay MTU minus WireGuard's overhead on the underlay's
+    /// family (IPv4: 20 IP + 8 UDP + 32 WireGuard; IPv6: 40 IP), so an encrypted packet never
+    /// needs fragmenting on the underlay.
     pub fn pod_mtu(&self) -> u32 {
-        self.underlay_mtu - veil_transport::overhead(false)
+        self.underlay_mtu - veil_transport::overhead(self.ip_family.v6_underlay())
     }
 }
 
@@ -1228,6 +1331,43 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_only_labs_have_an_ipv6_underlay_and_no_ipv4() {
+        let lab = resolve_text("ip_family: ipv6\nidentity: dev\ncontrol_plane: files").unwrap();
+        assert_eq!(lab.ip_family, IpFamily::Ipv6);
+        let b = &lab.nodes[1];
+        assert_eq!(b.underlay_ip, "fd00:198:18::2".parse::<IpAddr>().unwrap());
+        assert_eq!(b.pod_cidr, "fd00:198:19:2::/64");
+        assert_eq!(b.pod_cidr_v6, None);
+        assert_eq!(lab.underlay_cidr(), "fd00:198:18::/64");
+        let be = lab.find_pod("backend").unwrap();
+        assert_eq!(be.ip, "fd00:198:19:2::10".parse::<IpAddr>().unwrap());
+        assert_eq!((be.ipv4(), be.ipv6), (None, None));
+        assert_eq!(be.ips(), ["fd00:198:19:2::10"]);
+        assert_eq!(lab.pod_gateway(b), None);
+        assert_eq!(
+            lab.pod_gateway_v6(b),
+            Some("fd00:198:19:2::1".parse().unwrap())
+        );
+        // WireGuard's overhead over IPv6 is 80 bytes; the default Service (ClusterIPs are
+        // IPv4) is left out.
+        assert_eq!(lab.pod_mtu(), 1420);
+        assert!(lab.services.is_empty());
+        // The smallest underlay that still gives the pods IPv6's 1280.
+        let lab = resolve_text(
+            "ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nunderlay_mtu: 1360",
+        )
+        .unwrap();
+        assert_eq!(lab.pod_mtu(), 1280);
+        // Real SPIRE too: its server listens on the IPv6 underlay.
+        let lab = resolve_text("ip_family: ipv6\ncontrol_plane: files").unwrap();
+        assert_eq!(lab.identity, IdentityProvider::Spire);
+        assert_eq!(
+            super::super::spire_real::server_ip(&lab),
+            "fd00:198:18::254"
+        );
+    }
+
+    #[test]
     fn default_topology() {
         let lab = resolve("veil", LabFile::default(), &Overrides::default()).unwrap();
         assert_eq!(lab.trust_domain, "lab.veil");
@@ -1241,7 +1381,7 @@ mod tests {
         let fe = lab.find_pod("frontend").unwrap();
         assert_eq!(
             (fe.node.as_str(), fe.ip),
-            ("node-a", Ipv4Addr::new(198, 19, 1, 10))
+            ("node-a", Ipv4Addr::new(198, 19, 1, 10).into())
         );
         assert_eq!(fe.labels.get("app").map(String::as_str), Some("frontend"));
         assert_eq!(fe.service_account, "frontend");
@@ -1412,6 +1552,10 @@ mod tests {
             ("encryption: off\nnode_encryption: on", "node_encryption"),
             ("ip_family: both", "ip_family"),
             ("ip_family: ipv6", "ip_family"),
+            ("ip_family: ipv6\nidentity: dev", "ip_family"),
+            ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nunderlay_mtu: 1340", "ip_family"),
+            ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nnode_encryption: on", "node_encryption"),
+            ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nservices: [{name: a, selector: {}, ports: [{port: 1}]}]", "services"),
             ("ip_family: dual\nunderlay_mtu: 1300", "ip_family"),
             ("svid_ttl: soon", "svid_ttl"),
             ("svid_ttl: 1s", "svid_ttl"),

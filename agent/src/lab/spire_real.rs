@@ -42,7 +42,22 @@ use veil_spire::conf::{AgentConf, ServerConf, ServerKeys};
 pub const SERVER_IP: &str = "198.18.0.254";
 /// [`SERVER_IP`] as an address (what `veil check` recognises SPIRE's traffic by).
 pub const SERVER_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 254);
+/// The spire-server's address on an IPv6-only lab's bridge (the underlay's numbering: 254 read
+/// with its decimal digits).
+pub const SERVER_IP6: &str = "fd00:198:18::254";
+/// [`SERVER_IP6`] as an address.
+pub const SERVER_ADDR6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 0x254);
 pub const SERVER_PORT: u16 = 8081;
+
+/// Where this lab's spire-server listens: on the underlay's family.
+pub fn server_ip(spec: &LabSpec) -> &'static str {
+    if spec.ip_family.v6_underlay() {
+        SERVER_IP6
+    } else {
+        SERVER_IP
+    }
+}
 /// Server entry-cache reload and agent sync: together they bound how long a deleted entry's
 /// SVID is still handed out.
 pub const SERVER_CACHE_RELOAD: Duration = Duration::from_secs(1);
@@ -209,7 +224,7 @@ pub fn prepare(spec: &LabSpec, paths: &LabPaths) -> Result<()> {
     }
     let (data, keys) = (sd.join("data"), sd.join("data").join("keys.json"));
     let conf = ServerConf {
-        bind_address: SERVER_IP,
+        bind_address: server_ip(spec),
         bind_port: SERVER_PORT,
         socket_path: &server_socket(paths),
         trust_domain: &spec.trust_domain,
@@ -230,7 +245,7 @@ fn agent_config_text(spec: &LabSpec, paths: &LabPaths, node: &str, token: &str) 
     AgentConf {
         data_dir: &agent_dir(paths, node).join("data"),
         log_level: "INFO",
-        server_address: SERVER_IP,
+        server_address: server_ip(spec),
         server_port: SERVER_PORT,
         socket_path: &workload_socket(paths, node),
         admin_socket_path: &admin_socket(paths, node),
@@ -308,8 +323,9 @@ pub(crate) fn register(
         std::thread::sleep(Duration::from_millis(100));
     }
     progress.step(format!(
-        "spire-server {} healthy on {SERVER_IP}:{SERVER_PORT} (socket {})",
+        "spire-server {} healthy on {}:{SERVER_PORT} (socket {})",
         version().unwrap_or_default(),
+        server_ip(spec),
         server_socket(paths).display()
     ));
     let bundle = server_cli(paths, &["bundle", "show"])?;

@@ -56,14 +56,24 @@ pub struct Udp {
 }
 
 impl Udp {
+    /// One socket for both families, as wireguard-go has two: `[::]` with IPv4 mapped in (IPv4
+    /// peers are sent to and heard from as before; addresses come back as IPv4, see
+    /// [`canonical`]). A kernel without IPv6 (`ipv6.disable=1`) gets an IPv4 socket.
     fn bind(port: u16) -> io::Result<Self> {
-        let sock = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
-        sock.set_reuse_address(true)?;
-        sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+        let sock = match Self::dual_stack(port) {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                let sock = socket2::Socket::new(
+                    socket2::Domain::IPV4,
+                    socket2::Type::DGRAM,
+                    Some(socket2::Protocol::UDP),
+                )?;
+                sock.set_reuse_address(true)?;
+                sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+                sock
+            }
+            Err(e) => return Err(e),
+        };
         force_buffers(&sock);
         let socket: UdpSocket = sock.into();
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
@@ -73,6 +83,18 @@ impl Udp {
             state,
             port,
         })
+    }
+
+    fn dual_stack(port: u16) -> io::Result<socket2::Socket> {
+        let sock = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        sock.set_only_v6(false)?;
+        sock.set_reuse_address(true)?;
+        sock.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok(sock)
     }
 
     /// Sends to `to.addr` from `to.local`; when that address is no longer this host's (it was
@@ -802,13 +824,19 @@ fn udp_to_tun(
                 Received {
                     len: m.len,
                     stride: m.stride,
-                    from: m.addr,
-                    to: m.dst_ip,
+                    from: canonical(m.addr),
+                    to: m.dst_ip.map(|ip| ip.to_canonical()),
                 },
             )
         });
         receive_batch(received, device, &*u, &mut state, |b| write_tun(fd, b));
     }
+}
+
+/// An address the dual-stack socket reports, IPv4 peers' as IPv4 (not `::ffff:a.b.c.d`): the
+/// form endpoints are configured in, compared in and shown by `wg show`.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Reads a lock whose writers never panic while holding it (and a panic aborts veil-wg anyway).

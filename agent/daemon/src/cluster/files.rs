@@ -386,7 +386,7 @@ mod tests {
             name: name.into(),
             namespace: "shop".into(),
             node: "node-a".into(),
-            ip: Ipv4Addr::new(198, 19, 1, host),
+            ip: Ipv4Addr::new(198, 19, 1, host).into(),
             ipv6: None,
             labels: Arc::new([("app".to_string(), app.to_string())].into()),
             service_account: "default".into(),
@@ -419,7 +419,7 @@ mod tests {
             nodes: vec![Node {
                 name: "node-a".into(),
                 id: 1,
-                underlay_ip: Ipv4Addr::new(198, 18, 0, 1),
+                underlay_ip: Ipv4Addr::new(198, 18, 0, 1).into(),
                 pod_cidr: "198.19.1.0/24".into(),
                 pod_cidr_v6: None,
                 wg_public_key: None,

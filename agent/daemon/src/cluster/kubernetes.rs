@@ -37,7 +37,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -1504,29 +1504,39 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// of its name; [`with_ids`] settles collisions.
 fn node_from(n: &KNode) -> Option<Node> {
     let name = n.metadata.name.clone()?;
-    let ip: Ipv4Addr = n
+    // The first IPv4 InternalIP, else the first IPv6 one (an IPv6-only node).
+    let internal: Vec<IpAddr> = n
         .status
         .as_ref()?
         .addresses
         .as_ref()?
         .iter()
-        .find(|a| a.type_ == "InternalIP")
-        .and_then(|a| a.address.parse().ok())?;
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    let ip = first_v4_else_v6(internal.iter().copied())?;
     let spec = n.spec.as_ref()?;
-    let cidr = spec
+    let cidrs: Vec<(&String, IpAddr)> = spec
         .pod_cidrs
         .iter()
         .flatten()
         .chain(spec.pod_cidr.iter())
-        .find(|c| super::parse_cidr_v4(c).is_some())?
-        .clone();
-    // A dual-stack node's second podCIDR.
-    let cidr_v6 = spec
-        .pod_cidrs
+        .filter_map(|c| super::parse_cidr(c).map(|(a, _)| (c, a)))
+        .collect();
+    // The IPv4 podCIDR, else the IPv6 one; a dual-stack node's IPv6 one beside its IPv4 one.
+    let v4 = cidrs
         .iter()
-        .flatten()
-        .find(|c| super::parse_cidr(c).is_some_and(|(a, _)| a.is_ipv6()))
-        .cloned();
+        .find(|(_, a)| a.is_ipv4())
+        .map(|(c, _)| (*c).clone());
+    let v6 = cidrs
+        .iter()
+        .find(|(_, a)| a.is_ipv6())
+        .map(|(c, _)| (*c).clone());
+    let (cidr, cidr_v6) = match (v4, v6) {
+        (Some(v4), v6) => (v4, v6),
+        (None, Some(v6)) => (v6, None),
+        (None, None) => return None,
+    };
     let annotations = n.metadata.annotations.as_ref();
     let key = |k: &str| annotations.and_then(|a| a.get(k)).cloned();
     Some(Node {
@@ -1538,6 +1548,15 @@ fn node_from(n: &KNode) -> Option<Node> {
         wg_public_key: key(WG_KEY_ANNOTATION),
         wg_next_public_key: key(WG_NEXT_KEY_ANNOTATION),
     })
+}
+
+/// The first IPv4 address of `addrs`, else the first IPv6 one: what veil takes as a node's or
+/// pod's first address when Kubernetes lists both families.
+fn first_v4_else_v6(addrs: impl Iterator<Item = IpAddr> + Clone) -> Option<IpAddr> {
+    addrs
+        .clone()
+        .find(IpAddr::is_ipv4)
+        .or_else(|| addrs.into_iter().find(IpAddr::is_ipv6))
 }
 
 /// A Pod as a veil endpoint (identity filled in by the caller), if it is one now. Only a pod
@@ -1563,8 +1582,12 @@ fn pod_from(p: &KPod, me: &str) -> Option<Pod> {
             .map(|a| a.ip.as_str())
             .chain(status.pod_ip.as_deref())
     };
-    let ip: Ipv4Addr = addrs().find_map(|a| a.parse().ok())?;
-    let ipv6: Option<std::net::Ipv6Addr> = addrs().find_map(|a| a.parse().ok());
+    // The IPv4 address first (an IPv6-only pod's IPv6 one), then a dual-stack pod's IPv6 one.
+    let ip = first_v4_else_v6(addrs().filter_map(|a| a.parse().ok()))?;
+    let ipv6: Option<std::net::Ipv6Addr> = ip
+        .is_ipv4()
+        .then(|| addrs().find_map(|a| a.parse().ok()))
+        .flatten();
     let name = p.metadata.name.clone()?;
     let namespace = p.metadata.namespace.clone()?;
     let node = spec.node_name.clone()?;
@@ -1896,7 +1919,7 @@ mod tests {
         assert!(nodes(watcher::Event::Apply(node("198.18.0.2", t1))));
         let underlay =
             |c: &BTreeMap<String, CachedNode>| c.get("node-a").map(|c| c.node.underlay_ip);
-        assert_eq!(underlay(&cache), Some(Ipv4Addr::new(198, 18, 0, 2)));
+        assert_eq!(underlay(&cache), Some(Ipv4Addr::new(198, 18, 0, 2).into()));
         // It loses its address: no veil node now, gone from the cache; back, and deleted.
         let mut bare = node("198.18.0.2", t1);
         bare.status = None;
@@ -1928,7 +1951,7 @@ mod tests {
     }
 
     #[test]
-    fn nodes_need_an_ipv4_internal_ip_and_pod_cidr() {
+    fn nodes_need_an_internal_ip_and_a_pod_cidr_ipv4_first() {
         let n: KNode = serde_json::from_value(json!({
             "metadata": {"name": "node-a", "annotations": {WG_KEY_ANNOTATION: "K1"}},
             "spec": {"podCIDR": "198.19.1.0/24", "podCIDRs": ["fd00::/64", "198.19.1.0/24"]},
@@ -1944,12 +1967,45 @@ mod tests {
         assert_eq!(node.pod_cidr, "198.19.1.0/24");
         assert_eq!(node.wg_public_key.as_deref(), Some("K1"));
         assert_eq!(node.wg_next_public_key, None);
+        assert_eq!(node.pod_cidr_v6.as_deref(), Some("fd00::/64"));
         let mut no_cidr = n.clone();
         no_cidr.spec = None;
         assert!(node_from(&no_cidr).is_none());
         let mut no_ip = n;
         no_ip.status = None;
         assert!(node_from(&no_ip).is_none());
+        // An IPv6-only node: its IPv6 InternalIP and podCIDR are its first (and only) ones; a
+        // dual-stack node listing IPv6 first still gets IPv4 first.
+        let v6: KNode = serde_json::from_value(json!({
+            "metadata": {"name": "node-c"},
+            "spec": {"podCIDR": "fd00:198:19:3::/64", "podCIDRs": ["fd00:198:19:3::/64"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "fd00:198:18::3"}]}
+        }))
+        .unwrap();
+        let node = node_from(&v6).unwrap();
+        assert_eq!(
+            node.underlay_ip,
+            "fd00:198:18::3".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            (node.pod_cidr.as_str(), node.pod_cidr_v6),
+            ("fd00:198:19:3::/64", None)
+        );
+        let mut both = v6;
+        both.status
+            .as_mut()
+            .unwrap()
+            .addresses
+            .as_mut()
+            .unwrap()
+            .push(
+                serde_json::from_value(json!({"type": "InternalIP", "address": "198.18.0.3"}))
+                    .unwrap(),
+            );
+        assert_eq!(
+            node_from(&both).unwrap().underlay_ip,
+            Ipv4Addr::new(198, 18, 0, 3)
+        );
     }
 
     #[test]
@@ -2000,7 +2056,7 @@ mod tests {
     }
 
     #[test]
-    fn pods_are_endpoints_once_they_have_an_ipv4_address_and_until_they_end() {
+    fn pods_are_endpoints_once_they_have_an_address_and_until_they_end() {
         let p: KPod = serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
             "spec": {"nodeName": "node-b", "containers": [{"name": "c"}]},
@@ -2024,6 +2080,24 @@ mod tests {
             pod_from(&q, "node-b")
         };
         assert!(with(&|q| q.status.as_mut().unwrap().pod_ip = None).is_none());
+        // IPv6 only: the IPv6 address is the first, with no second; dual stack listing IPv6
+        // first: IPv4 first, IPv6 second.
+        let v6 =
+            with(&|q| q.status.as_mut().unwrap().pod_ip = Some("fd00:198:19:2::7".into())).unwrap();
+        assert_eq!(
+            (v6.ip.to_string(), v6.ipv6),
+            ("fd00:198:19:2::7".into(), None)
+        );
+        let dual = with(&|q| {
+            q.status.as_mut().unwrap().pod_ips = Some(
+                ["fd00:198:19:2::7", "198.19.2.7"]
+                    .map(|ip| serde_json::from_value(json!({ "ip": ip })).unwrap())
+                    .to_vec(),
+            )
+        })
+        .unwrap();
+        assert_eq!(dual.ip, Ipv4Addr::new(198, 19, 2, 7));
+        assert_eq!(dual.ipv6, Some("fd00:198:19:2::7".parse().unwrap()));
         assert!(with(&|q| q.status.as_mut().unwrap().phase = Some("Succeeded".into())).is_none());
         assert!(with(&|q| q.spec.as_mut().unwrap().host_network = Some(true)).is_none());
         assert!(with(&|q| q.metadata.deletion_timestamp =
@@ -2252,12 +2326,12 @@ mod tests {
         let moved = held();
         assert_eq!(
             (moved.identity, moved.ip),
-            (0, Ipv4Addr::new(198, 19, 2, 8))
+            (0, Ipv4Addr::new(198, 19, 2, 8).into())
         );
         let late = cache.identify(snapshot, vec![Some(302)]);
         assert_eq!(
             (late[0].identity, late[0].ip),
-            (302, Ipv4Addr::new(198, 19, 2, 7))
+            (302, Ipv4Addr::new(198, 19, 2, 7).into())
         );
         assert!(Arc::ptr_eq(&held(), &moved));
     }

@@ -184,10 +184,13 @@ impl Identity {
 pub struct Node {
     pub name: String,
     pub id: u32,
-    pub underlay_ip: Ipv4Addr,
-    /// Pod CIDR as `a.b.c.d/len`.
+    /// The node's address on the underlay (WireGuard's endpoint, the control channel): IPv4 or
+    /// IPv6.
+    pub underlay_ip: IpAddr,
+    /// The node's first pod CIDR, as `prefix/len`: IPv4 on an IPv4 or dual-stack node, IPv6 on
+    /// an IPv6-only one (Kubernetes' `spec.podCIDR`).
     pub pod_cidr: String,
-    /// IPv6 pod CIDR of a dual-stack node, as `prefix/len`.
+    /// The IPv6 pod CIDR of a dual-stack node, as `prefix/len`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_cidr_v6: Option<String>,
     /// The node's WireGuard public key (base64), once its agent has published it.
@@ -263,7 +266,9 @@ pub struct Pod {
     pub name: String,
     pub namespace: String,
     pub node: String,
-    pub ip: Ipv4Addr,
+    /// The pod's first address: IPv4 on an IPv4 or dual-stack node, IPv6 on an IPv6-only one
+    /// (Kubernetes' `status.podIP`).
+    pub ip: IpAddr,
     /// The pod's IPv6 address on a dual-stack node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<Ipv6Addr>,
@@ -281,16 +286,24 @@ pub struct Pod {
 }
 
 impl Node {
-    /// Its pod CIDRs: the IPv4 one, then the IPv6 one of a dual-stack node.
+    /// Its pod CIDRs: the first, then the IPv6 one of a dual-stack node.
     pub fn pod_cidrs(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.pod_cidr.as_str()).chain(self.pod_cidr_v6.as_deref())
     }
 }
 
 impl Pod {
-    /// Its addresses: the IPv4 one, then the IPv6 one of a dual-stack pod.
+    /// Its addresses: the first, then the IPv6 one of a dual-stack pod.
     pub fn addrs(&self) -> impl Iterator<Item = IpAddr> {
-        std::iter::once(IpAddr::V4(self.ip)).chain(self.ipv6.map(IpAddr::V6))
+        std::iter::once(self.ip).chain(self.ipv6.map(IpAddr::V6))
+    }
+
+    /// Its IPv4 address, if it has one.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        match self.ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
     }
 }
 
@@ -441,7 +454,7 @@ impl Node {
         Node {
             name: name.into(),
             id,
-            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8),
+            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8).into(),
             pod_cidr: format!("198.19.{id}.0/24"),
             pod_cidr_v6: None,
             wg_public_key: None,

@@ -73,7 +73,7 @@ impl MutualAuth {
             node: cfg.node.clone(),
             node_id: me.id,
             trust_domain: td,
-            underlay_ip: std::net::IpAddr::V4(me.underlay_ip),
+            underlay_ip: me.underlay_ip,
             port: cfg.control_port,
             allow_classical: cfg.allow_classical_kx,
             rekey_interval: cfg.psk_rotation,

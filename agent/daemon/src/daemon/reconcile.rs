@@ -222,11 +222,15 @@ fn reconcile_services(s: &mut Shared, cluster: &ClusterState) -> Result<(), data
 }
 
 /// The interface holding `addr` in this network namespace (the node's underlay interface).
-fn interface_with_address(addr: std::net::Ipv4Addr) -> Option<String> {
+fn interface_with_address(addr: std::net::IpAddr) -> Option<String> {
     nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
         let a = ifa.address?;
-        let sin = a.as_sockaddr_in()?;
-        (sin.ip() == addr).then(|| ifa.interface_name.clone())
+        let ip = match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(sin), _) => std::net::IpAddr::V4(sin.ip()),
+            (_, Some(sin6)) => std::net::IpAddr::V6(sin6.ip()),
+            _ => return None,
+        };
+        (ip == addr).then(|| ifa.interface_name.clone())
     })
 }
 
@@ -407,7 +411,7 @@ pub fn desired_maps(
                 flags: ip_flags::HOST,
                 ifindex: 0,
             };
-            ipcache.push((Prefix::v4(n.underlay_ip, 32), host));
+            ipcache.push((Prefix::host(n.underlay_ip), host));
             for (_, gw) in cidrs() {
                 ipcache.push((Prefix::host(gw), host));
             }
@@ -415,7 +419,7 @@ pub fn desired_maps(
             // Another node's own address: with node encryption, traffic to it enters the
             // tunnel (`veil_to_underlay`), and policy sees it as the remote-node entity.
             ipcache.push((
-                Prefix::v4(n.underlay_ip, 32),
+                Prefix::host(n.underlay_ip),
                 IpInfo {
                     identity: veil_common::maps::identity::REMOTE_NODE,
                     node_id: n.id,
@@ -488,7 +492,7 @@ mod tests {
             name: name.into(),
             namespace: "shop".into(),
             node: node.into(),
-            ip: Ipv4Addr::from(ip),
+            ip: Ipv4Addr::from(ip).into(),
             ipv6: None,
             labels: BTreeMap::new().into(),
             service_account: name.into(),

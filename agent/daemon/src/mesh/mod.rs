@@ -505,10 +505,7 @@ impl Mesh {
     /// the channels bound to the old one). An address the node does not hold yet fails to
     /// bind and is retried like any bind failure.
     fn follow_own_address(&mut self, cluster: &ClusterState) -> bool {
-        let Some(now) = cluster
-            .node(&self.cfg.node)
-            .map(|n| IpAddr::V4(n.underlay_ip))
-        else {
+        let Some(now) = cluster.node(&self.cfg.node).map(|n| n.underlay_ip) else {
             return false;
         };
         if now == self.cfg.underlay_ip {
@@ -777,7 +774,7 @@ pub fn directory(cluster: &ClusterState, td: &TrustDomain) -> StaticDirectory {
                 name: n.name.clone(),
                 id: n.id,
                 spiffe_id,
-                addr: IpAddr::V4(n.underlay_ip),
+                addr: n.underlay_ip,
             });
         }
     }
@@ -913,7 +910,7 @@ mod tests {
             name: name.into(),
             namespace: "shop".into(),
             node: node.into(),
-            ip: Ipv4Addr::new(198, 19, if node == "a" { 1 } else { 2 }, id as u8),
+            ip: Ipv4Addr::new(198, 19, if node == "a" { 1 } else { 2 }, id as u8).into(),
             ipv6: None,
             labels: Default::default(),
             service_account: name.into(),

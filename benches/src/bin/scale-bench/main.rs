@@ -38,7 +38,7 @@
 
 use std::{
     io::{Read as _, Seek as _, SeekFrom},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -206,7 +206,7 @@ fn simulate(base: &ClusterState, size: Size, identities: usize) -> anyhow::Resul
             name: format!("sim-{i:04}"),
             id: first_node + i as u32,
             // 198.18.4.1 onwards (198.18.4.0/22): lab addresses no interface holds.
-            underlay_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 4, 1)) + i as u32),
+            underlay_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 4, 1)) + i as u32).into(),
             pod_cidr: format!("{}/{len}", Ipv4Addr::from(*net)),
             pod_cidr_v6: None,
             wg_public_key: None,
@@ -238,7 +238,7 @@ fn simulate(base: &ClusterState, size: Size, identities: usize) -> anyhow::Resul
                 name: format!("ep-{e}"),
                 namespace: ident.namespace.clone(),
                 node: format!("sim-{node:04}"),
-                ip,
+                ip: ip.into(),
                 ipv6: None,
                 labels: ident.labels.clone().into(),
                 service_account: ident.service_account.clone(),
@@ -363,9 +363,9 @@ fn ipcache(
 
 fn ipcache_identity(
     map: &aya::maps::LpmTrie<aya::maps::MapData, IpKey, IpInfo>,
-    ip: Ipv4Addr,
+    ip: IpAddr,
 ) -> Option<u32> {
-    let p = Prefix::v4(ip, 32);
+    let p = Prefix::host(ip);
     let key = aya::maps::lpm_trie::Key::new(p.len, IpKey { addr: p.addr });
     map.get(&key, 0).ok().map(|v| v.identity)
 }
@@ -601,7 +601,7 @@ fn agent_log(lab: &Lab) -> PathBuf {
 /// How the simulated cluster reaches the agent: its cluster source.
 trait Driver {
     /// Publishes the simulated cluster of `size`; the address of its last endpoint.
-    fn apply(&mut self, size: Size, identities: usize) -> anyhow::Result<Ipv4Addr>;
+    fn apply(&mut self, size: Size, identities: usize) -> anyhow::Result<IpAddr>;
     /// Whether the agent installed the policies `apply` published (polled).
     fn applied(&self, log: &Log) -> bool;
     /// Publishes round `round`'s change of rule 0's port; the log line saying it is installed.
@@ -639,7 +639,7 @@ impl Files {
 }
 
 impl Driver for Files {
-    fn apply(&mut self, size: Size, identities: usize) -> anyhow::Result<Ipv4Addr> {
+    fn apply(&mut self, size: Size, identities: usize) -> anyhow::Result<IpAddr> {
         self.state = simulate(&self.base, size, identities)?;
         self.rules = size.rules;
         let last = self.state.pods.last().map(|p| p.ip).context("no pods")?;
@@ -685,7 +685,7 @@ struct Kube {
 }
 
 impl Driver for Kube {
-    fn apply(&mut self, size: Size, identities: usize) -> anyhow::Result<Ipv4Addr> {
+    fn apply(&mut self, size: Size, identities: usize) -> anyhow::Result<IpAddr> {
         self.state = simulate(&ClusterState::default(), size, identities)?;
         let last = self.state.pods.last().map(|p| p.ip).context("no pods")?;
         let policies = policy_objects(size.rules, identities, 0);
@@ -828,7 +828,7 @@ fn measure(
             .context("sim-0000")?;
         let (addr, len) = veil_agent::cluster::parse_cidr_v4(&net.pod_cidr).context("cidr")?;
         let top = u32::from(addr) + (1 << (32 - len)) - 2 - r as u32;
-        pod.ip = Ipv4Addr::from(top);
+        pod.ip = Ipv4Addr::from(top).into();
         pod.node = net.name.clone();
         if state.pod_by_ip(pod.ip).is_some() {
             bail!("{} is taken: no free address to add a pod at", pod.ip);
