@@ -63,16 +63,12 @@ fn check(spec: &LabSpec) {
             .expect("the pod's node");
         assert!(netns.insert(&p.netns), "duplicate netns {}", p.netns);
         assert!(ips.insert(p.ip), "duplicate pod address {}", p.ip);
-        assert_eq!(
-            format!(
-                "{}.{}.{}.0/24",
-                p.ip.octets()[0],
-                p.ip.octets()[1],
-                p.ip.octets()[2]
-            ),
-            node.pod_cidr,
-            "pod {} outside its node's CIDR",
-            p.ip
+        let cidr: veil_transport::IpPrefix = node.pod_cidr.parse().expect("a node's pod CIDR");
+        assert!(
+            cidr.contains(p.ip),
+            "pod {} outside its node's CIDR {}",
+            p.ip,
+            node.pod_cidr
         );
         ifname(&p.host_veth);
         assert!(
