@@ -260,9 +260,10 @@ fn dual_stack_ipv6_between_pods_crosses_only_encrypted_and_under_policy() {
 /// the spire-server cross an IPv6 underlay. The same
 /// marker, probes and 4 MiB transfer as the IPv4 pair cross only inside WireGuard over IPv6;
 /// `veil check` agrees; policy holds. Its plaintext half is
-/// `ipv6_only_leak_pair_plaintext_shows_marker`.
+/// `ipv6_only_leak_pair_plaintext_shows_marker`. ("spire" in its name: `scripts/test.sh` runs it
+/// with the Go-built tools.)
 #[test]
-fn ipv6_only_lab_crosses_an_ipv6_underlay_only_encrypted_and_under_policy() {
+fn ipv6_only_lab_on_spire_crosses_an_ipv6_underlay_only_encrypted_and_under_policy() {
     let lab = Lab::up(&["--ip-family", "ipv6", "--identity", "spire"]);
     assert_eq!(lab.view.ip_family, "ipv6");
     assert!(
