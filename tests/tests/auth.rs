@@ -613,7 +613,8 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
         .unwrap()
         .underlay_ip
         .clone();
-    let target: SocketAddr = format!("{node_b}:4250").parse().unwrap();
+    let node_b: std::net::IpAddr = node_b.parse().unwrap();
+    let target = SocketAddr::new(node_b, 4250);
     let epoch0 = lab.wait_for("first channel", Duration::from_secs(10), || {
         epoch_with(&lab.status("node-a"), "node-b")
     });
@@ -622,16 +623,15 @@ fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
     let netns_a = lab.node_netns("node-a");
     let underlay = format!("{}-underlay", lab.name);
     let bridge = format!("{}-br0", lab.name);
+    // The stranger's address on the underlay's family (an IPv6-only lab's is IPv6).
+    let stranger: &[&str] = if node_b.is_ipv6() {
+        &["fd00:198:18::250/64", "nodad"]
+    } else {
+        &["198.18.0.250/24"]
+    };
     assert!(std::process::Command::new("ip")
-        .args([
-            "-n",
-            &underlay,
-            "addr",
-            "add",
-            "198.18.0.250/24",
-            "dev",
-            &bridge
-        ])
+        .args(["-n", &underlay, "addr", "add", stranger[0], "dev", &bridge])
+        .args(&stranger[1..])
         .status()
         .unwrap()
         .success());

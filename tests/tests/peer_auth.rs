@@ -356,9 +356,10 @@ fn drop_address(lab: &Lab, node: &str, ip: &str) {
 #[test]
 fn a_node_whose_underlay_address_changes_is_followed_without_an_agent_restart() {
     // PSK rotation at its default (10 min): a re-key, which dials the peer's current address,
-    // does not stand in for following the move.
+    // does not stand in for following the move. The moves are to IPv4 underlay addresses, so
+    // the lab's underlay is IPv4 whatever VEIL_TEST_IP_FAMILY says.
     node_moves_are_followed(
-        &Lab::up_with_auth_policy("", &[]),
+        &Lab::up_with_auth_policy("", &["--ip-family", "dual"]),
         &[
             ("node-b", "198.18.0.77", "node-a", Move::OldKept, SOON),
             ("node-a", "198.18.0.78", "node-b", Move::OldGoneFirst, SOON),

@@ -117,7 +117,7 @@ fn the_node_reaches_its_local_pods_with_and_without_policy() {
 fn a_pod_forging_a_local_neighbours_source_address_is_dropped_at_its_veth() {
     let lab = Lab::up(&[]);
     let (fe, be) = (lab.pod_ip("frontend"), lab.pod_ip("backend"));
-    let url = format!("http://{be}:8080/");
+    let url = lab.pod_url("backend", 8080);
     lab.apply_policy_ok(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: backend-ingress, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: backend}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n    toPorts: [{ports: [{port: '8080', protocol: TCP}]}]\n",
     );
@@ -139,9 +139,25 @@ fn a_pod_forging_a_local_neighbours_source_address_is_dropped_at_its_veth() {
     assert!(lab.try_get("intruder", &url).is_err(), "intruder admitted");
     let cap = veil_tests::Capture::start(&backend_netns, "eth0");
     let spoofed = lab.drop_count("node-a", "spoofed-source");
+    // frontend's first address (IPv6 in an IPv6-only lab, usable at once: no duplicate
+    // address detection).
+    let forged_addr: &[&str] = if fe.contains(':') {
+        &["/128", "nodad"]
+    } else {
+        &["/32"]
+    };
+    let mut add = vec![
+        "ip".to_string(),
+        "addr".into(),
+        "add".into(),
+        format!("{fe}{}", forged_addr[0]),
+        "dev".into(),
+        "eth0".into(),
+    ];
+    add.extend(forged_addr[1..].iter().map(|s| s.to_string()));
     lab.exec_ok(
         "intruder",
-        &["ip", "addr", "add", &format!("{fe}/32"), "dev", "eth0"],
+        &add.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let forged = lab.exec(
         "intruder",
