@@ -236,21 +236,28 @@ fn dual_stack_ipv6_between_pods_crosses_only_encrypted_and_under_policy() {
     assert_eq!(report["capture"]["marker_hits"], 0);
 
     // Policy: backend admits only frontend on 8080, over IPv6 as over IPv4.
+    assert_frontend_only_ingress_to(&lab, &be6);
+}
+
+/// backend's frontend-only ingress policy (`examples/policies/backend-ingress.yaml`) applied:
+/// frontend reaches backend at `be` (an address of it) on 8080, intruder does not, and node-b
+/// records intruder's drop to `be` as `policy-denied`.
+fn assert_frontend_only_ingress_to(lab: &Lab, be: &str) {
     lab.apply_policy_ok(include_str!("../../examples/policies/backend-ingress.yaml"));
-    let url6 = format!("http://[{be6}]:8080/");
+    let url = veil_tests::http_url(be, 8080);
     assert_eq!(
-        lab.try_get("frontend", &url6).unwrap(),
+        lab.try_get("frontend", &url).unwrap(),
         "hello from shop/backend\n"
     );
     assert!(
-        lab.try_get("intruder", &url6).is_err(),
-        "intruder reached backend over IPv6 through the policy"
+        lab.try_get("intruder", &url).is_err(),
+        "intruder reached backend at {be} through the policy"
     );
     let drops = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
     let denied = drops
         .iter()
-        .find(|f| f["src"]["pod"] == "intruder" && f["dst"]["ip"] == be6.as_str())
-        .unwrap_or_else(|| panic!("no IPv6 drop from intruder: {drops:#?}"));
+        .find(|f| f["src"]["pod"] == "intruder" && f["dst"]["ip"] == be)
+        .unwrap_or_else(|| panic!("no drop from intruder to {be}: {drops:#?}"));
     assert_eq!(denied["drop_reason"], "policy-denied");
     lab.expect_drops(&["policy-denied"]);
 }
@@ -331,23 +338,7 @@ fn ipv6_only_lab_on_spire_crosses_an_ipv6_underlay_only_encrypted_and_under_poli
     assert!(report["capture"]["wireguard"].as_u64().unwrap() > 0);
 
     // Policy over IPv6 only: backend admits frontend on 8080, not intruder.
-    lab.apply_policy_ok(include_str!("../../examples/policies/backend-ingress.yaml"));
-    let url = lab.pod_url("backend", 8080);
-    assert_eq!(
-        lab.try_get("frontend", &url).unwrap(),
-        "hello from shop/backend\n"
-    );
-    assert!(
-        lab.try_get("intruder", &url).is_err(),
-        "intruder reached backend through the policy"
-    );
-    let drops = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
-    let denied = drops
-        .iter()
-        .find(|f| f["src"]["pod"] == "intruder" && f["dst"]["ip"] == be.as_str())
-        .unwrap_or_else(|| panic!("no drop from intruder: {drops:#?}"));
-    assert_eq!(denied["drop_reason"], "policy-denied");
-    lab.expect_drops(&["policy-denied"]);
+    assert_frontend_only_ingress_to(&lab, &be);
 }
 
 /// The IPv6-only lab with encryption off: the same capture sees the marker over the IPv6
