@@ -824,8 +824,14 @@ fn static_key_rotation_under_load_recovers_and_is_measured() {
         Vec::<u32>::new(),
         "TCP stream broke"
     );
-    // Bounded disruption: at most 3 probes (300 ms) per rotation, and the path recovered.
-    assert!(lost.len() <= 3 * rotations, "lost {lost:?}");
+    // Bounded disruption: at most 3 probes (300 ms) per rotation, and the path recovered. A
+    // failure shows the last lines of every log (the agents' key and handshake steps, veil-wg's):
+    // the loss this bounds has been seen in CI and not reproduced by hand.
+    assert!(
+        lost.len() <= 3 * rotations,
+        "lost {lost:?}\nlogs:\n{}",
+        veil_tests::collect_logs(&lab.name)
+    );
     assert!(
         lost.iter().all(|s| *s < n - 10),
         "the tail was lost: {lost:?}"
