@@ -131,16 +131,24 @@ fn leak_pair_encrypted_shows_no_marker() {
     assert_only_wireguard(&lines, &[("198.18.0.1", "198.18.0.2", 5)]);
     println!("steady state over IPv4: {pings} pings and {udp} UDP probes answered, 0 lost");
     // The product's own check agrees (and exits 0).
+    let report = veil_check_passes(&lab);
+    assert!(report["capture"]["wireguard"].as_u64().unwrap() > 0);
+}
+
+/// `veil check -o json` on `lab`: it exits 0 and passes, its marker seen in 0 packets; its
+/// report.
+fn veil_check_passes(lab: &Lab) -> serde_json::Value {
     let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
     assert!(
         out.status.success(),
-        "veil check failed on an encrypted lab: {}",
+        "veil check failed on lab {}: {}",
+        lab.name,
         String::from_utf8_lossy(&out.stdout)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["pass"], true);
     assert_eq!(report["capture"]["marker_hits"], 0);
-    assert!(report["capture"]["wireguard"].as_u64().unwrap() > 0);
+    report
 }
 
 /// Dual stack: every pod has an IPv6 address beside its IPv4 one, and IPv6 between pods on
@@ -218,13 +226,7 @@ fn dual_stack_ipv6_between_pods_crosses_only_encrypted_and_under_policy() {
     );
 
     // The product's leak check covers the IPv6 pairs too.
-    let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "veil check failed on a dual-stack lab: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = veil_check_passes(&lab);
     assert!(
         report["pairs"]
             .as_array()
@@ -233,7 +235,6 @@ fn dual_stack_ipv6_between_pods_crosses_only_encrypted_and_under_policy() {
             .any(|p| p == "shop/frontend -> shop/backend (IPv6)"),
         "no IPv6 pair in {report:#?}"
     );
-    assert_eq!(report["capture"]["marker_hits"], 0);
 
     // Policy: backend admits only frontend on 8080, over IPv6 as over IPv4.
     assert_frontend_only_ingress_to(&lab, &be6);
@@ -326,14 +327,7 @@ fn ipv6_only_lab_on_spire_crosses_an_ipv6_underlay_only_encrypted_and_under_poli
     );
     println!("IPv6 only: {pings} pings and {udp} UDP probes answered, 0 lost; {bulk} bytes exact");
 
-    let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "veil check failed on an IPv6-only lab: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["capture"]["marker_hits"], 0);
+    let report = veil_check_passes(&lab);
     assert_eq!(report["capture"]["plaintext"], 0);
     assert!(report["capture"]["wireguard"].as_u64().unwrap() > 0);
 
@@ -353,39 +347,32 @@ fn ipv6_only_leak_pair_plaintext_shows_marker() {
         "--encryption",
         "off",
     ]);
-    let marker = format!("VEIL-E2E-V6ONLY-MARKER-{}", rand_suffix());
-    let cap = lab.capture_underlay();
-    send_marker(&lab, &marker);
-    let (raw, lines) = cap.stop_decoded();
-    assert!(
-        contains(&raw, marker.as_bytes()),
-        "the capture did not see the marker: {lines:#?}"
-    );
+    let lines = marker_seen_in_clear(&lab);
     assert!(
         non_wireguard(&lines)
             .iter()
             .any(|l| l.contains(" IP6 fd00:198:19:1::10.")),
         "no IPv6 pod packet in clear: {lines:#?}"
     );
-    let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
-    assert_eq!(out.status.code(), Some(1), "veil check must fail in clear");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(report["capture"]["marker_hits"].as_u64().unwrap() > 0);
+    veil_check_fails(&lab);
 }
 
-#[test]
-fn leak_pair_plaintext_shows_marker() {
-    // The same capture with encryption off must see the marker: proof the filter can see a leak.
-    let lab = Lab::up(&["--encryption", "off"]);
+/// With encryption off: a marker sent from frontend to backend is seen on the underlay (the
+/// capture can see a leak). The capture's lines.
+fn marker_seen_in_clear(lab: &Lab) -> Vec<String> {
     let marker = format!("VEIL-E2E-MARKER-{}", rand_suffix());
     let cap = lab.capture_underlay();
-    send_marker(&lab, &marker);
+    send_marker(lab, &marker);
     let (raw, lines) = cap.stop_decoded();
     assert!(
         contains(&raw, marker.as_bytes()),
         "the capture did not see the marker: {lines:#?}"
     );
-    assert!(!non_wireguard(&lines).is_empty());
+    lines
+}
+
+/// `veil check -o json` on a lab in clear: exit status 1, not passed, its marker seen.
+fn veil_check_fails(lab: &Lab) {
     let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
     assert_eq!(
         out.status.code(),
@@ -395,6 +382,15 @@ fn leak_pair_plaintext_shows_marker() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["pass"], false);
     assert!(report["capture"]["marker_hits"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn leak_pair_plaintext_shows_marker() {
+    // The same capture with encryption off must see the marker: proof the filter can see a leak.
+    let lab = Lab::up(&["--encryption", "off"]);
+    let lines = marker_seen_in_clear(&lab);
+    assert!(!non_wireguard(&lines).is_empty());
+    veil_check_fails(&lab);
 }
 
 /// Host-network traffic between the nodes' own addresses: a TCP connection from node-a's
