@@ -149,13 +149,14 @@ fn classify(frame: &[u8]) -> Class {
             let src_unspecified = frame[22..38].iter().all(|b| *b == 0);
             let dst_link_mcast = frame[38] == 0xff && frame[39] & 0x0f == 0x02;
             let dst_link = frame[38] == 0xfe && frame[39] & 0xc0 == 0x80;
-            // ICMPv6 (ND) or hop-by-hop (MLD) kept to the link.
             let l4 = &frame[54..];
             // Neighbour discovery (router and neighbour solicitations and advertisements,
             // redirects: ICMPv6 133-137, hop limit 255 so never routed) between the nodes'
             // IPv6 underlay addresses, which it resolves from those global addresses.
-            let neighbour_discovery =
-                next == 58 && frame[21] == 255 && (133..=137).contains(&l4[0]);
+            let neighbour_discovery = next == 58
+                && frame[21] == 255
+                && l4.first().is_some_and(|t| (133..=137).contains(t));
+            // ICMPv6 (ND) or hop-by-hop (MLD) kept to the link.
             if neighbour_discovery
                 || ((next == 58 || next == 0)
                     && (src_link || src_unspecified)
@@ -163,56 +164,52 @@ fn classify(frame: &[u8]) -> Class {
             {
                 Class::LinkLocal
             } else {
-                // An IPv6 underlay: WireGuard, the control channel and the nodes' TLS to the
-                // spire-server as over IPv4 (no extension headers: anything else is counted as
-                // plaintext).
-                let sport = u16::from_be_bytes([l4[0], l4[1]]);
-                let dport = u16::from_be_bytes([l4[2], l4[3]]);
-                let (src, dst) = (&frame[22..38], &frame[38..54]);
+                // An IPv6 underlay (no extension headers: anything else is plaintext).
                 let spire = crate::lab::spire_real::SERVER_ADDR6.octets();
-                let spire_port = crate::lab::spire_real::SERVER_PORT;
-                match next {
-                    17 if sport == WG_PORT || dport == WG_PORT => Class::Wireguard,
-                    6 if sport == CONTROL_PORT || dport == CONTROL_PORT => Class::Control,
-                    6 if (src == spire && sport == spire_port)
-                        || (dst == spire && dport == spire_port) =>
-                    {
-                        Class::Identity
-                    }
-                    _ => Class::Other,
-                }
+                by_ports(next, &frame[22..38], &frame[38..54], l4, &[&spire])
             }
         }
         0x0800 if frame.len() >= 34 => {
             let ihl = usize::from(frame[14] & 0x0f) * 4;
-            let proto = frame[23];
-            let l4 = 14 + ihl;
-            if frame.len() < l4 + 4 {
-                return Class::Other;
-            }
-            let sport = u16::from_be_bytes([frame[l4], frame[l4 + 1]]);
-            let dport = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
-            let (src, dst) = (&frame[26..30], &frame[30..34]);
             let spire = crate::lab::spire_real::SERVER_ADDR.octets();
-            let spire_port = crate::lab::spire_real::SERVER_PORT;
-            let (api, api_port) = (
-                crate::lab::kube::API_IP.octets(),
-                crate::lab::kube::API_PORT,
-            );
-            match proto {
-                17 if sport == WG_PORT || dport == WG_PORT => Class::Wireguard,
-                6 if sport == CONTROL_PORT || dport == CONTROL_PORT => Class::Control,
-                6 if (src == spire && sport == spire_port)
-                    || (dst == spire && dport == spire_port) =>
-                {
-                    Class::Identity
-                }
-                6 if (src == api && sport == api_port) || (dst == api && dport == api_port) => {
-                    Class::KubeApi
-                }
-                _ => Class::Other,
-            }
+            let api = crate::lab::kube::API_IP.octets();
+            let l4 = frame.get(14 + ihl..).unwrap_or_default();
+            by_ports(
+                frame[23],
+                &frame[26..30],
+                &frame[30..34],
+                l4,
+                &[&spire, &api],
+            )
         }
+        _ => Class::Other,
+    }
+}
+
+/// A packet between the nodes by its protocol, addresses and ports (`l4` from the transport
+/// header on): WireGuard, the control channel, or TLS to the lab's spire-server and (IPv4)
+/// kube-apiserver at the addresses `servers` names, in that order; anything else, or a header
+/// too short for its ports, is plaintext.
+fn by_ports(proto: u8, src: &[u8], dst: &[u8], l4: &[u8], servers: &[&[u8]]) -> Class {
+    if l4.len() < 4 {
+        return Class::Other;
+    }
+    let sport = u16::from_be_bytes([l4[0], l4[1]]);
+    let dport = u16::from_be_bytes([l4[2], l4[3]]);
+    let ports = [
+        (crate::lab::spire_real::SERVER_PORT, Class::Identity),
+        (crate::lab::kube::API_PORT, Class::KubeApi),
+    ];
+    match proto {
+        17 if sport == WG_PORT || dport == WG_PORT => Class::Wireguard,
+        6 if sport == CONTROL_PORT || dport == CONTROL_PORT => Class::Control,
+        6 => servers
+            .iter()
+            .zip(ports)
+            .find(|(addr, (port, _))| {
+                (src == **addr && sport == *port) || (dst == **addr && dport == *port)
+            })
+            .map_or(Class::Other, |(_, (_, class))| class),
         _ => Class::Other,
     }
 }
@@ -632,6 +629,10 @@ mod tests {
                 marker_hits: 1
             }
         );
+        // A bare IPv6 header (no transport header) is counted, not a panic.
+        let mut bare = ipv6_l4(ula, ula, 17, [0; 8]);
+        bare.truncate(54);
+        assert_eq!(analyse_pcap(&pcap(&[bare]), b"x").unwrap().plaintext, 1);
         assert!(analyse_pcap(b"short", b"x").is_err());
         assert!(analyse_pcap(&[0u8; 40], b"x").is_err());
     }
