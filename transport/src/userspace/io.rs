@@ -60,19 +60,12 @@ impl Udp {
     /// peers are sent to and heard from as before; addresses come back as IPv4, see
     /// [`canonical`]). A kernel without IPv6 (`ipv6.disable=1`) gets an IPv4 socket.
     fn bind(port: u16) -> io::Result<Self> {
-        let sock = match Self::dual_stack(port) {
-            Ok(s) => s,
+        let any = |ip: IpAddr| SocketAddr::new(ip, port);
+        let sock = match unspecified_udp(any(std::net::Ipv6Addr::UNSPECIFIED.into())) {
             Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-                let sock = socket2::Socket::new(
-                    socket2::Domain::IPV4,
-                    socket2::Type::DGRAM,
-                    Some(socket2::Protocol::UDP),
-                )?;
-                sock.set_reuse_address(true)?;
-                sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-                sock
+                unspecified_udp(any(Ipv4Addr::UNSPECIFIED.into()))?
             }
-            Err(e) => return Err(e),
+            r => r?,
         };
         force_buffers(&sock);
         let socket: UdpSocket = sock.into();
@@ -83,18 +76,6 @@ impl Udp {
             state,
             port,
         })
-    }
-
-    fn dual_stack(port: u16) -> io::Result<socket2::Socket> {
-        let sock = socket2::Socket::new(
-            socket2::Domain::IPV6,
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
-        sock.set_only_v6(false)?;
-        sock.set_reuse_address(true)?;
-        sock.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
-        Ok(sock)
     }
 
     /// Sends to `to.addr` from `to.local`; when that address is no longer this host's (it was
@@ -140,6 +121,21 @@ impl Udp {
             }
         }
     }
+}
+
+/// A UDP socket bound to `addr` (an unspecified address), IPv4 mapped in when it is IPv6.
+fn unspecified_udp(addr: SocketAddr) -> io::Result<socket2::Socket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock)
 }
 
 /// SO_RCVBUFFORCE / SO_SNDBUFFORCE: root may exceed net.core.{r,w}mem_max, and an encrypted
