@@ -219,34 +219,42 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
     Err(reason::PLAINTEXT_UNDERLAY)
 }
 
-/// With node encryption on, an IPv4 packet to another node's own address (the nodes' addresses
-/// are IPv4) is redirected into the tunnel device, whatever sends it (a host process, a pod's
-/// connection to a node port), except what carries the tunnel: WireGuard's own datagrams (UDP
-/// from its port) and the control channel (TCP to or from its port). No peer for that node:
-/// `no-key`, never clear. Larger than the tunnel carries: `mtu-exceeded` (the agent gives the
-/// routes to the other nodes an advertised MSS that fits the tunnel, so TCP's segments do).
+/// With node encryption on, a packet to another node's own address (IPv4 or IPv6, the family
+/// of the underlay) is redirected into the tunnel device, whatever sends it (a host process, a
+/// pod's connection to a node port), except what carries the tunnel: WireGuard's own datagrams
+/// (UDP from its port), the control channel (TCP to or from its port) and, on an IPv6 underlay,
+/// neighbour discovery (ICMPv6 133-137 at hop limit 255), which resolves the underlay itself as
+/// ARP does for IPv4. No peer for that node: `no-key`, never clear. Larger than the tunnel
+/// carries: `mtu-exceeded` (the agent gives the routes to the other nodes an advertised MSS that
+/// fits the tunnel, so TCP's segments do).
 fn try_to_underlay(ctx: &TcContext) -> Result<i32, u32> {
     let cfg = config()?;
     let both = config_flags::ENCRYPT | config_flags::NODE_ENCRYPT;
     if cfg.flags & both != both {
         return Ok(TC_ACT_OK);
     }
-    if u16::from_be(ctx.load::<u16>(12).map_err(|_| reason::TRUNCATED)?) != ETH_P_IP {
-        return Ok(TC_ACT_OK);
-    }
-    let daddr: [u8; 4] = ctx.load(ETH_HLEN + 16).map_err(|_| reason::TRUNCATED)?;
-    let node = match lookup_ip(&v4_mapped(daddr)) {
+    let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| reason::TRUNCATED)?);
+    let daddr: [u8; 16] = match eth_proto {
+        ETH_P_IP => v4_mapped(ctx.load(ETH_HLEN + 16).map_err(|_| reason::TRUNCATED)?),
+        ETH_P_IPV6 => ctx.load(ETH_HLEN + 24).map_err(|_| reason::TRUNCATED)?,
+        _ => return Ok(TC_ACT_OK),
+    };
+    let node = match lookup_ip(&daddr) {
         Some(d) if d.flags & ip_flags::NODE != 0 => d.node_id,
         _ => return Ok(TC_ACT_OK),
     };
-    let flow = parse_v4(ctx, ETH_HLEN)?;
+    let flow = if eth_proto == ETH_P_IP {
+        parse_v4(ctx, ETH_HLEN)?
+    } else {
+        parse_v6(ctx, ETH_HLEN)?
+    };
     if !flow.later_fragment {
         let wireguard =
             flow.protocol == IPPROTO_UDP && u32::from(flow.sport) == cfg.wg_port;
         let control = flow.protocol == IPPROTO_TCP
             && (u32::from(flow.sport) == cfg.control_port
                 || u32::from(flow.dport) == cfg.control_port);
-        if wireguard || control {
+        if wireguard || control || is_neighbour_discovery(ctx, &flow)? {
             return Ok(TC_ACT_OK);
         }
     }
@@ -256,6 +264,18 @@ fn try_to_underlay(ctx: &TcContext) -> Result<i32, u32> {
     }
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(cfg.tunnel_ifindex, 0) } as i32)
+}
+
+/// ICMPv6 router and neighbour solicitations and advertisements and redirects (133-137) with
+/// hop limit 255 (RFC 4861: anything less is not neighbour discovery and is discarded by the
+/// receiver), in an Ethernet frame.
+#[inline(always)]
+fn is_neighbour_discovery(ctx: &TcContext, flow: &Flow) -> Result<bool, u32> {
+    if !flow.is_v6 || flow.protocol != IPPROTO_ICMPV6 || !(133..=137).contains(&flow.icmp_type) {
+        return Ok(false);
+    }
+    let hop_limit: u8 = ctx.load(ETH_HLEN + 7).map_err(|_| reason::TRUNCATED)?;
+    Ok(hop_limit == 255)
 }
 
 fn try_to_tunnel(ctx: &TcContext) -> Result<i32, u32> {

@@ -1181,13 +1181,15 @@ pub fn pcap_frames(pcap: &[u8]) -> Vec<&[u8]> {
     frames
 }
 
-/// The facts of one IPv4 frame of a capture that the MTU and fragmentation checks need.
+/// The facts of one IPv4 or IPv6 frame of a capture that the MTU and fragmentation checks need.
 #[derive(Debug)]
-pub struct Ipv4Frame {
+pub struct IpFrame {
     pub src: String,
     pub dst: String,
+    /// The IP datagram's length: IPv4's total length, or IPv6's payload length plus its 40-byte
+    /// header.
     pub total_len: u32,
-    /// More-fragments set or a non-zero fragment offset.
+    /// IPv4: more-fragments set or a non-zero fragment offset. IPv6: a fragment header.
     pub is_fragment: bool,
     /// UDP ports of whole datagrams and first fragments.
     pub udp_ports: Option<(u16, u16)>,
@@ -1196,14 +1198,24 @@ pub struct Ipv4Frame {
     /// bridge sees one "frame" per batch; each message becomes its own datagram of this length
     /// (the last may be shorter) wherever the batch is segmented.
     pub wg_segment: Option<usize>,
+    /// The IP and UDP headers' length in front of the UDP payload (28 or 48).
+    pub udp_headers: u32,
 }
 
-impl Ipv4Frame {
+impl IpFrame {
     /// The IP length of the largest datagram this frame stands for on a wire.
     pub fn wire_len(&self) -> u32 {
         match self.wg_segment {
-            Some(seg) => self.total_len.min(seg as u32 + 28),
+            Some(seg) => self.total_len.min(seg as u32 + self.udp_headers),
             None => self.total_len,
+        }
+    }
+
+    /// The WireGuard datagrams this frame stands for (a GSO batch counts each message).
+    pub fn wg_datagrams(&self) -> usize {
+        match self.wg_segment {
+            Some(seg) => ((self.total_len - self.udp_headers) as usize).div_ceil(seg),
+            None => 1,
         }
     }
 }
@@ -1222,30 +1234,58 @@ fn wg_segment(p: &[u8]) -> Option<usize> {
     })
 }
 
-/// The IPv4 frames of a pcap file (Ethernet link type, as tcpdump writes for the bridge).
-pub fn ipv4_frames(pcap: &[u8]) -> Vec<Ipv4Frame> {
+/// One IPv4 or IPv6 frame's facts; `None` for anything else. IPv6 extension headers other than
+/// a fragment header directly after the fixed header are not walked (veil sends none).
+fn ip_frame(frame: &[u8]) -> Option<IpFrame> {
     let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-    let mut out = Vec::new();
-    for frame in pcap_frames(pcap) {
-        if frame.len() < 34 || be16(&frame[12..14]) != 0x0800 {
-            continue;
+    let udp = |proto: u8, first: bool, whole: bool, l4: &[u8]| {
+        let ports = (proto == 17 && first && l4.len() >= 4).then(|| (be16(l4), be16(&l4[2..])));
+        let seg = (proto == 17 && whole && l4.len() >= 8)
+            .then(|| wg_segment(&l4[8..]))
+            .flatten();
+        (ports, seg)
+    };
+    match frame.get(12..14)? {
+        [0x08, 0x00] if frame.len() >= 34 => {
+            let ip = &frame[14..];
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let frag = be16(&ip[6..8]);
+            let l4 = ip.get(ihl..).unwrap_or_default();
+            let (udp_ports, wg_segment) = udp(ip[9], frag & 0x1fff == 0, frag & 0x3fff == 0, l4);
+            Some(IpFrame {
+                src: std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]).to_string(),
+                dst: std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]).to_string(),
+                total_len: u32::from(be16(&ip[2..4])),
+                is_fragment: frag & 0x2000 != 0 || frag & 0x1fff != 0,
+                udp_ports,
+                wg_segment,
+                udp_headers: ihl as u32 + 8,
+            })
         }
-        let ip = &frame[14..];
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        let frag = be16(&ip[6..8]);
-        out.push(Ipv4Frame {
-            src: std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]).to_string(),
-            dst: std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]).to_string(),
-            total_len: u32::from(be16(&ip[2..4])),
-            is_fragment: frag & 0x2000 != 0 || frag & 0x1fff != 0,
-            udp_ports: (ip[9] == 17 && frag & 0x1fff == 0 && ip.len() >= ihl + 4)
-                .then(|| (be16(&ip[ihl..]), be16(&ip[ihl + 2..]))),
-            wg_segment: (ip[9] == 17 && frag & 0x3fff == 0 && ip.len() >= ihl + 8)
-                .then(|| wg_segment(&ip[ihl + 8..]))
-                .flatten(),
-        });
+        [0x86, 0xdd] if frame.len() >= 54 => {
+            let ip = &frame[14..];
+            let addr = |b: &[u8]| std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap());
+            let is_fragment = ip[6] == 44;
+            let l4 = &ip[40..];
+            let (udp_ports, wg_segment) = udp(ip[6], true, true, l4);
+            Some(IpFrame {
+                src: addr(&ip[8..24]).to_string(),
+                dst: addr(&ip[24..40]).to_string(),
+                total_len: 40 + u32::from(be16(&ip[4..6])),
+                is_fragment,
+                udp_ports,
+                wg_segment,
+                udp_headers: 48,
+            })
+        }
+        _ => None,
     }
-    out
+}
+
+/// The IPv4 and IPv6 frames of a pcap file (Ethernet link type, as tcpdump writes for the
+/// bridge).
+pub fn ip_frames(pcap: &[u8]) -> Vec<IpFrame> {
+    pcap_frames(pcap).into_iter().filter_map(ip_frame).collect()
 }
 
 /// A tcpdump writing a pcap of one interface in one netns, independent of `veil check`; stopped

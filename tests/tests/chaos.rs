@@ -7,6 +7,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     process::Command,
     time::{Duration, Instant},
 };
@@ -178,29 +179,114 @@ struct Verdict {
     icmp_for_wireguard: usize,
     /// The canary frames this test put on the wire itself.
     canary: usize,
-    /// Pod addresses (198.19.0.0/16) in an outer IPv4 header, or the run's payload token in the
-    /// bytes: a leak.
+    /// Pod addresses (198.19.0.0/16, fd00:198:19::/48) in an outer IP header, or the run's
+    /// payload token in the bytes: a leak.
     plaintext: Vec<String>,
-    /// Any other IP traffic (ARP, IGMP to 224.0.0.0/24, IPv6 link-local control and the end
-    /// frame are not counted).
+    /// Any other IP traffic (ARP, IGMP to 224.0.0.0/24, IPv6 link-local control, neighbour
+    /// discovery and the end frame are not counted).
     other: Vec<String>,
 }
 
-/// TCP to or from the lab's spire-server or kube-apiserver address and port.
-fn control_plane_traffic(
-    src: std::net::Ipv4Addr,
-    dst: std::net::Ipv4Addr,
-    ports: Option<(u16, u16)>,
-) -> bool {
+/// TCP to or from the lab's spire-server (on either underlay family) or kube-apiserver address
+/// and port.
+fn control_plane_traffic(src: IpAddr, dst: IpAddr, ports: Option<(u16, u16)>) -> bool {
     use veil_agent::lab::{kube, spire_real};
     [
-        (spire_real::SERVER_ADDR, spire_real::SERVER_PORT),
-        (kube::API_IP, kube::API_PORT),
+        (
+            IpAddr::from(spire_real::SERVER_ADDR),
+            spire_real::SERVER_PORT,
+        ),
+        (
+            IpAddr::from(spire_real::SERVER_ADDR6),
+            spire_real::SERVER_PORT,
+        ),
+        (IpAddr::from(kube::API_IP), kube::API_PORT),
     ]
     .iter()
     .any(|&(addr, port)| {
         ports.is_some_and(|(s, d)| (src == addr && s == port) || (dst == addr && d == port))
     })
+}
+
+/// The IP header facts the classifier needs, of an IPv4 or IPv6 frame (no IPv6 extension
+/// headers are walked: veil sends none, and a frame with one is "other").
+struct Packet<'a> {
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    /// TTL or hop limit.
+    hops: u8,
+    /// From the transport header on.
+    l4: &'a [u8],
+}
+
+fn packet(frame: &[u8]) -> Option<Packet<'_>> {
+    match frame.get(12..14)? {
+        [0x08, 0x00] if frame.len() >= 34 => {
+            let ip = &frame[14..];
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            Some(Packet {
+                src: <[u8; 4]>::try_from(&ip[12..16]).ok()?.into(),
+                dst: <[u8; 4]>::try_from(&ip[16..20]).ok()?.into(),
+                proto: ip[9],
+                hops: ip[8],
+                l4: ip.get(ihl..).unwrap_or_default(),
+            })
+        }
+        [0x86, 0xdd] if frame.len() >= 54 => {
+            let ip = &frame[14..];
+            Some(Packet {
+                src: <[u8; 16]>::try_from(&ip[8..24]).ok()?.into(),
+                dst: <[u8; 16]>::try_from(&ip[24..40]).ok()?.into(),
+                proto: ip[6],
+                hops: ip[7],
+                l4: &ip[40..],
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A pod address: 198.19.0.0/16 or fd00:198:19::/48.
+fn is_pod(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => a.octets()[..2] == [198, 19],
+        IpAddr::V6(a) => a.segments()[..3] == [0xfd00, 0x198, 0x19],
+    }
+}
+
+/// Traffic the kernel keeps to the link on its own, never pod traffic: IGMP to 224.0.0.0/24
+/// (membership reports when a device comes up); IPv6 from a link-local or the unspecified
+/// address (neighbour discovery, MLD); and neighbour discovery between the IPv6 underlay's own
+/// addresses (ICMPv6 133-137 with hop limit 255, so never routed).
+fn is_link_control(p: &Packet) -> bool {
+    match p.src {
+        IpAddr::V4(_) => {
+            p.proto == 2 && matches!(p.dst, IpAddr::V4(d) if d.octets()[..3] == [224, 0, 0])
+        }
+        IpAddr::V6(s) => {
+            (s.segments()[0] & 0xffc0) == 0xfe80
+                || s.is_unspecified()
+                || (p.proto == 58
+                    && p.hops == 255
+                    && p.l4.first().is_some_and(|t| (133..=137).contains(t)))
+        }
+    }
+}
+
+/// An ICMP or ICMPv6 destination-unreachable error quoting a WireGuard datagram (port 51820 on
+/// both sides): the quote is of ciphertext.
+fn is_icmp_for_wireguard(p: &Packet) -> bool {
+    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let (quote_proto, quote_udp) = match (p.src, p.proto, p.l4.first()) {
+        (IpAddr::V4(_), 1, Some(3)) => (8 + 9, 8 + 20),
+        (IpAddr::V6(_), 58, Some(1)) => (8 + 6, 8 + 40),
+        _ => return false,
+    };
+    p.l4.len() >= quote_udp + 4
+        && p.l4[quote_proto] == 17
+        && be16(&p.l4[quote_udp..]) == 51820
+        && be16(&p.l4[quote_udp + 2..]) == 51820
 }
 
 fn classify(pcap: &[u8], tok: &str) -> Verdict {
@@ -221,51 +307,29 @@ fn classify(pcap: &[u8], tok: &str) -> Verdict {
             continue;
         }
         let has_token = contains(frame, tok.as_bytes());
-        if ethertype == 0x86dd {
-            let ll = frame.len() >= 38
-                && ((frame[22] == 0xfe && frame[23] & 0xc0 == 0x80)
-                    || frame[22..38].iter().all(|b| *b == 0));
-            if has_token {
-                v.plaintext.push(format!("IPv6 frame carrying {tok}"));
-            } else if !ll {
-                v.other.push(format!("IPv6 frame of {} bytes", frame.len()));
-            }
-            continue;
-        }
-        if ethertype != 0x0800 || frame.len() < 34 {
+        let Some(p) = packet(frame) else {
             v.other.push(format!("ethertype {ethertype:#06x}"));
             continue;
-        }
-        let ip = &frame[14..];
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        let (src, dst) = (
-            std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-            std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        );
-        let pod = |a: std::net::Ipv4Addr| a.octets()[..2] == [198, 19];
-        let ports = (ip.len() >= ihl + 4).then(|| (be16(&ip[ihl..]), be16(&ip[ihl + 2..])));
-        let what = format!("{src} > {dst} proto {} ports {ports:?}", ip[9]);
-        // IGMP to 224.0.0.0/24 (membership reports the kernel sends by itself when a device
-        // comes up): link-local control, like ARP, never pod traffic.
-        let igmp_link_local = ip[9] == 2 && dst.octets()[..3] == [224, 0, 0];
-        if igmp_link_local && !has_token {
+        };
+        if has_token {
+            v.plaintext
+                .push(format!("{} > {} carrying {tok}", p.src, p.dst));
             continue;
         }
-        if pod(src) || pod(dst) || has_token {
+        if is_link_control(&p) {
+            continue;
+        }
+        let ports = (p.l4.len() >= 4).then(|| (be16(p.l4), be16(&p.l4[2..])));
+        let what = format!("{} > {} proto {} ports {ports:?}", p.src, p.dst, p.proto);
+        if is_pod(p.src) || is_pod(p.dst) {
             v.plaintext.push(what);
-        } else if ip[9] == 17 && ports == Some((51820, 51820)) {
+        } else if p.proto == 17 && ports == Some((51820, 51820)) {
             v.wireguard += 1;
-        } else if ip[9] == 6 && ports.is_some_and(|(s, d)| s == 4250 || d == 4250) {
+        } else if p.proto == 6 && ports.is_some_and(|(s, d)| s == 4250 || d == 4250) {
             v.control += 1;
-        } else if ip[9] == 6 && control_plane_traffic(src, dst, ports) {
+        } else if p.proto == 6 && control_plane_traffic(p.src, p.dst, ports) {
             v.control_plane += 1;
-        } else if ip[9] == 1
-            && ip.len() >= ihl + 8 + 28
-            && ip[ihl] == 3
-            && ip[ihl + 8 + 9] == 17
-            && be16(&ip[ihl + 8 + 20..]) == 51820
-            && be16(&ip[ihl + 8 + 22..]) == 51820
-        {
+        } else if is_icmp_for_wireguard(&p) {
             v.icmp_for_wireguard += 1;
         } else {
             v.other.push(what);

@@ -1,6 +1,6 @@
 //! Scenario 36 (tests/README.md): MTU and fragmentation. Labs whose underlay MTU is below the
-//! default (1280, the IPv6 minimum, and 1420), so pods get the underlay's MTU minus WireGuard's
-//! 60 bytes; and a pod whose eth0 was raised to 1500 inside its netns, so it sends packets, DF
+//! default (1280, the IPv6 minimum, and 1420) and above it (9000), so pods get the underlay's MTU
+//! minus WireGuard's 60 bytes (80 over an IPv6 underlay); and a pod whose eth0 was raised to 1500 inside its netns, so it sends packets, DF
 //! set, larger than the tunnel carries.
 //!
 //! Pass criteria. NL: a bulk TCP transfer each way arrives byte for byte within a timeout (no
@@ -14,17 +14,43 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{contains, ip_netns, ipv4_frames, link_mtu, rand_suffix, Capture, Lab, TempFile};
+use veil_tests::{contains, ip_frames, ip_netns, link_mtu, rand_suffix, Capture, Lab, TempFile};
 
 /// Bytes of each bulk transfer.
 const BULK_BYTES: usize = 16 << 20;
 /// A transfer of BULK_BYTES takes well under a second here; a black-holed one never ends.
 const BULK_TIMEOUT: Duration = Duration::from_secs(60);
-/// WireGuard's IPv4 overhead: 20 IP + 8 UDP + 32 WireGuard data header and tag.
-const WG_OVERHEAD: u32 = 60;
+/// WireGuard's overhead over an IPv4 underlay: 20 IP + 8 UDP + 32 WireGuard data header and tag.
+const WG_OVERHEAD_V4: u32 = 60;
+/// IPv6's minimum link MTU.
+const IPV6_MIN_MTU: u32 = 1280;
+
+/// A lab on an underlay of `underlay_mtu`, with `extra` lines in its lab file. An underlay too
+/// small to give pods IPv6's 1280 makes an IPv4-only lab, whatever family `VEIL_TEST_IP_FAMILY`
+/// asks for (`lab up` would refuse it).
+fn mtu_lab_with(underlay_mtu: u32, extra: &str) -> Lab {
+    let family = if underlay_mtu - WG_OVERHEAD_V4 < IPV6_MIN_MTU {
+        "ip_family: ipv4\n"
+    } else {
+        ""
+    };
+    Lab::up_with_file(
+        &format!("underlay_mtu: {underlay_mtu}\n{family}{extra}"),
+        &[],
+    )
+}
 
 fn mtu_lab(underlay_mtu: u32) -> Lab {
-    Lab::up_with_file(&format!("underlay_mtu: {underlay_mtu}\n"), &[])
+    mtu_lab_with(underlay_mtu, "")
+}
+
+/// WireGuard's overhead on this lab's underlay: 60 bytes over IPv4, 80 over IPv6.
+fn wg_overhead(lab: &Lab) -> u32 {
+    if lab.view.nodes[0].underlay_ip.contains(':') {
+        WG_OVERHEAD_V4 + 20
+    } else {
+        WG_OVERHEAD_V4
+    }
 }
 
 /// Raises a pod's eth0 and its host-side veth to `mtu`: the pod then sends packets the tunnel
@@ -70,7 +96,7 @@ fn classify(raw: &[u8], lab: &Lab, marker: &str, underlay_mtu: u32) -> Findings 
         has_marker: contains(raw, marker.as_bytes()),
         ..Findings::default()
     };
-    for f in ipv4_frames(raw) {
+    for f in ip_frames(raw) {
         let is_plaintext = pods.contains(&f.src.as_str()) || pods.contains(&f.dst.as_str());
         let is_oversized = f.wire_len() > underlay_mtu;
         out.plaintext += usize::from(is_plaintext);
@@ -80,10 +106,7 @@ fn classify(raw: &[u8], lab: &Lab, marker: &str, underlay_mtu: u32) -> Findings 
             out.examples.push(format!("{f:?}"));
         }
         if f.udp_ports.is_some_and(|(s, d)| s == 51820 || d == 51820) {
-            out.wg_datagrams += match f.wg_segment {
-                Some(seg) => (f.total_len as usize - 28).div_ceil(seg),
-                None => 1,
-            };
+            out.wg_datagrams += f.wg_datagrams();
             out.wg_largest = out.wg_largest.max(f.wire_len());
         }
     }
@@ -216,9 +239,9 @@ fn mbit_s(bytes: usize, took: Duration) -> f64 {
 
 /// A lab on an underlay of `underlay_mtu`: the MTUs follow, bulk TCP crosses both ways, and the
 /// underlay sees only whole WireGuard datagrams no larger than its MTU.
-fn on_underlay_mtu(underlay_mtu: u32) {
-    let lab = mtu_lab(underlay_mtu);
-    let tunnel_mtu = underlay_mtu - WG_OVERHEAD;
+fn on_underlay_mtu(underlay_mtu: u32, extra: &str) {
+    let lab = mtu_lab_with(underlay_mtu, extra);
+    let tunnel_mtu = underlay_mtu - wg_overhead(&lab);
     assert_eq!(lab.view.pod_mtu, tunnel_mtu);
     for n in &lab.view.nodes {
         assert_eq!(link_mtu(&n.netns, "ul0"), underlay_mtu, "{} ul0", n.name);
@@ -262,18 +285,25 @@ fn on_underlay_mtu(underlay_mtu: u32) {
 
 #[test]
 fn underlay_mtu_1280_carries_bulk_tcp_both_ways_without_plaintext_or_fragments() {
-    on_underlay_mtu(1280);
+    on_underlay_mtu(1280, "");
 }
 
 #[test]
 fn underlay_mtu_1420_carries_bulk_tcp_both_ways_without_plaintext_or_fragments() {
-    on_underlay_mtu(1420);
+    on_underlay_mtu(1420, "");
 }
 
 /// Jumbo frames: the lab file's largest underlay MTU (9000, tunnel and pods 8940).
 #[test]
 fn underlay_mtu_9000_carries_bulk_tcp_both_ways_without_plaintext_or_fragments() {
-    on_underlay_mtu(9000);
+    on_underlay_mtu(9000, "");
+}
+
+/// An IPv6-only lab over an IPv6 underlay of 1500: the tunnel and the pods get 1420 (WireGuard's
+/// 80 bytes over IPv6) and the same checks hold for IPv6 frames.
+#[test]
+fn ipv6_underlay_mtu_1500_carries_bulk_tcp_both_ways_without_plaintext_or_fragments() {
+    on_underlay_mtu(1500, "ip_family: ipv6\n");
 }
 
 /// Sends UDP datagrams of `total_len` bytes (IP) with `marker` from `pod` to `dst`:9302, DF set
@@ -349,7 +379,8 @@ fn raised_frontend_lab() -> (Lab, u32, u32) {
     let underlay_mtu = 1280;
     let lab = mtu_lab(underlay_mtu);
     raise_pod_mtu(&lab, "frontend", 1500);
-    (lab, underlay_mtu, underlay_mtu - WG_OVERHEAD)
+    let tunnel_mtu = underlay_mtu - wg_overhead(&lab);
+    (lab, underlay_mtu, tunnel_mtu)
 }
 
 #[test]
@@ -397,10 +428,7 @@ fn pod_with_a_raised_mtu_leaks_nothing_and_its_tcp_still_flows() {
 #[test]
 fn underlay_mtu_1280_with_encryption_off_shows_plaintext_and_fragments() {
     let underlay_mtu = 1280;
-    let lab = Lab::up_with_file(
-        &format!("underlay_mtu: {underlay_mtu}\nencryption: off\n"),
-        &[],
-    );
+    let lab = mtu_lab_with(underlay_mtu, "encryption: off\n");
     let be = lab.pod_ip("backend");
     let bulk = Bulk::new();
     let cap = underlay_capture(&lab);
@@ -457,8 +485,8 @@ fn oversized_df_packets_get_frag_needed_and_tcp_is_not_black_holed() {
 fn ipv6_oversized_packets_get_packet_too_big_and_tcp_is_not_black_holed() {
     let underlay_mtu = 1400;
     let lab = mtu_lab(underlay_mtu);
-    assert_eq!(lab.view.ip_family, "dual");
-    let tunnel_mtu = underlay_mtu - WG_OVERHEAD;
+    assert_ne!(lab.view.ip_family, "ipv4");
+    let tunnel_mtu = underlay_mtu - wg_overhead(&lab);
     raise_pod_mtu(&lab, "frontend", 1500);
     let be6 = lab.pod_ip6("backend");
     const SCRIPT: &str = r#"

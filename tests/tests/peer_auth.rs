@@ -477,7 +477,7 @@ fn node_moves_are_followed(lab: &Lab, moves: &[(&str, &str, &str, Move, Duration
             !veil_tests::contains(&pcap, marker.as_bytes()),
             "the marker crossed the underlay in clear after {node} moved"
         );
-        let wg_from_new = veil_tests::ipv4_frames(&pcap)
+        let wg_from_new = veil_tests::ip_frames(&pcap)
             .iter()
             .filter(|f| f.src == to && f.udp_ports == Some((51820, 51820)))
             .count();

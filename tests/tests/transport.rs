@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use veil_tests::{
-    contains, ip_netns, ipv4_frames, link_mtu, rand_suffix, veil, veil_ok, Lab, Streaming, ECHO_LAB,
+    contains, ip_frames, ip_netns, link_mtu, rand_suffix, veil, veil_ok, Lab, Streaming, ECHO_LAB,
 };
 
 /// Sends a unique marker from frontend to backend over TCP (HTTP path and header) and UDP, to
@@ -435,19 +435,49 @@ fn send_node_marker(lab: &Lab, marker: &str, bulk: usize) -> usize {
 /// addresses) crosses inside WireGuard, a megabyte of TCP arrives whole (its segments sized for
 /// the tunnel), the control channel and WireGuard itself still cross outside, pod traffic is
 /// unaffected, and a host process's HTTP request to a pod on the other node is answered, both
-/// ways inside WireGuard (scenario 6). The other half of the pair: the same traffic with node encryption off is
-/// seen in clear.
+/// ways inside WireGuard (scenario 6). The other half of the pair: the same traffic with node
+/// encryption off is seen in clear.
 #[test]
 fn node_traffic_leak_pair_encrypted_shows_no_marker() {
-    let lab = Lab::up(&["--node-encryption", "on"]);
+    node_traffic_encrypted(&[]);
+}
+
+#[test]
+fn node_traffic_leak_pair_plaintext_shows_marker() {
+    node_traffic_in_clear(&[]);
+}
+
+/// The same pair over an IPv6 underlay (an IPv6-only lab): node-to-node traffic between the
+/// nodes' IPv6 addresses enters the tunnel, while neighbour discovery between them stays on the
+/// link (the underlay's own resolution, which the tunnel's datagrams need).
+#[test]
+fn ipv6_node_traffic_leak_pair_encrypted_shows_no_marker() {
+    node_traffic_encrypted(&["--ip-family", "ipv6"]);
+}
+
+#[test]
+fn ipv6_node_traffic_leak_pair_plaintext_shows_marker() {
+    node_traffic_in_clear(&["--ip-family", "ipv6"]);
+}
+
+fn node_traffic_encrypted(extra: &[&str]) {
+    let lab = Lab::up(&[&["--node-encryption", "on"], extra].concat());
+    let (a_ip, b_ip) = (
+        lab.node("node-a").underlay_ip.clone(),
+        lab.node("node-b").underlay_ip.clone(),
+    );
     let st = lab.status("node-a");
     assert!(
         st.node_encryption,
         "status does not say node encryption is on"
     );
+    let host_len = if b_ip.contains(':') { 128 } else { 32 };
     assert!(
-        st.peers[0].allowed_ips.iter().any(|a| a == "198.18.0.2/32"),
-        "node-b's address is not in its peer's allowed IPs: {:?}",
+        st.peers[0]
+            .allowed_ips
+            .iter()
+            .any(|a| *a == format!("{b_ip}/{host_len}")),
+        "node-b's address {b_ip} is not in its peer's allowed IPs: {:?}",
         st.peers[0].allowed_ips
     );
     let tx = st.peers[0].tx_bytes;
@@ -459,7 +489,7 @@ fn node_traffic_leak_pair_encrypted_shows_no_marker() {
     // A host process on node-a to a pod on node-b, and the pod's answers to that host: both
     // through the tunnel. (The answers were dropped `host-spoofed-source` on node-b until the
     // datapath marked a pod's traffic to another node's address as the pod's own.)
-    let url = format!("http://{}:8080/{marker}", lab.pod_ip("backend"));
+    let url = format!("{}{marker}", lab.pod_url("backend", 8080));
     let header = format!("X-Marker: {marker}");
     let argv = ["curl", "-sS", "-g", "--max-time", "5", "-H", &header, &url];
     let body = ip_netns(&lab.node("node-a").netns, &argv);
@@ -476,15 +506,13 @@ fn node_traffic_leak_pair_encrypted_shows_no_marker() {
         !contains(&raw, marker.as_bytes()),
         "the marker crossed the underlay in clear"
     );
-    assert_only_wireguard(&lines, &[("198.18.0.1", "198.18.0.2", 5)]);
+    assert_only_wireguard(&lines, &[(&a_ip, &b_ip, 5)]);
     assert!(
         lab.status("node-a").peers[0].tx_bytes > tx + bulk as u64,
         "the megabyte did not go through node-a's tunnel"
     );
     // The product's own check covers node traffic too, and passes.
-    let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(out.status.success(), "veil check failed: {report}");
+    let report = veil_check_passes(&lab);
     assert!(
         report["pairs"]
             .as_array()
@@ -493,7 +521,6 @@ fn node_traffic_leak_pair_encrypted_shows_no_marker() {
             .any(|p| p == "node node-a -> node node-b"),
         "veil check sent no node marker: {report}"
     );
-    assert_eq!(report["capture"]["marker_hits"], 0);
     // Every segment fit the tunnel (the node route's MSS): none was dropped as too big.
     let st = lab.status("node-a");
     assert_eq!(
@@ -504,9 +531,8 @@ fn node_traffic_leak_pair_encrypted_shows_no_marker() {
     );
 }
 
-#[test]
-fn node_traffic_leak_pair_plaintext_shows_marker() {
-    let lab = Lab::up(&[]);
+fn node_traffic_in_clear(extra: &[&str]) {
+    let lab = Lab::up(extra);
     assert!(!lab.status("node-a").node_encryption);
     let marker = format!("VEIL-NODE-MARKER-{}", rand_suffix());
     let cap = lab.capture_underlay();
@@ -765,7 +791,7 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
         String::from_utf8_lossy(&ok.stdout),
         String::from_utf8_lossy(&ok.stderr)
     );
-    let frames = ipv4_frames(&raw);
+    let frames = ip_frames(&raw);
     let full = |src: &str, dst: &str| {
         frames
             .iter()
@@ -831,7 +857,7 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
         "a packet over the tunnel MTU crossed the tunnel: {}",
         String::from_utf8_lossy(&oversized.stdout)
     );
-    let bad: Vec<_> = ipv4_frames(&raw)
+    let bad: Vec<_> = ip_frames(&raw)
         .into_iter()
         .filter(|f| f.is_fragment || f.total_len > underlay_mtu)
         .collect();

@@ -38,6 +38,12 @@ impl IpPrefix {
         })
     }
 
+    /// The prefix holding `addr` alone: a /32 or a /128.
+    pub fn host(addr: IpAddr) -> Self {
+        let len = if addr.is_ipv4() { 32 } else { 128 };
+        Self { addr, len }
+    }
+
     pub fn addr(&self) -> IpAddr {
         self.addr
     }

@@ -120,7 +120,7 @@ pub struct NodeTunnel {
     /// address, routed with an MSS that fits the tunnel); None when off.
     node_encryption: Option<u16>,
     /// Other nodes' addresses this agent routed with that MSS (removed when a node leaves).
-    node_routes: BTreeSet<std::net::Ipv4Addr>,
+    node_routes: BTreeSet<std::net::IpAddr>,
     /// Peers an operator disabled (`veil peer remove`), kept off until re-enabled.
     disabled: BTreeSet<String>,
     /// Preshared keys per peer node (set by the mutual-auth handshake).
@@ -547,15 +547,11 @@ impl NodeTunnel {
     /// tunnel, so TCP between nodes never sends a segment the tunnel cannot carry. The MTU of
     /// the route stays the underlay's: WireGuard's own datagrams to the same address need it.
     fn route_nodes(&mut self, cluster: &ClusterState, me: &str, mtu: u16) {
-        let advmss = (mtu - 40).to_string();
-        let want: BTreeSet<std::net::Ipv4Addr> = cluster
+        let want: BTreeSet<std::net::IpAddr> = cluster
             .nodes
             .iter()
             .filter(|n| n.name != me)
-            .filter_map(|n| match n.underlay_ip {
-                std::net::IpAddr::V4(a) => Some(a),
-                std::net::IpAddr::V6(_) => None,
-            })
+            .map(|n| n.underlay_ip)
             .collect();
         // Once per node (the reconcile runs on every cluster change): a node already routed
         // keeps its route; a failed one is retried at the next reconcile.
@@ -564,11 +560,14 @@ impl NodeTunnel {
             .copied()
             .collect::<Vec<_>>()
         {
-            let dst = format!("{ip}/32");
+            let (family, headers) = if ip.is_ipv4() { ("-4", 40) } else { ("-6", 60) };
+            let dst = IpPrefix::host(ip).to_string();
+            // TCP's segments fit the tunnel: its MTU less the IP and TCP headers.
+            let advmss = (mtu - headers).to_string();
             // The path the node already has to it (gateway, interface), as the kernel resolves it.
             let path = match crate::sys::run(
                 "ip",
-                &["-4", "-o", "route", "get", &ip.to_string()],
+                &[family, "-o", "route", "get", &ip.to_string()],
                 None,
             ) {
                 Ok(out) => route_path(&out),
@@ -577,7 +576,7 @@ impl NodeTunnel {
                     continue;
                 }
             };
-            let mut args = vec!["-4", "route", "replace", dst.as_str()];
+            let mut args = vec![family, "route", "replace", dst.as_str()];
             args.extend(path.iter().map(String::as_str));
             args.extend(["advmss", advmss.as_str()]);
             match crate::sys::run("ip", &args, None) {
@@ -595,7 +594,11 @@ impl NodeTunnel {
             .copied()
             .collect::<Vec<_>>()
         {
-            let _ = crate::sys::run("ip", &["-4", "route", "del", &format!("{gone}/32")], None);
+            let _ = crate::sys::run(
+                "ip",
+                &["route", "del", &IpPrefix::host(gone).to_string()],
+                None,
+            );
             self.node_routes.remove(&gone);
         }
     }
@@ -704,8 +707,8 @@ fn plan_peers(input: &PlanInput<'_>) -> PeerPlan {
                 .as_deref()
                 .and_then(|c| c.parse::<IpPrefix>().ok()),
         );
-        if input.node_encryption && n.underlay_ip.is_ipv4() {
-            allowed_ips.extend(IpPrefix::new(n.underlay_ip, 32).ok());
+        if input.node_encryption {
+            allowed_ips.push(IpPrefix::host(n.underlay_ip));
         }
         claims.push((
             key,

@@ -999,13 +999,6 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             "on needs `encryption: on`: node traffic is encrypted in the pod traffic's tunnel",
         ));
     }
-    if node_encryption && ip_family.v6_underlay() {
-        return Err(invalid(
-            "node_encryption",
-            "on is not built for an IPv6 underlay (ip_family ipv6): node encryption steers IPv4 \
-             node addresses only",
-        ));
-    }
 
     // Kubernetes unless asked otherwise (`ControlPlane::default()`, Files, is only what a stored
     // state without the key means).
@@ -1554,7 +1547,6 @@ mod tests {
             ("ip_family: ipv6", "ip_family"),
             ("ip_family: ipv6\nidentity: dev", "ip_family"),
             ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nunderlay_mtu: 1340", "ip_family"),
-            ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nnode_encryption: on", "node_encryption"),
             ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nservices: [{name: a, selector: {}, ports: [{port: 1}]}]", "services"),
             ("ip_family: dual\nunderlay_mtu: 1300", "ip_family"),
             ("svid_ttl: soon", "svid_ttl"),
