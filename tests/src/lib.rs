@@ -1094,10 +1094,15 @@ pub fn link_mtu(netns: &str, dev: &str) -> u32 {
 /// The wall clock as time since the Unix epoch (what status timestamps are compared with).
 /// `http://<ip>:<port>/`, an IPv6 address in brackets.
 pub fn http_url(ip: &str, port: u16) -> String {
+    format!("{}/", http_origin(ip, port))
+}
+
+/// `http://<ip>:<port>` without a path, an IPv6 address in brackets.
+pub fn http_origin(ip: &str, port: u16) -> String {
     if ip.contains(':') {
-        format!("http://[{ip}]:{port}/")
+        format!("http://[{ip}]:{port}")
     } else {
-        format!("http://{ip}:{port}/")
+        format!("http://{ip}:{port}")
     }
 }
 

@@ -395,13 +395,14 @@ impl DeniedFlows {
     /// Starts both loops and waits until the TCP one has run once.
     fn start(lab: &Lab, tok: &str) -> DeniedFlows {
         let be = lab.pod_ip("backend");
+        let url = lab.pod_url("backend", 8080);
         let tcp = Streaming::spawn(&mut lab.command_in(
             "intruder",
             &[
                 "sh",
                 "-c",
                 &format!(
-                    "for i in $(seq 1 40); do if curl -s -o /dev/null -m 0.5 http://{be}:8080/; then echo ADMITTED-$i; else echo refused-$i; fi; sleep 0.2; done"
+                    "for i in $(seq 1 40); do if curl -s -g -o /dev/null -m 0.5 {url}; then echo ADMITTED-$i; else echo refused-$i; fi; sleep 0.2; done"
                 ),
             ],
         ));

@@ -63,9 +63,11 @@ fn arrivals(lab: &Lab) -> u64 {
 
 #[test]
 fn seed_example_decides_each_request_and_other_pods_bypass_the_proxy() {
-    let lab = Lab::up(&[]);
+    // It also goes through the default topology's Service, whose ClusterIP is IPv4: pods with
+    // an IPv4 address, whatever VEIL_TEST_IP_FAMILY asks.
+    let lab = Lab::up(&["--ip-family", "dual"]);
     let backend = lab.pod_ip("backend");
-    let base = format!("http://{backend}:8080");
+    let base = veil_tests::http_origin(&backend, 8080);
     lab.apply_policy_ok(L7);
     lab.apply_policy_ok(INGRESS);
 
@@ -241,7 +243,7 @@ const INGRESS_L7_AUTH: &str = include_str!("../../examples/policies/backend-ingr
 #[test]
 fn ingress_rules_are_decided_at_the_servers_node_under_mutual_authentication() {
     let lab = Lab::up(&[]);
-    let base = format!("http://{}:8080", lab.pod_ip("backend"));
+    let base = veil_tests::http_origin(&lab.pod_ip("backend"), 8080);
     lab.apply_policy_ok(INGRESS_L7_AUTH);
     let urls = [
         format!("{base}/api/products"),
@@ -296,9 +298,12 @@ fn ingress_rules_are_decided_at_the_servers_node_under_mutual_authentication() {
         .all(|r| r["src"]["pod"] != "intruder"));
 }
 
-/// The agents' control channel (TCP 4250) cut at node-b's underlay (`iptables` in node-b's
-/// netns), restored on drop, so also when an assertion fails.
-struct ControlChannelCut(String);
+/// The agents' control channel (TCP 4250) cut at node-b's underlay (`iptables`, or `ip6tables`
+/// on an IPv6 underlay, in node-b's netns), restored on drop, so also when an assertion fails.
+struct ControlChannelCut {
+    netns: String,
+    iptables: &'static str,
+}
 
 impl ControlChannelCut {
     const RULES: [[&'static str; 4]; 2] = [
@@ -307,7 +312,14 @@ impl ControlChannelCut {
     ];
 
     fn at(lab: &Lab, node: &str) -> ControlChannelCut {
-        let cut = ControlChannelCut(lab.node_netns(node));
+        let cut = ControlChannelCut {
+            netns: lab.node_netns(node),
+            iptables: if lab.node(node).underlay_ip.contains(':') {
+                "ip6tables"
+            } else {
+                "iptables"
+            },
+        };
         for r in Self::RULES {
             cut.iptables("-I", &r);
         }
@@ -317,14 +329,22 @@ impl ControlChannelCut {
     fn iptables(&self, op: &str, rule: &[&str]) {
         let out = std::process::Command::new("ip")
             .args([
-                "netns", "exec", &self.0, "iptables", op, "INPUT", "-p", "tcp",
+                "netns",
+                "exec",
+                &self.netns,
+                self.iptables,
+                op,
+                "INPUT",
+                "-p",
+                "tcp",
             ])
             .args(rule)
             .output()
             .expect("run iptables");
         assert!(
             out.status.success() || op == "-D",
-            "iptables {op} {rule:?}: {}",
+            "{} {op} {rule:?}: {}",
+            self.iptables,
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -346,7 +366,10 @@ impl Drop for ControlChannelCut {
 #[test]
 fn a_held_l7_connection_is_released_into_the_proxy() {
     let lab = Lab::up(&[]);
-    let url = format!("http://{}:8080/api/products", lab.pod_ip("backend"));
+    let url = format!(
+        "{}/api/products",
+        veil_tests::http_origin(&lab.pod_ip("backend"), 8080)
+    );
     let cut = ControlChannelCut::at(&lab, "node-b");
     lab.apply_policy_ok(INGRESS_L7_AUTH);
     let before = lab.status("node-b").hold;
@@ -396,7 +419,7 @@ fn a_held_l7_connection_is_released_into_the_proxy() {
 #[test]
 fn proxy_death_fails_closed_for_l7_flows_only_and_the_agent_restarts_it() {
     let lab = Lab::up(&[]);
-    let base = format!("http://{}:8080", lab.pod_ip("backend"));
+    let base = veil_tests::http_origin(&lab.pod_ip("backend"), 8080);
     lab.apply_policy_ok(L7);
     assert_eq!(
         codes(&lab, "frontend", &[], &[format!("{base}/api/products")]),
@@ -536,7 +559,10 @@ fn hostile_requests_are_refused_and_never_reach_the_backend() {
         &lab,
         "frontend",
         &[],
-        &[format!("http://{backend}:8080/api/products")],
+        &[format!(
+            "{}/api/products",
+            veil_tests::http_origin(&backend, 8080)
+        )],
     );
     assert_eq!(ok, ["200 1"]);
     lab.wait_for(
@@ -551,7 +577,7 @@ fn hostile_requests_are_refused_and_never_reach_the_backend() {
 #[test]
 fn kubernetes_mode_enforces_the_seed_example_applied_with_kubectl() {
     let lab = Lab::up(&["--control-plane", "kubernetes"]);
-    let base = format!("http://{}:8080", lab.pod_ip("backend"));
+    let base = veil_tests::http_origin(&lab.pod_ip("backend"), 8080);
     let admin = [format!("{base}/admin")];
     assert_eq!(codes(&lab, "frontend", &[], &admin), ["200 1"]);
     lab.kubectl(&["apply", "-f", "-"], L7);
@@ -588,7 +614,7 @@ fn marker_through_the_proxy(flags: &[&str]) -> (bool, Vec<String>) {
     let marker = format!("VEIL-L7-PROXY-MARKER-{:010}", veil_tests::rand_suffix());
     let through_proxy = proxy_requests(&lab, "node-a");
     let cap = lab.capture_underlay();
-    let url = format!("http://{backend}:8080/api/products");
+    let url = format!("{}/api/products", veil_tests::http_origin(&backend, 8080));
     let header = format!("X-Marker: {marker}");
     let argv = ["curl", "-sS", "--max-time", "5", "-H", &header, &url];
     assert_eq!(lab.exec_ok("frontend", &argv), "hello from shop/backend\n");

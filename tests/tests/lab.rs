@@ -347,7 +347,13 @@ fn lab_file_topology_and_exec_by_namespace() {
         &[],
     );
     assert_eq!(lab.view.nodes.len(), 2);
-    assert_eq!(lab.pod_ip("app/echo"), "198.19.2.10");
+    // The second node's first pod address, of the lab's first family.
+    let first = if lab.view.ip_family == "ipv6" {
+        "fd00:198:19:2::10"
+    } else {
+        "198.19.2.10"
+    };
+    assert_eq!(lab.pod_ip("app/echo"), first);
     let ip = lab.pod_ip("echo");
     let out = lab.exec_ok(
         "app/client",

@@ -128,8 +128,12 @@ fn leak_pair_encrypted_shows_no_marker() {
         !contains(&raw, marker.as_bytes()),
         "the marker crossed the underlay in clear"
     );
-    assert_only_wireguard(&lines, &[("198.18.0.1", "198.18.0.2", 5)]);
-    println!("steady state over IPv4: {pings} pings and {udp} UDP probes answered, 0 lost");
+    let (a, b) = (lab.node("node-a"), lab.node("node-b"));
+    assert_only_wireguard(&lines, &[(&a.underlay_ip, &b.underlay_ip, 5)]);
+    println!(
+        "steady state to {}: {pings} pings and {udp} UDP probes answered, 0 lost",
+        lab.pod_ip("backend")
+    );
     // The product's own check agrees (and exits 0).
     let report = veil_check_passes(&lab);
     assert!(report["capture"]["wireguard"].as_u64().unwrap() > 0);
@@ -686,7 +690,10 @@ fn agent_restart_does_not_cut_a_long_stream() {
         );
     }
     assert_eq!(
-        lab.http_get("frontend", &format!("http://{be}:8080/")),
+        lab.http_get(
+            "frontend",
+            &format!("{}/", veil_tests::http_origin(&be, 8080))
+        ),
         "hello from shop/backend\n"
     );
 }
@@ -757,7 +764,8 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
     // The MTU boundary, tested on the tunnel. The pod's eth0 has the tunnel's MTU too (1440), so
     // a DF ping one byte over it from the pod fails in the pod's own stack ("message too long")
     // before the packet gets anywhere near the tunnel, whatever the tunnel's MTU is. What the
-    // tunnel must get right: (1) its device MTU is the underlay's minus WireGuard's 60 bytes,
+    // tunnel must get right: (1) its device MTU is the underlay's minus WireGuard's 60 bytes (80
+    // over an IPv6 underlay),
     // (2) so a packet of exactly that size crosses as one full, unfragmented underlay frame, and
     // (3) the tunnel device refuses one byte more; (4) and a packet that reaches veil-wg
     // oversized anyway is never sent fragmented.
@@ -766,17 +774,20 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
     assert_eq!((a.name.as_str(), b.name.as_str()), ("node-a", "node-b"));
     let tunnel_mtu = link_mtu(&a.netns, &a.wg_interface);
     let underlay_mtu = link_mtu(&a.netns, "ul0");
+    let overhead = if a.underlay_ip.contains(':') { 80 } else { 60 };
     assert_eq!(
         tunnel_mtu,
-        underlay_mtu - 60,
+        underlay_mtu - overhead,
         "tunnel MTU {tunnel_mtu} on an underlay of {underlay_mtu}"
     );
-    assert_eq!(tunnel_mtu, 1440);
+    assert_eq!(tunnel_mtu, 1500 - overhead);
     assert_eq!(link_mtu(&b.netns, &b.wg_interface), tunnel_mtu);
 
-    // (2) Exactly the tunnel MTU (payload + 8 ICMP + 20 IP) from frontend: replies come back,
-    // and each request and reply is one WireGuard datagram that fills an underlay frame exactly.
-    let payload = (tunnel_mtu - 28).to_string();
+    // (2) Exactly the tunnel MTU (payload + 8 ICMP + 20 IP, or 40 for IPv6) from frontend:
+    // replies come back, and each request and reply is one WireGuard datagram that fills an
+    // underlay frame exactly.
+    let ping_headers = if be.contains(':') { 48 } else { 28 };
+    let payload = (tunnel_mtu - ping_headers).to_string();
     let cap = lab.capture_underlay();
     let ok = lab.exec(
         "frontend",
@@ -822,7 +833,7 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
         route.contains(&format!(" dev {} ", a.wg_interface)),
         "{route}"
     );
-    let over = (tunnel_mtu - 28 + 1).to_string();
+    let over = (tunnel_mtu - ping_headers + 1).to_string();
     let refused = Command::new("ip")
         .args(["netns", "exec", &a.netns, "ping", "-c", "1", "-W", "1"])
         .args(["-M", "do", "-s", &over, &be])
@@ -834,8 +845,10 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
         String::from_utf8_lossy(&refused.stderr)
     );
     assert!(!refused.status.success(), "{said}");
+    // iputils says `mtu=N` for IPv4 and `mtu: N` for IPv6.
     assert!(
-        said.contains(&format!("message too long, mtu={tunnel_mtu}")),
+        said.contains(&format!("message too long, mtu={tunnel_mtu}"))
+            || said.contains(&format!("message too long, mtu: {tunnel_mtu}")),
         "a DF packet over the tunnel MTU was not refused by the tunnel device: {said}"
     );
 
@@ -883,8 +896,13 @@ fn wg_tools_read_and_write_veil_wg() {
     let show = wg(&["show", &node.wg_interface]);
     let st = lab.status("node-a");
     assert!(show.contains(st.public_key.as_deref().unwrap()), "{show}");
-    assert!(show.contains("endpoint: 198.18.0.2:51820"), "{show}");
-    assert!(show.contains("allowed ips: 198.19.2.0/24"), "{show}");
+    let b = lab.node("node-b");
+    let endpoint = std::net::SocketAddr::new(b.underlay_ip.parse().unwrap(), 51820);
+    assert!(show.contains(&format!("endpoint: {endpoint}")), "{show}");
+    assert!(
+        show.contains(&format!("allowed ips: {}", b.pod_cidr)),
+        "{show}"
+    );
     let peer = &st.peers[0].public_key;
     wg(&[
         "set",
@@ -1372,9 +1390,10 @@ fn kernel_wireguard_carries_pods_and_interoperates_with_veil_wg() {
 const HOSTILE_UDP: &str = r#"
 import os, random, socket, sys
 dst = (sys.argv[1], 51820)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+v6 = ":" in sys.argv[1]
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 40404))
+s.bind(("::" if v6 else "0.0.0.0", 40404))
 sent = 0
 def send(b):
     global sent
@@ -1411,7 +1430,10 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
     let b_ns = lab.node_netns("node-b");
     let be = lab.pod_ip("backend");
     assert_eq!(
-        lab.http_get("frontend", &format!("http://{be}:8080/")),
+        lab.http_get(
+            "frontend",
+            &format!("{}/", veil_tests::http_origin(&be, 8080))
+        ),
         "hello from shop/backend\n"
     );
     let pid_before = lab.wg_pid("node-a");
@@ -1473,7 +1495,10 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
     // Traffic still flows both ways through the tunnel, on a fresh connection each time.
     for i in 0..5 {
         assert_eq!(
-            lab.http_get("frontend", &format!("http://{be}:8080/after-{i}")),
+            lab.http_get(
+                "frontend",
+                &format!("{}/after-{i}", veil_tests::http_origin(&be, 8080))
+            ),
             "hello from shop/backend\n",
             "request {i} after the hostile input failed"
         );
@@ -1525,14 +1550,22 @@ fn plaintext_from_the_underlay_never_reaches_a_pod() {
             String::from_utf8_lossy(&out.stdout).into_owned(),
         )
     };
+    // An address of the underlay's own family on the bridge (no duplicate address detection,
+    // so it is usable at once).
+    let own = if b_ip.contains(':') {
+        "fd00:198:18::99/64 nodad"
+    } else {
+        "198.18.0.99/24"
+    };
     assert!(
         sh(&format!(
-            "ip addr add 198.18.0.99/24 dev {br} && ip route add {pod_cidr} via {b_ip}"
+            "ip addr add {own} dev {br} && ip route add {pod_cidr} via {b_ip}"
         ))
         .0
     );
     let before = lab.drop_count("node-b", "plaintext-from-underlay");
-    let (ok, body) = sh(&format!("curl -s --max-time 3 http://{be}:8080/"));
+    let url = veil_tests::http_url(&be, 8080);
+    let (ok, body) = sh(&format!("curl -s -g --max-time 3 {url}"));
     assert!(
         !ok && body.is_empty(),
         "plaintext from the underlay reached backend: {body:?}"
@@ -1552,7 +1585,10 @@ fn plaintext_from_the_underlay_never_reaches_a_pod() {
     );
     // Pod traffic through the tunnel is unaffected.
     assert_eq!(
-        lab.http_get("frontend", &format!("http://{be}:8080/")),
+        lab.http_get(
+            "frontend",
+            &format!("{}/", veil_tests::http_origin(&be, 8080))
+        ),
         "hello from shop/backend\n"
     );
 }
@@ -1565,17 +1601,25 @@ fn host_process_cannot_pose_as_a_local_pod() {
     let fe = lab.pod_ip("frontend");
     let be = lab.pod_ip("backend");
     let a_ns = lab.node_netns("node-a");
-    // One UDP datagram with IP_HDRINCL, source = frontend, to backend's echo port.
+    // One UDP datagram with its IP header written by the sender (IPPROTO_RAW), source =
+    // frontend, to backend's echo port; IPv6 when the pods have only IPv6.
     let script = format!(
         r#"
 import socket, struct
-src, dst = socket.inet_aton("{fe}"), socket.inet_aton("{be}")
+fe, be = "{fe}", "{be}"
 payload = b"HOST-SPOOF"
 udp = struct.pack("!HHHH", 40999, 9000, 8 + len(payload), 0) + payload
-ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, src, dst)
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+if ":" in be:
+    fam = socket.AF_INET6
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(udp), 17, 64,
+                     socket.inet_pton(fam, fe), socket.inet_pton(fam, be))
+else:
+    fam = socket.AF_INET
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                     socket.inet_aton(fe), socket.inet_aton(be))
+s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
 for _ in range(5):
-    s.sendto(ip + udp, ("{be}", 0))
+    s.sendto(ip + udp, (be, 0))
 "#
     );
     assert_five_dropped(&lab, "node-a", "host-spoofed-source", || {
@@ -1589,7 +1633,10 @@ for _ in range(5):
     );
     // Frontend's own traffic still flows.
     assert_eq!(
-        lab.http_get("frontend", &format!("http://{be}:8080/")),
+        lab.http_get(
+            "frontend",
+            &format!("{}/", veil_tests::http_origin(&be, 8080))
+        ),
         "hello from shop/backend\n"
     );
 }
@@ -1600,7 +1647,8 @@ for _ in range(5):
 /// dropped at the pod's veth with its own reason and never reaches node-b.
 #[test]
 fn ipv6_with_v4_mapped_addresses_is_dropped_at_the_pod() {
-    let lab = Lab::up(&[]);
+    // The mapped forms are of the pods' IPv4 addresses: a lab whose pods have both.
+    let lab = Lab::up(&["--ip-family", "dual"]);
     let me = lab.pod_ip("intruder");
     let be = lab.pod_ip("backend");
     let script = format!(
@@ -1657,7 +1705,7 @@ for _ in range(5):
 fn veil_wg_killed_or_hung_is_restarted_counted_and_traffic_resumes() {
     let lab = Lab::up(&[]);
     let be = lab.pod_ip("backend");
-    let url = format!("http://{be}:8080/");
+    let url = format!("{}/", veil_tests::http_origin(&be, 8080));
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     for (signal, reason, n) in [
         (nix::sys::signal::Signal::SIGKILL, "exited", 1u64),
