@@ -380,6 +380,17 @@ impl Lab {
             .clone()
     }
 
+    /// WireGuard's overhead on this lab's underlay (written out here, not taken from veil, so
+    /// the MTU tests check veil's arithmetic): 20 IP + 8 UDP + 32 WireGuard data header and tag
+    /// over IPv4, 20 more over IPv6.
+    pub fn wg_overhead(&self) -> u32 {
+        if self.view.nodes[0].underlay_ip.contains(':') {
+            80
+        } else {
+            60
+        }
+    }
+
     /// The lab's node `node` (a test naming a node the lab does not have fails).
     pub fn node(&self, node: &str) -> &NodeView {
         self.view

@@ -44,15 +44,6 @@ fn mtu_lab(underlay_mtu: u32) -> Lab {
     mtu_lab_with(underlay_mtu, "")
 }
 
-/// WireGuard's overhead on this lab's underlay: 60 bytes over IPv4, 80 over IPv6.
-fn wg_overhead(lab: &Lab) -> u32 {
-    if lab.view.nodes[0].underlay_ip.contains(':') {
-        WG_OVERHEAD_V4 + 20
-    } else {
-        WG_OVERHEAD_V4
-    }
-}
-
 /// Raises a pod's eth0 and its host-side veth to `mtu`: the pod then sends packets the tunnel
 /// cannot carry (the host veth must follow, or the veth itself drops them before veil sees them).
 fn raise_pod_mtu(lab: &Lab, pod: &str, mtu: u32) {
@@ -241,7 +232,7 @@ fn mbit_s(bytes: usize, took: Duration) -> f64 {
 /// underlay sees only whole WireGuard datagrams no larger than its MTU.
 fn on_underlay_mtu(underlay_mtu: u32, extra: &str) {
     let lab = mtu_lab_with(underlay_mtu, extra);
-    let tunnel_mtu = underlay_mtu - wg_overhead(&lab);
+    let tunnel_mtu = underlay_mtu - lab.wg_overhead();
     assert_eq!(lab.view.pod_mtu, tunnel_mtu);
     for n in &lab.view.nodes {
         assert_eq!(link_mtu(&n.netns, "ul0"), underlay_mtu, "{} ul0", n.name);
@@ -379,7 +370,7 @@ fn raised_frontend_lab() -> (Lab, u32, u32) {
     let underlay_mtu = 1280;
     let lab = mtu_lab(underlay_mtu);
     raise_pod_mtu(&lab, "frontend", 1500);
-    let tunnel_mtu = underlay_mtu - wg_overhead(&lab);
+    let tunnel_mtu = underlay_mtu - lab.wg_overhead();
     (lab, underlay_mtu, tunnel_mtu)
 }
 
@@ -486,7 +477,7 @@ fn ipv6_oversized_packets_get_packet_too_big_and_tcp_is_not_black_holed() {
     let underlay_mtu = 1400;
     let lab = mtu_lab(underlay_mtu);
     assert_ne!(lab.view.ip_family, "ipv4");
-    let tunnel_mtu = underlay_mtu - wg_overhead(&lab);
+    let tunnel_mtu = underlay_mtu - lab.wg_overhead();
     raise_pod_mtu(&lab, "frontend", 1500);
     let be6 = lab.pod_ip6("backend");
     const SCRIPT: &str = r#"

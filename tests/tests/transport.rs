@@ -774,7 +774,7 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
     assert_eq!((a.name.as_str(), b.name.as_str()), ("node-a", "node-b"));
     let tunnel_mtu = link_mtu(&a.netns, &a.wg_interface);
     let underlay_mtu = link_mtu(&a.netns, "ul0");
-    let overhead = if a.underlay_ip.contains(':') { 80 } else { 60 };
+    let overhead = lab.wg_overhead();
     assert_eq!(
         tunnel_mtu,
         underlay_mtu - overhead,
