@@ -316,7 +316,11 @@ pub fn format_status(st: &api::Status) -> String {
                 "    {}/{:<20} {:<15} {}{}  -> {}",
                 svc.namespace,
                 svc.name,
-                svc.cluster_ip,
+                if svc.cluster_ips.len() > 1 {
+                    svc.cluster_ips.join(",")
+                } else {
+                    svc.cluster_ip.clone()
+                },
                 ports.join(","),
                 if svc.session_affinity == "ClientIP" {
                     "  affinity ClientIP"

@@ -245,7 +245,11 @@ fn walk(exe: &Path, spec: &spec::LabSpec, paths: &lab::LabPaths) -> Result<(), E
         .find(|s| s.namespace == be.namespace && s.name == be.name)
     {
         let port = svc.ports.first().map(|p| p.port).unwrap_or(80);
-        let svc_url = format!("http://{}:{port}/", svc.cluster_ip);
+        // An IPv6 ClusterIP is bracketed.
+        let svc_url = match svc.cluster_ip.parse::<std::net::IpAddr>() {
+            Ok(ip) => format!("http://{}/", std::net::SocketAddr::new(ip, port)),
+            Err(_) => format!("http://{}:{port}/", svc.cluster_ip),
+        };
         let body = exec_in_pod(
             exe,
             &spec.name,

@@ -1435,11 +1435,6 @@ fn emit(f: &Flow, ev: &Ev) {
         };
         let _ = VEIL_EVENT_THROTTLE.insert(&scratch.key, &scratch.state, 0);
     }
-    let service_ip = if ev.cookie != 0 {
-        sock::service_of(ev.cookie, &f.daddr, f.dport)
-    } else {
-        0
-    };
     if let Some(mut slot) = VEIL_EVENTS.reserve::<FlowEvent>(0) {
         let p = slot.as_mut_ptr();
         // SAFETY: `p` points at a reserved, exclusively owned FlowEvent-sized slot.
@@ -1460,7 +1455,12 @@ fn emit(f: &Flow, ev: &Ev) {
             (*p)._pad = 0;
             (*p).reason = ev.reason;
             (*p).flags = ev.flags;
-            (*p).service_ip = service_ip;
+            (*p)._pad2 = 0;
+            if ev.cookie != 0 {
+                sock::service_of(ev.cookie, &f.daddr, f.dport, &mut (*p).service);
+            } else {
+                (*p).service = [0; 16];
+            }
         }
         slot.submit(0);
     } else if let Some(lost) = VEIL_EVENTS_LOST.get_ptr_mut(0) {

@@ -97,12 +97,13 @@ pub fn veil_sock_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// The ClusterIP (IPv4, network byte order) the socket `cookie` was translated from when it
-/// sent to `daddr`:`dport`, 0 if it was not (for flow events).
+/// Writes into `out` the ClusterIP (IPv4 mapped into IPv6) the socket `cookie` was translated
+/// from when it sent to `daddr`:`dport`, all zeros if it was not (for flow events).
 #[inline(always)]
-pub fn service_of(cookie: u64, daddr: &[u8; 16], dport: u16) -> u32 {
+pub fn service_of(cookie: u64, daddr: &[u8; 16], dport: u16, out: &mut [u8; 16]) {
+    *out = [0; 16];
     let Some(key) = VEIL_SVC_SCRATCH.get_ptr_mut(0) else {
-        return 0;
+        return;
     };
     // SAFETY: this CPU's slot, used only within this program run.
     let key = unsafe { &mut *key };
@@ -111,15 +112,9 @@ pub fn service_of(cookie: u64, daddr: &[u8; 16], dport: u16) -> u32 {
     key.backend.port = dport;
     key.backend._pad = 0;
     key._pad = 0;
-    // SAFETY: the value is read before the map can change it.
-    match unsafe { VEIL_SVC_REVNAT.get(key) } {
-        Some(front) if is_v4_mapped(&front.addr) => u32::from_ne_bytes([
-            front.addr[12],
-            front.addr[13],
-            front.addr[14],
-            front.addr[15],
-        ]),
-        _ => 0,
+    // SAFETY: the value is copied out before the map can change it.
+    if let Some(front) = unsafe { VEIL_SVC_REVNAT.get(key) } {
+        *out = front.addr;
     }
 }
 

@@ -1102,7 +1102,6 @@ pub fn link_mtu(netns: &str, dev: &str) -> u32 {
         .unwrap_or_else(|| panic!("no mtu in {out}"))
 }
 
-/// The wall clock as time since the Unix epoch (what status timestamps are compared with).
 /// `http://<ip>:<port>/`, an IPv6 address in brackets.
 pub fn http_url(ip: &str, port: u16) -> String {
     format!("{}/", http_origin(ip, port))
@@ -1117,6 +1116,7 @@ pub fn http_origin(ip: &str, port: u16) -> String {
     }
 }
 
+/// The wall clock as time since the Unix epoch (what status timestamps are compared with).
 pub fn since_epoch() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

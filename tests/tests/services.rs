@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use veil_tests::Lab;
+use veil_tests::{http_url, Lab};
 
 /// Only frontend may reach backend, on TCP 8080.
 const INGRESS: &str = include_str!("../../examples/policies/backend-ingress.yaml");
@@ -42,7 +42,8 @@ print(peer[0], peer[1], body)
 const UDP_PROBE: &str = r#"
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
 s.settimeout(3)
 s.sendto(b"ping-via-service", (host, port))
 data, src = s.recvfrom(2048)
@@ -68,10 +69,16 @@ fn clusterip_reaches_the_backend_shows_the_service_and_policy_applies_to_the_bac
     let lab = Lab::up(&[]);
     let svc = service(&lab, "backend");
     assert_eq!(svc.namespace, "shop");
+    // From the service CIDR of the lab's first family (IPv6 in an IPv6-only lab).
     assert!(
-        svc.cluster_ip.starts_with("198.18.16."),
+        svc.cluster_ip.starts_with("198.18.16.") || svc.cluster_ip.starts_with("fd00:198:16::"),
         "ClusterIP from the service CIDR: {}",
         svc.cluster_ip
+    );
+    assert_eq!(
+        svc.cluster_ips,
+        std::slice::from_ref(&svc.cluster_ip),
+        "single stack"
     );
     assert_eq!(
         (
@@ -93,18 +100,20 @@ fn clusterip_reaches_the_backend_shows_the_service_and_policy_applies_to_the_bac
         tcp_probe(&lab, "frontend", &vip, 80),
         format!("{vip} 80 hello from shop/backend")
     );
-    // A dual-stack socket reaching the ClusterIP as an IPv4-mapped address.
+    // A dual-stack socket reaching an IPv4 ClusterIP as an IPv4-mapped address.
+    if !vip.contains(':') {
+        assert_eq!(
+            tcp_probe(&lab, "frontend", &format!("::ffff:{vip}"), 80),
+            format!("::ffff:{vip} 80 hello from shop/backend")
+        );
+    }
     assert_eq!(
-        tcp_probe(&lab, "frontend", &format!("::ffff:{vip}"), 80),
-        format!("::ffff:{vip} 80 hello from shop/backend")
-    );
-    assert_eq!(
-        lab.http_get("frontend", &format!("http://{vip}/")),
+        lab.http_get("frontend", &http_url(&vip, 80)),
         "hello from shop/backend\n"
     );
 
     // The flow record names the Service; the direct one does not.
-    lab.http_get("intruder", &format!("http://{backend_ip}:8080/"));
+    lab.http_get("intruder", &lab.pod_url("backend", 8080));
     let flows = lab.observe(&["--node", "node-a"]);
     let via = flows
         .iter()
@@ -177,7 +186,7 @@ fn clusterip_reaches_the_backend_shows_the_service_and_policy_applies_to_the_bac
         format!("{vip} 80 hello from shop/backend")
     );
     assert!(
-        lab.try_get("intruder", &format!("http://{vip}/")).is_err(),
+        lab.try_get("intruder", &http_url(&vip, 80)).is_err(),
         "intruder reached backend through the ClusterIP despite the policy"
     );
     let drops = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
@@ -197,7 +206,7 @@ services:
 - {name: backend, namespace: shop, selector: {app: backend}, ports: [{port: 80, target_port: 8080}]}
 - {name: sticky, namespace: shop, selector: {app: backend}, ports: [{port: 80, target_port: 8080}], session_affinity: ClientIP}
 - {name: nobody, namespace: shop, selector: {app: nothing}, ports: [{port: 80, target_port: 8080}]}
-- {name: echo, namespace: shop, selector: {echo: 'yes'}, cluster_ip: 198.18.16.53, ports: [{port: 53, target_port: 9000, protocol: UDP}]}
+- {name: echo, namespace: shop, selector: {echo: 'yes'}, ports: [{port: 53, target_port: 9000, protocol: UDP}]}
 ";
 
 #[test]
@@ -212,7 +221,7 @@ fn backends_are_spread_affinity_sticks_no_backend_refuses_and_udp_answers_from_t
 
     // Random choice per connection: 24 connections reach both backends (all on one: 2^-23).
     let bodies: std::collections::BTreeSet<String> = (0..24)
-        .map(|_| lab.http_get("frontend", &format!("http://{spread}/")))
+        .map(|_| lab.http_get("frontend", &http_url(&spread, 80)))
         .collect();
     assert_eq!(
         bodies.into_iter().collect::<Vec<_>>(),
@@ -221,7 +230,7 @@ fn backends_are_spread_affinity_sticks_no_backend_refuses_and_udp_answers_from_t
     );
     // ClientIP affinity: every connection from frontend's namespace lands on one backend.
     let sticky_bodies: std::collections::BTreeSet<String> = (0..12)
-        .map(|_| lab.http_get("frontend", &format!("http://{sticky}/")))
+        .map(|_| lab.http_get("frontend", &http_url(&sticky, 80)))
         .collect();
     assert_eq!(sticky_bodies.len(), 1, "affinity broke: {sticky_bodies:?}");
 
@@ -234,17 +243,93 @@ fn backends_are_spread_affinity_sticks_no_backend_refuses_and_udp_answers_from_t
     lab.expect_drops(&["service-no-backend"]);
 
     // Unconnected UDP: translated per datagram, the answer seems to come from the Service.
-    let out = lab.exec_ok(
-        "frontend",
-        &["python3", "-c", UDP_PROBE, "198.18.16.53", "53"],
-    );
-    assert_eq!(out.trim(), "198.18.16.53 53 ping-via-service");
+    let echo = service(&lab, "echo").cluster_ip.clone();
+    let out = lab.exec_ok("frontend", &["python3", "-c", UDP_PROBE, &echo, "53"]);
+    assert_eq!(out.trim(), format!("{echo} 53 ping-via-service"));
 
     // A pod's own traffic to a pod IP is never translated (the backend answers as itself).
     let direct = lab.pod_ip("backend");
     assert_eq!(
         tcp_probe(&lab, "frontend", &direct, 8080),
         format!("{direct} 8080 hello from shop/backend")
+    );
+}
+
+/// A dual-stack Service (both families) and an IPv6-only one in a dual-stack lab.
+const DUAL_LAB: &str = "ip_family: dual
+pods:
+- {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}
+- {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}, {port: 9000, kind: echo}]}
+services:
+- {name: backend, namespace: shop, selector: {app: backend}, ip_family_policy: RequireDualStack, ports: [{name: http, port: 80, target_port: 8080}, {name: echo, port: 53, target_port: 9000, protocol: UDP}]}
+- {name: six, namespace: shop, selector: {app: backend}, cluster_ip: 'fd00:198:16::66', ports: [{port: 80, target_port: 8080}]}
+";
+
+/// Each ClusterIP of a dual-stack Service is balanced over the backends' addresses of its own
+/// family: an IPv6 client reaches the backend over IPv6 through the IPv6 ClusterIP, still sees
+/// the ClusterIP, and the flow record names the Service.
+#[test]
+fn a_dual_stack_service_balances_each_cluster_ip_over_the_backends_of_its_family() {
+    let lab = Lab::up_with_file(DUAL_LAB, &[]);
+    let svc = service(&lab, "backend");
+    assert_eq!(svc.cluster_ips.len(), 2, "{svc:?}");
+    let (vip4, vip6) = (svc.cluster_ips[0].clone(), svc.cluster_ips[1].clone());
+    assert_eq!(svc.cluster_ip, vip4);
+    assert!(vip4.starts_with("198.18.16."), "{vip4}");
+    assert!(vip6.starts_with("fd00:198:16::"), "{vip6}");
+    let (be4, be6) = (lab.pod_ip("backend"), lab.pod_ip6("backend"));
+    let mut backends: Vec<&str> = svc.backends.iter().map(|b| b.ip.as_str()).collect();
+    backends.sort_unstable();
+    let mut both = [be4.as_str(), be6.as_str()];
+    both.sort_unstable();
+    assert_eq!(backends, both, "one backend per family");
+
+    // IPv6 first (flow events of one identity pair and port are throttled to one a second).
+    assert_eq!(
+        tcp_probe(&lab, "frontend", &vip6, 80),
+        format!("{vip6} 80 hello from shop/backend")
+    );
+    let via6 = lab.wait_for(
+        "node-a's record of frontend -> backend over IPv6",
+        Duration::from_secs(10),
+        || {
+            lab.observe(&["--node", "node-a"]).into_iter().find(|f| {
+                f["src"]["pod"] == "frontend"
+                    && f["dst"]["pod"] == "backend"
+                    && f["dst"]["ip"] == be6
+            })
+        },
+    );
+    assert_eq!(via6["service"], "shop/backend", "{via6:#}");
+    assert_eq!(via6["dst"]["port"], 8080);
+    assert_eq!(via6["encrypted"], true);
+    assert_eq!(
+        tcp_probe(&lab, "frontend", &vip4, 80),
+        format!("{vip4} 80 hello from shop/backend")
+    );
+    // Unconnected UDP over IPv6: translated per datagram, answered as the ClusterIP.
+    let out = lab.exec_ok("frontend", &["python3", "-c", UDP_PROBE, &vip6, "53"]);
+    assert_eq!(out.trim(), format!("{vip6} 53 ping-via-service"));
+
+    // The IPv6-only Service: its one ClusterIP is the given one, its backends IPv6 only.
+    let six = service(&lab, "six");
+    assert_eq!(six.cluster_ips, ["fd00:198:16::66"]);
+    assert_eq!(
+        six.backends
+            .iter()
+            .map(|b| b.ip.as_str())
+            .collect::<Vec<_>>(),
+        [be6.as_str()]
+    );
+    assert_eq!(
+        tcp_probe(&lab, "frontend", "fd00:198:16::66", 80),
+        "fd00:198:16::66 80 hello from shop/backend"
+    );
+    // An address of the IPv6 service CIDR that is no Service is left alone (no route: an
+    // error, not a translation).
+    assert_ne!(
+        tcp_probe(&lab, "frontend", "fd00:198:16::67", 80),
+        "fd00:198:16::67 80 hello from shop/backend"
     );
 }
 
@@ -259,7 +344,8 @@ const CRASHING_POD: &str = r#"{"apiVersion": "v1", "kind": "Pod",
 /// Ready never chosen.
 #[test]
 fn kubernetes_services_follow_endpointslices_and_skip_pods_that_are_not_ready() {
-    let lab = Lab::up(&["--control-plane", "kubernetes"]);
+    // Dual stack: kube-apiserver gets both service CIDRs.
+    let lab = Lab::up(&["--control-plane", "kubernetes", "--ip-family", "dual"]);
     // The lab's own Service, made as a Service object with the ClusterIP the lab allocated.
     let vip = service(&lab, "backend").cluster_ip.clone();
     assert_eq!(
@@ -273,9 +359,27 @@ fn kubernetes_services_follow_endpointslices_and_skip_pods_that_are_not_ready() 
         &["apply", "-f", "-"],
         r#"{"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"selector": {"app": "web1"},
+            "spec": {"selector": {"app": "web1"}, "ipFamilyPolicy": "PreferDualStack",
                      "ports": [{"name": "http", "port": 8081, "targetPort": 8080}]}}"#,
     );
+    let web_vips = lab.kubectl(
+        &[
+            "get",
+            "service",
+            "-n",
+            "shop",
+            "web",
+            "-o",
+            "jsonpath={.spec.clusterIPs[*]}",
+        ],
+        "",
+    );
+    let web_vip6 = web_vips
+        .split_whitespace()
+        .find(|a| a.contains(':'))
+        .unwrap_or_else(|| panic!("no IPv6 ClusterIP in {web_vips:?}"))
+        .to_string();
+    assert!(web_vip6.starts_with("fd00:198:16::"), "{web_vip6}");
     let web_vip = lab.kubectl(
         &[
             "get",
@@ -316,9 +420,13 @@ fn kubernetes_services_follow_endpointslices_and_skip_pods_that_are_not_ready() 
                 let st = lab.status(node);
                 let s = st.services.iter().find(|s| s.name == "web")?;
                 let ready = |ip: &str| s.backends.iter().find(|b| b.ip == ip).map(|b| b.ready);
+                // web1's IPv6 address, from the IPv6 EndpointSlice.
+                let ready6 = s.backends.iter().any(|b| b.ready && b.ip.contains(':'));
                 (s.cluster_ip == web_vip
+                    && s.cluster_ips.contains(&web_vip6)
                     && s.ports[0].target_port == 8080
                     && ready(&web_ip) == Some(true)
+                    && ready6
                     && ready(&crashing_ip) == Some(false))
                 .then_some(())
             },
@@ -326,10 +434,10 @@ fn kubernetes_services_follow_endpointslices_and_skip_pods_that_are_not_ready() 
     }
     // Every connection goes to the ready pod (with the crashing one chosen half of them would
     // fail).
-    for _ in 0..12 {
+    for vip in std::iter::repeat_n([&web_vip, &web_vip6], 6).flatten() {
         assert_eq!(
-            tcp_probe(&lab, "frontend", &web_vip, 8081),
-            format!("{web_vip} 8081 hello from shop/web1")
+            tcp_probe(&lab, "frontend", vip, 8081),
+            format!("{vip} 8081 hello from shop/web1")
         );
     }
     // Without its ready pod the Service refuses at once.
@@ -344,5 +452,6 @@ fn kubernetes_services_follow_endpointslices_and_skip_pods_that_are_not_ready() 
         },
     );
     assert_eq!(tcp_probe(&lab, "frontend", &web_vip, 8081), "refused");
+    assert_eq!(tcp_probe(&lab, "frontend", &web_vip6, 8081), "refused");
     lab.expect_drops(&["service-no-backend"]);
 }

@@ -88,7 +88,11 @@ pub struct Status {
 pub struct ServiceStatus {
     pub namespace: String,
     pub name: String,
+    /// The first ClusterIP (IPv4 unless the Service is IPv6-only).
     pub cluster_ip: String,
+    /// Every ClusterIP: the first, then a dual-stack Service's IPv6 one (as a pod's `ips`).
+    #[serde(default)]
+    pub cluster_ips: Vec<String>,
     pub ports: Vec<ServicePortStatus>,
     /// `None` (random backend per connection) or `ClientIP`.
     pub session_affinity: String,
@@ -102,6 +106,7 @@ impl From<&crate::cluster::Service> for ServiceStatus {
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
             cluster_ip: svc.cluster_ip.to_string(),
+            cluster_ips: svc.cluster_ips().map(|a| a.to_string()).collect(),
             ports: svc
                 .ports
                 .iter()

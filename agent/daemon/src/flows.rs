@@ -304,8 +304,8 @@ pub fn from_event(ev: &FlowEvent, node: &str, state: &ClusterState, offset_ns: i
         auth: auth.to_string(),
         encrypted: ev.flags & flow_flags::ENCRYPTED != 0,
         count: ev.count.max(1),
-        service: (ev.service_ip != 0).then(|| {
-            let ip = std::net::Ipv4Addr::from(ev.service_ip.to_ne_bytes());
+        service: (ev.service != [0; 16]).then(|| {
+            let ip = addr(ev.service, v6);
             state
                 .service_by_ip(ip)
                 .map(|svc| svc.qualified_name())
@@ -748,13 +748,14 @@ mod tests {
         st.services = vec![crate::cluster::Service {
             namespace: "shop".into(),
             name: "backend".into(),
-            cluster_ip: Ipv4Addr::new(198, 18, 16, 10),
+            cluster_ip: Ipv4Addr::new(198, 18, 16, 10).into(),
+            cluster_ipv6: Some("fd00:198:16::a".parse().unwrap()),
             ports: vec![],
             affinity_timeout_s: None,
             backends: vec![],
         }];
         let via = |ip: [u8; 4]| FlowEvent {
-            service_ip: u32::from_ne_bytes(ip),
+            service: mapped(Ipv4Addr::from(ip)),
             ..drop_event()
         };
         let f = from_event(&via([198, 18, 16, 10]), "node-a", &st, 0);
@@ -767,6 +768,14 @@ mod tests {
         // A ClusterIP the state no longer knows is still shown, as its address.
         let f = from_event(&via([198, 18, 16, 99]), "node-a", &st, 0);
         assert_eq!(f.service.as_deref(), Some("198.18.16.99"));
+        // An IPv6 connection through the IPv6 ClusterIP.
+        let v6 = FlowEvent {
+            service: "fd00:198:16::a".parse::<Ipv6Addr>().unwrap().octets(),
+            flags: flow_flags::IPV6,
+            ..drop_event()
+        };
+        let f = from_event(&v6, "node-a", &st, 0);
+        assert_eq!(f.service.as_deref(), Some("shop/backend"));
         let f = from_event(&drop_event(), "node-a", &st, 0);
         assert_eq!(f.service, None);
         assert!(serde_json::to_value(&f).unwrap().get("service").is_none());

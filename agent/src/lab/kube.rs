@@ -11,7 +11,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -337,11 +337,7 @@ pub fn managed(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
                 "--service-account-issuer".into(),
                 "https://kubernetes.default.svc.cluster.local".into(),
                 "--service-cluster-ip-range".into(),
-                format!(
-                    "{}/{}",
-                    super::spec::SERVICE_CIDR.0,
-                    super::spec::SERVICE_CIDR.1
-                ),
+                service_cidrs(spec.ip_family),
                 "--profiling=false".into(),
                 // No kube-controller-manager runs here, so no namespace gets its `default`
                 // ServiceAccount: without this, a Pod made with kubectl in a new namespace would
@@ -696,6 +692,18 @@ fn pod_object(paths: &LabPaths, p: &spec::PodSpec, exe: &Path) -> serde_json::Va
     })
 }
 
+/// kube-apiserver's `--service-cluster-ip-range`: the lab's IPv4 service CIDR, then the IPv6
+/// one in a dual-stack lab (the first is the family of Services that name none).
+fn service_cidrs(family: spec::IpFamily) -> String {
+    let (v4, len4) = spec::SERVICE_CIDR;
+    let (v6, len6) = spec::SERVICE_CIDR_V6;
+    match family {
+        spec::IpFamily::Ipv4 => format!("{v4}/{len4}"),
+        spec::IpFamily::Dual => format!("{v4}/{len4},{v6}/{len6}"),
+        spec::IpFamily::Ipv6 => format!("{v6}/{len6}"),
+    }
+}
+
 /// A lab Service as a Service object, with the ClusterIP the lab allocated (the apiserver takes
 /// it from the same CIDR); kube-controller-manager writes its EndpointSlices.
 fn service_object(svc: &spec::ServiceSpec) -> serde_json::Value {
@@ -711,8 +719,15 @@ fn service_object(svc: &spec::ServiceSpec) -> serde_json::Value {
             o
         })
         .collect();
+    let ips: Vec<IpAddr> = svc.cluster_ips().collect();
+    let families: Vec<&str> = ips
+        .iter()
+        .map(|a| if a.is_ipv4() { "IPv4" } else { "IPv6" })
+        .collect();
     let mut spec = serde_json::json!({
-        "clusterIP": svc.cluster_ip.to_string(), "selector": svc.selector, "ports": ports,
+        "clusterIP": svc.cluster_ip.to_string(), "clusterIPs": ips, "ipFamilies": families,
+        "ipFamilyPolicy": if ips.len() > 1 { "RequireDualStack" } else { "SingleStack" },
+        "selector": svc.selector, "ports": ports,
         "sessionAffinity": if svc.affinity_timeout_s.is_some() { "ClientIP" } else { "None" },
     });
     if let Some(t) = svc.affinity_timeout_s {

@@ -513,17 +513,21 @@ pub fn cluster_service(svc: &spec::ServiceSpec, pods: &[cluster::Pod]) -> cluste
         namespace: svc.namespace.clone(),
         name: svc.name.clone(),
         cluster_ip: svc.cluster_ip,
+        cluster_ipv6: svc.cluster_ipv6,
         ports: svc.ports.clone(),
         affinity_timeout_s: svc.affinity_timeout_s,
+        // One backend per address of a family the Service has (an EndpointSlice per family).
         backends: pods
             .iter()
             .filter(|p| svc.selects(&p.namespace, &p.labels))
-            .filter_map(|p| {
-                Some(cluster::ServiceBackend {
-                    pod: format!("{}/{}", p.namespace, p.name),
-                    ip: p.ipv4()?,
-                    ready: true,
-                })
+            .flat_map(|p| {
+                p.addrs()
+                    .filter(|a| svc.cluster_ips().any(|c| c.is_ipv4() == a.is_ipv4()))
+                    .map(|ip| cluster::ServiceBackend {
+                        pod: format!("{}/{}", p.namespace, p.name),
+                        ip,
+                        ready: true,
+                    })
             })
             .collect(),
     }
@@ -1278,7 +1282,9 @@ fn wait_ready(
                 .pods
                 .iter()
                 .filter(|p| svc.selects(&p.namespace, &p.labels))
-                .map(|p| p.ip.to_string())
+                .flat_map(|p| p.addrs())
+                .filter(|a| svc.cluster_ips().any(|c| c.is_ipv4() == a.is_ipv4()))
+                .map(|a| a.to_string())
                 .collect();
             (svc, ips)
         })
@@ -1329,7 +1335,10 @@ fn wait_ready(
             spec.services.len(),
             spec.services
                 .iter()
-                .map(|s| format!("{} {}", s.qualified_name(), s.cluster_ip))
+                .map(|s| {
+                    let ips: Vec<String> = s.cluster_ips().map(|a| a.to_string()).collect();
+                    format!("{} {}", s.qualified_name(), ips.join(","))
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         ));

@@ -244,8 +244,14 @@ pub struct ServiceFile {
     /// Pods of the namespace with all these labels are its backends.
     pub selector: BTreeMap<String, String>,
     pub ports: Vec<ServicePortFile>,
-    /// Taken from the service CIDR 198.18.16.0/20 when absent.
-    pub cluster_ip: Option<Ipv4Addr>,
+    /// The ClusterIP of its first family (the lab's first unless this is IPv6), from the
+    /// service CIDR 198.18.16.0/20 or fd00:198:16::/108; allocated when absent. A dual-stack
+    /// Service's other ClusterIP is always allocated.
+    pub cluster_ip: Option<IpAddr>,
+    /// `SingleStack` (default: one ClusterIP, of `cluster_ip`'s family or the lab's first),
+    /// `PreferDualStack` (both families in a dual-stack lab, else one) or `RequireDualStack`
+    /// (both, refused outside a dual-stack lab), as Kubernetes' `ipFamilyPolicy`.
+    pub ip_family_policy: Option<IpFamilyPolicy>,
     /// `None` (default: a random ready backend per connection) or `ClientIP`.
     pub session_affinity: Option<SessionAffinity>,
     /// How long a client keeps its backend under ClientIP affinity (default 3h, as Kubernetes).
@@ -265,6 +271,14 @@ pub struct ServicePortFile {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum IpFamilyPolicy {
+    #[default]
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 pub enum SessionAffinity {
     #[default]
     None,
@@ -279,7 +293,11 @@ pub struct ServiceSpec {
     pub name: String,
     pub namespace: String,
     pub selector: BTreeMap<String, String>,
-    pub cluster_ip: Ipv4Addr,
+    /// The first ClusterIP: IPv4 unless the Service is IPv6-only.
+    pub cluster_ip: IpAddr,
+    /// A dual-stack Service's IPv6 ClusterIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ipv6: Option<Ipv6Addr>,
     pub ports: Vec<crate::cluster::ServicePort>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity_timeout_s: Option<u32>,
@@ -288,6 +306,11 @@ pub struct ServiceSpec {
 impl ServiceSpec {
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Its ClusterIPs: the first, then a dual-stack Service's IPv6 one.
+    pub fn cluster_ips(&self) -> impl Iterator<Item = IpAddr> {
+        std::iter::once(self.cluster_ip).chain(self.cluster_ipv6.map(IpAddr::V6))
     }
 
     /// Does `labels` (a pod's, in `namespace`) match the selector? An empty selector selects
@@ -510,6 +533,10 @@ pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 /// ClusterIPs come from here (the brief's service CIDR; the lab's kube-apiserver uses it too).
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 16, 0), 20);
+/// IPv6 ClusterIPs: a unique-local /108 beside the lab's underlay (`fd00:198:18::/64`) and pod
+/// (`fd00:198:19::/48`) prefixes; /108 is the largest IPv6 service CIDR kube-apiserver takes.
+pub const SERVICE_CIDR_V6: (Ipv6Addr, u8) =
+    (Ipv6Addr::new(0xfd00, 0x198, 0x16, 0, 0, 0, 0, 0), 108);
 /// First ClusterIP the lab hands out on its own (.1 is the `kubernetes` Service's).
 const FIRST_SERVICE_HOST: u32 = 10;
 /// Kubernetes' default ClientIP affinity timeout.
@@ -718,6 +745,7 @@ pub fn default_file() -> LabFile {
                 protocol: None,
             }],
             cluster_ip: None,
+            ip_family_policy: None,
             session_affinity: None,
             session_affinity_timeout: None,
         }]),
@@ -948,22 +976,13 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         });
     }
 
-    // The default Service comes with the default pods it selects; ClusterIPs are IPv4, so an
-    // IPv6-only lab has none.
+    // The default Service comes with the default pods it selects.
     let services_file = match file.services {
-        Some(s) if !s.is_empty() && !ip_family.has_v4() => {
-            return Err(invalid(
-                "services",
-                "Services need IPv4 pods (ClusterIPs are IPv4): use ip_family dual or ipv4",
-            ))
-        }
         Some(s) => s,
-        None if default_pods && !pods.is_empty() && ip_family.has_v4() => {
-            defaults.services.unwrap_or_default()
-        }
+        None if default_pods && !pods.is_empty() => defaults.services.unwrap_or_default(),
         None => Vec::new(),
     };
-    let services = resolve_services(services_file)?;
+    let services = resolve_services(services_file, ip_family)?;
 
     let identity = overrides.identity.or(file.identity).unwrap_or_default();
     if identity == IdentityProvider::Spire {
@@ -1033,19 +1052,93 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
     })
 }
 
-fn in_service_cidr(ip: Ipv4Addr) -> bool {
-    let (net, len) = SERVICE_CIDR;
-    let mask = u32::MAX << (32 - len);
-    u32::from(ip) & mask == u32::from(net)
+/// ClusterIPs of one family: the service CIDR's host addresses, the ones given in the lab
+/// file, and the next free one to allocate. Addresses are numbers (IPv4 as its u32).
+struct ClusterIpPool {
+    /// The service CIDR's network and broadcast (last) addresses.
+    net: u128,
+    last: u128,
+    cidr: String,
+    taken: BTreeSet<u128>,
+    used: BTreeSet<u128>,
+    next: u128,
 }
 
-/// Validates Services and allocates the ClusterIPs not given, lowest free first.
-fn resolve_services(files: Vec<ServiceFile>) -> Result<Vec<ServiceSpec>, Error> {
-    let (net, len) = SERVICE_CIDR;
-    let broadcast = u32::from(net) | (u32::MAX >> len);
-    let taken: BTreeSet<Ipv4Addr> = files.iter().filter_map(|s| s.cluster_ip).collect();
-    let mut next = u32::from(net) + FIRST_SERVICE_HOST;
-    let mut used = BTreeSet::new();
+impl ClusterIpPool {
+    fn new(v6: bool, files: &[ServiceFile]) -> Self {
+        let (net, bits, cidr) = if v6 {
+            let (n, len) = SERVICE_CIDR_V6;
+            (u128::from(n), 128 - u32::from(len), format!("{n}/{len}"))
+        } else {
+            let (n, len) = SERVICE_CIDR;
+            (
+                u128::from(u32::from(n)),
+                32 - u32::from(len),
+                format!("{n}/{len}"),
+            )
+        };
+        Self {
+            net,
+            last: net | ((1u128 << bits) - 1),
+            cidr,
+            taken: files
+                .iter()
+                .filter_map(|f| f.cluster_ip)
+                .filter(|ip| ip.is_ipv6() == v6)
+                .map(number)
+                .collect(),
+            used: BTreeSet::new(),
+            next: net + u128::from(FIRST_SERVICE_HOST),
+        }
+    }
+
+    /// Takes `ip` (given in the lab file) or the lowest free address.
+    fn take(&mut self, given: Option<IpAddr>) -> Result<u128, String> {
+        match given {
+            Some(ip) => {
+                let n = number(ip);
+                if n <= self.net || n >= self.last {
+                    return Err(format!(
+                        "{ip} is not a host address of the service CIDR {}",
+                        self.cidr
+                    ));
+                }
+                if !self.used.insert(n) {
+                    return Err(format!("{ip} is taken by another service"));
+                }
+                Ok(n)
+            }
+            None => {
+                while self.next < self.last
+                    && (self.taken.contains(&self.next) || self.used.contains(&self.next))
+                {
+                    self.next += 1;
+                }
+                if self.next >= self.last {
+                    return Err(format!("the service CIDR {} is full", self.cidr));
+                }
+                let n = self.next;
+                self.used.insert(n);
+                self.next += 1;
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// An address as a number in its family's space (an IPv4 address as its u32).
+fn number(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+/// Validates Services, decides each one's families and allocates the ClusterIPs not given,
+/// lowest free first.
+fn resolve_services(files: Vec<ServiceFile>, family: IpFamily) -> Result<Vec<ServiceSpec>, Error> {
+    let mut pool4 = ClusterIpPool::new(false, &files);
+    let mut pool6 = ClusterIpPool::new(true, &files);
     let mut out: Vec<ServiceSpec> = Vec::with_capacity(files.len());
     for (i, f) in files.into_iter().enumerate() {
         let at = |field: &str| format!("services[{i}].{field}");
@@ -1120,41 +1213,44 @@ fn resolve_services(files: Vec<ServiceFile>) -> Result<Vec<ServiceSpec>, Error> 
                 protocol,
             });
         }
-        let cluster_ip = match f.cluster_ip {
-            Some(ip) => {
-                if !in_service_cidr(ip)
-                    || u32::from(ip) == u32::from(net)
-                    || u32::from(ip) == broadcast
-                {
-                    return Err(invalid(
-                        at("cluster_ip"),
-                        format!("{ip} is not a host address of the service CIDR {net}/{len}"),
-                    ));
-                }
-                if !used.insert(ip) {
-                    return Err(invalid(
-                        at("cluster_ip"),
-                        format!("{ip} is taken by another service"),
-                    ));
-                }
-                ip
+        let policy = f.ip_family_policy.unwrap_or_default();
+        if let Some(ip) = f.cluster_ip {
+            if (ip.is_ipv4() && !family.has_v4()) || (ip.is_ipv6() && !family.has_v6()) {
+                return Err(invalid(
+                    at("cluster_ip"),
+                    format!("{ip} is not of the lab's IP family {family}"),
+                ));
             }
-            None => {
-                while next < broadcast
-                    && (taken.contains(&Ipv4Addr::from(next))
-                        || used.contains(&Ipv4Addr::from(next)))
-                {
-                    next += 1;
-                }
-                if next >= broadcast {
-                    return Err(invalid(at("cluster_ip"), "the service CIDR is full"));
-                }
-                let ip = Ipv4Addr::from(next);
-                used.insert(ip);
-                next += 1;
-                ip
-            }
+        }
+        if policy == IpFamilyPolicy::RequireDualStack && family != IpFamily::Dual {
+            return Err(invalid(
+                at("ip_family_policy"),
+                format!("RequireDualStack needs a dual-stack lab (ip_family dual), not {family}"),
+            ));
+        }
+        // The first family: the given address's, else the lab's first (IPv4 unless IPv6-only).
+        let first_v6 = f.cluster_ip.map_or(!family.has_v4(), |ip| ip.is_ipv6());
+        let dual = family == IpFamily::Dual && policy != IpFamilyPolicy::SingleStack;
+        let (given4, given6) = match f.cluster_ip {
+            Some(ip @ IpAddr::V4(_)) => (Some(ip), None),
+            Some(ip @ IpAddr::V6(_)) => (None, Some(ip)),
+            None => (None, None),
         };
+        let mut take6 = || {
+            pool6
+                .take(given6)
+                .map(Ipv6Addr::from)
+                .map_err(|e| invalid(at("cluster_ip"), e))
+        };
+        let cluster_ip = if dual || !first_v6 {
+            let n = pool4
+                .take(given4)
+                .map_err(|e| invalid(at("cluster_ip"), e))?;
+            IpAddr::V4(Ipv4Addr::from(n as u32))
+        } else {
+            IpAddr::V6(take6()?)
+        };
+        let cluster_ipv6 = if dual { Some(take6()?) } else { None };
         let affinity_timeout_s = match f.session_affinity.unwrap_or_default() {
             SessionAffinity::None => {
                 if f.session_affinity_timeout.is_some() {
@@ -1186,6 +1282,7 @@ fn resolve_services(files: Vec<ServiceFile>) -> Result<Vec<ServiceSpec>, Error> 
             namespace: f.namespace,
             selector: f.selector,
             cluster_ip,
+            cluster_ipv6,
             ports,
             affinity_timeout_s,
         });
@@ -1341,10 +1438,14 @@ mod tests {
             lab.pod_gateway_v6(b),
             Some("fd00:198:19:2::1".parse().unwrap())
         );
-        // WireGuard's overhead over IPv6 is 80 bytes; the default Service (ClusterIPs are
-        // IPv4) is left out.
+        // WireGuard's overhead over IPv6 is 80 bytes; the default Service has an IPv6
+        // ClusterIP.
         assert_eq!(lab.pod_mtu(), 1420);
-        assert!(lab.services.is_empty());
+        assert_eq!(lab.services.len(), 1);
+        assert_eq!(
+            lab.services[0].cluster_ips().collect::<Vec<_>>(),
+            ["fd00:198:16::a".parse::<IpAddr>().unwrap()]
+        );
         // The smallest underlay that still gives the pods IPv6's 1280.
         let lab = resolve_text(
             "ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nunderlay_mtu: 1360",
@@ -1482,6 +1583,44 @@ mod tests {
     }
 
     #[test]
+    fn services_take_the_families_their_policy_asks_for() {
+        let lab = resolve_text(
+            "services:\n- {name: one, selector: {x: y}, ports: [{port: 1}]}\n\
+             - {name: both, selector: {x: y}, ports: [{port: 1}], ip_family_policy: PreferDualStack}\n\
+             - {name: six, selector: {x: y}, ports: [{port: 1}], cluster_ip: 'fd00:198:16::10'}\n\
+             - {name: given, selector: {x: y}, ports: [{port: 1}], cluster_ip: 'fd00:198:16::b', \
+             ip_family_policy: RequireDualStack}",
+        )
+        .unwrap();
+        assert_eq!(lab.ip_family, IpFamily::Dual);
+        let ips: Vec<Vec<String>> = lab
+            .services
+            .iter()
+            .map(|s| s.cluster_ips().map(|a| a.to_string()).collect())
+            .collect();
+        assert_eq!(
+            ips,
+            [
+                vec!["198.18.16.10"],
+                vec!["198.18.16.11", "fd00:198:16::a"],
+                vec!["fd00:198:16::10"],
+                vec!["198.18.16.12", "fd00:198:16::b"],
+            ],
+            "SingleStack takes the lab's first family or the given address's; a dual-stack \
+             Service lists IPv4 first; allocation skips the given addresses"
+        );
+        // PreferDualStack outside a dual-stack lab is the lab's one family.
+        let lab = resolve_text(
+            "ip_family: ipv4\nservices: [{name: a, selector: {}, ports: [{port: 1}], \
+             ip_family_policy: PreferDualStack}]",
+        )
+        .unwrap();
+        assert_eq!(lab.services[0].cluster_ipv6, None);
+        let back: LabSpec = serde_json::from_slice(&serde_json::to_vec(&lab).unwrap()).unwrap();
+        assert_eq!(back, lab);
+    }
+
+    #[test]
     fn bad_services_name_the_field() {
         for (text, field) in [
             ("services: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 10.0.0.1}]", "services[0].cluster_ip"),
@@ -1547,7 +1686,12 @@ mod tests {
             ("ip_family: ipv6", "ip_family"),
             ("ip_family: ipv6\nidentity: dev", "ip_family"),
             ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nunderlay_mtu: 1340", "ip_family"),
-            ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nservices: [{name: a, selector: {}, ports: [{port: 1}]}]", "services"),
+            ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nservices: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 198.18.16.20}]", "services[0].cluster_ip"),
+            ("ip_family: ipv4\nservices: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 'fd00:198:16::20'}]", "services[0].cluster_ip"),
+            ("ip_family: ipv4\nservices: [{name: a, selector: {}, ports: [{port: 1}], ip_family_policy: RequireDualStack}]", "services[0].ip_family_policy"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1}], ip_family_policy: DualStack}]", "services[0]"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 'fd00:198:17::20'}]", "services[0].cluster_ip"),
+            ("services: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 'fd00:198:16::10:0'}]", "services[0].cluster_ip"),
             ("ip_family: dual\nunderlay_mtu: 1300", "ip_family"),
             ("svid_ttl: soon", "svid_ttl"),
             ("svid_ttl: 1s", "svid_ttl"),

@@ -572,9 +572,10 @@ pub struct FlowEvent {
     pub reason: u32,
     /// [`flow_flags`].
     pub flags: u32,
-    /// The ClusterIP (IPv4, network byte order) a socket program translated this connection
-    /// from, 0 when it went straight to the pod.
-    pub service_ip: u32,
+    /// The ClusterIP a socket program translated this connection from (IPv4 mapped into
+    /// IPv6, as [`IpKey`]), all zeros when it went straight to the pod.
+    pub service: [u8; 16],
+    pub _pad2: u32,
 }
 
 #[cfg(feature = "user")]
@@ -640,7 +641,7 @@ mod tests {
         assert_eq!(size_of::<ThrottleState>(), 16);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragPorts>(), 4);
-        assert_eq!(size_of::<FlowEvent>(), 80);
+        assert_eq!(size_of::<FlowEvent>(), 96);
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<ServiceEntry>(), 16);
         assert_eq!(size_of::<BackendKey>(), 24);

@@ -37,7 +37,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -1675,7 +1675,7 @@ fn policy_from(kind: &str, o: &DynamicObject) -> Result<Policy, String> {
 }
 
 /// The Services with a ClusterIP (not headless, not ExternalName), each with the endpoints of
-/// its EndpointSlices (label `kubernetes.io/service-name`): IPv4 addresses, ready unless a
+/// its EndpointSlices (label `kubernetes.io/service-name`): IPv4 and IPv6 addresses, ready unless a
 /// condition says otherwise (the EndpointSlice API's rule for a missing `ready`), and the
 /// target port the slice gives for the Service port's name. A Service port with no slice port
 /// yet takes its numeric `targetPort` (or `port`).
@@ -1695,7 +1695,8 @@ pub(crate) fn services_from(
         ) else {
             continue;
         };
-        if sl.address_type != "IPv4" {
+        // FQDN slices name no address the sockets could be sent to.
+        if sl.address_type != "IPv4" && sl.address_type != "IPv6" {
             continue;
         }
         by_service.entry((ns, name)).or_default().push(sl);
@@ -1709,7 +1710,26 @@ pub(crate) fn services_from(
             if spec.type_.as_deref() == Some("ExternalName") {
                 return None;
             }
-            let cluster_ip: Ipv4Addr = spec.cluster_ip.as_deref()?.parse().ok()?;
+            // `clusterIPs` lists a dual-stack Service's two families; a headless Service's
+            // "None" parses as no address.
+            let ips = || {
+                spec.cluster_ips
+                    .iter()
+                    .flatten()
+                    .map(String::as_str)
+                    .chain(spec.cluster_ip.as_deref())
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+            };
+            let cluster_ip = first_v4_else_v6(ips())?;
+            let cluster_ipv6 = cluster_ip
+                .is_ipv4()
+                .then(|| {
+                    ips().find_map(|a| match a {
+                        IpAddr::V6(v6) => Some(v6),
+                        IpAddr::V4(_) => None,
+                    })
+                })
+                .flatten();
             let slices = by_service
                 .get(&(ns.clone(), name.clone()))
                 .map(Vec::as_slice)
@@ -1757,7 +1777,7 @@ pub(crate) fn services_from(
                 .iter()
                 .flat_map(|sl| sl.endpoints.iter())
                 .filter_map(|ep| {
-                    let ip: Ipv4Addr = ep.addresses.first()?.parse().ok()?;
+                    let ip: IpAddr = ep.addresses.first()?.parse().ok()?;
                     let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
                     let pod = ep
                         .target_ref
@@ -1780,6 +1800,7 @@ pub(crate) fn services_from(
                 namespace: ns,
                 name,
                 cluster_ip,
+                cluster_ipv6,
                 ports,
                 affinity_timeout_s,
                 backends,
@@ -1792,6 +1813,8 @@ pub(crate) fn services_from(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::policy::selector::{NAMESPACE_LABEL, SERVICE_ACCOUNT_LABEL};
 
@@ -1858,6 +1881,63 @@ mod tests {
             "the other namespace's slice is not this Service's; a missing condition is ready"
         );
         assert_eq!(s.backends[2].pod, "shop/backend");
+    }
+
+    #[test]
+    fn dual_stack_and_ipv6_only_services_take_both_families_of_slices() {
+        let svc = |name: &str, spec: serde_json::Value| -> Arc<KService> {
+            Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"namespace": "shop", "name": name}, "spec": spec
+                }))
+                .unwrap(),
+            )
+        };
+        let slice = |service: &str, family: &str, addrs: &[&str]| -> Arc<EndpointSlice> {
+            let endpoints: Vec<serde_json::Value> =
+                addrs.iter().map(|a| json!({"addresses": [a]})).collect();
+            Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"namespace": "shop", "name": format!("{service}-{family}"),
+                                 "labels": {"kubernetes.io/service-name": service}},
+                    "addressType": family, "endpoints": endpoints,
+                }))
+                .unwrap(),
+            )
+        };
+        let out = services_from(
+            &[
+                // IPv6 listed first, as `ipFamilies: [IPv6, IPv4]` makes it.
+                svc(
+                    "dual",
+                    json!({"clusterIP": "fd00:198:16::a",
+                           "clusterIPs": ["fd00:198:16::a", "198.18.16.10"],
+                           "ports": [{"port": 80}]}),
+                ),
+                svc(
+                    "six",
+                    json!({"clusterIP": "fd00:198:16::b", "clusterIPs": ["fd00:198:16::b"],
+                           "ports": [{"port": 80}]}),
+                ),
+            ],
+            &[
+                slice("dual", "IPv4", &["198.19.1.10"]),
+                slice("dual", "IPv6", &["fd00:198:19:1::a"]),
+                slice("dual", "FQDN", &["backend.example"]),
+                slice("six", "IPv6", &["fd00:198:19:2::a"]),
+            ],
+        );
+        assert_eq!(out.len(), 2);
+        let (dual, six) = (&out[0], &out[1]);
+        assert_eq!(dual.cluster_ip, Ipv4Addr::new(198, 18, 16, 10));
+        assert_eq!(dual.cluster_ipv6, Some("fd00:198:16::a".parse().unwrap()));
+        let ips = |s: &crate::cluster::Service| -> Vec<String> {
+            s.backends.iter().map(|b| b.ip.to_string()).collect()
+        };
+        assert_eq!(ips(dual), ["198.19.1.10", "fd00:198:19:1::a"]);
+        assert_eq!(six.cluster_ip.to_string(), "fd00:198:16::b");
+        assert_eq!(six.cluster_ipv6, None);
+        assert_eq!(ips(six), ["fd00:198:19:2::a"]);
     }
 
     #[test]

@@ -99,7 +99,7 @@ struct IndexMaps {
     /// Pods by node name, in list order.
     pods_by_node: std::collections::HashMap<String, Vec<usize>>,
     node_by_name: std::collections::HashMap<String, usize>,
-    service_by_ip: std::collections::HashMap<Ipv4Addr, usize>,
+    service_by_ip: std::collections::HashMap<IpAddr, usize>,
 }
 
 /// Derived data: a copy starts empty and builds its own.
@@ -129,7 +129,9 @@ impl Index {
                 service_by_ip: Default::default(),
             };
             for (i, s) in state.services.iter().enumerate() {
-                m.service_by_ip.entry(s.cluster_ip).or_insert(i);
+                for a in s.cluster_ips() {
+                    m.service_by_ip.entry(a).or_insert(i);
+                }
             }
             for (i, p) in state.pods.iter().enumerate() {
                 for a in p.addrs() {
@@ -210,7 +212,12 @@ pub struct Node {
 pub struct Service {
     pub namespace: String,
     pub name: String,
-    pub cluster_ip: Ipv4Addr,
+    /// Its first ClusterIP: IPv4 on an IPv4 or dual-stack Service, IPv6 on an IPv6-only one
+    /// (as a pod's `ip`; the Kubernetes source takes IPv4 first whatever `ipFamilies` says).
+    pub cluster_ip: IpAddr,
+    /// The IPv6 ClusterIP of a dual-stack Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ipv6: Option<Ipv6Addr>,
     pub ports: Vec<ServicePort>,
     /// ClientIP session affinity: seconds a client keeps its backend; none for random choice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,6 +228,11 @@ pub struct Service {
 impl Service {
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Its ClusterIPs: the first, then a dual-stack Service's IPv6 one.
+    pub fn cluster_ips(&self) -> impl Iterator<Item = IpAddr> {
+        std::iter::once(self.cluster_ip).chain(self.cluster_ipv6.map(IpAddr::V6))
     }
 }
 
@@ -249,13 +261,15 @@ impl ServicePort {
     }
 }
 
-/// One pod behind a Service.
+/// One address of a pod behind a Service (as EndpointSlices list them, one family each: a
+/// dual-stack pod behind a dual-stack Service is two backends). A ClusterIP is balanced over
+/// the backends of its own family.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceBackend {
     /// `namespace/name` of the pod, when known.
     pub pod: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Not-ready backends are listed (for `veil status`) and never chosen.
     pub ready: bool,
 }
@@ -365,10 +379,13 @@ impl ClusterState {
             .filter(move |p| p.node == node)
     }
 
-    /// The Service whose ClusterIP is `ip` (the first, if two claim it).
-    pub fn service_by_ip(&self, ip: Ipv4Addr) -> Option<&Service> {
+    /// The Service with ClusterIP `ip`, of either family (the first, if two claim it).
+    pub fn service_by_ip(&self, ip: impl Into<IpAddr>) -> Option<&Service> {
+        let ip = ip.into();
         let i = *self.index.maps(self).service_by_ip.get(&ip)?;
-        self.services.get(i).filter(|s| s.cluster_ip == ip)
+        self.services
+            .get(i)
+            .filter(|s| s.cluster_ips().any(|a| a == ip))
     }
 
     /// The pod with address `ip`, IPv4 or IPv6 (the first, if two claim it).

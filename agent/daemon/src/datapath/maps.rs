@@ -94,6 +94,14 @@ pub struct Prefix {
     pub len: u32,
 }
 
+/// An address as the maps key it (IPv4 mapped into IPv6).
+pub fn ip_key(ip: std::net::IpAddr) -> [u8; 16] {
+    match ip {
+        std::net::IpAddr::V4(a) => IpKey::from_v4(a.octets()).addr,
+        std::net::IpAddr::V6(a) => IpKey::from_v6(a.octets()).addr,
+    }
+}
+
 impl Prefix {
     pub fn v4(ip: std::net::Ipv4Addr, len: u8) -> Self {
         Self {

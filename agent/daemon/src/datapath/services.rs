@@ -17,12 +17,12 @@ use aya::{
     Ebpf,
 };
 use veil_common::{
-    maps::{self as names, service_flags, Backend, BackendKey, IpKey, ServiceEntry, ServiceKey},
+    maps::{self as names, service_flags, Backend, BackendKey, ServiceEntry, ServiceKey},
     programs,
 };
 
 use super::{
-    maps::{sync, KernelHash},
+    maps::{ip_key, sync, KernelHash},
     Datapath, Error,
 };
 use crate::cluster::Service;
@@ -136,8 +136,9 @@ impl Datapath {
 }
 
 /// The frontend and backend map contents for `services`: one frontend per (ClusterIP, port,
-/// protocol), its ready backends in slots `0..count` ordered by address (so a set that did not
-/// change is not rewritten). A frontend two Services claim goes to the first.
+/// protocol), the ready backends of the ClusterIP's family in slots `0..count` ordered by
+/// address (so a set that did not change is not rewritten). A frontend two Services claim goes
+/// to the first.
 pub fn desired(
     services: &[Service],
 ) -> (
@@ -147,52 +148,54 @@ pub fn desired(
     let mut frontends = BTreeMap::new();
     let mut backends = BTreeMap::new();
     for svc in services {
-        let mut ready: Vec<_> = svc
-            .backends
-            .iter()
-            .filter(|b| b.ready)
-            .map(|b| b.ip)
-            .collect();
-        ready.sort_unstable();
-        ready.dedup();
-        for port in &svc.ports {
-            let Some(protocol) = port.protocol_number() else {
-                continue;
-            };
-            let key = ServiceKey {
-                addr: IpKey::from_v4(svc.cluster_ip.octets()).addr,
-                port: port.port,
-                protocol,
-                _pad: 0,
-            };
-            if frontends.contains_key(&key) {
-                continue;
-            }
-            let (flags, affinity_timeout_s) = match svc.affinity_timeout_s {
-                Some(t) => (service_flags::AFFINITY, t),
-                None => (0, 0),
-            };
-            frontends.insert(
-                key,
-                ServiceEntry {
-                    count: ready.len() as u32,
-                    flags,
-                    affinity_timeout_s,
+        for cluster_ip in svc.cluster_ips() {
+            let mut ready: Vec<_> = svc
+                .backends
+                .iter()
+                .filter(|b| b.ready && b.ip.is_ipv4() == cluster_ip.is_ipv4())
+                .map(|b| b.ip)
+                .collect();
+            ready.sort_unstable();
+            ready.dedup();
+            for port in &svc.ports {
+                let Some(protocol) = port.protocol_number() else {
+                    continue;
+                };
+                let key = ServiceKey {
+                    addr: ip_key(cluster_ip),
+                    port: port.port,
+                    protocol,
                     _pad: 0,
-                },
-            );
-            for (slot, ip) in ready.iter().enumerate() {
-                backends.insert(
-                    BackendKey {
-                        service: key,
-                        slot: slot as u32,
-                    },
-                    Backend {
-                        addr: IpKey::from_v4(ip.octets()).addr,
-                        port: port.target_port,
+                };
+                if frontends.contains_key(&key) {
+                    continue;
+                }
+                let (flags, affinity_timeout_s) = match svc.affinity_timeout_s {
+                    Some(t) => (service_flags::AFFINITY, t),
+                    None => (0, 0),
+                };
+                frontends.insert(
+                    key,
+                    ServiceEntry {
+                        count: ready.len() as u32,
+                        flags,
+                        affinity_timeout_s,
                         _pad: 0,
                     },
                 );
+                for (slot, ip) in ready.iter().enumerate() {
+                    backends.insert(
+                        BackendKey {
+                            service: key,
+                            slot: slot as u32,
+                        },
+                        Backend {
+                            addr: ip_key(*ip),
+                            port: port.target_port,
+                            _pad: 0,
+                        },
+                    );
+                }
             }
         }
     }
@@ -217,7 +220,9 @@ pub fn install(ebpf: &mut Ebpf, services: &[Service]) -> Result<usize, Error> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use veil_common::maps::IpKey;
 
     use super::*;
     use crate::cluster::{ServiceBackend, ServicePort};
@@ -226,7 +231,8 @@ mod tests {
         Service {
             namespace: "shop".into(),
             name: "backend".into(),
-            cluster_ip: Ipv4Addr::from(ip),
+            cluster_ip: Ipv4Addr::from(ip).into(),
+            cluster_ipv6: None,
             ports: vec![
                 ServicePort {
                     name: "http".into(),
@@ -246,7 +252,7 @@ mod tests {
                 .iter()
                 .map(|(ip, ready)| ServiceBackend {
                     pod: "shop/p".into(),
-                    ip: Ipv4Addr::from(*ip),
+                    ip: Ipv4Addr::from(*ip).into(),
                     ready: *ready,
                 })
                 .collect(),
@@ -314,5 +320,41 @@ mod tests {
                 .addr,
             IpKey::from_v4([198, 19, 1, 10]).addr
         );
+    }
+
+    #[test]
+    fn each_cluster_ip_of_a_dual_stack_service_gets_the_backends_of_its_family() {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let mut s = svc(
+            [198, 18, 16, 13],
+            &[([198, 19, 1, 10], true), ([198, 19, 2, 10], true)],
+        );
+        s.cluster_ipv6 = Some(v6("fd00:198:16::d"));
+        for (ip, ready) in [("fd00:198:19:2::a", true), ("fd00:198:19:1::a", false)] {
+            s.backends.push(ServiceBackend {
+                pod: "shop/p".into(),
+                ip: IpAddr::V6(v6(ip)),
+                ready,
+            });
+        }
+        let (f, b) = desired(&[s]);
+        assert_eq!(f.len(), 4, "two ports on each of two ClusterIPs");
+        let http4 = key([198, 18, 16, 13], 80, 6);
+        let http6 = ServiceKey {
+            addr: v6("fd00:198:16::d").octets(),
+            ..http4
+        };
+        assert_eq!(f[&http4].count, 2);
+        assert_eq!(f[&http6].count, 1, "only the ready IPv6 backend");
+        let slot = |k: ServiceKey, slot| b[&BackendKey { service: k, slot }];
+        assert_eq!(slot(http6, 0).addr, v6("fd00:198:19:2::a").octets());
+        assert_eq!(slot(http6, 0).port, 8080);
+        for i in 0..2 {
+            assert!(
+                slot(http4, i).addr[..12] == IpKey::from_v4([0; 4]).addr[..12],
+                "the IPv4 ClusterIP's backends are IPv4"
+            );
+        }
+        assert_eq!(b.len(), 6);
     }
 }
