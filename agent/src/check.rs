@@ -166,7 +166,8 @@ fn classify(frame: &[u8]) -> Class {
             } else {
                 // An IPv6 underlay (no extension headers: anything else is plaintext).
                 let spire = crate::lab::spire_real::SERVER_ADDR6.octets();
-                by_ports(next, &frame[22..38], &frame[38..54], l4, &[&spire])
+                let api = crate::lab::kube::API_IP6.octets();
+                by_ports(next, &frame[22..38], &frame[38..54], l4, &[&spire, &api])
             }
         }
         0x0800 if frame.len() >= 34 => {
@@ -187,7 +188,7 @@ fn classify(frame: &[u8]) -> Class {
 }
 
 /// A packet between the nodes by its protocol, addresses and ports (`l4` from the transport
-/// header on): WireGuard, the control channel, or TLS to the lab's spire-server and (IPv4)
+/// header on): WireGuard, the control channel, or TLS to the lab's spire-server and
 /// kube-apiserver at the addresses `servers` names, in that order; anything else, or a header
 /// too short for its ports, is plaintext.
 fn by_ports(proto: u8, src: &[u8], dst: &[u8], l4: &[u8], servers: &[&[u8]]) -> Class {

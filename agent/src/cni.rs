@@ -347,10 +347,11 @@ pub struct NetConf {
     pub cni_version: String,
     pub name: String,
     pub mtu: u32,
-    /// The node's pod gateway address, on every pod's host veth.
-    pub gateway: Ipv4Addr,
-    /// The node's IPv6 pod gateway (`gateway6`), for dual-stack pods: set when the IPAM plugin
-    /// hands out IPv6 addresses too.
+    /// The node's IPv4 pod gateway address, on every pod's host veth: set when the IPAM plugin
+    /// hands out IPv4 addresses.
+    pub gateway: Option<Ipv4Addr>,
+    /// The node's IPv6 pod gateway (`gateway6`): set when the IPAM plugin hands out IPv6
+    /// addresses (dual-stack or IPv6-only pods). At least one of the two is.
     pub gateway6: Option<Ipv6Addr>,
     /// `ipam.type`: the IPAM plugin's file name in `CNI_PATH`.
     pub ipam_type: String,
@@ -408,9 +409,12 @@ impl NetConf {
         if !(68..=65535).contains(&mtu) {
             return Err(config_err("mtu", format!("{mtu} is outside 68..=65535")));
         }
-        let gateway = raw.gateway.ok_or_else(|| {
-            config_err("gateway", "missing (the node's pod gateway address, IPv4)")
-        })?;
+        if raw.gateway.is_none() && raw.gateway6.is_none() {
+            return Err(config_err(
+                "gateway",
+                "missing (the node's IPv4 pod gateway; an IPv6-only network gives `gateway6`)",
+            ));
+        }
         let ipam = raw.ipam.ok_or_else(|| {
             config_err(
                 "ipam",
@@ -431,7 +435,7 @@ impl NetConf {
             cni_version,
             name,
             mtu,
-            gateway,
+            gateway: raw.gateway,
             gateway6: raw.gateway6,
             ipam_type,
             prev_result: raw.prev_result,
@@ -456,14 +460,26 @@ pub fn version_json() -> Value {
 /// What an ADD needs from the IPAM plugin's result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IpamResult {
-    pub ip: Ipv4Addr,
-    /// A dual-stack pod's IPv6 address.
+    /// The pod's IPv4 address (none for an IPv6-only pod).
+    pub ipv4: Option<Ipv4Addr>,
+    /// The pod's IPv6 address (a dual-stack or IPv6-only pod).
     pub ipv6: Option<Ipv6Addr>,
     pub dns: Value,
 }
 
-/// Reads the IPAM result: exactly one IPv4 address and at most one IPv6 address (a dual-stack
-/// pod), their prefix lengths ignored (the pod gets a /32 and a /128).
+impl IpamResult {
+    /// Its addresses: IPv4 first.
+    pub fn addrs(&self) -> impl Iterator<Item = IpAddr> {
+        self.ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.ipv6.map(IpAddr::V6))
+    }
+}
+
+/// Reads the IPAM result: at most one address of each family and at least one (an IPv4, a
+/// dual-stack or an IPv6-only pod), their prefix lengths ignored (the pod gets a /32 and a
+/// /128).
 pub fn parse_ipam_result(out: &[u8]) -> std::result::Result<IpamResult, String> {
     let v: Value = serde_json::from_slice(out).map_err(|e| format!("result is not JSON ({e})"))?;
     let ips = v
@@ -483,24 +499,21 @@ pub fn parse_ipam_result(out: &[u8]) -> std::result::Result<IpamResult, String> 
             Err(_) => return Err(format!("`{addr}` is not an address")),
         }
     }
-    if v6.len() > 1 {
-        return Err(format!(
-            "returned {} IPv6 addresses; a pod has at most one",
-            v6.len()
-        ));
+    for (family, n) in [("IPv4", v4.len()), ("IPv6", v6.len())] {
+        if n > 1 {
+            return Err(format!(
+                "returned {n} {family} addresses; a pod has at most one of each family"
+            ));
+        }
     }
-    match v4.as_slice() {
-        [ip] => Ok(IpamResult {
-            ip: *ip,
-            ipv6: v6.first().copied(),
-            dns: v.get("dns").cloned().unwrap_or_else(|| json!({})),
-        }),
-        [] => Err("returned no IPv4 address (veil pods are IPv4 or dual-stack)".into()),
-        more => Err(format!(
-            "returned {} IPv4 addresses; a pod has one",
-            more.len()
-        )),
+    if v4.is_empty() && v6.is_empty() {
+        return Err("returned no address".into());
     }
+    Ok(IpamResult {
+        ipv4: v4.first().copied(),
+        ipv6: v6.first().copied(),
+        dns: v.get("dns").cloned().unwrap_or_else(|| json!({})),
+    })
 }
 
 /// The `ip` commands of an ADD: `create` makes the veth pair (the pod end straight into the pod's
@@ -518,14 +531,16 @@ pub const POD_SYSCTLS: [(&str, &str); 2] = [
     ("net.ipv6.conf.default.disable_ipv6", "1"),
 ];
 
-/// The same for a dual-stack pod: IPv6 on, its address from IPAM, never from router
-/// advertisements.
+/// The same for a pod with IPv6 (dual-stack or IPv6-only): IPv6 on, its address from IPAM,
+/// never from router advertisements.
 pub const POD_SYSCTLS_DUAL: [(&str, &str); 2] = [
     ("net.ipv6.conf.all.accept_ra", "0"),
     ("net.ipv6.conf.default.accept_ra", "0"),
 ];
 
-/// The lab's pod shape (`lab::build_network`), for one pod.
+/// The lab's pod shape (`lab::build_network`), for one pod: per family the pod has, its
+/// gateway on the host veth, a host route to the pod, and the pod's address, a route to the
+/// gateway and its default route through it. `add` checks that each family has its gateway.
 pub fn plan_add(
     env: &Env,
     conf: &NetConf,
@@ -533,40 +548,41 @@ pub fn plan_add(
     host_veth: &str,
     ipam: &IpamResult,
 ) -> Plan {
-    let (mtu, gw, ifname, ip) = (conf.mtu, conf.gateway, &env.ifname, ipam.ip);
-    let mut plan = Plan {
+    let (mtu, ifname) = (conf.mtu, &env.ifname);
+    let v4 = ipam.ipv4.zip(conf.gateway);
+    // IPv6 addresses without duplicate detection: the node and IPAM own them, and a tentative
+    // address would hold the first packets.
+    let v6 = ipam.ipv6.zip(conf.gateway6);
+    let mut node = vec![format!("link set {host_veth} alias {}", env.container_id)];
+    let mut pod = vec!["link set lo up".to_string()];
+    if let Some((ip, gw)) = v4 {
+        node.push(format!("addr add {gw}/32 dev {host_veth}"));
+        pod.push(format!("addr add {ip}/32 dev {ifname}"));
+    }
+    if let Some((ip6, gw6)) = v6 {
+        node.push(format!("addr add {gw6}/128 dev {host_veth} nodad"));
+        pod.push(format!("addr add {ip6}/128 dev {ifname} nodad"));
+    }
+    node.push(format!("link set {host_veth} up"));
+    pod.push(format!("link set {ifname} up"));
+    if let Some((ip, gw)) = v4 {
+        node.push(format!("route add {ip}/32 dev {host_veth} src {gw}"));
+        pod.push(format!("route add {gw} dev {ifname} scope link"));
+        pod.push(format!("route add default via {gw} dev {ifname} src {ip}"));
+    }
+    if let Some((ip6, gw6)) = v6 {
+        node.push(format!("route add {ip6}/128 dev {host_veth} src {gw6}"));
+        pod.push(format!("route add {gw6}/128 dev {ifname}"));
+        pod.push(format!("route add ::/0 via {gw6} dev {ifname} src {ip6}"));
+    }
+    Plan {
         create: format!(
             "link add {host_veth} mtu {mtu} type veth peer name {ifname} mtu {mtu} netns {}",
             netns.display()
         ),
-        node: vec![
-            format!("link set {host_veth} alias {}", env.container_id),
-            format!("addr add {gw}/32 dev {host_veth}"),
-            format!("link set {host_veth} up"),
-            format!("route add {ip}/32 dev {host_veth} src {gw}"),
-        ],
-        pod: vec![
-            "link set lo up".to_string(),
-            format!("addr add {ip}/32 dev {ifname}"),
-            format!("link set {ifname} up"),
-            format!("route add {gw} dev {ifname} scope link"),
-            format!("route add default via {gw} dev {ifname} src {ip}"),
-        ],
-    };
-    // A dual-stack pod: the same shape over IPv6 (the addresses without duplicate detection:
-    // the node and IPAM own them, and a tentative address would hold the first packets).
-    if let (Some(ip6), Some(gw6)) = (ipam.ipv6, conf.gateway6) {
-        plan.node
-            .insert(2, format!("addr add {gw6}/128 dev {host_veth} nodad"));
-        plan.node
-            .push(format!("route add {ip6}/128 dev {host_veth} src {gw6}"));
-        plan.pod
-            .insert(2, format!("addr add {ip6}/128 dev {ifname} nodad"));
-        plan.pod.push(format!("route add {gw6}/128 dev {ifname}"));
-        plan.pod
-            .push(format!("route add ::/0 via {gw6} dev {ifname} src {ip6}"));
+        node,
+        pod,
     }
-    plan
 }
 
 /// ADD's result in the configuration's version (0.4.0 results carry `ips[].version`).
@@ -579,27 +595,33 @@ pub fn add_result(
     pod_mac: &str,
     ipam: &IpamResult,
 ) -> Value {
-    let mut ip = json!({
-        "address": format!("{}/32", ipam.ip),
-        "gateway": conf.gateway.to_string(),
-        "interface": 1,
-    });
-    if conf.cni_version == "0.4.0" {
-        ip["version"] = json!("4");
-    }
-    let mut ips = vec![ip];
-    let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": conf.gateway.to_string()})];
-    if let (Some(ip6), Some(gw6)) = (ipam.ipv6, conf.gateway6) {
-        let mut ip = json!({
-            "address": format!("{ip6}/128"),
-            "gateway": gw6.to_string(),
+    let (mut ips, mut routes) = (vec![], vec![]);
+    let families = [
+        (
+            ipam.ipv4.map(IpAddr::V4),
+            conf.gateway.map(IpAddr::V4),
+            "0.0.0.0/0",
+        ),
+        (
+            ipam.ipv6.map(IpAddr::V6),
+            conf.gateway6.map(IpAddr::V6),
+            "::/0",
+        ),
+    ];
+    for (ip, gw, default) in families {
+        let (Some(ip), Some(gw)) = (ip, gw) else {
+            continue;
+        };
+        let mut entry = json!({
+            "address": format!("{ip}/{}", host_len(ip)),
+            "gateway": gw.to_string(),
             "interface": 1,
         });
         if conf.cni_version == "0.4.0" {
-            ip["version"] = json!("6");
+            entry["version"] = json!(if ip.is_ipv4() { "4" } else { "6" });
         }
-        ips.push(ip);
-        routes.push(json!({"dst": "::/0", "gw": gw6.to_string()}));
+        ips.push(entry);
+        routes.push(json!({"dst": default, "gw": gw.to_string()}));
     }
     json!({
         "cniVersion": conf.cni_version,
@@ -613,18 +635,17 @@ pub fn add_result(
     })
 }
 
-/// The IPv4 address of an ADD result handed back as `prevResult` (CHECK).
-pub fn prev_result_ip(prev: &Value) -> Result<Ipv4Addr> {
+/// The addresses of an ADD result handed back as `prevResult` (CHECK): its first IPv4 and its
+/// first IPv6 address, at least one of them.
+pub fn prev_result_ips(prev: &Value) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
     let bad = |reason: &str| config_err("prevResult.ips", reason);
-    prev_result_addrs(prev)
-        .ok_or_else(|| bad("missing"))?
-        .find_map(|a| a.parse::<Ipv4Addr>().ok())
-        .ok_or_else(|| bad("no IPv4 address"))
-}
-
-/// The IPv6 address of a dual-stack ADD result handed back as `prevResult`, if it has one.
-pub fn prev_result_ipv6(prev: &Value) -> Option<Ipv6Addr> {
-    prev_result_addrs(prev)?.find_map(|a| a.parse::<Ipv6Addr>().ok())
+    let addrs = || prev_result_addrs(prev).ok_or_else(|| bad("missing"));
+    let v4 = addrs()?.find_map(|a| a.parse::<Ipv4Addr>().ok());
+    let v6 = addrs()?.find_map(|a| a.parse::<Ipv6Addr>().ok());
+    if v4.is_none() && v6.is_none() {
+        return Err(bad("no address"));
+    }
+    Ok((v4, v6))
 }
 
 fn prev_result_addrs(prev: &Value) -> Option<impl Iterator<Item = &str>> {
@@ -899,8 +920,15 @@ fn add(env: &Env, conf: &NetConf, config: &[u8]) -> Result<Value> {
             plugin: ipam.name.clone(),
             reason,
         })
-        .and_then(|r| match (r.ipv6, conf.gateway6) {
-            (Some(ip6), None) => Err(Error::IpamUnusable {
+        .and_then(|r| match (r.ipv4, conf.gateway, r.ipv6, conf.gateway6) {
+            (Some(ip), None, _, _) => Err(Error::IpamUnusable {
+                plugin: ipam.name.clone(),
+                reason: format!(
+                    "returned IPv4 address {ip}, but the configuration has no `gateway` \
+                     (the node's IPv4 pod gateway) to route it through"
+                ),
+            }),
+            (_, _, Some(ip6), None) => Err(Error::IpamUnusable {
                 plugin: ipam.name.clone(),
                 reason: format!(
                     "returned IPv6 address {ip6}, but the configuration has no `gateway6` \
@@ -932,7 +960,7 @@ fn set_up(
     env: &Env,
     netns: &Path,
     host_veth: &str,
-    dual: bool,
+    has_v6: bool,
 ) -> Result<(String, String)> {
     let node_links = read_links()?;
     if let Some(stale) = node_links.iter().find(|l| l.name == host_veth) {
@@ -947,7 +975,7 @@ fn set_up(
     sys::ip_batch(None, std::slice::from_ref(&plan.create))
         .map_err(setup("create the veth pair"))?;
     let configured = (|| {
-        if dual {
+        if has_v6 {
             // The host end's link-local address must be usable at once: while it is tentative
             // the node cannot solicit the pod's address, and the first packets to the pod wait
             // for the neighbour timer (a second).
@@ -966,7 +994,11 @@ fn set_up(
         sys::ip_batch(None, &plan.node).map_err(setup("configure the host interface"))?;
         let pod_cmds = plan.pod.clone();
         let ifname = env.ifname.clone();
-        let sysctls = if dual { POD_SYSCTLS_DUAL } else { POD_SYSCTLS };
+        let sysctls = if has_v6 {
+            POD_SYSCTLS_DUAL
+        } else {
+            POD_SYSCTLS
+        };
         let pod_mac = in_netns(netns, move || -> Result<String> {
             for (key, value) in sysctls {
                 let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
@@ -1034,13 +1066,17 @@ fn check(env: &Env, conf: &NetConf, config: &[u8]) -> Result<()> {
         .prev_result
         .as_ref()
         .ok_or_else(|| config_err("prevResult", "missing (CHECK needs the ADD result)"))?;
-    let ip = prev_result_ip(prev)?;
-    let ip6 = prev_result_ipv6(prev);
+    let (ip, ip6) = prev_result_ips(prev)?;
     Ipam::find(env, conf)?.exec("CHECK", config)?;
     let pod_state = in_netns(netns, read_state)??;
     let node_state = read_state()?;
-    verify_pod(&pod_state, &env.ifname, ip, conf.gateway, conf.mtu).map_err(Error::Check)?;
-    verify_node(&node_state, &pod.host_veth(), ip).map_err(Error::Check)?;
+    if let Some(ip) = ip {
+        let gw = conf
+            .gateway
+            .ok_or_else(|| config_err("gateway", "missing, but the pod has an IPv4 address"))?;
+        verify_pod(&pod_state, &env.ifname, ip, gw, conf.mtu).map_err(Error::Check)?;
+        verify_node(&node_state, &pod.host_veth(), ip).map_err(Error::Check)?;
+    }
     if let Some(ip6) = ip6 {
         let gw6 = conf
             .gateway6
@@ -1352,8 +1388,16 @@ mod tests {
         assert_eq!(c.cni_version, "1.0.0");
         assert_eq!(c.name, "veil-node-a");
         assert_eq!(c.mtu, 1400);
-        assert_eq!(c.gateway, Ipv4Addr::new(198, 19, 1, 1));
+        assert_eq!(c.gateway, Some(Ipv4Addr::new(198, 19, 1, 1)));
         assert_eq!(c.ipam_type, "host-local");
+        // An IPv6-only network: `gateway6` without `gateway`.
+        let c = conf_with(|v| {
+            v.as_object_mut().unwrap().remove("gateway");
+            v["gateway6"] = json!("fd00:198:19:1::1");
+        })
+        .unwrap();
+        assert_eq!(c.gateway, None);
+        assert_eq!(c.gateway6, Some("fd00:198:19:1::1".parse().unwrap()));
         assert_eq!(c.prev_result, None);
         let c = conf_with(|v| {
             v.as_object_mut().unwrap().remove("mtu");
@@ -1438,18 +1482,18 @@ mod tests {
     }
 
     #[test]
-    fn ipam_result_gives_one_ipv4_address() {
+    fn ipam_result_gives_one_address_of_each_family_it_has() {
         let r = parse_ipam_result(
             br#"{"cniVersion":"1.0.0","ips":[{"address":"198.19.1.7/24","gateway":"198.19.1.1"}],"dns":{"nameservers":["198.19.1.53"]}}"#,
         )
         .unwrap();
-        assert_eq!(r.ip, Ipv4Addr::new(198, 19, 1, 7));
+        assert_eq!(r.ipv4, Some(Ipv4Addr::new(198, 19, 1, 7)));
+        assert_eq!(r.ipv6, None);
         assert_eq!(r.dns, json!({"nameservers": ["198.19.1.53"]}));
         let bad: &[(&[u8], &str)] = &[
             (b"nope", "not JSON"),
-            (br#"{"ips":[]}"#, "no IPv4"),
+            (br#"{"ips":[]}"#, "no address"),
             (br#"{"dns":{}}"#, "no `ips`"),
-            (br#"{"ips":[{"address":"fd00::5/64"}]}"#, "no IPv4"),
             (
                 br#"{"ips":[{"address":"198.19.1.7/24"},{"address":"fd00::5/64"},{"address":"fd00::6/64"}]}"#,
                 "2 IPv6",
@@ -1470,11 +1514,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (dual.ip, dual.ipv6),
+            (dual.ipv4, dual.ipv6),
             (
-                Ipv4Addr::new(198, 19, 1, 7),
+                Some(Ipv4Addr::new(198, 19, 1, 7)),
                 Some("fd00:198:19:1::7".parse().unwrap())
             )
+        );
+        // An IPv6-only pod.
+        let six = parse_ipam_result(br#"{"ips":[{"address":"fd00:198:19:1::7/64"}]}"#).unwrap();
+        assert_eq!(
+            (six.ipv4, six.ipv6),
+            (None, Some("fd00:198:19:1::7".parse().unwrap()))
         );
     }
 
@@ -1488,7 +1538,7 @@ mod tests {
             Path::new("/var/run/netns/pod1"),
             "veil0123456789a",
             &IpamResult {
-                ip: Ipv4Addr::new(198, 19, 1, 7),
+                ipv4: Some(Ipv4Addr::new(198, 19, 1, 7)),
                 ipv6: None,
                 dns: json!({}),
             },
@@ -1527,7 +1577,7 @@ mod tests {
             Path::new("/var/run/netns/pod1"),
             "veil0123456789a",
             &IpamResult {
-                ip: Ipv4Addr::new(198, 19, 1, 7),
+                ipv4: Some(Ipv4Addr::new(198, 19, 1, 7)),
                 ipv6: Some("fd00:198:19:1::7".parse().unwrap()),
                 dns: json!({}),
             },
@@ -1556,6 +1606,41 @@ mod tests {
                 "route add ::/0 via fd00:198:19:1::1 dev eth0 src fd00:198:19:1::7",
             ]
         );
+        // IPv6 only: no IPv4 gateway, address or route.
+        let conf = NetConf {
+            gateway: None,
+            ..conf
+        };
+        let plan = plan_add(
+            &env,
+            &conf,
+            Path::new("/var/run/netns/pod1"),
+            "veil0123456789a",
+            &IpamResult {
+                ipv4: None,
+                ipv6: Some("fd00:198:19:1::7".parse().unwrap()),
+                dns: json!({}),
+            },
+        );
+        assert_eq!(
+            plan.node,
+            [
+                "link set veil0123456789a alias 0c2f-uid.1_x",
+                "addr add fd00:198:19:1::1/128 dev veil0123456789a nodad",
+                "link set veil0123456789a up",
+                "route add fd00:198:19:1::7/128 dev veil0123456789a src fd00:198:19:1::1",
+            ]
+        );
+        assert_eq!(
+            plan.pod,
+            [
+                "link set lo up",
+                "addr add fd00:198:19:1::7/128 dev eth0 nodad",
+                "link set eth0 up",
+                "route add fd00:198:19:1::1/128 dev eth0",
+                "route add ::/0 via fd00:198:19:1::1 dev eth0 src fd00:198:19:1::7",
+            ]
+        );
     }
 
     #[test]
@@ -1563,7 +1648,7 @@ mod tests {
         let env = env_with(&[]).unwrap();
         let conf = NetConf::parse(CONF.as_bytes()).unwrap();
         let ipam = IpamResult {
-            ip: Ipv4Addr::new(198, 19, 1, 7),
+            ipv4: Some(Ipv4Addr::new(198, 19, 1, 7)),
             ipv6: None,
             dns: json!({}),
         };
@@ -1582,7 +1667,7 @@ mod tests {
                 "dns": {},
             })
         );
-        assert_eq!(prev_result_ip(&r).unwrap(), ipam.ip);
+        assert_eq!(prev_result_ips(&r).unwrap(), (ipam.ipv4, None));
         let old = NetConf {
             cni_version: "0.4.0".into(),
             ..conf
@@ -1591,7 +1676,7 @@ mod tests {
         assert_eq!(r["cniVersion"], "0.4.0");
         assert_eq!(r["ips"][0]["version"], "4");
         assert_eq!(
-            prev_result_ip(&json!({"ips": []})).unwrap_err().code(),
+            prev_result_ips(&json!({"ips": []})).unwrap_err().code(),
             code::INVALID_CONFIG
         );
         // Dual stack: both addresses and both default routes, and CHECK reads the IPv6 one back.
@@ -1610,8 +1695,21 @@ mod tests {
             r["routes"][1],
             json!({"dst": "::/0", "gw": "fd00:198:19:1::1"})
         );
-        assert_eq!(prev_result_ipv6(&r), dual.ipv6);
-        assert_eq!(prev_result_ip(&r).unwrap(), dual.ip);
+        assert_eq!(prev_result_ips(&r).unwrap(), (dual.ipv4, dual.ipv6));
+        // IPv6 only: one address, one default route.
+        let six_conf = NetConf {
+            gateway: None,
+            ..dual_conf
+        };
+        let six = IpamResult { ipv4: None, ..dual };
+        let r = add_result(&six_conf, &env, netns, "veilx", "aa:aa", "bb:bb", &six);
+        assert_eq!(r["ips"].as_array().unwrap().len(), 1);
+        assert_eq!(r["ips"][0]["address"], "fd00:198:19:1::7/128");
+        assert_eq!(
+            r["routes"],
+            json!([{"dst": "::/0", "gw": "fd00:198:19:1::1"}])
+        );
+        assert_eq!(prev_result_ips(&r).unwrap(), (None, six.ipv6));
     }
 
     #[test]

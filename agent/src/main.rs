@@ -1018,7 +1018,17 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             match lab::up(&spec, &exe, &lab::Progress::new(quiet)) {
                 Ok(_) => {
                     if !quiet {
-                        println!("lab {} is up. Try: veil lab exec --name {} frontend -- curl -s http://198.19.2.10:8080/", spec.name, spec.name);
+                        // The default topology's frontend and backend, when the lab has them.
+                        let pod = |n: &str| spec.pods.iter().find(|p| p.name == n);
+                        match (pod("frontend"), pod("backend")) {
+                            (Some(_), Some(be)) => println!(
+                                "lab {} is up. Try: veil lab exec --name {} frontend -- curl -s -g http://{}/",
+                                spec.name,
+                                spec.name,
+                                std::net::SocketAddr::new(be.ip, 8080)
+                            ),
+                            _ => println!("lab {} is up. Try: veil lab show --name {}", spec.name, spec.name),
+                        }
                     }
                     Ok(ExitCode::SUCCESS)
                 }

@@ -7,7 +7,7 @@
 //! Needs root; without it the tests fail, never skip.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::Command,
     time::Instant,
@@ -86,6 +86,8 @@ struct Node {
     network: String,
     /// Dual stack: a second, IPv6 range and `gateway6`.
     dual: bool,
+    /// IPv6 only: an IPv6 range and `gateway6`, no IPv4 range or `gateway`.
+    v6_only: bool,
 }
 
 /// What one `veil-cni` run printed.
@@ -172,12 +174,20 @@ impl Node {
             network: format!("vcni-{unique}"),
             unique,
             dual: false,
+            v6_only: false,
         }
     }
 
     fn dual() -> Node {
         Node {
             dual: true,
+            ..Node::new()
+        }
+    }
+
+    fn ipv6_only() -> Node {
+        Node {
+            v6_only: true,
             ..Node::new()
         }
     }
@@ -193,6 +203,12 @@ impl Node {
 
     fn config(&self) -> Value {
         let mut c = self.config_v4();
+        if self.v6_only {
+            c.as_object_mut().unwrap().remove("gateway");
+            c["gateway6"] = json!(GATEWAY6);
+            c["ipam"]["ranges"] =
+                json!([[{"subnet": "fd00:198:19:200::/64", "gateway": GATEWAY6}]]);
+        }
         if self.dual {
             c["gateway6"] = json!(GATEWAY6);
             c["ipam"]["ranges"]
@@ -293,9 +309,9 @@ impl Node {
     }
 
     /// Addresses host-local holds (one file per address in `dataDir/<network>`).
-    fn allocated(&self) -> Vec<Ipv4Addr> {
+    fn allocated(&self) -> Vec<IpAddr> {
         let dir = self.data.0.join(&self.network);
-        let mut ips: Vec<Ipv4Addr> = std::fs::read_dir(&dir)
+        let mut ips: Vec<IpAddr> = std::fs::read_dir(&dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
                     .collect()
@@ -310,7 +326,7 @@ impl Node {
         assert_eq!(self.netns.links(), ["lo"], "links left after {after}");
         assert_eq!(
             self.allocated(),
-            Vec::<Ipv4Addr>::new(),
+            Vec::<IpAddr>::new(),
             "addresses left after {after}"
         );
     }
@@ -434,7 +450,7 @@ fn add_check_del_with_host_local() {
         node.netns.links()
     );
     assert_eq!(a.netns.links(), ["lo"]);
-    assert_eq!(node.allocated(), [ip_b]);
+    assert_eq!(node.allocated(), [IpAddr::V4(ip_b)]);
     node.del(&a);
     assert!(!node.check(&a, &result).ok, "CHECK after DEL passed");
 
@@ -533,6 +549,52 @@ fn dual_stack_add_check_del_with_host_local() {
     );
     assert_eq!(b.netns.links(), ["lo"]);
     node.assert_empty("the refused ADD");
+}
+
+/// IPv6 only: host-local with only an IPv6 range and `gateway6` without `gateway` give the pod
+/// one IPv6 address, its default route through `gateway6`, and no IPv4 at all.
+#[test]
+fn ipv6_only_add_check_del_with_host_local() {
+    let node = Node::ipv6_only();
+    let a = node.pod("a");
+    let result = node.add(&a);
+    assert_eq!(result["ips"].as_array().map(Vec::len), Some(1), "{result}");
+    let ip6 = result["ips"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address in {result}"))
+        .trim_end_matches("/128")
+        .to_string();
+    assert!(ip6.starts_with("fd00:198:19:200::"), "{result}");
+    assert_eq!(result["routes"], json!([{"dst": "::/0", "gw": GATEWAY6}]));
+    let v4 = ip_netns(
+        &a.netns.0,
+        &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+    );
+    assert_eq!(v4.trim(), "", "an IPv4 address on an IPv6-only pod");
+    let routes = ip_netns(&a.netns.0, &["ip", "-6", "route", "show"]);
+    assert!(
+        routes.contains(&format!("default via {GATEWAY6} dev eth0 src {ip6}")),
+        "{routes}"
+    );
+    let hv = a.host_veth();
+    let node_routes = ip_netns(&node.netns.0, &["ip", "-6", "route", "show"]);
+    assert!(
+        node_routes.contains(&format!("{ip6} dev {hv}")),
+        "{node_routes}"
+    );
+    ip_netns(&a.netns.0, &["ping", "-6", "-c", "1", "-W", "2", GATEWAY6]);
+
+    node.check(&a, &result)
+        .assert_ok("CHECK of an IPv6-only pod");
+    ip_netns(&a.netns.0, &["ip", "-6", "route", "del", "default"]);
+    let msg = node
+        .check(&a, &result)
+        .assert_error("CHECK without the IPv6 default route", 101);
+    assert!(msg.contains(GATEWAY6), "{msg}");
+
+    node.del(&a);
+    assert_eq!(a.netns.links(), ["lo"]);
+    node.assert_empty("DEL of the IPv6-only pod");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::{contains, rand_suffix, Lab};
+use veil_tests::{contains, http_url, rand_suffix, veil, Lab};
 
 fn curl(lab: &Lab, from: &str, url: &str) -> Result<String, String> {
     let out = lab.exec(from, &["curl", "-sS", "--max-time", "2", url]);
@@ -87,6 +87,136 @@ const WEB2_NETPOL_TRUSTED_NS: &str = r#"{"apiVersion": "networking.k8s.io/v1", "
   "metadata": {"name": "web2-trusted", "namespace": "shop"},
   "spec": {"podSelector": {"matchLabels": {"app": "web2"}}, "policyTypes": ["Ingress"],
            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "trusted"}}}]}]}}"#;
+
+/// IPv6 only (issue 19): the lab's kube-apiserver on the IPv6 underlay, Nodes with only IPv6
+/// InternalIPs and pod CIDRs, a kubectl-made Pod with only an IPv6 address (veil-cni over
+/// host-local's one IPv6 range), a CNP enforced, a kubectl-made Service with an IPv6 ClusterIP
+/// from the apiserver and its IPv6 EndpointSlice, and nothing in clear on the underlay.
+#[test]
+fn ipv6_only_kubernetes_lab_runs_pods_policies_and_services_over_ipv6() {
+    let lab = Lab::up(&["--control-plane", "kubernetes", "--ip-family", "ipv6"]);
+    assert_eq!(lab.view.ip_family, "ipv6");
+    let get = |args: &[&str]| lab.kubectl(args, "");
+    assert_eq!(
+        get(&[
+            "get",
+            "node",
+            "node-b",
+            "-o",
+            r#"jsonpath={.status.addresses[?(@.type=="InternalIP")].address}"#
+        ]),
+        "fd00:198:18::2"
+    );
+    assert_eq!(
+        get(&["get", "node", "node-b", "-o", "jsonpath={.spec.podCIDRs}"]),
+        r#"["fd00:198:19:2::/64"]"#
+    );
+
+    let ip = lab.make_web_pod("web2", "node-b");
+    assert!(
+        ip.starts_with("fd00:198:19:2::"),
+        "web2 got {ip}, not from node-b's fd00:198:19:2::/64"
+    );
+    assert_eq!(
+        get(&[
+            "get",
+            "pod",
+            "-n",
+            "shop",
+            "web2",
+            "-o",
+            "jsonpath={.status.podIPs[*].ip}"
+        ]),
+        ip,
+        "an IPv6-only pod has one address"
+    );
+    let web2_v4 = lab.exec("web2", &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(web2_v4.status.success(), "{web2_v4:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&web2_v4.stdout).trim(),
+        "",
+        "IPv4 on web2"
+    );
+    let url = http_url(&ip, 8080);
+    let get_from = |pod: &str, url: &str| {
+        let out = lab.exec(pod, &["curl", "-sS", "-g", "--max-time", "2", url]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    until(
+        "frontend reaches web2 over IPv6",
+        Duration::from_secs(30),
+        || get_from("frontend", &url).as_deref() == Some("hello from shop/web2\n"),
+    );
+
+    // A CNP made with kubectl: enforced on both nodes over IPv6.
+    apply_enforced(&lab, WEB2_FROM_FRONTEND, "web2-from-frontend");
+    until("intruder refused by web2", Duration::from_secs(30), || {
+        get_from("intruder", &url).is_none()
+    });
+    assert_eq!(
+        get_from("frontend", &url).as_deref(),
+        Some("hello from shop/web2\n")
+    );
+    assert!(
+        lab.drop_count("node-b", "policy-denied") >= 1,
+        "intruder's IPv6 packets were not dropped policy-denied at node-b"
+    );
+
+    // A Service made with kubectl: its ClusterIP from the apiserver's IPv6 service CIDR, its
+    // backend from the real controller's IPv6 EndpointSlice.
+    lab.kubectl(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web2", "namespace": "shop"},
+            "spec": {"selector": {"app": "web2"}, "ports": [{"port": 80, "targetPort": 8080}]}}"#,
+    );
+    let vip = get(&[
+        "get",
+        "service",
+        "-n",
+        "shop",
+        "web2",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    assert!(vip.starts_with("fd00:198:16::"), "ClusterIP {vip}");
+    until(
+        "frontend reaches web2 through its IPv6 ClusterIP",
+        Duration::from_secs(30),
+        || get_from("frontend", &http_url(&vip, 80)).as_deref() == Some("hello from shop/web2\n"),
+    );
+    assert_eq!(
+        get(&[
+            "get",
+            "endpointslices",
+            "-n",
+            "shop",
+            "-l",
+            "kubernetes.io/service-name=web2",
+            "-o",
+            "jsonpath={.items[*].addressType}"
+        ]),
+        "IPv6"
+    );
+
+    // The product's leak check: only WireGuard, the control channel and the apiserver's TLS
+    // cross the IPv6 underlay.
+    let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "veil check failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["capture"]["marker_hits"], 0, "{report:#}");
+    assert_eq!(report["capture"]["plaintext"], 0, "{report:#}");
+    assert!(
+        report["capture"]["wireguard"].as_u64().unwrap() > 0,
+        "{report:#}"
+    );
+}
 
 #[test]
 fn kubectl_pods_and_policies_on_a_kubernetes_lab() {

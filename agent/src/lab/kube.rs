@@ -11,7 +11,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -32,6 +32,22 @@ use crate::sys;
 
 /// The apiserver's address on the underlay bridge.
 pub const API_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 253);
+/// The same on an IPv6 underlay (an IPv6-only lab).
+pub const API_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 0xfd);
+
+/// The apiserver's address in a lab of `family`: on the underlay's family.
+pub fn api_ip(family: spec::IpFamily) -> IpAddr {
+    if family.v6_underlay() {
+        API_IP6.into()
+    } else {
+        API_IP.into()
+    }
+}
+
+/// `https://<apiserver>:6443`, an IPv6 address in brackets.
+pub fn api_url(family: spec::IpFamily) -> String {
+    format!("https://{}", SocketAddr::new(api_ip(family), API_PORT))
+}
 pub const API_PORT: u16 = 6443;
 /// The agents' ServiceAccount, as `deploy/rbac.yaml` ships it.
 pub const AGENT_NAMESPACE: &str = "veil-system";
@@ -163,7 +179,7 @@ fn issue(
 /// The CA, the apiserver's serving certificate, the admin client certificate (group
 /// system:masters), the service-account signing key, the admin kubeconfig and the port of the
 /// loopback forwarder. Everything under `kube/` in the lab directory (0600 keys).
-pub fn prepare(paths: &LabPaths) -> Result<()> {
+pub fn prepare(spec: &LabSpec, paths: &LabPaths) -> Result<()> {
     let d = dir(paths);
     std::fs::create_dir_all(d.join("pki")).map_err(|source| Error::Write {
         path: d.join("pki"),
@@ -181,17 +197,17 @@ pub fn prepare(paths: &LabPaths) -> Result<()> {
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_pem = ca.self_signed(&ca_key).map_err(|e| pki_err("CA", e))?.pem();
     let issuer = Issuer::new(ca, ca_key);
-    let ip = |a: Ipv4Addr| SanType::IpAddress(a.into());
+    let ip = |a: IpAddr| SanType::IpAddress(a);
     let dns = |n: &str| SanType::DnsName(n.try_into().expect("static DNS name"));
     let (srv, srv_key) = issue(
         &issuer,
         "kube-apiserver",
         None,
         vec![
-            ip(API_IP),
-            ip(Ipv4Addr::LOCALHOST),
-            // The `kubernetes` Service: the first address of the service CIDR.
-            ip(Ipv4Addr::from(u32::from(spec::SERVICE_CIDR.0) + 1)),
+            ip(api_ip(spec.ip_family)),
+            ip(Ipv4Addr::LOCALHOST.into()),
+            // The `kubernetes` Service: the first address of the first service CIDR.
+            ip(kubernetes_service_ip(spec.ip_family)),
             dns("localhost"),
             dns("kubernetes"),
             dns("kubernetes.default"),
@@ -225,11 +241,7 @@ pub fn prepare(paths: &LabPaths) -> Result<()> {
     );
     write(
         &controller_kubeconfig(paths),
-        kubeconfig(
-            &format!("https://{API_IP}:{API_PORT}"),
-            &pki.join("ca.crt"),
-            &admin_user,
-        ),
+        kubeconfig(&api_url(spec.ip_family), &pki.join("ca.crt"), &admin_user),
     )?;
 
     // The forwarder's port: a free one now, below the ephemeral range (32768-60999) so no
@@ -314,11 +326,11 @@ pub fn managed(spec: &LabSpec, paths: &LabPaths, exe: &Path) -> Vec<Managed> {
                 "--etcd-servers".into(),
                 "http://127.0.0.1:2379".into(),
                 "--bind-address".into(),
-                API_IP.to_string(),
+                api_ip(spec.ip_family).to_string(),
                 "--secure-port".into(),
                 API_PORT.to_string(),
                 "--advertise-address".into(),
-                API_IP.to_string(),
+                api_ip(spec.ip_family).to_string(),
                 "--tls-cert-file".into(),
                 s(pki.join("apiserver.crt")),
                 "--tls-private-key-file".into(),
@@ -435,8 +447,9 @@ pub fn api_proxy(spec: &LabSpec, paths: &LabPaths) -> Result<()> {
             path: proxy_port_file(paths),
             source,
         })?;
+    let api = SocketAddr::new(api_ip(spec.ip_family), API_PORT);
     eprintln!(
-        "api-proxy: 127.0.0.1:{port} -> {API_IP}:{API_PORT} in {}",
+        "api-proxy: 127.0.0.1:{port} -> {api} in {}",
         spec::underlay_netns(&spec.name)
     );
     let ul = spec::underlay_netns(&spec.name);
@@ -444,15 +457,12 @@ pub fn api_proxy(spec: &LabSpec, paths: &LabPaths) -> Result<()> {
         let Ok(client) = conn else { continue };
         let ul = ul.clone();
         std::thread::spawn(move || {
-            let upstream = sys::in_netns(&ul, || {
-                TcpStream::connect_timeout(
-                    &SocketAddr::from((API_IP, API_PORT)),
-                    Duration::from_secs(5),
-                )
+            let upstream = sys::in_netns(&ul, move || {
+                TcpStream::connect_timeout(&api, Duration::from_secs(5))
             });
             match upstream {
                 Ok(Ok(up)) => splice(client, up),
-                Ok(Err(e)) => eprintln!("api-proxy: connect {API_IP}:{API_PORT}: {e}"),
+                Ok(Err(e)) => eprintln!("api-proxy: connect {api}: {e}"),
                 Err(e) => eprintln!("api-proxy: enter {ul}: {e}"),
             }
         });
@@ -519,7 +529,8 @@ pub(crate) fn bootstrap(
         std::thread::sleep(Duration::from_millis(200));
     }
     progress.step(format!(
-        "kube-apiserver ready at https://{API_IP}:{API_PORT} (etcd in {})",
+        "kube-apiserver ready at {} (etcd in {})",
+        api_url(spec.ip_family),
         spec::underlay_netns(&spec.name)
     ));
     let all: String = DEPLOY
@@ -596,7 +607,7 @@ pub(crate) fn bootstrap(
         write(
             &node_kubeconfig(paths, &n.name),
             kubeconfig(
-                &format!("https://{API_IP}:{API_PORT}"),
+                &api_url(spec.ip_family),
                 &ca,
                 &format!("    token: {}\n", token.trim()),
             ),
@@ -647,9 +658,9 @@ pub(crate) fn bootstrap(
     Ok(())
 }
 
-/// Annotation carrying a lab-file pod's address: the lab's kubelet asks host-local for it.
+/// Annotation carrying a lab-file pod's IPv4 address: the lab's kubelet asks host-local for it.
 pub const REQUESTED_IP: &str = "veil.dev/lab-ip";
-/// The same for a dual-stack lab-file pod's IPv6 address.
+/// The same for a lab-file pod's IPv6 address (dual-stack or IPv6-only).
 pub const REQUESTED_IP6: &str = "veil.dev/lab-ip6";
 
 /// A lab-file pod as a Pod: its node, labels and ServiceAccount, and one container per server
@@ -679,9 +690,15 @@ fn pod_object(paths: &LabPaths, p: &spec::PodSpec, exe: &Path) -> serde_json::Va
                                             "command": ["sleep", "infinity"]}),
         );
     }
-    let mut annotations = serde_json::json!({REQUESTED_IP: p.ip.to_string()});
-    if let Some(ip6) = p.ipv6 {
-        annotations[REQUESTED_IP6] = serde_json::json!(ip6.to_string());
+    // Each address under its family's key (an IPv6-only pod has only the IPv6 one).
+    let mut annotations = serde_json::json!({});
+    for a in p.addrs() {
+        let key = if a.is_ipv4() {
+            REQUESTED_IP
+        } else {
+            REQUESTED_IP6
+        };
+        annotations[key] = serde_json::json!(a.to_string());
     }
     serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -690,6 +707,15 @@ fn pod_object(paths: &LabPaths, p: &spec::PodSpec, exe: &Path) -> serde_json::Va
         "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
                  "automountServiceAccountToken": false, "containers": containers},
     })
+}
+
+/// The `kubernetes` Service's ClusterIP: the first host of the first service CIDR.
+fn kubernetes_service_ip(family: spec::IpFamily) -> IpAddr {
+    if family.has_v4() {
+        Ipv4Addr::from(u32::from(spec::SERVICE_CIDR.0) + 1).into()
+    } else {
+        Ipv6Addr::from(u128::from(spec::SERVICE_CIDR_V6.0) + 1).into()
+    }
 }
 
 /// kube-apiserver's `--service-cluster-ip-range`: the lab's IPv4 service CIDR, then the IPv6

@@ -46,7 +46,8 @@ pub struct PodRecord {
     pub node: String,
     pub netns: String,
     pub cgroup: PathBuf,
-    pub ip: Option<std::net::Ipv4Addr>,
+    /// The pod's first address: IPv4, or IPv6 in an IPv6-only lab.
+    pub ip: Option<std::net::IpAddr>,
     /// A dual-stack pod's IPv6 address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<std::net::Ipv6Addr>,
@@ -399,13 +400,16 @@ impl Kubelet<'_> {
                 return Err(e);
             }
         };
-        record.ip = cni_ip(&result);
-        record.ipv6 = cni_ip(&result);
+        // The IPv4 address first, else the IPv6 one; a dual-stack pod's IPv6 one second.
+        let v4 = cni_ip::<std::net::Ipv4Addr>(&result);
+        let v6 = cni_ip::<std::net::Ipv6Addr>(&result);
+        record.ip = v4.map(Into::into).or(v6.map(Into::into));
+        record.ipv6 = v4.and(v6);
         if record.ip.is_none() {
             self.release(&record);
             return Err(kerr(
                 "CNI ADD",
-                format!("no IPv4 address in its result: {result}"),
+                format!("no address in its result: {result}"),
             ));
         }
         self.write_record(&record)?;
@@ -665,27 +669,38 @@ fn name_of(p: &Pod) -> String {
     )
 }
 
-/// The network configuration the kubelet hands veil-cni: host-local over the node's pod CIDR,
-/// its state under the lab directory.
-/// A dual-stack node's configuration adds its IPv6 pod CIDR as a second range (one address of
-/// each family per pod) and the IPv6 gateway as `gateway6`.
+/// The network configuration the kubelet hands veil-cni: host-local over the node's pod CIDRs
+/// (one range per family, one address of each family per pod), its state under the lab
+/// directory, and the node's pod gateway of each family (`gateway`, `gateway6`).
 pub fn cni_config(spec: &LabSpec, paths: &LabPaths, node: &NodeSpec) -> String {
-    // `resolve` runs an IPv6-only lab on files only: a Kubernetes lab's pods have IPv4.
-    let gw = spec
-        .pod_gateway(node)
-        .expect("a Kubernetes lab has IPv4 pods");
-    let mut ranges =
-        vec![serde_json::json!([{"subnet": node.pod_cidr, "gateway": gw.to_string()}])];
+    let mut ranges = vec![];
     let mut config = serde_json::json!({
         "cniVersion": "1.0.0",
         "name": format!("veil-{}", node.name),
         "type": "veil-cni",
         "mtu": spec.pod_mtu(),
-        "gateway": gw.to_string(),
     });
-    if let (Some(cidr6), Some(gw6)) = (&node.pod_cidr_v6, spec.pod_gateway_v6(node)) {
-        ranges.push(serde_json::json!([{"subnet": cidr6, "gateway": gw6.to_string()}]));
-        config["gateway6"] = serde_json::json!(gw6.to_string());
+    let gateways = [
+        (
+            spec.pod_gateway(node).map(std::net::IpAddr::from),
+            "gateway",
+        ),
+        (
+            spec.pod_gateway_v6(node).map(std::net::IpAddr::from),
+            "gateway6",
+        ),
+    ];
+    for (gw, key) in gateways {
+        let Some(gw) = gw else { continue };
+        let Some(cidr) = node
+            .pod_cidrs()
+            .into_iter()
+            .find(|c| c.contains(':') == gw.is_ipv6())
+        else {
+            continue;
+        };
+        ranges.push(serde_json::json!([{"subnet": cidr, "gateway": gw.to_string()}]));
+        config[key] = serde_json::json!(gw.to_string());
     }
     config["ipam"] = serde_json::json!({
         "type": "host-local",

@@ -850,7 +850,7 @@ fn build(
 
     let kubernetes = spec.control_plane == spec::ControlPlane::Kubernetes;
     if kubernetes {
-        kube::prepare(paths)?;
+        kube::prepare(spec, paths)?;
     } else {
         FileSource::write(&paths.control_plane(), &cluster_state(spec, 1))?;
     }
@@ -991,7 +991,12 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
     }
     if spec.control_plane == spec::ControlPlane::Kubernetes {
         // The kube-apiserver listens here; agents reach it over the underlay.
-        ul_cmds.push(format!("addr add {}/24 dev {br}", kube::API_IP));
+        let api = kube::api_ip(spec.ip_family);
+        ul_cmds.push(if v6_underlay {
+            format!("addr add {api}/64 dev {br} nodad")
+        } else {
+            format!("addr add {api}/24 dev {br}")
+        });
     }
     sys::ip_batch(Some(&ul), &ul_cmds)?;
     // An IPv6 underlay's bridge holds the spire-server's IPv6 address.

@@ -1025,13 +1025,6 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         .control_plane
         .or(file.control_plane)
         .unwrap_or(ControlPlane::Kubernetes);
-    if ip_family.v6_underlay() && control_plane == ControlPlane::Kubernetes {
-        return Err(invalid(
-            "ip_family",
-            "ipv6 runs with `control_plane: files` (--control-plane files): the lab's \
-             kube-apiserver, its kubelets and veil-cni give pods IPv4 or dual-stack addresses",
-        ));
-    }
 
     Ok(LabSpec {
         name: name.to_string(),
@@ -1422,6 +1415,10 @@ mod tests {
 
     #[test]
     fn ipv6_only_labs_have_an_ipv6_underlay_and_no_ipv4() {
+        // Kubernetes (the default control plane) too: the lab's apiserver listens on the
+        // IPv6 underlay.
+        let kube = resolve_text("ip_family: ipv6").unwrap();
+        assert_eq!(kube.control_plane, ControlPlane::Kubernetes);
         let lab = resolve_text("ip_family: ipv6\nidentity: dev\ncontrol_plane: files").unwrap();
         assert_eq!(lab.ip_family, IpFamily::Ipv6);
         let b = &lab.nodes[1];
@@ -1683,8 +1680,6 @@ mod tests {
             ("node_encryption: yes please", "node_encryption"),
             ("encryption: off\nnode_encryption: on", "node_encryption"),
             ("ip_family: both", "ip_family"),
-            ("ip_family: ipv6", "ip_family"),
-            ("ip_family: ipv6\nidentity: dev", "ip_family"),
             ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nunderlay_mtu: 1340", "ip_family"),
             ("ip_family: ipv6\nidentity: dev\ncontrol_plane: files\nservices: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 198.18.16.20}]", "services[0].cluster_ip"),
             ("ip_family: ipv4\nservices: [{name: a, selector: {}, ports: [{port: 1}], cluster_ip: 'fd00:198:16::20'}]", "services[0].cluster_ip"),
