@@ -361,6 +361,25 @@ impl Lab {
             .unwrap_or_else(|| panic!("no pod {pod}"))
     }
 
+    /// Host `host` of node `node_id`'s first pod CIDR, in the lab's first family:
+    /// `198.19.<node>.<host>`, or `fd00:198:19:<node>::<host>` (the same digits) IPv6-only.
+    pub fn pod_cidr_addr(&self, node_id: u8, host: u16) -> String {
+        if self.view.ip_family == "ipv6" {
+            format!("fd00:198:19:{node_id}::{host}")
+        } else {
+            format!("198.19.{node_id}.{host}")
+        }
+    }
+
+    /// Node `node_id`'s underlay address: `198.18.0.<id>`, or `fd00:198:18::<id>` IPv6-only.
+    pub fn node_underlay_addr(&self, node_id: u8) -> String {
+        if self.view.ip_family == "ipv6" {
+            format!("fd00:198:18::{node_id}")
+        } else {
+            format!("198.18.0.{node_id}")
+        }
+    }
+
     pub fn pod_ip(&self, pod: &str) -> String {
         self.pod(pod).ip.clone()
     }
@@ -515,7 +534,11 @@ impl Lab {
             .expect("lab paths")
             .ready_dir()
             .join(format!("web-{name}"));
+        // An IPv6 address under the IPv6 key (an IPv6-only lab).
         let annotations = match ip {
+            Some(ip) if ip.contains(':') => {
+                serde_json::json!({ veil_agent::lab::kube::REQUESTED_IP6: ip })
+            }
             Some(ip) => serde_json::json!({ veil_agent::lab::kube::REQUESTED_IP: ip }),
             None => serde_json::json!({}),
         };

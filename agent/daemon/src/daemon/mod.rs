@@ -356,7 +356,10 @@ impl Agent {
                                 tracing::info!("agent ready");
                             }
                             s.ready = true;
-                            s.last_error = None;
+                            // The end of a failure the warning below announced.
+                            if let Some(was) = s.last_error.take() {
+                                tracing::info!(was = %was, "reconcile recovered");
+                            }
                         }
                         Err(e @ reconcile::ReconcileError::NodeIdChanged { .. }) => {
                             tracing::error!(error = %e, "cannot go on");
