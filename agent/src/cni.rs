@@ -1532,17 +1532,21 @@ mod tests {
     fn plan_is_the_lab_pod_shape() {
         let env = env_with(&[]).unwrap();
         let conf = NetConf::parse(CONF.as_bytes()).unwrap();
-        let plan = plan_add(
-            &env,
-            &conf,
-            Path::new("/var/run/netns/pod1"),
-            "veil0123456789a",
-            &IpamResult {
-                ipv4: Some(Ipv4Addr::new(198, 19, 1, 7)),
-                ipv6: None,
+        let plan_for = |conf: &NetConf, ipv4: Option<Ipv4Addr>, ipv6: Option<&str>| {
+            let ipam = IpamResult {
+                ipv4,
+                ipv6: ipv6.map(|a| a.parse().unwrap()),
                 dns: json!({}),
-            },
-        );
+            };
+            plan_add(
+                &env,
+                conf,
+                Path::new("/var/run/netns/pod1"),
+                "veil0123456789a",
+                &ipam,
+            )
+        };
+        let plan = plan_for(&conf, Some(Ipv4Addr::new(198, 19, 1, 7)), None);
         assert_eq!(
             plan.create,
             "link add veil0123456789a mtu 1400 type veth peer name eth0 mtu 1400 netns /var/run/netns/pod1"
@@ -1571,16 +1575,10 @@ mod tests {
             gateway6: Some("fd00:198:19:1::1".parse().unwrap()),
             ..conf
         };
-        let plan = plan_add(
-            &env,
+        let plan = plan_for(
             &conf,
-            Path::new("/var/run/netns/pod1"),
-            "veil0123456789a",
-            &IpamResult {
-                ipv4: Some(Ipv4Addr::new(198, 19, 1, 7)),
-                ipv6: Some("fd00:198:19:1::7".parse().unwrap()),
-                dns: json!({}),
-            },
+            Some(Ipv4Addr::new(198, 19, 1, 7)),
+            Some("fd00:198:19:1::7"),
         );
         assert_eq!(
             plan.node,
@@ -1611,17 +1609,7 @@ mod tests {
             gateway: None,
             ..conf
         };
-        let plan = plan_add(
-            &env,
-            &conf,
-            Path::new("/var/run/netns/pod1"),
-            "veil0123456789a",
-            &IpamResult {
-                ipv4: None,
-                ipv6: Some("fd00:198:19:1::7".parse().unwrap()),
-                dns: json!({}),
-            },
-        );
+        let plan = plan_for(&conf, None, Some("fd00:198:19:1::7"));
         assert_eq!(
             plan.node,
             [

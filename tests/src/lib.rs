@@ -520,8 +520,13 @@ impl Lab {
     /// A kubectl-made Pod's `status.podIP` in namespace `shop` (empty until the lab's kubelet
     /// has given it one).
     pub fn kube_pod_ip(&self, name: &str) -> String {
-        let path = "jsonpath={.status.podIP}";
-        self.kubectl(&["get", "pod", "-n", "shop", name, "-o", path], "")
+        self.kube_shop_get("pod", name, "{.status.podIP}")
+    }
+
+    /// `kubectl get KIND -n shop NAME -o jsonpath=PATH`.
+    pub fn kube_shop_get(&self, kind: &str, name: &str, jsonpath: &str) -> String {
+        let path = format!("jsonpath={jsonpath}");
+        self.kubectl(&["get", kind, "-n", "shop", name, "-o", &path], "")
     }
 
     /// `make_web_pod` labelled `app=<app>` and, with `ip`, asking the lab's kubelet for that

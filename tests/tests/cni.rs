@@ -468,6 +468,52 @@ fn add_check_del_with_host_local() {
     node.assert_empty("every DEL");
 }
 
+/// The IPv6 address of an ADD result's `ips[i]` (from node-b's IPv6 range, `gateway6` its
+/// gateway).
+fn ipv6_of(result: &Value, i: usize) -> String {
+    let ip6 = result["ips"][i]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address {i} in {result}"))
+        .trim_end_matches("/128")
+        .to_string();
+    assert!(ip6.starts_with("fd00:198:19:200::"), "{result}");
+    assert_eq!(result["ips"][i]["gateway"], GATEWAY6);
+    ip6
+}
+
+/// A pod's IPv6 side as ADD made it: its /128 address, its default route through `gateway6`,
+/// the node's /128 route to it, `gateway6` answering; CHECK passes, and fails 101 naming
+/// `gateway6` once the pod's IPv6 default route is deleted.
+fn assert_ipv6_pod(node: &Node, pod: &Pod, ip6: &str, result: &Value) {
+    let addr = ip_netns(
+        &pod.netns.0,
+        &["ip", "-6", "-o", "addr", "show", "dev", "eth0"],
+    );
+    assert!(addr.contains(&format!("inet6 {ip6}/128")), "{addr}");
+    let routes = ip_netns(&pod.netns.0, &["ip", "-6", "route", "show"]);
+    assert!(
+        routes.contains(&format!("default via {GATEWAY6} dev eth0 src {ip6}")),
+        "{routes}"
+    );
+    let hv = pod.host_veth();
+    let node_routes = ip_netns(&node.netns.0, &["ip", "-6", "route", "show"]);
+    assert!(
+        node_routes.contains(&format!("{ip6} dev {hv}")),
+        "{node_routes}"
+    );
+    ip_netns(
+        &pod.netns.0,
+        &["ping", "-6", "-c", "1", "-W", "2", GATEWAY6],
+    );
+    node.check(pod, result)
+        .assert_ok("CHECK of a pod with IPv6");
+    ip_netns(&pod.netns.0, &["ip", "-6", "route", "del", "default"]);
+    let msg = node
+        .check(pod, result)
+        .assert_error("CHECK without the IPv6 default route", 101);
+    assert!(msg.contains(GATEWAY6), "{msg}");
+}
+
 /// Dual stack: host-local with an IPv6 range beside the IPv4 one hands the pod one address of
 /// each; veil-cni configures both (the pod reaches both gateways), CHECK verifies both and names
 /// what differs, DEL frees both.
@@ -477,33 +523,12 @@ fn dual_stack_add_check_del_with_host_local() {
     let a = node.pod("a");
     let result = node.add(&a);
     let ip_a = result_ip(&result);
-    let ip6 = result["ips"][1]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no second address in {result}"))
-        .trim_end_matches("/128")
-        .to_string();
-    assert!(ip6.starts_with("fd00:198:19:200::"), "{result}");
-    assert_eq!(result["ips"][1]["gateway"], GATEWAY6);
     assert_eq!(
         result["routes"],
         json!([{"dst": "0.0.0.0/0", "gw": GATEWAY}, {"dst": "::/0", "gw": GATEWAY6}])
     );
-    let addr = ip_netns(
-        &a.netns.0,
-        &["ip", "-6", "-o", "addr", "show", "dev", "eth0"],
-    );
-    assert!(addr.contains(&format!("inet6 {ip6}/128")), "{addr}");
-    let routes = ip_netns(&a.netns.0, &["ip", "-6", "route", "show"]);
-    assert!(
-        routes.contains(&format!("default via {GATEWAY6} dev eth0 src {ip6}")),
-        "{routes}"
-    );
+    let ip6 = ipv6_of(&result, 1);
     let hv = a.host_veth();
-    let node_routes = ip_netns(&node.netns.0, &["ip", "-6", "route", "show"]);
-    assert!(
-        node_routes.contains(&format!("{ip6} dev {hv}")),
-        "{node_routes}"
-    );
     let dad = ip_netns(
         &node.netns.0,
         &["cat", &format!("/proc/sys/net/ipv6/conf/{hv}/accept_dad")],
@@ -514,15 +539,7 @@ fn dual_stack_add_check_del_with_host_local() {
         "duplicate address detection on the host veth"
     );
     ip_netns(&a.netns.0, &["ping", "-c", "1", "-W", "2", GATEWAY]);
-    ip_netns(&a.netns.0, &["ping", "-6", "-c", "1", "-W", "2", GATEWAY6]);
-
-    node.check(&a, &result)
-        .assert_ok("CHECK of a dual-stack pod");
-    ip_netns(&a.netns.0, &["ip", "-6", "route", "del", "default"]);
-    let msg = node
-        .check(&a, &result)
-        .assert_error("CHECK without the IPv6 default route", 101);
-    assert!(msg.contains(GATEWAY6), "{msg}");
+    assert_ipv6_pod(&node, &a, &ip6, &result);
 
     node.del(&a);
     assert_eq!(a.netns.links(), ["lo"]);
@@ -559,38 +576,14 @@ fn ipv6_only_add_check_del_with_host_local() {
     let a = node.pod("a");
     let result = node.add(&a);
     assert_eq!(result["ips"].as_array().map(Vec::len), Some(1), "{result}");
-    let ip6 = result["ips"][0]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no address in {result}"))
-        .trim_end_matches("/128")
-        .to_string();
-    assert!(ip6.starts_with("fd00:198:19:200::"), "{result}");
     assert_eq!(result["routes"], json!([{"dst": "::/0", "gw": GATEWAY6}]));
+    let ip6 = ipv6_of(&result, 0);
     let v4 = ip_netns(
         &a.netns.0,
         &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
     );
     assert_eq!(v4.trim(), "", "an IPv4 address on an IPv6-only pod");
-    let routes = ip_netns(&a.netns.0, &["ip", "-6", "route", "show"]);
-    assert!(
-        routes.contains(&format!("default via {GATEWAY6} dev eth0 src {ip6}")),
-        "{routes}"
-    );
-    let hv = a.host_veth();
-    let node_routes = ip_netns(&node.netns.0, &["ip", "-6", "route", "show"]);
-    assert!(
-        node_routes.contains(&format!("{ip6} dev {hv}")),
-        "{node_routes}"
-    );
-    ip_netns(&a.netns.0, &["ping", "-6", "-c", "1", "-W", "2", GATEWAY6]);
-
-    node.check(&a, &result)
-        .assert_ok("CHECK of an IPv6-only pod");
-    ip_netns(&a.netns.0, &["ip", "-6", "route", "del", "default"]);
-    let msg = node
-        .check(&a, &result)
-        .assert_error("CHECK without the IPv6 default route", 101);
-    assert!(msg.contains(GATEWAY6), "{msg}");
+    assert_ipv6_pod(&node, &a, &ip6, &result);
 
     node.del(&a);
     assert_eq!(a.netns.links(), ["lo"]);

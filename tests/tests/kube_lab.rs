@@ -122,15 +122,7 @@ fn ipv6_only_kubernetes_lab_runs_pods_policies_and_services_over_ipv6() {
         "web2 got {ip}, not from node-b's fd00:198:19:2::/64"
     );
     assert_eq!(
-        get(&[
-            "get",
-            "pod",
-            "-n",
-            "shop",
-            "web2",
-            "-o",
-            "jsonpath={.status.podIPs[*].ip}"
-        ]),
+        lab.kube_shop_get("pod", "web2", "{.status.podIPs[*].ip}"),
         ip,
         "an IPv6-only pod has one address"
     );
@@ -176,15 +168,7 @@ fn ipv6_only_kubernetes_lab_runs_pods_policies_and_services_over_ipv6() {
             "metadata": {"name": "web2", "namespace": "shop"},
             "spec": {"selector": {"app": "web2"}, "ports": [{"port": 80, "targetPort": 8080}]}}"#,
     );
-    let vip = get(&[
-        "get",
-        "service",
-        "-n",
-        "shop",
-        "web2",
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ]);
+    let vip = lab.kube_shop_get("service", "web2", "{.spec.clusterIP}");
     assert!(vip.starts_with("fd00:198:16::"), "ClusterIP {vip}");
     until(
         "frontend reaches web2 through its IPv6 ClusterIP",
@@ -303,18 +287,7 @@ fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
         "",
     );
     assert_eq!(cidrs, r#"["198.19.2.0/24","fd00:198:19:2::/64"]"#);
-    let pod_ips = lab.kubectl(
-        &[
-            "get",
-            "pod",
-            "-n",
-            "shop",
-            "web2",
-            "-o",
-            "jsonpath={.status.podIPs[*].ip}",
-        ],
-        "",
-    );
+    let pod_ips = lab.kube_shop_get("pod", "web2", "{.status.podIPs[*].ip}");
     let ip6 = pod_ips
         .split_whitespace()
         .find(|a| a.contains(':'))

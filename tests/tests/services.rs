@@ -362,52 +362,19 @@ fn kubernetes_services_follow_endpointslices_and_skip_pods_that_are_not_ready() 
             "spec": {"selector": {"app": "web1"}, "ipFamilyPolicy": "PreferDualStack",
                      "ports": [{"name": "http", "port": 8081, "targetPort": 8080}]}}"#,
     );
-    let web_vips = lab.kubectl(
-        &[
-            "get",
-            "service",
-            "-n",
-            "shop",
-            "web",
-            "-o",
-            "jsonpath={.spec.clusterIPs[*]}",
-        ],
-        "",
-    );
+    let web_vips = lab.kube_shop_get("service", "web", "{.spec.clusterIPs[*]}");
     let web_vip6 = web_vips
         .split_whitespace()
         .find(|a| a.contains(':'))
         .unwrap_or_else(|| panic!("no IPv6 ClusterIP in {web_vips:?}"))
         .to_string();
     assert!(web_vip6.starts_with("fd00:198:16::"), "{web_vip6}");
-    let web_vip = lab.kubectl(
-        &[
-            "get",
-            "service",
-            "-n",
-            "shop",
-            "web",
-            "-o",
-            "jsonpath={.spec.clusterIP}",
-        ],
-        "",
-    );
+    let web_vip = lab.kube_shop_get("service", "web", "{.spec.clusterIP}");
     let crashing_ip = lab.wait_for(
         "the crashing pod's address",
         Duration::from_secs(30),
         || {
-            let ip = lab.kubectl(
-                &[
-                    "get",
-                    "pod",
-                    "-n",
-                    "shop",
-                    "crashing",
-                    "-o",
-                    "jsonpath={.status.podIP}",
-                ],
-                "",
-            );
+            let ip = lab.kube_pod_ip("crashing");
             (!ip.is_empty()).then_some(ip)
         },
     );
