@@ -382,7 +382,8 @@ fn a_node_whose_underlay_address_changes_is_followed_without_an_agent_restart() 
 #[test]
 fn a_kubernetes_node_whose_internal_ip_changes_is_followed_without_an_agent_restart() {
     node_moves_are_followed(
-        &Lab::up_with_auth_policy("control_plane: kubernetes\n", &[]),
+        // The moves are between IPv4 underlay addresses, as in the files-mode test.
+        &Lab::up_with_auth_policy("control_plane: kubernetes\n", &["--ip-family", "dual"]),
         &[
             ("node-b", "198.18.0.77", "node-a", Move::OldKept, SOON),
             ("node-a", "198.18.0.78", "node-b", Move::OldKept, SOON),
