@@ -522,7 +522,7 @@ pub fn cluster_service(svc: &spec::ServiceSpec, pods: &[cluster::Pod]) -> cluste
             .filter(|p| svc.selects(&p.namespace, &p.labels))
             .flat_map(|p| {
                 p.addrs()
-                    .filter(|a| svc.cluster_ips().any(|c| c.is_ipv4() == a.is_ipv4()))
+                    .filter(|a| svc.has_family_of(a))
                     .map(|ip| cluster::ServiceBackend {
                         pod: format!("{}/{}", p.namespace, p.name),
                         ip,
@@ -1288,7 +1288,7 @@ fn wait_ready(
                 .iter()
                 .filter(|p| svc.selects(&p.namespace, &p.labels))
                 .flat_map(|p| p.addrs())
-                .filter(|a| svc.cluster_ips().any(|c| c.is_ipv4() == a.is_ipv4()))
+                .filter(|a| svc.has_family_of(a))
                 .map(|a| a.to_string())
                 .collect();
             (svc, ips)

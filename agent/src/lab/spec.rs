@@ -313,6 +313,11 @@ impl ServiceSpec {
         std::iter::once(self.cluster_ip).chain(self.cluster_ipv6.map(IpAddr::V6))
     }
 
+    /// Does it have a ClusterIP of `addr`'s family (so a selected pod's `addr` is a backend)?
+    pub fn has_family_of(&self, addr: &IpAddr) -> bool {
+        self.cluster_ips().any(|c| c.is_ipv4() == addr.is_ipv4())
+    }
+
     /// Does `labels` (a pod's, in `namespace`) match the selector? An empty selector selects
     /// nothing, as in Kubernetes (a Service without a selector has no managed endpoints).
     pub fn selects(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {

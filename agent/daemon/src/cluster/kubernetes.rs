@@ -1559,6 +1559,24 @@ fn first_v4_else_v6(addrs: impl Iterator<Item = IpAddr> + Clone) -> Option<IpAdd
         .or_else(|| addrs.into_iter().find(IpAddr::is_ipv6))
 }
 
+/// A pod's or Service's addresses as veil keeps them: the first (IPv4, else IPv6) and, when
+/// that one is IPv4, the first IPv6 one of a dual-stack object.
+fn first_and_ipv6(
+    addrs: impl Iterator<Item = IpAddr> + Clone,
+) -> Option<(IpAddr, Option<std::net::Ipv6Addr>)> {
+    let first = first_v4_else_v6(addrs.clone())?;
+    let ipv6 = first
+        .is_ipv4()
+        .then(|| {
+            addrs.into_iter().find_map(|a| match a {
+                IpAddr::V6(v6) => Some(v6),
+                IpAddr::V4(_) => None,
+            })
+        })
+        .flatten();
+    Some((first, ipv6))
+}
+
 /// A Pod as a veil endpoint (identity filled in by the caller), if it is one now. Only a pod
 /// on `me`, this node, has its host veth named: the agent touches no other pod's interface,
 /// and 100,000 names are 1.6 MB.
@@ -1583,11 +1601,7 @@ fn pod_from(p: &KPod, me: &str) -> Option<Pod> {
             .chain(status.pod_ip.as_deref())
     };
     // The IPv4 address first (an IPv6-only pod's IPv6 one), then a dual-stack pod's IPv6 one.
-    let ip = first_v4_else_v6(addrs().filter_map(|a| a.parse().ok()))?;
-    let ipv6: Option<std::net::Ipv6Addr> = ip
-        .is_ipv4()
-        .then(|| addrs().find_map(|a| a.parse().ok()))
-        .flatten();
+    let (ip, ipv6) = first_and_ipv6(addrs().filter_map(|a| a.parse().ok()))?;
     let name = p.metadata.name.clone()?;
     let namespace = p.metadata.namespace.clone()?;
     let node = spec.node_name.clone()?;
@@ -1720,16 +1734,7 @@ pub(crate) fn services_from(
                     .chain(spec.cluster_ip.as_deref())
                     .filter_map(|a| a.parse::<IpAddr>().ok())
             };
-            let cluster_ip = first_v4_else_v6(ips())?;
-            let cluster_ipv6 = cluster_ip
-                .is_ipv4()
-                .then(|| {
-                    ips().find_map(|a| match a {
-                        IpAddr::V6(v6) => Some(v6),
-                        IpAddr::V4(_) => None,
-                    })
-                })
-                .flatten();
+            let (cluster_ip, cluster_ipv6) = first_and_ipv6(ips())?;
             let slices = by_service
                 .get(&(ns.clone(), name.clone()))
                 .map(Vec::as_slice)
