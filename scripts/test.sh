@@ -17,12 +17,13 @@ had_bpf_linker=""
 [ -x "$HOME/.cargo/bin/bpf-linker" ] && had_bpf_linker=1
 suite_t0=$(date +%s)
 step() { echo "test: $1 in $(( $(date +%s) - $2 )) s (suite at $(( $(date +%s) - suite_t0 )) s)"; }
-go_pid="" fresh="" no_tools=""
+go_pid="" fresh="" no_tools="" results=""
 cleanup() {
   # The background Go build is its own process group (setsid): stop all of it on an early exit.
   if [ -n "$go_pid" ] && kill -0 "$go_pid" 2>/dev/null; then kill -TERM -- "-$go_pid" 2>/dev/null || true; fi
   [ -z "$fresh" ] || rm -rf "$fresh"
   [ -z "$no_tools" ] || rmdir "$no_tools" 2>/dev/null || true
+  [ -z "$results" ] || rm -f "$results"
 }
 trap cleanup EXIT
 # Debian packages, the Rust toolchains, bpf-linker, cargo-nextest, boringtun-cli; not the Go tools.
@@ -101,7 +102,20 @@ cargo test --release --locked --workspace --doc
 # that this filter misses fails there, every time, instead of passing or failing by how far the
 # build has got.
 go_tests='binary(spire) | binary(real_spire) | binary(kube_lab) | binary(kubernetes) | binary(interop) | (package(veil-tests) & test(/spire|kubernetes/)) | (binary(lab) & test(/failed_up_removes_everything_it_created|up_never_takes_over_a_namespace_it_did_not_create/))'
-nextest() { cargo nextest run --release --locked --workspace --no-fail-fast --profile ci "$@"; }
+# Each nextest run's output is also kept, so that a failure ends the suite's output with a
+# digest (the failed tests and their panic messages) instead of the last failing test's logs:
+# what a CI page shows first is the tail.
+results=$(mktemp /tmp/veil-test-output-XXXXXX)
+nextest() {
+  cargo nextest run --release --locked --workspace --no-fail-fast --profile ci "$@" 2>&1 | tee -a "$results"
+  return "${PIPESTATUS[0]}"
+}
+failure_digest() {
+  echo "test: failed tests (from both runs):"
+  grep -E '^ *(FAIL|TIMEOUT|SIGSEGV|SIGABRT|SIGKILL|LEAK-FAIL) \[' "$results" | sed 's/^ */  /' | sort -u || true
+  echo "test: their panic messages (first 3 lines each, at most 60 lines):"
+  grep -A3 "panicked at" "$results" | cut -c1-300 | head -60 || true
+}
 rc=0
 if [ $# -eq 0 ]; then
   no_tools=$(mktemp -d /tmp/veil-no-tools-XXXXXX)
@@ -124,5 +138,8 @@ if [ $# -eq 0 ]; then
 else
   nextest "$@" || rc=$?
 fi
-[ "$rc" -eq 0 ] || echo "test: FAILED: some tests failed (nextest exit $rc; both summaries above)" >&2
+if [ "$rc" -ne 0 ]; then
+  failure_digest >&2
+  echo "test: FAILED: some tests failed (nextest exit $rc; both summaries above)" >&2
+fi
 exit "$rc"

@@ -644,14 +644,45 @@ impl Pair {
         Some(now.checked_sub(age)?.as_secs())
     }
 
-    /// Waits until `from` reaches the other side's tunnel address.
+    /// Waits until `from` reaches the other side's tunnel address; on a timeout the panic
+    /// message carries both sides' `wg show` and veil-wg's drop counters (a CI page shows the
+    /// panic message, not always the daemons' logs).
     fn wait_ping(&self, from: Side, timeout: Duration) -> Duration {
         let t0 = Instant::now();
         let dst = Self::other_tunnel_ip(from);
-        wait_for(&format!("ping {from:?} -> {dst}"), timeout, || {
-            self.ns(from).ping(dst).then_some(())
-        });
+        while !self.ns(from).ping(dst) {
+            if t0.elapsed() >= timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for ping {from:?} -> {dst}\n{}",
+                    self.state_report()
+                );
+            }
+            // The poll interval of this wait, not a wait of its own.
+            std::thread::sleep(Duration::from_millis(50));
+        }
         t0.elapsed()
+    }
+
+    /// Both sides' `wg show` (handshake ages, endpoints, transfer; no private key) and veil-wg's
+    /// last drop counters, for a failure message.
+    fn state_report(&self) -> String {
+        let show = |side: Side| {
+            let out = self.ns(side).exec(&["wg", "show", self.ifname(side)]);
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let log = self.veil.log_text();
+        let drops = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(" dropped: "))
+            .unwrap_or("veil-wg: nothing dropped");
+        format!(
+            "at {} (unix s): veil-wg (A):\n{}{} (B):\n{}{drops}",
+            unix_now(),
+            show(Side::A),
+            self.imp.name(),
+            show(Side::B)
+        )
     }
 
     /// Sends `bytes` over TCP from `from` to the other side's tunnel address; checks every byte.
