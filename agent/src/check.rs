@@ -354,13 +354,20 @@ pub fn run(spec: &spec::LabSpec, paths: &LabPaths) -> Result<Report, Error> {
         }
     }
     // With node encryption, the nodes' own traffic must not cross in clear either: the same
-    // markers between the first two nodes' addresses (host network).
+    // markers between the first two nodes' addresses (host network), each of a dual-stack
+    // underlay's two.
     if let (true, [a, b, ..]) = (spec.node_encryption, spec.nodes.as_slice()) {
-        names.push(format!("node {} -> node {}", a.name, b.name));
-        let (t, s, r) = send_markers(&a.netns, &b.netns, b.underlay_ip, marker.as_bytes())?;
-        tcp_round_trips += t;
-        udp_sent += s;
-        udp_received += r;
+        for ip in b.underlay_ips() {
+            names.push(if ip == b.underlay_ip {
+                format!("node {} -> node {}", a.name, b.name)
+            } else {
+                format!("node {} -> node {} (IPv6)", a.name, b.name)
+            });
+            let (t, s, r) = send_markers(&a.netns, &b.netns, ip, marker.as_bytes())?;
+            tcp_round_trips += t;
+            udp_sent += s;
+            udp_received += r;
+        }
     }
     let data = stop_capture(capture)?;
     let capture = analyse_pcap(&data, marker.as_bytes()).map_err(Error::Capture)?;

@@ -232,11 +232,17 @@ enum LabCommand {
         #[arg(long)]
         node_encryption: Option<spec::OnOff>,
         /// ipv4|ipv6|dual: the pods' address families (dual: an IPv4 and an IPv6 address
-        /// each; ipv6: only IPv6, over an IPv6 underlay, with `--control-plane files`).
+        /// each; ipv6: only IPv6, over an IPv6 underlay).
         /// Default: the lab file's `ip_family:`, else dual where the pod MTU is at least 1280
         /// (IPv6's minimum), ipv4 below that.
         #[arg(long)]
         ip_family: Option<spec::IpFamily>,
+        /// ipv4|ipv6|dual: the nodes' underlay addresses. Default: the lab file's
+        /// `underlay_family:`, else the pods' first family. dual (with `--ip-family dual`):
+        /// each node has an IPv6 underlay address beside its IPv4 one; WireGuard and the
+        /// control channel use the IPv4 one, node traffic encryption covers both.
+        #[arg(long)]
+        underlay_family: Option<spec::IpFamily>,
         /// SVID TTL, e.g. 30s, 1h.
         #[arg(long)]
         svid_ttl: Option<spec::HumanDuration>,
@@ -983,6 +989,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             encryption,
             node_encryption,
             ip_family,
+            underlay_family,
             svid_ttl,
             identity,
             control_plane,
@@ -1000,6 +1007,7 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
                 encryption: encryption.map(|e| e.0),
                 node_encryption: node_encryption.map(|e| e.0),
                 ip_family,
+                underlay_family,
                 svid_ttl: svid_ttl.map(|d| d.0),
                 backend,
                 identity,

@@ -397,17 +397,17 @@ fn leak_pair_plaintext_shows_marker() {
     veil_check_fails(&lab);
 }
 
-/// Host-network traffic between the nodes' own addresses: a TCP connection from node-a's
-/// address to a listener in node-b's netns carrying `marker` and then `bulk` more bytes, a UDP
+/// Host-network traffic between the nodes' own addresses: a TCP connection from node-a to a
+/// listener on node-b's address `to` carrying `marker` and then `bulk` more bytes, a UDP
 /// datagram with the marker, and a ping. Returns the byte count node-b's listener received.
-fn send_node_marker(lab: &Lab, marker: &str, bulk: usize) -> usize {
+fn send_node_marker(lab: &Lab, to: &str, marker: &str, bulk: usize) -> usize {
     let (a, b) = (lab.node("node-a"), lab.node("node-b"));
     // Into a file, not a pipe nobody reads while the sender runs (a full pipe stalls the
     // transfer).
     let received = veil_tests::TempFile::new(&format!("{}-node-marker", lab.name), "");
     let mut listener = Command::new("ip")
         .args(["netns", "exec", &b.netns, "timeout", "30"])
-        .args(["ncat", "-l", "--recv-only", b.underlay_ip.as_str(), "7777"])
+        .args(["ncat", "-l", "--recv-only", to, "7777"])
         .stdout(std::fs::File::create(&received.path).unwrap())
         .spawn()
         .unwrap();
@@ -417,9 +417,8 @@ fn send_node_marker(lab: &Lab, marker: &str, bulk: usize) -> usize {
             .then_some(())
     });
     let send = format!(
-        "{{ echo {marker}; head -c {bulk} /dev/zero; }} | ncat --send-only {} 7777 && \
-         echo {marker} | ncat -u --send-only -w 1 {} 7778; ping -c 2 -i 0.2 -W 2 {}",
-        b.underlay_ip, b.underlay_ip, b.underlay_ip
+        "{{ echo {marker}; head -c {bulk} /dev/zero; }} | ncat --send-only {to} 7777 && \
+         echo {marker} | ncat -u --send-only -w 1 {to} 7778; ping -c 2 -i 0.2 -W 2 {to}"
     );
     ip_netns(&a.netns, &["sh", "-c", &send]);
     assert!(
@@ -464,6 +463,20 @@ fn ipv6_node_traffic_leak_pair_plaintext_shows_marker() {
     node_traffic_in_clear(&["--ip-family", "ipv6"]);
 }
 
+/// The same pair on a dual-stack underlay: each node has an IPv6 underlay address beside its
+/// IPv4 one (a Kubernetes node with two InternalIPs), WireGuard runs over IPv4, and node
+/// traffic to either address crosses inside the tunnel; with node encryption off, the marker
+/// sent to each address, the IPv6 one too, is seen in clear.
+#[test]
+fn dual_stack_underlay_node_traffic_leak_pair_encrypted_shows_no_marker() {
+    node_traffic_encrypted(&["--ip-family", "dual", "--underlay-family", "dual"]);
+}
+
+#[test]
+fn dual_stack_underlay_node_traffic_leak_pair_plaintext_shows_marker() {
+    node_traffic_in_clear(&["--ip-family", "dual", "--underlay-family", "dual"]);
+}
+
 fn node_traffic_encrypted(extra: &[&str]) {
     let lab = Lab::up(&[&["--node-encryption", "on"], extra].concat());
     let (a_ip, b_ip) = (
@@ -475,20 +488,27 @@ fn node_traffic_encrypted(extra: &[&str]) {
         st.node_encryption,
         "status does not say node encryption is on"
     );
-    let host_len = if b_ip.contains(':') { 128 } else { 32 };
-    assert!(
-        st.peers[0]
-            .allowed_ips
-            .iter()
-            .any(|a| *a == format!("{b_ip}/{host_len}")),
-        "node-b's address {b_ip} is not in its peer's allowed IPs: {:?}",
-        st.peers[0].allowed_ips
-    );
+    let b_ips = lab.node("node-b").underlay_ips.clone();
+    assert!(!b_ips.is_empty(), "lab show lists no underlay_ips");
+    for ip in &b_ips {
+        let host_len = if ip.contains(':') { 128 } else { 32 };
+        assert!(
+            st.peers[0]
+                .allowed_ips
+                .iter()
+                .any(|a| *a == format!("{ip}/{host_len}")),
+            "node-b's address {ip} is not in its peer's allowed IPs: {:?}",
+            st.peers[0].allowed_ips
+        );
+    }
     let tx = st.peers[0].tx_bytes;
     let marker = format!("VEIL-NODE-MARKER-{}", rand_suffix());
     let bulk = 1 << 20;
     let cap = lab.capture_underlay();
-    let got = send_node_marker(&lab, &marker, bulk);
+    let received: Vec<usize> = b_ips
+        .iter()
+        .map(|ip| send_node_marker(&lab, ip, &marker, bulk))
+        .collect();
     send_marker(&lab, &marker);
     // A host process on node-a to a pod on node-b, and the pod's answers to that host: both
     // through the tunnel. (The answers were dropped `host-spoofed-source` on node-b until the
@@ -500,9 +520,9 @@ fn node_traffic_encrypted(extra: &[&str]) {
     assert_eq!(body, "hello from shop/backend\n", "host -> remote pod");
     let (raw, lines) = cap.stop_decoded();
     assert_eq!(
-        got,
-        marker.len() + 1 + bulk,
-        "node-to-node TCP lost or added bytes; drops: node-a {:?}, node-b {:?}",
+        received,
+        vec![marker.len() + 1 + bulk; b_ips.len()],
+        "node-to-node TCP to {b_ips:?} lost or added bytes; drops: node-a {:?}, node-b {:?}",
         lab.status("node-a").drops,
         lab.status("node-b").drops
     );
@@ -515,15 +535,21 @@ fn node_traffic_encrypted(extra: &[&str]) {
         lab.status("node-a").peers[0].tx_bytes > tx + bulk as u64,
         "the megabyte did not go through node-a's tunnel"
     );
-    // The product's own check covers node traffic too, and passes.
+    // The product's own check covers node traffic too, to every address, and passes.
     let report = veil_check_passes(&lab);
-    assert!(
-        report["pairs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p == "node node-a -> node node-b"),
-        "veil check sent no node marker: {report}"
+    let node_pairs = report["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p.as_str()
+                .is_some_and(|p| p.starts_with("node node-a -> node node-b"))
+        })
+        .count();
+    assert_eq!(
+        node_pairs,
+        b_ips.len(),
+        "veil check did not send a node marker to each of {b_ips:?}: {report}"
     );
     // Every segment fit the tunnel (the node route's MSS): none was dropped as too big.
     let st = lab.status("node-a");
@@ -538,14 +564,25 @@ fn node_traffic_encrypted(extra: &[&str]) {
 fn node_traffic_in_clear(extra: &[&str]) {
     let lab = Lab::up(extra);
     assert!(!lab.status("node-a").node_encryption);
-    let marker = format!("VEIL-NODE-MARKER-{}", rand_suffix());
+    // A marker of its own per address: each must be seen, the IPv6 one of a dual-stack
+    // underlay too.
+    let b_ips = lab.node("node-b").underlay_ips.clone();
+    assert!(!b_ips.is_empty(), "lab show lists no underlay_ips");
+    let markers: Vec<String> = b_ips
+        .iter()
+        .map(|_| format!("VEIL-NODE-MARKER-{}", rand_suffix()))
+        .collect();
     let cap = lab.capture_underlay();
-    send_node_marker(&lab, &marker, 0);
+    for (ip, marker) in b_ips.iter().zip(&markers) {
+        send_node_marker(&lab, ip, marker, 0);
+    }
     let (raw, lines) = cap.stop_decoded();
-    assert!(
-        contains(&raw, marker.as_bytes()),
-        "the capture did not see the node traffic's marker: {lines:#?}"
-    );
+    for (ip, marker) in b_ips.iter().zip(&markers) {
+        assert!(
+            contains(&raw, marker.as_bytes()),
+            "the capture did not see the node traffic's marker to {ip}: {lines:#?}"
+        );
+    }
     assert!(!non_wireguard(&lines).is_empty());
 }
 

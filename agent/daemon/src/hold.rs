@@ -585,6 +585,7 @@ mod tests {
             name: name.into(),
             id,
             underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8).into(),
+            underlay_ipv6: None,
             pod_cidr: String::new(),
             pod_cidr_v6: None,
             wg_public_key: None,

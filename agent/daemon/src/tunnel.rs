@@ -541,8 +541,8 @@ impl NodeTunnel {
         Ok(())
     }
 
-    /// Node encryption (IPv4 node addresses: the datapath steers IPv4 only): the other nodes'
-    /// addresses keep their route (the datapath steers their
+    /// Node encryption: the other nodes' addresses (both of a dual-stack underlay's nodes) keep
+    /// their route (the datapath steers their
     /// traffic into the tunnel at the underlay's egress), with an advertised MSS that fits the
     /// tunnel, so TCP between nodes never sends a segment the tunnel cannot carry. The MTU of
     /// the route stays the underlay's: WireGuard's own datagrams to the same address need it.
@@ -551,7 +551,7 @@ impl NodeTunnel {
             .nodes
             .iter()
             .filter(|n| n.name != me)
-            .map(|n| n.underlay_ip)
+            .flat_map(cluster::Node::underlay_ips)
             .collect();
         // Once per node (the reconcile runs on every cluster change): a node already routed
         // keeps its route; a failed one is retried at the next reconcile.
@@ -708,7 +708,7 @@ fn plan_peers(input: &PlanInput<'_>) -> PeerPlan {
                 .and_then(|c| c.parse::<IpPrefix>().ok()),
         );
         if input.node_encryption {
-            allowed_ips.push(IpPrefix::host(n.underlay_ip));
+            allowed_ips.extend(n.underlay_ips().map(IpPrefix::host));
         }
         claims.push((
             key,
@@ -851,6 +851,7 @@ mod tests {
             name: name.into(),
             id: u32::from(id),
             underlay_ip: std::net::Ipv4Addr::new(198, 18, 0, id).into(),
+            underlay_ipv6: None,
             pod_cidr: format!("198.19.{id}.0/24"),
             pod_cidr_v6: None,
             wg_public_key: published.map(|k| k.to_base64()),

@@ -566,9 +566,15 @@ pub(crate) fn bootstrap(
             &["apply", "--server-side", "-f", "-"],
             Some(&node.to_string()),
         )?;
+        // Every underlay address is an InternalIP (a dual-stack underlay's node has two).
+        let mut addresses: Vec<serde_json::Value> = n
+            .underlay_ips()
+            .iter()
+            .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip.to_string()}))
+            .collect();
+        addresses.push(serde_json::json!({"type": "Hostname", "address": n.name}));
         let status = serde_json::json!({"status": {
-            "addresses": [{"type": "InternalIP", "address": n.underlay_ip.to_string()},
-                          {"type": "Hostname", "address": n.name}],
+            "addresses": addresses,
             "conditions": [{"type": "Ready", "status": "True", "reason": "VeilLab",
                             "message": "the lab plays kubelet"}],
         }});

@@ -805,7 +805,8 @@ async fn report_network(
     let patch = serde_json::json!({"status": {
         "phase": "Running",
         "podIP": ip, "podIPs": ips,
-        "hostIP": node.underlay_ip.to_string(), "hostIPs": [{"ip": node.underlay_ip.to_string()}],
+        "hostIP": node.underlay_ip.to_string(),
+        "hostIPs": node.underlay_ips().iter().map(|ip| serde_json::json!({"ip": ip.to_string()})).collect::<Vec<_>>(),
         "startTime": now(),
         "conditions": [
             {"type": "PodScheduled", "status": "True"},

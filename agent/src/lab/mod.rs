@@ -238,6 +238,10 @@ pub struct NodeView {
     pub name: String,
     pub netns: String,
     pub underlay_ip: String,
+    /// Every underlay address of the node: `underlay_ip`, then the IPv6 one of a dual-stack
+    /// underlay.
+    #[serde(default)]
+    pub underlay_ips: Vec<String>,
     pub pod_cidr: String,
     /// Every pod CIDR of the node: IPv4, then IPv6 when dual-stack.
     #[serde(default)]
@@ -308,6 +312,7 @@ pub fn view(spec: &LabSpec, paths: &LabPaths) -> LabView {
                 name: n.name.clone(),
                 netns: n.netns.clone(),
                 underlay_ip: n.underlay_ip.to_string(),
+                underlay_ips: n.underlay_ips().iter().map(IpAddr::to_string).collect(),
                 pod_cidr: n.pod_cidr.clone(),
                 pod_cidrs: n.pod_cidrs(),
                 agent_admin: paths.admin_socket(&n.name).display().to_string(),
@@ -487,6 +492,7 @@ pub fn cluster_state(spec: &LabSpec, generation: u64) -> ClusterState {
                 name: n.name.clone(),
                 id: u32::from(n.id),
                 underlay_ip: n.underlay_ip,
+                underlay_ipv6: n.underlay_ipv6,
                 pod_cidr: n.pod_cidr.clone(),
                 pod_cidr_v6: n.pod_cidr_v6.clone(),
                 wg_public_key: None,
@@ -1017,12 +1023,13 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
     for n in &spec.nodes {
         let gw = spec.pod_gateway(n);
         let gw6 = spec.pod_gateway_v6(n);
-        let v6_underlay = n.underlay_ip.is_ipv6();
+        let v6_underlay = n.underlay_ip.is_ipv6() || n.underlay_ipv6.is_some();
         if gw6.is_some() {
             // The node routes IPv6 between its pods and the tunnel. A dual-stack lab's underlay
-            // stays IPv4 only (nothing but WireGuard and the control channel crosses it); an
-            // IPv6-only lab's is IPv6, its address usable at once (no duplicate address
-            // detection: the lab hands out every address) and not from router advertisements.
+            // stays IPv4 only (nothing but WireGuard and the control channel crosses it) unless
+            // it is a dual-stack underlay; an IPv6-only lab's is IPv6. An IPv6 underlay address
+            // is usable at once (no duplicate address detection: the lab hands out every
+            // address) and not from router advertisements.
             // A pod veth's link-local address must be usable at once: while it is tentative
             // (duplicate address detection, a second) the node cannot solicit its pod's
             // address, and the first packet to a new pod waits for the neighbour timer.
@@ -1050,6 +1057,9 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
             ),
             format!("link set {} up", n.underlay_if),
         ];
+        if let Some(v6) = n.underlay_ipv6 {
+            cmds.push(format!("addr add {v6}/64 dev {} nodad", n.underlay_if));
+        }
         for p in file_pods.iter().filter(|p| p.node == n.name) {
             // Every pod veth answers for the same gateway address, like Calico's 169.254.1.1.
             if let Some(gw) = gw {
@@ -1074,13 +1084,16 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
         if !spec.encryption {
             // Plain routing over the underlay: only for the capture sanity check. With
             // encryption on there is no route to another node's pods except the tunnel. The
-            // pod CIDRs of the underlay's family only: a dual-stack lab's IPv6 pods have no
-            // path between nodes without the tunnel.
+            // pod CIDRs of the underlay's families only: on an IPv4 underlay a dual-stack lab's
+            // IPv6 pods have no path between nodes without the tunnel.
             for other in spec.nodes.iter().filter(|o| o.name != n.name) {
                 cmds.push(format!(
                     "route add {} via {}",
                     other.pod_cidr, other.underlay_ip
                 ));
+                if let (Some(cidr), Some(via)) = (&other.pod_cidr_v6, other.underlay_ipv6) {
+                    cmds.push(format!("route add {cidr} via {via}"));
+                }
             }
         }
         sys::ip_batch(Some(&n.netns), &cmds)?;
@@ -1093,11 +1106,12 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
             sysctls.push(("net.ipv6.conf.all.disable_ipv6", "1"));
         }
         sysctl_in(&n.netns, &sysctls)?;
+        let underlay: Vec<String> = n.underlay_ips().iter().map(IpAddr::to_string).collect();
         progress.step(format!(
             "node {} ({}, underlay {}, pods {})",
             n.name,
             n.netns,
-            n.underlay_ip,
+            underlay.join(" "),
             n.pod_cidrs().join(" ")
         ));
     }

@@ -216,6 +216,10 @@ pub struct LabFile {
     pub node_encryption: Option<OnOff>,
     /// `ipv4`, `ipv6` or `dual`: the pods' address families.
     pub ip_family: Option<IpFamily>,
+    /// `ipv4`, `ipv6` or `dual`: the nodes' underlay addresses. The underlay of the pods' first
+    /// family unless asked otherwise; `dual` (a dual-stack lab only) gives each node an IPv6
+    /// underlay address beside its IPv4 one, which WireGuard leaves to node traffic.
+    pub underlay_family: Option<IpFamily>,
     pub svid_ttl: Option<HumanDuration>,
     pub backend: Option<BackendChoice>,
     /// `spire` or `dev`: who issues the lab's SVIDs.
@@ -383,6 +387,7 @@ pub struct Overrides {
     pub encryption: Option<bool>,
     pub node_encryption: Option<bool>,
     pub ip_family: Option<IpFamily>,
+    pub underlay_family: Option<IpFamily>,
     pub svid_ttl: Option<Duration>,
     pub backend: Option<BackendChoice>,
     pub identity: Option<IdentityProvider>,
@@ -401,6 +406,10 @@ pub struct LabSpec {
     /// Absent in the state of labs made before the key: IPv4 only.
     #[serde(default)]
     pub ip_family: IpFamily,
+    /// Do the nodes have an IPv6 underlay address beside their IPv4 one (`underlay_family:
+    /// dual`)? Absent in the state of labs made before the key: no.
+    #[serde(default)]
+    pub dual_underlay: bool,
     #[serde(with = "duration_secs")]
     pub svid_ttl: Duration,
     pub backend: BackendChoice,
@@ -430,6 +439,9 @@ pub struct NodeSpec {
     pub id: u8,
     pub netns: String,
     pub underlay_ip: IpAddr,
+    /// `fd00:198:18::<id>` on a dual-stack underlay, beside `underlay_ip` (IPv4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ipv6: Option<Ipv6Addr>,
     /// The first pod CIDR: IPv4, or IPv6 in an IPv6-only lab.
     pub pod_cidr: String,
     /// IPv6 pod CIDR `fd00:198:19:<id>::/64` when the lab is dual-stack.
@@ -511,6 +523,13 @@ impl NodeSpec {
             .chain(self.pod_cidr_v6.clone())
             .collect()
     }
+
+    /// Its underlay addresses: the first, then a dual-stack underlay's IPv6 one.
+    pub fn underlay_ips(&self) -> Vec<IpAddr> {
+        std::iter::once(self.underlay_ip)
+            .chain(self.underlay_ipv6.map(IpAddr::V6))
+            .collect()
+    }
 }
 
 /// The brief's default: node static keys rotate daily.
@@ -581,9 +600,42 @@ fn v6_in_node(node: u8, host: u8) -> Ipv6Addr {
 /// A node's underlay address: `198.18.0.<id>`, or `fd00:198:18::<id>` in an IPv6-only lab.
 fn underlay_address(family: IpFamily, id: u8) -> IpAddr {
     if family.v6_underlay() {
-        Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, decimal_digits(id)).into()
+        underlay_v6_address(id).into()
     } else {
         Ipv4Addr::new(198, 18, 0, id).into()
+    }
+}
+
+/// A node's IPv6 underlay address, `fd00:198:18::<id>` (its only one in an IPv6-only lab, its
+/// second on a dual-stack underlay).
+fn underlay_v6_address(id: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, decimal_digits(id))
+}
+
+/// Whether the nodes get a second, IPv6, underlay address: `underlay_family` as asked, checked
+/// against the pods' families. An IPv4 or IPv6 lab's underlay is of its own family (an IPv6
+/// underlay under IPv4 pods, or the reverse, is not built); a dual-stack lab's is IPv4 or dual.
+fn resolve_dual_underlay(asked: Option<IpFamily>, pods: IpFamily) -> Result<bool, Error> {
+    let own = if pods.v6_underlay() {
+        IpFamily::Ipv6
+    } else {
+        IpFamily::Ipv4
+    };
+    match asked {
+        None => Ok(false),
+        Some(f) if f == own => Ok(false),
+        Some(IpFamily::Dual) if pods == IpFamily::Dual => Ok(true),
+        Some(f) => Err(invalid(
+            "underlay_family",
+            format!(
+                "{f} is not built under {pods} pods: the underlay is {own}{}",
+                if pods == IpFamily::Dual {
+                    " or dual"
+                } else {
+                    " (a dual underlay needs ip_family dual)"
+                }
+            ),
+        )),
     }
 }
 
@@ -831,6 +883,10 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         None if pod_mtu >= IPV6_MIN_MTU => IpFamily::Dual,
         None => IpFamily::Ipv4,
     };
+    let dual_underlay = resolve_dual_underlay(
+        overrides.underlay_family.or(file.underlay_family),
+        ip_family,
+    )?;
     let nodes_file = file.nodes.or(defaults.nodes).unwrap_or_default();
     let default_pods = file.pods.is_none();
     let pods_file = match file.pods {
@@ -883,6 +939,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             id,
             netns,
             underlay_ip: underlay_address(ip_family, id),
+            underlay_ipv6: dual_underlay.then(|| underlay_v6_address(id)),
             pod_cidr: if ip_family.has_v4() {
                 format!("198.19.{id}.0/24")
             } else {
@@ -1037,6 +1094,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         encryption,
         node_encryption,
         ip_family,
+        dual_underlay,
         svid_ttl,
         backend: overrides.backend.or(file.backend).unwrap_or_default(),
         identity,
@@ -1522,6 +1580,55 @@ mod tests {
         assert!(lab.encryption);
         assert_eq!(lab.svid_ttl, Duration::from_secs(30));
         assert_eq!(lab.backend, BackendChoice::Userspace);
+    }
+
+    #[test]
+    fn a_dual_stack_lab_may_have_a_dual_stack_underlay_and_no_other_lab_may() {
+        // The default: the underlay of the pods' first family, one address per node.
+        let lab = resolve_text("ip_family: dual").unwrap();
+        assert!(!lab.dual_underlay);
+        assert!(lab.nodes.iter().all(|n| n.underlay_ipv6.is_none()));
+        // Dual: an IPv6 address beside the IPv4 one, which stays first (WireGuard's).
+        let lab = resolve_text("ip_family: dual\nunderlay_family: dual").unwrap();
+        assert!(lab.dual_underlay);
+        let b = lab.node("node-b").unwrap();
+        assert_eq!(
+            b.underlay_ips(),
+            [
+                "198.18.0.2".parse::<IpAddr>().unwrap(),
+                "fd00:198:18::2".parse().unwrap()
+            ]
+        );
+        assert_eq!(lab.pod_mtu(), 1440, "the tunnel stays on IPv4");
+        // The flag wins over the file; the underlay of the pods' own family is always fine.
+        let o = Overrides {
+            underlay_family: Some(IpFamily::Ipv4),
+            ..Overrides::default()
+        };
+        let file = parse_lab_file("ip_family: dual\nunderlay_family: dual").unwrap();
+        assert!(!resolve("x", file, &o).unwrap().dual_underlay);
+        for ok in [
+            "ip_family: ipv4\nunderlay_family: ipv4",
+            "ip_family: ipv6\nunderlay_family: ipv6\nidentity: dev",
+        ] {
+            assert!(!resolve_text(ok).unwrap().dual_underlay, "{ok}");
+        }
+        // Anything else names the key and what would work.
+        for (bad, says) in [
+            (
+                "ip_family: ipv4\nunderlay_family: dual",
+                "needs ip_family dual",
+            ),
+            ("ip_family: ipv4\nunderlay_family: ipv6", "underlay is ipv4"),
+            ("ip_family: ipv6\nunderlay_family: dual", "underlay is ipv6"),
+            ("ip_family: dual\nunderlay_family: ipv6", "ipv4 or dual"),
+        ] {
+            let err = resolve_text(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("underlay_family") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

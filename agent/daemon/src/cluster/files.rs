@@ -420,6 +420,7 @@ mod tests {
                 name: "node-a".into(),
                 id: 1,
                 underlay_ip: Ipv4Addr::new(198, 18, 0, 1).into(),
+                underlay_ipv6: None,
                 pod_cidr: "198.19.1.0/24".into(),
                 pod_cidr_v6: None,
                 wg_public_key: None,

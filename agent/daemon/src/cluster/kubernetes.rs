@@ -1504,7 +1504,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// of its name; [`with_ids`] settles collisions.
 fn node_from(n: &KNode) -> Option<Node> {
     let name = n.metadata.name.clone()?;
-    // The first IPv4 InternalIP, else the first IPv6 one (an IPv6-only node).
+    // The first IPv4 InternalIP, else the first IPv6 one (an IPv6-only node); a dual-stack
+    // node's first IPv6 one beside its IPv4 one (node traffic encryption covers both).
     let internal: Vec<IpAddr> = n
         .status
         .as_ref()?
@@ -1514,7 +1515,7 @@ fn node_from(n: &KNode) -> Option<Node> {
         .filter(|a| a.type_ == "InternalIP")
         .filter_map(|a| a.address.parse().ok())
         .collect();
-    let ip = first_v4_else_v6(internal.iter().copied())?;
+    let (ip, ipv6) = first_and_ipv6(internal.iter().copied())?;
     let spec = n.spec.as_ref()?;
     let cidrs: Vec<(&String, IpAddr)> = spec
         .pod_cidrs
@@ -1543,6 +1544,7 @@ fn node_from(n: &KNode) -> Option<Node> {
         id: node_id_hash(&name),
         name,
         underlay_ip: ip,
+        underlay_ipv6: ipv6,
         pod_cidr: cidr,
         pod_cidr_v6: cidr_v6,
         wg_public_key: key(WG_KEY_ANNOTATION),
@@ -1559,7 +1561,7 @@ fn first_v4_else_v6(addrs: impl Iterator<Item = IpAddr> + Clone) -> Option<IpAdd
         .or_else(|| addrs.into_iter().find(IpAddr::is_ipv6))
 }
 
-/// A pod's or Service's addresses as veil keeps them: the first (IPv4, else IPv6) and, when
+/// A node's, pod's or Service's addresses as veil keeps them: the first (IPv4, else IPv6) and, when
 /// that one is IPv4, the first IPv6 one of a dual-stack object.
 fn first_and_ipv6(
     addrs: impl Iterator<Item = IpAddr> + Clone,
@@ -2087,9 +2089,13 @@ mod tests {
                 serde_json::from_value(json!({"type": "InternalIP", "address": "198.18.0.3"}))
                     .unwrap(),
             );
+        // A dual-stack node listing IPv6 first: IPv4 first, its IPv6 InternalIP kept beside.
+        let both = node_from(&both).unwrap();
+        assert_eq!(both.underlay_ip, Ipv4Addr::new(198, 18, 0, 3));
+        assert_eq!(both.underlay_ipv6, Some("fd00:198:18::3".parse().unwrap()));
         assert_eq!(
-            node_from(&both).unwrap().underlay_ip,
-            Ipv4Addr::new(198, 18, 0, 3)
+            node.underlay_ipv6, None,
+            "an IPv6-only node has no second address"
         );
     }
 

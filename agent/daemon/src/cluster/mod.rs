@@ -189,6 +189,11 @@ pub struct Node {
     /// The node's address on the underlay (WireGuard's endpoint, the control channel): IPv4 or
     /// IPv6.
     pub underlay_ip: IpAddr,
+    /// The IPv6 address of a node on a dual-stack underlay (Kubernetes: its IPv6 `InternalIP`
+    /// beside an IPv4 one). WireGuard and the control channel stay on `underlay_ip`; node
+    /// traffic encryption covers both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ipv6: Option<Ipv6Addr>,
     /// The node's first pod CIDR, as `prefix/len`: IPv4 on an IPv4 or dual-stack node, IPv6 on
     /// an IPv6-only one (Kubernetes' `spec.podCIDR`).
     pub pod_cidr: String,
@@ -223,6 +228,13 @@ pub struct Service {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity_timeout_s: Option<u32>,
     pub backends: Vec<ServiceBackend>,
+}
+
+impl Node {
+    /// Its underlay addresses: the first, then a dual-stack node's IPv6 one.
+    pub fn underlay_ips(&self) -> impl Iterator<Item = IpAddr> {
+        std::iter::once(self.underlay_ip).chain(self.underlay_ipv6.map(IpAddr::V6))
+    }
 }
 
 impl Service {
@@ -472,6 +484,7 @@ impl Node {
             name: name.into(),
             id,
             underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8).into(),
+            underlay_ipv6: None,
             pod_cidr: format!("198.19.{id}.0/24"),
             pod_cidr_v6: None,
             wg_public_key: None,

@@ -108,6 +108,7 @@ pub(super) fn reconcile(s: &mut Shared) -> Result<(), ReconcileError> {
             let mut hooks = vec![(programs::FROM_UNDERLAY, Hook::TcxIngress)];
             if s.cfg.node_encryption && s.cfg.encryption {
                 hooks.push((programs::TO_UNDERLAY, Hook::TcxEgress));
+                warn_if_second_underlay_elsewhere(cluster.node(&me), &u);
             }
             for (program, hook) in hooks {
                 if let Err(e) = s.datapath.attach(program, &u, hook) {
@@ -222,6 +223,23 @@ fn reconcile_services(s: &mut Shared, cluster: &ClusterState) -> Result<(), data
 }
 
 /// The interface holding `addr` in this network namespace (the node's underlay interface).
+/// Node encryption steers the interface holding the node's first underlay address: a
+/// dual-stack node's IPv6 address on another interface is not steered, so traffic from it to
+/// other nodes would leave in clear. Said at WARN, at most once a minute (see ARCHITECTURE.md,
+/// "A dual-stack underlay").
+fn warn_if_second_underlay_elsewhere(me: Option<&crate::cluster::Node>, underlay_if: &str) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let Some(v6) = me.and_then(|n| n.underlay_ipv6) else {
+        return;
+    };
+    let elsewhere = interface_with_address(v6.into()).filter(|i| i != underlay_if);
+    if let Some(i) = elsewhere {
+        if crate::warning_due(&LAST, std::time::Duration::from_secs(60)) {
+            tracing::warn!(underlay_ipv6 = %v6, interface = %i, underlay_interface = %underlay_if, "this node's IPv6 underlay address is on another interface than its first: node traffic from it is not steered into the tunnel (said at most once a minute)");
+        }
+    }
+}
+
 fn interface_with_address(addr: std::net::IpAddr) -> Option<String> {
     nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
         let a = ifa.address?;
@@ -403,7 +421,7 @@ pub fn desired_maps(
             ));
         }
         if n.name == me {
-            // This node's own addresses: its underlay address and its pod-network gateways
+            // This node's own addresses: its underlay addresses and its pod-network gateways
             // (the first address of each pod CIDR, the source of its traffic to local pods).
             let host = IpInfo {
                 identity: veil_common::maps::identity::HOST,
@@ -411,22 +429,27 @@ pub fn desired_maps(
                 flags: ip_flags::HOST,
                 ifindex: 0,
             };
-            ipcache.push((Prefix::host(n.underlay_ip), host));
+            for ip in n.underlay_ips() {
+                ipcache.push((Prefix::host(ip), host));
+            }
             for (_, gw) in cidrs() {
                 ipcache.push((Prefix::host(gw), host));
             }
         } else if node_encryption {
-            // Another node's own address: with node encryption, traffic to it enters the
-            // tunnel (`veil_to_underlay`), and policy sees it as the remote-node entity.
-            ipcache.push((
-                Prefix::host(n.underlay_ip),
-                IpInfo {
-                    identity: veil_common::maps::identity::REMOTE_NODE,
-                    node_id: n.id,
-                    flags: ip_flags::NODE,
-                    ifindex: 0,
-                },
-            ));
+            // Another node's own addresses (both of a dual-stack underlay's node): with node
+            // encryption, traffic to them enters the tunnel (`veil_to_underlay`), and policy
+            // sees it as the remote-node entity.
+            for ip in n.underlay_ips() {
+                ipcache.push((
+                    Prefix::host(ip),
+                    IpInfo {
+                        identity: veil_common::maps::identity::REMOTE_NODE,
+                        node_id: n.id,
+                        flags: ip_flags::NODE,
+                        ifindex: 0,
+                    },
+                ));
+            }
         }
         let mut flags = if n.name == me { node_flags::SELF } else { 0 };
         if with_key.contains(&n.name) {

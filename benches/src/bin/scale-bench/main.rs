@@ -207,6 +207,7 @@ fn simulate(base: &ClusterState, size: Size, identities: usize) -> anyhow::Resul
             id: first_node + i as u32,
             // 198.18.4.1 onwards (198.18.4.0/22): lab addresses no interface holds.
             underlay_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 4, 1)) + i as u32).into(),
+            underlay_ipv6: None,
             pod_cidr: format!("{}/{len}", Ipv4Addr::from(*net)),
             pod_cidr_v6: None,
             wg_public_key: None,
