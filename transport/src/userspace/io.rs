@@ -1014,6 +1014,26 @@ fn handle_control<R: Reply>(
         },
     };
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // boringtun stamps a new session with its own clock, which moves only in `update_timers`
+    // (the timers thread, every 250 ms; a `Tunn` made by a configuration change reads 0 until
+    // its first tick). Two sessions made within one tick, as crossing handshakes make them,
+    // would tie, and on a tie the older one takes over sending as soon as the peer sends on it
+    // (`set_current_session` switches on `>=`). Moving the clock first gives each session its
+    // true age, so the newest keeps sending, as in the kernel and wireguard-go. Without it a
+    // crossing against wireguard-go (whose response handling races its initiation handling and
+    // can leave it unable to receive on the older session) cut veil-wg's sending for 15 s,
+    // until boringtun's own rehandshake. Whatever the tick sends is what the timers thread
+    // would have sent a moment later.
+    if matches!(
+        packet,
+        Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+    ) {
+        if let (TunnResult::WriteToNetwork(d), Some(ep)) =
+            (tunn.update_timers(&mut buf), peer.route())
+        {
+            udp.reply(ep, d);
+        }
+    }
     match tunn.decapsulate(Some(from.ip()), datagram, &mut buf) {
         TunnResult::WriteToNetwork(reply) => {
             // The answer goes where the initiation came from, but the endpoint does not move:
@@ -1158,6 +1178,102 @@ fn timers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the receive path answered, in order.
+    #[derive(Default)]
+    struct Answers(std::cell::RefCell<Vec<Vec<u8>>>);
+
+    impl Reply for Answers {
+        fn reply(&self, _to: Endpoint, datagram: &[u8]) {
+            self.0.borrow_mut().push(datagram.to_vec());
+        }
+    }
+
+    fn wg_index(message: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(message[at..at + 4].try_into().unwrap())
+    }
+
+    /// Crossing handshakes: both sides initiate at once (the device as soon as its peer is set,
+    /// the peer B at the same moment). The device answers B's initiation (session X, the device
+    /// the responder), then takes B's answer to its own (session Y, the device the initiator):
+    /// Y is the newer. B's keepalive on X must not take sending over from Y: the device's next
+    /// data packet goes to B's index from its answer (Y), as the kernel and wireguard-go do.
+    /// Seen failing without the clock tick in `handle_control`: both sessions were stamped 0,
+    /// and the packet went to B's initiation's index (X).
+    #[test]
+    fn crossing_handshakes_leave_the_newest_session_sending() {
+        use boringtun::x25519::{PublicKey as XPublic, StaticSecret};
+        const A_KEY: [u8; 32] = [0x31; 32];
+        const B_KEY: [u8; 32] = [0x42; 32];
+        let (a_sk, b_sk) = (
+            crate::PrivateKey::from_bytes(A_KEY),
+            crate::PrivateKey::from_bytes(B_KEY),
+        );
+        let b_at = SocketAddr::from(([198, 18, 0, 2], 51820));
+        let text = format!(
+            "set=1\nprivate_key={}\nlisten_port=51820\npublic_key={}\nendpoint={b_at}\n\
+             allowed_ip=198.19.2.0/24\n",
+            a_sk.to_hex(),
+            b_sk.public_key().to_hex()
+        );
+        let Ok(Request::Set(req)) = uapi::parse_request(&text) else {
+            panic!("a set request")
+        };
+        let device = Device::new("cross0");
+        let (_, ia) = device
+            .apply(&req)
+            .pop()
+            .expect("the device initiates as soon as its peer is set");
+        let mut b = Tunn::new(
+            StaticSecret::from(B_KEY),
+            XPublic::from(&StaticSecret::from(A_KEY)),
+            None,
+            None,
+            9,
+            None,
+        );
+        let mut out = vec![0u8; 2048];
+        let sent = |r: TunnResult<'_>| match r {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("B sent nothing: {other:?}"),
+        };
+        let ib = sent(b.format_handshake_initiation(&mut out, false));
+        let ra = sent(b.decapsulate(None, &ia, &mut out));
+        let answers = Answers::default();
+        let mut state = RxState::default();
+        let mut feed = |d: &[u8]| {
+            answers.0.borrow_mut().clear();
+            let meta = Received {
+                len: d.len(),
+                stride: 0,
+                from: b_at,
+                to: None,
+            };
+            receive_batch([(d, meta)], &device, &answers, &mut state, |_| {});
+            answers.0.take()
+        };
+        let rb = feed(&ib)
+            .into_iter()
+            .find(|m| m[0] == 2)
+            .expect("the device answers B's initiation");
+        feed(&ra);
+        // B completes its own handshake and, as an initiator does, sends on it at once.
+        let keepalive_on_x = sent(b.decapsulate(None, &rb, &mut out));
+        assert_eq!(wg_index(&keepalive_on_x, 4), wg_index(&rb, 4));
+        feed(&keepalive_on_x);
+        let peer = device.routing().by_key.values().next().cloned().unwrap();
+        let mut noise = peer.noise.lock().unwrap();
+        let data = match noise.tx().encapsulate(&[0x45; 40], &mut out) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("the device has no session: {other:?}"),
+        };
+        assert_eq!(
+            (data[0], wg_index(&data, 4)),
+            (4, wg_index(&ra, 4)),
+            "the device sends on the older session X (B's initiation's index {:#x}), not Y",
+            wg_index(&ib, 4)
+        );
+    }
 
     #[test]
     fn watchdog_names_a_thread_busy_past_the_limit_only() {
