@@ -206,6 +206,59 @@ fn ipv6_only_kubernetes_lab_runs_pods_policies_and_services_over_ipv6() {
     );
 }
 
+/// A dual-stack underlay in Kubernetes mode, with node traffic encryption: each Node has two
+/// InternalIPs, the agents' Kubernetes source reads both, node-a's peer for node-b allows node-b's
+/// IPv6 address beside its IPv4 one (so traffic to it is tunnelled), and `veil check` sends its
+/// node markers to both addresses and sees nothing in clear. Seen failing with the source
+/// reading only the first InternalIP: node-b's IPv6 address was missing from the allowed IPs.
+#[test]
+fn dual_stack_underlay_nodes_have_both_internal_ips_and_node_traffic_to_both_is_tunnelled() {
+    let lab = Lab::up(&[
+        "--control-plane",
+        "kubernetes",
+        "--ip-family",
+        "dual",
+        "--underlay-family",
+        "dual",
+        "--node-encryption",
+        "on",
+    ]);
+    let b_ips = lab.node("node-b").underlay_ips.clone();
+    assert_eq!(b_ips, ["198.18.0.2", "fd00:198:18::2"], "lab show");
+    let internal = lab.kubectl(
+        &[
+            "get",
+            "node",
+            "node-b",
+            "-o",
+            "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}",
+        ],
+        "",
+    );
+    assert_eq!(internal.split_whitespace().collect::<Vec<_>>(), b_ips);
+    let st = lab.status("node-a");
+    for want in ["198.18.0.2/32", "fd00:198:18::2/128"] {
+        assert!(
+            st.peers[0].allowed_ips.iter().any(|a| a == want),
+            "node-b's {want} is not in node-a's peer: {:?}",
+            st.peers[0].allowed_ips
+        );
+    }
+    let out = veil(&["check", "--name", &lab.name, "-o", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "veil check failed: {report:#}");
+    assert!(
+        report["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "node node-a -> node node-b (IPv6)"),
+        "veil check sent no node marker to node-b's IPv6 address: {report:#}"
+    );
+    assert_eq!(report["capture"]["marker_hits"], 0, "{report:#}");
+    assert_eq!(report["capture"]["plaintext"], 0, "{report:#}");
+}
+
 #[test]
 fn kubectl_pods_and_policies_on_a_kubernetes_lab() {
     let t0 = Instant::now();
