@@ -240,11 +240,11 @@ fn a_node_claiming_another_nodes_wireguard_key_is_refused() {
     }
 }
 
-/// The interface of `netns` holding the IPv4 address `ip`.
+/// The interface of `netns` holding the address `ip`.
 fn interface_with(netns: &str, ip: &str) -> String {
-    let out = veil_tests::ip_netns(netns, &["ip", "-o", "-4", "addr", "show"]);
+    let out = veil_tests::ip_netns(netns, &["ip", "-o", "addr", "show"]);
     out.lines()
-        .find(|l| l.contains(&format!(" inet {ip}/")))
+        .find(|l| l.contains(&format!(" inet {ip}/")) || l.contains(&format!(" inet6 {ip}/")))
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap_or_else(|| panic!("no interface of {netns} holds {ip}:\n{out}"))
         .to_string()
@@ -310,19 +310,26 @@ fn tell_cluster(lab: &Lab, node: &str, to: &str) -> String {
 fn move_node(lab: &Lab, node: &str, from: &str, to: &str, how: Move) -> Instant {
     let netns = lab.node_netns(node);
     let dev = interface_with(&netns, from);
-    // The new address is a secondary one of the same subnet: it must outlive the primary.
-    veil_tests::ip_netns(
-        &netns,
-        &[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.conf.{dev}.promote_secondaries=1"),
-        ],
-    );
-    veil_tests::ip_netns(
-        &netns,
-        &["ip", "addr", "add", &format!("{to}/24"), "dev", &dev],
-    );
+    let with_len = format!("{to}/{}", prefix_len(to));
+    if to.contains(':') {
+        // IPv6 has no primary and secondary addresses; the lab hands out every address, so no
+        // duplicate address detection either.
+        veil_tests::ip_netns(
+            &netns,
+            &["ip", "addr", "add", &with_len, "dev", &dev, "nodad"],
+        );
+    } else {
+        // The new address is a secondary one of the same subnet: it must outlive the primary.
+        veil_tests::ip_netns(
+            &netns,
+            &[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{dev}.promote_secondaries=1"),
+            ],
+        );
+        veil_tests::ip_netns(&netns, &["ip", "addr", "add", &with_len, "dev", &dev]);
+    }
     if how == Move::OldGoneFirst {
         drop_address(lab, node, from);
     }
@@ -339,10 +346,17 @@ fn move_node(lab: &Lab, node: &str, from: &str, to: &str, how: Move) -> Instant 
 fn drop_address(lab: &Lab, node: &str, ip: &str) {
     let netns = lab.node_netns(node);
     let dev = interface_with(&netns, ip);
-    veil_tests::ip_netns(
-        &netns,
-        &["ip", "addr", "del", &format!("{ip}/24"), "dev", &dev],
-    );
+    let with_len = format!("{ip}/{}", prefix_len(ip));
+    veil_tests::ip_netns(&netns, &["ip", "addr", "del", &with_len, "dev", &dev]);
+}
+
+/// The lab underlay's prefix length for an address of its family.
+fn prefix_len(ip: &str) -> u8 {
+    if ip.contains(':') {
+        64
+    } else {
+        24
+    }
 }
 
 /// Scenario 37, a node changing its underlay address: neither agent restarts. The other node's
@@ -363,6 +377,25 @@ fn a_node_whose_underlay_address_changes_is_followed_without_an_agent_restart() 
         &[
             ("node-b", "198.18.0.77", "node-a", Move::OldKept, SOON),
             ("node-a", "198.18.0.78", "node-b", Move::OldGoneFirst, SOON),
+        ],
+    );
+}
+
+/// The same over an IPv6 underlay (an IPv6-only lab): the nodes move between IPv6 addresses,
+/// and the peer's endpoint and control channel follow to them.
+#[test]
+fn an_ipv6_node_whose_underlay_address_changes_is_followed_without_an_agent_restart() {
+    node_moves_are_followed(
+        &Lab::up_with_auth_policy("", &["--ip-family", "ipv6"]),
+        &[
+            ("node-b", "fd00:198:18::77", "node-a", Move::OldKept, SOON),
+            (
+                "node-a",
+                "fd00:198:18::78",
+                "node-b",
+                Move::OldGoneFirst,
+                SOON,
+            ),
         ],
     );
 }
@@ -440,7 +473,11 @@ fn node_moves_are_followed(lab: &Lab, moves: &[(&str, &str, &str, Move, Duration
             drop_address(lab, node, &from);
         }
         // WireGuard: the endpoint the cluster names, and the one authenticated packets show.
-        let endpoint = format!("{to}:51820");
+        let endpoint = if to.contains(':') {
+            format!("[{to}]:51820")
+        } else {
+            format!("{to}:51820")
+        };
         let tunnel = lab.wait_for(
             &format!("{other}'s veil-wg to send to {node} at {endpoint}"),
             Duration::from_secs(30),

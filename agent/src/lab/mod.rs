@@ -1053,7 +1053,11 @@ fn build_network(spec: &LabSpec, j: &mut Journal, progress: &Progress) -> Result
                 n.underlay_ip,
                 spec::underlay_prefix_len(n.underlay_ip),
                 n.underlay_if,
-                if v6_underlay { " nodad" } else { "" }
+                if n.underlay_ip.is_ipv6() {
+                    " nodad"
+                } else {
+                    ""
+                }
             ),
             format!("link set {} up", n.underlay_if),
         ];

@@ -222,7 +222,6 @@ fn reconcile_services(s: &mut Shared, cluster: &ClusterState) -> Result<(), data
     s.datapath.attach_sockets(&cgroup)
 }
 
-/// The interface holding `addr` in this network namespace (the node's underlay interface).
 /// Node encryption steers the interface holding the node's first underlay address: a
 /// dual-stack node's IPv6 address on another interface is not steered, so traffic from it to
 /// other nodes would leave in clear. Said at WARN, at most once a minute (see ARCHITECTURE.md,
@@ -240,6 +239,7 @@ fn warn_if_second_underlay_elsewhere(me: Option<&crate::cluster::Node>, underlay
     }
 }
 
+/// The interface holding `addr` in this network namespace (the node's underlay interface).
 fn interface_with_address(addr: std::net::IpAddr) -> Option<String> {
     nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
         let a = ifa.address?;
