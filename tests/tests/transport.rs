@@ -1395,15 +1395,13 @@ fn kernel_wireguard_carries_pods_and_interoperates_with_veil_wg() {
         !contains(&raw, marker.as_bytes()),
         "the marker crossed the underlay in clear"
     );
+    let a = lab.node("node-a");
+    let b_ip = &lab.node("node-b").underlay_ip;
     assert_only_wireguard(
         &lines,
-        &[
-            ("198.18.0.1", "198.18.0.2", 3),
-            ("198.18.0.2", "198.18.0.1", 3),
-        ],
+        &[(&a.underlay_ip, b_ip, 3), (b_ip, &a.underlay_ip, 3)],
     );
     // The kernel's own view of its peer: a completed handshake with veil-wg.
-    let a = lab.node("node-a");
     let hs = ip_netns(
         &a.netns,
         &["wg", "show", &a.wg_interface, "latest-handshakes"],

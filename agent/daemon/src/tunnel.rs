@@ -562,8 +562,7 @@ impl NodeTunnel {
         {
             let (family, headers) = if ip.is_ipv4() { ("-4", 40) } else { ("-6", 60) };
             let dst = IpPrefix::host(ip).to_string();
-            // TCP's segments fit the tunnel: its MTU less the IP and TCP headers.
-            let advmss = (mtu - headers).to_string();
+            let advmss = (node_tunnel_payload(mtu) - headers).to_string();
             // The path the node already has to it (gateway, interface), as the kernel resolves it.
             let path = match crate::sys::run(
                 "ip",
@@ -602,6 +601,17 @@ impl NodeTunnel {
             self.node_routes.remove(&gone);
         }
     }
+}
+
+/// The largest packet node traffic may put in the tunnel without the tunnel's datagram
+/// outgrowing the underlay: the tunnel MTU rounded down to WireGuard's 16-byte padding unit.
+/// Node traffic reaches the tunnel device by a redirect from the underlay's egress, so the
+/// packet still carries the underlay route's MTU, and kernel WireGuard pads up to that, not to
+/// its device's MTU: on an IPv6 underlay (tunnel MTU 1420) a 1,420-byte packet was padded to
+/// 1,424 and its datagram, 1,504 bytes, fragmented (seen in the VM run on kernel WireGuard).
+/// TCP's segments (the route's advertised MSS) stay within it.
+fn node_tunnel_payload(mtu: u16) -> u16 {
+    mtu / 16 * 16
 }
 
 /// `via GW dev IF` (what is present) of one line of `ip -o route get`.
@@ -822,6 +832,15 @@ fn routed_prefixes(shown: &str) -> BTreeSet<(std::net::IpAddr, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_traffic_fits_the_tunnel_after_wireguards_padding() {
+        // IPv4 underlay: 1440 is a whole number of padding units, so nothing changes.
+        assert_eq!(node_tunnel_payload(1440), 1440);
+        // IPv6 underlay: 1420 pads to 1424 (a 1504-byte datagram); 1408 pads to itself.
+        assert_eq!(node_tunnel_payload(1420), 1408);
+        assert_eq!(node_tunnel_payload(1420) + 32 + 8 + 40, 1488);
+    }
     use crate::mesh::PeerKeys;
 
     fn key(b: u8) -> PublicKey {
