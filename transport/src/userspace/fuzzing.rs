@@ -31,9 +31,9 @@ const PEER_KEY: [u8; 32] = [0x22; 32];
 const PEER_SRC: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 10);
 const LOCAL_DST: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 10);
 
-/// Records what the receive path answered.
+/// Records what the receive path answered (also used by `io`'s unit tests).
 #[derive(Default)]
-struct Recorder(RefCell<Vec<(Endpoint, Vec<u8>)>>);
+pub(crate) struct Recorder(pub(crate) RefCell<Vec<(Endpoint, Vec<u8>)>>);
 
 impl Reply for Recorder {
     fn reply(&self, to: Endpoint, datagram: &[u8]) {

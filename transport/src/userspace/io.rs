@@ -1179,16 +1179,6 @@ fn timers(
 mod tests {
     use super::*;
 
-    /// What the receive path answered, in order.
-    #[derive(Default)]
-    struct Answers(std::cell::RefCell<Vec<Vec<u8>>>);
-
-    impl Reply for Answers {
-        fn reply(&self, _to: Endpoint, datagram: &[u8]) {
-            self.0.borrow_mut().push(datagram.to_vec());
-        }
-    }
-
     fn wg_index(message: &[u8], at: usize) -> u32 {
         u32::from_le_bytes(message[at..at + 4].try_into().unwrap())
     }
@@ -1239,7 +1229,7 @@ mod tests {
         };
         let ib = sent(b.format_handshake_initiation(&mut out, false));
         let ra = sent(b.decapsulate(None, &ia, &mut out));
-        let answers = Answers::default();
+        let answers = super::super::fuzzing::Recorder::default();
         let mut state = RxState::default();
         let mut feed = |d: &[u8]| {
             answers.0.borrow_mut().clear();
@@ -1250,7 +1240,12 @@ mod tests {
                 to: None,
             };
             receive_batch([(d, meta)], &device, &answers, &mut state, |_| {});
-            answers.0.take()
+            answers
+                .0
+                .take()
+                .into_iter()
+                .map(|(_, d)| d)
+                .collect::<Vec<_>>()
         };
         let rb = feed(&ib)
             .into_iter()
