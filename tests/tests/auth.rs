@@ -1158,3 +1158,233 @@ fn a_node_whose_clock_is_stepped_refuses_svids_outside_validity_and_recovers() {
     }
     lab.expect_log_lines(&["svid not published"]);
 }
+
+/// The workload handshakes a client holding node-a's real credentials asks node-b for, as
+/// frontend; node-b's answer to each, or why the client got no channel.
+type Answers = Result<Vec<Result<(), veil_agent::auth::AuthFailure>>, String>;
+
+/// Acts as node-a with node-a's real credentials: its node SVID and frontend's SVID from
+/// node-a's SPIRE socket (what the agent itself reads), node-a's published WireGuard key and
+/// the lab's cluster state. Called on a thread inside node-a's namespace: it dials node-b's
+/// control port from node-a's underlay address with the agent's own client and asks node-b to
+/// answer, as frontend's peer, for each identity of `asks`.
+async fn ask_node_b_as_node_a(
+    cluster: veil_agent::cluster::ClusterState,
+    spire_socket: std::path::PathBuf,
+    port: u16,
+    asks: Vec<u32>,
+) -> Answers {
+    use std::sync::Arc;
+    use veil_agent::auth::{
+        self, channel::Deps, channel::LocalNode, client, node_handshake::EpochBook,
+        tls::NodeCredentials, workload::SigningKeys, NodeInfo, StaticDirectory, StaticWorkloads,
+    };
+    use veil_identity::{SelectorSet, SpiffeId, TrustDomain};
+
+    let td = TrustDomain::new(&cluster.trust_domain).map_err(|e| e.to_string())?;
+    let node = |name: &str| {
+        cluster
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or(format!("no {name} in the cluster state"))
+    };
+    let (a, b) = (node("node-a")?, node("node-b")?);
+    let frontend = cluster
+        .pods
+        .iter()
+        .find(|p| p.name == "frontend")
+        .ok_or("no frontend pod")?;
+    let frontend_id = SpiffeId::from_segments(
+        &td,
+        &["ns", &frontend.namespace, "sa", &frontend.service_account],
+    )
+    .map_err(|e| e.to_string())?;
+
+    // node-a's SVIDs, as its agent gets them.
+    let (client, svids) =
+        veil_spire::IdentityClient::new(veil_spire::ClientConfig::new(&spire_socket))
+            .map_err(|e| e.to_string())?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(client.run(async move {
+        let _ = stopped.await;
+    }));
+    veil_identity::SvidSource::watch_workload(
+        &svids,
+        SelectorSet::k8s_pod(
+            &frontend.namespace,
+            &frontend.service_account,
+            &frontend.name,
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let snapshot = loop {
+        let s = svids.current();
+        if s.node.is_some() && s.workload_svid(&frontend_id).is_some() {
+            break s;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "node-a's SPIRE socket gave no node SVID and {frontend_id} in 10 s"
+            ));
+        }
+        // Poll interval of this 10 s wait for the first snapshot.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let mut directory = StaticDirectory::new();
+    let mut info = std::collections::HashMap::new();
+    for n in &cluster.nodes {
+        let i = NodeInfo {
+            name: n.name.clone(),
+            id: n.id,
+            spiffe_id: auth::node_spiffe_id(&td, &n.name).map_err(|e| e.to_string())?,
+            addr: n.underlay_ip,
+        };
+        directory.add_node(i.clone());
+        info.insert(n.name.clone(), i);
+    }
+    for p in cluster.pods.iter() {
+        let id = SpiffeId::from_segments(&td, &["ns", &p.namespace, "sa", &p.service_account])
+            .map_err(|e| e.to_string())?;
+        directory.add_workload(info[&p.node].id, id, p.identity);
+    }
+    let wg_key = veil_transport::PublicKey::from_base64(
+        a.wg_public_key
+            .as_deref()
+            .ok_or("node-a has published no WireGuard key")?,
+    )
+    .map_err(|e| e.to_string())?;
+    let (events, _events) = tokio::sync::mpsc::channel(4096);
+    let deps = Deps {
+        local: LocalNode {
+            name: a.name.clone(),
+            id: a.id,
+        },
+        trust_domain: td,
+        creds: NodeCredentials::from_svid(snapshot.node.clone().unwrap())
+            .map_err(|e| e.to_string())?,
+        bundles: veil_identity::BundleSet::from_bundles((*snapshot.bundles).clone()),
+        directory: Arc::new(directory),
+        workloads: Arc::new(StaticWorkloads(
+            [(
+                frontend.identity,
+                snapshot.workload_svid(&frontend_id).unwrap().clone(),
+            )]
+            .into(),
+        )),
+        wg_key: Arc::new(arc_swap::ArcSwap::from_pointee(wg_key)),
+        epochs: Arc::new(EpochBook::new()),
+        signing_keys: Arc::new(SigningKeys::new()),
+        events,
+        published: tokio::sync::watch::channel(Default::default()).1,
+    };
+    let cfg = client::ClientConfig {
+        bind: Some(a.underlay_ip),
+        port,
+        ..Default::default()
+    };
+    let answers = match client::connect(&cfg, &deps, &info["node-b"]).await {
+        Err(e) => Err(format!("no channel to node-b at {}: {e}", b.underlay_ip)),
+        Ok((channel, _keys)) => {
+            let mut out = Vec::new();
+            for remote in asks {
+                out.push(
+                    channel
+                        .authenticate(frontend.identity, remote)
+                        .await
+                        .map(|_| ()),
+                );
+            }
+            channel.close();
+            Ok(out)
+        }
+    };
+    let _ = stop.send(());
+    let _ = running.await;
+    answers
+}
+
+/// Scenario 15 (responder impersonation) in a lab. A client with node-a's real credentials
+/// (node-a's node SVID and frontend's SVID from node-a's SPIRE socket, node-a's published
+/// WireGuard key, dialling from node-a's underlay address in node-a's namespace with the agent's
+/// own control-channel client) asks node-b to answer as intruder and as frontend, which have no
+/// pod on node-b: node-b refuses both (`not-hosted`, counted in its `auth_failures`) and
+/// presents no SVID. Asked for backend, which it hosts, node-b answers: the refusals are node-b's
+/// decision, not a client that cannot authenticate. Afterwards the real agents' tunnel and
+/// mutual auth work again.
+#[test]
+fn node_b_answers_only_for_identities_it_hosts_even_to_node_a_s_real_credentials() {
+    let lab = Lab::up_with_file(ECHO_LAB, &[]);
+    lab.wait_for("first channel", Duration::from_secs(10), || {
+        epoch_with(&lab.status("node-a"), "node-b")
+    });
+    let node_a = lab.node("node-a").clone();
+    let cfg = veil_agent::config::Config::load(
+        &Path::new(&node_a.agent_admin).with_file_name("agent.yaml"),
+    )
+    .expect("node-a's agent config");
+    let veil_agent::config::SourceConfig::Files { dir } = &cfg.source else {
+        panic!("ECHO_LAB reads cluster state from files: {:?}", cfg.source)
+    };
+    let cluster =
+        veil_agent::cluster::files::FileSource::read(dir).expect("the lab's cluster state");
+    let identity = |pod: &str| {
+        let id = cluster
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .unwrap_or_else(|| panic!("no pod {pod}"))
+            .identity;
+        assert_ne!(id, 0, "{pod} has no identity in the cluster state");
+        id
+    };
+    let asks = vec![
+        identity("backend"),
+        identity("intruder"),
+        identity("frontend"),
+    ];
+    let not_hosted = |st: &Status| st.auth_failures.get("not-hosted").copied().unwrap_or(0);
+    let before = not_hosted(&lab.status("node-b"));
+    let spire_socket = cfg.spire_socket.clone().expect("node-a's SPIRE socket");
+    let port = cfg.control_port;
+    let answers = veil_agent::sys::in_netns(&node_a.netns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(ask_node_b_as_node_a(cluster, spire_socket, port, asks))
+    })
+    .expect("a thread in node-a's namespace")
+    .unwrap_or_else(|e| panic!("{e}"));
+    use veil_agent::auth::AuthFailure;
+    assert_eq!(
+        answers,
+        [
+            Ok(()),
+            Err(AuthFailure::NotHosted),
+            Err(AuthFailure::NotHosted)
+        ],
+        "node-b's answers for backend, intruder, frontend"
+    );
+    let counted = lab.wait_for(
+        "node-b counting both refusals",
+        Duration::from_secs(5),
+        || {
+            let n = not_hosted(&lab.status("node-b"));
+            (n >= before + 2).then_some(n)
+        },
+    );
+    assert_eq!(counted, before + 2);
+    println!("node-b: backend answered, intruder and frontend refused as not-hosted ({before} -> {counted} counted)");
+
+    // The real agents recover from the foreign channel: tunnel and mutual auth work.
+    lab.apply_policy_ok(AUTH_POLICY);
+    let body = lab.wait_for(
+        "frontend reaching backend under the auth policy",
+        Duration::from_secs(20),
+        || lab.try_get("frontend", &url(&lab)).ok(),
+    );
+    assert_eq!(body, "hello from shop/backend\n");
+}
