@@ -538,3 +538,54 @@ async fn workload_api_requires_the_security_header() {
     assert!(!shown.contains(&format!("{:?}", msg.svids[0].x509_svid_key)));
     dev.shutdown().await;
 }
+
+/// Federation: a server federating with another trust domain serves that trust domain's roots
+/// beside its own, through the Workload API (`federated_bundles`, as the `spiffe` crate reads
+/// it) and the Delegated Identity API (veil's client); an SVID of the federated trust domain
+/// then validates, anchored in its own trust domain's roots. A trust domain cannot federate
+/// with itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_roots_are_served_beside_the_trust_domains_own() {
+    let (dir, dev) = start_dev("federation", HOUR, &[]).await;
+    let other_dir = TestDir::new("federation-other");
+    let other_td = TrustDomain::new("other.example").unwrap();
+    let mut other_cfg = DevServerConfig::new(other_td.clone());
+    other_cfg.nodes = vec![DevNodeConfig {
+        name: "node-c".into(),
+        socket: other_dir.sock("node-c"),
+    }];
+    let other = DevServer::start(other_cfg).await.unwrap();
+    let (client, _stop, s0) = node_a_client(&dir, &[], Duration::from_secs(5)).await;
+    assert!(s0.bundles.get(&other_td).is_none());
+    let foreign = other.node_svid("node-c").unwrap();
+    assert!(matches!(
+        foreign.validate(&s0.bundles, SystemTime::now()),
+        Err(SvidError::NoBundle(_))
+    ));
+
+    assert!(dev.federate_with(td(), dev.bundle()).is_err());
+    dev.federate_with(other_td.clone(), other.bundle()).unwrap();
+    let s1 = wait_until(&client, Duration::from_secs(2), "federated roots", |s| {
+        s.bundles.get(&other_td).is_some()
+    })
+    .await;
+    assert_eq!(s1.bundles.get(&other_td).unwrap().to_vec(), other.bundle());
+    assert_eq!(s1.bundles.get(&td()).unwrap().to_vec(), dev.bundle());
+    foreign.validate(&s1.bundles, SystemTime::now()).unwrap();
+
+    let endpoint = format!("unix:{}", dir.sock("node-a").display());
+    let spiffe_client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+        .await
+        .unwrap();
+    let ctx = spiffe_client.fetch_x509_context().await.unwrap();
+    let federated = ctx
+        .bundle_set()
+        .get(&spiffe::TrustDomain::new("other.example").unwrap())
+        .expect("the federated bundle in the Workload API's X.509 context");
+    assert_eq!(
+        federated.authorities()[0].as_bytes(),
+        other.bundle()[0].as_ref()
+    );
+    other.shutdown().await;
+    dev.shutdown().await;
+}

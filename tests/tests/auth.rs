@@ -209,16 +209,58 @@ fn dual_stack_ipv6_connections_are_mutually_authenticated_like_ipv4() {
     lab.expect_drops(&["policy-denied"]);
 }
 
+/// Scenario 12: node-c's SVIDs come from another trust domain's CA, which node-a and node-b
+/// do not trust.
 #[test]
 fn node_from_another_trust_domain_cannot_peer() {
+    another_trust_domain_cannot_peer(false);
+}
+
+/// Scenario 12's federated form: the trust domains federate, so node-a and node-b hold
+/// other.example's roots and node-c's chain validates; it must still never peer as a node of
+/// lab.veil.
+#[test]
+fn node_of_a_federated_trust_domain_cannot_peer() {
+    another_trust_domain_cannot_peer(true);
+}
+
+fn another_trust_domain_cannot_peer(federation: bool) {
     let lab = Lab::up_with_file(
-        "identity: dev\nnodes:\n- {name: node-a}\n- {name: node-b}\n- {name: node-c, trust_domain: other.example}\n\
-         pods:\n\
-         - {name: frontend, namespace: shop, node: node-a, labels: {app: frontend}}\n\
-         - {name: backend, namespace: shop, node: node-b, labels: {app: backend}, serve: [{port: 8080, kind: http}]}\n\
-         - {name: stranger, namespace: shop, node: node-c, labels: {app: stranger}, serve: [{port: 8080, kind: http}]}\n",
+        &format!(
+            "identity: dev\nfederation: {federation}\n\
+             nodes:\n- {{name: node-a}}\n- {{name: node-b}}\n- {{name: node-c, trust_domain: other.example}}\n\
+             pods:\n\
+             - {{name: frontend, namespace: shop, node: node-a, labels: {{app: frontend}}}}\n\
+             - {{name: backend, namespace: shop, node: node-b, labels: {{app: backend}}, serve: [{{port: 8080, kind: http}}]}}\n\
+             - {{name: stranger, namespace: shop, node: node-c, labels: {{app: stranger}}, serve: [{{port: 8080, kind: http}}]}}\n"
+        ),
         &[],
     );
+    // Who holds which roots: with federation, both trust domains' on every node.
+    let trusts = |node: &str| -> Vec<String> {
+        let mut tds: Vec<String> = lab
+            .status(node)
+            .bundles
+            .into_iter()
+            .filter(|b| b.roots > 0)
+            .map(|b| b.trust_domain)
+            .collect();
+        tds.sort();
+        tds
+    };
+    let both = ["lab.veil", "other.example"];
+    if federation {
+        for node in ["node-a", "node-b", "node-c"] {
+            lab.wait_for(
+                &format!("{node} holding both trust domains' roots"),
+                Duration::from_secs(10),
+                || (trusts(node) == both).then_some(()),
+            );
+        }
+    } else {
+        assert_eq!(trusts("node-a"), ["lab.veil"]);
+        assert_eq!(trusts("node-c"), ["other.example"]);
+    }
     // node-c's agent holds a perfectly valid SVID — of another trust domain.
     let c = lab.status("node-c");
     assert!(

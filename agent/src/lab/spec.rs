@@ -211,6 +211,10 @@ impl std::str::FromStr for HumanDuration {
 #[serde(deny_unknown_fields)]
 pub struct LabFile {
     pub trust_domain: Option<String>,
+    /// The lab's trust domains federate (`identity: dev` with a node of its own
+    /// `trust_domain`): each trust domain's SPIRE serves the others' roots as federated
+    /// bundles, so a node holds the roots of a trust domain it must still never peer with.
+    pub federation: Option<bool>,
     pub encryption: Option<OnOff>,
     /// Encrypt the nodes' own traffic too (host network), not only pod traffic.
     pub node_encryption: Option<OnOff>,
@@ -429,6 +433,10 @@ pub struct LabSpec {
     /// Absent in the state of labs made before Services existed.
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// The lab's trust domains federate (`federation: true`). Absent in the state of labs made
+    /// before the key: no.
+    #[serde(default)]
+    pub federation: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1065,6 +1073,24 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             ));
         }
     }
+    let federation = file.federation.unwrap_or(false);
+    if federation {
+        if identity == IdentityProvider::Spire {
+            return Err(invalid(
+                "federation",
+                "federation needs `identity: dev`: with `identity: spire` the lab runs one \
+                 spire-server for one trust domain"
+                    .to_string(),
+            ));
+        }
+        if nodes.iter().all(|n| n.trust_domain.is_none()) {
+            return Err(invalid(
+                "federation",
+                "federation needs a second trust domain: give a node its own `trust_domain`"
+                    .to_string(),
+            ));
+        }
+    }
 
     let encryption = overrides
         .encryption
@@ -1105,6 +1131,7 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
         nodes,
         pods,
         services,
+        federation,
     })
 }
 
@@ -1805,6 +1832,9 @@ mod tests {
             ("backend: ebpf", "backend"),
             ("identity: vault", "identity"),
             ("identity: spire\nnodes: [{name: a}, {name: b, trust_domain: other.veil}]", "nodes[1].trust_domain"),
+            ("federation: true\nidentity: spire", "federation"),
+            ("federation: true\nidentity: dev", "federation"),
+            ("federation: sometimes", "federation"),
             ("underlay_mtu: 100", "underlay_mtu"),
             ("trust_domain: Lab.Veil", "trust_domain"),
             ("nodes: []", "nodes"),

@@ -96,6 +96,16 @@ pub async fn run(spec: &LabSpec, paths: &LabPaths) -> Result<(), Error> {
         );
         servers.push(server);
     }
+    if spec.federation {
+        // Roots as they are at start: a CA rotation of one trust domain is not carried to the
+        // others (the lab's federation has no bundle endpoint to poll).
+        for s in &servers {
+            for other in servers.iter().filter(|o| !std::ptr::eq(*o, s)) {
+                s.federate_with(other.trust_domain(), other.bundle())?;
+            }
+            eprintln!("dev SPIRE server {}: federated", s.trust_domain());
+        }
+    }
     let handler: Arc<dyn admin::Handler> = Arc::new(Control {
         servers: Arc::new(servers),
     });

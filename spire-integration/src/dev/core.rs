@@ -151,6 +151,8 @@ pub(crate) struct NodeView {
     /// Registered pods of this node: their selectors and current SVID.
     pub pods: Vec<(SelectorSet, Arc<Svid>)>,
     pub bundle: Arc<Vec<CertificateDer<'static>>>,
+    /// Roots of the trust domains this server federates with, served beside its own bundle.
+    pub federated: Arc<BTreeMap<TrustDomain, Vec<CertificateDer<'static>>>>,
 }
 
 /// Status line of one held SVID (for tests and `veil lab` status).
@@ -178,6 +180,7 @@ pub(crate) struct Core {
     nodes: BTreeMap<String, NodeState>,
     pods: BTreeMap<(String, String), PodState>,
     bundle: Arc<Vec<CertificateDer<'static>>>,
+    federated: Arc<BTreeMap<TrustDomain, Vec<CertificateDer<'static>>>>,
 }
 
 impl Core {
@@ -199,6 +202,7 @@ impl Core {
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
             bundle: Arc::new(Vec::new()),
+            federated: Arc::default(),
         };
         core.rebuild_bundle();
         for n in &cfg.nodes {
@@ -419,6 +423,25 @@ impl Core {
         Ok(())
     }
 
+    /// Federates with `td`: its roots are served beside this trust domain's bundle (as a
+    /// SPIRE server serves a federated trust domain's bundle), replacing any held before.
+    pub(crate) fn federate(
+        &mut self,
+        td: TrustDomain,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<(), Error> {
+        if td == self.td {
+            return Err(Error::Config(format!(
+                "a trust domain cannot federate with itself ({td})"
+            )));
+        }
+        if roots.is_empty() {
+            return Err(Error::Config(format!("no roots to federate with {td}")));
+        }
+        Arc::make_mut(&mut self.federated).insert(td, roots);
+        Ok(())
+    }
+
     pub(crate) fn bundle(&self) -> Arc<Vec<CertificateDer<'static>>> {
         self.bundle.clone()
     }
@@ -478,6 +501,7 @@ impl Core {
                 .map(|p| (p.selectors.clone(), p.issued.svid.clone()))
                 .collect(),
             bundle: self.bundle.clone(),
+            federated: self.federated.clone(),
         })
     }
 }

@@ -68,6 +68,7 @@ impl Inner {
 fn same_view(a: &NodeView, b: &NodeView) -> bool {
     Arc::ptr_eq(&a.node_svid, &b.node_svid)
         && a.bundle == b.bundle
+        && a.federated == b.federated
         && a.pods.len() == b.pods.len()
         && a.pods
             .iter()
@@ -248,6 +249,19 @@ impl DevServer {
     pub fn ca_revoke(&self) -> Result<(), Error> {
         self.mutate(|c, _| c.ca_revoke())?;
         info!("ca rotation: old root revoked");
+        Ok(())
+    }
+
+    /// Federates with another trust domain: every node's Workload API and Delegated Identity
+    /// API serve `roots` as that trust domain's bundle from now on (SPIRE federation, without a
+    /// bundle endpoint: the caller hands the roots over).
+    pub fn federate_with(
+        &self,
+        td: TrustDomain,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<(), Error> {
+        self.mutate(|c, _| c.federate(td.clone(), roots))?;
+        info!(federated = %td, "federating with another trust domain");
         Ok(())
     }
 
@@ -457,13 +471,24 @@ fn workload_response(v: &NodeView) -> X509svidResponse {
             hint: String::new(),
         }],
         crl: Vec::new(),
-        federated_bundles: HashMap::new(),
+        federated_bundles: federated_map(v),
     }
 }
 
+/// The federated trust domains' bundles, keyed by trust domain ID (`spiffe://<td>`) as SPIRE
+/// does; clients accept bare names too.
+fn federated_map(v: &NodeView) -> HashMap<String, Vec<u8>> {
+    v.federated
+        .iter()
+        .map(|(td, roots)| (td.id_string(), concat_der(roots)))
+        .collect()
+}
+
+/// Every bundle: this trust domain's and the federated ones.
 fn bundle_map(v: &NodeView) -> HashMap<String, Vec<u8>> {
-    // Keyed by trust domain ID (`spiffe://<td>`), as SPIRE does; clients accept bare names too.
-    HashMap::from([(v.trust_domain.id_string(), concat_der(&v.bundle))])
+    let mut all = federated_map(v);
+    all.insert(v.trust_domain.id_string(), concat_der(&v.bundle));
+    all
 }
 
 fn delegated_response(v: &NodeView, selectors: &SelectorSet) -> SubscribeToX509sviDsResponse {
