@@ -13,6 +13,8 @@
 #    between two pods on two nodes, for plaintext, veil-wg and kernel WireGuard, in interleaved
 #    rounds; medians and ratios. Under TCG emulation the absolute numbers are the emulator's;
 #    the ratios are what to read.
+# VEIL_TEST_IP_FAMILY=ipv4|ipv6|dual (passed in by vm-test.sh) is the tests' lab family, as on
+# the host, and the measured labs' `--ip-family`: ipv6 puts the whole suite on an IPv6 underlay.
 # Prints `vm-test: N passed, M failed` and exits non-zero on any failure. Logs: /vm-results.
 set -uo pipefail
 
@@ -44,7 +46,7 @@ TESTS=(
   attach::clsact_mode_enforces_policy_and_survives_an_agent_restart
 )
 
-echo "vm-suite: kernel $(uname -r); wireguard module: $(lsmod | grep -c '^wireguard ')"
+echo "vm-suite: kernel $(uname -r); wireguard module: $(lsmod | grep -c '^wireguard '); lab family: ${VEIL_TEST_IP_FAMILY:-the default}"
 for t in "${TESTS[@]}"; do
   suite=${t%%::*} name=${t#*::}
   bin=${bins[$suite]:-}
@@ -71,14 +73,22 @@ done
 ROUNDS=${VEIL_VM_ROUNDS:-3}
 declare -A gbit=() rr=()
 measure() { # mode lab-args...
-  local mode=$1 lab=vp$$ be
+  local mode=$1 lab=vp$$ be hostport
   shift
-  if ! veil lab up --name "$lab" --quiet --identity dev --control-plane files "$@" \
+  local family=()
+  [ -n "${VEIL_TEST_IP_FAMILY:-}" ] && family=(--ip-family "$VEIL_TEST_IP_FAMILY")
+  if ! veil lab up --name "$lab" --quiet --identity dev --control-plane files "${family[@]}" "$@" \
       >"$out/perf-$mode.log" 2>&1; then
     echo "vm-suite: FAIL perf $mode: lab up failed (see $out/perf-$mode.log)"
     return 1
   fi
-  be=198.19.2.10 # the default lab's backend pod, on node-b
+  # The default lab's backend pod, on node-b: its first address (IPv6 in an IPv6-only lab, as
+  # the lab writes 198.19.2.10; the guest has no JSON tool to read `lab show` with).
+  if [ "${VEIL_TEST_IP_FAMILY:-}" = ipv6 ]; then
+    be=fd00:198:19:2::10 hostport="[fd00:198:19:2::10]:7001"
+  else
+    be=198.19.2.10 hostport="198.19.2.10:7001"
+  fi
   veil lab exec --name "$lab" backend -- sh -c \
     'setsid iperf3 -s -p 5201 >/dev/null 2>&1 </dev/null & setsid veil-rr server --port 7001 >/dev/null 2>&1 </dev/null &'
   local ok=1 i
@@ -91,7 +101,7 @@ measure() { # mode lab-args...
   local g p
   g=$(veil lab exec --name "$lab" frontend -- iperf3 -c "$be" -p 5201 -t 8 -O 1 -f m 2>&1 \
     | awk '/receiver/ { for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") print $i }')
-  p=$(veil lab exec --name "$lab" frontend -- veil-rr client --connect "$be:7001" --size 64 \
+  p=$(veil lab exec --name "$lab" frontend -- veil-rr client --connect "$hostport" --size 64 \
     --seconds 5 2>&1 | grep -o '"p50_us": *[0-9.]*' | grep -o '[0-9.]*$')
   veil lab down --name "$lab" >>"$out/perf-$mode.log" 2>&1
   if [ $ok -ne 0 ] || [ -z "$g" ] || [ -z "$p" ]; then

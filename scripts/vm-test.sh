@@ -6,7 +6,8 @@
 #   scripts/vm-test.sh             (the kernel-WireGuard suite: builds this workspace's release
 #                                   binaries and the test binaries it needs on the host, then
 #                                   runs scripts/vm-suite.sh in the VM; prints
-#                                   `vm-test: N passed, M failed`, exits non-zero on a failure)
+#                                   `vm-test: N passed, M failed`, exits non-zero on a failure;
+#                                   VEIL_TEST_IP_FAMILY=ipv6 runs it all on an IPv6 underlay)
 #   scripts/vm-test.sh --run 'COMMAND' [--timeout SECONDS] [--results DIR] [--log FILE]
 #                      [--share DIR]... [--verbose]
 #   scripts/vm-test.sh --build     (only build the cached image, then exit)
@@ -79,6 +80,12 @@ for line in sys.stdin:
   [ "$(printf '%s\n' "$test_bins" | grep -c .)" -eq 3 ] \
     || die "expected 3 test binaries (transport, auth, attach), found: $test_bins"
   cmd="bash $repo/scripts/vm-suite.sh $(printf '%s\n' "$test_bins" | tr '\n' ' ')"
+  # The labs' family travels into the guest (ipv6: the whole suite on an IPv6 underlay).
+  case ${VEIL_TEST_IP_FAMILY:-} in
+    "") ;;
+    ipv4 | ipv6 | dual) cmd="VEIL_TEST_IP_FAMILY=$VEIL_TEST_IP_FAMILY $cmd" ;;
+    *) die "VEIL_TEST_IP_FAMILY must be ipv4, ipv6 or dual, not '$VEIL_TEST_IP_FAMILY'" ;;
+  esac
   timeout_s=${timeout_s:-3600}
 fi
 timeout_s=${timeout_s:-1800}

@@ -23,7 +23,9 @@ pub struct RrResult {
 
 /// Serves echo connections until the process is killed (one thread per connection).
 pub fn serve(port: u16) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+    // Both families where the namespace has IPv6 (an IPv6-only lab's pods), IPv4 where it is off.
+    let listener = TcpListener::bind(SocketAddr::from(([0u16; 8], port)))
+        .or_else(|_| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))))?;
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         std::thread::spawn(move || {
