@@ -419,6 +419,24 @@ impl Lab {
             .unwrap_or_else(|| panic!("no node {node}"))
     }
 
+    /// `node`'s agent configuration (the lab writes it next to the node's admin socket).
+    pub fn agent_config(&self, node: &str) -> veil_agent::config::Config {
+        let path = Path::new(&self.node(node).agent_admin).with_file_name("agent.yaml");
+        veil_agent::config::Config::load(&path)
+            .unwrap_or_else(|e| panic!("{node}'s agent config {}: {e}", path.display()))
+    }
+
+    /// The control-plane directory of a files-mode lab (`cluster.json`, `policies.json`).
+    pub fn files_control_plane(&self) -> PathBuf {
+        match self.agent_config("node-a").source {
+            veil_agent::config::SourceConfig::Files { dir } => dir,
+            other => panic!(
+                "lab {} does not read cluster state from files: {other:?}",
+                self.name
+            ),
+        }
+    }
+
     pub fn node_netns(&self, node: &str) -> String {
         self.node(node).netns.clone()
     }

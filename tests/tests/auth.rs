@@ -1363,15 +1363,9 @@ fn node_b_answers_only_for_identities_it_hosts_even_to_node_a_s_real_credentials
         epoch_with(&lab.status("node-a"), "node-b")
     });
     let node_a = lab.node("node-a").clone();
-    let cfg = veil_agent::config::Config::load(
-        &Path::new(&node_a.agent_admin).with_file_name("agent.yaml"),
-    )
-    .expect("node-a's agent config");
-    let veil_agent::config::SourceConfig::Files { dir } = &cfg.source else {
-        panic!("ECHO_LAB reads cluster state from files: {:?}", cfg.source)
-    };
-    let cluster =
-        veil_agent::cluster::files::FileSource::read(dir).expect("the lab's cluster state");
+    let cfg = lab.agent_config("node-a");
+    let cluster = veil_agent::cluster::files::FileSource::read(&lab.files_control_plane())
+        .expect("the lab's cluster state");
     let identity = |pod: &str| {
         let id = cluster
             .pods

@@ -426,3 +426,129 @@ fn a_large_policy_replaces_another_of_other_keys_through_a_full_slot() {
         failed.join("\n")
     );
 }
+
+/// Scenario 35 (scale), sampled: around a files-mode lab's real pods the agents' cluster source
+/// gets a simulated cluster (`veil_agent::lab::sim`, the one `scale-bench` measures) of 500 peer
+/// nodes that nothing answers, 10,000 remote endpoints over 1,000 identities and 10,000 rules
+/// (one policy each, plus one `authentication: required` policy), beside the demo's policy
+/// (backend admits frontend on 8080), with a pod on node-b that every 100th rule selects. Once
+/// node-b has the whole set in force: every policy is listed, those rules' (peer, port) pairs
+/// are in its policy map, its ipcache holds a sample of 100 simulated endpoints with their identities,
+/// frontend is served and intruder refused, both agents stay ready with no reconcile error, and
+/// node-b's agent stays within issue 20's memory target (150 MB at ten times this size). The
+/// time from the write to the set in force and the memory are printed, not asserted as times.
+#[test]
+fn a_cluster_of_500_nodes_and_10000_rules_over_1000_identities_is_enforced_as_sampled() {
+    use veil_agent::{
+        cluster::files::FileSource,
+        lab::sim::{ipcache, ipcache_identity, policy_objects, policy_set, simulate, Size},
+    };
+    const IDENTITIES: usize = 1000;
+    let size = Size {
+        nodes: 500,
+        endpoints: 10_000,
+        rules: 10_000,
+    };
+    // ECHO_LAB and the pod every 100th simulated rule selects (`bench/client`), on node-b.
+    let lab = Lab::up_with_file(
+        &format!(
+            "{ECHO_LAB}- {{name: client, namespace: bench, node: node-b, labels: {{app: client}}}}\n"
+        ),
+        &[],
+    );
+    let url = lab.pod_url("backend", 8080);
+    let dir = lab.files_control_plane();
+    let base = FileSource::read(&dir).expect("the lab's cluster state");
+    let state = simulate(&base, size, IDENTITIES).expect("the simulated cluster");
+    let objects = policy_objects(size.rules, IDENTITIES, 0);
+    // The (peer, port) pairs of the rules that select `bench/client`: its policy map entries.
+    let client_pairs: std::collections::BTreeSet<String> = objects
+        .iter()
+        .filter(|o| o["metadata"]["namespace"] == "bench" && o["metadata"]["name"] != "auth-all")
+        .map(|o| {
+            let rule = &o["spec"]["ingress"][0];
+            format!("{} {}", rule["fromEndpoints"], rule["toPorts"])
+        })
+        .collect();
+    let mut set = policy_set(&objects).expect("the rules");
+    set.apply_all(veil_agent::policy::parse_yaml(INGRESS).expect("the demo's policy"))
+        .expect("the demo's policy beside the rules");
+    let (generation, _) = FileSource::read_policies(&dir).expect("the lab's policies");
+    let generation = generation + 1;
+    let t = Instant::now();
+    FileSource::write_policies(&dir, generation, &set).expect("write the policies");
+    FileSource::write(&dir, &state).expect("write the cluster state");
+    let wanted = size.rules + 2;
+    let st = lab.wait_for(
+        "node-b with the whole policy set in force",
+        Duration::from_secs(60),
+        || {
+            let st = lab.status("node-b");
+            (st.policy.generation == generation && st.policy.policies.len() == wanted).then_some(st)
+        },
+    );
+    let in_force = t.elapsed();
+    assert_eq!(st.policy.last_error, None);
+
+    // A sample of the simulated endpoints in node-b's ipcache, each with its identity.
+    let map = ipcache(std::path::Path::new(&lab.node("node-b").pin_dir)).expect("node-b's ipcache");
+    let sims: Vec<_> = state
+        .pods
+        .iter()
+        .filter(|p| p.node.starts_with("sim-"))
+        .collect();
+    assert_eq!(sims.len(), size.endpoints);
+    let sample: Vec<_> = sims.iter().step_by(100).chain(sims.last()).collect();
+    let t_ipcache = Instant::now();
+    lab.wait_for(
+        "node-b's ipcache holding the sampled endpoints",
+        Duration::from_secs(30),
+        || {
+            sample
+                .iter()
+                .all(|p| ipcache_identity(&map, p.ip) == Some(p.identity))
+                .then_some(())
+        },
+    );
+    let in_ipcache = in_force + t_ipcache.elapsed();
+
+    // Enforcement among 10,000 rules: the demo's policy admits frontend only.
+    assert_eq!(
+        lab.try_get("frontend", &url).unwrap(),
+        "hello from shop/backend\n"
+    );
+    assert!(lab.try_get("intruder", &url).is_err());
+    for node in ["node-a", "node-b"] {
+        let st = lab.status(node);
+        assert!(st.ready, "{node} not ready");
+        assert_eq!(st.reconcile_error, None, "{node}");
+        assert!(!st.programs.is_empty(), "{node} has no program attached");
+    }
+    let st = lab.status("node-b");
+    // Every 100th rule selects `bench/client`, here on node-b, from a simulated identity: their
+    // distinct (peer, port) pairs are in node-b's policy map beside the demo's entry.
+    assert!(
+        st.policy.entries > client_pairs.len(),
+        "node-b's policy map holds {} entries for the {} (peer, port) pairs of the rules \
+         selecting its client and the demo's",
+        st.policy.entries,
+        client_pairs.len()
+    );
+    let rss_kb = veil_tests::proc_status_kb(st.agent.pid, "VmRSS").expect("node-b's agent's RSS");
+    println!(
+        "scale sample: {} nodes, {} endpoints, {IDENTITIES} identities, {} rules: policy set in \
+         force on node-b {in_force:?} after the write, {} sampled endpoints in its ipcache by \
+         {in_ipcache:?}, {} policy map entries ({} pairs of the rules selecting client), agent RSS {:.1} MB",
+        size.nodes,
+        size.endpoints,
+        size.rules,
+        sample.len(),
+        st.policy.entries,
+        client_pairs.len(),
+        rss_kb as f64 / 1024.0
+    );
+    assert!(
+        rss_kb <= 150 * 1024,
+        "node-b's agent holds {rss_kb} kB with 500 nodes and 10,000 endpoints"
+    );
+}

@@ -10,6 +10,7 @@ pub mod journal;
 pub mod kube;
 pub mod kubelet;
 pub mod serve;
+pub mod sim;
 pub mod spec;
 pub mod spire;
 pub mod spire_real;
