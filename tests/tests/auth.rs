@@ -1218,10 +1218,10 @@ async fn ask_node_b_as_node_a(
 ) -> Answers {
     use std::sync::Arc;
     use veil_agent::auth::{
-        self, channel::Deps, channel::LocalNode, client, node_handshake::EpochBook,
-        tls::NodeCredentials, workload::SigningKeys, NodeInfo, StaticDirectory, StaticWorkloads,
+        channel::Deps, channel::LocalNode, client, node_handshake::EpochBook, tls::NodeCredentials,
+        workload::SigningKeys, PeerDirectory as _, StaticWorkloads,
     };
-    use veil_identity::{SelectorSet, SpiffeId, TrustDomain};
+    use veil_identity::{SelectorSet, TrustDomain};
 
     let td = TrustDomain::new(&cluster.trust_domain).map_err(|e| e.to_string())?;
     let node = |name: &str| {
@@ -1237,11 +1237,9 @@ async fn ask_node_b_as_node_a(
         .iter()
         .find(|p| p.name == "frontend")
         .ok_or("no frontend pod")?;
-    let frontend_id = SpiffeId::from_segments(
-        &td,
-        &["ns", &frontend.namespace, "sa", &frontend.service_account],
-    )
-    .map_err(|e| e.to_string())?;
+    let frontend_id =
+        veil_agent::mesh::workload_spiffe_id(&td, &frontend.namespace, &frontend.service_account)
+            .ok_or("no SPIFFE ID for frontend")?;
 
     // node-a's SVIDs, as its agent gets them.
     let (client, svids) =
@@ -1275,23 +1273,11 @@ async fn ask_node_b_as_node_a(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
-    let mut directory = StaticDirectory::new();
-    let mut info = std::collections::HashMap::new();
-    for n in &cluster.nodes {
-        let i = NodeInfo {
-            name: n.name.clone(),
-            id: n.id,
-            spiffe_id: auth::node_spiffe_id(&td, &n.name).map_err(|e| e.to_string())?,
-            addr: n.underlay_ip,
-        };
-        directory.add_node(i.clone());
-        info.insert(n.name.clone(), i);
-    }
-    for p in cluster.pods.iter() {
-        let id = SpiffeId::from_segments(&td, &["ns", &p.namespace, "sa", &p.service_account])
-            .map_err(|e| e.to_string())?;
-        directory.add_workload(info[&p.node].id, id, p.identity);
-    }
+    // The cluster as node-a's agent sees it.
+    let directory = veil_agent::mesh::directory(&cluster, &td);
+    let node_b = directory
+        .node_by_name("node-b")
+        .ok_or("no node-b in the directory")?;
     let wg_key = veil_transport::PublicKey::from_base64(
         a.wg_public_key
             .as_deref()
@@ -1327,7 +1313,7 @@ async fn ask_node_b_as_node_a(
         port,
         ..Default::default()
     };
-    let answers = match client::connect(&cfg, &deps, &info["node-b"]).await {
+    let answers = match client::connect(&cfg, &deps, &node_b).await {
         Err(e) => Err(format!("no channel to node-b at {}: {e}", b.underlay_ip)),
         Ok((channel, _keys)) => {
             let mut out = Vec::new();

@@ -832,6 +832,7 @@ fn routed_prefixes(shown: &str) -> BTreeSet<(std::net::IpAddr, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mesh::PeerKeys;
 
     #[test]
     fn node_traffic_fits_the_tunnel_after_wireguards_padding() {
@@ -841,7 +842,6 @@ mod tests {
         assert_eq!(node_tunnel_payload(1420), 1408);
         assert_eq!(node_tunnel_payload(1420) + 32 + 8 + 40, 1488);
     }
-    use crate::mesh::PeerKeys;
 
     fn key(b: u8) -> PublicKey {
         PrivateKey::from_bytes([b; 32]).public_key()

@@ -1079,15 +1079,13 @@ pub fn resolve(name: &str, file: LabFile, overrides: &Overrides) -> Result<LabSp
             return Err(invalid(
                 "federation",
                 "federation needs `identity: dev`: with `identity: spire` the lab runs one \
-                 spire-server for one trust domain"
-                    .to_string(),
+                 spire-server for one trust domain",
             ));
         }
         if nodes.iter().all(|n| n.trust_domain.is_none()) {
             return Err(invalid(
                 "federation",
-                "federation needs a second trust domain: give a node its own `trust_domain`"
-                    .to_string(),
+                "federation needs a second trust domain: give a node its own `trust_domain`",
             ));
         }
     }
