@@ -276,10 +276,19 @@ enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// List the labs on this host: state (from their processes, not readiness), control
+    /// plane, identity, backend, nodes, pods, processes running of those kept, age.
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Remove everything a lab created (idempotent).
     Down {
         #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
         name: String,
+        /// Every lab `veil lab list` shows, whatever its state.
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
     },
     /// Renew SVIDs now (dev server: re-issue; SPIRE: `entry update` of their entries, which
     /// bumps the revision and makes the spire-agent mint new SVIDs at its next sync).
@@ -1057,14 +1066,50 @@ fn run_lab(cmd: LabCommand) -> Result<ExitCode> {
             let (spec, paths) = lab::load(&name)?;
             match lab::exec_in_pod(&spec, &paths, &pod, &command)? {}
         }
-        LabCommand::Down { name } => {
-            let s = lab::down(&name)?;
-            if s.existed {
-                println!("lab {name} removed: {s}");
-            } else {
-                println!("lab {name}: nothing to remove");
+        LabCommand::List { output } => {
+            let labs = lab::list::list()?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&labs)?),
+                Output::Table if labs.is_empty() => println!("no labs on this host"),
+                Output::Table => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    print!("{}", lab::list::format_table(&labs, now));
+                }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Down { name, all } => {
+            let names = if all {
+                lab::list::list()?.into_iter().map(|l| l.name).collect()
+            } else {
+                vec![name]
+            };
+            if all && names.is_empty() {
+                println!("no labs on this host");
+            }
+            // With --all, one lab that cannot be removed does not keep the others.
+            let mut failed = Vec::new();
+            for name in names {
+                match lab::down(&name) {
+                    Ok(s) if s.existed => println!("lab {name} removed: {s}"),
+                    Ok(_) => println!("lab {name}: nothing to remove"),
+                    Err(e) if all => {
+                        eprintln!("lab {name}: {:#}", anyhow::Error::from(e));
+                        failed.push(name);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if failed.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                anyhow::bail!(
+                    "{} not removed (errors above); `veil lab down --name <lab>` retries one",
+                    failed.join(", ")
+                )
+            }
         }
         LabCommand::Rotate {
             name,

@@ -376,3 +376,197 @@ fn lab_file_topology_and_exec_by_namespace() {
         "{cg}"
     );
 }
+
+/// Labs under a run directory of one test's own (`VEIL_RUN_DIR`), so that `veil lab list` and
+/// `veil lab down --all` see them and not the labs of tests running beside it. Dropped: every
+/// lab in it down, the directory removed.
+struct OwnRunDir {
+    path: std::path::PathBuf,
+}
+
+impl OwnRunDir {
+    fn new() -> OwnRunDir {
+        let path = std::env::temp_dir().join(format!("veil-run-{}", unique_name()));
+        std::fs::create_dir_all(&path).expect("create the run directory");
+        OwnRunDir { path }
+    }
+
+    fn veil(&self, args: &[&str]) -> std::process::Output {
+        Command::new(veil_bin())
+            .args(args)
+            .env("VEIL_RUN_DIR", &self.path)
+            .output()
+            .expect("run veil")
+    }
+
+    fn veil_ok(&self, args: &[&str]) -> String {
+        veil_tests::stdout_of_success(
+            format_args!(
+                "VEIL_RUN_DIR={} veil {}",
+                self.path.display(),
+                args.join(" ")
+            ),
+            self.veil(args),
+        )
+    }
+
+    /// `veil lab list -o json`, by name.
+    fn labs(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.veil_ok(&["lab", "list", "-o", "json"]))
+            .expect("lab list -o json is one JSON array")
+    }
+}
+
+impl Drop for OwnRunDir {
+    fn drop(&mut self) {
+        let _ = self.veil(&["lab", "down", "--all"]);
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The pids in one of a lab's cgroups (`rel` below the lab's own).
+fn lab_cgroup_pids(lab: &str, rel: &str) -> Vec<i32> {
+    let cg = veil_agent::sys::cgroup2_root()
+        .expect("cgroup2")
+        .join("veil")
+        .join(lab)
+        .join(rel)
+        .join("cgroup.procs");
+    std::fs::read_to_string(&cg)
+        .unwrap_or_else(|e| panic!("{}: {e}", cg.display()))
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn signal(pids: &[i32], sig: nix::sys::signal::Signal) {
+    assert!(!pids.is_empty(), "no process to send {sig} to");
+    for &p in pids {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig).expect("send a signal");
+    }
+}
+
+#[test]
+fn lab_list_shows_each_labs_state_and_down_all_removes_every_one() {
+    veil_tests::require_lab_environment();
+    use nix::sys::signal::Signal;
+    let run = OwnRunDir::new();
+    assert_eq!(run.veil_ok(&["lab", "list"]).trim(), "no labs on this host");
+    let name = unique_name();
+    run.veil_ok(&[
+        "lab",
+        "up",
+        "--name",
+        &name,
+        "--quiet",
+        "--identity",
+        "dev",
+        "--control-plane",
+        "files",
+    ]);
+    let labs = run.labs();
+    assert_eq!(labs.len(), 1, "{labs:#?}");
+    let l = &labs[0];
+    let expected = l["processes"]["expected"]
+        .as_u64()
+        .expect("expected processes");
+    // The dev SPIRE server, two agents, backend's two servers.
+    assert_eq!(
+        (
+            l["name"].as_str(),
+            l["state"].as_str(),
+            l["control_plane"].as_str(),
+            l["identity"].as_str(),
+            l["nodes"].as_u64(),
+            l["pods"].as_u64(),
+            l["processes"]["running"].as_u64(),
+            expected
+        ),
+        (
+            Some(name.as_str()),
+            Some("running"),
+            Some("files"),
+            Some("dev"),
+            Some(2),
+            Some(3),
+            Some(5),
+            5
+        ),
+        "{l:#}"
+    );
+    let table = run.veil_ok(&["lab", "list"]);
+    let row: Vec<&str> = table
+        .lines()
+        .find(|r| r.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!((row[1], row[7]), ("running", "5/5"), "{table}");
+
+    // An agent gone while its supervisor is held (SIGSTOP): the lab is degraded, and says how.
+    let supervisor = lab_cgroup_pids(&name, "supervisor");
+    signal(&supervisor, Signal::SIGSTOP);
+    signal(&lab_cgroup_pids(&name, "node-a/agent"), Signal::SIGKILL);
+    let l = veil_tests::poll_until(
+        "the lab listed as degraded",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || run.labs().pop().filter(|l| l["state"] == "degraded"),
+    );
+    assert_eq!(l["processes"]["running"].as_u64(), Some(4), "{l:#}");
+    assert!(
+        l["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("1 of 5 processes not running")),
+        "{l:#}"
+    );
+    let table = run.veil_ok(&["lab", "list"]);
+    assert!(
+        table.contains(&format!("{name}: 1 of 5 processes not running")),
+        "{table}"
+    );
+    // Let go, the supervisor brings the agent back.
+    signal(&supervisor, Signal::SIGCONT);
+    veil_tests::poll_until(
+        "the lab listed as running again",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || run.labs().pop().filter(|l| l["state"] == "running"),
+    );
+    // Without its supervisor nothing restarts anything: stopped, and the way out is named.
+    signal(&supervisor, Signal::SIGKILL);
+    let l = veil_tests::poll_until(
+        "the lab listed as stopped",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || run.labs().pop().filter(|l| l["state"] == "stopped"),
+    );
+    assert!(
+        l["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!("veil lab down --name {name}"))),
+        "{l:#}"
+    );
+
+    // --all goes with no --name.
+    let out = run.veil(&["lab", "down", "--all", "--name", &name]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view: veil_agent::lab::LabView =
+        serde_json::from_str(&run.veil_ok(&["lab", "show", "--name", &name, "-o", "json"]))
+            .expect("lab show -o json");
+    let out = run.veil_ok(&["lab", "down", "--all"]);
+    assert!(out.contains(&format!("lab {name} removed: ")), "{out}");
+    assert!(run.labs().is_empty());
+    let left = leftovers(&name, Some(&view));
+    assert!(left.is_empty(), "left behind after down --all: {left:#?}");
+    assert_eq!(
+        std::fs::read_dir(&run.path).map(|d| d.count()).ok(),
+        Some(0),
+        "the run directory keeps something"
+    );
+}

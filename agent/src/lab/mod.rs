@@ -9,6 +9,7 @@ pub mod cp;
 pub mod journal;
 pub mod kube;
 pub mod kubelet;
+pub mod list;
 pub mod serve;
 pub mod sim;
 pub mod spec;
@@ -81,6 +82,12 @@ pub enum Error {
     Prerequisite(String),
     #[error("cannot write {path}")]
     Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}")]
+    Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,

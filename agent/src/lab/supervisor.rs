@@ -191,9 +191,9 @@ pub fn write_manifest(paths: &LabPaths, m: &[Managed]) -> Result<()> {
     sys::write_atomic(&paths.supervisor_manifest(), &json).map_err(Error::from)
 }
 
-fn read_manifest(paths: &LabPaths) -> Result<Vec<Managed>> {
+pub(super) fn read_manifest(paths: &LabPaths) -> Result<Vec<Managed>> {
     let p = paths.supervisor_manifest();
-    let text = std::fs::read(&p).map_err(|source| Error::Write {
+    let text = std::fs::read(&p).map_err(|source| Error::Read {
         path: p.clone(),
         source,
     })?;
