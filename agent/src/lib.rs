@@ -14,3 +14,4 @@ pub mod cli;
 pub mod cni;
 pub mod demo;
 pub mod lab;
+pub mod sysdump;

@@ -140,6 +140,17 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Collect what a lab's veil is doing into one archive for a bug report: each node's
+    /// status, metrics, flows, addresses, routes, sockets, BPF attachments and maps, WireGuard
+    /// device (keys hidden), every log, and the cluster state. A step that fails is listed in
+    /// SUMMARY.txt; the rest is still collected.
+    Sysdump {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        /// Where to write the archive (default: veil-sysdump-<lab>-<UTC time>.tar.gz here).
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
     /// Bring up the default lab and walk through what veil does, with numbers.
     Demo {
         #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
@@ -730,6 +741,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{name}: {}", svid.spiffe_id());
             }
             println!("wrote {} files under {}", files.len(), dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sysdump { name, output } => {
+            let (spec, paths) = lab::load(&name)?;
+            let r = veil_agent::sysdump::run(&spec, &paths, output.as_deref())?;
+            for f in &r.failures {
+                eprintln!("warning: not collected: {f}");
+            }
+            println!(
+                "wrote {} ({} files, {} steps not collected: see SUMMARY.txt)",
+                r.archive.display(),
+                r.files,
+                r.failures.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {

@@ -570,3 +570,153 @@ fn lab_list_shows_each_labs_state_and_down_all_removes_every_one() {
         "the run directory keeps something"
     );
 }
+
+/// Every file below `dir`, by path relative to it.
+fn files_below(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_below(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// `veil sysdump` into `archive`, unpacked below `into`: the stdout, stderr and the dump's root.
+fn sysdump(
+    lab: &Lab,
+    archive: &std::path::Path,
+    into: &std::path::Path,
+) -> (String, String, std::path::PathBuf) {
+    let out = veil(&[
+        "sysdump",
+        "--name",
+        &lab.name,
+        "--output",
+        &archive.display().to_string(),
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "sysdump failed: {stdout}{stderr}");
+    let _ = std::fs::remove_dir_all(into);
+    std::fs::create_dir_all(into).expect("create the unpack directory");
+    let tar = Command::new("tar")
+        .arg("-xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(into)
+        .output()
+        .expect("run tar");
+    assert!(tar.status.success(), "{tar:?}");
+    let roots: Vec<_> = std::fs::read_dir(into).unwrap().flatten().collect();
+    assert_eq!(roots.len(), 1, "one directory at the archive's top");
+    let root = roots[0].path();
+    let top = root.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        top.starts_with(&format!("veil-sysdump-{}-", lab.name)),
+        "{top}"
+    );
+    (stdout, stderr, root)
+}
+
+#[test]
+fn sysdump_collects_every_node_hides_keys_and_names_what_it_could_not_collect() {
+    let lab = Lab::up(&[]);
+    let url = lab.pod_url("backend", 8080);
+    assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
+    let tmp = std::env::temp_dir().join(format!("veil-sysdump-test-{}", lab.name));
+    let archive = tmp.with_extension("tar.gz");
+    struct Remove(Vec<std::path::PathBuf>);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = std::fs::remove_dir_all(p);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    let _remove = Remove(vec![tmp.clone(), archive.clone()]);
+
+    let (stdout, stderr, root) = sysdump(&lab, &archive, &tmp);
+    assert!(stdout.contains("0 steps not collected"), "{stdout}{stderr}");
+    let summary = std::fs::read_to_string(root.join("SUMMARY.txt")).unwrap();
+    assert!(summary.contains("not collected (0):"), "{summary}");
+    for node in ["node-a", "node-b"] {
+        let at = |f: &str| root.join("nodes").join(node).join(f);
+        let st: veil_tests::Status =
+            serde_json::from_slice(&std::fs::read(at("status.json")).unwrap()).unwrap();
+        assert_eq!((st.node.as_str(), st.ready), (node, true));
+        let metrics = std::fs::read_to_string(at("metrics.txt")).unwrap();
+        assert!(metrics.contains("\nveil_"), "{metrics}");
+        let ipcache: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(at("maps/VEIL_IPCACHE.json")).unwrap()).unwrap();
+        assert!(
+            ipcache.as_array().is_some_and(|a| !a.is_empty()),
+            "{ipcache}"
+        );
+        let wg = std::fs::read_to_string(at("wg.txt")).unwrap();
+        assert!(wg.contains("private key: (hidden)"), "{wg}");
+        assert!(root.join(format!("logs/agent-{node}.log")).is_file());
+    }
+    // The request above, as node-b admitted it.
+    let flows = std::fs::read_to_string(root.join("nodes/node-b/flows.jsonl")).unwrap();
+    assert!(
+        flows.lines().any(|l| {
+            let f: serde_json::Value = serde_json::from_str(l).unwrap();
+            f["src"]["pod"] == "frontend"
+                && f["dst"]["pod"] == "backend"
+                && f["verdict"] == "FORWARDED"
+        }),
+        "{flows}"
+    );
+    // No node's WireGuard private key anywhere in the dump.
+    for node in ["node-a", "node-b"] {
+        let v = lab.node(node);
+        let key = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &v.netns,
+                "wg",
+                "show",
+                &v.wg_interface,
+                "private-key",
+            ])
+            .output()
+            .expect("wg show private-key");
+        let key = String::from_utf8_lossy(&key.stdout).trim().to_string();
+        assert_eq!(key.len(), 44, "{node}'s private key from wg");
+        for f in files_below(&root) {
+            let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
+            assert!(
+                !text.contains(&key),
+                "{node}'s private key is in {}",
+                f.display()
+            );
+        }
+    }
+
+    // node-b's agent gone for good (its supervisor first): the dump is still written, and
+    // says what it could not collect of node-b and why.
+    use nix::sys::signal::Signal;
+    signal(&lab_cgroup_pids(&lab.name, "supervisor"), Signal::SIGKILL);
+    signal(&lab_cgroup_pids(&lab.name, "node-b/agent"), Signal::SIGKILL);
+    let (stdout, stderr, root) = sysdump(&lab, &archive, &tmp);
+    assert!(stdout.contains("3 steps not collected"), "{stdout}{stderr}");
+    for f in ["status.json", "metrics.txt", "flows.jsonl"] {
+        let what = format!("nodes/node-b/{f}: the agent at ");
+        assert!(
+            stderr.contains(&format!("not collected: {what}")),
+            "{stderr}"
+        );
+        let summary = std::fs::read_to_string(root.join("SUMMARY.txt")).unwrap();
+        assert!(summary.contains(&what), "{summary}");
+        assert!(root.join("nodes/node-a").join(f).is_file());
+    }
+    assert!(root.join("nodes/node-b/ip-route.txt").is_file());
+}
