@@ -563,3 +563,63 @@ fn nul_in_the_san_root_path_ids_and_a_substituted_leaf_are_rejected() {
         validate_x509_svid(&issue(&id.to_string()), &bundles, now).expect("the good chain");
     }
 }
+
+/// Scenario 12, the spelling half: a trust domain written another way (case, a port, user info,
+/// percent-encoding, the scheme's case or shape, the path's format) is not the trust domain,
+/// whichever CA in the bundle set signed the chain: this trust domain's own or a federated
+/// one's. Both CAs sign every spelling; each is refused as an invalid SPIFFE ID before any
+/// bundle is chosen, so no spelling can pick lab.veil's roots for other.veil's CA or pass as
+/// lab.veil.
+#[test]
+fn a_trust_domain_spelled_another_way_is_refused_whichever_ca_signed_it() {
+    let lab = dev_ca("lab.veil", true);
+    let federated = dev_ca("other.veil", false);
+    let bundles = bundles_of(&[&lab, &federated]);
+    let now = SystemTime::now();
+    let chain = |ca: &DevCa, uri: &str| {
+        let mut spec = LeafSpec::svid(
+            &workload_id(&td("lab.veil"), "shop", "frontend").unwrap(),
+            now,
+            Duration::from_secs(60),
+        );
+        spec.uris = vec![uri.to_string()];
+        ca.issue_chain(&spec).unwrap().chain
+    };
+    // The control: the canonical spelling from lab.veil's own CA passes.
+    let canonical = "spiffe://lab.veil/ns/shop/sa/frontend";
+    let ok = validate_x509_svid(&chain(&lab, canonical), &bundles, now).unwrap();
+    assert_eq!(ok.spiffe_id.to_string(), canonical);
+    for uri in [
+        "spiffe://LAB.veil/ns/shop/sa/frontend",
+        "spiffe://Lab.Veil/ns/shop/sa/frontend",
+        "spiffe://lab.veil:443/ns/shop/sa/frontend",
+        "spiffe://frontend@lab.veil/ns/shop/sa/frontend",
+        "spiffe://lab%2Eveil/ns/shop/sa/frontend",
+        "spiffe://lab.veil%00/ns/shop/sa/frontend",
+        "SPIFFE://lab.veil/ns/shop/sa/frontend",
+        "spiffe:lab.veil/ns/shop/sa/frontend",
+        "spiffe:///lab.veil/ns/shop/sa/frontend",
+        "https://lab.veil/ns/shop/sa/frontend",
+        "spiffe://lab.veil/ns/shop/sa/frontend/",
+        "spiffe://lab.veil//ns/shop/sa/frontend",
+        "spiffe://lab.veil/ns/shop/sa/./frontend",
+        "spiffe://lab.veil/ns/shop/sa/frontend?x=1",
+        "spiffe://lab.veil/ns/shop/sa/frontend#x",
+    ] {
+        for (ca, signer) in [(&lab, "lab.veil"), (&federated, "other.veil")] {
+            match validate_x509_svid(&chain(ca, uri), &bundles, now) {
+                Err(SvidError::InvalidSpiffeId(_)) => {}
+                other => panic!("{uri} signed by {signer}'s CA: {other:?}"),
+            }
+        }
+    }
+    // A trailing dot is a valid trust domain name of its own (SPIFFE's characters allow it, as
+    // go-spiffe does), not lab.veil: no bundle of that name, so refused whoever signed it.
+    let dotted = "spiffe://lab.veil./ns/shop/sa/frontend";
+    for ca in [&lab, &federated] {
+        assert!(matches!(
+            validate_x509_svid(&chain(ca, dotted), &bundles, now),
+            Err(SvidError::NoBundle(t)) if t.to_string() == "lab.veil."
+        ));
+    }
+}

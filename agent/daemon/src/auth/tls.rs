@@ -621,6 +621,57 @@ mod tests {
         }
     }
 
+    /// Scenario 12's spellings at the node handshake's verifier: a node ID whose trust domain is
+    /// written another way is refused as an invalid SVID, whether this trust domain's CA or a
+    /// federated one (both in the bundle set) signed it; the canonical one passes.
+    #[test]
+    fn a_node_id_with_its_trust_domain_spelled_another_way_is_refused() {
+        let pki = Pki::new("lab.veil");
+        let federated = Pki::new("other.veil");
+        pki.bundles
+            .set_roots(federated.td.clone(), federated.ca.bundle())
+            .unwrap();
+        let now = SystemTime::now();
+        let chain = |ca: &veil_certs_dev::DevCa, uri: &str| {
+            let mut spec = veil_certs_dev::LeafSpec::svid(
+                &pki.node_id("node-b"),
+                now,
+                Duration::from_secs(60),
+            );
+            spec.uris = vec![uri.to_string()];
+            ca.issue_chain(&spec).unwrap().chain
+        };
+        let check = |c: &[CertificateDer<'static>]| {
+            check_node_chain(
+                &c[0],
+                &c[1..],
+                &pki.bundles,
+                &ExpectedPeer::AnyNodeOf(pki.td.clone()),
+                now,
+            )
+        };
+        if let Err(e) = check(&chain(&pki.ca, "spiffe://lab.veil/veil/node/node-b")) {
+            panic!("the canonical spelling: {e}");
+        }
+        for uri in [
+            "spiffe://LAB.veil/veil/node/node-b",
+            "spiffe://lab.VEIL/veil/node/node-b",
+            "spiffe://lab.veil:4250/veil/node/node-b",
+            "spiffe://node-b@lab.veil/veil/node/node-b",
+            "spiffe://lab%2eveil/veil/node/node-b",
+            "Spiffe://lab.veil/veil/node/node-b",
+        ] {
+            for (ca, signer) in [(&pki.ca, "lab.veil"), (&federated.ca, "other.veil")] {
+                let err = check(&chain(ca, uri)).expect_err(uri);
+                assert_eq!(
+                    rejection_reason(&err),
+                    Some(AuthFailure::InvalidSvid),
+                    "{uri} signed by {signer}'s CA: {err}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn expired_node_svid_is_refused_as_expired() {
         let pki = Pki::new("lab.veil");
