@@ -63,12 +63,13 @@ impl std::fmt::Display for LabState {
 /// The state from what was found: the state file, the manifest, a live supervisor, and how
 /// many managed processes run.
 fn state_of(
+    name: &str,
     has_spec: bool,
     has_manifest: bool,
     supervisor_alive: bool,
     p: Processes,
 ) -> (LabState, String) {
-    let down = |why: &str| format!("{why}; `veil lab down --name <lab>` removes what it made");
+    let down = |why: &str| format!("{why}; `veil lab down --name {name}` removes what it made");
     match (has_spec && has_manifest, supervisor_alive) {
         (false, _) => (
             LabState::Incomplete,
@@ -127,6 +128,7 @@ fn entry(name: &str) -> Result<LabEntry> {
         expected: manifest.as_ref().map_or(0, Vec::len),
     };
     let (state, detail) = state_of(
+        name,
         spec.is_some(),
         manifest.is_some(),
         !pids_in(&paths.cgroup.join("supervisor")).is_empty(),
@@ -140,7 +142,7 @@ fn entry(name: &str) -> Result<LabEntry> {
     Ok(LabEntry {
         name: name.to_string(),
         state,
-        detail: detail.replace("<lab>", name),
+        detail,
         control_plane: spec.as_ref().map(|s| s.control_plane.to_string()),
         identity: spec.as_ref().map(|s| s.identity.to_string()),
         backend: spec.as_ref().map(|s| s.backend.to_string()),
@@ -231,7 +233,7 @@ mod tests {
 
     #[test]
     fn the_state_follows_the_files_the_supervisor_and_the_processes() {
-        let st = |spec, manifest, sup, procs| state_of(spec, manifest, sup, procs).0;
+        let st = |spec, manifest, sup, procs| state_of("lab", spec, manifest, sup, procs).0;
         assert_eq!(st(true, true, true, p(10, 10)), LabState::Running);
         assert_eq!(st(true, true, true, p(9, 10)), LabState::Degraded);
         // Without a supervisor nothing comes back, whatever still runs.
@@ -239,11 +241,11 @@ mod tests {
         assert_eq!(st(true, true, false, p(0, 10)), LabState::Stopped);
         assert_eq!(st(true, false, false, p(0, 0)), LabState::Incomplete);
         assert_eq!(st(false, false, false, p(0, 0)), LabState::Incomplete);
-        let (_, why) = state_of(true, true, true, p(8, 10));
+        let (_, why) = state_of("lab", true, true, true, p(8, 10));
         assert!(why.starts_with("2 of 10 processes not running"), "{why}");
-        let (_, why) = state_of(false, false, false, p(0, 0));
+        let (_, why) = state_of("lab", false, false, false, p(0, 0));
         assert!(
-            why.contains("no state file") && why.contains("veil lab down"),
+            why.contains("no state file") && why.contains("veil lab down --name lab"),
             "{why}"
         );
     }
