@@ -240,13 +240,10 @@ fn collect(spec: &LabSpec, paths: &LabPaths, d: &mut Dump) {
         serde_json::to_vec_pretty(&view).map_err(Into::into),
     );
     d.put(
-        "lab-list.json",
-        lab::list::list()
+        "lab-state.json",
+        lab::list::entry(&spec.name)
             .map_err(anyhow::Error::from)
-            .and_then(|l| {
-                let mine: Vec<_> = l.into_iter().filter(|e| e.name == spec.name).collect();
-                serde_json::to_vec_pretty(&mine).map_err(Into::into)
-            }),
+            .and_then(|e| serde_json::to_vec_pretty(&e).map_err(Into::into)),
     );
     for (name, path) in [
         ("journal.jsonl", paths.journal()),

@@ -117,7 +117,7 @@ fn runs(m: &supervisor::Managed) -> bool {
 }
 
 /// The lab named `name`, as found on this host.
-fn entry(name: &str) -> Result<LabEntry> {
+pub fn entry(name: &str) -> Result<LabEntry> {
     let paths = LabPaths::new(name)?;
     let spec: Option<spec::LabSpec> = std::fs::read(paths.spec())
         .ok()
