@@ -311,7 +311,7 @@ pub trait LocalWorkloads: Send + Sync + 'static {
 
 /// An in-memory [`PeerDirectory`] with hash indexes; the agent can rebuild one per cluster
 /// snapshot and publish it through an `ArcSwap`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StaticDirectory {
     by_name: HashMap<String, NodeInfo>,
     name_by_id: HashMap<u32, String>,

@@ -81,7 +81,9 @@ pub const API_VERSION: &str = "v1alpha1";
 pub const IDENTITY_GC_AGE: Duration = Duration::from_secs(120);
 /// Numbers are `FIRST_CLUSTER + hash mod IDENTITY_SPACE`.
 const IDENTITY_SPACE: u32 = 1 << 24;
-/// Changes arriving within this window are folded into one snapshot.
+/// At most one rebuild starts per this interval: the first change after a quiet interval is
+/// built at once (a pod added waits for no timer), and changes arriving while a rebuild is
+/// recent are folded into the next one.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// A rebuild that could not finish (an identity not allocated, a status not written: the API is
 /// unreachable) is retried after this long.
@@ -239,6 +241,13 @@ struct Caches {
     /// Changes of what the snapshot's pod list is made of (Pods, Namespaces' labels,
     /// identities), counted: while the count stands, the builder reuses the last list.
     endpoint_inputs: Changed,
+    /// Of those, the changes of what a pod's identity is derived from besides the pod
+    /// (Namespaces' labels, identities): while this count stands, a cached pod keeps the
+    /// identity the builder gave it, and only new or changed pods are derived again.
+    identity_inputs: Changed,
+    /// Changes of the policies (specs of CNPs, CCNPs, NetworkPolicies; policies added or
+    /// gone): while the count stands, a rebuild does not go through 10,000 policies again.
+    policy_inputs: Changed,
     nodes: NodeCache,
     pods: PodCache,
     namespaces: Store<KNamespace>,
@@ -262,6 +271,8 @@ impl Caches {
         let identity_resource = custom_resource(API_GROUP, API_VERSION, "VeilIdentity");
         let cilium = |kind| custom_resource("cilium.io", "v2", kind);
         let endpoint_inputs = Changed::new(notify);
+        let identity_inputs = Changed::within(&endpoint_inputs);
+        let policy_inputs = Changed::new(notify);
         // The other caches' changes wake the builder without being counted.
         let changed = &Changed::new(notify);
         Self {
@@ -270,30 +281,30 @@ impl Caches {
             namespaces: reflect(
                 Api::<KNamespace>::all(client.clone()),
                 (),
-                &endpoint_inputs,
+                &identity_inputs,
                 labels_of_namespace,
                 without_managed_fields,
             ),
             // Spec changes only: every node writes its verdict into a policy's status, and
             // each write would otherwise rebuild the snapshot on every node.
-            cnps: PolicyCache::start(client, &cilium("CiliumNetworkPolicy"), node, changed),
+            cnps: PolicyCache::start(client, &cilium("CiliumNetworkPolicy"), node, &policy_inputs),
             ccnps: PolicyCache::start(
                 client,
                 &cilium("CiliumClusterwideNetworkPolicy"),
                 node,
-                changed,
+                &policy_inputs,
             ),
             netpols: reflect(
                 Api::<NetworkPolicy>::all(client.clone()),
                 (),
-                changed,
+                &policy_inputs,
                 generation,
                 without_managed_fields,
             ),
             identities: reflect(
                 Api::all_with(client.clone(), &identity_resource),
                 identity_resource.clone(),
-                &endpoint_inputs,
+                &identity_inputs,
                 generation,
                 without_managed_fields,
             ),
@@ -313,6 +324,8 @@ impl Caches {
             ),
             identity_resource,
             endpoint_inputs,
+            identity_inputs,
+            policy_inputs,
         }
     }
 
@@ -336,6 +349,8 @@ impl Caches {
 struct Changed {
     notify: Arc<Notify>,
     count: Arc<AtomicU64>,
+    /// The count of a wider set of caches this one's changes are counted in too.
+    within: Option<Arc<AtomicU64>>,
 }
 
 impl Changed {
@@ -343,12 +358,24 @@ impl Changed {
         Self {
             notify: notify.clone(),
             count: Arc::default(),
+            within: None,
+        }
+    }
+
+    /// A count of some of `wider`'s caches: its changes count in both.
+    fn within(wider: &Changed) -> Self {
+        Self {
+            within: Some(wider.count.clone()),
+            ..Self::new(&wider.notify)
         }
     }
 
     /// Counts a change, then wakes the builder (which reads the count before the caches: a
     /// change it races with is seen by its next build).
     fn mark(&self) {
+        if let Some(wider) = &self.within {
+            wider.fetch_add(1, Ordering::Release);
+        }
         self.count.fetch_add(1, Ordering::Release);
         self.notify.notify_one();
     }
@@ -1013,6 +1040,22 @@ struct Builder {
     /// The identities the last pod list's pods carry, and those this node's pods carry.
     used: BTreeSet<u32>,
     local: BTreeSet<u32>,
+    /// The count of policy-input changes `update_policies` last ran at, while every verdict
+    /// it decided was written since: while the count stands, it would decide the same.
+    policies_at: Option<u64>,
+    /// What identities are derived with, as the identity caches held it at `identities.at`.
+    identities: IdentityInputs,
+}
+
+/// The identities known (by number and by key) and the Namespaces' labels, read from the
+/// caches once per change of them, not on every rebuild; `at` is the count of identity-input
+/// changes they were read at, set once a build derived every pod's identity with them.
+#[derive(Default)]
+struct IdentityInputs {
+    at: Option<u64>,
+    known: BTreeMap<String, IdentityKey>,
+    by_key: BTreeMap<IdentityKey, u32>,
+    namespace_labels: HashMap<String, BTreeMap<String, String>>,
 }
 
 impl Builder {
@@ -1032,6 +1075,8 @@ impl Builder {
             endpoints_at: None,
             used: BTreeSet::new(),
             local: BTreeSet::new(),
+            policies_at: None,
+            identities: IdentityInputs::default(),
         }
     }
 
@@ -1043,6 +1088,8 @@ impl Builder {
         changed: Arc<Notify>,
         complete: bool,
     ) {
+        // The first snapshot was built just now (by `start`).
+        let mut last_build = tokio::time::Instant::now();
         let mut verdicts = self.write_verdicts().await;
         let mut retry = !complete || verdicts == Verdicts::Failed;
         loop {
@@ -1061,10 +1108,11 @@ impl Builder {
                     _ = tokio::time::sleep(self.cfg.identity_gc_age / 4) => {}
                 }
             }
-            tokio::time::sleep(DEBOUNCE).await;
+            tokio::time::sleep_until(last_build + DEBOUNCE).await;
             if tx.is_closed() {
                 return;
             }
+            last_build = tokio::time::Instant::now();
             let started = std::time::Instant::now();
             let (state, complete) = self.build().await;
             let build_ms = started.elapsed().as_millis() as u64;
@@ -1108,7 +1156,11 @@ impl Builder {
             }
         };
         self.tend_identities(&self.used, &self.local).await;
-        self.update_policies();
+        let policy_inputs = self.caches.policy_inputs.count();
+        if self.policies_at != Some(policy_inputs) {
+            self.update_policies();
+            self.policies_at = Some(policy_inputs);
+        }
         let mut state = ClusterState {
             generation: self.generation,
             cluster: self.cfg.cluster.clone(),
@@ -1146,39 +1198,15 @@ impl Builder {
     /// without one is left out: unknown identity, fail closed). Sets `used` and `local`.
     async fn endpoints(&mut self) -> (Vec<Arc<Pod>>, Vec<Identity>, bool) {
         let mut complete = true;
-        let known: BTreeMap<String, IdentityKey> = self
-            .caches
-            .identities
-            .state()
-            .iter()
-            .filter_map(|o| identity_from(o))
-            .map(|(id, key)| (id.to_string(), key))
-            .collect();
-        let mut by_key: BTreeMap<IdentityKey, u32> = known
-            .iter()
-            .filter_map(|(id, key)| Some((key.clone(), id.parse().ok()?)))
-            .collect();
-        // An identity the last snapshot used stays usable while the cache lacks it: created
-        // by this builder just now, its watch event may not have arrived (and, with the
-        // apiserver gone, cannot be allocated again): dropping its pods would lose what is
-        // applied.
-        for i in self.last.iter().flat_map(|s| &s.identities) {
-            if let (false, Ok(key)) = (known.contains_key(&i.id.to_string()), i.key()) {
-                by_key.entry(key).or_insert(i.id);
-            }
+        // Read before the caches, as the endpoint count in `build`.
+        let identity_inputs = self.caches.identity_inputs.count();
+        // While the identity inputs stand, a pod the cache holds with an identity (given by
+        // an earlier build, and kept by the cache while the pod is the same endpoint) keeps
+        // it: a pod event at 100,000 pods derives one identity, not 100,000.
+        let keep_identities = self.identities.at == Some(identity_inputs);
+        if !keep_identities {
+            self.identities = self.read_identity_inputs();
         }
-        let namespace_labels: HashMap<String, BTreeMap<String, String>> = self
-            .caches
-            .namespaces
-            .state()
-            .iter()
-            .filter_map(|n| {
-                Some((
-                    n.metadata.name.clone()?,
-                    n.metadata.labels.clone().unwrap_or_default(),
-                ))
-            })
-            .collect();
         let endpoints = self.caches.pods.endpoints();
         // Each pod's identity, derived once per namespace, service account and label set (the
         // cache shares one label set between the pods that carry it): validating and comparing
@@ -1187,6 +1215,10 @@ impl Builder {
         let mut outcomes: HashMap<(&str, &str, usize), Option<u32>> = HashMap::new();
         let mut ids: Vec<Option<u32>> = Vec::with_capacity(endpoints.len());
         for pod in &endpoints {
+            if keep_identities && pod.identity != 0 {
+                ids.push(Some(pod.identity));
+                continue;
+            }
             let memo = (
                 pod.namespace.as_str(),
                 pod.service_account.as_str(),
@@ -1196,7 +1228,7 @@ impl Builder {
                 ids.push(*id);
                 continue;
             }
-            let Some(ns_labels) = namespace_labels.get(&pod.namespace) else {
+            let Some(ns_labels) = self.identities.namespace_labels.get(&pod.namespace) else {
                 tracing::debug!(pod = %pod.name, namespace = %pod.namespace, "namespace not seen yet; pod left out until it is");
                 ids.push(None);
                 continue;
@@ -1208,11 +1240,11 @@ impl Builder {
                     tracing::warn!(pod = %pod.name, namespace = %pod.namespace, "pod or namespace labels make no identity; left out, and the pods that share them (unknown identity: fail closed)");
                     None
                 }
-                Ok(key) => match by_key.get(&key) {
+                Ok(key) => match self.identities.by_key.get(&key) {
                     Some(id) => Some(*id),
-                    None => match self.allocate(&key, &known).await {
+                    None => match self.allocate(&key, &self.identities.known).await {
                         Ok(id) => {
-                            by_key.insert(key, id);
+                            self.identities.by_key.insert(key, id);
                             Some(id)
                         }
                         Err(e) => {
@@ -1236,12 +1268,59 @@ impl Builder {
             .filter(|p| p.node == self.cfg.node)
             .map(|p| p.identity)
             .collect();
-        let identities: Vec<Identity> = by_key
+        let identities: Vec<Identity> = self
+            .identities
+            .by_key
             .iter()
             .filter(|(_, id)| self.used.contains(id))
             .map(|(k, id)| Identity::new(*id, k))
             .collect();
+        // Every pod's identity derived with these inputs: the next build may keep them.
+        self.identities.at = complete.then_some(identity_inputs);
         (pods, identities, complete)
+    }
+
+    /// The identities the caches hold (by number and by key) and the Namespaces' labels.
+    fn read_identity_inputs(&self) -> IdentityInputs {
+        let known: BTreeMap<String, IdentityKey> = self
+            .caches
+            .identities
+            .state()
+            .iter()
+            .filter_map(|o| identity_from(o))
+            .map(|(id, key)| (id.to_string(), key))
+            .collect();
+        let mut by_key: BTreeMap<IdentityKey, u32> = known
+            .iter()
+            .filter_map(|(id, key)| Some((key.clone(), id.parse().ok()?)))
+            .collect();
+        // An identity the last snapshot used stays usable while the cache lacks it: created
+        // by this builder just now, its watch event may not have arrived (and, with the
+        // apiserver gone, cannot be allocated again): dropping its pods would lose what is
+        // applied.
+        for i in self.last.iter().flat_map(|s| &s.identities) {
+            if let (false, Ok(key)) = (known.contains_key(&i.id.to_string()), i.key()) {
+                by_key.entry(key).or_insert(i.id);
+            }
+        }
+        let namespace_labels = self
+            .caches
+            .namespaces
+            .state()
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n.metadata.name.clone()?,
+                    n.metadata.labels.clone().unwrap_or_default(),
+                ))
+            })
+            .collect();
+        IdentityInputs {
+            at: None,
+            known,
+            by_key,
+            namespace_labels,
+        }
     }
 
     /// Finds or creates the `VeilIdentity` for `key`: the first candidate number that is free
@@ -1411,17 +1490,23 @@ impl Builder {
         }
     }
 
-    /// Writes the verdicts `update_policies` left, for at most [`VERDICT_SLICE`] (what is not
-    /// written is decided again by the next build).
+    /// Writes the verdicts `update_policies` left, for at most [`VERDICT_SLICE`]: the rest
+    /// waits for the next slice; a write that failed is decided again by the next build.
     async fn write_verdicts(&mut self) -> Verdicts {
         let started = std::time::Instant::now();
         let mut outcome = Verdicts::Written;
-        for (ar, c, v) in std::mem::take(&mut self.unwritten) {
+        let mut pending = std::mem::take(&mut self.unwritten).into_iter();
+        while let Some((ar, c, v)) = pending.next() {
             if started.elapsed() >= VERDICT_SLICE {
-                return match outcome {
+                // The rest waits for the next slice: deciding it again would go through
+                // every policy (10,000 at scale) on each rebuild while a first apply's
+                // verdicts are written.
+                self.unwritten = std::iter::once((ar, c, v)).chain(pending).collect();
+                outcome = match outcome {
                     Verdicts::Failed => Verdicts::Failed,
                     _ => Verdicts::More,
                 };
+                break;
             }
             match self.write_status(&ar, &c, &v).await {
                 Ok(()) => {
@@ -1432,6 +1517,10 @@ impl Builder {
                     outcome = Verdicts::Failed;
                 }
             }
+        }
+        if outcome == Verdicts::Failed {
+            // What failed is decided again by the next build.
+            self.policies_at = None;
         }
         outcome
     }

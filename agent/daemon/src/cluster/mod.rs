@@ -137,7 +137,13 @@ impl Index {
                 for a in p.addrs() {
                     m.pod_by_ip.entry(a).or_insert(i);
                 }
-                m.pods_by_node.entry(p.node.clone()).or_default().push(i);
+                // The node's name copied once per node, not per pod.
+                match m.pods_by_node.get_mut(&p.node) {
+                    Some(at) => at.push(i),
+                    None => {
+                        m.pods_by_node.insert(p.node.clone(), vec![i]);
+                    }
+                }
             }
             for (i, n) in state.nodes.iter().enumerate() {
                 m.node_by_name.entry(n.name.clone()).or_insert(i);
@@ -354,8 +360,15 @@ impl ClusterState {
     pub fn compact(&mut self) {
         let mut seen: std::collections::HashSet<Arc<BTreeMap<String, String>>> =
             std::collections::HashSet::new();
+        // The maps kept, by address: a pod carrying one of them is compared by pointer, not by
+        // hashing its labels (a source that shares label sets already, as the Kubernetes
+        // source's pod cache does, then costs a pointer lookup per pod).
+        let mut kept: std::collections::HashSet<usize> = std::collections::HashSet::new();
         let pods = Arc::make_mut(&mut self.pods);
         for p in pods.iter_mut() {
+            if kept.contains(&(Arc::as_ptr(&p.labels) as usize)) {
+                continue;
+            }
             match seen.get(&p.labels) {
                 // A pod whose labels are shared already stays shared itself (not copied).
                 Some(shared) if !Arc::ptr_eq(shared, &p.labels) => {
@@ -363,6 +376,7 @@ impl ClusterState {
                 }
                 Some(_) => {}
                 None => {
+                    kept.insert(Arc::as_ptr(&p.labels) as usize);
                     seen.insert(Arc::clone(&p.labels));
                 }
             }

@@ -264,6 +264,7 @@ impl Mesh {
         let mut node_serial: Option<String> = None;
         let mut held_bundles: Option<Arc<veil_identity::Bundles>> = None;
         let mut seen_cluster: Option<Arc<ClusterState>> = None;
+        let mut seen_placement: Option<Placement> = None;
         let mut seen_policy: Option<Arc<BTreeMap<PolicyKey, PolicyEntry>>> = None;
         let mut peers: Vec<NodeInfo> = Vec::new();
         let mut status_at = Instant::now();
@@ -337,15 +338,24 @@ impl Mesh {
             let cluster_changed = !seen_cluster
                 .as_ref()
                 .is_some_and(|c| Arc::ptr_eq(c, &cluster));
+            // And of those, only a change of where identities run (or of the nodes) changes
+            // the directory and the triples to pre-authenticate: a pod added beside others of
+            // its identity does not rebuild either (each is O(endpoints)).
+            let mut placement_changed = false;
             if cluster_changed {
-                let dir = directory(&cluster, &self.cfg.trust_domain);
-                peers = cluster
-                    .nodes
-                    .iter()
-                    .filter(|n| n.name != self.cfg.node)
-                    .filter_map(|n| dir.node_by_name(&n.name))
-                    .collect();
-                self.directory.store(Arc::new(dir));
+                let placement = Placement::of(&cluster);
+                placement_changed = seen_placement.as_ref() != Some(&placement);
+                if placement_changed {
+                    let dir = directory(&cluster, &self.cfg.trust_domain);
+                    peers = cluster
+                        .nodes
+                        .iter()
+                        .filter(|n| n.name != self.cfg.node)
+                        .filter_map(|n| dir.node_by_name(&n.name))
+                        .collect();
+                    self.directory.store(Arc::new(dir));
+                    seen_placement = Some(placement);
+                }
                 let me_moved = self.follow_own_address(&cluster);
                 if me_moved {
                     server_stop = None;
@@ -384,7 +394,7 @@ impl Mesh {
             let policy_changed = !seen_policy
                 .as_ref()
                 .is_some_and(|p| Arc::ptr_eq(p, &policy));
-            let desired = (cluster_changed || policy_changed).then(|| {
+            let desired = (placement_changed || policy_changed).then(|| {
                 seen_policy = Some(policy.clone());
                 desired_triples(&cluster, &self.cfg.node, &policy)
             });
@@ -762,6 +772,65 @@ fn node_published_keys(n: &crate::cluster::Node) -> Option<Vec<PublicKey>> {
 /// SPIFFE ID of a pod's workload: `spiffe://<td>/ns/<namespace>/sa/<service account>`.
 pub fn workload_spiffe_id(td: &TrustDomain, namespace: &str, sa: &str) -> Option<SpiffeId> {
     SpiffeId::from_segments(td, &["ns", namespace, "sa", sa]).ok()
+}
+
+/// What the peer directory and the auth triples take from a cluster snapshot: its nodes, where
+/// each identity runs (identity and node id of every pod on a listed node) and each identity's
+/// workload (namespace and service account, its SPIFFE ID). Two snapshots with equal
+/// placements have the same directory and the same triples under the same policy; making one
+/// costs a pass over the pods without hashing a string per pod, where the directory hashes a
+/// SPIFFE ID and a node name per pod.
+#[derive(Debug)]
+pub struct Placement {
+    nodes: Vec<crate::cluster::Node>,
+    /// Sorted, without repeats.
+    pairs: Vec<(u32, u32)>,
+    workloads: HashMap<u32, (String, String)>,
+    /// An identity carried by pods of different workloads, or two nodes of one name (a
+    /// hand-written cluster file can say either): the directory then depends on more than
+    /// this holds, so such a placement equals none.
+    ambiguous: bool,
+}
+
+impl Placement {
+    pub fn of(cluster: &ClusterState) -> Self {
+        let mut pairs = Vec::with_capacity(cluster.pods.len());
+        let mut workloads: HashMap<u32, (&str, &str)> = HashMap::new();
+        let mut names = std::collections::HashSet::new();
+        let mut ambiguous = false;
+        for n in &cluster.nodes {
+            ambiguous |= !names.insert(n.name.as_str());
+            for p in cluster.pods_on(&n.name) {
+                pairs.push((p.identity, n.id));
+                // Pods without an identity are in no directory entry, whatever their workload.
+                if p.identity != 0 {
+                    let w = (p.namespace.as_str(), p.service_account.as_str());
+                    ambiguous |= *workloads.entry(p.identity).or_insert(w) != w;
+                }
+            }
+        }
+        pairs.sort_unstable();
+        pairs.dedup();
+        Self {
+            nodes: cluster.nodes.clone(),
+            pairs,
+            workloads: workloads
+                .into_iter()
+                .map(|(id, (ns, sa))| (id, (ns.to_string(), sa.to_string())))
+                .collect(),
+            ambiguous,
+        }
+    }
+}
+
+impl PartialEq for Placement {
+    fn eq(&self, other: &Self) -> bool {
+        !self.ambiguous
+            && !other.ambiguous
+            && self.nodes == other.nodes
+            && self.pairs == other.pairs
+            && self.workloads == other.workloads
+    }
 }
 
 /// The peer directory for a cluster snapshot: nodes by name, id and underlay address, and which
@@ -1149,5 +1218,47 @@ mod tests {
             d.node_by_name("a").unwrap().spiffe_id.as_str(),
             "spiffe://lab.veil/veil/node/a"
         );
+    }
+
+    #[test]
+    fn placement_changes_with_where_identities_run_not_with_every_pod() {
+        let base = cluster();
+        let with = |f: &dyn Fn(&mut Vec<Arc<Pod>>)| {
+            let mut c = base.clone();
+            f(Arc::make_mut(&mut c.pods));
+            c
+        };
+        let like = |name: &str, from: &str, f: &dyn Fn(&mut Pod)| {
+            let mut p = (**base.pods.iter().find(|p| p.name == from).unwrap()).clone();
+            p.name = name.into();
+            f(&mut p);
+            Arc::new(p)
+        };
+        let before = Placement::of(&base);
+        assert_eq!(before, Placement::of(&base.clone()));
+        // A second pod of be's identity on be's node: same directory, same triples.
+        let same = with(&|pods| pods.push(like("be-2", "be", &|_| {})));
+        assert_eq!(before, Placement::of(&same));
+        let td = TrustDomain::new("lab.veil").unwrap();
+        assert_eq!(directory(&base, &td), directory(&same, &td));
+        // Each of these changes the directory or the triples, so the placement too.
+        let on_a = with(&|pods| pods.push(like("be-2", "be", &|p| p.node = "a".into())));
+        let new_identity = with(&|pods| pods.push(like("be-2", "be", &|p| p.identity = 300)));
+        let gone = with(&|pods| pods.retain(|p| p.name != "be"));
+        let mut moved_node = base.clone();
+        moved_node.nodes[1].underlay_ip = "198.18.0.9".parse().unwrap();
+        for (what, c) in [
+            ("identity on another node", &on_a),
+            ("new identity", &new_identity),
+            ("last pod of an identity gone", &gone),
+            ("node address", &moved_node),
+        ] {
+            assert_ne!(before, Placement::of(c), "{what}");
+        }
+        // One identity carried by two workloads: equal to nothing, itself included.
+        let mixed =
+            with(&|pods| pods.push(like("be-2", "be", &|p| p.service_account = "other".into())));
+        assert_ne!(Placement::of(&mixed), Placement::of(&mixed));
+        assert_ne!(directory(&base, &td), directory(&mixed, &td));
     }
 }
