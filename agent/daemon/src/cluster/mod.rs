@@ -123,7 +123,7 @@ impl Index {
         // The first of duplicates wins, as a scan would find it.
         self.0.get_or_init(|| {
             let mut m = IndexMaps {
-                pod_by_ip: Default::default(),
+                pod_by_ip: std::collections::HashMap::with_capacity(state.pods.len()),
                 pods_by_node: Default::default(),
                 node_by_name: Default::default(),
                 service_by_ip: Default::default(),
