@@ -56,6 +56,7 @@ use veil_agent::{
 use veil_benches::{cleanup, lab::Lab, procs, report::median_or_nan};
 use veil_common::maps::IPCACHE;
 
+mod chart;
 mod kube;
 
 #[derive(Parser, Debug)]
@@ -87,6 +88,10 @@ struct Args {
     /// in the lab's kube-apiserver, a fresh lab per size) or `files` (the lab's cluster.json).
     #[arg(long, default_value = "kubernetes")]
     source: Source,
+    /// Only draw `scale-chart.png` again from the results files in the output directory
+    /// (`scale.json`, `scale-kubernetes.json`), running nothing.
+    #[arg(long)]
+    rechart: bool,
     #[command(flatten)]
     dirs: veil_benches::setup::Dirs,
 }
@@ -249,6 +254,11 @@ fn main() -> anyhow::Result<()> {
     if args.identities == 0 {
         bail!("--identities must be at least 1");
     }
+    if args.rechart {
+        let out_dir = veil_benches::setup::results_dir(args.dirs.out_dir.as_deref())?;
+        println!("wrote {}", chart::draw(&out_dir)?.display());
+        return Ok(());
+    }
     cleanup::reap_stale();
     let _guard = cleanup::install_signal_cleanup();
     let bin_dir = veil_benches::setup::release_bins(args.dirs.bin_dir.as_deref(), &["veil"])?;
@@ -276,6 +286,7 @@ fn main() -> anyhow::Result<()> {
     let path = out_dir.join(results);
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("wrote {}", path.display());
+    println!("wrote {}", chart::draw(&out_dir)?.display());
     Ok(())
 }
 
