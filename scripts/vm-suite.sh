@@ -7,8 +7,9 @@
 # 1. End-to-end tests from tests/tests/*.rs with VEIL_TEST_BACKEND=kernel, so every lab a test
 #    does not give a backend runs kernel WireGuard: the leak pair, mutual auth, PSK rotation and
 #    SVID rotation under load, the agent restart (the kernel device adopted), node traffic
-#    encryption (its leak pair), IPv6 between dual-stack pods (its leak pair and mutual auth),
-#    the clsact attach suite, and a lab with a kernel-WireGuard node beside a veil-wg node.
+#    encryption (its leak pair, and on a dual-stack underlay), IPv6 between dual-stack pods (its
+#    leak pair and mutual auth), the clsact attach suite, and a lab with a kernel-WireGuard node
+#    beside a veil-wg node.
 # 2. Throughput (iperf3, one TCP stream) and request/response latency (veil-rr, 64 B, p50)
 #    between two pods on two nodes, for plaintext, veil-wg and kernel WireGuard, in interleaved
 #    rounds; medians and ratios. Under TCG emulation the absolute numbers are the emulator's;
@@ -37,6 +38,7 @@ TESTS=(
   transport::agent_restart_does_not_cut_a_long_stream
   transport::node_traffic_leak_pair_encrypted_shows_no_marker
   transport::node_traffic_leak_pair_plaintext_shows_marker
+  transport::dual_stack_underlay_node_traffic_leak_pair_encrypted_shows_no_marker
   transport::dual_stack_ipv6_between_pods_crosses_only_encrypted_and_under_policy
   auth::allowed_pair_authenticates_on_first_try_and_intruder_is_dropped
   auth::leak_check_still_passes_with_mutual_auth

@@ -225,8 +225,8 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, u32> {
 /// (UDP from its port), the control channel (TCP to or from its port) and, on an IPv6 underlay,
 /// neighbour discovery (ICMPv6 133-137 at hop limit 255), which resolves the underlay itself as
 /// ARP does for IPv4. No peer for that node: `no-key`, never clear. Larger than the tunnel
-/// carries: `mtu-exceeded` (the agent gives the routes to the other nodes an advertised MSS that
-/// fits the tunnel, so TCP's segments do).
+/// carries: `mtu-exceeded` (the agent gives the routes to the other nodes the tunnel's MTU, so
+/// the host's own packets fit: TCP's segments by their MSS, larger datagrams fragmented first).
 fn try_to_underlay(ctx: &TcContext) -> Result<i32, u32> {
     let cfg = config()?;
     let both = config_flags::ENCRYPT | config_flags::NODE_ENCRYPT;

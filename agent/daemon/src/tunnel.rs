@@ -24,6 +24,7 @@ use crate::{
     cluster::{self, ClusterState},
     config::{BackendChoice, Config},
 };
+use veil_common::marks;
 
 /// How long peers found on an adopted `veil-wg` or kernel WireGuard device (installed by an
 /// earlier agent run from its authenticated node handshakes) stay without a fresh handshake of
@@ -117,10 +118,13 @@ pub struct NodeTunnel {
     key: PrivateKey,
     listen_port: u16,
     /// Node traffic encryption: the tunnel MTU (each peer's allowed IPs also hold its node's
-    /// address, routed with an MSS that fits the tunnel); None when off.
+    /// address, whose route takes that MTU); None when off.
     node_encryption: Option<u16>,
-    /// Other nodes' addresses this agent routed with that MSS (removed when a node leaves).
+    /// Other nodes' addresses this agent routed with the tunnel's MTU (removed when a node
+    /// leaves).
     node_routes: BTreeSet<std::net::IpAddr>,
+    /// The listen port WireGuard's own route rule was installed for ([`underlay_rule`]).
+    underlay_rule: Option<u16>,
     /// Peers an operator disabled (`veil peer remove`), kept off until re-enabled.
     disabled: BTreeSet<String>,
     /// Preshared keys per peer node (set by the mutual-auth handshake).
@@ -262,6 +266,7 @@ impl NodeTunnel {
             listen_port: cfg.listen_port,
             node_encryption: (cfg.encryption && cfg.node_encryption).then_some(cfg.mtu),
             node_routes: BTreeSet::new(),
+            underlay_rule: None,
             disabled: BTreeSet::new(),
             psks: BTreeMap::new(),
             psk_applied: BTreeMap::new(),
@@ -541,11 +546,14 @@ impl NodeTunnel {
         Ok(())
     }
 
-    /// Node encryption: the other nodes' addresses (both of a dual-stack underlay's nodes) keep
-    /// their route (the datapath steers their
-    /// traffic into the tunnel at the underlay's egress), with an advertised MSS that fits the
-    /// tunnel, so TCP between nodes never sends a segment the tunnel cannot carry. The MTU of
-    /// the route stays the underlay's: WireGuard's own datagrams to the same address need it.
+    /// Node encryption: the route to each other node's address (both of a dual-stack underlay's
+    /// nodes) keeps the path the host had (the datapath steers the traffic into the tunnel at
+    /// the underlay's egress) but takes the tunnel's MTU, so the host sizes its own packets for
+    /// the tunnel: TCP's MSS follows from it, a larger UDP or ICMP datagram is fragmented before
+    /// it enters the tunnel (not dropped `mtu-exceeded` there), and kernel WireGuard, which pads
+    /// a packet up to the MTU of the route it carries, never makes a datagram the underlay must
+    /// fragment. WireGuard's own datagrams to the same address need the underlay's MTU: a rule
+    /// sends UDP from the listen port to a table of their own ([`underlay_rule`]).
     fn route_nodes(&mut self, cluster: &ClusterState, me: &str, mtu: u16) {
         let want: BTreeSet<std::net::IpAddr> = cluster
             .nodes
@@ -553,6 +561,15 @@ impl NodeTunnel {
             .filter(|n| n.name != me)
             .flat_map(cluster::Node::underlay_ips)
             .collect();
+        if self.underlay_rule != Some(self.listen_port) {
+            if let Err(e) = underlay_rule(self.listen_port) {
+                tracing::warn!(error = %e, "cannot route WireGuard's datagrams apart from node traffic: node routes keep the underlay's MTU");
+            } else {
+                self.underlay_rule = Some(self.listen_port);
+            }
+        }
+        let table = marks::UNDERLAY_ROUTE_TABLE.to_string();
+        let (tunnel_mtu, mtu) = (mtu, mtu.to_string());
         // Once per node (the reconcile runs on every cluster change): a node already routed
         // keeps its route; a failed one is retried at the next reconcile.
         for ip in want
@@ -560,10 +577,11 @@ impl NodeTunnel {
             .copied()
             .collect::<Vec<_>>()
         {
-            let (family, headers) = if ip.is_ipv4() { ("-4", 40) } else { ("-6", 60) };
+            let family = if ip.is_ipv4() { "-4" } else { "-6" };
             let dst = IpPrefix::host(ip).to_string();
-            let advmss = (node_tunnel_payload(mtu) - headers).to_string();
-            // The path the node already has to it (gateway, interface), as the kernel resolves it.
+            // The path the node already has to it (gateway, interface), as the kernel resolves
+            // it for WireGuard's datagrams (an earlier run's route, with the tunnel's MTU, would
+            // be resolved the same way: only the MTU differs).
             let path = match crate::sys::run(
                 "ip",
                 &[family, "-o", "route", "get", &ip.to_string()],
@@ -575,10 +593,24 @@ impl NodeTunnel {
                     continue;
                 }
             };
-            let mut args = vec![family, "route", "replace", dst.as_str()];
-            args.extend(path.iter().map(String::as_str));
-            args.extend(["advmss", advmss.as_str()]);
-            match crate::sys::run("ip", &args, None) {
+            let route = |extra: &[&str]| {
+                let mut args = vec![family, "route", "replace", dst.as_str()];
+                args.extend(path.iter().map(String::as_str));
+                args.extend(extra);
+                crate::sys::run("ip", &args, None)
+            };
+            let r = if self.underlay_rule.is_some() {
+                // WireGuard's route first: the node's own route must never hold the tunnel's
+                // MTU while the datagrams that carry the tunnel would take it too.
+                route(&["table", &table]).and_then(|_| route(&["mtu", &mtu]))
+            } else {
+                // Without WireGuard's rule the route keeps the underlay's MTU, and only TCP is
+                // sized for the tunnel (its advertised MSS); larger UDP and ICMP node packets
+                // are dropped `mtu-exceeded`, never sent in clear.
+                let headers = if ip.is_ipv4() { 40 } else { 60 };
+                route(&["advmss", &(u32::from(tunnel_mtu) - headers).to_string()])
+            };
+            match r {
                 Ok(_) => {
                     self.node_routes.insert(ip);
                 }
@@ -593,25 +625,48 @@ impl NodeTunnel {
             .copied()
             .collect::<Vec<_>>()
         {
-            let _ = crate::sys::run(
-                "ip",
-                &["route", "del", &IpPrefix::host(gone).to_string()],
-                None,
-            );
+            let dst = IpPrefix::host(gone).to_string();
+            let _ = crate::sys::run("ip", &["route", "del", &dst], None);
+            let _ = crate::sys::run("ip", &["route", "del", &dst, "table", &table], None);
             self.node_routes.remove(&gone);
         }
     }
 }
 
-/// The largest packet node traffic may put in the tunnel without the tunnel's datagram
-/// outgrowing the underlay: the tunnel MTU rounded down to WireGuard's 16-byte padding unit.
-/// Node traffic reaches the tunnel device by a redirect from the underlay's egress, so the
-/// packet still carries the underlay route's MTU, and kernel WireGuard pads up to that, not to
-/// its device's MTU: on an IPv6 underlay (tunnel MTU 1420) a 1,420-byte packet was padded to
-/// 1,424 and its datagram, 1,504 bytes, fragmented (seen in the VM run on kernel WireGuard).
-/// TCP's segments (the route's advertised MSS) stay within it.
-fn node_tunnel_payload(mtu: u16) -> u16 {
-    mtu / 16 * 16
+/// The rule that keeps WireGuard's own datagrams (UDP from its listen port, whether kernel
+/// WireGuard or veil-wg sends them) on the underlay's MTU: `ip rule … ipproto udp sport PORT
+/// lookup UNDERLAY_ROUTE_TABLE`, for both families, where that table holds each other node's
+/// route without the tunnel's MTU. Keeps the rule an earlier run left; replaces one of another
+/// port.
+fn underlay_rule(port: u16) -> Result<(), crate::sys::Error> {
+    let (table, pref, port) = (
+        marks::UNDERLAY_ROUTE_TABLE.to_string(),
+        marks::UNDERLAY_RULE_PRIORITY.to_string(),
+        port.to_string(),
+    );
+    let want = format!("ipproto udp sport {port} lookup {table}");
+    for family in ["-4", "-6"] {
+        // An agent restarted keeps the rule its predecessor left, with no window where
+        // WireGuard's datagrams would take the tunnel's MTU.
+        let shown = crate::sys::run("ip", &[family, "rule", "show", "pref", &pref], None);
+        if shown.is_ok_and(|out| out.lines().count() == 1 && out.contains(&want)) {
+            continue;
+        }
+        while crate::sys::run("ip", &[family, "rule", "del", "pref", &pref], None).is_ok() {}
+        let add = crate::sys::run(
+            "ip",
+            &[
+                family, "rule", "add", "pref", &pref, "ipproto", "udp", "sport", &port, "lookup",
+                &table,
+            ],
+            None,
+        );
+        // A host without IPv6 has no IPv6 nodes to route either.
+        if family == "-4" {
+            add?;
+        }
+    }
+    Ok(())
 }
 
 /// `via GW dev IF` (what is present) of one line of `ip -o route get`.
@@ -833,15 +888,6 @@ fn routed_prefixes(shown: &str) -> BTreeSet<(std::net::IpAddr, u8)> {
 mod tests {
     use super::*;
     use crate::mesh::PeerKeys;
-
-    #[test]
-    fn node_traffic_fits_the_tunnel_after_wireguards_padding() {
-        // IPv4 underlay: 1440 is a whole number of padding units, so nothing changes.
-        assert_eq!(node_tunnel_payload(1440), 1440);
-        // IPv6 underlay: 1420 pads to 1424 (a 1504-byte datagram); 1408 pads to itself.
-        assert_eq!(node_tunnel_payload(1420), 1408);
-        assert_eq!(node_tunnel_payload(1420) + 32 + 8 + 40, 1488);
-    }
 
     fn key(b: u8) -> PublicKey {
         PrivateKey::from_bytes([b; 32]).public_key()

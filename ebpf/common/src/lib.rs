@@ -65,6 +65,11 @@ pub mod marks {
     /// priority (before the main table).
     pub const PROXY_ROUTE_TABLE: u32 = 2004;
     pub const PROXY_RULE_PRIORITY: u32 = 90;
+    /// With node encryption, the routes to the other nodes carry the tunnel's MTU; WireGuard's
+    /// own datagrams to them (UDP from the listen port) look up this table instead, where the
+    /// same routes keep the underlay's MTU, through a rule of this priority.
+    pub const UNDERLAY_ROUTE_TABLE: u32 = 2005;
+    pub const UNDERLAY_RULE_PRIORITY: u32 = 91;
     /// The bits of `skb->mark` veil owns.
     pub const MASK: u32 = 0xffff_0000;
 }
