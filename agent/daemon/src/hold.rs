@@ -381,8 +381,10 @@ pub async fn run(
                     };
                     let now = Instant::now();
                     if authed.contains(&t) {
-                        // Authenticated between the datapath's miss and now: straight back.
+                        // Authenticated between the datapath's miss and now: straight back,
+                        // admitted by `veil_from_hold`, which records nothing; so here.
                         let _ = fd.get_ref().send(packet);
+                        record(&flows, &cluster, &me, packet, Verdict::Forwarded, None, Some(Duration::ZERO));
                         return;
                     }
                     match queue.hold(t, packet.to_vec(), now) {
@@ -405,13 +407,16 @@ pub async fn run(
                 let ready: Vec<AuthTriple> = queue.pairs().filter(|t| authed.contains(t)).copied().collect();
                 let cluster = cluster_rx.borrow().clone();
                 for t in ready {
-                    let first = queue.first(&t).map(<[u8]>::to_vec).unwrap_or_default();
                     if let Some((packets, waited)) = queue.release(&t, Instant::now()) {
                         for p in &packets {
                             let _ = fd.get_ref().send(p);
                         }
                         tracing::info!(?t, packets = packets.len(), waited_ms = waited.as_millis() as u64, "released held packets after authentication");
-                        record(&flows, &cluster, &me, &first, Verdict::Forwarded, None, Some(waited));
+                        // One record per connection the release admits (`veil_from_hold`
+                        // records none), not one per identity pair.
+                        for first in first_of_each_flow(&packets) {
+                            record(&flows, &cluster, &me, first, Verdict::Forwarded, None, Some(waited));
+                        }
                     }
                 }
             }
@@ -448,6 +453,20 @@ fn read_batch(
         }
     }
     Ok(false)
+}
+
+/// The first packet of each flow (addresses, protocol and ports) among `packets`, in order:
+/// the connections a release admits.
+fn first_of_each_flow(packets: &[Vec<u8>]) -> Vec<&[u8]> {
+    let mut seen = BTreeSet::new();
+    packets
+        .iter()
+        .filter(|p| {
+            let key = ip_header(p).map(|h| (h.src, h.dst, h.proto, ports(p, &h)));
+            seen.insert(key)
+        })
+        .map(Vec::as_slice)
+        .collect()
 }
 
 /// A flow record for a held packet (the datapath emitted none for it).
@@ -762,6 +781,67 @@ mod tests {
             .map(|f| (f.src.port, f.dst.port))
             .collect();
         assert_eq!(got, vec![(8080, 53), (0, 0), (0, 0)]);
+    }
+
+    #[test]
+    fn a_release_records_each_connection_it_admits_once() {
+        // Three connections of one identity pair held together (two SYNs of the first: a
+        // retransmission), and an IPv6 one.
+        let with_ports = |sport: u16, p: &mut Vec<u8>| {
+            p[20..24].copy_from_slice(&[(sport >> 8) as u8, sport as u8, 0x1f, 0x90]);
+        };
+        let conn = |sport: u16| {
+            let mut p = fe_to_be(6);
+            with_ports(sport, &mut p);
+            p
+        };
+        let packets = vec![
+            conn(40001),
+            conn(40001),
+            conn(40002),
+            fe_to_be_v6(6),
+            conn(40003),
+        ];
+        let first = first_of_each_flow(&packets);
+        assert_eq!(
+            first,
+            vec![
+                &packets[0][..],
+                &packets[2][..],
+                &packets[3][..],
+                &packets[4][..]
+            ]
+        );
+        // Each becomes a FORWARDED record of its own.
+        let c = cluster();
+        let flows = Arc::new(Mutex::new(FlowStore::open(None, 16, 0)));
+        for p in first {
+            record(
+                &flows,
+                &c,
+                "a",
+                p,
+                Verdict::Forwarded,
+                None,
+                Some(Duration::from_millis(7)),
+            );
+        }
+        let got: Vec<(u16, Option<u64>)> = flows
+            .lock()
+            .unwrap()
+            .query(&Default::default())
+            .iter()
+            .map(|f| (f.src.port, f.held_ms))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (40001, Some(7)),
+                (40002, Some(7)),
+                (8080, Some(7)),
+                (40003, Some(7))
+            ]
+        );
     }
 
     #[test]
