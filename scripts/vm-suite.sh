@@ -16,6 +16,8 @@
 #    the ratios are what to read.
 # VEIL_TEST_IP_FAMILY=ipv4|ipv6|dual (passed in by vm-test.sh) is the tests' lab family, as on
 # the host, and the measured labs' `--ip-family`: ipv6 puts the whole suite on an IPv6 underlay.
+# VEIL_VM_TESTS="WORD..." runs only the tests whose name holds one of the words, and
+# VEIL_VM_ROUNDS=0 skips the measurement (both passed in by vm-test.sh): a targeted rerun.
 # Prints `vm-test: N passed, M failed` and exits non-zero on any failure. Logs: /vm-results.
 set -uo pipefail
 
@@ -49,7 +51,14 @@ TESTS=(
 )
 
 echo "vm-suite: kernel $(uname -r); wireguard module: $(lsmod | grep -c '^wireguard '); lab family: ${VEIL_TEST_IP_FAMILY:-the default}"
+selected() { # test
+  [ -z "${VEIL_VM_TESTS:-}" ] && return 0
+  local w
+  for w in $VEIL_VM_TESTS; do [[ $1 == *"$w"* ]] && return 0; done
+  return 1
+}
 for t in "${TESTS[@]}"; do
+  selected "$t" || continue
   suite=${t%%::*} name=${t#*::}
   bin=${bins[$suite]:-}
   if [ -z "$bin" ] || [ ! -x "$bin" ]; then
@@ -116,13 +125,15 @@ measure() { # mode lab-args...
 }
 median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 perf_ok=0
+[ "$ROUNDS" -eq 0 ] && perf_ok=skipped
 for r in $(seq 1 "$ROUNDS"); do
   measure plaintext --encryption off || perf_ok=1
   measure veil-wg --backend userspace || perf_ok=1
   measure kernel --backend kernel || perf_ok=1
 done
-result "perf: plaintext, veil-wg and kernel WireGuard measured in $ROUNDS rounds" $perf_ok
-if [ $perf_ok -eq 0 ]; then
+[ "$perf_ok" != skipped ] \
+  && result "perf: plaintext, veil-wg and kernel WireGuard measured in $ROUNDS rounds" $perf_ok
+if [ "$perf_ok" = 0 ]; then
   declare -A mg=() mr=()
   for m in plaintext veil-wg kernel; do
     mg[$m]=$(echo "${gbit[$m]}" | median)

@@ -7,7 +7,9 @@
 #                                   binaries and the test binaries it needs on the host, then
 #                                   runs scripts/vm-suite.sh in the VM; prints
 #                                   `vm-test: N passed, M failed`, exits non-zero on a failure;
-#                                   VEIL_TEST_IP_FAMILY=ipv6 runs it all on an IPv6 underlay)
+#                                   VEIL_TEST_IP_FAMILY=ipv6 runs it all on an IPv6 underlay;
+#                                   VEIL_VM_TESTS='node_traffic' VEIL_VM_ROUNDS=0 only the tests
+#                                   whose names hold those words, without the measurement)
 #   scripts/vm-test.sh --run 'COMMAND' [--timeout SECONDS] [--results DIR] [--log FILE]
 #                      [--share DIR]... [--verbose]
 #   scripts/vm-test.sh --build     (only build the cached image, then exit)
@@ -86,6 +88,16 @@ for line in sys.stdin:
     ipv4 | ipv6 | dual) cmd="VEIL_TEST_IP_FAMILY=$VEIL_TEST_IP_FAMILY $cmd" ;;
     *) die "VEIL_TEST_IP_FAMILY must be ipv4, ipv6 or dual, not '$VEIL_TEST_IP_FAMILY'" ;;
   esac
+  # A targeted rerun (scripts/vm-suite.sh): some tests only, the measurement skipped.
+  if [ -n "${VEIL_VM_TESTS:-}" ]; then
+    [[ $VEIL_VM_TESTS =~ ^[A-Za-z0-9_:\ ]+$ ]] \
+      || die "VEIL_VM_TESTS holds test-name words (letters, digits, _ and ::), not '$VEIL_VM_TESTS'"
+    cmd="VEIL_VM_TESTS='$VEIL_VM_TESTS' $cmd"
+  fi
+  if [ -n "${VEIL_VM_ROUNDS:-}" ]; then
+    [[ $VEIL_VM_ROUNDS =~ ^[0-9]+$ ]] || die "VEIL_VM_ROUNDS must be a number, not '$VEIL_VM_ROUNDS'"
+    cmd="VEIL_VM_ROUNDS=$VEIL_VM_ROUNDS $cmd"
+  fi
   timeout_s=${timeout_s:-3600}
 fi
 timeout_s=${timeout_s:-1800}

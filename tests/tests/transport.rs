@@ -1,7 +1,7 @@
 //! End-to-end: transparent pod encryption (transport issue). Real WireGuard packets between
 //! node namespaces through veil-wg, real eBPF steering, captures on the underlay bridge.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command, time::Duration};
 
 use veil_tests::{
     contains, ip_frames, ip_netns, link_mtu, rand_suffix, veil, veil_ok, Lab, Streaming, ECHO_LAB,
@@ -434,23 +434,19 @@ fn send_node_marker(lab: &Lab, to: &str, marker: &str, bulk: usize) -> usize {
     got
 }
 
-/// One UDP datagram of `size` bytes from node-a's namespace to `to` (an address of node-b);
-/// the size of what node-b's socket received (the test fails if nothing arrives in 10 s).
-fn send_node_datagram(lab: &Lab, to: &str, size: usize) -> usize {
+/// One UDP datagram of `size` bytes from node-a's namespace to `to` (an address of node-b); the
+/// bytes node-b's socket received within 10 s. (ncat and bash's `/dev/udp`, not Python: the
+/// kernel-WireGuard VM has no Python.)
+fn send_node_datagram(lab: &Lab, to: &str, size: usize) -> u64 {
     let (a, b) = (lab.node("node-a"), lab.node("node-b"));
-    let family = if to.contains(':') {
-        "AF_INET6"
-    } else {
-        "AF_INET"
-    };
-    let socket = format!("import socket\ns = socket.socket(socket.{family}, socket.SOCK_DGRAM)\n");
-    let receive = format!(
-        "{socket}s.bind(('{to}', 7779))\ns.settimeout(10)\nprint(len(s.recvfrom(65535)[0]))\n"
-    );
-    let receiver = Command::new("ip")
-        .args(["netns", "exec", &b.netns, "python3", "-c", &receive])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+    let received = veil_tests::TempFile::new(&format!("{}-node-datagram", lab.name), "");
+    // A process group of its own, so that the listener (which waits for more datagrams) is
+    // ended with its `timeout` parent, not left holding the test's output.
+    let mut listener = Command::new("ip")
+        .args(["netns", "exec", &b.netns, "timeout", "30"])
+        .args(["ncat", "-u", "-l", "--recv-only", to, "7779"])
+        .stdout(std::fs::File::create(&received.path).unwrap())
+        .process_group(0)
         .spawn()
         .unwrap();
     lab.wait_for("node-b's UDP socket", Duration::from_secs(10), || {
@@ -458,16 +454,25 @@ fn send_node_datagram(lab: &Lab, to: &str, size: usize) -> usize {
             .contains("7779")
             .then_some(())
     });
-    let send = format!("{socket}s.sendto(b'x' * {size}, ('{to}', 7779))\n");
-    ip_netns(&a.netns, &["python3", "-c", &send]);
-    let out = receiver.wait_with_output().unwrap();
+    // One write of `size` bytes on a connected UDP socket: one datagram.
+    let send = format!("head -c {size} /dev/zero > /dev/udp/{to}/7779");
+    ip_netns(&a.netns, &["bash", "-c", &send]);
+    let got = || std::fs::metadata(&received.path).map_or(0, |m| m.len());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got() < size as u64 && std::time::Instant::now() < deadline {
+        // The poll interval of this wait, not a wait of its own.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) of the listener's own process group (its pid, as `process_group(0)` made).
+    unsafe { libc::kill(-(listener.id() as i32), libc::SIGKILL) };
+    let _ = listener.wait();
+    let n = got();
     assert!(
-        out.status.success(),
-        "node-b received no {size}-byte datagram at {to}: {}; drops: node-a {:?}",
-        String::from_utf8_lossy(&out.stderr),
+        n > 0,
+        "node-b received no {size}-byte datagram at {to} in 10 s; drops: node-a {:?}",
         lab.status("node-a").drops
     );
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    n
 }
 
 /// Node traffic encryption on: the nodes' own traffic (TCP, UDP, ICMP between their underlay
@@ -570,7 +575,7 @@ fn node_traffic_encrypted(extra: &[&str]) {
         assert_eq!(
             send_node_datagram(&lab, ip, 4000),
             4000,
-            "node-b's socket at {ip}"
+            "bytes node-b's socket received at {ip}"
         );
     }
     let (raw, lines) = cap.stop_decoded();
