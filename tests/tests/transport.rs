@@ -401,21 +401,8 @@ fn leak_pair_plaintext_shows_marker() {
 /// listener on node-b's address `to` carrying `marker` and then `bulk` more bytes, a UDP
 /// datagram with the marker, and a ping. Returns the byte count node-b's listener received.
 fn send_node_marker(lab: &Lab, to: &str, marker: &str, bulk: usize) -> usize {
-    let (a, b) = (lab.node("node-a"), lab.node("node-b"));
-    // Into a file, not a pipe nobody reads while the sender runs (a full pipe stalls the
-    // transfer).
-    let received = veil_tests::TempFile::new(&format!("{}-node-marker", lab.name), "");
-    let mut listener = Command::new("ip")
-        .args(["netns", "exec", &b.netns, "timeout", "30"])
-        .args(["ncat", "-l", "--recv-only", to, "7777"])
-        .stdout(std::fs::File::create(&received.path).unwrap())
-        .spawn()
-        .unwrap();
-    lab.wait_for("node-b's listener", Duration::from_secs(10), || {
-        ip_netns(&b.netns, &["ss", "-Hltn", "sport = :7777"])
-            .contains("7777")
-            .then_some(())
-    });
+    let a = lab.node("node-a");
+    let (mut listener, received) = node_b_listener(lab, to, "7777", &[]);
     let send = format!(
         "{{ echo {marker}; head -c {bulk} /dev/zero; }} | ncat --send-only {to} 7777 && \
          echo {marker} | ncat -u --send-only -w 1 {to} 7778; ping -c 2 -i 0.2 -W 2 {to}"
@@ -434,26 +421,45 @@ fn send_node_marker(lab: &Lab, to: &str, marker: &str, bulk: usize) -> usize {
     got
 }
 
-/// One UDP datagram of `size` bytes from node-a's namespace to `to` (an address of node-b); the
-/// bytes node-b's socket received within 10 s. (ncat and bash's `/dev/udp`, not Python: the
-/// kernel-WireGuard VM has no Python.)
-fn send_node_datagram(lab: &Lab, to: &str, size: usize) -> u64 {
-    let (a, b) = (lab.node("node-a"), lab.node("node-b"));
-    let received = veil_tests::TempFile::new(&format!("{}-node-datagram", lab.name), "");
-    // A process group of its own, so that the listener (which waits for more datagrams) is
-    // ended with its `timeout` parent, not left holding the test's output.
-    let mut listener = Command::new("ip")
-        .args(["netns", "exec", &b.netns, "timeout", "30"])
-        .args(["ncat", "-u", "-l", "--recv-only", to, "7779"])
+/// An ncat listening on node-b at `to`:`port` (`-u`: UDP), writing what it receives into the
+/// returned file (not a pipe nobody reads while the sender runs: a full pipe stalls a transfer),
+/// once its socket is there. In a process group of its own (`timeout` ends it after 30 s; a UDP
+/// listener waits for more datagrams, so its caller ends the group).
+fn node_b_listener(
+    lab: &Lab,
+    to: &str,
+    port: &str,
+    extra: &[&str],
+) -> (std::process::Child, veil_tests::TempFile) {
+    let b = lab.node("node-b");
+    let received = veil_tests::TempFile::new(&format!("{}-node-{port}", lab.name), "");
+    let listener = Command::new("ip")
+        .args(["netns", "exec", &b.netns, "timeout", "30", "ncat"])
+        .args(extra)
+        .args(["-l", "--recv-only", to, port])
         .stdout(std::fs::File::create(&received.path).unwrap())
         .process_group(0)
         .spawn()
         .unwrap();
-    lab.wait_for("node-b's UDP socket", Duration::from_secs(10), || {
-        ip_netns(&b.netns, &["ss", "-Hlun", "sport = :7779"])
-            .contains("7779")
+    let ss = if extra.contains(&"-u") {
+        "-Hlun"
+    } else {
+        "-Hltn"
+    };
+    lab.wait_for("node-b's listener", Duration::from_secs(10), || {
+        ip_netns(&b.netns, &["ss", ss, &format!("sport = :{port}")])
+            .contains(port)
             .then_some(())
     });
+    (listener, received)
+}
+
+/// One UDP datagram of `size` bytes from node-a's namespace to `to` (an address of node-b); the
+/// bytes node-b's socket received within 10 s. (ncat and bash's `/dev/udp`, not Python: the
+/// kernel-WireGuard VM has no Python.)
+fn send_node_datagram(lab: &Lab, to: &str, size: usize) -> u64 {
+    let a = lab.node("node-a");
+    let (mut listener, received) = node_b_listener(lab, to, "7779", &["-u"]);
     // One write of `size` bytes on a connected UDP socket: one datagram.
     let send = format!("head -c {size} /dev/zero > /dev/udp/{to}/7779");
     ip_netns(&a.netns, &["bash", "-c", &send]);
