@@ -40,6 +40,25 @@ fn l7_records(lab: &Lab, node: &str) -> Vec<serde_json::Value> {
     lab.observe(&["--node", node, "--type", "l7"])
 }
 
+/// `node`'s L7 records once `until` holds for them, or as they are after 5 s (the caller's
+/// assertion then says what is missing). The proxy sends its records after the response (in
+/// batches), so a record can reach the agent a little after the client has its answer.
+fn l7_records_once(
+    lab: &Lab,
+    node: &str,
+    until: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let recs = l7_records(lab, node);
+        if until(&recs) || std::time::Instant::now() >= deadline {
+            return recs;
+        }
+        // The poll interval of this wait, not a wait of its own.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn proxy_requests(lab: &Lab, node: &str) -> u64 {
     lab.status(node)
         .proxy
@@ -129,7 +148,10 @@ fn seed_example_decides_each_request_and_other_pods_bypass_the_proxy() {
     assert_eq!(via, ["200 1", "403 0"]);
 
     // Flow records of the proxy: allowed and denied requests, with the L7 part.
-    let recs = l7_records(&lab, "node-a");
+    let recs = l7_records_once(&lab, "node-a", |recs| {
+        recs.iter().any(|r| r["l7"]["method"] == "POST")
+            && recs.iter().any(|r| r["l7"]["status"] == 200)
+    });
     let find = |method: &str, path: &str, status: u64| {
         recs.iter()
             .find(|r| {
@@ -216,7 +238,10 @@ fn dual_stack_ipv6_requests_are_decided_by_the_proxy_like_ipv4() {
         ["200 1", "403 0", "200 0"]
     );
     assert_eq!(proxy_requests(&lab, "node-a"), before + 3);
-    let recs = l7_records(&lab, "node-a");
+    let recs = l7_records_once(&lab, "node-a", |recs| {
+        recs.iter()
+            .any(|r| r["l7"]["path"] == "/admin" && r["dst"]["ip"] == be6.as_str())
+    });
     let denied = recs
         .iter()
         .find(|r| r["l7"]["path"] == "/admin" && r["dst"]["ip"] == be6.as_str())
@@ -259,7 +284,9 @@ fn ingress_rules_are_decided_at_the_servers_node_under_mutual_authentication() {
         },
     );
     // node-b's proxy decided (direction ingress); node-a's saw nothing.
-    let recs = l7_records(&lab, "node-b");
+    let recs = l7_records_once(&lab, "node-b", |recs| {
+        recs.iter().any(|r| r["l7"]["path"] == "/admin")
+    });
     let denied = recs
         .iter()
         .find(|r| r["l7"]["path"] == "/admin")
@@ -417,7 +444,9 @@ fn a_held_l7_connection_is_released_into_the_proxy() {
     let after = lab.status("node-b").hold;
     assert!(after.released > before.released, "{before:?} -> {after:?}");
     // It was decided by node-b's proxy, as the authenticated frontend.
-    let recs = l7_records(&lab, "node-b");
+    let recs = l7_records_once(&lab, "node-b", |recs| {
+        recs.iter().any(|r| r["l7"]["path"] == "/api/products")
+    });
     assert!(
         recs.iter().any(|r| r["l7"]["path"] == "/api/products"
             && r["l7"]["status"] == 200
@@ -552,7 +581,9 @@ fn hostile_requests_are_refused_and_never_reach_the_backend() {
         );
     }
     assert_eq!(arrivals(&lab), before, "a smuggling attempt reached node-b");
-    let recs = l7_records(&lab, "node-a");
+    let recs = l7_records_once(&lab, "node-a", |recs| {
+        recs.iter().filter(|r| r["l7"]["status"] == 400).count() >= 2
+    });
     assert!(
         recs.iter().all(|r| r["l7"]["path"] != "/admin"),
         "the smuggled request was seen: {recs:#?}"
@@ -598,7 +629,9 @@ fn kubernetes_mode_enforces_the_seed_example_applied_with_kubectl() {
     let urls = [format!("{base}/api/products"), format!("{base}/admin")];
     assert_eq!(codes(&lab, "frontend", &[], &urls), ["200 1", "403 0"]);
     assert_post_denied(&lab, &base);
-    let recs = l7_records(&lab, "node-a");
+    let recs = l7_records_once(&lab, "node-a", |recs| {
+        recs.iter().any(|r| r["l7"]["method"] == "POST")
+    });
     assert!(
         recs.iter().any(|r| r["l7"]["method"] == "POST"
             && r["l7"]["status"] == 403
