@@ -237,7 +237,12 @@ fn dual_stack_ipv6_requests_are_decided_by_the_proxy_like_ipv4() {
         codes(&lab, "frontend", &["-g"], &urls),
         ["200 1", "403 0", "200 0"]
     );
-    assert_eq!(proxy_requests(&lab, "node-a"), before + 3);
+    // The agent counts the proxy's records as they arrive (after the responses).
+    lab.wait_for(
+        "node-a's proxy to count 3 requests",
+        Duration::from_secs(5),
+        || (proxy_requests(&lab, "node-a") == before + 3).then_some(()),
+    );
     let recs = l7_records_once(&lab, "node-a", |recs| {
         recs.iter()
             .any(|r| r["l7"]["path"] == "/admin" && r["dst"]["ip"] == be6.as_str())
@@ -664,9 +669,10 @@ fn marker_through_the_proxy(flags: &[&str]) -> (bool, Vec<String>) {
     assert_eq!(lab.exec_ok("frontend", &argv), "hello from shop/backend\n");
     let (raw, lines) = cap.stop_decoded();
     // The request went through node-a's proxy (an L7 rule covers it), not around it.
-    assert!(
-        proxy_requests(&lab, "node-a") > through_proxy,
-        "node-a's proxy did not count the request"
+    lab.wait_for(
+        "node-a's proxy to count the request",
+        Duration::from_secs(5),
+        || (proxy_requests(&lab, "node-a") > through_proxy).then_some(()),
     );
     (veil_tests::contains(&raw, marker.as_bytes()), lines)
 }

@@ -120,14 +120,6 @@ impl HoldQueue {
         Held::Queued { first }
     }
 
-    /// The oldest packet held for a pair (for its flow record).
-    pub fn first(&self, t: &AuthTriple) -> Option<&[u8]> {
-        self.queues
-            .get(t)
-            .and_then(|q| q.front())
-            .map(|e| e.packet.as_slice())
-    }
-
     /// Takes a pair's packets, oldest first, with how long the first waited.
     pub fn release(&mut self, t: &AuthTriple, now: Instant) -> Option<(Vec<Vec<u8>>, Duration)> {
         let q = self.queues.remove(t)?;
@@ -141,25 +133,27 @@ impl HoldQueue {
         Some((q.into_iter().map(|e| e.packet).collect(), waited))
     }
 
-    /// Drops packets held longer than the timeout; returns (pair, packets dropped).
-    pub fn expire(&mut self, now: Instant) -> Vec<(AuthTriple, usize)> {
+    /// Drops packets held longer than the timeout; returns each pair's dropped packets, oldest
+    /// first.
+    pub fn expire(&mut self, now: Instant) -> Vec<(AuthTriple, Vec<Vec<u8>>)> {
         let mut out = Vec::new();
         for (t, q) in self.queues.iter_mut() {
-            let before = q.len();
+            let mut gone = Vec::new();
             while q
                 .front()
                 .is_some_and(|e| now.duration_since(e.since) >= self.cfg.timeout)
             {
                 if let Some(e) = q.pop_front() {
                     self.bytes -= e.packet.len();
+                    gone.push(e.packet);
                 }
             }
-            if q.len() < before {
-                out.push((*t, before - q.len()));
+            if !gone.is_empty() {
+                out.push((*t, gone));
             }
         }
         self.queues.retain(|_, q| !q.is_empty());
-        let dropped: usize = out.iter().map(|(_, n)| n).sum();
+        let dropped: usize = out.iter().map(|(_, p)| p.len()).sum();
         self.total -= dropped;
         self.stats.timed_out += dropped as u64;
         out
@@ -422,11 +416,10 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let cluster = cluster_rx.borrow().clone();
-                let firsts: BTreeMap<AuthTriple, Vec<u8>> =
-                    queue.pairs().filter_map(|t| Some((*t, queue.first(t)?.to_vec()))).collect();
-                for (t, n) in queue.expire(Instant::now()) {
-                    tracing::warn!(?t, dropped = n, "authentication did not complete in time: held packets dropped");
-                    if let Some(p) = firsts.get(&t) {
+                for (t, packets) in queue.expire(Instant::now()) {
+                    tracing::warn!(?t, dropped = packets.len(), "authentication did not complete in time: held packets dropped");
+                    // One record per connection refused, as a release records each admitted.
+                    for p in first_of_each_flow(&packets) {
                         record(&flows, &cluster, &me, p, Verdict::Dropped, Some("auth-required"), None);
                     }
                 }
@@ -564,7 +557,7 @@ mod tests {
         assert!(q.release(&t(1), Instant::now()).is_none());
         assert_eq!(q.deadline(), Some(now + Duration::from_secs(3)));
         tokio::time::advance(Duration::from_secs(3)).await;
-        assert_eq!(q.expire(Instant::now()), vec![(t(2), 1)]);
+        assert_eq!(q.expire(Instant::now()), vec![(t(2), vec![vec![4]])]);
         assert!(q.is_empty());
         assert_eq!(
             q.stats(),
