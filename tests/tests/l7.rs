@@ -48,15 +48,12 @@ fn l7_records_once(
     node: &str,
     until: impl Fn(&[serde_json::Value]) -> bool,
 ) -> Vec<serde_json::Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
+    let wait = Duration::from_secs(5);
+    veil_tests::poll_for(wait, Duration::from_millis(50), || {
         let recs = l7_records(lab, node);
-        if until(&recs) || std::time::Instant::now() >= deadline {
-            return recs;
-        }
-        // The poll interval of this wait, not a wait of its own.
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        until(&recs).then_some(recs)
+    })
+    .unwrap_or_else(|| l7_records(lab, node))
 }
 
 fn proxy_requests(lab: &Lab, node: &str) -> u64 {

@@ -464,11 +464,8 @@ fn send_node_datagram(lab: &Lab, to: &str, size: usize) -> u64 {
     let send = format!("head -c {size} /dev/zero > /dev/udp/{to}/7779");
     ip_netns(&a.netns, &["bash", "-c", &send]);
     let got = || std::fs::metadata(&received.path).map_or(0, |m| m.len());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while got() < size as u64 && std::time::Instant::now() < deadline {
-        // The poll interval of this wait, not a wait of its own.
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let whole = || (got() >= size as u64).then_some(());
+    veil_tests::poll_for(Duration::from_secs(10), Duration::from_millis(100), whole);
     // SAFETY: kill(2) of the listener's own process group (its pid, as `process_group(0)` made).
     unsafe { libc::kill(-(listener.id() as i32), libc::SIGKILL) };
     let _ = listener.wait();

@@ -449,7 +449,7 @@ fn read_batch(
 }
 
 /// The first packet of each flow (addresses, protocol and ports) among `packets`, in order:
-/// the connections a release admits.
+/// the connections a release admits or a timeout drops.
 fn first_of_each_flow(packets: &[Vec<u8>]) -> Vec<&[u8]> {
     let mut seen = BTreeSet::new();
     packets
