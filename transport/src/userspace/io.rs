@@ -826,6 +826,13 @@ fn udp_to_tun(
             )
         });
         receive_batch(received, device, &*u, &mut state, |b| write_tun(fd, b));
+        if n < batch {
+            // recvmmsg stopped short of the batch: the queue was empty. Wait for the next
+            // datagram now instead of asking again only to hear EAGAIN: one syscall less per
+            // wake-up, i.e. per packet of a request/response exchange.
+            dog.idle(slot);
+            wait_fd(u.socket.as_raw_fd(), libc::POLLIN, 200);
+        }
     }
 }
 
