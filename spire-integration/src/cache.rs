@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tracing::warn;
+use tracing::{debug, warn};
 use veil_identity::{Bundles, IdentitySnapshot, SelectorSet, Svid, SvidError};
 
 /// One message from a stream, already parsed.
@@ -82,15 +82,28 @@ impl Candidate {
                 true
             }
             Err(e) => {
-                let reason = e.to_string();
+                // No bundle has arrived yet: the SVID and bundle streams are separate, and at
+                // start the SVIDs often come first. That is waiting, not a fault (debug); the
+                // same SVID is judged again, and warned about, once bundles are there.
+                let waiting = matches!(e, SvidError::NoBundle(_)) && bundles.is_empty();
+                let reason = if waiting {
+                    format!("{e} (no bundle received yet)")
+                } else {
+                    e.to_string()
+                };
                 if self.logged.as_deref() != Some(&reason) {
                     // The clock it was judged by: outside its window by a few minutes usually
                     // means this host's clock is off, not the SVID.
                     let clock_unix = now
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs());
-                    warn!(slot, spiffe_id = %self.svid.spiffe_id(), serial = self.svid.serial(),
-                          error = %reason, clock_unix, "svid not published");
+                    if waiting {
+                        debug!(slot, spiffe_id = %self.svid.spiffe_id(), serial = self.svid.serial(),
+                               "svid waits for its trust bundle");
+                    } else {
+                        warn!(slot, spiffe_id = %self.svid.spiffe_id(), serial = self.svid.serial(),
+                              error = %reason, clock_unix, "svid not published");
+                    }
                     self.logged = Some(reason);
                 }
                 false
@@ -257,6 +270,77 @@ mod tests {
         c.apply(Update::Bundles(bundles(&[&ca])));
         let s = c.snapshot(SystemTime::now());
         assert_eq!(s.workloads[&pod("a")][0].serial(), svid.serial());
+    }
+
+    /// What `f` logged at WARN, one line each (tracing's fmt output, captured).
+    fn warnings_of(f: impl FnOnce()) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .filter(|l| l.contains(" WARN "))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn an_svid_ahead_of_the_first_bundle_waits_quietly_one_outside_the_bundles_is_warned() {
+        let ca = DevCa::new(td()).unwrap();
+        let svid = ca
+            .issue_workload_svid("shop", "a", Duration::from_secs(60))
+            .unwrap();
+        let mut c = IdentityCache::new();
+        // At start the SVID stream often delivers before the bundle stream: not a fault.
+        let waiting = warnings_of(|| {
+            c.apply(Update::Workload {
+                selectors: pod("a"),
+                svids: vec![svid.clone()],
+            });
+            assert!(c.snapshot(SystemTime::now()).workloads.is_empty());
+        });
+        assert_eq!(waiting, Vec::<String>::new());
+        // Bundles arrive without the SVID's trust domain: a fault, warned about once.
+        let other = TrustDomain::new("other.veil").unwrap();
+        let mut b = Bundles::new();
+        b.insert(other.clone(), DevCa::new(other).unwrap().bundle())
+            .unwrap();
+        let refused = warnings_of(|| {
+            c.apply(Update::Bundles(b));
+            assert!(c.snapshot(SystemTime::now()).workloads.is_empty());
+            assert!(c.snapshot(SystemTime::now()).workloads.is_empty());
+        });
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].contains("svid not published")
+                && refused[0].contains("no trust bundle for trust domain lab.veil"),
+            "{refused:?}"
+        );
+        // The right bundle: published, nothing more to warn about.
+        let published = warnings_of(|| {
+            c.apply(Update::Bundles(bundles(&[&ca])));
+            assert_eq!(
+                c.snapshot(SystemTime::now()).workloads[&pod("a")][0].serial(),
+                svid.serial()
+            );
+        });
+        assert_eq!(published, Vec::<String>::new());
     }
 
     #[test]
