@@ -22,6 +22,7 @@ use veil_common::maps::{policy_flags, AuthKey, PolicyEntry, PolicyKey};
 use veil_identity::{BundleSet, IdentitySnapshot, SpiffeId, SvidKey, TrustDomain};
 use veil_transport::{PresharedKey, PublicKey};
 
+mod dial_log;
 pub mod state;
 
 pub use state::{Effect, MeshState, PeerChannel};
@@ -269,9 +270,8 @@ impl Mesh {
         let mut peers: Vec<NodeInfo> = Vec::new();
         let mut status_at = Instant::now();
         let mut status_every = Duration::ZERO;
-        // Peers whose last dial failed, with why: a failure is logged when it starts or
-        // changes, not at every redial (a thousand unreachable peers would flood the log).
-        let mut dial_failures: HashMap<u32, AuthFailure> = HashMap::new();
+        // Peers whose last dial failed, with why and since when (what is logged: `dial_log`).
+        let mut dial_log = dial_log::DialLog::default();
         // Entries an earlier run of this agent left in the pinned map: they keep admitting
         // their flows while this run re-authenticates (pre-auth runs as soon as channels are
         // up), and whatever this run has not re-written by the deadline is deleted — so a
@@ -442,16 +442,16 @@ impl Mesh {
                 r = policy_rx.changed() => if r.is_err() { break },
                 Some((id, r)) = dial_rx.recv() => {
                     let r = r.map_err(|f| {
-                        let again = dial_failures.insert(id, f.failure) == Some(f.failure);
-                        if again {
-                            tracing::debug!(peer = %f.peer, reason = f.failure.as_str(), error = %f.detail, "node handshake failed again");
-                        } else {
-                            tracing::warn!(peer = %f.peer, reason = f.failure.as_str(), error = %f.detail, "node handshake failed; redialling with backoff (the same failure again is logged at debug)");
+                        let (peer, reason, error) = (&f.peer, f.failure.as_str(), &f.detail);
+                        match dial_log.on_failure(id, f.failure, Instant::now()) {
+                            dial_log::Log::NotReachableYet => tracing::info!(%peer, reason, %error, "node handshake: peer not reachable yet; redialling with backoff (warned about if it lasts 10 s)"),
+                            dial_log::Log::Failed => tracing::warn!(%peer, reason, %error, "node handshake failed; redialling with backoff (the same failure again is logged at debug)"),
+                            _ => tracing::debug!(%peer, reason, %error, "node handshake failed again"),
                         }
                         f.failure
                     });
                     if r.is_ok() {
-                        if let Some(f) = dial_failures.remove(&id) {
+                        if let dial_log::Log::Recovered(f) = dial_log.on_success(id) {
                             tracing::info!(node_id = id, after = f.as_str(), "node handshake succeeded after failing");
                         }
                     }
