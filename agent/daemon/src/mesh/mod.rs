@@ -501,7 +501,9 @@ impl Mesh {
                     state.rehandshake_all(Instant::now());
                 }
                 Some((triple, started, r)) = result_rx.recv() => {
-                    state.on_handshake_result(triple, started, r, Instant::now(), SystemTime::now(), rand::random());
+                    let now = Instant::now();
+                    tracing::debug!(?triple, took_us = now.saturating_duration_since(started).as_micros() as u64, result = r.as_ref().err().map_or("ok", |f| f.as_str()), "workload handshake finished (initiator)");
+                    state.on_handshake_result(triple, started, r, now, SystemTime::now(), rand::random());
                 }
             }
         }
