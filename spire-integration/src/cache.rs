@@ -92,15 +92,15 @@ impl Candidate {
                     e.to_string()
                 };
                 if self.logged.as_deref() != Some(&reason) {
-                    // The clock it was judged by: outside its window by a few minutes usually
-                    // means this host's clock is off, not the SVID.
-                    let clock_unix = now
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs());
                     if waiting {
                         debug!(slot, spiffe_id = %self.svid.spiffe_id(), serial = self.svid.serial(),
                                "svid waits for its trust bundle");
                     } else {
+                        // The clock it was judged by: outside its window by a few minutes
+                        // usually means this host's clock is off, not the SVID.
+                        let clock_unix = now
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
                         warn!(slot, spiffe_id = %self.svid.spiffe_id(), serial = self.svid.serial(),
                               error = %reason, clock_unix, "svid not published");
                     }

@@ -444,7 +444,7 @@ impl Mesh {
                     let r = r.map_err(|f| {
                         let (peer, reason, error) = (&f.peer, f.failure.as_str(), &f.detail);
                         match dial_log.on_failure(id, f.failure, Instant::now()) {
-                            dial_log::Log::NotReachableYet => tracing::info!(%peer, reason, %error, "node handshake: peer not reachable yet; redialling with backoff (warned about if it lasts 10 s)"),
+                            dial_log::Log::NotReachableYet => tracing::info!(%peer, reason, %error, warn_after_s = dial_log::UNREACHABLE_WARN_AFTER.as_secs(), "node handshake: peer not reachable yet; redialling with backoff (warned about if it lasts warn_after_s)"),
                             dial_log::Log::Failed => tracing::warn!(%peer, reason, %error, "node handshake failed; redialling with backoff (the same failure again is logged at debug)"),
                             _ => tracing::debug!(%peer, reason, %error, "node handshake failed again"),
                         }
