@@ -404,7 +404,7 @@ fn spire_rotation(
     let id = lab::spire_real::pod_id(spec, &fe.namespace, &fe.service_account);
     let entry = lab::spire_real::server_cli(paths, &["entry", "show", "-spiffeID", &id])?;
     let field = |name: &str| {
-        lab::spire_real::fields(&entry, name)
+        veil_spire::cli::fields(&entry, name)
             .collect::<Vec<_>>()
             .join(", ")
     };

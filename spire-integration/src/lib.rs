@@ -55,6 +55,7 @@
 
 mod backoff;
 mod cache;
+pub mod cli;
 pub mod client;
 pub mod conf;
 pub mod dev;

@@ -33,6 +33,7 @@ use veil_identity::{
     TrustDomain,
 };
 use veil_spire::{
+    cli,
     conf::{AgentConf, ServerConf, ServerKeys},
     ClientConfig, IdentityClientHandle,
 };
@@ -198,9 +199,10 @@ impl Spire {
     }
 
     /// `spire-server <args> -socketPath <server socket>`; its stdout, or a panic with its output.
-    async fn server_cli(&self, args: &[&str]) -> String {
+    async fn server_cli<S: AsRef<str>>(&self, args: &[S]) -> String {
+        let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
         let out = tokio::process::Command::new(&self.server_bin)
-            .args(args)
+            .args(&args)
             .arg("-socketPath")
             .arg(self.server_socket())
             .stdin(Stdio::null())
@@ -219,18 +221,7 @@ impl Spire {
 
     /// Creates an entry under this node's alias; returns its entry ID.
     async fn create_entry(&self, spiffe_id: &str, selectors: &[&str]) -> String {
-        let alias = node_alias();
-        let mut args = vec![
-            "entry",
-            "create",
-            "-parentID",
-            &alias,
-            "-spiffeID",
-            spiffe_id,
-        ];
-        for s in selectors {
-            args.extend(["-selector", s]);
-        }
+        let args = cli::entry_create_args(&node_alias(), spiffe_id, selectors, None);
         let out = self.server_cli(&args).await;
         field(&out, "Entry ID")
     }
@@ -353,11 +344,8 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> Child {
 
 /// The value of a `Name: value` / `Name   : value` line of spire-server's text output.
 fn field(out: &str, name: &str) -> String {
-    out.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            (k.trim() == name).then(|| v.trim().to_owned())
-        })
+    cli::fields(out, name)
+        .next()
         .unwrap_or_else(|| panic!("no {name:?} in spire-server output: {out}"))
 }
 

@@ -477,6 +477,20 @@ impl Lab {
         })
     }
 
+    /// Sends `sig` to `node`'s agent, pid `pid` (the lab's supervisor starts another), and
+    /// waits up to 30 s until the new one is ready; its status.
+    pub fn restart_agent(
+        &self,
+        what: &str,
+        node: &str,
+        pid: u32,
+        sig: nix::sys::signal::Signal,
+    ) -> Status {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+            .unwrap_or_else(|e| panic!("{sig} to {node}'s agent ({pid}): {e}"));
+        self.wait_for_restarted_agent(what, node, pid, Duration::from_secs(30))
+    }
+
     /// `veil policy apply -f <yaml>` on this lab.
     pub fn apply_policy(&self, yaml: &str) -> Output {
         let f = TempFile::new(
@@ -870,6 +884,20 @@ impl Drop for Streaming {
             let _ = self.child.wait();
         }
     }
+}
+
+/// kubectl's arguments for a merge patch of `kind`/`name`'s status subresource (what a kubelet
+/// writes: a Node's addresses and conditions, a Pod's phase and IPs).
+pub fn status_patch<'a>(kind: &'a str, name: &'a str, json: &'a str) -> [&'a str; 7] {
+    [
+        "patch",
+        kind,
+        name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json,
+    ]
 }
 
 /// Runs `kubectl --kubeconfig KUBECONFIG ARGS` with `stdin`; panics with its output when it

@@ -2,8 +2,6 @@
 //! the lab's agents are told to use clsact (`VEIL_ATTACH_MODE=clsact`, inherited from `veil lab
 //! up` through the supervisor); the same programs, policy and restart adoption must hold.
 
-use std::time::Duration;
-
 use veil_tests::Lab;
 
 const POLICY: &str = "apiVersion: cilium.io/v2
@@ -77,18 +75,12 @@ fn clsact_mode_enforces_policy_and_survives_an_agent_restart() {
 
     // A restarted agent replaces its filter in place: still one filter, a new program,
     // reported as adopted, policy still enforced.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(st.agent.pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill node-a's agent");
-    let old_pid = st.agent.pid;
     // The agent is down for a moment: `veil status` fails until it is back.
-    let after = lab.wait_for_restarted_agent(
+    let after = lab.restart_agent(
         "restarted agent",
         "node-a",
-        old_pid,
-        Duration::from_secs(30),
+        st.agent.pid,
+        nix::sys::signal::Signal::SIGKILL,
     );
     let fe2 = after
         .programs

@@ -660,12 +660,11 @@ fn agent_kill_under_load_leaks_nothing_and_admits_no_denied_flow() {
     let denied = DeniedFlows::start(&lab, &run.tok);
 
     let t_kill = Instant::now();
-    sigkill(before.agent.pid as i32);
-    let after = lab.wait_for_restarted_agent(
+    let after = lab.restart_agent(
         "node-a's restarted agent ready",
         "node-a",
         before.agent.pid,
-        Duration::from_secs(30),
+        nix::sys::signal::Signal::SIGKILL,
     );
     let t_ready = Instant::now();
     let denied = denied.finish();
@@ -846,12 +845,11 @@ fn programs_reloaded_during_a_flood_admit_nothing_denied_and_keep_allowed_flows(
         let before = lab.status(node);
         let sent0 = flood.sent();
         let t_term = Instant::now();
-        signal(before.agent.pid as i32, nix::sys::signal::Signal::SIGTERM);
-        let after = lab.wait_for_restarted_agent(
+        let after = lab.restart_agent(
             &format!("{node}'s agent started again"),
             node,
             before.agent.pid,
-            Duration::from_secs(30),
+            nix::sys::signal::Signal::SIGTERM,
         );
         let reload = t_term.elapsed();
         let during = flood.sent() - sent0;
@@ -1057,18 +1055,12 @@ fn spire_agent_kill_under_load_serves_cached_svids_and_is_restarted() {
     let t_create = Instant::now();
     spire_real::server_cli(
         &paths,
-        &[
-            "entry",
-            "create",
-            "-parentID",
+        &veil_spire::cli::entry_create_args(
             &format!("spiffe://{td}/node/node-a"),
-            "-spiffeID",
             &newcomer,
-            "-selector",
-            "unix:uid:0",
-            "-selector",
-            &format!("unix:gid:{NEWCOMER_GID}"),
-        ],
+            &["unix:uid:0", &format!("unix:gid:{NEWCOMER_GID}")],
+            None,
+        ),
     )
     .expect("register the new workload");
     lab.wait_for(
@@ -1226,12 +1218,11 @@ fn rollout_step(lab: &Lab, versions: &Versions, node: &str, to: Version, tok: &s
     versions.set(node, to);
     let denied = DeniedFlows::start(lab, tok);
     let (t0, t0_ms) = (Instant::now(), unix_ms());
-    signal(before.agent.pid as i32, nix::sys::signal::Signal::SIGTERM);
-    let after = lab.wait_for_restarted_agent(
+    let after = lab.restart_agent(
         &format!("{node}'s agent restarted as {to:?}"),
         node,
         before.agent.pid,
-        Duration::from_secs(30),
+        nix::sys::signal::Signal::SIGTERM,
     );
     let t_ready = Instant::now();
     assert_eq!(versions.of(after.agent.pid), to, "{node}'s agent");

@@ -1368,22 +1368,12 @@ fn add_simulated_node(lab: &Lab, name: &str, pod_cidr: &str, underlay_ip: &str) 
                "spec": {{"podCIDR": "{pod_cidr}", "podCIDRs": ["{pod_cidr}"]}}}}"#
         ),
     );
-    lab.kubectl(
-        &[
-            "patch",
-            "node",
-            name,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &format!(
-                r#"{{"status": {{"addresses": [{{"type": "InternalIP", "address": "{underlay_ip}"}}],
-                   "conditions": [{{"type": "Ready", "status": "True", "reason": "Simulated",
-                                   "message": "no kubelet"}}]}}}}"#
-            ),
-        ],
-        "",
+    let status = format!(
+        r#"{{"status": {{"addresses": [{{"type": "InternalIP", "address": "{underlay_ip}"}}],
+           "conditions": [{{"type": "Ready", "status": "True", "reason": "Simulated",
+                           "message": "no kubelet"}}]}}}}"#
     );
+    lab.kubectl(&veil_tests::status_patch("node", name, &status), "");
 }
 
 /// `node`'s reconcile fails naming `map`, in `veil status` and in `veil_reconcile_failing`; the

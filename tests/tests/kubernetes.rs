@@ -229,22 +229,14 @@ fn pod_yaml(name: &str, app: &str, node: &str) -> String {
 
 /// What a kubelet and the CNI plugin write once a pod runs.
 fn set_pod_ip(api: &Apiserver, name: &str, ip: &str) {
-    api.kubectl(
-        &[
-            "-n",
-            "shop",
-            "patch",
-            "pod",
-            name,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &format!(
-                r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#
-            ),
-        ],
-        "",
-    );
+    let status =
+        format!(r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#);
+    let args = [
+        &["-n", "shop"][..],
+        &veil_tests::status_patch("pod", name, &status),
+    ]
+    .concat();
+    api.kubectl(&args, "");
 }
 
 fn policy_status(api: &Apiserver, name: &str, node: &str) -> String {
@@ -282,18 +274,10 @@ fn two_nodes_two_pods(api: &Apiserver) {
     );
     for (name, n) in [("node-a", 1u8), ("node-b", 2)] {
         api.apply(&node_yaml(name, n));
-        api.kubectl(
-            &[
-                "patch",
-                "node",
-                name,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &format!(r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"198.18.0.{n}"}}]}}}}"#),
-            ],
-            "",
+        let status = format!(
+            r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"198.18.0.{n}"}}]}}}}"#
         );
+        api.kubectl(&veil_tests::status_patch("node", name, &status), "");
     }
     api.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
     for sa in ["frontend", "backend"] {

@@ -274,18 +274,7 @@ fn tell_cluster(lab: &Lab, node: &str, to: &str) -> String {
         let patch = format!(
             r#"{{"status": {{"addresses": [{{"type": "InternalIP", "address": "{to}"}}, {{"type": "Hostname", "address": "{node}"}}]}}}}"#
         );
-        lab.kubectl(
-            &[
-                "patch",
-                "node",
-                node,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &patch,
-            ],
-            "",
-        );
+        lab.kubectl(&veil_tests::status_patch("node", node, &patch), "");
         return from.trim().to_string();
     }
     let paths = veil_agent::lab::LabPaths::new(&lab.name).unwrap();

@@ -297,12 +297,12 @@ fn flow_log_survives_agent_restart_and_metrics_count() {
     let before = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
     assert!(!before.is_empty());
     let pid = lab.status("node-b").agent.pid;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
+    lab.restart_agent(
+        "restarted agent",
+        "node-b",
+        pid,
         nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    lab.wait_for_restarted_agent("restarted agent", "node-b", pid, Duration::from_secs(20));
+    );
     let after = lab.observe(&["--node", "node-b", "--verdict", "DROPPED"]);
     assert!(
         after.len() >= before.len(),

@@ -145,16 +145,11 @@ fn clusterip_reaches_the_backend_shows_the_service_and_policy_applies_to_the_bac
     // A restarted agent replaces its socket links (make before break) and Services keep
     // working.
     let before = lab.status("node-a");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(before.agent.pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill node-a's agent");
-    let after = lab.wait_for_restarted_agent(
+    let after = lab.restart_agent(
         "restarted agent",
         "node-a",
         before.agent.pid,
-        Duration::from_secs(30),
+        nix::sys::signal::Signal::SIGKILL,
     );
     assert_eq!(after.socket_programs.len(), 8);
     assert!(

@@ -36,7 +36,10 @@ use std::{
 
 use super::{spec::LabSpec, Error, LabPaths, Progress, Result};
 use crate::sys;
-use veil_spire::conf::{AgentConf, ServerConf, ServerKeys};
+use veil_spire::{
+    cli::{self, fields},
+    conf::{AgentConf, ServerConf, ServerKeys},
+};
 
 /// The spire-server's address on the lab's bridge (node ids end at 250).
 pub const SERVER_IP: &str = "198.18.0.254";
@@ -146,21 +149,7 @@ pub fn register_pod(
 ) -> Result<()> {
     let (alias, id) = (node_alias(spec, node), pod_id(spec, ns, sa));
     let (sel_ns, sel_sa) = (format!("k8s:ns:{ns}"), format!("k8s:sa:{sa}"));
-    let ttl = spec.svid_ttl.as_secs().to_string();
-    let args = [
-        "entry",
-        "create",
-        "-parentID",
-        &alias,
-        "-spiffeID",
-        &id,
-        "-x509SVIDTTL",
-        &ttl,
-        "-selector",
-        &sel_ns,
-        "-selector",
-        &sel_sa,
-    ];
+    let args = cli::entry_create_args(&alias, &id, &[&sel_ns, &sel_sa], Some(spec.svid_ttl));
     match server_cli(paths, &args) {
         Err(Error::Spire(e))
             if e.contains("AlreadyExists") || e.contains("similar entry already exists") =>
@@ -260,10 +249,11 @@ fn agent_config_text(spec: &LabSpec, paths: &LabPaths, node: &str, token: &str) 
 
 /// `spire-server <args> -socketPath <lab server socket>`: its stdout, or an error with its
 /// output.
-pub fn server_cli(paths: &LabPaths, args: &[&str]) -> Result<String> {
+pub fn server_cli<S: AsRef<str>>(paths: &LabPaths, args: &[S]) -> Result<String> {
     let bin = tool("spire-server").map_err(Error::Prerequisite)?;
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let out = Command::new(&bin)
-        .args(args)
+        .args(&args)
         .arg("-socketPath")
         .arg(server_socket(paths))
         .stdin(Stdio::null())
@@ -283,14 +273,6 @@ pub fn server_cli(paths: &LabPaths, args: &[&str]) -> Result<String> {
         )));
     }
     Ok(stdout)
-}
-
-/// The value of a `Name: value` / `Name   : value` line of spire-server's text output.
-pub fn fields<'a>(out: &'a str, name: &'a str) -> impl Iterator<Item = String> + 'a {
-    out.lines().filter_map(move |l| {
-        let (k, v) = l.split_once(':')?;
-        (k.trim() == name).then(|| v.trim().to_owned())
-    })
 }
 
 fn field(out: &str, name: &str) -> Result<String> {
@@ -330,31 +312,20 @@ pub(crate) fn register(
     ));
     let bundle = server_cli(paths, &["bundle", "show"])?;
     sys::write_atomic(&bundle_path(paths), bundle.as_bytes())?;
-    let ttl = spec.svid_ttl.as_secs().to_string();
     let mut entries = 0;
     for n in &spec.nodes {
         let alias = node_alias(spec, &n.name);
         let out = server_cli(paths, &["token", "generate", "-spiffeID", &alias])?;
         let token = field(&out, "Token")?;
-        let mut create = |id: &str, selectors: &[String]| -> Result<()> {
-            let mut args = vec![
-                "entry",
-                "create",
-                "-parentID",
-                &alias,
-                "-spiffeID",
-                id,
-                "-x509SVIDTTL",
-                &ttl,
-            ];
-            for s in selectors {
-                args.extend(["-selector", s.as_str()]);
-            }
-            server_cli(paths, &args)?;
+        let mut create = |id: &str, selectors: &[&str]| -> Result<()> {
+            server_cli(
+                paths,
+                &cli::entry_create_args(&alias, id, selectors, Some(spec.svid_ttl)),
+            )?;
             entries += 1;
             Ok(())
         };
-        create(&node_agent_id(spec, &n.name), &["unix:uid:0".to_string()])?;
+        create(&node_agent_id(spec, &n.name), &["unix:uid:0"])?;
         let mut done: Vec<(&str, &str)> = Vec::new();
         for p in spec.pods.iter().filter(|p| p.node == n.name) {
             let key = (p.namespace.as_str(), p.service_account.as_str());
@@ -365,8 +336,8 @@ pub(crate) fn register(
             create(
                 &pod_id(spec, &p.namespace, &p.service_account),
                 &[
-                    format!("k8s:ns:{}", p.namespace),
-                    format!("k8s:sa:{}", p.service_account),
+                    &format!("k8s:ns:{}", p.namespace),
+                    &format!("k8s:sa:{}", p.service_account),
                 ],
             )?;
         }
@@ -378,7 +349,8 @@ pub(crate) fn register(
         ));
     }
     progress.step(format!(
-        "{entries} SPIRE registration entries (x509 SVID TTL {ttl}s, CA TTL {}s)",
+        "{entries} SPIRE registration entries (x509 SVID TTL {}s, CA TTL {}s)",
+        spec.svid_ttl.as_secs(),
         ca_ttl(spec).as_secs()
     ));
     Ok(())
