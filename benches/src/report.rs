@@ -436,33 +436,81 @@ fn status_word(met: Option<bool>) -> &'static str {
     match met {
         Some(true) => "met",
         Some(false) => "MISSED",
-        None => "n/a",
+        None => "not measured",
     }
 }
 
-/// The text table printed at the end of a run.
-pub fn text(
+/// A table given once and drawn two ways: aligned columns for the terminal, Markdown for
+/// benches/README.md. The first column is left-aligned, the others right-aligned.
+struct Table {
+    head: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(head: &[&str]) -> Self {
+        Table {
+            head: head.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        debug_assert_eq!(cells.len(), self.head.len());
+        self.rows.push(cells);
+    }
+
+    fn text(&self) -> String {
+        let lines = || std::iter::once(&self.head).chain(&self.rows);
+        let widths: Vec<usize> = (0..self.head.len())
+            .map(|c| lines().map(|l| l[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut s = String::new();
+        for l in lines() {
+            let mut line = format!("  {:<w$}", l[0], w = widths[0]);
+            for (cell, w) in l.iter().zip(&widths).skip(1) {
+                line.push_str(&format!("  {cell:>w$}"));
+            }
+            s.push_str(line.trim_end());
+            s.push('\n');
+        }
+        s
+    }
+
+    fn markdown(&self) -> String {
+        let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
+        let rule: Vec<&str> = (0..self.head.len())
+            .map(|c| if c == 0 { "---" } else { "---:" })
+            .collect();
+        let mut s = line(&self.head) + &format!("|{}|\n", rule.join("|"));
+        for r in &self.rows {
+            s.push_str(&line(r));
+        }
+        s
+    }
+}
+
+/// The report's tables: medians against every contender, idle cost, TC cost (when measured)
+/// and targets; and the TC section's one line when there is no table to show.
+fn tables(
     med: &BTreeMap<&'static str, Medians>,
     targets: &[Target],
     idle: &[IdleSample],
     tc: &TcCost,
-) -> String {
-    let mut s = String::new();
-    s.push_str(&format!(
-        "{:<28}{:>11}{:>9}{:>15}{:>14}{:>9}{:>12}{:>12}\n",
+) -> (Table, Table, Result<Table, String>, Table) {
+    let mut main = Table::new(&[
         "median",
         "plaintext",
         "veil",
         "boringtun-cli",
         "wireguard-go",
-        "veil/bt",
-        "veil/wg-go",
-        "veil/plain"
-    ));
+        "veil / boringtun-cli",
+        "veil / wireguard-go",
+        "veil / plaintext",
+    ]);
     for (label, v, d) in rows(med) {
-        s.push_str(&format!(
-            "{:<28}{:>11}{:>9}{:>15}{:>14}{:>9}{:>12}{:>12}\n",
-            label,
+        main.row(vec![
+            label.to_string(),
             f(v[0], d),
             f(v[1], d),
             f(v[2], d),
@@ -470,56 +518,78 @@ pub fn text(
             f(ratio(v[1], v[2]), 2),
             f(ratio(v[1], v[3]), 2),
             f(ratio(v[1], v[0]), 2),
-        ));
+        ]);
     }
-    s.push('\n');
-    s.push_str("idle (60 s window unless configured otherwise)\n");
+    let mut idle_t = Table::new(&["idle process", "CPU %", "RSS MB", "max RSS MB"]);
     for i in idle {
-        s.push_str(&format!(
-            "  {:<28} cpu {:>6.3} %   rss {:>6.1} MB (max {:.1})\n",
-            i.what, i.cpu_percent, i.rss_mb, i.rss_max_mb
-        ));
+        idle_t.row(vec![
+            i.what.clone(),
+            format!("{:.3}", i.cpu_percent),
+            format!("{:.1}", i.rss_mb),
+            format!("{:.1}", i.rss_max_mb),
+        ]);
     }
-    s.push('\n');
-    match tc {
+    let tc_t = match tc {
         TcCost::Ran { points, .. } if !points.is_empty() => {
-            s.push_str("TC per-packet cost (tc-cost --json, medians over rounds)\n");
+            let mut t = Table::new(&[
+                "TC case",
+                "policy entries",
+                "median ns / packet",
+                "vs smallest map",
+            ]);
             for p in points {
-                s.push_str(&format!(
-                    "  {:<12} {:>7} entries  {:>8.1} ns/packet{}\n",
-                    p.case,
-                    p.entries,
-                    p.median_ns,
-                    p.ratio.map_or(String::new(), |r| format!("  {r:.3}x"))
-                ));
+                t.row(vec![
+                    p.case.clone(),
+                    p.entries.to_string(),
+                    format!("{:.1}", p.median_ns),
+                    f(p.ratio, 3),
+                ]);
             }
+            Ok(t)
         }
         TcCost::Ran { output, .. } => {
-            s.push_str(&format!("TC per-packet cost (tc-cost --json): {output}\n"))
+            Err(format!("TC per-packet cost (`tc-cost --json`): `{output}`"))
         }
-        TcCost::Failed { error } => s.push_str(&format!("TC per-packet cost: failed: {error}\n")),
-        TcCost::Missing => s.push_str(
-            "TC per-packet cost: not yet measurable (target/release/tc-cost not built)\n",
+        TcCost::Failed { error } => Err(format!("TC per-packet cost: failed: {error}")),
+        TcCost::Missing => Err(
+            "TC per-packet cost: not yet measurable here (`target/release/tc-cost` not built)"
+                .to_string(),
         ),
-    }
-    s.push_str("control plane: see control-bench's output (benches/results/control.json)\n\n");
-    s.push_str("targets\n");
+    };
+    let mut targets_t = Table::new(&["target", "measured", "goal", "status"]);
     for t in targets {
-        s.push_str(&format!(
-            "  [{:<6}] {:<48} {:>8} {:<3} target {}{}\n",
-            status_word(t.met),
-            t.name,
-            f(t.measured, 3),
-            t.unit,
-            t.target,
-            if t.note.is_empty() {
-                String::new()
-            } else {
-                format!("  ({})", t.note)
-            }
-        ));
+        let note = if t.note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", t.note)
+        };
+        targets_t.row(vec![
+            t.name.clone(),
+            format!("{} {}", f(t.measured, 3), t.unit),
+            t.target.clone(),
+            format!("{}{note}", status_word(t.met)),
+        ]);
     }
-    s
+    (main, idle_t, tc_t, targets_t)
+}
+
+/// The text tables printed at the end of a run.
+pub fn text(
+    med: &BTreeMap<&'static str, Medians>,
+    targets: &[Target],
+    idle: &[IdleSample],
+    tc: &TcCost,
+) -> String {
+    let (main, idle, tc, targets) = tables(med, targets, idle, tc);
+    let tc = tc.map_or_else(|line| format!("{line}\n"), |t| t.text());
+    format!(
+        "{}\nidle (60 s window unless configured otherwise)\n{}\n{tc}\n\
+         control plane: see control-bench's output (benches/results/control.json)\n\n\
+         targets\n{}",
+        main.text(),
+        idle.text(),
+        targets.text()
+    )
 }
 
 /// The same, as Markdown tables for benches/README.md.
@@ -530,71 +600,14 @@ pub fn markdown(
     tc: &TcCost,
     header: &str,
 ) -> String {
-    let mut s = String::new();
-    s.push_str(header);
-    s.push_str("\n\n| median | plaintext | veil | boringtun-cli | wireguard-go | veil / boringtun-cli | veil / wireguard-go | veil / plaintext |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
-    for (label, v, d) in rows(med) {
-        s.push_str(&format!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
-            f(v[0], d),
-            f(v[1], d),
-            f(v[2], d),
-            f(v[3], d),
-            f(ratio(v[1], v[2]), 2),
-            f(ratio(v[1], v[3]), 2),
-            f(ratio(v[1], v[0]), 2)
-        ));
-    }
-    s.push_str("\n| idle process | CPU % | RSS MB | max RSS MB |\n|---|---:|---:|---:|\n");
-    for i in idle {
-        s.push_str(&format!(
-            "| {} | {:.3} | {:.1} | {:.1} |\n",
-            i.what, i.cpu_percent, i.rss_mb, i.rss_max_mb
-        ));
-    }
-    match tc {
-        TcCost::Ran { points, .. } if !points.is_empty() => {
-            s.push_str("\n| TC case | policy entries | median ns / packet | vs smallest map |\n|---|---:|---:|---:|\n");
-            for p in points {
-                s.push_str(&format!(
-                    "| {} | {} | {:.1} | {} |\n",
-                    p.case,
-                    p.entries,
-                    p.median_ns,
-                    f(p.ratio, 3)
-                ));
-            }
-        }
-        TcCost::Ran { output, .. } => {
-            s.push_str(&format!("\nTC per-packet cost (`tc-cost --json`): `{output}`\n"))
-        }
-        TcCost::Failed { error } => s.push_str(&format!("\nTC per-packet cost: failed: {error}\n")),
-        TcCost::Missing => s.push_str(
-            "\nTC per-packet cost: **not yet measurable** here (`target/release/tc-cost` not built).\n",
-        ),
-    }
-    s.push_str("\n| target | measured | target | status |\n|---|---:|---|---|\n");
-    for t in targets {
-        let status = match t.met {
-            Some(true) => "met".to_string(),
-            Some(false) => "**MISSED**".to_string(),
-            None => "not measured".to_string(),
-        };
-        s.push_str(&format!(
-            "| {} | {} {} | {} | {}{} |\n",
-            t.name,
-            f(t.measured, 3),
-            t.unit,
-            t.target,
-            status,
-            if t.note.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", t.note)
-            }
-        ));
-    }
-    s
+    let (main, idle, tc, targets) = tables(med, targets, idle, tc);
+    let tc = tc.map_or_else(|line| format!("{line}\n"), |t| t.markdown());
+    format!(
+        "{header}\n\n{}\n{}\n{tc}\n{}",
+        main.markdown(),
+        idle.markdown(),
+        targets.markdown()
+    )
 }
 
 #[cfg(test)]
@@ -783,5 +796,60 @@ mod tests {
         let find = |n: &str| t.iter().find(|x| x.name.starts_with(n)).unwrap();
         assert_eq!(find("TC per-packet cost").measured, Some(1.062));
         assert_eq!(find("TC per-packet cost").met, Some(true));
+    }
+
+    #[test]
+    fn one_table_renders_aligned_text_and_markdown() {
+        let mut t = Table::new(&["median", "veil", "veil / wireguard-go"]);
+        t.row(vec![
+            "TCP 1 stream (Gbit/s)".into(),
+            "5.60".into(),
+            "1.36".into(),
+        ]);
+        t.row(vec!["RR p50 (µs)".into(), "104.7".into(), "0.62".into()]);
+        assert_eq!(
+            t.text(),
+            "  median                  veil  veil / wireguard-go\n\
+             \x20 TCP 1 stream (Gbit/s)   5.60                 1.36\n\
+             \x20 RR p50 (µs)            104.7                 0.62\n"
+        );
+        assert_eq!(
+            t.markdown(),
+            "| median | veil | veil / wireguard-go |\n|---|---:|---:|\n\
+             | TCP 1 stream (Gbit/s) | 5.60 | 1.36 |\n| RR p50 (µs) | 104.7 | 0.62 |\n"
+        );
+        // The whole report: every contender's median, each target with its status, in both.
+        let mut med = BTreeMap::new();
+        for (c, t1) in [
+            (Contender::Plaintext, 20.0),
+            (Contender::Veil, 3.0),
+            (Contender::Boringtun, 0.6),
+            (Contender::WireguardGo, 4.0),
+        ] {
+            let m = Medians {
+                tcp1_gbit_per_s: Some(t1),
+                ..Default::default()
+            };
+            med.insert(c.key(), m);
+        }
+        let stale = Err("no control run".to_string());
+        let targets = targets(&med, &[], None, &stale);
+        for out in [
+            text(&med, &targets, &[], &TcCost::Missing),
+            markdown(&med, &targets, &[], &TcCost::Missing, "Run: test."),
+        ] {
+            for cell in [
+                "20.00",
+                "3.00",
+                "0.60",
+                "4.00",
+                "0.75",
+                "MISSED",
+                "not measured",
+            ] {
+                assert!(out.contains(cell), "{cell:?} missing from\n{out}");
+            }
+            assert!(out.contains("not yet measurable"), "{out}");
+        }
     }
 }
