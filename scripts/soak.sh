@@ -5,8 +5,8 @@
 # appear. Not part of CI (an hour by default). Prints a summary table, exits non-zero if any
 # criterion fails, and always takes its lab down (also on Ctrl-C).
 #
-# It runs a copy of target/release/veil and veil-wg (the lab starts the veil-wg beside the veil
-# binary), so a rebuild during the run does not change what is measured.
+# It runs a copy of target/release/veil, veil-wg and veil-proxy (the agents start the veil-wg and
+# veil-proxy beside the veil binary), so a rebuild during the run does not change what is measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -46,7 +46,8 @@ Options:
   --name N       lab name, 1-8 of a-z0-9- (default soak)
   --warmup W     5m (default); capped at a third of the duration
   --identity I   spire (default; real spire-server and spire-agents) or dev
-  --bin DIR      take veil and veil-wg from DIR (default target/release); copied either way
+  --bin DIR      take veil, veil-wg and veil-proxy from DIR (default target/release); copied
+                 either way
   --out DIR      where samples, traffic records, logs and the summary go
                  (default /tmp/soak-NAME-<UTC time>)
 EOF
@@ -91,7 +92,7 @@ if [[ -e $RUN_ROOT/$NAME ]]; then
 fi
 OUT=${OUT:-/tmp/soak-$NAME-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/bin" "$OUT/traffic"
-for b in veil veil-wg; do
+for b in veil veil-wg veil-proxy; do
     [[ -x $BIN/$b ]] || { echo "soak: $BIN/$b missing (cargo build --release)" >&2; exit 2; }
     cp -p "$BIN/$b" "$OUT/bin/$b"
 done
@@ -139,7 +140,7 @@ spawn() {
 
 # --- lab ------------------------------------------------------------------------------------
 log "soak of lab $NAME for ${DUR}s (warm-up ${WARM}s), identity $IDENTITY, output $OUT"
-for b in veil veil-wg; do
+for b in veil veil-wg veil-proxy; do
     log "binary $b: from $BIN, built $(date -u -r "$OUT/bin/$b" '+%F %T') UTC, sha256 $(sha256sum "$OUT/bin/$b" | cut -c1-12)"
 done
 # HEAD at the start; the binaries were built from whatever tree was there when they were built.
@@ -461,6 +462,11 @@ NERR=$(awk 'NF' <<<"$ERRS" | wc -l)
 [[ $NERR == 0 ]] && r=PASS || r=FAIL
 row "logs" $r "$NERR error/panic lines (rule of tests/src/lib.rs); WARN lines: $(cat "$OUT"/logs/agent-*.log 2>/dev/null | grep -c ' WARN ')"
 ((NERR)) && { echo "$ERRS" >"$OUT/error-lines.txt"; head -20 <<<"$ERRS" | sed 's/^/    /' >>"$OUT/soak.log"; }
+# The agents' warnings, by message (timestamp and fields after the message left out), for the
+# reader: a warning repeated all hour is noise or a fault, and neither shows in a count alone.
+WARNS=$(cat "$OUT"/logs/agent-*.log 2>/dev/null | grep ' WARN ' \
+    | sed -E 's/^[^ ]+ +WARN +//; s/ [a-z_]+=.*$//' | cut -c1-140 | sort | uniq -c | sort -rn | head -10)
+[[ -n $WARNS ]] && row "warnings" info "agents' WARN lines by message (count, target: message):$(sed 's/^ */\n             /' <<<"$WARNS")"
 
 LOAD=$(awk -F, 'NR>1 {s+=$2; n++; if ($2>m) m=$2} END {if (n) printf "mean %.2f, max %.2f", s/n, m}' "$OUT/progress.csv")
 

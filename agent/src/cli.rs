@@ -279,8 +279,11 @@ pub fn format_status(st: &api::Status) -> String {
         );
     }
     if let Some(p) = &st.proxy {
-        let state = match (p.running, p.pid) {
-            (true, Some(pid)) => format!("running (pid {pid})"),
+        let state = match (p.running, p.pid, &p.last_error) {
+            (true, Some(pid), _) => format!("running (pid {pid})"),
+            (_, _, Some(e)) => format!(
+                "NOT RUNNING (L7-policed connections are dropped: proxy-unavailable; cannot start: {e})"
+            ),
             _ => "NOT RUNNING (L7-policed connections are dropped: proxy-unavailable)".into(),
         };
         let _ = writeln!(

@@ -8,7 +8,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -44,10 +44,48 @@ pub struct ProxyStatus {
     /// Requests decided since this agent started, and how many were refused.
     pub requests: u64,
     pub denied: u64,
+    /// Why the last start failed, while the proxy does not run (a missing or unrunnable binary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// How long a started proxy has to open its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Between tries to reach or start the proxy.
+const RETRY: veil_common::backoff::Backoff =
+    veil_common::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
+/// A proxy that cannot be started is warned about at its first failure and then at most this
+/// often while it keeps failing (every try is a debug line): one WARN every 5 s retry would
+/// bury everything else in the log.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Failed starts since the proxy last ran (sans-IO: the caller gives the clock).
+#[derive(Debug, Default)]
+struct StartFailures {
+    attempts: u32,
+    last_warned: Option<Instant>,
+}
+
+impl StartFailures {
+    /// Counts a failed start at `now`; is it to be said at WARN?
+    fn failed(&mut self, now: Instant) -> bool {
+        self.attempts += 1;
+        let due = self
+            .last_warned
+            .is_none_or(|t| now.saturating_duration_since(t) >= WARN_EVERY);
+        if due {
+            self.last_warned = Some(now);
+        }
+        due
+    }
+
+    /// The proxy runs: how many starts had failed before (0: none), and the count starts over.
+    fn recovered(&mut self) -> u32 {
+        std::mem::take(self).attempts
+    }
+}
 
 /// Runs until `stop` resolves.
 pub async fn run(
@@ -61,7 +99,8 @@ pub async fn run(
     status.lock().expect("proxy status lock").listen_port = launch.listen_port;
     let mut child: Option<Child> = None;
     let mut seen_running = false;
-    let mut backoff = Duration::from_millis(100);
+    let mut retries = 0;
+    let mut failures = StartFailures::default();
     loop {
         let stream = match UnixStream::connect(&launch.control).await {
             Ok(s) => Some(s),
@@ -80,7 +119,13 @@ pub async fn run(
                         connect_within(&launch.control, START_TIMEOUT).await
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot start veil-proxy");
+                        let error = crate::error_chain(&e);
+                        if failures.failed(Instant::now()) {
+                            tracing::warn!(%error, failed_starts = failures.attempts, "cannot start veil-proxy: L7-policed connections are dropped (proxy-unavailable) until it runs (said at most once a minute)");
+                        } else {
+                            tracing::debug!(%error, failed_starts = failures.attempts, "cannot start veil-proxy");
+                        }
+                        status.lock().expect("proxy status lock").last_error = Some(error);
                         None
                     }
                 }
@@ -89,7 +134,12 @@ pub async fn run(
         match stream {
             Some(s) => {
                 seen_running = true;
-                backoff = Duration::from_millis(100);
+                retries = 0;
+                let failed = failures.recovered();
+                if failed > 0 {
+                    tracing::info!(failed_starts = failed, "veil-proxy started after failing");
+                }
+                status.lock().expect("proxy status lock").last_error = None;
                 tokio::select! {
                     _ = &mut stop => return,
                     r = session(s, &mut config_rx, &on_record, &status) => {
@@ -105,9 +155,9 @@ pub async fn run(
             None => {
                 tokio::select! {
                     _ = &mut stop => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(RETRY.delay(retries)) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                retries = retries.saturating_add(1);
             }
         }
     }
@@ -201,5 +251,33 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxy_that_cannot_start_is_warned_about_once_a_minute_and_counted() {
+        let t0 = Instant::now();
+        let mut f = StartFailures::default();
+        assert!(f.failed(t0), "the first failure is warned about");
+        // The 5 s retries of the next minute are not.
+        for i in 1..12 {
+            assert!(!f.failed(t0 + Duration::from_secs(5 * i)), "retry {i}");
+        }
+        assert!(f.failed(t0 + WARN_EVERY), "a minute later it is said again");
+        assert_eq!(f.attempts, 13);
+        assert_eq!(f.recovered(), 13);
+        assert_eq!(f.recovered(), 0);
+        // A new episode is warned about at once.
+        assert!(f.failed(t0 + WARN_EVERY + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn retries_back_off_to_five_seconds() {
+        let ms: Vec<u128> = (0..8).map(|n| RETRY.delay(n).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
     }
 }
