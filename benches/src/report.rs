@@ -436,14 +436,17 @@ fn status_word(met: Option<bool>) -> &'static str {
     match met {
         Some(true) => "met",
         Some(false) => "MISSED",
-        None => "not measured",
+        None => "n/a",
     }
 }
 
 /// A table given once and drawn two ways: aligned columns for the terminal, Markdown for
-/// benches/README.md. The first column is left-aligned, the others right-aligned.
+/// benches/README.md. The first column is left-aligned, the others right-aligned (numbers)
+/// unless marked as text.
 struct Table {
     head: Vec<String>,
+    /// Per column: left-aligned?
+    left: Vec<bool>,
     rows: Vec<Vec<String>>,
 }
 
@@ -451,8 +454,17 @@ impl Table {
     fn new(head: &[&str]) -> Self {
         Table {
             head: head.iter().map(|h| h.to_string()).collect(),
+            left: (0..head.len()).map(|c| c == 0).collect(),
             rows: Vec::new(),
         }
+    }
+
+    /// Columns `cols` hold text: left-aligned.
+    fn text_columns(mut self, cols: &[usize]) -> Self {
+        for &c in cols {
+            self.left[c] = true;
+        }
+        self
     }
 
     fn row(&mut self, cells: Vec<String>) {
@@ -467,9 +479,13 @@ impl Table {
             .collect();
         let mut s = String::new();
         for l in lines() {
-            let mut line = format!("  {:<w$}", l[0], w = widths[0]);
-            for (cell, w) in l.iter().zip(&widths).skip(1) {
-                line.push_str(&format!("  {cell:>w$}"));
+            let mut line = String::new();
+            for ((cell, w), left) in l.iter().zip(&widths).zip(&self.left) {
+                if *left {
+                    line.push_str(&format!("  {cell:<w$}"));
+                } else {
+                    line.push_str(&format!("  {cell:>w$}"));
+                }
             }
             s.push_str(line.trim_end());
             s.push('\n');
@@ -479,8 +495,10 @@ impl Table {
 
     fn markdown(&self) -> String {
         let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
-        let rule: Vec<&str> = (0..self.head.len())
-            .map(|c| if c == 0 { "---" } else { "---:" })
+        let rule: Vec<&str> = self
+            .left
+            .iter()
+            .map(|l| if *l { "---" } else { "---:" })
             .collect();
         let mut s = line(&self.head) + &format!("|{}|\n", rule.join("|"));
         for r in &self.rows {
@@ -556,7 +574,7 @@ fn tables(
                 .to_string(),
         ),
     };
-    let mut targets_t = Table::new(&["target", "measured", "goal", "status"]);
+    let mut targets_t = Table::new(&["target", "measured", "goal", "status"]).text_columns(&[2, 3]);
     for t in targets {
         let note = if t.note.is_empty() {
             String::new()
@@ -818,6 +836,15 @@ mod tests {
             "| median | veil | veil / wireguard-go |\n|---|---:|---:|\n\
              | TCP 1 stream (Gbit/s) | 5.60 | 1.36 |\n| RR p50 (µs) | 104.7 | 0.62 |\n"
         );
+        // A text column is left-aligned in both.
+        let mut t = Table::new(&["target", "goal"]).text_columns(&[1]);
+        t.row(vec!["a".into(), ">= 1.5x".into()]);
+        t.row(vec!["bb".into(), "< 1".into()]);
+        assert_eq!(
+            t.text(),
+            "  target  goal\n  a       >= 1.5x\n  bb      < 1\n"
+        );
+        assert!(t.markdown().contains("\n|---|---|\n"), "{}", t.markdown());
         // The whole report: every contender's median, each target with its status, in both.
         let mut med = BTreeMap::new();
         for (c, t1) in [
@@ -838,15 +865,7 @@ mod tests {
             text(&med, &targets, &[], &TcCost::Missing),
             markdown(&med, &targets, &[], &TcCost::Missing, "Run: test."),
         ] {
-            for cell in [
-                "20.00",
-                "3.00",
-                "0.60",
-                "4.00",
-                "0.75",
-                "MISSED",
-                "not measured",
-            ] {
+            for cell in ["20.00", "3.00", "0.60", "4.00", "0.75", "MISSED", "n/a"] {
                 assert!(out.contains(cell), "{cell:?} missing from\n{out}");
             }
             assert!(out.contains("not yet measurable"), "{out}");
