@@ -74,43 +74,44 @@ const NODE_B: &str = "node-b";
 /// lab's 198.19.N.0/24 pod ranges) and node-side veth.
 pub struct RefSpec {
     port: u16,
-    /// Interface `<lab>-<suffix><i>` on node i.
+    /// Interface `<lab>-<suffix><i>` on node i; endpoint namespaces `vb<suffix>-client` and
+    /// `vb<suffix>-server`; the node side of an endpoint's veth `vb<suffix>0`.
     suffix: &'static str,
-    /// (netns, address, the /24 routed to it): client end, server end.
-    ends: [(&'static str, &'static str, &'static str); 2],
-    /// The node side of an endpoint's veth.
-    host_veth: &'static str,
+    /// The client end is 198.19.`net`.10 in 198.19.`net`.0/24, the server end the next /24.
+    net: u8,
 }
 
 const BORINGTUN: RefSpec = RefSpec {
     port: 51830,
     suffix: "bt",
-    ends: [
-        ("vbbt-client", "198.19.201.10", "198.19.201.0/24"),
-        ("vbbt-server", "198.19.202.10", "198.19.202.0/24"),
-    ],
-    host_veth: "vbbt0",
+    net: 201,
 };
-
 const WIREGUARD_GO: RefSpec = RefSpec {
     port: 51831,
     suffix: "wg",
-    ends: [
-        ("vbwg-client", "198.19.203.10", "198.19.203.0/24"),
-        ("vbwg-server", "198.19.204.10", "198.19.204.0/24"),
-    ],
-    host_veth: "vbwg0",
+    net: 203,
 };
-
 const VEIL_WG: RefSpec = RefSpec {
     port: 51832,
     suffix: "vw",
-    ends: [
-        ("vbvw-client", "198.19.205.10", "198.19.205.0/24"),
-        ("vbvw-server", "198.19.206.10", "198.19.206.0/24"),
-    ],
-    host_veth: "vbvw0",
+    net: 205,
 };
+
+impl RefSpec {
+    /// End `i` (0 client, 1 server): its netns, its address, and the /24 routed to it.
+    fn end(&self, i: usize) -> (String, String, String) {
+        let net = u16::from(self.net) + i as u16;
+        (
+            format!("vb{}-{}", self.suffix, [CLIENT, SERVER][i]),
+            format!("198.19.{net}.10"),
+            format!("198.19.{net}.0/24"),
+        )
+    }
+
+    fn host_veth(&self) -> String {
+        format!("vb{}0", self.suffix)
+    }
+}
 
 /// An endpoint's gateway, on the node side of its veth (like the lab's pod gateway).
 const ENDPOINT_GATEWAY: &str = "169.254.1.1";
@@ -203,10 +204,11 @@ impl RefTunnel {
 
     /// Its client and server ends.
     pub fn endpoints(&self) -> Ends<'static> {
+        let (server, server_ip, _) = self.spec.end(1);
         Ends::Netns {
-            client: self.spec.ends[0].0.into(),
-            server: self.spec.ends[1].0.into(),
-            server_ip: self.spec.ends[1].1.into(),
+            client: self.spec.end(0).0,
+            server,
+            server_ip,
         }
     }
 
@@ -215,8 +217,9 @@ impl RefTunnel {
             cleanup::stop(child);
             let _ = std::fs::remove_file(format!("/var/run/wireguard/{iface}.sock"));
         }
-        for (ns, _, _) in self.spec.ends {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        for i in 0..2 {
+            let (ns, _, _) = self.spec.end(i);
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
     }
 }
@@ -409,18 +412,18 @@ pub fn start_reference(
                 "endpoint",
                 &format!("{}:{}", other.underlay_ip, spec.port),
                 "allowed-ips",
-                spec.ends[1 - i].2,
+                &spec.end(1 - i).2,
             ])
             .status()?;
         if !status.success() {
             bail!("wg set {iface} failed");
         }
         ip_in(netns, &["link", "set", iface, "mtu", &mtu, "up"])?;
-        let (ns, addr, _) = spec.ends[i];
-        add_endpoint(ns, addr, spec.host_veth, netns, &mtu)?;
+        let (ns, addr, _) = spec.end(i);
+        add_endpoint(&ns, &addr, &spec.host_veth(), netns, &mtu)?;
         ip_in(
             netns,
-            &["route", "replace", spec.ends[1 - i].2, "dev", iface],
+            &["route", "replace", &spec.end(1 - i).2, "dev", iface],
         )?;
     }
     Ok(bt)
@@ -647,5 +650,44 @@ pub fn warm_path(ends: &Ends<'_>) -> anyhow::Result<()> {
         }
         // Pause between ping attempts (each waits up to 1 s itself).
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_tunnels_keep_their_own_namespaces_addresses_and_ports() {
+        let end = |s: &RefSpec, i| {
+            let (n, a, r) = s.end(i);
+            format!("{n} {a} {r}")
+        };
+        assert_eq!(
+            end(&BORINGTUN, 0),
+            "vbbt-client 198.19.201.10 198.19.201.0/24"
+        );
+        assert_eq!(
+            end(&BORINGTUN, 1),
+            "vbbt-server 198.19.202.10 198.19.202.0/24"
+        );
+        assert_eq!(
+            end(&WIREGUARD_GO, 1),
+            "vbwg-server 198.19.204.10 198.19.204.0/24"
+        );
+        assert_eq!(WIREGUARD_GO.host_veth(), "vbwg0");
+        // All three run beside one plaintext lab at once: nothing may be shared.
+        let specs = [&BORINGTUN, &WIREGUARD_GO, &VEIL_WG];
+        let mut seen = std::collections::BTreeSet::new();
+        for s in specs {
+            for i in 0..2 {
+                let (n, a, r) = s.end(i);
+                for x in [n, a, r] {
+                    assert!(seen.insert(x.clone()), "{x} is used twice");
+                }
+            }
+            assert!(seen.insert(s.host_veth()));
+            assert!(seen.insert(s.port.to_string()));
+        }
     }
 }
