@@ -497,7 +497,7 @@ mod tests {
     use super::*;
     use crate::policy::{
         datapath_lookup, evaluate, parse::tests::BACKEND_INGRESS, parse::tests::ISSUE_EGRESS_L7,
-        parse_yaml, IdentityAllocator, Verdict,
+        parse_yaml, Verdict,
     };
     use policy_flags::{ALLOW, AUDIT, AUTH_REQUIRED, DENY, ENFORCED};
     use veil_common::maps::direction::{EGRESS, INGRESS};
@@ -564,20 +564,8 @@ mod tests {
         assert!(checked > 100, "only {checked} non-empty selections");
     }
 
-    /// The lab's pods: frontend 256, backend 257, intruder 258 in `shop`, and a frontend in
-    /// `other` (259).
     fn lab() -> Vec<(u32, IdentityLabels)> {
-        let mut a = IdentityAllocator::new();
-        for (ns, app) in [
-            ("shop", "frontend"),
-            ("shop", "backend"),
-            ("shop", "intruder"),
-            ("other", "frontend"),
-        ] {
-            a.allocate(ns, app, &[("app".to_owned(), app.to_owned())].into())
-                .unwrap();
-        }
-        a.identities()
+        crate::policy::reference::lab_identities()
     }
     const FE: u32 = 256;
     const BE: u32 = 257;

@@ -9,7 +9,7 @@ use veil_common::maps::{identity, policy_decision, PolicyEntry, PolicyKey};
 use super::{
     parse::{Direction, PeerRule, Policy, PortProtocol, Protocol},
     selector::Selector,
-    IdentityLabels, Mode, Verdict,
+    IdentityAllocator, IdentityLabels, Mode, Verdict,
 };
 
 /// The verdict for a packet between `local` (the endpoint on this node) and `remote`, to
@@ -167,6 +167,76 @@ pub fn datapath_lookup(
     }
 }
 
+/// Remotes every agreement check probes beside the known identities: the reserved ones (host,
+/// world, unknown, remote node) and one cluster identity no table knows.
+pub const STRANGER_REMOTES: [u32; 5] = [
+    identity::HOST,
+    identity::WORLD,
+    identity::UNKNOWN,
+    identity::REMOTE_NODE,
+    9999,
+];
+/// Ports probed: none (0), the edges of the ranges the generators use, well-known ones, the top.
+pub const PROBE_PORTS: [u16; 14] = [0, 1, 2, 53, 78, 79, 80, 81, 82, 443, 444, 8080, 9000, 65535];
+/// IP protocols probed: none, ICMP, TCP, UDP, SCTP, and one no rule names (GRE).
+pub const PROBE_PROTOS: [u8; 6] = [0, 1, 6, 17, 132, 47];
+
+/// Every flow where the compiled `map` and [`evaluate`] disagree: each of `locals` as the local
+/// endpoint; each identity of `ids` and each of [`STRANGER_REMOTES`] as the remote;
+/// [`PROBE_PORTS`] and `extra_ports`; [`PROBE_PROTOS`]; both directions. The property tests and
+/// the policy fuzz target (`fuzz/fuzz_targets/policy.rs`) hold the compiler to the reference
+/// through it.
+pub fn disagreements(
+    policies: &[Policy],
+    ids: &[(u32, IdentityLabels)],
+    locals: &[u32],
+    map: &BTreeMap<PolicyKey, PolicyEntry>,
+    extra_ports: &[u16],
+) -> Vec<String> {
+    let remotes: Vec<u32> = ids
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(STRANGER_REMOTES)
+        .collect();
+    let mut out = Vec::new();
+    for &l in locals {
+        for &r in &remotes {
+            for port in PROBE_PORTS.into_iter().chain(extra_ports.iter().copied()) {
+                for proto in PROBE_PROTOS {
+                    for d in Direction::ALL {
+                        let want = evaluate(policies, ids, l, r, port, proto, d);
+                        let got = datapath_lookup(map, l, r, port, proto, d);
+                        if got != want {
+                            out.push(format!(
+                                "{l}->{r} {port}/{proto} {d:?}: map {got:?}, reference {want:?}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The identities the compiler's table tests and the policy fuzz target probe with, as the lab
+/// allocates them: frontend 256, backend 257, intruder 258 in `shop` and a frontend in `other`
+/// (259), each labelled `app=<name>`.
+#[doc(hidden)]
+pub fn lab_identities() -> Vec<(u32, IdentityLabels)> {
+    let mut a = IdentityAllocator::new();
+    for (ns, app) in [
+        ("shop", "frontend"),
+        ("shop", "backend"),
+        ("shop", "intruder"),
+        ("other", "frontend"),
+    ] {
+        a.allocate(ns, app, &[("app".to_owned(), app.to_owned())].into())
+            .expect("four identities fit the allocator");
+    }
+    a.identities()
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::{collection::vec, option, prelude::*, sample::select};
@@ -179,7 +249,6 @@ mod tests {
             IngressRule, Kind, Metadata, Port, PortDenyRule, PortRule, Rule, MODE_ANNOTATION,
         },
         selector::{LabelKey, LabelValue, MatchLabels, Operator, Requirement},
-        IdentityAllocator,
     };
     use veil_common::maps::policy_flags;
 
@@ -187,16 +256,6 @@ mod tests {
     const KEYS: [&str; 4] = ["app", "tier", "k8s:io.kubernetes.pod.namespace", "k8s:app"];
     const VALUES: [&str; 6] = ["a", "b", "x", "ns1", "ns2", "z"];
     const PORTS: [u16; 4] = [1, 79, 80, 443];
-    const FLOW_PORTS: [u16; 12] = [0, 1, 2, 78, 79, 80, 81, 82, 443, 444, 8080, 65535];
-    const FLOW_PROTOS: [u8; 6] = [0, 1, 6, 17, 132, 47];
-    /// Reserved identities and one cluster id no table knows.
-    const STRANGERS: [u32; 5] = [
-        identity::HOST,
-        identity::WORLD,
-        identity::UNKNOWN,
-        identity::REMOTE_NODE,
-        9999,
-    ];
 
     fn key(k: &str) -> LabelKey {
         LabelKey::parse(k).unwrap()
@@ -447,34 +506,13 @@ mod tests {
         })
     }
 
-    /// Every flow where the compiled map and the reference disagree, for every local endpoint,
-    /// every known and unknown remote, and a spread of ports and protocols.
     fn mismatches(
         policies: &[Policy],
         ids: &[(u32, IdentityLabels)],
         locals: &[u32],
         map: &BTreeMap<PolicyKey, PolicyEntry>,
     ) -> Vec<String> {
-        let remotes: Vec<u32> = ids.iter().map(|(id, _)| *id).chain(STRANGERS).collect();
-        let mut out = Vec::new();
-        for &l in locals {
-            for &r in &remotes {
-                for port in FLOW_PORTS {
-                    for proto in FLOW_PROTOS {
-                        for d in Direction::ALL {
-                            let want = evaluate(policies, ids, l, r, port, proto, d);
-                            let got = datapath_lookup(map, l, r, port, proto, d);
-                            if got != want {
-                                out.push(format!(
-                                    "{l}->{r} {port}/{proto} {d:?}: map {got:?}, reference {want:?}"
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
+        disagreements(policies, ids, locals, map, &[])
     }
 
     /// The generators are worth something only if they reach every verdict and build real
@@ -492,11 +530,15 @@ mod tests {
             if !compile(&ps, &ids, &locals).unwrap().entries.is_empty() {
                 non_empty_maps += 1;
             }
-            let remotes: Vec<u32> = ids.iter().map(|(id, _)| *id).chain(STRANGERS).collect();
+            let remotes: Vec<u32> = ids
+                .iter()
+                .map(|(id, _)| *id)
+                .chain(STRANGER_REMOTES)
+                .collect();
             for &l in &locals {
                 for &r in &remotes {
-                    for port in FLOW_PORTS {
-                        for proto in FLOW_PROTOS {
+                    for port in PROBE_PORTS {
+                        for proto in PROBE_PROTOS {
                             for d in Direction::ALL {
                                 let v = evaluate(&ps, &ids, l, r, port, proto, d);
                                 *counts.entry(format!("{v:?}")).or_default() += 1;
