@@ -229,14 +229,21 @@ sample() {
     local t=$1 node
     # Processes by their command lines under this lab's run directory (anchored at argv[0]: this
     # awk's own command line names them too); veil-wg is the agent's child. One ps per sample
-    # (the machine is shared; no fork per /proc entry).
+    # (the machine is shared; no fork per /proc entry). A child the agent has forked and not yet
+    # exec'd carries the agent's command line: it is not a second agent (one sample on
+    # 2026-12-06 counted such a fork as two restarts of node-b's agent).
     ps -eo pid=,ppid=,rss=,args= | awk -v t="$t" -v lab="$RUN_ROOT/$NAME/" '
         { pid[$1] = $2; rss[$1] = $3; a = $0; sub(/^ *[0-9]+ +[0-9]+ +[0-9]+ +/, "", a); args[$1] = a }
+        function agent_node(a,    n) {
+            if (a !~ /^[^ ]*veil agent --config / || !index(a, " agent --config " lab "nodes/")) return ""
+            n = substr(a, index(a, "/nodes/") + 7); sub(/\/.*/, "", n); return n
+        }
         END {
             for (p in args) {
                 a = args[p]; name = ""
-                if (a ~ /^[^ ]*veil agent --config / && index(a, " agent --config " lab "nodes/")) {
-                    n = substr(a, index(a, "/nodes/") + 7); sub(/\/.*/, "", n); name = "agent-" n; agent[p] = n
+                if ((n = agent_node(a)) != "") {
+                    if (agent_node(args[pid[p]]) != "") continue
+                    name = "agent-" n; agent[p] = n
                 } else if (a ~ /^[^ ]*spire-server run / && index(a, lab)) {
                     name = "spire-server"
                 } else if (a ~ /^[^ ]*spire-agent run / && index(a, lab "spire/")) {
