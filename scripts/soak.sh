@@ -119,10 +119,18 @@ cleanup() {
     done < <(ip netns list 2>/dev/null)
     [[ -e $RUN_ROOT/$NAME ]] && LEFT+=("state $RUN_ROOT/$NAME")
     [[ -e /sys/fs/bpf/veil/$NAME ]] && LEFT+=("pins /sys/fs/bpf/veil/$NAME")
+    # This script and whatever started it (`timeout 2h scripts/soak.sh --name N ...`) name the
+    # lab on their command lines too: they are not leftovers.
+    local mine=" " p=$$
+    while ((p > 1)); do
+        mine+="$p "
+        p=$(ps -o ppid= -p "$p" 2>/dev/null | tr -d ' ')
+        [[ -n $p ]] || break
+    done
     for d in /proc/[0-9]*; do
         local c
         c=$(tr '\0' ' ' <"$d/cmdline" 2>/dev/null) || continue
-        [[ ${d#/proc/} == "$$" ]] && continue
+        [[ $mine == *" ${d#/proc/} "* ]] && continue
         if [[ $c == *"$RUN_ROOT/$NAME/"* || $c == *"--name $NAME "* ]]; then
             LEFT+=("process ${d#/proc/}: $c")
         fi
