@@ -506,15 +506,6 @@ mod tests {
         })
     }
 
-    fn mismatches(
-        policies: &[Policy],
-        ids: &[(u32, IdentityLabels)],
-        locals: &[u32],
-        map: &BTreeMap<PolicyKey, PolicyEntry>,
-    ) -> Vec<String> {
-        disagreements(policies, ids, locals, map, &[])
-    }
-
     /// The generators are worth something only if they reach every verdict and build real
     /// maps; this guards against them silently degenerating.
     #[test]
@@ -571,7 +562,7 @@ mod tests {
             }
             let c = compile(&ps, &ids, &locals).expect("compiles");
             prop_assert!(c.entries.keys().all(|k| locals.contains(&k.local_identity)));
-            let bad = mismatches(&ps, &ids, &locals, &c.entries);
+            let bad = disagreements(&ps, &ids, &locals, &c.entries, &[]);
             prop_assert!(bad.is_empty(), "{} mismatches, first: {}", bad.len(), bad[0]);
         }
 
@@ -601,7 +592,10 @@ mod tests {
         let ps = crate::policy::parse_yaml(yaml).unwrap();
         let locals = [a, b, c];
         let good = compile(&ps, &ids, &locals).unwrap().entries;
-        assert_eq!(mismatches(&ps, &ids, &locals, &good), Vec::<String>::new());
+        assert_eq!(
+            disagreements(&ps, &ids, &locals, &good, &[]),
+            Vec::<String>::new()
+        );
 
         let key =
             |l, r, dport, protocol, d: Direction| PolicyKey::new(l, r, dport, protocol, d.code());
@@ -662,7 +656,7 @@ mod tests {
             let mut bad = good.clone();
             corrupt(&mut bad);
             assert!(
-                !mismatches(&ps, &ids, &locals, &bad).is_empty(),
+                !disagreements(&ps, &ids, &locals, &bad, &[]).is_empty(),
                 "{what} not caught"
             );
         }
