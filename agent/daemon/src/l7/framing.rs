@@ -5,10 +5,17 @@
 //! headers, and the connection closes after the response. Nothing hidden behind the body is ever
 //! parsed, but the proxy cannot see that the request was ambiguous, so it could not refuse it.
 //! [`Scanner`] follows the same bytes hyper reads, head by head and body by body (fixed length or
-//! chunked), and remembers a head that carried both; the request handler then answers 400.
+//! chunked, with hyper's own rules for chunk-size lines and trailers), and remembers a head that
+//! carried both; the request handler then answers 400.
 //!
-//! The scanner only adds refusals. Where it cannot follow the stream (HTTP/2, an upgrade, a head
-//! or chunk line hyper itself refuses), it stops watching and hyper's own handling stands.
+//! The scanner only adds refusals, so it must keep up with hyper wherever hyper goes on reading
+//! requests: it stops watching only where hyper stops too (HTTP/2, which has no such framing; a
+//! head, chunk-size line or trailer hyper refuses, after which hyper closes the connection). An
+//! `Upgrade` or `CONNECT` request is followed like any other: veil-proxy never upgrades a
+//! connection (it strips `Upgrade`, and hyper ends a connection whose upgrade nobody takes), so
+//! after one hyper reads the next request as HTTP/1. [`requests_hyper_reads`] runs hyper as
+//! veil-proxy configures it over a stream, for the tests and the `l7_framing` fuzz target that
+//! hold the scanner to hyper's reading of the same bytes.
 
 use std::{
     io,
@@ -24,20 +31,47 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::proxy::{MAX_HEADERS, MAX_HEADER_BYTES};
 
-/// Longest chunk-size line followed (size, extensions, CRLF).
-const MAX_CHUNK_LINE: usize = 4096;
+/// Where in a chunk-size line (RFC 9112 §7.1, as hyper reads it: hex digits, optional spaces or
+/// tabs, an optional `;` extension of any length, CRLF).
+#[derive(Clone, Copy)]
+enum Line {
+    /// Before the first digit.
+    Start,
+    /// In the digits.
+    Size,
+    /// Spaces or tabs after the digits.
+    Space,
+    /// In the extension, up to its CR.
+    Extension,
+    /// After the CR.
+    Lf,
+}
+
+/// Where in the trailer section after the last chunk (hyper: CRLF-terminated lines up to an
+/// empty one).
+#[derive(Clone, Copy)]
+enum Trailer {
+    /// At the start of a line.
+    LineStart,
+    /// In a trailer line.
+    InLine,
+    /// After a trailer line's CR.
+    LineLf,
+    /// After the CR of the empty line that ends the section.
+    EndLf,
+}
 
 enum State {
     /// Accumulating a request head, up to its blank line.
     Head(Vec<u8>),
     /// Skipping a body of known length.
     Body(u64),
-    /// A chunk-size line.
-    ChunkSize(Vec<u8>),
+    /// A chunk-size line: the size so far and where in the line.
+    ChunkSize(u64, Line),
     /// Chunk data and the CRLF after it.
     ChunkData(u64),
-    /// The trailer section after the last chunk, up to its blank line.
-    Trailers(Vec<u8>),
+    /// The trailer section: where, and its bytes so far.
+    Trailers(Trailer, usize),
     /// Not followed any more.
     Off,
 }
@@ -68,6 +102,11 @@ impl Scanner {
         self.ambiguous
     }
 
+    /// Whether the scanner still follows the stream.
+    pub fn watching(&self) -> bool {
+        !matches!(self.state, State::Off)
+    }
+
     /// Consumes a prefix of `bytes` in the current state; how many bytes it used.
     fn step(&mut self, bytes: &[u8]) -> usize {
         match &mut self.state {
@@ -82,13 +121,15 @@ impl Scanner {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(data) {
-                    Ok(httparse::Status::Complete(end)) => {
+                    // hyper reads at most MAX_HEADER_BYTES before a head must be complete (431
+                    // beyond): a longer head is not followed, however the reads fell.
+                    Ok(httparse::Status::Complete(end)) if end <= MAX_HEADER_BYTES => {
                         let (next, ambiguous) = after_head(&req);
                         self.ambiguous |= ambiguous;
                         self.state = next;
                         end.saturating_sub(old).min(bytes.len())
                     }
-                    Ok(httparse::Status::Partial) if data.len() <= MAX_HEADER_BYTES => {
+                    Ok(httparse::Status::Partial) if data.len() < MAX_HEADER_BYTES => {
                         if old == 0 {
                             buf.extend_from_slice(bytes);
                         }
@@ -113,54 +154,96 @@ impl Scanner {
                 let n = (*left).min(bytes.len() as u64);
                 *left -= n;
                 if *left == 0 {
-                    self.state = State::ChunkSize(Vec::new());
+                    self.state = State::ChunkSize(0, Line::Start);
                 }
                 n as usize
             }
-            State::ChunkSize(line) => {
-                let Some(nl) = bytes.iter().position(|&b| b == b'\n') else {
-                    line.extend_from_slice(bytes);
-                    if line.len() > MAX_CHUNK_LINE {
-                        self.state = State::Off;
-                    }
-                    return bytes.len();
-                };
-                line.extend_from_slice(&bytes[..nl]);
-                self.state = match chunk_size(line) {
-                    Some(0) => State::Trailers(Vec::new()),
-                    // The data, then its CRLF.
-                    Some(n) => State::ChunkData(n.saturating_add(2)),
-                    None => State::Off,
-                };
-                nl + 1
+            State::ChunkSize(size, at) => {
+                let (size, at) = (*size, *at);
+                let (next, used) = chunk_line(size, at, bytes);
+                self.state = next;
+                used
             }
-            State::Trailers(buf) => {
-                // Byte by byte: a trailer section is a few lines at most.
-                buf.push(bytes[0]);
-                if buf.ends_with(b"\n") {
-                    let line = &buf[buf[..buf.len() - 1]
-                        .iter()
-                        .rposition(|&b| b == b'\n')
-                        .map_or(0, |i| i + 1)..];
-                    if line == b"\r\n" || line == b"\n" {
-                        self.state = State::Head(Vec::new());
-                        return 1;
-                    }
-                }
-                if buf.len() > MAX_HEADER_BYTES {
-                    self.state = State::Off;
-                }
-                1
+            State::Trailers(at, len) => {
+                let (at, len) = (*at, *len);
+                let (next, used) = trailers(at, len, bytes);
+                self.state = next;
+                used
             }
             State::Off => bytes.len(),
         }
     }
 }
 
+/// Follows a chunk-size line from `at` over `bytes` as hyper's chunked decoder does; the state
+/// after it and how many bytes it used. hyper refuses a line that is not digits, spaces, an
+/// extension and CRLF, a size over 64 bits, and extensions of 16 KiB and more in one body: the
+/// scanner stops where hyper refuses the first two and follows a long extension, which only
+/// hyper limits (after it, it closes the connection).
+fn chunk_line(mut size: u64, mut at: Line, bytes: &[u8]) -> (State, usize) {
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Line::Extension = at {
+            // The rest of the extension at once, up to its CR (or an LF, which hyper refuses).
+            let Some(end) = bytes[i..].iter().position(|&c| c == b'\r' || c == b'\n') else {
+                return (State::ChunkSize(size, at), bytes.len());
+            };
+            i += end;
+        }
+        let b = bytes[i];
+        i += 1;
+        at = match (at, b) {
+            (Line::Start | Line::Size, b) if b.is_ascii_hexdigit() => {
+                let digit = u64::from((b as char).to_digit(16).unwrap_or(0));
+                match size.checked_mul(16).and_then(|s| s.checked_add(digit)) {
+                    Some(s) => size = s,
+                    None => return (State::Off, i),
+                }
+                Line::Size
+            }
+            (Line::Size | Line::Space, b' ' | b'\t') => Line::Space,
+            (Line::Size | Line::Space, b';') => Line::Extension,
+            (Line::Size | Line::Space | Line::Extension, b'\r') => Line::Lf,
+            (Line::Lf, b'\n') => {
+                let next = if size == 0 {
+                    State::Trailers(Trailer::LineStart, 0)
+                } else {
+                    // The data, then its CRLF.
+                    State::ChunkData(size.saturating_add(2))
+                };
+                return (next, i);
+            }
+            _ => return (State::Off, i),
+        };
+    }
+    (State::ChunkSize(size, at), bytes.len())
+}
+
+/// Follows the trailer section from `at` (with `len` bytes so far) over `bytes` as hyper does;
+/// the state after it and how many bytes it used. hyper refuses a section of 16 KiB
+/// ([`MAX_HEADER_BYTES`]) or more and a CR without its LF; the scanner stops only after that.
+fn trailers(mut at: Trailer, mut len: usize, bytes: &[u8]) -> (State, usize) {
+    for (i, &b) in bytes.iter().enumerate() {
+        len += 1;
+        if len > MAX_HEADER_BYTES {
+            return (State::Off, i + 1);
+        }
+        at = match (at, b) {
+            (Trailer::LineStart, b'\r') => Trailer::EndLf,
+            (Trailer::EndLf, b'\n') => return (State::Head(Vec::new()), i + 1),
+            (Trailer::InLine, b'\r') => Trailer::LineLf,
+            (Trailer::LineStart | Trailer::InLine, _) => Trailer::InLine,
+            (Trailer::LineLf, b'\n') => Trailer::LineStart,
+            (Trailer::LineLf | Trailer::EndLf, _) => return (State::Off, i + 1),
+        };
+    }
+    (State::Trailers(at, len), bytes.len())
+}
+
 /// The state after a complete request head, and whether the head was ambiguous: both
 /// Transfer-Encoding and Content-Length, or two different Content-Lengths.
 fn after_head(req: &httparse::Request<'_, '_>) -> (State, bool) {
-    let (mut te, mut cl, mut cl_seen, mut upgrade) = (None, None, false, false);
+    let (mut te, mut cl, mut cl_seen) = (None, None, false);
     let mut first_cl: Option<&[u8]> = None;
     let mut lengths_differ = false;
     for h in req.headers.iter() {
@@ -174,19 +257,14 @@ fn after_head(req: &httparse::Request<'_, '_>) -> (State, bool) {
             cl = std::str::from_utf8(v)
                 .ok()
                 .and_then(|v| v.parse::<u64>().ok());
-        } else if h.name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
         }
     }
     if (te.is_some() && cl_seen) || lengths_differ {
         // hyper closes the connection after this request.
         return (State::Off, true);
     }
-    if upgrade || req.method == Some("CONNECT") {
-        return (State::Off, false);
-    }
     let next = match (te, cl) {
-        (Some(v), _) if last_coding_is_chunked(v) => State::ChunkSize(Vec::new()),
+        (Some(v), _) if last_coding_is_chunked(v) => State::ChunkSize(0, Line::Start),
         // Any other Transfer-Encoding is refused by hyper.
         (Some(_), _) => State::Off,
         (None, Some(0)) => State::Head(Vec::new()),
@@ -201,16 +279,6 @@ fn last_coding_is_chunked(v: &[u8]) -> bool {
     v.rsplit(|&b| b == b',')
         .next()
         .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-/// The size of a chunk-size line (hex, before any `;` extension), without its LF.
-fn chunk_size(line: &[u8]) -> Option<u64> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let size = line.split(|&b| b == b';').next()?.trim_ascii();
-    if size.is_empty() || size.len() > 16 {
-        return None;
-    }
-    u64::from_str_radix(std::str::from_utf8(size).ok()?, 16).ok()
 }
 
 /// The client's stream, with every byte read fed to a [`Scanner`]; `ambiguous` is set once it
@@ -277,6 +345,65 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
+}
+
+/// One request as hyper handed it on in [`requests_hyper_reads`].
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq)]
+pub struct SeenRequest {
+    pub path: String,
+    /// HTTP/1.x (the framing the scanner follows), not h2.
+    pub http1: bool,
+    /// Whether the connection's scanner had found an ambiguous head when hyper handed the
+    /// request on: what veil-proxy's handler checks first.
+    pub ambiguous: bool,
+}
+
+/// Serves `bytes` as one client connection (then end of stream) through hyper configured as
+/// veil-proxy's ([`super::proxy::server_builder`]), its reads watched by a [`Scanner`] as the
+/// proxy's are: the requests hyper hands on, in order. Each body is read to its end, as the
+/// proxy forwards it, and each request answered 404, as a backend might: a status after which
+/// hyper reads the next request of any kind (a 2xx to `CONNECT` would end the connection, as
+/// no upgrade is taken). No socket: an in-memory stream.
+#[doc(hidden)]
+pub async fn requests_hyper_reads(bytes: &[u8]) -> Vec<SeenRequest> {
+    use http_body_util::BodyExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    // Room for all of it: the write never waits for a server that stopped reading.
+    let (mut client, server) = tokio::io::duplex(bytes.len() + 64 * 1024);
+    let ambiguous = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let flag = ambiguous.clone();
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let _ = tx.send(SeenRequest {
+            path: req.uri().path().to_owned(),
+            http1: req.version() < hyper::Version::HTTP_2,
+            ambiguous: flag.load(Ordering::Relaxed),
+        });
+        async move {
+            let _ = req.into_body().collect().await;
+            let mut r = hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+            *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+            Ok::<_, std::convert::Infallible>(r)
+        }
+    });
+    let builder = super::proxy::server_builder();
+    let serve = builder.serve_connection(
+        hyper_util::rt::TokioIo::new(Watched::new(server, ambiguous)),
+        svc,
+    );
+    let talk = async {
+        let _ = client.write_all(bytes).await;
+        let _ = client.shutdown().await;
+        let _ = client.read_to_end(&mut Vec::new()).await;
+    };
+    let _ = tokio::join!(serve, talk);
+    let mut seen = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        seen.push(r);
+    }
+    seen
 }
 
 #[cfg(test)]
@@ -359,25 +486,163 @@ mod tests {
 
     #[test]
     fn streams_it_cannot_follow_are_left_to_hyper() {
-        // HTTP/2 prior knowledge, an upgrade, a malformed chunk size: no more watching, so an
-        // ambiguous-looking head after them is not reported (hyper handles those streams).
+        // HTTP/2 prior knowledge, a malformed chunk size: no more watching, so an
+        // ambiguous-looking head after them is not reported (hyper ends those streams itself).
         let h2 = [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" as &[u8], BOTH_TE_FIRST].concat();
         assert!(!scan(&[&h2]));
-        let upgrade = [
-            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n" as &[u8],
-            BOTH_TE_FIRST,
+        for bad in [
+            "zz\r\n",
+            // A size of more than 64 bits, an LF without its CR, a CR without its LF.
+            "10000000000000000\r\n",
+            "5\n",
+            "5\rx",
+            "5;ext\n",
+            // A digit after the spaces that end the size.
+            "5 5\r\n",
+        ] {
+            let bad_chunk = [
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                bad.as_bytes(),
+                BOTH_TE_FIRST,
+            ]
+            .concat();
+            assert!(!scan(&[&bad_chunk]), "{bad:?}");
+            assert!(!scan_bytewise(&bad_chunk), "{bad:?}");
+        }
+    }
+
+    /// Chunked bodies hyper reads to their end, however odd their size lines and trailers:
+    /// the scanner reads them too and finds the ambiguous head after them. Each of these
+    /// once stopped the watch while hyper went on reading requests.
+    const CHUNKED_HYPER_READS: [&str; 6] = [
+        // 20 digits, most of them leading zeros.
+        "00000000000000000003\r\nabc\r\n0\r\n\r\n",
+        // Spaces and tabs after the size, an extension, and both.
+        "3 \t \r\nabc\r\n0 \r\n\r\n",
+        "3;a=b;c\r\nabc\r\n0;x\r\n\r\n",
+        "3  ;a=\"b c\"\r\nabc\r\n0\r\n\r\n",
+        // Trailers.
+        "3\r\nabc\r\n0\r\nT: 1\r\nU: 2\r\n\r\n",
+        // Zero-size chunk straight after the head.
+        "0\r\n\r\n",
+    ];
+
+    fn chunked(body: &str) -> Vec<u8> {
+        [
+            b"POST /c HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n" as &[u8],
+            body.as_bytes(),
         ]
-        .concat();
-        assert!(!scan(&[&upgrade]));
-        let bad_chunk = [
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n" as &[u8],
-            BOTH_TE_FIRST,
-        ]
-        .concat();
-        assert!(!scan(&[&bad_chunk]));
-        assert_eq!(chunk_size(b"1f;ext=1\r"), Some(31));
-        assert_eq!(chunk_size(b"\r"), None);
-        assert_eq!(chunk_size(b"12345678901234567\r"), None);
+        .concat()
+    }
+
+    #[test]
+    fn chunk_size_lines_and_trailers_are_read_as_hyper_reads_them() {
+        // An extension of 8 KiB (hyper allows up to 16 KiB of them in a body).
+        let long_extension = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(8 * 1024));
+        let bodies = CHUNKED_HYPER_READS
+            .iter()
+            .copied()
+            .chain([&*long_extension]);
+        for body in bodies {
+            let then = [&chunked(body), BOTH_TE_FIRST].concat();
+            assert!(scan(&[&then]), "{body:?}");
+            assert!(scan_bytewise(&then), "{body:?}");
+            // The body alone is not ambiguous and leaves the scanner reading heads.
+            let mut s = Scanner::default();
+            assert!(!s.feed(&chunked(body)), "{body:?}");
+            assert!(matches!(s.state, State::Head(_)), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn an_upgrade_or_connect_request_is_followed_like_any_other() {
+        // veil-proxy strips Upgrade and never switches protocols, so hyper reads the next
+        // request on the connection as HTTP/1.
+        for first in [
+            "GET / HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "CONNECT b:443 HTTP/1.1\r\nHost: b:443\r\n\r\n",
+            "POST / HTTP/1.1\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc",
+        ] {
+            let then = [first.as_bytes(), BOTH_TE_FIRST].concat();
+            assert!(scan(&[&then]), "{first:?}");
+            assert!(scan_bytewise(&then), "{first:?}");
+        }
+    }
+
+    /// What [`requests_hyper_reads`] saw of the probe: an ambiguous request after `prefix`.
+    fn probe_after(prefix: &[u8]) -> Vec<SeenRequest> {
+        let probe = b"POST /probe HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n";
+        let bytes = [prefix, probe].concat();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(requests_hyper_reads(&bytes))
+            .into_iter()
+            .filter(|r| r.path == "/probe")
+            .collect()
+    }
+
+    #[test]
+    fn every_ambiguous_request_hyper_hands_on_has_been_flagged() {
+        // The streams above, served by hyper as veil-proxy configures it: hyper does read the
+        // ambiguous request after each of them, and by then the scanner has flagged it.
+        let long_extension = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(8 * 1024));
+        let mut prefixes: Vec<Vec<u8>> = CHUNKED_HYPER_READS
+            .iter()
+            .chain([&*long_extension].iter())
+            .map(|b| chunked(b))
+            .collect();
+        prefixes.extend(
+            [
+                "",
+                "GET /a HTTP/1.1\r\nHost: b\r\n\r\n",
+                "POST /b HTTP/1.1\r\nHost: b\r\nContent-Length: 3\r\n\r\nabc",
+                "GET / HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+                "CONNECT b:443 HTTP/1.1\r\nHost: b:443\r\n\r\n",
+            ]
+            .map(|p| p.as_bytes().to_vec()),
+        );
+        for prefix in &prefixes {
+            let seen = probe_after(prefix);
+            let shown = String::from_utf8_lossy(prefix);
+            assert_eq!(
+                seen.len(),
+                1,
+                "hyper did not read the probe after {shown:?}"
+            );
+            assert!(seen[0].ambiguous, "not flagged after {shown:?}");
+        }
+        // And hyper stops where the scanner does: after a size line it refuses.
+        assert_eq!(probe_after(&chunked("5\n")), vec![]);
+    }
+
+    #[test]
+    fn the_reads_a_stream_comes_in_do_not_change_what_is_found() {
+        // Whole, byte by byte, or in reads of any size; around the limits too: a head longer
+        // than hyper reads stops the watch however it was cut.
+        let long_head = format!(
+            "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HEADER_BYTES)
+        );
+        let near_limit = format!(
+            "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HEADER_BYTES - 24)
+        );
+        let mut streams: Vec<Vec<u8>> = CHUNKED_HYPER_READS.iter().map(|b| chunked(b)).collect();
+        streams.extend([long_head.into_bytes(), near_limit.into_bytes()]);
+        for stream in &streams {
+            let then = [stream, BOTH_TE_FIRST].concat();
+            let mut whole = Scanner::default();
+            let found = whole.feed(&then);
+            for cut in [1, 2, 7, 100, 4096, 16 * 1024] {
+                let mut s = Scanner::default();
+                let got = then.chunks(cut).fold(false, |_, c| s.feed(c));
+                let shown = String::from_utf8_lossy(&stream[..stream.len().min(60)]);
+                assert_eq!(got, found, "reads of {cut}: {shown:?}");
+                assert_eq!(s.watching(), whole.watching(), "reads of {cut}: {shown:?}");
+            }
+        }
     }
 
     #[test]

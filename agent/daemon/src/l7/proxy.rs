@@ -425,6 +425,17 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
         let (state, conn) = (state.clone(), conn.clone());
         async move { Ok::<_, std::convert::Infallible>(handle(req, &state, &conn).await) }
     });
+    if let Err(e) = server_builder()
+        .serve_connection(TokioIo::new(stream), svc)
+        .await
+    {
+        tracing::debug!(%src, %dst, error = %e, "connection ended");
+    }
+}
+
+/// hyper's server as veil-proxy runs it on a client connection: HTTP/1.1 or h2c by the
+/// preface, the header limits and the header timeout.
+pub(super) fn server_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -436,9 +447,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-        tracing::debug!(%src, %dst, error = %e, "connection ended");
-    }
+    builder
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
