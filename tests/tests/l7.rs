@@ -531,14 +531,21 @@ send([b"GET /api/products HTTP/1.1\r\n", b"X-A: 1\r\n"], pause=1)
 
 /// Request smuggling from a pod: an allowed request framed by both Content-Length and
 /// Transfer-Encoding (in the order of argv[2]: `cl-te` or `te-cl`), with a denied request hidden
-/// after its chunked body. Prints every status line received until the proxy closes the
-/// connection.
+/// after its chunked body; argv[3], if given, is sent first on the same connection: `upgrade`,
+/// an allowed request asking for a WebSocket upgrade, or `zeros`, an allowed request with a
+/// chunked body whose size has leading zeros (hyper reads on after both; the framing watch once
+/// stopped at them). Prints every status line received until the proxy closes the connection.
 const SMUGGLE: &str = r#"
 import socket, sys
 cl, te = b"Content-Length: 40\r\n", b"Transfer-Encoding: chunked\r\n"
 lengths = cl + te if sys.argv[2] == "cl-te" else te + cl
+first = {
+    "": b"",
+    "upgrade": b"GET /api/products HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    "zeros": b"GET /api/products HTTP/1.1\r\nHost: b\r\n" + te + b"\r\n00000000000000000003\r\nabc\r\n0\r\n\r\n",
+}[sys.argv[3] if len(sys.argv) > 3 else ""]
 s = socket.create_connection((sys.argv[1], 8080), timeout=15)
-s.sendall(b"GET /api/products HTTP/1.1\r\nHost: b\r\n" + lengths + b"\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: b\r\n\r\n")
+s.sendall(first + b"GET /api/products HTTP/1.1\r\nHost: b\r\n" + lengths + b"\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: b\r\n\r\n")
 data = b""
 while True:
     try:
@@ -583,8 +590,26 @@ fn hostile_requests_are_refused_and_never_reach_the_backend() {
         );
     }
     assert_eq!(arrivals(&lab), before, "a smuggling attempt reached node-b");
+    // After an allowed request hyper reads on from (an upgrade veil-proxy does not make, a
+    // chunk size with leading zeros), the ambiguous request is refused: the last answer is 400
+    // and the connection closed. The first is answered 200, or 400 with it when the proxy read
+    // both in one read (a pipelined request behind an ambiguous one is refused with it).
+    for first in ["upgrade", "zeros"] {
+        let out = lab.exec_ok(
+            "frontend",
+            &["python3", "-c", SMUGGLE, &backend, "te-cl", first],
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            matches!(
+                lines[..],
+                ["HTTP/1.1 400 Bad Request"] | ["HTTP/1.1 200 OK", "HTTP/1.1 400 Bad Request"]
+            ),
+            "smuggling after {first}: {out}"
+        );
+    }
     let recs = l7_records_once(&lab, "node-a", |recs| {
-        recs.iter().filter(|r| r["l7"]["status"] == 400).count() >= 2
+        recs.iter().filter(|r| r["l7"]["status"] == 400).count() >= 4
     });
     assert!(
         recs.iter().all(|r| r["l7"]["path"] != "/admin"),
@@ -595,8 +620,8 @@ fn hostile_requests_are_refused_and_never_reach_the_backend() {
         .filter(|r| r["l7"]["status"] == 400 && r["l7"]["path"] == "/api/products")
         .count();
     assert!(
-        refused >= 2,
-        "no 400 records for the smuggling attempts: {recs:#?}"
+        refused >= 4,
+        "not a 400 record for each smuggling attempt: {recs:#?}"
     );
     // A good request still works (and does reach it).
     let ok = codes(
