@@ -102,11 +102,6 @@ impl Scanner {
         self.ambiguous
     }
 
-    /// Whether the scanner still follows the stream.
-    pub fn watching(&self) -> bool {
-        !matches!(self.state, State::Off)
-    }
-
     /// Consumes a prefix of `bytes` in the current state; how many bytes it used.
     fn step(&mut self, bytes: &[u8]) -> usize {
         match &mut self.state {
@@ -115,15 +110,24 @@ impl Scanner {
                 // a head split across reads is gathered.
                 let old = buf.len();
                 if old > 0 {
+                    // A head is only complete at an LF: until one comes, more of it is not
+                    // parsed again (a head sent a byte per segment costs one parse a line, not
+                    // one a byte). A malformed start is still refused at the next LF, where
+                    // hyper's own parse refuses it too.
+                    if !bytes.contains(&b'\n') && old + bytes.len() < MAX_HEADER_BYTES {
+                        buf.extend_from_slice(bytes);
+                        return bytes.len();
+                    }
                     buf.extend_from_slice(bytes);
                 }
                 let data: &[u8] = if old > 0 { buf } else { bytes };
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(data) {
-                    // hyper reads at most MAX_HEADER_BYTES before a head must be complete (431
-                    // beyond): a longer head is not followed, however the reads fell.
-                    Ok(httparse::Status::Complete(end)) if end <= MAX_HEADER_BYTES => {
+                    // hyper parses after every read and refuses (431) a head still incomplete
+                    // once it holds MAX_HEADER_BYTES; one that completes in the bytes it holds
+                    // is read whatever its length. The scanner sees the same reads.
+                    Ok(httparse::Status::Complete(end)) => {
                         let (next, ambiguous) = after_head(&req);
                         self.ambiguous |= ambiguous;
                         self.state = next;
@@ -361,17 +365,20 @@ pub struct SeenRequest {
 
 /// Serves `bytes` as one client connection (then end of stream) through hyper configured as
 /// veil-proxy's ([`super::proxy::server_builder`]), its reads watched by a [`Scanner`] as the
-/// proxy's are: the requests hyper hands on, in order. Each body is read to its end, as the
+/// proxy's are: the requests hyper hands on, in order. The stream holds `write` bytes at most,
+/// so hyper's reads are at most that long. Each body is read to its end, as the
 /// proxy forwards it, and each request answered 404, as a backend might: a status after which
 /// hyper reads the next request of any kind (a 2xx to `CONNECT` would end the connection, as
 /// no upgrade is taken). No socket: an in-memory stream.
 #[doc(hidden)]
-pub async fn requests_hyper_reads(bytes: &[u8]) -> Vec<SeenRequest> {
+pub async fn requests_hyper_reads(bytes: &[u8], write: usize) -> Vec<SeenRequest> {
     use http_body_util::BodyExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    // Room for all of it: the write never waits for a server that stopped reading.
-    let (mut client, server) = tokio::io::duplex(bytes.len() + 64 * 1024);
+    // A pipe of `write` bytes: hyper cannot read more at once than the client wrote.
+    let write = write.clamp(1, bytes.len() + 1);
+    let (client, server) = tokio::io::duplex(write);
+    let (mut from_server, mut to_server) = tokio::io::split(client);
     let ambiguous = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let flag = ambiguous.clone();
@@ -393,12 +400,15 @@ pub async fn requests_hyper_reads(bytes: &[u8]) -> Vec<SeenRequest> {
         hyper_util::rt::TokioIo::new(Watched::new(server, ambiguous)),
         svc,
     );
-    let talk = async {
-        let _ = client.write_all(bytes).await;
-        let _ = client.shutdown().await;
-        let _ = client.read_to_end(&mut Vec::new()).await;
+    let send = async {
+        // Fails once hyper closed the connection.
+        let _ = to_server.write_all(bytes).await;
+        let _ = to_server.shutdown().await;
     };
-    let _ = tokio::join!(serve, talk);
+    // Responses are read meanwhile, so that a full pipe never stalls hyper.
+    let mut answers = Vec::new();
+    let receive = from_server.read_to_end(&mut answers);
+    let _ = tokio::join!(serve, send, receive);
     let mut seen = Vec::new();
     while let Ok(r) = rx.try_recv() {
         seen.push(r);
@@ -569,15 +579,16 @@ mod tests {
         }
     }
 
-    /// What [`requests_hyper_reads`] saw of the probe: an ambiguous request after `prefix`.
-    fn probe_after(prefix: &[u8]) -> Vec<SeenRequest> {
+    /// What [`requests_hyper_reads`] saw of the probe, an ambiguous request after `prefix`,
+    /// with the client writing `write` bytes at a time.
+    fn probe_after(prefix: &[u8], write: usize) -> Vec<SeenRequest> {
         let probe = b"POST /probe HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n";
         let bytes = [prefix, probe].concat();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(requests_hyper_reads(&bytes))
+        rt.block_on(requests_hyper_reads(&bytes, write))
             .into_iter()
             .filter(|r| r.path == "/probe")
             .collect()
@@ -585,8 +596,9 @@ mod tests {
 
     #[test]
     fn every_ambiguous_request_hyper_hands_on_has_been_flagged() {
-        // The streams above, served by hyper as veil-proxy configures it: hyper does read the
-        // ambiguous request after each of them, and by then the scanner has flagged it.
+        // The streams above, served by hyper as veil-proxy configures it, in one write, in
+        // writes of 7 bytes and of one: hyper does read the ambiguous request after each of
+        // them, and by then the scanner has flagged it.
         let long_extension = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(8 * 1024));
         let mut prefixes: Vec<Vec<u8>> = CHUNKED_HYPER_READS
             .iter()
@@ -604,33 +616,67 @@ mod tests {
             .map(|p| p.as_bytes().to_vec()),
         );
         for prefix in &prefixes {
-            let seen = probe_after(prefix);
-            let shown = String::from_utf8_lossy(prefix);
-            assert_eq!(
-                seen.len(),
-                1,
-                "hyper did not read the probe after {shown:?}"
-            );
-            assert!(seen[0].ambiguous, "not flagged after {shown:?}");
+            let shown = String::from_utf8_lossy(&prefix[..prefix.len().min(120)]);
+            for write in [usize::MAX, 7, 1] {
+                let seen = probe_after(prefix, write);
+                assert_eq!(
+                    seen.len(),
+                    1,
+                    "hyper did not read the probe after {shown:?} (writes of {write})"
+                );
+                assert!(
+                    seen[0].ambiguous,
+                    "not flagged after {shown:?} (writes of {write})"
+                );
+            }
         }
         // And hyper stops where the scanner does: after a size line it refuses.
-        assert_eq!(probe_after(&chunked("5\n")), vec![]);
+        assert_eq!(probe_after(&chunked("5\n"), usize::MAX), vec![]);
+    }
+
+    #[test]
+    fn a_head_is_followed_as_far_as_hyper_reads_it() {
+        // hyper parses after each read and refuses a head still incomplete once it holds 16
+        // KiB, but reads one that completes within the read that crossed that, whatever its
+        // length. Found by the l7_framing fuzz target (a 16 KiB method token glued to the
+        // probe's, in one write) when the scanner stopped at every head over 16 KiB.
+        let long_head = [
+            b"POST / HTTP/1.1\r\nUpgrade: h2c\r\n\r\nab" as &[u8],
+            &[b'a'; 16320],
+            b"c",
+        ]
+        .concat();
+        let seen = probe_after(&long_head, usize::MAX);
+        assert_eq!(
+            seen.len(),
+            1,
+            "hyper did not read the long head in one write"
+        );
+        assert!(
+            seen[0].ambiguous,
+            "hyper read a long ambiguous head unflagged"
+        );
+        // In smaller reads hyper reads it, or refuses it (431) once an incomplete head fills
+        // its buffer; whatever it reads has been flagged.
+        for write in [100, 7] {
+            let seen = probe_after(&long_head, write);
+            assert!(
+                seen.iter().all(|r| r.ambiguous),
+                "writes of {write}: {seen:?}"
+            );
+        }
     }
 
     #[test]
     fn the_reads_a_stream_comes_in_do_not_change_what_is_found() {
-        // Whole, byte by byte, or in reads of any size; around the limits too: a head longer
-        // than hyper reads stops the watch however it was cut.
-        let long_head = format!(
-            "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
-            "a".repeat(MAX_HEADER_BYTES)
-        );
+        // Whole, byte by byte, or in reads of any size, where hyper reads them alike: chunked
+        // bodies and a head just under the 16 KiB hyper holds.
         let near_limit = format!(
             "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
             "a".repeat(MAX_HEADER_BYTES - 24)
         );
         let mut streams: Vec<Vec<u8>> = CHUNKED_HYPER_READS.iter().map(|b| chunked(b)).collect();
-        streams.extend([long_head.into_bytes(), near_limit.into_bytes()]);
+        streams.push(near_limit.into_bytes());
         for stream in &streams {
             let then = [stream, BOTH_TE_FIRST].concat();
             let mut whole = Scanner::default();
@@ -640,7 +686,11 @@ mod tests {
                 let got = then.chunks(cut).fold(false, |_, c| s.feed(c));
                 let shown = String::from_utf8_lossy(&stream[..stream.len().min(60)]);
                 assert_eq!(got, found, "reads of {cut}: {shown:?}");
-                assert_eq!(s.watching(), whole.watching(), "reads of {cut}: {shown:?}");
+                assert_eq!(
+                    matches!(s.state, State::Off),
+                    matches!(whole.state, State::Off),
+                    "reads of {cut}: {shown:?}"
+                );
             }
         }
     }
