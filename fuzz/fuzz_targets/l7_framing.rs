@@ -2,9 +2,9 @@
 //! client in a pod sends to a port under an HTTP policy. Checked on every input:
 //! hyper, configured as veil-proxy runs it, reads the input and then an ambiguous request
 //! (`Transfer-Encoding` and `Content-Length`), written at once and in writes of the size the
-//! input's first byte chooses (1 to 256 bytes, so hyper's reads are that long): whenever hyper
-//! hands that request on as HTTP/1, the scanner has flagged the connection by then (veil-proxy
-//! refuses it).
+//! input's first byte chooses (1 to 256 bytes, so hyper's reads are that long; 64 to 16,384 for
+//! a stream over 4 KiB): whenever hyper hands that request on as HTTP/1, the scanner has flagged
+//! the connection by then (veil-proxy refuses it).
 //!
 //! A byte 0xFF followed by n stands for n × 64 bytes of `a`, so heads, chunk extensions and
 //! trailers near hyper's 16 KiB limits are short inputs.
@@ -62,8 +62,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let stream = [&input[..], PROBE].concat();
 
-    // hyper's reads as they come (one write) and at most `cut` bytes long.
-    let cut = usize::from(cut) + 1;
+    // hyper's reads as they come (one write) and at most `cut` bytes long; 64 times that for a
+    // long stream (hyper parses the whole head again after every read).
+    let cut = (usize::from(cut) + 1) * if stream.len() > 4096 { 64 } else { 1 };
     for write in [usize::MAX, cut] {
         for r in runtime().block_on(requests_hyper_reads(&stream, write)) {
             if r.path == PROBE_PATH && r.http1 {
