@@ -20,15 +20,15 @@ const PROBE: &[u8] = b"POST /veil-fuzz-probe HTTP/1.1\r\nHost: p\r\nTransfer-Enc
 
 fn expand(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len());
-    let mut bytes = data.iter();
-    while let Some(&b) = bytes.next() {
-        match (b, bytes.next()) {
-            (0xff, Some(&n)) => out.resize(out.len() + usize::from(n) * 64, b'a'),
-            (0xff, None) => {}
-            (b, next) => {
-                out.push(b);
-                out.extend(next);
-            }
+    let mut i = 0;
+    while i < data.len() {
+        if data[i] == 0xff {
+            let n = data.get(i + 1).copied().unwrap_or(0);
+            out.resize(out.len() + usize::from(n) * 64, b'a');
+            i += 2;
+        } else {
+            out.push(data[i]);
+            i += 1;
         }
     }
     out
