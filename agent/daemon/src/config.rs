@@ -349,27 +349,56 @@ pub enum BackendChoice {
     Kernel,
 }
 
-impl std::str::FromStr for BackendChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "userspace" => Ok(Self::Userspace),
-            "kernel" => Ok(Self::Kernel),
-            other => Err(format!(
-                "unknown backend {other:?} (expected userspace, kernel or auto)"
-            )),
+crate::keyword_enum!(
+    BackendChoice,
+    "backend",
+    Userspace = "userspace",
+    Kernel = "kernel",
+    Auto = "auto"
+);
+
+/// `FromStr` and `Display` for an enum of unit variants that users write as keywords (config,
+/// lab file, command-line flags), and its list of keywords (`KEYWORDS`). The keywords are listed
+/// in the order a wrong one's error names them: `unknown backend "x" (expected userspace, kernel
+/// or auto)`.
+#[macro_export]
+macro_rules! keyword_enum {
+    ($ty:ident, $what:literal, $($variant:ident = $word:literal),+ $(,)?) => {
+        impl $ty {
+            /// Every keyword, in the order errors list them.
+            pub const KEYWORDS: &'static [&'static str] = &[$($word),+];
         }
-    }
+
+        impl ::std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($word => Ok(Self::$variant),)+
+                    other => Err(format!(
+                        "unknown {} {other:?} (expected {})",
+                        $what,
+                        $crate::config::one_of(Self::KEYWORDS)
+                    )),
+                }
+            }
+        }
+
+        impl ::std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(match self {
+                    $(Self::$variant => $word,)+
+                })
+            }
+        }
+    };
 }
 
-impl std::fmt::Display for BackendChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Userspace => "userspace",
-            Self::Kernel => "kernel",
-        })
+/// `a`, `a or b`, `a, b or c`: the choices an error offers.
+pub fn one_of(words: &[&str]) -> String {
+    match words {
+        [] => String::new(),
+        [only] => (*only).to_owned(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
     }
 }
 
@@ -380,6 +409,21 @@ mod tests {
     const GOOD: &str =
         "cluster: veil\nnode: node-a\nadmin_socket: /run/a.sock\nstate_dir: /run/s\n\
 pin_dir: /sys/fs/bpf/veil/veil/node-a\nsource: {kind: files, dir: /run/cp}\ninterface: veil-wg1\n";
+
+    #[test]
+    fn a_keyword_enum_reads_and_writes_its_keywords_and_names_them_when_one_is_wrong() {
+        for word in BackendChoice::KEYWORDS {
+            assert_eq!(word.parse::<BackendChoice>().unwrap().to_string(), *word);
+        }
+        assert_eq!("kernel".parse(), Ok(BackendChoice::Kernel));
+        assert_eq!(
+            "Kernel".parse::<BackendChoice>(),
+            Err("unknown backend \"Kernel\" (expected userspace, kernel or auto)".to_owned())
+        );
+        assert_eq!(one_of(&["a"]), "a");
+        assert_eq!(one_of(&["a", "b"]), "a or b");
+        assert_eq!(one_of(&[]), "");
+    }
 
     #[test]
     fn parses_with_defaults() {

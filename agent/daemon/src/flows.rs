@@ -687,17 +687,7 @@ mod tests {
     use crate::cluster::{Identity, Pod};
 
     fn state() -> ClusterState {
-        let pod = |name: &str, ip: [u8; 4], id: u32| Pod {
-            name: name.into(),
-            namespace: "shop".into(),
-            node: "node-a".into(),
-            ip: Ipv4Addr::from(ip).into(),
-            ipv6: None,
-            labels: BTreeMap::from([("app".into(), name.into())]).into(),
-            service_account: name.into(),
-            host_veth: "x".into(),
-            identity: id,
-        };
+        let pod = |name: &str, ip: [u8; 4], id: u32| Pod::for_test(name, "node-a", ip, id);
         ClusterState {
             pods: crate::cluster::pod_list([
                 pod("intruder", [198, 19, 1, 11], 258),

@@ -574,10 +574,6 @@ mod tests {
     fn cluster() -> ClusterState {
         use crate::cluster::{Node, Pod};
         let pod = |name: &str, node: &str, ip: [u8; 4], id: u32| Pod {
-            name: name.into(),
-            namespace: "shop".into(),
-            node: node.into(),
-            ip: Ipv4Addr::from(ip).into(),
             ipv6: Some(Ipv6Addr::new(
                 0xfd00,
                 0x198,
@@ -588,23 +584,10 @@ mod tests {
                 0,
                 ip[3].into(),
             )),
-            labels: Default::default(),
-            service_account: name.into(),
-            host_veth: "x".into(),
-            identity: id,
-        };
-        let node = |name: &str, id: u32| Node {
-            name: name.into(),
-            id,
-            underlay_ip: Ipv4Addr::new(198, 18, 0, id as u8).into(),
-            underlay_ipv6: None,
-            pod_cidr: String::new(),
-            pod_cidr_v6: None,
-            wg_public_key: None,
-            wg_next_public_key: None,
+            ..Pod::for_test(name, node, ip, id)
         };
         ClusterState {
-            nodes: vec![node("a", 1), node("b", 2)],
+            nodes: vec![Node::for_test("a", 1), Node::for_test("b", 2)],
             pods: crate::cluster::pod_list([
                 pod("fe", "a", [198, 19, 1, 10], 256),
                 pod("be", "b", [198, 19, 2, 10], 257),

@@ -44,27 +44,12 @@ pub enum IdentityProvider {
     Spire,
 }
 
-impl std::str::FromStr for IdentityProvider {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "dev" => Ok(Self::Dev),
-            "spire" => Ok(Self::Spire),
-            other => Err(format!(
-                "unknown identity provider {other:?} (expected spire or dev)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for IdentityProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Dev => "dev",
-            Self::Spire => "spire",
-        })
-    }
-}
+veil_daemon::keyword_enum!(
+    IdentityProvider,
+    "identity provider",
+    Spire = "spire",
+    Dev = "dev"
+);
 
 /// Where the agents read cluster state from: a real kube-apiserver the lab runs (Pods made
 /// through `veil-cni` by the lab playing kubelet, policies with `kubectl apply`; what `lab up`
@@ -80,27 +65,12 @@ pub enum ControlPlane {
     Files,
 }
 
-impl std::str::FromStr for ControlPlane {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kubernetes" => Ok(Self::Kubernetes),
-            "files" => Ok(Self::Files),
-            other => Err(format!(
-                "unknown control plane {other:?} (expected kubernetes or files)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for ControlPlane {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Kubernetes => "kubernetes",
-            Self::Files => "files",
-        })
-    }
-}
+veil_daemon::keyword_enum!(
+    ControlPlane,
+    "control plane",
+    Kubernetes = "kubernetes",
+    Files = "files",
+);
 
 /// The pods' address families: `ipv4`, `ipv6` or `dual` (both, IPv4 first). The serde default
 /// is `Ipv4`: the state of a lab made before the key existed.
@@ -131,29 +101,13 @@ impl IpFamily {
     }
 }
 
-impl std::str::FromStr for IpFamily {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "ipv4" => Ok(Self::Ipv4),
-            "ipv6" => Ok(Self::Ipv6),
-            "dual" => Ok(Self::Dual),
-            other => Err(format!(
-                "unknown IP family {other:?} (expected ipv4, ipv6 or dual)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for IpFamily {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Ipv4 => "ipv4",
-            Self::Ipv6 => "ipv6",
-            Self::Dual => "dual",
-        })
-    }
-}
+veil_daemon::keyword_enum!(
+    IpFamily,
+    "IP family",
+    Ipv4 = "ipv4",
+    Ipv6 = "ipv6",
+    Dual = "dual"
+);
 
 /// `on`/`off` switch as users write it in YAML or on the command line (YAML 1.1 also reads
 /// bare on/off as booleans, so both forms are accepted).

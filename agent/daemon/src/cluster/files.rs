@@ -383,15 +383,8 @@ mod tests {
     fn pods_read_share_equal_labels_and_keep_no_spare_room() {
         let dir = fresh_dir("labels");
         let pod = |name: &str, host: u8, app: &str| crate::cluster::Pod {
-            name: name.into(),
-            namespace: "shop".into(),
-            node: "node-a".into(),
-            ip: Ipv4Addr::new(198, 19, 1, host).into(),
-            ipv6: None,
             labels: Arc::new([("app".to_string(), app.to_string())].into()),
-            service_account: "default".into(),
-            host_veth: String::new(),
-            identity: 0,
+            ..crate::cluster::Pod::for_test(name, "node-a", [198, 19, 1, host], 0)
         };
         let state = ClusterState {
             pods: crate::cluster::pod_list([

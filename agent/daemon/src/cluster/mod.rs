@@ -507,22 +507,32 @@ impl Node {
     }
 }
 
+/// Test pods for the modules that work on a [`ClusterState`].
+#[cfg(test)]
+impl Pod {
+    /// Pod `name` of namespace `shop` on `node` at `ip`, labelled `app: <name>`, its service
+    /// account its name, with security identity `identity`; no IPv6 address.
+    pub(crate) fn for_test(name: &str, node: &str, ip: [u8; 4], identity: u32) -> Pod {
+        Pod {
+            name: name.into(),
+            namespace: "shop".into(),
+            node: node.into(),
+            ip: Ipv4Addr::from(ip).into(),
+            ipv6: None,
+            labels: Arc::new(BTreeMap::from([("app".into(), name.into())])),
+            service_account: name.into(),
+            host_veth: "x".into(),
+            identity,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn pod(name: &str, ip: [u8; 4]) -> Pod {
-        Pod {
-            name: name.into(),
-            namespace: "ns".into(),
-            node: "node-a".into(),
-            ip: ip.into(),
-            ipv6: None,
-            labels: BTreeMap::new().into(),
-            service_account: "default".into(),
-            host_veth: "v".into(),
-            identity: 0,
-        }
+        Pod::for_test(name, "node-a", ip, 0)
     }
 
     #[test]

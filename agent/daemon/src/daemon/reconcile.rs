@@ -504,7 +504,6 @@ fn cidr_prefix(s: &str) -> Option<(Prefix, std::net::IpAddr)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
 
     use crate::cluster::{Node, Pod};
@@ -512,15 +511,8 @@ mod tests {
 
     fn state() -> ClusterState {
         let pod = |name: &str, node: &str, ip: [u8; 4]| Pod {
-            name: name.into(),
-            namespace: "shop".into(),
-            node: node.into(),
-            ip: Ipv4Addr::from(ip).into(),
-            ipv6: None,
-            labels: BTreeMap::new().into(),
-            service_account: name.into(),
             host_veth: "lxc-does-not-exist".into(),
-            identity: 256,
+            ..Pod::for_test(name, node, ip, 256)
         };
         ClusterState {
             generation: 1,
