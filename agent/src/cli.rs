@@ -13,6 +13,36 @@ pub enum Output {
     Json,
 }
 
+/// One auth pair, as `veil status` and `veil auth list` print it.
+pub fn format_auth_pair(a: &api::AuthPair) -> String {
+    let expiry = if a.expires_unix == 0 {
+        "not authenticated".to_string()
+    } else {
+        format!("expires in {}s", a.expires_unix.saturating_sub(unix_now()))
+    };
+    format!(
+        "{} -> {} via {}  {}  last {}",
+        a.src_identity,
+        a.dst_identity,
+        a.node,
+        expiry,
+        a.last_result.as_deref().unwrap_or("-")
+    )
+}
+
+/// `veil auth list`: a node's matching pairs under a line that counts them.
+pub fn format_auth_list(l: &api::AuthPairList) -> String {
+    let mut s = format!("{}: {} of {} auth pairs match", l.node, l.matching, l.total);
+    if l.pairs.len() < l.matching {
+        let _ = write!(s, " (the first {} listed)", l.pairs.len());
+    }
+    s.push('\n');
+    for a in &l.pairs {
+        let _ = writeln!(s, "  {}", format_auth_pair(a));
+    }
+    s
+}
+
 pub fn format_lab(v: &LabView) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -219,20 +249,10 @@ pub fn format_status(st: &api::Status) -> String {
             c.desired
         );
         for a in &st.auth {
-            let expiry = if a.expires_unix == 0 {
-                "not authenticated".to_string()
-            } else {
-                format!("expires in {}s", a.expires_unix.saturating_sub(unix_now()))
-            };
-            let _ = writeln!(
-                s,
-                "    {} -> {} via {}  {}  last {}",
-                a.src_identity,
-                a.dst_identity,
-                a.node,
-                expiry,
-                a.last_result.as_deref().unwrap_or("-")
-            );
+            let _ = writeln!(s, "    {}", format_auth_pair(a));
+        }
+        if c.total > st.auth.len() {
+            let _ = writeln!(s, "    (all of them: veil auth list --node {})", st.node);
         }
     }
     if !st.auth_failures.is_empty() {
@@ -462,6 +482,58 @@ mod tests {
         // Kernel WireGuard counts nothing it would report: no line claiming "none".
         st.backend = "kernel".into();
         assert!(!format_status(&st).contains("tunnel drops"));
+    }
+
+    #[test]
+    fn auth_pairs_past_the_status_list_are_pointed_to_and_listed_by_auth_list() {
+        let pair = |dst: u32, expires_unix, last: &str| api::AuthPair {
+            src_identity: "256 (shop:app=frontend)".into(),
+            dst_identity: dst.to_string(),
+            node: "node-b".into(),
+            expires_unix,
+            last_result: Some(last.into()),
+            authenticated_unix_ms: 0,
+        };
+        let mut st = api::Status {
+            node: "node-a".into(),
+            auth: vec![pair(257, 0, "timeout")],
+            auth_pairs: api::AuthPairCounts {
+                total: 1,
+                failing: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let line =
+            "    256 (shop:app=frontend) -> 257 via node-b  not authenticated  last timeout\n";
+        assert!(format_status(&st).contains(line), "{}", format_status(&st));
+        assert!(!format_status(&st).contains("veil auth list"));
+        st.auth_pairs.total = 300;
+        let text = format_status(&st);
+        assert!(text.contains("the first 1 listed"), "{text}");
+        assert!(
+            text.contains("\n    (all of them: veil auth list --node node-a)\n"),
+            "{text}"
+        );
+
+        let mut list = api::AuthPairList {
+            node: "node-a".into(),
+            matching: 2,
+            total: 300,
+            pairs: vec![pair(257, 0, "timeout"), pair(258, unix_now() + 60, "ok")],
+        };
+        let text = format_auth_list(&list);
+        assert!(
+            text.starts_with("node-a: 2 of 300 auth pairs match\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  256 (shop:app=frontend) -> 258 via node-b  expires in "),
+            "{text}"
+        );
+        list.pairs.truncate(1);
+        assert!(format_auth_list(&list)
+            .starts_with("node-a: 2 of 300 auth pairs match (the first 1 listed)\n"));
     }
 
     #[test]

@@ -84,6 +84,11 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// List the auth pairs the agents hold (every one; `veil status` lists the first 256).
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
     /// Leak self-test: marker traffic between pods on different nodes while capturing the
     /// underlay; fails (exit 1) if anything crossed in clear.
     Check {
@@ -199,6 +204,33 @@ enum PolicyCommand {
         node: Option<String>,
         /// on or off.
         state: spec::OnOff,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// The auth pairs (local identity, remote identity, peer node) each agent holds, with their
+    /// state, expiry and last result; filters combine.
+    List {
+        #[arg(long, default_value = spec::DEFAULT_LAB_NAME)]
+        name: String,
+        /// Only this node's agent (default: every node, one after another).
+        #[arg(long)]
+        node: Option<String>,
+        /// Pairs of this pod's identity (`name` or `namespace/name`), on either side.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Pairs whose remote identity is on this node.
+        #[arg(long)]
+        peer_node: Option<String>,
+        /// authenticated, failing (last attempt failed, no entry) or pending.
+        #[arg(long)]
+        state: Option<veil_agent::mesh::PairState>,
+        /// At most this many per node (all match counts are still printed).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
     },
 }
 
@@ -509,6 +541,33 @@ fn selected_nodes<'a>(
     })
 }
 
+/// GETs `path` from each node's agent and prints what `text` makes of the answer; a node whose
+/// agent does not answer is named on stderr and makes the exit code a failure (the others
+/// still print).
+fn per_node<T: serde::de::DeserializeOwned>(
+    paths: &lab::LabPaths,
+    nodes: &[&spec::NodeSpec],
+    path: &str,
+    text: impl Fn(&T) -> Result<String>,
+) -> Result<ExitCode> {
+    let rt = current_thread_runtime();
+    let mut failed = false;
+    for n in nodes {
+        match rt.block_on(admin::get_json::<T>(&paths.admin_socket(&n.name), path)) {
+            Ok(answer) => print!("{}", text(&answer)?),
+            Err(e) => {
+                eprintln!("error: node {}: {e}", n.name);
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 fn current_thread_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -536,27 +595,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { name, node, output } => {
             let (spec, paths) = lab::load(&name)?;
             let nodes = selected_nodes(&spec, &name, node.as_deref())?;
-            let rt = current_thread_runtime();
-            let mut failed = false;
-            for n in nodes {
-                match rt.block_on(admin::get_json::<api::Status>(
-                    &paths.admin_socket(&n.name),
-                    "/v1/status",
-                )) {
-                    Ok(st) => match output {
-                        Output::Json => println!("{}", serde_json::to_string(&st)?),
-                        Output::Table => println!("{}", cli::format_status(&st)),
-                    },
-                    Err(e) => {
-                        eprintln!("error: node {}: {e}", n.name);
-                        failed = true;
-                    }
-                }
+            per_node(&paths, &nodes, "/v1/status", |st: &api::Status| {
+                Ok(match output {
+                    Output::Json => serde_json::to_string(st)? + "\n",
+                    Output::Table => cli::format_status(st) + "\n",
+                })
+            })
+        }
+        Command::Auth {
+            command:
+                AuthCommand::List {
+                    name,
+                    node,
+                    pod,
+                    peer_node,
+                    state,
+                    limit,
+                    output,
+                },
+        } => {
+            let (spec, paths) = lab::load(&name)?;
+            let nodes = selected_nodes(&spec, &name, node.as_deref())?;
+            if let Some(p) = &pod {
+                spec.find_pod(p).map_err(anyhow::Error::msg)?;
             }
-            Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
+            if let Some(n) = &peer_node {
+                selected_nodes(&spec, &name, Some(n))?;
+            }
+            let query: String = [
+                ("pod", pod),
+                ("peer_node", peer_node),
+                ("state", state.map(|s| s.to_string())),
+                ("limit", limit.map(|l| l.to_string())),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| Some(format!("&{k}={}", admin::percent_encode(&v?))))
+            .collect();
+            let path = format!("/v1/auth?{}", query.trim_start_matches('&'));
+            per_node(&paths, &nodes, &path, |l: &api::AuthPairList| {
+                Ok(match output {
+                    Output::Json => serde_json::to_string(l)? + "\n",
+                    Output::Table => cli::format_auth_list(l),
+                })
             })
         }
         Command::Check { name, output } => {

@@ -114,6 +114,57 @@ fn allowed_pair_authenticates_on_first_try_and_intruder_is_dropped() {
             "{node}: the auth entry does not expire with the SVIDs (frontend's at {fe_expiry}, backend's at {be_expiry}): {p:?}"
         );
     }
+    // `veil auth list` finds the pair by pod and state on each node (from the mesh's whole
+    // table), none authenticated for the intruder, and names what it cannot find.
+    let auth_list = |node: &str, filters: &[&str]| -> veil_agent::api::AuthPairList {
+        let mut args = vec![
+            "auth", "list", "--name", &lab.name, "--node", node, "-o", "json",
+        ];
+        args.extend(filters);
+        serde_json::from_str(veil_ok(&args).trim()).expect("auth list -o json parses")
+    };
+    for node in ["node-a", "node-b"] {
+        let l = auth_list(
+            node,
+            &["--pod", "shop/frontend", "--state", "authenticated"],
+        );
+        assert_eq!(l.node, node);
+        assert!(
+            l.matching >= 1 && l.pairs.len() == l.matching,
+            "{node}: {l:?}"
+        );
+        assert!(
+            l.pairs.iter().all(|p| p.expires_unix > now
+                && p.last_result.as_deref() == Some("ok")
+                && [&p.src_identity, &p.dst_identity]
+                    .iter()
+                    .any(|i| i.contains("app=frontend"))),
+            "{node}: {l:?}"
+        );
+        let peer = if node == "node-a" { "node-b" } else { "node-a" };
+        let by_peer = auth_list(node, &["--peer-node", peer, "--state", "authenticated"]);
+        assert!(by_peer.matching >= l.matching, "{node}: {by_peer:?}");
+        let intruder = auth_list(node, &["--pod", "intruder", "--state", "authenticated"]);
+        assert_eq!(intruder.matching, 0, "{node}: {intruder:?}");
+    }
+    for (args, says) in [
+        (&["--pod", "shop/nosuch"][..], "nosuch"),
+        (
+            &["--state", "done"],
+            "expected authenticated, failing or pending",
+        ),
+        (&["--peer-node", "node-z"], "node-z"),
+    ] {
+        let mut all = vec!["auth", "list", "--name", &lab.name];
+        all.extend(args);
+        let out = veil_tests::veil(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "veil {all:?}: {stderr}"
+        );
+    }
+
     // Later connections are authenticated too, and flows say so.
     assert_eq!(
         lab.try_get("frontend", &url(&lab)).unwrap(),

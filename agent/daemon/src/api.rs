@@ -32,7 +32,7 @@ pub struct Status {
     /// Trust bundles held: trust domain and number of roots.
     pub bundles: Vec<Bundle>,
     /// The first 256 auth pairs in (local identity, remote identity, node) order; all of
-    /// them are counted in `auth_pairs`.
+    /// them are counted in `auth_pairs`, and `GET /v1/auth` (`veil auth list`) lists them all.
     pub auth: Vec<AuthPair>,
     #[serde(default)]
     pub auth_pairs: AuthPairCounts,
@@ -309,6 +309,19 @@ pub struct AuthPair {
     /// When the handshake behind the current entry completed (Unix ms; 0 without entry).
     #[serde(default)]
     pub authenticated_unix_ms: u64,
+}
+
+/// `GET /v1/auth` (`veil auth list -o json`, one object per node): the auth pairs of one
+/// agent that match the query, in (local identity, remote identity, node) order; all of them,
+/// unless the query set a limit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AuthPairList {
+    pub node: String,
+    /// How many pairs match (more than `pairs` holds when the limit cut the list).
+    pub matching: usize,
+    /// How many pairs the agent holds.
+    pub total: usize,
+    pub pairs: Vec<AuthPair>,
 }
 
 /// A control channel to a peer agent (mutual TLS, node handshake done).

@@ -122,15 +122,16 @@ impl Agent {
             tunnel.as_ref(),
             identities.as_ref(),
         )?;
-        let (mesh, mesh_keys, mesh_status, hold, key_rotation) = match mutual_auth {
+        let (mesh, mesh_keys, mesh_status, mesh_queries, hold, key_rotation) = match mutual_auth {
             Some(m) => (
                 Some(m.mesh),
                 Some(m.keys),
                 Some(m.status),
+                Some(m.queries),
                 m.hold,
                 Some(m.key_rotation),
             ),
-            None => (None, None, None, None, None),
+            None => (None, None, None, None, None, None),
         };
         if let Some(ms) = &mesh_status {
             flows
@@ -162,6 +163,7 @@ impl Agent {
             audit,
             mesh_keys,
             mesh_status,
+            mesh_queries,
             key_rotation,
             policy_tx,
             hold_stats: Default::default(),

@@ -36,6 +36,8 @@ pub(super) struct MutualAuth {
     /// Peer keys from authenticated node handshakes, for the tunnel.
     pub(super) keys: watch::Receiver<BTreeMap<String, PeerKeys>>,
     pub(super) status: Arc<Mutex<MeshStatus>>,
+    /// `veil auth list`'s queries, answered by the mesh loop from its whole table.
+    pub(super) queries: mpsc::Sender<crate::mesh::AuthQueryRequest>,
     /// None if the device could not be made: a flow missing auth is then dropped.
     pub(super) hold: Option<HoldParts>,
     /// Where node handshakes read the node's public key, and how to make them re-run (static
@@ -110,6 +112,7 @@ impl MutualAuth {
             mesh,
             keys: handles.keys,
             status: handles.status,
+            queries: handles.queries,
             hold,
             key_rotation: (handles.wg_key, handles.rehandshake),
         }))

@@ -66,6 +66,8 @@ pub(super) struct Shared {
     /// state (mutual auth off).
     pub(super) mesh_keys: Option<watch::Receiver<BTreeMap<String, PeerKeys>>>,
     pub(super) mesh_status: Option<Arc<Mutex<MeshStatus>>>,
+    /// `veil auth list`'s queries to the mesh (mutual auth only).
+    pub(super) mesh_queries: Option<tokio::sync::mpsc::Sender<crate::mesh::AuthQueryRequest>>,
     /// With mutual auth: where node handshakes read the node's public key, and how to make
     /// them re-run (static key rotation).
     pub(super) key_rotation: Option<(

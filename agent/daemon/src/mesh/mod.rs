@@ -55,6 +55,58 @@ pub struct PeerKeys {
     pub epoch: u64,
 }
 
+/// `GET /v1/auth` (`veil auth list`): which auth pairs to list. Every filter given must hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuthQuery {
+    /// Pairs with this identity on either side (a pod's: its label set's).
+    pub identity: Option<u32>,
+    /// Pairs whose remote identity is on this node (by id).
+    pub node: Option<u32>,
+    pub state: Option<PairState>,
+    /// At most this many, in (local identity, remote identity, node) order.
+    pub limit: Option<usize>,
+}
+
+/// Where an auth pair stands: it holds an entry (`authenticated`), its last attempt failed and
+/// it holds none (`failing`), or neither yet (`pending`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairState {
+    Authenticated,
+    Failing,
+    Pending,
+}
+
+crate::keyword_enum!(
+    PairState,
+    "pair state",
+    Authenticated = "authenticated",
+    Failing = "failing",
+    Pending = "pending",
+);
+
+impl PairState {
+    pub fn of(s: &entries::TripleStatus) -> Self {
+        match (&s.entry, &s.last_result) {
+            (Some(_), _) => Self::Authenticated,
+            (None, Some(Err(_))) => Self::Failing,
+            (None, _) => Self::Pending,
+        }
+    }
+}
+
+impl AuthQuery {
+    pub fn matches(&self, s: &entries::TripleStatus) -> bool {
+        let t = &s.triple;
+        self.identity
+            .is_none_or(|i| t.local_identity == i || t.remote_identity == i)
+            && self.node.is_none_or(|n| t.remote_node == n)
+            && self.state.is_none_or(|st| st == PairState::of(s))
+    }
+}
+
+/// A query and where its answer goes (the mesh loop answers from its own table).
+pub type AuthQueryRequest = (AuthQuery, tokio::sync::oneshot::Sender<api::AuthPairList>);
+
 /// Settings of the mesh component.
 #[derive(Clone, Debug)]
 pub struct MeshConfig {
@@ -138,6 +190,7 @@ pub struct Mesh {
     keys_tx: watch::Sender<BTreeMap<String, PeerKeys>>,
     status: Arc<Mutex<MeshStatus>>,
     requests_rx: mpsc::Receiver<AuthTriple>,
+    queries_rx: mpsc::Receiver<AuthQueryRequest>,
     rehandshake_rx: mpsc::Receiver<()>,
     authed: BTreeSet<AuthTriple>,
     authed_tx: watch::Sender<BTreeSet<AuthTriple>>,
@@ -163,6 +216,9 @@ pub struct MeshHandles {
     pub wg_key: Arc<ArcSwap<PublicKey>>,
     /// Re-run every node handshake now (the static key rotated: peers must learn the new one).
     pub rehandshake: mpsc::Sender<()>,
+    /// `veil auth list`: the auth pairs matching a query, from the whole table (`veil status`
+    /// lists only the first [`MeshState::AUTH_PAIRS_LISTED`]).
+    pub queries: mpsc::Sender<AuthQueryRequest>,
 }
 
 impl Mesh {
@@ -206,6 +262,7 @@ impl Mesh {
         let (keys_tx, keys) = watch::channel(BTreeMap::new());
         let (requests, requests_rx) = mpsc::channel(4096);
         let (rehandshake, rehandshake_rx) = mpsc::channel(4);
+        let (queries, queries_rx) = mpsc::channel(16);
         let wg_key = deps.wg_key.clone();
         let (authed_tx, authenticated) = watch::channel(BTreeSet::new());
         let status = Arc::new(Mutex::new(MeshStatus::default()));
@@ -222,6 +279,7 @@ impl Mesh {
             keys_tx,
             status: status.clone(),
             requests_rx,
+            queries_rx,
             rehandshake_rx,
             authed: BTreeSet::new(),
             authed_tx,
@@ -238,6 +296,7 @@ impl Mesh {
                 authenticated,
                 wg_key,
                 rehandshake,
+                queries,
             },
         )
     }
@@ -496,6 +555,9 @@ impl Mesh {
                     ChannelEvent::Closed { peer_node, reason } => state.on_closed(peer_node, &reason),
                 },
                 Some(t) = self.requests_rx.recv() => state.on_request(t, Instant::now()),
+                Some((q, reply)) = self.queries_rx.recv() => {
+                    let _ = reply.send(state.auth_pairs(&cluster, &q));
+                }
                 Some(()) = self.rehandshake_rx.recv() => {
                     tracing::info!(channels = state.channels().count(), "node key rotated: re-running node handshakes");
                     state.rehandshake_all(Instant::now());
@@ -969,24 +1031,19 @@ pub fn desired_triples(
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use veil_common::maps::direction;
 
     use super::*;
     use crate::cluster::{Node, Pod};
 
     fn cluster() -> ClusterState {
-        let pod = |name: &str, node: &str, id: u32| Pod {
-            name: name.into(),
-            namespace: "shop".into(),
-            node: node.into(),
-            ip: Ipv4Addr::new(198, 19, if node == "a" { 1 } else { 2 }, id as u8).into(),
-            ipv6: None,
-            labels: Default::default(),
-            service_account: name.into(),
-            host_veth: "x".into(),
-            identity: id,
+        let pod = |name: &str, node: &str, id: u32| {
+            Pod::for_test(
+                name,
+                node,
+                [198, 19, if node == "a" { 1 } else { 2 }, id as u8],
+                id,
+            )
         };
         ClusterState {
             nodes: vec![Node::for_test("a", 1), Node::for_test("b", 2)],

@@ -23,7 +23,7 @@ use crate::{
     auth::{
         self,
         channel::Channel,
-        entries::{Action, AuthTable, EntriesConfig},
+        entries::{self, Action, AuthTable, EntriesConfig},
         node_handshake::{NodeKeys, RekeyConfig, RekeySchedule},
         workload::Authenticated,
         AuthFailure, AuthTriple, NodeInfo, StaticWorkloads,
@@ -558,35 +558,13 @@ impl<C: PeerChannel> MeshState<C> {
 
     /// Counters, last failures, channels and auth pairs, names from `cluster`.
     pub fn status(&self, cluster: &ClusterState) -> super::MeshStatus {
-        let nodes: HashMap<u32, &str> = cluster
-            .nodes
-            .iter()
-            .map(|n| (n.id, n.name.as_str()))
-            .collect();
-        let identities: HashMap<u32, &crate::cluster::Identity> =
-            cluster.identities.iter().map(|i| (i.id, i)).collect();
-        let node_name = |id: u32| {
-            nodes
-                .get(&id)
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| id.to_string())
-        };
-        let identity_name = |id: u32| {
-            identities
-                .get(&id)
-                .map(|i| {
-                    let labels: Vec<String> =
-                        i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    format!("{id} ({}:{})", i.namespace, labels.join(","))
-                })
-                .unwrap_or_else(|| id.to_string())
-        };
+        let names = Names::new(cluster);
         let mut st = self.counters.clone();
         st.channels = self
             .channels
             .iter()
             .map(|(id, c)| api::NodeChannel {
-                node: node_name(*id),
+                node: names.node(*id),
                 address: c.channel.peer().addr.to_string(),
                 epoch: c.channel.epoch(),
                 group: c.channel.group().map(str::to_string),
@@ -598,25 +576,32 @@ impl<C: PeerChannel> MeshState<C> {
         st.auth = self
             .table
             .first_statuses(Self::AUTH_PAIRS_LISTED)
-            .into_iter()
-            .map(|s| api::AuthPair {
-                src_identity: identity_name(s.triple.local_identity),
-                dst_identity: identity_name(s.triple.remote_identity),
-                node: node_name(s.triple.remote_node),
-                expires_unix: s.entry.as_ref().map(|e| unix(e.expires)).unwrap_or(0),
-                authenticated_unix_ms: s
-                    .entry
-                    .as_ref()
-                    .and_then(|e| e.authenticated.duration_since(UNIX_EPOCH).ok())
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
-                last_result: s.last_result.map(|r| match r {
-                    Ok(()) => "ok".to_string(),
-                    Err(f) => f.as_str().to_string(),
-                }),
-            })
+            .iter()
+            .map(|s| names.pair(s))
             .collect();
         st
+    }
+
+    /// `veil auth list`: every auth pair `q` matches (up to its limit, in triple order), and
+    /// how many match.
+    pub fn auth_pairs(&self, cluster: &ClusterState, q: &super::AuthQuery) -> api::AuthPairList {
+        let names = Names::new(cluster);
+        let matching: Vec<_> = self
+            .table
+            .statuses()
+            .into_iter()
+            .filter(|s| q.matches(s))
+            .collect();
+        api::AuthPairList {
+            node: self.node.clone(),
+            matching: matching.len(),
+            total: self.table.counts().total,
+            pairs: matching
+                .iter()
+                .take(q.limit.unwrap_or(usize::MAX))
+                .map(|s| names.pair(s))
+                .collect(),
+        }
     }
 
     /// Closes the node's channel and forgets its auth state.
@@ -764,6 +749,63 @@ impl<C: PeerChannel> MeshState<C> {
             None => {
                 st.pair_failures.remove(&triple);
             }
+        }
+    }
+}
+
+/// Node and identity names for what `veil status` and `veil auth list` show (a number that
+/// cluster state does not name is shown as the number).
+struct Names<'a> {
+    nodes: HashMap<u32, &'a str>,
+    identities: HashMap<u32, &'a crate::cluster::Identity>,
+}
+
+impl<'a> Names<'a> {
+    fn new(cluster: &'a ClusterState) -> Self {
+        Self {
+            nodes: cluster
+                .nodes
+                .iter()
+                .map(|n| (n.id, n.name.as_str()))
+                .collect(),
+            identities: cluster.identities.iter().map(|i| (i.id, i)).collect(),
+        }
+    }
+
+    fn node(&self, id: u32) -> String {
+        self.nodes
+            .get(&id)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    fn identity(&self, id: u32) -> String {
+        self.identities
+            .get(&id)
+            .map(|i| {
+                let labels: Vec<String> =
+                    i.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("{id} ({}:{})", i.namespace, labels.join(","))
+            })
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    fn pair(&self, s: &entries::TripleStatus) -> api::AuthPair {
+        api::AuthPair {
+            src_identity: self.identity(s.triple.local_identity),
+            dst_identity: self.identity(s.triple.remote_identity),
+            node: self.node(s.triple.remote_node),
+            expires_unix: s.entry.as_ref().map(|e| unix(e.expires)).unwrap_or(0),
+            authenticated_unix_ms: s
+                .entry
+                .as_ref()
+                .and_then(|e| e.authenticated.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            last_result: s.last_result.map(|r| match r {
+                Ok(()) => "ok".to_string(),
+                Err(f) => f.as_str().to_string(),
+            }),
         }
     }
 }
@@ -982,6 +1024,93 @@ mod tests {
         assert_eq!(st.failure_for(300, 1_000, 2), Some("peer-unreachable"));
         assert_eq!(st.failure_for(300, 1_001, 3), Some("timeout"));
         assert_eq!(st.failures["peer-unreachable"], 100);
+    }
+
+    /// `veil auth list` reads the whole table, past the 256 pairs `veil status` lists: by
+    /// identity (either side), peer node, state and limit, counting every match.
+    #[test]
+    fn auth_pairs_lists_every_pair_a_query_matches_past_the_status_list() {
+        use super::super::{AuthQuery, PairState};
+        let mut w = World::new();
+        let triple = |i: u32| AuthTriple {
+            local_identity: 300,
+            remote_identity: 1_000 + i,
+            remote_node: 2 + i % 2,
+        };
+        // 600 pairs with nodes 2 and 3, which have no channel: each fails peer-unreachable.
+        w.state
+            .poll(&[], true, Some((0..600).map(triple).collect()), w.now);
+        // One more, authenticated (its peer asked), beyond the first 256 in triple order.
+        let late = AuthTriple {
+            local_identity: 301,
+            ..triple(599)
+        };
+        let ok = Authenticated {
+            triple: late,
+            local_spiffe_id: SpiffeId::parse("spiffe://lab.veil/ns/shop/sa/a").unwrap(),
+            remote_spiffe_id: SpiffeId::parse("spiffe://lab.veil/ns/shop/sa/b").unwrap(),
+            expires: w.wall + HOUR,
+        };
+        let (now, wall) = (w.now, w.wall);
+        w.state.on_inbound(Ok(ok), late, now, now, wall);
+        let cluster = ClusterState::default();
+        assert_eq!(
+            w.state.status(&cluster).auth.len(),
+            MeshState::<Fake>::AUTH_PAIRS_LISTED
+        );
+        let list = |q: AuthQuery| w.state.auth_pairs(&cluster, &q);
+
+        let all = list(AuthQuery::default());
+        assert_eq!(
+            (all.node.as_str(), all.matching, all.total),
+            ("node-a", 601, 601)
+        );
+        assert_eq!(all.pairs.len(), 601);
+        let authed = list(AuthQuery {
+            state: Some(PairState::Authenticated),
+            ..AuthQuery::default()
+        });
+        assert_eq!(authed.matching, 1);
+        assert_eq!(
+            (
+                authed.pairs[0].src_identity.as_str(),
+                authed.pairs[0].dst_identity.as_str()
+            ),
+            ("301", "1599")
+        );
+        assert_eq!(authed.pairs[0].last_result.as_deref(), Some("ok"));
+        assert!(authed.pairs[0].expires_unix > 0);
+        let failing = list(AuthQuery {
+            state: Some(PairState::Failing),
+            node: Some(3),
+            ..AuthQuery::default()
+        });
+        assert_eq!(failing.matching, 300);
+        assert!(failing
+            .pairs
+            .iter()
+            .all(|p| p.node == "3" && p.last_result.as_deref() == Some("peer-unreachable")));
+        // An identity on either side; a limit cuts the list, not the count.
+        let one = list(AuthQuery {
+            identity: Some(1_599),
+            ..AuthQuery::default()
+        });
+        assert_eq!(one.matching, 2);
+        let limited = list(AuthQuery {
+            identity: Some(300),
+            limit: Some(10),
+            ..AuthQuery::default()
+        });
+        assert_eq!((limited.matching, limited.pairs.len()), (600, 10));
+        assert_eq!(limited.pairs[9].dst_identity, "1009");
+        assert_eq!(
+            list(AuthQuery {
+                state: Some(PairState::Pending),
+                ..AuthQuery::default()
+            })
+            .matching,
+            0
+        );
     }
 
     /// A node that moves: the channel to its old address is closed and it is dialled again at
