@@ -308,13 +308,18 @@ mod tests {
         mesh::PairState,
     };
 
-    fn get(query: &[(&str, &str)]) -> AdminRequest {
+    /// `GET /v1/auth?QUERY`, its values already decoded.
+    fn get(query: &str) -> AdminRequest {
         AdminRequest {
             method: Method::GET,
             path: "/v1/auth".into(),
             query: query
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k.to_string(), v.to_string())
+                })
                 .collect(),
             body: Default::default(),
         }
@@ -343,16 +348,10 @@ mod tests {
             ]),
             ..ClusterState::default()
         };
-        let q = |query: &[(&str, &str)]| auth_query(&get(query), &cluster);
-        assert_eq!(q(&[]).ok(), Some(AuthQuery::default()));
+        let q = |query: &str| auth_query(&get(query), &cluster);
+        assert_eq!(q("").ok(), Some(AuthQuery::default()));
         assert_eq!(
-            q(&[
-                ("pod", "shop/frontend"),
-                ("peer_node", "b"),
-                ("state", "failing"),
-                ("limit", "5"),
-            ])
-            .ok(),
+            q("pod=shop/frontend&peer_node=b&state=failing&limit=5").ok(),
             Some(AuthQuery {
                 identity: Some(256),
                 node: Some(2),
@@ -360,55 +359,20 @@ mod tests {
                 limit: Some(5),
             })
         );
-        assert_eq!(
-            q(&[("pod", "backend")]).ok().and_then(|q| q.identity),
-            Some(257)
-        );
-        assert_eq!(
-            q(&[("identity", "300")]).ok().and_then(|q| q.identity),
-            Some(300)
-        );
+        let identity = |query| q(query).ok().and_then(|q| q.identity);
+        assert_eq!(identity("pod=backend"), Some(257));
+        assert_eq!(identity("identity=300"), Some(300));
+        const BAD: StatusCode = StatusCode::BAD_REQUEST;
+        const MISSING: StatusCode = StatusCode::NOT_FOUND;
         for (query, status, says) in [
-            (
-                &[("pod", "frontend")][..],
-                StatusCode::BAD_REQUEST,
-                "2 pods are named \\\"frontend\\\": give it as namespace/name",
-            ),
-            (
-                &[("pod", "shop/nosuch")],
-                StatusCode::NOT_FOUND,
-                "no pod \\\"shop/nosuch\\\"",
-            ),
-            (
-                &[("peer_node", "c")],
-                StatusCode::NOT_FOUND,
-                "no node \\\"c\\\"",
-            ),
-            (
-                &[("state", "done")],
-                StatusCode::BAD_REQUEST,
-                "expected authenticated, failing or pending",
-            ),
-            (
-                &[("limit", "-1")],
-                StatusCode::BAD_REQUEST,
-                "limit: \\\"-1\\\" is not a number",
-            ),
-            (
-                &[("identity", "x")],
-                StatusCode::BAD_REQUEST,
-                "identity: \\\"x\\\" is not a number",
-            ),
-            (
-                &[("pod", "backend"), ("identity", "1")],
-                StatusCode::BAD_REQUEST,
-                "give one of them",
-            ),
-            (
-                &[("pdo", "backend")],
-                StatusCode::BAD_REQUEST,
-                "unknown parameter \\\"pdo\\\"",
-            ),
+            ("pod=frontend", BAD, "2 pods are named"),
+            ("pod=shop/nosuch", MISSING, "no pod"),
+            ("peer_node=c", MISSING, "no node"),
+            ("state=done", BAD, "authenticated, failing or pending"),
+            ("limit=-1", BAD, "limit: \\\"-1\\\" is not a number"),
+            ("identity=x", BAD, "identity: \\\"x\\\" is not"),
+            ("pod=backend&identity=1", BAD, "give one of them"),
+            ("pdo=backend", BAD, "unknown parameter \\\"pdo\\\""),
         ] {
             let (got, message) = refused(q(query));
             assert_eq!(got, status, "{query:?}: {message}");
