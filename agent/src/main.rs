@@ -223,7 +223,8 @@ enum AuthCommand {
         /// Pairs whose remote identity is on this node.
         #[arg(long)]
         peer_node: Option<String>,
-        /// authenticated, failing (last attempt failed, no entry) or pending.
+        /// authenticated (holds an entry), failing (its last attempt failed) or pending (neither),
+        /// as `veil status` counts them.
         #[arg(long)]
         state: Option<veil_agent::mesh::PairState>,
         /// At most this many per node (all match counts are still printed).

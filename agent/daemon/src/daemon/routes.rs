@@ -228,7 +228,10 @@ async fn ask_mesh(
     match tokio::time::timeout(MESH_ANSWER_TIMEOUT, asked).await {
         Ok(Some(list)) => AdminResponse::json(&list),
         Ok(None) => unavailable("the mesh is not running"),
-        Err(_) => unavailable("the mesh did not answer within 5 s"),
+        Err(_) => unavailable(&format!(
+            "the mesh did not answer within {} s",
+            MESH_ANSWER_TIMEOUT.as_secs()
+        )),
     }
 }
 

@@ -67,8 +67,9 @@ pub struct AuthQuery {
     pub limit: Option<usize>,
 }
 
-/// Where an auth pair stands: it holds an entry (`authenticated`), its last attempt failed and
-/// it holds none (`failing`), or neither yet (`pending`).
+/// Where an auth pair stands, as `veil status` counts pairs: it holds an entry
+/// (`authenticated`), its last attempt failed (`failing`; an entry from an earlier success may
+/// still admit it until that expires, so a pair can be both), or neither (`pending`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PairState {
     Authenticated,
@@ -85,11 +86,13 @@ crate::keyword_enum!(
 );
 
 impl PairState {
-    pub fn of(s: &entries::TripleStatus) -> Self {
-        match (&s.entry, &s.last_result) {
-            (Some(_), _) => Self::Authenticated,
-            (None, Some(Err(_))) => Self::Failing,
-            (None, _) => Self::Pending,
+    /// Is the pair in this state?
+    pub fn holds(self, s: &entries::TripleStatus) -> bool {
+        let failing = matches!(s.last_result, Some(Err(_)));
+        match self {
+            Self::Authenticated => s.entry.is_some(),
+            Self::Failing => failing,
+            Self::Pending => s.entry.is_none() && !failing,
         }
     }
 }
@@ -100,7 +103,7 @@ impl AuthQuery {
         self.identity
             .is_none_or(|i| t.local_identity == i || t.remote_identity == i)
             && self.node.is_none_or(|n| t.remote_node == n)
-            && self.state.is_none_or(|st| st == PairState::of(s))
+            && self.state.is_none_or(|st| st.holds(s))
     }
 }
 

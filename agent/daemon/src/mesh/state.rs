@@ -1111,6 +1111,32 @@ mod tests {
             .matching,
             0
         );
+        // A re-authentication that fails keeps the entry until it expires: the pair is both
+        // authenticated and failing, as `veil status` counts it.
+        w.state
+            .on_handshake_result(late, now, Err(AuthFailure::Timeout), now, wall, 0.0);
+        let in_state = |state| {
+            w.state
+                .auth_pairs(
+                    &cluster,
+                    &AuthQuery {
+                        identity: Some(301),
+                        state: Some(state),
+                        ..AuthQuery::default()
+                    },
+                )
+                .matching
+        };
+        assert_eq!(
+            [
+                PairState::Authenticated,
+                PairState::Failing,
+                PairState::Pending
+            ]
+            .map(in_state),
+            [1, 1, 0]
+        );
+        assert_eq!(w.state.status(&cluster).auth_pairs.failing, 601);
     }
 
     /// A node that moves: the channel to its old address is closed and it is dialled again at
