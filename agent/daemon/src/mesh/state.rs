@@ -586,16 +586,13 @@ impl<C: PeerChannel> MeshState<C> {
     /// how many match.
     pub fn auth_pairs(&self, cluster: &ClusterState, q: &super::AuthQuery) -> api::AuthPairList {
         let names = Names::new(cluster);
-        let matching: Vec<_> = self
-            .table
-            .statuses()
-            .into_iter()
-            .filter(|s| q.matches(s))
-            .collect();
+        let mut matching = self.table.statuses();
+        let total = matching.len();
+        matching.retain(|s| q.matches(s));
         api::AuthPairList {
             node: self.node.clone(),
             matching: matching.len(),
-            total: self.table.counts().total,
+            total,
             pairs: matching
                 .iter()
                 .take(q.limit.unwrap_or(usize::MAX))
