@@ -343,7 +343,7 @@ pub fn start_reference(
         .reference()
         .with_context(|| format!("{} is not a reference WireGuard", contender.key()))?;
     let nodes = [lab.node(NODE_A)?.clone(), lab.node(NODE_B)?.clone()];
-    let mtu = lab.view.pod_mtu.unwrap_or(1440).to_string();
+    let mtu = lab.view.pod_mtu.to_string();
     let keys = [wg_genkey()?, wg_genkey()?];
     let mut ends = vec![];
     for (i, n) in nodes.iter().enumerate() {
@@ -580,11 +580,7 @@ pub fn node_netns(lab: &Lab) -> anyhow::Result<[String; 2]> {
 pub fn veil_counters(lab: &Lab) -> anyhow::Result<PathCounters> {
     let dev = |node: &str| -> anyhow::Result<(String, String)> {
         let n = lab.node(node)?;
-        let iface = n
-            .wg_interface
-            .clone()
-            .with_context(|| format!("lab show: no wg_interface for {node}"))?;
-        Ok((n.netns.clone(), iface))
+        Ok((n.netns.clone(), n.wg_interface.clone()))
     };
     Ok(PathCounters::Tunnel([dev(NODE_A)?, dev(NODE_B)?]))
 }
@@ -612,7 +608,7 @@ pub fn veil_wg_pids(lab: &Lab) -> anyhow::Result<Vec<u32>> {
             let st = lab.status(node)?;
             let n = lab.node(node)?;
             let iface = if st.interface.is_empty() {
-                n.wg_interface.clone().unwrap_or_default()
+                n.wg_interface.clone()
             } else {
                 st.interface.clone()
             };
@@ -627,9 +623,7 @@ pub fn agent_pids(lab: &Lab) -> anyhow::Result<Vec<u32>> {
     [NODE_A, NODE_B]
         .iter()
         .map(|node| {
-            lab.status(node)?
-                .agent
-                .map(|a| a.pid)
+            Some(lab.status(node)?.agent.pid)
                 .filter(|&p| p != 0)
                 .with_context(|| format!("veil status: no agent pid for {node}"))
         })

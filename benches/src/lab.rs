@@ -7,78 +7,25 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use serde::Deserialize;
 
-/// `veil lab show -o json` (the fields the harness reads).
-#[derive(Debug, Clone, Deserialize)]
-pub struct LabView {
-    pub name: String,
-    pub nodes: Vec<NodeView>,
-    pub pods: Vec<PodView>,
-    #[serde(default)]
-    pub pod_mtu: Option<u32>,
-    /// `services` as `lab show` gives them (svc-bench reads ClusterIPs and ports).
-    #[serde(default)]
-    pub services: Vec<serde_json::Value>,
-    /// The lab's kube-apiserver (`--control-plane kubernetes` only).
-    #[serde(default)]
-    pub kubernetes: Option<KubeView>,
-}
+/// `veil lab show -o json` and `veil status -o json` read with the types that write them, so
+/// a field the harness reads cannot drift from what the binary prints.
+pub use veil_agent::{
+    api::Status,
+    lab::{LabView, NodeView, PodView},
+};
 
-/// The `kubernetes` block of `veil lab show -o json`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct KubeView {
-    pub kubeconfig: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct NodeView {
-    pub name: String,
-    pub netns: String,
-    pub underlay_ip: String,
-    pub pod_cidr: String,
-    #[serde(default)]
-    pub wg_interface: Option<String>,
-    /// The agent's admin socket.
-    #[serde(default)]
-    pub agent_admin: Option<String>,
-    /// The agent's bpffs pin directory (maps by name).
-    #[serde(default)]
-    pub pin_dir: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct PodView {
-    pub name: String,
-    pub node: String,
-    pub netns: String,
-    pub ip: String,
-}
-
-/// `veil status -o json` (the fields the harness reads).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Status {
-    pub backend: String,
-    #[serde(default)]
-    pub interface: String,
-    #[serde(default)]
-    pub peers: Vec<serde_json::Value>,
-    #[serde(default)]
-    pub agent: Option<AgentInfo>,
-    #[serde(default)]
-    pub proxy: Option<ProxyInfo>,
-}
-
-/// The node's L7 proxy in `veil status -o json`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ProxyInfo {
-    #[serde(default)]
-    pub pid: Option<u32>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct AgentInfo {
-    pub pid: u32,
+/// `veil status --name LAB --node NODE -o json`.
+pub fn status(veil: &Path, lab: &str, node: &str) -> anyhow::Result<Status> {
+    let out =
+        run(Command::new(veil).args(["status", "--name", lab, "--node", node, "-o", "json"]))?;
+    // One node asked: the answer is an object (or a one-element array).
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let v = match v {
+        serde_json::Value::Array(mut a) if !a.is_empty() => a.remove(0),
+        v => v,
+    };
+    serde_json::from_value(v).context("parsing `veil status -o json`")
 }
 
 /// A lab this harness brought up; `down` is idempotent.
@@ -157,38 +104,19 @@ impl Lab {
 
     pub fn node(&self, name: &str) -> anyhow::Result<&NodeView> {
         self.view
-            .nodes
-            .iter()
-            .find(|n| n.name == name)
+            .node(name)
             .with_context(|| format!("lab {} has no node {name}", self.name()))
     }
 
     pub fn pod(&self, name: &str) -> anyhow::Result<&PodView> {
         self.view
-            .pods
-            .iter()
-            .find(|p| p.name == name)
+            .pod(name)
             .with_context(|| format!("lab {} has no pod {name}", self.name()))
     }
 
     /// `veil status --node N -o json`.
     pub fn status(&self, node: &str) -> anyhow::Result<Status> {
-        let out = run(Command::new(&self.veil).args([
-            "status",
-            "--name",
-            self.name(),
-            "--node",
-            node,
-            "-o",
-            "json",
-        ]))?;
-        // One node asked: the answer is an object (or a one-element array).
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let v = match v {
-            serde_json::Value::Array(mut a) if !a.is_empty() => a.remove(0),
-            v => v,
-        };
-        serde_json::from_value(v).context("parsing `veil status -o json`")
+        status(&self.veil, self.name(), node)
     }
 
     /// The command `veil lab exec POD -- ARGV…` (not started).

@@ -354,11 +354,18 @@ impl Lab {
     /// The lab's pod `pod` (`name` or `namespace/name`; a test naming a pod the lab does not
     /// have fails).
     pub fn pod(&self, pod: &str) -> &PodView {
-        self.view
-            .pods
-            .iter()
-            .find(|p| p.name == pod || format!("{}/{}", p.namespace, p.name) == pod)
-            .unwrap_or_else(|| panic!("no pod {pod}"))
+        self.view.pod(pod).unwrap_or_else(|| panic!("no pod {pod}"))
+    }
+
+    /// The lab's Service `service` as `lab show` gives it (`name` or `namespace/name`; a test
+    /// naming a Service the lab does not have fails).
+    pub fn service(&self, service: &str) -> &veil_agent::api::ServiceStatus {
+        self.view.service(service).unwrap_or_else(|| {
+            panic!(
+                "no service {service} in lab show: {:#?}",
+                self.view.services
+            )
+        })
     }
 
     /// Host `host` of node `node_id`'s first pod CIDR, in the lab's first family:
@@ -413,9 +420,7 @@ impl Lab {
     /// The lab's node `node` (a test naming a node the lab does not have fails).
     pub fn node(&self, node: &str) -> &NodeView {
         self.view
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
+            .node(node)
             .unwrap_or_else(|| panic!("no node {node}"))
     }
 

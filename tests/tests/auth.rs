@@ -698,14 +698,7 @@ fn attack(netns: &str, target: SocketAddr, half_open: usize) -> Vec<TcpStream> {
 #[test]
 fn hostile_clients_on_4250_do_not_stop_legitimate_handshakes() {
     let lab = Lab::up_with_file(ECHO_LAB, &[]);
-    let node_b = lab
-        .view
-        .nodes
-        .iter()
-        .find(|n| n.name == "node-b")
-        .unwrap()
-        .underlay_ip
-        .clone();
+    let node_b = lab.node("node-b").underlay_ip.clone();
     let node_b: std::net::IpAddr = node_b.parse().unwrap();
     let target = SocketAddr::new(node_b, 4250);
     let epoch0 = lab.wait_for("first channel", Duration::from_secs(10), || {

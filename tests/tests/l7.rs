@@ -126,13 +126,7 @@ fn seed_example_decides_each_request_and_other_pods_bypass_the_proxy() {
         assert_eq!(lab.exec_ok("frontend", &argv), want, "h2c {url}");
     }
     // Through the Service's ClusterIP: translated at the socket, then policed.
-    let vip = &lab
-        .view
-        .services
-        .iter()
-        .find(|s| s.name == "backend")
-        .expect("service")
-        .cluster_ip;
+    let vip = &lab.service("backend").cluster_ip;
     let via = codes(
         &lab,
         "frontend",

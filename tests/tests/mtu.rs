@@ -47,8 +47,8 @@ fn mtu_lab(underlay_mtu: u32) -> Lab {
 /// Raises a pod's eth0 and its host-side veth to `mtu`: the pod then sends packets the tunnel
 /// cannot carry (the host veth must follow, or the veth itself drops them before veil sees them).
 fn raise_pod_mtu(lab: &Lab, pod: &str, mtu: u32) {
-    let p = lab.view.pods.iter().find(|p| p.name == pod).unwrap();
-    let node = lab.view.nodes.iter().find(|n| n.name == p.node).unwrap();
+    let p = lab.pod(pod);
+    let node = lab.node(&p.node);
     let mtu = mtu.to_string();
     ip_netns(&p.netns, &["ip", "link", "set", "eth0", "mtu", &mtu]);
     ip_netns(
@@ -353,7 +353,7 @@ print(sent, s.getsockopt(socket.IPPROTO_IP, 14), err)
 
 /// Packets the kernel handed to a node's tunnel device (its TX counter).
 fn tunnel_tx_packets(lab: &Lab, node: &str) -> u64 {
-    let n = lab.view.nodes.iter().find(|n| n.name == node).unwrap();
+    let n = lab.node(node);
     let out = ip_netns(
         &n.netns,
         &[
@@ -377,7 +377,7 @@ fn raised_frontend_lab() -> (Lab, u32, u32) {
 #[test]
 fn pod_with_a_raised_mtu_leaks_nothing_and_its_tcp_still_flows() {
     let (lab, underlay_mtu, tunnel_mtu) = raised_frontend_lab();
-    let fe = lab.view.pods.iter().find(|p| p.name == "frontend").unwrap();
+    let fe = lab.pod("frontend");
     assert_eq!(link_mtu(&fe.netns, "eth0"), 1500);
     let be = lab.pod_ip("backend");
     let bulk = Bulk::new();

@@ -50,14 +50,6 @@ data, src = s.recvfrom(2048)
 print(src[0], src[1], data.decode())
 "#;
 
-fn service<'a>(lab: &'a Lab, name: &str) -> &'a veil_agent::api::ServiceStatus {
-    lab.view
-        .services
-        .iter()
-        .find(|s| s.name == name)
-        .unwrap_or_else(|| panic!("no service {name} in lab show: {:#?}", lab.view.services))
-}
-
 fn tcp_probe(lab: &Lab, pod: &str, host: &str, port: u16) -> String {
     lab.exec_ok(pod, &["python3", "-c", TCP_PROBE, host, &port.to_string()])
         .trim()
@@ -67,7 +59,7 @@ fn tcp_probe(lab: &Lab, pod: &str, host: &str, port: u16) -> String {
 #[test]
 fn clusterip_reaches_the_backend_shows_the_service_and_policy_applies_to_the_backend() {
     let lab = Lab::up(&[]);
-    let svc = service(&lab, "backend");
+    let svc = lab.service("backend");
     assert_eq!(svc.namespace, "shop");
     // From the service CIDR of the lab's first family (IPv6 in an IPv6-only lab).
     assert!(
@@ -207,12 +199,12 @@ services:
 #[test]
 fn backends_are_spread_affinity_sticks_no_backend_refuses_and_udp_answers_from_the_service() {
     let lab = Lab::up_with_file(LAB, &[]);
-    let spread = service(&lab, "backend").cluster_ip.clone();
-    let sticky = service(&lab, "sticky").cluster_ip.clone();
-    let nobody = service(&lab, "nobody").cluster_ip.clone();
-    assert_eq!(service(&lab, "backend").backends.len(), 2);
-    assert!(service(&lab, "nobody").backends.is_empty());
-    assert_eq!(service(&lab, "sticky").session_affinity, "ClientIP");
+    let spread = lab.service("backend").cluster_ip.clone();
+    let sticky = lab.service("sticky").cluster_ip.clone();
+    let nobody = lab.service("nobody").cluster_ip.clone();
+    assert_eq!(lab.service("backend").backends.len(), 2);
+    assert!(lab.service("nobody").backends.is_empty());
+    assert_eq!(lab.service("sticky").session_affinity, "ClientIP");
 
     // Random choice per connection: 24 connections reach both backends (all on one: 2^-23).
     let bodies: std::collections::BTreeSet<String> = (0..24)
@@ -238,7 +230,7 @@ fn backends_are_spread_affinity_sticks_no_backend_refuses_and_udp_answers_from_t
     lab.expect_drops(&["service-no-backend"]);
 
     // Unconnected UDP: translated per datagram, the answer seems to come from the Service.
-    let echo = service(&lab, "echo").cluster_ip.clone();
+    let echo = lab.service("echo").cluster_ip.clone();
     let out = lab.exec_ok("frontend", &["python3", "-c", UDP_PROBE, &echo, "53"]);
     assert_eq!(out.trim(), format!("{echo} 53 ping-via-service"));
 
@@ -266,7 +258,7 @@ services:
 #[test]
 fn a_dual_stack_service_balances_each_cluster_ip_over_the_backends_of_its_family() {
     let lab = Lab::up_with_file(DUAL_LAB, &[]);
-    let svc = service(&lab, "backend");
+    let svc = lab.service("backend");
     assert_eq!(svc.cluster_ips.len(), 2, "{svc:?}");
     let (vip4, vip6) = (svc.cluster_ips[0].clone(), svc.cluster_ips[1].clone());
     assert_eq!(svc.cluster_ip, vip4);
@@ -307,7 +299,7 @@ fn a_dual_stack_service_balances_each_cluster_ip_over_the_backends_of_its_family
     assert_eq!(out.trim(), format!("{vip6} 53 ping-via-service"));
 
     // The IPv6-only Service: its one ClusterIP is the given one, its backends IPv6 only.
-    let six = service(&lab, "six");
+    let six = lab.service("six");
     assert_eq!(six.cluster_ips, ["fd00:198:16::66"]);
     assert_eq!(
         six.backends
@@ -342,7 +334,7 @@ fn kubernetes_services_follow_endpointslices_and_skip_pods_that_are_not_ready() 
     // Dual stack: kube-apiserver gets both service CIDRs.
     let lab = Lab::up(&["--control-plane", "kubernetes", "--ip-family", "dual"]);
     // The lab's own Service, made as a Service object with the ClusterIP the lab allocated.
-    let vip = service(&lab, "backend").cluster_ip.clone();
+    let vip = lab.service("backend").cluster_ip.clone();
     assert_eq!(
         tcp_probe(&lab, "frontend", &vip, 80),
         format!("{vip} 80 hello from shop/backend")

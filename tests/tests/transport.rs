@@ -802,10 +802,7 @@ fn agent_restart_does_not_cut_a_long_stream() {
         );
     }
     assert_eq!(
-        lab.http_get(
-            "frontend",
-            &format!("{}/", veil_tests::http_origin(&be, 8080))
-        ),
+        lab.http_get("frontend", &veil_tests::http_url(&be, 8080)),
         "hello from shop/backend\n"
     );
 }
@@ -967,7 +964,7 @@ fn hundred_megabytes_arrive_intact_and_mtu_boundary_holds() {
     // (4) With frontend's own MTU out of the way (its veth pair raised to the underlay's), the
     // same oversized DF packet leaves the pod; veil_from_pod redirects it into the tunnel device
     // (bpf_redirect skips the device MTU check), and veil-wg must not carry it as fragments.
-    let fe = lab.view.pods.iter().find(|p| p.name == "frontend").unwrap();
+    let fe = lab.pod("frontend");
     let mtu = underlay_mtu.to_string();
     ip_netns(&fe.netns, &["ip", "link", "set", "eth0", "mtu", &mtu]);
     ip_netns(&a.netns, &["ip", "link", "set", &fe.host_veth, "mtu", &mtu]);
@@ -1540,10 +1537,7 @@ fn hostile_datagrams_and_streams_neither_answered_nor_disruptive() {
     let b_ns = lab.node_netns("node-b");
     let be = lab.pod_ip("backend");
     assert_eq!(
-        lab.http_get(
-            "frontend",
-            &format!("{}/", veil_tests::http_origin(&be, 8080))
-        ),
+        lab.http_get("frontend", &veil_tests::http_url(&be, 8080)),
         "hello from shop/backend\n"
     );
     let pid_before = lab.wg_pid("node-a");
@@ -1695,10 +1689,7 @@ fn plaintext_from_the_underlay_never_reaches_a_pod() {
     );
     // Pod traffic through the tunnel is unaffected.
     assert_eq!(
-        lab.http_get(
-            "frontend",
-            &format!("{}/", veil_tests::http_origin(&be, 8080))
-        ),
+        lab.http_get("frontend", &veil_tests::http_url(&be, 8080)),
         "hello from shop/backend\n"
     );
 }
@@ -1743,10 +1734,7 @@ for _ in range(5):
     );
     // Frontend's own traffic still flows.
     assert_eq!(
-        lab.http_get(
-            "frontend",
-            &format!("{}/", veil_tests::http_origin(&be, 8080))
-        ),
+        lab.http_get("frontend", &veil_tests::http_url(&be, 8080)),
         "hello from shop/backend\n"
     );
 }
@@ -1815,7 +1803,7 @@ for _ in range(5):
 fn veil_wg_killed_or_hung_is_restarted_counted_and_traffic_resumes() {
     let lab = Lab::up(&[]);
     let be = lab.pod_ip("backend");
-    let url = format!("{}/", veil_tests::http_origin(&be, 8080));
+    let url = veil_tests::http_url(&be, 8080);
     assert_eq!(lab.http_get("frontend", &url), "hello from shop/backend\n");
     for (signal, reason, n) in [
         (nix::sys::signal::Signal::SIGKILL, "exited", 1u64),

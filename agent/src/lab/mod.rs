@@ -222,6 +222,33 @@ pub struct LabView {
     pub services: Vec<crate::api::ServiceStatus>,
 }
 
+impl LabView {
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeView> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The pod named `pod`: `name` (the first of that name) or `namespace/name`.
+    pub fn pod(&self, pod: &str) -> Option<&PodView> {
+        self.pods.iter().find(|p| names(pod, &p.namespace, &p.name))
+    }
+
+    /// The Service named `service`: `name` (the first of that name) or `namespace/name`.
+    pub fn service(&self, service: &str) -> Option<&crate::api::ServiceStatus> {
+        self.services
+            .iter()
+            .find(|s| names(service, &s.namespace, &s.name))
+    }
+}
+
+/// Whether `wanted` (`name` or `namespace/name`) names the object `namespace/name`.
+fn names(wanted: &str, namespace: &str, name: &str) -> bool {
+    match wanted.split_once('/') {
+        Some((ns, n)) => ns == namespace && n == name,
+        None => wanted == name,
+    }
+}
+
 /// `"identity"` of `veil lab show -o json`: with `spire`, `"$server_bin" entry show -socketPath
 /// "$server_socket"` (and `agent list`) run against the lab's spire-server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1666,5 +1693,39 @@ mod tests {
             let e = parse_agent_env(text, &lab).unwrap_err().to_string();
             assert!(e.contains(names), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn a_lab_view_finds_nodes_pods_and_services_by_name_or_namespace_and_name() {
+        let file = spec::parse_lab_file(
+            "nodes: [{name: node-a}, {name: node-b}]\n\
+             pods:\n\
+             - {name: web, namespace: shop, node: node-a, labels: {app: web}}\n\
+             - {name: web, namespace: other, node: node-b, labels: {app: web}}\n\
+             services:\n\
+             - {name: web, namespace: other, selector: {app: web}, ports: [{port: 80}]}\n",
+        )
+        .unwrap();
+        let spec = spec::resolve("t", file, &spec::Overrides::default()).unwrap();
+        let paths = LabPaths {
+            name: "t".into(),
+            root: "/nonexistent/t".into(),
+            cgroup: "/nonexistent/cg".into(),
+            bpf: "/nonexistent/bpf".into(),
+        };
+        let v = view(&spec, &paths);
+        assert_eq!(v.node("node-b").map(|n| n.name.as_str()), Some("node-b"));
+        assert!(v.node("node-z").is_none());
+        let node_of = |pod: &str| v.pod(pod).map(|p| p.node.as_str());
+        assert_eq!(node_of("web"), Some("node-a"));
+        assert_eq!(node_of("shop/web"), Some("node-a"));
+        assert_eq!(node_of("other/web"), Some("node-b"));
+        assert_eq!(node_of("nosuch/web"), None);
+        assert_eq!(node_of("other/"), None);
+        assert_eq!(
+            v.service("other/web").map(|s| s.namespace.as_str()),
+            Some("other")
+        );
+        assert!(v.service("shop/web").is_none());
     }
 }

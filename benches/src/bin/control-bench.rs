@@ -18,7 +18,12 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use veil_agent::api::Status;
-use veil_benches::{cleanup, lab::Lab, procs};
+use veil_benches::{
+    cleanup,
+    lab::{status, Lab},
+    procs,
+    report::median_or_nan as median,
+};
 use veil_common::maps::{AuthEntry, AuthKey, AUTH};
 
 #[derive(Parser, Debug)]
@@ -44,21 +49,6 @@ struct Args {
     /// Where to write control.json.
     #[arg(long)]
     out_dir: Option<PathBuf>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn status(veil: &Path, lab: &str, node: &str) -> anyhow::Result<Status> {
-    let out = Command::new(veil)
-        .args(["status", "--name", lab, "--node", node, "-o", "json"])
-        .output()?;
-    if !out.status.success() {
-        bail!("veil status: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    serde_json::from_slice(&out.stdout).context("parsing veil status")
 }
 
 /// `GET /v1/status` straight from an agent's admin socket: no process spawned per call, so it
@@ -197,10 +187,7 @@ fn main() -> anyhow::Result<()> {
     }
     let node_paths = |node: &str| -> anyhow::Result<(PathBuf, PathBuf)> {
         let n = lab.node(node)?;
-        match (&n.pin_dir, &n.agent_admin) {
-            (Some(p), Some(a)) => Ok((PathBuf::from(p), PathBuf::from(a))),
-            _ => bail!("`veil lab show` gives no pin_dir / agent_admin for {node}"),
-        }
+        Ok((PathBuf::from(&n.pin_dir), PathBuf::from(&n.agent_admin)))
     };
     let (pins_a, _) = node_paths("node-a")?;
     let (pins_b, admin_b) = node_paths("node-b")?;

@@ -119,10 +119,7 @@ fn newest_seq(lab: &Lab) -> anyhow::Result<u64> {
 
 fn measure(args: &Args, lab: &Lab, rr_bin: &std::path::Path) -> anyhow::Result<Run> {
     contender::warm_path(&contender::Ends::Pods(lab))?;
-    let pid = lab
-        .status("node-a")?
-        .agent
-        .map(|a| a.pid)
+    let pid = Some(lab.status("node-a")?.agent.pid)
         .filter(|&p| p != 0)
         .context("veil status: no agent pid for node-a")?;
     let window = std::time::Duration::from_secs(u64::from(args.seconds));

@@ -220,19 +220,16 @@ fn main() -> anyhow::Result<()> {
         let last_name = format!("s{}", size.div_ceil(PORTS_PER_SERVICE) - 1);
         let last = lab
             .view
-            .services
-            .iter()
-            .find(|s| s["name"] == last_name.as_str())
+            .service(&last_name)
             .context("lab show lists no last Service")?;
-        let cluster_ip = last["cluster_ip"]
-            .as_str()
-            .context("cluster_ip")?
-            .to_string();
+        let cluster_ip = last.cluster_ip.clone();
         // The last echo port (the one before `http`).
-        let cluster_port = last["ports"]
-            .as_array()
-            .and_then(|p| p.iter().rev().find(|p| p["port"] != HTTP_SERVICE_PORT))
-            .and_then(|p| p["port"].as_u64())
+        let cluster_port = last
+            .ports
+            .iter()
+            .rev()
+            .find(|p| p.port != HTTP_SERVICE_PORT)
+            .map(|p| p.port)
             .context("ports")?;
         let (rules, (vip, vport), (http_vip, http_vport)) = iptables_rules(size, &server_ip);
         // (target, echo address, HTTP address)

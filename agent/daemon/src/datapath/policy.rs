@@ -23,7 +23,7 @@ use super::{
     maps::{sync, ConfigMap, KernelHash},
     Error,
 };
-use crate::policy::{datapath_lookup, Direction, Verdict};
+use crate::policy::{datapath_lookup, Direction, Probe, Verdict};
 
 /// Writes `entries` into the idle slot and makes it live. Returns the number of changes.
 pub fn install(
@@ -71,7 +71,14 @@ pub fn still_admitted(
     e: &CtEntry,
 ) -> bool {
     let check = |local: u32, remote: u32, dir: Direction| {
-        match datapath_lookup(entries, local, remote, key.dport, key.protocol, dir) {
+        let probe = Probe {
+            local,
+            remote,
+            port: key.dport,
+            proto: key.protocol,
+            direction: dir,
+        };
+        match datapath_lookup(entries, probe) {
             Verdict::Denied => false,
             // Admitted without auth but now requires it: re-evaluate (the auth check decides).
             Verdict::Allowed {

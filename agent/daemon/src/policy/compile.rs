@@ -497,7 +497,7 @@ mod tests {
     use super::*;
     use crate::policy::{
         datapath_lookup, evaluate, parse::tests::BACKEND_INGRESS, parse::tests::ISSUE_EGRESS_L7,
-        parse_yaml, Verdict,
+        parse_yaml, Probe, Verdict,
     };
     use policy_flags::{ALLOW, AUDIT, AUTH_REQUIRED, DENY, ENFORCED};
     use veil_common::maps::direction::{EGRESS, INGRESS};
@@ -810,16 +810,16 @@ mod tests {
             (&node_a, INTRUDER, BE, 8080, TCP, OUT, allowed),
             (&node_a, FE, INTRUDER, 22, TCP, IN, allowed),
         ];
-        for (map, l, r, p, pr, d, want) in table {
-            let got = (
-                datapath_lookup(&map.entries, l, r, p, pr, d),
-                evaluate(&ps, &ids, l, r, p, pr, d),
-            );
-            assert_eq!(
-                got,
-                (want, want),
-                "{l}->{r}:{p}/{pr} {d:?} (map, evaluator)"
-            );
+        for (map, local, remote, port, proto, direction, want) in table {
+            let p = Probe {
+                local,
+                remote,
+                port,
+                proto,
+                direction,
+            };
+            let got = (datapath_lookup(&map.entries, p), evaluate(&ps, &ids, p));
+            assert_eq!(got, (want, want), "{p} (map, evaluator)");
         }
 
         // Flow records can name the rule behind an entry, and stats count per policy.
@@ -853,7 +853,14 @@ mod tests {
         );
         let ps = policies(&yaml);
         let c = compile(&ps, &ids, &[BE]).unwrap();
-        let v = |r, p| datapath_lookup(&c.entries, BE, r, p, TCP, Direction::Ingress);
+        let probe = |remote, port| Probe {
+            local: BE,
+            remote,
+            port,
+            proto: TCP,
+            direction: Direction::Ingress,
+        };
+        let v = |r, p| datapath_lookup(&c.entries, probe(r, p));
         assert_eq!(
             v(FE, 8080),
             Verdict::Allowed {
@@ -861,10 +868,7 @@ mod tests {
             }
         );
         assert_eq!(v(INTRUDER, 8080), Verdict::Audit);
-        assert_eq!(
-            evaluate(&ps, &ids, BE, INTRUDER, 8080, TCP, Direction::Ingress),
-            Verdict::Audit
-        );
+        assert_eq!(evaluate(&ps, &ids, probe(INTRUDER, 8080)), Verdict::Audit);
     }
 
     /// The datapath's decision (with the proxy bit) from a compiled map.

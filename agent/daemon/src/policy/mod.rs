@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 pub use compile::{compile, CompiledPolicy, PolicyStats, RuleRef};
 pub use identity::{IdentityAllocator, IdentityKey, IdentityLabels};
 pub use parse::{parse_yaml, Direction, Policy};
-pub use reference::{datapath_lookup, evaluate};
+pub use reference::{datapath_lookup, evaluate, Probe};
 pub use set::{Applied, PolicySet};
 
 /// Errors parsing, validating, applying and compiling policies and allocating identities.

@@ -12,19 +12,43 @@ use super::{
     IdentityAllocator, IdentityLabels, Mode, Verdict,
 };
 
-/// The verdict for a packet between `local` (the endpoint on this node) and `remote`, to
+/// One packet as a policy sees it: between `local` (the endpoint on this node) and `remote`, to
 /// destination port `port` (0 for protocols without ports) over IP protocol `proto`, in
-/// `direction` as seen from `local`. An identity missing from `identities` has no labels: no
+/// `direction` as seen from `local`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub local: u32,
+    pub remote: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub direction: Direction,
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = self;
+        write!(
+            f,
+            "{}->{} {}/{} {:?}",
+            p.local, p.remote, p.port, p.proto, p.direction
+        )
+    }
+}
+
+/// The verdict for the packet `probe`. An identity missing from `identities` has no labels: no
 /// policy selects it, and as a remote only rules without endpoint selectors match it.
 pub fn evaluate(
     policies: &[Policy],
     identities: &[(u32, IdentityLabels)],
-    local: u32,
-    remote: u32,
-    port: u16,
-    proto: u8,
-    direction: Direction,
+    probe: Probe,
 ) -> Verdict {
+    let Probe {
+        local,
+        remote,
+        port,
+        proto,
+        direction,
+    } = probe;
     let labels_of = |id: u32| identities.iter().find(|(i, _)| *i == id).map(|(_, l)| l);
     let Some(local_labels) = labels_of(local) else {
         return Verdict::Allowed {
@@ -140,18 +164,12 @@ pub fn evaluate(
 
 /// What the datapath decides for a packet, given the policy map (see
 /// `veil_common::maps::policy_flags`).
-pub fn datapath_lookup(
-    map: &BTreeMap<PolicyKey, PolicyEntry>,
-    local: u32,
-    remote: u32,
-    port: u16,
-    proto: u8,
-    direction: Direction,
-) -> Verdict {
+pub fn datapath_lookup(map: &BTreeMap<PolicyKey, PolicyEntry>, p: Probe) -> Verdict {
+    let direction = p.direction.code();
     let marker = map
-        .get(&PolicyKey::marker(local, direction.code()))
+        .get(&PolicyKey::marker(p.local, direction))
         .map(|e| e.flags);
-    let acc = PolicyKey::lookups(local, remote, port, proto, direction.code())
+    let acc = PolicyKey::lookups(p.local, p.remote, p.port, p.proto, direction)
         .iter()
         .filter_map(|k| map.get(k))
         .fold(0, |acc, e| acc | e.flags);
@@ -181,11 +199,36 @@ pub const PROBE_PORTS: [u16; 14] = [0, 1, 2, 53, 78, 79, 80, 81, 82, 443, 444, 8
 /// IP protocols probed: none, ICMP, TCP, UDP, SCTP, and one no rule names (GRE).
 pub const PROBE_PROTOS: [u8; 6] = [0, 1, 6, 17, 132, 47];
 
-/// Every flow where the compiled `map` and [`evaluate`] disagree: each of `locals` as the local
-/// endpoint; each identity of `ids` and each of [`STRANGER_REMOTES`] as the remote;
-/// [`PROBE_PORTS`] and `extra_ports`; [`PROBE_PROTOS`]; both directions. The property tests and
-/// the policy fuzz target (`fuzz/fuzz_targets/policy.rs`) hold the compiler to the reference
-/// through it.
+/// Every packet an agreement check probes: each of `locals` as the local endpoint; each
+/// identity of `ids` and each of [`STRANGER_REMOTES`] as the remote; [`PROBE_PORTS`] and
+/// `extra_ports`; [`PROBE_PROTOS`]; both directions.
+pub fn probes<'a>(
+    ids: &'a [(u32, IdentityLabels)],
+    locals: &'a [u32],
+    extra_ports: &'a [u16],
+) -> impl Iterator<Item = Probe> + 'a {
+    let remotes = || ids.iter().map(|(id, _)| *id).chain(STRANGER_REMOTES);
+    let ports = || PROBE_PORTS.into_iter().chain(extra_ports.iter().copied());
+    locals.iter().flat_map(move |&local| {
+        remotes().flat_map(move |remote| {
+            ports().flat_map(move |port| {
+                PROBE_PROTOS.into_iter().flat_map(move |proto| {
+                    Direction::ALL.into_iter().map(move |direction| Probe {
+                        local,
+                        remote,
+                        port,
+                        proto,
+                        direction,
+                    })
+                })
+            })
+        })
+    })
+}
+
+/// Every packet of [`probes`] where the compiled `map` and [`evaluate`] disagree. The property
+/// tests and the policy fuzz target (`fuzz/fuzz_targets/policy.rs`) hold the compiler to the
+/// reference through it.
 pub fn disagreements(
     policies: &[Policy],
     ids: &[(u32, IdentityLabels)],
@@ -193,30 +236,13 @@ pub fn disagreements(
     map: &BTreeMap<PolicyKey, PolicyEntry>,
     extra_ports: &[u16],
 ) -> Vec<String> {
-    let remotes: Vec<u32> = ids
-        .iter()
-        .map(|(id, _)| *id)
-        .chain(STRANGER_REMOTES)
-        .collect();
-    let mut out = Vec::new();
-    for &l in locals {
-        for &r in &remotes {
-            for port in PROBE_PORTS.into_iter().chain(extra_ports.iter().copied()) {
-                for proto in PROBE_PROTOS {
-                    for d in Direction::ALL {
-                        let want = evaluate(policies, ids, l, r, port, proto, d);
-                        let got = datapath_lookup(map, l, r, port, proto, d);
-                        if got != want {
-                            out.push(format!(
-                                "{l}->{r} {port}/{proto} {d:?}: map {got:?}, reference {want:?}"
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
+    probes(ids, locals, extra_ports)
+        .filter_map(|p| {
+            let want = evaluate(policies, ids, p);
+            let got = datapath_lookup(map, p);
+            (got != want).then(|| format!("{p}: map {got:?}, reference {want:?}"))
+        })
+        .collect()
 }
 
 /// The identities the compiler's table tests and the policy fuzz target probe with, as the lab
@@ -521,22 +547,9 @@ mod tests {
             if !compile(&ps, &ids, &locals).unwrap().entries.is_empty() {
                 non_empty_maps += 1;
             }
-            let remotes: Vec<u32> = ids
-                .iter()
-                .map(|(id, _)| *id)
-                .chain(STRANGER_REMOTES)
-                .collect();
-            for &l in &locals {
-                for &r in &remotes {
-                    for port in PROBE_PORTS {
-                        for proto in PROBE_PROTOS {
-                            for d in Direction::ALL {
-                                let v = evaluate(&ps, &ids, l, r, port, proto, d);
-                                *counts.entry(format!("{v:?}")).or_default() += 1;
-                            }
-                        }
-                    }
-                }
+            for p in probes(&ids, &locals, &[]) {
+                let v = evaluate(&ps, &ids, p);
+                *counts.entry(format!("{v:?}")).or_default() += 1;
             }
         }
         let total: u64 = counts.values().sum();

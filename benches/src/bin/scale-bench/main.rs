@@ -563,7 +563,7 @@ fn measure(
         size.nodes, size.endpoints, size.rules, args.source
     );
     let node = lab.node("node-a")?.clone();
-    let pin_dir = PathBuf::from(node.pin_dir.clone().context("node-a has no pin_dir")?);
+    let pin_dir = PathBuf::from(&node.pin_dir);
     let netns = node.netns.as_str();
     route_simulated_underlay(netns, &node.underlay_ip)?;
     let mut log = Log::new(agent_log(lab))?;
@@ -674,15 +674,9 @@ fn measure(
     Ok(p)
 }
 
-/// `veil status --node node-a -o json`, all of it.
+/// `veil status --node node-a -o json`.
 fn status(veil: &Path, lab: &str) -> anyhow::Result<veil_agent::api::Status> {
-    let out = Command::new(veil)
-        .args(["status", "--name", lab, "--node", "node-a", "-o", "json"])
-        .output()?;
-    if !out.status.success() {
-        bail!("veil status: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    serde_json::from_slice(&out.stdout).context("parsing veil status")
+    veil_benches::lab::status(veil, lab, "node-a")
 }
 
 fn nix_kill(pid: u32) -> anyhow::Result<()> {
