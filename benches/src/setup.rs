@@ -145,6 +145,19 @@ pub fn results_dir(out_dir: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(d)
 }
 
+/// Writes a benchmark's results as `out_dir/name` (pretty JSON) and says so on stderr.
+pub fn write_results(
+    out_dir: &Path,
+    name: &str,
+    results: &serde_json::Value,
+) -> anyhow::Result<PathBuf> {
+    let path = out_dir.join(name);
+    std::fs::write(&path, serde_json::to_string_pretty(results)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(path)
+}
+
 /// Where a benchmark binary finds the release binaries and writes its results.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Dirs {

@@ -605,6 +605,19 @@ impl Lab {
             .collect()
     }
 
+    /// The first `veil observe ARGS…` record `matches` accepts, waited for up to 10 s: records
+    /// reach `veil observe` through the agents' ring buffers, a moment after the packet.
+    pub fn wait_for_flow(
+        &self,
+        what: &str,
+        args: &[&str],
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.wait_for(what, Duration::from_secs(10), || {
+            self.observe(args).into_iter().find(&matches)
+        })
+    }
+
     /// Prometheus text from a node agent's admin socket.
     pub fn metrics(&self, node: &str) -> String {
         let sock = &self.node(node).agent_admin;
@@ -618,6 +631,16 @@ impl Lab {
     /// Polls `f` every 100 ms until it returns Some or the timeout passes.
     pub fn wait_for<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
         poll_until(what, timeout, Duration::from_millis(100), f)
+    }
+
+    /// The value of `series` (a metric's name and labels as the agent exposes them, e.g.
+    /// `veil_auth_failures_total{reason="auth-map-full"}`) in a node agent's metrics; None
+    /// when the agent does not expose it.
+    pub fn metric(&self, node: &str, series: &str) -> Option<f64> {
+        self.metrics(node).lines().find_map(|l| {
+            let value = l.strip_prefix(series)?.strip_prefix(' ')?;
+            Some(value.trim().parse().expect("a metric's value is a number"))
+        })
     }
 
     /// `up_with_file(yaml, extra)` with [`AUTH_POLICY`] applied, and frontend reaching backend
@@ -1166,19 +1189,24 @@ pub fn serial_of(st: &Status, suffix: &str) -> Option<String> {
         .map(|v| v.serial.clone())
 }
 
-/// `ip netns exec NETNS ARGV...`; panics unless it succeeds; returns stdout.
-pub fn ip_netns(netns: &str, argv: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(argv)
+/// Runs `cmd` to completion; panics, naming it and its stderr, unless it succeeds; returns its
+/// stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "{argv:?} in {netns}: {}",
+        "{cmd:?}: {}: {}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ip netns exec NETNS ARGV...`; panics unless it succeeds; returns stdout.
+pub fn ip_netns(netns: &str, argv: &[&str]) -> String {
+    run_ok(Command::new("ip").args(["netns", "exec", netns]).args(argv))
 }
 
 /// The MTU of a device in a network namespace.

@@ -15,7 +15,7 @@ use std::{
 
 use serde_json::{json, Value};
 use veil_agent::cluster::kubernetes::host_veth_name;
-use veil_tests::{ip_netns, link_mtu, require_lab_environment, unique_name, veil_bin};
+use veil_tests::{ip_netns, link_mtu, require_lab_environment, run_ok, unique_name, veil_bin};
 
 const HOST_LOCAL_DIR: &str = "/usr/lib/cni";
 const GATEWAY: &str = "198.19.200.1";
@@ -29,15 +29,7 @@ struct Netns(String);
 
 impl Netns {
     fn new(name: String) -> Netns {
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
         Netns(name)
     }
 

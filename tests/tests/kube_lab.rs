@@ -1398,13 +1398,10 @@ fn node_table_fill(lab: &Lab, node: &str) -> (usize, u32) {
 /// The keys of map `name` as `node`'s kernel holds them (bpftool's JSON of its pin).
 fn pinned_keys(lab: &Lab, node: &str, name: &str) -> Vec<serde_json::Value> {
     let pin = format!("{}/{name}", lab.status(node).agent.pin_dir);
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned", &pin])
-        .output()
-        .expect("bpftool");
-    assert!(out.status.success(), "bpftool map dump {pin}: {out:?}");
-    let entries: Vec<serde_json::Value> =
-        serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    let out = veil_tests::run_ok(
+        std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned", &pin]),
+    );
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&out).expect("bpftool's JSON");
     let mut keys: Vec<_> = entries.into_iter().map(|e| e["key"].clone()).collect();
     keys.sort_by_key(|k| k.to_string());
     keys

@@ -605,14 +605,13 @@ fn sysdump(
     assert!(out.status.success(), "sysdump failed: {stdout}{stderr}");
     let _ = std::fs::remove_dir_all(into);
     std::fs::create_dir_all(into).expect("create the unpack directory");
-    let tar = Command::new("tar")
-        .arg("-xzf")
-        .arg(archive)
-        .arg("-C")
-        .arg(into)
-        .output()
-        .expect("run tar");
-    assert!(tar.status.success(), "{tar:?}");
+    veil_tests::run_ok(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(archive)
+            .arg("-C")
+            .arg(into),
+    );
     let roots: Vec<_> = std::fs::read_dir(into).unwrap().flatten().collect();
     assert_eq!(roots.len(), 1, "one directory at the archive's top");
     let root = roots[0].path();

@@ -55,16 +55,10 @@ fn revocation_holds_when_another_pod_shares_the_labels() {
         Ok("hello from shop/backend\n"),
         "look-alike after frontend's revocation"
     );
-    // Flow records reach `veil observe` through the agents' ring buffers: wait for them.
-    lab.wait_for(
+    lab.wait_for_flow(
         "an auth-required drop of frontend -> backend",
-        Duration::from_secs(10),
-        || {
-            lab.observe(&["--verdict", "DROPPED", "--pod", "shop/frontend"])
-                .iter()
-                .any(|f| f["drop_reason"] == "auth-required" && f["dst"]["pod"] == "backend")
-                .then_some(())
-        },
+        &["--verdict", "DROPPED", "--pod", "shop/frontend"],
+        |f| f["drop_reason"] == "auth-required" && f["dst"]["pod"] == "backend",
     );
 }
 

@@ -276,16 +276,10 @@ fn a_dual_stack_service_balances_each_cluster_ip_over_the_backends_of_its_family
         tcp_probe(&lab, "frontend", &vip6, 80),
         format!("{vip6} 80 hello from shop/backend")
     );
-    let via6 = lab.wait_for(
+    let via6 = lab.wait_for_flow(
         "node-a's record of frontend -> backend over IPv6",
-        Duration::from_secs(10),
-        || {
-            lab.observe(&["--node", "node-a"]).into_iter().find(|f| {
-                f["src"]["pod"] == "frontend"
-                    && f["dst"]["pod"] == "backend"
-                    && f["dst"]["ip"] == be6
-            })
-        },
+        &["--node", "node-a"],
+        |f| f["src"]["pod"] == "frontend" && f["dst"]["pod"] == "backend" && f["dst"]["ip"] == be6,
     );
     assert_eq!(via6["service"], "shop/backend", "{via6:#}");
     assert_eq!(via6["dst"]["port"], 8080);

@@ -477,9 +477,6 @@ fn main() -> anyhow::Result<()> {
         "authenticated_connection_ms": warm,
         "first_to_authenticated_ratio": ratio,
     });
-    std::fs::write(
-        out_dir.join("control.json"),
-        serde_json::to_string_pretty(&json)?,
-    )?;
+    veil_benches::setup::write_results(&out_dir, "control.json", &json)?;
     Ok(())
 }

@@ -90,9 +90,7 @@ fn main() -> anyhow::Result<()> {
         "machine": veil_benches::setup::machine(),
         "run": run,
     });
-    let path = out_dir.join("flow.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
-    println!("wrote {}", path.display());
+    veil_benches::setup::write_results(&out_dir, "flow.json", &doc)?;
     Ok(())
 }
 

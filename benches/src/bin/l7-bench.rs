@@ -201,8 +201,6 @@ fn main() -> anyhow::Result<()> {
         "samples": samples,
         "table_md": table,
     });
-    let path = out_dir.join("l7.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
-    eprintln!("l7-bench: wrote {}", path.display());
+    veil_benches::setup::write_results(&out_dir, "l7.json", &json)?;
     Ok(())
 }

@@ -353,8 +353,6 @@ fn main() -> anyhow::Result<()> {
         "samples": samples,
         "table_md": table,
     });
-    let path = out_dir.join("services.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
-    eprintln!("svc-bench: wrote {}", path.display());
+    veil_benches::setup::write_results(&out_dir, "services.json", &json)?;
     Ok(())
 }

@@ -586,22 +586,17 @@ fn main() -> anyhow::Result<()> {
     if let (Ok(_), Some(bytes)) = (&control, &control_bytes) {
         json["control_plane"] = serde_json::from_slice(bytes)?;
     }
-    let json_path = out_dir.join("results.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
+    veil_benches::setup::write_results(&out_dir, "results.json", &json)?;
 
     let png = out_dir.join("chart.png");
     render_chart(&png, &header, args.rr_size, &samples)?;
     let md = report::markdown(&med, &targets, &idle, &tc, &format!("Run: {header}."));
-    std::fs::write(out_dir.join("results.md"), &md)?;
+    let md_path = out_dir.join("results.md");
+    std::fs::write(&md_path, &md)?;
     if args.update_readme {
         update_readme(&root.join("benches/README.md"), &md)?;
     }
-    eprintln!(
-        "wrote {}, {} and {}",
-        json_path.display(),
-        png.display(),
-        out_dir.join("results.md").display()
-    );
+    eprintln!("wrote {} and {}", png.display(), md_path.display());
     Ok(())
 }
 

@@ -225,7 +225,6 @@ fn report(args: &Args, rounds: &[Round], out_dir: &std::path::Path) -> anyhow::R
             serde_json::json!({ "one": one, "many": many, "ratio": ratio }),
         );
     }
-    let path = out_dir.join("wg-peers.json");
     let doc = serde_json::json!({
         "peers": args.peers,
         "seconds": args.seconds,
@@ -233,7 +232,6 @@ fn report(args: &Args, rounds: &[Round], out_dir: &std::path::Path) -> anyhow::R
         "medians": json,
         "rounds": rounds,
     });
-    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
-    println!("wrote {}", path.display());
+    veil_benches::setup::write_results(out_dir, "wg-peers.json", &doc)?;
     Ok(())
 }

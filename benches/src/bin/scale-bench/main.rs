@@ -283,9 +283,7 @@ fn main() -> anyhow::Result<()> {
         "file_source": "inotify (250 ms poll as a fallback)",
         "points": points,
     });
-    let path = out_dir.join(results);
-    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
-    println!("wrote {}", path.display());
+    veil_benches::setup::write_results(&out_dir, results, &json)?;
     println!("wrote {}", chart::draw(&out_dir)?.display());
     Ok(())
 }
