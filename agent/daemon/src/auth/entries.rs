@@ -96,6 +96,16 @@ pub struct TripleStatus {
     pub failures: u32,
 }
 
+/// What a query can ask of a triple without copying its entry out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TripleSummary {
+    pub triple: AuthTriple,
+    /// It holds an entry.
+    pub is_authenticated: bool,
+    /// Its last attempt failed.
+    pub is_failing: bool,
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Boxed: most triples of a large cluster have no entry (parked until their node's
@@ -568,8 +578,29 @@ impl AuthTable {
     /// The first `limit` known triples in triple order (a bounded heap: the cost grows with
     /// the table, not with its sort).
     pub fn first_statuses(&self, limit: usize) -> Vec<TripleStatus> {
+        self.select_statuses(limit, |_| true).1
+    }
+
+    /// How many known triples `keep` accepts, and the first `limit` of them in triple order.
+    /// `keep` sees each triple's [`TripleSummary`], so only the listed ones are copied out
+    /// with their entries, and only the accepted ones go through the bounded heap.
+    pub fn select_statuses(
+        &self,
+        limit: usize,
+        keep: impl Fn(&TripleSummary) -> bool,
+    ) -> (usize, Vec<TripleStatus>) {
         let mut heap = std::collections::BinaryHeap::new();
-        for t in self.states.keys() {
+        let mut accepted = 0;
+        for (t, s) in &self.states {
+            let summary = TripleSummary {
+                triple: *t,
+                is_authenticated: s.entry.is_some(),
+                is_failing: matches!(s.last_result, Some(Err(_))),
+            };
+            if !keep(&summary) {
+                continue;
+            }
+            accepted += 1;
             heap.push(*t);
             if heap.len() > limit {
                 heap.pop();
@@ -577,7 +608,7 @@ impl AuthTable {
         }
         let mut v: Vec<_> = heap.iter().filter_map(|t| self.status(t)).collect();
         v.sort_by_key(|s| s.triple);
-        v
+        (accepted, v)
     }
 
     /// How many triples are known, authenticated, failing (last attempt failed) and desired.
@@ -638,6 +669,11 @@ impl AuthTable {
             self.state_mut(t).next_attempt = Moment::at(now);
             self.settle(t);
         }
+    }
+
+    /// Triples known: authenticated, wanted, in flight or remembered for a failure.
+    pub fn known(&self) -> usize {
+        self.states.len()
     }
 
     /// Entries currently authenticated.

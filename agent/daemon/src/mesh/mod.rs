@@ -87,18 +87,17 @@ crate::keyword_enum!(
 
 impl PairState {
     /// Is the pair in this state?
-    pub fn holds(self, s: &entries::TripleStatus) -> bool {
-        let failing = matches!(s.last_result, Some(Err(_)));
+    pub fn holds(self, s: &entries::TripleSummary) -> bool {
         match self {
-            Self::Authenticated => s.entry.is_some(),
-            Self::Failing => failing,
-            Self::Pending => s.entry.is_none() && !failing,
+            Self::Authenticated => s.is_authenticated,
+            Self::Failing => s.is_failing,
+            Self::Pending => !s.is_authenticated && !s.is_failing,
         }
     }
 }
 
 impl AuthQuery {
-    pub fn matches(&self, s: &entries::TripleStatus) -> bool {
+    pub fn matches(&self, s: &entries::TripleSummary) -> bool {
         let t = &s.triple;
         self.identity
             .is_none_or(|i| t.local_identity == i || t.remote_identity == i)

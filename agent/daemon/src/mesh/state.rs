@@ -586,18 +586,14 @@ impl<C: PeerChannel> MeshState<C> {
     /// how many match.
     pub fn auth_pairs(&self, cluster: &ClusterState, q: &super::AuthQuery) -> api::AuthPairList {
         let names = Names::new(cluster);
-        let mut matching = self.table.statuses();
-        let total = matching.len();
-        matching.retain(|s| q.matches(s));
+        let (matching, listed) = self
+            .table
+            .select_statuses(q.limit.unwrap_or(usize::MAX), |s| q.matches(s));
         api::AuthPairList {
             node: self.node.clone(),
-            matching: matching.len(),
-            total,
-            pairs: matching
-                .iter()
-                .take(q.limit.unwrap_or(usize::MAX))
-                .map(|s| names.pair(s))
-                .collect(),
+            matching,
+            total: self.table.known(),
+            pairs: listed.iter().map(|s| names.pair(s)).collect(),
         }
     }
 
