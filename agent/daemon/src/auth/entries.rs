@@ -172,6 +172,15 @@ impl Moment {
 }
 
 impl State {
+    /// What a query sees of this triple.
+    fn summary(&self, triple: AuthTriple) -> TripleSummary {
+        TripleSummary {
+            triple,
+            is_authenticated: self.entry.is_some(),
+            is_failing: matches!(self.last_result, Some(Err(_))),
+        }
+    }
+
     fn wake_at(&self) -> Option<Instant> {
         let attempt = if self.in_flight {
             None
@@ -570,11 +579,6 @@ impl AuthTable {
         })
     }
 
-    /// Every known triple, for `veil status`.
-    pub fn statuses(&self) -> Vec<TripleStatus> {
-        self.first_statuses(usize::MAX)
-    }
-
     /// The first `limit` known triples in triple order (a bounded heap: the cost grows with
     /// the table, not with its sort).
     pub fn first_statuses(&self, limit: usize) -> Vec<TripleStatus> {
@@ -592,12 +596,7 @@ impl AuthTable {
         let mut heap = std::collections::BinaryHeap::new();
         let mut accepted = 0;
         for (t, s) in &self.states {
-            let summary = TripleSummary {
-                triple: *t,
-                is_authenticated: s.entry.is_some(),
-                is_failing: matches!(s.last_result, Some(Err(_))),
-            };
-            if !keep(&summary) {
+            if !keep(&s.summary(*t)) {
                 continue;
             }
             accepted += 1;
@@ -614,12 +613,13 @@ impl AuthTable {
     /// How many triples are known, authenticated, failing (last attempt failed) and desired.
     pub fn counts(&self) -> crate::api::AuthPairCounts {
         let mut c = crate::api::AuthPairCounts {
-            total: self.states.len(),
+            total: self.known(),
             ..Default::default()
         };
-        for s in self.states.values() {
-            c.authenticated += usize::from(s.entry.is_some());
-            c.failing += usize::from(matches!(s.last_result, Some(Err(_))));
+        for (t, s) in &self.states {
+            let summary = s.summary(*t);
+            c.authenticated += usize::from(summary.is_authenticated);
+            c.failing += usize::from(summary.is_failing);
             c.desired += usize::from(s.desired);
         }
         c
@@ -1105,7 +1105,7 @@ mod tests {
         assert_eq!(acts, [Action::Delete(tr1), Action::Delete(tr3)]);
         assert_eq!(now() - t0, Duration::from_secs(10));
         assert!(table.is_empty());
-        assert!(table.statuses().is_empty());
+        assert_eq!(table.known(), 0);
         assert_eq!(table.deadline(), None, "idle: no timers left");
     }
 
